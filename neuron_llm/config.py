@@ -1,0 +1,325 @@
+"""Typed configuration, one dataclass per concern, each checked once in ``__post_init__``.
+
+A bad value raises ``ValueError`` naming the field and the value. ``ModelConfig`` is read
+from a Hugging Face ``config.json`` (``from_hf_config``) or from GGUF metadata
+(``neuron_llm.loader.gguf``); anything we do not implement is refused by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Map a dtype name (``"bfloat16"``, ``"fp32"``...) or a torch dtype to a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype={dtype} is not supported; use one of float32, bfloat16, float16")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _require(condition: bool, name: str, value: Any, why: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 ("llama3") rotary frequency scaling; the only scaling type we implement."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        _require(self.factor > 0, "rope_scaling.factor", self.factor, "must be > 0")
+        _require(
+            self.high_freq_factor > self.low_freq_factor > 0,
+            "rope_scaling.high_freq_factor",
+            self.high_freq_factor,
+            f"must exceed low_freq_factor={self.low_freq_factor} > 0",
+        )
+        _require(
+            self.original_max_position_embeddings > 0,
+            "rope_scaling.original_max_position_embeddings",
+            self.original_max_position_embeddings,
+            "must be > 0",
+        )
+
+
+# Llama config keys whose non-default values change the computation in ways we do not
+# implement; each maps to the value we accept.
+_UNSUPPORTED_IF_SET = {
+    "attention_bias": False,
+    "mlp_bias": False,
+    "hidden_act": "silu",
+    "pretraining_tp": 1,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, name, value, "must be a positive integer")
+        _require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            self.num_key_value_heads,
+            f"must divide num_attention_heads={self.num_attention_heads}",
+        )
+        _require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for rotary embeddings")
+        _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
+        _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Build from the dict of a Hugging Face ``config.json`` (transformers 4.x or 5.x keys).
+
+        Raises ``ValueError`` naming the architecture or option when it is not a Llama we run.
+        """
+        architectures = hf.get("architectures") or []
+        model_type = hf.get("model_type")
+        if model_type != "llama" or (architectures and architectures != ["LlamaForCausalLM"]):
+            raise ValueError(
+                f"unsupported architecture {architectures or model_type!r} (model_type={model_type!r}): "
+                "only LlamaForCausalLM is implemented"
+            )
+        for key, accepted in _UNSUPPORTED_IF_SET.items():
+            if key in hf and hf[key] is not None and hf[key] != accepted:
+                raise ValueError(f"unsupported Llama option {key}={hf[key]!r}: only {accepted!r} is implemented")
+        num_heads = hf["num_attention_heads"]
+        rope_theta, rope_scaling = _read_rope(hf)
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
+        """Read a Hugging Face ``config.json``."""
+        with open(path) as f:
+            try:
+                hf = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from e
+        try:
+            return cls.from_hf_config(hf)
+        except KeyError as e:
+            raise ValueError(f"{path} lacks the required key {e.args[0]!r}") from e
+
+
+def _read_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    # transformers 5 writes "rope_parameters" (theta inside); 4.x writes rope_theta + rope_scaling.
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ValueError(f"unsupported rope_scaling type {rope_type!r}: only 'llama3' is implemented")
+    try:
+        scaling = RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ValueError(f"rope_scaling of type 'llama3' lacks {e.args[0]!r}") from e
+    return theta, scaling
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is split across devices."""
+
+    tensor_parallel_size: int = 1
+    """Number of devices (processes) each layer is split across; 1 runs unsplit."""
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+            "tensor_parallel_size",
+            self.tensor_parallel_size,
+            "must be an integer >= 1",
+        )
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Refuse a TP degree the model's shape cannot be split by."""
+        tp = self.tensor_parallel_size
+        if model.num_attention_heads % tp:
+            raise ValueError(
+                f"tensor_parallel_size={tp} must divide num_attention_heads={model.num_attention_heads}"
+            )
+        kv = model.num_key_value_heads
+        if kv % tp and tp % kv:
+            raise ValueError(
+                f"tensor_parallel_size={tp} and num_key_value_heads={kv}: one must divide the other "
+                "(KV heads are split when TP <= KV heads, replicated when TP > KV heads)"
+            )
+        if model.intermediate_size % tp:
+            raise ValueError(
+                f"tensor_parallel_size={tp} must divide intermediate_size={model.intermediate_size}"
+            )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    """Tokens per KV block; 16 as in vLLM: small enough to waste little, large enough to gather well."""
+    num_kv_blocks: int | None = None
+    """Blocks per layer; None sizes the pool from ``memory_fraction`` (or max_model_len when unknown)."""
+    memory_fraction: float = 0.9
+    """Fraction of device memory the weights and KV pool may use (vLLM's gpu_memory_utilization)."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of an identical prompt prefix."""
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.block_size, int) and self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+            "block_size",
+            self.block_size,
+            "must be a positive power of two",
+        )
+        _require(
+            self.num_kv_blocks is None or (isinstance(self.num_kv_blocks, int) and self.num_kv_blocks > 1),
+            "num_kv_blocks",
+            self.num_kv_blocks,
+            "must be None or an integer > 1",
+        )
+        _require(0 < self.memory_fraction <= 1, "memory_fraction", self.memory_fraction, "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one engine step and of one request."""
+
+    max_model_len: int | None = None
+    """Longest prompt plus output, in tokens; None takes the model's max_position_embeddings."""
+    max_num_seqs: int = 64
+    """Most sequences in one step."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (decodes plus prefill chunks)."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps so decodes are never starved."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len > 0),
+            "max_model_len",
+            self.max_model_len,
+            "must be None or a positive integer",
+        )
+        _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
+        _require(
+            self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens, "must be >= 1"
+        )
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where and in what precision the model runs."""
+
+    device: str = "cpu"
+    """A torch device string: "cpu", "cuda", "cuda:1"."""
+    dtype: torch.dtype = torch.float32
+    """Activation and 16-bit weight dtype."""
+
+    def __post_init__(self) -> None:
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device={self.device!r} is not a valid torch device") from e
+        parse_dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine is built from; each component takes only the part it uses."""
+
+    model: ModelConfig
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        self.parallel.check_model(self.model)
+        limit = self.model.max_position_embeddings
+        if self.scheduler.max_model_len is None:
+            object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, max_model_len=limit))
+        elif self.scheduler.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len={self.scheduler.max_model_len} exceeds the model's "
+                f"max_position_embeddings={limit}"
+            )
+
+    @property
+    def max_model_len(self) -> int:
+        assert self.scheduler.max_model_len is not None
+        return self.scheduler.max_model_len

@@ -1,0 +1,1 @@
+"""Building blocks of the model, each computed exactly as transformers computes it."""

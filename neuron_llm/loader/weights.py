@@ -1,0 +1,60 @@
+"""Copying checkpoint tensors into model parameters, one shard per rank.
+
+A checkpoint tensor is offered as a ``TensorSource``: something with a ``shape`` that can
+be sliced, so a tensor-parallel rank reads only its rows or columns (a safetensors slice
+reads just those bytes from disk). A parameter that needs more than a plain copy carries a
+``weight_loader(param, source)`` attribute, set by the layer that owns it (see
+``neuron_llm.parallel.layers``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+class TensorSource(Protocol):
+    """A checkpoint tensor read lazily: ``source[rows, cols]`` returns a torch tensor."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, index: object) -> torch.Tensor: ...
+
+
+def default_weight_loader(param: nn.Parameter, source: TensorSource) -> None:
+    """Copy the whole tensor, refusing a shape mismatch."""
+    if tuple(source.shape) != tuple(param.shape):
+        raise ValueError(f"checkpoint shape {tuple(source.shape)} does not match parameter shape {tuple(param.shape)}")
+    param.data.copy_(source[...])
+
+
+def load_weights(model: nn.Module, sources: Iterable[tuple[str, TensorSource]]) -> None:
+    """Load every named tensor of ``sources`` into ``model``; every parameter must be filled.
+
+    Raises ``ValueError`` naming an unexpected checkpoint tensor, a shape mismatch, or a
+    parameter the checkpoint lacks. ``lm_head.weight`` is skipped when it is tied to the
+    embedding.
+    """
+    params = dict(model.named_parameters())  # tied parameters appear once, under their first name
+    loaded: set[str] = set()
+    for name, source in sources:
+        if name not in params:
+            if name == "lm_head.weight":
+                continue  # tied to model.embed_tokens.weight
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # recomputed from the config
+            raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in the model")
+        param = params[name]
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, source)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from e
+        loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")

@@ -1,0 +1,134 @@
+"""Llama (Touvron et al. 2023; Llama 3, Dubey et al. 2024) for flat token batches.
+
+Written for one device and static shapes: no host reads and no data-dependent shapes in
+``forward``, so the same code traces into one XLA graph per bucket. Tensor parallelism,
+quantization and kernels are applied around this file: a sharding plan swaps the linears
+and embeddings, a backend owns attention and the KV-cache write.
+
+Module names match Hugging Face checkpoints (``model.layers.0.self_attn.q_proj.weight``...),
+so weights load by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from neuron_llm import ops
+from neuron_llm.config import ModelConfig
+from neuron_llm.layers.linear import Linear
+from neuron_llm.layers.norm import RMSNorm
+from neuron_llm.layers.rotary import RotaryEmbedding, apply_rotary
+from neuron_llm.ops.metadata import AttentionMetadata
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+"""(key_cache, value_cache) of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        hidden = config.hidden_size
+        self.q_proj = Linear(hidden, config.num_attention_heads * config.head_dim)
+        self.k_proj = Linear(hidden, config.num_key_value_heads * config.head_dim)
+        self.v_proj = Linear(hidden, config.num_key_value_heads * config.head_dim)
+        self.o_proj = Linear(config.num_attention_heads * config.head_dim, hidden)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        # Head counts are read from the projections' widths so that a sharded layer (fewer
+        # heads per rank) runs the same code. q: [num_tokens, num_heads, head_dim]
+        query = self.q_proj(hidden).view(num_tokens, -1, self.head_dim)
+        key = self.k_proj(hidden).view(num_tokens, -1, self.head_dim)
+        value = self.v_proj(hidden).view(num_tokens, -1, self.head_dim)
+        query = apply_rotary(query, cos, sin)
+        key = apply_rotary(key, cos, sin)
+        key_cache, value_cache = kv_cache
+        ops.write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        out = ops.paged_attention(query, key_cache, value_cache, metadata, self.scale)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, metadata)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder and its LM head. ``forward`` returns hidden states; ``compute_logits`` the logits."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Run the flat batch ``input_ids`` [num_tokens] at ``positions`` [num_tokens].
+
+        Writes each token's K/V into ``kv_caches`` (one per layer) at ``metadata.slot_mapping``
+        and returns the final-norm hidden states [num_tokens, hidden_size].
+        """
+        hidden = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary(positions, hidden.dtype)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            hidden = layer(hidden, cos, sin, kv_cache, metadata)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [num_rows, vocab_size] in fp32 for hidden states [num_rows, hidden_size]."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,60 @@
+"""Operations whose best form depends on the hardware, dispatched to the active backend.
+
+Model code calls these functions and never asks which backend runs them. The engine picks
+the backend once with ``use_backend``; the ``torch`` reference is active by default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from neuron_llm.backends import Backend, get_backend
+from neuron_llm.ops.metadata import NULL_BLOCK_ID, AttentionMetadata
+
+_active: Backend = get_backend("torch")
+
+
+def use_backend(backend: Backend | str) -> Backend:
+    """Make ``backend`` (an instance or a name) the one every op dispatches to; returns it."""
+    global _active
+    _active = get_backend(backend) if isinstance(backend, str) else backend
+    return _active
+
+
+def active_backend() -> Backend:
+    return _active
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    _active.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    return _active.paged_attention(query, key_cache, value_cache, metadata, scale)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _active.linear(x, weight, bias)
+
+
+__all__ = [
+    "NULL_BLOCK_ID",
+    "AttentionMetadata",
+    "active_backend",
+    "linear",
+    "paged_attention",
+    "use_backend",
+    "write_kv_cache",
+]
