@@ -1,0 +1,23 @@
+"""Turning logits into tokens: the batched sampler and its per-step inputs."""
+
+from neuron_llm.sample.sampler import (
+    LogprobsTensors,
+    RowState,
+    SamplerOutput,
+    SamplingBatch,
+    compute_prompt_logprobs,
+    make_generator,
+    process_logits,
+    sample,
+)
+
+__all__ = [
+    "LogprobsTensors",
+    "RowState",
+    "SamplerOutput",
+    "SamplingBatch",
+    "compute_prompt_logprobs",
+    "make_generator",
+    "process_logits",
+    "sample",
+]

@@ -1,0 +1,169 @@
+"""Export the HLO module of every bucket's step graph: what neuronx-cc compiles to NEFFs.
+
+For each bucket a dummy step of exactly its shapes (num_tokens, num_seqs, max_blocks_per_seq)
+is traced through the neuron backend on the XLA device (forward, KV-cache writes and logits)
+and the graph's ``HloModuleProto`` is written, without compiling or running it::
+
+    DIR/<bucket>.hlo.pb     one serialized xla.HloModuleProto per bucket
+    DIR/manifest.json       per bucket: its shapes, the step's inputs, the entry signature
+
+Graph parameters are the step's inputs, the KV pools (the pool size is part of every
+graph's signature), the weights and a few scalar constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuron_llm import ops
+from neuron_llm.backends.neuron import NeuronBackend
+from neuron_llm.config import EngineConfig
+from neuron_llm.models.llama import LlamaForCausalLM
+from neuron_llm.worker import StepInput, num_kv_heads_per_rank
+from neuron_llm.xla import entry_parameter_shapes, hlo_module_proto, import_torch_xla
+from neuron_llm.xla.runner import XlaWorker
+
+MANIFEST_NAME = "manifest.json"
+_POOL_NAMES = ("key_cache", "value_cache")
+
+
+@dataclass(frozen=True)
+class GraphShape:
+    """The static shapes of one step graph (a bucket) and the name its files take."""
+
+    name: str
+    num_tokens: int
+    """Flat batch size, padding included."""
+    num_seqs: int
+    """Sequences (and sampled logits rows), padding included."""
+    max_blocks_per_seq: int
+    """Width of the block table."""
+
+    def __post_init__(self) -> None:
+        for field in ("num_tokens", "num_seqs", "max_blocks_per_seq"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"bucket {self.name!r}: {field}={getattr(self, field)} must be >= 1")
+        if self.num_seqs > self.num_tokens:
+            raise ValueError(f"bucket {self.name!r}: num_seqs={self.num_seqs} exceeds num_tokens={self.num_tokens}")
+
+
+def dummy_step(shape: GraphShape) -> StepInput:
+    """A valid step of exactly ``shape``: one token of one sequence in block 1, the rest padding.
+
+    Only shapes reach the graph, so any valid values trace the same module.
+    """
+    return StepInput(
+        input_ids=[0],
+        positions=[0],
+        query_lens=[1],
+        seq_lens=[1],
+        block_tables=[[1]],
+        logits_indices=[0],
+        num_padded_tokens=shape.num_tokens,
+        num_padded_seqs=shape.num_seqs,
+        max_blocks_per_seq=shape.max_blocks_per_seq,
+    )
+
+
+def step_inputs(shape: GraphShape, config: EngineConfig, num_kv_blocks: int) -> dict[str, dict[str, Any]]:
+    """The graph's inputs other than weights: name -> shape, dtype (and count for the per-layer pools)."""
+    num_kv_heads = num_kv_heads_per_rank(config.model, config.parallel.tensor_parallel_size)
+    pool = [num_kv_blocks, config.cache.block_size, num_kv_heads, config.model.head_dim]
+    dtype = str(config.device.dtype).removeprefix("torch.")
+    tokens, seqs = [shape.num_tokens], [shape.num_seqs]
+    return {
+        "input_ids": {"shape": tokens, "dtype": "int64"},
+        "positions": {"shape": tokens, "dtype": "int64"},
+        "slot_mapping": {"shape": tokens, "dtype": "int64"},
+        "block_tables": {"shape": [shape.num_seqs, shape.max_blocks_per_seq], "dtype": "int32"},
+        "seq_lens": {"shape": seqs, "dtype": "int32"},
+        "query_start_loc": {"shape": [shape.num_seqs + 1], "dtype": "int32"},
+        "logits_indices": {"shape": seqs, "dtype": "int64"},
+        "key_cache": {"shape": pool, "dtype": dtype, "count": config.model.num_hidden_layers},
+        "value_cache": {"shape": pool, "dtype": dtype, "count": config.model.num_hidden_layers},
+    }
+
+
+def export_hlo(
+    model: LlamaForCausalLM,
+    config: EngineConfig,
+    shapes: Sequence[GraphShape],
+    out_dir: str | Path,
+    num_kv_blocks: int | None = None,
+) -> dict[str, Any]:
+    """Write one HLO module per bucket in ``shapes`` and the manifest to ``out_dir``; return the manifest.
+
+    ``model`` is moved to the XLA device and traced with the neuron backend (the active
+    backend is restored afterwards). ``num_kv_blocks`` (default ``config.cache.num_kv_blocks``)
+    fixes the KV pool shape the graphs take. Raises ``ValueError`` for a pool that is not
+    set or too small, or bucket names that repeat.
+    """
+    num_kv_blocks = num_kv_blocks or config.cache.num_kv_blocks
+    if num_kv_blocks is None or num_kv_blocks < 2:
+        raise ValueError(
+            f"num_kv_blocks={num_kv_blocks}: set the KV pool size (>= 2); every graph's signature holds it"
+        )
+    names = [shape.name for shape in shapes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"bucket names must be unique: {names}")
+    torch_xla = import_torch_xla()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    xla_config = dataclasses.replace(config, device=dataclasses.replace(config.device, device="xla"))
+    previous = ops.active_backend()
+    ops.use_backend(NeuronBackend())
+    try:
+        graphs = [_export_graph(model, xla_config, shape, num_kv_blocks, out) for shape in shapes]
+    finally:
+        ops.use_backend(previous)
+    manifest = {
+        "format": "xla.HloModuleProto",
+        "backend": NeuronBackend.name,
+        "torch_version": torch.__version__,
+        "torch_xla_version": torch_xla.__version__,
+        "block_size": config.cache.block_size,
+        "num_kv_blocks": num_kv_blocks,
+        "dtype": str(config.device.dtype).removeprefix("torch."),
+        "graphs": graphs,
+    }
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _export_graph(
+    model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape, num_kv_blocks: int, out: Path
+) -> dict[str, Any]:
+    # A fresh worker per bucket: its pools start as plain device data, so the traced graph
+    # takes them as parameters and holds no earlier bucket's pending writes. The worker and
+    # its pending tensors are dropped on return, before the next worker's sync could run them.
+    worker = XlaWorker(model, config, num_kv_blocks)
+    logits = worker.trace(dummy_step(shape))
+    pools = [pool for layer in worker.kv_caches for pool in layer]
+    proto = hlo_module_proto([logits, *pools])
+    path = out / f"{shape.name}.hlo.pb"
+    path.write_bytes(proto)
+    parameters = entry_parameter_shapes(proto)
+    return {
+        "bucket": shape.name,
+        "file": path.name,
+        "sha256": hashlib.sha256(proto).hexdigest(),
+        "num_tokens": shape.num_tokens,
+        "num_seqs": shape.num_seqs,
+        "max_blocks_per_seq": shape.max_blocks_per_seq,
+        "inputs": step_inputs(shape, config, num_kv_blocks),
+        # The written pools follow the logits in the output tuple. Their aliasing to the pool
+        # parameters is not in the module: torch-xla adds it when it compiles a step itself.
+        "outputs": {
+            "order": ["logits"] + [f"{name}[{layer}]" for layer in range(len(pools) // 2) for name in _POOL_NAMES],
+            "logits": {"shape": list(logits.shape), "dtype": "float32"},
+        },
+        "entry_parameters": {"count": len(parameters), "shapes": [str(p) for p in parameters]},
+    }

@@ -1,0 +1,85 @@
+"""The known set of step shapes (buckets) that every flat batch is padded up to.
+
+Each step is padded to the smallest bucket that holds it, so the set of graphs a backend
+ever runs is finite and known before serving: one NEFF per bucket on Neuron, one CUDA
+graph per decode bucket on GPU. Two kinds of graph:
+
+- decode: every sequence computes one token; ``num_tokens == num_seqs``.
+- prefill: anything else (prompts, chunks, mixed with decodes); sequences padded to
+  ``max_num_seqs``, tokens to a power of two.
+
+The block-table width is fixed at ``max_blocks_per_seq`` (max_model_len / block_size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    num_tokens: int
+    num_seqs: int
+    kind: str
+    """"decode" or "prefill"."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_t{self.num_tokens}_s{self.num_seqs}"
+
+
+def _powers_of_two_up_to(limit: int, start: int = 1) -> list[int]:
+    sizes = []
+    size = start
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return sizes + [limit]
+
+
+@dataclass(frozen=True)
+class BucketSet:
+    decode: tuple[Bucket, ...]
+    prefill: tuple[Bucket, ...]
+    max_blocks_per_seq: int
+
+    @classmethod
+    def default(
+        cls, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int
+    ) -> BucketSet:
+        """Powers of two up to the scheduler's limits (the limits themselves included)."""
+        decode = tuple(Bucket(s, s, "decode") for s in _powers_of_two_up_to(max_num_seqs))
+        prefill_sizes = _powers_of_two_up_to(max_num_batched_tokens, start=min(16, max_num_batched_tokens))
+        prefill = tuple(Bucket(t, max_num_seqs, "prefill") for t in prefill_sizes)
+        return cls(decode, prefill, -(-max_model_len // block_size))
+
+    @classmethod
+    def from_sizes(
+        cls,
+        decode_sizes: list[int],
+        prefill_sizes: list[int],
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+    ) -> BucketSet:
+        """Buckets named explicitly (e.g. from a compiled artifact's manifest)."""
+        if not decode_sizes or not prefill_sizes:
+            raise ValueError("buckets: need at least one decode size and one prefill size")
+        decode = tuple(Bucket(s, s, "decode") for s in sorted(set(decode_sizes)))
+        prefill = tuple(Bucket(t, max_num_seqs, "prefill") for t in sorted(set(prefill_sizes)))
+        return cls(decode, prefill, -(-max_model_len // block_size))
+
+    @property
+    def all(self) -> tuple[Bucket, ...]:
+        return self.decode + self.prefill
+
+    def select(self, num_tokens: int, num_seqs: int, is_decode: bool) -> Bucket:
+        """The smallest bucket holding a step; ``ValueError`` naming the shape when none does."""
+        for bucket in self.decode if is_decode else self.prefill:
+            if bucket.num_tokens >= num_tokens and bucket.num_seqs >= num_seqs:
+                return bucket
+        kind = "decode" if is_decode else "prefill"
+        raise ValueError(
+            f"a {kind} step of {num_tokens} tokens over {num_seqs} sequences fits no configured bucket "
+            f"(largest: {(self.decode if is_decode else self.prefill)[-1]})"
+        )

@@ -1,0 +1,100 @@
+"""The ``neuron-llm`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from neuron_llm.sampling_params import SamplingParams
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (processes)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens")
+    parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from neuron_llm.llm import LLM
+    from neuron_llm.loader import render_chat
+
+    params = _sampling_params(args)
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        tensor_parallel_size=args.tp,
+        max_model_len=args.max_model_len,
+        num_kv_blocks=args.num_kv_blocks,
+    )
+    try:
+        prompt: str | dict[str, list[int]] = args.prompt
+        if args.chat:
+            if llm.tokenizer is None:
+                raise ValueError("--chat needs a model with a tokenizer")
+            text = render_chat(llm.tokenizer, [{"role": "user", "content": args.prompt}])
+            prompt = {"prompt_token_ids": llm.tokenizer.encode(text, add_special_tokens=False)}
+        printed = 0
+        for output in llm.stream(prompt, params):
+            text = output.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+        sys.stdout.write("\n")
+    finally:
+        llm.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuron-llm", description="Llama inference for Neuron, GPUs and CPUs.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    generate = commands.add_parser("generate", help="generate from a prompt, streaming to the terminal")
+    generate.add_argument("prompt")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_engine_arguments(generate)
+    _add_sampling_arguments(generate)
+    generate.set_defaults(run=_run_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``neuron-llm`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"neuron-llm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Token ids to streamed text, with stop strings.
+
+Two problems make "decode each new token on its own" wrong:
+
+- A character may span several tokens (byte-level BPE and SentencePiece byte fallback split
+  an emoji or a CJK character into bytes). Decoding part of it gives U+FFFD.
+- A token's text may depend on its neighbours (SentencePiece drops the leading space of the
+  first token of a decoded sequence, so "▁world" alone decodes as "world").
+
+So ``TokenDecoder`` decodes a short window twice, with and without the pending tokens, and
+emits the difference once it ends on a complete character::
+
+    ids:  | prefix window | pending (not yet emitted) |
+          0          read_offset                    end
+    emit  decode(ids)[len(decode(ids[:read_offset])):]   unless it ends in U+FFFD
+
+``StopChecker`` then cuts the text at the first stop string, holding back any tail that
+could be the start of one until the next piece settles it. ``IncrementalDetokenizer`` joins
+the two for one sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from neuron_llm.sampling_params import SamplingParams
+
+_PROMPT_CONTEXT_TOKENS = 5
+"""Prompt tokens decoded before the first output token, so it gets the spacing it has in context."""
+
+_INCOMPLETE = "\ufffd"
+
+
+class TokenDecoder:
+    """Turns token ids, fed one at a time, into text pieces that concatenate correctly.
+
+    Special tokens are left out when ``skip_special_tokens``. An incomplete character is held
+    back until the token completing it arrives, so no piece ends in U+FFFD for valid text.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_token_ids: Sequence[int] = (),
+        skip_special_tokens: bool = True,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        # Only ids from the prefix window on are kept: [0, read_offset) was emitted already.
+        self._token_ids = self._prompt_window(list(prompt_token_ids))
+        self._read_offset = len(self._token_ids)
+
+    def _prompt_window(self, prompt_token_ids: list[int]) -> list[int]:
+        # Start the window on a character boundary: byte-fallback decoders turn a whole run of
+        # byte tokens into U+FFFD when it begins mid-character, which would spoil the diff.
+        # A character spans at most 4 bytes, hence at most 3 tokens before its last one.
+        start = max(0, len(prompt_token_ids) - _PROMPT_CONTEXT_TOKENS)
+        for _ in range(3):
+            if start == 0 or not self._decode(prompt_token_ids[start:]).startswith(_INCOMPLETE):
+                break
+            start -= 1
+        return prompt_token_ids[start:]
+
+    def _decode(self, token_ids: list[int]) -> str:
+        # Cleanup (e.g. " ." -> ".") would rewrite text already emitted; decode verbatim.
+        return self._tokenizer.decode(
+            token_ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    def add_token(self, token_id: int) -> str:
+        """Append ``token_id``; return the text it completes (may be empty)."""
+        self._token_ids.append(token_id)
+        prefix_text = self._decode(self._token_ids[: self._read_offset])
+        text = self._decode(self._token_ids)
+        if len(text) <= len(prefix_text) or text.endswith(_INCOMPLETE):
+            return ""
+        # The pending tokens become the next prefix window.
+        self._token_ids = self._token_ids[self._read_offset :]
+        self._read_offset = len(self._token_ids)
+        return text[len(prefix_text) :]
+
+
+class StopChecker:
+    """Finds stop strings in a stream of text pieces, even when one spans several pieces.
+
+    Text is released only once it cannot be part of a stop string: a tail that is the start
+    of one is held back until the next piece completes or rules it out. When several stop
+    strings are in the text, the one that ends first wins (ties: the longest), which is the
+    one a character-by-character stream would have met first.
+    """
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        assert all(stop), "stop strings must be non-empty"
+        self._stop = list(stop)
+        self._pending = ""
+
+    def feed(self, piece: str, can_stop: bool = True) -> tuple[str, str | None]:
+        """Add ``piece``; return (text now safe to emit, the stop string found or None).
+
+        After a stop string is found, the emitted text ends right before it and nothing
+        more should be fed. With ``can_stop`` False (min_tokens not reached) nothing matches
+        yet, but a possible stop-string start is still held back.
+        """
+        text = self._pending + piece
+        if can_stop:
+            found = self._first_match(text)
+            if found is not None:
+                start, stop = found
+                self._pending = ""
+                return text[:start], stop
+        held = self._held_length(text)
+        self._pending = text[len(text) - held :]
+        return text[: len(text) - held], None
+
+    def flush(self) -> str:
+        """Release the held-back tail, when the sequence ends for another reason."""
+        text, self._pending = self._pending, ""
+        return text
+
+    def _first_match(self, text: str) -> tuple[int, str] | None:
+        best: tuple[int, int, str] | None = None
+        for stop in self._stop:
+            start = text.find(stop)
+            if start < 0:
+                continue
+            # Sort key: earliest end, then earliest start.
+            candidate = (start + len(stop), start, stop)
+            if best is None or candidate < best:
+                best = candidate
+        return None if best is None else (best[1], best[2])
+
+    def _held_length(self, text: str) -> int:
+        # The longest suffix of text that is a proper prefix of some stop string.
+        longest = min(len(text), max((len(s) for s in self._stop), default=1) - 1)
+        for length in range(longest, 0, -1):
+            tail = text[-length:]
+            if any(stop.startswith(tail) for stop in self._stop):
+                return length
+        return 0
+
+
+@dataclass
+class DetokenizerUpdate:
+    """What one new token adds to a sequence's text."""
+
+    text: str
+    """The text to emit now (may be empty while a character or a possible stop string is held)."""
+    stop_string: str | None
+    """The stop string that ended the sequence, cut from the text; None when it goes on."""
+
+
+class IncrementalDetokenizer:
+    """The text of one generated sequence, built token by token, with its stop strings.
+
+    As in vLLM, stop strings are looked for only once more than ``min_tokens`` tokens have
+    been generated, and the token that completes a stop string stays in the token ids while
+    the text is cut before the stop string (``include_stop_str_in_output=False``).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_token_ids: Sequence[int] = (),
+        stop: Sequence[str] = (),
+        min_tokens: int = 0,
+        skip_special_tokens: bool = True,
+    ) -> None:
+        self._decoder = TokenDecoder(tokenizer, prompt_token_ids, skip_special_tokens)
+        self._stop_checker = StopChecker(stop) if stop else None
+        self._min_tokens = min_tokens
+        self._num_tokens = 0
+        self._is_stopped = False
+        self.output_text = ""
+        """All text emitted so far."""
+
+    @classmethod
+    def for_request(
+        cls, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> IncrementalDetokenizer:
+        """The detokenizer of one sequence of a request with these sampling parameters."""
+        return cls(tokenizer, prompt_token_ids, params.stop or (), params.min_tokens)
+
+    def add_token(self, token_id: int) -> DetokenizerUpdate:
+        """Decode the next generated token; see ``DetokenizerUpdate``."""
+        assert not self._is_stopped, "the sequence already ended on a stop string"
+        self._num_tokens += 1
+        piece = self._decoder.add_token(token_id)
+        stop_string = None
+        if self._stop_checker is not None:
+            piece, stop_string = self._stop_checker.feed(piece, can_stop=self._num_tokens > self._min_tokens)
+        self._is_stopped = stop_string is not None
+        self.output_text += piece
+        return DetokenizerUpdate(piece, stop_string)
+
+    def finish(self) -> str:
+        """Release text held back for a possible stop string, when the sequence ends otherwise.
+
+        Bytes of a character left incomplete by the last token are dropped.
+        """
+        tail = self._stop_checker.flush() if self._stop_checker is not None else ""
+        self.output_text += tail
+        return tail

@@ -1,0 +1,341 @@
+"""The synchronous engine: requests in, one flat step at a time, outputs out.
+
+Each ``step()`` asks the scheduler for this step's tokens, has the model runner pack and
+run them, samples the requests that reached the end of their known tokens, and turns the
+new tokens into text (stop tokens and strings are judged here). ``LLM`` drives it until
+every request finishes; ``AsyncLLM`` drives it from a thread of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from neuron_llm.config import EngineConfig
+from neuron_llm.detokenizer import IncrementalDetokenizer
+from neuron_llm.engine.model_runner import ModelRunner
+from neuron_llm.engine.request import Request, RequestStatus
+from neuron_llm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, SchedulerStats
+from neuron_llm.parallel.executor import Executor
+from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from neuron_llm.sample import RowState, SamplingBatch, compute_prompt_logprobs, make_generator, sample
+from neuron_llm.sampling_params import SamplingParams
+
+
+@dataclass
+class _Sequence:
+    """Engine-side state of one of a request's ``n`` completions."""
+
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    """None when the model has no tokenizer (token-id prompts only; the text stays empty)."""
+    generator: torch.Generator | None
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_sent_tokens: int = 0
+
+
+@dataclass
+class _RequestGroup:
+    """A user request: its prompt and its ``n`` sequences (scheduler requests)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[_Sequence]
+    metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    pending_forks: list[Request] = field(default_factory=list)
+    """Sequences 1..n-1, forked from sequence 0 once its prompt is in the KV cache."""
+
+    @property
+    def finished(self) -> bool:
+        return not self.pending_forks and all(seq.finish_reason is not None for seq in self.sequences)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Scheduler gauges plus per-request latencies recorded since the last call."""
+
+    scheduler: SchedulerStats
+    time_to_first_token: list[float]
+    inter_token_latency: list[float]
+    num_prompt_tokens: int
+    num_generation_tokens: int
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache, one flat step at a time.
+
+    Args:
+        config: the engine configuration (scheduler and cache parts are read here).
+        executor: runs a step on every rank and returns rank 0's logits.
+        tokenizer: the model's tokenizer, for text prompts and detokenization.
+        eos_token_ids: tokens that end a sequence unless ``ignore_eos``.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        executor: Executor,
+        tokenizer: PreTrainedTokenizerBase | None,
+        eos_token_ids: Sequence[int],
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.runner = ModelRunner(config, executor)
+        self.scheduler = Scheduler(config.cache, config.scheduler, executor.num_kv_blocks)
+        self._groups: dict[str, _RequestGroup] = {}
+        self._sequences: dict[str, tuple[_RequestGroup, _Sequence]] = {}
+        self._request_counter = itertools.count()
+        self._ttfts: list[float] = []
+        self._itls: list[float] = []
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+
+    # -- requests -----------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises ``ValueError`` naming what is wrong with it.
+
+        A bad request is refused alone: nothing already queued or running is touched.
+        """
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, not {type(params).__name__}")
+        request_id = str(next(self._request_counter)) if request_id is None else request_id
+        if request_id in self._groups:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        sequences = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
+        first = sequences[0].request
+        self.scheduler.add_request(first)  # raises ValueError for lengths the engine cannot serve
+        group = _RequestGroup(
+            request_id=request_id,
+            prompt=prompt_text,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            sequences=sequences,
+            metrics=RequestMetrics(arrival_time=first.arrival_time),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            pending_forks=[seq.request for seq in sequences[1:]],
+        )
+        self._groups[request_id] = group
+        for seq in sequences:
+            self._sequences[seq.request.request_id] = (group, seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request in any state and free its blocks; False if unknown or finished."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return False
+        for seq in group.sequences:
+            self.scheduler.abort(seq.request.request_id)
+            self._sequences.pop(seq.request.request_id, None)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    def stats(self) -> EngineStats:
+        """Gauges now, and latencies recorded since the previous call (then cleared)."""
+        stats = EngineStats(
+            self.scheduler.stats(), self._ttfts, self._itls, self._num_prompt_tokens, self._num_generation_tokens
+        )
+        self._ttfts, self._itls = [], []
+        return stats
+
+    # -- one step -----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns an output for every request that progressed or finished."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        now = time.monotonic()
+        for entry in scheduled.scheduled:
+            group, _ = self._sequences[entry.request.request_id]
+            if group.metrics.first_scheduled_time is None:
+                group.metrics.first_scheduled_time = now
+        result = self.runner.execute(scheduled, self._wants_prompt_logprobs)
+        sampling = [entry for entry in scheduled.scheduled if entry.is_sampling]
+        sampled_ids, logprob_dicts = self._sample(sampling, result.sample_logits)
+        self._record_prompt_logprobs(scheduled, result.prompt_logits)
+        self.scheduler.update_from_output(
+            scheduled, {entry.request.request_id: [token] for entry, token in zip(sampling, sampled_ids)}
+        )
+        touched: dict[str, _RequestGroup] = {}
+        for entry, token_id, logprobs in zip(sampling, sampled_ids, logprob_dicts):
+            group, seq = self._sequences[entry.request.request_id]
+            self._process_token(group, seq, token_id, logprobs)
+            touched[group.request_id] = group
+        for group in touched.values():
+            self._fork_pending(group)
+        return [self._finish_or_report(group) for group in touched.values()]
+
+    def _wants_prompt_logprobs(self, entry: ScheduledRequest) -> bool:
+        group, seq = self._sequences[entry.request.request_id]
+        return group.prompt_logprobs is not None and seq.index == 0 and entry.num_computed_tokens < len(
+            group.prompt_token_ids
+        ) - 1
+
+    def _sample(
+        self, entries: list[ScheduledRequest], logits: torch.Tensor
+    ) -> tuple[list[int], list[dict[int, Logprob] | None]]:
+        if not entries:
+            return [], []
+        rows = []
+        for entry in entries:
+            _, seq = self._sequences[entry.request.request_id]
+            request = entry.request
+            rows.append(RowState(request.sampling_params, request.prompt_token_ids, request.output_token_ids, seq.generator))
+        batch = SamplingBatch.build(rows, logits.shape[-1], logits.device, sorted(self.eos_token_ids))
+        output = sample(logits, batch)
+        token_ids = output.token_ids.tolist()  # the one host read per step
+        if output.logprobs is None:
+            return token_ids, [None] * len(entries)
+        return token_ids, output.logprobs.to_dicts([row.params.logprobs for row in rows])
+
+    def _record_prompt_logprobs(self, scheduled: SchedulerOutput, prompt_logits: list[torch.Tensor | None]) -> None:
+        for entry, logits in zip(scheduled.scheduled, prompt_logits):
+            if logits is None:
+                continue
+            group, _ = self._sequences[entry.request.request_id]
+            assert group.prompt_logprobs is not None and group.params.prompt_logprobs is not None
+            # Row i scores prompt token start + i + 1; a recompute after preemption repeats
+            # positions already recorded, which are skipped.
+            start = entry.num_computed_tokens
+            num_recorded = len(group.prompt_logprobs) - 1
+            logits = logits[max(0, num_recorded - start) :]
+            start = max(start, num_recorded)
+            if logits.shape[0] == 0:
+                continue
+            next_ids = torch.tensor(
+                group.prompt_token_ids[start + 1 : start + 1 + logits.shape[0]], device=logits.device
+            )
+            scored = compute_prompt_logprobs(logits, next_ids, max(group.params.prompt_logprobs, 1))
+            group.prompt_logprobs.extend(scored.to_dicts([group.params.prompt_logprobs] * logits.shape[0]))
+
+    def _process_token(
+        self, group: _RequestGroup, seq: _Sequence, token_id: int, logprobs: dict[int, Logprob] | None
+    ) -> None:
+        now = time.monotonic()
+        metrics = group.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+            self._ttfts.append(now - metrics.arrival_time)
+            self._num_prompt_tokens += len(group.prompt_token_ids)
+        elif seq.index == 0 and metrics.last_token_time is not None:
+            self._itls.append(now - metrics.last_token_time)
+        if seq.index == 0:
+            metrics.last_token_time = now
+        self._num_generation_tokens += 1
+        if logprobs is not None and seq.logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token_id].logprob
+        stop_string = seq.detokenizer.add_token(token_id).stop_string if seq.detokenizer else None
+        request, params = seq.request, group.params
+        if stop_string is not None:
+            seq.finish_reason, seq.stop_reason = "stop", stop_string
+        elif token_id in self.eos_token_ids and not params.ignore_eos:
+            seq.finish_reason = "stop"
+        elif token_id in (params.stop_token_ids or ()):
+            seq.finish_reason, seq.stop_reason = "stop", token_id
+        elif request.status == RequestStatus.FINISHED_LENGTH:
+            seq.finish_reason = "length"
+        if seq.finish_reason is None:
+            return
+        if seq.finish_reason == "stop":
+            self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
+        if stop_string is None and seq.detokenizer is not None:
+            seq.detokenizer.finish()
+
+    def _fork_pending(self, group: _RequestGroup) -> None:
+        # Forked once sequence 0 has sampled, i.e. its whole prompt is in the KV cache, so
+        # the other n - 1 sequences share those blocks instead of computing them again.
+        if not group.pending_forks:
+            return
+        parent = group.sequences[0].request
+        for child in group.pending_forks:
+            self.scheduler.fork(parent.request_id, child)
+        group.pending_forks = []
+
+    def _finish_or_report(self, group: _RequestGroup) -> RequestOutput:
+        output = self._output(group)
+        if group.finished:
+            group.metrics.finished_time = time.monotonic()
+            del self._groups[group.request_id]
+            for seq in group.sequences:
+                self._sequences.pop(seq.request.request_id, None)
+        return output
+
+    def _output(self, group: _RequestGroup) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=seq.index,
+                text=seq.detokenizer.output_text if seq.detokenizer else "",
+                token_ids=list(seq.request.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                finish_reason=seq.finish_reason,  # type: ignore[arg-type]
+                stop_reason=seq.stop_reason,
+            )
+            for seq in group.sequences
+        ]
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            prompt_logprobs=group.prompt_logprobs,
+            outputs=completions,
+            finished=group.finished,
+            metrics=group.metrics,
+        )
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompt token ids instead of text")
+            return prompt, self.tokenizer.encode(prompt)
+        token_ids = list(prompt)
+        vocab_size = self.config.model.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are not in the vocabulary [0, {vocab_size})")
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        return None, token_ids
+
+    def _new_sequence(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams) -> _Sequence:
+        seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
+        # Seeded n > 1 completions differ from each other, yet each is reproducible.
+        seed = None if params.seed is None else params.seed + index
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
+        detokenizer = self.tokenizer and IncrementalDetokenizer.for_request(self.tokenizer, prompt_ids, params)
+        return _Sequence(
+            index=index,
+            request=Request(seq_id, prompt_ids, params, skip_prefix_cache=params.prompt_logprobs is not None),
+            detokenizer=detokenizer,
+            generator=make_generator(seed, self.runner.device),
+            logprobs=[] if params.logprobs is not None else None,
+        )

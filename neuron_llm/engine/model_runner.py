@@ -1,0 +1,101 @@
+"""From a scheduler step to logits: pack the flat batch, pad it to a bucket, run it.
+
+The flat batch holds every scheduled token of every request back to back::
+
+    input_ids:  | req A: 5 prompt tokens | req B: 1 decode token | req C: chunk of 8 | pad .. |
+    rows read:                        ^A                       ^B                  (C: none)
+
+and is padded to the smallest bucket (``neuron_llm.buckets``), so every forward has one of a
+known set of shapes. Logits are computed only for the rows that sample (the last token of
+each request that reached the end of its known tokens) and for prompt positions whose
+logprobs were asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from neuron_llm.buckets import BucketSet
+from neuron_llm.config import EngineConfig
+from neuron_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from neuron_llm.parallel.executor import Executor
+from neuron_llm.worker import StepInput
+
+
+@dataclass
+class StepResult:
+    sample_logits: torch.Tensor
+    """[num_sampling_entries, vocab] fp32, in the order of the sampling entries."""
+    prompt_logits: list[torch.Tensor | None]
+    """Per scheduled entry: logits at its prompt positions whose logprobs were asked for."""
+
+
+class ModelRunner:
+    """Packs scheduler steps into bucketed ``StepInput``s and runs them on the executor."""
+
+    def __init__(self, config: EngineConfig, executor: Executor, buckets: BucketSet | None = None) -> None:
+        self.executor = executor
+        self.device = torch.device(config.device.device)
+        self.buckets = buckets or BucketSet.default(
+            config.scheduler.max_num_seqs,
+            config.scheduler.max_num_batched_tokens,
+            config.max_model_len,
+            config.cache.block_size,
+        )
+
+    def execute(
+        self, scheduled: SchedulerOutput, wants_prompt_logprobs: Callable[[ScheduledRequest], bool]
+    ) -> StepResult:
+        """Run the step; ``wants_prompt_logprobs(entry)`` says whose prompt rows to return."""
+        step, prompt_rows = self._pack(scheduled, wants_prompt_logprobs)
+        logits = self.executor.execute(step)
+        num_sampling = sum(entry.is_sampling for entry in scheduled.scheduled)
+        prompt_logits: list[torch.Tensor | None] = []
+        offset = len(step.logits_indices) - sum(len(rows) for rows in prompt_rows if rows)
+        for rows in prompt_rows:
+            if not rows:
+                prompt_logits.append(None)
+                continue
+            prompt_logits.append(logits[offset : offset + len(rows)])
+            offset += len(rows)
+        return StepResult(logits[:num_sampling], prompt_logits)
+
+    def _pack(
+        self, scheduled: SchedulerOutput, wants_prompt_logprobs: Callable[[ScheduledRequest], bool]
+    ) -> tuple[StepInput, list[list[int] | None]]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        sample_rows: list[int] = []
+        prompt_rows: list[list[int] | None] = []
+        for entry in scheduled.scheduled:
+            start = len(input_ids)
+            input_ids += entry.token_ids
+            positions += range(entry.num_computed_tokens, entry.seq_len)
+            if entry.is_sampling:
+                sample_rows.append(len(input_ids) - 1)
+            rows = None
+            if wants_prompt_logprobs(entry):
+                # Position p scores prompt token p + 1, so the prompt's last position has none.
+                last = min(entry.seq_len, entry.request.num_prompt_tokens - 1)
+                rows = [start + p - entry.num_computed_tokens for p in range(entry.num_computed_tokens, last)]
+            prompt_rows.append(rows)
+        entries = scheduled.scheduled
+        is_decode = all(entry.num_new_tokens == 1 for entry in entries)
+        bucket = self.buckets.select(len(input_ids), len(entries), is_decode)
+        # Sampling rows are padded to the bucket's sequence count so the logits have a static shape.
+        sample_rows += [0] * (bucket.num_seqs - len(sample_rows))
+        step = StepInput(
+            input_ids=input_ids,
+            positions=list(positions),
+            query_lens=[entry.num_new_tokens for entry in entries],
+            seq_lens=[entry.seq_len for entry in entries],
+            block_tables=[entry.block_ids for entry in entries],
+            logits_indices=sample_rows + [row for rows in prompt_rows if rows for row in rows],
+            num_padded_tokens=bucket.num_tokens,
+            num_padded_seqs=bucket.num_seqs,
+            max_blocks_per_seq=self.buckets.max_blocks_per_seq,
+        )
+        return step, prompt_rows

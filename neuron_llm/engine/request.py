@@ -1,0 +1,111 @@
+"""One generation request and the bookkeeping the scheduler keeps on it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class SamplingParamsLike(Protocol):
+    """The part of a request's sampling parameters the scheduler reads; the sampler reads the rest."""
+
+    @property
+    def max_tokens(self) -> int | None:
+        """Most tokens generated; None is bounded only by max_model_len."""
+        ...
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is: queued, in the running batch, or done (and why)."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    """Back in the waiting queue after losing its blocks; recomputed when admitted again."""
+    FINISHED_STOPPED = "stop"
+    """A stop token or string, decided outside the scheduler."""
+    FINISHED_LENGTH = "length"
+    """max_tokens or max_model_len reached."""
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        """Whether the request will never be scheduled again."""
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt, the tokens generated so far, and how far the KV cache has caught up.
+
+    One invariant replaces separate prefill and decode phases: ``num_computed_tokens`` (tokens
+    whose K/V is in the cache) catches up with ``num_tokens`` (prompt plus output). Each step
+    computes some of the tokens in between::
+
+        all_token_ids:  | prompt ...................... | output ........ |
+                        | computed      | this step     | later steps    |
+                        0   num_computed_tokens                    num_tokens
+
+    A prefill is a step starting at 0, a chunked prefill one that stops short of the prompt's
+    end, a prefix-cache hit starts ``num_computed_tokens`` above 0, a decode computes the one
+    token sampled last. A step that reaches ``num_tokens`` yields logits for a new token. A
+    preempted request drops to 0 and recomputes its prompt and output alike, so it goes on
+    exactly where it stopped.
+
+    Only the scheduler changes the bookkeeping fields; append output with
+    ``append_output_token`` so that ``all_token_ids`` stays in step.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParamsLike
+    skip_prefix_cache: bool = False
+    """Compute every prompt token even when cached (prompt logprobs need each position's logits)."""
+    arrival_time: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` when the request arrived; for metrics (order is the add order)."""
+    output_token_ids: list[int] = field(default_factory=list, init=False)
+    all_token_ids: list[int] = field(init=False)
+    """Prompt followed by output, kept as one list so that slicing it costs no concatenation."""
+    status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
+    num_computed_tokens: int = field(default=0, init=False)
+    num_cached_tokens: int = field(default=0, init=False)
+    """Tokens found in the prefix cache (or shared by a fork) when last admitted."""
+    num_preemptions: int = field(default=0, init=False)
+    block_ids: list[int] = field(default_factory=list, init=False)
+    """The block manager's table of this request while it runs (read-only); empty otherwise."""
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = list(self.prompt_token_ids)
+        self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Tokens of the prompt."""
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens generated so far."""
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus output tokens."""
+        return len(self.all_token_ids)
+
+    @property
+    def num_tokens_to_compute(self) -> int:
+        """Tokens whose K/V is not in the cache yet."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        """Whether the request will never be scheduled again."""
+        return self.status.is_finished
+
+    def append_output_token(self, token_id: int) -> None:
+        """Record one generated token."""
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)

@@ -1,0 +1,371 @@
+"""Iteration-level scheduling over a paged KV cache.
+
+Requests join and leave the running batch at every step (Orca, Yu et al., OSDI 2022,
+https://www.usenix.org/conference/osdi22/presentation/yu); their K/V lives in blocks
+(PagedAttention, Kwon et al., SOSP 2023, https://arxiv.org/abs/2309.06180). Each step gets
+a token budget (``max_num_batched_tokens``) and a sequence limit (``max_num_seqs``)::
+
+    | running, oldest first:                  | waiting, first come first served:          |
+    |  decodes (1 token), unfinished prefills |  prompts (prefix-cache hits skipped),       |
+    |  newest preempted when blocks run out   |  chunked to the budget left; admitted only  |
+    |                                         |  while blocks are free, never by preemption |
+
+A preempted request frees its blocks, goes back to the front of the waiting queue and is
+recomputed from token 0 (prompt and output so far) when admitted again. Running requests are
+kept in arrival order, so the newest is always last, and a request is never preempted to make
+room for one that arrived after it. The oldest running request can always preempt every other
+one, and ``add_request`` refuses requests that would not fit in the pool alone, so the oldest
+always progresses.
+
+Steps alternate ``schedule()`` (what to compute) and ``update_from_output()`` (the sampled
+tokens). Stop tokens and strings are judged outside, which then calls ``finish``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from neuron_llm.engine.block_manager import BlockManager
+from neuron_llm.engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from neuron_llm.config import CacheConfig, SchedulerConfig
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step: its tokens ``num_computed_tokens .. seq_len - 1``."""
+
+    request: Request
+    num_computed_tokens: int
+    """Tokens already in the KV cache before this step; the position of the first new token."""
+    num_new_tokens: int
+    """Tokens computed this step."""
+    is_sampling: bool
+    """The step reaches the last known token, so a new token is sampled from its logits. False
+    for a prefill chunk that stops short of the prompt's end."""
+    token_ids: list[int]
+    """The ``num_new_tokens`` input tokens."""
+    block_ids: list[int]
+    """The block table as of this step."""
+
+    @property
+    def seq_len(self) -> int:
+        """Context length after this step."""
+        return self.num_computed_tokens + self.num_new_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """What one step computes, and what changed since the previous step."""
+
+    scheduled: list[ScheduledRequest]
+    """Running requests first (oldest first), then newly admitted ones."""
+    preempted_ids: list[str]
+    """Requests that lost their blocks this step."""
+    finished_ids: list[str]
+    """Requests finished (any reason) since the previous ``schedule()``; their state can go."""
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens in the flat batch, before padding."""
+        return sum(entry.num_new_tokens for entry in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether nothing is computed this step."""
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """Gauges and counters for metrics."""
+
+    num_waiting: int
+    num_running: int
+    num_preemptions: int
+    """Preemptions since the scheduler was built."""
+    kv_cache_usage: float
+    """Fraction of usable KV blocks held by requests."""
+    prefix_cache_hit_rate: float
+    """Prompt tokens found in the prefix cache over prompt tokens looked up."""
+
+
+class Scheduler:
+    """Decides, each step, which requests compute how many tokens, and owns their KV blocks.
+
+    Args:
+        cache_config: block size and whether prefix caching is on.
+        scheduler_config: step limits; ``max_model_len`` must be set (``EngineConfig`` sets it).
+        num_blocks: blocks in the KV pool, the reserved null block included.
+    """
+
+    def __init__(self, cache_config: CacheConfig, scheduler_config: SchedulerConfig, num_blocks: int) -> None:
+        if scheduler_config.max_model_len is None:
+            raise ValueError("scheduler_config.max_model_len=None: set it (EngineConfig fills it from the model)")
+        self.config = scheduler_config
+        self.max_model_len: int = scheduler_config.max_model_len
+        self.block_manager = BlockManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._requests: dict[str, Request] = {}
+        self._arrival_order: dict[str, int] = {}
+        self._arrival_counter = itertools.count()
+        self._finished_ids: list[str] = []
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request.
+
+        Raises ``ValueError`` when its id is in use, its prompt is empty or leaves no room for
+        output within ``max_model_len``, its prompt exceeds ``max_num_batched_tokens`` without
+        chunked prefill, or its prompt plus ``max_tokens`` would not fit in the KV pool even
+        alone (it could then never finish).
+        """
+        self._check_new(request)
+        request.status = RequestStatus.WAITING
+        self._register(request)
+        self.waiting.append(request)
+
+    def fork(self, parent_id: str, child: Request) -> None:
+        """Add ``child``, a new request with the same prompt as ``parent_id``, sharing its K/V.
+
+        For n > 1 completions of one prompt, computed once. The child takes a reference on the
+        parent's computed full prompt blocks and joins the running batch; it computes the rest
+        of the prompt, the partly filled block included, into blocks of its own. A parent that is not running (waiting,
+        preempted, or already finished: its first token may have been its last) holds no
+        blocks, and the child is then queued like any new request. Raises ``ValueError`` as
+        ``add_request`` does, or when the prompts differ.
+        """
+        parent = self._requests.get(parent_id)
+        if parent is not None and child.prompt_token_ids != parent.prompt_token_ids:
+            raise ValueError(f"request {child.request_id!r}: a fork must have the prompt of {parent_id!r}")
+        if parent is None or parent.status != RequestStatus.RUNNING:
+            self.add_request(child)
+            return
+        self._check_new(child)
+        block_size = self.block_manager.block_size
+        num_shared = min(parent.num_computed_tokens, child.num_tokens - 1) // block_size * block_size
+        child.block_ids = self.block_manager.fork(parent_id, child.request_id, num_shared)
+        child.num_computed_tokens = child.num_cached_tokens = num_shared
+        child.status = RequestStatus.RUNNING
+        self._register(child)
+        self._insert_running(child)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request in any state and free its blocks; False if it is unknown or already done."""
+        return self.finish(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish(self, request_id: str, status: RequestStatus) -> bool:
+        """End a request with a finished ``status`` (a stop token: ``FINISHED_STOPPED``).
+
+        Frees its blocks; its id is reported in the next ``SchedulerOutput.finished_ids``.
+        Returns False if the request is unknown or already finished.
+        """
+        assert status.is_finished, status
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+            self.block_manager.free(request_id)
+        else:
+            self.waiting.remove(request)
+        del self._requests[request_id]
+        del self._arrival_order[request_id]
+        request.status = status
+        request.block_ids = []
+        self._finished_ids.append(request_id)
+        return True
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens; advances each scheduled request's ``num_computed_tokens``."""
+        scheduled: list[ScheduledRequest] = []
+        preempted_ids: list[str] = []
+        budget = self._schedule_running(scheduled, preempted_ids, self.config.max_num_batched_tokens)
+        # A preemption means memory is short: admitting now would only preempt again.
+        if not preempted_ids:
+            self._schedule_waiting(scheduled, budget)
+        finished_ids, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(scheduled, preempted_ids, finished_ids)
+
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[str]:
+        """Take the step's results: ``sampled[request_id]`` for each request that sampled.
+
+        Publishes the newly computed full blocks to the prefix cache, appends sampled tokens,
+        and finishes (freeing their blocks) requests that reached ``max_tokens`` or
+        ``max_model_len``. Requests finished while the step ran are skipped. Returns the ids
+        finished by length.
+        """
+        finished_ids: list[str] = []
+        for entry in output.scheduled:
+            request = entry.request
+            if request.status != RequestStatus.RUNNING:
+                continue
+            self.block_manager.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
+            if entry.is_sampling and self._append_sampled(request, sampled[request.request_id]):
+                self.finish(request.request_id, RequestStatus.FINISHED_LENGTH)
+                finished_ids.append(request.request_id)
+        return finished_ids
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether any request waits or runs."""
+        return bool(self._requests)
+
+    def stats(self) -> SchedulerStats:
+        """Current gauges and counters."""
+        return SchedulerStats(
+            num_waiting=len(self.waiting),
+            num_running=len(self.running),
+            num_preemptions=self.num_preemptions,
+            kv_cache_usage=self.block_manager.usage,
+            prefix_cache_hit_rate=self.block_manager.prefix_hit_rate,
+        )
+
+    def _check_new(self, request: Request) -> None:
+        request_id, num_prompt_tokens = request.request_id, request.num_prompt_tokens
+        if request_id in self._requests:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        if request.num_tokens != num_prompt_tokens or request.num_computed_tokens:
+            raise ValueError(f"request {request_id!r} must be new: no output, nothing computed")
+        if num_prompt_tokens == 0:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"request {request_id!r}: prompt of {num_prompt_tokens} tokens leaves no room for output "
+                f"within max_model_len={self.max_model_len}"
+            )
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"request {request_id!r}: max_tokens={max_tokens} must be >= 1")
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and num_prompt_tokens > budget:
+            raise ValueError(
+                f"request {request_id!r}: prompt of {num_prompt_tokens} tokens exceeds "
+                f"max_num_batched_tokens={budget} and chunked prefill is off"
+            )
+        # The K/V of every token but the last sampled one is stored.
+        num_blocks = self.block_manager.num_blocks_for(self._final_num_tokens(request) - 1)
+        if num_blocks > self.block_manager.num_usable_blocks:
+            raise ValueError(
+                f"request {request_id!r}: prompt of {num_prompt_tokens} tokens plus max_tokens={max_tokens} "
+                f"needs {num_blocks} KV blocks but the pool has {self.block_manager.num_usable_blocks}; "
+                "lower max_tokens or enlarge the KV cache"
+            )
+
+    def _final_num_tokens(self, request: Request) -> int:
+        """Length at which the request finishes by length."""
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is None:
+            return self.max_model_len
+        return min(request.num_prompt_tokens + max_tokens, self.max_model_len)
+
+    def _register(self, request: Request) -> None:
+        self._requests[request.request_id] = request
+        self._arrival_order[request.request_id] = next(self._arrival_counter)
+
+    def _insert_running(self, request: Request) -> None:
+        bisect.insort(self.running, request, key=lambda r: self._arrival_order[r.request_id])
+
+    def _schedule_running(self, scheduled: list[ScheduledRequest], preempted_ids: list[str], budget: int) -> int:
+        """Schedule running requests oldest first; returns the budget left."""
+        index = 0
+        while index < len(self.running) and budget > 0 and len(scheduled) < self.config.max_num_seqs:
+            request = self.running[index]
+            assert request.num_tokens_to_compute > 0, "schedule() twice without update_from_output()"
+            num_new_tokens = min(request.num_tokens_to_compute, budget)
+            if not self._reserve_blocks(request, num_new_tokens, preempted_ids):
+                break
+            scheduled.append(self._advance(request, num_new_tokens))
+            budget -= num_new_tokens
+            index += 1
+        return budget
+
+    def _reserve_blocks(self, request: Request, num_new_tokens: int, preempted_ids: list[str]) -> bool:
+        """Get blocks for ``num_new_tokens`` more tokens, preempting the newest running requests.
+
+        The newest are behind ``request`` in ``running``, not yet scheduled this step. Returns
+        False when ``request`` was itself the newest and preempted itself.
+        """
+        num_tokens = request.num_computed_tokens + num_new_tokens
+        while self.block_manager.append_slots(request.request_id, num_tokens) is None:
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted_ids.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.block_ids = []
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        # It arrived before everything still waiting (admission is first come, first served).
+        self.waiting.appendleft(request)
+
+    def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
+        """Admit waiting requests in arrival order while budget, sequence slots and blocks last."""
+        # Admission runs only when every running request was scheduled (the running pass stops
+        # early only on an empty budget, a full batch or a preemption), so ``scheduled`` counts
+        # the whole running batch.
+        while self.waiting and budget > 0 and len(scheduled) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            prefix_hit = None if request.skip_prefix_cache else self.block_manager.lookup_prefix(request.all_token_ids)
+            num_cached_tokens = prefix_hit.num_cached_tokens if prefix_hit is not None else 0
+            num_new_tokens = self._num_admitted_tokens(request.num_tokens - num_cached_tokens, budget)
+            if num_new_tokens == 0:
+                return
+            table = self.block_manager.allocate(request.request_id, num_cached_tokens + num_new_tokens, prefix_hit)
+            if table is None:
+                return
+            self.waiting.popleft()
+            request.block_ids = table
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = request.num_cached_tokens = num_cached_tokens
+            self._insert_running(request)
+            scheduled.append(self._advance(request, num_new_tokens))
+            budget -= num_new_tokens
+
+    def _num_admitted_tokens(self, num_to_compute: int, budget: int) -> int:
+        """Tokens a waiting request computes in its first step; 0 when it must keep waiting."""
+        if num_to_compute <= budget:
+            return num_to_compute
+        # A recompute after preemption (prompt plus output) may exceed the whole budget; it is
+        # chunked even with chunked prefill off, or it would never run again.
+        if self.config.enable_chunked_prefill or num_to_compute > self.config.max_num_batched_tokens:
+            return budget
+        return 0
+
+    def _advance(self, request: Request, num_new_tokens: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        request.num_computed_tokens += num_new_tokens
+        return ScheduledRequest(
+            request=request,
+            num_computed_tokens=start,
+            num_new_tokens=num_new_tokens,
+            is_sampling=request.num_computed_tokens == request.num_tokens,
+            token_ids=request.all_token_ids[start : request.num_computed_tokens],
+            block_ids=list(request.block_ids),
+        )
+
+    def _append_sampled(self, request: Request, token_ids: list[int]) -> bool:
+        """Append sampled tokens (several with speculative decoding) up to the length limit.
+
+        Returns whether the request reached it. Tokens appended beyond the computed ones are
+        simply the next step's tokens to compute.
+        """
+        assert token_ids, f"no sampled token for {request.request_id!r}"
+        final_num_tokens = self._final_num_tokens(request)
+        for token_id in token_ids:
+            request.append_output_token(token_id)
+            if request.num_tokens >= final_num_tokens:
+                return True
+        return False

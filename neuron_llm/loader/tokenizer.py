@@ -1,0 +1,82 @@
+"""The model's tokenizer, its chat template and its end-of-sequence tokens.
+
+Tokenizers load through transformers' ``AutoTokenizer`` from local files only (a model
+directory, or the vocabulary inside a GGUF file): no model hub is ever contacted. A loaded
+tokenizer is kept per path and shared: the engine front end and an in-process model load
+ask for the same one, and reading it from a GGUF file takes seconds. Do not mutate it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def has_tokenizer_files(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds any of the files a Hugging Face tokenizer is read from."""
+    return any((model_dir / name).is_file() for name in _TOKENIZER_FILES)
+
+
+@lru_cache(maxsize=4)
+def load_dir_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in the Hugging Face model directory ``model_dir``."""
+    if not has_tokenizer_files(model_dir):
+        raise FileNotFoundError(f"no tokenizer in {model_dir}: expected one of {', '.join(_TOKENIZER_FILES)}")
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
+@lru_cache(maxsize=4)
+def load_gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer described by the metadata of the GGUF file ``gguf_path``."""
+    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]]) -> str:
+    """Render ``messages`` (``{"role", "content"}`` dicts) as a prompt with the model's chat template.
+
+    The prompt ends with the header of the assistant's reply. Raises ``ValueError`` when the
+    model has no chat template, a message is malformed, or the template refuses the messages
+    (some templates insist that user and assistant turns alternate).
+    """
+    if not tokenizer.chat_template:
+        raise ValueError("this model has no chat template; send a plain prompt instead of chat messages")
+    _check_messages(messages)
+    try:
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    except TemplateError as e:
+        raise ValueError(f"the model's chat template refused the messages: {e}") from e
+
+
+def _check_messages(messages: Sequence[dict[str, Any]]) -> None:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', not {type(message).__name__}")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}].role={role!r}: must be one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"messages[{i}].content={message.get('content')!r}: must be a string")
+
+
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase | None, *configured: Iterable[int]) -> tuple[int, ...]:
+    """The union, in first-seen order, of the tokenizer's EOS and the ``configured`` EOS id lists.
+
+    Models often end a chat turn with a token the tokenizer does not call EOS (Llama 3's
+    ``<|eot_id|>``), which only the model or generation config lists.
+    """
+    ids: list[int] = []
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    for group in configured:
+        ids.extend(group)
+    return tuple(dict.fromkeys(ids))

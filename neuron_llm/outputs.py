@@ -1,0 +1,83 @@
+"""What a request returns, shaped like vLLM's ``RequestOutput`` so its users know the fields.
+
+A streaming caller receives one ``RequestOutput`` per engine step that produced text for the
+request; ``finished`` is set on the last one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass
+class Logprob:
+    """The log-probability of one token at one position."""
+
+    logprob: float
+    """Natural log of the token's probability under the model's raw distribution."""
+    rank: int | None = None
+    """1 for the most likely token; None when not computed."""
+    decoded_token: str | None = None
+    """The token's text, when the caller asked for it to be decoded."""
+
+
+SampleLogprobs = list[dict[int, Logprob]]
+"""Per generated position: token id -> Logprob for the sampled token and the top-k tokens."""
+
+PromptLogprobs = list[dict[int, Logprob] | None]
+"""Per prompt position; the first is None since nothing predicts the first prompt token."""
+
+
+@dataclass
+class CompletionOutput:
+    """One of the ``n`` completions of a request."""
+
+    index: int
+    """Which of the request's ``n`` completions this is."""
+    text: str
+    """Generated text so far (or the newest piece, for delta streaming), stop strings excluded."""
+    token_ids: list[int]
+    """Generated token ids, including the token that completed a stop string or was EOS."""
+    cumulative_logprob: float | None = None
+    """Sum of the sampled tokens' logprobs; None when logprobs were not requested."""
+    logprobs: SampleLogprobs | None = None
+    """Per generated token, when ``SamplingParams.logprobs`` is set."""
+    finish_reason: FinishReason | None = None
+    """"stop" (EOS, a stop token or a stop string), "length" (max_tokens or context) or "abort"."""
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended the sequence; None for EOS or length."""
+
+    @property
+    def finished(self) -> bool:
+        """Whether this completion has ended."""
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """Timestamps of a request's life, in ``time.monotonic()`` seconds; None until reached."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    """The state of one request as returned to the caller."""
+
+    request_id: str
+    prompt: str | None
+    """The prompt text; None when the request was given token ids."""
+    prompt_token_ids: list[int]
+    prompt_logprobs: PromptLogprobs | None
+    """Per prompt token, when ``SamplingParams.prompt_logprobs`` is set."""
+    outputs: list[CompletionOutput]
+    finished: bool
+    """Whether every completion has ended."""
+    metrics: RequestMetrics | None = None

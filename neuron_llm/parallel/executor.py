@@ -1,0 +1,235 @@
+"""Executors: how the engine (on rank 0) runs a step on one device or on a tensor-parallel group.
+
+The engine sees one interface, ``Executor``: ``execute(step)`` returns fp32 logits,
+``num_kv_blocks`` is the KV pool size every rank holds, ``shutdown()`` ends the ranks.
+
+With tensor parallelism every rank holds a ``Worker`` over its model shard. Each step,
+rank 0 sends the ``StepInput`` (a few plain lists) to the others over the control group and
+all ranks run the same forward; the LM head's all-gather gives rank 0 the full logits.
+Sending ``None`` ends the others' loop.
+
+Workers are built by a ``WorkerFactory`` that runs in each rank's own process, so every
+rank loads only its shard, on its own device. It must be picklable to reach spawned ranks:
+a module-level function, or ``functools.partial`` of one over plain data.
+
+A rank that fails does not leave rank 0 waiting: a spawned rank reports its traceback and
+exits, which closes its connections, so rank 0's next collective fails and ``execute``
+raises ``WorkerError`` with that traceback. A rank that hangs fails rank 0's collective
+after ``timeout_s``. After any failure the executor is shut down.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from types import TracebackType
+from typing import NoReturn
+
+import torch
+import torch.distributed as dist
+
+from neuron_llm.config import EngineConfig
+from neuron_llm.parallel.launch import (
+    RankProcesses,
+    WorkerError,
+    config_for_rank,
+    distributed_backend,
+    share_host_threads,
+)
+from neuron_llm.parallel.state import (
+    DEFAULT_TIMEOUT_S,
+    ParallelState,
+    broadcast_from_driver,
+    destroy_distributed,
+    init_distributed,
+    init_from_torchrun,
+    min_over_ranks,
+    torchrun_env,
+)
+from neuron_llm.worker import StepInput, Worker, allocate_kv_cache
+
+WorkerFactory = Callable[[EngineConfig, int, int], Worker]
+"""``build_worker(config, rank, world_size)``: rank ``rank``'s Worker over its model shard.
+
+``config`` carries that rank's device. The factory typically calls
+``load_model(path, dtype=..., device=..., shard=lambda m: shard_model(m, rank, world_size))``.
+"""
+
+
+class Executor(abc.ABC):
+    """Runs engine steps; the engine holds one and never asks how many devices it spans."""
+
+    num_kv_blocks: int
+    """KV blocks per layer, the same on every rank; block 0 is the reserved null block."""
+
+    @abc.abstractmethod
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """Run one step; return fp32 logits [len(step.logits_indices), vocab_size]."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Release the devices (and end the other ranks); later calls do nothing."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.shutdown()
+
+
+class UniprocExecutor(Executor):
+    """One device, one ``Worker``, in this process."""
+
+    def __init__(self, config: EngineConfig, build_worker: WorkerFactory) -> None:
+        self.worker = build_worker(config, 0, 1)
+        self.num_kv_blocks = self.worker.num_kv_blocks
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        return self.worker.execute(step)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class MultiprocExecutor(Executor):
+    """Rank 0 of a tensor-parallel group of ``config.parallel.tensor_parallel_size`` processes.
+
+    Under torchrun (RANK and WORLD_SIZE set) this process must be rank 0 and joins the
+    group torchrun started; otherwise it spawns ranks 1..N-1 itself. It then builds its own
+    worker with ``build_worker`` while the other ranks build theirs, and all agree on the
+    smallest KV pool any rank proposed. ``timeout_s`` bounds the wait for ranks to start and
+    for a peer in any collective.
+
+    Raises ``WorkerError`` when another rank fails, during construction or any step.
+    """
+
+    def __init__(
+        self, config: EngineConfig, build_worker: WorkerFactory, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        world_size = config.parallel.tensor_parallel_size
+        backend = distributed_backend(config.device.device)
+        self._ranks: RankProcesses | None = None
+        env = torchrun_env()
+        if env is None:
+            self._ranks = RankProcesses(world_size, _serve_spawned_rank, (config, build_worker, timeout_s), timeout_s)
+            try:
+                self._ranks.wait_until_ready()
+                state = init_distributed(world_size, 0, backend, store=self._ranks.store, timeout_s=timeout_s)
+            except BaseException:
+                self._ranks.stop(graceful=False)
+                raise
+        else:
+            if env.rank != 0:
+                raise RuntimeError(f"MultiprocExecutor runs on rank 0; this is rank {env.rank} (use make_executor)")
+            _check_world_size(env.world_size, world_size)
+            state = init_from_torchrun(backend, timeout_s=timeout_s)
+        self._is_running = True
+        try:
+            self.worker = build_worker(config_for_rank(config, state.local_rank), 0, world_size)
+            self.num_kv_blocks = agree_on_num_kv_blocks(self.worker)
+        except Exception as e:
+            self._fail(e)
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        if not self._is_running:
+            raise RuntimeError("the tensor-parallel executor is shut down (after shutdown() or a failure)")
+        if self._ranks is not None and (failure := self._ranks.failure(wait_s=0)) is not None:
+            self._stop(graceful=False)
+            raise failure
+        try:
+            broadcast_from_driver(step)
+            return self.worker.execute(step)
+        except Exception as e:
+            self._fail(e)
+
+    def shutdown(self) -> None:
+        if not self._is_running:
+            return
+        try:
+            broadcast_from_driver(None)
+        except Exception as e:
+            self._fail(e)
+        self._stop(graceful=True)
+
+    def _fail(self, cause: Exception) -> NoReturn:
+        """Shut everything down and raise what another rank reported, else ``cause`` itself."""
+        failure = self._ranks.failure() if self._ranks is not None else None
+        self._stop(graceful=False)
+        if failure is None:
+            raise cause
+        raise failure from cause
+
+    def _stop(self, graceful: bool) -> None:
+        self._is_running = False
+        if self._ranks is not None:
+            self._ranks.stop(graceful)
+        destroy_distributed()
+
+
+def agree_on_num_kv_blocks(worker: Worker) -> int:
+    """Make every rank's KV pool the smallest any rank proposed; return that size.
+
+    Ranks size their pools from their own free memory, but a block id must mean the same
+    block on every rank.
+    """
+    num_blocks = min_over_ranks(worker.num_kv_blocks)
+    if num_blocks < worker.num_kv_blocks:
+        key_cache = worker.kv_caches[0][0]
+        worker.kv_caches = []  # free the larger pool before allocating the smaller one
+        worker.kv_caches = allocate_kv_cache(
+            worker.config.model, num_blocks, worker.block_size, key_cache.shape[2], key_cache.dtype, key_cache.device
+        )
+        worker.num_kv_blocks = num_blocks
+    return num_blocks
+
+
+def serve_steps(config: EngineConfig, build_worker: WorkerFactory, state: ParallelState) -> None:
+    """Rank ``state.rank`` > 0: build this rank's worker, then run rank 0's steps until it sends None."""
+    worker = build_worker(config_for_rank(config, state.local_rank), state.rank, state.world_size)
+    agree_on_num_kv_blocks(worker)
+    while (step := broadcast_from_driver(None)) is not None:
+        assert isinstance(step, StepInput), type(step)
+        worker.execute(step)
+    destroy_distributed()
+
+
+def make_executor(
+    config: EngineConfig, build_worker: WorkerFactory, *, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> Executor:
+    """The executor for ``config``: in this process at TP=1, else rank 0 of a tensor-parallel group.
+
+    Under torchrun every rank calls this with the same arguments. On rank 0 it returns the
+    executor; on every other rank it serves steps until rank 0 shuts down, then exits the
+    process with status 0 (it never returns there). Without torchrun, TP=N spawns ranks
+    1..N-1 from this process.
+    """
+    world_size = config.parallel.tensor_parallel_size
+    env = torchrun_env()
+    if env is not None:
+        _check_world_size(env.world_size, world_size)
+        if env.rank > 0:
+            state = init_from_torchrun(distributed_backend(config.device.device), timeout_s=timeout_s)
+            serve_steps(config, build_worker, state)
+            raise SystemExit(0)
+    if world_size == 1:
+        return UniprocExecutor(config, build_worker)
+    return MultiprocExecutor(config, build_worker, timeout_s=timeout_s)
+
+
+def _check_world_size(launched: int, tensor_parallel_size: int) -> None:
+    if launched != tensor_parallel_size:
+        raise ValueError(
+            f"the launcher started WORLD_SIZE={launched} processes but tensor_parallel_size={tensor_parallel_size}; "
+            "start one process per tensor-parallel rank"
+        )
+
+
+def _serve_spawned_rank(
+    rank: int, world_size: int, store: dist.Store, config: EngineConfig, build_worker: WorkerFactory, timeout_s: float
+) -> None:
+    if torch.device(config.device.device).type == "cpu":
+        share_host_threads(world_size)
+    state = init_distributed(world_size, rank, distributed_backend(config.device.device), store=store, timeout_s=timeout_s)
+    serve_steps(config, build_worker, state)

@@ -1,0 +1,171 @@
+"""Starting the ranks of a tensor-parallel group: one process per device.
+
+Two ways, chosen by how the program was started:
+
+- **library-spawned** (``python serve.py``): the driver process is rank 0; it spawns ranks
+  1..N-1 with the ``spawn`` start method (a fresh interpreter: CUDA and fork do not mix) and
+  they meet through a TCP store on 127.0.0.1 that rank 0 hosts on a free port. ``RankProcesses``
+  watches them: a rank that fails sends its traceback back before it exits.
+- **torchrun** (``torchrun --nproc-per-node N serve.py``): every rank runs the same script
+  and finds the others through RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
+
+Either way rank ``r`` on CUDA uses GPU ``LOCAL_RANK`` (``cuda:r`` when spawned) over NCCL;
+on the CPU the ranks talk over gloo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from neuron_llm.config import EngineConfig
+
+_HOST = "127.0.0.1"
+_READY_KEY = "neuron_llm/ready/{rank}"
+_POLL_S = 0.05
+_REPORT_GRACE_S = 2.0
+"""A failing rank reports before its connections close, so this wait only delays errors that
+rank 0 raised itself (then no report comes)."""
+_STOP_GRACE_S = 10.0
+
+
+class WorkerError(RuntimeError):
+    """A tensor-parallel rank other than 0 failed; the message holds what it reported."""
+
+
+def distributed_backend(device: str) -> str:
+    """The ``torch.distributed`` backend for ``device``: NCCL on CUDA, gloo on the CPU."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "nccl"
+    if kind == "cpu":
+        return "gloo"
+    raise ValueError(f"device={device!r}: tensor parallelism over torch.distributed runs on 'cpu' or 'cuda'")
+
+
+def config_for_rank(config: EngineConfig, local_rank: int) -> EngineConfig:
+    """``config`` with the device of the rank whose LOCAL_RANK is ``local_rank`` (``cuda:<local_rank>``)."""
+    if torch.device(config.device.device).type != "cuda":
+        return config
+    device = dataclasses.replace(config.device, device=f"cuda:{local_rank}")
+    return dataclasses.replace(config, device=device)
+
+
+def share_host_threads(world_size: int) -> None:
+    """Give this rank its share of the host's cores: ranks on one CPU would otherwise oversubscribe it."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+
+RankTarget = Callable[..., None]
+"""What a spawned rank runs: ``target(rank, world_size, store, *args)``."""
+
+
+class RankProcesses:
+    """Ranks 1..``world_size - 1``, spawned as child processes of rank 0, and their failure reports.
+
+    The children run ``target(rank, world_size, store, *args)``; ``target`` and ``args`` must
+    be picklable (module-level functions, plain data). ``store`` is the TCP store rank 0
+    hosts, through which all ranks join the process group (``init_distributed(store=...)``).
+    """
+
+    def __init__(self, world_size: int, target: RankTarget, args: tuple[Any, ...], timeout_s: float) -> None:
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        # Port 0: the OS picks a free port, so two groups on one host never collide.
+        self.store = dist.TCPStore(
+            _HOST, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+        )
+        context = mp.get_context("spawn")
+        self._reports = context.SimpleQueue()
+        # Daemonic: children are terminated when the driver exits without shutting down.
+        self._processes = [
+            context.Process(
+                target=_run_rank,
+                args=(rank, world_size, self.store.port, timeout_s, self._reports, target, args),
+                name=f"neuron-llm-rank-{rank}",
+                daemon=True,
+            )
+            for rank in range(1, world_size)
+        ]
+        for process in self._processes:
+            process.start()
+
+    def wait_until_ready(self) -> None:
+        """Return once every child has connected to the store; ``WorkerError`` if one dies first.
+
+        Checked before rank 0 joins the process group, whose own wait could not notice a dead child.
+        """
+        keys = [_READY_KEY.format(rank=rank) for rank in range(1, self.world_size)]
+        deadline = time.monotonic() + self.timeout_s
+        while not self.store.check(keys):
+            failure = self.failure(wait_s=0)
+            if failure is not None:
+                raise failure
+            if time.monotonic() > deadline:
+                raise WorkerError(f"tensor-parallel ranks did not start within {self.timeout_s:.0f} s")
+            time.sleep(_POLL_S)
+
+    def failure(self, wait_s: float = _REPORT_GRACE_S) -> WorkerError | None:
+        """What failed children reported (or their exit codes), waiting up to ``wait_s`` for news."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            reports = self._drain_reports()
+            if reports:
+                return WorkerError("\n".join(f"tensor-parallel rank {r} failed:\n{tb}" for r, tb in reports))
+            exited = [(p.name, p.exitcode) for p in self._processes if p.exitcode not in (None, 0)]
+            if exited:
+                return WorkerError(
+                    "; ".join(f"{name} exited with code {code} (see its stderr)" for name, code in exited)
+                )
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(_POLL_S)
+
+    def stop(self, graceful: bool) -> None:
+        """Wait for the children to exit (``graceful``: after rank 0 told them to), then end stragglers."""
+        if graceful:
+            deadline = time.monotonic() + _STOP_GRACE_S
+            for process in self._processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(_STOP_GRACE_S)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+    def _drain_reports(self) -> list[tuple[int, str]]:
+        reports = []
+        while not self._reports.empty():
+            reports.append(self._reports.get())
+        return reports
+
+
+def _run_rank(
+    rank: int,
+    world_size: int,
+    port: int,
+    timeout_s: float,
+    reports: Any,
+    target: RankTarget,
+    args: tuple[Any, ...],
+) -> None:
+    """Entry point of a spawned rank: join the store, run ``target``, report any failure to rank 0."""
+    try:
+        store = dist.TCPStore(_HOST, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+        store.set(_READY_KEY.format(rank=rank), "1")
+        target(rank, world_size, store, *args)
+    except BaseException:  # noqa: BLE001 - whatever ends this rank, rank 0 must hear why
+        reports.put((rank, traceback.format_exc()))
+        sys.exit(1)

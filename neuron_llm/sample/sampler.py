@@ -1,0 +1,380 @@
+"""Batched next-token sampling, on whatever device the logits live on.
+
+One engine step gives logits ``[num_rows, vocab]`` (one row per sequence that gets a token)
+and a ``SamplingBatch`` built once from each row's ``SamplingParams`` and token history.
+The order of operations follows vLLM::
+
+    raw logits --> logprobs (returned to the user: the model's raw distribution)
+        |
+        +-> repetition, frequency, presence penalties
+        +-> min_tokens: EOS and stop_token_ids -> -inf
+        +-> / temperature -> top-k -> top-p -> min-p      (greedy rows skip these)
+        +-> draw: argmax for greedy rows, exponential race for the others
+
+Logprobs are those of the raw logits, before penalties and truncation (vLLM v1's default
+``raw_logprobs``), so they say what the model believes, not what the sampler allowed.
+
+Sampling uses the exponential race: with ``E_i ~ Exp(1)`` independent,
+``argmax_i p_i / E_i`` is distributed as ``p`` (the Gumbel-max trick in another form).
+Each seeded row draws its ``E`` from its own ``torch.Generator``, so its token depends only
+on its logits, its parameters and its generator's state, never on the other rows. Nothing
+here reads a tensor on the host; the caller syncs when it reads ``token_ids``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from neuron_llm.outputs import Logprob
+from neuron_llm.sampling_params import SamplingParams
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator seeded with ``seed`` on ``device`` (the logits' device); None when unseeded.
+
+    The engine creates one per seeded sequence when it arrives and keeps it for the
+    sequence's life, so that every step advances the same random stream.
+    """
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    # manual_seed takes 64-bit values; any Python int seed maps onto one deterministically.
+    generator.manual_seed(seed % 2**64)
+    return generator
+
+
+def _to_device(values: list[Any], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host list as a tensor on ``device``, copied without waiting for the device to idle."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        # A copy from pageable memory synchronizes the stream (it would wait for the forward
+        # pass in flight); from pinned memory it is queued like any kernel.
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+@dataclass
+class RowState:
+    """One row of the logits: a sequence about to receive its next token."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    """Tokens generated so far (the penalties read them)."""
+    generator: torch.Generator | None = None
+    """The sequence's own generator when ``params.seed`` is set (see ``make_generator``)."""
+
+    @property
+    def is_min_tokens_unmet(self) -> bool:
+        """Whether the sequence is still too short to end on EOS or a stop token."""
+        return len(self.output_token_ids) < self.params.min_tokens
+
+
+@dataclass
+class Penalties:
+    """Per-row penalty values and the token statistics they apply to."""
+
+    repetition: torch.Tensor
+    """[num_rows, 1] fp32; 1 leaves a row unchanged."""
+    frequency: torch.Tensor
+    """[num_rows, 1] fp32."""
+    presence: torch.Tensor
+    """[num_rows, 1] fp32."""
+    output_counts: torch.Tensor
+    """[num_rows, vocab] fp32: how often each token was generated."""
+    seen: torch.Tensor
+    """[num_rows, vocab] bool: token occurs in the prompt or the output."""
+
+
+@dataclass
+class SamplingBatch:
+    """Everything the sampler needs about one step's rows, on the logits' device.
+
+    Optional parts are None when no row uses them, so a batch of plain requests skips
+    their work entirely.
+    """
+
+    vocab_size: int
+    temperature: torch.Tensor
+    """[num_rows] fp32; greedy rows hold 1 so that dividing by it changes nothing."""
+    is_greedy: torch.Tensor
+    """[num_rows] bool."""
+    is_all_greedy: bool
+    top_k: torch.Tensor | None
+    """[num_rows] int64 in [1, vocab]; vocab for rows without top-k."""
+    top_p: torch.Tensor | None
+    """[num_rows] fp32; 1 for rows without top-p."""
+    min_p: torch.Tensor | None
+    """[num_rows] fp32; 0 for rows without min-p."""
+    penalties: Penalties | None
+    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None
+    """(row indices, token ids) set to -inf: EOS and stop tokens of rows short of min_tokens."""
+    generators: dict[int, torch.Generator]
+    """Row index -> generator, for seeded rows that sample (greedy rows need none)."""
+    num_logprobs: int | None
+    """Most top logprobs any row asked for; None when no row asked for logprobs."""
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the logits this batch describes."""
+        return self.temperature.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        rows: Sequence[RowState],
+        vocab_size: int,
+        device: torch.device | str,
+        eos_token_ids: Sequence[int] = (),
+    ) -> SamplingBatch:
+        """Gather the rows' parameters into tensors on ``device``.
+
+        ``eos_token_ids`` are the model's end tokens, masked (with each row's
+        stop_token_ids) while a row is short of min_tokens, unless it ignores EOS.
+        """
+        params = [row.params for row in rows]
+        is_greedy = [p.is_greedy for p in params]
+        top_k, top_p, min_p = _truncation_tensors(params, vocab_size, device)
+        logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(
+            vocab_size=vocab_size,
+            temperature=_to_device(
+                [1.0 if greedy else p.temperature for p, greedy in zip(params, is_greedy)], torch.float32, device
+            ),
+            is_greedy=_to_device(is_greedy, torch.bool, device),
+            is_all_greedy=all(is_greedy),
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            penalties=_build_penalties(rows, vocab_size, device),
+            min_tokens_mask=_build_min_tokens_mask(rows, vocab_size, device, eos_token_ids),
+            generators={
+                i: row.generator
+                for i, (row, greedy) in enumerate(zip(rows, is_greedy))
+                if row.generator is not None and not greedy
+            },
+            num_logprobs=max(logprob_counts) if logprob_counts else None,
+        )
+
+
+def _truncation_tensors(
+    params: list[SamplingParams], vocab_size: int, device: torch.device | str
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    # Greedy rows take the argmax, which every truncation keeps; give them neutral values.
+    sampled = [p for p in params if not p.is_greedy]
+    top_k = top_p = min_p = None
+    if any(p.top_k > 0 for p in sampled):
+        values = [vocab_size if p.is_greedy or p.top_k == 0 else min(p.top_k, vocab_size) for p in params]
+        top_k = _to_device(values, torch.int64, device)
+    if any(p.top_p < 1 for p in sampled):
+        top_p = _to_device([1.0 if p.is_greedy else p.top_p for p in params], torch.float32, device)
+    if any(p.min_p > 0 for p in sampled):
+        min_p = _to_device([0.0 if p.is_greedy else p.min_p for p in params], torch.float32, device)
+    return top_k, top_p, min_p
+
+
+def _padded_ids(id_lists: list[Sequence[int]], pad_id: int, device: torch.device | str) -> torch.Tensor:
+    # ids: [num_rows, longest list], padded with pad_id (one past the vocabulary).
+    width = max((len(ids) for ids in id_lists), default=0)
+    padded = [list(ids) + [pad_id] * (width - len(ids)) for ids in id_lists]
+    return _to_device(padded, torch.int64, device).reshape(len(id_lists), width)
+
+
+def _token_counts(id_lists: list[Sequence[int]], vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    # Count into one extra column that swallows the padding, then drop it.
+    ids = _padded_ids(id_lists, vocab_size, device)
+    counts = torch.zeros(len(id_lists), vocab_size + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def _build_penalties(rows: Sequence[RowState], vocab_size: int, device: torch.device | str) -> Penalties | None:
+    params = [row.params for row in rows]
+    if all(p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0 for p in params):
+        return None
+
+    def column(values: list[float]) -> torch.Tensor:
+        return _to_device(values, torch.float32, device).reshape(-1, 1)
+
+    output_counts = _token_counts([row.output_token_ids for row in rows], vocab_size, device)
+    prompt_counts = _token_counts([row.prompt_token_ids for row in rows], vocab_size, device)
+    return Penalties(
+        repetition=column([p.repetition_penalty for p in params]),
+        frequency=column([p.frequency_penalty for p in params]),
+        presence=column([p.presence_penalty for p in params]),
+        output_counts=output_counts,
+        seen=(output_counts > 0) | (prompt_counts > 0),
+    )
+
+
+def _build_min_tokens_mask(
+    rows: Sequence[RowState], vocab_size: int, device: torch.device | str, eos_token_ids: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    for i, row in enumerate(rows):
+        if not row.is_min_tokens_unmet:
+            continue
+        # As in vLLM, ignore_eos makes EOS an ordinary token, so it is not held back either.
+        ends = set(row.params.stop_token_ids or ()) | (set() if row.params.ignore_eos else set(eos_token_ids))
+        ends = sorted(t for t in ends if t < vocab_size)
+        row_ids += [i] * len(ends)
+        token_ids += ends
+    if not row_ids:
+        return None
+    return (
+        _to_device(row_ids, torch.int64, device),
+        _to_device(token_ids, torch.int64, device),
+    )
+
+
+@dataclass
+class LogprobsTensors:
+    """Logprobs of one token per row and of each row's most likely tokens, on the device."""
+
+    token_ids: torch.Tensor
+    """[num_rows] int64: the token each row is scored for (sampled, or the next prompt token)."""
+    token_logprobs: torch.Tensor
+    """[num_rows] fp32."""
+    token_ranks: torch.Tensor
+    """[num_rows] int64: 1 + how many tokens are strictly more likely."""
+    top_token_ids: torch.Tensor
+    """[num_rows, k] int64, most likely first; k is the most any row asked for."""
+    top_logprobs: torch.Tensor
+    """[num_rows, k] fp32."""
+
+    def to_dicts(self, num_logprobs: Sequence[int | None]) -> list[dict[int, Logprob] | None]:
+        """Per row, vLLM's ``{token_id: Logprob}`` with the scored token and its top ``num_logprobs[row]``.
+
+        Rows whose count is None get None. This reads the tensors on the host (one sync).
+        """
+        token_ids = self.token_ids.tolist()
+        token_logprobs = self.token_logprobs.tolist()
+        token_ranks = self.token_ranks.tolist()
+        top_ids = self.top_token_ids.tolist()
+        top_logprobs = self.top_logprobs.tolist()
+        dicts: list[dict[int, Logprob] | None] = []
+        for row, count in enumerate(num_logprobs):
+            if count is None:
+                dicts.append(None)
+                continue
+            entry = {token_ids[row]: Logprob(token_logprobs[row], token_ranks[row])}
+            for rank, (token_id, logprob) in enumerate(zip(top_ids[row][:count], top_logprobs[row][:count]), 1):
+                entry.setdefault(token_id, Logprob(logprob, rank))
+            dicts.append(entry)
+        return dicts
+
+
+@dataclass
+class SamplerOutput:
+    """The sampled token of each row, and their logprobs when any row asked for them."""
+
+    token_ids: torch.Tensor
+    """[num_rows] int64, on the logits' device."""
+    logprobs: LogprobsTensors | None
+
+
+def score_tokens(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
+    """Logprob and rank of ``token_ids`` [rows] and the ``num_top`` best tokens, from ``logprobs`` [rows, vocab]."""
+    token_logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    token_ranks = (logprobs > token_logprobs.unsqueeze(1)).sum(dim=1) + 1
+    top_logprobs, top_token_ids = logprobs.topk(num_top, dim=1)
+    return LogprobsTensors(token_ids, token_logprobs, token_ranks, top_token_ids, top_logprobs)
+
+
+def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
+    """Prompt logprobs: the logprob of each actual next prompt token and the ``num_top`` best.
+
+    ``logits`` [num_positions, vocab] are the model's outputs at prompt positions ``i`` and
+    ``next_token_ids`` [num_positions] the prompt tokens at ``i + 1``. The distribution is the
+    raw one, as for sampled tokens. With chunked prefill, call it per chunk: the chunk's last
+    position scores the first token of the next chunk.
+    """
+    return score_tokens(logits.float().log_softmax(dim=-1), next_token_ids, num_top)
+
+
+def _apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
+    # Repetition (Keskar et al., 2019, as in HF and vLLM): shrink a seen token's logit towards
+    # -inf whatever its sign; frequency and presence (OpenAI) look at the output only.
+    repeated = torch.where(logits > 0, logits / penalties.repetition, logits * penalties.repetition)
+    logits = torch.where(penalties.seen, repeated, logits)
+    logits = logits - penalties.frequency * penalties.output_counts
+    return logits - penalties.presence * (penalties.output_counts > 0).float()
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    # Sort ascending once; both truncations then mask a prefix of each sorted row.
+    sorted_logits, order = logits.sort(dim=-1)
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        kth_largest = sorted_logits.gather(1, (vocab - top_k).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        # Drop the least likely tokens while the mass they hold stays <= 1 - top_p, which
+        # leaves the smallest set of most likely tokens holding at least top_p.
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        dropped = cumulative <= 1 - top_p.unsqueeze(1)
+        dropped[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(dropped, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The logits each row samples from: penalties, min_tokens, temperature, top-k, top-p, min-p.
+
+    ``logits`` [num_rows, vocab] are not modified; removed tokens are -inf in the result.
+    """
+    assert logits.shape == (batch.num_rows, batch.vocab_size), (tuple(logits.shape), batch.vocab_size)
+    logits = logits.float()
+    if batch.penalties is not None:
+        logits = _apply_penalties(logits, batch.penalties)
+    if batch.min_tokens_mask is not None:
+        logits = logits.index_put(batch.min_tokens_mask, logits.new_full((), float("-inf")))
+    logits = logits / batch.temperature.unsqueeze(1)
+    if batch.top_k is not None or batch.top_p is not None:
+        logits = _apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+    if batch.min_p is not None:
+        logits = _apply_min_p(logits, batch.min_p)
+    return logits
+
+
+def _exponential_noise(like: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    noise = torch.empty_like(like)
+    if len(generators) < noise.shape[0]:
+        noise.exponential_()
+    for row, generator in generators.items():
+        noise[row].exponential_(generator=generator)
+    # exponential_ may return 0, and 0 / 0 would be NaN, which argmax would pick.
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+def _draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    greedy = logits.argmax(dim=-1)
+    if batch.is_all_greedy:
+        return greedy
+    probs = logits.softmax(dim=-1)
+    sampled = (probs / _exponential_noise(probs, batch.generators)).argmax(dim=-1)
+    return torch.where(batch.is_greedy, greedy, sampled)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """Draw the next token of every row of ``logits`` [num_rows, vocab] (fp32).
+
+    Returns the token ids [num_rows] on the logits' device and, when any row asked for
+    logprobs, the raw logprobs of the sampled tokens with the ``batch.num_logprobs`` best.
+    """
+    token_ids = _draw(process_logits(logits, batch), batch)
+    if batch.num_logprobs is None:
+        return SamplerOutput(token_ids, None)
+    raw_logprobs = logits.float().log_softmax(dim=-1)
+    return SamplerOutput(token_ids, score_tokens(raw_logprobs, token_ids, batch.num_logprobs))

@@ -1,0 +1,157 @@
+"""How one request is sampled: vLLM's ``SamplingParams`` names, defaults and ranges.
+
+Every value is checked once, in ``__post_init__``; a bad one raises ``ValueError`` naming
+the field and the value, so the server can turn it into a 4xx without further checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MAX_LOGPROBS = 20
+"""Most top logprobs a request may ask for per position (vLLM's default ``max_logprobs``)."""
+
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this are greedy: dividing by them would overflow fp32 logits."""
+
+
+def _require(condition: bool, name: str, value: Any, why: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}={value!r}: {why}")
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass; n=True is a mistake, not a count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings of one request; the defaults reproduce plain ancestral sampling."""
+
+    n: int = 1
+    """Completions returned for the prompt."""
+    temperature: float = 1.0
+    """Divides the logits before sampling; 0 is greedy (argmax)."""
+    top_p: float = 1.0
+    """Keep the smallest set of most likely tokens whose probability sums to at least top_p; 1 keeps all."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 or -1 keeps all (stored as 0)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely token's; 0 keeps all."""
+    seed: int | None = None
+    """Seeds this request's own random stream, so its tokens do not depend on the rest of the batch."""
+    max_tokens: int | None = 16
+    """Most tokens generated; None is bounded only by the model's context length."""
+    min_tokens: int = 0
+    """Tokens generated before EOS, stop_token_ids or stop strings may end the sequence."""
+    stop: str | list[str] | None = None
+    """Strings that end the sequence; the output text is cut before them. Stored as a list."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end the sequence, besides EOS. Stored as a list."""
+    ignore_eos: bool = False
+    """Keep generating after EOS (benchmarking)."""
+    logprobs: int | None = None
+    """Return the logprob of each sampled token and of this many most likely tokens; None returns none."""
+    prompt_logprobs: int | None = None
+    """As logprobs, for each prompt token after the first."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already generated; in [-2, 2] as in OpenAI's API."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated; in [-2, 2]."""
+    repetition_penalty: float = 1.0
+    """Divides positive (multiplies negative) logits of tokens in the prompt or output; 1 is off."""
+
+    def __post_init__(self) -> None:
+        self._check_counts()
+        self._check_distribution()
+        self._check_penalties()
+        self._check_logprobs()
+        self._normalize_stops()
+
+    @property
+    def is_greedy(self) -> bool:
+        """Whether the next token is the argmax; top_k, top_p, min_p and seed then have no effect."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _check_counts(self) -> None:
+        _require(_is_int(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
+        _require(
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            "max_tokens",
+            self.max_tokens,
+            "must be None or an integer >= 1",
+        )
+        _require(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be >= 0")
+        _require(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            self.min_tokens,
+            f"must be <= max_tokens={self.max_tokens}",
+        )
+        _require(self.seed is None or _is_int(self.seed), "seed", self.seed, "must be None or an integer")
+        _require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "must be a bool")
+
+    def _check_distribution(self) -> None:
+        _require(_is_number(self.temperature), "temperature", self.temperature, "must be a finite number")
+        _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
+        _require(_is_number(self.top_p), "top_p", self.top_p, "must be a finite number")
+        _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        _require(_is_int(self.top_k), "top_k", self.top_k, "must be an integer")
+        _require(self.top_k >= -1, "top_k", self.top_k, "must be >= 1, or 0 or -1 to keep all tokens")
+        _require(_is_number(self.min_p), "min_p", self.min_p, "must be a finite number")
+        _require(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
+        self._set("temperature", float(self.temperature))
+        self._set("top_p", float(self.top_p))
+        self._set("min_p", float(self.min_p))
+        self._set("top_k", max(self.top_k, 0))
+
+    def _check_penalties(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(_is_number(value), name, value, "must be a finite number")
+            _require(-2 <= value <= 2, name, value, "must be in [-2, 2]")
+            self._set(name, float(value))
+        value = self.repetition_penalty
+        _require(_is_number(value), "repetition_penalty", value, "must be a finite number")
+        _require(value > 0, "repetition_penalty", value, "must be > 0")
+        self._set("repetition_penalty", float(value))
+
+    def _check_logprobs(self) -> None:
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _require(
+                value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
+                name,
+                value,
+                f"must be None or an integer in [0, {MAX_LOGPROBS}]",
+            )
+
+    def _normalize_stops(self) -> None:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        _require(
+            stop is None or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)),
+            "stop",
+            self.stop,
+            "must be None, a string or a list of strings",
+        )
+        stop = list(stop or [])
+        _require(all(stop), "stop", self.stop, "stop strings must be non-empty")
+        self._set("stop", stop)
+        ids = self.stop_token_ids
+        _require(
+            ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(i) and i >= 0 for i in ids)),
+            "stop_token_ids",
+            ids,
+            "must be None or a list of token ids >= 0",
+        )
+        self._set("stop_token_ids", list(ids or []))

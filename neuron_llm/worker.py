@@ -1,0 +1,150 @@
+"""One device's share of the work: its model shard, its KV pool, and running a step.
+
+The engine (on rank 0) describes each step as a ``StepInput`` of plain lists; with tensor
+parallelism every rank receives the same ``StepInput`` and runs the same forward on its
+shard, and the vocabulary-parallel LM head gathers full logits.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from neuron_llm.config import EngineConfig, ModelConfig
+from neuron_llm.models.llama import KVCache, LlamaForCausalLM
+from neuron_llm.ops.metadata import AttentionMetadata
+
+
+@dataclass
+class StepInput:
+    """One engine step's flat batch, as plain lists (cheap to send to other ranks)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    """Tokens computed this step per sequence; their sum is len(input_ids) before padding."""
+    seq_lens: list[int]
+    """Context length per sequence after this step."""
+    block_tables: list[list[int]]
+    logits_indices: list[int]
+    """Rows of the flat batch whose logits are returned (each sampling sequence's last token)."""
+    num_padded_tokens: int | None = None
+    num_padded_seqs: int | None = None
+    max_blocks_per_seq: int | None = None
+
+
+def num_kv_heads_per_rank(config: ModelConfig, tensor_parallel_size: int) -> int:
+    """KV heads are split across ranks, or replicated (one per rank) when TP exceeds them."""
+    return max(1, config.num_key_value_heads // tensor_parallel_size)
+
+
+def kv_block_bytes(config: ModelConfig, block_size: int, num_kv_heads: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block across all layers (K and V)."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * block_size * num_kv_heads * config.head_dim * element_size
+
+
+def allocate_kv_cache(
+    config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> list[KVCache]:
+    """Per-layer (key, value) pools, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+    shape = (num_blocks, block_size, num_kv_heads, config.head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(config.num_hidden_layers)
+    ]
+
+
+CPU_KV_CACHE_BYTES = 4 << 30
+"""Default KV pool on the CPU (as vLLM's VLLM_CPU_KVCACHE_SPACE): host memory is shared with everything else."""
+
+
+def size_kv_pool(config: EngineConfig, weight_bytes: int) -> int:
+    """KV blocks per layer: ``num_kv_blocks`` if set, else what memory allows, capped at need.
+
+    On CUDA the pool takes ``memory_fraction`` of the device memory minus what is in use
+    (the weights); on the CPU it takes at most ``CPU_KV_CACHE_BYTES`` and ``memory_fraction``
+    of the host memory left after the weights. It never exceeds what ``max_num_seqs``
+    sequences of ``max_model_len`` tokens need, plus the null block.
+    """
+    cache = config.cache
+    if cache.num_kv_blocks is not None:
+        return cache.num_kv_blocks
+    num_kv_heads = num_kv_heads_per_rank(config.model, config.parallel.tensor_parallel_size)
+    block_bytes = kv_block_bytes(config.model, cache.block_size, num_kv_heads, config.device.dtype)
+    device = torch.device(config.device.device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(total * cache.memory_fraction) - (total - free)
+    else:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        budget = min(CPU_KV_CACHE_BYTES, int(host * cache.memory_fraction) - weight_bytes)
+    needed = config.scheduler.max_num_seqs * -(-config.max_model_len // cache.block_size) + 1
+    num_blocks = min(needed, budget // block_bytes)
+    if num_blocks < 2:
+        raise ValueError(
+            f"no memory left for the KV cache ({budget} bytes after the weights, {block_bytes} per block); "
+            "lower max_model_len or raise memory_fraction"
+        )
+    return num_blocks
+
+
+def load_worker(model: str, config: EngineConfig, rank: int, world_size: int) -> Worker:
+    """Rank ``rank``'s Worker: its shard of ``model`` loaded onto ``config.device``, and its KV pool.
+
+    The ``WorkerFactory`` of ``neuron_llm.parallel.executor`` (bind ``model`` with ``partial``).
+    """
+    from neuron_llm.loader import load_model
+    from neuron_llm.parallel.plan import shard_model
+
+    shard = functools.partial(shard_model, rank=rank, world_size=world_size) if world_size > 1 else None
+    loaded = load_model(model, dtype=config.device.dtype, device=config.device.device, shard=shard)
+    return Worker(loaded.model, config, size_kv_pool(config, loaded.weight_bytes))
+
+
+class Worker:
+    """Runs steps of ``model`` over its paged KV pool on one device."""
+
+    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_kv_blocks: int) -> None:
+        self.model = model
+        self.config = config
+        self.device = torch.device(config.device.device)
+        self.block_size = config.cache.block_size
+        self.num_kv_blocks = num_kv_blocks
+        self.kv_caches = allocate_kv_cache(
+            config.model,
+            num_kv_blocks,
+            self.block_size,
+            num_kv_heads_per_rank(config.model, config.parallel.tensor_parallel_size),
+            config.device.dtype,
+            self.device,
+        )
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """Run one flat batch; return fp32 logits [len(step.logits_indices), vocab_size]."""
+        num_tokens = step.num_padded_tokens or len(step.input_ids)
+        padding = num_tokens - len(step.input_ids)
+        input_ids = torch.tensor(step.input_ids + [0] * padding, dtype=torch.int64, device=self.device)
+        positions = torch.tensor(step.positions + [0] * padding, dtype=torch.int64, device=self.device)
+        metadata = AttentionMetadata.build(
+            step.query_lens,
+            step.seq_lens,
+            step.block_tables,
+            self.block_size,
+            self.device,
+            num_padded_tokens=num_tokens,
+            num_padded_seqs=step.num_padded_seqs,
+            max_blocks_per_seq=step.max_blocks_per_seq,
+        )
+        hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+        rows = torch.tensor(step.logits_indices, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))

@@ -1,0 +1,120 @@
+"""The HLO module of a lazy graph: what neuronx-cc compiles to a NEFF.
+
+``hlo_module_proto`` hands out the serialized ``xla.HloModuleProto`` of the graph that
+computes some lazy tensors; ``entry_parameter_shapes`` reads the entry computation's
+signature back from those bytes with a small protobuf wire-format reader, so checking an
+exported graph needs neither the protobuf package nor XLA's generated message classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from neuron_llm.xla.device import import_torch_xla
+
+# Field numbers from XLA's hlo.proto / xla_data.proto.
+_MODULE_HOST_PROGRAM_SHAPE = 4  # HloModuleProto.host_program_shape: ProgramShapeProto
+_PROGRAM_SHAPE_PARAMETERS = 1  # ProgramShapeProto.parameters: repeated ShapeProto
+_SHAPE_ELEMENT_TYPE = 2  # ShapeProto.element_type: PrimitiveType
+_SHAPE_DIMENSIONS = 3  # ShapeProto.dimensions: repeated int64
+
+# xla.PrimitiveType values, named as the HLO text names them.
+_PRIMITIVE_TYPES = {
+    1: "pred", 2: "s8", 3: "s16", 4: "s32", 5: "s64", 6: "u8", 7: "u16", 8: "u32", 9: "u64",
+    10: "f16", 11: "f32", 12: "f64", 13: "tuple", 16: "bf16", 19: "f8e5m2", 20: "f8e4m3fn",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HloShape:
+    """An array shape of the HLO signature: element type as HLO writes it (``f32``) and dimensions."""
+
+    dtype: str
+    dims: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{','.join(map(str, self.dims))}]"
+
+
+def hlo_module_proto(tensors: Sequence[torch.Tensor]) -> bytes:
+    """The serialized ``HloModuleProto`` of the graph computing ``tensors`` (XLA lazy tensors).
+
+    Only traces: nothing is compiled or run, and the tensors stay pending.
+    """
+    return import_torch_xla()._XLAC._get_xla_tensors_hlo_proto(list(tensors))
+
+
+def hlo_text(tensors: Sequence[torch.Tensor]) -> str:
+    """The HLO text of the graph computing ``tensors``, as ``hlo_module_proto`` would serialize it."""
+    return import_torch_xla()._XLAC._get_xla_tensors_hlo(list(tensors))
+
+
+def entry_parameter_shapes(module_proto: bytes) -> list[HloShape]:
+    """The entry computation's parameter shapes, in parameter order, read from a serialized module.
+
+    Raises ``ValueError`` when the bytes are not a well-formed protobuf message or carry no
+    host program shape.
+    """
+    program_shapes = [value for field, value in _fields(module_proto) if field == _MODULE_HOST_PROGRAM_SHAPE]
+    if not program_shapes:
+        raise ValueError("HLO module has no host_program_shape")
+    return [_shape(value) for field, value in _fields(program_shapes[-1]) if field == _PROGRAM_SHAPE_PARAMETERS]
+
+
+def _shape(shape_proto: bytes) -> HloShape:
+    element_type = 0
+    dims: list[int] = []
+    for field, value in _fields(shape_proto):
+        if field == _SHAPE_ELEMENT_TYPE:
+            element_type = value
+        elif field == _SHAPE_DIMENSIONS:
+            # Packed (proto3's default) or, from older writers, one varint per field.
+            dims.extend(_packed_varints(value) if isinstance(value, bytes) else [value])
+    return HloShape(_PRIMITIVE_TYPES.get(element_type, f"type{element_type}"), tuple(dims))
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint in HLO module proto")
+        byte = data[pos]
+        result |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _packed_varints(data: bytes) -> list[int]:
+    values, pos = [], 0
+    while pos < len(data):
+        value, pos = _varint(data, pos)
+        values.append(value)
+    return values
+
+
+def _fields(message: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) pairs of a protobuf message: ints for varints, bytes otherwise."""
+    pos = 0
+    while pos < len(message):
+        key, pos = _varint(message, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _varint(message, pos)
+            yield field, value
+        elif wire_type == 2:
+            length, pos = _varint(message, pos)
+            if pos + length > len(message):
+                raise ValueError("truncated field in HLO module proto")
+            yield field, message[pos : pos + length]
+            pos += length
+        elif wire_type in (1, 5):
+            width = 8 if wire_type == 1 else 4
+            yield field, message[pos : pos + width]
+            pos += width
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type} in HLO module proto")

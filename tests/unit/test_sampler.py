@@ -1,0 +1,248 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from neuron_llm.sample import (
+    RowState,
+    SamplingBatch,
+    compute_prompt_logprobs,
+    make_generator,
+    process_logits,
+    sample,
+)
+from neuron_llm.sampling_params import SamplingParams
+
+
+def _rows(params: Sequence[SamplingParams], output_ids: Sequence[Sequence[int]] | None = None) -> list[RowState]:
+    outputs = output_ids or [[] for _ in params]
+    return [
+        RowState(p, prompt_token_ids=[], output_token_ids=out, generator=make_generator(p.seed, "cpu"))
+        for p, out in zip(params, outputs)
+    ]
+
+
+def _sample_rows(logits: torch.Tensor, rows: list[RowState], eos_token_ids: Sequence[int] = ()) -> list[int]:
+    batch = SamplingBatch.build(rows, logits.shape[1], "cpu", eos_token_ids)
+    return sample(logits, batch).token_ids.tolist()
+
+
+def _frequencies(token_ids: list[int], vocab_size: int) -> torch.Tensor:
+    counts = torch.bincount(torch.tensor(token_ids), minlength=vocab_size).double()
+    return counts / counts.sum()
+
+
+def _logits_of(probs: list[float], num_rows: int) -> torch.Tensor:
+    return torch.tensor(probs, dtype=torch.float32).log().expand(num_rows, -1).contiguous()
+
+
+def test_temperature_zero_is_argmax_whatever_the_other_settings() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    params = [SamplingParams(temperature=0.0, top_k=5, top_p=0.1, min_p=0.9, seed=i) for i in range(6)]
+    assert _sample_rows(logits, _rows(params)) == logits.argmax(dim=1).tolist()
+
+
+def test_top_k_1_equals_greedy() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(64, 100)
+    tokens = _sample_rows(logits, _rows([SamplingParams(temperature=1.5, top_k=1)] * 64))
+    assert tokens == logits.argmax(dim=1).tolist()
+
+
+def test_greedy_and_sampled_rows_mix() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(2, 30)
+    params = [SamplingParams(temperature=0.0), SamplingParams(top_k=1, seed=5)]
+    assert _sample_rows(logits, _rows(params)) == logits.argmax(dim=1).tolist()
+
+
+def _seeded_run(seed: int, logits_per_step: list[torch.Tensor], others: list[SamplingParams], row: int) -> list[int]:
+    """Tokens of a seeded row over several steps, placed at ``row`` among ``others``."""
+    target = SamplingParams(seed=seed)
+    params = others[:row] + [target] + others[row:]
+    rows = _rows(params)
+    tokens = []
+    for step_logits in logits_per_step:
+        # The target row sees the same logits whatever the batch; the others see noise.
+        logits = torch.randn(len(params), step_logits.shape[0])
+        logits[row] = step_logits
+        tokens.append(_sample_rows(logits, rows)[row])
+    return tokens
+
+
+def test_seed_reproduces_tokens_and_ignores_the_rest_of_the_batch() -> None:
+    torch.manual_seed(3)
+    steps = [torch.randn(1000) * 0.5 for _ in range(12)]
+    alone = _seeded_run(7, steps, [], 0)
+    assert _seeded_run(7, steps, [], 0) == alone
+    mixed = [SamplingParams(), SamplingParams(seed=8), SamplingParams(temperature=0.0), SamplingParams(seed=7)]
+    assert _seeded_run(7, steps, mixed, 2) == alone
+    assert _seeded_run(7, steps, mixed[:1] * 9, 5) == alone
+    assert len(set(alone)) > 1, "the steps should not all give one token"
+
+
+def test_different_seeds_give_different_tokens() -> None:
+    torch.manual_seed(4)
+    steps = [torch.zeros(1000) for _ in range(10)]
+    assert _seeded_run(1, steps, [], 0) != _seeded_run(2, steps, [], 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "support"),
+    [
+        ({"top_k": 2}, {0, 1}),
+        ({"top_p": 0.65}, {0, 1}),
+        ({"top_p": 0.8}, {0, 1, 2}),
+        ({"min_p": 0.15}, {0, 1, 2, 3}),
+        ({"min_p": 0.3}, {0, 1, 2}),
+        ({"min_p": 0.5}, {0, 1}),
+        ({"top_k": 3, "top_p": 0.5}, {0, 1}),
+    ],
+)
+def test_truncation_keeps_exactly_the_expected_tokens(kwargs: dict[str, float], support: set[int]) -> None:
+    probs = [0.4, 0.3, 0.15, 0.1, 0.05]
+    torch.manual_seed(5)
+    tokens = _sample_rows(_logits_of(probs, 4000), _rows([SamplingParams(**kwargs)] * 4000))
+    assert set(tokens) == support
+    # Within the kept set, the tokens keep their relative probabilities.
+    kept = torch.tensor([probs[t] if t in support else 0.0 for t in range(5)], dtype=torch.float64)
+    assert (_frequencies(tokens, 5) - kept / kept.sum()).abs().sum() / 2 < 0.04
+
+
+def _penalized_reference(
+    logits: list[float], prompt: list[int], output: list[int], params: SamplingParams
+) -> list[float]:
+    result = []
+    for token, logit in enumerate(logits):
+        value = float(logit)
+        if token in prompt or token in output:
+            r = params.repetition_penalty
+            value = value / r if value > 0 else value * r
+        count = output.count(token)
+        value -= params.frequency_penalty * count + params.presence_penalty * (count > 0)
+        result.append(value)
+    return result
+
+
+def test_penalties_follow_the_formulas() -> None:
+    torch.manual_seed(6)
+    logits = torch.randn(4, 12) * 3
+    prompt, output = [1, 2, 9], [2, 3, 3, 3, 7]
+    params = [
+        SamplingParams(repetition_penalty=1.7),
+        SamplingParams(frequency_penalty=0.6, presence_penalty=-0.4),
+        SamplingParams(repetition_penalty=0.8, frequency_penalty=-1.1, presence_penalty=1.5),
+        SamplingParams(),
+    ]
+    rows = [RowState(p, prompt, output) for p in params]
+    processed = process_logits(logits, SamplingBatch.build(rows, 12, "cpu")).double()
+    for i, p in enumerate(params):
+        expected = torch.tensor(_penalized_reference(logits[i].tolist(), prompt, output, p), dtype=torch.float64)
+        torch.testing.assert_close(processed[i], expected, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(processed[0], logits[0].double()), "the penalty must change something"
+
+
+def test_min_tokens_masks_eos_and_stop_tokens_until_met() -> None:
+    eos, stop = 0, 5
+    logits = torch.zeros(4, 8)
+    logits[:, eos] = logits[:, stop] = 30.0
+    params = SamplingParams(min_tokens=3, stop_token_ids=[stop])
+    ignore_eos = SamplingParams(min_tokens=3, stop_token_ids=[stop], ignore_eos=True)
+    rows = [
+        RowState(params, [1], [4, 4]),  # 2 < 3 generated: both masked
+        RowState(params, [1], [4, 4, 4]),  # met
+        RowState(ignore_eos, [1], []),  # EOS is an ordinary token, the stop token is masked
+        RowState(SamplingParams(temperature=0.0, min_tokens=1, ignore_eos=True), [1], []),
+    ]
+    processed = process_logits(logits, SamplingBatch.build(rows, 8, "cpu", eos_token_ids=[eos]))
+    inf = float("inf")
+    assert processed[0, eos] == -inf and processed[0, stop] == -inf
+    assert processed[1, eos] == 30.0 and processed[1, stop] == 30.0
+    assert processed[2, eos] == 30.0 and processed[2, stop] == -inf
+    assert processed[3, eos] == 30.0 and processed[3, stop] == 30.0
+    torch.manual_seed(7)
+    for _ in range(20):
+        tokens = _sample_rows(logits, rows, eos_token_ids=[eos])
+        assert tokens[0] not in (eos, stop) and tokens[1] in (eos, stop) and tokens[2] == eos
+
+
+def test_logprobs_are_raw_log_softmax_with_ranks() -> None:
+    torch.manual_seed(8)
+    logits = torch.randn(5, 40) * 2
+    params = [
+        SamplingParams(logprobs=3, temperature=0.5, repetition_penalty=1.5, top_k=10),
+        SamplingParams(logprobs=0, top_p=0.3),
+        SamplingParams(temperature=0.0),
+        SamplingParams(logprobs=5, presence_penalty=2.0),
+        SamplingParams(logprobs=1, seed=3, min_p=0.2),
+    ]
+    rows = [RowState(p, [1, 2], [3, 4], make_generator(p.seed, "cpu")) for p in params]
+    batch = SamplingBatch.build(rows, 40, "cpu")
+    output = sample(logits, batch)
+    assert output.logprobs is not None and batch.num_logprobs == 5
+    raw = logits.double().log_softmax(dim=1)
+    tokens = output.token_ids
+    torch.testing.assert_close(output.logprobs.token_logprobs.double(), raw.gather(1, tokens[:, None])[:, 0])
+    order = raw.argsort(dim=1, descending=True)
+    expected_ranks = (order == tokens[:, None]).nonzero()[:, 1] + 1
+    assert output.logprobs.token_ranks.tolist() == expected_ranks.tolist()
+    assert output.logprobs.top_token_ids.tolist() == order[:, :5].tolist()
+    torch.testing.assert_close(output.logprobs.top_logprobs.double(), raw.gather(1, order[:, :5]))
+
+    dicts = output.logprobs.to_dicts([p.logprobs for p in params])
+    assert dicts[2] is None
+    for row, entry in enumerate(dicts):
+        if entry is None:
+            continue
+        wanted = {tokens[row].item(), *order[row, : params[row].logprobs].tolist()}
+        assert set(entry) == wanted
+        assert entry[tokens[row].item()].rank == expected_ranks[row].item()
+        for token_id, logprob in entry.items():
+            assert logprob.logprob == pytest.approx(raw[row, token_id].item(), abs=1e-5)
+
+
+def test_no_logprobs_requested_returns_none() -> None:
+    logits = torch.randn(2, 10)
+    output = sample(logits, SamplingBatch.build(_rows([SamplingParams()] * 2), 10, "cpu"))
+    assert output.logprobs is None and output.token_ids.shape == (2,)
+
+
+def test_prompt_logprobs_equal_a_direct_gather() -> None:
+    torch.manual_seed(9)
+    logits = torch.randn(7, 30)
+    prompt = torch.tensor([3, 9, 9, 0, 29, 4, 4, 17])
+    result = compute_prompt_logprobs(logits, prompt[1:], num_top=4)
+    expected = torch.log_softmax(logits, dim=1)
+    torch.testing.assert_close(result.token_logprobs, expected.gather(1, prompt[1:, None])[:, 0])
+    ranks = [int((expected[i] > expected[i, prompt[i + 1]]).sum()) + 1 for i in range(7)]
+    assert result.token_ranks.tolist() == ranks
+    torch.testing.assert_close(result.top_logprobs, expected.topk(4, dim=1).values)
+
+
+@pytest.mark.parametrize(("temperature", "seeded"), [(0.5, False), (2.0, False), (0.7, True)])
+def test_sampling_distribution_approaches_softmax_over_temperature(temperature: float, seeded: bool) -> None:
+    # Total variation between the empirical and the target distribution over 8 tokens;
+    # with 20000 draws its typical value is about 0.005, so 0.02 fails only on a real bias.
+    num_draws = 20000
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, 1.5])
+    target = torch.softmax(logits.double() / temperature, dim=0)
+    torch.manual_seed(10)
+    params = [SamplingParams(temperature=temperature, seed=i if seeded else None) for i in range(num_draws)]
+    tokens = _sample_rows(logits.expand(num_draws, -1).contiguous(), _rows(params))
+    assert (_frequencies(tokens, 8) - target).abs().sum() / 2 < 0.02
+
+
+def test_logits_are_not_modified() -> None:
+    logits = torch.randn(3, 16)
+    before = logits.clone()
+    params = [
+        SamplingParams(repetition_penalty=2.0, top_k=3, min_tokens=2),
+        SamplingParams(),
+        SamplingParams(top_p=0.5),
+    ]
+    rows = [RowState(p, [0, 1], [2]) for p in params]
+    sample(logits, SamplingBatch.build(rows, 16, "cpu", eos_token_ids=[1]))
+    assert torch.equal(logits, before)

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from neuron_llm.sampling_params import MAX_LOGPROBS, SamplingParams
+
+
+def test_defaults_match_vllm() -> None:
+    params = SamplingParams()
+    assert (params.n, params.temperature, params.top_p, params.top_k, params.min_p) == (1, 1.0, 1.0, 0, 0.0)
+    assert (params.seed, params.max_tokens, params.min_tokens) == (None, 16, 0)
+    assert params.stop == [] and params.stop_token_ids == [] and params.ignore_eos is False
+    assert params.logprobs is None and params.prompt_logprobs is None
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert not params.is_greedy
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [(None, []), ("###", ["###"]), (["a", "bc"], ["a", "bc"]), (("x",), ["x"])],
+)
+def test_stop_is_normalized_to_a_list(stop: object, expected: list[str]) -> None:
+    assert SamplingParams(stop=stop).stop == expected
+
+
+def test_normalizations() -> None:
+    assert SamplingParams(top_k=-1).top_k == 0
+    assert SamplingParams(stop_token_ids=(5, 7)).stop_token_ids == [5, 7]
+    params = SamplingParams(temperature=2, top_p=1, repetition_penalty=2)
+    assert isinstance(params.temperature, float) and isinstance(params.top_p, float)
+    assert isinstance(params.repetition_penalty, float)
+    assert SamplingParams(temperature=0).is_greedy
+    assert SamplingParams(max_tokens=None).max_tokens is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("n", 0),
+        ("n", 1.5),
+        ("n", True),
+        ("temperature", -1.0),
+        ("temperature", "hot"),
+        ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("top_p", 0.0),
+        ("top_p", 1.01),
+        ("top_p", "all"),
+        ("top_k", -2),
+        ("top_k", 2.5),
+        ("min_p", -0.1),
+        ("min_p", 1.5),
+        ("seed", 1.5),
+        ("seed", "42"),
+        ("max_tokens", 0),
+        ("max_tokens", 3.0),
+        ("min_tokens", -1),
+        ("stop", ""),
+        ("stop", ["ok", ""]),
+        ("stop", 42),
+        ("stop", ["ok", 3]),
+        ("stop_token_ids", [-1]),
+        ("stop_token_ids", ["eos"]),
+        ("stop_token_ids", 7),
+        ("ignore_eos", "yes"),
+        ("logprobs", -1),
+        ("logprobs", MAX_LOGPROBS + 1),
+        ("logprobs", 2.0),
+        ("prompt_logprobs", -1),
+        ("prompt_logprobs", MAX_LOGPROBS + 1),
+        ("presence_penalty", 2.5),
+        ("presence_penalty", -2.5),
+        ("frequency_penalty", 2.01),
+        ("frequency_penalty", -3),
+        ("frequency_penalty", None),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("repetition_penalty", math.inf),
+    ],
+)
+def test_invalid_value_names_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"^{field}="):
+        SamplingParams(**{field: value})
+
+
+def test_min_tokens_above_max_tokens() -> None:
+    with pytest.raises(ValueError, match=r"^min_tokens=5: must be <= max_tokens=4"):
+        SamplingParams(min_tokens=5, max_tokens=4)
+    assert SamplingParams(min_tokens=100, max_tokens=None).min_tokens == 100
+
+
+def test_error_message_shows_the_value() -> None:
+    with pytest.raises(ValueError, match=r"^temperature=-1\.0: must be >= 0$"):
+        SamplingParams(temperature=-1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"top_p": 1e-6},
+        {"top_k": 1},
+        {"min_p": 1.0},
+        {"logprobs": 0},
+        {"logprobs": MAX_LOGPROBS},
+        {"presence_penalty": -2.0, "frequency_penalty": 2.0},
+        {"repetition_penalty": 0.5},
+        {"seed": -3},
+        {"min_tokens": 16},
+    ],
+)
+def test_boundary_values_are_accepted(kwargs: dict[str, object]) -> None:
+    params = SamplingParams(**kwargs)
+    for name, value in kwargs.items():
+        assert getattr(params, name) == value

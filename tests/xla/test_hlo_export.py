@@ -1,0 +1,80 @@
+"""The HLO export writes one parseable module per bucket whose entry signature is the bucket's."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+
+torch_xla = pytest.importorskip("torch_xla")
+
+from neuron_llm.compile.hlo_export import GraphShape, dummy_step, export_hlo
+
+from neuron_llm.config import CacheConfig, EngineConfig
+from neuron_llm.xla import HloShape, entry_parameter_shapes, hlo_module_proto, hlo_text
+
+pytestmark = pytest.mark.xla
+
+SHAPES = [GraphShape("decode_t4_s4", 4, 4, 8), GraphShape("prefill_t16_s2", 16, 2, 6)]
+NUM_KV_BLOCKS = 20
+BLOCK_SIZE = 4
+_TORCH_DTYPE_TO_HLO = {"int64": "s64", "int32": "s32", "float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def declared_parameters(graph: dict) -> Counter[HloShape]:
+    """The manifest's step inputs as HLO shapes, each as many times as the graph takes it."""
+    counts: Counter[HloShape] = Counter()
+    for spec in graph["inputs"].values():
+        counts[HloShape(_TORCH_DTYPE_TO_HLO[spec["dtype"]], tuple(spec["shape"]))] += spec.get("count", 1)
+    return counts
+
+
+@pytest.fixture
+def exported(tiny_llama, tmp_path):
+    model = tiny_llama(96)
+    config = EngineConfig(model=model.config, cache=CacheConfig(block_size=BLOCK_SIZE))
+    manifest = export_hlo(model, config, SHAPES, tmp_path, num_kv_blocks=NUM_KV_BLOCKS)
+    return model, manifest, tmp_path
+
+
+def test_one_module_per_bucket_with_the_bucket_signature(exported) -> None:
+    model, manifest, out = exported
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert [graph["bucket"] for graph in manifest["graphs"]] == [shape.name for shape in SHAPES]
+    assert sorted(p.name for p in out.glob("*.hlo.pb")) == sorted(f"{s.name}.hlo.pb" for s in SHAPES)
+
+    num_weights = len(list(model.parameters())) + len(list(model.buffers()))
+    for graph, shape in zip(manifest["graphs"], SHAPES):
+        parameters = entry_parameter_shapes((out / graph["file"]).read_bytes())
+        assert graph["entry_parameters"] == {"count": len(parameters), "shapes": [str(p) for p in parameters]}
+        # Every step input and both pools of each layer are graph parameters, with exactly their shapes.
+        assert not declared_parameters(graph) - Counter(parameters)
+        assert Counter(parameters)[HloShape("s32", (shape.num_seqs, shape.max_blocks_per_seq))] == 1
+        assert Counter(parameters)[HloShape("f32", (NUM_KV_BLOCKS, BLOCK_SIZE, 2, 8))] == 4
+        # The rest are the weights and a few scalars: no input was folded into a constant.
+        num_arrays = sum(1 for p in parameters if p.dims)
+        assert num_arrays == sum(declared_parameters(graph).values()) + num_weights
+        assert graph["outputs"]["logits"]["shape"] == [shape.num_seqs, 96]
+    assert len({graph["sha256"] for graph in manifest["graphs"]}) == len(SHAPES)
+
+
+def test_proto_signature_agrees_with_hlo_text(exported, make_driver) -> None:
+    """The wire-format reader and XLA's own HLO printer see the same entry parameters."""
+    model, _, _ = exported
+    driver = make_driver(model, [[1]], [(16, 2)], on_xla=True)
+    with driver.backend_in_use():
+        logits = driver.worker.trace(dummy_step(SHAPES[1]))
+    tensors = [logits, *(pool for layer in driver.worker.kv_caches for pool in layer)]
+
+    layout = re.search(r"entry_computation_layout=\{\((.*?)\)->", hlo_text(tensors)).group(1)
+    text_shapes = [re.sub(r"\{[^}]*\}", "", s).strip() for s in re.sub(r"/\*index=\d+\*/", "", layout).split(", ")]
+    assert [str(p) for p in entry_parameter_shapes(hlo_module_proto(tensors))] == text_shapes
+
+
+def test_export_refuses_a_pool_it_cannot_size(tiny_llama, tmp_path) -> None:
+    model = tiny_llama(96)
+    config = EngineConfig(model=model.config, cache=CacheConfig(block_size=BLOCK_SIZE))
+    with pytest.raises(ValueError, match="num_kv_blocks"):
+        export_hlo(model, config, SHAPES, tmp_path)
