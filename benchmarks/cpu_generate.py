@@ -2,8 +2,9 @@
 
     python benchmarks/cpu_generate.py --new-tokens 128 --repeats 3
 
-Both generate greedily with EOS ignored, from the same prompt, on the same threads; the
-median over repeats is reported as output tokens per second, first token included.
+Both generate greedily with EOS ignored, from the same prompt, on the same threads; runs
+alternate between the two and the median is reported as output tokens per second, first
+token included.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import time
 import torch
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _median_times(fns: list, repeats: int) -> list[float]:
+    """Median wall time of each function; repeats alternate between them so load drifts hit both."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, fn_times in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -42,7 +46,6 @@ def main() -> None:
 
     llm = LLM(dtype=args.dtype)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
-    ours = _time(lambda: llm.generate([args.prompt], params, use_tqdm=False), args.repeats)
 
     path = default_model_path()
     hf = AutoModelForCausalLM.from_pretrained(
@@ -56,7 +59,7 @@ def main() -> None:
                 ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
             )
 
-    theirs = _time(hf_generate, args.repeats)
+    ours, theirs = _median_times([lambda: llm.generate([args.prompt], params), hf_generate], args.repeats)
     result = {
         "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,

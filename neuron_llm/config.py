@@ -2,7 +2,7 @@
 
 A bad value raises ``ValueError`` naming the field and the value. ``ModelConfig`` is read
 from a Hugging Face ``config.json`` (``from_hf_config``) or from GGUF metadata
-(``neuron_llm.loader.gguf``); anything we do not implement is refused by name.
+(``neuron_llm.loader.gguf_file``); anything we do not implement is refused by name.
 """
 
 from __future__ import annotations

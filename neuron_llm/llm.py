@@ -22,8 +22,7 @@ from neuron_llm.config import (
     parse_dtype,
 )
 from neuron_llm.engine.llm_engine import LLMEngine
-from neuron_llm.loader import render_chat
-from neuron_llm.loader.info import load_model_info
+from neuron_llm.loader import load_model_info, render_chat
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.parallel.executor import make_executor
 from neuron_llm.sampling_params import SamplingParams
@@ -50,6 +49,8 @@ class LLM:
         device: "cpu", "cuda", "cuda:N".
         tensor_parallel_size: devices (processes) to split the model across.
         max_model_len: longest prompt plus output; None takes the model's limit.
+        warm_up: run every bucket once at start (compiling backends build their graphs
+            then, not while serving); None does so on the XLA device only.
         Other keyword arguments are the fields of ``CacheConfig`` and ``SchedulerConfig``
         (``block_size``, ``num_kv_blocks``, ``memory_fraction``, ``enable_prefix_caching``,
         ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_chunked_prefill``).
@@ -63,6 +64,7 @@ class LLM:
         device: str = "cpu",
         tensor_parallel_size: int = 1,
         max_model_len: int | None = None,
+        warm_up: bool | None = None,
         **engine_options: Any,
     ) -> None:
         info = load_model_info(model)
@@ -84,6 +86,8 @@ class LLM:
         self.tokenizer = info.tokenizer
         self._executor = make_executor(self.config, functools.partial(load_worker, str(info.source)))
         self.engine = LLMEngine(self.config, self._executor, info.tokenizer, info.eos_token_ids)
+        if warm_up if warm_up is not None else torch.device(device).type == "xla":
+            self.engine.runner.warm_up()
 
     def generate(
         self,

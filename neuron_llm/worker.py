@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from neuron_llm import ops
 from neuron_llm.config import EngineConfig, ModelConfig
 from neuron_llm.models.llama import KVCache, LlamaForCausalLM
 from neuron_llm.ops.metadata import AttentionMetadata
@@ -106,6 +107,16 @@ def load_worker(model: str, config: EngineConfig, rank: int, world_size: int) ->
     from neuron_llm.parallel.plan import shard_model
 
     shard = functools.partial(shard_model, rank=rank, world_size=world_size) if world_size > 1 else None
+    if torch.device(config.device.device).type == "xla":
+        from neuron_llm.xla.runner import XlaWorker
+
+        # The backend is per process, so each rank picks its own. Weights are read on the
+        # host and moved to the device once.
+        ops.use_backend("neuron")
+        loaded = load_model(model, dtype=config.device.dtype, device="cpu", shard=shard)
+        if config.cache.num_kv_blocks is None:
+            raise ValueError("num_kv_blocks=None: set it on the XLA device (its memory is not queried yet)")
+        return XlaWorker(loaded.model, config, config.cache.num_kv_blocks)
     loaded = load_model(model, dtype=config.device.dtype, device=config.device.device, shard=shard)
     return Worker(loaded.model, config, size_kv_pool(config, loaded.weight_bytes))
 
@@ -128,9 +139,21 @@ class Worker:
             self.device,
         )
 
-    @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
         """Run one flat batch; return fp32 logits [len(step.logits_indices), vocab_size]."""
+        return self.forward(step, step.logits_indices)
+
+    def num_compiled_graphs(self) -> int:
+        """Graphs compiled so far; eager execution compiles none."""
+        return 0
+
+    def mark_warmed_up(self) -> None:
+        """Every bucket has run once; from now on a new graph is worth a warning."""
+
+    # no_grad rather than inference_mode: torch-xla cannot take views of inference tensors.
+    @torch.no_grad()
+    def forward(self, step: StepInput, logits_indices: list[int]) -> torch.Tensor:
+        """Run ``step``; return the (possibly pending) fp32 logits of rows ``logits_indices``."""
         num_tokens = step.num_padded_tokens or len(step.input_ids)
         padding = num_tokens - len(step.input_ids)
         input_ids = torch.tensor(step.input_ids + [0] * padding, dtype=torch.int64, device=self.device)
@@ -146,5 +169,5 @@ class Worker:
             max_blocks_per_seq=step.max_blocks_per_seq,
         )
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)
-        rows = torch.tensor(step.logits_indices, dtype=torch.int64, device=self.device)
+        rows = torch.tensor(logits_indices, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))

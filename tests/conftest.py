@@ -31,11 +31,18 @@ TINY_LLAMA = dict(
 
 def build_hf_llama(**overrides: Any) -> Any:
     """A transformers ``LlamaForCausalLM`` with seeded random weights, fp32, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM as HFLlama
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM as HFLlama
 
     torch.manual_seed(0)
     config = LlamaConfig(**{**TINY_LLAMA, **overrides})
     return HFLlama(config).eval()
+
+
+@pytest.fixture
+def tiny_hf_llama() -> Callable[..., Any]:
+    """Factory: a random tiny transformers Llama (config overrides as keywords), not saved."""
+    return build_hf_llama
 
 
 @pytest.fixture
@@ -87,7 +94,7 @@ class PagedRunner:
         ]
         query_lens = [len(tokens) for tokens in new_tokens]
         metadata = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, device)
-        positions = [p for q, n in zip(query_lens, seq_lens) for p in range(n - q, n)]
+        positions = [p for q, n in zip(query_lens, seq_lens, strict=True) for p in range(n - q, n)]
         input_ids = torch.tensor([t for tokens in new_tokens for t in tokens], device=device)
         with torch.no_grad():
             hidden = self.model(input_ids, torch.tensor(positions, device=device), caches, metadata)
@@ -106,7 +113,7 @@ class PagedRunner:
         outputs: list[list[int]] = [[] for _ in prompts]
         for step in range(num_new_tokens):
             next_tokens = [int(rows[-1].argmax()) for rows in logits]
-            for output, token in zip(outputs, next_tokens):
+            for output, token in zip(outputs, next_tokens, strict=True):
                 output.append(token)
             if step + 1 < num_new_tokens:
                 seq_lens = [n + 1 for n in seq_lens]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from neuron_llm.backends.base import Backend
 
-BACKEND_NAMES = ("torch",)
+BACKEND_NAMES = ("torch", "neuron")
 
 
 def get_backend(name: str) -> Backend:
@@ -17,6 +17,10 @@ def get_backend(name: str) -> Backend:
         from neuron_llm.backends.torch_backend import TorchBackend
 
         return TorchBackend()
+    if name == "neuron":
+        from neuron_llm.backends.neuron import NeuronBackend
+
+        return NeuronBackend()
     raise ValueError(f"backend={name!r} is not available; choose one of {list(BACKEND_NAMES)}")
 
 

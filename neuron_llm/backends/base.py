@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import abc
 
 import torch
 
-from neuron_llm.ops.metadata import AttentionMetadata
+if TYPE_CHECKING:
+    from neuron_llm.ops.metadata import AttentionMetadata
+
 
 
 class Backend(abc.ABC):

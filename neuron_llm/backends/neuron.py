@@ -12,18 +12,23 @@ sequence and masks what lies beyond the token's position::
     token t of sequence s:  keys 0 .. position(t) of s   (the rest of the row masked)
     position(t) = seq_lens[s] - query_len[s] + (t - query_start_loc[s])
 
-The gathered keys and values are [num_tokens, max_blocks_per_seq * block_size, ...]: the
-simplest form XLA compiles well, sized for small buckets; NKI attention kernels replace it
-where the Neuron SDK is present.
+The gathered keys and values are [num_tokens, max_blocks_per_seq * block_size, num_kv_heads,
+head_dim]: the simplest static form, no larger than the context itself for decode buckets (one
+token per sequence) but growing as num_tokens x the longest context for prefill buckets. NKI
+attention kernels, where the Neuron SDK is present, are the form for long prefill buckets.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from neuron_llm.backends.base import Backend
-from neuron_llm.ops.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from neuron_llm.ops.metadata import AttentionMetadata
 
 
 class NeuronBackend(Backend):

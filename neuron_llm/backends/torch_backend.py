@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from neuron_llm.backends.base import Backend
-from neuron_llm.ops.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from neuron_llm.ops.metadata import AttentionMetadata
 
 
 class TorchBackend(Backend):

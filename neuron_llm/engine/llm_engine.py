@@ -71,6 +71,8 @@ class EngineStats:
     inter_token_latency: list[float]
     num_prompt_tokens: int
     num_generation_tokens: int
+    num_compiled_graphs: int
+    """Graphs the backend compiled (XLA: one per bucket after warm-up; eager: 0)."""
 
 
 class LLMEngine:
@@ -155,7 +157,12 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """Gauges now, and latencies recorded since the previous call (then cleared)."""
         stats = EngineStats(
-            self.scheduler.stats(), self._ttfts, self._itls, self._num_prompt_tokens, self._num_generation_tokens
+            self.scheduler.stats(),
+            self._ttfts,
+            self._itls,
+            self._num_prompt_tokens,
+            self._num_generation_tokens,
+            self.runner.executor.worker.num_compiled_graphs(),
         )
         self._ttfts, self._itls = [], []
         return stats

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from neuron_llm.buckets import BucketSet
+from neuron_llm.buckets import Bucket, BucketSet
 from neuron_llm.config import EngineConfig
 from neuron_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from neuron_llm.ops.metadata import NULL_BLOCK_ID
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.worker import StepInput
 
@@ -39,6 +40,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, executor: Executor, buckets: BucketSet | None = None) -> None:
         self.executor = executor
         self.device = torch.device(config.device.device)
+        self.block_size = config.cache.block_size
         self.buckets = buckets or BucketSet.default(
             config.scheduler.max_num_seqs,
             config.scheduler.max_num_batched_tokens,
@@ -62,6 +64,17 @@ class ModelRunner:
             prompt_logits.append(logits[offset : offset + len(rows)])
             offset += len(rows)
         return StepResult(logits[:num_sampling], prompt_logits)
+
+    def warm_up(self) -> int:
+        """Run one dummy step of every bucket, so a compiling backend builds each graph now.
+
+        Returns the number of graphs compiled; afterwards the worker warns about any new one.
+        """
+        block_capacity = self.buckets.max_blocks_per_seq * self.block_size
+        for bucket in self.buckets.all:
+            self.executor.execute(_dummy_step(bucket, block_capacity, self.buckets.max_blocks_per_seq))
+        self.executor.worker.mark_warmed_up()
+        return self.executor.worker.num_compiled_graphs()
 
     def _pack(
         self, scheduled: SchedulerOutput, wants_prompt_logprobs: Callable[[ScheduledRequest], bool]
@@ -99,3 +112,25 @@ class ModelRunner:
             max_blocks_per_seq=self.buckets.max_blocks_per_seq,
         )
         return step, prompt_rows
+
+
+def _dummy_step(bucket: Bucket, block_capacity: int, max_blocks_per_seq: int) -> StepInput:
+    """A step of exactly ``bucket``'s shapes whose K/V all land in the null block.
+
+    Graphs depend only on shapes, so running this compiles the graph every real step of the
+    bucket reuses. Tokens are spread over as many sequences as the context limit needs.
+    """
+    num_seqs = bucket.num_seqs if bucket.kind == "decode" else max(1, -(-bucket.num_tokens // block_capacity))
+    query_lens = [bucket.num_tokens // num_seqs + (i < bucket.num_tokens % num_seqs) for i in range(num_seqs)]
+    table = [NULL_BLOCK_ID] * max_blocks_per_seq
+    return StepInput(
+        input_ids=[0] * bucket.num_tokens,
+        positions=[p for n in query_lens for p in range(n)],
+        query_lens=query_lens,
+        seq_lens=query_lens,
+        block_tables=[table] * num_seqs,
+        logits_indices=[0] * bucket.num_seqs,
+        num_padded_tokens=bucket.num_tokens,
+        num_padded_seqs=bucket.num_seqs,
+        max_blocks_per_seq=max_blocks_per_seq,
+    )

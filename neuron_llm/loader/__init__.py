@@ -77,9 +77,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
     if len(ggufs) == 1:
         return ggufs[0]
     if len(ggufs) > 1:
-        raise ValueError(
-            f"{path} holds {len(ggufs)} GGUF files ({', '.join(g.name for g in ggufs)}); pass one of them"
-        )
+        raise ValueError(f"{path} holds {len(ggufs)} GGUF files ({', '.join(g.name for g in ggufs)}); pass one of them")
     raise FileNotFoundError(f"{path / hf_dir.CONFIG_FILE} not found, and {path} holds no .gguf file")
 
 
@@ -104,7 +102,11 @@ def load_model(
     ``dtype`` is the dtype of every parameter (GGUF tensors are dequantized, then cast);
     ``device`` where they live. ``shard``, when given, is applied to the freshly built model
     before any weight is read: a tensor-parallel plan swaps in layers whose parameters carry
-    a ``weight_loader`` that reads only this rank's slice of each checkpoint tensor.
+    a ``weight_loader`` that reads only this rank's slice of each checkpoint tensor. It runs
+    with ``device`` and ``dtype`` as torch's defaults, so the layers it creates land there.
+
+    Raises ``FileNotFoundError`` or ``ValueError`` naming the path or file that is missing or
+    broken, and ``ValueError`` naming the option when the model is not a Llama we run.
     """
     dtype = parse_dtype(dtype)
     info, reader = _read_info(resolve_model_path(model))

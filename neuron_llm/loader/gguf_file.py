@@ -102,6 +102,7 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         )
     rope_theta = float(meta.get("llama.rope.freq_base", 10000.0))
     rope_freqs = tensors.get(_ROPE_FREQS)
+    rope_scaling = None if rope_freqs is None else _llama3_scaling(_dequantize(rope_freqs), head_dim, rope_theta, path)
     return ModelConfig(
         # The embedding's rows, not the token list: a checkpoint may pad its vocabulary.
         vocab_size=_row_major_shape(tensors["token_embd.weight"])[0],
@@ -113,7 +114,7 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         head_dim=head_dim,
         rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=rope_theta,
-        rope_scaling=None if rope_freqs is None else _llama3_scaling(_dequantize(rope_freqs), head_dim, rope_theta, path),
+        rope_scaling=rope_scaling,
         max_position_embeddings=meta.get("llama.context_length", 2048),
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
@@ -189,7 +190,7 @@ def _llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, path: Path
 
 def hf_tensor_name(gguf_name: str) -> str | None:
     """The Hugging Face name of GGUF tensor ``gguf_name``; ``None`` for one with no counterpart."""
-    stem, dot, suffix = gguf_name.rpartition(".")
+    stem, _, suffix = gguf_name.rpartition(".")
     if stem in _TOP_LEVEL_NAMES:
         return f"{_TOP_LEVEL_NAMES[stem]}.{suffix}"
     match = _BLOCK_TENSOR.fullmatch(gguf_name)

@@ -96,8 +96,9 @@ def as_token_ids(value: int | list[int] | None) -> tuple[int, ...]:
 
 
 def find_weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of ``model_dir``: those the index names, else ``model.safetensors``.
+    """The safetensors files of ``model_dir``.
 
+    Those its index names, else ``model.safetensors``, else every ``*.safetensors`` there.
     Raises ``FileNotFoundError`` naming the directory when it holds no safetensors weights,
     or naming the shard when the index lists one that is not there.
     """
@@ -109,9 +110,10 @@ def find_weight_files(model_dir: Path) -> list[Path]:
         return [single]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
+        pickled = " (PyTorch .bin checkpoints are not read: convert them to safetensors)"
         raise FileNotFoundError(
             f"no *.safetensors weights in {model_dir}: expected {SINGLE_WEIGHTS_FILE} "
-            f"or shards listed in {WEIGHTS_INDEX_FILE}"
+            f"or shards listed in {WEIGHTS_INDEX_FILE}{pickled if any(model_dir.glob('*.bin')) else ''}"
         )
     return files
 

@@ -12,10 +12,13 @@ Workers are built by a ``WorkerFactory`` that runs in each rank's own process, s
 rank loads only its shard, on its own device. It must be picklable to reach spawned ranks:
 a module-level function, or ``functools.partial`` of one over plain data.
 
-A rank that fails does not leave rank 0 waiting: a spawned rank reports its traceback and
-exits, which closes its connections, so rank 0's next collective fails and ``execute``
-raises ``WorkerError`` with that traceback. A rank that hangs fails rank 0's collective
-after ``timeout_s``. After any failure the executor is shut down.
+A rank that fails does not leave rank 0 waiting. A spawned rank reports its traceback and
+exits; rank 0 checks that every rank is alive before each step, and on the CPU (gloo) the
+closed connections fail rank 0's collective at once, so ``execute`` raises ``WorkerError``
+with that traceback. A rank that hangs fails rank 0's gloo collective after ``timeout_s``.
+On CUDA a peer lost in the middle of a step is noticed by NCCL's watchdog after
+``timeout_s``, which by torch's default (TORCH_NCCL_ASYNC_ERROR_HANDLING) aborts rank 0's
+process rather than raising. After any failure the executor is shut down.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+from typing_extensions import Self
 
 from neuron_llm.config import EngineConfig
 from neuron_llm.parallel.launch import (
     RankProcesses,
-    WorkerError,
     config_for_rank,
     distributed_backend,
     share_host_threads,
@@ -61,6 +64,8 @@ class Executor(abc.ABC):
 
     num_kv_blocks: int
     """KV blocks per layer, the same on every rank; block 0 is the reserved null block."""
+    worker: Worker
+    """This process's (rank 0's) worker."""
 
     @abc.abstractmethod
     def execute(self, step: StepInput) -> torch.Tensor:
@@ -70,7 +75,7 @@ class Executor(abc.ABC):
     def shutdown(self) -> None:
         """Release the devices (and end the other ranks); later calls do nothing."""
 
-    def __enter__(self) -> Executor:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -129,7 +134,7 @@ class MultiprocExecutor(Executor):
         try:
             self.worker = build_worker(config_for_rank(config, state.local_rank), 0, world_size)
             self.num_kv_blocks = agree_on_num_kv_blocks(self.worker)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - see _fail
             self._fail(e)
 
     def execute(self, step: StepInput) -> torch.Tensor:
@@ -141,7 +146,7 @@ class MultiprocExecutor(Executor):
         try:
             broadcast_from_driver(step)
             return self.worker.execute(step)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - see _fail
             self._fail(e)
 
     def shutdown(self) -> None:
@@ -149,12 +154,16 @@ class MultiprocExecutor(Executor):
             return
         try:
             broadcast_from_driver(None)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - see _fail
             self._fail(e)
         self._stop(graceful=True)
 
     def _fail(self, cause: Exception) -> NoReturn:
-        """Shut everything down and raise what another rank reported, else ``cause`` itself."""
+        """Shut everything down and raise what another rank reported, else ``cause`` itself.
+
+        Whatever the error, the ranks' collectives are now out of step (some rank is inside
+        one the others will never enter), so the group cannot be used again.
+        """
         failure = self._ranks.failure() if self._ranks is not None else None
         self._stop(graceful=False)
         if failure is None:
@@ -231,5 +240,6 @@ def _serve_spawned_rank(
 ) -> None:
     if torch.device(config.device.device).type == "cpu":
         share_host_threads(world_size)
-    state = init_distributed(world_size, rank, distributed_backend(config.device.device), store=store, timeout_s=timeout_s)
+    backend = distributed_backend(config.device.device)
+    state = init_distributed(world_size, rank, backend, store=store, timeout_s=timeout_s)
     serve_steps(config, build_worker, state)

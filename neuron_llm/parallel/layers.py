@@ -178,4 +178,5 @@ class ParallelLMHead(Linear):
         return logits[..., : self.vocab_size]
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, vocab_size={self.vocab_size}, partition={self.partition.index}/{self.partition.count}"
+        partition = f"{self.partition.index}/{self.partition.count}"
+        return f"{super().extra_repr()}, vocab_size={self.vocab_size}, partition={partition}"

@@ -121,9 +121,7 @@ def init_from_torchrun(backend: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) ->
     env = torchrun_env()
     if env is None:
         raise RuntimeError("RANK and WORLD_SIZE are not set: this process was not started by torchrun")
-    return init_distributed(
-        env.world_size, env.rank, backend, "env://", local_rank=env.local_rank, timeout_s=timeout_s
-    )
+    return init_distributed(env.world_size, env.rank, backend, "env://", local_rank=env.local_rank, timeout_s=timeout_s)
 
 
 def destroy_distributed() -> None:

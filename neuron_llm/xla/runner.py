@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.ops.metadata import AttentionMetadata
 from neuron_llm.worker import StepInput, Worker
-from neuron_llm.xla.device import sync, xla_device
+from neuron_llm.xla.device import compile_count, sync, xla_device
+
+logger = logging.getLogger(__name__)
 
 
 class XlaWorker(Worker):
@@ -27,41 +31,56 @@ class XlaWorker(Worker):
             raise ValueError(f"device={config.device.device!r}: XlaWorker runs on the 'xla' device")
         super().__init__(model.to(xla_device()), config, num_kv_blocks)
         sync()
+        self._compiled_at_start = compile_count()
+        self._is_warm = False
 
-    @torch.no_grad()
     def trace(self, step: StepInput) -> torch.Tensor:
         """Record one step (forward, KV writes, logits) without running it.
 
-        Returns the pending fp32 logits [step.num_padded_seqs, vocab_size]; rows past
+        Returns the pending fp32 logits [num_logits_rows(step), vocab_size]; rows past
         ``len(step.logits_indices)`` repeat row 0. Raises ``ValueError`` when the step is not
         padded to a bucket.
         """
-        num_tokens, num_seqs = step.num_padded_tokens, step.num_padded_seqs
-        if num_tokens is None or num_seqs is None or step.max_blocks_per_seq is None:
+        if step.num_padded_tokens is None or step.num_padded_seqs is None or step.max_blocks_per_seq is None:
             raise ValueError("an XLA step needs num_padded_tokens, num_padded_seqs and max_blocks_per_seq (a bucket)")
-        num_rows = len(step.logits_indices)
-        if num_rows > num_seqs:
-            raise ValueError(f"{num_rows} logits rows exceed the bucket's num_padded_seqs={num_seqs}")
-        padding = [0] * (num_tokens - len(step.input_ids))
-        input_ids = torch.tensor(step.input_ids + padding, dtype=torch.int64, device=self.device)
-        positions = torch.tensor(step.positions + padding, dtype=torch.int64, device=self.device)
-        metadata = AttentionMetadata.build(
-            step.query_lens,
-            step.seq_lens,
-            step.block_tables,
-            self.block_size,
-            self.device,
-            num_padded_tokens=num_tokens,
-            num_padded_seqs=num_seqs,
-            max_blocks_per_seq=step.max_blocks_per_seq,
-        )
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata)
-        rows = torch.tensor(step.logits_indices + [0] * (num_seqs - num_rows), dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows))
+        row_padding = [0] * (num_logits_rows(step) - len(step.logits_indices))
+        return self.forward(step, step.logits_indices + row_padding)
 
     def execute(self, step: StepInput) -> torch.Tensor:
         """Run one step as one graph; return its fp32 logits [len(step.logits_indices), vocab_size] on the CPU."""
+        compiled_before = compile_count()
         logits = self.trace(step)
         sync()
+        if self._is_warm and compile_count() > compiled_before:
+            logger.warning(
+                "compiled a new graph after warm-up for a step of %d tokens, %d sequences, %d logits rows: "
+                "its shape is missing from the warm-up buckets",
+                step.num_padded_tokens,
+                step.num_padded_seqs,
+                num_logits_rows(step),
+            )
         # Slice on the host: slicing the device tensor by a varying length would be a new graph.
         return logits.cpu()[: len(step.logits_indices)]
+
+    def num_compiled_graphs(self) -> int:
+        return compile_count() - self._compiled_at_start
+
+    def mark_warmed_up(self) -> None:
+        self._is_warm = True
+
+
+def num_logits_rows(step: StepInput) -> int:
+    """Logits rows of a bucketed step's graph: one per sequence, or room for every token's row too.
+
+    Sampling reads one row per sequence (padded to the bucket's count); prompt logprobs add
+    up to one row per token. Padding to these two sizes gives a bucket at most two graphs,
+    never one per row count. Raises ``ValueError`` for more rows than that.
+    """
+    assert step.num_padded_seqs is not None and step.num_padded_tokens is not None
+    num_rows = len(step.logits_indices)
+    if num_rows <= step.num_padded_seqs:
+        return step.num_padded_seqs
+    limit = step.num_padded_seqs + step.num_padded_tokens
+    if num_rows > limit:
+        raise ValueError(f"{num_rows} logits rows exceed the bucket's num_padded_seqs + num_padded_tokens={limit}")
+    return limit

@@ -16,7 +16,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import build_hf_llama
 
 from neuron_llm.config import RopeScaling
 from neuron_llm.loader import load_model
@@ -158,8 +157,10 @@ def gguf_name(hf_name: str) -> str:
 
 def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """llama.cpp's converter: interleave the two rotary halves of each head's rows."""
-    return weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
-        weight.shape
+    return (
+        weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
     )
 
 
@@ -215,8 +216,10 @@ def write_gguf(hf_model: Any, path: Path) -> None:
 
 
 @pytest.mark.parametrize("overrides", list(GGUF_CONFIGS.values()), ids=list(GGUF_CONFIGS))
-def test_gguf_matches_transformers(overrides: dict[str, Any], tmp_path: Path, paged_runner: type) -> None:
-    hf_model = build_hf_llama(**overrides)
+def test_gguf_matches_transformers(
+    overrides: dict[str, Any], tmp_path: Path, tiny_hf_llama: Callable[..., Any], paged_runner: type
+) -> None:
+    hf_model = tiny_hf_llama(**overrides)
     write_gguf(hf_model, tmp_path / "tiny.gguf")
     loaded = load_model(tmp_path, dtype=torch.float32, device="cpu")  # a directory with one .gguf
     assert loaded.config.tie_word_embeddings == hf_model.config.tie_word_embeddings

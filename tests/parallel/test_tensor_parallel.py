@@ -37,15 +37,22 @@ RELATIVE_TOLERANCE = 1e-5
 
 CONFIGS = {
     # Two KV heads per rank, two query heads per KV head on each rank.
-    "split_kv": dict(num_attention_heads=8, num_key_value_heads=4, vocab_size=96),
+    "split_kv": {"num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 96},
     # One KV head, replicated on both ranks; a vocabulary split unevenly.
-    "replicated_kv_odd_vocab": dict(num_attention_heads=4, num_key_value_heads=1, vocab_size=101),
+    "replicated_kv_odd_vocab": {"num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 101},
     # The LM head shares the embedding's (padded) shard.
-    "tied_odd_vocab": dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=99, tie_word_embeddings=True),
+    "tied_odd_vocab": {
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 99,
+        "tie_word_embeddings": True,
+    },
 }
 
 
-def build_worker(model_dir: str, num_kv_blocks: tuple[int, ...], config: EngineConfig, rank: int, world_size: int) -> Worker:
+def build_worker(
+    model_dir: str, num_kv_blocks: tuple[int, ...], config: EngineConfig, rank: int, world_size: int
+) -> Worker:
     """Load rank ``rank``'s shards of ``model_dir``; its KV pool is ``num_kv_blocks[rank]`` blocks."""
     loaded = load_model(
         model_dir,
@@ -121,8 +128,7 @@ def engine_config(model_dir: Path, tensor_parallel_size: int) -> EngineConfig:
 
 
 def assert_same_logits(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
-    assert len(actual) == len(expected)
-    for step, (got, want) in enumerate(zip(actual, expected)):
+    for step, (got, want) in enumerate(zip(actual, expected, strict=True)):
         assert got.shape == want.shape and got.dtype == torch.float32, step
         error = (got - want).abs().max().item()
         assert error <= RELATIVE_TOLERANCE * want.abs().max().item(), (step, error)
@@ -172,7 +178,7 @@ def test_torchrun_ranks_serve_until_rank_0_shuts_down(model_dir: Path, tmp_path:
     script.write_text(TORCHRUN_SCRIPT.format(tests_dir=str(Path(__file__).parent)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = subprocess.run(
-        [*command, str(script), str(model_dir), str(tmp_path)], capture_output=True, text=True, timeout=90
+        [*command, str(script), str(model_dir), str(tmp_path)], check=False, capture_output=True, text=True, timeout=90
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # Only rank 0 got past make_executor; rank 1 served the steps, then exited with status 0.
@@ -229,16 +235,16 @@ def test_a_rank_failing_to_load_raises_on_rank_0(model_dir: Path) -> None:
     assert not _rank_processes()
 
 
-def _model_config(**overrides: Any) -> ModelConfig:
-    shape = dict(
-        vocab_size=64,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        head_dim=4,
-    )
+def _model_config(**overrides: int) -> ModelConfig:
+    shape = {
+        "vocab_size": 64,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+        "head_dim": 4,
+    }
     return ModelConfig(**{**shape, **overrides})
 
 

@@ -57,6 +57,13 @@ def test_one_module_per_bucket_with_the_bucket_signature(exported) -> None:
         num_arrays = sum(1 for p in parameters if p.dims)
         assert num_arrays == sum(declared_parameters(graph).values()) + num_weights
         assert graph["outputs"]["logits"]["shape"] == [shape.num_seqs, 96]
+        assert graph["outputs"]["order"] == [
+            "logits",
+            "key_cache[0]",
+            "value_cache[0]",
+            "key_cache[1]",
+            "value_cache[1]",
+        ]
     assert len({graph["sha256"] for graph in manifest["graphs"]}) == len(SHAPES)
 
 

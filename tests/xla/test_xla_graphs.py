@@ -57,3 +57,20 @@ def test_tracing_a_step_runs_nothing_on_the_device(make_driver, tiny_llama) -> N
         logits = driver.worker.trace(step)
     assert (tracing.compilations, tracing.executions) == (0, 0)
     assert logits.shape == (4, VOCAB_SIZE)
+
+
+def test_prompt_logprob_rows_take_one_more_graph_per_bucket(make_driver, tiny_llama) -> None:
+    """Steps reading extra rows (prompt logprobs) share one padded graph, whatever their count."""
+    xla = make_driver(tiny_llama(VOCAB_SIZE), PROMPTS, BUCKETS, on_xla=True)
+    reference = make_driver(tiny_llama(VOCAB_SIZE), PROMPTS, BUCKETS, on_xla=False)
+    first = xla.plan([(1, 13)])  # 16-token bucket
+    first.logits_indices = first.logits_indices + list(range(12))
+    second = xla.plan([(1, 9), (0, 3)])  # the same bucket, a different number of rows
+    second.logits_indices = second.logits_indices + list(range(5))
+    counts = []
+    for step in (first, second):
+        with count_graphs() as graphs:
+            logits = xla.run(step)
+        counts.append(graphs.compilations)
+        torch.testing.assert_close(logits, reference.run(step), rtol=1e-4, atol=1e-4)
+    assert counts[1] == 0

@@ -1,0 +1,320 @@
+"""The engine behind a server: ``LLMEngine`` stepping in a thread of its own, asyncio in front.
+
+The engine is not thread-safe, so one thread owns it and every engine call happens there.
+Callers on any event loop talk to it through a command queue that the thread drains before
+every step; outputs go back to a per-request ``asyncio.Queue`` through
+``loop.call_soon_threadsafe``::
+
+    event loop                               engine thread
+    generate() --_Add-----> commands ------> engine.add_request
+    (consumer) <--outputs-- request queue <-- engine.step(): a RequestOutput per request
+    aclose()   --_Abort---> commands ------> engine.abort (its KV blocks freed)
+
+A bad request is refused alone (``generate`` raises its ``ValueError``); a failed step fails
+the requests in flight with ``EngineError`` instead of leaving them waiting forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+
+from neuron_llm.engine.llm_engine import EngineStats, LLMEngine
+from neuron_llm.outputs import RequestOutput
+from neuron_llm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_MAX_KEPT_LATENCIES = 65536
+"""Latency samples kept between two ``stats()`` calls, so a server nobody scrapes stays bounded."""
+
+_DRAIN_POLL_S = 0.05
+"""How often ``shutdown`` looks whether the requests in flight have ended."""
+
+
+class QueueFullError(Exception):
+    """The waiting queue is full; the request was not accepted (a server answers 429)."""
+
+
+class EngineClosedError(Exception):
+    """The engine is shutting down or stopped: new requests are refused, leftovers aborted (503)."""
+
+
+class EngineError(Exception):
+    """The engine failed while running the request (a server answers 500)."""
+
+
+class _Stream:
+    """Where the engine thread delivers one request's outputs, on its consumer's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | Exception) -> None:
+        """Deliver ``item``; called on the engine thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            # The consumer's loop is closed: nobody is left to read this request.
+            pass
+
+
+@dataclass(frozen=True)
+class _Add:
+    stream: _Stream
+    prompt: str | list[int]
+    params: SamplingParams
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+_Command = _Add | _Abort | _Stop
+"""What other threads ask of the engine thread, which runs them in order before each step."""
+
+
+class AsyncLLM:
+    """Serves an ``LLMEngine`` to asyncio code; the engine steps in a background thread.
+
+    The thread starts here. ``generate`` streams a request's outputs; ``shutdown`` drains and
+    stops. Every method may be called from any thread or event loop.
+
+    Args:
+        engine: the engine to drive; nothing else may call it until ``shutdown`` returns.
+        max_waiting_requests: most accepted requests still waiting for their first output
+            (queued, or in prefill); past it ``generate`` raises ``QueueFullError``. A bounded
+            backlog keeps the latency of every waiting request bounded too.
+    """
+
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int = 256) -> None:
+        if max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests={max_waiting_requests}: must be >= 1")
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        # Guards admission, so that no request is queued behind the stop command or after the
+        # thread died, where nothing would ever answer it.
+        self._lock = threading.Lock()
+        self._is_accepting = True
+        self._is_dead = False
+        self._num_waiting = 0
+        self._num_in_flight = 0
+        # Engine-thread state. The published stats object is replaced whole, never mutated,
+        # so another thread always reads a consistent one.
+        self._streams: dict[str, _Stream] = {}
+        self._is_stopping = False
+        self._stats: EngineStats = engine.stats()
+        self._ttfts: collections.deque[float] = collections.deque(maxlen=_MAX_KEPT_LATENCIES)
+        self._itls: collections.deque[float] = collections.deque(maxlen=_MAX_KEPT_LATENCIES)
+        self._thread = threading.Thread(target=self._run, name="neuron-llm-engine", daemon=True)
+        self._thread.start()
+
+    # -- any thread -------------------------------------------------------------------------
+
+    @property
+    def is_ready(self) -> bool:
+        """Whether new requests are accepted: the loop runs, has not failed and is not shutting down."""
+        return self._is_accepting and not self._is_dead and self._thread.is_alive()
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests accepted by ``generate`` that have not ended yet."""
+        return self._num_in_flight
+
+    async def generate(
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Run one request; yield its cumulative output after each step that advanced it.
+
+        The last output has ``finished`` set. Outputs that a slow consumer has not read yet
+        are merged, since each one holds everything before it. Before the first output this
+        raises ``ValueError`` for a request the engine refuses, and ``QueueFullError`` or
+        ``EngineClosedError`` when it cannot be accepted; afterwards ``EngineError`` if the
+        engine fails, or ``EngineClosedError`` if shutdown aborts the request. A consumer that
+        stops early (``aclose``, cancellation) aborts the request, which frees its KV blocks.
+        """
+        request_id = uuid.uuid4().hex if request_id is None else request_id
+        stream = _Stream(asyncio.get_running_loop())
+        prompt = prompt if isinstance(prompt, str) else list(prompt)
+        self._admit(_Add(stream, prompt, params, request_id))
+        is_waiting, is_ended = True, False
+        try:
+            while not is_ended:
+                item = await stream.queue.get()
+                while not isinstance(item, Exception) and not stream.queue.empty():
+                    item = stream.queue.get_nowait()
+                if isinstance(item, Exception):
+                    is_ended = True  # the engine holds the request no more
+                    raise item
+                if is_waiting:
+                    is_waiting = False
+                    self._release(is_waiting=True, is_in_flight=False)
+                is_ended = item.finished
+                yield item
+        finally:
+            if not is_ended:
+                self.abort(request_id)
+            self._release(is_waiting=is_waiting, is_in_flight=True)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request and free its blocks; unknown or finished ids are ignored."""
+        self._commands.put(_Abort(request_id))
+
+    def stats(self) -> EngineStats:
+        """The engine's gauges and counters after its latest step, with latencies since the last call."""
+        return replace(self._stats, time_to_first_token=_drain(self._ttfts), inter_token_latency=_drain(self._itls))
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stop accepting requests, wait up to ``drain_timeout`` s for those in flight, abort the rest.
+
+        Aborted requests raise ``EngineClosedError`` in their consumers. Returns once the
+        engine thread has stopped; the engine is the caller's again.
+        """
+        with self._lock:
+            self._is_accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while self._num_in_flight and time.monotonic() < deadline and self._thread.is_alive():
+            await asyncio.sleep(_DRAIN_POLL_S)
+        if self._num_in_flight:
+            logger.warning("aborting %d request(s) still in flight after %.1f s", self._num_in_flight, drain_timeout)
+        with self._lock:
+            if not self._is_dead:
+                self._commands.put(_Stop())
+        await asyncio.to_thread(self._thread.join)
+
+    def _admit(self, add: _Add) -> None:
+        with self._lock:
+            if self._is_dead:
+                raise EngineError("the engine stopped after an error; restart the server")
+            if not self._is_accepting:
+                raise EngineClosedError("the engine is shutting down and accepts no new requests")
+            if self._num_waiting >= self.max_waiting_requests:
+                raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests); retry later")
+            self._num_waiting += 1
+            self._num_in_flight += 1
+            self._commands.put(add)
+
+    def _release(self, is_waiting: bool, is_in_flight: bool) -> None:
+        with self._lock:
+            self._num_waiting -= int(is_waiting)
+            self._num_in_flight -= int(is_in_flight)
+
+    # -- the engine thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._is_stopping:
+                self._run_commands(block=not self.engine.has_unfinished_requests())
+                if self.engine.has_unfinished_requests() and not self._is_stopping:
+                    self._step()
+                self._publish_stats()
+        except Exception:  # a bug in the loop itself: fail every request rather than hang it
+            logger.exception("the engine loop failed")
+            self._die(EngineError("the engine loop failed; see the server log"))
+
+    def _run_commands(self, block: bool) -> None:
+        command = self._commands.get() if block else _get_nowait(self._commands)
+        while command is not None:
+            if isinstance(command, _Add):
+                self._add(command)
+            elif isinstance(command, _Abort):
+                self._abort(command.request_id)
+            else:
+                self._stop()
+            command = _get_nowait(self._commands)
+
+    def _add(self, add: _Add) -> None:
+        try:
+            self.engine.add_request(add.prompt, add.params, add.request_id)
+        except ValueError as e:
+            add.stream.put(e)
+            return
+        except Exception as e:  # not the request's fault: report it and keep serving the others
+            logger.exception("add_request failed for request %s", add.request_id)
+            add.stream.put(EngineError(f"the engine could not add the request: {e}"))
+            return
+        self._streams[add.request_id] = add.stream
+
+    def _abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self.engine.abort(request_id)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            # Which requests the failure touched is unknown: end them all, keep the engine.
+            logger.exception("engine step failed")
+            self._end_all(EngineError(f"the engine failed while running this request: {e}"))
+            return
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            stream.put(output)
+
+    def _end_all(self, error: Exception) -> None:
+        """End every request the engine holds with ``error``, aborting it there."""
+        streams, self._streams = self._streams, {}
+        for request_id, stream in streams.items():
+            stream.put(error)
+            self.engine.abort(request_id)
+
+    def _stop(self) -> None:
+        self._is_stopping = True
+        self._end_all(EngineClosedError("the server shut down before this request finished"))
+
+    def _die(self, error: EngineError) -> None:
+        with self._lock:
+            self._is_dead = True
+        for stream in self._streams.values():
+            stream.put(error)
+        self._streams = {}
+        # Requests admitted before the flag was set are still queued: answer them too.
+        command = _get_nowait(self._commands)
+        while command is not None:
+            if isinstance(command, _Add):
+                command.stream.put(error)
+            command = _get_nowait(self._commands)
+
+    def _publish_stats(self) -> None:
+        stats = self.engine.stats()
+        self._ttfts.extend(stats.time_to_first_token)
+        self._itls.extend(stats.inter_token_latency)
+        self._stats = replace(stats, time_to_first_token=[], inter_token_latency=[])
+
+
+def _get_nowait(commands: queue.SimpleQueue[_Command]) -> _Command | None:
+    try:
+        return commands.get_nowait()
+    except queue.Empty:
+        return None
+
+
+def _drain(samples: collections.deque[float]) -> list[float]:
+    # popleft is atomic, so samples the engine thread appends meanwhile stay for the next call.
+    drained = []
+    while samples:
+        drained.append(samples.popleft())
+    return drained
+
+
+__all__ = ["AsyncLLM", "EngineClosedError", "EngineError", "QueueFullError"]

@@ -1,0 +1,414 @@
+"""Quantized checkpoints in the compressed-tensors layout, which llm-compressor writes and vLLM reads.
+
+``config.json`` carries a ``quantization_config`` such as::
+
+    {"quant_method": "compressed-tensors", "format": "pack-quantized",
+     "quantization_status": "compressed", "kv_cache_scheme": null,
+     "config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized",
+         "weights": {"num_bits": 8, "type": "int", "symmetric": true, "strategy": "channel",
+                     "group_size": null, "dynamic": false},
+         "input_activations": null, "output_activations": null}},
+     "ignore": ["lm_head", "model.layers.0.self_attn.q_proj", ...]}
+
+and the safetensors hold, for each quantized linear ``<m>``:
+
+    int8 W8A16, "pack-quantized" (written; llm-compressor's choice for W8A16, the one vLLM runs):
+        <m>.weight_packed int32 [out, ceil(in / 4)], <m>.weight_shape int64 [2], <m>.weight_scale
+    int8, "naive-quantized" / "int-quantized" (read): <m>.weight int8 [out, in], <m>.weight_scale
+    fp8 W8A8, "float-quantized": <m>.weight float8_e4m3fn [out, in], <m>.weight_scale [out, 1]
+
+``weight_scale`` is [out, 1] per channel or [out, groups] per group; we write float32. The
+fp8 activation bound has no field in compressed-tensors (its argument models forbid extra
+keys); it is written as the top-level ``activation_scale_ub`` (the name vLLM's fbgemm_fp8
+config uses), which other readers ignore. A checkpoint without it runs fp8 activations
+unbounded, as vLLM would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from neuron_llm.config import ModelConfig
+from neuron_llm.layers.linear import Linear
+from neuron_llm.loader.hf_dir import CONFIG_FILE, GENERATION_CONFIG_FILE, SINGLE_WEIGHTS_FILE, read_json
+from neuron_llm.loader.tokenizer import has_tokenizer_files
+from neuron_llm.loader.weights import TensorSource
+from neuron_llm.quant.formats import LinearFormat
+from neuron_llm.quant.layers import Int8Linear, quantized_linears
+from neuron_llm.quant.packing import pack_int8, packed_columns, unpack_int8
+
+QUANT_METHOD = "compressed-tensors"
+PACK_QUANTIZED = "pack-quantized"
+FLOAT_QUANTIZED = "float-quantized"
+MIXED_PRECISION = "mixed-precision"
+_INT8_READ_FORMATS = (PACK_QUANTIZED, "naive-quantized", "int-quantized")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+@dataclass(frozen=True)
+class SchemeGroup:
+    """One of ``config_groups``: the modules it targets, their format, how its tensors are stored."""
+
+    name: str
+    targets: tuple[str, ...]
+    format: LinearFormat
+    storage: str
+    """The compressed-tensors format of its tensors ("pack-quantized", "float-quantized"...)."""
+
+    def matches(self, module_name: str) -> bool:
+        return any(_target_matches(target, module_name) for target in self.targets)
+
+
+@dataclass(frozen=True)
+class CheckpointQuantization:
+    """What a checkpoint's ``quantization_config`` says about each linear."""
+
+    groups: tuple[SchemeGroup, ...]
+    ignore: tuple[str, ...] = ()
+
+    def format_of(self, linear_name: str) -> LinearFormat | None:
+        """The format the checkpoint stores the linear ``linear_name`` in; None for 16-bit."""
+        if any(_target_matches(target, linear_name) for target in self.ignore):
+            return None
+        for group in self.groups:
+            if group.matches(linear_name):
+                return group.format
+        return None
+
+
+def _target_matches(target: str, linear_name: str) -> bool:
+    # compressed-tensors' rules: "re:" prefixes a regex matched at the start of the name, a
+    # class name matches modules of that class (only "Linear" concerns linears), else the
+    # target is an exact module name.
+    if target.startswith("re:"):
+        return re.match(target.removeprefix("re:"), linear_name) is not None
+    return target == "Linear" or target == linear_name
+
+
+def read_quantization_config(model_dir: Path) -> CheckpointQuantization | None:
+    """The quantization of the Hugging Face directory ``model_dir``; None when it is not quantized."""
+    raw = read_json(model_dir / CONFIG_FILE)
+    quantization = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if quantization is None:
+        return None
+    try:
+        return parse_quantization_config(quantization)
+    except ValueError as e:
+        raise ValueError(f"{model_dir / CONFIG_FILE}: {e}") from e
+
+
+def parse_quantization_config(raw: dict[str, Any]) -> CheckpointQuantization:
+    """Read a compressed-tensors ``quantization_config`` dict.
+
+    Raises ``ValueError`` naming the field of anything we do not run: another quant_method,
+    KV-cache or output quantization, asymmetric or non-8-bit weights, static or integer
+    activation quantization, activation reordering.
+    """
+    method = raw.get("quant_method")
+    if method != QUANT_METHOD:
+        raise ValueError(f"quantization_config.quant_method={method!r}: only {QUANT_METHOD!r} checkpoints are read")
+    if raw.get("kv_cache_scheme") is not None:
+        raise ValueError("quantization_config.kv_cache_scheme: KV-cache quantization is not implemented")
+    groups = raw.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError("quantization_config.config_groups: must be a non-empty object")
+    top_format = raw.get("format")
+    ub = raw.get("activation_scale_ub")
+    parsed = tuple(_parse_group(name, group, top_format, ub) for name, group in groups.items())
+    return CheckpointQuantization(parsed, tuple(raw.get("ignore") or ()))
+
+
+def _parse_group(name: str, group: Any, top_format: str | None, activation_scale_ub: float | None) -> SchemeGroup:
+    where = f"quantization_config.config_groups.{name}"
+    if not isinstance(group, dict):
+        raise ValueError(f"{where}: preset scheme names are not read; expected an object with targets and weights")
+    storage = group.get("format") or top_format
+    weights = group.get("weights")
+    inputs = group.get("input_activations")
+    if group.get("output_activations") is not None:
+        raise ValueError(f"{where}.output_activations: output quantization is not implemented")
+    if not isinstance(weights, dict):
+        raise ValueError(f"{where}.weights: missing; only weight-quantized schemes are read")
+    _require_arg(weights, "num_bits", 8, where + ".weights")
+    _require_arg(weights, "symmetric", True, where + ".weights")
+    if weights.get("actorder") is not None:
+        raise ValueError(f"{where}.weights.actorder={weights['actorder']!r}: activation reordering is not implemented")
+    strategy = _strategy(weights)
+    kind = weights.get("type", "int")
+    if kind == "int":
+        if storage not in _INT8_READ_FORMATS:
+            raise ValueError(
+                f"{where}: format {storage!r} for int8 weights is not one of {', '.join(_INT8_READ_FORMATS)}"
+            )
+        if inputs is not None:
+            raise ValueError(f"{where}.input_activations: int8 activation quantization (W8A8 int) is not implemented")
+        if strategy not in ("channel", "group"):
+            raise ValueError(f"{where}.weights.strategy={strategy!r}: int8 weights need 'channel' or 'group'")
+        group_size = weights.get("group_size") if strategy == "group" else None
+        fmt = LinearFormat("int8", group_size=group_size)
+    elif kind == "float":
+        if storage != FLOAT_QUANTIZED:
+            raise ValueError(f"{where}: format {storage!r} for fp8 weights must be {FLOAT_QUANTIZED!r}")
+        if strategy != "channel":
+            raise ValueError(f"{where}.weights.strategy={strategy!r}: fp8 weights need per-channel scales")
+        _check_fp8_inputs(inputs, where + ".input_activations")
+        fmt = LinearFormat("fp8", activation_scale_ub=activation_scale_ub)
+    else:
+        raise ValueError(f"{where}.weights.type={kind!r}: must be 'int' or 'float'")
+    targets = group.get("targets")
+    if not isinstance(targets, list) or not targets:
+        raise ValueError(f"{where}.targets: must be a non-empty list")
+    return SchemeGroup(name, tuple(targets), fmt, storage)
+
+
+def _require_arg(args: dict[str, Any], key: str, expected: object, where: str) -> None:
+    defaults = {"num_bits": 8, "symmetric": True}
+    value = args.get(key, defaults.get(key))
+    if value != expected:
+        raise ValueError(f"{where}.{key}={value!r}: only {expected!r} is implemented")
+
+
+def _strategy(args: dict[str, Any]) -> str:
+    # As compressed-tensors infers it when the strategy is left out.
+    strategy = args.get("strategy")
+    if strategy is not None:
+        return strategy
+    group_size = args.get("group_size")
+    if group_size is None:
+        return "tensor"
+    return "channel" if group_size == -1 else "group"
+
+
+def _check_fp8_inputs(inputs: Any, where: str) -> None:
+    if not isinstance(inputs, dict):
+        raise ValueError(f"{where}: fp8 weights with 16-bit activations (W8A16 fp8) are not implemented")
+    _require_arg(inputs, "num_bits", 8, where)
+    _require_arg(inputs, "symmetric", True, where)
+    if inputs.get("type") != "float" or _strategy(inputs) != "token" or inputs.get("dynamic") is not True:
+        raise ValueError(f"{where}: only dynamic per-token fp8 activations (type float, strategy token) are read")
+
+
+def quantization_config_dict(model: nn.Module) -> dict[str, Any]:
+    """The compressed-tensors ``quantization_config`` describing ``model``'s quantized linears.
+
+    One config group per format. With a single group it targets "Linear" and the ignore
+    list names every other linear (llm-compressor's form); with several, each group names
+    its modules. Raises ``ValueError`` when the model has no quantized linear.
+    """
+    by_format: dict[LinearFormat, list[str]] = {}
+    for name, fmt in quantized_linears(model).items():
+        by_format.setdefault(fmt, []).append(name)
+    if not by_format:
+        raise ValueError("the model has no quantized linear to describe")
+    groups = {}
+    for index, (fmt, names) in enumerate(by_format.items()):
+        groups[f"group_{index}"] = {
+            "targets": ["Linear"] if len(by_format) == 1 else names,
+            "weights": _weights_args(fmt),
+            "input_activations": _input_args(fmt),
+            "output_activations": None,
+            "format": _storage(fmt),
+        }
+    storages = {group["format"] for group in groups.values()}
+    config: dict[str, Any] = {
+        "quant_method": QUANT_METHOD,
+        "format": storages.pop() if len(storages) == 1 else MIXED_PRECISION,
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": [name for name, m in model.named_modules() if isinstance(m, Linear)],
+        "kv_cache_scheme": None,
+    }
+    bounds = {fmt.activation_scale_ub for fmt in by_format if fmt.scheme == "fp8"}
+    if len(bounds) > 1:
+        raise ValueError(f"fp8 linears with different activation bounds {sorted(map(str, bounds))} cannot be written")
+    if bounds and (bound := bounds.pop()) is not None:
+        config["activation_scale_ub"] = bound
+    return config
+
+
+def _weights_args(fmt: LinearFormat) -> dict[str, Any]:
+    strategy = "group" if fmt.group_size is not None else "channel"
+    kind = "int" if fmt.scheme == "int8" else "float"
+    return _args(kind, strategy, fmt.group_size, dynamic=False)
+
+
+def _input_args(fmt: LinearFormat) -> dict[str, Any] | None:
+    return _args("float", "token", None, dynamic=True) if fmt.scheme == "fp8" else None
+
+
+def _args(kind: str, strategy: str, group_size: int | None, *, dynamic: bool) -> dict[str, Any]:
+    return {
+        "num_bits": 8,
+        "type": kind,
+        "symmetric": True,
+        "strategy": strategy,
+        "group_size": group_size,
+        "dynamic": dynamic,
+    }
+
+
+def _storage(fmt: LinearFormat) -> str:
+    return PACK_QUANTIZED if fmt.scheme == "int8" else FLOAT_QUANTIZED
+
+
+def checkpoint_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of ``model`` as a compressed-tensors checkpoint stores them, on the CPU.
+
+    Unquantized floating-point tensors are cast to ``dtype``; quantized weights and their
+    float32 scales are written as they are (int8 weights packed). A tied LM head is written
+    once, as the embedding.
+    """
+    int8_modules = {name for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+    quantized = set(quantized_linears(model))
+    tensors = {}
+    for name, param in model.named_parameters():
+        module_name, _, leaf = name.rpartition(".")
+        tensor = param.detach().cpu()
+        if module_name in int8_modules and leaf == "weight":
+            tensors[f"{module_name}.weight_packed"] = pack_int8(tensor)
+            tensors[f"{module_name}.weight_shape"] = torch.tensor(tensor.shape, dtype=torch.int64)
+        elif module_name in quantized and leaf in ("weight", "weight_scale"):
+            tensors[name] = tensor.contiguous()
+        else:
+            tensors[name] = tensor.to(dtype).contiguous()
+    return tensors
+
+
+class PackedInt8Source:
+    """A pack-quantized weight read as the int8 [out, in] tensor it packs, slice by slice.
+
+    A row-parallel shard asks for a block of columns: only the int32 words holding them are
+    read, then unpacked.
+    """
+
+    def __init__(self, packed: TensorSource, shape: tuple[int, int], name: str) -> None:
+        expected = (shape[0], packed_columns(shape[1]))
+        if tuple(packed.shape) != expected:
+            raise ValueError(f"{name}: packed shape {tuple(packed.shape)} does not hold weight_shape {shape}")
+        self._packed = packed
+        self.shape = shape
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        rows, columns = _row_and_column_slices(index, self.shape)
+        first_word = columns.start // 4
+        words = self._packed[rows, first_word : packed_columns(columns.stop)]
+        return unpack_int8(words, columns.stop - columns.start, columns.start - 4 * first_word)
+
+
+def _row_and_column_slices(index: object, shape: tuple[int, int]) -> tuple[slice, slice]:
+    """``index`` (``...``, a row slice, or a (rows, columns) pair of slices) as two step-1 slices."""
+    parts = () if index is Ellipsis else index if isinstance(index, tuple) else (index,)
+    if len(parts) > 2 or not all(isinstance(p, slice) for p in parts):
+        raise TypeError(f"a packed weight is read by slices only, not {index!r}")
+    rows, columns = (*parts, slice(None), slice(None))[:2]
+    bounds = [slice(*s.indices(size)) for s, size in ((rows, shape[0]), (columns, shape[1]))]
+    if any(s.step != 1 for s in bounds):
+        raise TypeError(f"a packed weight is read by contiguous slices only, not {index!r}")
+    return bounds[0], bounds[1]
+
+
+def adapt_checkpoint_weights(weights: Iterable[tuple[str, TensorSource]]) -> Iterator[tuple[str, TensorSource]]:
+    """Offer a compressed-tensors checkpoint's tensors under the names our layers hold.
+
+    ``<m>.weight_packed`` with ``<m>.weight_shape`` becomes ``<m>.weight`` (int8, unpacked
+    as it is read); every other tensor passes through.
+    """
+    sources = dict(weights)  # sources are lazy: this reads names, not data
+    for name, source in sources.items():
+        if name.endswith(".weight_shape"):
+            continue
+        if not name.endswith(".weight_packed"):
+            yield name, source
+            continue
+        base = name.removesuffix(".weight_packed")
+        shape_source = sources.get(f"{base}.weight_shape")
+        if shape_source is None:
+            raise ValueError(f"checkpoint tensor {name} has no {base}.weight_shape beside it")
+        rows, columns = (int(v) for v in shape_source[...].tolist())
+        yield f"{base}.weight", PackedInt8Source(source, (rows, columns), name)
+
+
+def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
+    """A Hugging Face Llama ``config.json`` dict for ``config`` (for models read from GGUF)."""
+    scaling = config.rope_scaling
+    rope_scaling = None
+    if scaling is not None:
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        }
+    eos = list(config.eos_token_ids)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+    }
+
+
+def save_quantized_checkpoint(
+    model: nn.Module,
+    config: ModelConfig,
+    out_dir: Path,
+    *,
+    source: Path,
+    tokenizer: PreTrainedTokenizerBase | None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> None:
+    """Write the quantized ``model`` to ``out_dir`` as a Hugging Face directory.
+
+    ``source`` is the directory or GGUF file the model was read from: a directory's
+    ``config.json``, generation config and tokenizer files are carried over; for a GGUF file
+    the config is rebuilt from ``config`` and ``tokenizer`` is saved. Unquantized tensors
+    are written in ``dtype``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source_dir = source if source.is_dir() else None
+    hf_config = read_json(source_dir / CONFIG_FILE) if source_dir is not None else hf_config_dict(config)
+    hf_config.pop("dtype", None)
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    hf_config["quantization_config"] = quantization_config_dict(model)
+    save_file(checkpoint_tensors(model, dtype), str(out_dir / SINGLE_WEIGHTS_FILE), metadata={"format": "pt"})
+    (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    if source_dir is not None:
+        for name in (*_TOKENIZER_FILES, GENERATION_CONFIG_FILE):
+            if (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, out_dir / name)
+    if tokenizer is not None and not has_tokenizer_files(out_dir):
+        tokenizer.save_pretrained(str(out_dir))

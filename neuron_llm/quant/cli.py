@@ -1,0 +1,87 @@
+"""``neuron-llm quantize MODEL --scheme int8|fp8 --out DIR``: write a compressed-tensors checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from neuron_llm.config import parse_dtype
+from neuron_llm.quant.checkpoint import save_quantized_checkpoint
+from neuron_llm.quant.config import QuantConfig
+from neuron_llm.quant.convert import quantize_model, quantized_weight_bytes
+from neuron_llm.quant.formats import DEFAULT_ACTIVATION_SCALE_UB
+from neuron_llm.quant.loading import load_any_format
+from neuron_llm.quant.policy import QuantPolicy
+
+
+def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``quantize`` command to the CLI's subparsers."""
+    parser = subparsers.add_parser("quantize", help="write a quantized copy of a model (compressed-tensors layout)")
+    parser.add_argument(
+        "model", nargs="?", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument("--scheme", choices=("int8", "fp8"), required=True, help="int8 weight-only or fp8 W8A8")
+    parser.add_argument("--out", type=Path, required=True, help="new or empty directory to write")
+    parser.add_argument(
+        "--group-size", type=int, default=None, help="int8: one scale per N input features (default: per channel)"
+    )
+    parser.add_argument(
+        "--modules",
+        default=None,
+        help="comma-separated linears to quantize (default: int8 all, fp8 gate_proj,up_proj,down_proj)",
+    )
+    parser.add_argument(
+        "--skip-layers",
+        default=None,
+        help="comma-separated decoder layers kept 16-bit, -1 the last (default: int8 none, fp8 0,-1)",
+    )
+    parser.add_argument(
+        "--activation-scale-ub",
+        type=float,
+        default=DEFAULT_ACTIVATION_SCALE_UB,
+        help="fp8: bound on a token's activation absolute maximum; 0 for none (default: 1200, as Llama 3)",
+    )
+    parser.add_argument("--dtype", default="bfloat16", help="dtype of the tensors left unquantized")
+    parser.set_defaults(run=run_quantize)
+
+
+def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
+    """The recipe the ``quantize`` options describe: the scheme's defaults, overridden where given."""
+    default = QuantConfig.for_scheme(args.scheme).policy
+    policy = QuantPolicy(
+        modules=_names(args.modules) if args.modules is not None else default.modules,
+        skip_layers=tuple(int(i) for i in _names(args.skip_layers))
+        if args.skip_layers is not None
+        else default.skip_layers,
+    )
+    bound = args.activation_scale_ub if args.scheme == "fp8" and args.activation_scale_ub > 0 else None
+    return QuantConfig.for_scheme(args.scheme, group_size=args.group_size, activation_scale_ub=bound, policy=policy)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """Run ``quantize``: load in float32, quantize, write ``--out``; return the exit code."""
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ValueError(f"--out {args.out} is not empty; choose a new or empty directory")
+    config = quant_config_from_args(args)
+    # Quantizing from float32 keeps 16-bit rounding out of the quantized weights.
+    loaded = load_any_format(args.model, dtype=torch.float32, device="cpu")
+    names = quantize_model(loaded.model, config)
+    save_quantized_checkpoint(
+        loaded.model,
+        loaded.config,
+        args.out,
+        source=loaded.source,
+        tokenizer=loaded.tokenizer,
+        dtype=parse_dtype(args.dtype),
+    )
+    sizes = quantized_weight_bytes(loaded.model)
+    print(
+        f"quantized {len(names)} linears to {args.scheme} ({sizes.ratio:.1%} of their 16-bit bytes); wrote {args.out}"
+    )
+    return 0

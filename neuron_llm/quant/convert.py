@@ -1,0 +1,104 @@
+"""Turning a built model into a quantized one: swap ``Linear`` modules for quantized layers.
+
+Two ways in, one layout out:
+
+- ``quantize_model``: the model's 16-bit weights are loaded; each linear the policy selects is
+  quantized and replaced (quantize on load). The 16-bit weight of a linear is freed as soon as
+  its replacement exists, so the peak is the 16-bit model plus one quantized linear.
+- ``prepare_quantized_model``: the model is freshly built and its checkpoint is quantized;
+  each linear the checkpoint stores quantized is replaced by an empty quantized layer that
+  ``load_weights`` then fills, so no 16-bit copy of those weights is ever made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from neuron_llm.layers.linear import Linear
+from neuron_llm.models.llama import LlamaForCausalLM
+from neuron_llm.quant.checkpoint import CheckpointQuantization
+from neuron_llm.quant.config import QuantConfig, resolve_quant_config
+from neuron_llm.quant.layers import Fp8Linear, Int8Linear, empty_quantized_linear, quantize_linear
+
+
+def quantize_model(model: LlamaForCausalLM, quantization: str | QuantConfig) -> list[str]:
+    """Quantize, in place, the linears of the loaded ``model`` that the recipe selects.
+
+    ``quantization`` is a ``QuantConfig`` or a preset name ("int8", "int8-g128", "fp8",
+    "fp8-all"). Returns the names of the quantized modules. Raises ``ValueError`` naming a
+    module whose weight holds NaN or inf (the model is then partly quantized: discard it).
+    """
+    config = resolve_quant_config(quantization)
+    names = config.policy.select(model, model.config.num_hidden_layers)
+    for name in names:
+        linear = _plain_linear(model, name)
+        _replace(model, name, quantize_linear(linear, config.format, name))
+    return names
+
+
+def prepare_quantized_model(model: LlamaForCausalLM, checkpoint: CheckpointQuantization) -> list[str]:
+    """Give the freshly built ``model`` the quantized layers ``checkpoint`` stores, before its weights load.
+
+    Each replacement is created on the device of the linear it replaces. Returns the names of
+    the replaced modules; raises ``ValueError`` when the checkpoint quantizes an LM head tied
+    to the embedding.
+    """
+    names = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Linear):
+            continue
+        fmt = checkpoint.format_of(name)
+        if fmt is None:
+            continue
+        if name == "lm_head" and model.config.tie_word_embeddings:
+            raise ValueError("the checkpoint quantizes lm_head, which this model ties to the embedding")
+        linear = _plain_linear(model, name)
+        with torch.device(linear.weight.device):
+            _replace(
+                model,
+                name,
+                empty_quantized_linear(fmt, linear.in_features, linear.out_features, linear.bias is not None),
+            )
+        names.append(name)
+    return names
+
+
+@dataclass(frozen=True)
+class QuantizedBytes:
+    """Bytes of the quantized linears' weights and scales, against the same weights in 16-bit."""
+
+    quantized: int
+    sixteen_bit: int
+
+    @property
+    def ratio(self) -> float:
+        return self.quantized / self.sixteen_bit if self.sixteen_bit else 1.0
+
+
+def quantized_weight_bytes(model: nn.Module) -> QuantizedBytes:
+    """Weight and scale bytes of ``model``'s quantized linears, and what 16-bit weights would take."""
+    quantized = sixteen_bit = 0
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Fp8Linear)):
+            quantized += sum(p.numel() * p.element_size() for p in (module.weight, module.weight_scale))
+            sixteen_bit += module.weight.numel() * 2
+    return QuantizedBytes(quantized, sixteen_bit)
+
+
+def _plain_linear(model: nn.Module, name: str) -> Linear:
+    module = model.get_submodule(name)
+    if type(module) is not Linear:
+        # A tensor-parallel linear carries a partition and a collective that a quantized
+        # layer does not have yet; swapping it would silently drop both.
+        raise ValueError(
+            f"{name} is a {type(module).__name__}: quantized tensor-parallel linears are not implemented yet"
+        )
+    return module
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), leaf, new)

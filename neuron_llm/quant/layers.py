@@ -1,0 +1,155 @@
+"""Quantized linear layers: drop-in replacements for ``neuron_llm.layers.linear.Linear``.
+
+Parameters keep the checkpoint layout of compressed-tensors: ``weight`` [out, in] in int8 or
+float8_e4m3fn and ``weight_scale`` float32 [out, 1] (per channel) or [out, groups]. Rows are
+output channels, so a column-parallel shard is a block of rows of both, and a row-parallel
+shard a block of columns of ``weight`` (and of group scales, at group boundaries).
+
+A quantized parameter's ``weight_loader`` refuses a checkpoint tensor of another dtype rather
+than casting it: a float weight copied into int8 would be silently wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from neuron_llm.layers.linear import Linear
+from neuron_llm.quant import reference
+from neuron_llm.quant.formats import (
+    FP8_DTYPE,
+    LinearFormat,
+    check_finite,
+    num_groups,
+    quantize_fp8_weight,
+    quantize_int8,
+)
+
+
+def _load_exact(param: nn.Parameter, source: object) -> None:
+    """Copy a quantized weight, refusing a shape or dtype mismatch and non-finite values."""
+    tensor = source[...]  # type: ignore[index]
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"checkpoint shape {tuple(tensor.shape)} does not match parameter shape {tuple(param.shape)}")
+    if tensor.dtype != param.dtype:
+        raise ValueError(f"checkpoint dtype {tensor.dtype} does not match the quantized weight's {param.dtype}")
+    if tensor.is_floating_point():
+        check_finite(tensor, "weight")
+    param.data.copy_(tensor)
+
+
+def _load_scale(param: nn.Parameter, source: object) -> None:
+    """Copy scales (any float dtype, cast to float32), refusing non-finite or non-positive ones."""
+    tensor = source[...]  # type: ignore[index]
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"checkpoint shape {tuple(tensor.shape)} does not match parameter shape {tuple(param.shape)}")
+    tensor = tensor.float()
+    check_finite(tensor, "weight_scale")
+    if not bool((tensor > 0).all()):
+        raise ValueError("weight_scale holds zero or negative scales; a symmetric scale must be positive")
+    param.data.copy_(tensor)
+
+
+class _QuantizedLinear(nn.Module):
+    """Shared parameters of the quantized linears: an 8-bit weight, its scales, an optional bias."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, weight_dtype: torch.dtype, scale_columns: int
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=weight_dtype), requires_grad=False)
+        self.weight_scale = nn.Parameter(
+            torch.ones(out_features, scale_columns, dtype=torch.float32), requires_grad=False
+        )
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.weight.weight_loader = _load_exact
+        self.weight_scale.weight_loader = _load_scale
+
+    def _set(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.weight.data.copy_(q)
+        self.weight_scale.data.copy_(scale)
+
+
+class Int8Linear(_QuantizedLinear):
+    """int8 weight-only linear (W8A16): activations stay 16/32-bit, weights are int8.
+
+    ``group_size`` None keeps one scale per output channel; otherwise one per group of
+    ``group_size`` input features (the last group of a row may be shorter).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int | None = None) -> None:
+        super().__init__(in_features, out_features, bias, torch.int8, num_groups(in_features, group_size))
+        self.group_size = group_size
+
+    @property
+    def format(self) -> LinearFormat:
+        return LinearFormat("int8", group_size=self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reference.int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        granularity = "channel" if self.group_size is None else f"group={self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {granularity}, bias={self.bias is not None}"
+
+
+class Fp8Linear(_QuantizedLinear):
+    """fp8 e4m3 linear (W8A8): per-channel weight scales, dynamic per-token activation scales.
+
+    ``activation_scale_ub`` bounds each token's activation absolute maximum (None: unbounded).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, activation_scale_ub: float | None = None
+    ) -> None:
+        super().__init__(in_features, out_features, bias, FP8_DTYPE, 1)
+        self.activation_scale_ub = activation_scale_ub
+
+    @property
+    def format(self) -> LinearFormat:
+        return LinearFormat("fp8", activation_scale_ub=self.activation_scale_ub)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reference.fp8_linear(x, self.weight, self.weight_scale, self.bias, self.activation_scale_ub)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"activation_scale_ub={self.activation_scale_ub}, bias={self.bias is not None}"
+        )
+
+
+QuantizedLinear = Int8Linear | Fp8Linear
+
+
+def quantized_linears(model: nn.Module) -> dict[str, LinearFormat]:
+    """The quantized linears of ``model``: name -> format, in module order."""
+    return {name: m.format for name, m in model.named_modules() if isinstance(m, (Int8Linear, Fp8Linear))}
+
+
+def empty_quantized_linear(fmt: LinearFormat, in_features: int, out_features: int, bias: bool) -> QuantizedLinear:
+    """A quantized linear of format ``fmt`` whose weights a checkpoint will fill."""
+    if fmt.scheme == "int8":
+        return Int8Linear(in_features, out_features, bias, fmt.group_size)
+    return Fp8Linear(in_features, out_features, bias, fmt.activation_scale_ub)
+
+
+def quantize_linear(linear: Linear, fmt: LinearFormat, name: str) -> QuantizedLinear:
+    """The quantized form of the loaded ``linear``, on its device; ``name`` is used in errors.
+
+    Raises ``ValueError`` naming the module when its weight holds NaN or inf.
+    """
+    weight = linear.weight.detach()
+    check_finite(weight, name)
+    with torch.device(weight.device):
+        layer = empty_quantized_linear(fmt, linear.in_features, linear.out_features, bias=False)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    if fmt.scheme == "int8":
+        q, scale = quantize_int8(weight, fmt.group_size)
+    else:
+        q, scale = quantize_fp8_weight(weight)
+    layer._set(q, scale)
+    return layer

@@ -1,0 +1,73 @@
+"""Loading a model in any weight format: 16-bit, a compressed-tensors checkpoint, or quantized on load.
+
+The quantized counterpart of ``neuron_llm.loader.load_model``, built from the same pieces: the
+model is built in place in its dtype and on its device, the checkpoint's quantized layers are
+swapped in before any weight is read, and then every tensor is copied in once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from neuron_llm.config import parse_dtype
+from neuron_llm.loader import LoadedModel, load_model, load_model_info, resolve_model_path
+from neuron_llm.loader.hf_dir import iter_hf_weights
+from neuron_llm.loader.weights import load_weights
+from neuron_llm.models.llama import LlamaForCausalLM
+from neuron_llm.quant.checkpoint import adapt_checkpoint_weights, read_quantization_config
+from neuron_llm.quant.config import QuantConfig
+from neuron_llm.quant.convert import prepare_quantized_model, quantize_model
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters, a tied tensor counted once."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def load_any_format(
+    model: str | Path | None,
+    *,
+    dtype: torch.dtype | str,
+    device: str | torch.device,
+    quantization: str | QuantConfig | None = None,
+) -> LoadedModel:
+    """Load ``model`` like ``load_model``, also from a quantized checkpoint, or quantizing on load.
+
+    A Hugging Face directory whose ``config.json`` holds a compressed-tensors
+    ``quantization_config`` loads into quantized layers (``dtype`` is then the dtype of
+    activations and of the unquantized tensors). ``quantization`` (a preset name or a
+    ``QuantConfig``) quantizes a 16-bit model after loading; it is refused for a checkpoint
+    that is already quantized. ``weight_bytes`` counts the quantized parameters as stored.
+    """
+    path = resolve_model_path(model)
+    checkpoint = read_quantization_config(path) if path.is_dir() else None
+    if checkpoint is None:
+        loaded = load_model(path, dtype=dtype, device=device)
+        if quantization is not None:
+            quantize_model(loaded.model, quantization)
+            loaded.weight_bytes = parameter_bytes(loaded.model)
+        return loaded
+    if quantization is not None:
+        raise ValueError(f"{path} is already quantized; load it without quantization={quantization!r}")
+    info = load_model_info(path)
+    with _default_dtype(parse_dtype(dtype)), torch.device(device):
+        built = LlamaForCausalLM(info.config)
+        prepare_quantized_model(built, checkpoint)
+    load_weights(built, adapt_checkpoint_weights(iter_hf_weights(path)))
+    built.requires_grad_(False)
+    return LoadedModel(**vars(info), model=built.eval(), weight_bytes=parameter_bytes(built))
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

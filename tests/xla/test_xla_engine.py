@@ -1,0 +1,51 @@
+"""The whole engine on torch-xla's CPU device: one graph per bucket, none compiled after warm-up."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+
+torch_xla = pytest.importorskip("torch_xla")
+
+from neuron_llm.llm import LLM  # noqa: E402
+from neuron_llm.sampling_params import SamplingParams  # noqa: E402
+from tests.engine.conftest import random_prompts, run_all, tiny_model_dir  # noqa: E402,F401
+
+pytestmark = pytest.mark.xla
+
+OPTIONS = dict(dtype="float32", num_kv_blocks=64, block_size=4, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
+
+
+def _arrivals(prompts: list[list[int]]) -> dict[int, list]:
+    rng = random.Random(0)
+    arrivals: dict[int, list] = {}
+    for index, prompt in enumerate(prompts):
+        arrivals.setdefault(rng.randrange(0, 15), []).append((str(index), prompt, GREEDY))
+    return arrivals
+
+
+def test_engine_on_xla_compiles_each_bucket_once(tiny_model_dir, caplog) -> None:  # noqa: F811
+    llm = LLM(model=str(tiny_model_dir), device="xla", **OPTIONS)
+    buckets = llm.engine.runner.buckets
+    # decode 1, 2, 4 and prefill 16, 32 tokens: one graph each.
+    assert len(buckets.decode) == 3 and len(buckets.prefill) == 2
+    assert llm.engine.stats().num_compiled_graphs == len(buckets.all)
+
+    prompts = random_prompts(20, seed=21, min_len=3, max_len=40)
+    with caplog.at_level(logging.WARNING):
+        on_xla = run_all(llm, _arrivals(prompts))
+    assert llm.engine.stats().num_compiled_graphs == len(buckets.all)
+    assert "compiled a new graph" not in caplog.text
+
+    reference = run_all(LLM(model=str(tiny_model_dir), device="cpu", **OPTIONS), _arrivals(prompts))
+    for request_id, output in reference.items():
+        assert on_xla[request_id].outputs[0].token_ids == output.outputs[0].token_ids, request_id
+
+
+def test_a_step_outside_every_bucket_is_refused(tiny_model_dir) -> None:  # noqa: F811
+    llm = LLM(model=str(tiny_model_dir), device="xla", warm_up=False, **OPTIONS)
+    with pytest.raises(ValueError, match="fits no configured bucket"):
+        llm.engine.runner.buckets.select(33, 1, is_decode=False)
