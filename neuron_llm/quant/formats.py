@@ -87,7 +87,9 @@ def _scale_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
 
 
 def _expand_groups(scale: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Per-group scales [rows, groups] as per-element scales [rows, in_features]."""
+    """Scales [rows, groups] broadcastable against [rows, in_features] (per-channel ones already are)."""
+    if scale.shape[1] == 1:
+        return scale
     group_size = -(-in_features // scale.shape[1])
     return scale.repeat_interleave(group_size, dim=1)[:, :in_features]
 

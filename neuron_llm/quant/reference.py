@@ -11,6 +11,7 @@ and keeps each row's scales, per channel or per group, inside its tile.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from neuron_llm.quant.formats import DEFAULT_ACTIVATION_SCALE_UB, dequantize_int8, quantize_fp8_activation
 
@@ -42,7 +43,7 @@ def int8_linear(
     tiles = []
     for start in range(0, out_features, step):
         w_tile = dequantize_int8(weight[start : start + step], weight_scale[start : start + step], x.dtype)
-        tiles.append(x2 @ w_tile.T)  # [tokens, rows of this tile]
+        tiles.append(F.linear(x2, w_tile))  # [tokens, rows of this tile]
     out = torch.cat(tiles, dim=1)
     if bias is not None:
         out = out + bias
@@ -73,7 +74,7 @@ def fp8_linear(
     tiles = []
     for start in range(0, out_features, step):
         w_tile = weight[start : start + step].float()  # [rows, in], exact
-        tiles.append((x_f @ w_tile.T) * weight_scale[start : start + step].T)
+        tiles.append(F.linear(x_f, w_tile) * weight_scale[start : start + step].T)
     out = (torch.cat(tiles, dim=1) * x_scale).to(x.dtype)  # [tokens, out]
     if bias is not None:
         out = out + bias

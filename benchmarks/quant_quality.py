@@ -1,0 +1,146 @@
+"""Quality and memory of the quantized weight formats on the default model (SmolLM2-135M-Instruct).
+
+    python benchmarks/quant_quality.py --max-tokens 16384 --context 2048 --stride 512
+
+For each format: weight bytes, the quantized linears' bytes against 16-bit, sliding-window
+perplexity on the first ``--max-tokens`` tokens of the corpus (WikiText-2 raw test, read from
+../shared/data, never copied here), and greedy agreement with the unquantized model: the share
+of identical tokens over ``--num-prompts`` continuations of ``--new-tokens`` tokens, each
+prompt ``--prompt-tokens`` tokens cut from evenly spaced places in the corpus. The unquantized
+model runs in ``--dtype`` (float32 on the CPU, where bf16 matmuls are slow); the quantized
+ones run their activations in the same dtype. Prints a Markdown table and, with ``--json``,
+writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuron_llm.config import parse_dtype
+from neuron_llm.eval import greedy_continuations, perplexity, token_agreement
+from neuron_llm.loader import load_model
+from neuron_llm.models.llama import LlamaForCausalLM
+from neuron_llm.quant import PRESETS, QuantConfig, quantize_model, quantized_weight_bytes
+from neuron_llm.quant.formats import FP8_DTYPE
+
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.txt"
+BASELINE = "16-bit"
+FORMATS: dict[str, QuantConfig] = {
+    **PRESETS,
+    # The Llama 3 policy without its activation bound: shows what the bound costs on this model.
+    "fp8-unbounded": QuantConfig.for_scheme("fp8", activation_scale_ub=None),
+}
+
+
+def deployed_weight_bytes(model: LlamaForCausalLM) -> int:
+    """Weight bytes with every unquantized tensor in 16-bit, as the model would be served."""
+    total = 0
+    for name, param in model.named_parameters():
+        is_stored_as_is = param.dtype in (torch.int8, FP8_DTYPE) or name.endswith(".weight_scale")
+        total += param.numel() * (param.element_size() if is_stored_as_is else 2)
+    return total
+
+
+def evenly_spaced_prompts(token_ids: list[int], count: int, length: int) -> list[list[int]]:
+    step = (len(token_ids) - length) // count
+    return [token_ids[i * step : i * step + length] for i in range(count)]
+
+
+def measure(
+    name: str,
+    model: LlamaForCausalLM,
+    corpus_ids: list[int],
+    prompts: list[list[int]],
+    args: argparse.Namespace,
+    reference: list[list[int]] | None,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    result = perplexity(model, corpus_ids, context=args.context, stride=args.stride, show_progress=True)
+    perplexity_s = time.perf_counter() - start
+    start = time.perf_counter()
+    continuations = greedy_continuations(model, prompts, args.new_tokens)
+    greedy_s = time.perf_counter() - start
+    sizes = quantized_weight_bytes(model)
+    row = {
+        "format": name,
+        "weight_bytes_16bit": deployed_weight_bytes(model),
+        "quantized_linear_ratio": sizes.ratio if sizes.quantized else None,
+        "tokens_scored": result.num_tokens,
+        "perplexity": result.perplexity,
+        "greedy_agreement": 1.0 if reference is None else token_agreement(reference, continuations),
+        "perplexity_seconds": round(perplexity_s, 1),
+        "greedy_seconds": round(greedy_s, 1),
+        "continuations": continuations,
+    }
+    print(json.dumps({k: v for k, v in row.items() if k != "continuations"}), flush=True)
+    return row
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    base = rows[0]["perplexity"]
+    lines = [
+        "| format | weight bytes (16-bit unquantized parts) | quantized linears vs 16-bit | perplexity | change | greedy agreement |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        ratio = "-" if row["quantized_linear_ratio"] is None else f"{row['quantized_linear_ratio']:.1%}"
+        change = (row["perplexity"] / base - 1) * 100
+        lines.append(
+            f"| {row['format']} | {row['weight_bytes_16bit'] / 2**20:.1f} MiB | {ratio} | {row['perplexity']:.4f} "
+            f"| {change:+.2f}% | {row['greedy_agreement']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    parser.add_argument("--max-tokens", type=int, default=16384, help="corpus tokens scored for perplexity")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--stride", type=int, default=512)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--formats", default="int8,fp8,fp8-all", help="comma-separated presets besides the 16-bit model"
+    )
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows (continuations included) here")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    loaded = load_model(args.model, dtype=parse_dtype(args.dtype), device="cpu")
+    assert loaded.tokenizer is not None
+    all_ids = loaded.tokenizer(args.corpus.read_text(encoding="utf-8"), verbose=False)["input_ids"]
+    corpus_ids = all_ids[: args.max_tokens]
+    prompts = evenly_spaced_prompts(all_ids, args.num_prompts, args.prompt_tokens)
+    print(f"model {loaded.source.name}, corpus {len(all_ids)} tokens, scoring {len(corpus_ids)}", flush=True)
+
+    rows = [measure(BASELINE, loaded.model, corpus_ids, prompts, args, reference=None)]
+    for name in [f for f in args.formats.split(",") if f]:
+        model = copy.deepcopy(loaded.model)
+        quantize_model(model, FORMATS[name])
+        rows.append(measure(name, model, corpus_ids, prompts, args, reference=rows[0]["continuations"]))
+        del model
+
+    print()
+    print(
+        f"device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
+    print(f"activations and unquantized weights in {args.dtype}; context {args.context}, stride {args.stride}")
+    print(markdown_table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The FastAPI app: OpenAI and SageMaker routes, health and metrics, around one ``AsyncLLM``.
+
+The model loads in a background thread when the app starts, so the server answers at once:
+``/ping`` and ``/health`` say 503 until the model is ready, and generation routes refuse
+with 503 meanwhile. On shutdown the app stops accepting requests, lets those in flight
+finish within the drain timeout, aborts the rest and stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+import neuron_llm
+from neuron_llm.engine.async_llm import AsyncLLM
+from neuron_llm.llm import LLM
+from neuron_llm.loader import resolve_model_path
+from neuron_llm.serve import openai_routes, sagemaker_routes
+from neuron_llm.serve.errors import install_error_handlers
+from neuron_llm.serve.metrics import ServerMetrics
+from neuron_llm.serve.settings import ServeSettings
+from neuron_llm.serve.state import ServedModel, ServerState, get_state, model_name
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: ServeSettings,
+    load: Callable[[], LLM] | None = None,
+    on_load_failure: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The server's app.
+
+    Args:
+        settings: the model and server settings.
+        load: builds the ``LLM``, in a background thread; default ``LLM(**settings.llm_options())``.
+        on_load_failure: called on the event loop if loading fails (a CLI stops the server).
+    """
+    state = ServerState(settings, ServerMetrics())
+    load = load or functools.partial(LLM, **settings.llm_options())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _load_in_background(state, load, asyncio.get_running_loop(), on_load_failure)
+        yield
+        await _drain(state)
+
+    app = FastAPI(
+        title="neuron-llm",
+        version=neuron_llm.__version__,
+        description="OpenAI-compatible and SageMaker endpoints for a Llama model.",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    install_error_handlers(app, state.metrics)
+    app.include_router(openai_routes.router)
+    app.include_router(sagemaker_routes.router)
+    app.add_api_route("/health", health, methods=["GET"], responses={503: {"description": "not ready"}})
+    app.add_api_route("/metrics", metrics, methods=["GET"], response_class=Response)
+    return app
+
+
+async def health(request: Request) -> JSONResponse:
+    """``{"status": "loading" | "ready" | "draining" | "failed"}``; 200 only when ready."""
+    status = get_state(request).status
+    return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics in the text exposition format."""
+    state = get_state(request)
+    if state.model is not None:
+        state.metrics.update(state.model.engine.stats())
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _load_in_background(
+    state: ServerState,
+    load: Callable[[], LLM],
+    loop: asyncio.AbstractEventLoop,
+    on_failure: Callable[[], None] | None,
+) -> None:
+    def loaded(llm: LLM, name: str) -> None:
+        if state.is_draining:  # stopped while loading
+            llm.shutdown()
+            return
+        state.model = ServedModel(name, llm, AsyncLLM(llm.engine, state.settings.max_waiting_requests))
+        logger.info("serving %s (max_model_len=%d)", name, state.model.max_model_len)
+
+    def failed(message: str) -> None:
+        state.load_error = message
+        if on_failure is not None:
+            on_failure()
+
+    def run() -> None:
+        try:
+            llm = load()
+            name = model_name(state.settings, resolve_model_path(state.settings.model))
+        except Exception as e:  # any failure to load is reported by /ping and /health, not raised
+            logger.exception("loading the model failed")
+            _call_soon(loop, failed, f"loading the model failed: {e}")
+            return
+        _call_soon(loop, loaded, llm, name)
+
+    # A daemon thread, unlike asyncio.to_thread, does not keep a stopping process alive.
+    threading.Thread(target=run, name="neuron-llm-load", daemon=True).start()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: object) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        logger.warning("the server stopped before the model finished loading")
+
+
+async def _drain(state: ServerState) -> None:
+    state.is_draining = True
+    model = state.model
+    if model is None:
+        return
+    await model.engine.shutdown(state.settings.drain_timeout)
+    model.llm.shutdown()

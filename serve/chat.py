@@ -1,0 +1,137 @@
+"""``/v1/chat/completions``: a conversation through the model's chat template, reply whole or streamed."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from neuron_llm.outputs import RequestOutput
+from neuron_llm.serve.errors import ServeError
+from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
+from neuron_llm.serve.logprobs import TokenTexts, chat_logprobs
+from neuron_llm.serve.prompts import Prompt, chat_prompt, output_budget, sampling_params
+from neuron_llm.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatStreamChoice,
+    UsageInfo,
+)
+from neuron_llm.serve.state import ServedModel, ServerState
+from neuron_llm.serve.streaming import DONE_EVENT, DeltaTracker, error_event, event
+
+
+async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
+    """Answer a chat completion request: JSON, or server-sent events when ``stream`` is set."""
+    model = state.ready_model()
+    model.check_name(body.model)
+    prompt = chat_prompt(model, body.messages)
+    max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
+    if body.max_completion_tokens is not None:
+        max_tokens, max_tokens_param = body.max_completion_tokens, "max_completion_tokens"
+    num_top = body.top_logprobs or 0
+    params = sampling_params(
+        model,
+        renames={"logprobs": "top_logprobs", "max_tokens": max_tokens_param},
+        n=body.n,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        seed=body.seed,
+        max_tokens=output_budget(model, [prompt], max_tokens, "messages", max_tokens_param),
+        min_tokens=body.min_tokens,
+        stop=body.stop,
+        stop_token_ids=body.stop_token_ids,
+        ignore_eos=body.ignore_eos,
+        logprobs=num_top if body.logprobs else None,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+    )
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    generation = Generation(model.engine, [prompt], params, response_id, state.metrics)
+    writer = _ChatWriter(model, body, prompt, response_id)
+    await unless_disconnected(request, generation.start())
+    if body.stream:
+        return EventStreamResponse(writer.events(generation, state))
+    (final,) = await unless_disconnected(request, generation.final_outputs(1))
+    return JSONResponse(writer.response(final).model_dump())
+
+
+class _ChatWriter:
+    """Builds the response of one chat request from engine outputs."""
+
+    def __init__(self, model: ServedModel, body: ChatCompletionRequest, prompt: Prompt, response_id: str) -> None:
+        self._model = model
+        self._body = body
+        self._prompt = prompt
+        self._id = response_id
+        self._created = int(time.time())
+        self._texts = TokenTexts(model.tokenizer)
+
+    def response(self, final: RequestOutput) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(
+                index=completion.index,
+                message=AssistantMessage(content=completion.text),
+                logprobs=self._logprobs(completion.token_ids, completion.logprobs),
+                finish_reason=completion.finish_reason,
+            )
+            for completion in final.outputs
+        ]
+        num_generated = sum(len(completion.token_ids) for completion in final.outputs)
+        return ChatCompletionResponse(
+            id=self._id, created=self._created, model=self._model.name, choices=choices, usage=self._usage(num_generated)
+        )
+
+    async def events(self, generation: Generation, state: ServerState) -> AsyncIterator[str]:
+        # Each choice opens with the assistant's role, as OpenAI's streams do.
+        roles = [ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(self._body.n)]
+        yield event(self._chunk(roles))
+        tracker = DeltaTracker(self._body.n, has_logprobs=self._body.logprobs)
+        async with contextlib.aclosing(generation.outputs()) as outputs:
+            try:
+                async for prompt_index, output in outputs:
+                    choices = [
+                        ChatStreamChoice(
+                            index=delta.index,
+                            delta=ChatDelta(content=delta.text),
+                            logprobs=self._logprobs(delta.token_ids, delta.logprobs),
+                            finish_reason=delta.finish_reason,
+                        )
+                        for delta in tracker.deltas(prompt_index, output)
+                    ]
+                    if choices:
+                        yield event(self._chunk(choices))
+            except ServeError as e:
+                state.metrics.count_refusal(e.status_code)
+                yield error_event(e)
+                yield DONE_EVENT
+                return
+        if self._body.include_usage:
+            yield event(self._chunk([], self._usage(tracker.num_generated_tokens)))
+        yield DONE_EVENT
+
+    def _logprobs(self, token_ids: list[int], logprobs: list | None) -> ChatLogprobs | None:
+        if not self._body.logprobs or logprobs is None:
+            return None
+        return chat_logprobs(self._texts, token_ids, logprobs, self._body.top_logprobs or 0)
+
+    def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self._id, created=self._created, model=self._model.name, choices=choices,
+                                   usage=usage)
+
+    def _usage(self, num_generated: int) -> UsageInfo:
+        num_prompt = len(self._prompt.token_ids)
+        return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
+                         total_tokens=num_prompt + num_generated)

@@ -1,0 +1,133 @@
+"""``/v1/completions``: prompts in, text out, whole or streamed."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from neuron_llm.outputs import RequestOutput
+from neuron_llm.serve.errors import ServeError
+from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
+from neuron_llm.serve.logprobs import TokenTexts, completion_logprobs
+from neuron_llm.serve.prompts import Prompt, completion_prompts, output_budget, sampling_params
+from neuron_llm.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
+from neuron_llm.serve.state import ServedModel, ServerState
+from neuron_llm.serve.streaming import DONE_EVENT, ChoiceDelta, DeltaTracker, error_event, event
+
+
+async def serve_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
+    """Answer a completion request: JSON, or server-sent events when ``stream`` is set."""
+    model = state.ready_model()
+    model.check_name(body.model)
+    prompts = completion_prompts(model, body.prompt)
+    params = sampling_params(
+        model,
+        n=body.n,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        seed=body.seed,
+        max_tokens=output_budget(model, prompts, body.max_tokens, "prompt"),
+        min_tokens=body.min_tokens,
+        stop=body.stop,
+        stop_token_ids=body.stop_token_ids,
+        ignore_eos=body.ignore_eos,
+        logprobs=body.logprobs,
+        # Echoed prompts come with their own logprobs, as in OpenAI's API.
+        prompt_logprobs=body.logprobs if body.echo else None,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+    )
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    generation = Generation(model.engine, prompts, params, response_id, state.metrics)
+    writer = _CompletionWriter(model, body, prompts, response_id)
+    await unless_disconnected(request, generation.start())
+    if body.stream:
+        return EventStreamResponse(writer.events(generation, state))
+    finals = await unless_disconnected(request, generation.final_outputs(len(prompts)))
+    return JSONResponse(writer.response(finals).model_dump())
+
+
+class _CompletionWriter:
+    """Builds the response of one completion request from engine outputs."""
+
+    def __init__(self, model: ServedModel, body: CompletionRequest, prompts: list[Prompt], response_id: str) -> None:
+        self._model = model
+        self._body = body
+        self._prompts = prompts
+        self._id = response_id
+        self._created = int(time.time())
+        self._texts = TokenTexts(model.tokenizer)
+
+    def response(self, finals: list[RequestOutput]) -> CompletionResponse:
+        choices = []
+        for prompt_index, output in enumerate(finals):
+            for completion in output.outputs:
+                delta = ChoiceDelta(
+                    index=prompt_index * self._body.n + completion.index,
+                    text=completion.text,
+                    token_ids=completion.token_ids,
+                    logprobs=completion.logprobs,
+                    finish_reason=completion.finish_reason,
+                    is_first=True,
+                )
+                choices.append(self._choice(delta, output))
+        num_generated = sum(len(c.token_ids) for output in finals for c in output.outputs)
+        return self._chunk(choices, self._usage(num_generated))
+
+    async def events(self, generation: Generation, state: ServerState) -> AsyncIterator[str]:
+        tracker = DeltaTracker(self._body.n, has_logprobs=self._body.logprobs is not None)
+        async with contextlib.aclosing(generation.outputs()) as outputs:
+            try:
+                async for prompt_index, output in outputs:
+                    choices = [self._choice(delta, output) for delta in tracker.deltas(prompt_index, output)]
+                    if choices:
+                        yield event(self._chunk(choices, None))
+            except ServeError as e:
+                state.metrics.count_refusal(e.status_code)
+                yield error_event(e)
+                yield DONE_EVENT
+                return
+        if self._body.include_usage:
+            yield event(self._chunk([], self._usage(tracker.num_generated_tokens)))
+        yield DONE_EVENT
+
+    def _choice(self, delta: ChoiceDelta, output: RequestOutput) -> CompletionChoice:
+        prompt = self._prompts[delta.index // self._body.n]
+        echo = self._body.echo and delta.is_first
+        text = prompt.text + delta.text if echo else delta.text
+        logprobs = None
+        if self._body.logprobs is not None:
+            logprobs = self._logprobs(delta, prompt, output) if echo else completion_logprobs(
+                self._texts, delta.token_ids, delta.logprobs or []
+            )
+        return CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
+
+    def _logprobs(self, delta: ChoiceDelta, prompt: Prompt, output: RequestOutput) -> CompletionLogprobs:
+        """Logprobs of the echoed prompt followed by those of the generated tokens."""
+        prompt_part = completion_logprobs(self._texts, prompt.token_ids, output.prompt_logprobs or [])
+        offset = sum(len(token) for token in prompt_part.tokens)
+        output_part = completion_logprobs(self._texts, delta.token_ids, delta.logprobs or [], offset)
+        return CompletionLogprobs(
+            tokens=prompt_part.tokens + output_part.tokens,
+            token_logprobs=prompt_part.token_logprobs + output_part.token_logprobs,
+            top_logprobs=prompt_part.top_logprobs + output_part.top_logprobs,
+            text_offset=prompt_part.text_offset + output_part.text_offset,
+        )
+
+    def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None) -> CompletionResponse:
+        return CompletionResponse(id=self._id, created=self._created, model=self._model.name, choices=choices,
+                                  usage=usage)
+
+    def _usage(self, num_generated: int) -> UsageInfo:
+        num_prompt = sum(len(prompt.token_ids) for prompt in self._prompts)
+        return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
+                         total_tokens=num_prompt + num_generated)
+

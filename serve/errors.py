@@ -1,0 +1,192 @@
+"""The errors the server answers with, all in OpenAI's shape.
+
+Routes raise ``ClientError`` (a 4xx naming the bad parameter) or ``ServerError`` (a 5xx);
+the handlers installed by ``install_error_handlers`` turn those, request validation errors
+and the engine's admission errors into ``{"error": {"message", "type", "param", "code"}}``.
+Anything else is a bug: it is logged and answered with a plain 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from neuron_llm.engine.async_llm import EngineClosedError, EngineError, QueueFullError
+from neuron_llm.serve.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+UNION_TAGS = frozenset({"completion", "chat", "tgi"})
+"""Tags of the ``/invocations`` body union; pydantic puts them in error locations, which name no field."""
+
+
+class ServeError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the answer."""
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+    def body_json(self) -> str:
+        """``body()`` as JSON text."""
+        return json.dumps(self.body())
+
+
+class ClientError(ServeError):
+    """The request is wrong; ``param`` names the offending field when there is one."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status_code: int = 400) -> None:
+        super().__init__(message, param, code)
+        self.status_code = status_code
+
+
+class AuthenticationError(ClientError):
+    """The API key is missing or wrong."""
+
+    error_type = "authentication_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_api_key", status_code=401)
+
+
+class ModelNotFoundError(ClientError):
+    """The request names a model this server does not serve."""
+
+    def __init__(self, model: str, served: str) -> None:
+        message = f"the model {model!r} does not exist; this server serves {served!r}"
+        super().__init__(message, "model", "model_not_found", status_code=404)
+
+
+class OverloadedError(ServeError):
+    """The waiting queue is full; the client should retry later."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class UnavailableError(ServeError):
+    """The model is still loading, or the server is draining before it stops."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class ServerError(ServeError):
+    """The server failed to serve a valid request."""
+
+
+def error_from_value_error(error: ValueError, param: str | None = None) -> ClientError:
+    """A ``ClientError`` for a ``ValueError`` our library raised as ``"field=value: why"``.
+
+    ``param`` is used when the message names no field; the field found is used otherwise.
+    """
+    message = str(error)
+    head = message.split("=", 1)[0]
+    if "=" in message and head.isidentifier():
+        param = head
+    return ClientError(message, param)
+
+
+def error_from_engine(error: Exception) -> ServeError:
+    """The answer to an exception raised by ``AsyncLLM.generate``."""
+    if isinstance(error, ValueError):
+        return error_from_value_error(error, "prompt")
+    if isinstance(error, QueueFullError):
+        return OverloadedError(str(error), code="queue_full")
+    if isinstance(error, EngineClosedError):
+        return UnavailableError(str(error), code="shutting_down")
+    if isinstance(error, EngineError):
+        return ServerError(str(error), code="engine_error")
+    raise error
+
+
+def error_from_validation(errors: Sequence[Any]) -> ClientError:
+    """A ``ClientError`` naming the field that failed validation.
+
+    When a value matched none of a union's types pydantic reports one error per type; the
+    field named is then the deepest one all the errors share. Otherwise it is the first
+    error's field, and the message lists the first few errors.
+    """
+    if not errors:
+        return ClientError("invalid request body")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "not valid JSON")
+        return ClientError(f"the request body is not valid JSON: {reason}", code="invalid_json")
+    paths = [_field_path(error.get("loc", ())) for error in errors]
+    common = _common_prefix(paths)
+    if common:
+        param = _format_path(common)
+        reasons = list(dict.fromkeys(str(error.get("msg", "invalid")) for error in errors))[:3]
+        return ClientError(f"{param}: {'; or '.join(reasons)}", param)
+    problems = [f"{_format_path(path) or 'body'}: {error.get('msg', 'invalid')}" for path, error in zip(paths, errors)]
+    return ClientError("; ".join(problems[:3]), _format_path(paths[0]) or None)
+
+
+def _field_path(loc: Sequence[Any]) -> list[Any]:
+    path = list(loc[1:]) if loc and loc[0] == "body" else list(loc)
+    if path and path[0] in UNION_TAGS:
+        path = path[1:]
+    return path
+
+
+def _common_prefix(paths: list[list[Any]]) -> list[Any]:
+    prefix = paths[0]
+    for path in paths[1:]:
+        length = 0
+        while length < min(len(prefix), len(path)) and prefix[length] == path[length]:
+            length += 1
+        prefix = prefix[:length]
+    return prefix
+
+
+def _format_path(path: Sequence[Any]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
+    """Answer every error in OpenAI's shape, and count the refused requests by outcome."""
+
+    def answer(error: ServeError) -> JSONResponse:
+        metrics.count_refusal(error.status_code)
+        return JSONResponse(error.body(), status_code=error.status_code)
+
+    @app.exception_handler(ServeError)
+    async def on_serve_error(request: Request, error: ServeError) -> JSONResponse:
+        return answer(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return answer(error_from_validation(error.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Routing errors: an unknown path (404) or method (405).
+        return answer(ClientError(str(error.detail), status_code=error.status_code))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error serving %s %s", request.method, request.url.path)
+        return answer(ServerError("internal server error; see the server log"))

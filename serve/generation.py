@@ -1,0 +1,170 @@
+"""One HTTP request's prompts running in the engine, and the client that may leave meanwhile.
+
+A request's prompts (a completion batch) run as separate engine requests whose outputs are
+merged into one stream of ``(prompt index, output)``. Errors that belong to the request
+(a refused prompt, a full queue) arrive before its first output, so ``Generation.start``
+raises them before any response byte is sent: they become a 4xx or 503 rather than a broken
+stream. Leaving the stream early, for any reason, aborts every engine request of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import TypeVar
+
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from neuron_llm.engine.async_llm import AsyncLLM
+from neuron_llm.outputs import RequestOutput
+from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.serve.errors import error_from_engine
+from neuron_llm.serve.metrics import ServerMetrics
+from neuron_llm.serve.prompts import Prompt
+
+T = TypeVar("T")
+IndexedOutput = tuple[int, RequestOutput]
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the response was ready."""
+
+
+class Generation:
+    """The engine requests of one HTTP request, whose ``outputs`` are ``(prompt index, output)`` pairs.
+
+    Call ``start`` first. Outputs are cumulative; the last one of each prompt has ``finished``.
+    Engine errors are raised as ``ServeError``. The outcome (success, or aborted when the
+    iteration stops early) is counted in ``metrics``.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncLLM,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        request_id: str,
+        metrics: ServerMetrics,
+    ) -> None:
+        streams = [engine.generate(p.token_ids, params, f"{request_id}-{i}") for i, p in enumerate(prompts)]
+        self._outputs = _merge(streams)
+        self._first: IndexedOutput | None = None
+        self._metrics = metrics
+
+    async def start(self) -> None:
+        """Wait for the first output; raises the request's own errors as ``ServeError``."""
+        try:
+            self._first = await anext(self._outputs)
+        except Exception as e:
+            await self._outputs.aclose()
+            raise error_from_engine(e) from e
+        except BaseException:  # cancelled: the client left, or the server is stopping
+            await self._outputs.aclose()
+            self._metrics.count_request("aborted")
+            raise
+
+    async def outputs(self) -> AsyncIterator[IndexedOutput]:
+        """The outputs, the first included; close the iterator (``aclosing``) when leaving early."""
+        assert self._first is not None, "call start() first"
+        outcome: str | None = "aborted"
+        try:
+            yield self._first
+            async for item in self._outputs:
+                yield item
+            outcome = "success"
+        except Exception as e:
+            outcome = None  # counted where the error is answered
+            raise error_from_engine(e) from e
+        finally:
+            await self._outputs.aclose()
+            if outcome is not None:
+                self._metrics.count_request(outcome)
+
+    async def final_outputs(self, num_prompts: int) -> list[RequestOutput]:
+        """Run to the end; the last output of each prompt, in prompt order."""
+        finals: dict[int, RequestOutput] = {}
+        async with contextlib.aclosing(self.outputs()) as outputs:
+            async for index, output in outputs:
+                if output.finished:
+                    finals[index] = output
+        return [finals[index] for index in range(num_prompts)]
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[IndexedOutput]:
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as stream:  # type: ignore[type-var]
+            async for output in stream:
+                yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((index, output))
+            queue.put_nowait((index, None))
+        except Exception as e:
+            queue.put_nowait((index, e))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        num_running = len(tasks)
+        while num_running:
+            index, item = await queue.get()
+            if item is None:
+                num_running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        # Cancelling a pump cancels its stream, which aborts that engine request.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first (``ClientDisconnected``).
+
+    A plain (non-streaming) handler is otherwise left running after its client has gone,
+    holding KV blocks for an answer nobody reads.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next message the server sends is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events from an async iterator of ``data:`` payloads, closed however the stream ends.
+
+    Starlette stops iterating when the client disconnects; closing the iterator here runs its
+    cleanup (aborting the engine requests) at once rather than whenever it is collected.
+    """
+
+    def __init__(self, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,85 @@
+"""Prometheus metrics of one server: requests by outcome, engine gauges, latencies, tokens.
+
+Engine figures are read from ``AsyncLLM.stats()`` when ``/metrics`` is scraped, so they cost
+the engine nothing between scrapes. Each server has a registry of its own, so that several
+apps in one process (tests) do not share counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from neuron_llm.engine.llm_engine import EngineStats
+
+_TTFT_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0)
+_ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+OUTCOMES = ("success", "aborted", "invalid", "rejected", "error")
+"""Ends of a request: served; client went away; bad request (4xx); queue full or unavailable
+(429, 503); server failure (5xx)."""
+
+
+class ServerMetrics:
+    """The server's metrics, rendered in Prometheus' text format by ``render``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self._requests = Counter("neuron_llm_requests", "Requests by outcome.", ["outcome"], registry=registry)
+        for outcome in OUTCOMES:
+            self._requests.labels(outcome)  # exported at 0 before the first request
+        self._waiting = Gauge("neuron_llm_num_requests_waiting", "Requests queued for a slot.", registry=registry)
+        self._running = Gauge("neuron_llm_num_requests_running", "Requests in the running batch.", registry=registry)
+        self._kv_usage = Gauge("neuron_llm_kv_cache_usage_ratio", "Fraction of KV blocks in use.", registry=registry)
+        self._prefix_hit_rate = Gauge(
+            "neuron_llm_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache, over those looked up.",
+            registry=registry,
+        )
+        self._preemptions = Counter("neuron_llm_preemptions", "Requests preempted for KV blocks.", registry=registry)
+        self._ttft = Histogram(
+            "neuron_llm_time_to_first_token_seconds", "Arrival to first token.", buckets=_TTFT_BUCKETS_S,
+            registry=registry,
+        )
+        self._itl = Histogram(
+            "neuron_llm_inter_token_latency_seconds", "Time between two tokens of a request.", buckets=_ITL_BUCKETS_S,
+            registry=registry,
+        )
+        self._prompt_tokens = Counter("neuron_llm_prompt_tokens", "Prompt tokens prefilled.", registry=registry)
+        self._generation_tokens = Counter("neuron_llm_generation_tokens", "Tokens generated.", registry=registry)
+        self._last_totals = (0, 0, 0)
+
+    def count_request(self, outcome: str) -> None:
+        """Count one request that ended with ``outcome`` (one of ``OUTCOMES``)."""
+        self._requests.labels(outcome).inc()
+
+    def count_refusal(self, status_code: int) -> None:
+        """Count one request answered with the error ``status_code``."""
+        if status_code in (429, 503):
+            self.count_request("rejected")
+        elif status_code < 500:
+            self.count_request("invalid")
+        else:
+            self.count_request("error")
+
+    def update(self, stats: EngineStats) -> None:
+        """Take in the engine's figures (latencies since the previous call, totals so far)."""
+        scheduler = stats.scheduler
+        self._waiting.set(scheduler.num_waiting)
+        self._running.set(scheduler.num_running)
+        self._kv_usage.set(scheduler.kv_cache_usage)
+        self._prefix_hit_rate.set(scheduler.prefix_cache_hit_rate)
+        for seconds in stats.time_to_first_token:
+            self._ttft.observe(seconds)
+        for seconds in stats.inter_token_latency:
+            self._itl.observe(seconds)
+        # The engine keeps running totals; Prometheus counters only go up by increments.
+        totals = (scheduler.num_preemptions, stats.num_prompt_tokens, stats.num_generation_tokens)
+        for counter, total, last in zip(
+            (self._preemptions, self._prompt_tokens, self._generation_tokens), totals, self._last_totals
+        ):
+            counter.inc(max(total - last, 0))
+        self._last_totals = totals
+
+    def render(self) -> bytes:
+        """All metrics in Prometheus' text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,120 @@
+"""Requests into engine inputs: token ids and ``SamplingParams``, checked before the engine sees them.
+
+Every check here raises ``ClientError`` naming the request field at fault, so that what
+reaches the engine is a request it accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from neuron_llm.loader import render_chat
+from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.serve.errors import ClientError, error_from_value_error
+from neuron_llm.serve.protocol import ChatMessage
+from neuron_llm.serve.state import ServedModel
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt as the engine gets it."""
+
+    token_ids: list[int]
+    text: str
+    """The prompt's text, for ``echo``: decoded when the request sent token ids."""
+
+
+def completion_prompts(
+    model: ServedModel, prompt: str | list[str] | list[int] | list[list[int]], param: str = "prompt"
+) -> list[Prompt]:
+    """The prompts of a completion request: a text, texts, token ids or lists of token ids.
+
+    ``param`` is the request field that holds them, named in errors.
+    """
+    if isinstance(prompt, str):
+        batch: list[str] | list[list[int]] = [prompt]
+    elif prompt and all(isinstance(item, int) for item in prompt):
+        batch = [prompt]  # type: ignore[list-item]
+    else:
+        batch = prompt  # type: ignore[assignment]
+    if not batch:
+        raise ClientError(f"{param} is empty", param)
+    return [
+        _completion_prompt(model, item, param if len(batch) == 1 else f"{param}[{i}]") for i, item in enumerate(batch)
+    ]
+
+
+def _completion_prompt(model: ServedModel, prompt: str | list[int], param: str) -> Prompt:
+    if not prompt:
+        raise ClientError(f"{param} is empty", param)
+    tokenizer = model.tokenizer
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ClientError("this model has no tokenizer: send the prompt as token ids", param)
+        return Prompt(tokenizer.encode(prompt), prompt)
+    bad = [token_id for token_id in prompt if not 0 <= token_id < model.vocab_size]
+    if bad:
+        raise ClientError(f"{param}: token ids {bad[:5]} are not in the vocabulary [0, {model.vocab_size})", param)
+    return Prompt(list(prompt), tokenizer.decode(prompt) if tokenizer is not None else "")
+
+
+def chat_prompt(model: ServedModel, messages: list[ChatMessage]) -> Prompt:
+    """The prompt of a conversation, rendered by the model's chat template."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ClientError("this model has no tokenizer, so it has no chat template; use /v1/completions", "messages")
+    conversation = [{"role": message.role, "content": message.text} for message in messages]
+    try:
+        text = render_chat(tokenizer, conversation)
+    except ValueError as e:
+        raise ClientError(str(e), "messages") from e
+    # The template writes any BOS itself; encoding must not add another.
+    return Prompt(tokenizer.encode(text, add_special_tokens=False), text)
+
+
+def output_budget(
+    model: ServedModel,
+    prompts: list[Prompt],
+    max_tokens: int | None,
+    prompt_param: str,
+    max_tokens_param: str = "max_tokens",
+) -> int:
+    """``max_tokens`` checked against the context length; when None, the room the longest prompt leaves."""
+    longest = max(len(prompt.token_ids) for prompt in prompts)
+    limit = model.max_model_len
+    if longest >= limit:
+        raise ClientError(
+            f"the prompt is {longest} tokens, but this model's context length is {limit} tokens, "
+            "which leaves no room for output; shorten the prompt",
+            prompt_param,
+            "context_length_exceeded",
+        )
+    if max_tokens is None:
+        return limit - longest
+    if longest + max_tokens > limit:
+        raise ClientError(
+            f"this model's context length is {limit} tokens, but {longest + max_tokens} were requested "
+            f"({longest} in the prompt, {max_tokens} for the output); lower {max_tokens_param} or shorten the prompt",
+            max_tokens_param,
+            "context_length_exceeded",
+        )
+    return max_tokens
+
+
+def sampling_params(model: ServedModel, renames: dict[str, str] | None = None, **fields: Any) -> SamplingParams:
+    """``SamplingParams(**fields)``; a refused value is a ``ClientError`` naming the request field.
+
+    ``renames`` maps a ``SamplingParams`` field to the request field that set it, where their
+    names differ (chat's ``top_logprobs`` sets ``logprobs``).
+    """
+    n = fields.get("n", 1)
+    if n > model.max_num_seqs:
+        raise ClientError(f"n={n}: this server runs at most {model.max_num_seqs} sequences at once", "n")
+    try:
+        return SamplingParams(**fields)
+    except ValueError as e:
+        error = error_from_value_error(e)
+        if error.param is not None and renames:
+            error.param = renames.get(error.param, error.param)
+        raise error from e

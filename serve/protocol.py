@@ -1,0 +1,267 @@
+"""Request and response bodies: OpenAI's completions, chat and models API, and TGI's generate.
+
+Requests are validated strictly (``"n": "2"`` or ``"n": true`` is refused, not converted) and
+unknown fields are refused, so a misspelt or unsupported option is a 400 naming it instead of
+being silently ignored. Ranges follow OpenAI's API reference; the extra sampling fields
+(``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``, ``ignore_eos``,
+``stop_token_ids``) are vLLM's extensions under vLLM's names.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+from neuron_llm.sampling_params import MAX_LOGPROBS
+
+MAX_N = 128
+"""Most completions of one prompt (OpenAI's limit); a server also caps it at its max_num_seqs."""
+
+_SEED_RANGE = dict(ge=-(2**63), le=2**64 - 1)
+"""Seeds span int64 (OpenAI) and uint64 (vLLM); each maps onto one 64-bit generator seed."""
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Response(BaseModel):
+    pass
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    """Send a last chunk, with empty choices, carrying the request's token usage."""
+
+
+class _SamplingRequest(_Request):
+    """Fields that completions and chat completions share."""
+
+    model: str | None = None
+    """The served model's name; None takes the one model this server serves."""
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, **_SEED_RANGE)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    """Accepted for compatibility; not used."""
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    min_tokens: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """A text, a batch of texts, token ids, or a batch of token id lists."""
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class TextContent(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextContent]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    """OpenAI's newer name for max_tokens; wins when both are set."""
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class TGIParameters(_Request):
+    """The ``parameters`` of a Text Generation Inference request, as SageMaker LLM users send it."""
+
+    max_new_tokens: int | None = Field(None, ge=1)
+    do_sample: bool = False
+    """Sample instead of greedy decoding; implied by temperature, top_p or top_k."""
+    temperature: float | None = Field(None, gt=0, le=100)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stop: list[str] = []
+    seed: int | None = Field(None, **_SEED_RANGE)
+    return_full_text: bool = False
+    details: bool = False
+
+
+class TGIRequest(_Request):
+    """A TGI-style ``POST /invocations`` body: ``{"inputs": "...", "parameters": {...}}``."""
+
+    inputs: str
+    parameters: TGIParameters = TGIParameters()
+    stream: Literal[False] = False
+    """TGI's token stream is not served; stream with an OpenAI-style body instead."""
+
+
+def _invocation_kind(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return None
+    if "inputs" in body:
+        return "tgi"
+    return "chat" if "messages" in body else "completion"
+
+
+InvocationRequest = Annotated[
+    Annotated[TGIRequest, Tag("tgi")]
+    | Annotated[ChatCompletionRequest, Tag("chat")]
+    | Annotated[CompletionRequest, Tag("completion")],
+    Discriminator(_invocation_kind),
+]
+"""``POST /invocations``: TGI-style when it has ``inputs``, chat when ``messages``, else completion."""
+
+
+class UsageInfo(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    """Always set in a full response; in a stream, only on the last chunk with include_usage."""
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChatDelta(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(_Response):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "neuron-llm"
+    max_model_len: int
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TGIDetails(_Response):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None = None
+
+
+class TGIGeneration(_Response):
+    generated_text: str
+    details: TGIDetails | None = None
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorDetail

@@ -1,0 +1,40 @@
+"""SageMaker's container contract: ``GET /ping`` and ``POST /invocations`` (port 8080).
+
+SageMaker routes traffic to the container once ``/ping`` answers 200, so it answers 503
+until the model has loaded. ``/invocations`` takes an OpenAI completion or chat body, or the
+TGI-style ``{"inputs", "parameters"}`` body, and answers in the shape it was asked in. It
+needs no API key: SageMaker authenticates callers with IAM before they reach the container.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from neuron_llm.serve.chat import serve_chat
+from neuron_llm.serve.completions import serve_completion
+from neuron_llm.serve.openai_routes import ERROR_RESPONSES
+from neuron_llm.serve.protocol import ChatCompletionRequest, CompletionRequest, InvocationRequest, TGIRequest
+from neuron_llm.serve.state import get_state
+from neuron_llm.serve.tgi import serve_tgi
+
+router = APIRouter()
+
+
+@router.get("/ping", responses={503: {"description": "the model is loading, or the server is draining"}})
+async def ping(request: Request) -> JSONResponse:
+    """200 once the model is loaded and the server accepts requests; 503 before and while draining."""
+    status = get_state(request).status
+    return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
+
+
+@router.post("/invocations", responses=ERROR_RESPONSES)
+async def invocations(body: InvocationRequest, request: Request) -> Response:
+    """Generate for an OpenAI completion or chat body, or a TGI-style body."""
+    state = get_state(request)
+    if isinstance(body, TGIRequest):
+        return await serve_tgi(state, body, request)
+    if isinstance(body, ChatCompletionRequest):
+        return await serve_chat(state, body, request)
+    assert isinstance(body, CompletionRequest)
+    return await serve_completion(state, body, request)

@@ -1,0 +1,106 @@
+"""The server's settings, from command-line flags or ``NEURON_LLM_*`` environment variables.
+
+Each field is one flag (``--max-model-len``) and one variable (``NEURON_LLM_MAX_MODEL_LEN``):
+the command line is for people, the environment for containers (SageMaker passes settings
+to ``docker run IMAGE serve`` only that way). An unknown ``NEURON_LLM_*`` variable is an
+error, so a misspelt setting cannot be silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "NEURON_LLM_"
+SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
+"""Where SageMaker unpacks the endpoint's model artifact."""
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything ``create_app`` and the ``serve`` commands need."""
+
+    model: str | None = _setting(None, "HF directory, .gguf file or compiled artifact (default: SmolLM2-135M-Instruct)")
+    served_model_name: str | None = _setting(None, "name clients send as `model` (default: the model's file name)")
+    host: str = _setting("127.0.0.1", "address to listen on")
+    port: int = _setting(8000, "port to listen on")
+    device: str = _setting("cpu", "cpu, cuda, cuda:N")
+    dtype: str = _setting("auto", "auto, float32, bfloat16, float16")
+    tensor_parallel_size: int = _setting(1, "devices (processes) to split the model across")
+    max_model_len: int | None = _setting(None, "longest prompt + output in tokens (default: the model's)")
+    num_kv_blocks: int | None = _setting(None, "KV pool size in blocks (default: from memory)")
+    max_num_seqs: int | None = _setting(None, "most sequences in one engine step (default: the engine's)")
+    max_waiting_requests: int = _setting(256, "requests waiting for their first token before new ones get 429")
+    api_key: str | None = _setting(None, "when set, /v1 routes require `Authorization: Bearer KEY`")
+    drain_timeout: float = _setting(30.0, "seconds to let requests in flight finish on shutdown")
+    log_level: str = _setting("info", "uvicorn log level")
+
+    def __post_init__(self) -> None:
+        for name in ("port", "tensor_parallel_size", "max_waiting_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.drain_timeout < 0:
+            raise ValueError(f"drain_timeout={self.drain_timeout}: must be >= 0")
+
+    def llm_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``neuron_llm.LLM`` (engine options left unset take its defaults)."""
+        options: dict[str, Any] = dict(
+            model=self.model,
+            dtype=self.dtype,
+            device=self.device,
+            tensor_parallel_size=self.tensor_parallel_size,
+            max_model_len=self.max_model_len,
+        )
+        for name in ("num_kv_blocks", "max_num_seqs"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)
+        return options
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **defaults: Any) -> ServeSettings:
+        """Settings from ``NEURON_LLM_<FIELD>`` variables; ``defaults`` replace the fields' defaults."""
+        fields = {f"{ENV_PREFIX}{f.name.upper()}": f for f in dataclasses.fields(cls)}
+        unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in fields)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        values = dict(defaults)
+        for name, f in fields.items():
+            if name in environ:
+                try:
+                    values[f.name] = _parser(f)(environ[name])
+                except ValueError as e:
+                    raise ValueError(f"{name}={environ[name]!r}: {e}") from e
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one ``--flag`` per field, except ``model`` (a positional argument of ``serve``)."""
+        for f in dataclasses.fields(cls):
+            if f.name != "model":
+                flag = "--" + f.name.replace("_", "-")
+                parser.add_argument(flag, type=_parser(f), default=f.default, help=f.metadata["help"])
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeSettings:
+        """Settings from arguments parsed by a parser set up with ``add_arguments``."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _parser(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    # Annotations are strings here (postponed evaluation); the fields use these few types.
+    base = str(f.type).removesuffix(" | None")
+    return {"str": str, "int": int, "float": float}[base]
+
+
+def default_sagemaker_model() -> str | None:
+    """The model a SageMaker container serves when none is set: its artifact, if one was unpacked."""
+    has_artifact = SAGEMAKER_MODEL_DIR.is_dir() and any(SAGEMAKER_MODEL_DIR.iterdir())
+    return str(SAGEMAKER_MODEL_DIR) if has_artifact else None

@@ -1,0 +1,106 @@
+"""What the routes share: the served model once loaded, and whether the server is draining."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+from transformers import PreTrainedTokenizerBase
+
+from neuron_llm.engine.async_llm import AsyncLLM
+from neuron_llm.llm import LLM
+from neuron_llm.serve.errors import AuthenticationError, ModelNotFoundError, UnavailableError
+from neuron_llm.serve.metrics import ServerMetrics
+from neuron_llm.serve.settings import ServeSettings
+
+
+@dataclass
+class ServedModel:
+    """The loaded model, its engine and the limits requests are checked against."""
+
+    name: str
+    llm: LLM
+    engine: AsyncLLM
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        return self.llm.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.config.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.llm.config.scheduler.max_num_seqs
+
+    @property
+    def vocab_size(self) -> int:
+        return self.llm.config.model.vocab_size
+
+    def check_name(self, requested: str | None) -> None:
+        """Raise ``ModelNotFoundError`` unless ``requested`` is None or this model's name."""
+        if requested is not None and requested != self.name:
+            raise ModelNotFoundError(requested, self.name)
+
+
+@dataclass
+class ServerState:
+    """The app's state; ``model`` is None until the background load finishes."""
+
+    settings: ServeSettings
+    metrics: ServerMetrics
+    model: ServedModel | None = None
+    load_error: str | None = None
+    is_draining: bool = False
+
+    @property
+    def status(self) -> str:
+        """One of "loading", "ready", "draining", "failed"."""
+        if self.load_error is not None:
+            return "failed"
+        if self.is_draining:
+            return "draining"
+        if self.model is None:
+            return "loading"
+        return "ready" if self.model.engine.is_ready else "failed"
+
+    def ready_model(self) -> ServedModel:
+        """The served model; raises ``UnavailableError`` (503) while loading, draining or failed."""
+        status = self.status
+        if status == "ready":
+            assert self.model is not None
+            return self.model
+        reasons = {
+            "loading": ("the model is still loading; retry shortly", "model_loading"),
+            "draining": ("the server is shutting down", "shutting_down"),
+            "failed": (f"the model is not available: {self.load_error or 'the engine stopped'}", "model_failed"),
+        }
+        message, code = reasons[status]
+        raise UnavailableError(message, code=code)
+
+
+def get_state(request: Request) -> ServerState:
+    """The ``ServerState`` of the app serving ``request``."""
+    return request.app.state.server
+
+
+def require_api_key(request: Request) -> None:
+    """Raise ``AuthenticationError`` (401) unless the request carries the configured API key."""
+    api_key = get_state(request).settings.api_key
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        raise AuthenticationError("a valid API key is required: send `Authorization: Bearer <key>`")
+
+
+def model_name(settings: ServeSettings, source: Path) -> str:
+    """The name clients use for the model: the configured one, else the model's file or folder name."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    return source.stem if source.is_file() else source.name

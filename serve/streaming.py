@@ -1,0 +1,79 @@
+"""Server-sent events: cumulative engine outputs into per-choice deltas, and the event framing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from neuron_llm.outputs import Logprob, RequestOutput
+from neuron_llm.serve.errors import ServeError
+
+DONE_EVENT = "data: [DONE]\n\n"
+
+
+def event(payload: BaseModel) -> str:
+    """One ``data:`` event carrying ``payload`` as JSON."""
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+def error_event(error: ServeError) -> str:
+    """The event that reports a failure after the response has started (its status is already 200)."""
+    return f"data: {error.body_json()}\n\n"
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice gained since the previous event."""
+
+    index: int
+    """The choice's index in the response: prompt index * n + completion index."""
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None
+    is_first: bool
+    """Whether nothing was sent for this choice before."""
+
+
+class DeltaTracker:
+    """Remembers how much of each choice was sent, to turn cumulative outputs into deltas.
+
+    Args:
+        n: completions per prompt.
+        has_logprobs: whether tokens matter on their own (a delta with new tokens but no new
+            text is then still sent, for their logprobs).
+    """
+
+    def __init__(self, n: int, has_logprobs: bool) -> None:
+        self._n = n
+        self._has_logprobs = has_logprobs
+        self._sent_chars: dict[int, int] = {}
+        self._sent_tokens: dict[int, int] = {}
+        self._finished: set[int] = set()
+        self.num_generated_tokens = 0
+        """Tokens of the choices that have finished."""
+
+    def deltas(self, prompt_index: int, output: RequestOutput) -> list[ChoiceDelta]:
+        """The choices of ``output`` that gained text, tokens worth sending, or their end."""
+        deltas = []
+        for completion in output.outputs:
+            index = prompt_index * self._n + completion.index
+            if index in self._finished:
+                continue
+            sent_chars = self._sent_chars.get(index, 0)
+            sent_tokens = self._sent_tokens.get(index, 0)
+            text = completion.text[sent_chars:]
+            token_ids = completion.token_ids[sent_tokens:]
+            if not text and not (self._has_logprobs and token_ids) and completion.finish_reason is None:
+                continue
+            logprobs = completion.logprobs[sent_tokens:] if completion.logprobs is not None else None
+            deltas.append(
+                ChoiceDelta(index, text, token_ids, logprobs, completion.finish_reason, index not in self._sent_chars)
+            )
+            self._sent_chars[index] = len(completion.text)
+            self._sent_tokens[index] = len(completion.token_ids)
+            if completion.finish_reason is not None:
+                self._finished.add(index)
+                self.num_generated_tokens += len(completion.token_ids)
+        return deltas

@@ -1,0 +1,67 @@
+"""SageMaker's TGI-style body, ``{"inputs": "...", "parameters": {...}}``, answered as TGI does."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from neuron_llm.serve.generation import Generation, unless_disconnected
+from neuron_llm.serve.prompts import completion_prompts, output_budget, sampling_params
+from neuron_llm.serve.protocol import TGIDetails, TGIGeneration, TGIRequest
+from neuron_llm.serve.state import ServerState
+
+DEFAULT_MAX_NEW_TOKENS = 100
+"""Tokens generated when ``max_new_tokens`` is not set."""
+
+_FINISH_REASONS = {"length": "length", "stop": "eos_token"}
+
+# TGI's name of each SamplingParams field it sets, for errors.
+_PARAMS = {
+    name: f"parameters.{tgi_name}"
+    for name, tgi_name in {
+        "max_tokens": "max_new_tokens",
+        "temperature": "temperature",
+        "top_p": "top_p",
+        "top_k": "top_k",
+        "seed": "seed",
+        "stop": "stop",
+        "repetition_penalty": "repetition_penalty",
+        "frequency_penalty": "frequency_penalty",
+    }.items()
+}
+
+
+async def serve_tgi(state: ServerState, body: TGIRequest, request: Request) -> Response:
+    """Answer ``[{"generated_text": ..., "details": ...}]`` as TGI's SageMaker containers do."""
+    model = state.ready_model()
+    prompts = completion_prompts(model, body.inputs, "inputs")
+    p = body.parameters
+    # TGI samples when asked to, or when a sampling setting is given; otherwise it is greedy.
+    do_sample = p.do_sample or p.temperature is not None or p.top_p is not None or p.top_k is not None
+    max_new_tokens = p.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, model.max_model_len - len(prompts[0].token_ids))
+    params = sampling_params(
+        model,
+        renames=_PARAMS,
+        temperature=(p.temperature or 1.0) if do_sample else 0.0,
+        top_p=p.top_p or 1.0,
+        top_k=p.top_k or 0,
+        seed=p.seed,
+        max_tokens=output_budget(model, prompts, max_new_tokens, "inputs", _PARAMS["max_tokens"]),
+        stop=p.stop,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
+    )
+    generation = Generation(model.engine, prompts, params, f"tgi-{uuid.uuid4().hex}", state.metrics)
+    await unless_disconnected(request, generation.start())
+    (final,) = await unless_disconnected(request, generation.final_outputs(1))
+    completion = final.outputs[0]
+    details = None
+    if p.details:
+        reason = _FINISH_REASONS[completion.finish_reason or "length"]
+        if isinstance(completion.stop_reason, str):
+            reason = "stop_sequence"
+        details = TGIDetails(finish_reason=reason, generated_tokens=len(completion.token_ids), seed=p.seed)
+    text = body.inputs + completion.text if p.return_full_text else completion.text
+    return JSONResponse([TGIGeneration(generated_text=text, details=details).model_dump(exclude_none=True)])

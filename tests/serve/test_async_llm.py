@@ -1,0 +1,134 @@
+"""``AsyncLLM``: the engine in its own thread, requests on an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from neuron_llm.engine.async_llm import AsyncLLM, EngineClosedError, EngineError, QueueFullError
+from neuron_llm.llm import LLM
+from neuron_llm.outputs import RequestOutput
+from neuron_llm.sampling_params import SamplingParams
+from tests.serve.conftest import make_llm, make_slow_llm
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+
+def run_with(llm: LLM, scenario: Callable[[AsyncLLM], Awaitable[None]], **options: Any) -> None:
+    """Run ``scenario`` against an ``AsyncLLM`` around ``llm``, always shutting it down."""
+
+    async def main() -> None:
+        engine = AsyncLLM(llm.engine, **options)
+        try:
+            await scenario(engine)
+        finally:
+            await engine.shutdown(drain_timeout=0)
+
+    asyncio.run(asyncio.wait_for(main(), timeout=60))
+
+
+async def last(outputs: Any) -> RequestOutput:
+    final = None
+    async for final in outputs:
+        pass
+    assert final is not None and final.finished
+    return final
+
+
+def test_outputs_stream_and_match_the_offline_api(model_dir: Path) -> None:
+    llm = make_llm(model_dir)
+    expected = llm.generate(["Hello world"], GREEDY)[0].outputs[0].token_ids
+
+    async def scenario(engine: AsyncLLM) -> None:
+        counts = [len(output.outputs[0].token_ids) async for output in engine.generate("Hello world", GREEDY)]
+        assert counts == sorted(counts) and counts[-1] == len(expected)
+        final = await last(engine.generate("Hello world", GREEDY))
+        assert final.outputs[0].token_ids == expected
+
+    run_with(llm, scenario)
+
+
+def test_a_refused_request_fails_alone_before_any_output(model_dir: Path) -> None:
+    async def scenario(engine: AsyncLLM) -> None:
+        good = asyncio.ensure_future(last(engine.generate("Hello world", GREEDY)))
+        with pytest.raises(ValueError, match="max_model_len"):
+            await anext(engine.generate([1] * 300, GREEDY))
+        assert (await good).outputs[0].finish_reason == "length"
+
+    run_with(make_llm(model_dir), scenario)
+
+
+def test_closing_a_stream_aborts_its_request_and_frees_its_blocks(model_dir: Path) -> None:
+    llm = make_llm(model_dir)
+
+    async def scenario(engine: AsyncLLM) -> None:
+        outputs = engine.generate("Hello world", LONG)
+        await anext(outputs)
+        assert engine.stats().scheduler.kv_cache_usage > 0
+        await outputs.aclose()
+        for _ in range(200):
+            if engine.stats().scheduler.kv_cache_usage == 0 and engine.num_in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats().scheduler.kv_cache_usage == 0 and engine.num_in_flight == 0
+
+    run_with(llm, scenario)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_full_waiting_queue_refuses_at_once(model_dir: Path) -> None:
+    async def scenario(engine: AsyncLLM) -> None:
+        first = asyncio.ensure_future(last(engine.generate("Hello", GREEDY)))
+        await asyncio.sleep(0)  # the first is admitted, and has no output yet
+        with pytest.raises(QueueFullError):
+            await anext(engine.generate("Hello", GREEDY))
+        await first
+        await last(engine.generate("Hello", GREEDY))  # room again
+
+    run_with(make_llm(model_dir), scenario, max_waiting_requests=1)
+
+
+def test_a_failing_step_fails_the_requests_in_flight_not_the_engine(model_dir: Path) -> None:
+    llm = make_llm(model_dir)
+    step = llm.engine.step
+    failures = iter([RuntimeError("device lost")])
+
+    def failing_step() -> list[RequestOutput]:
+        for error in failures:
+            raise error
+        return step()
+
+    llm.engine.step = failing_step  # type: ignore[method-assign]
+
+    async def scenario(engine: AsyncLLM) -> None:
+        with pytest.raises(EngineError, match="device lost"):
+            await last(engine.generate("Hello", GREEDY))
+        assert engine.is_ready
+        await last(engine.generate("Hello", GREEDY))
+
+    run_with(llm, scenario)
+
+
+def test_shutdown_drains_then_aborts_what_is_left(model_dir: Path) -> None:
+    llm = make_slow_llm(model_dir)
+
+    async def main() -> None:
+        engine = AsyncLLM(llm.engine)
+        short = asyncio.ensure_future(last(engine.generate("Hello", GREEDY)))
+        long = asyncio.ensure_future(last(engine.generate("Hello", LONG)))
+        await asyncio.sleep(0)
+        await engine.shutdown(drain_timeout=0.5)
+        assert (await short).outputs[0].finish_reason == "length"
+        with pytest.raises(EngineClosedError):
+            await long
+        assert not engine.is_ready
+        with pytest.raises(EngineClosedError):
+            await anext(engine.generate("Hello", GREEDY))
+
+    asyncio.run(asyncio.wait_for(main(), timeout=60))
+    assert not llm.engine.has_unfinished_requests()

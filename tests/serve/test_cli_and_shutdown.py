@@ -1,0 +1,114 @@
+"""The ``serve`` commands' settings, and a real server process draining on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from neuron_llm.serve.cli import add_serve_parser, run_serve
+from neuron_llm.serve.settings import ServeSettings
+from tests.serve.conftest import wait_for
+
+PROCESS_TIMEOUT_S = 90.0
+
+
+def test_serve_command_line_becomes_settings() -> None:
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "my/model", "--port", "9000", "--max-model-len", "128", "--api-key", "k"])
+    assert args.run is run_serve
+    settings = ServeSettings.from_args(args)
+    assert (settings.model, settings.port, settings.max_model_len, settings.api_key) == ("my/model", 9000, 128, "k")
+    assert settings.host == "127.0.0.1" and settings.max_num_seqs is None
+    assert settings.llm_options() == dict(
+        model="my/model", dtype="auto", device="cpu", tensor_parallel_size=1, max_model_len=128
+    )
+
+
+def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
+    settings = ServeSettings.from_env(
+        {"NEURON_LLM_MODEL": "/opt/ml/model", "NEURON_LLM_MAX_NUM_SEQS": "8", "PATH": "/bin"},
+        host="0.0.0.0",
+        port=8080,
+    )
+    assert (settings.model, settings.max_num_seqs, settings.host, settings.port) == ("/opt/ml/model", 8, "0.0.0.0", 8080)
+    with pytest.raises(ValueError, match="NEURON_LLM_MAX_TOKENS"):
+        ServeSettings.from_env({"NEURON_LLM_MAX_TOKENS": "8"})
+    with pytest.raises(ValueError, match="NEURON_LLM_PORT='http'"):
+        ServeSettings.from_env({"NEURON_LLM_PORT": "http"})
+    with pytest.raises(ValueError, match="max_waiting_requests"):
+        ServeSettings(max_waiting_requests=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits(model_dir: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "NEURON_LLM_MODEL": str(model_dir),
+        "NEURON_LLM_HOST": "127.0.0.1",
+        "NEURON_LLM_PORT": str(port),
+        "NEURON_LLM_DTYPE": "float32",
+        "NEURON_LLM_MAX_MODEL_LEN": "512",
+        "NEURON_LLM_NUM_KV_BLOCKS": "2048",
+        "NEURON_LLM_DRAIN_TIMEOUT": "60",
+        "NEURON_LLM_LOG_LEVEL": "warning",
+        "OMP_NUM_THREADS": "1",
+    }
+    # The same entry point as a SageMaker container's `serve` command.
+    log = tmp_path / "server.log"
+    with log.open("w") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "neuron_llm.serve"], env=env, stderr=log_file)
+    try:
+        wait_for(lambda: _ping(url) == 200, "the server never became ready", timeout=PROCESS_TIMEOUT_S)
+        body = {"prompt": "Hello", "n": 4, "max_tokens": 480, "ignore_eos": True, "temperature": 0.0, "stream": True}
+        events: list[str] = []
+        first_event = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=PROCESS_TIMEOUT_S) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line.removeprefix("data: "))
+                        first_event.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first_event.wait(timeout=PROCESS_TIMEOUT_S)
+        process.send_signal(signal.SIGTERM)
+        num_events_at_signal = len(events)
+        wait_for(lambda: _ping(url) != 200, "new requests were still accepted after SIGTERM")
+        reader.join(timeout=PROCESS_TIMEOUT_S)
+        assert process.wait(timeout=PROCESS_TIMEOUT_S) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert len(events) > num_events_at_signal + 1, "the request ended before the signal: nothing was drained"
+    assert events[-1] == "[DONE]"
+    finish_reasons = [c["finish_reason"] for event in events[:-1] for c in json.loads(event)["choices"]]
+    assert sorted(reason for reason in finish_reasons if reason) == ["length"] * 4
+
+
+def _ping(url: str) -> int:
+    """``/ping``'s status, or 0 when nothing listens."""
+    try:
+        return httpx.get(f"{url}/ping", timeout=5).status_code
+    except httpx.TransportError:
+        return 0

@@ -1,0 +1,110 @@
+"""Concurrency, clients that leave, a full queue: the server keeps its answers right and its blocks free."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.serve.conftest import ServerThread, make_slow_llm, metric, running_server, wait_for
+
+ABORTED = 'neuron_llm_requests_total{outcome="aborted"}'
+LONG = {"max_tokens": 240, "ignore_eos": True, "temperature": 0.0}
+"""With a slow engine, generation long enough (seconds) for a client to leave in the middle of it."""
+
+
+@pytest.fixture(scope="module")
+def slow_server(model_dir: Path) -> Iterator[ServerThread]:
+    with running_server(model_dir, load=lambda: make_slow_llm(model_dir)) as server:
+        yield server
+
+
+def _prompts(count: int) -> list[str]:
+    words = "the quick brown fox jumps over a lazy dog hello world how are you today".split()
+    return [" ".join(words[(i * 7 + j) % len(words)] for j in range(1 + i % 9)) for i in range(count)]
+
+
+def test_64_concurrent_streams_match_each_request_alone(server: ServerThread) -> None:
+    prompts = _prompts(64)
+    name = server.model_name
+
+    async def run() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0, timeout=60) as client:
+            alone = []
+            for prompt in prompts:
+                completion = await client.completions.create(model=name, prompt=prompt, temperature=0, max_tokens=10)
+                choice = completion.choices[0]
+                alone.append((choice.text, choice.finish_reason))
+
+            async def stream(prompt: str) -> tuple[str, str]:
+                chunks = await client.completions.create(
+                    model=name, prompt=prompt, temperature=0, max_tokens=10, stream=True
+                )
+                text, finish_reason = "", ""
+                async for chunk in chunks:
+                    for choice in chunk.choices:
+                        text += choice.text
+                        finish_reason = choice.finish_reason or finish_reason
+                return text, finish_reason
+
+            together = await asyncio.gather(*(stream(prompt) for prompt in prompts))
+            return alone, list(together)
+
+    alone, together = asyncio.run(run())
+    assert together == alone
+    assert all(finish_reason in ("stop", "length") for _, finish_reason in together)
+
+
+def test_client_leaving_mid_stream_aborts_its_request(slow_server: ServerThread) -> None:
+    server = slow_server
+    aborted = metric(server, ABORTED)
+    body = {"prompt": "Hello", "stream": True, **LONG}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+        lines = response.iter_lines()  # kept: dropping the iterator would close the connection
+        next(line for line in lines if line.startswith("data: "))
+        assert metric(server, "neuron_llm_kv_cache_usage_ratio") > 0
+    wait_for(lambda: metric(server, "neuron_llm_kv_cache_usage_ratio") == 0, "KV blocks were not freed")
+    assert metric(server, "neuron_llm_num_requests_running") == 0
+    assert metric(server, ABORTED) == aborted + 1
+
+
+def test_client_leaving_before_a_whole_response_aborts_it(slow_server: ServerThread) -> None:
+    server = slow_server
+    aborted = metric(server, ABORTED)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hello", **LONG}, timeout=0.3)
+    wait_for(lambda: metric(server, ABORTED) == aborted + 1, "the request was not aborted")
+    wait_for(lambda: metric(server, "neuron_llm_kv_cache_usage_ratio") == 0, "KV blocks were not freed")
+
+
+def test_full_queue_answers_429_and_keeps_serving(model_dir: Path) -> None:
+    # One running slot and one waiting place: a running request A, a waiting B, then C is refused.
+    load = lambda: make_slow_llm(model_dir, max_num_seqs=1)  # noqa: E731
+    with running_server(model_dir, load=load, max_waiting_requests=1) as server:
+
+        async def run() -> None:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+                body_a = {"prompt": "A", "stream": True, **LONG}
+                async with http.stream("POST", "/v1/completions", json=body_a) as stream_a:
+                    lines = stream_a.aiter_lines()  # kept: dropping the iterator would close the connection
+                    while not (await anext(lines)).startswith("data: "):
+                        pass
+                    waiting_b = asyncio.create_task(http.post("/v1/completions", json={"prompt": "B", "max_tokens": 4}))
+                    await asyncio.to_thread(
+                        wait_for, lambda: metric(server, "neuron_llm_num_requests_waiting") == 1, "B never queued"
+                    )
+                    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0)
+                    with pytest.raises(openai.RateLimitError) as refused:
+                        await client.completions.create(model=server.model_name, prompt="C", max_tokens=4)
+                    assert refused.value.body["code"] == "queue_full"
+                # A's client has left, so B runs.
+                assert (await waiting_b).status_code == 200
+                after = await http.post("/v1/completions", json={"prompt": "D", "max_tokens": 4})
+                assert after.status_code == 200
+
+        asyncio.run(run())
+        assert metric(server, 'neuron_llm_requests_total{outcome="rejected"}') == 1

@@ -1,0 +1,145 @@
+"""The OpenAI routes end to end, through the official ``openai`` client against a real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.serve.conftest import ServerThread, running_server
+
+GREEDY = dict(temperature=0.0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerThread) -> openai.OpenAI:
+    # No retries: a 429 or 503 must surface as it is.
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def model_name(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI, model_dir: Path) -> None:
+    models = client.models.list().data
+    assert [model.id for model in models] == [model_dir.name]
+
+
+def test_completion_has_text_usage_and_finish_reason(client: openai.OpenAI, model_name: str) -> None:
+    completion = client.completions.create(model=model_name, prompt="Hello world", **GREEDY)
+    (choice,) = completion.choices
+    assert choice.finish_reason in ("stop", "length")
+    assert completion.usage is not None and completion.usage.prompt_tokens > 0
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    again = client.completions.create(model=model_name, prompt="Hello world", **GREEDY)
+    assert again.choices[0].text == choice.text
+
+
+def test_streamed_completion_adds_up_to_the_whole_one(client: openai.OpenAI, model_name: str) -> None:
+    whole = client.completions.create(model=model_name, prompt="The quick brown fox", **GREEDY)
+    chunks = list(
+        client.completions.create(
+            model=model_name, prompt="The quick brown fox", stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
+    text = "".join(choice.text for chunk in chunks for choice in chunk.choices)
+    assert text == whole.choices[0].text
+    assert [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason] == [
+        whole.choices[0].finish_reason
+    ]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_chat_and_its_stream_agree(client: openai.OpenAI, model_name: str) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}]
+    whole = client.chat.completions.create(model=model_name, messages=messages, **GREEDY)
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.usage is not None and whole.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(model=model_name, messages=messages, stream=True, **GREEDY)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_n_completions_for_each_prompt(client: openai.OpenAI, model_name: str) -> None:
+    completion = client.completions.create(
+        model=model_name, prompt=["Hello", "Once upon a time"], n=3, temperature=1.0, seed=7, max_tokens=6
+    )
+    assert sorted(choice.index for choice in completion.choices) == list(range(6))
+    seeded_again = client.completions.create(
+        model=model_name, prompt=["Hello", "Once upon a time"], n=3, temperature=1.0, seed=7, max_tokens=6
+    )
+    assert [c.text for c in seeded_again.choices] == [c.text for c in completion.choices]
+    chunks = list(
+        client.chat.completions.create(
+            model=model_name, messages=[{"role": "user", "content": "Hi"}], n=2, stream=True, max_tokens=5
+        )
+    )
+    assert {choice.index for chunk in chunks for choice in chunk.choices} == {0, 1}
+
+
+def test_stop_string_cuts_the_text(client: openai.OpenAI, model_name: str) -> None:
+    prompt = "A paged KV cache"
+    full = client.completions.create(
+        model=model_name, prompt=prompt, temperature=0.0, max_tokens=24, extra_body={"ignore_eos": True}
+    ).choices[0]
+    stop = full.text[5:8]
+    assert stop.strip(), f"no usable stop string in {full.text!r}"
+    stopped = client.completions.create(
+        model=model_name, prompt=prompt, temperature=0.0, max_tokens=24, stop=[stop], extra_body={"ignore_eos": True}
+    ).choices[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.index(stop)]
+
+
+def test_logprobs_and_echo(client: openai.OpenAI, model_name: str) -> None:
+    completion = client.completions.create(model=model_name, prompt="Hello world", logprobs=2, echo=True, **GREEDY)
+    choice = completion.choices[0]
+    assert choice.text.startswith("Hello world")
+    logprobs = choice.logprobs
+    assert logprobs is not None
+    num_prompt = completion.usage.prompt_tokens
+    assert len(logprobs.tokens) == num_prompt + completion.usage.completion_tokens
+    assert logprobs.token_logprobs[0] is None and all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    # Greedy: each generated token is the most likely one.
+    for token, top in zip(logprobs.tokens[num_prompt:], logprobs.top_logprobs[num_prompt:]):
+        assert top[token] == max(top.values())
+    chat = client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "Hi"}], logprobs=True, top_logprobs=3, **GREEDY
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(entry.top_logprobs) == 3 and entry.logprob == entry.top_logprobs[0].logprob for entry in content)
+
+
+def test_penalties_are_accepted(client: openai.OpenAI, model_name: str) -> None:
+    completion = client.completions.create(
+        model=model_name, prompt="Hello", presence_penalty=1.5, frequency_penalty=-0.5, **GREEDY
+    )
+    assert completion.choices[0].finish_reason in ("stop", "length")
+
+
+def test_errors_surface_as_the_clients_exceptions(client: openai.OpenAI, model_name: str) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=model_name, prompt="Hi", temperature=-1)
+    assert bad.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model=model_name, prompt="Hello world " * 200)
+    assert too_long.value.body["param"] == "prompt" and too_long.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "Hi"}])
+    assert missing.value.body["param"] == "model"
+
+
+def test_api_key_is_required_when_set(model_dir: Path) -> None:
+    with running_server(model_dir, api_key="secret") as keyed:
+        wrong = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="secret", max_retries=0)
+        assert right.completions.create(model=right.models.list().data[0].id, prompt="Hi", max_tokens=2).choices

@@ -1,0 +1,74 @@
+"""SageMaker's contract: /ping follows the model's load, /invocations answers both body shapes."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import httpx
+
+from neuron_llm.llm import LLM
+from tests.serve.conftest import ServerThread, make_llm, running_server, wait_for
+
+
+def test_ping_is_503_until_the_model_has_loaded(model_dir: Path) -> None:
+    may_load = threading.Event()
+
+    def slow_load() -> LLM:
+        assert may_load.wait(timeout=30)
+        return make_llm(model_dir)
+
+    with running_server(model_dir, load=slow_load, wait=False) as server:
+        assert httpx.get(f"{server.url}/ping").status_code == 503
+        assert httpx.get(f"{server.url}/health").json() == {"status": "loading"}
+        refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_loading"
+        may_load.set()
+        server.wait_ready()
+        assert httpx.get(f"{server.url}/health").json() == {"status": "ready"}
+
+
+def test_ping_stays_503_when_loading_fails(model_dir: Path) -> None:
+    def broken_load() -> LLM:
+        raise FileNotFoundError("no weights here")
+
+    with running_server(model_dir, load=broken_load, wait=False) as server:
+        wait_for(lambda: httpx.get(f"{server.url}/health").json()["status"] != "loading", "load never ended")
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and health.json() == {"status": "failed"}
+        assert httpx.get(f"{server.url}/ping").status_code == 503
+        error = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"}).json()["error"]
+        assert "no weights here" in error["message"]
+
+
+def test_invocations_answers_tgi_bodies_as_tgi(server: ServerThread) -> None:
+    body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 6, "details": True, "return_full_text": True}}
+    response = httpx.post(f"{server.url}/invocations", json=body)
+    assert response.status_code == 200
+    (generation,) = response.json()
+    assert generation["generated_text"].startswith("Hello world")
+    assert generation["details"]["finish_reason"] in ("length", "eos_token")
+    assert 1 <= generation["details"]["generated_tokens"] <= 6
+    # Greedy unless asked to sample: the same text as an OpenAI greedy completion.
+    plain = httpx.post(f"{server.url}/invocations", json={"inputs": "Hello world", "parameters": {"max_new_tokens": 6}})
+    openai_style = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "Hello world", "max_tokens": 6, "temperature": 0}
+    )
+    assert plain.json()[0]["generated_text"] == openai_style.json()["choices"][0]["text"]
+    bad = httpx.post(f"{server.url}/invocations", json={"inputs": "Hi", "parameters": {"temperature": 0}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "parameters.temperature"
+
+
+def test_invocations_answers_openai_bodies_as_openai(server: ServerThread) -> None:
+    completion = httpx.post(f"{server.url}/invocations", json={"prompt": "Hello", "max_tokens": 4}).json()
+    assert completion["object"] == "text_completion" and completion["usage"]["completion_tokens"] >= 1
+    chat = httpx.post(
+        f"{server.url}/invocations", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    ).json()
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{server.url}/invocations", json=body) as stream:
+        events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert all(json.loads(event)["object"] == "chat.completion.chunk" for event in events[:-1])
