@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.serve.cli import add_serve_parser
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_arguments(generate)
     _add_sampling_arguments(generate)
     generate.set_defaults(run=_run_generate)
+    add_serve_parser(commands)
     return parser
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from neuron_llm.outputs import RequestOutput
+from neuron_llm.outputs import Logprob, RequestOutput
 from neuron_llm.serve.errors import ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
 from neuron_llm.serve.logprobs import TokenTexts, chat_logprobs
@@ -59,7 +59,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         repetition_penalty=body.repetition_penalty,
     )
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation(model.engine, [prompt], params, response_id, state.metrics)
+    generation = Generation(model.engine, [prompt], params, response_id, state.metrics, "messages")
     writer = _ChatWriter(model, body, prompt, response_id)
     await unless_disconnected(request, generation.start())
     if body.stream:
@@ -91,10 +91,14 @@ class _ChatWriter:
         ]
         num_generated = sum(len(completion.token_ids) for completion in final.outputs)
         return ChatCompletionResponse(
-            id=self._id, created=self._created, model=self._model.name, choices=choices, usage=self._usage(num_generated)
+            id=self._id,
+            created=self._created,
+            model=self._model.name,
+            choices=choices,
+            usage=self._usage(num_generated),
         )
 
-    async def events(self, generation: Generation, state: ServerState) -> AsyncIterator[str]:
+    async def events(self, generation: Generation, state: ServerState) -> AsyncGenerator[str, None]:
         # Each choice opens with the assistant's role, as OpenAI's streams do.
         roles = [ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(self._body.n)]
         yield event(self._chunk(roles))
@@ -122,16 +126,18 @@ class _ChatWriter:
             yield event(self._chunk([], self._usage(tracker.num_generated_tokens)))
         yield DONE_EVENT
 
-    def _logprobs(self, token_ids: list[int], logprobs: list | None) -> ChatLogprobs | None:
+    def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, Logprob]] | None) -> ChatLogprobs | None:
         if not self._body.logprobs or logprobs is None:
             return None
         return chat_logprobs(self._texts, token_ids, logprobs, self._body.top_logprobs or 0)
 
     def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self._id, created=self._created, model=self._model.name, choices=choices,
-                                   usage=usage)
+        return ChatCompletionChunk(
+            id=self._id, created=self._created, model=self._model.name, choices=choices, usage=usage
+        )
 
     def _usage(self, num_generated: int) -> UsageInfo:
         num_prompt = len(self._prompt.token_ids)
-        return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                         total_tokens=num_prompt + num_generated)
+        return UsageInfo(
+            prompt_tokens=num_prompt, completion_tokens=num_generated, total_tokens=num_prompt + num_generated
+        )

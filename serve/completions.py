@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -15,7 +15,13 @@ from neuron_llm.serve.errors import ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
 from neuron_llm.serve.logprobs import TokenTexts, completion_logprobs
 from neuron_llm.serve.prompts import Prompt, completion_prompts, output_budget, sampling_params
-from neuron_llm.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
+from neuron_llm.serve.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
 from neuron_llm.serve.state import ServedModel, ServerState
 from neuron_llm.serve.streaming import DONE_EVENT, ChoiceDelta, DeltaTracker, error_event, event
 
@@ -82,7 +88,7 @@ class _CompletionWriter:
         num_generated = sum(len(c.token_ids) for output in finals for c in output.outputs)
         return self._chunk(choices, self._usage(num_generated))
 
-    async def events(self, generation: Generation, state: ServerState) -> AsyncIterator[str]:
+    async def events(self, generation: Generation, state: ServerState) -> AsyncGenerator[str, None]:
         tracker = DeltaTracker(self._body.n, has_logprobs=self._body.logprobs is not None)
         async with contextlib.aclosing(generation.outputs()) as outputs:
             try:
@@ -105,8 +111,10 @@ class _CompletionWriter:
         text = prompt.text + delta.text if echo else delta.text
         logprobs = None
         if self._body.logprobs is not None:
-            logprobs = self._logprobs(delta, prompt, output) if echo else completion_logprobs(
-                self._texts, delta.token_ids, delta.logprobs or []
+            logprobs = (
+                self._logprobs(delta, prompt, output)
+                if echo
+                else completion_logprobs(self._texts, delta.token_ids, delta.logprobs or [])
             )
         return CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
 
@@ -123,11 +131,12 @@ class _CompletionWriter:
         )
 
     def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None) -> CompletionResponse:
-        return CompletionResponse(id=self._id, created=self._created, model=self._model.name, choices=choices,
-                                  usage=usage)
+        return CompletionResponse(
+            id=self._id, created=self._created, model=self._model.name, choices=choices, usage=usage
+        )
 
     def _usage(self, num_generated: int) -> UsageInfo:
         num_prompt = sum(len(prompt.token_ids) for prompt in self._prompts)
-        return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                         total_tokens=num_prompt + num_generated)
-
+        return UsageInfo(
+            prompt_tokens=num_prompt, completion_tokens=num_generated, total_tokens=num_prompt + num_generated
+        )

@@ -3,7 +3,7 @@
 Routes raise ``ClientError`` (a 4xx naming the bad parameter) or ``ServerError`` (a 5xx);
 the handlers installed by ``install_error_handlers`` turn those, request validation errors
 and the engine's admission errors into ``{"error": {"message", "type", "param", "code"}}``.
-Anything else is a bug: it is logged and answered with a plain 500.
+Anything else is a bug: it is logged and answered with a 500 in the same shape.
 """
 
 from __future__ import annotations
@@ -15,16 +15,18 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neuron_llm.engine.async_llm import EngineClosedError, EngineError, QueueFullError
 from neuron_llm.serve.metrics import ServerMetrics
+from neuron_llm.serve.protocol import INVOCATION_KINDS
 
 logger = logging.getLogger(__name__)
 
-UNION_TAGS = frozenset({"completion", "chat", "tgi"})
-"""Tags of the ``/invocations`` body union; pydantic puts them in error locations, which name no field."""
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its response was ready; nobody is left to answer."""
 
 
 class ServeError(Exception):
@@ -106,10 +108,14 @@ def error_from_value_error(error: ValueError, param: str | None = None) -> Clien
     return ClientError(message, param)
 
 
-def error_from_engine(error: Exception) -> ServeError:
-    """The answer to an exception raised by ``AsyncLLM.generate``."""
+def error_from_engine(error: Exception, prompt_param: str = "prompt") -> ServeError:
+    """The answer to an exception raised by ``AsyncLLM.generate``.
+
+    The engine refuses a request (``ValueError``) only for its prompt's length, which is
+    checked before it gets there, so ``prompt_param`` is named unless the message names a field.
+    """
     if isinstance(error, ValueError):
-        return error_from_value_error(error, "prompt")
+        return error_from_value_error(error, prompt_param)
     if isinstance(error, QueueFullError):
         return OverloadedError(str(error), code="queue_full")
     if isinstance(error, EngineClosedError):
@@ -144,7 +150,8 @@ def error_from_validation(errors: Sequence[Any]) -> ClientError:
 
 def _field_path(loc: Sequence[Any]) -> list[Any]:
     path = list(loc[1:]) if loc and loc[0] == "body" else list(loc)
-    if path and path[0] in UNION_TAGS:
+    # The /invocations body is a tagged union; pydantic puts the tag, which names no field, first.
+    if path and path[0] in INVOCATION_KINDS:
         path = path[1:]
     return path
 
@@ -180,6 +187,11 @@ def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return answer(error_from_validation(error.errors()))
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_disconnect(request: Request, error: ClientDisconnected) -> Response:
+        # Counted as aborted where the generation was cancelled; 499 as nginx logs it.
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

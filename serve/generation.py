@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from fastapi import Request
@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from neuron_llm.engine.async_llm import AsyncLLM
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.sampling_params import SamplingParams
-from neuron_llm.serve.errors import error_from_engine
+from neuron_llm.serve.errors import ClientDisconnected, error_from_engine
 from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.prompts import Prompt
 
@@ -29,16 +29,13 @@ T = TypeVar("T")
 IndexedOutput = tuple[int, RequestOutput]
 
 
-class ClientDisconnected(Exception):
-    """The client closed the connection before the response was ready."""
-
-
 class Generation:
     """The engine requests of one HTTP request, whose ``outputs`` are ``(prompt index, output)`` pairs.
 
     Call ``start`` first. Outputs are cumulative; the last one of each prompt has ``finished``.
-    Engine errors are raised as ``ServeError``. The outcome (success, or aborted when the
-    iteration stops early) is counted in ``metrics``.
+    Engine errors are raised as ``ServeError``, naming ``prompt_param`` (the request field
+    holding the prompts) if the engine refuses a prompt. The outcome (success, or aborted when
+    the iteration stops early) is counted in ``metrics``.
     """
 
     def __init__(
@@ -48,11 +45,13 @@ class Generation:
         params: SamplingParams,
         request_id: str,
         metrics: ServerMetrics,
+        prompt_param: str = "prompt",
     ) -> None:
         streams = [engine.generate(p.token_ids, params, f"{request_id}-{i}") for i, p in enumerate(prompts)]
         self._outputs = _merge(streams)
         self._first: IndexedOutput | None = None
         self._metrics = metrics
+        self._prompt_param = prompt_param
 
     async def start(self) -> None:
         """Wait for the first output; raises the request's own errors as ``ServeError``."""
@@ -60,13 +59,13 @@ class Generation:
             self._first = await anext(self._outputs)
         except Exception as e:
             await self._outputs.aclose()
-            raise error_from_engine(e) from e
+            raise error_from_engine(e, self._prompt_param) from e
         except BaseException:  # cancelled: the client left, or the server is stopping
             await self._outputs.aclose()
             self._metrics.count_request("aborted")
             raise
 
-    async def outputs(self) -> AsyncIterator[IndexedOutput]:
+    async def outputs(self) -> AsyncGenerator[IndexedOutput, None]:
         """The outputs, the first included; close the iterator (``aclosing``) when leaving early."""
         assert self._first is not None, "call start() first"
         outcome: str | None = "aborted"
@@ -77,7 +76,7 @@ class Generation:
             outcome = "success"
         except Exception as e:
             outcome = None  # counted where the error is answered
-            raise error_from_engine(e) from e
+            raise error_from_engine(e, self._prompt_param) from e
         finally:
             await self._outputs.aclose()
             if outcome is not None:
@@ -93,31 +92,34 @@ class Generation:
         return [finals[index] for index in range(num_prompts)]
 
 
-async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[IndexedOutput]:
+async def _merge(streams: list[AsyncGenerator[RequestOutput, None]]) -> AsyncGenerator[IndexedOutput, None]:
     if len(streams) == 1:
-        async with contextlib.aclosing(streams[0]) as stream:  # type: ignore[type-var]
+        async with contextlib.aclosing(streams[0]) as stream:
             async for output in stream:
                 yield 0, output
         return
-    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, RequestOutput | asyncio.Task[None]]] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for output in stream:
-                queue.put_nowait((index, output))
-            queue.put_nowait((index, None))
-        except Exception as e:
-            queue.put_nowait((index, e))
+        async for output in stream:
+            queue.put_nowait((index, output))
 
-    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    def on_done(index: int) -> Callable[[asyncio.Task[None]], None]:
+        # A pump that is done marks its stream's end; its result() raises the stream's error.
+        return lambda task: queue.put_nowait((index, task))
+
+    tasks = []
+    for index, stream in enumerate(streams):
+        task = asyncio.create_task(pump(index, stream))
+        task.add_done_callback(on_done(index))
+        tasks.append(task)
     try:
         num_running = len(tasks)
         while num_running:
             index, item = await queue.get()
-            if item is None:
+            if isinstance(item, asyncio.Task):
+                item.result()
                 num_running -= 1
-            elif isinstance(item, Exception):
-                raise item
             else:
                 yield index, item
     finally:
@@ -139,9 +141,10 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        if not task.done():  # the client left, or this handler is being cancelled
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
         raise ClientDisconnected()
     return task.result()
 
@@ -159,7 +162,7 @@ class EventStreamResponse(StreamingResponse):
     cleanup (aborting the engine requests) at once rather than whenever it is collected.
     """
 
-    def __init__(self, events: AsyncIterator[str]) -> None:
+    def __init__(self, events: AsyncGenerator[str, None]) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self._events = events
 
@@ -167,4 +170,4 @@ class EventStreamResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._events.aclose()  # type: ignore[attr-defined]
+            await self._events.aclose()

@@ -25,14 +25,14 @@ class TokenTexts:
         self._texts: dict[int, str] = {}
 
     def __call__(self, token_id: int) -> str:
-        text = self._texts.get(token_id)
-        if text is None:
-            if self._tokenizer is None:
-                text = f"token_id:{token_id}"
-            else:
-                text = self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            self._texts[token_id] = text
-        return text
+        if token_id not in self._texts:
+            self._texts[token_id] = self._decode(token_id)
+        return self._texts[token_id]
+
+    def _decode(self, token_id: int) -> str:
+        if self._tokenizer is None:
+            return f"token_id:{token_id}"
+        return str(self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False))
 
 
 def _finite(logprob: float) -> float:

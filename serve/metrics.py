@@ -32,16 +32,26 @@ class ServerMetrics:
         self._running = Gauge("neuron_llm_num_requests_running", "Requests in the running batch.", registry=registry)
         self._kv_usage = Gauge("neuron_llm_kv_cache_usage_ratio", "Fraction of KV blocks in use.", registry=registry)
         self._prefix_hit_rate = Gauge(
-            "neuron_llm_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache, over those looked up.",
+            "neuron_llm_prefix_cache_hit_rate",
+            "Prompt tokens found in the prefix cache, over those looked up.",
             registry=registry,
         )
         self._preemptions = Counter("neuron_llm_preemptions", "Requests preempted for KV blocks.", registry=registry)
         self._ttft = Histogram(
-            "neuron_llm_time_to_first_token_seconds", "Arrival to first token.", buckets=_TTFT_BUCKETS_S,
+            "neuron_llm_time_to_first_token_seconds",
+            "Arrival to first token.",
+            buckets=_TTFT_BUCKETS_S,
             registry=registry,
         )
         self._itl = Histogram(
-            "neuron_llm_inter_token_latency_seconds", "Time between two tokens of a request.", buckets=_ITL_BUCKETS_S,
+            "neuron_llm_inter_token_latency_seconds",
+            "Time between two tokens of a request.",
+            buckets=_ITL_BUCKETS_S,
+            registry=registry,
+        )
+        self._compiled_graphs = Gauge(
+            "neuron_llm_compiled_graphs",
+            "Graphs the backend has compiled; growth while serving means a shape outside the buckets.",
             registry=registry,
         )
         self._prompt_tokens = Counter("neuron_llm_prompt_tokens", "Prompt tokens prefilled.", registry=registry)
@@ -68,6 +78,7 @@ class ServerMetrics:
         self._running.set(scheduler.num_running)
         self._kv_usage.set(scheduler.kv_cache_usage)
         self._prefix_hit_rate.set(scheduler.prefix_cache_hit_rate)
+        self._compiled_graphs.set(stats.num_compiled_graphs)
         for seconds in stats.time_to_first_token:
             self._ttft.observe(seconds)
         for seconds in stats.inter_token_latency:

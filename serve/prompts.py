@@ -7,7 +7,7 @@ reaches the engine is a request it accepts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from neuron_llm.loader import render_chat
 from neuron_llm.sampling_params import SamplingParams
@@ -32,14 +32,19 @@ def completion_prompts(
 
     ``param`` is the request field that holds them, named in errors.
     """
+    batch: list[str | list[int]]
     if isinstance(prompt, str):
-        batch: list[str] | list[list[int]] = [prompt]
+        batch = [prompt]
     elif prompt and all(isinstance(item, int) for item in prompt):
-        batch = [prompt]  # type: ignore[list-item]
+        batch = [cast("list[int]", prompt)]
     else:
-        batch = prompt  # type: ignore[assignment]
+        batch = [cast("str | list[int]", item) for item in prompt]
     if not batch:
         raise ClientError(f"{param} is empty", param)
+    limit = model.engine.max_waiting_requests
+    if len(batch) > limit:
+        # Each prompt waits in the queue; more than it holds could never be accepted.
+        raise ClientError(f"{param} holds {len(batch)} prompts; this server takes at most {limit} at once", param)
     return [
         _completion_prompt(model, item, param if len(batch) == 1 else f"{param}[{i}]") for i, item in enumerate(batch)
     ]
@@ -52,7 +57,10 @@ def _completion_prompt(model: ServedModel, prompt: str | list[int], param: str) 
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ClientError("this model has no tokenizer: send the prompt as token ids", param)
-        return Prompt(tokenizer.encode(prompt), prompt)
+        token_ids = tokenizer.encode(prompt)
+        if not token_ids:
+            raise ClientError(f"{param} has no tokens", param)
+        return Prompt(token_ids, prompt)
     bad = [token_id for token_id in prompt if not 0 <= token_id < model.vocab_size]
     if bad:
         raise ClientError(f"{param}: token ids {bad[:5]} are not in the vocabulary [0, {model.vocab_size})", param)

@@ -18,16 +18,12 @@ from neuron_llm.sampling_params import MAX_LOGPROBS
 MAX_N = 128
 """Most completions of one prompt (OpenAI's limit); a server also caps it at its max_num_seqs."""
 
-_SEED_RANGE = dict(ge=-(2**63), le=2**64 - 1)
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 """Seeds span int64 (OpenAI) and uint64 (vLLM); each maps onto one 64-bit generator seed."""
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class _Response(BaseModel):
-    pass
 
 
 class StreamOptions(_Request):
@@ -44,7 +40,7 @@ class _SamplingRequest(_Request):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, **_SEED_RANGE)
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
@@ -115,7 +111,7 @@ class TGIParameters(_Request):
     repetition_penalty: float | None = Field(None, gt=0)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stop: list[str] = []
-    seed: int | None = Field(None, **_SEED_RANGE)
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     return_full_text: bool = False
     details: bool = False
 
@@ -124,9 +120,13 @@ class TGIRequest(_Request):
     """A TGI-style ``POST /invocations`` body: ``{"inputs": "...", "parameters": {...}}``."""
 
     inputs: str
-    parameters: TGIParameters = TGIParameters()
+    parameters: TGIParameters = Field(default_factory=TGIParameters)
     stream: Literal[False] = False
     """TGI's token stream is not served; stream with an OpenAI-style body instead."""
+
+
+INVOCATION_KINDS = ("tgi", "chat", "completion")
+"""The shapes of a ``POST /invocations`` body, the tags of its union."""
 
 
 def _invocation_kind(body: Any) -> str | None:
@@ -146,27 +146,27 @@ InvocationRequest = Annotated[
 """``POST /invocations``: TGI-style when it has ``inputs``, chat when ``messages``, else completion."""
 
 
-class UsageInfo(_Response):
+class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class CompletionLogprobs(_Response):
+class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
 
-class CompletionChoice(_Response):
+class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
-class CompletionResponse(_Response):
+class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -176,7 +176,7 @@ class CompletionResponse(_Response):
     """Always set in a full response; in a stream, only on the last chunk with include_usage."""
 
 
-class TopLogprob(_Response):
+class TopLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int]
@@ -186,23 +186,23 @@ class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
 
-class ChatLogprobs(_Response):
+class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
-class AssistantMessage(_Response):
+class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
-class ChatChoice(_Response):
+class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(_Response):
+class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -211,19 +211,19 @@ class ChatCompletionResponse(_Response):
     usage: UsageInfo
 
 
-class ChatDelta(_Response):
+class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
 
-class ChatStreamChoice(_Response):
+class ChatStreamChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(_Response):
+class ChatCompletionChunk(BaseModel):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -232,7 +232,7 @@ class ChatCompletionChunk(_Response):
     usage: UsageInfo | None = None
 
 
-class ModelCard(_Response):
+class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -240,28 +240,28 @@ class ModelCard(_Response):
     max_model_len: int
 
 
-class ModelList(_Response):
+class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class TGIDetails(_Response):
+class TGIDetails(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
     seed: int | None = None
 
 
-class TGIGeneration(_Response):
+class TGIGeneration(BaseModel):
     generated_text: str
     details: TGIDetails | None = None
 
 
-class ErrorDetail(_Response):
+class ErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
 
-class ErrorResponse(_Response):
+class ErrorResponse(BaseModel):
     error: ErrorDetail

@@ -28,18 +28,21 @@ def _setting(default: Any, help: str) -> Any:
 class ServeSettings:
     """Everything ``create_app`` and the ``serve`` commands need."""
 
-    model: str | None = _setting(None, "HF directory, .gguf file or compiled artifact (default: SmolLM2-135M-Instruct)")
+    model: str | None = _setting(None, "HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
     served_model_name: str | None = _setting(None, "name clients send as `model` (default: the model's file name)")
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8000, "port to listen on")
-    device: str = _setting("cpu", "cpu, cuda, cuda:N")
+    device: str = _setting("cpu", "cpu, cuda, cuda:N, xla (Neuron)")
     dtype: str = _setting("auto", "auto, float32, bfloat16, float16")
     tensor_parallel_size: int = _setting(1, "devices (processes) to split the model across")
     max_model_len: int | None = _setting(None, "longest prompt + output in tokens (default: the model's)")
     num_kv_blocks: int | None = _setting(None, "KV pool size in blocks (default: from memory)")
     max_num_seqs: int | None = _setting(None, "most sequences in one engine step (default: the engine's)")
     max_waiting_requests: int = _setting(256, "requests waiting for their first token before new ones get 429")
-    api_key: str | None = _setting(None, "when set, /v1 routes require `Authorization: Bearer KEY`")
+    api_key: str | None = _setting(
+        None,
+        "when set, /v1 routes require `Authorization: Bearer KEY` (prefer NEURON_LLM_API_KEY: flags are visible to ps)",
+    )
     drain_timeout: float = _setting(30.0, "seconds to let requests in flight finish on shutdown")
     log_level: str = _setting("info", "uvicorn log level")
 
@@ -52,13 +55,13 @@ class ServeSettings:
 
     def llm_options(self) -> dict[str, Any]:
         """Keyword arguments of ``neuron_llm.LLM`` (engine options left unset take its defaults)."""
-        options: dict[str, Any] = dict(
-            model=self.model,
-            dtype=self.dtype,
-            device=self.device,
-            tensor_parallel_size=self.tensor_parallel_size,
-            max_model_len=self.max_model_len,
-        )
+        options: dict[str, Any] = {
+            "model": self.model,
+            "dtype": self.dtype,
+            "device": self.device,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "max_model_len": self.max_model_len,
+        }
         for name in ("num_kv_blocks", "max_num_seqs"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)

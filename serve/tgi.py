@@ -16,21 +16,19 @@ DEFAULT_MAX_NEW_TOKENS = 100
 """Tokens generated when ``max_new_tokens`` is not set."""
 
 _FINISH_REASONS = {"length": "length", "stop": "eos_token"}
+"""TGI's names of our finish reasons; a stop string is TGI's "stop_sequence"."""
 
-# TGI's name of each SamplingParams field it sets, for errors.
 _PARAMS = {
-    name: f"parameters.{tgi_name}"
-    for name, tgi_name in {
-        "max_tokens": "max_new_tokens",
-        "temperature": "temperature",
-        "top_p": "top_p",
-        "top_k": "top_k",
-        "seed": "seed",
-        "stop": "stop",
-        "repetition_penalty": "repetition_penalty",
-        "frequency_penalty": "frequency_penalty",
-    }.items()
+    "max_tokens": "parameters.max_new_tokens",
+    "temperature": "parameters.temperature",
+    "top_p": "parameters.top_p",
+    "top_k": "parameters.top_k",
+    "seed": "parameters.seed",
+    "stop": "parameters.stop",
+    "repetition_penalty": "parameters.repetition_penalty",
+    "frequency_penalty": "parameters.frequency_penalty",
 }
+"""The request field that sets each ``SamplingParams`` field, named in errors."""
 
 
 async def serve_tgi(state: ServerState, body: TGIRequest, request: Request) -> Response:
@@ -53,7 +51,7 @@ async def serve_tgi(state: ServerState, body: TGIRequest, request: Request) -> R
         repetition_penalty=p.repetition_penalty or 1.0,
         frequency_penalty=p.frequency_penalty or 0.0,
     )
-    generation = Generation(model.engine, prompts, params, f"tgi-{uuid.uuid4().hex}", state.metrics)
+    generation = Generation(model.engine, prompts, params, f"tgi-{uuid.uuid4().hex}", state.metrics, "inputs")
     await unless_disconnected(request, generation.start())
     (final,) = await unless_disconnected(request, generation.final_outputs(1))
     completion = final.outputs[0]

@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 
 from neuron_llm.engine.llm_engine import EngineStats, LLMEngine
@@ -139,7 +139,7 @@ class AsyncLLM:
 
     async def generate(
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Run one request; yield its cumulative output after each step that advanced it.
 
         The last output has ``finished`` set. Outputs that a slow consumer has not read yet
@@ -223,7 +223,8 @@ class AsyncLLM:
                 self._run_commands(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests() and not self._is_stopping:
                     self._step()
-                self._publish_stats()
+                else:
+                    self._publish_stats()  # adds and aborts change the gauges too
         except Exception:  # a bug in the loop itself: fail every request rather than hang it
             logger.exception("the engine loop failed")
             self._die(EngineError("the engine loop failed; see the server log"))
@@ -262,7 +263,10 @@ class AsyncLLM:
             # Which requests the failure touched is unknown: end them all, keep the engine.
             logger.exception("engine step failed")
             self._end_all(EngineError(f"the engine failed while running this request: {e}"))
+            self._publish_stats()
             return
+        # Published first, so that a consumer holding an output sees stats that include it.
+        self._publish_stats()
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:

@@ -72,7 +72,12 @@ def sliding_windows(num_tokens: int, context: int, stride: int) -> list[Window]:
 
 @torch.inference_mode()
 def window_negative_log_likelihood(
-    model: LlamaForCausalLM, token_ids: torch.Tensor, num_scored: int, kv_caches: list[KVCache], block_size: int
+    model: LlamaForCausalLM,
+    token_ids: torch.Tensor,
+    num_scored: int,
+    kv_caches: list[KVCache],
+    block_size: int,
+    logits_chunk: int = LOGITS_CHUNK,
 ) -> float:
     """Summed NLL of the last ``num_scored`` of ``token_ids`` [L], one sequence at positions 0..L-1.
 
@@ -91,10 +96,10 @@ def window_negative_log_likelihood(
     rows = hidden[length - num_scored - 1 : length - 1]
     targets = token_ids[length - num_scored :]
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, num_scored, LOGITS_CHUNK):
-        logits = model.compute_logits(rows[start : start + LOGITS_CHUNK])  # [chunk, vocab] fp32
+    for start in range(0, num_scored, logits_chunk):
+        logits = model.compute_logits(rows[start : start + logits_chunk])  # [chunk, vocab] fp32
         log_probs = torch.log_softmax(logits, dim=-1)
-        picked = log_probs.gather(1, targets[start : start + LOGITS_CHUNK, None])
+        picked = log_probs.gather(1, targets[start : start + logits_chunk, None])
         total -= picked.sum(dtype=torch.float64)
     return float(total)
 
@@ -105,12 +110,14 @@ def perplexity(
     *,
     context: int = 2048,
     stride: int = 512,
+    logits_chunk: int = LOGITS_CHUNK,
     show_progress: bool = False,
 ) -> PerplexityResult:
     """Sliding-window perplexity of ``model`` on ``token_ids`` (see the module docstring).
 
     Works for any weight format: it runs the model's own forward over a KV cache sized for
-    one window. ``show_progress`` draws a tqdm bar over the windows.
+    one window, and computes the logits of ``logits_chunk`` positions at a time.
+    ``show_progress`` draws a tqdm bar over the windows.
     """
     config = model.config
     if context > config.max_position_embeddings:
@@ -132,7 +139,7 @@ def perplexity(
     result = PerplexityResult(0, 0.0)
     for window in windows:
         nll = window_negative_log_likelihood(
-            model, tokens[window.begin : window.end], window.num_scored, kv_caches, KV_BLOCK_SIZE
+            model, tokens[window.begin : window.end], window.num_scored, kv_caches, KV_BLOCK_SIZE, logits_chunk
         )
         result = PerplexityResult(result.num_tokens + window.num_scored, result.negative_log_likelihood + nll)
         if progress is not None:

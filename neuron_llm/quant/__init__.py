@@ -3,46 +3,46 @@
 A quantizer swaps ``Linear`` for ``Int8Linear`` or ``Fp8Linear``: ``quantize_model`` on a loaded
 model, ``prepare_quantized_model`` on a freshly built one whose compressed-tensors checkpoint
 is then loaded through ``adapt_checkpoint_weights``.
+
+Names are exported lazily: the backends import ``neuron_llm.quant.reference`` while the model
+and ops are still being imported, so this package must not import them itself.
 """
 
 from __future__ import annotations
 
-from neuron_llm.quant.checkpoint import (
-    CheckpointQuantization,
-    adapt_checkpoint_weights,
-    parse_quantization_config,
-    quantization_config_dict,
-    read_quantization_config,
-    save_quantized_checkpoint,
-)
-from neuron_llm.quant.config import PRESETS, QuantConfig, resolve_quant_config
-from neuron_llm.quant.convert import QuantizedBytes, prepare_quantized_model, quantize_model, quantized_weight_bytes
-from neuron_llm.quant.formats import DEFAULT_ACTIVATION_SCALE_UB, LinearFormat
-from neuron_llm.quant.layers import Fp8Linear, Int8Linear, quantized_linears
-from neuron_llm.quant.loading import load_any_format
-from neuron_llm.quant.policy import ALL_LINEARS, LLAMA3_FP8, QuantPolicy
+import importlib
 
-__all__ = [
-    "ALL_LINEARS",
-    "DEFAULT_ACTIVATION_SCALE_UB",
-    "LLAMA3_FP8",
-    "PRESETS",
-    "CheckpointQuantization",
-    "Fp8Linear",
-    "Int8Linear",
-    "LinearFormat",
-    "QuantConfig",
-    "QuantPolicy",
-    "QuantizedBytes",
-    "adapt_checkpoint_weights",
-    "load_any_format",
-    "parse_quantization_config",
-    "prepare_quantized_model",
-    "quantization_config_dict",
-    "quantize_model",
-    "quantized_linears",
-    "quantized_weight_bytes",
-    "read_quantization_config",
-    "resolve_quant_config",
-    "save_quantized_checkpoint",
-]
+_EXPORTS = {
+    "CheckpointQuantization": "checkpoint",
+    "adapt_checkpoint_weights": "checkpoint",
+    "parse_quantization_config": "checkpoint",
+    "quantization_config_dict": "checkpoint",
+    "read_quantization_config": "checkpoint",
+    "save_quantized_checkpoint": "checkpoint",
+    "PRESETS": "config",
+    "QuantConfig": "config",
+    "resolve_quant_config": "config",
+    "QuantizedBytes": "convert",
+    "prepare_quantized_model": "convert",
+    "quantize_model": "convert",
+    "quantized_weight_bytes": "convert",
+    "DEFAULT_ACTIVATION_SCALE_UB": "formats",
+    "LinearFormat": "formats",
+    "Fp8Linear": "layers",
+    "Int8Linear": "layers",
+    "quantized_linears": "layers",
+    "load_any_format": "loading",
+    "ALL_LINEARS": "policy",
+    "LLAMA3_FP8": "policy",
+    "QuantPolicy": "policy",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'neuron_llm.quant' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"neuron_llm.quant.{module}"), name)
+
+
+__all__ = sorted(_EXPORTS)

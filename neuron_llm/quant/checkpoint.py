@@ -67,13 +67,10 @@ _TOKENIZER_FILES = (
 
 @dataclass(frozen=True)
 class SchemeGroup:
-    """One of ``config_groups``: the modules it targets, their format, how its tensors are stored."""
+    """One of ``config_groups``: the modules it targets and their format."""
 
-    name: str
     targets: tuple[str, ...]
     format: LinearFormat
-    storage: str
-    """The compressed-tensors format of its tensors ("pack-quantized", "float-quantized"...)."""
 
     def matches(self, module_name: str) -> bool:
         return any(_target_matches(target, module_name) for target in self.targets)
@@ -178,7 +175,7 @@ def _parse_group(name: str, group: Any, top_format: str | None, activation_scale
     targets = group.get("targets")
     if not isinstance(targets, list) or not targets:
         raise ValueError(f"{where}.targets: must be a non-empty list")
-    return SchemeGroup(name, tuple(targets), fmt, storage)
+    return SchemeGroup(tuple(targets), fmt)
 
 
 def _require_arg(args: dict[str, Any], key: str, expected: object, where: str) -> None:
@@ -213,10 +210,18 @@ def quantization_config_dict(model: nn.Module) -> dict[str, Any]:
 
     One config group per format. With a single group it targets "Linear" and the ignore
     list names every other linear (llm-compressor's form); with several, each group names
-    its modules. Raises ``ValueError`` when the model has no quantized linear.
+    its modules. Raises ``ValueError`` when the model has no quantized linear, or one whose
+    groups do not divide its input features (a short last group, which our layers run but
+    compressed-tensors cannot store).
     """
     by_format: dict[LinearFormat, list[str]] = {}
     for name, fmt in quantized_linears(model).items():
+        in_features = model.get_submodule(name).in_features
+        if fmt.group_size is not None and in_features % fmt.group_size:
+            raise ValueError(
+                f"{name}: in_features={in_features} is not a multiple of group_size={fmt.group_size}; "
+                "compressed-tensors stores whole groups only: use a group size that divides it, or per-channel scales"
+            )
         by_format.setdefault(fmt, []).append(name)
     if not by_format:
         raise ValueError("the model has no quantized linear to describe")

@@ -10,8 +10,9 @@ import torch
 from neuron_llm.config import parse_dtype
 from neuron_llm.quant.checkpoint import save_quantized_checkpoint
 from neuron_llm.quant.config import QuantConfig
-from neuron_llm.quant.convert import quantize_model, quantized_weight_bytes
+from neuron_llm.quant.convert import quantized_weight_bytes
 from neuron_llm.quant.formats import DEFAULT_ACTIVATION_SCALE_UB
+from neuron_llm.quant.layers import quantized_linears
 from neuron_llm.quant.loading import load_any_format
 from neuron_llm.quant.policy import QuantPolicy
 
@@ -70,8 +71,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out} is not empty; choose a new or empty directory")
     config = quant_config_from_args(args)
     # Quantizing from float32 keeps 16-bit rounding out of the quantized weights.
-    loaded = load_any_format(args.model, dtype=torch.float32, device="cpu")
-    names = quantize_model(loaded.model, config)
+    loaded = load_any_format(args.model, dtype=torch.float32, device="cpu", quantization=config)
+    names = quantized_linears(loaded.model)
     save_quantized_checkpoint(
         loaded.model,
         loaded.config,

@@ -21,7 +21,7 @@ from neuron_llm.layers.linear import Linear
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.quant.checkpoint import CheckpointQuantization
 from neuron_llm.quant.config import QuantConfig, resolve_quant_config
-from neuron_llm.quant.layers import Fp8Linear, Int8Linear, empty_quantized_linear, quantize_linear
+from neuron_llm.quant.layers import Fp8Linear, Int8Linear, empty_quantized_linear, quantize_linear, refuse_non_finite
 
 
 def quantize_model(model: LlamaForCausalLM, quantization: str | QuantConfig) -> list[str]:
@@ -29,12 +29,16 @@ def quantize_model(model: LlamaForCausalLM, quantization: str | QuantConfig) -> 
 
     ``quantization`` is a ``QuantConfig`` or a preset name ("int8", "int8-g128", "fp8",
     "fp8-all"). Returns the names of the quantized modules. Raises ``ValueError`` naming a
-    module whose weight holds NaN or inf (the model is then partly quantized: discard it).
+    module whose weight holds NaN or inf, before any module is replaced.
     """
     config = resolve_quant_config(quantization)
     names = config.policy.select(model, model.config.num_hidden_layers)
+    linears = {name: _plain_linear(model, name) for name in names}
+    for name, linear in linears.items():
+        refuse_non_finite(linear.weight, name)
     for name in names:
-        linear = _plain_linear(model, name)
+        # Popped, so each 16-bit weight is freed once its replacement is in place.
+        linear = linears.pop(name)
         _replace(model, name, quantize_linear(linear, config.format, name))
     return names
 
@@ -90,6 +94,8 @@ def quantized_weight_bytes(model: nn.Module) -> QuantizedBytes:
 
 def _plain_linear(model: nn.Module, name: str) -> Linear:
     module = model.get_submodule(name)
+    if isinstance(module, (Int8Linear, Fp8Linear)):
+        raise ValueError(f"{name} is already quantized ({module.format.scheme})")
     if type(module) is not Linear:
         # A tensor-parallel linear carries a partition and a collective that a quantized
         # layer does not have yet; swapping it would silently drop both.

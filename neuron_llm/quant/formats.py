@@ -62,19 +62,12 @@ class LinearFormat:
                 raise ValueError(f"activation_scale_ub={self.activation_scale_ub!r}: must be > 0 or None")
 
 
-def check_finite(weight: torch.Tensor, name: str) -> None:
-    """Refuse a weight holding NaN or inf: its scale, and so its whole row, would be garbage."""
-    if weight.dtype == FP8_DTYPE:
-        # e4m3fn has no inf, and isfinite has no fp8 kernel: NaN is exponent and mantissa all ones.
-        non_finite = (weight.view(torch.uint8) & 0x7F) == 0x7F
-    else:
-        non_finite = ~torch.isfinite(weight)
-    if bool(non_finite.any()):
-        bad = int(non_finite.sum())
-        raise ValueError(
-            f"{name}: the weight holds {bad} NaN/inf value(s); refusing to quantize it "
-            "(the checkpoint is broken: check its source or conversion)"
-        )
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """How many NaN or inf values ``tensor`` holds (fp8 included, which ``isfinite`` does not take)."""
+    if tensor.dtype == FP8_DTYPE:
+        # e4m3fn has no inf; NaN is the pattern with exponent and mantissa all ones.
+        return int(((tensor.view(torch.uint8) & 0x7F) == 0x7F).sum())
+    return int((~torch.isfinite(tensor)).sum())
 
 
 def num_groups(in_features: int, group_size: int | None) -> int:
@@ -86,11 +79,10 @@ def _scale_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.where(amax > _MIN_AMAX, amax / qmax, torch.ones_like(amax))
 
 
-def _expand_groups(scale: torch.Tensor, in_features: int) -> torch.Tensor:
+def _expand_groups(scale: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
     """Scales [rows, groups] broadcastable against [rows, in_features] (per-channel ones already are)."""
-    if scale.shape[1] == 1:
+    if group_size is None:
         return scale
-    group_size = -(-in_features // scale.shape[1])
     return scale.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
@@ -109,13 +101,15 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[
         padded = torch.nn.functional.pad(w.abs(), (0, groups * group_size - in_features))
         amax = padded.view(out_features, groups, group_size).amax(dim=2)  # [out, groups]
     scale = _scale_from_amax(amax, INT8_MAX)
-    q = torch.round(w / _expand_groups(scale, in_features)).clamp_(-INT8_MAX, INT8_MAX)
+    q = torch.round(w / _expand_groups(scale, in_features, group_size)).clamp_(-INT8_MAX, INT8_MAX)
     return q.to(torch.int8), scale
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``q * scale`` in ``dtype`` for int8 ``q`` [rows, in] and its scales [rows, 1 or groups]."""
-    return (q.float() * _expand_groups(scale, q.shape[1])).to(dtype)
+def dequantize_int8(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, group_size: int | None = None
+) -> torch.Tensor:
+    """``q * scale`` in ``dtype`` for int8 ``q`` [rows, in] and its scales [rows, 1] or [rows, groups]."""
+    return (q.float() * _expand_groups(scale, q.shape[1], group_size)).to(dtype)
 
 
 def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

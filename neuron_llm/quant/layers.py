@@ -11,6 +11,8 @@ than casting it: a float weight copied into int8 would be silently wrong.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -19,34 +21,39 @@ from neuron_llm.quant import reference
 from neuron_llm.quant.formats import (
     FP8_DTYPE,
     LinearFormat,
-    check_finite,
+    count_non_finite,
     num_groups,
     quantize_fp8_weight,
     quantize_int8,
 )
 
+if TYPE_CHECKING:
+    # The loader package imports transformers; the layers only need the protocol's name.
+    from neuron_llm.loader.weights import TensorSource
 
-def _load_exact(param: nn.Parameter, source: object) -> None:
-    """Copy a quantized weight, refusing a shape or dtype mismatch and non-finite values."""
-    tensor = source[...]  # type: ignore[index]
+
+def _read_same_shape(param: nn.Parameter, source: TensorSource) -> torch.Tensor:
+    tensor = source[...]
     if tuple(tensor.shape) != tuple(param.shape):
         raise ValueError(f"checkpoint shape {tuple(tensor.shape)} does not match parameter shape {tuple(param.shape)}")
+    return tensor
+
+
+def _load_exact(param: nn.Parameter, source: TensorSource) -> None:
+    """Copy a quantized weight, refusing a shape or dtype mismatch and NaN values."""
+    tensor = _read_same_shape(param, source)
     if tensor.dtype != param.dtype:
         raise ValueError(f"checkpoint dtype {tensor.dtype} does not match the quantized weight's {param.dtype}")
-    if tensor.is_floating_point():
-        check_finite(tensor, "weight")
+    if tensor.is_floating_point() and (bad := count_non_finite(tensor)):
+        raise ValueError(f"the checkpoint's quantized weight holds {bad} NaN value(s): the checkpoint is broken")
     param.data.copy_(tensor)
 
 
-def _load_scale(param: nn.Parameter, source: object) -> None:
+def _load_scale(param: nn.Parameter, source: TensorSource) -> None:
     """Copy scales (any float dtype, cast to float32), refusing non-finite or non-positive ones."""
-    tensor = source[...]  # type: ignore[index]
-    if tuple(tensor.shape) != tuple(param.shape):
-        raise ValueError(f"checkpoint shape {tuple(tensor.shape)} does not match parameter shape {tuple(param.shape)}")
-    tensor = tensor.float()
-    check_finite(tensor, "weight_scale")
-    if not bool((tensor > 0).all()):
-        raise ValueError("weight_scale holds zero or negative scales; a symmetric scale must be positive")
+    tensor = _read_same_shape(param, source).float()
+    if not bool((tensor > 0).all()) or count_non_finite(tensor):
+        raise ValueError("the checkpoint's scales hold zero, negative, NaN or inf values: the checkpoint is broken")
     param.data.copy_(tensor)
 
 
@@ -67,10 +74,6 @@ class _QuantizedLinear(nn.Module):
         self.weight.weight_loader = _load_exact
         self.weight_scale.weight_loader = _load_scale
 
-    def _set(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        self.weight.data.copy_(q)
-        self.weight_scale.data.copy_(scale)
-
 
 class Int8Linear(_QuantizedLinear):
     """int8 weight-only linear (W8A16): activations stay 16/32-bit, weights are int8.
@@ -88,7 +91,7 @@ class Int8Linear(_QuantizedLinear):
         return LinearFormat("int8", group_size=self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.int8_linear(x, self.weight, self.weight_scale, self.bias)
+        return reference.int8_linear(x, self.weight, self.weight_scale, self.bias, self.group_size)
 
     def extra_repr(self) -> str:
         granularity = "channel" if self.group_size is None else f"group={self.group_size}"
@@ -142,7 +145,7 @@ def quantize_linear(linear: Linear, fmt: LinearFormat, name: str) -> QuantizedLi
     Raises ``ValueError`` naming the module when its weight holds NaN or inf.
     """
     weight = linear.weight.detach()
-    check_finite(weight, name)
+    refuse_non_finite(weight, name)
     with torch.device(weight.device):
         layer = empty_quantized_linear(fmt, linear.in_features, linear.out_features, bias=False)
     if linear.bias is not None:
@@ -151,5 +154,18 @@ def quantize_linear(linear: Linear, fmt: LinearFormat, name: str) -> QuantizedLi
         q, scale = quantize_int8(weight, fmt.group_size)
     else:
         q, scale = quantize_fp8_weight(weight)
-    layer._set(q, scale)
+    layer.weight.data.copy_(q)
+    layer.weight_scale.data.copy_(scale)
     return layer
+
+
+def refuse_non_finite(weight: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming linear ``name`` when its weight holds NaN or inf.
+
+    One such value would make its row's scale, and so the whole row, garbage.
+    """
+    if bad := count_non_finite(weight):
+        raise ValueError(
+            f"{name}.weight holds {bad} NaN/inf value(s); refusing to quantize it "
+            "(the checkpoint is broken: check where it came from)"
+        )

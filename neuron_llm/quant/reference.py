@@ -29,12 +29,13 @@ def int8_linear(
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
+    group_size: int | None = None,
     tile_elements: int = TILE_ELEMENTS,
 ) -> torch.Tensor:
     """``x @ dequantize(weight).T + bias`` for an int8 weight-only (W8A16) linear.
 
-    ``x`` is [..., in]; ``weight`` int8 [out, in]; ``weight_scale`` float32 [out, 1] or
-    [out, groups]. Each tile of rows is dequantized to ``x.dtype``, the dtype the matmul runs
+    ``x`` is [..., in]; ``weight`` int8 [out, in]; ``weight_scale`` float32 [out, 1] (per
+    channel, ``group_size`` None) or [out, ceil(in / group_size)]. Each tile of rows is dequantized to ``x.dtype``, the dtype the matmul runs
     in. Returns [..., out] in ``x.dtype``.
     """
     out_features, in_features = weight.shape
@@ -42,7 +43,8 @@ def int8_linear(
     step = tile_rows(out_features, in_features, tile_elements)
     tiles = []
     for start in range(0, out_features, step):
-        w_tile = dequantize_int8(weight[start : start + step], weight_scale[start : start + step], x.dtype)
+        rows = slice(start, start + step)
+        w_tile = dequantize_int8(weight[rows], weight_scale[rows], x.dtype, group_size)
         tiles.append(F.linear(x2, w_tile))  # [tokens, rows of this tile]
     out = torch.cat(tiles, dim=1)
     if bias is not None:

@@ -25,8 +25,12 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "a", "temperature": "hot"}, 400, "temperature"),
     (COMPLETIONS, {"prompt": "a", "stream": "yes"}, 400, "stream"),
     (COMPLETIONS, {"prompt": "a", "stop": 3}, 400, "stop"),
-    (CHAT, {"messages": USER, "stream": True, "stream_options": {"include_usage": 1}}, 400,
-     "stream_options.include_usage"),
+    (
+        CHAT,
+        {"messages": USER, "stream": True, "stream_options": {"include_usage": 1}},
+        400,
+        "stream_options.include_usage",
+    ),
     (CHAT, {"messages": "Hi"}, 400, "messages"),
     (CHAT, {"messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content"),
     # negative or out of range

@@ -30,9 +30,13 @@ def test_serve_command_line_becomes_settings() -> None:
     settings = ServeSettings.from_args(args)
     assert (settings.model, settings.port, settings.max_model_len, settings.api_key) == ("my/model", 9000, 128, "k")
     assert settings.host == "127.0.0.1" and settings.max_num_seqs is None
-    assert settings.llm_options() == dict(
-        model="my/model", dtype="auto", device="cpu", tensor_parallel_size=1, max_model_len=128
-    )
+    assert settings.llm_options() == {
+        "model": "my/model",
+        "dtype": "auto",
+        "device": "cpu",
+        "tensor_parallel_size": 1,
+        "max_model_len": 128,
+    }
 
 
 def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
@@ -41,7 +45,12 @@ def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
         host="0.0.0.0",
         port=8080,
     )
-    assert (settings.model, settings.max_num_seqs, settings.host, settings.port) == ("/opt/ml/model", 8, "0.0.0.0", 8080)
+    assert (settings.model, settings.max_num_seqs, settings.host, settings.port) == (
+        "/opt/ml/model",
+        8,
+        "0.0.0.0",
+        8080,
+    )
     with pytest.raises(ValueError, match="NEURON_LLM_MAX_TOKENS"):
         ServeSettings.from_env({"NEURON_LLM_MAX_TOKENS": "8"})
     with pytest.raises(ValueError, match="NEURON_LLM_PORT='http'"):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +13,9 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import ServerThread, make_slow_llm, metric, running_server, wait_for
+from neuron_llm.llm import LLM
+from neuron_llm.outputs import RequestOutput
+from tests.serve.conftest import ServerThread, make_llm, make_slow_llm, metric, running_server, wait_for
 
 ABORTED = 'neuron_llm_requests_total{outcome="aborted"}'
 LONG = {"max_tokens": 240, "ignore_eos": True, "temperature": 0.0}
@@ -24,7 +29,23 @@ def slow_server(model_dir: Path) -> Iterator[ServerThread]:
 
 
 def _prompts(count: int) -> list[str]:
-    words = "the quick brown fox jumps over a lazy dog hello world how are you today".split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "hello",
+        "world",
+        "how",
+        "are",
+        "you",
+        "today",
+    ]
     return [" ".join(words[(i * 7 + j) % len(words)] for j in range(1 + i % 9)) for i in range(count)]
 
 
@@ -83,7 +104,7 @@ def test_client_leaving_before_a_whole_response_aborts_it(slow_server: ServerThr
 
 def test_full_queue_answers_429_and_keeps_serving(model_dir: Path) -> None:
     # One running slot and one waiting place: a running request A, a waiting B, then C is refused.
-    load = lambda: make_slow_llm(model_dir, max_num_seqs=1)  # noqa: E731
+    load = functools.partial(make_slow_llm, model_dir, max_num_seqs=1)
     with running_server(model_dir, load=load, max_waiting_requests=1) as server:
 
         async def run() -> None:
@@ -108,3 +129,28 @@ def test_full_queue_answers_429_and_keeps_serving(model_dir: Path) -> None:
 
         asyncio.run(run())
         assert metric(server, 'neuron_llm_requests_total{outcome="rejected"}') == 1
+
+
+def test_engine_failure_fails_its_requests_and_the_server_keeps_serving(model_dir: Path) -> None:
+    def load_failing_on_steps_0_and_3() -> LLM:
+        llm = make_llm(model_dir)
+        step, calls = llm.engine.step, itertools.count()
+
+        def flaky_step() -> list[RequestOutput]:
+            if next(calls) in (0, 3):
+                raise RuntimeError("device lost")
+            return step()
+
+        llm.engine.step = flaky_step  # type: ignore[method-assign]
+        return llm
+
+    with running_server(model_dir, load=load_failing_on_steps_0_and_3) as server:
+        whole = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 8})
+        assert whole.status_code == 500 and "device lost" in whole.json()["error"]["message"]
+        body = {"prompt": "Hello", "max_tokens": 8, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as stream:
+            events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[-2])["error"]["code"] == "engine_error" and events[-1] == "[DONE]"
+        after = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 8})
+        assert after.status_code == 200
+        assert metric(server, 'neuron_llm_requests_total{outcome="error"}') == 2

@@ -9,7 +9,7 @@ import pytest
 
 from tests.serve.conftest import ServerThread, running_server
 
-GREEDY = dict(temperature=0.0, max_tokens=12)
+GREEDY = {"temperature": 0.0, "max_tokens": 12}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,11 @@ def test_streamed_completion_adds_up_to_the_whole_one(client: openai.OpenAI, mod
     whole = client.completions.create(model=model_name, prompt="The quick brown fox", **GREEDY)
     chunks = list(
         client.completions.create(
-            model=model_name, prompt="The quick brown fox", stream=True, stream_options={"include_usage": True}, **GREEDY
+            model=model_name,
+            prompt="The quick brown fox",
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
         )
     )
     text = "".join(choice.text for chunk in chunks for choice in chunk.choices)

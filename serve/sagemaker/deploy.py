@@ -1,0 +1,127 @@
+"""Deploy a model artifact on S3 to a SageMaker real-time endpoint running neuron-llm's container.
+
+    python serve/sagemaker/deploy.py \\
+        --image-uri 123456789012.dkr.ecr.us-east-1.amazonaws.com/neuron-llm:neuron \\
+        --model-data s3://my-bucket/llama/model.tar.gz \\
+        --role arn:aws:iam::123456789012:role/SageMakerExecutionRole \\
+        --instance-type ml.inf2.xlarge --tensor-parallel-size 2 --max-model-len 4096 \\
+        --endpoint-name llama-inf2 --smoke-test
+
+Before running it:
+
+1. Build the image for the instance type and push it to ECR: ``serve/Dockerfile.neuron``
+   for inf2/trn1/trn2 instances, ``serve/Dockerfile`` for GPU instances (ml.g5, ml.g6,
+   ml.p4d, ml.p5, ...).
+2. Upload the artifact as a ``model.tar.gz`` whose top level holds the artifact's files
+   (for Neuron, what ``neuron-llm compile`` wrote, compiled for this instance type and
+   tensor-parallel degree); SageMaker unpacks it into /opt/ml/model, which the container's
+   ``serve`` command serves.
+3. ``pip install "sagemaker>=2.199,<3"`` (the SDK's 2.x ``Model`` API, which 3.x removed) and
+   have AWS credentials allowed to create models and endpoints.
+
+The container is configured only through ``NEURON_LLM_*`` environment variables (see
+``neuron_llm/serve/settings.py``); ``--env KEY=VALUE`` passes any other one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+NEURON_FAMILIES = ("ml.inf2.", "ml.trn1.", "ml.trn1n.", "ml.trn2.")
+GPU_FAMILIES = ("ml.g4dn.", "ml.g5.", "ml.g6.", "ml.g6e.", "ml.p4d.", "ml.p4de.", "ml.p5.", "ml.p5e.", "ml.p5en.")
+STARTUP_TIMEOUT_S = 1800
+"""Time SageMaker gives the container to answer /ping with 200: loading a large model takes minutes."""
+
+
+def device_for_instance(instance_type: str) -> str:
+    """The ``NEURON_LLM_DEVICE`` of an instance type: "xla" on Neuron instances, "cuda" on GPU ones."""
+    if instance_type.startswith(NEURON_FAMILIES):
+        return "xla"
+    if instance_type.startswith(GPU_FAMILIES):
+        return "cuda"
+    raise ValueError(
+        f"instance_type={instance_type!r}: not a Neuron ({', '.join(NEURON_FAMILIES)}) "
+        f"or GPU ({', '.join(GPU_FAMILIES)}) instance type"
+    )
+
+
+def container_env(args: argparse.Namespace) -> dict[str, str]:
+    """The container's environment: the server's settings as ``NEURON_LLM_*`` variables."""
+    env = {
+        "NEURON_LLM_DEVICE": device_for_instance(args.instance_type),
+        "NEURON_LLM_TENSOR_PARALLEL_SIZE": str(args.tensor_parallel_size),
+    }
+    if args.max_model_len is not None:
+        env["NEURON_LLM_MAX_MODEL_LEN"] = str(args.max_model_len)
+    if args.served_model_name is not None:
+        env["NEURON_LLM_SERVED_MODEL_NAME"] = args.served_model_name
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image-uri", required=True, help="the pushed neuron-llm image in ECR")
+    parser.add_argument("--model-data", required=True, help="s3://.../model.tar.gz holding the artifact")
+    parser.add_argument("--role", required=True, help="SageMaker execution role ARN (reads the artifact and image)")
+    parser.add_argument("--instance-type", required=True, help="e.g. ml.inf2.xlarge, ml.trn1.2xlarge, ml.g5.xlarge")
+    parser.add_argument("--endpoint-name", required=True)
+    parser.add_argument("--instance-count", type=int, default=1)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="must match the compiled artifact")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--env", action="append", default=[], help="extra container variable KEY=VALUE (repeatable)")
+    parser.add_argument("--smoke-test", action="store_true", help="send one TGI-style request once deployed")
+    return parser
+
+
+def deploy(args: argparse.Namespace) -> None:
+    """Create the SageMaker model and endpoint (waiting until it is in service)."""
+    try:
+        from sagemaker.deserializers import JSONDeserializer
+        from sagemaker.model import Model
+        from sagemaker.predictor import Predictor
+        from sagemaker.serializers import JSONSerializer
+    except ImportError as e:
+        raise SystemExit(f'the SageMaker SDK 2.x is needed: pip install "sagemaker>=2.199,<3" ({e})') from e
+
+    model = Model(
+        image_uri=args.image_uri,
+        model_data=args.model_data,
+        role=args.role,
+        env=container_env(args),
+        predictor_cls=Predictor,
+    )
+    predictor = model.deploy(
+        initial_instance_count=args.instance_count,
+        instance_type=args.instance_type,
+        endpoint_name=args.endpoint_name,
+        container_startup_health_check_timeout=STARTUP_TIMEOUT_S,
+        serializer=JSONSerializer(),
+        deserializer=JSONDeserializer(),
+    )
+    print(f"endpoint {args.endpoint_name} is in service")
+    if args.smoke_test:
+        reply = predictor.predict({"inputs": "The capital of France is", "parameters": {"max_new_tokens": 16}})
+        print(reply)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        container_env(args)  # refuse a bad instance type or --env before touching AWS
+    except ValueError as e:
+        print(f"deploy: error: {e}", file=sys.stderr)
+        return 2
+    deploy(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Running the app under uvicorn, marking it as draining as soon as a stop signal arrives."""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+import uvicorn
+
+from neuron_llm.serve.app import create_app
+from neuron_llm.serve.settings import ServeSettings
+from neuron_llm.serve.state import ServerState
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, marking the app as draining on SIGTERM/SIGINT so new requests get 503."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Unlike uvicorn's own, this does not raise the signal again once shut down, so a
+        # server that drained cleanly exits with status 0.
+        self._state.is_draining = True
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
+def run_server(settings: ServeSettings) -> int:
+    """Serve until SIGTERM or SIGINT, then drain; returns the exit status (1 if loading failed)."""
+    server: _DrainingServer | None = None
+
+    def stop() -> None:
+        assert server is not None
+        server.should_exit = True
+
+    app = create_app(settings, on_load_failure=stop)
+    state: ServerState = app.state.server
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # In-flight requests get this long once the listening socket closes; the engine's own
+        # drain afterwards then finds nothing left, or aborts what uvicorn gave up on.
+        timeout_graceful_shutdown=settings.drain_timeout,  # type: ignore[arg-type]
+    )
+    server = _DrainingServer(config, state)
+    server.run()
+    return 1 if state.load_error is not None else 0

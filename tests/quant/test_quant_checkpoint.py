@@ -1,0 +1,287 @@
+"""Quantized checkpoints: the compressed-tensors layout, a bit-exact round trip, and what is refused."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from neuron_llm.config import ModelConfig, RopeScaling
+from neuron_llm.quant import (
+    QuantConfig,
+    QuantPolicy,
+    load_any_format,
+    parse_quantization_config,
+    quantize_model,
+    quantized_linears,
+    save_quantized_checkpoint,
+)
+from neuron_llm.quant.checkpoint import PackedInt8Source, hf_config_dict
+from neuron_llm.quant.formats import dequantize_fp8, dequantize_int8
+from neuron_llm.quant.packing import pack_int8, unpack_int8
+from neuron_llm.quant.policy import ALL_LINEARS, ATTENTION_LINEARS
+
+RECIPES = {
+    "int8": QuantConfig.for_scheme("int8"),
+    "int8-g64": QuantConfig.for_scheme("int8", group_size=64),
+    "fp8": QuantConfig.for_scheme("fp8"),
+    "fp8-all-unbounded": QuantConfig.for_scheme("fp8", activation_scale_ub=None, policy=ALL_LINEARS),
+}
+
+
+def random_int8(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(-128, 128, (rows, cols), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+
+
+@pytest.mark.parametrize("cols", [1, 4, 7, 64, 130])
+def test_pack_unpack_round_trip_and_matches_compressed_tensors(cols: int) -> None:
+    q = random_int8(5, cols)
+    packed = pack_int8(q)
+    assert packed.dtype == torch.int32 and packed.shape == (5, -(-cols // 4))
+    assert torch.equal(unpack_int8(packed, cols), q)
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    assert torch.equal(packed, helpers.pack_to_int32(q, 8))
+    assert torch.equal(helpers.unpack_from_int32(packed, 8, torch.Size((5, cols))), q)
+
+
+def test_packed_source_reads_column_blocks() -> None:
+    q = random_int8(6, 30)
+    source = PackedInt8Source(pack_int8(q), (6, 30), "m.weight_packed")
+    assert torch.equal(source[...], q)
+    assert torch.equal(source[2:5], q[2:5])
+    for start, end in [(0, 15), (15, 30), (3, 9), (29, 30)]:  # tensor-parallel column shards, aligned or not
+        assert torch.equal(source[:, start:end], q[:, start:end])
+    with pytest.raises(TypeError, match="contiguous slices"):
+        source[:, ::2]
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_save_load_round_trip_is_bit_exact(
+    recipe: str, quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path, paged_runner: type
+) -> None:
+    loaded = load_fp32(quant_checkpoint[1])
+    quantize_model(loaded.model, RECIPES[recipe])
+    out = tmp_path / "quantized"
+    save_quantized_checkpoint(
+        loaded.model, loaded.config, out, source=loaded.source, tokenizer=loaded.tokenizer, dtype=torch.float32
+    )
+    reloaded = load_any_format(out, dtype=torch.float32, device="cpu")
+
+    assert quantized_linears(reloaded.model) == quantized_linears(loaded.model)
+    expected = dict(loaded.model.named_parameters())
+    actual = dict(reloaded.model.named_parameters())
+    assert actual.keys() == expected.keys()
+    for name, param in expected.items():
+        assert actual[name].dtype == param.dtype, name
+        assert torch.equal(actual[name].view(torch.uint8), param.view(torch.uint8)), name
+    [before] = paged_runner(loaded.model).logits([list(range(20))])
+    [after] = paged_runner(reloaded.model).logits([list(range(20))])
+    assert torch.equal(before, after)
+    assert reloaded.weight_bytes == loaded_bytes(loaded.model)
+    assert (out / "tokenizer.json").is_file()
+
+
+def loaded_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int8-g64", "fp8"])
+def test_written_checkpoint_is_read_by_compressed_tensors(
+    recipe: str, quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path
+) -> None:
+    ct_config = pytest.importorskip("compressed_tensors.quantization").QuantizationConfig
+    compressors = pytest.importorskip("compressed_tensors.compressors")
+    loaded = load_fp32(quant_checkpoint[1])
+    quantize_model(loaded.model, RECIPES[recipe])
+    save_quantized_checkpoint(loaded.model, loaded.config, tmp_path, source=loaded.source, tokenizer=None)
+
+    raw = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    config = ct_config.model_validate(raw)
+    assert config.quant_method == "compressed-tensors"
+    [scheme] = config.config_groups.values()
+    assert scheme.targets == ["Linear"] and scheme.weights.num_bits == 8 and scheme.weights.symmetric
+    quantized = list(quantized_linears(loaded.model))
+    linears = [name for name, m in loaded.model.named_modules() if name.endswith("_proj") or name == "lm_head"]
+    assert sorted(config.ignore) == sorted(set(linears) - set(quantized))
+    if recipe == "fp8":
+        assert config.format == "float-quantized"
+        assert (scheme.weights.type, scheme.weights.strategy) == ("float", "channel")
+        inputs = scheme.input_activations
+        assert (inputs.type, inputs.strategy, inputs.dynamic) == ("float", "token", True)
+        assert raw["activation_scale_ub"] == 1200.0
+    else:
+        assert config.format == "pack-quantized" and scheme.input_activations is None
+        assert scheme.weights.strategy == ("group" if recipe == "int8-g64" else "channel")
+        assert scheme.weights.group_size == (64 if recipe == "int8-g64" else None)
+
+    # compressed-tensors' own decompressor turns our tensors into our dequantized weights.
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    compressor = compressors.BaseCompressor.load_from_registry(config.format)
+    for name in quantized:
+        layer = loaded.model.get_submodule(name)
+        state = {key.removeprefix(f"{name}."): t for key, t in tensors.items() if key.startswith(f"{name}.")}
+        weight = compressor.decompress(state, scheme)["weight"].float()
+        if recipe == "fp8":
+            expected = dequantize_fp8(layer.weight, layer.weight_scale, torch.float32)
+        else:
+            expected = dequantize_int8(layer.weight, layer.weight_scale, torch.float32, layer.group_size)
+        assert torch.equal(weight, expected), name
+
+
+def test_short_last_groups_run_but_are_not_written(
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path
+) -> None:
+    loaded = load_fp32(quant_checkpoint[1])
+    quantize_model(loaded.model, QuantConfig.for_scheme("int8", group_size=48))  # 128 = 2 x 48 + 32
+    assert loaded.model.model.layers[0].mlp.up_proj.weight_scale.shape == (256, 3)
+    with pytest.raises(ValueError, match=r"self_attn\.q_proj: in_features=128 is not a multiple of group_size=48"):
+        save_quantized_checkpoint(loaded.model, loaded.config, tmp_path, source=loaded.source, tokenizer=None)
+
+
+def test_naive_int8_checkpoint_from_elsewhere_loads(
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, paged_runner: type, tmp_path: Path, prompt: list[int]
+) -> None:
+    """The other int8 layout: a plain int8 ``weight`` with bf16 scales, regex targets and ignores."""
+    source = quant_checkpoint[1]
+    reference = load_fp32(source)
+    quantize_model(reference.model, "int8")
+    tensors = load_file(str(source / "model.safetensors"))
+    for name in quantized_linears(reference.model):
+        layer = reference.model.get_submodule(name)
+        tensors[f"{name}.weight"] = layer.weight.detach().clone()
+        tensors[f"{name}.weight_scale"] = layer.weight_scale.detach().to(torch.bfloat16)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "naive-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["re:.*_proj$"],
+                "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+            }
+        },
+        "ignore": ["lm_head"],
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    loaded = load_any_format(tmp_path, dtype=torch.float32, device="cpu")
+    assert quantized_linears(loaded.model) == quantized_linears(reference.model)
+    # Only the scales differ (rounded through bf16), so the logits agree closely.
+    [expected] = paged_runner(reference.model).logits([prompt])
+    [actual] = paged_runner(loaded.model).logits([prompt])
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-2 * expected.abs().max().item())
+
+
+def test_non_finite_quantized_weights_are_refused_on_load(
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path
+) -> None:
+    loaded = load_fp32(quant_checkpoint[1])
+    quantize_model(loaded.model, "fp8")
+    loaded.model.model.layers[1].mlp.up_proj.weight.data.view(torch.uint8)[0, 0] = 0x7F  # e4m3fn NaN
+    save_quantized_checkpoint(loaded.model, loaded.config, tmp_path, source=loaded.source, tokenizer=None)
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: the checkpoint's quantized weight holds 1 NaN"
+    ):
+        load_any_format(tmp_path, dtype=torch.float32, device="cpu")
+
+
+def _group(**changes: Any) -> dict[str, Any]:
+    group = {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+        "input_activations": None,
+    }
+    for key, value in changes.items():
+        if key in ("num_bits", "type", "symmetric", "strategy", "actorder", "group_size"):
+            group["weights"] = {**group["weights"], key: value}
+        else:
+            group[key] = value
+    return group
+
+
+FP8_TOKEN = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"quant_method": "gptq"}, "quant_method='gptq'"),
+        ({"kv_cache_scheme": {"num_bits": 8}}, "KV-cache quantization"),
+        ({"config_groups": {"g": _group(num_bits=4)}}, r"weights\.num_bits=4"),
+        ({"config_groups": {"g": _group(symmetric=False)}}, r"weights\.symmetric=False"),
+        ({"config_groups": {"g": _group(strategy="tensor")}}, r"weights\.strategy='tensor'"),
+        ({"config_groups": {"g": _group(actorder="weight")}}, "activation reordering"),
+        ({"config_groups": {"g": _group(input_activations={"num_bits": 8, "type": "int"})}}, "W8A8 int"),
+        ({"config_groups": {"g": _group(type="float")}, "format": "float-quantized"}, "W8A16 fp8"),
+        (
+            {
+                "config_groups": {"g": _group(type="float", input_activations={**FP8_TOKEN, "dynamic": False})},
+                "format": "float-quantized",
+            },
+            "only dynamic per-token fp8",
+        ),
+        ({"config_groups": {"W8A16": ["Linear"]}}, "preset scheme names"),
+        ({"format": "marlin-24"}, "format 'marlin-24'"),
+    ],
+)
+def test_unsupported_quantization_configs_are_refused(config: dict[str, Any], message: str) -> None:
+    raw = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": _group()}}
+    with pytest.raises(ValueError, match=message):
+        parse_quantization_config({**raw, **config})
+
+
+def test_targets_and_ignore_follow_compressed_tensors_matching() -> None:
+    raw = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {"g": _group(targets=["re:.*mlp\\..*"])},
+        "ignore": ["model.layers.0.mlp.down_proj", "re:model\\.layers\\.3\\."],
+    }
+    parsed = parse_quantization_config(raw)
+    assert parsed.format_of("model.layers.1.mlp.up_proj") is not None
+    assert parsed.format_of("model.layers.1.self_attn.q_proj") is None
+    assert parsed.format_of("model.layers.0.mlp.down_proj") is None
+    assert parsed.format_of("model.layers.3.mlp.gate_proj") is None
+
+
+def test_config_rebuilt_for_a_gguf_source_reads_back() -> None:
+    config = ModelConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_ids=(2, 3),
+    )
+    assert ModelConfig.from_hf_config(hf_config_dict(config)) == config
+
+
+def test_mixed_formats_are_written_as_one_group_each(
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path
+) -> None:
+    loaded = load_fp32(quant_checkpoint[1])
+    quantize_model(loaded.model, QuantConfig.for_scheme("int8", policy=QuantPolicy(modules=ATTENTION_LINEARS)))
+    quantize_model(loaded.model, "fp8")
+    save_quantized_checkpoint(loaded.model, loaded.config, tmp_path, source=loaded.source, tokenizer=None)
+    raw = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert raw["format"] == "mixed-precision"
+    assert [group["format"] for group in raw["config_groups"].values()] == ["pack-quantized", "float-quantized"]
+    assert raw["config_groups"]["group_1"]["targets"] == [
+        f"model.layers.{layer}.mlp.{name}" for layer in (1, 2) for name in ("gate_proj", "up_proj", "down_proj")
+    ]
+    ct_config = pytest.importorskip("compressed_tensors.quantization").QuantizationConfig
+    assert ct_config.model_validate(raw).format == "mixed-precision"
+    reloaded = load_any_format(tmp_path, dtype=torch.float32, device="cpu")
+    assert quantized_linears(reloaded.model) == quantized_linears(loaded.model)

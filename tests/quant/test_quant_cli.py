@@ -1,0 +1,108 @@
+"""``neuron-llm quantize`` and ``neuron-llm eval perplexity`` on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from neuron_llm.eval import perplexity
+from neuron_llm.eval.cli import add_eval_parser
+from neuron_llm.quant import LinearFormat, QuantPolicy, load_any_format, quantized_linears
+from neuron_llm.quant.cli import add_quantize_parser, quant_config_from_args
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="neuron-llm")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_quantize_parser(commands)
+    add_eval_parser(commands)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+def parse_quantize(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_quantize_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["quantize", "--out", "x", *argv])
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    words = torch.randint(0, 250, (150,), generator=torch.Generator().manual_seed(5)).tolist()
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(f"w{i}" for i in words) + "\n")
+    return path
+
+
+def printed_result(output: str) -> tuple[int, float]:
+    tokens = re.search(r"tokens scored: (\d+)", output)
+    value = re.search(r"perplexity: ([\d.]+)", output)
+    assert tokens and value, output
+    return int(tokens[1]), float(value[1])
+
+
+def test_quantize_then_eval_the_checkpoint(
+    quant_checkpoint: tuple[Any, Path], corpus_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fp8"
+    assert run_cli("quantize", str(quant_checkpoint[1]), "--scheme", "fp8", "--out", str(out)) == 0
+    assert "quantized 6 linears to fp8" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "float-quantized"
+    assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
+
+    argv = ["eval", "perplexity", str(out), "--corpus", str(corpus_file), "--context", "64", "--stride", "32"]
+    assert run_cli(*argv) == 0
+    num_tokens, value = printed_result(capsys.readouterr().out)
+    loaded = load_any_format(out, dtype=torch.float32, device="cpu")
+    expected = perplexity(loaded.model, loaded.tokenizer(corpus_file.read_text())["input_ids"], context=64, stride=32)
+    assert num_tokens == expected.num_tokens == 149
+    assert value == pytest.approx(expected.perplexity, abs=1e-4)
+
+
+def test_eval_quantizes_on_load(
+    quant_checkpoint: tuple[Any, Path], corpus_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(corpus_file), "--context", "64"]
+    base += ["--stride", "32", "--max-tokens", "100"]
+    assert run_cli(*base) == 0
+    num_tokens, baseline = printed_result(capsys.readouterr().out)
+    assert num_tokens == 99
+    assert run_cli(*base, "--quantization", "int8") == 0
+    output = capsys.readouterr().out
+    assert "of their 16-bit bytes" in output
+    assert printed_result(output)[1] == pytest.approx(baseline, rel=0.01)
+
+
+def test_quantize_options_override_the_scheme_defaults() -> None:
+    config = quant_config_from_args(parse_quantize("--scheme", "int8", "--group-size", "64", "--skip-layers", "0,-1"))
+    assert config.format == LinearFormat("int8", group_size=64)
+    assert config.policy == QuantPolicy(skip_layers=(0, -1))
+    config = quant_config_from_args(
+        parse_quantize("--scheme", "fp8", "--modules", "down_proj", "--activation-scale-ub", "0")
+    )
+    assert config.format == LinearFormat("fp8", activation_scale_ub=None)
+    assert config.policy == QuantPolicy(modules=("down_proj",), skip_layers=(0, -1))
+
+
+def test_quantize_refuses_a_non_empty_out_and_an_already_quantized_model(
+    quant_checkpoint: tuple[Any, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="is not empty"):
+        run_cli("quantize", str(quant_checkpoint[1]), "--scheme", "int8", "--out", str(quant_checkpoint[1]))
+    out = tmp_path / "int8"
+    run_cli("quantize", str(quant_checkpoint[1]), "--scheme", "int8", "--out", str(out))
+    assert len(quantized_linears(load_any_format(out, dtype="float32", device="cpu").model)) == 28
+    with pytest.raises(ValueError, match="is already quantized"):
+        run_cli("quantize", str(out), "--scheme", "fp8", "--out", str(tmp_path / "again"))
+
+
+def test_eval_needs_an_existing_corpus(quant_checkpoint: tuple[Any, Path], tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="corpus"):
+        run_cli("eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(tmp_path / "missing.txt"))

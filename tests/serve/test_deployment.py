@@ -1,0 +1,47 @@
+"""What can be checked here of the deployment files: Dockerfiles' inputs, deploy.py's settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SERVE_DIR = Path(__file__).resolve().parents[2] / "serve"
+REPO = SERVE_DIR.parent
+
+
+def _deploy_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("deploy", SERVE_DIR / "sagemaker" / "deploy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.neuron"])
+def test_dockerfiles_copy_what_exists_and_run_serve_on_8080(dockerfile: str) -> None:
+    text = (SERVE_DIR / dockerfile).read_text()
+    sources = [line.split()[1:-1] for line in text.splitlines() if line.startswith("COPY ")]
+    assert sources and all((REPO / source).exists() for group in sources for source in group)
+    assert 'CMD ["serve"]' in text and "EXPOSE 8080" in text
+    assert re.search(r'pip install "?\.\[serve', text)
+
+
+def test_deploy_sets_the_device_from_the_instance_type() -> None:
+    deploy = _deploy_module()
+    required = ["--image-uri", "img", "--model-data", "s3://b/m.tar.gz", "--role", "arn", "--endpoint-name", "e"]
+    args = deploy.build_parser().parse_args(
+        [*required, "--instance-type", "ml.inf2.24xlarge", "--tensor-parallel-size", "12", "--env", "NEURON_LLM_X=1"]
+    )
+    assert deploy.container_env(args) == {
+        "NEURON_LLM_DEVICE": "xla",
+        "NEURON_LLM_TENSOR_PARALLEL_SIZE": "12",
+        "NEURON_LLM_X": "1",
+    }
+    gpu = deploy.build_parser().parse_args([*required, "--instance-type", "ml.g5.2xlarge", "--max-model-len", "4096"])
+    assert deploy.container_env(gpu)["NEURON_LLM_DEVICE"] == "cuda"
+    assert deploy.container_env(gpu)["NEURON_LLM_MAX_MODEL_LEN"] == "4096"
+    assert deploy.main([*required, "--instance-type", "ml.m5.large"]) == 2
