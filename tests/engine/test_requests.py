@@ -141,3 +141,17 @@ def test_prompt_logprobs_ignore_the_prefix_cache(tiny_model_dir) -> None:
     output = llm.generate({"prompt_token_ids": prompt}, params)[0]
     assert len(output.prompt_logprobs) == len(prompt)
     assert all(entry is not None for entry in output.prompt_logprobs[1:])
+
+
+def test_stop_token_ids_end_the_sequence(tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir)
+    prompt = random_prompts(1, seed=13)[0]
+    free_run = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=12))[0]
+    stop_token = free_run.outputs[0].token_ids[5]
+    first = free_run.outputs[0].token_ids.index(stop_token)
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_token])
+    stopped = llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0]
+    assert stopped.token_ids == free_run.outputs[0].token_ids[: first + 1]
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop_token)
+    min_params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_token], min_tokens=12)
+    assert llm.generate({"prompt_token_ids": prompt}, min_params)[0].outputs[0].finish_reason == "length"
