@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from neuron_llm.eval.cli import add_eval_parser
+from neuron_llm.quant.cli import add_quantize_parser
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.cli import add_serve_parser
 
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(generate)
     generate.set_defaults(run=_run_generate)
     add_serve_parser(commands)
+    add_quantize_parser(commands)
+    add_eval_parser(commands)
     return parser
 
 

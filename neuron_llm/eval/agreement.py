@@ -49,6 +49,19 @@ def greedy_continuations(
     return outputs
 
 
+def mean_identical_prefix(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> float:
+    """Mean number of leading tokens ``other``'s continuations share with ``reference``'s.
+
+    Greedy continuations part ways at the first differing token and rarely meet again, so
+    this is where each one diverged.
+    """
+    lengths = []
+    for ref, out in zip(reference, other, strict=True):
+        same = [a == b for a, b in zip(ref, out, strict=True)]
+        lengths.append(same.index(False) if False in same else len(same))
+    return sum(lengths) / len(lengths)
+
+
 def token_agreement(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> float:
     """Share of positions, over all sequences, where ``other`` holds the same token as ``reference``."""
     pairs = [(a, b) for ref, out in zip(reference, other, strict=True) for a, b in zip(ref, out, strict=True)]

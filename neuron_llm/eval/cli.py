@@ -1,17 +1,13 @@
-"""``neuron-llm eval perplexity MODEL --corpus FILE``: sliding-window perplexity from the command line."""
+"""``neuron-llm eval perplexity MODEL --corpus FILE``: sliding-window perplexity from the command line.
+
+Only ``argparse`` is imported up front, so that building the CLI's parser stays fast; torch,
+transformers and the loaders are imported when the command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import torch
-
-from neuron_llm.config import parse_dtype
-from neuron_llm.eval.perplexity import perplexity
-from neuron_llm.quant.config import PRESETS
-from neuron_llm.quant.convert import quantized_weight_bytes
-from neuron_llm.quant.loading import load_any_format
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +22,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--context", type=int, default=2048, help="tokens per window")
     ppl.add_argument("--stride", type=int, default=512, help="tokens between window starts (each scores the new ones)")
     ppl.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the corpus")
-    ppl.add_argument("--quantization", choices=sorted(PRESETS), default=None, help="quantize a 16-bit model on load")
+    ppl.add_argument(
+        "--quantization", default=None, help="quantize a 16-bit model on load: int8, int8-g128, fp8 or fp8-all"
+    )
     ppl.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     ppl.add_argument(
         "--dtype", default="auto", help="auto (float32 on CPU, bfloat16 elsewhere), float32, bfloat16, float16"
@@ -34,30 +32,33 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.set_defaults(run=run_eval)
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` is float32 on the CPU (bf16 matmuls are slow there) and bfloat16 elsewhere."""
-    if dtype == "auto":
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    return parse_dtype(dtype)
-
-
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``eval perplexity``: print tokens scored, perplexity and weight bytes; return the exit code."""
+    import torch
+
+    from neuron_llm.config import parse_dtype
+    from neuron_llm.eval.perplexity import perplexity
+    from neuron_llm.quant.convert import quantized_weight_bytes
+    from neuron_llm.quant.loading import load_any_format
+
     if not args.corpus.is_file():
         raise FileNotFoundError(f"corpus {args.corpus} not found")
-    loaded = load_any_format(
-        args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device, quantization=args.quantization
-    )
+    # auto: float32 on the CPU, where bf16 matmuls are slow; bfloat16 elsewhere.
+    if args.dtype == "auto":
+        dtype = torch.float32 if torch.device(args.device).type == "cpu" else torch.bfloat16
+    else:
+        dtype = parse_dtype(args.dtype)
+    loaded = load_any_format(args.model, dtype=dtype, device=args.device, quantization=args.quantization)
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.source} has no tokenizer, so a text corpus cannot be scored")
     token_ids = loaded.tokenizer(args.corpus.read_text(encoding="utf-8"), verbose=False)["input_ids"]
     if args.max_tokens is not None:
         token_ids = token_ids[: args.max_tokens]
     result = perplexity(loaded.model, token_ids, context=args.context, stride=args.stride, show_progress=True)
-    quantized = quantized_weight_bytes(loaded.model)
     print(f"tokens scored: {result.num_tokens}")
     print(f"perplexity: {result.perplexity:.4f}")
     print(f"weight bytes: {loaded.weight_bytes}")
+    quantized = quantized_weight_bytes(loaded.model)
     if quantized.quantized:
         print(f"quantized linears: {quantized.quantized} bytes, {quantized.ratio:.1%} of their 16-bit bytes")
     return 0

@@ -45,4 +45,4 @@ def __getattr__(name: str) -> object:
     return getattr(importlib.import_module(f"neuron_llm.quant.{module}"), name)
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)

@@ -1,20 +1,17 @@
-"""``neuron-llm quantize MODEL --scheme int8|fp8 --out DIR``: write a compressed-tensors checkpoint."""
+"""``neuron-llm quantize MODEL --scheme int8|fp8 --out DIR``: write a compressed-tensors checkpoint.
+
+Only ``argparse`` is imported up front, so that building the CLI's parser stays fast; torch,
+transformers and the loaders are imported when the command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from neuron_llm.config import parse_dtype
-from neuron_llm.quant.checkpoint import save_quantized_checkpoint
-from neuron_llm.quant.config import QuantConfig
-from neuron_llm.quant.convert import quantized_weight_bytes
-from neuron_llm.quant.formats import DEFAULT_ACTIVATION_SCALE_UB
-from neuron_llm.quant.layers import quantized_linears
-from neuron_llm.quant.loading import load_any_format
-from neuron_llm.quant.policy import QuantPolicy
+if TYPE_CHECKING:
+    from neuron_llm.quant.config import QuantConfig
 
 
 def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,7 +38,7 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--activation-scale-ub",
         type=float,
-        default=DEFAULT_ACTIVATION_SCALE_UB,
+        default=None,
         help="fp8: bound on a token's activation absolute maximum; 0 for none (default: 1200, as Llama 3)",
     )
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the tensors left unquantized")
@@ -50,14 +47,22 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
     """The recipe the ``quantize`` options describe: the scheme's defaults, overridden where given."""
-    default = QuantConfig.for_scheme(args.scheme).policy
+    from neuron_llm.quant.config import QuantConfig
+    from neuron_llm.quant.policy import QuantPolicy
+
+    default = QuantConfig.for_scheme(args.scheme)
     policy = QuantPolicy(
-        modules=_names(args.modules) if args.modules is not None else default.modules,
-        skip_layers=tuple(int(i) for i in _names(args.skip_layers))
-        if args.skip_layers is not None
-        else default.skip_layers,
+        modules=_names(args.modules) if args.modules is not None else default.policy.modules,
+        skip_layers=(
+            tuple(int(i) for i in _names(args.skip_layers))
+            if args.skip_layers is not None
+            else default.policy.skip_layers
+        ),
     )
-    bound = args.activation_scale_ub if args.scheme == "fp8" and args.activation_scale_ub > 0 else None
+    if args.scheme == "int8" or args.activation_scale_ub is None:
+        bound = default.format.activation_scale_ub
+    else:
+        bound = args.activation_scale_ub if args.activation_scale_ub > 0 else None
     return QuantConfig.for_scheme(args.scheme, group_size=args.group_size, activation_scale_ub=bound, policy=policy)
 
 
@@ -67,12 +72,19 @@ def _names(value: str) -> tuple[str, ...]:
 
 def run_quantize(args: argparse.Namespace) -> int:
     """Run ``quantize``: load in float32, quantize, write ``--out``; return the exit code."""
+    import torch
+
+    from neuron_llm.config import parse_dtype
+    from neuron_llm.quant.checkpoint import save_quantized_checkpoint
+    from neuron_llm.quant.convert import quantized_weight_bytes
+    from neuron_llm.quant.layers import quantized_linears
+    from neuron_llm.quant.loading import load_any_format
+
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"--out {args.out} is not empty; choose a new or empty directory")
     config = quant_config_from_args(args)
     # Quantizing from float32 keeps 16-bit rounding out of the quantized weights.
     loaded = load_any_format(args.model, dtype=torch.float32, device="cpu", quantization=config)
-    names = quantized_linears(loaded.model)
     save_quantized_checkpoint(
         loaded.model,
         loaded.config,
@@ -81,8 +93,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         tokenizer=loaded.tokenizer,
         dtype=parse_dtype(args.dtype),
     )
-    sizes = quantized_weight_bytes(loaded.model)
-    print(
-        f"quantized {len(names)} linears to {args.scheme} ({sizes.ratio:.1%} of their 16-bit bytes); wrote {args.out}"
-    )
+    num_quantized = len(quantized_linears(loaded.model))
+    ratio = quantized_weight_bytes(loaded.model).ratio
+    print(f"quantized {num_quantized} linears to {args.scheme} ({ratio:.1%} of their 16-bit bytes); wrote {args.out}")
     return 0

@@ -35,8 +35,8 @@ def int8_linear(
     """``x @ dequantize(weight).T + bias`` for an int8 weight-only (W8A16) linear.
 
     ``x`` is [..., in]; ``weight`` int8 [out, in]; ``weight_scale`` float32 [out, 1] (per
-    channel, ``group_size`` None) or [out, ceil(in / group_size)]. Each tile of rows is dequantized to ``x.dtype``, the dtype the matmul runs
-    in. Returns [..., out] in ``x.dtype``.
+    channel, ``group_size`` None) or [out, ceil(in / group_size)]. Each tile of rows is
+    dequantized to ``x.dtype``, the dtype the matmul runs in. Returns [..., out] in ``x.dtype``.
     """
     out_features, in_features = weight.shape
     x2 = x.reshape(-1, in_features)  # [tokens, in]

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from neuron_llm.eval import perplexity
 from neuron_llm.eval.cli import add_eval_parser
+from neuron_llm.eval.perplexity import perplexity
 from neuron_llm.quant import LinearFormat, QuantPolicy, load_any_format, quantized_linears
 from neuron_llm.quant.cli import add_quantize_parser, quant_config_from_args
 

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from neuron_llm.eval import perplexity, sliding_windows
-from neuron_llm.eval.perplexity import Window
+from neuron_llm.eval.perplexity import Window, perplexity, sliding_windows
 from neuron_llm.quant import quantize_model
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from neuron_llm.eval import greedy_continuations, token_agreement
+from neuron_llm.eval.agreement import greedy_continuations, mean_identical_prefix, token_agreement
 from neuron_llm.quant import load_any_format, quantize_model, quantized_linears, quantized_weight_bytes
 from neuron_llm.quant.formats import dequantize_int8
 
@@ -69,8 +69,9 @@ def test_greedy_continuations_match_the_engine_style_runner(
     quant_checkpoint: tuple[Any, Path], load_fp32: Callable, paged_runner: type
 ) -> None:
     model = load_fp32(quant_checkpoint[1]).model
-    prompts = [list(range(3, 20)), list(range(40, 45)), [7] * 30]
-    continuations = greedy_continuations(model, prompts, 12)
-    assert continuations == paged_runner(model, blocks_per_seq=16).greedy(prompts, 12)
+    prompts = [list(range(3, 20)), list(range(40, 45))]  # different lengths in one flat batch
+    continuations = greedy_continuations(model, prompts, 6)
+    assert continuations == paged_runner(model, blocks_per_seq=8).greedy(prompts, 6)
     assert token_agreement(continuations, continuations) == 1.0
     assert token_agreement([[1, 2], [3, 4]], [[1, 0], [3, 4]]) == 0.75
+    assert mean_identical_prefix([[1, 2, 3], [4, 5, 6]], [[1, 0, 3], [4, 5, 6]]) == 2.0
