@@ -145,7 +145,7 @@ def _build(
 ) -> LlamaForCausalLM:
     # Parameters are created in place, in their final dtype and device, and then overwritten
     # by the checkpoint: no float32 or host copy of the whole model is ever made.
-    with _default_dtype(dtype), torch.device(device):
+    with default_dtype(dtype), torch.device(device):
         model = LlamaForCausalLM(config)
         if shard is not None:
             shard(model)
@@ -155,7 +155,8 @@ def _build(
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Make ``dtype`` torch's default while a model is built in it."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -7,15 +7,13 @@ swapped in before any weight is read, and then every tensor is copied in once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from neuron_llm.config import parse_dtype
-from neuron_llm.loader import LoadedModel, load_model, load_model_info, resolve_model_path
+from neuron_llm.loader import LoadedModel, default_dtype, load_model, load_model_info, resolve_model_path
 from neuron_llm.loader.hf_dir import iter_hf_weights
 from neuron_llm.loader.weights import load_weights
 from neuron_llm.models.llama import LlamaForCausalLM
@@ -55,19 +53,10 @@ def load_any_format(
     if quantization is not None:
         raise ValueError(f"{path} is already quantized; load it without quantization={quantization!r}")
     info = load_model_info(path)
-    with _default_dtype(parse_dtype(dtype)), torch.device(device):
+    with default_dtype(parse_dtype(dtype)), torch.device(device):
         built = LlamaForCausalLM(info.config)
         prepare_quantized_model(built, checkpoint)
     load_weights(built, adapt_checkpoint_weights(iter_hf_weights(path)))
     built.requires_grad_(False)
     return LoadedModel(**vars(info), model=built.eval(), weight_bytes=parameter_bytes(built))
 
-
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
