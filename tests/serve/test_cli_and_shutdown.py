@@ -19,7 +19,7 @@ from neuron_llm.serve.cli import add_serve_parser, run_serve
 from neuron_llm.serve.settings import ServeSettings
 from tests.serve.conftest import wait_for
 
-PROCESS_TIMEOUT_S = 90.0
+PROCESS_TIMEOUT_S = 240.0
 
 
 def test_serve_command_line_becomes_settings() -> None:
