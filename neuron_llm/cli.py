@@ -16,6 +16,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument(
+        "--quantization", default=None, help="quantize on load: int8, int8-g128, fp8 (Llama 3 recipe), fp8-all"
+    )
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (processes)")
     parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens")
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
@@ -54,10 +57,12 @@ def _run_generate(args: argparse.Namespace) -> int:
         model=args.model,
         dtype=args.dtype,
         device=args.device,
+        quantization=args.quantization,
         tensor_parallel_size=args.tp,
         max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks,
     )
+    print(f"weights: {llm.weight_bytes / 2**20:.1f} MiB", file=sys.stderr)
     try:
         prompt: str | dict[str, list[int]] = args.prompt
         if args.chat:

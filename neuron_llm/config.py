@@ -211,9 +211,7 @@ class ParallelConfig:
         """Refuse a TP degree the model's shape cannot be split by."""
         tp = self.tensor_parallel_size
         if model.num_attention_heads % tp:
-            raise ValueError(
-                f"tensor_parallel_size={tp} must divide num_attention_heads={model.num_attention_heads}"
-            )
+            raise ValueError(f"tensor_parallel_size={tp} must divide num_attention_heads={model.num_attention_heads}")
         kv = model.num_key_value_heads
         if kv % tp and tp % kv:
             raise ValueError(
@@ -221,9 +219,7 @@ class ParallelConfig:
                 "(KV heads are split when TP <= KV heads, replicated when TP > KV heads)"
             )
         if model.intermediate_size % tp:
-            raise ValueError(
-                f"tensor_parallel_size={tp} must divide intermediate_size={model.intermediate_size}"
-            )
+            raise ValueError(f"tensor_parallel_size={tp} must divide intermediate_size={model.intermediate_size}")
 
 
 @dataclass(frozen=True)
@@ -307,16 +303,26 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    quantization: str | None = None
+    """A preset of ``neuron_llm.quant.PRESETS`` to quantize the weights to on load, or None."""
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model)
+        if self.quantization is not None:
+            from neuron_llm.quant.config import resolve_quant_config
+
+            resolve_quant_config(self.quantization)  # raises naming the presets
+            if self.parallel.tensor_parallel_size > 1:
+                raise ValueError(
+                    f"quantization={self.quantization!r} with tensor_parallel_size="
+                    f"{self.parallel.tensor_parallel_size}: quantized layers are not sharded yet; use one device"
+                )
         limit = self.model.max_position_embeddings
         if self.scheduler.max_model_len is None:
             object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, max_model_len=limit))
         elif self.scheduler.max_model_len > limit:
             raise ValueError(
-                f"max_model_len={self.scheduler.max_model_len} exceeds the model's "
-                f"max_position_embeddings={limit}"
+                f"max_model_len={self.scheduler.max_model_len} exceeds the model's max_position_embeddings={limit}"
             )
 
     @property

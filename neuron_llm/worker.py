@@ -103,21 +103,23 @@ def load_worker(model: str, config: EngineConfig, rank: int, world_size: int) ->
 
     The ``WorkerFactory`` of ``neuron_llm.parallel.executor`` (bind ``model`` with ``partial``).
     """
-    from neuron_llm.loader import load_model
     from neuron_llm.parallel.plan import shard_model
+    from neuron_llm.quant.loading import load_any_format
 
     shard = functools.partial(shard_model, rank=rank, world_size=world_size) if world_size > 1 else None
+    load = functools.partial(
+        load_any_format, model, dtype=config.device.dtype, quantization=config.quantization, shard=shard
+    )
     if torch.device(config.device.device).type == "xla":
         from neuron_llm.xla.runner import XlaWorker
 
         # The backend is per process, so each rank picks its own. Weights are read on the
         # host and moved to the device once.
         ops.use_backend("neuron")
-        loaded = load_model(model, dtype=config.device.dtype, device="cpu", shard=shard)
         if config.cache.num_kv_blocks is None:
             raise ValueError("num_kv_blocks=None: set it on the XLA device (its memory is not queried yet)")
-        return XlaWorker(loaded.model, config, config.cache.num_kv_blocks)
-    loaded = load_model(model, dtype=config.device.dtype, device=config.device.device, shard=shard)
+        return XlaWorker(load(device="cpu").model, config, config.cache.num_kv_blocks)
+    loaded = load(device=config.device.device)
     return Worker(loaded.model, config, size_kv_pool(config, loaded.weight_bytes))
 
 
@@ -130,6 +132,8 @@ class Worker:
         self.device = torch.device(config.device.device)
         self.block_size = config.cache.block_size
         self.num_kv_blocks = num_kv_blocks
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        """Bytes of this rank's parameters as stored (quantized ones in 8 bits, with their scales)."""
         self.kv_caches = allocate_kv_cache(
             config.model,
             num_kv_blocks,

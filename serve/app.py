@@ -93,7 +93,9 @@ def _load_in_background(
             llm.shutdown()
             return
         state.model = ServedModel(name, llm, AsyncLLM(llm.engine, state.settings.max_waiting_requests))
-        logger.info("serving %s (max_model_len=%d)", name, state.model.max_model_len)
+        logger.info(
+            "serving %s (max_model_len=%d, weights %.1f MiB)", name, state.model.max_model_len, llm.weight_bytes / 2**20
+        )
 
     def failed(message: str) -> None:
         state.load_error = message

@@ -34,6 +34,7 @@ class ServeSettings:
     port: int = _setting(8000, "port to listen on")
     device: str = _setting("cpu", "cpu, cuda, cuda:N, xla (Neuron)")
     dtype: str = _setting("auto", "auto, float32, bfloat16, float16")
+    quantization: str | None = _setting(None, "quantize on load: int8, int8-g128, fp8 (Llama 3 recipe), fp8-all")
     tensor_parallel_size: int = _setting(1, "devices (processes) to split the model across")
     max_model_len: int | None = _setting(None, "longest prompt + output in tokens (default: the model's)")
     num_kv_blocks: int | None = _setting(None, "KV pool size in blocks (default: from memory)")
@@ -62,7 +63,7 @@ class ServeSettings:
             "tensor_parallel_size": self.tensor_parallel_size,
             "max_model_len": self.max_model_len,
         }
-        for name in ("num_kv_blocks", "max_num_seqs"):
+        for name in ("quantization", "num_kv_blocks", "max_num_seqs"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
         return options

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import abc
+from typing import TYPE_CHECKING
 
 import torch
 
+from neuron_llm.quant import reference
+
 if TYPE_CHECKING:
     from neuron_llm.ops.metadata import AttentionMetadata
-
 
 
 class Backend(abc.ABC):
@@ -51,3 +51,25 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ weight.T + bias`` for a 16/32-bit weight [out_features, in_features]."""
+
+    def int8_linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int | None,
+    ) -> torch.Tensor:
+        """``x @ dequantize(weight).T + bias`` for an int8 weight-only weight (see ``quant.reference``)."""
+        return reference.int8_linear(x, weight, weight_scale, bias, group_size)
+
+    def fp8_linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        activation_scale_ub: float | None,
+    ) -> torch.Tensor:
+        """The fp8 W8A8 matmul with per-token activation scales (see ``quant.reference``)."""
+        return reference.fp8_linear(x, weight, weight_scale, bias, activation_scale_ub)

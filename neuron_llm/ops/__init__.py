@@ -49,10 +49,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _active.linear(x, weight, bias)
 
 
+def int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    group_size: int | None = None,
+) -> torch.Tensor:
+    return _active.int8_linear(x, weight, weight_scale, bias, group_size)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation_scale_ub: float | None = None,
+) -> torch.Tensor:
+    return _active.fp8_linear(x, weight, weight_scale, bias, activation_scale_ub)
+
+
 __all__ = [
     "NULL_BLOCK_ID",
     "AttentionMetadata",
     "active_backend",
+    "fp8_linear",
+    "int8_linear",
     "linear",
     "paged_attention",
     "use_backend",

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from neuron_llm import ops
 from neuron_llm.layers.linear import Linear
-from neuron_llm.quant import reference
 from neuron_llm.quant.formats import (
     FP8_DTYPE,
     LinearFormat,
@@ -91,7 +91,7 @@ class Int8Linear(_QuantizedLinear):
         return LinearFormat("int8", group_size=self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.int8_linear(x, self.weight, self.weight_scale, self.bias, self.group_size)
+        return ops.int8_linear(x, self.weight, self.weight_scale, self.bias, self.group_size)
 
     def extra_repr(self) -> str:
         granularity = "channel" if self.group_size is None else f"group={self.group_size}"
@@ -115,7 +115,7 @@ class Fp8Linear(_QuantizedLinear):
         return LinearFormat("fp8", activation_scale_ub=self.activation_scale_ub)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.fp8_linear(x, self.weight, self.weight_scale, self.bias, self.activation_scale_ub)
+        return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias, self.activation_scale_ub)
 
     def extra_repr(self) -> str:
         return (

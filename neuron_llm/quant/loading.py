@@ -7,6 +7,7 @@ swapped in before any weight is read, and then every tensor is copied in once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ def load_any_format(
     dtype: torch.dtype | str,
     device: str | torch.device,
     quantization: str | QuantConfig | None = None,
+    shard: Callable[[nn.Module], None] | None = None,
 ) -> LoadedModel:
     """Load ``model`` like ``load_model``, also from a quantized checkpoint, or quantizing on load.
 
@@ -41,11 +43,14 @@ def load_any_format(
     activations and of the unquantized tensors). ``quantization`` (a preset name or a
     ``QuantConfig``) quantizes a 16-bit model after loading; it is refused for a checkpoint
     that is already quantized. ``weight_bytes`` counts the quantized parameters as stored.
+    ``shard`` is ``load_model``'s tensor-parallel plan, refused for a quantized model.
     """
     path = resolve_model_path(model)
     checkpoint = read_quantization_config(path) if path.is_dir() else None
+    if shard is not None and (checkpoint is not None or quantization is not None):
+        raise ValueError(f"{path}: quantized layers are not sharded yet; load a quantized model on one device")
     if checkpoint is None:
-        loaded = load_model(path, dtype=dtype, device=device)
+        loaded = load_model(path, dtype=dtype, device=device, shard=shard)
         if quantization is not None:
             quantize_model(loaded.model, quantization)
             loaded.weight_bytes = parameter_bytes(loaded.model)
@@ -59,4 +64,3 @@ def load_any_format(
     load_weights(built, adapt_checkpoint_weights(iter_hf_weights(path)))
     built.requires_grad_(False)
     return LoadedModel(**vars(info), model=built.eval(), weight_bytes=parameter_bytes(built))
-
