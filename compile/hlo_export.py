@@ -1,14 +1,16 @@
 """Export the HLO module of every bucket's step graph: what neuronx-cc compiles to NEFFs.
 
 For each bucket a dummy step of exactly its shapes (num_tokens, num_seqs, max_blocks_per_seq)
-is traced through the neuron backend on the XLA device (forward, KV-cache writes and logits)
-and the graph's ``HloModuleProto`` is written, without compiling or running it::
+is traced through the neuron backend on the XLA device as the engine serves it (forward,
+KV-cache writes, logits and the sampler of its plain requests, greedy and sampled alike) and
+the graph's ``HloModuleProto`` is written, without compiling or running it::
 
     DIR/<bucket>.hlo.pb     one serialized xla.HloModuleProto per bucket
     DIR/manifest.json       per bucket: its shapes, the step's inputs, the entry signature
 
-Graph parameters are the step's inputs, the KV pools (the pool size is part of every
-graph's signature), the weights and a few scalar constants.
+Graph parameters are the step's inputs (the sampling parameters of each row among them),
+the KV pools (the pool size is part of every graph's signature), the weights and a few
+scalar constants. Outputs are the sampled token ids and the written pools.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from neuron_llm import ops
 from neuron_llm.backends.neuron import NeuronBackend
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
+from neuron_llm.sample import SamplingBatch
 from neuron_llm.worker import StepInput, num_kv_heads_per_rank
 from neuron_llm.xla import entry_parameter_shapes, hlo_module_proto, import_torch_xla
 from neuron_llm.xla.runner import XlaWorker
@@ -87,6 +90,13 @@ def step_inputs(shape: GraphShape, config: EngineConfig, num_kv_blocks: int) -> 
         "seq_lens": {"shape": seqs, "dtype": "int32"},
         "query_start_loc": {"shape": [shape.num_seqs + 1], "dtype": "int32"},
         "logits_indices": {"shape": seqs, "dtype": "int64"},
+        # Per-row sampling parameters of SamplingBatch.build_static.
+        "temperature": {"shape": seqs, "dtype": "float32"},
+        "is_greedy": {"shape": seqs, "dtype": "bool"},
+        "top_k": {"shape": seqs, "dtype": "int64"},
+        "top_p": {"shape": seqs, "dtype": "float32"},
+        "min_p": {"shape": seqs, "dtype": "float32"},
+        "noise_keys": {"shape": [shape.num_seqs, 2], "dtype": "int32"},
         "key_cache": {"shape": pool, "dtype": dtype, "count": config.model.num_hidden_layers},
         "value_cache": {"shape": pool, "dtype": dtype, "count": config.model.num_hidden_layers},
     }
@@ -145,9 +155,10 @@ def _export_graph(
     # takes them as parameters and holds no earlier bucket's pending writes. The worker and
     # its pending tensors are dropped on return, before the next worker's sync could run them.
     worker = XlaWorker(model, config, num_kv_blocks)
-    logits = worker.trace(dummy_step(shape))
+    batch = SamplingBatch.build_static([], config.model.vocab_size, worker.device, shape.num_seqs)
+    sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
     pools = [pool for layer in worker.kv_caches for pool in layer]
-    proto = hlo_module_proto([logits, *pools])
+    proto = hlo_module_proto([sampled.token_ids, *pools])
     path = out / f"{shape.name}.hlo.pb"
     path.write_bytes(proto)
     parameters = entry_parameter_shapes(proto)
@@ -159,11 +170,11 @@ def _export_graph(
         "num_seqs": shape.num_seqs,
         "max_blocks_per_seq": shape.max_blocks_per_seq,
         "inputs": step_inputs(shape, config, num_kv_blocks),
-        # The written pools follow the logits in the output tuple. Their aliasing to the pool
+        # The written pools follow the token ids in the output tuple. Their aliasing to the pool
         # parameters is not in the module: torch-xla adds it when it compiles a step itself.
         "outputs": {
-            "order": ["logits"] + [f"{name}[{layer}]" for layer in range(len(pools) // 2) for name in _POOL_NAMES],
-            "logits": {"shape": list(logits.shape), "dtype": "float32"},
+            "order": ["token_ids"] + [f"{name}[{layer}]" for layer in range(len(pools) // 2) for name in _POOL_NAMES],
+            "token_ids": {"shape": list(sampled.token_ids.shape), "dtype": "int64"},
         },
         "entry_parameters": {"count": len(parameters), "shapes": [str(p) for p in parameters]},
     }

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from neuron_llm.bench.cli import add_bench_parser
 from neuron_llm.eval.cli import add_eval_parser
 from neuron_llm.quant.cli import add_quantize_parser
 from neuron_llm.sampling_params import SamplingParams
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     add_quantize_parser(commands)
     add_eval_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 

@@ -285,6 +285,10 @@ class DeviceConfig:
     """A torch device string: "cpu", "cuda", "cuda:1"."""
     dtype: torch.dtype = torch.float32
     """Activation and 16-bit weight dtype."""
+    backend: str | None = None
+    """The ops backend ("torch", "cuda", "neuron"); None picks the device's default."""
+    enforce_eager: bool = False
+    """On CUDA, run decode steps eagerly instead of replaying CUDA graphs."""
 
     def __post_init__(self) -> None:
         try:
@@ -292,6 +296,21 @@ class DeviceConfig:
         except RuntimeError as e:
             raise ValueError(f"device={self.device!r} is not a valid torch device") from e
         parse_dtype(self.dtype)
+        from neuron_llm.backends import BACKEND_NAMES
+
+        if self.backend is not None and self.backend not in BACKEND_NAMES:
+            raise ValueError(f"backend={self.backend!r}: must be one of {', '.join(BACKEND_NAMES)}")
+        device_type = torch.device(self.device).type
+        if self.backend == "cuda" and device_type != "cuda":
+            raise ValueError(f"backend='cuda' runs on a CUDA device, not device={self.device!r}")
+        if (self.backend == "neuron") != (device_type == "xla") and self.backend is not None:
+            raise ValueError(f"backend={self.backend!r} with device={self.device!r}: the neuron backend is the XLA device's")
+
+    @property
+    def backend_name(self) -> str:
+        from neuron_llm.backends import default_backend_name
+
+        return self.backend or default_backend_name(self.device)
 
 
 @dataclass(frozen=True)

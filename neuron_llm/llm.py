@@ -52,9 +52,12 @@ class LLM:
             the inner layers), "fp8-all". A directory written by ``neuron-llm quantize`` (or
             any compressed-tensors INT8/FP8 checkpoint) is quantized already: load it without.
         tensor_parallel_size: devices (processes) to split the model across.
+        backend: the ops backend, "torch" (the reference), "cuda" (Triton kernels) or "neuron";
+            None picks the device's: cuda on NVIDIA GPUs when Triton is installed.
+        enforce_eager: on CUDA, run decode steps eagerly instead of from CUDA graphs.
         max_model_len: longest prompt plus output; None takes the model's limit.
         warm_up: run every bucket once at start (compiling backends build their graphs
-            then, not while serving); None does so on the XLA device only.
+            then, not while serving); None does so on the XLA and CUDA devices (CUDA graphs).
         Other keyword arguments are the fields of ``CacheConfig`` and ``SchedulerConfig``
         (``block_size``, ``num_kv_blocks``, ``memory_fraction``, ``enable_prefix_caching``,
         ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_chunked_prefill``).
@@ -68,6 +71,8 @@ class LLM:
         device: str = "cpu",
         quantization: str | None = None,
         tensor_parallel_size: int = 1,
+        backend: str | None = None,
+        enforce_eager: bool = False,
         max_model_len: int | None = None,
         warm_up: bool | None = None,
         **engine_options: Any,
@@ -80,7 +85,9 @@ class LLM:
             raise ValueError(f"unknown LLM option(s) {unknown}")
         self.config = EngineConfig(
             model=info.config,
-            device=DeviceConfig(device=device, dtype=_resolve_dtype(dtype, device)),
+            device=DeviceConfig(
+                device=device, dtype=_resolve_dtype(dtype, device), backend=backend, enforce_eager=enforce_eager
+            ),
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
             cache=CacheConfig(**{k: v for k, v in engine_options.items() if k in cache_fields}),
             scheduler=SchedulerConfig(
@@ -92,7 +99,7 @@ class LLM:
         self.tokenizer = info.tokenizer
         self._executor = make_executor(self.config, functools.partial(load_worker, str(info.source)))
         self.engine = LLMEngine(self.config, self._executor, info.tokenizer, info.eos_token_ids)
-        if warm_up if warm_up is not None else torch.device(device).type == "xla":
+        if warm_up if warm_up is not None else torch.device(device).type in ("xla", "cuda"):
             self.engine.runner.warm_up()
 
     @property

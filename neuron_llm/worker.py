@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from neuron_llm import ops
 from neuron_llm.config import EngineConfig, ModelConfig
 from neuron_llm.models.llama import KVCache, LlamaForCausalLM
 from neuron_llm.ops.metadata import AttentionMetadata
+from neuron_llm.sample import RowState, SamplerOutput, SamplingBatch, sample
 
 
 @dataclass
@@ -31,10 +33,21 @@ class StepInput:
     """Context length per sequence after this step."""
     block_tables: list[list[int]]
     logits_indices: list[int]
-    """Rows of the flat batch whose logits are returned (each sampling sequence's last token)."""
+    """Rows of the flat batch whose logits are returned: each sampling sequence's last token
+    (padded to ``num_padded_seqs`` rows when set), then any prompt rows."""
     num_padded_tokens: int | None = None
     num_padded_seqs: int | None = None
     max_blocks_per_seq: int | None = None
+
+
+@dataclass
+class StepOutput:
+    """What rank 0 hands back from a step: its sampled tokens and the logits rows after them."""
+
+    sampled: SamplerOutput | None
+    """One token per sampling row (host tensors on a graph device); None when no row samples."""
+    prompt_logits: torch.Tensor
+    """[rows, vocab] fp32: the logits rows after the sampling rows (prompt logprobs); often 0 rows."""
 
 
 def num_kv_heads_per_rank(config: ModelConfig, tensor_parallel_size: int) -> int:
@@ -111,16 +124,32 @@ def load_worker(model: str, config: EngineConfig, rank: int, world_size: int) ->
         load_any_format, model, dtype=config.device.dtype, quantization=config.quantization, shard=shard
     )
     if torch.device(config.device.device).type == "xla":
+        # Weights are read on the host and moved to the device once.
+        return make_worker(load(device="cpu").model, config)
+    return make_worker(load(device=config.device.device).model, config)
+
+
+def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:
+    """The Worker that runs the loaded ``model`` on ``config.device`` with its backend, and its KV pool.
+
+    Makes ``config.device``'s backend the active one (the backend is per process, so each
+    rank picks its own). On CUDA with the cuda backend, decode steps replay CUDA graphs
+    unless ``enforce_eager``.
+    """
+    backend = ops.use_backend(config.device.backend_name)
+    if torch.device(config.device.device).type == "xla":
         from neuron_llm.xla.runner import XlaWorker
 
-        # The backend is per process, so each rank picks its own. Weights are read on the
-        # host and moved to the device once.
-        ops.use_backend("neuron")
         if config.cache.num_kv_blocks is None:
             raise ValueError("num_kv_blocks=None: set it on the XLA device (its memory is not queried yet)")
-        return XlaWorker(load(device="cpu").model, config, config.cache.num_kv_blocks)
-    loaded = load(device=config.device.device)
-    return Worker(loaded.model, config, size_kv_pool(config, loaded.weight_bytes))
+        return XlaWorker(model, config, config.cache.num_kv_blocks)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    num_kv_blocks = size_kv_pool(config, weight_bytes)
+    if backend.name == "cuda" and not config.device.enforce_eager:
+        from neuron_llm.backends.cuda.graphs import CudaGraphWorker
+
+        return CudaGraphWorker(model, config, num_kv_blocks)
+    return Worker(model, config, num_kv_blocks)
 
 
 class Worker:
@@ -146,6 +175,23 @@ class Worker:
     def execute(self, step: StepInput) -> torch.Tensor:
         """Run one flat batch; return fp32 logits [len(step.logits_indices), vocab_size]."""
         return self.forward(step, step.logits_indices)
+
+    def execute_and_sample(
+        self, step: StepInput, rows: Sequence[RowState], eos_token_ids: Sequence[int] = ()
+    ) -> StepOutput:
+        """Run one flat batch and sample ``rows`` (one per sampling sequence, in order) on this device.
+
+        Logits row ``i < len(rows)`` is row ``i``'s; the rows past the first
+        ``step.num_padded_seqs`` (``len(rows)`` when unpadded) come back as ``prompt_logits``.
+        ``eos_token_ids`` are held back from rows short of min_tokens.
+        """
+        logits = self.execute(step)
+        num_sampling_rows = step.num_padded_seqs or len(rows)
+        sampled = None
+        if rows:
+            batch = SamplingBatch.build(rows, logits.shape[-1], logits.device, eos_token_ids)
+            sampled = sample(logits[: len(rows)], batch)
+        return StepOutput(sampled, logits[num_sampling_rows:])
 
     def num_compiled_graphs(self) -> int:
         """Graphs compiled so far; eager execution compiles none."""

@@ -6,9 +6,22 @@ packages are imported lazily inside the backend that needs them.
 
 from __future__ import annotations
 
+import importlib.util
+
 from neuron_llm.backends.base import Backend
 
-BACKEND_NAMES = ("torch", "neuron")
+BACKEND_NAMES = ("torch", "cuda", "neuron")
+
+
+def default_backend_name(device: str) -> str:
+    """The backend a device runs by default: ``cuda`` on NVIDIA GPUs when Triton is installed,
+    ``neuron`` on the XLA device, ``torch`` otherwise."""
+    kind = device.split(":")[0]
+    if kind == "xla":
+        return "neuron"
+    if kind == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "cuda"
+    return "torch"
 
 
 def get_backend(name: str) -> Backend:
@@ -17,6 +30,10 @@ def get_backend(name: str) -> Backend:
         from neuron_llm.backends.torch_backend import TorchBackend
 
         return TorchBackend()
+    if name == "cuda":
+        from neuron_llm.backends.cuda.backend import CudaBackend
+
+        return CudaBackend()
     if name == "neuron":
         from neuron_llm.backends.neuron import NeuronBackend
 
@@ -24,4 +41,4 @@ def get_backend(name: str) -> Backend:
     raise ValueError(f"backend={name!r} is not available; choose one of {list(BACKEND_NAMES)}")
 
 
-__all__ = ["BACKEND_NAMES", "Backend", "get_backend"]
+__all__ = ["BACKEND_NAMES", "Backend", "default_backend_name", "get_backend"]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from neuron_llm.layers.rotary import apply_rotary
 from neuron_llm.quant import reference
 
 if TYPE_CHECKING:
@@ -73,3 +74,34 @@ class Backend(abc.ABC):
     ) -> torch.Tensor:
         """The fp8 W8A8 matmul with per-token activation scales (see ``quant.reference``)."""
         return reference.fp8_linear(x, weight, weight_scale, bias, activation_scale_ub)
+
+    # Fusion points. The defaults compose the plain ops; a backend overrides them with one
+    # kernel where that saves passes over memory.
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual) * weight, x + residual)``; without ``residual``, ``(norm(x) * weight, x)``.
+
+        Reduced in fp32 and scaled in the input dtype, as Llama's RMSNorm does.
+        """
+        if residual is not None:
+            x = x + residual
+        normed = x.float()
+        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * normed.to(x.dtype), x
+
+    def rotary_write_kv(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rotate ``query`` and ``key`` by RoPE, store the rotated key and ``value`` in the cache; return the rotated query."""
+        self.write_kv_cache(apply_rotary(key, cos, sin), value, key_cache, value_cache, slot_mapping)
+        return apply_rotary(query, cos, sin)

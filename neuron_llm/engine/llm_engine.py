@@ -1,9 +1,10 @@
 """The synchronous engine: requests in, one flat step at a time, outputs out.
 
 Each ``step()`` asks the scheduler for this step's tokens, has the model runner pack and
-run them, samples the requests that reached the end of their known tokens, and turns the
-new tokens into text (stop tokens and strings are judged here). ``LLM`` drives it until
-every request finishes; ``AsyncLLM`` drives it from a thread of its own.
+run them and sample (on the device) the requests that reached the end of their known
+tokens, and turns the new tokens into text (stop tokens and strings are judged here).
+``LLM`` drives it until every request finishes; ``AsyncLLM`` drives it from a thread of
+its own.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from neuron_llm.engine.request import Request, RequestStatus
 from neuron_llm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, SchedulerStats
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from neuron_llm.sample import RowState, SamplingBatch, compute_prompt_logprobs, make_generator, sample
+from neuron_llm.sample import RowState, SamplerOutput, compute_prompt_logprobs, make_generator
 from neuron_llm.sampling_params import SamplingParams
 
 
@@ -179,9 +180,10 @@ class LLMEngine:
             group, _ = self._sequences[entry.request.request_id]
             if group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
-        result = self.runner.execute(scheduled, self._wants_prompt_logprobs)
         sampling = [entry for entry in scheduled.scheduled if entry.is_sampling]
-        sampled_ids, logprob_dicts = self._sample(sampling, result.sample_logits)
+        rows = [self._row_state(entry) for entry in sampling]
+        result = self.runner.execute(scheduled, self._wants_prompt_logprobs, rows, sorted(self.eos_token_ids))
+        sampled_ids, logprob_dicts = self._read_sampled(rows, result.sampled)
         self._record_prompt_logprobs(scheduled, result.prompt_logits)
         self.scheduler.update_from_output(
             scheduled, {entry.request.request_id: [token] for entry, token in zip(sampling, sampled_ids)}
@@ -201,21 +203,19 @@ class LLMEngine:
             group.prompt_token_ids
         ) - 1
 
-    def _sample(
-        self, entries: list[ScheduledRequest], logits: torch.Tensor
+    def _row_state(self, entry: ScheduledRequest) -> RowState:
+        _, seq = self._sequences[entry.request.request_id]
+        request = entry.request
+        return RowState(request.sampling_params, request.prompt_token_ids, request.output_token_ids, seq.generator)
+
+    def _read_sampled(
+        self, rows: list[RowState], output: SamplerOutput | None
     ) -> tuple[list[int], list[dict[int, Logprob] | None]]:
-        if not entries:
+        if output is None:
             return [], []
-        rows = []
-        for entry in entries:
-            _, seq = self._sequences[entry.request.request_id]
-            request = entry.request
-            rows.append(RowState(request.sampling_params, request.prompt_token_ids, request.output_token_ids, seq.generator))
-        batch = SamplingBatch.build(rows, logits.shape[-1], logits.device, sorted(self.eos_token_ids))
-        output = sample(logits, batch)
         token_ids = output.token_ids.tolist()  # the one host read per step
         if output.logprobs is None:
-            return token_ids, [None] * len(entries)
+            return token_ids, [None] * len(rows)
         return token_ids, output.logprobs.to_dicts([row.params.logprobs for row in rows])
 
     def _record_prompt_logprobs(self, scheduled: SchedulerOutput, prompt_logits: list[torch.Tensor | None]) -> None:

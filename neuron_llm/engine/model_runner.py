@@ -1,4 +1,4 @@
-"""From a scheduler step to logits: pack the flat batch, pad it to a bucket, run it.
+"""From a scheduler step to sampled tokens: pack the flat batch, pad it to a bucket, run it.
 
 The flat batch holds every scheduled token of every request back to back::
 
@@ -8,12 +8,12 @@ The flat batch holds every scheduled token of every request back to back::
 and is padded to the smallest bucket (``neuron_llm.buckets``), so every forward has one of a
 known set of shapes. Logits are computed only for the rows that sample (the last token of
 each request that reached the end of its known tokens) and for prompt positions whose
-logprobs were asked for.
+logprobs were asked for; the sampling rows are sampled on the device, in the same step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,13 +23,14 @@ from neuron_llm.config import EngineConfig
 from neuron_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from neuron_llm.ops.metadata import NULL_BLOCK_ID
 from neuron_llm.parallel.executor import Executor
+from neuron_llm.sample import RowState, SamplerOutput
 from neuron_llm.worker import StepInput
 
 
 @dataclass
 class StepResult:
-    sample_logits: torch.Tensor
-    """[num_sampling_entries, vocab] fp32, in the order of the sampling entries."""
+    sampled: SamplerOutput | None
+    """One token per sampling entry, in their order; None when no entry samples."""
     prompt_logits: list[torch.Tensor | None]
     """Per scheduled entry: logits at its prompt positions whose logprobs were asked for."""
 
@@ -49,30 +50,40 @@ class ModelRunner:
         )
 
     def execute(
-        self, scheduled: SchedulerOutput, wants_prompt_logprobs: Callable[[ScheduledRequest], bool]
+        self,
+        scheduled: SchedulerOutput,
+        wants_prompt_logprobs: Callable[[ScheduledRequest], bool],
+        sampling_rows: Sequence[RowState] = (),
+        eos_token_ids: Sequence[int] = (),
     ) -> StepResult:
-        """Run the step; ``wants_prompt_logprobs(entry)`` says whose prompt rows to return."""
+        """Run the step and sample ``sampling_rows``, one per sampling entry in their order.
+
+        ``wants_prompt_logprobs(entry)`` says whose prompt rows to return; ``eos_token_ids``
+        are held back from rows short of min_tokens.
+        """
+        assert len(sampling_rows) == sum(entry.is_sampling for entry in scheduled.scheduled)
         step, prompt_rows = self._pack(scheduled, wants_prompt_logprobs)
-        logits = self.executor.execute(step)
-        num_sampling = sum(entry.is_sampling for entry in scheduled.scheduled)
+        output = self.executor.execute_and_sample(step, sampling_rows, eos_token_ids)
         prompt_logits: list[torch.Tensor | None] = []
-        offset = len(step.logits_indices) - sum(len(rows) for rows in prompt_rows if rows)
+        offset = 0
         for rows in prompt_rows:
             if not rows:
                 prompt_logits.append(None)
                 continue
-            prompt_logits.append(logits[offset : offset + len(rows)])
+            prompt_logits.append(output.prompt_logits[offset : offset + len(rows)])
             offset += len(rows)
-        return StepResult(logits[:num_sampling], prompt_logits)
+        return StepResult(output.sampled, prompt_logits)
 
     def warm_up(self) -> int:
         """Run one dummy step of every bucket, so a compiling backend builds each graph now.
 
-        Returns the number of graphs compiled; afterwards the worker warns about any new one.
+        Each step samples (padding rows only), so its graph is the one steps of plain
+        requests run, greedy and sampled alike. Returns the number of graphs compiled;
+        afterwards the worker warns about any new one.
         """
         block_capacity = self.buckets.max_blocks_per_seq * self.block_size
         for bucket in self.buckets.all:
-            self.executor.execute(_dummy_step(bucket, block_capacity, self.buckets.max_blocks_per_seq))
+            self.executor.execute_and_sample(_dummy_step(bucket, block_capacity, self.buckets.max_blocks_per_seq), [])
         self.executor.worker.mark_warmed_up()
         return self.executor.worker.num_compiled_graphs()
 

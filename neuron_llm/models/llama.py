@@ -18,7 +18,7 @@ from neuron_llm import ops
 from neuron_llm.config import ModelConfig
 from neuron_llm.layers.linear import Linear
 from neuron_llm.layers.norm import RMSNorm
-from neuron_llm.layers.rotary import RotaryEmbedding, apply_rotary
+from neuron_llm.layers.rotary import RotaryEmbedding
 from neuron_llm.ops.metadata import AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -50,10 +50,8 @@ class LlamaAttention(nn.Module):
         query = self.q_proj(hidden).view(num_tokens, -1, self.head_dim)
         key = self.k_proj(hidden).view(num_tokens, -1, self.head_dim)
         value = self.v_proj(hidden).view(num_tokens, -1, self.head_dim)
-        query = apply_rotary(query, cos, sin)
-        key = apply_rotary(key, cos, sin)
         key_cache, value_cache = kv_cache
-        ops.write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        query = ops.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, metadata.slot_mapping)
         out = ops.paged_attention(query, key_cache, value_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, -1))
 
@@ -82,13 +80,23 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache,
         metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (this layer's output, the residual stream before it): their sum is the new stream.
+
+        The residual add is left to the next norm, where a backend can fuse it (``ops.rms_norm``).
+        """
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -125,9 +133,11 @@ class LlamaForCausalLM(nn.Module):
         """
         hidden = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary(positions, hidden.dtype)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos, sin, kv_cache, metadata)
-        return self.model.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin, kv_cache, metadata)
+        hidden, _ = self.model.norm(hidden, residual)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [num_rows, vocab_size] in fp32 for hidden states [num_rows, hidden_size]."""

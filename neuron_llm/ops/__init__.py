@@ -69,6 +69,25 @@ def fp8_linear(
     return _active.fp8_linear(x, weight, weight_scale, bias, activation_scale_ub)
 
 
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _active.rms_norm(x, weight, eps, residual)
+
+
+def rotary_write_kv(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    return _active.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping)
+
+
 __all__ = [
     "NULL_BLOCK_ID",
     "AttentionMetadata",
@@ -77,6 +96,8 @@ __all__ = [
     "int8_linear",
     "linear",
     "paged_attention",
+    "rms_norm",
+    "rotary_write_kv",
     "use_backend",
     "write_kv_cache",
 ]

@@ -1,12 +1,13 @@
 """Executors: how the engine (on rank 0) runs a step on one device or on a tensor-parallel group.
 
-The engine sees one interface, ``Executor``: ``execute(step)`` returns fp32 logits,
+The engine sees one interface, ``Executor``: ``execute_and_sample(step, rows)`` runs a
+step and samples it on rank 0's device (``execute(step)`` returns the fp32 logits instead),
 ``num_kv_blocks`` is the KV pool size every rank holds, ``shutdown()`` ends the ranks.
 
 With tensor parallelism every rank holds a ``Worker`` over its model shard. Each step,
 rank 0 sends the ``StepInput`` (a few plain lists) to the others over the control group and
-all ranks run the same forward; the LM head's all-gather gives rank 0 the full logits.
-Sending ``None`` ends the others' loop.
+all ranks run the same forward; the LM head's all-gather gives rank 0 the full logits,
+and rank 0 alone samples. Sending ``None`` ends the others' loop.
 
 Workers are built by a ``WorkerFactory`` that runs in each rank's own process, so every
 rank loads only its shard, on its own device. It must be picklable to reach spawned ranks:
@@ -24,9 +25,9 @@ process rather than raising. After any failure the executor is shut down.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,10 @@ from neuron_llm.parallel.state import (
     min_over_ranks,
     torchrun_env,
 )
-from neuron_llm.worker import StepInput, Worker, allocate_kv_cache
+from neuron_llm.sample import RowState
+from neuron_llm.worker import StepInput, StepOutput, Worker, allocate_kv_cache
+
+_T = TypeVar("_T")
 
 WorkerFactory = Callable[[EngineConfig, int, int], Worker]
 """``build_worker(config, rank, world_size)``: rank ``rank``'s Worker over its model shard.
@@ -70,6 +74,12 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def execute(self, step: StepInput) -> torch.Tensor:
         """Run one step; return fp32 logits [len(step.logits_indices), vocab_size]."""
+
+    @abc.abstractmethod
+    def execute_and_sample(
+        self, step: StepInput, rows: Sequence[RowState], eos_token_ids: Sequence[int] = ()
+    ) -> StepOutput:
+        """Run one step and sample ``rows`` on rank 0's device (see ``Worker.execute_and_sample``)."""
 
     @abc.abstractmethod
     def shutdown(self) -> None:
@@ -93,6 +103,11 @@ class UniprocExecutor(Executor):
 
     def execute(self, step: StepInput) -> torch.Tensor:
         return self.worker.execute(step)
+
+    def execute_and_sample(
+        self, step: StepInput, rows: Sequence[RowState], eos_token_ids: Sequence[int] = ()
+    ) -> StepOutput:
+        return self.worker.execute_and_sample(step, rows, eos_token_ids)
 
     def shutdown(self) -> None:
         pass
@@ -138,6 +153,16 @@ class MultiprocExecutor(Executor):
             self._fail(e)
 
     def execute(self, step: StepInput) -> torch.Tensor:
+        return self._run(step, lambda: self.worker.execute(step))
+
+    def execute_and_sample(
+        self, step: StepInput, rows: Sequence[RowState], eos_token_ids: Sequence[int] = ()
+    ) -> StepOutput:
+        # The other ranks run the plain forward: sampling follows the logits' all-gather.
+        return self._run(step, lambda: self.worker.execute_and_sample(step, rows, eos_token_ids))
+
+    def _run(self, step: StepInput, run_on_rank_0: Callable[[], _T]) -> _T:
+        """Send ``step`` to the other ranks, then run it here with ``run_on_rank_0``."""
         if not self._is_running:
             raise RuntimeError("the tensor-parallel executor is shut down (after shutdown() or a failure)")
         if self._ranks is not None and (failure := self._ranks.failure(wait_s=0)) is not None:
@@ -145,7 +170,7 @@ class MultiprocExecutor(Executor):
             raise failure
         try:
             broadcast_from_driver(step)
-            return self.worker.execute(step)
+            return run_on_rank_0()
         except Exception as e:  # noqa: BLE001 - see _fail
             self._fail(e)
 

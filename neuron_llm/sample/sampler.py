@@ -19,6 +19,14 @@ Sampling uses the exponential race: with ``E_i ~ Exp(1)`` independent,
 Each seeded row draws its ``E`` from its own ``torch.Generator``, so its token depends only
 on its logits, its parameters and its generator's state, never on the other rows. Nothing
 here reads a tensor on the host; the caller syncs when it reads ``token_ids``.
+
+Devices that compile one graph per shape (XLA: Neuron) sample from a *static* batch
+(``SamplingBatch.build_static``): padded to a fixed row count, every per-row parameter a
+tensor, so that greedy and sampled rows in any mix run the same graph. A generator cannot
+live on such a device, so there each row's ``E`` is counter-based noise: a hash of the
+token index under a per-row key (``noise_keys``), which the host draws from the row's
+generator (kept on the host), one key per step. Seeded rows stay reproducible and
+independent of the batch, though their stream differs from the eager one's.
 """
 
 from __future__ import annotations
@@ -30,17 +38,20 @@ from typing import Any
 import torch
 
 from neuron_llm.outputs import Logprob
-from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
     """A generator seeded with ``seed`` on ``device`` (the logits' device); None when unseeded.
 
     The engine creates one per seeded sequence when it arrives and keeps it for the
-    sequence's life, so that every step advances the same random stream.
+    sequence's life, so that every step advances the same random stream. On the XLA device
+    the generator stays on the host, where the static batch draws its noise keys.
     """
     if seed is None:
         return None
+    if torch.device(device).type == "xla":
+        device = "cpu"
     generator = torch.Generator(device=device)
     # manual_seed takes 64-bit values; any Python int seed maps onto one deterministically.
     generator.manual_seed(seed % 2**64)
@@ -89,6 +100,16 @@ class Penalties:
     seen: torch.Tensor
     """[num_rows, vocab] bool: token occurs in the prompt or the output."""
 
+    def to(self, device: torch.device | str) -> Penalties:
+        """The same penalties with every tensor on ``device``."""
+        return Penalties(
+            self.repetition.to(device),
+            self.frequency.to(device),
+            self.presence.to(device),
+            self.output_counts.to(device),
+            self.seen.to(device),
+        )
+
 
 @dataclass
 class SamplingBatch:
@@ -104,6 +125,7 @@ class SamplingBatch:
     is_greedy: torch.Tensor
     """[num_rows] bool."""
     is_all_greedy: bool
+    """Skip the random draw; a static batch holds False whatever its rows, to keep one graph."""
     top_k: torch.Tensor | None
     """[num_rows] int64 in [1, vocab]; vocab for rows without top-k."""
     top_p: torch.Tensor | None
@@ -111,12 +133,14 @@ class SamplingBatch:
     min_p: torch.Tensor | None
     """[num_rows] fp32; 0 for rows without min-p."""
     penalties: Penalties | None
-    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None
-    """(row indices, token ids) set to -inf: EOS and stop tokens of rows short of min_tokens."""
+    min_tokens_mask: torch.Tensor | None
+    """[num_rows, vocab] bool, True for the EOS and stop tokens of rows short of min_tokens."""
     generators: dict[int, torch.Generator]
     """Row index -> generator, for seeded rows that sample (greedy rows need none)."""
     num_logprobs: int | None
     """Most top logprobs any row asked for; None when no row asked for logprobs."""
+    noise_keys: torch.Tensor | None = None
+    """[num_rows, 2] int32 keys of each row's counter-based noise (static batches); replaces ``generators``."""
 
     @property
     def num_rows(self) -> int:
@@ -160,21 +184,81 @@ class SamplingBatch:
             num_logprobs=max(logprob_counts) if logprob_counts else None,
         )
 
+    @classmethod
+    def build_static(
+        cls,
+        rows: Sequence[RowState],
+        vocab_size: int,
+        device: torch.device | str,
+        num_rows: int,
+        eos_token_ids: Sequence[int] = (),
+    ) -> SamplingBatch:
+        """As ``build``, for a device that compiles a graph per shape: always ``num_rows`` rows.
+
+        Rows past ``len(rows)`` are greedy padding. Temperature, top-k, top-p, min-p and the
+        noise keys are always tensors and ``is_all_greedy`` is False, so any mix of greedy
+        and sampled rows runs one graph. Only three parts change it, each present when some
+        row uses it: penalties and the min_tokens mask (dense ``[num_rows, vocab]`` tensors,
+        built on the host) and logprobs (always the ``MAX_LOGPROBS`` best).
+        """
+        if len(rows) > num_rows:
+            raise ValueError(f"{len(rows)} sampling rows exceed the static batch's num_rows={num_rows}")
+        rows = list(rows) + [_PADDING_ROW] * (num_rows - len(rows))
+        params = [row.params for row in rows]
+        is_greedy = [p.is_greedy for p in params]
+        top_k, top_p, min_p = _truncation_tensors(params, vocab_size, device, always=True)
+        penalties = _build_penalties(rows, vocab_size, "cpu")
+        min_tokens_mask = _build_min_tokens_mask(rows, vocab_size, "cpu", eos_token_ids)
+        return cls(
+            vocab_size=vocab_size,
+            temperature=_to_device(
+                [1.0 if greedy else p.temperature for p, greedy in zip(params, is_greedy)], torch.float32, device
+            ),
+            is_greedy=_to_device(is_greedy, torch.bool, device),
+            is_all_greedy=False,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            penalties=None if penalties is None else penalties.to(device),
+            min_tokens_mask=None if min_tokens_mask is None else min_tokens_mask.to(device),
+            generators={},
+            num_logprobs=min(MAX_LOGPROBS, vocab_size) if any(p.logprobs is not None for p in params) else None,
+            noise_keys=_noise_keys(rows).to(device),
+        )
+
+
+_PADDING_ROW = RowState(SamplingParams(temperature=0.0), (), ())
+"""Fills a static batch up to its row count: greedy, so it takes no noise and no truncation."""
+
 
 def _truncation_tensors(
-    params: list[SamplingParams], vocab_size: int, device: torch.device | str
+    params: list[SamplingParams], vocab_size: int, device: torch.device | str, always: bool = False
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     # Greedy rows take the argmax, which every truncation keeps; give them neutral values.
+    # Unless ``always``, a truncation no sampled row uses is None and skipped.
     sampled = [p for p in params if not p.is_greedy]
     top_k = top_p = min_p = None
-    if any(p.top_k > 0 for p in sampled):
+    if always or any(p.top_k > 0 for p in sampled):
         values = [vocab_size if p.is_greedy or p.top_k == 0 else min(p.top_k, vocab_size) for p in params]
         top_k = _to_device(values, torch.int64, device)
-    if any(p.top_p < 1 for p in sampled):
+    if always or any(p.top_p < 1 for p in sampled):
         top_p = _to_device([1.0 if p.is_greedy else p.top_p for p in params], torch.float32, device)
-    if any(p.min_p > 0 for p in sampled):
+    if always or any(p.min_p > 0 for p in sampled):
         min_p = _to_device([0.0 if p.is_greedy else p.min_p for p in params], torch.float32, device)
     return top_k, top_p, min_p
+
+
+def _noise_keys(rows: Sequence[RowState]) -> torch.Tensor:
+    """[num_rows, 2] int32: this step's key of each row's counter-based noise, drawn on the host.
+
+    A seeded row draws from its own generator (one draw per step, as the eager sampler
+    advances it once per step), the others from torch's default generator.
+    """
+    keys = torch.randint(-(2**31), 2**31, (len(rows), 2), dtype=torch.int32)
+    for i, row in enumerate(rows):
+        if row.generator is not None and not row.params.is_greedy:
+            keys[i] = torch.randint(-(2**31), 2**31, (2,), dtype=torch.int32, generator=row.generator)
+    return keys
 
 
 def _padded_ids(id_lists: list[Sequence[int]], pad_id: int, device: torch.device | str) -> torch.Tensor:
@@ -213,7 +297,7 @@ def _build_penalties(rows: Sequence[RowState], vocab_size: int, device: torch.de
 
 def _build_min_tokens_mask(
     rows: Sequence[RowState], vocab_size: int, device: torch.device | str, eos_token_ids: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+) -> torch.Tensor | None:
     row_ids: list[int] = []
     token_ids: list[int] = []
     for i, row in enumerate(rows):
@@ -226,10 +310,10 @@ def _build_min_tokens_mask(
         token_ids += ends
     if not row_ids:
         return None
-    return (
-        _to_device(row_ids, torch.int64, device),
-        _to_device(token_ids, torch.int64, device),
-    )
+    # Only the (row, token) pairs cross to the device; the dense mask is filled there.
+    mask = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
+    indices = (_to_device(row_ids, torch.int64, device), _to_device(token_ids, torch.int64, device))
+    return mask.index_put_(indices, torch.ones((), dtype=torch.bool, device=device))
 
 
 @dataclass
@@ -339,7 +423,7 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.penalties is not None:
         logits = _apply_penalties(logits, batch.penalties)
     if batch.min_tokens_mask is not None:
-        logits = logits.index_put(batch.min_tokens_mask, logits.new_full((), float("-inf")))
+        logits = logits.masked_fill(batch.min_tokens_mask, float("-inf"))
     logits = logits / batch.temperature.unsqueeze(1)
     if batch.top_k is not None or batch.top_p is not None:
         logits = _apply_top_k_top_p(logits, batch.top_k, batch.top_p)
@@ -358,12 +442,46 @@ def _exponential_noise(like: torch.Tensor, generators: dict[int, torch.Generator
     return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
 
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int32 (zeros move in at the top); ``>>`` on XLA rounds negatives towards 0."""
+    top = torch.where(x < 0, 1 << (31 - bits), 0).to(torch.int32)
+    return ((x & 0x7FFFFFFF) >> bits) | top
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # lowbias32 (https://nullprogram.com/blog/2018/07/31/): an invertible 32-bit hash whose
+    # every output bit depends on every input bit. int32 products wrap on every backend.
+    x = x ^ _shift_right(x, 16)
+    x = x * 0x7FEB352D
+    x = x ^ _shift_right(x, 15)
+    x = x * -0x7B935975  # 0x846CA68B as int32
+    return x ^ _shift_right(x, 16)
+
+
+def counter_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Exp(1) noise [num_rows, vocab_size] fp32, a pure function of ``keys`` [num_rows, 2] int32.
+
+    Token ``v`` of row ``r`` hashes ``v`` under the row's two key words and maps the low 24
+    bits to a uniform ``u`` in (0, 1), then to ``-log(u)``. Only 32-bit integer and fp32
+    operations: the same bits on the CPU, on torch-xla and on devices without int64.
+    """
+    token_ids = torch.arange(vocab_size, dtype=torch.int32, device=keys.device)
+    # bits: [num_rows, vocab_size] int32
+    bits = _mix32(_mix32(token_ids.unsqueeze(0) ^ keys[:, :1]) + keys[:, 1:])
+    uniform = ((bits & 0xFFFFFF).float() + 0.5) * 2.0**-24
+    return -uniform.log()
+
+
 def _draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     greedy = logits.argmax(dim=-1)
     if batch.is_all_greedy:
         return greedy
     probs = logits.softmax(dim=-1)
-    sampled = (probs / _exponential_noise(probs, batch.generators)).argmax(dim=-1)
+    if batch.noise_keys is not None:
+        noise = counter_noise(batch.noise_keys, batch.vocab_size)
+    else:
+        noise = _exponential_noise(probs, batch.generators)
+    sampled = (probs / noise).argmax(dim=-1)
     return torch.where(batch.is_greedy, greedy, sampled)
 
 

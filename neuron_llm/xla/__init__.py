@@ -14,6 +14,8 @@ from neuron_llm.xla.device import (
     execution_count,
     import_torch_xla,
     sync,
+    to_host,
+    transferred_bytes,
     wait,
     xla_device,
 )
@@ -30,6 +32,8 @@ __all__ = [
     "hlo_text",
     "import_torch_xla",
     "sync",
+    "to_host",
+    "transferred_bytes",
     "wait",
     "xla_device",
 ]

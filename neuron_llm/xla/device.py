@@ -5,7 +5,7 @@ torch_xla is imported inside each function, so importing this module never needs
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
@@ -43,6 +43,20 @@ def wait() -> None:
     xm.wait_device_ops()
 
 
+def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Copy computed XLA tensors to the CPU in one transfer (after ``sync``, this runs no graph)."""
+    return import_torch_xla()._XLAC._xla_get_cpu_tensors(list(tensors))
+
+
+def transferred_bytes() -> int:
+    """Bytes copied from the device to the host by this process so far (``InboundData``)."""
+    import_torch_xla()
+    from torch_xla.debug import metrics
+
+    data = metrics.metric_data("InboundData")
+    return 0 if data is None else int(data[1])
+
+
 def compile_count() -> int:
     """Graphs compiled by this process so far (torch-xla's ``CompileTime`` metric)."""
     return _metric_count("CompileTime")
@@ -64,15 +78,19 @@ def _metric_count(name: str) -> int:
 
 @dataclass
 class GraphCounts:
-    """Compilations and executions seen over a block of code (filled in when the block exits)."""
+    """Graphs and host reads seen over a block of code (filled in when the block exits)."""
 
     compilations: int = 0
     executions: int = 0
+    transfers: int = 0
+    """Copies from the device to the host (``TransferFromDeviceTime``); one may carry several tensors."""
+    transferred_bytes: int = 0
+    """Bytes those copies carried (``InboundData``)."""
 
 
 @contextmanager
 def count_graphs() -> Iterator[GraphCounts]:
-    """Measure the graphs compiled and executed inside a ``with`` block::
+    """Measure the graphs compiled and executed, and the host reads, inside a ``with`` block::
 
     with count_graphs() as counts:
         worker.execute(step)
@@ -81,6 +99,9 @@ def count_graphs() -> Iterator[GraphCounts]:
     counts = GraphCounts()
     # Executions first: waiting for them also lets any compile launched with them finish.
     executions, compilations = execution_count(), compile_count()
+    transfers, num_bytes = _metric_count("TransferFromDeviceTime"), transferred_bytes()
     yield counts
     counts.executions = execution_count() - executions
     counts.compilations = compile_count() - compilations
+    counts.transfers = _metric_count("TransferFromDeviceTime") - transfers
+    counts.transferred_bytes = transferred_bytes() - num_bytes

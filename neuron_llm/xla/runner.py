@@ -1,16 +1,36 @@
-"""A worker on the XLA device: each engine step is exactly one graph of a bucket's shapes."""
+"""A worker on the XLA device: each engine step is exactly one graph of a bucket's shapes.
+
+``execute_and_sample`` records the forward, the logits and the sampler as one lazy graph,
+cuts it with one ``sync`` and copies back, in one transfer, only what the host needs: the
+sampled token ids, the logprob tensors when a row asked for logprobs, and the logits rows
+of prompt positions when an entry asked for prompt logprobs (those are scored on the host).
+
+The sampler runs on a static batch (``SamplingBatch.build_static``) of the bucket's
+sequence count, so the graphs of a bucket are known before serving:
+
+- the plain graph: any mix of greedy, random and seeded rows with temperature, top-k,
+  top-p and min-p. Warm-up compiles it for every bucket.
+- one more graph for each combination of penalties, min_tokens and logprobs that some
+  step uses (7 at most), and each of these again for steps with prompt-logprob rows
+  (``num_logits_rows``): at most 16 graphs a bucket. These compile on first use, with a
+  warning, as any graph after warm-up does.
+
+``execute`` (logits to the host, no sampling) is the forward-only graph: what the other
+ranks of a tensor-parallel group run, since rank 0 alone samples.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
-from neuron_llm.ops.metadata import AttentionMetadata
-from neuron_llm.worker import StepInput, Worker
-from neuron_llm.xla.device import compile_count, sync, xla_device
+from neuron_llm.sample import LogprobsTensors, RowState, SamplerOutput, SamplingBatch, sample
+from neuron_llm.worker import StepInput, StepOutput, Worker
+from neuron_llm.xla.device import compile_count, sync, to_host, xla_device
 
 logger = logging.getLogger(__name__)
 
@@ -21,9 +41,10 @@ class XlaWorker(Worker):
     Against ``Worker``: the KV pools are materialized at construction (else the first step's
     graph would also hold their zero fill and differ from the rest); the logits rows are
     padded to the bucket's sequence count (else each distinct number of sampled sequences
-    would be a new graph); steps run under ``no_grad``, since torch-xla cannot take views
-    of ordinary tensors under ``inference_mode``; and ``execute`` ends the step with one
-    ``sync`` before reading the logits back. The model is moved to the XLA device.
+    would be a new graph); sampling runs on the device in the step's graph; steps run under
+    ``no_grad``, since torch-xla cannot take views of ordinary tensors under
+    ``inference_mode``; and each step ends with one ``sync`` before one read to the host.
+    The model is moved to the XLA device.
     """
 
     def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_kv_blocks: int) -> None:
@@ -46,27 +67,109 @@ class XlaWorker(Worker):
         row_padding = [0] * (num_logits_rows(step) - len(step.logits_indices))
         return self.forward(step, step.logits_indices + row_padding)
 
+    @torch.no_grad()
+    def trace_sampled(self, step: StepInput, batch: SamplingBatch) -> tuple[SamplerOutput, torch.Tensor | None]:
+        """Record one step and its sampling (the graph ``execute_and_sample`` runs) without running it.
+
+        ``batch`` is a static batch of ``step.num_padded_seqs`` rows. Returns the pending
+        sampler output of those rows and the pending logits rows after them
+        [num_logits_rows(step) - num_padded_seqs, vocab_size], or None when the step reads
+        no prompt rows.
+        """
+        logits = self.trace(step)
+        num_seqs = batch.num_rows
+        assert num_seqs == step.num_padded_seqs, (num_seqs, step.num_padded_seqs)
+        sampled = sample(logits[:num_seqs], batch)
+        prompt_logits = logits[num_seqs:] if len(step.logits_indices) > num_seqs else None
+        return sampled, prompt_logits
+
     def execute(self, step: StepInput) -> torch.Tensor:
         """Run one step as one graph; return its fp32 logits [len(step.logits_indices), vocab_size] on the CPU."""
         compiled_before = compile_count()
         logits = self.trace(step)
         sync()
-        if self._is_warm and compile_count() > compiled_before:
-            logger.warning(
-                "compiled a new graph after warm-up for a step of %d tokens, %d sequences, %d logits rows: "
-                "its shape is missing from the warm-up buckets",
-                step.num_padded_tokens,
-                step.num_padded_seqs,
-                num_logits_rows(step),
-            )
+        self._warn_if_compiled(compiled_before, step, "no sampling")
         # Slice on the host: slicing the device tensor by a varying length would be a new graph.
         return logits.cpu()[: len(step.logits_indices)]
+
+    def execute_and_sample(
+        self, step: StepInput, rows: Sequence[RowState], eos_token_ids: Sequence[int] = ()
+    ) -> StepOutput:
+        """Run one step and its sampling as one graph; read back only the tokens (and logprobs).
+
+        As ``Worker.execute_and_sample``, with the returned tensors on the CPU. The bucket's
+        rows past ``len(rows)`` are sampled too (greedily) and dropped on the host.
+        """
+        if step.num_padded_seqs is None:
+            raise ValueError("an XLA step needs num_padded_seqs (a bucket)")
+        compiled_before = compile_count()
+        batch = SamplingBatch.build_static(
+            rows, self.config.model.vocab_size, self.device, step.num_padded_seqs, eos_token_ids
+        )
+        sampled, prompt_logits = self.trace_sampled(step, batch)
+        sync()
+        self._warn_if_compiled(compiled_before, step, _sampling_variant(batch, prompt_logits is not None))
+        return self._read_back(sampled if rows else None, len(rows), prompt_logits, step)
+
+    def _read_back(
+        self, sampled: SamplerOutput | None, num_rows: int, prompt_logits: torch.Tensor | None, step: StepInput
+    ) -> StepOutput:
+        """Copy what the host needs in one transfer; slice the real rows there.
+
+        Slicing on the device by a varying row count would make a new graph per count.
+        """
+        token_ids = [sampled.token_ids] if sampled is not None else []
+        logprobs = _logprobs_fields(sampled.logprobs) if sampled is not None and sampled.logprobs is not None else []
+        pending = token_ids + logprobs + ([prompt_logits] if prompt_logits is not None else [])
+        host = to_host(pending) if pending else []
+        output = None
+        if sampled is not None:
+            host_logprobs = [tensor[:num_rows] for tensor in host[1 : 1 + len(logprobs)]]
+            output = SamplerOutput(host[0][:num_rows], LogprobsTensors(*host_logprobs) if logprobs else None)
+        if prompt_logits is None:
+            return StepOutput(output, torch.empty(0, self.config.model.vocab_size))
+        assert step.num_padded_seqs is not None
+        return StepOutput(output, host[-1][: len(step.logits_indices) - step.num_padded_seqs])
 
     def num_compiled_graphs(self) -> int:
         return compile_count() - self._compiled_at_start
 
     def mark_warmed_up(self) -> None:
         self._is_warm = True
+
+    def _warn_if_compiled(self, compiled_before: int, step: StepInput, variant: str) -> None:
+        if self._is_warm and compile_count() > compiled_before:
+            logger.warning(
+                "compiled a new graph after warm-up for a step of %d tokens, %d sequences, %d logits rows (%s): "
+                "warm-up compiles each bucket's plain sampling graph; penalties, min_tokens, logprobs and "
+                "prompt logprobs compile once per bucket on first use, any other shape is missing from the buckets",
+                step.num_padded_tokens,
+                step.num_padded_seqs,
+                num_logits_rows(step),
+                variant,
+            )
+
+
+def _logprobs_fields(logprobs: LogprobsTensors) -> list[torch.Tensor]:
+    """The tensors of ``logprobs`` in the order ``LogprobsTensors`` takes them."""
+    return [
+        logprobs.token_ids,
+        logprobs.token_logprobs,
+        logprobs.token_ranks,
+        logprobs.top_token_ids,
+        logprobs.top_logprobs,
+    ]
+
+
+def _sampling_variant(batch: SamplingBatch, has_prompt_rows: bool) -> str:
+    """Names the optional parts of a sampling graph, for the warning about a new one."""
+    parts = {
+        "penalties": batch.penalties is not None,
+        "min_tokens": batch.min_tokens_mask is not None,
+        "logprobs": batch.num_logprobs is not None,
+        "prompt logprobs": has_prompt_rows,
+    }
+    return " + ".join(["sampling"] + [name for name, used in parts.items() if used])
 
 
 def num_logits_rows(step: StepInput) -> int:

@@ -166,7 +166,8 @@ def test_sharded_attention_heads_equal_the_unsharded_ones(num_heads: int, num_kv
             projected.append(layer(hidden))
         outputs.append(_causal_gqa(*projected, head_dim))
     # Rank r computes query heads [r * num_heads / world_size, ...): concatenated in rank order.
-    torch.testing.assert_close(torch.cat(outputs, dim=0), expected, rtol=1e-5, atol=1e-6)
+    # fp32 tolerance: a shard's matmul may block its sums differently (it does with one thread).
+    torch.testing.assert_close(torch.cat(outputs, dim=0), expected, rtol=1e-4, atol=1e-5)
 
 
 def _causal_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -20,7 +20,14 @@ pytestmark = pytest.mark.xla
 SHAPES = [GraphShape("decode_t4_s4", 4, 4, 8), GraphShape("prefill_t16_s2", 16, 2, 6)]
 NUM_KV_BLOCKS = 20
 BLOCK_SIZE = 4
-_TORCH_DTYPE_TO_HLO = {"int64": "s64", "int32": "s32", "float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+_TORCH_DTYPE_TO_HLO = {
+    "int64": "s64",
+    "int32": "s32",
+    "float32": "f32",
+    "bfloat16": "bf16",
+    "float16": "f16",
+    "bool": "pred",
+}
 
 
 def declared_parameters(graph: dict) -> Counter[HloShape]:
@@ -56,9 +63,9 @@ def test_one_module_per_bucket_with_the_bucket_signature(exported) -> None:
         # The rest are the weights and a few scalars: no input was folded into a constant.
         num_arrays = sum(1 for p in parameters if p.dims)
         assert num_arrays == sum(declared_parameters(graph).values()) + num_weights
-        assert graph["outputs"]["logits"]["shape"] == [shape.num_seqs, 96]
+        assert graph["outputs"]["token_ids"] == {"shape": [shape.num_seqs], "dtype": "int64"}
         assert graph["outputs"]["order"] == [
-            "logits",
+            "token_ids",
             "key_cache[0]",
             "value_cache[0]",
             "key_cache[1]",

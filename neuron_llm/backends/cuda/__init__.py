@@ -1,0 +1,1 @@
+"""The cuda backend: Triton kernels for NVIDIA GPUs."""

@@ -1,0 +1,142 @@
+"""``neuron-llm bench``: the engine's GPU figures beside their anchors, as JSON and a Markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="GPU benchmarks of the engine beside their anchors (needs CUDA)")
+    parser.add_argument(
+        "--cases",
+        default="decode,batch,int8,prefill,transformers",
+        help="comma-separated among: decode, batch, int8, prefill, transformers",
+    )
+    parser.add_argument("--num-layers", type=int, default=None, help="fewer layers than Llama-3-8B's 32 (quick runs)")
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--prefill-len", type=int, default=4096)
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from neuron_llm.bench import anchors, engine
+    from neuron_llm.config import ModelConfig
+    from neuron_llm.quant import quantize_model
+
+    if not torch.cuda.is_available():
+        raise ValueError("neuron-llm bench measures a GPU: no CUDA device is visible")
+    cases = {c for c in args.cases.split(",") if c}
+    hf_config = dict(engine.LLAMA3_8B)
+    if args.num_layers:
+        hf_config["num_hidden_layers"] = args.num_layers
+    model_config = ModelConfig.from_hf_config(hf_config)
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "model": f"Llama-3-8B shape, {model_config.num_hidden_layers} layers, random bf16 weights",
+        "copy_bandwidth_Bps": anchors.copy_bandwidth(),
+        "bf16_matmul_flops": anchors.bf16_matmul_flops(),
+    }
+    _print(results)
+
+    def case(quantization: str | None = None) -> engine.EngineCase:
+        def build() -> Any:
+            model = engine.random_llama(model_config, torch.bfloat16, "cuda")
+            if quantization:
+                quantize_model(model, quantization)
+            return model
+
+        return engine.EngineCase(build, model_config)
+
+    vocab = model_config.vocab_size
+    decode = functools.partial(engine.decode_latency, prompt_len=args.prompt_len, max_tokens=args.decode_tokens)
+    if cases & {"decode", "batch", "prefill"}:
+        with engine.released():
+            bf16 = case().engine()
+            weight_bytes = bf16.runner.executor.worker.weight_bytes
+            results["weight_bytes"] = weight_bytes
+            results["decode_floor_s"] = weight_bytes / results["copy_bandwidth_Bps"]
+            if "decode" in cases:
+                results["bf16_decode"] = decode(bf16, vocab_size=vocab)
+            if "batch" in cases:
+                results["bf16_batch"] = engine.batch_throughput(
+                    bf16, args.batch, args.prompt_len, args.decode_tokens * 2, vocab
+                )
+            if "prefill" in cases:
+                results["bf16_prefill"] = engine.prefill_time(bf16, args.prefill_len, vocab)
+            _print(results)
+            del bf16
+    for preset in ("int8",) if "int8" in cases else ():
+        with engine.released():
+            quantized = case(preset).engine()
+            results[f"{preset}_decode"] = decode(quantized, vocab_size=vocab)
+            results[f"{preset}_weight_bytes"] = quantized.runner.executor.worker.weight_bytes
+            del quantized
+    for preset in ("fp8", "fp8-all") if "prefill" in cases else ():
+        with engine.released():
+            quantized = case(preset).engine()
+            results[f"{preset}_prefill"] = engine.prefill_time(quantized, args.prefill_len, vocab)
+            del quantized
+        _print(results)
+    if "transformers" in cases:
+        with engine.released():
+            results["transformers_b1"] = engine.transformers_generate(hf_config, 1, args.prompt_len, args.decode_tokens)
+        with engine.released():
+            results["transformers_batch"] = engine.transformers_generate(
+                hf_config, args.batch, args.prompt_len, args.decode_tokens * 2
+            )
+    _print(results)
+    print(markdown_table(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _print(results: dict[str, Any]) -> None:
+    print(json.dumps(results), flush=True)
+
+
+def markdown_table(r: dict[str, Any]) -> str:
+    """One row per figure, each with the anchor it is measured against."""
+    rows = [
+        ("copy bandwidth", f"{r['copy_bandwidth_Bps'] / 1e12:.2f} TB/s", "", ""),
+        ("bf16 matmul 8192^3", f"{r['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s", "", ""),
+    ]
+    floor = r.get("decode_floor_s")
+    if floor:
+        rows.append(("batch-1 decode floor", f"{floor * 1e3:.2f} ms/token", f"{r['weight_bytes'] / 1e9:.2f} GB", ""))
+    ours = r.get("bf16_decode", {}).get("decode_s_per_token")
+    if ours and floor:
+        rows.append(("bf16 decode, batch 1", f"{ours * 1e3:.2f} ms/token", "floor", f"{ours / floor:.2f}x"))
+    hf1 = r.get("transformers_b1", {}).get("decode_s_per_token")
+    if ours and hf1:
+        rows.append(("transformers eager, batch 1", f"{hf1 * 1e3:.2f} ms/token", "ours", f"{hf1 / ours:.2f}x slower"))
+    int8 = r.get("int8_decode", {}).get("decode_s_per_token")
+    if int8 and ours:
+        rows.append(("int8 decode, batch 1", f"{int8 * 1e3:.2f} ms/token", "bf16 decode", f"{ours / int8:.2f}x faster"))
+    batch = r.get("bf16_batch", {}).get("output_tokens_per_s")
+    hf_batch = r.get("transformers_batch", {}).get("output_tokens_per_s")
+    if batch:
+        anchor = f"{batch / hf_batch:.2f}x transformers ({hf_batch:.0f})" if hf_batch else ""
+        rows.append(("bf16 batch throughput", f"{batch:.0f} output tok/s", "transformers", anchor))
+    prefill = r.get("bf16_prefill", {}).get("prefill_tokens_per_s")
+    for preset in ("fp8", "fp8-all"):
+        fp8 = r.get(f"{preset}_prefill", {}).get("prefill_tokens_per_s")
+        if fp8 and prefill:
+            rows.append((f"{preset} prefill", f"{fp8:.0f} tok/s", f"bf16 {prefill:.0f} tok/s", f"{fp8 / prefill:.2f}x"))
+    lines = ["| figure | value | anchor | ratio |", "|---|---:|---|---:|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)

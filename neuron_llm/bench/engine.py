@@ -1,0 +1,187 @@
+"""End-to-end GPU figures of the engine on a random-weight Llama of a real shape.
+
+Every case builds the model with fresh random weights (no real 8B weights are reachable;
+speed does not depend on their values, as long as they are not zeros), runs it through the
+engine as a user would (scheduler, CUDA graphs, sampling, token read-back), and reports
+beside the anchors of the same run: the batch-1 decode floor (weight bytes over the copy
+bandwidth) and transformers' ``generate`` on the same shape.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from neuron_llm.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from neuron_llm.engine.llm_engine import LLMEngine
+from neuron_llm.loader import default_dtype
+from neuron_llm.models.llama import LlamaForCausalLM
+from neuron_llm.parallel.executor import UniprocExecutor
+from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.worker import make_worker
+
+LLAMA3_8B: dict[str, Any] = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": False,
+}
+"""Llama-3-8B's shape (``config.json`` keys)."""
+
+
+def random_llama(config: ModelConfig, dtype: torch.dtype, device: str, seed: int = 0) -> LlamaForCausalLM:
+    """A Llama of ``config`` with weights drawn from N(0, 0.02) (norm weights 1), built on ``device``."""
+    generator = torch.Generator(device).manual_seed(seed)
+    with default_dtype(dtype), torch.device(device):
+        model = LlamaForCausalLM(config)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, 0.02, generator=generator)
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class EngineCase:
+    """An engine over a model built by ``build``, and the settings it runs with."""
+
+    build: Callable[[], LlamaForCausalLM]
+    model_config: ModelConfig
+    dtype: torch.dtype = torch.bfloat16
+    device: str = "cuda"
+    max_model_len: int = 8192
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    num_kv_blocks: int = 4096
+    enforce_eager: bool = False
+
+    def engine(self) -> LLMEngine:
+        config = EngineConfig(
+            model=self.model_config,
+            device=DeviceConfig(self.device, self.dtype, enforce_eager=self.enforce_eager),
+            cache=CacheConfig(num_kv_blocks=self.num_kv_blocks, enable_prefix_caching=False),
+            scheduler=SchedulerConfig(
+                max_model_len=self.max_model_len,
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+            ),
+        )
+        model = self.build()
+        executor = UniprocExecutor(config, lambda config, rank, world: make_worker(model, config))
+        engine = LLMEngine(config, executor, tokenizer=None, eos_token_ids=())
+        engine.runner.warm_up()
+        return engine
+
+
+def random_prompts(count: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (count, length), generator=generator).tolist()
+
+
+def timed_steps(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[float]:
+    """Seconds of every engine step while generating ``max_tokens`` greedy tokens for each prompt."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for prompt in prompts:
+        engine.add_request(prompt, params)
+    times = []
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def decode_latency(engine: LLMEngine, prompt_len: int, max_tokens: int, vocab_size: int) -> dict[str, float]:
+    """Median seconds per decode step of one sequence (the first step, its prefill, excluded)."""
+    prompts = random_prompts(1, prompt_len, vocab_size)
+    timed_steps(engine, prompts, 8)  # first-use costs
+    times = timed_steps(engine, prompts, max_tokens)
+    decode = times[1:]
+    return {"decode_s_per_token": statistics.median(decode), "decode_s_p90": sorted(decode)[int(0.9 * len(decode))]}
+
+
+def batch_throughput(
+    engine: LLMEngine, batch: int, prompt_len: int, max_tokens: int, vocab_size: int
+) -> dict[str, float]:
+    """Output tokens/s of ``batch`` prompts submitted at once, wall time from submission to the last token."""
+    prompts = random_prompts(batch, prompt_len, vocab_size, seed=1)
+    timed_steps(engine, prompts[:2], 4)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    times = timed_steps(engine, prompts, max_tokens)
+    seconds = time.perf_counter() - start
+    return {"output_tokens_per_s": batch * max_tokens / seconds, "seconds": seconds, "steps": len(times)}
+
+
+def prefill_time(engine: LLMEngine, prompt_len: int, vocab_size: int, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of the one step that prefills a ``prompt_len``-token prompt (and samples a token)."""
+    times = []
+    for seed in range(repeats + 1):
+        (step,) = timed_steps(engine, random_prompts(1, prompt_len, vocab_size, seed=seed), 1)
+        times.append(step)
+    seconds = statistics.median(times[1:])
+    return {"prefill_s": seconds, "prefill_tokens_per_s": prompt_len / seconds}
+
+
+@contextmanager
+def released() -> Iterator[None]:
+    """Free what a case left on the GPU when it ends, before the next one builds its model."""
+    try:
+        yield
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def transformers_generate(
+    hf_config: dict[str, Any], batch: int, prompt_len: int, max_tokens: int, *, seed: int = 0
+) -> dict[str, float]:
+    """transformers' eager ``generate`` (dynamic cache, greedy) on a random model of the same shape.
+
+    Returns seconds per decode token at this batch (from the difference of a run of
+    ``max_tokens`` and one of a single token, so the prefill cancels) and output tokens/s.
+    """
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM as HFLlama
+
+    config = LlamaConfig(**{k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")})
+    config.eos_token_id = None
+    config.pad_token_id = 0
+    with default_dtype(torch.bfloat16), torch.device("cuda"):
+        model = HFLlama(config).eval()
+    generator = torch.Generator("cuda").manual_seed(seed)
+    for param in model.parameters():
+        param.data.normal_(0.0, 0.02, generator=generator) if param.dim() > 1 else param.data.fill_(1.0)
+    ids = torch.tensor(random_prompts(batch, prompt_len, config.vocab_size, seed=2), device="cuda")
+
+    def run(new_tokens: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(4)
+    short, full = run(1), run(max_tokens)
+    del model
+    return {
+        "decode_s_per_token": (full - short) / (max_tokens - 1),
+        "output_tokens_per_s": batch * max_tokens / full,
+    }
