@@ -121,12 +121,18 @@ def markdown_table(r: dict[str, Any]) -> str:
     ours = r.get("bf16_decode", {}).get("decode_s_per_token")
     if ours and floor:
         rows.append(("bf16 decode, batch 1", f"{ours * 1e3:.2f} ms/token", "floor", f"{ours / floor:.2f}x"))
+        model = r["bf16_decode"]["model_s_per_token"]
+        rows.append(("bf16 decode step, worker only", f"{model * 1e3:.2f} ms/token", "floor", f"{model / floor:.2f}x"))
     hf1 = r.get("transformers_b1", {}).get("decode_s_per_token")
     if ours and hf1:
         rows.append(("transformers eager, batch 1", f"{hf1 * 1e3:.2f} ms/token", "ours", f"{hf1 / ours:.2f}x slower"))
     int8 = r.get("int8_decode", {}).get("decode_s_per_token")
     if int8 and ours:
         rows.append(("int8 decode, batch 1", f"{int8 * 1e3:.2f} ms/token", "bf16 decode", f"{ours / int8:.2f}x faster"))
+        int8_floor = r["int8_weight_bytes"] / r["copy_bandwidth_Bps"]
+        rows.append(
+            ("int8 decode floor", f"{int8_floor * 1e3:.2f} ms/token", "int8 decode", f"{int8 / int8_floor:.2f}x")
+        )
     batch = r.get("bf16_batch", {}).get("output_tokens_per_s")
     hf_batch = r.get("transformers_batch", {}).get("output_tokens_per_s")
     if batch:

@@ -1,0 +1,435 @@
+"""The Triton paged-attention kernels at Llama-3-8B shapes: prefill against SDPA, decode against copy bandwidth.
+
+    python benchmarks/attention_kernels.py --json attention.json            # on a GPU
+    python benchmarks/attention_kernels.py --sweep                          # also sweep launch configs
+    python benchmarks/attention_kernels.py --smoke                          # tiny shapes, CPU interpreter
+
+Shapes: 32 query heads over 8 KV heads, head_dim 128, block_size 16, bf16, random data,
+block tables in a random block order.
+
+- Prefill: one sequence of 4096 and 16384 tokens with no cached context, our kernel beside
+  ``scaled_dot_product_attention`` (cuDNN and flash backends) on contiguous [1, heads, seq,
+  dim] tensors; TFLOP/s counts the causal half: 2 * 2 * seq^2 * heads * dim / 2.
+- Decode: batch {1, 8, 32, 64} x context {1024, 8192, 32768}; bandwidth counts the K/V of
+  every context read once plus the query and output, against a device-to-device copy
+  measured in the same run (read + write bytes). Each decode case runs in a CUDA graph over
+  enough disjoint copies of its inputs that they do not fit in L2.
+
+Every case is first checked against the torch reference backend (fp32, on sampled rows for
+prefill, in groups of sequences for decode). A Markdown table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+NUM_HEADS = 32
+NUM_KV_HEADS = 8
+HEAD_DIM = 128
+BLOCK_SIZE = 16
+L2_ROTATION_BYTES = 256 << 20
+"""Decode inputs are copied until they span this many bytes: five times an H100's 50 MB L2."""
+MAX_ERROR = 2e-2
+
+
+@dataclass
+class Inputs:
+    query: object
+    key_cache: object
+    value_cache: object
+    metadata: object
+    tables: list[list[int]]
+    seq_lens: list[int]
+
+
+def make_inputs(
+    query_lens: list[int], seq_lens: list[int], dtype, device, num_copies: int = 1, seed: int = 0
+) -> list[Inputs]:
+    """``num_copies`` batches over one cache pool, each batch on its own blocks in random order."""
+    import torch
+
+    from neuron_llm.ops.metadata import AttentionMetadata
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    blocks_per_copy = sum(-(-n // BLOCK_SIZE) for n in seq_lens)
+    num_blocks = 1 + num_copies * blocks_per_copy
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    key_cache = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    value_cache = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    block_ids = (torch.randperm(num_blocks - 1, generator=generator, device=device) + 1).tolist()
+    width = max(-(-n // BLOCK_SIZE) for n in seq_lens)
+    copies = []
+    for _ in range(num_copies):
+        tables = []
+        for seq_len in seq_lens:
+            count = -(-seq_len // BLOCK_SIZE)
+            tables.append(block_ids[:count])
+            block_ids = block_ids[count:]
+        metadata = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK_SIZE, device, max_blocks_per_seq=width)
+        query = torch.randn((sum(query_lens), NUM_HEADS, HEAD_DIM), generator=generator, dtype=dtype, device=device)
+        copies.append(Inputs(query, key_cache, value_cache, metadata, tables, list(seq_lens)))
+    return copies
+
+
+def relative_error(actual, expected) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def reference_rows(inputs: Inputs, first_query: int, query_len: int, seq: int = 0):
+    """The torch backend's output [query_len, heads, dim] in fp32 for queries ``first_query`` ..
+    of sequence ``seq`` (a prefill whose context runs to the last of those queries)."""
+
+    from neuron_llm.backends.torch_backend import TorchBackend
+    from neuron_llm.ops.metadata import AttentionMetadata
+
+    seq_len = inputs.seq_lens[seq] - (len(inputs.query) - first_query - query_len)
+    table = inputs.tables[seq][: -(-seq_len // BLOCK_SIZE)]
+    metadata = AttentionMetadata.build([query_len], [seq_len], [table], BLOCK_SIZE, inputs.query.device)
+    query = inputs.query[first_query : first_query + query_len].float()
+    key_cache, value_cache = inputs.key_cache.float(), inputs.value_cache.float()
+    return TorchBackend().paged_attention(query, key_cache, value_cache, metadata, HEAD_DIM**-0.5)
+
+
+def check_prefill(inputs: Inputs, out) -> float:
+    """Relative error over the first and the last 512 queries of a one-sequence prefill."""
+    import torch
+
+    num_tokens = len(inputs.query)
+    rows = min(512, num_tokens)
+    first = reference_rows(inputs, 0, rows)
+    last = reference_rows(inputs, num_tokens - rows, rows)
+    return relative_error(torch.cat([out[:rows], out[-rows:]]), torch.cat([first, last]))
+
+
+def check_decode(inputs: Inputs, out, group: int = 4) -> float:
+    """Relative error of a decode batch, the reference run ``group`` sequences at a time."""
+    import torch
+
+    from neuron_llm.backends.torch_backend import TorchBackend
+    from neuron_llm.ops.metadata import AttentionMetadata
+
+    expected = []
+    for start in range(0, len(inputs.seq_lens), group):
+        seq_lens = inputs.seq_lens[start : start + group]
+        # The group's blocks, copied in fp32 into a small pool of their own (after a null block).
+        block_ids = [0] + [block_id for table in inputs.tables[start : start + group] for block_id in table]
+        index = torch.tensor(block_ids, device=out.device)
+        key_cache, value_cache = inputs.key_cache[index].float(), inputs.value_cache[index].float()
+        tables, next_id = [], 1
+        for table in inputs.tables[start : start + group]:
+            tables.append(list(range(next_id, next_id + len(table))))
+            next_id += len(table)
+        metadata = AttentionMetadata.build([1] * len(seq_lens), seq_lens, tables, BLOCK_SIZE, out.device)
+        query = inputs.query[start : start + group].float()
+        expected.append(TorchBackend().paged_attention(query, key_cache, value_cache, metadata, HEAD_DIM**-0.5))
+    return relative_error(out, torch.cat(expected))
+
+
+def time_ms(fn: Callable[[], object], device) -> float:
+    """Median milliseconds of ``fn`` (with L2 flushed before each call on a GPU)."""
+    if device.type == "cpu":
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=200, rep=500, return_mode="median")
+
+
+def time_graph_ms(fns: list[Callable[[], object]], device, min_ms: float = 200.0) -> float:
+    """Median milliseconds of one of ``fns``: all captured in one CUDA graph, replayed for
+    about ``min_ms`` after as long a warm-up (the GPU's clocks ramp up after idling)."""
+    import torch
+
+    if device.type == "cpu":
+        start = time.perf_counter()
+        for fn in fns:
+            fn()
+        return (time.perf_counter() - start) * 1e3 / len(fns)
+    for fn in fns:
+        fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    num_replays = max(10, int(min_ms / start.elapsed_time(end)))
+    for _ in range(num_replays):
+        graph.replay()
+    times = []
+    for _ in range(num_replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(fns))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device, num_bytes: int) -> float:
+    """Device-to-device copy bandwidth, counting the bytes read and written."""
+    import torch
+
+    source = torch.randn(num_bytes // 2, dtype=torch.bfloat16, device=device)
+    target = torch.empty_like(source)
+    ms = time_ms(lambda: target.copy_(source), device)
+    return 2 * num_bytes / ms / 1e6
+
+
+def bench_prefill(seq_len: int, dtype, device, sweep: bool) -> dict:
+    import torch
+
+    from neuron_llm.backends.cuda import attention
+
+    (inputs,) = make_inputs([seq_len], [seq_len], dtype, device)
+    out = torch.empty_like(inputs.query)
+    scale = HEAD_DIM**-0.5
+    run = lambda config=None: attention.prefill_attention(
+        inputs.query, inputs.key_cache, inputs.value_cache, inputs.metadata, scale, out, config
+    )
+    run()
+    error = check_prefill(inputs, out)
+    flops = 2 * 2 * seq_len**2 * NUM_HEADS * HEAD_DIM / 2
+    result = {"seq_len": seq_len, "error": error, "ours_ms": time_ms(run, device)}
+    if sweep:
+        result["sweep"] = sweep_configs(run, device, prefill_configs())
+    for name, ms in sdpa_times(inputs, device).items():
+        result[f"{name}_ms"] = ms
+    for key in [k for k in result if k.endswith("_ms")]:
+        value = result[key]
+        result[key.replace("_ms", "_tflops")] = None if value is None else flops / value / 1e9
+    return result
+
+
+def sdpa_times(inputs: Inputs, device) -> dict[str, float | None]:
+    """SDPA on contiguous [1, heads, seq, dim] tensors; K/V repeated per query head if GQA is refused."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device.type == "cpu":
+        return {}
+    seq_len = len(inputs.query)
+    table = inputs.tables[0]
+    query = inputs.query.transpose(0, 1)[None].contiguous()  # [1, heads, seq, dim]
+    key = inputs.key_cache[table].flatten(0, 1)[:seq_len].transpose(0, 1)[None].contiguous()
+    value = inputs.value_cache[table].flatten(0, 1)[:seq_len].transpose(0, 1)[None].contiguous()
+    repeat = NUM_HEADS // NUM_KV_HEADS
+    key_full, value_full = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    times: dict[str, float | None] = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        times[name] = None
+        for k, v, gqa in ((key, value, True), (key_full, value_full, False)):
+            fn = lambda k=k, v=v, gqa=gqa: F.scaled_dot_product_attention(query, k, v, is_causal=True, enable_gqa=gqa)
+            try:
+                with sdpa_kernel(backend):
+                    fn()
+                    times[name] = time_ms(fn, device)
+                break
+            except RuntimeError as error:
+                print(f"sdpa {name} (enable_gqa={gqa}) unavailable: {str(error).splitlines()[0]}", file=sys.stderr)
+    return times
+
+
+def bench_decode(batch: int, context: int, dtype, device, sweep: bool) -> dict:
+    import torch
+
+    from neuron_llm.backends.cuda import attention
+
+    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * dtype.itemsize
+    io_bytes = 2 * batch * NUM_HEADS * HEAD_DIM * dtype.itemsize
+    num_copies = 1 if device.type == "cpu" else min(64, max(1, math.ceil(L2_ROTATION_BYTES / kv_bytes)))
+    copies = make_inputs([1] * batch, [context] * batch, dtype, device, num_copies)
+    outs = [torch.empty_like(inputs.query) for inputs in copies]
+    scale = HEAD_DIM**-0.5
+    num_sms = attention._num_sms(device)
+    default_splits = attention.decode_num_splits(batch, NUM_KV_HEADS, context // BLOCK_SIZE, BLOCK_SIZE, num_sms)
+
+    def runs(config=None, num_splits=None) -> list[Callable[[], object]]:
+        return [
+            lambda inputs=inputs, out=out: attention.decode_attention(
+                inputs.query, inputs.key_cache, inputs.value_cache, inputs.metadata, scale, out, num_splits, config
+            )
+            for inputs, out in zip(copies, outs)
+        ]
+
+    runs()[0]()
+    error = check_decode(copies[0], outs[0])
+    ms = time_graph_ms(runs(), device)
+    result = {
+        "batch": batch,
+        "context": context,
+        "num_splits": default_splits,
+        "error": error,
+        "ours_ms": ms,
+        "bandwidth_gbs": (kv_bytes + io_bytes) / ms / 1e6,
+    }
+    if sweep:
+        candidates = {}
+        split_counts = sorted({max(1, default_splits // 2), default_splits, default_splits * 2, default_splits * 4})
+        for config, splits in itertools.product(decode_configs(), split_counts):
+            key = f"{config} splits={splits}"
+            try:
+                candidates[key] = time_graph_ms(runs(config, splits), device, min_ms=50.0)
+            except Exception as error:  # noqa: BLE001 -- a config that does not compile is skipped
+                print(f"skipped {key}: {type(error).__name__}", file=sys.stderr)
+        best = min(candidates, key=candidates.get)
+        result["sweep"] = {
+            "best": best,
+            "best_ms": candidates[best],
+            "best_bandwidth_gbs": (kv_bytes + io_bytes) / candidates[best] / 1e6,
+            "all_ms": candidates,
+        }
+    return result
+
+
+def prefill_configs() -> list:
+    from neuron_llm.backends.cuda.attention import PrefillConfig
+
+    return [
+        PrefillConfig(block_m, block_n, num_warps, num_stages)
+        for block_m, block_n, num_warps, num_stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
+    ]
+
+
+def decode_configs() -> list:
+    from neuron_llm.backends.cuda.attention import DecodeConfig
+
+    return [
+        DecodeConfig(block_n, num_warps, num_stages)
+        for block_n, num_warps, num_stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))
+    ]
+
+
+def sweep_configs(run: Callable, device, configs: list) -> dict:
+    times = {}
+    for config in configs:
+        try:
+            times[str(config)] = time_ms(lambda config=config: run(config), device)
+        except Exception as error:  # noqa: BLE001 -- a config that does not compile is skipped
+            print(f"skipped {config}: {type(error).__name__}", file=sys.stderr)
+    best = min(times, key=times.get)
+    return {"best": best, "best_ms": times[best], "all_ms": times}
+
+
+def markdown(results: dict) -> str:
+    def number(value, digits: int = 1) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        f"Device: {results['device']}; copy bandwidth {results['copy_bandwidth_gbs']:.0f} GB/s (read + write)",
+        "",
+        "| prefill tokens | ours ms | ours TFLOP/s | cuDNN TFLOP/s | flash TFLOP/s | rel. error |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["prefill"]:
+        lines.append(
+            f"| {row['seq_len']} | {number(row['ours_ms'], 2)} | {number(row['ours_tflops'])} "
+            f"| {number(row.get('cudnn_tflops'))} | {number(row.get('flash_tflops'))} | {row['error']:.1e} |"
+        )
+    lines += [
+        "",
+        "| decode batch | context | splits | ours us | GB/s | % of copy | rel. error |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["decode"]:
+        share = 100 * row["bandwidth_gbs"] / results["copy_bandwidth_gbs"]
+        lines.append(
+            f"| {row['batch']} | {row['context']} | {row['num_splits']} | {row['ours_ms'] * 1e3:.1f} "
+            f"| {row['bandwidth_gbs']:.0f} | {share:.0f}% | {row['error']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def _patch_interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter calls int() on scalars held as numpy arrays of shape [1], which
+    numpy >= 2.4 refuses (https://github.com/triton-lang/triton/issues/9171); squeeze first."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, in Triton's interpreter")
+    parser.add_argument("--sweep", action="store_true", help="also time every launch config and split count")
+    parser.add_argument("--prefill-lens", type=int, nargs="*", default=[4096, 16384])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 64])
+    parser.add_argument("--contexts", type=int, nargs="*", default=[1024, 8192, 32768])
+    args = parser.parse_args()
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        _patch_interpreter_scalar_index()
+        args.prefill_lens, args.batches, args.contexts = [40], [1, 3], [48]
+
+    import torch
+    import triton
+
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+    elif torch.cuda.is_available():
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    else:
+        sys.exit("needs a GPU (or --smoke)")
+    torch.manual_seed(0)
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "dtype": str(dtype),
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d"),
+        "copy_bandwidth_gbs": copy_bandwidth_gbs(device, (1 << 30) if device.type == "cuda" else (1 << 20)),
+        "prefill": [],
+        "decode": [],
+    }
+    for seq_len in args.prefill_lens:
+        results["prefill"].append(bench_prefill(seq_len, dtype, device, args.sweep))
+        print(json.dumps(results["prefill"][-1]), file=sys.stderr)
+    free_bytes = torch.cuda.mem_get_info()[0] if device.type == "cuda" else 1 << 30
+    for batch, context in itertools.product(args.batches, args.contexts):
+        kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * dtype.itemsize
+        if 3 * kv_bytes > free_bytes:  # the cache, and the reference's fp32 copy of it
+            print(
+                f"skipped decode batch {batch} x context {context}: {kv_bytes / 2**30:.1f} GiB of K/V", file=sys.stderr
+            )
+            continue
+        results["decode"].append(bench_decode(batch, context, dtype, device, args.sweep))
+        print(json.dumps(results["decode"][-1]), file=sys.stderr)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(results, file, indent=2)
+    print(markdown(results))
+    failed = [row for row in results["prefill"] + results["decode"] if not row["error"] < MAX_ERROR]
+    if failed:
+        sys.exit(f"{len(failed)} case(s) differ from the reference by more than {MAX_ERROR}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,575 @@
+"""Triton kernels for causal attention over the paged KV cache.
+
+Two kernels read K/V through each sequence's block table (``block_size`` tokens a page; a
+key tile may span several pages, each row gathered from its own page):
+
+- ``prefill_attention``: flash attention (online softmax, fp32 accumulators; Dao et al.,
+  https://arxiv.org/abs/2205.14135) over the flat varlen batch. A program owns one query
+  tile of one sequence and the query heads that share one KV head, packed into the rows of
+  the tile, so each K/V tile it loads serves all of them::
+
+      tile rows: (token 0, head 0) (token 0, head 1) ... (token 1, head 0) ...
+
+  Programs find their sequence without the host: sequence ``s`` owns the tiles
+  ``query_start_loc[s] // BLOCK_Q + s`` up to the next sequence's first tile (always enough
+  for its tokens; a spare tile exits at once), found by a binary search. One extra pseudo
+  sequence after the last owns the padding tokens and writes their rows as zeros.
+- ``decode_attention``: flash-decoding (https://pytorch.org/blog/flash-decoding/) for steps
+  with one query per sequence. Programs (sequence, KV head, split) each attend over one
+  ``1 / num_splits`` of their sequence's context; a second kernel combines the partial
+  outputs by their log-sum-exp. The grid depends only on shapes (query rows, KV heads and a
+  split count chosen from the block-table width), never on sequence lengths, so the call can
+  be captured in a CUDA graph; splits past a sequence's end write a neutral partial.
+
+Softmax runs in base 2: scores are scaled by ``scale * log2(e)`` and exponentiated with exp2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    from neuron_llm.ops.metadata import AttentionMetadata
+
+LOG2_E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+MIN_TOKENS_PER_TILE = 16
+"""Prefill packs at most as many query heads into a tile as leaves this many tokens in it."""
+MIN_SPLIT_LEN = 256
+"""Decode: no split of a full-width context gets fewer keys than this."""
+MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Launch parameters of the prefill kernel."""
+
+    block_m: int
+    """Rows of a query tile: tokens x packed query heads."""
+    block_n: int
+    """Keys per K/V tile."""
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the decode kernel."""
+
+    block_n: int
+    """Keys per K/V tile."""
+    num_warps: int
+    num_stages: int
+
+
+# Keyed by the head dimension padded to a power of two; measured on an H100 for 16-bit inputs
+# (``benchmarks/attention_kernels.py --sweep``). 32-bit inputs take half-size tiles.
+PREFILL_CONFIGS: dict[int, PrefillConfig] = {
+    16: PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
+    32: PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
+    64: PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
+    128: PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
+    256: PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2),
+}
+DECODE_CONFIGS: dict[int, DecodeConfig] = {
+    16: DecodeConfig(block_n=128, num_warps=4, num_stages=3),
+    32: DecodeConfig(block_n=128, num_warps=4, num_stages=3),
+    64: DecodeConfig(block_n=64, num_warps=4, num_stages=3),
+    128: DecodeConfig(block_n=64, num_warps=4, num_stages=3),
+    256: DecodeConfig(block_n=32, num_warps=4, num_stages=2),
+}
+
+
+@triton.jit
+def _load_kv_tile(
+    key_cache_ptr,
+    value_cache_ptr,
+    table_row_ptr,
+    positions,
+    kv_head,
+    offs_d,
+    mask,
+    stride_cache_block,
+    stride_cache_offset,
+    stride_cache_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    IS_MASKED: tl.constexpr,
+):
+    """K and V [BLOCK_N, BLOCK_D] at ``positions`` of one sequence, each row from its page.
+
+    Masked positions read the null block (and zeros): the table may end before the tile does,
+    and an unwritten cache may hold NaN.
+    """
+    if IS_MASKED:
+        block_ids = tl.load(table_row_ptr + positions // BLOCK_SIZE, mask=mask, other=0)
+    else:
+        block_ids = tl.load(table_row_ptr + positions // BLOCK_SIZE)
+    # int64: a large pool overflows int32 element offsets.
+    rows = (
+        block_ids.to(tl.int64) * stride_cache_block
+        + (positions % BLOCK_SIZE) * stride_cache_offset
+        + kv_head * stride_cache_head
+    )
+    offsets = rows[:, None] + offs_d[None, :]
+    if IS_MASKED:
+        tile_mask = mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+        key = tl.load(key_cache_ptr + offsets, mask=tile_mask, other=0.0)
+        value = tl.load(value_cache_ptr + offsets, mask=tile_mask, other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        key = tl.load(key_cache_ptr + offsets, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        value = tl.load(value_cache_ptr + offsets, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        key = tl.load(key_cache_ptr + offsets)
+        value = tl.load(value_cache_ptr + offsets)
+    return key, value
+
+
+@triton.jit
+def _attend_tile(
+    query,
+    key,
+    value,
+    acc,
+    m_i,
+    l_i,
+    mask,
+    scale_log2,
+    IS_MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step: fold a K/V tile into the running max, sum and output."""
+    scores = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION) * scale_log2  # [M, BLOCK_N]
+    if IS_MASKED:
+        scores = tl.where(mask, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(value.dtype), value, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _find_sequence(query_start_loc_ptr, num_seqs, tile_id, BLOCK_Q: tl.constexpr):
+    """The largest ``s`` in [0, num_seqs] whose first tile ``query_start_loc[s] // BLOCK_Q + s``
+    is at most ``tile_id`` (``s == num_seqs``: the padding tokens)."""
+    low = tl.program_id(0) * 0
+    high = low + num_seqs + 1
+    while high - low > 1:
+        mid = (low + high) // 2
+        is_at_or_before = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile_id
+        low = tl.where(is_at_or_before, mid, low)
+        high = tl.where(is_at_or_before, high, mid)
+    return low
+
+
+@triton.jit
+def _prefill_kernel(
+    query_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    scale_log2,
+    num_seqs,
+    num_tokens,
+    num_tiles,
+    stride_query_token,
+    stride_query_head,
+    stride_out_token,
+    stride_out_head,
+    stride_cache_block,
+    stride_cache_offset,
+    stride_cache_head,
+    stride_table_seq,
+    QUERY_HEADS_PER_KV: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Later tiles see more keys under the causal mask: launch them first to shorten the tail.
+    tile_id = num_tiles - 1 - tl.program_id(0)
+    head_group = tl.program_id(1)
+    seq = _find_sequence(query_start_loc_ptr, num_seqs, tile_id, BLOCK_Q)
+    query_start = tl.load(query_start_loc_ptr + seq)
+    is_padding = seq == num_seqs
+    query_end = tl.where(is_padding, num_tokens, tl.load(query_start_loc_ptr + seq + 1, mask=seq < num_seqs, other=0))
+    query_len = query_end - query_start
+    tile_start = (tile_id - (query_start // BLOCK_Q + seq)) * BLOCK_Q  # first query of the tile, in the sequence
+    if tile_start >= query_len:
+        return
+
+    # Rows of the tile: (token, head) pairs, the heads of one KV head side by side.
+    rows = tl.arange(0, BLOCK_M)
+    query_index = tile_start + rows // HEADS_PER_PROGRAM  # [BLOCK_M] within the sequence's queries
+    head = head_group * HEADS_PER_PROGRAM + rows % HEADS_PER_PROGRAM
+    row_mask = (rows < BLOCK_Q * HEADS_PER_PROGRAM) & (query_index < query_len)
+    token = (query_start + query_index).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    out_ptrs = out_ptr + token[:, None] * stride_out_token + head[:, None] * stride_out_head + offs_d[None, :]
+    if is_padding:
+        tl.store(out_ptrs, tl.zeros([BLOCK_M, BLOCK_D], out_ptr.dtype.element_ty), mask=io_mask)
+        return
+
+    query_ptrs = query_ptr + token[:, None] * stride_query_token + head[:, None] * stride_query_head + offs_d[None, :]
+    query = tl.load(query_ptrs, mask=io_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    kv_head = head_group * HEADS_PER_PROGRAM // QUERY_HEADS_PER_KV
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - query_len  # keys cached before this step's first query
+    query_pos = context_len + query_index
+    first_pos = context_len + tile_start
+    kv_end = tl.minimum(first_pos + BLOCK_Q, seq_len)
+    # Keys before the tile's first query are seen by every row: no mask for those tiles.
+    unmasked_end = (first_pos // BLOCK_N) * BLOCK_N
+    table_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(0, unmasked_end, BLOCK_N):
+        positions = start_n + offs_n
+        key, value = _load_kv_tile(
+            key_cache_ptr, value_cache_ptr, table_row_ptr, positions, kv_head, offs_d, None,
+            stride_cache_block, stride_cache_offset, stride_cache_head,
+            HEAD_DIM, BLOCK_D, BLOCK_SIZE, False,
+        )  # fmt: skip
+        acc, m_i, l_i = _attend_tile(query, key, value, acc, m_i, l_i, None, scale_log2, False, DOT_PRECISION)
+    for start_n in range(unmasked_end, kv_end, BLOCK_N):
+        positions = start_n + offs_n
+        key, value = _load_kv_tile(
+            key_cache_ptr, value_cache_ptr, table_row_ptr, positions, kv_head, offs_d, positions < kv_end,
+            stride_cache_block, stride_cache_offset, stride_cache_head,
+            HEAD_DIM, BLOCK_D, BLOCK_SIZE, True,
+        )  # fmt: skip
+        causal = positions[None, :] <= query_pos[:, None]
+        acc, m_i, l_i = _attend_tile(query, key, value, acc, m_i, l_i, causal, scale_log2, True, DOT_PRECISION)
+
+    # Every row sees key 0, so l_i > 0.
+    out = acc / l_i[:, None]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _decode_kernel(
+    query_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    out_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    scale_log2,
+    num_table_seqs,
+    num_heads,
+    stride_query_token,
+    stride_query_head,
+    stride_out_token,
+    stride_out_head,
+    stride_cache_block,
+    stride_cache_offset,
+    stride_cache_head,
+    stride_table_seq,
+    QUERY_HEADS_PER_KV: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    # Query rows past the block table's rows are padding too.
+    seq_len = tl.load(seq_lens_ptr + seq, mask=seq < num_table_seqs, other=0)
+    # Each sequence is cut into NUM_SPLITS equal runs of whole key tiles.
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    rows = tl.arange(0, BLOCK_H)  # query heads of this KV head, padded to a tl.dot-sized M
+    head = kv_head * QUERY_HEADS_PER_KV + rows
+    row_mask = rows < QUERY_HEADS_PER_KV
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    out_ptrs = out_ptr + seq.to(tl.int64) * stride_out_token + head[:, None] * stride_out_head + offs_d[None, :]
+    # partial_out: [num_rows, NUM_SPLITS, num_heads, HEAD_DIM]; partial_lse: [num_rows, NUM_SPLITS, num_heads]
+    partial_row = (seq.to(tl.int64) * NUM_SPLITS + split) * num_heads + head
+    if start >= end:
+        if NUM_SPLITS == 1:
+            tl.store(out_ptrs, tl.zeros([BLOCK_H, BLOCK_D], out_ptr.dtype.element_ty), mask=io_mask)
+        else:
+            tl.store(partial_lse_ptr + partial_row, tl.full([BLOCK_H], float("-inf"), tl.float32), mask=row_mask)
+        return
+
+    query_ptrs = query_ptr + seq.to(tl.int64) * stride_query_token + head[:, None] * stride_query_head + offs_d[None, :]
+    query = tl.load(query_ptrs, mask=io_mask, other=0.0)  # [BLOCK_H, BLOCK_D]
+    table_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        positions = start_n + offs_n
+        key_mask = positions < end
+        key, value = _load_kv_tile(
+            key_cache_ptr, value_cache_ptr, table_row_ptr, positions, kv_head, offs_d, key_mask,
+            stride_cache_block, stride_cache_offset, stride_cache_head,
+            HEAD_DIM, BLOCK_D, BLOCK_SIZE, True,
+        )  # fmt: skip
+        acc, m_i, l_i = _attend_tile(
+            query, key, value, acc, m_i, l_i, key_mask[None, :], scale_log2, True, DOT_PRECISION
+        )
+
+    out = acc / l_i[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
+        tl.store(partial_lse_ptr + partial_row, m_i + tl.log2(l_i), mask=row_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    num_heads,
+    stride_out_token,
+    stride_out_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+):
+    """Combine the splits of one (sequence, head): weights 2^(lse - max lse); none: zeros."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    partial_rows = (seq.to(tl.int64) * NUM_SPLITS + splits) * num_heads + head
+    lse = tl.load(partial_lse_ptr + partial_rows, mask=splits < NUM_SPLITS, other=float("-inf"))
+    is_used = lse > float("-inf")
+    lse_max = tl.max(lse, 0)
+    weights = tl.exp2(lse - tl.where(lse_max > float("-inf"), lse_max, 0.0))  # unused splits: 0
+    partial_out = tl.load(
+        partial_out_ptr + partial_rows[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=is_used[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )  # [BLOCK_SPLITS, BLOCK_D]
+    total = tl.sum(weights, 0)
+    out = tl.sum(weights[:, None] * partial_out, 0) / tl.where(total > 0, total, 1.0)
+    out_ptrs = out_ptr + seq.to(tl.int64) * stride_out_token + head * stride_out_head + offs_d
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor | None = None,
+    config: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """Causal attention of a flat varlen batch over the paged KV cache.
+
+    ``query`` is [num_tokens, num_heads, head_dim]; the caches are [num_blocks, block_size,
+    num_kv_heads, head_dim] and already hold this step's keys and values. Each sequence's
+    queries are the last ``query_len`` tokens of its context. Returns ``out`` (allocated when
+    None) [num_tokens, num_heads, head_dim] with padding tokens' rows zero. Reads nothing on
+    the host. ``config`` overrides the launch parameters of ``PREFILL_CONFIGS``.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1:3]
+    block_d = _check_inputs(query, key_cache, value_cache, metadata)
+    out = _output(query, out)
+    if num_tokens == 0:
+        return out
+    config = config or _for_dtype(PREFILL_CONFIGS[block_d], query.dtype)
+    group_size = num_heads // num_kv_heads
+    heads_per_program = _heads_per_program(group_size, config.block_m)
+    block_q = config.block_m // heads_per_program
+    num_seqs = metadata.query_start_loc.shape[0] - 1
+    # Sequence s owns tiles query_start_loc[s] // block_q + s ...; the padding tokens the last ones.
+    num_tiles = num_tokens // block_q + num_seqs + 1
+    grid = (num_tiles, num_heads // heads_per_program)
+    _prefill_kernel[grid](
+        query, key_cache, value_cache, out,
+        metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
+        scale * LOG2_E, num_seqs, num_tokens, num_tiles,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        metadata.block_tables.stride(0),
+        QUERY_HEADS_PER_KV=group_size,
+        HEADS_PER_PROGRAM=heads_per_program,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=config.block_m,
+        BLOCK_Q=block_q,
+        BLOCK_N=config.block_n,
+        DOT_PRECISION=_dot_precision(query.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Attention of one query per sequence (token ``s`` of sequence ``s``) over the paged KV cache.
+
+    Shapes as for ``prefill_attention``. Rows of sequences with ``seq_len`` 0, and query rows
+    past the block table's rows, are zeros. The launch depends only on tensor shapes, so the
+    call can be captured in a CUDA graph: ``num_splits`` (default ``decode_num_splits``) must
+    then stay fixed for the graph's shapes. ``config`` overrides ``DECODE_CONFIGS``.
+    """
+    num_rows, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1:3]
+    block_d = _check_inputs(query, key_cache, value_cache, metadata)
+    out = _output(query, out)
+    if num_rows == 0:
+        return out
+    config = config or _for_dtype(DECODE_CONFIGS[block_d], query.dtype)
+    group_size = num_heads // num_kv_heads
+    max_blocks_per_seq = metadata.block_tables.shape[1]
+    if num_splits is None:
+        num_sms = _num_sms(query.device)
+        num_splits = decode_num_splits(num_rows, num_kv_heads, max_blocks_per_seq, block_size, num_sms)
+    if num_splits < 1:
+        raise ValueError(f"num_splits={num_splits} must be at least 1")
+    # partial_out: [num_rows, num_splits, num_heads, head_dim]; partial_lse: [num_rows, num_splits, num_heads]
+    partial_out = query.new_empty((num_rows, num_splits, num_heads, head_dim), dtype=torch.float32)
+    partial_lse = query.new_empty((num_rows, num_splits, num_heads), dtype=torch.float32)
+    _decode_kernel[(num_rows, num_kv_heads, num_splits)](
+        query, key_cache, value_cache, out, partial_out, partial_lse,
+        metadata.block_tables, metadata.seq_lens,
+        scale * LOG2_E, metadata.seq_lens.shape[0], num_heads,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        metadata.block_tables.stride(0),
+        QUERY_HEADS_PER_KV=group_size,
+        BLOCK_H=max(16, triton.next_power_of_2(group_size)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=config.block_n,
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION=_dot_precision(query.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_rows, num_heads)](
+            partial_out, partial_lse, out, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            NUM_SPLITS=num_splits,
+            BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            num_warps=4 if block_d >= 128 else 2,
+        )  # fmt: skip
+    return out
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_blocks_per_seq: int, block_size: int, num_sms: int) -> int:
+    """Splits per sequence for ``decode_attention``: a power of two, from shapes only.
+
+    Enough (sequence, KV head, split) programs to fill the ``num_sms`` multiprocessors a few
+    times over (so the last wave of programs is a small part of the run), but no split shorter
+    than ``MIN_SPLIT_LEN`` keys when the context fills the block table.
+    """
+    max_context = max_blocks_per_seq * block_size
+    wanted = triton.cdiv(4 * num_sms, num_seqs * num_kv_heads)
+    most = max(1, min(MAX_SPLITS, max_context // MIN_SPLIT_LEN))
+    return min(triton.next_power_of_2(wanted), 1 << int(math.log2(most)))
+
+
+def _heads_per_program(group_size: int, block_m: int) -> int:
+    """The most query heads of one KV head (a divisor of the group) that leave a tile
+    ``MIN_TOKENS_PER_TILE`` tokens."""
+    most = max(1, block_m // MIN_TOKENS_PER_TILE)
+    return max(d for d in range(1, min(group_size, most) + 1) if group_size % d == 0)
+
+
+def _check_inputs(
+    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: AttentionMetadata
+) -> int:
+    """Raise ValueError on inputs the kernels do not take; returns the padded head dimension."""
+    num_heads, head_dim = query.shape[1:]
+    num_kv_heads = key_cache.shape[2]
+    if head_dim > MAX_HEAD_DIM or key_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"head_dim={head_dim} (KV cache head_dim={key_cache.shape[3]}) is not supported: "
+            f"query and cache must agree and be at most {MAX_HEAD_DIM}"
+        )
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if key_cache.shape != value_cache.shape or key_cache.stride() != value_cache.stride():
+        raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
+    if not query.dtype == key_cache.dtype == value_cache.dtype:
+        raise ValueError(f"query dtype {query.dtype} differs from the KV cache dtype {key_cache.dtype}")
+    if query.stride(2) != 1 or key_cache.stride(3) != 1:
+        raise ValueError("query and KV cache need a contiguous last (head_dim) dimension")
+    if metadata.block_tables.dtype != torch.int32 or metadata.block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be int32 with contiguous rows")
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _output(query: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty_like(query)
+    if out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not match query {tuple(query.shape)} {query.dtype}")
+    return out
+
+
+def _for_dtype(config: PrefillConfig | DecodeConfig, dtype: torch.dtype) -> PrefillConfig | DecodeConfig:
+    """A 16-bit config's tiles halved for 32-bit inputs, so they take the same shared memory."""
+    if dtype.itemsize < 4:
+        return config
+    changes = {"block_n": max(16, config.block_n // 2), "num_stages": min(2, config.num_stages)}
+    if isinstance(config, PrefillConfig):
+        changes["block_m"] = max(16, config.block_m // 2)
+    return dataclasses.replace(config, **changes)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get full-precision products (TF32 would lose ~3 digits); 16-bit ones ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton's interpreter on the CPU: a few programs per call are plenty
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,0 +1,51 @@
+"""Triton kernel tests: on the GPU when there is one, else in Triton's interpreter on the CPU.
+
+Tests marked ``cuda`` skip without a GPU. Test modules call ``pytest.importorskip("triton")``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Read when a kernel is decorated, so before any kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _patch_interpreter_scalar_index() -> None:
+    """Let the interpreter turn a scalar read from memory into a loop bound under numpy >= 2.4.
+
+    Triton 3.6's interpreter holds scalars as numpy arrays of shape [1] and calls ``int()`` on
+    them, which numpy 2.4 refuses (https://github.com/triton-lang/triton/issues/9171); the
+    upstream fix squeezes first, as here.
+    """
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return  # no triton: the test modules skip themselves
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor: type, scope: object) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_interpreter_scalar_index()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("cuda") is not None and not HAS_CUDA:
+        pytest.skip("needs an NVIDIA GPU")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the kernels run: the GPU, or the CPU under Triton's interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
