@@ -133,10 +133,11 @@ def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:
     """The Worker that runs the loaded ``model`` on ``config.device`` with its backend, and its KV pool.
 
     Makes ``config.device``'s backend the active one (the backend is per process, so each
-    rank picks its own). On CUDA with the cuda backend, decode steps replay CUDA graphs
+    rank picks its own) and lets it rewrite the model into its fastest form. On CUDA with the cuda backend, decode steps replay CUDA graphs
     unless ``enforce_eager``.
     """
     backend = ops.use_backend(config.device.backend_name)
+    backend.prepare_model(model)
     if torch.device(config.device.device).type == "xla":
         from neuron_llm.xla.runner import XlaWorker
 

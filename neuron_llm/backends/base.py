@@ -6,6 +6,8 @@ import abc
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from neuron_llm.layers.rotary import apply_rotary
 from neuron_llm.quant import reference
@@ -75,8 +77,16 @@ class Backend(abc.ABC):
         """The fp8 W8A8 matmul with per-token activation scales (see ``quant.reference``)."""
         return reference.fp8_linear(x, weight, weight_scale, bias, activation_scale_ub)
 
+    def prepare_model(self, model: nn.Module) -> None:
+        """Rewrite the loaded ``model`` in place into the form this backend runs fastest (default: as is)."""
+
     # Fusion points. The defaults compose the plain ops; a backend overrides them with one
     # kernel where that saves passes over memory.
+
+    def swiglu_down(self, gate_up: torch.Tensor, down_proj: nn.Module) -> torch.Tensor:
+        """``down_proj(silu(gate) * up)`` for ``gate_up`` [..., 2 * intermediate] holding gate then up."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return down_proj(F.silu(gate) * up)
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None

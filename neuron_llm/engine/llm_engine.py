@@ -22,8 +22,8 @@ from neuron_llm.detokenizer import IncrementalDetokenizer
 from neuron_llm.engine.model_runner import ModelRunner
 from neuron_llm.engine.request import Request, RequestStatus
 from neuron_llm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, SchedulerStats
-from neuron_llm.parallel.executor import Executor
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import RowState, SamplerOutput, compute_prompt_logprobs, make_generator
 from neuron_llm.sampling_params import SamplingParams
 

@@ -35,6 +35,10 @@ class LlamaAttention(nn.Module):
         self.k_proj = Linear(hidden, config.num_key_value_heads * config.head_dim)
         self.v_proj = Linear(hidden, config.num_key_value_heads * config.head_dim)
         self.o_proj = Linear(config.num_attention_heads * config.head_dim, hidden)
+        self.qkv_proj: nn.Module | None = None
+        """Q, K and V as one matmul, once ``models.merge`` has merged them (the parts are then None)."""
+        self.qkv_sizes: list[int] = []
+        """Output features of Q, K and V in ``qkv_proj`` (this rank's, under tensor parallelism)."""
 
     def forward(
         self,
@@ -47,9 +51,13 @@ class LlamaAttention(nn.Module):
         num_tokens = hidden.shape[0]
         # Head counts are read from the projections' widths so that a sharded layer (fewer
         # heads per rank) runs the same code. q: [num_tokens, num_heads, head_dim]
-        query = self.q_proj(hidden).view(num_tokens, -1, self.head_dim)
-        key = self.k_proj(hidden).view(num_tokens, -1, self.head_dim)
-        value = self.v_proj(hidden).view(num_tokens, -1, self.head_dim)
+        if self.qkv_proj is None:
+            query, key, value = self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
+        else:
+            query, key, value = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
+        query = query.view(num_tokens, -1, self.head_dim)
+        key = key.view(num_tokens, -1, self.head_dim)
+        value = value.view(num_tokens, -1, self.head_dim)
         key_cache, value_cache = kv_cache
         query = ops.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, metadata.slot_mapping)
         out = ops.paged_attention(query, key_cache, value_cache, metadata, self.scale)
@@ -64,9 +72,13 @@ class LlamaMLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.gate_up_proj: nn.Module | None = None
+        """gate and up as one matmul, once ``models.merge`` has merged them (the parts are then None)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return ops.swiglu_down(self.gate_up_proj(x), self.down_proj)
 
 
 class LlamaDecoderLayer(nn.Module):

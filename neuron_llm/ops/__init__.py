@@ -75,6 +75,10 @@ def rms_norm(
     return _active.rms_norm(x, weight, eps, residual)
 
 
+def swiglu_down(gate_up: torch.Tensor, down_proj: torch.nn.Module) -> torch.Tensor:
+    return _active.swiglu_down(gate_up, down_proj)
+
+
 def rotary_write_kv(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -98,6 +102,7 @@ __all__ = [
     "paged_attention",
     "rms_norm",
     "rotary_write_kv",
+    "swiglu_down",
     "use_backend",
     "write_kv_cache",
 ]

@@ -136,7 +136,9 @@ def _stage(staging: dict[str, torch.Tensor], step: StepInput, logits_indices: li
     for row, table in enumerate(step.block_tables):
         tables[row, : len(table)] = table
     real_positions = positions[:num_real]
-    slots[:num_real] = tables[np.arange(num_real), real_positions // block_size] * block_size + real_positions % block_size
+    slots[:num_real] = (
+        tables[np.arange(num_real), real_positions // block_size] * block_size + real_positions % block_size
+    )
     slots[num_real:] = NULL_BLOCK_ID * block_size
     lens[:num_real] = step.seq_lens
     lens[num_real:] = 0

@@ -1,0 +1,139 @@
+"""The cuda backend: the reference ops replaced by Triton kernels where a kernel pays.
+
+Linears of 16-bit weights stay with cuBLAS (``F.linear``), which is at the bandwidth or
+compute limit already; the KV-cache write is folded into the RoPE kernel. A long prompt with
+no cached context goes to cuDNN's attention through SDPA, which is faster there than our
+paged kernel (BENCHMARKS.md); everything else runs the Triton kernels.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul
+from neuron_llm.backends.torch_backend import TorchBackend
+from neuron_llm.models.merge import merge_projections
+from neuron_llm.quant.layers import Fp8Linear
+
+if TYPE_CHECKING:
+    from neuron_llm.ops.metadata import AttentionMetadata
+
+
+CUDNN_MIN_PROMPT = 1024
+"""Shortest fresh prompt sent to cuDNN: below it, one paged launch for the batch wins."""
+CUDNN_MAX_SEQS = 4
+"""Most sequences of one step sent to cuDNN (one SDPA call each)."""
+
+
+class CudaBackend(TorchBackend):
+    name = "cuda"
+
+    def prepare_model(self, model: nn.Module) -> None:
+        merge_projections(model)
+
+    def swiglu_down(self, gate_up: torch.Tensor, down_proj: nn.Module) -> torch.Tensor:
+        if isinstance(down_proj, Fp8Linear) and down_proj.bias is None:
+            # The activation is quantized where it is made: one pass from gate/up to fp8.
+            x_fp8, x_scale = fp8.silu_mul_quantize_fp8(gate_up, None, down_proj.activation_scale_ub)
+            out = fp8.fp8_scaled_mm(x_fp8, x_scale, down_proj.weight, down_proj.weight_scale, gate_up.dtype)
+            return out.reshape(*gate_up.shape[:-1], down_proj.out_features)
+        return down_proj(fused.silu_mul(gate_up))
+
+    def paged_attention(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        # Both kernels read only device tensors and launch from shapes alone, so a decode
+        # step can be captured in a CUDA graph.
+        if metadata.is_decode:
+            return attention.decode_attention(query, key_cache, value_cache, metadata, scale)
+        if query.dtype != torch.float32 and _is_long_fresh_prefill(metadata):
+            return _cudnn_prefill(query, key_cache, value_cache, metadata, scale)
+        return attention.prefill_attention(query, key_cache, value_cache, metadata, scale)
+
+    def int8_linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int | None,
+    ) -> torch.Tensor:
+        return int8_matmul.int8_linear(x, weight, weight_scale, bias, group_size)
+
+    def fp8_linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        activation_scale_ub: float | None,
+    ) -> torch.Tensor:
+        return fp8.fp8_linear(x, weight, weight_scale, bias, activation_scale_ub)
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return fused.rms_norm(x, weight, eps), x
+        return fused.fused_add_rms_norm(x, residual, weight, eps)
+
+    def rotary_write_kv(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        query, _ = fused.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping)
+        return query
+
+
+def _is_long_fresh_prefill(metadata: AttentionMetadata) -> bool:
+    """A few sequences, each a whole prompt of at least ``CUDNN_MIN_PROMPT`` tokens (no cached context)."""
+    starts = metadata.query_start_loc_host
+    real = [(starts[s + 1] - starts[s], n) for s, n in enumerate(metadata.seq_lens_host) if n > 0]
+    return 0 < len(real) <= CUDNN_MAX_SEQS and all(q == n >= CUDNN_MIN_PROMPT for q, n in real)
+
+
+def _cudnn_prefill(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each fresh prompt by cuDNN, over its keys and values read back from the pages."""
+    output = torch.zeros_like(query)
+    block_size, num_kv_heads = key_cache.shape[1:3]
+    group = query.shape[1] // num_kv_heads
+    starts = metadata.query_start_loc_host
+    for seq, seq_len in enumerate(metadata.seq_lens_host):
+        if seq_len == 0:
+            continue
+        blocks = metadata.block_tables[seq, : -(-seq_len // block_size)]
+        # [1, heads, seq_len, head_dim]; K/V heads repeated for the query heads that read them.
+        key, value = (
+            cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).repeat_interleave(group, dim=0)[None]
+            for cache in (key_cache, value_cache)
+        )
+        start = starts[seq]
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+            out = F.scaled_dot_product_attention(
+                query[start : start + seq_len].transpose(0, 1)[None], key, value, is_causal=True, scale=scale
+            )
+        output[start : start + seq_len] = out[0].transpose(0, 1)
+    return output

@@ -1,0 +1,365 @@
+"""fp8 e4m3 (W8A8) linears: per-token activation quantization in Triton, the matmul in cuBLASLt.
+
+The Llama 3 recipe (``neuron_llm.quant.formats``): weights are float8_e4m3fn [out, in] with
+float32 per-channel scales [out, 1]; each token's activations are quantized at run time with
+one float32 scale, ``clamp(min(absmax, ub) / 448, min=FP8_MIN_ACTIVATION_SCALE)``, values
+beyond the bound saturating at +-448. The matmul is ``torch._scaled_mm`` with row-wise scales
+(fp8 tensor cores, float32 accumulation, both scales applied in the epilogue).
+
+The quantization kernels work one token (row) per program, in one pass over the row when it
+fits in registers (``MAX_SINGLE_PASS_FEATURES``; otherwise a pass for the absolute maximum and
+one to quantize). Besides plain quantization they fuse it with what precedes it in a Llama
+layer, so the 16-bit activation that feeds an fp8 linear is never written to memory:
+
+- ``silu_mul_quantize_fp8``: ``silu(gate) * up``, the input of ``down_proj``;
+- ``rms_norm_quantize_fp8``: the residual add and RMSNorm, the input of ``gate_proj``/``up_proj``.
+
+Both round where the unfused model rounds (to the activation dtype after silu, after the
+product, after the norm), so they quantize the same values the unfused path would; the
+kernels are compiled without multiply-add fusion so that every rounding stays where torch has
+it. ``quantize_fp8_per_token`` gives the bits of ``formats.quantize_fp8_activation`` run on
+the GPU: the scale is ``amax * float32(1 / 448)`` (torch on CUDA divides by a Python number
+that way; on the CPU it divides, which can differ in the last bit) and ``x / scale`` is a
+correctly rounded division (``div_rn``), as torch's tensor division is.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from neuron_llm.backends.cuda.fused import _check_norm_inputs, _load_residual_sum, _rms_norm_row
+from neuron_llm.quant.formats import DEFAULT_ACTIVATION_SCALE_UB, FP8_DTYPE, FP8_MAX, FP8_MIN_ACTIVATION_SCALE
+
+MAX_SINGLE_PASS_FEATURES = 16384
+"""Longest row quantized from registers in one pass; longer rows are read twice."""
+_BLOCK_TWO_PASS = 4096
+_SCALED_MM_ALIGNMENT = 16
+"""``torch._scaled_mm`` needs in_features and out_features divisible by 16 (M is free)."""
+
+_TRITON_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_INV_FP8_MAX = tl.constexpr(1.0 / FP8_MAX)
+_MIN_SCALE = tl.constexpr(FP8_MIN_ACTIVATION_SCALE)
+
+
+@triton.jit
+def _token_scale(amax, scale_ub, HAS_UB: tl.constexpr):
+    """The float32 scale of a token whose absolute maximum is ``amax``."""
+    if HAS_UB:
+        amax = tl.minimum(amax, scale_ub)
+    return tl.maximum(amax * _INV_FP8_MAX, _MIN_SCALE)
+
+
+@triton.jit
+def _to_fp8(values, scale):
+    return tl.clamp(tl.math.div_rn(values, scale), -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+
+
+@triton.jit
+def _silu_mul(gate_ptr, up_ptr, offs, mask):
+    """``silu(gate) * up`` in float32, rounded to the input dtype after each op as torch does."""
+    gate = tl.load(gate_ptr + offs, mask=mask, other=0.0)
+    up = tl.load(up_ptr + offs, mask=mask, other=0.0)
+    gate_f = gate.to(tl.float32)
+    activation = tl.math.div_rn(gate_f, 1.0 + tl.exp(-gate_f)).to(gate.dtype)
+    return (activation.to(tl.float32) * up.to(tl.float32)).to(up.dtype).to(tl.float32)
+
+
+@triton.jit
+def _row_values(x_ptr, up_ptr, offs, mask, IS_SILU_MUL: tl.constexpr):
+    if IS_SILU_MUL:
+        return _silu_mul(x_ptr, up_ptr, offs, mask)
+    return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr,
+    up_ptr,
+    q_ptr,
+    scale_ptr,
+    num_features,
+    stride_x,
+    stride_up,
+    stride_q,
+    scale_ub,
+    HAS_UB: tl.constexpr,
+    IS_SILU_MUL: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr,
+):
+    """q[row] = fp8(values[row] / scale[row]); values are x, or silu(x) * up with IS_SILU_MUL."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    up_row = up_ptr + row * stride_up
+    q_row = q_ptr + row * stride_q
+    offs = tl.arange(0, BLOCK)
+    if NUM_BLOCKS == 1:
+        mask = offs < num_features
+        values = _row_values(x_row, up_row, offs, mask, IS_SILU_MUL)
+        scale = _token_scale(tl.max(tl.abs(values), axis=0), scale_ub, HAS_UB)
+        tl.store(q_row + offs, _to_fp8(values, scale), mask=mask)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for block in range(NUM_BLOCKS):
+            mask = block * BLOCK + offs < num_features
+            values = _row_values(x_row + block * BLOCK, up_row + block * BLOCK, offs, mask, IS_SILU_MUL)
+            amax = tl.maximum(amax, tl.abs(values))
+        scale = _token_scale(tl.max(amax, axis=0), scale_ub, HAS_UB)
+        for block in range(NUM_BLOCKS):
+            mask = block * BLOCK + offs < num_features
+            values = _row_values(x_row + block * BLOCK, up_row + block * BLOCK, offs, mask, IS_SILU_MUL)
+            tl.store(q_row + block * BLOCK + offs, _to_fp8(values, scale), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _rms_norm_quantize_kernel(
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    q_ptr,
+    scale_ptr,
+    new_residual_ptr,
+    num_features,
+    stride_x,
+    stride_residual,
+    stride_q,
+    stride_new_residual,
+    eps,
+    scale_ub,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_UB: tl.constexpr,
+    NORM_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < num_features
+    x = _load_residual_sum(
+        x_ptr + row * stride_x,
+        residual_ptr + row * stride_residual,
+        new_residual_ptr + row * stride_new_residual,
+        offs,
+        mask,
+        HAS_RESIDUAL,
+    )
+    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+    normed = _rms_norm_row(x, weight, num_features, eps, NORM_DTYPE).to(tl.float32)
+    scale = _token_scale(tl.max(tl.abs(normed), axis=0), scale_ub, HAS_UB)
+    tl.store(q_ptr + row * stride_q + offs, _to_fp8(normed, scale), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def _check_scale_ub(activation_scale_ub: float | None) -> None:
+    if activation_scale_ub is not None and not activation_scale_ub > 0:
+        raise ValueError(f"activation_scale_ub={activation_scale_ub!r}: must be > 0 or None")
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` [..., features] as [tokens, features] with unit stride along features."""
+    if x.dim() == 0 or not x.is_floating_point() or x.dtype == FP8_DTYPE:
+        raise ValueError(f"{name} must be a 16/32-bit float tensor [..., features], got {x.dtype} {tuple(x.shape)}")
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch_quantize_rows(
+    x: torch.Tensor, up: torch.Tensor | None, activation_scale_ub: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_tokens, num_features = x.shape
+    q = torch.empty(num_tokens, num_features, dtype=FP8_DTYPE, device=x.device)  # [tokens, features]
+    scale = torch.empty(num_tokens, 1, dtype=torch.float32, device=x.device)  # [tokens, 1]
+    if num_tokens == 0:
+        return q, scale
+    if num_features <= MAX_SINGLE_PASS_FEATURES:
+        block, num_blocks = triton.next_power_of_2(num_features), 1
+    else:
+        block, num_blocks = _BLOCK_TWO_PASS, triton.cdiv(num_features, _BLOCK_TWO_PASS)
+    _quantize_rows_kernel[(num_tokens,)](
+        x,
+        up if up is not None else x,
+        q,
+        scale,
+        num_features,
+        x.stride(0),
+        up.stride(0) if up is not None else 0,
+        q.stride(0),
+        activation_scale_ub if activation_scale_ub is not None else 0.0,
+        HAS_UB=activation_scale_ub is not None,
+        IS_SILU_MUL=up is not None,
+        BLOCK=block,
+        NUM_BLOCKS=num_blocks,
+        num_warps=max(1, min(16, block // 512)),
+        enable_fp_fusion=False,
+    )
+    return q, scale
+
+
+def quantize_fp8_per_token(
+    x: torch.Tensor, activation_scale_ub: float | None = DEFAULT_ACTIVATION_SCALE_UB
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token fp8 quantization, bit for bit ``formats.quantize_fp8_activation``.
+
+    ``x`` is [..., features] (16/32-bit float); each token's absolute maximum is bounded by
+    ``activation_scale_ub`` (None: unbounded). Returns ``(q, scale)``: ``q`` float8_e4m3fn
+    [tokens, features] and ``scale`` float32 [tokens, 1], tokens being the leading dims flattened.
+    """
+    _check_scale_ub(activation_scale_ub)
+    return _launch_quantize_rows(_rows(x, "x"), None, activation_scale_ub)
+
+
+def silu_mul_quantize_fp8(
+    gate_up_or_gate: torch.Tensor,
+    up: torch.Tensor | None = None,
+    activation_scale_ub: float | None = DEFAULT_ACTIVATION_SCALE_UB,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_fp8_per_token(silu(gate) * up)`` in one pass, the fp8 input of ``down_proj``.
+
+    Either ``gate_up_or_gate`` is [..., 2 * intermediate] holding gate then up (a fused
+    gate/up projection) and ``up`` is None, or it is the gate [..., intermediate] and ``up``
+    has its shape and dtype. silu and the product are rounded to the input dtype, as
+    ``F.silu(gate) * up`` would be. Returns ``(q, scale)`` as ``quantize_fp8_per_token``.
+    """
+    _check_scale_ub(activation_scale_ub)
+    if up is None:
+        if gate_up_or_gate.shape[-1] % 2:
+            raise ValueError(f"gate_up.shape={tuple(gate_up_or_gate.shape)}: the last dimension must be even")
+        gate_up = _rows(gate_up_or_gate, "gate_up")  # [tokens, 2 * intermediate]
+        gate, up_rows = gate_up.chunk(2, dim=-1)
+    else:
+        if up.shape != gate_up_or_gate.shape or up.dtype != gate_up_or_gate.dtype:
+            raise ValueError(
+                f"up ({up.dtype} {tuple(up.shape)}) must match gate "
+                f"({gate_up_or_gate.dtype} {tuple(gate_up_or_gate.shape)})"
+            )
+        if up.device != gate_up_or_gate.device:
+            raise ValueError(f"gate on {gate_up_or_gate.device} and up on {up.device}: must share a device")
+        gate, up_rows = _rows(gate_up_or_gate, "gate"), _rows(up, "up")
+    return _launch_quantize_rows(gate, up_rows, activation_scale_ub)
+
+
+def rms_norm_quantize_fp8(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    activation_scale_ub: float | None = DEFAULT_ACTIVATION_SCALE_UB,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The residual add, RMSNorm and per-token fp8 quantization of ``x`` [..., hidden], in one pass.
+
+    With ``residual`` (same shape and dtype as ``x``) the norm is of ``x + residual``, which is
+    also returned; the normed values are rounded to the dtype ``fused.rms_norm`` returns
+    before they are quantized. Returns ``(q, scale, new_residual)``: ``q`` float8_e4m3fn
+    [tokens, hidden], ``scale`` float32 [tokens, 1], ``new_residual`` [..., hidden] or None.
+    """
+    _check_scale_ub(activation_scale_ub)
+    _check_norm_inputs(x, weight, residual)
+    x2 = _rows(x, "x")  # [tokens, hidden]
+    num_tokens, hidden = x2.shape
+    residual2 = None if residual is None else _rows(residual, "residual")
+    new_residual = None if residual is None else torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    q = torch.empty(num_tokens, hidden, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(num_tokens, 1, dtype=torch.float32, device=x.device)
+    if num_tokens > 0:
+        block = triton.next_power_of_2(hidden)
+        norm_dtype = torch.promote_types(x.dtype, weight.dtype)
+        _rms_norm_quantize_kernel[(num_tokens,)](
+            x2,
+            residual2 if residual2 is not None else x2,
+            weight.contiguous(),
+            q,
+            scale,
+            new_residual if new_residual is not None else x2,
+            hidden,
+            x2.stride(0),
+            residual2.stride(0) if residual2 is not None else 0,
+            q.stride(0),
+            new_residual.stride(0) if new_residual is not None else 0,
+            eps,
+            activation_scale_ub if activation_scale_ub is not None else 0.0,
+            HAS_RESIDUAL=residual is not None,
+            HAS_UB=activation_scale_ub is not None,
+            NORM_DTYPE=_TRITON_DTYPES[norm_dtype],
+            BLOCK=block,
+            num_warps=max(1, min(16, block // 512)),
+            enable_fp_fusion=False,
+        )
+    return q, scale, None if new_residual is None else new_residual.reshape(x.shape)
+
+
+def _check_fp8_linear_inputs(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    if weight.dtype != FP8_DTYPE or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D {FP8_DTYPE} tensor [out, in], got {weight.dtype} {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x.shape={tuple(x.shape)}: the last dimension must be in_features={in_features}")
+    if in_features % _SCALED_MM_ALIGNMENT or out_features % _SCALED_MM_ALIGNMENT:
+        raise ValueError(
+            f"weight.shape={tuple(weight.shape)}: torch._scaled_mm needs both dimensions divisible by "
+            f"{_SCALED_MM_ALIGNMENT}; keep this linear in 16-bit or int8"
+        )
+    if weight_scale.dtype != torch.float32 or tuple(weight_scale.shape) != (out_features, 1):
+        raise ValueError(
+            f"weight_scale must be float32 [{out_features}, 1], got {weight_scale.dtype} {tuple(weight_scale.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias.shape={tuple(bias.shape)}: must be [{out_features}]")
+    tensors = [x, weight, weight_scale] + ([] if bias is None else [bias])
+    if any(t.device != x.device for t in tensors):
+        raise ValueError(f"all tensors must be on one device, got {[str(t.device) for t in tensors]}")
+
+
+def fp8_scaled_mm(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(x_fp8 * x_scale) @ (weight * weight_scale).T + bias`` for activations already quantized.
+
+    ``x_fp8`` float8_e4m3fn [tokens, in] with ``x_scale`` float32 [tokens, 1] (e.g. from
+    ``silu_mul_quantize_fp8``); ``weight`` [out, in] and ``weight_scale`` [out, 1] as in
+    ``fp8_linear``. Returns [tokens, out] in ``out_dtype``.
+    """
+    # Row-wise scaling takes A row-major and B column-major: weight.t() of the row-major
+    # [out, in] weight is exactly that, with no copy. scale_b is [1, out].
+    out = torch._scaled_mm(
+        x_fp8,
+        weight.t(),
+        scale_a=x_scale,
+        scale_b=weight_scale.t(),
+        out_dtype=out_dtype,
+        use_fast_accum=True,
+    )
+    if bias is not None:
+        out = out + bias.to(out_dtype)
+    return out
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation_scale_ub: float | None = DEFAULT_ACTIVATION_SCALE_UB,
+) -> torch.Tensor:
+    """``x @ weight.T`` with both operands in fp8, as ``quant.reference.fp8_linear`` computes it.
+
+    ``x`` [..., in] (bf16, fp16 or fp32) is quantized per token (``quantize_fp8_per_token``);
+    ``weight`` float8_e4m3fn [out, in] with float32 ``weight_scale`` [out, 1]; in and out must
+    be multiples of 16. Returns [..., out] in ``x.dtype``.
+    """
+    _check_fp8_linear_inputs(x, weight, weight_scale, bias)
+    _check_scale_ub(activation_scale_ub)
+    out_features = weight.shape[0]
+    x_fp8, x_scale = _launch_quantize_rows(_rows(x, "x"), None, activation_scale_ub)
+    out = fp8_scaled_mm(x_fp8, x_scale, weight, weight_scale, x.dtype, bias)
+    return out.reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,153 @@
+"""The cuda backend as the engine uses it: backend choice, CUDA-graph inputs, and (on a GPU) whole models.
+
+The staging of a decode step into a graph's inputs runs on the CPU; the model-level checks
+need a GPU and compare the cuda backend, graphs and all, against the torch reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from neuron_llm import LLM, SamplingParams
+from neuron_llm.backends import default_backend_name
+from neuron_llm.backends.cuda.graphs import _stage
+from neuron_llm.config import DeviceConfig
+from neuron_llm.ops.metadata import AttentionMetadata
+from neuron_llm.worker import StepInput
+
+
+def test_default_backend_follows_the_device() -> None:
+    assert default_backend_name("cpu") == "torch"
+    assert default_backend_name("xla") == "neuron"
+    assert default_backend_name("cuda:1") == "cuda"  # Triton is installed wherever this file runs
+    with pytest.raises(ValueError, match="backend='cuda' runs on a CUDA device"):
+        DeviceConfig("cpu", backend="cuda")
+    with pytest.raises(ValueError, match="must be one of torch, cuda, neuron"):
+        DeviceConfig("cuda", backend="triton")
+
+
+def test_decode_staging_matches_the_attention_metadata() -> None:
+    block_size, width, num_seqs = 4, 6, 8
+    generator = torch.Generator().manual_seed(0)
+    seq_lens = [1, 4, 5, 9, 23]  # block boundaries and a full table
+    tables = [torch.randperm(40, generator=generator)[: -(-n // block_size)].add(1).tolist() for n in seq_lens]
+    step = StepInput(
+        input_ids=torch.randint(0, 100, (len(seq_lens),), generator=generator).tolist(),
+        positions=[n - 1 for n in seq_lens],
+        query_lens=[1] * len(seq_lens),
+        seq_lens=seq_lens,
+        block_tables=tables,
+        logits_indices=[0, 1, 2, 3, 4, 0, 0, 0],
+        num_padded_tokens=num_seqs,
+        num_padded_seqs=num_seqs,
+        max_blocks_per_seq=width,
+    )
+    staging = {
+        "input_ids": torch.full((num_seqs,), -1, dtype=torch.int64),
+        "positions": torch.full((num_seqs,), -1, dtype=torch.int64),
+        "slot_mapping": torch.full((num_seqs,), -1, dtype=torch.int64),
+        "block_tables": torch.full((num_seqs, width), -1, dtype=torch.int32),
+        "seq_lens": torch.full((num_seqs,), -1, dtype=torch.int32),
+        "query_start_loc": torch.full((num_seqs + 1,), -1, dtype=torch.int32),
+        "logits_indices": torch.full((num_seqs,), -1, dtype=torch.int64),
+    }
+    _stage(staging, step, step.logits_indices, block_size)
+    expected = AttentionMetadata.build(step.query_lens, seq_lens, tables, block_size, "cpu", num_seqs, num_seqs, width)
+    for name in ("slot_mapping", "block_tables", "seq_lens", "query_start_loc"):
+        assert torch.equal(staging[name], getattr(expected, name).to(staging[name].dtype)), name
+    assert staging["input_ids"].tolist() == step.input_ids + [0] * 3
+    assert staging["positions"].tolist() == step.positions + [0] * 3
+    assert np.array_equal(staging["logits_indices"].numpy(), step.logits_indices)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_cuda_backend_generates_what_the_torch_backend_does(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], enforce_eager: bool
+) -> None:
+    # head_dim 64, as the kernels' smallest tuned case; the vocabulary of the tiny fixture.
+    _, model_dir = save_tiny_llama(hidden_size=256, intermediate_size=512, num_attention_heads=4)
+    options = {"device": "cuda", "dtype": "float32", "num_kv_blocks": 256, "block_size": 16, "max_model_len": 256}
+    generator = torch.Generator().manual_seed(3)
+    prompts = [
+        {"prompt_token_ids": torch.randint(0, 250, (n,), generator=generator).tolist()} for n in (1, 7, 16, 33, 200)
+    ]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    reference = LLM(str(model_dir), backend="torch", **options)
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+    llm = LLM(str(model_dir), enforce_eager=enforce_eager, **options)
+    assert llm.engine.runner.executor.worker.num_compiled_graphs() == (0 if enforce_eager else 7)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prompt_lens", [[1024], [1500, 2048], [1100, 300]])
+def test_prefill_attention_equals_the_reference_on_both_paths(prompt_lens: list[int]) -> None:
+    """Long fresh prompts go to cuDNN, the rest to the paged kernel: both equal the reference."""
+    from neuron_llm.backends.cuda.backend import CudaBackend, _is_long_fresh_prefill
+    from neuron_llm.backends.torch_backend import TorchBackend
+
+    block_size, num_heads, num_kv_heads, head_dim = 16, 8, 2, 128
+    generator = torch.Generator().manual_seed(sum(prompt_lens))
+    blocks = [-(-n // block_size) for n in prompt_lens]
+    ids = (torch.randperm(sum(blocks) + 8, generator=generator) + 1).tolist()
+    tables = [ids[sum(blocks[:i]) : sum(blocks[: i + 1])] for i in range(len(blocks))]
+    num_blocks = max(ids) + 1
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = torch.randn(shape, generator=generator).to("cuda", torch.bfloat16)
+    value_cache = torch.randn(shape, generator=generator).to("cuda", torch.bfloat16)
+    query = torch.randn(sum(prompt_lens) + 5, num_heads, head_dim, generator=generator).to("cuda", torch.bfloat16)
+    metadata = AttentionMetadata.build(
+        prompt_lens, prompt_lens, tables, block_size, "cuda", num_padded_tokens=query.shape[0], num_padded_seqs=4
+    )
+    assert _is_long_fresh_prefill(metadata) == all(n >= 1024 for n in prompt_lens)
+    scale = head_dim**-0.5
+    actual = CudaBackend().paged_attention(query, key_cache, value_cache, metadata, scale)
+    expected = TorchBackend().paged_attention(query.double(), key_cache.double(), value_cache.double(), metadata, scale)
+    error = (actual.double() - expected).norm() / expected.norm()
+    assert error < 1e-2, error
+    assert torch.equal(actual[sum(prompt_lens) :], torch.zeros_like(actual[sum(prompt_lens) :]))
+
+
+def prefill_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
+    """fp32 logits of every position of ``prompt``, from one unpadded (eager) step of the LLM's worker."""
+    num_blocks = -(-len(prompt) // llm.config.cache.block_size)
+    step = StepInput(
+        input_ids=prompt,
+        positions=list(range(len(prompt))),
+        query_lens=[len(prompt)],
+        seq_lens=[len(prompt)],
+        block_tables=[list(range(1, 1 + num_blocks))],
+        logits_indices=list(range(len(prompt))),
+    )
+    return llm.engine.runner.executor.worker.execute(step).double()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("quantization", "tolerance"), [("fp8", 3e-2), ("int8", 1e-2)])
+def test_cuda_backend_runs_merged_quantized_models_like_the_reference(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], quantization: str, tolerance: float
+) -> None:
+    """Merged gate/up feeding fp8 down_proj through the fused SwiGLU quantization, int8 through its kernel."""
+    # The usual initialization: the fixture's 0.2 makes a chaotic model that amplifies bf16 rounding.
+    _, model_dir = save_tiny_llama(
+        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4, initializer_range=0.02
+    )
+    options = {"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 128, "block_size": 16, "max_model_len": 256}
+    prompt = list(range(3, 40))
+    # The backend is per process: the reference runs before the cuda LLM makes cuda the active one.
+    expected = prefill_logits(LLM(str(model_dir), backend="torch", quantization=quantization, **options), prompt)
+    llm = LLM(str(model_dir), quantization=quantization, **options)
+    layer = llm.engine.runner.executor.worker.model.model.layers[1]
+    assert layer.mlp.gate_up_proj is not None and layer.self_attn.qkv_proj is not None
+    actual = prefill_logits(llm, prompt)
+    error = ((actual - expected).norm() / expected.norm()).item()
+    assert error < tolerance, error

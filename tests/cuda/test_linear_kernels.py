@@ -1,0 +1,377 @@
+"""The Triton quantized-linear kernels (int8 W8A16, fp8 W8A8 activation quantization) against the references.
+
+On the CPU they run in Triton's interpreter (fp32, fp16; small shapes). Every output buffer
+the wrappers allocate is poisoned with NaN first (``torch.empty`` is patched), so an element
+the kernel forgets to write fails the comparison. References run in float64 on upcast inputs
+(int8) or are the bit-exact quantization of ``neuron_llm.quant.formats`` (fp8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from neuron_llm.backends.cuda.fp8 import (
+    fp8_linear,
+    fp8_scaled_mm,
+    quantize_fp8_per_token,
+    rms_norm_quantize_fp8,
+    silu_mul_quantize_fp8,
+)
+from neuron_llm.backends.cuda.int8_matmul import Int8MatmulConfig, default_config, int8_linear
+from neuron_llm.layers.norm import RMSNorm
+from neuron_llm.quant import reference
+from neuron_llm.quant.formats import (
+    FP8_DTYPE,
+    FP8_MAX,
+    FP8_MIN_ACTIVATION_SCALE,
+    dequantize_int8,
+    quantize_fp8_activation,
+    quantize_fp8_weight,
+    quantize_int8,
+)
+
+# Relative error (by norm) allowed for each activation dtype: the output's own rounding.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# fp8 matmuls: use_fast_accum sums in the tensor cores' reduced-precision accumulator.
+FP8_MATMUL_TOLERANCE = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
+
+
+def activation_dtypes(device: torch.device) -> list[torch.dtype]:
+    # The interpreter's bf16 tl.dot has given wrong results; bf16 runs on the GPU only.
+    return [torch.bfloat16, torch.float16, torch.float32] if device.type == "cuda" else [torch.float32, torch.float16]
+
+
+def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Make every ``torch.empty`` return NaN (floats, fp8 included) or -1 (integers)."""
+    empty = torch.empty
+
+    def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
+        tensor = empty(*args, **kwargs)
+        if tensor.dtype == FP8_DTYPE:
+            tensor.view(torch.uint8).fill_(0x7F)  # e4m3fn NaN
+        elif tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+        else:
+            tensor.fill_(-1)
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    yield
+
+
+def make_int8_linear(
+    out_features: int, in_features: int, group_size: int | None, device: torch.device, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, scale, bias) of a random weight with its rows 1 and 2 zero (scale 1, all-zero q)."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    weight[1:3] = 0
+    q, scale = quantize_int8(weight, group_size)
+    bias = torch.randn(out_features, generator=generator)
+    return q.to(device), scale.to(device), bias.to(device)
+
+
+def int8_expected(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group_size: int | None
+) -> torch.Tensor:
+    out = x.double() @ dequantize_int8(q, scale, torch.float64, group_size).T
+    return out if bias is None else out + bias.double()
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 17, 130])
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "group_size"),
+    [(37, 200, None), (64, 256, 128), (33, 300, 128), (40, 160, 100)],
+)
+def test_int8_linear_matches_reference(
+    num_tokens: int, out_features: int, in_features: int, group_size: int | None, device: torch.device
+) -> None:
+    q, scale, bias = make_int8_linear(out_features, in_features, group_size, device, seed=num_tokens + in_features)
+    for dtype in activation_dtypes(device):
+        x = torch.randn(num_tokens, in_features, device=device).to(dtype)
+        for b in (None, bias.to(dtype)):
+            out = int8_linear(x, q, scale, b, group_size)
+            assert out.shape == (num_tokens, out_features) and out.dtype == dtype
+            assert torch.isfinite(out).all()
+            expected = int8_expected(x, q, scale, b, group_size)
+            assert relative_error(out, expected) < TOLERANCE[dtype], (dtype, b is None)
+        # The zero weight rows give exactly the bias.
+        assert torch.equal(out[:, 1:3], bias.to(dtype)[1:3].expand(num_tokens, 2))
+
+
+CONFIGS = [
+    Int8MatmulConfig(block_m=1, block_n=16, block_k=32, fast_convert=False),
+    Int8MatmulConfig(block_m=1, block_n=32, block_k=64, split_k=3),
+    Int8MatmulConfig(block_m=16, block_n=32, block_k=32, split_k=2),
+    Int8MatmulConfig(block_m=32, block_n=64, block_k=64),
+    Int8MatmulConfig(block_m=16, block_n=16, block_k=128, split_k=4),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}")
+@pytest.mark.parametrize("group_size", [None, 32, 24])
+def test_int8_linear_configs(config: Int8MatmulConfig, group_size: int | None, device: torch.device) -> None:
+    """Every path: GEMV and dot, split K (uneven last split too), per-tile and per-element group scales."""
+    out_features, in_features = 50, 232
+    q, scale, bias = make_int8_linear(out_features, in_features, group_size, device, seed=7)
+    for num_tokens in (1, 3) if config.block_m == 1 else (1, 5, 40):
+        x = torch.randn(num_tokens, in_features, device=device)
+        out = int8_linear(x, q, scale, bias, group_size, config=config)
+        assert relative_error(out, int8_expected(x, q, scale, bias, group_size)) < TOLERANCE[torch.float32]
+
+
+def test_int8_linear_shapes_and_strides(device: torch.device) -> None:
+    q, scale, _ = make_int8_linear(24, 64, None, device, seed=3)
+    x = torch.randn(2, 3, 128, device=device)[..., ::2]  # [2, 3, 64], stride 2 along features
+    out = int8_linear(x, q, scale)
+    assert out.shape == (2, 3, 24)
+    expected = int8_expected(x.reshape(-1, 64), q, scale, None, None).reshape(2, 3, 24)
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+    assert int8_linear(x[:0], q, scale).shape == (0, 3, 24)
+
+
+def test_int8_linear_rejects_bad_inputs(device: torch.device) -> None:
+    q, scale, bias = make_int8_linear(16, 64, None, device, seed=0)
+    x = torch.randn(2, 64, device=device)
+    with pytest.raises(ValueError, match="last dimension"):
+        int8_linear(x[:, :32], q, scale)
+    with pytest.raises(ValueError, match="int8"):
+        int8_linear(x, q.float(), scale)
+    with pytest.raises(ValueError, match="weight_scale"):
+        int8_linear(x, q, scale, group_size=32)
+    with pytest.raises(ValueError, match="bias"):
+        int8_linear(x, q, scale, bias[:8])
+    with pytest.raises(ValueError, match="x.dtype"):
+        int8_linear(x.double(), q, scale)
+
+
+def test_default_config_fills_the_gpu() -> None:
+    decode = default_config(1, 4096, 14336, None, num_sms=132)
+    assert decode.block_m == 1
+    assert decode.split_k * 4096 // decode.block_n >= 2 * 132
+    assert 14336 // decode.block_k % decode.split_k == 0  # whole K blocks per split
+    assert default_config(4096, 4096, 4096, None, num_sms=132).split_k == 1
+    assert default_config(200, 4096, 4096, None, num_sms=132).split_k > 1
+    assert 128 % default_config(16, 4096, 4096, 128, num_sms=132).block_k == 0
+
+
+def expected_fp8_codes(values: torch.Tensor, scale: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The uint8 codes of ``clamp(values / scale, -448, 448)`` as the kernel's conversion makes them.
+
+    On the GPU that is torch's conversion (round to nearest even), so these are the codes of
+    ``formats.quantize_fp8_activation``. Triton 3.6's interpreter converts float32 to e4m3
+    its own way (no carry into the exponent when rounding up, subnormals truncated); on the
+    CPU the codes come from that same converter, so all but the conversion itself is checked.
+    """
+    scaled = (values.float() / scale).clamp(-FP8_MAX, FP8_MAX)
+    if device.type == "cuda":
+        return scaled.to(FP8_DTYPE).view(torch.uint8)
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    rounding = interpreter._ir.ROUNDING_MODE.RTNE
+    codes = interpreter._convert_float(scaled.numpy(), tl.float32, tl.float8e4nv, rounding)
+    return torch.from_numpy(codes.astype(np.uint8))
+
+
+def assert_scales_match(scale: torch.Tensor, expected: torch.Tensor, device: torch.device) -> None:
+    """Bit-equal on the GPU. The kernels multiply by float32(1 / 448) as torch does on CUDA;
+    torch on the CPU divides, which may differ in the last bit."""
+    if device.type == "cuda":
+        assert torch.equal(scale, expected)
+    else:
+        torch.testing.assert_close(scale, expected, rtol=1.2e-7, atol=0)
+
+
+def activation_rows(num_tokens: int, num_features: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Rows of very different magnitudes: some far beyond the 1200 bound, one all zero, one tiny."""
+    generator = torch.Generator().manual_seed(num_tokens * 1000 + num_features)
+    magnitude = 10.0 ** torch.empty(num_tokens, 1).uniform_(-2, 5, generator=generator)
+    x = torch.randn(num_tokens, num_features, generator=generator) * magnitude
+    if num_tokens > 2:
+        x[1] = 0
+        x[2] = x[2] * 1e-30 if dtype == torch.float32 else x[2] * 1e-4
+    x[0, 0] = 5000.0  # beyond the bound, saturates
+    return x.clamp(-6e4, 6e4).to(dtype).to(device)
+
+
+@pytest.mark.parametrize(("num_tokens", "num_features"), [(1, 64), (3, 100), (17, 96), (4, 20000)])
+@pytest.mark.parametrize("scale_ub", [1200.0, None])
+def test_quantize_fp8_per_token_is_exact(
+    num_tokens: int, num_features: int, scale_ub: float | None, device: torch.device
+) -> None:
+    for dtype in activation_dtypes(device):
+        x = activation_rows(num_tokens, num_features, dtype, device)
+        q, scale = quantize_fp8_per_token(x, scale_ub)
+        expected_q, expected_scale = quantize_fp8_activation(x, scale_ub)
+        assert q.dtype == FP8_DTYPE and q.shape == (num_tokens, num_features)
+        assert scale.shape == (num_tokens, 1)
+        assert_scales_match(scale, expected_scale, device)
+        assert torch.equal(q.view(torch.uint8), expected_fp8_codes(x, scale, device))
+        if device.type == "cuda":
+            assert torch.equal(q.view(torch.uint8), expected_q.view(torch.uint8))
+        if num_tokens > 2:
+            assert scale[1, 0].item() == pytest.approx(FP8_MIN_ACTIVATION_SCALE) and not q[1].float().any()
+        if scale_ub is not None:
+            assert scale.max().item() <= scale_ub / 448 * (1 + 1e-6)
+            assert q[0, 0].float().item() == 448.0
+
+
+@pytest.mark.parametrize(("num_tokens", "intermediate"), [(1, 64), (5, 96), (3, 20000)])
+def test_silu_mul_quantize_fp8_matches_unfused(num_tokens: int, intermediate: int, device: torch.device) -> None:
+    for dtype in activation_dtypes(device):
+        gate = (torch.randn(num_tokens, intermediate) * 4).to(dtype).to(device)
+        up = (torch.randn(num_tokens, intermediate) * 4).to(dtype).to(device)
+        up[0, 3] = 3000.0  # beyond the bound
+        q, scale = silu_mul_quantize_fp8(gate, up)
+        hidden = F.silu(gate) * up
+        _, expected_scale = quantize_fp8_activation(hidden)
+        # exp may differ from torch's in the last bit, and so the absolute maximum.
+        torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
+        # exp may differ from torch's in the last bit: a code or two in a million may move a step.
+        wrong = q.view(torch.uint8) != expected_fp8_codes(hidden, scale, device)
+        assert wrong.float().mean().item() < 1e-4
+        fused_q, fused_scale = silu_mul_quantize_fp8(torch.cat([gate, up], dim=-1), None)
+        assert torch.equal(fused_q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(fused_scale, scale)
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("scale_ub", [1.0, None])
+def test_rms_norm_quantize_fp8_matches_unfused(
+    with_residual: bool, scale_ub: float | None, device: torch.device
+) -> None:
+    hidden = 96
+    for dtype in activation_dtypes(device):
+        norm = RMSNorm(hidden, 1e-5).to(device=device, dtype=dtype).requires_grad_(False)
+        norm.weight.data = torch.randn(hidden, device=device).to(dtype)
+        x = torch.randn(7, hidden, device=device).to(dtype) * 30
+        residual = torch.randn(7, hidden, device=device).to(dtype) if with_residual else None
+        q, scale, new_residual = rms_norm_quantize_fp8(x, residual, norm.weight.data, 1e-5, scale_ub)
+        summed = x if residual is None else x + residual
+        _, expected_scale = quantize_fp8_activation(norm(summed), scale_ub)
+        torch.testing.assert_close(scale, expected_scale, rtol=1e-5, atol=0)
+        # The norm's float32 sum may round differently from torch's: allow a few codes one step apart.
+        codes = expected_fp8_codes(norm(summed), scale, device)
+        steps = (q.view(torch.uint8).short() - codes.short()).abs()
+        assert (steps != 0).float().mean().item() < 0.02 and steps.max().item() <= 1
+        if with_residual:
+            assert torch.equal(new_residual, summed)
+        else:
+            assert new_residual is None
+
+
+def test_fp8_scaled_mm_matches_reference(device: torch.device) -> None:
+    """The matmul half of fp8_linear, fed the reference's quantized activations (torch runs it on the CPU too)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        pytest.skip("fp8 matmuls need sm_89 or newer")
+    weight, weight_scale = quantize_fp8_weight(torch.randn(48, 64) * 0.02)
+    weight, weight_scale = weight.to(device), weight_scale.to(device)
+    bias = torch.randn(48, device=device)
+    for dtype in activation_dtypes(device):
+        x = activation_rows(5, 64, dtype, device)
+        x_q, x_scale = quantize_fp8_activation(x)
+        out = fp8_scaled_mm(x_q, x_scale, weight, weight_scale, dtype, bias.to(dtype))
+        expected = reference.fp8_linear(x, weight, weight_scale, bias.to(dtype))
+        assert out.dtype == dtype and relative_error(out, expected) < FP8_MATMUL_TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_tokens", [1, 3, 17, 130])
+def test_fp8_linear_matches_reference(num_tokens: int, device: torch.device) -> None:
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        pytest.skip("fp8 matmuls need sm_89 or newer")
+    weight, weight_scale = quantize_fp8_weight(torch.randn(272, 512) * 0.02)
+    weight, weight_scale = weight.to(device), weight_scale.to(device)
+    bias = torch.randn(272, device=device)
+    for dtype in activation_dtypes(device):
+        x = activation_rows(num_tokens, 512, dtype, device)
+        for b in (None, bias.to(dtype)):
+            out = fp8_linear(x, weight, weight_scale, b)
+            expected = reference.fp8_linear(x, weight, weight_scale, b)
+            assert out.shape == (num_tokens, 272) and out.dtype == dtype
+            assert relative_error(out, expected) < FP8_MATMUL_TOLERANCE[dtype]
+    out = fp8_linear(torch.randn(2, 3, 512, device=device, dtype=torch.bfloat16), weight, weight_scale)
+    assert out.shape == (2, 3, 272)
+
+
+def test_fp8_linear_rejects_bad_inputs(device: torch.device) -> None:
+    weight, weight_scale = quantize_fp8_weight(torch.randn(48, 64))
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        fp8_linear(x, weight[:40], weight_scale[:40])
+    with pytest.raises(ValueError, match="weight_scale"):
+        fp8_linear(x, weight, weight_scale[:, 0])
+    with pytest.raises(ValueError, match="float8"):
+        fp8_linear(x, weight.float(), weight_scale)
+    with pytest.raises(ValueError, match="activation_scale_ub"):
+        quantize_fp8_per_token(x, 0.0)
+    with pytest.raises(ValueError, match="must match gate"):
+        silu_mul_quantize_fp8(x, x[:, :32])
+
+
+@pytest.mark.cuda
+def test_int8_split_k_is_deterministic(device: torch.device) -> None:
+    """The last split of each tile sums the partials in split order: repeated calls give the same bits."""
+    q, scale, bias = make_int8_linear(4096, 4096, None, device, seed=13)
+    x = torch.randn(3, 4096, device=device, dtype=torch.bfloat16)
+    config = Int8MatmulConfig(block_m=1, block_n=16, block_k=128, split_k=8)
+    first = int8_linear(x, q, scale, bias.bfloat16(), config=config)
+    assert relative_error(first, int8_expected(x, q, scale, bias.bfloat16(), None)) < TOLERANCE[torch.bfloat16]
+    for _ in range(50):
+        assert torch.equal(int8_linear(x, q, scale, bias.bfloat16(), config=config), first)
+
+
+@pytest.mark.cuda
+def test_linear_kernels_replay_in_a_cuda_graph(device: torch.device) -> None:
+    """Decode (split K) and prefill int8 shapes, the fp8 linear and the fused quantization, captured once."""
+    q, scale, bias = make_int8_linear(512, 1024, 128, device, seed=11)
+    fp8_weight, fp8_scale = (t.to(device) for t in quantize_fp8_weight(torch.randn(256, 512)))
+    decode_x = torch.randn(1, 1024, device=device, dtype=torch.bfloat16)
+    prefill_x = torch.randn(300, 1024, device=device, dtype=torch.bfloat16)
+    gate_up = torch.randn(16, 1024, device=device, dtype=torch.bfloat16)
+    has_fp8 = torch.cuda.get_device_capability(device) >= (8, 9)
+
+    def step() -> list[torch.Tensor]:
+        outputs = [
+            int8_linear(decode_x, q, scale, bias.bfloat16(), 128),
+            int8_linear(prefill_x, q, scale, None, 128),
+            *silu_mul_quantize_fp8(gate_up),
+        ]
+        if has_fp8:
+            outputs.append(fp8_linear(prefill_x[:, :512], fp8_weight, fp8_scale))
+        return outputs
+
+    step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    for tensor in (decode_x, prefill_x, gate_up):
+        tensor.copy_(torch.randn_like(tensor))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outputs, step(), strict=True):
+        if got.dtype == FP8_DTYPE:
+            got, want = got.view(torch.uint8), want.view(torch.uint8)
+        assert torch.equal(got, want)
