@@ -27,7 +27,9 @@ def _patch_interpreter_scalar_index() -> None:
         from triton.runtime import interpreter
     except ImportError:
         return  # no triton: the test modules skip themselves
-    original = interpreter._patch_lang_tensor
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return  # another Triton layout: nothing to patch
 
     def patch_lang_tensor(tensor: type, scope: object) -> None:
         original(tensor, scope)
