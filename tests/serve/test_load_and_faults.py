@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,19 +131,29 @@ def test_full_queue_answers_429_and_keeps_serving(model_dir: Path) -> None:
 
 
 def test_engine_failure_fails_its_requests_and_the_server_keeps_serving(model_dir: Path) -> None:
-    def load_failing_on_steps_0_and_3() -> LLM:
+    def load_failing_twice() -> LLM:
+        """The first step fails, and later the step after two that produced outputs (mid-stream).
+
+        Counting steps with outputs, not all steps, keeps the second failure mid-stream however
+        the client's requests interleave with the engine thread.
+        """
         llm = make_llm(model_dir)
-        step, calls = llm.engine.step, itertools.count()
+        step = llm.engine.step
+        outputs_before_failure = [0, 2]
 
         def flaky_step() -> list[RequestOutput]:
-            if next(calls) in (0, 3):
+            if outputs_before_failure and outputs_before_failure[0] == 0:
+                outputs_before_failure.pop(0)
                 raise RuntimeError("device lost")
-            return step()
+            outputs = step()
+            if outputs and outputs_before_failure:
+                outputs_before_failure[0] -= 1
+            return outputs
 
         llm.engine.step = flaky_step  # type: ignore[method-assign]
         return llm
 
-    with running_server(model_dir, load=load_failing_on_steps_0_and_3) as server:
+    with running_server(model_dir, load=load_failing_twice) as server:
         whole = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 8})
         assert whole.status_code == 500 and "device lost" in whole.json()["error"]["message"]
         body = {"prompt": "Hello", "max_tokens": 8, "ignore_eos": True, "stream": True}
