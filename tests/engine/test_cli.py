@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from neuron_llm.cli import main
 
@@ -15,6 +16,34 @@ def test_help_lists_the_commands() -> None:
     result = subprocess.run([sys.executable, "-m", "neuron_llm.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "generate" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_bench_without_a_gpu_is_a_clear_error(capsys) -> None:
+    assert main(["bench", "--cases", "decode"]) == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_bench_table_sets_each_figure_beside_its_anchor() -> None:
+    from neuron_llm.bench.cli import markdown_table
+
+    table = markdown_table(
+        {
+            "copy_bandwidth_Bps": 3e12,
+            "bf16_matmul_flops": 7.8e14,
+            "weight_bytes": 16e9,
+            "decode_floor_s": 16e9 / 3e12,
+            "bf16_decode": {"decode_s_per_token": 6.4e-3, "model_s_per_token": 6.0e-3},
+            "bf16_batch": {"output_tokens_per_s": 6400.0},
+            "transformers_batch": {"output_tokens_per_s": 640.0},
+            "bf16_prefill": {"prefill_tokens_per_s": 40000.0},
+            "fp8_prefill": {"prefill_tokens_per_s": 56000.0},
+        }
+    )
+    assert "| bf16 decode, batch 1 | 6.40 ms/token | floor | 1.20x |" in table
+    assert "| bf16 batch throughput | 6400 output tok/s | transformers | 10.00x transformers (640) |" in table
+    assert "| fp8 prefill | 56000 tok/s | bf16 40000 tok/s | 1.40x |" in table
+    assert "int8" not in table  # cases that did not run leave no row
 
 
 def test_bad_model_path_is_a_clear_error(capsys, tmp_path) -> None:
