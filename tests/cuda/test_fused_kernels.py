@@ -7,7 +7,7 @@ element left unwritten, or written where it should not be, fails the comparison.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -18,36 +18,12 @@ from neuron_llm.backends.cuda.fused import fused_add_rms_norm, rms_norm, rotary_
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.layers.norm import RMSNorm
 from neuron_llm.layers.rotary import RotaryEmbedding, apply_rotary
+from tests.cuda.conftest import kernel_dtypes, relative_error
+
+pytestmark = pytest.mark.usefixtures("seeded", "poison_empty")
 
 # Relative error (by norm) allowed for each dtype: one rounding of the output.
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def dtypes(device: torch.device) -> list[torch.dtype]:
-    # The interpreter converts float32 to bf16 by truncation: bf16 runs on the GPU only.
-    return [torch.bfloat16, torch.float16, torch.float32] if device.type == "cuda" else [torch.float32, torch.float16]
-
-
-def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((out.double() - expected.double()).norm() / expected.double().norm()).item()
-
-
-@pytest.fixture(autouse=True)
-def seeded() -> None:
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True)
-def poison_empty(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Make every ``torch.empty`` of a float dtype return NaN."""
-    empty = torch.empty
-
-    def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
-        tensor = empty(*args, **kwargs)
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-    yield
 
 
 def make_norm(hidden: int, dtype: torch.dtype, device: torch.device, seed: int) -> RMSNorm:
@@ -63,7 +39,7 @@ def float64_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
 
 @pytest.mark.parametrize(("num_tokens", "hidden"), [(1, 64), (5, 100), (17, 1000), (3, 4096)])
 def test_rms_norm_matches_layer(num_tokens: int, hidden: int, device: torch.device) -> None:
-    for dtype in dtypes(device):
+    for dtype in kernel_dtypes(device):
         norm = make_norm(hidden, dtype, device, seed=hidden)
         x = (torch.randn(num_tokens, hidden, device=device) * 3).to(dtype)
         out = rms_norm(x, norm.weight, norm.eps)
@@ -74,7 +50,7 @@ def test_rms_norm_matches_layer(num_tokens: int, hidden: int, device: torch.devi
 
 @pytest.mark.parametrize(("num_tokens", "hidden"), [(1, 64), (7, 100), (3, 4096)])
 def test_fused_add_rms_norm_matches_layer(num_tokens: int, hidden: int, device: torch.device) -> None:
-    for dtype in dtypes(device):
+    for dtype in kernel_dtypes(device):
         norm = make_norm(hidden, dtype, device, seed=hidden + 1)
         x = torch.randn(num_tokens, hidden, device=device).to(dtype)
         residual = (torch.randn(num_tokens, hidden, device=device) * 4).to(dtype)
@@ -140,7 +116,7 @@ def test_rotary_write_kv_matches_reference(
     num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device
 ) -> None:
     block_size, num_blocks, num_padding = 4, 9, 2
-    for dtype in dtypes(device):
+    for dtype in kernel_dtypes(device):
         query, key, value, cos, sin = rotary_case(
             num_tokens + num_padding, num_heads, num_kv_heads, head_dim, dtype, device
         )
@@ -232,7 +208,7 @@ def test_fused_kernels_replay_in_a_cuda_graph(device: torch.device) -> None:
 
 @pytest.mark.parametrize(("num_tokens", "intermediate"), [(1, 8), (5, 1000), (17, 2304)])
 def test_silu_mul_matches_the_reference(num_tokens: int, intermediate: int, device: torch.device) -> None:
-    for dtype in dtypes(device):
+    for dtype in kernel_dtypes(device):
         gate_up = (torch.randn(num_tokens, 2 * intermediate, device=device) * 3).to(dtype)
         gate, up = gate_up.chunk(2, dim=-1)
         expected = torch.nn.functional.silu(gate.double()) * up.double()

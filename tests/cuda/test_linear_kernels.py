@@ -8,8 +8,6 @@ the kernel forgets to write fails the comparison. References run in float64 on u
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,44 +33,14 @@ from neuron_llm.quant.formats import (
     quantize_fp8_weight,
     quantize_int8,
 )
+from tests.cuda.conftest import kernel_dtypes, relative_error
+
+pytestmark = pytest.mark.usefixtures("seeded", "poison_empty")
 
 # Relative error (by norm) allowed for each activation dtype: the output's own rounding.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # fp8 matmuls: use_fast_accum sums in the tensor cores' reduced-precision accumulator.
 FP8_MATMUL_TOLERANCE = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
-
-
-def activation_dtypes(device: torch.device) -> list[torch.dtype]:
-    # The interpreter's bf16 tl.dot has given wrong results; bf16 runs on the GPU only.
-    return [torch.bfloat16, torch.float16, torch.float32] if device.type == "cuda" else [torch.float32, torch.float16]
-
-
-def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((out.double() - expected.double()).norm() / expected.double().norm()).item()
-
-
-@pytest.fixture(autouse=True)
-def seeded() -> None:
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True)
-def poison_empty(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Make every ``torch.empty`` return NaN (floats, fp8 included) or -1 (integers)."""
-    empty = torch.empty
-
-    def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
-        tensor = empty(*args, **kwargs)
-        if tensor.dtype == FP8_DTYPE:
-            tensor.view(torch.uint8).fill_(0x7F)  # e4m3fn NaN
-        elif tensor.is_floating_point():
-            tensor.fill_(float("nan"))
-        else:
-            tensor.fill_(-1)
-        return tensor
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-    yield
 
 
 def make_int8_linear(
@@ -103,7 +71,7 @@ def test_int8_linear_matches_reference(
     num_tokens: int, out_features: int, in_features: int, group_size: int | None, device: torch.device
 ) -> None:
     q, scale, bias = make_int8_linear(out_features, in_features, group_size, device, seed=num_tokens + in_features)
-    for dtype in activation_dtypes(device):
+    for dtype in kernel_dtypes(device):
         x = torch.randn(num_tokens, in_features, device=device).to(dtype)
         for b in (None, bias.to(dtype)):
             out = int8_linear(x, q, scale, b, group_size)
@@ -217,7 +185,7 @@ def activation_rows(num_tokens: int, num_features: int, dtype: torch.dtype, devi
 def test_quantize_fp8_per_token_is_exact(
     num_tokens: int, num_features: int, scale_ub: float | None, device: torch.device
 ) -> None:
-    for dtype in activation_dtypes(device):
+    for dtype in kernel_dtypes(device):
         x = activation_rows(num_tokens, num_features, dtype, device)
         q, scale = quantize_fp8_per_token(x, scale_ub)
         expected_q, expected_scale = quantize_fp8_activation(x, scale_ub)
@@ -236,7 +204,7 @@ def test_quantize_fp8_per_token_is_exact(
 
 @pytest.mark.parametrize(("num_tokens", "intermediate"), [(1, 64), (5, 96), (3, 20000)])
 def test_silu_mul_quantize_fp8_matches_unfused(num_tokens: int, intermediate: int, device: torch.device) -> None:
-    for dtype in activation_dtypes(device):
+    for dtype in kernel_dtypes(device):
         gate = (torch.randn(num_tokens, intermediate) * 4).to(dtype).to(device)
         up = (torch.randn(num_tokens, intermediate) * 4).to(dtype).to(device)
         up[0, 3] = 3000.0  # beyond the bound
@@ -258,7 +226,7 @@ def test_rms_norm_quantize_fp8_matches_unfused(
     with_residual: bool, scale_ub: float | None, device: torch.device
 ) -> None:
     hidden = 96
-    for dtype in activation_dtypes(device):
+    for dtype in kernel_dtypes(device):
         norm = RMSNorm(hidden, 1e-5).to(device=device, dtype=dtype).requires_grad_(False)
         norm.weight.data = torch.randn(hidden, device=device).to(dtype)
         x = torch.randn(7, hidden, device=device).to(dtype) * 30
@@ -284,7 +252,7 @@ def test_fp8_scaled_mm_matches_reference(device: torch.device) -> None:
     weight, weight_scale = quantize_fp8_weight(torch.randn(48, 64) * 0.02)
     weight, weight_scale = weight.to(device), weight_scale.to(device)
     bias = torch.randn(48, device=device)
-    for dtype in activation_dtypes(device):
+    for dtype in kernel_dtypes(device):
         x = activation_rows(5, 64, dtype, device)
         x_q, x_scale = quantize_fp8_activation(x)
         out = fp8_scaled_mm(x_q, x_scale, weight, weight_scale, dtype, bias.to(dtype))
@@ -300,7 +268,7 @@ def test_fp8_linear_matches_reference(num_tokens: int, device: torch.device) -> 
     weight, weight_scale = quantize_fp8_weight(torch.randn(272, 512) * 0.02)
     weight, weight_scale = weight.to(device), weight_scale.to(device)
     bias = torch.randn(272, device=device)
-    for dtype in activation_dtypes(device):
+    for dtype in kernel_dtypes(device):
         x = activation_rows(num_tokens, 512, dtype, device)
         for b in (None, bias.to(dtype)):
             out = fp8_linear(x, weight, weight_scale, b)
