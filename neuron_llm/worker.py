@@ -144,8 +144,7 @@ def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:
         if config.cache.num_kv_blocks is None:
             raise ValueError("num_kv_blocks=None: set it on the XLA device (its memory is not queried yet)")
         return XlaWorker(model, config, config.cache.num_kv_blocks)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    num_kv_blocks = size_kv_pool(config, weight_bytes)
+    num_kv_blocks = size_kv_pool(config, model.weight_bytes())
     if backend.name == "cuda" and not config.device.enforce_eager:
         from neuron_llm.backends.cuda.graphs import CudaGraphWorker
 
@@ -162,7 +161,7 @@ class Worker:
         self.device = torch.device(config.device.device)
         self.block_size = config.cache.block_size
         self.num_kv_blocks = num_kv_blocks
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.weight_bytes = model.weight_bytes()
         """Bytes of this rank's parameters as stored (quantized ones in 8 bits, with their scales)."""
         self.kv_caches = allocate_kv_cache(
             config.model,

@@ -115,9 +115,7 @@ def load_model(
     else:
         weights = gguf_file.iter_gguf_weights(reader, info.config, dtype, info.source)
     model_module = _build(info.config, weights, dtype, device, shard)
-    # parameters() lists a tied tensor once, so the shared embedding/LM head counts once.
-    weight_bytes = sum(p.numel() * p.element_size() for p in model_module.parameters())
-    return LoadedModel(**vars(info), model=model_module, weight_bytes=weight_bytes)
+    return LoadedModel(**vars(info), model=model_module, weight_bytes=model_module.weight_bytes())
 
 
 def _read_info(path: Path) -> tuple[ModelInfo, gguf.GGUFReader | None]:

@@ -151,6 +151,10 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 
+    def weight_bytes(self) -> int:
+        """Bytes of the parameters as stored (quantized ones with their scales; a tied tensor once)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [num_rows, vocab_size] in fp32 for hidden states [num_rows, hidden_size]."""
         return self.lm_head(hidden).float()

@@ -23,11 +23,6 @@ from neuron_llm.quant.config import QuantConfig
 from neuron_llm.quant.convert import prepare_quantized_model, quantize_model
 
 
-def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of ``model``'s parameters, a tied tensor counted once."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def load_any_format(
     model: str | Path | None,
     *,
@@ -53,7 +48,7 @@ def load_any_format(
         loaded = load_model(path, dtype=dtype, device=device, shard=shard)
         if quantization is not None:
             quantize_model(loaded.model, quantization)
-            loaded.weight_bytes = parameter_bytes(loaded.model)
+            loaded.weight_bytes = loaded.model.weight_bytes()
         return loaded
     if quantization is not None:
         raise ValueError(f"{path} is already quantized; load it without quantization={quantization!r}")
@@ -63,4 +58,4 @@ def load_any_format(
         prepare_quantized_model(built, checkpoint)
     load_weights(built, adapt_checkpoint_weights(iter_hf_weights(path)))
     built.requires_grad_(False)
-    return LoadedModel(**vars(info), model=built.eval(), weight_bytes=parameter_bytes(built))
+    return LoadedModel(**vars(info), model=built.eval(), weight_bytes=built.weight_bytes())
