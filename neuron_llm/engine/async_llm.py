@@ -154,11 +154,16 @@ class AsyncLLM:
         prompt = prompt if isinstance(prompt, str) else list(prompt)
         self._admit(_Add(stream, prompt, params, request_id))
         is_waiting, is_ended = True, False
+        error: Exception | None = None  # read while merging: raised after the outputs before it
         try:
             while not is_ended:
-                item = await stream.queue.get()
+                item = error or await stream.queue.get()
                 while not isinstance(item, Exception) and not stream.queue.empty():
-                    item = stream.queue.get_nowait()
+                    newer = stream.queue.get_nowait()
+                    if isinstance(newer, Exception):
+                        error = newer
+                        break
+                    item = newer
                 if isinstance(item, Exception):
                     is_ended = True  # the engine holds the request no more
                     raise item

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,36 @@ def test_a_failing_step_fails_the_requests_in_flight_not_the_engine(model_dir: P
             await last(engine.generate("Hello", GREEDY))
         assert engine.is_ready
         await last(engine.generate("Hello", GREEDY))
+
+    run_with(llm, scenario)
+
+
+def test_outputs_queued_before_a_failure_reach_the_consumer_before_the_error(model_dir: Path) -> None:
+    # A slow consumer finds two outputs and the error waiting: merging must not skip the outputs.
+    llm = make_llm(model_dir)
+    step = llm.engine.step
+    steps_done, failed = [0], threading.Event()
+
+    def step_twice_then_fail() -> list[RequestOutput]:
+        if steps_done[0] == 2:
+            failed.set()
+            raise RuntimeError("device lost")
+        steps_done[0] += 1
+        return step()
+
+    llm.engine.step = step_twice_then_fail  # type: ignore[method-assign]
+
+    async def scenario(engine: AsyncLLM) -> None:
+        outputs = engine.generate("Hello", GREEDY)
+        reading = asyncio.ensure_future(anext(outputs))
+        await asyncio.sleep(0)  # the request is admitted
+        # Hold the event loop until the engine has delivered both outputs and the error.
+        assert failed.wait(30)
+        while llm.engine.has_unfinished_requests():  # aborted once the error is delivered
+            time.sleep(0.001)
+        assert len((await reading).outputs[0].token_ids) == 2
+        with pytest.raises(EngineError, match="device lost"):
+            await anext(outputs)
 
     run_with(llm, scenario)
 
