@@ -11,6 +11,10 @@ model runs in ``--dtype`` (float32 on the CPU, where bf16 matmuls are slow); the
 ones run their activations in the same dtype. Prints a Markdown table and, with ``--json``,
 writes the numbers.
 
+``w8a8-sq<alpha>`` (e.g. ``w8a8-sq0.5``) is w8a8 after SmoothQuant with that migration
+strength, calibrated on the last ``--calibration-tokens`` tokens of the corpus: text the
+scored prefix does not contain (with the default sizes), though a few greedy prompts do.
+
 Two shared CPU cores score about 25 tokens a second per format at context 1024 (fewer for
 fp8, whose activations are quantized in every linear), so the defaults measure the first
 6144 tokens; on a GPU (``--device cuda --dtype bfloat16``), raise ``--max-tokens`` to the whole corpus and
@@ -36,6 +40,7 @@ from neuron_llm.loader import load_model
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.quant import PRESETS, QuantConfig, quantize_model, quantized_weight_bytes
 from neuron_llm.quant.formats import FP8_DTYPE
+from neuron_llm.quant.smoothquant import activation_maxima, calibration_sequences, smooth_model
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.txt"
 BASELINE = "16-bit"
@@ -44,6 +49,20 @@ FORMATS: dict[str, QuantConfig] = {
     # The Llama 3 policy without its activation bound: shows what the bound costs on this model.
     "fp8-unbounded": QuantConfig.for_scheme("fp8", activation_scale_ub=None),
 }
+
+
+SMOOTHQUANT_PREFIX = "w8a8-sq"
+
+
+def quantized_copy(model: LlamaForCausalLM, name: str, calibration_ids: list[int]) -> LlamaForCausalLM:
+    """A copy of ``model`` in format ``name``: a ``FORMATS`` key or ``w8a8-sq<alpha>``."""
+    quantized = copy.deepcopy(model)
+    if name.startswith(SMOOTHQUANT_PREFIX):
+        sequences = calibration_sequences(calibration_ids, len(calibration_ids), 512)
+        smooth_model(quantized, activation_maxima(quantized, sequences), float(name.removeprefix(SMOOTHQUANT_PREFIX)))
+        name = "w8a8"
+    quantize_model(quantized, FORMATS[name])
+    return quantized
 
 
 def deployed_weight_bytes(model: LlamaForCausalLM) -> int:
@@ -124,8 +143,9 @@ def main() -> None:
     parser.add_argument(
         "--formats",
         default="int8,fp8,fp8-unbounded,fp8-all",
-        help=f"comma-separated, besides the 16-bit model, among {', '.join(FORMATS)}",
+        help=f"comma-separated, besides the 16-bit model, among {', '.join(FORMATS)} and {SMOOTHQUANT_PREFIX}<alpha>",
     )
+    parser.add_argument("--calibration-tokens", type=int, default=32768, help="SmoothQuant: from the corpus's end")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda")
     parser.add_argument("--json", type=Path, default=None, help="write the rows (continuations included) here")
@@ -140,9 +160,9 @@ def main() -> None:
     print(f"model {loaded.source.name}, corpus {len(all_ids)} tokens, scoring {len(corpus_ids)}", flush=True)
 
     rows = [measure(BASELINE, loaded.model, corpus_ids, prompts, args, reference=None)]
+    calibration_ids = all_ids[-args.calibration_tokens :]
     for name in [f for f in args.formats.split(",") if f]:
-        model = copy.deepcopy(loaded.model)
-        quantize_model(model, FORMATS[name])
+        model = quantized_copy(loaded.model, name, calibration_ids)
         rows.append(measure(name, model, corpus_ids, prompts, args, reference=rows[0]["continuations"]))
         del model
 

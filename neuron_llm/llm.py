@@ -49,8 +49,9 @@ class LLM:
         device: "cpu", "cuda", "cuda:N", "xla" (Neuron, or torch-xla's CPU device).
         quantization: quantize the weights on load: "int8" (weight-only, per channel),
             "int8-g128" (per group of 128), "fp8" (the Llama 3 recipe: feed-forward linears of
-            the inner layers), "fp8-all". A directory written by ``neuron-llm quantize`` (or
-            any compressed-tensors INT8/FP8 checkpoint) is quantized already: load it without.
+            the inner layers), "fp8-all", "w8a8" (int8 weights and activations, unsmoothed).
+            A directory written by ``neuron-llm quantize`` (or any compressed-tensors
+            INT8/FP8 checkpoint of these formats) is quantized already: load it without.
         tensor_parallel_size: devices (processes) to split the model across.
         backend: the ops backend, "torch" (the reference), "cuda" (Triton kernels) or "neuron";
             None picks the device's: cuda on NVIDIA GPUs when Triton is installed.

@@ -77,6 +77,12 @@ class Backend(abc.ABC):
         """The fp8 W8A8 matmul with per-token activation scales (see ``quant.reference``)."""
         return reference.fp8_linear(x, weight, weight_scale, bias, activation_scale_ub)
 
+    def w8a8_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The int8 W8A8 matmul with per-token activation scales (see ``quant.reference``)."""
+        return reference.w8a8_linear(x, weight, weight_scale, bias)
+
     def prepare_model(self, model: nn.Module) -> None:
         """Rewrite the loaded ``model`` in place into the form this backend runs fastest (default: as is)."""
 

@@ -87,21 +87,41 @@ def window_negative_log_likelihood(
     length = token_ids.shape[0]
     if num_scored == 0:
         return 0.0
-    device = token_ids.device
-    blocks = list(range(1, 1 + -(-length // block_size)))
-    metadata = AttentionMetadata.build([length], [length], [blocks], block_size, device)
-    positions = torch.arange(length, device=device)
-    hidden = model(token_ids, positions, kv_caches, metadata)  # [L, hidden_size]
+    hidden = forward_sequence(model, token_ids, kv_caches, block_size)  # [L, hidden_size]
     # Position i predicts token i + 1: the scored tokens are predicted by the rows before them.
     rows = hidden[length - num_scored - 1 : length - 1]
     targets = token_ids[length - num_scored :]
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for start in range(0, num_scored, logits_chunk):
         logits = model.compute_logits(rows[start : start + logits_chunk])  # [chunk, vocab] fp32
         log_probs = torch.log_softmax(logits, dim=-1)
         picked = log_probs.gather(1, targets[start : start + logits_chunk, None])
         total -= picked.sum(dtype=torch.float64)
     return float(total)
+
+
+def sequence_kv_caches(model: LlamaForCausalLM, max_len: int, block_size: int = KV_BLOCK_SIZE) -> list[KVCache]:
+    """A KV cache with room for one sequence of ``max_len`` tokens (and the null block)."""
+    config = model.config
+    embedding = model.model.embed_tokens.weight
+    # The projections' widths give the KV heads this model holds (fewer under tensor parallelism).
+    num_kv_heads = model.model.layers[0].self_attn.k_proj.out_features // config.head_dim
+    num_blocks = 1 + -(-max_len // block_size)
+    return allocate_kv_cache(config, num_blocks, block_size, num_kv_heads, embedding.dtype, embedding.device)
+
+
+def forward_sequence(
+    model: LlamaForCausalLM, token_ids: torch.Tensor, kv_caches: list[KVCache], block_size: int
+) -> torch.Tensor:
+    """The final hidden states [L, hidden_size] of one sequence ``token_ids`` [L] at positions 0..L-1.
+
+    Overwrites blocks 1.. of ``kv_caches`` (``sequence_kv_caches``).
+    """
+    length = token_ids.shape[0]
+    device = token_ids.device
+    blocks = list(range(1, 1 + -(-length // block_size)))
+    metadata = AttentionMetadata.build([length], [length], [blocks], block_size, device)
+    return model(token_ids, torch.arange(length, device=device), kv_caches, metadata)
 
 
 def perplexity(
@@ -127,10 +147,7 @@ def perplexity(
     embedding = model.model.embed_tokens.weight
     tokens = torch.as_tensor(token_ids, dtype=torch.int64).to(embedding.device)
     windows = sliding_windows(tokens.shape[0], context, stride)
-    num_blocks = 1 + -(-context // KV_BLOCK_SIZE)
-    # The projections' widths give the KV heads this model holds (fewer under tensor parallelism).
-    num_kv_heads = model.model.layers[0].self_attn.k_proj.out_features // config.head_dim
-    kv_caches = allocate_kv_cache(config, num_blocks, KV_BLOCK_SIZE, num_kv_heads, embedding.dtype, embedding.device)
+    kv_caches = sequence_kv_caches(model, context)
     progress = None
     if show_progress:
         from tqdm import tqdm

@@ -18,7 +18,7 @@ from torch import nn
 from neuron_llm.layers.linear import Linear
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.parallel.layers import RowParallelLinear
-from neuron_llm.quant.layers import Fp8Linear, Int8Linear, empty_quantized_linear
+from neuron_llm.quant.layers import QuantizedLinear, empty_quantized_linear
 
 
 def merge_projections(model: LlamaForCausalLM) -> int:
@@ -56,7 +56,7 @@ def _merged(parts: list[nn.Module]) -> nn.Module | None:
     has_bias = first.bias is not None
     weight = first.weight
     with torch.device(weight.device):
-        if isinstance(first, (Int8Linear, Fp8Linear)):
+        if isinstance(first, QuantizedLinear):
             merged = empty_quantized_linear(first.format, in_features, out_features, has_bias)
             merged.weight_scale.data.copy_(torch.cat([part.weight_scale for part in parts]))
         else:
@@ -69,7 +69,7 @@ def _merged(parts: list[nn.Module]) -> nn.Module | None:
 
 def _kind(part: nn.Module) -> object:
     """What must agree for linears to merge: the class family and the weight format."""
-    if isinstance(part, (Int8Linear, Fp8Linear)):
+    if isinstance(part, QuantizedLinear):
         return part.format
     if isinstance(part, Linear) and not isinstance(part, RowParallelLinear):
         return part.weight.dtype

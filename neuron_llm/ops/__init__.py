@@ -69,6 +69,12 @@ def fp8_linear(
     return _active.fp8_linear(x, weight, weight_scale, bias, activation_scale_ub)
 
 
+def w8a8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    return _active.w8a8_linear(x, weight, weight_scale, bias)
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,5 +110,6 @@ __all__ = [
     "rotary_write_kv",
     "swiglu_down",
     "use_backend",
+    "w8a8_linear",
     "write_kv_cache",
 ]

@@ -16,6 +16,8 @@ and the safetensors hold, for each quantized linear ``<m>``:
         <m>.weight_packed int32 [out, ceil(in / 4)], <m>.weight_shape int64 [2], <m>.weight_scale
     int8, "naive-quantized" / "int-quantized" (read): <m>.weight int8 [out, in], <m>.weight_scale
     fp8 W8A8, "float-quantized": <m>.weight float8_e4m3fn [out, in], <m>.weight_scale [out, 1]
+    int8 W8A8, "int-quantized" (llm-compressor's choice, the one vLLM runs): <m>.weight int8
+        [out, in], <m>.weight_scale [out, 1]; its input_activations are dynamic per-token int
 
 ``weight_scale`` is [out, 1] per channel or [out, groups] per group; we write float32. The
 fp8 activation bound has no field in compressed-tensors (its argument models forbid extra
@@ -52,7 +54,8 @@ QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
 FLOAT_QUANTIZED = "float-quantized"
 MIXED_PRECISION = "mixed-precision"
-_INT8_READ_FORMATS = (PACK_QUANTIZED, "naive-quantized", "int-quantized")
+INT_QUANTIZED = "int-quantized"
+_INT8_READ_FORMATS = (PACK_QUANTIZED, "naive-quantized", INT_QUANTIZED)
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -119,7 +122,7 @@ def parse_quantization_config(raw: dict[str, Any]) -> CheckpointQuantization:
 
     Raises ``ValueError`` naming the field of anything we do not run: another quant_method,
     KV-cache or output quantization, asymmetric or non-8-bit weights, static or integer
-    activation quantization, activation reordering.
+    activation quantization other than dynamic per token, activation reordering.
     """
     method = raw.get("quant_method")
     if method != QUANT_METHOD:
@@ -158,17 +161,24 @@ def _parse_group(name: str, group: Any, top_format: str | None, activation_scale
                 f"{where}: format {storage!r} for int8 weights is not one of {', '.join(_INT8_READ_FORMATS)}"
             )
         if inputs is not None:
-            raise ValueError(f"{where}.input_activations: int8 activation quantization (W8A8 int) is not implemented")
-        if strategy not in ("channel", "group"):
+            _check_token_inputs(inputs, "int", where + ".input_activations")
+            if strategy != "channel":
+                raise ValueError(f"{where}.weights.strategy={strategy!r}: W8A8 int8 weights need per-channel scales")
+            fmt = LinearFormat("w8a8")
+        elif strategy not in ("channel", "group"):
             raise ValueError(f"{where}.weights.strategy={strategy!r}: int8 weights need 'channel' or 'group'")
-        group_size = weights.get("group_size") if strategy == "group" else None
-        fmt = LinearFormat("int8", group_size=group_size)
+        else:
+            fmt = LinearFormat("int8", group_size=weights.get("group_size") if strategy == "group" else None)
     elif kind == "float":
         if storage != FLOAT_QUANTIZED:
             raise ValueError(f"{where}: format {storage!r} for fp8 weights must be {FLOAT_QUANTIZED!r}")
         if strategy != "channel":
             raise ValueError(f"{where}.weights.strategy={strategy!r}: fp8 weights need per-channel scales")
-        _check_fp8_inputs(inputs, where + ".input_activations")
+        if not isinstance(inputs, dict):
+            raise ValueError(
+                f"{where}.input_activations: fp8 weights with 16-bit activations (W8A16 fp8) are not implemented"
+            )
+        _check_token_inputs(inputs, "float", where + ".input_activations")
         fmt = LinearFormat("fp8", activation_scale_ub=activation_scale_ub)
     else:
         raise ValueError(f"{where}.weights.type={kind!r}: must be 'int' or 'float'")
@@ -196,13 +206,13 @@ def _strategy(args: dict[str, Any]) -> str:
     return "channel" if group_size == -1 else "group"
 
 
-def _check_fp8_inputs(inputs: Any, where: str) -> None:
+def _check_token_inputs(inputs: Any, kind: str, where: str) -> None:
     if not isinstance(inputs, dict):
-        raise ValueError(f"{where}: fp8 weights with 16-bit activations (W8A16 fp8) are not implemented")
+        raise ValueError(f"{where}: must be an object")
     _require_arg(inputs, "num_bits", 8, where)
     _require_arg(inputs, "symmetric", True, where)
-    if inputs.get("type") != "float" or _strategy(inputs) != "token" or inputs.get("dynamic") is not True:
-        raise ValueError(f"{where}: only dynamic per-token fp8 activations (type float, strategy token) are read")
+    if inputs.get("type") != kind or _strategy(inputs) != "token" or inputs.get("dynamic") is not True:
+        raise ValueError(f"{where}: only dynamic per-token {kind} activations (type {kind}, strategy token) are read")
 
 
 def quantization_config_dict(model: nn.Module) -> dict[str, Any]:
@@ -253,12 +263,15 @@ def quantization_config_dict(model: nn.Module) -> dict[str, Any]:
 
 def _weights_args(fmt: LinearFormat) -> dict[str, Any]:
     strategy = "group" if fmt.group_size is not None else "channel"
-    kind = "int" if fmt.scheme == "int8" else "float"
-    return _args(kind, strategy, fmt.group_size, dynamic=False)
+    return _args(_kind(fmt), strategy, fmt.group_size, dynamic=False)
 
 
 def _input_args(fmt: LinearFormat) -> dict[str, Any] | None:
-    return _args("float", "token", None, dynamic=True) if fmt.scheme == "fp8" else None
+    return None if fmt.scheme == "int8" else _args(_kind(fmt), "token", None, dynamic=True)
+
+
+def _kind(fmt: LinearFormat) -> str:
+    return "float" if fmt.scheme == "fp8" else "int"
 
 
 def _args(kind: str, strategy: str, group_size: int | None, *, dynamic: bool) -> dict[str, Any]:
@@ -273,7 +286,7 @@ def _args(kind: str, strategy: str, group_size: int | None, *, dynamic: bool) ->
 
 
 def _storage(fmt: LinearFormat) -> str:
-    return PACK_QUANTIZED if fmt.scheme == "int8" else FLOAT_QUANTIZED
+    return {"int8": PACK_QUANTIZED, "fp8": FLOAT_QUANTIZED, "w8a8": INT_QUANTIZED}[fmt.scheme]
 
 
 def checkpoint_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:

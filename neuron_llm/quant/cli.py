@@ -1,4 +1,4 @@
-"""``neuron-llm quantize MODEL --scheme int8|fp8 --out DIR``: write a compressed-tensors checkpoint.
+"""``neuron-llm quantize MODEL --scheme int8|fp8|w8a8 --out DIR``: write a compressed-tensors checkpoint.
 
 Only ``argparse`` is imported up front, so that building the CLI's parser stays fast; torch,
 transformers and the loaders are imported when the command runs.
@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from neuron_llm.loader import LoadedModel
     from neuron_llm.quant.config import QuantConfig
+
+CALIBRATION_LENGTH = 512
 
 
 def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +23,12 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "model", nargs="?", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"
     )
-    parser.add_argument("--scheme", choices=("int8", "fp8"), required=True, help="int8 weight-only or fp8 W8A8")
+    parser.add_argument(
+        "--scheme",
+        choices=("int8", "fp8", "w8a8"),
+        required=True,
+        help="int8 weight-only, fp8 W8A8, or w8a8 (int8 weights and activations)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="new or empty directory to write")
     parser.add_argument(
         "--group-size", type=int, default=None, help="int8: one scale per N input features (default: per channel)"
@@ -41,6 +49,22 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="fp8: bound on a token's activation absolute maximum; 0 for none (default: 1200, as Llama 3)",
     )
+    parser.add_argument(
+        "--smoothquant",
+        type=Path,
+        default=None,
+        metavar="TEXT_FILE",
+        help="fp8/w8a8: first move activation outliers into the weights (SmoothQuant), calibrated on this text",
+    )
+    parser.add_argument(
+        "--smoothquant-alpha", type=float, default=None, help="migration strength in [0, 1] (default: 0.5)"
+    )
+    parser.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=32768,
+        help="tokens of the calibration text run, in sequences of 512 (default: 32768)",
+    )
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the tensors left unquantized")
     parser.set_defaults(run=run_quantize)
 
@@ -59,7 +83,9 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
             else default.policy.skip_layers
         ),
     )
-    if args.scheme == "int8" or args.activation_scale_ub is None:
+    if args.activation_scale_ub is not None and args.scheme != "fp8":
+        raise ValueError(f"--activation-scale-ub: only fp8 bounds its activations, not {args.scheme}")
+    if args.activation_scale_ub is None:
         bound = default.format.activation_scale_ub
     else:
         bound = args.activation_scale_ub if args.activation_scale_ub > 0 else None
@@ -76,15 +102,22 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     from neuron_llm.config import parse_dtype
     from neuron_llm.quant.checkpoint import save_quantized_checkpoint
-    from neuron_llm.quant.convert import quantized_weight_bytes
+    from neuron_llm.quant.convert import quantize_model, quantized_weight_bytes
     from neuron_llm.quant.layers import quantized_linears
     from neuron_llm.quant.loading import load_any_format
 
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"--out {args.out} is not empty; choose a new or empty directory")
     config = quant_config_from_args(args)
+    if args.smoothquant is not None and args.scheme == "int8":
+        raise ValueError("--smoothquant: int8 is weight-only; smoothing serves schemes that quantize activations")
     # Quantizing from float32 keeps 16-bit rounding out of the quantized weights.
-    loaded = load_any_format(args.model, dtype=torch.float32, device="cpu", quantization=config)
+    if args.smoothquant is None:
+        loaded = load_any_format(args.model, dtype=torch.float32, device="cpu", quantization=config)
+    else:
+        loaded = load_any_format(args.model, dtype=torch.float32, device="cpu")
+        smooth(loaded, args.smoothquant, args.smoothquant_alpha, args.calibration_tokens)
+        quantize_model(loaded.model, config)
     save_quantized_checkpoint(
         loaded.model,
         loaded.config,
@@ -97,3 +130,18 @@ def run_quantize(args: argparse.Namespace) -> int:
     ratio = quantized_weight_bytes(loaded.model).ratio
     print(f"quantized {num_quantized} linears to {args.scheme} ({ratio:.1%} of their 16-bit bytes); wrote {args.out}")
     return 0
+
+
+def smooth(loaded: LoadedModel, text_file: Path, alpha: float | None, num_tokens: int) -> None:
+    """SmoothQuant ``loaded.model`` in place, calibrated on the first ``num_tokens`` tokens of ``text_file``."""
+    from neuron_llm.quant.smoothquant import DEFAULT_ALPHA, activation_maxima, calibration_sequences, smooth_model
+
+    if loaded.tokenizer is None:
+        raise ValueError(f"{loaded.source} has no tokenizer to read the calibration text with")
+    alpha = DEFAULT_ALPHA if alpha is None else alpha
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--smoothquant-alpha={alpha}: must be in [0, 1]")
+    ids = loaded.tokenizer(text_file.read_text(encoding="utf-8"), verbose=False)["input_ids"]
+    sequences = calibration_sequences(ids, num_tokens, CALIBRATION_LENGTH)
+    smooth_model(loaded.model, activation_maxima(loaded.model, sequences), alpha)
+    print(f"smoothed with alpha {alpha} on {sum(len(s) for s in sequences)} tokens of {text_file}")

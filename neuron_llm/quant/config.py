@@ -28,10 +28,11 @@ class QuantConfig:
         activation_scale_ub: float | None = DEFAULT_ACTIVATION_SCALE_UB,
         policy: QuantPolicy | None = None,
     ) -> QuantConfig:
-        """The recipe of ``scheme`` ("int8" or "fp8") with its defaults.
+        """The recipe of ``scheme`` ("int8", "fp8" or "w8a8") with its defaults.
 
         int8: per-channel scales (``group_size`` for per-group), every decoder linear.
         fp8: activation scale bound 1200 (None: unbounded), the Llama 3 policy.
+        w8a8: per-channel weight scales, per-token activation scales, every decoder linear.
         ``policy`` replaces the scheme's default policy.
         """
         if scheme == "int8":
@@ -40,7 +41,11 @@ class QuantConfig:
             if group_size is not None:
                 raise ValueError(f"group_size={group_size}: fp8 weights have per-channel scales only")
             return cls(LinearFormat("fp8", activation_scale_ub=activation_scale_ub), policy or LLAMA3_FP8)
-        raise ValueError(f"quantization scheme {scheme!r} is not one of int8, fp8")
+        if scheme == "w8a8":
+            if group_size is not None:
+                raise ValueError(f"group_size={group_size}: w8a8 weights have per-channel scales only")
+            return cls(LinearFormat("w8a8"), policy or ALL_LINEARS)
+        raise ValueError(f"quantization scheme {scheme!r} is not one of int8, fp8, w8a8")
 
 
 PRESETS: dict[str, QuantConfig] = {
@@ -48,8 +53,10 @@ PRESETS: dict[str, QuantConfig] = {
     "int8-g128": QuantConfig.for_scheme("int8", group_size=128),
     "fp8": QuantConfig.for_scheme("fp8"),
     "fp8-all": QuantConfig.for_scheme("fp8", policy=ALL_LINEARS),
+    "w8a8": QuantConfig.for_scheme("w8a8"),
 }
-"""Named recipes: int8 per channel, int8 per group of 128, fp8 Llama 3 recipe, fp8 on all linears."""
+"""Named recipes: int8 per channel, int8 per group of 128, fp8 Llama 3 recipe, fp8 on all linears,
+int8 weights and activations (without smoothing: ``neuron-llm quantize --smoothquant`` smooths)."""
 
 
 def resolve_quant_config(quantization: str | QuantConfig) -> QuantConfig:

@@ -21,7 +21,7 @@ from neuron_llm.layers.linear import Linear
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.quant.checkpoint import CheckpointQuantization
 from neuron_llm.quant.config import QuantConfig, resolve_quant_config
-from neuron_llm.quant.layers import Fp8Linear, Int8Linear, empty_quantized_linear, quantize_linear, refuse_non_finite
+from neuron_llm.quant.layers import QuantizedLinear, empty_quantized_linear, quantize_linear, refuse_non_finite
 
 
 def quantize_model(model: LlamaForCausalLM, quantization: str | QuantConfig) -> list[str]:
@@ -86,7 +86,7 @@ def quantized_weight_bytes(model: nn.Module) -> QuantizedBytes:
     """Weight and scale bytes of ``model``'s quantized linears, and what 16-bit weights would take."""
     quantized = sixteen_bit = 0
     for module in model.modules():
-        if isinstance(module, (Int8Linear, Fp8Linear)):
+        if isinstance(module, QuantizedLinear):
             quantized += sum(p.numel() * p.element_size() for p in (module.weight, module.weight_scale))
             sixteen_bit += module.weight.numel() * 2
     return QuantizedBytes(quantized, sixteen_bit)
@@ -94,7 +94,7 @@ def quantized_weight_bytes(model: nn.Module) -> QuantizedBytes:
 
 def _plain_linear(model: nn.Module, name: str) -> Linear:
     module = model.get_submodule(name)
-    if isinstance(module, (Int8Linear, Fp8Linear)):
+    if isinstance(module, QuantizedLinear):
         raise ValueError(f"{name} is already quantized ({module.format.scheme})")
     if type(module) is not Linear:
         # A tensor-parallel linear carries a partition and a collective that a quantized

@@ -1,4 +1,4 @@
-"""The arithmetic of the two 8-bit weight formats: quantize, dequantize, and their scales.
+"""The arithmetic of the 8-bit weight formats: quantize, dequantize, and their scales.
 
 Both are symmetric (no zero point): a real value is ``q * scale``.
 
@@ -10,6 +10,10 @@ Both are symmetric (no zero point): a real value is ``q * scale``.
   channel; activations are quantized at run time with one scale per token (row), whose
   absolute maximum is first bounded above (Llama 3 used 1200, Dubey et al. 2024, sec. 6.2),
   so that a rare huge activation saturates instead of crushing the rest of its row to zero.
+- ``w8a8`` (int8 weights and activations): int8 weights as ``int8`` per channel; activations
+  quantized at run time to int8 with one scale per token, unbounded. Outlier activation
+  channels cost int8 far more than fp8, which is what SmoothQuant's smoothing (see
+  ``neuron_llm.quant.smoothquant``) moves into the weights beforehand.
 
 Scales are float32: they are a small share of the bytes, and keeping them exact makes a
 save/load round trip bit-exact.
@@ -33,7 +37,7 @@ _MIN_AMAX = 1e-30
 """Rows (groups) of weights whose absolute maximum is below this are zero for any purpose; they
 get scale 1 so that no scale is zero or underflows, and quantize to zeros."""
 
-SCHEMES = ("int8", "fp8")
+SCHEMES = ("int8", "fp8", "w8a8")
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class LinearFormat:
     """How one quantized linear stores its weight and runs its matmul."""
 
     scheme: str
-    """"int8" (weight-only) or "fp8" (weights and activations)."""
+    """"int8" (weight-only), "fp8" or "w8a8" (int8 weights and activations)."""
     group_size: int | None = None
     """int8 only: input features sharing one scale; None for one scale per output channel."""
     activation_scale_ub: float | None = None
@@ -144,3 +148,15 @@ def quantize_fp8_activation(
         amax = amax.clamp(max=scale_ub)
     scale = (amax / FP8_MAX).clamp(min=FP8_MIN_ACTIVATION_SCALE)
     return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def quantize_int8_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token int8 quantization of activations ``x`` [tokens, features].
+
+    Each row's scale is its absolute maximum over 127 (an all-zero row gets the smallest
+    positive scale and quantizes to zeros). Returns ``(q, scale)``: ``q`` int8 [tokens,
+    features] in [-127, 127], ``scale`` float32 [tokens, 1]. Static shapes, no host reads.
+    """
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(xf / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale

@@ -57,15 +57,16 @@ def _load_scale(param: nn.Parameter, source: TensorSource) -> None:
     param.data.copy_(tensor)
 
 
-class _QuantizedLinear(nn.Module):
-    """Shared parameters of the quantized linears: an 8-bit weight, its scales, an optional bias."""
+class QuantizedLinear(nn.Module):
+    """What the quantized linears share: an 8-bit weight, its scales, an optional bias, their format."""
 
-    def __init__(
-        self, in_features: int, out_features: int, bias: bool, weight_dtype: torch.dtype, scale_columns: int
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, fmt: LinearFormat) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.format = fmt
+        weight_dtype = FP8_DTYPE if fmt.scheme == "fp8" else torch.int8
+        scale_columns = num_groups(in_features, fmt.group_size)
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=weight_dtype), requires_grad=False)
         self.weight_scale = nn.Parameter(
             torch.ones(out_features, scale_columns, dtype=torch.float32), requires_grad=False
@@ -74,8 +75,14 @@ class _QuantizedLinear(nn.Module):
         self.weight.weight_loader = _load_exact
         self.weight_scale.weight_loader = _load_scale
 
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {self.format}, "
+            f"bias={self.bias is not None}"
+        )
 
-class Int8Linear(_QuantizedLinear):
+
+class Int8Linear(QuantizedLinear):
     """int8 weight-only linear (W8A16): activations stay 16/32-bit, weights are int8.
 
     ``group_size`` None keeps one scale per output channel; otherwise one per group of
@@ -83,22 +90,14 @@ class Int8Linear(_QuantizedLinear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int | None = None) -> None:
-        super().__init__(in_features, out_features, bias, torch.int8, num_groups(in_features, group_size))
+        super().__init__(in_features, out_features, bias, LinearFormat("int8", group_size=group_size))
         self.group_size = group_size
-
-    @property
-    def format(self) -> LinearFormat:
-        return LinearFormat("int8", group_size=self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.int8_linear(x, self.weight, self.weight_scale, self.bias, self.group_size)
 
-    def extra_repr(self) -> str:
-        granularity = "channel" if self.group_size is None else f"group={self.group_size}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {granularity}, bias={self.bias is not None}"
 
-
-class Fp8Linear(_QuantizedLinear):
+class Fp8Linear(QuantizedLinear):
     """fp8 e4m3 linear (W8A8): per-channel weight scales, dynamic per-token activation scales.
 
     ``activation_scale_ub`` bounds each token's activation absolute maximum (None: unbounded).
@@ -107,35 +106,34 @@ class Fp8Linear(_QuantizedLinear):
     def __init__(
         self, in_features: int, out_features: int, bias: bool = False, activation_scale_ub: float | None = None
     ) -> None:
-        super().__init__(in_features, out_features, bias, FP8_DTYPE, 1)
+        super().__init__(in_features, out_features, bias, LinearFormat("fp8", activation_scale_ub=activation_scale_ub))
         self.activation_scale_ub = activation_scale_ub
-
-    @property
-    def format(self) -> LinearFormat:
-        return LinearFormat("fp8", activation_scale_ub=self.activation_scale_ub)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias, self.activation_scale_ub)
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"activation_scale_ub={self.activation_scale_ub}, bias={self.bias is not None}"
-        )
 
+class W8A8Linear(QuantizedLinear):
+    """int8 linear (W8A8): per-channel int8 weights, activations quantized to int8 per token."""
 
-QuantizedLinear = Int8Linear | Fp8Linear
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias, LinearFormat("w8a8"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.w8a8_linear(x, self.weight, self.weight_scale, self.bias)
 
 
 def quantized_linears(model: nn.Module) -> dict[str, LinearFormat]:
     """The quantized linears of ``model``: name -> format, in module order."""
-    return {name: m.format for name, m in model.named_modules() if isinstance(m, (Int8Linear, Fp8Linear))}
+    return {name: m.format for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
 def empty_quantized_linear(fmt: LinearFormat, in_features: int, out_features: int, bias: bool) -> QuantizedLinear:
     """A quantized linear of format ``fmt`` whose weights a checkpoint will fill."""
     if fmt.scheme == "int8":
         return Int8Linear(in_features, out_features, bias, fmt.group_size)
+    if fmt.scheme == "w8a8":
+        return W8A8Linear(in_features, out_features, bias)
     return Fp8Linear(in_features, out_features, bias, fmt.activation_scale_ub)
 
 
@@ -150,10 +148,10 @@ def quantize_linear(linear: Linear, fmt: LinearFormat, name: str) -> QuantizedLi
         layer = empty_quantized_linear(fmt, linear.in_features, linear.out_features, bias=False)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    if fmt.scheme == "int8":
-        q, scale = quantize_int8(weight, fmt.group_size)
-    else:
+    if fmt.scheme == "fp8":
         q, scale = quantize_fp8_weight(weight)
+    else:
+        q, scale = quantize_int8(weight, fmt.group_size)
     layer.weight.data.copy_(q)
     layer.weight_scale.data.copy_(scale)
     return layer

@@ -13,7 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from neuron_llm.quant.formats import DEFAULT_ACTIVATION_SCALE_UB, dequantize_int8, quantize_fp8_activation
+from neuron_llm.quant.formats import (
+    DEFAULT_ACTIVATION_SCALE_UB,
+    dequantize_int8,
+    quantize_fp8_activation,
+    quantize_int8_activation,
+)
 
 TILE_ELEMENTS = 1 << 18
 """Weight elements dequantized at a time: 256 Ki (512 KiB in bf16), about one core's L2."""
@@ -69,8 +74,39 @@ def fp8_linear(
     only differences from the hardware path are the summation order. Returns [..., out] in
     ``x.dtype``.
     """
+    x_q, x_scale = quantize_fp8_activation(x.reshape(-1, weight.shape[1]), activation_scale_ub)
+    return _scaled_linear(x, x_q, x_scale, weight, weight_scale, bias, tile_elements)
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tile_elements: int = TILE_ELEMENTS,
+) -> torch.Tensor:
+    """``x @ weight.T`` the way an int8 (W8A8) matmul computes it: both operands in int8.
+
+    ``x`` [..., in] is quantized per token (``quantize_int8_activation``); ``weight`` is int8
+    [out, in] with float32 ``weight_scale`` [out, 1]. The products are exact in float32; their
+    sum is rounded to float32 where int8 tensor cores add exactly in int32, a difference far
+    below the quantization error. Returns [..., out] in ``x.dtype``.
+    """
+    x_q, x_scale = quantize_int8_activation(x.reshape(-1, weight.shape[1]))
+    return _scaled_linear(x, x_q, x_scale, weight, weight_scale, bias, tile_elements)
+
+
+def _scaled_linear(
+    x: torch.Tensor,
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    tile_elements: int,
+) -> torch.Tensor:
+    """``(x_q @ weight.T) * x_scale * weight_scale.T + bias`` in float32, tile by tile, shaped like ``x``."""
     out_features, in_features = weight.shape
-    x_q, x_scale = quantize_fp8_activation(x.reshape(-1, in_features), activation_scale_ub)
     x_f = x_q.float()  # [tokens, in], exact
     step = tile_rows(out_features, in_features, tile_elements)
     tiles = []

@@ -13,10 +13,10 @@ import torch
 from neuron_llm.loader import load_model
 from neuron_llm.models.merge import merge_projections
 from neuron_llm.quant import QuantConfig, QuantPolicy, quantize_model
-from neuron_llm.quant.layers import Fp8Linear, Int8Linear
+from neuron_llm.quant.layers import QuantizedLinear
 
 
-@pytest.mark.parametrize("quantization", [None, "int8", "int8-g128", "fp8-all"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int8-g128", "fp8-all", "w8a8"])
 def test_merged_model_gives_the_same_logits(
     save_tiny_llama: Callable[..., tuple[Any, Path]], paged_runner: Any, quantization: str | None
 ) -> None:
@@ -31,7 +31,9 @@ def test_merged_model_gives_the_same_logits(
         assert layer.self_attn.qkv_sizes == [128, 64, 64]
         assert layer.self_attn.qkv_proj.weight.dtype == model.model.layers[0].self_attn.q_proj.weight.dtype
     if quantization:
-        assert isinstance(merged.model.layers[0].mlp.gate_up_proj, (Int8Linear, Fp8Linear))
+        gate_up = merged.model.layers[0].mlp.gate_up_proj
+        assert isinstance(gate_up, QuantizedLinear)
+        assert gate_up.format == model.model.layers[0].mlp.gate_proj.format
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8]]
     for expected, actual in zip(paged_runner(model).logits(prompts), paged_runner(merged).logits(prompts)):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

@@ -31,6 +31,7 @@ RECIPES = {
     "int8-g64": QuantConfig.for_scheme("int8", group_size=64),
     "fp8": QuantConfig.for_scheme("fp8"),
     "fp8-all-unbounded": QuantConfig.for_scheme("fp8", activation_scale_ub=None, policy=ALL_LINEARS),
+    "w8a8": QuantConfig.for_scheme("w8a8"),
 }
 
 
@@ -90,7 +91,7 @@ def loaded_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-@pytest.mark.parametrize("recipe", ["int8", "int8-g64", "fp8"])
+@pytest.mark.parametrize("recipe", ["int8", "int8-g64", "fp8", "w8a8"])
 def test_written_checkpoint_is_read_by_compressed_tensors(
     recipe: str, quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path
 ) -> None:
@@ -114,6 +115,11 @@ def test_written_checkpoint_is_read_by_compressed_tensors(
         inputs = scheme.input_activations
         assert (inputs.type, inputs.strategy, inputs.dynamic) == ("float", "token", True)
         assert raw["activation_scale_ub"] == 1200.0
+    elif recipe == "w8a8":
+        assert config.format == "int-quantized"
+        assert (scheme.weights.type, scheme.weights.strategy) == ("int", "channel")
+        inputs = scheme.input_activations
+        assert (inputs.type, inputs.strategy, inputs.dynamic, inputs.num_bits) == ("int", "token", True, 8)
     else:
         assert config.format == "pack-quantized" and scheme.input_activations is None
         assert scheme.weights.strategy == ("group" if recipe == "int8-g64" else "channel")
@@ -129,7 +135,7 @@ def test_written_checkpoint_is_read_by_compressed_tensors(
         if recipe == "fp8":
             expected = dequantize_fp8(layer.weight, layer.weight_scale, torch.float32)
         else:
-            expected = dequantize_int8(layer.weight, layer.weight_scale, torch.float32, layer.group_size)
+            expected = dequantize_int8(layer.weight, layer.weight_scale, torch.float32, layer.format.group_size)
         assert torch.equal(weight, expected), name
 
 
@@ -217,14 +223,17 @@ FP8_TOKEN = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tok
         ({"config_groups": {"g": _group(symmetric=False)}}, r"weights\.symmetric=False"),
         ({"config_groups": {"g": _group(strategy="tensor")}}, r"weights\.strategy='tensor'"),
         ({"config_groups": {"g": _group(actorder="weight")}}, "activation reordering"),
-        ({"config_groups": {"g": _group(input_activations={"num_bits": 8, "type": "int"})}}, "W8A8 int"),
+        (
+            {"config_groups": {"g": _group(input_activations={"num_bits": 8, "type": "int"})}},
+            "only dynamic per-token int",
+        ),
         ({"config_groups": {"g": _group(type="float")}, "format": "float-quantized"}, "W8A16 fp8"),
         (
             {
                 "config_groups": {"g": _group(type="float", input_activations={**FP8_TOKEN, "dynamic": False})},
                 "format": "float-quantized",
             },
-            "only dynamic per-token fp8",
+            "only dynamic per-token float",
         ),
         ({"config_groups": {"W8A16": ["Linear"]}}, "preset scheme names"),
         ({"format": "marlin-24"}, "format 'marlin-24'"),

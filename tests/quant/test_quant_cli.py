@@ -106,3 +106,39 @@ def test_quantize_refuses_a_non_empty_out_and_an_already_quantized_model(
 def test_eval_needs_an_existing_corpus(quant_checkpoint: tuple[Any, Path], tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="corpus"):
         run_cli("eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(tmp_path / "missing.txt"))
+
+
+def test_quantize_w8a8_with_smoothquant_writes_smoothed_norms(
+    quant_checkpoint: tuple[Any, Path], corpus_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = quant_checkpoint[1]
+    out = tmp_path / "w8a8"
+    argv = ["quantize", str(path), "--scheme", "w8a8", "--out", str(out), "--smoothquant", str(corpus_file)]
+    assert run_cli(*argv, "--calibration-tokens", "100", "--dtype", "float32") == 0
+    printed = capsys.readouterr().out
+    assert f"smoothed with alpha 0.5 on 100 tokens of {corpus_file}" in printed
+    assert "quantized 28 linears to w8a8" in printed
+    quantization = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quantization["format"] == "int-quantized"
+
+    original = load_any_format(path, dtype=torch.float32, device="cpu").model
+    smoothed = load_any_format(out, dtype=torch.float32, device="cpu").model
+    assert set(quantized_linears(smoothed).values()) == {LinearFormat("w8a8")}
+    norm = "model.layers.1.input_layernorm.weight"
+    assert not torch.equal(smoothed.get_parameter(norm), original.get_parameter(norm))
+    # Smoothing and W8A8 keep the model close: perplexity within 2% on the tiny corpus.
+    ids = load_any_format(path, dtype=torch.float32, device="cpu").tokenizer(corpus_file.read_text())["input_ids"]
+    before = perplexity(original, ids, context=64, stride=32).perplexity
+    assert perplexity(smoothed, ids, context=64, stride=32).perplexity == pytest.approx(before, rel=0.02)
+
+
+def test_quantize_refuses_options_of_other_schemes(
+    quant_checkpoint: tuple[Any, Path], corpus_file: Path, tmp_path: Path
+) -> None:
+    base = ["quantize", str(quant_checkpoint[1]), "--out", str(tmp_path / "q")]
+    with pytest.raises(ValueError, match="--smoothquant: int8 is weight-only"):
+        run_cli(*base, "--scheme", "int8", "--smoothquant", str(corpus_file))
+    with pytest.raises(ValueError, match="--activation-scale-ub: only fp8 bounds its activations, not w8a8"):
+        run_cli(*base, "--scheme", "w8a8", "--activation-scale-ub", "100")
+    with pytest.raises(ValueError, match=r"--smoothquant-alpha=2.0: must be in \[0, 1\]"):
+        run_cli(*base, "--scheme", "w8a8", "--smoothquant", str(corpus_file), "--smoothquant-alpha", "2")

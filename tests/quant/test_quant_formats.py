@@ -15,6 +15,7 @@ from neuron_llm.quant.formats import (
     quantize_fp8_activation,
     quantize_fp8_weight,
     quantize_int8,
+    quantize_int8_activation,
 )
 from neuron_llm.quant.layers import quantize_linear
 
@@ -82,6 +83,17 @@ def test_activation_row_beyond_the_bound_saturates() -> None:
     assert (q.float() * scale)[0, 0] == pytest.approx(5000.0)
 
 
+def test_int8_activations_are_quantized_per_token_within_half_a_step() -> None:
+    x = random_weight(8, 512, seed=2)  # row maxima from ~0.003 to ~40
+    x[3, 100] = 5000.0  # an outlier widens its own token's step only
+    q, scale = quantize_int8_activation(x)
+    assert q.dtype == torch.int8 and scale.shape == (8, 1) and int(q.abs().max()) <= 127
+    assert torch.allclose(scale, x.abs().amax(dim=1, keepdim=True) / 127)
+    error = (q.float() * scale - x).abs()
+    assert bool((error <= scale * (0.5 + EPS)).all())
+    assert (q.float() * scale)[3, 100] == pytest.approx(5000.0)
+
+
 def test_all_zero_rows_and_columns_quantize_to_zeros_with_positive_scales() -> None:
     weight = random_weight(6, 256)
     weight[2] = 0  # a zero row
@@ -92,6 +104,7 @@ def test_all_zero_rows_and_columns_quantize_to_zeros_with_positive_scales() -> N
         quantize_int8(weight, 128),
         quantize_fp8_weight(weight),
         quantize_fp8_activation(weight),
+        quantize_int8_activation(weight),
     ):
         assert bool(torch.isfinite(scale).all()) and bool((scale > 0).all())
         dequantized = q.float() * scale.repeat_interleave(256 // scale.shape[1], dim=1)
@@ -101,7 +114,7 @@ def test_all_zero_rows_and_columns_quantize_to_zeros_with_positive_scales() -> N
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "w8a8"])
 def test_non_finite_weights_are_refused(bad: float, scheme: str) -> None:
     linear = Linear(16, 8)
     linear.weight.data.normal_()

@@ -31,7 +31,7 @@ def greedy_tokens(llm: LLM, prompt: list[int]) -> list[int]:
     return llm.generate({"prompt_token_ids": prompt}, GREEDY)[0].outputs[0].token_ids
 
 
-@pytest.mark.parametrize("preset", ["int8", "int8-g128", "fp8", "fp8-all"])
+@pytest.mark.parametrize("preset", ["int8", "int8-g128", "fp8", "fp8-all", "w8a8"])
 def test_quantize_on_load_equals_loading_the_saved_checkpoint(
     quant_checkpoint: tuple[Any, Path], tmp_path: Path, prompt: list[int], preset: str
 ) -> None:
@@ -65,7 +65,7 @@ def test_weight_bytes_shrink_with_quantization(quant_checkpoint: tuple[Any, Path
 def test_quantized_matmuls_go_through_the_active_backend(quant_checkpoint: tuple[Any, Path], prompt: list[int]) -> None:
     class Counting(TorchBackend):
         def __init__(self) -> None:
-            self.calls = {"int8": 0, "fp8": 0}
+            self.calls = {"int8": 0, "fp8": 0, "w8a8": 0}
 
         def int8_linear(self, *args: Any) -> torch.Tensor:
             self.calls["int8"] += 1
@@ -75,21 +75,30 @@ def test_quantized_matmuls_go_through_the_active_backend(quant_checkpoint: tuple
             self.calls["fp8"] += 1
             return super().fp8_linear(*args)
 
+        def w8a8_linear(self, *args: Any) -> torch.Tensor:
+            self.calls["w8a8"] += 1
+            return super().w8a8_linear(*args)
+
     _, path = quant_checkpoint
-    llm = make_llm(path, quantization="fp8")
-    previous = ops.active_backend()
-    backend = ops.use_backend(Counting())
-    try:
-        llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, ignore_eos=True))
-    finally:
-        ops.use_backend(previous)
-    # The fp8 recipe quantizes the 3 feed-forward linears of the 2 inner layers (of 4).
-    assert backend.calls == {"int8": 0, "fp8": 2 * 3 * 2}
+    calls = {}
+    for preset in ("fp8", "w8a8"):
+        llm = make_llm(path, quantization=preset)
+        previous = ops.active_backend()
+        backend = ops.use_backend(Counting())
+        try:
+            llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, ignore_eos=True))
+        finally:
+            ops.use_backend(previous)
+        calls[preset] = backend.calls
+    # Two steps each. The fp8 recipe quantizes the 3 feed-forward linears of the 2 inner
+    # layers (of 4); w8a8 all 7 linears of all 4.
+    assert calls["fp8"] == {"int8": 0, "fp8": 2 * 3 * 2, "w8a8": 0}
+    assert calls["w8a8"] == {"int8": 0, "fp8": 0, "w8a8": 2 * 7 * 4}
 
 
 def test_bad_quantization_options_are_refused(quant_checkpoint: tuple[Any, Path], tmp_path: Path) -> None:
     _, path = quant_checkpoint
-    with pytest.raises(ValueError, match="quantization='int4'.*int8, int8-g128, fp8, fp8-all"):
+    with pytest.raises(ValueError, match="quantization='int4'.*int8, int8-g128, fp8, fp8-all, w8a8"):
         make_llm(path, quantization="int4")
     with pytest.raises(ValueError, match="tensor_parallel_size=2: quantized layers are not sharded"):
         make_llm(path, quantization="int8", tensor_parallel_size=2)

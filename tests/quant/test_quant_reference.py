@@ -13,6 +13,7 @@ from neuron_llm.quant.formats import (
     quantize_fp8_activation,
     quantize_fp8_weight,
     quantize_int8,
+    quantize_int8_activation,
 )
 
 OUT_FEATURES, IN_FEATURES = 96, 200
@@ -52,6 +53,23 @@ def test_fp8_tiles_equal_dequantize_then_matmul(tile_elements: int, dtype: torch
     x_q, x_scale = quantize_fp8_activation(x.reshape(-1, IN_FEATURES), 1200.0)
     expected = F.linear(dequantize_fp8(x_q, x_scale, torch.float32), dequantize_fp8(q, scale, torch.float32))
     expected = (expected.to(dtype) + bias).reshape(3, 5, OUT_FEATURES)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("tile_elements", TILE_ELEMENTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_tiles_equal_the_integer_matmul(tile_elements: int, dtype: torch.dtype) -> None:
+    """The reference computes what an int8 GEMM (exact int32 sums, then both scales) computes."""
+    x, weight, bias = operands(dtype)
+    x[1, 2, 3] = 300.0  # an outlier token
+    q, scale = quantize_int8(weight)
+    out = reference.w8a8_linear(x, q, scale, bias, tile_elements=tile_elements)
+    x_q, x_scale = quantize_int8_activation(x.reshape(-1, IN_FEATURES))
+    sums = torch._int_mm(x_q, q.t().contiguous()).double()  # exact: [15, 200] @ [200, 96]
+    expected = (sums * x_scale.double() * scale.t().double()).to(dtype) + bias
+    expected = expected.reshape(3, 5, OUT_FEATURES)
+    assert out.shape == expected.shape and out.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
 
