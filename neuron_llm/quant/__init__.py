@@ -1,8 +1,9 @@
-"""Quantized weight formats (decision 7): int8 weight-only and fp8 W8A8, as layers, recipes and checkpoints.
+"""Quantized weight formats (decision 7): int8 weight-only, fp8 W8A8 and int8 W8A8, as layers, recipes and checkpoints.
 
-A quantizer swaps ``Linear`` for ``Int8Linear`` or ``Fp8Linear``: ``quantize_model`` on a loaded
-model, ``prepare_quantized_model`` on a freshly built one whose compressed-tensors checkpoint
-is then loaded through ``adapt_checkpoint_weights``.
+A quantizer swaps ``Linear`` for a ``QuantizedLinear`` (``Int8Linear``, ``Fp8Linear``,
+``W8A8Linear``): ``quantize_model`` on a loaded model, ``prepare_quantized_model`` on a freshly
+built one whose compressed-tensors checkpoint is then loaded through
+``adapt_checkpoint_weights``. ``smoothquant`` prepares a 16-bit model for W8A8.
 
 Names are exported lazily: the backends import ``neuron_llm.quant.reference`` while the model
 and ops are still being imported, so this package must not import them itself.
@@ -30,6 +31,8 @@ _EXPORTS = {
     "LinearFormat": "formats",
     "Fp8Linear": "layers",
     "Int8Linear": "layers",
+    "QuantizedLinear": "layers",
+    "W8A8Linear": "layers",
     "quantized_linears": "layers",
     "load_any_format": "loading",
     "ALL_LINEARS": "policy",

@@ -1,4 +1,4 @@
-"""The Triton quantized-linear kernels (int8 W8A16, fp8 W8A8 activation quantization) against the references.
+"""The quantized-linear kernels (int8 W8A16, fp8 W8A8 activation quantization, int8 W8A8) against the references.
 
 On the CPU they run in Triton's interpreter (fp32, fp16; small shapes). Every output buffer
 the wrappers allocate is poisoned with NaN first (``torch.empty`` is patched), so an element
@@ -22,6 +22,7 @@ from neuron_llm.backends.cuda.fp8 import (
     silu_mul_quantize_fp8,
 )
 from neuron_llm.backends.cuda.int8_matmul import Int8MatmulConfig, default_config, int8_linear
+from neuron_llm.backends.cuda.w8a8 import w8a8_linear
 from neuron_llm.layers.norm import RMSNorm
 from neuron_llm.quant import reference
 from neuron_llm.quant.formats import (
@@ -276,6 +277,24 @@ def test_fp8_linear_matches_reference(num_tokens: int, device: torch.device) -> 
             assert out.shape == (num_tokens, 272) and out.dtype == dtype
             assert relative_error(out, expected) < FP8_MATMUL_TOLERANCE[dtype]
     out = fp8_linear(torch.randn(2, 3, 512, device=device, dtype=torch.bfloat16), weight, weight_scale)
+    assert out.shape == (2, 3, 272)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 17, 130])
+@pytest.mark.parametrize("in_features", [512, 100])  # 100: not a multiple of 8, the reference runs it
+def test_w8a8_linear_matches_reference(num_tokens: int, in_features: int, device: torch.device) -> None:
+    """Fewer than 17 rows are padded for torch._int_mm (which runs on the CPU too)."""
+    weight, weight_scale = quantize_int8(torch.randn(272, in_features) * 0.02)
+    weight, weight_scale = weight.to(device), weight_scale.to(device)
+    bias = torch.randn(272, device=device)
+    for dtype in kernel_dtypes(device):
+        x = activation_rows(num_tokens, in_features, dtype, device)
+        for b in (None, bias.to(dtype)):
+            out = w8a8_linear(x, weight, weight_scale, b)
+            expected = reference.w8a8_linear(x, weight, weight_scale, b)
+            assert out.shape == (num_tokens, 272) and out.dtype == dtype
+            assert relative_error(out, expected) < TOLERANCE[dtype]
+    out = w8a8_linear(torch.randn(2, 3, in_features, device=device), weight, weight_scale)
     assert out.shape == (2, 3, 272)
 
 

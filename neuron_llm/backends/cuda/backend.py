@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul
+from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, w8a8
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.models.merge import merge_projections
 from neuron_llm.quant.layers import Fp8Linear
@@ -79,6 +79,11 @@ class CudaBackend(TorchBackend):
         activation_scale_ub: float | None,
     ) -> torch.Tensor:
         return fp8.fp8_linear(x, weight, weight_scale, bias, activation_scale_ub)
+
+    def w8a8_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return w8a8.w8a8_linear(x, weight, weight_scale, bias)
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None

@@ -1,0 +1,39 @@
+"""int8 W8A8 linears: per-token activation quantization, then cuBLASLt's int8 GEMM (``torch._int_mm``).
+
+The int8 products are summed exactly in int32 and both scales applied afterwards, so the
+result is ``quant.reference.w8a8_linear``'s up to that reference's float32 summation.
+``torch._int_mm`` on CUDA wants more than 16 rows and in/out features divisible by 8: fewer
+rows are padded with zeros, other widths go to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from neuron_llm.quant import reference
+from neuron_llm.quant.formats import quantize_int8_activation
+
+INT_MM_MIN_ROWS = 17
+INT_MM_ALIGNMENT = 8
+
+
+def w8a8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T`` with ``x`` [..., in] quantized per token to int8 and ``weight`` int8 [out, in].
+
+    ``weight_scale`` is float32 [out, 1]. Returns [..., out] in ``x.dtype``.
+    """
+    out_features, in_features = weight.shape
+    if in_features % INT_MM_ALIGNMENT or out_features % INT_MM_ALIGNMENT:
+        return reference.w8a8_linear(x, weight, weight_scale, bias)
+    x_q, x_scale = quantize_int8_activation(x.reshape(-1, in_features))
+    num_rows = x_q.shape[0]
+    if num_rows < INT_MM_MIN_ROWS:
+        x_q = F.pad(x_q, (0, 0, 0, INT_MM_MIN_ROWS - num_rows))
+    sums = torch._int_mm(x_q, weight.t())[:num_rows]  # int32 [tokens, out]
+    out = (sums.float() * x_scale * weight_scale.t()).to(x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], out_features)
