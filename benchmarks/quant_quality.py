@@ -13,10 +13,10 @@ writes the numbers.
 
 ``w8a8-sq<alpha>`` (e.g. ``w8a8-sq0.5``) is w8a8 after SmoothQuant with that migration
 strength, calibrated on the last ``--calibration-tokens`` tokens of the corpus: text the
-scored prefix does not contain (with the default sizes), though a few greedy prompts do.
+scored prefix does not contain (an overlap is refused), though a few greedy prompts do.
 
-Two shared CPU cores score about 25 tokens a second per format at context 1024 (fewer for
-fp8, whose activations are quantized in every linear), so the defaults measure the first
+Two CPU cores score about 200 tokens a second per format at context 1024 (fewer for the
+formats that quantize activations in every linear), so the defaults measure the first
 6144 tokens; on a GPU (``--device cuda --dtype bfloat16``), raise ``--max-tokens`` to the whole corpus and
 ``--context`` to 2048.
 """
@@ -58,8 +58,11 @@ def quantized_copy(model: LlamaForCausalLM, name: str, calibration_ids: list[int
     """A copy of ``model`` in format ``name``: a ``FORMATS`` key or ``w8a8-sq<alpha>``."""
     quantized = copy.deepcopy(model)
     if name.startswith(SMOOTHQUANT_PREFIX):
+        alpha = name.removeprefix(SMOOTHQUANT_PREFIX)
+        if not alpha.replace(".", "", 1).isdigit():
+            raise SystemExit(f"{name}: name the migration strength, as in {SMOOTHQUANT_PREFIX}0.5")
         sequences = calibration_sequences(calibration_ids, len(calibration_ids), 512)
-        smooth_model(quantized, activation_maxima(quantized, sequences), float(name.removeprefix(SMOOTHQUANT_PREFIX)))
+        smooth_model(quantized, activation_maxima(quantized, sequences), float(alpha))
         name = "w8a8"
     quantize_model(quantized, FORMATS[name])
     return quantized
@@ -160,7 +163,14 @@ def main() -> None:
     print(f"model {loaded.source.name}, corpus {len(all_ids)} tokens, scoring {len(corpus_ids)}", flush=True)
 
     rows = [measure(BASELINE, loaded.model, corpus_ids, prompts, args, reference=None)]
+    if args.calibration_tokens < 1:
+        raise SystemExit(f"--calibration-tokens={args.calibration_tokens}: must be at least 1")
     calibration_ids = all_ids[-args.calibration_tokens :]
+    smoothing = any(name.startswith(SMOOTHQUANT_PREFIX) for name in args.formats.split(","))
+    if smoothing and len(all_ids) - len(calibration_ids) < len(corpus_ids):
+        raise SystemExit(
+            "the calibration text would overlap the scored tokens: lower --max-tokens or --calibration-tokens"
+        )
     for name in [f for f in args.formats.split(",") if f]:
         model = quantized_copy(loaded.model, name, calibration_ids)
         rows.append(measure(name, model, corpus_ids, prompts, args, reference=rows[0]["continuations"]))

@@ -121,8 +121,9 @@ def parse_quantization_config(raw: dict[str, Any]) -> CheckpointQuantization:
     """Read a compressed-tensors ``quantization_config`` dict.
 
     Raises ``ValueError`` naming the field of anything we do not run: another quant_method,
-    KV-cache or output quantization, asymmetric or non-8-bit weights, static or integer
-    activation quantization other than dynamic per token, activation reordering.
+    KV-cache or output quantization, asymmetric or non-8-bit weights, activation quantization
+    other than dynamic symmetric 8-bit per token (int beside int weights, float beside fp8
+    weights), activation reordering.
     """
     method = raw.get("quant_method")
     if method != QUANT_METHOD:

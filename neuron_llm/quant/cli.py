@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from neuron_llm.quant.config import QuantConfig
 
 CALIBRATION_LENGTH = 512
+DEFAULT_CALIBRATION_TOKENS = 32768
+DEFAULT_ALPHA = 0.5
+"""SmoothQuant's migration strength unless given; ``neuron_llm.quant.smoothquant.DEFAULT_ALPHA``
+is the same value, repeated here so that checking the options imports no torch."""
 
 
 def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -62,7 +66,7 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--calibration-tokens",
         type=int,
-        default=32768,
+        default=None,
         help="tokens of the calibration text run, in sequences of 512 (default: 32768)",
     )
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the tensors left unquantized")
@@ -109,14 +113,13 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"--out {args.out} is not empty; choose a new or empty directory")
     config = quant_config_from_args(args)
-    if args.smoothquant is not None and args.scheme == "int8":
-        raise ValueError("--smoothquant: int8 is weight-only; smoothing serves schemes that quantize activations")
+    smoothing = smoothing_from_args(args)
     # Quantizing from float32 keeps 16-bit rounding out of the quantized weights.
-    if args.smoothquant is None:
+    if smoothing is None:
         loaded = load_any_format(args.model, dtype=torch.float32, device="cpu", quantization=config)
     else:
         loaded = load_any_format(args.model, dtype=torch.float32, device="cpu")
-        smooth(loaded, args.smoothquant, args.smoothquant_alpha, args.calibration_tokens)
+        smooth(loaded, *smoothing)
         quantize_model(loaded.model, config)
     save_quantized_checkpoint(
         loaded.model,
@@ -132,15 +135,39 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def smooth(loaded: LoadedModel, text_file: Path, alpha: float | None, num_tokens: int) -> None:
+def smoothing_from_args(args: argparse.Namespace) -> tuple[Path, float, int] | None:
+    """``(text_file, alpha, num_tokens)`` of SmoothQuant, None without ``--smoothquant``; checked before loading."""
+    if args.smoothquant is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--smoothquant-alpha", args.smoothquant_alpha),
+                ("--calibration-tokens", args.calibration_tokens),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(f"{' and '.join(given)}: only used with --smoothquant TEXT_FILE")
+        return None
+    if args.scheme == "int8":
+        raise ValueError("--smoothquant: int8 is weight-only; smoothing serves schemes that quantize activations")
+    if not args.smoothquant.is_file():
+        raise FileNotFoundError(f"--smoothquant {args.smoothquant}: no such calibration text file")
+    alpha = DEFAULT_ALPHA if args.smoothquant_alpha is None else args.smoothquant_alpha
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--smoothquant-alpha={alpha}: must be in [0, 1]")
+    num_tokens = DEFAULT_CALIBRATION_TOKENS if args.calibration_tokens is None else args.calibration_tokens
+    if num_tokens < 1:
+        raise ValueError(f"--calibration-tokens={num_tokens}: must be at least 1")
+    return args.smoothquant, alpha, num_tokens
+
+
+def smooth(loaded: LoadedModel, text_file: Path, alpha: float, num_tokens: int) -> None:
     """SmoothQuant ``loaded.model`` in place, calibrated on the first ``num_tokens`` tokens of ``text_file``."""
-    from neuron_llm.quant.smoothquant import DEFAULT_ALPHA, activation_maxima, calibration_sequences, smooth_model
+    from neuron_llm.quant.smoothquant import activation_maxima, calibration_sequences, smooth_model
 
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.source} has no tokenizer to read the calibration text with")
-    alpha = DEFAULT_ALPHA if alpha is None else alpha
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"--smoothquant-alpha={alpha}: must be in [0, 1]")
     ids = loaded.tokenizer(text_file.read_text(encoding="utf-8"), verbose=False)["input_ids"]
     sequences = calibration_sequences(ids, num_tokens, CALIBRATION_LENGTH)
     smooth_model(loaded.model, activation_maxima(loaded.model, sequences), alpha)

@@ -28,7 +28,7 @@ def quantize_model(model: LlamaForCausalLM, quantization: str | QuantConfig) -> 
     """Quantize, in place, the linears of the loaded ``model`` that the recipe selects.
 
     ``quantization`` is a ``QuantConfig`` or a preset name ("int8", "int8-g128", "fp8",
-    "fp8-all"). Returns the names of the quantized modules. Raises ``ValueError`` naming a
+    "fp8-all", "w8a8"). Returns the names of the quantized modules. Raises ``ValueError`` naming a
     module whose weight holds NaN or inf, before any module is replaced.
     """
     config = resolve_quant_config(quantization)

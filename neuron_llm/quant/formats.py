@@ -1,6 +1,6 @@
 """The arithmetic of the 8-bit weight formats: quantize, dequantize, and their scales.
 
-Both are symmetric (no zero point): a real value is ``q * scale``.
+All three are symmetric (no zero point): a real value is ``q * scale``.
 
 - ``int8`` (weight-only, W8A16): ``q`` in [-127, 127], one scale per output channel (weight
   row) or per group of ``group_size`` consecutive input features of a row. The scale is the
@@ -61,7 +61,7 @@ class LinearFormat:
                 raise ValueError(f"group_size={self.group_size!r}: must be a positive integer or None")
         if self.activation_scale_ub is not None:
             if self.scheme != "fp8":
-                raise ValueError(f"activation_scale_ub={self.activation_scale_ub}: only fp8 quantizes activations")
+                raise ValueError(f"activation_scale_ub={self.activation_scale_ub}: only fp8 bounds its activations")
             if not self.activation_scale_ub > 0:
                 raise ValueError(f"activation_scale_ub={self.activation_scale_ub!r}: must be > 0 or None")
 

@@ -91,7 +91,10 @@ class Int8Linear(QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int | None = None) -> None:
         super().__init__(in_features, out_features, bias, LinearFormat("int8", group_size=group_size))
-        self.group_size = group_size
+
+    @property
+    def group_size(self) -> int | None:
+        return self.format.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.int8_linear(x, self.weight, self.weight_scale, self.bias, self.group_size)
@@ -107,7 +110,10 @@ class Fp8Linear(QuantizedLinear):
         self, in_features: int, out_features: int, bias: bool = False, activation_scale_ub: float | None = None
     ) -> None:
         super().__init__(in_features, out_features, bias, LinearFormat("fp8", activation_scale_ub=activation_scale_ub))
-        self.activation_scale_ub = activation_scale_ub
+
+    @property
+    def activation_scale_ub(self) -> float | None:
+        return self.format.activation_scale_ub
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias, self.activation_scale_ub)

@@ -6,7 +6,8 @@ per-channel factors ``s``, ``x @ W.T == (x / s) @ (W * s).T``: dividing channel 
 activations by ``s_j`` and multiplying column ``j`` of the weight by it changes nothing in
 exact arithmetic, and with ``s_j = max|x_j| ** alpha / max|W[:, j]| ** (1 - alpha)`` it
 shares the range between the two, so both quantize well. The division is folded into what
-produces ``x``, so it costs nothing at run time (llm-compressor's Llama mappings):
+produces ``x``, so it costs nothing at run time: the two norm mappings of llm-compressor's
+SmoothQuant defaults for Llama, and the up_proj one that AWQ also uses:
 
     q_proj, k_proj, v_proj  <-  input_layernorm.weight
     gate_proj, up_proj      <-  post_attention_layernorm.weight

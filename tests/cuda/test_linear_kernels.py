@@ -282,8 +282,16 @@ def test_fp8_linear_matches_reference(num_tokens: int, device: torch.device) -> 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 17, 130])
 @pytest.mark.parametrize("in_features", [512, 100])  # 100: not a multiple of 8, the reference runs it
-def test_w8a8_linear_matches_reference(num_tokens: int, in_features: int, device: torch.device) -> None:
+def test_w8a8_linear_matches_reference(
+    num_tokens: int, in_features: int, device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Fewer than 17 rows are padded for torch._int_mm (which runs on the CPU too)."""
+    if in_features % 8:
+
+        def refuse(*args: object) -> torch.Tensor:
+            raise AssertionError("torch._int_mm called with a width it does not take")
+
+        monkeypatch.setattr(torch, "_int_mm", refuse)
     weight, weight_scale = quantize_int8(torch.randn(272, in_features) * 0.02)
     weight, weight_scale = weight.to(device), weight_scale.to(device)
     bias = torch.randn(272, device=device)

@@ -140,5 +140,19 @@ def test_quantize_refuses_options_of_other_schemes(
         run_cli(*base, "--scheme", "int8", "--smoothquant", str(corpus_file))
     with pytest.raises(ValueError, match="--activation-scale-ub: only fp8 bounds its activations, not w8a8"):
         run_cli(*base, "--scheme", "w8a8", "--activation-scale-ub", "100")
+    smoothing = [*base, "--scheme", "w8a8", "--smoothquant", str(corpus_file)]
     with pytest.raises(ValueError, match=r"--smoothquant-alpha=2.0: must be in \[0, 1\]"):
-        run_cli(*base, "--scheme", "w8a8", "--smoothquant", str(corpus_file), "--smoothquant-alpha", "2")
+        run_cli(*smoothing, "--smoothquant-alpha", "2")
+    with pytest.raises(ValueError, match="--calibration-tokens=0: must be at least 1"):
+        run_cli(*smoothing, "--calibration-tokens", "0")
+    with pytest.raises(ValueError, match="--smoothquant-alpha and --calibration-tokens: only used with --smoothquant"):
+        run_cli(*base, "--scheme", "w8a8", "--smoothquant-alpha", "0.8", "--calibration-tokens", "64")
+    with pytest.raises(FileNotFoundError, match="no such calibration text file"):
+        run_cli(*base, "--scheme", "w8a8", "--smoothquant", str(tmp_path / "missing.txt"))
+    assert not (tmp_path / "q").exists()  # every refusal comes before anything is written
+
+
+def test_cli_default_alpha_is_the_library_default() -> None:
+    from neuron_llm.quant import cli, smoothquant
+
+    assert cli.DEFAULT_ALPHA == smoothquant.DEFAULT_ALPHA

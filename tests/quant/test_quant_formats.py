@@ -131,7 +131,7 @@ def test_non_finite_weights_are_refused(bad: float, scheme: str) -> None:
         ({"scheme": "int4"}, "scheme='int4'"),
         ({"scheme": "fp8", "group_size": 128}, "only the int8 scheme"),
         ({"scheme": "int8", "group_size": 0}, "group_size=0"),
-        ({"scheme": "int8", "activation_scale_ub": 1200.0}, "only fp8 quantizes activations"),
+        ({"scheme": "int8", "activation_scale_ub": 1200.0}, "only fp8 bounds its activations"),
         ({"scheme": "fp8", "activation_scale_ub": -1.0}, "activation_scale_ub=-1.0"),
     ],
 )

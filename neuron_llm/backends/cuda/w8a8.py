@@ -4,6 +4,10 @@ The int8 products are summed exactly in int32 and both scales applied afterwards
 result is ``quant.reference.w8a8_linear``'s up to that reference's float32 summation.
 ``torch._int_mm`` on CUDA wants more than 16 rows and in/out features divisible by 8: fewer
 rows are padded with zeros, other widths go to the reference.
+
+Not yet measured on a GPU. The activation quantization runs as a few torch ops, not one
+fused kernel as fp8's does (``fp8.quantize_fp8_per_token``): at decode they may cost more
+than the int8 GEMM saves over a 16-bit one.
 """
 
 from __future__ import annotations
