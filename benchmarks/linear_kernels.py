@@ -8,7 +8,9 @@ to 28672, down 14336->4096) at M tokens in {1, 16, 64, 4096}, for each format:
 
 - ``bf16``: ``F.linear`` (cuBLAS) on a bf16 weight;
 - ``int8``/``int8-g128``: ``int8_linear``, per-channel or per-group-of-128 scales;
-- ``fp8``: ``fp8_linear``: the per-token activation quantization kernel and ``torch._scaled_mm``.
+- ``fp8``: ``fp8_linear``: the per-token activation quantization kernel and ``torch._scaled_mm``;
+- ``w8a8``: ``w8a8_linear``: per-token int8 activation quantization (torch ops) and
+  ``torch._int_mm`` on per-channel int8 weights.
 
 Every case is checked first against a float32 reference of the same arithmetic (relative
 error by norm). "time" is the median of ``triton.testing.do_bench_cudagraph``: calls replayed
@@ -56,12 +58,14 @@ from neuron_llm.backends.cuda.int8_matmul import (
     int8_linear,
     split_k_for,
 )
+from neuron_llm.backends.cuda.w8a8 import w8a8_linear
 from neuron_llm.quant.formats import (
     DEFAULT_ACTIVATION_SCALE_UB,
     dequantize_int8,
     quantize_fp8_activation,
     quantize_fp8_weight,
     quantize_int8,
+    quantize_int8_activation,
 )
 
 LLAMA3_8B_SHAPES = {  # name: (out_features N, in_features K)
@@ -72,7 +76,7 @@ LLAMA3_8B_SHAPES = {  # name: (out_features N, in_features K)
     "down": (4096, 14336),
 }
 SMOKE_SHAPES = {"small": (96, 256), "odd": (48, 200)}
-FORMATS = ("bf16", "int8", "int8-g128", "fp8")
+FORMATS = ("bf16", "int8", "int8-g128", "fp8", "w8a8")
 L2_FLUSH_BYTES = 100 * 2**20
 """Bytes that must pass between two uses of one weight copy: twice an H100's 50 MB of L2."""
 
@@ -151,7 +155,7 @@ def make_weights(fmt: str, n: int, k: int, device: torch.device, dtype: torch.dt
     weight = torch.randn(n, k, generator=generator, device=device) * 0.02
     if fmt == "bf16":
         return {"weight": weight.to(device=device, dtype=dtype), "bytes": n * k * 2}
-    if fmt.startswith("int8"):
+    if fmt.startswith("int8") or fmt == "w8a8":
         group_size = 128 if fmt == "int8-g128" else None
         q, scale = quantize_int8(weight, group_size)
         return {"weight": q, "scale": scale, "group_size": group_size, "bytes": n * k + 4 * scale.numel()}
@@ -164,6 +168,8 @@ def run_format(fmt: str, x: torch.Tensor, w: dict[str, Any], config: Int8MatmulC
         return F.linear(x, w["weight"])
     if fmt.startswith("int8"):
         return int8_linear(x, w["weight"], w["scale"], None, w["group_size"], config=config)
+    if fmt == "w8a8":
+        return w8a8_linear(x, w["weight"], w["scale"])
     return fp8_linear(x, w["weight"], w["scale"], None, DEFAULT_ACTIVATION_SCALE_UB)
 
 
@@ -173,6 +179,9 @@ def reference(fmt: str, x: torch.Tensor, w: dict[str, Any]) -> torch.Tensor:
         return x.float() @ w["weight"].float().T
     if fmt.startswith("int8"):
         return x.float() @ dequantize_int8(w["weight"], w["scale"], torch.float32, w["group_size"]).T
+    if fmt == "w8a8":
+        x_q, x_scale = quantize_int8_activation(x)
+        return (x_q.float() * x_scale) @ dequantize_int8(w["weight"], w["scale"], torch.float32).T
     x_q, x_scale = quantize_fp8_activation(x, DEFAULT_ACTIVATION_SCALE_UB)
     return (x_q.float() * x_scale) @ (w["weight"].float() * w["scale"]).T
 
