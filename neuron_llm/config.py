@@ -304,7 +304,9 @@ class DeviceConfig:
         if self.backend == "cuda" and device_type != "cuda":
             raise ValueError(f"backend='cuda' runs on a CUDA device, not device={self.device!r}")
         if (self.backend == "neuron") != (device_type == "xla") and self.backend is not None:
-            raise ValueError(f"backend={self.backend!r} with device={self.device!r}: the neuron backend is the XLA device's")
+            raise ValueError(
+                f"backend={self.backend!r} with device={self.device!r}: the neuron backend is the XLA device's"
+            )
 
     @property
     def backend_name(self) -> str:
@@ -331,11 +333,6 @@ class EngineConfig:
             from neuron_llm.quant.config import resolve_quant_config
 
             resolve_quant_config(self.quantization)  # raises naming the presets
-            if self.parallel.tensor_parallel_size > 1:
-                raise ValueError(
-                    f"quantization={self.quantization!r} with tensor_parallel_size="
-                    f"{self.parallel.tensor_parallel_size}: quantized layers are not sharded yet; use one device"
-                )
         limit = self.model.max_position_embeddings
         if self.scheduler.max_model_len is None:
             object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, max_model_len=limit))

@@ -11,15 +11,18 @@ rank allocates and reads only its shards::
     lm_head               -> ParallelLMHead           (vocabulary rows; all-gather)
 
 Attention reads its head counts from the projections' widths, so the model's own forward
-runs unchanged on the shards.
+runs unchanged on the shards. A linear that ``prepare_quantized_model`` already made
+quantized becomes the quantized shard of the same split (``neuron_llm.parallel.quantized``).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from neuron_llm.config import ModelConfig, ParallelConfig
 from neuron_llm.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from neuron_llm.parallel import quantized
 from neuron_llm.parallel.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -27,6 +30,7 @@ from neuron_llm.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from neuron_llm.quant.layers import QuantizedLinear
 
 
 def kv_head_partition(rank: int, world_size: int, num_kv_heads: int) -> Partition:
@@ -81,17 +85,31 @@ def _shard_attention(attention: LlamaAttention, config: ModelConfig, partition: 
     q_width = config.num_attention_heads * config.head_dim
     kv_width = config.num_key_value_heads * config.head_dim
     kv_partition = kv_head_partition(partition.index, partition.count, config.num_key_value_heads)
-    attention.q_proj = _like(attention.q_proj, ColumnParallelLinear(hidden, q_width, partition))
-    attention.k_proj = _like(attention.k_proj, ColumnParallelLinear(hidden, kv_width, kv_partition))
-    attention.v_proj = _like(attention.v_proj, ColumnParallelLinear(hidden, kv_width, kv_partition))
-    attention.o_proj = _like(attention.o_proj, RowParallelLinear(q_width, hidden, partition))
+    attention.q_proj = _column(attention.q_proj, hidden, q_width, partition)
+    attention.k_proj = _column(attention.k_proj, hidden, kv_width, kv_partition)
+    attention.v_proj = _column(attention.v_proj, hidden, kv_width, kv_partition)
+    attention.o_proj = _row(attention.o_proj, q_width, hidden, partition)
 
 
 def _shard_mlp(mlp: LlamaMLP, config: ModelConfig, partition: Partition) -> None:
     hidden, intermediate = config.hidden_size, config.intermediate_size
-    mlp.gate_proj = _like(mlp.gate_proj, ColumnParallelLinear(hidden, intermediate, partition))
-    mlp.up_proj = _like(mlp.up_proj, ColumnParallelLinear(hidden, intermediate, partition))
-    mlp.down_proj = _like(mlp.down_proj, RowParallelLinear(intermediate, hidden, partition))
+    mlp.gate_proj = _column(mlp.gate_proj, hidden, intermediate, partition)
+    mlp.up_proj = _column(mlp.up_proj, hidden, intermediate, partition)
+    mlp.down_proj = _row(mlp.down_proj, intermediate, hidden, partition)
+
+
+def _column(old: nn.Module, in_features: int, out_features: int, partition: Partition) -> nn.Module:
+    if isinstance(old, QuantizedLinear):
+        with torch.device(old.weight.device):
+            return quantized.column_parallel(old.format, in_features, out_features, partition)
+    return _like(old, ColumnParallelLinear(in_features, out_features, partition))
+
+
+def _row(old: nn.Module, in_features: int, out_features: int, partition: Partition) -> nn.Module:
+    if isinstance(old, QuantizedLinear):
+        with torch.device(old.weight.device):
+            return quantized.row_parallel(old.format, in_features, out_features, partition)
+    return _like(old, RowParallelLinear(in_features, out_features, partition))
 
 
 def _like(old: nn.Module, new: nn.Module) -> nn.Module:

@@ -29,8 +29,11 @@ def quantize_model(model: LlamaForCausalLM, quantization: str | QuantConfig) -> 
 
     ``quantization`` is a ``QuantConfig`` or a preset name ("int8", "int8-g128", "fp8",
     "fp8-all", "w8a8"). Returns the names of the quantized modules. Raises ``ValueError`` naming a
-    module whose weight holds NaN or inf, before any module is replaced.
+    module whose weight holds NaN or inf, before any module is replaced. Tensor-parallel shards
+    are quantized from their own rows or columns (``neuron_llm.parallel.quantized``).
     """
+    from neuron_llm.parallel.quantized import quantize_parallel_linear
+
     config = resolve_quant_config(quantization)
     names = config.policy.select(model, model.config.num_hidden_layers)
     linears = {name: _plain_linear(model, name) for name in names}
@@ -39,7 +42,8 @@ def quantize_model(model: LlamaForCausalLM, quantization: str | QuantConfig) -> 
     for name in names:
         # Popped, so each 16-bit weight is freed once its replacement is in place.
         linear = linears.pop(name)
-        _replace(model, name, quantize_linear(linear, config.format, name))
+        quantize = quantize_linear if type(linear) is Linear else quantize_parallel_linear
+        _replace(model, name, quantize(linear, config.format, name))
     return names
 
 
@@ -96,12 +100,8 @@ def _plain_linear(model: nn.Module, name: str) -> Linear:
     module = model.get_submodule(name)
     if isinstance(module, QuantizedLinear):
         raise ValueError(f"{name} is already quantized ({module.format.scheme})")
-    if type(module) is not Linear:
-        # A tensor-parallel linear carries a partition and a collective that a quantized
-        # layer does not have yet; swapping it would silently drop both.
-        raise ValueError(
-            f"{name} is a {type(module).__name__}: quantized tensor-parallel linears are not implemented yet"
-        )
+    if not isinstance(module, Linear):
+        raise ValueError(f"{name} is a {type(module).__name__}, not a linear layer")
     return module
 
 

@@ -32,16 +32,26 @@ if TYPE_CHECKING:
     from neuron_llm.loader.weights import TensorSource
 
 
-def _read_same_shape(param: nn.Parameter, source: TensorSource) -> torch.Tensor:
-    tensor = source[...]
+def _read_same_shape(
+    param: nn.Parameter, source: TensorSource, index: object, full_shape: tuple[int, ...] | None
+) -> torch.Tensor:
+    """``source[index]``, checked: the whole tensor is ``full_shape`` (if given), the slice is ``param``'s shape."""
+    if full_shape is not None and tuple(source.shape) != full_shape:
+        raise ValueError(f"checkpoint shape {tuple(source.shape)} does not match the unsharded shape {full_shape}")
+    tensor = source[index]
     if tuple(tensor.shape) != tuple(param.shape):
         raise ValueError(f"checkpoint shape {tuple(tensor.shape)} does not match parameter shape {tuple(param.shape)}")
     return tensor
 
 
-def _load_exact(param: nn.Parameter, source: TensorSource) -> None:
-    """Copy a quantized weight, refusing a shape or dtype mismatch and NaN values."""
-    tensor = _read_same_shape(param, source)
+def load_exact(
+    param: nn.Parameter, source: TensorSource, index: object = ..., full_shape: tuple[int, ...] | None = None
+) -> None:
+    """Copy ``source[index]`` into a quantized weight, refusing a shape or dtype mismatch and NaN values.
+
+    ``index`` and ``full_shape`` select a tensor-parallel shard (see ``neuron_llm.parallel.quantized``).
+    """
+    tensor = _read_same_shape(param, source, index, full_shape)
     if tensor.dtype != param.dtype:
         raise ValueError(f"checkpoint dtype {tensor.dtype} does not match the quantized weight's {param.dtype}")
     if tensor.is_floating_point() and (bad := count_non_finite(tensor)):
@@ -49,9 +59,11 @@ def _load_exact(param: nn.Parameter, source: TensorSource) -> None:
     param.data.copy_(tensor)
 
 
-def _load_scale(param: nn.Parameter, source: TensorSource) -> None:
-    """Copy scales (any float dtype, cast to float32), refusing non-finite or non-positive ones."""
-    tensor = _read_same_shape(param, source).float()
+def load_scale(
+    param: nn.Parameter, source: TensorSource, index: object = ..., full_shape: tuple[int, ...] | None = None
+) -> None:
+    """Copy scales ``source[index]`` (any float dtype, cast to float32), refusing non-finite or non-positive ones."""
+    tensor = _read_same_shape(param, source, index, full_shape).float()
     if not bool((tensor > 0).all()) or count_non_finite(tensor):
         raise ValueError("the checkpoint's scales hold zero, negative, NaN or inf values: the checkpoint is broken")
     param.data.copy_(tensor)
@@ -72,8 +84,8 @@ class QuantizedLinear(nn.Module):
             torch.ones(out_features, scale_columns, dtype=torch.float32), requires_grad=False
         )
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.weight.weight_loader = _load_exact
-        self.weight_scale.weight_loader = _load_scale
+        self.weight.weight_loader = load_exact
+        self.weight_scale.weight_loader = load_scale
 
     def extra_repr(self) -> str:
         return (

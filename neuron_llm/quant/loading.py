@@ -38,12 +38,11 @@ def load_any_format(
     activations and of the unquantized tensors). ``quantization`` (a preset name or a
     ``QuantConfig``) quantizes a 16-bit model after loading; it is refused for a checkpoint
     that is already quantized. ``weight_bytes`` counts the quantized parameters as stored.
-    ``shard`` is ``load_model``'s tensor-parallel plan, refused for a quantized model.
+    ``shard`` is ``load_model``'s tensor-parallel plan: a checkpoint's quantized layers are
+    sharded before their weights are read; quantizing on load quantizes each loaded shard.
     """
     path = resolve_model_path(model)
     checkpoint = read_quantization_config(path) if path.is_dir() else None
-    if shard is not None and (checkpoint is not None or quantization is not None):
-        raise ValueError(f"{path}: quantized layers are not sharded yet; load a quantized model on one device")
     if checkpoint is None:
         loaded = load_model(path, dtype=dtype, device=device, shard=shard)
         if quantization is not None:
@@ -56,6 +55,8 @@ def load_any_format(
     with default_dtype(parse_dtype(dtype)), torch.device(device):
         built = LlamaForCausalLM(info.config)
         prepare_quantized_model(built, checkpoint)
+        if shard is not None:
+            shard(built)
     load_weights(built, adapt_checkpoint_weights(iter_hf_weights(path)))
     built.requires_grad_(False)
     return LoadedModel(**vars(info), model=built.eval(), weight_bytes=built.weight_bytes())

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from neuron_llm.layers.linear import Linear
-from neuron_llm.parallel.layers import ColumnParallelLinear, Partition
 from neuron_llm.quant import LinearFormat, QuantConfig, QuantPolicy, quantize_model, quantized_linears
 from neuron_llm.quant.layers import Fp8Linear, Int8Linear
 from neuron_llm.quant.policy import DECODER_LINEARS
@@ -73,12 +72,3 @@ def test_unknown_preset_is_refused(quant_checkpoint: tuple[Any, Path], load_fp32
     model = load_fp32(quant_checkpoint[1]).model
     with pytest.raises(ValueError, match="quantization='int4': must be one of int8, int8-g128, fp8, fp8-all"):
         quantize_model(model, "int4")
-
-
-def test_tensor_parallel_linears_are_not_silently_replaced(
-    quant_checkpoint: tuple[Any, Path], load_fp32: Callable
-) -> None:
-    model = load_fp32(quant_checkpoint[1]).model
-    model.model.layers[0].mlp.up_proj = ColumnParallelLinear(128, 256, Partition(0, 2))
-    with pytest.raises(ValueError, match="up_proj is a ColumnParallelLinear"):
-        quantize_model(model, "int8")

@@ -37,7 +37,8 @@ class CudaBackend(TorchBackend):
         merge_projections(model)
 
     def swiglu_down(self, gate_up: torch.Tensor, down_proj: nn.Module) -> torch.Tensor:
-        if isinstance(down_proj, Fp8Linear) and down_proj.bias is None:
+        # Exactly Fp8Linear: a row-parallel subclass all-reduces in its forward, which this skips.
+        if type(down_proj) is Fp8Linear and down_proj.bias is None:
             # The activation is quantized where it is made: one pass from gate/up to fp8.
             x_fp8, x_scale = fp8.silu_mul_quantize_fp8(gate_up, None, down_proj.activation_scale_ub)
             out = fp8.fp8_scaled_mm(x_fp8, x_scale, down_proj.weight, down_proj.weight_scale, gate_up.dtype)
