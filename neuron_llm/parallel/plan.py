@@ -64,6 +64,8 @@ def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaFor
         raise ValueError(f"rank={rank} must be in [0, tensor_parallel_size={world_size})")
     if world_size == 1:
         return model
+    if isinstance(model.lm_head, QuantizedLinear):
+        raise ValueError("the checkpoint quantizes lm_head, which is not sharded in 8 bits: use one device")
     partition = Partition(rank, world_size)
     for layer in model.model.layers:
         _shard_attention(layer.self_attn, config, partition)

@@ -150,3 +150,15 @@ def test_llm_serves_a_quantized_checkpoint_over_two_ranks(
     finally:
         two_ranks.shutdown()
     assert two == one
+
+
+def test_a_quantized_lm_head_is_refused_rather_than_sharded_as_16bit(
+    save_tiny_llama: Callable[..., tuple[Any, Path]],
+) -> None:
+    from neuron_llm.quant.layers import empty_quantized_linear
+
+    _, path = save_tiny_llama(**MODEL)
+    model = load_model(path, dtype=torch.float32, device="cpu").model
+    model.lm_head = empty_quantized_linear(LinearFormat("int8"), 64, 96, bias=False)
+    with pytest.raises(ValueError, match="quantizes lm_head, which is not sharded in 8 bits"):
+        shard_model(model, 0, 2)
