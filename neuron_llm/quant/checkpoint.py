@@ -55,6 +55,7 @@ PACK_QUANTIZED = "pack-quantized"
 FLOAT_QUANTIZED = "float-quantized"
 MIXED_PRECISION = "mixed-precision"
 INT_QUANTIZED = "int-quantized"
+_ZERO_POINTS = (".weight_zero_point", ".input_zero_point")
 _INT8_READ_FORMATS = (PACK_QUANTIZED, "naive-quantized", INT_QUANTIZED)
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -350,10 +351,17 @@ def adapt_checkpoint_weights(weights: Iterable[tuple[str, TensorSource]]) -> Ite
     """Offer a compressed-tensors checkpoint's tensors under the names our layers hold.
 
     ``<m>.weight_packed`` with ``<m>.weight_shape`` becomes ``<m>.weight`` (int8, unpacked
-    as it is read); every other tensor passes through.
+    as it is read); zero points, which compressed-tensors wrote for symmetric schemes before
+    mid-2024, are checked to be zero and dropped; every other tensor passes through.
     """
     sources = dict(weights)  # sources are lazy: this reads names, not data
     for name, source in sources.items():
+        if name.endswith(_ZERO_POINTS):
+            if bool(source[...].any()):
+                raise ValueError(
+                    f"checkpoint tensor {name} holds non-zero zero points: asymmetric schemes are not read"
+                )
+            continue
         if name.endswith(".weight_shape"):
             continue
         if not name.endswith(".weight_packed"):

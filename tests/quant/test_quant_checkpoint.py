@@ -184,6 +184,27 @@ def test_naive_int8_checkpoint_from_elsewhere_loads(
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-2 * expected.abs().max().item())
 
 
+def test_w8a8_checkpoint_with_zero_points_from_older_compressed_tensors_loads(
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path
+) -> None:
+    """compressed-tensors wrote all-zero zero points for symmetric schemes until mid-2024."""
+    loaded = load_fp32(quant_checkpoint[1])
+    quantize_model(loaded.model, "w8a8")
+    save_quantized_checkpoint(loaded.model, loaded.config, tmp_path, source=loaded.source, tokenizer=None)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj"
+    tensors[f"{name}.weight_zero_point"] = torch.zeros(256, 1, dtype=torch.int8)
+    tensors[f"{name}.input_zero_point"] = torch.zeros(1, dtype=torch.int8)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reloaded = load_any_format(tmp_path, dtype=torch.float32, device="cpu")
+    assert torch.equal(reloaded.model.get_submodule(name).weight, loaded.model.get_submodule(name).weight)
+
+    tensors[f"{name}.weight_zero_point"][3] = 2
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"up_proj.weight_zero_point holds non-zero zero points"):
+        load_any_format(tmp_path, dtype=torch.float32, device="cpu")
+
+
 def test_non_finite_quantized_weights_are_refused_on_load(
     quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path
 ) -> None:
