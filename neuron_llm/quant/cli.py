@@ -40,12 +40,12 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--modules",
         default=None,
-        help="comma-separated linears to quantize (default: int8 all, fp8 gate_proj,up_proj,down_proj)",
+        help="comma-separated linears to quantize (default: int8 and w8a8 all, fp8 gate_proj,up_proj,down_proj)",
     )
     parser.add_argument(
         "--skip-layers",
         default=None,
-        help="comma-separated decoder layers kept 16-bit, -1 the last (default: int8 none, fp8 0,-1)",
+        help="comma-separated decoder layers kept 16-bit, -1 the last (default: int8 and w8a8 none, fp8 0,-1)",
     )
     parser.add_argument(
         "--activation-scale-ub",
