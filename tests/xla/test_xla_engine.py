@@ -60,3 +60,16 @@ def test_default_model_on_xla_matches_the_torch_backend() -> None:
     on_xla = LLM(device="xla", **options).generate(prompts, params)
     on_cpu = LLM(device="cpu", **options).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in on_xla] == [o.outputs[0].token_ids for o in on_cpu]
+
+
+@pytest.mark.parametrize("quantization", ["int8-g128", "fp8-all", "w8a8"])
+def test_quantized_models_run_on_xla_one_graph_per_bucket(tiny_model_dir, quantization: str) -> None:  # noqa: F811
+    # The reference quantized matmuls (dequantize tile by tile; fp8/int8 activations quantized
+    # per token) trace into the same static graphs as the 16-bit model.
+    llm = LLM(model=str(tiny_model_dir), device="xla", quantization=quantization, **OPTIONS)
+    prompts = random_prompts(6, seed=5, min_len=3, max_len=20)
+    on_xla = run_all(llm, _arrivals(prompts))
+    assert llm.engine.stats().num_compiled_graphs == len(llm.engine.runner.buckets.all)
+    on_cpu = run_all(LLM(model=str(tiny_model_dir), device="cpu", quantization=quantization, **OPTIONS), _arrivals(prompts))
+    for request_id, output in on_cpu.items():
+        assert on_xla[request_id].outputs[0].token_ids == output.outputs[0].token_ids, request_id
