@@ -9,7 +9,7 @@ to 28672, down 14336->4096) at M tokens in {1, 16, 64, 4096}, for each format:
 - ``bf16``: ``F.linear`` (cuBLAS) on a bf16 weight;
 - ``int8``/``int8-g128``: ``int8_linear``, per-channel or per-group-of-128 scales;
 - ``fp8``: ``fp8_linear``: the per-token activation quantization kernel and ``torch._scaled_mm``;
-- ``w8a8``: ``w8a8_linear``: per-token int8 activation quantization (torch ops) and
+- ``w8a8``: ``w8a8_linear``: the same kernel quantizing activations to int8 per token, and
   ``torch._int_mm`` on per-channel int8 weights.
 
 Every case is checked first against a float32 reference of the same arithmetic (relative
@@ -51,7 +51,7 @@ if not torch.cuda.is_available():
 import triton
 import triton.testing
 
-from neuron_llm.backends.cuda.fp8 import fp8_linear, quantize_fp8_per_token
+from neuron_llm.backends.cuda.fp8 import fp8_linear, quantize_fp8_per_token, quantize_int8_per_token
 from neuron_llm.backends.cuda.int8_matmul import (
     Int8MatmulConfig,
     default_config,
@@ -211,7 +211,8 @@ def bench_case(
     error = relative_error(run_format(fmt, x, weights[0]), reference(fmt, x, weights[0]))
     elapsed = time_us(cycling(lambda w: run_format(fmt, x, w), weights))
     eager_us = ctx["eager_time_us"](cycling(lambda w: run_format(fmt, x, w), weights))
-    quantize_us = time_us(lambda: quantize_fp8_per_token(x)) if fmt == "fp8" else None
+    quantizer = {"fp8": quantize_fp8_per_token, "w8a8": quantize_int8_per_token}.get(fmt)
+    quantize_us = time_us(lambda: quantizer(x)) if quantizer is not None else None
     return Row(
         shape=name,
         n=n,
@@ -355,7 +356,7 @@ def markdown_table(rows: list[Row], anchors: dict) -> str:
         ),
         "",
         (
-            "| shape | N x K | M | format | time (us) | TFLOP/s | weight GB/s | of copy BW | fp8 quantize (us) "
+            "| shape | N x K | M | format | time (us) | TFLOP/s | weight GB/s | of copy BW | activation quantize (us) "
             "| eager (us) | rel. error |"
         ),
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -18,6 +18,7 @@ from neuron_llm.backends.cuda.fp8 import (
     fp8_linear,
     fp8_scaled_mm,
     quantize_fp8_per_token,
+    quantize_int8_per_token,
     rms_norm_quantize_fp8,
     silu_mul_quantize_fp8,
 )
@@ -33,6 +34,7 @@ from neuron_llm.quant.formats import (
     quantize_fp8_activation,
     quantize_fp8_weight,
     quantize_int8,
+    quantize_int8_activation,
 )
 from tests.cuda.conftest import kernel_dtypes, relative_error
 
@@ -201,6 +203,31 @@ def test_quantize_fp8_per_token_is_exact(
         if scale_ub is not None:
             assert scale.max().item() <= scale_ub / 448 * (1 + 1e-6)
             assert q[0, 0].float().item() == 448.0
+
+
+@pytest.mark.parametrize(("num_tokens", "num_features"), [(1, 64), (3, 100), (17, 96), (4, 20000)])
+def test_quantize_int8_per_token_is_exact(num_tokens: int, num_features: int, device: torch.device) -> None:
+    for dtype in kernel_dtypes(device):
+        x = activation_rows(num_tokens, num_features, dtype, device)
+        q, scale = quantize_int8_per_token(x)
+        expected_q, expected_scale = quantize_int8_activation(x)
+        assert q.dtype == torch.int8 and q.shape == (num_tokens, num_features) and scale.shape == (num_tokens, 1)
+        assert_scales_match(scale, expected_scale, device)
+        # torch.round rounds half to even, as the kernel does: the same codes from the same scale.
+        assert torch.equal(q, torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8))
+        if device.type == "cuda":
+            assert torch.equal(q, expected_q)
+        assert q.abs().amax(dim=1).eq(127).sum().item() >= num_tokens - (1 if num_tokens > 2 else 0)
+        if num_tokens > 2:
+            assert not q[1].any() and scale[1, 0].item() == torch.finfo(torch.float32).tiny
+
+
+def test_quantize_int8_per_token_rounds_ties_to_even(device: torch.device) -> None:
+    # amax 254 gives scale 2 exactly (254 * float32(1 / 127) == 2.0): these values fall on ties.
+    x = torch.tensor([[254.0, 1.0, 3.0, 5.0, -1.0, -3.0, 2.9999998, 249.0]], device=device)
+    q, scale = quantize_int8_per_token(x)
+    assert scale.item() == 2.0
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, 1, 124]]
 
 
 @pytest.mark.parametrize(("num_tokens", "intermediate"), [(1, 64), (5, 96), (3, 20000)])

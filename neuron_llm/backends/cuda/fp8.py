@@ -14,6 +14,10 @@ layer, so the 16-bit activation that feeds an fp8 linear is never written to mem
 - ``silu_mul_quantize_fp8``: ``silu(gate) * up``, the input of ``down_proj``;
 - ``rms_norm_quantize_fp8``: the residual add and RMSNorm, the input of ``gate_proj``/``up_proj``.
 
+The row kernel also writes int8 for the w8a8 linears (``quantize_int8_per_token``, bit for
+bit ``formats.quantize_int8_activation`` on the GPU): scale ``max(amax * float32(1 / 127),
+tiny)``, then ``x / scale`` rounded half to even by the float32 add-and-subtract of 1.5 * 2^23.
+
 Both round where the unfused model rounds (to the activation dtype after silu, after the
 product, after the norm), so they quantize the same values the unfused path would; the
 kernels are compiled without multiply-add fusion so that every rounding stays where torch has
@@ -30,7 +34,13 @@ import triton
 import triton.language as tl
 
 from neuron_llm.backends.cuda.fused import _check_norm_inputs, _load_residual_sum, _rms_norm_row
-from neuron_llm.quant.formats import DEFAULT_ACTIVATION_SCALE_UB, FP8_DTYPE, FP8_MAX, FP8_MIN_ACTIVATION_SCALE
+from neuron_llm.quant.formats import (
+    DEFAULT_ACTIVATION_SCALE_UB,
+    FP8_DTYPE,
+    FP8_MAX,
+    FP8_MIN_ACTIVATION_SCALE,
+    INT8_MAX,
+)
 
 MAX_SINGLE_PASS_FEATURES = 16384
 """Longest row quantized from registers in one pass; longer rows are read twice."""
@@ -43,6 +53,11 @@ _TRITON_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _INV_FP8_MAX = tl.constexpr(1.0 / FP8_MAX)
 _MIN_SCALE = tl.constexpr(FP8_MIN_ACTIVATION_SCALE)
+_INT8_MAX = tl.constexpr(float(INT8_MAX))
+_INV_INT8_MAX = tl.constexpr(1.0 / INT8_MAX)
+_MIN_INT8_SCALE = tl.constexpr(torch.finfo(torch.float32).tiny)
+_ROUNDING_SHIFT = tl.constexpr(1.5 * 2.0**23)
+"""Adding then subtracting it rounds a float32 of magnitude below 2^22 to an integer, half to even."""
 
 
 @triton.jit
@@ -56,6 +71,21 @@ def _token_scale(amax, scale_ub, HAS_UB: tl.constexpr):
 @triton.jit
 def _to_fp8(values, scale):
     return tl.clamp(tl.math.div_rn(values, scale), -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+
+
+@triton.jit
+def _row_scale(amax, scale_ub, HAS_UB: tl.constexpr, IS_INT8: tl.constexpr):
+    if IS_INT8:
+        return tl.maximum(amax * _INV_INT8_MAX, _MIN_INT8_SCALE)
+    return _token_scale(amax, scale_ub, HAS_UB)
+
+
+@triton.jit
+def _quantize(values, scale, IS_INT8: tl.constexpr):
+    if IS_INT8:
+        scaled = tl.clamp(tl.math.div_rn(values, scale), -_INT8_MAX, _INT8_MAX)
+        return ((scaled + _ROUNDING_SHIFT) - _ROUNDING_SHIFT).to(tl.int8)
+    return _to_fp8(values, scale)
 
 
 @triton.jit
@@ -88,10 +118,11 @@ def _quantize_rows_kernel(
     scale_ub,
     HAS_UB: tl.constexpr,
     IS_SILU_MUL: tl.constexpr,
+    IS_INT8: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_BLOCKS: tl.constexpr,
 ):
-    """q[row] = fp8(values[row] / scale[row]); values are x, or silu(x) * up with IS_SILU_MUL."""
+    """q[row] = fp8 (int8) of values[row] / scale[row]; values are x, or silu(x) * up with IS_SILU_MUL."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     up_row = up_ptr + row * stride_up
@@ -100,19 +131,19 @@ def _quantize_rows_kernel(
     if NUM_BLOCKS == 1:
         mask = offs < num_features
         values = _row_values(x_row, up_row, offs, mask, IS_SILU_MUL)
-        scale = _token_scale(tl.max(tl.abs(values), axis=0), scale_ub, HAS_UB)
-        tl.store(q_row + offs, _to_fp8(values, scale), mask=mask)
+        scale = _row_scale(tl.max(tl.abs(values), axis=0), scale_ub, HAS_UB, IS_INT8)
+        tl.store(q_row + offs, _quantize(values, scale, IS_INT8), mask=mask)
     else:
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for block in range(NUM_BLOCKS):
             mask = block * BLOCK + offs < num_features
             values = _row_values(x_row + block * BLOCK, up_row + block * BLOCK, offs, mask, IS_SILU_MUL)
             amax = tl.maximum(amax, tl.abs(values))
-        scale = _token_scale(tl.max(amax, axis=0), scale_ub, HAS_UB)
+        scale = _row_scale(tl.max(amax, axis=0), scale_ub, HAS_UB, IS_INT8)
         for block in range(NUM_BLOCKS):
             mask = block * BLOCK + offs < num_features
             values = _row_values(x_row + block * BLOCK, up_row + block * BLOCK, offs, mask, IS_SILU_MUL)
-            tl.store(q_row + block * BLOCK + offs, _to_fp8(values, scale), mask=mask)
+            tl.store(q_row + block * BLOCK + offs, _quantize(values, scale, IS_INT8), mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -168,10 +199,10 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _launch_quantize_rows(
-    x: torch.Tensor, up: torch.Tensor | None, activation_scale_ub: float | None
+    x: torch.Tensor, up: torch.Tensor | None, activation_scale_ub: float | None, out_dtype: torch.dtype = FP8_DTYPE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     num_tokens, num_features = x.shape
-    q = torch.empty(num_tokens, num_features, dtype=FP8_DTYPE, device=x.device)  # [tokens, features]
+    q = torch.empty(num_tokens, num_features, dtype=out_dtype, device=x.device)  # [tokens, features]
     scale = torch.empty(num_tokens, 1, dtype=torch.float32, device=x.device)  # [tokens, 1]
     if num_tokens == 0:
         return q, scale
@@ -191,6 +222,7 @@ def _launch_quantize_rows(
         activation_scale_ub if activation_scale_ub is not None else 0.0,
         HAS_UB=activation_scale_ub is not None,
         IS_SILU_MUL=up is not None,
+        IS_INT8=out_dtype == torch.int8,
         BLOCK=block,
         NUM_BLOCKS=num_blocks,
         num_warps=max(1, min(16, block // 512)),
@@ -210,6 +242,15 @@ def quantize_fp8_per_token(
     """
     _check_scale_ub(activation_scale_ub)
     return _launch_quantize_rows(_rows(x, "x"), None, activation_scale_ub)
+
+
+def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token int8 quantization, bit for bit ``formats.quantize_int8_activation`` on the GPU.
+
+    ``x`` is [..., features] (16/32-bit float). Returns ``(q, scale)``: ``q`` int8 [tokens,
+    features] in [-127, 127] and ``scale`` float32 [tokens, 1].
+    """
+    return _launch_quantize_rows(_rows(x, "x"), None, None, torch.int8)
 
 
 def silu_mul_quantize_fp8(

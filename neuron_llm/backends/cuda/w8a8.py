@@ -1,13 +1,12 @@
-"""int8 W8A8 linears: per-token activation quantization, then cuBLASLt's int8 GEMM (``torch._int_mm``).
+"""int8 W8A8 linears: per-token activation quantization in Triton, then cuBLASLt's int8 GEMM (``torch._int_mm``).
 
 The int8 products are summed exactly in int32 and both scales applied afterwards, so the
 result is ``quant.reference.w8a8_linear``'s up to that reference's float32 summation.
 ``torch._int_mm`` on CUDA wants more than 16 rows and in/out features divisible by 8: fewer
 rows are padded with zeros, other widths go to the reference.
 
-Not yet measured on a GPU. The activation quantization runs as a few torch ops, not one
-fused kernel as fp8's does (``fp8.quantize_fp8_per_token``): at decode they may cost more
-than the int8 GEMM saves over a 16-bit one.
+The activations are quantized by the row kernel the fp8 linears use, in its int8 mode
+(``fp8.quantize_int8_per_token``). Not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from neuron_llm.backends.cuda.fp8 import quantize_int8_per_token
 from neuron_llm.quant import reference
-from neuron_llm.quant.formats import quantize_int8_activation
 
 INT_MM_MIN_ROWS = 17
 INT_MM_ALIGNMENT = 8
@@ -32,7 +31,7 @@ def w8a8_linear(
     out_features, in_features = weight.shape
     if in_features % INT_MM_ALIGNMENT or out_features % INT_MM_ALIGNMENT:
         return reference.w8a8_linear(x, weight, weight_scale, bias)
-    x_q, x_scale = quantize_int8_activation(x.reshape(-1, in_features))
+    x_q, x_scale = quantize_int8_per_token(x.reshape(-1, in_features))
     num_rows = x_q.shape[0]
     if num_rows < INT_MM_MIN_ROWS:
         x_q = F.pad(x_q, (0, 0, 0, INT_MM_MIN_ROWS - num_rows))
