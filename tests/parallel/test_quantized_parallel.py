@@ -103,11 +103,19 @@ def max_relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor])
 # is TP=1 up to the order of the sums. w8a8 also quantizes each rank's block of o_proj's
 # and down_proj's input with that block's own per-token scale, a finer quantization than
 # TP=1's (measured: 0.8% of the largest logit).
-@pytest.mark.parametrize(("recipe", "tolerance"), [(GROUPED, 1e-5), (QuantConfig.for_scheme("w8a8"), 0.02)])
+# One KV head: both ranks hold a replica of quantized k_proj and v_proj (kv_head_partition).
+@pytest.mark.parametrize(
+    ("recipe", "num_kv_heads", "tolerance"),
+    [(GROUPED, 2, 1e-5), (GROUPED, 1, 1e-5), (QuantConfig.for_scheme("w8a8"), 2, 0.02)],
+)
 def test_a_quantized_checkpoint_over_two_ranks_gives_one_rank_logits(
-    recipe: QuantConfig, tolerance: float, save_tiny_llama: Callable[..., tuple[Any, Path]], tmp_path: Path
+    recipe: QuantConfig,
+    num_kv_heads: int,
+    tolerance: float,
+    save_tiny_llama: Callable[..., tuple[Any, Path]],
+    tmp_path: Path,
 ) -> None:
-    _, path = save_tiny_llama(**MODEL)
+    _, path = save_tiny_llama(**MODEL, num_key_value_heads=num_kv_heads)
     loaded = load_model(path, dtype=torch.float32, device="cpu")
     quantize_model(loaded.model, recipe)
     out = tmp_path / "quantized"

@@ -73,11 +73,14 @@ def _to_fp8(values, scale):
     return tl.clamp(tl.math.div_rn(values, scale), -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
 
 
+# Both branches return from an if/else: Triton compiles a trailing return after an if as a
+# second return path, and refuses the int8 and fp8 paths' different types.
 @triton.jit
 def _row_scale(amax, scale_ub, HAS_UB: tl.constexpr, IS_INT8: tl.constexpr):
     if IS_INT8:
         return tl.maximum(amax * _INV_INT8_MAX, _MIN_INT8_SCALE)
-    return _token_scale(amax, scale_ub, HAS_UB)
+    else:
+        return _token_scale(amax, scale_ub, HAS_UB)
 
 
 @triton.jit
@@ -85,7 +88,8 @@ def _quantize(values, scale, IS_INT8: tl.constexpr):
     if IS_INT8:
         scaled = tl.clamp(tl.math.div_rn(values, scale), -_INT8_MAX, _INT8_MAX)
         return ((scaled + _ROUNDING_SHIFT) - _ROUNDING_SHIFT).to(tl.int8)
-    return _to_fp8(values, scale)
+    else:
+        return _to_fp8(values, scale)
 
 
 @triton.jit
