@@ -1,0 +1,108 @@
+"""Compile every Triton kernel of the cuda backend for Hopper (sm_90), with no GPU.
+
+    TRITON_INTERPRET=0 python -m tests.cuda.compile_kernels
+
+Triton's interpreter runs a kernel's Python and never compiles it, so a kernel the compiler
+refuses passes every interpreted test. Here the public wrappers are called on CPU tensors
+with Llama-3-8B shapes, Triton's active driver is replaced by one that only names an sm_90
+target, and every launch becomes a warm-up: each kernel variant is compiled down to a cubin
+(with the ptxas Triton ships) and nothing runs. Prints the kernels compiled; exits non-zero
+on the first compilation error.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver, jit
+
+HOPPER = GPUTarget("cuda", 90, 32)
+H100_SMS = 132
+
+
+class CompileOnlyDriver:
+    """The parts of a Triton driver that compiling a launch asks for."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return HOPPER
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+def compile_every_kernel() -> list[str]:
+    """Call each wrapper in the configurations the engine uses; return the kernels compiled."""
+    from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, w8a8
+    from neuron_llm.ops.metadata import AttentionMetadata
+
+    compiled: list[str] = []
+    launch = jit.JITFunction.run
+
+    def compile_only(self: jit.JITFunction, *args: object, grid: object, warmup: bool, **kwargs: object) -> object:
+        kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append(self.fn.__name__)
+        return kernel
+
+    driver.set_active(CompileOnlyDriver())
+    jit.JITFunction.run = compile_only
+    try:
+        bf16 = torch.bfloat16
+        hidden, intermediate, heads, kv_heads, head_dim, block = 4096, 14336, 32, 8, 128, 16
+        for tokens in (1, 4096):
+            x = torch.randn(tokens, hidden, dtype=bf16)
+            weight = torch.randn(hidden, dtype=bf16)
+            fused.rms_norm(x, weight, 1e-5)
+            fused.fused_add_rms_norm(x, x.clone(), weight, 1e-5)
+            fused.silu_mul(torch.randn(tokens, 2 * intermediate, dtype=bf16))
+            fp8.quantize_fp8_per_token(x, 1200.0)
+            fp8.quantize_fp8_per_token(torch.randn(tokens, 20000, dtype=bf16), None)  # the two-pass rows
+            fp8.quantize_int8_per_token(x)
+            fp8.silu_mul_quantize_fp8(torch.randn(tokens, 2 * intermediate, dtype=bf16))
+            fp8.rms_norm_quantize_fp8(x, x.clone(), weight, 1e-5, 1200.0)
+            w8a8.w8a8_linear(x, torch.zeros(1024, hidden, dtype=torch.int8), torch.ones(1024, 1))
+            for group_size in (None, 128):
+                q = torch.zeros(1024, hidden, dtype=torch.int8)
+                scale = torch.ones(1024, 1 if group_size is None else hidden // group_size)
+                config = int8_matmul.default_config(tokens, 1024, hidden, group_size, H100_SMS)
+                int8_matmul.int8_linear(x, q, scale, None, group_size, config=config)
+
+            qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=bf16)
+            query, key, value = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+            cos = torch.randn(tokens, head_dim, dtype=bf16)
+            cache = torch.zeros(1 + -(-tokens // block) * 2, block, kv_heads, head_dim, dtype=bf16)
+            slots = torch.arange(block, block + tokens)
+            fused.rotary_write_kv(
+                query.view(tokens, heads, head_dim),
+                key.view(tokens, kv_heads, head_dim),
+                value.view(tokens, kv_heads, head_dim),
+                cos,
+                cos.clone(),
+                cache,
+                cache.clone(),
+                slots,
+            )
+
+        # Attention: a prefill of two prompts (one with cached context), and decode steps
+        # over 8k contexts, with and without splitting the context.
+        blocks_per_seq = 8192 // block
+        tables = [list(range(1 + s * blocks_per_seq, 1 + (s + 1) * blocks_per_seq)) for s in range(2)]
+        cache = torch.zeros(1 + 2 * blocks_per_seq, block, kv_heads, head_dim, dtype=bf16)
+        prefill = AttentionMetadata.build([300, 200], [300, 700], tables, block, "cpu")
+        attention.prefill_attention(torch.randn(500, heads, head_dim, dtype=bf16), cache, cache, prefill, 0.088)
+        decode = AttentionMetadata.build([1, 1], [8192, 5000], tables, block, "cpu")
+        for num_splits in (1, 8):
+            query = torch.randn(2, heads, head_dim, dtype=bf16)
+            attention.decode_attention(query, cache, cache, decode, 0.088, num_splits=num_splits)
+    finally:
+        jit.JITFunction.run = launch
+    return compiled
+
+
+if __name__ == "__main__":
+    print("compiled:", " ".join(sorted(set(compile_every_kernel()))))
