@@ -64,6 +64,7 @@ def compile_every_kernel() -> list[str]:
             fp8.quantize_fp8_per_token(torch.randn(tokens, 20000, dtype=bf16), None)  # the two-pass rows
             fp8.quantize_int8_per_token(x)
             fp8.silu_mul_quantize_fp8(torch.randn(tokens, 2 * intermediate, dtype=bf16))
+            fp8.silu_mul_quantize_int8(torch.randn(tokens, 2 * intermediate, dtype=bf16))
             fp8.rms_norm_quantize_fp8(x, x.clone(), weight, 1e-5, 1200.0)
             w8a8.w8a8_linear(x, torch.zeros(1024, hidden, dtype=torch.int8), torch.ones(1024, 1))
             for group_size in (None, 128):

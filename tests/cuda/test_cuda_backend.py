@@ -34,6 +34,28 @@ def test_default_backend_follows_the_device() -> None:
         DeviceConfig("cuda", backend="triton")
 
 
+@pytest.mark.parametrize("quantization", ["fp8", "w8a8"])
+def test_swiglu_down_quantizes_where_the_activation_is_made(quantization: str, device: torch.device) -> None:
+    """The fused SwiGLU-to-8-bit path computes what silu_mul then the quantized down_proj computes."""
+    from neuron_llm.backends.cuda.backend import CudaBackend
+    from neuron_llm.backends.torch_backend import TorchBackend
+    from neuron_llm.layers.linear import Linear
+    from neuron_llm.quant.config import resolve_quant_config
+    from neuron_llm.quant.layers import quantize_linear
+
+    if quantization == "fp8" and device.type == "cpu":
+        pytest.skip("torch._scaled_mm on fp8 needs a GPU")
+    generator = torch.Generator().manual_seed(3)
+    linear = Linear(96, 64)
+    linear.weight.data = torch.randn(64, 96, generator=generator) * 0.05
+    down_proj = quantize_linear(linear, resolve_quant_config(quantization).format, "down_proj").to(device)
+    gate_up = (torch.randn(5, 192, generator=generator) * 3).to(device)
+    fused_out = CudaBackend().swiglu_down(gate_up, down_proj)
+    expected = TorchBackend().swiglu_down(gate_up, down_proj)
+    assert fused_out.shape == (5, 64)
+    assert ((fused_out - expected).norm() / expected.norm()).item() < 1e-2
+
+
 def test_decode_staging_matches_the_attention_metadata() -> None:
     block_size, width, num_seqs = 4, 6, 8
     generator = torch.Generator().manual_seed(0)
@@ -132,11 +154,11 @@ def prefill_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize(("quantization", "tolerance"), [("fp8", 3e-2), ("int8", 1e-2)])
+@pytest.mark.parametrize(("quantization", "tolerance"), [("fp8", 3e-2), ("int8", 1e-2), ("w8a8", 2e-2)])
 def test_cuda_backend_runs_merged_quantized_models_like_the_reference(
     save_tiny_llama: Callable[..., tuple[Any, Path]], quantization: str, tolerance: float
 ) -> None:
-    """Merged gate/up feeding fp8 down_proj through the fused SwiGLU quantization, int8 through its kernel."""
+    """Merged gate/up feeding fp8 or w8a8 down_proj through the fused SwiGLU quantization, int8 through its kernel."""
     # The usual initialization: the fixture's 0.2 makes a chaotic model that amplifies bf16 rounding.
     _, model_dir = save_tiny_llama(
         hidden_size=256, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4, initializer_range=0.02

@@ -21,6 +21,7 @@ from neuron_llm.backends.cuda.fp8 import (
     quantize_int8_per_token,
     rms_norm_quantize_fp8,
     silu_mul_quantize_fp8,
+    silu_mul_quantize_int8,
 )
 from neuron_llm.backends.cuda.int8_matmul import Int8MatmulConfig, default_config, int8_linear
 from neuron_llm.backends.cuda.w8a8 import w8a8_linear
@@ -246,6 +247,22 @@ def test_silu_mul_quantize_fp8_matches_unfused(num_tokens: int, intermediate: in
         assert wrong.float().mean().item() < 1e-4
         fused_q, fused_scale = silu_mul_quantize_fp8(torch.cat([gate, up], dim=-1), None)
         assert torch.equal(fused_q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(fused_scale, scale)
+
+
+@pytest.mark.parametrize(("num_tokens", "intermediate"), [(1, 64), (5, 96), (3, 20000)])
+def test_silu_mul_quantize_int8_matches_unfused(num_tokens: int, intermediate: int, device: torch.device) -> None:
+    for dtype in kernel_dtypes(device):
+        gate_up = (torch.randn(num_tokens, 2 * intermediate) * 4).to(dtype).to(device)
+        q, scale = silu_mul_quantize_int8(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        _, expected_scale = quantize_int8_activation(F.silu(gate) * up)
+        # exp may differ from torch's in the last bit, and so the absolute maximum.
+        torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
+        codes = torch.round((F.silu(gate) * up).float() / scale).clamp(-127, 127)
+        steps = (q.float() - codes).abs()
+        assert steps.max().item() <= 1 and (steps != 0).float().mean().item() < 1e-3
+        separate_q, separate_scale = silu_mul_quantize_int8(gate.contiguous(), up.contiguous())
+        assert torch.equal(separate_q, q) and torch.equal(separate_scale, scale)
 
 
 @pytest.mark.parametrize("with_residual", [True, False])

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, w8a8
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.models.merge import merge_projections
-from neuron_llm.quant.layers import Fp8Linear
+from neuron_llm.quant.layers import Fp8Linear, W8A8Linear
 
 if TYPE_CHECKING:
     from neuron_llm.ops.metadata import AttentionMetadata
@@ -37,11 +37,15 @@ class CudaBackend(TorchBackend):
         merge_projections(model)
 
     def swiglu_down(self, gate_up: torch.Tensor, down_proj: nn.Module) -> torch.Tensor:
-        # Exactly Fp8Linear: a row-parallel subclass all-reduces in its forward, which this skips.
+        # Exact types: a row-parallel subclass all-reduces in its forward, which these paths skip.
+        # The activation is quantized where it is made: one pass from gate/up to 8 bits.
         if type(down_proj) is Fp8Linear and down_proj.bias is None:
-            # The activation is quantized where it is made: one pass from gate/up to fp8.
             x_fp8, x_scale = fp8.silu_mul_quantize_fp8(gate_up, None, down_proj.activation_scale_ub)
             out = fp8.fp8_scaled_mm(x_fp8, x_scale, down_proj.weight, down_proj.weight_scale, gate_up.dtype)
+            return out.reshape(*gate_up.shape[:-1], down_proj.out_features)
+        if type(down_proj) is W8A8Linear and down_proj.bias is None and w8a8.takes(down_proj.weight):
+            x_q, x_scale = fp8.silu_mul_quantize_int8(gate_up)
+            out = w8a8.int8_scaled_mm(x_q, x_scale, down_proj.weight, down_proj.weight_scale, gate_up.dtype)
             return out.reshape(*gate_up.shape[:-1], down_proj.out_features)
         return down_proj(fused.silu_mul(gate_up))
 

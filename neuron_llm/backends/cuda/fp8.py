@@ -270,21 +270,35 @@ def silu_mul_quantize_fp8(
     ``F.silu(gate) * up`` would be. Returns ``(q, scale)`` as ``quantize_fp8_per_token``.
     """
     _check_scale_ub(activation_scale_ub)
+    return _launch_quantize_rows(*_gate_and_up_rows(gate_up_or_gate, up), activation_scale_ub)
+
+
+def silu_mul_quantize_int8(
+    gate_up_or_gate: torch.Tensor, up: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_int8_per_token(silu(gate) * up)`` in one pass, the int8 input of a w8a8 ``down_proj``.
+
+    Takes gate and up as ``silu_mul_quantize_fp8`` does; returns ``(q, scale)`` as
+    ``quantize_int8_per_token``.
+    """
+    return _launch_quantize_rows(*_gate_and_up_rows(gate_up_or_gate, up), None, torch.int8)
+
+
+def _gate_and_up_rows(gate_up_or_gate: torch.Tensor, up: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate and up as [tokens, intermediate] rows: halves of a fused gate/up, or two tensors."""
     if up is None:
         if gate_up_or_gate.shape[-1] % 2:
             raise ValueError(f"gate_up.shape={tuple(gate_up_or_gate.shape)}: the last dimension must be even")
-        gate_up = _rows(gate_up_or_gate, "gate_up")  # [tokens, 2 * intermediate]
-        gate, up_rows = gate_up.chunk(2, dim=-1)
-    else:
-        if up.shape != gate_up_or_gate.shape or up.dtype != gate_up_or_gate.dtype:
-            raise ValueError(
-                f"up ({up.dtype} {tuple(up.shape)}) must match gate "
-                f"({gate_up_or_gate.dtype} {tuple(gate_up_or_gate.shape)})"
-            )
-        if up.device != gate_up_or_gate.device:
-            raise ValueError(f"gate on {gate_up_or_gate.device} and up on {up.device}: must share a device")
-        gate, up_rows = _rows(gate_up_or_gate, "gate"), _rows(up, "up")
-    return _launch_quantize_rows(gate, up_rows, activation_scale_ub)
+        gate, up_rows = _rows(gate_up_or_gate, "gate_up").chunk(2, dim=-1)  # [tokens, intermediate] each
+        return gate, up_rows
+    if up.shape != gate_up_or_gate.shape or up.dtype != gate_up_or_gate.dtype:
+        raise ValueError(
+            f"up ({up.dtype} {tuple(up.shape)}) must match gate "
+            f"({gate_up_or_gate.dtype} {tuple(gate_up_or_gate.shape)})"
+        )
+    if up.device != gate_up_or_gate.device:
+        raise ValueError(f"gate on {gate_up_or_gate.device} and up on {up.device}: must share a device")
+    return _rows(gate_up_or_gate, "gate"), _rows(up, "up")
 
 
 def rms_norm_quantize_fp8(
