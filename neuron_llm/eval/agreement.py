@@ -6,11 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
+from neuron_llm.eval.perplexity import KV_BLOCK_SIZE, model_kv_caches
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.ops.metadata import AttentionMetadata
-from neuron_llm.worker import allocate_kv_cache
-
-KV_BLOCK_SIZE = 16
 
 
 @torch.inference_mode()
@@ -21,14 +19,9 @@ def greedy_continuations(
 
     One prefill step for every prompt, then one decode step per token; no stop tokens.
     """
-    config = model.config
-    embedding = model.model.embed_tokens.weight
-    device = embedding.device
+    device = model.model.embed_tokens.weight.device
     blocks_per_seq = -(-(max(map(len, prompts)) + num_new_tokens) // KV_BLOCK_SIZE)
-    num_kv_heads = model.model.layers[0].self_attn.k_proj.out_features // config.head_dim
-    kv_caches = allocate_kv_cache(
-        config, 1 + len(prompts) * blocks_per_seq, KV_BLOCK_SIZE, num_kv_heads, embedding.dtype, device
-    )
+    kv_caches = model_kv_caches(model, 1 + len(prompts) * blocks_per_seq)
     # Sequence s owns blocks 1 + s * blocks_per_seq ...; block 0 is the null block.
     tables = [list(range(1 + s * blocks_per_seq, 1 + (s + 1) * blocks_per_seq)) for s in range(len(prompts))]
     seq_lens = [len(p) for p in prompts]

@@ -100,14 +100,18 @@ def window_negative_log_likelihood(
     return float(total)
 
 
-def sequence_kv_caches(model: LlamaForCausalLM, max_len: int, block_size: int = KV_BLOCK_SIZE) -> list[KVCache]:
-    """A KV cache with room for one sequence of ``max_len`` tokens (and the null block)."""
+def model_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int = KV_BLOCK_SIZE) -> list[KVCache]:
+    """A KV cache of ``num_blocks`` blocks (block 0 the null block) in the model's dtype and device."""
     config = model.config
     embedding = model.model.embed_tokens.weight
     # The projections' widths give the KV heads this model holds (fewer under tensor parallelism).
     num_kv_heads = model.model.layers[0].self_attn.k_proj.out_features // config.head_dim
-    num_blocks = 1 + -(-max_len // block_size)
     return allocate_kv_cache(config, num_blocks, block_size, num_kv_heads, embedding.dtype, embedding.device)
+
+
+def sequence_kv_caches(model: LlamaForCausalLM, max_len: int, block_size: int = KV_BLOCK_SIZE) -> list[KVCache]:
+    """A KV cache with room for one sequence of ``max_len`` tokens (and the null block)."""
+    return model_kv_caches(model, 1 + -(-max_len // block_size), block_size)
 
 
 def forward_sequence(

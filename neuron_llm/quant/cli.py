@@ -16,9 +16,6 @@ if TYPE_CHECKING:
 
 CALIBRATION_LENGTH = 512
 DEFAULT_CALIBRATION_TOKENS = 32768
-DEFAULT_ALPHA = 0.5
-"""SmoothQuant's migration strength unless given; ``neuron_llm.quant.smoothquant.DEFAULT_ALPHA``
-is the same value, repeated here so that checking the options imports no torch."""
 
 
 def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -137,6 +134,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 def smoothing_from_args(args: argparse.Namespace) -> tuple[Path, float, int] | None:
     """``(text_file, alpha, num_tokens)`` of SmoothQuant, None without ``--smoothquant``; checked before loading."""
+    from neuron_llm.quant.smoothquant import DEFAULT_ALPHA
+
     if args.smoothquant is None:
         given = [
             flag

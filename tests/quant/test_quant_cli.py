@@ -150,9 +150,3 @@ def test_quantize_refuses_options_of_other_schemes(
     with pytest.raises(FileNotFoundError, match="no such calibration text file"):
         run_cli(*base, "--scheme", "w8a8", "--smoothquant", str(tmp_path / "missing.txt"))
     assert not (tmp_path / "q").exists()  # every refusal comes before anything is written
-
-
-def test_cli_default_alpha_is_the_library_default() -> None:
-    from neuron_llm.quant import cli, smoothquant
-
-    assert cli.DEFAULT_ALPHA == smoothquant.DEFAULT_ALPHA
