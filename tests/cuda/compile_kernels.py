@@ -6,7 +6,8 @@ Triton's interpreter runs a kernel's Python and never compiles it, so a kernel t
 refuses passes every interpreted test. Here the public wrappers are called on CPU tensors
 with Llama-3-8B shapes, Triton's active driver is replaced by one that only names an sm_90
 target, and every launch becomes a warm-up: each kernel variant is compiled down to a cubin
-(with the ptxas Triton ships) and nothing runs. Prints the kernels compiled; exits non-zero
+(with the ptxas Triton ships) and nothing runs. Kernels are compiled as a Hopper GPU launches
+them, with programmatic dependent launch. Prints the kernels compiled; exits non-zero
 on the first compilation error.
 """
 
@@ -38,19 +39,21 @@ class CompileOnlyDriver:
 
 def compile_every_kernel() -> list[str]:
     """Call each wrapper in the configurations the engine uses; return the kernels compiled."""
-    from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, w8a8
+    from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, launch, w8a8
     from neuron_llm.ops.metadata import AttentionMetadata
 
     compiled: list[str] = []
-    launch = jit.JITFunction.run
+    run = jit.JITFunction.run
+    use_pdl = launch.use_pdl
 
     def compile_only(self: jit.JITFunction, *args: object, grid: object, warmup: bool, **kwargs: object) -> object:
-        kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         compiled.append(self.fn.__name__)
         return kernel
 
     driver.set_active(CompileOnlyDriver())
     jit.JITFunction.run = compile_only
+    launch.use_pdl = lambda device: True
     try:
         bf16 = torch.bfloat16
         hidden, intermediate, heads, kv_heads, head_dim, block = 4096, 14336, 32, 8, 128, 16
@@ -72,6 +75,11 @@ def compile_every_kernel() -> list[str]:
                 scale = torch.ones(1024, 1 if group_size is None else hidden // group_size)
                 config = int8_matmul.default_config(tokens, 1024, hidden, group_size, H100_SMS)
                 int8_matmul.int8_linear(x, q, scale, None, group_size, config=config)
+            q = torch.zeros(hidden, intermediate, dtype=torch.int8)
+            gate_up = torch.randn(tokens, 2 * intermediate, dtype=bf16)
+            int8_matmul.int8_linear(gate_up, q, torch.ones(hidden, 1), silu_mul_input=True)
+            int8_matmul.gemv_16bit(gate_up[:1], torch.zeros(hidden, intermediate, dtype=bf16), silu_mul_input=True)
+            int8_matmul.gemv_16bit(x[:1], torch.zeros(1024, hidden, dtype=bf16))
 
             qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=bf16)
             query, key, value = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
@@ -101,7 +109,8 @@ def compile_every_kernel() -> list[str]:
             query = torch.randn(2, heads, head_dim, dtype=bf16)
             attention.decode_attention(query, cache, cache, decode, 0.088, num_splits=num_splits)
     finally:
-        jit.JITFunction.run = launch
+        jit.JITFunction.run = run
+        launch.use_pdl = use_pdl
     return compiled
 
 

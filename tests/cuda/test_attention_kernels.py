@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from neuron_llm.backends.cuda import launch
 from neuron_llm.backends.cuda.attention import (
     DecodeConfig,
     PrefillConfig,
@@ -112,6 +113,9 @@ def run_decode(case: Case, num_splits: int | None = None, config: DecodeConfig |
         case.query, case.key_cache, case.value_cache, case.metadata, case.scale, out, num_splits, config
     )
     assert result.data_ptr() == out.data_ptr()
+    # The splits of each sequence left their counters as they found them, zero.
+    counters = launch._SPLIT_COUNTERS.get(case.query.device)
+    assert counters is None or not counters.any()
     return result
 
 
@@ -199,6 +203,15 @@ def test_decode(device: torch.device, num_heads: int, num_kv_heads: int, num_spl
     )
     assert case.metadata.is_decode
     assert_close(run_decode(case, num_splits, DecodeConfig(block_n=16, num_warps=4, num_stages=2)), case)
+
+
+def test_decode_splits_combine_the_same_way_every_time(device: torch.device) -> None:
+    """Contexts of one run, of a few runs and of every split: the combine is deterministic."""
+    case = make_case([1] * 4, [12, 40, 75, 130], 8, 2, 64, 16, torch.float32, device, num_padded_seqs=5)
+    first = run_decode(case, num_splits=8, config=DecodeConfig(block_n=16, num_warps=4, num_stages=2))
+    assert_close(first, case)
+    again = run_decode(case, num_splits=8, config=DecodeConfig(block_n=16, num_warps=4, num_stages=2))
+    assert torch.equal(again, first)
 
 
 @pytest.mark.parametrize("head_dim", [80, 128])

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
@@ -173,3 +174,90 @@ def test_cuda_backend_runs_merged_quantized_models_like_the_reference(
     actual = prefill_logits(llm, prompt)
     error = ((actual - expected).norm() / expected.norm()).item()
     assert error < tolerance, error
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_programmatic_dependent_launch_changes_no_bit(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], monkeypatch: pytest.MonkeyPatch, quantization: str | None
+) -> None:
+    """Decode steps replayed from CUDA graphs give the same tokens and logprobs with and without PDL.
+
+    A kernel that read its inputs before the kernel before had written them would change
+    them (int8: every matmul is a Triton kernel; long prompts split the decode attention).
+    """
+    _, model_dir = save_tiny_llama(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        initializer_range=0.02,
+        max_position_embeddings=1024,
+    )
+    options = {"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 256, "block_size": 16, "max_model_len": 1024}
+    generator = torch.Generator().manual_seed(5)
+    prompts = [
+        {"prompt_token_ids": torch.randint(0, 250, (n,), generator=generator).tolist()} for n in (1, 40, 300, 700)
+    ]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=1)
+
+    def run() -> list[tuple[list[int], Any]]:
+        llm = LLM(str(model_dir), quantization=quantization, **options)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+
+    with_pdl = run()
+    monkeypatch.setenv("NEURON_LLM_PDL", "0")
+    assert run() == with_pdl
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 40])
+def test_int8_swiglu_down_makes_its_input_as_it_loads(num_tokens: int, device: torch.device) -> None:
+    """Few rows take the fused SwiGLU input, more the silu_mul kernel: both give the reference's result."""
+    from neuron_llm.backends.cuda.backend import CudaBackend
+    from neuron_llm.backends.torch_backend import TorchBackend
+    from neuron_llm.layers.linear import Linear
+    from neuron_llm.quant.config import resolve_quant_config
+    from neuron_llm.quant.layers import quantize_linear
+
+    generator = torch.Generator().manual_seed(4)
+    linear = Linear(96, 64)
+    linear.weight.data = torch.randn(64, 96, generator=generator) * 0.05
+    down_proj = quantize_linear(linear, resolve_quant_config("int8").format, "down_proj").to(device)
+    gate_up = (torch.randn(num_tokens, 192, generator=generator) * 3).to(device)
+    out = CudaBackend().swiglu_down(gate_up, down_proj)
+    expected = TorchBackend().swiglu_down(gate_up, down_proj)
+    assert out.shape == (num_tokens, 64)
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-5
+
+
+@pytest.mark.cuda
+def test_one_row_linears_take_the_streaming_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single bf16 row goes to the Triton GEMV when PDL is on (the down projection with its
+    SwiGLU input), to cuBLAS otherwise; both agree with the reference."""
+    from neuron_llm.backends.cuda import int8_matmul
+    from neuron_llm.backends.cuda.backend import CudaBackend
+    from neuron_llm.layers.linear import Linear
+
+    calls: list[tuple[int, ...]] = []
+    gemv = int8_matmul.gemv_16bit
+
+    def counted(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return gemv(x, *args, **kwargs)
+
+    monkeypatch.setattr(int8_matmul, "gemv_16bit", counted)
+    down_proj = Linear(4096, 6144).to("cuda", torch.bfloat16)
+    down_proj.weight.data.normal_(0.0, 0.02)
+    backend = CudaBackend()
+    for rows in (1, 2):
+        x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        out = backend.linear(x, down_proj.weight, None)
+        expected = x.double() @ down_proj.weight.double().T
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2
+        gate_up = torch.randn(rows, 8192, device="cuda", dtype=torch.bfloat16)
+        out = backend.swiglu_down(gate_up, down_proj)
+        gate, up = gate_up.double().chunk(2, dim=-1)
+        expected = (F.silu(gate) * up) @ down_proj.weight.double().T
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert calls == ([(1, 4096), (1, 8192)] if hopper else [])

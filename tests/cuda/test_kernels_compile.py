@@ -20,7 +20,6 @@ pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[2]
 KERNELS = {
     "_decode_kernel",
-    "_decode_reduce_kernel",
     "_int8_matmul_kernel",
     "_prefill_kernel",
     "_quantize_rows_kernel",

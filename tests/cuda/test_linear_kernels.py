@@ -23,7 +23,13 @@ from neuron_llm.backends.cuda.fp8 import (
     silu_mul_quantize_fp8,
     silu_mul_quantize_int8,
 )
-from neuron_llm.backends.cuda.int8_matmul import Int8MatmulConfig, default_config, int8_linear
+from neuron_llm.backends.cuda.fused import silu_mul
+from neuron_llm.backends.cuda.int8_matmul import (
+    Int8MatmulConfig,
+    default_config,
+    gemv_16bit,
+    int8_linear,
+)
 from neuron_llm.backends.cuda.w8a8 import w8a8_linear
 from neuron_llm.layers.norm import RMSNorm
 from neuron_llm.quant import reference
@@ -89,7 +95,7 @@ def test_int8_linear_matches_reference(
 
 CONFIGS = [
     Int8MatmulConfig(block_m=1, block_n=16, block_k=32, fast_convert=False),
-    Int8MatmulConfig(block_m=1, block_n=32, block_k=64, split_k=3),
+    Int8MatmulConfig(block_m=1, block_n=32, block_k=64, split_k=3, prefetch=True),
     Int8MatmulConfig(block_m=16, block_n=32, block_k=32, split_k=2),
     Int8MatmulConfig(block_m=32, block_n=64, block_k=64),
     Int8MatmulConfig(block_m=16, block_n=16, block_k=128, split_k=4),
@@ -99,13 +105,72 @@ CONFIGS = [
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}")
 @pytest.mark.parametrize("group_size", [None, 32, 24])
 def test_int8_linear_configs(config: Int8MatmulConfig, group_size: int | None, device: torch.device) -> None:
-    """Every path: GEMV and dot, split K (uneven last split too), per-tile and per-element group scales."""
+    """Every path: GEMV (with and without prefetch) and dot, split K (uneven last split too),
+    per-tile and per-element group scales."""
     out_features, in_features = 50, 232
     q, scale, bias = make_int8_linear(out_features, in_features, group_size, device, seed=7)
     for num_tokens in (1, 3) if config.block_m == 1 else (1, 5, 40):
         x = torch.randn(num_tokens, in_features, device=device)
         out = int8_linear(x, q, scale, bias, group_size, config=config)
         assert relative_error(out, int8_expected(x, q, scale, bias, group_size)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize(
+    "config", [None, *CONFIGS], ids=lambda c: "default" if c is None else f"m{c.block_m}s{c.split_k}"
+)
+@pytest.mark.parametrize("group_size", [None, 32, 24])
+def test_int8_linear_of_silu_mul_input_is_the_two_kernels(
+    config: Int8MatmulConfig | None, group_size: int | None, device: torch.device
+) -> None:
+    """silu(gate) * up made inside the matmul gives the bits of silu_mul, then int8_linear."""
+    out_features, in_features = 50, 232
+    q, scale, bias = make_int8_linear(out_features, in_features, group_size, device, seed=5)
+    for dtype in kernel_dtypes(device):
+        for num_tokens in (1, 3, 20):
+            gate_up = (3 * torch.randn(num_tokens, 2 * in_features, device=device)).to(dtype)
+            b = bias.to(dtype)
+            fused = int8_linear(gate_up, q, scale, b, group_size, config=config, silu_mul_input=True)
+            assert torch.equal(fused, int8_linear(silu_mul(gate_up), q, scale, b, group_size, config=config))
+            gate, up = gate_up.double().chunk(2, dim=-1)
+            expected = int8_expected(F.silu(gate) * up, q, scale, b, group_size)
+            assert relative_error(fused, expected) < TOLERANCE[dtype], (dtype, num_tokens)
+    with pytest.raises(ValueError, match="2 \\* in_features"):
+        int8_linear(gate_up[:, 1:], q, scale, silu_mul_input=True)
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(37, 200), (64, 256), (4096 + 48, 1000)])
+@pytest.mark.parametrize("config", [None, CONFIGS[0], CONFIGS[1]], ids=["default", "plain", "split3"])
+def test_gemv_16bit_matches_reference(
+    out_features: int, in_features: int, config: Int8MatmulConfig | None, device: torch.device
+) -> None:
+    """The streaming GEMV on 16-bit weights: odd and tile-straddling shapes, split K, bias."""
+    generator = torch.Generator().manual_seed(out_features)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.05
+    bias = torch.randn(out_features, generator=generator)
+    dtypes = [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float16]
+    for dtype in dtypes:
+        w, b = weight.to(device, dtype), bias.to(device, dtype)
+        for num_tokens in (1, 2):
+            x = torch.randn(num_tokens, in_features, generator=generator).to(device, dtype)
+            out = gemv_16bit(x, w, b, config=config)
+            assert out.shape == (num_tokens, out_features) and out.dtype == dtype
+            expected = x.double() @ w.double().T + b.double()
+            assert relative_error(out, expected) < TOLERANCE[dtype], (dtype, num_tokens)
+    with pytest.raises(ValueError, match="weight's dtype"):
+        gemv_16bit(x.float(), w)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        gemv_16bit(x.float(), w.float())
+
+
+def test_gemv_16bit_of_silu_mul_input_is_the_two_kernels(device: torch.device) -> None:
+    generator = torch.Generator().manual_seed(2)
+    for dtype in [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float16]:
+        weight = (torch.randn(48, 232, generator=generator) * 0.05).to(device, dtype)
+        gate_up = (3 * torch.randn(1, 464, generator=generator)).to(device, dtype)
+        fused = gemv_16bit(gate_up, weight, silu_mul_input=True)
+        assert torch.equal(fused, gemv_16bit(silu_mul(gate_up), weight))
+        gate, up = gate_up.double().chunk(2, dim=-1)
+        assert relative_error(fused, (F.silu(gate) * up) @ weight.double().T) < TOLERANCE[dtype]
 
 
 def test_int8_linear_shapes_and_strides(device: torch.device) -> None:

@@ -15,11 +15,13 @@ key tile may span several pages, each row gathered from its own page):
   for its tokens; a spare tile exits at once), found by a binary search. One extra pseudo
   sequence after the last owns the padding tokens and writes their rows as zeros.
 - ``decode_attention``: flash-decoding (https://pytorch.org/blog/flash-decoding/) for steps
-  with one query per sequence. Programs (sequence, KV head, split) each attend over one
-  ``1 / num_splits`` of their sequence's context; a second kernel combines the partial
-  outputs by their log-sum-exp. The grid depends only on shapes (query rows, KV heads and a
-  split count chosen from the block-table width), never on sequence lengths, so the call can
-  be captured in a CUDA graph; splits past a sequence's end write a neutral partial.
+  with one query per sequence. Programs (sequence, KV head, split) each attend over one run
+  of whole key tiles of their sequence's context, at most ``num_splits`` runs; the last run
+  to finish combines the partial outputs by their log-sum-exp (``launch.split_counters``),
+  and a context of one run is written directly. The grid depends only on shapes (query rows,
+  KV heads and a split count chosen from the block-table width), never on sequence lengths,
+  so the call can be captured in a CUDA graph; splits past a sequence's end exit at once.
+  Launched with programmatic dependent launch (``launch.py``).
 
 Softmax runs in base 2: scores are scaled by ``scale * log2(e)`` and exponentiated with exp2.
 """
@@ -35,6 +37,8 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
+
+from neuron_llm.backends.cuda import launch
 
 if TYPE_CHECKING:
     from neuron_llm.ops.metadata import AttentionMetadata
@@ -276,11 +280,13 @@ def _decode_kernel(
     out_ptr,
     partial_out_ptr,
     partial_lse_ptr,
+    counter_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     scale_log2,
     num_table_seqs,
     num_heads,
+    num_kv_heads,
     stride_query_token,
     stride_query_head,
     stride_out_token,
@@ -297,14 +303,17 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    launch.wait_for_inputs(USE_PDL)
     # Query rows past the block table's rows are padding too.
     seq_len = tl.load(seq_lens_ptr + seq, mask=seq < num_table_seqs, other=0)
-    # Each sequence is cut into NUM_SPLITS equal runs of whole key tiles.
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # Each sequence is cut into runs of whole key tiles, at most NUM_SPLITS of them.
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N), 1) * BLOCK_N
+    num_active = tl.cdiv(seq_len, split_len)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -314,13 +323,9 @@ def _decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     io_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     out_ptrs = out_ptr + seq.to(tl.int64) * stride_out_token + head[:, None] * stride_out_head + offs_d[None, :]
-    # partial_out: [num_rows, NUM_SPLITS, num_heads, HEAD_DIM]; partial_lse: [num_rows, NUM_SPLITS, num_heads]
-    partial_row = (seq.to(tl.int64) * NUM_SPLITS + split) * num_heads + head
     if start >= end:
-        if NUM_SPLITS == 1:
+        if split == 0:  # an empty sequence (padding): zeros
             tl.store(out_ptrs, tl.zeros([BLOCK_H, BLOCK_D], out_ptr.dtype.element_ty), mask=io_mask)
-        else:
-            tl.store(partial_lse_ptr + partial_row, tl.full([BLOCK_H], float("-inf"), tl.float32), mask=row_mask)
         return
 
     query_ptrs = query_ptr + seq.to(tl.int64) * stride_query_token + head[:, None] * stride_query_head + offs_d[None, :]
@@ -345,43 +350,38 @@ def _decode_kernel(
     out = acc / l_i[:, None]
     if NUM_SPLITS == 1:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    elif num_active == 1:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
+        # partial_out: [num_rows, NUM_SPLITS, num_heads, HEAD_DIM]; partial_lse: [num_rows, NUM_SPLITS, num_heads]
+        first_row = seq.to(tl.int64) * NUM_SPLITS * num_heads + head
+        partial_row = first_row + split * num_heads
         tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
         tl.store(partial_lse_ptr + partial_row, m_i + tl.log2(l_i), mask=row_mask)
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    partial_out_ptr,
-    partial_lse_ptr,
-    out_ptr,
-    num_heads,
-    stride_out_token,
-    stride_out_head,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-):
-    """Combine the splits of one (sequence, head): weights 2^(lse - max lse); none: zeros."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    splits = tl.arange(0, BLOCK_SPLITS)
-    offs_d = tl.arange(0, BLOCK_D)
-    partial_rows = (seq.to(tl.int64) * NUM_SPLITS + splits) * num_heads + head
-    lse = tl.load(partial_lse_ptr + partial_rows, mask=splits < NUM_SPLITS, other=float("-inf"))
-    is_used = lse > float("-inf")
-    lse_max = tl.max(lse, 0)
-    weights = tl.exp2(lse - tl.where(lse_max > float("-inf"), lse_max, 0.0))  # unused splits: 0
-    partial_out = tl.load(
-        partial_out_ptr + partial_rows[:, None] * HEAD_DIM + offs_d[None, :],
-        mask=is_used[:, None] & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )  # [BLOCK_SPLITS, BLOCK_D]
-    total = tl.sum(weights, 0)
-    out = tl.sum(weights[:, None] * partial_out, 0) / tl.where(total > 0, total, 1.0)
-    out_ptrs = out_ptr + seq.to(tl.int64) * stride_out_token + head * stride_out_head + offs_d
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+        # The last split of this (sequence, KV head) to finish combines them all (launch.py).
+        tl.debug_barrier()
+        counter = counter_ptr + seq * num_kv_heads + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_active - 1:
+            lse_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+            total = tl.zeros([BLOCK_H], tl.float32)
+            combined = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+            for other in range(0, num_active):
+                row = first_row + other * num_heads
+                lse = tl.load(partial_lse_ptr + row, mask=row_mask, other=0.0, cache_modifier=".cg")
+                part = tl.load(
+                    partial_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=io_mask,
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                new_max = tl.maximum(lse_max, lse)
+                rescale = tl.exp2(lse_max - new_max)
+                weight = tl.exp2(lse - new_max)
+                total = total * rescale + weight
+                combined = combined * rescale[:, None] + weight[:, None] * part
+                lse_max = new_max
+            tl.store(out_ptrs, (combined / total[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 def prefill_attention(
@@ -471,10 +471,12 @@ def decode_attention(
     # partial_out: [num_rows, num_splits, num_heads, head_dim]; partial_lse: [num_rows, num_splits, num_heads]
     partial_out = query.new_empty((num_rows, num_splits, num_heads, head_dim), dtype=torch.float32)
     partial_lse = query.new_empty((num_rows, num_splits, num_heads), dtype=torch.float32)
+    counters = launch.split_counters(query.device, num_rows * num_kv_heads) if num_splits > 1 else partial_lse
+    pdl = launch.use_pdl(query.device)
     _decode_kernel[(num_rows, num_kv_heads, num_splits)](
-        query, key_cache, value_cache, out, partial_out, partial_lse,
+        query, key_cache, value_cache, out, partial_out, partial_lse, counters,
         metadata.block_tables, metadata.seq_lens,
-        scale * LOG2_E, metadata.seq_lens.shape[0], num_heads,
+        scale * LOG2_E, metadata.seq_lens.shape[0], num_heads, num_kv_heads,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         metadata.block_tables.stride(0),
@@ -486,18 +488,11 @@ def decode_attention(
         BLOCK_N=config.block_n,
         NUM_SPLITS=num_splits,
         DOT_PRECISION=_dot_precision(query.dtype),
+        USE_PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        launch_pdl=pdl,
     )  # fmt: skip
-    if num_splits > 1:
-        _decode_reduce_kernel[(num_rows, num_heads)](
-            partial_out, partial_lse, out, num_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            NUM_SPLITS=num_splits,
-            BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-            num_warps=4 if block_d >= 128 else 2,
-        )  # fmt: skip
     return out
 
 

@@ -1,9 +1,11 @@
 """The cuda backend: the reference ops replaced by Triton kernels where a kernel pays.
 
 Linears of 16-bit weights stay with cuBLAS (``F.linear``), which is at the bandwidth or
-compute limit already; the KV-cache write is folded into the RoPE kernel. A long prompt with
-no cached context goes to cuDNN's attention through SDPA, which is faster there than our
-paged kernel (BENCHMARKS.md); everything else runs the Triton kernels.
+compute limit already, except a single row on Hopper: there the Triton GEMV overlaps the
+kernel before it (programmatic dependent launch), which cuBLAS cannot. The KV-cache write is
+folded into the RoPE kernel, and a decode step's SwiGLU into its down projection. A long
+prompt with no cached context goes to cuDNN's attention through SDPA, which is faster there
+than our paged kernel (BENCHMARKS.md); everything else runs the Triton kernels.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, w8a8
+from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, launch, w8a8
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.models.merge import merge_projections
-from neuron_llm.quant.layers import Fp8Linear, W8A8Linear
+from neuron_llm.layers.linear import Linear
+from neuron_llm.quant.layers import Fp8Linear, Int8Linear, W8A8Linear
 
 if TYPE_CHECKING:
     from neuron_llm.ops.metadata import AttentionMetadata
@@ -28,6 +31,9 @@ CUDNN_MIN_PROMPT = 1024
 """Shortest fresh prompt sent to cuDNN: below it, one paged launch for the batch wins."""
 CUDNN_MAX_SEQS = 4
 """Most sequences of one step sent to cuDNN (one SDPA call each)."""
+SWIGLU_INT8_MAX_ROWS = 16
+"""Most tokens whose int8 down projection computes its SwiGLU input itself (more: every column
+tile would recompute it, and the separate kernel wins)."""
 
 
 class CudaBackend(TorchBackend):
@@ -47,6 +53,18 @@ class CudaBackend(TorchBackend):
             x_q, x_scale = fp8.silu_mul_quantize_int8(gate_up)
             out = w8a8.int8_scaled_mm(x_q, x_scale, down_proj.weight, down_proj.weight_scale, gate_up.dtype)
             return out.reshape(*gate_up.shape[:-1], down_proj.out_features)
+        # Few rows stream the weight: silu(gate) * up is made as the matmul loads it.
+        if type(down_proj) is Int8Linear and gate_up.numel() <= SWIGLU_INT8_MAX_ROWS * gate_up.shape[-1]:
+            return int8_matmul.int8_linear(
+                gate_up,
+                down_proj.weight,
+                down_proj.weight_scale,
+                down_proj.bias,
+                down_proj.group_size,
+                silu_mul_input=True,
+            )
+        if type(down_proj) is Linear and self._takes_gemv(gate_up, down_proj.weight):
+            return int8_matmul.gemv_16bit(gate_up, down_proj.weight, down_proj.bias, silu_mul_input=True)
         return down_proj(fused.silu_mul(gate_up))
 
     def paged_attention(
@@ -64,6 +82,17 @@ class CudaBackend(TorchBackend):
         if query.dtype != torch.float32 and _is_long_fresh_prefill(metadata):
             return _cudnn_prefill(query, key_cache, value_cache, metadata, scale)
         return attention.prefill_attention(query, key_cache, value_cache, metadata, scale)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._takes_gemv(x, weight):
+            return int8_matmul.gemv_16bit(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """One row of a 16-bit weight's dtype (a batch-1 decode step) on Hopper or newer: the streaming
+        GEMV starts loading its weight while the kernel before it ends (PDL); cuBLAS cannot."""
+        return x.numel() == x.shape[-1] and x.dtype == weight.dtype != torch.float32 and launch.use_pdl(x.device)
 
     def int8_linear(
         self,

@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from neuron_llm.backends.cuda.fused import _check_norm_inputs, _load_residual_sum, _rms_norm_row
+from neuron_llm.backends.cuda import launch
+from neuron_llm.backends.cuda.fused import _check_norm_inputs, _load_residual_sum, _rms_norm_row, silu_mul_rounded
 from neuron_llm.quant.formats import (
     DEFAULT_ACTIVATION_SCALE_UB,
     FP8_DTYPE,
@@ -97,9 +98,7 @@ def _silu_mul(gate_ptr, up_ptr, offs, mask):
     """``silu(gate) * up`` in float32, rounded to the input dtype after each op as torch does."""
     gate = tl.load(gate_ptr + offs, mask=mask, other=0.0)
     up = tl.load(up_ptr + offs, mask=mask, other=0.0)
-    gate_f = gate.to(tl.float32)
-    activation = tl.math.div_rn(gate_f, 1.0 + tl.exp(-gate_f)).to(gate.dtype)
-    return (activation.to(tl.float32) * up.to(tl.float32)).to(up.dtype).to(tl.float32)
+    return silu_mul_rounded(gate, up).to(tl.float32)
 
 
 @triton.jit
@@ -125,8 +124,10 @@ def _quantize_rows_kernel(
     IS_INT8: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_BLOCKS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """q[row] = fp8 (int8) of values[row] / scale[row]; values are x, or silu(x) * up with IS_SILU_MUL."""
+    launch.wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     up_row = up_ptr + row * stride_up
@@ -214,6 +215,7 @@ def _launch_quantize_rows(
         block, num_blocks = triton.next_power_of_2(num_features), 1
     else:
         block, num_blocks = _BLOCK_TWO_PASS, triton.cdiv(num_features, _BLOCK_TWO_PASS)
+    pdl = launch.use_pdl(x.device)
     _quantize_rows_kernel[(num_tokens,)](
         x,
         up if up is not None else x,
@@ -229,8 +231,10 @@ def _launch_quantize_rows(
         IS_INT8=out_dtype == torch.int8,
         BLOCK=block,
         NUM_BLOCKS=num_blocks,
+        USE_PDL=pdl,
         num_warps=max(1, min(16, block // 512)),
         enable_fp_fusion=False,
+        launch_pdl=pdl,
     )
     return q, scale
 

@@ -15,7 +15,8 @@ rounding of each product that torch does, and differ from it in the last bit.
 
 One program per token (row); a row is held in registers, so the norms take up to
 ``MAX_NORM_FEATURES`` features. The wrappers allocate their outputs with ``torch.empty`` and
-read nothing on the host, so they can be captured in a CUDA graph.
+read nothing on the host, so they can be captured in a CUDA graph; on Hopper they launch
+with programmatic dependent launch (``launch.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from neuron_llm.backends.cuda import launch
 
 MAX_NORM_FEATURES = 32768
 """Largest row the norm kernels hold in registers (Llama 3 405B's hidden size is 16384)."""
@@ -67,10 +70,13 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < num_features
+    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0)  # no kernel writes it: before the wait
+    launch.wait_for_inputs(USE_PDL)
     x = _load_residual_sum(
         x_ptr + row * stride_x,
         residual_ptr + row * stride_residual,
@@ -79,7 +85,6 @@ def _rms_norm_kernel(
         mask,
         HAS_RESIDUAL,
     )
-    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0)
     out = _rms_norm_row(x, weight, num_features, eps, out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
 
@@ -122,6 +127,7 @@ def _launch_norm(
         new_residual = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0] > 0:
         block = triton.next_power_of_2(hidden)
+        pdl = launch.use_pdl(x.device)
         _rms_norm_kernel[(x2.shape[0],)](
             x2,
             residual2 if residual2 is not None else x2,
@@ -136,8 +142,10 @@ def _launch_norm(
             eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
+            USE_PDL=pdl,
             num_warps=_norm_warps(block),
             enable_fp_fusion=False,
+            launch_pdl=pdl,
         )
     out = out.reshape(x.shape)
     return out, None if new_residual is None else new_residual.reshape(x.shape)
@@ -239,11 +247,13 @@ def _rotary_write_kv_kernel(
     BLOCK_HEADS: tl.constexpr,
     BLOCK_KV_HEADS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head_dim = 2 * HALF_DIM
     dims = tl.arange(0, BLOCK_HALF)
     dim_mask = dims < HALF_DIM
+    launch.wait_for_inputs(USE_PDL)
     cos_row = cos_ptr + token * stride_cos_token + dims
     sin_row = sin_ptr + token * stride_sin_token + dims
     cos_first = tl.load(cos_row, mask=dim_mask, other=0.0)
@@ -384,6 +394,7 @@ def rotary_write_kv(
     half = head_dim // 2
     block_heads = triton.next_power_of_2(num_heads)
     block_half = triton.next_power_of_2(half)
+    pdl = launch.use_pdl(query.device)
     _rotary_write_kv_kernel[(num_tokens,)](
         query,
         key,
@@ -409,24 +420,33 @@ def rotary_write_kv(
         BLOCK_HEADS=block_heads,
         BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=block_half,
+        USE_PDL=pdl,
         num_warps=max(1, min(8, block_heads * block_half // 1024)),
         enable_fp_fusion=False,
+        launch_pdl=pdl,
     )
     return query_out, key_out
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, intermediate, stride_in, stride_out, BLOCK: tl.constexpr):
+def silu_mul_rounded(gate, up):
+    """``silu(gate) * up`` of loaded tiles, rounded to their dtype after silu and after the product, as torch does."""
+    gate_f = gate.to(tl.float32)
+    activation = tl.math.div_rn(gate_f, 1.0 + tl.exp(-gate_f)).to(gate.dtype)
+    return (activation.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+
+
+@triton.jit
+def _silu_mul_kernel(
+    gate_up_ptr, out_ptr, intermediate, stride_in, stride_out, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < intermediate
+    launch.wait_for_inputs(USE_PDL)
     gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=mask, other=0.0)
     up = tl.load(gate_up_ptr + row * stride_in + intermediate + offs, mask=mask, other=0.0)
-    # Rounded to the input dtype after silu and after the product, as F.silu(gate) * up is.
-    gate_f = gate.to(tl.float32)
-    silu = (gate_f / (1.0 + tl.exp(-gate_f))).to(gate.dtype)
-    out = (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
-    tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
+    tl.store(out_ptr + row * stride_out + offs, silu_mul_rounded(gate, up), mask=mask)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -440,7 +460,16 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows.shape[0], intermediate, dtype=rows.dtype, device=rows.device)
     if rows.shape[0]:
         block = 1024
+        pdl = launch.use_pdl(rows.device)
         _silu_mul_kernel[(rows.shape[0], triton.cdiv(intermediate, block))](
-            rows, out, intermediate, rows.stride(0), out.stride(0), BLOCK=block, num_warps=4
+            rows,
+            out,
+            intermediate,
+            rows.stride(0),
+            out.stride(0),
+            BLOCK=block,
+            USE_PDL=pdl,
+            num_warps=4,
+            launch_pdl=pdl,
         )
     return out.reshape(*gate_up.shape[:-1], intermediate)

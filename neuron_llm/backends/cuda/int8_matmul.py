@@ -15,11 +15,12 @@ formats of ``neuron_llm.quant.formats``. One kernel covers every number of rows 
 
 When the output tiles alone are too few to fill the GPU (few columns, small M), K is split
 across ``split_k`` programs per tile. Each writes its float32 partial sums to a scratch
-buffer and counts itself in with an atomic add on its tile's counter; the last to arrive adds
-the partials up in split order (deterministic, unlike atomic adds of the sums), writes the
-output and resets the counter to zero for the next call. One launch, no second pass. The
-counters are one int32 buffer per device, allocated at the first split call: make that call
-before capturing a CUDA graph, and don't run split calls on two streams of one device at once.
+buffer, and the last to finish adds them up in split order (``launch.split_counters``).
+
+Decode launches use programmatic dependent launch (``launch.py``): a GEMV program loads its
+first weight tile before it waits for the kernel before. With ``silu_mul_input`` the kernel
+computes the down projection's input, silu(gate) * up, as it loads it. ``gemv_16bit`` runs
+the same GEMV on bf16/fp16 weights (no scales), for the single rows of a batch-1 decode.
 
 Scales: per channel, the accumulator is scaled once at the end. Per group, a K tile that lies
 inside one group (``group_size % block_k == 0``) multiplies its weight tile by the group's
@@ -38,6 +39,9 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
+
+from neuron_llm.backends.cuda import launch
+from neuron_llm.backends.cuda.fused import silu_mul_rounded
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -61,19 +65,11 @@ class Int8MatmulConfig:
     """Row tiles walked together so that a column of weight tiles stays in L2 (prefill)."""
     fast_convert: bool = True
     """GEMV path: int8 -> float32 by integer add and a float subtract instead of a conversion instruction."""
+    prefetch: bool = False
+    """GEMV path: the next weight tile is loaded before the current one is used (two in flight)."""
 
 
-_TILE_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_MIN_COUNTERS = 1 << 16
-
-
-def _tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
-    """The device's split-K counters (int32, all zero between calls), at least ``num_tiles`` of them."""
-    counters = _TILE_COUNTERS.get(device)
-    if counters is None or counters.numel() < num_tiles:
-        counters = torch.zeros(max(num_tiles, _MIN_COUNTERS), dtype=torch.int32, device=device)
-        _TILE_COUNTERS[device] = counters
-    return counters
+PREFETCH_MAX_PROGRAMS_PER_SM = 3
 
 
 @functools.cache
@@ -95,7 +91,13 @@ def _block_k_for_groups(group_size: int, block_k: int) -> int:
 
 
 def default_config(
-    m: int, n: int, k: int, group_size: int | None, num_sms: int, x_dtype: torch.dtype = torch.bfloat16
+    m: int,
+    n: int,
+    k: int,
+    group_size: int | None,
+    num_sms: int,
+    x_dtype: torch.dtype = torch.bfloat16,
+    weight_bytes: int = 1,
 ) -> Int8MatmulConfig:
     """The tile shape used for an [m, k] x [k, n] product when the caller gives none.
 
@@ -104,11 +106,14 @@ def default_config(
     activations: 128x128, half as deep, to fit shared memory). Up to 512 rows, K is split
     until every multiprocessor has a program or a few. Chosen from the sweep of
     ``benchmarks/linear_kernels.py`` on an H100 at Llama-3-8B shapes (M = 1, 16, 64, 4096).
+    A 16-bit weight (``weight_bytes`` 2) takes GEMV tiles half as deep, the same elements a
+    step; an int8 GEMV prefetches only when its grid has at most
+    ``PREFETCH_MAX_PROGRAMS_PER_SM`` programs per multiprocessor (both from an H200 sweep).
     """
     if m == 1:
         # Narrow tiles while they alone give four programs per multiprocessor, else wider ones and split K.
         block_n = 16 if triton.cdiv(n, 16) >= 4 * num_sms else 32
-        config = Int8MatmulConfig(block_m=1, block_n=block_n, block_k=256)
+        config = Int8MatmulConfig(block_m=1, block_n=block_n, block_k=256 // weight_bytes)
     elif m <= 16:
         config = Int8MatmulConfig(block_m=16, block_n=32, block_k=256)
     elif m <= 64:
@@ -124,12 +129,16 @@ def default_config(
         block_n = 32 if m == 1 else config.block_n
         config = replace(config, block_n=block_n, block_k=block_k)
     if m <= 512:
-        # Decode tiles of 4 KiB of weight per step want twice the programs of 8 KiB ones.
+        # Decode tiles of 4096 weights per step want twice the programs of 8192-weight ones.
         is_small_step = config.block_m <= 16 and config.block_n * config.block_k <= 4096
         programs_per_sm = 4 if is_small_step else 2 if m <= 16 else 1
         num_tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
         split_k = split_k_for(num_tiles, triton.cdiv(k, config.block_k), num_sms, programs_per_sm)
         config = replace(config, split_k=split_k)
+        # A second tile in flight pays where few programs share a multiprocessor; where many
+        # do, its registers cost more occupancy than it hides latency.
+        is_sparse = num_tiles * split_k <= PREFETCH_MAX_PROGRAMS_PER_SM * num_sms
+        config = replace(config, prefetch=m == 1 and weight_bytes == 1 and is_sparse)
     return config
 
 
@@ -159,12 +168,73 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _int8_to_float32(q, FAST: tl.constexpr):
+def _weight_to_float32(q, IS_INT8: tl.constexpr, FAST: tl.constexpr):
+    if not IS_INT8:
+        return q.to(tl.float32)
     if FAST:
         # 0x4B000000 is 2**23, whose mantissa counts in ones: its bits plus (q + 128) are the
         # float 2**23 + 128 + q, exactly. One integer add and one float subtract.
         return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
     return q.to(tl.float32)
+
+
+@triton.jit
+def _load_weight_tile(weight_ptr, rows_n, stride_wn, offs_k, K, EVEN_K: tl.constexpr):
+    """The weight tile [BLOCK_K, BLOCK_N] (K contiguous in memory)."""
+    w_ptrs = weight_ptr + rows_n[None, :] * stride_wn + offs_k[:, None]
+    if EVEN_K:
+        return tl.load(w_ptrs)
+    return tl.load(w_ptrs, mask=offs_k[:, None] < K, other=0)
+
+
+@triton.jit
+def _load_x(x_ptrs, mask, up_offset, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr):
+    """Activations at ``x_ptrs``; with SWIGLU, ``silu(gate) * up`` of the gate at ``x_ptrs`` and
+    the up ``up_offset`` elements on, rounded as ``fused.silu_mul`` rounds."""
+    if EVEN_K:
+        x = tl.load(x_ptrs)
+        if SWIGLU:
+            x = silu_mul_rounded(x, tl.load(x_ptrs + up_offset))
+    else:
+        x = tl.load(x_ptrs, mask=mask, other=0.0)
+        if SWIGLU:
+            x = silu_mul_rounded(x, tl.load(x_ptrs + up_offset, mask=mask, other=0.0))
+    return x
+
+
+@triton.jit
+def _gemv_step(
+    acc_k,
+    w,
+    x_ptr,
+    scale_ptr,
+    rows_n,
+    stride_sn,
+    k,
+    K,
+    up_offset,
+    IS_INT8: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    SCALE_PER_TILE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    FAST_CONVERT: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``acc_k`` [BLOCK_K, BLOCK_N] plus the weight tile ``w`` at K offset ``k`` times x there (float32)."""
+    offs_k = k + tl.arange(0, BLOCK_K)
+    x = _load_x(x_ptr + offs_k, offs_k < K, up_offset, EVEN_K, SWIGLU).to(tl.float32)  # [BLOCK_K]
+    wf = _weight_to_float32(w, IS_INT8, FAST_CONVERT)
+    if GROUP_SIZE > 0:
+        if SCALE_PER_TILE:
+            wf = wf * tl.load(scale_ptr + rows_n * stride_sn + k // GROUP_SIZE)[None, :]
+        else:
+            wf = wf * tl.load(
+                scale_ptr + rows_n[None, :] * stride_sn + offs_k[:, None] // GROUP_SIZE,
+                mask=offs_k[:, None] < K,
+                other=0.0,
+            )
+    return acc_k + wf * x[:, None]
 
 
 @triton.jit
@@ -185,24 +255,31 @@ def _int8_matmul_kernel(
     stride_om,
     stride_split,
     stride_pm,
+    up_offset,
     K_PER_SPLIT: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    IS_INT8: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     SCALE_PER_TILE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     FAST_CONVERT: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    SWIGLU: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile over K split ``program_id(1)``.
 
+    IS_INT8: the weight is int8 with scales; otherwise 16-bit, unscaled, and GROUP_SIZE 0.
     GROUP_SIZE is 0 for per-channel scales. EVEN_K: every split is whole and inside K (no
     masks). With SPLIT_K > 1, ``partial_ptr`` is float32 [SPLIT_K, M, N] scratch and
-    ``counter_ptr`` int32 counters, one per tile, zero on entry and on exit.
+    ``counter_ptr`` int32 counters, one per tile, zero on entry and on exit. With SWIGLU, x
+    rows hold gate then up (``up_offset`` apart) and the product's input is silu(gate) * up.
     """
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -211,63 +288,66 @@ def _int8_matmul_kernel(
     k_start = pid_k * K_PER_SPLIT
 
     if BLOCK_M == 1:
+        # The first weight tile streams in while the kernel before finishes (see launch.py).
+        w = _load_weight_tile(weight_ptr, rows_n, stride_wn, k_start + tl.arange(0, BLOCK_K), K, EVEN_K)
+        launch.wait_for_inputs(USE_PDL)
+        x_row = x_ptr + pid_m * stride_xm
         acc_k = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K after the loop
+        if PREFETCH:
+            # The next tile (the last one again at the end, from L1) is loaded before this one
+            # is used, so two are in flight: the compiler does not pipeline loads that feed no
+            # tl.dot.
+            for step in range(0, K_PER_SPLIT, BLOCK_K):
+                next_k = k_start + tl.minimum(step + BLOCK_K, K_PER_SPLIT - BLOCK_K)
+                w_next = _load_weight_tile(weight_ptr, rows_n, stride_wn, next_k + tl.arange(0, BLOCK_K), K, EVEN_K)
+                acc_k = _gemv_step(
+                    acc_k, w, x_row, scale_ptr, rows_n, stride_sn, k_start + step, K, up_offset,
+                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, FAST_CONVERT, SWIGLU, BLOCK_K,
+                )  # fmt: skip
+                w = w_next
+        else:
+            acc_k = _gemv_step(
+                acc_k, w, x_row, scale_ptr, rows_n, stride_sn, k_start, K, up_offset,
+                IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, FAST_CONVERT, SWIGLU, BLOCK_K,
+            )  # fmt: skip
+            for step in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
+                k = k_start + step
+                w = _load_weight_tile(weight_ptr, rows_n, stride_wn, k + tl.arange(0, BLOCK_K), K, EVEN_K)
+                acc_k = _gemv_step(
+                    acc_k, w, x_row, scale_ptr, rows_n, stride_sn, k, K, up_offset,
+                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, FAST_CONVERT, SWIGLU, BLOCK_K,
+                )  # fmt: skip
+        acc = tl.sum(acc_k, axis=0)[None, :]  # [1, BLOCK_N]
+        offs_m = pid_m + tl.arange(0, 1)
     else:
+        launch.wait_for_inputs(USE_PDL)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows_m = offs_m % M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    for step in range(0, K_PER_SPLIT, BLOCK_K):
-        k = k_start + step
-        offs_k = k + tl.arange(0, BLOCK_K)
-        # w: [BLOCK_K, BLOCK_N], K contiguous in memory
-        w_ptrs = weight_ptr + rows_n[None, :] * stride_wn + offs_k[:, None]
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-        else:
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < K, other=0)
-        if GROUP_SIZE > 0:
-            if SCALE_PER_TILE:
+        for step in range(0, K_PER_SPLIT, BLOCK_K):
+            k = k_start + step
+            offs_k = k + tl.arange(0, BLOCK_K)
+            w = _load_weight_tile(weight_ptr, rows_n, stride_wn, offs_k, K, EVEN_K)
+            x = _load_x(
+                x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :], offs_k[None, :] < K, up_offset, EVEN_K, SWIGLU
+            )  # [BLOCK_M, BLOCK_K]
+            if GROUP_SIZE == 0:
+                w_dequantized = w.to(x.dtype)  # int8: exact, the scale comes after the loop
+            elif SCALE_PER_TILE:
+                # Scaling B rather than the dot's result keeps the accumulator in the tensor
+                # cores across iterations (no wait for each dot), as the reference rounds it.
                 group_scale = tl.load(scale_ptr + rows_n * stride_sn + k // GROUP_SIZE)  # [BLOCK_N]
+                w_dequantized = (w.to(tl.float32) * group_scale[None, :]).to(x.dtype)
             else:
                 element_scale = tl.load(
                     scale_ptr + rows_n[None, :] * stride_sn + offs_k[:, None] // GROUP_SIZE,
                     mask=offs_k[:, None] < K,
                     other=0.0,
                 )  # [BLOCK_K, BLOCK_N]
-        if BLOCK_M == 1:
-            x_ptrs = x_ptr + pid_m * stride_xm + offs_k
-            if EVEN_K:
-                x = tl.load(x_ptrs).to(tl.float32)
-            else:
-                x = tl.load(x_ptrs, mask=offs_k < K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            wf = _int8_to_float32(w, FAST_CONVERT)
-            if GROUP_SIZE > 0:
-                if SCALE_PER_TILE:
-                    wf = wf * group_scale[None, :]
-                else:
-                    wf = wf * element_scale
-            acc_k += wf * x[:, None]
-        else:
-            x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :]
-            if EVEN_K:
-                x = tl.load(x_ptrs)
-            else:
-                x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)  # [BLOCK_M, BLOCK_K]
-            if GROUP_SIZE == 0:
-                w_dequantized = w.to(x.dtype)  # exact: the scale comes after the loop
-            elif SCALE_PER_TILE:
-                # Scaling B rather than the dot's result keeps the accumulator in the tensor
-                # cores across iterations (no wait for each dot), as the reference rounds it.
-                w_dequantized = (w.to(tl.float32) * group_scale[None, :]).to(x.dtype)
-            else:
                 w_dequantized = (w.to(tl.float32) * element_scale).to(x.dtype)
             acc = tl.dot(x, w_dequantized, acc, input_precision=DOT_PRECISION)
 
-    if BLOCK_M == 1:
-        acc = tl.sum(acc_k, axis=0)[None, :]  # [1, BLOCK_N]
-        offs_m = pid_m + tl.arange(0, 1)
-    if GROUP_SIZE == 0:
+    if IS_INT8 and GROUP_SIZE == 0:
         acc *= tl.load(scale_ptr + rows_n * stride_sn)[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -331,6 +411,8 @@ def int8_linear(
     bias: torch.Tensor | None = None,
     group_size: int | None = None,
     config: Int8MatmulConfig | None = None,
+    *,
+    silu_mul_input: bool = False,
 ) -> torch.Tensor:
     """``x @ dequantize(weight).T + bias`` with the int8 weight dequantized in registers.
 
@@ -338,30 +420,99 @@ def int8_linear(
     float32 [out, 1] (``group_size`` None) or [out, ceil(in / group_size)]; ``bias`` [out] or
     None. Products are summed in float32 (fp32 activations without tf32). ``config``
     overrides the tile shape (``default_config`` otherwise). Returns [..., out] in ``x.dtype``.
+    ``silu_mul_input``: see ``_swiglu_input``.
     """
-    _check_int8_inputs(x, weight, weight_scale, bias, group_size)
+    _check_int8_inputs(_swiglu_input(x, weight, silu_mul_input), weight, weight_scale, bias, group_size)
+    return _launch(x, weight, weight_scale, bias, group_size, config, silu_mul_input)
+
+
+def gemv_16bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: Int8MatmulConfig | None = None,
+    *,
+    silu_mul_input: bool = False,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a bf16/fp16 ``weight`` [out, in] and ``x`` [..., in] of its dtype.
+
+    The GEMV of the int8 kernel on 16-bit weights, for decode rows: it streams the weight as
+    the int8 GEMV does and, unlike cuBLAS, takes part in programmatic dependent launch, so a
+    decode step's matmuls start loading while the kernel before them ends.
+    ``silu_mul_input``: see ``_swiglu_input``.
+    """
+    if weight.dtype not in (torch.bfloat16, torch.float16) or weight.dim() != 2:
+        raise ValueError(
+            f"weight must be a 2-D bf16 or fp16 tensor [out, in], got {weight.dtype} {tuple(weight.shape)}"
+        )
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x.dtype={x.dtype} must be the weight's dtype {weight.dtype}")
     out_features, in_features = weight.shape
-    x2 = x.reshape(-1, in_features)  # [M, K]
+    rows = _swiglu_input(x, weight, silu_mul_input)
+    if rows.dim() == 0 or rows.shape[-1] != in_features:
+        raise ValueError(f"x.shape={tuple(x.shape)}: the last dimension must be in_features={in_features}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias.shape={tuple(bias.shape)}: must be [{out_features}]")
+    if x.device != weight.device:
+        raise ValueError(f"x on {x.device} and weight on {weight.device}: must share a device")
+    return _launch(x, weight, None, bias, None, config, silu_mul_input)
+
+
+def _swiglu_input(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool) -> torch.Tensor:
+    """``x`` itself, or with ``silu_mul_input`` the gate half of ``x`` [..., 2 * in] (gate, then up).
+
+    Then the product's input is ``silu(gate) * up``, computed as each activation tile is
+    loaded and rounded as ``fused.silu_mul`` rounds: the result is that of the two kernels,
+    and the down projection of a decode step needs no kernel of its own for SwiGLU. It pays
+    where the product streams the weight (few rows); with many rows every column tile would
+    recompute the activations.
+    """
+    if not silu_mul_input:
+        return x
+    in_features = weight.shape[-1] if weight.dim() == 2 else -1
+    if x.dim() == 0 or x.shape[-1] != 2 * in_features:
+        raise ValueError(
+            f"x.shape={tuple(x.shape)}: with silu_mul_input the last dimension must be "
+            f"2 * in_features = {2 * in_features} (gate, then up)"
+        )
+    return x[..., :in_features]
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int | None,
+    config: Int8MatmulConfig | None,
+    silu_mul_input: bool,
+) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K], or [M, 2K] of gate and up
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    weight_scale = weight_scale.contiguous()
+    is_int8 = weight.dtype == torch.int8
+    weight_scale = weight_scale.contiguous() if weight_scale is not None else x2  # not read unscaled
     num_rows = x2.shape[0]
     out = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)  # [M, N]
     if num_rows == 0:
         return out.reshape(*x.shape[:-1], out_features)
     if config is None:
-        config = default_config(num_rows, out_features, in_features, group_size, _num_sms(x.device), x.dtype)
+        config = default_config(
+            num_rows, out_features, in_features, group_size, _num_sms(x.device), x.dtype, weight.element_size()
+        )
 
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(in_features, k_per_split)  # no empty splits
     num_tiles = triton.cdiv(num_rows, config.block_m) * triton.cdiv(out_features, config.block_n)
     if split_k > 1:
         partial = torch.empty(split_k, num_rows, out_features, dtype=torch.float32, device=x.device)  # [S, M, N]
-        counters = _tile_counters(x.device, num_tiles)
+        counters = launch.split_counters(x.device, num_tiles)
     else:
         partial, counters = out, out  # not read
+    pdl = launch.use_pdl(x.device)
     _int8_matmul_kernel[(num_tiles, split_k)](
         x2,
         weight,
@@ -379,19 +530,25 @@ def int8_linear(
         out.stride(0),
         partial.stride(0),
         partial.stride(-2),
+        in_features,
         K_PER_SPLIT=k_per_split,
         SPLIT_K=split_k,
+        IS_INT8=is_int8,
         GROUP_SIZE=0 if group_size is None else group_size,
         SCALE_PER_TILE=group_size is not None and group_size % config.block_k == 0,
         HAS_BIAS=bias is not None,
         EVEN_K=in_features % k_per_split == 0,
         FAST_CONVERT=config.fast_convert,
+        PREFETCH=config.prefetch,
+        SWIGLU=silu_mul_input,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
+        USE_PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        launch_pdl=pdl,
     )
     return out.reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,66 @@
+"""Launch helpers shared by the kernels: programmatic dependent launch, and split counters.
+
+**Programmatic dependent launch (PDL)**, for the kernels of a decode step.
+
+A decode step is hundreds of short kernels in a row, and on a Hopper GPU each boundary
+between two of them costs microseconds in which the GPU drains one grid and starts the next.
+With PDL (compute capability 9.0+), a kernel launched with ``launch_pdl=True`` may start
+while the kernel before it is still running: its programs first do what needs nothing from
+that kernel (an int8 GEMV loads its first weight tile: weights are never written by a
+kernel), then ``wait_for_inputs`` blocks until the kernel before has finished and its
+writes are visible, and lets the kernel after launch in turn.
+
+Every kernel launched with PDL must call ``wait_for_inputs`` before it reads or writes any
+memory another kernel touches, on every path, so that the ordering of the whole stream
+holds link by link. Kernels launched without it (cuBLAS, PyTorch's) are ordered as usual.
+
+**Split counters.** A kernel that splits one output over several programs (split K, split
+context) lets the last program to finish combine the partial results: each program stores
+its part, counts itself in with an atomic add, and the one that sees the count complete
+sums the parts in a fixed order (deterministic) and resets the counter to zero. One launch,
+no second pass. The counters are one int32 buffer per device, zero between calls, allocated
+at the first call that needs them: make that call before capturing a CUDA graph, and don't
+run such kernels on two streams of one device at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@functools.cache
+def _supports_pdl(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch with PDL on ``device``: a CUDA GPU of compute capability 9.0+, unless ``NEURON_LLM_PDL=0``."""
+    if device.type != "cuda" or os.environ.get("NEURON_LLM_PDL", "1") == "0":
+        return False
+    return _supports_pdl(device)
+
+
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MIN_COUNTERS = 1 << 16
+
+
+def split_counters(device: torch.device, count: int) -> torch.Tensor:
+    """The device's split counters (int32, all zero between calls), at least ``count`` of them."""
+    counters = _SPLIT_COUNTERS.get(device)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _SPLIT_COUNTERS[device] = counters
+    return counters
+
+
+@triton.jit
+def wait_for_inputs(USE_PDL: tl.constexpr):
+    """Wait for the kernel before (and its writes), then let the kernel after launch."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
