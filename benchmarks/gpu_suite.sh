@@ -3,7 +3,7 @@
 # writing its JSON and log under $OUT (or ./gpu-results). Wheels missing on that machine
 # (gguf, the serving stack) are installed from ./.whl when the folder is there.
 #
-#   bash benchmarks/gpu_suite.sh [tests] [attention] [linear] [engine] [load]   (default: all)
+#   bash benchmarks/gpu_suite.sh [tests] [attention] [linear] [profile] [engine] [load]   (default: all)
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -14,7 +14,7 @@ fi
 export PYTHONUNBUFFERED=1
 # The package itself, for its `neuron_llm.serve`/`neuron_llm.compile` mapping (no downloads).
 python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . || exit 1
-steps=${*:-tests attention linear engine load}
+steps=${*:-tests attention linear profile engine load}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit,temperature.gpu,memory.used --format=csv | tee "$out/gpu.txt"
 status=0
 run() {  # run NAME COMMAND...: log to $out/NAME.log, keep going on failure
@@ -30,9 +30,10 @@ run() {  # run NAME COMMAND...: log to $out/NAME.log, keep going on failure
 }
 for step in $steps; do
     case $step in
-        tests) run tests python3 -m pytest -q -p no:cacheprovider tests/cuda ;;
+        tests) run tests python3 -m pytest -q -p no:cacheprovider -n 4 tests/cuda ;;
         attention) run attention python3 benchmarks/attention_kernels.py --json "$out/attention.json" ;;
         linear) run linear python3 benchmarks/linear_kernels.py --json "$out/linear.json" ;;
+        profile) run profile python3 benchmarks/decode_profile.py --formats bf16,int8 --json "$out/decode_profile.json" ;;
         engine) run engine python3 -m neuron_llm.cli bench --json "$out/engine.json" ;;
         load)
             run load python3 benchmarks/throughput_latency.py --rates 2,4,8,16,32 --num-requests 48 \

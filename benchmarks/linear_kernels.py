@@ -7,6 +7,7 @@ Llama-3-8B's linear shapes (QKV 4096->6144, O 4096->4096, gate/up 4096->14336 ea
 to 28672, down 14336->4096) at M tokens in {1, 16, 64, 4096}, for each format:
 
 - ``bf16``: ``F.linear`` (cuBLAS) on a bf16 weight;
+- ``bf16-gemv``: ``gemv_16bit``, the int8 kernel's GEMV on the bf16 weight (decode rows);
 - ``int8``/``int8-g128``: ``int8_linear``, per-channel or per-group-of-128 scales;
 - ``fp8``: ``fp8_linear``: the per-token activation quantization kernel and ``torch._scaled_mm``;
 - ``w8a8``: ``w8a8_linear``: the same kernel quantizing activations to int8 per token, and
@@ -38,7 +39,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from neuron_llm.backends.cuda.fp8 import fp8_linear, quantize_fp8_per_token, qua
 from neuron_llm.backends.cuda.int8_matmul import (
     Int8MatmulConfig,
     default_config,
+    gemv_16bit,
     int8_linear,
     split_k_for,
 )
@@ -76,7 +78,7 @@ LLAMA3_8B_SHAPES = {  # name: (out_features N, in_features K)
     "down": (4096, 14336),
 }
 SMOKE_SHAPES = {"small": (96, 256), "odd": (48, 200)}
-FORMATS = ("bf16", "int8", "int8-g128", "fp8", "w8a8")
+FORMATS = ("bf16", "bf16-gemv", "int8", "int8-g128", "fp8", "w8a8")
 L2_FLUSH_BYTES = 100 * 2**20
 """Bytes that must pass between two uses of one weight copy: twice an H100's 50 MB of L2."""
 
@@ -153,8 +155,10 @@ def make_weights(fmt: str, n: int, k: int, device: torch.device, dtype: torch.dt
     """One copy of a weight in ``fmt`` (random normal, quantized as the loaders do)."""
     generator = torch.Generator(device).manual_seed(seed)
     weight = torch.randn(n, k, generator=generator, device=device) * 0.02
-    if fmt == "bf16":
-        return {"weight": weight.to(device=device, dtype=dtype), "bytes": n * k * 2}
+    if fmt.startswith("bf16"):
+        # The GEMV takes 16-bit weights only: fp16 where the run is in fp32 (the interpreter).
+        weight_dtype = torch.float16 if fmt == "bf16-gemv" and dtype == torch.float32 else dtype
+        return {"weight": weight.to(device=device, dtype=weight_dtype), "bytes": n * k * 2, "group_size": None}
     if fmt.startswith("int8") or fmt == "w8a8":
         group_size = 128 if fmt == "int8-g128" else None
         q, scale = quantize_int8(weight, group_size)
@@ -166,6 +170,8 @@ def make_weights(fmt: str, n: int, k: int, device: torch.device, dtype: torch.dt
 def run_format(fmt: str, x: torch.Tensor, w: dict[str, Any], config: Int8MatmulConfig | None = None) -> torch.Tensor:
     if fmt == "bf16":
         return F.linear(x, w["weight"])
+    if fmt == "bf16-gemv":
+        return gemv_16bit(x.to(w["weight"].dtype), w["weight"], config=config)
     if fmt.startswith("int8"):
         return int8_linear(x, w["weight"], w["scale"], None, w["group_size"], config=config)
     if fmt == "w8a8":
@@ -175,7 +181,7 @@ def run_format(fmt: str, x: torch.Tensor, w: dict[str, Any], config: Int8MatmulC
 
 def reference(fmt: str, x: torch.Tensor, w: dict[str, Any]) -> torch.Tensor:
     """float32 result of the same arithmetic (fp8: of the quantized activations and weights)."""
-    if fmt == "bf16":
+    if fmt.startswith("bf16"):
         return x.float() @ w["weight"].float().T
     if fmt.startswith("int8"):
         return x.float() @ dequantize_int8(w["weight"], w["scale"], torch.float32, w["group_size"]).T
@@ -255,17 +261,19 @@ PREFILL_TILES = (
 """(block_m, block_n, block_k, num_warps, num_stages) of the prefill sweep."""
 
 
-def decode_sweep_configs(m: int, group_size: int | None, smoke: bool) -> list[Int8MatmulConfig]:
+def decode_sweep_configs(m: int, group_size: int | None, smoke: bool, weight_bytes: int) -> list[Int8MatmulConfig]:
     if smoke:
         return [Int8MatmulConfig(block_m=1 if m == 1 else 16, block_n=32, block_k=64)]
     if m == 1:
+        # 16-bit weights: tiles half as deep, the same bytes a step.
         configs = [
-            Int8MatmulConfig(block_m=1, block_n=n, block_k=min(k, group_size or k), num_warps=w)
+            Int8MatmulConfig(block_m=1, block_n=n, block_k=min(k // weight_bytes, group_size or k), num_warps=w)
             for n, k, w in GEMV_TILES
         ]
-        # The integer-add conversion and the loop's pipelining, each against the plain form once.
+        # The integer-add conversion, the loop's pipelining and the prefetch, each against the plain form once.
         configs.append(Int8MatmulConfig(block_m=1, block_n=32, block_k=128, fast_convert=False))
         configs.append(Int8MatmulConfig(block_m=1, block_n=32, block_k=128, num_stages=1))
+        configs += [replace(configs[i], prefetch=False) for i in (0, 3, 5)]
         return configs
     tiles = DOT_TILES[16 if m <= 16 else 64]
     return [
@@ -283,14 +291,14 @@ def prefill_sweep_configs(smoke: bool) -> list[Int8MatmulConfig]:
 
 
 def sweep_candidates(
-    m: int, n: int, k: int, group_size: int | None, num_sms: int, smoke: bool
+    m: int, n: int, k: int, group_size: int | None, num_sms: int, smoke: bool, weight_bytes: int = 1
 ) -> list[Int8MatmulConfig]:
     """Prefill tiles for large M; decode tiles for small M, each with 1, 2 and 4 programs per multiprocessor."""
     if m > 64:
         return prefill_sweep_configs(smoke)
     configs = []
     programs_per_sm = (1, 2) if m > 16 else (2, 4)
-    for config in decode_sweep_configs(m, group_size, smoke):
+    for config in decode_sweep_configs(m, group_size, smoke, weight_bytes):
         num_tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
         splits = {split_k_for(num_tiles, triton.cdiv(k, config.block_k), num_sms, p) for p in programs_per_sm}
         configs += [Int8MatmulConfig(**{**asdict(config), "split_k": s}) for s in sorted(splits)]
@@ -302,18 +310,19 @@ def sweep_case(
 ) -> list[dict[str, Any]]:
     n, k = weights[0]["weight"].shape
     group_size = weights[0]["group_size"]
+    weight_bytes = weights[0]["weight"].element_size()
     time_us = ctx["sweep_time_us"]
     x = torch.randn(m, k, device=ctx["device"], dtype=ctx["dtype"])
     expected = reference(fmt, x, weights[0])
     timed = []
-    for config in sweep_candidates(m, n, k, group_size, num_sms, args.smoke):
+    for config in sweep_candidates(m, n, k, group_size, num_sms, args.smoke, weight_bytes):
         error = relative_error(run_format(fmt, x, weights[0], config), expected)
         if not error < 1e-2:
             print(f"  {name} M={m} {fmt} {_describe(config)}: relative error {error:.2e}, left out", flush=True)
             continue
         timed.append((time_us(cycling(lambda w, c=config: run_format(fmt, x, w, c), weights)), config))
     timed.sort(key=lambda item: item[0])
-    default = default_config(m, n, k, group_size, num_sms, x.dtype)
+    default = default_config(m, n, k, group_size, num_sms, x.dtype, weight_bytes)
     default_us = time_us(cycling(lambda w: run_format(fmt, x, w, default), weights))
     print(f"\nsweep {name} N={n} K={k} M={m} {fmt}: default {default_us:.1f} us ({_describe(default)})")
     for elapsed, config in timed[: args.sweep_top]:
@@ -325,7 +334,7 @@ def sweep_case(
 
 
 def sweep(args: argparse.Namespace, ctx: dict) -> list[dict[str, Any]]:
-    """Time the int8 kernel over tile shapes, warps and split K; print the best per case."""
+    """Time the streaming kernel over tile shapes, warps and split K; print the best per case."""
     device = ctx["device"]
     ctx["sweep_time_us"] = timer(device.type == "cuda", args.sweep_rep_ms)
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -333,9 +342,9 @@ def sweep(args: argparse.Namespace, ctx: dict) -> list[dict[str, Any]]:
     results = []
     for name in list(all_shapes) if args.smoke else args.sweep_shapes.split(","):
         n, k = all_shapes[name]
-        for fmt in ("int8", "int8-g128"):
+        for fmt in args.sweep_formats.split(","):
             weights = rotating(fmt, n, k, ctx)
-            for m in args.sweep_m:
+            for m in args.sweep_m if fmt.startswith("int8") else [1]:  # the 16-bit GEMV serves one row
                 results += sweep_case(name, m, fmt, weights, num_sms, args, ctx)
             del weights
     return results
@@ -345,6 +354,7 @@ def _describe(config: Int8MatmulConfig) -> str:
     return (
         f"m{config.block_m} n{config.block_n} k{config.block_k} split{config.split_k} "
         f"w{config.num_warps} s{config.num_stages}{'' if config.fast_convert else ' slow-cvt'}"
+        f"{'' if config.prefetch else ' no-prefetch'}"
     )
 
 
@@ -378,6 +388,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=None, help=f"comma-separated among {', '.join(LLAMA3_8B_SHAPES)}")
     parser.add_argument("--sweep-m", default="1,16,64,4096", help="token counts of the int8 sweep; empty: no sweep")
     parser.add_argument("--sweep-shapes", default="gate|up,down", help="shapes of the int8 sweep")
+    parser.add_argument("--sweep-formats", default="int8,int8-g128", help="among int8, int8-g128, bf16-gemv")
     parser.add_argument("--sweep-top", type=int, default=8, help="configurations printed per swept case")
     parser.add_argument("--sweep-rep-ms", type=int, default=25, help="do_bench's timing budget per swept config")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench's timing budget per measurement")

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from neuron_llm.bench import engine as bench
-from neuron_llm.config import ModelConfig
 from neuron_llm.sampling_params import SamplingParams
 
 
@@ -118,10 +117,7 @@ def main() -> None:
     parser.add_argument("--png", type=Path, default=None)
     args = parser.parse_args()
 
-    hf_config = dict(bench.LLAMA3_8B)
-    if args.num_layers:
-        hf_config["num_hidden_layers"] = args.num_layers
-    model_config = ModelConfig.from_hf_config(hf_config)
+    hf_config, model_config = bench.llama3_8b_shape(args.num_layers)
     ours = []
     with bench.released():
         case = bench.EngineCase(lambda: bench.random_llama(model_config, torch.bfloat16, "cuda"), model_config)

@@ -31,16 +31,12 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     from neuron_llm.bench import anchors, engine
-    from neuron_llm.config import ModelConfig
     from neuron_llm.quant import quantize_model
 
     if not torch.cuda.is_available():
         raise ValueError("neuron-llm bench measures a GPU: no CUDA device is visible")
     cases = {c for c in args.cases.split(",") if c}
-    hf_config = dict(engine.LLAMA3_8B)
-    if args.num_layers:
-        hf_config["num_hidden_layers"] = args.num_layers
-    model_config = ModelConfig.from_hf_config(hf_config)
+    hf_config, model_config = engine.llama3_8b_shape(args.num_layers)
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),

@@ -44,6 +44,14 @@ LLAMA3_8B: dict[str, Any] = {
 """Llama-3-8B's shape (``config.json`` keys)."""
 
 
+def llama3_8b_shape(num_layers: int | None = None) -> tuple[dict[str, Any], ModelConfig]:
+    """Llama-3-8B's ``config.json`` keys, with ``num_layers`` layers when given, and its ModelConfig."""
+    hf_config = dict(LLAMA3_8B)
+    if num_layers:
+        hf_config["num_hidden_layers"] = num_layers
+    return hf_config, ModelConfig.from_hf_config(hf_config)
+
+
 def random_llama(config: ModelConfig, dtype: torch.dtype, device: str, seed: int = 0) -> LlamaForCausalLM:
     """A Llama of ``config`` with weights drawn from N(0, 0.02) (norm weights 1), built on ``device``."""
     generator = torch.Generator(device).manual_seed(seed)
@@ -124,12 +132,12 @@ def decode_latency(engine: LLMEngine, prompt_len: int, max_tokens: int, vocab_si
     }
 
 
-def worker_decode_time(engine: LLMEngine, context: int, repeats: int = 50) -> float:
-    """Median seconds of one batch-1 decode step through the worker, from staging to the token on the host."""
+def decode_step_input(engine: LLMEngine, context: int) -> StepInput:
+    """One sequence's decode step at ``context`` tokens, padded to the engine's batch-1 decode bucket."""
     runner = engine.runner
     bucket = runner.buckets.select(1, 1, is_decode=True)
     block_size = engine.config.cache.block_size
-    step = StepInput(
+    return StepInput(
         input_ids=[1],
         positions=[context - 1],
         query_lens=[1],
@@ -140,7 +148,12 @@ def worker_decode_time(engine: LLMEngine, context: int, repeats: int = 50) -> fl
         num_padded_seqs=bucket.num_seqs,
         max_blocks_per_seq=runner.buckets.max_blocks_per_seq,
     )
-    worker = runner.executor.worker
+
+
+def worker_decode_time(engine: LLMEngine, context: int, repeats: int = 50) -> float:
+    """Median seconds of one batch-1 decode step through the worker, from staging to the token on the host."""
+    step = decode_step_input(engine, context)
+    worker = engine.runner.executor.worker
     times = []
     for _ in range(repeats + 3):
         start = time.perf_counter()
