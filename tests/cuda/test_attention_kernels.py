@@ -206,12 +206,13 @@ def test_decode(device: torch.device, num_heads: int, num_kv_heads: int, num_spl
 
 
 def test_decode_splits_combine_the_same_way_every_time(device: torch.device) -> None:
-    """Contexts of one run, of a few runs and of every split: the combine is deterministic."""
-    case = make_case([1] * 4, [12, 40, 75, 130], 8, 2, 64, 16, torch.float32, device, num_padded_seqs=5)
-    first = run_decode(case, num_splits=8, config=DecodeConfig(block_n=16, num_warps=4, num_stages=2))
+    """Contexts of one run, of a few runs, and of more runs than the combine reads at once
+    (9 of 16 splits, in chunks of 8 for 4 query heads a KV head): the combine is deterministic."""
+    case = make_case([1] * 4, [12, 40, 130, 260], 8, 2, 64, 16, torch.float32, device, num_padded_seqs=5)
+    config = DecodeConfig(block_n=16, num_warps=4, num_stages=2)
+    first = run_decode(case, num_splits=16, config=config)
     assert_close(first, case)
-    again = run_decode(case, num_splits=8, config=DecodeConfig(block_n=16, num_warps=4, num_stages=2))
-    assert torch.equal(again, first)
+    assert torch.equal(run_decode(case, num_splits=16, config=config), first)
 
 
 @pytest.mark.parametrize("head_dim", [80, 128])

@@ -50,6 +50,8 @@ MIN_TOKENS_PER_TILE = 16
 MIN_SPLIT_LEN = 256
 """Decode: no split of a full-width context gets fewer keys than this."""
 MAX_SPLITS = 64
+COMBINE_ROWS = 32
+"""Decode: (split, query head) partials the combining program reads at once."""
 
 
 @dataclass(frozen=True)
@@ -302,6 +304,8 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    COMBINE_HEADS: tl.constexpr,
+    COMBINE_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -362,26 +366,73 @@ def _decode_kernel(
         tl.debug_barrier()
         counter = counter_ptr + seq * num_kv_heads + kv_head
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_active - 1:
-            lse_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
-            total = tl.zeros([BLOCK_H], tl.float32)
-            combined = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-            for other in range(0, num_active):
-                row = first_row + other * num_heads
-                lse = tl.load(partial_lse_ptr + row, mask=row_mask, other=0.0, cache_modifier=".cg")
-                part = tl.load(
-                    partial_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=io_mask,
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                new_max = tl.maximum(lse_max, lse)
-                rescale = tl.exp2(lse_max - new_max)
-                weight = tl.exp2(lse - new_max)
-                total = total * rescale + weight
-                combined = combined * rescale[:, None] + weight[:, None] * part
-                lse_max = new_max
-            tl.store(out_ptrs, (combined / total[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+            _combine_splits(
+                partial_out_ptr, partial_lse_ptr, out_ptr, seq, kv_head, num_active, num_heads,
+                stride_out_token, stride_out_head,
+                QUERY_HEADS_PER_KV, COMBINE_HEADS, COMBINE_SPLITS, HEAD_DIM, BLOCK_D, NUM_SPLITS,
+            )  # fmt: skip
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _combine_splits(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    seq,
+    kv_head,
+    num_active,
+    num_heads,
+    stride_out_token,
+    stride_out_head,
+    QUERY_HEADS_PER_KV: tl.constexpr,
+    COMBINE_HEADS: tl.constexpr,
+    COMBINE_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """Write the output of one (sequence, KV head) from its ``num_active`` split partials.
+
+    Partials are read COMBINE_SPLITS splits at a time, all the KV head's query heads at
+    once: one trip to L2 per chunk, not one per split. Weights 2^(lse - max lse).
+    """
+    rows = tl.arange(0, COMBINE_SPLITS * COMBINE_HEADS)  # (split, head) pairs, head fastest
+    split_of_row = rows // COMBINE_HEADS
+    head_of_row = rows % COMBINE_HEADS
+    is_head = head_of_row < QUERY_HEADS_PER_KV
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    first_row = seq.to(tl.int64) * NUM_SPLITS * num_heads + kv_head * QUERY_HEADS_PER_KV + head_of_row
+    lse_max = tl.full([COMBINE_HEADS], float("-inf"), tl.float32)
+    total = tl.zeros([COMBINE_HEADS], tl.float32)
+    combined = tl.zeros([COMBINE_HEADS, BLOCK_D], tl.float32)
+    for base in range(0, num_active, COMBINE_SPLITS):
+        split = base + split_of_row
+        is_used = is_head & (split < num_active)
+        row = first_row + split * num_heads
+        # Splits past the last weigh 2^-inf = 0; padding heads read 0 so that no max is -inf.
+        lse = tl.load(partial_lse_ptr + row, mask=is_used, other=0.0, cache_modifier=".cg")
+        lse = tl.where(is_head & ~is_used, float("-inf"), lse)
+        part = tl.load(
+            partial_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=is_used[:, None] & d_mask[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        lse = tl.reshape(lse, [COMBINE_SPLITS, COMBINE_HEADS])
+        part = tl.reshape(part, [COMBINE_SPLITS, COMBINE_HEADS, BLOCK_D])
+        new_max = tl.maximum(lse_max, tl.max(lse, axis=0))
+        rescale = tl.exp2(lse_max - new_max)
+        weight = tl.exp2(lse - new_max[None, :])  # [COMBINE_SPLITS, COMBINE_HEADS]
+        total = total * rescale + tl.sum(weight, axis=0)
+        combined = combined * rescale[:, None] + tl.sum(weight[:, :, None] * part, axis=0)
+        lse_max = new_max
+    heads = tl.arange(0, COMBINE_HEADS)
+    head = kv_head * QUERY_HEADS_PER_KV + heads
+    out_ptrs = out_ptr + seq.to(tl.int64) * stride_out_token + head[:, None] * stride_out_head + offs_d[None, :]
+    mask = (heads[:, None] < QUERY_HEADS_PER_KV) & d_mask[None, :]
+    tl.store(out_ptrs, (combined / total[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def prefill_attention(
@@ -473,6 +524,7 @@ def decode_attention(
     partial_lse = query.new_empty((num_rows, num_splits, num_heads), dtype=torch.float32)
     counters = launch.split_counters(query.device, num_rows * num_kv_heads) if num_splits > 1 else partial_lse
     pdl = launch.use_pdl(query.device)
+    combine_heads = triton.next_power_of_2(group_size)
     _decode_kernel[(num_rows, num_kv_heads, num_splits)](
         query, key_cache, value_cache, out, partial_out, partial_lse, counters,
         metadata.block_tables, metadata.seq_lens,
@@ -487,6 +539,8 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n,
         NUM_SPLITS=num_splits,
+        COMBINE_HEADS=combine_heads,
+        COMBINE_SPLITS=max(1, min(triton.next_power_of_2(num_splits), COMBINE_ROWS // combine_heads)),
         DOT_PRECISION=_dot_precision(query.dtype),
         USE_PDL=pdl,
         num_warps=config.num_warps,
