@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -66,15 +64,6 @@ def summarize(kernels: list[tuple[str, float, float]]) -> dict[str, Any]:
     }
 
 
-def wall_times(worker: Any, step: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        worker.execute(step)[0].argmax().item()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @contextlib.contextmanager
 def cublas_linears() -> Any:
     """Every 16-bit linear of the cuda backend on cuBLAS while the context lasts."""
@@ -119,7 +108,7 @@ def main() -> int:
             llm = engine.EngineCase(build, model_config).engine()
             worker = llm.runner.executor.worker
             step = engine.decode_step_input(llm, args.context)
-            wall = wall_times(worker, step, 20)
+            wall = engine.worker_decode_time(llm, args.context)
             steps = profile_steps(worker, step, args.repeats)
             median = sorted(steps, key=lambda s: s["span_us"])[len(steps) // 2]
             floor_us = 1e6 * worker.weight_bytes / results["copy_bandwidth_Bps"]

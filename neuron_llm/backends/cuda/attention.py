@@ -523,7 +523,6 @@ def decode_attention(
     partial_out = query.new_empty((num_rows, num_splits, num_heads, head_dim), dtype=torch.float32)
     partial_lse = query.new_empty((num_rows, num_splits, num_heads), dtype=torch.float32)
     counters = launch.split_counters(query.device, num_rows * num_kv_heads) if num_splits > 1 else partial_lse
-    pdl = launch.use_pdl(query.device)
     combine_heads = triton.next_power_of_2(group_size)
     _decode_kernel[(num_rows, num_kv_heads, num_splits)](
         query, key_cache, value_cache, out, partial_out, partial_lse, counters,
@@ -542,10 +541,9 @@ def decode_attention(
         COMBINE_HEADS=combine_heads,
         COMBINE_SPLITS=max(1, min(triton.next_power_of_2(num_splits), COMBINE_ROWS // combine_heads)),
         DOT_PRECISION=_dot_precision(query.dtype),
-        USE_PDL=pdl,
+        **launch.pdl(query.device),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        launch_pdl=pdl,
     )  # fmt: skip
     return out
 

@@ -19,8 +19,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, launch, w8a8
 from neuron_llm.backends.torch_backend import TorchBackend
-from neuron_llm.models.merge import merge_projections
 from neuron_llm.layers.linear import Linear
+from neuron_llm.models.merge import merge_projections
 from neuron_llm.quant.layers import Fp8Linear, Int8Linear, W8A8Linear
 
 if TYPE_CHECKING:

@@ -215,7 +215,6 @@ def _launch_quantize_rows(
         block, num_blocks = triton.next_power_of_2(num_features), 1
     else:
         block, num_blocks = _BLOCK_TWO_PASS, triton.cdiv(num_features, _BLOCK_TWO_PASS)
-    pdl = launch.use_pdl(x.device)
     _quantize_rows_kernel[(num_tokens,)](
         x,
         up if up is not None else x,
@@ -231,10 +230,9 @@ def _launch_quantize_rows(
         IS_INT8=out_dtype == torch.int8,
         BLOCK=block,
         NUM_BLOCKS=num_blocks,
-        USE_PDL=pdl,
+        **launch.pdl(x.device),
         num_warps=max(1, min(16, block // 512)),
         enable_fp_fusion=False,
-        launch_pdl=pdl,
     )
     return q, scale
 

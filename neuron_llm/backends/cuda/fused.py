@@ -127,7 +127,6 @@ def _launch_norm(
         new_residual = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0] > 0:
         block = triton.next_power_of_2(hidden)
-        pdl = launch.use_pdl(x.device)
         _rms_norm_kernel[(x2.shape[0],)](
             x2,
             residual2 if residual2 is not None else x2,
@@ -142,10 +141,9 @@ def _launch_norm(
             eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
-            USE_PDL=pdl,
+            **launch.pdl(x.device),
             num_warps=_norm_warps(block),
             enable_fp_fusion=False,
-            launch_pdl=pdl,
         )
     out = out.reshape(x.shape)
     return out, None if new_residual is None else new_residual.reshape(x.shape)
@@ -394,7 +392,6 @@ def rotary_write_kv(
     half = head_dim // 2
     block_heads = triton.next_power_of_2(num_heads)
     block_half = triton.next_power_of_2(half)
-    pdl = launch.use_pdl(query.device)
     _rotary_write_kv_kernel[(num_tokens,)](
         query,
         key,
@@ -420,10 +417,9 @@ def rotary_write_kv(
         BLOCK_HEADS=block_heads,
         BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=block_half,
-        USE_PDL=pdl,
+        **launch.pdl(query.device),
         num_warps=max(1, min(8, block_heads * block_half // 1024)),
         enable_fp_fusion=False,
-        launch_pdl=pdl,
     )
     return query_out, key_out
 
@@ -460,7 +456,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows.shape[0], intermediate, dtype=rows.dtype, device=rows.device)
     if rows.shape[0]:
         block = 1024
-        pdl = launch.use_pdl(rows.device)
         _silu_mul_kernel[(rows.shape[0], triton.cdiv(intermediate, block))](
             rows,
             out,
@@ -468,8 +463,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
             rows.stride(0),
             out.stride(0),
             BLOCK=block,
-            USE_PDL=pdl,
+            **launch.pdl(rows.device),
             num_warps=4,
-            launch_pdl=pdl,
         )
     return out.reshape(*gate_up.shape[:-1], intermediate)

@@ -387,8 +387,6 @@ def _check_int8_inputs(
     if weight.dtype != torch.int8 or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D int8 tensor [out, in], got {weight.dtype} {tuple(weight.shape)}")
     out_features, in_features = weight.shape
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"x.shape={tuple(x.shape)}: the last dimension must be in_features={in_features}")
     if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
         raise ValueError(f"group_size={group_size!r}: must be a positive integer or None")
     num_groups = 1 if group_size is None else -(-in_features // group_size)
@@ -397,9 +395,19 @@ def _check_int8_inputs(
             f"weight_scale must be float32 [{out_features}, {num_groups}] for group_size={group_size}, "
             f"got {weight_scale.dtype} {tuple(weight_scale.shape)}"
         )
+    _check_shapes_and_devices(x, weight, bias, weight_scale)
+
+
+def _check_shapes_and_devices(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *others: torch.Tensor
+) -> None:
+    """``x`` [..., in] against the 2-D ``weight`` [out, in], ``bias`` [out], every tensor on one device."""
+    out_features, in_features = weight.shape
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x.shape={tuple(x.shape)}: the last dimension must be in_features={in_features}")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias.shape={tuple(bias.shape)}: must be [{out_features}]")
-    tensors = [x, weight, weight_scale] + ([] if bias is None else [bias])
+    tensors = [x, weight, *others] + ([] if bias is None else [bias])
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"all tensors must be on one device, got {[str(t.device) for t in tensors]}")
 
@@ -447,14 +455,7 @@ def gemv_16bit(
         )
     if x.dtype != weight.dtype:
         raise ValueError(f"x.dtype={x.dtype} must be the weight's dtype {weight.dtype}")
-    out_features, in_features = weight.shape
-    rows = _swiglu_input(x, weight, silu_mul_input)
-    if rows.dim() == 0 or rows.shape[-1] != in_features:
-        raise ValueError(f"x.shape={tuple(x.shape)}: the last dimension must be in_features={in_features}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias.shape={tuple(bias.shape)}: must be [{out_features}]")
-    if x.device != weight.device:
-        raise ValueError(f"x on {x.device} and weight on {weight.device}: must share a device")
+    _check_shapes_and_devices(_swiglu_input(x, weight, silu_mul_input), weight, bias)
     return _launch(x, weight, None, bias, None, config, silu_mul_input)
 
 
@@ -512,7 +513,6 @@ def _launch(
         counters = launch.split_counters(x.device, num_tiles)
     else:
         partial, counters = out, out  # not read
-    pdl = launch.use_pdl(x.device)
     _int8_matmul_kernel[(num_tiles, split_k)](
         x2,
         weight,
@@ -546,9 +546,8 @@ def _launch(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
-        USE_PDL=pdl,
+        **launch.pdl(x.device),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        launch_pdl=pdl,
     )
     return out.reshape(*x.shape[:-1], out_features)

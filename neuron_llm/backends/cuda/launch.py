@@ -45,6 +45,13 @@ def use_pdl(device: torch.device) -> bool:
     return _supports_pdl(device)
 
 
+def pdl(device: torch.device) -> dict[str, bool]:
+    """The launch arguments of a kernel with a ``USE_PDL`` flag: PDL and the kernel's wait come
+    together, since a kernel launched early that did not wait would race the one before it."""
+    use = use_pdl(device)
+    return {"USE_PDL": use, "launch_pdl": use}
+
+
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 _MIN_COUNTERS = 1 << 16
 
