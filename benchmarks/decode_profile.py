@@ -7,8 +7,9 @@ token read back) under ``torch.profiler``. Reported per step: the GPU span (firs
 start to the last one's end), the sum of kernel times, the idle time between kernels (span
 minus busy), the kernel count, and the kernels grouped by name with their count and time.
 Beside them, from the same run: the weight bytes over the copy bandwidth (the floor) and
-the host's wall time per step. Format ``bf16-cublas`` is bf16 with every 16-bit linear on
-cuBLAS, the backend's choice before the streaming GEMV took single rows. Needs a GPU.
+the host's wall time per step; a Markdown table of it all prints last. Format
+``bf16-cublas`` is bf16 with every 16-bit linear on cuBLAS, the backend's choice before the
+streaming GEMV took single rows. Needs a GPU.
 """
 
 from __future__ import annotations
@@ -62,6 +63,28 @@ def summarize(kernels: list[tuple[str, float, float]]) -> dict[str, Any]:
         "num_kernels": len(kernels),
         "kernels": [{"name": n, "count": c, "total_us": t} for t, c, n in groups],
     }
+
+
+def markdown_table(results: dict[str, Any], formats: list[str], top: int) -> str:
+    """Each format's step beside its floor, then its costliest kernel groups."""
+    lines = [
+        f"copy bandwidth {results['copy_bandwidth_Bps'] / 1e12:.2f} TB/s; context {results['context']} tokens",
+        "",
+        "| format | worker step (us) | floor (us) | step / floor | GPU span (us) | kernel time (us) | kernels |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for fmt in formats:
+        r = results[fmt]
+        lines.append(
+            f"| {fmt} | {r['wall_us']:.0f} | {r['floor_us']:.0f} | {r['wall_us'] / r['floor_us']:.2f}x "
+            f"| {r['span_us']:.0f} | {r['busy_us']:.0f} | {r['num_kernels']} |"
+        )
+    lines += ["", "| format | kernel | count | time (us) |", "|---|---|---:|---:|"]
+    for fmt in formats:
+        lines += [
+            f"| {fmt} | {k['name']} | {k['count']} | {k['total_us']:.1f} |" for k in results[fmt]["kernels"][:top]
+        ]
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -120,6 +143,8 @@ def main() -> int:
             for k in median["kernels"][: args.top]:
                 print(f"  {k['total_us']:8.1f} us  {k['count']:4d}x  {k['name']}")
             del llm, worker
+    print()
+    print(markdown_table(results, args.formats.split(","), args.top))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
