@@ -107,6 +107,17 @@ class Backend(abc.ABC):
         normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
         return weight * normed.to(x.dtype), x
 
+    def norm_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, linear: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(linear(normed), new_residual)`` for ``(normed, new_residual) = rms_norm(x, weight, eps, residual)``.
+
+        A norm and the projection that reads it, so that a backend can do part of the
+        projection's work in the norm's pass (the cuda backend quantizes fp8 activations there).
+        """
+        normed, residual = self.rms_norm(x, weight, eps, residual)
+        return linear(normed), residual
+
     def rotary_write_kv(
         self,
         query: torch.Tensor,

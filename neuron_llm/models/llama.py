@@ -43,25 +43,34 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm: RMSNorm,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache,
         metadata: AttentionMetadata,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over ``norm(hidden + residual)``; returns (its output, ``hidden + residual``).
+
+        The norm is applied here, beside the projection that reads it, so that a backend can
+        fuse the two (``ops.norm_linear``).
+        """
         num_tokens = hidden.shape[0]
         # Head counts are read from the projections' widths so that a sharded layer (fewer
         # heads per rank) runs the same code. q: [num_tokens, num_heads, head_dim]
         if self.qkv_proj is None:
+            hidden, residual = ops.rms_norm(hidden, norm.weight, norm.eps, residual)
             query, key, value = self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
         else:
-            query, key, value = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
+            qkv, residual = ops.norm_linear(hidden, norm.weight, norm.eps, residual, self.qkv_proj)
+            query, key, value = qkv.split(self.qkv_sizes, dim=-1)
         query = query.view(num_tokens, -1, self.head_dim)
         key = key.view(num_tokens, -1, self.head_dim)
         value = value.view(num_tokens, -1, self.head_dim)
         key_cache, value_cache = kv_cache
         query = ops.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, metadata.slot_mapping)
         out = ops.paged_attention(query, key_cache, value_cache, metadata, self.scale)
-        return self.o_proj(out.reshape(num_tokens, -1))
+        return self.o_proj(out.reshape(num_tokens, -1)), residual
 
 
 class LlamaMLP(nn.Module):
@@ -75,10 +84,13 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj: nn.Module | None = None
         """gate and up as one matmul, once ``models.merge`` has merged them (the parts are then None)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The feed-forward of ``norm(hidden + residual)``; returns (its output, ``hidden + residual``)."""
         if self.gate_up_proj is None:
-            return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
-        return ops.swiglu_down(self.gate_up_proj(x), self.down_proj)
+            x, residual = ops.rms_norm(hidden, norm.weight, norm.eps, residual)
+            return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)), residual
+        gate_up, residual = ops.norm_linear(hidden, norm.weight, norm.eps, residual, self.gate_up_proj)
+        return ops.swiglu_down(gate_up, self.down_proj), residual
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -101,14 +113,10 @@ class LlamaDecoderLayer(nn.Module):
         """Return (this layer's output, the residual stream before it): their sum is the new stream.
 
         The residual add is left to the next norm, where a backend can fuse it (``ops.rms_norm``).
+        The first layer has no residual yet: its stream starts as ``hidden``.
         """
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, kv_cache, metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden, residual = self.self_attn(hidden, residual, self.input_layernorm, cos, sin, kv_cache, metadata)
+        return self.mlp(hidden, residual, self.post_attention_layernorm)
 
 
 class LlamaModel(nn.Module):

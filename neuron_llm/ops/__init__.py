@@ -81,6 +81,12 @@ def rms_norm(
     return _active.rms_norm(x, weight, eps, residual)
 
 
+def norm_linear(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, linear: torch.nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _active.norm_linear(x, weight, eps, residual, linear)
+
+
 def swiglu_down(gate_up: torch.Tensor, down_proj: torch.nn.Module) -> torch.Tensor:
     return _active.swiglu_down(gate_up, down_proj)
 
@@ -105,6 +111,7 @@ __all__ = [
     "fp8_linear",
     "int8_linear",
     "linear",
+    "norm_linear",
     "paged_attention",
     "rms_norm",
     "rotary_write_kv",

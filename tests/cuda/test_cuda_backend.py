@@ -261,3 +261,48 @@ def test_one_row_linears_take_the_streaming_gemv(monkeypatch: pytest.MonkeyPatch
         assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2
     hopper = torch.cuda.get_device_capability()[0] >= 9
     assert calls == ([(1, 4096), (1, 8192)] if hopper else [])
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "fp8"])
+@pytest.mark.parametrize("num_tokens", [1, 4])
+def test_norm_linear_is_the_norm_then_the_linear(
+    quantization: str | None, num_tokens: int, device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp8 quantizes its activations in the norm's pass; other linears run the norm kernel then
+    themselves. Both give the reference's output and new residual."""
+    from neuron_llm.backends.cuda import fp8
+    from neuron_llm.backends.cuda.backend import CudaBackend
+    from neuron_llm.backends.torch_backend import TorchBackend
+    from neuron_llm.layers.linear import Linear
+    from neuron_llm.quant.config import resolve_quant_config
+    from neuron_llm.quant.layers import quantize_linear
+
+    if quantization == "fp8" and device.type == "cpu":
+        pytest.skip("torch._scaled_mm on fp8 needs a GPU")
+    fused_calls = []
+    norm_quantize = fp8.rms_norm_quantize_fp8
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        fused_calls.append(args[0].shape)
+        return norm_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(fp8, "rms_norm_quantize_fp8", counted)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    generator = torch.Generator().manual_seed(8)
+    linear = Linear(256, 96)
+    linear.weight.data = torch.randn(96, 256, generator=generator) * 0.05
+    if quantization is None:
+        linear = linear.to(device=device, dtype=dtype)
+    else:
+        linear = quantize_linear(linear, resolve_quant_config(quantization).format, "qkv_proj").to(device)
+    norm_weight = (1 + 0.3 * torch.randn(256, generator=generator)).to(device, dtype)
+    x = (4 * torch.randn(num_tokens, 256, generator=generator)).to(device, dtype)
+    residual = torch.randn(num_tokens, 256, generator=generator).to(device, dtype)
+    for res in (residual, None):
+        out, new_residual = CudaBackend().norm_linear(x, norm_weight, 1e-5, res, linear)
+        expected, expected_residual = TorchBackend().norm_linear(x, norm_weight, 1e-5, res, linear)
+        assert torch.equal(new_residual, expected_residual)
+        assert out.shape == expected.shape == (num_tokens, 96)
+        tolerance = 3e-2 if quantization == "fp8" else 1e-2
+        assert ((out.double() - expected.double()).norm() / expected.double().norm()).item() < tolerance
+    assert len(fused_calls) == (2 if quantization == "fp8" else 0)

@@ -3,7 +3,8 @@
 Linears of 16-bit weights stay with cuBLAS (``F.linear``), which is at the bandwidth or
 compute limit already, except a single row on Hopper: there the Triton GEMV overlaps the
 kernel before it (programmatic dependent launch), which cuBLAS cannot. The KV-cache write is
-folded into the RoPE kernel, and a decode step's SwiGLU into its down projection. A long
+folded into the RoPE kernel, a decode step's SwiGLU into its down projection, and the
+activation quantization of an fp8 linear into the RMSNorm or SwiGLU before it. A long
 prompt with no cached context goes to cuDNN's attention through SDPA, which is faster there
 than our paged kernel (BENCHMARKS.md); everything else runs the Triton kernels.
 """
@@ -66,6 +67,19 @@ class CudaBackend(TorchBackend):
         if type(down_proj) is Linear and self._takes_gemv(gate_up, down_proj.weight):
             return int8_matmul.gemv_16bit(gate_up, down_proj.weight, down_proj.bias, silu_mul_input=True)
         return down_proj(fused.silu_mul(gate_up))
+
+    def norm_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, linear: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Exact type, as in swiglu_down: the norm's pass also quantizes the activations to fp8.
+        # (A GEMV that made the norm as it loaded its input ran a decode step 3% slower on an
+        # H200 than the norm kernel before it: BENCHMARKS.md.)
+        if type(linear) is not Fp8Linear:
+            return super().norm_linear(x, weight, eps, residual, linear)
+        x_fp8, x_scale, new_residual = fp8.rms_norm_quantize_fp8(x, residual, weight, eps, linear.activation_scale_ub)
+        out_dtype = torch.promote_types(x.dtype, weight.dtype)
+        out = fp8.fp8_scaled_mm(x_fp8, x_scale, linear.weight, linear.weight_scale, out_dtype, linear.bias)
+        return out.reshape(*x.shape[:-1], linear.out_features), x if new_residual is None else new_residual
 
     def paged_attention(
         self,
