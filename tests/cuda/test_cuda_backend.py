@@ -113,8 +113,10 @@ def test_cuda_backend_generates_what_the_torch_backend_does(
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("prompt_lens", [[1024], [1500, 2048], [1100, 300]])
-def test_prefill_attention_equals_the_reference_on_both_paths(prompt_lens: list[int]) -> None:
-    """Long fresh prompts go to cuDNN, the rest to the paged kernel: both equal the reference."""
+@pytest.mark.parametrize("num_padding", [5, 0])
+def test_prefill_attention_equals_the_reference_on_both_paths(prompt_lens: list[int], num_padding: int) -> None:
+    """Long fresh prompts go to cuDNN, the rest to the paged kernel: both equal the reference,
+    with zeros in the padding rows."""
     from neuron_llm.backends.cuda.backend import CudaBackend, _is_long_fresh_prefill
     from neuron_llm.backends.torch_backend import TorchBackend
 
@@ -127,7 +129,8 @@ def test_prefill_attention_equals_the_reference_on_both_paths(prompt_lens: list[
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     key_cache = torch.randn(shape, generator=generator).to("cuda", torch.bfloat16)
     value_cache = torch.randn(shape, generator=generator).to("cuda", torch.bfloat16)
-    query = torch.randn(sum(prompt_lens) + 5, num_heads, head_dim, generator=generator).to("cuda", torch.bfloat16)
+    num_tokens = sum(prompt_lens) + num_padding
+    query = torch.randn(num_tokens, num_heads, head_dim, generator=generator).to("cuda", torch.bfloat16)
     metadata = AttentionMetadata.build(
         prompt_lens, prompt_lens, tables, block_size, "cuda", num_padded_tokens=query.shape[0], num_padded_seqs=4
     )
@@ -135,6 +138,7 @@ def test_prefill_attention_equals_the_reference_on_both_paths(prompt_lens: list[
     scale = head_dim**-0.5
     actual = CudaBackend().paged_attention(query, key_cache, value_cache, metadata, scale)
     expected = TorchBackend().paged_attention(query.double(), key_cache.double(), value_cache.double(), metadata, scale)
+    assert actual.shape == query.shape
     error = (actual.double() - expected).norm() / expected.norm()
     assert error < 1e-2, error
     assert torch.equal(actual[sum(prompt_lens) :], torch.zeros_like(actual[sum(prompt_lens) :]))

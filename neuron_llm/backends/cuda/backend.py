@@ -169,24 +169,34 @@ def _cudnn_prefill(
     metadata: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention of each fresh prompt by cuDNN, over its keys and values read back from the pages."""
-    output = torch.zeros_like(query)
-    block_size, num_kv_heads = key_cache.shape[1:3]
-    group = query.shape[1] // num_kv_heads
+    """Causal attention of each fresh prompt by cuDNN, over its keys and values read back from the pages.
+
+    The prompts fill the first rows of the batch in order (``_is_long_fresh_prefill``); the
+    padding rows after them are zeros. cuDNN reads grouped K/V heads itself (``enable_gqa``),
+    and its output [1, heads, tokens, head_dim] lies in memory as [tokens, heads, head_dim]:
+    one prompt without padding is returned as it is, with no copy.
+    """
+    block_size = key_cache.shape[1]
     starts = metadata.query_start_loc_host
+    outputs = []
     for seq, seq_len in enumerate(metadata.seq_lens_host):
         if seq_len == 0:
             continue
         blocks = metadata.block_tables[seq, : -(-seq_len // block_size)]
-        # [1, heads, seq_len, head_dim]; K/V heads repeated for the query heads that read them.
-        key, value = (
-            cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).repeat_interleave(group, dim=0)[None]
-            for cache in (key_cache, value_cache)
-        )
+        # [1, kv_heads, seq_len, head_dim]
+        key, value = (cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)[None] for cache in (key_cache, value_cache))
         start = starts[seq]
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
             out = F.scaled_dot_product_attention(
-                query[start : start + seq_len].transpose(0, 1)[None], key, value, is_causal=True, scale=scale
+                query[start : start + seq_len].transpose(0, 1)[None],
+                key,
+                value,
+                is_causal=True,
+                scale=scale,
+                enable_gqa=True,
             )
-        output[start : start + seq_len] = out[0].transpose(0, 1)
-    return output
+        outputs.append(out[0].transpose(0, 1))
+    num_padding = query.shape[0] - sum(len(out) for out in outputs)
+    if num_padding:
+        outputs.append(query.new_zeros(num_padding, *query.shape[1:]))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
