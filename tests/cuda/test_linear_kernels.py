@@ -314,6 +314,28 @@ def test_silu_mul_quantize_fp8_matches_unfused(num_tokens: int, intermediate: in
         assert torch.equal(fused_q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(fused_scale, scale)
 
 
+@pytest.mark.parametrize("is_silu_mul", [True, False])
+@pytest.mark.parametrize("out_dtype", [FP8_DTYPE, torch.int8])
+def test_row_quantize_walks_give_the_same_bits(is_silu_mul: bool, out_dtype: torch.dtype, device: torch.device) -> None:
+    """One pass, two passes, SwiGLU values made twice or staged between the passes: one result."""
+    from neuron_llm.backends.cuda.fp8 import RowQuantizeConfig, _launch_quantize_rows, default_row_config
+
+    x = activation_rows(5, 300, torch.float16, device)
+    up = (torch.randn(5, 300) * 4).half().to(device) if is_silu_mul else None
+    ub = 1200.0 if out_dtype == FP8_DTYPE else None
+    one_pass = _launch_quantize_rows(x, up, ub, out_dtype, RowQuantizeConfig(512, 1, 4))
+    for config in [RowQuantizeConfig(64, 5, 2), RowQuantizeConfig(128, 3, 4, stage=is_silu_mul)]:
+        q, scale = _launch_quantize_rows(x, up, ub, out_dtype, config)
+        assert torch.equal(q.view(torch.uint8), one_pass[0].view(torch.uint8)), config
+        assert torch.equal(scale, one_pass[1]), config
+    with pytest.raises(ValueError, match="does not cover"):
+        _launch_quantize_rows(x, up, ub, out_dtype, RowQuantizeConfig(64, 4, 2))
+    for num_features in (100, 4096, 14336, 20000):
+        config = default_row_config(num_features, is_silu_mul)
+        assert config.block * config.num_blocks >= num_features
+        assert config.stage == (is_silu_mul and config.num_blocks > 1)
+
+
 @pytest.mark.parametrize(("num_tokens", "intermediate"), [(1, 64), (5, 96), (3, 20000)])
 def test_silu_mul_quantize_int8_matches_unfused(num_tokens: int, intermediate: int, device: torch.device) -> None:
     for dtype in kernel_dtypes(device):

@@ -8,8 +8,9 @@ beyond the bound saturating at +-448. The matmul is ``torch._scaled_mm`` with ro
 
 The quantization kernels work one token (row) per program, in one pass over the row when it
 fits in registers (``MAX_SINGLE_PASS_FEATURES``; otherwise a pass for the absolute maximum and
-one to quantize). Besides plain quantization they fuse it with what precedes it in a Llama
-layer, so the 16-bit activation that feeds an fp8 linear is never written to memory:
+one to quantize, and SwiGLU values made in the first are stored and read back from cache in
+the second). Besides plain quantization they fuse it with what precedes it in a Llama layer,
+so the 16-bit activation that feeds an fp8 linear needs no kernel of its own:
 
 - ``silu_mul_quantize_fp8``: ``silu(gate) * up``, the input of ``down_proj``;
 - ``rms_norm_quantize_fp8``: the residual add and RMSNorm, the input of ``gate_proj``/``up_proj``.
@@ -29,6 +30,8 @@ correctly rounded division (``div_rn``), as torch's tensor division is.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -43,9 +46,33 @@ from neuron_llm.quant.formats import (
     INT8_MAX,
 )
 
-MAX_SINGLE_PASS_FEATURES = 16384
-"""Longest row quantized from registers in one pass; longer rows are read twice."""
-_BLOCK_TWO_PASS = 4096
+MAX_SINGLE_PASS_FEATURES = 4096
+"""Longest row quantized from registers in one pass; longer rows are read twice, in blocks of
+``_BLOCK_TWO_PASS`` with 8 warps. A whole row of 14336 in registers holds one program a
+multiprocessor: on an H200, SwiGLU and fp8 of 4096 such rows ran 250 us in one pass, 131 us
+in two with the values staged (BENCHMARKS.md, ``benchmarks/activation_quantize.py``)."""
+_BLOCK_TWO_PASS = 2048
+
+
+@dataclass(frozen=True)
+class RowQuantizeConfig:
+    """How the row kernel walks a row: ``num_blocks`` blocks of ``block`` features."""
+
+    block: int
+    num_blocks: int
+    num_warps: int
+    stage: bool = False
+    """Two passes of SwiGLU values: store them in the first, read them back in the second."""
+
+
+def default_row_config(num_features: int, is_silu_mul: bool) -> RowQuantizeConfig:
+    if num_features <= MAX_SINGLE_PASS_FEATURES:
+        block = triton.next_power_of_2(num_features)
+        return RowQuantizeConfig(block, 1, max(1, min(16, block // 512)))
+    # SwiGLU values are worth keeping between the passes: computing them is the kernel's main cost.
+    return RowQuantizeConfig(_BLOCK_TWO_PASS, triton.cdiv(num_features, _BLOCK_TWO_PASS), 8, stage=is_silu_mul)
+
+
 _SCALED_MM_ALIGNMENT = 16
 """``torch._scaled_mm`` needs in_features and out_features divisible by 16 (M is free)."""
 
@@ -114,19 +141,28 @@ def _quantize_rows_kernel(
     up_ptr,
     q_ptr,
     scale_ptr,
+    staged_ptr,
     num_features,
     stride_x,
     stride_up,
     stride_q,
+    stride_staged,
     scale_ub,
     HAS_UB: tl.constexpr,
     IS_SILU_MUL: tl.constexpr,
     IS_INT8: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_BLOCKS: tl.constexpr,
+    STAGE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """q[row] = fp8 (int8) of values[row] / scale[row]; values are x, or silu(x) * up with IS_SILU_MUL."""
+    """q[row] = fp8 (int8) of values[row] / scale[row]; values are x, or silu(x) * up with IS_SILU_MUL.
+
+    A row longer than one block is read twice: once for its absolute maximum, once to
+    quantize. With STAGE the first pass stores the values (in x's dtype, which holds them
+    exactly) at ``staged_ptr`` and the second reads them back from cache instead of computing
+    silu(x) * up again.
+    """
     launch.wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -139,15 +175,21 @@ def _quantize_rows_kernel(
         scale = _row_scale(tl.max(tl.abs(values), axis=0), scale_ub, HAS_UB, IS_INT8)
         tl.store(q_row + offs, _quantize(values, scale, IS_INT8), mask=mask)
     else:
+        staged_row = staged_ptr + row * stride_staged
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for block in range(NUM_BLOCKS):
             mask = block * BLOCK + offs < num_features
             values = _row_values(x_row + block * BLOCK, up_row + block * BLOCK, offs, mask, IS_SILU_MUL)
+            if STAGE:
+                tl.store(staged_row + block * BLOCK + offs, values.to(staged_ptr.dtype.element_ty), mask=mask)
             amax = tl.maximum(amax, tl.abs(values))
         scale = _row_scale(tl.max(amax, axis=0), scale_ub, HAS_UB, IS_INT8)
         for block in range(NUM_BLOCKS):
             mask = block * BLOCK + offs < num_features
-            values = _row_values(x_row + block * BLOCK, up_row + block * BLOCK, offs, mask, IS_SILU_MUL)
+            if STAGE:
+                values = tl.load(staged_row + block * BLOCK + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                values = _row_values(x_row + block * BLOCK, up_row + block * BLOCK, offs, mask, IS_SILU_MUL)
             tl.store(q_row + block * BLOCK + offs, _quantize(values, scale, IS_INT8), mask=mask)
     tl.store(scale_ptr + row, scale)
 
@@ -204,34 +246,44 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _launch_quantize_rows(
-    x: torch.Tensor, up: torch.Tensor | None, activation_scale_ub: float | None, out_dtype: torch.dtype = FP8_DTYPE
+    x: torch.Tensor,
+    up: torch.Tensor | None,
+    activation_scale_ub: float | None,
+    out_dtype: torch.dtype = FP8_DTYPE,
+    config: RowQuantizeConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row kernel over ``x`` [tokens, features] (with ``up``: SwiGLU of x and up); ``config``
+    overrides ``default_row_config`` (benchmarks sweep it)."""
     num_tokens, num_features = x.shape
     q = torch.empty(num_tokens, num_features, dtype=out_dtype, device=x.device)  # [tokens, features]
     scale = torch.empty(num_tokens, 1, dtype=torch.float32, device=x.device)  # [tokens, 1]
     if num_tokens == 0:
         return q, scale
-    if num_features <= MAX_SINGLE_PASS_FEATURES:
-        block, num_blocks = triton.next_power_of_2(num_features), 1
-    else:
-        block, num_blocks = _BLOCK_TWO_PASS, triton.cdiv(num_features, _BLOCK_TWO_PASS)
+    config = config or default_row_config(num_features, up is not None)
+    if config.block * config.num_blocks < num_features or (config.stage and up is None):
+        raise ValueError(f"{config} does not cover a row of {num_features} SwiGLU={up is not None} features")
+    stage = config.stage and config.num_blocks > 1
+    staged = torch.empty(num_tokens, num_features, dtype=x.dtype, device=x.device) if stage else x
     _quantize_rows_kernel[(num_tokens,)](
         x,
         up if up is not None else x,
         q,
         scale,
+        staged,
         num_features,
         x.stride(0),
         up.stride(0) if up is not None else 0,
         q.stride(0),
+        staged.stride(0),
         activation_scale_ub if activation_scale_ub is not None else 0.0,
         HAS_UB=activation_scale_ub is not None,
         IS_SILU_MUL=up is not None,
         IS_INT8=out_dtype == torch.int8,
-        BLOCK=block,
-        NUM_BLOCKS=num_blocks,
+        BLOCK=config.block,
+        NUM_BLOCKS=config.num_blocks,
+        STAGE=stage,
         **launch.pdl(x.device),
-        num_warps=max(1, min(16, block // 512)),
+        num_warps=config.num_warps,
         enable_fp_fusion=False,
     )
     return q, scale
