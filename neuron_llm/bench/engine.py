@@ -128,31 +128,38 @@ def decode_latency(engine: LLMEngine, prompt_len: int, max_tokens: int, vocab_si
     return {
         "decode_s_per_token": statistics.median(decode),
         "decode_s_p90": sorted(decode)[int(0.9 * len(decode))],
-        "model_s_per_token": worker_decode_time(engine, prompt_len + max_tokens // 2),
+        "model_s_per_token": worker_step_time(engine, prompt_len + max_tokens // 2),
     }
 
 
-def decode_step_input(engine: LLMEngine, context: int) -> StepInput:
-    """One sequence's decode step at ``context`` tokens, padded to the engine's batch-1 decode bucket."""
+def step_input(engine: LLMEngine, context: int, query_len: int = 1) -> StepInput:
+    """One sequence's step at ``context`` tokens computing the last ``query_len`` of them (1: a
+    decode step; ``context``: a whole prompt's prefill), padded to the engine's bucket for it.
+
+    The tokens are random: a GPU's matmul rate depends on the data (identical rows draw less
+    power and run faster), so a prefill of one repeated token would flatter every format.
+    """
     runner = engine.runner
-    bucket = runner.buckets.select(1, 1, is_decode=True)
+    bucket = runner.buckets.select(query_len, 1, is_decode=query_len == 1)
     block_size = engine.config.cache.block_size
+    (input_ids,) = random_prompts(1, query_len, engine.config.model.vocab_size)
     return StepInput(
-        input_ids=[1],
-        positions=[context - 1],
-        query_lens=[1],
+        input_ids=input_ids,
+        positions=list(range(context - query_len, context)),
+        query_lens=[query_len],
         seq_lens=[context],
         block_tables=[list(range(1, 1 + -(-context // block_size)))],
-        logits_indices=[0] * bucket.num_seqs,
+        logits_indices=[query_len - 1] + [0] * (bucket.num_seqs - 1),
         num_padded_tokens=bucket.num_tokens,
         num_padded_seqs=bucket.num_seqs,
         max_blocks_per_seq=runner.buckets.max_blocks_per_seq,
     )
 
 
-def worker_decode_time(engine: LLMEngine, context: int, repeats: int = 50) -> float:
-    """Median seconds of one batch-1 decode step through the worker, from staging to the token on the host."""
-    step = decode_step_input(engine, context)
+def worker_step_time(engine: LLMEngine, context: int, query_len: int = 1, repeats: int = 50) -> float:
+    """Median seconds of one sequence's step (``step_input``) through the worker, from staging
+    to the token on the host."""
+    step = step_input(engine, context, query_len)
     worker = engine.runner.executor.worker
     times = []
     for _ in range(repeats + 3):

@@ -1,15 +1,22 @@
-"""Where a batch-1 decode step's GPU time goes, kernel by kernel, on the Llama-3-8B shape.
+"""Where one engine step's GPU time goes, kernel by kernel, on the Llama-3-8B shape.
 
-    python benchmarks/decode_profile.py --formats bf16,int8 --json decode_profile.json
+    python benchmarks/step_profile.py --formats bf16,int8 --json step_profile.json
+    python benchmarks/step_profile.py --prompt 4096 --formats bf16,fp8,fp8-all
 
-For each weight format, the engine's worker runs one decode step (CUDA graph replayed, greedy
-token read back) under ``torch.profiler``. Reported per step: the GPU span (first kernel's
-start to the last one's end), the sum of kernel times, the idle time between kernels (span
-minus busy), the kernel count, and the kernels grouped by name with their count and time.
-Beside them, from the same run: the weight bytes over the copy bandwidth (the floor) and
-the host's wall time per step; a Markdown table of it all prints last. Format
-``bf16-cublas`` is bf16 with every 16-bit linear on cuBLAS, the backend's choice before the
-streaming GEMV took single rows. Needs a GPU.
+For each weight format, the engine's worker runs one step of one sequence under
+``torch.profiler``: a decode step at ``--context`` tokens (CUDA graph replayed, greedy token
+read back), or with ``--prompt N`` the prefill of an N-token prompt. Reported per step: the
+GPU span (first kernel's start to the last one's end), the sum of kernel times, the idle time
+between kernels (span minus busy), the kernel count, and the kernels grouped by name with
+their count and time. Beside them, from the same run, the step's floor: for decode the weight
+bytes over the copy bandwidth, for prefill the linears' FLOPs at the card's bf16 matmul rate;
+and the host's wall time per step. A Markdown table of it all prints last.
+
+A format is a weight format (``bf16`` or a quantization preset) with optional suffixes that
+undo one choice of the cuda backend, for an A/B in one run: ``-cublas`` puts every 16-bit
+linear on cuBLAS (before the streaming GEMV took single rows), ``-norm-apart`` runs each
+RMSNorm apart from the linear after it (before fp8 linears quantized in the norm's pass).
+Needs a GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import contextlib
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +76,7 @@ def summarize(kernels: list[tuple[str, float, float]]) -> dict[str, Any]:
 def markdown_table(results: dict[str, Any], formats: list[str], top: int) -> str:
     """Each format's step beside its floor, then its costliest kernel groups."""
     lines = [
-        f"copy bandwidth {results['copy_bandwidth_Bps'] / 1e12:.2f} TB/s; context {results['context']} tokens",
+        f"{results['step']}; copy bandwidth {results['copy_bandwidth_Bps'] / 1e12:.2f} TB/s",
         "",
         "| format | worker step (us) | floor (us) | step / floor | GPU span (us) | kernel time (us) | kernels |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -88,53 +96,90 @@ def markdown_table(results: dict[str, Any], formats: list[str], top: int) -> str
 
 
 @contextlib.contextmanager
-def cublas_linears() -> Any:
-    """Every 16-bit linear of the cuda backend on cuBLAS while the context lasts."""
-    linear = CudaBackend.linear
-    CudaBackend.linear = TorchBackend.linear
+def patched(cls: type, name: str, value: Any) -> Iterator[None]:
+    original = getattr(cls, name)
+    setattr(cls, name, value)
     try:
         yield
     finally:
-        CudaBackend.linear = linear
+        setattr(cls, name, original)
+
+
+VARIANTS = {
+    "-cublas": lambda: patched(CudaBackend, "linear", TorchBackend.linear),
+    "-norm-apart": lambda: patched(CudaBackend, "norm_linear", TorchBackend.norm_linear),
+}
+"""Format suffixes, each undoing one choice of the cuda backend while its case runs."""
+
+
+def parse_format(fmt: str) -> tuple[str, list[str]]:
+    """``bf16-cublas-norm-apart`` -> (``bf16``, [``-cublas``, ``-norm-apart``])."""
+    variants = []
+    while suffix := next((v for v in VARIANTS if fmt.endswith(v)), None):
+        variants.insert(0, suffix)
+        fmt = fmt[: -len(suffix)]
+    return fmt, variants
+
+
+def linear_flops_per_token(model: Any) -> int:
+    """2 x the weights of the decoder's linears (the LM head runs on one row of a prefill)."""
+    return 2 * sum(
+        p.numel() for name, p in model.named_parameters() if name.startswith("model.layers.") and p.dim() == 2
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--formats", default="bf16,int8", help="bf16, bf16-cublas or quantization presets, comma-separated"
+        "--formats",
+        default="bf16,int8",
+        help=f"bf16 or quantization presets, each with optional suffixes {', '.join(VARIANTS)}; comma-separated",
     )
     parser.add_argument("--num-layers", type=int, default=None)
-    parser.add_argument("--context", type=int, default=192, help="tokens in the sequence's cache")
+    parser.add_argument("--context", type=int, default=192, help="decode: tokens in the sequence's cache")
+    parser.add_argument("--prompt", type=int, default=None, help="profile the prefill of a prompt this long")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top", type=int, default=14, help="kernel groups printed per format")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("decode_profile.py measures a GPU: no CUDA device is visible")
+        raise SystemExit("step_profile.py measures a GPU: no CUDA device is visible")
 
     _, model_config = engine.llama3_8b_shape(args.num_layers)
+    is_prefill = args.prompt is not None
+    context, query_len = (args.prompt, args.prompt) if is_prefill else (args.context, 1)
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "context": args.context,
+        "step": f"prefill of {context} tokens" if is_prefill else f"decode at {context} tokens",
+        "context": context,
         "copy_bandwidth_Bps": anchors.copy_bandwidth(),
     }
-    for fmt in args.formats.split(","):
-        with engine.released(), cublas_linears() if fmt == "bf16-cublas" else contextlib.nullcontext():
+    if is_prefill:
+        results["bf16_matmul_flops"] = anchors.bf16_matmul_flops()
+    formats = args.formats.split(",")
+    for fmt in formats:
+        base, variants = parse_format(fmt)
+        with engine.released(), contextlib.ExitStack() as stack:
+            for variant in variants:
+                stack.enter_context(VARIANTS[variant]())
 
-            def build(fmt: str = fmt) -> Any:
+            def build(base: str = base) -> Any:
                 model = engine.random_llama(model_config, torch.bfloat16, "cuda")
-                if not fmt.startswith("bf16"):
-                    quantize_model(model, fmt)
+                if base != "bf16":
+                    quantize_model(model, base)
                 return model
 
-            llm = engine.EngineCase(build, model_config).engine()
+            llm = engine.EngineCase(build, model_config, max_num_batched_tokens=max(4096, query_len)).engine()
             worker = llm.runner.executor.worker
-            step = engine.decode_step_input(llm, args.context)
-            wall = engine.worker_decode_time(llm, args.context)
+            step = engine.step_input(llm, context, query_len)
+            wall = engine.worker_step_time(llm, context, query_len, repeats=10 if is_prefill else 50)
             steps = profile_steps(worker, step, args.repeats)
             median = sorted(steps, key=lambda s: s["span_us"])[len(steps) // 2]
-            floor_us = 1e6 * worker.weight_bytes / results["copy_bandwidth_Bps"]
+            if is_prefill:
+                floor_us = 1e6 * query_len * linear_flops_per_token(worker.model) / results["bf16_matmul_flops"]
+            else:
+                floor_us = 1e6 * worker.weight_bytes / results["copy_bandwidth_Bps"]
             results[fmt] = {**median, "wall_us": 1e6 * wall, "weight_bytes": worker.weight_bytes, "floor_us": floor_us}
             print(
                 f"\n{fmt}: wall {1e6 * wall:.0f} us, GPU span {median['span_us']:.0f} us, busy {median['busy_us']:.0f},"
@@ -144,7 +189,7 @@ def main() -> int:
                 print(f"  {k['total_us']:8.1f} us  {k['count']:4d}x  {k['name']}")
             del llm, worker
     print()
-    print(markdown_table(results, args.formats.split(","), args.top))
+    print(markdown_table(results, formats, args.top))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
