@@ -16,7 +16,8 @@ At Llama-3-8B's shapes for a 4096-token prefill (hidden 4096, intermediate 14336
 Anchors from the same run: the device-to-device copy bandwidth, and ``fused.silu_mul`` alone
 (bf16 out, no reduction over the row): the memory traffic any SwiGLU kernel has. "GB/s" is
 the bytes each kernel must move (inputs read once, outputs written once) over its time.
-Times are medians of ``triton.testing.do_bench`` (L2 flushed before each call).
+Times are medians of ``triton.testing.do_bench`` (L2 flushed before each call), by
+``linear_kernels.timer``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -37,29 +37,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated
 
 import triton
-import triton.testing
+from linear_kernels import timer  # this folder is on sys.path when a script in it runs
 
 from neuron_llm.backends.cuda import fp8
 from neuron_llm.backends.cuda.fused import silu_mul
 from neuron_llm.bench import anchors
-
-
-def timer(is_cuda: bool, rep_ms: int) -> Callable[[Callable[[], object]], float]:
-    """Median microseconds of one call: ``do_bench`` on a GPU, the host clock otherwise."""
-
-    def gpu(fn: Callable[[], object]) -> float:
-        return 1e3 * triton.testing.do_bench(fn, rep=rep_ms, return_mode="median")
-
-    def cpu(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 1e6 * statistics.median(times)
-
-    return gpu if is_cuda else cpu
 
 
 def walks(num_features: int, smoke: bool) -> list[fp8.RowQuantizeConfig]:
@@ -88,7 +70,7 @@ def main() -> int:
     device = torch.device("cuda" if is_cuda else "cpu")
     dtype = torch.bfloat16 if is_cuda else torch.float16  # the interpreter's bf16 is unreliable
     tokens, hidden, intermediate = (3, 96, 200) if args.smoke else (args.tokens, 4096, 14336)
-    time_us = timer(is_cuda, args.rep_ms)
+    time_us = timer(is_cuda, args.rep_ms, use_graph=False)
     generator = torch.Generator().manual_seed(0)
     gate_up = (2 * torch.randn(tokens, 2 * intermediate, generator=generator)).to(device, dtype)
     gate, up = gate_up[:, :intermediate], gate_up[:, intermediate:]

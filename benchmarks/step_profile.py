@@ -124,7 +124,9 @@ def parse_format(fmt: str) -> tuple[str, list[str]]:
 def linear_flops_per_token(model: Any) -> int:
     """2 x the weights of the decoder's linears (the LM head runs on one row of a prefill)."""
     return 2 * sum(
-        p.numel() for name, p in model.named_parameters() if name.startswith("model.layers.") and p.dim() == 2
+        p.numel()
+        for name, p in model.named_parameters()
+        if name.startswith("model.layers.") and name.endswith(".weight") and p.dim() == 2  # not the scales
     )
 
 

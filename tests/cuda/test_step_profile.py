@@ -56,6 +56,7 @@ def test_prefill_floor_counts_the_decoder_linears(step_profile: object) -> None:
 
     from neuron_llm.bench.engine import random_llama
     from neuron_llm.config import ModelConfig
+    from neuron_llm.quant import quantize_model
 
     config = ModelConfig(
         vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -63,4 +64,6 @@ def test_prefill_floor_counts_the_decoder_linears(step_profile: object) -> None:
     )  # fmt: skip
     model = random_llama(config, torch.float32, "cpu")
     per_layer = 32 * (32 + 2 * 16) + 32 * 32 + 3 * 32 * 48  # q, k, v; o; gate, up, down
+    assert step_profile.linear_flops_per_token(model) == 2 * 2 * per_layer
+    quantize_model(model, "int8-g128")  # the scales are not weights
     assert step_profile.linear_flops_per_token(model) == 2 * 2 * per_layer
