@@ -25,9 +25,9 @@ import argparse
 import contextlib
 import json
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch.autograd import DeviceType
@@ -95,19 +95,9 @@ def markdown_table(results: dict[str, Any], formats: list[str], top: int) -> str
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def patched(cls: type, name: str, value: Any) -> Iterator[None]:
-    original = getattr(cls, name)
-    setattr(cls, name, value)
-    try:
-        yield
-    finally:
-        setattr(cls, name, original)
-
-
 VARIANTS = {
-    "-cublas": lambda: patched(CudaBackend, "linear", TorchBackend.linear),
-    "-norm-apart": lambda: patched(CudaBackend, "norm_linear", TorchBackend.norm_linear),
+    "-cublas": lambda: mock.patch.object(CudaBackend, "linear", TorchBackend.linear),
+    "-norm-apart": lambda: mock.patch.object(CudaBackend, "norm_linear", TorchBackend.norm_linear),
 }
 """Format suffixes, each undoing one choice of the cuda backend while its case runs."""
 
