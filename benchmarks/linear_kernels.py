@@ -270,10 +270,14 @@ def decode_sweep_configs(m: int, group_size: int | None, smoke: bool, weight_byt
             Int8MatmulConfig(block_m=1, block_n=n, block_k=min(k // weight_bytes, group_size or k), num_warps=w)
             for n, k, w in GEMV_TILES
         ]
-        # The integer-add conversion, the loop's pipelining and the prefetch, each against the plain form once.
-        configs.append(Int8MatmulConfig(block_m=1, block_n=32, block_k=128, fast_convert=False))
-        configs.append(Int8MatmulConfig(block_m=1, block_n=32, block_k=128, num_stages=1))
-        configs += [replace(configs[i], prefetch=False) for i in (0, 3, 5)]
+        # The other conversions, an accumulator per weight element, the loop's pipelining and
+        # the prefetch (with each conversion, and in the form the default gives it), each
+        # against the plain form once.
+        plain = Int8MatmulConfig(block_m=1, block_n=32, block_k=256 // weight_bytes)
+        configs += [replace(plain, convert=c) for c in ("cvt", "add")]
+        configs += [replace(plain, reduce_in_thread=False), replace(plain, num_stages=1)]
+        configs += [replace(configs[i], prefetch=True, convert=c) for i in (0, 3, 5) for c in ("add", "prmt")]
+        configs += [replace(configs[i], prefetch=True, convert="add", reduce_in_thread=False) for i in (0, 3, 5)]
         return configs
     tiles = DOT_TILES[16 if m <= 16 else 64]
     return [
@@ -353,8 +357,8 @@ def sweep(args: argparse.Namespace, ctx: dict) -> list[dict[str, Any]]:
 def _describe(config: Int8MatmulConfig) -> str:
     return (
         f"m{config.block_m} n{config.block_n} k{config.block_k} split{config.split_k} "
-        f"w{config.num_warps} s{config.num_stages}{'' if config.fast_convert else ' slow-cvt'}"
-        f"{'' if config.prefetch else ' no-prefetch'}"
+        f"w{config.num_warps} s{config.num_stages} {config.convert}"
+        f"{'' if config.reduce_in_thread else ' acc-per-element'}{' prefetch' if config.prefetch else ''}"
     )
 
 

@@ -25,6 +25,7 @@ from neuron_llm.backends.cuda.fp8 import (
 )
 from neuron_llm.backends.cuda.fused import silu_mul
 from neuron_llm.backends.cuda.int8_matmul import (
+    CONVERT_MODES,
     Int8MatmulConfig,
     default_config,
     gemv_16bit,
@@ -94,8 +95,9 @@ def test_int8_linear_matches_reference(
 
 
 CONFIGS = [
-    Int8MatmulConfig(block_m=1, block_n=16, block_k=32, fast_convert=False),
+    Int8MatmulConfig(block_m=1, block_n=16, block_k=32, convert="cvt", reduce_in_thread=False),
     Int8MatmulConfig(block_m=1, block_n=32, block_k=64, split_k=3, prefetch=True),
+    Int8MatmulConfig(block_m=1, block_n=16, block_k=128, split_k=2, convert="add"),
     Int8MatmulConfig(block_m=16, block_n=32, block_k=32, split_k=2),
     Int8MatmulConfig(block_m=32, block_n=64, block_k=64),
     Int8MatmulConfig(block_m=16, block_n=16, block_k=128, split_k=4),
@@ -113,6 +115,24 @@ def test_int8_linear_configs(config: Int8MatmulConfig, group_size: int | None, d
         x = torch.randn(num_tokens, in_features, device=device)
         out = int8_linear(x, q, scale, bias, group_size, config=config)
         assert relative_error(out, int8_expected(x, q, scale, bias, group_size)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("reduce_in_thread", [True, False])
+def test_int8_gemv_conversions_agree_on_every_byte(reduce_in_thread: bool, device: torch.device) -> None:
+    """The three int8 -> float32 conversions of the GEMV give the same bits, over all 256 values."""
+    out_features, in_features = 48, 512
+    q = (torch.arange(out_features * in_features) % 256 - 128).to(torch.int8).reshape(out_features, in_features)
+    q = q[:, torch.randperm(in_features, generator=torch.Generator().manual_seed(3))].to(device)
+    scale = torch.rand(out_features, 1, device=device) + 0.5
+    x = torch.randn(1, in_features, device=device).to(kernel_dtypes(device)[-1])
+    outs = [
+        int8_linear(x, q, scale, config=Int8MatmulConfig(1, 16, 128, convert=c, reduce_in_thread=reduce_in_thread))
+        for c in CONVERT_MODES
+    ]
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+    assert relative_error(outs[0], int8_expected(x, q, scale, None, None)) < TOLERANCE[x.dtype]
+    with pytest.raises(ValueError, match="convert='fast'"):
+        Int8MatmulConfig(1, 16, 128, convert="fast")
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,12 @@ formats of ``neuron_llm.quant.formats``. One kernel covers every number of rows 
 
 - M = 1 (decode, one sequence): a GEMV. Each program owns ``block_n`` output columns and a
   range of K; it streams its int8 weight tile by tile, multiplies by x in float32 on the
-  CUDA cores and reduces over K once at the end. The weight is read once in all, so the
-  time is the weight's bytes over memory bandwidth.
+  CUDA cores, sums each thread's products and reduces over K once at the end. The weight is
+  read once in all, so the time is the weight's bytes over memory bandwidth, as long as the
+  instructions per weight byte stay few: each int8 becomes a float32 by a byte permute and
+  a subtract (``Int8MatmulConfig.convert``): the conversion instruction gives 16 results a
+  clock per multiprocessor, an eighth of the float32 multiply-add rate and on the H200 about
+  the rate at which memory delivers int8 weights.
 - M > 1: a tiled ``tl.dot`` matmul whose B tile (the weight, [block_k, block_n]) is loaded
   as int8 and converted to the activation dtype in registers. Exact: int8 values fit any
   16-bit float. For small M (decode batches) it is still weight-streaming, with
@@ -44,6 +48,7 @@ from neuron_llm.backends.cuda import launch
 from neuron_llm.backends.cuda.fused import silu_mul_rounded
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CONVERT_MODES = ("cvt", "add", "prmt")
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,19 @@ class Int8MatmulConfig:
     """Software-pipelining depth of the K loop (loads in flight ahead of their use)."""
     group_m: int = 8
     """Row tiles walked together so that a column of weight tiles stays in L2 (prefill)."""
-    fast_convert: bool = True
-    """GEMV path: int8 -> float32 by integer add and a float subtract instead of a conversion instruction."""
+    convert: str = "prmt"
+    """GEMV path, int8 -> float32: "cvt" (the conversion instruction, 16 results a clock per SM),
+    "add" (sign-extend, integer add, float subtract) or "prmt" (one byte permute builds the float's
+    bits, then the subtract; PTX, so "add" under Triton's interpreter)."""
+    reduce_in_thread: bool = True
+    """GEMV path: each step adds its products over the K elements a thread holds into one
+    accumulator (a [block_k / 16 or 8, block_n] one) instead of one per weight element."""
     prefetch: bool = False
     """GEMV path: the next weight tile is loaded before the current one is used (two in flight)."""
+
+    def __post_init__(self) -> None:
+        if self.convert not in CONVERT_MODES:
+            raise ValueError(f"convert={self.convert!r}: expected one of {CONVERT_MODES}")
 
 
 PREFETCH_MAX_PROGRAMS_PER_SM = 3
@@ -106,18 +120,19 @@ def default_config(
     activations: 128x128, half as deep, to fit shared memory). Up to 512 rows, K is split
     until every multiprocessor has a program or a few. Chosen from the sweep of
     ``benchmarks/linear_kernels.py`` on an H100 at Llama-3-8B shapes (M = 1, 16, 64, 4096).
-    A 16-bit weight (``weight_bytes`` 2) takes GEMV tiles half as deep, the same elements a
-    step, and narrow ones more often; an int8 GEMV prefetches only when its grid has at most
-    ``PREFETCH_MAX_PROGRAMS_PER_SM`` programs per multiprocessor (both from an H200 sweep).
+    The GEMV's tiles are from H200 sweeps; an int8 GEMV prefetches only when its grid has at
+    most ``PREFETCH_MAX_PROGRAMS_PER_SM`` programs per multiprocessor.
     """
     if m == 1:
-        # Narrow tiles while they alone give four programs per multiprocessor, else wider ones
-        # and split K. 16-bit weights keep narrow tiles also where they give at most two (and
-        # split K four ways or more): o and down 10.4 and 30.8 us against 12.1 and 36.7 wide.
+        # Tiles 512 bytes deep, a thread's products summed in the thread: few registers, so
+        # four programs share a multiprocessor. Narrow tiles (16 rows) where they alone give
+        # four programs a multiprocessor or at most two (then K splits four ways or more),
+        # else 32 rows. H200 sweeps, int8: gate_up 30.4, down 16.0, o 6.1 us against 33.8,
+        # 18.4, 7.1 with 256-deep tiles and an accumulator per element; bf16: gate_up 53.6,
+        # o 9.2 us against 56.8, 10.3 with 128-deep ones; qkv 13.3 us wide, 17.1 narrow.
         narrow_tiles = triton.cdiv(n, 16)
-        is_narrow = narrow_tiles >= 4 * num_sms or (weight_bytes == 2 and narrow_tiles <= 2 * num_sms)
-        block_n = 16 if is_narrow else 32
-        config = Int8MatmulConfig(block_m=1, block_n=block_n, block_k=256 // weight_bytes)
+        is_narrow = narrow_tiles <= 2 * num_sms or narrow_tiles >= 4 * num_sms
+        config = Int8MatmulConfig(block_m=1, block_n=16 if is_narrow else 32, block_k=512 // weight_bytes)
     elif m <= 16:
         config = Int8MatmulConfig(block_m=16, block_n=32, block_k=256)
     elif m <= 64:
@@ -129,12 +144,14 @@ def default_config(
     else:
         config = Int8MatmulConfig(block_m=256, block_n=128, block_k=64, num_warps=8)
     if group_size is not None:
-        block_k = _block_k_for_groups(group_size, config.block_k)
-        block_n = 32 if m == 1 else config.block_n
-        config = replace(config, block_n=block_n, block_k=block_k)
+        config = replace(config, block_k=_block_k_for_groups(group_size, config.block_k))
+        if m == 1:
+            # Tiles a group deep want more rows: 64 with 8 warps (H200 sweep at group 128:
+            # gate_up 38.7, down 21.5, qkv 11.6 us against 47.6, 26.0, 14.2 with 32 rows).
+            config = replace(config, block_n=64, num_warps=8)
     if m <= 512:
-        # Decode tiles of 4096 weights per step want twice the programs of 8192-weight ones.
-        is_small_step = config.block_m <= 16 and config.block_n * config.block_k <= 4096
+        # GEMVs and decode tiles of 4096 weights per step want twice the programs of 8192-weight ones.
+        is_small_step = config.block_m == 1 or config.block_m <= 16 and config.block_n * config.block_k <= 4096
         programs_per_sm = 4 if is_small_step else 2 if m <= 16 else 1
         num_tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
         split_k = split_k_for(num_tiles, triton.cdiv(k, config.block_k), num_sms, programs_per_sm)
@@ -142,7 +159,10 @@ def default_config(
         # A second tile in flight pays where few programs share a multiprocessor; where many
         # do, its registers cost more occupancy than it hides latency.
         is_sparse = num_tiles * split_k <= PREFETCH_MAX_PROGRAMS_PER_SM * num_sms
-        config = replace(config, prefetch=m == 1 and weight_bytes == 1 and is_sparse)
+        if m == 1 and weight_bytes == 1 and is_sparse:
+            # The tile carried to the next step is kept byte by byte, which costs the permute
+            # and the thread's sums more instructions than they save (sm_90: 449 against 330 a step).
+            config = replace(config, prefetch=True, convert="add", reduce_in_thread=False)
     return config
 
 
@@ -172,14 +192,32 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _weight_to_float32(q, IS_INT8: tl.constexpr, FAST: tl.constexpr):
-    if not IS_INT8:
+def _weight_to_float32(q, IS_INT8: tl.constexpr, CONVERT: tl.constexpr):
+    if not IS_INT8 or CONVERT == "cvt":
         return q.to(tl.float32)
-    if FAST:
-        # 0x4B000000 is 2**23, whose mantissa counts in ones: its bits plus (q + 128) are the
-        # float 2**23 + 128 + q, exactly. One integer add and one float subtract.
-        return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-    return q.to(tl.float32)
+    # 0x4B000000 is 2**23, whose mantissa counts in ones: its bits with q + 128 in the low byte
+    # are the float 2**23 + 128 + q, exactly, and one subtract leaves q.
+    if CONVERT == "prmt":
+        # q + 128 is q's byte with its top bit flipped: one xor for four bytes, then one
+        # permute a float picks its byte and the constant's three.
+        bits = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 u;
+            xor.b32 u, $4, 0x80808080;
+            prmt.b32 $0, u, 0x4B000000, 0x7540;
+            prmt.b32 $1, u, 0x4B000000, 0x7541;
+            prmt.b32 $2, u, 0x4B000000, 0x7542;
+            prmt.b32 $3, u, 0x4B000000, 0x7543;
+            }""",
+            "=r,=r,=r,=r,r",
+            [q],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        bits = q.to(tl.int32) + 0x4B000080
+    return bits.to(tl.float32, bitcast=True) - 8388736.0
 
 
 @triton.jit
@@ -221,14 +259,16 @@ def _gemv_step(
     GROUP_SIZE: tl.constexpr,
     SCALE_PER_TILE: tl.constexpr,
     EVEN_K: tl.constexpr,
-    FAST_CONVERT: tl.constexpr,
+    CONVERT: tl.constexpr,
     SWIGLU: tl.constexpr,
+    THREAD_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``acc_k`` [BLOCK_K, BLOCK_N] plus the weight tile ``w`` at K offset ``k`` times x there (float32)."""
+    """``acc_k`` [BLOCK_K // THREAD_K, BLOCK_N] plus the weight tile ``w`` at K offset ``k`` times x
+    there (float32), each THREAD_K consecutive products summed first."""
     offs_k = k + tl.arange(0, BLOCK_K)
     x = _load_x(x_ptr + offs_k, offs_k < K, up_offset, EVEN_K, SWIGLU).to(tl.float32)  # [BLOCK_K]
-    wf = _weight_to_float32(w, IS_INT8, FAST_CONVERT)
+    wf = _weight_to_float32(w, IS_INT8, CONVERT)
     if GROUP_SIZE > 0:
         if SCALE_PER_TILE:
             wf = wf * tl.load(scale_ptr + rows_n * stride_sn + k // GROUP_SIZE)[None, :]
@@ -238,7 +278,12 @@ def _gemv_step(
                 mask=offs_k[:, None] < K,
                 other=0.0,
             )
-    return acc_k + wf * x[:, None]
+    products = wf * x[:, None]
+    if THREAD_K > 1:
+        # Triton's loads give a thread 16 bytes of a row, THREAD_K elements: their sum needs no
+        # other thread, and the accumulator takes THREAD_K times fewer registers.
+        products = tl.sum(tl.reshape(products, (BLOCK_K // THREAD_K, THREAD_K, products.shape[1])), axis=1)
+    return acc_k + products
 
 
 @triton.jit
@@ -267,7 +312,8 @@ def _int8_matmul_kernel(
     SCALE_PER_TILE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
-    FAST_CONVERT: tl.constexpr,
+    CONVERT: tl.constexpr,
+    THREAD_K: tl.constexpr,
     PREFETCH: tl.constexpr,
     SWIGLU: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -296,7 +342,7 @@ def _int8_matmul_kernel(
         w = _load_weight_tile(weight_ptr, rows_n, stride_wn, k_start + tl.arange(0, BLOCK_K), K, EVEN_K)
         launch.wait_for_inputs(USE_PDL)
         x_row = x_ptr + pid_m * stride_xm
-        acc_k = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K after the loop
+        acc_k = tl.zeros((BLOCK_K // THREAD_K, BLOCK_N), dtype=tl.float32)  # reduced over K after the loop
         if PREFETCH:
             # The next tile (the last one again at the end, from L1) is loaded before this one
             # is used, so two are in flight: the compiler does not pipeline loads that feed no
@@ -306,20 +352,20 @@ def _int8_matmul_kernel(
                 w_next = _load_weight_tile(weight_ptr, rows_n, stride_wn, next_k + tl.arange(0, BLOCK_K), K, EVEN_K)
                 acc_k = _gemv_step(
                     acc_k, w, x_row, scale_ptr, rows_n, stride_sn, k_start + step, K, up_offset,
-                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, FAST_CONVERT, SWIGLU, BLOCK_K,
+                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, THREAD_K, BLOCK_K,
                 )  # fmt: skip
                 w = w_next
         else:
             acc_k = _gemv_step(
                 acc_k, w, x_row, scale_ptr, rows_n, stride_sn, k_start, K, up_offset,
-                IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, FAST_CONVERT, SWIGLU, BLOCK_K,
+                IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, THREAD_K, BLOCK_K,
             )  # fmt: skip
             for step in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
                 k = k_start + step
                 w = _load_weight_tile(weight_ptr, rows_n, stride_wn, k + tl.arange(0, BLOCK_K), K, EVEN_K)
                 acc_k = _gemv_step(
                     acc_k, w, x_row, scale_ptr, rows_n, stride_sn, k, K, up_offset,
-                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, FAST_CONVERT, SWIGLU, BLOCK_K,
+                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, THREAD_K, BLOCK_K,
                 )  # fmt: skip
         acc = tl.sum(acc_k, axis=0)[None, :]  # [1, BLOCK_N]
         offs_m = pid_m + tl.arange(0, 1)
@@ -512,6 +558,10 @@ def _launch(
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(in_features, k_per_split)  # no empty splits
     num_tiles = triton.cdiv(num_rows, config.block_m) * triton.cdiv(out_features, config.block_n)
+    # Triton's interpreter runs no inline PTX.
+    convert = "add" if config.convert == "prmt" and triton.knobs.runtime.interpret else config.convert
+    is_summed_in_thread = config.reduce_in_thread and config.block_m == 1
+    thread_k = min(16 // weight.element_size(), config.block_k) if is_summed_in_thread else 1
     if split_k > 1:
         partial = torch.empty(split_k, num_rows, out_features, dtype=torch.float32, device=x.device)  # [S, M, N]
         counters = launch.split_counters(x.device, num_tiles)
@@ -542,7 +592,8 @@ def _launch(
         SCALE_PER_TILE=group_size is not None and group_size % config.block_k == 0,
         HAS_BIAS=bias is not None,
         EVEN_K=in_features % k_per_split == 0,
-        FAST_CONVERT=config.fast_convert,
+        CONVERT=convert,
+        THREAD_K=thread_k,
         PREFETCH=config.prefetch,
         SWIGLU=silu_mul_input,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
