@@ -2,6 +2,7 @@
 
     TRITON_INTERPRET=0 python benchmarks/gemv_sass.py
     TRITON_INTERPRET=0 python benchmarks/gemv_sass.py --shapes gate_up --formats int8 --variants default,add
+    TRITON_INTERPRET=0 python benchmarks/gemv_sass.py --formats int8-g128 --variants default --tile 16,512,4
 
 Each case compiles one ``int8_linear`` (or ``gemv_16bit``) launch at a Llama-3-8B shape for
 sm_90, with the default tile and K unsplit, as ``tests/cuda/compile_kernels.py`` does (its
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the compile-only
 from neuron_llm.backends.cuda import int8_matmul, launch  # noqa: E402
 from tests.cuda.compile_kernels import H100_SMS, CompileOnlyDriver  # noqa: E402
 
+GROUP_SIZES = {"int8": None, "int8-g128": 128, "bf16": None}
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 VARIANTS = {
     "default": {},
@@ -45,15 +47,18 @@ VARIANTS = {
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def compile_gemv(shape: str, fmt: str, variant: str) -> tuple[object, int8_matmul.Int8MatmulConfig]:
+def compile_gemv(
+    shape: str, fmt: str, variant: str, tile: dict[str, int] | None = None
+) -> tuple[object, int8_matmul.Int8MatmulConfig]:
     """The compiled kernel of one decode GEMV launch and its configuration."""
     n, k = SHAPES[shape]
     swiglu = shape == "down"  # the down projection makes SwiGLU as it loads its input
     x = torch.randn(1, 2 * k if swiglu else k, dtype=torch.bfloat16)
-    weight_bytes = 1 if fmt == "int8" else 2
-    config = int8_matmul.default_config(1, n, k, None, H100_SMS, weight_bytes=weight_bytes)
+    group_size = GROUP_SIZES[fmt]
+    weight_bytes = 2 if fmt == "bf16" else 1
+    config = int8_matmul.default_config(1, n, k, group_size, H100_SMS, weight_bytes=weight_bytes)
     # K unsplit: a split of two or three steps is unrolled whole, and has no loop to count.
-    config = dataclasses.replace(config, split_k=1, **VARIANTS[variant])
+    config = dataclasses.replace(config, split_k=1, **VARIANTS[variant], **(tile or {}))
     compiled = []
     run = jit.JITFunction.run
 
@@ -62,9 +67,9 @@ def compile_gemv(shape: str, fmt: str, variant: str) -> tuple[object, int8_matmu
         return compiled[-1]
 
     with mock.patch.object(jit.JITFunction, "run", compile_only), mock.patch.object(launch, "use_pdl", lambda d: True):
-        if fmt == "int8":
-            weight, scale = torch.zeros(n, k, dtype=torch.int8), torch.ones(n, 1)
-            int8_matmul.int8_linear(x, weight, scale, config=config, silu_mul_input=swiglu)
+        if fmt != "bf16":
+            weight, scale = torch.zeros(n, k, dtype=torch.int8), torch.ones(n, k // (group_size or k))
+            int8_matmul.int8_linear(x, weight, scale, None, group_size, config=config, silu_mul_input=swiglu)
         else:
             int8_matmul.gemv_16bit(x, torch.zeros(n, k, dtype=torch.bfloat16), config=config, silu_mul_input=swiglu)
     return compiled[-1], config
@@ -97,9 +102,14 @@ def loop_stats(cubin: bytes, workdir: Path) -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--formats", default="int8,bf16", help="int8 and/or bf16")
+    parser.add_argument("--formats", default="int8,bf16", help=f"among {', '.join(GROUP_SIZES)}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"among {', '.join(VARIANTS)}")
+    parser.add_argument("--tile", help="N,K,WARPS: this tile instead of the default one")
     args = parser.parse_args()
+    tile = None
+    if args.tile:
+        block_n, block_k, num_warps = (int(v) for v in args.tile.split(","))
+        tile = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps}
     if triton.knobs.runtime.interpret:
         parser.error("set TRITON_INTERPRET=0: the interpreter compiles nothing")
     driver.set_active(CompileOnlyDriver())
@@ -110,9 +120,9 @@ def main() -> int:
     for shape in args.shapes.split(","):
         for fmt in args.formats.split(","):
             for variant in args.variants.split(","):
-                if fmt != "int8" and variant in ("cvt", "add"):
+                if fmt == "bf16" and variant in ("cvt", "add"):
                     continue  # 16-bit weights take no conversion
-                kernel, config = compile_gemv(shape, fmt, variant)
+                kernel, config = compile_gemv(shape, fmt, variant, tile)
                 stats = loop_stats(kernel.asm["cubin"], workdir)
                 per_thread = config.block_n * config.block_k / (32 * config.num_warps)
                 top = ", ".join(f"{op} {count}" for op, count in stats["opcodes"][:6])

@@ -265,11 +265,14 @@ def decode_sweep_configs(m: int, group_size: int | None, smoke: bool, weight_byt
     if smoke:
         return [Int8MatmulConfig(block_m=1 if m == 1 else 16, block_n=32, block_k=64)]
     if m == 1:
-        # 16-bit weights: tiles half as deep, the same bytes a step.
+        # 16-bit weights: tiles half as deep, the same bytes a step. Per-group scales: tiles a
+        # group deep, and deeper ones whose threads scale their sums group by group.
         configs = [
             Int8MatmulConfig(block_m=1, block_n=n, block_k=min(k // weight_bytes, group_size or k), num_warps=w)
             for n, k, w in GEMV_TILES
         ]
+        if group_size is not None and group_size % 16 == 0:
+            configs += [Int8MatmulConfig(block_m=1, block_n=n, block_k=k, num_warps=w) for n, k, w in GEMV_TILES]
         # The other conversions, an accumulator per weight element, the loop's pipelining and
         # the prefetch (with each conversion, and in the form the default gives it), each
         # against the plain form once.

@@ -269,7 +269,10 @@ def _gemv_step(
     offs_k = k + tl.arange(0, BLOCK_K)
     x = _load_x(x_ptr + offs_k, offs_k < K, up_offset, EVEN_K, SWIGLU).to(tl.float32)  # [BLOCK_K]
     wf = _weight_to_float32(w, IS_INT8, CONVERT)
-    if GROUP_SIZE > 0:
+    # Where a thread's THREAD_K elements lie in one group, their sum takes the group's scale
+    # once; otherwise each weight takes its scale before the product.
+    SCALE_SUMS: tl.constexpr = GROUP_SIZE > 0 and THREAD_K > 1 and GROUP_SIZE % THREAD_K == 0
+    if GROUP_SIZE > 0 and not SCALE_SUMS:
         if SCALE_PER_TILE:
             wf = wf * tl.load(scale_ptr + rows_n * stride_sn + k // GROUP_SIZE)[None, :]
         else:
@@ -283,6 +286,16 @@ def _gemv_step(
         # Triton's loads give a thread 16 bytes of a row, THREAD_K elements: their sum needs no
         # other thread, and the accumulator takes THREAD_K times fewer registers.
         products = tl.sum(tl.reshape(products, (BLOCK_K // THREAD_K, THREAD_K, products.shape[1])), axis=1)
+    if SCALE_SUMS:
+        if SCALE_PER_TILE:
+            products = products * tl.load(scale_ptr + rows_n * stride_sn + k // GROUP_SIZE)[None, :]
+        else:
+            chunk_k = k + THREAD_K * tl.arange(0, BLOCK_K // THREAD_K)  # each sum's first element
+            products = products * tl.load(
+                scale_ptr + rows_n[None, :] * stride_sn + chunk_k[:, None] // GROUP_SIZE,
+                mask=chunk_k[:, None] < K,
+                other=0.0,
+            )
     return acc_k + products
 
 
