@@ -13,10 +13,11 @@ bytes over the copy bandwidth, for prefill the linears' FLOPs at the card's bf16
 and the host's wall time per step. A Markdown table of it all prints last.
 
 A format is a weight format (``bf16`` or a quantization preset) with optional suffixes that
-undo one choice of the cuda backend, for an A/B in one run: ``-cublas`` puts every 16-bit
+change one choice of the cuda backend, for an A/B in one run: ``-cublas`` puts every 16-bit
 linear on cuBLAS (before the streaming GEMV took single rows), ``-norm-apart`` runs each
-RMSNorm apart from the linear after it (before fp8 linears quantized in the norm's pass).
-Needs a GPU.
+RMSNorm apart from the linear after it (before fp8 linears quantized in the norm's pass),
+``-rope-in-attention`` rotates and stores a decode step's keys inside the attention kernel
+(not yet the default). Needs a GPU.
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ def markdown_table(results: dict[str, Any], formats: list[str], top: int) -> str
 VARIANTS = {
     "-cublas": lambda: mock.patch.object(CudaBackend, "linear", TorchBackend.linear),
     "-norm-apart": lambda: mock.patch.object(CudaBackend, "norm_linear", TorchBackend.norm_linear),
+    "-rope-in-attention": lambda: mock.patch.object(CudaBackend, "rope_in_decode_attention", True),
 }
-"""Format suffixes, each undoing one choice of the cuda backend while its case runs."""
+"""Format suffixes, each changing one choice of the cuda backend while its case runs."""
 
 
 def parse_format(fmt: str) -> tuple[str, list[str]]:
