@@ -214,6 +214,38 @@ def test_programmatic_dependent_launch_changes_no_bit(
     assert run() == with_pdl
 
 
+@pytest.mark.cuda
+def test_rope_in_decode_attention_changes_no_bit(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode steps that rotate and store their keys inside the attention kernel (CUDA graphs,
+    PDL, contexts of one split and of several) give the tokens and logprobs of the two kernels."""
+    from neuron_llm.backends.cuda.backend import CudaBackend
+
+    _, model_dir = save_tiny_llama(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        initializer_range=0.02,
+        max_position_embeddings=1024,
+    )
+    options = {"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 256, "block_size": 16, "max_model_len": 1024}
+    generator = torch.Generator().manual_seed(7)
+    prompts = [
+        {"prompt_token_ids": torch.randint(0, 250, (n,), generator=generator).tolist()} for n in (1, 40, 300, 700)
+    ]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=1)
+
+    def run() -> list[tuple[list[int], Any]]:
+        llm = LLM(str(model_dir), **options)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+
+    apart = run()
+    monkeypatch.setattr(CudaBackend, "rope_in_decode_attention", True)
+    assert run() == apart
+
+
 @pytest.mark.parametrize("num_tokens", [1, 5, 40])
 def test_int8_swiglu_down_makes_its_input_as_it_loads(num_tokens: int, device: torch.device) -> None:
     """Few rows take the fused SwiGLU input, more the silu_mul kernel: both give the reference's result."""
