@@ -21,7 +21,9 @@ key tile may span several pages, each row gathered from its own page):
   and a context of one run is written directly. The grid depends only on shapes (query rows,
   KV heads and a split count chosen from the block-table width), never on sequence lengths,
   so the call can be captured in a CUDA graph; splits past a sequence's end exit at once.
-  Launched with programmatic dependent launch (``launch.py``).
+  Launched with programmatic dependent launch (``launch.py``). ``rotary_decode_attention``
+  is the same launch on the step's query and key before RoPE: it rotates them and stores the
+  new key and value in the cache itself (``fused.rotary_write_kv``'s work).
 
 Softmax runs in base 2: scores are scaled by ``scale * log2(e)`` and exponentiated with exp2.
 """
@@ -578,7 +580,8 @@ def rotary_decode_attention(
     num_kv_heads, head_dim] before RoPE, ``cos``/``sin`` as ``rotary_write_kv`` takes them. Each
     program rotates its query rows; the split that holds a sequence's newest token stores its
     rotated key and value at ``metadata.slot_mapping`` before reading its keys. Padding rows
-    store nothing (the two kernels write them into the null block). Same bits as the two kernels.
+    store nothing (the two kernels write them into the null block). In 16-bit dtypes, the bits of
+    the two kernels.
     """
     query, key, value, cos_rows, sin_rows = rotary_inputs(
         query, key, value, cos, sin, key_cache, value_cache, metadata.slot_mapping
