@@ -25,15 +25,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import torch
 import triton
-from triton.runtime import driver, jit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the compile-only driver of tests/cuda
-from neuron_llm.backends.cuda import int8_matmul, launch  # noqa: E402
-from tests.cuda.compile_kernels import H100_SMS, CompileOnlyDriver  # noqa: E402
+from neuron_llm.backends.cuda import int8_matmul  # noqa: E402
+from tests.cuda.compile_kernels import H100_SMS, compiling_only  # noqa: E402
 
 GROUP_SIZES = {"int8": None, "int8-g128": 128, "bf16": None}
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -59,14 +57,7 @@ def compile_gemv(
     config = int8_matmul.default_config(1, n, k, group_size, H100_SMS, weight_bytes=weight_bytes)
     # K unsplit: a split of two or three steps is unrolled whole, and has no loop to count.
     config = dataclasses.replace(config, split_k=1, **VARIANTS[variant], **(tile or {}))
-    compiled = []
-    run = jit.JITFunction.run
-
-    def compile_only(self: jit.JITFunction, *args: object, grid: object, warmup: bool, **kwargs: object) -> object:
-        compiled.append(run(self, *args, grid=grid, warmup=True, **kwargs))
-        return compiled[-1]
-
-    with mock.patch.object(jit.JITFunction, "run", compile_only), mock.patch.object(launch, "use_pdl", lambda d: True):
+    with compiling_only() as compiled:
         if fmt != "bf16":
             weight, scale = torch.zeros(n, k, dtype=torch.int8), torch.ones(n, k // (group_size or k))
             int8_matmul.int8_linear(x, weight, scale, None, group_size, config=config, silu_mul_input=swiglu)
@@ -112,7 +103,6 @@ def main() -> int:
         tile = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps}
     if triton.knobs.runtime.interpret:
         parser.error("set TRITON_INTERPRET=0: the interpreter compiles nothing")
-    driver.set_active(CompileOnlyDriver())
     workdir = Path(triton.knobs.cache.dir) / "gemv_sass"
     workdir.mkdir(parents=True, exist_ok=True)
     print("| shape | format | variant | tile (n x k) | registers | loop instructions | per weight | top opcodes |")

@@ -13,6 +13,10 @@ on the first compilation error.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from unittest import mock
+
 import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver, jit
@@ -37,24 +41,30 @@ class CompileOnlyDriver:
         return torch.device("cpu")
 
 
-def compile_every_kernel() -> list[str]:
-    """Call each wrapper in the configurations the engine uses; return the kernels compiled."""
-    from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, launch, w8a8
-    from neuron_llm.ops.metadata import AttentionMetadata
+@contextlib.contextmanager
+def compiling_only() -> Iterator[list[object]]:
+    """Every Triton launch inside compiles its kernel for sm_90 (with PDL, as a Hopper GPU
+    launches it) and runs nothing; yields the list the compiled kernels are appended to."""
+    from neuron_llm.backends.cuda import launch
 
-    compiled: list[str] = []
+    compiled: list[object] = []
     run = jit.JITFunction.run
-    use_pdl = launch.use_pdl
 
     def compile_only(self: jit.JITFunction, *args: object, grid: object, warmup: bool, **kwargs: object) -> object:
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled.append(self.fn.__name__)
-        return kernel
+        compiled.append(run(self, *args, grid=grid, warmup=True, **kwargs))
+        return compiled[-1]
 
     driver.set_active(CompileOnlyDriver())
-    jit.JITFunction.run = compile_only
-    launch.use_pdl = lambda device: True
-    try:
+    with mock.patch.object(jit.JITFunction, "run", compile_only), mock.patch.object(launch, "use_pdl", lambda d: True):
+        yield compiled
+
+
+def compile_every_kernel() -> list[str]:
+    """Call each wrapper in the configurations the engine uses; return the kernels compiled."""
+    from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, w8a8
+    from neuron_llm.ops.metadata import AttentionMetadata
+
+    with compiling_only() as compiled:
         bf16 = torch.bfloat16
         hidden, intermediate, heads, kv_heads, head_dim, block = 4096, 14336, 32, 8, 128, 16
         for tokens in (1, 4096):
@@ -113,10 +123,7 @@ def compile_every_kernel() -> list[str]:
             attention.rotary_decode_attention(
                 query, new_key, new_key, angles, angles, cache, cache, decode, 0.088, num_splits=num_splits
             )
-    finally:
-        jit.JITFunction.run = run
-        launch.use_pdl = use_pdl
-    return compiled
+    return [kernel.name for kernel in compiled]
 
 
 if __name__ == "__main__":
