@@ -248,6 +248,19 @@ def _load_x(x_ptrs, mask, up_offset, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr)
 
 
 @triton.jit
+def _group_scales(scale_ptr, rows_n, stride_sn, k, offs_k, K, GROUP_SIZE: tl.constexpr, SCALE_PER_TILE: tl.constexpr):
+    """The scales of weight rows ``rows_n`` at K offsets ``offs_k``: [1, BLOCK_N] when the whole
+    step from ``k`` lies in one group (SCALE_PER_TILE), else [len(offs_k), BLOCK_N]."""
+    if SCALE_PER_TILE:  # a constexpr branch: the two shapes never meet in one kernel
+        scales = tl.load(scale_ptr + rows_n * stride_sn + k // GROUP_SIZE)[None, :]
+    else:
+        scales = tl.load(
+            scale_ptr + rows_n[None, :] * stride_sn + offs_k[:, None] // GROUP_SIZE, mask=offs_k[:, None] < K, other=0.0
+        )
+    return scales
+
+
+@triton.jit
 def _gemv_step(
     acc_k,
     w,
@@ -276,29 +289,15 @@ def _gemv_step(
     # once; otherwise each weight takes its scale before the product.
     SCALE_SUMS: tl.constexpr = GROUP_SIZE > 0 and THREAD_K > 1 and GROUP_SIZE % THREAD_K == 0
     if GROUP_SIZE > 0 and not SCALE_SUMS:
-        if SCALE_PER_TILE:
-            wf = wf * tl.load(scale_ptr + rows_n * stride_sn + k // GROUP_SIZE)[None, :]
-        else:
-            wf = wf * tl.load(
-                scale_ptr + rows_n[None, :] * stride_sn + offs_k[:, None] // GROUP_SIZE,
-                mask=offs_k[:, None] < K,
-                other=0.0,
-            )
+        wf = wf * _group_scales(scale_ptr, rows_n, stride_sn, k, offs_k, K, GROUP_SIZE, SCALE_PER_TILE)
     products = wf * x[:, None]
     if THREAD_K > 1:
         # Triton's loads give a thread 16 bytes of a row, THREAD_K elements: their sum needs no
         # other thread, and the accumulator takes THREAD_K times fewer registers.
         products = tl.sum(tl.reshape(products, (BLOCK_K // THREAD_K, THREAD_K, products.shape[1])), axis=1)
     if SCALE_SUMS:
-        if SCALE_PER_TILE:
-            products = products * tl.load(scale_ptr + rows_n * stride_sn + k // GROUP_SIZE)[None, :]
-        else:
-            chunk_k = k + THREAD_K * tl.arange(0, BLOCK_K // THREAD_K)  # each sum's first element
-            products = products * tl.load(
-                scale_ptr + rows_n[None, :] * stride_sn + chunk_k[:, None] // GROUP_SIZE,
-                mask=chunk_k[:, None] < K,
-                other=0.0,
-            )
+        chunk_k = k + THREAD_K * tl.arange(0, BLOCK_K // THREAD_K)  # each sum's first element
+        products = products * _group_scales(scale_ptr, rows_n, stride_sn, k, chunk_k, K, GROUP_SIZE, SCALE_PER_TILE)
     return acc_k + products
 
 
@@ -399,18 +398,11 @@ def _int8_matmul_kernel(
             )  # [BLOCK_M, BLOCK_K]
             if GROUP_SIZE == 0:
                 w_dequantized = w.to(x.dtype)  # int8: exact, the scale comes after the loop
-            elif SCALE_PER_TILE:
+            else:
                 # Scaling B rather than the dot's result keeps the accumulator in the tensor
                 # cores across iterations (no wait for each dot), as the reference rounds it.
-                group_scale = tl.load(scale_ptr + rows_n * stride_sn + k // GROUP_SIZE)  # [BLOCK_N]
-                w_dequantized = (w.to(tl.float32) * group_scale[None, :]).to(x.dtype)
-            else:
-                element_scale = tl.load(
-                    scale_ptr + rows_n[None, :] * stride_sn + offs_k[:, None] // GROUP_SIZE,
-                    mask=offs_k[:, None] < K,
-                    other=0.0,
-                )  # [BLOCK_K, BLOCK_N]
-                w_dequantized = (w.to(tl.float32) * element_scale).to(x.dtype)
+                scales = _group_scales(scale_ptr, rows_n, stride_sn, k, offs_k, K, GROUP_SIZE, SCALE_PER_TILE)
+                w_dequantized = (w.to(tl.float32) * scales).to(x.dtype)
             acc = tl.dot(x, w_dequantized, acc, input_precision=DOT_PRECISION)
 
     if IS_INT8 and GROUP_SIZE == 0:
