@@ -132,20 +132,3 @@ class Backend(abc.ABC):
         """Rotate ``query`` and ``key`` by RoPE, store the rotated key and ``value`` in the cache; return the rotated query."""
         self.write_kv_cache(apply_rotary(key, cos, sin), value, key_cache, value_cache, slot_mapping)
         return apply_rotary(query, cos, sin)
-
-    def rotary_attention(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        metadata: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        """``rotary_write_kv`` then ``paged_attention``: the step's keys and values enter the
-        cache and its queries attend over it, so that a backend can do both in one pass."""
-        query = self.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, metadata.slot_mapping)
-        return self.paged_attention(query, key_cache, value_cache, metadata, scale)

@@ -68,7 +68,8 @@ class LlamaAttention(nn.Module):
         key = key.view(num_tokens, -1, self.head_dim)
         value = value.view(num_tokens, -1, self.head_dim)
         key_cache, value_cache = kv_cache
-        out = ops.rotary_attention(query, key, value, cos, sin, key_cache, value_cache, metadata, self.scale)
+        query = ops.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, metadata.slot_mapping)
+        out = ops.paged_attention(query, key_cache, value_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, -1)), residual
 
 

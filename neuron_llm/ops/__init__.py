@@ -104,20 +104,6 @@ def rotary_write_kv(
     return _active.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping)
 
 
-def rotary_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    return _active.rotary_attention(query, key, value, cos, sin, key_cache, value_cache, metadata, scale)
-
-
 __all__ = [
     "NULL_BLOCK_ID",
     "AttentionMetadata",
@@ -128,7 +114,6 @@ __all__ = [
     "norm_linear",
     "paged_attention",
     "rms_norm",
-    "rotary_attention",
     "rotary_write_kv",
     "swiglu_down",
     "use_backend",

@@ -118,11 +118,6 @@ def compile_every_kernel() -> list[str]:
         for num_splits in (1, 8):
             query = torch.randn(2, heads, head_dim, dtype=bf16)
             attention.decode_attention(query, cache, cache, decode, 0.088, num_splits=num_splits)
-            new_key = torch.randn(2, kv_heads, head_dim, dtype=bf16)
-            angles = torch.randn(2, head_dim, dtype=bf16)
-            attention.rotary_decode_attention(
-                query, new_key, new_key, angles, angles, cache, cache, decode, 0.088, num_splits=num_splits
-            )
     return [kernel.name for kernel in compiled]
 
 

@@ -22,14 +22,9 @@ from neuron_llm.backends.cuda.attention import (
     decode_attention,
     decode_num_splits,
     prefill_attention,
-    rotary_decode_attention,
 )
-from neuron_llm.backends.cuda.backend import CudaBackend
-from neuron_llm.backends.cuda.fused import rotary_write_kv
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.ops.metadata import AttentionMetadata
-from tests.cuda.conftest import kernel_dtypes
-from tests.cuda.test_fused_kernels import assert_same, rotary_case
 
 # Relative error (by norm) allowed for each input dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -208,47 +203,6 @@ def test_decode(device: torch.device, num_heads: int, num_kv_heads: int, num_spl
     )
     assert case.metadata.is_decode
     assert_close(run_decode(case, num_splits, DecodeConfig(block_n=16, num_warps=4, num_stages=2)), case)
-
-
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_rotary_decode_attention_is_rotary_write_kv_then_decode(device: torch.device, num_splits: int) -> None:
-    """RoPE and the cache write inside the decode kernel: the output and the cache of the two
-    kernels, over the contexts of ``test_decode`` in one split and in three."""
-    seq_lens = [1, 17, 64, 45, 80]
-    num_heads, num_kv_heads, head_dim = 8, 2, 64
-    for dtype in kernel_dtypes(device):
-        case = make_case(
-            [1] * len(seq_lens), seq_lens, num_heads, num_kv_heads, head_dim, 16, dtype, device,
-            num_padded_tokens=8, num_padded_seqs=7, max_blocks_per_seq=5,
-        )  # fmt: skip
-        query, key, value, cos, sin = rotary_case(case.query.shape[0], num_heads, num_kv_heads, head_dim, dtype, device)
-        fused_caches = (case.key_cache.clone(), case.value_cache.clone())
-        caches = (case.key_cache.clone(), case.value_cache.clone())
-        out = rotary_decode_attention(
-            query, key, value, cos, sin, *fused_caches, case.metadata, case.scale, num_splits=num_splits
-        )
-        rotated, _ = rotary_write_kv(query, key, value, cos, sin, *caches, case.metadata.slot_mapping)
-        assert_same(out, decode_attention(rotated, *caches, case.metadata, case.scale, num_splits=num_splits))
-        for fused_cache, cache in zip(fused_caches, caches):
-            # Block 0 is the null block, where the two kernels write the padding rows' keys.
-            assert_same(fused_cache[1:], cache[1:])
-
-
-def test_cuda_backend_rotates_inside_decode_attention_when_asked(device: torch.device) -> None:
-    """The backend's switch routes decode steps, and only those, to the one-launch kernel."""
-    dtype = kernel_dtypes(device)[-1]
-    for query_lens, seq_lens in (([1, 1], [9, 33]), ([5, 1], [5, 20])):
-        case = make_case(query_lens, seq_lens, 4, 2, 32, 16, dtype, device)
-        query, key, value, cos, sin = rotary_case(case.query.shape[0], 4, 2, 32, dtype, device)
-        outs, caches = [], []
-        for fused in (False, True):
-            backend = CudaBackend()
-            backend.rope_in_decode_attention = fused
-            cache = (case.key_cache.clone(), case.value_cache.clone())
-            outs.append(backend.rotary_attention(query, key, value, cos, sin, *cache, case.metadata, case.scale))
-            caches.append(cache)
-        assert_same(outs[1], outs[0])
-        assert_same(caches[1][0][1:], caches[0][0][1:])
 
 
 def test_decode_splits_combine_the_same_way_every_time(device: torch.device) -> None:

@@ -221,20 +221,6 @@ def test_programmatic_dependent_launch_changes_no_bit(
     assert _greedy_tokens_and_logprobs(model_dir, quantization) == with_pdl
 
 
-@pytest.mark.cuda
-def test_rope_in_decode_attention_changes_no_bit(
-    save_tiny_llama: Callable[..., tuple[Any, Path]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Decode steps that rotate and store their keys inside the attention kernel (CUDA graphs,
-    PDL, contexts of one split and of several) give the tokens and logprobs of the two kernels."""
-    from neuron_llm.backends.cuda.backend import CudaBackend
-
-    model_dir = _split_decode_model(save_tiny_llama)
-    apart = _greedy_tokens_and_logprobs(model_dir)
-    monkeypatch.setattr(CudaBackend, "rope_in_decode_attention", True)
-    assert _greedy_tokens_and_logprobs(model_dir) == apart
-
-
 @pytest.mark.parametrize("num_tokens", [1, 5, 40])
 def test_int8_swiglu_down_makes_its_input_as_it_loads(num_tokens: int, device: torch.device) -> None:
     """Few rows take the fused SwiGLU input, more the silu_mul kernel: both give the reference's result."""

@@ -21,9 +21,7 @@ key tile may span several pages, each row gathered from its own page):
   and a context of one run is written directly. The grid depends only on shapes (query rows,
   KV heads and a split count chosen from the block-table width), never on sequence lengths,
   so the call can be captured in a CUDA graph; splits past a sequence's end exit at once.
-  Launched with programmatic dependent launch (``launch.py``). ``rotary_decode_attention``
-  is the same launch on the step's query and key before RoPE: it rotates them and stores the
-  new key and value in the cache itself (``fused.rotary_write_kv``'s work).
+  Launched with programmatic dependent launch (``launch.py``).
 
 Softmax runs in base 2: scores are scaled by ``scale * log2(e)`` and exponentiated with exp2.
 """
@@ -41,7 +39,6 @@ import triton
 import triton.language as tl
 
 from neuron_llm.backends.cuda import launch
-from neuron_llm.backends.cuda.fused import rotary_inputs, round_product, round_sum
 
 if TYPE_CHECKING:
     from neuron_llm.ops.metadata import AttentionMetadata
@@ -278,27 +275,10 @@ def _prefill_kernel(
 
 
 @triton.jit
-def _rotate(x, row_ptr, offs_d, mask, cos, sin, HEAD_DIM: tl.constexpr):
-    """RoPE (rotate-half layout) of ``x`` [..., BLOCK_D] whose rows lie at ``row_ptr + offs_d``,
-    rounded as ``fused.rotary_write_kv`` rounds: x * cos + rotate_half(x) * sin, each product
-    and the sum in x's dtype. The partner elements are loaded again from ``row_ptr``."""
-    half: tl.constexpr = HEAD_DIM // 2
-    first = offs_d < half
-    partner = tl.load(row_ptr + tl.where(first, offs_d + half, offs_d - half), mask=mask, other=0.0)
-    partner = tl.where(first, -partner, partner)
-    return round_sum(round_product(x, cos), round_product(partner, sin))
-
-
-@triton.jit
 def _decode_kernel(
     query_ptr,
     key_cache_ptr,
     value_cache_ptr,
-    new_key_ptr,
-    new_value_ptr,
-    cos_ptr,
-    sin_ptr,
-    slot_mapping_ptr,
     out_ptr,
     partial_out_ptr,
     partial_lse_ptr,
@@ -317,12 +297,6 @@ def _decode_kernel(
     stride_cache_offset,
     stride_cache_head,
     stride_table_seq,
-    stride_new_key_token,
-    stride_new_key_head,
-    stride_new_value_token,
-    stride_new_value_head,
-    stride_angles_token,
-    ROTARY: tl.constexpr,
     QUERY_HEADS_PER_KV: tl.constexpr,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -358,35 +332,9 @@ def _decode_kernel(
             tl.store(out_ptrs, tl.zeros([BLOCK_H, BLOCK_D], out_ptr.dtype.element_ty), mask=io_mask)
         return
 
-    query_row_ptr = query_ptr + seq.to(tl.int64) * stride_query_token
-    query_ptrs = query_row_ptr + head[:, None] * stride_query_head + offs_d[None, :]
+    query_ptrs = query_ptr + seq.to(tl.int64) * stride_query_token + head[:, None] * stride_query_head + offs_d[None, :]
     query = tl.load(query_ptrs, mask=io_mask, other=0.0)  # [BLOCK_H, BLOCK_D]
     table_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
-    if ROTARY:
-        # The query and this token's key arrive unrotated: RoPE them here, and the split that
-        # holds the token stores its key and value in the cache before it reads its keys.
-        angles = seq.to(tl.int64) * stride_angles_token + offs_d
-        cos = tl.load(cos_ptr + angles, mask=offs_d < HEAD_DIM, other=0.0)
-        sin = tl.load(sin_ptr + angles, mask=offs_d < HEAD_DIM, other=0.0)
-        query_rows = query_row_ptr + head[:, None] * stride_query_head
-        query = _rotate(query, query_rows, offs_d[None, :], io_mask, cos[None, :], sin[None, :], HEAD_DIM)
-        if split == num_active - 1:
-            d_mask = offs_d < HEAD_DIM
-            key_row_ptr = new_key_ptr + seq.to(tl.int64) * stride_new_key_token + kv_head * stride_new_key_head
-            key = tl.load(key_row_ptr + offs_d, mask=d_mask, other=0.0)
-            key = _rotate(key, key_row_ptr, offs_d, d_mask, cos, sin, HEAD_DIM)
-            value_row_ptr = new_value_ptr + seq.to(tl.int64) * stride_new_value_token + kv_head * stride_new_value_head
-            value = tl.load(value_row_ptr + offs_d, mask=d_mask, other=0.0)
-            slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)
-            cache_offs = (
-                (slot // BLOCK_SIZE) * stride_cache_block
-                + (slot % BLOCK_SIZE) * stride_cache_offset
-                + kv_head * stride_cache_head
-                + offs_d
-            )
-            tl.store(key_cache_ptr + cache_offs, key.to(key_cache_ptr.dtype.element_ty), mask=d_mask)
-            tl.store(value_cache_ptr + cache_offs, value.to(value_cache_ptr.dtype.element_ty), mask=d_mask)
-            tl.debug_barrier()  # the stores are seen by the CTA's loads of the last key tile
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -557,50 +505,6 @@ def decode_attention(
     call can be captured in a CUDA graph: ``num_splits`` (default ``decode_num_splits``) must
     then stay fixed for the graph's shapes. ``config`` overrides ``DECODE_CONFIGS``.
     """
-    return _decode(query, key_cache, value_cache, metadata, scale, out, num_splits, config, None)
-
-
-def rotary_decode_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    scale: float,
-    out: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    config: DecodeConfig | None = None,
-) -> torch.Tensor:
-    """``fused.rotary_write_kv`` then ``decode_attention``, in one launch.
-
-    ``query`` [num_rows, num_heads, head_dim] and this step's ``key``/``value`` [num_rows,
-    num_kv_heads, head_dim] before RoPE, ``cos``/``sin`` as ``rotary_write_kv`` takes them. Each
-    program rotates its query rows; the split that holds a sequence's newest token stores its
-    rotated key and value at ``metadata.slot_mapping`` before reading its keys. Padding rows
-    store nothing (the two kernels write them into the null block). In 16-bit dtypes, the bits of
-    the two kernels.
-    """
-    query, key, value, cos_rows, sin_rows = rotary_inputs(
-        query, key, value, cos, sin, key_cache, value_cache, metadata.slot_mapping
-    )
-    rotary = (key, value, cos_rows, sin_rows, metadata.slot_mapping)
-    return _decode(query, key_cache, value_cache, metadata, scale, out, num_splits, config, rotary)
-
-
-def _decode(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    scale: float,
-    out: torch.Tensor | None,
-    num_splits: int | None,
-    config: DecodeConfig | None,
-    rotary: tuple[torch.Tensor, ...] | None,
-) -> torch.Tensor:
     num_rows, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1:3]
     block_d = _check_inputs(query, key_cache, value_cache, metadata)
@@ -620,18 +524,13 @@ def _decode(
     partial_lse = query.new_empty((num_rows, num_splits, num_heads), dtype=torch.float32)
     counters = launch.split_counters(query.device, num_rows * num_kv_heads) if num_splits > 1 else partial_lse
     combine_heads = triton.next_power_of_2(group_size)
-    # Without RoPE the new-token arguments are not read.
-    new_key, new_value, cos, sin, slots = rotary or (query, query, query, query, metadata.seq_lens)
     _decode_kernel[(num_rows, num_kv_heads, num_splits)](
-        query, key_cache, value_cache, new_key, new_value, cos, sin, slots,
-        out, partial_out, partial_lse, counters,
+        query, key_cache, value_cache, out, partial_out, partial_lse, counters,
         metadata.block_tables, metadata.seq_lens,
         scale * LOG2_E, metadata.seq_lens.shape[0], num_heads, num_kv_heads,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         metadata.block_tables.stride(0),
-        new_key.stride(0), new_key.stride(1), new_value.stride(0), new_value.stride(1), cos.stride(0),
-        ROTARY=rotary is not None,
         QUERY_HEADS_PER_KV=group_size,
         BLOCK_H=max(16, triton.next_power_of_2(group_size)),
         HEAD_DIM=head_dim,

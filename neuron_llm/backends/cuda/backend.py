@@ -39,10 +39,6 @@ tile would recompute it, and the separate kernel wins)."""
 
 class CudaBackend(TorchBackend):
     name = "cuda"
-    rope_in_decode_attention = False
-    """Decode steps rotate and store the step's keys inside the attention kernel
-    (``attention.rotary_decode_attention``), one launch a layer fewer. Off until timed against
-    the two kernels on a GPU (``benchmarks/step_profile.py --formats bf16,bf16-rope-in-attention``)."""
 
     def prepare_model(self, model: nn.Module) -> None:
         merge_projections(model)
@@ -157,24 +153,6 @@ class CudaBackend(TorchBackend):
     ) -> torch.Tensor:
         query, _ = fused.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping)
         return query
-
-    def rotary_attention(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        metadata: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        if self.rope_in_decode_attention and metadata.is_decode:
-            return attention.rotary_decode_attention(
-                query, key, value, cos, sin, key_cache, value_cache, metadata, scale
-            )
-        return super().rotary_attention(query, key, value, cos, sin, key_cache, value_cache, metadata, scale)
 
 
 def _is_long_fresh_prefill(metadata: AttentionMetadata) -> bool:

@@ -175,13 +175,13 @@ def fused_add_rms_norm(
 
 
 @triton.jit
-def round_product(x, angle):
-    """``x * angle`` (broadcast) computed in float32 and rounded to x's dtype, as torch does."""
-    return (x.to(tl.float32) * angle.to(tl.float32)).to(x.dtype)
+def _round_product(x, angle):
+    """``x * angle[None, :]`` computed in float32 and rounded to x's dtype, as torch does."""
+    return (x.to(tl.float32) * angle.to(tl.float32)[None, :]).to(x.dtype)
 
 
 @triton.jit
-def round_sum(a, b):
+def _round_sum(a, b):
     return (a.to(tl.float32) + b.to(tl.float32)).to(a.dtype)
 
 
@@ -211,8 +211,8 @@ def _rotate_heads(
     first_ptrs = src_ptr + heads[:, None] * stride_src_head + dims[None, :]
     x1 = tl.load(first_ptrs, mask=mask, other=0.0)
     x2 = tl.load(first_ptrs + HALF_DIM, mask=mask, other=0.0)
-    out1 = round_sum(round_product(x1, cos_first[None, :]), round_product(-x2, sin_first[None, :]))
-    out2 = round_sum(round_product(x2, cos_second[None, :]), round_product(x1, sin_second[None, :]))
+    out1 = _round_sum(_round_product(x1, cos_first), _round_product(-x2, sin_first))
+    out2 = _round_sum(_round_product(x2, cos_second), _round_product(x1, sin_second))
     dst_ptrs = dst_ptr + heads[:, None] * stride_dst_head + dims[None, :]
     tl.store(dst_ptrs, out1, mask=mask)
     tl.store(dst_ptrs + HALF_DIM, out2, mask=mask)
@@ -303,28 +303,6 @@ def _rotary_write_kv_kernel(
     tl.store(value_cache_ptr + cache_offs + HALF_DIM, value2.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def rotary_inputs(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> tuple[torch.Tensor, ...]:
-    """``rotary_write_kv``'s inputs checked (ValueError), as (query, key, value) with unit stride
-    along head_dim and ``cos``/``sin`` as [num_tokens, head_dim] rows."""
-    query = _heads_view(query, "query")
-    key = _heads_view(key, "key")
-    value = _heads_view(value, "value")
-    _check_rotary_inputs(query, key, value, key_cache, value_cache, slot_mapping)
-    num_tokens, _, head_dim = query.shape
-    cos_rows = _angles_rows(cos, "cos", num_tokens, head_dim, query.dtype)
-    sin_rows = _angles_rows(sin, "sin", num_tokens, head_dim, query.dtype)
-    return query, key, value, cos_rows, sin_rows
-
-
 def _heads_view(x: torch.Tensor, name: str) -> torch.Tensor:
     """``x`` [tokens, heads, head_dim] with unit stride along head_dim (a copy only if it has none)."""
     if x.dim() != 3:
@@ -399,11 +377,14 @@ def rotary_write_kv(
     at the flat slots ``slot_mapping`` [num_tokens] (padding tokens may all name one slot of
     the null block). Returns ``(query_rotated, key_rotated)``, contiguous, in the query's dtype.
     """
-    query, key, value, cos_rows, sin_rows = rotary_inputs(
-        query, key, value, cos, sin, key_cache, value_cache, slot_mapping
-    )
+    query = _heads_view(query, "query")
+    key = _heads_view(key, "key")
+    value = _heads_view(value, "value")
+    _check_rotary_inputs(query, key, value, key_cache, value_cache, slot_mapping)
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
+    cos_rows = _angles_rows(cos, "cos", num_tokens, head_dim, query.dtype)  # [num_tokens, head_dim]
+    sin_rows = _angles_rows(sin, "sin", num_tokens, head_dim, query.dtype)
     query_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     key_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     if num_tokens == 0:
