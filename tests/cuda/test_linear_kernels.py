@@ -226,6 +226,8 @@ def test_default_config_fills_the_gpu() -> None:
     assert default_config(4096, 4096, 4096, None, num_sms=132).split_k == 1
     assert default_config(200, 4096, 4096, None, num_sms=132).split_k > 1
     assert 128 % default_config(16, 4096, 4096, 128, num_sms=132).block_k == 0
+    grouped = default_config(1, 4096, 14336, 128, num_sms=132)  # a thread's sums take their group's scale
+    assert grouped.block_k > 128 and grouped.split_k * 4096 // grouped.block_n >= 2 * 132
 
 
 def expected_fp8_codes(values: torch.Tensor, scale: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -134,6 +134,12 @@ def default_config(
         # o 9.2 us against 56.8, 10.3 with 128-deep ones; qkv 13.3 us wide, 17.1 narrow.
         narrow_tiles = triton.cdiv(n, 16)
         is_narrow = narrow_tiles <= 2 * num_sms or narrow_tiles >= 4 * num_sms
+        if group_size is not None and group_size % 16 == 0:
+            # A thread's 16-byte sums take their group's scale, so tiles may span groups; they
+            # cost more per program, and three programs a multiprocessor do best. H200 sweep at
+            # group 128: qkv 9.4, o 6.7, gate_up 30.0, down 17.8 us against 9.9, 8.9, 49.2,
+            # 27.0 with 64 x 128 tiles and 8 warps; o and down 8.3 and 23.1 us with 16 rows.
+            is_narrow = narrow_tiles > 2 * num_sms
         config = Int8MatmulConfig(block_m=1, block_n=16 if is_narrow else 32, block_k=512 // weight_bytes)
     elif m <= 16:
         config = Int8MatmulConfig(block_m=16, block_n=32, block_k=256)
@@ -145,16 +151,13 @@ def default_config(
         config = Int8MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8)
     else:
         config = Int8MatmulConfig(block_m=256, block_n=128, block_k=64, num_warps=8)
-    if group_size is not None:
+    is_scaled_sums = m == 1 and group_size is not None and group_size % 16 == 0
+    if group_size is not None and not is_scaled_sums:
         config = replace(config, block_k=_block_k_for_groups(group_size, config.block_k))
-        if m == 1:
-            # Tiles a group deep want more rows: 64 with 8 warps (H200 sweep at group 128:
-            # gate_up 38.7, down 21.5, qkv 11.6 us against 47.6, 26.0, 14.2 with 32 rows).
-            config = replace(config, block_n=64, num_warps=8)
     if m <= 512:
         # GEMVs and decode tiles of 4096 weights per step want twice the programs of 8192-weight ones.
         is_small_step = config.block_m == 1 or config.block_m <= 16 and config.block_n * config.block_k <= 4096
-        programs_per_sm = 4 if is_small_step else 2 if m <= 16 else 1
+        programs_per_sm = 3 if is_scaled_sums else 4 if is_small_step else 2 if m <= 16 else 1
         num_tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
         split_k = split_k_for(num_tiles, triton.cdiv(k, config.block_k), num_sms, programs_per_sm)
         config = replace(config, split_k=split_k)
