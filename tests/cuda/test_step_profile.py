@@ -45,10 +45,14 @@ def test_a_step_is_summarized_and_tabled_beside_its_floor(step_profile: object) 
     assert "rms_norm" not in table  # past the top 1
 
 
-def test_format_suffixes_name_the_choices_they_undo(step_profile: object) -> None:
+def test_format_suffixes_name_the_choices_they_change(step_profile: object) -> None:
     assert step_profile.parse_format("int8") == ("int8", [])
     assert step_profile.parse_format("fp8-all-norm-apart") == ("fp8-all", ["-norm-apart"])
     assert step_profile.parse_format("bf16-cublas-norm-apart") == ("bf16", ["-cublas", "-norm-apart"])
+    assert step_profile.parse_format("int8-skip-norms-skip-attention") == ("int8", ["-skip-norms", "-skip-attention"])
+    for suffix, patch in step_profile.VARIANTS.items():
+        with patch() as replacement:  # mock.patch.object refuses an attribute the backend lacks
+            assert callable(replacement), suffix
 
 
 def test_prefill_floor_counts_the_decoder_linears(step_profile: object) -> None:
