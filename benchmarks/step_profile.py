@@ -16,10 +16,12 @@ A format is a weight format (``bf16`` or a quantization preset) with optional su
 undo one choice of the cuda backend, for an A/B in one run: ``-cublas`` puts every 16-bit
 linear on cuBLAS (before the streaming GEMV took single rows), ``-norm-apart`` runs each
 RMSNorm apart from the linear after it (before fp8 linears quantized in the norm's pass).
-Three more suffixes leave a decode step's small kernels out, to show what each costs in the
-step and so what fusing it away could save at most: ``-skip-norms`` (each norm before a
-linear, its residual add too), ``-skip-rope`` (RoPE and the KV cache write), ``-skip-attention``.
-Their outputs are wrong by design; they time the step without those kernels. Needs a GPU.
+``-swiglu-in-down`` makes a single row's SwiGLU in the down projection's loads (before the
+gate/up GEMV stored it). Three more suffixes leave a decode step's small kernels out, to
+show what each costs in the step and so what fusing it away could save at most:
+``-skip-norms`` (every RMSNorm, its residual add too), ``-skip-rope`` (RoPE and the KV cache
+write), ``-skip-attention``. Their outputs are wrong by design; they time the step without
+those kernels. Needs a GPU.
 """
 
 from __future__ import annotations
@@ -101,15 +103,16 @@ def markdown_table(results: dict[str, Any], formats: list[str], top: int) -> str
 VARIANTS = {
     "-cublas": lambda: mock.patch.object(CudaBackend, "linear", TorchBackend.linear),
     "-norm-apart": lambda: mock.patch.object(CudaBackend, "norm_linear", TorchBackend.norm_linear),
-    "-skip-norms": lambda: mock.patch.object(CudaBackend, "norm_linear", _skip_norm),
+    "-swiglu-in-down": lambda: mock.patch.object(CudaBackend, "feed_forward", TorchBackend.feed_forward),
+    "-skip-norms": lambda: mock.patch.object(CudaBackend, "rms_norm", _skip_norm),
     "-skip-rope": lambda: mock.patch.object(CudaBackend, "rotary_write_kv", _skip_to_query),
     "-skip-attention": lambda: mock.patch.object(CudaBackend, "paged_attention", _skip_to_query),
 }
 """Format suffixes, each changing one choice of the cuda backend while its case runs."""
 
 
-def _skip_norm(self: Any, x: torch.Tensor, weight: Any, eps: Any, residual: Any, linear: Any) -> Any:
-    return linear(x), x
+def _skip_norm(self: Any, x: torch.Tensor, weight: Any, eps: Any, residual: Any) -> Any:
+    return x, x
 
 
 def _skip_to_query(self: Any, query: torch.Tensor, *args: Any) -> torch.Tensor:

@@ -94,6 +94,20 @@ class Backend(abc.ABC):
         gate, up = gate_up.chunk(2, dim=-1)
         return down_proj(F.silu(gate) * up)
 
+    def feed_forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None,
+        gate_up_proj: nn.Module,
+        down_proj: nn.Module,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Llama's feed-forward of ``rms_norm(x, weight, eps, residual)`` with gate and up merged:
+        ``(down_proj(silu(gate) * up), new_residual)``, by ``norm_linear`` then ``swiglu_down``."""
+        gate_up, residual = self.norm_linear(x, weight, eps, residual, gate_up_proj)
+        return self.swiglu_down(gate_up, down_proj), residual
+
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:

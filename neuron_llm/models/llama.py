@@ -89,8 +89,7 @@ class LlamaMLP(nn.Module):
         if self.gate_up_proj is None:
             x, residual = ops.rms_norm(hidden, norm.weight, norm.eps, residual)
             return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)), residual
-        gate_up, residual = ops.norm_linear(hidden, norm.weight, norm.eps, residual, self.gate_up_proj)
-        return ops.swiglu_down(gate_up, self.down_proj), residual
+        return ops.feed_forward(hidden, norm.weight, norm.eps, residual, self.gate_up_proj, self.down_proj)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -87,8 +87,15 @@ def norm_linear(
     return _active.norm_linear(x, weight, eps, residual, linear)
 
 
-def swiglu_down(gate_up: torch.Tensor, down_proj: torch.nn.Module) -> torch.Tensor:
-    return _active.swiglu_down(gate_up, down_proj)
+def feed_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    gate_up_proj: torch.nn.Module,
+    down_proj: torch.nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _active.feed_forward(x, weight, eps, residual, gate_up_proj, down_proj)
 
 
 def rotary_write_kv(
@@ -108,6 +115,7 @@ __all__ = [
     "NULL_BLOCK_ID",
     "AttentionMetadata",
     "active_backend",
+    "feed_forward",
     "fp8_linear",
     "int8_linear",
     "linear",
@@ -115,7 +123,6 @@ __all__ = [
     "paged_attention",
     "rms_norm",
     "rotary_write_kv",
-    "swiglu_down",
     "use_backend",
     "w8a8_linear",
     "write_kv_cache",

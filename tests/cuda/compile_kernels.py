@@ -90,6 +90,10 @@ def compile_every_kernel() -> list[str]:
             int8_matmul.int8_linear(gate_up, q, torch.ones(hidden, 1), silu_mul_input=True)
             int8_matmul.gemv_16bit(gate_up[:1], torch.zeros(hidden, intermediate, dtype=bf16), silu_mul_input=True)
             int8_matmul.gemv_16bit(x[:1], torch.zeros(1024, hidden, dtype=bf16))
+            # A single row's gate/up GEMV storing silu(gate) * up, int8 and 16-bit.
+            q = torch.zeros(2 * intermediate, hidden, dtype=torch.int8)
+            int8_matmul.int8_linear(x[:1], q, torch.ones(2 * intermediate, 1), silu_mul_output=True)
+            int8_matmul.gemv_16bit(x[:1], torch.zeros(2 * intermediate, hidden, dtype=bf16), silu_mul_output=True)
 
             qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=bf16)
             query, key, value = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from neuron_llm import LLM, SamplingParams
+from neuron_llm import LLM, SamplingParams, ops
 from neuron_llm.backends import default_backend_name
 from neuron_llm.backends.cuda.graphs import _stage
 from neuron_llm.config import DeviceConfig
@@ -239,6 +239,63 @@ def test_int8_swiglu_down_makes_its_input_as_it_loads(num_tokens: int, device: t
     expected = TorchBackend().swiglu_down(gate_up, down_proj)
     assert out.shape == (num_tokens, 64)
     assert ((out - expected).norm() / expected.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int8-g128"])
+@pytest.mark.parametrize("num_tokens", [1, 3])
+def test_feed_forward_of_one_row_makes_swiglu_in_the_gate_up_gemv(
+    quantization: str | None, num_tokens: int, device: torch.device
+) -> None:
+    """One row of 16-bit weights where the GEMV takes them (a Hopper GPU): the gate/up GEMV
+    stores silu(gate) * up and the down projection reads it, the bits of the norm, gate/up
+    projection and SwiGLU-fused down projection it replaces. Other rows and int8 weights take
+    that path itself."""
+    from neuron_llm.backends.cuda import int8_matmul
+    from neuron_llm.backends.cuda.backend import CudaBackend
+    from neuron_llm.backends.torch_backend import TorchBackend
+    from neuron_llm.layers.linear import Linear
+    from neuron_llm.quant.config import resolve_quant_config
+    from neuron_llm.quant.layers import quantize_linear
+
+    generator = torch.Generator().manual_seed(6)
+    hidden, intermediate = 256, 200
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    projections = []
+    for name, shape in (("gate_up_proj", (2 * intermediate, hidden)), ("down_proj", (hidden, intermediate))):
+        linear = Linear(shape[1], shape[0])
+        linear.weight.data = torch.randn(shape, generator=generator) * 0.05
+        if quantization is not None:
+            linear = quantize_linear(linear, resolve_quant_config(quantization).format, name)
+        projections.append(linear.to(device) if quantization is not None else linear.to(device, dtype))
+    gate_up_proj, down_proj = projections
+    x = torch.randn(num_tokens, hidden, generator=generator).to(device, dtype)
+    residual = torch.randn(num_tokens, hidden, generator=generator).to(device, dtype)
+    norm_weight = (1 + 0.1 * torch.randn(hidden, generator=generator)).to(device, dtype)
+    backend = CudaBackend()
+    previous = ops.active_backend()
+    ops.use_backend(backend)  # the projections' forwards dispatch to it too
+    calls = []
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for kernel in ("int8_linear", "gemv_16bit"):
+                original = getattr(int8_matmul, kernel)
+
+                def counted(*args: Any, original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+                    calls.append(kwargs.get("silu_mul_output", False))
+                    return original(*args, **kwargs)
+
+                patch.setattr(int8_matmul, kernel, counted)
+            out, new_residual = backend.feed_forward(x, norm_weight, 1e-5, residual, gate_up_proj, down_proj)
+        apart, apart_residual = TorchBackend.feed_forward(
+            backend, x, norm_weight, 1e-5, residual, gate_up_proj, down_proj
+        )
+    finally:
+        ops.use_backend(previous)
+    assert torch.equal(out, apart) and torch.equal(new_residual, apart_residual)
+    takes_gemv = quantization is None and backend._takes_gemv(x[:1], gate_up_proj.weight)
+    assert (True in calls) == (num_tokens == 1 and takes_gemv)
+    with pytest.raises(ValueError, match="even out_features"):
+        int8_matmul.gemv_16bit(x[:1], torch.randn(5, hidden).to(device, dtype), silu_mul_output=True)
 
 
 @pytest.mark.cuda

@@ -158,6 +158,33 @@ def test_int8_linear_of_silu_mul_input_is_the_two_kernels(
         int8_linear(gate_up[:, 1:], q, scale, silu_mul_input=True)
 
 
+@pytest.mark.parametrize(
+    "config", [None, CONFIGS[0], CONFIGS[1], CONFIGS[2]], ids=["default", "plain", "split3", "split2-add"]
+)
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_gemv_makes_swiglu_as_it_stores(
+    config: Int8MatmulConfig | None, group_size: int | None, device: torch.device
+) -> None:
+    """silu_mul_output: the bits of the gate/up product then the silu_mul kernel, for int8 and
+    16-bit weights, split K, and an intermediate size no tile divides."""
+    intermediate, in_features = 37, 232
+    q, scale, bias = make_int8_linear(2 * intermediate, in_features, group_size, device, seed=9)
+    weight_16bit = (torch.randn(2 * intermediate, in_features) * 0.05).to(device)
+    for dtype in kernel_dtypes(device):
+        x = torch.randn(1, in_features, device=device).to(dtype)
+        out = int8_linear(x, q, scale, bias.to(dtype), group_size, config=config, silu_mul_output=True)
+        assert out.shape == (1, intermediate)
+        assert torch.equal(out, silu_mul(int8_linear(x, q, scale, bias.to(dtype), group_size, config=config)))
+        if dtype != torch.float32 and group_size is None:
+            w = weight_16bit.to(dtype)
+            out = gemv_16bit(x, w, config=config, silu_mul_output=True)
+            assert torch.equal(out, silu_mul(gemv_16bit(x, w, config=config)))
+    with pytest.raises(ValueError, match="GEMV"):
+        int8_linear(x, q, scale, None, group_size, config=CONFIGS[4], silu_mul_output=True)
+    with pytest.raises(ValueError, match="no silu_mul_input"):
+        int8_linear(torch.cat([x, x], -1), q, scale, None, group_size, silu_mul_input=True, silu_mul_output=True)
+
+
 @pytest.mark.parametrize(("out_features", "in_features"), [(37, 200), (64, 256), (4096 + 48, 1000)])
 @pytest.mark.parametrize("config", [None, CONFIGS[0], CONFIGS[1]], ids=["default", "plain", "split3"])
 def test_gemv_16bit_matches_reference(

@@ -3,10 +3,11 @@
 Linears of 16-bit weights stay with cuBLAS (``F.linear``), which is at the bandwidth or
 compute limit already, except a single row on Hopper: there the Triton GEMV overlaps the
 kernel before it (programmatic dependent launch), which cuBLAS cannot. The KV-cache write is
-folded into the RoPE kernel, a decode step's SwiGLU into its down projection, and the
-activation quantization of an fp8 linear into the RMSNorm or SwiGLU before it. A long
-prompt with no cached context goes to cuDNN's attention through SDPA, which is faster there
-than our paged kernel (BENCHMARKS.md); everything else runs the Triton kernels.
+folded into the RoPE kernel, SwiGLU into the gate/up GEMV of a single 16-bit row (into the
+down projection's loads for int8 and a few rows), and the activation quantization of an fp8
+linear into the RMSNorm or SwiGLU before it. A long prompt with no cached context goes to
+cuDNN's attention through SDPA, which is faster there than our paged kernel
+(BENCHMARKS.md); everything else runs the Triton kernels.
 """
 
 from __future__ import annotations
@@ -67,6 +68,26 @@ class CudaBackend(TorchBackend):
         if type(down_proj) is Linear and self._takes_gemv(gate_up, down_proj.weight):
             return int8_matmul.gemv_16bit(gate_up, down_proj.weight, down_proj.bias, silu_mul_input=True)
         return down_proj(fused.silu_mul(gate_up))
+
+    def feed_forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None,
+        gate_up_proj: nn.Module,
+        down_proj: nn.Module,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # One row of 16-bit weights: the gate/up GEMV stores silu(gate) * up, computed once per
+        # element, and the down projection streams a plain input; made in the down
+        # projection's loads, every column tile recomputes it. H200 decode step (BENCHMARKS.md):
+        # bf16 -7%; int8 +5% though its GEMVs alone gain, so int8 keeps SwiGLU in the loads.
+        # Exact type: the GEMV skips the projection's forward; down_proj's own runs.
+        if x.numel() == x.shape[-1] and type(gate_up_proj) is Linear and self._takes_gemv(x, gate_up_proj.weight):
+            normed, residual = self.rms_norm(x, weight, eps, residual)
+            act = int8_matmul.gemv_16bit(normed, gate_up_proj.weight, gate_up_proj.bias, silu_mul_output=True)
+            return down_proj(act), residual
+        return super().feed_forward(x, weight, eps, residual, gate_up_proj, down_proj)
 
     def norm_linear(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, linear: nn.Module

@@ -23,8 +23,10 @@ buffer, and the last to finish adds them up in split order (``launch.split_count
 
 Decode launches use programmatic dependent launch (``launch.py``): a GEMV program loads its
 first weight tile before it waits for the kernel before. With ``silu_mul_input`` the kernel
-computes the down projection's input, silu(gate) * up, as it loads it. ``gemv_16bit`` runs
-the same GEMV on bf16/fp16 weights (no scales), for the single rows of a batch-1 decode.
+computes the down projection's input, silu(gate) * up, as it loads it; with
+``silu_mul_output`` the GEMV of the merged gate/up projection stores it instead (each tile
+holds gate rows and the up rows of the same columns). ``gemv_16bit`` runs the same GEMV on
+bf16/fp16 weights (no scales), for the single rows of a batch-1 decode.
 
 Scales: per channel, the accumulator is scaled once at the end. Per group, a K tile that lies
 inside one group (``group_size % block_k == 0``) multiplies its weight tile by the group's
@@ -334,6 +336,7 @@ def _int8_matmul_kernel(
     THREAD_K: tl.constexpr,
     PREFETCH: tl.constexpr,
     SWIGLU: tl.constexpr,
+    SWIGLU_OUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -352,7 +355,14 @@ def _int8_matmul_kernel(
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_n = offs_n % N  # out-of-range columns load a valid weight row; their sums are not stored
+    if SWIGLU_OUT:
+        # The tile's first half are gate rows, its second the up rows of the same columns; a
+        # split's partial sums go to their rows' slots (past N, masked, for columns past N / 2).
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) % (BLOCK_N // 2)
+        rows_n = cols % (N // 2) + tl.arange(0, BLOCK_N) // (BLOCK_N // 2) * (N // 2)
+        offs_n = tl.where(cols < N // 2, rows_n, N)
+    else:
+        rows_n = offs_n % N  # out-of-range columns load a valid weight row; their sums are not stored
     k_start = pid_k * K_PER_SPLIT
 
     if BLOCK_M == 1:
@@ -411,9 +421,8 @@ def _int8_matmul_kernel(
     if IS_INT8 and GROUP_SIZE == 0:
         acc *= tl.load(scale_ptr + rows_n * stride_sn)[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT_K == 1:
-        _store_output(out_ptrs, acc, bias_ptr, rows_n, mask, HAS_BIAS)
+        _store_output(out_ptr, stride_om, offs_m, pid_n, M, N, acc, bias_ptr, rows_n, HAS_BIAS, SWIGLU_OUT)
     else:
         partial_ptrs = partial_ptr + offs_m[:, None] * stride_pm + offs_n[None, :]
         tl.store(partial_ptrs + pid_k * stride_split, acc, mask=mask)
@@ -425,15 +434,30 @@ def _int8_matmul_kernel(
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for split in range(SPLIT_K):
                 total += tl.load(partial_ptrs + split * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
-            _store_output(out_ptrs, total, bias_ptr, rows_n, mask, HAS_BIAS)
+            _store_output(out_ptr, stride_om, offs_m, pid_n, M, N, total, bias_ptr, rows_n, HAS_BIAS, SWIGLU_OUT)
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _store_output(out_ptrs, acc, bias_ptr, rows_n, mask, HAS_BIAS: tl.constexpr):
+def _store_output(
+    out_ptr, stride_om, offs_m, pid_n, M, N, acc, bias_ptr, rows_n, HAS_BIAS: tl.constexpr, SWIGLU_OUT: tl.constexpr
+):
+    """The [BLOCK_M, BLOCK_N] tile ``acc`` plus bias, in the output's dtype; with SWIGLU_OUT (one
+    row of gate then up sums) ``silu(gate) * up``, [1, BLOCK_N / 2] columns of an N / 2 wide output."""
+    BLOCK_N: tl.constexpr = acc.shape[1]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
-    tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
+    out = acc.to(out_ptr.dtype.element_ty)  # what the projection would store, rounded as stored
+    if SWIGLU_OUT:
+        gate, up = tl.split(tl.permute(tl.reshape(out, (2, BLOCK_N // 2)), (1, 0)))
+        out = silu_mul_rounded(gate, up)[None, :]
+        offs_n = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        width = N // 2
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        width = N
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < width)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=mask)
 
 
 def _check_int8_inputs(
@@ -482,6 +506,7 @@ def int8_linear(
     config: Int8MatmulConfig | None = None,
     *,
     silu_mul_input: bool = False,
+    silu_mul_output: bool = False,
 ) -> torch.Tensor:
     """``x @ dequantize(weight).T + bias`` with the int8 weight dequantized in registers.
 
@@ -489,10 +514,10 @@ def int8_linear(
     float32 [out, 1] (``group_size`` None) or [out, ceil(in / group_size)]; ``bias`` [out] or
     None. Products are summed in float32 (fp32 activations without tf32). ``config``
     overrides the tile shape (``default_config`` otherwise). Returns [..., out] in ``x.dtype``.
-    ``silu_mul_input``: see ``_swiglu_input``.
+    ``silu_mul_input``: see ``_swiglu_input``; ``silu_mul_output``: see ``_launch``.
     """
     _check_int8_inputs(_swiglu_input(x, weight, silu_mul_input), weight, weight_scale, bias, group_size)
-    return _launch(x, weight, weight_scale, bias, group_size, config, silu_mul_input)
+    return _launch(x, weight, weight_scale, bias, group_size, config, silu_mul_input, silu_mul_output)
 
 
 def gemv_16bit(
@@ -502,13 +527,14 @@ def gemv_16bit(
     config: Int8MatmulConfig | None = None,
     *,
     silu_mul_input: bool = False,
+    silu_mul_output: bool = False,
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` for a bf16/fp16 ``weight`` [out, in] and ``x`` [..., in] of its dtype.
 
     The GEMV of the int8 kernel on 16-bit weights, for decode rows: it streams the weight as
     the int8 GEMV does and, unlike cuBLAS, takes part in programmatic dependent launch, so a
     decode step's matmuls start loading while the kernel before them ends.
-    ``silu_mul_input``: see ``_swiglu_input``.
+    ``silu_mul_input``: see ``_swiglu_input``; ``silu_mul_output``: see ``_launch``.
     """
     if weight.dtype not in (torch.bfloat16, torch.float16) or weight.dim() != 2:
         raise ValueError(
@@ -517,7 +543,7 @@ def gemv_16bit(
     if x.dtype != weight.dtype:
         raise ValueError(f"x.dtype={x.dtype} must be the weight's dtype {weight.dtype}")
     _check_shapes_and_devices(_swiglu_input(x, weight, silu_mul_input), weight, bias)
-    return _launch(x, weight, None, bias, None, config, silu_mul_input)
+    return _launch(x, weight, None, bias, None, config, silu_mul_input, silu_mul_output)
 
 
 def _swiglu_input(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool) -> torch.Tensor:
@@ -548,7 +574,12 @@ def _launch(
     group_size: int | None,
     config: Int8MatmulConfig | None,
     silu_mul_input: bool,
+    silu_mul_output: bool,
 ) -> torch.Tensor:
+    """The product of the checked inputs. With ``silu_mul_output`` the weight's rows are gate
+    then up ([2 * intermediate, in], as ``gate_up_proj`` merges them) and the result is
+    ``silu(gate) * up`` [..., intermediate], rounded as the projection then ``fused.silu_mul``
+    round: the two kernels' result from the GEMV alone (one-row configs only, block_m 1)."""
     out_features, in_features = weight.shape
     x2 = x.reshape(-1, x.shape[-1])  # [M, K], or [M, 2K] of gate and up
     if x2.stride(-1) != 1:
@@ -558,13 +589,18 @@ def _launch(
     is_int8 = weight.dtype == torch.int8
     weight_scale = weight_scale.contiguous() if weight_scale is not None else x2  # not read unscaled
     num_rows = x2.shape[0]
-    out = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)  # [M, N]
+    if silu_mul_output and (silu_mul_input or out_features % 2):
+        raise ValueError(f"silu_mul_output needs an even out_features (got {out_features}) and no silu_mul_input")
+    out_width = out_features // 2 if silu_mul_output else out_features
+    out = torch.empty(num_rows, out_width, dtype=x.dtype, device=x.device)  # [M, N] or [M, N / 2]
     if num_rows == 0:
-        return out.reshape(*x.shape[:-1], out_features)
+        return out.reshape(*x.shape[:-1], out_width)
     if config is None:
         config = default_config(
             num_rows, out_features, in_features, group_size, _num_sms(x.device), x.dtype, weight.element_size()
         )
+    if silu_mul_output and config.block_m != 1:
+        raise ValueError(f"silu_mul_output runs in the GEMV (block_m=1, one row by default), got {config}")
 
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(in_features, k_per_split)  # no empty splits
@@ -607,6 +643,7 @@ def _launch(
         THREAD_K=thread_k,
         PREFETCH=config.prefetch,
         SWIGLU=silu_mul_input,
+        SWIGLU_OUT=silu_mul_output,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
@@ -616,4 +653,4 @@ def _launch(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return out.reshape(*x.shape[:-1], out_features)
+    return out.reshape(*x.shape[:-1], out_width)
