@@ -13,11 +13,11 @@ bytes over the copy bandwidth, for prefill the linears' FLOPs at the card's bf16
 and the host's wall time per step. A Markdown table of it all prints last.
 
 A format is a weight format (``bf16`` or a quantization preset) with optional suffixes that
-undo one choice of the cuda backend, for an A/B in one run: ``-cublas`` puts every 16-bit
+change one choice of the cuda backend, for an A/B in one run: ``-cublas`` puts every 16-bit
 linear on cuBLAS (before the streaming GEMV took single rows), ``-norm-apart`` runs each
 RMSNorm apart from the linear after it (before fp8 linears quantized in the norm's pass).
-``-swiglu-in-down`` makes a single row's SwiGLU in the down projection's loads (before the
-gate/up GEMV stored it). Three more suffixes leave a decode step's small kernels out, to
+``-swiglu-in-down`` makes a single 16-bit row's SwiGLU in the down projection's loads
+(before the gate/up GEMV stored it; int8 rows always do). Three more suffixes leave a decode step's small kernels out, to
 show what each costs in the step and so what fusing it away could save at most:
 ``-skip-norms`` (every RMSNorm, its residual add too), ``-skip-rope`` (RoPE and the KV cache
 write), ``-skip-attention``. Their outputs are wrong by design; they time the step without
