@@ -30,9 +30,10 @@ KERNELS = {
 }
 
 
-def test_every_kernel_compiles_for_hopper() -> None:
+def _run_compiling(*args: str) -> str:
+    """The stdout of ``python *args`` run in the repository, Triton compiling rather than interpreting."""
     result = subprocess.run(
-        [sys.executable, "-m", "tests.cuda.compile_kernels"],
+        [sys.executable, *args],
         cwd=REPO,
         env={**os.environ, "TRITON_INTERPRET": "0"},
         capture_output=True,
@@ -41,7 +42,12 @@ def test_every_kernel_compiles_for_hopper() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    compiled = set(result.stdout.split("compiled:")[-1].split())
+    return result.stdout
+
+
+def test_every_kernel_compiles_for_hopper() -> None:
+    stdout = _run_compiling("-m", "tests.cuda.compile_kernels")
+    compiled = set(stdout.split("compiled:")[-1].split())
     assert compiled == KERNELS, compiled ^ KERNELS
 
 
@@ -49,22 +55,13 @@ def test_int8_gemv_loop_takes_fewer_instructions_and_registers_than_before() -> 
     """The byte-permute conversion and the per-thread sums of the int8 GEMV (sm_90 SASS, as
     ``benchmarks/gemv_sass.py`` counts it): fewer instructions per weight than the integer
     add, fewer registers than an accumulator per weight element."""
-    result = subprocess.run(
-        [sys.executable, "benchmarks/gemv_sass.py", "--shapes", "gate_up", "--formats", "int8"]
-        + ["--variants", "default,add,acc-per-element"],
-        cwd=REPO,
-        env={**os.environ, "TRITON_INTERPRET": "0"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    args = ["--shapes", "gate_up", "--formats", "int8", "--variants", "default,add,acc-per-element"]
+    stdout = _run_compiling("benchmarks/gemv_sass.py", *args)
     rows = {}
-    for line in result.stdout.splitlines():
+    for line in stdout.splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         if len(cells) == 8 and cells[2] in ("default", "add", "acc-per-element"):
             rows[cells[2]] = {"registers": int(cells[4]), "per_weight": float(cells[6])}
-    assert rows.keys() == {"default", "add", "acc-per-element"}, result.stdout
+    assert rows.keys() == {"default", "add", "acc-per-element"}, stdout
     assert rows["default"]["per_weight"] < 0.9 * rows["add"]["per_weight"], rows
     assert rows["default"]["registers"] < 0.75 * rows["acc-per-element"]["registers"], rows
