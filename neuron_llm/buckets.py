@@ -49,24 +49,10 @@ class BucketSet:
     ) -> BucketSet:
         """Powers of two up to the scheduler's limits (the limits themselves included)."""
         decode = tuple(Bucket(s, s, "decode") for s in _powers_of_two_up_to(max_num_seqs))
-        prefill_sizes = _powers_of_two_up_to(max_num_batched_tokens, start=min(16, max_num_batched_tokens))
+        # No step holds more than max_model_len tokens of each of max_num_seqs sequences.
+        max_step_tokens = min(max_num_batched_tokens, max_num_seqs * max_model_len)
+        prefill_sizes = _powers_of_two_up_to(max_step_tokens, start=min(16, max_step_tokens))
         prefill = tuple(Bucket(t, max_num_seqs, "prefill") for t in prefill_sizes)
-        return cls(decode, prefill, -(-max_model_len // block_size))
-
-    @classmethod
-    def from_sizes(
-        cls,
-        decode_sizes: list[int],
-        prefill_sizes: list[int],
-        max_num_seqs: int,
-        max_model_len: int,
-        block_size: int,
-    ) -> BucketSet:
-        """Buckets named explicitly (e.g. from a compiled artifact's manifest)."""
-        if not decode_sizes or not prefill_sizes:
-            raise ValueError("buckets: need at least one decode size and one prefill size")
-        decode = tuple(Bucket(s, s, "decode") for s in sorted(set(decode_sizes)))
-        prefill = tuple(Bucket(t, max_num_seqs, "prefill") for t in sorted(set(prefill_sizes)))
         return cls(decode, prefill, -(-max_model_len // block_size))
 
     @property

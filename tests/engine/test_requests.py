@@ -155,3 +155,12 @@ def test_stop_token_ids_end_the_sequence(tiny_model_dir) -> None:
     assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop_token)
     min_params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_token], min_tokens=12)
     assert llm.generate({"prompt_token_ids": prompt}, min_params)[0].outputs[0].finish_reason == "length"
+
+
+def test_warm_up_with_a_token_budget_no_step_can_fill(tiny_model_dir) -> None:
+    """max_num_batched_tokens above max_num_seqs * max_model_len: the prefill buckets stop at
+    that product (no step holds more), and warm-up runs a step of each."""
+    llm = make_llm(tiny_model_dir, max_num_seqs=2, max_model_len=64, max_num_batched_tokens=512, warm_up=True)
+    assert llm.engine.runner.buckets.prefill[-1].num_tokens == 128
+    outputs = llm.generate([{"prompt_token_ids": p} for p in random_prompts(3, seed=13)], GREEDY)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [10, 10, 10]
