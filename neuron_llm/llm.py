@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -124,7 +125,7 @@ class LLM:
         try:
             for index, (prompt, param) in enumerate(zip(prompts, params)):
                 try:
-                    request_ids.append(self.engine.add_request(_prompt_input(prompt), param))
+                    request_ids.append(self.engine.add_request(_prompt_input(prompt), _final_only(param)))
                 except ValueError as e:
                     raise ValueError(f"prompt {index}: {e}") from e
             finals = {output.request_id: output for output in self._run(use_tqdm, len(prompts))}
@@ -194,6 +195,12 @@ class LLM:
         if len(params) != num_prompts:
             raise ValueError(f"got {len(params)} SamplingParams for {num_prompts} prompts")
         return params
+
+
+def _final_only(params: SamplingParams) -> SamplingParams:
+    """``params`` asking the engine for the final output alone (``generate`` returns no other);
+    anything but SamplingParams is left for ``add_request`` to refuse."""
+    return replace(params, output_kind="final_only") if isinstance(params, SamplingParams) else params
 
 
 def _prompt_input(prompt: Prompt) -> str | list[int]:

@@ -10,6 +10,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+OUTPUT_KINDS = ("cumulative", "final_only")
+"""The subset of vLLM's ``RequestOutputKind`` supported (its "delta" is not)."""
+
 MAX_LOGPROBS = 20
 """Most top logprobs a request may ask for per position (vLLM's default ``max_logprobs``)."""
 
@@ -67,6 +70,10 @@ class SamplingParams:
     """Subtracted from a token's logit once per time it was generated; in [-2, 2]."""
     repetition_penalty: float = 1.0
     """Divides positive (multiplies negative) logits of tokens in the prompt or output; 1 is off."""
+    output_kind: str = "cumulative"
+    """What ``LLMEngine.step`` returns for this request: "cumulative", its whole output so far
+    on every step that extends it (streaming), or "final_only", one output when it finishes
+    (``LLM.generate``: no per-step copies of a growing output on the host)."""
 
     def __post_init__(self) -> None:
         self._check_counts()
@@ -100,6 +107,7 @@ class SamplingParams:
         )
         _require(self.seed is None or _is_int(self.seed), "seed", self.seed, "must be None or an integer")
         _require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "must be a bool")
+        _require(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind, f"must be one of {OUTPUT_KINDS}")
 
     def _check_distribution(self) -> None:
         _require(_is_number(self.temperature), "temperature", self.temperature, "must be a finite number")

@@ -171,7 +171,8 @@ class LLMEngine:
     # -- one step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns an output for every request that progressed or finished."""
+        """Run one step; returns an output for every request that finished, and for every
+        "cumulative" one (``SamplingParams.output_kind``) that progressed."""
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
@@ -195,13 +196,16 @@ class LLMEngine:
             touched[group.request_id] = group
         for group in touched.values():
             self._fork_pending(group)
-        return [self._finish_or_report(group) for group in touched.values()]
+        reports = (self._finish_or_report(group) for group in touched.values())
+        return [output for output in reports if output is not None]
 
     def _wants_prompt_logprobs(self, entry: ScheduledRequest) -> bool:
         group, seq = self._sequences[entry.request.request_id]
-        return group.prompt_logprobs is not None and seq.index == 0 and entry.num_computed_tokens < len(
-            group.prompt_token_ids
-        ) - 1
+        return (
+            group.prompt_logprobs is not None
+            and seq.index == 0
+            and entry.num_computed_tokens < len(group.prompt_token_ids) - 1
+        )
 
     def _row_state(self, entry: ScheduledRequest) -> RowState:
         _, seq = self._sequences[entry.request.request_id]
@@ -282,13 +286,15 @@ class LLMEngine:
             self.scheduler.fork(parent.request_id, child)
         group.pending_forks = []
 
-    def _finish_or_report(self, group: _RequestGroup) -> RequestOutput:
+    def _finish_or_report(self, group: _RequestGroup) -> RequestOutput | None:
+        """The group's output (None for a "final_only" request still running); a finished group is dropped."""
+        if not group.finished:
+            return self._output(group) if group.params.output_kind == "cumulative" else None
+        group.metrics.finished_time = time.monotonic()
         output = self._output(group)
-        if group.finished:
-            group.metrics.finished_time = time.monotonic()
-            del self._groups[group.request_id]
-            for seq in group.sequences:
-                self._sequences.pop(seq.request.request_id, None)
+        del self._groups[group.request_id]
+        for seq in group.sequences:
+            self._sequences.pop(seq.request.request_id, None)
         return output
 
     def _output(self, group: _RequestGroup) -> RequestOutput:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -155,6 +157,27 @@ def test_stop_token_ids_end_the_sequence(tiny_model_dir) -> None:
     assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop_token)
     min_params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_token], min_tokens=12)
     assert llm.generate({"prompt_token_ids": prompt}, min_params)[0].outputs[0].finish_reason == "length"
+
+
+def test_final_only_requests_report_once_with_the_cumulative_result(tiny_model_dir) -> None:
+    """A "final_only" request is reported only when it finishes, with what a "cumulative" one
+    reports last; the cumulative one is reported on every step it progresses."""
+    llm = make_llm(tiny_model_dir)
+    prompt = random_prompts(1, seed=12)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=2)
+    reports: dict[str, list] = {"cumulative": [], "final": []}
+    # One after the other: alone in its batch, each computes the same bits.
+    for request_id, kind in (("cumulative", "cumulative"), ("final", "final_only")):
+        llm.engine.add_request(prompt, replace(params, output_kind=kind), request_id=request_id)
+        while llm.engine.has_unfinished_requests():
+            for output in llm.engine.step():
+                reports[output.request_id].append(output)
+    assert [len(o.outputs[0].token_ids) for o in reports["cumulative"]] == [1, 2, 3, 4, 5, 6]
+    (final,) = reports["final"]
+    last = reports["cumulative"][-1]
+    assert final.finished and last.finished
+    assert final.outputs[0].token_ids == last.outputs[0].token_ids
+    assert final.outputs[0].logprobs == last.outputs[0].logprobs
 
 
 def test_warm_up_with_a_token_budget_no_step_can_fill(tiny_model_dir) -> None:

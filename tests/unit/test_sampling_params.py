@@ -78,6 +78,7 @@ def test_normalizations() -> None:
         ("repetition_penalty", 0.0),
         ("repetition_penalty", -1.0),
         ("repetition_penalty", math.inf),
+        ("output_kind", "delta"),
     ],
 )
 def test_invalid_value_names_the_field(field: str, value: object) -> None:
