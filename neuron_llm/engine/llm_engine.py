@@ -41,7 +41,6 @@ class _Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    num_sent_tokens: int = 0
 
 
 @dataclass
