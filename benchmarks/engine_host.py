@@ -24,7 +24,7 @@ import torch
 from neuron_llm.bench import engine
 from neuron_llm.config import ModelConfig
 from neuron_llm.sample.sampler import SamplerOutput
-from neuron_llm.sampling_params import OUTPUT_KINDS, SamplingParams
+from neuron_llm.sampling_params import OUTPUT_KINDS
 from neuron_llm.worker import StepOutput
 
 VOCAB_SIZE = 1000
@@ -53,11 +53,8 @@ def host_steps(batch: int, max_tokens: int, output_kind: str) -> list[float]:
     llm_engine.runner.executor.execute_and_sample = lambda step, rows, eos=(): StepOutput(
         SamplerOutput(token.expand(len(rows)).clone(), None), no_logits
     )
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=output_kind)
-    for prompt in engine.random_prompts(batch, 64, VOCAB_SIZE):
-        llm_engine.add_request(prompt, params)
     gc.collect()  # not the last case's garbage
-    return engine.timed_steps(llm_engine, [], max_tokens)
+    return engine.timed_steps(llm_engine, engine.random_prompts(batch, 64, VOCAB_SIZE), max_tokens, output_kind)
 
 
 def main() -> int:

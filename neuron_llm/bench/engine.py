@@ -102,9 +102,11 @@ def random_prompts(count: int, length: int, vocab_size: int, seed: int = 0) -> l
     return torch.randint(0, vocab_size, (count, length), generator=generator).tolist()
 
 
-def timed_steps(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[float]:
+def timed_steps(
+    engine: LLMEngine, prompts: list[list[int]], max_tokens: int, output_kind: str = "cumulative"
+) -> list[float]:
     """Seconds of every engine step while generating ``max_tokens`` greedy tokens for each prompt."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=output_kind)
     for prompt in prompts:
         engine.add_request(prompt, params)
     times = []

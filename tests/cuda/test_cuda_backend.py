@@ -180,31 +180,6 @@ def test_cuda_backend_runs_merged_quantized_models_like_the_reference(
     assert error < tolerance, error
 
 
-def _split_decode_model(save_tiny_llama: Callable[..., tuple[Any, Path]]) -> Path:
-    """A tiny 4-layer Llama whose prompts of up to 700 tokens split the decode attention."""
-    _, model_dir = save_tiny_llama(
-        hidden_size=256,
-        intermediate_size=512,
-        num_attention_heads=4,
-        num_hidden_layers=4,
-        initializer_range=0.02,
-        max_position_embeddings=1024,
-    )
-    return model_dir
-
-
-def _greedy_tokens_and_logprobs(model_dir: Path, quantization: str | None = None) -> list[tuple[list[int], Any]]:
-    """bf16 on the GPU, decode steps replayed from CUDA graphs; prompts of 1 to 700 tokens."""
-    options = {"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 256, "block_size": 16, "max_model_len": 1024}
-    generator = torch.Generator().manual_seed(5)
-    prompts = [
-        {"prompt_token_ids": torch.randint(0, 250, (n,), generator=generator).tolist()} for n in (1, 40, 300, 700)
-    ]
-    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=1)
-    llm = LLM(str(model_dir), quantization=quantization, **options)
-    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_programmatic_dependent_launch_changes_no_bit(
@@ -215,10 +190,28 @@ def test_programmatic_dependent_launch_changes_no_bit(
     A kernel that read its inputs before the kernel before had written them would change
     them (int8: every matmul is a Triton kernel; long prompts split the decode attention).
     """
-    model_dir = _split_decode_model(save_tiny_llama)
-    with_pdl = _greedy_tokens_and_logprobs(model_dir, quantization)
+    _, model_dir = save_tiny_llama(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        initializer_range=0.02,
+        max_position_embeddings=1024,
+    )
+    options = {"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 256, "block_size": 16, "max_model_len": 1024}
+    generator = torch.Generator().manual_seed(5)
+    prompts = [
+        {"prompt_token_ids": torch.randint(0, 250, (n,), generator=generator).tolist()} for n in (1, 40, 300, 700)
+    ]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=1)
+
+    def run() -> list[tuple[list[int], Any]]:
+        llm = LLM(str(model_dir), quantization=quantization, **options)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+
+    with_pdl = run()
     monkeypatch.setenv("NEURON_LLM_PDL", "0")
-    assert _greedy_tokens_and_logprobs(model_dir, quantization) == with_pdl
+    assert run() == with_pdl
 
 
 @pytest.mark.parametrize("num_tokens", [1, 5, 40])

@@ -127,6 +127,8 @@ def default_config(
     The GEMV's tiles are from H200 sweeps; an int8 GEMV prefetches only when its grid has at
     most ``PREFETCH_MAX_PROGRAMS_PER_SM`` programs per multiprocessor.
     """
+    # A GEMV's threads scale their 16-byte sums by their group's scale (``_gemv_step``).
+    is_scaled_sums = m == 1 and group_size is not None and group_size % 16 == 0
     if m == 1:
         # Tiles 512 bytes deep, a thread's products summed in the thread: few registers, so
         # four programs share a multiprocessor. Narrow tiles (16 rows) where they alone give
@@ -136,7 +138,7 @@ def default_config(
         # o 9.2 us against 56.8, 10.3 with 128-deep ones; qkv 13.3 us wide, 17.1 narrow.
         narrow_tiles = triton.cdiv(n, 16)
         is_narrow = narrow_tiles <= 2 * num_sms or narrow_tiles >= 4 * num_sms
-        if group_size is not None and group_size % 16 == 0:
+        if is_scaled_sums:
             # A thread's 16-byte sums take their group's scale, so tiles may span groups; they
             # cost more per program, and three programs a multiprocessor do best. H200 sweep at
             # group 128: qkv 9.4, o 6.7, gate_up 30.0, down 17.8 us against 9.9, 8.9, 49.2,
@@ -153,7 +155,6 @@ def default_config(
         config = Int8MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8)
     else:
         config = Int8MatmulConfig(block_m=256, block_n=128, block_k=64, num_warps=8)
-    is_scaled_sums = m == 1 and group_size is not None and group_size % 16 == 0
     if group_size is not None and not is_scaled_sums:
         config = replace(config, block_k=_block_k_for_groups(group_size, config.block_k))
     if m <= 512:
@@ -420,10 +421,10 @@ def _int8_matmul_kernel(
 
     if IS_INT8 and GROUP_SIZE == 0:
         acc *= tl.load(scale_ptr + rows_n * stride_sn)[None, :]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
         _store_output(out_ptr, stride_om, offs_m, pid_n, M, N, acc, bias_ptr, rows_n, HAS_BIAS, SWIGLU_OUT)
     else:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         partial_ptrs = partial_ptr + offs_m[:, None] * stride_pm + offs_n[None, :]
         tl.store(partial_ptrs + pid_k * stride_split, acc, mask=mask)
         # Every thread's partial sums are stored before the release of the count.
