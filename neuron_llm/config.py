@@ -263,6 +263,10 @@ class SchedulerConfig:
     """Token budget of one step (decodes plus prefill chunks)."""
     enable_chunked_prefill: bool = True
     """Split long prompts across steps so decodes are never starved."""
+    async_scheduling: bool | None = None
+    """Schedule and launch each step before reading the tokens of the one before, so the
+    device never waits for the host's bookkeeping; a stop token or string is then seen one
+    step late (the extra token is dropped). None turns it on where it pays: one CUDA device."""
 
     def __post_init__(self) -> None:
         _require(
@@ -274,6 +278,12 @@ class SchedulerConfig:
         _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
         _require(
             self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens, "must be >= 1"
+        )
+        _require(
+            self.async_scheduling is None or isinstance(self.async_scheduling, bool),
+            "async_scheduling",
+            self.async_scheduling,
+            "must be a bool",
         )
 
 
@@ -333,6 +343,12 @@ class EngineConfig:
             from neuron_llm.quant.config import resolve_quant_config
 
             resolve_quant_config(self.quantization)  # raises naming the presets
+        if self.scheduler.async_scheduling:
+            # The next step's input ids are taken from the tokens sampled on this device.
+            if self.parallel.tensor_parallel_size > 1:
+                raise ValueError("async_scheduling=True needs tensor_parallel_size=1")
+            if torch.device(self.device.device).type == "xla":
+                raise ValueError("async_scheduling=True is not supported on the XLA device")
         limit = self.model.max_position_embeddings
         if self.scheduler.max_model_len is None:
             object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, max_model_len=limit))
@@ -345,3 +361,11 @@ class EngineConfig:
     def max_model_len(self) -> int:
         assert self.scheduler.max_model_len is not None
         return self.scheduler.max_model_len
+
+    @property
+    def async_scheduling(self) -> bool:
+        """Whether steps overlap (``SchedulerConfig.async_scheduling``, None resolved)."""
+        chosen = self.scheduler.async_scheduling
+        if chosen is None:
+            return torch.device(self.device.device).type == "cuda" and self.parallel.tensor_parallel_size == 1
+        return chosen

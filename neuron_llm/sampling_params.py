@@ -87,6 +87,11 @@ class SamplingParams:
         """Whether the next token is the argmax; top_k, top_p, min_p and seed then have no effect."""
         return self.temperature < GREEDY_TEMPERATURE
 
+    @property
+    def has_penalties(self) -> bool:
+        """Whether a repetition, frequency or presence penalty applies (they read the tokens so far)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
 

@@ -50,6 +50,21 @@ class StepOutput:
     """[rows, vocab] fp32: the logits rows after the sampling rows (prompt logprobs); often 0 rows."""
 
 
+def placeholder(row: int) -> int:
+    """The input id standing for row ``row`` of the token ids the previous step sampled.
+
+    With async scheduling a step is packed before the host has read what the step before it
+    sampled; the device fills these ids in (``fill_placeholders``). Real ids are >= 0.
+    """
+    return -1 - row
+
+
+def fill_placeholders(input_ids: torch.Tensor, sampled_before: torch.Tensor) -> torch.Tensor:
+    """``input_ids`` with every ``placeholder(r)`` replaced by ``sampled_before[r]``, on the device."""
+    rows = (-1 - input_ids).clamp_min(0)
+    return torch.where(input_ids < 0, sampled_before[rows], input_ids)
+
+
 def num_kv_heads_per_rank(config: ModelConfig, tensor_parallel_size: int) -> int:
     """KV heads are split across ranks, or replicated (one per rank) when TP exceeds them."""
     return max(1, config.num_key_value_heads // tensor_parallel_size)
@@ -133,8 +148,8 @@ def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:
     """The Worker that runs the loaded ``model`` on ``config.device`` with its backend, and its KV pool.
 
     Makes ``config.device``'s backend the active one (the backend is per process, so each
-    rank picks its own) and lets it rewrite the model into its fastest form. On CUDA with the cuda backend, decode steps replay CUDA graphs
-    unless ``enforce_eager``.
+    rank picks its own) and lets it rewrite the model into its fastest form. On CUDA with the
+    cuda backend, decode steps replay CUDA graphs unless ``enforce_eager``.
     """
     backend = ops.use_backend(config.device.backend_name)
     backend.prepare_model(model)
@@ -177,15 +192,21 @@ class Worker:
         return self.forward(step, step.logits_indices)
 
     def execute_and_sample(
-        self, step: StepInput, rows: Sequence[RowState], eos_token_ids: Sequence[int] = ()
+        self,
+        step: StepInput,
+        rows: Sequence[RowState],
+        eos_token_ids: Sequence[int] = (),
+        sampled_before: torch.Tensor | None = None,
     ) -> StepOutput:
         """Run one flat batch and sample ``rows`` (one per sampling sequence, in order) on this device.
 
         Logits row ``i < len(rows)`` is row ``i``'s; the rows past the first
         ``step.num_padded_seqs`` (``len(rows)`` when unpadded) come back as ``prompt_logits``.
-        ``eos_token_ids`` are held back from rows short of min_tokens.
+        ``eos_token_ids`` are held back from rows short of min_tokens. Input ids that are
+        ``placeholder(r)`` take row ``r`` of ``sampled_before`` (the token ids the previous
+        step sampled, still on this device).
         """
-        logits = self.execute(step)
+        logits = self.forward(step, step.logits_indices, sampled_before)
         num_sampling_rows = step.num_padded_seqs or len(rows)
         sampled = None
         if rows:
@@ -202,11 +223,18 @@ class Worker:
 
     # no_grad rather than inference_mode: torch-xla cannot take views of inference tensors.
     @torch.no_grad()
-    def forward(self, step: StepInput, logits_indices: list[int]) -> torch.Tensor:
-        """Run ``step``; return the (possibly pending) fp32 logits of rows ``logits_indices``."""
+    def forward(
+        self, step: StepInput, logits_indices: list[int], sampled_before: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run ``step``; return the (possibly pending) fp32 logits of rows ``logits_indices``.
+
+        ``sampled_before`` fills placeholder input ids (see ``execute_and_sample``).
+        """
         num_tokens = step.num_padded_tokens or len(step.input_ids)
         padding = num_tokens - len(step.input_ids)
         input_ids = torch.tensor(step.input_ids + [0] * padding, dtype=torch.int64, device=self.device)
+        if sampled_before is not None:
+            input_ids = fill_placeholders(input_ids, sampled_before)
         positions = torch.tensor(step.positions + [0] * padding, dtype=torch.int64, device=self.device)
         metadata = AttentionMetadata.build(
             step.query_lens,

@@ -119,12 +119,21 @@ def markdown_table(r: dict[str, Any]) -> str:
         rows.append(("bf16 decode, batch 1", f"{ours * 1e3:.2f} ms/token", "floor", f"{ours / floor:.2f}x"))
         model = r["bf16_decode"]["model_s_per_token"]
         rows.append(("bf16 decode step, worker only", f"{model * 1e3:.2f} ms/token", "floor", f"{model / floor:.2f}x"))
+        sync = r["bf16_decode"].get("sync_s_per_token")
+        if sync:
+            rows.append(
+                ("bf16 decode, async scheduling off", f"{sync * 1e3:.2f} ms/token", "floor", f"{sync / floor:.2f}x")
+            )
     hf1 = r.get("transformers_b1", {}).get("decode_s_per_token")
     if ours and hf1:
         rows.append(("transformers eager, batch 1", f"{hf1 * 1e3:.2f} ms/token", "ours", f"{hf1 / ours:.2f}x slower"))
     int8 = r.get("int8_decode", {}).get("decode_s_per_token")
     if int8 and ours:
         rows.append(("int8 decode, batch 1", f"{int8 * 1e3:.2f} ms/token", "bf16 decode", f"{ours / int8:.2f}x faster"))
+        int8_sync, bf16_sync = r["int8_decode"].get("sync_s_per_token"), r["bf16_decode"].get("sync_s_per_token")
+        if int8_sync and bf16_sync:
+            speedup = f"{bf16_sync / int8_sync:.2f}x faster"
+            rows.append(("int8 decode, async scheduling off", f"{int8_sync * 1e3:.2f} ms/token", "bf16, off", speedup))
         int8_floor = r["int8_weight_bytes"] / r["copy_bandwidth_Bps"]
         rows.append(
             ("int8 decode floor", f"{int8_floor * 1e3:.2f} ms/token", "int8 decode", f"{int8 / int8_floor:.2f}x")
@@ -134,6 +143,10 @@ def markdown_table(r: dict[str, Any]) -> str:
     if batch:
         anchor = f"{batch / hf_batch:.2f}x transformers ({hf_batch:.0f})" if hf_batch else ""
         rows.append(("bf16 batch throughput", f"{batch:.0f} output tok/s", "transformers", anchor))
+        sync = r["bf16_batch"].get("output_tokens_per_s_sync")
+        if sync:
+            ratio = f"{sync / hf_batch:.2f}x transformers" if hf_batch else ""
+            rows.append(("bf16 batch, async scheduling off", f"{sync:.0f} output tok/s", "transformers", ratio))
     prefill = r.get("bf16_prefill", {}).get("prefill_tokens_per_s")
     for preset in ("fp8", "fp8-all"):
         fp8 = r.get(f"{preset}_prefill", {}).get("prefill_tokens_per_s")

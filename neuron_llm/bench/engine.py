@@ -9,6 +9,7 @@ bandwidth) and transformers' ``generate`` on the same shape.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import statistics
 import time
@@ -117,19 +118,33 @@ def timed_steps(
     return times
 
 
+def with_scheduling(engine: LLMEngine, async_scheduling: bool) -> LLMEngine:
+    """An engine over ``engine``'s worker (its graphs captured already) with async scheduling on or off.
+
+    Use one engine at a time: each has its own scheduler over the one KV pool.
+    """
+    scheduler = dataclasses.replace(engine.config.scheduler, async_scheduling=async_scheduling)
+    config = dataclasses.replace(engine.config, scheduler=scheduler)
+    return LLMEngine(config, engine.runner.executor, tokenizer=None, eos_token_ids=())
+
+
 def decode_latency(engine: LLMEngine, prompt_len: int, max_tokens: int, vocab_size: int) -> dict[str, float]:
     """Median seconds per decode step of one sequence (the first step, its prefill, excluded).
 
-    ``model_s_per_token`` times the worker alone on the same shape (inputs staged, graph
-    replayed, greedy token read back): the rest of a step is the engine's host work.
+    ``sync_s_per_token`` is the same with async scheduling off (alternated with the engine
+    as configured, twice); ``model_s_per_token`` times the worker alone on the same shape
+    (inputs staged, graph replayed, greedy token read back).
     """
     prompts = random_prompts(1, prompt_len, vocab_size)
-    timed_steps(engine, prompts, 8)  # first-use costs
-    times = timed_steps(engine, prompts, max_tokens)
-    decode = times[1:]
+    engines = {"decode_s_per_token": engine, "sync_s_per_token": with_scheduling(engine, False)}
+    decode: dict[str, list[float]] = {name: [] for name in engines}
+    for order in (list(engines), list(reversed(engines))):
+        for name in order:
+            timed_steps(engines[name], prompts, 8)  # first-use costs
+            decode[name] += timed_steps(engines[name], prompts, max_tokens)[1:]
     return {
-        "decode_s_per_token": statistics.median(decode),
-        "decode_s_p90": sorted(decode)[int(0.9 * len(decode))],
+        **{name: statistics.median(times) for name, times in decode.items()},
+        "decode_s_p90": sorted(decode["decode_s_per_token"])[int(0.9 * len(decode["decode_s_per_token"]))],
         "model_s_per_token": worker_step_time(engine, prompt_len + max_tokens // 2),
     }
 
@@ -174,14 +189,18 @@ def worker_step_time(engine: LLMEngine, context: int, query_len: int = 1, repeat
 def batch_throughput(
     engine: LLMEngine, batch: int, prompt_len: int, max_tokens: int, vocab_size: int
 ) -> dict[str, float]:
-    """Output tokens/s of ``batch`` prompts submitted at once, wall time from submission to the last token."""
+    """Output tokens/s of ``batch`` prompts submitted at once, wall time from submission to the last token;
+    ``..._sync`` the same with async scheduling off."""
     prompts = random_prompts(batch, prompt_len, vocab_size, seed=1)
-    timed_steps(engine, prompts[:2], 4)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    times = timed_steps(engine, prompts, max_tokens)
-    seconds = time.perf_counter() - start
-    return {"output_tokens_per_s": batch * max_tokens / seconds, "seconds": seconds, "steps": len(times)}
+    results = {}
+    for name, run in (("", engine), ("_sync", with_scheduling(engine, False))):
+        timed_steps(run, prompts[:2], 4)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        times = timed_steps(run, prompts, max_tokens)
+        seconds = time.perf_counter() - start
+        results |= {f"output_tokens_per_s{name}": batch * max_tokens / seconds, f"seconds{name}": seconds}
+    return results | {"steps": len(times)}
 
 
 def prefill_time(engine: LLMEngine, prompt_len: int, vocab_size: int, repeats: int = 5) -> dict[str, float]:

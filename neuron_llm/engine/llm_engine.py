@@ -19,13 +19,14 @@ from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.config import EngineConfig
 from neuron_llm.detokenizer import IncrementalDetokenizer
-from neuron_llm.engine.model_runner import ModelRunner
+from neuron_llm.engine.model_runner import ModelRunner, StepResult
 from neuron_llm.engine.request import Request, RequestStatus
 from neuron_llm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, SchedulerStats
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from neuron_llm.parallel.executor import Executor
-from neuron_llm.sample import RowState, SamplerOutput, compute_prompt_logprobs, make_generator
+from neuron_llm.sample import RowState, compute_prompt_logprobs, make_generator
 from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.worker import placeholder
 
 
 @dataclass
@@ -60,6 +61,30 @@ class _RequestGroup:
     @property
     def finished(self) -> bool:
         return not self.pending_forks and all(seq.finish_reason is not None for seq in self.sequences)
+
+
+@dataclass
+class _LaunchedStep:
+    """A step on its way through the device, and the copy of its sampled tokens to the host."""
+
+    scheduled: SchedulerOutput
+    sampling: list[ScheduledRequest]
+    """The entries that sample, in the order of the sampled rows."""
+    rows: list[RowState]
+    result: StepResult
+    host_token_ids: torch.Tensor = field(init=False)
+    token_ids_ready: torch.cuda.Event | None = field(init=False, default=None)
+    """Recorded after the copy to the host (CUDA); reading before it fires would read garbage."""
+
+    def __post_init__(self) -> None:
+        sampled = self.result.sampled
+        if sampled is None:
+            return
+        # From CUDA, a non-blocking copy lands in pinned memory and only the event says when.
+        self.host_token_ids = sampled.token_ids.to("cpu", non_blocking=True)
+        if sampled.token_ids.is_cuda:
+            self.token_ids_ready = torch.cuda.Event()
+            self.token_ids_ready.record()
 
 
 @dataclass(frozen=True)
@@ -104,6 +129,10 @@ class LLMEngine:
         self._itls: list[float] = []
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
+        self._async_scheduling = config.async_scheduling
+        self._in_flight: _LaunchedStep | None = None
+        self._penalized_ids: set[str] = set()
+        """Requests whose penalties need every token on the host before the next step."""
 
     # -- requests -----------------------------------------------------------------------
 
@@ -137,6 +166,8 @@ class LLMEngine:
             pending_forks=[seq.request for seq in sequences[1:]],
         )
         self._groups[request_id] = group
+        if params.has_penalties:
+            self._penalized_ids.add(request_id)
         for seq in sequences:
             self._sequences[seq.request.request_id] = (group, seq)
         return request_id
@@ -146,6 +177,7 @@ class LLMEngine:
         group = self._groups.pop(request_id, None)
         if group is None:
             return False
+        self._penalized_ids.discard(request_id)
         for seq in group.sequences:
             self.scheduler.abort(seq.request.request_id)
             self._sequences.pop(seq.request.request_id, None)
@@ -171,10 +203,37 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; returns an output for every request that finished, and for every
-        "cumulative" one (``SamplingParams.output_kind``) that progressed."""
+        "cumulative" one (``SamplingParams.output_kind``) that progressed.
+
+        With async scheduling (``EngineConfig.async_scheduling``) the step is launched before
+        the tokens of the one before it are read, and the outputs returned are that earlier
+        step's: the device runs one step while the host does the bookkeeping of the last.
+        """
+        if self._in_flight is not None and not self._overlaps():
+            in_flight, self._in_flight = self._in_flight, None
+            return self._complete(in_flight)
         scheduled = self.scheduler.schedule()
-        if scheduled.is_empty:
-            return []
+        launched = None if scheduled.is_empty else self._launch(scheduled)
+        in_flight, self._in_flight = self._in_flight, None
+        outputs = [] if in_flight is None else self._complete(in_flight)
+        if launched is None:
+            return outputs
+        # The scheduler counts each sampled token now, as a placeholder the device fills in
+        # for the next step and the host replaces once it has read the token (``_complete``).
+        self.scheduler.update_from_output(
+            scheduled, {entry.request.request_id: [placeholder(row)] for row, entry in enumerate(launched.sampling)}
+        )
+        if self._overlaps():
+            self._in_flight = launched
+            return outputs
+        return outputs + self._complete(launched)
+
+    def _overlaps(self) -> bool:
+        # Penalties count the output tokens' values on the host, so they wait for each step.
+        return self._async_scheduling and not self._penalized_ids
+
+    def _launch(self, scheduled: SchedulerOutput) -> _LaunchedStep:
+        """Start the step on the device and the copy of its sampled tokens to the host."""
         now = time.monotonic()
         for entry in scheduled.scheduled:
             group, _ = self._sequences[entry.request.request_id]
@@ -182,15 +241,27 @@ class LLMEngine:
                 group.metrics.first_scheduled_time = now
         sampling = [entry for entry in scheduled.scheduled if entry.is_sampling]
         rows = [self._row_state(entry) for entry in sampling]
-        result = self.runner.execute(scheduled, self._wants_prompt_logprobs, rows, sorted(self.eos_token_ids))
-        sampled_ids, logprob_dicts = self._read_sampled(rows, result.sampled)
-        self._record_prompt_logprobs(scheduled, result.prompt_logits)
-        self.scheduler.update_from_output(
-            scheduled, {entry.request.request_id: [token] for entry, token in zip(sampling, sampled_ids)}
+        sampled_before = None
+        if self._in_flight is not None and self._in_flight.result.sampled is not None:
+            sampled_before = self._in_flight.result.sampled.token_ids
+        result = self.runner.execute(
+            scheduled, self._wants_prompt_logprobs, rows, sorted(self.eos_token_ids), sampled_before
         )
+        return _LaunchedStep(scheduled, sampling, rows, result)
+
+    def _complete(self, launched: _LaunchedStep) -> list[RequestOutput]:
+        """Read a launched step's tokens and judge them: stops, forks, outputs."""
+        sampled_ids, logprob_dicts = self._read_sampled(launched)
+        self._record_prompt_logprobs(launched.scheduled, launched.result.prompt_logits)
         touched: dict[str, _RequestGroup] = {}
-        for entry, token_id, logprobs in zip(sampling, sampled_ids, logprob_dicts):
-            group, seq = self._sequences[entry.request.request_id]
+        for row, (entry, token_id, logprobs) in enumerate(zip(launched.sampling, sampled_ids, logprob_dicts)):
+            request = entry.request
+            if request.output_token_ids and request.output_token_ids[-1] == placeholder(row):
+                request.replace_last_output_token(token_id)
+            found = self._sequences.get(request.request_id)
+            if found is None or found[1].finish_reason is not None:
+                continue  # aborted, or stopped by the step before (async scheduling ran it once more)
+            group, seq = found
             self._process_token(group, seq, token_id, logprobs)
             touched[group.request_id] = group
         for group in touched.values():
@@ -211,21 +282,23 @@ class LLMEngine:
         request = entry.request
         return RowState(request.sampling_params, request.prompt_token_ids, request.output_token_ids, seq.generator)
 
-    def _read_sampled(
-        self, rows: list[RowState], output: SamplerOutput | None
-    ) -> tuple[list[int], list[dict[int, Logprob] | None]]:
+    def _read_sampled(self, launched: _LaunchedStep) -> tuple[list[int], list[dict[int, Logprob] | None]]:
+        output = launched.result.sampled
         if output is None:
             return [], []
-        token_ids = output.token_ids.tolist()  # the one host read per step
+        if launched.token_ids_ready is not None:
+            launched.token_ids_ready.synchronize()
+        token_ids = launched.host_token_ids.tolist()  # the one host read per step
         if output.logprobs is None:
-            return token_ids, [None] * len(rows)
-        return token_ids, output.logprobs.to_dicts([row.params.logprobs for row in rows])
+            return token_ids, [None] * len(launched.rows)
+        return token_ids, output.logprobs.to_dicts([row.params.logprobs for row in launched.rows])
 
     def _record_prompt_logprobs(self, scheduled: SchedulerOutput, prompt_logits: list[torch.Tensor | None]) -> None:
         for entry, logits in zip(scheduled.scheduled, prompt_logits):
-            if logits is None:
+            found = self._sequences.get(entry.request.request_id)
+            if logits is None or found is None:
                 continue
-            group, _ = self._sequences[entry.request.request_id]
+            group, _ = found
             assert group.prompt_logprobs is not None and group.params.prompt_logprobs is not None
             # Row i scores prompt token start + i + 1; a recompute after preemption repeats
             # positions already recorded, which are skipped.
@@ -292,6 +365,7 @@ class LLMEngine:
         group.metrics.finished_time = time.monotonic()
         output = self._output(group)
         del self._groups[group.request_id]
+        self._penalized_ids.discard(group.request_id)
         for seq in group.sequences:
             self._sequences.pop(seq.request.request_id, None)
         return output

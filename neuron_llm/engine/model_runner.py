@@ -55,15 +55,17 @@ class ModelRunner:
         wants_prompt_logprobs: Callable[[ScheduledRequest], bool],
         sampling_rows: Sequence[RowState] = (),
         eos_token_ids: Sequence[int] = (),
+        sampled_before: torch.Tensor | None = None,
     ) -> StepResult:
         """Run the step and sample ``sampling_rows``, one per sampling entry in their order.
 
         ``wants_prompt_logprobs(entry)`` says whose prompt rows to return; ``eos_token_ids``
-        are held back from rows short of min_tokens.
+        are held back from rows short of min_tokens; ``sampled_before`` (the previous step's
+        token ids, on the device) fills the input ids that are placeholders for them.
         """
         assert len(sampling_rows) == sum(entry.is_sampling for entry in scheduled.scheduled)
         step, prompt_rows = self._pack(scheduled, wants_prompt_logprobs)
-        output = self.executor.execute_and_sample(step, sampling_rows, eos_token_ids)
+        output = self.executor.execute_and_sample(step, sampling_rows, eos_token_ids, sampled_before)
         prompt_logits: list[torch.Tensor | None] = []
         offset = 0
         for rows in prompt_rows:

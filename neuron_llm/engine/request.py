@@ -109,3 +109,8 @@ class Request:
         """Record one generated token."""
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def replace_last_output_token(self, token_id: int) -> None:
+        """Put the sampled token in place of the placeholder appended before it was read."""
+        self.output_token_ids[-1] = token_id
+        self.all_token_ids[-1] = token_id

@@ -77,7 +77,11 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def execute_and_sample(
-        self, step: StepInput, rows: Sequence[RowState], eos_token_ids: Sequence[int] = ()
+        self,
+        step: StepInput,
+        rows: Sequence[RowState],
+        eos_token_ids: Sequence[int] = (),
+        sampled_before: torch.Tensor | None = None,
     ) -> StepOutput:
         """Run one step and sample ``rows`` on rank 0's device (see ``Worker.execute_and_sample``)."""
 
@@ -105,9 +109,13 @@ class UniprocExecutor(Executor):
         return self.worker.execute(step)
 
     def execute_and_sample(
-        self, step: StepInput, rows: Sequence[RowState], eos_token_ids: Sequence[int] = ()
+        self,
+        step: StepInput,
+        rows: Sequence[RowState],
+        eos_token_ids: Sequence[int] = (),
+        sampled_before: torch.Tensor | None = None,
     ) -> StepOutput:
-        return self.worker.execute_and_sample(step, rows, eos_token_ids)
+        return self.worker.execute_and_sample(step, rows, eos_token_ids, sampled_before)
 
     def shutdown(self) -> None:
         pass
@@ -156,8 +164,15 @@ class MultiprocExecutor(Executor):
         return self._run(step, lambda: self.worker.execute(step))
 
     def execute_and_sample(
-        self, step: StepInput, rows: Sequence[RowState], eos_token_ids: Sequence[int] = ()
+        self,
+        step: StepInput,
+        rows: Sequence[RowState],
+        eos_token_ids: Sequence[int] = (),
+        sampled_before: torch.Tensor | None = None,
     ) -> StepOutput:
+        # The other ranks cannot see rank 0's sampled ids (EngineConfig refuses async scheduling here).
+        if sampled_before is not None:
+            raise ValueError("placeholder input ids need tensor_parallel_size=1")
         # The other ranks run the plain forward: sampling follows the logits' all-gather.
         return self._run(step, lambda: self.worker.execute_and_sample(step, rows, eos_token_ids))
 

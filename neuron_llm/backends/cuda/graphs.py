@@ -21,7 +21,7 @@ import torch
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.ops.metadata import NULL_BLOCK_ID, AttentionMetadata
-from neuron_llm.worker import StepInput, Worker
+from neuron_llm.worker import StepInput, Worker, fill_placeholders
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,11 @@ class _DecodeGraph:
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]
     """The graph's input tensors on the device, by name."""
-    staging: dict[str, torch.Tensor]
-    """Pinned host tensors of the same shapes: filled on the host, copied without a sync."""
+    staging: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+    """Two sets of pinned host tensors of the same shapes: filled on the host, copied without a sync."""
     logits: torch.Tensor
     """[num_seqs, vocab] fp32, written by every replay: the rows ``logits_indices`` names, padded with row 0."""
+    num_staged: int = 0
 
 
 class CudaGraphWorker(Worker):
@@ -55,16 +56,25 @@ class CudaGraphWorker(Worker):
         return len(self._graphs)
 
     @torch.no_grad()
-    def forward(self, step: StepInput, logits_indices: list[int]) -> torch.Tensor:
+    def forward(
+        self, step: StepInput, logits_indices: list[int], sampled_before: torch.Tensor | None = None
+    ) -> torch.Tensor:
         num_seqs = step.num_padded_seqs
         if not _is_padded_decode(step) or len(logits_indices) > len(step.input_ids):
-            return super().forward(step, logits_indices)
+            return super().forward(step, logits_indices, sampled_before)
         assert num_seqs is not None and step.max_blocks_per_seq is not None
         key = (num_seqs, step.max_blocks_per_seq)
         graph = self._graphs.get(key) or self._capture(*key)
-        _stage(graph.staging, step, logits_indices, self.block_size)
+        # Two sets of host buffers, used in turn: with async scheduling this step is staged
+        # while the copy of the previous step's inputs may still be queued.
+        staging = graph.staging[graph.num_staged % 2]
+        graph.num_staged += 1
+        _stage(staging, step, logits_indices, self.block_size)
         for name, tensor in graph.inputs.items():
-            tensor.copy_(graph.staging[name], non_blocking=True)
+            tensor.copy_(staging[name], non_blocking=True)
+        if sampled_before is not None:
+            ids = graph.inputs["input_ids"]
+            ids.copy_(fill_placeholders(ids, sampled_before))
         graph.graph.replay()
         return graph.logits[: len(logits_indices)]
 
@@ -78,7 +88,9 @@ class CudaGraphWorker(Worker):
             "query_start_loc": torch.zeros(num_seqs + 1, dtype=torch.int32, device=self.device),
             "logits_indices": torch.zeros(num_seqs, dtype=torch.int64, device=self.device),
         }
-        staging = {name: torch.empty_like(t, device="cpu").pin_memory() for name, t in inputs.items()}
+        staging = tuple(
+            {name: torch.empty_like(t, device="cpu").pin_memory() for name, t in inputs.items()} for _ in range(2)
+        )
         metadata = AttentionMetadata(
             slot_mapping=inputs["slot_mapping"],
             block_tables=inputs["block_tables"],
