@@ -83,6 +83,10 @@ class Backend(abc.ABC):
         """The int8 W8A8 matmul with per-token activation scales (see ``quant.reference``)."""
         return reference.w8a8_linear(x, weight, weight_scale, bias)
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The first index of each row's maximum: int64 [rows] of [rows, vocab] logits (greedy sampling)."""
+        return logits.argmax(dim=-1)
+
     def prepare_model(self, model: nn.Module) -> None:
         """Rewrite the loaded ``model`` in place into the form this backend runs fastest (default: as is)."""
 

@@ -45,6 +45,10 @@ def paged_attention(
     return _active.paged_attention(query, key_cache, value_cache, metadata, scale)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    return _active.argmax(logits)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return _active.linear(x, weight, bias)
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from neuron_llm import ops
 from neuron_llm.outputs import Logprob
 from neuron_llm.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -121,7 +122,8 @@ class SamplingBatch:
 
     vocab_size: int
     temperature: torch.Tensor
-    """[num_rows] fp32; greedy rows hold 1 so that dividing by it changes nothing."""
+    """[num_rows] fp32; greedy rows hold 1 so that dividing by it changes nothing. On the
+    host when ``is_all_greedy`` (it is not read then), like ``is_greedy``."""
     is_greedy: torch.Tensor
     """[num_rows] bool."""
     is_all_greedy: bool
@@ -164,12 +166,16 @@ class SamplingBatch:
         is_greedy = [p.is_greedy for p in params]
         top_k, top_p, min_p = _truncation_tensors(params, vocab_size, device)
         logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
+        # An all-greedy batch reads neither temperature nor is_greedy: they stay on the host.
+        per_row_device = "cpu" if all(is_greedy) else device
         return cls(
             vocab_size=vocab_size,
             temperature=_to_device(
-                [1.0 if greedy else p.temperature for p, greedy in zip(params, is_greedy)], torch.float32, device
+                [1.0 if greedy else p.temperature for p, greedy in zip(params, is_greedy)],
+                torch.float32,
+                per_row_device,
             ),
-            is_greedy=_to_device(is_greedy, torch.bool, device),
+            is_greedy=_to_device(is_greedy, torch.bool, per_row_device),
             is_all_greedy=all(is_greedy),
             top_k=top_k,
             top_p=top_p,
@@ -424,7 +430,8 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = _apply_penalties(logits, batch.penalties)
     if batch.min_tokens_mask is not None:
         logits = logits.masked_fill(batch.min_tokens_mask, float("-inf"))
-    logits = logits / batch.temperature.unsqueeze(1)
+    if not batch.is_all_greedy:  # greedy rows hold temperature 1
+        logits = logits / batch.temperature.unsqueeze(1)
     if batch.top_k is not None or batch.top_p is not None:
         logits = _apply_top_k_top_p(logits, batch.top_k, batch.top_p)
     if batch.min_p is not None:
@@ -473,7 +480,7 @@ def counter_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def _draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    greedy = logits.argmax(dim=-1)
+    greedy = ops.argmax(logits)
     if batch.is_all_greedy:
         return greedy
     probs = logits.softmax(dim=-1)

@@ -61,7 +61,7 @@ def compiling_only() -> Iterator[list[object]]:
 
 def compile_every_kernel() -> list[str]:
     """Call each wrapper in the configurations the engine uses; return the kernels compiled."""
-    from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, w8a8
+    from neuron_llm.backends.cuda import argmax, attention, fp8, fused, graphs, int8_matmul, w8a8
     from neuron_llm.ops.metadata import AttentionMetadata
 
     with compiling_only() as compiled:
@@ -122,6 +122,10 @@ def compile_every_kernel() -> list[str]:
         for num_splits in (1, 8):
             query = torch.randn(2, heads, head_dim, dtype=bf16)
             attention.decode_attention(query, cache, cache, decode, 0.088, num_splits=num_splits)
+
+        # After the graph of a decode step: greedy argmax, then the next step's input ids.
+        argmax.argmax(torch.randn(4, 128256))
+        graphs._fill_placeholders_in_place(torch.zeros(64, dtype=torch.int64), torch.zeros(64, dtype=torch.int64))
     return [kernel.name for kernel in compiled]
 
 

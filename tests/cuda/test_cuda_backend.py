@@ -6,6 +6,7 @@ need a GPU and compare the cuda backend, graphs and all, against the torch refer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,10 @@ pytest.importorskip("triton")
 
 from neuron_llm import LLM, SamplingParams, ops
 from neuron_llm.backends import default_backend_name
-from neuron_llm.backends.cuda.graphs import _stage
+from neuron_llm.backends.cuda.graphs import _fill_placeholders_in_place, _packed_tensors, _stage
 from neuron_llm.config import DeviceConfig
 from neuron_llm.ops.metadata import AttentionMetadata
-from neuron_llm.worker import StepInput
+from neuron_llm.worker import StepInput, fill_placeholders
 
 
 def test_default_backend_follows_the_device() -> None:
@@ -89,6 +90,33 @@ def test_decode_staging_matches_the_attention_metadata() -> None:
     assert staging["input_ids"].tolist() == step.input_ids + [0] * 3
     assert staging["positions"].tolist() == step.positions + [0] * 3
     assert np.array_equal(staging["logits_indices"].numpy(), step.logits_indices)
+
+
+@pytest.mark.parametrize("num_ids", [1, 5, 64])
+def test_placeholders_are_filled_in_place_in_one_kernel(num_ids: int, device: torch.device) -> None:
+    generator = torch.Generator().manual_seed(num_ids)
+    sampled = torch.randint(0, 1000, (num_ids,), generator=generator)
+    ids = torch.randint(0, 1000, (num_ids,), generator=generator)
+    is_placeholder = torch.rand(num_ids, generator=generator) < 0.6
+    rows = torch.randperm(num_ids, generator=generator)
+    ids = torch.where(is_placeholder, -1 - rows, ids)
+    expected = fill_placeholders(ids, sampled)
+    assert torch.equal(expected, torch.where(is_placeholder, sampled[rows], ids))
+    on_device = ids.to(device)
+    _fill_placeholders_in_place(on_device, sampled.to(device))
+    assert torch.equal(on_device.cpu(), expected)
+
+
+def test_graph_inputs_are_typed_views_of_one_buffer() -> None:
+    shapes = {"a": ((3,), torch.int64), "b": ((2, 5), torch.int32), "c": ((7,), torch.int32)}
+    buffer, views = _packed_tensors(shapes, "cpu")
+    for name, (shape, dtype) in shapes.items():
+        assert views[name].shape == shape and views[name].dtype == dtype
+        assert views[name].untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        assert views[name].data_ptr() % 16 == 0
+        views[name].copy_(torch.arange(math.prod(shape)).view(shape))
+    assert views["a"].tolist() == [0, 1, 2] and views["c"].tolist() == list(range(7))
+    assert views["b"].flatten().tolist() == list(range(10))
 
 
 @pytest.mark.cuda

@@ -19,7 +19,9 @@ pytest.importorskip("triton")
 
 REPO = Path(__file__).resolve().parents[2]
 KERNELS = {
+    "_argmax_kernel",
     "_decode_kernel",
+    "_fill_placeholders_kernel",
     "_int8_matmul_kernel",
     "_prefill_kernel",
     "_quantize_rows_kernel",

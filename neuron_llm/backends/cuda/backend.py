@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from neuron_llm.backends.cuda import argmax as split_argmax
 from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, launch, w8a8
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.layers.linear import Linear
@@ -43,6 +44,12 @@ class CudaBackend(TorchBackend):
 
     def prepare_model(self, model: nn.Module) -> None:
         merge_projections(model)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        # Few rows: split along the vocabulary, where torch's reduction leaves most of the GPU idle.
+        if logits.is_cuda and split_argmax.takes(logits):
+            return split_argmax.argmax(logits)
+        return super().argmax(logits)
 
     def swiglu_down(self, gate_up: torch.Tensor, down_proj: nn.Module) -> torch.Tensor:
         # Exact types: a row-parallel subclass all-reduces in its forward, which these paths skip.

@@ -13,15 +13,18 @@ Prefill steps, and any step outside the decode buckets, run eagerly.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import triton
+import triton.language as tl
 
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.ops.metadata import NULL_BLOCK_ID, AttentionMetadata
-from neuron_llm.worker import StepInput, Worker, fill_placeholders
+from neuron_llm.worker import StepInput, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +33,45 @@ logger = logging.getLogger(__name__)
 class _DecodeGraph:
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]
-    """The graph's input tensors on the device, by name."""
-    staging: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
-    """Two sets of pinned host tensors of the same shapes: filled on the host, copied without a sync."""
+    """The graph's input tensors on the device, by name: views of ``packed``."""
+    packed: torch.Tensor
+    """Every input's bytes in one device buffer, so that a step's inputs cross in one copy."""
+    staging: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    """Two pinned host buffers like ``packed``, each with its views like ``inputs``."""
     logits: torch.Tensor
     """[num_seqs, vocab] fp32, written by every replay: the rows ``logits_indices`` names, padded with row 0."""
     num_staged: int = 0
+
+
+def _packed_tensors(
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device | str, pin: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One byte buffer, and a typed view of it for each ``name: (shape, dtype)`` (16-byte aligned)."""
+    offsets, size = {}, 0
+    for name, (shape, dtype) in shapes.items():
+        offsets[name] = size
+        size += -(-math.prod(shape) * dtype.itemsize // 16) * 16
+    buffer = torch.zeros(size, dtype=torch.uint8, device=device, pin_memory=pin)
+    views = {
+        name: buffer[offsets[name] : offsets[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        for name, (shape, dtype) in shapes.items()
+    }
+    return buffer, views
+
+
+@triton.jit
+def _fill_placeholders_kernel(ids_ptr, sampled_ptr, num_ids, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offsets, mask=offsets < num_ids)
+    is_placeholder = ids < 0
+    sampled = tl.load(sampled_ptr + (-1 - ids), mask=(offsets < num_ids) & is_placeholder)
+    tl.store(ids_ptr + offsets, sampled, mask=(offsets < num_ids) & is_placeholder)
+
+
+def _fill_placeholders_in_place(ids: torch.Tensor, sampled_before: torch.Tensor) -> None:
+    """``fill_placeholders`` into ``ids`` itself, in one kernel (torch's ops take five)."""
+    assert ids.is_contiguous() and sampled_before.is_contiguous() and sampled_before.dtype == ids.dtype
+    _fill_placeholders_kernel[(1,)](ids, sampled_before, ids.numel(), BLOCK=triton.next_power_of_2(ids.numel()))
 
 
 class CudaGraphWorker(Worker):
@@ -67,30 +103,28 @@ class CudaGraphWorker(Worker):
         graph = self._graphs.get(key) or self._capture(*key)
         # Two sets of host buffers, used in turn: with async scheduling this step is staged
         # while the copy of the previous step's inputs may still be queued.
-        staging = graph.staging[graph.num_staged % 2]
+        staging, views = graph.staging[graph.num_staged % 2]
         graph.num_staged += 1
-        _stage(staging, step, logits_indices, self.block_size)
-        for name, tensor in graph.inputs.items():
-            tensor.copy_(staging[name], non_blocking=True)
+        _stage(views, step, logits_indices, self.block_size)
+        graph.packed.copy_(staging, non_blocking=True)
         if sampled_before is not None:
-            ids = graph.inputs["input_ids"]
-            ids.copy_(fill_placeholders(ids, sampled_before))
+            _fill_placeholders_in_place(graph.inputs["input_ids"], sampled_before)
         graph.graph.replay()
         return graph.logits[: len(logits_indices)]
 
     def _capture(self, num_seqs: int, width: int) -> _DecodeGraph:
-        inputs = {
-            "input_ids": torch.zeros(num_seqs, dtype=torch.int64, device=self.device),
-            "positions": torch.zeros(num_seqs, dtype=torch.int64, device=self.device),
-            "slot_mapping": torch.zeros(num_seqs, dtype=torch.int64, device=self.device),
-            "block_tables": torch.full((num_seqs, width), NULL_BLOCK_ID, dtype=torch.int32, device=self.device),
-            "seq_lens": torch.zeros(num_seqs, dtype=torch.int32, device=self.device),
-            "query_start_loc": torch.zeros(num_seqs + 1, dtype=torch.int32, device=self.device),
-            "logits_indices": torch.zeros(num_seqs, dtype=torch.int64, device=self.device),
+        shapes = {
+            "input_ids": ((num_seqs,), torch.int64),
+            "positions": ((num_seqs,), torch.int64),
+            "slot_mapping": ((num_seqs,), torch.int64),
+            "logits_indices": ((num_seqs,), torch.int64),
+            "block_tables": ((num_seqs, width), torch.int32),
+            "seq_lens": ((num_seqs,), torch.int32),
+            "query_start_loc": ((num_seqs + 1,), torch.int32),
         }
-        staging = tuple(
-            {name: torch.empty_like(t, device="cpu").pin_memory() for name, t in inputs.items()} for _ in range(2)
-        )
+        packed, inputs = _packed_tensors(shapes, self.device)
+        inputs["block_tables"].fill_(NULL_BLOCK_ID)
+        staging = [_packed_tensors(shapes, "cpu", pin=True) for _ in range(2)]
         metadata = AttentionMetadata(
             slot_mapping=inputs["slot_mapping"],
             block_tables=inputs["block_tables"],
@@ -118,7 +152,7 @@ class CudaGraphWorker(Worker):
         with torch.cuda.graph(graph, pool=self._pool):
             logits = run()
         logger.debug("captured the decode graph of %d sequences, block tables %d wide", num_seqs, width)
-        captured = _DecodeGraph(graph, inputs, staging, logits)
+        captured = _DecodeGraph(graph, inputs, packed, staging, logits)
         self._graphs[(num_seqs, width)] = captured
         return captured
 

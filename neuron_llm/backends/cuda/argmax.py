@@ -1,0 +1,66 @@
+"""Greedy argmax of a few rows of logits, split along the vocabulary.
+
+PyTorch reduces one row of a 128k vocabulary in few programs, so a batch-1 greedy step waits
+on a handful of multiprocessors streaming half a megabyte. Here each row is cut into chunks,
+one program a chunk; each stores its chunk's best value and index, and the last program of
+the row to finish (``launch.split_counters``) picks among them in chunk order. The result is
+``torch.argmax``'s, the first index of the maximum, for rows without NaN (a NaN counts as +inf).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from neuron_llm.backends.cuda import launch
+
+MAX_ROWS = 16
+"""Most rows taken here; beyond, rows alone fill the GPU and torch's reduction is as good."""
+CHUNK = 2048
+"""Logits per program: 63 programs a row of Llama 3's vocabulary."""
+
+
+@triton.jit
+def _argmax_kernel(
+    x_ptr, stride_x, out_ptr, best_ptr, index_ptr, counter_ptr, n, NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr
+):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    values = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
+    values = tl.where(values != values, float("inf"), values)  # NaN wins, as in torch
+    best = tl.max(values, axis=0)
+    # An all -inf chunk past the end of the row still yields an index inside it.
+    index = tl.min(tl.where((values == best) & (cols < n), cols, n), axis=0)
+    tl.store(best_ptr + row * NUM_CHUNKS + chunk, best)
+    tl.store(index_ptr + row * NUM_CHUNKS + chunk, index)
+    tl.debug_barrier()
+    if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu") == NUM_CHUNKS - 1:
+        chunks = tl.arange(0, triton.next_power_of_2(NUM_CHUNKS))
+        bests = tl.load(best_ptr + row * NUM_CHUNKS + chunks, mask=chunks < NUM_CHUNKS, other=float("-inf"))
+        indices = tl.load(index_ptr + row * NUM_CHUNKS + chunks, mask=chunks < NUM_CHUNKS, other=n)
+        top = tl.max(bests, axis=0)
+        tl.store(out_ptr + row, tl.min(tl.where(bests == top, indices, n), axis=0).to(tl.int64))
+        tl.atomic_xchg(counter_ptr + row, 0, sem="relaxed", scope="gpu")
+
+
+def takes(logits: torch.Tensor) -> bool:
+    """Whether ``argmax`` takes these [rows, vocab] logits: a few contiguous rows on the GPU."""
+    return logits.dim() == 2 and 0 < logits.shape[0] <= MAX_ROWS and logits.stride(1) == 1
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` of [rows, vocab] logits (``takes``), int64 [rows]."""
+    if not takes(logits):
+        raise ValueError(f"argmax takes 1..{MAX_ROWS} rows of contiguous logits, got {tuple(logits.shape)}")
+    num_rows, vocab = logits.shape
+    num_chunks = triton.cdiv(vocab, CHUNK)
+    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    best = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
+    index = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
+    counters = launch.split_counters(logits.device, num_rows)
+    _argmax_kernel[(num_rows, num_chunks)](
+        logits, logits.stride(0), out, best, index, counters, vocab, NUM_CHUNKS=num_chunks, CHUNK=CHUNK, num_warps=8
+    )
+    return out
