@@ -72,7 +72,7 @@ class _LaunchedStep:
     """The entries that sample, in the order of the sampled rows."""
     rows: list[RowState]
     result: StepResult
-    host_token_ids: torch.Tensor = field(init=False)
+    host_token_ids: torch.Tensor | None = field(init=False, default=None)
     token_ids_ready: torch.cuda.Event | None = field(init=False, default=None)
     """Recorded after the copy to the host (CUDA); reading before it fires would read garbage."""
 
@@ -258,7 +258,7 @@ class LLMEngine:
             request = entry.request
             if request.output_token_ids and request.output_token_ids[-1] == placeholder(row):
                 request.replace_last_output_token(token_id)
-            found = self._sequences.get(request.request_id)
+            found = self._live_sequence(request)
             if found is None or found[1].finish_reason is not None:
                 continue  # aborted, or stopped by the step before (async scheduling ran it once more)
             group, seq = found
@@ -268,6 +268,11 @@ class LLMEngine:
             self._fork_pending(group)
         reports = (self._finish_or_report(group) for group in touched.values())
         return [output for output in reports if output is not None]
+
+    def _live_sequence(self, request: Request) -> tuple[_RequestGroup, _Sequence] | None:
+        """The group and sequence of ``request``; None once it was aborted, even if its id is in use again."""
+        found = self._sequences.get(request.request_id)
+        return found if found is not None and found[1].request is request else None
 
     def _wants_prompt_logprobs(self, entry: ScheduledRequest) -> bool:
         group, seq = self._sequences[entry.request.request_id]
@@ -284,7 +289,7 @@ class LLMEngine:
 
     def _read_sampled(self, launched: _LaunchedStep) -> tuple[list[int], list[dict[int, Logprob] | None]]:
         output = launched.result.sampled
-        if output is None:
+        if output is None or launched.host_token_ids is None:
             return [], []
         if launched.token_ids_ready is not None:
             launched.token_ids_ready.synchronize()
@@ -295,7 +300,7 @@ class LLMEngine:
 
     def _record_prompt_logprobs(self, scheduled: SchedulerOutput, prompt_logits: list[torch.Tensor | None]) -> None:
         for entry, logits in zip(scheduled.scheduled, prompt_logits):
-            found = self._sequences.get(entry.request.request_id)
+            found = self._live_sequence(entry.request)
             if logits is None or found is None:
                 continue
             group, _ = found

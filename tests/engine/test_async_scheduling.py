@@ -132,6 +132,24 @@ def test_abort_while_a_step_is_in_flight(tiny_model_dir) -> None:
     assert manager.num_free_blocks == manager.num_usable_blocks
 
 
+def test_a_reused_request_id_never_takes_the_aborted_requests_token(tiny_model_dir) -> None:
+    old, new = random_prompts(2, seed=45)
+    greedy = SamplingParams(temperature=0.0, max_tokens=5)
+    sync = make_llm(tiny_model_dir, async_scheduling=False)
+    in_flight_token = sync.generate({"prompt_token_ids": old}, greedy)[0].outputs[0].token_ids[1]
+    # The new request stops on the token the aborted one's step in flight produces.
+    params = SamplingParams(temperature=0.0, max_tokens=5, stop_token_ids=[in_flight_token])
+    expected = sync.generate({"prompt_token_ids": new}, params)[0].outputs[0]
+    llm = make_llm(tiny_model_dir, async_scheduling=True)
+    llm.engine.add_request(old, greedy, request_id="x")
+    llm.engine.step()
+    llm.engine.step()  # the old request's first decode is in flight
+    assert llm.engine.abort("x")
+    llm.engine.add_request(new, params, request_id="x")
+    got = run_all(llm, {})["x"].outputs[0]
+    assert (got.token_ids, got.finish_reason) == (expected.token_ids, expected.finish_reason)
+
+
 def test_async_scheduling_is_refused_where_steps_cannot_overlap(tiny_model_dir) -> None:
     with pytest.raises(ValueError, match="async_scheduling=True needs tensor_parallel_size=1"):
         make_llm(tiny_model_dir, async_scheduling=True, tensor_parallel_size=2)

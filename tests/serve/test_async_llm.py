@@ -42,8 +42,9 @@ async def last(outputs: Any) -> RequestOutput:
     return final
 
 
-def test_outputs_stream_and_match_the_offline_api(model_dir: Path) -> None:
-    llm = make_llm(model_dir)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_outputs_stream_and_match_the_offline_api(model_dir: Path, async_scheduling: bool) -> None:
+    llm = make_llm(model_dir, async_scheduling=async_scheduling)
     expected = llm.generate(["Hello world"], GREEDY)[0].outputs[0].token_ids
 
     async def scenario(engine: AsyncLLM) -> None:
@@ -65,8 +66,9 @@ def test_a_refused_request_fails_alone_before_any_output(model_dir: Path) -> Non
     run_with(make_llm(model_dir), scenario)
 
 
-def test_closing_a_stream_aborts_its_request_and_frees_its_blocks(model_dir: Path) -> None:
-    llm = make_llm(model_dir)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_closing_a_stream_aborts_its_request_and_frees_its_blocks(model_dir: Path, async_scheduling: bool) -> None:
+    llm = make_llm(model_dir, async_scheduling=async_scheduling)
 
     async def scenario(engine: AsyncLLM) -> None:
         outputs = engine.generate("Hello world", LONG)
@@ -95,8 +97,9 @@ def test_a_full_waiting_queue_refuses_at_once(model_dir: Path) -> None:
     run_with(make_llm(model_dir), scenario, max_waiting_requests=1)
 
 
-def test_a_failing_step_fails_the_requests_in_flight_not_the_engine(model_dir: Path) -> None:
-    llm = make_llm(model_dir)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_failing_step_fails_the_requests_in_flight_not_the_engine(model_dir: Path, async_scheduling: bool) -> None:
+    llm = make_llm(model_dir, async_scheduling=async_scheduling)
     step = llm.engine.step
     failures = iter([RuntimeError("device lost")])
 
