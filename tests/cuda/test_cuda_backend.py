@@ -20,10 +20,10 @@ pytest.importorskip("triton")
 
 from neuron_llm import LLM, SamplingParams, ops
 from neuron_llm.backends import default_backend_name
-from neuron_llm.backends.cuda.graphs import _fill_placeholders_in_place, _packed_tensors, _stage
+from neuron_llm.backends.cuda.graphs import _fill_placeholders_in_place, _packed_tensors, _replays_a_graph, _stage
 from neuron_llm.config import DeviceConfig
 from neuron_llm.ops.metadata import AttentionMetadata
-from neuron_llm.worker import StepInput, fill_placeholders
+from neuron_llm.worker import StepInput, Worker, fill_placeholders
 
 
 def test_default_backend_follows_the_device() -> None:
@@ -92,6 +92,29 @@ def test_decode_staging_matches_the_attention_metadata() -> None:
     assert np.array_equal(staging["logits_indices"].numpy(), step.logits_indices)
 
 
+def test_decode_steps_of_any_batch_size_replay_their_buckets_graph() -> None:
+    def step(query_lens: list[int], num_padded: int, num_logits_rows: int) -> StepInput:
+        return StepInput(
+            input_ids=[1] * sum(query_lens),
+            positions=[0] * sum(query_lens),
+            query_lens=query_lens,
+            seq_lens=query_lens,
+            block_tables=[[1]] * len(query_lens),
+            logits_indices=[0] * num_logits_rows,
+            num_padded_tokens=num_padded,
+            num_padded_seqs=num_padded,
+            max_blocks_per_seq=4,
+        )
+
+    for num_seqs in (1, 3, 4):  # 3 sequences pad to the bucket of 4, and sample 4 rows
+        decode = step([1] * num_seqs, 4, 4)
+        assert _replays_a_graph(decode, decode.logits_indices), num_seqs
+    with_prompt_rows = step([1] * 3, 4, 6)
+    assert not _replays_a_graph(with_prompt_rows, with_prompt_rows.logits_indices)
+    prefill = step([2, 1], 4, 4)
+    assert not _replays_a_graph(prefill, prefill.logits_indices)
+
+
 @pytest.mark.parametrize("num_ids", [1, 5, 64])
 def test_placeholders_are_filled_in_place_in_one_kernel(num_ids: int, device: torch.device) -> None:
     generator = torch.Generator().manual_seed(num_ids)
@@ -123,7 +146,10 @@ def test_graph_inputs_are_typed_views_of_one_buffer() -> None:
 @pytest.mark.parametrize("async_scheduling", [True, False])
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_cuda_backend_generates_what_the_torch_backend_does(
-    save_tiny_llama: Callable[..., tuple[Any, Path]], enforce_eager: bool, async_scheduling: bool
+    save_tiny_llama: Callable[..., tuple[Any, Path]],
+    enforce_eager: bool,
+    async_scheduling: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # head_dim 64, as the kernels' smallest tuned case; the vocabulary of the tiny fixture.
     _, model_dir = save_tiny_llama(hidden_size=256, intermediate_size=512, num_attention_heads=4)
@@ -138,7 +164,17 @@ def test_cuda_backend_generates_what_the_torch_backend_does(
     llm = LLM(str(model_dir), enforce_eager=enforce_eager, async_scheduling=async_scheduling, **options)
     assert llm.config.async_scheduling == async_scheduling
     assert llm.engine.runner.executor.worker.num_compiled_graphs() == (0 if enforce_eager else 7)
+    eager_decodes = []
+    eager_forward = Worker.forward
+
+    def counted(self: Worker, step: StepInput, *args: Any) -> torch.Tensor:
+        eager_decodes.extend([step.query_lens] if max(step.query_lens) == 1 else [])
+        return eager_forward(self, step, *args)
+
+    monkeypatch.setattr(Worker, "forward", counted)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+    # 5 sequences pad to the bucket of 8: their decode steps replay its graph.
+    assert len(eager_decodes) == (23 if enforce_eager else 0)
 
 
 @pytest.mark.cuda

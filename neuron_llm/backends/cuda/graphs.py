@@ -95,11 +95,10 @@ class CudaGraphWorker(Worker):
     def forward(
         self, step: StepInput, logits_indices: list[int], sampled_before: torch.Tensor | None = None
     ) -> torch.Tensor:
-        num_seqs = step.num_padded_seqs
-        if not _is_padded_decode(step) or len(logits_indices) > len(step.input_ids):
+        if not _replays_a_graph(step, logits_indices):
             return super().forward(step, logits_indices, sampled_before)
-        assert num_seqs is not None and step.max_blocks_per_seq is not None
-        key = (num_seqs, step.max_blocks_per_seq)
+        assert step.num_padded_seqs is not None and step.max_blocks_per_seq is not None
+        key = (step.num_padded_seqs, step.max_blocks_per_seq)
         graph = self._graphs.get(key) or self._capture(*key)
         # Two sets of host buffers, used in turn: with async scheduling this step is staged
         # while the copy of the previous step's inputs may still be queued.
@@ -157,12 +156,15 @@ class CudaGraphWorker(Worker):
         return captured
 
 
-def _is_padded_decode(step: StepInput) -> bool:
+def _replays_a_graph(step: StepInput, logits_indices: list[int]) -> bool:
+    """Whether ``step`` is a decode step padded to a bucket whose graph computes its logits rows:
+    one row per padded sequence at most (prompt logprob rows beyond those run eagerly)."""
     return (
         step.num_padded_seqs is not None
         and step.num_padded_tokens == step.num_padded_seqs
         and step.max_blocks_per_seq is not None
         and all(query_len == 1 for query_len in step.query_lens)
+        and len(logits_indices) <= step.num_padded_seqs
     )
 
 
