@@ -24,7 +24,7 @@ from neuron_llm.engine.request import Request, RequestStatus
 from neuron_llm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, SchedulerStats
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from neuron_llm.parallel.executor import Executor
-from neuron_llm.sample import RowState, compute_prompt_logprobs, make_generator
+from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs, make_generator
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import placeholder
 
@@ -73,8 +73,9 @@ class _LaunchedStep:
     rows: list[RowState]
     result: StepResult
     host_token_ids: torch.Tensor | None = field(init=False, default=None)
-    token_ids_ready: torch.cuda.Event | None = field(init=False, default=None)
-    """Recorded after the copy to the host (CUDA); reading before it fires would read garbage."""
+    host_logprobs: LogprobsTensors | None = field(init=False, default=None)
+    on_host: torch.cuda.Event | None = field(init=False, default=None)
+    """Recorded after the copies to the host (CUDA); reading before it fires would read garbage."""
 
     def __post_init__(self) -> None:
         sampled = self.result.sampled
@@ -82,9 +83,11 @@ class _LaunchedStep:
             return
         # From CUDA, a non-blocking copy lands in pinned memory and only the event says when.
         self.host_token_ids = sampled.token_ids.to("cpu", non_blocking=True)
+        if sampled.logprobs is not None:
+            self.host_logprobs = sampled.logprobs.to_host()
         if sampled.token_ids.is_cuda:
-            self.token_ids_ready = torch.cuda.Event()
-            self.token_ids_ready.record()
+            self.on_host = torch.cuda.Event()
+            self.on_host.record()
 
 
 @dataclass(frozen=True)
@@ -288,15 +291,14 @@ class LLMEngine:
         return RowState(request.sampling_params, request.prompt_token_ids, request.output_token_ids, seq.generator)
 
     def _read_sampled(self, launched: _LaunchedStep) -> tuple[list[int], list[dict[int, Logprob] | None]]:
-        output = launched.result.sampled
-        if output is None or launched.host_token_ids is None:
+        if launched.host_token_ids is None:
             return [], []
-        if launched.token_ids_ready is not None:
-            launched.token_ids_ready.synchronize()
+        if launched.on_host is not None:
+            launched.on_host.synchronize()
         token_ids = launched.host_token_ids.tolist()  # the one host read per step
-        if output.logprobs is None:
+        if launched.host_logprobs is None:
             return token_ids, [None] * len(launched.rows)
-        return token_ids, output.logprobs.to_dicts([row.params.logprobs for row in launched.rows])
+        return token_ids, launched.host_logprobs.to_dicts([row.params.logprobs for row in launched.rows])
 
     def _record_prompt_logprobs(self, scheduled: SchedulerOutput, prompt_logits: list[torch.Tensor | None]) -> None:
         for entry, logits in zip(scheduled.scheduled, prompt_logits):

@@ -32,7 +32,7 @@ independent of the batch, though their stream differs from the eager one's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -336,6 +336,11 @@ class LogprobsTensors:
     """[num_rows, k] int64, most likely first; k is the most any row asked for."""
     top_logprobs: torch.Tensor
     """[num_rows, k] fp32."""
+
+    def to_host(self) -> LogprobsTensors:
+        """The same tensors, copied to the host without waiting (from CUDA, into pinned memory:
+        record an event after this call and wait on it before reading them)."""
+        return LogprobsTensors(*(getattr(self, f.name).to("cpu", non_blocking=True) for f in fields(self)))
 
     def to_dicts(self, num_logprobs: Sequence[int | None]) -> list[dict[int, Logprob] | None]:
         """Per row, vLLM's ``{token_id: Logprob}`` with the scored token and its top ``num_logprobs[row]``.

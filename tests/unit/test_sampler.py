@@ -193,6 +193,7 @@ def test_logprobs_are_raw_log_softmax_with_ranks() -> None:
     torch.testing.assert_close(output.logprobs.top_logprobs.double(), raw.gather(1, order[:, :5]))
 
     dicts = output.logprobs.to_dicts([p.logprobs for p in params])
+    assert output.logprobs.to_host().to_dicts([p.logprobs for p in params]) == dicts
     assert dicts[2] is None
     for row, entry in enumerate(dicts):
         if entry is None:
