@@ -19,6 +19,7 @@ from neuron_llm.config import EngineConfig, ModelConfig
 from neuron_llm.models.llama import KVCache, LlamaForCausalLM
 from neuron_llm.ops.metadata import AttentionMetadata
 from neuron_llm.sample import RowState, SamplerOutput, SamplingBatch, sample
+from neuron_llm.transfer import to_device
 
 
 @dataclass
@@ -232,10 +233,10 @@ class Worker:
         """
         num_tokens = step.num_padded_tokens or len(step.input_ids)
         padding = num_tokens - len(step.input_ids)
-        input_ids = torch.tensor(step.input_ids + [0] * padding, dtype=torch.int64, device=self.device)
+        input_ids = to_device(step.input_ids + [0] * padding, torch.int64, self.device)
         if sampled_before is not None:
             input_ids = fill_placeholders(input_ids, sampled_before)
-        positions = torch.tensor(step.positions + [0] * padding, dtype=torch.int64, device=self.device)
+        positions = to_device(step.positions + [0] * padding, torch.int64, self.device)
         metadata = AttentionMetadata.build(
             step.query_lens,
             step.seq_lens,
@@ -247,5 +248,5 @@ class Worker:
             max_blocks_per_seq=step.max_blocks_per_seq,
         )
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)
-        rows = torch.tensor(logits_indices, dtype=torch.int64, device=self.device)
+        rows = to_device(logits_indices, torch.int64, self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))

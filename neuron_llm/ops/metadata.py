@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from neuron_llm.transfer import to_device
+
 NULL_BLOCK_ID = 0
 
 
@@ -89,10 +91,10 @@ class AttentionMetadata:
         )
         seq_lens_host, starts_host = lens.tolist(), starts.tolist()
         return cls(
-            slot_mapping=torch.from_numpy(slots).to(device),
-            block_tables=torch.from_numpy(tables).to(device),
-            seq_lens=torch.from_numpy(lens).to(device),
-            query_start_loc=torch.from_numpy(starts).to(device),
+            slot_mapping=to_device(slots, torch.int64, device),
+            block_tables=to_device(tables, torch.int32, device),
+            seq_lens=to_device(lens, torch.int32, device),
+            query_start_loc=to_device(starts, torch.int32, device),
             seq_lens_host=seq_lens_host,
             query_start_loc_host=starts_host,
             is_decode=all(query_len == 1 for query_len in query_lens),

@@ -33,13 +33,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 
 from neuron_llm import ops
 from neuron_llm.outputs import Logprob
 from neuron_llm.sampling_params import MAX_LOGPROBS, SamplingParams
+from neuron_llm.transfer import to_device
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
@@ -57,16 +57,6 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     # manual_seed takes 64-bit values; any Python int seed maps onto one deterministically.
     generator.manual_seed(seed % 2**64)
     return generator
-
-
-def _to_device(values: list[Any], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A host list as a tensor on ``device``, copied without waiting for the device to idle."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type == "cuda":
-        # A copy from pageable memory synchronizes the stream (it would wait for the forward
-        # pass in flight); from pinned memory it is queued like any kernel.
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 @dataclass
@@ -170,12 +160,12 @@ class SamplingBatch:
         per_row_device = "cpu" if all(is_greedy) else device
         return cls(
             vocab_size=vocab_size,
-            temperature=_to_device(
+            temperature=to_device(
                 [1.0 if greedy else p.temperature for p, greedy in zip(params, is_greedy)],
                 torch.float32,
                 per_row_device,
             ),
-            is_greedy=_to_device(is_greedy, torch.bool, per_row_device),
+            is_greedy=to_device(is_greedy, torch.bool, per_row_device),
             is_all_greedy=all(is_greedy),
             top_k=top_k,
             top_p=top_p,
@@ -217,10 +207,10 @@ class SamplingBatch:
         min_tokens_mask = _build_min_tokens_mask(rows, vocab_size, "cpu", eos_token_ids)
         return cls(
             vocab_size=vocab_size,
-            temperature=_to_device(
+            temperature=to_device(
                 [1.0 if greedy else p.temperature for p, greedy in zip(params, is_greedy)], torch.float32, device
             ),
-            is_greedy=_to_device(is_greedy, torch.bool, device),
+            is_greedy=to_device(is_greedy, torch.bool, device),
             is_all_greedy=False,
             top_k=top_k,
             top_p=top_p,
@@ -246,11 +236,11 @@ def _truncation_tensors(
     top_k = top_p = min_p = None
     if always or any(p.top_k > 0 for p in sampled):
         values = [vocab_size if p.is_greedy or p.top_k == 0 else min(p.top_k, vocab_size) for p in params]
-        top_k = _to_device(values, torch.int64, device)
+        top_k = to_device(values, torch.int64, device)
     if always or any(p.top_p < 1 for p in sampled):
-        top_p = _to_device([1.0 if p.is_greedy else p.top_p for p in params], torch.float32, device)
+        top_p = to_device([1.0 if p.is_greedy else p.top_p for p in params], torch.float32, device)
     if always or any(p.min_p > 0 for p in sampled):
-        min_p = _to_device([0.0 if p.is_greedy else p.min_p for p in params], torch.float32, device)
+        min_p = to_device([0.0 if p.is_greedy else p.min_p for p in params], torch.float32, device)
     return top_k, top_p, min_p
 
 
@@ -271,7 +261,7 @@ def _padded_ids(id_lists: list[Sequence[int]], pad_id: int, device: torch.device
     # ids: [num_rows, longest list], padded with pad_id (one past the vocabulary).
     width = max((len(ids) for ids in id_lists), default=0)
     padded = [list(ids) + [pad_id] * (width - len(ids)) for ids in id_lists]
-    return _to_device(padded, torch.int64, device).reshape(len(id_lists), width)
+    return to_device(padded, torch.int64, device).reshape(len(id_lists), width)
 
 
 def _token_counts(id_lists: list[Sequence[int]], vocab_size: int, device: torch.device | str) -> torch.Tensor:
@@ -288,7 +278,7 @@ def _build_penalties(rows: Sequence[RowState], vocab_size: int, device: torch.de
         return None
 
     def column(values: list[float]) -> torch.Tensor:
-        return _to_device(values, torch.float32, device).reshape(-1, 1)
+        return to_device(values, torch.float32, device).reshape(-1, 1)
 
     output_counts = _token_counts([row.output_token_ids for row in rows], vocab_size, device)
     prompt_counts = _token_counts([row.prompt_token_ids for row in rows], vocab_size, device)
@@ -318,7 +308,7 @@ def _build_min_tokens_mask(
         return None
     # Only the (row, token) pairs cross to the device; the dense mask is filled there.
     mask = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
-    indices = (_to_device(row_ids, torch.int64, device), _to_device(token_ids, torch.int64, device))
+    indices = (to_device(row_ids, torch.int64, device), to_device(token_ids, torch.int64, device))
     return mask.index_put_(indices, torch.ones((), dtype=torch.bool, device=device))
 
 
