@@ -17,8 +17,9 @@ change one choice of the cuda backend, for an A/B in one run: ``-cublas`` puts e
 linear on cuBLAS (before the streaming GEMV took single rows), ``-norm-apart`` runs each
 RMSNorm apart from the linear after it (before fp8 linears quantized in the norm's pass).
 ``-swiglu-in-down`` makes a single 16-bit row's SwiGLU in the down projection's loads
-(before the gate/up GEMV stored it; int8 rows always do). Three more suffixes leave a decode step's small kernels out, to
-show what each costs in the step and so what fusing it away could save at most:
+(before the gate/up GEMV stored it; int8 rows always do). Three more suffixes leave a
+decode step's small kernels out, to show what each costs in the step and so what fusing it
+away could save at most:
 ``-skip-norms`` (every RMSNorm, its residual add too), ``-skip-rope`` (RoPE and the KV cache
 write), ``-skip-attention``. Their outputs are wrong by design; they time the step without
 those kernels. Needs a GPU.

@@ -10,8 +10,9 @@ tokens. Reported per rate: output tokens/s over the run, and per request the tim
 token, time per output token after it (TPOT) and end-to-end latency. transformers' side:
 ``generate`` on static batches of the same requests (each batch waits for its slowest
 member; no arrivals), at several batch sizes. The figure plots TPOT against throughput, as
-the Llama 3 paper's latency/throughput figures do. Model: Llama-3-8B's shape, random bf16
-weights (``neuron_llm.bench.engine``).
+the Llama 3 paper's latency/throughput figures do. ``--step-times`` also prints, per rate,
+the median time from one step's launch to the next by kind and batch. Model: Llama-3-8B's
+shape, random bf16 weights (``neuron_llm.bench.engine``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,30 @@ import torch
 
 from neuron_llm.bench import engine as bench
 from neuron_llm.sampling_params import SamplingParams
+
+
+def traced_steps(llm_engine: Any) -> list[tuple[float, int, int]]:
+    """Record (time, tokens, sequences) of every step the engine launches from now on."""
+    log: list[tuple[float, int, int]] = []
+    execute = llm_engine.runner.execute
+
+    def traced(scheduled: Any, *args: Any, **kwargs: Any) -> Any:
+        log.append((time.perf_counter(), scheduled.num_scheduled_tokens, len(scheduled.scheduled)))
+        return execute(scheduled, *args, **kwargs)
+
+    llm_engine.runner.execute = traced
+    return log
+
+
+def step_time_table(log: list[tuple[float, int, int]]) -> str:
+    """Median time from one step's launch to the next's, by kind (decode or with a prefill) and batch."""
+    gaps: dict[tuple[str, int], list[float]] = {}
+    for (start, tokens, seqs), (end, _, _) in zip(log, log[1:]):
+        gaps.setdefault(("decode" if tokens == seqs else "with prefill", seqs), []).append(end - start)
+    lines = ["| step | sequences | steps | median |", "|---|---:|---:|---:|"]
+    for (kind, seqs), times in sorted(gaps.items()):
+        lines.append(f"| {kind} | {seqs} | {len(times)} | {statistics.median(times) * 1e3:.2f} ms |")
+    return "\n".join(lines)
 
 
 def poisson_run(
@@ -115,6 +140,7 @@ def main() -> None:
     parser.add_argument("--num-layers", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None)
+    parser.add_argument("--step-times", action="store_true", help="print each rate's step times by batch")
     args = parser.parse_args()
 
     hf_config, model_config = bench.llama3_8b_shape(args.num_layers)
@@ -122,9 +148,13 @@ def main() -> None:
     with bench.released():
         case = bench.EngineCase(lambda: bench.random_llama(model_config, torch.bfloat16, "cuda"), model_config)
         llm_engine = case.engine()
+        log = traced_steps(llm_engine)
         for i, rate in enumerate(float(r) for r in args.rates.split(",")):
+            log.clear()
             ours.append(poisson_run(llm_engine, rate, args.num_requests, args.prompt_len, args.output_len, seed=i))
             print(json.dumps(ours[-1]), flush=True)
+            if args.step_times:
+                print(step_time_table(log), flush=True)
         del llm_engine
     theirs = []
     for batch in (int(b) for b in args.batches.split(",")):

@@ -1,0 +1,60 @@
+"""Engine steps while prompts keep arriving into a running decode, on a GPU.
+
+    python benchmarks/prefill_interference.py --repeats 2
+
+One request decodes for ``--steps`` steps; every 10th step (from the 5th) a request of a
+``--prompt-len``-token prompt and 4 output tokens arrives, so every 10th step carries a
+prefill (run eagerly, outside the decode graphs) beside the decodes. Reported per repeat:
+the wall time of the ``--steps`` ``LLMEngine.step`` calls, and the median, p90 and largest
+single call (the p90 call is the one around a prefill: how long the host is held there).
+Deterministic arrivals, so two code states can be compared run for run. Llama-3-8B shape,
+random bf16 weights (``neuron_llm.bench.engine``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from neuron_llm.bench import engine as bench
+from neuron_llm.sampling_params import SamplingParams
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--num-layers", type=int, default=None)
+    args = parser.parse_args()
+    _, config = bench.llama3_8b_shape(args.num_layers)
+    engine = bench.EngineCase(lambda: bench.random_llama(config, torch.bfloat16, "cuda"), config).engine()
+    num_arrivals = args.steps // 10
+    prompts = bench.random_prompts(num_arrivals + 1, args.prompt_len, config.vocab_size, seed=3)
+    print(f"{torch.cuda.get_device_name()}, {args.prompt_len}-token prompts arriving every 10 steps")
+    for repeat in range(args.repeats):
+        engine.add_request(prompts[-1], SamplingParams(max_tokens=args.steps + 20, ignore_eos=True, temperature=0.0))
+        times = []
+        start = time.perf_counter()
+        for i in range(args.steps):
+            if i % 10 == 5:
+                engine.add_request(prompts[i // 10], SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0))
+            step_start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - step_start)
+        total = time.perf_counter() - start
+        while engine.has_unfinished_requests():
+            engine.step()
+        times.sort()
+        print(
+            f"repeat {repeat}: {args.steps} steps {total * 1e3:.1f} ms, step median "
+            f"{statistics.median(times) * 1e3:.2f} ms, p90 {times[int(0.9 * len(times))] * 1e3:.2f} ms, "
+            f"max {times[-1] * 1e3:.1f} ms"
+        )
+
+
+if __name__ == "__main__":
+    main()
