@@ -16,7 +16,8 @@ import triton.language as tl
 from neuron_llm.backends.cuda import launch
 
 MAX_ROWS = 16
-"""Most rows taken here; beyond, rows alone fill the GPU and torch's reduction is as good."""
+"""Most rows taken here, the most measured (BENCHMARKS.md); more rows give torch's reduction
+more programs of its own."""
 CHUNK = 2048
 """Logits per program: 63 programs a row of Llama 3's vocabulary."""
 
@@ -31,7 +32,7 @@ def _argmax_kernel(
     values = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
     values = tl.where(values != values, float("inf"), values)  # NaN wins, as in torch
     best = tl.max(values, axis=0)
-    # An all -inf chunk past the end of the row still yields an index inside it.
+    # Columns past the row's end (loaded as -inf) never count, even in a row of -inf.
     index = tl.min(tl.where((values == best) & (cols < n), cols, n), axis=0)
     tl.store(best_ptr + row * NUM_CHUNKS + chunk, best)
     tl.store(index_ptr + row * NUM_CHUNKS + chunk, index)
