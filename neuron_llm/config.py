@@ -266,7 +266,8 @@ class SchedulerConfig:
     async_scheduling: bool | None = None
     """Schedule and launch each step before reading the tokens of the one before, so the
     device never waits for the host's bookkeeping; a stop token or string is then seen one
-    step late (the extra token is dropped). None turns it on where it pays: one CUDA device."""
+    step late (the extra token is dropped). None turns it on where it was measured to pay: one
+    CUDA device (with tensor parallelism, rank 0 also broadcasts its sampled ids each step)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -343,12 +344,9 @@ class EngineConfig:
             from neuron_llm.quant.config import resolve_quant_config
 
             resolve_quant_config(self.quantization)  # raises naming the presets
-        if self.scheduler.async_scheduling:
-            # The next step's input ids are taken from the tokens sampled on this device.
-            if self.parallel.tensor_parallel_size > 1:
-                raise ValueError("async_scheduling=True needs tensor_parallel_size=1")
-            if torch.device(self.device.device).type == "xla":
-                raise ValueError("async_scheduling=True is not supported on the XLA device")
+        # The next step's input ids are filled in on the device from the last step's samples.
+        if self.scheduler.async_scheduling and torch.device(self.device.device).type == "xla":
+            raise ValueError("async_scheduling=True is not supported on the XLA device")
         limit = self.model.max_position_embeddings
         if self.scheduler.max_model_len is None:
             object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, max_model_len=limit))

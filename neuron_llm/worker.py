@@ -39,6 +39,9 @@ class StepInput:
     num_padded_tokens: int | None = None
     num_padded_seqs: int | None = None
     max_blocks_per_seq: int | None = None
+    num_sampled_before: int = 0
+    """With tensor parallelism, the length of the previous step's sampled ids that rank 0 sends
+    the other ranks after this step, for its placeholder input ids; 0: none."""
 
 
 @dataclass
@@ -188,9 +191,12 @@ class Worker:
             self.device,
         )
 
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """Run one flat batch; return fp32 logits [len(step.logits_indices), vocab_size]."""
-        return self.forward(step, step.logits_indices)
+    def execute(self, step: StepInput, sampled_before: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one flat batch; return fp32 logits [len(step.logits_indices), vocab_size].
+
+        ``sampled_before`` fills placeholder input ids (see ``execute_and_sample``).
+        """
+        return self.forward(step, step.logits_indices, sampled_before)
 
     def execute_and_sample(
         self,

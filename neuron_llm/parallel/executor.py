@@ -25,6 +25,8 @@ process rather than raising. After any failure the executor is shut down.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import NoReturn, TypeVar
@@ -44,6 +46,7 @@ from neuron_llm.parallel.state import (
     DEFAULT_TIMEOUT_S,
     ParallelState,
     broadcast_from_driver,
+    broadcast_tensor_from_driver,
     destroy_distributed,
     init_distributed,
     init_from_torchrun,
@@ -170,14 +173,15 @@ class MultiprocExecutor(Executor):
         eos_token_ids: Sequence[int] = (),
         sampled_before: torch.Tensor | None = None,
     ) -> StepOutput:
-        # The other ranks cannot see rank 0's sampled ids (EngineConfig refuses async scheduling here).
-        if sampled_before is not None:
-            raise ValueError("placeholder input ids need tensor_parallel_size=1")
         # The other ranks run the plain forward: sampling follows the logits' all-gather.
-        return self._run(step, lambda: self.worker.execute_and_sample(step, rows, eos_token_ids))
+        if sampled_before is not None:
+            step = dataclasses.replace(step, num_sampled_before=sampled_before.numel())
+        run = functools.partial(self.worker.execute_and_sample, step, rows, eos_token_ids, sampled_before)
+        return self._run(step, run, sampled_before)
 
-    def _run(self, step: StepInput, run_on_rank_0: Callable[[], _T]) -> _T:
-        """Send ``step`` to the other ranks, then run it here with ``run_on_rank_0``."""
+    def _run(self, step: StepInput, run_on_rank_0: Callable[[], _T], sampled_before: torch.Tensor | None = None) -> _T:
+        """Send ``step`` (and ``sampled_before``, the ids its placeholders index) to the other
+        ranks, then run it here with ``run_on_rank_0``."""
         if not self._is_running:
             raise RuntimeError("the tensor-parallel executor is shut down (after shutdown() or a failure)")
         if self._ranks is not None and (failure := self._ranks.failure(wait_s=0)) is not None:
@@ -185,6 +189,8 @@ class MultiprocExecutor(Executor):
             raise failure
         try:
             broadcast_from_driver(step)
+            if sampled_before is not None:
+                broadcast_tensor_from_driver(sampled_before)
             return run_on_rank_0()
         except Exception as e:  # noqa: BLE001 - see _fail
             self._fail(e)
@@ -240,7 +246,11 @@ def serve_steps(config: EngineConfig, build_worker: WorkerFactory, state: Parall
     agree_on_num_kv_blocks(worker)
     while (step := broadcast_from_driver(None)) is not None:
         assert isinstance(step, StepInput), type(step)
-        worker.execute(step)
+        sampled_before = None
+        if step.num_sampled_before:
+            buffer = torch.empty(step.num_sampled_before, dtype=torch.int64, device=worker.device)
+            sampled_before = broadcast_tensor_from_driver(buffer)
+        worker.execute(step, sampled_before)
     destroy_distributed()
 
 

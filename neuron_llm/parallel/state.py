@@ -174,6 +174,14 @@ def broadcast_from_driver(obj: object) -> object:
     return box[0]
 
 
+def broadcast_tensor_from_driver(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank, over the model group: the others pass a buffer of its
+    shape, dtype and device, filled in place. Queued like a kernel on a GPU (no host wait)."""
+    if _state.world_size > 1:
+        dist.broadcast(tensor, src=0, group=_state.group)
+    return tensor
+
+
 def min_over_ranks(value: int) -> int:
     """The smallest ``value`` any rank passes (over the control group)."""
     if _state.world_size == 1:

@@ -83,8 +83,10 @@ class XlaWorker(Worker):
         prompt_logits = logits[num_seqs:] if len(step.logits_indices) > num_seqs else None
         return sampled, prompt_logits
 
-    def execute(self, step: StepInput) -> torch.Tensor:
+    def execute(self, step: StepInput, sampled_before: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step as one graph; return its fp32 logits [len(step.logits_indices), vocab_size] on the CPU."""
+        if sampled_before is not None:
+            raise ValueError("placeholder input ids are not supported on the XLA device (async scheduling)")
         compiled_before = compile_count()
         logits = self.trace(step)
         sync()

@@ -148,8 +148,3 @@ def test_a_reused_request_id_never_takes_the_aborted_requests_token(tiny_model_d
     llm.engine.add_request(new, params, request_id="x")
     got = run_all(llm, {})["x"].outputs[0]
     assert (got.token_ids, got.finish_reason) == (expected.token_ids, expected.finish_reason)
-
-
-def test_async_scheduling_is_refused_where_steps_cannot_overlap(tiny_model_dir) -> None:
-    with pytest.raises(ValueError, match="async_scheduling=True needs tensor_parallel_size=1"):
-        make_llm(tiny_model_dir, async_scheduling=True, tensor_parallel_size=2)

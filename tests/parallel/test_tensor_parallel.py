@@ -72,13 +72,13 @@ class FailingWorker(Worker):
         self.how = how
         self.num_steps = 0
 
-    def execute(self, step: StepInput) -> torch.Tensor:
+    def execute(self, step: StepInput, sampled_before: torch.Tensor | None = None) -> torch.Tensor:
         self.num_steps += 1
         if self.rank == 1 and self.num_steps == 2:
             if self.how == "raise":
                 raise RuntimeError("injected failure in rank 1's step")
             os._exit(3)
-        return super().execute(step)
+        return super().execute(step, sampled_before)
 
 
 def build_failing_worker(model_dir: str, how: str, config: EngineConfig, rank: int, world_size: int) -> Worker:
@@ -155,6 +155,27 @@ def test_tensor_parallel_logits_equal_single_device_logits(model_dir: Path) -> N
         actual = run_steps(executor, vocab_size)
     assert_same_logits(actual, expected)
     assert not _rank_processes()
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_async_scheduling_over_two_ranks_generates_what_one_device_does(model_dir: Path) -> None:
+    # Rank 0 broadcasts its sampled ids each step; the other rank fills its placeholders from them.
+    from neuron_llm import LLM, SamplingParams
+
+    prompts = [{"prompt_token_ids": ids} for ids in ([3, 1, 4, 1, 5], [9, 2, 6], [7, 8] * 6)]
+    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
+    greedy = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (8, 3, 6)]
+    one = LLM(model=str(model_dir), async_scheduling=False, **options)
+    expected = [o.outputs[0].token_ids for o in one.generate(prompts, greedy)]
+    # A request that stops on a token it writes: a step late, and the extra token dropped.
+    stop = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop_token_ids=[expected[0][3]])
+    two_ranks = LLM(model=str(model_dir), tensor_parallel_size=2, async_scheduling=True, **options)
+    try:
+        assert [o.outputs[0].token_ids for o in two_ranks.generate(prompts, greedy)] == expected
+        stopped = two_ranks.generate(prompts[:1], stop)[0].outputs[0]
+    finally:
+        two_ranks.shutdown()
+    assert (stopped.token_ids, stopped.finish_reason) == (expected[0][:4], "stop")
 
 
 def test_single_device_logits_match_transformers(save_tiny_llama: Callable[..., tuple[Any, Path]]) -> None:

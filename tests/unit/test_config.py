@@ -297,12 +297,6 @@ def test_engine_config_refusals() -> None:
         EngineConfig(model=tiny_model(max_position_embeddings=512), scheduler=SchedulerConfig(max_model_len=1024))
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide num_attention_heads=8"):
         EngineConfig(model=tiny_model(), parallel=ParallelConfig(tensor_parallel_size=3))
-    with pytest.raises(ValueError, match=r"async_scheduling=True needs tensor_parallel_size=1"):
-        EngineConfig(
-            model=tiny_model(),
-            parallel=ParallelConfig(tensor_parallel_size=2),
-            scheduler=SchedulerConfig(async_scheduling=True),
-        )
     with pytest.raises(ValueError, match=r"async_scheduling=True is not supported on the XLA device"):
         EngineConfig(model=tiny_model(), device=DeviceConfig("xla"), scheduler=SchedulerConfig(async_scheduling=True))
     with pytest.raises(ValueError, match=r"async_scheduling='yes': must be a bool"):
@@ -316,5 +310,7 @@ def test_engine_config_refusals() -> None:
 def test_async_scheduling_defaults_to_one_cuda_device(device: str, tensor_parallel_size: int, expected: bool) -> None:
     parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size)
     assert EngineConfig(model=tiny_model(), device=DeviceConfig(device), parallel=parallel).async_scheduling is expected
-    forced = SchedulerConfig(async_scheduling=False)
-    assert not EngineConfig(model=tiny_model(), device=DeviceConfig(device), scheduler=forced).async_scheduling
+    for forced in (False, True) if device != "xla" else (False,):
+        scheduler = SchedulerConfig(async_scheduling=forced)
+        config = EngineConfig(model=tiny_model(), device=DeviceConfig(device), parallel=parallel, scheduler=scheduler)
+        assert config.async_scheduling is forced
