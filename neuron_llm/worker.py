@@ -213,7 +213,7 @@ class Worker:
         ``placeholder(r)`` take row ``r`` of ``sampled_before`` (the token ids the previous
         step sampled, still on this device).
         """
-        logits = self.forward(step, step.logits_indices, sampled_before)
+        logits = self.execute(step, sampled_before)
         num_sampling_rows = step.num_padded_seqs or len(rows)
         sampled = None
         if rows:
