@@ -123,6 +123,7 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
+        self._sorted_eos_token_ids = sorted(self.eos_token_ids)
         self.runner = ModelRunner(config, executor)
         self.scheduler = Scheduler(config.cache, config.scheduler, executor.num_kv_blocks)
         self._groups: dict[str, _RequestGroup] = {}
@@ -248,7 +249,7 @@ class LLMEngine:
         if self._in_flight is not None and self._in_flight.result.sampled is not None:
             sampled_before = self._in_flight.result.sampled.token_ids
         result = self.runner.execute(
-            scheduled, self._wants_prompt_logprobs, rows, sorted(self.eos_token_ids), sampled_before
+            scheduled, self._wants_prompt_logprobs, rows, self._sorted_eos_token_ids, sampled_before
         )
         return _LaunchedStep(scheduled, sampling, rows, result)
 

@@ -85,8 +85,7 @@ class XlaWorker(Worker):
 
     def execute(self, step: StepInput, sampled_before: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step as one graph; return its fp32 logits [len(step.logits_indices), vocab_size] on the CPU."""
-        if sampled_before is not None:
-            raise ValueError("placeholder input ids are not supported on the XLA device (async scheduling)")
+        _refuse_placeholders(sampled_before)
         compiled_before = compile_count()
         logits = self.trace(step)
         sync()
@@ -106,8 +105,7 @@ class XlaWorker(Worker):
         As ``Worker.execute_and_sample``, with the returned tensors on the CPU. The bucket's
         rows past ``len(rows)`` are sampled too (greedily) and dropped on the host.
         """
-        if sampled_before is not None:
-            raise ValueError("placeholder input ids are not supported on the XLA device (async scheduling)")
+        _refuse_placeholders(sampled_before)
         if step.num_padded_seqs is None:
             raise ValueError("an XLA step needs num_padded_seqs (a bucket)")
         compiled_before = compile_count()
@@ -195,3 +193,9 @@ def num_logits_rows(step: StepInput) -> int:
     if num_rows > limit:
         raise ValueError(f"{num_rows} logits rows exceed the bucket's num_padded_seqs + num_padded_tokens={limit}")
     return limit
+
+
+def _refuse_placeholders(sampled_before: torch.Tensor | None) -> None:
+    # A graph per bucket takes its input ids from the host; EngineConfig refuses async scheduling here.
+    if sampled_before is not None:
+        raise ValueError("placeholder input ids are not supported on the XLA device (async scheduling)")

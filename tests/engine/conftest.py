@@ -49,6 +49,12 @@ def random_prompts(count: int, seed: int, min_len: int = 3, max_len: int = 40) -
     return [torch.randint(0, VOCAB_SIZE, (n,), generator=generator).tolist() for n in lengths]
 
 
+def all_blocks_free(llm: LLM) -> bool:
+    """Whether every usable KV block is back in the pool."""
+    manager = llm.engine.scheduler.block_manager
+    return manager.num_free_blocks == manager.num_usable_blocks
+
+
 def run_all(llm: LLM, arrivals: dict[int, list[tuple[str, list[int], Any]]]) -> dict[str, RequestOutput]:
     """Step the engine, adding each ``(request_id, prompt, params)`` at its arrival step."""
     finished: dict[str, RequestOutput] = {}

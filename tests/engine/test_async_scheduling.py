@@ -9,7 +9,7 @@ import torch
 
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import fill_placeholders, placeholder
-from tests.engine.conftest import make_llm, random_prompts, run_all
+from tests.engine.conftest import all_blocks_free, make_llm, random_prompts, run_all
 
 KINDS = {
     "greedy": SamplingParams(temperature=0.0, max_tokens=12),
@@ -46,8 +46,7 @@ def _arrivals(kinds: dict[str, SamplingParams], seed: int, probe: list[int] | No
 
 def _outputs(llm, arrivals: dict) -> dict:
     finished = run_all(llm, dict(arrivals))
-    manager = llm.engine.scheduler.block_manager
-    assert manager.num_free_blocks == manager.num_usable_blocks
+    assert all_blocks_free(llm)
     return finished
 
 
@@ -128,8 +127,7 @@ def test_abort_while_a_step_is_in_flight(tiny_model_dir) -> None:
     alone = make_llm(tiny_model_dir, async_scheduling=False)
     expected = alone.generate({"prompt_token_ids": prompts[0]}, SamplingParams(temperature=0.0, max_tokens=6))[0]
     assert finished["kept"].outputs[0].token_ids == expected.outputs[0].token_ids
-    manager = llm.engine.scheduler.block_manager
-    assert manager.num_free_blocks == manager.num_usable_blocks
+    assert all_blocks_free(llm)
 
 
 def test_a_reused_request_id_never_takes_the_aborted_requests_token(tiny_model_dir) -> None:

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from neuron_llm.sampling_params import SamplingParams
-from tests.engine.conftest import make_llm, random_prompts, run_all
+from tests.engine.conftest import all_blocks_free, make_llm, random_prompts, run_all
 
 NUM_PROMPTS = 32
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
@@ -45,7 +45,7 @@ def test_batched_greedy_equals_solo(tiny_model_dir, prompts, solo_outputs, optio
     assert sorted(finished, key=int) == [str(i) for i in range(NUM_PROMPTS)]
     for index, expected in enumerate(solo_outputs):
         assert finished[str(index)].outputs[0].token_ids == expected, f"prompt {index}"
-    assert llm.engine.scheduler.block_manager.num_free_blocks == llm.engine.scheduler.block_manager.num_usable_blocks
+    assert all_blocks_free(llm)
 
 
 def test_preemption_keeps_outputs(tiny_model_dir, prompts, solo_outputs) -> None:
@@ -55,5 +55,4 @@ def test_preemption_keeps_outputs(tiny_model_dir, prompts, solo_outputs) -> None
     assert llm.engine.scheduler.num_preemptions > 0
     for index, expected in enumerate(solo_outputs):
         assert finished[str(index)].outputs[0].token_ids == expected, f"prompt {index}"
-    manager = llm.engine.scheduler.block_manager
-    assert manager.num_free_blocks == manager.num_usable_blocks
+    assert all_blocks_free(llm)

@@ -9,14 +9,9 @@ import torch
 
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import StepInput
-from tests.engine.conftest import make_llm, random_prompts, run_all
+from tests.engine.conftest import all_blocks_free, make_llm, random_prompts, run_all
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
-
-
-def _all_blocks_free(llm) -> bool:
-    manager = llm.engine.scheduler.block_manager
-    return manager.num_free_blocks == manager.num_usable_blocks
 
 
 def test_prefix_cache_hit_gives_same_output(tiny_model_dir) -> None:
@@ -58,7 +53,7 @@ def test_n_completions_share_the_prompt(tiny_model_dir) -> None:
     assert len({tuple(c.token_ids) for c in output.outputs}) > 1
     greedy = llm.generate({"prompt_token_ids": prompt}, SamplingParams(n=2, temperature=0.0, max_tokens=8))[0]
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
-    assert _all_blocks_free(llm)
+    assert all_blocks_free(llm)
 
 
 def test_logprobs_match_the_model(tiny_model_dir) -> None:
@@ -77,7 +72,9 @@ def test_logprobs_match_the_model(tiny_model_dir) -> None:
         row = reference[len(prompt) - 1 + step]
         assert entry[token].rank == 1 and entry[token].logprob == pytest.approx(row.max().item(), abs=1e-4)
         assert len(entry) == 3
-    assert completion.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(completion.token_ids, completion.logprobs)))
+    assert completion.cumulative_logprob == pytest.approx(
+        sum(e[t].logprob for t, e in zip(completion.token_ids, completion.logprobs))
+    )
 
 
 def _reference_logprobs(model_dir, token_ids: list[int]) -> torch.Tensor:
@@ -101,7 +98,7 @@ def test_abort_frees_blocks_in_any_state(tiny_model_dir) -> None:
     assert not llm.engine.abort("3")
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
-    assert _all_blocks_free(llm)
+    assert all_blocks_free(llm)
 
 
 @pytest.mark.parametrize(
@@ -125,7 +122,7 @@ def test_bad_request_fails_alone(tiny_model_dir, prompt, params, message) -> Non
     finished = run_all(llm, {})
     assert sorted(finished) == ["good0", "good1", "good2"]
     assert all(len(o.outputs[0].token_ids) == 10 for o in finished.values())
-    assert _all_blocks_free(llm)
+    assert all_blocks_free(llm)
 
 
 def test_bad_sampling_values_are_refused() -> None:
