@@ -1,6 +1,6 @@
 """Engine steps while prompts keep arriving into a running decode, on a GPU.
 
-    python benchmarks/prefill_interference.py --repeats 2
+    python benchmarks/prefill_interference.py --repeats 2 --json prefill_interference.json
 
 One request decodes for ``--steps`` steps; every 10th step (from the 5th) a request of a
 ``--prompt-len``-token prompt and 4 output tokens arrives, so every 10th step carries a
@@ -14,8 +14,10 @@ random bf16 weights (``neuron_llm.bench.engine``).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,12 +31,14 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--num-layers", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     _, config = bench.llama3_8b_shape(args.num_layers)
     engine = bench.EngineCase(lambda: bench.random_llama(config, torch.bfloat16, "cuda"), config).engine()
     num_arrivals = args.steps // 10
     prompts = bench.random_prompts(num_arrivals + 1, args.prompt_len, config.vocab_size, seed=3)
     print(f"{torch.cuda.get_device_name()}, {args.prompt_len}-token prompts arriving every 10 steps")
+    results: list[dict[str, float]] = []
     for repeat in range(args.repeats):
         engine.add_request(prompts[-1], SamplingParams(max_tokens=args.steps + 20, ignore_eos=True, temperature=0.0))
         times = []
@@ -49,11 +53,26 @@ def main() -> None:
         while engine.has_unfinished_requests():
             engine.step()
         times.sort()
-        print(
-            f"repeat {repeat}: {args.steps} steps {total * 1e3:.1f} ms, step median "
-            f"{statistics.median(times) * 1e3:.2f} ms, p90 {times[int(0.9 * len(times))] * 1e3:.2f} ms, "
-            f"max {times[-1] * 1e3:.1f} ms"
+        results.append(
+            {
+                "repeat": repeat,
+                "total_ms": total * 1e3,
+                "median_ms": statistics.median(times) * 1e3,
+                "p90_ms": times[int(0.9 * len(times))] * 1e3,
+                "max_ms": times[-1] * 1e3,
+            }
         )
+        print(json.dumps(results[-1]), flush=True)
+    # The median call (a decode step) is the anchor the p90 call (one carrying a prefill) is read against.
+    print(f"\n| repeat | {args.steps} steps | step() median | step() p90 | p90 / median | largest |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r['repeat']} | {r['total_ms']:.0f} ms | {r['median_ms']:.2f} ms | {r['p90_ms']:.2f} ms "
+            f"| {r['p90_ms'] / r['median_ms']:.1f}x | {r['max_ms']:.1f} ms |"
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "runs": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -44,14 +44,20 @@ def traced_steps(llm_engine: Any) -> list[tuple[float, int, int]]:
     return log
 
 
-def step_time_table(log: list[tuple[float, int, int]]) -> str:
+def step_times(log: list[tuple[float, int, int]]) -> list[dict[str, Any]]:
     """Median time from one step's launch to the next's, by kind (decode or with a prefill) and batch."""
     gaps: dict[tuple[str, int], list[float]] = {}
     for (start, tokens, seqs), (end, _, _) in zip(log, log[1:]):
         gaps.setdefault(("decode" if tokens == seqs else "with prefill", seqs), []).append(end - start)
+    return [
+        {"step": kind, "sequences": seqs, "steps": len(times), "median_s": statistics.median(times)}
+        for (kind, seqs), times in sorted(gaps.items())
+    ]
+
+
+def step_time_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| step | sequences | steps | median |", "|---|---:|---:|---:|"]
-    for (kind, seqs), times in sorted(gaps.items()):
-        lines.append(f"| {kind} | {seqs} | {len(times)} | {statistics.median(times) * 1e3:.2f} ms |")
+    lines += [f"| {r['step']} | {r['sequences']} | {r['steps']} | {r['median_s'] * 1e3:.2f} ms |" for r in rows]
     return "\n".join(lines)
 
 
@@ -140,7 +146,9 @@ def main() -> None:
     parser.add_argument("--num-layers", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None)
-    parser.add_argument("--step-times", action="store_true", help="print each rate's step times by batch")
+    parser.add_argument(
+        "--step-times", action="store_true", help="record (JSON) and print each rate's step times by batch"
+    )
     args = parser.parse_args()
 
     hf_config, model_config = bench.llama3_8b_shape(args.num_layers)
@@ -152,9 +160,10 @@ def main() -> None:
         for i, rate in enumerate(float(r) for r in args.rates.split(",")):
             log.clear()
             ours.append(poisson_run(llm_engine, rate, args.num_requests, args.prompt_len, args.output_len, seed=i))
-            print(json.dumps(ours[-1]), flush=True)
             if args.step_times:
-                print(step_time_table(log), flush=True)
+                ours[-1]["step_times"] = step_times(log)
+                print(step_time_table(ours[-1]["step_times"]), flush=True)
+            print(json.dumps(ours[-1]), flush=True)
         del llm_engine
     theirs = []
     for batch in (int(b) for b in args.batches.split(",")):
