@@ -9,7 +9,8 @@ block tables in a random block order.
 
 - Prefill: one sequence of 4096 and 16384 tokens with no cached context, our kernel beside
   ``scaled_dot_product_attention`` (cuDNN and flash backends) on contiguous [1, heads, seq,
-  dim] tensors; TFLOP/s counts the causal half: 2 * 2 * seq^2 * heads * dim / 2.
+  dim] tensors; TFLOP/s counts the causal half: 2 * 2 * seq^2 * heads * dim / 2. With
+  ``--prefill-context N`` the queries follow N cached keys (ours only; N more keys a query).
 - Decode: batch {1, 8, 32, 64} x context {1024, 8192, 32768}; bandwidth counts the K/V of
   every context read once plus the query and output, against a device-to-device copy
   measured in the same run (read + write bytes). Each decode case runs in a CUDA graph over
@@ -192,12 +193,14 @@ def copy_bandwidth_gbs(device, num_bytes: int) -> float:
     return 2 * num_bytes / ms / 1e6
 
 
-def bench_prefill(seq_len: int, dtype, device, sweep: bool) -> dict:
+def bench_prefill(seq_len: int, context: int, dtype, device, sweep: bool) -> dict:
+    """``seq_len`` queries after ``context`` cached keys (a later chunk of a long prompt, a
+    prefix-cache hit); SDPA's anchors only for no context, the prompt case they take."""
     import torch
 
     from neuron_llm.backends.cuda import attention
 
-    (inputs,) = make_inputs([seq_len], [seq_len], dtype, device)
+    (inputs,) = make_inputs([seq_len], [context + seq_len], dtype, device)
     out = torch.empty_like(inputs.query)
     scale = HEAD_DIM**-0.5
     run = lambda config=None: attention.prefill_attention(
@@ -205,12 +208,13 @@ def bench_prefill(seq_len: int, dtype, device, sweep: bool) -> dict:
     )
     run()
     error = check_prefill(inputs, out)
-    flops = 2 * 2 * seq_len**2 * NUM_HEADS * HEAD_DIM / 2
-    result = {"seq_len": seq_len, "error": error, "ours_ms": time_ms(run, device)}
+    flops = 2 * 2 * (seq_len * context + seq_len**2 / 2) * NUM_HEADS * HEAD_DIM
+    result = {"seq_len": seq_len, "context": context, "error": error, "ours_ms": time_ms(run, device)}
     if sweep:
         result["sweep"] = sweep_configs(run, device, prefill_configs())
-    for name, ms in sdpa_times(inputs, device).items():
-        result[f"{name}_ms"] = ms
+    if context == 0:
+        for name, ms in sdpa_times(inputs, device).items():
+            result[f"{name}_ms"] = ms
     for key in [k for k in result if k.endswith("_ms")]:
         value = result[key]
         result[key.replace("_ms", "_tflops")] = None if value is None else flops / value / 1e9
@@ -301,9 +305,12 @@ def bench_decode(batch: int, context: int, dtype, device, sweep: bool) -> dict:
 def prefill_configs() -> list:
     from neuron_llm.backends.cuda.attention import PrefillConfig
 
+    shapes = itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
+    # 8 warps held to 128 registers a thread: two programs to a multiprocessor.
     return [
-        PrefillConfig(block_m, block_n, num_warps, num_stages)
-        for block_m, block_n, num_warps, num_stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
+        PrefillConfig(block_m, block_n, num_warps, num_stages, maxnreg)
+        for block_m, block_n, num_warps, num_stages in shapes
+        for maxnreg in ((None, 128) if num_warps == 8 else (None,))
     ]
 
 
@@ -334,12 +341,12 @@ def markdown(results: dict) -> str:
     lines = [
         f"Device: {results['device']}; copy bandwidth {results['copy_bandwidth_gbs']:.0f} GB/s (read + write)",
         "",
-        "| prefill tokens | ours ms | ours TFLOP/s | cuDNN TFLOP/s | flash TFLOP/s | rel. error |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| prefill tokens | cached | ours ms | ours TFLOP/s | cuDNN TFLOP/s | flash TFLOP/s | rel. error |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["prefill"]:
         lines.append(
-            f"| {row['seq_len']} | {number(row['ours_ms'], 2)} | {number(row['ours_tflops'])} "
+            f"| {row['seq_len']} | {row['context']} | {number(row['ours_ms'], 2)} | {number(row['ours_tflops'])} "
             f"| {number(row.get('cudnn_tflops'))} | {number(row.get('flash_tflops'))} | {row['error']:.1e} |"
         )
     lines += [
@@ -376,6 +383,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, in Triton's interpreter")
     parser.add_argument("--sweep", action="store_true", help="also time every launch config and split count")
     parser.add_argument("--prefill-lens", type=int, nargs="*", default=[4096, 16384])
+    parser.add_argument("--prefill-context", type=int, default=0, help="cached tokens before each prefill")
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 64])
     parser.add_argument("--contexts", type=int, nargs="*", default=[1024, 8192, 32768])
     args = parser.parse_args()
@@ -407,7 +415,7 @@ def main() -> None:
         "decode": [],
     }
     for seq_len in args.prefill_lens:
-        results["prefill"].append(bench_prefill(seq_len, dtype, device, args.sweep))
+        results["prefill"].append(bench_prefill(seq_len, args.prefill_context, dtype, device, args.sweep))
         print(json.dumps(results["prefill"][-1]), file=sys.stderr)
     free_bytes = torch.cuda.mem_get_info()[0] if device.type == "cuda" else 1 << 30
     for batch, context in itertools.product(args.batches, args.contexts):

@@ -116,8 +116,10 @@ def compile_every_kernel() -> list[str]:
         blocks_per_seq = 8192 // block
         tables = [list(range(1 + s * blocks_per_seq, 1 + (s + 1) * blocks_per_seq)) for s in range(2)]
         cache = torch.zeros(1 + 2 * blocks_per_seq, block, kv_heads, head_dim, dtype=bf16)
-        prefill = AttentionMetadata.build([300, 200], [300, 700], tables, block, "cpu")
-        attention.prefill_attention(torch.randn(500, heads, head_dim, dtype=bf16), cache, cache, prefill, 0.088)
+        # Both launch orders: keys and values that fit in L2, and 16k that do not.
+        for seq_lens in ([300, 700], [8192, 8192]):
+            prefill = AttentionMetadata.build([300, 200], seq_lens, tables, block, "cpu")
+            attention.prefill_attention(torch.randn(500, heads, head_dim, dtype=bf16), cache, cache, prefill, 0.088)
         decode = AttentionMetadata.build([1, 1], [8192, 5000], tables, block, "cpu")
         for num_splits in (1, 8):
             query = torch.randn(2, heads, head_dim, dtype=bf16)

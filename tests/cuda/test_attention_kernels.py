@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from neuron_llm.backends.cuda import launch
+from neuron_llm.backends.cuda import attention, launch
 from neuron_llm.backends.cuda.attention import (
     DecodeConfig,
     PrefillConfig,
@@ -56,8 +56,10 @@ def make_case(
     num_padded_seqs: int | None = None,
     max_blocks_per_seq: int | None = None,
     seed: int = 0,
+    query_scale: float = 1.0,
 ) -> Case:
-    """A padded flat batch over a cache whose blocks are handed out in a random order."""
+    """A padded flat batch over a cache whose blocks are handed out in a random order.
+    ``query_scale`` widens the scores: a large one makes a peaked softmax."""
     generator = torch.Generator().manual_seed(seed)
     num_used_blocks = [-(-seq_len // block_size) for seq_len in seq_lens]
     num_blocks = 1 + sum(num_used_blocks) + 3  # the null block, the sequences' blocks, a few spare
@@ -73,6 +75,7 @@ def make_case(
     key_cache = torch.randn(shape, generator=generator, dtype=torch.float64)
     value_cache = torch.randn(shape, generator=generator, dtype=torch.float64)
     query = torch.randn((metadata.slot_mapping.shape[0], num_heads, head_dim), generator=generator, dtype=torch.float64)
+    query *= query_scale
     # Round to the kernels' dtype first, so that the reference sees the same numbers.
     key_cache, value_cache, query = (t.to(dtype).to(device) for t in (key_cache, value_cache, query))
     scale = head_dim**-0.5
@@ -124,9 +127,14 @@ HEAD_LAYOUTS = [(2, 2), (6, 2), (8, 2), (4, 1)]
 
 
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_LAYOUTS)
-def test_prefill_mixed_batch(device: torch.device, num_heads: int, num_kv_heads: int) -> None:
+@pytest.mark.parametrize("kv_fits_l2", [True, False], ids=["heads-first", "tiles-first"])
+def test_prefill_mixed_batch(
+    device: torch.device, num_heads: int, num_kv_heads: int, kv_fits_l2: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A whole prompt of odd length, a chunk of a longer prompt, a prefix-cache hit ending on a
-    # block boundary, a one-token step; then padding tokens and sequences.
+    # block boundary, a one-token step; then padding tokens and sequences. Both launch orders.
+    if not kv_fits_l2:
+        monkeypatch.setattr(attention, "_l2_bytes", lambda device: 0)
     case = make_case(
         query_lens=[37, 20, 5, 1],
         seq_lens=[37, 53, 64, 17],
@@ -171,6 +179,16 @@ def test_prefill_head_dims(device: torch.device, head_dim: int) -> None:
 def test_prefill_fp16(device: torch.device) -> None:
     case = make_case([25, 6], [25, 30], 6, 2, 64, 16, torch.float16, device, num_padded_tokens=32)
     assert_close(run_prefill(case), case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_peaked_softmax(device: torch.device, dtype: torch.dtype) -> None:
+    # Scores spread over hundreds: the running max jumps from tile to tile, and exp of an
+    # unscaled or wrongly offset score would overflow.
+    case = make_case([70, 1], [70, 90], 4, 2, 64, 16, dtype, device, num_padded_tokens=80, query_scale=40.0)
+    assert_close(run_prefill(case, PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)), case)
+    decode = make_case([1, 1], [70, 90], 4, 2, 64, 16, dtype, device, query_scale=40.0)
+    assert_close(run_decode(decode, num_splits=2, config=DecodeConfig(block_n=16, num_warps=4, num_stages=2)), decode)
 
 
 def test_prefill_all_padding(device: torch.device) -> None:

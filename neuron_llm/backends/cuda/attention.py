@@ -14,6 +14,10 @@ key tile may span several pages, each row gathered from its own page):
   ``query_start_loc[s] // BLOCK_Q + s`` up to the next sequence's first tile (always enough
   for its tokens; a spare tile exits at once), found by a binary search. One extra pseudo
   sequence after the last owns the padding tokens and writes their rows as zeros.
+  Tiles launch last first (they see the most keys). When the keys and values of the whole
+  batch fit in L2, the query heads of one tile launch together, so the longest tiles of
+  every head start in the first wave; otherwise all tiles of one head launch together, so the
+  programs running at once read the same head's keys and values from L2.
 - ``decode_attention``: flash-decoding (https://pytorch.org/blog/flash-decoding/) for steps
   with one query per sequence. Programs (sequence, KV head, split) each attend over one run
   of whole key tiles of their sequence's context, at most ``num_splits`` runs; the last run
@@ -64,6 +68,9 @@ class PrefillConfig:
     """Keys per K/V tile."""
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None
+    """Registers a thread may hold, when set: at 128, two programs of 8 warps share a
+    multiprocessor, so one's tensor-core work overlaps the other's softmax."""
 
 
 @dataclass(frozen=True)
@@ -77,12 +84,13 @@ class DecodeConfig:
 
 
 # Keyed by the head dimension padded to a power of two; measured on an H100 for 16-bit inputs
-# (``benchmarks/attention_kernels.py --sweep``). 32-bit inputs take half-size tiles.
+# (``benchmarks/attention_kernels.py --sweep``), head_dim 128 again on an H200 (BENCHMARKS.md).
+# 32-bit inputs take half-size tiles.
 PREFILL_CONFIGS: dict[int, PrefillConfig] = {
     16: PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
     32: PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
     64: PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
-    128: PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
+    128: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, maxnreg=128),
     256: PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2),
 }
 DECODE_CONFIGS: dict[int, DecodeConfig] = {
@@ -154,12 +162,13 @@ def _attend_tile(
     DOT_PRECISION: tl.constexpr,
 ):
     """One online-softmax step: fold a K/V tile into the running max, sum and output."""
-    scores = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION) * scale_log2  # [M, BLOCK_N]
+    scores = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION)  # [M, BLOCK_N], unscaled
     if IS_MASKED:
         scores = tl.where(mask, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    # The scale is positive: it scales the row maxima, and each score in one FMA with the max.
+    m_new = tl.maximum(m_i, tl.max(scores, 1) * scale_log2)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
+    p = tl.exp2(scores * scale_log2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(value.dtype), value, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
@@ -209,10 +218,15 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
     # Later tiles see more keys under the causal mask: launch them first to shorten the tail.
-    tile_id = num_tiles - 1 - tl.program_id(0)
-    head_group = tl.program_id(1)
+    if HEADS_FIRST:
+        head_group = tl.program_id(0)
+        tile_id = num_tiles - 1 - tl.program_id(1)
+    else:
+        tile_id = num_tiles - 1 - tl.program_id(0)
+        head_group = tl.program_id(1)
     seq = _find_sequence(query_start_loc_ptr, num_seqs, tile_id, BLOCK_Q)
     query_start = tl.load(query_start_loc_ptr + seq)
     is_padding = seq == num_seqs
@@ -449,8 +463,8 @@ def prefill_attention(
     ``query`` is [num_tokens, num_heads, head_dim]; the caches are [num_blocks, block_size,
     num_kv_heads, head_dim] and already hold this step's keys and values. Each sequence's
     queries are the last ``query_len`` tokens of its context. Returns ``out`` (allocated when
-    None) [num_tokens, num_heads, head_dim] with padding tokens' rows zero. Reads nothing on
-    the host. ``config`` overrides the launch parameters of ``PREFILL_CONFIGS``.
+    None) [num_tokens, num_heads, head_dim] with padding tokens' rows zero. Reads no device
+    tensor on the host. ``config`` overrides the launch parameters of ``PREFILL_CONFIGS``.
     """
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1:3]
@@ -465,7 +479,9 @@ def prefill_attention(
     num_seqs = metadata.query_start_loc.shape[0] - 1
     # Sequence s owns tiles query_start_loc[s] // block_q + s ...; the padding tokens the last ones.
     num_tiles = num_tokens // block_q + num_seqs + 1
-    grid = (num_tiles, num_heads // heads_per_program)
+    kv_bytes = 2 * sum(metadata.seq_lens_host) * num_kv_heads * head_dim * key_cache.element_size()
+    heads_first = kv_bytes <= _l2_bytes(query.device) and num_tiles < 1 << 16  # a grid's y limit
+    grid = (num_heads // heads_per_program, num_tiles) if heads_first else (num_tiles, num_heads // heads_per_program)
     _prefill_kernel[grid](
         query, key_cache, value_cache, out,
         metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
@@ -482,8 +498,10 @@ def prefill_attention(
         BLOCK_Q=block_q,
         BLOCK_N=config.block_n,
         DOT_PRECISION=_dot_precision(query.dtype),
+        HEADS_FIRST=heads_first,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        maxnreg=config.maxnreg,
     )  # fmt: skip
     return out
 
@@ -613,6 +631,13 @@ def _for_dtype(config: PrefillConfig | DecodeConfig, dtype: torch.dtype) -> Pref
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get full-precision products (TF32 would lose ~3 digits); 16-bit ones ignore it.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _l2_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 50 << 20  # an H100's, for Triton's interpreter
+    return torch.cuda.get_device_properties(device).L2_cache_size
 
 
 @functools.cache
