@@ -391,23 +391,6 @@ def _apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor
     return logits - penalties.presence * (penalties.output_counts > 0).float()
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    # Sort ascending once; both truncations then mask a prefix of each sorted row.
-    sorted_logits, order = logits.sort(dim=-1)
-    vocab = logits.shape[-1]
-    if top_k is not None:
-        kth_largest = sorted_logits.gather(1, (vocab - top_k).unsqueeze(1))
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
-    if top_p is not None:
-        # Drop the least likely tokens while the mass they hold stays <= 1 - top_p, which
-        # leaves the smallest set of most likely tokens holding at least top_p.
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        dropped = cumulative <= 1 - top_p.unsqueeze(1)
-        dropped[:, -1] = False
-        sorted_logits = sorted_logits.masked_fill(dropped, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
-
-
 def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     probs = logits.softmax(dim=-1)
     threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
@@ -428,7 +411,7 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if not batch.is_all_greedy:  # greedy rows hold temperature 1
         logits = logits / batch.temperature.unsqueeze(1)
     if batch.top_k is not None or batch.top_p is not None:
-        logits = _apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+        logits = ops.top_k_top_p(logits, batch.top_k, batch.top_p)
     if batch.min_p is not None:
         logits = _apply_min_p(logits, batch.min_p)
     return logits

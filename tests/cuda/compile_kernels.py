@@ -61,7 +61,7 @@ def compiling_only() -> Iterator[list[object]]:
 
 def compile_every_kernel() -> list[str]:
     """Call each wrapper in the configurations the engine uses; return the kernels compiled."""
-    from neuron_llm.backends.cuda import argmax, attention, fp8, fused, graphs, int8_matmul, w8a8
+    from neuron_llm.backends.cuda import argmax, attention, fp8, fused, graphs, int8_matmul, truncation, w8a8
     from neuron_llm.ops.metadata import AttentionMetadata
 
     with compiling_only() as compiled:
@@ -128,6 +128,8 @@ def compile_every_kernel() -> list[str]:
         # After the graph of a decode step: greedy argmax, then the next step's input ids.
         argmax.argmax(torch.randn(4, 128256))
         graphs._fill_placeholders_in_place(torch.zeros(64, dtype=torch.int64), torch.zeros(64, dtype=torch.int64))
+        # Sampled rows with top-p.
+        truncation.top_p(torch.randn(8, 128256), torch.full((8,), 0.9))
     return [kernel.name for kernel in compiled]
 
 

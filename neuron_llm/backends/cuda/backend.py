@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from neuron_llm.backends.cuda import argmax as split_argmax
-from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, launch, w8a8
+from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, launch, truncation, w8a8
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.layers.linear import Linear
 from neuron_llm.models.merge import merge_projections
@@ -50,6 +50,12 @@ class CudaBackend(TorchBackend):
         if logits.is_cuda and split_argmax.takes(logits):
             return split_argmax.argmax(logits)
         return super().argmax(logits)
+
+    def top_k_top_p(self, logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+        # Top-p alone over many rows: a threshold found by bisection, not a sort of every row.
+        if top_k is None and top_p is not None and truncation.takes(logits):
+            return truncation.top_p(logits, top_p)
+        return super().top_k_top_p(logits, top_k, top_p)
 
     def swiglu_down(self, gate_up: torch.Tensor, down_proj: nn.Module) -> torch.Tensor:
         # Exact types: a row-parallel subclass all-reduces in its forward, which these paths skip.
