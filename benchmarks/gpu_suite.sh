@@ -3,7 +3,7 @@
 # writing its JSON and log under $OUT (or ./gpu-results). Wheels missing on that machine
 # (gguf, the serving stack) are installed from ./.whl when the folder is there.
 #
-#   bash benchmarks/gpu_suite.sh [tests] [attention] [linear] [chain] [quantize] [profile] [engine] [load]   (default: all)
+#   bash benchmarks/gpu_suite.sh [tests] [attention] [linear] [chain] [quantize] [sampler] [profile] [engine] [load]   (default: all)
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -14,7 +14,7 @@ fi
 export PYTHONUNBUFFERED=1
 # The package itself, for its `neuron_llm.serve`/`neuron_llm.compile` mapping (no downloads).
 python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . || exit 1
-steps=${*:-tests attention linear chain quantize profile engine load}
+steps=${*:-tests attention linear chain quantize sampler profile engine load}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit,temperature.gpu,memory.used --format=csv | tee "$out/gpu.txt"
 status=0
 run() {  # run NAME COMMAND...: log to $out/NAME.log, keep going on failure
@@ -35,6 +35,7 @@ for step in $steps; do
         linear) run linear python3 benchmarks/linear_kernels.py --json "$out/linear.json" ;;
         chain) run chain python3 benchmarks/gemv_chain.py --json "$out/gemv_chain.json" ;;
         quantize) run quantize python3 benchmarks/activation_quantize.py --json "$out/activation_quantize.json" ;;
+        sampler) run sampler python3 benchmarks/sampler_cost.py --json "$out/sampler.json" ;;
         profile)
             run profile python3 benchmarks/step_profile.py --formats bf16,int8 --json "$out/step_profile.json"
             run prefill_profile python3 benchmarks/step_profile.py --prompt 4096 --formats bf16,fp8,fp8-all \
