@@ -14,6 +14,7 @@ that the cache write keeps a static shape and never touches a sequence's blocks.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,11 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
+
+    @functools.cached_property
+    def num_context_tokens(self) -> int:
+        """Tokens the batch's sequences attend to, summed (read by every layer's attention)."""
+        return sum(self.seq_lens_host)
 
     @classmethod
     def build(

@@ -479,7 +479,7 @@ def prefill_attention(
     num_seqs = metadata.query_start_loc.shape[0] - 1
     # Sequence s owns tiles query_start_loc[s] // block_q + s ...; the padding tokens the last ones.
     num_tiles = num_tokens // block_q + num_seqs + 1
-    kv_bytes = 2 * sum(metadata.seq_lens_host) * num_kv_heads * head_dim * key_cache.element_size()
+    kv_bytes = 2 * metadata.num_context_tokens * num_kv_heads * head_dim * key_cache.element_size()
     heads_first = kv_bytes <= _l2_bytes(query.device) and num_tiles < 1 << 16  # a grid's y limit
     grid = (num_heads // heads_per_program, num_tiles) if heads_first else (num_tiles, num_heads // heads_per_program)
     _prefill_kernel[grid](
