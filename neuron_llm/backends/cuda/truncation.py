@@ -85,8 +85,15 @@ def _top_p_kernel(x_ptr, out_ptr, top_p_ptr, stride_x, stride_out, vocab, BLOCK:
 
 
 def takes(logits: torch.Tensor) -> bool:
-    """Whether the backend sends these logits here: on the GPU, enough rows, fp32 [rows, vocab]."""
-    return logits.is_cuda and logits.dim() == 2 and logits.dtype == torch.float32 and logits.shape[0] >= MIN_ROWS
+    """Whether the backend sends these logits here: on the GPU, enough rows, and the fp32
+    [rows, vocab] with contiguous rows that ``top_p`` takes (other logits go to the sort)."""
+    return (
+        logits.is_cuda
+        and logits.dim() == 2
+        and logits.dtype == torch.float32
+        and logits.stride(1) == 1
+        and logits.shape[0] >= MIN_ROWS
+    )
 
 
 def top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
