@@ -6,12 +6,15 @@ Fp32 logits of Llama 3's 128,256-token vocabulary, normal with standard deviatio
 spread like a trained model's), ``SamplingBatch`` built beforehand as the engine builds it:
 
 - ``sample`` for each setting below (penalties aside, every stage the engine runs after the
-  model), through the reference backend (top-k/top-p by sorting the vocabulary) and the
-  cuda backend (its top-p kernel from ``truncation.MIN_ROWS`` rows), each the median time
-  a call takes in a loop of 20 (CUDA events; host launches included where they bound it);
-- top-p alone, the sort against the kernel, in a CUDA graph (the GPU's time only); whether
-  the kernel's output equals the sort's is recorded (they may differ at a row's boundary
-  token, where the two sum the mass in different orders).
+  model), through the reference backend (top-k by ``torch.topk`` selection, top-p alone by
+  sorting the vocabulary) and the cuda backend (its top-p kernel from ``truncation.MIN_ROWS``
+  rows), each the median time a call takes in a loop of 20 (CUDA events; host launches
+  included where they bound it);
+- the truncation alone in a CUDA graph (the GPU's time only): the sort of every row against
+  the cuda backend's kernels (top-k settings: ``torch.topk`` and ``truncation.top_k_top_p``;
+  top-p alone: ``truncation.top_p``), with the number of rows whose
+  kept tokens differ from the sort's (the sort keeps or drops tokens tied at a threshold in
+  its sort's order, the others keep them all; and they sum the mass in different orders).
 
 The anchor, from the same run: Llama-3-8B's batch-1 bf16 decode floor, 16.06 GB of weights
 over the copy bandwidth.
@@ -20,6 +23,7 @@ over the copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -28,7 +32,7 @@ import triton
 
 from neuron_llm import ops
 from neuron_llm.backends.cuda import truncation
-from neuron_llm.backends.torch_backend import TorchBackend
+from neuron_llm.backends.truncation import sort_top_k_top_p
 from neuron_llm.bench.anchors import copy_bandwidth, time_cuda
 from neuron_llm.sample.sampler import RowState, SamplingBatch, sample
 from neuron_llm.sampling_params import SamplingParams
@@ -50,15 +54,19 @@ def sample_us(logits: torch.Tensor, batch: SamplingBatch, backend: str) -> float
     return 1e6 * time_cuda(lambda: [sample(logits, batch) for _ in range(CALLS)], repeats=5) / CALLS
 
 
-def truncation_us(logits: torch.Tensor, batch: SamplingBatch) -> dict[str, float]:
-    """GPU microseconds of top-p alone: the sort and the kernel."""
+def truncation_us(logits: torch.Tensor, batch: SamplingBatch) -> dict[str, float | int]:
+    """GPU microseconds of the truncation alone, the sort's and ours, and the rows where they differ."""
+    sort = functools.partial(sort_top_k_top_p, logits, batch.top_k, batch.top_p)
+    if batch.top_k is None:
+        ours = functools.partial(truncation.top_p, logits, batch.top_p)
+    else:
+        ours = functools.partial(truncation.top_k_top_p, logits, batch.top_k, batch.top_p, batch.top_k_bound)
     bench = triton.testing.do_bench_cudagraph
-    sort = TorchBackend().top_k_top_p
-    fns = {
-        "sort_graph_us": lambda: sort(logits, None, batch.top_p),
-        "kernel_graph_us": lambda: truncation.top_p(logits, batch.top_p),
+    return {
+        "sort_graph_us": 1e3 * bench(sort, rep=100, return_mode="median"),
+        "ours_graph_us": 1e3 * bench(ours, rep=100, return_mode="median"),
+        "rows_unlike_sort": int((sort().isinf() != ours().isinf()).any(dim=-1).sum()),
     }
-    return {name: 1e3 * bench(fn, rep=100, return_mode="median") for name, fn in fns.items()}
 
 
 def main() -> int:
@@ -79,23 +87,23 @@ def main() -> int:
             result = {"batch": num_rows, "setting": name}
             result["sample_torch_us"] = sample_us(logits, batch, "torch")
             result["sample_cuda_us"] = sample_us(logits, batch, "cuda")
-            if batch.top_k is None and batch.top_p is not None:
+            if batch.top_k is not None or batch.top_p is not None:
                 result.update(truncation_us(logits, batch))
-                expected = TorchBackend().top_k_top_p(logits, None, batch.top_p)
-                result["kernel_matches_sort"] = torch.equal(truncation.top_p(logits, batch.top_p), expected)
             results.append(result)
             print(json.dumps(result), flush=True)
     print(f"\n{torch.cuda.get_device_name()}; batch-1 bf16 decode floor {floor_us / 1e3:.2f} ms; fp32 logits\n")
-    print("| batch | setting | sample(), sort | sample(), cuda backend | top-p in a graph: sort | kernel |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("| batch | setting | sample(), reference | sample(), cuda | truncation: sort | ours | rows unlike sort |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for r in results:
         torch_us, cuda_us = r["sample_torch_us"], r["sample_cuda_us"]
-        graph = f"{r['sort_graph_us']:.0f} us | {r['kernel_graph_us']:.0f} us" if "sort_graph_us" in r else "- | -"
+        graph = "- | - | -"
+        if "sort_graph_us" in r:
+            graph = f"{r['sort_graph_us']:.0f} us | {r['ours_graph_us']:.0f} us | {r['rows_unlike_sort']}"
         print(
             f"| {r['batch']} | {r['setting']} | {torch_us:.0f} us ({100 * torch_us / floor_us:.1f}%)"
             f" | {cuda_us:.0f} us ({100 * cuda_us / floor_us:.1f}%) | {graph} |"
         )
-    print("\n(percentages: of the batch-1 decode floor)")
+    print("\n(percentages: of the batch-1 decode floor; ours: the cuda backend's truncation kernels)")
     if args.json is not None:
         args.json.write_text(json.dumps({"floor_us": floor_us, "results": results}, indent=1))
     return 0

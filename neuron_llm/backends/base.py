@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuron_llm.backends import truncation
 from neuron_llm.layers.rotary import apply_rotary
 from neuron_llm.quant import reference
 
@@ -87,23 +88,23 @@ class Backend(abc.ABC):
         """The first index of each row's maximum: int64 [rows] of [rows, vocab] logits (greedy sampling)."""
         return logits.argmax(dim=-1)
 
-    def top_k_top_p(self, logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    def top_k_top_p(
+        self,
+        logits: torch.Tensor,
+        top_k: torch.Tensor | None,
+        top_p: torch.Tensor | None,
+        top_k_bound: int | None = None,
+    ) -> torch.Tensor:
         """``logits`` [rows, vocab] with ``-inf`` where top-k (int64 [rows], ``vocab`` for none)
-        or then top-p (fp32 [rows], 1 for none) drops a token: a new tensor (sampling)."""
-        # Sort ascending once; both truncations then mask a prefix of each sorted row.
-        sorted_logits, order = logits.sort(dim=-1)
-        vocab = logits.shape[-1]
-        if top_k is not None:
-            kth_largest = sorted_logits.gather(1, (vocab - top_k).unsqueeze(1))
-            sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
-        if top_p is not None:
-            # Drop the least likely tokens while the mass they hold stays <= 1 - top_p, which
-            # leaves the smallest set of most likely tokens holding at least top_p.
-            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            dropped = cumulative <= 1 - top_p.unsqueeze(1)
-            dropped[:, -1] = False
-            sorted_logits = sorted_logits.masked_fill(dropped, float("-inf"))
-        return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        or then top-p (fp32 [rows], 1 for none) drops a token: a new tensor (sampling).
+
+        ``top_k_bound``, where given, is at least every row's top-k, except rows that keep
+        every token (top-k above it, top-p 1): top-k then selects that many logits a row
+        instead of sorting the vocabulary (``backends.truncation``).
+        """
+        if top_k is not None and top_k_bound is not None and top_k_bound <= truncation.SELECT_MAX_K:
+            return truncation.select_top_k_top_p(logits, top_k, top_p, min(top_k_bound, logits.shape[-1]))
+        return truncation.sort_top_k_top_p(logits, top_k, top_p)
 
     def prepare_model(self, model: nn.Module) -> None:
         """Rewrite the loaded ``model`` in place into the form this backend runs fastest (default: as is)."""

@@ -49,8 +49,10 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return _active.argmax(logits)
 
 
-def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    return _active.top_k_top_p(logits, top_k, top_p)
+def top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None, top_k_bound: int | None = None
+) -> torch.Tensor:
+    return _active.top_k_top_p(logits, top_k, top_p, top_k_bound)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -133,6 +133,9 @@ class SamplingBatch:
     """Most top logprobs any row asked for; None when no row asked for logprobs."""
     noise_keys: torch.Tensor | None = None
     """[num_rows, 2] int32 keys of each row's counter-based noise (static batches); replaces ``generators``."""
+    top_k_bound: int | None = None
+    """The largest top-k of the sampled rows when every one of them has a top-k (then top-k
+    selects that many logits a row rather than sorting the vocabulary); else None."""
 
     @property
     def num_rows(self) -> int:
@@ -178,6 +181,7 @@ class SamplingBatch:
                 if row.generator is not None and not greedy
             },
             num_logprobs=max(logprob_counts) if logprob_counts else None,
+            top_k_bound=_top_k_bound(params, vocab_size),
         )
 
     @classmethod
@@ -242,6 +246,12 @@ def _truncation_tensors(
     if always or any(p.min_p > 0 for p in sampled):
         min_p = to_device([0.0 if p.is_greedy else p.min_p for p in params], torch.float32, device)
     return top_k, top_p, min_p
+
+
+def _top_k_bound(params: list[SamplingParams], vocab_size: int) -> int | None:
+    # Greedy rows keep every token (top-k vocab, top-p 1), which the bound allows.
+    top_ks = [min(p.top_k, vocab_size) for p in params if not p.is_greedy]
+    return max(top_ks) if top_ks and min(top_ks) > 0 else None
 
 
 def _noise_keys(rows: Sequence[RowState]) -> torch.Tensor:
@@ -411,7 +421,7 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if not batch.is_all_greedy:  # greedy rows hold temperature 1
         logits = logits / batch.temperature.unsqueeze(1)
     if batch.top_k is not None or batch.top_p is not None:
-        logits = ops.top_k_top_p(logits, batch.top_k, batch.top_p)
+        logits = ops.top_k_top_p(logits, batch.top_k, batch.top_p, batch.top_k_bound)
     if batch.min_p is not None:
         logits = _apply_min_p(logits, batch.min_p)
     return logits

@@ -128,8 +128,11 @@ def compile_every_kernel() -> list[str]:
         # After the graph of a decode step: greedy argmax, then the next step's input ids.
         argmax.argmax(torch.randn(4, 128256))
         graphs._fill_placeholders_in_place(torch.zeros(64, dtype=torch.int64), torch.zeros(64, dtype=torch.int64))
-        # Sampled rows with top-p.
-        truncation.top_p(torch.randn(8, 128256), torch.full((8,), 0.9))
+        # Sampled rows with top-p, with top-k and with both.
+        logits, top_k, top_p = torch.randn(8, 128256), torch.full((8,), 50), torch.full((8,), 0.9)
+        truncation.top_p(logits, top_p)
+        for top_p_or_none in (top_p, None):
+            truncation.top_k_top_p(logits, top_k, top_p_or_none, 50)
     return [kernel.name for kernel in compiled]
 
 

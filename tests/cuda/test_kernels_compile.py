@@ -29,6 +29,7 @@ KERNELS = {
     "_rms_norm_quantize_kernel",
     "_rotary_write_kv_kernel",
     "_silu_mul_kernel",
+    "_top_k_top_p_kernel",
     "_top_p_kernel",
 }
 

@@ -51,11 +51,22 @@ class CudaBackend(TorchBackend):
             return split_argmax.argmax(logits)
         return super().argmax(logits)
 
-    def top_k_top_p(self, logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-        # Top-p alone over many rows: a threshold found by bisection, not a sort of every row.
-        if top_k is None and top_p is not None and truncation.takes(logits):
-            return truncation.top_p(logits, top_p)
-        return super().top_k_top_p(logits, top_k, top_p)
+    def top_k_top_p(
+        self,
+        logits: torch.Tensor,
+        top_k: torch.Tensor | None,
+        top_p: torch.Tensor | None,
+        top_k_bound: int | None = None,
+    ) -> torch.Tensor:
+        # Thresholds found without sorting every row: by bisection for top-p alone over many
+        # rows, from torch.topk's selection for top-k in one kernel (the reference's torch
+        # form launches some 35 small kernels).
+        if truncation.takes(logits):
+            if top_k is None and top_p is not None and logits.shape[0] >= truncation.MIN_ROWS:
+                return truncation.top_p(logits, top_p)
+            if top_k is not None and top_k_bound is not None and top_k_bound <= truncation.SELECT_MAX_K:
+                return truncation.top_k_top_p(logits, top_k, top_p, min(top_k_bound, logits.shape[-1]))
+        return super().top_k_top_p(logits, top_k, top_p, top_k_bound)
 
     def swiglu_down(self, gate_up: torch.Tensor, down_proj: nn.Module) -> torch.Tensor:
         # Exact types: a row-parallel subclass all-reduces in its forward, which these paths skip.
