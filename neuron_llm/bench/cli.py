@@ -12,13 +12,20 @@ from typing import Any
 
 import torch
 
+SAMPLING_SETTINGS = {
+    "top-p 0.9": {"temperature": 0.7, "top_p": 0.9},
+    "top-k 50": {"temperature": 0.7, "top_k": 50},
+    "top-k 50, top-p 0.9": {"temperature": 0.7, "top_k": 50, "top_p": 0.9},
+}
+"""The ``sampling`` case's settings, each timed beside greedy decoding of the same batch."""
+
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="GPU benchmarks of the engine beside their anchors (needs CUDA)")
     parser.add_argument(
         "--cases",
         default="decode,batch,int8,prefill,transformers",
-        help="comma-separated among: decode, batch, int8, prefill, transformers",
+        help="comma-separated among: decode, batch, sampling, int8, prefill, transformers",
     )
     parser.add_argument("--num-layers", type=int, default=None, help="fewer layers than Llama-3-8B's 32 (quick runs)")
     parser.add_argument("--decode-tokens", type=int, default=128)
@@ -59,7 +66,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     vocab = model_config.vocab_size
     decode = functools.partial(engine.decode_latency, prompt_len=args.prompt_len, max_tokens=args.decode_tokens)
-    if cases & {"decode", "batch", "prefill"}:
+    if cases & {"decode", "batch", "sampling", "prefill"}:
         with engine.released():
             bf16 = case().engine()
             weight_bytes = bf16.runner.executor.worker.weight_bytes
@@ -70,6 +77,16 @@ def run_bench(args: argparse.Namespace) -> int:
             if "batch" in cases:
                 results["bf16_batch"] = engine.batch_throughput(
                     bf16, args.batch, args.prompt_len, args.decode_tokens * 2, vocab
+                )
+            if "sampling" in cases:
+                batch = functools.partial(
+                    engine.batch_throughput, bf16, args.batch, args.prompt_len, args.decode_tokens * 2, vocab
+                )
+                # Greedy first and last: the batch's throughput drifts through a run.
+                results["bf16_sampling"] = (
+                    {"greedy": batch()}
+                    | {name: batch(sampling=settings) for name, settings in SAMPLING_SETTINGS.items()}
+                    | {"greedy, again": batch()}
                 )
             if "prefill" in cases:
                 results["bf16_prefill"] = engine.prefill_time(bf16, args.prefill_len, vocab)
@@ -147,6 +164,14 @@ def markdown_table(r: dict[str, Any]) -> str:
         if sync:
             ratio = f"{sync / hf_batch:.2f}x transformers" if hf_batch else ""
             rows.append(("bf16 batch, async scheduling off", f"{sync:.0f} output tok/s", "transformers", ratio))
+    sampling = r.get("bf16_sampling", {})
+    greedy = [sampling[run]["output_tokens_per_s"] for run in ("greedy", "greedy, again") if run in sampling]
+    for name in [name for name in SAMPLING_SETTINGS if name in sampling]:
+        sampled, anchor = sampling[name]["output_tokens_per_s"], sum(greedy) / len(greedy)
+        runs = " and ".join(f"{g:.0f}" for g in greedy)
+        rows.append(
+            (f"bf16 batch, {name}", f"{sampled:.0f} output tok/s", f"greedy {runs}", f"{sampled / anchor:.2f}x")
+        )
     prefill = r.get("bf16_prefill", {}).get("prefill_tokens_per_s")
     for preset in ("fp8", "fp8-all"):
         fp8 = r.get(f"{preset}_prefill", {}).get("prefill_tokens_per_s")

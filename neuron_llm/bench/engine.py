@@ -104,10 +104,16 @@ def random_prompts(count: int, length: int, vocab_size: int, seed: int = 0) -> l
 
 
 def timed_steps(
-    engine: LLMEngine, prompts: list[list[int]], max_tokens: int, output_kind: str = "cumulative"
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    max_tokens: int,
+    output_kind: str = "cumulative",
+    sampling: dict[str, Any] | None = None,
 ) -> list[float]:
-    """Seconds of every engine step while generating ``max_tokens`` greedy tokens for each prompt."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=output_kind)
+    """Seconds of every engine step while generating ``max_tokens`` tokens for each prompt,
+    greedy unless ``sampling`` gives other ``SamplingParams`` fields."""
+    fields = {"temperature": 0.0} | (sampling or {})
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, output_kind=output_kind, **fields)
     for prompt in prompts:
         engine.add_request(prompt, params)
     times = []
@@ -187,17 +193,22 @@ def worker_step_time(engine: LLMEngine, context: int, query_len: int = 1, repeat
 
 
 def batch_throughput(
-    engine: LLMEngine, batch: int, prompt_len: int, max_tokens: int, vocab_size: int
+    engine: LLMEngine,
+    batch: int,
+    prompt_len: int,
+    max_tokens: int,
+    vocab_size: int,
+    sampling: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Output tokens/s of ``batch`` prompts submitted at once, wall time from submission to the last token;
-    ``..._sync`` the same with async scheduling off."""
+    ``..._sync`` the same with async scheduling off. Greedy unless ``sampling`` (as ``timed_steps``)."""
     prompts = random_prompts(batch, prompt_len, vocab_size, seed=1)
     results = {}
     for name, run in (("", engine), ("_sync", with_scheduling(engine, False))):
-        timed_steps(run, prompts[:2], 4)
+        timed_steps(run, prompts[:2], 4, sampling=sampling)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        times = timed_steps(run, prompts, max_tokens)
+        times = timed_steps(run, prompts, max_tokens, sampling=sampling)
         seconds = time.perf_counter() - start
         results |= {f"output_tokens_per_s{name}": batch * max_tokens / seconds, f"seconds{name}": seconds}
     return results | {"steps": len(times)}

@@ -36,6 +36,11 @@ def test_bench_table_sets_each_figure_beside_its_anchor() -> None:
             "bf16_decode": {"decode_s_per_token": 6.4e-3, "model_s_per_token": 6.0e-3, "sync_s_per_token": 6.6e-3},
             "bf16_batch": {"output_tokens_per_s": 6400.0, "output_tokens_per_s_sync": 5760.0},
             "transformers_batch": {"output_tokens_per_s": 640.0},
+            "bf16_sampling": {
+                "greedy": {"output_tokens_per_s": 6000.0},
+                "top-p 0.9": {"output_tokens_per_s": 5400.0},
+                "greedy, again": {"output_tokens_per_s": 5000.0},
+            },
             "bf16_prefill": {"prefill_tokens_per_s": 40000.0},
             "fp8_prefill": {"prefill_tokens_per_s": 56000.0},
         }
@@ -44,6 +49,8 @@ def test_bench_table_sets_each_figure_beside_its_anchor() -> None:
     assert "| bf16 decode, async scheduling off | 6.60 ms/token | floor | 1.24x |" in table
     assert "| bf16 batch throughput | 6400 output tok/s | transformers | 10.00x transformers (640) |" in table
     assert "| bf16 batch, async scheduling off | 5760 output tok/s | transformers | 9.00x transformers |" in table
+    assert "| bf16 batch, top-p 0.9 | 5400 output tok/s | greedy 6000 and 5000 | 0.98x |" in table
+    assert "top-k" not in table
     assert "| fp8 prefill | 56000 tok/s | bf16 40000 tok/s | 1.40x |" in table
     assert "int8" not in table  # cases that did not run leave no row
 
