@@ -24,7 +24,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="GPU benchmarks of the engine beside their anchors (needs CUDA)")
     parser.add_argument(
         "--cases",
-        default="decode,batch,int8,prefill,transformers",
+        default="decode,batch,sampling,int8,prefill,transformers",
         help="comma-separated among: decode, batch, sampling, int8, prefill, transformers",
     )
     parser.add_argument("--num-layers", type=int, default=None, help="fewer layers than Llama-3-8B's 32 (quick runs)")
