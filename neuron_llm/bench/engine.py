@@ -155,6 +155,22 @@ def decode_latency(engine: LLMEngine, prompt_len: int, max_tokens: int, vocab_si
     }
 
 
+def sampled_decode(
+    engine: LLMEngine, prompt_len: int, max_tokens: int, vocab_size: int, settings: dict[str, dict[str, Any] | None]
+) -> dict[str, list[float]]:
+    """Median seconds per decode step of one sequence under each of ``settings`` (name ->
+    ``sampling`` of ``timed_steps``), the settings run in order and then reversed."""
+    prompts = random_prompts(1, prompt_len, vocab_size)
+    results: dict[str, list[float]] = {name: [] for name in settings}
+    for order in (list(settings), list(reversed(settings))):
+        for name in order:
+            timed_steps(engine, prompts, 8, sampling=settings[name])  # first-use costs
+            results[name].append(
+                statistics.median(timed_steps(engine, prompts, max_tokens, sampling=settings[name])[1:])
+            )
+    return results
+
+
 def step_input(engine: LLMEngine, context: int, query_len: int = 1) -> StepInput:
     """One sequence's step at ``context`` tokens computing the last ``query_len`` of them (1: a
     decode step; ``context``: a whole prompt's prefill), padded to the engine's bucket for it.
@@ -205,7 +221,9 @@ def batch_throughput(
     prompts = random_prompts(batch, prompt_len, vocab_size, seed=1)
     results = {}
     for name, run in (("", engine), ("_sync", with_scheduling(engine, False))):
-        timed_steps(run, prompts[:2], 4, sampling=sampling)
+        # The whole batch once first, so that kernels compiled for its shapes (its prefill
+        # chunks, a sampling kernel for its rows) compile outside the timed run.
+        timed_steps(run, prompts, 2, sampling=sampling)
         torch.cuda.synchronize()
         start = time.perf_counter()
         times = timed_steps(run, prompts, max_tokens, sampling=sampling)

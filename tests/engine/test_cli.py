@@ -41,6 +41,7 @@ def test_bench_table_sets_each_figure_beside_its_anchor() -> None:
                 "top-p 0.9": {"output_tokens_per_s": 5400.0},
                 "greedy, again": {"output_tokens_per_s": 5000.0},
             },
+            "bf16_sampling_b1": {"greedy": [4.0e-3, 4.2e-3], "top-k 50": [4.4e-3, 4.4e-3]},
             "bf16_prefill": {"prefill_tokens_per_s": 40000.0},
             "fp8_prefill": {"prefill_tokens_per_s": 56000.0},
         }
@@ -50,7 +51,8 @@ def test_bench_table_sets_each_figure_beside_its_anchor() -> None:
     assert "| bf16 batch throughput | 6400 output tok/s | transformers | 10.00x transformers (640) |" in table
     assert "| bf16 batch, async scheduling off | 5760 output tok/s | transformers | 9.00x transformers |" in table
     assert "| bf16 batch, top-p 0.9 | 5400 output tok/s | greedy 6000 and 5000 | 0.98x |" in table
-    assert "top-k" not in table
+    assert "| bf16 decode, batch 1, top-k 50 | 4.40 ms/token | greedy 4.10 ms | 1.07x |" in table
+    assert "bf16 batch, top-k" not in table  # settings that did not run leave no row
     assert "| fp8 prefill | 56000 tok/s | bf16 40000 tok/s | 1.40x |" in table
     assert "int8" not in table  # cases that did not run leave no row
 
