@@ -88,6 +88,13 @@ class Backend(abc.ABC):
         """The first index of each row's maximum: int64 [rows] of [rows, vocab] logits (greedy sampling)."""
         return logits.argmax(dim=-1)
 
+    def sample_argmax(self, logits: torch.Tensor, noise: torch.Tensor, is_greedy: torch.Tensor) -> torch.Tensor:
+        """The drawn token of each row of ``logits`` [rows, vocab] (int64 [rows]): for sampled rows
+        ``argmax(softmax(logits) / noise)`` with ``noise`` [rows, vocab] Exp(1) draws, so each
+        token wins with its probability; for rows where ``is_greedy`` (bool [rows]) the argmax."""
+        sampled = (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+        return torch.where(is_greedy, self.argmax(logits), sampled)
+
     def top_k_top_p(
         self,
         logits: torch.Tensor,

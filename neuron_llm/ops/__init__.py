@@ -49,6 +49,10 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return _active.argmax(logits)
 
 
+def sample_argmax(logits: torch.Tensor, noise: torch.Tensor, is_greedy: torch.Tensor) -> torch.Tensor:
+    return _active.sample_argmax(logits, noise, is_greedy)
+
+
 def top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None, top_k_bound: int | None = None
 ) -> torch.Tensor:

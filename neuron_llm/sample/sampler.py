@@ -468,16 +468,13 @@ def counter_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def _draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    greedy = ops.argmax(logits)
     if batch.is_all_greedy:
-        return greedy
-    probs = logits.softmax(dim=-1)
+        return ops.argmax(logits)
     if batch.noise_keys is not None:
         noise = counter_noise(batch.noise_keys, batch.vocab_size)
     else:
-        noise = _exponential_noise(probs, batch.generators)
-    sampled = (probs / noise).argmax(dim=-1)
-    return torch.where(batch.is_greedy, greedy, sampled)
+        noise = _exponential_noise(logits, batch.generators)
+    return ops.sample_argmax(logits, noise, batch.is_greedy)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:

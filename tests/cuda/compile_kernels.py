@@ -127,6 +127,7 @@ def compile_every_kernel() -> list[str]:
 
         # After the graph of a decode step: greedy argmax, then the next step's input ids.
         argmax.argmax(torch.randn(4, 128256))
+        argmax.sample_argmax(torch.randn(64, 128256), torch.rand(64, 128256), torch.zeros(64, dtype=torch.bool))
         graphs._fill_placeholders_in_place(torch.zeros(64, dtype=torch.int64), torch.zeros(64, dtype=torch.int64))
         # Sampled rows with top-p, with top-k and with both.
         logits, top_k, top_p = torch.randn(8, 128256), torch.full((8,), 50), torch.full((8,), 0.9)

@@ -1,4 +1,5 @@
-"""The split greedy argmax against torch.argmax: ties, chunk edges, -inf, NaN."""
+"""The split argmax against torch.argmax (ties, chunk edges, -inf, NaN), and the sampled draw
+against the reference backend's."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from neuron_llm.backends.cuda.argmax import CHUNK, MAX_ROWS, argmax, takes
+from neuron_llm.backends.cuda.argmax import CHUNK, MAX_ROWS, argmax, sample_argmax, takes
+from neuron_llm.backends.cuda.backend import CudaBackend
+from neuron_llm.backends.torch_backend import TorchBackend
 
 
 @pytest.mark.parametrize("num_rows", [1, 3, MAX_ROWS])
@@ -42,3 +45,41 @@ def test_shapes_it_does_not_take() -> None:
     assert not takes(torch.zeros(10, 4).t())
     with pytest.raises(ValueError, match=r"argmax takes 1..16 rows of contiguous logits, got \(17, 10\)"):
         argmax(torch.zeros(MAX_ROWS + 1, 10))
+
+
+def draw_inputs(num_rows: int, vocab: int, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
+    """Logits (a few truncated to -inf), Exp(1) noise as the sampler draws it, greedy flags."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_rows, vocab, generator=generator) * 2
+    logits[:, : vocab // 3] = float("-inf")
+    noise = torch.empty(num_rows, vocab).exponential_(generator=generator)
+    is_greedy = torch.arange(num_rows) % 3 == 1
+    return logits.to(device), noise.to(device), is_greedy.to(device)
+
+
+@pytest.mark.parametrize(("num_rows", "vocab"), [(1, 100), (5, 3 * CHUNK + 5), (MAX_ROWS + 3, CHUNK)])
+def test_sample_argmax_is_the_references(num_rows: int, vocab: int, device: torch.device) -> None:
+    logits, noise, is_greedy = draw_inputs(num_rows, vocab, device, seed=num_rows)
+    got = sample_argmax(logits, noise, is_greedy)
+    assert torch.equal(got, TorchBackend().sample_argmax(logits, noise, is_greedy))
+    assert torch.equal(got[is_greedy], logits[is_greedy].argmax(dim=-1))
+    assert not torch.equal(got, logits.argmax(dim=-1)), "the noise should move some sampled row"
+
+
+def test_the_backend_draws_here(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    logits, noise, is_greedy = draw_inputs(4, 500, device, seed=7)
+    calls = []
+    monkeypatch.setattr(
+        "neuron_llm.backends.cuda.argmax.sample_argmax", lambda *args: calls.append(1) or sample_argmax(*args)
+    )
+    expected = TorchBackend().sample_argmax(logits, noise, is_greedy)
+    assert torch.equal(CudaBackend().sample_argmax(logits, noise, is_greedy), expected)
+    assert calls == [1] if device.type == "cuda" else calls == []
+    with pytest.raises(ValueError, match="one shape"):
+        sample_argmax(logits, noise[:, :10], is_greedy)
+
+
+@pytest.mark.cuda
+def test_sample_argmax_on_llama3_rows(device: torch.device) -> None:
+    logits, noise, is_greedy = draw_inputs(64, 128256, device, seed=3)
+    assert torch.equal(sample_argmax(logits, noise, is_greedy), TorchBackend().sample_argmax(logits, noise, is_greedy))

@@ -1,10 +1,16 @@
-"""Greedy argmax of a few rows of logits, split along the vocabulary.
+"""Argmax of rows of logits split along the vocabulary: greedy decoding, and the sampled draw.
 
 PyTorch reduces one row of a 128k vocabulary in few programs, so a batch-1 greedy step waits
 on a handful of multiprocessors streaming half a megabyte. Here each row is cut into chunks,
 one program a chunk; each stores its chunk's best value and index, and the last program of
 the row to finish (``launch.split_counters``) picks among them in chunk order. The result is
 ``torch.argmax``'s, the first index of the maximum, for rows without NaN (a NaN counts as +inf).
+
+``sample_argmax`` draws sampled rows the same way in one pass: the reference's
+``argmax(softmax(x) / noise)`` (exponential noise: each token wins with its probability) is
+``argmax(x - log(noise))``, since the softmax's sum and exp preserve the order. That saves the
+softmax's passes and its [rows, vocab] probabilities. Rounding differs, so a draw may differ
+where two tokens' scores tie within it.
 """
 
 from __future__ import annotations
@@ -24,12 +30,17 @@ CHUNK = 2048
 
 @triton.jit
 def _argmax_kernel(
-    x_ptr, stride_x, out_ptr, best_ptr, index_ptr, counter_ptr, n, NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr
-):
+    x_ptr, stride_x, noise_ptr, stride_noise, is_greedy_ptr, out_ptr, best_ptr, index_ptr, counter_ptr, n,
+    NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, SAMPLE: tl.constexpr,
+):  # fmt: skip
+    """argmax of row ``x``; with SAMPLE, of ``x - log(noise)`` in rows that are not greedy."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
     values = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
+    if SAMPLE:
+        if tl.load(is_greedy_ptr + row) == 0:
+            values -= tl.log(tl.load(noise_ptr + row * stride_noise + cols, mask=cols < n, other=1.0))
     values = tl.where(values != values, float("inf"), values)  # NaN wins, as in torch
     best = tl.max(values, axis=0)
     # Columns past the row's end (loaded as -inf) never count, even in a row of -inf.
@@ -55,13 +66,33 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` of [rows, vocab] logits (``takes``), int64 [rows]."""
     if not takes(logits):
         raise ValueError(f"argmax takes 1..{MAX_ROWS} rows of contiguous logits, got {tuple(logits.shape)}")
+    return _launch(logits, None, None)
+
+
+def sample_argmax(logits: torch.Tensor, noise: torch.Tensor, is_greedy: torch.Tensor) -> torch.Tensor:
+    """``Backend.sample_argmax`` for fp32 [rows, vocab] logits and noise with contiguous rows
+    (any number of rows): int64 [rows]."""
+    if logits.dim() != 2 or noise.shape != logits.shape or logits.stride(1) != 1 or noise.stride(1) != 1:
+        raise ValueError(
+            f"sample_argmax takes logits and noise of one shape [rows, vocab] with contiguous rows,"
+            f" got {tuple(logits.shape)} and {tuple(noise.shape)}"
+        )
+    return _launch(logits, noise, is_greedy)
+
+
+def _launch(logits: torch.Tensor, noise: torch.Tensor | None, is_greedy: torch.Tensor | None) -> torch.Tensor:
     num_rows, vocab = logits.shape
     num_chunks = triton.cdiv(vocab, CHUNK)
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows == 0:
+        return out
     best = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
     index = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
     counters = launch.split_counters(logits.device, num_rows)
+    sample = noise is not None
     _argmax_kernel[(num_rows, num_chunks)](
-        logits, logits.stride(0), out, best, index, counters, vocab, NUM_CHUNKS=num_chunks, CHUNK=CHUNK, num_warps=8
-    )
+        logits, logits.stride(0), noise if sample else logits, noise.stride(0) if sample else 0,
+        is_greedy if sample else out, out, best, index, counters, vocab,
+        NUM_CHUNKS=num_chunks, CHUNK=CHUNK, SAMPLE=sample, num_warps=8,
+    )  # fmt: skip
     return out
