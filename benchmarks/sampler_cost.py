@@ -7,8 +7,8 @@ spread like a trained model's), ``SamplingBatch`` built beforehand as the engine
 
 - ``sample`` for each setting below (penalties aside, every stage the engine runs after the
   model), through the reference backend (top-k by ``torch.topk`` selection, top-p alone by
-  sorting the vocabulary) and the cuda backend (its top-p kernel from ``truncation.MIN_ROWS``
-  rows), each the median time a call takes in a loop of 20 (CUDA events; host launches
+  sorting the vocabulary) and the cuda backend (its truncation kernels and its one-pass
+  draw), each the median time a call takes in a loop of 20 (CUDA events; host launches
   included where they bound it);
 - the truncation alone in a CUDA graph (the GPU's time only): the sort of every row against
   the cuda backend's kernels (top-k settings: ``torch.topk`` and ``truncation.top_k_top_p``;

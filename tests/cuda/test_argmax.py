@@ -77,6 +77,10 @@ def test_the_backend_draws_here(device: torch.device, monkeypatch: pytest.Monkey
     assert calls == [1] if device.type == "cuda" else calls == []
     with pytest.raises(ValueError, match="one shape"):
         sample_argmax(logits, noise[:, :10], is_greedy)
+    with pytest.raises(ValueError, match="fp32"):
+        sample_argmax(logits.half(), noise, is_greedy)
+    # Other logits take the reference's draw.
+    assert torch.equal(CudaBackend().sample_argmax(logits.double(), noise.double(), is_greedy), expected)
 
 
 @pytest.mark.cuda

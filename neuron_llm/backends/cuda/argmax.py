@@ -69,12 +69,21 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return _launch(logits, None, None)
 
 
+def takes_draw(logits: torch.Tensor, noise: torch.Tensor) -> bool:
+    """Whether ``sample_argmax`` takes these: fp32 [rows, vocab] logits and noise with contiguous rows."""
+    return (
+        logits.dim() == 2
+        and noise.shape == logits.shape
+        and logits.dtype == noise.dtype == torch.float32
+        and logits.stride(1) == noise.stride(1) == 1
+    )
+
+
 def sample_argmax(logits: torch.Tensor, noise: torch.Tensor, is_greedy: torch.Tensor) -> torch.Tensor:
-    """``Backend.sample_argmax`` for fp32 [rows, vocab] logits and noise with contiguous rows
-    (any number of rows): int64 [rows]."""
-    if logits.dim() != 2 or noise.shape != logits.shape or logits.stride(1) != 1 or noise.stride(1) != 1:
+    """``Backend.sample_argmax`` (``takes_draw``; any number of rows): int64 [rows]."""
+    if not takes_draw(logits, noise):
         raise ValueError(
-            f"sample_argmax takes logits and noise of one shape [rows, vocab] with contiguous rows,"
+            f"sample_argmax takes fp32 logits and noise of one shape [rows, vocab] with contiguous rows,"
             f" got {tuple(logits.shape)} and {tuple(noise.shape)}"
         )
     return _launch(logits, noise, is_greedy)

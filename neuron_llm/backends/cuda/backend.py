@@ -53,9 +53,8 @@ class CudaBackend(TorchBackend):
 
     def sample_argmax(self, logits: torch.Tensor, noise: torch.Tensor, is_greedy: torch.Tensor) -> torch.Tensor:
         # One pass over logits and noise, without the softmax's (argmax.py).
-        if logits.is_cuda and logits.dtype == noise.dtype == torch.float32 and logits.dim() == 2:
-            if noise.shape == logits.shape and logits.stride(1) == noise.stride(1) == 1:
-                return split_argmax.sample_argmax(logits, noise, is_greedy)
+        if logits.is_cuda and split_argmax.takes_draw(logits, noise):
+            return split_argmax.sample_argmax(logits, noise, is_greedy)
         return super().sample_argmax(logits, noise, is_greedy)
 
     def top_k_top_p(
