@@ -82,7 +82,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 batch = functools.partial(
                     engine.batch_throughput, bf16, args.batch, args.prompt_len, args.decode_tokens * 2, vocab
                 )
-                # An engine's first batch ran 5-20% slower than the next in every H200 run
+                # An engine's first batch ran 3-20% slower than the next in every H200 run
                 # (BENCHMARKS.md): not reported. Then greedy first and last, the sampled
                 # settings between.
                 batch()
