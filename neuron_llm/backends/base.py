@@ -109,8 +109,9 @@ class Backend(abc.ABC):
         every token (top-k above it, top-p 1): top-k then selects that many logits a row
         instead of sorting the vocabulary (``backends.truncation``).
         """
-        if top_k is not None and top_k_bound is not None and top_k_bound <= truncation.SELECT_MAX_K:
-            return truncation.select_top_k_top_p(logits, top_k, top_p, min(top_k_bound, logits.shape[-1]))
+        bound = truncation.selection_bound(logits, top_k, top_k_bound)
+        if bound is not None:
+            return truncation.select_top_k_top_p(logits, top_k, top_p, bound)
         return truncation.sort_top_k_top_p(logits, top_k, top_p)
 
     def prepare_model(self, model: nn.Module) -> None:

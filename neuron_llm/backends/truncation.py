@@ -21,6 +21,14 @@ SELECT_MAX_K = 1024
 """The largest ``bound`` the selection takes; larger bounds sort (torch.topk's cost grows with k)."""
 
 
+def selection_bound(logits: torch.Tensor, top_k: torch.Tensor | None, top_k_bound: int | None) -> int | None:
+    """The logits a row ``select_top_k_top_p`` takes for a ``Backend.top_k_top_p`` call, or None
+    where the sort is the way: no top-k, no bound, or a bound past ``SELECT_MAX_K``."""
+    if top_k is None or top_k_bound is None or top_k_bound > SELECT_MAX_K:
+        return None
+    return min(top_k_bound, logits.shape[-1])
+
+
 def sort_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
     """``logits`` [rows, vocab] with ``-inf`` where top-k (int64 [rows], ``vocab`` for none)
     or then top-p (fp32 [rows], 1 for none) drops a token: a new tensor."""

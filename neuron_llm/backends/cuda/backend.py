@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from neuron_llm.backends.cuda import argmax as split_argmax
 from neuron_llm.backends.cuda import attention, fp8, fused, int8_matmul, launch, truncation, w8a8
 from neuron_llm.backends.torch_backend import TorchBackend
+from neuron_llm.backends.truncation import selection_bound
 from neuron_llm.layers.linear import Linear
 from neuron_llm.models.merge import merge_projections
 from neuron_llm.quant.layers import Fp8Linear, Int8Linear, W8A8Linear
@@ -70,8 +71,9 @@ class CudaBackend(TorchBackend):
         if truncation.takes(logits):
             if top_k is None and top_p is not None and logits.shape[0] >= truncation.MIN_ROWS:
                 return truncation.top_p(logits, top_p)
-            if top_k is not None and top_k_bound is not None and top_k_bound <= truncation.SELECT_MAX_K:
-                return truncation.top_k_top_p(logits, top_k, top_p, min(top_k_bound, logits.shape[-1]))
+            bound = selection_bound(logits, top_k, top_k_bound)
+            if bound is not None:
+                return truncation.top_k_top_p(logits, top_k, top_p, bound)
         return super().top_k_top_p(logits, top_k, top_p, top_k_bound)
 
     def swiglu_down(self, gate_up: torch.Tensor, down_proj: nn.Module) -> torch.Tensor:

@@ -131,7 +131,7 @@ def _top_k_top_p_kernel(
 
 def takes(logits: torch.Tensor) -> bool:
     """Whether these kernels take the logits: fp32 [rows, vocab] on the GPU, rows contiguous."""
-    return logits.is_cuda and logits.dim() == 2 and logits.dtype == torch.float32 and logits.stride(1) == 1
+    return logits.is_cuda and _is_row_major_fp32(logits)
 
 
 def top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -162,6 +162,10 @@ def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor |
     return out
 
 
+def _is_row_major_fp32(logits: torch.Tensor) -> bool:
+    return logits.dim() == 2 and logits.dtype == torch.float32 and logits.stride(1) == 1
+
+
 def _check_logits(logits: torch.Tensor) -> None:
-    if logits.dim() != 2 or logits.dtype != torch.float32 or logits.stride(1) != 1:
+    if not _is_row_major_fp32(logits):
         raise ValueError(f"truncation takes fp32 logits [rows, vocab] with contiguous rows, got {tuple(logits.shape)}")
