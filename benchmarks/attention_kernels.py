@@ -14,7 +14,9 @@ block tables in a random block order.
 - Decode: batch {1, 8, 32, 64} x context {1024, 8192, 32768}; bandwidth counts the K/V of
   every context read once plus the query and output, against a device-to-device copy
   measured in the same run (read + write bytes). Each decode case runs in a CUDA graph over
-  enough disjoint copies of its inputs that they do not fit in L2.
+  enough disjoint copies of its inputs that they do not fit in L2. Beside it, the read floor:
+  the least time a kernel that only reads as many bytes takes, timed the same way
+  (``neuron_llm.bench.read_floor``), and the share of ours it is.
 
 Every case is first checked against the torch reference backend (fp32, on sampled rows for
 prefill, in groups of sequences for decode). A Markdown table is printed last.
@@ -41,6 +43,9 @@ BLOCK_SIZE = 16
 L2_ROTATION_BYTES = 256 << 20
 """Decode inputs are copied until they span this many bytes: five times an H100's 50 MB L2."""
 MAX_ERROR = 2e-2
+READ_FLOOR_MAX_BYTES = 1 << 30
+"""Decode cases with more keys and values than this get no read floor (a second copy of them
+would not fit beside the largest); at that size it is the copy bandwidth anyway."""
 
 
 @dataclass
@@ -282,6 +287,7 @@ def bench_decode(batch: int, context: int, dtype, device, sweep: bool) -> dict:
         "error": error,
         "ours_ms": ms,
         "bandwidth_gbs": (kv_bytes + io_bytes) / ms / 1e6,
+        "read_floor_ms": decode_read_floor_ms(kv_bytes, num_copies, num_sms, device),
     }
     if sweep:
         candidates = {}
@@ -302,6 +308,21 @@ def bench_decode(batch: int, context: int, dtype, device, sweep: bool) -> dict:
     return result
 
 
+def decode_read_floor_ms(kv_bytes: int, num_copies: int, num_sms: int, device) -> float | None:
+    """The least time of a kernel that only reads ``kv_bytes``, timed as the decode cases are
+    (copies in one CUDA graph); None past ``READ_FLOOR_MAX_BYTES``."""
+    import torch
+
+    from neuron_llm.bench.read_floor import launches
+
+    if kv_bytes > READ_FLOOR_MAX_BYTES:
+        return None
+    buffers = [torch.empty(kv_bytes, dtype=torch.uint8, device=device) for _ in range(num_copies)]
+    return min(
+        time_graph_ms([read] * num_copies, device, min_ms=50.0) for read, _ in launches(buffers, num_sms).values()
+    )
+
+
 def prefill_configs() -> list:
     from neuron_llm.backends.cuda.attention import PrefillConfig
 
@@ -319,7 +340,7 @@ def decode_configs() -> list:
 
     return [
         DecodeConfig(block_n, num_warps, num_stages)
-        for block_n, num_warps, num_stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))
+        for block_n, num_warps, num_stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4, 5))
     ]
 
 
@@ -351,14 +372,16 @@ def markdown(results: dict) -> str:
         )
     lines += [
         "",
-        "| decode batch | context | splits | ours us | GB/s | % of copy | rel. error |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| decode batch | context | splits | ours us | GB/s | % of copy | read floor us | rel. error |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["decode"]:
         share = 100 * row["bandwidth_gbs"] / results["copy_bandwidth_gbs"]
+        floor = row["read_floor_ms"]
+        floor = "n/a" if floor is None else f"{floor * 1e3:.1f} ({floor / row['ours_ms']:.0%})"
         lines.append(
             f"| {row['batch']} | {row['context']} | {row['num_splits']} | {row['ours_ms'] * 1e3:.1f} "
-            f"| {row['bandwidth_gbs']:.0f} | {share:.0f}% | {row['error']:.1e} |"
+            f"| {row['bandwidth_gbs']:.0f} | {share:.0f}% | {floor} | {row['error']:.1e} |"
         )
     return "\n".join(lines)
 

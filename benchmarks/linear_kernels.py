@@ -21,7 +21,9 @@ flushed before each call): it includes the host's launch work whenever that outl
 Reported beside them, from the same run: the device-to-device copy bandwidth (bytes read plus
 written) and the bf16 matmul rate of an 8192^3 product on random data. "weight GB/s" is the
 weight's bytes over the time, the figure that decode shapes should bring near the copy
-bandwidth.
+bandwidth. At M = 1, "read floor" is the least time a kernel that only reads the weight's
+bytes takes in the same harness (``neuron_llm.bench.read_floor``), and the share of ours it
+is: at tens of megabytes, fixed costs keep any kernel below the copy bandwidth.
 
 A sweep of the int8 kernel's decode configurations (block sizes, warps, split K) and prefill
 tiles prints next, best first per shape, so the defaults in ``int8_matmul.default_config``
@@ -61,6 +63,7 @@ from neuron_llm.backends.cuda.int8_matmul import (
     split_k_for,
 )
 from neuron_llm.backends.cuda.w8a8 import w8a8_linear
+from neuron_llm.bench.read_floor import read_floor
 from neuron_llm.quant.formats import (
     DEFAULT_ACTIVATION_SCALE_UB,
     dequantize_int8,
@@ -99,6 +102,8 @@ class Row:
     copy_fraction: float
     relative_error: float
     quantize_us: float | None = None
+    read_floor_us: float | None = None
+    """M = 1: the fastest streaming read of the weight's bytes, in the same harness."""
 
 
 def timer(is_cuda: bool, rep_ms: int, use_graph: bool = True) -> Callable[[Callable[[], object]], float]:
@@ -209,6 +214,12 @@ def cycling(fn: Callable[[dict[str, Any]], object], weights: list[dict[str, Any]
     return lambda: fn(next(turn))
 
 
+def weight_read_floor_us(weights: list[dict[str, Any]], ctx: dict) -> float:
+    """The read floor of one weight copy's bytes, rotating through as many buffers as copies."""
+    buffers = [torch.empty(weights[0]["bytes"], dtype=torch.uint8, device=ctx["device"]) for _ in weights]
+    return read_floor(buffers, ctx["num_sms"], ctx["time_us"])[0]
+
+
 def bench_case(
     name: str, n: int, k: int, m: int, fmt: str, weights: list[dict[str, Any]], args: argparse.Namespace, ctx: dict
 ) -> Row:
@@ -232,6 +243,7 @@ def bench_case(
         copy_fraction=weights[0]["bytes"] / elapsed / 1e3 / ctx["anchors"]["copy_gbps"],
         relative_error=error,
         quantize_us=quantize_us,
+        read_floor_us=weight_read_floor_us(weights, ctx) if m == 1 else None,
     )
 
 
@@ -344,7 +356,7 @@ def sweep(args: argparse.Namespace, ctx: dict) -> list[dict[str, Any]]:
     """Time the streaming kernel over tile shapes, warps and split K; print the best per case."""
     device = ctx["device"]
     ctx["sweep_time_us"] = timer(device.type == "cuda", args.sweep_rep_ms)
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    num_sms = ctx["num_sms"]
     all_shapes = SMOKE_SHAPES if args.smoke else LLAMA3_8B_SHAPES
     results = []
     for name in list(all_shapes) if args.smoke else args.sweep_shapes.split(","):
@@ -373,16 +385,17 @@ def markdown_table(rows: list[Row], anchors: dict) -> str:
         ),
         "",
         (
-            "| shape | N x K | M | format | time (us) | TFLOP/s | weight GB/s | of copy BW | activation quantize (us) "
-            "| eager (us) | rel. error |"
+            "| shape | N x K | M | format | time (us) | TFLOP/s | weight GB/s | of copy BW | read floor (us) "
+            "| activation quantize (us) | eager (us) | rel. error |"
         ),
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         quantize = "-" if r.quantize_us is None else f"{r.quantize_us:.1f}"
+        floor = "-" if r.read_floor_us is None else f"{r.read_floor_us:.1f} ({r.read_floor_us / r.time_us:.0%})"
         lines.append(
             f"| {r.shape} | {r.n}x{r.k} | {r.m} | {r.format} | {r.time_us:.1f} | {r.tflops:.1f} | {r.weight_gbps:.0f} "
-            f"| {r.copy_fraction:.0%} | {quantize} | {r.eager_us:.1f} | {r.relative_error:.1e} |"
+            f"| {r.copy_fraction:.0%} | {floor} | {quantize} | {r.eager_us:.1f} | {r.relative_error:.1e} |"
         )
     return "\n".join(lines)
 
@@ -419,6 +432,7 @@ def main() -> None:
     time_us = timer(is_cuda, args.rep_ms)
     ctx: dict[str, Any] = {"device": device, "dtype": torch.float32 if args.smoke and not is_cuda else torch.bfloat16}
     ctx["time_us"] = time_us
+    ctx["num_sms"] = torch.cuda.get_device_properties(device).multi_processor_count if is_cuda else 4
     ctx["eager_time_us"] = timer(is_cuda, args.rep_ms, use_graph=False)
     ctx["anchors"] = measure_anchors(device, ctx["eager_time_us"], args.smoke)
     described = torch.cuda.get_device_name(device) if is_cuda else f"CPU ({platform.machine()}), Triton interpreter"
