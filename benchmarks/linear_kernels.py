@@ -215,9 +215,14 @@ def cycling(fn: Callable[[dict[str, Any]], object], weights: list[dict[str, Any]
 
 
 def weight_read_floor_us(weights: list[dict[str, Any]], ctx: dict) -> float:
-    """The read floor of one weight copy's bytes, rotating through as many buffers as copies."""
-    buffers = [torch.empty(weights[0]["bytes"], dtype=torch.uint8, device=ctx["device"]) for _ in weights]
-    return read_floor(buffers, ctx["num_sms"], ctx["time_us"])[0]
+    """The read floor of one weight copy's bytes, rotating through as many buffers as copies
+    (once per size: formats of equal bytes share it)."""
+    num_bytes = weights[0]["bytes"]
+    floors = ctx.setdefault("read_floors_us", {})
+    if num_bytes not in floors:
+        buffers = [torch.empty(num_bytes, dtype=torch.uint8, device=ctx["device"]) for _ in weights]
+        floors[num_bytes] = read_floor(buffers, ctx["num_sms"], ctx["time_us"])[0]
+    return floors[num_bytes]
 
 
 def bench_case(
