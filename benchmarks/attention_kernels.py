@@ -313,14 +313,12 @@ def decode_read_floor_ms(kv_bytes: int, num_copies: int, num_sms: int, device) -
     (copies in one CUDA graph); None past ``READ_FLOOR_MAX_BYTES``."""
     import torch
 
-    from neuron_llm.bench.read_floor import launches
+    from neuron_llm.bench.read_floor import read_floor
 
     if kv_bytes > READ_FLOOR_MAX_BYTES:
         return None
     buffers = [torch.empty(kv_bytes, dtype=torch.uint8, device=device) for _ in range(num_copies)]
-    return min(
-        time_graph_ms([read] * num_copies, device, min_ms=50.0) for read, _ in launches(buffers, num_sms).values()
-    )
+    return read_floor(buffers, num_sms, lambda read: time_graph_ms([read] * num_copies, device, min_ms=50.0))[0]
 
 
 def prefill_configs() -> list:
