@@ -224,7 +224,8 @@ def batch_throughput(
         # The whole batch once first, so that kernels compiled for its shapes (its prefill
         # chunks, a sampling kernel for its rows) compile outside the timed run.
         timed_steps(run, prompts, 2, sampling=sampling)
-        torch.cuda.synchronize()
+        if torch.device(run.config.device.device).type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         times = timed_steps(run, prompts, max_tokens, sampling=sampling)
         seconds = time.perf_counter() - start
@@ -233,11 +234,11 @@ def batch_throughput(
 
 
 def prefill_time(engine: LLMEngine, prompt_len: int, vocab_size: int, repeats: int = 5) -> dict[str, float]:
-    """Median seconds of the one step that prefills a ``prompt_len``-token prompt (and samples a token)."""
+    """Median seconds from a ``prompt_len``-token prompt's first step to its one token: the step
+    that prefills it and samples, and with async scheduling the next, which reads the token."""
     times = []
     for seed in range(repeats + 1):
-        (step,) = timed_steps(engine, random_prompts(1, prompt_len, vocab_size, seed=seed), 1)
-        times.append(step)
+        times.append(sum(timed_steps(engine, random_prompts(1, prompt_len, vocab_size, seed=seed), 1)))
     seconds = statistics.median(times[1:])
     return {"prefill_s": seconds, "prefill_tokens_per_s": prompt_len / seconds}
 

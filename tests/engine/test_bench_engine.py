@@ -1,0 +1,54 @@
+"""The engine benchmarks' timing helpers (``neuron_llm.bench.engine``), on a tiny CPU engine,
+with async scheduling off and on (on, one token takes two engine steps)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from neuron_llm.bench import engine
+
+
+@pytest.fixture(scope="module")
+def tiny_engine() -> engine.LLMEngine:
+    _, shape = engine.llama3_8b_shape(1)
+    config = dataclasses.replace(
+        shape, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=100,
+    )  # fmt: skip
+    case = engine.EngineCase(
+        lambda: engine.random_llama(config, torch.float32, "cpu"),
+        config,
+        dtype=torch.float32,
+        device="cpu",
+        max_model_len=256,
+        max_num_seqs=4,
+        max_num_batched_tokens=128,
+        num_kv_blocks=64,
+    )
+    return case.engine()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_prefill_is_timed_to_its_token(tiny_engine: engine.LLMEngine, async_scheduling: bool) -> None:
+    run = engine.with_scheduling(tiny_engine, async_scheduling)
+    steps = engine.timed_steps(run, engine.random_prompts(1, 40, 100), 1)
+    assert len(steps) == (2 if async_scheduling else 1)
+    result = engine.prefill_time(run, 40, 100, repeats=2)
+    assert result["prefill_s"] > 0
+    assert result["prefill_tokens_per_s"] == pytest.approx(40 / result["prefill_s"])
+    assert not run.has_unfinished_requests()
+
+
+def test_decode_and_batch_figures(tiny_engine: engine.LLMEngine) -> None:
+    run = engine.with_scheduling(tiny_engine, True)
+    decode = engine.decode_latency(run, prompt_len=8, max_tokens=6, vocab_size=100)
+    assert set(decode) == {"decode_s_per_token", "sync_s_per_token", "decode_s_p90", "model_s_per_token"}
+    assert 0 < decode["decode_s_per_token"] <= decode["decode_s_p90"]
+    batch = engine.batch_throughput(run, batch=3, prompt_len=8, max_tokens=5, vocab_size=100)
+    assert batch["output_tokens_per_s"] == pytest.approx(3 * 5 / batch["seconds"])
+    assert batch["output_tokens_per_s_sync"] == pytest.approx(3 * 5 / batch["seconds_sync"])
+    # Async: one step per token, and one more that reads the last.
+    assert batch["steps"] >= 5
