@@ -80,10 +80,11 @@ def compile_every_kernel() -> list[str]:
             fp8.silu_mul_quantize_int8(torch.randn(tokens, 2 * intermediate, dtype=bf16))
             fp8.rms_norm_quantize_fp8(x, x.clone(), weight, 1e-5, 1200.0)
             w8a8.w8a8_linear(x, torch.zeros(1024, hidden, dtype=torch.int8), torch.ones(1024, 1))
-            for group_size in (None, 128):
-                q = torch.zeros(1024, hidden, dtype=torch.int8)
-                scale = torch.ones(1024, 1 if group_size is None else hidden // group_size)
-                config = int8_matmul.default_config(tokens, 1024, hidden, group_size, H100_SMS)
+            # Narrow GEMV tiles, group-scaled ones, and the wide tiles of qkv's 6144 rows.
+            for rows, group_size in ((1024, None), (1024, 128), (6144, None)):
+                q = torch.zeros(rows, hidden, dtype=torch.int8)
+                scale = torch.ones(rows, 1 if group_size is None else hidden // group_size)
+                config = int8_matmul.default_config(tokens, rows, hidden, group_size, H100_SMS)
                 int8_matmul.int8_linear(x, q, scale, None, group_size, config=config)
             q = torch.zeros(hidden, intermediate, dtype=torch.int8)
             gate_up = torch.randn(tokens, 2 * intermediate, dtype=bf16)

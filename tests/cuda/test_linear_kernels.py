@@ -98,6 +98,7 @@ CONFIGS = [
     Int8MatmulConfig(block_m=1, block_n=16, block_k=32, convert="cvt", reduce_in_thread=False),
     Int8MatmulConfig(block_m=1, block_n=32, block_k=64, split_k=3, prefetch=True),
     Int8MatmulConfig(block_m=1, block_n=16, block_k=128, split_k=2, convert="add"),
+    Int8MatmulConfig(block_m=1, block_n=64, block_k=64, split_k=2),
     Int8MatmulConfig(block_m=16, block_n=32, block_k=32, split_k=2),
     Int8MatmulConfig(block_m=32, block_n=64, block_k=64),
     Int8MatmulConfig(block_m=16, block_n=16, block_k=128, split_k=4),
@@ -255,6 +256,10 @@ def test_default_config_fills_the_gpu() -> None:
     assert 128 % default_config(16, 4096, 4096, 128, num_sms=132).block_k == 0
     grouped = default_config(1, 4096, 14336, 128, num_sms=132)  # a thread's sums take their group's scale
     assert grouped.block_k > 128 and grouped.split_k * 4096 // grouped.block_n >= 2 * 132
+    # Between narrow tiles' two regimes, int8 rows take 64-row tiles, two programs a multiprocessor.
+    wide = default_config(1, 6144, 4096, None, num_sms=132)
+    assert (wide.block_n, wide.prefetch) == (64, False) and wide.split_k * 6144 // 64 >= 2 * 132
+    assert default_config(1, 6144, 4096, None, num_sms=132, weight_bytes=2).block_n == 32
 
 
 def expected_fp8_codes(values: torch.Tensor, scale: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -129,13 +129,15 @@ def default_config(
     """
     # A GEMV's threads scale their 16-byte sums by their group's scale (``_gemv_step``).
     is_scaled_sums = m == 1 and group_size is not None and group_size % 16 == 0
+    is_wide_gemv = False
     if m == 1:
         # Tiles 512 bytes deep, a thread's products summed in the thread: few registers, so
         # four programs share a multiprocessor. Narrow tiles (16 rows) where they alone give
         # four programs a multiprocessor or at most two (then K splits four ways or more),
-        # else 32 rows. H200 sweeps, int8: gate_up 30.4, down 16.0, o 6.1 us against 33.8,
-        # 18.4, 7.1 with 256-deep tiles and an accumulator per element; bf16: gate_up 53.6,
-        # o 9.2 us against 56.8, 10.3 with 128-deep ones; qkv 13.3 us wide, 17.1 narrow.
+        # else 32 rows (int8: 64, below). H200 sweeps, int8: gate_up 30.4, down 16.0, o 6.1 us
+        # against 33.8, 18.4, 7.1 with 256-deep tiles and an accumulator per element; bf16:
+        # gate_up 53.6, o 9.2 us against 56.8, 10.3 with 128-deep ones; qkv 13.3 us wide, 17.1
+        # narrow.
         narrow_tiles = triton.cdiv(n, 16)
         is_narrow = narrow_tiles <= 2 * num_sms or narrow_tiles >= 4 * num_sms
         if is_scaled_sums:
@@ -144,7 +146,11 @@ def default_config(
             # group 128: qkv 9.4, o 6.7, gate_up 30.0, down 17.8 us against 9.9, 8.9, 49.2,
             # 27.0 with 64 x 128 tiles and 8 warps; o and down 8.3 and 23.1 us with 16 rows.
             is_narrow = narrow_tiles > 2 * num_sms
-        config = Int8MatmulConfig(block_m=1, block_n=16 if is_narrow else 32, block_k=512 // weight_bytes)
+        # int8 weights between the two (Llama-3-8B's qkv) take 64-row tiles, two programs a
+        # multiprocessor, no prefetch: H200, qkv 8.7 us against 9.4 with 32 rows (read floor 7.4).
+        is_wide_gemv = weight_bytes == 1 and not is_narrow and not is_scaled_sums
+        block_n = 16 if is_narrow else 64 if is_wide_gemv else 32
+        config = Int8MatmulConfig(block_m=1, block_n=block_n, block_k=512 // weight_bytes)
     elif m <= 16:
         config = Int8MatmulConfig(block_m=16, block_n=32, block_k=256)
     elif m <= 64:
@@ -160,14 +166,14 @@ def default_config(
     if m <= 512:
         # GEMVs and decode tiles of 4096 weights per step want twice the programs of 8192-weight ones.
         is_small_step = config.block_m == 1 or config.block_m <= 16 and config.block_n * config.block_k <= 4096
-        programs_per_sm = 3 if is_scaled_sums else 4 if is_small_step else 2 if m <= 16 else 1
+        programs_per_sm = 3 if is_scaled_sums else 2 if is_wide_gemv else 4 if is_small_step else 2 if m <= 16 else 1
         num_tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
         split_k = split_k_for(num_tiles, triton.cdiv(k, config.block_k), num_sms, programs_per_sm)
         config = replace(config, split_k=split_k)
         # A second tile in flight pays where few programs share a multiprocessor; where many
         # do, its registers cost more occupancy than it hides latency.
         is_sparse = num_tiles * split_k <= PREFETCH_MAX_PROGRAMS_PER_SM * num_sms
-        if m == 1 and weight_bytes == 1 and is_sparse:
+        if m == 1 and weight_bytes == 1 and is_sparse and not is_wide_gemv:
             # The tile carried to the next step is kept byte by byte, which costs the permute
             # and the thread's sums more instructions than they save (sm_90, a 32 x 256 tile:
             # 449 instructions a step with them, 330 without).
