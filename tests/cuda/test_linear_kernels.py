@@ -390,6 +390,23 @@ def test_row_quantize_walks_give_the_same_bits(is_silu_mul: bool, out_dtype: tor
         assert config.stage == (is_silu_mul and config.num_blocks > 1)
 
 
+@pytest.mark.cuda
+def test_staged_rows_dropped_from_l2_give_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many staged rows, none a whole number of 128-byte lines: dropping each row's L2 lines
+    once read (``discard.global.L2``) never touches a row still to be read."""
+    from neuron_llm.backends.cuda import fp8
+
+    assert fp8._discards_l2(torch.device("cuda"))
+    gate_up = (torch.randn(2048, 2 * 20000, device="cuda") * 4).bfloat16()
+    for quantize in (silu_mul_quantize_fp8, silu_mul_quantize_int8):
+        with monkeypatch.context() as patch:
+            patch.setattr(fp8, "_discards_l2", lambda device: False)
+            kept = quantize(gate_up)
+        dropped = quantize(gate_up)
+        assert torch.equal(dropped[0].view(torch.uint8), kept[0].view(torch.uint8))
+        assert torch.equal(dropped[1], kept[1])
+
+
 @pytest.mark.parametrize(("num_tokens", "intermediate"), [(1, 64), (5, 96), (3, 20000)])
 def test_silu_mul_quantize_int8_matches_unfused(num_tokens: int, intermediate: int, device: torch.device) -> None:
     for dtype in kernel_dtypes(device):

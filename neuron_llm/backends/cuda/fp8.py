@@ -50,7 +50,8 @@ MAX_SINGLE_PASS_FEATURES = 4096
 """Longest row quantized from registers in one pass; longer rows are read twice, in blocks of
 ``_BLOCK_TWO_PASS`` with 8 warps. A whole row of 14336 in registers holds one program a
 multiprocessor: on an H200, SwiGLU and fp8 of 4096 such rows ran 250 us in one pass, 131 us
-in two with the values staged (BENCHMARKS.md, ``benchmarks/activation_quantize.py``)."""
+in two with the values staged, 120 us with the staged values then dropped from L2 unwritten
+(BENCHMARKS.md, ``benchmarks/activation_quantize.py``)."""
 _BLOCK_TWO_PASS = 2048
 
 
@@ -136,6 +137,17 @@ def _row_values(x_ptr, up_ptr, offs, mask, IS_SILU_MUL: tl.constexpr):
 
 
 @triton.jit
+def _discard_l2_lines(ptr, num_bytes, LINES: tl.constexpr):
+    """Drop the 128-byte L2 lines of ``[ptr, ptr + num_bytes)`` (``ptr`` 128-byte aligned, the
+    last line ours whole) without writing them back: their contents become undefined."""
+    line = tl.minimum(tl.arange(0, LINES), tl.cdiv(num_bytes, 128) - 1)
+    addresses = ptr.to(tl.pointer_type(tl.int8)) + line * 128
+    tl.inline_asm_elementwise(
+        "discard.global.L2 [$1], 128;\n\tmov.u32 $0, 0;", "=r,l", [addresses], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr,
     up_ptr,
@@ -154,6 +166,8 @@ def _quantize_rows_kernel(
     BLOCK: tl.constexpr,
     NUM_BLOCKS: tl.constexpr,
     STAGE: tl.constexpr,
+    DISCARD_STAGED: tl.constexpr,
+    STAGED_LINES: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """q[row] = fp8 (int8) of values[row] / scale[row]; values are x, or silu(x) * up with IS_SILU_MUL.
@@ -161,7 +175,8 @@ def _quantize_rows_kernel(
     A row longer than one block is read twice: once for its absolute maximum, once to
     quantize. With STAGE the first pass stores the values (in x's dtype, which holds them
     exactly) at ``staged_ptr`` and the second reads them back from cache instead of computing
-    silu(x) * up again.
+    silu(x) * up again; with DISCARD_STAGED their lines then leave L2 unwritten (rows of
+    ``STAGED_LINES`` or fewer 128-byte lines, each row's start aligned to one).
     """
     launch.wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -191,6 +206,13 @@ def _quantize_rows_kernel(
             else:
                 values = _row_values(x_row + block * BLOCK, up_row + block * BLOCK, offs, mask, IS_SILU_MUL)
             tl.store(q_row + block * BLOCK + offs, _quantize(values, scale, IS_INT8), mask=mask)
+        if STAGE and DISCARD_STAGED:
+            # Every thread has stored what it read of the staged row, so its reads are done;
+            # past the barrier the row is dead, and writing it back to memory would cost as
+            # much as reading the gate again.
+            tl.debug_barrier()
+            row_bytes = num_features * (staged_ptr.dtype.element_ty.primitive_bitwidth // 8)
+            _discard_l2_lines(staged_row, row_bytes, STAGED_LINES)
     tl.store(scale_ptr + row, scale)
 
 
@@ -263,7 +285,12 @@ def _launch_quantize_rows(
     if config.block * config.num_blocks < num_features or (config.stage and up is None):
         raise ValueError(f"{config} does not cover a row of {num_features} SwiGLU={up is not None} features")
     stage = config.stage and config.num_blocks > 1
-    staged = torch.empty(num_tokens, num_features, dtype=x.dtype, device=x.device) if stage else x
+    # Rows of whole 128-byte lines, so that a row's lines can be discarded from L2 (torch's
+    # CUDA allocator aligns every block to 512 bytes).
+    row_lines = triton.cdiv(num_features * x.element_size(), 128)
+    staged = x
+    if stage:
+        staged = torch.empty(num_tokens, row_lines * 128 // x.element_size(), dtype=x.dtype, device=x.device)
     _quantize_rows_kernel[(num_tokens,)](
         x,
         up if up is not None else x,
@@ -282,11 +309,20 @@ def _launch_quantize_rows(
         BLOCK=config.block,
         NUM_BLOCKS=config.num_blocks,
         STAGE=stage,
+        DISCARD_STAGED=stage and _discards_l2(x.device),
+        STAGED_LINES=triton.next_power_of_2(row_lines),
         **launch.pdl(x.device),
         num_warps=config.num_warps,
         enable_fp_fusion=False,
     )
     return q, scale
+
+
+def _discards_l2(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may use ``discard.global.L2`` (PTX, sm_80+)."""
+    if device.type != "cuda" or triton.knobs.runtime.interpret:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def quantize_fp8_per_token(
