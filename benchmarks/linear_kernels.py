@@ -57,6 +57,7 @@ import triton.testing
 from neuron_llm.backends.cuda.fp8 import fp8_linear, quantize_fp8_per_token, quantize_int8_per_token
 from neuron_llm.backends.cuda.int8_matmul import (
     Int8MatmulConfig,
+    _num_sms,
     default_config,
     gemv_16bit,
     int8_linear,
@@ -437,7 +438,7 @@ def main() -> None:
     time_us = timer(is_cuda, args.rep_ms)
     ctx: dict[str, Any] = {"device": device, "dtype": torch.float32 if args.smoke and not is_cuda else torch.bfloat16}
     ctx["time_us"] = time_us
-    ctx["num_sms"] = torch.cuda.get_device_properties(device).multi_processor_count if is_cuda else 4
+    ctx["num_sms"] = _num_sms(device)
     ctx["eager_time_us"] = timer(is_cuda, args.rep_ms, use_graph=False)
     ctx["anchors"] = measure_anchors(device, ctx["eager_time_us"], args.smoke)
     described = torch.cuda.get_device_name(device) if is_cuda else f"CPU ({platform.machine()}), Triton interpreter"

@@ -30,6 +30,7 @@ correctly rounded division (``div_rn``), as torch's tensor division is.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -318,6 +319,7 @@ def _launch_quantize_rows(
     return q, scale
 
 
+@functools.cache
 def _discards_l2(device: torch.device) -> bool:
     """Whether kernels on ``device`` may use ``discard.global.L2`` (PTX, sm_80+)."""
     if device.type != "cuda" or triton.knobs.runtime.interpret:
