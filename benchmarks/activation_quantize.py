@@ -8,8 +8,9 @@ At Llama-3-8B's shapes for a 4096-token prefill (hidden 4096, intermediate 14336
 - ``silu_mul_quantize_fp8``: SwiGLU of the gate/up output and fp8 quantization, the down
   projection's input, as the backend runs it (default walk of the row);
 - the same kernel over a sweep of row walks: one pass with the row in registers, or two
-  passes in blocks, the SwiGLU values computed twice or staged between the passes; each
-  checked bit for bit against the default;
+  passes in blocks, the SwiGLU values computed twice or staged between the passes (and
+  each block loaded while the one before is computed); each checked bit for bit against
+  the default;
 - the unfused pair, ``fused.silu_mul`` then ``quantize_fp8_per_token``;
 - ``quantize_fp8_per_token`` and ``rms_norm_quantize_fp8`` (with the residual add) of hidden-wide rows.
 
@@ -45,13 +46,18 @@ from neuron_llm.bench import anchors
 
 
 def walks(num_features: int, smoke: bool) -> list[fp8.RowQuantizeConfig]:
-    """One pass (the row in registers) and two-pass walks, with and without staged values."""
+    """One pass (the row in registers) and two-pass walks, with and without staged values, and
+    staged with each block loaded a block ahead."""
     if smoke:
-        return [fp8.RowQuantizeConfig(64, triton.cdiv(num_features, 64), 2, stage) for stage in (False, True)]
+        num_blocks = triton.cdiv(num_features, 64)
+        configs = [fp8.RowQuantizeConfig(64, num_blocks, 2, stage) for stage in (False, True)]
+        return configs + [fp8.RowQuantizeConfig(64, num_blocks, 2, True, prefetch=True)]
     whole = triton.next_power_of_2(num_features)
     configs = [fp8.RowQuantizeConfig(whole, 1, warps) for warps in (16, 32)]
     for block, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]:
-        configs += [fp8.RowQuantizeConfig(block, triton.cdiv(num_features, block), warps, s) for s in (False, True)]
+        num_blocks = triton.cdiv(num_features, block)
+        configs += [fp8.RowQuantizeConfig(block, num_blocks, warps, s) for s in (False, True)]
+        configs.append(fp8.RowQuantizeConfig(block, num_blocks, warps, True, prefetch=True))
     return configs
 
 
@@ -136,6 +142,7 @@ def main() -> int:
         walk = row.get("walk")
         described = (
             f"{walk['num_blocks']} x {walk['block']}, {walk['num_warps']} warps{', staged' if walk['stage'] else ''}"
+            f"{', a block ahead' if walk['prefetch'] else ''}"
             if walk
             else ""
         )

@@ -371,14 +371,17 @@ def test_silu_mul_quantize_fp8_matches_unfused(num_tokens: int, intermediate: in
 @pytest.mark.parametrize("is_silu_mul", [True, False])
 @pytest.mark.parametrize("out_dtype", [FP8_DTYPE, torch.int8])
 def test_row_quantize_walks_give_the_same_bits(is_silu_mul: bool, out_dtype: torch.dtype, device: torch.device) -> None:
-    """One pass, two passes, SwiGLU values made twice or staged between the passes: one result."""
+    """One pass, two passes, SwiGLU values made twice or staged between the passes, blocks
+    loaded one ahead or not: one result."""
     from neuron_llm.backends.cuda.fp8 import RowQuantizeConfig, _launch_quantize_rows, default_row_config
 
     x = activation_rows(5, 300, torch.float16, device)
     up = (torch.randn(5, 300) * 4).half().to(device) if is_silu_mul else None
     ub = 1200.0 if out_dtype == FP8_DTYPE else None
     one_pass = _launch_quantize_rows(x, up, ub, out_dtype, RowQuantizeConfig(512, 1, 4))
-    for config in [RowQuantizeConfig(64, 5, 2), RowQuantizeConfig(128, 3, 4, stage=is_silu_mul)]:
+    walks = [RowQuantizeConfig(64, 5, 2), RowQuantizeConfig(128, 3, 4, stage=is_silu_mul)]
+    walks += [RowQuantizeConfig(64, 5, 2, prefetch=True), RowQuantizeConfig(128, 3, 4, is_silu_mul, prefetch=True)]
+    for config in walks:
         q, scale = _launch_quantize_rows(x, up, ub, out_dtype, config)
         assert torch.equal(q.view(torch.uint8), one_pass[0].view(torch.uint8)), config
         assert torch.equal(scale, one_pass[1]), config
@@ -387,7 +390,7 @@ def test_row_quantize_walks_give_the_same_bits(is_silu_mul: bool, out_dtype: tor
     for num_features in (100, 4096, 14336, 20000):
         config = default_row_config(num_features, is_silu_mul)
         assert config.block * config.num_blocks >= num_features
-        assert config.stage == (is_silu_mul and config.num_blocks > 1)
+        assert config.stage == config.prefetch == (is_silu_mul and config.num_blocks > 1)
 
 
 @pytest.mark.cuda

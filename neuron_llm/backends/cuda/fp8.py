@@ -24,8 +24,9 @@ product, after the norm), so they quantize the same values the unfused path woul
 kernels are compiled without multiply-add fusion so that every rounding stays where torch has
 it. ``quantize_fp8_per_token`` gives the bits of ``formats.quantize_fp8_activation`` run on
 the GPU: the scale is ``amax * float32(1 / 448)`` (torch on CUDA divides by a Python number
-that way; on the CPU it divides, which can differ in the last bit) and ``x / scale`` is a
-correctly rounded division (``div_rn``), as torch's tensor division is.
+that way; on the CPU it divides, which can differ in the last bit) and ``x / scale`` is
+correctly rounded, as torch's tensor division is: for 16-bit activations a product with the
+row's inverse and one fma correction (``_divide``), otherwise ``div_rn``.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ MAX_SINGLE_PASS_FEATURES = 4096
 """Longest row quantized from registers in one pass; longer rows are read twice, in blocks of
 ``_BLOCK_TWO_PASS`` with 8 warps. A whole row of 14336 in registers holds one program a
 multiprocessor: on an H200, SwiGLU and fp8 of 4096 such rows ran 250 us in one pass, 131 us
-in two with the values staged, 120 us with the staged values then dropped from L2 unwritten
-(BENCHMARKS.md, ``benchmarks/activation_quantize.py``)."""
+in two with the values staged, 120 us with the staged values then dropped from L2 unwritten,
+then 98 us dividing by the row's inverse and loading a block ahead (BENCHMARKS.md)."""
 _BLOCK_TWO_PASS = 2048
 
 
@@ -65,14 +66,18 @@ class RowQuantizeConfig:
     num_warps: int
     stage: bool = False
     """Two passes of SwiGLU values: store them in the first, read them back in the second."""
+    prefetch: bool = False
+    """In the first of two passes, load each block while the one before is computed."""
 
 
 def default_row_config(num_features: int, is_silu_mul: bool) -> RowQuantizeConfig:
     if num_features <= MAX_SINGLE_PASS_FEATURES:
         block = triton.next_power_of_2(num_features)
         return RowQuantizeConfig(block, 1, max(1, min(16, block // 512)))
-    # SwiGLU values are worth keeping between the passes: computing them is the kernel's main cost.
-    return RowQuantizeConfig(_BLOCK_TWO_PASS, triton.cdiv(num_features, _BLOCK_TWO_PASS), 8, stage=is_silu_mul)
+    # SwiGLU values are worth keeping between the passes: computing them is the kernel's main
+    # cost, and loading a block ahead keeps memory busy meanwhile.
+    num_blocks = triton.cdiv(num_features, _BLOCK_TWO_PASS)
+    return RowQuantizeConfig(_BLOCK_TWO_PASS, num_blocks, 8, stage=is_silu_mul, prefetch=is_silu_mul)
 
 
 _SCALED_MM_ALIGNMENT = 16
@@ -88,6 +93,8 @@ _INV_INT8_MAX = tl.constexpr(1.0 / INT8_MAX)
 _MIN_INT8_SCALE = tl.constexpr(torch.finfo(torch.float32).tiny)
 _ROUNDING_SHIFT = tl.constexpr(1.5 * 2.0**23)
 """Adding then subtracting it rounds a float32 of magnitude below 2^22 to an integer, half to even."""
+_MAX_QUOTIENT = tl.constexpr(2.0**100)
+_MIN_DIVISOR = tl.constexpr(2.0**-100)
 
 
 @triton.jit
@@ -96,11 +103,6 @@ def _token_scale(amax, scale_ub, HAS_UB: tl.constexpr):
     if HAS_UB:
         amax = tl.minimum(amax, scale_ub)
     return tl.maximum(amax * _INV_FP8_MAX, _MIN_SCALE)
-
-
-@triton.jit
-def _to_fp8(values, scale):
-    return tl.clamp(tl.math.div_rn(values, scale), -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
 
 
 # Both branches return from an if/else: Triton compiles a trailing return after an if as a
@@ -114,27 +116,90 @@ def _row_scale(amax, scale_ub, HAS_UB: tl.constexpr, IS_INT8: tl.constexpr):
 
 
 @triton.jit
-def _quantize(values, scale, IS_INT8: tl.constexpr):
-    if IS_INT8:
-        scaled = tl.clamp(tl.math.div_rn(values, scale), -_INT8_MAX, _INT8_MAX)
-        return ((scaled + _ROUNDING_SHIFT) - _ROUNDING_SHIFT).to(tl.int8)
-    else:
-        return _to_fp8(values, scale)
+def _divides_by_inverse(amax, scale, inverse):
+    """Whether ``_divide`` may use ``inverse`` for a row: its values finite (``amax`` is
+    their absolute maximum before any bound), no quotient near overflow, and a scale large
+    enough that a remainder below the normal range (where the correction is inexact) comes
+    only from a value below 2^-102, whose code is zero either way."""
+    return (amax * inverse < _MAX_QUOTIENT) & (scale >= _MIN_DIVISOR)
 
 
 @triton.jit
-def _silu_mul(gate_ptr, up_ptr, offs, mask):
-    """``silu(gate) * up`` in float32, rounded to the input dtype after each op as torch does."""
-    gate = tl.load(gate_ptr + offs, mask=mask, other=0.0)
-    up = tl.load(up_ptr + offs, mask=mask, other=0.0)
-    return silu_mul_rounded(gate, up).to(tl.float32)
+def _divide(values, scale, inverse, BY_INVERSE: tl.constexpr):
+    """``values / scale`` correctly rounded, as torch divides.
+
+    With BY_INVERSE (``inverse`` the correctly rounded ``1 / scale``, values 16-bit numbers,
+    the row passing ``_divides_by_inverse``) a product and one Markstein correction give the
+    bits of the division in four instructions instead of about ten: the remainder
+    ``quotient * scale - values`` is exact in an fma, and ``quotient - remainder * inverse``
+    rounds to the correctly rounded quotient. (``-values`` is ``0 - values`` in Triton, not
+    a negation; the signs are chosen so that a -0 value still gives -0.)
+    ``tests/cuda/test_fp8_divide.py`` checks every fp16 significand (bf16's among them)
+    against every float32 one.
+    """
+    if BY_INVERSE:
+        quotient = values * inverse
+        remainder = tl.fma(quotient, scale, -values)
+        return tl.fma(remainder, -inverse, quotient)
+    else:
+        return tl.math.div_rn(values, scale)
+
+
+@triton.jit
+def _divide_in_row(values, amax, scale, inverse, BY_INVERSE: tl.constexpr):
+    """``_divide`` for a block of a row, by the row's ``inverse`` where ``_divides_by_inverse``
+    allows it (a branch the whole program takes one way)."""
+    # The branch yields float32: yielding the fp8 codes instead, about one code in eight came
+    # out wrong (Triton 3.6 on an H200; int8 codes were right).
+    if BY_INVERSE:
+        if _divides_by_inverse(amax, scale, inverse):
+            scaled = _divide(values, scale, inverse, True)
+        else:
+            scaled = _divide(values, scale, inverse, False)
+    else:
+        scaled = _divide(values, scale, inverse, False)
+    return scaled
+
+
+@triton.jit
+def _codes(scaled, IS_INT8: tl.constexpr):
+    """The int8 (rounded half to even) or fp8 codes of quotients ``scaled``, saturated."""
+    if IS_INT8:
+        scaled = tl.clamp(scaled, -_INT8_MAX, _INT8_MAX)
+        return ((scaled + _ROUNDING_SHIFT) - _ROUNDING_SHIFT).to(tl.int8)
+    else:
+        return tl.clamp(scaled, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+
+
+@triton.jit
+def _quantize(values, amax, scale, inverse, IS_INT8: tl.constexpr, BY_INVERSE: tl.constexpr):
+    """The codes of a block of a row of absolute maximum ``amax`` and scale ``scale``."""
+    return _codes(_divide_in_row(values, amax, scale, inverse, BY_INVERSE), IS_INT8)
+
+
+@triton.jit
+def _load_block(x_ptr, up_ptr, offs, mask, IS_SILU_MUL: tl.constexpr):
+    """A block of x (the gate with IS_SILU_MUL) and of up (x again without)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    up = x
+    if IS_SILU_MUL:
+        up = tl.load(up_ptr + offs, mask=mask, other=0.0)
+    return x, up
+
+
+@triton.jit
+def _block_values(x, up, IS_SILU_MUL: tl.constexpr):
+    """The float32 values to quantize: ``silu(x) * up`` rounded as torch rounds it, or x."""
+    if IS_SILU_MUL:
+        return silu_mul_rounded(x, up).to(tl.float32)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
 def _row_values(x_ptr, up_ptr, offs, mask, IS_SILU_MUL: tl.constexpr):
-    if IS_SILU_MUL:
-        return _silu_mul(x_ptr, up_ptr, offs, mask)
-    return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x, up = _load_block(x_ptr, up_ptr, offs, mask, IS_SILU_MUL)
+    return _block_values(x, up, IS_SILU_MUL)
 
 
 @triton.jit
@@ -169,6 +234,8 @@ def _quantize_rows_kernel(
     STAGE: tl.constexpr,
     DISCARD_STAGED: tl.constexpr,
     STAGED_LINES: tl.constexpr,
+    BY_INVERSE: tl.constexpr,
+    PREFETCH: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """q[row] = fp8 (int8) of values[row] / scale[row]; values are x, or silu(x) * up with IS_SILU_MUL.
@@ -177,7 +244,8 @@ def _quantize_rows_kernel(
     quantize. With STAGE the first pass stores the values (in x's dtype, which holds them
     exactly) at ``staged_ptr`` and the second reads them back from cache instead of computing
     silu(x) * up again; with DISCARD_STAGED their lines then leave L2 unwritten (rows of
-    ``STAGED_LINES`` or fewer 128-byte lines, each row's start aligned to one).
+    ``STAGED_LINES`` or fewer 128-byte lines, each row's start aligned to one). BY_INVERSE
+    (values that are 16-bit numbers) divides as ``_divide`` says.
     """
     launch.wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -188,25 +256,41 @@ def _quantize_rows_kernel(
     if NUM_BLOCKS == 1:
         mask = offs < num_features
         values = _row_values(x_row, up_row, offs, mask, IS_SILU_MUL)
-        scale = _row_scale(tl.max(tl.abs(values), axis=0), scale_ub, HAS_UB, IS_INT8)
-        tl.store(q_row + offs, _quantize(values, scale, IS_INT8), mask=mask)
+        amax = tl.max(tl.abs(values), axis=0)
+        scale = _row_scale(amax, scale_ub, HAS_UB, IS_INT8)
+        inverse = tl.math.div_rn(1.0, scale)
+        tl.store(q_row + offs, _quantize(values, amax, scale, inverse, IS_INT8, BY_INVERSE), mask=mask)
     else:
         staged_row = staged_ptr + row * stride_staged
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        if PREFETCH:
+            x_next, up_next = _load_block(x_row, up_row, offs, offs < num_features, IS_SILU_MUL)
         for block in range(NUM_BLOCKS):
             mask = block * BLOCK + offs < num_features
-            values = _row_values(x_row + block * BLOCK, up_row + block * BLOCK, offs, mask, IS_SILU_MUL)
+            if PREFETCH:
+                # The next block's loads go out before this block's SwiGLU: twice the bytes in flight.
+                x_block, up_block = x_next, up_next
+                following = (block + 1) * BLOCK
+                x_next, up_next = _load_block(
+                    x_row + following, up_row + following, offs, following + offs < num_features, IS_SILU_MUL
+                )
+                values = _block_values(x_block, up_block, IS_SILU_MUL)
+            else:
+                values = _row_values(x_row + block * BLOCK, up_row + block * BLOCK, offs, mask, IS_SILU_MUL)
             if STAGE:
                 tl.store(staged_row + block * BLOCK + offs, values.to(staged_ptr.dtype.element_ty), mask=mask)
             amax = tl.maximum(amax, tl.abs(values))
-        scale = _row_scale(tl.max(amax, axis=0), scale_ub, HAS_UB, IS_INT8)
+        amax = tl.max(amax, axis=0)
+        scale = _row_scale(amax, scale_ub, HAS_UB, IS_INT8)
+        inverse = tl.math.div_rn(1.0, scale)
         for block in range(NUM_BLOCKS):
             mask = block * BLOCK + offs < num_features
             if STAGE:
                 values = tl.load(staged_row + block * BLOCK + offs, mask=mask, other=0.0).to(tl.float32)
             else:
                 values = _row_values(x_row + block * BLOCK, up_row + block * BLOCK, offs, mask, IS_SILU_MUL)
-            tl.store(q_row + block * BLOCK + offs, _quantize(values, scale, IS_INT8), mask=mask)
+            q = _quantize(values, amax, scale, inverse, IS_INT8, BY_INVERSE)
+            tl.store(q_row + block * BLOCK + offs, q, mask=mask)
         if STAGE and DISCARD_STAGED:
             # Every thread has stored what it read of the staged row, so its reads are done;
             # past the barrier the row is dead, and writing it back to memory would cost as
@@ -236,6 +320,7 @@ def _rms_norm_quantize_kernel(
     HAS_UB: tl.constexpr,
     NORM_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
+    BY_INVERSE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -250,8 +335,11 @@ def _rms_norm_quantize_kernel(
     )
     weight = tl.load(weight_ptr + offs, mask=mask, other=0.0)
     normed = _rms_norm_row(x, weight, num_features, eps, NORM_DTYPE).to(tl.float32)
-    scale = _token_scale(tl.max(tl.abs(normed), axis=0), scale_ub, HAS_UB)
-    tl.store(q_ptr + row * stride_q + offs, _to_fp8(normed, scale), mask=mask)
+    amax = tl.max(tl.abs(normed), axis=0)
+    scale = _token_scale(amax, scale_ub, HAS_UB)
+    inverse = tl.math.div_rn(1.0, scale)
+    q = _quantize(normed, amax, scale, inverse, False, BY_INVERSE)
+    tl.store(q_ptr + row * stride_q + offs, q, mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -312,11 +400,19 @@ def _launch_quantize_rows(
         STAGE=stage,
         DISCARD_STAGED=stage and _discards_l2(x.device),
         STAGED_LINES=triton.next_power_of_2(row_lines),
+        BY_INVERSE=_divides_by_inverse_for(x.dtype),
+        PREFETCH=config.prefetch,
         **launch.pdl(x.device),
         num_warps=config.num_warps,
         enable_fp_fusion=False,
     )
     return q, scale
+
+
+def _divides_by_inverse_for(values_dtype: torch.dtype) -> bool:
+    """Whether the kernels quantize by the row's inverse (``_divide``): for 16-bit values,
+    the ones checked exhaustively, and not in Triton's interpreter, whose fma rounds twice."""
+    return values_dtype in (torch.bfloat16, torch.float16) and not triton.knobs.runtime.interpret
 
 
 @functools.cache
@@ -436,6 +532,7 @@ def rms_norm_quantize_fp8(
             HAS_UB=activation_scale_ub is not None,
             NORM_DTYPE=_TRITON_DTYPES[norm_dtype],
             BLOCK=block,
+            BY_INVERSE=_divides_by_inverse_for(norm_dtype),
             num_warps=max(1, min(16, block // 512)),
             enable_fp_fusion=False,
         )
