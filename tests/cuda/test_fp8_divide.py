@@ -98,8 +98,9 @@ def test_quantized_codes_across_exponents() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rows_outside_the_inverse_range_keep_the_division(dtype: torch.dtype) -> None:
-    """Infinite values, a bound that lets quotients overflow, signed zeros, and int8 rows so
-    small that their scale is the float32 minimum: the reference's bits in every row."""
+    """Infinite values, a bound that lets quotients overflow, signed zeros, and an int8 row
+    whose scale is below 2^-100: the reference's bits in every row."""
+    assert fp8._divides_by_inverse_for(dtype)  # the other rows take the inverse
     big = torch.finfo(dtype).max
     x = torch.randn(6, 300) * 4
     x[0, :3] = torch.tensor([float("inf"), -float("inf"), 1.0])
