@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 NUM_HEADS = 32
 NUM_KV_HEADS = 8
@@ -208,9 +209,12 @@ def bench_prefill(seq_len: int, context: int, dtype, device, sweep: bool) -> dic
     (inputs,) = make_inputs([seq_len], [context + seq_len], dtype, device)
     out = torch.empty_like(inputs.query)
     scale = HEAD_DIM**-0.5
-    run = lambda config=None: attention.prefill_attention(
-        inputs.query, inputs.key_cache, inputs.value_cache, inputs.metadata, scale, out, config
-    )
+
+    def run(config: Any = None) -> Any:
+        return attention.prefill_attention(
+            inputs.query, inputs.key_cache, inputs.value_cache, inputs.metadata, scale, out, config
+        )
+
     run()
     error = check_prefill(inputs, out)
     flops = 2 * 2 * (seq_len * context + seq_len**2 / 2) * NUM_HEADS * HEAD_DIM
@@ -244,7 +248,10 @@ def sdpa_times(inputs: Inputs, device) -> dict[str, float | None]:
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
         times[name] = None
         for k, v, gqa in ((key, value, True), (key_full, value_full, False)):
-            fn = lambda k=k, v=v, gqa=gqa: F.scaled_dot_product_attention(query, k, v, is_causal=True, enable_gqa=gqa)
+
+            def fn(k: Any = k, v: Any = v, gqa: bool = gqa) -> Any:
+                return F.scaled_dot_product_attention(query, k, v, is_causal=True, enable_gqa=gqa)
+
             try:
                 with sdpa_kernel(backend):
                     fn()

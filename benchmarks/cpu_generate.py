@@ -55,9 +55,7 @@ def main() -> None:
 
     def hf_generate() -> None:
         with torch.inference_mode():
-            hf.generate(
-                ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
-            )
+            hf.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
 
     ours, theirs = _median_times([lambda: llm.generate([args.prompt], params), hf_generate], args.repeats)
     result = {

@@ -44,9 +44,7 @@ class BucketSet:
     max_blocks_per_seq: int
 
     @classmethod
-    def default(
-        cls, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int
-    ) -> BucketSet:
+    def default(cls, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int) -> BucketSet:
         """Powers of two up to the scheduler's limits (the limits themselves included)."""
         decode = tuple(Bucket(s, s, "decode") for s in _powers_of_two_up_to(max_num_seqs))
         # No step holds more than max_model_len tokens of each of max_num_seqs sequences.

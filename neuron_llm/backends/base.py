@@ -174,6 +174,7 @@ class Backend(abc.ABC):
         value_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> torch.Tensor:
-        """Rotate ``query`` and ``key`` by RoPE, store the rotated key and ``value`` in the cache; return the rotated query."""
+        """Rotate ``query`` and ``key`` by RoPE, store the rotated key and ``value`` in the cache;
+        return the rotated query."""
         self.write_kv_cache(apply_rotary(key, cos, sin), value, key_cache, value_cache, slot_mapping)
         return apply_rotary(query, cos, sin)

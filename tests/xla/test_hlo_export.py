@@ -11,7 +11,6 @@ import pytest
 torch_xla = pytest.importorskip("torch_xla")
 
 from neuron_llm.compile.hlo_export import GraphShape, dummy_step, export_hlo
-
 from neuron_llm.config import CacheConfig, EngineConfig
 from neuron_llm.xla import HloShape, entry_parameter_shapes, hlo_module_proto, hlo_text
 

@@ -16,7 +16,9 @@ from tests.engine.conftest import random_prompts, run_all, tiny_model_dir  # noq
 
 pytestmark = pytest.mark.xla
 
-OPTIONS = dict(dtype="float32", num_kv_blocks=64, block_size=4, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
+OPTIONS = dict(
+    dtype="float32", num_kv_blocks=64, block_size=4, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32
+)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 
 
@@ -70,6 +72,8 @@ def test_quantized_models_run_on_xla_one_graph_per_bucket(tiny_model_dir, quanti
     prompts = random_prompts(6, seed=5, min_len=3, max_len=20)
     on_xla = run_all(llm, _arrivals(prompts))
     assert llm.engine.stats().num_compiled_graphs == len(llm.engine.runner.buckets.all)
-    on_cpu = run_all(LLM(model=str(tiny_model_dir), device="cpu", quantization=quantization, **OPTIONS), _arrivals(prompts))
+    on_cpu = run_all(
+        LLM(model=str(tiny_model_dir), device="cpu", quantization=quantization, **OPTIONS), _arrivals(prompts)
+    )
     for request_id, output in on_cpu.items():
         assert on_xla[request_id].outputs[0].token_ids == output.outputs[0].token_ids, request_id

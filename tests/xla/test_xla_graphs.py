@@ -7,8 +7,8 @@ import pytest
 torch_xla = pytest.importorskip("torch_xla")
 
 import torch
-from neuron_llm.compile.hlo_export import GraphShape, dummy_step
 
+from neuron_llm.compile.hlo_export import GraphShape, dummy_step
 from neuron_llm.xla import count_graphs
 
 pytestmark = pytest.mark.xla

@@ -335,7 +335,8 @@ def _check_rotary_inputs(
         raise ValueError(f"head_dim={head_dim}: RoPE rotates halves, so it must be even")
     if key.shape != value.shape or key.shape[0] != num_tokens or key.shape[2] != head_dim:
         raise ValueError(
-            f"key {tuple(key.shape)} and value {tuple(value.shape)} must both be [{num_tokens}, num_kv_heads, {head_dim}]"
+            f"key {tuple(key.shape)} and value {tuple(value.shape)} must both be "
+            f"[{num_tokens}, num_kv_heads, {head_dim}]"
         )
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise ValueError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
