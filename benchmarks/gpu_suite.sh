@@ -3,7 +3,7 @@
 # writing its JSON and log under $OUT (or ./gpu-results). Wheels missing on that machine
 # (gguf, the serving stack) are installed from ./.whl when the folder is there.
 #
-#   bash benchmarks/gpu_suite.sh [tests] [attention] [linear] [chain] [quantize] [sampler] [profile] [engine] [load]   (default: all)
+#   bash benchmarks/gpu_suite.sh [tests] [attention] [linear] [chain] [quantize] [sampler] [profile] [graphs] [engine] [load]   (default: all)
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -14,7 +14,7 @@ fi
 export PYTHONUNBUFFERED=1
 # The package itself, for its `neuron_llm.serve`/`neuron_llm.compile` mapping (no downloads).
 python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . || exit 1
-steps=${*:-tests attention linear chain quantize sampler profile engine load}
+steps=${*:-tests attention linear chain quantize sampler profile graphs engine load}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit,temperature.gpu,memory.used --format=csv | tee "$out/gpu.txt"
 status=0
 run() {  # run NAME COMMAND...: log to $out/NAME.log, keep going on failure
@@ -41,6 +41,7 @@ for step in $steps; do
             run prefill_profile python3 benchmarks/step_profile.py --prompt 4096 --formats bf16,fp8,fp8-all \
                 --json "$out/prefill_profile.json"
             ;;
+        graphs) run graphs python3 benchmarks/prefill_graphs.py --json "$out/prefill_graphs.json" ;;
         engine) run engine python3 -m neuron_llm.cli bench --json "$out/engine.json" ;;
         load)
             run load python3 benchmarks/throughput_latency.py --rates 2,4,8,16,32 --num-requests 48 \

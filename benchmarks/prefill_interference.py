@@ -1,12 +1,14 @@
 """Engine steps while prompts keep arriving into a running decode, on a GPU.
 
     python benchmarks/prefill_interference.py --repeats 2 --json prefill_interference.json
+    python benchmarks/prefill_interference.py --max-prefill-graph-tokens 0   # prefills eager
 
 One request decodes for ``--steps`` steps; every 10th step (from the 5th) a request of a
 ``--prompt-len``-token prompt and 4 output tokens arrives, so every 10th step carries a
-prefill (run eagerly, outside the decode graphs) beside the decodes. Reported per repeat:
-the wall time of the ``--steps`` ``LLMEngine.step`` calls, and the median, p90 and largest
-single call (the p90 call is the one around a prefill: how long the host is held there).
+prefill beside the decodes (from its bucket's CUDA graph, or eagerly past
+``max_prefill_graph_tokens``). Reported per repeat: the wall time of the ``--steps``
+``LLMEngine.step`` calls, and the median, p90 and largest single call (the p90 call is the
+one around a prefill: how long the host is held there).
 Deterministic arrivals, so two code states can be compared run for run. Llama-3-8B shape,
 random bf16 weights (``neuron_llm.bench.engine``).
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from neuron_llm.bench import engine as bench
+from neuron_llm.config import DeviceConfig
 from neuron_llm.sampling_params import SamplingParams
 
 
@@ -31,13 +34,21 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--num-layers", type=int, default=None)
+    parser.add_argument("--max-prefill-graph-tokens", type=int, default=DeviceConfig.max_prefill_graph_tokens)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     _, config = bench.llama3_8b_shape(args.num_layers)
-    engine = bench.EngineCase(lambda: bench.random_llama(config, torch.bfloat16, "cuda"), config).engine()
+    engine = bench.EngineCase(
+        lambda: bench.random_llama(config, torch.bfloat16, "cuda"),
+        config,
+        max_prefill_graph_tokens=args.max_prefill_graph_tokens,
+    ).engine()
     num_arrivals = args.steps // 10
     prompts = bench.random_prompts(num_arrivals + 1, args.prompt_len, config.vocab_size, seed=3)
-    print(f"{torch.cuda.get_device_name()}, {args.prompt_len}-token prompts arriving every 10 steps")
+    print(
+        f"{torch.cuda.get_device_name()}, {args.prompt_len}-token prompts arriving every 10 steps, "
+        f"prefill graphs up to {args.max_prefill_graph_tokens} tokens"
+    )
     results: list[dict[str, float]] = []
     for repeat in range(args.repeats):
         engine.add_request(prompts[-1], SamplingParams(max_tokens=args.steps + 20, ignore_eos=True, temperature=0.0))
@@ -72,7 +83,16 @@ def main() -> None:
             f"| {r['p90_ms'] / r['median_ms']:.1f}x | {r['max_ms']:.1f} ms |"
         )
     if args.json is not None:
-        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "runs": results}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "max_prefill_graph_tokens": args.max_prefill_graph_tokens,
+                    "runs": results,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -299,7 +299,11 @@ class DeviceConfig:
     backend: str | None = None
     """The ops backend ("torch", "cuda", "neuron"); None picks the device's default."""
     enforce_eager: bool = False
-    """On CUDA, run decode steps eagerly instead of replaying CUDA graphs."""
+    """On CUDA, run every step eagerly instead of replaying CUDA graphs."""
+    max_prefill_graph_tokens: int = 2048
+    """On CUDA, prefill and mixed steps padded to at most this many tokens replay CUDA graphs
+    too (decode steps always do); longer ones, where the GPU's work outlasts the host's
+    launches, run eagerly. 0: only decode steps replay graphs."""
 
     def __post_init__(self) -> None:
         try:
@@ -307,6 +311,8 @@ class DeviceConfig:
         except RuntimeError as e:
             raise ValueError(f"device={self.device!r} is not a valid torch device") from e
         parse_dtype(self.dtype)
+        if self.max_prefill_graph_tokens < 0:
+            raise ValueError(f"max_prefill_graph_tokens={self.max_prefill_graph_tokens} must be at least 0")
         from neuron_llm.backends import BACKEND_NAMES
 
         if self.backend is not None and self.backend not in BACKEND_NAMES:

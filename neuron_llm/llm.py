@@ -56,7 +56,9 @@ class LLM:
         tensor_parallel_size: devices (processes) to split the model across.
         backend: the ops backend, "torch" (the reference), "cuda" (Triton kernels) or "neuron";
             None picks the device's: cuda on NVIDIA GPUs when Triton is installed.
-        enforce_eager: on CUDA, run decode steps eagerly instead of from CUDA graphs.
+        enforce_eager: on CUDA, run every step eagerly instead of from CUDA graphs.
+        max_prefill_graph_tokens: on CUDA, prefill steps of at most this many (padded) tokens
+            replay CUDA graphs too; longer ones run eagerly. 0: decode steps only.
         max_model_len: longest prompt plus output; None takes the model's limit.
         warm_up: run every bucket once at start (compiling backends build their graphs
             then, not while serving); None does so on the XLA and CUDA devices (CUDA graphs).
@@ -75,6 +77,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         backend: str | None = None,
         enforce_eager: bool = False,
+        max_prefill_graph_tokens: int = DeviceConfig.max_prefill_graph_tokens,
         max_model_len: int | None = None,
         warm_up: bool | None = None,
         **engine_options: Any,
@@ -88,7 +91,11 @@ class LLM:
         self.config = EngineConfig(
             model=info.config,
             device=DeviceConfig(
-                device=device, dtype=_resolve_dtype(dtype, device), backend=backend, enforce_eager=enforce_eager
+                device=device,
+                dtype=_resolve_dtype(dtype, device),
+                backend=backend,
+                enforce_eager=enforce_eager,
+                max_prefill_graph_tokens=max_prefill_graph_tokens,
             ),
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
             cache=CacheConfig(**{k: v for k, v in engine_options.items() if k in cache_fields}),

@@ -79,11 +79,17 @@ class EngineCase:
     max_num_batched_tokens: int = 4096
     num_kv_blocks: int = 4096
     enforce_eager: bool = False
+    max_prefill_graph_tokens: int = DeviceConfig.max_prefill_graph_tokens
 
     def engine(self) -> LLMEngine:
         config = EngineConfig(
             model=self.model_config,
-            device=DeviceConfig(self.device, self.dtype, enforce_eager=self.enforce_eager),
+            device=DeviceConfig(
+                self.device,
+                self.dtype,
+                enforce_eager=self.enforce_eager,
+                max_prefill_graph_tokens=self.max_prefill_graph_tokens,
+            ),
             cache=CacheConfig(num_kv_blocks=self.num_kv_blocks, enable_prefix_caching=False),
             scheduler=SchedulerConfig(
                 max_model_len=self.max_model_len,

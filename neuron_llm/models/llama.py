@@ -162,6 +162,8 @@ class LlamaForCausalLM(nn.Module):
         """Bytes of the parameters as stored (quantized ones with their scales; a tied tensor once)."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [num_rows, vocab_size] in fp32 for hidden states [num_rows, hidden_size]."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [num_rows, vocab_size] in fp32 for hidden states [num_rows, hidden_size], written
+        into ``out`` when given."""
+        logits = self.lm_head(hidden)
+        return logits.float() if out is None else out.copy_(logits)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,42 +59,52 @@ def test_swiglu_down_quantizes_where_the_activation_is_made(quantization: str, d
     assert ((fused_out - expected).norm() / expected.norm()).item() < 1e-2
 
 
-def test_decode_staging_matches_the_attention_metadata() -> None:
-    block_size, width, num_seqs = 4, 6, 8
+@pytest.mark.parametrize(
+    ("query_lens", "seq_lens", "num_tokens", "num_seqs"),
+    [
+        ([1] * 5, [1, 4, 5, 9, 23], 8, 8),  # a decode bucket: block boundaries and a full table
+        ([3, 1, 9, 5], [7, 4, 9, 23], 32, 6),  # a prefill bucket: chunks after a context, a decode, a prompt
+    ],
+)
+def test_staging_matches_the_attention_metadata(
+    query_lens: list[int], seq_lens: list[int], num_tokens: int, num_seqs: int
+) -> None:
+    block_size, width = 4, 6
     generator = torch.Generator().manual_seed(0)
-    seq_lens = [1, 4, 5, 9, 23]  # block boundaries and a full table
     tables = [torch.randperm(40, generator=generator)[: -(-n // block_size)].add(1).tolist() for n in seq_lens]
+    num_real = sum(query_lens)
     step = StepInput(
-        input_ids=torch.randint(0, 100, (len(seq_lens),), generator=generator).tolist(),
-        positions=[n - 1 for n in seq_lens],
-        query_lens=[1] * len(seq_lens),
+        input_ids=torch.randint(0, 100, (num_real,), generator=generator).tolist(),
+        positions=[p for q, n in zip(query_lens, seq_lens) for p in range(n - q, n)],
+        query_lens=query_lens,
         seq_lens=seq_lens,
         block_tables=tables,
-        logits_indices=[0, 1, 2, 3, 4, 0, 0, 0],
-        num_padded_tokens=num_seqs,
+        logits_indices=[0, 1, 2, 3, 4, 0][: len(seq_lens)] + [0] * (num_seqs - len(seq_lens)),
+        num_padded_tokens=num_tokens,
         num_padded_seqs=num_seqs,
         max_blocks_per_seq=width,
     )
     staging = {
-        "input_ids": torch.full((num_seqs,), -1, dtype=torch.int64),
-        "positions": torch.full((num_seqs,), -1, dtype=torch.int64),
-        "slot_mapping": torch.full((num_seqs,), -1, dtype=torch.int64),
+        "input_ids": torch.full((num_tokens,), -1, dtype=torch.int64),
+        "positions": torch.full((num_tokens,), -1, dtype=torch.int64),
+        "slot_mapping": torch.full((num_tokens,), -1, dtype=torch.int64),
         "block_tables": torch.full((num_seqs, width), -1, dtype=torch.int32),
         "seq_lens": torch.full((num_seqs,), -1, dtype=torch.int32),
         "query_start_loc": torch.full((num_seqs + 1,), -1, dtype=torch.int32),
         "logits_indices": torch.full((num_seqs,), -1, dtype=torch.int64),
     }
     _stage(staging, step, step.logits_indices, block_size)
-    expected = AttentionMetadata.build(step.query_lens, seq_lens, tables, block_size, "cpu", num_seqs, num_seqs, width)
+    expected = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, "cpu", num_tokens, num_seqs, width)
     for name in ("slot_mapping", "block_tables", "seq_lens", "query_start_loc"):
         assert torch.equal(staging[name], getattr(expected, name).to(staging[name].dtype)), name
-    assert staging["input_ids"].tolist() == step.input_ids + [0] * 3
-    assert staging["positions"].tolist() == step.positions + [0] * 3
+    padding = num_tokens - num_real
+    assert staging["input_ids"].tolist() == step.input_ids + [0] * padding
+    assert staging["positions"].tolist() == step.positions + [0] * padding
     assert np.array_equal(staging["logits_indices"].numpy(), step.logits_indices)
 
 
-def test_decode_steps_of_any_batch_size_replay_their_buckets_graph() -> None:
-    def step(query_lens: list[int], num_padded: int, num_logits_rows: int) -> StepInput:
+def test_steps_replay_their_buckets_graph_up_to_the_prefill_limit() -> None:
+    def step(query_lens: list[int], num_tokens: int, num_seqs: int, num_logits_rows: int) -> StepInput:
         return StepInput(
             input_ids=[1] * sum(query_lens),
             positions=[0] * sum(query_lens),
@@ -101,18 +112,23 @@ def test_decode_steps_of_any_batch_size_replay_their_buckets_graph() -> None:
             seq_lens=query_lens,
             block_tables=[[1]] * len(query_lens),
             logits_indices=[0] * num_logits_rows,
-            num_padded_tokens=num_padded,
-            num_padded_seqs=num_padded,
+            num_padded_tokens=num_tokens,
+            num_padded_seqs=num_seqs,
             max_blocks_per_seq=4,
         )
 
     for num_seqs in (1, 3, 4):  # 3 sequences pad to the bucket of 4, and sample 4 rows
-        decode = step([1] * num_seqs, 4, 4)
-        assert _replays_a_graph(decode, decode.logits_indices), num_seqs
-    with_prompt_rows = step([1] * 3, 4, 6)
-    assert not _replays_a_graph(with_prompt_rows, with_prompt_rows.logits_indices)
-    prefill = step([2, 1], 4, 4)
-    assert not _replays_a_graph(prefill, prefill.logits_indices)
+        decode = step([1] * num_seqs, 4, 4, 4)
+        assert _replays_a_graph(decode, decode.logits_indices, max_prefill_tokens=0), num_seqs
+    with_prompt_rows = step([1] * 3, 4, 4, 6)
+    assert not _replays_a_graph(with_prompt_rows, with_prompt_rows.logits_indices, max_prefill_tokens=64)
+    for query_lens in ([2, 1], [1, 1]):  # a chunk beside a decode; decodes padded to a prefill bucket
+        prefill = step(query_lens, 32, 8, 8)
+        assert _replays_a_graph(prefill, prefill.logits_indices, max_prefill_tokens=32)
+        assert not _replays_a_graph(prefill, prefill.logits_indices, max_prefill_tokens=16)
+        assert not _replays_a_graph(prefill, prefill.logits_indices + [0], max_prefill_tokens=32)
+    eager = replace(step([2, 1], 3, 2, 2), num_padded_tokens=None, num_padded_seqs=None)
+    assert not _replays_a_graph(eager, eager.logits_indices, max_prefill_tokens=64)
 
 
 @pytest.mark.parametrize("num_ids", [1, 5, 64])
@@ -163,18 +179,72 @@ def test_cuda_backend_generates_what_the_torch_backend_does(
     expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
     llm = LLM(str(model_dir), enforce_eager=enforce_eager, async_scheduling=async_scheduling, **options)
     assert llm.config.async_scheduling == async_scheduling
-    assert llm.engine.runner.executor.worker.num_compiled_graphs() == (0 if enforce_eager else 7)
-    eager_decodes = []
+    buckets = llm.engine.runner.buckets
+    num_graphs = len(buckets.decode) + sum(b.num_tokens <= 2048 for b in buckets.prefill)
+    assert llm.engine.runner.executor.worker.num_compiled_graphs() == (0 if enforce_eager else num_graphs)
+    eager_steps = []
     eager_forward = Worker.forward
 
     def counted(self: Worker, step: StepInput, *args: Any) -> torch.Tensor:
-        eager_decodes.extend([step.query_lens] if max(step.query_lens) == 1 else [])
+        eager_steps.append("decode" if max(step.query_lens) == 1 else "prefill")
         return eager_forward(self, step, *args)
 
     monkeypatch.setattr(Worker, "forward", counted)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
-    # 5 sequences pad to the bucket of 8: their decode steps replay its graph.
-    assert len(eager_decodes) == (23 if enforce_eager else 0)
+    # 5 sequences pad to the bucket of 8: their decode steps replay its graph; their prompts
+    # (at most 256 tokens a step) replay prefill graphs.
+    assert eager_steps.count("decode") == (23 if enforce_eager else 0)
+    assert (eager_steps.count("prefill") > 0) == enforce_eager
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_prefill_graphs_compute_what_eager_steps_do(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], quantization: str | None
+) -> None:
+    """A mixed step (a chunk after its context, a decode whose input id is a placeholder, a
+    fresh prompt) replayed from its bucket's graph gives the eager step's logits, bit for bit,
+    and writes the same keys and values."""
+    _, model_dir = save_tiny_llama(
+        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_hidden_layers=3, initializer_range=0.02
+    )
+    options = {"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 64, "block_size": 16, "max_model_len": 256}
+    llm = LLM(str(model_dir), quantization=quantization, max_num_seqs=8, **options)
+    worker = llm.engine.runner.executor.worker
+    generator = torch.Generator().manual_seed(5)
+    query_lens, seq_lens = [40, 1, 23], [75, 18, 23]
+    block_tables = [[1, 2, 3, 4, 5], [6, 7], [8, 9]]
+    input_ids = torch.randint(0, 250, (sum(query_lens),), generator=generator).tolist()
+    input_ids[query_lens[0]] = -1  # the decode's token: row 0 of the previous step's samples
+    step = StepInput(
+        input_ids=input_ids,
+        positions=[p for q, n in zip(query_lens, seq_lens) for p in range(n - q, n)],
+        query_lens=query_lens,
+        seq_lens=seq_lens,
+        block_tables=block_tables,
+        logits_indices=[39, 40, 63] + [0] * 5,
+        num_padded_tokens=64,
+        num_padded_seqs=8,
+        max_blocks_per_seq=16,
+    )
+    sampled_before = torch.tensor([17], device="cuda")
+    # The contexts the chunk and the decode attend to, as earlier steps would have left them.
+    for cache in worker.kv_caches:
+        for half in cache:
+            half.copy_(torch.randn(half.shape, generator=generator).to(half.device, half.dtype))
+    snapshot = [[half.clone() for half in cache] for cache in worker.kv_caches]
+    eager = Worker.forward(worker, step, step.logits_indices, sampled_before).clone()
+    eager_caches = [[half.clone() for half in cache] for cache in worker.kv_caches]
+    for cache, saved in zip(worker.kv_caches, snapshot):
+        for half, old in zip(cache, saved):
+            half.copy_(old)
+    num_graphs = worker.num_compiled_graphs()
+    replayed = worker.forward(step, step.logits_indices, sampled_before)
+    assert worker.num_compiled_graphs() == num_graphs  # warm-up captured the bucket's graph
+    assert torch.equal(replayed, eager)
+    for cache, expected in zip(worker.kv_caches, eager_caches):
+        for half, want in zip(cache, expected):
+            assert torch.equal(half, want)
 
 
 @pytest.mark.cuda

@@ -271,6 +271,8 @@ def test_device_config_values() -> None:
         DeviceConfig(device="gpu0")
     with pytest.raises(ValueError, match=r"dtype=torch\.int8 is not supported"):
         DeviceConfig(dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"max_prefill_graph_tokens=-1 must be at least 0"):
+        DeviceConfig(max_prefill_graph_tokens=-1)
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,16 @@
-"""Decode steps replayed from CUDA graphs, one graph per decode bucket.
+"""Steps replayed from CUDA graphs, one graph per bucket.
 
-A decode step of a small batch launches a few hundred kernels that each run for microseconds;
-launched one by one from Python, the gaps between them cost more than the kernels. A graph
-records the whole forward (embedding to logits) once per bucket shape and replays it with one
-launch. What changes between steps (token ids, positions, slots, block tables, lengths) is
-copied into the graph's own input tensors first; everything the graph reads is a tensor of
-fixed shape, which is why the attention kernels launch from shapes alone.
+A step of few tokens launches a few hundred kernels that each run for microseconds; launched
+one by one from Python, the gaps between them cost more than the kernels. A graph records the
+whole forward (embedding to logits) once per bucket shape and replays it with one launch.
+What changes between steps (token ids, positions, slots, block tables, lengths) is copied
+into the graph's own input tensors first; everything the graph reads is a tensor of fixed
+shape, which is why the attention kernels launch from shapes alone.
 
-Prefill steps, and any step outside the decode buckets, run eagerly.
+Every decode bucket has a graph, and so does every prefill bucket (prompts, chunks, mixed
+steps) of at most ``DeviceConfig.max_prefill_graph_tokens`` tokens: an eager prefill of a few
+hundred tokens spends more time launching kernels than running them (BENCHMARKS.md). Longer
+prefill steps run eagerly, as do steps that return prompt logits.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _DecodeGraph:
+class _StepGraph:
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]
     """The graph's input tensors on the device, by name: views of ``packed``."""
@@ -75,18 +78,23 @@ def _fill_placeholders_in_place(ids: torch.Tensor, sampled_before: torch.Tensor)
 
 
 class CudaGraphWorker(Worker):
-    """``Worker`` that replays decode steps padded to a bucket from CUDA graphs.
+    """``Worker`` that replays steps padded to a bucket from CUDA graphs.
 
     A graph is captured the first time its bucket is seen (``ModelRunner.warm_up`` sees them
-    all at start). Captures share one memory pool, largest bucket first as warm-up runs them.
+    all at start). Captures share one memory pool, as graphs never run at once.
     """
 
     def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_kv_blocks: int) -> None:
         super().__init__(model, config, num_kv_blocks)
         if self.device.type != "cuda":
             raise ValueError(f"device={config.device.device!r}: CUDA graphs need a CUDA device")
-        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self.max_prefill_graph_tokens = config.device.max_prefill_graph_tokens
+        self._graphs: dict[tuple[bool, int, int, int], _StepGraph] = {}
         self._pool = torch.cuda.graph_pool_handle()
+        self._prefill_logits: dict[int, torch.Tensor] = {}
+        """One logits buffer for the prefill graphs of each row count (all have ``max_num_seqs``
+        rows): a graph's own would hold rows x vocab fp32 (33 MB at 64 rows of 128,256) for the
+        engine's life, once per token bucket."""
 
     def num_compiled_graphs(self) -> int:
         return len(self._graphs)
@@ -95,10 +103,13 @@ class CudaGraphWorker(Worker):
     def forward(
         self, step: StepInput, logits_indices: list[int], sampled_before: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if not _replays_a_graph(step, logits_indices):
+        """As ``Worker.forward``; the logits returned from a graph are its output buffer, which
+        the next step's replay overwrites (the engine samples them first, on the same stream)."""
+        if not _replays_a_graph(step, logits_indices, self.max_prefill_graph_tokens):
             return super().forward(step, logits_indices, sampled_before)
-        assert step.num_padded_seqs is not None and step.max_blocks_per_seq is not None
-        key = (step.num_padded_seqs, step.max_blocks_per_seq)
+        assert step.num_padded_tokens is not None and step.num_padded_seqs is not None
+        assert step.max_blocks_per_seq is not None
+        key = (_is_decode(step), step.num_padded_tokens, step.num_padded_seqs, step.max_blocks_per_seq)
         graph = self._graphs.get(key) or self._capture(*key)
         # Two sets of host buffers, used in turn: with async scheduling this step is staged
         # while the copy of the previous step's inputs may still be queued.
@@ -111,11 +122,11 @@ class CudaGraphWorker(Worker):
         graph.graph.replay()
         return graph.logits[: len(logits_indices)]
 
-    def _capture(self, num_seqs: int, width: int) -> _DecodeGraph:
+    def _capture(self, is_decode: bool, num_tokens: int, num_seqs: int, width: int) -> _StepGraph:
         shapes = {
-            "input_ids": ((num_seqs,), torch.int64),
-            "positions": ((num_seqs,), torch.int64),
-            "slot_mapping": ((num_seqs,), torch.int64),
+            "input_ids": ((num_tokens,), torch.int64),
+            "positions": ((num_tokens,), torch.int64),
+            "slot_mapping": ((num_tokens,), torch.int64),
             "logits_indices": ((num_seqs,), torch.int64),
             "block_tables": ((num_seqs, width), torch.int32),
             "seq_lens": ((num_seqs,), torch.int32),
@@ -129,16 +140,22 @@ class CudaGraphWorker(Worker):
             block_tables=inputs["block_tables"],
             seq_lens=inputs["seq_lens"],
             query_start_loc=inputs["query_start_loc"],
-            # Host lists are not read on this path (the cuda backend's decode kernel reads
-            # tensors only); they describe the capture's all-padding batch.
+            # The host lists describe the capture's all-padding batch and hold for no replay:
+            # the cuda backend reads them only to send a long fresh prompt to cuDNN (not with
+            # these) and to order the prefill kernel's programs (heads first with these).
             seq_lens_host=[0] * num_seqs,
             query_start_loc_host=[0] * (num_seqs + 1),
-            is_decode=True,
+            is_decode=is_decode,
         )
+
+        out = None
+        if not is_decode:
+            shape = (num_seqs, self.config.model.vocab_size)
+            out = self._prefill_logits.setdefault(num_seqs, torch.empty(shape, dtype=torch.float32, device=self.device))
 
         def run() -> torch.Tensor:
             hidden = self.model(inputs["input_ids"], inputs["positions"], self.kv_caches, metadata)
-            return self.model.compute_logits(hidden.index_select(0, inputs["logits_indices"]))
+            return self.model.compute_logits(hidden.index_select(0, inputs["logits_indices"]), out)
 
         # Warm up on a side stream (Triton compiles its kernels on first launch, which a
         # capture cannot contain), then record.
@@ -150,48 +167,58 @@ class CudaGraphWorker(Worker):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits = run()
-        logger.debug("captured the decode graph of %d sequences, block tables %d wide", num_seqs, width)
-        captured = _DecodeGraph(graph, inputs, packed, staging, logits)
-        self._graphs[(num_seqs, width)] = captured
+        kind = "decode" if is_decode else "prefill"
+        logger.debug(
+            "captured the %s graph of %d tokens, %d sequences, block tables %d wide", kind, num_tokens, num_seqs, width
+        )
+        captured = _StepGraph(graph, inputs, packed, staging, logits)
+        self._graphs[(is_decode, num_tokens, num_seqs, width)] = captured
         return captured
 
 
-def _replays_a_graph(step: StepInput, logits_indices: list[int]) -> bool:
-    """Whether ``step`` is a decode step padded to a bucket whose graph computes its logits rows:
-    one row per padded sequence at most (prompt logprob rows beyond those run eagerly)."""
+def _is_decode(step: StepInput) -> bool:
+    """One token per sequence, token ``s`` of sequence ``s``: what the decode attention kernel takes."""
+    return step.num_padded_tokens == step.num_padded_seqs and all(query_len == 1 for query_len in step.query_lens)
+
+
+def _replays_a_graph(step: StepInput, logits_indices: list[int], max_prefill_tokens: int) -> bool:
+    """Whether ``step`` is padded to a bucket whose graph computes its logits rows: a decode
+    bucket, or a prefill one of at most ``max_prefill_tokens`` tokens; one row per padded
+    sequence at most (prompt logprob rows beyond those run eagerly)."""
     return (
-        step.num_padded_seqs is not None
-        and step.num_padded_tokens == step.num_padded_seqs
+        step.num_padded_tokens is not None
+        and step.num_padded_seqs is not None
         and step.max_blocks_per_seq is not None
-        and all(query_len == 1 for query_len in step.query_lens)
+        and (_is_decode(step) or step.num_padded_tokens <= max_prefill_tokens)
         and len(logits_indices) <= step.num_padded_seqs
     )
 
 
 def _stage(staging: dict[str, torch.Tensor], step: StepInput, logits_indices: list[int], block_size: int) -> None:
-    """Write ``step``'s decode inputs into the pinned host tensors, padding included.
+    """Write ``step``'s inputs into the pinned host tensors, padding included.
 
-    Padding sequences get an empty context and write their (ignored) K/V to the null block.
+    Padding tokens write their (ignored) K/V to the null block; padding sequences get no
+    tokens and an empty context.
     """
-    num_real = len(step.input_ids)
+    num_tokens, num_seqs = len(step.input_ids), len(step.query_lens)
     ids, positions, slots = (staging[name].numpy() for name in ("input_ids", "positions", "slot_mapping"))
     tables, lens, starts = (staging[name].numpy() for name in ("block_tables", "seq_lens", "query_start_loc"))
-    ids[:num_real] = step.input_ids
-    ids[num_real:] = 0
-    positions[:num_real] = step.positions
-    positions[num_real:] = 0
+    ids[:num_tokens] = step.input_ids
+    ids[num_tokens:] = 0
+    positions[:num_tokens] = step.positions
+    positions[num_tokens:] = 0
     tables.fill(NULL_BLOCK_ID)
     for row, table in enumerate(step.block_tables):
         tables[row, : len(table)] = table
-    real_positions = positions[:num_real]
-    slots[:num_real] = (
-        tables[np.arange(num_real), real_positions // block_size] * block_size + real_positions % block_size
-    )
-    slots[num_real:] = NULL_BLOCK_ID * block_size
-    lens[:num_real] = step.seq_lens
-    lens[num_real:] = 0
-    starts[: num_real + 1] = np.arange(num_real + 1)
-    starts[num_real + 1 :] = num_real
+    token_seq = np.repeat(np.arange(num_seqs), step.query_lens)
+    real_positions = positions[:num_tokens]
+    slots[:num_tokens] = tables[token_seq, real_positions // block_size] * block_size + real_positions % block_size
+    slots[num_tokens:] = NULL_BLOCK_ID * block_size
+    lens[:num_seqs] = step.seq_lens
+    lens[num_seqs:] = 0
+    starts[0] = 0
+    np.cumsum(step.query_lens, out=starts[1 : num_seqs + 1])
+    starts[num_seqs + 1 :] = num_tokens
     rows = staging["logits_indices"].numpy()
     rows[: len(logits_indices)] = logits_indices
     rows[len(logits_indices) :] = 0
