@@ -1,12 +1,14 @@
 """The known set of step shapes (buckets) that every flat batch is padded up to.
 
 Each step is padded to the smallest bucket that holds it, so the set of graphs a backend
-ever runs is finite and known before serving: one NEFF per bucket on Neuron, one CUDA
-graph per decode bucket on GPU. Two kinds of graph:
+ever runs is finite and known before serving: one NEFF per bucket on Neuron; on GPU one CUDA
+graph per decode bucket and per prefill bucket up to ``max_prefill_graph_tokens`` (a step
+that runs eagerly computes only its real tokens). Two kinds of graph:
 
 - decode: every sequence computes one token; ``num_tokens == num_seqs``.
 - prefill: anything else (prompts, chunks, mixed with decodes); sequences padded to
-  ``max_num_seqs``, tokens to a power of two.
+  ``max_num_seqs``, tokens to a power of two, or past ``prefill_step`` tokens to a multiple
+  of it where a bucket is cheap (a CUDA graph, not a compiled NEFF).
 
 The block-table width is fixed at ``max_blocks_per_seq`` (max_model_len / block_size).
 """
@@ -14,6 +16,9 @@ The block-table width is fixed at ``max_blocks_per_seq`` (max_model_len / block_
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+FINE_PREFILL_STEP = 128
+"""Prefill tokens past which buckets grow linearly by this step, on devices that take it."""
 
 
 @dataclass(frozen=True, order=True)
@@ -44,12 +49,24 @@ class BucketSet:
     max_blocks_per_seq: int
 
     @classmethod
-    def default(cls, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int) -> BucketSet:
-        """Powers of two up to the scheduler's limits (the limits themselves included)."""
+    def default(
+        cls,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        block_size: int,
+        prefill_step: int | None = None,
+    ) -> BucketSet:
+        """Powers of two up to the scheduler's limits (the limits themselves included); with
+        ``prefill_step``, prefill buckets past it grow by that many tokens instead of doubling
+        (with 256, a step of 513 tokens computes 768 rows, not 1,024)."""
         decode = tuple(Bucket(s, s, "decode") for s in _powers_of_two_up_to(max_num_seqs))
         # No step holds more than max_model_len tokens of each of max_num_seqs sequences.
         max_step_tokens = min(max_num_batched_tokens, max_num_seqs * max_model_len)
         prefill_sizes = _powers_of_two_up_to(max_step_tokens, start=min(16, max_step_tokens))
+        if prefill_step is not None:
+            steps = range(prefill_step, max_step_tokens, prefill_step)
+            prefill_sizes = sorted({s for s in prefill_sizes if s <= prefill_step}.union(steps, [max_step_tokens]))
         prefill = tuple(Bucket(t, max_num_seqs, "prefill") for t in prefill_sizes)
         return cls(decode, prefill, -(-max_model_len // block_size))
 

@@ -153,7 +153,7 @@ def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:
 
     Makes ``config.device``'s backend the active one (the backend is per process, so each
     rank picks its own) and lets it rewrite the model into its fastest form. On CUDA with the
-    cuda backend, decode steps replay CUDA graphs unless ``enforce_eager``.
+    cuda backend, steps replay CUDA graphs unless ``enforce_eager`` (``CudaGraphWorker``).
     """
     backend = ops.use_backend(config.device.backend_name)
     backend.prepare_model(model)
@@ -173,6 +173,11 @@ def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:
 
 class Worker:
     """Runs steps of ``model`` over its paged KV pool on one device."""
+
+    pads_to_bucket = False
+    """Whether a step runs padded to its bucket's tokens (every forward of a graph compiler
+    must have one of the buckets' shapes); eagerly, padding would only add work: a step of
+    2,100 tokens would compute 4,096 rows."""
 
     def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_kv_blocks: int) -> None:
         self.model = model
@@ -237,7 +242,7 @@ class Worker:
 
         ``sampled_before`` fills placeholder input ids (see ``execute_and_sample``).
         """
-        num_tokens = step.num_padded_tokens or len(step.input_ids)
+        num_tokens = step.num_padded_tokens if self.pads_to_bucket and step.num_padded_tokens else len(step.input_ids)
         padding = num_tokens - len(step.input_ids)
         input_ids = to_device(step.input_ids + [0] * padding, torch.int64, self.device)
         if sampled_before is not None:

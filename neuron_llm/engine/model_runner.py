@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from neuron_llm.buckets import Bucket, BucketSet
+from neuron_llm.buckets import FINE_PREFILL_STEP, Bucket, BucketSet
 from neuron_llm.config import EngineConfig
 from neuron_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from neuron_llm.ops.metadata import NULL_BLOCK_ID
@@ -47,6 +47,9 @@ class ModelRunner:
             config.scheduler.max_num_batched_tokens,
             config.max_model_len,
             config.cache.block_size,
+            # Each bucket is a compilation on XLA (minutes on Neuron); elsewhere a CUDA graph
+            # or nothing, so finer prefill buckets cost little and pad less.
+            prefill_step=None if self.device.type == "xla" else FINE_PREFILL_STEP,
         )
 
     def execute(
@@ -84,7 +87,9 @@ class ModelRunner:
         afterwards the worker warns about any new one.
         """
         block_capacity = self.buckets.max_blocks_per_seq * self.block_size
-        for bucket in self.buckets.all:
+        # Largest first: CUDA graphs captured into one memory pool then reuse the blocks the
+        # largest freed, where in the other order each larger graph would add its own.
+        for bucket in sorted(self.buckets.all, key=lambda b: (b.num_tokens, b.num_seqs), reverse=True):
             self.executor.execute_and_sample(_dummy_step(bucket, block_capacity, self.buckets.max_blocks_per_seq), [])
         self.executor.worker.mark_warmed_up()
         return self.executor.worker.num_compiled_graphs()

@@ -47,6 +47,8 @@ class XlaWorker(Worker):
     The model is moved to the XLA device.
     """
 
+    pads_to_bucket = True
+
     def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_kv_blocks: int) -> None:
         if torch.device(config.device.device).type != "xla":
             raise ValueError(f"device={config.device.device!r}: XlaWorker runs on the 'xla' device")

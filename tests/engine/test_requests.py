@@ -184,3 +184,32 @@ def test_warm_up_with_a_token_budget_no_step_can_fill(tiny_model_dir) -> None:
     assert llm.engine.runner.buckets.prefill[-1].num_tokens == 128
     outputs = llm.generate([{"prompt_token_ids": p} for p in random_prompts(3, seed=13)], GREEDY)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [10, 10, 10]
+
+
+def test_eager_steps_run_their_real_tokens_not_the_buckets(tiny_model_dir) -> None:
+    """Padding is for graphs of fixed shapes: eagerly the model sees only the step's tokens,
+    and the logits are those of the same step padded (as a graph compiler runs it)."""
+    llm = make_llm(tiny_model_dir, max_num_seqs=4)
+    worker = llm.engine.runner.executor.worker
+    assert not worker.pads_to_bucket
+    assert 768 in {b.num_tokens for b in llm.engine.runner.buckets.prefill}  # fine steps off XLA
+    seen = []
+    hook = worker.model.model.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    prompt = random_prompts(1, seed=21, min_len=37, max_len=37)[0]
+    step = StepInput(
+        input_ids=prompt,
+        positions=list(range(37)),
+        query_lens=[37],
+        seq_lens=[37],
+        block_tables=[list(range(1, 11))],
+        logits_indices=[36, 0, 0, 0],
+        num_padded_tokens=64,
+        num_padded_seqs=4,
+        max_blocks_per_seq=64,
+    )
+    unpadded = worker.execute(step)
+    worker.pads_to_bucket = True
+    padded = worker.execute(step)
+    hook.remove()
+    assert seen == [37, 64]
+    assert torch.allclose(unpadded, padded, rtol=1e-5, atol=1e-5)
