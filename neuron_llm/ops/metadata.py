@@ -71,30 +71,16 @@ class AttentionMetadata:
         that write to the null block and sequences with no tokens and an empty context.
         """
         assert len(query_lens) == len(seq_lens) == len(block_tables)
-        num_real = len(seq_lens)
         num_slots = sum(query_lens)
         num_tokens = num_padded_tokens or num_slots
-        num_seqs = num_padded_seqs or num_real
-        assert num_tokens >= num_slots and num_seqs >= num_real
+        num_seqs = num_padded_seqs or len(seq_lens)
+        assert num_tokens >= num_slots and num_seqs >= len(seq_lens)
         width = max_blocks_per_seq or max((len(t) for t in block_tables), default=1)
-        # Built in numpy: nested Python lists of a 64 x 512 table took milliseconds a step.
-        tables = np.full((num_seqs, width), NULL_BLOCK_ID, dtype=np.int32)
-        for row, (query_len, seq_len, table) in enumerate(zip(query_lens, seq_lens, block_tables)):
-            assert 0 < query_len <= seq_len <= len(table) * block_size, (query_len, seq_len, len(table))
-            tables[row, : len(table)] = table
-        lens = np.zeros(num_seqs, dtype=np.int32)
-        lens[:num_real] = seq_lens
-        new_tokens = np.asarray(query_lens, dtype=np.int64)
-        starts = np.zeros(num_seqs + 1, dtype=np.int32)
-        np.cumsum(new_tokens, out=starts[1 : num_real + 1])
-        starts[num_real + 1 :] = starts[num_real]
-        # Token t of sequence s sits at position seq_lens[s] - query_lens[s] + (t - starts[s]).
-        token_seq = np.repeat(np.arange(num_real), new_tokens)
-        positions = np.arange(num_slots) - starts[token_seq] + lens[token_seq] - new_tokens[token_seq]
-        slots = np.full(num_tokens, NULL_BLOCK_ID * block_size, dtype=np.int64)
-        slots[:num_slots] = (
-            tables[token_seq, positions // block_size].astype(np.int64) * block_size + positions % block_size
-        )
+        slots = np.empty(num_tokens, dtype=np.int64)
+        tables = np.empty((num_seqs, width), dtype=np.int32)
+        lens = np.empty(num_seqs, dtype=np.int32)
+        starts = np.empty(num_seqs + 1, dtype=np.int32)
+        write_host_arrays(query_lens, seq_lens, block_tables, block_size, slots, tables, lens, starts)
         seq_lens_host, starts_host = lens.tolist(), starts.tolist()
         return cls(
             slot_mapping=to_device(slots, torch.int64, device),
@@ -105,3 +91,39 @@ class AttentionMetadata:
             query_start_loc_host=starts_host,
             is_decode=all(query_len == 1 for query_len in query_lens),
         )
+
+
+def write_host_arrays(
+    query_lens: list[int],
+    seq_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    slot_mapping: np.ndarray,
+    tables: np.ndarray,
+    lens: np.ndarray,
+    query_start_loc: np.ndarray,
+) -> None:
+    """Write a flat batch's metadata (as ``AttentionMetadata.build`` takes it) into host arrays
+    of its padded shapes: [num_tokens], [num_seqs, width], [num_seqs] and [num_seqs + 1].
+
+    Padding tokens write to the null block's slots; padding sequences have no tokens and an
+    empty context. Numpy, as nested Python lists of a 64 x 512 table took milliseconds a step.
+    """
+    num_real = len(seq_lens)
+    tables.fill(NULL_BLOCK_ID)
+    for row, (query_len, seq_len, table) in enumerate(zip(query_lens, seq_lens, block_tables)):
+        assert 0 < query_len <= seq_len <= len(table) * block_size, (query_len, seq_len, len(table))
+        tables[row, : len(table)] = table
+    lens[:num_real] = seq_lens
+    lens[num_real:] = 0
+    new_tokens = np.asarray(query_lens, dtype=np.int64)
+    query_start_loc[0] = 0
+    np.cumsum(new_tokens, out=query_start_loc[1 : num_real + 1])
+    query_start_loc[num_real + 1 :] = query_start_loc[num_real]
+    # Token t of sequence s sits at position seq_lens[s] - query_lens[s] + (t - starts[s]).
+    token_seq = np.repeat(np.arange(num_real), new_tokens)
+    num_slots = len(token_seq)
+    positions = np.arange(num_slots) - query_start_loc[token_seq] + lens[token_seq] - new_tokens[token_seq]
+    blocks = tables[token_seq, positions // block_size].astype(np.int64)
+    slot_mapping[:num_slots] = blocks * block_size + positions % block_size
+    slot_mapping[num_slots:] = NULL_BLOCK_ID * block_size

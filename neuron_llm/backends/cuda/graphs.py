@@ -19,14 +19,13 @@ import logging
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
-from neuron_llm.ops.metadata import NULL_BLOCK_ID, AttentionMetadata
+from neuron_llm.ops.metadata import NULL_BLOCK_ID, AttentionMetadata, write_host_arrays
 from neuron_llm.worker import StepInput, Worker
 
 logger = logging.getLogger(__name__)
@@ -195,30 +194,15 @@ def _replays_a_graph(step: StepInput, logits_indices: list[int], max_prefill_tok
 
 
 def _stage(staging: dict[str, torch.Tensor], step: StepInput, logits_indices: list[int], block_size: int) -> None:
-    """Write ``step``'s inputs into the pinned host tensors, padding included.
-
-    Padding tokens write their (ignored) K/V to the null block; padding sequences get no
-    tokens and an empty context.
-    """
-    num_tokens, num_seqs = len(step.input_ids), len(step.query_lens)
-    ids, positions, slots = (staging[name].numpy() for name in ("input_ids", "positions", "slot_mapping"))
-    tables, lens, starts = (staging[name].numpy() for name in ("block_tables", "seq_lens", "query_start_loc"))
+    """Write ``step``'s inputs into the pinned host tensors, padding included (padding tokens
+    are token 0 at position 0, and write to the null block)."""
+    num_tokens = len(step.input_ids)
+    ids, positions, rows = (staging[name].numpy() for name in ("input_ids", "positions", "logits_indices"))
     ids[:num_tokens] = step.input_ids
     ids[num_tokens:] = 0
     positions[:num_tokens] = step.positions
     positions[num_tokens:] = 0
-    tables.fill(NULL_BLOCK_ID)
-    for row, table in enumerate(step.block_tables):
-        tables[row, : len(table)] = table
-    token_seq = np.repeat(np.arange(num_seqs), step.query_lens)
-    real_positions = positions[:num_tokens]
-    slots[:num_tokens] = tables[token_seq, real_positions // block_size] * block_size + real_positions % block_size
-    slots[num_tokens:] = NULL_BLOCK_ID * block_size
-    lens[:num_seqs] = step.seq_lens
-    lens[num_seqs:] = 0
-    starts[0] = 0
-    np.cumsum(step.query_lens, out=starts[1 : num_seqs + 1])
-    starts[num_seqs + 1 :] = num_tokens
-    rows = staging["logits_indices"].numpy()
     rows[: len(logits_indices)] = logits_indices
     rows[len(logits_indices) :] = 0
+    arrays = (staging[name].numpy() for name in ("slot_mapping", "block_tables", "seq_lens", "query_start_loc"))
+    write_host_arrays(step.query_lens, step.seq_lens, step.block_tables, block_size, *arrays)
