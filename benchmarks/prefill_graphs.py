@@ -28,7 +28,6 @@ import torch
 
 from neuron_llm.bench import engine as bench
 from neuron_llm.config import DeviceConfig
-from neuron_llm.quant import quantize_model
 from neuron_llm.worker import Worker
 
 
@@ -49,12 +48,7 @@ def step_times_ms(run: Callable[[], torch.Tensor], repeats: int) -> list[float]:
 
 
 def time_cases(fmt: str, config: Any, cases: list[str], max_tokens: int, rounds: int) -> list[dict[str, Any]]:
-    def build() -> Any:
-        model = bench.random_llama(config, torch.bfloat16, "cuda")
-        if fmt != "bf16":
-            quantize_model(model, fmt)
-        return model
-
+    build = bench.random_llama_builder(config, fmt)
     case = bench.EngineCase(build, config, max_num_batched_tokens=max_tokens, max_prefill_graph_tokens=max_tokens)
     with bench.released():
         llm = case.engine()
@@ -90,7 +84,7 @@ def time_cases(fmt: str, config: Any, cases: list[str], max_tokens: int, rounds:
 def reserved_gib(config: Any, max_prefill_graph_tokens: int, max_tokens: int) -> float:
     """GiB the caching allocator holds after a bf16 engine's warm-up (weights, KV pool, graphs)."""
     case = bench.EngineCase(
-        lambda: bench.random_llama(config, torch.bfloat16, "cuda"),
+        bench.random_llama_builder(config),
         config,
         max_num_batched_tokens=max_tokens,
         max_prefill_graph_tokens=max_prefill_graph_tokens,

@@ -42,7 +42,6 @@ from torch.profiler import ProfilerActivity, profile
 from neuron_llm.backends.cuda.backend import CudaBackend
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.bench import anchors, engine
-from neuron_llm.quant import quantize_model
 
 
 def profile_steps(worker: Any, step: Any, repeats: int) -> list[dict[str, Any]]:
@@ -173,13 +172,7 @@ def main() -> int:
         with engine.released(), contextlib.ExitStack() as stack:
             for variant in variants:
                 stack.enter_context(VARIANTS[variant]())
-
-            def build(base: str = base) -> Any:
-                model = engine.random_llama(model_config, torch.bfloat16, "cuda")
-                if base != "bf16":
-                    quantize_model(model, base)
-                return model
-
+            build = engine.random_llama_builder(model_config, base)
             llm = engine.EngineCase(build, model_config, max_num_batched_tokens=max(4096, query_len)).engine()
             worker = llm.runner.executor.worker
             step = engine.step_input(llm, context, query_len)

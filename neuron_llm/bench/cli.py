@@ -38,7 +38,6 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     from neuron_llm.bench import anchors, engine
-    from neuron_llm.quant import quantize_model
 
     if not torch.cuda.is_available():
         raise ValueError("neuron-llm bench measures a GPU: no CUDA device is visible")
@@ -56,13 +55,7 @@ def run_bench(args: argparse.Namespace) -> int:
     _print(results)
 
     def case(quantization: str | None = None) -> engine.EngineCase:
-        def build() -> Any:
-            model = engine.random_llama(model_config, torch.bfloat16, "cuda")
-            if quantization:
-                quantize_model(model, quantization)
-            return model
-
-        return engine.EngineCase(build, model_config)
+        return engine.EngineCase(engine.random_llama_builder(model_config, quantization), model_config)
 
     vocab = model_config.vocab_size
     decode = functools.partial(engine.decode_latency, prompt_len=args.prompt_len, max_tokens=args.decode_tokens)

@@ -25,6 +25,7 @@ from neuron_llm.engine.llm_engine import LLMEngine
 from neuron_llm.loader import default_dtype
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.parallel.executor import UniprocExecutor
+from neuron_llm.quant import quantize_model
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import StepInput, make_worker
 
@@ -64,6 +65,19 @@ def random_llama(config: ModelConfig, dtype: torch.dtype, device: str, seed: int
         else:
             param.data.normal_(0.0, 0.02, generator=generator)
     return model.eval().requires_grad_(False)
+
+
+def random_llama_builder(config: ModelConfig, weights: str | None = None) -> Callable[[], LlamaForCausalLM]:
+    """An ``EngineCase.build``: a bf16 ``random_llama`` on the GPU, quantized with the preset
+    ``weights`` unless it is None or "bf16"."""
+
+    def build() -> LlamaForCausalLM:
+        model = random_llama(config, torch.bfloat16, "cuda")
+        if weights not in (None, "bf16"):
+            quantize_model(model, weights)
+        return model
+
+    return build
 
 
 @dataclass
