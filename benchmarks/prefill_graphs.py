@@ -8,9 +8,9 @@ chunk of N tokens after a cached context of C (``N@C``), then runs through the w
 its graph and eagerly (``Worker.forward``, the path of steps past
 ``max_prefill_graph_tokens``), alternated, each timed from staging to the token on the host.
 The eager step is the anchor; the logits' relative difference between the two is reported
-too (0 where both run the same kernels; a fresh prompt of 1,024+ tokens goes to cuDNN when
-eager and to the paged kernel in a graph). Then, for bf16, the memory the engine reserves after
-warm-up with prefill graphs up to 0, 2,048 and ``--max-tokens`` tokens.
+too (0 where both run the same kernels: a whole prompt of 1,024+ tokens goes to cuDNN in
+both). Then, for bf16, the memory the engine reserves after warm-up with prefill graphs up to
+0 tokens, the default limit and ``--max-tokens``.
 """
 
 from __future__ import annotations

@@ -300,10 +300,11 @@ class DeviceConfig:
     """The ops backend ("torch", "cuda", "neuron"); None picks the device's default."""
     enforce_eager: bool = False
     """On CUDA, run every step eagerly instead of replaying CUDA graphs."""
-    max_prefill_graph_tokens: int = 2048
+    max_prefill_graph_tokens: int = 4096
     """On CUDA, prefill and mixed steps padded to at most this many tokens replay CUDA graphs
-    too (decode steps always do); longer ones, where the GPU's work outlasts the host's
-    launches, run eagerly. 0: only decode steps replay graphs."""
+    too (decode steps always do); longer ones run eagerly: there the host's launches cost the
+    step little (2% at 4,096 tokens on an H200) and each graph holds more memory. 0: only
+    decode steps replay graphs."""
 
     def __post_init__(self) -> None:
         try:

@@ -21,7 +21,17 @@ pytest.importorskip("triton")
 
 from neuron_llm import LLM, SamplingParams, ops
 from neuron_llm.backends import default_backend_name
-from neuron_llm.backends.cuda.graphs import _fill_placeholders_in_place, _packed_tensors, _replays_a_graph, _stage
+from neuron_llm.backends.cuda.graphs import (
+    DECODE,
+    PREFILL,
+    WHOLE_PROMPT,
+    _fill_placeholders_in_place,
+    _graph_kind,
+    _packed_tensors,
+    _prefill_kinds,
+    _replays_a_graph,
+    _stage,
+)
 from neuron_llm.config import DeviceConfig
 from neuron_llm.ops.metadata import AttentionMetadata
 from neuron_llm.worker import StepInput, Worker, fill_placeholders
@@ -131,6 +141,35 @@ def test_steps_replay_their_buckets_graph_up_to_the_prefill_limit() -> None:
     assert not _replays_a_graph(eager, eager.logits_indices, max_prefill_tokens=64)
 
 
+def test_a_whole_long_prompt_takes_its_own_graph() -> None:
+    def step(query_lens: list[int], seq_lens: list[int], num_tokens: int) -> StepInput:
+        return StepInput(
+            input_ids=[1] * sum(query_lens),
+            positions=[0] * sum(query_lens),
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_tables=[[1]] * len(query_lens),
+            logits_indices=[0] * 4,
+            num_padded_tokens=num_tokens,
+            num_padded_seqs=4,
+            max_blocks_per_seq=128,
+        )
+
+    def kind(step: StepInput, dtype: torch.dtype = torch.bfloat16) -> str:
+        return _graph_kind(step, block_size=16, dtype=dtype)
+
+    assert kind(step([1] * 4, [9] * 4, 4)) == DECODE
+    assert kind(step([1000], [1000], 1024)) == WHOLE_PROMPT  # the bucket's length decides
+    assert kind(step([2048], [2048], 2048)) == WHOLE_PROMPT
+    assert kind(step([2048], [2048], 2048), torch.float32) == PREFILL  # no cuDNN in fp32
+    assert kind(step([900], [900], 1023)) == PREFILL
+    assert kind(step([1500], [1600], 1536)) == PREFILL  # a chunk after its context
+    assert kind(step([1500, 1], [1500, 9], 1536)) == PREFILL
+    assert kind(step([2100], [2100], 2176)) == PREFILL  # longer than a block table (128 x 16)
+    assert _prefill_kinds(1024, 64, 16, torch.bfloat16) == [PREFILL, WHOLE_PROMPT]
+    assert _prefill_kinds(1024, 63, 16, torch.bfloat16) == [PREFILL]
+
+
 @pytest.mark.parametrize("num_ids", [1, 5, 64])
 def test_placeholders_are_filled_in_place_in_one_kernel(num_ids: int, device: torch.device) -> None:
     generator = torch.Generator().manual_seed(num_ids)
@@ -180,7 +219,8 @@ def test_cuda_backend_generates_what_the_torch_backend_does(
     llm = LLM(str(model_dir), enforce_eager=enforce_eager, async_scheduling=async_scheduling, **options)
     assert llm.config.async_scheduling == async_scheduling
     buckets = llm.engine.runner.buckets
-    num_graphs = len(buckets.decode) + sum(b.num_tokens <= 2048 for b in buckets.prefill)
+    limit = llm.config.device.max_prefill_graph_tokens
+    num_graphs = len(buckets.decode) + sum(b.num_tokens <= limit for b in buckets.prefill)
     assert llm.engine.runner.executor.worker.num_compiled_graphs() == (0 if enforce_eager else num_graphs)
     eager_steps = []
     eager_forward = Worker.forward
@@ -248,6 +288,61 @@ def test_prefill_graphs_compute_what_eager_steps_do(
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_a_whole_prompt_replays_a_graph_of_cudnn_attention(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], quantization: str | None
+) -> None:
+    """A prompt of 1,100 tokens alone in its step replays its bucket's (1,152 tokens)
+    whole-prompt graph, whose attention is cuDNN's over all 1,152 rows: the logits and the
+    prompt's keys and values are the eager step's (which sends it to cuDNN too), bit for bit."""
+    _, model_dir = save_tiny_llama(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        initializer_range=0.02,
+        max_position_embeddings=2048,
+    )
+    options = {"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 256, "block_size": 16, "max_model_len": 2048}
+    llm = LLM(str(model_dir), quantization=quantization, max_num_seqs=4, max_num_batched_tokens=2048, **options)
+    worker = llm.engine.runner.executor.worker
+    buckets = llm.engine.runner.buckets
+    width = buckets.max_blocks_per_seq
+    expected_graphs = len(buckets.decode) + sum(
+        len(_prefill_kinds(b.num_tokens, width, 16, torch.bfloat16)) for b in buckets.prefill
+    )
+    assert worker.num_compiled_graphs() == expected_graphs > len(buckets.all)
+    bucket = buckets.select(1100, 1, is_decode=False)
+    assert bucket.num_tokens == 1152
+    generator = torch.Generator().manual_seed(11)
+    blocks = (torch.randperm(200, generator=generator) + 1)[:69].tolist()
+    step = StepInput(
+        input_ids=torch.randint(0, 250, (1100,), generator=generator).tolist(),
+        positions=list(range(1100)),
+        query_lens=[1100],
+        seq_lens=[1100],
+        block_tables=[blocks],
+        logits_indices=[1099, 0, 0, 0],
+        num_padded_tokens=bucket.num_tokens,
+        num_padded_seqs=bucket.num_seqs,
+        max_blocks_per_seq=width,
+    )
+    assert _graph_kind(step, 16, torch.bfloat16) == WHOLE_PROMPT
+    # Stale values in the pages the padding rows read past the prompt, as a reused pool holds.
+    for cache in worker.kv_caches:
+        for half in cache:
+            half.copy_(torch.randn(half.shape, generator=generator).to(half.device, half.dtype))
+    eager = Worker.forward(worker, step, step.logits_indices).clone()
+    eager_caches = [[half[blocks].clone() for half in cache] for cache in worker.kv_caches]
+    replayed = worker.forward(step, step.logits_indices)
+    assert worker.num_compiled_graphs() == expected_graphs
+    assert torch.equal(replayed[0], eager[0])
+    for cache, expected in zip(worker.kv_caches, eager_caches):
+        for half, want in zip(cache, expected):
+            assert torch.equal(half[blocks], want)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("prompt_lens", [[1024], [1500, 2048], [1100, 300]])
 @pytest.mark.parametrize("num_padding", [5, 0])
 def test_prefill_attention_equals_the_reference_on_both_paths(prompt_lens: list[int], num_padding: int) -> None:
@@ -270,7 +365,8 @@ def test_prefill_attention_equals_the_reference_on_both_paths(prompt_lens: list[
     metadata = AttentionMetadata.build(
         prompt_lens, prompt_lens, tables, block_size, "cuda", num_padded_tokens=query.shape[0], num_padded_seqs=4
     )
-    assert _is_long_fresh_prefill(metadata) == all(n >= 1024 for n in prompt_lens)
+    assert _is_long_fresh_prefill(metadata, torch.bfloat16) == all(n >= 1024 for n in prompt_lens)
+    assert not _is_long_fresh_prefill(metadata, torch.float32)
     scale = head_dim**-0.5
     actual = CudaBackend().paged_attention(query, key_cache, value_cache, metadata, scale)
     expected = TorchBackend().paged_attention(query.double(), key_cache.double(), value_cache.double(), metadata, scale)

@@ -146,7 +146,7 @@ class CudaBackend(TorchBackend):
         # step can be captured in a CUDA graph.
         if metadata.is_decode:
             return attention.decode_attention(query, key_cache, value_cache, metadata, scale)
-        if query.dtype != torch.float32 and _is_long_fresh_prefill(metadata):
+        if _is_long_fresh_prefill(metadata, query.dtype):
             return _cudnn_prefill(query, key_cache, value_cache, metadata, scale)
         return attention.prefill_attention(query, key_cache, value_cache, metadata, scale)
 
@@ -208,11 +208,16 @@ class CudaBackend(TorchBackend):
         return query
 
 
-def _is_long_fresh_prefill(metadata: AttentionMetadata) -> bool:
-    """A few sequences, each a whole prompt of at least ``CUDNN_MIN_PROMPT`` tokens (no cached context)."""
+def takes_whole_prompt(num_tokens: int, dtype: torch.dtype) -> bool:
+    """Whether a whole prompt (no cached context) of ``num_tokens`` goes to cuDNN's attention."""
+    return dtype != torch.float32 and num_tokens >= CUDNN_MIN_PROMPT
+
+
+def _is_long_fresh_prefill(metadata: AttentionMetadata, dtype: torch.dtype) -> bool:
+    """A few sequences, each a whole prompt that cuDNN takes (``takes_whole_prompt``)."""
     starts = metadata.query_start_loc_host
     real = [(starts[s + 1] - starts[s], n) for s, n in enumerate(metadata.seq_lens_host) if n > 0]
-    return 0 < len(real) <= CUDNN_MAX_SEQS and all(q == n >= CUDNN_MIN_PROMPT for q, n in real)
+    return 0 < len(real) <= CUDNN_MAX_SEQS and all(q == n and takes_whole_prompt(n, dtype) for q, n in real)
 
 
 def _cudnn_prefill(

@@ -1,4 +1,4 @@
-"""Steps replayed from CUDA graphs, one graph per bucket.
+"""Steps replayed from CUDA graphs, one graph per bucket (two for long prefill buckets).
 
 A step of few tokens launches a few hundred kernels that each run for microseconds; launched
 one by one from Python, the gaps between them cost more than the kernels. A graph records the
@@ -11,6 +11,12 @@ Every decode bucket has a graph, and so does every prefill bucket (prompts, chun
 steps) of at most ``DeviceConfig.max_prefill_graph_tokens`` tokens: an eager prefill of a few
 hundred tokens spends more time launching kernels than running them (BENCHMARKS.md). Longer
 prefill steps run eagerly, as do steps that return prompt logits.
+
+A prefill bucket of ``CUDNN_MIN_PROMPT`` tokens or more (that a block table holds) has a
+second graph, for a step that is one whole prompt: its attention is cuDNN's over the bucket's
+length, as an eager step's would be, where the other graph runs the paged kernel (slower on
+a long fresh prompt). The padding tokens after the prompt then attend to it like prompt
+tokens, and the prompt's rows come out bit for bit as eagerly; no row reads the padding's.
 """
 
 from __future__ import annotations
@@ -23,12 +29,17 @@ import torch
 import triton
 import triton.language as tl
 
+from neuron_llm.backends.cuda.backend import takes_whole_prompt
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.ops.metadata import NULL_BLOCK_ID, AttentionMetadata, write_host_arrays
 from neuron_llm.worker import StepInput, Worker
 
 logger = logging.getLogger(__name__)
+
+
+DECODE, PREFILL, WHOLE_PROMPT = "decode", "prefill", "whole_prompt"
+"""Graph kinds: a decode bucket's; a prefill bucket's for any step; for one whole prompt."""
 
 
 @dataclass
@@ -88,7 +99,7 @@ class CudaGraphWorker(Worker):
         if self.device.type != "cuda":
             raise ValueError(f"device={config.device.device!r}: CUDA graphs need a CUDA device")
         self.max_prefill_graph_tokens = config.device.max_prefill_graph_tokens
-        self._graphs: dict[tuple[bool, int, int, int], _StepGraph] = {}
+        self._graphs: dict[tuple[str, int, int, int], _StepGraph] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self._prefill_logits: dict[int, torch.Tensor] = {}
         """One logits buffer for the prefill graphs of each row count (all have ``max_num_seqs``
@@ -108,8 +119,16 @@ class CudaGraphWorker(Worker):
             return super().forward(step, logits_indices, sampled_before)
         assert step.num_padded_tokens is not None and step.num_padded_seqs is not None
         assert step.max_blocks_per_seq is not None
-        key = (_is_decode(step), step.num_padded_tokens, step.num_padded_seqs, step.max_blocks_per_seq)
-        graph = self._graphs.get(key) or self._capture(*key)
+        shape = (step.num_padded_tokens, step.num_padded_seqs, step.max_blocks_per_seq)
+        dtype = self.config.device.dtype
+        kind = _graph_kind(step, self.block_size, dtype)
+        if (kind, *shape) not in self._graphs:
+            # A bucket's first step captures every graph its steps may take, so that warm-up
+            # (one step a bucket) leaves none to capture while serving.
+            kinds = [DECODE] if kind == DECODE else _prefill_kinds(shape[0], shape[2], self.block_size, dtype)
+            for other in kinds:
+                self._capture(other, *shape)
+        graph = self._graphs[(kind, *shape)]
         # Two sets of host buffers, used in turn: with async scheduling this step is staged
         # while the copy of the previous step's inputs may still be queued.
         staging, views = graph.staging[graph.num_staged % 2]
@@ -121,7 +140,7 @@ class CudaGraphWorker(Worker):
         graph.graph.replay()
         return graph.logits[: len(logits_indices)]
 
-    def _capture(self, is_decode: bool, num_tokens: int, num_seqs: int, width: int) -> _StepGraph:
+    def _capture(self, kind: str, num_tokens: int, num_seqs: int, width: int) -> None:
         shapes = {
             "input_ids": ((num_tokens,), torch.int64),
             "positions": ((num_tokens,), torch.int64),
@@ -139,16 +158,16 @@ class CudaGraphWorker(Worker):
             block_tables=inputs["block_tables"],
             seq_lens=inputs["seq_lens"],
             query_start_loc=inputs["query_start_loc"],
-            # The host lists describe the capture's all-padding batch and hold for no replay:
-            # the cuda backend reads them only to send a long fresh prompt to cuDNN (not with
-            # these) and to order the prefill kernel's programs (heads first with these).
-            seq_lens_host=[0] * num_seqs,
-            query_start_loc_host=[0] * (num_seqs + 1),
-            is_decode=is_decode,
+            # The host lists hold for no replay: the cuda backend reads them only to send a
+            # long whole prompt to cuDNN (a whole-prompt graph's: one prompt of every token)
+            # and to order the prefill kernel's programs (heads first with all zeros).
+            seq_lens_host=[num_tokens] + [0] * (num_seqs - 1) if kind == WHOLE_PROMPT else [0] * num_seqs,
+            query_start_loc_host=[0] + [num_tokens if kind == WHOLE_PROMPT else 0] * num_seqs,
+            is_decode=kind == DECODE,
         )
 
         out = None
-        if not is_decode:
+        if kind != DECODE:
             shape = (num_seqs, self.config.model.vocab_size)
             out = self._prefill_logits.setdefault(num_seqs, torch.empty(shape, dtype=torch.float32, device=self.device))
 
@@ -166,18 +185,32 @@ class CudaGraphWorker(Worker):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits = run()
-        kind = "decode" if is_decode else "prefill"
         logger.debug(
             "captured the %s graph of %d tokens, %d sequences, block tables %d wide", kind, num_tokens, num_seqs, width
         )
-        captured = _StepGraph(graph, inputs, packed, staging, logits)
-        self._graphs[(is_decode, num_tokens, num_seqs, width)] = captured
-        return captured
+        self._graphs[(kind, num_tokens, num_seqs, width)] = _StepGraph(graph, inputs, packed, staging, logits)
 
 
 def _is_decode(step: StepInput) -> bool:
     """One token per sequence, token ``s`` of sequence ``s``: what the decode attention kernel takes."""
     return step.num_padded_tokens == step.num_padded_seqs and all(query_len == 1 for query_len in step.query_lens)
+
+
+def _prefill_kinds(num_tokens: int, width: int, block_size: int, dtype: torch.dtype) -> list[str]:
+    """The graphs of a prefill bucket of ``num_tokens`` tokens and block tables ``width`` wide:
+    the general one, and one for a whole prompt where cuDNN takes it and it fits a block table."""
+    whole = takes_whole_prompt(num_tokens, dtype) and num_tokens <= width * block_size
+    return [PREFILL, WHOLE_PROMPT] if whole else [PREFILL]
+
+
+def _graph_kind(step: StepInput, block_size: int, dtype: torch.dtype) -> str:
+    """Which of its bucket's graphs ``step`` replays."""
+    if _is_decode(step):
+        return DECODE
+    assert step.num_padded_tokens is not None and step.max_blocks_per_seq is not None
+    is_whole_prompt = len(step.query_lens) == 1 and step.query_lens == step.seq_lens
+    kinds = _prefill_kinds(step.num_padded_tokens, step.max_blocks_per_seq, block_size, dtype)
+    return WHOLE_PROMPT if is_whole_prompt and WHOLE_PROMPT in kinds else PREFILL
 
 
 def _replays_a_graph(step: StepInput, logits_indices: list[int], max_prefill_tokens: int) -> bool:
