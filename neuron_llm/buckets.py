@@ -2,8 +2,9 @@
 
 Each step is padded to the smallest bucket that holds it, so the set of graphs a backend
 ever runs is finite and known before serving: one NEFF per bucket on Neuron; on GPU one CUDA
-graph per decode bucket and per prefill bucket up to ``max_prefill_graph_tokens`` (a step
-that runs eagerly computes only its real tokens). Two kinds of graph:
+graph per decode bucket and per prefill bucket up to ``max_prefill_graph_tokens``, and a
+second for a long prefill bucket's whole prompts (``backends.cuda.graphs``); a step that
+runs eagerly computes only its real tokens. Two kinds of bucket:
 
 - decode: every sequence computes one token; ``num_tokens == num_seqs``.
 - prefill: anything else (prompts, chunks, mixed with decodes); sequences padded to
