@@ -36,6 +36,9 @@ from neuron_llm.config import DeviceConfig
 from neuron_llm.ops.metadata import AttentionMetadata
 from neuron_llm.worker import StepInput, Worker, fill_placeholders
 
+SMALL_HEADS = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "initializer_range": 0.02}
+"""A tiny Llama with head_dim 64 (the kernels' smallest tuned case) and weights of Llama's scale."""
+
 
 def test_default_backend_follows_the_device() -> None:
     assert default_backend_name("cpu") == "torch"
@@ -245,9 +248,7 @@ def test_prefill_graphs_compute_what_eager_steps_do(
     """A mixed step (a chunk after its context, a decode whose input id is a placeholder, a
     fresh prompt) replayed from its bucket's graph gives the eager step's logits, bit for bit,
     and writes the same keys and values."""
-    _, model_dir = save_tiny_llama(
-        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_hidden_layers=3, initializer_range=0.02
-    )
+    _, model_dir = save_tiny_llama(**SMALL_HEADS, num_hidden_layers=3)
     options = {"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 64, "block_size": 16, "max_model_len": 256}
     llm = LLM(str(model_dir), quantization=quantization, max_num_seqs=8, **options)
     worker = llm.engine.runner.executor.worker
@@ -295,14 +296,7 @@ def test_a_whole_prompt_replays_a_graph_of_cudnn_attention(
     """A prompt of 1,100 tokens alone in its step replays its bucket's (1,152 tokens)
     whole-prompt graph, whose attention is cuDNN's over all 1,152 rows: the logits and the
     prompt's keys and values are the eager step's (which sends it to cuDNN too), bit for bit."""
-    _, model_dir = save_tiny_llama(
-        hidden_size=256,
-        intermediate_size=512,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        initializer_range=0.02,
-        max_position_embeddings=2048,
-    )
+    _, model_dir = save_tiny_llama(**SMALL_HEADS, num_hidden_layers=3, max_position_embeddings=2048)
     options = {"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 256, "block_size": 16, "max_model_len": 2048}
     llm = LLM(str(model_dir), quantization=quantization, max_num_seqs=4, max_num_batched_tokens=2048, **options)
     worker = llm.engine.runner.executor.worker
@@ -397,9 +391,7 @@ def test_cuda_backend_runs_merged_quantized_models_like_the_reference(
 ) -> None:
     """Merged gate/up feeding fp8 or w8a8 down_proj through the fused SwiGLU quantization, int8 through its kernel."""
     # The usual initialization: the fixture's 0.2 makes a chaotic model that amplifies bf16 rounding.
-    _, model_dir = save_tiny_llama(
-        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4, initializer_range=0.02
-    )
+    _, model_dir = save_tiny_llama(**SMALL_HEADS, num_hidden_layers=4)
     options = {"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 128, "block_size": 16, "max_model_len": 256}
     prompt = list(range(3, 40))
     # The backend is per process: the reference runs before the cuda LLM makes cuda the active one.
@@ -422,14 +414,7 @@ def test_programmatic_dependent_launch_changes_no_bit(
     A kernel that read its inputs before the kernel before had written them would change
     them (int8: every matmul is a Triton kernel; long prompts split the decode attention).
     """
-    _, model_dir = save_tiny_llama(
-        hidden_size=256,
-        intermediate_size=512,
-        num_attention_heads=4,
-        num_hidden_layers=4,
-        initializer_range=0.02,
-        max_position_embeddings=1024,
-    )
+    _, model_dir = save_tiny_llama(**SMALL_HEADS, num_hidden_layers=4, max_position_embeddings=1024)
     options = {"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 256, "block_size": 16, "max_model_len": 1024}
     generator = torch.Generator().manual_seed(5)
     prompts = [

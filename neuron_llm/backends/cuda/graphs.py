@@ -153,16 +153,17 @@ class CudaGraphWorker(Worker):
         packed, inputs = _packed_tensors(shapes, self.device)
         inputs["block_tables"].fill_(NULL_BLOCK_ID)
         staging = [_packed_tensors(shapes, "cpu", pin=True) for _ in range(2)]
+        # The host lists hold for no replay: the cuda backend reads them only to send a long
+        # whole prompt to cuDNN (a whole-prompt graph's: one prompt of every token) and to
+        # order the prefill kernel's programs (heads first with all zeros).
+        first_len = num_tokens if kind == WHOLE_PROMPT else 0
         metadata = AttentionMetadata(
             slot_mapping=inputs["slot_mapping"],
             block_tables=inputs["block_tables"],
             seq_lens=inputs["seq_lens"],
             query_start_loc=inputs["query_start_loc"],
-            # The host lists hold for no replay: the cuda backend reads them only to send a
-            # long whole prompt to cuDNN (a whole-prompt graph's: one prompt of every token)
-            # and to order the prefill kernel's programs (heads first with all zeros).
-            seq_lens_host=[num_tokens] + [0] * (num_seqs - 1) if kind == WHOLE_PROMPT else [0] * num_seqs,
-            query_start_loc_host=[0] + [num_tokens if kind == WHOLE_PROMPT else 0] * num_seqs,
+            seq_lens_host=[first_len] + [0] * (num_seqs - 1),
+            query_start_loc_host=[0] + [first_len] * num_seqs,
             is_decode=kind == DECODE,
         )
 
