@@ -2,20 +2,22 @@
 
 SageMaker routes traffic to the container once ``/ping`` answers 200, so it answers 503
 until the model has loaded. ``/invocations`` takes an OpenAI completion or chat body, or the
-TGI-style ``{"inputs", "parameters"}`` body, and answers in the shape it was asked in. It
-needs no API key: SageMaker authenticates callers with IAM before they reach the container.
+TGI-style ``{"inputs", "parameters"}`` body, and answers in the shape it was asked in.
+SageMaker authenticates callers with IAM before they reach the container, so a SageMaker
+deployment sets no API key; a server started with one requires it here as on ``/v1``, since
+``/invocations`` generates as ``/v1`` does.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from neuron_llm.serve.chat import serve_chat
 from neuron_llm.serve.completions import serve_completion
 from neuron_llm.serve.openai_routes import ERROR_RESPONSES
 from neuron_llm.serve.protocol import ChatCompletionRequest, CompletionRequest, InvocationRequest, TGIRequest
-from neuron_llm.serve.state import get_state
+from neuron_llm.serve.state import get_state, require_api_key
 from neuron_llm.serve.tgi import serve_tgi
 
 router = APIRouter()
@@ -28,7 +30,7 @@ async def ping(request: Request) -> JSONResponse:
     return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
 
-@router.post("/invocations", responses=ERROR_RESPONSES)
+@router.post("/invocations", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 async def invocations(body: InvocationRequest, request: Request) -> Response:
     """Generate for an OpenAI completion or chat body, or a TGI-style body."""
     state = get_state(request)

@@ -42,7 +42,8 @@ class ServeSettings:
     max_waiting_requests: int = _setting(256, "requests waiting for their first token before new ones get 429")
     api_key: str | None = _setting(
         None,
-        "when set, /v1 routes require `Authorization: Bearer KEY` (prefer NEURON_LLM_API_KEY: flags are visible to ps)",
+        "when set, /v1 routes and /invocations require `Authorization: Bearer KEY` "
+        "(prefer NEURON_LLM_API_KEY: flags are visible to ps)",
     )
     drain_timeout: float = _setting(30.0, "seconds to let requests in flight finish on shutdown")
     log_level: str = _setting("info", "uvicorn log level")
