@@ -96,6 +96,14 @@ def _load_in_background(
         logger.info(
             "serving %s (max_model_len=%d, weights %.1f MiB)", name, state.model.max_model_len, llm.weight_bytes / 2**20
         )
+        if state.model.max_model_len < llm.config.max_model_len:
+            logger.warning(
+                "the KV pool holds %d tokens of one sequence, fewer than max_model_len=%d: requests are limited "
+                "to %d tokens (raise --num-kv-blocks or lower --max-model-len)",
+                state.model.max_model_len,
+                llm.config.max_model_len,
+                state.model.max_model_len,
+            )
 
     def failed(message: str) -> None:
         state.load_error = message

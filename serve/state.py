@@ -32,7 +32,9 @@ class ServedModel:
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.config.max_model_len
+        """The context length requests get: the engine's ``max_model_len``, or less where the KV
+        pool holds fewer tokens of one sequence."""
+        return self.llm.engine.scheduler.max_seq_len
 
     @property
     def max_num_seqs(self) -> int:

@@ -110,6 +110,12 @@ class Scheduler:
         self.config = scheduler_config
         self.max_model_len: int = scheduler_config.max_model_len
         self.block_manager = BlockManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        # The K/V of every token but the last sampled one is stored, so a pool of N usable
+        # blocks holds one sequence of N * block_size + 1 tokens.
+        pool_len = self.block_manager.num_usable_blocks * cache_config.block_size + 1
+        self.max_seq_len: int = min(self.max_model_len, pool_len)
+        """The longest sequence (prompt and output) the engine can run: ``max_model_len``, or
+        less when the KV pool holds fewer tokens. Requests without ``max_tokens`` stop there."""
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -122,9 +128,9 @@ class Scheduler:
         """Queue a new request.
 
         Raises ``ValueError`` when its id is in use, its prompt is empty or leaves no room for
-        output within ``max_model_len``, its prompt exceeds ``max_num_batched_tokens`` without
-        chunked prefill, or its prompt plus ``max_tokens`` would not fit in the KV pool even
-        alone (it could then never finish).
+        output within ``max_model_len`` (within ``max_seq_len`` without ``max_tokens``), its
+        prompt exceeds ``max_num_batched_tokens`` without chunked prefill, or its prompt plus
+        ``max_tokens`` would not fit in the KV pool even alone (it could then never finish).
         """
         self._check_new(request)
         request.status = RequestStatus.WAITING
@@ -198,8 +204,8 @@ class Scheduler:
 
         Publishes the newly computed full blocks to the prefix cache, appends sampled tokens,
         and finishes (freeing their blocks) requests that reached ``max_tokens`` or
-        ``max_model_len``. Requests finished while the step ran are skipped. Returns the ids
-        finished by length.
+        ``max_model_len`` (``max_seq_len`` without ``max_tokens``). Requests finished while the
+        step ran are skipped. Returns the ids finished by length.
         """
         finished_ids: list[str] = []
         for entry in output.scheduled:
@@ -242,6 +248,11 @@ class Scheduler:
         max_tokens = request.sampling_params.max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"request {request_id!r}: max_tokens={max_tokens} must be >= 1")
+        if max_tokens is None and num_prompt_tokens >= self.max_seq_len:
+            raise ValueError(
+                f"request {request_id!r}: prompt of {num_prompt_tokens} tokens leaves no room for output "
+                f"in the KV pool, which holds {self.max_seq_len} tokens of one sequence; enlarge the KV cache"
+            )
         budget = self.config.max_num_batched_tokens
         if not self.config.enable_chunked_prefill and num_prompt_tokens > budget:
             raise ValueError(
@@ -261,7 +272,7 @@ class Scheduler:
         """Length at which the request finishes by length."""
         max_tokens = request.sampling_params.max_tokens
         if max_tokens is None:
-            return self.max_model_len
+            return self.max_seq_len
         return min(request.num_prompt_tokens + max_tokens, self.max_model_len)
 
     def _register(self, request: Request) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import ServerThread, running_server
+from tests.serve.conftest import ServerThread, make_llm, running_server
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
 
@@ -147,3 +148,26 @@ def test_api_key_is_required_when_set(model_dir: Path) -> None:
             wrong.models.list()
         right = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="secret", max_retries=0)
         assert right.completions.create(model=right.models.list().data[0].id, prompt="Hi", max_tokens=2).choices
+        # /invocations generates too, so the key guards it as well; /ping stays open for health checks.
+        body = {"prompt": "Hi", "max_tokens": 2}
+        assert httpx.post(f"{keyed.url}/invocations", json=body).status_code == 401
+        headers = {"Authorization": "Bearer secret"}
+        assert httpx.post(f"{keyed.url}/invocations", json=body, headers=headers).status_code == 200
+        assert httpx.get(f"{keyed.url}/ping").status_code == 200
+
+
+def test_a_kv_pool_shorter_than_the_context_bounds_requests_without_max_tokens(model_dir: Path) -> None:
+    # 32 blocks of 4 tokens: 31 usable hold one sequence of 125 tokens, under max_model_len 256.
+    # A request without max_tokens (chat's usual case) gets the room the pool leaves, not a 400.
+    with running_server(model_dir, load=lambda: make_llm(model_dir, num_kv_blocks=32)) as small:
+        client = openai.OpenAI(base_url=f"{small.url}/v1", api_key="-", max_retries=0, timeout=60)
+        (card,) = httpx.get(f"{small.url}/v1/models").json()["data"]
+        assert card["max_model_len"] == 125
+        chat = client.chat.completions.create(
+            model=card["id"], messages=[{"role": "user", "content": "Hi"}], extra_body={"ignore_eos": True}
+        )
+        assert chat.choices[0].finish_reason == "length"
+        assert chat.usage.prompt_tokens + chat.usage.completion_tokens == 125
+        with pytest.raises(openai.BadRequestError) as too_many:
+            client.completions.create(model=card["id"], prompt="Hi", max_tokens=200)
+        assert too_many.value.body["param"] == "max_tokens" and "125 tokens" in too_many.value.body["message"]

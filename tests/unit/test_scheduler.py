@@ -479,8 +479,8 @@ def test_requests_that_can_never_run_are_refused() -> None:
     scheduler.add_request(make_request("fits", [1, 2, 3, 4], max_tokens=3))
     with pytest.raises(ValueError, match="needs 4 KV blocks but the pool has 3"):
         scheduler.add_request(make_request("too-long", [1, 2, 3, 4], max_tokens=4))
-    with pytest.raises(ValueError, match="KV blocks"):
-        scheduler.add_request(make_request("unbounded", [1, 2], max_tokens=None))
+    with pytest.raises(ValueError, match="KV pool, which holds 7 tokens of one sequence"):
+        scheduler.add_request(make_request("unbounded", list(range(7)), max_tokens=None))
     with pytest.raises(ValueError, match="already in use"):
         scheduler.add_request(make_request("fits", [1]))
     with pytest.raises(ValueError, match="empty"):
@@ -489,6 +489,25 @@ def test_requests_that_can_never_run_are_refused() -> None:
         scheduler.add_request(make_request("no-room", list(range(100))))
     with pytest.raises(ValueError, match="max_model_len=None"):
         Scheduler(CacheConfig(), SchedulerConfig(), num_blocks=8)
+
+
+def test_without_max_tokens_a_sequence_stops_where_the_pool_is_full() -> None:
+    # 3 usable blocks of 2 tokens hold one sequence of 7 tokens (the last sampled one needs no
+    # K/V), fewer than max_model_len: a request without max_tokens finishes by length there
+    # instead of being refused, or preempting itself forever.
+    scheduler = make_scheduler(num_blocks=4, block_size=2, max_model_len=100)
+    assert scheduler.max_seq_len == 7
+    assert make_scheduler(num_blocks=100, block_size=2, max_model_len=100).max_seq_len == 100
+    model = FakeModel(scheduler)
+    unbounded = make_request("unbounded", [1, 2], max_tokens=None)
+    scheduler.add_request(unbounded)
+    while scheduler.has_unfinished_requests():
+        output = scheduler.schedule()
+        scheduler.update_from_output(output, model.step(output))
+    assert unbounded.status is RequestStatus.FINISHED_LENGTH
+    assert unbounded.output_token_ids == expected_output([1, 2], 5)
+    assert scheduler.num_preemptions == 0
+    assert scheduler.block_manager.num_free_blocks == 3
 
 
 def test_stats() -> None:
