@@ -152,11 +152,16 @@ class LLMEngine:
         """
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, not {type(params).__name__}")
-        request_id = str(next(self._request_counter)) if request_id is None else request_id
+        request_id = self._unused_id() if request_id is None else request_id
         if request_id in self._groups:
             raise ValueError(f"request_id={request_id!r} is already in use")
         prompt_text, prompt_ids = self._tokenize(prompt)
         sequences = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
+        # An n > 1 request's sequences are named "{request_id}#{index}", which another request
+        # may already be called (or the reverse).
+        taken = [seq.request.request_id for seq in sequences if seq.request.request_id in self._sequences]
+        if taken:
+            raise ValueError(f"request_id={request_id!r}: its sequence id {taken[0]!r} is already in use")
         first = sequences[0].request
         self.scheduler.add_request(first)  # raises ValueError for lengths the engine cannot serve
         group = _RequestGroup(
@@ -174,6 +179,12 @@ class LLMEngine:
             self._penalized_ids.add(request_id)
         for seq in sequences:
             self._sequences[seq.request.request_id] = (group, seq)
+        return request_id
+
+    def _unused_id(self) -> str:
+        # Callers may name requests too, so a counter value can be taken already.
+        while (request_id := str(next(self._request_counter))) in self._groups or request_id in self._sequences:
+            pass
         return request_id
 
     def abort(self, request_id: str) -> bool:

@@ -125,6 +125,28 @@ def test_bad_request_fails_alone(tiny_model_dir, prompt, params, message) -> Non
     assert all_blocks_free(llm)
 
 
+def test_request_ids_never_clash_with_sequence_ids(tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir)
+    engine = llm.engine
+    prompts = random_prompts(4, seed=14)
+    pair = replace(GREEDY, n=2)
+    engine.add_request(prompts[0], GREEDY, request_id="a#1")
+    # Its second sequence would be "a#1" too: refused before anything is queued.
+    with pytest.raises(ValueError, match="sequence id 'a#1' is already in use"):
+        engine.add_request(prompts[1], pair, request_id="a")
+    engine.add_request(prompts[1], pair, request_id="b")
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request(prompts[2], GREEDY, request_id="b#0")
+    # Automatic ids skip those callers took.
+    engine.add_request(prompts[2], GREEDY, request_id="1")
+    automatic = [engine.add_request(prompts[3], GREEDY) for _ in range(2)]
+    assert len(set(automatic) | {"a#1", "b", "1"}) == 5
+    finished = run_all(llm, {})
+    assert sorted(finished) == sorted(["a#1", "b", "1", *automatic])
+    assert [len(c.token_ids) for c in finished["b"].outputs] == [10, 10]
+    assert all_blocks_free(llm)
+
+
 def test_bad_sampling_values_are_refused() -> None:
     with pytest.raises(ValueError, match="max_tokens=0"):
         SamplingParams(max_tokens=0)
