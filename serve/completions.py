@@ -71,6 +71,8 @@ class _CompletionWriter:
         self._id = response_id
         self._created = int(time.time())
         self._texts = TokenTexts(model.tokenizer)
+        self._text_offsets: dict[int, int] = {}
+        """Per choice, the text offset of its next token: a stream's chunks carry on from there."""
 
     def response(self, finals: list[RequestOutput]) -> CompletionResponse:
         choices = []
@@ -111,11 +113,13 @@ class _CompletionWriter:
         text = prompt.text + delta.text if echo else delta.text
         logprobs = None
         if self._body.logprobs is not None:
+            start = self._text_offsets.get(delta.index, 0)
             logprobs = (
                 self._logprobs(delta, prompt, output)
                 if echo
-                else completion_logprobs(self._texts, delta.token_ids, delta.logprobs or [])
+                else completion_logprobs(self._texts, delta.token_ids, delta.logprobs or [], start)
             )
+            self._text_offsets[delta.index] = (0 if echo else start) + sum(map(len, logprobs.tokens))
         return CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
 
     def _logprobs(self, delta: ChoiceDelta, prompt: Prompt, output: RequestOutput) -> CompletionLogprobs:

@@ -122,6 +122,17 @@ def test_logprobs_and_echo(client: openai.OpenAI, model_name: str) -> None:
     assert all(len(entry.top_logprobs) == 3 and entry.logprob == entry.top_logprobs[0].logprob for entry in content)
 
 
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_add_up_to_the_whole_ones(client: openai.OpenAI, model_name: str, echo: bool) -> None:
+    options = {"model": model_name, "prompt": "Hello world", "logprobs": 1, "echo": echo, **GREEDY}
+    whole = client.completions.create(**options).choices[0].logprobs
+    parts = [c.logprobs for chunk in client.completions.create(stream=True, **options) for c in chunk.choices]
+    # Offsets carry on from chunk to chunk, as if the stream were one response.
+    assert [offset for part in parts for offset in part.text_offset] == whole.text_offset
+    assert [token for part in parts for token in part.tokens] == whole.tokens
+    assert whole.text_offset == [sum(map(len, whole.tokens[:i])) for i in range(len(whole.tokens))]
+
+
 def test_penalties_are_accepted(client: openai.OpenAI, model_name: str) -> None:
     completion = client.completions.create(
         model=model_name, prompt="Hello", presence_penalty=1.5, frequency_penalty=-0.5, **GREEDY
