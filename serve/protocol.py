@@ -2,16 +2,19 @@
 
 Requests are validated strictly (``"n": "2"`` or ``"n": true`` is refused, not converted) and
 unknown fields are refused, so a misspelt or unsupported option is a 400 naming it instead of
-being silently ignored. Ranges follow OpenAI's API reference; the extra sampling fields
-(``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``, ``ignore_eos``,
-``stop_token_ids``) are vLLM's extensions under vLLM's names.
+being silently ignored; so is an option that would do nothing (``top_logprobs`` without
+``logprobs``, ``stream_options`` without ``stream``). Null stands for an option's default.
+Ranges follow OpenAI's API reference; the extra sampling fields (``top_k``, ``min_p``,
+``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``) are vLLM's
+extensions under vLLM's names.
 """
 
 from __future__ import annotations
 
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from neuron_llm.sampling_params import MAX_LOGPROBS
 
@@ -24,6 +27,23 @@ MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_the_default(cls, data: Any) -> Any:
+        # OpenAI's API takes null for any option left unset, and clients that send every field
+        # send it: for an option that has no None value of its own, null is its default.
+        if not isinstance(data, dict):
+            return data
+        return {name: value for name, value in data.items() if value is not None or not _defaults_null(cls, name)}
+
+
+def _defaults_null(cls: type[BaseModel], name: str) -> bool:
+    """Whether ``name`` is an optional field of ``cls`` that None is not a value of."""
+    field = cls.model_fields.get(name)
+    if field is None or field.is_required():
+        return False
+    return field.annotation is not None and type(None) not in typing.get_args(field.annotation)
 
 
 class StreamOptions(_Request):
@@ -53,6 +73,13 @@ class _SamplingRequest(_Request):
     repetition_penalty: float = Field(1.0, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
 
     @property
     def include_usage(self) -> bool:
@@ -97,6 +124,13 @@ class ChatCompletionRequest(_SamplingRequest):
     """OpenAI's newer name for max_tokens; wins when both are set."""
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs to be true")
+        return value
 
 
 class TGIParameters(_Request):

@@ -41,6 +41,9 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "a", "top_p": 0}, 400, "top_p"),
     (COMPLETIONS, {"prompt": "a", "presence_penalty": -3}, 400, "presence_penalty"),
     (CHAT, {"messages": USER, "top_logprobs": 99, "logprobs": True}, 400, "top_logprobs"),
+    # options that would do nothing
+    (CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
+    (COMPLETIONS, {"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     # huge
     (COMPLETIONS, {"prompt": "a", "max_tokens": 10**12}, 400, "max_tokens"),
     (CHAT, {"messages": USER, "max_completion_tokens": 10**6}, 400, "max_completion_tokens"),
@@ -75,6 +78,17 @@ def test_bad_field_is_a_4xx_naming_it(server: ServerThread, route: str, body: An
     error = response.json()["error"]
     assert error["param"] == param, error
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_null_options_take_their_defaults(server: ServerThread) -> None:
+    # OpenAI's API lets a client send null for an option it leaves unset.
+    unset = dict.fromkeys(("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "stream", "seed"))
+    completion = httpx.post(f"{server.url}{COMPLETIONS}", json={"prompt": "a", "max_tokens": 2, "echo": None, **unset})
+    assert completion.status_code == 200, completion.text
+    assert len(completion.json()["choices"]) == 1 and completion.json()["choices"][0]["logprobs"] is None
+    chat = httpx.post(f"{server.url}{CHAT}", json={"messages": USER, "max_tokens": 2, "logprobs": None, **unset})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["logprobs"] is None
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"", b"[1, 2]", b'"prompt"', b"\xff\xfe"])
