@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from neuron_llm.serve.settings import ServeSettings, default_sagemaker_model
+from neuron_llm.serve.settings import LOG_LEVELS, ServeSettings, default_sagemaker_model
 
 _LOG_FORMAT = "%(levelname)s:     %(name)s: %(message)s"
 
@@ -41,7 +41,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from neuron_llm.serve.server import run_server
 
     settings = ServeSettings.from_args(args)
-    logging.basicConfig(level=settings.log_level.upper(), format=_LOG_FORMAT)
+    logging.basicConfig(level=LOG_LEVELS[settings.log_level], format=_LOG_FORMAT)
     return run_server(settings)
 
 
@@ -54,5 +54,5 @@ def sagemaker_main() -> None:
     except ValueError as e:
         print(f"serve: error: {e}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=settings.log_level.upper(), format=_LOG_FORMAT)
+    logging.basicConfig(level=LOG_LEVELS[settings.log_level], format=_LOG_FORMAT)
     sys.exit(run_server(settings))

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "NEURON_LLM_"
+LOG_LEVELS = {
+    "critical": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": 5,
+}
+"""uvicorn's log levels (its ``trace`` is below ``debug``) and their ``logging`` numbers."""
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
 """Where SageMaker unpacks the endpoint's model artifact."""
 
@@ -46,7 +56,7 @@ class ServeSettings:
         "(prefer NEURON_LLM_API_KEY: flags are visible to ps)",
     )
     drain_timeout: float = _setting(30.0, "seconds to let requests in flight finish on shutdown")
-    log_level: str = _setting("info", "uvicorn log level")
+    log_level: str = _setting("info", f"log level: {', '.join(LOG_LEVELS)}")
 
     def __post_init__(self) -> None:
         for name in ("port", "tensor_parallel_size", "max_waiting_requests"):
@@ -54,6 +64,8 @@ class ServeSettings:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout={self.drain_timeout}: must be >= 0")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level={self.log_level!r}: must be one of {', '.join(LOG_LEVELS)}")
 
     def llm_options(self) -> dict[str, Any]:
         """Keyword arguments of ``neuron_llm.LLM`` (engine options left unset take its defaults)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from neuron_llm.serve.cli import add_serve_parser, run_serve
-from neuron_llm.serve.settings import ServeSettings
+from neuron_llm.serve.settings import LOG_LEVELS, ServeSettings
 from tests.serve.conftest import wait_for
 
 PROCESS_TIMEOUT_S = 240.0
@@ -57,6 +58,10 @@ def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
         ServeSettings.from_env({"NEURON_LLM_PORT": "http"})
     with pytest.raises(ValueError, match="max_waiting_requests"):
         ServeSettings(max_waiting_requests=0)
+    # uvicorn's levels, trace included, are the ones taken; logging knows trace by number only.
+    assert LOG_LEVELS[ServeSettings(log_level="trace").log_level] < logging.DEBUG
+    with pytest.raises(ValueError, match="log_level='verbose': must be one of critical, error"):
+        ServeSettings.from_env({"NEURON_LLM_LOG_LEVEL": "verbose"})
 
 
 def _free_port() -> int:
