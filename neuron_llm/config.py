@@ -38,6 +38,27 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; a ``ValueError`` when it names none."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a valid torch device") from e
+
+
+def require_visible(device: str | torch.device) -> torch.device:
+    """``parse_device``, and a ``ValueError`` for a CUDA device this process cannot see (checked
+    where a model is built, since a configuration may name a device of another machine)."""
+    parsed = parse_device(device)
+    if parsed.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible == 0:
+            raise ValueError(f"device={device!r}: no CUDA device is visible (torch.cuda.is_available() is False)")
+        if parsed.index is not None and parsed.index >= visible:
+            raise ValueError(f"device={device!r}: only {visible} CUDA device(s) are visible")
+    return parsed
+
+
 def _require(condition: bool, name: str, value: Any, why: str) -> None:
     if not condition:
         raise ValueError(f"{name}={value!r}: {why}")
@@ -117,8 +138,10 @@ class ModelConfig:
             f"must divide num_attention_heads={self.num_attention_heads}",
         )
         _require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for rotary embeddings")
-        _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
-        _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            _require(is_number and value > 0, name, value, "must be a number > 0")
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -165,10 +188,14 @@ class ModelConfig:
                 hf = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(hf, dict):
+            raise ValueError(f"{path} holds a JSON {type(hf).__name__}, not an object")
         try:
             return cls.from_hf_config(hf)
         except KeyError as e:
             raise ValueError(f"{path} lacks the required key {e.args[0]!r}") from e
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
 
 
 def _read_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
@@ -307,10 +334,7 @@ class DeviceConfig:
     decode steps replay graphs."""
 
     def __post_init__(self) -> None:
-        try:
-            torch.device(self.device)
-        except RuntimeError as e:
-            raise ValueError(f"device={self.device!r} is not a valid torch device") from e
+        parse_device(self.device)
         parse_dtype(self.dtype)
         if self.max_prefill_graph_tokens < 0:
             raise ValueError(f"max_prefill_graph_tokens={self.max_prefill_graph_tokens} must be at least 0")

@@ -20,6 +20,7 @@ from neuron_llm.config import (
     EngineConfig,
     ParallelConfig,
     SchedulerConfig,
+    parse_device,
     parse_dtype,
 )
 from neuron_llm.engine.llm_engine import LLMEngine
@@ -36,7 +37,7 @@ Prompt = str | dict[str, Any]
 def _resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     if dtype == "auto":
         # bf16 where the hardware has it; fp32 on the CPU, where bf16 matmuls are slow.
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+        return torch.float32 if parse_device(device).type == "cpu" else torch.bfloat16
     return parse_dtype(dtype)
 
 

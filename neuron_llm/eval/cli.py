@@ -36,16 +36,18 @@ def run_eval(args: argparse.Namespace) -> int:
     """Run ``eval perplexity``: print tokens scored, perplexity and weight bytes; return the exit code."""
     import torch
 
-    from neuron_llm.config import parse_dtype
+    from neuron_llm.config import parse_device, parse_dtype
     from neuron_llm.eval.perplexity import perplexity
     from neuron_llm.quant.convert import quantized_weight_bytes
     from neuron_llm.quant.loading import load_any_format
 
     if not args.corpus.is_file():
         raise FileNotFoundError(f"corpus {args.corpus} not found")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ValueError(f"--max-tokens {args.max_tokens}: at least 2 tokens are needed to score one")
     # auto: float32 on the CPU, where bf16 matmuls are slow; bfloat16 elsewhere.
     if args.dtype == "auto":
-        dtype = torch.float32 if torch.device(args.device).type == "cpu" else torch.bfloat16
+        dtype = torch.float32 if parse_device(args.device).type == "cpu" else torch.bfloat16
     else:
         dtype = parse_dtype(args.dtype)
     loaded = load_any_format(args.model, dtype=dtype, device=args.device, quantization=args.quantization)

@@ -54,6 +54,8 @@ class PerplexityResult:
 
 def sliding_windows(num_tokens: int, context: int, stride: int) -> list[Window]:
     """The windows over ``num_tokens`` tokens, ``context`` long, starting every ``stride`` tokens."""
+    if context < 2:
+        raise ValueError(f"context={context}: a window of at least 2 tokens is needed to score one")
     if not 0 < stride <= context:
         raise ValueError(f"stride={stride}: must be in [1, context={context}]")
     if num_tokens < 2:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from neuron_llm.config import ModelConfig, parse_dtype
+from neuron_llm.config import ModelConfig, parse_dtype, require_visible
 from neuron_llm.loader import gguf_file, hf_dir
 from neuron_llm.loader.default_model import default_model_path
 from neuron_llm.loader.hf_dir import GenerationDefaults
@@ -143,7 +143,7 @@ def _build(
 ) -> LlamaForCausalLM:
     # Parameters are created in place, in their final dtype and device, and then overwritten
     # by the checkpoint: no float32 or host copy of the whole model is ever made.
-    with default_dtype(dtype), torch.device(device):
+    with default_dtype(dtype), require_visible(device):
         model = LlamaForCausalLM(config)
         if shard is not None:
             shard(model)

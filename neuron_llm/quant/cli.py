@@ -88,6 +88,8 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         raise ValueError(f"--activation-scale-ub: only fp8 bounds its activations, not {args.scheme}")
     if args.activation_scale_ub is None:
         bound = default.format.activation_scale_ub
+    elif not args.activation_scale_ub >= 0:  # NaN too
+        raise ValueError(f"--activation-scale-ub {args.activation_scale_ub}: must be >= 0 (0: no bound)")
     else:
         bound = args.activation_scale_ub if args.activation_scale_ub > 0 else None
     return QuantConfig.for_scheme(args.scheme, group_size=args.group_size, activation_scale_ub=bound, policy=policy)
@@ -107,6 +109,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     from neuron_llm.quant.layers import quantized_linears
     from neuron_llm.quant.loading import load_any_format
 
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; choose a new or empty directory")
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"--out {args.out} is not empty; choose a new or empty directory")
     config = quant_config_from_args(args)

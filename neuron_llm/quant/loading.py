@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from neuron_llm.config import parse_dtype
+from neuron_llm.config import parse_dtype, require_visible
 from neuron_llm.loader import LoadedModel, default_dtype, load_model, load_model_info, resolve_model_path
 from neuron_llm.loader.hf_dir import iter_hf_weights
 from neuron_llm.loader.weights import load_weights
@@ -52,7 +52,7 @@ def load_any_format(
     if quantization is not None:
         raise ValueError(f"{path} is already quantized; load it without quantization={quantization!r}")
     info = load_model_info(path)
-    with default_dtype(parse_dtype(dtype)), torch.device(device):
+    with default_dtype(parse_dtype(dtype)), require_visible(device):
         built = LlamaForCausalLM(info.config)
         prepare_quantized_model(built, checkpoint)
         if shard is not None:

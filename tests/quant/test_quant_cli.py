@@ -108,6 +108,32 @@ def test_eval_needs_an_existing_corpus(quant_checkpoint: tuple[Any, Path], tmp_p
         run_cli("eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(tmp_path / "missing.txt"))
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--max-tokens", "-150"], "--max-tokens -150: at least 2 tokens"),
+        (["--context", "1", "--stride", "1"], "context=1: a window of at least 2 tokens"),
+        (["--device", "cuda:x"], "device='cuda:x' is not a valid torch device"),
+    ],
+)
+def test_eval_refuses_settings_that_score_wrongly(
+    quant_checkpoint: tuple[Any, Path], corpus_file: Path, options: list[str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_cli("eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(corpus_file), *options)
+
+
+def test_quantize_refuses_a_file_as_out_and_a_negative_bound(
+    quant_checkpoint: tuple[Any, Path], tmp_path: Path
+) -> None:
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        run_cli("quantize", str(quant_checkpoint[1]), "--scheme", "int8", "--out", str(tmp_path / "taken"))
+    for bound in ("-5", "nan"):
+        with pytest.raises(ValueError, match=rf"--activation-scale-ub {bound}(\.0)?: must be >= 0 \(0: no bound\)"):
+            quant_config_from_args(parse_quantize("--scheme", "fp8", "--activation-scale-ub", bound))
+
+
 def test_quantize_w8a8_with_smoothquant_writes_smoothed_norms(
     quant_checkpoint: tuple[Any, Path], corpus_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -49,10 +49,10 @@ def test_windows_with_stride_equal_to_context_skip_each_first_token() -> None:
     assert sliding_windows(3, context=8, stride=2) == [Window(0, 3, 2)]
 
 
-@pytest.mark.parametrize(("tokens", "stride"), [(1, 2), (10, 0), (10, 5)])
-def test_bad_windows_are_refused(tokens: int, stride: int) -> None:
+@pytest.mark.parametrize(("tokens", "context", "stride"), [(1, 4, 2), (10, 4, 0), (10, 4, 5), (10, 1, 1)])
+def test_bad_windows_are_refused(tokens: int, context: int, stride: int) -> None:
     with pytest.raises(ValueError, match="stride=|at least 2"):
-        sliding_windows(tokens, context=4, stride=stride)
+        sliding_windows(tokens, context=context, stride=stride)
 
 
 @pytest.mark.parametrize(("context", "stride"), [(128, 128), (32, 8), (32, 32), (25, 10)])

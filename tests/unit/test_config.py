@@ -18,6 +18,7 @@ from neuron_llm.config import (
     RopeScaling,
     SchedulerConfig,
     parse_dtype,
+    require_visible,
 )
 
 LLAMA2_7B = {
@@ -170,8 +171,9 @@ def test_refused_hf_configs(changes: dict[str, Any], message: str) -> None:
         (dict(num_hidden_layers=2.5), r"num_hidden_layers=2.5: must be a positive integer"),
         (dict(num_key_value_heads=3), r"num_key_value_heads=3: must divide num_attention_heads=8"),
         (dict(head_dim=7), r"head_dim=7: must be even"),
-        (dict(rms_norm_eps=0.0), r"rms_norm_eps=0.0: must be > 0"),
-        (dict(rope_theta=-1.0), r"rope_theta=-1.0: must be > 0"),
+        (dict(rms_norm_eps=0.0), r"rms_norm_eps=0.0: must be a number > 0"),
+        (dict(rms_norm_eps=None), r"rms_norm_eps=None: must be a number > 0"),
+        (dict(rope_theta=-1.0), r"rope_theta=-1.0: must be a number > 0"),
         (dict(max_position_embeddings=0), r"max_position_embeddings=0: must be a positive integer"),
     ],
 )
@@ -202,6 +204,25 @@ def test_json_file_errors(tmp_path: Path) -> None:
     path.write_text(json.dumps({k: v for k, v in LLAMA2_7B.items() if k != "num_attention_heads"}))
     with pytest.raises(ValueError, match=r"config\.json lacks the required key 'num_attention_heads'"):
         ModelConfig.from_json_file(path)
+    path.write_text("[]")
+    with pytest.raises(ValueError, match=r"config\.json holds a JSON list, not an object"):
+        ModelConfig.from_json_file(path)
+    path.write_text(json.dumps({**LLAMA2_7B, "rms_norm_eps": None}))
+    with pytest.raises(ValueError, match=r"config\.json: rms_norm_eps=None: must be a number > 0"):
+        ModelConfig.from_json_file(path)
+
+
+def test_a_model_is_built_only_on_a_device_this_process_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A configuration may name another machine's device; building on it is refused by name.
+    assert require_visible("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device='cuda': no CUDA device is visible"):
+        require_visible("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert require_visible("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"device='cuda:2': only 2 CUDA device\(s\) are visible"):
+        require_visible("cuda:2")
 
 
 # --- ParallelConfig -------------------------------------------------------------------------
@@ -269,6 +290,8 @@ def test_scheduler_config_values(changes: dict[str, Any], message: str) -> None:
 def test_device_config_values() -> None:
     with pytest.raises(ValueError, match=r"device='gpu0' is not a valid torch device"):
         DeviceConfig(device="gpu0")
+    with pytest.raises(ValueError, match=r"device='cuda:x' is not a valid torch device"):
+        DeviceConfig(device="cuda:x")
     with pytest.raises(ValueError, match=r"dtype=torch\.int8 is not supported"):
         DeviceConfig(dtype=torch.int8)
     with pytest.raises(ValueError, match=r"max_prefill_graph_tokens=-1 must be at least 0"):
