@@ -103,7 +103,8 @@ class TextContent(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """``developer`` is OpenAI's newer name for ``system``, and is rendered as one."""
     content: str | list[TextContent]
     name: str | None = None
 

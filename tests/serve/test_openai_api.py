@@ -71,6 +71,16 @@ def test_chat_and_its_stream_agree(client: openai.OpenAI, model_name: str) -> No
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_a_developer_message_is_a_system_message(client: openai.OpenAI, model_name: str) -> None:
+    answers = {}
+    for role in ("system", "developer"):
+        messages = [{"role": role, "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        answers[role] = client.chat.completions.create(model=model_name, messages=messages, **GREEDY)
+    # Rendered as the same template turn: the same prompt, so the same greedy answer.
+    assert answers["developer"].usage == answers["system"].usage
+    assert answers["developer"].choices[0].message.content == answers["system"].choices[0].message.content
+
+
 def test_n_completions_for_each_prompt(client: openai.OpenAI, model_name: str) -> None:
     completion = client.completions.create(
         model=model_name, prompt=["Hello", "Once upon a time"], n=3, temperature=1.0, seed=7, max_tokens=6
