@@ -44,7 +44,9 @@ class ServeSettings:
     port: int = _setting(8000, "port to listen on")
     device: str = _setting("cpu", "cpu, cuda, cuda:N, xla (Neuron)")
     dtype: str = _setting("auto", "auto, float32, bfloat16, float16")
-    quantization: str | None = _setting(None, "quantize on load: int8, int8-g128, fp8 (Llama 3 recipe), fp8-all, w8a8")
+    quantization: str | None = _setting(
+        None, "quantize on load: int8, int8-head, int8-g128, fp8 (Llama 3 recipe), fp8-all, w8a8"
+    )
     tensor_parallel_size: int = _setting(1, "devices (processes) to split the model across")
     max_model_len: int | None = _setting(None, "longest prompt + output in tokens (default: the model's)")
     num_kv_blocks: int | None = _setting(None, "KV pool size in blocks (default: from memory)")

@@ -91,7 +91,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 results["bf16_prefill"] = engine.prefill_time(bf16, args.prefill_len, vocab)
             _print(results)
             del bf16
-    for preset in ("int8",) if "int8" in cases else ():
+    for preset in ("int8", "int8-head") if "int8" in cases else ():
         with engine.released():
             quantized = case(preset).engine()
             results[f"{preset}_decode"] = decode(quantized, vocab_size=vocab)
@@ -153,6 +153,16 @@ def markdown_table(r: dict[str, Any]) -> str:
         int8_floor = r["int8_weight_bytes"] / r["copy_bandwidth_Bps"]
         rows.append(
             ("int8 decode floor", f"{int8_floor * 1e3:.2f} ms/token", "int8 decode", f"{int8 / int8_floor:.2f}x")
+        )
+    head = r.get("int8-head_decode", {}).get("decode_s_per_token")
+    if head and ours:
+        rows.append(
+            (
+                "int8 with an int8 LM head, batch 1",
+                f"{head * 1e3:.2f} ms/token",
+                "bf16 decode",
+                f"{ours / head:.2f}x faster",
+            )
         )
     batch = r.get("bf16_batch", {}).get("output_tokens_per_s")
     hf_batch = r.get("transformers_batch", {}).get("output_tokens_per_s")

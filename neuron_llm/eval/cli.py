@@ -23,7 +23,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--stride", type=int, default=512, help="tokens between window starts (each scores the new ones)")
     ppl.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the corpus")
     ppl.add_argument(
-        "--quantization", default=None, help="quantize a 16-bit model on load: int8, int8-g128, fp8, fp8-all or w8a8"
+        "--quantization",
+        default=None,
+        help="quantize a 16-bit model on load: int8, int8-head, int8-g128, fp8, fp8-all or w8a8",
     )
     ppl.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     ppl.add_argument(

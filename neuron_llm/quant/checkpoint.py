@@ -431,6 +431,8 @@ def save_quantized_checkpoint(
     hf_config.pop("dtype", None)
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     hf_config["quantization_config"] = quantization_config_dict(model)
+    if "lm_head" in quantized_linears(model):
+        hf_config["tie_word_embeddings"] = False  # the quantized head is its own tensor now
     save_file(checkpoint_tensors(model, dtype), str(out_dir / SINGLE_WEIGHTS_FILE), metadata={"format": "pt"})
     (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     if source_dir is not None:

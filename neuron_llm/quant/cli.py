@@ -45,6 +45,11 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated decoder layers kept 16-bit, -1 the last (default: int8 and w8a8 none, fp8 0,-1)",
     )
     parser.add_argument(
+        "--lm-head",
+        action="store_true",
+        help="quantize the LM head too (untied from a tied embedding; default: kept 16-bit)",
+    )
+    parser.add_argument(
         "--activation-scale-ub",
         type=float,
         default=None,
@@ -83,6 +88,7 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
             if args.skip_layers is not None
             else default.policy.skip_layers
         ),
+        lm_head=args.lm_head,
     )
     if args.activation_scale_ub is not None and args.scheme != "fp8":
         raise ValueError(f"--activation-scale-ub: only fp8 bounds its activations, not {args.scheme}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from neuron_llm.quant.formats import DEFAULT_ACTIVATION_SCALE_UB, LinearFormat
-from neuron_llm.quant.policy import ALL_LINEARS, LLAMA3_FP8, QuantPolicy
+from neuron_llm.quant.policy import ALL_LINEARS, ALL_LINEARS_AND_HEAD, LLAMA3_FP8, QuantPolicy
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,15 @@ class QuantConfig:
 
 PRESETS: dict[str, QuantConfig] = {
     "int8": QuantConfig.for_scheme("int8"),
+    "int8-head": QuantConfig.for_scheme("int8", policy=ALL_LINEARS_AND_HEAD),
     "int8-g128": QuantConfig.for_scheme("int8", group_size=128),
     "fp8": QuantConfig.for_scheme("fp8"),
     "fp8-all": QuantConfig.for_scheme("fp8", policy=ALL_LINEARS),
     "w8a8": QuantConfig.for_scheme("w8a8"),
 }
-"""Named recipes: int8 per channel, int8 per group of 128, fp8 Llama 3 recipe, fp8 on all linears,
-int8 weights and activations (without smoothing: ``neuron-llm quantize --smoothquant`` smooths)."""
+"""Named recipes: int8 per channel, the same with the LM head in int8 too, int8 per group of 128,
+fp8 Llama 3 recipe, fp8 on all linears, int8 weights and activations (without smoothing:
+``neuron-llm quantize --smoothquant`` smooths)."""
 
 
 def resolve_quant_config(quantization: str | QuantConfig) -> QuantConfig:

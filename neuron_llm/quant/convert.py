@@ -12,6 +12,7 @@ Two ways in, one layout out:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,21 +23,25 @@ from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.quant.checkpoint import CheckpointQuantization
 from neuron_llm.quant.config import QuantConfig, resolve_quant_config
 from neuron_llm.quant.layers import QuantizedLinear, empty_quantized_linear, quantize_linear, refuse_non_finite
+from neuron_llm.quant.policy import LM_HEAD
 
 
 def quantize_model(model: LlamaForCausalLM, quantization: str | QuantConfig) -> list[str]:
     """Quantize, in place, the linears of the loaded ``model`` that the recipe selects.
 
-    ``quantization`` is a ``QuantConfig`` or a preset name ("int8", "int8-g128", "fp8",
-    "fp8-all", "w8a8"). Returns the names of the quantized modules. Raises ``ValueError`` naming a
-    module whose weight holds NaN or inf, before any module is replaced. Tensor-parallel shards
-    are quantized from their own rows or columns (``neuron_llm.parallel.quantized``).
+    ``quantization`` is a ``QuantConfig`` or a preset name ("int8", "int8-head", "int8-g128",
+    "fp8", "fp8-all", "w8a8"). Returns the names of the quantized modules. Raises ``ValueError``
+    naming a module whose weight holds NaN or inf, before any module is replaced. Tensor-parallel
+    shards are quantized from their own rows or columns (``neuron_llm.parallel.quantized``); a
+    quantized LM head runs on one device only. Quantizing a tied LM head unties it.
     """
     from neuron_llm.parallel.quantized import quantize_parallel_linear
 
     config = resolve_quant_config(quantization)
     names = config.policy.select(model, model.config.num_hidden_layers)
     linears = {name: _plain_linear(model, name) for name in names}
+    if LM_HEAD in linears and type(linears[LM_HEAD]) is not Linear:
+        raise ValueError("a quantized lm_head runs on one device: the tensor-parallel head is not sharded in 8 bits")
     for name, linear in linears.items():
         refuse_non_finite(linear.weight, name)
     for name in names:
@@ -44,6 +49,9 @@ def quantize_model(model: LlamaForCausalLM, quantization: str | QuantConfig) -> 
         linear = linears.pop(name)
         quantize = quantize_linear if type(linear) is Linear else quantize_parallel_linear
         _replace(model, name, quantize(linear, config.format, name))
+    if LM_HEAD in names and model.config.tie_word_embeddings:
+        # The embedding keeps the 16-bit table; the head now has its own quantized copy.
+        model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
     return names
 
 

@@ -385,7 +385,9 @@ def prefill_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize(("quantization", "tolerance"), [("fp8", 3e-2), ("int8", 1e-2), ("w8a8", 2e-2)])
+@pytest.mark.parametrize(
+    ("quantization", "tolerance"), [("fp8", 3e-2), ("int8", 1e-2), ("int8-head", 1e-2), ("w8a8", 2e-2)]
+)
 def test_cuda_backend_runs_merged_quantized_models_like_the_reference(
     save_tiny_llama: Callable[..., tuple[Any, Path]], quantization: str, tolerance: float
 ) -> None:

@@ -25,9 +25,11 @@ from neuron_llm.quant.checkpoint import PackedInt8Source, hf_config_dict
 from neuron_llm.quant.formats import dequantize_fp8, dequantize_int8
 from neuron_llm.quant.packing import pack_int8, unpack_int8
 from neuron_llm.quant.policy import ALL_LINEARS, ATTENTION_LINEARS
+from tests.quant.conftest import QUANT_LLAMA, save_word_tokenizer
 
 RECIPES = {
     "int8": QuantConfig.for_scheme("int8"),
+    "int8-head": QuantConfig.for_scheme("int8", policy=QuantPolicy(lm_head=True)),
     "int8-g64": QuantConfig.for_scheme("int8", group_size=64),
     "fp8": QuantConfig.for_scheme("fp8"),
     "fp8-all-unbounded": QuantConfig.for_scheme("fp8", activation_scale_ub=None, policy=ALL_LINEARS),
@@ -61,11 +63,18 @@ def test_packed_source_reads_column_blocks() -> None:
         source[:, ::2]
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize(("recipe", "tied"), [(recipe, False) for recipe in RECIPES] + [("int8-head", True)])
 def test_save_load_round_trip_is_bit_exact(
-    recipe: str, quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path, paged_runner: type
+    recipe: str,
+    tied: bool,
+    save_tiny_llama: Callable[..., tuple[Any, Path]],
+    load_fp32: Callable,
+    tmp_path: Path,
+    paged_runner: type,
 ) -> None:
-    loaded = load_fp32(quant_checkpoint[1])
+    path = save_tiny_llama(**QUANT_LLAMA, tie_word_embeddings=tied)[1]
+    save_word_tokenizer(path)
+    loaded = load_fp32(path)
     quantize_model(loaded.model, RECIPES[recipe])
     out = tmp_path / "quantized"
     save_quantized_checkpoint(

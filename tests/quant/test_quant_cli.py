@@ -84,6 +84,7 @@ def test_quantize_options_override_the_scheme_defaults() -> None:
     config = quant_config_from_args(parse_quantize("--scheme", "int8", "--group-size", "64", "--skip-layers", "0,-1"))
     assert config.format == LinearFormat("int8", group_size=64)
     assert config.policy == QuantPolicy(skip_layers=(0, -1))
+    assert quant_config_from_args(parse_quantize("--scheme", "int8", "--lm-head")).policy == QuantPolicy(lm_head=True)
     config = quant_config_from_args(
         parse_quantize("--scheme", "fp8", "--modules", "down_proj", "--activation-scale-ub", "0")
     )

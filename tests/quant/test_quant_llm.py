@@ -98,7 +98,7 @@ def test_quantized_matmuls_go_through_the_active_backend(quant_checkpoint: tuple
 
 def test_bad_quantization_options_are_refused(quant_checkpoint: tuple[Any, Path], tmp_path: Path) -> None:
     _, path = quant_checkpoint
-    with pytest.raises(ValueError, match="quantization='int4'.*int8, int8-g128, fp8, fp8-all, w8a8"):
+    with pytest.raises(ValueError, match="quantization='int4'.*int8, int8-head, int8-g128, fp8, fp8-all, w8a8"):
         make_llm(path, quantization="int4")
     reference = load_any_format(path, dtype=torch.float32, device="cpu", quantization="int8")
     save(reference, tmp_path / "q", path)

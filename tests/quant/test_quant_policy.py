@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from neuron_llm.layers.linear import Linear
+from neuron_llm.parallel.layers import ParallelLMHead, Partition
 from neuron_llm.quant import LinearFormat, QuantConfig, QuantPolicy, quantize_model, quantized_linears
 from neuron_llm.quant.layers import Fp8Linear, Int8Linear
 from neuron_llm.quant.policy import DECODER_LINEARS
+from tests.quant.conftest import QUANT_LLAMA
 
 
 def layer_linears(layer: int, names: tuple[str, ...]) -> list[str]:
@@ -70,5 +73,38 @@ def test_bad_policies_are_refused(
 
 def test_unknown_preset_is_refused(quant_checkpoint: tuple[Any, Path], load_fp32: Callable) -> None:
     model = load_fp32(quant_checkpoint[1]).model
-    with pytest.raises(ValueError, match="quantization='int4': must be one of int8, int8-g128, fp8, fp8-all"):
+    with pytest.raises(ValueError, match="quantization='int4': must be one of int8, int8-head, int8-g128, fp8"):
         quantize_model(model, "int4")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_opted_in_lm_head_is_quantized_and_untied(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], load_fp32: Callable, paged_runner: type, tied: bool
+) -> None:
+    path = save_tiny_llama(**QUANT_LLAMA, tie_word_embeddings=tied)[1]
+    reference, model = load_fp32(path).model, load_fp32(path).model
+    embedding = model.model.embed_tokens.weight.clone()
+    names = quantize_model(model, "int8-head")
+    assert names[-1] == "lm_head" and len(names) == 4 * len(DECODER_LINEARS) + 1
+    assert isinstance(model.lm_head, Int8Linear)
+    # The embedding keeps its 16-bit table; a tied head got its own int8 copy of it.
+    assert torch.equal(model.model.embed_tokens.weight, embedding) and model.config.tie_word_embeddings is False
+    prompt = list(range(0, 240, 7))
+    [expected] = paged_runner(reference).logits([prompt])
+    [actual] = paged_runner(model).logits([prompt])
+    quantize_model(reference, "int8")
+    [head_16bit] = paged_runner(reference).logits([prompt])
+    # Per-channel int8 on every linear, the head included, stays close to the float32 logits;
+    # the head's own rounding shows beside the same model with a float32 head.
+    assert (actual - expected).norm() / expected.norm() < 0.02
+    assert 0 < (actual - head_16bit).norm() / expected.norm() < 0.01
+    assert actual.argmax(-1).eq(expected.argmax(-1)).float().mean() > 0.9
+
+
+def test_a_tensor_parallel_lm_head_is_not_quantized(quant_checkpoint: tuple[Any, Path], load_fp32: Callable) -> None:
+    model = load_fp32(quant_checkpoint[1]).model
+    head = model.lm_head
+    model.lm_head = ParallelLMHead(head.in_features, head.out_features, Partition(0, 1))
+    with pytest.raises(ValueError, match="a quantized lm_head runs on one device"):
+        quantize_model(model, "int8-head")
+    assert quantized_linears(model) == {}
