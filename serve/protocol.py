@@ -35,11 +35,11 @@ class _Request(BaseModel):
         # send it: for an option that has no None value of its own, null is its default.
         if not isinstance(data, dict):
             return data
-        return {name: value for name, value in data.items() if value is not None or not _defaults_null(cls, name)}
+        return {name: value for name, value in data.items() if value is not None or not _null_is_its_default(cls, name)}
 
 
-def _defaults_null(cls: type[BaseModel], name: str) -> bool:
-    """Whether ``name`` is an optional field of ``cls`` that None is not a value of."""
+def _null_is_its_default(cls: type[BaseModel], name: str) -> bool:
+    """Whether ``name`` is a field of ``cls`` with a default and no None among its values."""
     field = cls.model_fields.get(name)
     if field is None or field.is_required():
         return False
