@@ -334,7 +334,7 @@ class DeviceConfig:
     decode steps replay graphs."""
 
     def __post_init__(self) -> None:
-        parse_device(self.device)
+        device_type = parse_device(self.device).type
         parse_dtype(self.dtype)
         if self.max_prefill_graph_tokens < 0:
             raise ValueError(f"max_prefill_graph_tokens={self.max_prefill_graph_tokens} must be at least 0")
@@ -342,7 +342,6 @@ class DeviceConfig:
 
         if self.backend is not None and self.backend not in BACKEND_NAMES:
             raise ValueError(f"backend={self.backend!r}: must be one of {', '.join(BACKEND_NAMES)}")
-        device_type = torch.device(self.device).type
         if self.backend == "cuda" and device_type != "cuda":
             raise ValueError(f"backend='cuda' runs on a CUDA device, not device={self.device!r}")
         if (self.backend == "neuron") != (device_type == "xla") and self.backend is not None:

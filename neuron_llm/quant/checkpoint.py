@@ -49,6 +49,7 @@ from neuron_llm.loader.weights import TensorSource
 from neuron_llm.quant.formats import LinearFormat
 from neuron_llm.quant.layers import Int8Linear, quantized_linears
 from neuron_llm.quant.packing import pack_int8, packed_columns, unpack_int8
+from neuron_llm.quant.policy import LM_HEAD
 
 QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
@@ -431,7 +432,7 @@ def save_quantized_checkpoint(
     hf_config.pop("dtype", None)
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     hf_config["quantization_config"] = quantization_config_dict(model)
-    if "lm_head" in quantized_linears(model):
+    if LM_HEAD in quantized_linears(model):
         hf_config["tie_word_embeddings"] = False  # the quantized head is its own tensor now
     save_file(checkpoint_tensors(model, dtype), str(out_dir / SINGLE_WEIGHTS_FILE), metadata={"format": "pt"})
     (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")

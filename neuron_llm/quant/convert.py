@@ -69,7 +69,7 @@ def prepare_quantized_model(model: LlamaForCausalLM, checkpoint: CheckpointQuant
         fmt = checkpoint.format_of(name)
         if fmt is None:
             continue
-        if name == "lm_head" and model.config.tie_word_embeddings:
+        if name == LM_HEAD and model.config.tie_word_embeddings:
             raise ValueError("the checkpoint quantizes lm_head, which this model ties to the embedding")
         linear = _plain_linear(model, name)
         with torch.device(linear.weight.device):
