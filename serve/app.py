@@ -132,9 +132,9 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *
 
 
 async def _drain(state: ServerState) -> None:
-    state.is_draining = True
+    state.start_draining()
     model = state.model
     if model is None:
         return
-    await model.engine.shutdown(state.settings.drain_timeout)
+    await model.engine.shutdown(state.drain_time_left())
     model.llm.shutdown()

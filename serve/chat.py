@@ -63,7 +63,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
     writer = _ChatWriter(model, body, prompt, response_id)
     await unless_disconnected(request, generation.start())
     if body.stream:
-        return EventStreamResponse(writer.events(generation, state))
+        return EventStreamResponse(writer.events(generation, state), generation)
     (final,) = await unless_disconnected(request, generation.final_outputs(1))
     return JSONResponse(writer.response(final).model_dump())
 

@@ -56,7 +56,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
     writer = _CompletionWriter(model, body, prompts, response_id)
     await unless_disconnected(request, generation.start())
     if body.stream:
-        return EventStreamResponse(writer.events(generation, state))
+        return EventStreamResponse(writer.events(generation, state), generation)
     finals = await unless_disconnected(request, generation.final_outputs(len(prompts)))
     return JSONResponse(writer.response(finals).model_dump())
 

@@ -52,6 +52,13 @@ class Generation:
         self._first: IndexedOutput | None = None
         self._metrics = metrics
         self._prompt_param = prompt_param
+        self._is_counted = False
+
+    def _count(self, outcome: str | None) -> None:
+        """Count the request's outcome once; None when an error handler counts it."""
+        if not self._is_counted and outcome is not None:
+            self._metrics.count_request(outcome)
+        self._is_counted = True
 
     async def start(self) -> None:
         """Wait for the first output; raises the request's own errors as ``ServeError``."""
@@ -59,10 +66,10 @@ class Generation:
             self._first = await anext(self._outputs)
         except Exception as e:
             await self._outputs.aclose()
+            self._count(None)
             raise error_from_engine(e, self._prompt_param) from e
         except BaseException:  # cancelled: the client left, or the server is stopping
-            await self._outputs.aclose()
-            self._metrics.count_request("aborted")
+            await self.aclose()
             raise
 
     async def outputs(self) -> AsyncGenerator[IndexedOutput, None]:
@@ -79,8 +86,16 @@ class Generation:
             raise error_from_engine(e, self._prompt_param) from e
         finally:
             await self._outputs.aclose()
-            if outcome is not None:
-                self._metrics.count_request(outcome)
+            self._count(outcome)
+
+    async def aclose(self) -> None:
+        """Abort what is still running (counted as aborted); a no-op once the outputs have ended.
+
+        Closing ``outputs()`` does this, but only once it has been iterated: a response that
+        never starts sending must call this, or the engine requests run on unread.
+        """
+        await self._outputs.aclose()
+        self._count("aborted")
 
     async def final_outputs(self, num_prompts: int) -> list[RequestOutput]:
         """Run to the end; the last output of each prompt, in prompt order."""
@@ -156,18 +171,21 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 class EventStreamResponse(StreamingResponse):
-    """Server-sent events from an async iterator of ``data:`` payloads, closed however the stream ends.
+    """Server-sent events of ``generation``, from an async iterator of ``data:`` payloads.
 
-    Starlette stops iterating when the client disconnects; closing the iterator here runs its
-    cleanup (aborting the engine requests) at once rather than whenever it is collected.
+    Starlette stops iterating when the client disconnects, and never starts when the client
+    is gone before the first byte; closing the iterator and the generation here aborts the
+    engine requests at once rather than whenever they are collected.
     """
 
-    def __init__(self, events: AsyncGenerator[str, None]) -> None:
+    def __init__(self, events: AsyncGenerator[str, None], generation: Generation) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self._events = events
+        self._generation = generation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self._events.aclose()
+            await self._generation.aclose()

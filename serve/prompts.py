@@ -72,13 +72,8 @@ def chat_prompt(model: ServedModel, messages: list[ChatMessage]) -> Prompt:
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ClientError("this model has no tokenizer, so it has no chat template; use /v1/completions", "messages")
-    # Chat templates know "system", not OpenAI's newer "developer" for the same instructions.
-    conversation = [
-        {"role": "system" if message.role == "developer" else message.role, "content": message.text}
-        for message in messages
-    ]
     try:
-        text = render_chat(tokenizer, conversation)
+        text = render_chat(tokenizer, [message.for_template() for message in messages])
     except ValueError as e:
         raise ClientError(str(e), "messages") from e
     # The template writes any BOS itself; encoding must not add another.

@@ -110,10 +110,17 @@ class ChatMessage(_Request):
 
     @property
     def text(self) -> str:
-        """The content as one string (text parts joined)."""
+        """The content as one string: text parts one per line, as vLLM joins them."""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, str]:
+        """The message as a chat template reads it; ``developer`` becomes ``system``, which templates know."""
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.text}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class ChatCompletionRequest(_SamplingRequest):

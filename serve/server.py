@@ -22,7 +22,7 @@ class _DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Unlike uvicorn's own, this does not raise the signal again once shut down, so a
         # server that drained cleanly exits with status 0.
-        self._state.is_draining = True
+        self._state.start_draining()
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         else:

@@ -58,7 +58,23 @@ class ServerState:
     metrics: ServerMetrics
     model: ServedModel | None = None
     load_error: str | None = None
-    is_draining: bool = False
+    draining_since: float | None = None
+    """``time.monotonic()`` when shutdown began; None while serving."""
+
+    @property
+    def is_draining(self) -> bool:
+        return self.draining_since is not None
+
+    def start_draining(self) -> None:
+        """Refuse new requests from now on; the drain timeout runs from the first call."""
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+
+    def drain_time_left(self) -> float:
+        """Seconds left of the drain timeout: uvicorn's wait for open connections and the
+        engine's for its requests share it, so shutdown never takes twice as long."""
+        elapsed = 0.0 if self.draining_since is None else time.monotonic() - self.draining_since
+        return max(0.0, self.settings.drain_timeout - elapsed)
 
     @property
     def status(self) -> str:

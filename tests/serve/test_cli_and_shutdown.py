@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -11,14 +12,20 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from neuron_llm.engine.async_llm import AsyncLLM, EngineClosedError
+from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.serve.app import _drain
 from neuron_llm.serve.cli import add_serve_parser, run_serve
+from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.settings import LOG_LEVELS, ServeSettings
-from tests.serve.conftest import wait_for
+from neuron_llm.serve.state import ServedModel, ServerState
+from tests.serve.conftest import make_slow_llm, wait_for
 
 PROCESS_TIMEOUT_S = 240.0
 
@@ -118,6 +125,28 @@ def test_sigterm_finishes_requests_in_flight_then_exits(model_dir: Path, tmp_pat
     assert events[-1] == "[DONE]"
     finish_reasons = [c["finish_reason"] for event in events[:-1] for c in json.loads(event)["choices"]]
     assert sorted(reason for reason in finish_reasons if reason) == ["length"] * 4
+
+
+def test_the_engine_drains_for_what_is_left_of_the_timeout(model_dir: Path) -> None:
+    """uvicorn's wait for open connections and the engine's for its requests share one drain timeout."""
+    llm = make_slow_llm(model_dir)
+    params = SamplingParams(max_tokens=400, ignore_eos=True, temperature=0.0)
+
+    async def run() -> float:
+        state = ServerState(ServeSettings(drain_timeout=30.0), ServerMetrics())
+        state.model = ServedModel("m", llm, AsyncLLM(llm.engine))
+        outputs = state.model.engine.generate([1, 2, 3], params)
+        await anext(outputs)
+        state.draining_since = time.monotonic() - 29.5  # as if uvicorn had waited that long
+        start = time.monotonic()
+        await _drain(state)
+        with pytest.raises(EngineClosedError):
+            async for _ in outputs:
+                pass
+        return time.monotonic() - start
+
+    assert asyncio.run(run()) < 10.0
+    assert not llm.engine.has_unfinished_requests()
 
 
 def _ping(url: str) -> int:

@@ -11,9 +11,16 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from starlette.requests import ClientDisconnect
+from starlette.types import Message
 
+from neuron_llm.engine.async_llm import AsyncLLM
 from neuron_llm.llm import LLM
 from neuron_llm.outputs import RequestOutput
+from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.serve.generation import EventStreamResponse, Generation
+from neuron_llm.serve.metrics import ServerMetrics
+from neuron_llm.serve.prompts import Prompt
 from tests.serve.conftest import ServerThread, make_llm, make_slow_llm, metric, running_server, wait_for
 
 ABORTED = 'neuron_llm_requests_total{outcome="aborted"}'
@@ -99,6 +106,36 @@ def test_client_leaving_before_a_whole_response_aborts_it(slow_server: ServerThr
         httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hello", **LONG}, timeout=0.3)
     wait_for(lambda: metric(server, ABORTED) == aborted + 1, "the request was not aborted")
     wait_for(lambda: metric(server, "neuron_llm_kv_cache_usage_ratio") == 0, "KV blocks were not freed")
+
+
+def test_a_stream_whose_client_left_before_its_first_byte_aborts_its_request(model_dir: Path) -> None:
+    """Starlette never iterates the events of a response it cannot start sending."""
+    llm = make_slow_llm(model_dir)
+
+    async def client_gone(message: Message) -> None:
+        raise OSError("connection reset by peer")
+
+    async def disconnected() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def run() -> None:
+        engine = AsyncLLM(llm.engine)
+        metrics = ServerMetrics()
+        try:
+            params = SamplingParams(**LONG)
+            generation = Generation(engine, [Prompt([1, 2, 3], "")], params, "cmpl-gone", metrics)
+            await generation.start()
+            events = (f"data: {output.outputs[0].text}\n\n" async for _, output in generation.outputs())
+            response = EventStreamResponse(events, generation)
+            with pytest.raises(ClientDisconnect):
+                await response({"type": "http", "asgi": {"spec_version": "2.4"}}, disconnected, client_gone)
+            assert engine.num_in_flight == 0
+            assert f"{ABORTED} 1.0" in metrics.render().decode()
+        finally:
+            await engine.shutdown(drain_timeout=0)
+        assert not llm.engine.has_unfinished_requests()
+
+    asyncio.run(asyncio.wait_for(run(), timeout=60))
 
 
 def test_full_queue_answers_429_and_keeps_serving(model_dir: Path) -> None:

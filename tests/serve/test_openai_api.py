@@ -7,7 +7,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from transformers import AutoTokenizer
 
+from neuron_llm.loader import render_chat
+from neuron_llm.serve.protocol import ChatMessage
 from tests.serve.conftest import ServerThread, make_llm, running_server
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
@@ -79,6 +82,28 @@ def test_a_developer_message_is_a_system_message(client: openai.OpenAI, model_na
     # Rendered as the same template turn: the same prompt, so the same greedy answer.
     assert answers["developer"].usage == answers["system"].usage
     assert answers["developer"].choices[0].message.content == answers["system"].choices[0].message.content
+
+
+def test_content_parts_are_joined_one_per_line(client: openai.OpenAI, model_name: str) -> None:
+    parts = [{"type": "text", "text": "Hello,"}, {"type": "text", "text": "how are you?"}]
+    answers = [
+        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": content}], **GREEDY)
+        for content in (parts, "Hello,\nhow are you?")
+    ]
+    assert answers[0].usage == answers[1].usage
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+
+
+def test_a_message_name_reaches_the_chat_template(model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}:{{ m.get('name', '-') }}]{{ m['content'] }}{% endfor %}"
+    )
+    messages = [
+        ChatMessage(role="developer", content="Be brief."),
+        ChatMessage(role="user", content="Hi", name="ada"),
+    ]
+    assert render_chat(tokenizer, [m.for_template() for m in messages]) == "[system:-]Be brief.[user:ada]Hi"
 
 
 def test_n_completions_for_each_prompt(client: openai.OpenAI, model_name: str) -> None:
