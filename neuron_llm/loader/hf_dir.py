@@ -98,16 +98,17 @@ def as_token_ids(value: int | list[int] | None) -> tuple[int, ...]:
 def find_weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of ``model_dir``.
 
-    Those its index names, else ``model.safetensors``, else every ``*.safetensors`` there.
+    ``model.safetensors``, else those its index names, else every ``*.safetensors`` there:
+    transformers' order, so that a directory holding both reads as it does there.
     Raises ``FileNotFoundError`` naming the directory when it holds no safetensors weights,
     or naming the shard when the index lists one that is not there.
     """
-    index_path = model_dir / WEIGHTS_INDEX_FILE
-    if index_path.is_file():
-        return _files_from_index(index_path)
     single = model_dir / SINGLE_WEIGHTS_FILE
     if single.is_file():
         return [single]
+    index_path = model_dir / WEIGHTS_INDEX_FILE
+    if index_path.is_file():
+        return _files_from_index(index_path)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         pickled = " (PyTorch .bin checkpoints are not read: convert them to safetensors)"

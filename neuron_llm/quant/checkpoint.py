@@ -123,15 +123,22 @@ def parse_quantization_config(raw: dict[str, Any]) -> CheckpointQuantization:
     """Read a compressed-tensors ``quantization_config`` dict.
 
     Raises ``ValueError`` naming the field of anything we do not run: another quant_method,
-    KV-cache or output quantization, asymmetric or non-8-bit weights, activation quantization
-    other than dynamic symmetric 8-bit per token (int beside int weights, float beside fp8
-    weights), activation reordering.
+    KV-cache or output quantization, compressed sparse weights, weight transforms, asymmetric
+    or non-8-bit weights, activation quantization other than dynamic symmetric 8-bit per token
+    (int beside int weights, float beside fp8 weights), activation reordering.
     """
     method = raw.get("quant_method")
     if method != QUANT_METHOD:
         raise ValueError(f"quantization_config.quant_method={method!r}: only {QUANT_METHOD!r} checkpoints are read")
     if raw.get("kv_cache_scheme") is not None:
         raise ValueError("quantization_config.kv_cache_scheme: KV-cache quantization is not implemented")
+    sparsity = raw.get("sparsity_config")
+    if sparsity is not None and (not isinstance(sparsity, dict) or sparsity.get("format", "dense") != "dense"):
+        # Dense-stored sparse weights load as they are; compressed ones would be read as garbage.
+        found = sparsity.get("format") if isinstance(sparsity, dict) else sparsity
+        raise ValueError(f"quantization_config.sparsity_config: format {found!r} is not read, only 'dense'")
+    if raw.get("transform_config") is not None:
+        raise ValueError("quantization_config.transform_config: weight transforms (rotations) are not applied")
     groups = raw.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise ValueError("quantization_config.config_groups: must be a non-empty object")

@@ -83,11 +83,7 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
     default = QuantConfig.for_scheme(args.scheme)
     policy = QuantPolicy(
         modules=_names(args.modules) if args.modules is not None else default.policy.modules,
-        skip_layers=(
-            tuple(int(i) for i in _names(args.skip_layers))
-            if args.skip_layers is not None
-            else default.policy.skip_layers
-        ),
+        skip_layers=_layers(args.skip_layers) if args.skip_layers is not None else default.policy.skip_layers,
         lm_head=args.lm_head,
     )
     if args.activation_scale_ub is not None and args.scheme != "fp8":
@@ -103,6 +99,13 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 def _names(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _layers(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(name) for name in _names(value))
+    except ValueError:
+        raise ValueError(f"--skip-layers {value!r}: must be comma-separated layer indices, such as 0,-1") from None
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -121,6 +124,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out} is not empty; choose a new or empty directory")
     config = quant_config_from_args(args)
     smoothing = smoothing_from_args(args)
+    dtype = parse_dtype(args.dtype)  # checked now, not after minutes of quantizing
     # Quantizing from float32 keeps 16-bit rounding out of the quantized weights.
     if smoothing is None:
         loaded = load_any_format(args.model, dtype=torch.float32, device="cpu", quantization=config)
@@ -134,7 +138,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         args.out,
         source=loaded.source,
         tokenizer=loaded.tokenizer,
-        dtype=parse_dtype(args.dtype),
+        dtype=dtype,
     )
     num_quantized = len(quantized_linears(loaded.model))
     ratio = quantized_weight_bytes(loaded.model).ratio

@@ -249,6 +249,8 @@ FP8_TOKEN = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tok
     [
         ({"quant_method": "gptq"}, "quant_method='gptq'"),
         ({"kv_cache_scheme": {"num_bits": 8}}, "KV-cache quantization"),
+        ({"sparsity_config": {"format": "sparse-24-bitmask"}}, "format 'sparse-24-bitmask' is not read"),
+        ({"transform_config": {"config_groups": {}}}, "transforms"),
         ({"config_groups": {"g": _group(num_bits=4)}}, r"weights\.num_bits=4"),
         ({"config_groups": {"g": _group(symmetric=False)}}, r"weights\.symmetric=False"),
         ({"config_groups": {"g": _group(strategy="tensor")}}, r"weights\.strategy='tensor'"),
@@ -273,6 +275,12 @@ def test_unsupported_quantization_configs_are_refused(config: dict[str, Any], me
     raw = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": _group()}}
     with pytest.raises(ValueError, match=message):
         parse_quantization_config({**raw, **config})
+
+
+def test_dense_stored_sparsity_reads_as_plain_weights() -> None:
+    raw = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": _group()}}
+    dense = {"format": "dense", "sparsity_structure": "unstructured", "global_sparsity": 0.5}
+    assert parse_quantization_config({**raw, "sparsity_config": dense}) == parse_quantization_config(raw)
 
 
 def test_targets_and_ignore_follow_compressed_tensors_matching() -> None:

@@ -14,6 +14,7 @@ import torch
 from neuron_llm.eval.cli import add_eval_parser
 from neuron_llm.eval.perplexity import perplexity
 from neuron_llm.quant import LinearFormat, QuantPolicy, load_any_format, quantized_linears
+from neuron_llm.quant import loading as quant_loading
 from neuron_llm.quant.cli import add_quantize_parser, quant_config_from_args
 
 
@@ -160,7 +161,7 @@ def test_quantize_w8a8_with_smoothquant_writes_smoothed_norms(
 
 
 def test_quantize_refuses_options_of_other_schemes(
-    quant_checkpoint: tuple[Any, Path], corpus_file: Path, tmp_path: Path
+    quant_checkpoint: tuple[Any, Path], corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = ["quantize", str(quant_checkpoint[1]), "--out", str(tmp_path / "q")]
     with pytest.raises(ValueError, match="--smoothquant: int8 is weight-only"):
@@ -176,4 +177,15 @@ def test_quantize_refuses_options_of_other_schemes(
         run_cli(*base, "--scheme", "w8a8", "--smoothquant-alpha", "0.8", "--calibration-tokens", "64")
     with pytest.raises(FileNotFoundError, match="no such calibration text file"):
         run_cli(*base, "--scheme", "w8a8", "--smoothquant", str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="--skip-layers 'first': must be comma-separated layer indices"):
+        run_cli(*base, "--scheme", "int8", "--skip-layers", "first")
+    with monkeypatch.context() as patched:
+        # A bad --dtype is refused before the model is loaded, not after it is quantized.
+        patched.setattr(quant_loading, "load_any_format", _never_called)
+        with pytest.raises(ValueError, match="dtype='float8' is not supported"):
+            run_cli(*base, "--scheme", "int8", "--dtype", "float8")
     assert not (tmp_path / "q").exists()  # every refusal comes before anything is written
+
+
+def _never_called(*args: object, **kwargs: object) -> None:
+    raise AssertionError("called")

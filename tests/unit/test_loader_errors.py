@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from neuron_llm.loader import default_model, load_model, load_model_info, render_chat
-from neuron_llm.loader.hf_dir import iter_hf_weights, read_generation_defaults
+from neuron_llm.loader.hf_dir import find_weight_files, iter_hf_weights, read_generation_defaults
 from neuron_llm.loader.tokenizer import eos_token_ids
 
 SaveTinyLlama = Callable[..., tuple[Any, Path]]
@@ -55,6 +55,15 @@ def test_index_naming_a_missing_shard(save_tiny_llama: SaveTinyLlama) -> None:
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=rf"{re.escape(shard.name)} not found.*index\.json lists it"):
         load(path)
+
+
+def test_a_single_weights_file_wins_over_an_index(save_tiny_llama: SaveTinyLlama) -> None:
+    """As in transformers: a stale index beside ``model.safetensors`` is not read."""
+    _, path = save_tiny_llama()
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert find_weight_files(path) == [path / "model.safetensors"]
+    assert load(path) is not None
 
 
 def test_truncated_safetensors(save_tiny_llama: SaveTinyLlama) -> None:
