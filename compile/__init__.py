@@ -1,1 +1,1 @@
-"""Compile-then-load: turn a checkpoint and an engine configuration into an artifact directory."""
+"""Ahead of time: each bucket's step graph exported as HLO, the input neuronx-cc compiles to a NEFF."""

@@ -51,9 +51,12 @@ class GraphShape:
     """Width of the block table."""
 
     def __post_init__(self) -> None:
+        if not self.name or self.name in (".", "..") or any(sep in self.name for sep in "/\\"):
+            raise ValueError(f"bucket name {self.name!r}: must be a plain file name (it names the bucket's file)")
         for field in ("num_tokens", "num_seqs", "max_blocks_per_seq"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"bucket {self.name!r}: {field}={getattr(self, field)} must be >= 1")
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"bucket {self.name!r}: {field}={value!r} must be an integer >= 1")
         if self.num_seqs > self.num_tokens:
             raise ValueError(f"bucket {self.name!r}: num_seqs={self.num_seqs} exceeds num_tokens={self.num_tokens}")
 
@@ -113,25 +116,34 @@ def export_hlo(
 
     ``model`` is moved to the XLA device and traced with the neuron backend (the active
     backend is restored afterwards). ``num_kv_blocks`` (default ``config.cache.num_kv_blocks``)
-    fixes the KV pool shape the graphs take. Raises ``ValueError`` for a pool that is not
-    set or too small, or bucket names that repeat.
+    fixes the KV pool shape the graphs take. ``out_dir`` must be new or empty; the manifest
+    is written last, and an export that fails removes what it wrote, so a directory with a
+    manifest always holds one whole export. Raises ``ValueError`` for a pool that is not set
+    or too small, bucket names that repeat, or an ``out_dir`` that holds files.
     """
-    num_kv_blocks = num_kv_blocks or config.cache.num_kv_blocks
-    if num_kv_blocks is None or num_kv_blocks < 2:
-        raise ValueError(
-            f"num_kv_blocks={num_kv_blocks}: set the KV pool size (>= 2); every graph's signature holds it"
-        )
+    if num_kv_blocks is None:
+        num_kv_blocks = config.cache.num_kv_blocks
+    if num_kv_blocks is None:
+        raise ValueError("num_kv_blocks=None: set the KV pool size; every graph's signature holds it")
+    if not isinstance(num_kv_blocks, int) or isinstance(num_kv_blocks, bool) or num_kv_blocks < 2:
+        raise ValueError(f"num_kv_blocks={num_kv_blocks!r}: the KV pool needs an integer number of blocks >= 2")
     names = [shape.name for shape in shapes]
     if len(set(names)) != len(names):
         raise ValueError(f"bucket names must be unique: {names}")
-    torch_xla = import_torch_xla()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"out_dir {out} is not a new or empty directory")
     xla_config = dataclasses.replace(config, device=dataclasses.replace(config.device, device="xla"))
+    torch_xla = import_torch_xla()
+    out.mkdir(parents=True, exist_ok=True)
     previous = ops.active_backend()
     ops.use_backend(NeuronBackend())
     try:
         graphs = [_export_graph(model, xla_config, shape, num_kv_blocks, out) for shape in shapes]
+    except BaseException:
+        for shape in shapes:
+            (out / f"{shape.name}.hlo.pb").unlink(missing_ok=True)
+        raise
     finally:
         ops.use_backend(previous)
     manifest = {

@@ -6,10 +6,12 @@ graph per decode bucket and per prefill bucket up to ``max_prefill_graph_tokens`
 second for a long prefill bucket's whole prompts (``backends.cuda.graphs``); a step that
 runs eagerly computes only its real tokens. Two kinds of bucket:
 
-- decode: every sequence computes one token; ``num_tokens == num_seqs``.
-- prefill: anything else (prompts, chunks, mixed with decodes); sequences padded to
-  ``max_num_seqs``, tokens to a power of two, or past ``prefill_step`` tokens to a multiple
-  of it where a bucket is cheap (a CUDA graph, not a compiled NEFF).
+- decode: every sequence computes one token; ``num_tokens == num_seqs``, at most the
+  step's token budget.
+- prefill: anything else (prompts, chunks, mixed with decodes); tokens padded to a power of
+  two, or past ``prefill_step`` tokens to a multiple of it where a bucket is cheap (a CUDA
+  graph, not a compiled NEFF); sequences to ``max_num_seqs``, or to the bucket's tokens where
+  those are fewer, since every sequence of a step computes at least one token.
 
 The block-table width is fixed at ``max_blocks_per_seq`` (max_model_len / block_size).
 """
@@ -61,14 +63,15 @@ class BucketSet:
         """Powers of two up to the scheduler's limits (the limits themselves included); with
         ``prefill_step``, prefill buckets past it grow by that many tokens instead of doubling
         (with 256, a step of 513 tokens computes 768 rows, not 1,024)."""
-        decode = tuple(Bucket(s, s, "decode") for s in _powers_of_two_up_to(max_num_seqs))
+        decode_sizes = _powers_of_two_up_to(min(max_num_seqs, max_num_batched_tokens))
+        decode = tuple(Bucket(s, s, "decode") for s in decode_sizes)
         # No step holds more than max_model_len tokens of each of max_num_seqs sequences.
         max_step_tokens = min(max_num_batched_tokens, max_num_seqs * max_model_len)
         prefill_sizes = _powers_of_two_up_to(max_step_tokens, start=min(16, max_step_tokens))
         if prefill_step is not None:
             steps = range(prefill_step, max_step_tokens, prefill_step)
             prefill_sizes = sorted({s for s in prefill_sizes if s <= prefill_step}.union(steps, [max_step_tokens]))
-        prefill = tuple(Bucket(t, max_num_seqs, "prefill") for t in prefill_sizes)
+        prefill = tuple(Bucket(t, min(max_num_seqs, t), "prefill") for t in prefill_sizes)
         return cls(decode, prefill, -(-max_model_len // block_size))
 
     @property

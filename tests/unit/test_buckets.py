@@ -15,7 +15,11 @@ def test_prefill_buckets_double_then_grow_by_the_step() -> None:
     finer = BucketSet.default(64, 4096, 8192, 16, prefill_step=128)
     assert [b.num_tokens for b in finer.prefill] == [16, 32, 64, 128] + list(range(256, 4097, 128))
     assert fine.decode == coarse.decode
-    assert {b.num_seqs for b in fine.prefill} == {64}
+    # Every sequence of a step computes a token, so no bucket has more sequences than tokens.
+    assert [b.num_seqs for b in fine.prefill] == [16, 32] + [64] * (len(fine.prefill) - 2)
+    assert fine.select(16, 16, is_decode=False).name == "prefill_t16_s16"
+    # Nor more decodes than the step's token budget.
+    assert [b.num_tokens for b in BucketSet.default(64, 16, 8192, 16).decode] == [1, 2, 4, 8, 16]
     assert fine.select(513, 3, is_decode=False).num_tokens == 768
     assert coarse.select(513, 3, is_decode=False).num_tokens == 1024
     # The scheduler's limit is a bucket itself, whether or not the step divides it.

@@ -10,6 +10,7 @@ import pytest
 
 torch_xla = pytest.importorskip("torch_xla")
 
+from neuron_llm.compile import hlo_export
 from neuron_llm.compile.hlo_export import GraphShape, dummy_step, export_hlo
 from neuron_llm.config import CacheConfig, EngineConfig
 from neuron_llm.xla import HloShape, entry_parameter_shapes, hlo_module_proto, hlo_text
@@ -84,6 +85,25 @@ def test_proto_signature_agrees_with_hlo_text(exported, make_driver) -> None:
     layout = re.search(r"entry_computation_layout=\{\((.*?)\)->", hlo_text(tensors)).group(1)
     text_shapes = [re.sub(r"\{[^}]*\}", "", s).strip() for s in re.sub(r"/\*index=\d+\*/", "", layout).split(", ")]
     assert [str(p) for p in entry_parameter_shapes(hlo_module_proto(tensors))] == text_shapes
+
+
+def test_a_failed_export_leaves_no_bucket_file(tiny_llama, tmp_path, monkeypatch) -> None:
+    """A directory with bucket files but no manifest could be taken for an export; none is left."""
+    model = tiny_llama(96)
+    config = EngineConfig(model=model.config, cache=CacheConfig(block_size=BLOCK_SIZE))
+    num_calls = 0
+
+    def fail_on_the_second_bucket(tensors):
+        nonlocal num_calls
+        num_calls += 1
+        if num_calls == 2:
+            raise RuntimeError("out of memory while lowering")
+        return hlo_module_proto(tensors)
+
+    monkeypatch.setattr(hlo_export, "hlo_module_proto", fail_on_the_second_bucket)
+    with pytest.raises(RuntimeError, match="out of memory while lowering"):
+        export_hlo(model, config, SHAPES, tmp_path / "out", num_kv_blocks=NUM_KV_BLOCKS)
+    assert num_calls == 2 and list((tmp_path / "out").iterdir()) == []
 
 
 def test_export_refuses_a_pool_it_cannot_size(tiny_llama, tmp_path) -> None:

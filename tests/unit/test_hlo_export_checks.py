@@ -1,0 +1,59 @@
+"""What the HLO export refuses before it traces anything (the export itself is tested under torch-xla)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from neuron_llm.buckets import BucketSet
+from neuron_llm.compile.hlo_export import GraphShape, export_hlo
+from neuron_llm.config import CacheConfig, EngineConfig, ModelConfig
+from neuron_llm.models.llama import LlamaForCausalLM
+
+SHAPES = [GraphShape("decode_t4_s4", 4, 4, 8)]
+
+
+@pytest.fixture
+def model() -> LlamaForCausalLM:
+    config = ModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def test_every_default_bucket_is_an_exportable_shape() -> None:
+    buckets = BucketSet.default(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=8192, block_size=16)
+    shapes = [GraphShape(b.name, b.num_tokens, b.num_seqs, buckets.max_blocks_per_seq) for b in buckets.all]
+    assert len({shape.name for shape in shapes}) == len(buckets.all)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../escaped", "decode/t1"])
+def test_a_bucket_name_must_be_a_plain_file_name(name: str) -> None:
+    with pytest.raises(ValueError, match="must be a plain file name"):
+        GraphShape(name, 4, 4, 8)
+
+
+def test_bucket_sizes_must_be_positive_integers() -> None:
+    with pytest.raises(ValueError, match=r"num_seqs=2\.5 must be an integer >= 1"):
+        GraphShape("b", 4, 2.5, 8)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_seqs=8 exceeds num_tokens=4"):
+        GraphShape("b", 4, 8, 8)
+
+
+@pytest.mark.parametrize(("num_kv_blocks", "message"), [(0, "num_kv_blocks=0"), (10.5, "num_kv_blocks=10.5")])
+def test_the_pool_size_must_be_an_integer_of_at_least_two(
+    model: LlamaForCausalLM, tmp_path: Path, num_kv_blocks: float, message: str
+) -> None:
+    config = EngineConfig(model=model.config, cache=CacheConfig(block_size=4, num_kv_blocks=100))
+    with pytest.raises(ValueError, match=message):
+        export_hlo(model, config, SHAPES, tmp_path / "out", num_kv_blocks=num_kv_blocks)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_dir_holding_files_is_refused(model: LlamaForCausalLM, tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text("{}")
+    config = EngineConfig(model=model.config, cache=CacheConfig(block_size=4))
+    with pytest.raises(ValueError, match="is not a new or empty directory"):
+        export_hlo(model, config, SHAPES, tmp_path, num_kv_blocks=20)
