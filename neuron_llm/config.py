@@ -64,6 +64,10 @@ def _require(condition: bool, name: str, value: Any, why: str) -> None:
         raise ValueError(f"{name}={value!r}: {why}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1 ("llama3") rotary frequency scaling; the only scaling type we implement."""
@@ -303,10 +307,9 @@ class SchedulerConfig:
             self.max_model_len,
             "must be None or a positive integer",
         )
-        _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
-        _require(
-            self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens, "must be >= 1"
-        )
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
         _require(
             self.async_scheduling is None or isinstance(self.async_scheduling, bool),
             "async_scheduling",
@@ -320,9 +323,9 @@ class DeviceConfig:
     """Where and in what precision the model runs."""
 
     device: str = "cpu"
-    """A torch device string: "cpu", "cuda", "cuda:1"."""
+    """A torch device string: "cpu", "cuda", "cuda:1" (a ``torch.device`` is taken and stored as one)."""
     dtype: torch.dtype = torch.float32
-    """Activation and 16-bit weight dtype."""
+    """Activation and 16-bit weight dtype (a name such as "bfloat16" is taken and stored as the dtype)."""
     backend: str | None = None
     """The ops backend ("torch", "cuda", "neuron"); None picks the device's default."""
     enforce_eager: bool = False
@@ -334,10 +337,13 @@ class DeviceConfig:
     decode steps replay graphs."""
 
     def __post_init__(self) -> None:
-        device_type = parse_device(self.device).type
-        parse_dtype(self.dtype)
-        if self.max_prefill_graph_tokens < 0:
-            raise ValueError(f"max_prefill_graph_tokens={self.max_prefill_graph_tokens} must be at least 0")
+        device = parse_device(self.device)
+        device_type = device.type
+        # Frozen: normalised through object.__setattr__, so that every reader gets one form.
+        object.__setattr__(self, "device", str(device))
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if not _is_int(self.max_prefill_graph_tokens) or self.max_prefill_graph_tokens < 0:
+            raise ValueError(f"max_prefill_graph_tokens={self.max_prefill_graph_tokens!r} must be an integer >= 0")
         from neuron_llm.backends import BACKEND_NAMES
 
         if self.backend is not None and self.backend not in BACKEND_NAMES:

@@ -278,8 +278,11 @@ def test_cache_config_values(changes: dict[str, Any], message: str) -> None:
     ("changes", "message"),
     [
         (dict(max_model_len=0), r"max_model_len=0: must be None or a positive integer"),
-        (dict(max_num_seqs=0), r"max_num_seqs=0: must be >= 1"),
-        (dict(max_num_batched_tokens=0), r"max_num_batched_tokens=0: must be >= 1"),
+        (dict(max_num_seqs=0), r"max_num_seqs=0: must be an integer >= 1"),
+        (dict(max_num_seqs=2.5), r"max_num_seqs=2\.5: must be an integer >= 1"),
+        (dict(max_num_seqs="64"), r"max_num_seqs='64': must be an integer >= 1"),
+        (dict(max_num_batched_tokens=0), r"max_num_batched_tokens=0: must be an integer >= 1"),
+        (dict(max_num_batched_tokens=1000.5), r"max_num_batched_tokens=1000\.5: must be an integer >= 1"),
     ],
 )
 def test_scheduler_config_values(changes: dict[str, Any], message: str) -> None:
@@ -294,8 +297,11 @@ def test_device_config_values() -> None:
         DeviceConfig(device="cuda:x")
     with pytest.raises(ValueError, match=r"dtype=torch\.int8 is not supported"):
         DeviceConfig(dtype=torch.int8)
-    with pytest.raises(ValueError, match=r"max_prefill_graph_tokens=-1 must be at least 0"):
+    with pytest.raises(ValueError, match=r"max_prefill_graph_tokens=-1 must be an integer >= 0"):
         DeviceConfig(max_prefill_graph_tokens=-1)
+    # Names and torch.device objects are taken, and stored in the one form every reader expects.
+    config = DeviceConfig(device=torch.device("cpu"), dtype="bfloat16")
+    assert (config.device, config.dtype, config.backend_name) == ("cpu", torch.bfloat16, "torch")
 
 
 @pytest.mark.parametrize(
