@@ -50,9 +50,8 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended the sequence; None for EOS or length."""
 
-    @property
     def finished(self) -> bool:
-        """Whether this completion has ended."""
+        """Whether this completion has ended (a method, as in vLLM)."""
         return self.finish_reason is not None
 
 

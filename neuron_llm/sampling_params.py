@@ -7,6 +7,7 @@ the field and the value, so the server can turn it into a 4xx without further ch
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +27,17 @@ def _require(condition: bool, name: str, value: Any, why: str) -> None:
 
 
 def _is_int(value: Any) -> bool:
-    # bool is an int subclass; n=True is a mistake, not a count.
-    return isinstance(value, int) and not isinstance(value, bool)
+    # NumPy's integers are Integral too; bool is one, but n=True is a mistake, not a count.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,11 @@ class SamplingParams:
         self._check_penalties()
         self._check_logprobs()
         self._normalize_stops()
+        # Integers of other kinds (NumPy's) are stored as Python ints, as the numbers are as floats.
+        for name in ("n", "max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                self._set(name, int(value))
 
     @property
     def is_greedy(self) -> bool:
@@ -126,7 +137,7 @@ class SamplingParams:
         self._set("temperature", float(self.temperature))
         self._set("top_p", float(self.top_p))
         self._set("min_p", float(self.min_p))
-        self._set("top_k", max(self.top_k, 0))
+        self._set("top_k", max(int(self.top_k), 0))
 
     def _check_penalties(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -167,4 +178,4 @@ class SamplingParams:
             ids,
             "must be None or a list of token ids >= 0",
         )
-        self._set("stop_token_ids", list(ids or []))
+        self._set("stop_token_ids", [int(i) for i in ids or []])

@@ -350,13 +350,18 @@ class LLMEngine:
         if logprobs is not None and seq.logprobs is not None:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token_id].logprob
-        stop_string = seq.detokenizer.add_token(token_id).stop_string if seq.detokenizer else None
         request, params = seq.request, group.params
+        is_eos = token_id in self.eos_token_ids and not params.ignore_eos
+        is_stop_token = token_id in (params.stop_token_ids or ())
+        stop_string = None
+        # As in vLLM, the token that stops a sequence is in its token ids but not in its text.
+        if seq.detokenizer is not None and not (is_eos or is_stop_token):
+            stop_string = seq.detokenizer.add_token(token_id).stop_string
         if stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_string
-        elif token_id in self.eos_token_ids and not params.ignore_eos:
+        elif is_eos:
             seq.finish_reason = "stop"
-        elif token_id in (params.stop_token_ids or ()):
+        elif is_stop_token:
             seq.finish_reason, seq.stop_reason = "stop", token_id
         elif request.status == RequestStatus.FINISHED_LENGTH:
             seq.finish_reason = "length"

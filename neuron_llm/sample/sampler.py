@@ -374,7 +374,11 @@ class SamplerOutput:
 
 
 def score_tokens(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
-    """Logprob and rank of ``token_ids`` [rows] and the ``num_top`` best tokens, from ``logprobs`` [rows, vocab]."""
+    """Logprob and rank of ``token_ids`` [rows] and the ``num_top`` best tokens, from ``logprobs`` [rows, vocab].
+
+    A vocabulary smaller than ``num_top`` gives all of its tokens.
+    """
+    num_top = min(num_top, logprobs.shape[-1])
     token_logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     token_ranks = (logprobs > token_logprobs.unsqueeze(1)).sum(dim=1) + 1
     top_logprobs, top_token_ids = logprobs.topk(num_top, dim=1)

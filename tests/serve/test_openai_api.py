@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -10,6 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from neuron_llm.loader import render_chat
+from neuron_llm.outputs import CompletionOutput
+from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.protocol import ChatMessage
 from tests.serve.conftest import ServerThread, make_llm, running_server
 
@@ -104,6 +107,23 @@ def test_a_message_name_reaches_the_chat_template(model_dir: Path) -> None:
         ChatMessage(role="user", content="Hi", name="ada"),
     ]
     assert render_chat(tokenizer, [m.for_template() for m in messages]) == "[system:-]Be brief.[user:ada]Hi"
+
+
+def test_a_stop_token_is_in_the_token_ids_but_not_in_the_text(model_dir: Path) -> None:
+    llm = make_llm(model_dir)
+
+    def run(**options: Any) -> CompletionOutput:
+        return llm.generate("Hello world", SamplingParams(temperature=0.0, ignore_eos=True, **options))[0].outputs[0]
+
+    free = run(max_tokens=12)
+    # The first token after the first one that adds text, so that leaving its text out shows.
+    stop = next(t for i, t in enumerate(free.token_ids) if i > 0 and i == free.token_ids.index(t) and (
+        run(max_tokens=i + 1).text != run(max_tokens=i).text))  # fmt: skip
+    before = free.token_ids.index(stop)
+    stopped = run(max_tokens=12, stop_token_ids=[stop])
+    assert stopped.token_ids == free.token_ids[: before + 1]
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop) and stopped.finished()
+    assert stopped.text == run(max_tokens=before).text
 
 
 def test_n_completions_for_each_prompt(client: openai.OpenAI, model_name: str) -> None:

@@ -223,6 +223,17 @@ def test_prompt_logprobs_equal_a_direct_gather() -> None:
     torch.testing.assert_close(result.top_logprobs, expected.topk(4, dim=1).values)
 
 
+def test_more_logprobs_than_the_vocabulary_give_all_of_it() -> None:
+    logits = torch.randn(2, 6)
+    batch = SamplingBatch.build(_rows([SamplingParams(logprobs=20), SamplingParams(logprobs=2)]), 6, "cpu")
+    output = sample(logits, batch)
+    assert output.logprobs is not None
+    whole, two = output.logprobs.to_dicts([20, 2])
+    assert sorted(whole) == list(range(6)) and len(two) in (2, 3)  # the sampled token may be outside the two
+    prompt = compute_prompt_logprobs(logits, torch.tensor([1, 5]), num_top=20)
+    assert prompt.top_token_ids.shape == (2, 6)
+
+
 @pytest.mark.parametrize(("temperature", "seeded"), [(0.5, False), (2.0, False), (0.7, True)])
 def test_sampling_distribution_approaches_softmax_over_temperature(temperature: float, seeded: bool) -> None:
     # Total variation between the empirical and the target distribution over 8 tokens;

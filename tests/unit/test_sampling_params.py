@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from neuron_llm.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -33,6 +34,11 @@ def test_normalizations() -> None:
     assert isinstance(params.repetition_penalty, float)
     assert SamplingParams(temperature=0).is_greedy
     assert SamplingParams(max_tokens=None).max_tokens is None
+    # NumPy's numbers are taken, and stored as Python ones.
+    params = SamplingParams(max_tokens=np.int64(32), temperature=np.float32(0.5), top_k=np.int32(5), seed=np.int64(3))
+    assert (params.max_tokens, params.temperature, params.top_k, params.seed) == (32, 0.5, 5, 3)
+    assert type(params.max_tokens) is int and type(params.temperature) is float and type(params.top_k) is int
+    assert type(SamplingParams(stop_token_ids=[np.int64(9)]).stop_token_ids[0]) is int
 
 
 @pytest.mark.parametrize(
@@ -45,6 +51,10 @@ def test_normalizations() -> None:
         ("temperature", "hot"),
         ("temperature", math.nan),
         ("temperature", math.inf),
+        ("temperature", 10**400),
+        ("top_p", 10**400),
+        ("presence_penalty", -(10**400)),
+        ("n", np.bool_(True)),
         ("top_p", 0.0),
         ("top_p", 1.01),
         ("top_p", "all"),
