@@ -9,9 +9,10 @@ that reordering so the weights fit our (Hugging Face style) rotary embedding.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +88,14 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         raise ValueError(
             f"{path}: unsupported GGUF architecture general.architecture={architecture!r}: only 'llama' is implemented"
         )
-    _refuse_unsupported_options(meta)
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path} lacks the tensor 'token_embd.weight'")
     hidden_size = meta.require("llama.embedding_length")
     num_heads = meta.require("llama.attention.head_count")
+    # llama.cpp's defaults: both lengths hidden_size / head_count unless the file says otherwise.
     head_dim = meta.get("llama.attention.key_length") or hidden_size // num_heads
+    _refuse_unsupported_options(meta, tensors.values(), head_dim)
     rotary_dim = meta.get("llama.rope.dimension_count", head_dim)
     if rotary_dim != head_dim:
         raise ValueError(
@@ -103,6 +105,21 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     rope_theta = float(meta.get("llama.rope.freq_base", 10000.0))
     rope_freqs = tensors.get(_ROPE_FREQS)
     rope_scaling = None if rope_freqs is None else _llama3_scaling(_dequantize(rope_freqs), head_dim, rope_theta, path)
+    try:
+        return _model_config(meta, tensors, hidden_size, num_heads, head_dim, rope_theta, rope_scaling)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _model_config(
+    meta: _Metadata,
+    tensors: dict[str, Any],
+    hidden_size: int,
+    num_heads: int,
+    head_dim: int,
+    rope_theta: float,
+    rope_scaling: RopeScaling | None,
+) -> ModelConfig:
     return ModelConfig(
         # The embedding's rows, not the token list: a checkpoint may pad its vocabulary.
         vocab_size=_row_major_shape(tensors["token_embd.weight"])[0],
@@ -122,22 +139,51 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     )
 
 
-def _refuse_unsupported_options(meta: _Metadata) -> None:
+def _refuse_unsupported_options(meta: _Metadata, tensors: Iterable[Any], head_dim: int) -> None:
+    path = meta.path
+    num_splits = meta.get("split.count", 1)
+    if num_splits > 1:
+        raise ValueError(
+            f"{path} is one of {num_splits} parts of a split GGUF model, which is not read; "
+            "merge them into one file (llama.cpp's `llama-gguf-split --merge`)"
+        )
     num_experts = meta.get("llama.expert_count", 0)
     if num_experts:
-        raise ValueError(f"{meta.path}: llama.expert_count={num_experts}: mixture of experts is not implemented")
+        raise ValueError(f"{path}: llama.expert_count={num_experts}: mixture of experts is not implemented")
     scaling_type = meta.get("llama.rope.scaling.type", "none")
     if scaling_type != "none":
         raise ValueError(
-            f"{meta.path}: unsupported llama.rope.scaling.type={scaling_type!r}: only Llama 3.1 scaling "
+            f"{path}: unsupported llama.rope.scaling.type={scaling_type!r}: only Llama 3.1 scaling "
             f"(stored as the {_ROPE_FREQS!r} tensor) is implemented"
         )
-    key_length = meta.get("llama.attention.key_length")
-    value_length = meta.get("llama.attention.value_length", key_length)
-    if key_length != value_length:
-        raise ValueError(
-            f"{meta.path}: llama.attention.value_length={value_length} differs from key_length={key_length}"
-        )
+    # llama.cpp scales positions linearly by these without a scaling type (older files have
+    # only the second key); running unscaled would be silently wrong.
+    for key in ("llama.rope.scaling.factor", "llama.rope.scale_linear"):
+        factor = meta.get(key)
+        if factor not in (None, 0.0, 1.0):
+            raise ValueError(f"{path}: {key}={factor}: linear rope scaling is not implemented")
+    value_length = meta.get("llama.attention.value_length") or head_dim
+    if value_length != head_dim:
+        raise ValueError(f"{path}: llama.attention.value_length={value_length} differs from key_length={head_dim}")
+    for tensor in tensors:
+        if tensor.name.endswith(".bias"):
+            raise ValueError(f"{path}: tensor {tensor.name!r}: biases (attention_bias, mlp_bias) are not implemented")
+        if not _is_readable(tensor.tensor_type):
+            raise ValueError(
+                f"{path}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, "
+                "which the gguf package cannot dequantize"
+            )
+
+
+@functools.cache
+def _is_readable(tensor_type: gguf.GGMLQuantizationType) -> bool:
+    """Whether the gguf package dequantizes ``tensor_type``: tried on one block of zeros."""
+    _, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
+    try:
+        gguf.quants.dequantize(np.zeros(block_bytes, dtype=np.uint8), tensor_type)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _eos_token_ids(meta: _Metadata) -> tuple[int, ...]:

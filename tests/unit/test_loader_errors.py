@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from neuron_llm.loader import default_model, load_model, load_model_info, render_chat
+from neuron_llm.loader.gguf_file import open_gguf, read_gguf_config
 from neuron_llm.loader.hf_dir import find_weight_files, iter_hf_weights, read_generation_defaults
 from neuron_llm.loader.tokenizer import eos_token_ids
 
@@ -119,11 +120,14 @@ def test_non_gguf_file(tmp_path: Path) -> None:
 # --- GGUF files -----------------------------------------------------------------------------
 
 
-def write_gguf(path: Path, architecture: str, metadata: dict[str, Any] | None = None) -> Path:
+def write_gguf(
+    path: Path, architecture: str, metadata: dict[str, Any] | None = None, tensors: dict[str, np.ndarray] | None = None
+) -> Path:
     writer = gguf.GGUFWriter(path, architecture)
     for key, value in (metadata or {}).items():
         writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
-    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    for name, array in {"token_embd.weight": np.zeros((8, 4), dtype=np.float32), **(tensors or {})}.items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -149,6 +153,38 @@ def test_gguf_with_unsupported_rope_scaling(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "yarn.gguf", "llama", {**LLAMA_METADATA, "llama.rope.scaling.type": "yarn"})
     with pytest.raises(ValueError, match=r"unsupported llama\.rope\.scaling\.type='yarn'"):
         load(path)
+
+
+@pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
+def test_gguf_with_linear_rope_scaling_is_refused(tmp_path: Path, key: str) -> None:
+    path = write_gguf(tmp_path / "linear.gguf", "llama", {**LLAMA_METADATA, key: 4.0})
+    with pytest.raises(
+        ValueError, match=rf"linear\.gguf: {re.escape(key)}=4\.0: linear rope scaling is not implemented"
+    ):
+        load(path)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "tensors", "message"),
+    [
+        ({"split.count": 2}, {}, r"one of 2 parts of a split GGUF model.*llama-gguf-split --merge"),
+        ({}, {"output_norm.weight": np.zeros(4)}, r"tensor 'output_norm\.weight' is stored as F64, which the gguf"),
+        ({}, {"blk.0.attn_q.bias": np.zeros(4, np.float32)}, r"'blk\.0\.attn_q\.bias': biases .* are not implemented"),
+        ({"llama.attention.head_count_kv": 3}, {}, r"odd\.gguf: num_key_value_heads=3: must divide"),
+    ],
+)
+def test_gguf_options_refused_by_name(
+    tmp_path: Path, metadata: dict[str, Any], tensors: dict[str, np.ndarray], message: str
+) -> None:
+    path = write_gguf(tmp_path / "odd.gguf", "llama", {**LLAMA_METADATA, **metadata}, tensors)
+    with pytest.raises(ValueError, match=message):
+        load(path)
+
+
+def test_gguf_value_length_defaults_as_in_llama_cpp(tmp_path: Path) -> None:
+    """Without key_length, both lengths are hidden_size / head_count."""
+    path = write_gguf(tmp_path / "v.gguf", "llama", {**LLAMA_METADATA, "llama.attention.value_length": 2})
+    assert read_gguf_config(open_gguf(path), path).head_dim == 2
 
 
 def test_gguf_lacking_a_required_key(tmp_path: Path) -> None:
