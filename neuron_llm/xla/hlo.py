@@ -114,6 +114,8 @@ def _fields(message: bytes) -> Iterator[tuple[int, int | bytes]]:
             pos += length
         elif wire_type in (1, 5):
             width = 8 if wire_type == 1 else 4
+            if pos + width > len(message):
+                raise ValueError("truncated field in HLO module proto")
             yield field, message[pos : pos + width]
             pos += width
         else:

@@ -10,6 +10,7 @@ from neuron_llm.buckets import BucketSet
 from neuron_llm.compile.hlo_export import GraphShape, export_hlo
 from neuron_llm.config import CacheConfig, EngineConfig, ModelConfig
 from neuron_llm.models.llama import LlamaForCausalLM
+from neuron_llm.xla import entry_parameter_shapes
 
 SHAPES = [GraphShape("decode_t4_s4", 4, 4, 8)]
 
@@ -57,3 +58,9 @@ def test_an_out_dir_holding_files_is_refused(model: LlamaForCausalLM, tmp_path: 
     config = EngineConfig(model=model.config, cache=CacheConfig(block_size=4))
     with pytest.raises(ValueError, match="is not a new or empty directory"):
         export_hlo(model, config, SHAPES, tmp_path, num_kv_blocks=20)
+
+
+@pytest.mark.parametrize("data", [b"\x09\x01", b"\x0d\x01\x02", b"\x0a\x05ab"], ids=["fixed64", "fixed32", "bytes"])
+def test_a_truncated_module_is_refused(data: bytes) -> None:
+    with pytest.raises(ValueError, match="truncated field in HLO module proto"):
+        entry_parameter_shapes(data)
