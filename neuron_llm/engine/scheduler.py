@@ -10,8 +10,8 @@ a token budget (``max_num_batched_tokens``) and a sequence limit (``max_num_seqs
     |  newest preempted when blocks run out   |  chunked to the budget left; admitted only  |
     |                                         |  while blocks are free, never by preemption |
 
-A preempted request frees its blocks, goes back to the front of the waiting queue and is
-recomputed from token 0 (prompt and output so far) when admitted again. Running requests are
+A preempted request frees its blocks, goes back into the waiting queue in arrival order
+(usually its front) and is recomputed from token 0 (prompt and output so far) when admitted again. Running requests are
 kept in arrival order, so the newest is always last, and a request is never preempted to make
 room for one that arrived after it. The oldest running request can always preempt every other
 one, and ``add_request`` refuses requests that would not fit in the pool alone, so the oldest
@@ -319,8 +319,9 @@ class Scheduler:
         request.block_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
-        # It arrived before everything still waiting (admission is first come, first served).
-        self.waiting.appendleft(request)
+        # Back in arrival order: usually at the front, but a forked child arrived when it was
+        # forked, possibly after requests still waiting.
+        bisect.insort(self.waiting, request, key=lambda r: self._arrival_order[r.request_id])
 
     def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
         """Admit waiting requests in arrival order while budget, sequence slots and blocks last."""

@@ -227,6 +227,30 @@ def test_waiting_requests_are_first_come_first_served() -> None:
     assert ids(third) == ["b", "c"] and third.finished_ids == ["a"]
 
 
+def test_a_preempted_fork_waits_behind_requests_that_arrived_before_it() -> None:
+    scheduler = make_scheduler(num_blocks=7, block_size=2)  # 6 usable blocks
+    model = FakeModel(scheduler)
+    parent = make_request("parent", [1, 2, 3], max_tokens=8)
+    scheduler.add_request(parent)
+    step(scheduler, model)
+    waiting = make_request("waiting", [9] * 9, max_tokens=1)  # 5 blocks: does not fit beside the parent
+    scheduler.add_request(waiting)
+    step(scheduler, model)
+    child = make_request("child", [1, 2, 3], max_tokens=6)
+    scheduler.fork("parent", child)  # arrives after "waiting", yet runs at once
+    for _ in range(10):
+        if child.status == RequestStatus.PREEMPTED:
+            break
+        step(scheduler, model)
+    assert child.status == RequestStatus.PREEMPTED
+    assert list(scheduler.waiting) == [waiting, child]
+    admitted: list[str] = []
+    for output in run_to_completion(scheduler, model):
+        admitted += [request_id for request_id in ids(output) if request_id not in admitted]
+    assert admitted.index("waiting") < admitted.index("child")
+    assert child.output_token_ids == solo_output([1, 2, 3], 6)
+
+
 def test_newest_running_request_is_preempted_and_recomputed() -> None:
     # 4 usable blocks of 2 tokens; each request needs a third block at its second decode.
     scheduler = make_scheduler(num_blocks=5, block_size=2)
