@@ -10,8 +10,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import torch
-
+CASES = ("decode", "batch", "sampling", "int8", "prefill", "transformers")
 SAMPLING_SETTINGS = {
     "top-p 0.9": {"temperature": 0.7, "top_p": 0.9},
     "top-k 50": {"temperature": 0.7, "top_k": 50},
@@ -24,8 +23,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="GPU benchmarks of the engine beside their anchors (needs CUDA)")
     parser.add_argument(
         "--cases",
-        default="decode,batch,sampling,int8,prefill,transformers",
-        help="comma-separated among: decode, batch, sampling, int8, prefill, transformers",
+        default=",".join(CASES),
+        help=f"comma-separated among: {', '.join(CASES)}",
     )
     parser.add_argument("--num-layers", type=int, default=None, help="fewer layers than Llama-3-8B's 32 (quick runs)")
     parser.add_argument("--decode-tokens", type=int, default=128)
@@ -36,12 +35,27 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_bench)
 
 
+def bench_cases(value: str) -> set[str]:
+    """The ``--cases`` named in ``value``; ``ValueError`` for a name that is not one."""
+    cases = {c.strip() for c in value.split(",") if c.strip()}
+    unknown = sorted(cases - set(CASES))
+    if unknown or not cases:
+        raise ValueError(f"--cases {value!r}: {unknown or 'none given'}; choose among {', '.join(CASES)}")
+    return cases
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    import torch  # here, not at the top: building the CLI's parser stays fast
+
     from neuron_llm.bench import anchors, engine
 
+    cases = bench_cases(args.cases)
+    if args.num_layers is not None and args.num_layers < 1:
+        raise ValueError(f"--num-layers {args.num_layers}: must be >= 1")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise ValueError(f"--json {args.json}: the folder {args.json.parent} does not exist")
     if not torch.cuda.is_available():
         raise ValueError("neuron-llm bench measures a GPU: no CUDA device is visible")
-    cases = {c for c in args.cases.split(",") if c}
     hf_config, model_config = engine.llama3_8b_shape(args.num_layers)
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),

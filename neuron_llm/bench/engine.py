@@ -49,7 +49,7 @@ LLAMA3_8B: dict[str, Any] = {
 def llama3_8b_shape(num_layers: int | None = None) -> tuple[dict[str, Any], ModelConfig]:
     """Llama-3-8B's ``config.json`` keys, with ``num_layers`` layers when given, and its ModelConfig."""
     hf_config = dict(LLAMA3_8B)
-    if num_layers:
+    if num_layers is not None:
         hf_config["num_hidden_layers"] = num_layers
     return hf_config, ModelConfig.from_hf_config(hf_config)
 

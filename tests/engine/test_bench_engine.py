@@ -3,12 +3,14 @@ with async scheduling off and on (on, one token takes two engine steps)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
 import torch
 
 from neuron_llm.bench import engine
+from neuron_llm.bench.cli import add_bench_parser
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +54,25 @@ def test_decode_and_batch_figures(tiny_engine: engine.LLMEngine) -> None:
     assert batch["output_tokens_per_s_sync"] == pytest.approx(3 * 5 / batch["seconds_sync"])
     # Async: one step per token, and one more that reads the last.
     assert batch["steps"] >= 5
+
+
+def _bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers())
+    return parser.parse_args(["bench", *argv])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cases", "decod,int-8"], r"--cases 'decod,int-8': \['decod', 'int-8'\]; choose among decode, batch"),
+        (["--cases", ","], r"--cases ',': none given"),
+        (["--num-layers", "0"], r"--num-layers 0: must be >= 1"),
+        (["--json", "/no/such/folder/x.json"], r"the folder /no/such/folder does not exist"),
+    ],
+)
+def test_bench_refuses_bad_options_before_measuring(argv: list[str], message: str) -> None:
+    """Checked before anything runs (so also on a machine without a GPU), not after minutes of cases."""
+    args = _bench_args(*argv)
+    with pytest.raises(ValueError, match=message):
+        args.run(args)
