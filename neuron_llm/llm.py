@@ -31,7 +31,7 @@ from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import load_worker
 
 Prompt = str | dict[str, Any]
-"""A text prompt, or ``{"prompt_token_ids": [...]}`` (vLLM's TokensPrompt)."""
+"""A text prompt, ``{"prompt": text}`` (vLLM's TextPrompt) or ``{"prompt_token_ids": [...]}`` (its TokensPrompt)."""
 
 
 def _resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
@@ -65,7 +65,8 @@ class LLM:
             then, not while serving); None does so on the XLA and CUDA devices (CUDA graphs).
         Other keyword arguments are the fields of ``CacheConfig`` and ``SchedulerConfig``
         (``block_size``, ``num_kv_blocks``, ``memory_fraction``, ``enable_prefix_caching``,
-        ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_chunked_prefill``).
+        ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_chunked_prefill``);
+        ``gpu_memory_utilization`` (vLLM's name) is ``memory_fraction``.
     """
 
     def __init__(
@@ -83,12 +84,16 @@ class LLM:
         warm_up: bool | None = None,
         **engine_options: Any,
     ) -> None:
-        info = load_model_info(model)
+        if "gpu_memory_utilization" in engine_options:
+            if "memory_fraction" in engine_options:
+                raise ValueError("gpu_memory_utilization and memory_fraction are one setting: give one")
+            engine_options["memory_fraction"] = engine_options.pop("gpu_memory_utilization")
         cache_fields = CacheConfig.__dataclass_fields__
         scheduler_fields = SchedulerConfig.__dataclass_fields__
         unknown = sorted(set(engine_options) - set(cache_fields) - set(scheduler_fields))
-        if unknown:
+        if unknown:  # before loading, which takes a while
             raise ValueError(f"unknown LLM option(s) {unknown}")
+        info = load_model_info(model)
         self.config = EngineConfig(
             model=info.config,
             device=DeviceConfig(
@@ -148,16 +153,39 @@ class LLM:
         messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, rendered by the model's chat template."""
+        """Generate replies to one conversation or a list of them, rendered by the model's chat template.
+
+        The options are vLLM's: another ``chat_template``, the last message continued instead of
+        a new reply, and variables for the template. Each output's ``prompt`` is the rendered text.
+        """
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [
-            {"prompt_token_ids": self.tokenizer.encode(render_chat(self.tokenizer, conv), add_special_tokens=False)}
-            for conv in conversations  # type: ignore[arg-type]
+        if not messages:
+            raise ValueError("messages is empty: give a conversation or a list of them")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        texts = [
+            render_chat(
+                self.tokenizer,
+                conversation,  # type: ignore[arg-type]
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}),
+            )
+            for conversation in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        # The template writes any BOS itself; encoding must not add another.
+        prompts = [{"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)} for text in texts]
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        for output, text in zip(outputs, texts):
+            output.prompt = text
+        return outputs
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that advanced it (for the CLI)."""
@@ -199,6 +227,10 @@ class LLM:
             return [SamplingParams()] * num_prompts
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * num_prompts
+        if not isinstance(sampling_params, Sequence) or isinstance(sampling_params, str):
+            raise ValueError(
+                f"sampling_params must be SamplingParams or a list of them, not {type(sampling_params).__name__}"
+            )
         params = list(sampling_params)
         if len(params) != num_prompts:
             raise ValueError(f"got {len(params)} SamplingParams for {num_prompts} prompts")
@@ -216,4 +248,8 @@ def _prompt_input(prompt: Prompt) -> str | list[int]:
         return prompt
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         return list(prompt["prompt_token_ids"])
-    raise ValueError(f"a prompt must be a string or {{'prompt_token_ids': [...]}}, not {type(prompt).__name__}")
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    raise ValueError(
+        f"a prompt must be a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, not {prompt!r:.80}"
+    )

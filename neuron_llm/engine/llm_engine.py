@@ -10,6 +10,7 @@ its own.
 from __future__ import annotations
 
 import itertools
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -426,9 +427,13 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompt token ids instead of text")
             return prompt, self.tokenizer.encode(prompt)
-        token_ids = list(prompt)
         vocab_size = self.config.model.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+        # NumPy's integers too (a tokenizer's return_tensors="np"), stored as ints.
+        bad = [t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers, not {bad[:5]}")
+        token_ids = [int(t) for t in prompt]
+        bad = [t for t in token_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are not in the vocabulary [0, {vocab_size})")
         if not token_ids:

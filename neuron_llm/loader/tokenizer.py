@@ -39,33 +39,65 @@ def load_gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]]) -> str:
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, Any]],
+    *,
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    **template_kwargs: Any,
+) -> str:
     """Render ``messages`` (``{"role", "content"}`` dicts) as a prompt with the model's chat template.
 
-    The prompt ends with the header of the assistant's reply. Raises ``ValueError`` when the
-    model has no chat template, a message is malformed, or the template refuses the messages
-    (some templates insist that user and assistant turns alternate).
+    The prompt ends with the header of the assistant's reply (``add_generation_prompt``), or
+    leaves the last message open for the model to continue (``continue_final_message``).
+    A content may be a list of ``{"type": "text", "text": ...}`` parts, joined one per line.
+    ``chat_template`` replaces the model's; ``template_kwargs`` reach the template as
+    variables. Raises ``ValueError`` when there is no template, a message is malformed, or
+    the template refuses the messages (some insist that user and assistant turns alternate).
     """
-    if not tokenizer.chat_template:
+    template = chat_template or tokenizer.chat_template
+    if not template:
         raise ValueError("this model has no chat template; send a plain prompt instead of chat messages")
-    _check_messages(messages)
+    if add_generation_prompt and continue_final_message:
+        raise ValueError("add_generation_prompt and continue_final_message exclude each other")
     try:
-        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            _checked_messages(messages),
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+            **template_kwargs,
+        )
     except TemplateError as e:
         raise ValueError(f"the model's chat template refused the messages: {e}") from e
 
 
-def _check_messages(messages: Sequence[dict[str, Any]]) -> None:
+def _checked_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with text-part contents joined; ``ValueError`` naming a malformed one."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    checked = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', not {type(message).__name__}")
         role = message.get("role")
         if role not in CHAT_ROLES:
             raise ValueError(f"messages[{i}].role={role!r}: must be one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise ValueError(f"messages[{i}].content={message.get('content')!r}: must be a string")
+        content = message.get("content")
+        if isinstance(content, list) and all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in content
+        ):
+            content = "\n".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise ValueError(
+                f"messages[{i}].content={message.get('content')!r}: must be a string or a list of text parts"
+            )
+        checked.append({**message, "content": content})
+    return checked
 
 
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase | None, *configured: Iterable[int]) -> tuple[int, ...]:

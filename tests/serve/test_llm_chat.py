@@ -1,0 +1,56 @@
+"""``LLM.generate`` and ``LLM.chat`` take vLLM's input forms (on the chat model the server tests use)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neuron_llm.llm import LLM
+from neuron_llm.sampling_params import SamplingParams
+from tests.serve.conftest import make_llm
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir: Path) -> LLM:
+    return make_llm(model_dir)
+
+
+def test_prompt_forms_give_the_same_output(llm: LLM) -> None:
+    ids = llm.tokenizer.encode("Hello world")
+    forms = ["Hello world", {"prompt": "Hello world"}, {"prompt_token_ids": ids}, {"prompt_token_ids": np.array(ids)}]
+    outputs = [llm.generate(form, GREEDY)[0].outputs[0].token_ids for form in forms]
+    assert all(output == outputs[0] for output in outputs)
+    with pytest.raises(ValueError, match="sampling_params must be SamplingParams or a list of them, not dict"):
+        llm.generate("Hello", {"max_tokens": 3})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"prompt 0: a prompt must be a string, \{'prompt': str\}"):
+        llm.generate({"text": "Hello"}, GREEDY)
+
+
+def test_chat_options_reach_the_template(llm: LLM) -> None:
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]
+    (output,) = llm.chat(conversation, GREEDY)
+    assert output.prompt == "<|user|>Hi\nthere<|end|><|assistant|>"
+    template = "{{ prefix }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    (custom,) = llm.chat(
+        [{"role": "assistant", "content": "Once"}],
+        GREEDY,
+        chat_template=template,
+        add_generation_prompt=False,
+        continue_final_message=True,
+        chat_template_kwargs={"prefix": "!"},
+    )
+    assert custom.prompt == "![Once"  # left open after the last message, for the model to continue
+    assert custom.outputs[0].token_ids == llm.generate({"prompt": "![Once"}, GREEDY)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="messages is empty"):
+        llm.chat([], GREEDY)
+
+
+def test_engine_options_are_checked_before_loading(tmp_path: Path, model_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown LLM option\(s\) \['swap_space'\]"):
+        LLM(model=str(tmp_path / "not-loaded"), swap_space=4)
+    llm = make_llm(model_dir, gpu_memory_utilization=0.5)  # vLLM's name
+    assert llm.config.cache.memory_fraction == 0.5
