@@ -155,9 +155,14 @@ def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:
     rank picks its own) and lets it rewrite the model into its fastest form. On CUDA with the
     cuda backend, steps replay CUDA graphs unless ``enforce_eager`` (``CudaGraphWorker``).
     """
+    device = torch.device(config.device.device)
+    if device.type == "cuda" and device.index is not None:
+        # Triton launches on the current device's stream, CUDA graphs capture on it, and the
+        # engine records its events there: it must be the model's (cuda:1 too).
+        torch.cuda.set_device(device)
     backend = ops.use_backend(config.device.backend_name)
     backend.prepare_model(model)
-    if torch.device(config.device.device).type == "xla":
+    if device.type == "xla":
         from neuron_llm.xla.runner import XlaWorker
 
         if config.cache.num_kv_blocks is None:

@@ -433,6 +433,48 @@ def test_programmatic_dependent_launch_changes_no_bit(
     assert run() == with_pdl
 
 
+@pytest.mark.cuda
+def test_prompt_chunks_queued_behind_a_busy_gpu_keep_their_inputs(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long prompt alone runs as chunks that sample nothing, so the host never waits for the
+    GPU and comes back to a graph's staging buffer while its copy may still be queued."""
+    from neuron_llm.backends.cuda.graphs import CudaGraphWorker
+
+    _, model_dir = save_tiny_llama(**SMALL_HEADS, num_hidden_layers=2, max_position_embeddings=1024)
+    llm = LLM(
+        str(model_dir), device="cuda", dtype="bfloat16", num_kv_blocks=128, block_size=16, max_model_len=1024,
+        max_num_batched_tokens=64, enable_prefix_caching=False, async_scheduling=False,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(6)
+    prompt = {"prompt_token_ids": torch.randint(0, 250, (640,), generator=generator).tolist()}  # 10 chunks
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    expected = llm.generate(prompt, params)[0].outputs[0].token_ids
+    forward = CudaGraphWorker.forward
+
+    def behind_a_busy_gpu(self: CudaGraphWorker, *args: Any, **kwargs: Any) -> torch.Tensor:
+        torch.cuda._sleep(20_000_000)  # about 10 ms of GPU work queued before this step's copy
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CudaGraphWorker, "forward", behind_a_busy_gpu)
+    assert llm.generate(prompt, params)[0].outputs[0].token_ids == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_a_model_on_the_second_gpu(save_tiny_llama: Callable[..., tuple[Any, Path]]) -> None:
+    """Triton launches, graph capture and the engine's events follow the current device: it must be the model's."""
+    _, model_dir = save_tiny_llama(**SMALL_HEADS, num_hidden_layers=2, max_position_embeddings=1024)
+    options = {"dtype": "bfloat16", "num_kv_blocks": 64, "block_size": 16, "max_model_len": 512}
+    prompt = {"prompt_token_ids": list(range(3, 90))}
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    on_first = LLM(str(model_dir), device="cuda:0", **options).generate(prompt, params)[0].outputs[0].token_ids
+    torch.cuda.set_device(0)
+    on_second = LLM(str(model_dir), device="cuda:1", **options).generate(prompt, params)[0].outputs[0].token_ids
+    torch.cuda.set_device(0)
+    assert on_second == on_first
+
+
 @pytest.mark.parametrize("num_tokens", [1, 5, 40])
 def test_int8_swiglu_down_makes_its_input_as_it_loads(num_tokens: int, device: torch.device) -> None:
     """Few rows take the fused SwiGLU input, more the silu_mul kernel: both give the reference's result."""

@@ -49,8 +49,9 @@ class _StepGraph:
     """The graph's input tensors on the device, by name: views of ``packed``."""
     packed: torch.Tensor
     """Every input's bytes in one device buffer, so that a step's inputs cross in one copy."""
-    staging: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
-    """Two pinned host buffers like ``packed``, each with its views like ``inputs``."""
+    staging: list[tuple[torch.Tensor, dict[str, torch.Tensor], torch.cuda.Event]]
+    """Two pinned host buffers like ``packed``, each with its views like ``inputs`` and the
+    event recorded after its latest copy to the device."""
     logits: torch.Tensor
     """[num_seqs, vocab] fp32, written by every replay: the rows ``logits_indices`` names, padded with row 0."""
     num_staged: int = 0
@@ -130,11 +131,15 @@ class CudaGraphWorker(Worker):
                 self._capture(other, *shape)
         graph = self._graphs[(kind, *shape)]
         # Two sets of host buffers, used in turn: with async scheduling this step is staged
-        # while the copy of the previous step's inputs may still be queued.
-        staging, views = graph.staging[graph.num_staged % 2]
+        # while the copy of the previous step's inputs may still be queued. Steps that sample
+        # nothing (chunks of a long prompt) never make the host wait for the device, so the
+        # host may come back to a buffer before its copy ran: then it waits for that copy.
+        staging, views, copied = graph.staging[graph.num_staged % 2]
         graph.num_staged += 1
+        copied.synchronize()
         _stage(views, step, logits_indices, self.block_size)
         graph.packed.copy_(staging, non_blocking=True)
+        copied.record()
         if sampled_before is not None:
             _fill_placeholders_in_place(graph.inputs["input_ids"], sampled_before)
         graph.graph.replay()
@@ -152,7 +157,7 @@ class CudaGraphWorker(Worker):
         }
         packed, inputs = _packed_tensors(shapes, self.device)
         inputs["block_tables"].fill_(NULL_BLOCK_ID)
-        staging = [_packed_tensors(shapes, "cpu", pin=True) for _ in range(2)]
+        staging = [(*_packed_tensors(shapes, "cpu", pin=True), torch.cuda.Event()) for _ in range(2)]
         # The host lists hold for no replay: the cuda backend reads them only to send a long
         # whole prompt to cuDNN (a whole-prompt graph's: one prompt of every token) and to
         # order the prefill kernel's programs (heads first with all zeros).
