@@ -11,9 +11,9 @@ a token budget (``max_num_batched_tokens``) and a sequence limit (``max_num_seqs
     |                                         |  while blocks are free, never by preemption |
 
 A preempted request frees its blocks, goes back into the waiting queue in arrival order
-(usually its front) and is recomputed from token 0 (prompt and output so far) when admitted again. Running requests are
-kept in arrival order, so the newest is always last, and a request is never preempted to make
-room for one that arrived after it. The oldest running request can always preempt every other
+(usually at its front) and is recomputed from token 0 (prompt and output so far) when
+admitted again. Running requests are kept in arrival order, so the newest is always last,
+and a request is never preempted to make room for one that arrived after it. The oldest running request can always preempt every other
 one, and ``add_request`` refuses requests that would not fit in the pool alone, so the oldest
 always progresses.
 
