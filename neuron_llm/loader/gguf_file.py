@@ -105,22 +105,7 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     rope_theta = float(meta.get("llama.rope.freq_base", 10000.0))
     rope_freqs = tensors.get(_ROPE_FREQS)
     rope_scaling = None if rope_freqs is None else _llama3_scaling(_dequantize(rope_freqs), head_dim, rope_theta, path)
-    try:
-        return _model_config(meta, tensors, hidden_size, num_heads, head_dim, rope_theta, rope_scaling)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
-
-
-def _model_config(
-    meta: _Metadata,
-    tensors: dict[str, Any],
-    hidden_size: int,
-    num_heads: int,
-    head_dim: int,
-    rope_theta: float,
-    rope_scaling: RopeScaling | None,
-) -> ModelConfig:
-    return ModelConfig(
+    fields = dict(
         # The embedding's rows, not the token list: a checkpoint may pad its vocabulary.
         vocab_size=_row_major_shape(tensors["token_embd.weight"])[0],
         hidden_size=hidden_size,
@@ -137,6 +122,10 @@ def _model_config(
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_token_ids(meta),
     )
+    try:
+        return ModelConfig(**fields)
+    except ValueError as e:  # a shape ModelConfig refuses, named with the file
+        raise ValueError(f"{path}: {e}") from e
 
 
 def _refuse_unsupported_options(meta: _Metadata, tensors: Iterable[Any], head_dim: int) -> None:
