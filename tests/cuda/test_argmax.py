@@ -43,6 +43,7 @@ def test_shapes_it_does_not_take() -> None:
     assert not takes(torch.zeros(MAX_ROWS + 1, 10))
     assert not takes(torch.zeros(0, 10))
     assert not takes(torch.zeros(10, 4).t())
+    assert not takes(torch.zeros(2, 10, dtype=torch.float64))  # float32 would merge near values
     with pytest.raises(ValueError, match=r"argmax takes 1..16 rows of contiguous logits, got \(17, 10\)"):
         argmax(torch.zeros(MAX_ROWS + 1, 10))
 
@@ -79,6 +80,8 @@ def test_the_backend_draws_here(device: torch.device, monkeypatch: pytest.Monkey
         sample_argmax(logits, noise[:, :10], is_greedy)
     with pytest.raises(ValueError, match="fp32"):
         sample_argmax(logits.half(), noise, is_greedy)
+    with pytest.raises(ValueError, match=r"is_greedy must be a contiguous \[4\] tensor"):
+        sample_argmax(logits, noise, is_greedy.repeat_interleave(2)[::2])
     # Other logits take the reference's draw.
     assert torch.equal(CudaBackend().sample_argmax(logits.double(), noise.double(), is_greedy), expected)
 

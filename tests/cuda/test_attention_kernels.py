@@ -117,9 +117,18 @@ def run_decode(case: Case, num_splits: int | None = None, config: DecodeConfig |
     )
     assert result.data_ptr() == out.data_ptr()
     # The splits of each sequence left their counters as they found them, zero.
-    counters = launch._SPLIT_COUNTERS.get(case.query.device)
-    assert counters is None or not counters.any()
+    assert not any(counters.any() for counters in launch._SPLIT_COUNTERS.get(case.query.device, []))
     return result
+
+
+def test_split_counters_grow_and_keep_the_buffers_graphs_hold(device: torch.device) -> None:
+    """A call needing more counters gets a new buffer; the old one stays allocated, since a CUDA
+    graph captured before may still count in it."""
+    first = launch.split_counters(device, 1)
+    larger = launch.split_counters(device, first.numel() + 1)
+    assert larger.numel() > first.numel() and not larger.any()
+    assert launch.split_counters(device, 1) is larger
+    assert any(buffer is first for buffer in launch._SPLIT_COUNTERS[device])
 
 
 # (num_heads, num_kv_heads): plain multi-head, groups of 3 and 4, multi-query.

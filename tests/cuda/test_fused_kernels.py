@@ -162,6 +162,9 @@ def test_rotary_write_kv_rejects_bad_inputs(device: torch.device) -> None:
         rotary_write_kv(query, key, value, cos, sin, cache.transpose(0, 1), cache, slots)
     with pytest.raises(ValueError, match="slot_mapping"):
         rotary_write_kv(query, key, value, cos, sin, cache, cache.clone(), slots[:2])
+    with pytest.raises(ValueError, match=r"slot_mapping must be a contiguous \[3\] tensor"):
+        # Read as if contiguous, a strided column would name other tokens' slots (past the cache).
+        rotary_write_kv(query, key, value, cos, sin, cache, cache.clone(), torch.arange(6, device=device)[::2])
     with pytest.raises(ValueError, match="cos.dtype"):
         rotary_write_kv(query, key, value, cos.half(), sin, cache, cache.clone(), slots)
     with pytest.raises(ValueError, match="even"):

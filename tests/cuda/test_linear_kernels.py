@@ -368,6 +368,30 @@ def test_silu_mul_quantize_fp8_matches_unfused(num_tokens: int, intermediate: in
         assert torch.equal(fused_q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(fused_scale, scale)
 
 
+@pytest.mark.parametrize("num_features", [96, 20000])  # one pass; two
+def test_a_nan_in_a_row_makes_its_scale_nan(num_features: int, device: torch.device) -> None:
+    """As in the reference, a NaN activation makes its row's scale, so its product, NaN, and
+    leaves the other rows alone; without it the row would come out finite."""
+    x = torch.randn(3, num_features, generator=torch.Generator().manual_seed(num_features)).to(device)
+    x[1, 5] = float("nan")
+    norm_weight = torch.ones(num_features, device=device)
+    quantizations = {
+        "fp8, bounded": lambda: quantize_fp8_per_token(x, 1200.0),
+        "fp8": lambda: quantize_fp8_per_token(x, None),
+        "int8": lambda: quantize_int8_per_token(x),
+        "silu_mul fp8, bounded": lambda: silu_mul_quantize_fp8(x, x, 1200.0),
+        "silu_mul int8": lambda: silu_mul_quantize_int8(x, x),
+    }
+    if num_features <= 8192:  # the fused norm holds a whole row
+        quantizations["rms_norm fp8, bounded"] = lambda: rms_norm_quantize_fp8(x, None, norm_weight, 1e-5, 1200.0)[:2]
+    for name, quantize in quantizations.items():
+        _, scale = quantize()
+        assert scale[1].isnan().all() and scale[[0, 2]].isfinite().all(), name
+    q, scale, _ = make_int8_linear(16, num_features, None, device, seed=3)
+    out = w8a8_linear(x, q, scale)
+    assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+
+
 @pytest.mark.parametrize("is_silu_mul", [True, False])
 @pytest.mark.parametrize("out_dtype", [FP8_DTYPE, torch.int8])
 def test_row_quantize_walks_give_the_same_bits(is_silu_mul: bool, out_dtype: torch.dtype, device: torch.device) -> None:
@@ -536,6 +560,48 @@ def test_int8_split_k_is_deterministic(device: torch.device) -> None:
     assert relative_error(first, int8_expected(x, q, scale, bias.bfloat16(), None)) < TOLERANCE[torch.bfloat16]
     for _ in range(50):
         assert torch.equal(int8_linear(x, q, scale, bias.bfloat16(), config=config), first)
+
+
+def _needs_free_gpu_memory(gib: int) -> None:
+    if torch.cuda.mem_get_info()[0] < gib << 30:
+        pytest.skip(f"needs {gib} GiB of free GPU memory")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weight_dtype", [torch.int8, torch.bfloat16])
+def test_gemv_of_a_weight_past_2_31_elements(weight_dtype: torch.dtype, device: torch.device) -> None:
+    """Rows past element 2**31 of the weight (a 405B LM head holds 2.1e9) are read where they lie."""
+    _needs_free_gpu_memory(12)
+    out_features, in_features = 2**31 // 16384 + 64, 16384
+    if weight_dtype == torch.int8:
+        weight = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8, device=device)
+    else:
+        weight = torch.randn(out_features, in_features, dtype=torch.bfloat16, device=device)
+    scale = torch.rand(out_features, 1, device=device) / 64
+    x = torch.randn(1, in_features, device=device, dtype=torch.bfloat16)
+    out = int8_linear(x, weight, scale) if weight_dtype == torch.int8 else gemv_16bit(x, weight)
+    for rows in (slice(0, 64), slice(-128, None)):  # the last 64 rows lie past element 2**31
+        expected = x.double() @ weight[rows].double().T
+        if weight_dtype == torch.int8:
+            expected = expected * scale[rows].double().T
+        assert relative_error(out[:, rows], expected) < TOLERANCE[torch.bfloat16], rows
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_int8_matmul_of_rows_past_2_31_elements(split_k: int, device: torch.device) -> None:
+    """Activation, output and split-K scratch offsets past 2**31 (a long prompt through a wide
+    projection) are computed in 64 bits."""
+    _needs_free_gpu_memory(24)
+    q, scale, bias = make_int8_linear(64, 64, None, device, seed=5)
+    # split_k 1: x and the output hold 2**31 + 4096 elements; 2: the scratch does, [2, M, 64] fp32.
+    num_rows = 2**25 + 64 if split_k == 1 else 2**24 + 64
+    x = torch.randn(num_rows, 64, device=device, dtype=torch.bfloat16)
+    config = Int8MatmulConfig(block_m=64, block_n=64, block_k=32, split_k=split_k)
+    out = int8_linear(x, q, scale, bias.bfloat16(), config=config)
+    for rows in (slice(0, 128), slice(-128, None)):
+        expected = int8_expected(x[rows], q, scale, bias.bfloat16(), None)
+        assert relative_error(out[rows], expected) < TOLERANCE[torch.bfloat16], rows
 
 
 @pytest.mark.cuda

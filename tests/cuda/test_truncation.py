@@ -79,6 +79,21 @@ def test_rejects_other_logits(device: torch.device) -> None:
         top_p(torch.zeros(4, 10, dtype=torch.float16, device=device), torch.ones(4, device=device))
 
 
+def test_rejects_per_row_values_that_are_not_one_contiguous_value_a_row(device: torch.device) -> None:
+    """The kernels read row r's value at offset r: a strided column would give rows others' values."""
+    logits = torch.zeros(4, 10, device=device)
+    pairs = torch.ones(4, 2, device=device)
+    with pytest.raises(ValueError, match=r"top_p must be a contiguous \[4\] tensor"):
+        top_p(logits, pairs[:, 0])
+    with pytest.raises(ValueError, match=r"top_p must be a contiguous \[4\] tensor"):
+        top_p(logits, pairs[:3, 0].contiguous())
+    k = torch.ones(4, 2, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match=r"top_k must be a contiguous \[4\] tensor"):
+        truncation.top_k_top_p(logits, k[:, 1], None, bound=2)
+    with pytest.raises(ValueError, match=r"top_p must be a contiguous \[4\] tensor"):
+        truncation.top_k_top_p(logits, k[:, 1].contiguous(), pairs[:, 1], bound=2)
+
+
 def test_top_k_kernel_matches_the_selection(device: torch.device) -> None:
     # Two blocks of vocabulary with a partial last one. Rows: top-k 1, 7 and 50 with top-p or
     # without, a row keeping every token (top-k past the bound, top-p 1), a tiny top-p, and two

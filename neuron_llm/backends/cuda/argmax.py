@@ -34,7 +34,7 @@ def _argmax_kernel(
     NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, SAMPLE: tl.constexpr,
 ):  # fmt: skip
     """argmax of row ``x``; with SAMPLE, of ``x - log(noise)`` in rows that are not greedy."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
     values = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
@@ -58,8 +58,14 @@ def _argmax_kernel(
 
 
 def takes(logits: torch.Tensor) -> bool:
-    """Whether ``argmax`` takes these [rows, vocab] logits: a few contiguous rows on the GPU."""
-    return logits.dim() == 2 and 0 < logits.shape[0] <= MAX_ROWS and logits.stride(1) == 1
+    """Whether ``argmax`` takes these [rows, vocab] logits: a few contiguous rows of a dtype that
+    float32 holds exactly."""
+    return (
+        logits.dim() == 2
+        and 0 < logits.shape[0] <= MAX_ROWS
+        and logits.stride(1) == 1
+        and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    )
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -86,6 +92,7 @@ def sample_argmax(logits: torch.Tensor, noise: torch.Tensor, is_greedy: torch.Te
             f"sample_argmax takes fp32 logits and noise of one shape [rows, vocab] with contiguous rows,"
             f" got {tuple(logits.shape)} and {tuple(noise.shape)}"
         )
+    launch.check_per_row("is_greedy", is_greedy, logits.shape[0])
     return _launch(logits, noise, is_greedy)
 
 

@@ -97,12 +97,28 @@ _MAX_QUOTIENT = tl.constexpr(2.0**100)
 _MIN_DIVISOR = tl.constexpr(2.0**-100)
 
 
+# A NaN in a row makes its scale NaN, so the row's product is NaN, as the reference's is:
+# Triton's max and min otherwise drop NaN, and a broken activation would come out finite.
+_NAN = tl.constexpr(tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nan_max(a, b):
+    return tl.maximum(a, b, propagate_nan=_NAN)
+
+
+@triton.jit
+def _abs_max(values):
+    """The absolute maximum of a block of a row; NaN if it holds one."""
+    return tl.reduce(tl.abs(values), 0, _nan_max)
+
+
 @triton.jit
 def _token_scale(amax, scale_ub, HAS_UB: tl.constexpr):
     """The float32 scale of a token whose absolute maximum is ``amax``."""
     if HAS_UB:
-        amax = tl.minimum(amax, scale_ub)
-    return tl.maximum(amax * _INV_FP8_MAX, _MIN_SCALE)
+        amax = tl.minimum(amax, scale_ub, propagate_nan=_NAN)
+    return tl.maximum(amax * _INV_FP8_MAX, _MIN_SCALE, propagate_nan=_NAN)
 
 
 # Both branches return from an if/else: Triton compiles a trailing return after an if as a
@@ -110,7 +126,7 @@ def _token_scale(amax, scale_ub, HAS_UB: tl.constexpr):
 @triton.jit
 def _row_scale(amax, scale_ub, HAS_UB: tl.constexpr, IS_INT8: tl.constexpr):
     if IS_INT8:
-        return tl.maximum(amax * _INV_INT8_MAX, _MIN_INT8_SCALE)
+        return tl.maximum(amax * _INV_INT8_MAX, _MIN_INT8_SCALE, propagate_nan=_NAN)
     else:
         return _token_scale(amax, scale_ub, HAS_UB)
 
@@ -256,7 +272,7 @@ def _quantize_rows_kernel(
     if NUM_BLOCKS == 1:
         mask = offs < num_features
         values = _row_values(x_row, up_row, offs, mask, IS_SILU_MUL)
-        amax = tl.max(tl.abs(values), axis=0)
+        amax = _abs_max(values)
         scale = _row_scale(amax, scale_ub, HAS_UB, IS_INT8)
         inverse = tl.math.div_rn(1.0, scale)
         tl.store(q_row + offs, _quantize(values, amax, scale, inverse, IS_INT8, BY_INVERSE), mask=mask)
@@ -279,8 +295,8 @@ def _quantize_rows_kernel(
                 values = _row_values(x_row + block * BLOCK, up_row + block * BLOCK, offs, mask, IS_SILU_MUL)
             if STAGE:
                 tl.store(staged_row + block * BLOCK + offs, values.to(staged_ptr.dtype.element_ty), mask=mask)
-            amax = tl.maximum(amax, tl.abs(values))
-        amax = tl.max(amax, axis=0)
+            amax = tl.maximum(amax, tl.abs(values), propagate_nan=_NAN)
+        amax = tl.reduce(amax, 0, _nan_max)
         scale = _row_scale(amax, scale_ub, HAS_UB, IS_INT8)
         inverse = tl.math.div_rn(1.0, scale)
         for block in range(NUM_BLOCKS):
@@ -335,7 +351,7 @@ def _rms_norm_quantize_kernel(
     )
     weight = tl.load(weight_ptr + offs, mask=mask, other=0.0)
     normed = _rms_norm_row(x, weight, num_features, eps, NORM_DTYPE).to(tl.float32)
-    amax = tl.max(tl.abs(normed), axis=0)
+    amax = _abs_max(normed)
     scale = _token_scale(amax, scale_ub, HAS_UB)
     inverse = tl.math.div_rn(1.0, scale)
     q = _quantize(normed, amax, scale, inverse, False, BY_INVERSE)

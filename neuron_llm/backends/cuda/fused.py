@@ -350,10 +350,9 @@ def _check_rotary_inputs(
             raise ValueError(f"{name} must be contiguous: the kernel writes it in place")
     if value_cache.shape != key_cache.shape:
         raise ValueError(f"value_cache {tuple(value_cache.shape)} and key_cache {tuple(key_cache.shape)} differ")
-    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            f"slot_mapping must be int64 or int32 [{num_tokens}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
-        )
+    if slot_mapping.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"slot_mapping must be int64 or int32, got {slot_mapping.dtype}")
+    launch.check_per_row("slot_mapping", slot_mapping, num_tokens)
     tensors = (query, key, value, key_cache, value_cache, slot_mapping)
     if any(t.device != query.device for t in tensors):
         raise ValueError(f"all tensors must be on one device, got {[str(t.device) for t in tensors]}")

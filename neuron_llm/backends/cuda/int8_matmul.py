@@ -349,6 +349,7 @@ def _int8_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile over K split ``program_id(1)``.
@@ -358,6 +359,7 @@ def _int8_matmul_kernel(
     masks). With SPLIT_K > 1, ``partial_ptr`` is float32 [SPLIT_K, M, N] scratch and
     ``counter_ptr`` int32 counters, one per tile, zero on entry and on exit. With SWIGLU, x
     rows hold gate then up (``up_offset`` apart) and the product's input is silu(gate) * up.
+    WIDE_OFFSETS: offsets into x, the weight, the output or the scratch may pass 2**31.
     """
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -370,6 +372,11 @@ def _int8_matmul_kernel(
         offs_n = tl.where(cols < N // 2, rows_n, N)
     else:
         rows_n = offs_n % N  # out-of-range columns load a valid weight row; their sums are not stored
+    if WIDE_OFFSETS:
+        # Some element offset (row times row stride) passes 2**31; int32 products would wrap.
+        pid_m = pid_m.to(tl.int64)
+        pid_k = pid_k.to(tl.int64)
+        rows_n = rows_n.to(tl.int64)
     k_start = pid_k * K_PER_SPLIT
 
     if BLOCK_M == 1:
@@ -573,6 +580,13 @@ def _swiglu_input(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool) -
     return x[..., :in_features]
 
 
+def _offset_span(tensor: torch.Tensor) -> int:
+    """One past the largest element offset a kernel computes into ``tensor``."""
+    if tensor.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+
+
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -656,6 +670,7 @@ def _launch(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
+        WIDE_OFFSETS=max(_offset_span(t) for t in (x2, weight, out, partial)) > 2**31,
         **launch.pdl(x.device),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

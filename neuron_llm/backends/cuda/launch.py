@@ -52,17 +52,20 @@ def pdl(device: torch.device) -> dict[str, bool]:
     return {"USE_PDL": use, "launch_pdl": use}
 
 
-_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_SPLIT_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 _MIN_COUNTERS = 1 << 16
 
 
 def split_counters(device: torch.device, count: int) -> torch.Tensor:
-    """The device's split counters (int32, all zero between calls), at least ``count`` of them."""
-    counters = _SPLIT_COUNTERS.get(device)
-    if counters is None or counters.numel() < count:
-        counters = torch.zeros(max(count, _MIN_COUNTERS), dtype=torch.int32, device=device)
-        _SPLIT_COUNTERS[device] = counters
-    return counters
+    """The device's split counters (int32, all zero between calls), at least ``count`` of them.
+
+    A larger need gets a new buffer; the smaller ones are kept, since CUDA graphs captured
+    before may still use them.
+    """
+    buffers = _SPLIT_COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < count:
+        buffers.append(torch.zeros(max(count, _MIN_COUNTERS), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 @triton.jit
@@ -71,3 +74,12 @@ def wait_for_inputs(USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+def check_per_row(name: str, values: torch.Tensor, num_rows: int) -> None:
+    """Refuse ``values`` unless it holds one value per row, contiguously: kernels read row r's at offset r."""
+    if values.shape != (num_rows,) or values.stride(0) != 1:
+        raise ValueError(
+            f"{name} must be a contiguous [{num_rows}] tensor (one value per row), "
+            f"got shape {tuple(values.shape)}, strides {values.stride()}"
+        )

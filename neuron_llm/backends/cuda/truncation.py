@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from neuron_llm.backends.cuda import launch
 from neuron_llm.backends.truncation import SELECT_MAX_K
 
 BLOCK = 4096
@@ -138,6 +139,7 @@ def top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """``logits`` [rows, vocab] fp32 with ``-inf`` where a row's top-p (fp32 [rows], 1 for
     none) drops the token; a new tensor."""
     _check_logits(logits)
+    launch.check_per_row("top_p", top_p, logits.shape[0])
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _top_p_kernel[(logits.shape[0],)](
         logits, out, top_p, logits.stride(0), out.stride(0), logits.shape[1], BLOCK=BLOCK, num_warps=NUM_WARPS
@@ -149,6 +151,9 @@ def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor |
     """``select_top_k_top_p`` of ``neuron_llm.backends.truncation`` (same arguments and
     contract) for fp32 [rows, vocab] logits with contiguous rows; a new tensor."""
     _check_logits(logits)
+    for name, values in (("top_k", top_k), ("top_p", top_p)):
+        if values is not None:
+            launch.check_per_row(name, values, logits.shape[0])
     vocab = logits.shape[1]
     if not 1 <= bound <= min(vocab, SELECT_MAX_K):
         raise ValueError(f"bound={bound} must be in [1, {min(vocab, SELECT_MAX_K)}]")
