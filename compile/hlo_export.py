@@ -25,9 +25,8 @@ from typing import Any
 
 import torch
 
-from neuron_llm import ops
 from neuron_llm.backends.neuron import NeuronBackend
-from neuron_llm.config import EngineConfig
+from neuron_llm.config import EngineConfig, is_int
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.sample import SamplingBatch
 from neuron_llm.worker import StepInput, num_kv_heads_per_rank
@@ -55,7 +54,7 @@ class GraphShape:
             raise ValueError(f"bucket name {self.name!r}: must be a plain file name (it names the bucket's file)")
         for field in ("num_tokens", "num_seqs", "max_blocks_per_seq"):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"bucket {self.name!r}: {field}={value!r} must be an integer >= 1")
         if self.num_seqs > self.num_tokens:
             raise ValueError(f"bucket {self.name!r}: num_seqs={self.num_seqs} exceeds num_tokens={self.num_tokens}")
@@ -125,7 +124,7 @@ def export_hlo(
         num_kv_blocks = config.cache.num_kv_blocks
     if num_kv_blocks is None:
         raise ValueError("num_kv_blocks=None: set the KV pool size; every graph's signature holds it")
-    if not isinstance(num_kv_blocks, int) or isinstance(num_kv_blocks, bool) or num_kv_blocks < 2:
+    if not is_int(num_kv_blocks) or num_kv_blocks < 2:
         raise ValueError(f"num_kv_blocks={num_kv_blocks!r}: the KV pool needs an integer number of blocks >= 2")
     names = [shape.name for shape in shapes]
     if len(set(names)) != len(names):
@@ -136,16 +135,12 @@ def export_hlo(
     xla_config = dataclasses.replace(config, device=dataclasses.replace(config.device, device="xla"))
     torch_xla = import_torch_xla()
     out.mkdir(parents=True, exist_ok=True)
-    previous = ops.active_backend()
-    ops.use_backend(NeuronBackend())
     try:
         graphs = [_export_graph(model, xla_config, shape, num_kv_blocks, out) for shape in shapes]
     except BaseException:
         for shape in shapes:
             (out / f"{shape.name}.hlo.pb").unlink(missing_ok=True)
         raise
-    finally:
-        ops.use_backend(previous)
     manifest = {
         "format": "xla.HloModuleProto",
         "backend": NeuronBackend.name,
@@ -166,7 +161,7 @@ def _export_graph(
     # A fresh worker per bucket: its pools start as plain device data, so the traced graph
     # takes them as parameters and holds no earlier bucket's pending writes. The worker and
     # its pending tensors are dropped on return, before the next worker's sync could run them.
-    worker = XlaWorker(model, config, num_kv_blocks)
+    worker = XlaWorker(model, config, num_kv_blocks, NeuronBackend())
     batch = SamplingBatch.build_static([], config.model.vocab_size, worker.device, shape.num_seqs)
     sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
     pools = [pool for layer in worker.kv_caches for pool in layer]

@@ -64,7 +64,8 @@ def _require(condition: bool, name: str, value: Any, why: str) -> None:
         raise ValueError(f"{name}={value!r}: {why}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """A Python int that is not a bool (what a config field of counts holds, and JSON writes)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -309,7 +310,7 @@ class SchedulerConfig:
         )
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
-            _require(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
+            _require(is_int(value) and value >= 1, name, value, "must be an integer >= 1")
         _require(
             self.async_scheduling is None or isinstance(self.async_scheduling, bool),
             "async_scheduling",
@@ -342,7 +343,7 @@ class DeviceConfig:
         # Frozen: normalised through object.__setattr__, so that every reader gets one form.
         object.__setattr__(self, "device", str(device))
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
-        if not _is_int(self.max_prefill_graph_tokens) or self.max_prefill_graph_tokens < 0:
+        if not is_int(self.max_prefill_graph_tokens) or self.max_prefill_graph_tokens < 0:
             raise ValueError(f"max_prefill_graph_tokens={self.max_prefill_graph_tokens!r} must be an integer >= 0")
         from neuron_llm.backends import BACKEND_NAMES
 
@@ -376,6 +377,12 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model)
+        device = torch.device(self.device.device)
+        if self.parallel.tensor_parallel_size > 1 and device.type == "cuda" and device.index is not None:
+            raise ValueError(
+                f"device={self.device.device!r} with tensor_parallel_size={self.parallel.tensor_parallel_size}: "
+                "each rank runs on cuda:<its LOCAL_RANK>; pass device='cuda' (pick GPUs with CUDA_VISIBLE_DEVICES)"
+            )
         if self.quantization is not None:
             from neuron_llm.quant.config import resolve_quant_config
 

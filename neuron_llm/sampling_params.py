@@ -26,8 +26,8 @@ def _require(condition: bool, name: str, value: Any, why: str) -> None:
         raise ValueError(f"{name}={value!r}: {why}")
 
 
-def _is_int(value: Any) -> bool:
-    # NumPy's integers are Integral too; bool is one, but n=True is a mistake, not a count.
+def is_integral(value: Any) -> bool:
+    """An integer of Python or NumPy; not a bool, which is one, but n=True is a mistake, not a count."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -107,21 +107,21 @@ class SamplingParams:
         object.__setattr__(self, name, value)
 
     def _check_counts(self) -> None:
-        _require(_is_int(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
+        _require(is_integral(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
         _require(
-            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            self.max_tokens is None or (is_integral(self.max_tokens) and self.max_tokens >= 1),
             "max_tokens",
             self.max_tokens,
             "must be None or an integer >= 1",
         )
-        _require(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be >= 0")
+        _require(is_integral(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be >= 0")
         _require(
             self.max_tokens is None or self.min_tokens <= self.max_tokens,
             "min_tokens",
             self.min_tokens,
             f"must be <= max_tokens={self.max_tokens}",
         )
-        _require(self.seed is None or _is_int(self.seed), "seed", self.seed, "must be None or an integer")
+        _require(self.seed is None or is_integral(self.seed), "seed", self.seed, "must be None or an integer")
         _require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "must be a bool")
         _require(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind, f"must be one of {OUTPUT_KINDS}")
 
@@ -130,7 +130,7 @@ class SamplingParams:
         _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
         _require(_is_number(self.top_p), "top_p", self.top_p, "must be a finite number")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        _require(_is_int(self.top_k), "top_k", self.top_k, "must be an integer")
+        _require(is_integral(self.top_k), "top_k", self.top_k, "must be an integer")
         _require(self.top_k >= -1, "top_k", self.top_k, "must be >= 1, or 0 or -1 to keep all tokens")
         _require(_is_number(self.min_p), "min_p", self.min_p, "must be a finite number")
         _require(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
@@ -154,7 +154,7 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _require(
-                value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
+                value is None or (is_integral(value) and 0 <= value <= MAX_LOGPROBS),
                 name,
                 value,
                 f"must be None or an integer in [0, {MAX_LOGPROBS}]",
@@ -173,7 +173,7 @@ class SamplingParams:
         self._set("stop", stop)
         ids = self.stop_token_ids
         _require(
-            ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(i) and i >= 0 for i in ids)),
+            ids is None or (isinstance(ids, (list, tuple)) and all(is_integral(i) and i >= 0 for i in ids)),
             "stop_token_ids",
             ids,
             "must be None or a list of token ids >= 0",

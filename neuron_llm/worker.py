@@ -7,14 +7,17 @@ shard, and the vocabulary-parallel LM head gathers full logits.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
 from neuron_llm import ops
+from neuron_llm.backends import Backend, get_backend
 from neuron_llm.config import EngineConfig, ModelConfig
 from neuron_llm.models.llama import KVCache, LlamaForCausalLM
 from neuron_llm.ops.metadata import AttentionMetadata
@@ -151,16 +154,15 @@ def load_worker(model: str, config: EngineConfig, rank: int, world_size: int) ->
 def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:
     """The Worker that runs the loaded ``model`` on ``config.device`` with its backend, and its KV pool.
 
-    Makes ``config.device``'s backend the active one (the backend is per process, so each
-    rank picks its own) and lets it rewrite the model into its fastest form. On CUDA with the
-    cuda backend, steps replay CUDA graphs unless ``enforce_eager`` (``CudaGraphWorker``).
+    Lets ``config.device``'s backend rewrite the model into its fastest form; the worker's
+    steps dispatch to that backend. On CUDA with the cuda backend, steps replay CUDA graphs
+    unless ``enforce_eager`` (``CudaGraphWorker``).
     """
     device = torch.device(config.device.device)
     if device.type == "cuda" and device.index is not None:
-        # Triton launches on the current device's stream, CUDA graphs capture on it, and the
-        # engine records its events there: it must be the model's (cuda:1 too).
+        # Loading and sizing the KV pool run on the current device too (steps set their own).
         torch.cuda.set_device(device)
-    backend = ops.use_backend(config.device.backend_name)
+    backend = get_backend(config.device.backend_name)
     backend.prepare_model(model)
     if device.type == "xla":
         from neuron_llm.xla.runner import XlaWorker
@@ -172,8 +174,25 @@ def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:
     if backend.name == "cuda" and not config.device.enforce_eager:
         from neuron_llm.backends.cuda.graphs import CudaGraphWorker
 
-        return CudaGraphWorker(model, config, num_kv_blocks)
-    return Worker(model, config, num_kv_blocks)
+        return CudaGraphWorker(model, config, num_kv_blocks, backend)
+    return Worker(model, config, num_kv_blocks, backend)
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def on_own_backend(method: Method) -> Method:
+    """Run a worker's method with the ops dispatching to the worker's backend and, on CUDA, its
+    device current: whichever thread calls (a server's engine thread starts on cuda:0), Triton
+    launches, graph captures and replays must go to the model's device."""
+
+    @functools.wraps(method)
+    def run(self: Worker, *args: Any, **kwargs: Any) -> Any:
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with ops.using_backend(self.backend), on_device:
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 class Worker:
@@ -184,9 +203,13 @@ class Worker:
     must have one of the buckets' shapes); eagerly, padding would only add work: a step of
     2,100 tokens would compute 4,096 rows."""
 
-    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_kv_blocks: int) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, config: EngineConfig, num_kv_blocks: int, backend: Backend | None = None
+    ) -> None:
         self.model = model
         self.config = config
+        self.backend = backend if backend is not None else get_backend(config.device.backend_name)
+        """Where this worker's ops go (each engine its own, whatever another one in the process uses)."""
         self.device = torch.device(config.device.device)
         self.block_size = config.cache.block_size
         self.num_kv_blocks = num_kv_blocks
@@ -208,6 +231,7 @@ class Worker:
         """
         return self.forward(step, step.logits_indices, sampled_before)
 
+    @on_own_backend
     def execute_and_sample(
         self,
         step: StepInput,
@@ -238,7 +262,13 @@ class Worker:
     def mark_warmed_up(self) -> None:
         """Every bucket has run once; from now on a new graph is worth a warning."""
 
+    def close(self, wait: bool) -> None:
+        """Drop what the steps hold beyond the weights and the KV pool, before the process group
+        is destroyed; ``wait``: first let the queued work finish (not after a failure, when a
+        collective may never end)."""
+
     # no_grad rather than inference_mode: torch-xla cannot take views of inference tensors.
+    @on_own_backend
     @torch.no_grad()
     def forward(
         self, step: StepInput, logits_indices: list[int], sampled_before: torch.Tensor | None = None

@@ -88,7 +88,8 @@ class _LaunchedStep:
             self.host_logprobs = sampled.logprobs.to_host()
         if sampled.token_ids.is_cuda:
             self.on_host = torch.cuda.Event()
-            self.on_host.record()
+            # The copies' stream: this thread's current device may be another GPU.
+            self.on_host.record(torch.cuda.current_stream(sampled.token_ids.device))
 
 
 @dataclass(frozen=True)

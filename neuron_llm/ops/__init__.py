@@ -1,28 +1,46 @@
 """Operations whose best form depends on the hardware, dispatched to the active backend.
 
-Model code calls these functions and never asks which backend runs them. The engine picks
-the backend once with ``use_backend``; the ``torch`` reference is active by default.
+Model code calls these functions and never asks which backend runs them. A worker runs its
+steps inside ``using_backend(its backend)``, so two engines of one process (one on the GPU,
+one on the CPU) each keep their own; outside such a block the backend of
+``use_backend`` is active, the ``torch`` reference by default.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from neuron_llm.backends import Backend, get_backend
 from neuron_llm.ops.metadata import NULL_BLOCK_ID, AttentionMetadata
 
-_active: Backend = get_backend("torch")
+_default: Backend = get_backend("torch")
+_scoped = threading.local()
 
 
 def use_backend(backend: Backend | str) -> Backend:
-    """Make ``backend`` (an instance or a name) the one every op dispatches to; returns it."""
-    global _active
-    _active = get_backend(backend) if isinstance(backend, str) else backend
-    return _active
+    """Make ``backend`` (an instance or a name) the process's default; returns it."""
+    global _default
+    _default = get_backend(backend) if isinstance(backend, str) else backend
+    return _default
+
+
+@contextmanager
+def using_backend(backend: Backend) -> Iterator[Backend]:
+    """Dispatch this thread's ops to ``backend`` inside the block, then to the one active before."""
+    previous = getattr(_scoped, "backend", None)
+    _scoped.backend = backend
+    try:
+        yield backend
+    finally:
+        _scoped.backend = previous
 
 
 def active_backend() -> Backend:
-    return _active
+    return getattr(_scoped, "backend", None) or _default
 
 
 def write_kv_cache(
@@ -32,7 +50,7 @@ def write_kv_cache(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    _active.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+    active_backend().write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
 def paged_attention(
@@ -42,25 +60,25 @@ def paged_attention(
     metadata: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    return _active.paged_attention(query, key_cache, value_cache, metadata, scale)
+    return active_backend().paged_attention(query, key_cache, value_cache, metadata, scale)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
-    return _active.argmax(logits)
+    return active_backend().argmax(logits)
 
 
 def sample_argmax(logits: torch.Tensor, noise: torch.Tensor, is_greedy: torch.Tensor) -> torch.Tensor:
-    return _active.sample_argmax(logits, noise, is_greedy)
+    return active_backend().sample_argmax(logits, noise, is_greedy)
 
 
 def top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None, top_k_bound: int | None = None
 ) -> torch.Tensor:
-    return _active.top_k_top_p(logits, top_k, top_p, top_k_bound)
+    return active_backend().top_k_top_p(logits, top_k, top_p, top_k_bound)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _active.linear(x, weight, bias)
+    return active_backend().linear(x, weight, bias)
 
 
 def int8_linear(
@@ -70,7 +88,7 @@ def int8_linear(
     bias: torch.Tensor | None = None,
     group_size: int | None = None,
 ) -> torch.Tensor:
-    return _active.int8_linear(x, weight, weight_scale, bias, group_size)
+    return active_backend().int8_linear(x, weight, weight_scale, bias, group_size)
 
 
 def fp8_linear(
@@ -80,25 +98,25 @@ def fp8_linear(
     bias: torch.Tensor | None = None,
     activation_scale_ub: float | None = None,
 ) -> torch.Tensor:
-    return _active.fp8_linear(x, weight, weight_scale, bias, activation_scale_ub)
+    return active_backend().fp8_linear(x, weight, weight_scale, bias, activation_scale_ub)
 
 
 def w8a8_linear(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    return _active.w8a8_linear(x, weight, weight_scale, bias)
+    return active_backend().w8a8_linear(x, weight, weight_scale, bias)
 
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _active.rms_norm(x, weight, eps, residual)
+    return active_backend().rms_norm(x, weight, eps, residual)
 
 
 def norm_linear(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, linear: torch.nn.Module
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _active.norm_linear(x, weight, eps, residual, linear)
+    return active_backend().norm_linear(x, weight, eps, residual, linear)
 
 
 def feed_forward(
@@ -109,7 +127,7 @@ def feed_forward(
     gate_up_proj: torch.nn.Module,
     down_proj: torch.nn.Module,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _active.feed_forward(x, weight, eps, residual, gate_up_proj, down_proj)
+    return active_backend().feed_forward(x, weight, eps, residual, gate_up_proj, down_proj)
 
 
 def rotary_write_kv(
@@ -122,7 +140,7 @@ def rotary_write_kv(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
-    return _active.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping)
+    return active_backend().rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping)
 
 
 __all__ = [
@@ -138,6 +156,7 @@ __all__ = [
     "rms_norm",
     "rotary_write_kv",
     "use_backend",
+    "using_backend",
     "w8a8_linear",
     "write_kv_cache",
 ]

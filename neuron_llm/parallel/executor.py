@@ -220,6 +220,8 @@ class MultiprocExecutor(Executor):
         self._is_running = False
         if self._ranks is not None:
             self._ranks.stop(graceful)
+        if (worker := getattr(self, "worker", None)) is not None:
+            worker.close(wait=graceful)
         destroy_distributed()
 
 
@@ -251,6 +253,7 @@ def serve_steps(config: EngineConfig, build_worker: WorkerFactory, state: Parall
             buffer = torch.empty(step.num_sampled_before, dtype=torch.int64, device=worker.device)
             sampled_before = broadcast_tensor_from_driver(buffer)
         worker.execute(step, sampled_before)
+    worker.close(wait=True)
     destroy_distributed()
 
 

@@ -26,10 +26,11 @@ from collections.abc import Sequence
 
 import torch
 
+from neuron_llm.backends import Backend
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.sample import LogprobsTensors, RowState, SamplerOutput, SamplingBatch, sample
-from neuron_llm.worker import StepInput, StepOutput, Worker
+from neuron_llm.worker import StepInput, StepOutput, Worker, on_own_backend
 from neuron_llm.xla.device import compile_count, sync, to_host, xla_device
 
 logger = logging.getLogger(__name__)
@@ -49,10 +50,12 @@ class XlaWorker(Worker):
 
     pads_to_bucket = True
 
-    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_kv_blocks: int) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, config: EngineConfig, num_kv_blocks: int, backend: Backend | None = None
+    ) -> None:
         if torch.device(config.device.device).type != "xla":
             raise ValueError(f"device={config.device.device!r}: XlaWorker runs on the 'xla' device")
-        super().__init__(model.to(xla_device()), config, num_kv_blocks)
+        super().__init__(model.to(xla_device()), config, num_kv_blocks, backend)
         sync()
         self._compiled_at_start = compile_count()
         self._is_warm = False
@@ -69,6 +72,7 @@ class XlaWorker(Worker):
         row_padding = [0] * (num_logits_rows(step) - len(step.logits_indices))
         return self.forward(step, step.logits_indices + row_padding)
 
+    @on_own_backend
     @torch.no_grad()
     def trace_sampled(self, step: StepInput, batch: SamplingBatch) -> tuple[SamplerOutput, torch.Tensor | None]:
         """Record one step and its sampling (the graph ``execute_and_sample`` runs) without running it.

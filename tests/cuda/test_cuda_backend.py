@@ -6,6 +6,7 @@ need a GPU and compare the cuda backend, graphs and all, against the torch refer
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -243,7 +244,7 @@ def test_cuda_backend_generates_what_the_torch_backend_does(
 @pytest.mark.cuda
 @pytest.mark.parametrize("quantization", [None, "fp8"])
 def test_prefill_graphs_compute_what_eager_steps_do(
-    save_tiny_llama: Callable[..., tuple[Any, Path]], quantization: str | None
+    save_tiny_llama: Callable[..., tuple[Any, Path]], quantization: str | None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A mixed step (a chunk after its context, a decode whose input id is a placeholder, a
     fresh prompt) replayed from its bucket's graph gives the eager step's logits, bit for bit,
@@ -280,12 +281,19 @@ def test_prefill_graphs_compute_what_eager_steps_do(
         for half, old in zip(cache, saved):
             half.copy_(old)
     num_graphs = worker.num_compiled_graphs()
-    replayed = worker.forward(step, step.logits_indices, sampled_before)
+    with caplog.at_level(logging.WARNING, logger="neuron_llm.backends.cuda.graphs"):
+        replayed = worker.forward(step, step.logits_indices, sampled_before)
     assert worker.num_compiled_graphs() == num_graphs  # warm-up captured the bucket's graph
+    assert "after warm-up" not in caplog.text
     assert torch.equal(replayed, eager)
     for cache, expected in zip(worker.kv_caches, eager_caches):
         for half, want in zip(cache, expected):
             assert torch.equal(half, want)
+    # Block tables of a width no bucket has: a new graph, captured while serving, and said so.
+    with caplog.at_level(logging.WARNING, logger="neuron_llm.backends.cuda.graphs"):
+        worker.forward(replace(step, max_blocks_per_seq=8), step.logits_indices, sampled_before)
+    assert worker.num_compiled_graphs() > num_graphs
+    assert "capturing CUDA graphs after warm-up for a bucket of 64 tokens, 8 sequences" in caplog.text
 
 
 @pytest.mark.cuda
@@ -339,13 +347,16 @@ def test_a_whole_prompt_replays_a_graph_of_cudnn_attention(
 @pytest.mark.cuda
 @pytest.mark.parametrize("prompt_lens", [[1024], [1500, 2048], [1100, 300]])
 @pytest.mark.parametrize("num_padding", [5, 0])
-def test_prefill_attention_equals_the_reference_on_both_paths(prompt_lens: list[int], num_padding: int) -> None:
-    """Long fresh prompts go to cuDNN, the rest to the paged kernel: both equal the reference,
-    with zeros in the padding rows."""
+@pytest.mark.parametrize("head_dim", [128, 36])
+def test_prefill_attention_equals_the_reference_on_both_paths(
+    prompt_lens: list[int], num_padding: int, head_dim: int
+) -> None:
+    """Long fresh prompts go to cuDNN (heads of 36 too, which SDPA pads), the rest to the paged
+    kernel: both equal the reference, with zeros in the padding rows."""
     from neuron_llm.backends.cuda.backend import CudaBackend, _is_long_fresh_prefill
     from neuron_llm.backends.torch_backend import TorchBackend
 
-    block_size, num_heads, num_kv_heads, head_dim = 16, 8, 2, 128
+    block_size, num_heads, num_kv_heads = 16, 8, 2
     generator = torch.Generator().manual_seed(sum(prompt_lens))
     blocks = [-(-n // block_size) for n in prompt_lens]
     ids = (torch.randperm(sum(blocks) + 8, generator=generator) + 1).tolist()
@@ -466,16 +477,18 @@ def test_prompt_chunks_queued_behind_a_busy_gpu_keep_their_inputs(
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
 def test_a_model_on_the_second_gpu(save_tiny_llama: Callable[..., tuple[Any, Path]]) -> None:
-    """Triton launches, graph capture and the engine's events follow the current device: it must be the model's."""
+    """Triton launches, graph capture and the engine's events follow the current device: each step
+    makes the model's current, whatever device the calling thread has (a server's engine thread
+    starts on cuda:0)."""
     _, model_dir = save_tiny_llama(**SMALL_HEADS, num_hidden_layers=2, max_position_embeddings=1024)
     options = {"dtype": "bfloat16", "num_kv_blocks": 64, "block_size": 16, "max_model_len": 512}
     prompt = {"prompt_token_ids": list(range(3, 90))}
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     on_first = LLM(str(model_dir), device="cuda:0", **options).generate(prompt, params)[0].outputs[0].token_ids
+    llm = LLM(str(model_dir), device="cuda:1", **options)
     torch.cuda.set_device(0)
-    on_second = LLM(str(model_dir), device="cuda:1", **options).generate(prompt, params)[0].outputs[0].token_ids
-    torch.cuda.set_device(0)
-    assert on_second == on_first
+    assert llm.generate(prompt, params)[0].outputs[0].token_ids == on_first
+    assert torch.cuda.current_device() == 0
 
 
 @pytest.mark.parametrize("num_tokens", [1, 5, 40])
@@ -529,10 +542,8 @@ def test_feed_forward_of_one_row_makes_swiglu_in_the_gate_up_gemv(
     residual = torch.randn(num_tokens, hidden, generator=generator).to(device, dtype)
     norm_weight = (1 + 0.1 * torch.randn(hidden, generator=generator)).to(device, dtype)
     backend = CudaBackend()
-    previous = ops.active_backend()
-    ops.use_backend(backend)  # the projections' forwards dispatch to it too
     calls = []
-    try:
+    with ops.using_backend(backend):  # the projections' forwards dispatch to it too
         with pytest.MonkeyPatch.context() as patch:
             for kernel in ("int8_linear", "gemv_16bit"):
                 original = getattr(int8_matmul, kernel)
@@ -546,8 +557,6 @@ def test_feed_forward_of_one_row_makes_swiglu_in_the_gate_up_gemv(
         apart, apart_residual = TorchBackend.feed_forward(
             backend, x, norm_weight, 1e-5, residual, gate_up_proj, down_proj
         )
-    finally:
-        ops.use_backend(previous)
     assert torch.equal(out, apart) and torch.equal(new_residual, apart_residual)
     takes_gemv = quantization is None and backend._takes_gemv(x[:1], gate_up_proj.weight)
     assert (True in calls) == (num_tokens == 1 and takes_gemv)

@@ -64,17 +64,22 @@ def build_worker(
 
 
 class FailingWorker(Worker):
-    """On rank 1, fails its second step: by raising, or by ending the process without a word."""
+    """On rank 1, fails its second step: by raising, or by ending the process without a word
+    (``how`` "raise" or "exit"; "never" does not fail). Records its ``close`` calls."""
 
     def __init__(self, worker: Worker, rank: int, how: str) -> None:
         super().__init__(worker.model, worker.config, worker.num_kv_blocks)
         self.rank = rank
         self.how = how
         self.num_steps = 0
+        self.closed: list[bool] = []
+
+    def close(self, wait: bool) -> None:
+        self.closed.append(wait)
 
     def execute(self, step: StepInput, sampled_before: torch.Tensor | None = None) -> torch.Tensor:
         self.num_steps += 1
-        if self.rank == 1 and self.num_steps == 2:
+        if self.rank == 1 and self.num_steps == 2 and self.how != "never":
             if self.how == "raise":
                 raise RuntimeError("injected failure in rank 1's step")
             os._exit(3)
@@ -154,6 +159,21 @@ def test_tensor_parallel_logits_equal_single_device_logits(model_dir: Path) -> N
         assert executor.worker.kv_caches[0][0].shape[0] == 12
         actual = run_steps(executor, vocab_size)
     assert_same_logits(actual, expected)
+    assert not _rank_processes()
+
+
+@pytest.mark.parametrize(("how", "closed"), [("never", [True]), ("raise", [False])])
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_rank_0_closes_its_worker_before_the_group_goes(model_dir: Path, how: str, closed: list[bool]) -> None:
+    """Waiting for its queued work on a clean shutdown, not after a failure (a collective may hang)."""
+    factory = functools.partial(build_failing_worker, str(model_dir), how)
+    executor = make_executor(engine_config(model_dir, 2), factory, timeout_s=TIMEOUT_S)
+    try:
+        run_steps(executor, read_model_config(model_dir).vocab_size)
+    except WorkerError:
+        assert how == "raise"
+    executor.shutdown()
+    assert executor.worker.closed == closed
     assert not _rank_processes()
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from neuron_llm import LLM, SamplingParams, ops
+from neuron_llm import LLM, SamplingParams
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.cli import main
 from neuron_llm.quant import load_any_format, quantized_linears, save_quantized_checkpoint
@@ -83,12 +83,8 @@ def test_quantized_matmuls_go_through_the_active_backend(quant_checkpoint: tuple
     calls = {}
     for preset in ("fp8", "w8a8"):
         llm = make_llm(path, quantization=preset)
-        previous = ops.active_backend()
-        backend = ops.use_backend(Counting())
-        try:
-            llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, ignore_eos=True))
-        finally:
-            ops.use_backend(previous)
+        backend = llm.engine.runner.executor.worker.backend = Counting()
+        llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, ignore_eos=True))
         calls[preset] = backend.calls
     # Two steps each. The fp8 recipe quantizes the 3 feed-forward linears of the 2 inner
     # layers (of 4); w8a8 all 7 linears of all 4.

@@ -6,8 +6,7 @@ Nothing here imports torch_xla, so the CPU-only test module beside these runs wi
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,10 +18,6 @@ if os.environ["PJRT_DEVICE"] == "CPU":
     # the HLO, and so what the tests check, is the same without them.
     os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
-from neuron_llm import ops
-from neuron_llm.backends.base import Backend
-from neuron_llm.backends.neuron import NeuronBackend
-from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.worker import StepInput, Worker
@@ -55,12 +50,11 @@ class GreedyDriver:
 
     Sequence ``s`` owns blocks ``1 + s * MAX_BLOCKS_PER_SEQ ...`` (block 0 is the null block)
     and hands each step only the blocks its context needs. A sequence samples once its whole
-    prompt is computed. Each step dispatches the model's ops to ``backend``.
+    prompt is computed.
     """
 
-    def __init__(self, worker: Worker, backend: Backend, prompts: list[list[int]], buckets: list[Bucket]) -> None:
+    def __init__(self, worker: Worker, prompts: list[list[int]], buckets: list[Bucket]) -> None:
         self.worker = worker
-        self.backend = backend
         self.buckets = sorted(buckets)
         self.tokens = [list(prompt) for prompt in prompts]
         self.num_computed = [0] * len(prompts)
@@ -86,20 +80,9 @@ class GreedyDriver:
             num_padded_tokens=num_tokens, num_padded_seqs=num_seqs, max_blocks_per_seq=MAX_BLOCKS_PER_SEQ,
         )  # fmt: skip
 
-    @contextmanager
-    def backend_in_use(self) -> Iterator[None]:
-        """Dispatch ops to this driver's backend inside the block, then to the one active before."""
-        previous = ops.active_backend()
-        ops.use_backend(self.backend)
-        try:
-            yield
-        finally:
-            ops.use_backend(previous)
-
     def run(self, step: StepInput) -> torch.Tensor:
-        """Execute ``step`` with this driver's backend; its logits on the CPU."""
-        with self.backend_in_use():
-            return self.worker.execute(step).cpu()
+        """Execute ``step``; its logits on the CPU."""
+        return self.worker.execute(step).cpu()
 
     def step(self, chunks: list[tuple[int, int]]) -> torch.Tensor:
         """Run one step; append the greedy token of each sequence done with its prompt; return the logits."""
@@ -140,9 +123,9 @@ def make_driver() -> MakeDriver:
             from neuron_llm.xla.runner import XlaWorker
 
             worker = XlaWorker(model, engine_config(model, "xla"), num_kv_blocks)
-            return GreedyDriver(worker, NeuronBackend(), prompts, buckets)
+            return GreedyDriver(worker, prompts, buckets)
         worker = Worker(model, engine_config(model, "cpu"), num_kv_blocks)
-        return GreedyDriver(worker, TorchBackend(), prompts, buckets)
+        return GreedyDriver(worker, prompts, buckets)
 
     return make
 

@@ -78,8 +78,7 @@ def test_proto_signature_agrees_with_hlo_text(exported, make_driver) -> None:
     """The wire-format reader and XLA's own HLO printer see the same entry parameters."""
     model, _, _ = exported
     driver = make_driver(model, [[1]], [(16, 2)], on_xla=True)
-    with driver.backend_in_use():
-        logits = driver.worker.trace(dummy_step(SHAPES[1]))
+    logits = driver.worker.trace(dummy_step(SHAPES[1]))
     tensors = [logits, *(pool for layer in driver.worker.kv_caches for pool in layer)]
 
     layout = re.search(r"entry_computation_layout=\{\((.*?)\)->", hlo_text(tensors)).group(1)

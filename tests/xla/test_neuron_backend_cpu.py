@@ -157,12 +157,8 @@ def test_llama_forward_matches_torch_backend() -> None:
     for backend in (TorchBackend(), NeuronBackend()):
         shape = (12, BLOCK_SIZE, 2, 8)
         caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(2)]
-        previous = ops.active_backend()
-        ops.use_backend(backend)
-        try:
+        with ops.using_backend(backend):
             logits[backend.name] = [run_step(model, caches, *step) for step in steps]
-        finally:
-            ops.use_backend(previous)
     for expected, actual in zip(logits["torch"], logits["neuron"]):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 

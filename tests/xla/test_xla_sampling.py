@@ -54,16 +54,15 @@ def _sampling_run(make_driver, tiny_llama, on_xla: bool, num_decode_steps: int =
     chunks = [(seq, len(prompt)) for seq, prompt in enumerate(PROMPTS)]
     for _ in range(1 + num_decode_steps):
         step = driver.plan(chunks)
-        with driver.backend_in_use():
-            if on_xla:
-                output = driver.worker.execute_and_sample(step, rows)
-                assert output.sampled is not None and output.prompt_logits.shape[0] == 0
-                tokens = output.sampled.token_ids.tolist()
-            else:
-                step.logits_indices += [0] * (step.num_padded_seqs - len(step.logits_indices))
-                logits = driver.worker.execute(step)
-                batch = SamplingBatch.build_static(rows, VOCAB_SIZE, "cpu", step.num_padded_seqs)
-                tokens = sample(logits, batch).token_ids[: len(rows)].tolist()
+        if on_xla:
+            output = driver.worker.execute_and_sample(step, rows)
+            assert output.sampled is not None and output.prompt_logits.shape[0] == 0
+            tokens = output.sampled.token_ids.tolist()
+        else:
+            step.logits_indices += [0] * (step.num_padded_seqs - len(step.logits_indices))
+            logits = driver.worker.execute(step)
+            batch = SamplingBatch.build_static(rows, VOCAB_SIZE, "cpu", step.num_padded_seqs)
+            tokens = sample(logits, batch).token_ids[: len(rows)].tolist()
         for (seq, num_tokens), token in zip(chunks, tokens):
             driver.num_computed[seq] += num_tokens
             driver.tokens[seq].append(token)
@@ -85,18 +84,17 @@ def test_a_sampling_step_is_one_graph_and_reads_back_only_token_ids(make_driver,
     driver = make_driver(tiny_llama(VOCAB_SIZE), PROMPTS, BUCKETS, on_xla=True)
     rows = [RowState(p, prompt, [], make_generator(p.seed, "xla")) for p, prompt in zip(PARAMS, PROMPTS)]
     steps = [driver.plan([(seq, len(prompt)) for seq, prompt in enumerate(PROMPTS)])]
-    with driver.backend_in_use():
-        driver.worker.execute_and_sample(steps[0], rows)  # compiles, if no test before did
-        for seq, prompt in enumerate(PROMPTS):
-            driver.num_computed[seq] = len(prompt)
-            driver.tokens[seq].append(1)
-        for step in (driver.plan(driver.decode_all()), driver.plan([(0, 1), (2, 1)])):
-            with count_graphs() as counts:
-                output = driver.worker.execute_and_sample(step, rows[: len(step.query_lens)])
-            assert (counts.compilations, counts.executions, counts.transfers) == (0, 1, 1)
-            # The bucket's 4 int64 token ids, nothing else: no logits row crosses to the host.
-            assert counts.transferred_bytes == 4 * 8
-            assert output.sampled is not None and output.sampled.token_ids.shape == (len(step.query_lens),)
+    driver.worker.execute_and_sample(steps[0], rows)  # compiles, if no test before did
+    for seq, prompt in enumerate(PROMPTS):
+        driver.num_computed[seq] = len(prompt)
+        driver.tokens[seq].append(1)
+    for step in (driver.plan(driver.decode_all()), driver.plan([(0, 1), (2, 1)])):
+        with count_graphs() as counts:
+            output = driver.worker.execute_and_sample(step, rows[: len(step.query_lens)])
+        assert (counts.compilations, counts.executions, counts.transfers) == (0, 1, 1)
+        # The bucket's 4 int64 token ids, nothing else: no logits row crosses to the host.
+        assert counts.transferred_bytes == 4 * 8
+        assert output.sampled is not None and output.sampled.token_ids.shape == (len(step.query_lens),)
 
 
 def _arrivals(prompts: list[list[int]], params: list[SamplingParams], seed: int) -> dict[int, list]:

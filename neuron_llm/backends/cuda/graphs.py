@@ -29,11 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
+from neuron_llm.backends import Backend
 from neuron_llm.backends.cuda.backend import takes_whole_prompt
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.ops.metadata import NULL_BLOCK_ID, AttentionMetadata, write_host_arrays
-from neuron_llm.worker import StepInput, Worker
+from neuron_llm.worker import StepInput, Worker, on_own_backend
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +96,16 @@ class CudaGraphWorker(Worker):
     all at start). Captures share one memory pool, as graphs never run at once.
     """
 
-    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_kv_blocks: int) -> None:
-        super().__init__(model, config, num_kv_blocks)
+    def __init__(
+        self, model: LlamaForCausalLM, config: EngineConfig, num_kv_blocks: int, backend: Backend | None = None
+    ) -> None:
+        super().__init__(model, config, num_kv_blocks, backend)
         if self.device.type != "cuda":
             raise ValueError(f"device={config.device.device!r}: CUDA graphs need a CUDA device")
         self.max_prefill_graph_tokens = config.device.max_prefill_graph_tokens
         self._graphs: dict[tuple[str, int, int, int], _StepGraph] = {}
         self._pool = torch.cuda.graph_pool_handle()
+        self._is_warm = False
         self._prefill_logits: dict[int, torch.Tensor] = {}
         """One logits buffer for the prefill graphs of each row count (all have ``max_num_seqs``
         rows): a graph's own would hold rows x vocab fp32 (33 MB at 64 rows of 128,256) for the
@@ -110,6 +114,18 @@ class CudaGraphWorker(Worker):
     def num_compiled_graphs(self) -> int:
         return len(self._graphs)
 
+    def mark_warmed_up(self) -> None:
+        self._is_warm = True
+
+    def close(self, wait: bool) -> None:
+        # Destroying a process group while graphs holding its NCCL kernels live can hang
+        # (pytorch/pytorch#115388).
+        if wait:
+            torch.cuda.synchronize(self.device)
+        self._graphs.clear()
+        self._prefill_logits.clear()
+
+    @on_own_backend
     @torch.no_grad()
     def forward(
         self, step: StepInput, logits_indices: list[int], sampled_before: torch.Tensor | None = None
@@ -127,6 +143,12 @@ class CudaGraphWorker(Worker):
             # A bucket's first step captures every graph its steps may take, so that warm-up
             # (one step a bucket) leaves none to capture while serving.
             kinds = [DECODE] if kind == DECODE else _prefill_kinds(shape[0], shape[2], self.block_size, dtype)
+            if self._is_warm:
+                logger.warning(
+                    "capturing CUDA graphs after warm-up for a bucket of %d tokens, %d sequences, block tables "
+                    "%d wide: warm-up should have captured every bucket's; this step waits for the capture",
+                    *shape,
+                )
             for other in kinds:
                 self._capture(other, *shape)
         graph = self._graphs[(kind, *shape)]
