@@ -203,3 +203,24 @@ class IncrementalDetokenizer:
         tail = self._stop_checker.flush() if self._stop_checker is not None else ""
         self.output_text += tail
         return tail
+
+
+class TokenTexts:
+    """The text of each token id alone, cached: logprobs name tokens by their text.
+
+    A token that is part of a multi-byte character decodes to U+FFFD on its own, as in vLLM.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        self._tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        if token_id not in self._texts:
+            self._texts[token_id] = self._decode(token_id)
+        return self._texts[token_id]
+
+    def _decode(self, token_id: int) -> str:
+        if self._tokenizer is None:
+            return f"token_id:{token_id}"
+        return str(self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False))

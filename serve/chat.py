@@ -10,10 +10,11 @@ from collections.abc import AsyncGenerator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from neuron_llm.detokenizer import TokenTexts
 from neuron_llm.outputs import Logprob, RequestOutput
 from neuron_llm.serve.errors import ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
-from neuron_llm.serve.logprobs import TokenTexts, chat_logprobs
+from neuron_llm.serve.logprobs import chat_logprobs
 from neuron_llm.serve.prompts import Prompt, chat_prompt, output_budget, sampling_params
 from neuron_llm.serve.protocol import (
     AssistantMessage,

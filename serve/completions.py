@@ -10,10 +10,11 @@ from collections.abc import AsyncGenerator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from neuron_llm.detokenizer import TokenTexts
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.serve.errors import ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
-from neuron_llm.serve.logprobs import TokenTexts, completion_logprobs
+from neuron_llm.serve.logprobs import completion_logprobs
 from neuron_llm.serve.prompts import Prompt, completion_prompts, output_budget, sampling_params
 from neuron_llm.serve.protocol import (
     CompletionChoice,

@@ -5,34 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from transformers import PreTrainedTokenizerBase
-
+from neuron_llm.detokenizer import TokenTexts
 from neuron_llm.outputs import Logprob
 from neuron_llm.serve.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
 
 _MIN_LOGPROB = -9999.0
 """Stands for -inf, which JSON cannot carry (vLLM's choice too)."""
-
-
-class TokenTexts:
-    """The text of each token id alone, cached: logprobs name tokens by their text.
-
-    A token that is part of a multi-byte character decodes to U+FFFD on its own, as in vLLM.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        self._tokenizer = tokenizer
-        self._texts: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        if token_id not in self._texts:
-            self._texts[token_id] = self._decode(token_id)
-        return self._texts[token_id]
-
-    def _decode(self, token_id: int) -> str:
-        if self._tokenizer is None:
-            return f"token_id:{token_id}"
-        return str(self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False))
 
 
 def _finite(logprob: float) -> float:
@@ -71,13 +49,12 @@ def chat_logprobs(
     """The ``logprobs`` of a chat choice: each token with its ``num_top`` most likely alternatives."""
     content = []
     for token_id, entry in zip(token_ids, logprobs):
-        ranked = sorted(
-            (top.rank, top_id, top) for top_id, top in entry.items() if top.rank is not None and top.rank <= num_top
-        )
+        # By logprob, not rank: a sampled token tied with others has the last of their ranks.
+        best = sorted(entry.items(), key=lambda item: (-item[1].logprob, item[1].rank or 0))[:num_top]
         content.append(
             TokenLogprob(
                 **_top(texts(token_id), entry[token_id].logprob),
-                top_logprobs=[TopLogprob(**_top(texts(top_id), top.logprob)) for _, top_id, top in ranked],
+                top_logprobs=[TopLogprob(**_top(texts(top_id), top.logprob)) for top_id, top in best],
             )
         )
     return ChatLogprobs(content=content)

@@ -10,7 +10,6 @@ its own.
 from __future__ import annotations
 
 import itertools
-import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,14 +18,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.config import EngineConfig
-from neuron_llm.detokenizer import IncrementalDetokenizer
+from neuron_llm.detokenizer import IncrementalDetokenizer, TokenTexts
 from neuron_llm.engine.model_runner import ModelRunner, StepResult
 from neuron_llm.engine.request import Request, RequestStatus
 from neuron_llm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, SchedulerStats
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs, make_generator
-from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.sampling_params import SamplingParams, is_integral
 from neuron_llm.worker import placeholder
 
 
@@ -124,6 +123,8 @@ class LLMEngine:
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self._token_texts = TokenTexts(tokenizer) if tokenizer is not None else None
+        """Each logprob's ``decoded_token``, as vLLM fills it; None without a tokenizer."""
         self.eos_token_ids = frozenset(eos_token_ids)
         self._sorted_eos_token_ids = sorted(self.eos_token_ids)
         self.runner = ModelRunner(config, executor)
@@ -312,7 +313,9 @@ class LLMEngine:
         token_ids = launched.host_token_ids.tolist()  # the one host read per step
         if launched.host_logprobs is None:
             return token_ids, [None] * len(launched.rows)
-        return token_ids, launched.host_logprobs.to_dicts([row.params.logprobs for row in launched.rows])
+        return token_ids, launched.host_logprobs.to_dicts(
+            [row.params.logprobs for row in launched.rows], self._token_texts
+        )
 
     def _record_prompt_logprobs(self, scheduled: SchedulerOutput, prompt_logits: list[torch.Tensor | None]) -> None:
         for entry, logits in zip(scheduled.scheduled, prompt_logits):
@@ -333,7 +336,9 @@ class LLMEngine:
                 group.prompt_token_ids[start + 1 : start + 1 + logits.shape[0]], device=logits.device
             )
             scored = compute_prompt_logprobs(logits, next_ids, max(group.params.prompt_logprobs, 1))
-            group.prompt_logprobs.extend(scored.to_dicts([group.params.prompt_logprobs] * logits.shape[0]))
+            group.prompt_logprobs.extend(
+                scored.to_dicts([group.params.prompt_logprobs] * logits.shape[0], self._token_texts)
+            )
 
     def _process_token(
         self, group: _RequestGroup, seq: _Sequence, token_id: int, logprobs: dict[int, Logprob] | None
@@ -430,7 +435,7 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt)
         vocab_size = self.config.model.vocab_size
         # NumPy's integers too (a tokenizer's return_tensors="np"), stored as ints.
-        bad = [t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        bad = [t for t in prompt if not is_integral(t)]
         if bad:
             raise ValueError(f"prompt token ids must be integers, not {bad[:5]}")
         token_ids = [int(t) for t in prompt]

@@ -31,7 +31,7 @@ independent of the batch, though their stream differs from the eager one's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -342,24 +342,33 @@ class LogprobsTensors:
         record an event after this call and wait on it before reading them)."""
         return LogprobsTensors(*(getattr(self, f.name).to("cpu", non_blocking=True) for f in fields(self)))
 
-    def to_dicts(self, num_logprobs: Sequence[int | None]) -> list[dict[int, Logprob] | None]:
+    def to_dicts(
+        self, num_logprobs: Sequence[int | None], token_text: Callable[[int], str] | None = None
+    ) -> list[dict[int, Logprob] | None]:
         """Per row, vLLM's ``{token_id: Logprob}`` with the scored token and its top ``num_logprobs[row]``.
 
-        Rows whose count is None get None. This reads the tensors on the host (one sync).
+        Rows whose count is None get None. Each ``Logprob.decoded_token`` is ``token_text(id)``
+        (None without it). This reads the tensors on the host (one sync).
         """
         token_ids = self.token_ids.tolist()
         token_logprobs = self.token_logprobs.tolist()
         token_ranks = self.token_ranks.tolist()
         top_ids = self.top_token_ids.tolist()
         top_logprobs = self.top_logprobs.tolist()
+
+        def text(token_id: int) -> str | None:
+            return token_text(token_id) if token_text is not None else None
+
         dicts: list[dict[int, Logprob] | None] = []
         for row, count in enumerate(num_logprobs):
             if count is None:
                 dicts.append(None)
                 continue
-            entry = {token_ids[row]: Logprob(token_logprobs[row], token_ranks[row])}
+            scored = token_ids[row]
+            entry = {scored: Logprob(token_logprobs[row], token_ranks[row], text(scored))}
             for rank, (token_id, logprob) in enumerate(zip(top_ids[row][:count], top_logprobs[row][:count]), 1):
-                entry.setdefault(token_id, Logprob(logprob, rank))
+                if token_id not in entry:
+                    entry[token_id] = Logprob(logprob, rank, text(token_id))
             dicts.append(entry)
         return dicts
 
@@ -376,11 +385,13 @@ class SamplerOutput:
 def score_tokens(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
     """Logprob and rank of ``token_ids`` [rows] and the ``num_top`` best tokens, from ``logprobs`` [rows, vocab].
 
-    A vocabulary smaller than ``num_top`` gives all of its tokens.
+    A vocabulary smaller than ``num_top`` gives all of its tokens. A token's rank counts the
+    tokens at least as likely, itself included: tied tokens all take the last of their ranks,
+    as in vLLM.
     """
     num_top = min(num_top, logprobs.shape[-1])
     token_logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-    token_ranks = (logprobs > token_logprobs.unsqueeze(1)).sum(dim=1) + 1
+    token_ranks = (logprobs >= token_logprobs.unsqueeze(1)).sum(dim=1)
     top_logprobs, top_token_ids = logprobs.topk(num_top, dim=1)
     return LogprobsTensors(token_ids, token_logprobs, token_ranks, top_token_ids, top_logprobs)
 

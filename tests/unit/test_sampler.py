@@ -205,6 +205,13 @@ def test_logprobs_are_raw_log_softmax_with_ranks() -> None:
             assert logprob.logprob == pytest.approx(raw[row, token_id].item(), abs=1e-5)
 
 
+def test_tied_tokens_take_the_last_of_their_ranks() -> None:
+    """As vLLM counts: a token's rank is the number of tokens at least as likely as it."""
+    logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5], [1.0, 2.0, 2.0, 2.0, 0.5]])
+    result = compute_prompt_logprobs(logits, torch.tensor([2, 0]), num_top=2)
+    assert result.token_ranks.tolist() == [3, 4]
+
+
 def test_no_logprobs_requested_returns_none() -> None:
     logits = torch.randn(2, 10)
     output = sample(logits, SamplingBatch.build(_rows([SamplingParams()] * 2), 10, "cpu"))
