@@ -13,9 +13,9 @@ a token budget (``max_num_batched_tokens``) and a sequence limit (``max_num_seqs
 A preempted request frees its blocks, goes back into the waiting queue in arrival order
 (usually at its front) and is recomputed from token 0 (prompt and output so far) when
 admitted again. Running requests are kept in arrival order, so the newest is always last,
-and a request is never preempted to make room for one that arrived after it. The oldest running request can always preempt every other
-one, and ``add_request`` refuses requests that would not fit in the pool alone, so the oldest
-always progresses.
+and a request is never preempted to make room for one that arrived after it. The oldest
+running request can always preempt every other one, and ``add_request`` refuses requests
+that would not fit in the pool alone, so the oldest always progresses.
 
 Steps alternate ``schedule()`` (what to compute) and ``update_from_output()`` (the sampled
 tokens). Stop tokens and strings are judged outside, which then calls ``finish``.

@@ -68,17 +68,21 @@ def resolve_model_path(model: str | Path | None) -> Path:
         raise FileNotFoundError(f"model path {path} does not exist")
     path = path.resolve()
     if path.is_file():
-        if path.suffix != ".gguf":
+        if not _is_gguf(path):
             raise ValueError(f"model path {path} is a file but not a .gguf; pass a GGUF file or a model directory")
         return path
     if (path / hf_dir.CONFIG_FILE).is_file():
         return path
-    ggufs = sorted(path.glob("*.gguf"))
+    ggufs = sorted(p for p in path.iterdir() if p.is_file() and _is_gguf(p))
     if len(ggufs) == 1:
         return ggufs[0]
     if len(ggufs) > 1:
         raise ValueError(f"{path} holds {len(ggufs)} GGUF files ({', '.join(g.name for g in ggufs)}); pass one of them")
     raise FileNotFoundError(f"{path / hf_dir.CONFIG_FILE} not found, and {path} holds no .gguf file")
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf"  # MODEL.GGUF too, as llama.cpp takes any name
 
 
 def load_model_info(model: str | Path | None) -> ModelInfo:
@@ -120,7 +124,7 @@ def load_model(
 
 def _read_info(path: Path) -> tuple[ModelInfo, gguf.GGUFReader | None]:
     """The model's info and, for a GGUF file, its open reader (opening one parses all its metadata)."""
-    if path.suffix == ".gguf":
+    if _is_gguf(path):
         reader = gguf_file.open_gguf(path)
         config = gguf_file.read_gguf_config(reader, path)
         tokenizer = load_gguf_tokenizer(path) if gguf_file.has_tokenizer(reader) else None

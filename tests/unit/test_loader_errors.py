@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from neuron_llm.loader import default_model, load_model, load_model_info, render_chat
+from neuron_llm.loader import default_model, load_model, load_model_info, render_chat, resolve_model_path
 from neuron_llm.loader.gguf_file import open_gguf, read_gguf_config
 from neuron_llm.loader.hf_dir import find_weight_files, iter_hf_weights, read_generation_defaults
 from neuron_llm.loader.tokenizer import eos_token_ids
@@ -199,6 +199,15 @@ def test_corrupted_gguf(tmp_path: Path) -> None:
     path.write_bytes(b"definitely not GGUF")
     with pytest.raises(ValueError, match=r"broken\.gguf is not a valid GGUF file"):
         load(path)
+
+
+def test_gguf_suffix_in_capitals(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "MODEL.GGUF", "llama", LLAMA_METADATA)
+    assert resolve_model_path(path) == path and resolve_model_path(tmp_path) == path
+    assert read_gguf_config(open_gguf(path), path).num_hidden_layers == 1
+    # Read as GGUF, not refused as "not a .gguf".
+    with pytest.raises(ValueError, match=r"GPT2\.Gguf: unsupported GGUF architecture"):
+        load(write_gguf(tmp_path / "GPT2.Gguf", "gpt2"))
 
 
 def test_directory_with_two_ggufs(tmp_path: Path) -> None:
