@@ -377,12 +377,6 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model)
-        device = torch.device(self.device.device)
-        if self.parallel.tensor_parallel_size > 1 and device.type == "cuda" and device.index is not None:
-            raise ValueError(
-                f"device={self.device.device!r} with tensor_parallel_size={self.parallel.tensor_parallel_size}: "
-                "each rank runs on cuda:<its LOCAL_RANK>; pass device='cuda' (pick GPUs with CUDA_VISIBLE_DEVICES)"
-            )
         if self.quantization is not None:
             from neuron_llm.quant.config import resolve_quant_config
 

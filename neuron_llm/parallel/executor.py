@@ -268,6 +268,8 @@ def make_executor(
     1..N-1 from this process.
     """
     world_size = config.parallel.tensor_parallel_size
+    if world_size > 1:
+        _check_device_unindexed(config.device.device, world_size)
     env = torchrun_env()
     if env is not None:
         _check_world_size(env.world_size, world_size)
@@ -278,6 +280,16 @@ def make_executor(
     if world_size == 1:
         return UniprocExecutor(config, build_worker)
     return MultiprocExecutor(config, build_worker, timeout_s=timeout_s)
+
+
+def _check_device_unindexed(device: str, tensor_parallel_size: int) -> None:
+    """Each rank runs on cuda:<its LOCAL_RANK> (``config_for_rank``): an index would be dropped
+    on the ranks and kept by rank 0's engine, which makes its seeded generators there."""
+    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        raise ValueError(
+            f"device={device!r} with tensor_parallel_size={tensor_parallel_size}: each rank runs on "
+            "cuda:<its LOCAL_RANK>; pass device='cuda' (pick the GPUs with CUDA_VISIBLE_DEVICES)"
+        )
 
 
 def _check_world_size(launched: int, tensor_parallel_size: int) -> None:

@@ -23,11 +23,12 @@ from typing import Any
 import pytest
 import torch
 
-from neuron_llm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
+from neuron_llm.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig
 from neuron_llm.loader import load_model
 from neuron_llm.loader.hf_dir import read_model_config
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.parallel import Executor, MultiprocExecutor, WorkerError, make_executor, shard_model
+from neuron_llm.parallel.launch import config_for_rank
 from neuron_llm.worker import StepInput, Worker
 
 TIMEOUT_S = 30.0
@@ -325,6 +326,16 @@ def test_a_launcher_world_size_other_than_the_tp_degree_is_refused(monkeypatch: 
     config = EngineConfig(model=_model_config(), parallel=ParallelConfig(tensor_parallel_size=2))
     with pytest.raises(ValueError, match=re.escape("WORLD_SIZE=4 processes but tensor_parallel_size=2")):
         make_executor(config, functools.partial(build_worker, "unused", (16, 16)))
+
+
+def test_tensor_parallelism_places_ranks_itself_and_refuses_a_gpu_index() -> None:
+    parallel = ParallelConfig(tensor_parallel_size=2)
+    config = EngineConfig(model=_model_config(), device=DeviceConfig(device="cuda"), parallel=parallel)
+    assert config_for_rank(config, 1).device.device == "cuda:1"
+    indexed = EngineConfig(model=_model_config(), device=DeviceConfig(device="cuda:1"), parallel=parallel)
+    with pytest.raises(ValueError, match=re.escape("device='cuda:1' with tensor_parallel_size=2: each rank runs on")):
+        make_executor(indexed, functools.partial(build_worker, "unused", (16, 16)))
+    assert not _rank_processes()
 
 
 def _rank_processes() -> list[str]:
