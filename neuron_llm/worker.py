@@ -169,7 +169,7 @@ def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:
 
         if config.cache.num_kv_blocks is None:
             raise ValueError("num_kv_blocks=None: set it on the XLA device (its memory is not queried yet)")
-        return XlaWorker(model, config, config.cache.num_kv_blocks)
+        return XlaWorker(model, config, config.cache.num_kv_blocks, backend)
     num_kv_blocks = size_kv_pool(config, model.weight_bytes())
     if backend.name == "cuda" and not config.device.enforce_eager:
         from neuron_llm.backends.cuda.graphs import CudaGraphWorker
@@ -211,6 +211,9 @@ class Worker:
         self.backend = backend if backend is not None else get_backend(config.device.backend_name)
         """Where this worker's ops go (each engine its own, whatever another one in the process uses)."""
         self.device = torch.device(config.device.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # Pinned now: "cuda" alone would mean whichever GPU is current in the calling thread.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.block_size = config.cache.block_size
         self.num_kv_blocks = num_kv_blocks
         self.weight_bytes = model.weight_bytes()

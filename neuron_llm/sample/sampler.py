@@ -366,9 +366,9 @@ class LogprobsTensors:
                 continue
             scored = token_ids[row]
             entry = {scored: Logprob(token_logprobs[row], token_ranks[row], text(scored))}
+            # As in vLLM, a scored token among the top ones takes its place there as its rank.
             for rank, (token_id, logprob) in enumerate(zip(top_ids[row][:count], top_logprobs[row][:count]), 1):
-                if token_id not in entry:
-                    entry[token_id] = Logprob(logprob, rank, text(token_id))
+                entry[token_id] = Logprob(logprob, rank, text(token_id))
             dicts.append(entry)
         return dicts
 

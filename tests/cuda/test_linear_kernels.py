@@ -588,15 +588,17 @@ def test_gemv_of_a_weight_past_2_31_elements(weight_dtype: torch.dtype, device: 
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("split_k", [1, 3])
 def test_int8_matmul_of_rows_past_2_31_elements(split_k: int, device: torch.device) -> None:
     """Activation, output and split-K scratch offsets past 2**31 (a long prompt through a wide
     projection) are computed in 64 bits."""
-    _needs_free_gpu_memory(24)
-    q, scale, bias = make_int8_linear(64, 64, None, device, seed=5)
-    # split_k 1: x and the output hold 2**31 + 4096 elements; 2: the scratch does, [2, M, 64] fp32.
-    num_rows = 2**25 + 64 if split_k == 1 else 2**24 + 64
-    x = torch.randn(num_rows, 64, device=device, dtype=torch.bfloat16)
+    _needs_free_gpu_memory(32)
+    # split_k 1: x and the output hold 2**31 + 4,096 elements. split_k 3 (96 inputs, three
+    # splits of 32): the fp32 scratch [3, M, 64] does, its third split from element
+    # 2**31 + 8,192, stored there and summed by the last split to finish.
+    num_rows, in_features = (2**25 + 64, 64) if split_k == 1 else (2**24 + 64, 96)
+    q, scale, bias = make_int8_linear(64, in_features, None, device, seed=5)
+    x = torch.randn(num_rows, in_features, device=device, dtype=torch.bfloat16)
     config = Int8MatmulConfig(block_m=64, block_n=64, block_k=32, split_k=split_k)
     out = int8_linear(x, q, scale, bias.bfloat16(), config=config)
     for rows in (slice(0, 128), slice(-128, None)):

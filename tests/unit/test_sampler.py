@@ -210,6 +210,11 @@ def test_tied_tokens_take_the_last_of_their_ranks() -> None:
     logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5], [1.0, 2.0, 2.0, 2.0, 0.5]])
     result = compute_prompt_logprobs(logits, torch.tensor([2, 0]), num_top=2)
     assert result.token_ranks.tolist() == [3, 4]
+    # In the dicts a scored token among the top ones has its place there as its rank.
+    first, second = result.to_dicts([2, 2])
+    top = result.top_token_ids[0].tolist()
+    assert {token: first[token].rank for token in top} == {top[0]: 1, top[1]: 2}
+    assert second[0].rank == 4
 
 
 def test_no_logprobs_requested_returns_none() -> None:

@@ -446,8 +446,10 @@ def _int8_matmul_kernel(
         num_arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if num_arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for split in range(SPLIT_K):
-                total += tl.load(partial_ptrs + split * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
+            for _ in range(SPLIT_K):
+                # The pointers step split by split: split * stride_split could pass 2**31.
+                total += tl.load(partial_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                partial_ptrs += stride_split
             _store_output(out_ptr, stride_om, offs_m, pid_n, M, N, total, bias_ptr, rows_n, HAS_BIAS, SWIGLU_OUT)
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
 
