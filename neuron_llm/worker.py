@@ -181,7 +181,7 @@ def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:
 Method = TypeVar("Method", bound=Callable[..., Any])
 
 
-def on_own_backend(method: Method) -> Method:
+def on_own_backend_and_device(method: Method) -> Method:
     """Run a worker's method with the ops dispatching to the worker's backend and, on CUDA, its
     device current: whichever thread calls (a server's engine thread starts on cuda:0), Triton
     launches, graph captures and replays must go to the model's device."""
@@ -234,7 +234,7 @@ class Worker:
         """
         return self.forward(step, step.logits_indices, sampled_before)
 
-    @on_own_backend
+    @on_own_backend_and_device
     def execute_and_sample(
         self,
         step: StepInput,
@@ -271,7 +271,7 @@ class Worker:
         collective may never end)."""
 
     # no_grad rather than inference_mode: torch-xla cannot take views of inference tensors.
-    @on_own_backend
+    @on_own_backend_and_device
     @torch.no_grad()
     def forward(
         self, step: StepInput, logits_indices: list[int], sampled_before: torch.Tensor | None = None

@@ -10,7 +10,6 @@ from collections.abc import AsyncGenerator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from neuron_llm.detokenizer import TokenTexts
 from neuron_llm.outputs import Logprob, RequestOutput
 from neuron_llm.serve.errors import ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
@@ -78,7 +77,7 @@ class _ChatWriter:
         self._prompt = prompt
         self._id = response_id
         self._created = int(time.time())
-        self._texts = TokenTexts(model.tokenizer)
+        self._texts = model.token_texts
 
     def response(self, final: RequestOutput) -> ChatCompletionResponse:
         choices = [

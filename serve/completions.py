@@ -10,7 +10,6 @@ from collections.abc import AsyncGenerator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from neuron_llm.detokenizer import TokenTexts
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.serve.errors import ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
@@ -71,7 +70,7 @@ class _CompletionWriter:
         self._prompts = prompts
         self._id = response_id
         self._created = int(time.time())
-        self._texts = TokenTexts(model.tokenizer)
+        self._texts = model.token_texts
         self._text_offsets: dict[int, int] = {}
         """Per choice, the text offset of its next token: a stream's chunks carry on from there."""
 

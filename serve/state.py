@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
+from neuron_llm.detokenizer import TokenTexts
 from neuron_llm.engine.async_llm import AsyncLLM
 from neuron_llm.llm import LLM
 from neuron_llm.serve.errors import AuthenticationError, ModelNotFoundError, UnavailableError
@@ -29,6 +30,11 @@ class ServedModel:
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.llm.tokenizer
+
+    @property
+    def token_texts(self) -> TokenTexts:
+        """The engine's cache of each token's text, which logprobs name tokens by."""
+        return self.llm.engine.token_texts
 
     @property
     def max_model_len(self) -> int:

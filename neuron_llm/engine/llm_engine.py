@@ -123,8 +123,10 @@ class LLMEngine:
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self._token_texts = TokenTexts(tokenizer) if tokenizer is not None else None
-        """Each logprob's ``decoded_token``, as vLLM fills it; None without a tokenizer."""
+        self.token_texts = TokenTexts(tokenizer)
+        """Each token's text alone, cached for the engine's life: logprobs' ``decoded_token`` and
+        the server's logprobs."""
+        self._decoded_token = self.token_texts if tokenizer is not None else None
         self.eos_token_ids = frozenset(eos_token_ids)
         self._sorted_eos_token_ids = sorted(self.eos_token_ids)
         self.runner = ModelRunner(config, executor)
@@ -314,7 +316,7 @@ class LLMEngine:
         if launched.host_logprobs is None:
             return token_ids, [None] * len(launched.rows)
         return token_ids, launched.host_logprobs.to_dicts(
-            [row.params.logprobs for row in launched.rows], self._token_texts
+            [row.params.logprobs for row in launched.rows], self._decoded_token
         )
 
     def _record_prompt_logprobs(self, scheduled: SchedulerOutput, prompt_logits: list[torch.Tensor | None]) -> None:
@@ -337,7 +339,7 @@ class LLMEngine:
             )
             scored = compute_prompt_logprobs(logits, next_ids, max(group.params.prompt_logprobs, 1))
             group.prompt_logprobs.extend(
-                scored.to_dicts([group.params.prompt_logprobs] * logits.shape[0], self._token_texts)
+                scored.to_dicts([group.params.prompt_logprobs] * logits.shape[0], self._decoded_token)
             )
 
     def _process_token(

@@ -285,7 +285,8 @@ def make_executor(
 def _check_device_unindexed(device: str, tensor_parallel_size: int) -> None:
     """Each rank runs on cuda:<its LOCAL_RANK> (``config_for_rank``): an index would be dropped
     on the ranks and kept by rank 0's engine, which makes its seeded generators there."""
-    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+    parsed = torch.device(device)
+    if parsed.type == "cuda" and parsed.index is not None:
         raise ValueError(
             f"device={device!r} with tensor_parallel_size={tensor_parallel_size}: each rank runs on "
             "cuda:<its LOCAL_RANK>; pass device='cuda' (pick the GPUs with CUDA_VISIBLE_DEVICES)"

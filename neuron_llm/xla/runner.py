@@ -30,7 +30,7 @@ from neuron_llm.backends import Backend
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.sample import LogprobsTensors, RowState, SamplerOutput, SamplingBatch, sample
-from neuron_llm.worker import StepInput, StepOutput, Worker, on_own_backend
+from neuron_llm.worker import StepInput, StepOutput, Worker, on_own_backend_and_device
 from neuron_llm.xla.device import compile_count, sync, to_host, xla_device
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class XlaWorker(Worker):
         row_padding = [0] * (num_logits_rows(step) - len(step.logits_indices))
         return self.forward(step, step.logits_indices + row_padding)
 
-    @on_own_backend
+    @on_own_backend_and_device
     @torch.no_grad()
     def trace_sampled(self, step: StepInput, batch: SamplingBatch) -> tuple[SamplerOutput, torch.Tensor | None]:
         """Record one step and its sampling (the graph ``execute_and_sample`` runs) without running it.

@@ -34,7 +34,7 @@ from neuron_llm.backends.cuda.backend import takes_whole_prompt
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.ops.metadata import NULL_BLOCK_ID, AttentionMetadata, write_host_arrays
-from neuron_llm.worker import StepInput, Worker, on_own_backend
+from neuron_llm.worker import StepInput, Worker, on_own_backend_and_device
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class CudaGraphWorker(Worker):
         self._graphs.clear()
         self._prefill_logits.clear()
 
-    @on_own_backend
+    @on_own_backend_and_device
     @torch.no_grad()
     def forward(
         self, step: StepInput, logits_indices: list[int], sampled_before: torch.Tensor | None = None
