@@ -54,8 +54,10 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
 
 
 def has_tokenizer(reader: gguf.GGUFReader) -> bool:
-    """Whether the GGUF file carries a tokenizer (llama.cpp writes its vocabulary as metadata)."""
-    return "tokenizer.ggml.model" in reader.fields
+    """Whether the GGUF file carries a tokenizer (llama.cpp writes its vocabulary as metadata;
+    model "none" says it has none)."""
+    field = reader.fields.get("tokenizer.ggml.model")
+    return field is not None and field.contents() != "none"
 
 
 class _Metadata:

@@ -210,6 +210,12 @@ def test_gguf_suffix_in_capitals(tmp_path: Path) -> None:
         load(write_gguf(tmp_path / "GPT2.Gguf", "gpt2"))
 
 
+def test_gguf_whose_tokenizer_model_is_none_has_no_tokenizer(tmp_path: Path) -> None:
+    """llama.cpp's vocabulary type "none": token-id prompts only, not a failed conversion."""
+    path = write_gguf(tmp_path / "none.gguf", "llama", {**LLAMA_METADATA, "tokenizer.ggml.model": "none"})
+    assert load_model_info(path).tokenizer is None
+
+
 def test_directory_with_two_ggufs(tmp_path: Path) -> None:
     write_gguf(tmp_path / "a.gguf", "llama", LLAMA_METADATA)
     write_gguf(tmp_path / "b.gguf", "llama", LLAMA_METADATA)
