@@ -96,6 +96,8 @@ class StopChecker:
         assert all(stop), "stop strings must be non-empty"
         self._stop = list(stop)
         self._pending = ""
+        self._locked = 0
+        """How much of the pending text came before min_tokens: no match may end inside it."""
 
     def feed(self, piece: str, can_stop: bool = True) -> tuple[str, str | None]:
         """Add ``piece``; return (text now safe to emit, the stop string found or None).
@@ -112,18 +114,21 @@ class StopChecker:
                 self._pending = ""
                 return text[:start], stop
         held = self._held_length(text)
-        self._pending = text[len(text) - held :]
-        return text[: len(text) - held], None
+        released = len(text) - held
+        self._locked = held if not can_stop else max(0, self._locked - released)
+        self._pending = text[released:]
+        return text[:released], None
 
     def flush(self) -> str:
         """Release the held-back tail, when the sequence ends for another reason."""
-        text, self._pending = self._pending, ""
+        text, self._pending, self._locked = self._pending, "", 0
         return text
 
     def _first_match(self, text: str) -> tuple[int, str] | None:
         best: tuple[int, int, str] | None = None
         for stop in self._stop:
-            start = text.find(stop)
+            # A stop string complete before min_tokens was reached does not count.
+            start = text.find(stop, max(0, self._locked - len(stop) + 1))
             if start < 0:
                 continue
             # Sort key: earliest end, then earliest start.

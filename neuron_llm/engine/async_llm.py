@@ -78,6 +78,8 @@ class _Add:
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+    stream: _Stream | None = None
+    """When set, only this stream's request is aborted, not a later one that reused its id."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ class AsyncLLM:
                 yield item
         finally:
             if not is_ended:
-                self.abort(request_id)
+                self._commands.put(_Abort(request_id, stream))
             self._release(is_waiting=is_waiting, is_in_flight=True)
 
     def abort(self, request_id: str) -> None:
@@ -240,7 +242,7 @@ class AsyncLLM:
             if isinstance(command, _Add):
                 self._add(command)
             elif isinstance(command, _Abort):
-                self._abort(command.request_id)
+                self._abort(command)
             else:
                 self._stop()
             command = _get_nowait(self._commands)
@@ -257,9 +259,11 @@ class AsyncLLM:
             return
         self._streams[add.request_id] = add.stream
 
-    def _abort(self, request_id: str) -> None:
-        if self._streams.pop(request_id, None) is not None:
-            self.engine.abort(request_id)
+    def _abort(self, abort: _Abort) -> None:
+        stream = self._streams.get(abort.request_id)
+        if stream is not None and abort.stream in (None, stream):
+            del self._streams[abort.request_id]
+            self.engine.abort(abort.request_id)
 
     def _step(self) -> None:
         try:

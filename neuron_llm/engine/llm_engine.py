@@ -157,7 +157,7 @@ class LLMEngine:
         """
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, not {type(params).__name__}")
-        request_id = self._unused_id() if request_id is None else request_id
+        request_id = self._unused_id(params.n) if request_id is None else request_id
         if request_id in self._groups:
             raise ValueError(f"request_id={request_id!r} is already in use")
         prompt_text, prompt_ids = self._tokenize(prompt)
@@ -186,11 +186,13 @@ class LLMEngine:
             self._sequences[seq.request.request_id] = (group, seq)
         return request_id
 
-    def _unused_id(self) -> str:
-        # Callers may name requests too, so a counter value can be taken already.
-        while (request_id := str(next(self._request_counter))) in self._groups or request_id in self._sequences:
-            pass
-        return request_id
+    def _unused_id(self, n: int) -> str:
+        # Callers may name requests too, so a counter value (or its sequences' ids) can be taken.
+        while True:
+            request_id = str(next(self._request_counter))
+            seq_ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+            if request_id not in self._groups and not any(s in self._sequences for s in seq_ids):
+                return request_id
 
     def abort(self, request_id: str) -> bool:
         """Stop a request in any state and free its blocks; False if unknown or finished."""
@@ -434,26 +436,30 @@ class LLMEngine:
                 raise ValueError("prompt is empty")
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompt token ids instead of text")
-            return prompt, self.tokenizer.encode(prompt)
-        vocab_size = self.config.model.vocab_size
-        # NumPy's integers too (a tokenizer's return_tensors="np"), stored as ints.
-        bad = [t for t in prompt if not is_integral(t)]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers, not {bad[:5]}")
-        token_ids = [int(t) for t in prompt]
-        bad = [t for t in token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are not in the vocabulary [0, {vocab_size})")
+            prompt_text, token_ids, what = prompt, self.tokenizer.encode(prompt), "the prompt's tokens"
+        else:
+            # NumPy's integers too (a tokenizer's return_tensors="np"), stored as ints.
+            bad = [t for t in prompt if not is_integral(t)]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers, not {bad[:5]}")
+            prompt_text, token_ids, what = None, [int(t) for t in prompt], "prompt token ids"
         if not token_ids:
             raise ValueError("prompt is empty")
-        return None, token_ids
+        # A tokenizer may know more tokens than the model's embedding has rows.
+        vocab_size = self.config.model.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{what} {bad[:5]} are not in the vocabulary [0, {vocab_size})")
+        return prompt_text, token_ids
 
     def _new_sequence(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams) -> _Sequence:
         seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
         # Seeded n > 1 completions differ from each other, yet each is reproducible.
         seed = None if params.seed is None else params.seed + index
         if self.tokenizer is None and params.stop:
-            raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
+            raise ValueError(
+                f"stop={params.stop!r}: stop strings need a tokenizer, and this model has none; use stop_token_ids"
+            )
         detokenizer = self.tokenizer and IncrementalDetokenizer.for_request(self.tokenizer, prompt_ids, params)
         return _Sequence(
             index=index,

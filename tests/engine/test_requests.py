@@ -147,6 +147,19 @@ def test_request_ids_never_clash_with_sequence_ids(tiny_model_dir) -> None:
     assert all_blocks_free(llm)
 
 
+def test_automatic_ids_skip_those_an_n_request_would_clash_with(tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir)
+    engine = llm.engine
+    prompts = random_prompts(2, seed=15)
+    engine.add_request(prompts[0], GREEDY, request_id="0#1")
+    # Counter value "0" would name its sequences "0#0" and "0#1": the next free one is used.
+    request_id = engine.add_request(prompts[1], replace(GREEDY, n=2))
+    assert request_id != "0"
+    finished = run_all(llm, {})
+    assert sorted(finished) == sorted(["0#1", request_id])
+    assert all_blocks_free(llm)
+
+
 def test_bad_sampling_values_are_refused() -> None:
     with pytest.raises(ValueError, match="max_tokens=0"):
         SamplingParams(max_tokens=0)

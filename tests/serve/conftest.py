@@ -6,6 +6,7 @@ test needs signals, which only a subprocess can take. Every server stops when it
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -78,6 +79,19 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pad_token_id=None,
     )
     LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def extra_token_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``model_dir`` whose tokenizer has one added token, ``<extra>``, that the model has no embedding for."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("extra-token-llama")
+    shutil.copytree(model_dir, path, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(path)
     return path
 
 

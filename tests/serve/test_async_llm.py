@@ -85,6 +85,23 @@ def test_closing_a_stream_aborts_its_request_and_frees_its_blocks(model_dir: Pat
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_a_stream_closed_late_aborts_only_its_own_request(model_dir: Path) -> None:
+    async def scenario(engine: AsyncLLM) -> None:
+        first = engine.generate("Hello world", LONG, request_id="same")
+        await anext(first)
+        # A second request under the same id is refused, but its consumer leaves before it
+        # reads the refusal: its abort must not end the first request, which owns the id.
+        refused = asyncio.ensure_future(anext(engine.generate("Hello", GREEDY, request_id="same")))
+        await asyncio.sleep(0)
+        refused.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await refused
+        final = await last(first)
+        assert len(final.outputs[0].token_ids) == LONG.max_tokens
+
+    run_with(make_slow_llm(model_dir, step_s=0.002), scenario)
+
+
 def test_a_full_waiting_queue_refuses_at_once(model_dir: Path) -> None:
     async def scenario(engine: AsyncLLM) -> None:
         first = asyncio.ensure_future(last(engine.generate("Hello", GREEDY)))

@@ -54,3 +54,16 @@ def test_engine_options_are_checked_before_loading(tmp_path: Path, model_dir: Pa
         LLM(model=str(tmp_path / "not-loaded"), swap_space=4)
     llm = make_llm(model_dir, gpu_memory_utilization=0.5)  # vLLM's name
     assert llm.config.cache.memory_fraction == 0.5
+
+
+def test_text_whose_tokens_the_model_lacks_is_refused_alone(extra_token_model_dir: Path) -> None:
+    llm = make_llm(extra_token_model_dir)
+    vocab_size = llm.engine.config.model.vocab_size
+    assert llm.tokenizer.convert_tokens_to_ids("<extra>") == vocab_size
+    llm.engine.add_request("Hello world", GREEDY, request_id="good")
+    with pytest.raises(ValueError, match=rf"the prompt's tokens \[{vocab_size}\] are not in the vocabulary"):
+        llm.engine.add_request("Hello <extra>", GREEDY, request_id="bad")
+    outputs = []
+    while llm.engine.has_unfinished_requests():
+        outputs += [output for output in llm.engine.step() if output.finished]
+    assert [output.request_id for output in outputs] == ["good"]

@@ -178,6 +178,18 @@ def test_stop_strings_are_ignored_while_stopping_is_not_allowed() -> None:
     assert checker.feed("#c") == ("", "##")
 
 
+def test_a_stop_string_held_back_before_min_tokens_does_not_count_later() -> None:
+    # "\n" is held as the start of "\n\nUser:", and it was complete before stopping was allowed.
+    checker = StopChecker(["\n", "\n\nUser:"])
+    assert checker.feed("Hi", can_stop=False) == ("Hi", None)
+    assert checker.feed("\n", can_stop=False) == ("", None)
+    assert checker.feed(" there") == ("\n there", None)
+    assert checker.feed("\n") == ("", "\n")
+    checker = StopChecker(["\n", "\n\nUser:"])
+    checker.feed("Hi\n", can_stop=False)
+    assert checker.feed("\nUser:") == ("\n", "\n")
+
+
 def test_stop_search_is_independent_of_how_the_text_is_split() -> None:
     rng = random.Random(0)
     text = "one two three. four;; five END six"
