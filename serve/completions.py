@@ -6,6 +6,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -39,7 +40,8 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
         top_k=body.top_k,
         min_p=body.min_p,
         seed=body.seed,
-        max_tokens=output_budget(model, prompts, body.max_tokens, "prompt"),
+        # Scoring a prompt generates one token, which is dropped.
+        max_tokens=output_budget(model, prompts, body.max_tokens, "prompt") or 1,
         min_tokens=body.min_tokens,
         stop=body.stop,
         stop_token_ids=body.stop_token_ids,
@@ -88,7 +90,7 @@ class _CompletionWriter:
                 )
                 choices.append(self._choice(delta, output))
         num_generated = sum(len(c.token_ids) for output in finals for c in output.outputs)
-        return self._chunk(choices, self._usage(num_generated))
+        return self._chunk(choices, self._usage(0 if self._body.scores_only else num_generated))
 
     async def events(self, generation: Generation, state: ServerState) -> AsyncGenerator[str, None]:
         tracker = DeltaTracker(self._body.n, has_logprobs=self._body.logprobs is not None)
@@ -104,10 +106,15 @@ class _CompletionWriter:
                 yield DONE_EVENT
                 return
         if self._body.include_usage:
-            yield event(self._chunk([], self._usage(tracker.num_generated_tokens)))
+            num_generated = 0 if self._body.scores_only else tracker.num_generated_tokens
+            yield event(self._chunk([], self._usage(num_generated)))
         yield DONE_EVENT
 
     def _choice(self, delta: ChoiceDelta, output: RequestOutput) -> CompletionChoice:
+        if self._body.scores_only:
+            logprobs = None if delta.logprobs is None else []
+            finish_reason = "length" if delta.finish_reason else None
+            delta = replace(delta, text="", token_ids=[], logprobs=logprobs, finish_reason=finish_reason)
         prompt = self._prompts[delta.index // self._body.n]
         echo = self._body.echo and delta.is_first
         text = prompt.text + delta.text if echo else delta.text

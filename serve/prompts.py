@@ -6,6 +6,7 @@ reaches the engine is a request it accepts.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -60,11 +61,16 @@ def _completion_prompt(model: ServedModel, prompt: str | list[int], param: str) 
         token_ids = tokenizer.encode(prompt)
         if not token_ids:
             raise ClientError(f"{param} has no tokens", param)
-        return Prompt(token_ids, prompt)
-    bad = [token_id for token_id in prompt if not 0 <= token_id < model.vocab_size]
+        return Prompt(_in_vocabulary(model, token_ids, param), prompt)
+    return Prompt(_in_vocabulary(model, prompt, param), tokenizer.decode(prompt) if tokenizer is not None else "")
+
+
+def _in_vocabulary(model: ServedModel, token_ids: list[int], param: str) -> list[int]:
+    # Text too: a tokenizer may know more tokens (added ones) than the model has embeddings for.
+    bad = [token_id for token_id in token_ids if not 0 <= token_id < model.vocab_size]
     if bad:
         raise ClientError(f"{param}: token ids {bad[:5]} are not in the vocabulary [0, {model.vocab_size})", param)
-    return Prompt(list(prompt), tokenizer.decode(prompt) if tokenizer is not None else "")
+    return list(token_ids)
 
 
 def chat_prompt(model: ServedModel, messages: list[ChatMessage]) -> Prompt:
@@ -77,7 +83,7 @@ def chat_prompt(model: ServedModel, messages: list[ChatMessage]) -> Prompt:
     except ValueError as e:
         raise ClientError(str(e), "messages") from e
     # The template writes any BOS itself; encoding must not add another.
-    return Prompt(tokenizer.encode(text, add_special_tokens=False), text)
+    return Prompt(_in_vocabulary(model, tokenizer.encode(text, add_special_tokens=False), "messages"), text)
 
 
 def output_budget(
@@ -88,12 +94,15 @@ def output_budget(
     max_tokens_param: str = "max_tokens",
 ) -> int:
     """``max_tokens`` checked against the context length; when None, the room the longest prompt leaves."""
-    longest = max(len(prompt.token_ids) for prompt in prompts)
+    index = max(range(len(prompts)), key=lambda i: len(prompts[i].token_ids))
+    longest = len(prompts[index].token_ids)
+    if len(prompts) > 1:
+        prompt_param = f"{prompt_param}[{index}]"
     limit = model.max_model_len
     if longest >= limit:
         raise ClientError(
-            f"the prompt is {longest} tokens, but this model's context length is {limit} tokens, "
-            "which leaves no room for output; shorten the prompt",
+            f"{prompt_param} is {longest} tokens, but this model's context length is {limit} tokens, "
+            "which leaves no room for output; shorten it",
             prompt_param,
             "context_length_exceeded",
         )
@@ -102,7 +111,8 @@ def output_budget(
     if longest + max_tokens > limit:
         raise ClientError(
             f"this model's context length is {limit} tokens, but {longest + max_tokens} were requested "
-            f"({longest} in the prompt, {max_tokens} for the output); lower {max_tokens_param} or shorten the prompt",
+            f"({longest} in {prompt_param}, {max_tokens} for the output); "
+            f"lower {max_tokens_param} or shorten {prompt_param}",
             max_tokens_param,
             "context_length_exceeded",
         )
@@ -115,13 +125,20 @@ def sampling_params(model: ServedModel, renames: dict[str, str] | None = None, *
     ``renames`` maps a ``SamplingParams`` field to the request field that set it, where their
     names differ (chat's ``top_logprobs`` sets ``logprobs``).
     """
+    renames = renames or {}
     n = fields.get("n", 1)
     if n > model.max_num_seqs:
         raise ClientError(f"n={n}: this server runs at most {model.max_num_seqs} sequences at once", "n")
+    if fields.get("stop") and model.tokenizer is None:
+        param = renames.get("stop", "stop")
+        raise ClientError(f"{param}: stop strings need a tokenizer, and this model has none; use stop_token_ids", param)
     try:
         return SamplingParams(**fields)
     except ValueError as e:
         error = error_from_value_error(e)
-        if error.param is not None and renames:
+        if error.param is not None:
             error.param = renames.get(error.param, error.param)
+        # The message names fields as the request does ("max_completion_tokens=3", not "max_tokens=3").
+        for field, request_field in renames.items():
+            error.message = re.sub(rf"\b{field}=", f"{request_field}=", error.message)
         raise error from e

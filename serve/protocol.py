@@ -4,6 +4,8 @@ Requests are validated strictly (``"n": "2"`` or ``"n": true`` is refused, not c
 unknown fields are refused, so a misspelt or unsupported option is a 400 naming it instead of
 being silently ignored; so is an option that would do nothing (``top_logprobs`` without
 ``logprobs``, ``stream_options`` without ``stream``). Null stands for an option's default.
+Options of those APIs that this server lacks (``logit_bias``, ``tools``, TGI's ``watermark``...)
+are accepted only when null or set to what leaves them off, as clients that send every field do.
 Ranges follow OpenAI's API reference; the extra sampling fields (``top_k``, ``min_p``,
 ``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``) are vLLM's
 extensions under vLLM's names.
@@ -11,7 +13,9 @@ extensions under vLLM's names.
 
 from __future__ import annotations
 
+import json
 import typing
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
@@ -25,6 +29,18 @@ MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 """Seeds span int64 (OpenAI) and uint64 (vLLM); each maps onto one 64-bit generator seed."""
 
 
+def _unsupported(*off: Any) -> Any:
+    """A field of the API this server does not implement, accepted when null or one of ``off``:
+    the values that leave the option off (clients that send every field send those)."""
+    return Field(
+        None, description=f"Not supported: only {_accepted(off)} is accepted.", json_schema_extra={"off": list(off)}
+    )
+
+
+def _accepted(off: Sequence[Any]) -> str:
+    return " or ".join(["null", *(json.dumps(value) for value in off)])
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -36,6 +52,16 @@ class _Request(BaseModel):
         if not isinstance(data, dict):
             return data
         return {name: value for name, value in data.items() if value is not None or not _null_is_its_default(cls, name)}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unsupported_is_off(cls, value: Any, info: ValidationInfo) -> Any:
+        extra = cls.model_fields[info.field_name].json_schema_extra if info.field_name else None
+        off = extra.get("off") if isinstance(extra, dict) else None
+        # Compared with their types: 0 and 1 are not false and true.
+        if off is not None and value is not None and not any(type(value) is type(o) and value == o for o in off):
+            raise ValueError(f"{info.field_name} is not supported by this server; only {_accepted(off)} is accepted")
+        return value
 
 
 def _null_is_its_default(cls: type[BaseModel], name: str) -> bool:
@@ -73,6 +99,7 @@ class _SamplingRequest(_Request):
     repetition_penalty: float = Field(1.0, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    logit_bias: Any = _unsupported({})
 
     @field_validator("stream_options")
     @classmethod
@@ -92,9 +119,32 @@ class CompletionRequest(_SamplingRequest):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     """A text, a batch of texts, token ids, or a batch of token id lists."""
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    max_tokens: int | None = Field(16, ge=0)
+    """0 only with ``echo``: the prompt comes back with its logprobs, and nothing is generated."""
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1)
+    """Not supported beyond its default: accepted only when null or equal to n."""
+    suffix: Any = _unsupported("")
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_only_to_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value == 0 and not info.data.get("echo"):
+            raise ValueError("max_tokens=0 is only allowed with echo: true, to score the prompt")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("best_of is not supported by this server beyond its default, n")
+        return value
+
+    @property
+    def scores_only(self) -> bool:
+        """Whether the prompt is only echoed with its logprobs (``echo`` with ``max_tokens`` 0)."""
+        return self.echo and self.max_tokens == 0
 
 
 class TextContent(_Request):
@@ -132,6 +182,16 @@ class ChatCompletionRequest(_SamplingRequest):
     """OpenAI's newer name for max_tokens; wins when both are set."""
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: Any = _unsupported({"type": "text"})
+    tools: Any = _unsupported([])
+    tool_choice: Any = _unsupported("none")
+    parallel_tool_calls: Any = _unsupported(True, False)
+    functions: Any = _unsupported([])
+    function_call: Any = _unsupported("none")
+    store: Any = _unsupported(False)
+    metadata: Any = _unsupported({})
+    service_tier: Any = _unsupported("auto", "default")
+    modalities: Any = _unsupported(["text"])
 
     @field_validator("top_logprobs")
     @classmethod
@@ -156,6 +216,14 @@ class TGIParameters(_Request):
     seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     return_full_text: bool = False
     details: bool = False
+    best_of: Any = _unsupported(1)
+    watermark: Any = _unsupported(False)
+    decoder_input_details: Any = _unsupported(False)
+    top_n_tokens: Any = _unsupported(0)
+    typical_p: Any = _unsupported()
+    truncate: Any = _unsupported()
+    grammar: Any = _unsupported()
+    adapter_id: Any = _unsupported()
 
 
 class TGIRequest(_Request):

@@ -10,8 +10,12 @@ deployment sets no API key; a server started with one requires it here as on ``/
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 
 from neuron_llm.serve.chat import serve_chat
 from neuron_llm.serve.completions import serve_completion
@@ -20,7 +24,26 @@ from neuron_llm.serve.protocol import ChatCompletionRequest, CompletionRequest, 
 from neuron_llm.serve.state import get_state, require_api_key
 from neuron_llm.serve.tgi import serve_tgi
 
-router = APIRouter()
+
+class _OctetStreamIsJSON(APIRoute):
+    """Reads an ``application/octet-stream`` body as JSON: a SageMaker Python SDK ``Predictor``
+    sends its body so unless it is given a JSON serializer."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            content_type = request.headers.get("content-type", "")
+            if content_type.split(";", 1)[0].strip().lower() == "application/octet-stream":
+                headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+                scope = {**request.scope, "headers": [*headers, (b"content-type", b"application/json")]}
+                request = Request(scope, request.receive)
+            return await handler(request)
+
+        return handle
+
+
+router = APIRouter(route_class=_OctetStreamIsJSON)
 
 
 @router.get("/ping", responses={503: {"description": "the model is loading, or the server is draining"}})

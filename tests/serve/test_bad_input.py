@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.engine.conftest import tiny_model_dir  # noqa: F401
 from tests.serve.conftest import ServerThread, make_llm, running_server
 
 CHAT = "/v1/chat/completions"
@@ -52,6 +53,7 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "a", "seed": 2**70}, 400, "seed"),
     (COMPLETIONS, {"prompt": [10**9]}, 400, "prompt"),
     (COMPLETIONS, {"prompt": "word " * 1000}, 400, "prompt"),
+    (COMPLETIONS, {"prompt": ["a", "word " * 1000]}, 400, "prompt[1]"),
     # empty
     (COMPLETIONS, {"prompt": ""}, 400, "prompt"),
     (COMPLETIONS, {"prompt": []}, 400, "prompt"),
@@ -62,6 +64,12 @@ BAD_BODIES = [
     # unknown
     (CHAT, {"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "messages[0].role"),
     (COMPLETIONS, {"prompt": "a", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    (COMPLETIONS, {"prompt": "a", "best_of": 2}, 400, "best_of"),
+    (COMPLETIONS, {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CHAT, {"messages": USER, "store": 0}, 400, "store"),
+    ("/invocations", {"inputs": "Hi", "parameters": {"watermark": True}}, 400, "parameters.watermark"),
     (COMPLETIONS, {"prompt": "a", "model": "gpt-4"}, 404, "model"),
     (CHAT, {"messages": USER, "model": "gpt-4"}, 404, "model"),
     ("/invocations", {"inputs": "Hi", "parameters": {"max_new_tokens": 0}}, 400, "parameters.max_new_tokens"),
@@ -89,6 +97,65 @@ def test_null_options_take_their_defaults(server: ServerThread) -> None:
     chat = httpx.post(f"{server.url}{CHAT}", json={"messages": USER, "max_tokens": 2, "logprobs": None, **unset})
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["logprobs"] is None
+
+
+def test_options_sent_switched_off_are_accepted(server: ServerThread) -> None:
+    # Clients that send every field send the options this server lacks too, set to off.
+    completion = {"prompt": "a", "max_tokens": 2, "logit_bias": {}, "best_of": 1, "suffix": None}
+    assert httpx.post(f"{server.url}{COMPLETIONS}", json=completion).status_code == 200
+    off = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "store": False, "metadata": None}
+    chat = httpx.post(f"{server.url}{CHAT}", json={"messages": USER, "max_tokens": 2, "logit_bias": None, **off})
+    assert chat.status_code == 200, chat.text
+    parameters = {"max_new_tokens": 2, "watermark": False, "best_of": 1, "decoder_input_details": False}
+    tgi = httpx.post(f"{server.url}/invocations", json={"inputs": "Hi", "parameters": {**parameters, "truncate": None}})
+    assert tgi.status_code == 200, tgi.text
+
+
+def test_messages_name_fields_as_the_request_does(server: ServerThread) -> None:
+    body = {"messages": USER, "max_completion_tokens": 2, "min_tokens": 5}
+    error = httpx.post(f"{server.url}{CHAT}", json=body).json()["error"]
+    assert error["param"] == "min_tokens" and "max_completion_tokens=2" in error["message"], error
+    body = {"prompt": ["a", "word " * 1000], "max_tokens": 2}
+    error = httpx.post(f"{server.url}{COMPLETIONS}", json=body).json()["error"]
+    assert error["message"].startswith("prompt[1] is ") and error["code"] == "context_length_exceeded", error
+
+
+def test_a_body_not_sent_as_json_is_a_415_naming_the_content_type(server: ServerThread) -> None:
+    body = b'{"prompt": "a", "max_tokens": 2}'
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {} if content_type is None else {"content-type": content_type}
+        response = httpx.post(f"{server.url}{COMPLETIONS}", content=body, headers=headers)
+        assert response.status_code == 415, response.text
+        assert "Content-Type: application/json" in response.json()["error"]["message"]
+    # SageMaker's SDK sends its bodies as octet-stream unless told otherwise.
+    headers = {"content-type": "application/octet-stream"}
+    tgi = httpx.post(
+        f"{server.url}/invocations", content=b'{"inputs": "Hi", "parameters": {"max_new_tokens": 2}}', headers=headers
+    )
+    assert tgi.status_code == 200 and "generated_text" in tgi.json()[0], tgi.text
+    assert httpx.post(f"{server.url}{COMPLETIONS}", content=body, headers=headers).status_code == 415
+    bad = httpx.post(f"{server.url}/invocations", content=b'{"inputs": ""}', headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "inputs"
+
+
+def test_text_whose_tokens_the_model_lacks_is_a_400(extra_token_model_dir: Path) -> None:
+    with running_server(extra_token_model_dir) as server:
+        completion = httpx.post(f"{server.url}{COMPLETIONS}", json={"prompt": ["Hi", "Hi <extra>"]})
+        assert completion.status_code == 400 and completion.json()["error"]["param"] == "prompt[1]", completion.text
+        messages = [{"role": "user", "content": "<extra>"}]
+        chat = httpx.post(f"{server.url}{CHAT}", json={"messages": messages})
+        assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages", chat.text
+        assert httpx.post(f"{server.url}{COMPLETIONS}", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_stop_strings_without_a_tokenizer_are_a_400_naming_stop(tiny_model_dir: Path) -> None:  # noqa: F811
+    with running_server(tiny_model_dir) as server:
+        body = {"prompt": [5, 6, 7], "max_tokens": 2, "stop": ["x"]}
+        response = httpx.post(f"{server.url}{COMPLETIONS}", json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "stop", response.text
+        assert "stop_token_ids" in response.json()["error"]["message"]
+        body = {"prompt": [5, 6, 7], "max_tokens": 2, "stop_token_ids": [9]}
+        assert httpx.post(f"{server.url}{COMPLETIONS}", json=body).status_code == 200
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"", b"[1, 2]", b'"prompt"', b"\xff\xfe"])

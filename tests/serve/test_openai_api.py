@@ -177,6 +177,23 @@ def test_logprobs_and_echo(client: openai.OpenAI, model_name: str) -> None:
     assert all(len(entry.top_logprobs) == 3 and entry.logprob == entry.top_logprobs[0].logprob for entry in content)
 
 
+def test_echo_without_output_scores_the_prompt(client: openai.OpenAI, model_name: str) -> None:
+    options = {"model": model_name, "prompt": "Hello world", "logprobs": 1, "echo": True, "temperature": 0}
+    with_output = client.completions.create(max_tokens=3, **options)
+    scored = client.completions.create(max_tokens=0, **options)
+    (choice,) = scored.choices
+    num_prompt = scored.usage.prompt_tokens
+    assert choice.text == "Hello world" and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and scored.usage.total_tokens == num_prompt
+    assert choice.logprobs.tokens == with_output.choices[0].logprobs.tokens[:num_prompt]
+    expected = with_output.choices[0].logprobs.token_logprobs[:num_prompt]
+    assert choice.logprobs.token_logprobs == pytest.approx(expected, abs=1e-5)
+    stream = client.completions.create(max_tokens=0, stream=True, stream_options={"include_usage": True}, **options)
+    chunks = list(stream)
+    assert "".join(c.text for chunk in chunks for c in chunk.choices) == "Hello world"
+    assert chunks[-1].usage.completion_tokens == 0
+
+
 @pytest.mark.parametrize("echo", [False, True])
 def test_streamed_logprobs_add_up_to_the_whole_ones(client: openai.OpenAI, model_name: str, echo: bool) -> None:
     options = {"model": model_name, "prompt": "Hello world", "logprobs": 1, "echo": echo, **GREEDY}
