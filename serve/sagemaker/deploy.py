@@ -12,10 +12,10 @@ Before running it:
 1. Build the image for the instance type and push it to ECR: ``serve/Dockerfile.neuron``
    for inf2/trn1/trn2 instances, ``serve/Dockerfile`` for GPU instances (ml.g5, ml.g6,
    ml.p4d, ml.p5, ...).
-2. Upload the artifact as a ``model.tar.gz`` whose top level holds the artifact's files
-   (for Neuron, what ``neuron-llm compile`` wrote, compiled for this instance type and
-   tensor-parallel degree); SageMaker unpacks it into /opt/ml/model, which the container's
-   ``serve`` command serves.
+2. Upload the model as a ``model.tar.gz`` whose top level holds a Hugging Face directory's
+   files (or one GGUF file); SageMaker unpacks it into /opt/ml/model, which the container's
+   ``serve`` command serves. On Neuron, neuronx-cc compiles the step graphs while the
+   container warms up, within the startup timeout below.
 3. ``pip install "sagemaker>=2.199,<3"`` (the SDK's 2.x ``Model`` API, which 3.x removed) and
    have AWS credentials allowed to create models and endpoints.
 
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--instance-type", required=True, help="e.g. ml.inf2.xlarge, ml.trn1.2xlarge, ml.g5.xlarge")
     parser.add_argument("--endpoint-name", required=True)
     parser.add_argument("--instance-count", type=int, default=1)
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="must match the compiled artifact")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="devices to split the model across")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--env", action="append", default=[], help="extra container variable KEY=VALUE (repeatable)")
