@@ -8,9 +8,9 @@
   is among them, and so is top-p's, whose mass runs over top-k's survivors only. For
   ``bound`` << vocab it is several times faster than the sort (BENCHMARKS.md).
 
-Ties: the sort keeps or drops tokens tied at a threshold in its sort's order; the selection
-keeps every token tied at top-p's threshold, as the cuda backend's top-p kernel does. Both
-keep every token tied at the k-th largest logit.
+Ties: both keep every token tied at the k-th largest logit and every token tied at top-p's
+threshold, as the cuda backend's top-p kernel does, so which form a batch takes never
+changes what a row keeps.
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ def sort_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: to
     if top_p is not None:
         # Drop the least likely tokens while the mass they hold stays <= 1 - top_p, which
         # leaves the smallest set of most likely tokens holding at least top_p.
+        # Tokens tied with the least likely one kept are kept too, wherever the sort put them.
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         dropped = cumulative <= 1 - top_p.unsqueeze(1)
         dropped[:, -1] = False
-        sorted_logits = sorted_logits.masked_fill(dropped, float("-inf"))
+        threshold = sorted_logits.gather(1, dropped.sum(dim=-1, keepdim=True))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < threshold, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 

@@ -8,7 +8,7 @@ The order of operations follows vLLM::
         |
         +-> repetition, frequency, presence penalties
         +-> min_tokens: EOS and stop_token_ids -> -inf
-        +-> / temperature -> top-k -> top-p -> min-p      (greedy rows skip these)
+        +-> / temperature -> min-p -> top-k -> top-p      (greedy rows skip these)
         +-> draw: argmax for greedy rows, exponential race for the others
 
 Logprobs are those of the raw logits, before penalties and truncation (vLLM v1's default
@@ -423,7 +423,8 @@ def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """The logits each row samples from: penalties, min_tokens, temperature, top-k, top-p, min-p.
+    """The logits each row samples from: penalties, min_tokens, temperature, min-p, top-k, top-p
+    (vLLM v1's order: top-p's mass is over what min-p kept).
 
     ``logits`` [num_rows, vocab] are not modified; removed tokens are -inf in the result.
     """
@@ -435,10 +436,10 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = logits.masked_fill(batch.min_tokens_mask, float("-inf"))
     if not batch.is_all_greedy:  # greedy rows hold temperature 1
         logits = logits / batch.temperature.unsqueeze(1)
-    if batch.top_k is not None or batch.top_p is not None:
-        logits = ops.top_k_top_p(logits, batch.top_k, batch.top_p, batch.top_k_bound)
     if batch.min_p is not None:
         logits = _apply_min_p(logits, batch.min_p)
+    if batch.top_k is not None or batch.top_p is not None:
+        logits = ops.top_k_top_p(logits, batch.top_k, batch.top_p, batch.top_k_bound)
     return logits
 
 

@@ -100,6 +100,9 @@ def test_different_seeds_give_different_tokens() -> None:
         ({"min_p": 0.3}, {0, 1, 2}),
         ({"min_p": 0.5}, {0, 1}),
         ({"top_k": 3, "top_p": 0.5}, {0, 1}),
+        # vLLM v1's order: min-p keeps {0, 1}, whose renormalized mass top-p then measures
+        # (0.57 for token 0); top-p first would keep {0, 1}, and min-p both of them.
+        ({"top_p": 0.5, "min_p": 0.5}, {0}),
     ],
 )
 def test_truncation_keeps_exactly_the_expected_tokens(kwargs: dict[str, float], support: set[int]) -> None:

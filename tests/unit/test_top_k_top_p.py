@@ -71,6 +71,21 @@ def test_ties_past_the_bound_count_and_are_kept() -> None:
     assert torch.equal(out[kept], logits[kept])
 
 
+def test_the_sort_keeps_ties_as_the_selection_does() -> None:
+    # A batch sorts when one of its rows has no top-k: a row's kept tokens must not change.
+    generator = torch.Generator().manual_seed(3)
+    rows, vocab = 64, 300
+    logits = (torch.randn(rows, vocab, generator=generator) * 4).round() / 2
+    k = [int(v) for v in torch.randint(1, 31, (rows,), generator=generator)]
+    p = [float(v) for v in torch.rand(rows, generator=generator) * 0.98 + 0.01]
+    sorted_kept = ~sort_top_k_top_p(logits, torch.tensor(k), torch.tensor(p)).isinf()
+    selected_kept = ~select_top_k_top_p(logits, torch.tensor(k), torch.tensor(p), bound=30).isinf()
+    assert torch.equal(sorted_kept, selected_kept)
+    assert torch.equal(sorted_kept, tie_keeping_reference(logits, k, p))
+    top_p_alone = ~sort_top_k_top_p(logits, None, torch.tensor(p)).isinf()
+    assert torch.equal(top_p_alone, tie_keeping_reference(logits, [vocab] * rows, p))
+
+
 def test_rejects_a_bound_outside_the_vocabulary() -> None:
     with pytest.raises(ValueError, match="bound=0"):
         select_top_k_top_p(torch.zeros(1, 10), torch.ones(1, dtype=torch.int64), None, bound=0)
