@@ -161,10 +161,11 @@ def _parse_group(name: str, group: Any, top_format: str | None, activation_scale
         raise ValueError(f"{where}.weights: missing; only weight-quantized schemes are read")
     _require_arg(weights, "num_bits", 8, where + ".weights")
     _require_arg(weights, "symmetric", True, where + ".weights")
-    if weights.get("actorder") is not None:
+    # compressed-tensors reads a boolean actorder, as older configs wrote it, false as none.
+    if weights.get("actorder") not in (None, False):
         raise ValueError(f"{where}.weights.actorder={weights['actorder']!r}: activation reordering is not implemented")
     strategy = _strategy(weights)
-    kind = weights.get("type", "int")
+    kind = _lower(weights.get("type", "int"))
     if kind == "int":
         if storage not in _INT8_READ_FORMATS:
             raise ValueError(
@@ -209,11 +210,16 @@ def _strategy(args: dict[str, Any]) -> str:
     # As compressed-tensors infers it when the strategy is left out.
     strategy = args.get("strategy")
     if strategy is not None:
-        return strategy
+        return _lower(strategy)
     group_size = args.get("group_size")
     if group_size is None:
         return "tensor"
     return "channel" if group_size == -1 else "group"
+
+
+def _lower(value: Any) -> Any:
+    # compressed-tensors' enums take any case ("INT", "Channel").
+    return value.lower() if isinstance(value, str) else value
 
 
 def _check_token_inputs(inputs: Any, kind: str, where: str) -> None:
@@ -221,7 +227,7 @@ def _check_token_inputs(inputs: Any, kind: str, where: str) -> None:
         raise ValueError(f"{where}: must be an object")
     _require_arg(inputs, "num_bits", 8, where)
     _require_arg(inputs, "symmetric", True, where)
-    if inputs.get("type") != kind or _strategy(inputs) != "token" or inputs.get("dynamic") is not True:
+    if _lower(inputs.get("type")) != kind or _strategy(inputs) != "token" or inputs.get("dynamic") is not True:
         raise ValueError(f"{where}: only dynamic per-token {kind} activations (type {kind}, strategy token) are read")
 
 

@@ -160,6 +160,14 @@ def test_automatic_ids_skip_those_an_n_request_would_clash_with(tiny_model_dir) 
     assert all_blocks_free(llm)
 
 
+def test_a_refused_n_request_is_named_by_its_id(tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir)
+    with pytest.raises(ValueError, match=r"^request 'c': prompt of 300 tokens") as refused:
+        llm.engine.add_request([1] * 300, replace(GREEDY, n=2), request_id="c")
+    assert "#" not in str(refused.value)
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_bad_sampling_values_are_refused() -> None:
     with pytest.raises(ValueError, match="max_tokens=0"):
         SamplingParams(max_tokens=0)

@@ -283,6 +283,15 @@ def test_dense_stored_sparsity_reads_as_plain_weights() -> None:
     assert parse_quantization_config({**raw, "sparsity_config": dense}) == parse_quantization_config(raw)
 
 
+def test_configs_read_as_compressed_tensors_reads_them() -> None:
+    # Older configs wrote actorder as a boolean; the enums take any case.
+    raw = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": _group()}}
+    variant = {**raw, "config_groups": {"g": _group(actorder=False, type="INT", strategy="Channel")}}
+    assert parse_quantization_config(variant) == parse_quantization_config(raw)
+    with pytest.raises(ValueError, match="activation reordering"):
+        parse_quantization_config({**raw, "config_groups": {"g": _group(actorder=True)}})
+
+
 def test_targets_and_ignore_follow_compressed_tensors_matching() -> None:
     raw = {
         "quant_method": "compressed-tensors",
