@@ -64,6 +64,15 @@ def _require(condition: bool, name: str, value: Any, why: str) -> None:
         raise ValueError(f"{name}={value!r}: {why}")
 
 
+def as_token_ids(value: Any, key: str) -> tuple[int, ...]:
+    """A config's ``key`` (one token id, a list of them, or null) as a tuple of ids."""
+    ids = () if value is None else tuple(value) if isinstance(value, list) else (value,)
+    _require(
+        all(is_int(i) and i >= 0 for i in ids), key, value, "must be a token id (an integer >= 0) or a list of them"
+    )
+    return ids
+
+
 def is_int(value: Any) -> bool:
     """A Python int that is not a bool (what a config field of counts holds, and JSON writes)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -135,7 +144,7 @@ class ModelConfig:
             "max_position_embeddings",
         ):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, name, value, "must be a positive integer")
+            _require(is_int(value) and value > 0, name, value, "must be a positive integer")
         _require(
             self.num_attention_heads % self.num_key_value_heads == 0,
             "num_key_value_heads",
@@ -147,6 +156,9 @@ class ModelConfig:
             value = getattr(self, name)
             is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
             _require(is_number and value > 0, name, value, "must be a number > 0")
+        bos = self.bos_token_id
+        _require(bos is None or (is_int(bos) and bos >= 0), "bos_token_id", bos, "must be a token id or None")
+        as_token_ids(list(self.eos_token_ids), "eos_token_ids")
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -164,25 +176,29 @@ class ModelConfig:
         for key, accepted in _UNSUPPORTED_IF_SET.items():
             if key in hf and hf[key] is not None and hf[key] != accepted:
                 raise ValueError(f"unsupported Llama option {key}={hf[key]!r}: only {accepted!r} is implemented")
-        num_heads = hf["num_attention_heads"]
+        num_heads, hidden_size = hf["num_attention_heads"], hf["hidden_size"]
+        head_dim = hf.get("head_dim")
+        if head_dim is None:
+            # Checked here only because the division needs them; __post_init__ checks the rest.
+            for name, value in (("num_attention_heads", num_heads), ("hidden_size", hidden_size)):
+                _require(is_int(value) and value > 0, name, value, "must be a positive integer")
+            head_dim = hidden_size // num_heads
         rope_theta, rope_scaling = _read_rope(hf)
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
             vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
+            hidden_size=hidden_size,
             intermediate_size=hf["intermediate_size"],
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=num_heads,
             num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids,
+            eos_token_ids=as_token_ids(hf.get("eos_token_id"), "eos_token_id"),
         )
 
     @classmethod
@@ -199,7 +215,7 @@ class ModelConfig:
             return cls.from_hf_config(hf)
         except KeyError as e:
             raise ValueError(f"{path} lacks the required key {e.args[0]!r}") from e
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # TypeError: a value of the wrong JSON type
             raise ValueError(f"{path}: {e}") from e
 
 
@@ -221,6 +237,8 @@ def _read_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         )
     except KeyError as e:
         raise ValueError(f"rope_scaling of type 'llama3' lacks {e.args[0]!r}") from e
+    except TypeError as e:  # null, a list...
+        raise ValueError(f"rope_scaling of type 'llama3' holds a value that is not a number: {params}") from e
     return theta, scaling
 
 

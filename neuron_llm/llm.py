@@ -112,10 +112,21 @@ class LLM:
             quantization=quantization,
         )
         self.tokenizer = info.tokenizer
+        self.generation_defaults = info.generation_defaults.sampling()
+        """The ``SamplingParams`` fields the model's ``generation_config.json`` sets."""
+        try:
+            self.get_default_sampling_params()
+        except ValueError as e:
+            raise ValueError(f"{info.source}: generation_config.json: {e}") from e
         self._executor = make_executor(self.config, functools.partial(load_worker, str(info.source)))
-        self.engine = LLMEngine(self.config, self._executor, info.tokenizer, info.eos_token_ids)
-        if warm_up if warm_up is not None else torch.device(device).type in ("xla", "cuda"):
-            self.engine.runner.warm_up()
+        try:
+            self.engine = LLMEngine(self.config, self._executor, info.tokenizer, info.eos_token_ids)
+            if warm_up if warm_up is not None else torch.device(device).type in ("xla", "cuda"):
+                self.engine.runner.warm_up()
+        except BaseException:
+            # Tensor-parallel ranks would otherwise wait for a step that never comes.
+            self._executor.shutdown()
+            raise
 
     @property
     def weight_bytes(self) -> int:
@@ -219,12 +230,16 @@ class LLM:
             progress.close()
         return finished
 
-    @staticmethod
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` and ``chat`` use without ``sampling_params``: ``SamplingParams()``
+        with the sampling settings of the model's ``generation_config.json``, as in vLLM."""
+        return SamplingParams(**self.generation_defaults)
+
     def _params_per_prompt(
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+        self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
     ) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * num_prompts
+            return [self.get_default_sampling_params()] * num_prompts
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * num_prompts
         if not isinstance(sampling_params, Sequence) or isinstance(sampling_params, str):

@@ -41,6 +41,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
     num_top = body.top_logprobs or 0
     params = sampling_params(
         model,
+        unset=type(body).model_fields.keys() - body.model_fields_set,
         renames={"logprobs": "top_logprobs", "max_tokens": max_tokens_param},
         n=body.n,
         temperature=body.temperature,

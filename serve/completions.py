@@ -34,6 +34,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
     prompts = completion_prompts(model, body.prompt)
     params = sampling_params(
         model,
+        unset=type(body).model_fields.keys() - body.model_fields_set,
         n=body.n,
         temperature=body.temperature,
         top_p=body.top_p,

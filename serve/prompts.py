@@ -7,6 +7,7 @@ reaches the engine is a request it accepts.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -119,13 +120,25 @@ def output_budget(
     return max_tokens
 
 
-def sampling_params(model: ServedModel, renames: dict[str, str] | None = None, **fields: Any) -> SamplingParams:
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+"""The request fields that take the model's ``generation_config.json`` value when unset, as in vLLM."""
+
+
+def sampling_params(
+    model: ServedModel,
+    renames: dict[str, str] | None = None,
+    unset: Collection[str] = (),
+    **fields: Any,
+) -> SamplingParams:
     """``SamplingParams(**fields)``; a refused value is a ``ClientError`` naming the request field.
 
     ``renames`` maps a ``SamplingParams`` field to the request field that set it, where their
-    names differ (chat's ``top_logprobs`` sets ``logprobs``).
+    names differ (chat's ``top_logprobs`` sets ``logprobs``). Fields of ``SAMPLING_DEFAULTS``
+    named in ``unset`` (the request left them out) take the model's defaults.
     """
     renames = renames or {}
+    defaults = model.llm.generation_defaults
+    fields.update({name: defaults[name] for name in SAMPLING_DEFAULTS if name in unset and name in defaults})
     n = fields.get("n", 1)
     if n > model.max_num_seqs:
         raise ClientError(f"n={n}: this server runs at most {model.max_num_seqs} sequences at once", "n")

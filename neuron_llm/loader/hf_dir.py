@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from neuron_llm.config import ModelConfig
+from neuron_llm.config import ModelConfig, as_token_ids
 from neuron_llm.loader.weights import TensorSource
 
 CONFIG_FILE = "config.json"
@@ -30,12 +30,21 @@ class GenerationDefaults:
 
     eos_token_ids: tuple[int, ...] = ()
     """Tokens that end a sequence, besides the tokenizer's own EOS."""
-    do_sample: bool | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     repetition_penalty: float | None = None
     max_new_tokens: int | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        """The ``SamplingParams`` fields the file sets, as vLLM applies them to a request that
+        leaves them unset (its ``generation_config="auto"``; ``do_sample`` is not read there either)."""
+        fields = {
+            name: getattr(self, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        }
+        fields["max_tokens"] = self.max_new_tokens
+        return {name: value for name, value in fields.items() if value is not None}
 
 
 class SafetensorsSource:
@@ -76,23 +85,14 @@ def read_generation_defaults(model_dir: Path) -> GenerationDefaults:
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, not {type(raw).__name__}")
     return GenerationDefaults(
-        eos_token_ids=as_token_ids(raw.get("eos_token_id")),
-        do_sample=raw.get("do_sample"),
+        eos_token_ids=as_token_ids(raw.get("eos_token_id"), f"{path}: eos_token_id"),
         temperature=raw.get("temperature"),
         top_p=raw.get("top_p"),
         top_k=raw.get("top_k"),
+        min_p=raw.get("min_p"),
         repetition_penalty=raw.get("repetition_penalty"),
         max_new_tokens=raw.get("max_new_tokens"),
     )
-
-
-def as_token_ids(value: int | list[int] | None) -> tuple[int, ...]:
-    """Normalize a config's ``eos_token_id`` (one id, a list of ids or nothing) to a tuple."""
-    if value is None:
-        return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(value)
 
 
 def find_weight_files(model_dir: Path) -> list[Path]:
@@ -135,14 +135,19 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, TensorSource]]:
     """Yield ``(name, source)`` for every tensor of ``files``, each read lazily from disk.
 
     Raises ``ValueError`` naming the file when it is not a readable safetensors file
-    (corrupted or truncated).
+    (corrupted or truncated), and naming both files when a tensor is in two of them (a stray
+    copy left beside the model's files), rather than letting the later one win unnoticed.
     """
+    file_of: dict[str, Path] = {}
     for path in files:
         try:
             handle = safe_open(str(path), framework="pt")
         except SafetensorError as e:
             raise ValueError(f"{path} is not a valid safetensors file (corrupted or truncated?): {e}") from e
         for name in handle.keys():
+            if name in file_of:
+                raise ValueError(f"tensor {name!r} is in both {file_of[name]} and {path}; remove the stray file")
+            file_of[name] = path
             yield name, SafetensorsSource(handle, name)
 
 

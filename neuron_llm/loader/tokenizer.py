@@ -17,11 +17,12 @@ from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+"""The files that hold a vocabulary; a tokenizer_config.json alone builds an empty tokenizer."""
 
 
 def has_tokenizer_files(model_dir: Path) -> bool:
-    """Whether ``model_dir`` holds any of the files a Hugging Face tokenizer is read from."""
+    """Whether ``model_dir`` holds a file a Hugging Face tokenizer reads its vocabulary from."""
     return any((model_dir / name).is_file() for name in _TOKENIZER_FILES)
 
 
@@ -57,15 +58,15 @@ def render_chat(
     variables. Raises ``ValueError`` when there is no template, a message is malformed, or
     the template refuses the messages (some insist that user and assistant turns alternate).
     """
-    template = chat_template or tokenizer.chat_template
-    if not template:
+    # A tokenizer's template may be a dict of named ones, from which transformers picks "default".
+    if not (chat_template or tokenizer.chat_template):
         raise ValueError("this model has no chat template; send a plain prompt instead of chat messages")
     if add_generation_prompt and continue_final_message:
         raise ValueError("add_generation_prompt and continue_final_message exclude each other")
     try:
         return tokenizer.apply_chat_template(
             _checked_messages(messages),
-            chat_template=template,
+            chat_template=chat_template,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tokenize=False,

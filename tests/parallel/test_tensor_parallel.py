@@ -199,6 +199,24 @@ def test_async_scheduling_over_two_ranks_generates_what_one_device_does(model_di
     assert (stopped.token_ids, stopped.finish_reason) == (expected[0][:4], "stop")
 
 
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_a_failure_after_the_ranks_start_ends_them(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import neuron_llm.llm
+    from neuron_llm import LLM
+
+    def failing_engine(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("engine construction failed")
+
+    monkeypatch.setattr(neuron_llm.llm, "LLMEngine", failing_engine)
+    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
+    with pytest.raises(RuntimeError, match="engine construction failed"):
+        LLM(model=str(model_dir), tensor_parallel_size=2, **options)
+    deadline = time.monotonic() + 30
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children(), "rank 1 outlived the failed LLM"
+
+
 def test_single_device_logits_match_transformers(save_tiny_llama: Callable[..., tuple[Any, Path]]) -> None:
     # The reference the TP runs are compared with is itself right.
     hf_model, path = save_tiny_llama(**CONFIGS["replicated_kv_odd_vocab"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +224,24 @@ def test_errors_surface_as_the_clients_exceptions(client: openai.OpenAI, model_n
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "Hi"}])
     assert missing.value.body["param"] == "model"
+
+
+def test_generation_config_fills_the_sampling_fields_a_request_leaves_out(model_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(model_dir, tmp_path, dirs_exist_ok=True)
+    config_path = tmp_path / "generation_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    # Greedy, with a penalty that forbids every repeat: visible in any greedy output that repeats.
+    config_path.write_text(json.dumps({**config, "temperature": 0.0, "repetition_penalty": 1e6}))
+    body = {"prompt": "Hello world", "max_tokens": 40, "ignore_eos": True, "seed": 0}
+    with running_server(tmp_path, load=lambda: make_llm(tmp_path)) as server:
+        url = f"{server.url}/v1/completions"
+        defaults = httpx.post(url, json=body).json()["choices"][0]["text"]
+        again = httpx.post(url, json={**body, "seed": 1}).json()["choices"][0]["text"]
+        greedy = httpx.post(url, json={**body, "repetition_penalty": 1.0}).json()["choices"][0]["text"]
+        sampled = httpx.post(url, json={**body, "repetition_penalty": 1.0, "temperature": 1.5}).json()
+    assert defaults == again, "temperature 0 came from the model's defaults: seeds change nothing"
+    assert defaults != greedy, "the penalty came from the model's defaults"
+    assert sampled["choices"][0]["text"] != greedy
 
 
 def test_api_key_is_required_when_set(model_dir: Path) -> None:

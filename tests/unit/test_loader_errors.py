@@ -260,6 +260,69 @@ def test_generation_defaults_and_eos_union(save_tiny_llama: SaveTinyLlama) -> No
     assert load_model_info(path).eos_token_ids == (7, 9)
 
 
+@pytest.mark.parametrize(
+    ("file", "changes", "message"),
+    [
+        ("generation_config.json", {"eos_token_id": "107"}, r"eos_token_id='107': must be a token id"),
+        ("generation_config.json", {"eos_token_id": [2, None]}, r"eos_token_id=\[2, None\]: must be a token id"),
+        ("config.json", {"eos_token_id": "2"}, r"config\.json: eos_token_id='2'"),
+        ("config.json", {"bos_token_id": -1}, r"config\.json: bos_token_id=-1"),
+        ("config.json", {"num_attention_heads": 0}, r"num_attention_heads=0: must be a positive integer"),
+        ("config.json", {"hidden_size": "64"}, r"hidden_size='64': must be a positive integer"),
+        ("config.json", {"num_hidden_layers": True}, r"num_hidden_layers=True: must be a positive integer"),
+        (
+            "config.json",
+            {
+                "rope_parameters": {
+                    "rope_theta": 10000.0,
+                    "rope_type": "llama3",
+                    "factor": None,
+                    "low_freq_factor": 1,
+                    "high_freq_factor": 4,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+            r"config\.json: rope_scaling of type 'llama3' holds a value that is not a number",
+        ),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_refused_by_name(
+    save_tiny_llama: SaveTinyLlama, file: str, changes: dict[str, Any], message: str
+) -> None:
+    _, path = save_tiny_llama()
+    config_path = path / file
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config_path.write_text(json.dumps({**config, **changes}))
+    with pytest.raises(ValueError, match=message):
+        load(path)
+
+
+def test_a_tensor_in_two_files_is_refused(save_tiny_llama: SaveTinyLlama) -> None:
+    from safetensors.torch import save_file
+
+    _, path = save_tiny_llama()
+    (path / "model.safetensors").rename(path / "a.safetensors")
+    save_file({"model.norm.weight": torch.zeros(64)}, str(path / "b.safetensors"))
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' is in both .*a\.safetensors and .*b\.safetensors"):
+        load(path)
+
+
+def test_generation_config_sets_the_default_sampling(save_tiny_llama: SaveTinyLlama) -> None:
+    from neuron_llm.llm import LLM
+
+    _, path = save_tiny_llama()
+    settings = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_new_tokens": 7, "do_sample": True}
+    (path / "generation_config.json").write_text(json.dumps(settings))
+    llm = LLM(model=str(path), dtype="float32", num_kv_blocks=64, block_size=4, max_model_len=64)
+    params = llm.get_default_sampling_params()
+    assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.6, 0.9, 20, 7)
+    (output,) = llm.generate({"prompt_token_ids": [1, 2, 3]})
+    assert len(output.outputs[0].token_ids) <= 7
+    (path / "generation_config.json").write_text(json.dumps({"top_p": 5}))
+    with pytest.raises(ValueError, match=r"generation_config\.json: top_p=5"):
+        LLM(model=str(path), dtype="float32", num_kv_blocks=64, block_size=4, max_model_len=64)
+
+
 # --- Tokenizer and chat template ------------------------------------------------------------
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
@@ -295,6 +358,19 @@ def test_render_chat_refuses_malformed_messages(
     tokenizer.chat_template = CHAT_TEMPLATE
     with pytest.raises(ValueError, match=message):
         render_chat(tokenizer, messages)
+
+
+def test_render_chat_picks_the_default_of_named_templates(tokenizer: PreTrainedTokenizerFast) -> None:
+    tokenizer.chat_template = {"default": CHAT_TEMPLATE, "tool_use": "tools: {{ messages | length }}"}
+    messages = [{"role": "user", "content": "hello"}]
+    assert render_chat(tokenizer, messages) == "<user>hello<assistant>"
+    assert render_chat(tokenizer, messages, chat_template="[{{ messages[0]['content'] }}]") == "[hello]"
+
+
+def test_a_tokenizer_config_without_a_vocabulary_is_no_tokenizer(save_tiny_llama: SaveTinyLlama) -> None:
+    _, path = save_tiny_llama()
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizerFast"}))
+    assert load_model_info(path).tokenizer is None
 
 
 def test_render_chat_without_a_template(tokenizer: PreTrainedTokenizerFast) -> None:
