@@ -104,12 +104,12 @@ class RopeScaling:
 
 
 # Llama config keys whose non-default values change the computation in ways we do not
-# implement; each maps to the value we accept.
+# implement; each maps to the values we accept ("swish" is transformers' other name for SiLU).
+# pretraining_tp is not among them: it only splits transformers' matmuls into the same sums.
 _UNSUPPORTED_IF_SET = {
-    "attention_bias": False,
-    "mlp_bias": False,
-    "hidden_act": "silu",
-    "pretraining_tp": 1,
+    "attention_bias": (False,),
+    "mlp_bias": (False,),
+    "hidden_act": ("silu", "swish"),
 }
 
 
@@ -174,8 +174,9 @@ class ModelConfig:
                 "only LlamaForCausalLM is implemented"
             )
         for key, accepted in _UNSUPPORTED_IF_SET.items():
-            if key in hf and hf[key] is not None and hf[key] != accepted:
-                raise ValueError(f"unsupported Llama option {key}={hf[key]!r}: only {accepted!r} is implemented")
+            if key in hf and hf[key] is not None and hf[key] not in accepted:
+                names = " or ".join(map(repr, accepted))
+                raise ValueError(f"unsupported Llama option {key}={hf[key]!r}: only {names} is implemented")
         num_heads, hidden_size = hf["num_attention_heads"], hf["hidden_size"]
         head_dim = hf.get("head_dim")
         if head_dim is None:
@@ -251,7 +252,7 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _require(
-            isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+            is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1,
             "tensor_parallel_size",
             self.tensor_parallel_size,
             "must be an integer >= 1",
@@ -287,13 +288,13 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _require(
-            isinstance(self.block_size, int) and self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+            is_int(self.block_size) and self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
             "block_size",
             self.block_size,
             "must be a positive power of two",
         )
         _require(
-            self.num_kv_blocks is None or (isinstance(self.num_kv_blocks, int) and self.num_kv_blocks > 1),
+            self.num_kv_blocks is None or (is_int(self.num_kv_blocks) and self.num_kv_blocks > 1),
             "num_kv_blocks",
             self.num_kv_blocks,
             "must be None or an integer > 1",
@@ -321,7 +322,7 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         _require(
-            self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len > 0),
+            self.max_model_len is None or (is_int(self.max_model_len) and self.max_model_len > 0),
             "max_model_len",
             self.max_model_len,
             "must be None or a positive integer",

@@ -81,6 +81,11 @@ def tiny_model(**changes: Any) -> ModelConfig:
 # --- ModelConfig from Hugging Face dicts ----------------------------------------------------
 
 
+def test_options_that_compute_the_same_are_read() -> None:
+    plain = ModelConfig.from_hf_config(LLAMA2_7B)
+    assert ModelConfig.from_hf_config({**LLAMA2_7B, "pretraining_tp": 2, "hidden_act": "swish"}) == plain
+
+
 def test_llama2_style() -> None:
     config = ModelConfig.from_hf_config(LLAMA2_7B)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (32, 32, 128)
@@ -148,7 +153,6 @@ def test_from_json_file(tmp_path: Path) -> None:
         (dict(attention_bias=True), r"unsupported Llama option attention_bias=True: only False"),
         (dict(mlp_bias=True), r"unsupported Llama option mlp_bias=True"),
         (dict(hidden_act="gelu"), r"unsupported Llama option hidden_act='gelu': only 'silu'"),
-        (dict(pretraining_tp=2), r"unsupported Llama option pretraining_tp=2"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"unsupported rope_scaling type 'yarn'"),
         (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), r"unsupported rope_scaling type 'linear'"),
         (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), r"unsupported rope_scaling type 'dynamic'"),
@@ -264,6 +268,7 @@ def test_parallel_config_splits_or_replicates_kv_heads(tp: int) -> None:
     [
         (dict(block_size=12), r"block_size=12: must be a positive power of two"),
         (dict(block_size=0), r"block_size=0"),
+        (dict(block_size=True), r"block_size=True"),
         (dict(num_kv_blocks=1), r"num_kv_blocks=1: must be None or an integer > 1"),
         (dict(memory_fraction=0.0), r"memory_fraction=0\.0: must be in \(0, 1\]"),
         (dict(memory_fraction=1.5), r"memory_fraction=1\.5"),
@@ -278,6 +283,7 @@ def test_cache_config_values(changes: dict[str, Any], message: str) -> None:
     ("changes", "message"),
     [
         (dict(max_model_len=0), r"max_model_len=0: must be None or a positive integer"),
+        (dict(max_model_len=True), r"max_model_len=True: must be None or a positive integer"),
         (dict(max_num_seqs=0), r"max_num_seqs=0: must be an integer >= 1"),
         (dict(max_num_seqs=2.5), r"max_num_seqs=2\.5: must be an integer >= 1"),
         (dict(max_num_seqs="64"), r"max_num_seqs='64': must be an integer >= 1"),
