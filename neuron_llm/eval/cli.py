@@ -47,6 +47,14 @@ def run_eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"corpus {args.corpus} not found")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens {args.max_tokens}: at least 2 tokens are needed to score one")
+    if args.context < 2:
+        raise ValueError(f"--context {args.context}: a window of at least 2 tokens is needed to score one")
+    if not 0 < args.stride <= args.context:
+        raise ValueError(f"--stride {args.stride}: must be in [1, --context {args.context}]")
+    try:
+        text = args.corpus.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"corpus {args.corpus} is not UTF-8 text: {e}") from e
     # auto: float32 on the CPU, where bf16 matmuls are slow; bfloat16 elsewhere.
     if args.dtype == "auto":
         dtype = torch.float32 if parse_device(args.device).type == "cpu" else torch.bfloat16
@@ -55,7 +63,7 @@ def run_eval(args: argparse.Namespace) -> int:
     loaded = load_any_format(args.model, dtype=dtype, device=args.device, quantization=args.quantization)
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.source} has no tokenizer, so a text corpus cannot be scored")
-    token_ids = loaded.tokenizer(args.corpus.read_text(encoding="utf-8"), verbose=False)["input_ids"]
+    token_ids = loaded.tokenizer(text, verbose=False)["input_ids"]
     if args.max_tokens is not None:
         token_ids = token_ids[: args.max_tokens]
     result = perplexity(loaded.model, token_ids, context=args.context, stride=args.stride, show_progress=True)

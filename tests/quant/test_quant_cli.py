@@ -110,11 +110,19 @@ def test_eval_needs_an_existing_corpus(quant_checkpoint: tuple[Any, Path], tmp_p
         run_cli("eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(tmp_path / "missing.txt"))
 
 
+def test_eval_refuses_a_corpus_that_is_not_utf8(quant_checkpoint: tuple[Any, Path], tmp_path: Path) -> None:
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes("café au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text"):
+        run_cli("eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(corpus))
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         (["--max-tokens", "-150"], "--max-tokens -150: at least 2 tokens"),
-        (["--context", "1", "--stride", "1"], "context=1: a window of at least 2 tokens"),
+        (["--context", "1", "--stride", "1"], "--context 1: a window of at least 2 tokens"),
+        (["--context", "16", "--stride", "32"], "--stride 32: must be in [1, --context 16]"),
         (["--device", "cuda:x"], "device='cuda:x' is not a valid torch device"),
     ],
 )
