@@ -115,7 +115,7 @@ class LLM:
         self.generation_defaults = info.generation_defaults.sampling()
         """The ``SamplingParams`` fields the model's ``generation_config.json`` sets."""
         try:
-            self.get_default_sampling_params()
+            SamplingParams(**self.generation_defaults)
         except ValueError as e:
             raise ValueError(f"{info.source}: generation_config.json: {e}") from e
         self._executor = make_executor(self.config, functools.partial(load_worker, str(info.source)))
@@ -200,7 +200,9 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that advanced it (for the CLI)."""
-        request_id = self.engine.add_request(_prompt_input(prompt), sampling_params or SamplingParams())
+        request_id = self.engine.add_request(
+            _prompt_input(prompt), sampling_params or self.get_default_sampling_params()
+        )
         try:
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step():
@@ -231,8 +233,9 @@ class LLM:
         return finished
 
     def get_default_sampling_params(self) -> SamplingParams:
-        """What ``generate`` and ``chat`` use without ``sampling_params``: ``SamplingParams()``
-        with the sampling settings of the model's ``generation_config.json``, as in vLLM."""
+        """What ``generate``, ``chat`` and ``stream`` use without ``sampling_params``:
+        ``SamplingParams()`` with the sampling settings of the model's ``generation_config.json``,
+        as in vLLM."""
         return SamplingParams(**self.generation_defaults)
 
     def _params_per_prompt(

@@ -125,14 +125,6 @@ def error_from_engine(error: Exception, prompt_param: str = "prompt") -> ServeEr
     raise error
 
 
-def is_json(content_type: str | None) -> bool:
-    """Whether a Content-Type header names JSON, as FastAPI decides before parsing a body."""
-    if not content_type:
-        return False
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
-
-
 def error_from_validation(errors: Sequence[Any]) -> ClientError:
     """A ``ClientError`` naming the field that failed validation.
 
@@ -194,10 +186,10 @@ def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        # A body not sent as JSON reaches validation as bytes; "Input should be a valid
-        # dictionary" would not tell the client why.
-        content_type = request.headers.get("content-type")
-        if request.method == "POST" and not is_json(content_type):
+        # A body FastAPI did not parse as JSON (its Content-Type is not JSON) reaches validation
+        # as bytes; "Input should be a valid dictionary" would not tell the client why.
+        if isinstance(error.body, bytes):
+            content_type = request.headers.get("content-type")
             message = f"the request body must be JSON, sent with Content-Type: application/json, not {content_type!r}"
             return answer(ClientError(message, code="unsupported_media_type", status_code=415))
         return answer(error_from_validation(error.errors()))

@@ -134,7 +134,8 @@ def sampling_params(
 
     ``renames`` maps a ``SamplingParams`` field to the request field that set it, where their
     names differ (chat's ``top_logprobs`` sets ``logprobs``). Fields of ``SAMPLING_DEFAULTS``
-    named in ``unset`` (the request left them out) take the model's defaults.
+    named in ``unset`` (the request left them out) take the model's defaults; the OpenAI routes
+    pass them, TGI-style bodies keep TGI's own defaults.
     """
     renames = renames or {}
     defaults = model.llm.generation_defaults

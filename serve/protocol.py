@@ -132,6 +132,8 @@ class CompletionRequest(_SamplingRequest):
     def _zero_only_to_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value == 0 and not info.data.get("echo"):
             raise ValueError("max_tokens=0 is only allowed with echo: true, to score the prompt")
+        if value == 0 and info.data.get("min_tokens"):
+            raise ValueError("max_tokens=0 generates nothing, so min_tokens must be 0")
         return value
 
     @field_validator("best_of")

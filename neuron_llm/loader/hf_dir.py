@@ -35,15 +35,15 @@ class GenerationDefaults:
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    max_new_tokens: int | None = None
 
     def sampling(self) -> dict[str, Any]:
         """The ``SamplingParams`` fields the file sets, as vLLM applies them to a request that
-        leaves them unset (its ``generation_config="auto"``; ``do_sample`` is not read there either)."""
+        leaves them unset (its ``generation_config="auto"``; ``do_sample`` is not read there
+        either). ``max_new_tokens`` is not read: vLLM lets a request run into the context's end,
+        but a KV pool here may hold fewer tokens than the context, and then refuses it."""
         fields = {
             name: getattr(self, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
         }
-        fields["max_tokens"] = self.max_new_tokens
         return {name: value for name, value in fields.items() if value is not None}
 
 
@@ -91,7 +91,6 @@ def read_generation_defaults(model_dir: Path) -> GenerationDefaults:
         top_k=raw.get("top_k"),
         min_p=raw.get("min_p"),
         repetition_penalty=raw.get("repetition_penalty"),
-        max_new_tokens=raw.get("max_new_tokens"),
     )
 
 

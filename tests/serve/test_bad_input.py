@@ -66,6 +66,7 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "a", "logit_bias": {"1": 5}}, 400, "logit_bias"),
     (COMPLETIONS, {"prompt": "a", "best_of": 2}, 400, "best_of"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    (COMPLETIONS, {"prompt": "a", "max_tokens": 0, "echo": True, "min_tokens": 2}, 400, "max_tokens"),
     (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
     (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
     (CHAT, {"messages": USER, "store": 0}, 400, "store"),
@@ -136,6 +137,12 @@ def test_a_body_not_sent_as_json_is_a_415_naming_the_content_type(server: Server
     assert httpx.post(f"{server.url}{COMPLETIONS}", content=body, headers=headers).status_code == 415
     bad = httpx.post(f"{server.url}/invocations", content=b'{"inputs": ""}', headers=headers)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "inputs"
+    # Read as JSON, its faults are those of a JSON body.
+    body = b'{"inputs": "Hi", "parameters": {"max_new_tokens": 0}}'
+    bad = httpx.post(f"{server.url}/invocations", content=body, headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "parameters.max_new_tokens", bad.text
+    bad = httpx.post(f"{server.url}/invocations", content=b"{not json", headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json", bad.text
 
 
 def test_text_whose_tokens_the_model_lacks_is_a_400(extra_token_model_dir: Path) -> None:

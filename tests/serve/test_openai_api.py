@@ -239,6 +239,12 @@ def test_generation_config_fills_the_sampling_fields_a_request_leaves_out(model_
         again = httpx.post(url, json={**body, "seed": 1}).json()["choices"][0]["text"]
         greedy = httpx.post(url, json={**body, "repetition_penalty": 1.0}).json()["choices"][0]["text"]
         sampled = httpx.post(url, json={**body, "repetition_penalty": 1.0, "temperature": 1.5}).json()
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 40, "ignore_eos": True}
+        chat_url = f"{server.url}/v1/chat/completions"
+        chat_defaults = httpx.post(chat_url, json=chat).json()["choices"][0]["message"]["content"]
+        chat_greedy = httpx.post(chat_url, json={**chat, "repetition_penalty": 1.0})
+        chat_greedy = chat_greedy.json()["choices"][0]["message"]["content"]
+    assert chat_defaults != chat_greedy, "chat takes the model's defaults too"
     assert defaults == again, "temperature 0 came from the model's defaults: seeds change nothing"
     assert defaults != greedy, "the penalty came from the model's defaults"
     assert sampled["choices"][0]["text"] != greedy
