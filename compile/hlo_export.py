@@ -9,8 +9,11 @@ the graph's ``HloModuleProto`` is written, without compiling or running it::
     DIR/manifest.json       per bucket: its shapes, the step's inputs, the entry signature
 
 Graph parameters are the step's inputs (the sampling parameters of each row among them),
-the KV pools (the pool size is part of every graph's signature), the weights and a few
-scalar constants. Outputs are the sampled token ids and the written pools.
+the KV pools (the pool size is part of every graph's signature) and the weights; Python
+numbers (eps, the attention scale, hash constants) are inlined as constants, not parameters
+whose values a loader would have to know. Outputs are the sampled token ids and the written
+pools. The manifest names the inputs and their shapes, not each parameter's index: binding
+parameters to tensors for a compiled NEFF is the compile-then-load work, not built yet.
 """
 
 from __future__ import annotations
@@ -163,9 +166,15 @@ def _export_graph(
     # its pending tensors are dropped on return, before the next worker's sync could run them.
     worker = XlaWorker(model, config, num_kv_blocks, NeuronBackend())
     batch = SamplingBatch.build_static([], config.model.vocab_size, worker.device, shape.num_seqs)
-    sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
-    pools = [pool for layer in worker.kv_caches for pool in layer]
-    proto = hlo_module_proto([sampled.token_ids, *pools])
+    xlac = import_torch_xla()._XLAC
+    # As torch_xla's own StableHLO export does: Python numbers become constants, not parameters.
+    xlac._set_xla_all_numbers_special_scalars(True)
+    try:
+        sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
+        pools = [pool for layer in worker.kv_caches for pool in layer]
+        proto = hlo_module_proto([sampled.token_ids, *pools])
+    finally:
+        xlac._set_xla_all_numbers_special_scalars(False)
     path = out / f"{shape.name}.hlo.pb"
     path.write_bytes(proto)
     parameters = entry_parameter_shapes(proto)

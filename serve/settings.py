@@ -51,6 +51,9 @@ class ServeSettings:
     max_model_len: int | None = _setting(None, "longest prompt + output in tokens (default: the model's)")
     num_kv_blocks: int | None = _setting(None, "KV pool size in blocks (default: from memory)")
     max_num_seqs: int | None = _setting(None, "most sequences in one engine step (default: the engine's)")
+    max_num_batched_tokens: int | None = _setting(
+        None, "most tokens in one engine step, the largest prefill bucket (default: the engine's)"
+    )
     max_waiting_requests: int = _setting(256, "requests waiting for their first token before new ones get 429")
     api_key: str | None = _setting(
         None,
@@ -78,7 +81,7 @@ class ServeSettings:
             "tensor_parallel_size": self.tensor_parallel_size,
             "max_model_len": self.max_model_len,
         }
-        for name in ("quantization", "num_kv_blocks", "max_num_seqs"):
+        for name in ("quantization", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
         return options

@@ -14,8 +14,11 @@ sequence and masks what lies beyond the token's position::
 
 The gathered keys and values are [num_tokens, max_blocks_per_seq * block_size, num_kv_heads,
 head_dim]: the simplest static form, no larger than the context itself for decode buckets (one
-token per sequence) but growing as num_tokens x the longest context for prefill buckets. NKI
-attention kernels, where the Neuron SDK is present, are the form for long prefill buckets.
+token per sequence) but growing as num_tokens x the longest context for prefill buckets. With
+the engine's defaults (2,048-token prefill buckets, 8,192-token contexts) an 8B model's K alone
+would take 32 GiB per layer there, so serve Neuron with small ``max_num_batched_tokens`` and
+``max_model_len``. A form that walks the context in chunks (an online softmax, or an NKI
+flash-attention kernel) is not built: ``nki_kernels/`` ships none yet.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
         --image-uri 123456789012.dkr.ecr.us-east-1.amazonaws.com/neuron-llm:neuron \\
         --model-data s3://my-bucket/llama/model.tar.gz \\
         --role arn:aws:iam::123456789012:role/SageMakerExecutionRole \\
-        --instance-type ml.inf2.xlarge --tensor-parallel-size 2 --max-model-len 4096 \\
+        --instance-type ml.inf2.xlarge --num-kv-blocks 1024 --max-model-len 4096 \\
         --endpoint-name llama-inf2 --smoke-test
 
 Before running it:
@@ -48,11 +48,24 @@ def device_for_instance(instance_type: str) -> str:
 
 
 def container_env(args: argparse.Namespace) -> dict[str, str]:
-    """The container's environment: the server's settings as ``NEURON_LLM_*`` variables."""
-    env = {
-        "NEURON_LLM_DEVICE": device_for_instance(args.instance_type),
-        "NEURON_LLM_TENSOR_PARALLEL_SIZE": str(args.tensor_parallel_size),
-    }
+    """The container's environment: the server's settings as ``NEURON_LLM_*`` variables.
+
+    Raises ``ValueError`` for settings the container cannot serve: on Neuron the KV pool's
+    size must be given (the device's memory is not queried) and tensor parallelism does not
+    run (it runs over torch.distributed on CPUs and GPUs only).
+    """
+    device = device_for_instance(args.instance_type)
+    if device == "xla" and args.num_kv_blocks is None:
+        raise ValueError(
+            f"--num-kv-blocks is needed on {args.instance_type}: the Neuron device's memory is not queried"
+        )
+    if device == "xla" and args.tensor_parallel_size != 1:
+        raise ValueError(
+            f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism does not run on Neuron yet"
+        )
+    env = {"NEURON_LLM_DEVICE": device, "NEURON_LLM_TENSOR_PARALLEL_SIZE": str(args.tensor_parallel_size)}
+    if args.num_kv_blocks is not None:
+        env["NEURON_LLM_NUM_KV_BLOCKS"] = str(args.num_kv_blocks)
     if args.max_model_len is not None:
         env["NEURON_LLM_MAX_MODEL_LEN"] = str(args.max_model_len)
     if args.served_model_name is not None:
@@ -75,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--instance-count", type=int, default=1)
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="devices to split the model across")
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (needed on Neuron)")
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--env", action="append", default=[], help="extra container variable KEY=VALUE (repeatable)")
     parser.add_argument("--smoke-test", action="store_true", help="send one TGI-style request once deployed")

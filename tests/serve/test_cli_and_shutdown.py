@@ -49,10 +49,16 @@ def test_serve_command_line_becomes_settings() -> None:
 
 def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
     settings = ServeSettings.from_env(
-        {"NEURON_LLM_MODEL": "/opt/ml/model", "NEURON_LLM_MAX_NUM_SEQS": "8", "PATH": "/bin"},
+        {
+            "NEURON_LLM_MODEL": "/opt/ml/model",
+            "NEURON_LLM_MAX_NUM_SEQS": "8",
+            "NEURON_LLM_MAX_NUM_BATCHED_TOKENS": "256",
+            "PATH": "/bin",
+        },
         host="0.0.0.0",
         port=8080,
     )
+    assert settings.llm_options()["max_num_batched_tokens"] == 256
     assert (settings.model, settings.max_num_seqs, settings.host, settings.port) == (
         "/opt/ml/model",
         8,

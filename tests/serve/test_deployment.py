@@ -34,13 +34,22 @@ def test_deploy_sets_the_device_from_the_instance_type() -> None:
     deploy = _deploy_module()
     required = ["--image-uri", "img", "--model-data", "s3://b/m.tar.gz", "--role", "arn", "--endpoint-name", "e"]
     args = deploy.build_parser().parse_args(
-        [*required, "--instance-type", "ml.inf2.24xlarge", "--tensor-parallel-size", "12", "--env", "NEURON_LLM_X=1"]
+        [*required, "--instance-type", "ml.inf2.24xlarge", "--num-kv-blocks", "512", "--env", "NEURON_LLM_X=1"]
     )
     assert deploy.container_env(args) == {
         "NEURON_LLM_DEVICE": "xla",
-        "NEURON_LLM_TENSOR_PARALLEL_SIZE": "12",
+        "NEURON_LLM_TENSOR_PARALLEL_SIZE": "1",
+        "NEURON_LLM_NUM_KV_BLOCKS": "512",
         "NEURON_LLM_X": "1",
     }
+    # What the Neuron container cannot serve is refused before anything reaches AWS.
+    assert deploy.main([*required, "--instance-type", "ml.inf2.24xlarge"]) == 2
+    assert (
+        deploy.main(
+            [*required, "--instance-type", "ml.trn1.2xlarge", "--num-kv-blocks", "64", "--tensor-parallel-size", "2"]
+        )
+        == 2
+    )
     gpu = deploy.build_parser().parse_args([*required, "--instance-type", "ml.g5.2xlarge", "--max-model-len", "4096"])
     assert deploy.container_env(gpu)["NEURON_LLM_DEVICE"] == "cuda"
     assert deploy.container_env(gpu)["NEURON_LLM_MAX_MODEL_LEN"] == "4096"

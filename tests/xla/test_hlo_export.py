@@ -60,9 +60,10 @@ def test_one_module_per_bucket_with_the_bucket_signature(exported) -> None:
         assert not declared_parameters(graph) - Counter(parameters)
         assert Counter(parameters)[HloShape("s32", (shape.num_seqs, shape.max_blocks_per_seq))] == 1
         assert Counter(parameters)[HloShape("f32", (NUM_KV_BLOCKS, BLOCK_SIZE, 2, 8))] == 4
-        # The rest are the weights and a few scalars: no input was folded into a constant.
-        num_arrays = sum(1 for p in parameters if p.dims)
-        assert num_arrays == sum(declared_parameters(graph).values()) + num_weights
+        # The rest are the weights: no input was folded into a constant, and no Python number
+        # is a parameter whose value the module does not hold.
+        assert all(p.dims for p in parameters), [str(p) for p in parameters if not p.dims]
+        assert len(parameters) == sum(declared_parameters(graph).values()) + num_weights
         assert graph["outputs"]["token_ids"] == {"shape": [shape.num_seqs], "dtype": "int64"}
         assert graph["outputs"]["order"] == [
             "token_ids",
