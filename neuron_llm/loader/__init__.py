@@ -7,6 +7,7 @@ layers, then copies the checkpoint in tensor by tensor.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,7 +67,8 @@ def resolve_model_path(model: str | Path | None) -> Path:
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
-    path = path.resolve()
+    # Lexically absolute, links kept: a hub cache's `model.gguf` links to a blob named by its hash.
+    path = Path(os.path.abspath(path))
     if path.is_file():
         if not _is_gguf(path):
             raise ValueError(f"model path {path} is a file but not a .gguf; pass a GGUF file or a model directory")

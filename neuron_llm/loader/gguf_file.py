@@ -10,8 +10,10 @@ that reordering so the weights fit our (Hugging Face style) rotary embedding.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import math
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,14 +45,23 @@ _BLOCK_NAMES = {
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama.cpp stores Llama 3.1 rope scaling as per-frequency divisors rather than metadata.
 _ROPE_FREQS = "rope_freqs.weight"
+_GGUF_VERSION = importlib.metadata.version("gguf")
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
     """Open ``path`` (memory-mapped); ``ValueError`` naming the file when it is not valid GGUF."""
     try:
-        return gguf.GGUFReader(path)
-    except ValueError as e:
-        raise ValueError(f"{path} is not a valid GGUF file (corrupted or truncated?): {e}") from e
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, OverflowError, UnicodeDecodeError) as e:
+        # gguf's reader fails on a cut-off file with whatever indexing error it meets first.
+        raise ValueError(
+            f"{path} is not a valid GGUF file (corrupted, truncated, or newer than gguf {_GGUF_VERSION} reads): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    if reader.byte_order == "S":
+        # The reader would hand out byte-swapped arrays that gguf.quants reinterprets as native.
+        raise ValueError(f"{path} is a GGUF file of the other byte order than this {sys.byteorder}-endian machine's")
+    return reader
 
 
 def has_tokenizer(reader: gguf.GGUFReader) -> bool:

@@ -201,6 +201,44 @@ def test_corrupted_gguf(tmp_path: Path) -> None:
         load(path)
 
 
+@pytest.mark.parametrize("cut", [30, 100, 200, -40])
+def test_truncated_gguf(tmp_path: Path, cut: int) -> None:
+    """Cut inside the header, the metadata and the tensor infos: the reader's own IndexErrors
+    come back as one ValueError naming the file."""
+    data = write_gguf(tmp_path / "whole.gguf", "llama", LLAMA_METADATA, {"a.weight": np.ones((2, 4), np.float32)})
+    assert len(data.read_bytes()) > 300
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data.read_bytes()[:cut])
+    with pytest.raises(ValueError, match=r"cut\.gguf is not a valid GGUF file \(corrupted, truncated"):
+        load(path)
+
+
+def test_big_endian_gguf_is_refused(tmp_path: Path) -> None:
+    """Read as it is, every float of a big-endian file would be byte-swapped garbage."""
+    path = tmp_path / "be.gguf"
+    writer = gguf.GGUFWriter(path, "llama", endianess=gguf.GGUFEndian.BIG)
+    for key, value in LLAMA_METADATA.items():
+        writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
+    writer.add_tensor("token_embd.weight", np.ones((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"be\.gguf is a GGUF file of the other byte order"):
+        load(path)
+
+
+def test_gguf_link_to_a_blob_without_suffix(tmp_path: Path) -> None:
+    """The Hugging Face hub cache: snapshots/<rev>/model.gguf links to blobs/<hash>."""
+    blob = write_gguf(tmp_path / "0f3a9c", "llama", LLAMA_METADATA)
+    (tmp_path / "snapshot").mkdir()
+    link = tmp_path / "snapshot" / "model.gguf"
+    link.symlink_to(blob)
+    assert resolve_model_path(link) == link
+    assert resolve_model_path(tmp_path / "snapshot") == link
+    assert load_model_info(link).config.num_hidden_layers == 1
+
+
 def test_gguf_suffix_in_capitals(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "MODEL.GGUF", "llama", LLAMA_METADATA)
     assert resolve_model_path(path) == path and resolve_model_path(tmp_path) == path
