@@ -16,7 +16,8 @@ a module-level function, or ``functools.partial`` of one over plain data.
 A rank that fails does not leave rank 0 waiting. A spawned rank reports its traceback and
 exits; rank 0 checks that every rank is alive before each step, and on the CPU (gloo) the
 closed connections fail rank 0's collective at once, so ``execute`` raises ``WorkerError``
-with that traceback. A rank that hangs fails rank 0's gloo collective after ``timeout_s``.
+with that traceback. A rank that hangs fails rank 0's gloo collective after ``timeout_s``;
+so does a spawned one that never finishes loading (counted from rank 0's own load).
 On CUDA a peer lost in the middle of a step is noticed by NCCL's watchdog after
 ``timeout_s``, which by torch's default (TORCH_NCCL_ASYNC_ERROR_HANDLING) aborts rank 0's
 process rather than raising. After any failure the executor is shut down.
@@ -27,6 +28,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import NoReturn, TypeVar
@@ -37,7 +41,10 @@ from typing_extensions import Self
 
 from neuron_llm.config import EngineConfig
 from neuron_llm.parallel.launch import (
+    POLL_S,
+    STOP_GRACE_S,
     RankProcesses,
+    WorkerError,
     config_for_rank,
     distributed_backend,
     share_host_threads,
@@ -45,6 +52,7 @@ from neuron_llm.parallel.launch import (
 from neuron_llm.parallel.state import (
     DEFAULT_TIMEOUT_S,
     ParallelState,
+    TorchrunEnv,
     broadcast_from_driver,
     broadcast_tensor_from_driver,
     destroy_distributed,
@@ -130,8 +138,8 @@ class MultiprocExecutor(Executor):
     Under torchrun (RANK and WORLD_SIZE set) this process must be rank 0 and joins the
     group torchrun started; otherwise it spawns ranks 1..N-1 itself. It then builds its own
     worker with ``build_worker`` while the other ranks build theirs, and all agree on the
-    smallest KV pool any rank proposed. ``timeout_s`` bounds the wait for ranks to start and
-    for a peer in any collective.
+    smallest KV pool any rank proposed. ``timeout_s`` bounds the wait for ranks to start, for
+    a spawned rank to finish loading once rank 0 has, and for a peer in any collective.
 
     Raises ``WorkerError`` when another rank fails, during construction or any step.
     """
@@ -142,12 +150,15 @@ class MultiprocExecutor(Executor):
         world_size = config.parallel.tensor_parallel_size
         backend = distributed_backend(config.device.device)
         self._ranks: RankProcesses | None = None
+        self._timeout_s = timeout_s
+        self._abandoned: threading.Thread | None = None
         env = torchrun_env()
         if env is None:
             self._ranks = RankProcesses(world_size, _serve_spawned_rank, (config, build_worker, timeout_s), timeout_s)
             try:
                 self._ranks.wait_until_ready()
-                state = init_distributed(world_size, 0, backend, store=self._ranks.store, timeout_s=timeout_s)
+                join = functools.partial(init_distributed, world_size, 0, backend, store=self._ranks.store)
+                state = self._await_ranks(functools.partial(join, timeout_s=timeout_s), "join the group")
             except BaseException:
                 self._ranks.stop(graceful=False)
                 raise
@@ -159,7 +170,9 @@ class MultiprocExecutor(Executor):
         self._is_running = True
         try:
             self.worker = build_worker(config_for_rank(config, state.local_rank), 0, world_size)
-            self.num_kv_blocks = agree_on_num_kv_blocks(self.worker)
+            agree = functools.partial(agree_on_num_kv_blocks, self.worker)
+            # torchrun watches its ranks itself, and this thread could not be joined.
+            self.num_kv_blocks = agree() if self._ranks is None else self._await_ranks(agree, "finish loading")
         except Exception as e:  # noqa: BLE001 - see _fail
             self._fail(e)
 
@@ -195,6 +208,37 @@ class MultiprocExecutor(Executor):
         except Exception as e:  # noqa: BLE001 - see _fail
             self._fail(e)
 
+    def _await_ranks(self, wait: Callable[[], _T], what: str) -> _T:
+        """``wait()``, a call that returns once the other ranks take part, run on a thread while
+        this one watches: ``WorkerError`` as soon as a spawned rank fails, or once ``timeout_s``
+        has passed. (The collectives themselves could wait forever: a rank that dies before
+        joining the group leaves no connection to close, and the control group never times out.)
+        """
+        result: list[_T] = []
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                result.append(wait())
+            except BaseException as e:  # noqa: BLE001 - handed to the watching thread
+                errors.append(e)
+
+        thread = threading.Thread(target=run, name=f"neuron-llm-{what.replace(' ', '-')}", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + self._timeout_s
+        while thread.is_alive():
+            thread.join(POLL_S)
+            failure = self._ranks.failure(wait_s=0) if self._ranks is not None else None
+            if failure is None and thread.is_alive() and time.monotonic() > deadline:
+                failure = WorkerError(f"tensor-parallel ranks did not {what} within {self._timeout_s:.0f} s")
+            if failure is not None and thread.is_alive():
+                # Left inside its collective until the ranks are stopped (``_stop`` joins it).
+                self._abandoned = thread
+                raise failure
+        if errors:
+            raise errors[0]
+        return result[0]
+
     def shutdown(self) -> None:
         if not self._is_running:
             return
@@ -210,7 +254,7 @@ class MultiprocExecutor(Executor):
         Whatever the error, the ranks' collectives are now out of step (some rank is inside
         one the others will never enter), so the group cannot be used again.
         """
-        failure = self._ranks.failure() if self._ranks is not None else None
+        failure = self._ranks.failure() if self._ranks is not None and not isinstance(cause, WorkerError) else None
         self._stop(graceful=False)
         if failure is None:
             raise cause
@@ -220,6 +264,9 @@ class MultiprocExecutor(Executor):
         self._is_running = False
         if self._ranks is not None:
             self._ranks.stop(graceful)
+        if self._abandoned is not None:
+            # With its peers gone, its collective fails; the group must not go away under it.
+            self._abandoned.join(STOP_GRACE_S)
         if (worker := getattr(self, "worker", None)) is not None:
             worker.close(wait=graceful)
         destroy_distributed()
@@ -268,9 +315,9 @@ def make_executor(
     1..N-1 from this process.
     """
     world_size = config.parallel.tensor_parallel_size
-    if world_size > 1:
-        _check_device_unindexed(config.device.device, world_size)
     env = torchrun_env()
+    if world_size > 1:
+        _check_devices(config.device.device, world_size, env)
     if env is not None:
         _check_world_size(env.world_size, world_size)
         if env.rank > 0:
@@ -282,14 +329,23 @@ def make_executor(
     return MultiprocExecutor(config, build_worker, timeout_s=timeout_s)
 
 
-def _check_device_unindexed(device: str, tensor_parallel_size: int) -> None:
+def _check_devices(device: str, tensor_parallel_size: int, env: TorchrunEnv | None) -> None:
     """Each rank runs on cuda:<its LOCAL_RANK> (``config_for_rank``): an index would be dropped
-    on the ranks and kept by rank 0's engine, which makes its seeded generators there."""
+    on the ranks and kept by rank 0's engine, which makes its seeded generators there; and
+    that GPU must exist (a spawned rank failing on it would be noticed only after a timeout)."""
     parsed = torch.device(device)
-    if parsed.type == "cuda" and parsed.index is not None:
+    if parsed.type != "cuda":
+        return
+    if parsed.index is not None:
         raise ValueError(
             f"device={device!r} with tensor_parallel_size={tensor_parallel_size}: each rank runs on "
             "cuda:<its LOCAL_RANK>; pass device='cuda' (pick the GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    needed = tensor_parallel_size if env is None else env.local_rank + 1
+    if needed > (visible := torch.cuda.device_count()):
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} needs GPU cuda:{needed - 1} but {visible} are visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
         )
 
 

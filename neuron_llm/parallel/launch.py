@@ -32,11 +32,11 @@ from neuron_llm.config import EngineConfig
 
 _HOST = "127.0.0.1"
 _READY_KEY = "neuron_llm/ready/{rank}"
-_POLL_S = 0.05
+POLL_S = 0.05
 _REPORT_GRACE_S = 2.0
 """A failing rank reports before its connections close, so this wait only delays errors that
 rank 0 raised itself (then no report comes)."""
-_STOP_GRACE_S = 10.0
+STOP_GRACE_S = 10.0
 
 
 class WorkerError(RuntimeError):
@@ -113,7 +113,7 @@ class RankProcesses:
                 raise failure
             if time.monotonic() > deadline:
                 raise WorkerError(f"tensor-parallel ranks did not start within {self.timeout_s:.0f} s")
-            time.sleep(_POLL_S)
+            time.sleep(POLL_S)
 
     def failure(self, wait_s: float = _REPORT_GRACE_S) -> WorkerError | None:
         """What failed children reported (or their exit codes), waiting up to ``wait_s`` for news."""
@@ -129,18 +129,18 @@ class RankProcesses:
                 )
             if time.monotonic() >= deadline:
                 return None
-            time.sleep(_POLL_S)
+            time.sleep(POLL_S)
 
     def stop(self, graceful: bool) -> None:
         """Wait for the children to exit (``graceful``: after rank 0 told them to), then end stragglers."""
         if graceful:
-            deadline = time.monotonic() + _STOP_GRACE_S
+            deadline = time.monotonic() + STOP_GRACE_S
             for process in self._processes:
                 process.join(max(0.0, deadline - time.monotonic()))
         for process in self._processes:
             if process.is_alive():
                 process.terminate()
-                process.join(_STOP_GRACE_S)
+                process.join(STOP_GRACE_S)
             if process.is_alive():
                 process.kill()
                 process.join()

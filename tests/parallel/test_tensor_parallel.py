@@ -88,9 +88,12 @@ class FailingWorker(Worker):
 
 
 def build_failing_worker(model_dir: str, how: str, config: EngineConfig, rank: int, world_size: int) -> Worker:
-    """``build_worker``, except that rank 1 fails: ``how`` is "load", "raise" or "exit" (see FailingWorker)."""
+    """``build_worker``, except that rank 1 fails: ``how`` is "load", "hang" (in its load),
+    "raise" or "exit" (see FailingWorker)."""
     if how == "load" and rank == 1:
         raise ValueError("injected failure while rank 1 loads")
+    if how == "hang" and rank == 1:
+        time.sleep(3600)
     return FailingWorker(build_worker(model_dir, (16, 16), config, rank, world_size), rank, how)
 
 
@@ -292,6 +295,61 @@ def test_a_rank_failing_to_load_raises_on_rank_0(model_dir: Path) -> None:
     with pytest.raises(WorkerError, match=re.compile("rank 1 failed:.*injected failure while rank 1 loads", re.DOTALL)):
         make_executor(engine_config(model_dir, 2), functools.partial(build_failing_worker, str(model_dir), "load"))
     assert time.monotonic() - start < TIMEOUT_S
+    assert not _rank_processes()
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_a_rank_hanging_in_its_load_times_out(model_dir: Path) -> None:
+    """Rank 0 waits for the others in a collective of the control group, which never times out."""
+    start = time.monotonic()
+    factory = functools.partial(build_failing_worker, str(model_dir), "hang")
+    with pytest.raises(WorkerError, match=r"tensor-parallel ranks did not finish loading within 3 s"):
+        make_executor(engine_config(model_dir, 2), factory, timeout_s=3)
+    assert time.monotonic() - start < TIMEOUT_S
+    assert not _rank_processes()
+
+
+_DIES_BEFORE_JOINING = """
+import functools, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import neuron_llm.parallel.executor as executor_module
+from test_tensor_parallel import build_worker, engine_config
+from neuron_llm.parallel import make_executor
+
+if __name__ == "__mp_main__":  # the spawned rank: as torch.cuda.set_device fails for a missing GPU
+    def init_distributed(*args, **kwargs):
+        raise RuntimeError("injected: invalid device ordinal")
+    executor_module.init_distributed = init_distributed
+
+if __name__ == "__main__":
+    start = time.monotonic()
+    try:
+        make_executor(engine_config(Path({model_dir!r}), 2), functools.partial(build_worker, {model_dir!r}, (16, 16)))
+    except Exception as e:
+        print(type(e).__name__, e)
+    print("seconds", time.monotonic() - start)
+"""
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_a_rank_dying_before_it_joins_the_group_raises_its_error(model_dir: Path, tmp_path: Path) -> None:
+    """Its traceback reaches rank 0 at once, not the store's timeout after the default 600 s."""
+    script = tmp_path / "dies_before_joining.py"
+    script.write_text(_DIES_BEFORE_JOINING.format(tests=str(Path(__file__).parent), model_dir=str(model_dir)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "WorkerError tensor-parallel rank 1 failed:" in done.stdout, done.stdout + done.stderr
+    assert "injected: invalid device ordinal" in done.stdout
+    assert float(done.stdout.rsplit("seconds", 1)[1]) < TIMEOUT_S
+
+
+def test_more_ranks_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    parallel = ParallelConfig(tensor_parallel_size=2)
+    config = EngineConfig(model=_model_config(), device=DeviceConfig(device="cuda"), parallel=parallel)
+    with pytest.raises(ValueError, match=re.escape("needs GPU cuda:1 but 1 are visible (CUDA_VISIBLE_DEVICES='3')")):
+        make_executor(config, functools.partial(build_worker, "unused", (16, 16)))
     assert not _rank_processes()
 
 
