@@ -77,9 +77,6 @@ class SchemeGroup:
     targets: tuple[str, ...]
     format: LinearFormat
 
-    def matches(self, module_name: str) -> bool:
-        return any(_target_matches(target, module_name) for target in self.targets)
-
 
 @dataclass(frozen=True)
 class CheckpointQuantization:
@@ -92,9 +89,13 @@ class CheckpointQuantization:
         """The format the checkpoint stores the linear ``linear_name`` in; None for 16-bit."""
         if any(_target_matches(target, linear_name) for target in self.ignore):
             return None
-        for group in self.groups:
-            if group.matches(linear_name):
-                return group.format
+        # compressed-tensors' precedence (``apply_quantization_config``): a target repeated in a
+        # later group takes that group's scheme; an exact name beats a regex (in sorted order),
+        # which beats the class "Linear".
+        schemes = {target: group.format for group in self.groups for target in group.targets}
+        for target in sorted(schemes, key=lambda t: (t == "Linear", t.startswith("re:"), t)):
+            if _target_matches(target, linear_name):
+                return schemes[target]
         return None
 
 

@@ -306,6 +306,36 @@ def test_targets_and_ignore_follow_compressed_tensors_matching() -> None:
     assert parsed.format_of("model.layers.3.mlp.gate_proj") is None
 
 
+def test_a_linear_in_two_groups_gets_the_scheme_compressed_tensors_gives_it() -> None:
+    """Most specific target first (name, then regex, then "Linear"); a target repeated in a later
+    group takes that group. Reading groups in order would run down_proj as W8A8 here."""
+    quantization = pytest.importorskip("compressed_tensors.quantization")
+    from tests.conftest import build_hf_llama
+
+    tokens = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    raw = {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "config_groups": {
+            "everything": _group(input_activations=tokens),
+            "mlp": _group(targets=["re:.*mlp\\..*", "re:.*down_proj$"]),
+            "one": _group(targets=["model.layers.1.mlp.up_proj"], strategy="group", group_size=16),
+            "mlp_again": _group(targets=["re:.*mlp\\..*"], strategy="group", group_size=32),
+        },
+        "ignore": ["lm_head"],
+    }
+    ours = parse_quantization_config(raw)
+    model = build_hf_llama(num_hidden_layers=2)
+    quantization.apply_quantization_config(model, quantization.QuantizationConfig.model_validate(raw))
+    seen = set()
+    for name, module in model.named_modules():
+        if scheme := getattr(module, "quantization_scheme", None):
+            theirs = ("w8a8" if scheme.input_activations else "int8", scheme.weights.group_size)
+            assert (ours.format_of(name).scheme, ours.format_of(name).group_size) == theirs, name
+            seen.add(theirs)
+    assert seen == {("w8a8", None), ("int8", None), ("int8", 16), ("int8", 32)}
+
+
 def test_config_rebuilt_for_a_gguf_source_reads_back() -> None:
     config = ModelConfig(
         vocab_size=300,
