@@ -118,6 +118,22 @@ def test_int8_linear_configs(config: Int8MatmulConfig, group_size: int | None, d
         assert relative_error(out, int8_expected(x, q, scale, bias, group_size)) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("block_m", [1, 16])
+def test_int8_linear_reads_no_scale_past_k(block_m: int, device: torch.device) -> None:
+    """split_k 3 of K's 16 blocks: the last split has steps starting past K, whose weights load
+    as 0; the memory after the last row's scales holds inf, which 0 * inf would make NaN."""
+    out_features, in_features, group_size = 16, 1000, 64
+    q, scale, _ = make_int8_linear(out_features, in_features, group_size, device, seed=3)
+    after_scales = torch.full((scale.numel() + 64,), float("inf"), device=device)
+    after_scales[: scale.numel()] = scale.flatten()
+    scale = after_scales[: scale.numel()].view_as(scale)
+    config = Int8MatmulConfig(block_m=block_m, block_n=16, block_k=64, split_k=3, reduce_in_thread=False)
+    x = torch.randn(3, in_features, device=device)
+    out = int8_linear(x, q, scale, None, group_size, config=config)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, int8_expected(x, q, scale, None, group_size)) < TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("reduce_in_thread", [True, False])
 def test_int8_gemv_conversions_agree_on_every_byte(reduce_in_thread: bool, device: torch.device) -> None:
     """The three int8 -> float32 conversions of the GEMV give the same bits, over all 256 values."""

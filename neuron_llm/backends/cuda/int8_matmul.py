@@ -264,7 +264,9 @@ def _group_scales(scale_ptr, rows_n, stride_sn, k, offs_k, K, GROUP_SIZE: tl.con
     """The scales of weight rows ``rows_n`` at K offsets ``offs_k``: [1, BLOCK_N] when the whole
     step from ``k`` lies in one group (SCALE_PER_TILE), else [len(offs_k), BLOCK_N]."""
     if SCALE_PER_TILE:  # a constexpr branch: the two shapes never meet in one kernel
-        scales = tl.load(scale_ptr + rows_n * stride_sn + k // GROUP_SIZE)[None, :]
+        # A split_k that does not divide K's blocks leaves the last split whole steps past K:
+        # their weights load as 0, and a scale read past the row (inf, NaN) would make 0 * inf.
+        scales = tl.load(scale_ptr + rows_n * stride_sn + tl.minimum(k, K - 1) // GROUP_SIZE)[None, :]
     else:
         scales = tl.load(
             scale_ptr + rows_n[None, :] * stride_sn + offs_k[:, None] // GROUP_SIZE, mask=offs_k[:, None] < K, other=0.0
