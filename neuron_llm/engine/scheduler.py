@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,6 +35,8 @@ from neuron_llm.engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:
     from neuron_llm.config import CacheConfig, SchedulerConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,16 @@ class Scheduler:
         self.max_seq_len: int = min(self.max_model_len, pool_len)
         """The longest sequence (prompt and output) the engine can run: ``max_model_len``, or
         less when the KV pool holds fewer tokens. Requests without ``max_tokens`` stop there."""
+        if self.max_seq_len < self.max_model_len:
+            logger.warning(
+                "the KV pool (%d blocks of %d) holds %d tokens of one sequence, fewer than max_model_len=%d: "
+                "requests without max_tokens stop there with finish_reason 'length'; "
+                "enlarge the pool (num_kv_blocks) or lower max_model_len",
+                self.block_manager.num_usable_blocks,
+                cache_config.block_size,
+                self.max_seq_len,
+                self.max_model_len,
+            )
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0

@@ -515,13 +515,16 @@ def test_requests_that_can_never_run_are_refused() -> None:
         Scheduler(CacheConfig(), SchedulerConfig(), num_blocks=8)
 
 
-def test_without_max_tokens_a_sequence_stops_where_the_pool_is_full() -> None:
+def test_without_max_tokens_a_sequence_stops_where_the_pool_is_full(caplog: pytest.LogCaptureFixture) -> None:
     # 3 usable blocks of 2 tokens hold one sequence of 7 tokens (the last sampled one needs no
     # K/V), fewer than max_model_len: a request without max_tokens finishes by length there
-    # instead of being refused, or preempting itself forever.
-    scheduler = make_scheduler(num_blocks=4, block_size=2, max_model_len=100)
+    # instead of being refused, or preempting itself forever. Starting so is worth a warning.
+    with caplog.at_level("WARNING", logger="neuron_llm.engine.scheduler"):
+        assert make_scheduler(num_blocks=100, block_size=2, max_model_len=100).max_seq_len == 100
+        assert not caplog.records
+        scheduler = make_scheduler(num_blocks=4, block_size=2, max_model_len=100)
     assert scheduler.max_seq_len == 7
-    assert make_scheduler(num_blocks=100, block_size=2, max_model_len=100).max_seq_len == 100
+    assert "(3 blocks of 2) holds 7 tokens of one sequence, fewer than max_model_len=100" in caplog.text
     model = FakeModel(scheduler)
     unbounded = make_request("unbounded", [1, 2], max_tokens=None)
     scheduler.add_request(unbounded)
