@@ -157,8 +157,10 @@ class MultiprocExecutor(Executor):
             self._ranks = RankProcesses(world_size, _serve_spawned_rank, (config, build_worker, timeout_s), timeout_s)
             try:
                 self._ranks.wait_until_ready()
-                join = functools.partial(init_distributed, world_size, 0, backend, store=self._ranks.store)
-                state = self._await_ranks(functools.partial(join, timeout_s=timeout_s), "join the group")
+                join = functools.partial(
+                    init_distributed, world_size, 0, backend, store=self._ranks.store, timeout_s=timeout_s
+                )
+                state = self._await_ranks(join, "join the group")
             except BaseException:
                 self._ranks.stop(graceful=False)
                 raise

@@ -28,6 +28,7 @@ unbounded, as vLLM would run it.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -89,14 +90,18 @@ class CheckpointQuantization:
         """The format the checkpoint stores the linear ``linear_name`` in; None for 16-bit."""
         if any(_target_matches(target, linear_name) for target in self.ignore):
             return None
+        for target, fmt in self._ranked_targets:
+            if _target_matches(target, linear_name):
+                return fmt
+        return None
+
+    @functools.cached_property
+    def _ranked_targets(self) -> list[tuple[str, LinearFormat]]:
         # compressed-tensors' precedence (``apply_quantization_config``): a target repeated in a
         # later group takes that group's scheme; an exact name beats a regex (in sorted order),
         # which beats the class "Linear".
         schemes = {target: group.format for group in self.groups for target in group.targets}
-        for target in sorted(schemes, key=lambda t: (t == "Linear", t.startswith("re:"), t)):
-            if _target_matches(target, linear_name):
-                return schemes[target]
-        return None
+        return [(t, schemes[t]) for t in sorted(schemes, key=lambda t: (t == "Linear", t.startswith("re:"), t))]
 
 
 def _target_matches(target: str, linear_name: str) -> bool:
