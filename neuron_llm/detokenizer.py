@@ -21,7 +21,9 @@ the two for one sequence.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -211,21 +213,79 @@ class IncrementalDetokenizer:
 
 
 class TokenTexts:
-    """The text of each token id alone, cached: logprobs name tokens by their text.
+    """Each token id's text alone and the bytes it adds to a text, cached: logprobs name tokens by both.
 
-    A token that is part of a multi-byte character decodes to U+FFFD on its own, as in vLLM.
+    A token that is part of a multi-byte character decodes to U+FFFD on its own, as in vLLM,
+    but its bytes are the part of the character it holds, so the bytes of a sequence's tokens
+    join into the sequence's text (OpenAI's ``bytes``).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
         self._tokenizer = tokenizer
         self._texts: dict[int, str] = {}
+        self._bytes: dict[int, bytes] = {}
+        self._piece_bytes = _piece_bytes_reader(tokenizer)
+        added = tokenizer.added_tokens_decoder if tokenizer is not None else {}
+        # Added tokens are stored as their text, not in the vocabulary's byte alphabet.
+        self._added = frozenset(added)
+        self._special = frozenset(token_id for token_id, token in added.items() if token.special)
 
     def __call__(self, token_id: int) -> str:
         if token_id not in self._texts:
             self._texts[token_id] = self._decode(token_id)
         return self._texts[token_id]
 
+    def raw_bytes(self, token_id: int) -> bytes:
+        """The bytes ``token_id`` adds to a decoded text (SentencePiece: with its leading space)."""
+        if token_id not in self._bytes:
+            self._bytes[token_id] = self._raw_bytes(token_id)
+        return self._bytes[token_id]
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether decoding with ``skip_special_tokens`` leaves ``token_id`` out."""
+        return token_id in self._special
+
     def _decode(self, token_id: int) -> str:
         if self._tokenizer is None:
             return f"token_id:{token_id}"
         return str(self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+
+    def _raw_bytes(self, token_id: int) -> bytes:
+        if self._tokenizer is None:
+            return b""  # no tokenizer, no text
+        if self._piece_bytes is not None and token_id not in self._added:
+            piece = self._tokenizer.convert_ids_to_tokens(token_id)
+            with contextlib.suppress(KeyError):
+                return self._piece_bytes(piece)
+        return self(token_id).encode()
+
+
+def _piece_bytes_reader(tokenizer: PreTrainedTokenizerBase | None) -> Callable[[str], bytes] | None:
+    """How vocabulary pieces map to bytes, for the two schemes Llamas use; None for any other."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return None
+    state = json.loads(decoder.__getstate__())
+    kinds = {state["type"], *(inner["type"] for inner in state.get("decoders", ()))}
+    if "ByteLevel" in kinds:
+        table = _byte_level_alphabet()
+        return lambda piece: bytes(table[char] for char in piece)
+    if "ByteFallback" in kinds:
+        return _sentencepiece_bytes
+    return None
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    # GPT-2's byte-level BPE writes printable Latin-1 bytes as themselves and every other byte
+    # as chr(256 + n), n counting those bytes in order.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {chr(byte): byte for byte in printable} | {chr(256 + n): byte for n, byte in enumerate(others)}
+
+
+def _sentencepiece_bytes(piece: str) -> bytes:
+    # "<0xE4>" is one raw byte (byte fallback); "▁" stands for a space.
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        with contextlib.suppress(ValueError):
+            return bytes([int(piece[3:5], 16)])
+    return piece.replace("▁", " ").encode()

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.serve.errors import ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
-from neuron_llm.serve.logprobs import completion_logprobs
+from neuron_llm.serve.logprobs import TextOffsets, completion_logprobs, prompt_text_offsets
 from neuron_llm.serve.prompts import Prompt, completion_prompts, output_budget, sampling_params
 from neuron_llm.serve.protocol import (
     CompletionChoice,
@@ -74,8 +74,8 @@ class _CompletionWriter:
         self._id = response_id
         self._created = int(time.time())
         self._texts = model.token_texts
-        self._text_offsets: dict[int, int] = {}
-        """Per choice, the text offset of its next token: a stream's chunks carry on from there."""
+        self._text_offsets: dict[int, TextOffsets] = {}
+        """Per choice, where its tokens begin in its text: a stream's chunks carry on from there."""
 
     def response(self, finals: list[RequestOutput]) -> CompletionResponse:
         choices = []
@@ -121,20 +121,22 @@ class _CompletionWriter:
         text = prompt.text + delta.text if echo else delta.text
         logprobs = None
         if self._body.logprobs is not None:
-            start = self._text_offsets.get(delta.index, 0)
-            logprobs = (
-                self._logprobs(delta, prompt, output)
-                if echo
-                else completion_logprobs(self._texts, delta.token_ids, delta.logprobs or [], start)
-            )
-            self._text_offsets[delta.index] = (0 if echo else start) + sum(map(len, logprobs.tokens))
+            logprobs = self._logprobs(delta, prompt, output) if echo else self._output_logprobs(delta, prompt)
         return CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
+
+    def _output_logprobs(self, delta: ChoiceDelta, prompt: Prompt) -> CompletionLogprobs:
+        if delta.index not in self._text_offsets:
+            self._text_offsets[delta.index] = TextOffsets(self._texts)
+        offsets = self._text_offsets[delta.index](delta.token_ids)
+        return completion_logprobs(self._texts, delta.token_ids, delta.logprobs or [], offsets)
 
     def _logprobs(self, delta: ChoiceDelta, prompt: Prompt, output: RequestOutput) -> CompletionLogprobs:
         """Logprobs of the echoed prompt followed by those of the generated tokens."""
-        prompt_part = completion_logprobs(self._texts, prompt.token_ids, output.prompt_logprobs or [])
-        offset = sum(len(token) for token in prompt_part.tokens)
-        output_part = completion_logprobs(self._texts, delta.token_ids, delta.logprobs or [], offset)
+        tokenizer = self._model.tokenizer
+        prompt_offsets = prompt_text_offsets(self._texts, tokenizer, prompt.text, prompt.token_ids)
+        prompt_part = completion_logprobs(self._texts, prompt.token_ids, output.prompt_logprobs or [], prompt_offsets)
+        self._text_offsets[delta.index] = TextOffsets(self._texts, start=len(prompt.text))
+        output_part = self._output_logprobs(delta, prompt)
         return CompletionLogprobs(
             tokens=prompt_part.tokens + output_part.tokens,
             token_logprobs=prompt_part.token_logprobs + output_part.token_logprobs,

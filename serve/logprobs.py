@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Sequence
+
+from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.detokenizer import TokenTexts
 from neuron_llm.outputs import Logprob
@@ -21,19 +24,17 @@ def completion_logprobs(
     texts: TokenTexts,
     token_ids: Sequence[int],
     logprobs: Sequence[dict[int, Logprob] | None],
-    text_offset: int = 0,
+    text_offsets: Sequence[int],
 ) -> CompletionLogprobs:
-    """The ``logprobs`` of a completion choice for ``token_ids``; offsets count from ``text_offset``.
+    """The ``logprobs`` of a completion choice for ``token_ids``, which begin at ``text_offsets``.
 
     A position without logprobs (the first prompt token, under ``echo``) gets None entries.
     Each position's ``top_logprobs`` holds the chosen token and the most likely ones.
     """
     result = CompletionLogprobs()
-    for token_id, entry in zip(token_ids, logprobs):
-        text = texts(token_id)
-        result.tokens.append(text)
-        result.text_offset.append(text_offset)
-        text_offset += len(text)
+    for token_id, entry, offset in zip(token_ids, logprobs, text_offsets, strict=True):
+        result.tokens.append(texts(token_id))
+        result.text_offset.append(offset)
         if entry is None:
             result.token_logprobs.append(None)
             result.top_logprobs.append(None)
@@ -41,6 +42,58 @@ def completion_logprobs(
             result.token_logprobs.append(_finite(entry[token_id].logprob))
             result.top_logprobs.append({texts(top_id): _finite(top.logprob) for top_id, top in entry.items()})
     return result
+
+
+class TextOffsets:
+    """Where each token of a sequence begins in its decoded text, in characters.
+
+    Counted on the tokens' bytes, so a token holding part of a character begins where that
+    character does, whichever tokens complete it, and the offset is known when the token
+    arrives (a stream cannot revise it). A special token the text leaves out adds nothing.
+    """
+
+    def __init__(self, texts: TokenTexts, start: int = 0, skip_special_tokens: bool = True) -> None:
+        self._texts = texts
+        self._skip_special_tokens = skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._length = start
+
+    def __call__(self, token_ids: Sequence[int]) -> list[int]:
+        """The offsets of ``token_ids``, which follow the tokens given before."""
+        offsets = []
+        for token_id in token_ids:
+            raw = b""
+            if not (self._skip_special_tokens and self._texts.is_special(token_id)):
+                raw = self._texts.raw_bytes(token_id)
+            # The token's first byte settles the bytes before it: the characters they finish
+            # come before the token, unless that byte itself completes or is the last one.
+            before = self._utf8.decode(raw[:1])
+            pending, _ = self._utf8.getstate()
+            offsets.append(self._length + len(before) - (1 if before and not pending else 0))
+            self._length += len(before) + len(self._utf8.decode(raw[1:]))
+        return offsets
+
+    @property
+    def length(self) -> int:
+        """The characters of the text so far, an incomplete last one left out."""
+        return self._length
+
+
+def prompt_text_offsets(
+    texts: TokenTexts, tokenizer: PreTrainedTokenizerBase | None, text: str, token_ids: Sequence[int]
+) -> list[int]:
+    """Where each of ``token_ids`` begins in ``text``, the prompt they encode."""
+    if tokenizer is not None and tokenizer.is_fast:
+        encoding = tokenizer(text, return_offsets_mapping=True)
+        # When the text encodes to these ids, the tokenizer knows each one's span, including
+        # tokens it added (a BOS) that the text does not hold.
+        if encoding["input_ids"] == list(token_ids):
+            return [start for start, _ in encoding["offset_mapping"]]
+    offsets = TextOffsets(texts, skip_special_tokens=False)
+    starts = offsets(token_ids)
+    # Decoding a whole sequence may drop a leading space (SentencePiece) that the bytes hold.
+    dropped = max(0, offsets.length - len(text))
+    return [max(0, start - dropped) for start in starts]
 
 
 def chat_logprobs(
@@ -53,12 +106,13 @@ def chat_logprobs(
         best = sorted(entry.items(), key=lambda item: (-item[1].logprob, item[1].rank or 0))[:num_top]
         content.append(
             TokenLogprob(
-                **_top(texts(token_id), entry[token_id].logprob),
-                top_logprobs=[TopLogprob(**_top(texts(top_id), top.logprob)) for top_id, top in best],
+                **_top(texts, token_id, entry[token_id].logprob),
+                top_logprobs=[TopLogprob(**_top(texts, top_id, top.logprob)) for top_id, top in best],
             )
         )
     return ChatLogprobs(content=content)
 
 
-def _top(text: str, logprob: float) -> dict[str, object]:
-    return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+def _top(texts: TokenTexts, token_id: int, logprob: float) -> dict[str, object]:
+    # OpenAI's bytes: the token's own, so the tokens of a split character join into it.
+    return {"token": texts(token_id), "logprob": _finite(logprob), "bytes": list(texts.raw_bytes(token_id))}

@@ -63,7 +63,10 @@ def _completion_prompt(model: ServedModel, prompt: str | list[int], param: str) 
         if not token_ids:
             raise ClientError(f"{param} has no tokens", param)
         return Prompt(_in_vocabulary(model, token_ids, param), prompt)
-    return Prompt(_in_vocabulary(model, prompt, param), tokenizer.decode(prompt) if tokenizer is not None else "")
+    token_ids = _in_vocabulary(model, prompt, param)
+    # Verbatim (no clean-up of spaces), as the engine decodes: echoed text and offsets agree.
+    text = "" if tokenizer is None else tokenizer.decode(token_ids, clean_up_tokenization_spaces=False)
+    return Prompt(token_ids, text)
 
 
 def _in_vocabulary(model: ServedModel, token_ids: list[int], param: str) -> list[int]:

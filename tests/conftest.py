@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.models.llama import KVCache, LlamaForCausalLM
 from neuron_llm.ops.metadata import AttentionMetadata
+from tests.tokenizer_kinds import byte_level_bpe, sentencepiece_bpe, smollm2
 
 TINY_LLAMA = dict(
     vocab_size=256,
@@ -125,3 +127,16 @@ class PagedRunner:
 def paged_runner() -> type[PagedRunner]:
     """The ``PagedRunner`` class: wrap a loaded model to get its logits and greedy continuations."""
     return PagedRunner
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(byte_level_bpe, id="byte-level"),
+        pytest.param(sentencepiece_bpe, id="sentencepiece"),
+        pytest.param(smollm2, id="smollm2", marks=pytest.mark.slow),
+    ],
+)
+def tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerBase:
+    """Each kind of tokenizer in tests/tokenizer_kinds.py."""
+    return request.param()

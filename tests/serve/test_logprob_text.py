@@ -1,0 +1,81 @@
+"""How logprobs place tokens in the text: completions' ``text_offset`` and chat's ``bytes``."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+from neuron_llm.detokenizer import TokenTexts
+from neuron_llm.outputs import Logprob
+from neuron_llm.serve.logprobs import TextOffsets, chat_logprobs, prompt_text_offsets
+from tests.tokenizer_kinds import TEXTS, byte_level_bpe, sentencepiece_bpe, stream
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_each_token_begins_at_the_character_holding_its_first_byte(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+) -> None:
+    prompt_ids = tokenizer.encode("say:", add_special_tokens=False)
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    texts = TokenTexts(tokenizer)
+    streamed = "".join(stream(tokenizer, token_ids, prompt_ids))
+    offsets = TextOffsets(texts)
+    # Offsets are fixed as tokens arrive: in chunks of any size they are the same.
+    starts = offsets(token_ids[:3]) + offsets(token_ids[3:4]) + offsets(token_ids[4:])
+    bytes_before = 0
+    for token_id, start in zip(token_ids, starts):
+        assert len(streamed[:start].encode()) <= bytes_before < len(streamed[: start + 1].encode())
+        bytes_before += len(texts.raw_bytes(token_id))
+
+
+def test_a_byte_that_is_no_character_takes_a_place_of_its_own() -> None:
+    tokenizer = byte_level_bpe()
+    texts = TokenTexts(tokenizer)
+    by_byte = {texts.raw_bytes(token_id): token_id for token_id in range(len(tokenizer))}
+    # 中 is E4 B8 AD; a lone E4 before "=" decodes as U+FFFD, so "=" begins one place on.
+    token_ids = [by_byte[bytes([byte])] for byte in b"\xe4\xb8\xad=\xe4="]
+    assert tokenizer.decode(token_ids) == "中=\ufffd="
+    assert TextOffsets(texts, start=7)(token_ids) == [7, 7, 7, 8, 9, 10]
+
+
+def test_skipped_special_tokens_take_no_place() -> None:
+    tokenizer = byte_level_bpe()
+    texts = TokenTexts(tokenizer)
+    hello, fox = tokenizer.encode("hello", add_special_tokens=False), tokenizer.encode(" fox", add_special_tokens=False)
+    token_ids = [*hello, tokenizer.eos_token_id, *fox]
+    skipped = TextOffsets(texts)(token_ids)
+    kept = TextOffsets(texts, skip_special_tokens=False)(token_ids)
+    assert skipped[len(hello)] == skipped[len(hello) + 1] == len("hello")
+    assert kept[-len(fox)] == len("hello" + tokenizer.eos_token)
+
+
+def test_prompt_offsets_place_each_token_in_the_prompt() -> None:
+    tokenizer = sentencepiece_bpe()
+    texts = TokenTexts(tokenizer)
+    text = "the fox, 世界"
+    # As encoded (a BOS the text does not hold begins at 0), and as sent in ids the text does
+    # not encode to (世 spelled by its bytes), whose decoding drops SentencePiece's first space.
+    encoded = tokenizer.encode(text)
+    spelled = tokenizer.encode("the fox,", add_special_tokens=False) + [
+        tokenizer.convert_tokens_to_ids(f"<0x{byte:02X}>") for byte in " 世界".encode()
+    ]
+    assert tokenizer.decode(spelled) == text and tokenizer.encode(text, add_special_tokens=False) != spelled
+    for token_ids in (encoded, spelled):
+        starts = prompt_text_offsets(texts, tokenizer, text, token_ids)
+        words = [
+            (texts(token_id), start)
+            for token_id, start in zip(token_ids, starts)
+            if texts(token_id).strip() and "\ufffd" not in texts(token_id) and not texts.is_special(token_id)
+        ]
+        assert len(words) >= 3 and all(text[start:].lstrip().startswith(word) for word, start in words)
+        assert starts == sorted(starts) and starts[-1] == text.index("界")
+
+
+def test_chat_bytes_of_a_split_character_join_into_it(tokenizer: PreTrainedTokenizerBase) -> None:
+    token_ids = tokenizer.encode("世界 😀", add_special_tokens=False)
+    entries = [{token_id: Logprob(-0.5, 1)} for token_id in token_ids]
+    content = chat_logprobs(TokenTexts(tokenizer), token_ids, entries, num_top=1).content
+    assert any(entry.token == "\ufffd" for entry in content)  # split characters are there to join
+    assert b"".join(bytes(entry.bytes) for entry in content).decode().lstrip() == "世界 😀"
+    assert all(entry.bytes == entry.top_logprobs[0].bytes for entry in content)
