@@ -109,14 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"neuron-llm: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:
         # The reader left (`| head`): end quietly, as Unix tools do; stdout goes to devnull so
         # that the interpreter's last flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except (ValueError, ImportError, OSError) as e:
+        # Bad input or a missing piece of the environment (a file, torch-xla, an extra).
+        print(f"neuron-llm: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

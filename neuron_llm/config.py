@@ -359,6 +359,8 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         device = parse_device(self.device)
         device_type = device.type
+        if device_type not in ("cpu", "cuda", "xla"):
+            raise ValueError(f"device={self.device!r}: neuron-llm runs on cpu, cuda, cuda:N or xla (Neuron)")
         # Frozen: normalised through object.__setattr__, so that every reader gets one form.
         object.__setattr__(self, "device", str(device))
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))

@@ -146,6 +146,9 @@ def load_worker(model: str, config: EngineConfig, rank: int, world_size: int) ->
         load_any_format, model, dtype=config.device.dtype, quantization=config.quantization, shard=shard
     )
     if torch.device(config.device.device).type == "xla":
+        from neuron_llm.xla.device import import_torch_xla
+
+        import_torch_xla()  # before minutes of loading, not after
         # Weights are read on the host and moved to the device once.
         return make_worker(load(device="cpu").model, config)
     return make_worker(load(device=config.device.device).model, config)

@@ -12,11 +12,13 @@ This module stays light (no web framework, no torch) so that a command line can 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 
-from neuron_llm.serve.settings import LOG_LEVELS, ServeSettings, default_sagemaker_model
+from neuron_llm.serve.settings import ENV_PREFIX, LOG_LEVELS, ServeSettings, default_sagemaker_model
 
 _LOG_FORMAT = "%(levelname)s:     %(name)s: %(message)s"
 
@@ -38,21 +40,52 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve with the settings parsed by the ``serve`` parser; returns the exit status."""
-    from neuron_llm.serve.server import run_server
-
+    run_server = _server()
     settings = ServeSettings.from_args(args)
     logging.basicConfig(level=LOG_LEVELS[settings.log_level], format=_LOG_FORMAT)
     return run_server(settings)
 
 
-def sagemaker_main() -> None:
+def sagemaker_main(argv: Sequence[str] | None = None) -> None:
     """The ``serve`` console command: settings from the environment, 0.0.0.0:8080 by default."""
-    from neuron_llm.serve.server import run_server
-
+    defaults = {"host": "0.0.0.0", "port": 8080, "model": default_sagemaker_model()}
+    parser = argparse.ArgumentParser(
+        prog="serve",
+        description="Serve a model as a SageMaker container does, with settings from the environment.",
+        epilog=_environment_help(defaults),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _, extra = parser.parse_known_args(argv)
+    if extra:
+        # A flag taken silently would leave the server running with settings nobody asked for.
+        parser.error(
+            f"takes no arguments ({' '.join(extra)}): set NEURON_LLM_* variables, "
+            "or run `neuron-llm serve`, which takes flags"
+        )
     try:
-        settings = ServeSettings.from_env(os.environ, host="0.0.0.0", port=8080, model=default_sagemaker_model())
-    except ValueError as e:
-        print(f"serve: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        run_server = _server()
+        settings = ServeSettings.from_env(os.environ, **defaults)
+    except (ValueError, ImportError) as e:
+        parser.exit(2, f"serve: error: {e}\n")
     logging.basicConfig(level=LOG_LEVELS[settings.log_level], format=_LOG_FORMAT)
     sys.exit(run_server(settings))
+
+
+def _server() -> Callable[[ServeSettings], int]:
+    """``run_server``, or an ImportError saying which extra brings the web server."""
+    try:
+        from neuron_llm.serve.server import run_server
+    except ModuleNotFoundError as e:
+        raise ImportError(
+            f"serving needs the serve extra ({e.name} is missing): pip install 'neuron-llm[serve]'"
+        ) from e
+    return run_server
+
+
+def _environment_help(defaults: dict[str, object]) -> str:
+    lines = ["settings (environment variables):"]
+    for f in dataclasses.fields(ServeSettings):
+        default = defaults.get(f.name, f.default)
+        shown = "" if default is None else f" [{default}]"
+        lines.append(f"  {ENV_PREFIX}{f.name.upper():<26} {f.metadata['help']}{shown}")
+    return "\n".join(lines)

@@ -67,6 +67,8 @@ class ServeSettings:
         for name in ("port", "tensor_parallel_size", "max_waiting_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.port > 65535:
+            raise ValueError(f"port={self.port}: must be <= 65535")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout={self.drain_timeout}: must be >= 0")
         if self.log_level not in LOG_LEVELS:

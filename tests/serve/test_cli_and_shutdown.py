@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 from neuron_llm.engine.async_llm import AsyncLLM, EngineClosedError
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.app import _drain
-from neuron_llm.serve.cli import add_serve_parser, run_serve
+from neuron_llm.serve.cli import add_serve_parser, run_serve, sagemaker_main
 from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.settings import LOG_LEVELS, ServeSettings
 from neuron_llm.serve.state import ServedModel, ServerState
@@ -75,6 +76,34 @@ def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
     assert LOG_LEVELS[ServeSettings(log_level="trace").log_level] < logging.DEBUG
     with pytest.raises(ValueError, match="log_level='verbose': must be one of critical, error"):
         ServeSettings.from_env({"NEURON_LLM_LOG_LEVEL": "verbose"})
+
+
+def test_port_must_be_one_a_socket_can_take() -> None:
+    with pytest.raises(ValueError, match="port=65536: must be <= 65535"):
+        ServeSettings.from_env({"NEURON_LLM_PORT": "65536"})
+
+
+def test_the_sagemaker_command_takes_no_arguments_and_lists_its_variables(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        sagemaker_main(["--port", "9000"])
+    assert refused.value.code == 2
+    assert "takes no arguments (--port 9000): set NEURON_LLM_* variables" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as helped:
+        sagemaker_main(["--help"])
+    assert helped.value.code == 0
+    assert re.search(r"NEURON_LLM_PORT +port to listen on \[8080\]", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("command", ["main(['serve', 'my/model'])", "sagemaker_main([])"])
+def test_serving_without_the_serve_extra_says_how_to_get_it(command: str) -> None:
+    script = (
+        "import sys; sys.modules['uvicorn'] = None\n"  # as if not installed
+        "from neuron_llm.cli import main\nfrom neuron_llm.serve.cli import sagemaker_main\n"
+        f"sys.exit({command})"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    assert result.returncode == 2, result.stderr
+    assert "serving needs the serve extra (uvicorn is missing): pip install 'neuron-llm[serve]'" in result.stderr
 
 
 def _free_port() -> int:

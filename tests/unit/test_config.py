@@ -301,6 +301,8 @@ def test_device_config_values() -> None:
         DeviceConfig(device="gpu0")
     with pytest.raises(ValueError, match=r"device='cuda:x' is not a valid torch device"):
         DeviceConfig(device="cuda:x")
+    with pytest.raises(ValueError, match=r"device='mps': neuron-llm runs on cpu, cuda, cuda:N or xla"):
+        DeviceConfig(device="mps")
     with pytest.raises(ValueError, match=r"dtype=torch\.int8 is not supported"):
         DeviceConfig(dtype=torch.int8)
     with pytest.raises(ValueError, match=r"max_prefill_graph_tokens=-1 must be an integer >= 0"):
