@@ -237,6 +237,16 @@ def _check_token_inputs(inputs: Any, kind: str, where: str) -> None:
         raise ValueError(f"{where}: only dynamic per-token {kind} activations (type {kind}, strategy token) are read")
 
 
+def check_whole_groups(name: str, in_features: int, group_size: int | None) -> None:
+    """Raise ``ValueError`` unless linear ``name``'s groups divide its input features: a short
+    last group runs in our layers, but compressed-tensors cannot store it."""
+    if group_size is not None and in_features % group_size:
+        raise ValueError(
+            f"{name}: in_features={in_features} is not a multiple of group_size={group_size}; "
+            "compressed-tensors stores whole groups only: use a group size that divides it, or per-channel scales"
+        )
+
+
 def quantization_config_dict(model: nn.Module) -> dict[str, Any]:
     """The compressed-tensors ``quantization_config`` describing ``model``'s quantized linears.
 
@@ -248,12 +258,7 @@ def quantization_config_dict(model: nn.Module) -> dict[str, Any]:
     """
     by_format: dict[LinearFormat, list[str]] = {}
     for name, fmt in quantized_linears(model).items():
-        in_features = model.get_submodule(name).in_features
-        if fmt.group_size is not None and in_features % fmt.group_size:
-            raise ValueError(
-                f"{name}: in_features={in_features} is not a multiple of group_size={fmt.group_size}; "
-                "compressed-tensors stores whole groups only: use a group size that divides it, or per-channel scales"
-            )
+        check_whole_groups(name, model.get_submodule(name).in_features, fmt.group_size)
         by_format.setdefault(fmt, []).append(name)
     if not by_format:
         raise ValueError("the model has no quantized linear to describe")
@@ -445,7 +450,6 @@ def save_quantized_checkpoint(
     the config is rebuilt from ``config`` and ``tokenizer`` is saved. Unquantized tensors
     are written in ``dtype``.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     source_dir = source if source.is_dir() else None
     hf_config = read_json(source_dir / CONFIG_FILE) if source_dir is not None else hf_config_dict(config)
     hf_config.pop("dtype", None)
@@ -453,6 +457,8 @@ def save_quantized_checkpoint(
     hf_config["quantization_config"] = quantization_config_dict(model)
     if LM_HEAD in quantized_linears(model):
         hf_config["tie_word_embeddings"] = False  # the quantized head is its own tensor now
+    # Made once what it will hold is known to be storable: a refusal leaves no directory behind.
+    out_dir.mkdir(parents=True, exist_ok=True)
     save_file(checkpoint_tensors(model, dtype), str(out_dir / SINGLE_WEIGHTS_FILE), metadata={"format": "pt"})
     (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     if source_dir is not None:

@@ -7,6 +7,7 @@ transformers and the loaders are imported when the command runs.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,13 +119,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     from neuron_llm.quant.layers import quantized_linears
     from neuron_llm.quant.loading import load_any_format
 
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file; choose a new or empty directory")
-    if args.out.exists() and any(args.out.iterdir()):
-        raise ValueError(f"--out {args.out} is not empty; choose a new or empty directory")
+    # Everything that can be checked is, before minutes of loading and quantizing.
+    check_out_dir(args.out)
     config = quant_config_from_args(args)
     smoothing = smoothing_from_args(args)
-    dtype = parse_dtype(args.dtype)  # checked now, not after minutes of quantizing
+    dtype = parse_dtype(args.dtype)
+    check_quantizable(args.model, config)
     # Quantizing from float32 keeps 16-bit rounding out of the quantized weights.
     if smoothing is None:
         loaded = load_any_format(args.model, dtype=torch.float32, device="cpu", quantization=config)
@@ -144,6 +144,38 @@ def run_quantize(args: argparse.Namespace) -> int:
     ratio = quantized_weight_bytes(loaded.model).ratio
     print(f"quantized {num_quantized} linears to {args.scheme} ({ratio:.1%} of their 16-bit bytes); wrote {args.out}")
     return 0
+
+
+def check_out_dir(out: Path) -> None:
+    """Raise ``ValueError`` unless ``out`` is an empty directory, or one that can be made, to write."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a new or empty directory")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty; choose a new or empty directory")
+    existing = next(parent for parent in (out, *out.absolute().parents) if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so no directory can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
+
+
+def check_quantizable(model: str | None, config: QuantConfig) -> None:
+    """Raise ``ValueError`` when ``model`` is already quantized, or when ``config`` makes groups
+    its checkpoint could not store; reads the model's config, not its weights."""
+    import torch
+
+    from neuron_llm.loader import load_model_info, resolve_model_path
+    from neuron_llm.models.llama import LlamaForCausalLM
+    from neuron_llm.quant.checkpoint import check_whole_groups, read_quantization_config
+
+    path = resolve_model_path(model)
+    if path.is_dir() and read_quantization_config(path) is not None:
+        raise ValueError(f"{path} is already quantized (compressed-tensors); quantize its 16-bit original instead")
+    info = load_model_info(path)
+    with torch.device("meta"):  # shapes only
+        skeleton = LlamaForCausalLM(info.config)
+    for name in config.policy.select(skeleton, info.config.num_hidden_layers):
+        check_whole_groups(name, skeleton.get_submodule(name).in_features, config.format.group_size)
 
 
 def smoothing_from_args(args: argparse.Namespace) -> tuple[Path, float, int] | None:

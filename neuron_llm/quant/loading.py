@@ -50,7 +50,8 @@ def load_any_format(
             loaded.weight_bytes = loaded.model.weight_bytes()
         return loaded
     if quantization is not None:
-        raise ValueError(f"{path} is already quantized; load it without quantization={quantization!r}")
+        asked = quantization if isinstance(quantization, str) else quantization.scheme
+        raise ValueError(f"{path} is already quantized (compressed-tensors): load it without quantization={asked!r}")
     info = load_model_info(path)
     with default_dtype(parse_dtype(dtype)), require_visible(device):
         built = LlamaForCausalLM(info.config)

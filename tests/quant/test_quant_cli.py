@@ -101,8 +101,36 @@ def test_quantize_refuses_a_non_empty_out_and_an_already_quantized_model(
     out = tmp_path / "int8"
     run_cli("quantize", str(quant_checkpoint[1]), "--scheme", "int8", "--out", str(out))
     assert len(quantized_linears(load_any_format(out, dtype="float32", device="cpu").model)) == 28
-    with pytest.raises(ValueError, match="is already quantized"):
+    with pytest.raises(ValueError, match="is already quantized .*; quantize its 16-bit original instead"):
         run_cli("quantize", str(out), "--scheme", "fp8", "--out", str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "options", "message"),
+    [
+        ("q", ["--group-size", "24"], "q_proj: in_features=128 is not a multiple of group_size=24"),
+        ("q", ["--modules", "down_proj", "--group-size", "96"], "down_proj: in_features=256 is not a multiple of"),
+        ("q", ["--skip-layers", "7"], "skip_layers=(7,): [7] out of range for 4 layers"),
+        ("taken/q", [], "taken is a file, so no directory can be made under it"),
+    ],
+)
+def test_quantize_refuses_before_loading_what_it_could_not_write(
+    quant_checkpoint: tuple[Any, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    out: str,
+    options: list[str],
+    message: str,
+) -> None:
+    def load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was loaded before its options were checked")
+
+    monkeypatch.setattr(quant_loading, "load_any_format", load)
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_cli("quantize", str(quant_checkpoint[1]), "--scheme", "int8", "--out", str(tmp_path / out), *options)
+    assert not (tmp_path / out).exists()
 
 
 def test_eval_needs_an_existing_corpus(quant_checkpoint: tuple[Any, Path], tmp_path: Path) -> None:

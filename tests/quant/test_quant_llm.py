@@ -11,7 +11,7 @@ import torch
 from neuron_llm import LLM, SamplingParams
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.cli import main
-from neuron_llm.quant import load_any_format, quantized_linears, save_quantized_checkpoint
+from neuron_llm.quant import QuantConfig, load_any_format, quantized_linears, save_quantized_checkpoint
 from neuron_llm.quant.formats import FP8_DTYPE
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -98,8 +98,9 @@ def test_bad_quantization_options_are_refused(quant_checkpoint: tuple[Any, Path]
         make_llm(path, quantization="int4")
     reference = load_any_format(path, dtype=torch.float32, device="cpu", quantization="int8")
     save(reference, tmp_path / "q", path)
-    with pytest.raises(ValueError, match="already quantized"):
-        make_llm(tmp_path / "q", quantization="fp8")
+    refused = r"already quantized \(compressed-tensors\): load it without quantization='fp8'"
+    with pytest.raises(ValueError, match=refused):
+        make_llm(tmp_path / "q", quantization=QuantConfig.for_scheme("fp8"))
 
 
 def test_fp8_weights_are_stored_in_fp8(quant_checkpoint: tuple[Any, Path]) -> None:
