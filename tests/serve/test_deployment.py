@@ -30,6 +30,11 @@ def test_dockerfiles_copy_what_exists_and_run_serve_on_8080(dockerfile: str) -> 
     assert re.search(r'pip install "?\.\[serve', text)
 
 
+def test_the_cuda_image_has_the_c_compiler_triton_builds_launchers_with() -> None:
+    text = (SERVE_DIR / "Dockerfile").read_text()
+    assert re.search(r"apt-get install [^\n]*\bgcc libc6-dev\b", text)
+
+
 def test_deploy_sets_the_device_from_the_instance_type() -> None:
     deploy = _deploy_module()
     required = ["--image-uri", "img", "--model-data", "s3://b/m.tar.gz", "--role", "arn", "--endpoint-name", "e"]
