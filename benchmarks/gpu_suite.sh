@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything measured on a lent GPU, in one call: the GPU tests, then the benchmarks, each
 # writing its JSON and log under $OUT (or ./gpu-results). Wheels missing on that machine
-# (gguf, the serving stack) are installed from ./.whl when the folder is there.
+# (gguf, the serving stack) are installed from ./.whl when the folder is there; elsewhere
+# install the extras first: pip install -e ".[test,bench,serve,cuda]".
 #
 #   bash benchmarks/gpu_suite.sh [tests] [attention] [linear] [chain] [quantize] [sampler] [profile] [graphs] [engine] [load]   (default: all)
 set -uo pipefail
