@@ -15,8 +15,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import TypeVar
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from neuron_llm.engine.async_llm import AsyncLLM
 from neuron_llm.outputs import RequestOutput
@@ -175,7 +176,9 @@ class EventStreamResponse(StreamingResponse):
 
     Starlette stops iterating when the client disconnects, and never starts when the client
     is gone before the first byte; closing the iterator and the generation here aborts the
-    engine requests at once rather than whenever they are collected.
+    engine requests at once rather than whenever they are collected. A client that left is
+    the end of the stream, not an error: under ASGI 2.4 servers, whose ``send`` raises
+    OSError once the client is gone, Starlette raises ``ClientDisconnect``, taken here.
     """
 
     def __init__(self, events: AsyncGenerator[str, None], generation: Generation) -> None:
@@ -184,8 +187,21 @@ class EventStreamResponse(StreamingResponse):
         self._generation = generation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client_left = False
+
+        async def send_to_client(message: Message) -> None:
+            nonlocal client_left
+            try:
+                await send(message)
+            except OSError:
+                client_left = True
+                raise
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_to_client)
+        except (ClientDisconnect, OSError):
+            if not client_left:  # an OSError of the server's own, not the client's leaving
+                raise
         finally:
             await self._events.aclose()
             await self._generation.aclose()
