@@ -43,7 +43,6 @@ from neuron_llm.quant.formats import FP8_DTYPE
 from neuron_llm.quant.smoothquant import activation_maxima, calibration_sequences, smooth_model
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.txt"
-BASELINE = "16-bit"
 FORMATS: dict[str, QuantConfig] = {
     **PRESETS,
     # The Llama 3 policy without its activation bound: shows what the bound costs on this model.
@@ -54,15 +53,34 @@ FORMATS: dict[str, QuantConfig] = {
 SMOOTHQUANT_PREFIX = "w8a8-sq"
 
 
+def format_names(value: str) -> list[str]:
+    """The ``--formats`` list, each name checked: a ``FORMATS`` key or ``w8a8-sq<alpha>``."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    for name in names:
+        if name not in FORMATS and smoothquant_alpha(name) is None:
+            raise SystemExit(
+                f"--formats: unknown format {name!r}; known: {', '.join(FORMATS)} and {SMOOTHQUANT_PREFIX}<alpha>"
+            )
+    return names
+
+
+def smoothquant_alpha(name: str) -> float | None:
+    """The migration strength of ``w8a8-sq<alpha>``; None for another name, SystemExit for a bad alpha."""
+    if not name.startswith(SMOOTHQUANT_PREFIX):
+        return None
+    alpha = name.removeprefix(SMOOTHQUANT_PREFIX)
+    if not alpha.replace(".", "", 1).isdigit() or not 0.0 <= float(alpha) <= 1.0:
+        raise SystemExit(f"{name}: name a migration strength in [0, 1], as in {SMOOTHQUANT_PREFIX}0.5")
+    return float(alpha)
+
+
 def quantized_copy(model: LlamaForCausalLM, name: str, calibration_ids: list[int]) -> LlamaForCausalLM:
-    """A copy of ``model`` in format ``name``: a ``FORMATS`` key or ``w8a8-sq<alpha>``."""
+    """A copy of ``model`` in format ``name``, checked by ``format_names``."""
     quantized = copy.deepcopy(model)
-    if name.startswith(SMOOTHQUANT_PREFIX):
-        alpha = name.removeprefix(SMOOTHQUANT_PREFIX)
-        if not alpha.replace(".", "", 1).isdigit():
-            raise SystemExit(f"{name}: name the migration strength, as in {SMOOTHQUANT_PREFIX}0.5")
+    alpha = smoothquant_alpha(name)
+    if alpha is not None:
         sequences = calibration_sequences(calibration_ids, len(calibration_ids), 512)
-        smooth_model(quantized, activation_maxima(quantized, sequences), float(alpha))
+        smooth_model(quantized, activation_maxima(quantized, sequences), alpha)
         name = "w8a8"
     quantize_model(quantized, FORMATS[name])
     return quantized
@@ -146,32 +164,42 @@ def main() -> None:
     parser.add_argument(
         "--formats",
         default="int8,fp8,fp8-unbounded,fp8-all",
-        help=f"comma-separated, besides the 16-bit model, among {', '.join(FORMATS)} and {SMOOTHQUANT_PREFIX}<alpha>",
+        help=f"comma-separated, among {', '.join(FORMATS)} and {SMOOTHQUANT_PREFIX}<alpha>",
     )
     parser.add_argument("--calibration-tokens", type=int, default=32768, help="SmoothQuant: from the corpus's end")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda")
     parser.add_argument("--json", type=Path, default=None, help="write the rows (continuations included) here")
     args = parser.parse_args()
+    # Checked before the baseline's minutes of scoring, not after.
+    names = format_names(args.formats)
+    for flag in ("calibration_tokens", "num_prompts", "prompt_tokens", "new_tokens"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be at least 1")
+    try:
+        dtype = parse_dtype(args.dtype)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
     torch.manual_seed(0)
-    loaded = load_model(args.model, dtype=parse_dtype(args.dtype), device=args.device)
+    loaded = load_model(args.model, dtype=dtype, device=args.device)
     assert loaded.tokenizer is not None
     all_ids = loaded.tokenizer(args.corpus.read_text(encoding="utf-8"), verbose=False)["input_ids"]
     corpus_ids = all_ids[: args.max_tokens]
+    if len(all_ids) < args.num_prompts + args.prompt_tokens:
+        raise SystemExit(f"the corpus's {len(all_ids)} tokens cannot hold --num-prompts distinct prompts")
     prompts = evenly_spaced_prompts(all_ids, args.num_prompts, args.prompt_tokens)
-    print(f"model {loaded.source.name}, corpus {len(all_ids)} tokens, scoring {len(corpus_ids)}", flush=True)
-
-    rows = [measure(BASELINE, loaded.model, corpus_ids, prompts, args, reference=None)]
-    if args.calibration_tokens < 1:
-        raise SystemExit(f"--calibration-tokens={args.calibration_tokens}: must be at least 1")
     calibration_ids = all_ids[-args.calibration_tokens :]
-    smoothing = any(name.startswith(SMOOTHQUANT_PREFIX) for name in args.formats.split(","))
+    smoothing = any(smoothquant_alpha(name) is not None for name in names)
     if smoothing and len(all_ids) - len(calibration_ids) < len(corpus_ids):
         raise SystemExit(
             "the calibration text would overlap the scored tokens: lower --max-tokens or --calibration-tokens"
         )
-    for name in [f for f in args.formats.split(",") if f]:
+    print(f"model {loaded.source.name}, corpus {len(all_ids)} tokens, scoring {len(corpus_ids)}", flush=True)
+
+    baseline = f"unquantized ({str(dtype).removeprefix('torch.')})"
+    rows = [measure(baseline, loaded.model, corpus_ids, prompts, args, reference=None)]
+    for name in names:
         model = quantized_copy(loaded.model, name, calibration_ids)
         rows.append(measure(name, model, corpus_ids, prompts, args, reference=rows[0]["continuations"]))
         del model

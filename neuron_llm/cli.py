@@ -70,10 +70,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     )
     print(f"weights: {llm.weight_bytes / 2**20:.1f} MiB", file=sys.stderr)
     try:
+        if llm.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer, so the text prompt cannot be encoded for it")
         prompt: str | dict[str, list[int]] = args.prompt
         if args.chat:
-            if llm.tokenizer is None:
-                raise ValueError("--chat needs a model with a tokenizer")
             text = render_chat(llm.tokenizer, [{"role": "user", "content": args.prompt}])
             prompt = {"prompt_token_ids": llm.tokenizer.encode(text, add_special_tokens=False)}
         printed = 0

@@ -52,6 +52,9 @@ def run_bench(args: argparse.Namespace) -> int:
     cases = bench_cases(args.cases)
     if args.num_layers is not None and args.num_layers < 1:
         raise ValueError(f"--num-layers {args.num_layers}: must be >= 1")
+    for flag in ("decode_tokens", "batch", "prompt_len", "prefill_len"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     if args.json is not None and not args.json.parent.is_dir():
         raise ValueError(f"--json {args.json}: the folder {args.json.parent} does not exist")
     if not torch.cuda.is_available():

@@ -43,6 +43,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from neuron_llm.quant.convert import quantized_weight_bytes
     from neuron_llm.quant.loading import load_any_format
 
+    if args.corpus.is_dir():
+        raise ValueError(f"corpus {args.corpus} is a directory; name a text file")
     if not args.corpus.is_file():
         raise FileNotFoundError(f"corpus {args.corpus} not found")
     if args.max_tokens is not None and args.max_tokens < 2:

@@ -2,7 +2,8 @@
 
 The method of Hugging Face's "Perplexity of fixed-length models": windows of ``context``
 tokens start every ``stride`` tokens, and each window scores only the tokens the previous
-window did not, so every scored token sees up to ``context - stride`` tokens of history::
+window did not, so every scored token past the first window sees at least ``context - stride``
+tokens of history (and the first window's, all the tokens before them)::
 
     tokens:   0 .......................................................... N
     window 0: [==================== scored ====================]

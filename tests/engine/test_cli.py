@@ -24,6 +24,17 @@ def test_bench_without_a_gpu_is_a_clear_error(capsys) -> None:
     assert "no CUDA device is visible" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--batch", "--decode-tokens", "--prompt-len", "--prefill-len"])
+def test_bench_refuses_sizes_below_one_before_looking_for_a_gpu(capsys, flag: str) -> None:
+    assert main(["bench", flag, "0"]) == 2
+    assert f"{flag} 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_generate_on_a_model_without_a_tokenizer_says_so(capsys, tiny_model_dir) -> None:
+    assert main(["generate", "--model", str(tiny_model_dir), "--num-kv-blocks", "16", "hi"]) == 2
+    assert f"{tiny_model_dir} has no tokenizer, so the text prompt cannot be encoded" in capsys.readouterr().err
+
+
 def test_bench_table_sets_each_figure_beside_its_anchor() -> None:
     from neuron_llm.bench.cli import markdown_table
 

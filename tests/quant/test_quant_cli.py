@@ -136,6 +136,8 @@ def test_quantize_refuses_before_loading_what_it_could_not_write(
 def test_eval_needs_an_existing_corpus(quant_checkpoint: tuple[Any, Path], tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="corpus"):
         run_cli("eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="is a directory; name a text file"):
+        run_cli("eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(tmp_path))
 
 
 def test_eval_refuses_a_corpus_that_is_not_utf8(quant_checkpoint: tuple[Any, Path], tmp_path: Path) -> None:
