@@ -76,6 +76,8 @@ def _server() -> Callable[[ServeSettings], int]:
     try:
         from neuron_llm.serve.server import run_server
     except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] == "neuron_llm":
+            raise  # a module of ours: a bug, not a missing extra
         raise ImportError(
             f"serving needs the serve extra ({e.name} is missing): pip install 'neuron-llm[serve]'"
         ) from e

@@ -121,10 +121,10 @@ class _CompletionWriter:
         text = prompt.text + delta.text if echo else delta.text
         logprobs = None
         if self._body.logprobs is not None:
-            logprobs = self._logprobs(delta, prompt, output) if echo else self._output_logprobs(delta, prompt)
+            logprobs = self._logprobs(delta, prompt, output) if echo else self._output_logprobs(delta)
         return CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
 
-    def _output_logprobs(self, delta: ChoiceDelta, prompt: Prompt) -> CompletionLogprobs:
+    def _output_logprobs(self, delta: ChoiceDelta) -> CompletionLogprobs:
         if delta.index not in self._text_offsets:
             self._text_offsets[delta.index] = TextOffsets(self._texts)
         offsets = self._text_offsets[delta.index](delta.token_ids)
@@ -136,7 +136,7 @@ class _CompletionWriter:
         prompt_offsets = prompt_text_offsets(self._texts, tokenizer, prompt.text, prompt.token_ids)
         prompt_part = completion_logprobs(self._texts, prompt.token_ids, output.prompt_logprobs or [], prompt_offsets)
         self._text_offsets[delta.index] = TextOffsets(self._texts, start=len(prompt.text))
-        output_part = self._output_logprobs(delta, prompt)
+        output_part = self._output_logprobs(delta)
         return CompletionLogprobs(
             tokens=prompt_part.tokens + output_part.tokens,
             token_logprobs=prompt_part.token_logprobs + output_part.token_logprobs,

@@ -65,8 +65,9 @@ class TextOffsets:
             raw = b""
             if not (self._skip_special_tokens and self._texts.is_special(token_id)):
                 raw = self._texts.raw_bytes(token_id)
-            # The token's first byte settles the bytes before it: the characters they finish
-            # come before the token, unless that byte itself completes or is the last one.
+            # Its first byte settles the bytes held before it. If that byte went into the last
+            # character out (completing it, or a character of its own), the token begins
+            # there; if it is held (it leads a character), after every character out.
             before = self._utf8.decode(raw[:1])
             pending, _ = self._utf8.getstate()
             offsets.append(self._length + len(before) - (1 if before and not pending else 0))
