@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from neuron_llm.backends.neuron import NeuronBackend
 from neuron_llm.config import EngineConfig, is_int
 from neuron_llm.models.llama import LlamaForCausalLM
+from neuron_llm.quant import quantized_linears
 from neuron_llm.sample import SamplingBatch
 from neuron_llm.worker import StepInput, num_kv_heads_per_rank
 from neuron_llm.xla import entry_parameter_shapes, hlo_module_proto, import_torch_xla
@@ -121,7 +123,8 @@ def export_hlo(
     fixes the KV pool shape the graphs take. ``out_dir`` must be new or empty; the manifest
     is written last, and an export that fails removes what it wrote, so a directory with a
     manifest always holds one whole export. Raises ``ValueError`` for a pool that is not set
-    or too small, bucket names that repeat, or an ``out_dir`` that holds files.
+    or too small, bucket names that repeat, an ``out_dir`` that holds files, or a model that
+    is not the one ``config`` describes (weights in another dtype, tensor parallelism).
     """
     if num_kv_blocks is None:
         num_kv_blocks = config.cache.num_kv_blocks
@@ -132,30 +135,52 @@ def export_hlo(
     names = [shape.name for shape in shapes]
     if len(set(names)) != len(names):
         raise ValueError(f"bucket names must be unique: {names}")
+    _check_model(model, config)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out_dir {out} is not a new or empty directory")
     xla_config = dataclasses.replace(config, device=dataclasses.replace(config.device, device="xla"))
     torch_xla = import_torch_xla()
     out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"{shape.name}.hlo.pb" for shape in shapes] + [out / f"{MANIFEST_NAME}.tmp", out / MANIFEST_NAME]
     try:
         graphs = [_export_graph(model, xla_config, shape, num_kv_blocks, out) for shape in shapes]
+        manifest = {
+            "format": "xla.HloModuleProto",
+            "backend": NeuronBackend.name,
+            "torch_version": torch.__version__,
+            "torch_xla_version": torch_xla.__version__,
+            "block_size": config.cache.block_size,
+            "num_kv_blocks": num_kv_blocks,
+            "dtype": str(config.device.dtype).removeprefix("torch."),
+            "quantization": sorted({fmt.scheme for fmt in quantized_linears(model).values()}),
+            "graphs": graphs,
+        }
+        # Whole or not at all: a reader never sees half a manifest.
+        written[-2].write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(written[-2], written[-1])
     except BaseException:
-        for shape in shapes:
-            (out / f"{shape.name}.hlo.pb").unlink(missing_ok=True)
+        for path in written:
+            path.unlink(missing_ok=True)
         raise
-    manifest = {
-        "format": "xla.HloModuleProto",
-        "backend": NeuronBackend.name,
-        "torch_version": torch.__version__,
-        "torch_xla_version": torch_xla.__version__,
-        "block_size": config.cache.block_size,
-        "num_kv_blocks": num_kv_blocks,
-        "dtype": str(config.device.dtype).removeprefix("torch."),
-        "graphs": graphs,
-    }
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _check_model(model: LlamaForCausalLM, config: EngineConfig) -> None:
+    """Refuse a model that is not the one ``config`` describes: its graphs would not be served."""
+    if config.parallel.tensor_parallel_size != 1:
+        raise ValueError(
+            f"tensor_parallel_size={config.parallel.tensor_parallel_size}: the export traces one device's "
+            "graph of an unsharded model (the XLA device runs without tensor parallelism)"
+        )
+    dtype = config.device.dtype
+    # Quantized weights (int8, fp8) keep their own dtypes; the 16- and 32-bit ones run in dtype.
+    other = sorted(
+        {str(p.dtype) for p in model.parameters() if p.dtype in (torch.float32, torch.bfloat16, torch.float16)}
+        - {str(dtype)}
+    )
+    if other:
+        raise ValueError(f"the model holds {', '.join(other)} weights, not the config's dtype {dtype}: cast it first")
 
 
 def _export_graph(
@@ -166,15 +191,10 @@ def _export_graph(
     # its pending tensors are dropped on return, before the next worker's sync could run them.
     worker = XlaWorker(model, config, num_kv_blocks, NeuronBackend())
     batch = SamplingBatch.build_static([], config.model.vocab_size, worker.device, shape.num_seqs)
-    xlac = import_torch_xla()._XLAC
-    # As torch_xla's own StableHLO export does: Python numbers become constants, not parameters.
-    xlac._set_xla_all_numbers_special_scalars(True)
-    try:
-        sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
-        pools = [pool for layer in worker.kv_caches for pool in layer]
-        proto = hlo_module_proto([sampled.token_ids, *pools])
-    finally:
-        xlac._set_xla_all_numbers_special_scalars(False)
+    # Traced as the worker serves it (Python numbers inlined as constants): the same module.
+    sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
+    pools = [pool for layer in worker.kv_caches for pool in layer]
+    proto = hlo_module_proto([sampled.token_ids, *pools])
     path = out / f"{shape.name}.hlo.pb"
     path.write_bytes(proto)
     parameters = entry_parameter_shapes(proto)

@@ -25,6 +25,16 @@ def import_torch_xla() -> ModuleType:
     return torch_xla
 
 
+def inline_python_numbers() -> None:
+    """Trace Python numbers (eps, the attention scale) as constants, not scalar parameters.
+
+    As torch-xla's own StableHLO export does: the graphs then hold every value they use, and
+    the HLO exported for neuronx-cc is the graph the engine serves. The setting is the
+    process's; an XLA worker owns its process.
+    """
+    import_torch_xla()._XLAC._set_xla_all_numbers_special_scalars(True)
+
+
 def xla_device() -> torch.device:
     """The default XLA device (a NeuronCore under torch-neuronx, the host CPU with PJRT_DEVICE=CPU)."""
     return import_torch_xla().device()

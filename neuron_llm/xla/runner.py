@@ -31,7 +31,7 @@ from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.sample import LogprobsTensors, RowState, SamplerOutput, SamplingBatch, sample
 from neuron_llm.worker import StepInput, StepOutput, Worker, on_own_backend_and_device
-from neuron_llm.xla.device import compile_count, sync, to_host, xla_device
+from neuron_llm.xla.device import compile_count, inline_python_numbers, sync, to_host, xla_device
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class XlaWorker(Worker):
     ) -> None:
         if torch.device(config.device.device).type != "xla":
             raise ValueError(f"device={config.device.device!r}: XlaWorker runs on the 'xla' device")
+        inline_python_numbers()
         super().__init__(model.to(xla_device()), config, num_kv_blocks, backend)
         sync()
         self._compiled_at_start = compile_count()

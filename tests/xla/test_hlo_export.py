@@ -12,7 +12,7 @@ torch_xla = pytest.importorskip("torch_xla")
 
 from neuron_llm.compile import hlo_export
 from neuron_llm.compile.hlo_export import GraphShape, dummy_step, export_hlo
-from neuron_llm.config import CacheConfig, EngineConfig
+from neuron_llm.config import CacheConfig, DeviceConfig, EngineConfig, ParallelConfig
 from neuron_llm.xla import HloShape, entry_parameter_shapes, hlo_module_proto, hlo_text
 
 pytestmark = pytest.mark.xla
@@ -73,6 +73,7 @@ def test_one_module_per_bucket_with_the_bucket_signature(exported) -> None:
             "value_cache[1]",
         ]
     assert len({graph["sha256"] for graph in manifest["graphs"]}) == len(SHAPES)
+    assert manifest["dtype"] == "float32" and manifest["quantization"] == []
 
 
 def test_proto_signature_agrees_with_hlo_text(exported, make_driver) -> None:
@@ -111,3 +112,27 @@ def test_export_refuses_a_pool_it_cannot_size(tiny_llama, tmp_path) -> None:
     config = EngineConfig(model=model.config, cache=CacheConfig(block_size=BLOCK_SIZE))
     with pytest.raises(ValueError, match="num_kv_blocks"):
         export_hlo(model, config, SHAPES, tmp_path)
+
+
+def test_a_failed_manifest_write_leaves_nothing(tiny_llama, tmp_path, monkeypatch) -> None:
+    model = tiny_llama(96)
+    config = EngineConfig(model=model.config, cache=CacheConfig(block_size=BLOCK_SIZE))
+
+    def disk_full(source, destination):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hlo_export.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_hlo(model, config, SHAPES, tmp_path / "out", num_kv_blocks=NUM_KV_BLOCKS)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_export_refuses_a_model_its_config_does_not_describe(tiny_llama, tmp_path) -> None:
+    model = tiny_llama(96)
+    sharded = EngineConfig(model=model.config, parallel=ParallelConfig(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="tensor_parallel_size=2: the export traces one device's graph"):
+        export_hlo(model, sharded, SHAPES, tmp_path / "tp", num_kv_blocks=NUM_KV_BLOCKS)
+    in_bf16 = EngineConfig(model=model.config, device=DeviceConfig(dtype="bfloat16"))
+    with pytest.raises(ValueError, match="holds torch.float32 weights, not the config's dtype torch.bfloat16"):
+        export_hlo(model, in_bf16, SHAPES, tmp_path / "bf16", num_kv_blocks=NUM_KV_BLOCKS)
+    assert not (tmp_path / "tp").exists() and not (tmp_path / "bf16").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import random
@@ -46,6 +47,27 @@ def test_engine_on_xla_compiles_each_bucket_once(tiny_model_dir, caplog) -> None
     reference = run_all(LLM(model=str(tiny_model_dir), device="cpu", **OPTIONS), _arrivals(prompts))
     for request_id, output in reference.items():
         assert on_xla[request_id].outputs[0].token_ids == output.outputs[0].token_ids, request_id
+
+
+def test_the_exported_hlo_is_the_graph_the_engine_serves(tiny_model_dir, tmp_path) -> None:  # noqa: F811
+    """Each bucket's exported module hashes like a step traced on the serving worker, and
+    running that step compiles nothing: it is one of the graphs the engine compiled."""
+    from neuron_llm.compile.hlo_export import GraphShape, dummy_step, export_hlo
+    from neuron_llm.sample import SamplingBatch
+    from neuron_llm.xla import count_graphs, hlo_module_proto, sync
+
+    llm = LLM(model=str(tiny_model_dir), device="xla", **OPTIONS)
+    worker, buckets = llm.engine.runner.executor.worker, llm.engine.runner.buckets
+    shapes = [GraphShape(b.name, b.num_tokens, b.num_seqs, buckets.max_blocks_per_seq) for b in buckets.all]
+    manifest = export_hlo(worker.model, llm.config, shapes, tmp_path)
+    for shape, graph in zip(shapes, manifest["graphs"], strict=True):
+        batch = SamplingBatch.build_static([], llm.config.model.vocab_size, worker.device, shape.num_seqs)
+        with count_graphs() as counts:
+            sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
+            proto = hlo_module_proto([sampled.token_ids, *[pool for layer in worker.kv_caches for pool in layer]])
+            sync()
+        assert hashlib.sha256(proto).hexdigest() == graph["sha256"], shape.name
+        assert counts.compilations == 0, shape.name
 
 
 def test_a_step_outside_every_bucket_is_refused(tiny_model_dir) -> None:  # noqa: F811
