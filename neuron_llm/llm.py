@@ -111,6 +111,12 @@ class LLM:
             ),
             quantization=quantization,
         )
+        if torch.device(self.config.device.device).type == "xla" and self.config.cache.num_kv_blocks is None:
+            # Before loading, which takes minutes for a large model.
+            raise ValueError(
+                "num_kv_blocks=None: set it on the XLA device (its memory is not queried yet; "
+                "NEURON_LLM_NUM_KV_BLOCKS in a container)"
+            )
         self.tokenizer = info.tokenizer
         self.generation_defaults = info.generation_defaults.sampling()
         """The ``SamplingParams`` fields the model's ``generation_config.json`` sets."""

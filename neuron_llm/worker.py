@@ -170,11 +170,7 @@ def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:
     if device.type == "xla":
         from neuron_llm.xla.runner import XlaWorker
 
-        if config.cache.num_kv_blocks is None:
-            raise ValueError(
-                "num_kv_blocks=None: set it on the XLA device (its memory is not queried yet; "
-                "NEURON_LLM_NUM_KV_BLOCKS in a container)"
-            )
+        assert config.cache.num_kv_blocks is not None, "LLM refuses the XLA device without num_kv_blocks"
         return XlaWorker(model, config, config.cache.num_kv_blocks, backend)
     num_kv_blocks = size_kv_pool(config, model.weight_bytes())
     if backend.name == "cuda" and not config.device.enforce_eager:

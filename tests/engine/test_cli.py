@@ -73,6 +73,17 @@ def test_bad_model_path_is_a_clear_error(capsys, tmp_path) -> None:
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_xla_without_a_kv_pool_size_is_refused_before_loading(capsys, monkeypatch, tiny_model_dir) -> None:
+    import neuron_llm.quant.loading
+
+    def load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the options were checked")
+
+    monkeypatch.setattr(neuron_llm.quant.loading, "load_any_format", load)
+    assert main(["generate", "--model", str(tiny_model_dir), "--device", "xla", "hi"]) == 2
+    assert "num_kv_blocks=None: set it on the XLA device" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch_xla") is not None, reason="checks a machine without torch-xla")
 def test_xla_without_torch_xla_is_a_clear_error_before_loading(capsys, monkeypatch, tiny_model_dir) -> None:
     import neuron_llm.quant.loading
