@@ -69,6 +69,15 @@ class ServeSettings:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.port > 65535:
             raise ValueError(f"port={self.port}: must be <= 65535")
+        # The engine checks these too, but only after loading the model: minutes, in a container.
+        for name, least in (
+            ("max_model_len", 1),
+            ("num_kv_blocks", 2),
+            ("max_num_seqs", 1),
+            ("max_num_batched_tokens", 1),
+        ):
+            if getattr(self, name) is not None and getattr(self, name) < least:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= {least}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout={self.drain_timeout}: must be >= 0")
         if self.log_level not in LOG_LEVELS:

@@ -5,7 +5,7 @@
         --model-data s3://my-bucket/llama/model.tar.gz \\
         --role arn:aws:iam::123456789012:role/SageMakerExecutionRole \\
         --instance-type ml.inf2.xlarge --num-kv-blocks 1024 --max-model-len 4096 \\
-        --endpoint-name llama-inf2 --smoke-test
+        --max-num-batched-tokens 256 --max-num-seqs 8 --endpoint-name llama-inf2 --smoke-test
 
 Before running it:
 
@@ -50,31 +50,43 @@ def device_for_instance(instance_type: str) -> str:
 def container_env(args: argparse.Namespace) -> dict[str, str]:
     """The container's environment: the server's settings as ``NEURON_LLM_*`` variables.
 
-    Raises ``ValueError`` for settings the container cannot serve: on Neuron the KV pool's
-    size must be given (the device's memory is not queried) and tensor parallelism does not
-    run (it runs over torch.distributed on CPUs and GPUs only).
+    Raises ``ValueError`` for settings the container would refuse at startup, and for those
+    it cannot serve: on Neuron the KV pool's size must be given (the device's memory is not
+    queried), tensor parallelism does not run (it runs over torch.distributed on CPUs and
+    GPUs only), and the step's token budget must be chosen (the prefill attention gathers
+    each token's whole context there, so the engine's default of 2048 tokens is too many).
     """
+    from neuron_llm.serve.settings import ServeSettings
+
     device = device_for_instance(args.instance_type)
-    if device == "xla" and args.num_kv_blocks is None:
-        raise ValueError(
-            f"--num-kv-blocks is needed on {args.instance_type}: the Neuron device's memory is not queried"
-        )
-    if device == "xla" and args.tensor_parallel_size != 1:
-        raise ValueError(
-            f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism does not run on Neuron yet"
-        )
+    if device == "xla":
+        for flag, value, why in (
+            ("--num-kv-blocks", args.num_kv_blocks, "the Neuron device's memory is not queried"),
+            (
+                "--max-num-batched-tokens",
+                args.max_num_batched_tokens,
+                "prefill gathers each token's whole context there; a few hundred tokens, e.g. 256",
+            ),
+        ):
+            if value is None:
+                raise ValueError(f"{flag} is needed on {args.instance_type}: {why}")
+        if args.tensor_parallel_size != 1:
+            raise ValueError(
+                f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism does not run on Neuron yet"
+            )
     env = {"NEURON_LLM_DEVICE": device, "NEURON_LLM_TENSOR_PARALLEL_SIZE": str(args.tensor_parallel_size)}
-    if args.num_kv_blocks is not None:
-        env["NEURON_LLM_NUM_KV_BLOCKS"] = str(args.num_kv_blocks)
-    if args.max_model_len is not None:
-        env["NEURON_LLM_MAX_MODEL_LEN"] = str(args.max_model_len)
-    if args.served_model_name is not None:
-        env["NEURON_LLM_SERVED_MODEL_NAME"] = args.served_model_name
+    for name in ("num_kv_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "served_model_name"):
+        if getattr(args, name) is not None:
+            env[f"NEURON_LLM_{name.upper()}"] = str(getattr(args, name))
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--env {item!r}: expected KEY=VALUE")
+        if key in env:
+            raise ValueError(f"--env {key}: already set from the instance type or a flag")
         env[key] = value
+    # As the container's `serve` will read them: an unknown or bad setting fails here, not at startup.
+    ServeSettings.from_env(env)
     return env
 
 
@@ -89,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="devices to split the model across")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (needed on Neuron)")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one step")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="most tokens in one step (needed on Neuron)"
+    )
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--env", action="append", default=[], help="extra container variable KEY=VALUE (repeatable)")
     parser.add_argument("--smoke-test", action="store_true", help="send one TGI-style request once deployed")

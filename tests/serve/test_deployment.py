@@ -30,6 +30,25 @@ def test_dockerfiles_copy_what_exists_and_run_serve_on_8080(dockerfile: str) -> 
     assert re.search(r'pip install "?\.\[serve', text)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--env", "NEURON_LLM_MAX_NUM_SEQ=8"], "unknown setting(s) NEURON_LLM_MAX_NUM_SEQ"),
+        (["--env", "NEURON_LLM_MAX_NUM_BATCHED_TOKENS=lots"], "NEURON_LLM_MAX_NUM_BATCHED_TOKENS='lots'"),
+        (["--env", "NEURON_LLM_DEVICE=cpu"], "--env NEURON_LLM_DEVICE: already set from the instance type or a flag"),
+        (["--num-kv-blocks", "1"], "num_kv_blocks=1: must be >= 2"),
+        (["--max-model-len", "0"], "max_model_len=0: must be >= 1"),
+    ],
+)
+def test_deploy_refuses_what_the_container_would_refuse_at_startup(
+    options: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deploy = _deploy_module()
+    required = ["--image-uri", "img", "--model-data", "s3://b/m.tar.gz", "--role", "arn", "--endpoint-name", "e"]
+    assert deploy.main([*required, "--instance-type", "ml.g5.2xlarge", *options]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_the_cuda_image_has_the_c_compiler_triton_builds_launchers_with() -> None:
     text = (SERVE_DIR / "Dockerfile").read_text()
     assert re.search(r"apt-get install [^\n]*\bgcc libc6-dev\b", text)
@@ -38,17 +57,20 @@ def test_the_cuda_image_has_the_c_compiler_triton_builds_launchers_with() -> Non
 def test_deploy_sets_the_device_from_the_instance_type() -> None:
     deploy = _deploy_module()
     required = ["--image-uri", "img", "--model-data", "s3://b/m.tar.gz", "--role", "arn", "--endpoint-name", "e"]
+    neuron = [*required, "--instance-type", "ml.inf2.24xlarge", "--num-kv-blocks", "512"]
     args = deploy.build_parser().parse_args(
-        [*required, "--instance-type", "ml.inf2.24xlarge", "--num-kv-blocks", "512", "--env", "NEURON_LLM_X=1"]
+        [*neuron, "--max-num-batched-tokens", "256", "--env", "NEURON_LLM_DRAIN_TIMEOUT=5"]
     )
     assert deploy.container_env(args) == {
         "NEURON_LLM_DEVICE": "xla",
         "NEURON_LLM_TENSOR_PARALLEL_SIZE": "1",
         "NEURON_LLM_NUM_KV_BLOCKS": "512",
-        "NEURON_LLM_X": "1",
+        "NEURON_LLM_MAX_NUM_BATCHED_TOKENS": "256",
+        "NEURON_LLM_DRAIN_TIMEOUT": "5",
     }
     # What the Neuron container cannot serve is refused before anything reaches AWS.
     assert deploy.main([*required, "--instance-type", "ml.inf2.24xlarge"]) == 2
+    assert deploy.main(neuron) == 2  # no --max-num-batched-tokens
     assert (
         deploy.main(
             [*required, "--instance-type", "ml.trn1.2xlarge", "--num-kv-blocks", "64", "--tensor-parallel-size", "2"]
