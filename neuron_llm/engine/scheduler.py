@@ -382,7 +382,7 @@ class Scheduler:
         )
 
     def _append_sampled(self, request: Request, token_ids: list[int]) -> bool:
-        """Append sampled tokens (several with speculative decoding) up to the length limit.
+        """Append sampled tokens up to the length limit.
 
         Returns whether the request reached it. Tokens appended beyond the computed ones are
         simply the next step's tokens to compute.
