@@ -253,8 +253,9 @@ class TokenTexts:
     def _raw_bytes(self, token_id: int) -> bytes:
         if self._tokenizer is None:
             return b""  # no tokenizer, no text
-        if self._piece_bytes is not None and token_id not in self._added:
-            piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        # None: an id past the tokenizer's vocabulary (a model's embedding padded beyond it).
+        piece = self._tokenizer.convert_ids_to_tokens(token_id) if token_id not in self._added else None
+        if self._piece_bytes is not None and piece is not None:
             with contextlib.suppress(KeyError):
                 return self._piece_bytes(piece)
         return self(token_id).encode()

@@ -54,8 +54,13 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty,
     )
+    # Left unset, each prompt may run to the end of the context (not the longest one's), as in vLLM.
+    per_prompt = [
+        params if body.max_tokens is not None else replace(params, max_tokens=model.max_model_len - len(p.token_ids))
+        for p in prompts
+    ]
     response_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = Generation(model.engine, prompts, params, response_id, state.metrics)
+    generation = Generation(model.engine, prompts, per_prompt, response_id, state.metrics)
     writer = _CompletionWriter(model, body, prompts, response_id)
     await unless_disconnected(request, generation.start())
     if body.stream:

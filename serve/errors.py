@@ -3,7 +3,7 @@
 Routes raise ``ClientError`` (a 4xx naming the bad parameter) or ``ServerError`` (a 5xx);
 the handlers installed by ``install_error_handlers`` turn those, request validation errors
 and the engine's admission errors into ``{"error": {"message", "type", "param", "code"}}``.
-Anything else is a bug: it is logged and answered with a 500 in the same shape.
+Anything else is a bug: ``CountRequests`` logs it and answers with a 500 in the same shape.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from neuron_llm.engine.async_llm import EngineClosedError, EngineError, QueueFullError
 from neuron_llm.serve.metrics import ServerMetrics
@@ -139,6 +140,10 @@ def error_from_validation(errors: Sequence[Any]) -> ClientError:
         reason = first.get("ctx", {}).get("error", "not valid JSON")
         return ClientError(f"the request body is not valid JSON: {reason}", code="invalid_json")
     paths = [_field_path(error.get("loc", ())) for error in errors]
+    unknown = [_format_path(path) for path, error in zip(paths, errors) if error.get("type") == "extra_forbidden"]
+    if unknown:
+        # Each is a field of its own, whatever the others share: name them all.
+        return ClientError(f"unknown field(s) {', '.join(unknown[:5])}: not part of this API", unknown[0])
     common = _common_prefix(paths)
     if common:
         param = _format_path(common)
@@ -176,8 +181,9 @@ def _format_path(path: Sequence[Any]) -> str:
 def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     """Answer every error in OpenAI's shape, and count the refused requests by outcome."""
 
-    def answer(error: ServeError) -> JSONResponse:
-        metrics.count_refusal(error.status_code)
+    def answer(error: ServeError, counted: bool = True) -> JSONResponse:
+        if counted:
+            metrics.count_refusal(error.status_code)
         return JSONResponse(error.body(), status_code=error.status_code)
 
     @app.exception_handler(ServeError)
@@ -201,10 +207,44 @@ def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        # Routing errors: an unknown path (404) or method (405).
-        return answer(ClientError(str(error.detail), status_code=error.status_code))
+        # Routing errors: an unknown path (404) or method (405). Not counted: scanners and
+        # probes are not requests of the API.
+        return answer(ClientError(str(error.detail), status_code=error.status_code), counted=False)
 
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("unhandled error serving %s %s", request.method, request.url.path)
-        return answer(ServerError("internal server error; see the server log"))
+    app.add_middleware(CountRequests, metrics=metrics)
+
+
+class CountRequests:
+    """Counts each HTTP request once, by outcome, and answers an error no handler took.
+
+    Starlette's own handler for ``Exception`` runs in its outermost middleware, which raises
+    the error again after answering: the server then closes the connection, failing the
+    client's next request on it. Here a bug is logged, counted as an error (over any outcome
+    counted before it) and answered with a 500 in OpenAI's shape; the connection lives on.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self._app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        with self._metrics.counting_request():
+            try:
+                await self._app(scope, receive, send_noting_start)
+            except Exception:
+                logger.exception("unhandled error serving %s %s", scope["method"], scope["path"])
+                self._metrics.count_request("error", overrides=True)
+                if started:
+                    raise  # the answer is under way: only ending the connection can cut it short
+                error = ServerError("internal server error; see the server log")
+                await JSONResponse(error.body(), status_code=error.status_code)(scope, receive, send)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -22,9 +23,12 @@ from starlette.types import Message, Receive, Scope, Send
 from neuron_llm.engine.async_llm import AsyncLLM
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.sampling_params import SamplingParams
-from neuron_llm.serve.errors import ClientDisconnected, error_from_engine
+from neuron_llm.serve.errors import ClientDisconnected, ServerError, error_from_engine
 from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.prompts import Prompt
+from neuron_llm.serve.streaming import DONE_EVENT, error_event
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 IndexedOutput = tuple[int, RequestOutput]
@@ -33,22 +37,27 @@ IndexedOutput = tuple[int, RequestOutput]
 class Generation:
     """The engine requests of one HTTP request, whose ``outputs`` are ``(prompt index, output)`` pairs.
 
-    Call ``start`` first. Outputs are cumulative; the last one of each prompt has ``finished``.
-    Engine errors are raised as ``ServeError``, naming ``prompt_param`` (the request field
-    holding the prompts) if the engine refuses a prompt. The outcome (success, or aborted when
-    the iteration stops early) is counted in ``metrics``.
+    ``params`` are every prompt's, or one per prompt. Call ``start`` first. Outputs are
+    cumulative; the last one of each prompt has ``finished``. Engine errors are raised as
+    ``ServeError``, naming ``prompt_param`` (the request field holding the prompts) if the
+    engine refuses a prompt. The outcome (success, or aborted when the iteration stops early)
+    is counted in ``metrics``.
     """
 
     def __init__(
         self,
         engine: AsyncLLM,
         prompts: Sequence[Prompt],
-        params: SamplingParams,
+        params: SamplingParams | Sequence[SamplingParams],
         request_id: str,
         metrics: ServerMetrics,
         prompt_param: str = "prompt",
     ) -> None:
-        streams = [engine.generate(p.token_ids, params, f"{request_id}-{i}") for i, p in enumerate(prompts)]
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else params
+        streams = [
+            engine.generate(p.token_ids, prompt_params, f"{request_id}-{i}")
+            for i, (p, prompt_params) in enumerate(zip(prompts, per_prompt, strict=True))
+        ]
         self._outputs = _merge(streams)
         self._first: IndexedOutput | None = None
         self._metrics = metrics
@@ -88,6 +97,11 @@ class Generation:
         finally:
             await self._outputs.aclose()
             self._count(outcome)
+
+    def count_error(self) -> None:
+        """Count the request as failed by a bug, whatever outcome was counted before."""
+        self._metrics.count_request("error", overrides=True)
+        self._is_counted = True
 
     async def aclose(self) -> None:
         """Abort what is still running (counted as aborted); a no-op once the outputs have ended.
@@ -182,9 +196,23 @@ class EventStreamResponse(StreamingResponse):
     """
 
     def __init__(self, events: AsyncGenerator[str, None], generation: Generation) -> None:
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        super().__init__(
+            self._ending_on_error(events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
         self._events = events
         self._generation = generation
+
+    async def _ending_on_error(self, events: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
+        try:
+            async for event in events:
+                yield event
+        except Exception:
+            # A bug while streaming: the client gets an error event and the stream's end, not
+            # a connection cut mid-chunk.
+            logger.exception("unhandled error streaming a response")
+            self._generation.count_error()
+            yield error_event(ServerError("internal server error; see the server log"))
+            yield DONE_EVENT
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client_left = False

@@ -33,15 +33,34 @@ def completion_logprobs(
     """
     result = CompletionLogprobs()
     for token_id, entry, offset in zip(token_ids, logprobs, text_offsets, strict=True):
-        result.tokens.append(texts(token_id))
+        result.tokens.append(token_name(texts, token_id))
         result.text_offset.append(offset)
         if entry is None:
             result.token_logprobs.append(None)
             result.top_logprobs.append(None)
         else:
             result.token_logprobs.append(_finite(entry[token_id].logprob))
-            result.top_logprobs.append({texts(top_id): _finite(top.logprob) for top_id, top in entry.items()})
+            top = {token_name(texts, top_id): _finite(top.logprob) for top_id, top in entry.items()}
+            top[token_name(texts, token_id)] = result.token_logprobs[-1]  # kept should two names meet
+            result.top_logprobs.append(top)
     return result
+
+
+def token_name(texts: TokenTexts, token_id: int) -> str:
+    """How OpenAI's logprobs name a token: the text of its bytes, or ``bytes:\\xe4\\xbd`` when
+    they are not whole characters (part of one, or a byte that is none).
+
+    Tokens of distinct bytes get distinct names, so they do not share a key of
+    ``top_logprobs``: decoded alone, every part of a character would be U+FFFD, and
+    SentencePiece's "▁a" would be "a", as "a" is.
+    """
+    raw = texts.raw_bytes(token_id)
+    if not raw:
+        return texts(token_id)  # no tokenizer: "token_id:N"
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
 
 
 class TextOffsets:
@@ -116,4 +135,4 @@ def chat_logprobs(
 
 def _top(texts: TokenTexts, token_id: int, logprob: float) -> dict[str, object]:
     # OpenAI's bytes: the token's own, so the tokens of a split character join into it.
-    return {"token": texts(token_id), "logprob": _finite(logprob), "bytes": list(texts.raw_bytes(token_id))}
+    return {"token": token_name(texts, token_id), "logprob": _finite(logprob), "bytes": list(texts.raw_bytes(token_id))}

@@ -7,6 +7,11 @@ apps in one process (tests) do not share counters.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from neuron_llm.engine.llm_engine import EngineStats
@@ -17,6 +22,14 @@ _ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15,
 OUTCOMES = ("success", "aborted", "invalid", "rejected", "error")
 """Ends of a request: served; client went away; bad request (4xx); queue full or unavailable
 (429, 503); server failure (5xx)."""
+
+
+@dataclass
+class _RequestRecord:
+    outcome: str | None = None
+
+
+_current_request: ContextVar[_RequestRecord | None] = ContextVar("neuron_llm_request", default=None)
 
 
 class ServerMetrics:
@@ -58,9 +71,30 @@ class ServerMetrics:
         self._generation_tokens = Counter("neuron_llm_generation_tokens", "Tokens generated.", registry=registry)
         self._last_totals = (0, 0, 0)
 
-    def count_request(self, outcome: str) -> None:
-        """Count one request that ended with ``outcome`` (one of ``OUTCOMES``)."""
-        self._requests.labels(outcome).inc()
+    def count_request(self, outcome: str, overrides: bool = False) -> None:
+        """Count the request being served as ending with ``outcome`` (one of ``OUTCOMES``).
+
+        Within ``counting_request`` the count waits for the request's end, when its first
+        outcome is counted, or a later one that ``overrides`` it (an error found after the
+        generation ended): each request is counted once. Elsewhere it counts at once.
+        """
+        record = _current_request.get()
+        if record is None:
+            self._requests.labels(outcome).inc()
+        elif record.outcome is None or overrides:
+            record.outcome = outcome
+
+    @contextmanager
+    def counting_request(self) -> Iterator[None]:
+        """Serve one request within: its outcome is counted once, on leaving."""
+        record = _RequestRecord()
+        token = _current_request.set(record)
+        try:
+            yield
+        finally:
+            _current_request.reset(token)
+            if record.outcome is not None:
+                self._requests.labels(record.outcome).inc()
 
     def count_refusal(self, status_code: int) -> None:
         """Count one request answered with the error ``status_code``."""

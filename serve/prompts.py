@@ -59,7 +59,7 @@ def _completion_prompt(model: ServedModel, prompt: str | list[int], param: str) 
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ClientError("this model has no tokenizer: send the prompt as token ids", param)
-        token_ids = tokenizer.encode(prompt)
+        token_ids = tokenizer.encode(_unicode(prompt, param))
         if not token_ids:
             raise ClientError(f"{param} has no tokens", param)
         return Prompt(_in_vocabulary(model, token_ids, param), prompt)
@@ -87,7 +87,24 @@ def chat_prompt(model: ServedModel, messages: list[ChatMessage]) -> Prompt:
     except ValueError as e:
         raise ClientError(str(e), "messages") from e
     # The template writes any BOS itself; encoding must not add another.
-    return Prompt(_in_vocabulary(model, tokenizer.encode(text, add_special_tokens=False), "messages"), text)
+    token_ids = tokenizer.encode(_unicode(text, "messages"), add_special_tokens=False)
+    return Prompt(_in_vocabulary(model, token_ids, "messages"), text)
+
+
+def _unicode(text: str, param: str) -> str:
+    """``text``, refused unless it is Unicode text a tokenizer can encode.
+
+    JSON can carry half of a UTF-16 surrogate pair ("\\ud83d", a string cut inside an emoji);
+    it is no character, and no UTF-8 encodes it.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ClientError(
+            f"{param} holds a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}): not Unicode text",
+            param,
+        ) from None
+    return text
 
 
 def output_budget(

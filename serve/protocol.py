@@ -42,7 +42,7 @@ def _accepted(off: Sequence[Any]) -> str:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -159,6 +159,15 @@ class ChatMessage(_Request):
     """``developer`` is OpenAI's newer name for ``system``, and is rendered as one."""
     content: str | list[TextContent]
     name: str | None = None
+    tool_call_id: str | None = None
+    """The call a ``tool`` message answers; passed to the chat template."""
+    # Fields of an assistant message as OpenAI returns it, so that a client can send its
+    # history back as it came (with them null or empty).
+    refusal: Any = _unsupported()
+    tool_calls: Any = _unsupported([])
+    function_call: Any = _unsupported()
+    audio: Any = _unsupported()
+    annotations: Any = _unsupported([])
 
     @property
     def text(self) -> str:
@@ -170,8 +179,9 @@ class ChatMessage(_Request):
     def for_template(self) -> dict[str, str]:
         """The message as a chat template reads it; ``developer`` becomes ``system``, which templates know."""
         message = {"role": "system" if self.role == "developer" else self.role, "content": self.text}
-        if self.name is not None:
-            message["name"] = self.name
+        for field in ("name", "tool_call_id"):
+            if getattr(self, field) is not None:
+                message[field] = getattr(self, field)
         return message
 
 

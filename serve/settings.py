@@ -67,6 +67,8 @@ class ServeSettings:
         for name in ("port", "tensor_parallel_size", "max_waiting_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.api_key == "":
+            raise ValueError("api_key='': empty; leave it unset to serve without a key")
         if self.port > 65535:
             raise ValueError(f"port={self.port}: must be <= 65535")
         # The engine checks these too, but only after loading the model: minutes, in a container.

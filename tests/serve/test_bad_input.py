@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from tests.engine.conftest import tiny_model_dir  # noqa: F401
-from tests.serve.conftest import ServerThread, make_llm, running_server
+from tests.serve.conftest import ServerThread, make_llm, metric, running_server
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -63,6 +64,7 @@ BAD_BODIES = [
     (CHAT, {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
     # unknown
     (CHAT, {"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "messages[0].role"),
+    (CHAT, {"messages": [{"role": "user", "content": "Hi", "mood": "x"}]}, 400, "messages[0].mood"),
     (COMPLETIONS, {"prompt": "a", "logit_bias": {"1": 5}}, 400, "logit_bias"),
     (COMPLETIONS, {"prompt": "a", "best_of": 2}, 400, "best_of"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
@@ -172,9 +174,46 @@ def test_malformed_body_is_a_400(server: ServerThread, content: bytes) -> None:
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_unknown_route_and_method_answer_in_openai_shape(server: ServerThread) -> None:
+def test_unknown_route_and_method_answer_in_openai_shape_uncounted(server: ServerThread) -> None:
+    invalid = metric(server, 'neuron_llm_requests_total{outcome="invalid"}')
     assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["message"]
     assert httpx.get(f"{server.url}{COMPLETIONS}").status_code == 405
+    # Probes and scanners are not requests of the API.
+    assert metric(server, 'neuron_llm_requests_total{outcome="invalid"}') == invalid
+
+
+def test_a_number_that_is_not_finite_is_named_as_such(server: ServerThread) -> None:
+    # Python's JSON reads NaN, which a range check alone would call "not <= 2".
+    content = '{"prompt": "a", "frequency_penalty": NaN}'
+    response = httpx.post(f"{server.url}{COMPLETIONS}", content=content, headers={"content-type": "application/json"})
+    error = response.json()["error"]
+    assert error["param"] == "frequency_penalty" and "finite" in error["message"], error
+
+
+def test_each_unknown_field_is_named(server: ServerThread) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi", "mood": "x", "tone": "y"}]}
+    error = httpx.post(f"{server.url}{CHAT}", json=body).json()["error"]
+    assert "messages[0].mood, messages[0].tone" in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        (COMPLETIONS, {"prompt": "cut \ud83d"}, "prompt"),
+        (CHAT, {"messages": [{"role": "user", "content": "cut \ud83d"}]}, "messages"),
+        ("/invocations", {"inputs": "cut \ud83d"}, "inputs"),
+    ],
+)
+def test_half_a_surrogate_pair_is_a_400_and_the_connection_lives_on(
+    server: ServerThread, route: str, body: dict[str, Any], param: str
+) -> None:
+    # JSON can carry "\ud83d" (a string cut inside an emoji); no UTF-8 encodes it.
+    with httpx.Client(base_url=server.url) as client:
+        headers = {"content-type": "application/json"}
+        refused = client.post(route, content=json.dumps(body), headers=headers)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == param and "surrogate" in refused.json()["error"]["message"]
+        assert client.post(COMPLETIONS, json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
 @pytest.fixture(scope="module")

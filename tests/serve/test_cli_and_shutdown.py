@@ -83,6 +83,12 @@ def test_port_must_be_one_a_socket_can_take() -> None:
         ServeSettings.from_env({"NEURON_LLM_PORT": "65536"})
 
 
+def test_an_empty_api_key_is_refused() -> None:
+    # Taken, it would refuse requests without a key but let through "Authorization: Bearer".
+    with pytest.raises(ValueError, match="api_key='': empty; leave it unset"):
+        ServeSettings.from_env({"NEURON_LLM_API_KEY": ""})
+
+
 def test_the_sagemaker_command_takes_no_arguments_and_lists_its_variables(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as refused:
         sagemaker_main(["--port", "9000"])

@@ -209,3 +209,31 @@ def test_engine_failure_fails_its_requests_and_the_server_keeps_serving(model_di
         after = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 8})
         assert after.status_code == 200
         assert metric(server, 'neuron_llm_requests_total{outcome="error"}') == 2
+
+
+def test_a_bug_is_a_500_counted_once_and_the_connection_lives_on(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that a bug fails after its generation ended (here, building its logprobs)."""
+    from neuron_llm.serve import completions
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(completions, "completion_logprobs", bug)
+    outcomes = ("success", "aborted", "error")
+    with running_server(model_dir) as server, httpx.Client(base_url=server.url) as client:
+
+        def counts() -> dict[str, float]:
+            return {o: metric(server, f'neuron_llm_requests_total{{outcome="{o}"}}') for o in outcomes}
+
+        body = {"prompt": "Hello", "max_tokens": 4, "logprobs": 1}
+        failed = client.post("/v1/completions", json=body)
+        assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+        assert counts() == {"success": 0, "aborted": 0, "error": 1}
+        # The same connection serves the next request.
+        assert client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4}).status_code == 200
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+            events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[-2])["error"]["type"] == "server_error" and events[-1] == "[DONE]"
+        assert counts() == {"success": 1, "aborted": 0, "error": 2}

@@ -7,7 +7,7 @@ from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.detokenizer import TokenTexts
 from neuron_llm.outputs import Logprob
-from neuron_llm.serve.logprobs import TextOffsets, chat_logprobs, prompt_text_offsets
+from neuron_llm.serve.logprobs import TextOffsets, chat_logprobs, completion_logprobs, prompt_text_offsets, token_name
 from tests.tokenizer_kinds import TEXTS, byte_level_bpe, sentencepiece_bpe, stream
 
 
@@ -76,6 +76,30 @@ def test_chat_bytes_of_a_split_character_join_into_it(tokenizer: PreTrainedToken
     token_ids = tokenizer.encode("世界 😀", add_special_tokens=False)
     entries = [{token_id: Logprob(-0.5, 1)} for token_id in token_ids]
     content = chat_logprobs(TokenTexts(tokenizer), token_ids, entries, num_top=1).content
-    assert any(entry.token == "\ufffd" for entry in content)  # split characters are there to join
+    assert any(entry.token.startswith("bytes:\\x") for entry in content)  # split characters are there to join
     assert b"".join(bytes(entry.bytes) for entry in content).decode().lstrip() == "世界 😀"
     assert all(entry.bytes == entry.top_logprobs[0].bytes for entry in content)
+
+
+def test_tokens_are_named_by_their_bytes_so_top_logprobs_keep_every_one(tokenizer: PreTrainedTokenizerBase) -> None:
+    texts = TokenTexts(tokenizer)
+    token_ids = tokenizer.encode("世界 😀", add_special_tokens=False)
+    partial = [t for t in token_ids if "\ufffd" in tokenizer.decode([t])]
+    assert len(partial) >= 2  # decoded alone these all read U+FFFD
+    names = [token_name(texts, t) for t in partial]
+    assert len(set(names)) == len(set(partial)) and all(name.startswith("bytes:\\x") for name in names)
+    assert names[0] == "bytes:" + "".join(f"\\x{byte:02x}" for byte in texts.raw_bytes(partial[0]))
+    # Every candidate keeps its own entry, and the sampled token its own value.
+    entry = {t: Logprob(-1.0 - i, i + 1) for i, t in enumerate(partial)}
+    sampled = partial[-1]
+    result = completion_logprobs(texts, [sampled], [entry], [0])
+    assert len(result.top_logprobs[0]) == len(set(partial))
+    assert result.top_logprobs[0][token_name(texts, sampled)] == result.token_logprobs[0] == entry[sampled].logprob
+
+
+def test_sentencepiece_tokens_keep_their_leading_space() -> None:
+    tokenizer = sentencepiece_bpe()
+    texts = TokenTexts(tokenizer)
+    spaced, bare = tokenizer.convert_tokens_to_ids(["▁the", "the"])
+    assert tokenizer.decode([spaced]) == tokenizer.decode([bare]) == "the"
+    assert (token_name(texts, spaced), token_name(texts, bare)) == (" the", "the")
