@@ -179,7 +179,7 @@ def _format_path(path: Sequence[Any]) -> str:
 
 
 def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
-    """Answer every error in OpenAI's shape, and count the refused requests by outcome."""
+    """Answer every error in OpenAI's shape, and count each request once by outcome (``CountRequests``)."""
 
     def answer(error: ServeError, counted: bool = True) -> JSONResponse:
         if counted:
