@@ -8,6 +8,7 @@ print(outputs[0].outputs[0].text)
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -124,6 +125,9 @@ class LLM:
             SamplingParams(**self.generation_defaults)
         except ValueError as e:
             raise ValueError(f"{info.source}: generation_config.json: {e}") from e
+        self._unread: dict[str, deque[RequestOutput]] = {}
+        """Per request added through this LLM, the outputs its caller has not read yet: steps
+        run for one caller (a stream, a generate) advance every request in the engine."""
         self._executor = make_executor(self.config, functools.partial(load_worker, str(info.source)))
         try:
             self.engine = LLMEngine(self.config, self._executor, info.tokenizer, info.eos_token_ids)
@@ -155,14 +159,12 @@ class LLM:
         try:
             for index, (prompt, param) in enumerate(zip(prompts, params)):
                 try:
-                    request_ids.append(self.engine.add_request(_prompt_input(prompt), _final_only(param)))
+                    request_ids.append(self._add(prompt, _final_only(param)))
                 except ValueError as e:
                     raise ValueError(f"prompt {index}: {e}") from e
-            finals = {output.request_id: output for output in self._run(use_tqdm, len(prompts))}
-        except BaseException:
-            for request_id in request_ids:
-                self.engine.abort(request_id)
-            raise
+            finals = self._run(request_ids, use_tqdm)
+        finally:
+            self._forget(request_ids)
         return [finals[request_id] for request_id in request_ids]
 
     def chat(
@@ -186,17 +188,14 @@ class LLM:
         if not messages:
             raise ValueError("messages is empty: give a conversation or a list of them")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        texts = [
-            render_chat(
-                self.tokenizer,
-                conversation,  # type: ignore[arg-type]
-                chat_template=chat_template,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                **(chat_template_kwargs or {}),
-            )
-            for conversation in conversations
-        ]
+        # As in vLLM, chat_template_kwargs may set the named options too, and win.
+        options: dict[str, Any] = {
+            "chat_template": chat_template,
+            "add_generation_prompt": add_generation_prompt,
+            "continue_final_message": continue_final_message,
+            **(chat_template_kwargs or {}),
+        }
+        texts = [render_chat(self.tokenizer, conversation, **options) for conversation in conversations]  # type: ignore[arg-type]
         # The template writes any BOS itself; encoding must not add another.
         prompts = [{"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)} for text in texts]
         outputs = self.generate(prompts, sampling_params, use_tqdm)
@@ -205,38 +204,73 @@ class LLM:
         return outputs
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield the request's output after every step that advanced it (for the CLI)."""
-        request_id = self.engine.add_request(
-            _prompt_input(prompt), sampling_params or self.get_default_sampling_params()
-        )
+        """Yield the request's output after every step that advanced it, the last one finished.
+
+        Several streams (and ``generate`` calls) may be open at once: each step advances them
+        all, and each caller reads its own outputs.
+        """
+        request_id = self._add(prompt, sampling_params or self.get_default_sampling_params())
         try:
-            while self.engine.has_unfinished_requests():
-                for output in self.engine.step():
-                    if output.request_id == request_id:
-                        yield output
+            while (output := self._next_output(request_id)) is not None:
+                yield output
+                if output.finished:
+                    return
         finally:
             self.engine.abort(request_id)
+            self._forget([request_id])
 
     def shutdown(self) -> None:
         """Stop worker processes (tensor parallelism); the LLM is unusable afterwards."""
         self._executor.shutdown()
 
-    def _run(self, use_tqdm: bool, total: int) -> list[RequestOutput]:
-        finished: list[RequestOutput] = []
+    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+        request_id = self.engine.add_request(_prompt_input(prompt), params)
+        self._unread[request_id] = deque()
+        return request_id
+
+    def _forget(self, request_ids: Sequence[str]) -> None:
+        """Abort what is still running of ``request_ids`` and drop their unread outputs."""
+        for request_id in request_ids:
+            self.engine.abort(request_id)
+            self._unread.pop(request_id, None)
+
+    def _step(self) -> None:
+        for output in self.engine.step():
+            if output.request_id in self._unread:
+                self._unread[output.request_id].append(output)
+
+    def _next_output(self, request_id: str) -> RequestOutput | None:
+        """The request's next output, stepping the engine until there is one; None if none comes."""
+        unread = self._unread[request_id]
+        while not unread:
+            if not self.engine.has_unfinished_requests():
+                return None
+            self._step()
+        return unread.popleft()
+
+    def _run(self, request_ids: Sequence[str], use_tqdm: bool) -> dict[str, RequestOutput]:
+        """Step until every one of ``request_ids`` has finished; their final outputs by id."""
+        finals: dict[str, RequestOutput] = {}
         progress = None
         if use_tqdm:
             from tqdm import tqdm
 
-            progress = tqdm(total=total, desc="requests", unit="req")
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    finished.append(output)
-                    if progress is not None:
-                        progress.update(1)
+            progress = tqdm(total=len(request_ids), desc="requests", unit="req")
+        pending = list(request_ids)
+        while True:
+            # generate asks for final outputs only: a request's one output is its last.
+            finals.update(
+                (request_id, self._unread[request_id][0]) for request_id in pending if self._unread[request_id]
+            )
+            if progress is not None:
+                progress.update(len(finals) - progress.n)
+            pending = [request_id for request_id in pending if request_id not in finals]
+            if not pending or not self.engine.has_unfinished_requests():
+                break
+            self._step()
         if progress is not None:
             progress.close()
-        return finished
+        return finals
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``generate``, ``chat`` and ``stream`` use without ``sampling_params``:
@@ -268,12 +302,19 @@ def _final_only(params: SamplingParams) -> SamplingParams:
 
 
 def _prompt_input(prompt: Prompt) -> str | list[int]:
-    if isinstance(prompt, str):
+    if isinstance(prompt, dict):
+        # Other keys of vLLM's prompts (multi_modal_data, cache_salt...) or a misspelt one
+        # would be dropped silently; both keys at once would leave one unused.
+        given = sorted(key for key, value in prompt.items() if value is not None)
+        if given == ["prompt_token_ids"]:
+            token_ids = prompt["prompt_token_ids"]
+            if isinstance(token_ids, (str, bytes, dict)) or not hasattr(token_ids, "__iter__"):
+                raise ValueError(f"prompt_token_ids must be a list of token ids, not {token_ids!r:.80}")
+            return list(token_ids)
+        if given == ["prompt"] and isinstance(prompt["prompt"], str):
+            return prompt["prompt"]
+    elif isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-        return list(prompt["prompt_token_ids"])
-    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
-        return prompt["prompt"]
     raise ValueError(
         f"a prompt must be a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, not {prompt!r:.80}"
     )

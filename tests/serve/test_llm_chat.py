@@ -30,6 +30,39 @@ def test_prompt_forms_give_the_same_output(llm: LLM) -> None:
         llm.generate({"text": "Hello"}, GREEDY)
 
 
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        {"prompt": "Hello", "multi_modal_data": {"image": "x"}},  # vLLM's, which this engine would ignore
+        {"prompt": "Hello", "promt_token_ids": [1]},
+        {"prompt": "Hello", "prompt_token_ids": [5, 6]},  # which one?
+        {"prompt_token_ids": 5},
+        {"prompt_token_ids": "Hello"},
+    ],
+)
+def test_a_prompt_dict_with_anything_unread_is_refused(llm: LLM, prompt: dict) -> None:
+    with pytest.raises(ValueError, match=r"prompt 0: (a prompt must be|prompt_token_ids must be a list)"):
+        llm.generate(prompt, GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_open_streams_and_generate_each_get_all_their_outputs(llm: LLM) -> None:
+    """Every step advances every request; no caller may drop another's outputs."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    alone = [llm.generate(prompt, params)[0].outputs[0].token_ids for prompt in ("Hello", "world", "fox")]
+    first, second = llm.stream("Hello", params), llm.stream("world", params)
+    read_first = [next(first)]
+    read_second = [next(second)]
+    read_first += list(first)  # runs past the second stream's steps too
+    between = llm.generate("fox", params)[0].outputs[0].token_ids
+    read_second += list(second)
+    for outputs, expected in ((read_first, alone[0]), (read_second, alone[1])):
+        assert outputs[-1].finished and not any(output.finished for output in outputs[:-1])
+        assert outputs[-1].outputs[0].token_ids == expected
+    assert between == alone[2]
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_chat_options_reach_the_template(llm: LLM) -> None:
     conversation = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]
     (output,) = llm.chat(conversation, GREEDY)
@@ -44,6 +77,9 @@ def test_chat_options_reach_the_template(llm: LLM) -> None:
         chat_template_kwargs={"prefix": "!"},
     )
     assert custom.prompt == "![Once"  # left open after the last message, for the model to continue
+    # As in vLLM, chat_template_kwargs may set the named options too.
+    (overridden,) = llm.chat(conversation, GREEDY, chat_template_kwargs={"add_generation_prompt": False})
+    assert overridden.prompt == "<|user|>Hi\nthere<|end|>"
     assert custom.outputs[0].token_ids == llm.generate({"prompt": "![Once"}, GREEDY)[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="messages is empty"):
         llm.chat([], GREEDY)
