@@ -243,8 +243,15 @@ class TGIRequest(_Request):
 
     inputs: str
     parameters: TGIParameters = Field(default_factory=TGIParameters)
-    stream: Literal[False] = False
+    stream: bool = False
     """TGI's token stream is not served; stream with an OpenAI-style body instead."""
+
+    @field_validator("stream")
+    @classmethod
+    def _not_streamed(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("TGI-style bodies are answered whole; to stream, send an OpenAI-style body with stream")
+        return value
 
 
 INVOCATION_KINDS = ("tgi", "chat", "completion")
@@ -263,7 +270,12 @@ InvocationRequest = Annotated[
     Annotated[TGIRequest, Tag("tgi")]
     | Annotated[ChatCompletionRequest, Tag("chat")]
     | Annotated[CompletionRequest, Tag("completion")],
-    Discriminator(_invocation_kind),
+    Discriminator(
+        _invocation_kind,
+        custom_error_type="invalid_body",
+        custom_error_message="the body must be a JSON object: a completion (prompt), chat (messages) "
+        "or TGI (inputs) request",
+    ),
 ]
 """``POST /invocations``: TGI-style when it has ``inputs``, chat when ``messages``, else completion."""
 

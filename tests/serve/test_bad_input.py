@@ -79,11 +79,15 @@ BAD_BODIES = [
     ("/invocations", {"inputs": "Hi", "parameters": {"typical_p": 0.5}}, 400, "parameters.typical_p"),
     ("/invocations", {"inputs": ""}, 400, "inputs"),
     ("/invocations", {"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "messages[0].role"),
+    ("/invocations", {"inputs": "Hi", "stream": True}, 400, "stream"),
+    ("/invocations", [1, 2], 400, None),
 ]
 
 
 @pytest.mark.parametrize(("route", "body", "status", "param"), BAD_BODIES)
-def test_bad_field_is_a_4xx_naming_it(server: ServerThread, route: str, body: Any, status: int, param: str) -> None:
+def test_bad_field_is_a_4xx_naming_it(
+    server: ServerThread, route: str, body: Any, status: int, param: str | None
+) -> None:
     response = httpx.post(f"{server.url}{route}", json=body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -180,6 +184,11 @@ def test_unknown_route_and_method_answer_in_openai_shape_uncounted(server: Serve
     assert httpx.get(f"{server.url}{COMPLETIONS}").status_code == 405
     # Probes and scanners are not requests of the API.
     assert metric(server, 'neuron_llm_requests_total{outcome="invalid"}') == invalid
+
+
+def test_invocations_say_what_a_body_must_be(server: ServerThread) -> None:
+    for body, words in (([1, 2], "the body must be a JSON object"), ({"inputs": "Hi", "stream": True}, "to stream")):
+        assert words in httpx.post(f"{server.url}/invocations", json=body).json()["error"]["message"]
 
 
 def test_a_number_that_is_not_finite_is_named_as_such(server: ServerThread) -> None:
