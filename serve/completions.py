@@ -126,12 +126,12 @@ class _CompletionWriter:
         text = prompt.text + delta.text if echo else delta.text
         logprobs = None
         if self._body.logprobs is not None:
-            logprobs = self._logprobs(delta, prompt, output) if echo else self._output_logprobs(delta)
+            logprobs = self._logprobs(delta, prompt, output) if echo else self._output_logprobs(delta, prompt)
         return CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
 
-    def _output_logprobs(self, delta: ChoiceDelta) -> CompletionLogprobs:
+    def _output_logprobs(self, delta: ChoiceDelta, prompt: Prompt) -> CompletionLogprobs:
         if delta.index not in self._text_offsets:
-            self._text_offsets[delta.index] = TextOffsets(self._texts)
+            self._text_offsets[delta.index] = TextOffsets(self._texts, context_token_ids=prompt.token_ids)
         offsets = self._text_offsets[delta.index](delta.token_ids)
         return completion_logprobs(self._texts, delta.token_ids, delta.logprobs or [], offsets)
 
@@ -140,8 +140,10 @@ class _CompletionWriter:
         tokenizer = self._model.tokenizer
         prompt_offsets = prompt_text_offsets(self._texts, tokenizer, prompt.text, prompt.token_ids)
         prompt_part = completion_logprobs(self._texts, prompt.token_ids, output.prompt_logprobs or [], prompt_offsets)
-        self._text_offsets[delta.index] = TextOffsets(self._texts, start=len(prompt.text))
-        output_part = self._output_logprobs(delta)
+        self._text_offsets[delta.index] = TextOffsets(
+            self._texts, start=len(prompt.text), context_token_ids=prompt.token_ids
+        )
+        output_part = self._output_logprobs(delta, prompt)
         return CompletionLogprobs(
             tokens=prompt_part.tokens + output_part.tokens,
             token_logprobs=prompt_part.token_logprobs + output_part.token_logprobs,

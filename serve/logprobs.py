@@ -69,34 +69,55 @@ class TextOffsets:
     Counted on the tokens' bytes, so a token holding part of a character begins where that
     character does, whichever tokens complete it, and the offset is known when the token
     arrives (a stream cannot revise it). A special token the text leaves out adds nothing.
+    ``context_token_ids`` (the prompt) may end inside a character: the detokenizer's text
+    holds that character in neither the prompt's text nor the output's, and nor do these.
     """
 
-    def __init__(self, texts: TokenTexts, start: int = 0, skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        texts: TokenTexts,
+        start: int = 0,
+        skip_special_tokens: bool = True,
+        context_token_ids: Sequence[int] = (),
+    ) -> None:
         self._texts = texts
         self._skip_special_tokens = skip_special_tokens
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._length = start
+        # A character spans at most 4 bytes, so the last 4 tokens hold any unfinished one.
+        self._utf8.decode(b"".join(map(self._bytes, context_token_ids[-4:])))
+        pending, _ = self._utf8.getstate()
+        self._hidden = 1 if pending else 0
+        """Characters still to come out that the text does not hold."""
 
     def __call__(self, token_ids: Sequence[int]) -> list[int]:
         """The offsets of ``token_ids``, which follow the tokens given before."""
         offsets = []
         for token_id in token_ids:
-            raw = b""
-            if not (self._skip_special_tokens and self._texts.is_special(token_id)):
-                raw = self._texts.raw_bytes(token_id)
+            raw = self._bytes(token_id)
             # Its first byte settles the bytes held before it. If that byte went into the last
             # character out (completing it, or a character of its own), the token begins
             # there; if it is held (it leads a character), after every character out.
-            before = self._utf8.decode(raw[:1])
+            before = self._count(self._utf8.decode(raw[:1]))
             pending, _ = self._utf8.getstate()
-            offsets.append(self._length + len(before) - (1 if before and not pending else 0))
-            self._length += len(before) + len(self._utf8.decode(raw[1:]))
+            offsets.append(self._length + before - (1 if before and not pending else 0))
+            self._length += before + self._count(self._utf8.decode(raw[1:]))
         return offsets
 
     @property
     def length(self) -> int:
         """The characters of the text so far, an incomplete last one left out."""
         return self._length
+
+    def _bytes(self, token_id: int) -> bytes:
+        if self._skip_special_tokens and self._texts.is_special(token_id):
+            return b""
+        return self._texts.raw_bytes(token_id)
+
+    def _count(self, characters: str) -> int:
+        hidden = min(self._hidden, len(characters))
+        self._hidden -= hidden
+        return len(characters) - hidden
 
 
 def prompt_text_offsets(

@@ -103,3 +103,24 @@ def test_sentencepiece_tokens_keep_their_leading_space() -> None:
     spaced, bare = tokenizer.convert_tokens_to_ids(["▁the", "the"])
     assert tokenizer.decode([spaced]) == tokenizer.decode([bare]) == "the"
     assert (token_name(texts, spaced), token_name(texts, bare)) == (" the", "the")
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_a_prompt_ending_inside_a_character_moves_no_offset(split: int) -> None:
+    """The detokenizer's text holds a character begun in the prompt and ended in the output in
+    neither part; the output's offsets must not count it either."""
+    from neuron_llm.detokenizer import IncrementalDetokenizer
+
+    tokenizer = byte_level_bpe()
+    texts = TokenTexts(tokenizer)
+    by_byte = {texts.raw_bytes(token_id): token_id for token_id in range(len(tokenizer))}
+    emoji = [by_byte[bytes([byte])] for byte in "😀".encode()]
+    prompt = tokenizer.encode("the fox ", add_special_tokens=False) + emoji[:split]
+    output = emoji[split:] + tokenizer.encode("= the fox", add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    text = "".join(detokenizer.add_token(token_id).text for token_id in output)
+    starts = TextOffsets(texts, context_token_ids=prompt)(output)
+    assert text == "= the fox" and starts[: len(emoji) - split + 1] == [0] * (len(emoji) - split + 1)
+    names = [(token_name(texts, t), start) for t, start in zip(output, starts)]
+    whole = [(name, start) for name, start in names if not name.startswith("bytes:")]
+    assert len(whole) >= 3 and all(text[start : start + len(name)] == name for name, start in whole)
