@@ -31,6 +31,9 @@ from neuron_llm.serve.state import ServedModel, ServerState, get_state, model_na
 
 logger = logging.getLogger(__name__)
 
+_DRAIN_POLL_S = 0.05
+"""How soon the drain notices a stop signal."""
+
 
 def create_app(
     settings: ServeSettings,
@@ -50,8 +53,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _load_in_background(state, load, asyncio.get_running_loop(), on_load_failure)
+        # The drain starts when a stop signal marks the server draining, while the server
+        # still holds the connections: requests still running at the drain timeout are then
+        # answered (a 503, or an error event in a stream) before the connections close.
+        drain = asyncio.create_task(_drain_when_asked(state))
         yield
-        await _drain(state)
+        state.start_draining()
+        await drain
 
     app = FastAPI(
         title="neuron-llm",
@@ -129,6 +137,12 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *
         loop.call_soon_threadsafe(callback, *args)
     except RuntimeError:
         logger.warning("the server stopped before the model finished loading")
+
+
+async def _drain_when_asked(state: ServerState) -> None:
+    while state.draining_since is None:
+        await asyncio.sleep(_DRAIN_POLL_S)
+    await _drain(state)
 
 
 async def _drain(state: ServerState) -> None:

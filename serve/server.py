@@ -11,6 +11,9 @@ from neuron_llm.serve.app import create_app
 from neuron_llm.serve.settings import ServeSettings
 from neuron_llm.serve.state import ServerState
 
+ANSWER_ABORTED_S = 5.0
+"""Time past the drain timeout for the requests it aborted to get their answers out."""
+
 
 class _DrainingServer(uvicorn.Server):
     """uvicorn's server, marking the app as draining on SIGTERM/SIGINT so new requests get 503."""
@@ -44,9 +47,9 @@ def run_server(settings: ServeSettings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        # In-flight requests get this long once the listening socket closes; the engine's own
-        # drain afterwards then finds nothing left, or aborts what uvicorn gave up on.
-        timeout_graceful_shutdown=settings.drain_timeout,  # type: ignore[arg-type]
+        # The app's drain gives requests in flight drain_timeout, then ends the rest with an
+        # answer; uvicorn waits that long and a little more before it cuts connections.
+        timeout_graceful_shutdown=settings.drain_timeout + ANSWER_ABORTED_S,  # type: ignore[arg-type]
     )
     server = _DrainingServer(config, state)
     server.run()

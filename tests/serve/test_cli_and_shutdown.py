@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -118,9 +119,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_sigterm_finishes_requests_in_flight_then_exits(model_dir: Path, tmp_path: Path) -> None:
+def _start_server(model_dir: Path, log: Path, drain_timeout: float) -> tuple[subprocess.Popen[bytes], str]:
+    """A server process, started as a SageMaker container's `serve` command is; and its URL."""
     port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
         "NEURON_LLM_MODEL": str(model_dir),
@@ -129,14 +130,18 @@ def test_sigterm_finishes_requests_in_flight_then_exits(model_dir: Path, tmp_pat
         "NEURON_LLM_DTYPE": "float32",
         "NEURON_LLM_MAX_MODEL_LEN": "512",
         "NEURON_LLM_NUM_KV_BLOCKS": "2048",
-        "NEURON_LLM_DRAIN_TIMEOUT": "60",
+        "NEURON_LLM_DRAIN_TIMEOUT": str(drain_timeout),
         "NEURON_LLM_LOG_LEVEL": "warning",
         "OMP_NUM_THREADS": "1",
     }
-    # The same entry point as a SageMaker container's `serve` command.
-    log = tmp_path / "server.log"
     with log.open("w") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "neuron_llm.serve"], env=env, stderr=log_file)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits(model_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    process, url = _start_server(model_dir, log, drain_timeout=60)
     try:
         wait_for(lambda: _ping(url) == 200, "the server never became ready", timeout=PROCESS_TIMEOUT_S)
         body = {"prompt": "Hello", "n": 4, "max_tokens": 480, "ignore_eos": True, "temperature": 0.0, "stream": True}
@@ -166,6 +171,53 @@ def test_sigterm_finishes_requests_in_flight_then_exits(model_dir: Path, tmp_pat
     assert events[-1] == "[DONE]"
     finish_reasons = [c["finish_reason"] for event in events[:-1] for c in json.loads(event)["choices"]]
     assert sorted(reason for reason in finish_reasons if reason) == ["length"] * 4
+
+
+def test_requests_left_at_the_drain_timeout_are_answered_before_the_server_exits(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """With no time to finish, a whole request gets a 503 in OpenAI's shape and a stream an
+    error event and [DONE], not a cut connection or the web server's plain-text 500."""
+    log = tmp_path / "server.log"
+    process, url = _start_server(model_dir, log, drain_timeout=0)
+    long = {"prompt": "Hello", "n": 4, "max_tokens": 480, "ignore_eos": True, "temperature": 0.0}
+    answers: dict[str, Any] = {}
+    try:
+        wait_for(lambda: _ping(url) == 200, "the server never became ready", timeout=PROCESS_TIMEOUT_S)
+
+        def whole() -> None:
+            answers["whole"] = httpx.post(f"{url}/v1/completions", json=long, timeout=PROCESS_TIMEOUT_S)
+
+        def streamed() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", json={**long, "stream": True}) as response:
+                answers["events"] = [line for line in response.iter_lines() if line.startswith("data: ")]
+
+        readers = [threading.Thread(target=whole), threading.Thread(target=streamed)]
+        for reader in readers:
+            reader.start()
+        running = "neuron_llm_num_requests_running"
+        wait_for(lambda: _metric(url, running) == 8, "both requests never ran", timeout=PROCESS_TIMEOUT_S)
+        process.send_signal(signal.SIGTERM)
+        for reader in readers:
+            reader.join(timeout=PROCESS_TIMEOUT_S)
+        assert process.wait(timeout=PROCESS_TIMEOUT_S) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert answers["whole"].status_code == 503, answers["whole"].text
+    assert answers["whole"].json()["error"]["code"] == "shutting_down"
+    events = [line.removeprefix("data: ") for line in answers["events"]]
+    assert json.loads(events[-2])["error"]["code"] == "shutting_down" and events[-1] == "[DONE]"
+
+
+def _metric(url: str, name: str) -> float:
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+    except httpx.TransportError:
+        return -1.0
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return values[0] if values else -1.0
 
 
 def test_the_engine_drains_for_what_is_left_of_the_timeout(model_dir: Path) -> None:
