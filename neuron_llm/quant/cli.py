@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from neuron_llm.help_format import DefaultsHelpFormatter
+
 if TYPE_CHECKING:
     from neuron_llm.loader import LoadedModel
     from neuron_llm.quant.config import QuantConfig
@@ -21,7 +23,11 @@ DEFAULT_CALIBRATION_TOKENS = 32768
 
 def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``quantize`` command to the CLI's subparsers."""
-    parser = subparsers.add_parser("quantize", help="write a quantized copy of a model (compressed-tensors layout)")
+    parser = subparsers.add_parser(
+        "quantize",
+        help="write a quantized copy of a model (compressed-tensors layout)",
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument(
         "model", nargs="?", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"
     )

@@ -20,7 +20,7 @@ Before running it:
    have AWS credentials allowed to create models and endpoints.
 
 The container is configured only through ``NEURON_LLM_*`` environment variables (see
-``neuron_llm/serve/settings.py``); ``--env KEY=VALUE`` passes any other one.
+``serve/settings.py``); ``--env KEY=VALUE`` passes any other one.
 """
 
 from __future__ import annotations

@@ -18,6 +18,22 @@ def test_help_lists_the_commands() -> None:
     assert "generate" in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("command", "shown", "not_shown"),
+    [
+        (["generate"], ["most tokens generated (default: 128)", "0 is greedy (default: 0.0)"], ["default: None"]),
+        (["serve"], ["port to listen on (default: 8000)", "(default: 127.0.0.1)"], ["default: None"]),
+        (["eval", "perplexity"], ["tokens per window (default: 2048)"], ["default: None"]),
+    ],
+)
+def test_help_gives_each_default_once(capsys, command: list[str], shown: list[str], not_shown: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # as one line: argparse wraps the help
+    assert all(words in text for words in shown) and not any(words in text for words in not_shown)
+    assert "(default: the model's) (default" not in text and "(default: from memory) (default" not in text
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_bench_without_a_gpu_is_a_clear_error(capsys) -> None:
     assert main(["bench", "--cases", "decode"]) == 2
