@@ -24,7 +24,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="quantize on load: int8, int8-head, int8-g128, fp8 (Llama 3 recipe), fp8-all, w8a8",
     )
-    parser.add_argument("--tp", "--tensor-parallel-size", type=int, default=1, help="tensor-parallel degree (processes)")
+    parser.add_argument(
+        "--tp", "--tensor-parallel-size", type=int, default=1, help="tensor-parallel degree (processes)"
+    )
     parser.add_argument(
         "--max-model-len", type=int, default=None, help="longest prompt + output in tokens (default: the model's)"
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -197,6 +199,22 @@ def test_stop_token_ids_end_the_sequence(tiny_model_dir) -> None:
     assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop_token)
     min_params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_token], min_tokens=12)
     assert llm.generate({"prompt_token_ids": prompt}, min_params)[0].outputs[0].finish_reason == "length"
+
+
+def test_eos_ends_a_sequence_unless_ignore_eos(tiny_model_dir, tmp_path) -> None:
+    prompt = {"prompt_token_ids": random_prompts(1, seed=3)[0]}
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    free_run = make_llm(tiny_model_dir).generate(prompt, greedy)[0].outputs[0].token_ids
+    # The same model, with a token it writes third as its EOS.
+    model_dir = tmp_path / "with-eos"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "eos_token_id": free_run[2]}))
+    llm = make_llm(model_dir)
+    stopped = llm.generate(prompt, greedy)[0].outputs[0]
+    assert stopped.token_ids == free_run[: free_run.index(free_run[2]) + 1] and stopped.finish_reason == "stop"
+    ignored = llm.generate(prompt, replace(greedy, ignore_eos=True))[0].outputs[0]
+    assert ignored.token_ids == free_run and ignored.finish_reason == "length"
 
 
 def test_final_only_requests_report_once_with_the_cumulative_result(tiny_model_dir) -> None:

@@ -102,6 +102,21 @@ def test_alpha_one_moves_all_range_into_the_weights_and_zero_none(outlier_model:
         torch.testing.assert_close(column_max, torch.ones_like(column_max), rtol=1e-5, atol=0)
 
 
+def test_a_channel_no_weight_reads_is_left_alone(
+    outlier_model: LlamaForCausalLM, paged_runner: type, prompt: list[int]
+) -> None:
+    """A zero weight column gives a zero smoothing scale for its channel; dividing by it would
+    put NaN in the norm."""
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj"):
+            getattr(outlier_model.model.layers[0].self_attn, name).weight[:, 7] = 0
+    [expected] = paged_runner(outlier_model).logits([prompt])
+    smoothed = copy.deepcopy(outlier_model)
+    smooth_model(smoothed, activation_maxima(smoothed, calibration()), alpha=0.5)
+    [actual] = paged_runner(smoothed).logits([prompt])
+    assert torch.isfinite(actual).all() and relative_error(actual, expected) < 1e-5
+
+
 def test_bad_smoothing_is_refused(outlier_model: LlamaForCausalLM) -> None:
     maxima = activation_maxima(outlier_model, calibration())
     with pytest.raises(ValueError, match=r"alpha=1.5: the migration strength must be in \[0, 1\]"):

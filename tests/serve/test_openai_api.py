@@ -215,11 +215,40 @@ def test_streamed_logprobs_add_up_to_the_whole_ones(client: openai.OpenAI, model
     assert whole.text_offset == sorted(whole.text_offset) and whole.text_offset[-1] <= len(choice.text)
 
 
-def test_penalties_are_accepted(client: openai.OpenAI, model_name: str) -> None:
-    completion = client.completions.create(
-        model=model_name, prompt="Hello", presence_penalty=1.5, frequency_penalty=-0.5, **GREEDY
+@pytest.fixture
+def engine_params(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The SamplingParams each route hands the engine, in order (one per request)."""
+    from neuron_llm.serve import chat, completions, tgi
+
+    seen: list[Any] = []
+    for module in (chat, completions, tgi):
+
+        def recording(engine: Any, prompts: Any, params: Any, *args: Any, _make: Any = module.Generation) -> Any:
+            seen.append(params[0] if isinstance(params, list) else params)
+            return _make(engine, prompts, params, *args)
+
+        monkeypatch.setattr(module, "Generation", recording)
+    return seen
+
+
+def test_sampling_fields_reach_the_engine(
+    client: openai.OpenAI, model_name: str, server: ServerThread, engine_params: list[Any]
+) -> None:
+    """The model never repeats a token greedily, so the penalties cannot show in its text."""
+    sampling = {"presence_penalty": 1.5, "frequency_penalty": -0.5, "top_p": 0.9}
+    extra = {"top_k": 7, "min_p": 0.1, "repetition_penalty": 1.2}
+    client.completions.create(model=model_name, prompt="Hello", max_tokens=2, extra_body=extra, **sampling)
+    client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_body=extra, **sampling
     )
-    assert completion.choices[0].finish_reason in ("stop", "length")
+    tgi = {"max_new_tokens": 2, "frequency_penalty": 0.7, "top_k": 7, "top_p": 0.9, "repetition_penalty": 1.2}
+    assert httpx.post(f"{server.url}/invocations", json={"inputs": "Hi", "parameters": tgi}).status_code == 200
+    fields = ("presence_penalty", "frequency_penalty", "top_p", "top_k", "min_p", "repetition_penalty")
+    got = [{name: getattr(params, name) for name in fields} for params in engine_params]
+    assert got[:2] == [{**sampling, **extra}] * 2
+    assert {name: got[2][name] for name in tgi if name != "max_new_tokens"} == {
+        k: v for k, v in tgi.items() if k != "max_new_tokens"
+    }
 
 
 def test_errors_surface_as_the_clients_exceptions(client: openai.OpenAI, model_name: str) -> None:

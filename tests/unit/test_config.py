@@ -257,7 +257,11 @@ def test_parallel_config_refuses_unsplittable_models(tp: int, changes: dict[str,
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_parallel_config_splits_or_replicates_kv_heads(tp: int) -> None:
     # 2 KV heads: split across 2 ranks, replicated across 4 or 8.
-    ParallelConfig(tensor_parallel_size=tp).check_model(tiny_model(num_key_value_heads=2))
+    from neuron_llm.worker import num_kv_heads_per_rank
+
+    model = tiny_model(num_key_value_heads=2)
+    ParallelConfig(tensor_parallel_size=tp).check_model(model)
+    assert num_kv_heads_per_rank(model, tp) == (2 if tp == 1 else 1)
 
 
 # --- The other configs ----------------------------------------------------------------------

@@ -273,3 +273,37 @@ def test_logits_are_not_modified() -> None:
     rows = [RowState(p, [0, 1], [2]) for p in params]
     sample(logits, SamplingBatch.build(rows, 16, "cpu", eos_token_ids=[1]))
     assert torch.equal(logits, before)
+
+
+def test_min_p_of_one_keeps_only_the_most_likely_token() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50) * 2
+    assert _sample_rows(logits, _rows([SamplingParams(min_p=1.0)] * 64)) == logits.argmax(dim=1).tolist()
+
+
+def test_min_p_reads_the_probabilities_after_temperature() -> None:
+    # At temperature 0.5 the probabilities 0.4, 0.3, 0.15, 0.1, 0.05 become p^2 / sum(p^2): 0.516,
+    # 0.290, 0.073...; min-p 0.3 keeps those above 0.155 (tokens 0 and 1). Before temperature it
+    # would keep those above 0.12, token 2 among them.
+    torch.manual_seed(1)
+    logits = _logits_of([0.4, 0.3, 0.15, 0.1, 0.05], 4000)
+    tokens = _sample_rows(logits, _rows([SamplingParams(temperature=0.5, min_p=0.3)] * 4000))
+    assert set(tokens) == {0, 1}
+
+
+def test_unseeded_rows_beside_a_seeded_one_sample_the_softmax() -> None:
+    num_rows = 20000
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, 1.5])
+    torch.manual_seed(2)
+    rows = _rows([SamplingParams(seed=1)] + [SamplingParams()] * num_rows)
+    tokens = _sample_rows(logits.expand(num_rows + 1, -1).contiguous(), rows)[1:]
+    total_variation = (_frequencies(tokens, 8) - torch.softmax(logits.double(), 0)).abs().sum() / 2
+    assert total_variation < 0.02
+
+
+def test_a_zero_noise_draw_never_picks_a_removed_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    # exponential_ may return 0; logits / 0 would be NaN for a removed token, and argmax picks NaN.
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *args, **kwargs: self.zero_())
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0]] * 8)
+    tokens = _sample_rows(logits, _rows([SamplingParams(top_k=1)] * 4 + [SamplingParams(top_k=2, seed=3)] * 4))
+    assert all(token in (0, 1) for token in tokens) and tokens[:4] == [0] * 4

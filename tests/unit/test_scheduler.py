@@ -178,6 +178,18 @@ def test_without_chunked_prefill_a_prompt_waits_until_it_fits() -> None:
     assert [entry.num_new_tokens for entry in second.scheduled] == [1, 5]
 
 
+def test_without_chunked_prefill_a_prompt_of_the_whole_budget_waits_for_a_step_of_its_own() -> None:
+    scheduler = make_scheduler(max_num_batched_tokens=8, enable_chunked_prefill=False)
+    model = FakeModel(scheduler)
+    scheduler.add_request(make_request("a", [1, 2, 3], max_tokens=3))
+    step(scheduler, model)
+    scheduler.add_request(make_request("b", list(range(20, 28))))
+    # Beside a's decode only 7 tokens are left: b waits rather than being cut.
+    steps = [step(scheduler, model) for _ in range(3)]
+    assert [ids(output) for output in steps] == [["a"], ["a"], ["b"]]
+    assert steps[2].scheduled[0].num_new_tokens == 8
+
+
 def test_without_chunked_prefill_a_recompute_longer_than_the_budget_is_chunked() -> None:
     scheduler = make_scheduler(num_blocks=6, block_size=4, max_num_batched_tokens=9, enable_chunked_prefill=False)
     model = FakeModel(scheduler)
