@@ -49,9 +49,17 @@ def test_windows_with_stride_equal_to_context_skip_each_first_token() -> None:
     assert sliding_windows(3, context=8, stride=2) == [Window(0, 3, 2)]
 
 
-@pytest.mark.parametrize(("tokens", "context", "stride"), [(1, 4, 2), (10, 4, 0), (10, 4, 5), (10, 1, 1)])
-def test_bad_windows_are_refused(tokens: int, context: int, stride: int) -> None:
-    with pytest.raises(ValueError, match="stride=|at least 2"):
+@pytest.mark.parametrize(
+    ("tokens", "context", "stride", "message"),
+    [
+        (1, 4, 2, r"the text has 1 token\(s\): at least 2"),
+        (10, 4, 0, r"stride=0: must be in \[1, context=4\]"),
+        (10, 4, 5, r"stride=5: must be in \[1, context=4\]"),
+        (10, 1, 1, r"context=1: a window of at least 2 tokens"),
+    ],
+)
+def test_bad_windows_are_refused(tokens: int, context: int, stride: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         sliding_windows(tokens, context=context, stride=stride)
 
 
@@ -83,7 +91,9 @@ def test_perplexity_of_a_quantized_model(quant_checkpoint: tuple[Any, Path], loa
     quantize_model(model, "int8")
     quantized = perplexity(model, corpus(), context=32, stride=16)
     assert quantized.num_tokens == baseline.num_tokens
+    # Close to the 16-bit model's, but not equal to it: the int8 weights were scored.
     assert quantized.perplexity == pytest.approx(baseline.perplexity, rel=0.01)
+    assert quantized.perplexity != baseline.perplexity
 
 
 def test_context_beyond_the_model_is_refused(quant_checkpoint: tuple[Any, Path], load_fp32: Callable) -> None:

@@ -74,6 +74,5 @@ def test_greedy_continuations_match_the_engine_style_runner(
     prompts = [list(range(3, 20)), list(range(40, 45))]  # different lengths in one flat batch
     continuations = greedy_continuations(model, prompts, 6)
     assert continuations == paged_runner(model, blocks_per_seq=8).greedy(prompts, 6)
-    assert token_agreement(continuations, continuations) == 1.0
     assert token_agreement([[1, 2], [3, 4]], [[1, 0], [3, 4]]) == 0.75
     assert mean_identical_prefix([[1, 2, 3], [4, 5, 6]], [[1, 0, 3], [4, 5, 6]]) == 2.0

@@ -38,7 +38,9 @@ def test_int8_tiles_equal_dequantize_then_matmul(
     x, weight, bias = operands(dtype)
     q, scale = quantize_int8(weight, group_size)
     out = reference.int8_linear(x, q, scale, bias, group_size, tile_elements=tile_elements)
-    expected = F.linear(x, dequantize_int8(q, scale, dtype, group_size), bias)
+    # In float64, whatever the dtype under test: the tolerance allows for its rounding alone.
+    exact = dequantize_int8(q, scale, torch.float64, group_size)
+    expected = F.linear(x.double(), exact, bias.double()).to(dtype)
     assert out.shape == (3, 5, OUT_FEATURES) and out.dtype == dtype
     torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
 

@@ -60,11 +60,13 @@ def test_index_naming_a_missing_shard(save_tiny_llama: SaveTinyLlama) -> None:
 
 def test_a_single_weights_file_wins_over_an_index(save_tiny_llama: SaveTinyLlama) -> None:
     """As in transformers: a stale index beside ``model.safetensors`` is not read."""
-    _, path = save_tiny_llama()
+    hf_model, path = save_tiny_llama()
     index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     assert find_weight_files(path) == [path / "model.safetensors"]
-    assert load(path) is not None
+    loaded = load(path).model
+    for name in ("lm_head.weight", "model.layers.1.mlp.down_proj.weight"):
+        torch.testing.assert_close(loaded.get_parameter(name), hf_model.get_parameter(name), rtol=0, atol=0)
 
 
 def test_truncated_safetensors(save_tiny_llama: SaveTinyLlama) -> None:
