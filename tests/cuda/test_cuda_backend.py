@@ -34,7 +34,7 @@ from neuron_llm.backends.cuda.graphs import (
     _stage,
 )
 from neuron_llm.config import DeviceConfig
-from neuron_llm.ops.metadata import AttentionMetadata
+from neuron_llm.ops.metadata import NULL_BLOCK_ID, AttentionMetadata
 from neuron_llm.worker import StepInput, Worker, fill_placeholders
 
 SMALL_HEADS = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "initializer_range": 0.02}
@@ -112,6 +112,14 @@ def test_staging_matches_the_attention_metadata(
     for name in ("slot_mapping", "block_tables", "seq_lens", "query_start_loc"):
         assert torch.equal(staging[name], getattr(expected, name).to(staging[name].dtype)), name
     padding = num_tokens - num_real
+    # Derived by hand too: both of the above write through one helper.
+    sequence_of = [s for s, query_len in enumerate(query_lens) for _ in range(query_len)]
+    slots = [tables[s][p // block_size] * block_size + p % block_size for s, p in zip(sequence_of, step.positions)]
+    assert staging["slot_mapping"].tolist() == slots + [NULL_BLOCK_ID * block_size] * padding
+    num_padded_seqs = num_seqs - len(seq_lens)
+    assert staging["seq_lens"].tolist() == seq_lens + [0] * num_padded_seqs
+    starts = [sum(query_lens[:s]) for s in range(len(query_lens) + 1)]
+    assert staging["query_start_loc"].tolist() == starts + [num_real] * num_padded_seqs
     assert staging["input_ids"].tolist() == step.input_ids + [0] * padding
     assert staging["positions"].tolist() == step.positions + [0] * padding
     assert np.array_equal(staging["logits_indices"].numpy(), step.logits_indices)
@@ -558,6 +566,14 @@ def test_feed_forward_of_one_row_makes_swiglu_in_the_gate_up_gemv(
             backend, x, norm_weight, 1e-5, residual, gate_up_proj, down_proj
         )
     assert torch.equal(out, apart) and torch.equal(new_residual, apart_residual)
+    # And what both compute: the composition in float64, around the reference's projections.
+    summed = x.double() + residual.double()
+    normed = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_weight.double()
+    with ops.using_backend(TorchBackend()):
+        gate, up = gate_up_proj(normed.to(dtype)).double().chunk(2, dim=-1)
+        expected = down_proj((torch.nn.functional.silu(gate) * up).to(dtype)).double()
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-2
+    assert torch.equal(new_residual, x + residual)
     takes_gemv = quantization is None and backend._takes_gemv(x[:1], gate_up_proj.weight)
     assert (True in calls) == (num_tokens == 1 and takes_gemv)
     with pytest.raises(ValueError, match="even out_features"):
