@@ -216,7 +216,6 @@ class LLM:
                 if output.finished:
                     return
         finally:
-            self.engine.abort(request_id)
             self._forget([request_id])
 
     def shutdown(self) -> None:
