@@ -174,9 +174,14 @@ def _check_model(model: LlamaForCausalLM, config: EngineConfig) -> None:
             "graph of an unsharded model (the XLA device runs without tensor parallelism)"
         )
     dtype = config.device.dtype
-    # Quantized weights (int8, fp8) keep their own dtypes; the 16- and 32-bit ones run in dtype.
+    # Quantized linears keep their own dtypes (int8 or fp8 weights, float32 scales).
+    quantized = tuple(f"{name}." for name in quantized_linears(model))
     other = sorted(
-        {str(p.dtype) for p in model.parameters() if p.dtype in (torch.float32, torch.bfloat16, torch.float16)}
+        {
+            str(p.dtype)
+            for name, p in model.named_parameters()
+            if p.is_floating_point() and not name.startswith(quantized)
+        }
         - {str(dtype)}
     )
     if other:

@@ -7,6 +7,7 @@ import re
 from collections import Counter
 
 import pytest
+import torch
 
 torch_xla = pytest.importorskip("torch_xla")
 
@@ -136,3 +137,13 @@ def test_export_refuses_a_model_its_config_does_not_describe(tiny_llama, tmp_pat
     with pytest.raises(ValueError, match="holds torch.float32 weights, not the config's dtype torch.bfloat16"):
         export_hlo(model, in_bf16, SHAPES, tmp_path / "bf16", num_kv_blocks=NUM_KV_BLOCKS)
     assert not (tmp_path / "tp").exists() and not (tmp_path / "bf16").exists()
+
+
+def test_a_quantized_16_bit_model_exports_with_its_scales_in_float32(tiny_llama, tmp_path) -> None:
+    from neuron_llm.quant import quantize_model
+
+    model = tiny_llama(96).to(torch.bfloat16)
+    quantize_model(model, "int8")  # int8 weights, float32 scales, the rest bf16
+    config = EngineConfig(model=model.config, device=DeviceConfig(dtype="bfloat16"))
+    manifest = export_hlo(model, config, SHAPES[:1], tmp_path, num_kv_blocks=NUM_KV_BLOCKS)
+    assert manifest["quantization"] == ["int8"] and manifest["dtype"] == "bfloat16"
