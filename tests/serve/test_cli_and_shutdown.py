@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +121,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _start_server(model_dir: Path, log: Path, drain_timeout: float) -> tuple[subprocess.Popen[bytes], str]:
-    """A server process, started as a SageMaker container's `serve` command is; and its URL."""
+@contextmanager
+def _server_process(model_dir: Path, log: Path, drain_timeout: float) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A server process, started as a SageMaker container's `serve` command is, and its URL;
+    killed on leaving if it has not exited."""
     port = _free_port()
     env = {
         **os.environ,
@@ -136,13 +140,17 @@ def _start_server(model_dir: Path, log: Path, drain_timeout: float) -> tuple[sub
     }
     with log.open("w") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "neuron_llm.serve"], env=env, stderr=log_file)
-    return process, f"http://127.0.0.1:{port}"
+    try:
+        yield process, f"http://127.0.0.1:{port}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits(model_dir: Path, tmp_path: Path) -> None:
     log = tmp_path / "server.log"
-    process, url = _start_server(model_dir, log, drain_timeout=60)
-    try:
+    with _server_process(model_dir, log, drain_timeout=60) as (process, url):
         wait_for(lambda: _ping(url) == 200, "the server never became ready", timeout=PROCESS_TIMEOUT_S)
         body = {"prompt": "Hello", "n": 4, "max_tokens": 480, "ignore_eos": True, "temperature": 0.0, "stream": True}
         events: list[str] = []
@@ -163,10 +171,6 @@ def test_sigterm_finishes_requests_in_flight_then_exits(model_dir: Path, tmp_pat
         wait_for(lambda: _ping(url) != 200, "new requests were still accepted after SIGTERM")
         reader.join(timeout=PROCESS_TIMEOUT_S)
         assert process.wait(timeout=PROCESS_TIMEOUT_S) == 0, log.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert len(events) > num_events_at_signal + 1, "the request ended before the signal: nothing was drained"
     assert events[-1] == "[DONE]"
     finish_reasons = [c["finish_reason"] for event in events[:-1] for c in json.loads(event)["choices"]]
@@ -179,10 +183,9 @@ def test_requests_left_at_the_drain_timeout_are_answered_before_the_server_exits
     """With no time to finish, a whole request gets a 503 in OpenAI's shape and a stream an
     error event and [DONE], not a cut connection or the web server's plain-text 500."""
     log = tmp_path / "server.log"
-    process, url = _start_server(model_dir, log, drain_timeout=0)
     long = {"prompt": "Hello", "n": 4, "max_tokens": 480, "ignore_eos": True, "temperature": 0.0}
     answers: dict[str, Any] = {}
-    try:
+    with _server_process(model_dir, log, drain_timeout=0) as (process, url):
         wait_for(lambda: _ping(url) == 200, "the server never became ready", timeout=PROCESS_TIMEOUT_S)
 
         def whole() -> None:
@@ -201,10 +204,6 @@ def test_requests_left_at_the_drain_timeout_are_answered_before_the_server_exits
         for reader in readers:
             reader.join(timeout=PROCESS_TIMEOUT_S)
         assert process.wait(timeout=PROCESS_TIMEOUT_S) == 0, log.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert answers["whole"].status_code == 503, answers["whole"].text
     assert answers["whole"].json()["error"]["code"] == "shutting_down"
     events = [line.removeprefix("data: ") for line in answers["events"]]
