@@ -142,7 +142,8 @@ def export_hlo(
     xla_config = dataclasses.replace(config, device=dataclasses.replace(config.device, device="xla"))
     torch_xla = import_torch_xla()
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / f"{shape.name}.hlo.pb" for shape in shapes] + [out / f"{MANIFEST_NAME}.tmp", out / MANIFEST_NAME]
+    manifest_path, partial_manifest = out / MANIFEST_NAME, out / f"{MANIFEST_NAME}.tmp"
+    written = [out / f"{shape.name}.hlo.pb" for shape in shapes] + [partial_manifest, manifest_path]
     try:
         graphs = [_export_graph(model, xla_config, shape, num_kv_blocks, out) for shape in shapes]
         manifest = {
@@ -157,8 +158,8 @@ def export_hlo(
             "graphs": graphs,
         }
         # Whole or not at all: a reader never sees half a manifest.
-        written[-2].write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(written[-2], written[-1])
+        partial_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(partial_manifest, manifest_path)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
