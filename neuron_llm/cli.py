@@ -31,6 +31,11 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-model-len", type=int, default=None, help="longest prompt + output in tokens (default: the model's)"
     )
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
+    parser.add_argument(
+        "--speculative-config",
+        default=None,
+        help="speculative decoding as JSON, e.g. '{\"num_speculative_tokens\": 4}' (n-gram prompt lookup)",
+    )
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +77,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         tensor_parallel_size=args.tp,
         max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks,
+        speculative_config=args.speculative_config,
     )
     print(f"weights: {llm.weight_bytes / 2**20:.1f} MiB", file=sys.stderr)
     try:

@@ -339,6 +339,56 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: a proposer offers tokens, the model checks them in one step.
+
+    Lossless (Leviathan et al., 2023, https://arxiv.org/abs/2211.17192): greedy output is
+    the plain decode's and sampled output keeps the model's distribution. The proposer is
+    n-gram prompt lookup (vLLM's "ngram"): the tokens that followed the last occurrence of
+    the sequence's final n tokens, for n from ``prompt_lookup_max`` down to ``prompt_lookup_min``.
+    """
+
+    num_speculative_tokens: int
+    """Most tokens proposed per sequence and step (the step computes up to this many + 1)."""
+    method: str = "ngram"
+    prompt_lookup_max: int = 4
+    """Longest suffix looked up."""
+    prompt_lookup_min: int = 1
+    """Shortest suffix looked up; a sequence with no match of this length gets no proposal."""
+
+    def __post_init__(self) -> None:
+        _require(self.method == "ngram", "method", self.method, "must be 'ngram' (the one proposer built)")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            _require(is_int(value) and value >= 1, name, value, "must be an integer >= 1")
+        _require(
+            self.prompt_lookup_min <= self.prompt_lookup_max,
+            "prompt_lookup_min",
+            self.prompt_lookup_min,
+            f"must be <= prompt_lookup_max={self.prompt_lookup_max}",
+        )
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig | None:
+        """From vLLM's forms: a dict, its JSON text (the command line's), or None (off)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config={value!r} is not JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, not {type(value).__name__}")
+        unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        if "num_speculative_tokens" not in value:
+            raise ValueError("speculative_config needs num_speculative_tokens")
+        return cls(**value)
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     """Where and in what precision the model runs."""
 
@@ -395,6 +445,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quantization: str | None = None
     """A preset of ``neuron_llm.quant.PRESETS`` to quantize the weights to on load, or None."""
+    speculative: SpeculativeConfig | None = None
+    """Speculative decoding, or None (off)."""
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model)
@@ -405,6 +457,13 @@ class EngineConfig:
         # The next step's input ids are filled in on the device from the last step's samples.
         if self.scheduler.async_scheduling and torch.device(self.device.device).type == "xla":
             raise ValueError("async_scheduling=True is not supported on the XLA device")
+        if self.speculative is not None:
+            # Proposals are made on the host from the tokens of the step before, so steps
+            # cannot overlap; a verification step's shape is not one of the XLA buckets yet.
+            if torch.device(self.device.device).type == "xla":
+                raise ValueError("speculative decoding is not supported on the XLA device yet")
+            if self.scheduler.async_scheduling:
+                raise ValueError("async_scheduling=True and speculative decoding exclude each other")
         limit = self.model.max_position_embeddings
         if self.scheduler.max_model_len is None:
             object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, max_model_len=limit))
@@ -423,5 +482,7 @@ class EngineConfig:
         """Whether steps overlap (``SchedulerConfig.async_scheduling``, None resolved)."""
         chosen = self.scheduler.async_scheduling
         if chosen is None:
+            if self.speculative is not None:
+                return False
             return torch.device(self.device.device).type == "cuda" and self.parallel.tensor_parallel_size == 1
         return chosen

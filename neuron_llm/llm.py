@@ -21,6 +21,7 @@ from neuron_llm.config import (
     EngineConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     parse_device,
     parse_dtype,
 )
@@ -64,6 +65,9 @@ class LLM:
         max_model_len: longest prompt plus output; None takes the model's limit.
         warm_up: run every bucket once at start (compiling backends build their graphs
             then, not while serving); None does so on the XLA and CUDA devices (CUDA graphs).
+        speculative_config: speculative decoding, as vLLM takes it: a dict (or its JSON) of
+            ``SpeculativeConfig``'s fields, e.g. ``{"num_speculative_tokens": 4}`` (n-gram
+            prompt lookup); None: off.
         Other keyword arguments are the fields of ``CacheConfig`` and ``SchedulerConfig``
         (``block_size``, ``num_kv_blocks``, ``memory_fraction``, ``enable_prefix_caching``,
         ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_chunked_prefill``);
@@ -83,6 +87,7 @@ class LLM:
         max_prefill_graph_tokens: int = DeviceConfig.max_prefill_graph_tokens,
         max_model_len: int | None = None,
         warm_up: bool | None = None,
+        speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None,
         **engine_options: Any,
     ) -> None:
         if "gpu_memory_utilization" in engine_options:
@@ -111,6 +116,7 @@ class LLM:
                 **{k: v for k, v in engine_options.items() if k in scheduler_fields},
             ),
             quantization=quantization,
+            speculative=SpeculativeConfig.parse(speculative_config),
         )
         if torch.device(self.config.device.device).type == "xla" and self.config.cache.num_kv_blocks is None:
             # Before loading, which takes minutes for a large model.

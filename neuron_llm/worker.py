@@ -22,6 +22,7 @@ from neuron_llm.config import EngineConfig, ModelConfig
 from neuron_llm.models.llama import KVCache, LlamaForCausalLM
 from neuron_llm.ops.metadata import AttentionMetadata
 from neuron_llm.sample import RowState, SamplerOutput, SamplingBatch, sample
+from neuron_llm.sample.rejection import verify
 from neuron_llm.transfer import to_device
 
 
@@ -38,7 +39,8 @@ class StepInput:
     block_tables: list[list[int]]
     logits_indices: list[int]
     """Rows of the flat batch whose logits are returned: each sampling sequence's last token
-    (padded to ``num_padded_seqs`` rows when set), then any prompt rows."""
+    (with proposals to verify, each proposal's row before it), padded to ``num_padded_seqs``
+    rows when set, then any prompt rows."""
     num_padded_tokens: int | None = None
     num_padded_seqs: int | None = None
     max_blocks_per_seq: int | None = None
@@ -243,22 +245,29 @@ class Worker:
         rows: Sequence[RowState],
         eos_token_ids: Sequence[int] = (),
         sampled_before: torch.Tensor | None = None,
+        draft_token_ids: Sequence[Sequence[int]] | None = None,
     ) -> StepOutput:
         """Run one flat batch and sample ``rows`` (one per sampling sequence, in order) on this device.
 
-        Logits row ``i < len(rows)`` is row ``i``'s; the rows past the first
-        ``step.num_padded_seqs`` (``len(rows)`` when unpadded) come back as ``prompt_logits``.
-        ``eos_token_ids`` are held back from rows short of min_tokens. Input ids that are
-        ``placeholder(r)`` take row ``r`` of ``sampled_before`` (the token ids the previous
-        step sampled, still on this device).
+        Each sampling sequence has one logits row, in order: row ``i`` is ``rows[i]``'s. With
+        ``draft_token_ids`` (per sequence, the proposals the step computed after its last
+        token) sequence ``i`` has one row per proposal plus one, and they are verified
+        (``neuron_llm.sample.rejection``). The logits rows past the sampling ones (padded to
+        ``step.num_padded_seqs`` when set) come back as ``prompt_logits``. ``eos_token_ids``
+        are held back from rows short of min_tokens. Input ids that are ``placeholder(r)``
+        take row ``r`` of ``sampled_before`` (the token ids the previous step sampled, still
+        on this device).
         """
         logits = self.execute(step, sampled_before)
-        num_sampling_rows = step.num_padded_seqs or len(rows)
+        drafts = draft_token_ids if draft_token_ids is not None and any(draft_token_ids) else None
+        num_rows = len(rows) + (sum(map(len, drafts)) if drafts is not None else 0)
         sampled = None
-        if rows:
+        if drafts is not None:
+            sampled = verify(logits[:num_rows], rows, drafts, eos_token_ids)
+        elif rows:
             batch = SamplingBatch.build(rows, logits.shape[-1], logits.device, eos_token_ids)
-            sampled = sample(logits[: len(rows)], batch)
-        return StepOutput(sampled, logits[num_sampling_rows:])
+            sampled = sample(logits[:num_rows], batch)
+        return StepOutput(sampled, logits[max(step.num_padded_seqs or 0, num_rows) :])
 
     def num_compiled_graphs(self) -> int:
         """Graphs compiled so far; eager execution compiles none."""

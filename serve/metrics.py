@@ -69,7 +69,13 @@ class ServerMetrics:
         )
         self._prompt_tokens = Counter("neuron_llm_prompt_tokens", "Prompt tokens prefilled.", registry=registry)
         self._generation_tokens = Counter("neuron_llm_generation_tokens", "Tokens generated.", registry=registry)
-        self._last_totals = (0, 0, 0)
+        self._draft_tokens = Counter(
+            "neuron_llm_spec_decode_draft_tokens", "Proposed tokens verified (speculative decoding).", registry=registry
+        )
+        self._accepted_tokens = Counter(
+            "neuron_llm_spec_decode_accepted_tokens", "Proposed tokens kept (speculative decoding).", registry=registry
+        )
+        self._last_totals = (0, 0, 0, 0, 0)
 
     def count_request(self, outcome: str, overrides: bool = False) -> None:
         """Count the request being served as ending with ``outcome`` (one of ``OUTCOMES``).
@@ -118,10 +124,21 @@ class ServerMetrics:
         for seconds in stats.inter_token_latency:
             self._itl.observe(seconds)
         # The engine keeps running totals; Prometheus counters only go up by increments.
-        totals = (scheduler.num_preemptions, stats.num_prompt_tokens, stats.num_generation_tokens)
-        for counter, total, last in zip(
-            (self._preemptions, self._prompt_tokens, self._generation_tokens), totals, self._last_totals
-        ):
+        totals = (
+            scheduler.num_preemptions,
+            stats.num_prompt_tokens,
+            stats.num_generation_tokens,
+            stats.num_draft_tokens,
+            stats.num_accepted_tokens,
+        )
+        counters = (
+            self._preemptions,
+            self._prompt_tokens,
+            self._generation_tokens,
+            self._draft_tokens,
+            self._accepted_tokens,
+        )
+        for counter, total, last in zip(counters, totals, self._last_totals):
             counter.inc(max(total - last, 0))
         self._last_totals = totals
 

@@ -58,6 +58,11 @@ class ServeSettings:
     max_num_batched_tokens: int | None = _setting(
         None, "most tokens in one engine step, the largest prefill bucket (default: the engine's)"
     )
+    speculative_config: str | None = _setting(
+        None,
+        "speculative decoding as JSON, e.g. '{\"num_speculative_tokens\": 4}' (n-gram prompt lookup; "
+        "also prompt_lookup_max, prompt_lookup_min)",
+    )
     max_waiting_requests: int = _setting(256, "requests waiting for their first token before new ones get 429")
     api_key: str | None = _setting(
         None,
@@ -86,6 +91,10 @@ class ServeSettings:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= {least}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout={self.drain_timeout}: must be >= 0")
+        if self.speculative_config is not None:
+            from neuron_llm.config import SpeculativeConfig
+
+            SpeculativeConfig.parse(self.speculative_config)
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level={self.log_level!r}: must be one of {', '.join(LOG_LEVELS)}")
 
@@ -98,7 +107,7 @@ class ServeSettings:
             "tensor_parallel_size": self.tensor_parallel_size,
             "max_model_len": self.max_model_len,
         }
-        for name in ("quantization", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("quantization", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "speculative_config"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
         return options

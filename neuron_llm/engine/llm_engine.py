@@ -22,6 +22,7 @@ from neuron_llm.detokenizer import IncrementalDetokenizer, TokenTexts
 from neuron_llm.engine.model_runner import ModelRunner, StepResult
 from neuron_llm.engine.request import Request, RequestStatus
 from neuron_llm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, SchedulerStats
+from neuron_llm.engine.speculative import NgramProposer, Proposer
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs, make_generator
@@ -63,6 +64,10 @@ class _RequestGroup:
         return not self.pending_forks and all(seq.finish_reason is not None for seq in self.sequences)
 
 
+_Sampled = tuple[list[list[int]], list[list[dict[int, Logprob] | None]]]
+"""Per sampling entry of a step: its new token ids, and their logprobs (None where not asked for)."""
+
+
 @dataclass
 class _LaunchedStep:
     """A step on its way through the device, and the copy of its sampled tokens to the host."""
@@ -72,8 +77,12 @@ class _LaunchedStep:
     """The entries that sample, in the order of the sampled rows."""
     rows: list[RowState]
     result: StepResult
+    num_outputs_before: list[int]
+    """Per sampling entry, its request's output tokens when the step was launched: those after
+    them once the scheduler took the step's tokens are the step's."""
     host_token_ids: torch.Tensor | None = field(init=False, default=None)
     host_logprobs: LogprobsTensors | None = field(init=False, default=None)
+    host_num_accepted: torch.Tensor | None = field(init=False, default=None)
     on_host: torch.cuda.Event | None = field(init=False, default=None)
     """Recorded after the copies to the host (CUDA); reading before it fires would read garbage."""
 
@@ -85,6 +94,8 @@ class _LaunchedStep:
         self.host_token_ids = sampled.token_ids.to("cpu", non_blocking=True)
         if sampled.logprobs is not None:
             self.host_logprobs = sampled.logprobs.to_host()
+        if sampled.num_accepted is not None:
+            self.host_num_accepted = sampled.num_accepted.to("cpu", non_blocking=True)
         if sampled.token_ids.is_cuda:
             self.on_host = torch.cuda.Event()
             # The copies' stream: this thread's current device may be another GPU.
@@ -102,6 +113,10 @@ class EngineStats:
     num_generation_tokens: int
     num_compiled_graphs: int
     """Graphs the backend compiled (XLA: one per bucket after warm-up; eager: 0)."""
+    num_draft_tokens: int = 0
+    """Proposed tokens verified so far (speculative decoding)."""
+    num_accepted_tokens: int = 0
+    """Of those, the tokens kept."""
 
 
 class LLMEngine:
@@ -138,10 +153,14 @@ class LLMEngine:
         self._itls: list[float] = []
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
+        self._num_draft_tokens = 0
+        self._num_accepted_tokens = 0
         self._async_scheduling = config.async_scheduling
         self._in_flight: _LaunchedStep | None = None
         self._penalized_ids: set[str] = set()
         """Requests whose penalties need every token on the host before the next step."""
+        self.proposer: Proposer | None = NgramProposer(config.speculative) if config.speculative is not None else None
+        """Offers each decoding sequence's next tokens before a step (speculative decoding); None: off."""
 
     # -- requests -----------------------------------------------------------------------
 
@@ -221,6 +240,8 @@ class LLMEngine:
             self._num_prompt_tokens,
             self._num_generation_tokens,
             self.runner.executor.worker.num_compiled_graphs(),
+            self._num_draft_tokens,
+            self._num_accepted_tokens,
         )
         self._ttfts, self._itls = [], []
         return stats
@@ -238,21 +259,33 @@ class LLMEngine:
         if self._in_flight is not None and not self._overlaps():
             in_flight, self._in_flight = self._in_flight, None
             return self._complete(in_flight)
+        if self.proposer is not None:
+            self._propose(self.proposer)
         scheduled = self.scheduler.schedule()
         launched = None if scheduled.is_empty else self._launch(scheduled)
         in_flight, self._in_flight = self._in_flight, None
         outputs = [] if in_flight is None else self._complete(in_flight)
         if launched is None:
             return outputs
+        if not self._overlaps():
+            sampled = self._read_sampled(launched)
+            self.scheduler.update_from_output(
+                scheduled, {entry.request.request_id: ids for entry, ids in zip(launched.sampling, sampled[0])}
+            )
+            return outputs + self._complete(launched, sampled)
         # The scheduler counts each sampled token now, as a placeholder the device fills in
         # for the next step and the host replaces once it has read the token (``_complete``).
         self.scheduler.update_from_output(
             scheduled, {entry.request.request_id: [placeholder(row)] for row, entry in enumerate(launched.sampling)}
         )
-        if self._overlaps():
-            self._in_flight = launched
-            return outputs
-        return outputs + self._complete(launched)
+        self._in_flight = launched
+        return outputs
+
+    def _propose(self, proposer: Proposer) -> None:
+        """Offer each decoding request's next tokens, for this step to verify."""
+        for request in self.scheduler.running:
+            if request.num_tokens_to_compute == 1 and request.num_output_tokens:
+                request.draft_token_ids = proposer.propose(request.all_token_ids)
 
     def _overlaps(self) -> bool:
         # Penalties count the output tokens' values on the host, so they wait for each step.
@@ -273,22 +306,32 @@ class LLMEngine:
         result = self.runner.execute(
             scheduled, self._wants_prompt_logprobs, rows, self._sorted_eos_token_ids, sampled_before
         )
-        return _LaunchedStep(scheduled, sampling, rows, result)
+        num_outputs_before = [entry.request.num_output_tokens for entry in sampling]
+        return _LaunchedStep(scheduled, sampling, rows, result, num_outputs_before)
 
-    def _complete(self, launched: _LaunchedStep) -> list[RequestOutput]:
-        """Read a launched step's tokens and judge them: stops, forks, outputs."""
-        sampled_ids, logprob_dicts = self._read_sampled(launched)
+    def _complete(self, launched: _LaunchedStep, sampled: _Sampled | None = None) -> list[RequestOutput]:
+        """Judge a launched step's tokens (read now unless ``sampled``): stops, forks, outputs."""
+        token_ids, logprob_dicts = self._read_sampled(launched) if sampled is None else sampled
         self._record_prompt_logprobs(launched.scheduled, launched.result.prompt_logits)
         touched: dict[str, _RequestGroup] = {}
-        for row, (entry, token_id, logprobs) in enumerate(zip(launched.sampling, sampled_ids, logprob_dicts)):
+        step_outputs = zip(launched.sampling, launched.num_outputs_before, token_ids, logprob_dicts)
+        for row, (entry, num_before, ids, logprobs) in enumerate(step_outputs):
             request = entry.request
             if request.output_token_ids and request.output_token_ids[-1] == placeholder(row):
-                request.replace_last_output_token(token_id)
+                request.replace_last_output_token(ids[0])
             found = self._live_sequence(request)
             if found is None or found[1].finish_reason is not None:
                 continue  # aborted, or stopped by the step before (async scheduling ran it once more)
             group, seq = found
-            self._process_token(group, seq, token_id, logprobs)
+            # The scheduler appended the step's tokens up to the length limit.
+            num_taken = min(len(ids), request.num_output_tokens - num_before)
+            self._record_latency(group, seq)
+            for i in range(num_taken):
+                self._process_token(group, seq, ids[i], logprobs[i], is_last=i == num_taken - 1)
+                if seq.finish_reason is not None:
+                    # A stop among a step's tokens: the ones after it were never generated.
+                    request.truncate_output(num_before + i + 1)
+                    break
             touched[group.request_id] = group
         for group in touched.values():
             self._fork_pending(group)
@@ -313,16 +356,29 @@ class LLMEngine:
         request = entry.request
         return RowState(request.sampling_params, request.prompt_token_ids, request.output_token_ids, seq.generator)
 
-    def _read_sampled(self, launched: _LaunchedStep) -> tuple[list[int], list[dict[int, Logprob] | None]]:
+    def _read_sampled(self, launched: _LaunchedStep) -> _Sampled:
+        """Per sampling entry, its new tokens and their logprobs (None where not asked for)."""
         if launched.host_token_ids is None:
             return [], []
         if launched.on_host is not None:
             launched.on_host.synchronize()
         token_ids = launched.host_token_ids.tolist()  # the one host read per step
-        if launched.host_logprobs is None:
-            return token_ids, [None] * len(launched.rows)
-        return token_ids, launched.host_logprobs.to_dicts(
-            [row.params.logprobs for row in launched.rows], self._decoded_token
+        # Rows per entry: one, or each proposal's and one more (their tokens, if all are kept).
+        row_counts = [entry.num_draft_tokens + 1 for entry in launched.sampling]
+        num_new = [1] * len(row_counts)
+        if launched.host_num_accepted is not None:
+            num_accepted = launched.host_num_accepted.tolist()
+            num_new = [n + 1 for n in num_accepted]
+            self._num_draft_tokens += sum(entry.num_draft_tokens for entry in launched.sampling)
+            self._num_accepted_tokens += sum(num_accepted)
+        logprobs: list[dict[int, Logprob] | None] = [None] * len(token_ids)
+        if launched.host_logprobs is not None:
+            counts = [row.params.logprobs for row, n in zip(launched.rows, row_counts) for _ in range(n)]
+            logprobs = launched.host_logprobs.to_dicts(counts, self._decoded_token)
+        starts = list(itertools.accumulate(row_counts, initial=0))
+        return (
+            [token_ids[start : start + n] for start, n in zip(starts, num_new)],
+            [logprobs[start : start + n] for start, n in zip(starts, num_new)],
         )
 
     def _record_prompt_logprobs(self, scheduled: SchedulerOutput, prompt_logits: list[torch.Tensor | None]) -> None:
@@ -348,9 +404,9 @@ class LLMEngine:
                 scored.to_dicts([group.params.prompt_logprobs] * logits.shape[0], self._decoded_token)
             )
 
-    def _process_token(
-        self, group: _RequestGroup, seq: _Sequence, token_id: int, logprobs: dict[int, Logprob] | None
-    ) -> None:
+    def _record_latency(self, group: _RequestGroup, seq: _Sequence) -> None:
+        """Time a step that gave ``seq`` tokens (as in vLLM, one inter-token latency per step,
+        however many tokens it adds)."""
         now = time.monotonic()
         metrics = group.metrics
         if metrics.first_token_time is None:
@@ -361,6 +417,16 @@ class LLMEngine:
             self._itls.append(now - metrics.last_token_time)
         if seq.index == 0:
             metrics.last_token_time = now
+
+    def _process_token(
+        self,
+        group: _RequestGroup,
+        seq: _Sequence,
+        token_id: int,
+        logprobs: dict[int, Logprob] | None,
+        is_last: bool = True,
+    ) -> None:
+        """Judge one new token of ``seq``; ``is_last``: the step's last for it (a length limit ends there)."""
         self._num_generation_tokens += 1
         if logprobs is not None and seq.logprobs is not None:
             seq.logprobs.append(logprobs)
@@ -378,7 +444,7 @@ class LLMEngine:
             seq.finish_reason = "stop"
         elif is_stop_token:
             seq.finish_reason, seq.stop_reason = "stop", token_id
-        elif request.status == RequestStatus.FINISHED_LENGTH:
+        elif is_last and request.status == RequestStatus.FINISHED_LENGTH:
             seq.finish_reason = "length"
         if seq.finish_reason is None:
             return

@@ -64,11 +64,16 @@ class ModelRunner:
 
         ``wants_prompt_logprobs(entry)`` says whose prompt rows to return; ``eos_token_ids``
         are held back from rows short of min_tokens; ``sampled_before`` (the previous step's
-        token ids, on the device) fills the input ids that are placeholders for them.
+        token ids, on the device) fills the input ids that are placeholders for them. Entries
+        with proposals (``num_draft_tokens``) have them verified.
         """
-        assert len(sampling_rows) == sum(entry.is_sampling for entry in scheduled.scheduled)
+        sampling = [entry for entry in scheduled.scheduled if entry.is_sampling]
+        assert len(sampling_rows) == len(sampling)
         step, prompt_rows = self._pack(scheduled, wants_prompt_logprobs)
-        output = self.executor.execute_and_sample(step, sampling_rows, eos_token_ids, sampled_before)
+        drafts = None
+        if any(entry.num_draft_tokens for entry in sampling):
+            drafts = [entry.token_ids[len(entry.token_ids) - entry.num_draft_tokens :] for entry in sampling]
+        output = self.executor.execute_and_sample(step, sampling_rows, eos_token_ids, sampled_before, drafts)
         prompt_logits: list[torch.Tensor | None] = []
         offset = 0
         for rows in prompt_rows:
@@ -106,7 +111,8 @@ class ModelRunner:
             input_ids += entry.token_ids
             positions += range(entry.num_computed_tokens, entry.seq_len)
             if entry.is_sampling:
-                sample_rows.append(len(input_ids) - 1)
+                # The last known token's row, and each proposal's after it.
+                sample_rows += range(len(input_ids) - 1 - entry.num_draft_tokens, len(input_ids))
             rows = None
             if wants_prompt_logprobs(entry):
                 # Position p scores prompt token p + 1, so the prompt's last position has none.
@@ -116,6 +122,9 @@ class ModelRunner:
         entries = scheduled.scheduled
         is_decode = all(entry.num_new_tokens == 1 for entry in entries)
         bucket = self.buckets.select(len(input_ids), len(entries), is_decode)
+        if len(sample_rows) > bucket.num_seqs and len(sample_rows) <= self.buckets.prefill[-1].num_seqs:
+            # Verifying proposals: a bucket with a logits row for each lets a CUDA graph run the step.
+            bucket = self.buckets.select(len(input_ids), len(sample_rows), is_decode)
         # Sampling rows are padded to the bucket's sequence count so the logits have a static shape.
         sample_rows += [0] * (bucket.num_seqs - len(sample_rows))
         step = StepInput(

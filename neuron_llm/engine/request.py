@@ -75,6 +75,9 @@ class Request:
     num_preemptions: int = field(default=0, init=False)
     block_ids: list[int] = field(default_factory=list, init=False)
     """The block manager's table of this request while it runs (read-only); empty otherwise."""
+    draft_token_ids: list[int] = field(default_factory=list, init=False)
+    """Tokens a speculative proposer guessed to follow ``all_token_ids``, set before a step;
+    the scheduler computes them after the last token (the step verifies them) and clears them."""
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -109,6 +112,11 @@ class Request:
         """Record one generated token."""
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Keep the first ``num_output_tokens`` output tokens (a stop among several tokens of one step)."""
+        del self.output_token_ids[num_output_tokens:]
+        del self.all_token_ids[self.num_prompt_tokens + num_output_tokens :]
 
     def replace_last_output_token(self, token_id: int) -> None:
         """Put the sampled token in place of the placeholder appended before it was read."""

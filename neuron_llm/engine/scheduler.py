@@ -19,6 +19,11 @@ that would not fit in the pool alone, so the oldest always progresses.
 
 Steps alternate ``schedule()`` (what to compute) and ``update_from_output()`` (the sampled
 tokens). Stop tokens and strings are judged outside, which then calls ``finish``.
+
+With speculative decoding a decoding request carries proposals (``draft_token_ids``, set
+before ``schedule()``): the step computes them after its last token, within the budget and
+the blocks free (proposals never preempt), and ``update_from_output`` takes the tokens the
+verification kept plus one, and takes back the K/V of the proposals refused.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ class ScheduledRequest:
     """The ``num_new_tokens`` input tokens."""
     block_ids: list[int]
     """The block table as of this step."""
+    num_draft_tokens: int = 0
+    """The last ``num_draft_tokens`` of ``token_ids`` are proposals (speculative decoding)
+    after the last known token, which this step verifies; ``is_sampling`` is then True."""
 
     @property
     def seq_len(self) -> int:
@@ -215,18 +223,23 @@ class Scheduler:
     def update_from_output(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[str]:
         """Take the step's results: ``sampled[request_id]`` for each request that sampled.
 
-        Publishes the newly computed full blocks to the prefix cache, appends sampled tokens,
-        and finishes (freeing their blocks) requests that reached ``max_tokens`` or
-        ``max_model_len`` (``max_seq_len`` without ``max_tokens``). Requests finished while the
-        step ran are skipped. Returns the ids finished by length.
+        After verifying proposals a request may get several tokens: the proposals kept and
+        one more. Appends sampled tokens (up to the length limit), takes back the proposals
+        refused (their K/V is overwritten later), publishes the newly computed full blocks to
+        the prefix cache, and finishes (freeing their blocks) requests that reached
+        ``max_tokens`` or ``max_model_len`` (``max_seq_len`` without ``max_tokens``). Requests
+        finished while the step ran are skipped. Returns the ids finished by length.
         """
         finished_ids: list[str] = []
         for entry in output.scheduled:
             request = entry.request
             if request.status != RequestStatus.RUNNING:
                 continue
+            reached_length = entry.is_sampling and self._append_sampled(request, sampled[request.request_id])
+            # Every token but the last sampled one has its K/V in the cache.
+            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
             self.block_manager.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
-            if entry.is_sampling and self._append_sampled(request, sampled[request.request_id]):
+            if reached_length:
                 self.finish(request.request_id, RequestStatus.FINISHED_LENGTH)
                 finished_ids.append(request.request_id)
         return finished_ids
@@ -302,12 +315,30 @@ class Scheduler:
             request = self.running[index]
             assert request.num_tokens_to_compute > 0, "schedule() twice without update_from_output()"
             num_new_tokens = min(request.num_tokens_to_compute, budget)
-            if not self._reserve_blocks(request, num_new_tokens, preempted_ids):
+            drafts = self._drafts_to_verify(request, num_new_tokens, budget)
+            if not drafts and not self._reserve_blocks(request, num_new_tokens, preempted_ids):
                 break
-            scheduled.append(self._advance(request, num_new_tokens))
-            budget -= num_new_tokens
+            scheduled.append(self._advance(request, num_new_tokens, drafts))
+            budget -= num_new_tokens + len(drafts)
             index += 1
         return budget
+
+    def _drafts_to_verify(self, request: Request, num_new_tokens: int, budget: int) -> list[int]:
+        """The proposals ``request`` computes after its ``num_new_tokens``, with their blocks reserved.
+
+        Only a step reaching the last known token verifies proposals, and no more than the
+        budget left, nor more than the request may still emit (a step emits one token past
+        the proposals it keeps). Proposals never preempt: without free blocks there are none.
+        """
+        drafts = request.draft_token_ids
+        if not drafts or num_new_tokens != request.num_tokens_to_compute:
+            return []
+        room = self._final_num_tokens(request) - request.num_tokens - 1
+        drafts = drafts[: min(budget - num_new_tokens, room)]
+        num_tokens = request.num_computed_tokens + num_new_tokens + len(drafts)
+        if drafts and self.block_manager.append_slots(request.request_id, num_tokens) is None:
+            return []
+        return drafts
 
     def _reserve_blocks(self, request: Request, num_new_tokens: int, preempted_ids: list[str]) -> bool:
         """Get blocks for ``num_new_tokens`` more tokens, preempting the newest running requests.
@@ -330,6 +361,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.block_ids = []
+        request.draft_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         # Back in arrival order: usually at the front, but a forked child arrived when it was
@@ -369,16 +401,23 @@ class Scheduler:
             return budget
         return 0
 
-    def _advance(self, request: Request, num_new_tokens: int) -> ScheduledRequest:
+    def _advance(self, request: Request, num_new_tokens: int, drafts: list[int] | None = None) -> ScheduledRequest:
         start = request.num_computed_tokens
         request.num_computed_tokens += num_new_tokens
+        is_sampling = request.num_computed_tokens == request.num_tokens
+        token_ids = request.all_token_ids[start : request.num_computed_tokens]
+        drafts = drafts or []
+        # Counted as computed until the step's result says how many were kept.
+        request.num_computed_tokens += len(drafts)
+        request.draft_token_ids = []
         return ScheduledRequest(
             request=request,
             num_computed_tokens=start,
-            num_new_tokens=num_new_tokens,
-            is_sampling=request.num_computed_tokens == request.num_tokens,
-            token_ids=request.all_token_ids[start : request.num_computed_tokens],
+            num_new_tokens=num_new_tokens + len(drafts),
+            is_sampling=is_sampling,
+            token_ids=token_ids + drafts,
             block_ids=list(request.block_ids),
+            num_draft_tokens=len(drafts),
         )
 
     def _append_sampled(self, request: Request, token_ids: list[int]) -> bool:

@@ -93,6 +93,7 @@ class Executor(abc.ABC):
         rows: Sequence[RowState],
         eos_token_ids: Sequence[int] = (),
         sampled_before: torch.Tensor | None = None,
+        draft_token_ids: Sequence[Sequence[int]] | None = None,
     ) -> StepOutput:
         """Run one step and sample ``rows`` on rank 0's device (see ``Worker.execute_and_sample``)."""
 
@@ -125,8 +126,9 @@ class UniprocExecutor(Executor):
         rows: Sequence[RowState],
         eos_token_ids: Sequence[int] = (),
         sampled_before: torch.Tensor | None = None,
+        draft_token_ids: Sequence[Sequence[int]] | None = None,
     ) -> StepOutput:
-        return self.worker.execute_and_sample(step, rows, eos_token_ids, sampled_before)
+        return self.worker.execute_and_sample(step, rows, eos_token_ids, sampled_before, draft_token_ids)
 
     def shutdown(self) -> None:
         pass
@@ -187,11 +189,14 @@ class MultiprocExecutor(Executor):
         rows: Sequence[RowState],
         eos_token_ids: Sequence[int] = (),
         sampled_before: torch.Tensor | None = None,
+        draft_token_ids: Sequence[Sequence[int]] | None = None,
     ) -> StepOutput:
         # The other ranks run the plain forward: sampling follows the logits' all-gather.
         if sampled_before is not None:
             step = dataclasses.replace(step, num_sampled_before=sampled_before.numel())
-        run = functools.partial(self.worker.execute_and_sample, step, rows, eos_token_ids, sampled_before)
+        run = functools.partial(
+            self.worker.execute_and_sample, step, rows, eos_token_ids, sampled_before, draft_token_ids
+        )
         return self._run(step, run, sampled_before)
 
     def _run(self, step: StepInput, run_on_rank_0: Callable[[], _T], sampled_before: torch.Tensor | None = None) -> _T:

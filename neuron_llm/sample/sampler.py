@@ -380,6 +380,11 @@ class SamplerOutput:
     token_ids: torch.Tensor
     """[num_rows] int64, on the logits' device."""
     logprobs: LogprobsTensors | None
+    num_accepted: torch.Tensor | None = None
+    """After verifying proposals (``neuron_llm.sample.rejection``): [num_sequences] int64, how
+    many of each sequence's proposed tokens were kept. Rows are then each sequence's
+    proposals plus one, in turn, and a sequence's new tokens are its first
+    ``num_accepted + 1`` rows. None after plain sampling: one row, one token per sequence."""
 
 
 def score_tokens(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
@@ -483,7 +488,8 @@ def counter_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return -uniform.log()
 
 
-def _draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """One token per row of processed ``logits``: argmax for greedy rows, the exponential race for the others."""
     if batch.is_all_greedy:
         return ops.argmax(logits)
     if batch.noise_keys is not None:
@@ -499,7 +505,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     Returns the token ids [num_rows] on the logits' device and, when any row asked for
     logprobs, the raw logprobs of the sampled tokens with the ``batch.num_logprobs`` best.
     """
-    token_ids = _draw(process_logits(logits, batch), batch)
+    token_ids = draw(process_logits(logits, batch), batch)
     if batch.num_logprobs is None:
         return SamplerOutput(token_ids, None)
     raw_logprobs = logits.float().log_softmax(dim=-1)

@@ -106,6 +106,7 @@ class XlaWorker(Worker):
         rows: Sequence[RowState],
         eos_token_ids: Sequence[int] = (),
         sampled_before: torch.Tensor | None = None,
+        draft_token_ids: Sequence[Sequence[int]] | None = None,
     ) -> StepOutput:
         """Run one step and its sampling as one graph; read back only the tokens (and logprobs).
 
@@ -113,6 +114,8 @@ class XlaWorker(Worker):
         rows past ``len(rows)`` are sampled too (greedily) and dropped on the host.
         """
         _refuse_placeholders(sampled_before)
+        # EngineConfig refuses speculative decoding here.
+        assert not (draft_token_ids and any(draft_token_ids)), "speculative decoding on the XLA device"
         if step.num_padded_seqs is None:
             raise ValueError("an XLA step needs num_padded_seqs (a bucket)")
         compiled_before = compile_count()

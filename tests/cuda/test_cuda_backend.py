@@ -250,6 +250,39 @@ def test_cuda_backend_generates_what_the_torch_backend_does(
 
 
 @pytest.mark.cuda
+def test_verification_steps_replay_graphs_and_change_no_greedy_token(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Speculative decoding on the cuda backend: each step verifying proposals (four rows of
+    logits per sequence) replays a prefill bucket's graph, and greedy output is the torch
+    backend's plain decoding."""
+    from tests.engine.conftest import OracleProposer
+
+    _, model_dir = save_tiny_llama(hidden_size=256, intermediate_size=512, num_attention_heads=4)
+    options = {"device": "cuda", "dtype": "float32", "num_kv_blocks": 256, "block_size": 16, "max_model_len": 256}
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 250, (n,), generator=generator).tolist() for n in (1, 7, 16, 33, 200)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    reference = LLM(str(model_dir), backend="torch", async_scheduling=False, **options)
+    expected = [o.outputs[0].token_ids for o in reference.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    llm = LLM(str(model_dir), speculative_config={"num_speculative_tokens": 3}, **options)
+    llm.engine.proposer = OracleProposer(dict(zip(map(tuple, prompts), expected)), "mixed", k=3)
+    eager_steps = []
+    eager_forward = Worker.forward
+
+    def counted(self: Worker, step: StepInput, *args: Any) -> torch.Tensor:
+        eager_steps.append(step)
+        return eager_forward(self, step, *args)
+
+    monkeypatch.setattr(Worker, "forward", counted)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert eager_steps == []
+    stats = llm.engine.stats()
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("quantization", [None, "fp8"])
 def test_prefill_graphs_compute_what_eager_steps_do(
     save_tiny_llama: Callable[..., tuple[Any, Path]], quantization: str | None, caplog: pytest.LogCaptureFixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,49 @@ def run_all(llm: LLM, arrivals: dict[int, list[tuple[str, list[int], Any]]]) -> 
                 finished[output.request_id] = output
         step += 1
     return finished
+
+
+def same_logprobs(got: list | None, want: list | None) -> bool:
+    if got is None or want is None:
+        return got is want
+    return len(got) == len(want) and all(
+        (g is None and w is None)
+        or (
+            g.keys() == w.keys()
+            and all(g[t].rank == w[t].rank and g[t].logprob == pytest.approx(w[t].logprob, abs=1e-4) for t in g)
+        )
+        for g, w in zip(got, want)
+    )
+
+
+def assert_same_outputs(ours: dict, expected: dict) -> None:
+    """Same requests, tokens, finish and stop reasons, and logprobs (to 1e-4) in both runs."""
+    assert ours.keys() == expected.keys()
+    for request_id, want in expected.items():
+        got = ours[request_id]
+        assert same_logprobs(got.prompt_logprobs, want.prompt_logprobs), request_id
+        for g, w in zip(got.outputs, want.outputs, strict=True):
+            assert (g.token_ids, g.finish_reason, g.stop_reason) == (w.token_ids, w.finish_reason, w.stop_reason)
+            assert same_logprobs(g.logprobs, w.logprobs), request_id
+
+
+class OracleProposer:
+    """Proposes what plain greedy decoding wrote after each known prompt, spoilt as asked:
+    "right" (every proposal kept), "wrong" (none kept) or "mixed" (a kept prefix, then a
+    wrong token), so that each path of the rejection sampler runs on a model that never repeats."""
+
+    def __init__(
+        self, continuations: dict[tuple[int, ...], list[int]], quality: str, k: int, vocab_size: int = VOCAB_SIZE
+    ) -> None:
+        self.continuations, self.quality, self.k, self.vocab_size = continuations, quality, k, vocab_size
+
+    def propose(self, token_ids: Sequence[int]) -> list[int]:
+        for prompt, written in self.continuations.items():
+            if tuple(token_ids[: len(prompt)]) == prompt:
+                done = len(token_ids) - len(prompt)
+                proposal = list(written[done : done + self.k])
+                for i in range(len(proposal)):
+                    if self.quality == "wrong" or (self.quality == "mixed" and (done + i) % 3 == 2):
+                        proposal[i] = (proposal[i] + 1) % self.vocab_size
+                return proposal
+        return []

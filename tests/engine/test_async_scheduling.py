@@ -9,7 +9,7 @@ import torch
 
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import fill_placeholders, placeholder
-from tests.engine.conftest import all_blocks_free, make_llm, random_prompts, run_all
+from tests.engine.conftest import all_blocks_free, assert_same_outputs, make_llm, random_prompts, run_all
 
 KINDS = {
     "greedy": SamplingParams(temperature=0.0, max_tokens=12),
@@ -50,29 +50,6 @@ def _outputs(llm, arrivals: dict) -> dict:
     return finished
 
 
-def _same_logprobs(got: list | None, want: list | None) -> bool:
-    if got is None or want is None:
-        return got is want
-    return len(got) == len(want) and all(
-        (g is None and w is None)
-        or (
-            g.keys() == w.keys()
-            and all(g[t].rank == w[t].rank and g[t].logprob == pytest.approx(w[t].logprob, abs=1e-4) for t in g)
-        )
-        for g, w in zip(got, want)
-    )
-
-
-def _assert_same(ours: dict, expected: dict) -> None:
-    assert ours.keys() == expected.keys()
-    for request_id, want in expected.items():
-        got = ours[request_id]
-        assert _same_logprobs(got.prompt_logprobs, want.prompt_logprobs), request_id
-        for g, w in zip(got.outputs, want.outputs, strict=True):
-            assert (g.token_ids, g.finish_reason, g.stop_reason) == (w.token_ids, w.finish_reason, w.stop_reason)
-            assert _same_logprobs(g.logprobs, w.logprobs), request_id
-
-
 @pytest.mark.parametrize(
     "options",
     [
@@ -91,7 +68,7 @@ def test_async_outputs_equal_sync_outputs(tiny_model_dir, options) -> None:
     assert len(expected["stop-3"].outputs[0].token_ids) >= 4  # min_tokens held its stop token back
     llm = make_llm(tiny_model_dir, async_scheduling=True, **options)
     ours = _outputs(llm, arrivals)
-    _assert_same(ours, expected)
+    assert_same_outputs(ours, expected)
     if "num_kv_blocks" in options:
         assert llm.engine.scheduler.num_preemptions > 0
 
@@ -111,7 +88,7 @@ def test_penalties_wait_for_each_steps_tokens(tiny_model_dir) -> None:
     arrivals = _arrivals({"greedy": KINDS["greedy"], "penalized": PENALIZED}, seed=43)
     expected = _outputs(make_llm(tiny_model_dir, async_scheduling=False), arrivals)
     ours = _outputs(make_llm(tiny_model_dir, async_scheduling=True), arrivals)
-    _assert_same(ours, expected)
+    assert_same_outputs(ours, expected)
 
 
 def test_abort_while_a_step_is_in_flight(tiny_model_dir) -> None:

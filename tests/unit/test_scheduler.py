@@ -35,7 +35,11 @@ def expected_output(prompt: list[int], num_output_tokens: int) -> list[int]:
 
 
 class FakeModel:
-    """Writes each scheduled token into its KV slot, then samples from the slots it reads back."""
+    """Writes each scheduled token into its KV slot, then samples from the slots it reads back.
+
+    Proposals (speculative decoding) are verified as the rejection sampler does greedily:
+    each one is kept while it is the token the model would write there.
+    """
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.block_manager = scheduler.block_manager
@@ -59,7 +63,14 @@ class FakeModel:
                     for position in range(entry.seq_len)
                 ]
                 assert [position for position, _ in context] == list(range(entry.seq_len))
-                sampled[entry.request.request_id] = [next_token([token for _, token in context])]
+                tokens = [token for _, token in context]
+                known = entry.seq_len - entry.num_draft_tokens
+                new = [next_token(tokens[:known])]
+                for proposal_index in range(known, entry.seq_len):
+                    if new[-1] != tokens[proposal_index]:
+                        break
+                    new.append(next_token(tokens[: proposal_index + 1]))
+                sampled[entry.request.request_id] = new
         return sampled
 
 
@@ -561,7 +572,8 @@ def test_stats() -> None:
     assert stats.prefix_cache_hit_rate == 0.0
 
 
-def check_invariants(scheduler: Scheduler, unfinished: dict[str, Request]) -> None:
+def check_invariants(scheduler: Scheduler, unfinished: dict[str, Request], max_proposals: int = 0) -> None:
+    """``max_proposals``: most proposals a request may compute past its known tokens (after ``schedule``)."""
     manager = scheduler.block_manager
     waiting, running = list(scheduler.waiting), scheduler.running
     assert sorted(r.request_id for r in waiting + running) == sorted(unfinished)
@@ -572,7 +584,7 @@ def check_invariants(scheduler: Scheduler, unfinished: dict[str, Request]) -> No
     for request in running:
         assert request.status is RequestStatus.RUNNING
         assert request.block_ids is manager.block_table(request.request_id)
-        assert request.num_computed_tokens <= request.num_tokens
+        assert request.num_computed_tokens <= request.num_tokens + max_proposals
         assert request.num_computed_tokens <= len(request.block_ids) * manager.block_size
         holders.update(request.block_ids)
     assert NULL_BLOCK_ID not in holders and manager.ref_count(NULL_BLOCK_ID) == 0
@@ -586,8 +598,19 @@ def check_invariants(scheduler: Scheduler, unfinished: dict[str, Request]) -> No
                 assert (index + 1) * manager.block_size <= request.num_computed_tokens
 
 
+def propose(scheduler: Scheduler, rng: random.Random) -> None:
+    """Up to four proposals for each decoding request, each right (the fake model's token) or not."""
+    for request in scheduler.running:
+        if request.num_tokens_to_compute == 1 and request.num_output_tokens:
+            count = rng.randint(0, 4)
+            right = expected_output(request.prompt_token_ids, request.num_output_tokens + count)
+            right = right[request.num_output_tokens :]
+            request.draft_token_ids = [t if rng.random() < 0.7 else (t + 1) % 1000 for t in right]
+
+
+@pytest.mark.parametrize("speculate", [False, True], ids=["plain", "speculative"])
 @pytest.mark.parametrize("seed", range(8))
-def test_randomized_stress(seed: int) -> None:
+def test_randomized_stress(seed: int, speculate: bool) -> None:
     rng = random.Random(seed)
     block_size, budget, max_num_seqs, max_model_len = 4, 16, 4, 30
     chunked, prefix = rng.choice([True, False]), rng.choice([True, False])
@@ -612,7 +635,7 @@ def test_randomized_stress(seed: int) -> None:
     unfinished: dict[str, Request] = {}
     aborted: set[str] = set()
     finished_reports: Counter[str] = Counter()
-    num_forks = 0
+    num_forks = num_proposals = 0
 
     def abort_random() -> None:
         request_id = rng.choice(sorted(unfinished))
@@ -638,11 +661,14 @@ def test_randomized_stress(seed: int) -> None:
             abort_random()
         check_invariants(scheduler, unfinished)
 
+        if speculate:
+            propose(scheduler, rng)
         output = scheduler.schedule()
         assert output.num_scheduled_tokens <= budget and len(output.scheduled) <= max_num_seqs
         assert len(set(ids(output))) == len(output.scheduled)
         finished_reports.update(output.finished_ids)
-        check_invariants(scheduler, unfinished)
+        num_proposals += sum(entry.num_draft_tokens for entry in output.scheduled)
+        check_invariants(scheduler, unfinished, max_proposals=4)
         sampled = model.step(output)
         if unfinished and rng.random() < 0.03:
             abort_random()
@@ -666,4 +692,5 @@ def test_randomized_stress(seed: int) -> None:
             assert len(solo) == min(max_tokens or max_model_len, max_model_len - request.num_prompt_tokens)
     assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_usable_blocks
     assert scheduler.block_manager.usage == 0.0
+    assert (num_proposals > 50) == speculate
     assert scheduler.stats().num_waiting == scheduler.stats().num_running == 0
