@@ -12,7 +12,7 @@ from typing import Any
 
 from neuron_llm.help_format import DefaultsHelpFormatter
 
-CASES = ("decode", "batch", "sampling", "int8", "prefill", "transformers")
+CASES = ("decode", "batch", "sampling", "int8", "prefill", "speculative", "transformers")
 SAMPLING_SETTINGS = {
     "top-p 0.9": {"temperature": 0.7, "top_p": 0.9},
     "top-k 50": {"temperature": 0.7, "top_k": 50},
@@ -82,7 +82,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     vocab = model_config.vocab_size
     decode = functools.partial(engine.decode_latency, prompt_len=args.prompt_len, max_tokens=args.decode_tokens)
-    if cases & {"decode", "batch", "sampling", "prefill"}:
+    if cases & {"decode", "batch", "sampling", "prefill", "speculative"}:
         with engine.released():
             bf16 = case().engine()
             weight_bytes = bf16.runner.executor.worker.weight_bytes
@@ -112,6 +112,10 @@ def run_bench(args: argparse.Namespace) -> int:
                 )
             if "prefill" in cases:
                 results["bf16_prefill"] = engine.prefill_time(bf16, args.prefill_len, vocab)
+            if "speculative" in cases:
+                results["bf16_speculative"] = engine.speculative_decode(
+                    bf16, args.prompt_len, args.decode_tokens, vocab
+                )
             _print(results)
             del bf16
     for preset in ("int8", "int8-head") if "int8" in cases else ():
@@ -215,6 +219,21 @@ def markdown_table(r: dict[str, Any]) -> str:
                 f"{sampled / anchor:.2f}x",
             )
         )
+    speculative = r.get("bf16_speculative", {})
+    plain = speculative.get("plain", {}).get("s_per_token")
+    for name, figures in speculative.items():
+        if name in ("plain", "worker_step_ratio"):
+            continue
+        rows.append(
+            (
+                f"bf16 speculative decode, batch 1, {name}",
+                f"{figures['s_per_token'] * 1e3:.2f} ms/token ({figures['decode_steps']} steps)",
+                f"plain, async off {plain * 1e3:.2f} ms",
+                f"{plain / figures['s_per_token']:.2f}x faster",
+            )
+        )
+    for name, ratio in speculative.get("worker_step_ratio", {}).items():
+        rows.append((f"bf16 verification step, batch 1, {name}", f"{ratio:.2f}x the time", "decode step", ""))
     prefill = r.get("bf16_prefill", {}).get("prefill_tokens_per_s")
     for preset in ("fp8", "fp8-all"):
         fp8 = r.get(f"{preset}_prefill", {}).get("prefill_tokens_per_s")

