@@ -116,7 +116,8 @@ class EngineStats:
     num_draft_tokens: int = 0
     """Proposed tokens verified so far (speculative decoding)."""
     num_accepted_tokens: int = 0
-    """Of those, the tokens kept."""
+    """Of those, the tokens verification kept (the proposer's hits: a stop before some of
+    them in the same step still counts them)."""
 
 
 class LLMEngine:
@@ -282,9 +283,18 @@ class LLMEngine:
         return outputs
 
     def _propose(self, proposer: Proposer) -> None:
-        """Offer each decoding request's next tokens, for this step to verify."""
+        """Offer each decoding request's next tokens, for this step to verify.
+
+        Not to seeded sampled requests: how many proposals a step verifies depends on the
+        batch (the budget and blocks the others leave), and with it the random draws, so a
+        seed would no longer fix the tokens. Without proposals they draw what plain
+        decoding draws.
+        """
         for request in self.scheduler.running:
-            if request.num_tokens_to_compute == 1 and request.num_output_tokens:
+            if not request.num_output_tokens or request.num_tokens_to_compute != 1:
+                continue
+            group, seq = self._sequences[request.request_id]
+            if seq.generator is None or group.params.is_greedy:
                 request.draft_token_ids = proposer.propose(request.all_token_ids)
 
     def _overlaps(self) -> bool:

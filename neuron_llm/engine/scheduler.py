@@ -315,7 +315,9 @@ class Scheduler:
             request = self.running[index]
             assert request.num_tokens_to_compute > 0, "schedule() twice without update_from_output()"
             num_new_tokens = min(request.num_tokens_to_compute, budget)
-            drafts = self._drafts_to_verify(request, num_new_tokens, budget)
+            # Proposals take no token or block a younger running request would need this step.
+            num_younger = min(len(self.running) - index, self.config.max_num_seqs - len(scheduled)) - 1
+            drafts = self._drafts_to_verify(request, num_new_tokens, budget - num_younger, num_younger)
             if not drafts and not self._reserve_blocks(request, num_new_tokens, preempted_ids):
                 break
             scheduled.append(self._advance(request, num_new_tokens, drafts))
@@ -323,21 +325,26 @@ class Scheduler:
             index += 1
         return budget
 
-    def _drafts_to_verify(self, request: Request, num_new_tokens: int, budget: int) -> list[int]:
+    def _drafts_to_verify(self, request: Request, num_new_tokens: int, budget: int, num_kept_blocks: int) -> list[int]:
         """The proposals ``request`` computes after its ``num_new_tokens``, with their blocks reserved.
 
-        Only a step reaching the last known token verifies proposals, and no more than the
-        budget left, nor more than the request may still emit (a step emits one token past
-        the proposals it keeps). Proposals never preempt: without free blocks there are none.
+        Only a step reaching the last known token verifies proposals, and no more than
+        ``budget`` allows, nor more than the request may still emit (a step emits one token
+        past the proposals it keeps). Proposals never preempt, and leave ``num_kept_blocks``
+        free blocks (one for each younger running request): otherwise there are none.
         """
         drafts = request.draft_token_ids
         if not drafts or num_new_tokens != request.num_tokens_to_compute:
             return []
         room = self._final_num_tokens(request) - request.num_tokens - 1
-        drafts = drafts[: min(budget - num_new_tokens, room)]
-        num_tokens = request.num_computed_tokens + num_new_tokens + len(drafts)
-        if drafts and self.block_manager.append_slots(request.request_id, num_tokens) is None:
+        drafts = drafts[: max(0, min(budget - num_new_tokens, room))]
+        if not drafts:
             return []
+        num_tokens = request.num_computed_tokens + num_new_tokens + len(drafts)
+        num_fresh = self.block_manager.num_blocks_for(num_tokens) - len(request.block_ids)
+        if num_fresh > self.block_manager.num_free_blocks - num_kept_blocks:
+            return []
+        self.block_manager.append_slots(request.request_id, num_tokens)
         return drafts
 
     def _reserve_blocks(self, request: Request, num_new_tokens: int, preempted_ids: list[str]) -> bool:

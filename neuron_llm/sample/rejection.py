@@ -44,12 +44,16 @@ def expand_rows(rows: Sequence[RowState], draft_token_ids: Sequence[Sequence[int
     ]
 
 
-def _uniform(batch: SamplingBatch, num_rows: int, device: torch.device) -> torch.Tensor:
+def _uniform(batch: SamplingBatch, proposal_rows: list[int], num_rows: int, device: torch.device) -> torch.Tensor:
     # A seeded row draws from its sequence's generator (shared by that sequence's rows), so
-    # its acceptances are reproducible and independent of the other rows.
+    # its acceptances are reproducible and independent of the other rows. Rows without a
+    # proposal draw nothing: a seeded sequence with none takes from its generator exactly
+    # what plain sampling takes.
     uniform = torch.rand(num_rows, device=device)
-    for row, generator in batch.generators.items():
-        uniform[row] = torch.rand((), device=device, generator=generator)
+    for row in proposal_rows:
+        generator = batch.generators.get(row)
+        if generator is not None:
+            uniform[row] = torch.rand((), device=device, generator=generator)
     return uniform
 
 
@@ -75,6 +79,7 @@ def verify(
     processed = process_logits(logits, batch)
 
     proposals = [drafts[j] if j < len(drafts) else -1 for drafts in draft_token_ids for j in range(len(drafts) + 1)]
+    proposal_rows = [row for row, token_id in enumerate(proposals) if token_id >= 0]
     proposed = to_device(proposals, torch.int64, device)
     has_proposal = proposed >= 0
     proposal = proposed.clamp_min(0).unsqueeze(1)
@@ -83,7 +88,8 @@ def verify(
     else:
         p_proposal = processed.softmax(dim=-1).gather(1, proposal).squeeze(1)
         is_greedy = batch.is_greedy.to(device)
-        kept = torch.where(is_greedy, ops.argmax(processed) == proposed, _uniform(batch, num_rows, device) < p_proposal)
+        uniform = _uniform(batch, proposal_rows, num_rows, device)
+        kept = torch.where(is_greedy, ops.argmax(processed) == proposed, uniform < p_proposal)
     kept &= has_proposal
     # The residual: the proposal's mass is what keeping it used. A greedy row's residual
     # argmax is its argmax whenever the proposal was refused.

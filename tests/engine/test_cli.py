@@ -71,6 +71,11 @@ def test_bench_table_sets_each_figure_beside_its_anchor() -> None:
             "bf16_sampling_b1": {"greedy": [4.0e-3, 4.2e-3], "top-k 50": [4.4e-3, 4.4e-3]},
             "bf16_prefill": {"prefill_tokens_per_s": 40000.0},
             "fp8_prefill": {"prefill_tokens_per_s": 56000.0},
+            "bf16_speculative": {
+                "plain": {"s_per_token": 4.0e-3, "decode_steps": 127},
+                "k=4, kept": {"s_per_token": 1.0e-3, "decode_steps": 26, "rounds_to_keep_all": 2},
+                "worker_step_ratio": {"5 tokens over 1": 1.2},
+            },
         }
     )
     assert "| bf16 decode, batch 1 | 6.40 ms/token | floor | 1.20x |" in table
@@ -82,6 +87,11 @@ def test_bench_table_sets_each_figure_beside_its_anchor() -> None:
     assert "bf16 batch, top-k" not in table  # settings that did not run leave no row
     assert "| fp8 prefill | 56000 tok/s | bf16 40000 tok/s | 1.40x |" in table
     assert "int8" not in table  # cases that did not run leave no row
+    assert (
+        "| bf16 speculative decode, batch 1, k=4, kept | 1.00 ms/token (26 steps) | plain, async off 4.00 ms "
+        "| 4.00x faster |" in table
+    )
+    assert "| bf16 verification step, batch 1, 5 tokens over 1 | 1.20x the time | decode step |  |" in table
 
 
 def test_bad_model_path_is_a_clear_error(capsys, tmp_path) -> None:

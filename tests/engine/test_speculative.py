@@ -137,20 +137,36 @@ def test_ngram_proposals_are_verified_end_to_end(tiny_model_dir) -> None:
     assert sum(map(len, proposals)) > 0
 
 
-def test_seeded_sampling_with_speculation_is_reproducible(tiny_model_dir) -> None:
-    prompts = random_prompts(3, seed=53)
-    params = SamplingParams(temperature=0.9, top_p=0.95, seed=11, max_tokens=16)
-    runs = []
-    for _ in range(2):
-        llm = make_llm(tiny_model_dir, speculative_config={"num_speculative_tokens": 3})
-        plain = make_llm(tiny_model_dir)
-        continuations = {
-            tuple(p): plain.generate({"prompt_token_ids": p}, UNSTOPPED)[0].outputs[0].token_ids for p in prompts
-        }
-        llm.engine.proposer = OracleProposer(continuations, "mixed", k=3)
-        runs.append([o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)])
-    assert runs[0] == runs[1]
-    assert all(len(tokens) == 16 for tokens in runs[0])
+def test_seeded_sampling_is_not_speculated_and_draws_what_plain_decoding_draws(tiny_model_dir) -> None:
+    """A seed fixes a request's tokens whatever the batch: seeded sampled requests get no
+    proposals, and steps that verify their neighbours' proposals take from their generators
+    exactly what plain steps take. Unseeded sampled requests are speculated."""
+    prompts = random_prompts(6, seed=53)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=11, max_tokens=16)
+    unseeded = SamplingParams(temperature=0.9, max_tokens=16)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    params = [seeded, seeded, greedy, greedy, unseeded, unseeded]
+    arrivals = {0: [(f"r{i}", prompt, p) for i, (prompt, p) in enumerate(zip(prompts, params))]}
+    expected = run_all(make_llm(tiny_model_dir), dict(arrivals))
+    plain = make_llm(tiny_model_dir)
+    continuations = {
+        tuple(p): plain.generate({"prompt_token_ids": p}, UNSTOPPED)[0].outputs[0].token_ids for p in prompts
+    }
+    llm = make_llm(tiny_model_dir, speculative_config={"num_speculative_tokens": 3})
+    oracle = OracleProposer(continuations, "mixed", k=3)
+    proposed_to = []
+
+    class Recording:
+        def propose(self, token_ids):
+            proposed_to.append(next(i for i, p in enumerate(prompts) if list(token_ids[: len(p)]) == p))
+            return oracle.propose(token_ids)
+
+    llm.engine.proposer = Recording()
+    ours = run_all(llm, dict(arrivals))
+    for request_id in ("r0", "r1", "r2", "r3"):
+        assert ours[request_id].outputs[0].token_ids == expected[request_id].outputs[0].token_ids
+    assert set(proposed_to) == {2, 3, 4, 5}
+    assert llm.engine.stats().num_accepted_tokens > 0
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from neuron_llm.sample import RowState, make_generator
+from neuron_llm.sample import RowState, SamplingBatch, make_generator, sample
 from neuron_llm.sample.rejection import expand_rows, verify
 from neuron_llm.sampling_params import SamplingParams
 
@@ -109,6 +109,20 @@ def test_seeded_verification_is_reproducible() -> None:
         return verify(logits, rows, drafts).token_ids.tolist()
 
     assert run() == run()
+
+
+def test_seeded_rows_without_proposals_draw_what_plain_sampling_draws() -> None:
+    torch.manual_seed(4)
+    logits = torch.randn(23, 50)
+    params = SamplingParams(temperature=1.0, seed=5)
+
+    def seeded_rows() -> list[RowState]:
+        return [_row(params, generator=make_generator(seed, "cpu")) for seed in range(20)]
+
+    # Twenty seeded sequences without proposals, and a neighbour with two.
+    verified = verify(logits, [*seeded_rows(), _row()], [[]] * 20 + [[3, 4]])
+    plain = sample(logits[:20], SamplingBatch.build(seeded_rows(), 50, "cpu"))
+    assert verified.token_ids[:20].tolist() == plain.token_ids.tolist()
 
 
 def test_logprobs_score_each_emitted_token_under_the_raw_logits() -> None:

@@ -608,6 +608,39 @@ def propose(scheduler: Scheduler, rng: random.Random) -> None:
             request.draft_token_ids = [t if rng.random() < 0.7 else (t + 1) % 1000 for t in right]
 
 
+def _two_decoding(scheduler: Scheduler, model: FakeModel, max_tokens: int = 40) -> tuple[Request, Request]:
+    old, young = make_request("old", [1, 2, 3], max_tokens), make_request("young", [4, 5, 6, 7], max_tokens)
+    scheduler.add_request(old)
+    scheduler.add_request(young)
+    step(scheduler, model)
+    return old, young
+
+
+def test_proposals_leave_a_token_for_each_younger_running_request() -> None:
+    scheduler = make_scheduler(max_num_batched_tokens=4)
+    model = FakeModel(scheduler)
+    old, young = _two_decoding(scheduler, model)
+    old.draft_token_ids = [7] * 8
+    output = step(scheduler, model)
+    assert [(e.request.request_id, e.num_new_tokens, e.num_draft_tokens) for e in output.scheduled] == [
+        ("old", 3, 2),
+        ("young", 1, 0),
+    ]
+
+
+def test_proposals_leave_a_free_block_for_each_younger_running_request() -> None:
+    # Blocks of 4: each request holds one; the young one's is full, so its next token needs
+    # the one free block, which the old one's proposals would otherwise take.
+    scheduler = make_scheduler(num_blocks=4, max_num_batched_tokens=32)
+    model = FakeModel(scheduler)
+    old, young = _two_decoding(scheduler, model, max_tokens=8)
+    assert scheduler.block_manager.num_free_blocks == 1
+    old.draft_token_ids = [7] * 3
+    output = step(scheduler, model)
+    assert [e.num_draft_tokens for e in output.scheduled] == [0, 0]
+    assert scheduler.num_preemptions == 0
+
+
 @pytest.mark.parametrize("speculate", [False, True], ids=["plain", "speculative"])
 @pytest.mark.parametrize("seed", range(8))
 def test_randomized_stress(seed: int, speculate: bool) -> None:
