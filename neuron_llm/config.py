@@ -344,8 +344,9 @@ class SpeculativeConfig:
 
     Lossless (Leviathan et al., 2023, https://arxiv.org/abs/2211.17192): greedy output is
     the plain decode's and sampled output keeps the model's distribution. The proposer is
-    n-gram prompt lookup (vLLM's "ngram"): the tokens that followed the last occurrence of
-    the sequence's final n tokens, for n from ``prompt_lookup_max`` down to ``prompt_lookup_min``.
+    n-gram prompt lookup (vLLM's "ngram"): the tokens that followed an earlier occurrence of
+    the sequence's final n tokens, for n from ``prompt_lookup_max`` down to ``prompt_lookup_min``
+    (``neuron_llm.engine.speculative.NgramProposer``).
     """
 
     num_speculative_tokens: int

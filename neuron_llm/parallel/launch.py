@@ -119,10 +119,12 @@ class RankProcesses:
         """What failed children reported (or their exit codes), waiting up to ``wait_s`` for news."""
         deadline = time.monotonic() + wait_s
         while True:
+            # Exits first: a child writes its report before it exits, so reports drained after
+            # seeing an exit include that child's (the other order can see the exit alone).
+            exited = [(p.name, p.exitcode) for p in self._processes if p.exitcode not in (None, 0)]
             reports = self._drain_reports()
             if reports:
                 return WorkerError("\n".join(f"tensor-parallel rank {r} failed:\n{tb}" for r, tb in reports))
-            exited = [(p.name, p.exitcode) for p in self._processes if p.exitcode not in (None, 0)]
             if exited:
                 return WorkerError(
                     "; ".join(f"{name} exited with code {code} (see its stderr)" for name, code in exited)

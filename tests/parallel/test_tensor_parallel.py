@@ -28,7 +28,7 @@ from neuron_llm.loader import load_model
 from neuron_llm.loader.hf_dir import read_model_config
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.parallel import Executor, MultiprocExecutor, WorkerError, make_executor, shard_model
-from neuron_llm.parallel.launch import config_for_rank
+from neuron_llm.parallel.launch import RankProcesses, config_for_rank
 from neuron_llm.worker import StepInput, Worker
 
 TIMEOUT_S = 30.0
@@ -287,6 +287,32 @@ def test_a_rank_failing_in_a_step_raises_on_rank_0(model_dir: Path, how: str, me
     finally:
         executor.shutdown()
     assert not _rank_processes()
+
+
+def test_a_rank_that_reports_and_exits_between_two_looks_gives_its_traceback() -> None:
+    """A child writes its report, then exits: seen in that window, its exit must not hide it."""
+
+    class Child:
+        name, exitcode = "neuron-llm-rank-1", None
+
+    class Queue:
+        def __init__(self) -> None:
+            self.items: list[tuple[int, str]] = []
+
+        def empty(self) -> bool:
+            if Child.exitcode is None:  # the child reports and exits just after this look
+                self.items.append((1, "Traceback: injected"))
+                Child.exitcode = 1
+                return True
+            return not self.items
+
+        def get(self) -> tuple[int, str]:
+            return self.items.pop(0)
+
+    ranks = object.__new__(RankProcesses)
+    ranks._processes, ranks._reports = [Child()], Queue()
+    failure = ranks.failure(wait_s=1)
+    assert failure is not None and "rank 1 failed:\nTraceback: injected" in str(failure)
 
 
 @pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
