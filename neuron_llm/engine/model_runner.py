@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from neuron_llm.buckets import FINE_PREFILL_STEP, Bucket, BucketSet
+from neuron_llm.buckets import Bucket, BucketSet
 from neuron_llm.config import EngineConfig
 from neuron_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from neuron_llm.ops.metadata import NULL_BLOCK_ID
@@ -42,15 +42,7 @@ class ModelRunner:
         self.executor = executor
         self.device = torch.device(config.device.device)
         self.block_size = config.cache.block_size
-        self.buckets = buckets or BucketSet.default(
-            config.scheduler.max_num_seqs,
-            config.scheduler.max_num_batched_tokens,
-            config.max_model_len,
-            config.cache.block_size,
-            # Each bucket is a compilation on XLA (minutes on Neuron); elsewhere a CUDA graph
-            # or nothing, so finer prefill buckets cost little and pad less.
-            prefill_step=None if self.device.type == "xla" else FINE_PREFILL_STEP,
-        )
+        self.buckets = buckets or BucketSet.for_engine(config)
 
     def execute(
         self,

@@ -445,25 +445,47 @@ def save_quantized_checkpoint(
 ) -> None:
     """Write the quantized ``model`` to ``out_dir`` as a Hugging Face directory.
 
-    ``source`` is the directory or GGUF file the model was read from: a directory's
-    ``config.json``, generation config and tokenizer files are carried over; for a GGUF file
-    the config is rebuilt from ``config`` and ``tokenizer`` is saved. Unquantized tensors
-    are written in ``dtype``.
+    The config, generation config and tokenizer are ``write_model_files``'s. Unquantized
+    tensors are written in ``dtype``.
     """
-    source_dir = source if source.is_dir() else None
-    hf_config = read_json(source_dir / CONFIG_FILE) if source_dir is not None else hf_config_dict(config)
-    hf_config.pop("dtype", None)
-    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    hf_config["quantization_config"] = quantization_config_dict(model)
-    if LM_HEAD in quantized_linears(model):
-        hf_config["tie_word_embeddings"] = False  # the quantized head is its own tensor now
-    # Made once what it will hold is known to be storable: a refusal leaves no directory behind.
+    if not quantized_linears(model):
+        raise ValueError("the model has no quantized linear to describe")
+    hf_config = model_config_dict(model, config, source, dtype)  # raises before the directory is made
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(checkpoint_tensors(model, dtype), str(out_dir / SINGLE_WEIGHTS_FILE), metadata={"format": "pt"})
+    write_model_files(out_dir, hf_config, source, tokenizer)
+
+
+def model_config_dict(model: nn.Module, config: ModelConfig, source: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """The ``config.json`` of ``model``, read from ``source`` (a directory or GGUF file).
+
+    A directory's own ``config.json`` is carried over; for a GGUF file it is rebuilt from
+    ``config``. A model with quantized linears gets their compressed-tensors
+    ``quantization_config`` (raising ``ValueError`` for what that cannot store).
+    """
+    hf_config = read_json(source / CONFIG_FILE) if source.is_dir() else hf_config_dict(config)
+    hf_config.pop("dtype", None)
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    hf_config.pop("quantization_config", None)
+    if quantized_linears(model):
+        hf_config["quantization_config"] = quantization_config_dict(model)
+    if LM_HEAD in quantized_linears(model):
+        hf_config["tie_word_embeddings"] = False  # the quantized head is its own tensor now
+    return hf_config
+
+
+def write_model_files(
+    out_dir: Path, hf_config: dict[str, Any], source: Path, tokenizer: PreTrainedTokenizerBase | None
+) -> None:
+    """Write ``hf_config`` as ``out_dir``'s ``config.json``, with the tokenizer and generation config.
+
+    A source directory's generation config and tokenizer files are copied; otherwise (a GGUF
+    file) ``tokenizer`` is saved.
+    """
     (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-    if source_dir is not None:
+    if source.is_dir():
         for name in (*_TOKENIZER_FILES, GENERATION_CONFIG_FILE):
-            if (source_dir / name).is_file():
-                shutil.copyfile(source_dir / name, out_dir / name)
+            if (source / name).is_file():
+                shutil.copyfile(source / name, out_dir / name)
     if tokenizer is not None and not has_tokenizer_files(out_dir):
         tokenizer.save_pretrained(str(out_dir))

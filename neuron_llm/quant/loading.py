@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from neuron_llm.compile.artifact import is_artifact
 from neuron_llm.config import parse_dtype, require_visible
 from neuron_llm.loader import LoadedModel, default_dtype, load_model, load_model_info, resolve_model_path
 from neuron_llm.loader.hf_dir import iter_hf_weights
@@ -42,6 +43,8 @@ def load_any_format(
     sharded before their weights are read; quantizing on load quantizes each loaded shard.
     """
     path = resolve_model_path(model)
+    if is_artifact(path):
+        raise ValueError(f"{path} is a compiled artifact: it loads through an engine (LLM, neuron-llm generate/serve)")
     checkpoint = read_quantization_config(path) if path.is_dir() else None
     if checkpoint is None:
         loaded = load_model(path, dtype=dtype, device=device, shard=shard)

@@ -15,7 +15,10 @@ Before running it:
 2. Upload the model as a ``model.tar.gz`` whose top level holds a Hugging Face directory's
    files (or one GGUF file); SageMaker unpacks it into /opt/ml/model, which the container's
    ``serve`` command serves. On Neuron, neuronx-cc compiles the step graphs while the
-   container warms up, within the startup timeout below.
+   container warms up, within the startup timeout below. Or upload an artifact that
+   ``neuron-llm compile`` wrote with the image's library versions (on an instance of the
+   kind it will run on): it loads without compiling, and the options given here must be
+   the ones it was compiled with.
 3. ``pip install "sagemaker>=2.199,<3"`` (the SDK's 2.x ``Model`` API, which 3.x removed) and
    have AWS credentials allowed to create models and endpoints.
 

@@ -45,8 +45,8 @@ def test_serve_command_line_becomes_settings() -> None:
     assert settings.llm_options() == {
         "model": "my/model",
         "dtype": "auto",
-        "device": "cpu",
-        "tensor_parallel_size": 1,
+        "device": None,
+        "tensor_parallel_size": None,
         "max_model_len": 128,
     }
 

@@ -1,0 +1,293 @@
+"""Compile once, load many times: the artifact directory (DESIGN decision 8).
+
+``neuron_llm.compile.build.compile_artifact`` (``neuron-llm compile``) builds the engine as serving would: it loads,
+quantizes and shards the weights, then warms up every bucket, which compiles the backend's
+graphs. It writes::
+
+    DIR/manifest.json     the options it was built with and the system it was built on
+    DIR/config.json       the model as loaded (compressed-tensors quantization_config when
+                          quantized), with its tokenizer and generation_config.json beside it
+    DIR/weights/rank-<r>-of-<n>.safetensors
+                          each rank's parameters as its worker holds them, quantized and
+                          sharded: loading copies them in, and neither quantizes nor reshards
+    DIR/graphs/           the backend's compiled graphs: on CUDA, triton/, Triton's cache
+                          of every kernel the warm-up compiled; on the XLA device, hlo/, each
+                          bucket's HLO module (what neuronx-cc compiles), and neuron-cache/,
+                          torch-neuronx's persistent cache of their NEFFs
+
+``LLM(model=DIR)`` and ``neuron-llm serve DIR`` load it (``Artifact``): options left unset
+take the manifest's and options set must equal them; the library versions and the GPU
+architecture must be the ones it was built with; on the XLA device each bucket's graph,
+traced again, must hash to the module compiled. A mismatch is refused by name, never
+recompiled. The manifest is written last: a directory without one is not an artifact.
+
+What was run where: weights, options and versions on the CPU; the HLO check on torch-xla's
+CPU device, whose PJRT client cannot deserialize executables, so there the graphs compile
+again at load; Triton's cache on an H200. The Neuron cache is torch-neuronx's documented
+``NEURON_COMPILE_CACHE_URL``, not run here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from neuron_llm import __version__
+from neuron_llm.buckets import BucketSet
+from neuron_llm.config import EngineConfig, parse_device, parse_dtype, require_visible
+from neuron_llm.loader import default_dtype
+from neuron_llm.models.llama import LlamaForCausalLM
+
+FORMAT = "neuron-llm-artifact"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_DIR = "weights"
+GRAPHS_DIR = "graphs"
+HLO_DIR = "hlo"
+TRITON_CACHE = "triton"
+NEURON_CACHE = "neuron-cache"
+
+
+def rank_file(rank: int, world_size: int) -> str:
+    return f"rank-{rank}-of-{world_size}.safetensors"
+
+
+def is_artifact(path: str | Path | None) -> bool:
+    """Whether ``path`` is a directory holding an artifact's manifest."""
+    return path is not None and (Path(path) / MANIFEST_NAME).is_file()
+
+
+def fixed_options(config: EngineConfig) -> dict[str, Any]:
+    """The ``LLM`` options an artifact of ``config`` is built for, as the manifest records them.
+
+    They decide the weights (dtype, quantization, sharding) or the set of graphs (the buckets
+    and, on the XLA device, the KV pool every graph takes); the others stay free at load.
+    """
+    device = parse_device(config.device.device)
+    options: dict[str, Any] = {
+        "device": device.type,
+        "dtype": str(config.device.dtype).removeprefix("torch."),
+        "quantization": config.quantization,
+        "tensor_parallel_size": config.parallel.tensor_parallel_size,
+        "backend": config.device.backend_name,
+        "max_model_len": config.max_model_len,
+        "block_size": config.cache.block_size,
+        "max_num_seqs": config.scheduler.max_num_seqs,
+        "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
+        "enable_chunked_prefill": config.scheduler.enable_chunked_prefill,
+    }
+    if device.type == "xla":
+        options["num_kv_blocks"] = config.cache.num_kv_blocks
+    return options
+
+
+def system_versions(device: str, backend: str) -> dict[str, str]:
+    """What an artifact's weights and graphs depend on besides its options."""
+    versions = {"neuron_llm": __version__, "torch": torch.__version__}
+    device_type = parse_device(device).type
+    if backend == "cuda":
+        import triton
+
+        versions["triton"] = triton.__version__
+        major, minor = torch.cuda.get_device_capability(parse_device(device))
+        versions["cuda_capability"] = f"{major}.{minor}"
+    if device_type == "xla":
+        import torch_xla
+
+        versions["torch_xla"] = torch_xla.__version__
+        with contextlib.suppress(ImportError):
+            import neuronxcc  # type: ignore[import-not-found]
+
+            versions["neuronx_cc"] = neuronxcc.__version__
+    return versions
+
+
+@contextlib.contextmanager
+def graph_cache(directory: Path, device: str) -> Iterator[Path | None]:
+    """Point the compiler caches of ``device``'s backend at ``directory``/graphs while building.
+
+    CUDA: Triton's kernel cache (relocatable: ``neuron_llm.backends.cuda.triton_cache``); the
+    XLA device: torch-neuronx's persistent NEFF cache. Yields the cache directory, or None
+    where no compiled graph outlives the process (the CPU, CUDA without Triton). Spawned tensor-parallel ranks
+    inherit the variables.
+    """
+    device_type = parse_device(device).type
+    graphs = directory / GRAPHS_DIR
+    variables: dict[str, str] = {}
+    cache = None
+    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from neuron_llm.backends.cuda.triton_cache import MANAGER
+
+        cache = graphs / TRITON_CACHE
+        variables = {"TRITON_CACHE_DIR": str(cache), "TRITON_CACHE_MANAGER": MANAGER}
+    elif device_type == "xla":
+        cache = graphs / NEURON_CACHE
+        variables = {"NEURON_COMPILE_CACHE_URL": str(cache)}
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield cache
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def cache_files(cache: Path | None) -> set[str]:
+    """The files under a compiler cache: one more after a step means a graph compiled."""
+    if cache is None or not cache.is_dir():
+        return set()
+    return {str(path.relative_to(cache)) for path in cache.rglob("*") if path.is_file()}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A compiled artifact directory, its manifest read and checked."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> Artifact:
+        """Read ``path``'s manifest; ``ValueError`` when it is not one this version reads."""
+        path = Path(os.path.abspath(Path(path).expanduser()))
+        manifest_path = path / MANIFEST_NAME
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{manifest_path}: not a readable artifact manifest: {e}") from e
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ValueError(f"{manifest_path}: not a neuron-llm artifact manifest (format {FORMAT!r})")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{manifest_path}: format_version {manifest.get('format_version')!r}; "
+                f"this neuron-llm reads {FORMAT_VERSION}: compile the model again"
+            )
+        return cls(path, manifest)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.manifest["options"]
+
+    def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
+        """``given`` LLM options (None: unset) with the artifact's filled in.
+
+        Raises ``ValueError`` naming an option set to another value than the artifact was
+        built with. Options the artifact does not fix pass through.
+        """
+        resolved = {name: value for name, value in given.items() if value is not None}
+        for name, built in self.options.items():
+            value = given.get(name)
+            if value is None:
+                resolved[name] = built
+            elif not _same_option(name, value, built):
+                raise ValueError(
+                    f"{name}={value!r}, but {self.path} was compiled with {name}={built!r}: "
+                    "leave it unset, or compile the model again with it"
+                )
+        return resolved
+
+    def check_system(self, device: str) -> None:
+        """Refuse a system whose libraries or GPU differ from those the artifact was built with."""
+        built = self.manifest["system"]
+        here = system_versions(device, self.options["backend"])
+        for name, version in built.items():
+            if here.get(name) != version:
+                raise ValueError(
+                    f"{self.path} was compiled with {name} {version}, this system has {here.get(name, 'none')}: "
+                    "compile the model again here"
+                )
+
+    def weights_file(self, rank: int, world_size: int) -> Path:
+        """Rank ``rank``'s weights, checked against the size the manifest recorded."""
+        name = rank_file(rank, world_size)
+        recorded = self.manifest["weights"].get(name)
+        path = self.path / WEIGHTS_DIR / name
+        if recorded is None:
+            raise ValueError(f"{self.path} holds no weights for rank {rank} of {world_size}")
+        size = path.stat().st_size if path.is_file() else None
+        if size != recorded["bytes"]:
+            raise ValueError(f"{path}: {size} bytes where the manifest recorded {recorded['bytes']}: damaged")
+        return path
+
+
+def _same_option(name: str, value: Any, built: Any) -> bool:
+    if name == "device":
+        return parse_device(value).type == built
+    if name == "dtype":
+        return value == "auto" or parse_dtype(value) == parse_dtype(built)
+    return value == built
+
+
+def load_artifact_model(
+    artifact_dir: str | Path, config: EngineConfig, rank: int, world_size: int, device: str
+) -> LlamaForCausalLM:
+    """Rank ``rank``'s model from the artifact: built in its quantized, sharded form, then filled
+    with the rank's saved parameters, each checked for name, shape and dtype."""
+    from neuron_llm.parallel.plan import shard_model
+    from neuron_llm.quant.checkpoint import read_quantization_config
+    from neuron_llm.quant.convert import prepare_quantized_model
+
+    artifact = Artifact.open(artifact_dir)
+    path = artifact.weights_file(rank, world_size)
+    with default_dtype(config.device.dtype), require_visible(device):
+        model = LlamaForCausalLM(config.model)
+        checkpoint = read_quantization_config(artifact.path)
+        if checkpoint is not None:
+            prepare_quantized_model(model, checkpoint)
+        if world_size > 1:
+            shard_model(model, rank, world_size)
+    params = dict(model.named_parameters())
+    with safe_open(str(path), framework="pt", device=str(parse_device(device))) as saved:
+        names = set(saved.keys())
+        if names != set(params):
+            unexpected, missing = sorted(names - set(params)), sorted(set(params) - names)
+            raise ValueError(f"{path} does not fit the model: unexpected {unexpected[:3]}, missing {missing[:3]}")
+        for name in names:
+            tensor, param = saved.get_tensor(name), params[name]
+            if tensor.shape != param.shape or tensor.dtype != param.dtype:
+                raise ValueError(
+                    f"{path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, the model's "
+                    f"{tuple(param.shape)} {param.dtype}"
+                )
+            param.data.copy_(tensor)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def check_graphs(model: LlamaForCausalLM, config: EngineConfig, artifact_dir: str | Path) -> None:
+    """On the XLA device: refuse unless every bucket traces to the HLO module the artifact compiled.
+
+    The Neuron cache finds a NEFF by its module's hash, so a graph that traces differently
+    (another library version, another bucket set) would compile for minutes instead.
+    """
+    from neuron_llm.compile.hlo_export import MANIFEST_NAME as HLO_MANIFEST
+    from neuron_llm.compile.hlo_export import GraphShape, trace_graph
+
+    hlo_dir = Path(artifact_dir) / GRAPHS_DIR / HLO_DIR
+    graphs = json.loads((hlo_dir / HLO_MANIFEST).read_text())["graphs"]
+    buckets = BucketSet.for_engine(config)
+    expected = sorted(bucket.name for bucket in buckets.all)
+    if sorted(graph["bucket"] for graph in graphs) != expected:
+        raise ValueError(f"{hlo_dir} holds graphs of other buckets than this engine's {expected}")
+    assert config.cache.num_kv_blocks is not None
+    for graph in graphs:
+        shape = GraphShape(graph["bucket"], graph["num_tokens"], graph["num_seqs"], graph["max_blocks_per_seq"])
+        traced = hashlib.sha256(trace_graph(model, config, shape, config.cache.num_kv_blocks)).hexdigest()
+        if traced != graph["sha256"]:
+            raise ValueError(
+                f"bucket {shape.name} traces to another graph than {hlo_dir / graph['file']}: "
+                "its compiled NEFF would not be found; compile the model again here"
+            )

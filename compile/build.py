@@ -1,0 +1,117 @@
+"""Writing an artifact (``neuron-llm compile``); its layout and loading are ``artifact``'s."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from neuron_llm.buckets import BucketSet
+from neuron_llm.compile.artifact import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPHS_DIR,
+    HLO_DIR,
+    MANIFEST_NAME,
+    WEIGHTS_DIR,
+    cache_files,
+    fixed_options,
+    graph_cache,
+    is_artifact,
+    rank_file,
+    system_versions,
+)
+from neuron_llm.config import EngineConfig, parse_device
+from neuron_llm.llm import LLM
+from neuron_llm.loader import LoadedModel
+from neuron_llm.parallel.executor import WorkerFactory
+from neuron_llm.worker import load_worker
+
+
+def save_rank(out_dir: Path, loaded: LoadedModel, config: EngineConfig, rank: int, world_size: int) -> None:
+    """Write rank ``rank``'s share of the artifact, as its worker loaded it (before the backend
+    rewrites it): its parameters; rank 0 also the model files and, on the XLA device, the HLO."""
+    from neuron_llm.compile.hlo_export import GraphShape, export_hlo
+    from neuron_llm.quant.checkpoint import model_config_dict, write_model_files
+
+    model = loaded.model
+    tensors = {name: param.detach().cpu().contiguous() for name, param in model.named_parameters()}
+    (out_dir / WEIGHTS_DIR).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / WEIGHTS_DIR / rank_file(rank, world_size)), metadata={"format": "pt"})
+    if rank != 0:
+        return
+    hf_config = model_config_dict(model, model.config, loaded.source, config.device.dtype)
+    write_model_files(out_dir, hf_config, loaded.source, loaded.tokenizer)
+    if parse_device(config.device.device).type == "xla":
+        buckets = BucketSet.for_engine(config)
+        shapes = [GraphShape(b.name, b.num_tokens, b.num_seqs, buckets.max_blocks_per_seq) for b in buckets.all]
+        export_hlo(model, config, shapes, out_dir / GRAPHS_DIR / HLO_DIR)
+
+
+def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+    """Build ``model``'s engine with ``options`` (``LLM``'s keyword arguments) and write its
+    artifact to ``out_dir``, which must be new or empty; return the manifest.
+
+    A compile that fails removes what it wrote. Run it in a process that has not run the
+    model yet (the command line does): graphs compiled earlier in the process are held in its
+    memory and are not written to the artifact's caches again.
+    """
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} is not a new or empty directory")
+    if is_artifact(model):
+        raise ValueError(f"{model} is a compiled artifact already: load it, or compile its source model")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with graph_cache(out, options.get("device") or "cpu"):
+            # LLM's own warm-up: on the devices whose graphs compile, every bucket's does now.
+            llm = _CompilingLLM(out, model, **options)
+        try:
+            manifest = _manifest(llm.config, out)
+        finally:
+            llm.shutdown()
+        (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return manifest
+
+
+class _CompilingLLM(LLM):
+    """An ``LLM`` whose workers each save their share of the artifact as they load."""
+
+    def __init__(self, out: Path, *args: Any, **kwargs: Any) -> None:
+        self._out = out
+        super().__init__(*args, **kwargs)
+
+    def _worker_factory(self, source: Path) -> WorkerFactory:
+        return functools.partial(load_worker, str(source), on_loaded=functools.partial(save_rank, self._out))
+
+
+def _manifest(config: EngineConfig, out: Path) -> dict[str, Any]:
+    weights = {path.name: _file_record(path) for path in sorted((out / WEIGHTS_DIR).iterdir())}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "options": fixed_options(config),
+        "buckets": [bucket.name for bucket in BucketSet.for_engine(config).all],
+        "system": system_versions(config.device.device, config.device.backend_name),
+        "weights": weights,
+        "graphs": sorted(cache_files(out / GRAPHS_DIR)),
+    }
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(functools.partial(f.read, 1 << 24), b""):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}

@@ -1,0 +1,182 @@
+"""Compile, then load: an artifact generates what its source does, and a mismatch is refused."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from neuron_llm import LLM, SamplingParams
+from neuron_llm.cli import main
+from neuron_llm.compile.artifact import MANIFEST_NAME, WEIGHTS_DIR, is_artifact
+from neuron_llm.compile.build import compile_artifact
+from neuron_llm.quant import loading
+from neuron_llm.quant.layers import quantized_linears
+
+OPTIONS = {"max_model_len": 128, "max_num_seqs": 4, "block_size": 8}
+PROMPTS = [{"prompt_token_ids": [1, 2, 3, 4, 5]}, {"prompt_token_ids": [7] * 19}, {"prompt_token_ids": [200]}]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+def greedy_tokens(llm: LLM) -> list[list[int]]:
+    try:
+        return [list(output.outputs[0].token_ids) for output in llm.generate(PROMPTS, GREEDY)]
+    finally:
+        llm.shutdown()
+
+
+@pytest.fixture
+def source(save_tiny_llama: Callable[..., tuple[Any, Path]]) -> Path:
+    _, path = save_tiny_llama()
+    return path
+
+
+def refuse_loading_the_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any load of a checkpoint (and so any quantizing on load) fail: an artifact needs neither."""
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the artifact's load read a checkpoint")
+
+    monkeypatch.setattr(loading, "load_any_format", refused)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int8-head", "w8a8"])
+def test_an_artifact_generates_what_its_source_does(
+    source: Path, tmp_path: Path, quantization: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected_llm = LLM(str(source), quantization=quantization, **OPTIONS)
+    expected_bytes = expected_llm.weight_bytes
+    expected = greedy_tokens(expected_llm)
+    out = tmp_path / "artifact"
+    manifest = compile_artifact(str(source), out, quantization=quantization, **OPTIONS)
+    assert is_artifact(out)
+    assert manifest["options"]["quantization"] == quantization
+    assert manifest["options"]["max_model_len"] == 128
+    assert list(manifest["weights"]) == ["rank-0-of-1.safetensors"]
+
+    refuse_loading_the_source(monkeypatch)
+    llm = LLM(str(out))
+    # The options it was compiled with, and its weights in their compiled form.
+    assert llm.config.max_model_len == 128
+    assert llm.config.cache.block_size == 8
+    assert llm.config.quantization == quantization
+    assert llm.weight_bytes == expected_bytes
+    model = llm._executor.worker.model
+    assert bool(quantized_linears(model)) == (quantization is not None)
+    assert greedy_tokens(llm) == expected
+
+
+def test_a_tensor_parallel_artifact_holds_one_file_per_rank(source: Path, tmp_path: Path) -> None:
+    expected = greedy_tokens(LLM(str(source), quantization="int8", **OPTIONS))
+    out = tmp_path / "artifact"
+    manifest = compile_artifact(str(source), out, quantization="int8", tensor_parallel_size=2, **OPTIONS)
+    assert sorted(manifest["weights"]) == ["rank-0-of-2.safetensors", "rank-1-of-2.safetensors"]
+    llm = LLM(str(out))
+    assert llm.config.parallel.tensor_parallel_size == 2
+    assert greedy_tokens(llm) == expected
+
+
+@pytest.fixture
+def compiled(source: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "artifact"
+    compile_artifact(str(source), out, **OPTIONS)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("dtype", "bfloat16"),
+        ("tensor_parallel_size", 2),
+        ("quantization", "int8"),
+        ("max_num_seqs", 8),
+        ("max_model_len", 64),
+        ("block_size", 16),
+        ("backend", "neuron"),
+    ],
+)
+def test_an_option_the_artifact_fixes_cannot_change(compiled: Path, option: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"{option}=.*compiled with {option}="):
+        LLM(str(compiled), **{option: value})
+
+
+def test_options_it_does_not_fix_are_free_and_equal_ones_are_taken(compiled: Path) -> None:
+    llm = LLM(str(compiled), dtype="float32", device="cpu", max_num_seqs=4, enable_prefix_caching=False)
+    assert llm.config.cache.enable_prefix_caching is False
+    assert llm.config.scheduler.max_num_seqs == 4
+    llm.shutdown()
+
+
+def edit_manifest(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    edit(manifest)
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def test_another_library_version_is_refused(compiled: Path) -> None:
+    edit_manifest(compiled, lambda m: m["system"].update(torch="1.0.0"))
+    with pytest.raises(ValueError, match="compiled with torch 1.0.0, this system has"):
+        LLM(str(compiled))
+
+
+def test_another_format_version_is_refused(compiled: Path) -> None:
+    edit_manifest(compiled, lambda m: m.update(format_version=99))
+    with pytest.raises(ValueError, match="format_version 99"):
+        LLM(str(compiled))
+
+
+def test_damaged_weights_are_refused(compiled: Path) -> None:
+    with (compiled / WEIGHTS_DIR / "rank-0-of-1.safetensors").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="damaged"):
+        LLM(str(compiled))
+
+
+def test_weights_that_do_not_fit_the_model_are_refused(compiled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = json.loads((compiled / "config.json").read_text())
+    (compiled / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match="does not fit the model"):
+        LLM(str(compiled))
+
+
+def test_a_failed_compile_leaves_nothing_and_a_full_directory_is_refused(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    with pytest.raises(ValueError, match="tensor_parallel_size=3"):
+        compile_artifact(str(source), out, tensor_parallel_size=3, **OPTIONS)
+    assert not out.exists()
+    out.mkdir()
+    (out / "file").write_text("mine")
+    with pytest.raises(ValueError, match="not a new or empty directory"):
+        compile_artifact(str(source), out, **OPTIONS)
+    assert (out / "file").read_text() == "mine"
+
+
+def test_an_artifact_is_not_compiled_again_nor_read_as_a_checkpoint(compiled: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="compiled artifact already"):
+        compile_artifact(str(compiled), tmp_path / "again")
+    with pytest.raises(ValueError, match="is a compiled artifact: it loads through an engine"):
+        loading.load_any_format(compiled, dtype="float32", device="cpu")
+
+
+def test_the_compile_command_writes_an_artifact(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "artifact"
+    args = ["compile", "--model", str(source), "--out", str(out), "--max-model-len", "128", "--max-num-seqs", "4"]
+    assert main(args + ["--quantization", "int8", "--block-size", "8"]) == 0
+    assert "1 weight file(s)" in capsys.readouterr().out
+    options = json.loads((out / MANIFEST_NAME).read_text())["options"]
+    assert (options["quantization"], options["max_num_seqs"], options["block_size"]) == ("int8", 4, 8)
+    assert main(args) == 2
+    assert "not a new or empty directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_default_model_compiles_and_generates_from_its_artifact(tmp_path: Path) -> None:
+    out = tmp_path / "smollm2"
+    compile_artifact(None, out, max_model_len=256)
+    reference = greedy_tokens(LLM(max_model_len=256))
+    llm = LLM(str(out))
+    assert llm.tokenizer is not None and llm.tokenizer.chat_template
+    assert greedy_tokens(llm) == reference

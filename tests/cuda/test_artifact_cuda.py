@@ -1,0 +1,69 @@
+"""A CUDA artifact carries Triton's compiled kernels: loaded elsewhere, in a new process, nothing compiles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from neuron_llm import LLM, SamplingParams
+from neuron_llm.compile.artifact import GRAPHS_DIR, MANIFEST_NAME, TRITON_CACHE
+
+pytestmark = pytest.mark.cuda
+
+PROMPTS = [{"prompt_token_ids": [1, 2, 3, 4, 5]}, {"prompt_token_ids": [7] * 40}]
+LOAD = """
+import json, sys
+from pathlib import Path
+from neuron_llm import LLM, SamplingParams
+from neuron_llm.compile.artifact import GRAPHS_DIR, cache_files
+path = Path(sys.argv[1])
+before = cache_files(path / GRAPHS_DIR)
+llm = LLM(str(path))
+added = sorted(cache_files(path / GRAPHS_DIR) - before)
+prompts = json.loads(sys.argv[2])
+outputs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+print(json.dumps({"added": added, "tokens": [list(o.outputs[0].token_ids) for o in outputs]}))
+llm.shutdown()
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_a_moved_artifact_loads_without_compiling_a_kernel(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], tmp_path: Path, quantization: str | None
+) -> None:
+    _, source = save_tiny_llama(hidden_size=256, intermediate_size=512, num_attention_heads=4)
+    options = {"device": "cuda", "dtype": "bfloat16", "quantization": quantization, "max_model_len": 256}
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    built = tmp_path / "built"
+    # In a new process, as the command runs: kernels a process compiled before stay in its
+    # memory and would not be written to the artifact.
+    command = [sys.executable, "-m", "neuron_llm.cli", "compile", "--model", str(source), "--out", str(built)]
+    command += ["--device", "cuda", "--dtype", "bfloat16", "--max-model-len", "256"]
+    command += ["--quantization", quantization] if quantization else []
+    subprocess.run(command, capture_output=True, text=True, check=True)
+    manifest = json.loads((built / MANIFEST_NAME).read_text())
+    reference = LLM(str(source), **options)
+    expected = [list(o.outputs[0].token_ids) for o in reference.generate(PROMPTS, params)]
+    reference.shutdown()
+    assert manifest["system"]["cuda_capability"] == "{}.{}".format(*torch.cuda.get_device_capability())
+    assert any(name.startswith(f"{TRITON_CACHE}/") for name in manifest["graphs"])
+    moved = tmp_path / "moved"
+    shutil.move(built, moved)  # Triton's own cache would name files under `built` and miss them
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD, str(moved), json.dumps(PROMPTS)], capture_output=True, text=True, check=True
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["added"] == []
+    assert result["tokens"] == expected
+    assert (moved / GRAPHS_DIR / TRITON_CACHE).is_dir()

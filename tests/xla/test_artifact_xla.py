@@ -1,0 +1,60 @@
+"""An artifact compiled on the XLA device holds each bucket's HLO, and loads only where it traces the same."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch_xla")
+
+from neuron_llm import LLM, SamplingParams
+from neuron_llm.compile.artifact import GRAPHS_DIR, HLO_DIR
+from neuron_llm.compile.build import compile_artifact
+from neuron_llm.compile.hlo_export import MANIFEST_NAME as HLO_MANIFEST
+
+pytestmark = pytest.mark.xla
+
+OPTIONS = {"max_model_len": 64, "max_num_seqs": 2, "max_num_batched_tokens": 32, "block_size": 4}
+PROMPTS = [{"prompt_token_ids": [1, 2, 3, 4, 5]}, {"prompt_token_ids": [7] * 9}]
+
+
+def greedy_tokens(llm: LLM) -> list[list[int]]:
+    try:
+        outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0))
+        return [list(output.outputs[0].token_ids) for output in outputs]
+    finally:
+        llm.shutdown()
+
+
+@pytest.fixture
+def compiled(save_tiny_llama: Callable[..., tuple[Any, Path]], tmp_path: Path) -> tuple[Path, Path]:
+    _, source = save_tiny_llama()
+    out = tmp_path / "artifact"
+    compile_artifact(str(source), out, device="xla", num_kv_blocks=40, **OPTIONS)
+    return source, out
+
+
+def test_an_xla_artifact_holds_every_bucket_and_generates_what_the_cpu_does(compiled: tuple[Path, Path]) -> None:
+    source, out = compiled
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["num_kv_blocks"] == 40
+    assert "torch_xla" in manifest["system"]
+    graphs = json.loads((out / GRAPHS_DIR / HLO_DIR / HLO_MANIFEST).read_text())["graphs"]
+    assert sorted(graph["bucket"] for graph in graphs) == sorted(manifest["buckets"])
+    assert all((out / GRAPHS_DIR / HLO_DIR / graph["file"]).is_file() for graph in graphs)
+    expected = greedy_tokens(LLM(str(source), device="cpu", **OPTIONS))
+    assert greedy_tokens(LLM(str(out))) == expected
+
+
+def test_a_bucket_that_traces_another_graph_is_refused(compiled: tuple[Path, Path]) -> None:
+    _, out = compiled
+    path = out / GRAPHS_DIR / HLO_DIR / HLO_MANIFEST
+    hlo = json.loads(path.read_text())
+    hlo["graphs"][1]["sha256"] = "0" * 64
+    path.write_text(json.dumps(hlo))
+    with pytest.raises(ValueError, match=f"bucket {hlo['graphs'][1]['bucket']} traces to another graph"):
+        LLM(str(out))
