@@ -6,11 +6,11 @@
 Three fresh processes, so that nothing compiled stays in memory between them: (1) ``LLM`` on
 the source model, with an empty Triton cache (the anchor: what every start costs without an
 artifact); (2) ``neuron-llm compile``'s ``compile_artifact``; (3) ``LLM`` on the artifact.
-Each reports its seconds from the call to a warmed-up engine, and greedy tokens of one prompt,
-which must be equal. The artifact's run also counts the compiler-cache files it added (0 when
-every graph was found compiled). ``--random-llama3-8b`` first writes a Hugging Face directory
-of random Llama-3-8B weights (``--layers`` to cut it). Files are read through the page cache
-in every run alike.
+Each reports its seconds from the call to a warmed-up engine, and greedy tokens of one
+prompt, which must be equal. The artifact's run also counts the compiler-cache files it
+added (0 when every graph was found compiled: ``LLM.compiled_at_load``).
+``--random-llama3-8b`` first writes a Hugging Face directory of random Llama-3-8B weights
+(``--layers`` to cut it). Files are read through the page cache in every run alike.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ def _greedy(llm: Any) -> list[int]:
 def run_phase(phase: str, args: argparse.Namespace) -> dict[str, Any]:
     """One phase, in this (fresh) process."""
     from neuron_llm import LLM
-    from neuron_llm.compile.artifact import GRAPHS_DIR, cache_files
     from neuron_llm.compile.build import compile_artifact
 
     start = time.perf_counter()
@@ -62,11 +61,9 @@ def run_phase(phase: str, args: argparse.Namespace) -> dict[str, Any]:
         manifest = compile_artifact(args.model, args.artifact, **_engine_options(args))
         result = {"seconds": time.perf_counter() - start, "graph_files": len(manifest["graphs"])}
     else:
-        before = cache_files(Path(args.artifact) / GRAPHS_DIR)
         llm = LLM(args.artifact)
         seconds = time.perf_counter() - start
-        added = len(cache_files(Path(args.artifact) / GRAPHS_DIR) - before)
-        result = {"seconds": seconds, "tokens": _greedy(llm), "cache_files_added": added}
+        result = {"seconds": seconds, "tokens": _greedy(llm), "cache_files_added": len(llm.compiled_at_load)}
     if phase != "compile":
         llm.shutdown()
     return result

@@ -34,6 +34,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +66,7 @@ def rank_file(rank: int, world_size: int) -> str:
 
 def is_artifact(path: str | Path | None) -> bool:
     """Whether ``path`` is a directory holding an artifact's manifest."""
-    return path is not None and (Path(path) / MANIFEST_NAME).is_file()
+    return path is not None and (Path(path).expanduser() / MANIFEST_NAME).is_file()
 
 
 def fixed_options(config: EngineConfig) -> dict[str, Any]:
@@ -96,11 +98,14 @@ def system_versions(device: str, backend: str) -> dict[str, str]:
     versions = {"neuron_llm": __version__, "torch": torch.__version__}
     device_type = parse_device(device).type
     if backend == "cuda":
-        import triton
+        # Absent where this system lacks them: an artifact that names them is then refused.
+        if importlib.util.find_spec("triton") is not None:
+            import triton
 
-        versions["triton"] = triton.__version__
-        major, minor = torch.cuda.get_device_capability(parse_device(device))
-        versions["cuda_capability"] = f"{major}.{minor}"
+            versions["triton"] = triton.__version__
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(parse_device(device))
+            versions["cuda_capability"] = f"{major}.{minor}"
     if device_type == "xla":
         import torch_xla
 
@@ -113,36 +118,44 @@ def system_versions(device: str, backend: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def graph_cache(directory: Path, device: str) -> Iterator[Path | None]:
+def graph_cache(directory: Path, device: str, *, loading: bool = False) -> Iterator[Path | None]:
     """Point the compiler caches of ``device``'s backend at ``directory``/graphs while building.
 
     CUDA: Triton's kernel cache (relocatable: ``neuron_llm.backends.cuda.triton_cache``); the
     XLA device: torch-neuronx's persistent NEFF cache. Yields the cache directory, or None
-    where no compiled graph outlives the process (the CPU, CUDA without Triton). Spawned tensor-parallel ranks
-    inherit the variables.
+    where no compiled graph outlives the process (the CPU, CUDA without Triton). Spawned
+    tensor-parallel ranks inherit the variables. ``loading``: Triton reads a private copy of
+    the artifact's kernels (a few MB), so that loading never writes into the artifact, which
+    may be read-only; a file added to the copy is a kernel the artifact lacked.
     """
     device_type = parse_device(device).type
     graphs = directory / GRAPHS_DIR
     variables: dict[str, str] = {}
     cache = None
-    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
-        from neuron_llm.backends.cuda.triton_cache import MANAGER
+    with contextlib.ExitStack() as stack:
+        if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+            from neuron_llm.backends.cuda.triton_cache import MANAGER
 
-        cache = graphs / TRITON_CACHE
-        variables = {"TRITON_CACHE_DIR": str(cache), "TRITON_CACHE_MANAGER": MANAGER}
-    elif device_type == "xla":
-        cache = graphs / NEURON_CACHE
-        variables = {"NEURON_COMPILE_CACHE_URL": str(cache)}
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield cache
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+            cache = graphs / TRITON_CACHE
+            if loading:
+                copy = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="neuron-llm-triton-")))
+                if cache.is_dir():
+                    shutil.copytree(cache, copy, dirs_exist_ok=True)
+                cache = copy
+            variables = {"TRITON_CACHE_DIR": str(cache), "TRITON_CACHE_MANAGER": MANAGER}
+        elif device_type == "xla":
+            cache = graphs / NEURON_CACHE
+            variables = {"NEURON_COMPILE_CACHE_URL": str(cache)}
+        saved = {name: os.environ.get(name) for name in variables}
+        os.environ.update(variables)
+        try:
+            yield cache
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def cache_files(cache: Path | None) -> set[str]:
@@ -241,6 +254,12 @@ def load_artifact_model(
     from neuron_llm.quant.convert import prepare_quantized_model
 
     artifact = Artifact.open(artifact_dir)
+    # Whoever built ``config`` (LLM does through ``resolve_options``), it must be the artifact's.
+    if (built := fixed_options(config)) != artifact.options:
+        differ = sorted(
+            name for name in built.keys() | artifact.options.keys() if built.get(name) != artifact.options.get(name)
+        )
+        raise ValueError(f"{artifact.path} was compiled with other options than this engine's: {differ}")
     path = artifact.weights_file(rank, world_size)
     with default_dtype(config.device.dtype), require_visible(device):
         model = LlamaForCausalLM(config.model)

@@ -47,7 +47,8 @@ def save_rank(out_dir: Path, loaded: LoadedModel, config: EngineConfig, rank: in
     save_file(tensors, str(out_dir / WEIGHTS_DIR / rank_file(rank, world_size)), metadata={"format": "pt"})
     if rank != 0:
         return
-    hf_config = model_config_dict(model, model.config, loaded.source, config.device.dtype)
+    # The artifact's weights are our layers' own tensors: a short last group is stored as it runs.
+    hf_config = model_config_dict(model, model.config, loaded.source, config.device.dtype, whole_groups=False)
     write_model_files(out_dir, hf_config, loaded.source, loaded.tokenizer)
     if parse_device(config.device.device).type == "xla":
         buckets = BucketSet.for_engine(config)

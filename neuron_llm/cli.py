@@ -15,12 +15,8 @@ from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.cli import add_serve_parser
 
 
-def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="HF directory, .gguf file or compiled artifact (default: SmolLM2-135M-Instruct)",
-    )
+def _add_engine_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+    parser.add_argument("--model", default=None, help=f"{model_help} (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N, xla (Neuron) (default: cpu)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument(
@@ -55,6 +51,8 @@ def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_compile(args: argparse.Namespace) -> int:
     from neuron_llm.compile.build import compile_artifact
 
+    if args.speculative_config is not None:
+        raise ValueError("--speculative-config is chosen when the artifact is loaded, not compiled into it")
     options = {
         name: value
         for name, value in (
@@ -62,7 +60,6 @@ def _run_compile(args: argparse.Namespace) -> int:
             ("max_num_seqs", args.max_num_seqs),
             ("max_num_batched_tokens", args.max_num_batched_tokens),
             ("num_kv_blocks", args.num_kv_blocks),
-            ("speculative_config", args.speculative_config),
         )
         if value is not None
     }
@@ -153,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("prompt")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    _add_engine_arguments(generate)
+    _add_engine_arguments(generate, "HF directory, .gguf file or compiled artifact (whose options are the defaults)")
     _add_sampling_arguments(generate)
     generate.set_defaults(run=_run_generate)
     compile_ = commands.add_parser(
@@ -161,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="build the engine once and write an artifact that loads without compiling",
         formatter_class=DefaultsHelpFormatter,
     )
-    _add_engine_arguments(compile_)
+    _add_engine_arguments(compile_, "HF directory or .gguf file")
     _add_compile_arguments(compile_)
     compile_.set_defaults(run=_run_compile)
     add_serve_parser(commands)

@@ -163,7 +163,7 @@ class LLM:
         self._unread: dict[str, deque[RequestOutput]] = {}
         """Per request added through this LLM, the outputs its caller has not read yet: steps
         run for one caller (a stream, a generate) advance every request in the engine."""
-        cache = graph_cache(artifact.path, device) if artifact is not None else contextlib.nullcontext()
+        cache = graph_cache(artifact.path, device, loading=True) if artifact is not None else contextlib.nullcontext()
         with cache as cache_dir:
             cached = cache_files(cache_dir)
             self._executor = make_executor(self.config, self._worker_factory(info.source))
@@ -175,13 +175,15 @@ class LLM:
                 # Tensor-parallel ranks would otherwise wait for a step that never comes.
                 self._executor.shutdown()
                 raise
-            if new_files := cache_files(cache_dir) - cached:
+            self.compiled_at_load = sorted(cache_files(cache_dir) - cached)
+            """Compiler-cache files written while loading an artifact: graphs it lacked (none, normally)."""
+            if self.compiled_at_load:
                 logger.warning(
-                    "%s: compiled %d cache file(s) the artifact lacked while loading (e.g. %s); "
-                    "it was compiled with another warm-up or system",
+                    "%s: compiled %d cache file(s) the artifact lacked while loading (e.g. %s), "
+                    "and will again at every load: compile it again with this warm-up and system",
                     model,
-                    len(new_files),
-                    sorted(new_files)[0],
+                    len(self.compiled_at_load),
+                    self.compiled_at_load[0],
                 )
 
     def _worker_factory(self, source: Path) -> WorkerFactory:

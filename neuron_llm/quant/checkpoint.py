@@ -247,18 +247,19 @@ def check_whole_groups(name: str, in_features: int, group_size: int | None) -> N
         )
 
 
-def quantization_config_dict(model: nn.Module) -> dict[str, Any]:
+def quantization_config_dict(model: nn.Module, whole_groups: bool = True) -> dict[str, Any]:
     """The compressed-tensors ``quantization_config`` describing ``model``'s quantized linears.
 
     One config group per format. With a single group it targets "Linear" and the ignore
     list names every other linear (llm-compressor's form); with several, each group names
-    its modules. Raises ``ValueError`` when the model has no quantized linear, or one whose
-    groups do not divide its input features (a short last group, which our layers run but
-    compressed-tensors cannot store).
+    its modules. Raises ``ValueError`` when the model has no quantized linear, or, with
+    ``whole_groups``, one whose groups do not divide its input features (a short last group,
+    which our layers run but compressed-tensors cannot store).
     """
     by_format: dict[LinearFormat, list[str]] = {}
     for name, fmt in quantized_linears(model).items():
-        check_whole_groups(name, model.get_submodule(name).in_features, fmt.group_size)
+        if whole_groups:
+            check_whole_groups(name, model.get_submodule(name).in_features, fmt.group_size)
         by_format.setdefault(fmt, []).append(name)
     if not by_format:
         raise ValueError("the model has no quantized linear to describe")
@@ -456,19 +457,22 @@ def save_quantized_checkpoint(
     write_model_files(out_dir, hf_config, source, tokenizer)
 
 
-def model_config_dict(model: nn.Module, config: ModelConfig, source: Path, dtype: torch.dtype) -> dict[str, Any]:
+def model_config_dict(
+    model: nn.Module, config: ModelConfig, source: Path, dtype: torch.dtype, whole_groups: bool = True
+) -> dict[str, Any]:
     """The ``config.json`` of ``model``, read from ``source`` (a directory or GGUF file).
 
     A directory's own ``config.json`` is carried over; for a GGUF file it is rebuilt from
     ``config``. A model with quantized linears gets their compressed-tensors
-    ``quantization_config`` (raising ``ValueError`` for what that cannot store).
+    ``quantization_config`` (``quantization_config_dict``; ``whole_groups``: refusing a short
+    last group, which a compressed-tensors checkpoint cannot store but our own layers can).
     """
     hf_config = read_json(source / CONFIG_FILE) if source.is_dir() else hf_config_dict(config)
     hf_config.pop("dtype", None)
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     hf_config.pop("quantization_config", None)
     if quantized_linears(model):
-        hf_config["quantization_config"] = quantization_config_dict(model)
+        hf_config["quantization_config"] = quantization_config_dict(model, whole_groups)
     if LM_HEAD in quantized_linears(model):
         hf_config["tie_word_embeddings"] = False  # the quantized head is its own tensor now
     return hf_config

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +13,19 @@ import pytest
 
 from neuron_llm import LLM, SamplingParams
 from neuron_llm.cli import main
-from neuron_llm.compile.artifact import MANIFEST_NAME, WEIGHTS_DIR, is_artifact
+from neuron_llm.compile.artifact import (
+    GRAPHS_DIR,
+    MANIFEST_NAME,
+    TRITON_CACHE,
+    WEIGHTS_DIR,
+    cache_files,
+    graph_cache,
+    is_artifact,
+)
 from neuron_llm.compile.build import compile_artifact
 from neuron_llm.quant import loading
 from neuron_llm.quant.layers import quantized_linears
+from neuron_llm.worker import load_worker
 
 OPTIONS = {"max_model_len": 128, "max_num_seqs": 4, "block_size": 8}
 PROMPTS = [{"prompt_token_ids": [1, 2, 3, 4, 5]}, {"prompt_token_ids": [7] * 19}, {"prompt_token_ids": [200]}]
@@ -43,10 +54,19 @@ def refuse_loading_the_source(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loading, "load_any_format", refused)
 
 
-@pytest.mark.parametrize("quantization", [None, "int8", "int8-head", "w8a8"])
+@pytest.mark.parametrize(
+    ("quantization", "tied"),
+    [(None, False), ("int8", False), ("int8-g128", False), ("int8-head", True), ("fp8-all", False), ("w8a8", False)],
+)
 def test_an_artifact_generates_what_its_source_does(
-    source: Path, tmp_path: Path, quantization: str | None, monkeypatch: pytest.MonkeyPatch
+    save_tiny_llama: Callable[..., tuple[Any, Path]],
+    tmp_path: Path,
+    quantization: str | None,
+    tied: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # int8-g128 on 64 features: one short group, which our layers run and the artifact stores.
+    _, source = save_tiny_llama(tie_word_embeddings=tied)
     expected_llm = LLM(str(source), quantization=quantization, **OPTIONS)
     expected_bytes = expected_llm.weight_bytes
     expected = greedy_tokens(expected_llm)
@@ -122,6 +142,28 @@ def test_another_library_version_is_refused(compiled: Path) -> None:
         LLM(str(compiled))
 
 
+def test_an_artifact_for_a_device_this_system_lacks_is_refused(compiled: Path) -> None:
+    edit_manifest(compiled, lambda m: m["options"].update(device="cuda", backend="cuda"))
+    edit_manifest(compiled, lambda m: m["system"].update(triton="0.0", cuda_capability="9.0"))
+    with pytest.raises(ValueError, match="compiled with (triton 0.0|cuda_capability 9.0), this system has"):
+        LLM(str(compiled))
+
+
+def test_a_path_from_home_is_an_artifact_too(compiled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(compiled.parent))
+    edit_manifest(compiled, lambda m: m["system"].update(torch="1.0.0"))
+    with pytest.raises(ValueError, match="compiled with torch 1.0.0"):
+        LLM(f"~/{compiled.name}")
+
+
+def test_a_worker_refuses_an_engine_built_with_other_options(compiled: Path) -> None:
+    # Whatever builds the engine's config, the artifact's weights load only under its own options.
+    config = LLM(str(compiled), warm_up=False).config
+    other = replace(config, scheduler=replace(config.scheduler, max_num_seqs=2))
+    with pytest.raises(ValueError, match=r"other options than this engine's: \['max_num_seqs'\]"):
+        load_worker(str(compiled), other, 0, 1)
+
+
 def test_another_format_version_is_refused(compiled: Path) -> None:
     edit_manifest(compiled, lambda m: m.update(format_version=99))
     with pytest.raises(ValueError, match="format_version 99"):
@@ -161,6 +203,20 @@ def test_an_artifact_is_not_compiled_again_nor_read_as_a_checkpoint(compiled: Pa
         loading.load_any_format(compiled, dtype="float32", device="cpu")
 
 
+def test_the_triton_cache_is_pointed_at_a_private_copy_while_loading(tmp_path: Path) -> None:
+    pytest.importorskip("triton")
+    kernels = tmp_path / GRAPHS_DIR / TRITON_CACHE / "key"
+    kernels.mkdir(parents=True)
+    (kernels / "kernel.cubin").write_bytes(b"cubin")
+    before = os.environ.get("TRITON_CACHE_DIR")
+    with graph_cache(tmp_path, "cuda", loading=True) as cache:
+        assert cache is not None and os.environ["TRITON_CACHE_DIR"] == str(cache)
+        assert cache_files(cache) == {"key/kernel.cubin"}
+        (cache / "key" / "new.cubin").write_bytes(b"compiled at load")
+    assert os.environ.get("TRITON_CACHE_DIR") == before
+    assert cache_files(tmp_path / GRAPHS_DIR) == {f"{TRITON_CACHE}/key/kernel.cubin"}
+
+
 def test_the_compile_command_writes_an_artifact(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "artifact"
     args = ["compile", "--model", str(source), "--out", str(out), "--max-model-len", "128", "--max-num-seqs", "4"]
@@ -170,6 +226,8 @@ def test_the_compile_command_writes_an_artifact(source: Path, tmp_path: Path, ca
     assert (options["quantization"], options["max_num_seqs"], options["block_size"]) == ("int8", 4, 8)
     assert main(args) == 2
     assert "not a new or empty directory" in capsys.readouterr().err
+    assert main(args + ["--speculative-config", '{"num_speculative_tokens": 2}']) == 2
+    assert "chosen when the artifact is loaded" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -29,7 +29,8 @@ from neuron_llm.compile.artifact import GRAPHS_DIR, cache_files
 path = Path(sys.argv[1])
 before = cache_files(path / GRAPHS_DIR)
 llm = LLM(str(path))
-added = sorted(cache_files(path / GRAPHS_DIR) - before)
+assert cache_files(path / GRAPHS_DIR) == before, "the load wrote into the artifact"
+added = llm.compiled_at_load
 prompts = json.loads(sys.argv[2])
 outputs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
 print(json.dumps({"added": added, "tokens": [list(o.outputs[0].token_ids) for o in outputs]}))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,20 @@ def test_an_xla_artifact_holds_every_bucket_and_generates_what_the_cpu_does(comp
     assert all((out / GRAPHS_DIR / HLO_DIR / graph["file"]).is_file() for graph in graphs)
     expected = greedy_tokens(LLM(str(source), device="cpu", **OPTIONS))
     assert greedy_tokens(LLM(str(out))) == expected
+
+
+def test_a_new_process_traces_the_graphs_the_artifact_holds(compiled: tuple[Path, Path]) -> None:
+    # The Neuron cache finds a NEFF by its module's hash: the trace must not vary by process.
+    source, out = compiled
+    load = (
+        "import json, sys; from neuron_llm import LLM, SamplingParams; llm = LLM(sys.argv[1]); "
+        "outputs = llm.generate(json.loads(sys.argv[2]), SamplingParams(max_tokens=8, temperature=0.0)); "
+        "print(json.dumps([list(o.outputs[0].token_ids) for o in outputs])); llm.shutdown()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", load, str(out), json.dumps(PROMPTS)], capture_output=True, text=True, check=True
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == greedy_tokens(LLM(str(source), device="cpu", **OPTIONS))
 
 
 def test_a_bucket_that_traces_another_graph_is_refused(compiled: tuple[Path, Path]) -> None:
