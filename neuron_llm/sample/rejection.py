@@ -87,9 +87,8 @@ def verify(
         kept = ops.argmax(processed) == proposed
     else:
         p_proposal = processed.softmax(dim=-1).gather(1, proposal).squeeze(1)
-        is_greedy = batch.is_greedy.to(device)
         uniform = _uniform(batch, proposal_rows, num_rows, device)
-        kept = torch.where(is_greedy, ops.argmax(processed) == proposed, uniform < p_proposal)
+        kept = torch.where(batch.is_greedy, ops.argmax(processed) == proposed, uniform < p_proposal)
     kept &= has_proposal
     # The residual: the proposal's mass is what keeping it used. A greedy row's residual
     # argmax is its argmax whenever the proposal was refused.

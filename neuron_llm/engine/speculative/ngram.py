@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from neuron_llm.config import SpeculativeConfig
 
@@ -26,15 +25,27 @@ class NgramProposer:
         """The tokens after the latest earlier occurrence of the longest matching suffix
         (``prompt_lookup_max`` tokens down to ``prompt_lookup_min``) that has
         ``num_speculative_tokens`` after it, else after the latest one; empty when none occurs."""
-        tokens = np.asarray(token_ids, dtype=np.int64)
-        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
-            # Windows starting before the suffix itself: the last one ends a token before it.
-            windows = sliding_window_view(tokens[:-1], n)
-            matches = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
-            if matches.size:
+        length = len(token_ids)
+        max_n = min(self.max_n, length - 1)
+        if max_n < self.min_n:
+            return []
+        tokens = np.fromiter(token_ids, dtype=np.int64, count=length)
+        # Earlier occurrences end where the last token occurs before the end; each matches the
+        # suffix as far back as the tokens before it agree (one pass over the sequence, then
+        # at most max_n steps over the few occurrences, not a pass per suffix length).
+        ends = np.flatnonzero(tokens[:-1] == tokens[-1])
+        matched = np.ones(ends.size, dtype=np.int64)
+        for back in range(1, max_n):
+            earlier = ends - back
+            agrees = (matched == back) & (earlier >= 0)
+            agrees[agrees] = tokens[earlier[agrees]] == tokens[length - 1 - back]
+            matched[agrees] = back + 1
+        for n in range(max_n, self.min_n - 1, -1):
+            starts = ends[matched >= n] - (n - 1)
+            if starts.size:
                 # The latest occurrence with a whole proposal after it: in a repeat of a short
                 # period the latest one is followed only by the period's tokens.
-                whole = matches[matches + n + self.num_tokens <= len(tokens)]
-                start = int((whole if whole.size else matches)[-1]) + n
+                whole = starts[starts + n + self.num_tokens <= length]
+                start = int((whole if whole.size else starts)[-1]) + n
                 return tokens[start : start + self.num_tokens].tolist()
         return []
