@@ -1,8 +1,8 @@
 """Compile once, load many times: the artifact directory (DESIGN decision 8).
 
-``neuron_llm.compile.build.compile_artifact`` (``neuron-llm compile``) builds the engine as serving would: it loads,
-quantizes and shards the weights, then warms up every bucket, which compiles the backend's
-graphs. It writes::
+``neuron_llm.compile.build.compile_artifact`` (``neuron-llm compile``) builds the engine as
+serving would: it loads, quantizes and shards the weights, then warms up every bucket, which
+compiles the backend's graphs. It writes::
 
     DIR/manifest.json     the options it was built with and the system it was built on
     DIR/config.json       the model as loaded (compressed-tensors quantization_config when
@@ -19,7 +19,9 @@ graphs. It writes::
 take the manifest's and options set must equal them; the library versions and the GPU
 architecture must be the ones it was built with; on the XLA device each bucket's graph,
 traced again, must hash to the module compiled. A mismatch is refused by name, never
-recompiled. The manifest is written last: a directory without one is not an artifact.
+recompiled; only a kernel missing from Triton's cache compiles, with a warning naming it, into
+a private copy of the cache (``LLM.compiled_at_load``). The manifest is written last: a
+directory without one is not an artifact.
 
 What was run where: weights, options and versions on the CPU; the HLO check on torch-xla's
 CPU device, whose PJRT client cannot deserialize executables, so there the graphs compile
