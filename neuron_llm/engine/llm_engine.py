@@ -295,7 +295,7 @@ class LLMEngine:
                 continue
             group, seq = self._sequences[request.request_id]
             if seq.generator is None or group.params.is_greedy:
-                request.draft_token_ids = proposer.propose(request.all_token_ids)
+                request.draft_token_ids = proposer.propose(request.token_array())
 
     def _overlaps(self) -> bool:
         # Penalties count the output tokens' values on the host, so they wait for each step.

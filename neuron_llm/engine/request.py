@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 
 class SamplingParamsLike(Protocol):
     """The part of a request's sampling parameters the scheduler reads; the sampler reads the rest."""
@@ -54,8 +56,9 @@ class Request:
     preempted request drops to 0 and recomputes its prompt and output alike, so it goes on
     exactly where it stopped.
 
-    Only the scheduler changes the bookkeeping fields; append output with
-    ``append_output_token`` so that ``all_token_ids`` stays in step.
+    Only the scheduler changes the bookkeeping fields; change output only through
+    ``append_output_token``, ``truncate_output`` and ``replace_last_output_token``, so that
+    ``all_token_ids`` and ``token_array()`` stay in step.
     """
 
     request_id: str
@@ -79,9 +82,28 @@ class Request:
     """Tokens a speculative proposer guessed to follow ``all_token_ids``, set before a step;
     the scheduler computes them after the last token (the step verifies them) and clears them."""
 
+    _token_array: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64), init=False, repr=False)
+    _num_in_array: int = field(default=0, init=False, repr=False)
+    """Leading tokens of ``all_token_ids`` that ``_token_array`` holds."""
+
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
         self.all_token_ids = list(self.prompt_token_ids)
+
+    def token_array(self) -> np.ndarray:
+        """``all_token_ids`` as an int64 NumPy array (a view, valid until the tokens change).
+
+        Kept in step across calls, so each call copies only the tokens added since the last:
+        a speculative proposer reads it every step.
+        """
+        num_tokens = len(self.all_token_ids)
+        if num_tokens > len(self._token_array):
+            grown = np.empty(max(num_tokens, 2 * len(self._token_array)), dtype=np.int64)
+            grown[: self._num_in_array] = self._token_array[: self._num_in_array]
+            self._token_array = grown
+        self._token_array[self._num_in_array : num_tokens] = self.all_token_ids[self._num_in_array :]
+        self._num_in_array = num_tokens
+        return self._token_array[:num_tokens]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -117,8 +139,10 @@ class Request:
         """Keep the first ``num_output_tokens`` output tokens (a stop among several tokens of one step)."""
         del self.output_token_ids[num_output_tokens:]
         del self.all_token_ids[self.num_prompt_tokens + num_output_tokens :]
+        self._num_in_array = min(self._num_in_array, len(self.all_token_ids))
 
     def replace_last_output_token(self, token_id: int) -> None:
         """Put the sampled token in place of the placeholder appended before it was read."""
         self.output_token_ids[-1] = token_id
         self.all_token_ids[-1] = token_id
+        self._num_in_array = min(self._num_in_array, len(self.all_token_ids) - 1)

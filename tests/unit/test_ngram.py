@@ -1,4 +1,4 @@
-"""N-gram prompt lookup against a brute-force reference of its rule."""
+"""N-gram prompt lookup against a brute-force reference of its rule, and the token array it reads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import random
 import pytest
 
 from neuron_llm.config import SpeculativeConfig
+from neuron_llm.engine import Request
 from neuron_llm.engine.speculative import NgramProposer
+from neuron_llm.sampling_params import SamplingParams
 
 
 def reference(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
@@ -51,3 +53,24 @@ def test_random_sequences_match_the_reference(seed: int) -> None:
         k, min_n = rng.randint(1, 5), rng.randint(1, 3)
         max_n = rng.randint(min_n, 5)
         assert proposer(k, min_n, max_n).propose(tokens) == reference(tokens, k, min_n, max_n), tokens
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_requests_token_array_follows_its_tokens(seed: int) -> None:
+    # The engine proposes from this array each step; it is copied incrementally, so every
+    # way the tokens change must reach it.
+    rng = random.Random(seed)
+    request = Request("r", [rng.randrange(100) for _ in range(rng.randint(1, 5))], SamplingParams(max_tokens=500))
+    for _ in range(300):
+        action = rng.random()
+        if action < 0.6:
+            request.append_output_token(rng.randrange(100))
+        elif action < 0.8 and request.num_output_tokens:
+            request.truncate_output(rng.randrange(request.num_output_tokens))
+        elif request.num_output_tokens:
+            request.replace_last_output_token(rng.randrange(100))
+        if rng.random() < 0.5:
+            assert request.token_array().tolist() == request.all_token_ids
+    assert request.token_array().tolist() == request.all_token_ids
+    # A proposal from the array is the one from the list.
+    assert proposer(3).propose(request.token_array()) == proposer(3).propose(request.all_token_ids)

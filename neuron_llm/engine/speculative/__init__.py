@@ -10,6 +10,8 @@ from neuron_llm.engine.speculative.ngram import NgramProposer
 class Proposer(Protocol):
     """Guesses the tokens after ``token_ids`` (prompt and output so far); empty: no guess.
 
+    The engine passes ``Request.token_array()``, an int64 NumPy array; a list works too.
+
     Deterministic guesses (a point mass) are what the rejection sampler assumes.
     """
 

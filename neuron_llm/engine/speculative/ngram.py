@@ -29,7 +29,7 @@ class NgramProposer:
         max_n = min(self.max_n, length - 1)
         if max_n < self.min_n:
             return []
-        tokens = np.fromiter(token_ids, dtype=np.int64, count=length)
+        tokens = token_ids if isinstance(token_ids, np.ndarray) else np.fromiter(token_ids, np.int64, length)
         # Earlier occurrences end where the last token occurs before the end; each matches the
         # suffix as far back as the tokens before it agree (one pass over the sequence, then
         # at most max_n steps over the few occurrences, not a pass per suffix length).
