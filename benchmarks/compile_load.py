@@ -108,7 +108,7 @@ def main() -> None:
         argv = [a for a in sys.argv[1:] if a != "--random-llama3-8b"]
         if args.random_llama3_8b:
             source = workdir / "source"
-            write_random_llama3_8b(source, args.layers, args.device if args.device != "cpu" else "cpu")
+            write_random_llama3_8b(source, args.layers, args.device)
             argv += ["--model", str(source)]
         artifact = workdir / "artifact"
         results = {}

@@ -177,7 +177,7 @@ def test_damaged_weights_are_refused(compiled: Path) -> None:
         LLM(str(compiled))
 
 
-def test_weights_that_do_not_fit_the_model_are_refused(compiled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weights_that_do_not_fit_the_model_are_refused(compiled: Path) -> None:
     config = json.loads((compiled / "config.json").read_text())
     (compiled / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match="does not fit the model"):
