@@ -265,7 +265,16 @@ GEMV_TILES = (
 )
 """(block_n, block_k, num_warps) of the M = 1 sweep; per-group scales cap block_k at the group."""
 DOT_TILES = {
-    16: ((16, 32, 128, 4), (16, 64, 128, 4), (16, 64, 256, 4), (16, 128, 128, 4), (16, 32, 256, 4)),
+    16: (
+        (16, 32, 128, 4),
+        (16, 64, 128, 4),
+        (16, 64, 256, 4),
+        (16, 128, 128, 4),
+        (16, 32, 256, 4),
+        (16, 32, 512, 4),
+        (16, 64, 512, 4),
+        (16, 128, 256, 8),
+    ),
     64: ((64, 64, 128, 4), (32, 64, 128, 4), (16, 64, 128, 4), (64, 128, 64, 4)),
 }
 """(block_m, block_n, block_k, num_warps) of the small-M sweeps, by the largest M they serve."""

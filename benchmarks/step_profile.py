@@ -2,10 +2,13 @@
 
     python benchmarks/step_profile.py --formats bf16,int8 --json step_profile.json
     python benchmarks/step_profile.py --prompt 4096 --formats bf16,fp8,fp8-all
+    python benchmarks/step_profile.py --query 5 --formats bf16,int8     # a verification step, k = 4
 
 For each weight format, the engine's worker runs one step of one sequence under
 ``torch.profiler``: a decode step at ``--context`` tokens (CUDA graph replayed, greedy token
-read back), or with ``--prompt N`` the prefill of an N-token prompt. Reported per step: the
+read back), with ``--query N`` a step of N new tokens after the context (what speculative
+decoding's verification of k = N - 1 proposed tokens runs), or with ``--prompt N`` the
+prefill of an N-token prompt. Reported per step: the
 GPU span (first kernel's start to the last one's end), the sum of kernel times, the idle time
 between kernels (span minus busy), the kernel count, and the kernels grouped by name with
 their count and time. Beside them, from the same run, the step's floor: for decode the weight
@@ -146,6 +149,7 @@ def main() -> int:
     )
     parser.add_argument("--num-layers", type=int, default=None)
     parser.add_argument("--context", type=int, default=192, help="decode: tokens in the sequence's cache")
+    parser.add_argument("--query", type=int, default=1, help="decode: new tokens in the step (k + 1 to verify k)")
     parser.add_argument("--prompt", type=int, default=None, help="profile the prefill of a prompt this long")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top", type=int, default=14, help="kernel groups printed per format")
@@ -156,11 +160,11 @@ def main() -> int:
 
     _, model_config = engine.llama3_8b_shape(args.num_layers)
     is_prefill = args.prompt is not None
-    context, query_len = (args.prompt, args.prompt) if is_prefill else (args.context, 1)
+    context, query_len = (args.prompt, args.prompt) if is_prefill else (args.context, args.query)
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "step": f"prefill of {context} tokens" if is_prefill else f"decode at {context} tokens",
+        "step": f"prefill of {context} tokens" if is_prefill else f"{query_len} new tokens at {context} tokens",
         "context": context,
         "copy_bandwidth_Bps": anchors.copy_bandwidth(),
     }

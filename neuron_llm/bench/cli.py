@@ -123,6 +123,8 @@ def run_bench(args: argparse.Namespace) -> int:
             quantized = case(preset).engine()
             results[f"{preset}_decode"] = decode(quantized, vocab_size=vocab)
             results[f"{preset}_weight_bytes"] = quantized.runner.executor.worker.weight_bytes
+            if preset == "int8":
+                results["int8_few_rows"] = engine.few_rows(quantized, args.prompt_len, args.decode_tokens, vocab)
             del quantized
     for preset in ("fp8", "fp8-all") if "prefill" in cases else ():
         with engine.released():
@@ -181,6 +183,14 @@ def markdown_table(r: dict[str, Any]) -> str:
         rows.append(
             ("int8 decode floor", f"{int8_floor * 1e3:.2f} ms/token", "int8 decode", f"{int8 / int8_floor:.2f}x")
         )
+    few = r.get("int8_few_rows")
+    if few:
+        ratio = f"{few['worker_step_ratio']:.2f}x the time"
+        rows.append(("int8 verification step, batch 1, 5 tokens over 1", ratio, "int8 decode step", ""))
+        if int8:
+            batch_rate = f"{few['output_tokens_per_s'] * int8:.2f}x its tok/s"
+            tok_s = f"{few['output_tokens_per_s']:.0f} output tok/s"
+            rows.append((f"int8 batch of {few['batch']}", tok_s, "int8 decode, batch 1", batch_rate))
     head = r.get("int8-head_decode", {}).get("decode_s_per_token")
     if head and ours:
         rows.append(

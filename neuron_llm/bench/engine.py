@@ -328,6 +328,17 @@ def worker_step_time(engine: LLMEngine, context: int, query_len: int = 1, repeat
     return statistics.median(times[3:])
 
 
+def few_rows(engine: LLMEngine, prompt_len: int, max_tokens: int, vocab_size: int, batch: int = 16) -> dict[str, Any]:
+    """Steps of a few rows, which run other kernels than batch 1's (int8: 16-row tiles, not the
+    GEMV): the worker's seconds for a step of 5 tokens over one of 1 (speculation's verification
+    of 4), and ``batch_throughput`` of ``batch`` sequences."""
+    context = prompt_len + max_tokens // 2
+    ratio = worker_step_time(engine, context, query_len=5) / worker_step_time(engine, context)
+    return {"worker_step_ratio": ratio, "batch": batch} | batch_throughput(
+        engine, batch, prompt_len, max_tokens, vocab_size
+    )
+
+
 def batch_throughput(
     engine: LLMEngine,
     batch: int,

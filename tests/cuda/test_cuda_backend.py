@@ -533,8 +533,12 @@ def test_a_model_on_the_second_gpu(save_tiny_llama: Callable[..., tuple[Any, Pat
 
 
 @pytest.mark.parametrize("num_tokens", [1, 5, 40])
-def test_int8_swiglu_down_makes_its_input_as_it_loads(num_tokens: int, device: torch.device) -> None:
-    """Few rows take the fused SwiGLU input, more the silu_mul kernel: both give the reference's result."""
+def test_int8_swiglu_down_makes_its_input_as_it_loads(
+    num_tokens: int, device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single row takes the fused SwiGLU input, more rows the silu_mul kernel (the 16-row
+    tiles would recompute it in every column tile): both give the reference's result."""
+    from neuron_llm.backends.cuda import int8_matmul
     from neuron_llm.backends.cuda.backend import CudaBackend
     from neuron_llm.backends.torch_backend import TorchBackend
     from neuron_llm.layers.linear import Linear
@@ -546,8 +550,19 @@ def test_int8_swiglu_down_makes_its_input_as_it_loads(num_tokens: int, device: t
     linear.weight.data = torch.randn(64, 96, generator=generator) * 0.05
     down_proj = quantize_linear(linear, resolve_quant_config("int8").format, "down_proj").to(device)
     gate_up = (torch.randn(num_tokens, 192, generator=generator) * 3).to(device)
-    out = CudaBackend().swiglu_down(gate_up, down_proj)
+    fused = []
+    int8_linear = int8_matmul.int8_linear
+
+    def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
+        fused.append(kwargs.get("silu_mul_input", False))
+        return int8_linear(*args, **kwargs)
+
+    monkeypatch.setattr(int8_matmul, "int8_linear", recorded)
+    backend = CudaBackend()
+    with ops.using_backend(backend):  # down_proj's own forward dispatches to it too
+        out = backend.swiglu_down(gate_up, down_proj)
     expected = TorchBackend().swiglu_down(gate_up, down_proj)
+    assert fused == [num_tokens == 1]
     assert out.shape == (num_tokens, 64)
     assert ((out - expected).norm() / expected.norm()).item() < 1e-5
 

@@ -90,3 +90,11 @@ def test_bench_refuses_bad_options_before_measuring(argv: list[str], message: st
     args = _bench_args(*argv)
     with pytest.raises(ValueError, match=message):
         args.run(args)
+
+
+def test_few_rows_figures(tiny_engine: engine.LLMEngine) -> None:
+    result = engine.few_rows(tiny_engine, prompt_len=8, max_tokens=6, vocab_size=100, batch=6)
+    assert result["worker_step_ratio"] > 0
+    assert result["batch"] == 6
+    assert result["output_tokens_per_s"] == pytest.approx(6 * 6 / result["seconds"])
+    assert not tiny_engine.has_unfinished_requests()

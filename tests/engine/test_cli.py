@@ -94,6 +94,23 @@ def test_bench_table_sets_each_figure_beside_its_anchor() -> None:
     assert "| bf16 verification step, batch 1, 5 tokens over 1 | 1.20x the time | decode step |  |" in table
 
 
+def test_bench_table_sets_int8_steps_of_few_rows_beside_batch_1() -> None:
+    from neuron_llm.bench.cli import markdown_table
+
+    table = markdown_table(
+        {
+            "copy_bandwidth_Bps": 3e12,
+            "bf16_matmul_flops": 7.8e14,
+            "bf16_decode": {"decode_s_per_token": 4.0e-3, "model_s_per_token": 3.9e-3},
+            "int8_decode": {"decode_s_per_token": 2.5e-3},
+            "int8_weight_bytes": 9e9,
+            "int8_few_rows": {"worker_step_ratio": 1.25, "batch": 16, "output_tokens_per_s": 3600.0},
+        }
+    )
+    assert "| int8 verification step, batch 1, 5 tokens over 1 | 1.25x the time | int8 decode step |  |" in table
+    assert "| int8 batch of 16 | 3600 output tok/s | int8 decode, batch 1 | 9.00x its tok/s |" in table
+
+
 def test_bad_model_path_is_a_clear_error(capsys, tmp_path) -> None:
     assert main(["generate", "--model", str(tmp_path / "nope"), "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err

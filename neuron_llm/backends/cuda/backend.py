@@ -35,9 +35,10 @@ CUDNN_MIN_PROMPT = 1024
 """Shortest fresh prompt sent to cuDNN: below it, one paged launch for the batch wins."""
 CUDNN_MAX_SEQS = 4
 """Most sequences of one step sent to cuDNN (one SDPA call each)."""
-SWIGLU_INT8_MAX_ROWS = 16
-"""Most tokens whose int8 down projection computes its SwiGLU input itself (more: every column
-tile would recompute it, and the separate kernel wins)."""
+SWIGLU_INT8_MAX_ROWS = 1
+"""Most tokens whose int8 down projection computes its SwiGLU input itself. Beyond one row the
+16-row tiles' every column tile recomputes it: on an H200, 200 us for 5 or 16 rows against 29
+for the plain product (BENCHMARKS.md), so the separate SwiGLU kernel runs first."""
 
 
 class CudaBackend(TorchBackend):
