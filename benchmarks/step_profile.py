@@ -8,12 +8,11 @@ For each weight format, the engine's worker runs one step of one sequence under
 ``torch.profiler``: a decode step at ``--context`` tokens (CUDA graph replayed, greedy token
 read back), with ``--query N`` a step of N new tokens after the context (what speculative
 decoding's verification of k = N - 1 proposed tokens runs), or with ``--prompt N`` the
-prefill of an N-token prompt. Reported per step: the
-GPU span (first kernel's start to the last one's end), the sum of kernel times, the idle time
-between kernels (span minus busy), the kernel count, and the kernels grouped by name with
-their count and time. Beside them, from the same run, the step's floor: for decode the weight
-bytes over the copy bandwidth, for prefill the linears' FLOPs at the card's bf16 matmul rate;
-and the host's wall time per step. A Markdown table of it all prints last.
+prefill of an N-token prompt. Reported per step: the GPU span (first kernel's start to the
+last one's end), the sum of kernel times, the idle time between kernels (span minus busy),
+the kernel count, and the kernels grouped by name with their count and time. Beside them,
+from the same run, the step's floor: for decode the weight bytes over the copy bandwidth, for
+prefill the linears' FLOPs at the card's bf16 matmul rate; and the host's wall time per step. A Markdown table of it all prints last.
 
 A format is a weight format (``bf16`` or a quantization preset) with optional suffixes that
 change one choice of the cuda backend, for an A/B in one run: ``-cublas`` puts every 16-bit
