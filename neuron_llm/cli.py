@@ -34,7 +34,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser, model_help: str) -> N
     parser.add_argument(
         "--speculative-config",
         default=None,
-        help="speculative decoding as JSON, e.g. '{\"num_speculative_tokens\": 4}' (n-gram prompt lookup)",
+        help="speculative decoding as JSON, e.g. '{\"num_speculative_tokens\": 4}' (n-gram prompt lookup), "
+        'or with "model": a draft model\'s path',
     )
 
 

@@ -346,19 +346,34 @@ class SpeculativeConfig:
     the plain decode's and sampled output keeps the model's distribution. The proposer is
     n-gram prompt lookup (vLLM's "ngram"): the tokens that followed an earlier occurrence of
     the sequence's final n tokens, for n from ``prompt_lookup_max`` down to ``prompt_lookup_min``
-    (``neuron_llm.engine.speculative.NgramProposer``).
+    (``neuron_llm.engine.speculative.NgramProposer``); or, with ``model``, a smaller model
+    sharing the tokenizer, decoding greedily (vLLM's "draft_model",
+    ``neuron_llm.engine.speculative.DraftModelProposer``).
     """
 
     num_speculative_tokens: int
     """Most tokens proposed per sequence and step (the step computes up to this many + 1)."""
     method: str = "ngram"
+    """"ngram" or "draft_model" (the default when ``model`` is given)."""
     prompt_lookup_max: int = 4
     """Longest suffix looked up."""
     prompt_lookup_min: int = 1
     """Shortest suffix looked up; a sequence with no match of this length gets no proposal."""
+    model: str | None = None
+    """The draft model (a path, as ``LLM``'s ``model``), for "draft_model"."""
+    quantization: str | None = None
+    """The draft model's quantization preset, if any (its own copy of the target, quantized, drafts too)."""
 
     def __post_init__(self) -> None:
-        _require(self.method == "ngram", "method", self.method, "must be 'ngram' (the one proposer built)")
+        _require(self.method in ("ngram", "draft_model"), "method", self.method, "must be 'ngram' or 'draft_model'")
+        is_draft = self.method == "draft_model"
+        _require(
+            (self.model is not None) == is_draft,
+            "model",
+            self.model,
+            "is the draft model of method 'draft_model', which needs one" if is_draft else "needs method 'draft_model'",
+        )
+        _require(self.quantization is None or is_draft, "quantization", self.quantization, "is the draft model's")
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             value = getattr(self, name)
             _require(is_int(value) and value >= 1, name, value, "must be an integer >= 1")
@@ -386,6 +401,8 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config: unknown key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
         if "num_speculative_tokens" not in value:
             raise ValueError("speculative_config needs num_speculative_tokens")
+        if "model" in value and "method" not in value:
+            value = {**value, "method": "draft_model"}
         return cls(**value)
 
 
@@ -465,6 +482,9 @@ class EngineConfig:
                 raise ValueError("speculative decoding is not supported on the XLA device yet")
             if self.scheduler.async_scheduling:
                 raise ValueError("async_scheduling=True and speculative decoding exclude each other")
+            if self.speculative.model is not None and self.parallel.tensor_parallel_size > 1:
+                # The draft runs in the engine's process, beside rank 0's worker.
+                raise ValueError("a draft model with tensor_parallel_size > 1 is not supported yet")
         limit = self.model.max_position_embeddings
         if self.scheduler.max_model_len is None:
             object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, max_model_len=limit))

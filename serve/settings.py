@@ -64,7 +64,7 @@ class ServeSettings:
     speculative_config: str | None = _setting(
         None,
         "speculative decoding as JSON, e.g. '{\"num_speculative_tokens\": 4}' (n-gram prompt lookup; "
-        "also prompt_lookup_max, prompt_lookup_min)",
+        'also prompt_lookup_max, prompt_lookup_min), or with "model" (and "quantization"): a draft model',
     )
     max_waiting_requests: int = _setting(256, "requests waiting for their first token before new ones get 429")
     api_key: str | None = _setting(

@@ -22,7 +22,7 @@ from neuron_llm.detokenizer import IncrementalDetokenizer, TokenTexts
 from neuron_llm.engine.model_runner import ModelRunner, StepResult
 from neuron_llm.engine.request import Request, RequestStatus
 from neuron_llm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, SchedulerStats
-from neuron_llm.engine.speculative import NgramProposer, Proposer
+from neuron_llm.engine.speculative import Proposer, make_proposer
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs, make_generator
@@ -160,7 +160,7 @@ class LLMEngine:
         self._in_flight: _LaunchedStep | None = None
         self._penalized_ids: set[str] = set()
         """Requests whose penalties need every token on the host before the next step."""
-        self.proposer: Proposer | None = NgramProposer(config.speculative) if config.speculative is not None else None
+        self.proposer: Proposer | None = make_proposer(config, executor.num_kv_blocks)
         """Offers each decoding sequence's next tokens before a step (speculative decoding); None: off."""
 
     # -- requests -----------------------------------------------------------------------
@@ -290,12 +290,20 @@ class LLMEngine:
         seed would no longer fix the tokens. Without proposals they draw what plain
         decoding draws.
         """
+        proposing = []
         for request in self.scheduler.running:
             if not request.num_output_tokens or request.num_tokens_to_compute != 1:
                 continue
             group, seq = self._sequences[request.request_id]
             if seq.generator is None or group.params.is_greedy:
-                request.draft_token_ids = proposer.propose(request.token_array())
+                proposing.append(request)
+        propose_all = getattr(proposer, "propose_all", None)
+        if propose_all is not None:
+            drafts = propose_all([request.token_array() for request in proposing]) if proposing else []
+        else:
+            drafts = [proposer.propose(request.token_array()) for request in proposing]
+        for request, draft in zip(proposing, drafts, strict=True):
+            request.draft_token_ids = draft
 
     def _overlaps(self) -> bool:
         # Penalties count the output tokens' values on the host, so they wait for each step.

@@ -4,13 +4,17 @@ model step verifies (``neuron_llm.sample.rejection``)."""
 from collections.abc import Sequence
 from typing import Protocol
 
+from neuron_llm.config import EngineConfig
+from neuron_llm.engine.speculative.draft import DraftModelProposer
 from neuron_llm.engine.speculative.ngram import NgramProposer
 
 
 class Proposer(Protocol):
     """Guesses the tokens after ``token_ids`` (prompt and output so far); empty: no guess.
 
-    The engine passes ``Request.token_array()``, an int64 NumPy array; a list works too.
+    The engine passes ``Request.token_array()``, an int64 NumPy array; a list works too. A
+    proposer that also has ``propose_all(sequences) -> list[list[int]]`` is given a step's
+    sequences at once instead (a draft model decodes them in one batch).
 
     Deterministic guesses (a point mass) are what the rejection sampler assumes.
     """
@@ -18,4 +22,14 @@ class Proposer(Protocol):
     def propose(self, token_ids: Sequence[int]) -> list[int]: ...
 
 
-__all__ = ["NgramProposer", "Proposer"]
+def make_proposer(config: EngineConfig, num_kv_blocks: int) -> Proposer | None:
+    """The proposer ``config.speculative`` asks for (a draft model's pool of ``num_kv_blocks``
+    blocks); None when speculation is off."""
+    if config.speculative is None:
+        return None
+    if config.speculative.method == "draft_model":
+        return DraftModelProposer(config, num_kv_blocks)
+    return NgramProposer(config.speculative)
+
+
+__all__ = ["DraftModelProposer", "NgramProposer", "Proposer", "make_proposer"]

@@ -1,0 +1,86 @@
+"""Draft-model proposals (vLLM's "draft_model"): a smaller model that shares the target's
+tokenizer decodes each sequence's next tokens greedily, and the target verifies them.
+
+The draft is an engine of its own (prefix caching on), so it keeps no state per target
+request: each proposal is a draft request of the whole sequence so far, whose full blocks the
+draft's prefix cache still holds from the last proposal for that sequence. Only the last
+partial block and the tokens the target added are prefilled again, then k - 1 decode steps
+run, for every proposing sequence of the step in one batch. Greedy drafts are point masses,
+which the rejection sampler assumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from neuron_llm.config import EngineConfig
+from neuron_llm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from neuron_llm.engine.llm_engine import LLMEngine
+
+
+class DraftModelProposer:
+    """Proposes up to ``num_speculative_tokens`` tokens by decoding them with a draft model.
+
+    Its KV pool has ``num_kv_blocks`` blocks (the model's pool size: it holds as many tokens,
+    each smaller for a smaller draft), and it runs as many sequences at once as the model.
+    """
+
+    def __init__(self, config: EngineConfig, num_kv_blocks: int) -> None:
+        from neuron_llm.llm import LLM  # the draft is built as any model is
+
+        speculative = config.speculative
+        assert speculative is not None and speculative.model is not None
+        self.num_tokens = speculative.num_speculative_tokens
+        self.max_model_len = config.max_model_len
+        try:
+            draft = LLM(
+                speculative.model,
+                device=str(config.device.device),
+                dtype=config.device.dtype,
+                quantization=speculative.quantization,
+                backend=config.device.backend,
+                enforce_eager=config.device.enforce_eager,
+                max_model_len=self.max_model_len,
+                block_size=config.cache.block_size,
+                num_kv_blocks=num_kv_blocks,
+                enable_prefix_caching=True,
+                max_num_seqs=config.scheduler.max_num_seqs,
+                async_scheduling=False,
+            )
+        except (ValueError, OSError) as e:  # a bad option or path, named as the draft's
+            raise type(e)(f"speculative_config: draft model {speculative.model}: {e}") from e
+        vocab, draft_vocab = config.model.vocab_size, draft.config.model.vocab_size
+        if draft_vocab != vocab:
+            raise ValueError(
+                f"speculative_config: draft model {speculative.model} has a vocabulary of {draft_vocab} tokens, "
+                f"the model {vocab}: a draft must share the model's tokenizer"
+            )
+        self.engine: LLMEngine = draft.engine
+        self._ids = itertools.count()
+
+    def propose(self, token_ids: Sequence[int]) -> list[int]:
+        (proposal,) = self.propose_all([token_ids])
+        return proposal
+
+    def propose_all(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Each sequence's greedy continuation by the draft, decoded in one batch: up to
+        ``num_speculative_tokens`` tokens, fewer where a sequence nears ``max_model_len``."""
+        request_ids: list[str | None] = []
+        for token_ids in sequences:
+            num_tokens = min(self.num_tokens, self.max_model_len - len(token_ids))
+            if num_tokens < 1:
+                request_ids.append(None)
+                continue
+            params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True, output_kind="final_only")
+            request_ids.append(f"draft-{next(self._ids)}")
+            self.engine.add_request([int(t) for t in token_ids], params, request_id=request_ids[-1])
+        proposals: dict[str, list[int]] = {}
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    proposals[output.request_id] = list(output.outputs[0].token_ids)
+        return [[] if request_id is None else proposals[request_id] for request_id in request_ids]

@@ -1,0 +1,141 @@
+"""Draft-model speculative decoding: a smaller model proposes, the model verifies, and no
+greedy output changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuron_llm.config import SpeculativeConfig
+from neuron_llm.engine.speculative import DraftModelProposer
+from neuron_llm.sampling_params import SamplingParams
+from tests.engine.conftest import VOCAB_SIZE, all_blocks_free, make_llm, random_prompts
+
+
+def _save_draft(path: Path, vocab_size: int = VOCAB_SIZE) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _speculate(tiny_model_dir: Path, draft: Path, prompts: list[list[int]], params: SamplingParams, **spec):
+    llm = make_llm(tiny_model_dir, speculative_config={"model": str(draft), "num_speculative_tokens": 3, **spec})
+    assert isinstance(llm.engine.proposer, DraftModelProposer)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    return llm, [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("draft_kind", ["the model itself", "another model"])
+def test_a_draft_model_changes_no_greedy_output(tiny_model_dir, tmp_path, draft_kind) -> None:
+    prompts = random_prompts(5, seed=60)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    plain = make_llm(tiny_model_dir).generate([{"prompt_token_ids": p} for p in prompts], params)
+    draft = tiny_model_dir if draft_kind == "the model itself" else _save_draft(tmp_path / "draft")
+    llm, ours = _speculate(tiny_model_dir, draft, prompts, params)
+    assert ours == [o.outputs[0].token_ids for o in plain]
+    assert all_blocks_free(llm)
+    stats = llm.engine.stats()
+    assert stats.num_draft_tokens > 0
+    rate = stats.num_accepted_tokens / stats.num_draft_tokens
+    # The model drafting for itself (fp32) proposes its own greedy tokens; a random other
+    # model, next to none of them.
+    assert rate > 0.9 if draft_kind == "the model itself" else rate < 0.5, rate
+    # Each proposal after a sequence's first finds that sequence's earlier blocks cached.
+    assert llm.engine.proposer.engine.scheduler.block_manager.prefix_hit_rate > 0.5
+
+
+def test_a_steps_sequences_are_drafted_in_one_batch(tiny_model_dir, monkeypatch) -> None:
+    prompts = random_prompts(4, seed=63)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    llm = make_llm(tiny_model_dir, speculative_config={"model": str(tiny_model_dir), "num_speculative_tokens": 3})
+    draft = llm.engine.proposer.engine
+    running, step = [], draft.step
+
+    def counted():
+        running.append(len(draft.scheduler.running) + len(draft.scheduler.waiting))
+        return step()
+
+    monkeypatch.setattr(draft, "step", counted)
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert max(running) == 4
+
+
+def test_sampled_requests_are_speculated_by_the_draft_and_keep_their_length(tiny_model_dir) -> None:
+    prompts = random_prompts(3, seed=61)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, ignore_eos=True)
+    llm, ours = _speculate(tiny_model_dir, tiny_model_dir, prompts, params)
+    assert [len(t) for t in ours] == [12, 12, 12]
+    assert all(0 <= t < VOCAB_SIZE for tokens in ours for t in tokens)
+    assert llm.engine.stats().num_accepted_tokens > 0
+
+
+def test_proposals_stop_at_max_model_len(tiny_model_dir) -> None:
+    llm = make_llm(
+        tiny_model_dir, max_model_len=24, speculative_config={"model": str(tiny_model_dir), "num_speculative_tokens": 4}
+    )
+    proposer = llm.engine.proposer
+    assert len(proposer.propose(list(range(10)))) == 4
+    assert len(proposer.propose(list(range(22)))) == 2
+    assert proposer.propose(list(range(24))) == []
+    prompt = random_prompts(1, seed=62, min_len=18, max_len=18)[0]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    plain = make_llm(tiny_model_dir, max_model_len=24).generate(
+        {"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    )
+    assert out[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    assert len(out[0].outputs[0].token_ids) == 6
+
+
+def test_a_draft_with_another_vocabulary_is_refused(tiny_model_dir, tmp_path) -> None:
+    draft = _save_draft(tmp_path / "draft", vocab_size=VOCAB_SIZE + 8)
+    with pytest.raises(ValueError, match="must share the model's tokenizer"):
+        make_llm(tiny_model_dir, speculative_config={"model": str(draft), "num_speculative_tokens": 2})
+
+
+def test_a_draft_model_is_refused_with_tensor_parallelism(tiny_model_dir) -> None:
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 is not supported"):
+        make_llm(
+            tiny_model_dir,
+            tensor_parallel_size=2,
+            speculative_config={"model": str(tiny_model_dir), "num_speculative_tokens": 2},
+        )
+
+
+def test_a_missing_draft_model_is_named(tiny_model_dir, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"draft model .*nope: model path .* does not exist"):
+        make_llm(tiny_model_dir, speculative_config={"model": str(tmp_path / "nope"), "num_speculative_tokens": 2})
+
+
+def test_the_draft_model_method_follows_from_a_model() -> None:
+    config = SpeculativeConfig.parse('{"model": "draft", "num_speculative_tokens": 2}')
+    assert config.method == "draft_model" and config.model == "draft"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"method": "draft_model", "num_speculative_tokens": 2}, "which needs one"),
+        ({"method": "ngram", "model": "draft", "num_speculative_tokens": 2}, "needs method 'draft_model'"),
+        ({"quantization": "int8", "num_speculative_tokens": 2}, "the draft model's"),
+    ],
+)
+def test_bad_draft_configs_are_named(value, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        SpeculativeConfig.parse(value)
