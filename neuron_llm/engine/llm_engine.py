@@ -299,7 +299,9 @@ class LLMEngine:
                 proposing.append(request)
         propose_all = getattr(proposer, "propose_all", None)
         if propose_all is not None:
-            drafts = propose_all([request.token_array() for request in proposing]) if proposing else []
+            sequences = [request.token_array() for request in proposing]
+            rooms = [self.scheduler.room_for_drafts(request) for request in proposing]
+            drafts = propose_all(sequences, rooms) if proposing else []
         else:
             drafts = [proposer.propose(request.token_array()) for request in proposing]
         for request, draft in zip(proposing, drafts, strict=True):

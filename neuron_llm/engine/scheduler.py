@@ -325,6 +325,10 @@ class Scheduler:
             index += 1
         return budget
 
+    def room_for_drafts(self, request: Request) -> int:
+        """Most proposals ``request`` can verify: a step emits one token past those it keeps."""
+        return self._final_num_tokens(request) - request.num_tokens - 1
+
     def _drafts_to_verify(self, request: Request, num_new_tokens: int, budget: int, num_kept_blocks: int) -> list[int]:
         """The proposals ``request`` computes after its ``num_new_tokens``, with their blocks reserved.
 
@@ -336,8 +340,7 @@ class Scheduler:
         drafts = request.draft_token_ids
         if not drafts or num_new_tokens != request.num_tokens_to_compute:
             return []
-        room = self._final_num_tokens(request) - request.num_tokens - 1
-        drafts = drafts[: max(0, min(budget - num_new_tokens, room))]
+        drafts = drafts[: max(0, min(budget - num_new_tokens, self.room_for_drafts(request)))]
         if not drafts:
             return []
         num_tokens = request.num_computed_tokens + num_new_tokens + len(drafts)

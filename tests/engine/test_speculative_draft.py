@@ -14,7 +14,7 @@ from neuron_llm.sampling_params import SamplingParams
 from tests.engine.conftest import VOCAB_SIZE, all_blocks_free, make_llm, random_prompts
 
 
-def _save_draft(path: Path, vocab_size: int = VOCAB_SIZE) -> Path:
+def _save_draft(path: Path, vocab_size: int = VOCAB_SIZE, max_position_embeddings: int = 512) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
@@ -25,7 +25,7 @@ def _save_draft(path: Path, vocab_size: int = VOCAB_SIZE) -> Path:
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         initializer_range=0.2,
         eos_token_id=None,
         bos_token_id=None,
@@ -101,6 +101,37 @@ def test_proposals_stop_at_max_model_len(tiny_model_dir) -> None:
     )
     assert out[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
     assert len(out[0].outputs[0].token_ids) == 6
+
+
+def test_drafts_stay_within_a_small_pool(tiny_model_dir) -> None:
+    """A pool shorter than max_model_len bounds a request without max_tokens; the draft drafts
+    no further than the model can verify, and leaves nothing behind."""
+    prompt = random_prompts(1, seed=64, min_len=20, max_len=20)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+    options = {"num_kv_blocks": 9, "max_model_len": 256}
+    plain = make_llm(tiny_model_dir, **options).generate({"prompt_token_ids": prompt}, params)
+    spec = {"model": str(tiny_model_dir), "num_speculative_tokens": 4}
+    llm = make_llm(tiny_model_dir, speculative_config=spec, **options)
+    ours = llm.generate({"prompt_token_ids": prompt}, params)
+    assert ours[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    assert len(ours[0].outputs[0].token_ids) == 13
+    draft = llm.engine.proposer.engine
+    assert not draft.has_unfinished_requests()
+    stats = draft.stats()  # latencies since the last round: none, they are dropped after each
+    assert stats.time_to_first_token == [] and stats.inter_token_latency == []
+
+
+def test_a_draft_with_a_shorter_context_drafts_within_it(tiny_model_dir, tmp_path) -> None:
+    draft = _save_draft(tmp_path / "draft", max_position_embeddings=32)
+    llm = make_llm(tiny_model_dir, speculative_config={"model": str(draft), "num_speculative_tokens": 4})
+    proposer = llm.engine.proposer
+    assert proposer.max_model_len == 32
+    assert len(proposer.propose(list(range(30)))) == 2
+    assert proposer.propose(list(range(40))) == []
+    prompt = random_prompts(1, seed=65, min_len=26, max_len=26)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    plain = make_llm(tiny_model_dir).generate({"prompt_token_ids": prompt}, params)
+    assert llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
 
 
 def test_a_draft_with_another_vocabulary_is_refused(tiny_model_dir, tmp_path) -> None:

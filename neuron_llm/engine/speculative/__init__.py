@@ -13,8 +13,9 @@ class Proposer(Protocol):
     """Guesses the tokens after ``token_ids`` (prompt and output so far); empty: no guess.
 
     The engine passes ``Request.token_array()``, an int64 NumPy array; a list works too. A
-    proposer that also has ``propose_all(sequences) -> list[list[int]]`` is given a step's
-    sequences at once instead (a draft model decodes them in one batch).
+    proposer that also has ``propose_all(sequences, rooms) -> list[list[int]]`` is given a
+    step's sequences at once instead, with the most tokens each can verify (a draft model
+    decodes them in one batch, no further than that).
 
     Deterministic guesses (a point mass) are what the rejection sampler assumes.
     """

@@ -15,11 +15,14 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
+
 from neuron_llm.config import EngineConfig
+from neuron_llm.loader import load_model_info
 from neuron_llm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from neuron_llm.engine.llm_engine import LLMEngine
+    from neuron_llm.llm import LLM
 
 
 class DraftModelProposer:
@@ -27,6 +30,7 @@ class DraftModelProposer:
 
     Its KV pool has ``num_kv_blocks`` blocks (the model's pool size: it holds as many tokens,
     each smaller for a smaller draft), and it runs as many sequences at once as the model.
+    A draft with a shorter context than ``max_model_len`` drafts only within its own.
     """
 
     def __init__(self, config: EngineConfig, num_kv_blocks: int) -> None:
@@ -34,10 +38,21 @@ class DraftModelProposer:
 
         speculative = config.speculative
         assert speculative is not None and speculative.model is not None
+        name = f"speculative_config: draft model {speculative.model}"
         self.num_tokens = speculative.num_speculative_tokens
-        self.max_model_len = config.max_model_len
         try:
-            draft = LLM(
+            info = load_model_info(speculative.model)  # checked before its weights load
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"{name}: {e}") from e
+        vocab, draft_vocab = config.model.vocab_size, info.config.vocab_size
+        if draft_vocab != vocab:
+            raise ValueError(
+                f"{name} has a vocabulary of {draft_vocab} tokens, the model {vocab}: "
+                "a draft must share the model's tokenizer"
+            )
+        self.max_model_len = min(config.max_model_len, info.config.max_position_embeddings)
+        try:
+            self.llm: LLM = LLM(
                 speculative.model,
                 device=str(config.device.device),
                 dtype=config.device.dtype,
@@ -51,36 +66,47 @@ class DraftModelProposer:
                 max_num_seqs=config.scheduler.max_num_seqs,
                 async_scheduling=False,
             )
-        except (ValueError, OSError) as e:  # a bad option or path, named as the draft's
-            raise type(e)(f"speculative_config: draft model {speculative.model}: {e}") from e
-        vocab, draft_vocab = config.model.vocab_size, draft.config.model.vocab_size
-        if draft_vocab != vocab:
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from e
+        except torch.OutOfMemoryError as e:
+            # The model's weights and pool took their share (memory_fraction) before it.
             raise ValueError(
-                f"speculative_config: draft model {speculative.model} has a vocabulary of {draft_vocab} tokens, "
-                f"the model {vocab}: a draft must share the model's tokenizer"
-            )
-        self.engine: LLMEngine = draft.engine
+                f"{name} does not fit in the device memory the model left: lower memory_fraction "
+                f"(now {config.cache.memory_fraction}) to leave room for the draft's weights and pool"
+            ) from e
+        self.engine = self.llm.engine
         self._ids = itertools.count()
 
     def propose(self, token_ids: Sequence[int]) -> list[int]:
-        (proposal,) = self.propose_all([token_ids])
+        (proposal,) = self.propose_all([token_ids], [self.num_tokens])
         return proposal
 
-    def propose_all(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+    def propose_all(self, sequences: Sequence[Sequence[int]], rooms: Sequence[int]) -> list[list[int]]:
         """Each sequence's greedy continuation by the draft, decoded in one batch: up to
-        ``num_speculative_tokens`` tokens, fewer where a sequence nears ``max_model_len``."""
+        ``num_speculative_tokens`` tokens and its room (the most the model can verify), fewer
+        where it nears the draft's ``max_model_len``."""
         request_ids: list[str | None] = []
-        for token_ids in sequences:
-            num_tokens = min(self.num_tokens, self.max_model_len - len(token_ids))
-            if num_tokens < 1:
-                request_ids.append(None)
-                continue
-            params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True, output_kind="final_only")
-            request_ids.append(f"draft-{next(self._ids)}")
-            self.engine.add_request([int(t) for t in token_ids], params, request_id=request_ids[-1])
-        proposals: dict[str, list[int]] = {}
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    proposals[output.request_id] = list(output.outputs[0].token_ids)
+        try:
+            for token_ids, room in zip(sequences, rooms, strict=True):
+                num_tokens = min(self.num_tokens, room, self.max_model_len - len(token_ids))
+                if num_tokens < 1:
+                    request_ids.append(None)
+                    continue
+                request_ids.append(f"draft-{next(self._ids)}")
+                params = SamplingParams(
+                    temperature=0.0, max_tokens=num_tokens, ignore_eos=True, output_kind="final_only"
+                )
+                self.engine.add_request([int(t) for t in token_ids], params, request_id=request_ids[-1])
+            proposals: dict[str, list[int]] = {}
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        proposals[output.request_id] = list(output.outputs[0].token_ids)
+        except BaseException:
+            # A failed draft step must not leave requests holding the draft's blocks.
+            for request_id in request_ids:
+                if request_id is not None:
+                    self.engine.abort(request_id)
+            raise
+        self.engine.stats()  # the draft's latencies are nobody's metrics: drop them
         return [[] if request_id is None else proposals[request_id] for request_id in request_ids]
