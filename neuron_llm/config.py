@@ -362,7 +362,7 @@ class SpeculativeConfig:
     model: str | None = None
     """The draft model (a path, as ``LLM``'s ``model``), for "draft_model"."""
     quantization: str | None = None
-    """The draft model's quantization preset, if any (its own copy of the target, quantized, drafts too)."""
+    """The draft model's quantization preset, if any (a model's own int8 copy can draft for it)."""
 
     def __post_init__(self) -> None:
         _require(self.method in ("ngram", "draft_model"), "method", self.method, "must be 'ngram' or 'draft_model'")

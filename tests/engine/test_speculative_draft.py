@@ -6,19 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from neuron_llm.config import SpeculativeConfig
 from neuron_llm.engine.speculative import DraftModelProposer
 from neuron_llm.sampling_params import SamplingParams
+from tests.conftest import build_hf_llama
 from tests.engine.conftest import VOCAB_SIZE, all_blocks_free, make_llm, random_prompts
 
 
 def _save_draft(path: Path, vocab_size: int = VOCAB_SIZE, max_position_embeddings: int = 512) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(
+    """A draft smaller than ``tiny_model_dir``'s model, with other random weights."""
+    draft = build_hf_llama(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -26,12 +24,8 @@ def _save_draft(path: Path, vocab_size: int = VOCAB_SIZE, max_position_embedding
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=max_position_embeddings,
-        initializer_range=0.2,
-        eos_token_id=None,
-        bos_token_id=None,
-        pad_token_id=None,
     )
-    LlamaForCausalLM(config).save_pretrained(path)
+    draft.save_pretrained(path)
     return path
 
 
