@@ -1,8 +1,12 @@
-"""N-gram speculative decoding on the default model (a real trained Llama), beside plain decoding.
+"""Speculative decoding on the default model (a real trained Llama), beside plain decoding.
 
     python benchmarks/speculative_ngram.py --num-prompts 4 --max-tokens 128 --k 4
+    python benchmarks/speculative_ngram.py --draft-model PATH [--draft-quantization int8] [--batched]
 
-Two tasks, one request at a time (batch 1), greedy: "copy" asks the model to repeat a
+The proposer is n-gram prompt lookup, or with ``--draft-model`` a draft model (the default
+model's own file drafts for itself: no smaller model shares its tokenizer). Two tasks, one
+request at a time (batch 1; ``--batched``: the task's prompts in one ``generate``), greedy:
+"copy" asks the model to repeat a
 WikiText-2 paragraph (read from ../shared/data, never copied), where output repeats the
 prompt and prompt lookup should pay; "free" asks it to go on writing about the paragraph's
 subject, where it should not. Reported per task: the share of proposed tokens kept, tokens
@@ -48,6 +52,9 @@ def main() -> None:
     parser.add_argument("--prompt-lookup-max", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    parser.add_argument("--draft-model", default=None, help="propose with this model instead of n-gram lookup")
+    parser.add_argument("--draft-quantization", default=None, help="the draft model's quantization preset")
+    parser.add_argument("--batched", action="store_true", help="each task's prompts in one generate call")
     args = parser.parse_args()
 
     from neuron_llm import LLM, SamplingParams
@@ -55,7 +62,11 @@ def main() -> None:
 
     options = {"dtype": "float32", "max_model_len": 2048, "num_kv_blocks": 256}
     plain = LLM(**options)
-    spec_config = {"num_speculative_tokens": args.k, "prompt_lookup_max": args.prompt_lookup_max}
+    spec_config: dict = {"num_speculative_tokens": args.k}
+    if args.draft_model is None:
+        spec_config["prompt_lookup_max"] = args.prompt_lookup_max
+    else:
+        spec_config |= {"model": args.draft_model, "quantization": args.draft_quantization}
     spec = LLM(**options, speculative_config=spec_config)
     tokenizer = plain.tokenizer
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
@@ -67,6 +78,7 @@ def main() -> None:
         "speculative_config": spec_config,
         "max_tokens": args.max_tokens,
         "num_prompts": len(texts),
+        "batched": args.batched,
     }
     for task, template in TASKS.items():
         prompts = [
@@ -81,7 +93,10 @@ def main() -> None:
 
         def run(llm: LLM) -> tuple[list[list[int]], float]:
             start = time.perf_counter()
-            outputs = [llm.generate(prompt, params)[0].outputs[0].token_ids for prompt in prompts]
+            if args.batched:
+                outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            else:
+                outputs = [llm.generate(prompt, params)[0].outputs[0].token_ids for prompt in prompts]
             return outputs, time.perf_counter() - start
 
         before = spec.engine.stats()
