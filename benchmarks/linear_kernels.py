@@ -9,7 +9,9 @@ to 28672, down 14336->4096) at M tokens in {1, 16, 64, 4096}, for each format:
 - ``bf16``: ``F.linear`` (cuBLAS) on a bf16 weight;
 - ``bf16-gemv``: ``gemv_16bit``, the int8 kernel's GEMV on the bf16 weight (decode rows);
 - ``int8``/``int8-g128``: ``int8_linear``, per-channel or per-group-of-128 scales;
-- ``fp8``: ``fp8_linear``: the per-token activation quantization kernel and ``torch._scaled_mm``;
+- ``fp8``: ``fp8_linear``: the per-token activation quantization kernel and ``torch._scaled_mm``
+  (up to ``fp8.STREAMED_MAX_ROWS`` rows the int8 kernel's weight streaming instead);
+  ``fp8-scaled-mm``: ``torch._scaled_mm`` for every row count;
 - ``w8a8``: ``w8a8_linear``: the same kernel quantizing activations to int8 per token, and
   ``torch._int_mm`` on per-channel int8 weights.
 
@@ -44,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +57,7 @@ if not torch.cuda.is_available():
 import triton
 import triton.testing
 
+from neuron_llm.backends.cuda import fp8
 from neuron_llm.backends.cuda.fp8 import fp8_linear, quantize_fp8_per_token, quantize_int8_per_token
 from neuron_llm.backends.cuda.int8_matmul import (
     Int8MatmulConfig,
@@ -82,7 +86,7 @@ LLAMA3_8B_SHAPES = {  # name: (out_features N, in_features K)
     "down": (4096, 14336),
 }
 SMOKE_SHAPES = {"small": (96, 256), "odd": (48, 200)}
-FORMATS = ("bf16", "bf16-gemv", "int8", "int8-g128", "fp8", "w8a8")
+FORMATS = ("bf16", "bf16-gemv", "int8", "int8-g128", "fp8", "fp8-scaled-mm", "w8a8")
 L2_FLUSH_BYTES = 100 * 2**20
 """Bytes that must pass between two uses of one weight copy: twice an H100's 50 MB of L2."""
 
@@ -182,6 +186,9 @@ def run_format(fmt: str, x: torch.Tensor, w: dict[str, Any], config: Int8MatmulC
         return int8_linear(x, w["weight"], w["scale"], None, w["group_size"], config=config)
     if fmt == "w8a8":
         return w8a8_linear(x, w["weight"], w["scale"])
+    if fmt == "fp8-scaled-mm":
+        with mock.patch.object(fp8, "STREAMED_MAX_ROWS", 0):
+            return fp8_linear(x, w["weight"], w["scale"], None, DEFAULT_ACTIVATION_SCALE_UB)
     return fp8_linear(x, w["weight"], w["scale"], None, DEFAULT_ACTIVATION_SCALE_UB)
 
 
@@ -234,7 +241,7 @@ def bench_case(
     error = relative_error(run_format(fmt, x, weights[0]), reference(fmt, x, weights[0]))
     elapsed = time_us(cycling(lambda w: run_format(fmt, x, w), weights))
     eager_us = ctx["eager_time_us"](cycling(lambda w: run_format(fmt, x, w), weights))
-    quantizer = {"fp8": quantize_fp8_per_token, "w8a8": quantize_int8_per_token}.get(fmt)
+    quantizer = {"fp8": quantize_fp8_per_token, "w8a8": quantize_int8_per_token}.get(fmt.removesuffix("-scaled-mm"))
     quantize_us = time_us(lambda: quantizer(x)) if quantizer is not None else None
     return Row(
         shape=name,
@@ -440,7 +447,7 @@ def main() -> None:
     all_shapes = SMOKE_SHAPES if args.smoke else LLAMA3_8B_SHAPES
     shapes = {name: all_shapes[name] for name in (args.shapes.split(",") if args.shapes else all_shapes)}
     if is_cuda and torch.cuda.get_device_capability(device) < (8, 9):
-        formats = [f for f in formats if f != "fp8"]
+        formats = [f for f in formats if not f.startswith("fp8")]
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 references in float32
     torch.manual_seed(0)
 
@@ -457,7 +464,7 @@ def main() -> None:
     rows = []
     for name, (n, k) in shapes.items():
         for fmt in formats:
-            if fmt == "fp8" and (n % 16 or k % 16):
+            if fmt.startswith("fp8") and (n % 16 or k % 16):
                 print(f"{name}: fp8 needs N and K divisible by 16, skipped", flush=True)
                 continue
             weights = rotating(fmt, n, k, ctx)

@@ -97,6 +97,12 @@ def compile_every_kernel() -> list[str]:
             q = torch.zeros(2 * intermediate, hidden, dtype=torch.int8)
             int8_matmul.int8_linear(x[:1], q, torch.ones(2 * intermediate, 1), silu_mul_output=True)
             int8_matmul.gemv_16bit(x[:1], torch.zeros(2 * intermediate, hidden, dtype=bf16), silu_mul_output=True)
+        # fp8 decode rows streaming the weight: the GEMV and the 16-row tiles, qkv and down.
+        for tokens in (1, 5):
+            for rows, width in ((6144, hidden), (hidden, intermediate)):
+                x_fp8, x_scale = torch.zeros(tokens, width, dtype=fp8.FP8_DTYPE), torch.ones(tokens, 1)
+                w_fp8 = torch.zeros(rows, width, dtype=fp8.FP8_DTYPE)
+                int8_matmul.fp8_rows_matmul(x_fp8, x_scale, w_fp8, torch.ones(rows, 1), bf16)
 
             qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=bf16)
             query, key, value = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)

@@ -28,6 +28,7 @@ from neuron_llm.backends.cuda.int8_matmul import (
     CONVERT_MODES,
     Int8MatmulConfig,
     default_config,
+    fp8_rows_matmul,
     gemv_16bit,
     int8_linear,
 )
@@ -552,6 +553,49 @@ def test_w8a8_linear_matches_reference(
             assert relative_error(out.double(), expected) < TOLERANCE[dtype]
     out = w8a8_linear(torch.randn(2, 3, in_features, device=device), weight, weight_scale)
     assert out.shape == (2, 3, 272)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 16])  # the GEMV, 16-row tiles
+@pytest.mark.parametrize(("out_features", "in_features"), [(48, 64), (37, 1000)])
+def test_fp8_rows_matmul_is_w8a8(num_tokens: int, out_features: int, in_features: int, device: torch.device) -> None:
+    """Few rows of fp8 W8A8 stream the weight: the products of the quantized operands, summed in
+    float32 and scaled at the end, against float64 from the same operands."""
+    weight, weight_scale = quantize_fp8_weight(torch.randn(out_features, in_features) * 0.02)
+    weight, weight_scale = weight.to(device), weight_scale.to(device)
+    bias = torch.randn(out_features, device=device)
+    for dtype in kernel_dtypes(device):
+        x_q, x_scale = quantize_fp8_activation(activation_rows(num_tokens, in_features, dtype, device))
+        exact = (x_q.double() @ weight.double().T) * x_scale.double() * weight_scale.double().T
+        for b in (None, bias.to(dtype)):
+            out = fp8_rows_matmul(x_q, x_scale, weight, weight_scale, dtype, b)
+            expected = exact if b is None else exact + b.double()
+            assert out.shape == (num_tokens, out_features) and out.dtype == dtype
+            assert relative_error(out.double(), expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
+def test_fp8_scaled_mm_streams_the_weight_of_few_rows(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    weight, weight_scale = quantize_fp8_weight(torch.randn(48, 64) * 0.02)
+    weight, weight_scale = weight.to(device), weight_scale.to(device)
+    x_q, x_scale = quantize_fp8_activation(activation_rows(17, 64, torch.bfloat16, device))
+    calls = []
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *args, **kwargs: calls.append(1) or scaled_mm(*args, **kwargs))
+    fp8_scaled_mm(x_q[:16], x_scale[:16], weight, weight_scale, torch.bfloat16)
+    assert not calls
+    fp8_scaled_mm(x_q, x_scale, weight, weight_scale, torch.bfloat16)
+    assert calls
+
+
+def test_fp8_rows_matmul_rejects_bad_inputs(device: torch.device) -> None:
+    weight, weight_scale = quantize_fp8_weight(torch.randn(48, 64))
+    x_q, x_scale = quantize_fp8_activation(torch.randn(2, 64))
+    with pytest.raises(ValueError, match="x_scale must be float32 \\[2, 1\\]"):
+        fp8_rows_matmul(x_q, x_scale[:1], weight, weight_scale, torch.bfloat16)
+    with pytest.raises(ValueError, match="2-D"):
+        fp8_rows_matmul(x_q.float(), x_scale, weight, weight_scale, torch.bfloat16)
+    with pytest.raises(ValueError, match="in_features=64"):
+        fp8_rows_matmul(x_q[:, :32], x_scale, weight, weight_scale, torch.bfloat16)
 
 
 def test_fp8_linear_rejects_bad_inputs(device: torch.device) -> None:

@@ -4,7 +4,9 @@ The Llama 3 recipe (``neuron_llm.quant.formats``): weights are float8_e4m3fn [ou
 float32 per-channel scales [out, 1]; each token's activations are quantized at run time with
 one float32 scale, ``clamp(min(absmax, ub) / 448, min=FP8_MIN_ACTIVATION_SCALE)``, values
 beyond the bound saturating at +-448. The matmul is ``torch._scaled_mm`` with row-wise scales
-(fp8 tensor cores, float32 accumulation, both scales applied in the epilogue).
+(fp8 tensor cores, float32 accumulation, both scales applied in the epilogue); products of
+at most ``STREAMED_MAX_ROWS`` rows (decode) go to the weight-streaming kernel of
+``int8_matmul`` instead, the same arithmetic at several times the speed there.
 
 The quantization kernels work one token (row) per program, in one pass over the row when it
 fits in registers (``MAX_SINGLE_PASS_FEATURES``; otherwise a pass for the absolute maximum and
@@ -38,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from neuron_llm.backends.cuda import launch
+from neuron_llm.backends.cuda import int8_matmul, launch
 from neuron_llm.backends.cuda.fused import _check_norm_inputs, _load_residual_sum, _rms_norm_row, silu_mul_rounded
 from neuron_llm.quant.formats import (
     DEFAULT_ACTIVATION_SCALE_UB,
@@ -80,6 +82,10 @@ def default_row_config(num_features: int, is_silu_mul: bool) -> RowQuantizeConfi
     return RowQuantizeConfig(_BLOCK_TWO_PASS, num_blocks, 8, stage=is_silu_mul, prefetch=is_silu_mul)
 
 
+STREAMED_MAX_ROWS = 16
+"""Most rows whose fp8 product streams the weight (``int8_matmul.fp8_rows_matmul``). On an
+H200, ``_scaled_mm`` took 16-41 us for Llama-3-8B's linears at 1-64 rows, at 25-37% of the
+copy bandwidth except gate/up (BENCHMARKS.md)."""
 _SCALED_MM_ALIGNMENT = 16
 """``torch._scaled_mm`` needs in_features and out_features divisible by 16 (M is free)."""
 
@@ -593,6 +599,8 @@ def fp8_scaled_mm(
     ``silu_mul_quantize_fp8``); ``weight`` [out, in] and ``weight_scale`` [out, 1] as in
     ``fp8_linear``. Returns [tokens, out] in ``out_dtype``.
     """
+    if x_fp8.is_cuda and x_fp8.shape[0] <= STREAMED_MAX_ROWS:
+        return int8_matmul.fp8_rows_matmul(x_fp8, x_scale, weight, weight_scale, out_dtype, bias)
     # Row-wise scaling takes A row-major and B column-major: weight.t() of the row-major
     # [out, in] weight is exactly that, with no copy. scale_b is [1, out].
     out = torch._scaled_mm(

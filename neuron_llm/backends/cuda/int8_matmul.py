@@ -26,7 +26,10 @@ first weight tile before it waits for the kernel before. With ``silu_mul_input``
 computes the down projection's input, silu(gate) * up, as it loads it; with
 ``silu_mul_output`` the GEMV of the merged gate/up projection stores it instead (each tile
 holds gate rows and the up rows of the same columns). ``gemv_16bit`` runs the same GEMV on
-bf16/fp16 weights (no scales), for the single rows of a batch-1 decode.
+bf16/fp16 weights (no scales), for the single rows of a batch-1 decode; ``fp8_rows_matmul``
+the GEMV and the 16-row tiles on fp8 weights and fp8 activations with per-row scales (the fp8
+format's few-row products, whose weights cuBLAS's fp8 GEMM reads at 25-70% of the copy
+bandwidth).
 
 Scales: per channel, the accumulator is scaled once at the end. Per group, a K tile that lies
 inside one group (``group_size % block_k == 0``) multiplies its weight tile by the group's
@@ -50,6 +53,7 @@ import triton.language as tl
 
 from neuron_llm.backends.cuda import launch
 from neuron_llm.backends.cuda.fused import silu_mul_rounded
+from neuron_llm.quant.formats import FP8_DTYPE
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONVERT_MODES = ("cvt", "add", "prmt")
@@ -210,7 +214,9 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _weight_to_float32(q, IS_INT8: tl.constexpr, CONVERT: tl.constexpr):
+def _weight_to_float32(q, IS_INT8: tl.constexpr, CONVERT: tl.constexpr, FP8: tl.constexpr):
+    if FP8:
+        return q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     if not IS_INT8 or CONVERT == "cvt":
         return q.to(tl.float32)
     # 0x4B000000 is 2**23, whose mantissa counts in ones: its bits with q + 128 in the low byte
@@ -248,17 +254,19 @@ def _load_weight_tile(weight_ptr, rows_n, stride_wn, offs_k, K, EVEN_K: tl.const
 
 
 @triton.jit
-def _load_x(x_ptrs, mask, up_offset, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr):
+def _load_x(x_ptrs, mask, up_offset, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr, FP8: tl.constexpr):
     """Activations at ``x_ptrs``; with SWIGLU, ``silu(gate) * up`` of the gate at ``x_ptrs`` and
-    the up ``up_offset`` elements on, rounded as ``fused.silu_mul`` rounds."""
+    the up ``up_offset`` elements on, rounded as ``fused.silu_mul`` rounds; with FP8, e4m3 bytes."""
     if EVEN_K:
         x = tl.load(x_ptrs)
         if SWIGLU:
             x = silu_mul_rounded(x, tl.load(x_ptrs + up_offset))
     else:
-        x = tl.load(x_ptrs, mask=mask, other=0.0)
+        x = tl.load(x_ptrs, mask=mask, other=0)
         if SWIGLU:
-            x = silu_mul_rounded(x, tl.load(x_ptrs + up_offset, mask=mask, other=0.0))
+            x = silu_mul_rounded(x, tl.load(x_ptrs + up_offset, mask=mask, other=0))
+    if FP8:
+        x = x.to(tl.float8e4nv, bitcast=True)
     return x
 
 
@@ -294,14 +302,15 @@ def _gemv_step(
     EVEN_K: tl.constexpr,
     CONVERT: tl.constexpr,
     SWIGLU: tl.constexpr,
+    FP8: tl.constexpr,
     THREAD_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """``acc_k`` [BLOCK_K // THREAD_K, BLOCK_N] plus the weight tile ``w`` at K offset ``k`` times x
     there (float32), each THREAD_K consecutive products summed first."""
     offs_k = k + tl.arange(0, BLOCK_K)
-    x = _load_x(x_ptr + offs_k, offs_k < K, up_offset, EVEN_K, SWIGLU).to(tl.float32)  # [BLOCK_K]
-    wf = _weight_to_float32(w, IS_INT8, CONVERT)
+    x = _load_x(x_ptr + offs_k, offs_k < K, up_offset, EVEN_K, SWIGLU, FP8).to(tl.float32)  # [BLOCK_K]
+    wf = _weight_to_float32(w, IS_INT8, CONVERT, FP8)
     # Where a thread's THREAD_K elements lie in one group, their sum takes the group's scale
     # once; otherwise each weight takes its scale before the product.
     SCALE_SUMS: tl.constexpr = GROUP_SIZE > 0 and THREAD_K > 1 and GROUP_SIZE % THREAD_K == 0
@@ -321,6 +330,7 @@ def _gemv_step(
 @triton.jit
 def _int8_matmul_kernel(
     x_ptr,
+    x_scale_ptr,
     weight_ptr,
     scale_ptr,
     bias_ptr,
@@ -340,6 +350,8 @@ def _int8_matmul_kernel(
     K_PER_SPLIT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     IS_INT8: tl.constexpr,
+    IS_SCALED: tl.constexpr,
+    FP8: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     SCALE_PER_TILE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -359,8 +371,10 @@ def _int8_matmul_kernel(
 ):
     """One [BLOCK_M, BLOCK_N] output tile over K split ``program_id(1)``.
 
-    IS_INT8: the weight is int8 with scales; otherwise 16-bit, unscaled, and GROUP_SIZE 0.
-    GROUP_SIZE is 0 for per-channel scales. EVEN_K: every split is whole and inside K (no
+    IS_INT8: the weight is int8. IS_SCALED: it has scales (int8 or fp8); otherwise it is 16-bit
+    and GROUP_SIZE 0. GROUP_SIZE is 0 for per-channel scales. FP8: x and the weight hold e4m3
+    bytes (uint8 tensors: a masked load's 0 cannot be cast to fp8), x with one scale a row at
+    ``x_scale_ptr``. EVEN_K: every split is whole and inside K (no
     masks). With SPLIT_K > 1, ``partial_ptr`` is float32 [SPLIT_K, M, N] scratch and
     ``counter_ptr`` int32 counters, one per tile, zero on entry and on exit. With SWIGLU, x
     rows hold gate then up (``up_offset`` apart) and the product's input is silu(gate) * up.
@@ -399,20 +413,20 @@ def _int8_matmul_kernel(
                 w_next = _load_weight_tile(weight_ptr, rows_n, stride_wn, next_k + tl.arange(0, BLOCK_K), K, EVEN_K)
                 acc_k = _gemv_step(
                     acc_k, w, x_row, scale_ptr, rows_n, stride_sn, k_start + step, K, up_offset,
-                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, THREAD_K, BLOCK_K,
+                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, FP8, THREAD_K, BLOCK_K,
                 )  # fmt: skip
                 w = w_next
         else:
             acc_k = _gemv_step(
                 acc_k, w, x_row, scale_ptr, rows_n, stride_sn, k_start, K, up_offset,
-                IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, THREAD_K, BLOCK_K,
+                IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, FP8, THREAD_K, BLOCK_K,
             )  # fmt: skip
             for step in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
                 k = k_start + step
                 w = _load_weight_tile(weight_ptr, rows_n, stride_wn, k + tl.arange(0, BLOCK_K), K, EVEN_K)
                 acc_k = _gemv_step(
                     acc_k, w, x_row, scale_ptr, rows_n, stride_sn, k, K, up_offset,
-                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, THREAD_K, BLOCK_K,
+                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, FP8, THREAD_K, BLOCK_K,
                 )  # fmt: skip
         acc = tl.sum(acc_k, axis=0)[None, :]  # [1, BLOCK_N]
         offs_m = pid_m + tl.arange(0, 1)
@@ -425,10 +439,13 @@ def _int8_matmul_kernel(
             k = k_start + step
             offs_k = k + tl.arange(0, BLOCK_K)
             w = _load_weight_tile(weight_ptr, rows_n, stride_wn, offs_k, K, EVEN_K)
-            x = _load_x(
-                x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :], offs_k[None, :] < K, up_offset, EVEN_K, SWIGLU
-            )  # [BLOCK_M, BLOCK_K]
-            if GROUP_SIZE == 0:
+            x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :]
+            x = _load_x(x_ptrs, offs_k[None, :] < K, up_offset, EVEN_K, SWIGLU, FP8)  # [BLOCK_M, BLOCK_K]
+            if FP8:
+                # e4m3 to fp16 is exact, and the 16-row dot streams the weight: no need of fp8 dots.
+                x = x.to(tl.float16)
+                w_dequantized = w.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+            elif GROUP_SIZE == 0:
                 w_dequantized = w.to(x.dtype)  # int8: exact, the scale comes after the loop
             else:
                 # Scaling B rather than the dot's result keeps the accumulator in the tensor
@@ -437,8 +454,10 @@ def _int8_matmul_kernel(
                 w_dequantized = (w.to(tl.float32) * scales).to(x.dtype)
             acc = tl.dot(x, w_dequantized, acc, input_precision=DOT_PRECISION)
 
-    if IS_INT8 and GROUP_SIZE == 0:
+    if IS_SCALED and GROUP_SIZE == 0:
         acc *= tl.load(scale_ptr + rows_n * stride_sn)[None, :]
+    if FP8:
+        acc *= tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if SPLIT_K == 1:
         _store_output(out_ptr, stride_om, offs_m, pid_n, M, N, acc, bias_ptr, rows_n, HAS_BIAS, SWIGLU_OUT)
     else:
@@ -567,6 +586,35 @@ def gemv_16bit(
     return _launch(x, weight, None, bias, None, config, silu_mul_input, silu_mul_output)
 
 
+def fp8_rows_matmul(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """fp8 W8A8 for a few rows, ``(x_fp8 * x_scale) @ (weight * weight_scale).T + bias``, by this
+    kernel: the weight streams as an int8 one does (the GEMV for one row, 16-row tiles up to 16).
+
+    ``x_fp8`` float8_e4m3fn [M, in] with float32 ``x_scale`` [M, 1]; ``weight`` float8_e4m3fn
+    [out, in] with float32 ``weight_scale`` [out, 1]. Products are summed in float32 and scaled
+    by both scales at the end. Returns [M, out] in ``out_dtype``.
+    """
+    if x_fp8.dim() != 2 or x_fp8.dtype != FP8_DTYPE or weight.dtype != FP8_DTYPE or weight.dim() != 2:
+        raise ValueError(
+            f"x_fp8 [M, in] and weight [out, in] must be 2-D {FP8_DTYPE}, got {x_fp8.dtype} "
+            f"{tuple(x_fp8.shape)} and {weight.dtype} {tuple(weight.shape)}"
+        )
+    for name, scale, rows in (("x_scale", x_scale, x_fp8.shape[0]), ("weight_scale", weight_scale, weight.shape[0])):
+        if scale.dtype != torch.float32 or tuple(scale.shape) != (rows, 1):
+            raise ValueError(f"{name} must be float32 [{rows}, 1], got {scale.dtype} {tuple(scale.shape)}")
+    _check_shapes_and_devices(x_fp8, weight, bias, x_scale, weight_scale)
+    x_scale = x_scale.reshape(-1).contiguous()  # one a row, at the row's index
+    x_bytes, weight_bytes = x_fp8.view(torch.uint8), weight.view(torch.uint8)  # see _int8_matmul_kernel's FP8
+    return _launch(x_bytes, weight_bytes, weight_scale, bias, None, None, False, False, x_scale, out_dtype)
+
+
 def _swiglu_input(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool) -> torch.Tensor:
     """``x`` itself, or with ``silu_mul_input`` the gate half of ``x`` [..., 2 * in] (gate, then up).
 
@@ -603,6 +651,8 @@ def _launch(
     config: Int8MatmulConfig | None,
     silu_mul_input: bool,
     silu_mul_output: bool,
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The product of the checked inputs. With ``silu_mul_output`` the weight's rows are gate
     then up ([2 * intermediate, in], as ``gate_up_proj`` merges them) and the result is
@@ -614,18 +664,19 @@ def _launch(
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    is_int8 = weight.dtype == torch.int8
+    is_int8, is_scaled = weight.dtype == torch.int8, weight_scale is not None
     weight_scale = weight_scale.contiguous() if weight_scale is not None else x2  # not read unscaled
     num_rows = x2.shape[0]
     if silu_mul_output and (silu_mul_input or out_features % 2):
         raise ValueError(f"silu_mul_output needs an even out_features (got {out_features}) and no silu_mul_input")
     out_width = out_features // 2 if silu_mul_output else out_features
-    out = torch.empty(num_rows, out_width, dtype=x.dtype, device=x.device)  # [M, N] or [M, N / 2]
+    out_dtype = out_dtype or x.dtype
+    out = torch.empty(num_rows, out_width, dtype=out_dtype, device=x.device)  # [M, N] or [M, N / 2]
     if num_rows == 0:
         return out.reshape(*x.shape[:-1], out_width)
     if config is None:
         config = default_config(
-            num_rows, out_features, in_features, group_size, _num_sms(x.device), x.dtype, weight.element_size()
+            num_rows, out_features, in_features, group_size, _num_sms(x.device), out_dtype, weight.element_size()
         )
     if silu_mul_output and config.block_m != 1:
         raise ValueError(f"silu_mul_output runs in the GEMV (block_m=1, one row by default), got {config}")
@@ -644,6 +695,7 @@ def _launch(
         partial, counters = out, out  # not read
     _int8_matmul_kernel[(num_tiles, split_k)](
         x2,
+        x_scale if x_scale is not None else x2,  # not read without
         weight,
         weight_scale,
         bias if bias is not None else weight_scale,
@@ -663,6 +715,8 @@ def _launch(
         K_PER_SPLIT=k_per_split,
         SPLIT_K=split_k,
         IS_INT8=is_int8,
+        IS_SCALED=is_scaled,
+        FP8=x_scale is not None,
         GROUP_SIZE=0 if group_size is None else group_size,
         SCALE_PER_TILE=group_size is not None and group_size % config.block_k == 0,
         HAS_BIAS=bias is not None,
@@ -672,7 +726,7 @@ def _launch(
         PREFETCH=config.prefetch,
         SWIGLU=silu_mul_input,
         SWIGLU_OUT=silu_mul_output,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if out_dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
