@@ -17,6 +17,11 @@ block tables in a random block order.
   enough disjoint copies of its inputs that they do not fit in L2. Beside it, the read floor:
   the least time a kernel that only reads as many bytes takes, timed the same way
   (``neuron_llm.bench.read_floor``), and the share of ours it is.
+- Verification (``--verify-queries Q``): each decode case again with Q queries a sequence
+  (Q - 1 drafted tokens and the last known one), padded to a prefill bucket as the engine
+  pads it, run by the prefill kernel; beside it the decode case of the same batch and
+  context (the same keys and values read). ``--sweep-splits`` also times each split count
+  (of these and of prefills after ``--prefill-context``), ``--sweep-verify`` each with smaller tiles.
 
 Every case is first checked against the torch reference backend (fp32, on sampled rows for
 prefill, in groups of sequences for decode). A Markdown table is printed last.
@@ -44,6 +49,7 @@ BLOCK_SIZE = 16
 L2_ROTATION_BYTES = 256 << 20
 """Decode inputs are copied until they span this many bytes: five times an H100's 50 MB L2."""
 MAX_ERROR = 2e-2
+SPLIT_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 READ_FLOOR_MAX_BYTES = 1 << 30
 """Decode cases with more keys and values than this get no read floor (a second copy of them
 would not fit beside the largest); at that size it is the copy bandwidth anyway."""
@@ -60,7 +66,14 @@ class Inputs:
 
 
 def make_inputs(
-    query_lens: list[int], seq_lens: list[int], dtype, device, num_copies: int = 1, seed: int = 0
+    query_lens: list[int],
+    seq_lens: list[int],
+    dtype,
+    device,
+    num_copies: int = 1,
+    seed: int = 0,
+    num_padded_tokens: int | None = None,
+    num_padded_seqs: int | None = None,
 ) -> list[Inputs]:
     """``num_copies`` batches over one cache pool, each batch on its own blocks in random order."""
     import torch
@@ -82,8 +95,11 @@ def make_inputs(
             count = -(-seq_len // BLOCK_SIZE)
             tables.append(block_ids[:count])
             block_ids = block_ids[count:]
-        metadata = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK_SIZE, device, max_blocks_per_seq=width)
-        query = torch.randn((sum(query_lens), NUM_HEADS, HEAD_DIM), generator=generator, dtype=dtype, device=device)
+        metadata = AttentionMetadata.build(
+            query_lens, seq_lens, tables, BLOCK_SIZE, device, num_padded_tokens, num_padded_seqs, width
+        )
+        num_tokens = num_padded_tokens or sum(query_lens)
+        query = torch.randn((num_tokens, NUM_HEADS, HEAD_DIM), generator=generator, dtype=dtype, device=device)
         copies.append(Inputs(query, key_cache, value_cache, metadata, tables, list(seq_lens)))
     return copies
 
@@ -118,14 +134,16 @@ def check_prefill(inputs: Inputs, out) -> float:
     return relative_error(torch.cat([out[:rows], out[-rows:]]), torch.cat([first, last]))
 
 
-def check_decode(inputs: Inputs, out, group: int = 4) -> float:
-    """Relative error of a decode batch, the reference run ``group`` sequences at a time."""
+def check_decode(inputs: Inputs, out, group: int = 4, query_len: int = 1) -> float:
+    """Relative error of a decode batch (``query_len`` queries a sequence), the reference run
+    ``group`` sequences at a time."""
     import torch
 
     from neuron_llm.backends.torch_backend import TorchBackend
     from neuron_llm.ops.metadata import AttentionMetadata
 
     expected = []
+    num_real = len(inputs.seq_lens) * query_len
     for start in range(0, len(inputs.seq_lens), group):
         seq_lens = inputs.seq_lens[start : start + group]
         # The group's blocks, copied in fp32 into a small pool of their own (after a null block).
@@ -136,10 +154,12 @@ def check_decode(inputs: Inputs, out, group: int = 4) -> float:
         for table in inputs.tables[start : start + group]:
             tables.append(list(range(next_id, next_id + len(table))))
             next_id += len(table)
-        metadata = AttentionMetadata.build([1] * len(seq_lens), seq_lens, tables, BLOCK_SIZE, out.device)
-        query = inputs.query[start : start + group].float()
+        metadata = AttentionMetadata.build([query_len] * len(seq_lens), seq_lens, tables, BLOCK_SIZE, out.device)
+        query = inputs.query[start * query_len : (start + len(seq_lens)) * query_len].float()
         expected.append(TorchBackend().paged_attention(query, key_cache, value_cache, metadata, HEAD_DIM**-0.5))
-    return relative_error(out, torch.cat(expected))
+    if out[num_real:].any():
+        return math.inf  # padding rows must be zeros
+    return relative_error(out[:num_real], torch.cat(expected))
 
 
 def time_ms(fn: Callable[[], object], device) -> float:
@@ -199,7 +219,21 @@ def copy_bandwidth_gbs(device, num_bytes: int) -> float:
     return 2 * num_bytes / ms / 1e6
 
 
-def bench_prefill(seq_len: int, context: int, dtype, device, sweep: bool) -> dict:
+def prefill_splits(num_tokens: int, context: int, device) -> int:
+    """The split count ``prefill_attention`` picks for a step of ``num_tokens`` over block tables ``context`` wide."""
+    import torch
+
+    from neuron_llm.backends.cuda import attention
+
+    block_m = attention.default_prefill_config(num_tokens, HEAD_DIM, torch.bfloat16).block_m
+    heads = attention._heads_per_program(NUM_HEADS // NUM_KV_HEADS, block_m)
+    num_sms = attention._num_sms(device)
+    return attention.prefill_num_splits(
+        num_tokens, NUM_HEADS, HEAD_DIM, block_m // heads, NUM_HEADS // heads, context, num_sms
+    )
+
+
+def bench_prefill(seq_len: int, context: int, dtype, device, sweep: bool, sweep_splits: bool) -> dict:
     """``seq_len`` queries after ``context`` cached keys (a later chunk of a long prompt, a
     prefix-cache hit); SDPA's anchors only for no context, the prompt case they take."""
     import torch
@@ -210,17 +244,30 @@ def bench_prefill(seq_len: int, context: int, dtype, device, sweep: bool) -> dic
     out = torch.empty_like(inputs.query)
     scale = HEAD_DIM**-0.5
 
-    def run(config: Any = None) -> Any:
+    def run(config: Any = None, num_splits: int | None = None) -> Any:
         return attention.prefill_attention(
-            inputs.query, inputs.key_cache, inputs.value_cache, inputs.metadata, scale, out, config
+            inputs.query, inputs.key_cache, inputs.value_cache, inputs.metadata, scale, out, config, num_splits
         )
 
     run()
     error = check_prefill(inputs, out)
     flops = 2 * 2 * (seq_len * context + seq_len**2 / 2) * NUM_HEADS * HEAD_DIM
-    result = {"seq_len": seq_len, "context": context, "error": error, "ours_ms": time_ms(run, device)}
+    result = {
+        "seq_len": seq_len,
+        "context": context,
+        "num_splits": prefill_splits(seq_len, context + seq_len, device),
+        "error": error,
+        "ours_ms": time_ms(run, device),
+    }
     if sweep:
         result["sweep"] = sweep_configs(run, device, prefill_configs())
+    if sweep_splits and context:
+        splits = {
+            f"splits={n}": time_ms(lambda n=n: run(None, n), device)
+            for n in SPLIT_COUNTS
+            if n == 1 or n * 64 <= context
+        }
+        result["split_sweep"] = {"best": min(splits, key=splits.get), "all_ms": splits}
     if context == 0:
         for name, ms in sdpa_times(inputs, device).items():
             result[f"{name}_ms"] = ms
@@ -262,6 +309,16 @@ def sdpa_times(inputs: Inputs, device) -> dict[str, float | None]:
     return times
 
 
+def over_copies(copies: list[Inputs], outs: list, kernel: Callable, scale: float, *args) -> list[Callable[[], object]]:
+    """A call of ``kernel(query, key_cache, value_cache, metadata, scale, out, *args)`` for each copy of the inputs."""
+    return [
+        lambda inputs=inputs, out=out: kernel(
+            inputs.query, inputs.key_cache, inputs.value_cache, inputs.metadata, scale, out, *args
+        )
+        for inputs, out in zip(copies, outs)
+    ]
+
+
 def bench_decode(batch: int, context: int, dtype, device, sweep: bool) -> dict:
     import torch
 
@@ -277,12 +334,7 @@ def bench_decode(batch: int, context: int, dtype, device, sweep: bool) -> dict:
     default_splits = attention.decode_num_splits(batch, NUM_KV_HEADS, context // BLOCK_SIZE, BLOCK_SIZE, num_sms)
 
     def runs(config=None, num_splits=None) -> list[Callable[[], object]]:
-        return [
-            lambda inputs=inputs, out=out: attention.decode_attention(
-                inputs.query, inputs.key_cache, inputs.value_cache, inputs.metadata, scale, out, num_splits, config
-            )
-            for inputs, out in zip(copies, outs)
-        ]
+        return over_copies(copies, outs, attention.decode_attention, scale, num_splits, config)
 
     runs()[0]()
     error = check_decode(copies[0], outs[0])
@@ -315,6 +367,58 @@ def bench_decode(batch: int, context: int, dtype, device, sweep: bool) -> dict:
     return result
 
 
+def bench_verify(batch: int, query_len: int, context: int, dtype, device, sweep: bool, sweep_splits: bool) -> dict:
+    """``query_len`` queries of each of ``batch`` sequences after ``context - query_len`` cached
+    keys, padded to the prefill bucket the engine would run (tokens to a power of two of at
+    least 16, sequences to the tokens up to 64), beside the decode case of that batch and context."""
+    import torch
+
+    from neuron_llm.backends.cuda import attention
+
+    num_tokens = max(16, 1 << (batch * query_len - 1).bit_length())
+    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * dtype.itemsize
+    num_copies = 1 if device.type == "cpu" else min(64, max(1, math.ceil(L2_ROTATION_BYTES / kv_bytes)))
+    padding = {"num_padded_tokens": num_tokens, "num_padded_seqs": min(64, num_tokens)}
+    copies = make_inputs([query_len] * batch, [context] * batch, dtype, device, num_copies, **padding)
+    outs = [torch.empty_like(inputs.query) for inputs in copies]
+    scale = HEAD_DIM**-0.5
+    default_splits = prefill_splits(num_tokens, context, device)
+
+    def runs(num_splits=None, config=None) -> list[Callable[[], object]]:
+        return over_copies(copies, outs, attention.prefill_attention, scale, config, num_splits)
+
+    runs()[0]()
+    error = check_decode(copies[0], outs[0], query_len=query_len)
+    ms = time_graph_ms(runs(), device)
+    decode = make_inputs([1] * batch, [context] * batch, dtype, device, num_copies)
+    decode_outs = [torch.empty_like(inputs.query) for inputs in decode]
+    decode_ms = time_graph_ms(over_copies(decode, decode_outs, attention.decode_attention, scale), device)
+    result = {
+        "batch": batch,
+        "query_len": query_len,
+        "context": context,
+        "num_tokens": num_tokens,
+        "num_splits": default_splits,
+        "error": error,
+        "ours_ms": ms,
+        "decode_ms": decode_ms,
+        "bandwidth_gbs": kv_bytes / ms / 1e6,
+    }
+    if sweep or sweep_splits:
+        candidates = {}
+        for config in verify_configs() if sweep else [None]:
+            for splits in SPLIT_COUNTS:
+                if splits == 1 or splits * 64 <= context:
+                    key = f"{config} splits={splits}" if sweep else f"splits={splits}"
+                    try:
+                        candidates[key] = time_graph_ms(runs(splits, config), device, min_ms=50.0)
+                    except Exception as error:  # noqa: BLE001 -- a config that does not compile is skipped
+                        print(f"skipped {key}: {type(error).__name__}", file=sys.stderr)
+        best = min(candidates, key=candidates.get)
+        result["sweep"] = {"best": best, "best_ms": candidates[best], "all_ms": candidates}
+    return result
+
+
 def decode_read_floor_ms(kv_bytes: int, num_copies: int, num_sms: int, device) -> float | None:
     """The least time of a kernel that only reads ``kv_bytes``, timed as the decode cases are
     (copies in one CUDA graph); None past ``READ_FLOOR_MAX_BYTES``."""
@@ -338,6 +442,15 @@ def prefill_configs() -> list:
         for block_m, block_n, num_warps, num_stages in shapes
         for maxnreg in ((None, 128) if num_warps == 8 else (None,))
     ]
+
+
+def verify_configs() -> list:
+    """Smaller tiles than a prompt's, for steps of a few queries a sequence."""
+    from neuron_llm.backends.cuda.attention import PrefillConfig
+
+    shapes = [(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3)]
+    shapes += [(64, 64, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3)]
+    return [PrefillConfig(*shape) for shape in shapes] + [PrefillConfig(128, 64, 8, 3, 128)]
 
 
 def decode_configs() -> list:
@@ -367,13 +480,17 @@ def markdown(results: dict) -> str:
     lines = [
         f"Device: {results['device']}; copy bandwidth {results['copy_bandwidth_gbs']:.0f} GB/s (read + write)",
         "",
-        "| prefill tokens | cached | ours ms | ours TFLOP/s | cuDNN TFLOP/s | flash TFLOP/s | rel. error |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| prefill tokens | cached | splits | ours ms | ours TFLOP/s | cuDNN TFLOP/s | flash TFLOP/s "
+        "| best split count (ms) | rel. error |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in results["prefill"]:
+        sweep = row.get("split_sweep")
+        best = "" if sweep is None else f"{sweep['best']} ({sweep['all_ms'][sweep['best']]:.3f})"
         lines.append(
-            f"| {row['seq_len']} | {row['context']} | {number(row['ours_ms'], 2)} | {number(row['ours_tflops'])} "
-            f"| {number(row.get('cudnn_tflops'))} | {number(row.get('flash_tflops'))} | {row['error']:.1e} |"
+            f"| {row['seq_len']} | {row['context']} | {row['num_splits']} | {number(row['ours_ms'], 3)} "
+            f"| {number(row['ours_tflops'])} | {number(row.get('cudnn_tflops'))} | {number(row.get('flash_tflops'))} "
+            f"| {best} | {row['error']:.1e} |"
         )
     lines += [
         "",
@@ -388,6 +505,21 @@ def markdown(results: dict) -> str:
             f"| {row['batch']} | {row['context']} | {row['num_splits']} | {row['ours_ms'] * 1e3:.1f} "
             f"| {row['bandwidth_gbs']:.0f} | {share:.0f}% | {floor} | {row['error']:.1e} |"
         )
+    if results.get("verify"):
+        lines += [
+            "",
+            "| verify batch | queries | context | bucket tokens | splits | ours us | decode us | ours / decode "
+            "| best split count (us) | rel. error |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        ]
+        for row in results["verify"]:
+            best = row.get("sweep")
+            best = "" if best is None else f"{best['best']} ({best['best_ms'] * 1e3:.1f})"
+            ours_us, decode_us = row["ours_ms"] * 1e3, row["decode_ms"] * 1e3
+            lines.append(
+                f"| {row['batch']} | {row['query_len']} | {row['context']} | {row['num_tokens']} | {row['num_splits']} "
+                f"| {ours_us:.1f} | {decode_us:.1f} | {ours_us / decode_us:.2f} | {best} | {row['error']:.1e} |"
+            )
     return "\n".join(lines)
 
 
@@ -409,16 +541,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, in Triton's interpreter")
-    parser.add_argument("--sweep", action="store_true", help="also time every launch config and split count")
+    parser.add_argument("--sweep", action="store_true", help="also time every launch config (and decode split count)")
+    parser.add_argument("--sweep-splits", action="store_true", help="also time each split count of the prefill kernel")
+    parser.add_argument("--sweep-verify", action="store_true", help="verification: each split count with smaller tiles")
     parser.add_argument("--prefill-lens", type=int, nargs="*", default=[4096, 16384])
     parser.add_argument("--prefill-context", type=int, default=0, help="cached tokens before each prefill")
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 64])
     parser.add_argument("--contexts", type=int, nargs="*", default=[1024, 8192, 32768])
+    parser.add_argument(
+        "--verify-queries", type=int, nargs="*", default=[], help="also each decode case with this many queries"
+    )
     args = parser.parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         _patch_interpreter_scalar_index()
         args.prefill_lens, args.batches, args.contexts = [40], [1, 3], [48]
+        args.verify_queries = args.verify_queries and [5]
 
     import torch
     import triton
@@ -441,9 +579,12 @@ def main() -> None:
         "copy_bandwidth_gbs": copy_bandwidth_gbs(device, (1 << 30) if device.type == "cuda" else (1 << 20)),
         "prefill": [],
         "decode": [],
+        "verify": [],
     }
     for seq_len in args.prefill_lens:
-        results["prefill"].append(bench_prefill(seq_len, args.prefill_context, dtype, device, args.sweep))
+        results["prefill"].append(
+            bench_prefill(seq_len, args.prefill_context, dtype, device, args.sweep, args.sweep_splits)
+        )
         print(json.dumps(results["prefill"][-1]), file=sys.stderr)
     free_bytes = torch.cuda.mem_get_info()[0] if device.type == "cuda" else 1 << 30
     for batch, context in itertools.product(args.batches, args.contexts):
@@ -455,6 +596,11 @@ def main() -> None:
             continue
         results["decode"].append(bench_decode(batch, context, dtype, device, args.sweep))
         print(json.dumps(results["decode"][-1]), file=sys.stderr)
+        for query_len in args.verify_queries:
+            results["verify"].append(
+                bench_verify(batch, query_len, context, dtype, device, args.sweep_verify, args.sweep_splits)
+            )
+            print(json.dumps(results["verify"][-1]), file=sys.stderr)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -462,7 +608,7 @@ def main() -> None:
         with open(args.json, "w") as file:
             json.dump(results, file, indent=2)
     print(markdown(results))
-    failed = [row for row in results["prefill"] + results["decode"] if not row["error"] < MAX_ERROR]
+    failed = [row for row in results["prefill"] + results["decode"] + results["verify"] if not row["error"] < MAX_ERROR]
     if failed:
         sys.exit(f"{len(failed)} case(s) differ from the reference by more than {MAX_ERROR}")
 

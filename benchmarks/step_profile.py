@@ -12,14 +12,18 @@ prefill of an N-token prompt. Reported per step: the GPU span (first kernel's st
 last one's end), the sum of kernel times, the idle time between kernels (span minus busy),
 the kernel count, and the kernels grouped by name with their count and time. Beside them,
 from the same run, the step's floor: for decode the weight bytes over the copy bandwidth, for
-prefill the linears' FLOPs at the card's bf16 matmul rate; and the host's wall time per step. A Markdown table of it all prints last.
+prefill the linears' FLOPs at the card's bf16 matmul rate; and the host's wall time per step.
+A Markdown table of it all prints last.
 
 A format is a weight format (``bf16`` or a quantization preset) with optional suffixes that
 change one choice of the cuda backend, for an A/B in one run: ``-cublas`` puts every 16-bit
 linear on cuBLAS (before the streaming GEMV took single rows), ``-norm-apart`` runs each
 RMSNorm apart from the linear after it (before fp8 linears quantized in the norm's pass).
 ``-swiglu-in-down`` makes a single 16-bit row's SwiGLU in the down projection's loads
-(before the gate/up GEMV stored it; int8 rows always do). Three more suffixes leave a
+(before the gate/up GEMV stored it; int8 rows always do). ``-prompt-tiles`` runs every
+prefill-kernel step with a prompt's tiles and no context split (before steps of few tokens
+took smaller tiles and split the context); ``-scaled-mm`` every fp8 product on
+``torch._scaled_mm`` (before few rows streamed the weight). Three more suffixes leave a
 decode step's small kernels out, to show what each costs in the step and so what fusing it
 away could save at most:
 ``-skip-norms`` (every RMSNorm, its residual add too), ``-skip-rope`` (RoPE and the KV cache
@@ -41,6 +45,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from neuron_llm.backends.cuda import attention, fp8
 from neuron_llm.backends.cuda.backend import CudaBackend
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.bench import anchors, engine
@@ -109,8 +114,19 @@ VARIANTS = {
     "-skip-norms": lambda: mock.patch.object(CudaBackend, "rms_norm", _skip_norm),
     "-skip-rope": lambda: mock.patch.object(CudaBackend, "rotary_write_kv", _skip_to_query),
     "-skip-attention": lambda: mock.patch.object(CudaBackend, "paged_attention", _skip_to_query),
+    "-prompt-tiles": lambda: _prompt_tiles(),
+    "-scaled-mm": lambda: mock.patch.object(fp8, "STREAMED_MAX_ROWS", 0),
 }
 """Format suffixes, each changing one choice of the cuda backend while its case runs."""
+
+
+@contextlib.contextmanager
+def _prompt_tiles() -> Any:
+    with (
+        mock.patch.object(attention, "FEW_QUERY_MAX_TOKENS", 0),
+        mock.patch.object(attention, "prefill_num_splits", lambda *args: 1) as no_splits,
+    ):
+        yield no_splits
 
 
 def _skip_norm(self: Any, x: torch.Tensor, weight: Any, eps: Any, residual: Any) -> Any:

@@ -120,8 +120,8 @@ def compile_every_kernel() -> list[str]:
                 slots,
             )
 
-        # Attention: a prefill of two prompts (one with cached context), and decode steps
-        # over 8k contexts, with and without splitting the context.
+        # Attention: a prefill of two prompts (one with cached context), and steps of few
+        # queries over 8k contexts, with and without splitting the context.
         blocks_per_seq = 8192 // block
         tables = [list(range(1 + s * blocks_per_seq, 1 + (s + 1) * blocks_per_seq)) for s in range(2)]
         cache = torch.zeros(1 + 2 * blocks_per_seq, block, kv_heads, head_dim, dtype=bf16)
@@ -129,6 +129,9 @@ def compile_every_kernel() -> list[str]:
         for seq_lens in ([300, 700], [8192, 8192]):
             prefill = AttentionMetadata.build([300, 200], seq_lens, tables, block, "cpu")
             attention.prefill_attention(torch.randn(500, heads, head_dim, dtype=bf16), cache, cache, prefill, 0.088)
+        # Drafted tokens verified over an 8k context: the context split.
+        verify = AttentionMetadata.build([5, 5], [8192, 5000], tables, block, "cpu", num_padded_tokens=16)
+        attention.prefill_attention(torch.randn(16, heads, head_dim, dtype=bf16), cache, cache, verify, 0.088)
         decode = AttentionMetadata.build([1, 1], [8192, 5000], tables, block, "cpu")
         for num_splits in (1, 8):
             query = torch.randn(2, heads, head_dim, dtype=bf16)

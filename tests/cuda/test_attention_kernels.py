@@ -22,6 +22,7 @@ from neuron_llm.backends.cuda.attention import (
     decode_attention,
     decode_num_splits,
     prefill_attention,
+    prefill_num_splits,
 )
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.ops.metadata import AttentionMetadata
@@ -103,10 +104,13 @@ def assert_close(actual: torch.Tensor, case: Case) -> None:
     assert error < TOLERANCE[case.query.dtype], f"relative error {error:.2e}"
 
 
-def run_prefill(case: Case, config: PrefillConfig | None = None) -> torch.Tensor:
+def run_prefill(case: Case, config: PrefillConfig | None = None, num_splits: int | None = None) -> torch.Tensor:
     out = torch.full_like(case.query, float("nan"))
-    result = prefill_attention(case.query, case.key_cache, case.value_cache, case.metadata, case.scale, out, config)
+    result = prefill_attention(
+        case.query, case.key_cache, case.value_cache, case.metadata, case.scale, out, config, num_splits
+    )
     assert result.data_ptr() == out.data_ptr()
+    assert not any(counters.any() for counters in launch._SPLIT_COUNTERS.get(case.query.device, []))
     return result
 
 
@@ -209,6 +213,57 @@ def test_prefill_all_padding(device: torch.device) -> None:
     assert (out == 0).all()
 
 
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "num_splits"), [(6, 2, 3), (8, 2, 16), (4, 1, 16)])
+def test_prefill_splits_the_context_of_few_queries(
+    device: torch.device, num_heads: int, num_kv_heads: int, num_splits: int
+) -> None:
+    # Drafted tokens verified after a context ending mid-tile, one decode row, a chunk whose
+    # tiles see different numbers of keys (some fewer than a split), a short whole prompt; then
+    # padding tokens and sequences. 32-row tiles: a tile's rows are combined in two chunks.
+    case = make_case(
+        query_lens=[5, 1, 40, 3],
+        seq_lens=[260, 131, 200, 3],
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=64,
+        block_size=16,
+        dtype=torch.float32,
+        device=device,
+        num_padded_tokens=64,
+        num_padded_seqs=6,
+        max_blocks_per_seq=17,
+    )
+    config = PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
+    first = run_prefill(case, config, num_splits)
+    assert_close(first, case)
+    # Partials are combined in split order: the same bits every time, and within the
+    # accumulation's rounding of the unsplit kernel.
+    assert torch.equal(run_prefill(case, config, num_splits), first)
+    unsplit = run_prefill(case, config, 1)
+    assert (first - unsplit).abs().max().item() < 1e-5
+
+
+def test_prefill_num_splits() -> None:
+    # An H100 (132 SMs), 32 query heads of 128 over 8 KV heads in 8 head groups.
+    shapes = {"num_heads": 32, "head_dim": 128, "num_head_groups": 8, "num_sms": 132}
+    # Few tokens: verification steps of a sequence every 8 tokens, about two programs a
+    # multiprocessor; no split shorter than 256 keys of a full-width block table.
+    few = [prefill_num_splits(tokens, block_q=16, max_context=32768, **shapes) for tokens in (16, 32, 128)]
+    assert few == [16, 8, 2]
+    assert prefill_num_splits(16, block_q=16, max_context=2048, **shapes) == 8
+    assert prefill_num_splits(16, block_q=16, max_context=256, **shapes) == 1
+    # More tokens: one sequence's tiles of 32 tokens; none for a long prompt.
+    many = [prefill_num_splits(tokens, block_q=32, max_context=32768, **shapes) for tokens in (256, 512, 2048)]
+    assert many == [4, 2, 1]
+    # Partial outputs are bounded: 64 MiB of them at most.
+    assert prefill_num_splits(16, 1024, 128, 16, 1, 1 << 20, num_sms=10_000) == 8  # 8 MiB a split
+
+
+def test_few_query_steps_take_smaller_tiles() -> None:
+    assert attention.default_prefill_config(128, 128, torch.bfloat16).block_m == 64
+    assert attention.default_prefill_config(129, 128, torch.bfloat16).block_m == 128
+
+
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_LAYOUTS)
 @pytest.mark.parametrize("num_splits", [1, 3, None])
 def test_decode(device: torch.device, num_heads: int, num_kv_heads: int, num_splits: int | None) -> None:
@@ -290,6 +345,27 @@ def test_prefill_llama3_shapes_on_gpu(device: torch.device, dtype: torch.dtype) 
         num_padded_seqs=8,
         max_blocks_per_seq=128,
     )
+    assert_close(run_prefill(case), case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_few_queries_over_long_contexts_on_gpu(device: torch.device, dtype: torch.dtype) -> None:
+    # Verification steps in a 64-token bucket: the default split count for 8k-wide tables.
+    case = make_case(
+        query_lens=[5, 5, 3, 16, 1],
+        seq_lens=[8000, 4101, 12, 7999, 2048],
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        block_size=16,
+        dtype=dtype,
+        device=device,
+        num_padded_tokens=64,
+        num_padded_seqs=16,
+        max_blocks_per_seq=512,
+    )
+    assert attention.prefill_num_splits(64, 32, 128, 32, 8, 512 * 16, attention._num_sms(device)) > 1
     assert_close(run_prefill(case), case)
 
 

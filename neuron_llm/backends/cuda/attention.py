@@ -18,6 +18,10 @@ key tile may span several pages, each row gathered from its own page):
   batch fit in L2, the query heads of one tile launch together, so the longest tiles of
   every head start in the first wave; otherwise all tiles of one head launch together, so the
   programs running at once read the same head's keys and values from L2.
+  A step of few tokens over a long context (verifying drafted tokens, a short chunk) makes
+  few tiles, each of which would read the whole context alone: there each tile's context is
+  split along the keys as in decode (``prefill_num_splits``, from shapes only), and the last
+  split to finish combines the partial outputs.
 - ``decode_attention``: flash-decoding (https://pytorch.org/blog/flash-decoding/) for steps
   with one query per sequence. Programs (sequence, KV head, split) each attend over one run
   of whole key tiles of their sequence's context, at most ``num_splits`` runs; the last run
@@ -54,8 +58,13 @@ MIN_TOKENS_PER_TILE = 16
 MIN_SPLIT_LEN = 256
 """Decode: no split of a full-width context gets fewer keys than this."""
 MAX_SPLITS = 64
-COMBINE_ROWS = 32
+MAX_PARTIAL_BYTES = 64 << 20
+"""Prefill: the most bytes of partial outputs its splits may write."""
+COMBINE_PAIRS = 32
 """Decode: (split, query head) partials the combining program reads at once."""
+PREFILL_COMBINE_ROWS = 16
+PREFILL_COMBINE_PAIRS = 64
+"""Prefill: the combining program's output rows at a time, and (split, row) partials read at once."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,16 @@ PREFILL_CONFIGS: dict[int, PrefillConfig] = {
     128: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, maxnreg=128),
     256: PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2),
 }
+FEW_QUERY_MAX_TOKENS = 128
+"""Prefill steps of at most this many tokens (drafted tokens verified, decode rows of a mixed
+step, short chunks) use ``FEW_QUERY_CONFIGS``, and their split count assumes a sequence every
+``FEW_QUERY_TOKENS_PER_SEQ`` tokens."""
+FEW_QUERY_TOKENS_PER_SEQ = 8
+FEW_QUERY_CONFIGS: dict[int, PrefillConfig] = {
+    128: PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+}
+"""Smaller tiles for few queries a sequence: 5 queries of 4 heads fill 20 rows of a tile. On an
+H200 (BENCHMARKS.md), 0.77-0.81x the time of the prompt tiles for 5 queries over 2k-8k keys."""
 DECODE_CONFIGS: dict[int, DecodeConfig] = {
     16: DecodeConfig(block_n=128, num_warps=4, num_stages=3),
     32: DecodeConfig(block_n=128, num_warps=4, num_stages=3),
@@ -194,6 +213,9 @@ def _prefill_kernel(
     key_cache_ptr,
     value_cache_ptr,
     out_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    counter_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
@@ -201,6 +223,7 @@ def _prefill_kernel(
     num_seqs,
     num_tokens,
     num_tiles,
+    num_heads,
     stride_query_token,
     stride_query_head,
     stride_out_token,
@@ -217,6 +240,9 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    COMBINE_ROWS: tl.constexpr,
+    COMBINE_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HEADS_FIRST: tl.constexpr,
 ):
@@ -227,6 +253,7 @@ def _prefill_kernel(
     else:
         tile_id = num_tiles - 1 - tl.program_id(0)
         head_group = tl.program_id(1)
+    split = tl.program_id(2)
     seq = _find_sequence(query_start_loc_ptr, num_seqs, tile_id, BLOCK_Q)
     query_start = tl.load(query_start_loc_ptr + seq)
     is_padding = seq == num_seqs
@@ -246,7 +273,8 @@ def _prefill_kernel(
     io_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     out_ptrs = out_ptr + token[:, None] * stride_out_token + head[:, None] * stride_out_head + offs_d[None, :]
     if is_padding:
-        tl.store(out_ptrs, tl.zeros([BLOCK_M, BLOCK_D], out_ptr.dtype.element_ty), mask=io_mask)
+        if split == 0:
+            tl.store(out_ptrs, tl.zeros([BLOCK_M, BLOCK_D], out_ptr.dtype.element_ty), mask=io_mask)
         return
 
     query_ptrs = query_ptr + token[:, None] * stride_query_token + head[:, None] * stride_query_head + offs_d[None, :]
@@ -259,13 +287,27 @@ def _prefill_kernel(
     kv_end = tl.minimum(first_pos + BLOCK_Q, seq_len)
     # Keys before the tile's first query are seen by every row: no mask for those tiles.
     unmasked_end = (first_pos // BLOCK_N) * BLOCK_N
+    if NUM_SPLITS == 1:
+        start = 0
+        end = unmasked_end
+        takes_tail = True
+    else:
+        # Splits cut those keys into runs of whole key tiles; the last run also takes the masked
+        # tail, so that every run has keys for every row (a row with none would divide 0 by 0).
+        split_len = tl.maximum(tl.cdiv(tl.cdiv(unmasked_end, NUM_SPLITS), BLOCK_N), 1) * BLOCK_N
+        num_active = tl.maximum(tl.cdiv(unmasked_end, split_len), 1)
+        if split >= num_active:
+            return
+        start = split * split_len
+        end = tl.minimum(start + split_len, unmasked_end)
+        takes_tail = split == num_active - 1
     table_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(0, unmasked_end, BLOCK_N):
+    for start_n in range(start, end, BLOCK_N):
         positions = start_n + offs_n
         key, value = _load_kv_tile(
             key_cache_ptr, value_cache_ptr, table_row_ptr, positions, kv_head, offs_d, None,
@@ -273,19 +315,41 @@ def _prefill_kernel(
             HEAD_DIM, BLOCK_D, BLOCK_SIZE, False,
         )  # fmt: skip
         acc, m_i, l_i = _attend_tile(query, key, value, acc, m_i, l_i, None, scale_log2, False, DOT_PRECISION)
-    for start_n in range(unmasked_end, kv_end, BLOCK_N):
-        positions = start_n + offs_n
-        key, value = _load_kv_tile(
-            key_cache_ptr, value_cache_ptr, table_row_ptr, positions, kv_head, offs_d, positions < kv_end,
-            stride_cache_block, stride_cache_offset, stride_cache_head,
-            HEAD_DIM, BLOCK_D, BLOCK_SIZE, True,
-        )  # fmt: skip
-        causal = positions[None, :] <= query_pos[:, None]
-        acc, m_i, l_i = _attend_tile(query, key, value, acc, m_i, l_i, causal, scale_log2, True, DOT_PRECISION)
+    if takes_tail:
+        for start_n in range(unmasked_end, kv_end, BLOCK_N):
+            positions = start_n + offs_n
+            key, value = _load_kv_tile(
+                key_cache_ptr, value_cache_ptr, table_row_ptr, positions, kv_head, offs_d, positions < kv_end,
+                stride_cache_block, stride_cache_offset, stride_cache_head,
+                HEAD_DIM, BLOCK_D, BLOCK_SIZE, True,
+            )  # fmt: skip
+            causal = positions[None, :] <= query_pos[:, None]
+            acc, m_i, l_i = _attend_tile(query, key, value, acc, m_i, l_i, causal, scale_log2, True, DOT_PRECISION)
 
-    # Every row sees key 0, so l_i > 0.
+    # Every row sees a key of every run, so l_i > 0.
     out = acc / l_i[:, None]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    if NUM_SPLITS == 1:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    elif num_active == 1:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        # partial_out: [num_tokens, NUM_SPLITS, num_heads, HEAD_DIM]; partial_lse: [num_tokens, NUM_SPLITS, num_heads]
+        partial_row = (token * NUM_SPLITS + split) * num_heads + head
+        tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
+        tl.store(partial_lse_ptr + partial_row, m_i + tl.log2(l_i), mask=row_mask)
+        # The last split of this tile and head group to finish combines them all (launch.py).
+        tl.debug_barrier()
+        counter = counter_ptr + tile_id * (num_heads // HEADS_PER_PROGRAM) + head_group
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_active - 1:
+            num_rows = tl.minimum(query_len - tile_start, BLOCK_Q) * HEADS_PER_PROGRAM
+            for first_row in range(0, num_rows, COMBINE_ROWS):
+                _combine_splits(
+                    partial_out_ptr, partial_lse_ptr, out_ptr,
+                    query_start + tile_start, head_group * HEADS_PER_PROGRAM, first_row, num_rows, num_active,
+                    num_heads, stride_out_token, stride_out_head,
+                    HEADS_PER_PROGRAM, COMBINE_ROWS, COMBINE_SPLITS, HEAD_DIM, BLOCK_D, NUM_SPLITS,
+                )  # fmt: skip
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -381,7 +445,8 @@ def _decode_kernel(
         counter = counter_ptr + seq * num_kv_heads + kv_head
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_active - 1:
             _combine_splits(
-                partial_out_ptr, partial_lse_ptr, out_ptr, seq, kv_head, num_active, num_heads,
+                partial_out_ptr, partial_lse_ptr, out_ptr,
+                seq, kv_head * QUERY_HEADS_PER_KV, 0, QUERY_HEADS_PER_KV, num_active, num_heads,
                 stride_out_token, stride_out_head,
                 QUERY_HEADS_PER_KV, COMBINE_HEADS, COMBINE_SPLITS, HEAD_DIM, BLOCK_D, NUM_SPLITS,
             )  # fmt: skip
@@ -393,59 +458,66 @@ def _combine_splits(
     partial_out_ptr,
     partial_lse_ptr,
     out_ptr,
-    seq,
-    kv_head,
+    first_token,
+    first_head,
+    first_row,
+    num_rows,
     num_active,
     num_heads,
     stride_out_token,
     stride_out_head,
-    QUERY_HEADS_PER_KV: tl.constexpr,
-    COMBINE_HEADS: tl.constexpr,
+    HEADS_PER_TOKEN: tl.constexpr,
+    ROWS: tl.constexpr,
     COMBINE_SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
 ):
-    """Write the output of one (sequence, KV head) from its ``num_active`` split partials.
+    """Write ``ROWS`` output rows from their ``num_active`` split partials.
 
-    Partials are read COMBINE_SPLITS splits at a time, all the KV head's query heads at
-    once: one trip to L2 per chunk, not one per split. Weights 2^(lse - max lse).
+    Output rows are (token, head) pairs, heads fastest: row ``r`` (from ``first_row``, below
+    ``num_rows``) is head ``first_head + r % HEADS_PER_TOKEN`` of token ``first_token + r //
+    HEADS_PER_TOKEN``. Partials are read COMBINE_SPLITS splits at a time, all the rows at once:
+    one trip to L2 per chunk, not one per split. Weights 2^(lse - max lse), summed in split
+    order, so the result is the same every time.
     """
-    rows = tl.arange(0, COMBINE_SPLITS * COMBINE_HEADS)  # (split, head) pairs, head fastest
-    split_of_row = rows // COMBINE_HEADS
-    head_of_row = rows % COMBINE_HEADS
-    is_head = head_of_row < QUERY_HEADS_PER_KV
+    pairs = tl.arange(0, COMBINE_SPLITS * ROWS)  # (split, row) pairs, row fastest
+    split_of_pair = pairs // ROWS
+    row_of_pair = first_row + pairs % ROWS
+    is_row = row_of_pair < num_rows
+    token = (first_token + row_of_pair // HEADS_PER_TOKEN).to(tl.int64)
+    head = first_head + row_of_pair % HEADS_PER_TOKEN
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    first_row = seq.to(tl.int64) * NUM_SPLITS * num_heads + kv_head * QUERY_HEADS_PER_KV + head_of_row
-    lse_max = tl.full([COMBINE_HEADS], float("-inf"), tl.float32)
-    total = tl.zeros([COMBINE_HEADS], tl.float32)
-    combined = tl.zeros([COMBINE_HEADS, BLOCK_D], tl.float32)
+    lse_max = tl.full([ROWS], float("-inf"), tl.float32)
+    total = tl.zeros([ROWS], tl.float32)
+    combined = tl.zeros([ROWS, BLOCK_D], tl.float32)
     for base in range(0, num_active, COMBINE_SPLITS):
-        split = base + split_of_row
-        is_used = is_head & (split < num_active)
-        row = first_row + split * num_heads
-        # Splits past the last weigh 2^-inf = 0; padding heads read 0 so that no max is -inf.
-        lse = tl.load(partial_lse_ptr + row, mask=is_used, other=0.0, cache_modifier=".cg")
-        lse = tl.where(is_head & ~is_used, float("-inf"), lse)
+        split = base + split_of_pair
+        is_used = is_row & (split < num_active)
+        partial_row = (token * NUM_SPLITS + split) * num_heads + head
+        # Splits past the last weigh 2^-inf = 0; rows past the last read 0 so that no max is -inf.
+        lse = tl.load(partial_lse_ptr + partial_row, mask=is_used, other=0.0, cache_modifier=".cg")
+        lse = tl.where(is_row & ~is_used, float("-inf"), lse)
         part = tl.load(
-            partial_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+            partial_out_ptr + partial_row[:, None] * HEAD_DIM + offs_d[None, :],
             mask=is_used[:, None] & d_mask[None, :],
             other=0.0,
             cache_modifier=".cg",
         )
-        lse = tl.reshape(lse, [COMBINE_SPLITS, COMBINE_HEADS])
-        part = tl.reshape(part, [COMBINE_SPLITS, COMBINE_HEADS, BLOCK_D])
+        lse = tl.reshape(lse, [COMBINE_SPLITS, ROWS])
+        part = tl.reshape(part, [COMBINE_SPLITS, ROWS, BLOCK_D])
         new_max = tl.maximum(lse_max, tl.max(lse, axis=0))
         rescale = tl.exp2(lse_max - new_max)
-        weight = tl.exp2(lse - new_max[None, :])  # [COMBINE_SPLITS, COMBINE_HEADS]
+        weight = tl.exp2(lse - new_max[None, :])  # [COMBINE_SPLITS, ROWS]
         total = total * rescale + tl.sum(weight, axis=0)
         combined = combined * rescale[:, None] + tl.sum(weight[:, :, None] * part, axis=0)
         lse_max = new_max
-    heads = tl.arange(0, COMBINE_HEADS)
-    head = kv_head * QUERY_HEADS_PER_KV + heads
-    out_ptrs = out_ptr + seq.to(tl.int64) * stride_out_token + head[:, None] * stride_out_head + offs_d[None, :]
-    mask = (heads[:, None] < QUERY_HEADS_PER_KV) & d_mask[None, :]
+    rows = first_row + tl.arange(0, ROWS)
+    out_token = (first_token + rows // HEADS_PER_TOKEN).to(tl.int64)
+    out_head = first_head + rows % HEADS_PER_TOKEN
+    out_ptrs = out_ptr + out_token[:, None] * stride_out_token + out_head[:, None] * stride_out_head + offs_d[None, :]
+    mask = (rows[:, None] < num_rows) & d_mask[None, :]
     tl.store(out_ptrs, (combined / total[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -457,6 +529,7 @@ def prefill_attention(
     scale: float,
     out: torch.Tensor | None = None,
     config: PrefillConfig | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of a flat varlen batch over the paged KV cache.
 
@@ -464,7 +537,8 @@ def prefill_attention(
     num_kv_heads, head_dim] and already hold this step's keys and values. Each sequence's
     queries are the last ``query_len`` tokens of its context. Returns ``out`` (allocated when
     None) [num_tokens, num_heads, head_dim] with padding tokens' rows zero. Reads no device
-    tensor on the host. ``config`` overrides the launch parameters of ``PREFILL_CONFIGS``.
+    tensor on the host. ``config`` overrides the launch parameters of ``PREFILL_CONFIGS``,
+    ``num_splits`` the context splits of ``prefill_num_splits``.
     """
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1:3]
@@ -472,20 +546,30 @@ def prefill_attention(
     out = _output(query, out)
     if num_tokens == 0:
         return out
-    config = config or _for_dtype(PREFILL_CONFIGS[block_d], query.dtype)
+    config = config or default_prefill_config(num_tokens, block_d, query.dtype)
     group_size = num_heads // num_kv_heads
     heads_per_program = _heads_per_program(group_size, config.block_m)
     block_q = config.block_m // heads_per_program
+    num_head_groups = num_heads // heads_per_program
     num_seqs = metadata.query_start_loc.shape[0] - 1
     # Sequence s owns tiles query_start_loc[s] // block_q + s ...; the padding tokens the last ones.
     num_tiles = num_tokens // block_q + num_seqs + 1
+    if num_splits is None:
+        num_splits = prefill_num_splits(
+            num_tokens, num_heads, head_dim, block_q, num_head_groups,
+            metadata.block_tables.shape[1] * block_size, _num_sms(query.device),
+        )  # fmt: skip
+    if num_splits < 1:
+        raise ValueError(f"num_splits={num_splits} must be at least 1")
+    partial_out, partial_lse, counters = _split_buffers(query, num_splits, num_tiles * num_head_groups)
     kv_bytes = 2 * metadata.num_context_tokens * num_kv_heads * head_dim * key_cache.element_size()
     heads_first = kv_bytes <= _l2_bytes(query.device) and num_tiles < 1 << 16  # a grid's y limit
-    grid = (num_heads // heads_per_program, num_tiles) if heads_first else (num_tiles, num_heads // heads_per_program)
-    _prefill_kernel[grid](
-        query, key_cache, value_cache, out,
+    grid = (num_head_groups, num_tiles) if heads_first else (num_tiles, num_head_groups)
+    combine_rows = min(PREFILL_COMBINE_ROWS, config.block_m)
+    _prefill_kernel[(*grid, num_splits)](
+        query, key_cache, value_cache, out, partial_out, partial_lse, counters,
         metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
-        scale * LOG2_E, num_seqs, num_tokens, num_tiles,
+        scale * LOG2_E, num_seqs, num_tokens, num_tiles, num_heads,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         metadata.block_tables.stride(0),
@@ -497,6 +581,9 @@ def prefill_attention(
         BLOCK_M=config.block_m,
         BLOCK_Q=block_q,
         BLOCK_N=config.block_n,
+        NUM_SPLITS=num_splits,
+        COMBINE_ROWS=combine_rows,
+        COMBINE_SPLITS=_combine_splits_at_once(num_splits, combine_rows, PREFILL_COMBINE_PAIRS),
         DOT_PRECISION=_dot_precision(query.dtype),
         HEADS_FIRST=heads_first,
         num_warps=config.num_warps,
@@ -537,10 +624,7 @@ def decode_attention(
         num_splits = decode_num_splits(num_rows, num_kv_heads, max_blocks_per_seq, block_size, num_sms)
     if num_splits < 1:
         raise ValueError(f"num_splits={num_splits} must be at least 1")
-    # partial_out: [num_rows, num_splits, num_heads, head_dim]; partial_lse: [num_rows, num_splits, num_heads]
-    partial_out = query.new_empty((num_rows, num_splits, num_heads, head_dim), dtype=torch.float32)
-    partial_lse = query.new_empty((num_rows, num_splits, num_heads), dtype=torch.float32)
-    counters = launch.split_counters(query.device, num_rows * num_kv_heads) if num_splits > 1 else partial_lse
+    partial_out, partial_lse, counters = _split_buffers(query, num_splits, num_rows * num_kv_heads)
     combine_heads = triton.next_power_of_2(group_size)
     _decode_kernel[(num_rows, num_kv_heads, num_splits)](
         query, key_cache, value_cache, out, partial_out, partial_lse, counters,
@@ -557,7 +641,7 @@ def decode_attention(
         BLOCK_N=config.block_n,
         NUM_SPLITS=num_splits,
         COMBINE_HEADS=combine_heads,
-        COMBINE_SPLITS=max(1, min(triton.next_power_of_2(num_splits), COMBINE_ROWS // combine_heads)),
+        COMBINE_SPLITS=_combine_splits_at_once(num_splits, combine_heads, COMBINE_PAIRS),
         DOT_PRECISION=_dot_precision(query.dtype),
         **launch.pdl(query.device),
         num_warps=config.num_warps,
@@ -577,6 +661,59 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_blocks_per_seq: int,
     wanted = triton.cdiv(4 * num_sms, num_seqs * num_kv_heads)
     most = max(1, min(MAX_SPLITS, max_context // MIN_SPLIT_LEN))
     return min(triton.next_power_of_2(wanted), 1 << int(math.log2(most)))
+
+
+def default_prefill_config(num_tokens: int, block_d: int, dtype: torch.dtype) -> PrefillConfig:
+    """The launch parameters of a prefill step of ``num_tokens`` (padded head dimension ``block_d``)."""
+    is_few = num_tokens <= FEW_QUERY_MAX_TOKENS and block_d in FEW_QUERY_CONFIGS
+    return _for_dtype((FEW_QUERY_CONFIGS if is_few else PREFILL_CONFIGS)[block_d], dtype)
+
+
+def prefill_num_splits(
+    num_tokens: int,
+    num_heads: int,
+    head_dim: int,
+    block_q: int,
+    num_head_groups: int,
+    max_context: int,
+    num_sms: int,
+) -> int:
+    """Context splits of each query tile for ``prefill_attention``: a power of two, from shapes only.
+
+    A step of few tokens (a verification of drafted tokens, a short chunk) over a long context
+    would otherwise leave most multiprocessors idle while a few programs each read the whole
+    context. Splits aim at two programs a multiprocessor for the fewest query tiles the step
+    may make: one a ``block_q`` tokens (one sequence), or for steps of at most
+    ``FEW_QUERY_MAX_TOKENS`` one a ``FEW_QUERY_TOKENS_PER_SEQ`` (sequences verifying a few drafted
+    tokens each). No split is shorter than ``MIN_SPLIT_LEN`` keys of a full-width context, and
+    the partial outputs take at most ``MAX_PARTIAL_BYTES``. On an H200 this picked the fastest
+    count measured for 5 queries of 1, 4 and 16 sequences and for chunks of 256-2048 tokens
+    (BENCHMARKS.md).
+    """
+    tokens_per_tile = FEW_QUERY_TOKENS_PER_SEQ if num_tokens <= FEW_QUERY_MAX_TOKENS else block_q
+    num_programs = triton.cdiv(num_tokens, tokens_per_tile) * num_head_groups
+    wanted = max(1, 2 * num_sms // num_programs)
+    partial_bytes = num_tokens * num_heads * head_dim * 4
+    most = max(1, min(MAX_SPLITS, wanted, max_context // MIN_SPLIT_LEN, MAX_PARTIAL_BYTES // partial_bytes))
+    return 1 << int(math.log2(most))
+
+
+def _split_buffers(
+    query: torch.Tensor, num_splits: int, num_counters: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial outputs [num_tokens, num_splits, num_heads, head_dim] and log-sum-exps
+    [num_tokens, num_splits, num_heads] in fp32, and the split counters (launch.py)."""
+    if num_splits == 1:
+        return query, query, query  # never read: the kernels write their output directly
+    num_tokens, num_heads, head_dim = query.shape
+    partial_out = query.new_empty((num_tokens, num_splits, num_heads, head_dim), dtype=torch.float32)
+    partial_lse = query.new_empty((num_tokens, num_splits, num_heads), dtype=torch.float32)
+    return partial_out, partial_lse, launch.split_counters(query.device, num_counters)
+
+
+def _combine_splits_at_once(num_splits: int, rows: int, pairs: int) -> int:
+    """Splits whose partials of ``rows`` rows the combine reads at once: ``pairs`` (split, row) partials."""
+    return max(1, min(triton.next_power_of_2(num_splits), pairs // rows))
 
 
 def _heads_per_program(group_size: int, block_m: int) -> int:
