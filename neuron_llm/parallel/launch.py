@@ -87,6 +87,9 @@ class RankProcesses:
         )
         context = mp.get_context("spawn")
         self._reports = context.SimpleQueue()
+        self._received: list[tuple[int, str]] = []
+        """Reports read from the queue so far: every ``failure`` returns them, so a caller that
+        polled and dropped one (its collective failed at the same moment) cannot lose it."""
         # Daemonic: children are terminated when the driver exits without shutting down.
         self._processes = [
             context.Process(
@@ -122,7 +125,7 @@ class RankProcesses:
             # Exits first: a child writes its report before it exits, so reports drained after
             # seeing an exit include that child's (the other order can see the exit alone).
             exited = [(p.name, p.exitcode) for p in self._processes if p.exitcode not in (None, 0)]
-            reports = self._drain_reports()
+            reports = self._receive_reports()
             if reports:
                 return WorkerError("\n".join(f"tensor-parallel rank {r} failed:\n{tb}" for r, tb in reports))
             if exited:
@@ -147,11 +150,10 @@ class RankProcesses:
                 process.kill()
                 process.join()
 
-    def _drain_reports(self) -> list[tuple[int, str]]:
-        reports = []
+    def _receive_reports(self) -> list[tuple[int, str]]:
         while not self._reports.empty():
-            reports.append(self._reports.get())
-        return reports
+            self._received.append(self._reports.get())
+        return self._received
 
 
 def _run_rank(

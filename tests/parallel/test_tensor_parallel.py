@@ -310,9 +310,13 @@ def test_a_rank_that_reports_and_exits_between_two_looks_gives_its_traceback() -
             return self.items.pop(0)
 
     ranks = object.__new__(RankProcesses)
-    ranks._processes, ranks._reports = [Child()], Queue()
+    ranks._processes, ranks._reports, ranks._received = [Child()], Queue(), []
     failure = ranks.failure(wait_s=1)
     assert failure is not None and "rank 1 failed:\nTraceback: injected" in str(failure)
+    # A caller that polled and dropped that failure (its own collective failed at the same
+    # moment) asks again: the report has left the queue, and must still be the answer.
+    again = ranks.failure(wait_s=0)
+    assert again is not None and "rank 1 failed:\nTraceback: injected" in str(again)
 
 
 @pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
