@@ -64,9 +64,12 @@ def compile_every_kernel() -> list[str]:
     from neuron_llm.backends.cuda import argmax, attention, fp8, fused, graphs, int8_matmul, truncation, w8a8
     from neuron_llm.ops.metadata import AttentionMetadata
 
-    # Staged SwiGLU rows are dropped from L2 on a GPU (never on the CPU these tensors live on).
+    # Staged SwiGLU rows are dropped from L2 on a GPU (never on the CPU these tensors live on),
+    # and launches are shaped for an H100's multiprocessors (splits of the context and of K).
     discards_l2 = mock.patch.object(fp8, "_discards_l2", lambda device: True)
-    with compiling_only() as compiled, discards_l2:
+    h100_attention = mock.patch.object(attention, "_num_sms", lambda device: H100_SMS)
+    h100_matmul = mock.patch.object(int8_matmul, "_num_sms", lambda device: H100_SMS)
+    with compiling_only() as compiled, discards_l2, h100_attention, h100_matmul:
         bf16 = torch.bfloat16
         hidden, intermediate, heads, kv_heads, head_dim, block = 4096, 14336, 32, 8, 128, 16
         for tokens in (1, 4096):

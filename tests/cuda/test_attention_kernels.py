@@ -125,6 +125,23 @@ def run_decode(case: Case, num_splits: int | None = None, config: DecodeConfig |
     return result
 
 
+def poison_partials(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Fill every split call's partial outputs with NaN and list them: a split kernel must write
+    some, and combine only those it wrote."""
+    partials = []
+    split_buffers = attention._split_buffers
+
+    def poisoned(*args: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        partial_out, partial_lse, counters = split_buffers(*args)
+        if partial_out.dim() == 4:  # [tokens, splits, heads, head_dim]: a split call
+            partial_out.fill_(float("nan"))
+            partials.append(partial_out)
+        return partial_out, partial_lse, counters
+
+    monkeypatch.setattr(attention, "_split_buffers", poisoned)
+    return partials
+
+
 def test_split_counters_grow_and_keep_the_buffers_graphs_hold(device: torch.device) -> None:
     """A call needing more counters gets a new buffer; the old one stays allocated, since a CUDA
     graph captured before may still count in it."""
@@ -215,7 +232,7 @@ def test_prefill_all_padding(device: torch.device) -> None:
 
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "num_splits"), [(6, 2, 3), (8, 2, 16), (4, 1, 16)])
 def test_prefill_splits_the_context_of_few_queries(
-    device: torch.device, num_heads: int, num_kv_heads: int, num_splits: int
+    device: torch.device, num_heads: int, num_kv_heads: int, num_splits: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Drafted tokens verified after a context ending mid-tile, one decode row, a chunk whose
     # tiles see different numbers of keys (some fewer than a split), a short whole prompt; then
@@ -233,9 +250,11 @@ def test_prefill_splits_the_context_of_few_queries(
         num_padded_seqs=6,
         max_blocks_per_seq=17,
     )
+    partials = poison_partials(monkeypatch)
     config = PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
     first = run_prefill(case, config, num_splits)
     assert_close(first, case)
+    assert len(partials) == 1 and not partials[0].isnan().all()
     # Partials are combined in split order: the same bits every time, and within the
     # accumulation's rounding of the unsplit kernel.
     assert torch.equal(run_prefill(case, config, num_splits), first)
@@ -317,6 +336,15 @@ def test_decode_num_splits() -> None:
     assert splits == [32, 16, 2, 1]
 
 
+@pytest.mark.parametrize("num_splits", [0, attention.MAX_SPLITS + 1])
+def test_split_counts_out_of_range_are_refused(device: torch.device, num_splits: int) -> None:
+    case = make_case([1], [4], 2, 2, 16, 16, torch.float32, device)
+    with pytest.raises(ValueError, match=f"num_splits={num_splits} must be from 1 to"):
+        prefill_attention(case.query, case.key_cache, case.value_cache, case.metadata, 1.0, num_splits=num_splits)
+    with pytest.raises(ValueError, match=f"num_splits={num_splits} must be from 1 to"):
+        decode_attention(case.query, case.key_cache, case.value_cache, case.metadata, 1.0, num_splits=num_splits)
+
+
 def test_unsupported_head_dim_is_refused(device: torch.device) -> None:
     case = make_case([1], [4], 2, 2, 16, 16, torch.float32, device)
     query = case.query.new_zeros((1, 2, 320))
@@ -350,7 +378,9 @@ def test_prefill_llama3_shapes_on_gpu(device: torch.device, dtype: torch.dtype) 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_prefill_few_queries_over_long_contexts_on_gpu(device: torch.device, dtype: torch.dtype) -> None:
+def test_prefill_few_queries_over_long_contexts_on_gpu(
+    device: torch.device, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Verification steps in a 64-token bucket: the default split count for 8k-wide tables.
     case = make_case(
         query_lens=[5, 5, 3, 16, 1],
@@ -365,8 +395,9 @@ def test_prefill_few_queries_over_long_contexts_on_gpu(device: torch.device, dty
         num_padded_seqs=16,
         max_blocks_per_seq=512,
     )
-    assert attention.prefill_num_splits(64, 32, 128, 32, 8, 512 * 16, attention._num_sms(device)) > 1
+    partials = poison_partials(monkeypatch)
     assert_close(run_prefill(case), case)
+    assert len(partials) == 1 and partials[0].shape[1] > 1 and not partials[0].isnan().all()
 
 
 @pytest.mark.cuda

@@ -560,6 +560,8 @@ def test_w8a8_linear_matches_reference(
 def test_fp8_rows_matmul_is_w8a8(num_tokens: int, out_features: int, in_features: int, device: torch.device) -> None:
     """Few rows of fp8 W8A8 stream the weight: the products of the quantized operands, summed in
     float32 and scaled at the end, against float64 from the same operands."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        pytest.skip("fp8 matmuls need sm_89 or newer")
     weight, weight_scale = quantize_fp8_weight(torch.randn(out_features, in_features) * 0.02)
     weight, weight_scale = weight.to(device), weight_scale.to(device)
     bias = torch.randn(out_features, device=device)
@@ -575,6 +577,8 @@ def test_fp8_rows_matmul_is_w8a8(num_tokens: int, out_features: int, in_features
 
 @pytest.mark.cuda
 def test_fp8_scaled_mm_streams_the_weight_of_few_rows(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        pytest.skip("fp8 matmuls need sm_89 or newer")
     weight, weight_scale = quantize_fp8_weight(torch.randn(48, 64) * 0.02)
     weight, weight_scale = weight.to(device), weight_scale.to(device)
     x_q, x_scale = quantize_fp8_activation(activation_rows(17, 64, torch.bfloat16, device))
@@ -596,6 +600,8 @@ def test_fp8_rows_matmul_rejects_bad_inputs(device: torch.device) -> None:
         fp8_rows_matmul(x_q.float(), x_scale, weight, weight_scale, torch.bfloat16)
     with pytest.raises(ValueError, match="in_features=64"):
         fp8_rows_matmul(x_q[:, :32], x_scale, weight, weight_scale, torch.bfloat16)
+    with pytest.raises(ValueError, match="out_dtype=torch.int32"):
+        fp8_rows_matmul(x_q, x_scale, weight, weight_scale, torch.int32)
 
 
 def test_fp8_linear_rejects_bad_inputs(device: torch.device) -> None:

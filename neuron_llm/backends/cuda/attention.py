@@ -56,7 +56,7 @@ MAX_HEAD_DIM = 256
 MIN_TOKENS_PER_TILE = 16
 """Prefill packs at most as many query heads into a tile as leaves this many tokens in it."""
 MIN_SPLIT_LEN = 256
-"""Decode: no split of a full-width context gets fewer keys than this."""
+"""No split of a full-width context gets fewer keys than this (decode, and prefill's few queries)."""
 MAX_SPLITS = 64
 MAX_PARTIAL_BYTES = 64 << 20
 """Prefill: the most bytes of partial outputs its splits may write."""
@@ -537,8 +537,8 @@ def prefill_attention(
     num_kv_heads, head_dim] and already hold this step's keys and values. Each sequence's
     queries are the last ``query_len`` tokens of its context. Returns ``out`` (allocated when
     None) [num_tokens, num_heads, head_dim] with padding tokens' rows zero. Reads no device
-    tensor on the host. ``config`` overrides the launch parameters of ``PREFILL_CONFIGS``,
-    ``num_splits`` the context splits of ``prefill_num_splits``.
+    tensor on the host. ``config`` overrides the launch parameters of ``default_prefill_config``,
+    ``num_splits`` (1 to ``MAX_SPLITS``) the context splits of ``prefill_num_splits``.
     """
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1:3]
@@ -559,8 +559,8 @@ def prefill_attention(
             num_tokens, num_heads, head_dim, block_q, num_head_groups,
             metadata.block_tables.shape[1] * block_size, _num_sms(query.device),
         )  # fmt: skip
-    if num_splits < 1:
-        raise ValueError(f"num_splits={num_splits} must be at least 1")
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits={num_splits} must be from 1 to {MAX_SPLITS}")
     partial_out, partial_lse, counters = _split_buffers(query, num_splits, num_tiles * num_head_groups)
     kv_bytes = 2 * metadata.num_context_tokens * num_kv_heads * head_dim * key_cache.element_size()
     heads_first = kv_bytes <= _l2_bytes(query.device) and num_tiles < 1 << 16  # a grid's y limit
@@ -622,8 +622,8 @@ def decode_attention(
     if num_splits is None:
         num_sms = _num_sms(query.device)
         num_splits = decode_num_splits(num_rows, num_kv_heads, max_blocks_per_seq, block_size, num_sms)
-    if num_splits < 1:
-        raise ValueError(f"num_splits={num_splits} must be at least 1")
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits={num_splits} must be from 1 to {MAX_SPLITS}")
     partial_out, partial_lse, counters = _split_buffers(query, num_splits, num_rows * num_kv_heads)
     combine_heads = triton.next_power_of_2(group_size)
     _decode_kernel[(num_rows, num_kv_heads, num_splits)](

@@ -101,6 +101,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def _has_fp8(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _block_k_for_groups(group_size: int, block_k: int) -> int:
     """The largest power of two from 16 to ``block_k`` dividing ``group_size`` (one scale per K
     tile); ``block_k`` itself when none does, and each element is scaled on its own."""
@@ -609,7 +614,11 @@ def fp8_rows_matmul(
     for name, scale, rows in (("x_scale", x_scale, x_fp8.shape[0]), ("weight_scale", weight_scale, weight.shape[0])):
         if scale.dtype != torch.float32 or tuple(scale.shape) != (rows, 1):
             raise ValueError(f"{name} must be float32 [{rows}, 1], got {scale.dtype} {tuple(scale.shape)}")
+    if out_dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"out_dtype={out_dtype}: must be one of {ACTIVATION_DTYPES}")
     _check_shapes_and_devices(x_fp8, weight, bias, x_scale, weight_scale)
+    if x_fp8.is_cuda and not _has_fp8(x_fp8.device):
+        raise ValueError(f"fp8 matmuls need a GPU of compute capability 8.9 or newer, {x_fp8.device} is not one")
     x_scale = x_scale.reshape(-1).contiguous()  # one a row, at the row's index
     x_bytes, weight_bytes = x_fp8.view(torch.uint8), weight.view(torch.uint8)  # see _int8_matmul_kernel's FP8
     return _launch(x_bytes, weight_bytes, weight_scale, bias, None, None, False, False, x_scale, out_dtype)
