@@ -6,7 +6,7 @@ one float32 scale, ``clamp(min(absmax, ub) / 448, min=FP8_MIN_ACTIVATION_SCALE)`
 beyond the bound saturating at +-448. The matmul is ``torch._scaled_mm`` with row-wise scales
 (fp8 tensor cores, float32 accumulation, both scales applied in the epilogue); products of
 at most ``STREAMED_MAX_ROWS`` rows (decode) go to the weight-streaming kernel of
-``int8_matmul`` instead, 1.6-2x faster there: the same W8A8 products, summed in float32 in
+``int8_matmul`` instead, 1.2-2x faster there: the same W8A8 products, summed in float32 in
 another order (not cuBLAS's fast accumulation) and with the bias added before rounding.
 
 The quantization kernels work one token (row) per program, in one pass over the row when it
