@@ -369,16 +369,19 @@ def bench_decode(batch: int, context: int, dtype, device, sweep: bool) -> dict:
 
 def bench_verify(batch: int, query_len: int, context: int, dtype, device, sweep: bool, sweep_splits: bool) -> dict:
     """``query_len`` queries of each of ``batch`` sequences after ``context - query_len`` cached
-    keys, padded to the prefill bucket the engine would run (tokens to a power of two of at
-    least 16, sequences to the tokens up to 64), beside the decode case of that batch and context."""
+    keys, padded to the prefill bucket a GPU engine of 64 sequences would run, beside the decode
+    case of that batch and context."""
     import torch
 
     from neuron_llm.backends.cuda import attention
+    from neuron_llm.buckets import FINE_PREFILL_STEP, BucketSet
 
-    num_tokens = max(16, 1 << (batch * query_len - 1).bit_length())
+    buckets = BucketSet.default(64, 4096, context, BLOCK_SIZE, prefill_step=FINE_PREFILL_STEP)
+    bucket = buckets.select(batch * query_len, batch, is_decode=False)
+    num_tokens = bucket.num_tokens
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * dtype.itemsize
     num_copies = 1 if device.type == "cpu" else min(64, max(1, math.ceil(L2_ROTATION_BYTES / kv_bytes)))
-    padding = {"num_padded_tokens": num_tokens, "num_padded_seqs": min(64, num_tokens)}
+    padding = {"num_padded_tokens": num_tokens, "num_padded_seqs": bucket.num_seqs}
     copies = make_inputs([query_len] * batch, [context] * batch, dtype, device, num_copies, **padding)
     outs = [torch.empty_like(inputs.query) for inputs in copies]
     scale = HEAD_DIM**-0.5
