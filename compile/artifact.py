@@ -20,8 +20,11 @@ take the manifest's and options set must equal them; the library versions and th
 architecture must be the ones it was built with; on the XLA device each bucket's graph,
 traced again, must hash to the module compiled. A mismatch is refused by name, never
 recompiled; only a kernel missing from Triton's cache compiles, with a warning naming it, into
-a private copy of the cache (``LLM.compiled_at_load``). The manifest is written last: a
-directory without one is not an artifact.
+a private copy of the cache (``LLM.compiled_at_load``). The manifest records every file's size
+and sha256: a load hashes the model files (a few kB) and each weights file's safetensors
+header, and checks the weights' sizes; ``Artifact.verify`` (``neuron-llm verify``) hashes
+everything. The artifact is built in a hidden directory beside its own and renamed onto it
+whole: a directory without a manifest is not an artifact.
 
 What was run where: weights, options and versions on the CPU; the HLO check on torch-xla's
 CPU device, whose PJRT client cannot deserialize executables, so there the graphs compile
@@ -32,6 +35,7 @@ again at load; Triton's cache on an H200. The Neuron cache is torch-neuronx's do
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -53,7 +57,8 @@ from neuron_llm.loader import default_dtype
 from neuron_llm.models.llama import LlamaForCausalLM
 
 FORMAT = "neuron-llm-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the manifest records every model file and each weights file's safetensors header (1: sizes only)."""
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_DIR = "weights"
 GRAPHS_DIR = "graphs"
@@ -176,7 +181,8 @@ class Artifact:
 
     @classmethod
     def open(cls, path: str | Path) -> Artifact:
-        """Read ``path``'s manifest; ``ValueError`` when it is not one this version reads."""
+        """Read ``path``'s manifest and check its model files; ``ValueError`` when it is not an
+        artifact this version reads, or a file differs from the one compiled."""
         path = Path(os.path.abspath(Path(path).expanduser()))
         manifest_path = path / MANIFEST_NAME
         try:
@@ -185,12 +191,25 @@ class Artifact:
             raise ValueError(f"{manifest_path}: not a readable artifact manifest: {e}") from e
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest_path}: not a neuron-llm artifact manifest (format {FORMAT!r})")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{manifest_path}: format_version {manifest.get('format_version')!r}; "
-                f"this neuron-llm reads {FORMAT_VERSION}: compile the model again"
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            advice = (
+                "upgrade neuron-llm to load it"
+                if isinstance(version, int) and version > FORMAT_VERSION
+                else "compile the model again"
             )
-        return cls(path, manifest)
+            raise ValueError(
+                f"{manifest_path}: format_version {version!r}; this neuron-llm reads {FORMAT_VERSION}: {advice}"
+            )
+        missing = [key for key in _MANIFEST_KEYS if not isinstance(manifest.get(key), dict)]
+        if missing:
+            raise ValueError(f"{manifest_path}: damaged, no {missing[0]!r} record")
+        artifact = cls(path, manifest)
+        # The model files are a few kB: hashing them at every load is free, and an edited
+        # config.json would otherwise load as another model silently.
+        for name, recorded in manifest["files"].items():
+            artifact._check_file(path / name, recorded, sha256_of(path / name) if (path / name).is_file() else None)
+        return artifact
 
     @property
     def options(self) -> dict[str, Any]:
@@ -215,27 +234,73 @@ class Artifact:
         return resolved
 
     def check_system(self, device: str) -> None:
-        """Refuse a system whose libraries or GPU differ from those the artifact was built with."""
+        """Refuse a system whose libraries or GPU differ from those the artifact was built with
+        (one that has a library the artifact was built without too: its graphs were not made by it)."""
         built = self.manifest["system"]
         here = system_versions(device, self.options["backend"])
-        for name, version in built.items():
-            if here.get(name) != version:
+        for name in sorted(built.keys() | here.keys()):
+            if here.get(name) != built.get(name):
                 raise ValueError(
-                    f"{self.path} was compiled with {name} {version}, this system has {here.get(name, 'none')}: "
-                    "compile the model again here"
+                    f"{self.path} was compiled with {name} {built.get(name, 'none')}, this system has "
+                    f"{here.get(name, 'none')}: compile the model again here"
                 )
 
     def weights_file(self, rank: int, world_size: int) -> Path:
-        """Rank ``rank``'s weights, checked against the size the manifest recorded."""
+        """Rank ``rank``'s weights, checked against the size and the safetensors header (names,
+        dtypes, shapes, offsets) the manifest recorded; ``verify`` hashes the tensors too."""
         name = rank_file(rank, world_size)
         recorded = self.manifest["weights"].get(name)
         path = self.path / WEIGHTS_DIR / name
         if recorded is None:
             raise ValueError(f"{self.path} holds no weights for rank {rank} of {world_size}")
-        size = path.stat().st_size if path.is_file() else None
+        self._check_file(path, recorded, None)
+        if header_sha256(path) != recorded["header_sha256"]:
+            raise ValueError(f"{path}: its tensors' header differs from the one compiled: damaged or replaced")
+        return path
+
+    def verify(self) -> int:
+        """Hash every recorded file (the weights' gigabytes too) against the manifest; return how
+        many were checked. ``ValueError`` names the first that differs or is missing."""
+        records = {**self.manifest["files"], **{f"{WEIGHTS_DIR}/{n}": r for n, r in self.manifest["weights"].items()}}
+        for name, recorded in records.items():
+            path = self.path / name
+            self._check_file(path, recorded, sha256_of(path) if path.is_file() else None)
+        graphs = self.path / GRAPHS_DIR
+        for name in self.manifest["graphs"]:
+            if not (graphs / name).is_file():
+                raise ValueError(f"{graphs / name}: missing (a graph the artifact compiled)")
+        return len(records) + len(self.manifest["graphs"])
+
+    def _check_file(self, path: Path, recorded: dict[str, Any], sha256: str | None) -> None:
+        """``path`` against its record: size always, sha256 when given (None: not hashed)."""
+        if not path.is_file():
+            raise ValueError(f"{path}: missing (the manifest records it)")
+        size = path.stat().st_size
         if size != recorded["bytes"]:
             raise ValueError(f"{path}: {size} bytes where the manifest recorded {recorded['bytes']}: damaged")
-        return path
+        if sha256 is not None and sha256 != recorded["sha256"]:
+            raise ValueError(f"{path}: its sha256 differs from the one compiled: damaged or edited")
+
+
+_MANIFEST_KEYS = ("options", "system", "files", "weights")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(functools.partial(f.read, 1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def header_sha256(path: Path) -> str | None:
+    """The sha256 of a safetensors file's length prefix and JSON header; None when it has none."""
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return None
+        header = f.read(int.from_bytes(prefix, "little"))
+    return hashlib.sha256(prefix + header).hexdigest()
 
 
 def _same_option(name: str, value: Any, built: Any) -> bool:
@@ -271,7 +336,9 @@ def load_artifact_model(
         if world_size > 1:
             shard_model(model, rank, world_size)
     params = dict(model.named_parameters())
-    with safe_open(str(path), framework="pt", device=str(parse_device(device))) as saved:
+    # safetensors names the CPU "cpu", never "cpu:0".
+    target = parse_device(device)
+    with safe_open(str(path), framework="pt", device="cpu" if target.type == "cpu" else str(target)) as saved:
         names = set(saved.keys())
         if names != set(params):
             unexpected, missing = sorted(names - set(params)), sorted(set(params) - names)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,10 @@ from neuron_llm.compile.artifact import (
     cache_files,
     fixed_options,
     graph_cache,
+    header_sha256,
     is_artifact,
     rank_file,
+    sha256_of,
     system_versions,
 )
 from neuron_llm.config import EngineConfig, parse_device
@@ -60,27 +62,36 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
     """Build ``model``'s engine with ``options`` (``LLM``'s keyword arguments) and write its
     artifact to ``out_dir``, which must be new or empty; return the manifest.
 
-    A compile that fails removes what it wrote. Run it in a process that has not run the
-    model yet (the command line does): graphs compiled earlier in the process are held in its
-    memory and are not written to the artifact's caches again.
+    The artifact is written into a hidden directory beside ``out_dir`` and renamed onto it
+    once whole, so a compile that fails, or is killed, leaves ``out_dir`` as it found it. Run it
+    in a process that has not run the model yet (the command line does): graphs compiled
+    earlier in the process are held in its memory and are not written to the artifact's
+    caches again.
     """
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} is not a new or empty directory")
     if is_artifact(model):
         raise ValueError(f"{model} is a compiled artifact already: load it, or compile its source model")
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.compiling-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    building.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
     try:
-        with graph_cache(out, options.get("device") or "cpu"):
+        with graph_cache(building, options.get("device") or "cpu"):
             # LLM's own warm-up: on the devices whose graphs compile, every bucket's does now.
-            llm = _CompilingLLM(out, model, **options)
+            llm = _CompilingLLM(building, model, **options)
         try:
-            manifest = _manifest(llm.config, out)
+            manifest = _manifest(llm.config, building)
         finally:
             llm.shutdown()
-        (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        (building / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty, checked above; os.replace cannot replace a directory
+        os.replace(building, out)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(building, ignore_errors=True)
         raise
     return manifest
 
@@ -97,7 +108,16 @@ class _CompilingLLM(LLM):
 
 
 def _manifest(config: EngineConfig, out: Path) -> dict[str, Any]:
-    weights = {path.name: _file_record(path) for path in sorted((out / WEIGHTS_DIR).iterdir())}
+    weights = {
+        path.name: {**_file_record(path), "header_sha256": header_sha256(path)}
+        for path in sorted((out / WEIGHTS_DIR).iterdir())
+    }
+    # The model files: config.json, generation_config.json, the tokenizer's.
+    files = {
+        str(path.relative_to(out)): _file_record(path)
+        for path in sorted(out.rglob("*"))
+        if path.is_file() and path.relative_to(out).parts[0] not in (WEIGHTS_DIR, GRAPHS_DIR)
+    }
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -105,14 +125,11 @@ def _manifest(config: EngineConfig, out: Path) -> dict[str, Any]:
         "options": fixed_options(config),
         "buckets": [bucket.name for bucket in BucketSet.for_engine(config).all],
         "system": system_versions(config.device.device, config.device.backend_name),
+        "files": files,
         "weights": weights,
         "graphs": sorted(cache_files(out / GRAPHS_DIR)),
     }
 
 
 def _file_record(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(functools.partial(f.read, 1 << 24), b""):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": sha256_of(path)}

@@ -82,6 +82,14 @@ def _run_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_verify(args: argparse.Namespace) -> int:
+    from neuron_llm.compile.artifact import Artifact
+
+    checked = Artifact.open(args.artifact).verify()
+    print(f"{args.artifact}: {checked} file(s) match the manifest")
+    return 0
+
+
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="most tokens generated")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -162,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_arguments(compile_, "HF directory or .gguf file")
     _add_compile_arguments(compile_)
     compile_.set_defaults(run=_run_compile)
+    verify = commands.add_parser(
+        "verify",
+        help="hash every file of a compiled artifact against its manifest (loads check sizes and headers only)",
+    )
+    verify.add_argument("artifact", help="the artifact directory")
+    verify.set_defaults(run=_run_verify)
     add_serve_parser(commands)
     add_quantize_parser(commands)
     add_eval_parser(commands)

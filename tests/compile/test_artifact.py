@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from neuron_llm.compile.artifact import (
     cache_files,
     graph_cache,
     is_artifact,
+    sha256_of,
 )
 from neuron_llm.compile.build import compile_artifact
 from neuron_llm.quant import loading
@@ -124,7 +126,7 @@ def test_an_option_the_artifact_fixes_cannot_change(compiled: Path, option: str,
 
 
 def test_options_it_does_not_fix_are_free_and_equal_ones_are_taken(compiled: Path) -> None:
-    llm = LLM(str(compiled), dtype="float32", device="cpu", max_num_seqs=4, enable_prefix_caching=False)
+    llm = LLM(str(compiled), dtype="float32", device="cpu:0", max_num_seqs=4, enable_prefix_caching=False)
     assert llm.config.cache.enable_prefix_caching is False
     assert llm.config.scheduler.max_num_seqs == 4
     llm.shutdown()
@@ -139,6 +141,13 @@ def edit_manifest(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
 def test_another_library_version_is_refused(compiled: Path) -> None:
     edit_manifest(compiled, lambda m: m["system"].update(torch="1.0.0"))
     with pytest.raises(ValueError, match="compiled with torch 1.0.0, this system has"):
+        LLM(str(compiled))
+
+
+def test_a_library_the_artifact_was_built_without_is_refused(compiled: Path) -> None:
+    # As an artifact built on torch-xla's CPU device (no neuronx-cc, so no NEFFs) on a Neuron host.
+    edit_manifest(compiled, lambda m: m["system"].pop("torch"))
+    with pytest.raises(ValueError, match="compiled with torch none, this system has"):
         LLM(str(compiled))
 
 
@@ -164,31 +173,106 @@ def test_a_worker_refuses_an_engine_built_with_other_options(compiled: Path) -> 
         load_worker(str(compiled), other, 0, 1)
 
 
-def test_another_format_version_is_refused(compiled: Path) -> None:
-    edit_manifest(compiled, lambda m: m.update(format_version=99))
-    with pytest.raises(ValueError, match="format_version 99"):
+@pytest.mark.parametrize(("version", "advice"), [(99, "upgrade neuron-llm"), (1, "compile the model again")])
+def test_another_format_version_is_refused(compiled: Path, version: int, advice: str) -> None:
+    edit_manifest(compiled, lambda m: m.update(format_version=version))
+    with pytest.raises(ValueError, match=f"format_version {version}; this neuron-llm reads 2: {advice}"):
         LLM(str(compiled))
 
 
-def test_damaged_weights_are_refused(compiled: Path) -> None:
-    with (compiled / WEIGHTS_DIR / "rank-0-of-1.safetensors").open("ab") as f:
+def test_a_manifest_without_a_record_is_refused_by_name(compiled: Path) -> None:
+    edit_manifest(compiled, lambda m: m.pop("system"))
+    with pytest.raises(ValueError, match="damaged, no 'system' record"):
+        LLM(str(compiled))
+
+
+def test_damaged_or_missing_weights_are_refused(compiled: Path) -> None:
+    weights = compiled / WEIGHTS_DIR / "rank-0-of-1.safetensors"
+    with weights.open("ab") as f:
         f.write(b"\0")
-    with pytest.raises(ValueError, match="damaged"):
+    with pytest.raises(ValueError, match="bytes where the manifest recorded .*: damaged"):
+        LLM(str(compiled))
+    weights.unlink()
+    with pytest.raises(ValueError, match="rank-0-of-1.safetensors: missing"):
+        LLM(str(compiled))
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Change one byte of ``path`` in place (its size stays)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_an_edited_model_file_is_refused(compiled: Path) -> None:
+    text = (compiled / "config.json").read_text()
+    # Another RoPE base of the same length: the file's size stays.
+    edited = re.sub(r'("rope_theta": )1', r"\g<1>9", text)
+    assert edited != text and len(edited) == len(text)
+    (compiled / "config.json").write_text(edited)
+    with pytest.raises(ValueError, match="config.json: its sha256 differs from the one compiled"):
+        LLM(str(compiled))
+
+
+def test_a_changed_weights_header_is_refused_at_load_and_changed_tensors_by_verify(
+    compiled: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["verify", str(compiled)]) == 0
+    assert "file(s) match the manifest" in capsys.readouterr().out
+    weights = compiled / WEIGHTS_DIR / "rank-0-of-1.safetensors"
+    # The last byte lies in the tensors: loading checks sizes and headers, not the gigabytes.
+    flip_byte(weights, weights.stat().st_size - 1)
+    LLM(str(compiled), warm_up=False).shutdown()
+    assert main(["verify", str(compiled)]) == 2
+    assert "rank-0-of-1.safetensors: its sha256 differs" in capsys.readouterr().err
+    flip_byte(weights, 20)  # inside the JSON header: a name, dtype, shape or offset
+    with pytest.raises(ValueError, match="its tensors' header differs from the one compiled"):
         LLM(str(compiled))
 
 
 def test_weights_that_do_not_fit_the_model_are_refused(compiled: Path) -> None:
     config = json.loads((compiled / "config.json").read_text())
     (compiled / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    # Recorded as if compiled so: the load's own check of the tensors against the model.
+    record = {"bytes": (compiled / "config.json").stat().st_size, "sha256": sha256_of(compiled / "config.json")}
+    edit_manifest(compiled, lambda m: m["files"].update({"config.json": record}))
     with pytest.raises(ValueError, match="does not fit the model"):
         LLM(str(compiled))
+
+
+def test_the_artifact_appears_whole_or_not_at_all(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written beside its directory and renamed onto it: a compile killed midway leaves no
+    half-written artifact behind, and an empty directory given is taken."""
+    out = tmp_path / "artifact"
+    out.mkdir()
+    seen = []
+    shutdown = LLM.shutdown
+
+    def look_before_the_rename(llm: LLM) -> None:
+        seen.append((sorted(os.listdir(out)), [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]))
+        shutdown(llm)
+
+    monkeypatch.setattr(LLM, "shutdown", look_before_the_rename)
+    compile_artifact(str(source), out, **OPTIONS)
+    (listing, hidden), *_ = seen
+    assert listing == [] and len(hidden) == 1 and hidden[0].startswith(".artifact.compiling-")
+    assert is_artifact(out) and not (tmp_path / hidden[0]).exists()
+    assert out.stat().st_mode & 0o077 == 0o777 & ~current_umask() & 0o077
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def test_a_failed_compile_leaves_nothing_and_a_full_directory_is_refused(source: Path, tmp_path: Path) -> None:
     out = tmp_path / "artifact"
     with pytest.raises(ValueError, match="tensor_parallel_size=3"):
         compile_artifact(str(source), out, tensor_parallel_size=3, **OPTIONS)
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob(".artifact.compiling-*"))
     out.mkdir()
     (out / "file").write_text("mine")
     with pytest.raises(ValueError, match="not a new or empty directory"):
