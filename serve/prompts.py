@@ -114,13 +114,16 @@ def output_budget(
     prompt_param: str,
     max_tokens_param: str = "max_tokens",
 ) -> int:
-    """``max_tokens`` checked against the context length; when None, the room the longest prompt leaves."""
+    """``max_tokens`` checked against the context length; when None, the room the longest prompt leaves.
+
+    ``max_tokens`` 0 (scoring the prompt, as lm-eval-harness asks) takes prompts as long as the context.
+    """
     index = max(range(len(prompts)), key=lambda i: len(prompts[i].token_ids))
     longest = len(prompts[index].token_ids)
     if len(prompts) > 1:
         prompt_param = f"{prompt_param}[{index}]"
     limit = model.max_model_len
-    if longest >= limit:
+    if longest > limit or (longest == limit and max_tokens != 0):
         raise ClientError(
             f"{prompt_param} is {longest} tokens, but this model's context length is {limit} tokens, "
             "which leaves no room for output; shorten it",

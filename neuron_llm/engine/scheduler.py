@@ -266,12 +266,14 @@ class Scheduler:
             raise ValueError(f"request {request_id!r} must be new: no output, nothing computed")
         if num_prompt_tokens == 0:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
-        if num_prompt_tokens >= self.max_model_len:
+        max_tokens = request.sampling_params.max_tokens
+        # A prompt filling max_model_len may sample the one token after it (scoring the prompt
+        # by its prompt logprobs): that token needs no position and no KV slot.
+        if num_prompt_tokens > self.max_model_len or (num_prompt_tokens == self.max_model_len and max_tokens != 1):
             raise ValueError(
                 f"request {request_id!r}: prompt of {num_prompt_tokens} tokens leaves no room for output "
                 f"within max_model_len={self.max_model_len}"
             )
-        max_tokens = request.sampling_params.max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"request {request_id!r}: max_tokens={max_tokens} must be >= 1")
         if max_tokens is None and num_prompt_tokens >= self.max_seq_len:
@@ -299,7 +301,8 @@ class Scheduler:
         max_tokens = request.sampling_params.max_tokens
         if max_tokens is None:
             return self.max_seq_len
-        return min(request.num_prompt_tokens + max_tokens, self.max_model_len)
+        # The token sampled after a prompt filling max_model_len (``_check_new``) lies past it.
+        return min(request.num_prompt_tokens + max_tokens, max(self.max_model_len, request.num_prompt_tokens + 1))
 
     def _register(self, request: Request) -> None:
         self._requests[request.request_id] = request

@@ -196,6 +196,19 @@ def test_echo_without_output_scores_the_prompt(client: openai.OpenAI, model_name
     assert chunks[-1].usage.completion_tokens == 0
 
 
+def test_a_prompt_as_long_as_the_context_is_scored_but_not_continued(client: openai.OpenAI, model_name: str) -> None:
+    # lm-eval-harness's loglikelihood requests: token ids cut to the context length, echo, no output.
+    ids = [(i * 7) % 200 + 5 for i in range(256)]  # the fixture's max_model_len
+    options = {"model": model_name, "logprobs": 1, "echo": True, "temperature": 0}
+    full = client.completions.create(prompt=ids, max_tokens=0, **options).choices[0].logprobs.token_logprobs
+    shorter = client.completions.create(prompt=ids[:-1], max_tokens=0, **options).choices[0].logprobs.token_logprobs
+    assert len(full) == 256 and full[0] is None
+    assert full[:-1] == pytest.approx(shorter, abs=1e-5)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(prompt=ids, max_tokens=1, **options)
+    assert refused.value.body["code"] == "context_length_exceeded"
+
+
 @pytest.mark.parametrize("echo", [False, True])
 def test_streamed_logprobs_add_up_to_the_whole_ones(client: openai.OpenAI, model_name: str, echo: bool) -> None:
     options = {"model": model_name, "prompt": "Hello world", "logprobs": 1, "echo": echo, **GREEDY}

@@ -520,6 +520,23 @@ def test_length_limits_finish_requests() -> None:
     assert by_model_len.output_token_ids == expected_output([1, 2, 3, 4, 5], 3)
 
 
+def test_a_prompt_as_long_as_the_context_samples_one_token_past_it() -> None:
+    # Scoring a prompt cut to the context (its prompt logprobs): the token after it needs no
+    # position or KV slot, but all 9 prompt tokens need theirs (3 blocks of 4, not 2).
+    scheduler = make_scheduler(num_blocks=4, max_model_len=9)
+    prompt = [5, 3, 8, 1, 4, 9, 2, 6, 7]
+    for max_tokens in (2, None):
+        with pytest.raises(ValueError, match="leaves no room for output within max_model_len=9"):
+            scheduler.add_request(make_request(f"more-{max_tokens}", prompt, max_tokens=max_tokens))
+    request = make_request("score", prompt, max_tokens=1)
+    scheduler.add_request(request)
+    run_to_completion(scheduler, FakeModel(scheduler))
+    assert request.output_token_ids == expected_output(prompt, 1)
+    assert request.status is RequestStatus.FINISHED_LENGTH
+    with pytest.raises(ValueError, match="needs 3 KV blocks but the pool has 2"):
+        make_scheduler(num_blocks=3, max_model_len=9).add_request(make_request("score", prompt, max_tokens=1))
+
+
 def test_requests_that_can_never_run_are_refused() -> None:
     # 3 usable blocks of 2 tokens: 6 tokens of K/V; the last sampled token needs none.
     scheduler = make_scheduler(num_blocks=4, block_size=2, max_model_len=100)
