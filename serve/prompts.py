@@ -130,6 +130,15 @@ def output_budget(
             prompt_param,
             "context_length_exceeded",
         )
+    # Checked here, for every prompt at once: the engine refuses one prompt of a batch only
+    # as it adds it, when the batch's other prompts may have started answering.
+    if model.max_prompt_len is not None and longest > model.max_prompt_len:
+        raise ClientError(
+            f"{prompt_param} is {longest} tokens, but this server runs prompts of at most "
+            f"{model.max_prompt_len} tokens (max_num_batched_tokens, chunked prefill off); shorten it",
+            prompt_param,
+            "context_length_exceeded",
+        )
     if max_tokens is None:
         return limit - longest
     if longest + max_tokens > limit:

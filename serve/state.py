@@ -43,6 +43,12 @@ class ServedModel:
         return self.llm.engine.scheduler.max_seq_len
 
     @property
+    def max_prompt_len(self) -> int | None:
+        """The longest prompt one step takes whole where prompts are not chunked (None: chunked)."""
+        scheduler = self.llm.config.scheduler
+        return None if scheduler.enable_chunked_prefill else scheduler.max_num_batched_tokens
+
+    @property
     def max_num_seqs(self) -> int:
         return self.llm.config.scheduler.max_num_seqs
 

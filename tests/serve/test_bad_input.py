@@ -225,6 +225,21 @@ def test_half_a_surrogate_pair_is_a_400_and_the_connection_lives_on(
         assert client.post(COMPLETIONS, json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
+def test_a_batch_prompt_too_long_for_an_unchunked_step_is_refused_before_any_answer(model_dir: Path) -> None:
+    # The engine refuses it too, but only as it adds it: the batch's first prompt could already
+    # have streamed its first tokens, under a 200.
+    load = lambda: make_llm(model_dir, enable_chunked_prefill=False, max_num_batched_tokens=64)  # noqa: E731
+    with running_server(model_dir, load=load) as server:
+        for stream in (False, True):
+            body = {"prompt": [[5, 6], list(range(5, 105))], "max_tokens": 4, "stream": stream}
+            response = httpx.post(f"{server.url}{COMPLETIONS}", json=body)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == "prompt[1]" and "at most 64 tokens" in error["message"], error
+        body = {"prompt": [[5, 6], list(range(5, 69))], "max_tokens": 4}
+        assert httpx.post(f"{server.url}{COMPLETIONS}", json=body).status_code == 200
+
+
 @pytest.fixture(scope="module")
 def fuzz_server(model_dir: Path) -> Iterator[ServerThread]:
     # A short context and few sequences bound the work any generated request can ask for.
