@@ -48,9 +48,25 @@ def run_serve(args: argparse.Namespace) -> int:
     return run_server(settings)
 
 
+SAGEMAKER_PORT_VARIABLE = "SAGEMAKER_BIND_TO_PORT"
+"""Where SageMaker tells a container of a multi-container endpoint or an inference pipeline to listen."""
+
+
+def sagemaker_defaults(environ: dict[str, str]) -> dict[str, object]:
+    """The ``serve`` command's settings before ``NEURON_LLM_*``: 0.0.0.0, port 8080 unless SageMaker names one."""
+    port = environ.get(SAGEMAKER_PORT_VARIABLE, "8080")
+    if not port.isdigit():
+        raise ValueError(f"{SAGEMAKER_PORT_VARIABLE}={port!r}: not a port number")
+    return {"host": "0.0.0.0", "port": int(port), "model": default_sagemaker_model()}
+
+
 def sagemaker_main(argv: Sequence[str] | None = None) -> None:
-    """The ``serve`` console command: settings from the environment, 0.0.0.0:8080 by default."""
-    defaults = {"host": "0.0.0.0", "port": 8080, "model": default_sagemaker_model()}
+    """The ``serve`` console command: settings from the environment, 0.0.0.0:8080 by default
+    (``SAGEMAKER_BIND_TO_PORT``'s port where SageMaker sets it)."""
+    try:
+        defaults = sagemaker_defaults(dict(os.environ))
+    except ValueError as e:
+        sys.exit(f"serve: error: {e}")
     parser = argparse.ArgumentParser(
         prog="serve",
         description="Serve a model as a SageMaker container does, with settings from the environment.",

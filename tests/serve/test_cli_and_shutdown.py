@@ -25,7 +25,7 @@ import pytest
 from neuron_llm.engine.async_llm import AsyncLLM, EngineClosedError
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.app import _drain
-from neuron_llm.serve.cli import add_serve_parser, run_serve, sagemaker_main
+from neuron_llm.serve.cli import add_serve_parser, run_serve, sagemaker_defaults, sagemaker_main
 from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.settings import LOG_LEVELS, ServeSettings
 from neuron_llm.serve.state import ServedModel, ServerState
@@ -79,6 +79,16 @@ def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
     assert LOG_LEVELS[ServeSettings(log_level="trace").log_level] < logging.DEBUG
     with pytest.raises(ValueError, match="log_level='verbose': must be one of critical, error"):
         ServeSettings.from_env({"NEURON_LLM_LOG_LEVEL": "verbose"})
+
+
+def test_the_sagemaker_command_listens_where_sagemaker_says() -> None:
+    assert sagemaker_defaults({})["port"] == 8080
+    # Multi-container endpoints and inference pipelines give each container its port.
+    defaults = sagemaker_defaults({"SAGEMAKER_BIND_TO_PORT": "9001"})
+    assert ServeSettings.from_env({}, **defaults).port == 9001
+    assert ServeSettings.from_env({"NEURON_LLM_PORT": "9002"}, **defaults).port == 9002
+    with pytest.raises(ValueError, match="SAGEMAKER_BIND_TO_PORT='http': not a port number"):
+        sagemaker_defaults({"SAGEMAKER_BIND_TO_PORT": "http"})
 
 
 def test_speculative_config_is_passed_on_and_checked_before_loading() -> None:
