@@ -318,15 +318,28 @@ class Scheduler:
             request = self.running[index]
             assert request.num_tokens_to_compute > 0, "schedule() twice without update_from_output()"
             num_new_tokens = min(request.num_tokens_to_compute, budget)
-            # Proposals take no token or block a younger running request would need this step.
             num_younger = min(len(self.running) - index, self.config.max_num_seqs - len(scheduled)) - 1
-            drafts = self._drafts_to_verify(request, num_new_tokens, budget - num_younger, num_younger)
+            kept_tokens, kept_blocks = self._needs_of_younger(index, num_younger, budget - num_new_tokens)
+            drafts = self._drafts_to_verify(request, num_new_tokens, budget - kept_tokens, kept_blocks)
             if not drafts and not self._reserve_blocks(request, num_new_tokens, preempted_ids):
                 break
             scheduled.append(self._advance(request, num_new_tokens, drafts))
             budget -= num_new_tokens + len(drafts)
             index += 1
         return budget
+
+    def _needs_of_younger(self, index: int, num_younger: int, budget: int) -> tuple[int, int]:
+        """The tokens and fresh blocks the ``num_younger`` running requests after ``running[index]``
+        would take this step from ``budget``: what proposals must leave them (a younger request
+        mid-prefill may need several blocks, and would otherwise be preempted for a guess)."""
+        num_tokens = num_blocks = 0
+        for request in self.running[index + 1 : index + 1 + num_younger]:
+            # Each scheduled request computes at least one token; no more than the budget leaves.
+            tokens = max(1, min(request.num_tokens_to_compute, budget - num_tokens))
+            total = self.block_manager.num_blocks_for(request.num_computed_tokens + tokens)
+            num_tokens += tokens
+            num_blocks += max(0, total - len(request.block_ids))
+        return num_tokens, num_blocks
 
     def room_for_drafts(self, request: Request) -> int:
         """Most proposals ``request`` can verify: a step emits one token past those it keeps."""
@@ -338,7 +351,7 @@ class Scheduler:
         Only a step reaching the last known token verifies proposals, and no more than
         ``budget`` allows, nor more than the request may still emit (a step emits one token
         past the proposals it keeps). Proposals never preempt, and leave ``num_kept_blocks``
-        free blocks (one for each younger running request): otherwise there are none.
+        free blocks (what the younger running requests need this step): otherwise there are none.
         """
         drafts = request.draft_token_ids
         if not drafts or num_new_tokens != request.num_tokens_to_compute:

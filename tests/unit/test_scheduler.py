@@ -637,6 +637,8 @@ def test_proposals_leave_a_token_for_each_younger_running_request() -> None:
     scheduler = make_scheduler(max_num_batched_tokens=4)
     model = FakeModel(scheduler)
     old, young = _two_decoding(scheduler, model)
+    step(scheduler, model)  # the young prompt's last 3 tokens (the budget left it 1 before)
+    assert old.num_tokens_to_compute == young.num_tokens_to_compute == 1
     old.draft_token_ids = [7] * 8
     output = step(scheduler, model)
     assert [(e.request.request_id, e.num_new_tokens, e.num_draft_tokens) for e in output.scheduled] == [
@@ -655,6 +657,26 @@ def test_proposals_leave_a_free_block_for_each_younger_running_request() -> None
     old.draft_token_ids = [7] * 3
     output = step(scheduler, model)
     assert [e.num_draft_tokens for e in output.scheduled] == [0, 0]
+    assert scheduler.num_preemptions == 0
+
+
+def test_proposals_leave_a_younger_prefill_the_blocks_of_its_chunk() -> None:
+    # Blocks of 4, 6 usable: the young prompt (20 tokens) has 9 computed in 3 blocks, the old
+    # request 1; its next chunk of 11 tokens needs the last 2 free blocks, which the old one's
+    # proposals must not take (the young one would be preempted and its prefill lost).
+    scheduler = make_scheduler(num_blocks=7, max_num_batched_tokens=12)
+    model = FakeModel(scheduler)
+    old, young = make_request("old", [1, 2, 3], 8), make_request("young", list(range(10, 30)), 2)
+    scheduler.add_request(old)
+    scheduler.add_request(young)
+    step(scheduler, model)
+    assert (young.num_computed_tokens, scheduler.block_manager.num_free_blocks) == (9, 2)
+    old.draft_token_ids = [7, 7]
+    output = step(scheduler, model)
+    assert [(e.request.request_id, e.num_new_tokens, e.num_draft_tokens) for e in output.scheduled] == [
+        ("old", 1, 0),
+        ("young", 11, 0),
+    ]
     assert scheduler.num_preemptions == 0
 
 
