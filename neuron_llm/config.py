@@ -374,6 +374,11 @@ class SpeculativeConfig:
             "is the draft model of method 'draft_model', which needs one" if is_draft else "needs method 'draft_model'",
         )
         _require(self.quantization is None or is_draft, "quantization", self.quantization, "is the draft model's")
+        if is_draft:
+            for name in ("prompt_lookup_max", "prompt_lookup_min"):
+                value = getattr(self, name)
+                default = type(self).__dataclass_fields__[name].default
+                _require(value == default, name, value, "is for method 'ngram'; a draft model looks nothing up")
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             value = getattr(self, name)
             _require(is_int(value) and value >= 1, name, value, "must be an integer >= 1")

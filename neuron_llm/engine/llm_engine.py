@@ -160,7 +160,7 @@ class LLMEngine:
         self._in_flight: _LaunchedStep | None = None
         self._penalized_ids: set[str] = set()
         """Requests whose penalties need every token on the host before the next step."""
-        self.proposer: Proposer | None = make_proposer(config, executor.num_kv_blocks)
+        self.proposer: Proposer | None = make_proposer(config, executor.num_kv_blocks, tokenizer)
         """Offers each decoding sequence's next tokens before a step (speculative decoding); None: off."""
 
     # -- requests -----------------------------------------------------------------------

@@ -3,6 +3,7 @@ greedy output changes."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from neuron_llm.engine.speculative import DraftModelProposer
 from neuron_llm.sampling_params import SamplingParams
 from tests.conftest import build_hf_llama
 from tests.engine.conftest import VOCAB_SIZE, all_blocks_free, make_llm, random_prompts
+from tests.tokenizer_kinds import byte_level_bpe, sentencepiece_bpe
 
 
 def _save_draft(path: Path, vocab_size: int = VOCAB_SIZE, max_position_embeddings: int = 512) -> Path:
@@ -148,6 +150,21 @@ def test_a_missing_draft_model_is_named(tiny_model_dir, tmp_path) -> None:
         make_llm(tiny_model_dir, speculative_config={"model": str(tmp_path / "nope"), "num_speculative_tokens": 2})
 
 
+def test_a_draft_must_share_the_models_tokenizer(tiny_model_dir, tmp_path) -> None:
+    # Both tokenizers cover the models' 256 ids; only the second maps them as the model's does.
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    byte_level_bpe().save_pretrained(model_dir)
+    other = _save_draft(tmp_path / "other")
+    sentencepiece_bpe().save_pretrained(other)
+    with pytest.raises(ValueError, match="tokenizer maps tokens to other ids than the model's"):
+        make_llm(model_dir, speculative_config={"model": str(other), "num_speculative_tokens": 2})
+    same = _save_draft(tmp_path / "same")
+    byte_level_bpe().save_pretrained(same)
+    llm = make_llm(model_dir, speculative_config={"model": str(same), "num_speculative_tokens": 2})
+    assert isinstance(llm.engine.proposer, DraftModelProposer)
+
+
 def test_the_draft_model_method_follows_from_a_model() -> None:
     config = SpeculativeConfig.parse('{"model": "draft", "num_speculative_tokens": 2}')
     assert config.method == "draft_model" and config.model == "draft"
@@ -159,6 +176,7 @@ def test_the_draft_model_method_follows_from_a_model() -> None:
         ({"method": "draft_model", "num_speculative_tokens": 2}, "which needs one"),
         ({"method": "ngram", "model": "draft", "num_speculative_tokens": 2}, "needs method 'draft_model'"),
         ({"quantization": "int8", "num_speculative_tokens": 2}, "the draft model's"),
+        ({"model": "draft", "prompt_lookup_max": 2, "num_speculative_tokens": 2}, "is for method 'ngram'"),
     ],
 )
 def test_bad_draft_configs_are_named(value, message) -> None:

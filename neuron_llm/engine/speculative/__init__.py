@@ -1,12 +1,17 @@
 """Proposers for speculative decoding: cheap guesses of a sequence's next tokens, which one
 model step verifies (``neuron_llm.sample.rejection``)."""
 
+from __future__ import annotations
+
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from neuron_llm.config import EngineConfig
 from neuron_llm.engine.speculative.draft import DraftModelProposer
 from neuron_llm.engine.speculative.ngram import NgramProposer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class Proposer(Protocol):
@@ -23,13 +28,15 @@ class Proposer(Protocol):
     def propose(self, token_ids: Sequence[int]) -> list[int]: ...
 
 
-def make_proposer(config: EngineConfig, num_kv_blocks: int) -> Proposer | None:
+def make_proposer(
+    config: EngineConfig, num_kv_blocks: int, tokenizer: PreTrainedTokenizerBase | None = None
+) -> Proposer | None:
     """The proposer ``config.speculative`` asks for (a draft model's pool of ``num_kv_blocks``
-    blocks); None when speculation is off."""
+    blocks, its tokenizer checked against the model's ``tokenizer``); None when speculation is off."""
     if config.speculative is None:
         return None
     if config.speculative.method == "draft_model":
-        return DraftModelProposer(config, num_kv_blocks)
+        return DraftModelProposer(config, num_kv_blocks, tokenizer)
     return NgramProposer(config.speculative)
 
 

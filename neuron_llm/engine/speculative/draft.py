@@ -22,6 +22,8 @@ from neuron_llm.loader import load_model_info
 from neuron_llm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from neuron_llm.llm import LLM
 
 
@@ -30,10 +32,13 @@ class DraftModelProposer:
 
     Its KV pool has ``num_kv_blocks`` blocks (the model's pool size: it holds as many tokens,
     each smaller for a smaller draft), and it runs as many sequences at once as the model.
-    A draft with a shorter context than ``max_model_len`` drafts only within its own.
+    A draft with a shorter context than ``max_model_len`` drafts only within its own. Given the
+    model's ``tokenizer``, a draft that has one must map every token to the same id.
     """
 
-    def __init__(self, config: EngineConfig, num_kv_blocks: int) -> None:
+    def __init__(
+        self, config: EngineConfig, num_kv_blocks: int, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> None:
         from neuron_llm.llm import LLM  # the draft is built as any model is
 
         speculative = config.speculative
@@ -76,6 +81,12 @@ class DraftModelProposer:
             ) from e
         self.engine = self.llm.engine
         self._ids = itertools.count()
+        draft_tokenizer = self.llm.tokenizer
+        both = tokenizer is not None and draft_tokenizer is not None
+        if both and draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+            # As many tokens but other ones: proposals would be lossless, and nearly all refused.
+            self.llm.shutdown()
+            raise ValueError(f"{name}'s tokenizer maps tokens to other ids than the model's: a draft must share it")
 
     def propose(self, token_ids: Sequence[int]) -> list[int]:
         (proposal,) = self.propose_all([token_ids], [self.num_tokens])
