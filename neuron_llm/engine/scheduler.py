@@ -318,9 +318,11 @@ class Scheduler:
             request = self.running[index]
             assert request.num_tokens_to_compute > 0, "schedule() twice without update_from_output()"
             num_new_tokens = min(request.num_tokens_to_compute, budget)
-            num_younger = min(len(self.running) - index, self.config.max_num_seqs - len(scheduled)) - 1
-            kept_tokens, kept_blocks = self._needs_of_younger(index, num_younger, budget - num_new_tokens)
-            drafts = self._drafts_to_verify(request, num_new_tokens, budget - kept_tokens, kept_blocks)
+            drafts = []
+            if request.draft_token_ids:  # the younger requests' needs cost a walk over them
+                num_younger = min(len(self.running) - index, self.config.max_num_seqs - len(scheduled)) - 1
+                kept_tokens, kept_blocks = self._needs_of_younger(index, num_younger, budget - num_new_tokens)
+                drafts = self._drafts_to_verify(request, num_new_tokens, budget - kept_tokens, kept_blocks)
             if not drafts and not self._reserve_blocks(request, num_new_tokens, preempted_ids):
                 break
             scheduled.append(self._advance(request, num_new_tokens, drafts))
