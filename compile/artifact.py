@@ -208,7 +208,7 @@ class Artifact:
         # The model files are a few kB: hashing them at every load is free, and an edited
         # config.json would otherwise load as another model silently.
         for name, recorded in manifest["files"].items():
-            artifact._check_file(path / name, recorded, sha256_of(path / name) if (path / name).is_file() else None)
+            artifact._check_file(path / name, recorded, hashed=True)
         return artifact
 
     @property
@@ -253,7 +253,7 @@ class Artifact:
         path = self.path / WEIGHTS_DIR / name
         if recorded is None:
             raise ValueError(f"{self.path} holds no weights for rank {rank} of {world_size}")
-        self._check_file(path, recorded, None)
+        self._check_file(path, recorded, hashed=False)
         if header_sha256(path) != recorded["header_sha256"]:
             raise ValueError(f"{path}: its tensors' header differs from the one compiled: damaged or replaced")
         return path
@@ -263,22 +263,21 @@ class Artifact:
         many were checked. ``ValueError`` names the first that differs or is missing."""
         records = {**self.manifest["files"], **{f"{WEIGHTS_DIR}/{n}": r for n, r in self.manifest["weights"].items()}}
         for name, recorded in records.items():
-            path = self.path / name
-            self._check_file(path, recorded, sha256_of(path) if path.is_file() else None)
+            self._check_file(self.path / name, recorded, hashed=True)
         graphs = self.path / GRAPHS_DIR
         for name in self.manifest["graphs"]:
             if not (graphs / name).is_file():
                 raise ValueError(f"{graphs / name}: missing (a graph the artifact compiled)")
         return len(records) + len(self.manifest["graphs"])
 
-    def _check_file(self, path: Path, recorded: dict[str, Any], sha256: str | None) -> None:
-        """``path`` against its record: size always, sha256 when given (None: not hashed)."""
+    def _check_file(self, path: Path, recorded: dict[str, Any], *, hashed: bool) -> None:
+        """``path`` against its record: its size, and with ``hashed`` its sha256."""
         if not path.is_file():
             raise ValueError(f"{path}: missing (the manifest records it)")
         size = path.stat().st_size
         if size != recorded["bytes"]:
             raise ValueError(f"{path}: {size} bytes where the manifest recorded {recorded['bytes']}: damaged")
-        if sha256 is not None and sha256 != recorded["sha256"]:
+        if hashed and sha256_of(path) != recorded["sha256"]:
             raise ValueError(f"{path}: its sha256 differs from the one compiled: damaged or edited")
 
 
