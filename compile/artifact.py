@@ -181,8 +181,7 @@ class Artifact:
 
     @classmethod
     def open(cls, path: str | Path) -> Artifact:
-        """Read ``path``'s manifest and check its model files; ``ValueError`` when it is not an
-        artifact this version reads, or a file differs from the one compiled."""
+        """Read ``path``'s manifest; ``ValueError`` when it is not one this version reads."""
         path = Path(os.path.abspath(Path(path).expanduser()))
         manifest_path = path / MANIFEST_NAME
         try:
@@ -204,12 +203,7 @@ class Artifact:
         missing = [key for key in _MANIFEST_KEYS if not isinstance(manifest.get(key), dict)]
         if missing:
             raise ValueError(f"{manifest_path}: damaged, no {missing[0]!r} record")
-        artifact = cls(path, manifest)
-        # The model files are a few kB: hashing them at every load is free, and an edited
-        # config.json would otherwise load as another model silently.
-        for name, recorded in manifest["files"].items():
-            artifact._check_file(path / name, recorded, hashed=True)
-        return artifact
+        return cls(path, manifest)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -245,6 +239,13 @@ class Artifact:
                     f"{here.get(name, 'none')}: compile the model again here"
                 )
 
+    def check_model_files(self) -> None:
+        """Refuse a model file (config, tokenizer) that differs from the one compiled: they are a
+        few kB, so hashing them at every load is free, and an edited config.json would otherwise
+        load as another model silently."""
+        for name, recorded in self.manifest["files"].items():
+            self._check_file(self.path / name, recorded, hashed=True)
+
     def weights_file(self, rank: int, world_size: int) -> Path:
         """Rank ``rank``'s weights, checked against the size and the safetensors header (names,
         dtypes, shapes, offsets) the manifest recorded; ``verify`` hashes the tensors too."""
@@ -261,14 +262,15 @@ class Artifact:
     def verify(self) -> int:
         """Hash every recorded file (the weights' gigabytes too) against the manifest; return how
         many were checked. ``ValueError`` names the first that differs or is missing."""
-        records = {**self.manifest["files"], **{f"{WEIGHTS_DIR}/{n}": r for n, r in self.manifest["weights"].items()}}
-        for name, recorded in records.items():
+        self.check_model_files()
+        weights = {f"{WEIGHTS_DIR}/{name}": recorded for name, recorded in self.manifest["weights"].items()}
+        for name, recorded in weights.items():
             self._check_file(self.path / name, recorded, hashed=True)
         graphs = self.path / GRAPHS_DIR
         for name in self.manifest["graphs"]:
             if not (graphs / name).is_file():
                 raise ValueError(f"{graphs / name}: missing (a graph the artifact compiled)")
-        return len(records) + len(self.manifest["graphs"])
+        return len(self.manifest["files"]) + len(weights) + len(self.manifest["graphs"])
 
     def _check_file(self, path: Path, recorded: dict[str, Any], *, hashed: bool) -> None:
         """``path`` against its record: its size, and with ``hashed`` its sha256."""

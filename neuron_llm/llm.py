@@ -127,6 +127,7 @@ class LLM:
             )
             engine_options = fixed
             artifact.check_system(device)
+            artifact.check_model_files()  # once here; each rank then checks its own weights
         device = device or "cpu"
         info = load_model_info(model)
         self.config = EngineConfig(
