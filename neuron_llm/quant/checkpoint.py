@@ -143,7 +143,9 @@ def parse_quantization_config(raw: dict[str, Any]) -> CheckpointQuantization:
         # Dense-stored sparse weights load as they are; compressed ones would be read as garbage.
         found = sparsity.get("format") if isinstance(sparsity, dict) else sparsity
         raise ValueError(f"quantization_config.sparsity_config: format {found!r} is not read, only 'dense'")
-    if raw.get("transform_config") is not None:
+    transform = raw.get("transform_config")
+    # compressed-tensors writes an empty one ({}) into every checkpoint it saves.
+    if transform is not None and (not isinstance(transform, dict) or transform.get("config_groups")):
         raise ValueError("quantization_config.transform_config: weight transforms (rotations) are not applied")
     groups = raw.get("config_groups")
     if not isinstance(groups, dict) or not groups:

@@ -250,7 +250,8 @@ FP8_TOKEN = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tok
         ({"quant_method": "gptq"}, "quant_method='gptq'"),
         ({"kv_cache_scheme": {"num_bits": 8}}, "KV-cache quantization"),
         ({"sparsity_config": {"format": "sparse-24-bitmask"}}, "format 'sparse-24-bitmask' is not read"),
-        ({"transform_config": {"config_groups": {}}}, "transforms"),
+        ({"transform_config": {"config_groups": {"r": {"type": "hadamard", "apply": []}}}}, "transforms"),
+        ({"transform_config": "hadamard"}, "transforms"),
         ({"config_groups": {"g": _group(num_bits=4)}}, r"weights\.num_bits=4"),
         ({"config_groups": {"g": _group(symmetric=False)}}, r"weights\.symmetric=False"),
         ({"config_groups": {"g": _group(strategy="tensor")}}, r"weights\.strategy='tensor'"),
@@ -281,6 +282,14 @@ def test_dense_stored_sparsity_reads_as_plain_weights() -> None:
     raw = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": _group()}}
     dense = {"format": "dense", "sparsity_structure": "unstructured", "global_sparsity": 0.5}
     assert parse_quantization_config({**raw, "sparsity_config": dense}) == parse_quantization_config(raw)
+
+
+@pytest.mark.parametrize("transform", [{}, {"config_groups": {}}])
+def test_an_empty_transform_config_reads_as_none(transform: dict) -> None:
+    # compressed-tensors' ModelCompressor.update_config writes "transform_config": {} into every
+    # checkpoint it saves, transforms or not.
+    raw = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": _group()}}
+    assert parse_quantization_config({**raw, "transform_config": transform}) == parse_quantization_config(raw)
 
 
 def test_configs_read_as_compressed_tensors_reads_them() -> None:
