@@ -12,7 +12,8 @@ compiles the backend's graphs. It writes::
                           sharded: loading copies them in, and neither quantizes nor reshards
     DIR/graphs/           the backend's compiled graphs: on CUDA, triton/, Triton's cache
                           of every kernel the warm-up compiled; on the XLA device, hlo/, each
-                          bucket's HLO module (what neuronx-cc compiles), and neuron-cache/,
+                          bucket's HLO module (what neuronx-cc compiles; with speculative
+                          decoding each prefill bucket's verification graph too), and neuron-cache/,
                           torch-neuronx's persistent cache of their NEFFs
 
 ``LLM(model=DIR)`` and ``neuron-llm serve DIR`` load it (``Artifact``): options left unset
@@ -35,6 +36,7 @@ again at load; Triton's cache on an H200. The Neuron cache is torch-neuronx's do
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -51,8 +53,7 @@ import torch
 from safetensors import safe_open
 
 from neuron_llm import __version__
-from neuron_llm.buckets import BucketSet
-from neuron_llm.config import EngineConfig, parse_device, parse_dtype, require_visible
+from neuron_llm.config import EngineConfig, SpeculativeConfig, parse_device, parse_dtype, require_visible
 from neuron_llm.loader import default_dtype
 from neuron_llm.models.llama import LlamaForCausalLM
 
@@ -97,6 +98,9 @@ def fixed_options(config: EngineConfig) -> dict[str, Any]:
     }
     if device.type == "xla":
         options["num_kv_blocks"] = config.cache.num_kv_blocks
+        if config.speculative is not None:
+            # Each prefill bucket then has a verification graph, sized by the proposals a step holds.
+            options["speculative_config"] = dataclasses.asdict(config.speculative)
     return options
 
 
@@ -309,6 +313,8 @@ def _same_option(name: str, value: Any, built: Any) -> bool:
         return parse_device(value).type == built
     if name == "dtype":
         return value == "auto" or parse_dtype(value) == parse_dtype(built)
+    if name == "speculative_config":
+        return SpeculativeConfig.parse(value) == SpeculativeConfig.parse(built)
     return value == built
 
 
@@ -363,17 +369,16 @@ def check_graphs(model: LlamaForCausalLM, config: EngineConfig, artifact_dir: st
     (another library version, another bucket set) would compile for minutes instead.
     """
     from neuron_llm.compile.hlo_export import MANIFEST_NAME as HLO_MANIFEST
-    from neuron_llm.compile.hlo_export import GraphShape, trace_graph
+    from neuron_llm.compile.hlo_export import graph_shapes, trace_graph
 
     hlo_dir = Path(artifact_dir) / GRAPHS_DIR / HLO_DIR
     graphs = json.loads((hlo_dir / HLO_MANIFEST).read_text())["graphs"]
-    buckets = BucketSet.for_engine(config)
-    expected = sorted(bucket.name for bucket in buckets.all)
-    if sorted(graph["bucket"] for graph in graphs) != expected:
-        raise ValueError(f"{hlo_dir} holds graphs of other buckets than this engine's {expected}")
+    shapes = {shape.name: shape for shape in graph_shapes(config)}
+    if sorted(graph["bucket"] for graph in graphs) != sorted(shapes):
+        raise ValueError(f"{hlo_dir} holds graphs of other buckets than this engine's {sorted(shapes)}")
     assert config.cache.num_kv_blocks is not None
     for graph in graphs:
-        shape = GraphShape(graph["bucket"], graph["num_tokens"], graph["num_seqs"], graph["max_blocks_per_seq"])
+        shape = shapes[graph["bucket"]]
         traced = hashlib.sha256(trace_graph(model, config, shape, config.cache.num_kv_blocks)).hexdigest()
         if traced != graph["sha256"]:
             raise ValueError(

@@ -40,7 +40,7 @@ from neuron_llm.worker import load_worker
 def save_rank(out_dir: Path, loaded: LoadedModel, config: EngineConfig, rank: int, world_size: int) -> None:
     """Write rank ``rank``'s share of the artifact, as its worker loaded it (before the backend
     rewrites it): its parameters; rank 0 also the model files and, on the XLA device, the HLO."""
-    from neuron_llm.compile.hlo_export import GraphShape, export_hlo
+    from neuron_llm.compile.hlo_export import export_hlo, graph_shapes
     from neuron_llm.quant.checkpoint import model_config_dict, write_model_files
 
     model = loaded.model
@@ -53,9 +53,7 @@ def save_rank(out_dir: Path, loaded: LoadedModel, config: EngineConfig, rank: in
     hf_config = model_config_dict(model, model.config, loaded.source, config.device.dtype, whole_groups=False)
     write_model_files(out_dir, hf_config, loaded.source, loaded.tokenizer)
     if parse_device(config.device.device).type == "xla":
-        buckets = BucketSet.for_engine(config)
-        shapes = [GraphShape(b.name, b.num_tokens, b.num_seqs, buckets.max_blocks_per_seq) for b in buckets.all]
-        export_hlo(model, config, shapes, out_dir / GRAPHS_DIR / HLO_DIR)
+        export_hlo(model, config, graph_shapes(config), out_dir / GRAPHS_DIR / HLO_DIR)
 
 
 def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> dict[str, Any]:
@@ -73,13 +71,19 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
         raise ValueError(f"{out} is not a new or empty directory")
     if is_artifact(model):
         raise ValueError(f"{model} is a compiled artifact already: load it, or compile its source model")
+    device = options.get("device") or "cpu"
+    if options.get("speculative_config") is not None and parse_device(device).type != "xla":
+        # Only the XLA device compiles graphs for it (a verification graph per prefill bucket).
+        raise ValueError(
+            f"speculative_config is chosen when a {parse_device(device).type} artifact is loaded, not compiled into it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.compiling-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     building.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
     try:
-        with graph_cache(building, options.get("device") or "cpu"):
+        with graph_cache(building, device):
             # LLM's own warm-up: on the devices whose graphs compile, every bucket's does now.
             llm = _CompilingLLM(building, model, **options)
         try:

@@ -31,13 +31,14 @@ from typing import Any
 import torch
 
 from neuron_llm.backends.neuron import NeuronBackend
+from neuron_llm.buckets import BucketSet
 from neuron_llm.config import EngineConfig, is_int
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.quant import quantized_linears
-from neuron_llm.sample import SamplingBatch
+from neuron_llm.sample import PADDING_ROW, SamplingBatch
 from neuron_llm.worker import StepInput, num_kv_heads_per_rank
 from neuron_llm.xla import entry_parameter_shapes, hlo_module_proto, import_torch_xla
-from neuron_llm.xla.runner import XlaWorker
+from neuron_llm.xla.runner import XlaWorker, num_verified_rows
 
 MANIFEST_NAME = "manifest.json"
 _POOL_NAMES = ("key_cache", "value_cache")
@@ -54,6 +55,9 @@ class GraphShape:
     """Sequences (and sampled logits rows), padding included."""
     max_blocks_per_seq: int
     """Width of the block table."""
+    num_verified_rows: int = 0
+    """0: the step graph of plain requests; else the graph of a step that verifies proposals
+    (speculative decoding), with this many sampling rows (``XlaWorker.sampling_block``)."""
 
     def __post_init__(self) -> None:
         if not self.name or self.name in (".", "..") or any(sep in self.name for sep in "/\\"):
@@ -64,6 +68,32 @@ class GraphShape:
                 raise ValueError(f"bucket {self.name!r}: {field}={value!r} must be an integer >= 1")
         if self.num_seqs > self.num_tokens:
             raise ValueError(f"bucket {self.name!r}: num_seqs={self.num_seqs} exceeds num_tokens={self.num_tokens}")
+        if not is_int(self.num_verified_rows) or not 0 <= self.num_verified_rows <= self.num_tokens:
+            raise ValueError(
+                f"bucket {self.name!r}: num_verified_rows={self.num_verified_rows!r} must be 0..num_tokens"
+            )
+
+    @property
+    def num_sampling_rows(self) -> int:
+        """Rows the graph samples (or verifies)."""
+        return self.num_verified_rows or self.num_seqs
+
+
+def graph_shapes(config: EngineConfig) -> list[GraphShape]:
+    """The graphs an engine of ``config`` serves on the XLA device: each bucket's plain step graph
+    and, with speculative decoding, each prefill bucket's verification graph (named ``<bucket>_verify``)."""
+    buckets = BucketSet.for_engine(config)
+    width = buckets.max_blocks_per_seq
+    shapes = [GraphShape(b.name, b.num_tokens, b.num_seqs, width) for b in buckets.all]
+    if config.speculative is not None:
+        k = config.speculative.num_speculative_tokens
+        shapes += [
+            GraphShape(
+                f"{b.name}_verify", b.num_tokens, b.num_seqs, width, num_verified_rows(b.num_tokens, b.num_seqs, k)
+            )
+            for b in buckets.prefill
+        ]
+    return shapes
 
 
 def dummy_step(shape: GraphShape) -> StepInput:
@@ -89,25 +119,30 @@ def step_inputs(shape: GraphShape, config: EngineConfig, num_kv_blocks: int) -> 
     num_kv_heads = num_kv_heads_per_rank(config.model, config.parallel.tensor_parallel_size)
     pool = [num_kv_blocks, config.cache.block_size, num_kv_heads, config.model.head_dim]
     dtype = str(config.device.dtype).removeprefix("torch.")
-    tokens, seqs = [shape.num_tokens], [shape.num_seqs]
-    return {
+    tokens, seqs, rows = [shape.num_tokens], [shape.num_seqs], [shape.num_sampling_rows]
+    inputs: dict[str, dict[str, Any]] = {
         "input_ids": {"shape": tokens, "dtype": "int64"},
         "positions": {"shape": tokens, "dtype": "int64"},
         "slot_mapping": {"shape": tokens, "dtype": "int64"},
         "block_tables": {"shape": [shape.num_seqs, shape.max_blocks_per_seq], "dtype": "int32"},
         "seq_lens": {"shape": seqs, "dtype": "int32"},
         "query_start_loc": {"shape": [shape.num_seqs + 1], "dtype": "int32"},
-        "logits_indices": {"shape": seqs, "dtype": "int64"},
+        "logits_indices": {"shape": rows, "dtype": "int64"},
         # Per-row sampling parameters of SamplingBatch.build_static.
-        "temperature": {"shape": seqs, "dtype": "float32"},
-        "is_greedy": {"shape": seqs, "dtype": "bool"},
-        "top_k": {"shape": seqs, "dtype": "int64"},
-        "top_p": {"shape": seqs, "dtype": "float32"},
-        "min_p": {"shape": seqs, "dtype": "float32"},
-        "noise_keys": {"shape": [shape.num_seqs, 2], "dtype": "int32"},
+        "temperature": {"shape": rows, "dtype": "float32"},
+        "is_greedy": {"shape": rows, "dtype": "bool"},
+        "top_k": {"shape": rows, "dtype": "int64"},
+        "top_p": {"shape": rows, "dtype": "float32"},
+        "min_p": {"shape": rows, "dtype": "float32"},
+        "noise_keys": {"shape": [shape.num_sampling_rows, 2], "dtype": "int32"},
         "key_cache": {"shape": pool, "dtype": dtype, "count": config.model.num_hidden_layers},
         "value_cache": {"shape": pool, "dtype": dtype, "count": config.model.num_hidden_layers},
     }
+    if shape.num_verified_rows:
+        # Each row's proposed token (-1: none), and where its sequence's rows begin and which it is.
+        for name in ("proposals", "first_row_of_seq", "seq_of_row"):
+            inputs[name] = {"shape": rows, "dtype": "int64"}
+    return inputs
 
 
 def export_hlo(
@@ -196,9 +231,15 @@ def trace_graph(model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape
     # its pending tensors are dropped on return, before the next worker's sync could run them.
     xla_config = dataclasses.replace(config, device=dataclasses.replace(config.device, device="xla"))
     worker = XlaWorker(model, xla_config, num_kv_blocks, NeuronBackend())
-    batch = SamplingBatch.build_static([], config.model.vocab_size, worker.device, shape.num_seqs)
     # Traced as the worker serves it (Python numbers inlined as constants): the same module.
-    sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
+    if shape.num_verified_rows:
+        step = dummy_step(shape)
+        if worker.sampling_block(step, verifying=True) != shape.num_verified_rows:
+            raise ValueError(f"bucket {shape.name!r}: num_verified_rows={shape.num_verified_rows} is not the engine's")
+        sampled, _ = worker.trace_verified(step, [PADDING_ROW], [[0]])
+    else:
+        batch = SamplingBatch.build_static([], config.model.vocab_size, worker.device, shape.num_seqs)
+        sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
     pools = [pool for layer in worker.kv_caches for pool in layer]
     return hlo_module_proto([sampled.token_ids, *pools])
 
@@ -216,6 +257,7 @@ def _export_graph(
         "sha256": hashlib.sha256(proto).hexdigest(),
         "num_tokens": shape.num_tokens,
         "num_seqs": shape.num_seqs,
+        "num_verified_rows": shape.num_verified_rows,
         "max_blocks_per_seq": shape.max_blocks_per_seq,
         "inputs": step_inputs(shape, config, num_kv_blocks),
         # The written pools follow the token ids in the output tuple. Their aliasing to the pool
@@ -223,7 +265,7 @@ def _export_graph(
         "outputs": {
             "order": ["token_ids"]
             + [f"{name}[{layer}]" for layer in range(config.model.num_hidden_layers) for name in _POOL_NAMES],
-            "token_ids": {"shape": [shape.num_seqs], "dtype": "int64"},
+            "token_ids": {"shape": [shape.num_sampling_rows], "dtype": "int64"},
         },
         "entry_parameters": {"count": len(parameters), "shapes": [str(p) for p in parameters]},
     }

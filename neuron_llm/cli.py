@@ -52,8 +52,6 @@ def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_compile(args: argparse.Namespace) -> int:
     from neuron_llm.compile.build import compile_artifact
 
-    if args.speculative_config is not None:
-        raise ValueError("--speculative-config is chosen when the artifact is loaded, not compiled into it")
     options = {
         name: value
         for name, value in (
@@ -61,6 +59,7 @@ def _run_compile(args: argparse.Namespace) -> int:
             ("max_num_seqs", args.max_num_seqs),
             ("max_num_batched_tokens", args.max_num_batched_tokens),
             ("num_kv_blocks", args.num_kv_blocks),
+            ("speculative_config", args.speculative_config),
         )
         if value is not None
     }

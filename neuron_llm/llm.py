@@ -118,9 +118,11 @@ class LLM:
                     "tensor_parallel_size": tensor_parallel_size,
                     "backend": backend,
                     "max_model_len": max_model_len,
+                    "speculative_config": speculative_config,
                     **engine_options,
                 }
             )
+            speculative_config = fixed.pop("speculative_config", None)
             device, dtype, quantization, tensor_parallel_size, backend, max_model_len = (
                 fixed.pop(name)
                 for name in ("device", "dtype", "quantization", "tensor_parallel_size", "backend", "max_model_len")

@@ -23,7 +23,7 @@ from neuron_llm.config import EngineConfig
 from neuron_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from neuron_llm.ops.metadata import NULL_BLOCK_ID
 from neuron_llm.parallel.executor import Executor
-from neuron_llm.sample import RowState, SamplerOutput
+from neuron_llm.sample import PADDING_ROW, RowState, SamplerOutput
 from neuron_llm.worker import StepInput
 
 
@@ -43,6 +43,7 @@ class ModelRunner:
         self.device = torch.device(config.device.device)
         self.block_size = config.cache.block_size
         self.buckets = buckets or BucketSet.for_engine(config)
+        self.speculative = config.speculative is not None
 
     def execute(
         self,
@@ -80,14 +81,20 @@ class ModelRunner:
         """Run one dummy step of every bucket, so a compiling backend builds each graph now.
 
         Each step samples (padding rows only), so its graph is the one steps of plain
-        requests run, greedy and sampled alike. Returns the number of graphs compiled;
-        afterwards the worker warns about any new one.
+        requests run, greedy and sampled alike. With speculative decoding on a device that
+        compiles a graph per shape, each prefill bucket also verifies a dummy proposal: the
+        graph of every verification step. Returns the number of graphs compiled; afterwards
+        the worker warns about any new one.
         """
         block_capacity = self.buckets.max_blocks_per_seq * self.block_size
+        verifies = self.speculative and self.executor.worker.pads_to_bucket
         # Largest first: CUDA graphs captured into one memory pool then reuse the blocks the
         # largest freed, where in the other order each larger graph would add its own.
         for bucket in sorted(self.buckets.all, key=lambda b: (b.num_tokens, b.num_seqs), reverse=True):
-            self.executor.execute_and_sample(_dummy_step(bucket, block_capacity, self.buckets.max_blocks_per_seq), [])
+            step = _dummy_step(bucket, block_capacity, self.buckets.max_blocks_per_seq)
+            self.executor.execute_and_sample(step, [])
+            if verifies and bucket.kind == "prefill":
+                self.executor.execute_and_sample(step, [PADDING_ROW], draft_token_ids=[[0]])
         self.executor.worker.mark_warmed_up()
         return self.executor.worker.num_compiled_graphs()
 

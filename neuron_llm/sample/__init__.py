@@ -1,6 +1,7 @@
 """Turning logits into tokens: the batched sampler and its per-step inputs."""
 
 from neuron_llm.sample.sampler import (
+    PADDING_ROW,
     LogprobsTensors,
     RowState,
     SamplerOutput,
@@ -12,6 +13,7 @@ from neuron_llm.sample.sampler import (
 )
 
 __all__ = [
+    "PADDING_ROW",
     "LogprobsTensors",
     "RowState",
     "SamplerOutput",

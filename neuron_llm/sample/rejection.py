@@ -28,6 +28,7 @@ from neuron_llm.sample.sampler import (
     RowState,
     SamplerOutput,
     SamplingBatch,
+    counter_uniform,
     draw,
     process_logits,
     score_tokens,
@@ -48,7 +49,10 @@ def _uniform(batch: SamplingBatch, proposal_rows: list[int], num_rows: int, devi
     # A seeded row draws from its sequence's generator (shared by that sequence's rows), so
     # its acceptances are reproducible and independent of the other rows. Rows without a
     # proposal draw nothing: a seeded sequence with none takes from its generator exactly
-    # what plain sampling takes.
+    # what plain sampling takes. A static batch has no generators: its rows' noise keys give
+    # the draw, at a counter past the vocabulary's (its tokens' noise uses those below).
+    if batch.noise_keys is not None:
+        return counter_uniform(batch.noise_keys, batch.vocab_size)
     uniform = torch.rand(num_rows, device=device)
     for row in proposal_rows:
         generator = batch.generators.get(row)
@@ -62,6 +66,7 @@ def verify(
     rows: Sequence[RowState],
     draft_token_ids: Sequence[Sequence[int]],
     eos_token_ids: Sequence[int] = (),
+    num_static_rows: int | None = None,
 ) -> SamplerOutput:
     """Keep a prefix of each sequence's proposals and add one token, from ``logits`` [rows, vocab].
 
@@ -70,17 +75,27 @@ def verify(
     sequence, in turn. Returns, per logits row, the token emitted if the sequence stops
     there (its proposal when kept, else the residual draw) with ``num_accepted`` per
     sequence; logprobs (when asked for) score those tokens under the raw logits.
+
+    ``num_static_rows``: for a device that compiles a graph per shape, ``logits`` has that
+    many rows, those past the sequences' padding; the batch is static
+    (``SamplingBatch.build_static``, counter-based draws) and ``num_accepted`` has
+    ``num_static_rows`` entries, the sequences' first, so any mix of proposals runs one graph.
     """
     expanded = expand_rows(rows, draft_token_ids)
     num_rows, vocab_size = logits.shape
-    assert num_rows == len(expanded), (num_rows, len(expanded))
     device = logits.device
-    batch = SamplingBatch.build(expanded, vocab_size, device, eos_token_ids)
+    if num_static_rows is None:
+        assert num_rows == len(expanded), (num_rows, len(expanded))
+        batch = SamplingBatch.build(expanded, vocab_size, device, eos_token_ids)
+    else:
+        assert num_rows == num_static_rows, (num_rows, num_static_rows)
+        batch = SamplingBatch.build_static(expanded, vocab_size, device, num_static_rows, eos_token_ids)
     processed = process_logits(logits, batch)
 
+    padding = [-1] * (num_rows - len(expanded))
     proposals = [drafts[j] if j < len(drafts) else -1 for drafts in draft_token_ids for j in range(len(drafts) + 1)]
     proposal_rows = [row for row, token_id in enumerate(proposals) if token_id >= 0]
-    proposed = to_device(proposals, torch.int64, device)
+    proposed = to_device(proposals + padding, torch.int64, device)
     has_proposal = proposed >= 0
     proposal = proposed.clamp_min(0).unsqueeze(1)
     if batch.is_all_greedy:
@@ -96,15 +111,31 @@ def verify(
     residual = torch.where(has_proposal.unsqueeze(1), without_proposal, processed)
     token_ids = torch.where(kept, proposed, draw(residual, batch))
 
-    # num_accepted: the kept proposals before each sequence's first refusal.
-    width = max(len(drafts) for drafts in draft_token_ids)
+    # num_accepted: the kept proposals before each sequence's first refusal. A row is counted
+    # when no row of its sequence up to it was refused: refusals counted from the sequence's
+    # first row (a running count, less the count before that row). Padding rows count nowhere.
     seq_of_row = [s for s, drafts in enumerate(draft_token_ids) for _ in range(len(drafts) + 1)]
-    column = [j for drafts in draft_token_ids for j in range(len(drafts) + 1)]
-    grid = torch.zeros(len(draft_token_ids), width + 1, dtype=torch.int64, device=device)
-    grid[to_device(seq_of_row, torch.int64, device), to_device(column, torch.int64, device)] = kept.long()
-    num_accepted = grid.cumprod(dim=1).sum(dim=1)
+    first_row = [start for start, n in _row_spans(draft_token_ids) for _ in range(n)]
+    pad_rows = range(len(expanded), num_rows)
+    seq_index = to_device(seq_of_row + [0] * len(padding), torch.int64, device)
+    start_index = to_device(first_row + list(pad_rows), torch.int64, device)
+    refused = (has_proposal & ~kept).long()
+    refusals = refused.cumsum(dim=0)
+    refusals_before_seq = refusals.gather(0, start_index) - refused.gather(0, start_index)
+    counted = kept & (refusals - refusals_before_seq == 0)
+    num_seqs = len(draft_token_ids) if num_static_rows is None else num_static_rows
+    num_accepted = torch.zeros(num_seqs, dtype=torch.int64, device=device).scatter_add(0, seq_index, counted.long())
 
     logprobs = None
     if batch.num_logprobs is not None:
         logprobs = score_tokens(logits.float().log_softmax(dim=-1), token_ids, batch.num_logprobs)
     return SamplerOutput(token_ids, logprobs, num_accepted)
+
+
+def _row_spans(draft_token_ids: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """(first row, row count) of each sequence's logits rows."""
+    spans, start = [], 0
+    for drafts in draft_token_ids:
+        spans.append((start, len(drafts) + 1))
+        start += len(drafts) + 1
+    return spans

@@ -203,7 +203,7 @@ class SamplingBatch:
         """
         if len(rows) > num_rows:
             raise ValueError(f"{len(rows)} sampling rows exceed the static batch's num_rows={num_rows}")
-        rows = list(rows) + [_PADDING_ROW] * (num_rows - len(rows))
+        rows = list(rows) + [PADDING_ROW] * (num_rows - len(rows))
         params = [row.params for row in rows]
         is_greedy = [p.is_greedy for p in params]
         top_k, top_p, min_p = _truncation_tensors(params, vocab_size, device, always=True)
@@ -227,8 +227,9 @@ class SamplingBatch:
         )
 
 
-_PADDING_ROW = RowState(SamplingParams(temperature=0.0), (), ())
-"""Fills a static batch up to its row count: greedy, so it takes no noise and no truncation."""
+PADDING_ROW = RowState(SamplingParams(temperature=0.0), (), ())
+"""Fills a static batch up to its row count: greedy, so it takes no noise and no truncation
+(and stands for a row in the dummy steps that compile a graph)."""
 
 
 def _truncation_tensors(
@@ -474,18 +475,35 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 16)
 
 
+def _counter_uniform(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) fp32 [num_rows, len(counters)]: each int32 counter hashed under each row's key.
+
+    The counter is hashed under the row's two key words and the low 24 bits of the result
+    map to ``u``. Only 32-bit integer and fp32 operations: the same bits on the CPU, on
+    torch-xla and on devices without int64.
+    """
+    bits = _mix32(_mix32(counters.unsqueeze(0) ^ keys[:, :1]) + keys[:, 1:])
+    return ((bits & 0xFFFFFF).float() + 0.5) * 2.0**-24
+
+
 def counter_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Exp(1) noise [num_rows, vocab_size] fp32, a pure function of ``keys`` [num_rows, 2] int32.
 
-    Token ``v`` of row ``r`` hashes ``v`` under the row's two key words and maps the low 24
-    bits to a uniform ``u`` in (0, 1), then to ``-log(u)``. Only 32-bit integer and fp32
-    operations: the same bits on the CPU, on torch-xla and on devices without int64.
+    Token ``v`` of row ``r`` takes ``-log(u)`` of the uniform ``u`` that counter ``v`` gives
+    under the row's key (``_counter_uniform``).
     """
     token_ids = torch.arange(vocab_size, dtype=torch.int32, device=keys.device)
-    # bits: [num_rows, vocab_size] int32
-    bits = _mix32(_mix32(token_ids.unsqueeze(0) ^ keys[:, :1]) + keys[:, 1:])
-    uniform = ((bits & 0xFFFFFF).float() + 0.5) * 2.0**-24
-    return -uniform.log()
+    return -_counter_uniform(keys, token_ids).log()
+
+
+def counter_uniform(keys: torch.Tensor, counter: int) -> torch.Tensor:
+    """One uniform (0, 1) fp32 per row of ``keys`` [num_rows, 2] int32, at ``counter``.
+
+    A counter no token id takes (the vocabulary's size or more) gives a draw independent of
+    the row's ``counter_noise``.
+    """
+    counters = torch.full((1,), counter, dtype=torch.int32, device=keys.device)
+    return _counter_uniform(keys, counters).squeeze(1)
 
 
 def draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

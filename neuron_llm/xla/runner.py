@@ -10,10 +10,13 @@ sequence count, so the graphs of a bucket are known before serving:
 
 - the plain graph: any mix of greedy, random and seeded rows with temperature, top-k,
   top-p and min-p. Warm-up compiles it for every bucket.
+- with speculative decoding, the verification graph of a prefill bucket (a step whose
+  sequences compute proposals too): the rejection sampler on a static batch of a row per
+  sequence and possible proposal (``sampling_block``), whatever the proposals. Warm-up
+  compiles it for every prefill bucket when speculation is on.
 - one more graph for each combination of penalties, min_tokens and logprobs that some
-  step uses (7 at most), and each of these again for steps with prompt-logprob rows
-  (``num_logits_rows``): at most 16 graphs a bucket. These compile on first use, with a
-  warning, as any graph after warm-up does.
+  step uses (7 at most), and each of these again for steps with prompt-logprob rows. These
+  compile on first use, with a warning, as any graph after warm-up does.
 
 ``execute`` (logits to the host, no sampling) is the forward-only graph: what the other
 ranks of a tensor-parallel group run, since rank 0 alone samples.
@@ -30,6 +33,7 @@ from neuron_llm.backends import Backend
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.sample import LogprobsTensors, RowState, SamplerOutput, SamplingBatch, sample
+from neuron_llm.sample.rejection import verify
 from neuron_llm.worker import StepInput, StepOutput, Worker, on_own_backend_and_device
 from neuron_llm.xla.device import compile_count, inline_python_numbers, sync, to_host, xla_device
 
@@ -61,17 +65,40 @@ class XlaWorker(Worker):
         self._compiled_at_start = compile_count()
         self._is_warm = False
 
-    def trace(self, step: StepInput) -> torch.Tensor:
+    def trace(self, step: StepInput, num_verified_rows: int | None = None) -> torch.Tensor:
         """Record one step (forward, KV writes, logits) without running it.
 
-        Returns the pending fp32 logits [num_logits_rows(step), vocab_size]; rows past
-        ``len(step.logits_indices)`` repeat row 0. Raises ``ValueError`` when the step is not
-        padded to a bucket.
+        ``num_verified_rows``: the sampling rows of a verification step (None: a plain step,
+        one sampling row a sequence). Returns the pending fp32 logits: the sampling rows
+        padded to ``sampling_block``, then the prompt rows, if any, padded to
+        ``num_padded_tokens``, so a bucket has a few logits shapes, never one per row count;
+        padding rows repeat row 0. Raises ``ValueError`` when the step is not padded to a
+        bucket.
         """
         if step.num_padded_tokens is None or step.num_padded_seqs is None or step.max_blocks_per_seq is None:
             raise ValueError("an XLA step needs num_padded_tokens, num_padded_seqs and max_blocks_per_seq (a bucket)")
-        row_padding = [0] * (num_logits_rows(step) - len(step.logits_indices))
-        return self.forward(step, step.logits_indices + row_padding)
+        sampling, prompt = split_logits_indices(step, num_verified_rows)
+        sampling_block = self.sampling_block(step, verifying=num_verified_rows is not None)
+        if len(sampling) > sampling_block or len(prompt) > step.num_padded_tokens:
+            raise ValueError(
+                f"{len(sampling)} sampling and {len(prompt)} prompt logits rows exceed the bucket's "
+                f"{sampling_block} and {step.num_padded_tokens}"
+            )
+        prompt_block = step.num_padded_tokens if prompt else 0
+        indices = sampling + [0] * (sampling_block - len(sampling)) + prompt + [0] * (prompt_block - len(prompt))
+        return self.forward(step, indices)
+
+    def sampling_block(self, step: StepInput, verifying: bool) -> int:
+        """Logits rows a step's graph gives its sampling rows: one a sequence; when it verifies
+        proposals, one a sequence and proposal (``num_speculative_tokens + 1`` a sequence), at
+        most one a token. Static per bucket: its one verification graph fits any proposals."""
+        assert step.num_padded_seqs is not None and step.num_padded_tokens is not None
+        if not verifying:
+            return step.num_padded_seqs
+        assert self.config.speculative is not None, "verifying proposals without speculative decoding"
+        return num_verified_rows(
+            step.num_padded_tokens, step.num_padded_seqs, self.config.speculative.num_speculative_tokens
+        )
 
     @on_own_backend_and_device
     @torch.no_grad()
@@ -79,26 +106,53 @@ class XlaWorker(Worker):
         """Record one step and its sampling (the graph ``execute_and_sample`` runs) without running it.
 
         ``batch`` is a static batch of ``step.num_padded_seqs`` rows. Returns the pending
-        sampler output of those rows and the pending logits rows after them
-        [num_logits_rows(step) - num_padded_seqs, vocab_size], or None when the step reads
-        no prompt rows.
+        sampler output of those rows and the pending prompt logits rows after them
+        [num_padded_tokens, vocab_size], or None when the step reads no prompt rows.
         """
-        logits = self.trace(step)
         num_seqs = batch.num_rows
         assert num_seqs == step.num_padded_seqs, (num_seqs, step.num_padded_seqs)
+        logits = self.trace(step)
         sampled = sample(logits[:num_seqs], batch)
-        prompt_logits = logits[num_seqs:] if len(step.logits_indices) > num_seqs else None
+        prompt_logits = logits[num_seqs:] if logits.shape[0] > num_seqs else None
+        return sampled, prompt_logits
+
+    @on_own_backend_and_device
+    @torch.no_grad()
+    def trace_verified(
+        self,
+        step: StepInput,
+        rows: Sequence[RowState],
+        draft_token_ids: Sequence[Sequence[int]],
+        eos_token_ids: Sequence[int] = (),
+    ) -> tuple[SamplerOutput, torch.Tensor | None]:
+        """Record one step and the verification of ``draft_token_ids`` (speculative decoding).
+
+        As ``trace_sampled``, for a step whose sequence ``s`` has ``len(draft_token_ids[s]) + 1``
+        sampling rows: they are verified on a static batch of the graph's ``sampling_block``,
+        whatever the proposals, so a bucket has one verification graph.
+        """
+        num_rows = len(rows) + sum(map(len, draft_token_ids))
+        logits = self.trace(step, num_rows)
+        block = self.sampling_block(step, verifying=True)
+        sampled = verify(logits[:block], rows, draft_token_ids, eos_token_ids, num_static_rows=block)
+        prompt_logits = logits[block:] if logits.shape[0] > block else None
         return sampled, prompt_logits
 
     def execute(self, step: StepInput, sampled_before: torch.Tensor | None = None) -> torch.Tensor:
-        """Run one step as one graph; return its fp32 logits [len(step.logits_indices), vocab_size] on the CPU."""
+        """Run one step as one graph; return its fp32 logits [len(step.logits_indices), vocab_size] on the CPU.
+
+        The logits rows are those of ``step.logits_indices``, each sampling row and prompt row once.
+        """
         _refuse_placeholders(sampled_before)
         compiled_before = compile_count()
+        sampling, prompt = split_logits_indices(step, None)
         logits = self.trace(step)
         sync()
         self._warn_if_compiled(compiled_before, step, "no sampling")
         # Slice on the host: slicing the device tensor by a varying length would be a new graph.
-        return logits.cpu()[: len(step.logits_indices)]
+        block = self.sampling_block(step, verifying=False)
+        host = logits.cpu()
+        return torch.cat([host[: len(sampling)], host[block : block + len(prompt)]])
 
     def execute_and_sample(
         self,
@@ -108,27 +162,39 @@ class XlaWorker(Worker):
         sampled_before: torch.Tensor | None = None,
         draft_token_ids: Sequence[Sequence[int]] | None = None,
     ) -> StepOutput:
-        """Run one step and its sampling as one graph; read back only the tokens (and logprobs).
+        """Run one step and its sampling (or verification) as one graph; read back only the tokens (and logprobs).
 
-        As ``Worker.execute_and_sample``, with the returned tensors on the CPU. The bucket's
-        rows past ``len(rows)`` are sampled too (greedily) and dropped on the host.
+        As ``Worker.execute_and_sample``, with the returned tensors on the CPU. The graph's
+        sampling rows past the real ones are sampled too (greedily) and dropped on the host.
         """
         _refuse_placeholders(sampled_before)
-        # EngineConfig refuses speculative decoding here.
-        assert not (draft_token_ids and any(draft_token_ids)), "speculative decoding on the XLA device"
         if step.num_padded_seqs is None:
             raise ValueError("an XLA step needs num_padded_seqs (a bucket)")
         compiled_before = compile_count()
-        batch = SamplingBatch.build_static(
-            rows, self.config.model.vocab_size, self.device, step.num_padded_seqs, eos_token_ids
-        )
-        sampled, prompt_logits = self.trace_sampled(step, batch)
+        if draft_token_ids and any(draft_token_ids):
+            sampled, prompt_logits = self.trace_verified(step, rows, draft_token_ids, eos_token_ids)
+            num_rows = len(rows) + sum(map(len, draft_token_ids))
+            variant = "verification"
+        else:
+            batch = SamplingBatch.build_static(
+                rows, self.config.model.vocab_size, self.device, step.num_padded_seqs, eos_token_ids
+            )
+            sampled, prompt_logits = self.trace_sampled(step, batch)
+            num_rows = len(rows)
+            variant = _sampling_variant(batch)
         sync()
-        self._warn_if_compiled(compiled_before, step, _sampling_variant(batch, prompt_logits is not None))
-        return self._read_back(sampled if rows else None, len(rows), prompt_logits, step)
+        if prompt_logits is not None:
+            variant += " + prompt logprobs"
+        self._warn_if_compiled(compiled_before, step, variant)
+        return self._read_back(sampled if rows else None, num_rows, len(rows), prompt_logits, step)
 
     def _read_back(
-        self, sampled: SamplerOutput | None, num_rows: int, prompt_logits: torch.Tensor | None, step: StepInput
+        self,
+        sampled: SamplerOutput | None,
+        num_rows: int,
+        num_seqs: int,
+        prompt_logits: torch.Tensor | None,
+        step: StepInput,
     ) -> StepOutput:
         """Copy what the host needs in one transfer; slice the real rows there.
 
@@ -136,16 +202,20 @@ class XlaWorker(Worker):
         """
         token_ids = [sampled.token_ids] if sampled is not None else []
         logprobs = _logprobs_fields(sampled.logprobs) if sampled is not None and sampled.logprobs is not None else []
-        pending = token_ids + logprobs + ([prompt_logits] if prompt_logits is not None else [])
+        accepted = [sampled.num_accepted] if sampled is not None and sampled.num_accepted is not None else []
+        pending = token_ids + logprobs + accepted + ([prompt_logits] if prompt_logits is not None else [])
         host = to_host(pending) if pending else []
         output = None
         if sampled is not None:
             host_logprobs = [tensor[:num_rows] for tensor in host[1 : 1 + len(logprobs)]]
-            output = SamplerOutput(host[0][:num_rows], LogprobsTensors(*host_logprobs) if logprobs else None)
+            num_accepted = host[1 + len(logprobs)][:num_seqs] if accepted else None
+            output = SamplerOutput(
+                host[0][:num_rows], LogprobsTensors(*host_logprobs) if logprobs else None, num_accepted
+            )
+        _, prompt = split_logits_indices(step, num_rows)
         if prompt_logits is None:
             return StepOutput(output, torch.empty(0, self.config.model.vocab_size))
-        assert step.num_padded_seqs is not None
-        return StepOutput(output, host[-1][: len(step.logits_indices) - step.num_padded_seqs])
+        return StepOutput(output, host[-1][: len(prompt)])
 
     def num_compiled_graphs(self) -> int:
         return compile_count() - self._compiled_at_start
@@ -156,12 +226,12 @@ class XlaWorker(Worker):
     def _warn_if_compiled(self, compiled_before: int, step: StepInput, variant: str) -> None:
         if self._is_warm and compile_count() > compiled_before:
             logger.warning(
-                "compiled a new graph after warm-up for a step of %d tokens, %d sequences, %d logits rows (%s): "
-                "warm-up compiles each bucket's plain sampling graph; penalties, min_tokens, logprobs and "
-                "prompt logprobs compile once per bucket on first use, any other shape is missing from the buckets",
+                "compiled a new graph after warm-up for a step of %d tokens, %d sequences (%s): warm-up "
+                "compiles each bucket's plain sampling graph (and, with speculative decoding, each prefill "
+                "bucket's verification graph); penalties, min_tokens, logprobs and prompt logprobs compile "
+                "once per bucket on first use, any other shape is missing from the buckets",
                 step.num_padded_tokens,
                 step.num_padded_seqs,
-                num_logits_rows(step),
                 variant,
             )
 
@@ -177,32 +247,36 @@ def _logprobs_fields(logprobs: LogprobsTensors) -> list[torch.Tensor]:
     ]
 
 
-def _sampling_variant(batch: SamplingBatch, has_prompt_rows: bool) -> str:
+def _sampling_variant(batch: SamplingBatch) -> str:
     """Names the optional parts of a sampling graph, for the warning about a new one."""
     parts = {
         "penalties": batch.penalties is not None,
         "min_tokens": batch.min_tokens_mask is not None,
         "logprobs": batch.num_logprobs is not None,
-        "prompt logprobs": has_prompt_rows,
     }
     return " + ".join(["sampling"] + [name for name, used in parts.items() if used])
 
 
-def num_logits_rows(step: StepInput) -> int:
-    """Logits rows of a bucketed step's graph: one per sequence, or room for every token's row too.
+def num_verified_rows(num_tokens: int, num_seqs: int, num_speculative_tokens: int) -> int:
+    """Sampling rows of a bucket's verification graph: room for every sequence's proposals and
+    the token after them, and no more rows than tokens."""
+    return min(num_tokens, num_seqs * (num_speculative_tokens + 1))
 
-    Sampling reads one row per sequence (padded to the bucket's count); prompt logprobs add
-    up to one row per token. Padding to these two sizes gives a bucket at most two graphs,
-    never one per row count. Raises ``ValueError`` for more rows than that.
+
+def split_logits_indices(step: StepInput, num_sampling_rows: int | None) -> tuple[list[int], list[int]]:
+    """``step.logits_indices`` as (sampling rows, prompt rows).
+
+    ``num_sampling_rows`` counts the real sampling rows (None: a plain step's, one a sequence
+    padded to ``num_padded_seqs``); the runner pads them to ``num_padded_seqs`` when they
+    fit, and the prompt rows follow.
     """
-    assert step.num_padded_seqs is not None and step.num_padded_tokens is not None
-    num_rows = len(step.logits_indices)
-    if num_rows <= step.num_padded_seqs:
-        return step.num_padded_seqs
-    limit = step.num_padded_seqs + step.num_padded_tokens
-    if num_rows > limit:
-        raise ValueError(f"{num_rows} logits rows exceed the bucket's num_padded_seqs + num_padded_tokens={limit}")
-    return limit
+    assert step.num_padded_seqs is not None
+    indices = step.logits_indices
+    if num_sampling_rows is None:
+        num_sampling_rows = min(len(indices), step.num_padded_seqs)
+    if len(indices) <= num_sampling_rows:
+        return indices[:num_sampling_rows], []
+    return indices[:num_sampling_rows], indices[max(num_sampling_rows, step.num_padded_seqs) :]
 
 
 def _refuse_placeholders(sampled_before: torch.Tensor | None) -> None:

@@ -310,8 +310,10 @@ def test_the_compile_command_writes_an_artifact(source: Path, tmp_path: Path, ca
     assert (options["quantization"], options["max_num_seqs"], options["block_size"]) == ("int8", 4, 8)
     assert main(args) == 2
     assert "not a new or empty directory" in capsys.readouterr().err
-    assert main(args + ["--speculative-config", '{"num_speculative_tokens": 2}']) == 2
-    assert "chosen when the artifact is loaded" in capsys.readouterr().err
+    other = [arg if arg != str(out) else str(tmp_path / "speculative") for arg in args]
+    assert main(other + ["--speculative-config", '{"num_speculative_tokens": 2}']) == 2
+    assert "chosen when a cpu artifact is loaded" in capsys.readouterr().err
+    assert not (tmp_path / "speculative").exists()
 
 
 @pytest.mark.slow

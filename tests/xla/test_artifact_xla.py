@@ -74,3 +74,34 @@ def test_a_bucket_that_traces_another_graph_is_refused(compiled: tuple[Path, Pat
     path.write_text(json.dumps(hlo))
     with pytest.raises(ValueError, match=f"bucket {hlo['graphs'][1]['bucket']} traces to another graph"):
         LLM(str(out))
+
+
+def test_speculative_decoding_is_compiled_into_an_xla_artifact(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], tmp_path: Path
+) -> None:
+    """Each prefill bucket's verification graph is exported beside the plain ones and checked at
+    load; the artifact speculates as compiled, and refuses another speculation, or none compiled."""
+    _, source = save_tiny_llama()
+    speculative = {"num_speculative_tokens": 2}
+    out = tmp_path / "speculative"
+    compile_artifact(str(source), out, device="xla", num_kv_blocks=40, speculative_config=speculative, **OPTIONS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["speculative_config"]["num_speculative_tokens"] == 2
+    graphs = json.loads((out / GRAPHS_DIR / HLO_DIR / HLO_MANIFEST).read_text())["graphs"]
+    prefill = [name for name in manifest["buckets"] if name.startswith("prefill")]
+    verifying = {graph["bucket"]: graph for graph in graphs if graph["num_verified_rows"]}
+    assert sorted(verifying) == sorted(f"{name}_verify" for name in prefill)
+    # max_num_seqs=2, 2 proposals: 6 rows a bucket of at least 6 tokens.
+    assert {graph["num_verified_rows"] for graph in verifying.values()} == {6}
+    assert all(graph["inputs"]["proposals"]["shape"] == [6] for graph in verifying.values())
+
+    llm = LLM(str(out))
+    assert llm.config.speculative is not None and llm.config.speculative.num_speculative_tokens == 2
+    assert greedy_tokens(llm) == greedy_tokens(LLM(str(source), device="cpu", **OPTIONS))
+    with pytest.raises(ValueError, match="speculative_config=.*compiled with speculative_config="):
+        LLM(str(out), speculative_config={"num_speculative_tokens": 3})
+
+    plain = tmp_path / "plain"
+    compile_artifact(str(source), plain, device="xla", num_kv_blocks=40, **OPTIONS)
+    with pytest.raises(ValueError, match="speculative_config"):
+        LLM(str(plain), speculative_config=speculative)

@@ -1,0 +1,113 @@
+"""Speculative decoding on the XLA device: verification steps run graphs compiled at warm-up,
+and change no greedy output."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+torch_xla = pytest.importorskip("torch_xla")
+
+from neuron_llm.llm import LLM  # noqa: E402
+from neuron_llm.sampling_params import SamplingParams  # noqa: E402
+from tests.engine.conftest import (  # noqa: E402
+    OracleProposer,
+    assert_same_outputs,
+    random_prompts,
+    run_all,
+    tiny_model_dir,  # noqa: F401
+)
+
+pytestmark = pytest.mark.xla
+
+# decode buckets of 1, 2, 4 sequences and prefill buckets of 16, 32 tokens; a pool size (part of
+# every graph's signature) no other module uses, so that this module's engines compile their graphs.
+OPTIONS = dict(
+    dtype="float32", num_kv_blocks=56, block_size=4, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32
+)
+SPECULATIVE = {"num_speculative_tokens": 3}
+UNSTOPPED = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+
+
+def _continuations(model_dir, prompts: list[list[int]]) -> dict[tuple[int, ...], list[int]]:
+    plain = LLM(model=str(model_dir), device="cpu", **OPTIONS)
+    outputs = plain.generate([{"prompt_token_ids": p} for p in prompts], UNSTOPPED)
+    return {tuple(p): o.outputs[0].token_ids for p, o in zip(prompts, outputs)}
+
+
+def test_verification_steps_change_no_greedy_output_and_compile_nothing_after_warm_up(
+    tiny_model_dir,  # noqa: F811
+    caplog,
+) -> None:
+    """Greedy requests (logprobs, prompt logprobs and penalties among them) arriving over
+    time, with proposals that are partly right: the XLA engine's outputs are the CPU's plain
+    decoding's, and its only graphs after warm-up are the ones some sampling options add."""
+    prompts = random_prompts(6, seed=60, min_len=3, max_len=12)
+    kinds = [
+        SamplingParams(temperature=0.0, max_tokens=12),
+        SamplingParams(temperature=0.0, max_tokens=9, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=10, prompt_logprobs=1),
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=11),
+        SamplingParams(temperature=0.0, max_tokens=8, repetition_penalty=1.3),
+    ]
+    arrivals = {step: [(f"r{step}", prompts[step], kinds[step])] for step in range(len(prompts))}
+    expected = run_all(LLM(model=str(tiny_model_dir), device="cpu", **OPTIONS), dict(arrivals))
+
+    llm = LLM(model=str(tiny_model_dir), device="xla", speculative_config=SPECULATIVE, **OPTIONS)
+    buckets = llm.engine.runner.buckets
+    # Each bucket's plain graph and each prefill bucket's verification graph.
+    assert llm.engine.stats().num_compiled_graphs == len(buckets.all) + len(buckets.prefill)
+    llm.engine.proposer = OracleProposer(_continuations(tiny_model_dir, prompts), "mixed", k=3)
+    with caplog.at_level(logging.WARNING):
+        ours = run_all(llm, dict(arrivals))
+    assert_same_outputs(ours, expected)
+    stats = llm.engine.stats()
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    # Logprobs, prompt logprobs and the penalty each add a graph on first use (and say so); no
+    # verification step of plain requests does.
+    warnings = [r.getMessage() for r in caplog.records if "compiled a new graph" in r.getMessage()]
+    assert warnings and all(
+        "logprobs" in message or "penalties" in message or "prompt logprobs" in message for message in warnings
+    ), warnings
+
+
+def test_plain_requests_verify_in_the_warm_up_graphs(tiny_model_dir, caplog) -> None:  # noqa: F811
+    """Greedy, sampled and seeded requests, n-gram proposals on prompts that repeat
+    themselves: no graph is compiled after warm-up, and greedy outputs are plain decoding's."""
+    base = random_prompts(4, seed=61, min_len=4, max_len=6)
+    prompts = [p * 3 for p in base]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=16),
+        SamplingParams(temperature=0.9, max_tokens=16),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=16),
+        SamplingParams(temperature=0.0, max_tokens=16),
+    ]
+    arrivals = {0: [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]}
+    expected = run_all(LLM(model=str(tiny_model_dir), device="cpu", **OPTIONS), dict(arrivals))
+    llm = LLM(model=str(tiny_model_dir), device="xla", speculative_config=SPECULATIVE, **OPTIONS)
+    compiled = llm.engine.stats().num_compiled_graphs
+    with caplog.at_level(logging.WARNING):
+        ours = run_all(llm, dict(arrivals))
+    assert "compiled a new graph" not in caplog.text
+    assert llm.engine.stats().num_compiled_graphs == compiled
+    for request_id in ("r0", "r3"):
+        assert ours[request_id].outputs[0].token_ids == expected[request_id].outputs[0].token_ids
+    assert all(len(ours[f"r{i}"].outputs[0].token_ids) == 16 for i in (1, 2))
+    assert llm.engine.stats().num_draft_tokens > 0
+
+
+def test_more_rows_than_the_bucket_has_sequences(tiny_model_dir) -> None:  # noqa: F811
+    """With max_num_seqs=2, two sequences of 3 proposals each make 8 sampling rows, more than
+    the bucket's sequences: its verification graph has room for every sequence's proposals,
+    and greedy output is still plain decoding's."""
+    options = dict(OPTIONS, max_num_seqs=2)
+    prompts = random_prompts(2, seed=62, min_len=4, max_len=8)
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=1)
+    arrivals = {0: [(f"r{i}", p, params) for i, p in enumerate(prompts)]}
+    expected = run_all(LLM(model=str(tiny_model_dir), device="cpu", **options), dict(arrivals))
+    llm = LLM(model=str(tiny_model_dir), device="xla", speculative_config=SPECULATIVE, **options)
+    llm.engine.proposer = OracleProposer(_continuations(tiny_model_dir, prompts), "right", k=3)
+    assert_same_outputs(run_all(llm, dict(arrivals)), expected)
+    assert llm.engine.stats().num_accepted_tokens > 0
