@@ -263,13 +263,20 @@ class LLMEngine:
         if self.proposer is not None:
             self._propose(self.proposer)
         scheduled = self.scheduler.schedule()
-        launched = None if scheduled.is_empty else self._launch(scheduled)
+        overlaps = self._overlaps()
+        try:
+            launched = None if scheduled.is_empty else self._launch(scheduled)
+            sampled = self._read_sampled(launched) if launched is not None and not overlaps else None
+        except BaseException:
+            # The step's tokens never came back: its requests compute them again in a later
+            # step (for the other callers of a shared engine), and this caller sees the error.
+            self.scheduler.rewind(scheduled)
+            raise
         in_flight, self._in_flight = self._in_flight, None
         outputs = [] if in_flight is None else self._complete(in_flight)
         if launched is None:
             return outputs
-        if not self._overlaps():
-            sampled = self._read_sampled(launched)
+        if sampled is not None:
             self.scheduler.update_from_output(
                 scheduled, {entry.request.request_id: ids for entry, ids in zip(launched.sampling, sampled[0])}
             )

@@ -220,6 +220,14 @@ class Scheduler:
         finished_ids, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(scheduled, preempted_ids, finished_ids)
 
+    def rewind(self, output: SchedulerOutput) -> None:
+        """Take back ``schedule``'s advance of a step that failed before its results came back:
+        its requests compute those tokens (and propose again) in a later step. Their blocks stay
+        allocated; nothing of the step was published to the prefix cache."""
+        for entry in output.scheduled:
+            if entry.request.status == RequestStatus.RUNNING:
+                entry.request.num_computed_tokens = entry.num_computed_tokens
+
     def update_from_output(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[str]:
         """Take the step's results: ``sampled[request_id]`` for each request that sampled.
 

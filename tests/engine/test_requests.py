@@ -104,6 +104,36 @@ def test_abort_frees_blocks_in_any_state(tiny_model_dir) -> None:
 
 
 @pytest.mark.parametrize(
+    "options",
+    [{}, {"async_scheduling": True}, {"speculative_config": {"num_speculative_tokens": 3}}],
+    ids=["sync", "async", "speculative"],
+)
+def test_a_failed_step_fails_its_caller_and_the_other_streams_go_on(tiny_model_dir, options) -> None:
+    """A step that raises (a device error) reaches the stream that ran it; the engine's other
+    requests compute that step's tokens again and end as they would have."""
+    prompts = [p * 3 for p in random_prompts(2, seed=12, max_len=8)]  # repeats: n-gram proposals
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    plain = make_llm(tiny_model_dir).generate([{"prompt_token_ids": p} for p in prompts], params)
+    llm = make_llm(tiny_model_dir, **options)
+    first = llm.stream({"prompt_token_ids": prompts[0]}, params)
+    second = llm.stream({"prompt_token_ids": prompts[1]}, params)
+    next(first), next(second), next(first)
+    execute, failures = llm.engine.runner.execute, []
+
+    def fail_once(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("device lost")
+        return execute(*args, **kwargs)
+
+    llm.engine.runner.execute = fail_once
+    with pytest.raises(RuntimeError, match="device lost"):
+        list(first)  # its next step fails (one output may already wait, with async scheduling)
+    assert list(second)[-1].outputs[0].token_ids == plain[1].outputs[0].token_ids
+    assert not llm.engine.has_unfinished_requests() and all_blocks_free(llm)
+
+
+@pytest.mark.parametrize(
     ("prompt", "params", "message"),
     [
         ([1] * 300, SamplingParams(max_tokens=4), "max_model_len=256"),
