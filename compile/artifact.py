@@ -35,6 +35,7 @@ again at load; Triton's cache on an H200. The Neuron cache is torch-neuronx's do
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -136,37 +137,40 @@ def graph_cache(directory: Path, device: str, *, loading: bool = False) -> Itera
     XLA device: torch-neuronx's persistent NEFF cache. Yields the cache directory, or None
     where no compiled graph outlives the process (the CPU, CUDA without Triton). Spawned
     tensor-parallel ranks inherit the variables. ``loading``: Triton reads a private copy of
-    the artifact's kernels (a few MB), so that loading never writes into the artifact, which
-    may be read-only; a file added to the copy is a kernel the artifact lacked.
+    the artifact's kernels (a few MB, removed when the process exits), so that loading never
+    writes into the artifact, which may be read-only; a file added to the copy is a kernel the
+    artifact lacked.
     """
     device_type = parse_device(device).type
     graphs = directory / GRAPHS_DIR
     variables: dict[str, str] = {}
     cache = None
-    with contextlib.ExitStack() as stack:
-        if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
-            from neuron_llm.backends.cuda.triton_cache import MANAGER
+    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from neuron_llm.backends.cuda.triton_cache import MANAGER
 
-            cache = graphs / TRITON_CACHE
-            if loading:
-                copy = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="neuron-llm-triton-")))
-                if cache.is_dir():
-                    shutil.copytree(cache, copy, dirs_exist_ok=True)
-                cache = copy
-            variables = {"TRITON_CACHE_DIR": str(cache), "TRITON_CACHE_MANAGER": MANAGER}
-        elif device_type == "xla":
-            cache = graphs / NEURON_CACHE
-            variables = {"NEURON_COMPILE_CACHE_URL": str(cache)}
-        saved = {name: os.environ.get(name) for name in variables}
-        os.environ.update(variables)
-        try:
-            yield cache
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        cache = graphs / TRITON_CACHE
+        if loading:
+            # Spawned tensor-parallel ranks keep this path for their lives (a kernel they
+            # compile later lands in it), so it goes when the process ends, not with the load.
+            copy = Path(tempfile.mkdtemp(prefix="neuron-llm-triton-"))
+            atexit.register(shutil.rmtree, copy, ignore_errors=True)
+            if cache.is_dir():
+                shutil.copytree(cache, copy, dirs_exist_ok=True)
+            cache = copy
+        variables = {"TRITON_CACHE_DIR": str(cache), "TRITON_CACHE_MANAGER": MANAGER}
+    elif device_type == "xla":
+        cache = graphs / NEURON_CACHE
+        variables = {"NEURON_COMPILE_CACHE_URL": str(cache)}
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield cache
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def cache_files(cache: Path | None) -> set[str]:

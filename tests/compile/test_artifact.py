@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -299,6 +301,15 @@ def test_the_triton_cache_is_pointed_at_a_private_copy_while_loading(tmp_path: P
         (cache / "key" / "new.cubin").write_bytes(b"compiled at load")
     assert os.environ.get("TRITON_CACHE_DIR") == before
     assert cache_files(tmp_path / GRAPHS_DIR) == {f"{TRITON_CACHE}/key/kernel.cubin"}
+    # Spawned ranks inherited the copy's path: it lives as long as the process, then goes.
+    assert cache_files(cache) == {"key/kernel.cubin", "key/new.cubin"}
+    load = (
+        "import sys; from pathlib import Path; from neuron_llm.compile.artifact import graph_cache\n"
+        "with graph_cache(Path(sys.argv[1]), 'cuda', loading=True) as cache:\n    print(cache)"
+    )
+    done = subprocess.run([sys.executable, "-c", load, str(tmp_path)], capture_output=True, text=True, check=True)
+    copy = Path(done.stdout.strip().splitlines()[-1])
+    assert copy.name.startswith("neuron-llm-triton-") and not copy.exists()
 
 
 def test_the_compile_command_writes_an_artifact(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
