@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,11 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
     artifact to ``out_dir``, which must be new or empty; return the manifest.
 
     The artifact is written into a hidden directory beside ``out_dir`` and renamed onto it
-    once whole, so a compile that fails, or is killed, leaves ``out_dir`` as it found it. Run it
-    in a process that has not run the model yet (the command line does): graphs compiled
-    earlier in the process are held in its memory and are not written to the artifact's
-    caches again.
+    once whole, so a compile that fails, or is killed, leaves ``out_dir`` as it found it. On the
+    XLA device ``speculative_config`` is compiled in (each prefill bucket's verification graph);
+    elsewhere it is chosen at load, and refused here. Run it in a process that has not run the
+    model yet (the command line does): graphs compiled earlier in the process are held in its
+    memory and are not written to the artifact's caches again (on CUDA such a process is refused).
     """
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -72,6 +74,12 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
     if is_artifact(model):
         raise ValueError(f"{model} is a compiled artifact already: load it, or compile its source model")
     device = options.get("device") or "cpu"
+    cuda_backend = sys.modules.get("neuron_llm.backends.cuda.backend")
+    if parse_device(device).type == "cuda" and cuda_backend is not None and cuda_backend.models_prepared():
+        raise ValueError(
+            "this process has run a model on CUDA already: the Triton kernels it compiled stay in its memory "
+            "and would be missing from the artifact; compile in a new process (neuron-llm compile does)"
+        )
     if options.get("speculative_config") is not None and parse_device(device).type != "xla":
         # Only the XLA device compiles graphs for it (a verification graph per prefill bucket).
         raise ValueError(

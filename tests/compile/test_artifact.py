@@ -335,3 +335,18 @@ def test_the_default_model_compiles_and_generates_from_its_artifact(tmp_path: Pa
     llm = LLM(str(out))
     assert llm.tokenizer is not None and llm.tokenizer.chat_template
     assert greedy_tokens(llm) == reference
+
+
+def test_a_cuda_compile_is_refused_in_a_process_that_ran_a_cuda_model(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("triton")
+    from neuron_llm.backends.cuda import backend
+
+    before = backend.models_prepared()
+    backend.CudaBackend().prepare_model(LLM(str(source), device="cpu").engine.runner.executor.worker.model)
+    assert backend.models_prepared() == before + 1
+    monkeypatch.setattr(backend, "_models_prepared", 1)
+    with pytest.raises(ValueError, match="run a model on CUDA already"):
+        compile_artifact(str(source), tmp_path / "artifact", device="cuda")
+    assert not (tmp_path / "artifact").exists()

@@ -41,10 +41,21 @@ SWIGLU_INT8_MAX_ROWS = 1
 for the plain product (BENCHMARKS.md), so the separate SwiGLU kernel runs first."""
 
 
+_models_prepared = 0
+
+
+def models_prepared() -> int:
+    """Models this process has prepared for the cuda backend: after one, Triton holds the
+    kernels it compiled in memory, and compiles (and writes to its cache) only new ones."""
+    return _models_prepared
+
+
 class CudaBackend(TorchBackend):
     name = "cuda"
 
     def prepare_model(self, model: nn.Module) -> None:
+        global _models_prepared
+        _models_prepared += 1
         merge_projections(model)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
