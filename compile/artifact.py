@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -99,9 +98,12 @@ def fixed_options(config: EngineConfig) -> dict[str, Any]:
     }
     if device.type == "xla":
         options["num_kv_blocks"] = config.cache.num_kv_blocks
-        if config.speculative is not None:
-            # Each prefill bucket then has a verification graph, sized by the proposals a step holds.
-            options["speculative_config"] = dataclasses.asdict(config.speculative)
+        # Speculation gives each prefill bucket a verification graph, sized by the proposals a
+        # step holds; the lookup lengths of n-gram proposals change no graph and stay free.
+        speculative = config.speculative
+        options["speculative_config"] = (
+            None if speculative is None else {"num_speculative_tokens": speculative.num_speculative_tokens}
+        )
     return options
 
 
@@ -318,7 +320,8 @@ def _same_option(name: str, value: Any, built: Any) -> bool:
     if name == "dtype":
         return value == "auto" or parse_dtype(value) == parse_dtype(built)
     if name == "speculative_config":
-        return SpeculativeConfig.parse(value) == SpeculativeConfig.parse(built)
+        parsed = SpeculativeConfig.parse(value)
+        return (parsed and parsed.num_speculative_tokens) == (built and built["num_speculative_tokens"])
     return value == built
 
 

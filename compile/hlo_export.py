@@ -2,8 +2,9 @@
 
 For each bucket a dummy step of exactly its shapes (num_tokens, num_seqs, max_blocks_per_seq)
 is traced through the neuron backend on the XLA device as the engine serves it (forward,
-KV-cache writes, logits and the sampler of its plain requests, greedy and sampled alike) and
-the graph's ``HloModuleProto`` is written, without compiling or running it::
+KV-cache writes, logits and the sampler of its plain requests, greedy and sampled alike; with
+speculative decoding, each prefill bucket's verification graph too) and the graph's
+``HloModuleProto`` is written, without compiling or running it::
 
     DIR/<bucket>.hlo.pb     one serialized xla.HloModuleProto per bucket
     DIR/manifest.json       per bucket: its shapes, the step's inputs, the entry signature
@@ -11,9 +12,10 @@ the graph's ``HloModuleProto`` is written, without compiling or running it::
 Graph parameters are the step's inputs (the sampling parameters of each row among them),
 the KV pools (the pool size is part of every graph's signature) and the weights; Python
 numbers (eps, the attention scale, hash constants) are inlined as constants, not parameters
-whose values a loader would have to know. Outputs are the sampled token ids and the written
-pools. The manifest names the inputs and their shapes, not each parameter's index: binding
-parameters to tensors is left to the runtime that compiled the graph (``neuron_llm.compile.artifact``
+whose values a loader would have to know. Outputs are the sampled token ids (and, after
+verification, the number of proposals each sequence kept) and the written pools. The
+manifest names the inputs and their shapes, not each parameter's index: binding parameters
+to tensors is left to the runtime that compiled the graph (``neuron_llm.compile.artifact``
 keeps these modules beside torch-neuronx's cache of their NEFFs).
 """
 
@@ -38,7 +40,7 @@ from neuron_llm.quant import quantized_linears
 from neuron_llm.sample import PADDING_ROW, SamplingBatch
 from neuron_llm.worker import StepInput, num_kv_heads_per_rank
 from neuron_llm.xla import entry_parameter_shapes, hlo_module_proto, import_torch_xla
-from neuron_llm.xla.runner import XlaWorker, num_verified_rows
+from neuron_llm.xla.runner import XlaWorker, num_verified_rows, sampled_outputs
 
 MANIFEST_NAME = "manifest.json"
 _POOL_NAMES = ("key_cache", "value_cache")
@@ -241,13 +243,15 @@ def trace_graph(model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape
         batch = SamplingBatch.build_static([], config.model.vocab_size, worker.device, shape.num_seqs)
         sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
     pools = [pool for layer in worker.kv_caches for pool in layer]
-    return hlo_module_proto([sampled.token_ids, *pools])
+    return hlo_module_proto([*sampled_outputs(sampled), *pools])
 
 
 def _export_graph(
     model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape, num_kv_blocks: int, out: Path
 ) -> dict[str, Any]:
     proto = trace_graph(model, config, shape, num_kv_blocks)
+    # After verification, also how many of each sequence's proposals were kept (padding rows: 0).
+    sampled = ["token_ids", "num_accepted"] if shape.num_verified_rows else ["token_ids"]
     path = out / f"{shape.name}.hlo.pb"
     path.write_bytes(proto)
     parameters = entry_parameter_shapes(proto)
@@ -263,9 +267,9 @@ def _export_graph(
         # The written pools follow the token ids in the output tuple. Their aliasing to the pool
         # parameters is not in the module: torch-xla adds it when it compiles a step itself.
         "outputs": {
-            "order": ["token_ids"]
+            "order": sampled
             + [f"{name}[{layer}]" for layer in range(config.model.num_hidden_layers) for name in _POOL_NAMES],
-            "token_ids": {"shape": [shape.num_sampling_rows], "dtype": "int64"},
+            **{name: {"shape": [shape.num_sampling_rows], "dtype": "int64"} for name in sampled},
         },
         "entry_parameters": {"count": len(parameters), "shapes": [str(p) for p in parameters]},
     }

@@ -63,10 +63,15 @@ class BucketSet:
         max_model_len: int,
         block_size: int,
         prefill_step: int | None = None,
+        num_speculative_tokens: int | None = None,
     ) -> BucketSet:
         """Powers of two up to the scheduler's limits (the limits themselves included); with
         ``prefill_step``, prefill buckets past it grow by that many tokens instead of doubling
-        (with 256, a step of 513 tokens computes 768 rows, not 1,024)."""
+        (with 256, a step of 513 tokens computes 768 rows, not 1,024). With
+        ``num_speculative_tokens`` (k), a prefill bucket of ``s * (k + 1)`` tokens over ``s``
+        sequences for each decode bucket's ``s``: the step that verifies every decoding
+        sequence's proposals (with k=4 a sequence's is 5 tokens, not the 16 of the smallest
+        prompt bucket)."""
         decode_sizes = _powers_of_two_up_to(min(max_num_seqs, max_num_batched_tokens))
         decode = tuple(Bucket(s, s, "decode") for s in decode_sizes)
         # No step holds more than max_model_len tokens of each of max_num_seqs sequences.
@@ -75,12 +80,18 @@ class BucketSet:
         if prefill_step is not None:
             steps = range(prefill_step, max_step_tokens, prefill_step)
             prefill_sizes = sorted({s for s in prefill_sizes if s <= prefill_step}.union(steps, [max_step_tokens]))
-        prefill = tuple(Bucket(t, min(max_num_seqs, t), "prefill") for t in prefill_sizes)
-        return cls(decode, prefill, -(-max_model_len // block_size))
+        prefill = {Bucket(t, min(max_num_seqs, t), "prefill") for t in prefill_sizes}
+        if num_speculative_tokens is not None:
+            rows_per_seq = num_speculative_tokens + 1
+            prefill |= {
+                Bucket(s * rows_per_seq, s, "prefill") for s in decode_sizes if s * rows_per_seq <= max_step_tokens
+            }
+        return cls(decode, tuple(sorted(prefill)), -(-max_model_len // block_size))
 
     @classmethod
     def for_engine(cls, config: EngineConfig) -> BucketSet:
         """The buckets an engine of ``config`` serves."""
+        on_xla, speculative = config.device.device.startswith("xla"), config.speculative
         return cls.default(
             config.scheduler.max_num_seqs,
             config.scheduler.max_num_batched_tokens,
@@ -88,7 +99,11 @@ class BucketSet:
             config.cache.block_size,
             # Each bucket is a compilation on XLA (minutes on Neuron); elsewhere a CUDA graph
             # or nothing, so finer prefill buckets cost little and pad less.
-            prefill_step=None if config.device.device.startswith("xla") else FINE_PREFILL_STEP,
+            prefill_step=None if on_xla else FINE_PREFILL_STEP,
+            # On XLA a step computes its whole bucket: a verification step of a few tokens
+            # would compute the smallest prompt bucket's (elsewhere its graph or eager step
+            # costs little more than a decode step's).
+            num_speculative_tokens=speculative.num_speculative_tokens if on_xla and speculative else None,
         )
 
     @property

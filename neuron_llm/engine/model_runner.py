@@ -121,8 +121,10 @@ class ModelRunner:
         entries = scheduled.scheduled
         is_decode = all(entry.num_new_tokens == 1 for entry in entries)
         bucket = self.buckets.select(len(input_ids), len(entries), is_decode)
-        if len(sample_rows) > bucket.num_seqs and len(sample_rows) <= self.buckets.prefill[-1].num_seqs:
-            # Verifying proposals: a bucket with a logits row for each lets a CUDA graph run the step.
+        fits = len(sample_rows) <= bucket.num_seqs or self.executor.worker.pads_to_bucket
+        if not fits and len(sample_rows) <= self.buckets.prefill[-1].num_seqs:
+            # Verifying proposals: a bucket with a logits row for each lets a CUDA graph run the
+            # step. (An XLA bucket's verification graph has a row for every sequence's proposals.)
             bucket = self.buckets.select(len(input_ids), len(sample_rows), is_decode)
         # Sampling rows are padded to the bucket's sequence count so the logits have a static shape.
         sample_rows += [0] * (bucket.num_seqs - len(sample_rows))

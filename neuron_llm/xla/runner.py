@@ -24,6 +24,7 @@ ranks of a tensor-parallel group run, since rank 0 alone samples.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -174,7 +175,7 @@ class XlaWorker(Worker):
         if draft_token_ids and any(draft_token_ids):
             sampled, prompt_logits = self.trace_verified(step, rows, draft_token_ids, eos_token_ids)
             num_rows = len(rows) + sum(map(len, draft_token_ids))
-            variant = "verification"
+            variant = _verification_variant(rows)
         else:
             batch = SamplingBatch.build_static(
                 rows, self.config.model.vocab_size, self.device, step.num_padded_seqs, eos_token_ids
@@ -200,21 +201,19 @@ class XlaWorker(Worker):
 
         Slicing on the device by a varying row count would make a new graph per count.
         """
-        token_ids = [sampled.token_ids] if sampled is not None else []
-        logprobs = _logprobs_fields(sampled.logprobs) if sampled is not None and sampled.logprobs is not None else []
-        accepted = [sampled.num_accepted] if sampled is not None and sampled.num_accepted is not None else []
-        pending = token_ids + logprobs + accepted + ([prompt_logits] if prompt_logits is not None else [])
-        host = to_host(pending) if pending else []
+        pending = sampled_outputs(sampled) if sampled is not None else []
+        host = to_host(pending + ([prompt_logits] if prompt_logits is not None else []))
         output = None
         if sampled is not None:
-            host_logprobs = [tensor[:num_rows] for tensor in host[1 : 1 + len(logprobs)]]
-            num_accepted = host[1 + len(logprobs)][:num_seqs] if accepted else None
+            num_logprobs = len(pending) - 1 - (sampled.num_accepted is not None)
+            host_logprobs = [tensor[:num_rows] for tensor in host[1 : 1 + num_logprobs]]
+            num_accepted = host[1 + num_logprobs][:num_seqs] if sampled.num_accepted is not None else None
             output = SamplerOutput(
-                host[0][:num_rows], LogprobsTensors(*host_logprobs) if logprobs else None, num_accepted
+                host[0][:num_rows], LogprobsTensors(*host_logprobs) if num_logprobs else None, num_accepted
             )
-        _, prompt = split_logits_indices(step, num_rows)
         if prompt_logits is None:
             return StepOutput(output, torch.empty(0, self.config.model.vocab_size))
+        _, prompt = split_logits_indices(step, num_rows)
         return StepOutput(output, host[-1][: len(prompt)])
 
     def num_compiled_graphs(self) -> int:
@@ -236,15 +235,14 @@ class XlaWorker(Worker):
             )
 
 
-def _logprobs_fields(logprobs: LogprobsTensors) -> list[torch.Tensor]:
-    """The tensors of ``logprobs`` in the order ``LogprobsTensors`` takes them."""
-    return [
-        logprobs.token_ids,
-        logprobs.token_logprobs,
-        logprobs.token_ranks,
-        logprobs.top_token_ids,
-        logprobs.top_logprobs,
-    ]
+def sampled_outputs(sampled: SamplerOutput) -> list[torch.Tensor]:
+    """What a step's graph hands the host of its sampler's output, in this order: the token ids,
+    the logprob tensors (in the order ``LogprobsTensors`` takes them) when asked for, and
+    ``num_accepted`` after verifying proposals. Exported graphs end in the same outputs."""
+    logprobs = sampled.logprobs
+    fields = [] if logprobs is None else [getattr(logprobs, f.name) for f in dataclasses.fields(logprobs)]
+    accepted = [] if sampled.num_accepted is None else [sampled.num_accepted]
+    return [sampled.token_ids, *fields, *accepted]
 
 
 def _sampling_variant(batch: SamplingBatch) -> str:
@@ -255,6 +253,17 @@ def _sampling_variant(batch: SamplingBatch) -> str:
         "logprobs": batch.num_logprobs is not None,
     }
     return " + ".join(["sampling"] + [name for name, used in parts.items() if used])
+
+
+def _verification_variant(rows: Sequence[RowState]) -> str:
+    """Names the optional parts a verification graph likely holds (from the rows' parameters:
+    the exact ones depend on each proposal's row), for the warning about a new one."""
+    parts = {
+        "penalties": any(row.params.has_penalties for row in rows),
+        "min_tokens": any(row.is_min_tokens_unmet for row in rows),
+        "logprobs": any(row.params.logprobs is not None for row in rows),
+    }
+    return " + ".join(["verification"] + [name for name, used in parts.items() if used])
 
 
 def num_verified_rows(num_tokens: int, num_seqs: int, num_speculative_tokens: int) -> int:

@@ -31,3 +31,33 @@ def test_prefill_buckets_double_then_grow_by_the_step() -> None:
     assert [b.num_tokens for b in BucketSet.default(2, 512, 64, 16, prefill_step=256).prefill] == [16, 32, 64, 128]
     with pytest.raises(ValueError, match="a prefill step of 4097 tokens over 1 sequences fits no configured bucket"):
         fine.select(4097, 1, is_decode=False)
+
+
+def test_speculation_on_xla_adds_a_bucket_for_each_decode_batch_verifying_its_proposals() -> None:
+    from neuron_llm.config import DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+
+    buckets = BucketSet.default(8, 64, 256, 16, num_speculative_tokens=4)
+    # Decode batches of 1, 2, 4, 8 sequences, each with 4 proposals: 5, 10, 20, 40 tokens.
+    assert [b.name for b in buckets.prefill] == [
+        "prefill_t5_s1", "prefill_t10_s2", "prefill_t16_s8", "prefill_t20_s4", "prefill_t32_s8", "prefill_t40_s8",
+        "prefill_t64_s8",
+    ]  # fmt: skip
+    assert buckets.select(5, 1, is_decode=False).name == "prefill_t5_s1"
+    assert buckets.select(9, 2, is_decode=False).name == "prefill_t10_s2"
+    assert buckets.select(5, 2, is_decode=False).name == "prefill_t10_s2"
+    assert buckets.decode == BucketSet.default(8, 64, 256, 16).decode
+
+    model = ModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+    )  # fmt: skip
+    scheduler = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)
+    speculative = SpeculativeConfig(num_speculative_tokens=4)
+
+    def prefill_sizes(device: str) -> list[int]:
+        config = EngineConfig(model, DeviceConfig(device=device), scheduler=scheduler, speculative=speculative)
+        return [b.num_tokens for b in BucketSet.for_engine(config).prefill]
+
+    # Only where each bucket is compiled and a step computes all of its tokens.
+    assert prefill_sizes("xla") == [5, 10, 16, 20, 32, 40, 64]
+    assert prefill_sizes("cpu") == [16, 32, 64]

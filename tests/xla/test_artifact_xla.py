@@ -86,22 +86,29 @@ def test_speculative_decoding_is_compiled_into_an_xla_artifact(
     out = tmp_path / "speculative"
     compile_artifact(str(source), out, device="xla", num_kv_blocks=40, speculative_config=speculative, **OPTIONS)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["options"]["speculative_config"]["num_speculative_tokens"] == 2
+    assert manifest["options"]["speculative_config"] == {"num_speculative_tokens": 2}
     graphs = json.loads((out / GRAPHS_DIR / HLO_DIR / HLO_MANIFEST).read_text())["graphs"]
     prefill = [name for name in manifest["buckets"] if name.startswith("prefill")]
     verifying = {graph["bucket"]: graph for graph in graphs if graph["num_verified_rows"]}
     assert sorted(verifying) == sorted(f"{name}_verify" for name in prefill)
-    # max_num_seqs=2, 2 proposals: 6 rows a bucket of at least 6 tokens.
-    assert {graph["num_verified_rows"] for graph in verifying.values()} == {6}
-    assert all(graph["inputs"]["proposals"]["shape"] == [6] for graph in verifying.values())
+    # max_num_seqs=2, 2 proposals: buckets of 3 and 6 tokens for 1 and 2 decoding sequences, and
+    # 6 rows (every sequence's proposals and the token after them) a bucket of more tokens.
+    assert {name: graph["num_verified_rows"] for name, graph in verifying.items()} == {
+        "prefill_t3_s1_verify": 3, "prefill_t6_s2_verify": 6, "prefill_t16_s2_verify": 6, "prefill_t32_s2_verify": 6
+    }  # fmt: skip
+    assert all(graph["inputs"]["proposals"]["shape"] == [graph["num_verified_rows"]] for graph in verifying.values())
 
     llm = LLM(str(out))
     assert llm.config.speculative is not None and llm.config.speculative.num_speculative_tokens == 2
     assert greedy_tokens(llm) == greedy_tokens(LLM(str(source), device="cpu", **OPTIONS))
     with pytest.raises(ValueError, match="speculative_config=.*compiled with speculative_config="):
         LLM(str(out), speculative_config={"num_speculative_tokens": 3})
+    # The lookup lengths change no graph.
+    other_lookup = LLM(str(out), speculative_config={"num_speculative_tokens": 2, "prompt_lookup_max": 2})
+    assert other_lookup.config.speculative is not None and other_lookup.config.speculative.prompt_lookup_max == 2
+    other_lookup.shutdown()
 
     plain = tmp_path / "plain"
     compile_artifact(str(source), plain, device="xla", num_kv_blocks=40, **OPTIONS)
-    with pytest.raises(ValueError, match="speculative_config"):
+    with pytest.raises(ValueError, match="was compiled with speculative_config=None"):
         LLM(str(plain), speculative_config=speculative)

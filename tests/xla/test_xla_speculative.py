@@ -3,7 +3,9 @@ and change no greedy output."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 
 import pytest
 
@@ -21,8 +23,9 @@ from tests.engine.conftest import (  # noqa: E402
 
 pytestmark = pytest.mark.xla
 
-# decode buckets of 1, 2, 4 sequences and prefill buckets of 16, 32 tokens; a pool size (part of
-# every graph's signature) no other module uses, so that this module's engines compile their graphs.
+# decode buckets of 1, 2, 4 sequences, prefill buckets of 16, 32 tokens and, with 3 proposals a
+# sequence, of 4 and 8 tokens (1 and 2 sequences verifying theirs); a pool size (part of every
+# graph's signature) no other module uses, so that this module's engines compile their graphs.
 OPTIONS = dict(
     dtype="float32", num_kv_blocks=56, block_size=4, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32
 )
@@ -67,10 +70,12 @@ def test_verification_steps_change_no_greedy_output_and_compile_nothing_after_wa
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     # Logprobs, prompt logprobs and the penalty each add a graph on first use (and say so); no
     # verification step of plain requests does.
-    warnings = [r.getMessage() for r in caplog.records if "compiled a new graph" in r.getMessage()]
-    assert warnings and all(
-        "logprobs" in message or "penalties" in message or "prompt logprobs" in message for message in warnings
-    ), warnings
+    variants = [
+        re.search(r"sequences \((.*?)\):", r.getMessage()).group(1)  # type: ignore[union-attr]
+        for r in caplog.records
+        if "compiled a new graph" in r.getMessage()
+    ]
+    assert variants and all(re.search("logprobs|penalties", variant) for variant in variants), variants
 
 
 def test_plain_requests_verify_in_the_warm_up_graphs(tiny_model_dir, caplog) -> None:  # noqa: F811
@@ -111,3 +116,27 @@ def test_more_rows_than_the_bucket_has_sequences(tiny_model_dir) -> None:  # noq
     llm.engine.proposer = OracleProposer(_continuations(tiny_model_dir, prompts), "right", k=3)
     assert_same_outputs(run_all(llm, dict(arrivals)), expected)
     assert llm.engine.stats().num_accepted_tokens > 0
+
+
+def test_the_exported_verification_hlo_is_the_graph_the_engine_serves(tiny_model_dir, tmp_path) -> None:  # noqa: F811
+    """Each prefill bucket's exported verification module hashes like a verification step traced
+    on the serving worker (token ids and num_accepted out), and running that step compiles nothing."""
+    from neuron_llm.compile.hlo_export import dummy_step, export_hlo, graph_shapes
+    from neuron_llm.sample import PADDING_ROW
+    from neuron_llm.xla import count_graphs, hlo_module_proto, sync
+    from neuron_llm.xla.runner import sampled_outputs
+
+    llm = LLM(model=str(tiny_model_dir), device="xla", speculative_config=SPECULATIVE, **OPTIONS)
+    worker = llm.engine.runner.executor.worker
+    shapes = [shape for shape in graph_shapes(llm.config) if shape.num_verified_rows]
+    assert len(shapes) == len(llm.engine.runner.buckets.prefill)
+    manifest = export_hlo(worker.model, llm.config, shapes, tmp_path)
+    for shape, graph in zip(shapes, manifest["graphs"], strict=True):
+        assert graph["outputs"]["order"][:2] == ["token_ids", "num_accepted"]
+        with count_graphs() as counts:
+            sampled, _ = worker.trace_verified(dummy_step(shape), [PADDING_ROW], [[0]])
+            pools = [pool for layer in worker.kv_caches for pool in layer]
+            proto = hlo_module_proto([*sampled_outputs(sampled), *pools])
+            sync()
+        assert hashlib.sha256(proto).hexdigest() == graph["sha256"], shape.name
+        assert counts.compilations == 0, shape.name
