@@ -13,8 +13,9 @@ request at a time (batch 1; ``--batched``: the task's prompts in one ``generate`
 "copy" asks the model to repeat a
 WikiText-2 paragraph (read from ../shared/data, never copied), where output repeats the
 prompt and prompt lookup should pay; "free" asks it to go on writing about the paragraph's
-subject, where it should not. Reported per task: the share of proposed tokens kept, tokens
-per decode step, output tokens per second of each engine (runs alternate, median of
+subject, where it should not. Reported per task: the share of proposed tokens kept, the
+engine steps each engine took (in the last repeat) and what a speculative step costs against a
+plain one, output tokens per second of each engine (runs alternate, median of
 ``--repeats``), and whether the outputs are identical, as lossless decoding requires.
 """
 
@@ -25,6 +26,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,6 +48,16 @@ def paragraphs(corpus: Path, count: int, min_words: int = 60, max_words: int = 9
             if len(found) == count:
                 break
     return found
+
+
+def _counted(step: Callable[[], list], counts: dict[int, int], key: int) -> Callable[[], list]:
+    """``step``, counting its calls in ``counts[key]``."""
+
+    def counted() -> list:
+        counts[key] += 1
+        return step()
+
+    return counted
 
 
 def main() -> None:
@@ -77,6 +89,9 @@ def main() -> None:
         spec_config |= {"model": args.draft_model, "quantization": args.draft_quantization}
     spec = LLM(**options, speculative_config=spec_config)
     tokenizer = plain.tokenizer
+    steps = {id(plain): 0, id(spec): 0}
+    for llm in (plain, spec):
+        llm.engine.step = _counted(llm.engine.step, steps, id(llm))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     texts = paragraphs(args.corpus, args.num_prompts)
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -100,21 +115,23 @@ def main() -> None:
             for text in texts
         ]
 
-        def run(llm: LLM) -> tuple[list[list[int]], float]:
-            start = time.perf_counter()
+        def run(llm: LLM) -> tuple[list[list[int]], float, int]:
+            """The outputs, the seconds and the engine steps it took."""
+            steps_before, start = steps[id(llm)], time.perf_counter()
             if args.batched:
                 outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
             else:
                 outputs = [llm.generate(prompt, params)[0].outputs[0].token_ids for prompt in prompts]
-            return outputs, time.perf_counter() - start
+            return outputs, time.perf_counter() - start, steps[id(llm)] - steps_before
 
         before = spec.engine.stats()
         run(plain), run(spec)  # warm-up
         times: dict[str, list[float]] = {"plain": [], "speculative": []}
+        num_steps: dict[str, int] = {}
         for _ in range(args.repeats):
-            plain_out, seconds = run(plain)
+            plain_out, seconds, num_steps["plain"] = run(plain)
             times["plain"].append(seconds)
-            spec_out, seconds = run(spec)
+            spec_out, seconds, num_steps["speculative"] = run(spec)
             times["speculative"].append(seconds)
         after = spec.engine.stats()
         num_tokens = sum(map(len, plain_out))
@@ -127,6 +144,13 @@ def main() -> None:
             "plain_tok_per_s": round(rates["plain"], 1),
             "speculative_tok_per_s": round(rates["speculative"], 1),
             "speedup": round(rates["speculative"] / rates["plain"], 3),
+            # The speedup is the steps saved over what a step with proposals costs more.
+            "steps": num_steps,
+            "step_time_ratio": round(
+                (statistics.median(times["speculative"]) / num_steps["speculative"])
+                / (statistics.median(times["plain"]) / num_steps["plain"]),
+                3,
+            ),
             "identical_outputs": spec_out == plain_out,
         }
         print(json.dumps({task: result[task]}), flush=True)
