@@ -478,12 +478,20 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def _counter_uniform(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """Uniform (0, 1) fp32 [num_rows, len(counters)]: each int32 counter hashed under each row's key.
 
-    The counter is hashed under the row's two key words and the low 24 bits of the result
-    map to ``u``. Only 32-bit integer and fp32 operations: the same bits on the CPU, on
-    torch-xla and on devices without int64.
+    The counter is hashed under the row's two key words and the low 23 bits of the result
+    map to ``u`` (``bits_to_uniform``). Only 32-bit integer and fp32 operations: the same bits
+    on the CPU, on torch-xla and on devices without int64.
     """
-    bits = _mix32(_mix32(counters.unsqueeze(0) ^ keys[:, :1]) + keys[:, 1:])
-    return ((bits & 0xFFFFFF).float() + 0.5) * 2.0**-24
+    return bits_to_uniform(_mix32(_mix32(counters.unsqueeze(0) ^ keys[:, :1]) + keys[:, 1:]))
+
+
+def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """``(k + 1/2) / 2**23`` for ``k`` the low 23 bits of int32 ``bits``: fp32 in (0, 1), never 0 or 1.
+
+    Every value is exact in fp32 (with 24 bits, ``2**24 - 1/2`` rounds to ``2**24``: ``u = 1``
+    would give noise 0, and a token masked out would win its row's race as 0 / 0).
+    """
+    return ((bits & 0x7FFFFF).float() + 0.5) * 2.0**-23
 
 
 def counter_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:

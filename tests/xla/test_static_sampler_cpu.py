@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from neuron_llm.sample import RowState, SamplingBatch, make_generator, sample
-from neuron_llm.sample.sampler import counter_noise
+from neuron_llm.sample.sampler import bits_to_uniform, counter_noise
 from neuron_llm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
@@ -50,6 +50,25 @@ def test_counter_noise_is_exponential_and_a_function_of_the_keys() -> None:
     other = counter_noise(flipped, 4096)
     assert abs(torch.corrcoef(torch.stack([noise.flatten(), other.flatten()]))[0, 1].item()) < 0.01
     assert abs(torch.corrcoef(torch.stack([noise[:, :-1].flatten(), noise[:, 1:].flatten()]))[0, 1].item()) < 0.01
+
+
+def test_counter_uniforms_are_never_0_or_1() -> None:
+    # u = 1 would give noise 0: the token would win its race, a masked one as 0 / 0 (NaN).
+    extremes = torch.tensor([0, 1, 0x7FFFFF, 0xFFFFFF, 0x7FFFFFFF, -1, -(2**31)], dtype=torch.int32)
+    uniform = bits_to_uniform(extremes)
+    assert bool((uniform > 0).all()) and bool((uniform < 1).all())
+    assert bool((-uniform.log() > 0).all())
+
+
+def test_a_masked_token_never_wins_the_static_race() -> None:
+    """top_k=1 leaves one token: over 4,000 rows of a 49,152-token vocabulary (about 12 noise
+    values of 0 with 24-bit uniforms) every draw is that token."""
+    vocab_size, num_rows = 49152, 2000
+    logits = torch.zeros(num_rows, vocab_size)
+    logits[:, 5] = 3.0
+    params = [SamplingParams(temperature=1.0, top_k=1)] * num_rows
+    for _ in range(2):
+        assert set(_sample_static(logits, _rows(params), num_rows)) == {5}
 
 
 @pytest.mark.parametrize(("temperature", "kwargs"), [(0.7, {}), (1.5, {}), (1.0, {"top_k": 3}), (1.0, {"top_p": 0.6})])
