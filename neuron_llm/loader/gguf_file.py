@@ -210,7 +210,12 @@ def _llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, path: Path
     inv_freq = inverse_frequencies(head_dim, theta, None).double().numpy()
     factor = float(factors.max())
     if factor <= 1.0 + 1e-6:
-        return None
+        if factors.min() >= 1.0 - 1e-6:
+            return None  # every divisor 1: no scaling
+        raise ValueError(
+            f"{path}: {_ROPE_FREQS!r} divides frequencies by as little as {factors.min():g}: "
+            "not Llama 3.1 rope scaling (divisors >= 1), the only one read"
+        )
     in_between = (factors > 1.0 + 1e-4) & (factors < factor * (1 - 1e-4))
     if in_between.sum() < 2:
         raise ValueError(

@@ -157,6 +157,14 @@ def test_gguf_with_unsupported_rope_scaling(tmp_path: Path) -> None:
         load(path)
 
 
+def test_gguf_rope_freqs_below_one_are_refused(tmp_path: Path) -> None:
+    # Divisors under 1 (frequencies raised) are no Llama 3.1 scaling: dropping them ran unscaled.
+    freqs = {"rope_freqs.weight": np.array([0.5], dtype=np.float32)}
+    path = write_gguf(tmp_path / "freqs.gguf", "llama", LLAMA_METADATA, freqs)
+    with pytest.raises(ValueError, match=r"freqs\.gguf: 'rope_freqs\.weight' divides frequencies by as little as 0\.5"):
+        load(path)
+
+
 @pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
 def test_gguf_with_linear_rope_scaling_is_refused(tmp_path: Path, key: str) -> None:
     path = write_gguf(tmp_path / "linear.gguf", "llama", {**LLAMA_METADATA, key: 4.0})
