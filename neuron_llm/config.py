@@ -482,9 +482,7 @@ class EngineConfig:
             raise ValueError("async_scheduling=True is not supported on the XLA device")
         if self.speculative is not None:
             # Proposals are made on the host from the tokens of the step before, so steps
-            # cannot overlap. A draft model would be a second engine of graphs on the device.
-            if self.speculative.model is not None and torch.device(self.device.device).type == "xla":
-                raise ValueError("a draft model on the XLA device is not supported yet (n-gram speculation is)")
+            # cannot overlap.
             if self.scheduler.async_scheduling:
                 raise ValueError("async_scheduling=True and speculative decoding exclude each other")
             if self.speculative.model is not None and self.parallel.tensor_parallel_size > 1:

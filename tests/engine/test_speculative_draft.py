@@ -182,3 +182,19 @@ def test_the_draft_model_method_follows_from_a_model() -> None:
 def test_bad_draft_configs_are_named(value, message) -> None:
     with pytest.raises(ValueError, match=message):
         SpeculativeConfig.parse(value)
+
+
+def test_the_draft_steps_in_the_models_sizes_and_chunks_long_sequences(tiny_model_dir) -> None:
+    """The draft takes the model's step budget; with chunked prefill off for the model, a
+    sequence grown past that budget is still drafted (chunked by the draft)."""
+    prompt = random_prompts(1, seed=64, min_len=14, max_len=14)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    options = {"max_num_batched_tokens": 16, "enable_chunked_prefill": False}
+    plain = make_llm(tiny_model_dir, **options).generate({"prompt_token_ids": prompt}, params)
+    speculative = {"model": str(tiny_model_dir), "num_speculative_tokens": 3}
+    llm = make_llm(tiny_model_dir, speculative_config=speculative, **options)
+    draft = llm.engine.proposer.engine
+    assert draft.config.scheduler.max_num_batched_tokens == 16
+    ours = llm.generate({"prompt_token_ids": prompt}, params)
+    assert ours[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    assert llm.engine.stats().num_accepted_tokens > 0

@@ -317,16 +317,13 @@ def test_device_config_values() -> None:
     assert (config.device, config.dtype, config.backend_name) == ("cpu", torch.bfloat16, "torch")
 
 
-def test_speculation_turns_async_scheduling_off_and_a_draft_model_is_refused_on_xla() -> None:
+def test_speculation_turns_async_scheduling_off() -> None:
     model = ModelConfig.from_hf_config(LLAMA2_7B)
     speculative = SpeculativeConfig(num_speculative_tokens=3)
     on_cuda = EngineConfig(model=model, device=DeviceConfig(device="cuda"), speculative=speculative)
     assert not on_cuda.async_scheduling
     assert EngineConfig(model=model, device=DeviceConfig(device="cuda")).async_scheduling
     assert EngineConfig(model=model, device=DeviceConfig(device="xla"), speculative=speculative).speculative
-    drafted = SpeculativeConfig(num_speculative_tokens=3, method="draft_model", model="some/draft")
-    with pytest.raises(ValueError, match="a draft model on the XLA device is not supported"):
-        EngineConfig(model=model, device=DeviceConfig(device="xla"), speculative=drafted)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ and change no greedy output."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -11,6 +12,7 @@ import pytest
 
 torch_xla = pytest.importorskip("torch_xla")
 
+from neuron_llm.buckets import BucketSet  # noqa: E402
 from neuron_llm.llm import LLM  # noqa: E402
 from neuron_llm.sampling_params import SamplingParams  # noqa: E402
 from tests.engine.conftest import (  # noqa: E402
@@ -140,3 +142,24 @@ def test_the_exported_verification_hlo_is_the_graph_the_engine_serves(tiny_model
             sync()
         assert hashlib.sha256(proto).hexdigest() == graph["sha256"], shape.name
         assert counts.compilations == 0, shape.name
+
+
+def test_a_draft_model_on_xla_changes_no_greedy_output(tiny_model_dir, caplog) -> None:  # noqa: F811
+    """The model drafting for itself on the XLA device: both engines compile their graphs at
+    their warm-ups and none after, the draft steps in the model's bucket sizes, and greedy
+    output is the CPU's plain decoding's."""
+    prompts = random_prompts(3, seed=63, min_len=4, max_len=10)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    arrivals = {0: [(f"r{i}", p, params) for i, p in enumerate(prompts)]}
+    expected = run_all(LLM(model=str(tiny_model_dir), device="cpu", **OPTIONS), dict(arrivals))
+    speculative = {"model": str(tiny_model_dir), "num_speculative_tokens": 3}
+    llm = LLM(model=str(tiny_model_dir), device="xla", speculative_config=speculative, **OPTIONS)
+    draft = llm.engine.proposer.engine
+    assert draft.runner.buckets == BucketSet.for_engine(dataclasses.replace(llm.config, speculative=None))
+    compiled = llm.engine.stats().num_compiled_graphs
+    with caplog.at_level(logging.WARNING):
+        assert_same_outputs(run_all(llm, dict(arrivals)), expected)
+    assert "compiled a new graph" not in caplog.text
+    assert llm.engine.stats().num_compiled_graphs == compiled
+    stats = llm.engine.stats()
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens / stats.num_draft_tokens > 0.9

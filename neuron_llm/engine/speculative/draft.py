@@ -31,7 +31,8 @@ class DraftModelProposer:
     """Proposes up to ``num_speculative_tokens`` tokens by decoding them with a draft model.
 
     Its KV pool has ``num_kv_blocks`` blocks (the model's pool size: it holds as many tokens,
-    each smaller for a smaller draft), and it runs as many sequences at once as the model.
+    each smaller for a smaller draft), and it runs steps of the model's sizes (sequences and
+    tokens); on the XLA device it compiles its own buckets' graphs at its warm-up.
     A draft with a shorter context than ``max_model_len`` drafts only within its own. Given the
     model's ``tokenizer``, a draft that has one must map every token to the same id.
     """
@@ -69,6 +70,10 @@ class DraftModelProposer:
                 num_kv_blocks=num_kv_blocks,
                 enable_prefix_caching=True,
                 max_num_seqs=config.scheduler.max_num_seqs,
+                # The model's step sizes: on the XLA device, its buckets (graphs) too. Chunked
+                # prefill stays on: a draft request is the whole sequence so far, longer than
+                # any prompt the model took whole.
+                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                 async_scheduling=False,
             )
         except ValueError as e:
