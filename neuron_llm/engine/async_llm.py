@@ -269,8 +269,13 @@ class AsyncLLM:
         try:
             outputs = self.engine.step()
         except Exception as e:
-            # Which requests the failure touched is unknown: end them all, keep the engine.
             logger.exception("engine step failed")
+            if not self.engine.is_alive:
+                # A tensor-parallel rank failed: no step can run again, so stop reporting ready.
+                self._die(EngineError(f"the engine can run no more steps ({e}); restart the server"))
+                self._is_stopping = True
+                return
+            # Which requests the failure touched is unknown: end them all, keep the engine.
             self._end_all(EngineError(f"the engine failed while running this request: {e}"))
             self._publish_stats()
             return

@@ -247,6 +247,11 @@ class LLMEngine:
         self._ttfts, self._itls = [], []
         return stats
 
+    @property
+    def is_alive(self) -> bool:
+        """Whether steps can run: false once a tensor-parallel rank failed (the group is then shut down)."""
+        return self.runner.executor.is_alive
+
     # -- one step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

@@ -101,6 +101,11 @@ class Executor(abc.ABC):
     def shutdown(self) -> None:
         """Release the devices (and end the other ranks); later calls do nothing."""
 
+    @property
+    def is_alive(self) -> bool:
+        """Whether steps can run: false once a tensor-parallel group has failed or shut down."""
+        return True
+
     def __enter__(self) -> Self:
         return self
 
@@ -177,8 +182,12 @@ class MultiprocExecutor(Executor):
             agree = functools.partial(agree_on_num_kv_blocks, self.worker)
             # torchrun watches its ranks itself, and this thread could not be joined.
             self.num_kv_blocks = agree() if self._ranks is None else self._await_ranks(agree, "finish loading")
-        except Exception as e:  # noqa: BLE001 - see _fail
+        except BaseException as e:  # noqa: BLE001 - see _fail
             self._fail(e)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._is_running
 
     def execute(self, step: StepInput) -> torch.Tensor:
         return self._run(step, lambda: self.worker.execute(step))
@@ -212,7 +221,7 @@ class MultiprocExecutor(Executor):
             if sampled_before is not None:
                 broadcast_tensor_from_driver(sampled_before)
             return run_on_rank_0()
-        except Exception as e:  # noqa: BLE001 - see _fail
+        except BaseException as e:  # noqa: BLE001 - see _fail
             self._fail(e)
 
     def _await_ranks(self, wait: Callable[[], _T], what: str) -> _T:
@@ -233,15 +242,19 @@ class MultiprocExecutor(Executor):
         thread = threading.Thread(target=run, name=f"neuron-llm-{what.replace(' ', '-')}", daemon=True)
         thread.start()
         deadline = time.monotonic() + self._timeout_s
-        while thread.is_alive():
-            thread.join(POLL_S)
-            failure = self._ranks.failure(wait_s=0) if self._ranks is not None else None
-            if failure is None and thread.is_alive() and time.monotonic() > deadline:
-                failure = WorkerError(f"tensor-parallel ranks did not {what} within {self._timeout_s:.0f} s")
-            if failure is not None and thread.is_alive():
+        try:
+            while thread.is_alive():
+                thread.join(POLL_S)
+                failure = self._ranks.failure(wait_s=0) if self._ranks is not None else None
+                if failure is None and thread.is_alive() and time.monotonic() > deadline:
+                    failure = WorkerError(f"tensor-parallel ranks did not {what} within {self._timeout_s:.0f} s")
+                if failure is not None and thread.is_alive():
+                    raise failure
+        except BaseException:
+            if thread.is_alive():
                 # Left inside its collective until the ranks are stopped (``_stop`` joins it).
                 self._abandoned = thread
-                raise failure
+            raise
         if errors:
             raise errors[0]
         return result[0]
@@ -251,17 +264,19 @@ class MultiprocExecutor(Executor):
             return
         try:
             broadcast_from_driver(None)
-        except Exception as e:  # noqa: BLE001 - see _fail
+        except BaseException as e:  # noqa: BLE001 - see _fail
             self._fail(e)
         self._stop(graceful=True)
 
-    def _fail(self, cause: Exception) -> NoReturn:
+    def _fail(self, cause: BaseException) -> NoReturn:
         """Shut everything down and raise what another rank reported, else ``cause`` itself.
 
         Whatever the error, the ranks' collectives are now out of step (some rank is inside
-        one the others will never enter), so the group cannot be used again.
+        one the others will never enter), so the group cannot be used again. An interrupt
+        (Ctrl-C) stops the ranks at once and is raised as it is.
         """
-        failure = self._ranks.failure() if self._ranks is not None and not isinstance(cause, WorkerError) else None
+        wants_report = isinstance(cause, Exception) and not isinstance(cause, WorkerError)
+        failure = self._ranks.failure() if self._ranks is not None and wants_report else None
         self._stop(graceful=False)
         if failure is None:
             raise cause

@@ -9,6 +9,7 @@ within the timeout, never as a hang.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import multiprocessing
 import os
@@ -28,7 +29,7 @@ from neuron_llm.loader import load_model
 from neuron_llm.loader.hf_dir import read_model_config
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.parallel import Executor, MultiprocExecutor, WorkerError, make_executor, shard_model
-from neuron_llm.parallel.launch import RankProcesses, config_for_rank
+from neuron_llm.parallel.launch import STOP_GRACE_S, RankProcesses, config_for_rank
 from neuron_llm.worker import StepInput, Worker
 
 TIMEOUT_S = 30.0
@@ -66,7 +67,8 @@ def build_worker(
 
 class FailingWorker(Worker):
     """On rank 1, fails its second step: by raising, or by ending the process without a word
-    (``how`` "raise" or "exit"; "never" does not fail). Records its ``close`` calls."""
+    (``how`` "raise" or "exit"; "never" does not fail); with "interrupt", rank 0's second step
+    is interrupted (Ctrl-C). Records its ``close`` calls."""
 
     def __init__(self, worker: Worker, rank: int, how: str) -> None:
         super().__init__(worker.model, worker.config, worker.num_kv_blocks)
@@ -80,7 +82,10 @@ class FailingWorker(Worker):
 
     def execute(self, step: StepInput, sampled_before: torch.Tensor | None = None) -> torch.Tensor:
         self.num_steps += 1
-        if self.rank == 1 and self.num_steps == 2 and self.how != "never":
+        failing_rank = 0 if self.how == "interrupt" else 1
+        if self.rank == failing_rank and self.num_steps == 2 and self.how != "never":
+            if self.how == "interrupt":
+                raise KeyboardInterrupt
             if self.how == "raise":
                 raise RuntimeError("injected failure in rank 1's step")
             os._exit(3)
@@ -89,9 +94,12 @@ class FailingWorker(Worker):
 
 def build_failing_worker(model_dir: str, how: str, config: EngineConfig, rank: int, world_size: int) -> Worker:
     """``build_worker``, except that rank 1 fails: ``how`` is "load", "hang" (in its load),
-    "raise" or "exit" (see FailingWorker)."""
+    "raise" or "exit" (see FailingWorker); or rank 0 is interrupted: in its load
+    ("interrupt_load") or its second step ("interrupt")."""
     if how == "load" and rank == 1:
         raise ValueError("injected failure while rank 1 loads")
+    if how == "interrupt_load" and rank == 0:
+        raise KeyboardInterrupt
     if how == "hang" and rank == 1:
         time.sleep(3600)
     return FailingWorker(build_worker(model_dir, (16, 16), config, rank, world_size), rank, how)
@@ -286,6 +294,67 @@ def test_a_rank_failing_in_a_step_raises_on_rank_0(model_dir: Path, how: str, me
             run_steps(executor, vocab_size)
     finally:
         executor.shutdown()
+    assert not _rank_processes()
+
+
+@pytest.mark.parametrize("when", ["load", "step"])
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_an_interrupt_on_rank_0_ends_the_other_ranks_at_once(model_dir: Path, when: str) -> None:
+    """Ctrl-C on rank 0 leaves the ranks' collectives out of step: they must go, not linger or
+    wait for a step that never comes."""
+    factory = functools.partial(
+        build_failing_worker, str(model_dir), "interrupt" if when == "step" else "interrupt_load"
+    )
+    if when == "load":
+        with pytest.raises(KeyboardInterrupt):
+            make_executor(engine_config(model_dir, 2), factory, timeout_s=TIMEOUT_S)
+    else:
+        executor = make_executor(engine_config(model_dir, 2), factory, timeout_s=TIMEOUT_S)
+        vocab_size = read_model_config(model_dir).vocab_size
+        with pytest.raises(KeyboardInterrupt):
+            run_steps(executor, vocab_size)
+        assert not executor.is_alive
+        with pytest.raises(RuntimeError, match="shut down"):
+            run_steps(executor, vocab_size)
+        start = time.monotonic()
+        executor.shutdown()
+        assert time.monotonic() - start < STOP_GRACE_S / 2
+    assert not _rank_processes()
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_a_server_whose_rank_died_fails_requests_and_stops_reporting_ready(model_dir: Path) -> None:
+    from neuron_llm import LLM, SamplingParams
+    from neuron_llm.engine.async_llm import AsyncLLM, EngineError
+
+    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
+    llm = LLM(model=str(model_dir), tensor_parallel_size=2, **options)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    async def main() -> None:
+        engine = AsyncLLM(llm.engine)
+
+        async def generate() -> list[int]:
+            async for output in engine.generate([3, 1, 4], params):
+                pass
+            return output.outputs[0].token_ids
+
+        assert len(await generate()) == 4
+        for process in multiprocessing.active_children():
+            if process.name.startswith("neuron-llm-rank-"):
+                process.kill()
+                process.join()
+        with pytest.raises(EngineError, match="restart the server"):
+            await generate()
+        assert not engine.is_ready and not llm.engine.is_alive
+        with pytest.raises(EngineError, match="restart the server"):
+            await generate()
+        await engine.shutdown(drain_timeout=1)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), timeout=TIMEOUT_S))
+    finally:
+        llm.shutdown()
     assert not _rank_processes()
 
 
