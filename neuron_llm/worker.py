@@ -111,8 +111,9 @@ def size_kv_pool(config: EngineConfig, weight_bytes: int) -> int:
 
     On CUDA the pool takes ``memory_fraction`` of the device memory minus what is in use
     (the weights); on the CPU it takes at most ``CPU_KV_CACHE_BYTES`` and ``memory_fraction``
-    of the host memory left after the weights. It never exceeds what ``max_num_seqs``
-    sequences of ``max_model_len`` tokens need, plus the null block.
+    of the host memory left after the weights (``weight_bytes`` is this rank's shard), shared
+    by all tensor-parallel ranks, which run on that one host. It never exceeds what
+    ``max_num_seqs`` sequences of ``max_model_len`` tokens need, plus the null block.
     """
     cache = config.cache
     if cache.num_kv_blocks is not None:
@@ -125,7 +126,8 @@ def size_kv_pool(config: EngineConfig, weight_bytes: int) -> int:
         budget = int(total * cache.memory_fraction) - (total - free)
     else:
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        budget = min(CPU_KV_CACHE_BYTES, int(host * cache.memory_fraction) - weight_bytes)
+        num_ranks = config.parallel.tensor_parallel_size
+        budget = min(CPU_KV_CACHE_BYTES, int(host * cache.memory_fraction) - weight_bytes * num_ranks) // num_ranks
     needed = config.scheduler.max_num_seqs * -(-config.max_model_len // cache.block_size) + 1
     num_blocks = min(needed, budget // block_bytes)
     if num_blocks < 2:

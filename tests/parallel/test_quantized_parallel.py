@@ -75,6 +75,12 @@ def test_quantizing_on_load_quantizes_each_shard_from_its_own_slice(
     expected_o, expected_o_scale = quantize_int8(full_layer.o_proj.weight[:, 32:])  # rank 1's columns
     assert torch.equal(o_proj.weight, expected_o) and torch.equal(o_proj.weight_scale, expected_o_scale)
 
+    # Groups of 128 would be cut at rank 1's 32 columns: refused as a checkpoint's would be
+    # (quantized anyway, the shards saved in an artifact could not be loaded back).
+    shard = load_model(path, dtype=torch.float32, device="cpu", shard=lambda m: shard_model(m, 1, 2)).model
+    with pytest.raises(ValueError, match="group_size=128 does not divide each rank's 32 input features"):
+        quantize_model(shard, QuantConfig.for_scheme("int8", group_size=128))
+
 
 def build_worker(
     model_dir: str, quantization: QuantConfig | None, config: EngineConfig, rank: int, world_size: int
