@@ -82,6 +82,15 @@ class _Metadata:
         field = self.reader.fields.get(key)
         return default if field is None else field.contents()
 
+    def uniform(self, key: str, *, required: bool = False) -> Any:
+        """``key``'s value, which llama.cpp may write as an array of one entry per layer: all must agree."""
+        value = self.require(key) if required else self.get(key)
+        if not isinstance(value, list):
+            return value
+        if not value or any(entry != value[0] for entry in value):
+            raise ValueError(f"{self.path}: {key} varies across layers ({value}); every layer must have the same shape")
+        return value[0]
+
     def require(self, key: str) -> Any:
         value = self.get(key)
         if value is None:
@@ -105,7 +114,7 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path} lacks the tensor 'token_embd.weight'")
     hidden_size = meta.require("llama.embedding_length")
-    num_heads = meta.require("llama.attention.head_count")
+    num_heads = meta.uniform("llama.attention.head_count", required=True)
     # llama.cpp's defaults: both lengths hidden_size / head_count unless the file says otherwise.
     head_dim = meta.get("llama.attention.key_length") or hidden_size // num_heads
     _refuse_unsupported_options(meta, tensors.values(), head_dim)
@@ -122,10 +131,10 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         # The embedding's rows, not the token list: a checkpoint may pad its vocabulary.
         vocab_size=_row_major_shape(tensors["token_embd.weight"])[0],
         hidden_size=hidden_size,
-        intermediate_size=meta.require("llama.feed_forward_length"),
+        intermediate_size=meta.uniform("llama.feed_forward_length", required=True),
         num_hidden_layers=meta.require("llama.block_count"),
         num_attention_heads=num_heads,
-        num_key_value_heads=meta.get("llama.attention.head_count_kv") or num_heads,
+        num_key_value_heads=meta.uniform("llama.attention.head_count_kv") or num_heads,
         head_dim=head_dim,
         rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=rope_theta,

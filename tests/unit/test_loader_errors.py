@@ -191,6 +191,18 @@ def test_gguf_options_refused_by_name(
         load(path)
 
 
+def test_gguf_counts_written_per_layer_are_read_when_they_agree(tmp_path: Path) -> None:
+    metadata = {**LLAMA_METADATA, "llama.block_count": 2, "llama.attention.head_count_kv": [1, 1]}
+    path = write_gguf(tmp_path / "uniform.gguf", "llama", {**metadata, "llama.feed_forward_length": [8, 8]})
+    config = read_gguf_config(open_gguf(path), path)
+    assert (config.num_key_value_heads, config.intermediate_size) == (1, 8)
+    path = write_gguf(tmp_path / "varying.gguf", "llama", {**metadata, "llama.attention.head_count": [2, 4]})
+    with pytest.raises(
+        ValueError, match=r"varying\.gguf: llama\.attention\.head_count varies across layers \(\[2, 4\]\)"
+    ):
+        load(path)
+
+
 def test_gguf_value_length_defaults_as_in_llama_cpp(tmp_path: Path) -> None:
     """Without key_length, both lengths are hidden_size / head_count."""
     path = write_gguf(tmp_path / "v.gguf", "llama", {**LLAMA_METADATA, "llama.attention.value_length": 2})
