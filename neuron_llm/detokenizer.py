@@ -51,6 +51,8 @@ class TokenDecoder:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        added = tokenizer.added_tokens_decoder if skip_special_tokens else {}
+        self._special = frozenset(token_id for token_id, token in added.items() if token.special)
         # Only ids from the prefix window on are kept: [0, read_offset) was emitted already.
         self._token_ids = self._prompt_window(list(prompt_token_ids))
         self._read_offset = len(self._token_ids)
@@ -74,6 +76,10 @@ class TokenDecoder:
 
     def add_token(self, token_id: int) -> str:
         """Append ``token_id``; return the text it completes (may be empty)."""
+        if token_id in self._special and not self._decode([token_id]):
+            # Left out of every decode, so out of the window too: a long run of skipped tokens
+            # (a degenerate output) would otherwise be decoded again with each new token.
+            return ""
         self._token_ids.append(token_id)
         prefix_text = self._decode(self._token_ids[: self._read_offset])
         text = self._decode(self._token_ids)

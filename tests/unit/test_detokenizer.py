@@ -34,6 +34,24 @@ def test_special_tokens_are_skipped(tokenizer: PreTrainedTokenizerBase) -> None:
     assert tokenizer.eos_token not in "".join(pieces)
 
 
+def test_a_run_of_skipped_special_tokens_does_not_grow_the_decoded_window(
+    tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    words = tokenizer.encode(" the fox 世界", add_special_tokens=False)
+    token_ids = words + [tokenizer.eos_token_id] * 500 + words
+    decoded_lengths: list[int] = []
+    original = tokenizer.decode
+
+    def counting_decode(ids: list[int], **kwargs: object) -> str:
+        decoded_lengths.append(len(ids))
+        return original(ids, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "decode", counting_decode)
+    pieces = stream(tokenizer, token_ids)
+    assert "".join(pieces) == original(token_ids, skip_special_tokens=True)
+    assert max(decoded_lengths) <= 2 * len(words)
+
+
 @pytest.mark.parametrize("text", ["the quick brown fox jumps over the lazy dog", TEXTS[2]])
 def test_output_after_a_prompt_keeps_its_spacing(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
     token_ids = tokenizer.encode(text, add_special_tokens=False)
