@@ -5,9 +5,10 @@ One process per device. Two groups span the same ranks:
 - the model group (NCCL on GPU, gloo on CPU) carries the all-reduces and all-gathers of
   the forward; its timeout bounds how long a rank waits for a peer inside a step.
 - the control group (always gloo, on the host) carries what rank 0 sends the others: each
-  step's ``StepInput`` and the startup agreement on the KV pool size. Its timeout is
-  effectively unlimited, because an idle server legitimately sends nothing for hours; a
-  peer that dies is still noticed at once, since its connections close.
+  step's ``StepInput`` and the startup agreement on the KV pool size. The other ranks wait
+  on it without a limit, because an idle server legitimately sends nothing for hours; rank
+  0 waits at most the model group's timeout for them to take a step. A peer that dies is
+  noticed at once, since its connections close.
 
 Before ``init_distributed`` (or after ``destroy_distributed``) the world size is 1 and
 every collective is a no-op, so an unsharded model never touches ``torch.distributed``.
@@ -16,6 +17,8 @@ every collective is a no-op, so an unsharded model never touches ``torch.distrib
 from __future__ import annotations
 
 import os
+import pickle
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -26,6 +29,8 @@ DEFAULT_TIMEOUT_S = 600.0
 """Seconds a rank waits for its peers in one collective (or to join the group) before failing."""
 
 _CONTROL_TIMEOUT = timedelta(days=365)
+_TIMEOUT_SLACK_S = 0.5
+"""gloo may end a timed wait a little before its deadline (it counts in whole milliseconds)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ class ParallelState:
     """The model's collectives; None when the world size is 1."""
     control_group: dist.ProcessGroup | None = None
     """Host-side messages from rank 0; None when the world size is 1."""
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    """How long a rank waits for its peers in a collective, and rank 0 for them to take a message."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +119,7 @@ def init_distributed(
         timeout=timedelta(seconds=timeout_s),
     )
     control_group = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
-    _state = ParallelState(rank, world_size, local_rank, dist.group.WORLD, control_group)
+    _state = ParallelState(rank, world_size, local_rank, dist.group.WORLD, control_group, timeout_s)
     return _state
 
 
@@ -165,13 +172,33 @@ def all_gather_last_dim(x: torch.Tensor, world_size: int) -> torch.Tensor:
 def broadcast_from_driver(obj: object) -> object:
     """Rank 0's ``obj``, on every rank (others pass anything); ``obj`` itself when alone.
 
-    Goes over the control group, so a rank may wait here indefinitely for the next message.
+    Goes over the control group, so the other ranks may wait here indefinitely for the next
+    message. Rank 0's broadcast returns only once every rank has taken it, and waits at most
+    ``timeout_s`` for that: a rank stalled between steps fails the step instead of holding
+    rank 0 forever. Raises ``TimeoutError`` then.
     """
     if _state.world_size == 1:
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=_state.control_group)
-    return box[0]
+    group = _state.control_group
+    if _state.rank > 0:
+        size = torch.empty(1, dtype=torch.int64)
+        dist.broadcast(size, src=0, group=group)
+        data = torch.empty(int(size), dtype=torch.uint8)
+        dist.broadcast(data, src=0, group=group)
+        return pickle.loads(data.numpy().tobytes())
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    deadline = time.monotonic() + _state.timeout_s
+    for tensor in (torch.tensor([data.numel()]), data):
+        work = dist.broadcast(tensor, src=0, group=group, async_op=True)
+        try:
+            work.wait(timedelta(seconds=max(0.0, deadline - time.monotonic())))
+        except RuntimeError as e:
+            if time.monotonic() < deadline - _TIMEOUT_SLACK_S:
+                raise  # a peer's connection closed, not a timeout
+            raise TimeoutError(
+                f"tensor-parallel ranks did not take rank 0's next step within {_state.timeout_s:.0f} s"
+            ) from e
+    return obj
 
 
 def broadcast_tensor_from_driver(tensor: torch.Tensor) -> torch.Tensor:

@@ -67,8 +67,9 @@ def build_worker(
 
 class FailingWorker(Worker):
     """On rank 1, fails its second step: by raising, or by ending the process without a word
-    (``how`` "raise" or "exit"; "never" does not fail); with "interrupt", rank 0's second step
-    is interrupted (Ctrl-C). Records its ``close`` calls."""
+    (``how`` "raise" or "exit"; "never" does not fail); with "stall", rank 1 stops for an hour
+    after its first step; with "interrupt", rank 0's second step is interrupted (Ctrl-C).
+    Records its ``close`` calls."""
 
     def __init__(self, worker: Worker, rank: int, how: str) -> None:
         super().__init__(worker.model, worker.config, worker.num_kv_blocks)
@@ -89,7 +90,10 @@ class FailingWorker(Worker):
             if self.how == "raise":
                 raise RuntimeError("injected failure in rank 1's step")
             os._exit(3)
-        return super().execute(step, sampled_before)
+        logits = super().execute(step, sampled_before)
+        if self.how == "stall" and self.rank == 1:
+            time.sleep(3600)  # outside any collective: as hung I/O or a deadlocked thread would
+        return logits
 
 
 def build_failing_worker(model_dir: str, how: str, config: EngineConfig, rank: int, world_size: int) -> Worker:
@@ -292,6 +296,21 @@ def test_a_rank_failing_in_a_step_raises_on_rank_0(model_dir: Path, how: str, me
         assert time.monotonic() - start < TIMEOUT_S / 3
         with pytest.raises(RuntimeError, match="shut down"):
             run_steps(executor, vocab_size)
+    finally:
+        executor.shutdown()
+    assert not _rank_processes()
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_a_rank_stalled_between_steps_fails_rank_0s_next_step(model_dir: Path) -> None:
+    factory = functools.partial(build_failing_worker, str(model_dir), "stall")
+    # Long enough for a spawned rank to start (import torch) on a busy two-core machine.
+    executor = make_executor(engine_config(model_dir, 2), factory, timeout_s=10)
+    try:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="tensor-parallel ranks did not take rank 0's next step within 10 s"):
+            run_steps(executor, read_model_config(model_dir).vocab_size)
+        assert time.monotonic() - start < TIMEOUT_S
     finally:
         executor.shutdown()
     assert not _rank_processes()
