@@ -337,8 +337,11 @@ def load_artifact_model(
     artifact = Artifact.open(artifact_dir)
     # Whoever built ``config`` (LLM does through ``resolve_options``), it must be the artifact's.
     if (built := fixed_options(config)) != artifact.options:
+        missing = object()  # an option that an older neuron-llm did not record differs from None
         differ = sorted(
-            name for name in built.keys() | artifact.options.keys() if built.get(name) != artifact.options.get(name)
+            name
+            for name in built.keys() | artifact.options.keys()
+            if built.get(name, missing) != artifact.options.get(name, missing)
         )
         raise ValueError(f"{artifact.path} was compiled with other options than this engine's: {differ}")
     path = artifact.weights_file(rank, world_size)
@@ -386,7 +389,7 @@ def check_graphs(model: LlamaForCausalLM, config: EngineConfig, artifact_dir: st
     assert config.cache.num_kv_blocks is not None
     for graph in graphs:
         shape = shapes[graph["bucket"]]
-        traced = hashlib.sha256(trace_graph(model, config, shape, config.cache.num_kv_blocks)).hexdigest()
+        traced = hashlib.sha256(trace_graph(model, config, shape, config.cache.num_kv_blocks)[0]).hexdigest()
         if traced != graph["sha256"]:
             raise ValueError(
                 f"bucket {shape.name} traces to another graph than {hlo_dir / graph['file']}: "

@@ -39,7 +39,7 @@ from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.quant import quantized_linears
 from neuron_llm.sample import PADDING_ROW, SamplingBatch
 from neuron_llm.worker import StepInput, num_kv_heads_per_rank
-from neuron_llm.xla import entry_parameter_shapes, hlo_module_proto, import_torch_xla
+from neuron_llm.xla import entry_parameter_shapes, graph_order, hlo_module_proto, import_torch_xla
 from neuron_llm.xla.runner import XlaWorker, num_verified_rows, sampled_outputs
 
 MANIFEST_NAME = "manifest.json"
@@ -226,8 +226,11 @@ def _check_model(model: LlamaForCausalLM, config: EngineConfig) -> None:
         raise ValueError(f"the model holds {', '.join(other)} weights, not the config's dtype {dtype}: cast it first")
 
 
-def trace_graph(model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape, num_kv_blocks: int) -> bytes:
-    """The serialized HLO module of ``shape``'s step graph, traced as ``export_hlo`` does."""
+def trace_graph(
+    model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape, num_kv_blocks: int
+) -> tuple[bytes, list[str]]:
+    """The serialized HLO module of ``shape``'s step graph, traced as ``export_hlo`` does, and
+    the names of its outputs in order."""
     # A fresh worker per bucket: its pools start as plain device data, so the traced graph
     # takes them as parameters and holds no earlier bucket's pending writes. The worker and
     # its pending tensors are dropped on return, before the next worker's sync could run them.
@@ -242,16 +245,23 @@ def trace_graph(model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape
     else:
         batch = SamplingBatch.build_static([], config.model.vocab_size, worker.device, shape.num_seqs)
         sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
-    pools = [pool for layer in worker.kv_caches for pool in layer]
-    return hlo_module_proto([*sampled_outputs(sampled), *pools])
+    outputs = dict(zip(_sampled_names(shape), sampled_outputs(sampled), strict=True))
+    for layer, pools in enumerate(worker.kv_caches):
+        outputs.update({f"{name}[{layer}]": pool for name, pool in zip(_POOL_NAMES, pools, strict=True)})
+    ordered = graph_order(list(outputs.values()))
+    name_of = {id(tensor): name for name, tensor in outputs.items()}
+    return hlo_module_proto(ordered), [name_of[id(tensor)] for tensor in ordered]
+
+
+def _sampled_names(shape: GraphShape) -> list[str]:
+    # After verification, also how many of each sequence's proposals were kept (padding rows: 0).
+    return ["token_ids", "num_accepted"] if shape.num_verified_rows else ["token_ids"]
 
 
 def _export_graph(
     model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape, num_kv_blocks: int, out: Path
 ) -> dict[str, Any]:
-    proto = trace_graph(model, config, shape, num_kv_blocks)
-    # After verification, also how many of each sequence's proposals were kept (padding rows: 0).
-    sampled = ["token_ids", "num_accepted"] if shape.num_verified_rows else ["token_ids"]
+    proto, order = trace_graph(model, config, shape, num_kv_blocks)
     path = out / f"{shape.name}.hlo.pb"
     path.write_bytes(proto)
     parameters = entry_parameter_shapes(proto)
@@ -264,12 +274,11 @@ def _export_graph(
         "num_verified_rows": shape.num_verified_rows,
         "max_blocks_per_seq": shape.max_blocks_per_seq,
         "inputs": step_inputs(shape, config, num_kv_blocks),
-        # The written pools follow the token ids in the output tuple. Their aliasing to the pool
-        # parameters is not in the module: torch-xla adds it when it compiles a step itself.
+        # The output tuple, in the order a step's sync gives it. The written pools' aliasing to
+        # the pool parameters is not in the module: torch-xla adds it when it compiles a step itself.
         "outputs": {
-            "order": sampled
-            + [f"{name}[{layer}]" for layer in range(config.model.num_hidden_layers) for name in _POOL_NAMES],
-            **{name: {"shape": [shape.num_sampling_rows], "dtype": "int64"} for name in sampled},
+            "order": order,
+            **{name: {"shape": [shape.num_sampling_rows], "dtype": "int64"} for name in _sampled_names(shape)},
         },
         "entry_parameters": {"count": len(parameters), "shapes": [str(p) for p in parameters]},
     }

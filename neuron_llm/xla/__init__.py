@@ -19,7 +19,7 @@ from neuron_llm.xla.device import (
     wait,
     xla_device,
 )
-from neuron_llm.xla.hlo import HloShape, entry_parameter_shapes, hlo_module_proto, hlo_text
+from neuron_llm.xla.hlo import HloShape, entry_parameter_shapes, graph_order, hlo_module_proto, hlo_text
 
 __all__ = [
     "GraphCounts",
@@ -28,6 +28,7 @@ __all__ = [
     "count_graphs",
     "entry_parameter_shapes",
     "execution_count",
+    "graph_order",
     "hlo_module_proto",
     "hlo_text",
     "import_torch_xla",

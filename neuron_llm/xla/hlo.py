@@ -39,17 +39,24 @@ class HloShape:
         return f"{self.dtype}[{','.join(map(str, self.dims))}]"
 
 
+def graph_order(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` in the order a sync makes them its graph's outputs: by tensor id, as
+    ``torch_xla.sync()`` collects the live tensors. Another order is another module."""
+    return sorted(tensors, key=import_torch_xla()._XLAC._xla_get_tensor_id)
+
+
 def hlo_module_proto(tensors: Sequence[torch.Tensor]) -> bytes:
-    """The serialized ``HloModuleProto`` of the graph computing ``tensors`` (XLA lazy tensors).
+    """The serialized ``HloModuleProto`` of the graph computing ``tensors`` (XLA lazy tensors),
+    its outputs in ``graph_order``: the module that a sync of these tensors compiles.
 
     Only traces: nothing is compiled or run, and the tensors stay pending.
     """
-    return import_torch_xla()._XLAC._get_xla_tensors_hlo_proto(list(tensors))
+    return import_torch_xla()._XLAC._get_xla_tensors_hlo_proto(graph_order(tensors))
 
 
 def hlo_text(tensors: Sequence[torch.Tensor]) -> str:
     """The HLO text of the graph computing ``tensors``, as ``hlo_module_proto`` would serialize it."""
-    return import_torch_xla()._XLAC._get_xla_tensors_hlo(list(tensors))
+    return import_torch_xla()._XLAC._get_xla_tensors_hlo(graph_order(tensors))
 
 
 def entry_parameter_shapes(module_proto: bytes) -> list[HloShape]:

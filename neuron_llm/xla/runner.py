@@ -63,7 +63,9 @@ class XlaWorker(Worker):
         inline_python_numbers()
         super().__init__(model.to(xla_device()), config, num_kv_blocks, backend)
         sync()
-        self._compiled_at_start = compile_count()
+        self._num_compiled = 0
+        """Graphs this worker's steps compiled, counted around each step: another worker (a draft
+        model's) compiles in the same process."""
         self._is_warm = False
 
     def trace(self, step: StepInput, num_verified_rows: int | None = None) -> torch.Tensor:
@@ -149,7 +151,7 @@ class XlaWorker(Worker):
         sampling, prompt = split_logits_indices(step, None)
         logits = self.trace(step)
         sync()
-        self._warn_if_compiled(compiled_before, step, "no sampling")
+        self._count_compiled(compiled_before, step, "no sampling")
         # Slice on the host: slicing the device tensor by a varying length would be a new graph.
         block = self.sampling_block(step, verifying=False)
         host = logits.cpu()
@@ -186,7 +188,7 @@ class XlaWorker(Worker):
         sync()
         if prompt_logits is not None:
             variant += " + prompt logprobs"
-        self._warn_if_compiled(compiled_before, step, variant)
+        self._count_compiled(compiled_before, step, variant)
         return self._read_back(sampled if rows else None, num_rows, len(rows), prompt_logits, step)
 
     def _read_back(
@@ -217,13 +219,16 @@ class XlaWorker(Worker):
         return StepOutput(output, host[-1][: len(prompt)])
 
     def num_compiled_graphs(self) -> int:
-        return compile_count() - self._compiled_at_start
+        return self._num_compiled
 
     def mark_warmed_up(self) -> None:
         self._is_warm = True
 
-    def _warn_if_compiled(self, compiled_before: int, step: StepInput, variant: str) -> None:
-        if self._is_warm and compile_count() > compiled_before:
+    def _count_compiled(self, compiled_before: int, step: StepInput, variant: str) -> None:
+        """Count the graphs compiled since ``compiled_before``; warn of any after warm-up."""
+        compiled = compile_count() - compiled_before
+        self._num_compiled += compiled
+        if self._is_warm and compiled:
             logger.warning(
                 "compiled a new graph after warm-up for a step of %d tokens, %d sequences (%s): warm-up "
                 "compiles each bucket's plain sampling graph (and, with speculative decoding, each prefill "

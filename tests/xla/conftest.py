@@ -29,6 +29,18 @@ Bucket = tuple[int, int]
 """(num_tokens, num_seqs) a step is padded to; every bucket's block table is MAX_BLOCKS_PER_SEQ wide."""
 
 
+def sync_as_served(roots: list[torch.Tensor]) -> bytes:
+    """Run the graph of ``roots`` with its outputs in the order ``torch_xla.sync()`` collects live
+    tensors (by tensor id); return that graph's HLO module. A step's graph compiled before is
+    found again only when this is its module (the order is part of the module)."""
+    import torch_xla
+
+    ordered = sorted(roots, key=torch_xla._XLAC._xla_get_tensor_id)
+    proto = torch_xla._XLAC._get_xla_tensors_hlo_proto(ordered)
+    torch_xla._XLAC._xla_sync_multi(ordered, [], False, True)
+    return proto
+
+
 def tiny_model(vocab_size: int) -> LlamaForCausalLM:
     """A 2-layer GQA Llama (6 query heads over 2 KV heads) with seeded random weights.
 

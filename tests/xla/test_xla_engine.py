@@ -14,6 +14,7 @@ torch_xla = pytest.importorskip("torch_xla")
 from neuron_llm.llm import LLM  # noqa: E402
 from neuron_llm.sampling_params import SamplingParams  # noqa: E402
 from tests.engine.conftest import random_prompts, run_all, tiny_model_dir  # noqa: E402,F401
+from tests.xla.conftest import sync_as_served  # noqa: E402
 
 pytestmark = pytest.mark.xla
 
@@ -54,7 +55,7 @@ def test_the_exported_hlo_is_the_graph_the_engine_serves(tiny_model_dir, tmp_pat
     running that step compiles nothing: it is one of the graphs the engine compiled."""
     from neuron_llm.compile.hlo_export import GraphShape, dummy_step, export_hlo
     from neuron_llm.sample import SamplingBatch
-    from neuron_llm.xla import count_graphs, hlo_module_proto, sync
+    from neuron_llm.xla import count_graphs
 
     llm = LLM(model=str(tiny_model_dir), device="xla", **OPTIONS)
     worker, buckets = llm.engine.runner.executor.worker, llm.engine.runner.buckets
@@ -64,8 +65,7 @@ def test_the_exported_hlo_is_the_graph_the_engine_serves(tiny_model_dir, tmp_pat
         batch = SamplingBatch.build_static([], llm.config.model.vocab_size, worker.device, shape.num_seqs)
         with count_graphs() as counts:
             sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
-            proto = hlo_module_proto([sampled.token_ids, *[pool for layer in worker.kv_caches for pool in layer]])
-            sync()
+            proto = sync_as_served([sampled.token_ids, *[pool for layer in worker.kv_caches for pool in layer]])
         assert hashlib.sha256(proto).hexdigest() == graph["sha256"], shape.name
         assert counts.compilations == 0, shape.name
 
