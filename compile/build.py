@@ -31,7 +31,7 @@ from neuron_llm.compile.artifact import (
     sha256_of,
     system_versions,
 )
-from neuron_llm.config import EngineConfig, parse_device
+from neuron_llm.config import EngineConfig, SpeculativeConfig, parse_device
 from neuron_llm.llm import LLM
 from neuron_llm.loader import LoadedModel
 from neuron_llm.parallel.executor import WorkerFactory
@@ -80,10 +80,18 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
             "this process has run a model on CUDA already: the Triton kernels it compiled stay in its memory "
             "and would be missing from the artifact; compile in a new process (neuron-llm compile does)"
         )
-    if options.get("speculative_config") is not None and parse_device(device).type != "xla":
+    speculative = SpeculativeConfig.parse(options.get("speculative_config"))
+    if speculative is not None and parse_device(device).type != "xla":
         # Only the XLA device compiles graphs for it (a verification graph per prefill bucket).
         raise ValueError(
             f"speculative_config is chosen when a {parse_device(device).type} artifact is loaded, not compiled into it"
+        )
+    if speculative is not None and speculative != SpeculativeConfig(speculative.num_speculative_tokens):
+        # The manifest could not bring the rest back at load: a draft model would become n-gram lookup.
+        raise ValueError(
+            f"speculative_config={options['speculative_config']!r}: an artifact compiles num_speculative_tokens alone "
+            "(each prefill bucket's verification graph); choose the proposer (method, draft model, lookup lengths) "
+            "when it is loaded: compile with {'num_speculative_tokens': k} and pass the rest to the loading LLM"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.compiling-", dir=out.parent))

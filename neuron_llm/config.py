@@ -495,6 +495,12 @@ class EngineConfig:
             raise ValueError(
                 f"max_model_len={self.scheduler.max_model_len} exceeds the model's max_position_embeddings={limit}"
             )
+        if self.speculative is not None and self.speculative.num_speculative_tokens >= self.max_model_len:
+            # A verification step holds the proposals and the token before them.
+            raise ValueError(
+                f"num_speculative_tokens={self.speculative.num_speculative_tokens} must be below "
+                f"max_model_len={self.max_model_len}"
+            )
 
     @property
     def max_model_len(self) -> int:

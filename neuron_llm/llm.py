@@ -124,7 +124,7 @@ class LLM:
             )
             speculative_config = fixed.pop("speculative_config", None)
             device, dtype, quantization, tensor_parallel_size, backend, max_model_len = (
-                fixed.pop(name)
+                fixed.pop(name, None)
                 for name in ("device", "dtype", "quantization", "tensor_parallel_size", "backend", "max_model_len")
             )
             engine_options = fixed

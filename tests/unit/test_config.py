@@ -354,6 +354,14 @@ def test_engine_config_refusals() -> None:
         EngineConfig(model=tiny_model(), device=DeviceConfig("xla"), scheduler=SchedulerConfig(async_scheduling=True))
     with pytest.raises(ValueError, match=r"async_scheduling='yes': must be a bool"):
         SchedulerConfig(async_scheduling="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"num_speculative_tokens=16 must be below max_model_len=16"):
+        EngineConfig(
+            model=tiny_model(),
+            scheduler=SchedulerConfig(max_model_len=16),
+            speculative=SpeculativeConfig(num_speculative_tokens=16),
+        )
+    speculative = SpeculativeConfig(num_speculative_tokens=15)
+    assert EngineConfig(model=tiny_model(), scheduler=SchedulerConfig(max_model_len=16), speculative=speculative)
 
 
 @pytest.mark.parametrize(
