@@ -12,8 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from neuron_llm.buckets import BucketSet
 from neuron_llm.compile.artifact import (
     FORMAT,
@@ -34,6 +32,7 @@ from neuron_llm.compile.artifact import (
 from neuron_llm.config import EngineConfig, SpeculativeConfig, parse_device
 from neuron_llm.llm import LLM
 from neuron_llm.loader import LoadedModel
+from neuron_llm.loader.weights import save_safetensors
 from neuron_llm.parallel.executor import WorkerFactory
 from neuron_llm.worker import load_worker
 
@@ -47,7 +46,7 @@ def save_rank(out_dir: Path, loaded: LoadedModel, config: EngineConfig, rank: in
     model = loaded.model
     tensors = {name: param.detach().cpu().contiguous() for name, param in model.named_parameters()}
     (out_dir / WEIGHTS_DIR).mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_DIR / rank_file(rank, world_size)), metadata={"format": "pt"})
+    save_safetensors(tensors, out_dir / WEIGHTS_DIR / rank_file(rank, world_size))
     if rank != 0:
         return
     # The artifact's weights are our layers' own tensors: a short last group is stored as it runs.

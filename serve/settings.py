@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,9 +141,13 @@ class ServeSettings:
                 parser.add_argument(flag, type=_parser(f), default=f.default, help=f.metadata["help"])
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ServeSettings:
-        """Settings from arguments parsed by a parser set up with ``add_arguments``."""
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServeSettings:
+        """Settings from arguments parsed by a parser set up with ``add_arguments``; without
+        ``--api-key``, the key is ``NEURON_LLM_API_KEY`` of ``environ`` (the process's) if set."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        if values["api_key"] is None:
+            values["api_key"] = (os.environ if environ is None else environ).get(f"{ENV_PREFIX}API_KEY")
+        return cls(**values)
 
 
 def _parser(f: dataclasses.Field[Any]) -> Callable[[str], Any]:

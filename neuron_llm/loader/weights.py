@@ -9,10 +9,13 @@ reads just those bytes from disk). A parameter that needs more than a plain copy
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 
@@ -58,3 +61,12 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, TensorSource]]) 
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write ``tensors`` to ``path`` as safetensors, readable as the umask allows: safetensors
+    itself makes the file 0600, which another user serving it (a container's) could not read."""
+    save_file(dict(tensors), str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)

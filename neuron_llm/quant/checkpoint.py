@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -46,7 +45,7 @@ from neuron_llm.config import ModelConfig
 from neuron_llm.layers.linear import Linear
 from neuron_llm.loader.hf_dir import CONFIG_FILE, GENERATION_CONFIG_FILE, SINGLE_WEIGHTS_FILE, read_json
 from neuron_llm.loader.tokenizer import has_tokenizer_files
-from neuron_llm.loader.weights import TensorSource
+from neuron_llm.loader.weights import TensorSource, save_safetensors
 from neuron_llm.quant.formats import LinearFormat
 from neuron_llm.quant.layers import Int8Linear, quantized_linears
 from neuron_llm.quant.packing import pack_int8, packed_columns, unpack_int8
@@ -455,7 +454,7 @@ def save_quantized_checkpoint(
         raise ValueError("the model has no quantized linear to describe")
     hf_config = model_config_dict(model, config, source, dtype)  # raises before the directory is made
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(checkpoint_tensors(model, dtype), str(out_dir / SINGLE_WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(checkpoint_tensors(model, dtype), out_dir / SINGLE_WEIGHTS_FILE)
     write_model_files(out_dir, hf_config, source, tokenizer)
 
 

@@ -323,6 +323,10 @@ def test_the_compile_command_writes_an_artifact(source: Path, tmp_path: Path, ca
     assert "1 weight file(s)" in capsys.readouterr().out
     options = json.loads((out / MANIFEST_NAME).read_text())["options"]
     assert (options["quantization"], options["max_num_seqs"], options["block_size"]) == ("int8", 4, 8)
+    # Readable by whoever the umask lets read the rest (safetensors alone writes 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {path.stat().st_mode & 0o777 for path in out.rglob("*") if path.is_file()} == {0o666 & ~umask}
     assert main(args) == 2
     assert "not a new or empty directory" in capsys.readouterr().err
     other = [arg if arg != str(out) else str(tmp_path / "speculative") for arg in args]

@@ -42,6 +42,11 @@ def test_serve_command_line_becomes_settings() -> None:
     settings = ServeSettings.from_args(args)
     assert (settings.model, settings.port, settings.max_model_len, settings.api_key) == ("my/model", 9000, 128, "k")
     assert settings.host == "127.0.0.1" and settings.max_num_seqs is None
+    # The key's flag is visible to ps; the variable is not. The flag wins where both are set.
+    assert ServeSettings.from_args(args, {"NEURON_LLM_API_KEY": "env"}).api_key == "k"
+    without_flag = parser.parse_args(["serve", "my/model"])
+    assert ServeSettings.from_args(without_flag, {"NEURON_LLM_API_KEY": "env"}).api_key == "env"
+    assert ServeSettings.from_args(without_flag, {}).api_key is None
     assert settings.llm_options() == {
         "model": "my/model",
         "dtype": "auto",
