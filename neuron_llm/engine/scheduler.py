@@ -330,7 +330,12 @@ class Scheduler:
             if request.draft_token_ids:  # the younger requests' needs cost a walk over them
                 num_younger = min(len(self.running) - index, self.config.max_num_seqs - len(scheduled)) - 1
                 kept_tokens, kept_blocks = self._needs_of_younger(index, num_younger, budget - num_new_tokens)
-                drafts = self._drafts_to_verify(request, num_new_tokens, budget - kept_tokens, kept_blocks)
+                waiting_tokens, waiting_blocks = self._first_chunk_of_waiting(
+                    len(scheduled) + 1 + num_younger, budget - num_new_tokens - kept_tokens, kept_blocks
+                )
+                drafts = self._drafts_to_verify(
+                    request, num_new_tokens, budget - kept_tokens - waiting_tokens, kept_blocks + waiting_blocks
+                )
             if not drafts and not self._reserve_blocks(request, num_new_tokens, preempted_ids):
                 break
             scheduled.append(self._advance(request, num_new_tokens, drafts))
@@ -349,6 +354,20 @@ class Scheduler:
             total = self.block_manager.num_blocks_for(request.num_computed_tokens + tokens)
             num_tokens += tokens
             num_blocks += max(0, total - len(request.block_ids))
+        return num_tokens, num_blocks
+
+    def _first_chunk_of_waiting(self, num_running: int, budget: int, num_kept_blocks: int) -> tuple[int, int]:
+        """The tokens and fresh blocks the oldest waiting request would take this step, as plain
+        decoding admits it: proposals leave them, or a full step of guesses would keep it waiting
+        while the running requests last. Nothing when it could not be admitted anyway (no
+        sequence slot after the ``num_running`` scheduled, no budget, no blocks); prefix-cache
+        hits are not looked up, so it may keep more than admission takes."""
+        if not self.waiting or budget <= 0 or num_running >= self.config.max_num_seqs:
+            return 0, 0
+        num_tokens = self._num_admitted_tokens(self.waiting[0].num_tokens, budget)
+        num_blocks = self.block_manager.num_blocks_for(num_tokens)
+        if num_tokens == 0 or num_blocks > self.block_manager.num_free_blocks - num_kept_blocks:
+            return 0, 0
         return num_tokens, num_blocks
 
     def room_for_drafts(self, request: Request) -> int:

@@ -87,7 +87,8 @@ def test_greedy_outputs_equal_plain_decodings(tiny_model_dir, quality, options) 
     assert_same_outputs(ours, expected)
     assert all_blocks_free(llm)
     stats = llm.engine.stats()
-    assert stats.num_draft_tokens > 50
+    # A small budget verifies fewer: proposals leave the budget of each step's admission.
+    assert stats.num_draft_tokens > (25 if options.get("max_num_batched_tokens") == 16 else 50)
     rate = stats.num_accepted_tokens / stats.num_draft_tokens
     # "right" loses only those past a stop and those of the probe's min_tokens request: its
     # stop token, held back, changes its continuation (a third of all proposals).

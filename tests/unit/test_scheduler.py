@@ -647,6 +647,23 @@ def test_proposals_leave_a_token_for_each_younger_running_request() -> None:
     ]
 
 
+def test_proposals_leave_the_oldest_waiting_request_its_first_chunk() -> None:
+    # Plain decoding admits a request arriving while others decode at once; proposals filling
+    # the step's budget would keep it waiting for as long as they keep coming.
+    scheduler = make_scheduler(max_num_batched_tokens=8)
+    model = FakeModel(scheduler)
+    old, young = _two_decoding(scheduler, model)
+    late = make_request("late", [8, 9, 10, 11, 12])
+    scheduler.add_request(late)
+    old.draft_token_ids, young.draft_token_ids = [7] * 4, [7] * 4
+    output = step(scheduler, model)
+    assert [(e.request.request_id, e.num_new_tokens, e.num_draft_tokens) for e in output.scheduled] == [
+        ("old", 2, 1),
+        ("young", 1, 0),
+        ("late", 5, 0),
+    ]
+
+
 def test_proposals_leave_a_free_block_for_each_younger_running_request() -> None:
     # Blocks of 4: each request holds one; the young one's is full, so its next token needs
     # the one free block, which the old one's proposals would otherwise take.
