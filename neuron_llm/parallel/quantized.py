@@ -79,7 +79,6 @@ def row_parallel(fmt: LinearFormat, in_features: int, out_features: int, partiti
     )
     group_size = fmt.group_size
     scale_shape = (out_features, num_groups(in_features, group_size))
-    _check_whole_groups(fmt, start, end)
     scales = slice(None) if group_size is None else (slice(None), slice(start // group_size, end // group_size))
     layer.weight_scale.weight_loader = functools.partial(load_scale, index=scales, full_shape=scale_shape)
     return layer
@@ -91,8 +90,6 @@ def quantize_parallel_linear(linear: Linear, fmt: LinearFormat, name: str) -> Qu
     Raises ``ValueError`` for a row-parallel shard whose groups would straddle two ranks, as
     ``row_parallel`` does: groups of one device's quantization, and an artifact's shards that load.
     """
-    if isinstance(linear, RowParallelLinear):
-        _check_whole_groups(fmt, *linear.partition.bounds(linear.in_features * linear.partition.count))
     quantized = quantize_linear(linear, fmt, name)
     if not isinstance(linear, RowParallelLinear):
         return quantized
@@ -105,6 +102,14 @@ def quantize_parallel_linear(linear: Linear, fmt: LinearFormat, name: str) -> Qu
 def _empty_row_parallel(
     fmt: LinearFormat, in_features: int, out_features: int, partition: Partition
 ) -> QuantizedLinear:
+    """A row-parallel shard of ``in_features`` input features; ``ValueError`` when they do not
+    hold whole groups of scales (a group would straddle two ranks: every shard starts at a
+    multiple of ``in_features``)."""
+    if fmt.group_size is not None and in_features % fmt.group_size:
+        raise ValueError(
+            f"group_size={fmt.group_size} does not divide each rank's {in_features} input features: "
+            "a group of scales would straddle two ranks"
+        )
     if fmt.scheme == "int8":
         layer: QuantizedLinear = Int8RowParallelLinear(in_features, out_features, group_size=fmt.group_size)
     elif fmt.scheme == "fp8":
@@ -113,13 +118,3 @@ def _empty_row_parallel(
         layer = W8A8RowParallelLinear(in_features, out_features)
     layer.partition = partition
     return layer
-
-
-def _check_whole_groups(fmt: LinearFormat, start: int, end: int) -> None:
-    """A row-parallel shard of input features [start, end) holds whole groups of scales."""
-    group_size = fmt.group_size
-    if group_size is not None and (start % group_size or (end - start) % group_size):
-        raise ValueError(
-            f"group_size={group_size} does not divide each rank's {end - start} input features: "
-            "a group of scales would straddle two ranks"
-        )
