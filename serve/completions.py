@@ -31,7 +31,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
     """Answer a completion request: JSON, or server-sent events when ``stream`` is set."""
     model = state.ready_model()
     model.check_name(body.model)
-    prompts = completion_prompts(model, body.prompt)
+    prompts = await completion_prompts(model, body.prompt)
     params = sampling_params(
         model,
         unset=type(body).model_fields.keys() - body.model_fields_set,

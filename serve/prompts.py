@@ -6,6 +6,7 @@ reaches the engine is a request it accepts.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -27,13 +28,21 @@ class Prompt:
     """The prompt's text, for ``echo``: decoded when the request sent token ids."""
 
 
-def completion_prompts(
+async def completion_prompts(
     model: ServedModel, prompt: str | list[str] | list[int] | list[list[int]], param: str = "prompt"
 ) -> list[Prompt]:
     """The prompts of a completion request: a text, texts, token ids or lists of token ids.
 
-    ``param`` is the request field that holds them, named in errors.
+    ``param`` is the request field that holds them, named in errors. Tokenizing runs in a
+    thread (the fast tokenizers release the GIL): a long prompt, even one then refused as too
+    long, takes a second or more, and on the event loop it would stall every other stream.
     """
+    return await asyncio.to_thread(_completion_prompts, model, prompt, param)
+
+
+def _completion_prompts(
+    model: ServedModel, prompt: str | list[str] | list[int] | list[list[int]], param: str
+) -> list[Prompt]:
     batch: list[str | list[int]]
     if isinstance(prompt, str):
         batch = [prompt]
@@ -77,8 +86,13 @@ def _in_vocabulary(model: ServedModel, token_ids: list[int], param: str) -> list
     return list(token_ids)
 
 
-def chat_prompt(model: ServedModel, messages: list[ChatMessage]) -> Prompt:
-    """The prompt of a conversation, rendered by the model's chat template."""
+async def chat_prompt(model: ServedModel, messages: list[ChatMessage]) -> Prompt:
+    """The prompt of a conversation, rendered by the model's chat template (in a thread, as
+    ``completion_prompts`` tokenizes)."""
+    return await asyncio.to_thread(_chat_prompt, model, messages)
+
+
+def _chat_prompt(model: ServedModel, messages: list[ChatMessage]) -> Prompt:
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ClientError("this model has no tokenizer, so it has no chat template; use /v1/completions", "messages")

@@ -25,6 +25,14 @@ from neuron_llm.sampling_params import MAX_LOGPROBS
 MAX_N = 128
 """Most completions of one prompt (OpenAI's limit); a server also caps it at its max_num_seqs."""
 
+MAX_STOP, MAX_STOP_CHARS = 16, 1024
+"""Most stop strings a request takes, and their longest: the engine's thread matches every one
+against each new token of the sequence, so a request with many or long ones would slow the
+whole batch (OpenAI takes 4, TGI 4 by default)."""
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP)]
+
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 """Seeds span int64 (OpenAI) and uint64 (vLLM); each maps onto one 64-bit generator seed."""
 
@@ -85,7 +93,7 @@ class _SamplingRequest(_Request):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: StopString | StopStrings | None = None
     seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -224,7 +232,7 @@ class TGIParameters(_Request):
     top_k: int | None = Field(None, gt=0)
     repetition_penalty: float | None = Field(None, gt=0)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: list[str] = []
+    stop: StopStrings = []
     seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     return_full_text: bool = False
     details: bool = False

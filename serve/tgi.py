@@ -34,11 +34,15 @@ _PARAMS = {
 async def serve_tgi(state: ServerState, body: TGIRequest, request: Request) -> Response:
     """Answer ``[{"generated_text": ..., "details": ...}]`` as TGI's SageMaker containers do."""
     model = state.ready_model()
-    prompts = completion_prompts(model, body.inputs, "inputs")
+    prompts = await completion_prompts(model, body.inputs, "inputs")
     p = body.parameters
     # TGI samples when asked to, or when a sampling setting is given; otherwise it is greedy.
     do_sample = p.do_sample or p.temperature is not None or p.top_p is not None or p.top_k is not None
-    max_new_tokens = p.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, model.max_model_len - len(prompts[0].token_ids))
+    max_new_tokens = p.max_new_tokens
+    if max_new_tokens is None:
+        # The room the prompt leaves, checked first: a prompt filling the context is refused
+        # as too long, not for a max_new_tokens the client never sent.
+        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, output_budget(model, prompts, None, "inputs"))
     params = sampling_params(
         model,
         renames=_PARAMS,

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from neuron_llm.serve.protocol import MAX_STOP, MAX_STOP_CHARS
 from tests.engine.conftest import tiny_model_dir  # noqa: F401
 from tests.serve.conftest import ServerThread, make_llm, metric, running_server
 
@@ -55,6 +56,10 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": [10**9]}, 400, "prompt"),
     (COMPLETIONS, {"prompt": "word " * 1000}, 400, "prompt"),
     (COMPLETIONS, {"prompt": ["a", "word " * 1000]}, 400, "prompt[1]"),
+    (COMPLETIONS, {"prompt": "a", "stop": ["x"] * (MAX_STOP + 1)}, 400, "stop"),
+    (COMPLETIONS, {"prompt": "a", "stop": "x" * (MAX_STOP_CHARS + 1)}, 400, "stop"),
+    (CHAT, {"messages": USER, "stop": ["a", "x" * (MAX_STOP_CHARS + 1)]}, 400, "stop"),
+    ("/invocations", {"inputs": "Hi", "parameters": {"stop": ["x"] * (MAX_STOP + 1)}}, 400, "parameters.stop"),
     # empty
     (COMPLETIONS, {"prompt": ""}, 400, "prompt"),
     (COMPLETIONS, {"prompt": []}, 400, "prompt"),
@@ -93,6 +98,21 @@ def test_bad_field_is_a_4xx_naming_it(
     error = response.json()["error"]
     assert error["param"] == param, error
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_a_tgi_prompt_filling_the_context_is_refused_as_too_long(server: ServerThread) -> None:
+    # Without max_new_tokens the default output length is what the prompt leaves: none here.
+    tokenizer = server.app.state.server.ready_model().tokenizer
+    context = server.app.state.server.ready_model().max_model_len
+    texts = ("x" * n for n in range(1, 2 * context))
+    inputs = next(text for text in texts if len(tokenizer.encode(text)) == context)
+    response = httpx.post(f"{server.url}/invocations", json={"inputs": inputs})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("inputs", "context_length_exceeded"), error
+    room = httpx.post(f"{server.url}/invocations", json={"inputs": inputs[3:], "parameters": {"details": True}})
+    assert room.status_code == 200, room.text
+    assert room.json()[0]["details"]["generated_tokens"] >= 1
 
 
 def test_null_options_take_their_defaults(server: ServerThread) -> None:

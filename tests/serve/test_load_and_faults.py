@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,7 +22,15 @@ from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.generation import EventStreamResponse, Generation
 from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.prompts import Prompt
-from tests.serve.conftest import ServerThread, make_llm, make_slow_llm, metric, running_server, wait_for
+from tests.serve.conftest import (
+    START_TIMEOUT_S,
+    ServerThread,
+    make_llm,
+    make_slow_llm,
+    metric,
+    running_server,
+    wait_for,
+)
 
 ABORTED = 'neuron_llm_requests_total{outcome="aborted"}'
 LONG = {"max_tokens": 240, "ignore_eos": True, "temperature": 0.0}
@@ -83,6 +93,44 @@ def test_64_concurrent_streams_match_each_request_alone(server: ServerThread) ->
     alone, together = asyncio.run(run())
     assert together == alone
     assert all(finish_reason in ("stop", "length") for _, finish_reason in together)
+
+
+@pytest.mark.parametrize(
+    ("route", "slow_body"),
+    [
+        ("/v1/completions", {"prompt": "SLOW to tokenize"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "SLOW to tokenize"}]}),
+    ],
+)
+def test_a_prompt_being_tokenized_holds_up_no_other_request(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, route: str, slow_body: dict
+) -> None:
+    # A long prompt takes seconds to tokenize; on the event loop it would stall every stream.
+    entered, release = threading.Event(), threading.Event()
+    with running_server(model_dir) as server:
+        tokenizer = server.app.state.server.ready_model().tokenizer
+        encode = tokenizer.encode
+
+        def slow_encode(text: str, *args: object, **kwargs: object) -> list[int]:
+            if "SLOW" in text:
+                entered.set()
+                release.wait(START_TIMEOUT_S)
+            return encode(text, *args, **kwargs)
+
+        monkeypatch.setattr(tokenizer, "encode", slow_encode)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                body = {**slow_body, "max_tokens": 2}
+                slow = pool.submit(httpx.post, f"{server.url}{route}", json=body, timeout=START_TIMEOUT_S)
+                assert entered.wait(START_TIMEOUT_S)
+                hello = {"prompt": "Hello", "max_tokens": 4}
+                other = httpx.post(f"{server.url}/v1/completions", json=hello, timeout=10)
+                assert other.status_code == 200, other.text
+                assert not slow.done()
+                release.set()
+                assert slow.result().status_code == 200
+        finally:
+            release.set()
 
 
 def test_client_leaving_mid_stream_aborts_its_request(slow_server: ServerThread) -> None:
