@@ -8,6 +8,7 @@ ask for the same one, and reading it from a GGUF file takes seconds. Do not muta
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -36,8 +37,16 @@ def load_dir_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
 @lru_cache(maxsize=4)
 def load_gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer described by the metadata of the GGUF file ``gguf_path``."""
-    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
+    """The tokenizer described by the metadata of the GGUF file ``gguf_path``.
+
+    transformers reads a tokenizer.json beside the GGUF file before the file itself, and a
+    GGUF often lies in a folder of another model's files (llama.cpp converts in place): the
+    file is read through a link in a folder of its own.
+    """
+    with tempfile.TemporaryDirectory(prefix="neuron-llm-gguf-") as folder:
+        link = Path(folder) / "model.gguf"
+        link.symlink_to(gguf_path.resolve())
+        return AutoTokenizer.from_pretrained(folder, gguf_file=link.name, local_files_only=True)
 
 
 def render_chat(

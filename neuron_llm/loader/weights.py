@@ -9,6 +9,7 @@ reads just those bytes from disk). A parameter that needs more than a plain copy
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,6 +18,13 @@ from typing import Protocol
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_TIED = ("model.embed_tokens.weight", "lm_head.weight")
+_TIED_SAMPLE_ROWS = 8
+"""Rows of the embedding and of a stored head compared when the model ties them: a head
+trained apart from the embedding differs in every row."""
 
 
 class TensorSource(Protocol):
@@ -44,7 +52,10 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, TensorSource]]) 
     """
     params = dict(model.named_parameters())  # tied parameters appear once, under their first name
     loaded: set[str] = set()
+    tied: dict[str, TensorSource] = {}
     for name, source in sources:
+        if name in _TIED and "lm_head.weight" not in params:
+            tied[name] = source
         if name not in params:
             if name == "lm_head.weight":
                 continue  # tied to model.embed_tokens.weight
@@ -61,6 +72,12 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, TensorSource]]) 
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    if len(tied) == 2 and not torch.equal(*(source[:_TIED_SAMPLE_ROWS].float() for source in tied.values())):
+        # transformers 5 would use the stored head; vLLM and transformers 4 tie it, as here.
+        logger.warning(
+            "the checkpoint stores an lm_head.weight that differs from its embedding, but its config ties "
+            "them (tie_word_embeddings): the embedding serves as the LM head and the stored one is ignored"
+        )
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
