@@ -64,8 +64,23 @@ class _RequestGroup:
         return not self.pending_forks and all(seq.finish_reason is not None for seq in self.sequences)
 
 
-_Sampled = tuple[list[list[int]], list[list[dict[int, Logprob] | None]]]
-"""Per sampling entry of a step: its new token ids, and their logprobs (None where not asked for)."""
+def _restore(generator_states: list[tuple[torch.Generator, torch.Tensor]]) -> None:
+    for generator, state in generator_states:
+        generator.set_state(state)
+
+
+@dataclass(frozen=True)
+class _StepRead:
+    """What a launched step gave, read to the host; reading changes no request."""
+
+    token_ids: list[list[int]]
+    """Per sampling entry, its new token ids."""
+    logprobs: list[list[dict[int, Logprob] | None]]
+    """Per sampling entry, its new tokens' logprobs (None where not asked for)."""
+    prompt_logprobs: list[tuple[_RequestGroup, list[dict[int, Logprob]]]]
+    """The prompt positions the step scored, for each group that asked, to append to its list."""
+    num_drafted: int = 0
+    num_accepted: int = 0
 
 
 @dataclass
@@ -80,6 +95,8 @@ class _LaunchedStep:
     num_outputs_before: list[int]
     """Per sampling entry, its request's output tokens when the step was launched: those after
     them once the scheduler took the step's tokens are the step's."""
+    generator_states: list[tuple[torch.Generator, torch.Tensor]]
+    """The seeded rows' generators before the step drew from them, restored when it is rewound."""
     host_token_ids: torch.Tensor | None = field(init=False, default=None)
     host_logprobs: LogprobsTensors | None = field(init=False, default=None)
     host_num_accepted: torch.Tensor | None = field(init=False, default=None)
@@ -263,29 +280,36 @@ class LLMEngine:
         step's: the device runs one step while the host does the bookkeeping of the last.
         """
         if self._in_flight is not None and not self._overlaps():
+            # Read before it leaves _in_flight: after a failed read the next step reads it again.
+            in_flight_read = self._read(self._in_flight)
             in_flight, self._in_flight = self._in_flight, None
-            return self._complete(in_flight)
+            return self._complete(in_flight, in_flight_read)
         if self.proposer is not None:
             self._propose(self.proposer)
         scheduled = self.scheduler.schedule()
         overlaps = self._overlaps()
+        launched = None
         try:
             launched = None if scheduled.is_empty else self._launch(scheduled)
-            sampled = self._read_sampled(launched) if launched is not None and not overlaps else None
+            read = self._read(launched) if launched is not None and not overlaps else None
+            previous = None if self._in_flight is None else (self._in_flight, self._read(self._in_flight))
         except BaseException:
             # The step's tokens never came back: its requests compute them again in a later
-            # step (for the other callers of a shared engine), and this caller sees the error.
+            # step, drawing what they would have drawn, and a step in flight is read again
+            # then (for the other callers of a shared engine); this caller sees the error.
+            if launched is not None:
+                _restore(launched.generator_states)
             self.scheduler.rewind(scheduled)
             raise
-        in_flight, self._in_flight = self._in_flight, None
-        outputs = [] if in_flight is None else self._complete(in_flight)
+        self._in_flight = None
+        outputs = [] if previous is None else self._complete(*previous)
         if launched is None:
             return outputs
-        if sampled is not None:
+        if read is not None:
             self.scheduler.update_from_output(
-                scheduled, {entry.request.request_id: ids for entry, ids in zip(launched.sampling, sampled[0])}
+                scheduled, {entry.request.request_id: ids for entry, ids in zip(launched.sampling, read.token_ids)}
             )
-            return outputs + self._complete(launched, sampled)
+            return outputs + self._complete(launched, read)
         # The scheduler counts each sampled token now, as a placeholder the device fills in
         # for the next step and the host replaces once it has read the token (``_complete``).
         self.scheduler.update_from_output(
@@ -335,18 +359,26 @@ class LLMEngine:
         sampled_before = None
         if self._in_flight is not None and self._in_flight.result.sampled is not None:
             sampled_before = self._in_flight.result.sampled.token_ids
-        result = self.runner.execute(
-            scheduled, self._wants_prompt_logprobs, rows, self._sorted_eos_token_ids, sampled_before
-        )
+        generator_states = [(row.generator, row.generator.get_state()) for row in rows if row.generator is not None]
+        try:
+            result = self.runner.execute(
+                scheduled, self._wants_prompt_logprobs, rows, self._sorted_eos_token_ids, sampled_before
+            )
+        except BaseException:
+            _restore(generator_states)
+            raise
         num_outputs_before = [entry.request.num_output_tokens for entry in sampling]
-        return _LaunchedStep(scheduled, sampling, rows, result, num_outputs_before)
+        return _LaunchedStep(scheduled, sampling, rows, result, num_outputs_before, generator_states)
 
-    def _complete(self, launched: _LaunchedStep, sampled: _Sampled | None = None) -> list[RequestOutput]:
-        """Judge a launched step's tokens (read now unless ``sampled``): stops, forks, outputs."""
-        token_ids, logprob_dicts = self._read_sampled(launched) if sampled is None else sampled
-        self._record_prompt_logprobs(launched.scheduled, launched.result.prompt_logits)
+    def _complete(self, launched: _LaunchedStep, read: _StepRead) -> list[RequestOutput]:
+        """Judge a launched step's tokens, as ``read``: stops, forks, outputs."""
+        self._num_draft_tokens += read.num_drafted
+        self._num_accepted_tokens += read.num_accepted
+        for group, scored in read.prompt_logprobs:
+            assert group.prompt_logprobs is not None
+            group.prompt_logprobs.extend(scored)
         touched: dict[str, _RequestGroup] = {}
-        step_outputs = zip(launched.sampling, launched.num_outputs_before, token_ids, logprob_dicts)
+        step_outputs = zip(launched.sampling, launched.num_outputs_before, read.token_ids, read.logprobs)
         for row, (entry, num_before, ids, logprobs) in enumerate(step_outputs):
             request = entry.request
             if request.output_token_ids and request.output_token_ids[-1] == placeholder(row):
@@ -388,32 +420,43 @@ class LLMEngine:
         request = entry.request
         return RowState(request.sampling_params, request.prompt_token_ids, request.output_token_ids, seq.generator)
 
-    def _read_sampled(self, launched: _LaunchedStep) -> _Sampled:
-        """Per sampling entry, its new tokens and their logprobs (None where not asked for)."""
+    def _read(self, launched: _LaunchedStep) -> _StepRead:
+        """The step's new tokens and their logprobs, and the prompt logprobs it scored.
+
+        Everything a step's results may fail on (the device, memory for the scoring) fails
+        here, before any request changed: the step can be read again, or rewound.
+        """
+        prompt_logprobs = self._score_prompts(launched.scheduled, launched.result.prompt_logits)
         if launched.host_token_ids is None:
-            return [], []
+            return _StepRead([], [], prompt_logprobs)
         if launched.on_host is not None:
             launched.on_host.synchronize()
         token_ids = launched.host_token_ids.tolist()  # the one host read per step
         # Rows per entry: one, or each proposal's and one more (their tokens, if all are kept).
         row_counts = [entry.num_draft_tokens + 1 for entry in launched.sampling]
         num_new = [1] * len(row_counts)
+        num_drafted = num_accepted = 0
         if launched.host_num_accepted is not None:
-            num_accepted = launched.host_num_accepted.tolist()
-            num_new = [n + 1 for n in num_accepted]
-            self._num_draft_tokens += sum(entry.num_draft_tokens for entry in launched.sampling)
-            self._num_accepted_tokens += sum(num_accepted)
+            accepted = launched.host_num_accepted.tolist()
+            num_new = [n + 1 for n in accepted]
+            num_drafted, num_accepted = sum(entry.num_draft_tokens for entry in launched.sampling), sum(accepted)
         logprobs: list[dict[int, Logprob] | None] = [None] * len(token_ids)
         if launched.host_logprobs is not None:
             counts = [row.params.logprobs for row, n in zip(launched.rows, row_counts) for _ in range(n)]
             logprobs = launched.host_logprobs.to_dicts(counts, self._decoded_token)
         starts = list(itertools.accumulate(row_counts, initial=0))
-        return (
+        return _StepRead(
             [token_ids[start : start + n] for start, n in zip(starts, num_new)],
             [logprobs[start : start + n] for start, n in zip(starts, num_new)],
+            prompt_logprobs,
+            num_drafted,
+            num_accepted,
         )
 
-    def _record_prompt_logprobs(self, scheduled: SchedulerOutput, prompt_logits: list[torch.Tensor | None]) -> None:
+    def _score_prompts(
+        self, scheduled: SchedulerOutput, prompt_logits: list[torch.Tensor | None]
+    ) -> list[tuple[_RequestGroup, list[dict[int, Logprob]]]]:
+        scored_groups = []
         for entry, logits in zip(scheduled.scheduled, prompt_logits):
             found = self._live_sequence(entry.request)
             if logits is None or found is None:
@@ -432,9 +475,9 @@ class LLMEngine:
                 group.prompt_token_ids[start + 1 : start + 1 + logits.shape[0]], device=logits.device
             )
             scored = compute_prompt_logprobs(logits, next_ids, max(group.params.prompt_logprobs, 1))
-            group.prompt_logprobs.extend(
-                scored.to_dicts([group.params.prompt_logprobs] * logits.shape[0], self._decoded_token)
-            )
+            dicts = scored.to_dicts([group.params.prompt_logprobs] * logits.shape[0], self._decoded_token)
+            scored_groups.append((group, dicts))
+        return scored_groups
 
     def _record_latency(self, group: _RequestGroup, seq: _Sequence) -> None:
         """Time a step that gave ``seq`` tokens (as in vLLM, one inter-token latency per step,

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from neuron_llm.engine import llm_engine
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import StepInput
 from tests.engine.conftest import all_blocks_free, make_llm, random_prompts, run_all
@@ -131,6 +132,67 @@ def test_a_failed_step_fails_its_caller_and_the_other_streams_go_on(tiny_model_d
         list(first)  # its next step fails (one output may already wait, with async scheduling)
     assert list(second)[-1].outputs[0].token_ids == plain[1].outputs[0].token_ids
     assert not llm.engine.has_unfinished_requests() and all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("options", [{}, {"async_scheduling": True}], ids=["sync", "async"])
+def test_a_step_whose_results_fail_to_read_fails_its_caller_and_the_other_streams_go_on(
+    tiny_model_dir, options, monkeypatch
+) -> None:
+    """Scoring a prompt's logprobs runs out of memory: that step is rewound (sync) or read again
+    (async), and an open stream ends as it would have, its stop token and logprobs included."""
+    prompt = random_prompts(1, seed=14)[0]
+    plain = make_llm(tiny_model_dir).generate({"prompt_token_ids": prompt}, GREEDY)[0].outputs[0].token_ids
+    params = replace(GREEDY, max_tokens=12, logprobs=0, stop_token_ids=[plain[3]])
+    expected = make_llm(tiny_model_dir).generate({"prompt_token_ids": prompt}, params)[0].outputs[0]
+    score, failures = llm_engine.compute_prompt_logprobs, []
+
+    def fail_once(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise torch.OutOfMemoryError("out of memory scoring the prompt")
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(llm_engine, "compute_prompt_logprobs", fail_once)
+    llm = make_llm(tiny_model_dir, **options)
+    stream = llm.stream({"prompt_token_ids": prompt}, params)
+    next(stream)
+    with pytest.raises(torch.OutOfMemoryError):
+        llm.generate({"prompt_token_ids": random_prompts(1, seed=15)[0]}, replace(GREEDY, prompt_logprobs=1))
+    final = list(stream)[-1].outputs[0]
+    assert failures
+    assert (final.token_ids, final.finish_reason) == (expected.token_ids, "stop")
+    assert len(final.logprobs) == len(final.token_ids)
+    assert not llm.engine.has_unfinished_requests() and all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("failing", ["runner.execute", "_read"])
+@pytest.mark.parametrize("options", [{}, {"async_scheduling": True}], ids=["sync", "async"])
+def test_a_seeded_request_retried_after_a_failed_step_draws_as_without_it(tiny_model_dir, options, failing) -> None:
+    seeded = SamplingParams(temperature=1.0, seed=7, max_tokens=8)
+    prompt = random_prompts(1, seed=16)[0]
+    expected = make_llm(tiny_model_dir, **options).generate({"prompt_token_ids": prompt}, seeded)
+    llm = make_llm(tiny_model_dir, **options)
+    owner = llm.engine.runner if failing == "runner.execute" else llm.engine
+    name = failing.split(".")[-1]
+    original, calls = getattr(owner, name), []
+
+    def fail_third(*args, **kwargs):
+        result = original(*args, **kwargs)  # a device error shows after the step drew its tokens
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return result
+
+    setattr(owner, name, fail_third)
+    llm.engine.add_request(prompt, seeded, request_id="seeded")
+    outputs, errors = [], 0
+    while llm.engine.has_unfinished_requests():
+        try:
+            outputs += llm.engine.step()
+        except RuntimeError:
+            errors += 1
+    assert errors == 1
+    assert outputs[-1].outputs[0].token_ids == expected[0].outputs[0].token_ids
 
 
 @pytest.mark.parametrize(
