@@ -6,6 +6,7 @@ the field and the value, so the server can turn it into a 4xx without further ch
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from dataclasses import dataclass
@@ -17,8 +18,11 @@ OUTPUT_KINDS = ("cumulative", "final_only")
 MAX_LOGPROBS = 20
 """Most top logprobs a request may ask for per position (vLLM's default ``max_logprobs``)."""
 
-GREEDY_TEMPERATURE = 1e-5
-"""Temperatures below this are greedy: dividing by them would overflow fp32 logits."""
+logger = logging.getLogger(__name__)
+
+MIN_TEMPERATURE = 1e-2
+"""Smaller positive temperatures are raised to this, with a warning, as vLLM does: only 0 is
+greedy, and a temperature of 1e-4 samples as vLLM's 0.01 would, not as a near-argmax."""
 
 
 def _require(condition: bool, name: str, value: Any, why: str) -> None:
@@ -47,7 +51,7 @@ class SamplingParams:
     n: int = 1
     """Completions returned for the prompt."""
     temperature: float = 1.0
-    """Divides the logits before sampling; 0 is greedy (argmax)."""
+    """Divides the logits before sampling; 0 is greedy (argmax); others under 0.01 are raised to it."""
     top_p: float = 1.0
     """Keep the smallest set of most likely tokens whose probability sums to at least top_p; 1 keeps all."""
     top_k: int = 0
@@ -55,7 +59,8 @@ class SamplingParams:
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times the most likely token's; 0 keeps all."""
     seed: int | None = None
-    """Seeds this request's own random stream, so its tokens do not depend on the rest of the batch."""
+    """Seeds this request's own random stream, so its tokens do not depend on the rest of the
+    batch; -1 is no seed, as in vLLM (stored as None)."""
     max_tokens: int | None = 16
     """Most tokens generated; None is bounded only by the model's context length."""
     min_tokens: int = 0
@@ -96,7 +101,7 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         """Whether the next token is the argmax; top_k, top_p, min_p and seed then have no effect."""
-        return self.temperature < GREEDY_TEMPERATURE
+        return self.temperature == 0
 
     @property
     def has_penalties(self) -> bool:
@@ -122,12 +127,19 @@ class SamplingParams:
             f"must be <= max_tokens={self.max_tokens}",
         )
         _require(self.seed is None or is_integral(self.seed), "seed", self.seed, "must be None or an integer")
+        if self.seed == -1:
+            self._set("seed", None)
         _require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "must be a bool")
         _require(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind, f"must be one of {OUTPUT_KINDS}")
 
     def _check_distribution(self) -> None:
         _require(_is_number(self.temperature), "temperature", self.temperature, "must be a finite number")
         _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            logger.warning(
+                "temperature=%r is below %r and is raised to it (only 0 is greedy)", self.temperature, MIN_TEMPERATURE
+            )
+            self._set("temperature", MIN_TEMPERATURE)
         _require(_is_number(self.top_p), "top_p", self.top_p, "must be a finite number")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         _require(is_integral(self.top_k), "top_k", self.top_k, "must be an integer")

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 import pytest
 
-from neuron_llm.sampling_params import MAX_LOGPROBS, SamplingParams
+from neuron_llm.sampling_params import MAX_LOGPROBS, MIN_TEMPERATURE, SamplingParams
 
 
 def test_defaults_match_vllm() -> None:
@@ -39,6 +40,22 @@ def test_normalizations() -> None:
     assert (params.max_tokens, params.temperature, params.top_k, params.seed) == (32, 0.5, 5, 3)
     assert type(params.max_tokens) is int and type(params.temperature) is float and type(params.top_k) is int
     assert type(SamplingParams(stop_token_ids=[np.int64(9)]).stop_token_ids[0]) is int
+
+
+@pytest.mark.parametrize("temperature", [1e-9, 1e-5, 1e-3, 0.0099])
+def test_a_temperature_under_a_hundredth_is_raised_to_it_as_in_vllm(
+    temperature: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="neuron_llm.sampling_params"):
+        params = SamplingParams(temperature=temperature)
+    assert params.temperature == MIN_TEMPERATURE == 0.01 and not params.is_greedy
+    assert [record.levelno for record in caplog.records] == [logging.WARNING]
+    assert SamplingParams(temperature=0.01).temperature == 0.01 and SamplingParams(temperature=0.0).is_greedy
+
+
+def test_seed_minus_one_is_no_seed_as_in_vllm() -> None:
+    assert SamplingParams(seed=-1).seed is None
+    assert SamplingParams(seed=-2).seed == -2
 
 
 @pytest.mark.parametrize(
