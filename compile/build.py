@@ -6,9 +6,7 @@ import datetime
 import functools
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from neuron_llm.config import EngineConfig, SpeculativeConfig, parse_device
 from neuron_llm.llm import LLM
 from neuron_llm.loader import LoadedModel
 from neuron_llm.loader.weights import save_safetensors
+from neuron_llm.output_dir import written_whole
 from neuron_llm.parallel.executor import WorkerFactory
 from neuron_llm.worker import load_worker
 
@@ -92,12 +91,7 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
             "(each prefill bucket's verification graph); choose the proposer (method, draft model, lookup lengths) "
             "when it is loaded: compile with {'num_speculative_tokens': k} and pass the rest to the loading LLM"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.compiling-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    building.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-    try:
+    with written_whole(out, "compiling") as building:
         with graph_cache(building, device):
             # LLM's own warm-up: on the devices whose graphs compile, every bucket's does now.
             llm = _CompilingLLM(building, model, **options)
@@ -106,12 +100,6 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
         finally:
             llm.shutdown()
         (building / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above; os.replace cannot replace a directory
-        os.replace(building, out)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
     return manifest
 
 

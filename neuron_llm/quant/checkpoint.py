@@ -46,6 +46,7 @@ from neuron_llm.layers.linear import Linear
 from neuron_llm.loader.hf_dir import CONFIG_FILE, GENERATION_CONFIG_FILE, SINGLE_WEIGHTS_FILE, read_json
 from neuron_llm.loader.tokenizer import has_tokenizer_files
 from neuron_llm.loader.weights import TensorSource, save_safetensors
+from neuron_llm.output_dir import written_whole
 from neuron_llm.quant.formats import LinearFormat
 from neuron_llm.quant.layers import Int8Linear, quantized_linears
 from neuron_llm.quant.packing import pack_int8, packed_columns, unpack_int8
@@ -448,14 +449,15 @@ def save_quantized_checkpoint(
     """Write the quantized ``model`` to ``out_dir`` as a Hugging Face directory.
 
     The config, generation config and tokenizer are ``write_model_files``'s. Unquantized
-    tensors are written in ``dtype``.
+    tensors are written in ``dtype``. ``out_dir`` must be absent or empty; it is written whole
+    (``written_whole``), so an interrupted save leaves nothing that loads.
     """
     if not quantized_linears(model):
         raise ValueError("the model has no quantized linear to describe")
     hf_config = model_config_dict(model, config, source, dtype)  # raises before the directory is made
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_safetensors(checkpoint_tensors(model, dtype), out_dir / SINGLE_WEIGHTS_FILE)
-    write_model_files(out_dir, hf_config, source, tokenizer)
+    with written_whole(out_dir, "quantizing") as building:
+        save_safetensors(checkpoint_tensors(model, dtype), building / SINGLE_WEIGHTS_FILE)
+        write_model_files(building, hf_config, source, tokenizer)
 
 
 def model_config_dict(

@@ -96,21 +96,27 @@ def test_save_load_round_trip_is_bit_exact(
     assert (out / "tokenizer.json").is_file()
 
 
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    """Where a test writes its checkpoint: a directory that does not exist yet."""
+    return tmp_path / "quantized"
+
+
 def loaded_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 @pytest.mark.parametrize("recipe", ["int8", "int8-g64", "fp8", "w8a8"])
 def test_written_checkpoint_is_read_by_compressed_tensors(
-    recipe: str, quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path
+    recipe: str, quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
 ) -> None:
     ct_config = pytest.importorskip("compressed_tensors.quantization").QuantizationConfig
     compressors = pytest.importorskip("compressed_tensors.compressors")
     loaded = load_fp32(quant_checkpoint[1])
     quantize_model(loaded.model, RECIPES[recipe])
-    save_quantized_checkpoint(loaded.model, loaded.config, tmp_path, source=loaded.source, tokenizer=None)
+    save_quantized_checkpoint(loaded.model, loaded.config, out_dir, source=loaded.source, tokenizer=None)
 
-    raw = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    raw = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     config = ct_config.model_validate(raw)
     assert config.quant_method == "compressed-tensors"
     [scheme] = config.config_groups.values()
@@ -135,7 +141,7 @@ def test_written_checkpoint_is_read_by_compressed_tensors(
         assert scheme.weights.group_size == (64 if recipe == "int8-g64" else None)
 
     # compressed-tensors' own decompressor turns our tensors into our dequantized weights.
-    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors = load_file(str(out_dir / "model.safetensors"))
     compressor = compressors.BaseCompressor.load_from_registry(config.format)
     for name in quantized:
         layer = loaded.model.get_submodule(name)
@@ -149,13 +155,13 @@ def test_written_checkpoint_is_read_by_compressed_tensors(
 
 
 def test_short_last_groups_run_but_are_not_written(
-    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
 ) -> None:
     loaded = load_fp32(quant_checkpoint[1])
     quantize_model(loaded.model, QuantConfig.for_scheme("int8", group_size=48))  # 128 = 2 x 48 + 32
     assert loaded.model.model.layers[0].mlp.up_proj.weight_scale.shape == (256, 3)
     with pytest.raises(ValueError, match=r"self_attn\.q_proj: in_features=128 is not a multiple of group_size=48"):
-        save_quantized_checkpoint(loaded.model, loaded.config, tmp_path, source=loaded.source, tokenizer=None)
+        save_quantized_checkpoint(loaded.model, loaded.config, out_dir, source=loaded.source, tokenizer=None)
 
 
 def test_naive_int8_checkpoint_from_elsewhere_loads(
@@ -194,37 +200,37 @@ def test_naive_int8_checkpoint_from_elsewhere_loads(
 
 
 def test_w8a8_checkpoint_with_zero_points_from_older_compressed_tensors_loads(
-    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
 ) -> None:
     """compressed-tensors wrote all-zero zero points for symmetric schemes until mid-2024."""
     loaded = load_fp32(quant_checkpoint[1])
     quantize_model(loaded.model, "w8a8")
-    save_quantized_checkpoint(loaded.model, loaded.config, tmp_path, source=loaded.source, tokenizer=None)
-    tensors = load_file(str(tmp_path / "model.safetensors"))
+    save_quantized_checkpoint(loaded.model, loaded.config, out_dir, source=loaded.source, tokenizer=None)
+    tensors = load_file(str(out_dir / "model.safetensors"))
     name = "model.layers.0.mlp.up_proj"
     tensors[f"{name}.weight_zero_point"] = torch.zeros(256, 1, dtype=torch.int8)
     tensors[f"{name}.input_zero_point"] = torch.zeros(1, dtype=torch.int8)
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    reloaded = load_any_format(tmp_path, dtype=torch.float32, device="cpu")
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    reloaded = load_any_format(out_dir, dtype=torch.float32, device="cpu")
     assert torch.equal(reloaded.model.get_submodule(name).weight, loaded.model.get_submodule(name).weight)
 
     tensors[f"{name}.weight_zero_point"][3] = 2
-    save_file(tensors, str(tmp_path / "model.safetensors"))
+    save_file(tensors, str(out_dir / "model.safetensors"))
     with pytest.raises(ValueError, match=r"up_proj.weight_zero_point holds non-zero zero points"):
-        load_any_format(tmp_path, dtype=torch.float32, device="cpu")
+        load_any_format(out_dir, dtype=torch.float32, device="cpu")
 
 
 def test_non_finite_quantized_weights_are_refused_on_load(
-    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
 ) -> None:
     loaded = load_fp32(quant_checkpoint[1])
     quantize_model(loaded.model, "fp8")
     loaded.model.model.layers[1].mlp.up_proj.weight.data.view(torch.uint8)[0, 0] = 0x7F  # e4m3fn NaN
-    save_quantized_checkpoint(loaded.model, loaded.config, tmp_path, source=loaded.source, tokenizer=None)
+    save_quantized_checkpoint(loaded.model, loaded.config, out_dir, source=loaded.source, tokenizer=None)
     with pytest.raises(
         ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: the checkpoint's quantized weight holds 1 NaN"
     ):
-        load_any_format(tmp_path, dtype=torch.float32, device="cpu")
+        load_any_format(out_dir, dtype=torch.float32, device="cpu")
 
 
 def _group(**changes: Any) -> dict[str, Any]:
@@ -364,13 +370,13 @@ def test_config_rebuilt_for_a_gguf_source_reads_back() -> None:
 
 
 def test_mixed_formats_are_written_as_one_group_each(
-    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, tmp_path: Path
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
 ) -> None:
     loaded = load_fp32(quant_checkpoint[1])
     quantize_model(loaded.model, QuantConfig.for_scheme("int8", policy=QuantPolicy(modules=ATTENTION_LINEARS)))
     quantize_model(loaded.model, "fp8")
-    save_quantized_checkpoint(loaded.model, loaded.config, tmp_path, source=loaded.source, tokenizer=None)
-    raw = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    save_quantized_checkpoint(loaded.model, loaded.config, out_dir, source=loaded.source, tokenizer=None)
+    raw = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     assert raw["format"] == "mixed-precision"
     assert [group["format"] for group in raw["config_groups"].values()] == ["pack-quantized", "float-quantized"]
     assert raw["config_groups"]["group_1"]["targets"] == [
@@ -378,5 +384,5 @@ def test_mixed_formats_are_written_as_one_group_each(
     ]
     ct_config = pytest.importorskip("compressed_tensors.quantization").QuantizationConfig
     assert ct_config.model_validate(raw).format == "mixed-precision"
-    reloaded = load_any_format(tmp_path, dtype=torch.float32, device="cpu")
+    reloaded = load_any_format(out_dir, dtype=torch.float32, device="cpu")
     assert quantized_linears(reloaded.model) == quantized_linears(loaded.model)

@@ -14,6 +14,7 @@ import torch
 from neuron_llm.eval.cli import add_eval_parser
 from neuron_llm.eval.perplexity import perplexity
 from neuron_llm.quant import LinearFormat, QuantPolicy, load_any_format, quantized_linears
+from neuron_llm.quant import checkpoint as quant_checkpoint_module
 from neuron_llm.quant import loading as quant_loading
 from neuron_llm.quant.cli import add_quantize_parser, quant_config_from_args
 
@@ -65,6 +66,26 @@ def test_quantize_then_eval_the_checkpoint(
     expected = perplexity(loaded.model, loaded.tokenizer(corpus_file.read_text())["input_ids"], context=64, stride=32)
     assert num_tokens == expected.num_tokens == 149
     assert value == pytest.approx(expected.perplexity, abs=1e-4)
+
+
+def test_an_interrupted_quantize_leaves_nothing_and_can_run_again(
+    quant_checkpoint: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "outs" / "int8"
+    argv = ("quantize", str(quant_checkpoint[1]), "--scheme", "int8", "--out", str(out))
+    write_model_files = quant_checkpoint_module.write_model_files
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        write_model_files(*args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C once the weights and config are written
+
+    monkeypatch.setattr(quant_checkpoint_module, "write_model_files", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(*argv)
+    assert list(out.parent.iterdir()) == []
+    monkeypatch.undo()
+    assert run_cli(*argv) == 0
+    assert (out / "model.safetensors").is_file() and list(out.parent.iterdir()) == [out]
 
 
 def test_eval_quantizes_on_load(
