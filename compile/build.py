@@ -78,6 +78,11 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
             "this process has run a model on CUDA already: the Triton kernels it compiled stay in its memory "
             "and would be missing from the artifact; compile in a new process (neuron-llm compile does)"
         )
+    if options.get("num_kv_blocks") is not None and parse_device(device).type != "xla":
+        # Only the XLA device's graphs hold the pool; elsewhere it is sized when loaded.
+        raise ValueError(
+            f"num_kv_blocks is chosen when a {parse_device(device).type} artifact is loaded, not compiled into it"
+        )
     speculative = SpeculativeConfig.parse(options.get("speculative_config"))
     if speculative is not None and parse_device(device).type != "xla":
         # Only the XLA device compiles graphs for it (a verification graph per prefill bucket).

@@ -141,7 +141,7 @@ class LLM:
                 enforce_eager=enforce_eager,
                 max_prefill_graph_tokens=max_prefill_graph_tokens,
             ),
-            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size or 1),
+            parallel=ParallelConfig(tensor_parallel_size=1 if tensor_parallel_size is None else tensor_parallel_size),
             cache=CacheConfig(**{k: v for k, v in engine_options.items() if k in cache_fields}),
             scheduler=SchedulerConfig(
                 max_model_len=max_model_len,

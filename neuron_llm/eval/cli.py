@@ -61,6 +61,8 @@ def run_eval(args: argparse.Namespace) -> int:
         text = args.corpus.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"corpus {args.corpus} is not UTF-8 text: {e}") from e
+    if parse_device(args.device).type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device}: perplexity runs on cpu, cuda or cuda:N")
     # auto: float32 on the CPU, where bf16 matmuls are slow; bfloat16 elsewhere.
     if args.dtype == "auto":
         dtype = torch.float32 if parse_device(args.device).type == "cpu" else torch.bfloat16

@@ -331,8 +331,10 @@ def test_the_compile_command_writes_an_artifact(source: Path, tmp_path: Path, ca
     assert "not a new or empty directory" in capsys.readouterr().err
     other = [arg if arg != str(out) else str(tmp_path / "speculative") for arg in args]
     assert main(other + ["--speculative-config", '{"num_speculative_tokens": 2}']) == 2
-    assert "chosen when a cpu artifact is loaded" in capsys.readouterr().err
+    assert "speculative_config is chosen when a cpu artifact is loaded" in capsys.readouterr().err
     assert not (tmp_path / "speculative").exists()
+    assert main(other + ["--num-kv-blocks", "3"]) == 2
+    assert "num_kv_blocks is chosen when a cpu artifact is loaded" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("proposer", [{"model": "DRAFT"}, {"prompt_lookup_max": 2}])

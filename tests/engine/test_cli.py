@@ -116,6 +116,11 @@ def test_bad_model_path_is_a_clear_error(capsys, tmp_path) -> None:
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_tensor_parallel_size_of_0_is_refused_not_run_as_1(capsys, tiny_model_dir) -> None:
+    assert main(["generate", "--model", str(tiny_model_dir), "--tp", "0", "hi"]) == 2
+    assert "tensor_parallel_size=0: must be an integer >= 1" in capsys.readouterr().err
+
+
 def test_xla_without_a_kv_pool_size_is_refused_before_loading(capsys, monkeypatch, tiny_model_dir) -> None:
     import neuron_llm.quant.loading
 

@@ -175,6 +175,7 @@ def test_eval_refuses_a_corpus_that_is_not_utf8(quant_checkpoint: tuple[Any, Pat
         (["--context", "1", "--stride", "1"], "--context 1: a window of at least 2 tokens"),
         (["--context", "16", "--stride", "32"], "--stride 32: must be in [1, --context 16]"),
         (["--device", "cuda:x"], "device='cuda:x' is not a valid torch device"),
+        (["--device", "meta"], "--device meta: perplexity runs on cpu, cuda or cuda:N"),
     ],
 )
 def test_eval_refuses_settings_that_score_wrongly(
