@@ -273,9 +273,11 @@ class MultiprocExecutor(Executor):
 
         Whatever the error, the ranks' collectives are now out of step (some rank is inside
         one the others will never enter), so the group cannot be used again. An interrupt
-        (Ctrl-C) stops the ranks at once and is raised as it is.
+        (Ctrl-C) stops the ranks at once and is raised as it is; so is a ``ValueError``,
+        refused input (a damaged checkpoint, a quantization the model cannot take), which the
+        other ranks met too and whose message says all: their tracebacks would bury it.
         """
-        wants_report = isinstance(cause, Exception) and not isinstance(cause, WorkerError)
+        wants_report = isinstance(cause, Exception) and not isinstance(cause, (WorkerError, ValueError))
         failure = self._ranks.failure() if self._ranks is not None and wants_report else None
         self._stop(graceful=False)
         if failure is None:

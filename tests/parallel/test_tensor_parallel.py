@@ -417,6 +417,17 @@ def test_a_rank_failing_to_load_raises_on_rank_0(model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_a_damaged_checkpoint_is_refused_by_name_as_on_one_device(model_dir: Path) -> None:
+    from neuron_llm import LLM
+
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a valid safetensors file"):
+        LLM(model=str(model_dir), dtype="float32", tensor_parallel_size=2, num_kv_blocks=16)
+    assert not _rank_processes()
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
 def test_a_rank_hanging_in_its_load_times_out(model_dir: Path) -> None:
     """Rank 0 waits for the others in a collective of the control group, which never times out."""
     start = time.monotonic()
