@@ -123,7 +123,10 @@ def _load_in_background(
             llm = load()
             name = model_name(state.settings, resolve_model_path(state.settings.model))
         except Exception as e:  # any failure to load is reported by /ping and /health, not raised
-            logger.exception("loading the model failed")
+            if isinstance(e, (ValueError, OSError)):  # refused input (a path, a checkpoint): the message says it
+                logger.error("loading the model failed: %s", e)
+            else:
+                logger.exception("loading the model failed")
             _call_soon(loop, failed, f"loading the model failed: {e}")
             return
         _call_soon(loop, loaded, llm, name)

@@ -99,6 +99,14 @@ class ServeSettings:
             from neuron_llm.config import SpeculativeConfig
 
             SpeculativeConfig.parse(self.speculative_config)
+        if self.dtype != "auto":
+            from neuron_llm.config import parse_dtype
+
+            parse_dtype(self.dtype)
+        if self.quantization is not None:
+            from neuron_llm.quant.config import resolve_quant_config
+
+            resolve_quant_config(self.quantization)
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level={self.log_level!r}: must be one of {', '.join(LOG_LEVELS)}")
 

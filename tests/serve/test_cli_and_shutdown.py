@@ -80,6 +80,11 @@ def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
         ServeSettings.from_env({"NEURON_LLM_PORT": "http"})
     with pytest.raises(ValueError, match="max_waiting_requests"):
         ServeSettings(max_waiting_requests=0)
+    # Checked before the port opens, not in the load that follows (minutes, in a container).
+    with pytest.raises(ValueError, match="dtype='int4' is not supported"):
+        ServeSettings.from_env({"NEURON_LLM_DTYPE": "int4"})
+    with pytest.raises(ValueError, match="quantization='int3': must be one of"):
+        ServeSettings.from_env({"NEURON_LLM_QUANTIZATION": "int3"})
     # uvicorn's levels, trace included, are the ones taken; logging knows trace by number only.
     assert LOG_LEVELS[ServeSettings(log_level="trace").log_level] < logging.DEBUG
     with pytest.raises(ValueError, match="log_level='verbose': must be one of critical, error"):
