@@ -63,6 +63,8 @@ def run_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     if args.json is not None and not args.json.parent.is_dir():
         raise ValueError(f"--json {args.json}: the folder {args.json.parent} does not exist")
+    if args.json is not None and args.json.is_dir():
+        raise ValueError(f"--json {args.json} is a folder; name the file to write")
     if not torch.cuda.is_available():
         raise ValueError("neuron-llm bench measures a GPU: no CUDA device is visible")
     hf_config, model_config = engine.llama3_8b_shape(args.num_layers)

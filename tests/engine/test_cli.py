@@ -46,6 +46,11 @@ def test_bench_refuses_sizes_below_one_before_looking_for_a_gpu(capsys, flag: st
     assert f"{flag} 0: must be >= 1" in capsys.readouterr().err
 
 
+def test_bench_refuses_a_folder_as_its_json_before_looking_for_a_gpu(capsys, tmp_path) -> None:
+    assert main(["bench", "--cases", "decode", "--json", str(tmp_path)]) == 2
+    assert "is a folder; name the file to write" in capsys.readouterr().err
+
+
 def test_generate_on_a_model_without_a_tokenizer_says_so(capsys, tiny_model_dir) -> None:
     assert main(["generate", "--model", str(tiny_model_dir), "--num-kv-blocks", "16", "hi"]) == 2
     assert f"{tiny_model_dir} has no tokenizer, so the text prompt cannot be encoded" in capsys.readouterr().err
