@@ -213,6 +213,13 @@ class Artifact:
         missing = [key for key in _MANIFEST_KEYS if not isinstance(manifest.get(key), dict)]
         if missing:
             raise ValueError(f"{manifest_path}: damaged, no {missing[0]!r} record")
+        for key in ("files", "weights"):
+            for name, recorded in manifest[key].items():
+                if not _is_file_record(recorded):
+                    raise ValueError(f"{manifest_path}: damaged, {key}[{name!r}] has no bytes and sha256")
+        graphs = manifest.get("graphs")
+        if not isinstance(graphs, list) or not all(isinstance(name, str) for name in graphs):
+            raise ValueError(f"{manifest_path}: damaged, 'graphs' is not a list of file names")
         return cls(path, manifest)
 
     @property
@@ -294,6 +301,14 @@ class Artifact:
 
 
 _MANIFEST_KEYS = ("options", "system", "files", "weights")
+
+
+def _is_file_record(recorded: Any) -> bool:
+    return (
+        isinstance(recorded, dict)
+        and isinstance(recorded.get("bytes"), int)
+        and isinstance(recorded.get("sha256"), str)
+    )
 
 
 def sha256_of(path: Path) -> str:

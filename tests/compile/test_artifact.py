@@ -192,6 +192,20 @@ def test_a_manifest_without_a_record_is_refused_by_name(compiled: Path) -> None:
         LLM(str(compiled))
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["weights"]["rank-0-of-1.safetensors"].pop("bytes"), "weights['rank-0-of-1.safetensors'] has no"),
+        (lambda m: m.update(graphs=None), "'graphs' is not a list of file names"),
+    ],
+    ids=["weights-record", "graphs"],
+)
+def test_a_manifest_whose_records_are_damaged_is_refused_by_name(compiled: Path, edit: Any, message: str) -> None:
+    edit_manifest(compiled, edit)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LLM(str(compiled))
+
+
 def test_damaged_or_missing_weights_are_refused(compiled: Path) -> None:
     weights = compiled / WEIGHTS_DIR / "rank-0-of-1.safetensors"
     with weights.open("ab") as f:
