@@ -215,7 +215,7 @@ def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
 
 class CountRequests:
-    """Counts each HTTP request once, by outcome, and answers an error no handler took.
+    """Counts each POST request once, by outcome, and answers an error no handler took.
 
     Starlette's own handler for ``Exception`` runs in its outermost middleware, which raises
     the error again after answering: the server then closes the connection, failing the
@@ -238,7 +238,9 @@ class CountRequests:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        with self._metrics.counting_request():
+        # Requests of the API are its POST routes; a GET (/v1/models, /ping, /health) is a poll
+        # of the server's state, and one refused while it loads is not a refused request.
+        with self._metrics.counting_request(counted=scope["method"] == "POST"):
             try:
                 await self._app(scope, receive, send_noting_start)
             except Exception:

@@ -38,7 +38,9 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        self._requests = Counter("neuron_llm_requests", "Requests by outcome.", ["outcome"], registry=registry)
+        self._requests = Counter(
+            "neuron_llm_requests", "Requests to the POST routes, by outcome.", ["outcome"], registry=registry
+        )
         for outcome in OUTCOMES:
             self._requests.labels(outcome)  # exported at 0 before the first request
         self._waiting = Gauge("neuron_llm_num_requests_waiting", "Requests queued for a slot.", registry=registry)
@@ -91,15 +93,15 @@ class ServerMetrics:
             record.outcome = outcome
 
     @contextmanager
-    def counting_request(self) -> Iterator[None]:
-        """Serve one request within: its outcome is counted once, on leaving."""
+    def counting_request(self, counted: bool = True) -> Iterator[None]:
+        """Serve one request within: its outcome is counted once, on leaving (never, unless ``counted``)."""
         record = _RequestRecord()
         token = _current_request.set(record)
         try:
             yield
         finally:
             _current_request.reset(token)
-            if record.outcome is not None:
+            if counted and record.outcome is not None:
                 self._requests.labels(record.outcome).inc()
 
     def count_refusal(self, status_code: int) -> None:

@@ -16,7 +16,7 @@ from neuron_llm.loader import render_chat
 from neuron_llm.outputs import CompletionOutput
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.protocol import ChatMessage
-from tests.serve.conftest import SPECIAL_TOKENS, ServerThread, make_llm, running_server
+from tests.serve.conftest import SPECIAL_TOKENS, ServerThread, make_llm, metric, running_server
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
 
@@ -305,6 +305,11 @@ def test_api_key_is_required_when_set(model_dir: Path) -> None:
         wrong = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
+        # A GET refused is not counted as a refused request; a POST is.
+        assert metric(keyed, 'neuron_llm_requests_total{outcome="invalid"}') == 0
+        with pytest.raises(openai.AuthenticationError):
+            wrong.completions.create(model="any", prompt="Hi", max_tokens=2)
+        assert metric(keyed, 'neuron_llm_requests_total{outcome="invalid"}') == 1
         right = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="secret", max_retries=0)
         assert right.completions.create(model=right.models.list().data[0].id, prompt="Hi", max_tokens=2).choices
         # /invocations generates too, so the key guards it as well; /ping stays open for health checks.

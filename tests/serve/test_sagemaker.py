@@ -9,7 +9,10 @@ from pathlib import Path
 import httpx
 
 from neuron_llm.llm import LLM
-from tests.serve.conftest import ServerThread, make_llm, running_server, wait_for
+from tests.serve.conftest import ServerThread, make_llm, metric, running_server, wait_for
+
+REJECTED = 'neuron_llm_requests_total{outcome="rejected"}'
+INVALID = 'neuron_llm_requests_total{outcome="invalid"}'
 
 
 def test_ping_is_503_until_the_model_has_loaded(model_dir: Path) -> None:
@@ -22,8 +25,12 @@ def test_ping_is_503_until_the_model_has_loaded(model_dir: Path) -> None:
     with running_server(model_dir, load=slow_load, wait=False) as server:
         assert httpx.get(f"{server.url}/ping").status_code == 503
         assert httpx.get(f"{server.url}/health").json() == {"status": "loading"}
+        # Polls of the server's state while it loads are not refused requests.
+        assert httpx.get(f"{server.url}/v1/models").status_code == 503
+        assert metric(server, REJECTED) == 0
         refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_loading"
+        assert metric(server, REJECTED) == 1
         may_load.set()
         server.wait_ready()
         assert httpx.get(f"{server.url}/health").json() == {"status": "ready"}
