@@ -14,7 +14,9 @@ from pathlib import Path
 def written_whole(out: Path, activity: str) -> Iterator[Path]:
     """A hidden directory beside ``out`` to write into, renamed onto ``out`` when the block
     ends, removed when it raises (Ctrl-C included). ``out`` must be absent or empty;
-    ``activity`` names the hidden directory (``.NAME.ACTIVITY-XXXX``)."""
+    ``activity`` names the hidden directory (``.NAME.ACTIVITY-XXXX``). A symbolic link is
+    written through: the directory it names becomes the output."""
+    out = Path(os.path.realpath(out))  # "." has no name to hide a sibling by; a link cannot be rmdir'd
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty directory; choose a new or empty one")
     out.parent.mkdir(parents=True, exist_ok=True)

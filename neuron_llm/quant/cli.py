@@ -7,6 +7,7 @@ transformers and the loaders are imported when the command runs.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,8 +98,8 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         raise ValueError(f"--activation-scale-ub: only fp8 bounds its activations, not {args.scheme}")
     if args.activation_scale_ub is None:
         bound = default.format.activation_scale_ub
-    elif not args.activation_scale_ub >= 0:  # NaN too
-        raise ValueError(f"--activation-scale-ub {args.activation_scale_ub}: must be >= 0 (0: no bound)")
+    elif not 0 <= args.activation_scale_ub < math.inf:  # NaN too
+        raise ValueError(f"--activation-scale-ub {args.activation_scale_ub}: must be finite and >= 0 (0: no bound)")
     else:
         bound = args.activation_scale_ub if args.activation_scale_ub > 0 else None
     return QuantConfig.for_scheme(args.scheme, group_size=args.group_size, activation_scale_ub=bound, policy=policy)

@@ -21,6 +21,7 @@ save/load round trip bit-exact.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +63,8 @@ class LinearFormat:
         if self.activation_scale_ub is not None:
             if self.scheme != "fp8":
                 raise ValueError(f"activation_scale_ub={self.activation_scale_ub}: only fp8 bounds its activations")
-            if not self.activation_scale_ub > 0:
-                raise ValueError(f"activation_scale_ub={self.activation_scale_ub!r}: must be > 0 or None")
+            if not 0 < self.activation_scale_ub < math.inf:  # JSON has no infinity to store it by
+                raise ValueError(f"activation_scale_ub={self.activation_scale_ub!r}: must be finite and > 0, or None")
 
 
 def count_non_finite(tensor: torch.Tensor) -> int:

@@ -54,7 +54,7 @@ class QuantPolicy:
         return {i % num_layers for i in self.skip_layers}
 
     def select(self, model: nn.Module, num_layers: int) -> list[str]:
-        """Names of the modules of ``model`` this policy quantizes, in module order."""
+        """Names of the modules of ``model`` this policy quantizes, in module order; at least one."""
         skipped = self.skipped(num_layers)
         selected = []
         for name, _ in model.named_modules():
@@ -63,6 +63,12 @@ class QuantPolicy:
                 selected.append(name)
         if self.lm_head:
             selected.append(LM_HEAD)
+        if not selected:
+            # Quantizing nothing would serve the 16-bit model under a quantized name.
+            raise ValueError(
+                f"the quantization policy selects no linear of this {num_layers}-layer model: it keeps layers "
+                f"{sorted(skipped)} in 16-bit and quantizes only {', '.join(self.modules)}"
+            )
         return selected
 
 

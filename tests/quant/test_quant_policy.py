@@ -44,6 +44,15 @@ def test_fp8_default_is_the_llama3_recipe(quant_checkpoint: tuple[Any, Path], lo
             assert type(module) is Linear, f"{name} should have stayed 16-bit"
 
 
+def test_a_recipe_that_selects_no_linear_is_refused(quant_checkpoint: tuple[Any, Path], load_fp32: Callable) -> None:
+    """The fp8 recipe keeps the first and last layers in 16-bit: on two layers it would quantize nothing."""
+    model = load_fp32(quant_checkpoint[1]).model
+    everything_skipped = QuantPolicy(modules=("gate_proj",), skip_layers=(0, 1, 2, 3))
+    with pytest.raises(ValueError, match=r"selects no linear of this 4-layer model: it keeps layers \[0, 1, 2, 3\]"):
+        quantize_model(model, QuantConfig.for_scheme("fp8", policy=everything_skipped))
+    assert quantized_linears(model) == {}
+
+
 def test_policy_is_configurable(quant_checkpoint: tuple[Any, Path], load_fp32: Callable) -> None:
     model = load_fp32(quant_checkpoint[1]).model
     policy = QuantPolicy(modules=("q_proj", "down_proj"), skip_layers=(-2,))
