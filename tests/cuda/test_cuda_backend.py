@@ -661,6 +661,31 @@ def test_one_row_linears_take_the_streaming_gemv(monkeypatch: pytest.MonkeyPatch
     assert calls == ([(1, 4096), (1, 8192)] if hopper else [])
 
 
+@pytest.mark.parametrize("num_tokens", [1, 20])
+def test_fused_fp8_paths_refuse_a_weight_scaled_mm_cannot_take(num_tokens: int, device: torch.device) -> None:
+    """As fp8_linear does, at every row count: a few rows would stream, then a prefill fail in _scaled_mm."""
+    from neuron_llm.backends.cuda.backend import CudaBackend
+    from neuron_llm.layers.linear import Linear
+    from neuron_llm.quant.config import resolve_quant_config
+    from neuron_llm.quant.layers import quantize_linear
+
+    fp8_format = resolve_quant_config("fp8").format
+    generator = torch.Generator().manual_seed(9)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    linear = Linear(100, 48)
+    linear.weight.data = torch.randn(48, 100, generator=generator) * 0.05
+    qkv_proj = quantize_linear(linear, fp8_format, "qkv_proj").to(device)
+    x = torch.randn(num_tokens, 100, generator=generator).to(device, dtype)
+    with pytest.raises(ValueError, match=r"weight.shape=\(48, 100\): torch._scaled_mm needs both dimensions"):
+        CudaBackend().norm_linear(x, torch.ones(100, device=device, dtype=dtype), 1e-5, None, qkv_proj)
+    down = Linear(50, 32)
+    down.weight.data = torch.randn(32, 50, generator=generator) * 0.05
+    down_proj = quantize_linear(down, fp8_format, "down_proj").to(device)
+    gate_up = torch.randn(num_tokens, 100, generator=generator).to(device, dtype)
+    with pytest.raises(ValueError, match=r"weight.shape=\(32, 50\): torch._scaled_mm needs both dimensions"):
+        CudaBackend().swiglu_down(gate_up, down_proj)
+
+
 @pytest.mark.parametrize("quantization", [None, "int8", "fp8"])
 @pytest.mark.parametrize("num_tokens", [1, 4])
 def test_norm_linear_is_the_norm_then_the_linear(

@@ -570,11 +570,7 @@ def _check_fp8_linear_inputs(
     out_features, in_features = weight.shape
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x.shape={tuple(x.shape)}: the last dimension must be in_features={in_features}")
-    if in_features % _SCALED_MM_ALIGNMENT or out_features % _SCALED_MM_ALIGNMENT:
-        raise ValueError(
-            f"weight.shape={tuple(weight.shape)}: torch._scaled_mm needs both dimensions divisible by "
-            f"{_SCALED_MM_ALIGNMENT}; keep this linear in 16-bit or int8"
-        )
+    _check_alignment(weight)
     if weight_scale.dtype != torch.float32 or tuple(weight_scale.shape) != (out_features, 1):
         raise ValueError(
             f"weight_scale must be float32 [{out_features}, 1], got {weight_scale.dtype} {tuple(weight_scale.shape)}"
@@ -584,6 +580,14 @@ def _check_fp8_linear_inputs(
     tensors = [x, weight, weight_scale] + ([] if bias is None else [bias])
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"all tensors must be on one device, got {[str(t.device) for t in tensors]}")
+
+
+def _check_alignment(weight: torch.Tensor) -> None:
+    if weight.shape[0] % _SCALED_MM_ALIGNMENT or weight.shape[1] % _SCALED_MM_ALIGNMENT:
+        raise ValueError(
+            f"weight.shape={tuple(weight.shape)}: torch._scaled_mm needs both dimensions divisible by "
+            f"{_SCALED_MM_ALIGNMENT}; keep this linear in 16-bit or int8"
+        )
 
 
 def fp8_scaled_mm(
@@ -600,6 +604,9 @@ def fp8_scaled_mm(
     ``silu_mul_quantize_fp8``); ``weight`` [out, in] and ``weight_scale`` [out, 1] as in
     ``fp8_linear``. Returns [tokens, out] in ``out_dtype``.
     """
+    # Checked here, not only in fp8_linear, for the fused paths' sake; and at any row count: the
+    # rows streamed below would run, and a prefill's _scaled_mm then fail.
+    _check_alignment(weight)
     if x_fp8.is_cuda and x_fp8.shape[0] <= STREAMED_MAX_ROWS:
         return int8_matmul.fp8_rows_matmul(x_fp8, x_scale, weight, weight_scale, out_dtype, bias)
     # Row-wise scaling takes A row-major and B column-major: weight.t() of the row-major
