@@ -6,19 +6,19 @@ reused after. So nothing here reads a tensor on the host or lets a value decide 
 sizes come only from the bucket (num_tokens, num_seqs, max_blocks_per_seq) and the pool.
 The same code runs eagerly on CPU tensors, which is how it is checked against ``torch``.
 
-Attention gathers, for every token of the flat batch, the whole block-table row of its
-sequence and masks what lies beyond the token's position::
+Attention gathers, for every token of the flat batch, its sequence's block-table row and
+masks what lies beyond the token's position::
 
     token t of sequence s:  keys 0 .. position(t) of s   (the rest of the row masked)
     position(t) = seq_lens[s] - query_len[s] + (t - query_start_loc[s])
 
-The gathered keys and values are [num_tokens, max_blocks_per_seq * block_size, num_kv_heads,
-head_dim]: the simplest static form, no larger than the context itself for decode buckets (one
-token per sequence) but growing as num_tokens x the longest context for prefill buckets. With
-the engine's defaults (2,048-token prefill buckets, 8,192-token contexts) an 8B model's K alone
-would take 32 GiB per layer there, so serve Neuron with small ``max_num_batched_tokens`` and
-``max_model_len``. A form that walks the context in chunks (an online softmax, or an NKI
-flash-attention kernel) is not built: ``nki_kernels/`` ships none yet.
+It walks the row in chunks of about ``CHUNK_KEYS`` keys with an online softmax (running max,
+sum and output in fp32), so what a graph holds at once is [num_tokens, chunk, num_kv_heads,
+head_dim] rather than the whole context per token: gathered at once, an 8B model's keys
+alone took 32 GiB a layer for a 2,048-token prefill bucket over 8,192-token contexts.
+The chunks are unrolled at trace time, so the graph grows with the block-table width; no
+chunk is skipped, since which are empty is a value, not a shape. An NKI flash-attention
+kernel that skips them is not built: ``nki_kernels/`` ships none yet.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ from neuron_llm.backends.base import Backend
 
 if TYPE_CHECKING:
     from neuron_llm.ops.metadata import AttentionMetadata
+
+
+CHUNK_KEYS = 512
+"""Keys per step of attention's walk over a block-table row (whole blocks, at least one)."""
 
 
 class NeuronBackend(Backend):
@@ -66,20 +70,36 @@ class NeuronBackend(Backend):
     ) -> torch.Tensor:
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads = key_cache.shape[2]
+        block_size = key_cache.shape[1]
         seq_ids, positions, is_real = token_layout(metadata, num_tokens)
         block_table = metadata.block_tables.index_select(0, seq_ids)  # [num_tokens, max_blocks_per_seq]
-        key = gather_context(key_cache, block_table)  # [num_tokens, context, num_kv_heads, head_dim]
-        value = gather_context(value_cache, block_table)
-        mask = context_mask(positions, key.shape[1])  # [num_tokens, context]
         # GQA: query heads h = kv * group + g share KV head kv.
         # grouped_query: [num_tokens, num_kv_heads, group, head_dim]
         grouped_query = query.view(num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        scores = torch.einsum("tkgd,tckd->tkgc", grouped_query, key).float() * scale
         # A fp32 fill value: a Python float would enter the graph as an f64 parameter.
-        masked = torch.full((), float("-inf"), dtype=scores.dtype, device=scores.device)
-        scores = torch.where(mask[:, None, None, :], scores, masked)
-        probs = torch.softmax(scores, dim=-1).to(value.dtype)
-        out = torch.einsum("tkgc,tckd->tkgd", probs, value).reshape(num_tokens, num_heads, head_dim)
+        masked = torch.full((), float("-inf"), dtype=torch.float32, device=query.device)
+        chunk_blocks = max(1, CHUNK_KEYS // block_size)
+        running_max = running_sum = out = None
+        for first in range(0, block_table.shape[1], chunk_blocks):
+            chunk_table = block_table[:, first : first + chunk_blocks]
+            key = gather_context(key_cache, chunk_table)  # [num_tokens, chunk, num_kv_heads, head_dim]
+            value = gather_context(value_cache, chunk_table)
+            mask = context_mask(positions - first * block_size, key.shape[1])  # [num_tokens, chunk]
+            scores = torch.einsum("tkgd,tckd->tkgc", grouped_query, key).float() * scale
+            scores = torch.where(mask[:, None, None, :], scores, masked)
+            chunk_max = scores.amax(dim=-1)
+            # The first chunk holds slot 0, which every token sees: the running max is finite from it on.
+            new_max = chunk_max if running_max is None else torch.maximum(running_max, chunk_max)
+            probs = torch.exp(scores - new_max[..., None])
+            chunk_out = torch.einsum("tkgc,tckd->tkgd", probs.to(value.dtype), value).float()
+            if running_max is None:
+                running_sum, out = probs.sum(dim=-1), chunk_out
+            else:
+                rescale = torch.exp(running_max - new_max)
+                running_sum = running_sum * rescale + probs.sum(dim=-1)
+                out = out * rescale[..., None] + chunk_out
+            running_max = new_max
+        out = (out / running_sum[..., None]).to(query.dtype).reshape(num_tokens, num_heads, head_dim)
         return out * is_real[:, None, None].to(out.dtype)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -118,7 +138,7 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tens
 def context_mask(positions: torch.Tensor, context_len: int) -> torch.Tensor:
     """[num_tokens, context_len] bool: key slot j is visible to token t when j <= position(t).
 
-    A padding token (position 0) sees slot 0 only, so no softmax row is all masked.
+    A padding token (position 0) sees slot 0 only, so no token's first chunk is all masked.
     """
     slots = torch.arange(context_len, device=positions.device)
     return slots[None, :] <= positions[:, None]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from neuron_llm import ops
+from neuron_llm.backends import neuron
 from neuron_llm.backends.neuron import NeuronBackend
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.config import ModelConfig
@@ -68,6 +69,8 @@ BATCHES = [
 @pytest.mark.parametrize("query_lens, seq_lens", BATCHES)
 @pytest.mark.parametrize("num_padding_tokens, num_padding_seqs", [(0, 0), (5, 2)])
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (6, 2), (4, 1)])
+# The whole row in one chunk; chunks of one block; three blocks, the last chunk cut short.
+@pytest.mark.parametrize("chunk_keys", [512, BLOCK_SIZE, 3 * BLOCK_SIZE])
 def test_paged_attention_matches_torch(
     query_lens: list[int],
     seq_lens: list[int],
@@ -75,7 +78,10 @@ def test_paged_attention_matches_torch(
     num_padding_seqs: int,
     num_heads: int,
     num_kv_heads: int,
+    chunk_keys: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(neuron, "CHUNK_KEYS", chunk_keys)
     torch.manual_seed(len(seq_lens) * 100 + num_padding_tokens)
     head_dim = 8
     metadata = random_batch(query_lens, seq_lens, num_padding_tokens, num_padding_seqs, seed=sum(seq_lens))
@@ -91,7 +97,9 @@ def test_paged_attention_matches_torch(
     assert (actual[sum(query_lens) :] == 0).all(), "padding rows must be zeros"
 
 
-def test_paged_attention_bf16_close_to_torch() -> None:
+@pytest.mark.parametrize("chunk_keys", [512, 2 * BLOCK_SIZE])
+def test_paged_attention_bf16_close_to_torch(chunk_keys: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(neuron, "CHUNK_KEYS", chunk_keys)
     torch.manual_seed(1)
     metadata = random_batch([3, 1, 6], [11, 16, 6], num_padding_tokens=2, num_padding_seqs=1, seed=3)
     key_cache, value_cache = random_pool(2, 16, torch.bfloat16)
@@ -104,8 +112,10 @@ def test_paged_attention_bf16_close_to_torch() -> None:
     torch.testing.assert_close(actual.float(), expected, rtol=2e-2, atol=2e-2)
 
 
-def test_padding_tokens_stay_finite_over_an_empty_null_block() -> None:
+@pytest.mark.parametrize("chunk_keys", [512, BLOCK_SIZE])
+def test_padding_tokens_stay_finite_over_an_empty_null_block(chunk_keys: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch of only padding (every row masked but slot 0) gives zeros, not NaN."""
+    monkeypatch.setattr(neuron, "CHUNK_KEYS", chunk_keys)
     metadata = AttentionMetadata.build(
         [1], [1], [[5]], BLOCK_SIZE, "cpu", num_padded_tokens=4, num_padded_seqs=3, max_blocks_per_seq=2
     )
