@@ -81,6 +81,9 @@ class SamplingParams:
     """Subtracted from a token's logit once per time it was generated; in [-2, 2]."""
     repetition_penalty: float = 1.0
     """Divides positive (multiplies negative) logits of tokens in the prompt or output; 1 is off."""
+    logit_bias: dict[int, float] | None = None
+    """Added to these token ids' logits before the penalties, greedy rows too; each in [-100, 100]
+    as in OpenAI's API (-100 all but bans a token, 100 all but forces it). None when empty."""
     output_kind: str = "cumulative"
     """What ``LLMEngine.step`` returns for this request: "cumulative", its whole output so far
     on every step that extends it (streaming), or "final_only", one output when it finishes
@@ -90,6 +93,7 @@ class SamplingParams:
         self._check_counts()
         self._check_distribution()
         self._check_penalties()
+        self._check_logit_bias()
         self._check_logprobs()
         self._normalize_stops()
         # Integers of other kinds (NumPy's) are stored as Python ints, as the numbers are as floats.
@@ -161,6 +165,20 @@ class SamplingParams:
         _require(_is_number(value), "repetition_penalty", value, "must be a finite number")
         _require(value > 0, "repetition_penalty", value, "must be > 0")
         self._set("repetition_penalty", float(value))
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        _require(
+            bias is None or isinstance(bias, dict), "logit_bias", bias, "must be None or a dict of token id to bias"
+        )
+        checked = {}
+        for token_id, value in (bias or {}).items():
+            # The entry at fault is shown, not the whole map: it may hold thousands.
+            entry = {token_id: value}
+            _require(is_integral(token_id) and token_id >= 0, "logit_bias", entry, "token ids must be integers >= 0")
+            _require(_is_number(value) and -100 <= value <= 100, "logit_bias", entry, "biases must be in [-100, 100]")
+            checked[int(token_id)] = float(value)
+        self._set("logit_bias", checked or None)
 
     def _check_logprobs(self) -> None:
         for name in ("logprobs", "prompt_logprobs"):

@@ -53,6 +53,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         min_tokens=body.min_tokens,
         stop=body.stop,
         stop_token_ids=body.stop_token_ids,
+        logit_bias=body.logit_bias,
         ignore_eos=body.ignore_eos,
         logprobs=num_top if body.logprobs else None,
         presence_penalty=body.presence_penalty,

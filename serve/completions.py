@@ -46,6 +46,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
         min_tokens=body.min_tokens,
         stop=body.stop,
         stop_token_ids=body.stop_token_ids,
+        logit_bias=body.logit_bias,
         ignore_eos=body.ignore_eos,
         logprobs=body.logprobs,
         # Echoed prompts come with their own logprobs, as in OpenAI's API.

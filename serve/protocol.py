@@ -4,7 +4,7 @@ Requests are validated strictly (``"n": "2"`` or ``"n": true`` is refused, not c
 unknown fields are refused, so a misspelt or unsupported option is a 400 naming it instead of
 being silently ignored; so is an option that would do nothing (``top_logprobs`` without
 ``logprobs``, ``stream_options`` without ``stream``). Null stands for an option's default.
-Options of those APIs that this server lacks (``logit_bias``, ``tools``, TGI's ``watermark``...)
+Options of those APIs that this server lacks (``tools``, ``suffix``, TGI's ``watermark``...)
 are accepted only when null or set to what leaves them off, as clients that send every field do.
 Ranges follow OpenAI's API reference; the extra sampling fields (``top_k``, ``min_p``,
 ``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``) are vLLM's
@@ -107,7 +107,18 @@ class _SamplingRequest(_Request):
     repetition_penalty: float = Field(1.0, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    logit_bias: Any = _unsupported({})
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    """Token id, as JSON keys are strings ("50256") -> bias added to its logit, in [-100, 100]."""
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[int, float] | None:
+        if value is None:
+            return None
+        bad = [key for key in value if not (key.isascii() and key.isdigit())]
+        if bad:
+            raise ValueError(f"keys must be token ids (integers >= 0 as strings), not {bad[:5]}")
+        return {int(key): bias for key, bias in value.items()}
 
     @field_validator("stream_options")
     @classmethod

@@ -198,6 +198,11 @@ class LLMEngine:
         if request_id in self._groups:
             raise ValueError(f"request_id={request_id!r} is already in use")
         prompt_text, prompt_ids = self._tokenize(prompt)
+        vocab_size = self.config.model.vocab_size
+        outside = [token_id for token_id in params.logit_bias or () if token_id >= vocab_size]
+        if outside:
+            # Checked here: a token id past the logits' row would fault the device, not raise.
+            raise ValueError(f"logit_bias={outside[:5]}: token ids not in the vocabulary [0, {vocab_size})")
         sequences = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
         # An n > 1 request's sequences are named "{request_id}#{index}", which another request
         # may already be called (or the reverse).

@@ -13,7 +13,7 @@ The proposers here are deterministic (n-gram lookup), so ``q_j`` is all its mass
 ``d_{j+1}``: the proposal is kept with probability ``p_j(d)``, and the residual is ``p_j``
 with ``d`` removed. A greedy row keeps the proposal when it is the argmax, and otherwise
 emits the argmax, as plain greedy decoding would. ``p_j`` is the distribution the sampler
-draws from (penalties, min_tokens, temperature, min-p, top-k, top-p), with row ``j``'s
+draws from (logit_bias, penalties, min_tokens, temperature, min-p, top-k, top-p), with row ``j``'s
 history holding the output so far plus ``d_1 .. d_j``: the history it has if they are kept.
 """
 

@@ -6,6 +6,7 @@ The order of operations follows vLLM::
 
     raw logits --> logprobs (returned to the user: the model's raw distribution)
         |
+        +-> logit_bias
         +-> repetition, frequency, presence penalties
         +-> min_tokens: EOS and stop_token_ids -> -inf
         +-> / temperature -> min-p -> top-k -> top-p      (greedy rows skip these)
@@ -124,6 +125,8 @@ class SamplingBatch:
     """[num_rows] fp32; 1 for rows without top-p."""
     min_p: torch.Tensor | None
     """[num_rows] fp32; 0 for rows without min-p."""
+    logit_bias: torch.Tensor | None
+    """[num_rows, vocab] fp32, each row's ``logit_bias`` (0 elsewhere)."""
     penalties: Penalties | None
     min_tokens_mask: torch.Tensor | None
     """[num_rows, vocab] bool, True for the EOS and stop tokens of rows short of min_tokens."""
@@ -173,6 +176,7 @@ class SamplingBatch:
             top_k=top_k,
             top_p=top_p,
             min_p=min_p,
+            logit_bias=_build_logit_bias(rows, vocab_size, device),
             penalties=_build_penalties(rows, vocab_size, device),
             min_tokens_mask=_build_min_tokens_mask(rows, vocab_size, device, eos_token_ids),
             generators={
@@ -197,9 +201,9 @@ class SamplingBatch:
 
         Rows past ``len(rows)`` are greedy padding. Temperature, top-k, top-p, min-p and the
         noise keys are always tensors and ``is_all_greedy`` is False, so any mix of greedy
-        and sampled rows runs one graph. Only three parts change it, each present when some
-        row uses it: penalties and the min_tokens mask (dense ``[num_rows, vocab]`` tensors,
-        built on the host) and logprobs (always the ``MAX_LOGPROBS`` best).
+        and sampled rows runs one graph. Only four parts change it, each present when some
+        row uses it: logit_bias, penalties and the min_tokens mask (dense ``[num_rows, vocab]``
+        tensors, built on the host) and logprobs (always the ``MAX_LOGPROBS`` best).
         """
         if len(rows) > num_rows:
             raise ValueError(f"{len(rows)} sampling rows exceed the static batch's num_rows={num_rows}")
@@ -207,6 +211,7 @@ class SamplingBatch:
         params = [row.params for row in rows]
         is_greedy = [p.is_greedy for p in params]
         top_k, top_p, min_p = _truncation_tensors(params, vocab_size, device, always=True)
+        logit_bias = _build_logit_bias(rows, vocab_size, "cpu")
         penalties = _build_penalties(rows, vocab_size, "cpu")
         min_tokens_mask = _build_min_tokens_mask(rows, vocab_size, "cpu", eos_token_ids)
         return cls(
@@ -219,6 +224,7 @@ class SamplingBatch:
             top_k=top_k,
             top_p=top_p,
             min_p=min_p,
+            logit_bias=None if logit_bias is None else logit_bias.to(device),
             penalties=None if penalties is None else penalties.to(device),
             min_tokens_mask=None if min_tokens_mask is None else min_tokens_mask.to(device),
             generators={},
@@ -300,6 +306,23 @@ def _build_penalties(rows: Sequence[RowState], vocab_size: int, device: torch.de
         output_counts=output_counts,
         seen=(output_counts > 0) | (prompt_counts > 0),
     )
+
+
+def _build_logit_bias(rows: Sequence[RowState], vocab_size: int, device: torch.device | str) -> torch.Tensor | None:
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    values: list[float] = []
+    for i, row in enumerate(rows):
+        for token_id, value in (row.params.logit_bias or {}).items():
+            row_ids.append(i)
+            token_ids.append(token_id)
+            values.append(value)
+    if not row_ids:
+        return None
+    # Only the (row, token, bias) triples cross to the device; the dense bias is filled there.
+    bias = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
+    indices = (to_device(row_ids, torch.int64, device), to_device(token_ids, torch.int64, device))
+    return bias.index_put_(indices, to_device(values, torch.float32, device))
 
 
 def _build_min_tokens_mask(
@@ -429,13 +452,15 @@ def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """The logits each row samples from: penalties, min_tokens, temperature, min-p, top-k, top-p
-    (vLLM v1's order: top-p's mass is over what min-p kept).
+    """The logits each row samples from: logit_bias, penalties, min_tokens, temperature, min-p,
+    top-k, top-p (vLLM v1's order: top-p's mass is over what min-p kept).
 
     ``logits`` [num_rows, vocab] are not modified; removed tokens are -inf in the result.
     """
     assert logits.shape == (batch.num_rows, batch.vocab_size), (tuple(logits.shape), batch.vocab_size)
     logits = logits.float()
+    if batch.logit_bias is not None:
+        logits = logits + batch.logit_bias
     if batch.penalties is not None:
         logits = _apply_penalties(logits, batch.penalties)
     if batch.min_tokens_mask is not None:

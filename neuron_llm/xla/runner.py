@@ -14,9 +14,9 @@ sequence count, so the graphs of a bucket are known before serving:
   sequences compute proposals too): the rejection sampler on a static batch of a row per
   sequence and possible proposal (``sampling_block``), whatever the proposals. Warm-up
   compiles it for every prefill bucket when speculation is on.
-- one more graph for each combination of penalties, min_tokens and logprobs that some
-  step uses (7 at most), and each of these again for steps with prompt-logprob rows. These
-  compile on first use, with a warning, as any graph after warm-up does.
+- one more graph for each combination of logit_bias, penalties, min_tokens and logprobs
+  that some step uses (15 at most), and each of these again for steps with prompt-logprob
+  rows. These compile on first use, with a warning, as any graph after warm-up does.
 
 ``execute`` (logits to the host, no sampling) is the forward-only graph: what the other
 ranks of a tensor-parallel group run, since rank 0 alone samples.
@@ -232,8 +232,8 @@ class XlaWorker(Worker):
             logger.warning(
                 "compiled a new graph after warm-up for a step of %d tokens, %d sequences (%s): warm-up "
                 "compiles each bucket's plain sampling graph (and, with speculative decoding, each prefill "
-                "bucket's verification graph); penalties, min_tokens, logprobs and prompt logprobs compile "
-                "once per bucket on first use, any other shape is missing from the buckets",
+                "bucket's verification graph); logit_bias, penalties, min_tokens, logprobs and prompt logprobs "
+                "compile once per bucket on first use, any other shape is missing from the buckets",
                 step.num_padded_tokens,
                 step.num_padded_seqs,
                 variant,
@@ -253,6 +253,7 @@ def sampled_outputs(sampled: SamplerOutput) -> list[torch.Tensor]:
 def _sampling_variant(batch: SamplingBatch) -> str:
     """Names the optional parts of a sampling graph, for the warning about a new one."""
     parts = {
+        "logit_bias": batch.logit_bias is not None,
         "penalties": batch.penalties is not None,
         "min_tokens": batch.min_tokens_mask is not None,
         "logprobs": batch.num_logprobs is not None,
@@ -264,6 +265,7 @@ def _verification_variant(rows: Sequence[RowState]) -> str:
     """Names the optional parts a verification graph likely holds (from the rows' parameters:
     the exact ones depend on each proposal's row), for the warning about a new one."""
     parts = {
+        "logit_bias": any(row.params.logit_bias for row in rows),
         "penalties": any(row.params.has_penalties for row in rows),
         "min_tokens": any(row.is_min_tokens_unmet for row in rows),
         "logprobs": any(row.params.logprobs is not None for row in rows),

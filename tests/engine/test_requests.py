@@ -12,7 +12,7 @@ import torch
 from neuron_llm.engine import llm_engine
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import StepInput
-from tests.engine.conftest import all_blocks_free, make_llm, random_prompts, run_all
+from tests.engine.conftest import VOCAB_SIZE, all_blocks_free, make_llm, random_prompts, run_all
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
 
@@ -291,6 +291,24 @@ def test_stop_token_ids_end_the_sequence(tiny_model_dir) -> None:
     assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop_token)
     min_params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_token], min_tokens=12)
     assert llm.generate({"prompt_token_ids": prompt}, min_params)[0].outputs[0].finish_reason == "length"
+
+
+def test_logit_bias_bans_the_greedy_pick_and_forces_another(tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir, async_scheduling=True)
+    prompt = {"prompt_token_ids": random_prompts(1, seed=14)[0]}
+    free_run = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6))[0].outputs[0].token_ids
+    banned = SamplingParams(temperature=0.0, max_tokens=6, logit_bias={free_run[0]: -100})
+    steered = llm.generate(prompt, banned)[0].outputs[0].token_ids
+    assert free_run[0] not in steered and steered != free_run
+    forced_token = (free_run[0] + 1) % VOCAB_SIZE
+    for temperature in (0.0, 1.0):
+        forced = SamplingParams(temperature=temperature, max_tokens=6, logit_bias={forced_token: 100})
+        assert llm.generate(prompt, forced)[0].outputs[0].token_ids == [forced_token] * 6
+    # A token id past the vocabulary would index past the logits' row: refused, the request alone.
+    running = llm.engine.add_request(prompt["prompt_token_ids"], SamplingParams(temperature=0.0, max_tokens=6))
+    with pytest.raises(ValueError, match=rf"^logit_bias=\[{VOCAB_SIZE}\]: token ids not in the vocabulary"):
+        llm.engine.add_request(prompt["prompt_token_ids"], SamplingParams(logit_bias={VOCAB_SIZE: 1, 0: 1}))
+    assert run_all(llm, {})[running].outputs[0].token_ids == free_run
 
 
 def test_eos_ends_a_sequence_unless_ignore_eos(tiny_model_dir, tmp_path) -> None:

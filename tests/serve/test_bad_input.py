@@ -70,7 +70,10 @@ BAD_BODIES = [
     # unknown
     (CHAT, {"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "messages[0].role"),
     (CHAT, {"messages": [{"role": "user", "content": "Hi", "mood": "x"}]}, 400, "messages[0].mood"),
-    (COMPLETIONS, {"prompt": "a", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    (COMPLETIONS, {"prompt": "a", "logit_bias": {"1": 500}}, 400, "logit_bias.1"),
+    (COMPLETIONS, {"prompt": "a", "logit_bias": {"x": 5}}, 400, "logit_bias"),
+    (COMPLETIONS, {"prompt": "a", "logit_bias": {"-1": 5}}, 400, "logit_bias"),
+    (CHAT, {"messages": USER, "logit_bias": {"1": 5, "10000000": -5}}, 400, "logit_bias"),
     (COMPLETIONS, {"prompt": "a", "best_of": 2}, 400, "best_of"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0, "echo": True, "min_tokens": 2}, 400, "max_tokens"),

@@ -264,6 +264,20 @@ def test_sampling_fields_reach_the_engine(
     }
 
 
+def test_logit_bias_reaches_the_engine_and_forces_a_token(
+    client: openai.OpenAI, model_name: str, server: ServerThread, engine_params: list[Any]
+) -> None:
+    tokenizer = server.app.state.server.ready_model().tokenizer
+    forced = tokenizer.encode("the")[0]
+    completion = client.completions.create(
+        model=model_name, prompt="Hello", max_tokens=4, temperature=1.0, logit_bias={str(forced): 100}
+    )
+    assert completion.choices[0].text == tokenizer.decode([forced] * 4)
+    messages = [{"role": "user", "content": "Hi"}]
+    client.chat.completions.create(model=model_name, messages=messages, max_tokens=1, logit_bias={"3": -100, "5": 2})
+    assert [params.logit_bias for params in engine_params] == [{forced: 100.0}, {3: -100.0, 5: 2.0}]
+
+
 def test_errors_surface_as_the_clients_exceptions(client: openai.OpenAI, model_name: str) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model=model_name, prompt="Hi", temperature=-1)

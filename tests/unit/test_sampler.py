@@ -148,6 +148,38 @@ def test_penalties_follow_the_formulas() -> None:
     assert not torch.equal(processed[0], logits[0].double()), "the penalty must change something"
 
 
+def test_logit_bias_is_added_before_the_penalties_for_its_row_only() -> None:
+    torch.manual_seed(11)
+    logits = torch.randn(3, 10) * 2
+    prompt, output = [1], [4, 4]
+    params = [
+        SamplingParams(logit_bias={4: 2.5, 7: -100.0}, repetition_penalty=1.3, frequency_penalty=0.5),
+        SamplingParams(temperature=0.0, logit_bias={9: 0.75}),
+        SamplingParams(),
+    ]
+    rows = [RowState(p, prompt, output) for p in params]
+    processed = process_logits(logits, SamplingBatch.build(rows, 10, "cpu")).double()
+    for i, p in enumerate(params):
+        biased = logits[i].double().clone()
+        for token_id, bias in (p.logit_bias or {}).items():
+            biased[token_id] += bias
+        expected = torch.tensor(_penalized_reference(biased.tolist(), prompt, output, p), dtype=torch.float64)
+        torch.testing.assert_close(processed[i], expected, rtol=1e-6, atol=1e-6)
+    static = SamplingBatch.build_static(rows, 10, "cpu", num_rows=5)
+    torch.testing.assert_close(process_logits(torch.cat([logits, logits[:2]]), static)[:3].double(), processed)
+
+
+def test_a_bias_of_100_forces_a_token_and_of_minus_100_bans_one() -> None:
+    logits = torch.randn(64, 16) * 4
+    argmax = logits.argmax(dim=1)
+    forced = [SamplingParams(temperature=t, logit_bias={5: 100.0}, seed=i) for i, t in enumerate([0.0, 1.0] * 32)]
+    assert _sample_rows(logits, _rows(forced)) == [5] * 64
+    banned = [SamplingParams(temperature=0.0, logit_bias={int(argmax[i]): -100.0}) for i in range(64)]
+    tokens = torch.tensor(_sample_rows(logits, _rows(banned)))
+    assert (tokens != argmax).all()
+    assert torch.equal(tokens, logits.scatter(1, argmax[:, None], float("-inf")).argmax(dim=1))
+
+
 def test_min_tokens_masks_eos_and_stop_tokens_until_met() -> None:
     eos, stop = 0, 5
     logits = torch.zeros(4, 8)

@@ -106,11 +106,24 @@ def test_seed_minus_one_is_no_seed_as_in_vllm() -> None:
         ("repetition_penalty", -1.0),
         ("repetition_penalty", math.inf),
         ("output_kind", "delta"),
+        ("logit_bias", [(1, 2.0)]),
+        ("logit_bias", {-1: 2.0}),
+        ("logit_bias", {"7": 2.0}),
+        ("logit_bias", {1.5: 2.0}),
+        ("logit_bias", {1: 100.5}),
+        ("logit_bias", {1: math.nan}),
+        ("logit_bias", {1: "up"}),
     ],
 )
 def test_invalid_value_names_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"^{field}="):
         SamplingParams(**{field: value})
+
+
+def test_logit_bias_is_stored_as_ints_to_floats_and_none_when_empty() -> None:
+    assert SamplingParams(logit_bias={np.int64(3): 1, 4: -100, 5: 100}).logit_bias == {3: 1.0, 4: -100.0, 5: 100.0}
+    assert all(type(v) is float for v in SamplingParams(logit_bias={3: 1}).logit_bias.values())
+    assert SamplingParams(logit_bias={}).logit_bias is None
 
 
 def test_min_tokens_above_max_tokens() -> None:

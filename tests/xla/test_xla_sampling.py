@@ -162,7 +162,7 @@ def test_seeded_sampling_on_xla_is_reproducible_and_batch_independent(tiny_model
     assert len(set(alone)) > 1
 
 
-def test_logprobs_penalties_and_prompt_logprobs_compile_once_per_bucket_and_match_torch(
+def test_logprobs_penalties_bias_and_prompt_logprobs_compile_once_per_bucket_and_match_torch(
     tiny_model_dir,  # noqa: F811
     caplog,
 ) -> None:
@@ -170,8 +170,9 @@ def test_logprobs_penalties_and_prompt_logprobs_compile_once_per_bucket_and_matc
         SamplingParams(temperature=0.0, max_tokens=5, logprobs=3),
         SamplingParams(temperature=0.0, max_tokens=5, repetition_penalty=1.5, frequency_penalty=0.5),
         SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=2),
+        SamplingParams(temperature=1.0, max_tokens=4, logit_bias={7: 100.0, 11: -100.0}),
     ]
-    prompts = random_prompts(6, seed=41, min_len=5, max_len=12)
+    prompts = random_prompts(8, seed=41, min_len=5, max_len=12)
     # Without prefix caching the second run repeats the first one's steps, bucket for bucket.
     llm = LLM(model=str(tiny_model_dir), device="xla", enable_prefix_caching=False, **OPTIONS)
     with caplog.at_level(logging.WARNING):
@@ -190,6 +191,7 @@ def test_logprobs_penalties_and_prompt_logprobs_compile_once_per_bucket_and_matc
         _assert_same_logprobs(actual.outputs[0].logprobs, expected.outputs[0].logprobs)
         _assert_same_logprobs(actual.prompt_logprobs, expected.prompt_logprobs)
     assert sum(output.prompt_logprobs is not None for output in first.values()) == 2
+    assert first["3"].outputs[0].token_ids == first["7"].outputs[0].token_ids == [7] * 4, "the bias forces token 7"
 
 
 def _assert_same_logprobs(actual: list | None, expected: list | None) -> None:
