@@ -96,7 +96,7 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
             "(each prefill bucket's verification graph); choose the proposer (method, draft model, lookup lengths) "
             "when it is loaded: compile with {'num_speculative_tokens': k} and pass the rest to the loading LLM"
         )
-    with written_whole(out, "compiling") as building:
+    with written_whole(out, "compiling", last=MANIFEST_NAME) as building:
         with graph_cache(building, device):
             # LLM's own warm-up: on the devices whose graphs compile, every bucket's does now.
             llm = _CompilingLLM(building, model, **options)

@@ -455,7 +455,7 @@ def save_quantized_checkpoint(
     if not quantized_linears(model):
         raise ValueError("the model has no quantized linear to describe")
     hf_config = model_config_dict(model, config, source, dtype)  # raises before the directory is made
-    with written_whole(out_dir, "quantizing") as building:
+    with written_whole(out_dir, "quantizing", last="config.json") as building:
         save_safetensors(checkpoint_tensors(model, dtype), building / SINGLE_WEIGHTS_FILE)
         write_model_files(building, hf_config, source, tokenizer)
 

@@ -1,22 +1,34 @@
-"""Directories written whole: the current directory and a link to a directory are outputs too."""
+"""Directories written whole: a new one is renamed into place; an existing empty one (the
+current directory, a link to a directory) is kept and filled, its loadable file last."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from neuron_llm import output_dir
 from neuron_llm.output_dir import written_whole
 
 
-def test_the_current_directory_is_written_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def write_checkpoint(building: Path) -> None:
+    (building / "weights").mkdir()
+    (building / "weights" / "model.safetensors").write_bytes(b"w")
+    (building / "config.json").write_text("{}")
+    (building / "tokenizer.json").write_text("{}")
+
+
+def test_the_current_directory_is_filled_and_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     out.mkdir()
+    inode = out.stat().st_ino
     monkeypatch.chdir(out)
-    with written_whole(Path("."), "writing") as building:
-        (building / "config.json").write_text("{}")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no hidden directory is left beside it"
+    with written_whole(Path("."), "writing", last="config.json") as building:
+        write_checkpoint(building)
+    # The caller's working directory is still the output, not a removed directory.
+    assert sorted(os.listdir(".")) == ["config.json", "tokenizer.json", "weights"]
+    assert out.stat().st_ino == inode and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_a_link_to_an_empty_directory_is_written_through(tmp_path: Path) -> None:
@@ -24,15 +36,53 @@ def test_a_link_to_an_empty_directory_is_written_through(tmp_path: Path) -> None
     target.mkdir(parents=True)
     link = tmp_path / "out"
     link.symlink_to(target)
-    with written_whole(link, "writing") as building:
-        (building / "config.json").write_text("{}")
-    assert link.is_symlink() and (link / "config.json").read_text() == "{}"
+    with written_whole(link, "writing", last="config.json") as building:
+        write_checkpoint(building)
+    assert link.is_symlink() and (target / "config.json").is_file()
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "tokenizer.json", "weights"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["out"]
 
 
-def test_a_failed_write_leaves_the_directory_as_it_was(tmp_path: Path) -> None:
+def test_the_loadable_file_is_moved_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    moves = []
+    replace = os.replace
+    monkeypatch.setattr(output_dir.os, "replace", lambda a, b: (moves.append(Path(b).name), replace(a, b)))
+    (tmp_path / "out").mkdir()
+    with written_whole(tmp_path / "out", "writing", last="config.json") as building:
+        write_checkpoint(building)
+    assert sorted(moves[:-1]) == ["tokenizer.json", "weights"] and moves[-1] == "config.json"
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_an_interrupted_write_leaves_the_directory_as_it_was(
+    exists: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt), written_whole(out, "writing") as building:
-        (building / "config.json").write_text("{}")
-        raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
+    if exists:
+        out.mkdir()
+        # Interrupted between moves: the entries moved already go too.
+        replace = os.replace
+        calls = []
+
+        def interrupted_second_move(source: str, destination: str) -> None:
+            calls.append(destination)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            replace(source, destination)
+
+        monkeypatch.setattr(output_dir.os, "replace", interrupted_second_move)
+        with pytest.raises(KeyboardInterrupt), written_whole(out, "writing", last="config.json") as building:
+            write_checkpoint(building)
+        assert list(out.iterdir()) == []
+    else:
+        with pytest.raises(KeyboardInterrupt), written_whole(out, "writing", last="config.json") as building:
+            write_checkpoint(building)
+            raise KeyboardInterrupt
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_holding_files_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "kept.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not an empty directory"), written_whole(tmp_path, "writing", last="x"):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.txt"]
