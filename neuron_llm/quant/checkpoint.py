@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -152,6 +153,8 @@ def parse_quantization_config(raw: dict[str, Any]) -> CheckpointQuantization:
         raise ValueError("quantization_config.config_groups: must be a non-empty object")
     top_format = raw.get("format")
     ub = raw.get("activation_scale_ub")
+    if ub == math.inf:
+        ub = None  # no bound, as our quantize wrote it (Infinity, outside JSON) before refusing it
     parsed = tuple(_parse_group(name, group, top_format, ub) for name, group in groups.items())
     return CheckpointQuantization(parsed, tuple(raw.get("ignore") or ()))
 

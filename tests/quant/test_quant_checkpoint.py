@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from neuron_llm.config import ModelConfig, RopeScaling
 from neuron_llm.quant import (
+    LinearFormat,
     QuantConfig,
     QuantPolicy,
     load_any_format,
@@ -218,6 +220,19 @@ def test_w8a8_checkpoint_with_zero_points_from_older_compressed_tensors_loads(
     save_file(tensors, str(out_dir / "model.safetensors"))
     with pytest.raises(ValueError, match=r"up_proj.weight_zero_point holds non-zero zero points"):
         load_any_format(out_dir, dtype=torch.float32, device="cpu")
+
+
+def test_an_infinite_bound_written_by_an_older_quantize_loads_as_none(
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
+) -> None:
+    loaded = load_fp32(quant_checkpoint[1])
+    quantize_model(loaded.model, "fp8")
+    save_quantized_checkpoint(loaded.model, loaded.config, out_dir, source=loaded.source, tokenizer=None)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["quantization_config"]["activation_scale_ub"] = math.inf
+    (out_dir / "config.json").write_text(json.dumps(config))  # Python writes Infinity
+    formats = set(quantized_linears(load_any_format(out_dir, dtype=torch.float32, device="cpu").model).values())
+    assert formats == {LinearFormat("fp8", activation_scale_ub=None)}
 
 
 def test_non_finite_quantized_weights_are_refused_on_load(
