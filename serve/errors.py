@@ -239,7 +239,8 @@ class CountRequests:
             await send(message)
 
         # Requests of the API are its POST routes; a GET (/v1/models, /ping, /health) is a poll
-        # of the server's state, and one refused while it loads is not a refused request.
+        # of the server's state, and one refused while it loads is not a refused request. A
+        # bug is counted on any route.
         with self._metrics.counting_request(counted=scope["method"] == "POST"):
             try:
                 await self._app(scope, receive, send_noting_start)

@@ -94,14 +94,15 @@ class ServerMetrics:
 
     @contextmanager
     def counting_request(self, counted: bool = True) -> Iterator[None]:
-        """Serve one request within: its outcome is counted once, on leaving (never, unless ``counted``)."""
+        """Serve one request within: its outcome is counted once, on leaving; unless ``counted``,
+        only an error (a bug, not a refusal) is."""
         record = _RequestRecord()
         token = _current_request.set(record)
         try:
             yield
         finally:
             _current_request.reset(token)
-            if counted and record.outcome is not None:
+            if record.outcome is not None and (counted or record.outcome == "error"):
                 self._requests.labels(record.outcome).inc()
 
     def count_refusal(self, status_code: int) -> None:

@@ -285,3 +285,30 @@ def test_a_bug_is_a_500_counted_once_and_the_connection_lives_on(
             events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
         assert json.loads(events[-2])["error"]["type"] == "server_error" and events[-1] == "[DONE]"
         assert counts() == {"success": 1, "aborted": 0, "error": 2}
+
+
+def test_a_bug_in_any_route_is_counted_and_a_get_refused_is_not() -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from neuron_llm.serve.errors import ClientError, install_error_handlers
+
+    metrics = ServerMetrics()
+    app = FastAPI()
+    install_error_handlers(app, metrics)
+
+    @app.get("/v1/models")
+    def broken_models() -> None:
+        raise RuntimeError("a bug")
+
+    @app.get("/ping")
+    def refused_ping() -> None:
+        raise ClientError("not ready", status_code=503)
+
+    def count(outcome: str) -> float | None:
+        return metrics.registry.get_sample_value("neuron_llm_requests_total", {"outcome": outcome})
+
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.get("/v1/models").status_code == 500
+    assert client.get("/ping").status_code == 503
+    assert (count("error"), count("rejected")) == (1.0, 0.0)
