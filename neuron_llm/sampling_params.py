@@ -20,6 +20,9 @@ MAX_LOGPROBS = 20
 
 logger = logging.getLogger(__name__)
 
+MAX_LOGIT_BIAS = 1024
+"""Most token ids one request may bias: each step rebuilds every running request's biases."""
+
 MIN_TEMPERATURE = 1e-2
 """Smaller positive temperatures are raised to this, with a warning, as vLLM does: only 0 is
 greedy, and a temperature of 1e-4 samples as vLLM's 0.01 would, not as a near-argmax."""
@@ -83,7 +86,8 @@ class SamplingParams:
     """Divides positive (multiplies negative) logits of tokens in the prompt or output; 1 is off."""
     logit_bias: dict[int, float] | None = None
     """Added to these token ids' logits before the penalties, greedy rows too; each in [-100, 100]
-    as in OpenAI's API (-100 all but bans a token, 100 all but forces it). None when empty."""
+    as in OpenAI's API (-100 all but bans a token, 100 all but forces it); at most
+    ``MAX_LOGIT_BIAS`` of them. None when empty."""
     output_kind: str = "cumulative"
     """What ``LLMEngine.step`` returns for this request: "cumulative", its whole output so far
     on every step that extends it (streaming), or "final_only", one output when it finishes
@@ -171,6 +175,8 @@ class SamplingParams:
         _require(
             bias is None or isinstance(bias, dict), "logit_bias", bias, "must be None or a dict of token id to bias"
         )
+        if len(bias or ()) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias=<{len(bias)} token ids>: at most {MAX_LOGIT_BIAS} may be biased")
         checked = {}
         for token_id, value in (bias or {}).items():
             # The entry at fault is shown, not the whole map: it may hold thousands.

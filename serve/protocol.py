@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
-from neuron_llm.sampling_params import MAX_LOGPROBS
+from neuron_llm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 
 MAX_N = 128
 """Most completions of one prompt (OpenAI's limit); a server also caps it at its max_num_seqs."""
@@ -107,7 +107,7 @@ class _SamplingRequest(_Request):
     repetition_penalty: float = Field(1.0, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     """Token id, as JSON keys are strings ("50256") -> bias added to its logit, in [-100, 100]."""
 
     @field_validator("logit_bias")

@@ -313,16 +313,17 @@ def _build_logit_bias(rows: Sequence[RowState], vocab_size: int, device: torch.d
     token_ids: list[int] = []
     values: list[float] = []
     for i, row in enumerate(rows):
-        for token_id, value in (row.params.logit_bias or {}).items():
-            row_ids.append(i)
-            token_ids.append(token_id)
-            values.append(value)
+        bias = row.params.logit_bias
+        if bias:
+            row_ids += [i] * len(bias)
+            token_ids += bias.keys()
+            values += bias.values()
     if not row_ids:
         return None
-    # Only the (row, token, bias) triples cross to the device; the dense bias is filled there.
-    bias = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
+    # Only the (row, token, bias) triples cross to ``device``; the dense bias is filled there.
+    dense = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
     indices = (to_device(row_ids, torch.int64, device), to_device(token_ids, torch.int64, device))
-    return bias.index_put_(indices, to_device(values, torch.float32, device))
+    return dense.index_put_(indices, to_device(values, torch.float32, device))
 
 
 def _build_min_tokens_mask(

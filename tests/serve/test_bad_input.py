@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from neuron_llm.sampling_params import MAX_LOGIT_BIAS
 from neuron_llm.serve.protocol import MAX_STOP, MAX_STOP_CHARS
 from tests.engine.conftest import tiny_model_dir  # noqa: F401
 from tests.serve.conftest import ServerThread, make_llm, metric, running_server
@@ -73,6 +74,7 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "a", "logit_bias": {"1": 500}}, 400, "logit_bias.1"),
     (COMPLETIONS, {"prompt": "a", "logit_bias": {"x": 5}}, 400, "logit_bias"),
     (COMPLETIONS, {"prompt": "a", "logit_bias": {"-1": 5}}, 400, "logit_bias"),
+    (COMPLETIONS, {"prompt": "a", "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}}, 400, "logit_bias"),
     (CHAT, {"messages": USER, "logit_bias": {"1": 5, "10000000": -5}}, 400, "logit_bias"),
     (COMPLETIONS, {"prompt": "a", "best_of": 2}, 400, "best_of"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),

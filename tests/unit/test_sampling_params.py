@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from neuron_llm.sampling_params import MAX_LOGPROBS, MIN_TEMPERATURE, SamplingParams
+from neuron_llm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MIN_TEMPERATURE, SamplingParams
 
 
 def test_defaults_match_vllm() -> None:
@@ -124,6 +124,9 @@ def test_logit_bias_is_stored_as_ints_to_floats_and_none_when_empty() -> None:
     assert SamplingParams(logit_bias={np.int64(3): 1, 4: -100, 5: 100}).logit_bias == {3: 1.0, 4: -100.0, 5: 100.0}
     assert all(type(v) is float for v in SamplingParams(logit_bias={3: 1}).logit_bias.values())
     assert SamplingParams(logit_bias={}).logit_bias is None
+    assert len(SamplingParams(logit_bias=dict.fromkeys(range(MAX_LOGIT_BIAS), 1.0)).logit_bias) == MAX_LOGIT_BIAS
+    with pytest.raises(ValueError, match=rf"^logit_bias=<{MAX_LOGIT_BIAS + 1} token ids>: at most {MAX_LOGIT_BIAS}"):
+        SamplingParams(logit_bias=dict.fromkeys(range(MAX_LOGIT_BIAS + 1), 1.0))
 
 
 def test_min_tokens_above_max_tokens() -> None:
