@@ -243,6 +243,8 @@ class Worker:
         self.num_kv_blocks = num_kv_blocks
         self.weight_bytes = model.weight_bytes()
         """Bytes of this rank's parameters as stored (quantized ones in 8 bits, with their scales)."""
+        self.decode_read_bytes = model.decode_read_bytes()
+        """Of those, the bytes a decode step of one sequence reads (one row of the embedding)."""
         self.kv_caches = allocate_kv_cache(
             config.model,
             num_kv_blocks,

@@ -162,6 +162,14 @@ class LlamaForCausalLM(nn.Module):
         """Bytes of the parameters as stored (quantized ones with their scales; a tied tensor once)."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
+    def decode_read_bytes(self) -> int:
+        """Bytes of the parameters a decode step of one sequence reads: ``weight_bytes``, with
+        the embedding table counted as the one row it looks up, unless the LM head reads it all."""
+        table = self.model.embed_tokens.weight
+        if getattr(self.lm_head, "weight", None) is table:
+            return self.weight_bytes()
+        return self.weight_bytes() - (table.shape[0] - 1) * table[0].numel() * table.element_size()
+
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [num_rows, vocab_size] in fp32 for hidden states [num_rows, hidden_size], written
         into ``out`` when given."""

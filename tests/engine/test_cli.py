@@ -65,6 +65,8 @@ def test_bench_table_sets_each_figure_beside_its_anchor() -> None:
             "bf16_matmul_flops": 7.8e14,
             "weight_bytes": 16e9,
             "decode_floor_s": 16e9 / 3e12,
+            "decode_read_bytes": 15e9,
+            "decode_read_floor_s": 15e9 / 3e12,
             "bf16_decode": {"decode_s_per_token": 6.4e-3, "model_s_per_token": 6.0e-3, "sync_s_per_token": 6.6e-3},
             "bf16_batch": {"output_tokens_per_s": 6400.0, "output_tokens_per_s_sync": 5760.0},
             "transformers_batch": {"output_tokens_per_s": 640.0},
@@ -84,6 +86,8 @@ def test_bench_table_sets_each_figure_beside_its_anchor() -> None:
         }
     )
     assert "| bf16 decode, batch 1 | 6.40 ms/token | floor | 1.20x |" in table
+    assert "| batch-1 decode read floor | 5.00 ms/token | 15.00 GB read |  |" in table
+    assert "| bf16 decode, batch 1 | 6.40 ms/token | read floor | 1.28x |" in table
     assert "| bf16 decode, async scheduling off | 6.60 ms/token | floor | 1.24x |" in table
     assert "| bf16 batch throughput | 6400 output tok/s | transformers | 10.00x transformers (640) |" in table
     assert "| bf16 batch, async scheduling off | 5760 output tok/s | transformers | 9.00x transformers |" in table
@@ -109,11 +113,13 @@ def test_bench_table_sets_int8_steps_of_few_rows_beside_batch_1() -> None:
             "bf16_decode": {"decode_s_per_token": 4.0e-3, "model_s_per_token": 3.9e-3},
             "int8_decode": {"decode_s_per_token": 2.5e-3},
             "int8_weight_bytes": 9e9,
+            "int8_decode_read_bytes": 7.5e9,
             "int8_few_rows": {"worker_step_ratio": 1.25, "batch": 16, "output_tokens_per_s": 3600.0},
         }
     )
     assert "| int8 verification step, batch 1, 5 tokens over 1 | 1.25x the time | int8 decode step |  |" in table
     assert "| int8 batch of 16 | 3600 output tok/s | int8 decode, batch 1 | 9.00x its tok/s |" in table
+    assert "| int8 decode read floor | 2.50 ms/token | int8 decode | 1.00x |" in table
 
 
 def test_bad_model_path_is_a_clear_error(capsys, tmp_path) -> None:

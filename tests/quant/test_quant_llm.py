@@ -11,7 +11,7 @@ import torch
 from neuron_llm import LLM, SamplingParams
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.cli import main
-from neuron_llm.quant import QuantConfig, load_any_format, quantized_linears, save_quantized_checkpoint
+from neuron_llm.quant import QuantConfig, load_any_format, quantize_model, quantized_linears, save_quantized_checkpoint
 from neuron_llm.quant.formats import FP8_DTYPE
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -60,6 +60,25 @@ def test_weight_bytes_shrink_with_quantization(quant_checkpoint: tuple[Any, Path
     linears = [p for name, p in full._executor.worker.model.named_parameters() if "layers." in name and "proj" in name]
     saved = sum(3 * p.numel() - 4 * p.shape[0] for p in linears)
     assert full.weight_bytes - int8.weight_bytes == saved
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_decode_step_reads_one_row_of_an_untied_embedding(tied: bool) -> None:
+    from neuron_llm.config import ModelConfig
+    from neuron_llm.models.llama import LlamaForCausalLM
+
+    config = ModelConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    model = model.to(torch.bfloat16)
+    table_bytes = 100 * 32 * 2
+    assert model.decode_read_bytes() == model.weight_bytes() - (0 if tied else table_bytes - 32 * 2)
+    quantize_model(model, "int8-head")  # the head gets its own int8 copy: the table is read a row again
+    assert model.decode_read_bytes() == model.weight_bytes() - (table_bytes - 32 * 2)
 
 
 def test_quantized_matmuls_go_through_the_active_backend(quant_checkpoint: tuple[Any, Path], prompt: list[int]) -> None:
