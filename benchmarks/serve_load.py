@@ -131,9 +131,12 @@ async def run(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[list[
         rng = random.Random(args.seed + 1)
         tasks = []
         start = time.perf_counter()
+        arrival = start
         for index, spec in enumerate(specs):
             if index:
-                await asyncio.sleep(rng.expovariate(args.rate))
+                # On a schedule from the start, so that time spent sending does not lower the rate.
+                arrival += rng.expovariate(args.rate)
+                await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
             tasks.append(asyncio.create_task(send(client, model, spec)))
         results = await asyncio.gather(*tasks)
         return list(results), time.perf_counter() - start, model
