@@ -250,6 +250,27 @@ def test_cuda_backend_generates_what_the_torch_backend_does(
 
 
 @pytest.mark.cuda
+def test_logit_bias_steers_the_cuda_engine_as_the_torch_backend(
+    save_tiny_llama: Callable[..., tuple[Any, Path]],
+) -> None:
+    """The bias is added on the GPU to logits a graph replay produced, greedy and sampled rows alike."""
+    _, model_dir = save_tiny_llama(**SMALL_HEADS)
+    options = {"device": "cuda", "dtype": "float32", "num_kv_blocks": 256, "block_size": 16, "max_model_len": 256}
+    prompts = [{"prompt_token_ids": [5, 9, 2, 77, 31]}, {"prompt_token_ids": list(range(40, 73))}]
+    llm = LLM(str(model_dir), **options)
+    free_run = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0))]
+    banned = {free_run[0][0]: -100.0, free_run[1][0]: -100.0, 3: 1.5, 200: -2.0}
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logit_bias=banned)
+    reference = LLM(str(model_dir), backend="torch", async_scheduling=False, **options)
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+    steered = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    firsts = {free_run[0][0], free_run[1][0]}
+    assert steered == expected and all(seq[0] not in firsts for seq in steered)
+    forced = SamplingParams(max_tokens=8, temperature=1.0, seed=4, logit_bias={17: 100.0})
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, forced)] == [[17] * 8] * 2
+
+
+@pytest.mark.cuda
 def test_verification_steps_replay_graphs_and_change_no_greedy_token(
     save_tiny_llama: Callable[..., tuple[Any, Path]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
