@@ -260,25 +260,31 @@ def test_weights_that_do_not_fit_the_model_are_refused(compiled: Path) -> None:
         LLM(str(compiled))
 
 
+@pytest.mark.parametrize("exists", [False, True])
 def test_the_artifact_appears_whole_or_not_at_all(
-    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    exists: bool, source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Written beside its directory and renamed onto it: a compile killed midway leaves no
-    half-written artifact behind, and an empty directory given is taken."""
+    """Written into a hidden directory, beside a new directory or inside an empty one given,
+    and moved into place once whole: a compile killed midway leaves no half-written artifact."""
     out = tmp_path / "artifact"
-    out.mkdir()
+    if exists:
+        out.mkdir()
     seen = []
     shutdown = LLM.shutdown
 
-    def look_before_the_rename(llm: LLM) -> None:
-        seen.append((sorted(os.listdir(out)), [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]))
+    def look_before_the_move(llm: LLM) -> None:
+        where = out if exists else tmp_path
+        beside = sorted(set(os.listdir(tmp_path)) - {source.name})
+        seen.append([p.name for p in where.iterdir() if p.name.startswith(".")] + beside)
         shutdown(llm)
 
-    monkeypatch.setattr(LLM, "shutdown", look_before_the_rename)
+    monkeypatch.setattr(LLM, "shutdown", look_before_the_move)
     compile_artifact(str(source), out, **OPTIONS)
-    (listing, hidden), *_ = seen
-    assert listing == [] and len(hidden) == 1 and hidden[0].startswith(".artifact.compiling-")
-    assert is_artifact(out) and not (tmp_path / hidden[0]).exists()
+    (hidden, *listing), *_ = seen
+    assert hidden.startswith(".artifact.compiling-")
+    assert listing == (["artifact"] if exists else [hidden]), "nothing but the hidden directory while compiling"
+    assert is_artifact(out) and sorted(set(os.listdir(tmp_path)) - {source.name}) == ["artifact"]
+    assert not any(p.name.startswith(".") for p in out.iterdir())
     assert out.stat().st_mode & 0o077 == 0o777 & ~current_umask() & 0o077
 
 
