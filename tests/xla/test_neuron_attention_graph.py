@@ -1,4 +1,5 @@
-"""The neuron backend's attention graph holds one chunk of each token's context at a time."""
+"""The neuron backend's attention graph holds one chunk of each token's context at a time, and
+computes on the XLA device what the torch reference does."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from neuron_llm.backends import neuron
 from neuron_llm.backends.neuron import NeuronBackend
+from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.ops.metadata import AttentionMetadata
 
 pytestmark = pytest.mark.xla
@@ -43,6 +45,12 @@ def test_attention_graph_holds_a_chunk_of_context_not_the_row(chunk_keys: int, m
 
     out = NeuronBackend().paged_attention(query, key_cache, value_cache, metadata, scale=0.3)
     largest = largest_array(torch_xla._XLAC._get_xla_tensors_hlo([out]))
+    on_cpu = AttentionMetadata.build(
+        [40, 1], [440, 30], [list(range(1, 29)), [29, 30]], BLOCK_SIZE, "cpu",
+        num_padded_tokens=NUM_TOKENS, num_padded_seqs=4, max_blocks_per_seq=MAX_BLOCKS_PER_SEQ,
+    )  # fmt: skip
+    expected = TorchBackend().paged_attention(query.cpu(), key_cache.cpu(), value_cache.cpu(), on_cpu, scale=0.3)
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
 
     whole_rows = NUM_TOKENS * CONTEXT * NUM_KV_HEADS * HEAD_DIM
     if chunk_keys == CONTEXT:
