@@ -104,6 +104,14 @@ def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "quantized"
 
 
+def quantized_and_saved(load_fp32: Callable, source: Path, recipe: str | QuantConfig, out_dir: Path) -> Any:
+    """``source`` loaded in float32, quantized by ``recipe`` and saved to ``out_dir``, as loaded."""
+    loaded = load_fp32(source)
+    quantize_model(loaded.model, recipe)
+    save_quantized_checkpoint(loaded.model, loaded.config, out_dir, source=loaded.source, tokenizer=None)
+    return loaded
+
+
 def loaded_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -114,9 +122,7 @@ def test_written_checkpoint_is_read_by_compressed_tensors(
 ) -> None:
     ct_config = pytest.importorskip("compressed_tensors.quantization").QuantizationConfig
     compressors = pytest.importorskip("compressed_tensors.compressors")
-    loaded = load_fp32(quant_checkpoint[1])
-    quantize_model(loaded.model, RECIPES[recipe])
-    save_quantized_checkpoint(loaded.model, loaded.config, out_dir, source=loaded.source, tokenizer=None)
+    loaded = quantized_and_saved(load_fp32, quant_checkpoint[1], RECIPES[recipe], out_dir)
 
     raw = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     config = ct_config.model_validate(raw)
@@ -205,9 +211,7 @@ def test_w8a8_checkpoint_with_zero_points_from_older_compressed_tensors_loads(
     quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
 ) -> None:
     """compressed-tensors wrote all-zero zero points for symmetric schemes until mid-2024."""
-    loaded = load_fp32(quant_checkpoint[1])
-    quantize_model(loaded.model, "w8a8")
-    save_quantized_checkpoint(loaded.model, loaded.config, out_dir, source=loaded.source, tokenizer=None)
+    loaded = quantized_and_saved(load_fp32, quant_checkpoint[1], "w8a8", out_dir)
     tensors = load_file(str(out_dir / "model.safetensors"))
     name = "model.layers.0.mlp.up_proj"
     tensors[f"{name}.weight_zero_point"] = torch.zeros(256, 1, dtype=torch.int8)
@@ -225,9 +229,7 @@ def test_w8a8_checkpoint_with_zero_points_from_older_compressed_tensors_loads(
 def test_an_infinite_bound_written_by_an_older_quantize_loads_as_none(
     quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
 ) -> None:
-    loaded = load_fp32(quant_checkpoint[1])
-    quantize_model(loaded.model, "fp8")
-    save_quantized_checkpoint(loaded.model, loaded.config, out_dir, source=loaded.source, tokenizer=None)
+    quantized_and_saved(load_fp32, quant_checkpoint[1], "fp8", out_dir)
     config = json.loads((out_dir / "config.json").read_text())
     config["quantization_config"]["activation_scale_ub"] = math.inf
     (out_dir / "config.json").write_text(json.dumps(config))  # Python writes Infinity
