@@ -22,9 +22,9 @@ architecture must be the ones it was built with; on the XLA device each bucket's
 traced again, must hash to the module compiled. A mismatch is refused by name, never
 recompiled; only a kernel missing from Triton's cache compiles, with a warning naming it, into
 a private copy of the cache (``LLM.compiled_at_load``). The manifest records every file's size
-and sha256: a load hashes the model files (a few kB) and each weights file's safetensors
-header, and checks the weights' sizes; ``Artifact.verify`` (``neuron-llm verify``) hashes
-everything. The artifact is built in a hidden directory beside its own and renamed onto it
+and sha256: a load hashes the model files (a few kB), each weights file's safetensors header
+and the HLO manifest, and checks the sizes of the rest; ``Artifact.verify`` (``neuron-llm
+verify``) hashes everything. The artifact is built in a hidden directory beside its own and renamed onto it
 whole: a directory without a manifest is not an artifact.
 
 What was run where: weights, options and versions on the CPU; the HLO check on torch-xla's
@@ -58,8 +58,8 @@ from neuron_llm.loader import default_dtype
 from neuron_llm.models.llama import LlamaForCausalLM
 
 FORMAT = "neuron-llm-artifact"
-FORMAT_VERSION = 2
-"""2: the manifest records every model file and each weights file's safetensors header (1: sizes only)."""
+FORMAT_VERSION = 3
+"""3: graph files recorded with their sizes and sha256 (2: by name; 1: model files by size only)."""
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_DIR = "weights"
 GRAPHS_DIR = "graphs"
@@ -104,6 +104,7 @@ def fixed_options(config: EngineConfig) -> dict[str, Any]:
         options["speculative_config"] = (
             None if speculative is None else {"num_speculative_tokens": speculative.num_speculative_tokens}
         )
+        options["sampling_features"] = list(config.device.sampling_features)
     return options
 
 
@@ -213,13 +214,10 @@ class Artifact:
         missing = [key for key in _MANIFEST_KEYS if not isinstance(manifest.get(key), dict)]
         if missing:
             raise ValueError(f"{manifest_path}: damaged, no {missing[0]!r} record")
-        for key in ("files", "weights"):
+        for key in _RECORD_KEYS:
             for name, recorded in manifest[key].items():
                 if not _is_file_record(recorded):
                     raise ValueError(f"{manifest_path}: damaged, {key}[{name!r}] has no bytes and sha256")
-        graphs = manifest.get("graphs")
-        if not isinstance(graphs, list) or not all(isinstance(name, str) for name in graphs):
-            raise ValueError(f"{manifest_path}: damaged, 'graphs' is not a list of file names")
         return cls(path, manifest)
 
     @property
@@ -263,6 +261,21 @@ class Artifact:
         for name, recorded in self.manifest["files"].items():
             self._check_file(self.path / name, recorded, hashed=True)
 
+    def check_graph_files(self) -> None:
+        """Refuse a compiled graph whose size differs from the one compiled (hashing them all, as
+        ``verify`` does, would read a large model's NEFFs at every load)."""
+        for name, recorded in self.manifest["graphs"].items():
+            self._check_file(self.path / GRAPHS_DIR / name, recorded, hashed=False)
+
+    def read_graph_file(self, name: str) -> bytes:
+        """The graph file ``name`` (under graphs/), checked against its recorded size and sha256."""
+        recorded = self.manifest["graphs"].get(name)
+        if recorded is None:
+            raise ValueError(f"{self.path}: damaged, its manifest records no graph file {name!r}")
+        path = self.path / GRAPHS_DIR / name
+        self._check_file(path, recorded, hashed=True)
+        return path.read_bytes()
+
     def weights_file(self, rank: int, world_size: int) -> Path:
         """Rank ``rank``'s weights, checked against the size and the safetensors header (names,
         dtypes, shapes, offsets) the manifest recorded; ``verify`` hashes the tensors too."""
@@ -280,14 +293,10 @@ class Artifact:
         """Hash every recorded file (the weights' gigabytes too) against the manifest; return how
         many were checked. ``ValueError`` names the first that differs or is missing."""
         self.check_model_files()
-        weights = {f"{WEIGHTS_DIR}/{name}": recorded for name, recorded in self.manifest["weights"].items()}
-        for name, recorded in weights.items():
-            self._check_file(self.path / name, recorded, hashed=True)
-        graphs = self.path / GRAPHS_DIR
-        for name in self.manifest["graphs"]:
-            if not (graphs / name).is_file():
-                raise ValueError(f"{graphs / name}: missing (a graph the artifact compiled)")
-        return len(self.manifest["files"]) + len(weights) + len(self.manifest["graphs"])
+        for directory, key in ((WEIGHTS_DIR, "weights"), (GRAPHS_DIR, "graphs")):
+            for name, recorded in self.manifest[key].items():
+                self._check_file(self.path / directory / name, recorded, hashed=True)
+        return sum(len(self.manifest[key]) for key in _RECORD_KEYS)
 
     def _check_file(self, path: Path, recorded: dict[str, Any], *, hashed: bool) -> None:
         """``path`` against its record: its size, and with ``hashed`` its sha256."""
@@ -300,7 +309,9 @@ class Artifact:
             raise ValueError(f"{path}: its sha256 differs from the one compiled: damaged or edited")
 
 
-_MANIFEST_KEYS = ("options", "system", "files", "weights")
+_RECORD_KEYS = ("files", "weights", "graphs")
+"""The manifest's records of files: name -> bytes and sha256."""
+_MANIFEST_KEYS = ("options", "system", *_RECORD_KEYS)
 
 
 def _is_file_record(recorded: Any) -> bool:
@@ -334,6 +345,8 @@ def _same_option(name: str, value: Any, built: Any) -> bool:
         return parse_device(value).type == built
     if name == "dtype":
         return value == "auto" or parse_dtype(value) == parse_dtype(built)
+    if name == "sampling_features":
+        return sorted(set(value)) == built
     if name == "speculative_config":
         parsed = SpeculativeConfig.parse(value)
         return (parsed and parsed.num_speculative_tokens) == (built and built["num_speculative_tokens"])
@@ -397,7 +410,8 @@ def check_graphs(model: LlamaForCausalLM, config: EngineConfig, artifact_dir: st
     from neuron_llm.compile.hlo_export import graph_shapes, trace_graph
 
     hlo_dir = Path(artifact_dir) / GRAPHS_DIR / HLO_DIR
-    graphs = json.loads((hlo_dir / HLO_MANIFEST).read_text())["graphs"]
+    # Hashed against the artifact's manifest first: what it says decides every check below.
+    graphs = json.loads(Artifact.open(artifact_dir).read_graph_file(f"{HLO_DIR}/{HLO_MANIFEST}"))["graphs"]
     shapes = {shape.name: shape for shape in graph_shapes(config)}
     if sorted(graph["bucket"] for graph in graphs) != sorted(shapes):
         raise ValueError(f"{hlo_dir} holds graphs of other buckets than this engine's {sorted(shapes)}")

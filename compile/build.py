@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import importlib.util
 import json
 import os
 import sys
@@ -33,7 +34,9 @@ from neuron_llm.loader import LoadedModel
 from neuron_llm.loader.weights import save_safetensors
 from neuron_llm.output_dir import written_whole
 from neuron_llm.parallel.executor import WorkerFactory
+from neuron_llm.parallel.state import torchrun_env
 from neuron_llm.worker import load_worker
+from neuron_llm.xla.device import compile_count
 
 
 def save_rank(out_dir: Path, loaded: LoadedModel, config: EngineConfig, rank: int, world_size: int) -> None:
@@ -64,20 +67,22 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
     XLA device ``speculative_config`` is compiled in (each prefill bucket's verification graph);
     elsewhere it is chosen at load, and refused here. Run it in a process that has not run the
     model yet (the command line does): graphs compiled earlier in the process are held in its
-    memory and are not written to the artifact's caches again (on CUDA such a process is refused).
+    memory and would not be written to the artifact's caches again, so such a process is refused.
     """
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} is not a new or empty directory")
     if is_artifact(model):
         raise ValueError(f"{model} is a compiled artifact already: load it, or compile its source model")
+    if torchrun_env() is not None:
+        # Each rank would write its own artifact, holding its own weights alone.
+        raise ValueError("compile_artifact spawns its tensor-parallel ranks itself: run it without torchrun")
     device = options.get("device") or "cpu"
-    cuda_backend = sys.modules.get("neuron_llm.backends.cuda.backend")
-    if parse_device(device).type == "cuda" and cuda_backend is not None and cuda_backend.models_prepared():
-        raise ValueError(
-            "this process has run a model on CUDA already: the Triton kernels it compiled stay in its memory "
-            "and would be missing from the artifact; compile in a new process (neuron-llm compile does)"
-        )
+    _refuse_compiled_before(parse_device(device).type)
+    if options.get("warm_up") is False or options.get("enforce_eager"):
+        # The warm-up is the compile: without it (or without CUDA graphs) the artifact holds none.
+        option = "warm_up=False" if options.get("warm_up") is False else "enforce_eager=True"
+        raise ValueError(f"{option}: compiling an artifact is warming up every bucket's graph; leave it out")
     if options.get("num_kv_blocks") is not None and parse_device(device).type != "xla":
         # Only the XLA device's graphs hold the pool; elsewhere it is sized when loaded.
         raise ValueError(
@@ -106,6 +111,28 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
             llm.shutdown()
         (building / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _refuse_compiled_before(device_type: str) -> None:
+    """Graphs a process compiled stay in its memory: compiling them again finds them there, and
+    never writes them to the artifact's caches."""
+    cuda_backend = sys.modules.get("neuron_llm.backends.cuda.backend")
+    if device_type == "cuda" and cuda_backend is not None and cuda_backend.models_prepared():
+        ran = "run a model on CUDA already: the Triton kernels it compiled"
+    elif device_type == "xla" and writes_neuron_cache() and "torch_xla" in sys.modules and compile_count():
+        ran = "compiled XLA graphs already: the NEFFs"
+    else:
+        return
+    raise ValueError(
+        f"this process has {ran} stay in its memory and would be missing from the artifact; "
+        "compile in a new process (neuron-llm compile does)"
+    )
+
+
+def writes_neuron_cache() -> bool:
+    """Whether XLA graphs compile through torch-neuronx, into its persistent cache (on torch-xla's
+    CPU device nothing is cached beyond the process: the artifact holds the HLO alone)."""
+    return importlib.util.find_spec("torch_neuronx") is not None
 
 
 class _CompilingLLM(LLM):
@@ -139,7 +166,7 @@ def _manifest(config: EngineConfig, out: Path) -> dict[str, Any]:
         "system": system_versions(config.device.device, config.device.backend_name),
         "files": files,
         "weights": weights,
-        "graphs": sorted(cache_files(out / GRAPHS_DIR)),
+        "graphs": {name: _file_record(out / GRAPHS_DIR / name) for name in sorted(cache_files(out / GRAPHS_DIR))},
     }
 
 

@@ -34,10 +34,11 @@ import torch
 
 from neuron_llm.backends.neuron import NeuronBackend
 from neuron_llm.buckets import BucketSet
-from neuron_llm.config import EngineConfig, is_int
+from neuron_llm.config import SAMPLING_FEATURES, EngineConfig, is_int
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.quant import quantized_linears
-from neuron_llm.sample import PADDING_ROW, SamplingBatch
+from neuron_llm.sample import LogprobsTensors, SamplingBatch
+from neuron_llm.sample.features import PROMPT_LOGPROBS, feature_row, feature_sets
 from neuron_llm.worker import StepInput, num_kv_heads_per_rank
 from neuron_llm.xla import entry_parameter_shapes, graph_order, hlo_module_proto, import_torch_xla
 from neuron_llm.xla.runner import XlaWorker, num_verified_rows, sampled_outputs
@@ -60,6 +61,8 @@ class GraphShape:
     num_verified_rows: int = 0
     """0: the step graph of plain requests; else the graph of a step that verifies proposals
     (speculative decoding), with this many sampling rows (``XlaWorker.sampling_block``)."""
+    features: tuple[str, ...] = ()
+    """The sampling features (``SAMPLING_FEATURES``) the graph holds; none: the plain graph."""
 
     def __post_init__(self) -> None:
         if not self.name or self.name in (".", "..") or any(sep in self.name for sep in "/\\"):
@@ -74,6 +77,8 @@ class GraphShape:
             raise ValueError(
                 f"bucket {self.name!r}: num_verified_rows={self.num_verified_rows!r} must be 0..num_tokens"
             )
+        if not set(self.features) <= set(SAMPLING_FEATURES):
+            raise ValueError(f"bucket {self.name!r}: features={self.features!r} must be among {SAMPLING_FEATURES}")
 
     @property
     def num_sampling_rows(self) -> int:
@@ -82,34 +87,51 @@ class GraphShape:
 
 
 def graph_shapes(config: EngineConfig) -> list[GraphShape]:
-    """The graphs an engine of ``config`` serves on the XLA device: each bucket's plain step graph
-    and, with speculative decoding, each prefill bucket's verification graph (named ``<bucket>_verify``)."""
+    """The graphs an engine of ``config`` warms up on the XLA device: each bucket's plain step
+    graph; with speculative decoding, each prefill bucket's verification graph (named
+    ``<bucket>_verify``); and each of these again per combination of the configured sampling
+    features (named ``<graph>+<feature>+...``)."""
     buckets = BucketSet.for_engine(config)
     width = buckets.max_blocks_per_seq
-    shapes = [GraphShape(b.name, b.num_tokens, b.num_seqs, width) for b in buckets.all]
-    if config.speculative is not None:
-        k = config.speculative.num_speculative_tokens
-        shapes += [
-            GraphShape(
-                f"{b.name}_verify", b.num_tokens, b.num_seqs, width, num_verified_rows(b.num_tokens, b.num_seqs, k)
-            )
-            for b in buckets.prefill
-        ]
+    combos = [(), *feature_sets(config.device.sampling_features)]
+    shapes = []
+    for features in combos:
+        suffix = "".join(f"+{feature}" for feature in features)
+        shapes += [GraphShape(f"{b.name}{suffix}", b.num_tokens, b.num_seqs, width, 0, features) for b in buckets.all]
+        if config.speculative is not None:
+            k = config.speculative.num_speculative_tokens
+            shapes += [
+                GraphShape(
+                    f"{b.name}_verify{suffix}",
+                    b.num_tokens,
+                    b.num_seqs,
+                    width,
+                    num_verified_rows(b.num_tokens, b.num_seqs, k),
+                    features,
+                )
+                for b in buckets.prefill
+            ]
     return shapes
 
 
 def dummy_step(shape: GraphShape) -> StepInput:
-    """A valid step of exactly ``shape``: one token of one sequence in block 1, the rest padding.
+    """A valid step of exactly ``shape``: one token of one sequence in block 1, the rest padding
+    (with the ``prompt_logprobs`` feature, a logits row of a prompt position too).
 
     Only shapes reach the graph, so any valid values trace the same module.
     """
+    logits_indices = [0]
+    if PROMPT_LOGPROBS in shape.features:
+        # After the sampling rows, padded to the bucket's sequences (a verifying sequence has
+        # two: its own and its proposal's).
+        logits_indices = [0] * max(2 if shape.num_verified_rows else 1, shape.num_seqs) + [0]
     return StepInput(
         input_ids=[0],
         positions=[0],
         query_lens=[1],
         seq_lens=[1],
         block_tables=[[1]],
-        logits_indices=[0],
+        logits_indices=logits_indices,
         num_padded_tokens=shape.num_tokens,
         num_padded_seqs=shape.num_seqs,
         max_blocks_per_seq=shape.max_blocks_per_seq,
@@ -122,6 +144,8 @@ def step_inputs(shape: GraphShape, config: EngineConfig, num_kv_blocks: int) -> 
     pool = [num_kv_blocks, config.cache.block_size, num_kv_heads, config.model.head_dim]
     dtype = str(config.device.dtype).removeprefix("torch.")
     tokens, seqs, rows = [shape.num_tokens], [shape.num_seqs], [shape.num_sampling_rows]
+    vocab = [shape.num_sampling_rows, config.model.vocab_size]
+    num_logits_rows = shape.num_sampling_rows + (shape.num_tokens if PROMPT_LOGPROBS in shape.features else 0)
     inputs: dict[str, dict[str, Any]] = {
         "input_ids": {"shape": tokens, "dtype": "int64"},
         "positions": {"shape": tokens, "dtype": "int64"},
@@ -129,7 +153,7 @@ def step_inputs(shape: GraphShape, config: EngineConfig, num_kv_blocks: int) -> 
         "block_tables": {"shape": [shape.num_seqs, shape.max_blocks_per_seq], "dtype": "int32"},
         "seq_lens": {"shape": seqs, "dtype": "int32"},
         "query_start_loc": {"shape": [shape.num_seqs + 1], "dtype": "int32"},
-        "logits_indices": {"shape": rows, "dtype": "int64"},
+        "logits_indices": {"shape": [num_logits_rows], "dtype": "int64"},
         # Per-row sampling parameters of SamplingBatch.build_static.
         "temperature": {"shape": rows, "dtype": "float32"},
         "is_greedy": {"shape": rows, "dtype": "bool"},
@@ -144,6 +168,16 @@ def step_inputs(shape: GraphShape, config: EngineConfig, num_kv_blocks: int) -> 
         # Each row's proposed token (-1: none), and where its sequence's rows begin and which it is.
         for name in ("proposals", "first_row_of_seq", "seq_of_row"):
             inputs[name] = {"shape": rows, "dtype": "int64"}
+    # Dense per-row tensors built on the host (``SamplingBatch``).
+    if "logit_bias" in shape.features:
+        inputs["logit_bias"] = {"shape": vocab, "dtype": "float32"}
+    if "penalties" in shape.features:
+        for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"):
+            inputs[name] = {"shape": [shape.num_sampling_rows, 1], "dtype": "float32"}
+        inputs["output_token_counts"] = {"shape": vocab, "dtype": "float32"}
+        inputs["seen_tokens"] = {"shape": vocab, "dtype": "bool"}
+    if "min_tokens" in shape.features:
+        inputs["min_tokens_mask"] = {"shape": vocab, "dtype": "bool"}
     return inputs
 
 
@@ -228,40 +262,58 @@ def _check_model(model: LlamaForCausalLM, config: EngineConfig) -> None:
 
 def trace_graph(
     model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape, num_kv_blocks: int
-) -> tuple[bytes, list[str]]:
-    """The serialized HLO module of ``shape``'s step graph, traced as ``export_hlo`` does, and
-    the names of its outputs in order."""
+) -> tuple[bytes, list[str], dict[str, dict[str, Any]]]:
+    """The serialized HLO module of ``shape``'s step graph, traced as ``export_hlo`` does, the
+    names of its outputs in order, and the shape and dtype of each output but the pools."""
     # A fresh worker per bucket: its pools start as plain device data, so the traced graph
     # takes them as parameters and holds no earlier bucket's pending writes. The worker and
     # its pending tensors are dropped on return, before the next worker's sync could run them.
     xla_config = dataclasses.replace(config, device=dataclasses.replace(config.device, device="xla"))
     worker = XlaWorker(model, xla_config, num_kv_blocks, NeuronBackend())
     # Traced as the worker serves it (Python numbers inlined as constants): the same module.
+    step = dummy_step(shape)
+    row = feature_row(set(shape.features) - {PROMPT_LOGPROBS})
     if shape.num_verified_rows:
-        step = dummy_step(shape)
         if worker.sampling_block(step, verifying=True) != shape.num_verified_rows:
             raise ValueError(f"bucket {shape.name!r}: num_verified_rows={shape.num_verified_rows} is not the engine's")
-        sampled, _ = worker.trace_verified(step, [PADDING_ROW], [[0]])
+        sampled, prompt_logits = worker.trace_verified(step, [row], [[0]])
     else:
-        batch = SamplingBatch.build_static([], config.model.vocab_size, worker.device, shape.num_seqs)
-        sampled, _ = worker.trace_sampled(dummy_step(shape), batch)
+        batch = SamplingBatch.build_static([row], config.model.vocab_size, worker.device, shape.num_seqs)
+        sampled, prompt_logits = worker.trace_sampled(step, batch)
     outputs = dict(zip(_sampled_names(shape), sampled_outputs(sampled), strict=True))
+    if prompt_logits is not None:
+        outputs["prompt_logits"] = prompt_logits
     for layer, pools in enumerate(worker.kv_caches):
         outputs.update({f"{name}[{layer}]": pool for name, pool in zip(_POOL_NAMES, pools, strict=True)})
     ordered = graph_order(list(outputs.values()))
-    name_of = {id(tensor): name for name, tensor in outputs.items()}
-    return hlo_module_proto(ordered), [name_of[id(tensor)] for tensor in ordered]
+    name_of: dict[int, str] = {}
+    specs: dict[str, dict[str, Any]] = {}
+    for name, tensor in outputs.items():
+        first = name_of.setdefault(id(tensor), name)
+        if name.endswith("]"):
+            continue  # a pool: shaped as the inputs say
+        # One output can be two (the sampled ids are the ids greedy logprobs score).
+        specs[name] = (
+            {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+            if first == name
+            else {"same_as": first}
+        )
+    return hlo_module_proto(ordered), [name_of[id(tensor)] for tensor in ordered], specs
 
 
 def _sampled_names(shape: GraphShape) -> list[str]:
-    # After verification, also how many of each sequence's proposals were kept (padding rows: 0).
-    return ["token_ids", "num_accepted"] if shape.num_verified_rows else ["token_ids"]
+    # In ``sampled_outputs``' order: with logprobs, those of ``LogprobsTensors``; after
+    # verification, how many of each sequence's proposals were kept (padding rows: 0).
+    logprobs = (
+        [f"logprobs.{f.name}" for f in dataclasses.fields(LogprobsTensors)] if "logprobs" in shape.features else []
+    )
+    return ["token_ids", *logprobs, *(["num_accepted"] if shape.num_verified_rows else [])]
 
 
 def _export_graph(
     model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape, num_kv_blocks: int, out: Path
 ) -> dict[str, Any]:
-    proto, order = trace_graph(model, config, shape, num_kv_blocks)
+    proto, order, specs = trace_graph(model, config, shape, num_kv_blocks)
     path = out / f"{shape.name}.hlo.pb"
     path.write_bytes(proto)
     parameters = entry_parameter_shapes(proto)
@@ -273,12 +325,10 @@ def _export_graph(
         "num_seqs": shape.num_seqs,
         "num_verified_rows": shape.num_verified_rows,
         "max_blocks_per_seq": shape.max_blocks_per_seq,
+        "features": list(shape.features),
         "inputs": step_inputs(shape, config, num_kv_blocks),
         # The output tuple, in the order a step's sync gives it. The written pools' aliasing to
         # the pool parameters is not in the module: torch-xla adds it when it compiles a step itself.
-        "outputs": {
-            "order": order,
-            **{name: {"shape": [shape.num_sampling_rows], "dtype": "int64"} for name in _sampled_names(shape)},
-        },
+        "outputs": {"order": order, **specs},
         "entry_parameters": {"count": len(parameters), "shapes": [str(p) for p in parameters]},
     }

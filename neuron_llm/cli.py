@@ -47,6 +47,13 @@ def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="most tokens in one step (default: 2048)"
     )
+    parser.add_argument(
+        "--sampling-features",
+        default=None,
+        help="XLA device: comma-separated sampling features whose graphs every bucket compiles, in each "
+        "combination: logit_bias, logprobs, min_tokens, penalties, prompt_logprobs (those the model's "
+        "generation_config uses are added; a request using another compiles its graph when first served)",
+    )
 
 
 def _run_compile(args: argparse.Namespace) -> int:
@@ -60,6 +67,7 @@ def _run_compile(args: argparse.Namespace) -> int:
             ("max_num_batched_tokens", args.max_num_batched_tokens),
             ("num_kv_blocks", args.num_kv_blocks),
             ("speculative_config", args.speculative_config),
+            ("sampling_features", _names(args.sampling_features)),
         )
         if value is not None
     }
@@ -79,6 +87,10 @@ def _run_compile(args: argparse.Namespace) -> int:
         f"({size / 2**20:.1f} MiB), {len(manifest['graphs'])} compiled graph file(s)"
     )
     return 0
+
+
+def _names(value: str | None) -> list[str] | None:
+    return None if value is None else [name.strip() for name in value.split(",") if name.strip()]
 
 
 def _run_verify(args: argparse.Namespace) -> int:

@@ -411,6 +411,10 @@ class SpeculativeConfig:
         return cls(**value)
 
 
+SAMPLING_FEATURES = ("logit_bias", "logprobs", "min_tokens", "penalties", "prompt_logprobs")
+"""The optional parts of a step's sampling graph on the XLA device: each changes its shapes."""
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
     """Where and in what precision the model runs."""
@@ -428,6 +432,10 @@ class DeviceConfig:
     too (decode steps always do); longer ones run eagerly: there the host's launches cost the
     step little (2% at 4,096 tokens on an H200) and each graph holds more memory. 0: only
     decode steps replay graphs."""
+    sampling_features: tuple[str, ...] = ()
+    """On the XLA device, the optional parts of ``SAMPLING_FEATURES`` whose graphs warm-up
+    compiles for every bucket, in each combination (2^k graphs a bucket for k features); a
+    step that uses another compiles its graph then, with a warning. Stored sorted."""
 
     def __post_init__(self) -> None:
         device = parse_device(self.device)
@@ -437,6 +445,18 @@ class DeviceConfig:
         # Frozen: normalised through object.__setattr__, so that every reader gets one form.
         object.__setattr__(self, "device", str(device))
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        features = self.sampling_features
+        if isinstance(features, str) or not all(isinstance(f, str) for f in features):
+            raise ValueError(f"sampling_features={features!r}: must be a list of names from {SAMPLING_FEATURES}")
+        unknown = sorted(set(features) - set(SAMPLING_FEATURES))
+        if unknown:
+            raise ValueError(f"sampling_features: unknown {unknown}; choose from {', '.join(SAMPLING_FEATURES)}")
+        if features and device_type != "xla":
+            raise ValueError(
+                f"sampling_features={list(features)!r} on device={self.device!r}: only the XLA device compiles "
+                "a sampling graph per feature set; elsewhere every feature runs without compiling"
+            )
+        object.__setattr__(self, "sampling_features", tuple(sorted(set(features))))
         if not is_int(self.max_prefill_graph_tokens) or self.max_prefill_graph_tokens < 0:
             raise ValueError(f"max_prefill_graph_tokens={self.max_prefill_graph_tokens!r} must be an integer >= 0")
         from neuron_llm.backends import BACKEND_NAMES

@@ -33,6 +33,7 @@ from neuron_llm.engine.llm_engine import LLMEngine
 from neuron_llm.loader import load_model_info, render_chat
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.parallel.executor import WorkerFactory, make_executor
+from neuron_llm.sample.features import features_of
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import load_worker
 
@@ -76,6 +77,11 @@ class LLM:
         speculative_config: speculative decoding, as vLLM takes it: a dict (or its JSON) of
             ``SpeculativeConfig``'s fields, e.g. ``{"num_speculative_tokens": 4}`` (n-gram
             prompt lookup); None: off.
+        sampling_features: on the XLA device, the sampling features whose graphs warm-up
+            compiles for every bucket, in each combination: any of "logit_bias", "logprobs",
+            "min_tokens", "penalties", "prompt_logprobs" (those the model's
+            ``generation_config.json`` uses by default are added). A step using another
+            compiles its graph when it first runs, with a warning.
         Other keyword arguments are the fields of ``CacheConfig`` and ``SchedulerConfig``
         (``block_size``, ``num_kv_blocks``, ``memory_fraction``, ``enable_prefix_caching``,
         ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_chunked_prefill``);
@@ -96,6 +102,7 @@ class LLM:
         max_model_len: int | None = None,
         warm_up: bool | None = None,
         speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None,
+        sampling_features: Sequence[str] | None = None,
         **engine_options: Any,
     ) -> None:
         if "gpu_memory_utilization" in engine_options:
@@ -107,9 +114,22 @@ class LLM:
         unknown = sorted(set(engine_options) - set(cache_fields) - set(scheduler_fields))
         if unknown:  # before loading, which takes a while
             raise ValueError(f"unknown LLM option(s) {unknown}")
-        artifact = None
-        if is_artifact(model):
-            artifact = Artifact.open(model)  # type: ignore[arg-type]
+        if isinstance(sampling_features, str):
+            raise ValueError(f"sampling_features={sampling_features!r}: must be a list of feature names")
+        artifact = Artifact.open(model) if is_artifact(model) else None  # type: ignore[arg-type]
+        if artifact is not None:
+            artifact.check_model_files()  # once here; each rank then checks its own weights
+        info = load_model_info(model)
+        self.generation_defaults = info.generation_defaults.sampling()
+        """The ``SamplingParams`` fields the model's ``generation_config.json`` sets."""
+        try:
+            default_features = features_of(SamplingParams(**self.generation_defaults))
+        except ValueError as e:
+            raise ValueError(f"{info.source}: generation_config.json: {e}") from e
+        if artifact is not None:
+            if sampling_features is not None and artifact.options["device"] == "xla":
+                # As it was compiled: with the default request's features (below).
+                sampling_features = sorted({*sampling_features, *default_features})
             fixed = artifact.resolve_options(
                 {
                     "device": device,
@@ -119,19 +139,30 @@ class LLM:
                     "backend": backend,
                     "max_model_len": max_model_len,
                     "speculative_config": speculative_config,
+                    "sampling_features": sampling_features,
                     **engine_options,
                 }
             )
             speculative_config = fixed.pop("speculative_config", None)
-            device, dtype, quantization, tensor_parallel_size, backend, max_model_len = (
+            device, dtype, quantization, tensor_parallel_size, backend, max_model_len, sampling_features = (
                 fixed.pop(name, None)
-                for name in ("device", "dtype", "quantization", "tensor_parallel_size", "backend", "max_model_len")
+                for name in (
+                    "device",
+                    "dtype",
+                    "quantization",
+                    "tensor_parallel_size",
+                    "backend",
+                    "max_model_len",
+                    "sampling_features",
+                )
             )
             engine_options = fixed
             artifact.check_system(device)
-            artifact.check_model_files()  # once here; each rank then checks its own weights
+            artifact.check_graph_files()
         device = device or "cpu"
-        info = load_model_info(model)
+        if parse_device(device).type == "xla":
+            # A default request's graphs are compiled at warm-up too, not at its first step.
+            sampling_features = sorted({*(sampling_features or ()), *default_features})
         self.config = EngineConfig(
             model=info.config,
             device=DeviceConfig(
@@ -140,6 +171,7 @@ class LLM:
                 backend=backend,
                 enforce_eager=enforce_eager,
                 max_prefill_graph_tokens=max_prefill_graph_tokens,
+                sampling_features=tuple(sampling_features or ()),
             ),
             parallel=ParallelConfig(tensor_parallel_size=1 if tensor_parallel_size is None else tensor_parallel_size),
             cache=CacheConfig(**{k: v for k, v in engine_options.items() if k in cache_fields}),
@@ -157,12 +189,6 @@ class LLM:
                 "NEURON_LLM_NUM_KV_BLOCKS in a container)"
             )
         self.tokenizer = info.tokenizer
-        self.generation_defaults = info.generation_defaults.sampling()
-        """The ``SamplingParams`` fields the model's ``generation_config.json`` sets."""
-        try:
-            SamplingParams(**self.generation_defaults)
-        except ValueError as e:
-            raise ValueError(f"{info.source}: generation_config.json: {e}") from e
         self._unread: dict[str, deque[RequestOutput]] = {}
         """Per request added through this LLM, the outputs its caller has not read yet: steps
         run for one caller (a stream, a generate) advance every request in the engine."""

@@ -24,6 +24,7 @@ from neuron_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from neuron_llm.ops.metadata import NULL_BLOCK_ID
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import PADDING_ROW, RowState, SamplerOutput
+from neuron_llm.sample.features import PROMPT_LOGPROBS, feature_row, feature_sets
 from neuron_llm.worker import StepInput
 
 
@@ -44,6 +45,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.buckets = buckets or BucketSet.for_engine(config)
         self.speculative = config.speculative is not None
+        self.sampling_features = config.device.sampling_features
 
     def execute(
         self,
@@ -81,20 +83,26 @@ class ModelRunner:
         """Run one dummy step of every bucket, so a compiling backend builds each graph now.
 
         Each step samples (padding rows only), so its graph is the one steps of plain
-        requests run, greedy and sampled alike. With speculative decoding on a device that
-        compiles a graph per shape, each prefill bucket also verifies a dummy proposal: the
-        graph of every verification step. Returns the number of graphs compiled; afterwards
-        the worker warns about any new one.
+        requests run, greedy and sampled alike. On a device that compiles a graph per shape,
+        each bucket also samples a dummy row using each combination of the configured
+        ``sampling_features``, and with speculative decoding each prefill bucket verifies a
+        dummy proposal (with each combination too): the graph of every verification step.
+        Returns the number of graphs compiled; afterwards the worker warns about any new one.
         """
         block_capacity = self.buckets.max_blocks_per_seq * self.block_size
-        verifies = self.speculative and self.executor.worker.pads_to_bucket
+        static = self.executor.worker.pads_to_bucket
+        combos: list[tuple[str, ...]] = [(), *feature_sets(self.sampling_features)] if static else [()]
         # Largest first: CUDA graphs captured into one memory pool then reuse the blocks the
         # largest freed, where in the other order each larger graph would add its own.
         for bucket in sorted(self.buckets.all, key=lambda b: (b.num_tokens, b.num_seqs), reverse=True):
-            step = _dummy_step(bucket, block_capacity, self.buckets.max_blocks_per_seq)
-            self.executor.execute_and_sample(step, [])
-            if verifies and bucket.kind == "prefill":
-                self.executor.execute_and_sample(step, [PADDING_ROW], draft_token_ids=[[0]])
+            for features in combos:
+                rows = [feature_row(features)] if features else []
+                step = _dummy_step(bucket, block_capacity, self.buckets.max_blocks_per_seq, features)
+                self.executor.execute_and_sample(step, rows)
+                if static and self.speculative and bucket.kind == "prefill":
+                    # The proposal's row follows its sequence's.
+                    step = _dummy_step(bucket, block_capacity, self.buckets.max_blocks_per_seq, features, 2)
+                    self.executor.execute_and_sample(step, rows or [PADDING_ROW], draft_token_ids=[[0]])
         self.executor.worker.mark_warmed_up()
         return self.executor.worker.num_compiled_graphs()
 
@@ -142,11 +150,19 @@ class ModelRunner:
         return step, prompt_rows
 
 
-def _dummy_step(bucket: Bucket, block_capacity: int, max_blocks_per_seq: int) -> StepInput:
+def _dummy_step(
+    bucket: Bucket,
+    block_capacity: int,
+    max_blocks_per_seq: int,
+    features: Sequence[str] = (),
+    num_sampling_rows: int = 1,
+) -> StepInput:
     """A step of exactly ``bucket``'s shapes whose K/V all land in the null block.
 
     Graphs depend only on shapes, so running this compiles the graph every real step of the
-    bucket reuses. Tokens are spread over as many sequences as the context limit needs.
+    bucket reuses. Tokens are spread over as many sequences as the context limit needs. With
+    the ``prompt_logprobs`` feature, a logits row of a prompt position follows the
+    ``num_sampling_rows`` that sample (padded to the bucket's sequences).
     """
     num_seqs = bucket.num_seqs if bucket.kind == "decode" else max(1, -(-bucket.num_tokens // block_capacity))
     query_lens = [bucket.num_tokens // num_seqs + (i < bucket.num_tokens % num_seqs) for i in range(num_seqs)]
@@ -157,7 +173,7 @@ def _dummy_step(bucket: Bucket, block_capacity: int, max_blocks_per_seq: int) ->
         query_lens=query_lens,
         seq_lens=query_lens,
         block_tables=[table] * num_seqs,
-        logits_indices=[0] * bucket.num_seqs,
+        logits_indices=[0] * max(num_sampling_rows, bucket.num_seqs) + [0] * (PROMPT_LOGPROBS in features),
         num_padded_tokens=bucket.num_tokens,
         num_padded_seqs=bucket.num_seqs,
         max_blocks_per_seq=max_blocks_per_seq,

@@ -16,7 +16,9 @@ sequence count, so the graphs of a bucket are known before serving:
   compiles it for every prefill bucket when speculation is on.
 - one more graph for each combination of logit_bias, penalties, min_tokens and logprobs
   that some step uses (15 at most), and each of these again for steps with prompt-logprob
-  rows. These compile on first use, with a warning, as any graph after warm-up does.
+  rows. Warm-up compiles those of the engine's ``sampling_features``
+  (``neuron_llm.sample.features``); the others compile on first use, with a warning, as any
+  graph after warm-up does.
 
 ``execute`` (logits to the host, no sampling) is the forward-only graph: what the other
 ranks of a tensor-parallel group run, since rank 0 alone samples.
@@ -232,8 +234,9 @@ class XlaWorker(Worker):
             logger.warning(
                 "compiled a new graph after warm-up for a step of %d tokens, %d sequences (%s): warm-up "
                 "compiles each bucket's plain sampling graph (and, with speculative decoding, each prefill "
-                "bucket's verification graph); logit_bias, penalties, min_tokens, logprobs and prompt logprobs "
-                "compile once per bucket on first use, any other shape is missing from the buckets",
+                "bucket's verification graph), and those of the sampling_features chosen; other uses of "
+                "logit_bias, penalties, min_tokens, logprobs and prompt logprobs compile once per bucket "
+                "when first served; any other shape is missing from the buckets",
                 step.num_padded_tokens,
                 step.num_padded_seqs,
                 variant,

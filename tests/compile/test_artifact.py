@@ -17,6 +17,7 @@ import pytest
 from neuron_llm import LLM, SamplingParams
 from neuron_llm.cli import main
 from neuron_llm.compile.artifact import (
+    FORMAT_VERSION,
     GRAPHS_DIR,
     MANIFEST_NAME,
     TRITON_CACHE,
@@ -182,7 +183,7 @@ def test_a_worker_refuses_an_engine_built_with_other_options(compiled: Path) -> 
 @pytest.mark.parametrize(("version", "advice"), [(99, "upgrade neuron-llm"), (1, "compile the model again")])
 def test_another_format_version_is_refused(compiled: Path, version: int, advice: str) -> None:
     edit_manifest(compiled, lambda m: m.update(format_version=version))
-    with pytest.raises(ValueError, match=f"format_version {version}; this neuron-llm reads 2: {advice}"):
+    with pytest.raises(ValueError, match=f"format_version {version}; this neuron-llm reads {FORMAT_VERSION}: {advice}"):
         LLM(str(compiled))
 
 
@@ -196,9 +197,10 @@ def test_a_manifest_without_a_record_is_refused_by_name(compiled: Path) -> None:
     ("edit", "message"),
     [
         (lambda m: m["weights"]["rank-0-of-1.safetensors"].pop("bytes"), "weights['rank-0-of-1.safetensors'] has no"),
-        (lambda m: m.update(graphs=None), "'graphs' is not a list of file names"),
+        (lambda m: m.update(graphs=["hlo/manifest.json"]), "damaged, no 'graphs' record"),
+        (lambda m: m["graphs"].update({"triton/kernel.cubin": {"bytes": 4}}), "graphs['triton/kernel.cubin'] has no"),
     ],
-    ids=["weights-record", "graphs"],
+    ids=["weights-record", "graphs-list", "graph-record"],
 )
 def test_a_manifest_whose_records_are_damaged_is_refused_by_name(compiled: Path, edit: Any, message: str) -> None:
     edit_manifest(compiled, edit)
@@ -304,6 +306,23 @@ def test_a_failed_compile_leaves_nothing_and_a_full_directory_is_refused(source:
     with pytest.raises(ValueError, match="not a new or empty directory"):
         compile_artifact(str(source), out, **OPTIONS)
     assert (out / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("option", [{"warm_up": False}, {"enforce_eager": True}])
+def test_a_compile_without_its_graphs_is_refused(source: Path, tmp_path: Path, option: dict) -> None:
+    # The warm-up is what compiles them; without CUDA graphs, the artifact would hold fewer.
+    with pytest.raises(ValueError, match=f"{next(iter(option))}=.*: compiling an artifact is warming up"):
+        compile_artifact(str(source), tmp_path / "artifact", **option, **OPTIONS)
+    assert not (tmp_path / "artifact").exists()
+
+
+def test_a_compile_under_torchrun_is_refused(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each rank would write an artifact of its own shard alone; compile spawns its ranks itself.
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="spawns its tensor-parallel ranks itself: run it without torchrun"):
+        compile_artifact(str(source), tmp_path / "artifact", tensor_parallel_size=2, **OPTIONS)
+    assert not (tmp_path / "artifact").exists()
 
 
 def test_an_artifact_is_not_compiled_again_nor_read_as_a_checkpoint(compiled: Path, tmp_path: Path) -> None:

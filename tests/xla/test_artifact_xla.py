@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,9 +15,11 @@ import pytest
 pytest.importorskip("torch_xla")
 
 from neuron_llm import LLM, SamplingParams
-from neuron_llm.compile.artifact import GRAPHS_DIR, HLO_DIR
+from neuron_llm.compile.artifact import GRAPHS_DIR, HLO_DIR, Artifact, sha256_of
+from neuron_llm.compile import build
 from neuron_llm.compile.build import compile_artifact
 from neuron_llm.compile.hlo_export import MANIFEST_NAME as HLO_MANIFEST
+from neuron_llm.xla import count_graphs
 
 pytestmark = pytest.mark.xla
 
@@ -74,8 +77,64 @@ def test_a_bucket_that_traces_another_graph_is_refused(compiled: tuple[Path, Pat
     hlo = json.loads(path.read_text())
     hlo["graphs"][1]["sha256"] = "0" * 64
     path.write_text(json.dumps(hlo))
+    with pytest.raises(ValueError, match=f"{HLO_MANIFEST}: .* bytes where the manifest recorded .*: damaged"):
+        LLM(str(out))
+    # As if compiled so elsewhere: the artifact's manifest records the edited HLO manifest.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["graphs"][f"{HLO_DIR}/{HLO_MANIFEST}"] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=f"bucket {hlo['graphs'][1]['bucket']} traces to another graph"):
         LLM(str(out))
+
+
+def test_a_damaged_graph_file_is_refused_at_load_or_by_verify(compiled: tuple[Path, Path]) -> None:
+    _, out = compiled
+    graph = next((out / GRAPHS_DIR / HLO_DIR).glob("*.hlo.pb"))
+    data = graph.read_bytes()
+    graph.write_bytes(data[:10])
+    with pytest.raises(ValueError, match=f"{graph.name}: 10 bytes where the manifest recorded {len(data)}: damaged"):
+        LLM(str(out))
+    graph.write_bytes(bytes([data[0] ^ 1]) + data[1:])  # the same size
+    with pytest.raises(ValueError, match=f"{graph.name}: its sha256 differs from the one compiled"):
+        Artifact.open(out).verify()
+
+
+def test_default_sampling_and_chosen_features_are_compiled_in_and_load_compiles_nothing(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A generation_config.json with a repetition penalty makes every default request's steps
+    use the penalties graph: compiled with the artifact, verification graphs included, and
+    recorded with the features chosen."""
+    _, source = save_tiny_llama()
+    (source / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.1}))
+    out = tmp_path / "features"
+    options = {**XLA_OPTIONS, "max_num_batched_tokens": 16, "speculative_config": {"num_speculative_tokens": 2}}
+    compile_artifact(str(source), out, sampling_features=["logprobs"], **options)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["sampling_features"] == ["logprobs", "penalties"]
+    graphs = {
+        graph["bucket"] for graph in json.loads((out / GRAPHS_DIR / HLO_DIR / HLO_MANIFEST).read_text())["graphs"]
+    }
+    prefill = [name for name in manifest["buckets"] if name.startswith("prefill")]
+    plain = [*manifest["buckets"], *(f"{name}_verify" for name in prefill)]
+    suffixes = ["", "+logprobs", "+penalties", "+logprobs+penalties"]
+    assert graphs == {f"{name}{suffix}" for name in plain for suffix in suffixes}
+
+    with pytest.raises(ValueError, match="sampling_features=.*compiled with sampling_features="):
+        LLM(str(out), sampling_features=["min_tokens"])
+    llm = LLM(str(out), sampling_features=["logprobs"])  # the default's penalties are implied
+    warmed = llm.engine.stats().num_compiled_graphs
+    greedy = {"temperature": 0.0, "max_tokens": 6, "logprobs": 1}
+    assert llm.generation_defaults == {"repetition_penalty": 1.1}
+    with caplog.at_level(logging.WARNING), count_graphs() as counts:
+        outputs = llm.generate(PROMPTS, SamplingParams(**llm.generation_defaults, **greedy))
+    assert counts.compilations == 0 and "compiled a new graph" not in caplog.text
+    assert llm.engine.stats().num_compiled_graphs == warmed
+    reference = LLM(str(source), device="cpu", speculative_config=options["speculative_config"], **OPTIONS)
+    expected = reference.generate(PROMPTS, SamplingParams(**reference.generation_defaults, **greedy))
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+    llm.shutdown()
+    reference.shutdown()
 
 
 def test_speculative_decoding_is_compiled_into_an_xla_artifact(
@@ -114,3 +173,14 @@ def test_speculative_decoding_is_compiled_into_an_xla_artifact(
     compile_artifact(str(source), plain, **XLA_OPTIONS)
     with pytest.raises(ValueError, match="was compiled with speculative_config=None"):
         LLM(str(plain), speculative_config=speculative)
+
+
+def test_a_neuron_compile_is_refused_in_a_process_that_compiled_graphs(
+    compiled: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On Neuron, graphs found in the process's memory are not compiled into the artifact's cache.
+    source, _ = compiled
+    monkeypatch.setattr(build, "writes_neuron_cache", lambda: True)
+    with pytest.raises(ValueError, match="this process has compiled XLA graphs already: the NEFFs"):
+        compile_artifact(str(source), tmp_path / "again", **XLA_OPTIONS)
+    assert not (tmp_path / "again").exists()

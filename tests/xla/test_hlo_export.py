@@ -13,7 +13,14 @@ torch_xla = pytest.importorskip("torch_xla")
 
 from neuron_llm.compile import hlo_export
 from neuron_llm.compile.hlo_export import GraphShape, dummy_step, export_hlo
-from neuron_llm.config import CacheConfig, DeviceConfig, EngineConfig, ParallelConfig
+from neuron_llm.config import (
+    SAMPLING_FEATURES,
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ParallelConfig,
+    SpeculativeConfig,
+)
 from neuron_llm.xla import HloShape, entry_parameter_shapes, hlo_module_proto, hlo_text
 
 pytestmark = pytest.mark.xla
@@ -70,6 +77,39 @@ def test_one_module_per_bucket_with_the_bucket_signature(exported) -> None:
         assert sorted(graph["outputs"]["order"]) == sorted(names)
     assert len({graph["sha256"] for graph in manifest["graphs"]}) == len(SHAPES)
     assert manifest["dtype"] == "float32" and manifest["quantization"] == []
+
+
+def test_a_graph_of_sampling_features_declares_every_input_and_output(tiny_llama, tmp_path) -> None:
+    """Each feature adds host-built inputs (bias, penalties, masks) or outputs (logprobs, prompt
+    logits rows): the manifest names them all, for a plain and a verification graph alike."""
+    shapes = [
+        GraphShape("decode_t4_s4+all", 4, 4, 8, features=SAMPLING_FEATURES),
+        GraphShape("prefill_t16_s2_verify+all", 16, 2, 6, num_verified_rows=6, features=SAMPLING_FEATURES),
+        GraphShape("decode_t4_s4+logprobs", 4, 4, 8, features=("logprobs",)),
+    ]
+    model = tiny_llama(96)
+    config = EngineConfig(
+        model=model.config, cache=CacheConfig(block_size=BLOCK_SIZE), speculative=SpeculativeConfig(2)
+    )
+    manifest = export_hlo(model, config, shapes, tmp_path, num_kv_blocks=NUM_KV_BLOCKS)
+    num_weights = len(list(model.parameters())) + len(list(model.buffers()))
+    for graph, shape in zip(manifest["graphs"], shapes, strict=True):
+        parameters = entry_parameter_shapes((tmp_path / graph["file"]).read_bytes())
+        assert not declared_parameters(graph) - Counter(parameters), graph["bucket"]
+        assert len(parameters) == sum(declared_parameters(graph).values()) + num_weights, graph["bucket"]
+        assert graph["features"] == list(shape.features)
+        outputs = graph["outputs"]
+        rows = shape.num_sampling_rows
+        assert outputs["token_ids"] == {"shape": [rows], "dtype": "int64"}
+        assert outputs["logprobs.top_logprobs"]["shape"][0] == rows
+        assert ("prompt_logits" in outputs) == ("prompt_logprobs" in shape.features)
+        assert ("num_accepted" in outputs) == bool(shape.num_verified_rows)
+        aliases = {name for name, spec in outputs.items() if "same_as" in spec}
+        assert set(outputs["order"]) == {
+            *outputs.keys() - {"order"} - aliases,
+            *(f"{n}[{i}]" for n in ("key_cache", "value_cache") for i in range(2)),
+        }
+    assert manifest["graphs"][0]["outputs"]["prompt_logits"] == {"shape": [4, 96], "dtype": "float32"}
 
 
 def test_proto_signature_agrees_with_hlo_text(exported, make_driver) -> None:

@@ -202,3 +202,59 @@ def _assert_same_logprobs(actual: list | None, expected: list | None) -> None:
         for token_id, logprob in (want or {}).items():
             assert got[token_id].logprob == pytest.approx(logprob.logprob, abs=1e-4)
             assert got[token_id].rank == logprob.rank
+
+
+@pytest.mark.parametrize(
+    ("features", "params"),
+    [
+        (
+            ["logit_bias", "min_tokens", "prompt_logprobs"],
+            [
+                SamplingParams(temperature=0.0, max_tokens=4, logit_bias={5: 3.0}),
+                SamplingParams(temperature=1.0, max_tokens=4, min_tokens=3, seed=3),
+                SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1, logit_bias={9: -2.0}, min_tokens=1),
+                SamplingParams(temperature=0.0, max_tokens=3),
+            ],
+        ),
+        (
+            ["logprobs", "penalties"],
+            [
+                SamplingParams(temperature=0.0, max_tokens=4, logprobs=2),
+                SamplingParams(temperature=0.7, max_tokens=4, repetition_penalty=1.3, seed=5),
+                SamplingParams(temperature=0.0, max_tokens=4, presence_penalty=0.5, logprobs=0),
+            ],
+        ),
+    ],
+    ids=["bias-min-prompt", "logprobs-penalties"],
+)
+def test_sampling_features_compile_at_warm_up_and_no_step_compiles_after(
+    tiny_model_dir,  # noqa: F811
+    features,
+    params,
+    caplog,
+) -> None:
+    """Warm-up's dummy rows give each combination of features the graph real requests use."""
+    options = {**OPTIONS, "max_num_seqs": 2, "max_num_batched_tokens": 16, "enable_prefix_caching": False}
+    llm = LLM(model=str(tiny_model_dir), device="xla", sampling_features=features, **options)
+    buckets = llm.engine.runner.buckets.all
+    assert llm.config.device.sampling_features == tuple(sorted(features))
+    # Every bucket, in each combination; fewer when an earlier test compiled some of the same graphs.
+    assert llm.engine.stats().num_compiled_graphs <= len(buckets) * 2 ** len(features)
+    prompts = random_prompts(6, seed=43, min_len=5, max_len=12)
+    with caplog.at_level(logging.WARNING):
+        on_xla, per_step = _run_counting_each_step(llm, _arrivals(prompts, params, seed=44))
+    assert sum(counts.compilations for counts in per_step) == 0
+    assert "compiled a new graph" not in caplog.text
+    reference = run_all(LLM(model=str(tiny_model_dir), device="cpu", **options), _arrivals(prompts, params, seed=44))
+    for request_id, expected in reference.items():
+        if params[int(request_id) % len(params)].temperature == 0:
+            assert on_xla[request_id].outputs[0].token_ids == expected.outputs[0].token_ids, request_id
+
+
+def test_sampling_features_are_refused_off_the_xla_device_and_by_unknown_name(tiny_model_dir) -> None:  # noqa: F811
+    with pytest.raises(ValueError, match="only the XLA device compiles a sampling graph per feature set"):
+        LLM(model=str(tiny_model_dir), device="cpu", sampling_features=["logprobs"])
+    with pytest.raises(ValueError, match=r"sampling_features: unknown \['top_k'\]"):
+        LLM(model=str(tiny_model_dir), device="xla", sampling_features=["top_k"], **OPTIONS)
+    with pytest.raises(ValueError, match="must be a list of feature names"):
+        LLM(model=str(tiny_model_dir), device="xla", sampling_features="logprobs", **OPTIONS)
