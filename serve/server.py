@@ -7,6 +7,8 @@ from types import FrameType
 
 import uvicorn
 
+from neuron_llm.llm import LLM
+from neuron_llm.parallel.state import torchrun_env
 from neuron_llm.serve.app import create_app
 from neuron_llm.serve.settings import ServeSettings
 from neuron_llm.serve.state import ServerState
@@ -33,7 +35,15 @@ class _DrainingServer(uvicorn.Server):
 
 
 def run_server(settings: ServeSettings) -> int:
-    """Serve until SIGTERM or SIGINT, then drain; returns the exit status (1 if loading failed)."""
+    """Serve until SIGTERM or SIGINT, then drain; returns the exit status (1 if loading failed).
+
+    Under torchrun, rank 0 serves the routes and each other rank runs rank 0's steps: it
+    builds its share of the model and exits once rank 0 shuts down.
+    """
+    env = torchrun_env()
+    if env is not None and env.rank > 0:
+        LLM(**settings.llm_options())  # raises SystemExit(0) when rank 0 is done
+        raise AssertionError("a torchrun rank above 0 never gets an LLM")
     server: _DrainingServer | None = None
 
     def stop() -> None:

@@ -131,8 +131,9 @@ class AsyncLLM:
 
     @property
     def is_ready(self) -> bool:
-        """Whether new requests are accepted: the loop runs, has not failed and is not shutting down."""
-        return self._is_accepting and not self._is_dead and self._thread.is_alive()
+        """Whether new requests are accepted: the loop runs, has not failed and is not shutting
+        down, and no tensor-parallel rank has died since its last step."""
+        return self._is_accepting and not self._is_dead and self._thread.is_alive() and self.engine.is_alive
 
     @property
     def num_in_flight(self) -> int:

@@ -28,9 +28,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import NoReturn, TypeVar
@@ -63,6 +65,8 @@ from neuron_llm.parallel.state import (
 )
 from neuron_llm.sample import RowState
 from neuron_llm.worker import StepInput, StepOutput, Worker, allocate_kv_cache
+
+logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
@@ -177,6 +181,9 @@ class MultiprocExecutor(Executor):
             _check_world_size(env.world_size, world_size)
             state = init_from_torchrun(backend, timeout_s=timeout_s)
         self._is_running = True
+        # Dropped without shutdown() (a notebook cell run again), the spawned ranks end with it,
+        # and the process-wide group goes, so that another tensor-parallel LLM can start.
+        self._finalizer = weakref.finalize(self, _release_ranks, self._ranks) if self._ranks is not None else None
         try:
             self.worker = build_worker(config_for_rank(config, state.local_rank), 0, world_size)
             agree = functools.partial(agree_on_num_kv_blocks, self.worker)
@@ -187,7 +194,8 @@ class MultiprocExecutor(Executor):
 
     @property
     def is_alive(self) -> bool:
-        return self._is_running
+        # A rank may die between steps (the OOM killer): health checks must not wait for a step to see it.
+        return self._is_running and (self._ranks is None or self._ranks.all_running())
 
     def execute(self, step: StepInput) -> torch.Tensor:
         return self._run(step, lambda: self.worker.execute(step))
@@ -260,13 +268,19 @@ class MultiprocExecutor(Executor):
         return result[0]
 
     def shutdown(self) -> None:
+        """Tell the ranks to exit and wait for them; a rank found dead is logged, not raised:
+        shutting down is what a caller does after an error, which this must not replace."""
         if not self._is_running:
             return
-        try:
-            broadcast_from_driver(None)
-        except BaseException as e:  # noqa: BLE001 - see _fail
-            self._fail(e)
-        self._stop(graceful=True)
+        failure = self._ranks.failure(wait_s=0) if self._ranks is not None else None
+        if failure is None:
+            try:
+                broadcast_from_driver(None)
+            except Exception as e:  # noqa: BLE001 - logged below
+                failure = e
+        if failure is not None:
+            logger.warning("tensor-parallel shutdown after a rank failed: %s", failure)
+        self._stop(graceful=failure is None)
 
     def _fail(self, cause: BaseException) -> NoReturn:
         """Shut everything down and raise what another rank reported, else ``cause`` itself.
@@ -286,6 +300,8 @@ class MultiprocExecutor(Executor):
 
     def _stop(self, graceful: bool) -> None:
         self._is_running = False
+        if getattr(self, "_finalizer", None) is not None:
+            self._finalizer.detach()
         if self._ranks is not None:
             self._ranks.stop(graceful)
         if self._abandoned is not None:
@@ -294,6 +310,11 @@ class MultiprocExecutor(Executor):
         if (worker := getattr(self, "worker", None)) is not None:
             worker.close(wait=graceful)
         destroy_distributed()
+
+
+def _release_ranks(ranks: RankProcesses) -> None:
+    ranks.stop(graceful=False)
+    destroy_distributed()
 
 
 def agree_on_num_kv_blocks(worker: Worker) -> int:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import socket
 import sys
 import time
 import traceback
@@ -37,6 +39,8 @@ _REPORT_GRACE_S = 2.0
 """A failing rank reports before its connections close, so this wait only delays errors that
 rank 0 raised itself (then no report comes)."""
 STOP_GRACE_S = 10.0
+_MAX_REPORT_CHARS = 8192
+"""The tail of a failed rank's traceback it sends: several fit a pipe's buffer (64 KiB)."""
 
 
 class WorkerError(RuntimeError):
@@ -81,9 +85,18 @@ class RankProcesses:
     def __init__(self, world_size: int, target: RankTarget, args: tuple[Any, ...], timeout_s: float) -> None:
         self.world_size = world_size
         self.timeout_s = timeout_s
-        # Port 0: the OS picks a free port, so two groups on one host never collide.
+        # Port 0: the OS picks a free port, so two groups on one host never collide. The socket is
+        # bound here because the store itself would listen on every interface, not 127.0.0.1 alone.
+        listener = socket.create_server((_HOST, 0))
+        port = listener.getsockname()[1]
         self.store = dist.TCPStore(
-            _HOST, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+            _HOST,
+            port,
+            world_size,
+            is_master=True,
+            timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+            master_listen_fd=listener.detach(),
         )
         context = mp.get_context("spawn")
         self._reports = context.SimpleQueue()
@@ -118,6 +131,10 @@ class RankProcesses:
                 raise WorkerError(f"tensor-parallel ranks did not start within {self.timeout_s:.0f} s")
             time.sleep(POLL_S)
 
+    def all_running(self) -> bool:
+        """Whether no child has exited; unlike ``failure``, safe to ask from any thread."""
+        return all(process.exitcode is None for process in self._processes)
+
     def failure(self, wait_s: float = _REPORT_GRACE_S) -> WorkerError | None:
         """What failed children reported (or their exit codes), waiting up to ``wait_s`` for news."""
         deadline = time.monotonic() + wait_s
@@ -144,10 +161,7 @@ class RankProcesses:
                 process.join(max(0.0, deadline - time.monotonic()))
         for process in self._processes:
             if process.is_alive():
-                process.terminate()
-                process.join(STOP_GRACE_S)
-            if process.is_alive():
-                process.kill()
+                process.kill()  # ranks ignore SIGTERM (see _run_rank)
                 process.join()
 
     def _receive_reports(self) -> list[tuple[int, str]]:
@@ -165,11 +179,23 @@ def _run_rank(
     target: RankTarget,
     args: tuple[Any, ...],
 ) -> None:
-    """Entry point of a spawned rank: join the store, run ``target``, report any failure to rank 0."""
+    """Entry point of a spawned rank: join the store, run ``target``, report any failure to rank 0.
+
+    Stop signals are left to rank 0, which ends the ranks when it shuts down: Ctrl-C in a
+    terminal, or systemd stopping the service, signals every process of the group, and a rank
+    that died of it would fail the requests rank 0 is draining.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         store = dist.TCPStore(_HOST, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
         store.set(_READY_KEY.format(rank=rank), "1")
         target(rank, world_size, store, *args)
     except BaseException:  # noqa: BLE001 - whatever ends this rank, rank 0 must hear why
-        reports.put((rank, traceback.format_exc()))
+        report = traceback.format_exc()
+        if len(report) > _MAX_REPORT_CHARS:
+            # A put larger than the pipe blocks until rank 0 reads, which it may do only after
+            # its own collective with this rank fails: after the timeout.
+            report = "[... earlier lines cut]\n" + report[-_MAX_REPORT_CHARS:]
+        reports.put((rank, report))
         sys.exit(1)

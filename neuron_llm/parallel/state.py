@@ -100,7 +100,10 @@ def init_distributed(
     """
     global _state
     if _state.world_size > 1:
-        raise RuntimeError("the tensor-parallel group is already initialized; call destroy_distributed() first")
+        raise RuntimeError(
+            "a tensor-parallel group is running in this process already (one tensor-parallel LLM at a time): "
+            "shut the other down first (LLM.shutdown())"
+        )
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     local_rank = rank if local_rank is None else local_rank

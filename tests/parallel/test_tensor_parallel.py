@@ -89,6 +89,8 @@ class FailingWorker(Worker):
                 raise KeyboardInterrupt
             if self.how == "raise":
                 raise RuntimeError("injected failure in rank 1's step")
+            if self.how == "raise_long":  # a report larger than the pipe to rank 0 holds
+                raise RuntimeError("x" * 200_000 + " injected failure with a long message")
             os._exit(3)
         logits = super().execute(step, sampled_before)
         if self.how == "stall" and self.rank == 1:
@@ -281,7 +283,11 @@ torch.save(logits, out_dir / "logits.pt")
 
 @pytest.mark.parametrize(
     ("how", "message"),
-    [("raise", "rank 1 failed:.*injected failure in rank 1's step"), ("exit", "rank-1 exited with code 3")],
+    [
+        ("raise", "rank 1 failed:.*injected failure in rank 1's step"),
+        ("exit", "rank-1 exited with code 3"),
+        ("raise_long", r"rank 1 failed:\n\[\.\.\. earlier lines cut\].*x injected failure with a long message"),
+    ],
 )
 @pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
 def test_a_rank_failing_in_a_step_raises_on_rank_0(model_dir: Path, how: str, message: str) -> None:
@@ -359,10 +365,13 @@ def test_a_server_whose_rank_died_fails_requests_and_stops_reporting_ready(model
             return output.outputs[0].token_ids
 
         assert len(await generate()) == 4
+        assert engine.is_ready
         for process in multiprocessing.active_children():
             if process.name.startswith("neuron-llm-rank-"):
                 process.kill()
                 process.join()
+        # Between steps too: a health check must not wait for a request to fail.
+        assert not engine.is_ready and not llm.engine.is_alive
         with pytest.raises(EngineError, match="restart the server"):
             await generate()
         assert not engine.is_ready and not llm.engine.is_alive
@@ -375,6 +384,102 @@ def test_a_server_whose_rank_died_fails_requests_and_stops_reporting_ready(model
     finally:
         llm.shutdown()
     assert not _rank_processes()
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_shutting_down_after_a_rank_died_idle_logs_it_and_does_not_raise(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # shutdown() runs in finally blocks and server lifespans: raising there would hide the cause.
+    from neuron_llm import LLM
+
+    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
+    llm = LLM(model=str(model_dir), tensor_parallel_size=2, **options)
+    for process in multiprocessing.active_children():
+        if process.name.startswith("neuron-llm-rank-"):
+            process.kill()
+            process.join()
+    llm.shutdown()
+    assert "tensor-parallel shutdown after a rank failed: neuron-llm-rank-1 exited with code -9" in caplog.text
+    assert not _rank_processes()
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_ranks_ignore_stop_signals_rank_0_has_to_drain(model_dir: Path) -> None:
+    """Ctrl-C in a terminal, or systemd stopping a service, signals every process of the group:
+    the ranks leave it to rank 0, which ends them once its requests have drained."""
+    import signal
+
+    from neuron_llm import LLM, SamplingParams
+
+    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
+    llm = LLM(model=str(model_dir), tensor_parallel_size=2, **options)
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        before = llm.generate([{"prompt_token_ids": [3, 1, 4]}], params)[0].outputs[0].token_ids
+        ranks = [p for p in multiprocessing.active_children() if p.name.startswith("neuron-llm-rank-")]
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            for process in ranks:
+                assert process.pid is not None
+                os.kill(process.pid, sig)
+        time.sleep(1)
+        assert all(process.is_alive() for process in ranks) and llm.engine.is_alive
+        assert llm.generate([{"prompt_token_ids": [3, 1, 4]}], params)[0].outputs[0].token_ids == before
+    finally:
+        llm.shutdown()
+    assert not _rank_processes()
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_an_llm_dropped_without_shutdown_ends_its_ranks_and_another_can_start(model_dir: Path) -> None:
+    # A notebook cell run twice: as at TP=1, the second LLM replaces the first.
+    import gc
+
+    from neuron_llm import LLM, SamplingParams
+
+    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    llm = LLM(model=str(model_dir), tensor_parallel_size=2, **options)
+    first = llm.generate([{"prompt_token_ids": [3, 1, 4]}], params)[0].outputs[0].token_ids
+    del llm
+    gc.collect()
+    assert not _rank_processes()
+    llm = LLM(model=str(model_dir), tensor_parallel_size=2, **options)
+    try:
+        assert llm.generate([{"prompt_token_ids": [3, 1, 4]}], params)[0].outputs[0].token_ids == first
+        with pytest.raises(RuntimeError, match=r"one tensor-parallel LLM at a time.*LLM.shutdown\(\)"):
+            LLM(model=str(model_dir), tensor_parallel_size=2, **options)
+    finally:
+        llm.shutdown()
+    assert not _rank_processes()
+
+
+def test_the_rendezvous_store_listens_on_the_loopback_interface_alone() -> None:
+    # An unauthenticated store on every interface would let the network write rendezvous keys.
+    ranks = RankProcesses(1, _serve_nothing, (), timeout_s=5)
+    try:
+        listening = _listening_addresses(ranks.store.port)
+        assert listening == {"0100007F"}, listening  # 127.0.0.1, in /proc/net/tcp's byte order
+    finally:
+        ranks.stop(graceful=False)
+
+
+def _serve_nothing(*args: Any) -> None:
+    pass
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets listening on ``port``, from /proc/net/tcp and tcp6."""
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                addresses.add(address)
+    return addresses
 
 
 def test_a_rank_that_reports_and_exits_between_two_looks_gives_its_traceback() -> None:

@@ -175,6 +175,39 @@ def _server_process(model_dir: Path, log: Path, drain_timeout: float) -> Iterato
             process.wait()
 
 
+def test_under_torchrun_rank_0_serves_and_the_other_ranks_run_its_steps(model_dir: Path, tmp_path: Path) -> None:
+    # Every rank runs the serve command: one server may listen, on rank 0.
+    port = _free_port()
+    env = {
+        **os.environ,
+        "NEURON_LLM_MODEL": str(model_dir),
+        "NEURON_LLM_PORT": str(port),
+        "NEURON_LLM_DTYPE": "float32",
+        "NEURON_LLM_MAX_MODEL_LEN": "128",
+        "NEURON_LLM_NUM_KV_BLOCKS": "64",
+        "NEURON_LLM_TENSOR_PARALLEL_SIZE": "2",
+        "NEURON_LLM_LOG_LEVEL": "warning",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    log = tmp_path / "server.log"
+    with log.open("w") as log_file:
+        process = subprocess.Popen(
+            [*command, "-m", "neuron_llm.serve"], env=env, stderr=log_file, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _ping(url) == 200, "the server never became ready", timeout=PROCESS_TIMEOUT_S)
+        body = {"prompt": "Hello", "max_tokens": 5, "ignore_eos": True, "temperature": 0.0}
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=PROCESS_TIMEOUT_S)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 5
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert "address already in use" not in log.read_text()
+
+
 def test_sigterm_finishes_requests_in_flight_then_exits(model_dir: Path, tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with _server_process(model_dir, log, drain_timeout=60) as (process, url):
