@@ -159,12 +159,15 @@ class BlockManager:
                 parent_hash = block_hash
         return PrefixHit(block_ids, block_hashes, len(block_ids) * self.block_size, len(token_ids))
 
-    def allocate(self, seq_id: str, num_tokens: int, prefix_hit: PrefixHit | None = None) -> list[int] | None:
+    def allocate(
+        self, seq_id: str, num_tokens: int, prefix_hit: PrefixHit | None = None, *, counts_as_query: bool = True
+    ) -> list[int] | None:
         """Give a new sequence blocks for its first ``num_tokens`` tokens.
 
         The blocks of ``prefix_hit`` (from ``lookup_prefix`` just before, with no allocation in
         between) come first and gain a reference; fresh blocks follow. Returns the block table,
-        or ``None`` (changing nothing) when too few blocks are free.
+        or ``None`` (changing nothing) when too few blocks are free. ``counts_as_query``: the
+        hit counts in ``prefix_hit_rate`` (not a preempted sequence's, which finds its own blocks).
         """
         assert seq_id not in self._tables, f"sequence {seq_id!r} already holds blocks"
         cached = prefix_hit.block_ids if prefix_hit is not None else []
@@ -179,7 +182,7 @@ class BlockManager:
                 assert self._hash_of_block.get(block_id) == block_hash, "prefix hit is stale"
                 self._take_cached(block_id)
             self._chains[seq_id] = list(prefix_hit.block_hashes)
-            if self.enable_prefix_caching:
+            if self.enable_prefix_caching and counts_as_query:
                 self.num_prefix_query_tokens += prefix_hit.num_query_tokens
                 self.num_prefix_hit_tokens += prefix_hit.num_cached_tokens
         else:

@@ -357,18 +357,35 @@ class Scheduler:
         return num_tokens, num_blocks
 
     def _first_chunk_of_waiting(self, num_running: int, budget: int, num_kept_blocks: int) -> tuple[int, int]:
-        """The tokens and fresh blocks the oldest waiting request would take this step, as plain
+        """The tokens and free blocks the oldest waiting request would take this step, as plain
         decoding admits it: proposals leave them, or a full step of guesses would keep it waiting
         while the running requests last. Nothing when it could not be admitted anyway (no
-        sequence slot after the ``num_running`` scheduled, no budget, no blocks); prefix-cache
-        hits are not looked up, so it may keep more than admission takes."""
+        sequence slot after the ``num_running`` scheduled, no budget, no blocks).
+
+        Sized first without its prefix-cache hit, which can only ask for more blocks than
+        admission takes. Only when that does not fit is the hit looked up; if admission fits
+        with it, every free block is kept: a block taken for a proposal could be one of the
+        cached blocks the hit reads, evicted.
+        """
         if not self.waiting or budget <= 0 or num_running >= self.config.max_num_seqs:
             return 0, 0
-        num_tokens = self._num_admitted_tokens(self.waiting[0].num_tokens, budget)
-        num_blocks = self.block_manager.num_blocks_for(num_tokens)
-        if num_tokens == 0 or num_blocks > self.block_manager.num_free_blocks - num_kept_blocks:
+        request, manager = self.waiting[0], self.block_manager
+        num_free = manager.num_free_blocks - num_kept_blocks
+        num_tokens = self._num_admitted_tokens(request.num_tokens, budget)
+        if num_tokens and manager.num_blocks_for(num_tokens) <= num_free:
+            return num_tokens, manager.num_blocks_for(num_tokens)
+        if request.skip_prefix_cache:
             return 0, 0
-        return num_tokens, num_blocks
+        hit = manager.lookup_prefix(request.all_token_ids)
+        num_tokens = self._num_admitted_tokens(request.num_tokens - hit.num_cached_tokens, budget)
+        if not hit.block_ids or num_tokens == 0:
+            return 0, 0
+        # Fresh blocks past the hit, and the hit's blocks no sequence holds (they leave the free ones).
+        num_blocks = manager.num_blocks_for(hit.num_cached_tokens + num_tokens) - len(hit.block_ids)
+        num_blocks += sum(manager.ref_count(block_id) == 0 for block_id in hit.block_ids)
+        if num_blocks > num_free:
+            return 0, 0
+        return num_tokens, num_free
 
     def room_for_drafts(self, request: Request) -> int:
         """Most proposals ``request`` can verify: a step emits one token past those it keeps."""
@@ -435,7 +452,13 @@ class Scheduler:
             num_new_tokens = self._num_admitted_tokens(request.num_tokens - num_cached_tokens, budget)
             if num_new_tokens == 0:
                 return
-            table = self.block_manager.allocate(request.request_id, num_cached_tokens + num_new_tokens, prefix_hit)
+            # A preempted request recomputing finds its own blocks: no hit of the prompt cache.
+            table = self.block_manager.allocate(
+                request.request_id,
+                num_cached_tokens + num_new_tokens,
+                prefix_hit,
+                counts_as_query=request.num_preemptions == 0,
+            )
             if table is None:
                 return
             self.waiting.popleft()

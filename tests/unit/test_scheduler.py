@@ -589,6 +589,21 @@ def test_stats() -> None:
     assert stats.prefix_cache_hit_rate == 0.0
 
 
+def test_a_preempted_request_finding_its_own_blocks_is_no_prefix_cache_hit() -> None:
+    # The hit rate says how often prompts share cached prefixes: unique prompts give 0 however
+    # often their own blocks come back after preemption.
+    scheduler = make_scheduler(num_blocks=5, block_size=2, enable_prefix_caching=True)
+    model = FakeModel(scheduler)
+    requests = [make_request(name, prompt, max_tokens=4) for name, prompt in [("a", [1, 2, 3]), ("b", [4, 5, 6])]]
+    for request in requests:
+        scheduler.add_request(request)
+    while scheduler.has_unfinished_requests():
+        step(scheduler, model)
+    assert scheduler.num_preemptions >= 1
+    assert scheduler.stats().prefix_cache_hit_rate == 0.0
+    assert scheduler.block_manager.num_prefix_query_tokens == 6
+
+
 def check_invariants(scheduler: Scheduler, unfinished: dict[str, Request], max_proposals: int = 0) -> None:
     """``max_proposals``: most proposals a request may compute past its known tokens (after ``schedule``)."""
     manager = scheduler.block_manager
@@ -662,6 +677,28 @@ def test_proposals_leave_the_oldest_waiting_request_its_first_chunk() -> None:
         ("young", 1, 0),
         ("late", 5, 0),
     ]
+
+
+def test_proposals_leave_a_waiting_request_the_blocks_its_prefix_hit_needs() -> None:
+    # Blocks of 4, 6 usable. "shared" decodes over a 16-token prompt (4 full cached blocks) and
+    # holds 5; "late" shares those 16 tokens and needs 1 fresh block, the last free one. Sized
+    # without its hit (5 blocks) it seemed out of reach, and proposals took the block every
+    # step, keeping it waiting while "shared" ran.
+    scheduler = make_scheduler(num_blocks=7, max_num_batched_tokens=64, enable_prefix_caching=True)
+    model = FakeModel(scheduler)
+    prompt = list(range(1, 17))
+    shared = make_request("shared", [*prompt, 100], 8)
+    scheduler.add_request(shared)
+    step(scheduler, model)
+    assert scheduler.block_manager.num_free_blocks == 1
+    scheduler.add_request(make_request("late", [*prompt, 200, 201, 202]))
+    shared.draft_token_ids = [7] * 4
+    output = step(scheduler, model)
+    assert [(e.request.request_id, e.num_new_tokens, e.num_draft_tokens) for e in output.scheduled] == [
+        ("shared", 1, 0),
+        ("late", 3, 0),
+    ]
+    assert scheduler.num_preemptions == 0
 
 
 def test_proposals_leave_a_free_block_for_each_younger_running_request() -> None:
