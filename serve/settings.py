@@ -67,6 +67,11 @@ class ServeSettings:
         "speculative decoding as JSON, e.g. '{\"num_speculative_tokens\": 4}' (n-gram prompt lookup; "
         'also prompt_lookup_max, prompt_lookup_min), or with "model" (and "quantization"): a draft model',
     )
+    sampling_features: str | None = _setting(
+        None,
+        "XLA device: comma-separated sampling features whose graphs warm-up compiles (logit_bias, logprobs, "
+        "min_tokens, penalties, prompt_logprobs; an artifact's are its own)",
+    )
     max_waiting_requests: int = _setting(256, "requests waiting for their first token before new ones get 429")
     api_key: str | None = _setting(
         None,
@@ -99,6 +104,12 @@ class ServeSettings:
             from neuron_llm.config import SpeculativeConfig
 
             SpeculativeConfig.parse(self.speculative_config)
+        if self.sampling_features is not None:
+            from neuron_llm.config import SAMPLING_FEATURES
+
+            unknown = sorted(set(self.feature_names()) - set(SAMPLING_FEATURES))
+            if unknown:
+                raise ValueError(f"sampling_features: unknown {unknown}; choose from {', '.join(SAMPLING_FEATURES)}")
         if self.dtype != "auto":
             from neuron_llm.config import parse_dtype
 
@@ -122,7 +133,13 @@ class ServeSettings:
         for name in ("quantization", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "speculative_config"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
+        if self.sampling_features is not None:
+            options["sampling_features"] = self.feature_names()
         return options
+
+    def feature_names(self) -> list[str]:
+        """``sampling_features`` as a list of names."""
+        return [name.strip() for name in (self.sampling_features or "").split(",") if name.strip()]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **defaults: Any) -> ServeSettings:

@@ -108,6 +108,14 @@ def test_speculative_config_is_passed_on_and_checked_before_loading() -> None:
         ServeSettings.from_env({"NEURON_LLM_SPECULATIVE_CONFIG": '{"num_speculative_tokens": 3, "k": 1}'})
 
 
+def test_sampling_features_are_passed_on_as_names_and_checked_before_loading() -> None:
+    settings = ServeSettings.from_env({"NEURON_LLM_SAMPLING_FEATURES": "logprobs, penalties"})
+    assert settings.llm_options()["sampling_features"] == ["logprobs", "penalties"]
+    assert "sampling_features" not in ServeSettings().llm_options()
+    with pytest.raises(ValueError, match=r"sampling_features: unknown \['top_k'\]"):
+        ServeSettings.from_env({"NEURON_LLM_SAMPLING_FEATURES": "logprobs,top_k"})
+
+
 def test_port_must_be_one_a_socket_can_take() -> None:
     with pytest.raises(ValueError, match="port=65536: must be <= 65535"):
         ServeSettings.from_env({"NEURON_LLM_PORT": "65536"})
