@@ -74,7 +74,7 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
         raise ValueError(f"{out} is not a new or empty directory")
     if is_artifact(model):
         raise ValueError(f"{model} is a compiled artifact already: load it, or compile its source model")
-    if torchrun_env() is not None:
+    if (env := torchrun_env()) is not None and env.world_size > 1:
         # Each rank would write its own artifact, holding its own weights alone.
         raise ValueError("compile_artifact spawns its tensor-parallel ranks itself: run it without torchrun")
     device = options.get("device") or "cpu"

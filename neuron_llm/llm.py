@@ -82,6 +82,8 @@ class LLM:
             "min_tokens", "penalties", "prompt_logprobs" (those the model's
             ``generation_config.json`` uses by default are added). A step using another
             compiles its graph when it first runs, with a warning.
+        generation_config: as in vLLM, "auto" takes default sampling settings from the model's
+            ``generation_config.json``; "vllm" ignores them (``SamplingParams()``'s own).
         Other keyword arguments are the fields of ``CacheConfig`` and ``SchedulerConfig``
         (``block_size``, ``num_kv_blocks``, ``memory_fraction``, ``enable_prefix_caching``,
         ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_chunked_prefill``);
@@ -103,6 +105,7 @@ class LLM:
         warm_up: bool | None = None,
         speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None,
         sampling_features: Sequence[str] | None = None,
+        generation_config: str = "auto",
         **engine_options: Any,
     ) -> None:
         if "gpu_memory_utilization" in engine_options:
@@ -114,14 +117,16 @@ class LLM:
         unknown = sorted(set(engine_options) - set(cache_fields) - set(scheduler_fields))
         if unknown:  # before loading, which takes a while
             raise ValueError(f"unknown LLM option(s) {unknown}")
+        if generation_config not in ("auto", "vllm"):
+            raise ValueError(f"generation_config={generation_config!r}: must be 'auto' or 'vllm'")
         if isinstance(sampling_features, str):
             raise ValueError(f"sampling_features={sampling_features!r}: must be a list of feature names")
         artifact = Artifact.open(model) if is_artifact(model) else None  # type: ignore[arg-type]
         if artifact is not None:
             artifact.check_model_files()  # once here; each rank then checks its own weights
         info = load_model_info(model)
-        self.generation_defaults = info.generation_defaults.sampling()
-        """The ``SamplingParams`` fields the model's ``generation_config.json`` sets."""
+        self.generation_defaults = info.generation_defaults.sampling() if generation_config == "auto" else {}
+        """The ``SamplingParams`` fields the model's ``generation_config.json`` sets (with "auto")."""
         try:
             default_features = features_of(SamplingParams(**self.generation_defaults))
         except ValueError as e:

@@ -32,8 +32,8 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
+from multiprocessing.util import Finalize
 from types import TracebackType
 from typing import NoReturn, TypeVar
 
@@ -49,6 +49,7 @@ from neuron_llm.parallel.launch import (
     WorkerError,
     config_for_rank,
     distributed_backend,
+    leave_stop_signals_to_rank_0,
     share_host_threads,
 )
 from neuron_llm.parallel.state import (
@@ -183,7 +184,9 @@ class MultiprocExecutor(Executor):
         self._is_running = True
         # Dropped without shutdown() (a notebook cell run again), the spawned ranks end with it,
         # and the process-wide group goes, so that another tensor-parallel LLM can start.
-        self._finalizer = weakref.finalize(self, _release_ranks, self._ranks) if self._ranks is not None else None
+        self._finalizer = (
+            Finalize(self, _release_ranks, args=(self._ranks,), exitpriority=10) if self._ranks is not None else None
+        )
         try:
             self.worker = build_worker(config_for_rank(config, state.local_rank), 0, world_size)
             agree = functools.partial(agree_on_num_kv_blocks, self.worker)
@@ -273,14 +276,19 @@ class MultiprocExecutor(Executor):
         if not self._is_running:
             return
         failure = self._ranks.failure(wait_s=0) if self._ranks is not None else None
+        interrupt = None
         if failure is None:
             try:
                 broadcast_from_driver(None)
             except Exception as e:  # noqa: BLE001 - logged below
                 failure = e
+            except BaseException as e:  # noqa: BLE001 - Ctrl-C while a stalled rank holds the broadcast
+                interrupt = e
         if failure is not None:
             logger.warning("tensor-parallel shutdown after a rank failed: %s", failure)
-        self._stop(graceful=failure is None)
+        self._stop(graceful=failure is None and interrupt is None)
+        if interrupt is not None:
+            raise interrupt
 
     def _fail(self, cause: BaseException) -> NoReturn:
         """Shut everything down and raise what another rank reported, else ``cause`` itself.
@@ -301,7 +309,7 @@ class MultiprocExecutor(Executor):
     def _stop(self, graceful: bool) -> None:
         self._is_running = False
         if getattr(self, "_finalizer", None) is not None:
-            self._finalizer.detach()
+            self._finalizer.cancel()
         if self._ranks is not None:
             self._ranks.stop(graceful)
         if self._abandoned is not None:
@@ -366,6 +374,7 @@ def make_executor(
     if env is not None:
         _check_world_size(env.world_size, world_size)
         if env.rank > 0:
+            leave_stop_signals_to_rank_0()
             state = init_from_torchrun(distributed_backend(config.device.device), timeout_s=timeout_s)
             serve_steps(config, build_worker, state)
             raise SystemExit(0)

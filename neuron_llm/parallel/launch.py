@@ -16,14 +16,18 @@ on the CPU the ranks talk over gloo.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing.connection
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from multiprocessing.process import BaseProcess
+from multiprocessing.util import Finalize
 from typing import Any
 
 import torch
@@ -115,6 +119,9 @@ class RankProcesses:
         ]
         for process in self._processes:
             process.start()
+        # At exit, before multiprocessing joins its daemonic children, which ignore the SIGTERM
+        # it sends them (``leave_stop_signals_to_rank_0``) and would be waited for forever.
+        Finalize(self, _kill, args=(self._processes,), exitpriority=10)
 
     def wait_until_ready(self) -> None:
         """Return once every child has connected to the store; ``WorkerError`` if one dies first.
@@ -159,15 +166,37 @@ class RankProcesses:
             deadline = time.monotonic() + STOP_GRACE_S
             for process in self._processes:
                 process.join(max(0.0, deadline - time.monotonic()))
-        for process in self._processes:
-            if process.is_alive():
-                process.kill()  # ranks ignore SIGTERM (see _run_rank)
-                process.join()
+        _kill(self._processes)
 
     def _receive_reports(self) -> list[tuple[int, str]]:
         while not self._reports.empty():
             self._received.append(self._reports.get())
         return self._received
+
+
+def _kill(processes: list[BaseProcess]) -> None:
+    # SIGKILL: the ranks ignore SIGTERM.
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def leave_stop_signals_to_rank_0() -> None:
+    """Ignore SIGINT and SIGTERM on a rank above 0: rank 0 ends it when it shuts down.
+
+    Ctrl-C in a terminal, systemd stopping a service and torchrun forward the signal to every
+    process of the group, and a rank that died of it would fail the requests rank 0 is
+    draining. Only the main thread may set handlers; elsewhere the signals stay as they are.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _exit_with(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
 
 
 def _run_rank(
@@ -179,14 +208,14 @@ def _run_rank(
     target: RankTarget,
     args: tuple[Any, ...],
 ) -> None:
-    """Entry point of a spawned rank: join the store, run ``target``, report any failure to rank 0.
-
-    Stop signals are left to rank 0, which ends the ranks when it shuts down: Ctrl-C in a
-    terminal, or systemd stopping the service, signals every process of the group, and a rank
-    that died of it would fail the requests rank 0 is draining.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Entry point of a spawned rank: join the store, run ``target``, report any failure to rank 0."""
+    leave_stop_signals_to_rank_0()
+    # Rank 0 ends this rank; should rank 0 die first (SIGKILL, while this one loads), so does this.
+    parent = mp.parent_process()
+    if parent is not None:
+        threading.Thread(
+            target=_exit_with, args=(parent.sentinel,), name="neuron-llm-parent-watch", daemon=True
+        ).start()
     try:
         store = dist.TCPStore(_HOST, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
         store.set(_READY_KEY.format(rank=rank), "1")

@@ -323,6 +323,10 @@ def test_a_compile_under_torchrun_is_refused(source: Path, tmp_path: Path, monke
     with pytest.raises(ValueError, match="spawns its tensor-parallel ranks itself: run it without torchrun"):
         compile_artifact(str(source), tmp_path / "artifact", tensor_parallel_size=2, **OPTIONS)
     assert not (tmp_path / "artifact").exists()
+    # A launcher of one process (a one-worker job) runs no other rank.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    compile_artifact(str(source), tmp_path / "artifact", **OPTIONS)
+    assert is_artifact(tmp_path / "artifact")
 
 
 def test_an_artifact_is_not_compiled_again_nor_read_as_a_checkpoint(compiled: Path, tmp_path: Path) -> None:

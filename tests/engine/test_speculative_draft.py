@@ -57,6 +57,19 @@ def test_a_draft_model_changes_no_greedy_output(tiny_model_dir, tmp_path, draft_
     assert llm.engine.proposer.engine.scheduler.block_manager.prefix_hit_rate > 0.5
 
 
+def test_a_draft_ignores_its_generation_config_and_the_model_may_too(tiny_model_dir, tmp_path) -> None:
+    # Every draft request sets its sampling fields; on the XLA device a default penalty would
+    # only compile graphs no draft step uses.
+    draft = _save_draft(tmp_path / "draft")
+    (draft / "generation_config.json").write_text('{"repetition_penalty": 1.3}')
+    assert make_llm(draft).get_default_sampling_params().repetition_penalty == 1.3
+    assert make_llm(draft, generation_config="vllm").get_default_sampling_params().repetition_penalty == 1.0
+    llm = make_llm(tiny_model_dir, speculative_config={"model": str(draft), "num_speculative_tokens": 2})
+    assert llm.engine.proposer.llm.generation_defaults == {}
+    with pytest.raises(ValueError, match="generation_config='hf': must be 'auto' or 'vllm'"):
+        make_llm(draft, generation_config="hf")
+
+
 def test_a_steps_sequences_are_drafted_in_one_batch(tiny_model_dir, monkeypatch) -> None:
     prompts = random_prompts(4, seed=63)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)

@@ -454,6 +454,71 @@ def test_an_llm_dropped_without_shutdown_ends_its_ranks_and_another_can_start(mo
     assert not _rank_processes()
 
 
+_EXITS_WITHOUT_SHUTDOWN = """
+import sys, tempfile
+keep = tempfile.TemporaryDirectory()  # a finalizer registered before torch's: it reorders exit hooks
+from neuron_llm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], tensor_parallel_size=2, dtype="float32", num_kv_blocks=32, block_size=4, max_model_len=64)
+outputs = llm.generate([{"prompt_token_ids": [3, 1, 4]}], SamplingParams(max_tokens=2, temperature=0.0))
+print(outputs[0].outputs[0].token_ids)
+"""
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_a_script_that_never_shuts_down_exits_and_leaves_no_rank(model_dir: Path) -> None:
+    # The ranks ignore SIGTERM, which multiprocessing sends its daemonic children at exit
+    # before it joins them: they must be killed first, or the join waits forever.
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", _EXITS_WITHOUT_SHUTDOWN, str(model_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.monotonic() - start < 60
+    assert not subprocess.run(["pgrep", "-f", "neuron-llm-rank"], capture_output=True).stdout
+
+
+_ORPHANED = """
+import os, sys, time
+from neuron_llm.parallel.launch import RankProcesses
+def wait(*args):
+    time.sleep(3600)
+if __name__ == "__main__":
+    ranks = RankProcesses(2, wait, (), timeout_s=600)
+    print(ranks._processes[0].pid, flush=True)
+    time.sleep(1)
+    os._exit(0)  # as SIGKILL would: no finalizer runs
+"""
+
+
+def test_a_rank_whose_rank_0_died_exits(tmp_path: Path) -> None:
+    # It ignores SIGTERM and waits on no connection yet (still loading): it watches rank 0 itself.
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHANED)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True)
+    pid = int(result.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}"), "the orphaned rank outlived rank 0"
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_an_interrupt_during_shutdown_still_ends_the_ranks(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C lands in the stop broadcast while a stalled rank holds it.
+    from neuron_llm.parallel import executor as executor_module
+
+    executor = make_executor(engine_config(model_dir, 2), functools.partial(build_worker, str(model_dir), (16, 16)))
+
+    def interrupted(obj: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executor_module, "broadcast_from_driver", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        executor.shutdown()
+    assert not executor.is_alive and not _rank_processes()
+    assert not torch.distributed.is_initialized()
+
+
 def test_the_rendezvous_store_listens_on_the_loopback_interface_alone() -> None:
     # An unauthenticated store on every interface would let the network write rendezvous keys.
     ranks = RankProcesses(1, _serve_nothing, (), timeout_s=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -183,16 +184,19 @@ def _server_process(model_dir: Path, log: Path, drain_timeout: float) -> Iterato
             process.wait()
 
 
-def test_under_torchrun_rank_0_serves_and_the_other_ranks_run_its_steps(model_dir: Path, tmp_path: Path) -> None:
-    # Every rank runs the serve command: one server may listen, on rank 0.
+def test_under_torchrun_rank_0_serves_the_other_ranks_run_its_steps_and_a_stop_drains(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    # Every rank runs the serve command: one server may listen, on rank 0. torchrun forwards a
+    # SIGTERM to every rank; the others leave it to rank 0, which drains before they stop.
     port = _free_port()
     env = {
         **os.environ,
         "NEURON_LLM_MODEL": str(model_dir),
         "NEURON_LLM_PORT": str(port),
         "NEURON_LLM_DTYPE": "float32",
-        "NEURON_LLM_MAX_MODEL_LEN": "128",
-        "NEURON_LLM_NUM_KV_BLOCKS": "64",
+        "NEURON_LLM_MAX_MODEL_LEN": "512",
+        "NEURON_LLM_NUM_KV_BLOCKS": "512",
         "NEURON_LLM_TENSOR_PARALLEL_SIZE": "2",
         "NEURON_LLM_LOG_LEVEL": "warning",
         "OMP_NUM_THREADS": "1",
@@ -204,16 +208,35 @@ def test_under_torchrun_rank_0_serves_and_the_other_ranks_run_its_steps(model_di
             [*command, "-m", "neuron_llm.serve"], env=env, stderr=log_file, start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
+    ranks: list[int] = []
     try:
         wait_for(lambda: _ping(url) == 200, "the server never became ready", timeout=PROCESS_TIMEOUT_S)
+        ranks = [
+            int(pid) for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True).stdout.split()
+        ]
         body = {"prompt": "Hello", "max_tokens": 5, "ignore_eos": True, "temperature": 0.0}
         response = httpx.post(f"{url}/v1/completions", json=body, timeout=PROCESS_TIMEOUT_S)
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] == 5
+
+        stream = {**body, "n": 2, "max_tokens": 400, "stream": True}
+        events: list[str] = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=stream, timeout=PROCESS_TIMEOUT_S) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    if len(events) == 1:
+                        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=PROCESS_TIMEOUT_S)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        for pid in [process.pid, *ranks]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         process.wait()
     assert "address already in use" not in log.read_text()
+    assert events[-1] == "[DONE]", events[-2:]
+    finish_reasons = [c["finish_reason"] for event in events[:-1] for c in json.loads(event)["choices"]]
+    assert sorted(reason for reason in finish_reasons if reason) == ["length"] * 2
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits(model_dir: Path, tmp_path: Path) -> None:

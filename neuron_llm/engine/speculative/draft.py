@@ -75,6 +75,8 @@ class DraftModelProposer:
                 # any prompt the model took whole.
                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                 async_scheduling=False,
+                # Draft requests set every sampling field: its defaults would only add graphs.
+                generation_config="vllm",
             )
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from e
