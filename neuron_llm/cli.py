@@ -58,6 +58,7 @@ def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_compile(args: argparse.Namespace) -> int:
     from neuron_llm.compile.build import compile_artifact
+    from neuron_llm.config import parse_sampling_features
 
     options = {
         name: value
@@ -67,7 +68,10 @@ def _run_compile(args: argparse.Namespace) -> int:
             ("max_num_batched_tokens", args.max_num_batched_tokens),
             ("num_kv_blocks", args.num_kv_blocks),
             ("speculative_config", args.speculative_config),
-            ("sampling_features", _names(args.sampling_features)),
+            (
+                "sampling_features",
+                None if args.sampling_features is None else parse_sampling_features(args.sampling_features),
+            ),
         )
         if value is not None
     }
@@ -87,10 +91,6 @@ def _run_compile(args: argparse.Namespace) -> int:
         f"({size / 2**20:.1f} MiB), {len(manifest['graphs'])} compiled graph file(s)"
     )
     return 0
-
-
-def _names(value: str | None) -> list[str] | None:
-    return None if value is None else [name.strip() for name in value.split(",") if name.strip()]
 
 
 def _run_verify(args: argparse.Namespace) -> int:

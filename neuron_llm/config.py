@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -415,6 +416,20 @@ SAMPLING_FEATURES = ("logit_bias", "logprobs", "min_tokens", "penalties", "promp
 """The optional parts of a step's sampling graph on the XLA device: each changes its shapes."""
 
 
+def parse_sampling_features(text: str) -> list[str]:
+    """Comma-separated feature names (a command line's, an environment variable's) as a list;
+    ``ValueError`` naming any not in ``SAMPLING_FEATURES``."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    _check_feature_names(names)
+    return names
+
+
+def _check_feature_names(names: Sequence[str]) -> None:
+    unknown = sorted(set(names) - set(SAMPLING_FEATURES))
+    if unknown:
+        raise ValueError(f"sampling_features: unknown {unknown}; choose from {', '.join(SAMPLING_FEATURES)}")
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
     """Where and in what precision the model runs."""
@@ -448,9 +463,7 @@ class DeviceConfig:
         features = self.sampling_features
         if isinstance(features, str) or not all(isinstance(f, str) for f in features):
             raise ValueError(f"sampling_features={features!r}: must be a list of names from {SAMPLING_FEATURES}")
-        unknown = sorted(set(features) - set(SAMPLING_FEATURES))
-        if unknown:
-            raise ValueError(f"sampling_features: unknown {unknown}; choose from {', '.join(SAMPLING_FEATURES)}")
+        _check_feature_names(features)
         if features and device_type != "xla":
             raise ValueError(
                 f"sampling_features={list(features)!r} on device={self.device!r}: only the XLA device compiles "

@@ -105,11 +105,9 @@ class ServeSettings:
 
             SpeculativeConfig.parse(self.speculative_config)
         if self.sampling_features is not None:
-            from neuron_llm.config import SAMPLING_FEATURES
+            from neuron_llm.config import parse_sampling_features
 
-            unknown = sorted(set(self.feature_names()) - set(SAMPLING_FEATURES))
-            if unknown:
-                raise ValueError(f"sampling_features: unknown {unknown}; choose from {', '.join(SAMPLING_FEATURES)}")
+            parse_sampling_features(self.sampling_features)
         if self.dtype != "auto":
             from neuron_llm.config import parse_dtype
 
@@ -134,12 +132,10 @@ class ServeSettings:
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
         if self.sampling_features is not None:
-            options["sampling_features"] = self.feature_names()
-        return options
+            from neuron_llm.config import parse_sampling_features
 
-    def feature_names(self) -> list[str]:
-        """``sampling_features`` as a list of names."""
-        return [name.strip() for name in (self.sampling_features or "").split(",") if name.strip()]
+            options["sampling_features"] = parse_sampling_features(self.sampling_features)
+        return options
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **defaults: Any) -> ServeSettings:

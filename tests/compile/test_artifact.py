@@ -378,6 +378,10 @@ def test_the_compile_command_writes_an_artifact(source: Path, tmp_path: Path, ca
     assert not (tmp_path / "speculative").exists()
     assert main(other + ["--num-kv-blocks", "3"]) == 2
     assert "num_kv_blocks is chosen when a cpu artifact is loaded" in capsys.readouterr().err
+    assert main(other + ["--sampling-features", "logprobs, top_k"]) == 2
+    assert "sampling_features: unknown ['top_k']" in capsys.readouterr().err
+    assert main(other + ["--sampling-features", "logprobs,penalties"]) == 2
+    assert "only the XLA device compiles a sampling graph per feature set" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("proposer", [{"model": "DRAFT"}, {"prompt_lookup_max": 2}])
