@@ -165,8 +165,9 @@ class LLM:
             artifact.check_system(device)
             artifact.check_graph_files()
         device = device or "cpu"
-        if parse_device(device).type == "xla":
-            # A default request's graphs are compiled at warm-up too, not at its first step.
+        if artifact is None and parse_device(device).type == "xla":
+            # A default request's graphs are compiled at warm-up too, not at its first step (an
+            # artifact's set is the one it was compiled with).
             sampling_features = sorted({*(sampling_features or ()), *default_features})
         self.config = EngineConfig(
             model=info.config,

@@ -136,6 +136,14 @@ def test_default_sampling_and_chosen_features_are_compiled_in_and_load_compiles_
     llm.shutdown()
     reference.shutdown()
 
+    # Compiled ignoring the defaults, the artifact's set stands when it loads with them.
+    ignoring = tmp_path / "ignoring-defaults"
+    compile_artifact(str(source), ignoring, generation_config="vllm", **XLA_OPTIONS)
+    assert json.loads((ignoring / "manifest.json").read_text())["options"]["sampling_features"] == []
+    loaded = LLM(str(ignoring))
+    assert loaded.config.device.sampling_features == () and loaded.generation_defaults == {"repetition_penalty": 1.1}
+    loaded.shutdown()
+
 
 def test_speculative_decoding_is_compiled_into_an_xla_artifact(
     save_tiny_llama: Callable[..., tuple[Any, Path]], tmp_path: Path
