@@ -38,7 +38,7 @@ from neuron_llm.config import SAMPLING_FEATURES, EngineConfig, is_int
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.quant import quantized_linears
 from neuron_llm.sample import LogprobsTensors, SamplingBatch
-from neuron_llm.sample.features import PROMPT_LOGPROBS, feature_row, feature_sets
+from neuron_llm.sample.features import PROMPT_LOGPROBS, dummy_logits_indices, feature_row, feature_sets
 from neuron_llm.worker import StepInput, num_kv_heads_per_rank
 from neuron_llm.xla import entry_parameter_shapes, graph_order, hlo_module_proto, import_torch_xla
 from neuron_llm.xla.runner import XlaWorker, num_verified_rows, sampled_outputs
@@ -120,11 +120,8 @@ def dummy_step(shape: GraphShape) -> StepInput:
 
     Only shapes reach the graph, so any valid values trace the same module.
     """
-    logits_indices = [0]
-    if PROMPT_LOGPROBS in shape.features:
-        # After the sampling rows, padded to the bucket's sequences (a verifying sequence has
-        # two: its own and its proposal's).
-        logits_indices = [0] * max(2 if shape.num_verified_rows else 1, shape.num_seqs) + [0]
+    # A verifying sequence has two sampling rows: its own and its proposal's.
+    logits_indices = dummy_logits_indices(shape.num_seqs, 2 if shape.num_verified_rows else 1, shape.features)
     return StepInput(
         input_ids=[0],
         positions=[0],

@@ -24,7 +24,7 @@ from neuron_llm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from neuron_llm.ops.metadata import NULL_BLOCK_ID
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import PADDING_ROW, RowState, SamplerOutput
-from neuron_llm.sample.features import PROMPT_LOGPROBS, feature_row, feature_sets
+from neuron_llm.sample.features import dummy_logits_indices, feature_row, feature_sets
 from neuron_llm.worker import StepInput
 
 
@@ -173,7 +173,7 @@ def _dummy_step(
         query_lens=query_lens,
         seq_lens=query_lens,
         block_tables=[table] * num_seqs,
-        logits_indices=[0] * max(num_sampling_rows, bucket.num_seqs) + [0] * (PROMPT_LOGPROBS in features),
+        logits_indices=dummy_logits_indices(bucket.num_seqs, num_sampling_rows, features),
         num_padded_tokens=bucket.num_tokens,
         num_padded_seqs=bucket.num_seqs,
         max_blocks_per_seq=max_blocks_per_seq,

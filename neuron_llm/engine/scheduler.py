@@ -372,8 +372,9 @@ class Scheduler:
         request, manager = self.waiting[0], self.block_manager
         num_free = manager.num_free_blocks - num_kept_blocks
         num_tokens = self._num_admitted_tokens(request.num_tokens, budget)
-        if num_tokens and manager.num_blocks_for(num_tokens) <= num_free:
-            return num_tokens, manager.num_blocks_for(num_tokens)
+        num_blocks = manager.num_blocks_for(num_tokens)
+        if num_tokens and num_blocks <= num_free:
+            return num_tokens, num_blocks
         if request.skip_prefix_cache:
             return 0, 0
         hit = manager.lookup_prefix(request.all_token_ids)

@@ -42,6 +42,12 @@ def feature_row(features: Iterable[str]) -> RowState:
     return RowState(params, (), ())
 
 
+def dummy_logits_indices(num_seqs: int, num_sampling_rows: int, features: Iterable[str]) -> list[int]:
+    """The logits rows of a dummy step: its ``num_sampling_rows`` padded to the bucket's
+    ``num_seqs`` (as the runner pads them), then, with ``prompt_logprobs``, one prompt row."""
+    return [0] * max(num_sampling_rows, num_seqs) + [0] * (PROMPT_LOGPROBS in features)
+
+
 def features_of(params: SamplingParams) -> set[str]:
     """The features a request of ``params`` makes its steps' graphs hold."""
     used = {
