@@ -197,10 +197,22 @@ def _is_readable(tensor_type: gguf.GGMLQuantizationType) -> bool:
     return True
 
 
+_END_OF_GENERATION_TEXTS = frozenset(
+    ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>")
+)
+"""Control tokens that end a generation whatever the metadata names, as in llama.cpp: an early
+Llama 3 Instruct file names only <|end_of_text|> as EOS, yet its turns end with <|eot_id|>."""
+_CONTROL_TOKEN = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL
+
+
 def _eos_token_ids(meta: _Metadata) -> tuple[int, ...]:
     # End of turn (eot) and end of message (eom) end a generation as EOS does (Llama 3 chat).
     keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
     ids = [meta.get(key) for key in keys]
+    tokens, types = meta.get("tokenizer.ggml.tokens", []), meta.get("tokenizer.ggml.token_type", [])
+    for i, (text, kind) in enumerate(zip(tokens, types)):
+        if kind == _CONTROL_TOKEN and text in _END_OF_GENERATION_TEXTS:
+            ids.append(i)
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 

@@ -47,8 +47,8 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, TensorSource]]) 
     """Load every named tensor of ``sources`` into ``model``; every parameter must be filled.
 
     Raises ``ValueError`` naming an unexpected checkpoint tensor, a shape mismatch, or a
-    parameter the checkpoint lacks. ``lm_head.weight`` is skipped when it is tied to the
-    embedding.
+    parameter the checkpoint lacks. When the model ties ``lm_head.weight`` to the embedding,
+    the stored head is ignored, or fills the embedding when the checkpoint has no embedding.
     """
     params = dict(model.named_parameters())  # tied parameters appear once, under their first name
     loaded: set[str] = set()
@@ -62,13 +62,14 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, TensorSource]]) 
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # recomputed from the config
             raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in the model")
-        param = params[name]
-        loader = getattr(param, "weight_loader", default_weight_loader)
-        try:
-            loader(param, source)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from e
+        _load_one(name, params[name], source)
         loaded.add(name)
+    embedding = _TIED[0]
+    if embedding in params and embedding not in loaded and _TIED[1] in tied:
+        # A tied model saved under the head's name only (safetensors' save_model keeps the
+        # first name of a shared tensor): the head's values are the embedding's.
+        _load_one(_TIED[1], params[embedding], tied[_TIED[1]])
+        loaded.add(embedding)
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
@@ -78,6 +79,14 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, TensorSource]]) 
             "the checkpoint stores an lm_head.weight that differs from its embedding, but its config ties "
             "them (tie_word_embeddings): the embedding serves as the LM head and the stored one is ignored"
         )
+
+
+def _load_one(name: str, param: nn.Parameter, source: TensorSource) -> None:
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    try:
+        loader(param, source)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from e
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:

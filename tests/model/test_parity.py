@@ -16,6 +16,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_model
 
 from neuron_llm.config import RopeScaling
 from neuron_llm.loader import load_model
@@ -97,6 +99,21 @@ def test_two_prompts_in_one_flat_batch(save_tiny_llama: Callable[..., tuple[Any,
         assert_close_logits(logits, hf_logits(hf_model, prompt))
     expected = [hf_greedy(hf_model, prompt, NUM_NEW_TOKENS) for prompt in prompts]
     assert runner.greedy(prompts, NUM_NEW_TOKENS) == expected
+
+
+def test_tied_checkpoint_storing_only_the_head_loads(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], paged_runner: type
+) -> None:
+    # safetensors' save_model keeps one name of a shared tensor, the first in sorted order:
+    # lm_head.weight, not model.embed_tokens.weight.
+    hf_model, path = save_tiny_llama(tie_word_embeddings=True)
+    save_model(hf_model, str(path / "model.safetensors"))
+    with safe_open(path / "model.safetensors", "pt") as stored:
+        assert "lm_head.weight" in stored.keys() and "model.embed_tokens.weight" not in stored.keys()
+    loaded = load_model(path, dtype=torch.float32, device="cpu")
+    prompt = random_prompt(13, hf_model.config.vocab_size, seed=4)
+    [logits] = paged_runner(loaded.model).logits([prompt])
+    assert_close_logits(logits, hf_logits(hf_model, prompt))
 
 
 def test_loaded_model_is_frozen_in_the_requested_dtype(save_tiny_llama: Callable[..., tuple[Any, Path]]) -> None:

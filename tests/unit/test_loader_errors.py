@@ -448,3 +448,19 @@ def test_render_chat_reports_a_template_refusal(tokenizer: PreTrainedTokenizerFa
 def test_eos_token_ids_union_keeps_first_seen_order(tokenizer: PreTrainedTokenizerFast) -> None:
     assert eos_token_ids(tokenizer, (5, 1), (7,)) == (1, 5, 7)
     assert eos_token_ids(None, (), (3, 3)) == (3,)
+
+
+def test_gguf_end_of_turn_control_tokens_end_a_generation(tmp_path: Path) -> None:
+    # An early Llama 3 Instruct file: EOS is <|end_of_text|>, yet turns end with <|eot_id|>
+    # (llama.cpp stops at both). A normal token of the same text is no stop token.
+    tokens = ["a", "<|end_of_text|>", "<|start_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "b"]
+    control, normal = gguf.TokenType.CONTROL, gguf.TokenType.NORMAL
+    types = [normal, control, control, control, control, normal, normal]
+    metadata = {
+        **LLAMA_METADATA,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [int(kind) for kind in types],
+        "tokenizer.ggml.eos_token_id": 1,
+    }
+    path = write_gguf(tmp_path / "llama3.gguf", "llama", metadata)
+    assert read_gguf_config(open_gguf(path), path).eos_token_ids == (1, 3, 4)
