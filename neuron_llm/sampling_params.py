@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 MAX_LOGIT_BIAS = 1024
 """Most token ids one request may bias: each step rebuilds every running request's biases."""
 
+MAX_STOP_TOKEN_IDS = 1024
+"""Most stop token ids one request may give: every new token is looked up in them, and a
+min_tokens request's are masked at each step, on the engine's one thread."""
+
 MIN_TEMPERATURE = 1e-2
 """Smaller positive temperatures are raised to this, with a warning, as vLLM does: only 0 is
 greedy, and a temperature of 1e-4 samples as vLLM's 0.01 would, not as a near-argmax."""
@@ -214,4 +218,6 @@ class SamplingParams:
             ids,
             "must be None or a list of token ids >= 0",
         )
-        self._set("stop_token_ids", [int(i) for i in ids or []])
+        if len(ids or ()) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids=<{len(ids)} token ids>: at most {MAX_STOP_TOKEN_IDS} may be given")
+        self._set("stop_token_ids", list(dict.fromkeys(int(i) for i in ids or [])))

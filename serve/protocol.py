@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
-from neuron_llm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from neuron_llm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 
 MAX_N = 128
 """Most completions of one prompt (OpenAI's limit); a server also caps it at its max_num_seqs."""
@@ -106,7 +106,7 @@ class _SamplingRequest(_Request):
     min_tokens: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     """Token id, as JSON keys are strings ("50256") -> bias added to its logit, in [-100, 100]."""
 
@@ -237,7 +237,7 @@ class TGIParameters(_Request):
 
     max_new_tokens: int | None = Field(None, ge=1)
     do_sample: bool = False
-    """Sample instead of greedy decoding; implied by temperature, top_p or top_k."""
+    """Sample instead of greedy decoding; implied by a temperature other than 1, a top_p below 1, or top_k."""
     temperature: float | None = Field(None, gt=0, le=100)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, gt=0)

@@ -36,8 +36,14 @@ async def serve_tgi(state: ServerState, body: TGIRequest, request: Request) -> R
     model = state.ready_model()
     prompts = await completion_prompts(model, body.inputs, "inputs")
     p = body.parameters
-    # TGI samples when asked to, or when a sampling setting is given; otherwise it is greedy.
-    do_sample = p.do_sample or p.temperature is not None or p.top_p is not None or p.top_k is not None
+    # TGI samples when asked to, or when a setting changes the distribution (a temperature
+    # of 1 or a top_p of 1 does not); otherwise it is greedy.
+    do_sample = (
+        p.do_sample
+        or p.temperature not in (None, 1.0)
+        or (p.top_p is not None and p.top_p < 1.0)
+        or p.top_k is not None
+    )
     max_new_tokens = p.max_new_tokens
     if max_new_tokens is None:
         # The room the prompt leaves, checked first: a prompt filling the context is refused

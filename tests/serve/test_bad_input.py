@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from neuron_llm.sampling_params import MAX_LOGIT_BIAS
+from neuron_llm.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from neuron_llm.serve.protocol import MAX_STOP, MAX_STOP_CHARS
 from tests.engine.conftest import tiny_model_dir  # noqa: F401
 from tests.serve.conftest import ServerThread, make_llm, metric, running_server
@@ -73,6 +73,8 @@ BAD_BODIES = [
     (CHAT, {"messages": [{"role": "user", "content": "Hi", "mood": "x"}]}, 400, "messages[0].mood"),
     (COMPLETIONS, {"prompt": "a", "logit_bias": {"1": 500}}, 400, "logit_bias.1"),
     (COMPLETIONS, {"prompt": "a", "logit_bias": {"x": 5}}, 400, "logit_bias"),
+    (COMPLETIONS, {"prompt": "a", "stop_token_ids": list(range(MAX_STOP_TOKEN_IDS + 1))}, 400, "stop_token_ids"),
+    (CHAT, {"messages": USER, "stop_token_ids": [1] * (MAX_STOP_TOKEN_IDS + 1)}, 400, "stop_token_ids"),
     (COMPLETIONS, {"prompt": "a", "logit_bias": {"-1": 5}}, 400, "logit_bias"),
     (COMPLETIONS, {"prompt": "a", "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}}, 400, "logit_bias"),
     (CHAT, {"messages": USER, "logit_bias": {"1": 5, "10000000": -5}}, 400, "logit_bias"),

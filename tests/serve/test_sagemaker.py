@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -65,6 +66,21 @@ def test_invocations_answers_tgi_bodies_as_tgi(server: ServerThread) -> None:
     assert plain.json()[0]["generated_text"] == openai_style.json()["choices"][0]["text"]
     bad = httpx.post(f"{server.url}/invocations", json={"inputs": "Hi", "parameters": {"temperature": 0}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "parameters.temperature"
+
+
+def test_tgi_samples_only_when_a_setting_changes_the_distribution(server: ServerThread) -> None:
+    def generate(**parameters: Any) -> str:
+        body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 8, **parameters}}
+        response = httpx.post(f"{server.url}/invocations", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()[0]["generated_text"]
+
+    greedy = generate()
+    # As TGI: a temperature of 1 or a top_p of 1 leaves decoding greedy, even with a seed.
+    assert generate(temperature=1.0, seed=1) == greedy
+    assert generate(temperature=1.0, top_p=1.0, do_sample=False, seed=2) == greedy
+    sampled = {generate(do_sample=True, seed=seed) for seed in range(3)}
+    assert sampled != {greedy}
 
 
 def test_invocations_answers_openai_bodies_as_openai(server: ServerThread) -> None:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from neuron_llm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MIN_TEMPERATURE, SamplingParams
+from neuron_llm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, MIN_TEMPERATURE, SamplingParams
 
 
 def test_defaults_match_vllm() -> None:
@@ -29,7 +29,7 @@ def test_stop_is_normalized_to_a_list(stop: object, expected: list[str]) -> None
 
 def test_normalizations() -> None:
     assert SamplingParams(top_k=-1).top_k == 0
-    assert SamplingParams(stop_token_ids=(5, 7)).stop_token_ids == [5, 7]
+    assert SamplingParams(stop_token_ids=(5, 7, 5)).stop_token_ids == [5, 7]
     params = SamplingParams(temperature=2, top_p=1, repetition_penalty=2)
     assert isinstance(params.temperature, float) and isinstance(params.top_p, float)
     assert isinstance(params.repetition_penalty, float)
@@ -91,6 +91,7 @@ def test_seed_minus_one_is_no_seed_as_in_vllm() -> None:
         ("stop_token_ids", [-1]),
         ("stop_token_ids", ["eos"]),
         ("stop_token_ids", 7),
+        ("stop_token_ids", list(range(MAX_STOP_TOKEN_IDS + 1))),
         ("ignore_eos", "yes"),
         ("logprobs", -1),
         ("logprobs", MAX_LOGPROBS + 1),
