@@ -117,13 +117,17 @@ def _target_matches(target: str, linear_name: str) -> bool:
 def read_quantization_config(model_dir: Path) -> CheckpointQuantization | None:
     """The quantization of the Hugging Face directory ``model_dir``; None when it is not quantized."""
     raw = read_json(model_dir / CONFIG_FILE)
-    quantization = raw.get("quantization_config") if isinstance(raw, dict) else None
-    if quantization is None:
+    if not isinstance(raw, dict):
+        return None
+    # llm-compressor's checkpoints of 2024 name it compression_config (vLLM reads either).
+    key = next((key for key in ("quantization_config", "compression_config") if raw.get(key) is not None), None)
+    if key is None:
         return None
     try:
-        return parse_quantization_config(quantization)
+        return parse_quantization_config(raw[key])
     except ValueError as e:
-        raise ValueError(f"{model_dir / CONFIG_FILE}: {e}") from e
+        read_as = "" if key == "quantization_config" else f" (read from {key})"
+        raise ValueError(f"{model_dir / CONFIG_FILE}: {e}{read_as}") from e
 
 
 def parse_quantization_config(raw: dict[str, Any]) -> CheckpointQuantization:
@@ -190,7 +194,10 @@ def _parse_group(name: str, group: Any, top_format: str | None, activation_scale
         elif strategy not in ("channel", "group"):
             raise ValueError(f"{where}.weights.strategy={strategy!r}: int8 weights need 'channel' or 'group'")
         else:
-            fmt = LinearFormat("int8", group_size=weights.get("group_size") if strategy == "group" else None)
+            group_size = weights.get("group_size") if strategy == "group" else None
+            if strategy == "group" and not (type(group_size) is int and group_size > 0):
+                raise ValueError(f"{where}.weights.group_size={group_size!r}: strategy 'group' needs a positive size")
+            fmt = LinearFormat("int8", group_size=group_size)
     elif kind == "float":
         if storage != FLOAT_QUANTIZED:
             raise ValueError(f"{where}: format {storage!r} for fp8 weights must be {FLOAT_QUANTIZED!r}")
@@ -476,7 +483,8 @@ def model_config_dict(
     hf_config = read_json(source / CONFIG_FILE) if source.is_dir() else hf_config_dict(config)
     hf_config.pop("dtype", None)
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    hf_config.pop("quantization_config", None)
+    for key in ("quantization_config", "compression_config"):
+        hf_config.pop(key, None)
     if quantized_linears(model):
         hf_config["quantization_config"] = quantization_config_dict(model, whole_groups)
     if LM_HEAD in quantized_linears(model):

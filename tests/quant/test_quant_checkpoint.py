@@ -237,6 +237,19 @@ def test_an_infinite_bound_written_by_an_older_quantize_loads_as_none(
     assert formats == {LinearFormat("fp8", activation_scale_ub=None)}
 
 
+def test_a_config_under_its_older_name_compression_config_loads(
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
+) -> None:
+    quantized = quantized_and_saved(load_fp32, quant_checkpoint[1], RECIPES["int8-g64"], out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["compression_config"] = config.pop("quantization_config")  # as llm-compressor wrote it in 2024
+    (out_dir / "config.json").write_text(json.dumps(config))
+    loaded = load_any_format(out_dir, dtype=torch.float32, device="cpu")
+    assert quantized_linears(loaded.model) == quantized_linears(quantized.model)
+    name = "model.layers.0.mlp.up_proj"
+    assert torch.equal(loaded.model.get_submodule(name).weight, quantized.model.get_submodule(name).weight)
+
+
 def test_non_finite_quantized_weights_are_refused_on_load(
     quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
 ) -> None:
@@ -278,6 +291,7 @@ FP8_TOKEN = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tok
         ({"config_groups": {"g": _group(num_bits=4)}}, r"weights\.num_bits=4"),
         ({"config_groups": {"g": _group(symmetric=False)}}, r"weights\.symmetric=False"),
         ({"config_groups": {"g": _group(strategy="tensor")}}, r"weights\.strategy='tensor'"),
+        ({"config_groups": {"g": _group(strategy="group")}}, r"weights\.group_size=None: strategy 'group' needs"),
         ({"config_groups": {"g": _group(actorder="weight")}}, "activation reordering"),
         (
             {"config_groups": {"g": _group(input_activations={"num_bits": 8, "type": "int"})}},
