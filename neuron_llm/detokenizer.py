@@ -21,6 +21,7 @@ the two for one sequence.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 from collections.abc import Callable, Sequence
@@ -53,11 +54,19 @@ class TokenDecoder:
         self._skip_special_tokens = skip_special_tokens
         added = tokenizer.added_tokens_decoder if skip_special_tokens else {}
         self._special = frozenset(token_id for token_id, token in added.items() if token.special)
+        prompt = list(prompt_token_ids)
+        # A prompt may end inside a character (a client continuing a completion cut there).
+        # Byte fallback decodes a whole run of byte tokens left unfinished as U+FFFD, one per
+        # byte, so such tokens wait like pending output; the character they start belongs to
+        # neither text. Byte-level BPE decodes it as one U+FFFD, which the diff replaces.
+        end = len(prompt) - self._unfinished_byte_tokens(prompt)
+        self._split_characters = int(end < len(prompt))
         # Only ids from the prefix window on are kept: [0, read_offset) was emitted already.
-        self._token_ids = self._prompt_window(list(prompt_token_ids))
-        self._read_offset = len(self._token_ids)
+        start = self._window_start(prompt[:end])
+        self._token_ids = prompt[start:]
+        self._read_offset = end - start
 
-    def _prompt_window(self, prompt_token_ids: list[int]) -> list[int]:
+    def _window_start(self, prompt_token_ids: list[int]) -> int:
         # Start the window on a character boundary: byte-fallback decoders turn a whole run of
         # byte tokens into U+FFFD when it begins mid-character, which would spoil the diff.
         # A character spans at most 4 bytes, hence at most 3 tokens before its last one.
@@ -66,7 +75,21 @@ class TokenDecoder:
             if start == 0 or not self._decode(prompt_token_ids[start:]).startswith(_INCOMPLETE):
                 break
             start -= 1
-        return prompt_token_ids[start:]
+        return start
+
+    def _unfinished_byte_tokens(self, prompt_token_ids: list[int]) -> int:
+        if _piece_bytes_reader(self._tokenizer) is not _sentencepiece_bytes:
+            return 0
+        tail = b""
+        for piece in reversed(self._tokenizer.convert_ids_to_tokens(prompt_token_ids[-3:])):
+            byte = _byte_token_value(piece)
+            if byte is None:
+                break
+            tail = bytes([byte]) + tail
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        utf8.decode(tail)
+        unfinished, _ = utf8.getstate()
+        return len(unfinished)  # one byte a token
 
     def _decode(self, token_ids: list[int]) -> str:
         # Cleanup (e.g. " ." -> ".") would rewrite text already emitted; decode verbatim.
@@ -88,7 +111,9 @@ class TokenDecoder:
         # The pending tokens become the next prefix window.
         self._token_ids = self._token_ids[self._read_offset :]
         self._read_offset = len(self._token_ids)
-        return text[len(prefix_text) :]
+        piece = text[len(prefix_text) + self._split_characters :]
+        self._split_characters = 0
+        return piece
 
 
 class StopChecker:
@@ -292,7 +317,12 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 def _sentencepiece_bytes(piece: str) -> bytes:
     # "<0xE4>" is one raw byte (byte fallback); "▁" stands for a space.
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+    byte = _byte_token_value(piece)
+    return piece.replace("▁", " ").encode() if byte is None else bytes([byte])
+
+
+def _byte_token_value(piece: str | None) -> int | None:
+    if piece is not None and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
         with contextlib.suppress(ValueError):
-            return bytes([int(piece[3:5], 16)])
-    return piece.replace("▁", " ").encode()
+            return int(piece[3:5], 16)
+    return None

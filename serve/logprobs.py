@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import json
 import math
 from collections.abc import Sequence
 
@@ -89,12 +90,18 @@ class TextOffsets:
         pending, _ = self._utf8.getstate()
         self._hidden = 1 if pending else 0
         """Characters still to come out that the text does not hold."""
+        self._at_text_start = not any(map(self._bytes, context_token_ids))
+        """No byte is out yet: a SentencePiece decoder drops the next token's leading space."""
 
     def __call__(self, token_ids: Sequence[int]) -> list[int]:
         """The offsets of ``token_ids``, which follow the tokens given before."""
         offsets = []
         for token_id in token_ids:
             raw = self._bytes(token_id)
+            if self._at_text_start and raw:
+                self._at_text_start = False
+                if raw.startswith(b" ") and not self._texts(token_id).startswith(" "):
+                    raw = raw[1:]
             # Its first byte settles the bytes held before it. If that byte went into the last
             # character out (completing it, or a character of its own), the token begins
             # there; if it is held (it leads a character), after every character out.
@@ -124,7 +131,7 @@ def prompt_text_offsets(
     texts: TokenTexts, tokenizer: PreTrainedTokenizerBase | None, text: str, token_ids: Sequence[int]
 ) -> list[int]:
     """Where each of ``token_ids`` begins in ``text``, the prompt they encode."""
-    if tokenizer is not None and tokenizer.is_fast:
+    if tokenizer is not None and tokenizer.is_fast and not _trims_offsets(tokenizer):
         encoding = tokenizer(text, return_offsets_mapping=True)
         # When the text encodes to these ids, the tokenizer knows each one's span, including
         # tokens it added (a BOS) that the text does not hold.
@@ -135,6 +142,16 @@ def prompt_text_offsets(
     # Decoding a whole sequence may drop a leading space (SentencePiece) that the bytes hold.
     dropped = max(0, offsets.length - len(text))
     return [max(0, start - dropped) for start in starts]
+
+
+def _trims_offsets(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's offsets leave out a token's leading space (GPT-2's post-processor
+    does): OpenAI's text_offset is where the token's text begins, its space included."""
+    processor = tokenizer.backend_tokenizer.post_processor
+    if processor is None:
+        return False
+    state = json.loads(processor.__getstate__())
+    return any(part.get("trim_offsets") for part in (state, *state.get("processors", ())))
 
 
 def chat_logprobs(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from tokenizers import processors
 from transformers import PreTrainedTokenizerBase
 
-from neuron_llm.detokenizer import TokenTexts
+from neuron_llm.detokenizer import IncrementalDetokenizer, TokenTexts
 from neuron_llm.outputs import Logprob
 from neuron_llm.serve.logprobs import TextOffsets, chat_logprobs, completion_logprobs, prompt_text_offsets, token_name
 from tests.tokenizer_kinds import TEXTS, byte_level_bpe, sentencepiece_bpe, stream
@@ -20,7 +23,7 @@ def test_each_token_begins_at_the_character_holding_its_first_byte(
     token_ids = tokenizer.encode(text, add_special_tokens=False)
     texts = TokenTexts(tokenizer)
     streamed = "".join(stream(tokenizer, token_ids, prompt_ids))
-    offsets = TextOffsets(texts)
+    offsets = TextOffsets(texts, context_token_ids=prompt_ids)
     # Offsets are fixed as tokens arrive: in chunks of any size they are the same.
     starts = offsets(token_ids[:3]) + offsets(token_ids[3:4]) + offsets(token_ids[4:])
     bytes_before = 0
@@ -105,22 +108,50 @@ def test_sentencepiece_tokens_keep_their_leading_space() -> None:
     assert (token_name(texts, spaced), token_name(texts, bare)) == (" the", "the")
 
 
+@pytest.mark.parametrize("make_tokenizer", [byte_level_bpe, sentencepiece_bpe])
 @pytest.mark.parametrize("split", [1, 2, 3])
-def test_a_prompt_ending_inside_a_character_moves_no_offset(split: int) -> None:
+def test_a_prompt_ending_inside_a_character_moves_no_offset(split: int, make_tokenizer: Any) -> None:
     """The detokenizer's text holds a character begun in the prompt and ended in the output in
-    neither part; the output's offsets must not count it either."""
-    from neuron_llm.detokenizer import IncrementalDetokenizer
-
-    tokenizer = byte_level_bpe()
+    neither part; the output's offsets must not count it either. Byte fallback decodes a prompt
+    ending on 😀's first bytes, after 世's, as one U+FFFD a byte: none of 世 may be lost."""
+    tokenizer = make_tokenizer()
     texts = TokenTexts(tokenizer)
     by_byte = {texts.raw_bytes(token_id): token_id for token_id in range(len(tokenizer))}
-    emoji = [by_byte[bytes([byte])] for byte in "😀".encode()]
-    prompt = tokenizer.encode("the fox ", add_special_tokens=False) + emoji[:split]
+    spelled = [by_byte[bytes([byte])] for byte in "世😀".encode()]
+    head = tokenizer.encode("the fox ", add_special_tokens=False) + spelled[:3]
+    emoji = spelled[3:]
+    prompt = head + emoji[:split]
     output = emoji[split:] + tokenizer.encode("= the fox", add_special_tokens=False)
     detokenizer = IncrementalDetokenizer(tokenizer, prompt)
     text = "".join(detokenizer.add_token(token_id).text for token_id in output)
+    assert text == tokenizer.decode(head + emoji + output[len(emoji) - split :])[len(tokenizer.decode(head)) + 1 :]
     starts = TextOffsets(texts, context_token_ids=prompt)(output)
-    assert text == "= the fox" and starts[: len(emoji) - split + 1] == [0] * (len(emoji) - split + 1)
+    assert starts[: len(emoji) - split + 1] == [0] * (len(emoji) - split + 1)
     names = [(token_name(texts, t), start) for t, start in zip(output, starts)]
     whole = [(name, start) for name, start in names if not name.startswith("bytes:")]
     assert len(whole) >= 3 and all(text[start : start + len(name)] == name for name, start in whole)
+
+
+def test_output_offsets_after_a_prompt_of_no_text_drop_the_space_the_text_drops() -> None:
+    # A SentencePiece decoder strips the leading space of a text; after a BOS-only prompt the
+    # output's first token "▁hello" begins the text as "hello".
+    tokenizer = sentencepiece_bpe()
+    texts = TokenTexts(tokenizer)
+    prompt = [tokenizer.bos_token_id]
+    output = tokenizer.encode("hello world, the fox", add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    text = "".join(detokenizer.add_token(token_id).text for token_id in output)
+    assert text == "hello world, the fox"
+    expected = [len(tokenizer.decode(prompt + output[:k], skip_special_tokens=True)) for k in range(len(output))]
+    assert TextOffsets(texts, context_token_ids=prompt)(output) == expected
+
+
+def test_prompt_offsets_include_the_space_a_tokenizer_trims_from_its_offsets() -> None:
+    tokenizer = byte_level_bpe()
+    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)  # GPT-2's
+    texts = TokenTexts(tokenizer)
+    text = "hello world, the fox"
+    token_ids = tokenizer.encode(text)
+    assert prompt_text_offsets(texts, tokenizer, text, token_ids) == TextOffsets(texts)(token_ids)
+    the = token_ids.index(tokenizer.convert_tokens_to_ids("Ġthe"))
+    assert prompt_text_offsets(texts, tokenizer, text, token_ids)[the] == text.index(" the")

@@ -68,6 +68,29 @@ def test_output_after_a_prompt_keeps_its_spacing(tokenizer: PreTrainedTokenizerB
     assert checked > 5
 
 
+@pytest.mark.parametrize("text", TEXTS[1:3])
+def test_a_prompt_split_inside_a_character_loses_that_character_only(
+    tokenizer: PreTrainedTokenizerBase, text: str
+) -> None:
+    # A client continuing a completion cut mid-character sends prompt + output ids: the split
+    # character is in neither text, and all that follows it is in the output's.
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    full = tokenizer.decode(token_ids)
+    texts = TokenTexts(tokenizer)
+    full_bytes = b"".join(map(texts.raw_bytes, token_ids))
+    stripped = len(full_bytes.decode()) - len(full)  # SentencePiece's leading space
+    checked = 0
+    for split in range(1, len(token_ids)):
+        prompt_bytes = b"".join(map(texts.raw_bytes, token_ids[:split]))
+        whole_characters = len(prompt_bytes.decode(errors="ignore"))
+        if whole_characters == len(prompt_bytes.decode(errors="replace")):
+            continue  # the prompt ends on a character boundary
+        checked += 1
+        expected = full[whole_characters - stripped + 1 :]
+        assert "".join(stream(tokenizer, token_ids[split:], token_ids[:split])) == expected, split
+    assert checked > 3
+
+
 def test_sentencepiece_token_text_depends_on_its_neighbours() -> None:
     tokenizer = sentencepiece_bpe()
     token_ids = tokenizer.encode("the fox", add_special_tokens=False)
