@@ -396,7 +396,7 @@ class LLMEngine:
             num_taken = min(len(ids), request.num_output_tokens - num_before)
             self._record_latency(group, seq)
             for i in range(num_taken):
-                self._process_token(group, seq, ids[i], logprobs[i], is_last=i == num_taken - 1)
+                self._process_token(group, seq, ids[i], logprobs[i], num_before + i + 1, is_last=i == num_taken - 1)
                 if seq.finish_reason is not None:
                     # A stop among a step's tokens: the ones after it were never generated.
                     request.truncate_output(num_before + i + 1)
@@ -504,16 +504,21 @@ class LLMEngine:
         seq: _Sequence,
         token_id: int,
         logprobs: dict[int, Logprob] | None,
+        num_output_tokens: int,
         is_last: bool = True,
     ) -> None:
-        """Judge one new token of ``seq``; ``is_last``: the step's last for it (a length limit ends there)."""
+        """Judge one new token of ``seq``, its ``num_output_tokens``-th; ``is_last``: the step's
+        last for it (a length limit ends there)."""
         self._num_generation_tokens += 1
         if logprobs is not None and seq.logprobs is not None:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token_id].logprob
         request, params = seq.request, group.params
-        is_eos = token_id in self.eos_token_ids and not params.ignore_eos
-        is_stop_token = token_id in (params.stop_token_ids or ())
+        # The sampler holds EOS and stop tokens back until min_tokens; a row it could only
+        # fill with them (every token banned) still must not end the sequence.
+        can_stop = num_output_tokens > params.min_tokens
+        is_eos = can_stop and token_id in self.eos_token_ids and not params.ignore_eos
+        is_stop_token = can_stop and token_id in (params.stop_token_ids or ())
         stop_string = None
         # As in vLLM, the token that stops a sequence is in its token ids but not in its text.
         if seq.detokenizer is not None and not (is_eos or is_stop_token):

@@ -293,6 +293,21 @@ def test_stop_token_ids_end_the_sequence(tiny_model_dir) -> None:
     assert llm.generate({"prompt_token_ids": prompt}, min_params)[0].outputs[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("num_speculative_tokens", [0, 3])
+def test_min_tokens_holds_even_when_every_token_would_stop(tiny_model_dir, num_speculative_tokens: int) -> None:
+    # Every token a stop token: the sampler's min_tokens mask leaves no token it may pick.
+    speculation = {"speculative_config": {"num_speculative_tokens": num_speculative_tokens}}
+    llm = make_llm(tiny_model_dir, **(speculation if num_speculative_tokens else {}))
+    prompt = {"prompt_token_ids": random_prompts(1, seed=15)[0]}
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(
+            temperature=temperature, max_tokens=8, min_tokens=4, stop_token_ids=list(range(VOCAB_SIZE))
+        )
+        output = llm.generate(prompt, params)[0].outputs[0]
+        assert (len(output.token_ids), output.finish_reason) == (5, "stop")
+        assert output.stop_reason == output.token_ids[-1]
+
+
 def test_logit_bias_bans_the_greedy_pick_and_forces_another(tiny_model_dir) -> None:
     llm = make_llm(tiny_model_dir, async_scheduling=True)
     prompt = {"prompt_token_ids": random_prompts(1, seed=14)[0]}
