@@ -171,7 +171,9 @@ def test_a_whole_long_prompt_takes_its_own_graph() -> None:
         return _graph_kind(step, block_size=16, dtype=dtype)
 
     assert kind(step([1] * 4, [9] * 4, 4)) == DECODE
-    assert kind(step([1000], [1000], 1024)) == WHOLE_PROMPT  # the bucket's length decides
+    assert kind(step([1024], [1024], 1024)) == WHOLE_PROMPT
+    assert kind(step([1100], [1100], 1152)) == WHOLE_PROMPT
+    assert kind(step([1000], [1000], 1024)) == PREFILL  # the paged kernel, as eagerly
     assert kind(step([2048], [2048], 2048)) == WHOLE_PROMPT
     assert kind(step([2048], [2048], 2048), torch.float32) == PREFILL  # no cuDNN in fp32
     assert kind(step([900], [900], 1023)) == PREFILL

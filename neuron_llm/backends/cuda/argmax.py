@@ -41,7 +41,8 @@ def _argmax_kernel(
     if SAMPLE:
         if tl.load(is_greedy_ptr + row) == 0:
             values -= tl.log(tl.load(noise_ptr + row * stride_noise + cols, mask=cols < n, other=1.0))
-    values = tl.where(values != values, float("inf"), values)  # NaN wins, as in torch
+    # NaN wins over finite values, as in torch; a +inf before it wins too (torch: the NaN).
+    values = tl.where(values != values, float("inf"), values)
     best = tl.max(values, axis=0)
     # Columns past the row's end (loaded as -inf) never count, even in a row of -inf.
     index = tl.min(tl.where((values == best) & (cols < n), cols, n), axis=0)

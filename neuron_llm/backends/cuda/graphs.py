@@ -13,9 +13,9 @@ hundred tokens spends more time launching kernels than running them (BENCHMARKS.
 prefill steps run eagerly, as do steps that return prompt logits.
 
 A prefill bucket of ``CUDNN_MIN_PROMPT`` tokens or more (that a block table holds) has a
-second graph, for a step that is one whole prompt: its attention is cuDNN's over the bucket's
-length, as an eager step's would be, where the other graph runs the paged kernel (slower on
-a long fresh prompt). The padding tokens after the prompt then attend to it like prompt
+second graph, for a step that is one whole prompt of that many tokens or more: its attention
+is cuDNN's over the bucket's length, as an eager step's would be, where the other graph runs
+the paged kernel (slower on a long fresh prompt). The padding tokens after the prompt then attend to it like prompt
 tokens, and the prompt's rows come out bit for bit as eagerly; no row reads the padding's.
 """
 
@@ -236,7 +236,11 @@ def _graph_kind(step: StepInput, block_size: int, dtype: torch.dtype) -> str:
     if _is_decode(step):
         return DECODE
     assert step.num_padded_tokens is not None and step.max_blocks_per_seq is not None
-    is_whole_prompt = len(step.query_lens) == 1 and step.query_lens == step.seq_lens
+    # By the prompt's own length, as an eager step chooses: a shorter prompt padded to a long
+    # bucket takes the paged kernel, as it would eagerly.
+    is_whole_prompt = (
+        len(step.query_lens) == 1 and step.query_lens == step.seq_lens and takes_whole_prompt(step.seq_lens[0], dtype)
+    )
     kinds = _prefill_kinds(step.num_padded_tokens, step.max_blocks_per_seq, block_size, dtype)
     return WHOLE_PROMPT if is_whole_prompt and WHOLE_PROMPT in kinds else PREFILL
 
