@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,16 @@ def require_visible(device: str | torch.device) -> torch.device:
 def _require(condition: bool, name: str, value: Any, why: str) -> None:
     if not condition:
         raise ValueError(f"{name}={value!r}: {why}")
+
+
+def _require_bool(config: Any, name: str) -> None:
+    # "no" or "false" from a script or a JSON string is truthy: refused, not taken as True.
+    value = getattr(config, name)
+    _require(isinstance(value, bool), name, value, "must be a bool")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def as_token_ids(value: Any, key: str) -> tuple[int, ...]:
@@ -300,7 +311,13 @@ class CacheConfig:
             self.num_kv_blocks,
             "must be None or an integer > 1",
         )
-        _require(0 < self.memory_fraction <= 1, "memory_fraction", self.memory_fraction, "must be in (0, 1]")
+        _require(
+            _is_real(self.memory_fraction) and 0 < self.memory_fraction <= 1,
+            "memory_fraction",
+            self.memory_fraction,
+            "must be a number in (0, 1]",
+        )
+        _require_bool(self, "enable_prefix_caching")
 
 
 @dataclass(frozen=True)
@@ -331,6 +348,7 @@ class SchedulerConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             _require(is_int(value) and value >= 1, name, value, "must be an integer >= 1")
+        _require_bool(self, "enable_chunked_prefill")
         _require(
             self.async_scheduling is None or isinstance(self.async_scheduling, bool),
             "async_scheduling",
@@ -367,6 +385,18 @@ class SpeculativeConfig:
 
     def __post_init__(self) -> None:
         _require(self.method in ("ngram", "draft_model"), "method", self.method, "must be 'ngram' or 'draft_model'")
+        _require(
+            self.model is None or (isinstance(self.model, (str, os.PathLike)) and str(self.model) != ""),
+            "model",
+            self.model,
+            "must be the draft model's path",
+        )
+        _require(
+            self.quantization is None or isinstance(self.quantization, str),
+            "quantization",
+            self.quantization,
+            "must be a preset name",
+        )
         is_draft = self.method == "draft_model"
         _require(
             (self.model is not None) == is_draft,
@@ -409,7 +439,10 @@ class SpeculativeConfig:
             raise ValueError("speculative_config needs num_speculative_tokens")
         if "model" in value and "method" not in value:
             value = {**value, "method": "draft_model"}
-        return cls(**value)
+        try:
+            return cls(**value)
+        except ValueError as e:
+            raise ValueError(f"speculative_config.{e}") from e
 
 
 SAMPLING_FEATURES = ("logit_bias", "logprobs", "min_tokens", "penalties", "prompt_logprobs")
@@ -460,6 +493,7 @@ class DeviceConfig:
         # Frozen: normalised through object.__setattr__, so that every reader gets one form.
         object.__setattr__(self, "device", str(device))
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        _require_bool(self, "enforce_eager")
         features = self.sampling_features
         if isinstance(features, str) or not all(isinstance(f, str) for f in features):
             raise ValueError(f"sampling_features={features!r}: must be a list of names from {SAMPLING_FEATURES}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.compile.artifact import Artifact, cache_files, graph_cache, is_artifact
 from neuron_llm.config import (
@@ -30,6 +31,7 @@ from neuron_llm.config import (
     parse_dtype,
 )
 from neuron_llm.engine.llm_engine import LLMEngine
+from neuron_llm.engine.speculative.draft import read_draft_model
 from neuron_llm.loader import load_model_info, render_chat
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.parallel.executor import WorkerFactory, make_executor
@@ -117,6 +119,8 @@ class LLM:
         unknown = sorted(set(engine_options) - set(cache_fields) - set(scheduler_fields))
         if unknown:  # before loading, which takes a while
             raise ValueError(f"unknown LLM option(s) {unknown}")
+        if warm_up is not None and not isinstance(warm_up, bool):
+            raise ValueError(f"warm_up={warm_up!r}: must be None or a bool")
         if generation_config not in ("auto", "vllm"):
             raise ValueError(f"generation_config={generation_config!r}: must be 'auto' or 'vllm'")
         if isinstance(sampling_features, str):
@@ -194,6 +198,9 @@ class LLM:
                 "num_kv_blocks=None: set it on the XLA device (its memory is not queried yet; "
                 "NEURON_LLM_NUM_KV_BLOCKS in a container)"
             )
+        speculative = self.config.speculative
+        if speculative is not None and speculative.model is not None:
+            read_draft_model(self.config, info.tokenizer)  # before the model's weights load
         self.tokenizer = info.tokenizer
         self._unread: dict[str, deque[RequestOutput]] = {}
         """Per request added through this LLM, the outputs its caller has not read yet: steps
@@ -224,6 +231,10 @@ class LLM:
     def _worker_factory(self, source: Path) -> WorkerFactory:
         """What builds each rank's worker from ``source``, the model's file or directory."""
         return functools.partial(load_worker, str(source))
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The model's tokenizer (vLLM's accessor; also ``self.tokenizer``), None when it has none."""
+        return self.tokenizer
 
     @property
     def weight_bytes(self) -> int:

@@ -158,7 +158,11 @@ def test_a_draft_model_is_refused_with_tensor_parallelism(tiny_model_dir) -> Non
         )
 
 
-def test_a_missing_draft_model_is_named(tiny_model_dir, tmp_path) -> None:
+def test_a_missing_draft_model_is_named_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    def load_nothing(*args, **kwargs):
+        raise AssertionError("the model's weights loaded before the draft model was checked")
+
+    monkeypatch.setattr("neuron_llm.llm.make_executor", load_nothing)
     with pytest.raises(FileNotFoundError, match=r"draft model .*nope: model path .* does not exist"):
         make_llm(tiny_model_dir, speculative_config={"model": str(tmp_path / "nope"), "num_speculative_tokens": 2})
 
@@ -188,7 +192,10 @@ def test_the_draft_model_method_follows_from_a_model() -> None:
     [
         ({"method": "draft_model", "num_speculative_tokens": 2}, "which needs one"),
         ({"method": "ngram", "model": "draft", "num_speculative_tokens": 2}, "needs method 'draft_model'"),
-        ({"quantization": "int8", "num_speculative_tokens": 2}, "the draft model's"),
+        ({"quantization": "int8", "num_speculative_tokens": 2}, r"^speculative_config\.quantization='int8'"),
+        ({"model": 5, "num_speculative_tokens": 2}, r"^speculative_config\.model=5: must be the draft model's path"),
+        ({"model": "", "num_speculative_tokens": 2}, r"^speculative_config\.model=''"),
+        ({"model": "d", "quantization": 8, "num_speculative_tokens": 2}, r"quantization=8: must be a preset name"),
         ({"model": "draft", "prompt_lookup_max": 2, "num_speculative_tokens": 2}, "is for method 'ngram'"),
     ],
 )

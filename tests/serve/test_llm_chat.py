@@ -88,8 +88,11 @@ def test_chat_options_reach_the_template(llm: LLM) -> None:
 def test_engine_options_are_checked_before_loading(tmp_path: Path, model_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown LLM option\(s\) \['swap_space'\]"):
         LLM(model=str(tmp_path / "not-loaded"), swap_space=4)
+    with pytest.raises(ValueError, match=r"warm_up='no': must be None or a bool"):
+        LLM(model=str(tmp_path / "not-loaded"), warm_up="no")
     llm = make_llm(model_dir, gpu_memory_utilization=0.5)  # vLLM's name
     assert llm.config.cache.memory_fraction == 0.5
+    assert llm.get_tokenizer() is llm.tokenizer is not None
 
 
 def test_text_whose_tokens_the_model_lacks_is_refused_alone(extra_token_model_dir: Path) -> None:

@@ -275,8 +275,11 @@ def test_parallel_config_splits_or_replicates_kv_heads(tp: int) -> None:
         (dict(block_size=0), r"block_size=0"),
         (dict(block_size=True), r"block_size=True"),
         (dict(num_kv_blocks=1), r"num_kv_blocks=1: must be None or an integer > 1"),
-        (dict(memory_fraction=0.0), r"memory_fraction=0\.0: must be in \(0, 1\]"),
+        (dict(memory_fraction=0.0), r"memory_fraction=0\.0: must be a number in \(0, 1\]"),
         (dict(memory_fraction=1.5), r"memory_fraction=1\.5"),
+        (dict(memory_fraction="0.5"), r"memory_fraction='0\.5': must be a number"),
+        (dict(memory_fraction=float("nan")), r"memory_fraction=nan: must be a number"),
+        (dict(enable_prefix_caching="no"), r"enable_prefix_caching='no': must be a bool"),
     ],
 )
 def test_cache_config_values(changes: dict[str, Any], message: str) -> None:
@@ -294,6 +297,7 @@ def test_cache_config_values(changes: dict[str, Any], message: str) -> None:
         (dict(max_num_seqs="64"), r"max_num_seqs='64': must be an integer >= 1"),
         (dict(max_num_batched_tokens=0), r"max_num_batched_tokens=0: must be an integer >= 1"),
         (dict(max_num_batched_tokens=1000.5), r"max_num_batched_tokens=1000\.5: must be an integer >= 1"),
+        (dict(enable_chunked_prefill="false"), r"enable_chunked_prefill='false': must be a bool"),
     ],
 )
 def test_scheduler_config_values(changes: dict[str, Any], message: str) -> None:
@@ -312,6 +316,8 @@ def test_device_config_values() -> None:
         DeviceConfig(dtype=torch.int8)
     with pytest.raises(ValueError, match=r"max_prefill_graph_tokens=-1 must be an integer >= 0"):
         DeviceConfig(max_prefill_graph_tokens=-1)
+    with pytest.raises(ValueError, match=r"enforce_eager='no': must be a bool"):
+        DeviceConfig(enforce_eager="no")
     # Names and torch.device objects are taken, and stored in the one form every reader expects.
     config = DeviceConfig(device=torch.device("cpu"), dtype="bfloat16")
     assert (config.device, config.dtype, config.backend_name) == ("cpu", torch.bfloat16, "torch")

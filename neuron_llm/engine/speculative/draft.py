@@ -18,13 +18,42 @@ from typing import TYPE_CHECKING
 import torch
 
 from neuron_llm.config import EngineConfig
-from neuron_llm.loader import load_model_info
+from neuron_llm.loader import ModelInfo, load_model_info
 from neuron_llm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from neuron_llm.llm import LLM
+
+
+def read_draft_model(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None) -> ModelInfo:
+    """The draft model's info (``config.speculative.model``), checked against the model's
+    vocabulary and ``tokenizer`` without loading weights: ``ValueError`` or
+    ``FileNotFoundError`` naming the draft."""
+    speculative = config.speculative
+    assert speculative is not None and speculative.model is not None
+    name = _draft_name(config)
+    try:
+        info = load_model_info(speculative.model)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"{name}: {e}") from e
+    vocab, draft_vocab = config.model.vocab_size, info.config.vocab_size
+    if draft_vocab != vocab:
+        raise ValueError(
+            f"{name} has a vocabulary of {draft_vocab} tokens, the model {vocab}: "
+            "a draft must share the model's tokenizer"
+        )
+    both = tokenizer is not None and info.tokenizer is not None
+    if both and info.tokenizer.get_vocab() != tokenizer.get_vocab():
+        # As many tokens but other ones: proposals would be lossless, and nearly all refused.
+        raise ValueError(f"{name}'s tokenizer maps tokens to other ids than the model's: a draft must share it")
+    return info
+
+
+def _draft_name(config: EngineConfig) -> str:
+    assert config.speculative is not None
+    return f"speculative_config: draft model {config.speculative.model}"
 
 
 class DraftModelProposer:
@@ -44,18 +73,9 @@ class DraftModelProposer:
 
         speculative = config.speculative
         assert speculative is not None and speculative.model is not None
-        name = f"speculative_config: draft model {speculative.model}"
+        name = _draft_name(config)
         self.num_tokens = speculative.num_speculative_tokens
-        try:
-            info = load_model_info(speculative.model)  # checked before its weights load
-        except (ValueError, FileNotFoundError) as e:
-            raise type(e)(f"{name}: {e}") from e
-        vocab, draft_vocab = config.model.vocab_size, info.config.vocab_size
-        if draft_vocab != vocab:
-            raise ValueError(
-                f"{name} has a vocabulary of {draft_vocab} tokens, the model {vocab}: "
-                "a draft must share the model's tokenizer"
-            )
+        info = read_draft_model(config, tokenizer)  # checked before its weights load
         self.max_model_len = min(config.max_model_len, info.config.max_position_embeddings)
         try:
             self.llm: LLM = LLM(
@@ -88,12 +108,6 @@ class DraftModelProposer:
             ) from e
         self.engine = self.llm.engine
         self._ids = itertools.count()
-        draft_tokenizer = self.llm.tokenizer
-        both = tokenizer is not None and draft_tokenizer is not None
-        if both and draft_tokenizer.get_vocab() != tokenizer.get_vocab():
-            # As many tokens but other ones: proposals would be lossless, and nearly all refused.
-            self.llm.shutdown()
-            raise ValueError(f"{name}'s tokenizer maps tokens to other ids than the model's: a draft must share it")
 
     def propose(self, token_ids: Sequence[int]) -> list[int]:
         (proposal,) = self.propose_all([token_ids], [self.num_tokens])
