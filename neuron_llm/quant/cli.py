@@ -10,7 +10,7 @@ import argparse
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from neuron_llm.help_format import DefaultsHelpFormatter
 
@@ -185,7 +185,7 @@ def check_quantizable(model: str | None, config: QuantConfig) -> None:
         check_whole_groups(name, skeleton.get_submodule(name).in_features, config.format.group_size)
 
 
-def smoothing_from_args(args: argparse.Namespace) -> tuple[Path, float, int] | None:
+def smoothing_from_args(args: argparse.Namespace) -> Smoothing | None:
     """``(text_file, alpha, num_tokens)`` of SmoothQuant, None without ``--smoothquant``; checked before loading."""
     from neuron_llm.quant.smoothquant import DEFAULT_ALPHA
 
@@ -205,22 +205,36 @@ def smoothing_from_args(args: argparse.Namespace) -> tuple[Path, float, int] | N
         raise ValueError("--smoothquant: int8 is weight-only; smoothing serves schemes that quantize activations")
     if not args.smoothquant.is_file():
         raise FileNotFoundError(f"--smoothquant {args.smoothquant}: no such calibration text file")
+    try:
+        text = args.smoothquant.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--smoothquant {args.smoothquant} is not UTF-8 text: {e}") from e
+    if not text.strip():
+        raise ValueError(f"--smoothquant {args.smoothquant}: the calibration text is empty")
     alpha = DEFAULT_ALPHA if args.smoothquant_alpha is None else args.smoothquant_alpha
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"--smoothquant-alpha={alpha}: must be in [0, 1]")
     num_tokens = DEFAULT_CALIBRATION_TOKENS if args.calibration_tokens is None else args.calibration_tokens
     if num_tokens < 1:
         raise ValueError(f"--calibration-tokens={num_tokens}: must be at least 1")
-    return args.smoothquant, alpha, num_tokens
+    return Smoothing(args.smoothquant, text, alpha, num_tokens)
 
 
-def smooth(loaded: LoadedModel, text_file: Path, alpha: float, num_tokens: int) -> None:
-    """SmoothQuant ``loaded.model`` in place, calibrated on the first ``num_tokens`` tokens of ``text_file``."""
+class Smoothing(NamedTuple):
+    text_file: Path
+    text: str
+    alpha: float
+    num_tokens: int
+
+
+def smooth(loaded: LoadedModel, text_file: Path, text: str, alpha: float, num_tokens: int) -> None:
+    """SmoothQuant ``loaded.model`` in place, calibrated on the first ``num_tokens`` tokens of
+    ``text``, read from ``text_file``."""
     from neuron_llm.quant.smoothquant import activation_maxima, calibration_sequences, smooth_model
 
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.source} has no tokenizer to read the calibration text with")
-    ids = loaded.tokenizer(text_file.read_text(encoding="utf-8"), verbose=False)["input_ids"]
+    ids = loaded.tokenizer(text, verbose=False)["input_ids"]
     sequences = calibration_sequences(ids, num_tokens, CALIBRATION_LENGTH)
     smooth_model(loaded.model, activation_maxima(loaded.model, sequences), alpha)
     print(f"smoothed with alpha {alpha} on {sum(len(s) for s in sequences)} tokens of {text_file}")

@@ -245,6 +245,13 @@ def test_quantize_refuses_options_of_other_schemes(
         patched.setattr(quant_loading, "load_any_format", _never_called)
         with pytest.raises(ValueError, match="dtype='float8' is not supported"):
             run_cli(*base, "--scheme", "int8", "--dtype", "float8")
+        latin1, empty = tmp_path / "latin1.txt", tmp_path / "empty.txt"
+        latin1.write_bytes("café".encode("latin-1"))
+        empty.write_text(" \n")
+        with pytest.raises(ValueError, match=r"--smoothquant .*latin1\.txt is not UTF-8 text"):
+            run_cli(*base, "--scheme", "w8a8", "--smoothquant", str(latin1))
+        with pytest.raises(ValueError, match=r"--smoothquant .*empty\.txt: the calibration text is empty"):
+            run_cli(*base, "--scheme", "w8a8", "--smoothquant", str(empty))
     assert not (tmp_path / "q").exists()  # every refusal comes before anything is written
 
 
