@@ -44,6 +44,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Serve with the settings parsed by the ``serve`` parser; returns the exit status."""
     run_server = _server()
     settings = ServeSettings.from_args(args)
+    settings.check_model()
     logging.basicConfig(level=LOG_LEVELS[settings.log_level], format=_LOG_FORMAT)
     return run_server(settings)
 

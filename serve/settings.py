@@ -119,6 +119,20 @@ class ServeSettings:
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level={self.log_level!r}: must be one of {', '.join(LOG_LEVELS)}")
 
+    def check_model(self) -> None:
+        """What can be checked of the model without loading it, before a port opens: that it
+        is a model, and max_model_len against its context (an artifact checks its options when
+        it loads)."""
+        from neuron_llm.compile.artifact import Artifact, is_artifact
+        from neuron_llm.loader import load_model_info
+
+        if self.model is not None and is_artifact(self.model):
+            Artifact.open(self.model)
+            return
+        limit = load_model_info(self.model).config.max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={limit}")
+
     def llm_options(self) -> dict[str, Any]:
         """Keyword arguments of ``neuron_llm.LLM`` (engine options left unset take its defaults)."""
         options: dict[str, Any] = {

@@ -151,6 +151,25 @@ def test_serving_without_the_serve_extra_says_how_to_get_it(command: str) -> Non
     assert "serving needs the serve extra (uvicorn is missing): pip install 'neuron-llm[serve]'" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["{tmp}/nope"], r"model path .*nope does not exist"),
+        (["{model}", "--max-model-len", "100000"], r"max_model_len=100000 exceeds the model's max_position_embeddings"),
+    ],
+)
+def test_serve_refuses_a_model_it_cannot_load_before_opening_a_port(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments: list[str], message: str
+) -> None:
+    from neuron_llm.cli import main
+
+    argv = [a.format(tmp=tmp_path, model=model_dir) for a in arguments]
+    assert main(["serve", *argv, "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"^neuron-llm: error: {message}", err), err
+    assert "Uvicorn running" not in err
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
