@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from neuron_llm.bench.cli import add_bench_parser
 from neuron_llm.eval.cli import add_eval_parser
@@ -59,6 +60,9 @@ def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_compile(args: argparse.Namespace) -> int:
     from neuron_llm.compile.build import compile_artifact
     from neuron_llm.config import parse_sampling_features
+    from neuron_llm.output_dir import check_out_dir
+
+    check_out_dir(Path(args.out))
 
     options = {
         name: value

@@ -26,9 +26,13 @@ def written_whole(out: Path, activity: str, last: str) -> Iterator[Path]:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty directory; choose a new or empty one")
     in_place = out.exists()
-    if not in_place:
+    made = [] if in_place else [parent for parent in out.parents if not parent.exists()]
+    try:
         out.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.{activity}-", dir=out if in_place else out.parent))
+        building = Path(tempfile.mkdtemp(prefix=f".{out.name}.{activity}-", dir=out if in_place else out.parent))
+    except OSError as e:
+        _remove_empty(made)
+        raise ValueError(f"{out} cannot be written: {e.strerror}") from e
     umask = os.umask(0)
     os.umask(umask)
     building.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
@@ -49,4 +53,27 @@ def written_whole(out: Path, activity: str, last: str) -> Iterator[Path]:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+        _remove_empty(made)
         raise
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove ``directories`` (deepest first) that are still empty: the parents a failed write made."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
+def check_out_dir(out: Path) -> None:
+    """Raise ``ValueError`` unless ``out`` is an empty directory, or one that can be made, to write."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a new or empty directory")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty; choose a new or empty directory")
+    existing = next(parent for parent in (out, *out.absolute().parents) if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so no directory can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from neuron_llm.help_format import DefaultsHelpFormatter
+from neuron_llm.output_dir import check_out_dir
 
 if TYPE_CHECKING:
     from neuron_llm.loader import LoadedModel
@@ -151,19 +151,6 @@ def run_quantize(args: argparse.Namespace) -> int:
     ratio = quantized_weight_bytes(loaded.model).ratio
     print(f"quantized {num_quantized} linears to {args.scheme} ({ratio:.1%} of their 16-bit bytes); wrote {args.out}")
     return 0
-
-
-def check_out_dir(out: Path) -> None:
-    """Raise ``ValueError`` unless ``out`` is an empty directory, or one that can be made, to write."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; choose a new or empty directory")
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} is not empty; choose a new or empty directory")
-    existing = next(parent for parent in (out, *out.absolute().parents) if parent.exists())
-    if not existing.is_dir():
-        raise ValueError(f"--out {out}: {existing} is a file, so no directory can be made under it")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {existing} is not writable")
 
 
 def check_quantizable(model: str | None, config: QuantConfig) -> None:

@@ -371,7 +371,7 @@ def test_the_compile_command_writes_an_artifact(source: Path, tmp_path: Path, ca
     os.umask(umask)
     assert {path.stat().st_mode & 0o777 for path in out.rglob("*") if path.is_file()} == {0o666 & ~umask}
     assert main(args) == 2
-    assert "not a new or empty directory" in capsys.readouterr().err
+    assert "is not empty; choose a new or empty directory" in capsys.readouterr().err
     other = [arg if arg != str(out) else str(tmp_path / "speculative") for arg in args]
     assert main(other + ["--speculative-config", '{"num_speculative_tokens": 2}']) == 2
     assert "speculative_config is chosen when a cpu artifact is loaded" in capsys.readouterr().err

@@ -86,3 +86,29 @@ def test_a_directory_holding_files_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is not an empty directory"), written_whole(tmp_path, "writing", last="x"):
         pass
     assert [p.name for p in tmp_path.iterdir()] == ["kept.txt"]
+
+
+def test_a_failed_write_removes_the_parents_it_made(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), written_whole(tmp_path / "a" / "b" / "out", "writing", last="x"):
+        raise RuntimeError("the build failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_place_that_cannot_be_written_is_named(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "out"
+    with pytest.raises(ValueError, match=rf"^{out} cannot be written"), written_whole(out, "writing", last="x"):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_compile_checks_its_out_directory_before_anything_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from neuron_llm.cli import main
+
+    (tmp_path / "a-file").write_text("")
+    assert main(["compile", "--out", str(tmp_path / "a-file" / "art"), "--max-model-len", "0"]) == 2
+    assert "a-file is a file, so no directory can be made under it" in capsys.readouterr().err
+    assert main(["compile", "--out", str(tmp_path / "new" / "art"), "--max-model-len", "100000000"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
