@@ -195,7 +195,7 @@ class IncrementalDetokenizer:
 
     As in vLLM, stop strings are looked for only once more than ``min_tokens`` tokens have
     been generated, and the token that completes a stop string stays in the token ids while
-    the text is cut before the stop string (``include_stop_str_in_output=False``).
+    the text is cut before the stop string, or after it with ``include_stop_str_in_output``.
     """
 
     def __init__(
@@ -205,9 +205,11 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         min_tokens: int = 0,
         skip_special_tokens: bool = True,
+        include_stop_str_in_output: bool = False,
     ) -> None:
         self._decoder = TokenDecoder(tokenizer, prompt_token_ids, skip_special_tokens)
         self._stop_checker = StopChecker(stop) if stop else None
+        self._include_stop = include_stop_str_in_output
         self._min_tokens = min_tokens
         self._num_tokens = 0
         self._is_stopped = False
@@ -219,7 +221,14 @@ class IncrementalDetokenizer:
         cls, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> IncrementalDetokenizer:
         """The detokenizer of one sequence of a request with these sampling parameters."""
-        return cls(tokenizer, prompt_token_ids, params.stop or (), params.min_tokens)
+        return cls(
+            tokenizer,
+            prompt_token_ids,
+            params.stop or (),
+            params.min_tokens,
+            params.skip_special_tokens,
+            params.include_stop_str_in_output,
+        )
 
     def add_token(self, token_id: int) -> DetokenizerUpdate:
         """Decode the next generated token; see ``DetokenizerUpdate``."""
@@ -230,6 +239,8 @@ class IncrementalDetokenizer:
         if self._stop_checker is not None:
             piece, stop_string = self._stop_checker.feed(piece, can_stop=self._num_tokens > self._min_tokens)
         self._is_stopped = stop_string is not None
+        if stop_string is not None and self._include_stop:
+            piece += stop_string
         self.output_text += piece
         return DetokenizerUpdate(piece, stop_string)
 

@@ -78,6 +78,11 @@ class SamplingParams:
     """Token ids that end the sequence, besides EOS. Stored as a list."""
     ignore_eos: bool = False
     """Keep generating after EOS (benchmarking)."""
+    include_stop_str_in_output: bool = False
+    """Keep the stop string that ended the sequence at the end of its text."""
+    skip_special_tokens: bool = True
+    """Leave special tokens (a BOS, chat markers) out of the text; the token that ends the
+    sequence is never in it."""
     logprobs: int | None = None
     """Return the logprob of each sampled token and of this many most likely tokens; None returns none."""
     prompt_logprobs: int | None = None
@@ -141,7 +146,8 @@ class SamplingParams:
         _require(self.seed is None or is_integral(self.seed), "seed", self.seed, "must be None or an integer")
         if self.seed == -1:
             self._set("seed", None)
-        _require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "must be a bool")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be a bool")
         _require(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind, f"must be one of {OUTPUT_KINDS}")
 
     def _check_distribution(self) -> None:

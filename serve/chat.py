@@ -55,6 +55,8 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         stop_token_ids=body.stop_token_ids,
         logit_bias=body.logit_bias,
         ignore_eos=body.ignore_eos,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        skip_special_tokens=body.skip_special_tokens,
         logprobs=num_top if body.logprobs else None,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,

@@ -48,6 +48,8 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
         stop_token_ids=body.stop_token_ids,
         logit_bias=body.logit_bias,
         ignore_eos=body.ignore_eos,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        skip_special_tokens=body.skip_special_tokens,
         logprobs=body.logprobs,
         # Echoed prompts come with their own logprobs, as in OpenAI's API.
         prompt_logprobs=body.logprobs if body.echo else None,
@@ -132,7 +134,9 @@ class _CompletionWriter:
 
     def _output_logprobs(self, delta: ChoiceDelta, prompt: Prompt) -> CompletionLogprobs:
         if delta.index not in self._text_offsets:
-            self._text_offsets[delta.index] = TextOffsets(self._texts, context_token_ids=prompt.token_ids)
+            self._text_offsets[delta.index] = TextOffsets(
+                self._texts, skip_special_tokens=self._body.skip_special_tokens, context_token_ids=prompt.token_ids
+            )
         offsets = self._text_offsets[delta.index](delta.token_ids)
         return completion_logprobs(self._texts, delta.token_ids, delta.logprobs or [], offsets)
 
@@ -142,7 +146,10 @@ class _CompletionWriter:
         prompt_offsets = prompt_text_offsets(self._texts, tokenizer, prompt.text, prompt.token_ids)
         prompt_part = completion_logprobs(self._texts, prompt.token_ids, output.prompt_logprobs or [], prompt_offsets)
         self._text_offsets[delta.index] = TextOffsets(
-            self._texts, start=len(prompt.text), context_token_ids=prompt.token_ids
+            self._texts,
+            start=len(prompt.text),
+            skip_special_tokens=self._body.skip_special_tokens,
+            context_token_ids=prompt.token_ids,
         )
         output_part = self._output_logprobs(delta, prompt)
         return CompletionLogprobs(

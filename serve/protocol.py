@@ -7,8 +7,8 @@ being silently ignored; so is an option that would do nothing (``top_logprobs`` 
 Options of those APIs that this server lacks (``tools``, ``suffix``, TGI's ``watermark``...)
 are accepted only when null or set to what leaves them off, as clients that send every field do.
 Ranges follow OpenAI's API reference; the extra sampling fields (``top_k``, ``min_p``,
-``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``) are vLLM's
-extensions under vLLM's names.
+``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``,
+``include_stop_str_in_output``, ``skip_special_tokens``) are vLLM's extensions under vLLM's names.
 """
 
 from __future__ import annotations
@@ -107,6 +107,8 @@ class _SamplingRequest(_Request):
     repetition_penalty: float = Field(1.0, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     """Token id, as JSON keys are strings ("50256") -> bias added to its logit, in [-100, 100]."""
 

@@ -159,6 +159,38 @@ def test_stop_string_cuts_the_text(client: openai.OpenAI, model_name: str) -> No
     assert stopped.text == full.text[: full.text.index(stop)]
 
 
+def test_vllm_text_options_keep_the_stop_string_and_special_tokens(
+    server: ServerThread, client: openai.OpenAI, model_name: str
+) -> None:
+    prompt = "A paged KV cache"
+    full = client.completions.create(
+        model=model_name, prompt=prompt, temperature=0.0, max_tokens=24, extra_body={"ignore_eos": True}
+    ).choices[0]
+    stop = full.text[5:8]
+    kept = client.completions.create(
+        model=model_name,
+        prompt=prompt,
+        temperature=0.0,
+        max_tokens=24,
+        stop=[stop],
+        extra_body={"ignore_eos": True, "include_stop_str_in_output": True},
+    ).choices[0]
+    assert kept.text == full.text[: full.text.index(stop) + len(stop)]
+    # Forced to a special token: left out of the text, or kept in it (and counted by the offsets).
+    tokenizer = server.app.state.server.ready_model().tokenizer
+    special = tokenizer.convert_tokens_to_ids("<|user|>")
+
+    def forced(**extra: Any) -> Any:
+        body = {"ignore_eos": True, "logit_bias": {str(special): 100}, **extra}
+        return client.completions.create(
+            model=model_name, prompt=prompt, max_tokens=3, logprobs=0, temperature=0.0, extra_body=body
+        ).choices[0]
+
+    skipped, kept = forced(), forced(skip_special_tokens=False)
+    assert (skipped.text, skipped.logprobs.text_offset) == ("", [0, 0, 0])
+    assert (kept.text, kept.logprobs.text_offset) == ("<|user|>" * 3, [0, 8, 16])
+
+
 def test_logprobs_and_echo(client: openai.OpenAI, model_name: str) -> None:
     completion = client.completions.create(model=model_name, prompt="Hello world", logprobs=2, echo=True, **GREEDY)
     choice = completion.choices[0]

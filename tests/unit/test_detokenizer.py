@@ -212,6 +212,22 @@ def test_detokenizer_stops_on_a_string_spanning_tokens(
     assert stop not in tokenizer.decode(token_ids[:position])
 
 
+def test_the_stop_string_stays_in_the_text_when_asked(tokenizer: PreTrainedTokenizerBase) -> None:
+    token_ids = tokenizer.encode("hello world, hello there", add_special_tokens=False)
+    params = SamplingParams(stop=["o t"], include_stop_str_in_output=True)
+    pieces, matched, _ = _detokenize(tokenizer, token_ids, params)
+    assert matched == "o t" and "".join(pieces) == "hello world, hello t"
+
+
+def test_special_tokens_stay_in_the_text_when_asked(tokenizer: PreTrainedTokenizerBase) -> None:
+    token_ids = [*tokenizer.encode("hi", add_special_tokens=False), tokenizer.eos_token_id]
+    token_ids += tokenizer.encode(" there", add_special_tokens=False)
+    kept, _, _ = _detokenize(tokenizer, token_ids, SamplingParams(skip_special_tokens=False))
+    skipped, _, _ = _detokenize(tokenizer, token_ids, SamplingParams())
+    assert "".join(kept) == tokenizer.decode(token_ids, skip_special_tokens=False)
+    assert tokenizer.eos_token in "".join(kept) and tokenizer.eos_token not in "".join(skipped)
+
+
 def test_detokenizer_without_a_match_releases_everything(tokenizer: PreTrainedTokenizerBase) -> None:
     text = "hello world, hello there"
     token_ids = tokenizer.encode(text, add_special_tokens=False)

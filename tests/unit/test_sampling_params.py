@@ -93,6 +93,8 @@ def test_seed_minus_one_is_no_seed_as_in_vllm() -> None:
         ("stop_token_ids", 7),
         ("stop_token_ids", list(range(MAX_STOP_TOKEN_IDS + 1))),
         ("ignore_eos", "yes"),
+        ("include_stop_str_in_output", 1),
+        ("skip_special_tokens", "no"),
         ("logprobs", -1),
         ("logprobs", MAX_LOGPROBS + 1),
         ("logprobs", 2.0),
