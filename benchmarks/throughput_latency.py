@@ -98,7 +98,7 @@ def poisson_run(
         "output_tokens_per_s": num_requests * output_len / makespan,
         "ttft_p50_s": statistics.median(ttft),
         "tpot_p50_s": statistics.median(tpot),
-        "tpot_p90_s": sorted(tpot)[int(0.9 * len(tpot))],
+        "tpot_p90_s": bench.percentile(tpot, 90),
         "e2e_p50_s": statistics.median(e2e),
     }
 

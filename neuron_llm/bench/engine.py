@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +52,13 @@ LLAMA3_8B: dict[str, Any] = {
     "tie_word_embeddings": False,
 }
 """Llama-3-8B's shape (``config.json`` keys)."""
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q``-th percentile of ``values``: the smallest value that at least
+    ``q`` percent of them do not exceed."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def llama3_8b_shape(num_layers: int | None = None) -> tuple[dict[str, Any], ModelConfig]:
@@ -270,7 +278,7 @@ def decode_latency(engine: LLMEngine, prompt_len: int, max_tokens: int, vocab_si
             decode[name] += timed_steps(engines[name], prompts, max_tokens)[1:]
     return {
         **{name: statistics.median(times) for name, times in decode.items()},
-        "decode_s_p90": sorted(decode["decode_s_per_token"])[int(0.9 * len(decode["decode_s_per_token"]))],
+        "decode_s_p90": percentile(decode["decode_s_per_token"], 90),
         "model_s_per_token": worker_step_time(engine, prompt_len + max_tokens // 2),
     }
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from neuron_llm.help_format import DefaultsHelpFormatter
 
+DEFAULT_STRIDE = 512
+"""Tokens between window starts unless --stride says: a quarter of the default context."""
+
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval`` command (with its ``perplexity`` task) to the CLI's subparsers."""
@@ -24,7 +27,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     ppl.add_argument("--corpus", type=Path, required=True, help="UTF-8 text file to score")
     ppl.add_argument("--context", type=int, default=2048, help="tokens per window")
-    ppl.add_argument("--stride", type=int, default=512, help="tokens between window starts (each scores the new ones)")
+    ppl.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="tokens between window starts (each scores the new ones); default: 512 or --context if shorter",
+    )
     ppl.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the corpus")
     ppl.add_argument(
         "--quantization",
@@ -55,6 +63,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-tokens {args.max_tokens}: at least 2 tokens are needed to score one")
     if args.context < 2:
         raise ValueError(f"--context {args.context}: a window of at least 2 tokens is needed to score one")
+    if args.stride is None:
+        args.stride = min(DEFAULT_STRIDE, args.context)
     if not 0 < args.stride <= args.context:
         raise ValueError(f"--stride {args.stride}: must be in [1, --context {args.context}]")
     try:

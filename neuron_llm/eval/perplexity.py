@@ -107,8 +107,11 @@ def model_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int = 
     """A KV cache of ``num_blocks`` blocks (block 0 the null block) in the model's dtype and device."""
     config = model.config
     embedding = model.model.embed_tokens.weight
-    # The projections' widths give the KV heads this model holds (fewer under tensor parallelism).
-    num_kv_heads = model.model.layers[0].self_attn.k_proj.out_features // config.head_dim
+    # The projections' widths give the KV heads this model holds (fewer under tensor
+    # parallelism); a backend may have merged them into one QKV matmul.
+    attention = model.model.layers[0].self_attn
+    key_width = attention.qkv_sizes[1] if attention.k_proj is None else attention.k_proj.out_features
+    num_kv_heads = key_width // config.head_dim
     return allocate_kv_cache(config, num_blocks, block_size, num_kv_heads, embedding.dtype, embedding.device)
 
 

@@ -98,3 +98,10 @@ def test_few_rows_figures(tiny_engine: engine.LLMEngine) -> None:
     assert result["batch"] == 6
     assert result["output_tokens_per_s"] == pytest.approx(6 * 6 / result["seconds"])
     assert not tiny_engine.has_unfinished_requests()
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    # 400 steps, 40 of them slow: the 90th percentile is a fast one (index 0.9 n read the 361st).
+    steps = [4.0] * 360 + [15.0] * 40
+    assert engine.percentile(steps, 90) == 4.0 and engine.percentile(steps, 91) == 15.0
+    assert engine.percentile(range(1, 11), 90) == 9 and engine.percentile([3.0], 50) == 3.0

@@ -63,9 +63,14 @@ def test_quantize_then_eval_the_checkpoint(
     assert run_cli(*argv) == 0
     num_tokens, value = printed_result(capsys.readouterr().out)
     loaded = load_any_format(out, dtype=torch.float32, device="cpu")
-    expected = perplexity(loaded.model, loaded.tokenizer(corpus_file.read_text())["input_ids"], context=64, stride=32)
+    token_ids = loaded.tokenizer(corpus_file.read_text())["input_ids"]
+    expected = perplexity(loaded.model, token_ids, context=64, stride=32)
     assert num_tokens == expected.num_tokens == 149
     assert value == pytest.approx(expected.perplexity, abs=1e-4)
+    # A context shorter than the default stride takes it as its stride.
+    assert run_cli(*argv[:-2]) == 0
+    whole_windows = perplexity(loaded.model, token_ids, context=64, stride=64)
+    assert printed_result(capsys.readouterr().out)[1] == pytest.approx(whole_windows.perplexity, abs=1e-4)
 
 
 def test_an_interrupted_quantize_leaves_nothing_and_can_run_again(

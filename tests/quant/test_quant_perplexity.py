@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from neuron_llm.eval.perplexity import Window, perplexity, sliding_windows
+from neuron_llm.models.merge import merge_projections
 from neuron_llm.quant import quantize_model
 
 
@@ -83,6 +84,17 @@ def test_perplexity_equals_a_direct_computation(
         with torch.no_grad():
             loss = hf_model(torch.tensor([token_ids]), labels=torch.tensor([token_ids])).loss
         assert result.perplexity == pytest.approx(math.exp(loss.item()), rel=1e-5)
+
+
+def test_perplexity_of_a_model_with_merged_projections(quant_checkpoint: tuple[Any, Path], load_fp32: Callable) -> None:
+    # As the CUDA backend prepares every model an engine runs.
+    model = load_fp32(quant_checkpoint[1]).model
+    separate = perplexity(model, corpus(), context=32, stride=16)
+    merge_projections(model)
+    assert model.model.layers[0].self_attn.k_proj is None
+    merged = perplexity(model, corpus(), context=32, stride=16)
+    assert merged.num_tokens == separate.num_tokens
+    assert merged.perplexity == pytest.approx(separate.perplexity, rel=1e-5)
 
 
 def test_perplexity_of_a_quantized_model(quant_checkpoint: tuple[Any, Path], load_fp32: Callable) -> None:
