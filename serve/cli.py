@@ -16,10 +16,12 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from neuron_llm.help_format import DefaultsHelpFormatter
 from neuron_llm.serve.settings import ENV_PREFIX, LOG_LEVELS, ServeSettings, default_sagemaker_model
+
+logger = logging.getLogger(__name__)
 
 _LOG_FORMAT = "%(levelname)s:     %(name)s: %(message)s"
 
@@ -58,7 +60,41 @@ def sagemaker_defaults(environ: dict[str, str]) -> dict[str, object]:
     port = environ.get(SAGEMAKER_PORT_VARIABLE, "8080")
     if not port.isdigit():
         raise ValueError(f"{SAGEMAKER_PORT_VARIABLE}={port!r}: not a port number")
-    return {"host": "0.0.0.0", "port": int(port), "model": default_sagemaker_model()}
+    return {
+        "host": "0.0.0.0",
+        "port": int(port),
+        "model": default_sagemaker_model(),
+        "drain_timeout": SAGEMAKER_DRAIN_TIMEOUT_S,
+    }
+
+
+SAGEMAKER_DRAIN_TIMEOUT_S = 20.0
+"""SageMaker kills a container 30 s after its SIGTERM: the drain and the answers to the requests
+it aborts (``server.ANSWER_ABORTED_S``) fit in that."""
+
+OTHER_CONTAINERS_MODEL_VARIABLES = ("HF_MODEL_ID", "HF_MODEL_REVISION", "OPTION_MODEL_ID")
+"""Hugging Face TGI's and LMI's model choices: taken silently, another model would be served."""
+OTHER_CONTAINERS_SETTINGS = {
+    "SM_NUM_GPUS": "NEURON_LLM_TENSOR_PARALLEL_SIZE",
+    "OPTION_TENSOR_PARALLEL_DEGREE": "NEURON_LLM_TENSOR_PARALLEL_SIZE",
+    "MAX_TOTAL_TOKENS": "NEURON_LLM_MAX_MODEL_LEN",
+    "OPTION_MAX_MODEL_LEN": "NEURON_LLM_MAX_MODEL_LEN",
+    "MAX_BATCH_PREFILL_TOKENS": "NEURON_LLM_MAX_NUM_BATCHED_TOKENS",
+}
+"""Their sizing variables, which this container does not read, and its own of the same meaning."""
+
+
+def _check_other_containers_variables(environ: Mapping[str, str]) -> None:
+    """Refuse the TGI/LMI variables that choose a model; warn of the sizing ones, unread here."""
+    chosen = [name for name in OTHER_CONTAINERS_MODEL_VARIABLES if name in environ]
+    if chosen:
+        raise ValueError(
+            f"{', '.join(chosen)} set: this container does not download models; it serves the model "
+            "SageMaker unpacked in /opt/ml/model (model_data), or NEURON_LLM_MODEL's path"
+        )
+    for name, ours in OTHER_CONTAINERS_SETTINGS.items():
+        if name in environ:
+            logger.warning("%s is not read by this container; set %s instead", name, ours)
 
 
 def sagemaker_main(argv: Sequence[str] | None = None) -> None:
@@ -84,9 +120,11 @@ def sagemaker_main(argv: Sequence[str] | None = None) -> None:
     try:
         run_server = _server()
         settings = ServeSettings.from_env(os.environ, **defaults)
-    except (ValueError, ImportError) as e:
+        logging.basicConfig(level=LOG_LEVELS[settings.log_level], format=_LOG_FORMAT)
+        _check_other_containers_variables(os.environ)
+        settings.check_model()  # before the port opens: a missing model fails in one line
+    except (ValueError, ImportError, OSError) as e:
         parser.exit(2, f"serve: error: {e}\n")
-    logging.basicConfig(level=LOG_LEVELS[settings.log_level], format=_LOG_FORMAT)
     sys.exit(run_server(settings))
 
 

@@ -73,12 +73,14 @@ def container_env(args: argparse.Namespace) -> dict[str, str]:
         ):
             if value is None:
                 raise ValueError(f"{flag} is needed on {args.instance_type}: {why}")
-        if args.tensor_parallel_size != 1:
+        if args.tensor_parallel_size not in (None, 1):
             raise ValueError(
                 f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism does not run on Neuron yet"
             )
-    env = {"NEURON_LLM_DEVICE": device, "NEURON_LLM_TENSOR_PARALLEL_SIZE": str(args.tensor_parallel_size)}
-    for name in ("num_kv_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "served_model_name"):
+    env = {"NEURON_LLM_DEVICE": device}
+    # Each left unset takes the artifact's own (or the server's default).
+    names = ("tensor_parallel_size", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens")
+    for name in (*names, "served_model_name"):
         if getattr(args, name) is not None:
             env[f"NEURON_LLM_{name.upper()}"] = str(getattr(args, name))
     for item in args.env:
@@ -101,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--instance-type", required=True, help="e.g. ml.inf2.xlarge, ml.trn1.2xlarge, ml.g5.xlarge")
     parser.add_argument("--endpoint-name", required=True)
     parser.add_argument("--instance-count", type=int, default=1)
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="devices to split the model across")
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=None,
+        help="devices to split the model across (default: 1, or the artifact's)",
+    )
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (needed on Neuron)")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one step")

@@ -28,6 +28,7 @@ from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.app import _drain
 from neuron_llm.serve.cli import add_serve_parser, run_serve, sagemaker_defaults, sagemaker_main
 from neuron_llm.serve.metrics import ServerMetrics
+from neuron_llm.serve.server import ANSWER_ABORTED_S
 from neuron_llm.serve.settings import LOG_LEVELS, ServeSettings
 from neuron_llm.serve.state import ServedModel, ServerState
 from tests.serve.conftest import make_slow_llm, wait_for
@@ -94,6 +95,8 @@ def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
 
 def test_the_sagemaker_command_listens_where_sagemaker_says() -> None:
     assert sagemaker_defaults({})["port"] == 8080
+    # SageMaker sends SIGKILL 30 s after SIGTERM: the drain and its answers fit in that.
+    assert sagemaker_defaults({})["drain_timeout"] + ANSWER_ABORTED_S < 30
     # Multi-container endpoints and inference pipelines give each container its port.
     defaults = sagemaker_defaults({"SAGEMAKER_BIND_TO_PORT": "9001"})
     assert ServeSettings.from_env({}, **defaults).port == 9001
@@ -126,6 +129,29 @@ def test_an_empty_api_key_is_refused() -> None:
     # Taken, it would refuse requests without a key but let through "Authorization: Bearer".
     with pytest.raises(ValueError, match="api_key='': empty; leave it unset"):
         ServeSettings.from_env({"NEURON_LLM_API_KEY": ""})
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"HF_MODEL_ID": "meta-llama/Llama-3.1-8B-Instruct"}, "HF_MODEL_ID set: this container does not download"),
+        ({"NEURON_LLM_MODEL": "/nonexistent/model"}, "model path /nonexistent/model does not exist"),
+    ],
+)
+def test_the_sagemaker_command_refuses_a_model_it_cannot_serve_before_listening(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], environ: dict[str, str], message: str
+) -> None:
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("neuron_llm.serve.server.run_server", _never_runs)
+    with pytest.raises(SystemExit) as refused:
+        sagemaker_main([])
+    assert refused.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _never_runs(settings: ServeSettings) -> int:
+    raise AssertionError("the server started")
 
 
 def test_the_sagemaker_command_takes_no_arguments_and_lists_its_variables(capsys: pytest.CaptureFixture[str]) -> None:

@@ -54,6 +54,14 @@ def test_the_cuda_image_has_the_c_compiler_triton_builds_launchers_with() -> Non
     assert re.search(r"apt-get install [^\n]*\bgcc libc6-dev\b", text)
 
 
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.neuron"])
+def test_the_images_take_an_artifacts_dtype_and_the_port_sagemaker_gives(name: str) -> None:
+    text = (SERVE_DIR / name).read_text()
+    # A fixed NEURON_LLM_DTYPE would refuse every artifact compiled in another dtype ("auto" takes its own).
+    assert "NEURON_LLM_DTYPE" not in text
+    assert "LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true" in text
+
+
 def test_deploy_sets_the_device_from_the_instance_type(capsys: pytest.CaptureFixture[str]) -> None:
     deploy = _deploy_module()
     required = ["--image-uri", "img", "--model-data", "s3://b/m.tar.gz", "--role", "arn", "--endpoint-name", "e"]
@@ -63,7 +71,6 @@ def test_deploy_sets_the_device_from_the_instance_type(capsys: pytest.CaptureFix
     )
     assert deploy.container_env(args) == {
         "NEURON_LLM_DEVICE": "xla",
-        "NEURON_LLM_TENSOR_PARALLEL_SIZE": "1",
         "NEURON_LLM_NUM_KV_BLOCKS": "512",
         "NEURON_LLM_MAX_NUM_BATCHED_TOKENS": "256",
         "NEURON_LLM_DRAIN_TIMEOUT": "5",
@@ -77,4 +84,9 @@ def test_deploy_sets_the_device_from_the_instance_type(capsys: pytest.CaptureFix
     gpu = deploy.build_parser().parse_args([*required, "--instance-type", "ml.g5.2xlarge", "--max-model-len", "4096"])
     assert deploy.container_env(gpu)["NEURON_LLM_DEVICE"] == "cuda"
     assert deploy.container_env(gpu)["NEURON_LLM_MAX_MODEL_LEN"] == "4096"
+    # Left unset, a tensor-parallel artifact's own size stands (a set one must equal it).
+    assert "NEURON_LLM_TENSOR_PARALLEL_SIZE" not in deploy.container_env(gpu)
+    tp = [*required, "--instance-type", "ml.g5.12xlarge", "--tensor-parallel-size", "4"]
+    tp = deploy.build_parser().parse_args(tp)
+    assert deploy.container_env(tp)["NEURON_LLM_TENSOR_PARALLEL_SIZE"] == "4"
     assert deploy.main([*required, "--instance-type", "ml.m5.large"]) == 2
