@@ -47,6 +47,10 @@ class EngineClosedError(Exception):
     """The engine is shutting down or stopped: new requests are refused, leftovers aborted (503)."""
 
 
+class RequestAbortedError(Exception):
+    """``AsyncLLM.abort`` ended the request."""
+
+
 class EngineError(Exception):
     """The engine failed while running the request (a server answers 500)."""
 
@@ -149,7 +153,8 @@ class AsyncLLM:
         are merged, since each one holds everything before it. Before the first output this
         raises ``ValueError`` for a request the engine refuses, and ``QueueFullError`` or
         ``EngineClosedError`` when it cannot be accepted; afterwards ``EngineError`` if the
-        engine fails, or ``EngineClosedError`` if shutdown aborts the request. A consumer that
+        engine fails, ``EngineClosedError`` if shutdown aborts the request, or
+        ``RequestAbortedError`` if ``abort`` does. A consumer that
         stops early (``aclose``, cancellation) aborts the request, which frees its KV blocks.
         """
         request_id = uuid.uuid4().hex if request_id is None else request_id
@@ -181,7 +186,8 @@ class AsyncLLM:
             self._release(is_waiting=is_waiting, is_in_flight=True)
 
     def abort(self, request_id: str) -> None:
-        """Abort a request and free its blocks; unknown or finished ids are ignored."""
+        """Abort a request and free its blocks (its ``generate`` raises ``RequestAbortedError``);
+        unknown or finished ids are ignored."""
         self._commands.put(_Abort(request_id))
 
     def stats(self) -> EngineStats:
@@ -265,6 +271,9 @@ class AsyncLLM:
         if stream is not None and abort.stream in (None, stream):
             del self._streams[abort.request_id]
             self.engine.abort(abort.request_id)
+            if abort.stream is None:
+                # Aborted by id (``abort``), not by its consumer leaving: the consumer still waits.
+                stream.put(RequestAbortedError(f"request {abort.request_id!r} was aborted"))
 
     def _step(self) -> None:
         try:

@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from neuron_llm.engine.async_llm import AsyncLLM, EngineClosedError, EngineError, QueueFullError
+from neuron_llm.engine.async_llm import (
+    AsyncLLM,
+    EngineClosedError,
+    EngineError,
+    QueueFullError,
+    RequestAbortedError,
+)
 from neuron_llm.llm import LLM
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.sampling_params import SamplingParams
@@ -100,6 +106,26 @@ def test_a_stream_closed_late_aborts_only_its_own_request(model_dir: Path) -> No
         assert len(final.outputs[0].token_ids) == LONG.max_tokens
 
     run_with(make_slow_llm(model_dir, step_s=0.002), scenario)
+
+
+def test_aborting_by_id_ends_the_stream_and_releases_its_place(model_dir: Path) -> None:
+    async def scenario(engine: AsyncLLM) -> None:
+        # Aborted before its first output (the waiting queue's one place) and after it.
+        for reads_first in (False, True):
+            outputs = engine.generate("Hello world", LONG, request_id="mine")
+            if reads_first:
+                await anext(outputs)
+                ending = asyncio.ensure_future(last(outputs))
+            else:
+                ending = asyncio.ensure_future(last(outputs))
+                await asyncio.sleep(0)  # admitted: the request is queued to the engine
+            engine.abort("mine")
+            with pytest.raises(RequestAbortedError, match="'mine' was aborted"):
+                await ending
+        assert engine.num_in_flight == 0
+        await last(engine.generate("Hello", GREEDY))  # the waiting queue has room again
+
+    run_with(make_slow_llm(model_dir, step_s=0.002), scenario, max_waiting_requests=1)
 
 
 def test_a_full_waiting_queue_refuses_at_once(model_dir: Path) -> None:
