@@ -173,7 +173,8 @@ def check_quantizable(model: str | None, config: QuantConfig) -> None:
 
 
 def smoothing_from_args(args: argparse.Namespace) -> Smoothing | None:
-    """``(text_file, alpha, num_tokens)`` of SmoothQuant, None without ``--smoothquant``; checked before loading."""
+    """The calibration text and settings of SmoothQuant, None without ``--smoothquant``; read and
+    checked before the model loads."""
     from neuron_llm.quant.smoothquant import DEFAULT_ALPHA
 
     if args.smoothquant is None:

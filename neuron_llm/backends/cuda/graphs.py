@@ -15,8 +15,9 @@ prefill steps run eagerly, as do steps that return prompt logits.
 A prefill bucket of ``CUDNN_MIN_PROMPT`` tokens or more (that a block table holds) has a
 second graph, for a step that is one whole prompt of that many tokens or more: its attention
 is cuDNN's over the bucket's length, as an eager step's would be, where the other graph runs
-the paged kernel (slower on a long fresh prompt). The padding tokens after the prompt then attend to it like prompt
-tokens, and the prompt's rows come out bit for bit as eagerly; no row reads the padding's.
+the paged kernel (slower on a long fresh prompt). The padding tokens after the prompt then
+attend to it like prompt tokens, and the prompt's rows come out bit for bit as eagerly; no row
+reads the padding's.
 """
 
 from __future__ import annotations
