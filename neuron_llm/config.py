@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from neuron_llm.sampling_params import is_finite_number
 
 _DTYPES = {
     "float32": torch.float32,
@@ -70,10 +71,6 @@ def _require_bool(config: Any, name: str) -> None:
     # "no" or "false" from a script or a JSON string is truthy: refused, not taken as True.
     value = getattr(config, name)
     _require(isinstance(value, bool), name, value, "must be a bool")
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def as_token_ids(value: Any, key: str) -> tuple[int, ...]:
@@ -312,7 +309,7 @@ class CacheConfig:
             "must be None or an integer > 1",
         )
         _require(
-            _is_real(self.memory_fraction) and 0 < self.memory_fraction <= 1,
+            is_finite_number(self.memory_fraction) and 0 < self.memory_fraction <= 1,
             "memory_fraction",
             self.memory_fraction,
             "must be a number in (0, 1]",

@@ -42,7 +42,8 @@ def is_integral(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """A finite real number of Python or NumPy; not a bool."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         return False
     try:
@@ -151,18 +152,18 @@ class SamplingParams:
         _require(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind, f"must be one of {OUTPUT_KINDS}")
 
     def _check_distribution(self) -> None:
-        _require(_is_number(self.temperature), "temperature", self.temperature, "must be a finite number")
+        _require(is_finite_number(self.temperature), "temperature", self.temperature, "must be a finite number")
         _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
         if 0 < self.temperature < MIN_TEMPERATURE:
             logger.warning(
                 "temperature=%r is below %r and is raised to it (only 0 is greedy)", self.temperature, MIN_TEMPERATURE
             )
             self._set("temperature", MIN_TEMPERATURE)
-        _require(_is_number(self.top_p), "top_p", self.top_p, "must be a finite number")
+        _require(is_finite_number(self.top_p), "top_p", self.top_p, "must be a finite number")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         _require(is_integral(self.top_k), "top_k", self.top_k, "must be an integer")
         _require(self.top_k >= -1, "top_k", self.top_k, "must be >= 1, or 0 or -1 to keep all tokens")
-        _require(_is_number(self.min_p), "min_p", self.min_p, "must be a finite number")
+        _require(is_finite_number(self.min_p), "min_p", self.min_p, "must be a finite number")
         _require(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
         self._set("temperature", float(self.temperature))
         self._set("top_p", float(self.top_p))
@@ -172,11 +173,11 @@ class SamplingParams:
     def _check_penalties(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _require(_is_number(value), name, value, "must be a finite number")
+            _require(is_finite_number(value), name, value, "must be a finite number")
             _require(-2 <= value <= 2, name, value, "must be in [-2, 2]")
             self._set(name, float(value))
         value = self.repetition_penalty
-        _require(_is_number(value), "repetition_penalty", value, "must be a finite number")
+        _require(is_finite_number(value), "repetition_penalty", value, "must be a finite number")
         _require(value > 0, "repetition_penalty", value, "must be > 0")
         self._set("repetition_penalty", float(value))
 
@@ -192,7 +193,8 @@ class SamplingParams:
             # The entry at fault is shown, not the whole map: it may hold thousands.
             entry = {token_id: value}
             _require(is_integral(token_id) and token_id >= 0, "logit_bias", entry, "token ids must be integers >= 0")
-            _require(_is_number(value) and -100 <= value <= 100, "logit_bias", entry, "biases must be in [-100, 100]")
+            in_range = is_finite_number(value) and -100 <= value <= 100
+            _require(in_range, "logit_bias", entry, "biases must be in [-100, 100]")
             checked[int(token_id)] = float(value)
         self._set("logit_bias", checked or None)
 
