@@ -78,10 +78,14 @@ class TokenDecoder:
         return start
 
     def _unfinished_byte_tokens(self, prompt_token_ids: list[int]) -> int:
+        pieces = self._tokenizer.convert_ids_to_tokens(prompt_token_ids[-3:])
+        # The piece test first: reading the decoder's kind parses its JSON (a fraction of a ms).
+        if not pieces or _byte_token_value(pieces[-1]) is None:
+            return 0
         if _piece_bytes_reader(self._tokenizer) is not _sentencepiece_bytes:
             return 0
         tail = b""
-        for piece in reversed(self._tokenizer.convert_ids_to_tokens(prompt_token_ids[-3:])):
+        for piece in reversed(pieces):
             byte = _byte_token_value(piece)
             if byte is None:
                 break
