@@ -27,6 +27,7 @@ from neuron_llm.config import (
     ParallelConfig,
     SchedulerConfig,
     SpeculativeConfig,
+    is_int,
     parse_device,
     parse_dtype,
 )
@@ -86,6 +87,9 @@ class LLM:
             compiles its graph when it first runs, with a warning.
         generation_config: as in vLLM, "auto" takes default sampling settings from the model's
             ``generation_config.json``; "vllm" ignores them (``SamplingParams()``'s own).
+        seed: as in vLLM, seeds torch's default generators (``torch.manual_seed``, for the
+            whole process), from which requests without a ``SamplingParams.seed`` draw: the
+            same calls on a new ``LLM`` then give the same tokens. None leaves them as they are.
         Other keyword arguments are the fields of ``CacheConfig`` and ``SchedulerConfig``
         (``block_size``, ``num_kv_blocks``, ``memory_fraction``, ``enable_prefix_caching``,
         ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_chunked_prefill``);
@@ -108,6 +112,7 @@ class LLM:
         speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None,
         sampling_features: Sequence[str] | None = None,
         generation_config: str = "auto",
+        seed: int | None = None,
         **engine_options: Any,
     ) -> None:
         if "gpu_memory_utilization" in engine_options:
@@ -123,6 +128,8 @@ class LLM:
             raise ValueError(f"warm_up={warm_up!r}: must be None or a bool")
         if generation_config not in ("auto", "vllm"):
             raise ValueError(f"generation_config={generation_config!r}: must be 'auto' or 'vllm'")
+        if seed is not None and not (is_int(seed) and -(2**63) <= seed < 2**64):
+            raise ValueError(f"seed={seed!r}: must be None or an integer in [-2**63, 2**64)")
         if isinstance(sampling_features, str):
             raise ValueError(f"sampling_features={sampling_features!r}: must be a list of feature names")
         artifact = Artifact.open(model) if is_artifact(model) else None  # type: ignore[arg-type]
@@ -206,6 +213,8 @@ class LLM:
         """Per request added through this LLM, the outputs its caller has not read yet: steps
         run for one caller (a stream, a generate) advance every request in the engine."""
         cache = graph_cache(artifact.path, device, loading=True) if artifact is not None else contextlib.nullcontext()
+        if seed is not None:
+            torch.manual_seed(seed)  # before warm-up, whose steps draw too
         with cache as cache_dir:
             cached = cache_files(cache_dir)
             self._executor = make_executor(self.config, self._worker_factory(info.source))

@@ -47,6 +47,22 @@ def test_seeded_sampling_is_batch_independent(tiny_model_dir) -> None:
     assert llm.generate({"prompt_token_ids": prompt}, seeded)[0].outputs[0].token_ids == alone
 
 
+def test_an_llm_seed_reproduces_unseeded_sampling(tiny_model_dir) -> None:
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=9)]
+    unseeded = SamplingParams(temperature=1.0, max_tokens=12)
+
+    def tokens(seed: int) -> list[list[int]]:
+        outputs = make_llm(tiny_model_dir, seed=seed).generate(prompts, unseeded)
+        return [output.outputs[0].token_ids for output in outputs]
+
+    first = tokens(seed=3)
+    torch.rand(100)  # draws between the two runs do not matter: the seed resets the generator
+    assert tokens(seed=3) == first
+    assert tokens(seed=4) != first
+    with pytest.raises(ValueError, match=r"seed='3': must be None or an integer"):
+        make_llm(tiny_model_dir, seed="3")
+
+
 def test_n_completions_share_the_prompt(tiny_model_dir) -> None:
     llm = make_llm(tiny_model_dir, enable_prefix_caching=False)
     prompt = random_prompts(1, seed=8, min_len=30, max_len=30)[0]
