@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -88,13 +89,15 @@ def is_int(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class RopeScaling:
-    """Llama 3.1 ("llama3") rotary frequency scaling; the only scaling type we implement."""
+class Llama3RopeScaling:
+    """Llama 3.1 frequency scaling (transformers' rope type "llama3")."""
 
     factor: float
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+    rope_type: ClassVar[str] = "llama3"
 
     def __post_init__(self) -> None:
         _require(self.factor > 0, "rope_scaling.factor", self.factor, "must be > 0")
@@ -104,12 +107,77 @@ class RopeScaling:
             self.high_freq_factor,
             f"must exceed low_freq_factor={self.low_freq_factor} > 0",
         )
+        _require_context(self.original_max_position_embeddings)
+
+    @property
+    def attention_factor(self) -> float:
+        return 1.0
+
+
+@dataclass(frozen=True)
+class LinearRopeScaling:
+    """Position interpolation (rope type "linear"): every frequency divided by ``factor``, as
+    long-context Llama 2 fine-tunes (Vicuna 16k, LongChat) were trained."""
+
+    factor: float
+
+    rope_type: ClassVar[str] = "linear"
+
+    def __post_init__(self) -> None:
+        _require(self.factor > 0, "rope_scaling.factor", self.factor, "must be > 0")
+
+    @property
+    def attention_factor(self) -> float:
+        return 1.0
+
+
+@dataclass(frozen=True)
+class YarnRopeScaling:
+    """YaRN (Peng et al. 2023; rope type "yarn"): frequencies that turn fewer than ``beta_slow``
+    times over the original context are divided by ``factor``, those turning more than
+    ``beta_fast`` times are kept, a linear ramp between; cos and sin are multiplied by
+    ``attention_factor``."""
+
+    factor: float
+    original_max_position_embeddings: int
+    attention_factor: float
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    """Round the ramp's ends to whole dimensions (transformers' default; llama.cpp always does)."""
+
+    rope_type: ClassVar[str] = "yarn"
+
+    def __post_init__(self) -> None:
+        _require(self.factor > 0, "rope_scaling.factor", self.factor, "must be > 0")
+        _require_context(self.original_max_position_embeddings)
+        _require(self.attention_factor > 0, "rope_scaling.attention_factor", self.attention_factor, "must be > 0")
         _require(
-            self.original_max_position_embeddings > 0,
-            "rope_scaling.original_max_position_embeddings",
-            self.original_max_position_embeddings,
-            "must be > 0",
+            self.beta_fast >= self.beta_slow > 0,
+            "rope_scaling.beta_fast",
+            self.beta_fast,
+            f"must be at least beta_slow={self.beta_slow} > 0",
         )
+        _require_bool(self, "truncate")
+
+    @staticmethod
+    def default_attention_factor(factor: float, mscale: float = 1.0) -> float:
+        """YaRN's magnitude correction, 0.1 ln(factor) + 1 (eq. 21), with transformers' ``mscale``."""
+        return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+RopeScaling = Llama3RopeScaling | LinearRopeScaling | YarnRopeScaling
+"""How rotary frequencies are stretched beyond the pretraining context; None when they are not."""
+
+
+def hf_rope_scaling(scaling: RopeScaling) -> dict[str, Any]:
+    """``scaling`` as a Hugging Face config's ``rope_scaling`` entry (what ``_read_rope`` reads back)."""
+    return {"rope_type": scaling.rope_type, **dataclasses.asdict(scaling)}
+
+
+def _require_context(value: Any) -> None:
+    name = "rope_scaling.original_max_position_embeddings"
+    _require(is_int(value) and value > 0, name, value, "must be a positive integer")
 
 
 # Llama config keys whose non-default values change the computation in ways we do not
@@ -230,26 +298,60 @@ class ModelConfig:
 
 
 def _read_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """rope_theta and the scaling, as transformers resolves them (its ``standardize_rope_params``)."""
     # transformers 5 writes "rope_parameters" (theta inside); 4.x writes rope_theta + rope_scaling.
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = params.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
     rope_type = params.get("rope_type", params.get("type", "default"))
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise ValueError(f"partial_rotary_factor={partial!r}: partial rotary embeddings are not implemented")
     if rope_type == "default":
         return theta, None
-    if rope_type != "llama3":
-        raise ValueError(f"unsupported rope_scaling type {rope_type!r}: only 'llama3' is implemented")
+    # A top-level key wins over the one in the rope parameters, as in transformers 5.
+    context = hf.get("original_max_position_embeddings") or params.get(
+        "original_max_position_embeddings", hf.get("max_position_embeddings", 2048)
+    )
     try:
-        scaling = RopeScaling(
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        )
+        factor = float(params["factor"])
+        if rope_type == "linear":
+            return theta, LinearRopeScaling(factor)
+        if rope_type == "llama3":
+            return theta, Llama3RopeScaling(
+                factor=factor,
+                low_freq_factor=float(params["low_freq_factor"]),
+                high_freq_factor=float(params["high_freq_factor"]),
+                original_max_position_embeddings=context,
+            )
+        if rope_type == "yarn":
+            return theta, _read_yarn(params, factor, context)
     except KeyError as e:
-        raise ValueError(f"rope_scaling of type 'llama3' lacks {e.args[0]!r}") from e
+        raise ValueError(f"rope_scaling of type {rope_type!r} lacks {e.args[0]!r}") from e
     except TypeError as e:  # null, a list...
-        raise ValueError(f"rope_scaling of type 'llama3' holds a value that is not a number: {params}") from e
-    return theta, scaling
+        raise ValueError(f"rope_scaling of type {rope_type!r} holds a value that is not a number: {params}") from e
+    # "dynamic" (NTK) changes every cached key's rotation as the sequence grows in transformers;
+    # a paged cache keeps the rotation a key was written with, so it could only approximate it.
+    raise ValueError(f"unsupported rope_scaling type {rope_type!r}: only 'linear', 'llama3' and 'yarn' are implemented")
+
+
+def _read_yarn(params: dict[str, Any], factor: float, context: int) -> YarnRopeScaling:
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        magnitude = YarnRopeScaling.default_attention_factor
+        if mscale and mscale_all_dim:
+            attention_factor = magnitude(factor, float(mscale)) / magnitude(factor, float(mscale_all_dim))
+        else:
+            attention_factor = magnitude(factor)
+    # transformers takes a null or zero beta as its default.
+    return YarnRopeScaling(
+        factor=factor,
+        original_max_position_embeddings=context,
+        attention_factor=float(attention_factor),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        truncate=params.get("truncate", True),
+    )
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import gguf
 import numpy as np
 import torch
 
-from neuron_llm.config import ModelConfig, RopeScaling
+from neuron_llm.config import LinearRopeScaling, Llama3RopeScaling, ModelConfig, RopeScaling, YarnRopeScaling
 from neuron_llm.layers.rotary import inverse_frequencies
 from neuron_llm.loader.weights import TensorSource
 
@@ -102,7 +102,8 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     """Build the ``ModelConfig`` of the Llama GGUF ``reader`` (opened from ``path``).
 
     Raises ``ValueError`` naming the architecture when it is not ``llama``, or the option
-    when it is one we do not implement (mixture of experts, partial rotary, other rope scaling).
+    when it is one we do not implement (mixture of experts, partial rotary, rope scaling other
+    than linear, Llama 3.1 and YaRN).
     """
     meta = _Metadata(reader, path)
     architecture = meta.require("general.architecture")
@@ -125,8 +126,8 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
             "partial rotary embeddings are not implemented"
         )
     rope_theta = float(meta.get("llama.rope.freq_base", 10000.0))
-    rope_freqs = tensors.get(_ROPE_FREQS)
-    rope_scaling = None if rope_freqs is None else _llama3_scaling(_dequantize(rope_freqs), head_dim, rope_theta, path)
+    context_length = meta.get("llama.context_length", 2048)
+    rope_scaling = _rope_scaling(meta, tensors.get(_ROPE_FREQS), head_dim, rope_theta, context_length)
     fields = dict(
         # The embedding's rows, not the token list: a checkpoint may pad its vocabulary.
         vocab_size=_row_major_shape(tensors["token_embd.weight"])[0],
@@ -139,7 +140,7 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        max_position_embeddings=meta.get("llama.context_length", 2048),
+        max_position_embeddings=context_length,
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_token_ids(meta),
@@ -161,18 +162,6 @@ def _refuse_unsupported_options(meta: _Metadata, tensors: Iterable[Any], head_di
     num_experts = meta.get("llama.expert_count", 0)
     if num_experts:
         raise ValueError(f"{path}: llama.expert_count={num_experts}: mixture of experts is not implemented")
-    scaling_type = meta.get("llama.rope.scaling.type", "none")
-    if scaling_type != "none":
-        raise ValueError(
-            f"{path}: unsupported llama.rope.scaling.type={scaling_type!r}: only Llama 3.1 scaling "
-            f"(stored as the {_ROPE_FREQS!r} tensor) is implemented"
-        )
-    # llama.cpp scales positions linearly by these without a scaling type (older files have
-    # only the second key); running unscaled would be silently wrong.
-    for key in ("llama.rope.scaling.factor", "llama.rope.scale_linear"):
-        factor = meta.get(key)
-        if factor not in (None, 0.0, 1.0):
-            raise ValueError(f"{path}: {key}={factor}: linear rope scaling is not implemented")
     value_length = meta.get("llama.attention.value_length") or head_dim
     if value_length != head_dim:
         raise ValueError(f"{path}: llama.attention.value_length={value_length} differs from key_length={head_dim}")
@@ -216,7 +205,61 @@ def _eos_token_ids(meta: _Metadata) -> tuple[int, ...]:
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
-def _llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, path: Path) -> RopeScaling | None:
+# YaRN keys whose other values llama.cpp applies in ways transformers' "yarn" does not express.
+_YARN_DEFAULTS = {
+    "llama.rope.scaling.yarn_ext_factor": (-1.0, 1.0),
+    "llama.rope.scaling.yarn_attn_factor": (1.0,),
+    "llama.rope.scaling.yarn_log_multiplier": (0.0,),
+    "llama.rope.scaling.attn_factor": (1.0,),
+}
+
+
+def _rope_scaling(
+    meta: _Metadata, rope_freqs: Any, head_dim: int, theta: float, context_length: int
+) -> RopeScaling | None:
+    """The rope scaling llama.cpp applies to this file: Llama 3.1's as the ``rope_freqs`` tensor,
+    or a scaling type with its factor."""
+    path = meta.path
+    scaling_type = meta.get("llama.rope.scaling.type", "none")
+    # llama.cpp scales positions linearly by the factor whatever the type says (older files
+    # have only the second key); running unscaled would be silently wrong.
+    factor = meta.get("llama.rope.scaling.factor") or meta.get("llama.rope.scale_linear")
+    factor = None if factor in (None, 0.0, 1.0) else float(factor)
+    if rope_freqs is not None:
+        if scaling_type != "none" or factor is not None:
+            raise ValueError(
+                f"{path}: llama.rope.scaling.type={scaling_type!r} (factor {factor}) beside the {_ROPE_FREQS!r} "
+                "tensor: both scalings at once are not implemented"
+            )
+        return _llama3_scaling(_dequantize(rope_freqs), head_dim, theta, path)
+    if scaling_type not in ("none", "linear", "yarn"):
+        raise ValueError(
+            f"{path}: unsupported llama.rope.scaling.type={scaling_type!r}: only 'linear', 'yarn' and Llama 3.1 "
+            f"scaling (stored as the {_ROPE_FREQS!r} tensor) are implemented"
+        )
+    if factor is None:
+        if scaling_type == "yarn":
+            raise ValueError(f"{path}: llama.rope.scaling.type='yarn' without llama.rope.scaling.factor")
+        return None
+    try:
+        if scaling_type != "yarn":
+            return LinearRopeScaling(factor)
+        for key, accepted in _YARN_DEFAULTS.items():
+            value = meta.get(key)
+            if value is not None and value not in accepted:
+                raise ValueError(f"{key}={value}: only {accepted[-1]} is implemented")
+        return YarnRopeScaling(
+            factor=factor,
+            original_max_position_embeddings=meta.get("llama.rope.scaling.original_context_length") or context_length,
+            attention_factor=YarnRopeScaling.default_attention_factor(factor),
+            beta_fast=float(meta.get("llama.rope.scaling.yarn_beta_fast", 32.0)),
+            beta_slow=float(meta.get("llama.rope.scaling.yarn_beta_slow", 1.0)),
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, path: Path) -> Llama3RopeScaling | None:
     """Recover the Llama 3.1 scaling parameters from llama.cpp's per-frequency divisors.
 
     llama.cpp divides frequency ``i`` by ``factors[i]``: 1 for short wavelengths, ``factor``
@@ -247,7 +290,7 @@ def _llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, path: Path
     slope, intercept = np.polyfit(inv_freq[in_between] / (2 * math.pi), smooth, 1)
     context = int(round(-slope / intercept)) if intercept < 0 else 0
     try:
-        scaling = RopeScaling(
+        scaling = Llama3RopeScaling(
             factor=round(factor, 6),
             low_freq_factor=1.0,
             # Rounded to undo float32 noise; the check below proves the rounded value exact enough.

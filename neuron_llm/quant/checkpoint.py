@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from neuron_llm.config import ModelConfig
+from neuron_llm.config import ModelConfig, hf_rope_scaling
 from neuron_llm.layers.linear import Linear
 from neuron_llm.loader.hf_dir import CONFIG_FILE, GENERATION_CONFIG_FILE, SINGLE_WEIGHTS_FILE, read_json
 from neuron_llm.loader.tokenizer import has_tokenizer_files
@@ -415,16 +415,6 @@ def adapt_checkpoint_weights(weights: Iterable[tuple[str, TensorSource]]) -> Ite
 
 def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     """A Hugging Face Llama ``config.json`` dict for ``config`` (for models read from GGUF)."""
-    scaling = config.rope_scaling
-    rope_scaling = None
-    if scaling is not None:
-        rope_scaling = {
-            "rope_type": "llama3",
-            "factor": scaling.factor,
-            "low_freq_factor": scaling.low_freq_factor,
-            "high_freq_factor": scaling.high_freq_factor,
-            "original_max_position_embeddings": scaling.original_max_position_embeddings,
-        }
     eos = list(config.eos_token_ids)
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -439,7 +429,7 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "rms_norm_eps": config.rms_norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_scaling": rope_scaling,
+        "rope_scaling": None if config.rope_scaling is None else hf_rope_scaling(config.rope_scaling),
         "max_position_embeddings": config.max_position_embeddings,
         "tie_word_embeddings": config.tie_word_embeddings,
         "bos_token_id": config.bos_token_id,

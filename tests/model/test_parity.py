@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_model
 
-from neuron_llm.config import RopeScaling
+from neuron_llm.config import LinearRopeScaling, Llama3RopeScaling, RopeScaling, YarnRopeScaling
 from neuron_llm.loader import load_model
 
 NUM_NEW_TOKENS = 32
@@ -32,11 +32,17 @@ LLAMA3_ROPE = {
     # Short, so that the scaling reshapes most frequencies even for these short prompts.
     "original_max_position_embeddings": 16,
 }
+# Short original contexts, so that the scaling changes most frequencies even for short prompts.
+LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 CONFIGS: dict[str, dict[str, Any]] = {
     "mha": dict(num_attention_heads=4, num_key_value_heads=4),
     "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
     "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
     "llama3_rope": dict(rope_parameters=LLAMA3_ROPE),
+    "linear_rope": dict(rope_parameters=LINEAR_ROPE),
+    # YaRN also scales cos and sin (by 0.1 ln 4 + 1); head_dim 32 puts frequencies on its ramp.
+    "yarn_rope": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32, rope_parameters=YARN_ROPE),
     "tied": dict(tie_word_embeddings=True),
     "odd_sizes": dict(
         hidden_size=72, num_attention_heads=3, num_key_value_heads=3, head_dim=16, intermediate_size=100, vocab_size=997
@@ -161,6 +167,8 @@ GGUF_CONFIGS: dict[str, dict[str, Any]] = {
         head_dim=32,
         rope_parameters={**LLAMA3_ROPE, "original_max_position_embeddings": 64},
     ),
+    "linear_rope": CONFIGS["linear_rope"],
+    "yarn_rope": CONFIGS["yarn_rope"],
 }
 
 
@@ -200,6 +208,21 @@ def llama_cpp_rope_freqs(config: Any) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
+def expected_rope_scaling(rope: dict[str, Any]) -> RopeScaling | None:
+    """The scaling a GGUF file written by ``write_gguf`` describes, for the rope parameters of its model."""
+    kind = rope["rope_type"]
+    if kind == "llama3":
+        return Llama3RopeScaling(
+            rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
+        )
+    if kind == "linear":
+        return LinearRopeScaling(rope["factor"])
+    if kind == "yarn":
+        attention_factor = 0.1 * math.log(rope["factor"]) + 1
+        return YarnRopeScaling(rope["factor"], rope["original_max_position_embeddings"], attention_factor)
+    return None
+
+
 def write_gguf(hf_model: Any, path: Path) -> None:
     """Write ``hf_model`` as llama.cpp's converter would, in float32 and without a tokenizer."""
     config = hf_model.config
@@ -215,8 +238,16 @@ def write_gguf(hf_model: Any, path: Path) -> None:
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if config.rope_parameters["rope_type"] == "llama3":
+    rope = config.rope_parameters
+    if rope["rope_type"] == "llama3":
         writer.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(config))
+    elif rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    elif rope["rope_type"] == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     for name, tensor in hf_model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -240,17 +271,8 @@ def test_gguf_matches_transformers(
     write_gguf(hf_model, tmp_path / "tiny.gguf")
     loaded = load_model(tmp_path, dtype=torch.float32, device="cpu")  # a directory with one .gguf
     assert loaded.config.tie_word_embeddings == hf_model.config.tie_word_embeddings
-    rope = hf_model.config.rope_parameters
-    if rope["rope_type"] == "llama3":
-        expected = RopeScaling(
-            factor=rope["factor"],
-            low_freq_factor=rope["low_freq_factor"],
-            high_freq_factor=rope["high_freq_factor"],
-            original_max_position_embeddings=rope["original_max_position_embeddings"],
-        )
-        assert loaded.config.rope_scaling == expected
-    else:
-        assert loaded.config.rope_scaling is None
+    expected = expected_rope_scaling(hf_model.config.rope_parameters)
+    assert loaded.config.rope_scaling == expected
     runner = paged_runner(loaded.model)
     prompt = random_prompt(13, hf_model.config.vocab_size, seed=4)
 

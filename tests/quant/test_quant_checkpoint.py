@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from neuron_llm.config import ModelConfig, RopeScaling
+from neuron_llm.config import Llama3RopeScaling, ModelConfig
 from neuron_llm.quant import (
     LinearFormat,
     QuantConfig,
@@ -392,7 +392,7 @@ def test_config_rebuilt_for_a_gguf_source_reads_back() -> None:
         num_key_value_heads=2,
         head_dim=16,
         rope_theta=500000.0,
-        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+        rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 8192),
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_ids=(2, 3),

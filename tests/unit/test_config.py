@@ -13,9 +13,9 @@ from neuron_llm.config import (
     CacheConfig,
     DeviceConfig,
     EngineConfig,
+    Llama3RopeScaling,
     ModelConfig,
     ParallelConfig,
-    RopeScaling,
     SchedulerConfig,
     SpeculativeConfig,
     parse_dtype,
@@ -57,7 +57,7 @@ LLAMA31_8B = {
     "bos_token_id": 128000,
     "eos_token_id": [128001, 128008, 128009],
 }
-EXPECTED_LLAMA31_SCALING = RopeScaling(
+EXPECTED_LLAMA31_SCALING = Llama3RopeScaling(
     factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
 )
 
@@ -154,9 +154,20 @@ def test_from_json_file(tmp_path: Path) -> None:
         (dict(attention_bias=True), r"unsupported Llama option attention_bias=True: only False"),
         (dict(mlp_bias=True), r"unsupported Llama option mlp_bias=True"),
         (dict(hidden_act="gelu"), r"unsupported Llama option hidden_act='gelu': only 'silu'"),
-        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"unsupported rope_scaling type 'yarn'"),
-        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), r"unsupported rope_scaling type 'linear'"),
-        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), r"unsupported rope_scaling type 'dynamic'"),
+        (
+            dict(rope_scaling={"type": "dynamic", "factor": 2.0}),
+            r"unsupported rope_scaling type 'dynamic': only 'linear', 'llama3' and 'yarn'",
+        ),
+        (dict(rope_scaling={"rope_type": "linear"}), r"rope_scaling of type 'linear' lacks 'factor'"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": None}), r"type 'yarn' holds a value that is not a number"),
+        (
+            dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 0.5}),
+            r"rope_scaling\.beta_fast=0\.5: must be at least beta_slow=1\.0",
+        ),
+        (
+            dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}),
+            r"partial_rotary_factor=0\.5: partial rotary embeddings are not implemented",
+        ),
         (
             dict(rope_scaling={k: v for k, v in LLAMA31_SCALING.items() if k != "low_freq_factor"}),
             r"rope_scaling of type 'llama3' lacks 'low_freq_factor'",
@@ -198,7 +209,7 @@ def test_bad_model_values(changes: dict[str, Any], message: str) -> None:
 def test_bad_rope_scaling_values(changes: dict[str, Any], message: str) -> None:
     fields = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
     with pytest.raises(ValueError, match=message):
-        RopeScaling(**{**fields, **changes})
+        Llama3RopeScaling(**{**fields, **changes})
 
 
 def test_json_file_errors(tmp_path: Path) -> None:

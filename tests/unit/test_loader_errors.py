@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from neuron_llm.config import LinearRopeScaling
 from neuron_llm.loader import default_model, load_model, load_model_info, render_chat, resolve_model_path
 from neuron_llm.loader.gguf_file import open_gguf, read_gguf_config
 from neuron_llm.loader.hf_dir import find_weight_files, iter_hf_weights, read_generation_defaults
@@ -151,9 +152,28 @@ def test_gguf_of_another_architecture(tmp_path: Path) -> None:
         load(path)
 
 
-def test_gguf_with_unsupported_rope_scaling(tmp_path: Path) -> None:
-    path = write_gguf(tmp_path / "yarn.gguf", "llama", {**LLAMA_METADATA, "llama.rope.scaling.type": "yarn"})
-    with pytest.raises(ValueError, match=r"unsupported llama\.rope\.scaling\.type='yarn'"):
+YARN = {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "tensors", "message"),
+    [
+        ({"llama.rope.scaling.type": "longrope"}, {}, r"unsupported llama\.rope\.scaling\.type='longrope'"),
+        ({"llama.rope.scaling.type": "yarn"}, {}, r"type='yarn' without llama\.rope\.scaling\.factor"),
+        ({**YARN, "llama.rope.scaling.yarn_attn_factor": 0.5}, {}, r"yarn_attn_factor=0\.5: only 1\.0 is implemented"),
+        ({**YARN, "llama.rope.scaling.yarn_log_multiplier": 0.1}, {}, r"yarn_log_multiplier=0\.1"),
+        (
+            {"llama.rope.scaling.factor": 2.0},
+            {"rope_freqs.weight": np.ones(1, dtype=np.float32)},
+            r"beside the 'rope_freqs\.weight' tensor: both scalings at once are not implemented",
+        ),
+    ],
+)
+def test_gguf_with_unsupported_rope_scaling(
+    tmp_path: Path, metadata: dict[str, Any], tensors: dict[str, np.ndarray], message: str
+) -> None:
+    path = write_gguf(tmp_path / "rope.gguf", "llama", {**LLAMA_METADATA, **metadata}, tensors)
+    with pytest.raises(ValueError, match=rf"rope\.gguf: .*{message}"):
         load(path)
 
 
@@ -165,13 +185,18 @@ def test_gguf_rope_freqs_below_one_are_refused(tmp_path: Path) -> None:
         load(path)
 
 
-@pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
-def test_gguf_with_linear_rope_scaling_is_refused(tmp_path: Path, key: str) -> None:
-    path = write_gguf(tmp_path / "linear.gguf", "llama", {**LLAMA_METADATA, key: 4.0})
-    with pytest.raises(
-        ValueError, match=rf"linear\.gguf: {re.escape(key)}=4\.0: linear rope scaling is not implemented"
-    ):
-        load(path)
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0},
+        # llama.cpp scales linearly by the factor whatever the type, and older files have only scale_linear.
+        {"llama.rope.scaling.factor": 4.0},
+        {"llama.rope.scale_linear": 4.0},
+    ],
+)
+def test_gguf_linear_rope_scaling_is_read(tmp_path: Path, metadata: dict[str, Any]) -> None:
+    path = write_gguf(tmp_path / "linear.gguf", "llama", {**LLAMA_METADATA, **metadata})
+    assert read_gguf_config(open_gguf(path), path).rope_scaling == LinearRopeScaling(4.0)
 
 
 @pytest.mark.parametrize(
