@@ -129,7 +129,9 @@ def _read_info(path: Path) -> tuple[ModelInfo, gguf.GGUFReader | None]:
     if _is_gguf(path):
         reader = gguf_file.open_gguf(path)
         config = gguf_file.read_gguf_config(reader, path)
-        tokenizer = load_gguf_tokenizer(path) if gguf_file.has_tokenizer(reader) else None
+        tokenizer = None
+        if gguf_file.has_tokenizer(reader):
+            tokenizer = load_gguf_tokenizer(path, gguf_file.tokenizer_defaults(reader, path))
         generation_defaults = GenerationDefaults(eos_token_ids=config.eos_token_ids)
     else:
         reader = None

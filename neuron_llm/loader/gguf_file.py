@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 import numpy as np
@@ -187,21 +187,51 @@ def _is_readable(tensor_type: gguf.GGMLQuantizationType) -> bool:
 
 
 _END_OF_GENERATION_TEXTS = frozenset(
-    ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>")
+    (
+        *("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"),
+        *("<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<end_of_utterance>"),
+    )
 )
-"""Control tokens that end a generation whatever the metadata names, as in llama.cpp: an early
-Llama 3 Instruct file names only <|end_of_text|> as EOS, yet its turns end with <|eot_id|>."""
-_CONTROL_TOKEN = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL
+"""Tokens that end a generation whatever the metadata names or their type says, as in llama.cpp
+(which retypes them as control tokens): an early Llama 3 Instruct file names only
+<|end_of_text|> as EOS, yet its turns end with <|eot_id|>, and older converters typed a
+fine-tune's <|im_end|> as user-defined."""
+
+_LLAMA3_PRE_TOKENIZERS = frozenset(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0"))
+"""llama.cpp's pre-tokenizer names of the Llama 3 kind, whose vocabularies get BOS unless the file says otherwise."""
+
+
+class TokenizerDefaults(NamedTuple):
+    """What llama.cpp assumes of a GGUF vocabulary where the file is silent (transformers' reader
+    assumes less): BOS added to a SentencePiece or Llama 3 vocabulary, and a SentencePiece
+    vocabulary's <s> and </s> at ids 1 and 2."""
+
+    add_bos_token: bool
+    bos_token_id: int | None
+    eos_token_id: int | None
+
+
+def tokenizer_defaults(reader: gguf.GGUFReader, path: Path) -> TokenizerDefaults:
+    meta = _Metadata(reader, path)
+    model = meta.get("tokenizer.ggml.model")
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    if add_bos is None:
+        add_bos = model == "llama" or (model == "gpt2" and meta.get("tokenizer.ggml.pre") in _LLAMA3_PRE_TOKENIZERS)
+    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), _eos_token_id(meta)
+    if model == "llama" and bos is None:
+        bos = 1
+    return TokenizerDefaults(bool(add_bos), bos, eos)
+
+
+def _eos_token_id(meta: _Metadata) -> int | None:
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return 2 if eos is None and meta.get("tokenizer.ggml.model") == "llama" else eos
 
 
 def _eos_token_ids(meta: _Metadata) -> tuple[int, ...]:
     # End of turn (eot) and end of message (eom) end a generation as EOS does (Llama 3 chat).
-    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-    ids = [meta.get(key) for key in keys]
-    tokens, types = meta.get("tokenizer.ggml.tokens", []), meta.get("tokenizer.ggml.token_type", [])
-    for i, (text, kind) in enumerate(zip(tokens, types)):
-        if kind == _CONTROL_TOKEN and text in _END_OF_GENERATION_TEXTS:
-            ids.append(i)
+    ids = [_eos_token_id(meta), meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")]
+    ids += [i for i, text in enumerate(meta.get("tokenizer.ggml.tokens", [])) if text in _END_OF_GENERATION_TEXTS]
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 

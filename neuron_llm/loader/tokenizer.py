@@ -17,6 +17,8 @@ from typing import Any
 from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from neuron_llm.loader.gguf_file import TokenizerDefaults
+
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 """The files that hold a vocabulary; a tokenizer_config.json alone builds an empty tokenizer."""
@@ -36,8 +38,9 @@ def load_dir_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
 
 @lru_cache(maxsize=4)
-def load_gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer described by the metadata of the GGUF file ``gguf_path``.
+def load_gguf_tokenizer(gguf_path: Path, defaults: TokenizerDefaults | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer described by the metadata of the GGUF file ``gguf_path``, with llama.cpp's
+    ``defaults`` (``gguf_file.tokenizer_defaults``) for what the file leaves unsaid.
 
     transformers reads a tokenizer.json beside the GGUF file before the file itself, and a
     GGUF often lies in a folder of another model's files (llama.cpp converts in place): the
@@ -46,7 +49,16 @@ def load_gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
     with tempfile.TemporaryDirectory(prefix="neuron-llm-gguf-") as folder:
         link = Path(folder) / "model.gguf"
         link.symlink_to(gguf_path.resolve())
-        return AutoTokenizer.from_pretrained(folder, gguf_file=link.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=link.name, local_files_only=True)
+    if defaults is None:
+        return tokenizer
+    if tokenizer.bos_token_id is None and defaults.bos_token_id is not None:
+        tokenizer.bos_token = tokenizer.convert_ids_to_tokens(defaults.bos_token_id)
+    if tokenizer.eos_token_id is None and defaults.eos_token_id is not None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(defaults.eos_token_id)
+    if tokenizer.add_bos_token != defaults.add_bos_token:
+        tokenizer.add_bos_token = defaults.add_bos_token  # rebuilds the post-processor that adds it
+    return tokenizer
 
 
 def render_chat(

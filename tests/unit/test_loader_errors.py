@@ -475,12 +475,13 @@ def test_eos_token_ids_union_keeps_first_seen_order(tokenizer: PreTrainedTokeniz
     assert eos_token_ids(None, (), (3, 3)) == (3,)
 
 
-def test_gguf_end_of_turn_control_tokens_end_a_generation(tmp_path: Path) -> None:
-    # An early Llama 3 Instruct file: EOS is <|end_of_text|>, yet turns end with <|eot_id|>
-    # (llama.cpp stops at both). A normal token of the same text is no stop token.
+def test_gguf_end_of_turn_tokens_end_a_generation_whatever_their_type(tmp_path: Path) -> None:
+    # An early Llama 3 Instruct file: EOS is <|end_of_text|>, yet turns end with <|eot_id|>; an
+    # older converter typed a ChatML fine-tune's <|im_end|> as user-defined. llama.cpp stops at
+    # each (retyping them as control tokens); <|start_header_id|> is no end of generation.
     tokens = ["a", "<|end_of_text|>", "<|start_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "b"]
-    control, normal = gguf.TokenType.CONTROL, gguf.TokenType.NORMAL
-    types = [normal, control, control, control, control, normal, normal]
+    control, normal, user = gguf.TokenType.CONTROL, gguf.TokenType.NORMAL, gguf.TokenType.USER_DEFINED
+    types = [normal, control, control, control, control, user, normal]
     metadata = {
         **LLAMA_METADATA,
         "tokenizer.ggml.tokens": tokens,
@@ -488,4 +489,4 @@ def test_gguf_end_of_turn_control_tokens_end_a_generation(tmp_path: Path) -> Non
         "tokenizer.ggml.eos_token_id": 1,
     }
     path = write_gguf(tmp_path / "llama3.gguf", "llama", metadata)
-    assert read_gguf_config(open_gguf(path), path).eos_token_ids == (1, 3, 4)
+    assert read_gguf_config(open_gguf(path), path).eos_token_ids == (1, 3, 4, 5)
