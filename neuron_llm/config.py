@@ -245,7 +245,11 @@ class ModelConfig:
         """
         architectures = hf.get("architectures") or []
         model_type = hf.get("model_type")
-        if model_type != "llama" or (architectures and architectures != ["LlamaForCausalLM"]):
+        # "LLaMAForCausalLM": the early conversions' spelling (decapoda-research), read by
+        # transformers through model_type and by vLLM as Llama.
+        if model_type != "llama" or (
+            architectures and architectures not in (["LlamaForCausalLM"], ["LLaMAForCausalLM"])
+        ):
             raise ValueError(
                 f"unsupported architecture {architectures or model_type!r} (model_type={model_type!r}): "
                 "only LlamaForCausalLM is implemented"

@@ -105,9 +105,13 @@ def find_weight_files(model_dir: Path) -> list[Path]:
     single = model_dir / SINGLE_WEIGHTS_FILE
     if single.is_file():
         return [single]
-    index_path = model_dir / WEIGHTS_INDEX_FILE
-    if index_path.is_file():
-        return _files_from_index(index_path)
+    owners = _index_owners(model_dir)
+    if owners is not None:
+        files = sorted(set(owners.values()))
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found, but {WEIGHTS_INDEX_FILE} lists it as a weight shard")
+        return files
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         pickled = " (PyTorch .bin checkpoints are not read: convert them to safetensors)"
@@ -118,24 +122,26 @@ def find_weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _files_from_index(index_path: Path) -> list[Path]:
+def _index_owners(model_dir: Path) -> dict[str, Path] | None:
+    """The shard each tensor is read from, as the directory's index maps them; None without an index."""
+    index_path = model_dir / WEIGHTS_INDEX_FILE
+    if not index_path.is_file():
+        return None
     index = read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_path} has no 'weight_map' naming the shards")
-    files = [index_path.parent / name for name in sorted(set(weight_map.values()))]
-    for path in files:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found, but {index_path.name} lists it as a weight shard")
-    return files
+    return {name: model_dir / file for name, file in weight_map.items()}
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, TensorSource]]:
+def iter_safetensors(files: list[Path], owners: dict[str, Path] | None = None) -> Iterator[tuple[str, TensorSource]]:
     """Yield ``(name, source)`` for every tensor of ``files``, each read lazily from disk.
 
-    Raises ``ValueError`` naming the file when it is not a readable safetensors file
-    (corrupted or truncated), and naming both files when a tensor is in two of them (a stray
-    copy left beside the model's files), rather than letting the later one win unnoticed.
+    ``owners`` (an index's weight map) names the file a tensor is read from; copies in other
+    files are skipped. Raises ``ValueError`` naming the file when it is not a readable
+    safetensors file (corrupted or truncated), and naming both files when a tensor no index
+    places is in two of them (a stray copy left beside the model's files), rather than letting
+    the later one win unnoticed.
     """
     file_of: dict[str, Path] = {}
     for path in files:
@@ -144,6 +150,9 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, TensorSource]]:
         except SafetensorError as e:
             raise ValueError(f"{path} is not a valid safetensors file (corrupted or truncated?): {e}") from e
         for name in handle.keys():
+            owner = (owners or {}).get(name)
+            if owner is not None and owner != path:
+                continue
             if name in file_of:
                 raise ValueError(f"tensor {name!r} is in both {file_of[name]} and {path}; remove the stray file")
             file_of[name] = path
@@ -152,4 +161,6 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, TensorSource]]:
 
 def iter_hf_weights(model_dir: Path) -> Iterator[tuple[str, TensorSource]]:
     """Yield the checkpoint tensors of the Hugging Face directory ``model_dir``."""
-    return iter_safetensors(find_weight_files(model_dir))
+    files = find_weight_files(model_dir)
+    owners = None if files == [model_dir / SINGLE_WEIGHTS_FILE] else _index_owners(model_dir)
+    return iter_safetensors(files, owners)

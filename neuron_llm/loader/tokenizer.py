@@ -8,6 +8,7 @@ ask for the same one, and reading it from a GGUF file takes seconds. Do not muta
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -34,6 +35,15 @@ def load_dir_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in the Hugging Face model directory ``model_dir``."""
     if not has_tokenizer_files(model_dir):
         raise FileNotFoundError(f"no tokenizer in {model_dir}: expected one of {', '.join(_TOKENIZER_FILES)}")
+    if not (model_dir / "tokenizer.json").is_file() and (model_dir / "tokenizer.model").is_file():
+        # transformers converts it, and without these packages fails with an unrelated message.
+        missing = [name for name in ("sentencepiece", "google.protobuf") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(
+                f"{model_dir} holds a SentencePiece tokenizer.model and no tokenizer.json: reading it needs "
+                f"{' and '.join(missing)} (pip install 'neuron-llm[sentencepiece]'), or save the tokenizer "
+                "with transformers, which writes a tokenizer.json"
+            )
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 

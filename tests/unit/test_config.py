@@ -85,6 +85,7 @@ def tiny_model(**changes: Any) -> ModelConfig:
 def test_options_that_compute_the_same_are_read() -> None:
     plain = ModelConfig.from_hf_config(LLAMA2_7B)
     assert ModelConfig.from_hf_config({**LLAMA2_7B, "pretraining_tp": 2, "hidden_act": "swish"}) == plain
+    assert ModelConfig.from_hf_config({**LLAMA2_7B, "architectures": ["LLaMAForCausalLM"]}) == plain
 
 
 def test_llama2_style() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from neuron_llm.config import LinearRopeScaling
 from neuron_llm.loader import default_model, load_model, load_model_info, render_chat, resolve_model_path
 from neuron_llm.loader.gguf_file import open_gguf, read_gguf_config
 from neuron_llm.loader.hf_dir import find_weight_files, iter_hf_weights, read_generation_defaults
-from neuron_llm.loader.tokenizer import eos_token_ids
+from neuron_llm.loader.tokenizer import eos_token_ids, load_dir_tokenizer
 
 SaveTinyLlama = Callable[..., tuple[Any, Path]]
 
@@ -392,6 +393,20 @@ def test_a_tensor_in_two_files_is_refused(save_tiny_llama: SaveTinyLlama) -> Non
         load(path)
 
 
+def test_an_index_names_the_copy_of_a_tensor_in_two_shards(save_tiny_llama: SaveTinyLlama) -> None:
+    # As in transformers: the weight map decides which shard a tensor is read from.
+    from safetensors.torch import load_file, save_file
+
+    hf_model, path = save_tiny_llama(max_shard_size="40KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    owner = index["weight_map"]["model.norm.weight"]
+    other = next(name for name in sorted(set(index["weight_map"].values())) if name != owner)
+    stale = load_file(path / other)
+    save_file({**stale, "model.norm.weight": torch.zeros(64)}, str(path / other), metadata={"format": "pt"})
+    loaded = load(path).model
+    torch.testing.assert_close(loaded.model.norm.weight, hf_model.model.norm.weight, rtol=0, atol=0)
+
+
 def test_generation_config_sets_the_default_sampling(save_tiny_llama: SaveTinyLlama) -> None:
     from neuron_llm.llm import LLM
 
@@ -468,6 +483,48 @@ def test_render_chat_reports_a_template_refusal(tokenizer: PreTrainedTokenizerFa
     tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(ValueError, match="chat template refused the messages: roles must alternate"):
         render_chat(tokenizer, [{"role": "user", "content": "hello"}])
+
+
+def sentencepiece_model_dir(path: Path) -> Path:
+    """A directory with a trained SentencePiece tokenizer.model (as Llama 2's first release) and no tokenizer.json."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    path.mkdir()
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, hello there", "café naïve déjà vu"] * 20
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_prefix=str(path / "tokenizer"),
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,
+        minloglevel=2,
+    )
+    (path / "tokenizer.vocab").unlink()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_a_sentencepiece_model_without_tokenizer_json_is_read(tmp_path: Path) -> None:
+    pytest.importorskip("google.protobuf")
+    sentencepiece = pytest.importorskip("sentencepiece")
+    path = sentencepiece_model_dir(tmp_path / "spm")
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    text = "the lazy fox says hello"
+    assert load_dir_tokenizer(path).encode(text) == [reference.bos_id(), *reference.encode(text)]
+
+
+def test_a_sentencepiece_model_without_its_packages_is_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = sentencepiece_model_dir(tmp_path / "spm")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "google.protobuf" else find_spec(name)
+    )
+    load_dir_tokenizer.cache_clear()
+    with pytest.raises(ValueError, match=r"tokenizer\.model and no tokenizer\.json: reading it needs google\.protobuf"):
+        load_dir_tokenizer(path)
 
 
 def test_eos_token_ids_union_keeps_first_seen_order(tokenizer: PreTrainedTokenizerFast) -> None:
