@@ -158,7 +158,7 @@ class YarnRopeScaling:
             self.beta_fast,
             f"must be at least beta_slow={self.beta_slow} > 0",
         )
-        _require_bool(self, "truncate")
+        _require(isinstance(self.truncate, bool), "rope_scaling.truncate", self.truncate, "must be a bool")
 
     @staticmethod
     def default_attention_factor(factor: float, mscale: float = 1.0) -> float:
@@ -237,6 +237,24 @@ class ModelConfig:
         _require(bos is None or (is_int(bos) and bos >= 0), "bos_token_id", bos, "must be a token id or None")
         as_token_ids(list(self.eos_token_ids), "eos_token_ids")
 
+    @property
+    def max_context_len(self) -> int:
+        """The longest sequence the model serves, as vLLM derives it: max_position_embeddings,
+        times a linear scaling's factor, or a YaRN scaling's original context times its factor."""
+        scaling = self.rope_scaling
+        if isinstance(scaling, LinearRopeScaling):
+            return int(self.max_position_embeddings * scaling.factor)
+        if isinstance(scaling, YarnRopeScaling):
+            return int(scaling.original_max_position_embeddings * scaling.factor)
+        return self.max_position_embeddings
+
+    def describe_context(self) -> str:
+        """Where ``max_context_len`` comes from, for messages."""
+        if self.max_context_len == self.max_position_embeddings:
+            return f"max_position_embeddings={self.max_position_embeddings}"
+        assert self.rope_scaling is not None
+        return f"{self.max_context_len} tokens with its {self.rope_scaling.rope_type} rope scaling"
+
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
         """Build from the dict of a Hugging Face ``config.json`` (transformers 4.x or 5.x keys).
@@ -303,42 +321,57 @@ class ModelConfig:
 
 def _read_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """rope_theta and the scaling, as transformers resolves them (its ``standardize_rope_params``)."""
-    # transformers 5 writes "rope_parameters" (theta inside); 4.x writes rope_theta + rope_scaling.
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = params.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    # transformers 5 writes "rope_parameters" (theta inside); 4.x writes rope_theta + rope_scaling,
+    # which transformers takes first when a config has both.
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    theta = (
+        params.pop("rope_theta", None) or hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
+    )
+    theta = 10000.0 if theta is None else theta
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None  # transformers' default rotation ignores partial_rotary_factor too
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1.0):
         raise ValueError(f"partial_rotary_factor={partial!r}: partial rotary embeddings are not implemented")
-    if rope_type == "default":
-        return theta, None
     # A top-level key wins over the one in the rope parameters, as in transformers 5.
     context = hf.get("original_max_position_embeddings") or params.get(
         "original_max_position_embeddings", hf.get("max_position_embeddings", 2048)
     )
-    try:
-        factor = float(params["factor"])
-        if rope_type == "linear":
-            return theta, LinearRopeScaling(factor)
-        if rope_type == "llama3":
-            return theta, Llama3RopeScaling(
-                factor=factor,
-                low_freq_factor=float(params["low_freq_factor"]),
-                high_freq_factor=float(params["high_freq_factor"]),
-                original_max_position_embeddings=context,
-            )
-        if rope_type == "yarn":
-            return theta, _read_yarn(params, factor, context)
-    except KeyError as e:
-        raise ValueError(f"rope_scaling of type {rope_type!r} lacks {e.args[0]!r}") from e
-    except TypeError as e:  # null, a list...
-        raise ValueError(f"rope_scaling of type {rope_type!r} holds a value that is not a number: {params}") from e
+    if isinstance(context, float) and context.is_integer():
+        context = int(context)
+    if rope_type == "linear":
+        return theta, LinearRopeScaling(_number(params, "factor", rope_type))
+    if rope_type == "llama3":
+        return theta, Llama3RopeScaling(
+            factor=_number(params, "factor", rope_type),
+            low_freq_factor=_number(params, "low_freq_factor", rope_type),
+            high_freq_factor=_number(params, "high_freq_factor", rope_type),
+            original_max_position_embeddings=context,
+        )
+    if rope_type == "yarn":
+        return theta, _read_yarn(params, context, hf.get("max_position_embeddings", 2048))
     # "dynamic" (NTK) changes every cached key's rotation as the sequence grows in transformers;
     # a paged cache keeps the rotation a key was written with, so it could only approximate it.
     raise ValueError(f"unsupported rope_scaling type {rope_type!r}: only 'linear', 'llama3' and 'yarn' are implemented")
 
 
-def _read_yarn(params: dict[str, Any], factor: float, context: int) -> YarnRopeScaling:
+def _number(params: dict[str, Any], key: str, rope_type: str, default: float | None = None) -> float:
+    """``params[key]`` as a float; ``default`` when it is absent or null, if one is given."""
+    value = params.get(key)
+    if value is None and default is not None:
+        return default
+    if key not in params:
+        raise ValueError(f"rope_scaling of type {rope_type!r} lacks {key!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"rope_scaling.{key}={value!r}: must be a number")
+    return float(value)
+
+
+def _read_yarn(params: dict[str, Any], context: int, max_position_embeddings: int) -> YarnRopeScaling:
+    # transformers derives a null factor from the two contexts, and takes a null or zero beta
+    # and a null or zero truncate as it does a missing one.
+    factor = _number(params, "factor", "yarn", default=max_position_embeddings / context if context else None)
     attention_factor = params.get("attention_factor")
     if attention_factor is None:
         mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
@@ -347,14 +380,14 @@ def _read_yarn(params: dict[str, Any], factor: float, context: int) -> YarnRopeS
             attention_factor = magnitude(factor, float(mscale)) / magnitude(factor, float(mscale_all_dim))
         else:
             attention_factor = magnitude(factor)
-    # transformers takes a null or zero beta as its default.
+    truncate = params.get("truncate", True)
     return YarnRopeScaling(
         factor=factor,
         original_max_position_embeddings=context,
-        attention_factor=float(attention_factor),
-        beta_fast=float(params.get("beta_fast") or 32.0),
-        beta_slow=float(params.get("beta_slow") or 1.0),
-        truncate=params.get("truncate", True),
+        attention_factor=_number({"attention_factor": attention_factor}, "attention_factor", "yarn"),
+        beta_fast=_number(params, "beta_fast", "yarn", default=32.0) or 32.0,
+        beta_slow=_number(params, "beta_slow", "yarn", default=1.0) or 1.0,
+        truncate=bool(truncate) if truncate in (None, 0, 1) else truncate,
     )
 
 
@@ -428,7 +461,7 @@ class SchedulerConfig:
     """Limits of one engine step and of one request."""
 
     max_model_len: int | None = None
-    """Longest prompt plus output, in tokens; None takes the model's max_position_embeddings."""
+    """Longest prompt plus output, in tokens; None takes the model's context (``ModelConfig.max_context_len``)."""
     max_num_seqs: int = 64
     """Most sequences in one step."""
     max_num_batched_tokens: int = 2048
@@ -658,12 +691,13 @@ class EngineConfig:
             if self.speculative.model is not None and self.parallel.tensor_parallel_size > 1:
                 # The draft runs in the engine's process, beside rank 0's worker.
                 raise ValueError("a draft model with tensor_parallel_size > 1 is not supported yet")
-        limit = self.model.max_position_embeddings
+        limit = self.model.max_context_len
         if self.scheduler.max_model_len is None:
             object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, max_model_len=limit))
         elif self.scheduler.max_model_len > limit:
             raise ValueError(
-                f"max_model_len={self.scheduler.max_model_len} exceeds the model's max_position_embeddings={limit}"
+                f"max_model_len={self.scheduler.max_model_len} exceeds the model's context "
+                f"({self.model.describe_context()})"
             )
         if self.speculative is not None and self.speculative.num_speculative_tokens >= self.max_model_len:
             # A verification step holds the proposals and the token before them.

@@ -129,9 +129,11 @@ class ServeSettings:
         if self.model is not None and is_artifact(self.model):
             Artifact.open(self.model)
             return
-        limit = load_model_info(self.model).config.max_position_embeddings
-        if self.max_model_len is not None and self.max_model_len > limit:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={limit}")
+        config = load_model_info(self.model).config
+        if self.max_model_len is not None and self.max_model_len > config.max_context_len:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's context ({config.describe_context()})"
+            )
 
     def llm_options(self) -> dict[str, Any]:
         """Keyword arguments of ``neuron_llm.LLM`` (engine options left unset take its defaults)."""

@@ -150,10 +150,8 @@ def perplexity(
     ``show_progress`` draws a tqdm bar over the windows.
     """
     config = model.config
-    if context > config.max_position_embeddings:
-        raise ValueError(
-            f"context={context} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
-        )
+    if context > config.max_context_len:
+        raise ValueError(f"context={context} exceeds the model's context ({config.describe_context()})")
     embedding = model.model.embed_tokens.weight
     tokens = torch.as_tensor(token_ids, dtype=torch.int64).to(embedding.device)
     windows = sliding_windows(tokens.shape[0], context, stride)

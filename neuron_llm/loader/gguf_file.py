@@ -197,8 +197,11 @@ _END_OF_GENERATION_TEXTS = frozenset(
 <|end_of_text|> as EOS, yet its turns end with <|eot_id|>, and older converters typed a
 fine-tune's <|im_end|> as user-defined."""
 
-_LLAMA3_PRE_TOKENIZERS = frozenset(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0"))
-"""llama.cpp's pre-tokenizer names of the Llama 3 kind, whose vocabularies get BOS unless the file says otherwise."""
+_BOS_PRE_TOKENIZERS = frozenset(
+    ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "tekken")
+)
+"""llama.cpp's byte-level pre-tokenizers (Llama 3's and Mistral Nemo's "tekken" among them)
+whose vocabularies get BOS unless the file says otherwise."""
 
 
 class TokenizerDefaults(NamedTuple):
@@ -216,7 +219,7 @@ def tokenizer_defaults(reader: gguf.GGUFReader, path: Path) -> TokenizerDefaults
     model = meta.get("tokenizer.ggml.model")
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
     if add_bos is None:
-        add_bos = model == "llama" or (model == "gpt2" and meta.get("tokenizer.ggml.pre") in _LLAMA3_PRE_TOKENIZERS)
+        add_bos = model == "llama" or (model == "gpt2" and meta.get("tokenizer.ggml.pre") in _BOS_PRE_TOKENIZERS)
     bos, eos = meta.get("tokenizer.ggml.bos_token_id"), _eos_token_id(meta)
     if model == "llama" and bos is None:
         bos = 1
@@ -235,30 +238,27 @@ def _eos_token_ids(meta: _Metadata) -> tuple[int, ...]:
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
-# YaRN keys whose other values llama.cpp applies in ways transformers' "yarn" does not express.
-_YARN_DEFAULTS = {
-    "llama.rope.scaling.yarn_ext_factor": (-1.0, 1.0),
-    "llama.rope.scaling.yarn_attn_factor": (1.0,),
-    "llama.rope.scaling.yarn_log_multiplier": (0.0,),
-    "llama.rope.scaling.attn_factor": (1.0,),
-}
-
-
 def _rope_scaling(
     meta: _Metadata, rope_freqs: Any, head_dim: int, theta: float, context_length: int
 ) -> RopeScaling | None:
     """The rope scaling llama.cpp applies to this file: Llama 3.1's as the ``rope_freqs`` tensor,
-    or a scaling type with its factor."""
+    or a scaling type with its factor.
+
+    As in llama.cpp: the type defaults to linear when the key is absent, and "none" never
+    scales, whatever the factor; the factor's older key is read only without the newer one;
+    a llama file's YaRN runs with llama.cpp's defaults (betas 32 and 1, magnitude
+    0.1 ln(factor) + 1), which reads no other YaRN key for this architecture.
+    """
     path = meta.path
-    scaling_type = meta.get("llama.rope.scaling.type", "none")
-    # llama.cpp scales positions linearly by the factor whatever the type says (older files
-    # have only the second key); running unscaled would be silently wrong.
-    factor = meta.get("llama.rope.scaling.factor") or meta.get("llama.rope.scale_linear")
-    factor = None if factor in (None, 0.0, 1.0) else float(factor)
+    scaling_type = meta.get("llama.rope.scaling.type", "linear")
+    factor = meta.get("llama.rope.scaling.factor")
+    if factor is None:
+        factor = meta.get("llama.rope.scale_linear")
+    factor = None if scaling_type == "none" or factor in (None, 0.0, 1.0) else float(factor)
     if rope_freqs is not None:
-        if scaling_type != "none" or factor is not None:
+        if factor is not None:
             raise ValueError(
-                f"{path}: llama.rope.scaling.type={scaling_type!r} (factor {factor}) beside the {_ROPE_FREQS!r} "
+                f"{path}: llama.rope.scaling.type={scaling_type!r} with factor {factor} beside the {_ROPE_FREQS!r} "
                 "tensor: both scalings at once are not implemented"
             )
         return _llama3_scaling(_dequantize(rope_freqs), head_dim, theta, path)
@@ -268,22 +268,14 @@ def _rope_scaling(
             f"scaling (stored as the {_ROPE_FREQS!r} tensor) are implemented"
         )
     if factor is None:
-        if scaling_type == "yarn":
-            raise ValueError(f"{path}: llama.rope.scaling.type='yarn' without llama.rope.scaling.factor")
-        return None
+        return None  # YaRN without a factor interpolates nothing and scales by 1
     try:
-        if scaling_type != "yarn":
+        if scaling_type == "linear":
             return LinearRopeScaling(factor)
-        for key, accepted in _YARN_DEFAULTS.items():
-            value = meta.get(key)
-            if value is not None and value not in accepted:
-                raise ValueError(f"{key}={value}: only {accepted[-1]} is implemented")
         return YarnRopeScaling(
             factor=factor,
             original_max_position_embeddings=meta.get("llama.rope.scaling.original_context_length") or context_length,
             attention_factor=YarnRopeScaling.default_attention_factor(factor),
-            beta_fast=float(meta.get("llama.rope.scaling.yarn_beta_fast", 32.0)),
-            beta_slow=float(meta.get("llama.rope.scaling.yarn_beta_slow", 1.0)),
         )
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e

@@ -137,26 +137,27 @@ def _index_owners(model_dir: Path) -> dict[str, Path] | None:
 def iter_safetensors(files: list[Path], owners: dict[str, Path] | None = None) -> Iterator[tuple[str, TensorSource]]:
     """Yield ``(name, source)`` for every tensor of ``files``, each read lazily from disk.
 
-    ``owners`` (an index's weight map) names the file a tensor is read from; copies in other
-    files are skipped. Raises ``ValueError`` naming the file when it is not a readable
-    safetensors file (corrupted or truncated), and naming both files when a tensor no index
-    places is in two of them (a stray copy left beside the model's files), rather than letting
-    the later one win unnoticed.
+    A tensor in two files is read from the one ``owners`` (an index's weight map) names;
+    without one, that is refused naming both files (a stray copy left beside the model's
+    files), rather than letting the later one win unnoticed. Raises ``ValueError`` naming the
+    file when it is not a readable safetensors file (corrupted or truncated).
     """
-    file_of: dict[str, Path] = {}
+    handles = {}
+    holders: dict[str, list[Path]] = {}
     for path in files:
         try:
-            handle = safe_open(str(path), framework="pt")
+            handles[path] = safe_open(str(path), framework="pt")
         except SafetensorError as e:
             raise ValueError(f"{path} is not a valid safetensors file (corrupted or truncated?): {e}") from e
-        for name in handle.keys():
-            owner = (owners or {}).get(name)
-            if owner is not None and owner != path:
-                continue
-            if name in file_of:
-                raise ValueError(f"tensor {name!r} is in both {file_of[name]} and {path}; remove the stray file")
-            file_of[name] = path
-            yield name, SafetensorsSource(handle, name)
+        for name in handles[path].keys():
+            holders.setdefault(name, []).append(path)
+    for name, paths in holders.items():
+        owner = (owners or {}).get(name)
+        if owner in paths:
+            paths = [owner]
+        if len(paths) > 1:
+            raise ValueError(f"tensor {name!r} is in both {paths[0]} and {paths[1]}; remove the stray file")
+        yield name, SafetensorsSource(handles[paths[0]], name)
 
 
 def iter_hf_weights(model_dir: Path) -> Iterator[tuple[str, TensorSource]]:

@@ -47,6 +47,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "yarn_untruncated": {**YARN_64K, "rope_scaling": {**YARN_64K["rope_scaling"], "truncate": False}},
     "yarn_null_betas": {**YARN_64K, "rope_scaling": {**YARN_64K["rope_scaling"], "beta_fast": None, "beta_slow": None}},
+    "yarn_null_truncate": {**YARN_64K, "rope_scaling": {**YARN_64K["rope_scaling"], "truncate": None}},
+    # A null factor is the ratio of the two contexts.
+    "yarn_null_factor": {**YARN_64K, "rope_scaling": {**YARN_64K["rope_scaling"], "factor": None}},
+    "yarn_float_context": {
+        **YARN_64K,
+        "rope_scaling": {**YARN_64K["rope_scaling"], "original_max_position_embeddings": 4096.0},
+    },
     # transformers takes the original context from the top level over the rope parameters...
     "yarn_top_level_context": {**YARN_64K, "original_max_position_embeddings": 2048},
     # ...and from max_position_embeddings when neither has it.

@@ -109,5 +109,5 @@ def test_perplexity_of_a_quantized_model(quant_checkpoint: tuple[Any, Path], loa
 
 
 def test_context_beyond_the_model_is_refused(quant_checkpoint: tuple[Any, Path], load_fp32: Callable) -> None:
-    with pytest.raises(ValueError, match="context=512 exceeds the model's max_position_embeddings=256"):
+    with pytest.raises(ValueError, match=r"context=512 exceeds the model's context \(max_position_embeddings=256\)"):
         perplexity(load_fp32(quant_checkpoint[1]).model, corpus(), context=512, stride=256)

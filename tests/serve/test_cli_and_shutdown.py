@@ -181,7 +181,10 @@ def test_serving_without_the_serve_extra_says_how_to_get_it(command: str) -> Non
     ("arguments", "message"),
     [
         (["{tmp}/nope"], r"model path .*nope does not exist"),
-        (["{model}", "--max-model-len", "100000"], r"max_model_len=100000 exceeds the model's max_position_embeddings"),
+        (
+            ["{model}", "--max-model-len", "100000"],
+            r"max_model_len=100000 exceeds the model's context \(max_position_embeddings",
+        ),
     ],
 )
 def test_serve_refuses_a_model_it_cannot_load_before_opening_a_port(

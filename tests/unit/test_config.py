@@ -13,11 +13,13 @@ from neuron_llm.config import (
     CacheConfig,
     DeviceConfig,
     EngineConfig,
+    LinearRopeScaling,
     Llama3RopeScaling,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
     SpeculativeConfig,
+    YarnRopeScaling,
     parse_dtype,
     require_visible,
 )
@@ -160,7 +162,8 @@ def test_from_json_file(tmp_path: Path) -> None:
             r"unsupported rope_scaling type 'dynamic': only 'linear', 'llama3' and 'yarn'",
         ),
         (dict(rope_scaling={"rope_type": "linear"}), r"rope_scaling of type 'linear' lacks 'factor'"),
-        (dict(rope_scaling={"rope_type": "yarn", "factor": None}), r"type 'yarn' holds a value that is not a number"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": "four"}), r"rope_scaling\.factor='four': must be a number"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4, "truncate": "no"}), r"rope_scaling\.truncate='no'"),
         (
             dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 0.5}),
             r"rope_scaling\.beta_fast=0\.5: must be at least beta_slow=1\.0",
@@ -363,8 +366,27 @@ def test_engine_config_takes_max_model_len_from_the_model() -> None:
     assert EngineConfig(model=tiny_model(), scheduler=SchedulerConfig(max_model_len=100)).max_model_len == 100
 
 
+@pytest.mark.parametrize(
+    ("scaling", "expected"),
+    [
+        # As vLLM derives it: Vicuna 16k's config says 4096 positions and a linear factor of 4.
+        (LinearRopeScaling(4.0), 2048),
+        (YarnRopeScaling(16.0, 64, attention_factor=1.0), 1024),
+        (Llama3RopeScaling(8.0, 1.0, 4.0, 64), 512),
+    ],
+)
+def test_rope_scaling_stretches_the_context(scaling: Any, expected: int) -> None:
+    model = tiny_model(max_position_embeddings=512, rope_scaling=scaling)
+    assert model.max_context_len == EngineConfig(model=model).max_model_len == expected
+    message = rf"max_model_len={expected + 1} exceeds the model's context \(.*{expected}"
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(model=model, scheduler=SchedulerConfig(max_model_len=expected + 1))
+
+
 def test_engine_config_refusals() -> None:
-    with pytest.raises(ValueError, match=r"max_model_len=1024 exceeds the model's max_position_embeddings=512"):
+    with pytest.raises(
+        ValueError, match=r"max_model_len=1024 exceeds the model's context \(max_position_embeddings=512\)"
+    ):
         EngineConfig(model=tiny_model(max_position_embeddings=512), scheduler=SchedulerConfig(max_model_len=1024))
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide num_attention_heads=8"):
         EngineConfig(model=tiny_model(), parallel=ParallelConfig(tensor_parallel_size=3))

@@ -58,6 +58,7 @@ def llama3_metadata(pre: str) -> dict[str, Any]:
         ("llama-bpe", None, True),
         ("llama-bpe", True, True),
         ("llama-bpe", False, False),
+        ("tekken", None, True),
         ("smollm", None, False),
         ("default", None, False),
     ],

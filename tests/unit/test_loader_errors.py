@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from neuron_llm.config import LinearRopeScaling
+from neuron_llm.config import LinearRopeScaling, YarnRopeScaling
 from neuron_llm.loader import default_model, load_model, load_model_info, render_chat, resolve_model_path
 from neuron_llm.loader.gguf_file import open_gguf, read_gguf_config
 from neuron_llm.loader.hf_dir import find_weight_files, iter_hf_weights, read_generation_defaults
@@ -153,16 +155,10 @@ def test_gguf_of_another_architecture(tmp_path: Path) -> None:
         load(path)
 
 
-YARN = {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}
-
-
 @pytest.mark.parametrize(
     ("metadata", "tensors", "message"),
     [
         ({"llama.rope.scaling.type": "longrope"}, {}, r"unsupported llama\.rope\.scaling\.type='longrope'"),
-        ({"llama.rope.scaling.type": "yarn"}, {}, r"type='yarn' without llama\.rope\.scaling\.factor"),
-        ({**YARN, "llama.rope.scaling.yarn_attn_factor": 0.5}, {}, r"yarn_attn_factor=0\.5: only 1\.0 is implemented"),
-        ({**YARN, "llama.rope.scaling.yarn_log_multiplier": 0.1}, {}, r"yarn_log_multiplier=0\.1"),
         (
             {"llama.rope.scaling.factor": 2.0},
             {"rope_freqs.weight": np.ones(1, dtype=np.float32)},
@@ -186,18 +182,47 @@ def test_gguf_rope_freqs_below_one_are_refused(tmp_path: Path) -> None:
         load(path)
 
 
+YARN_4 = YarnRopeScaling(4.0, 2048, attention_factor=0.1 * math.log(4.0) + 1)
+
+
 @pytest.mark.parametrize(
-    "metadata",
+    ("metadata", "expected"),
     [
-        {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0},
-        # llama.cpp scales linearly by the factor whatever the type, and older files have only scale_linear.
-        {"llama.rope.scaling.factor": 4.0},
-        {"llama.rope.scale_linear": 4.0},
+        ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, LinearRopeScaling(4.0)),
+        # llama.cpp's type is linear when the key is absent; older files have only scale_linear...
+        ({"llama.rope.scaling.factor": 4.0}, LinearRopeScaling(4.0)),
+        ({"llama.rope.scale_linear": 4.0}, LinearRopeScaling(4.0)),
+        # ...which is read only without the newer key; type "none" never scales.
+        ({"llama.rope.scaling.factor": 0.0, "llama.rope.scale_linear": 4.0}, None),
+        ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}, None),
+        ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}, YARN_4),
+        # A llama file's YaRN runs with llama.cpp's defaults, whatever other YaRN keys say.
+        (
+            {
+                "llama.rope.scaling.type": "yarn",
+                "llama.rope.scaling.factor": 4.0,
+                "llama.rope.scaling.yarn_beta_fast": 8.0,
+                "llama.rope.scaling.yarn_attn_factor": 0.5,
+            },
+            YARN_4,
+        ),
+        (
+            {
+                "llama.rope.scaling.type": "yarn",
+                "llama.rope.scaling.factor": 4.0,
+                "llama.rope.scaling.original_context_length": 512,
+            },
+            dataclasses.replace(YARN_4, original_max_position_embeddings=512),
+        ),
+        ({"llama.rope.scaling.type": "yarn"}, None),
     ],
 )
-def test_gguf_linear_rope_scaling_is_read(tmp_path: Path, metadata: dict[str, Any]) -> None:
-    path = write_gguf(tmp_path / "linear.gguf", "llama", {**LLAMA_METADATA, **metadata})
-    assert read_gguf_config(open_gguf(path), path).rope_scaling == LinearRopeScaling(4.0)
+def test_gguf_rope_scaling_is_read_as_llama_cpp_reads_it(
+    tmp_path: Path, metadata: dict[str, Any], expected: Any
+) -> None:
+    metadata = {**LLAMA_METADATA, "llama.context_length": 2048, **metadata}
+    path = write_gguf(tmp_path / "rope.gguf", "llama", metadata)
+    assert read_gguf_config(open_gguf(path), path).rope_scaling == expected
 
 
 @pytest.mark.parametrize(
@@ -368,7 +393,7 @@ def test_generation_defaults_and_eos_union(save_tiny_llama: SaveTinyLlama) -> No
                     "original_max_position_embeddings": 64,
                 }
             },
-            r"config\.json: rope_scaling of type 'llama3' holds a value that is not a number",
+            r"config\.json: rope_scaling\.factor=None: must be a number",
         ),
     ],
 )
@@ -394,7 +419,8 @@ def test_a_tensor_in_two_files_is_refused(save_tiny_llama: SaveTinyLlama) -> Non
 
 
 def test_an_index_names_the_copy_of_a_tensor_in_two_shards(save_tiny_llama: SaveTinyLlama) -> None:
-    # As in transformers: the weight map decides which shard a tensor is read from.
+    # The weight map decides which shard a tensor is read from (transformers 5 would take the
+    # later shard's copy, here the stale one).
     from safetensors.torch import load_file, save_file
 
     hf_model, path = save_tiny_llama(max_shard_size="40KB")
@@ -403,6 +429,17 @@ def test_an_index_names_the_copy_of_a_tensor_in_two_shards(save_tiny_llama: Save
     other = next(name for name in sorted(set(index["weight_map"].values())) if name != owner)
     stale = load_file(path / other)
     save_file({**stale, "model.norm.weight": torch.zeros(64)}, str(path / other), metadata={"format": "pt"})
+    loaded = load(path).model
+    torch.testing.assert_close(loaded.model.norm.weight, hf_model.model.norm.weight, rtol=0, atol=0)
+
+
+def test_a_tensor_the_index_places_in_the_wrong_shard_is_read_from_its_own(save_tiny_llama: SaveTinyLlama) -> None:
+    hf_model, path = save_tiny_llama(max_shard_size="40KB")
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    owner = index["weight_map"]["model.norm.weight"]
+    index["weight_map"]["model.norm.weight"] = next(name for name in index["weight_map"].values() if name != owner)
+    index_path.write_text(json.dumps(index))
     loaded = load(path).model
     torch.testing.assert_close(loaded.model.norm.weight, hf_model.model.norm.weight, rtol=0, atol=0)
 

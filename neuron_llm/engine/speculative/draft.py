@@ -76,7 +76,7 @@ class DraftModelProposer:
         name = _draft_name(config)
         self.num_tokens = speculative.num_speculative_tokens
         info = read_draft_model(config, tokenizer)  # checked before its weights load
-        self.max_model_len = min(config.max_model_len, info.config.max_position_embeddings)
+        self.max_model_len = min(config.max_model_len, info.config.max_context_len)
         try:
             self.llm: LLM = LLM(
                 speculative.model,
