@@ -11,6 +11,8 @@ from pathlib import Path
 
 from neuron_llm.help_format import DefaultsHelpFormatter
 
+DEFAULT_CONTEXT = 2048
+"""Tokens per window unless --context says (or the model's context is shorter)."""
 DEFAULT_STRIDE = 512
 """Tokens between window starts unless --stride says: a quarter of the default context."""
 
@@ -26,7 +28,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         "model", nargs="?", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"
     )
     ppl.add_argument("--corpus", type=Path, required=True, help="UTF-8 text file to score")
-    ppl.add_argument("--context", type=int, default=2048, help="tokens per window")
+    ppl.add_argument(
+        "--context", type=int, default=None, help="tokens per window; default: 2048 or the model's context if shorter"
+    )
     ppl.add_argument(
         "--stride",
         type=int,
@@ -61,11 +65,9 @@ def run_eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"corpus {args.corpus} not found")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens {args.max_tokens}: at least 2 tokens are needed to score one")
-    if args.context < 2:
+    if args.context is not None and args.context < 2:
         raise ValueError(f"--context {args.context}: a window of at least 2 tokens is needed to score one")
-    if args.stride is None:
-        args.stride = min(DEFAULT_STRIDE, args.context)
-    if not 0 < args.stride <= args.context:
+    if args.stride is not None and not 0 < args.stride <= (args.context or args.stride):
         raise ValueError(f"--stride {args.stride}: must be in [1, --context {args.context}]")
     try:
         text = args.corpus.read_text(encoding="utf-8")
@@ -81,6 +83,15 @@ def run_eval(args: argparse.Namespace) -> int:
     loaded = load_any_format(args.model, dtype=dtype, device=args.device, quantization=args.quantization)
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.source} has no tokenizer, so a text corpus cannot be scored")
+    limit = loaded.config.max_context_len
+    if args.context is None:
+        args.context = min(DEFAULT_CONTEXT, limit)
+    elif args.context > limit:
+        raise ValueError(f"--context {args.context} exceeds the model's context ({loaded.config.describe_context()})")
+    if args.stride is None:
+        args.stride = min(DEFAULT_STRIDE, args.context)
+    elif args.stride > args.context:
+        raise ValueError(f"--stride {args.stride}: must be in [1, --context {args.context}]")
     token_ids = loaded.tokenizer(text, verbose=False)["input_ids"]
     if args.max_tokens is not None:
         token_ids = token_ids[: args.max_tokens]

@@ -107,6 +107,20 @@ def test_eval_quantizes_on_load(
     assert printed_result(output)[1] == pytest.approx(baseline, rel=0.01) and printed_result(output)[1] != baseline
 
 
+def test_eval_windows_default_to_the_models_context(
+    quant_checkpoint: tuple[Any, Path], corpus_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The tiny model's context is 256 tokens, under the default window of 2048.
+    base = ["eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(corpus_file), "--max-tokens", "300"]
+    assert run_cli(*base) == 0
+    default = printed_result(capsys.readouterr().out)
+    assert run_cli(*base, "--context", "256") == 0
+    assert printed_result(capsys.readouterr().out) == default
+    message = "--context 512 exceeds the model's context (max_position_embeddings=256)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_cli(*base, "--context", "512")
+
+
 def test_quantize_options_override_the_scheme_defaults() -> None:
     config = quant_config_from_args(parse_quantize("--scheme", "int8", "--group-size", "64", "--skip-layers", "0,-1"))
     assert config.format == LinearFormat("int8", group_size=64)
