@@ -26,7 +26,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser, model_help: str) -> N
         help="quantize on load: int8, int8-head, int8-g128, fp8 (Llama 3 recipe), fp8-all, w8a8",
     )
     parser.add_argument(
-        "--tp", "--tensor-parallel-size", type=int, default=None, help="tensor-parallel degree (processes) (default: 1)"
+        "--tp",
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=None,
+        help="tensor-parallel degree (processes) (default: 1)",
     )
     parser.add_argument(
         "--max-model-len", type=int, default=None, help="longest prompt + output in tokens (default: the model's)"
@@ -200,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neuron-llm`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse would report them with the top-level usage; the command's own says what it takes.
+        command = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args)
     except BrokenPipeError:

@@ -174,8 +174,8 @@ class ServeSettings:
         """Add one ``--flag`` per field, except ``model`` (a positional argument of ``serve``)."""
         for f in dataclasses.fields(cls):
             if f.name != "model":
-                flag = "--" + f.name.replace("_", "-")
-                parser.add_argument(flag, type=_parser(f), default=f.default, help=f.metadata["help"])
+                flags = ["--" + f.name.replace("_", "-"), *_FLAG_ALIASES.get(f.name, ())]
+                parser.add_argument(*flags, type=_parser(f), default=f.default, help=f.metadata["help"])
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServeSettings:
@@ -185,6 +185,10 @@ class ServeSettings:
         if values["api_key"] is None:
             values["api_key"] = (os.environ if environ is None else environ).get(f"{ENV_PREFIX}API_KEY")
         return cls(**values)
+
+
+_FLAG_ALIASES = {"tensor_parallel_size": ("--tp", "-tp")}
+"""Other spellings of a flag: ``generate`` and ``compile`` take ``--tp``, vLLM ``-tp``."""
 
 
 def _parser(f: dataclasses.Field[Any]) -> Callable[[str], Any]:

@@ -8,6 +8,7 @@ layers, then copies the checkpoint in tensor by tensor.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,7 +67,9 @@ def resolve_model_path(model: str | Path | None) -> Path:
         return default_model_path()
     path = Path(model).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
+        hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) is not None
+        hint = " (Hugging Face Hub ids are not downloaded: download the model and pass its directory)"
+        raise FileNotFoundError(f"model path {path} does not exist{hint if hub_id else ''}")
     # Lexically absolute, links kept: a hub cache's `model.gguf` links to a blob named by its hash.
     path = Path(os.path.abspath(path))
     if path.is_file():

@@ -23,7 +23,7 @@ def test_help_lists_the_commands() -> None:
     [
         (["generate"], ["most tokens generated (default: 128)", "0 is greedy (default: 0.0)"], ["default: None"]),
         (["serve"], ["port to listen on (default: 8000)", "(default: 127.0.0.1)"], ["default: None"]),
-        (["eval", "perplexity"], ["tokens per window (default: 2048)"], ["default: None"]),
+        (["eval", "perplexity"], ["tokens per window; default: 2048 or the model's context"], ["default: None"]),
     ],
 )
 def test_help_gives_each_default_once(capsys, command: list[str], shown: list[str], not_shown: list[str]) -> None:
@@ -120,6 +120,23 @@ def test_bench_table_sets_int8_steps_of_few_rows_beside_batch_1() -> None:
     assert "| int8 verification step, batch 1, 5 tokens over 1 | 1.25x the time | int8 decode step |  |" in table
     assert "| int8 batch of 16 | 3600 output tok/s | int8 decode, batch 1 | 9.00x its tok/s |" in table
     assert "| int8 decode read floor | 2.50 ms/token | int8 decode | 1.00x |" in table
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate", "hi"], ["eval", "perplexity", "--corpus", "c.txt"]])
+def test_an_unknown_flag_is_reported_with_its_commands_usage(capsys, command: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([*command, "--bogus"])
+    err = capsys.readouterr().err
+    assert f"neuron-llm {command[0]}" in err.splitlines()[0] and "unrecognized arguments: --bogus" in err
+
+
+def test_tensor_parallel_flags_are_spelled_alike_in_every_command() -> None:
+    from neuron_llm.cli import build_parser
+
+    for command in (["serve"], ["generate", "hi"], ["compile", "--out", "o"]):
+        for flag in ("--tp", "-tp", "--tensor-parallel-size"):
+            parsed = vars(build_parser().parse_args([*command, flag, "2"]))
+            assert parsed.get("tensor_parallel_size", parsed.get("tp")) == 2
 
 
 def test_bad_model_path_is_a_clear_error(capsys, tmp_path) -> None:

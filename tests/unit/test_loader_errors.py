@@ -40,6 +40,12 @@ def test_missing_path(tmp_path: Path) -> None:
         load(missing)
 
 
+def test_a_hub_id_is_said_not_to_be_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"meta-llama/Llama-3\.2-1B does not exist \(Hugging Face Hub ids"):
+        load("meta-llama/Llama-3.2-1B")
+
+
 def test_missing_config_json(save_tiny_llama: SaveTinyLlama) -> None:
     _, path = save_tiny_llama()
     (path / "config.json").unlink()
