@@ -50,7 +50,7 @@ def _yarn(inv_freq: torch.Tensor, head_dim: int, theta: float, scaling: YarnRope
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001
-    # Computed in transformers' order, so that the frequencies match its to the bit.
+    # Computed in transformers' order, so that the frequencies match transformers' to the bit.
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     kept = 1 - ramp
     pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
