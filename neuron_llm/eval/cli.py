@@ -67,7 +67,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-tokens {args.max_tokens}: at least 2 tokens are needed to score one")
     if args.context is not None and args.context < 2:
         raise ValueError(f"--context {args.context}: a window of at least 2 tokens is needed to score one")
-    if args.stride is not None and not 0 < args.stride <= (args.context or args.stride):
+    if args.stride is not None and (args.stride < 1 or args.context is not None and args.stride > args.context):
         raise ValueError(f"--stride {args.stride}: must be in [1, --context {args.context}]")
     try:
         text = args.corpus.read_text(encoding="utf-8")

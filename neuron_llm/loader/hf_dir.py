@@ -102,16 +102,21 @@ def find_weight_files(model_dir: Path) -> list[Path]:
     Raises ``FileNotFoundError`` naming the directory when it holds no safetensors weights,
     or naming the shard when the index lists one that is not there.
     """
+    return _weight_files(model_dir)[0]
+
+
+def _weight_files(model_dir: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """``find_weight_files``, and the shard each tensor is read from when an index is used."""
     single = model_dir / SINGLE_WEIGHTS_FILE
     if single.is_file():
-        return [single]
+        return [single], None
     owners = _index_owners(model_dir)
     if owners is not None:
         files = sorted(set(owners.values()))
         for path in files:
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found, but {WEIGHTS_INDEX_FILE} lists it as a weight shard")
-        return files
+        return files, owners
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         pickled = " (PyTorch .bin checkpoints are not read: convert them to safetensors)"
@@ -119,7 +124,7 @@ def find_weight_files(model_dir: Path) -> list[Path]:
             f"no *.safetensors weights in {model_dir}: expected {SINGLE_WEIGHTS_FILE} "
             f"or shards listed in {WEIGHTS_INDEX_FILE}{pickled if any(model_dir.glob('*.bin')) else ''}"
         )
-    return files
+    return files, None
 
 
 def _index_owners(model_dir: Path) -> dict[str, Path] | None:
@@ -162,6 +167,4 @@ def iter_safetensors(files: list[Path], owners: dict[str, Path] | None = None) -
 
 def iter_hf_weights(model_dir: Path) -> Iterator[tuple[str, TensorSource]]:
     """Yield the checkpoint tensors of the Hugging Face directory ``model_dir``."""
-    files = find_weight_files(model_dir)
-    owners = None if files == [model_dir / SINGLE_WEIGHTS_FILE] else _index_owners(model_dir)
-    return iter_safetensors(files, owners)
+    return iter_safetensors(*_weight_files(model_dir))
