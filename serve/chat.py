@@ -103,24 +103,22 @@ class _ChatWriter:
         )
 
     async def events(self, generation: Generation, state: ServerState) -> AsyncGenerator[str, None]:
-        # Each choice opens with the assistant's role, as OpenAI's streams do.
-        roles = [ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(self._body.n)]
-        yield event(self._chunk(roles))
+        # Each choice opens with the assistant's role, and each chunk carries one choice, as
+        # OpenAI's and vLLM's streams do: clients that read ``choices[0]`` lose nothing.
+        for i in range(self._body.n):
+            yield event(self._chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))]))
         tracker = DeltaTracker(self._body.n, has_logprobs=self._body.logprobs)
         async with contextlib.aclosing(generation.outputs()) as outputs:
             try:
                 async for prompt_index, output in outputs:
-                    choices = [
-                        ChatStreamChoice(
+                    for delta in tracker.deltas(prompt_index, output):
+                        choice = ChatStreamChoice(
                             index=delta.index,
                             delta=ChatDelta(content=delta.text),
                             logprobs=self._logprobs(delta.token_ids, delta.logprobs),
                             finish_reason=delta.finish_reason,
                         )
-                        for delta in tracker.deltas(prompt_index, output)
-                    ]
-                    if choices:
-                        yield event(self._chunk(choices))
+                        yield event(self._chunk([choice]))
             except ServeError as e:
                 state.metrics.count_refusal(e.status_code)
                 yield error_event(e)

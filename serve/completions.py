@@ -106,9 +106,9 @@ class _CompletionWriter:
         async with contextlib.aclosing(generation.outputs()) as outputs:
             try:
                 async for prompt_index, output in outputs:
-                    choices = [self._choice(delta, output) for delta in tracker.deltas(prompt_index, output)]
-                    if choices:
-                        yield event(self._chunk(choices, None))
+                    # One choice a chunk, as OpenAI's and vLLM's streams send them.
+                    for delta in tracker.deltas(prompt_index, output):
+                        yield event(self._chunk([self._choice(delta, output)], None))
             except ServeError as e:
                 state.metrics.count_refusal(e.status_code)
                 yield error_event(e)

@@ -2,7 +2,8 @@
 
 SageMaker routes traffic to the container once ``/ping`` answers 200, so it answers 503
 until the model has loaded. ``/invocations`` takes an OpenAI completion or chat body, or the
-TGI-style ``{"inputs", "parameters"}`` body, and answers in the shape it was asked in.
+TGI-style ``{"inputs", "parameters"}`` body, and answers in the shape it was asked in; an
+OpenAI body's ``model`` is not checked there.
 SageMaker authenticates callers with IAM before they reach the container, so a SageMaker
 deployment sets no API key; a server started with one requires it here as on ``/v1``, since
 ``/invocations`` generates as ``/v1`` does.
@@ -59,6 +60,9 @@ async def invocations(body: InvocationRequest, request: Request) -> Response:
     state = get_state(request)
     if isinstance(body, TGIRequest):
         return await serve_tgi(state, body, request)
+    # An endpoint serves one model, whatever name a body carries: clients written for other
+    # containers send theirs (TGI's Messages API examples send "tgi").
+    body = body.model_copy(update={"model": None})
     if isinstance(body, ChatCompletionRequest):
         return await serve_chat(state, body, request)
     assert isinstance(body, CompletionRequest)

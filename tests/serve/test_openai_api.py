@@ -137,12 +137,26 @@ def test_n_completions_for_each_prompt(client: openai.OpenAI, model_name: str) -
         model=model_name, prompt=["Hello", "Once upon a time"], n=3, temperature=1.0, seed=7, max_tokens=6
     )
     assert [c.text for c in seeded_again.choices] == [c.text for c in completion.choices]
-    chunks = list(
-        client.chat.completions.create(
-            model=model_name, messages=[{"role": "user", "content": "Hi"}], n=2, stream=True, max_tokens=5
-        )
-    )
-    assert {choice.index for chunk in chunks for choice in chunk.choices} == {0, 1}
+
+
+def test_a_stream_of_n_choices_sends_one_choice_a_chunk(client: openai.OpenAI, model_name: str) -> None:
+    """As OpenAI and vLLM stream them: a client reading ``choices[0]`` of each chunk gets every choice."""
+    options = dict(model=model_name, n=3, temperature=1.0, seed=7, max_tokens=6)
+    chat = dict(messages=[{"role": "user", "content": "Hi"}], **options)
+    completion = dict(prompt=["Hello", "Once upon a time"], **options)
+    for create, body, text in [
+        (client.chat.completions.create, chat, lambda c: c.message.content),
+        (client.completions.create, completion, lambda c: c.text),
+    ]:
+        expected = {c.index: text(c) for c in create(**body).choices}
+        chunks = list(create(stream=True, **body))
+        assert all(len(chunk.choices) == 1 for chunk in chunks)
+        streamed: dict[int, str] = {}
+        for chunk in chunks:
+            choice = chunk.choices[0]
+            piece = choice.delta.content if hasattr(choice, "delta") else choice.text
+            streamed[choice.index] = streamed.get(choice.index, "") + (piece or "")
+        assert streamed == expected
 
 
 def test_stop_string_cuts_the_text(client: openai.OpenAI, model_name: str) -> None:

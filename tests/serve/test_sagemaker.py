@@ -95,3 +95,14 @@ def test_invocations_answers_openai_bodies_as_openai(server: ServerThread) -> No
         events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert all(json.loads(event)["object"] == "chat.completion.chunk" for event in events[:-1])
+
+
+def test_invocations_serve_the_endpoints_model_whatever_name_a_body_carries(server: ServerThread) -> None:
+    """/v1 routes refuse another model's name; an endpoint has one model, and clients of other
+    containers name theirs ("tgi")."""
+    body = {"model": "tgi", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=body).status_code == 404
+    reply = httpx.post(f"{server.url}/invocations", json=body)
+    assert reply.status_code == 200 and reply.json()["model"] == server.model_name
+    completion = httpx.post(f"{server.url}/invocations", json={"model": "other", "prompt": "Hi", "max_tokens": 2})
+    assert completion.status_code == 200 and completion.json()["object"] == "text_completion"
