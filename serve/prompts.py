@@ -186,9 +186,6 @@ def sampling_params(
     renames = renames or {}
     defaults = model.llm.generation_defaults
     fields.update({name: defaults[name] for name in SAMPLING_DEFAULTS if name in unset and name in defaults})
-    n = fields.get("n", 1)
-    if n > model.max_num_seqs:
-        raise ClientError(f"n={n}: this server runs at most {model.max_num_seqs} sequences at once", "n")
     if fields.get("stop") and model.tokenizer is None:
         param = renames.get("stop", "stop")
         raise ClientError(f"{param}: stop strings need a tokenizer, and this model has none; use stop_token_ids", param)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from neuron_llm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 
 MAX_N = 128
-"""Most completions of one prompt (OpenAI's limit); a server also caps it at its max_num_seqs."""
+"""Most completions of one prompt (OpenAI's limit). Beyond max_num_seqs they run in turns, as in ``LLM``."""
 
 MAX_STOP, MAX_STOP_CHARS = 16, 1024
 """Most stop strings a request takes, and their longest: the engine's thread matches every one

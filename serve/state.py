@@ -49,10 +49,6 @@ class ServedModel:
         return None if scheduler.enable_chunked_prefill else scheduler.max_num_batched_tokens
 
     @property
-    def max_num_seqs(self) -> int:
-        return self.llm.config.scheduler.max_num_seqs
-
-    @property
     def vocab_size(self) -> int:
         return self.llm.config.model.vocab_size
 

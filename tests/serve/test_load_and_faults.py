@@ -195,6 +195,19 @@ def test_a_stream_whose_client_left_ends_quietly_and_aborts_its_request(
     asyncio.run(asyncio.wait_for(run(), timeout=60))
 
 
+def test_more_completions_than_sequences_in_a_step_run_in_turns(model_dir: Path) -> None:
+    """n above max_num_seqs runs, as ``LLM`` runs it: the forks wait for room in later steps."""
+    load = functools.partial(make_llm, model_dir, max_num_seqs=2)
+    with running_server(model_dir, load=load) as server:
+        body = {"prompt": "Hello", "n": 5, "max_tokens": 6, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        choices = response.json()["choices"]
+        assert sorted(c["index"] for c in choices) == list(range(5))
+        assert all(c["finish_reason"] == "length" for c in choices)
+        assert len({c["text"] for c in choices}) > 1
+
+
 def test_full_queue_answers_429_and_keeps_serving(model_dir: Path) -> None:
     # One running slot and one waiting place: a running request A, a waiting B, then C is refused.
     load = functools.partial(make_slow_llm, model_dir, max_num_seqs=1)
