@@ -147,10 +147,17 @@ def error_from_validation(errors: Sequence[Any]) -> ClientError:
     common = _common_prefix(paths)
     if common:
         param = _format_path(common)
-        reasons = list(dict.fromkeys(str(error.get("msg", "invalid")) for error in errors))[:3]
+        reasons = list(dict.fromkeys(_reason(error) for error in errors))[:3]
         return ClientError(f"{param}: {'; or '.join(reasons)}", param)
-    problems = [f"{_format_path(path) or 'body'}: {error.get('msg', 'invalid')}" for path, error in zip(paths, errors)]
+    problems = [f"{_format_path(path) or 'body'}: {_reason(error)}" for path, error in zip(paths, errors)]
     return ClientError("; ".join(problems[:3]), _format_path(paths[0]) or None)
+
+
+def _reason(error: Any) -> str:
+    # A validator's own message, without the "Value error, " pydantic puts before it.
+    if error.get("type") == "value_error" and "error" in error.get("ctx", {}):
+        return str(error["ctx"]["error"])
+    return str(error.get("msg", "invalid"))
 
 
 def _field_path(loc: Sequence[Any]) -> list[Any]:
@@ -158,7 +165,8 @@ def _field_path(loc: Sequence[Any]) -> list[Any]:
     # The /invocations body is a tagged union; pydantic puts the tag, which names no field, first.
     if path and path[0] in INVOCATION_KINDS:
         path = path[1:]
-    return path
+    # So does a plain union its member type ("list[TextContent]"), which no field is called.
+    return [part for part in path if not (isinstance(part, str) and "[" in part)]
 
 
 def _common_prefix(paths: list[list[Any]]) -> list[Any]:

@@ -190,6 +190,17 @@ class ChatMessage(_Request):
     audio: Any = _unsupported()
     annotations: Any = _unsupported([])
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        # Named here: pydantic's own error would list the union's branches in its path.
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"a content part of type {kind!r}: this server takes text parts only")
+        return content
+
     @property
     def text(self) -> str:
         """The content as one string: text parts one per line, as vLLM joins them."""

@@ -106,6 +106,21 @@ def test_bad_field_is_a_4xx_naming_it(
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
 
 
+def test_a_content_part_other_than_text_is_refused_in_plain_words(server: ServerThread) -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    for route in (CHAT, "/invocations"):
+        body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]}
+        error = httpx.post(f"{server.url}{route}", json=body).json()["error"]
+        assert error["param"] == "messages[0].content", error
+        assert error["message"] == (
+            "messages[0].content: a content part of type 'image_url': this server takes text parts only"
+        )
+    # An unknown field of a text part is named by its path, not by pydantic's union member.
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", "mood": "x"}]}]}
+    error = httpx.post(f"{server.url}{CHAT}", json=body).json()["error"]
+    assert error["param"] == "messages[0].content[0].mood", error
+
+
 def test_a_tgi_prompt_filling_the_context_is_refused_as_too_long(server: ServerThread) -> None:
     # Without max_new_tokens the default output length is what the prompt leaves: none here.
     tokenizer = server.app.state.server.ready_model().tokenizer
