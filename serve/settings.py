@@ -121,13 +121,17 @@ class ServeSettings:
 
     def check_model(self) -> None:
         """What can be checked of the model without loading it, before a port opens: that it
-        is a model, and max_model_len against its context (an artifact checks its options when
-        it loads)."""
+        is a model, max_model_len against its context, and an artifact's options against those
+        set here."""
         from neuron_llm.compile.artifact import Artifact, is_artifact
         from neuron_llm.loader import load_model_info
 
         if self.model is not None and is_artifact(self.model):
-            Artifact.open(self.model)
+            options = {name: value for name, value in self.llm_options().items() if name != "model"}
+            options["dtype"] = None if self.dtype == "auto" else self.dtype
+            # An XLA artifact's features are checked with the model's defaults added, at load.
+            options.pop("sampling_features", None)
+            Artifact.open(self.model).resolve_options(options)
             return
         config = load_model_info(self.model).config
         if self.max_model_len is not None and self.max_model_len > config.max_context_len:

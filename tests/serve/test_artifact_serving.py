@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import openai
+import pytest
 
 from neuron_llm import LLM
 from neuron_llm.compile.build import compile_artifact
@@ -27,3 +28,14 @@ def test_a_compiled_artifact_serves_chat_as_its_source_does(model_dir: Path, tmp
         assert [model.id for model in client.models.list().data] == ["tiny-compiled"]
         reply = client.chat.completions.create(model="tiny-compiled", messages=messages, max_tokens=16, temperature=0)
     assert reply.choices[0].message.content == expected
+
+
+def test_serve_refuses_an_option_the_artifact_was_not_compiled_with_before_it_listens(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "tiny-compiled"
+    compile_artifact(str(model_dir), out, dtype="float32", block_size=4, max_model_len=256)
+    ServeSettings(model=str(out), max_model_len=256, dtype="float32").check_model()
+    for option, value in [("max_model_len", 128), ("dtype", "bfloat16"), ("max_num_seqs", 3)]:
+        with pytest.raises(ValueError, match=f"{option}=.*compiled with {option}="):
+            ServeSettings(model=str(out), **{option: value}).check_model()
