@@ -210,11 +210,7 @@ class LLMEngine:
         if taken:
             raise ValueError(f"request_id={request_id!r}: its sequence id {taken[0]!r} is already in use")
         first = sequences[0].request
-        try:
-            self.scheduler.add_request(first)  # raises ValueError for lengths the engine cannot serve
-        except ValueError as e:
-            # The caller knows an n > 1 request by its id, not its first sequence's "{id}#0".
-            raise ValueError(str(e).replace(repr(first.request_id), repr(request_id))) from e
+        self.scheduler.add_request(first)  # raises ValueError for lengths the engine cannot serve
         group = _RequestGroup(
             request_id=request_id,
             prompt=prompt_text,

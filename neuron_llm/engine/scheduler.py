@@ -273,33 +273,33 @@ class Scheduler:
         if request.num_tokens != num_prompt_tokens or request.num_computed_tokens:
             raise ValueError(f"request {request_id!r} must be new: no output, nothing computed")
         if num_prompt_tokens == 0:
-            raise ValueError(f"request {request_id!r}: the prompt is empty")
+            raise ValueError("the prompt is empty")
         max_tokens = request.sampling_params.max_tokens
         # A prompt filling max_model_len may sample the one token after it (scoring the prompt
         # by its prompt logprobs): that token needs no position and no KV slot.
         if num_prompt_tokens > self.max_model_len or (num_prompt_tokens == self.max_model_len and max_tokens != 1):
             raise ValueError(
-                f"request {request_id!r}: prompt of {num_prompt_tokens} tokens leaves no room for output "
+                f"a prompt of {num_prompt_tokens} tokens leaves no room for output "
                 f"within max_model_len={self.max_model_len}"
             )
         if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"request {request_id!r}: max_tokens={max_tokens} must be >= 1")
+            raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
         if max_tokens is None and num_prompt_tokens >= self.max_seq_len:
             raise ValueError(
-                f"request {request_id!r}: prompt of {num_prompt_tokens} tokens leaves no room for output "
+                f"a prompt of {num_prompt_tokens} tokens leaves no room for output "
                 f"in the KV pool, which holds {self.max_seq_len} tokens of one sequence; enlarge the KV cache"
             )
         budget = self.config.max_num_batched_tokens
         if not self.config.enable_chunked_prefill and num_prompt_tokens > budget:
             raise ValueError(
-                f"request {request_id!r}: prompt of {num_prompt_tokens} tokens exceeds "
+                f"a prompt of {num_prompt_tokens} tokens exceeds "
                 f"max_num_batched_tokens={budget} and chunked prefill is off"
             )
         # The K/V of every token but the last sampled one is stored.
         num_blocks = self.block_manager.num_blocks_for(self._final_num_tokens(request) - 1)
         if num_blocks > self.block_manager.num_usable_blocks:
             raise ValueError(
-                f"request {request_id!r}: prompt of {num_prompt_tokens} tokens plus max_tokens={max_tokens} "
+                f"a prompt of {num_prompt_tokens} tokens plus max_tokens={max_tokens} "
                 f"needs {num_blocks} KV blocks but the pool has {self.block_manager.num_usable_blocks}; "
                 "lower max_tokens or enlarge the KV cache"
             )

@@ -270,11 +270,15 @@ def test_automatic_ids_skip_those_an_n_request_would_clash_with(tiny_model_dir) 
     assert all_blocks_free(llm)
 
 
-def test_a_refused_n_request_is_named_by_its_id(tiny_model_dir) -> None:
+def test_a_refused_request_is_told_what_is_wrong_not_an_internal_id(tiny_model_dir) -> None:
+    """The caller of ``add_request`` knows which request it added; an id in the message would
+    be a sequence's ("c#0") or one the caller never saw (``LLM``'s, the server's)."""
     llm = make_llm(tiny_model_dir)
-    with pytest.raises(ValueError, match=r"^request 'c': prompt of 300 tokens") as refused:
+    with pytest.raises(ValueError, match=r"^a prompt of 300 tokens leaves no room") as refused:
         llm.engine.add_request([1] * 300, replace(GREEDY, n=2), request_id="c")
-    assert "#" not in str(refused.value)
+    assert "#" not in str(refused.value) and "'c'" not in str(refused.value)
+    with pytest.raises(ValueError, match=r"^prompt 1: a prompt of 300 tokens leaves no room"):
+        llm.generate([{"prompt_token_ids": [1] * n} for n in (5, 300)], GREEDY)
     assert not llm.engine.has_unfinished_requests()
 
 
