@@ -344,6 +344,9 @@ class LLM:
         for output in self.engine.step():
             if output.request_id in self._unread:
                 self._unread[output.request_id].append(output)
+        for request_id, error in self.engine.take_failures():
+            if request_id in self._unread:
+                raise RuntimeError(f"a request failed while its tokens were judged: {error}") from error
 
     def _next_output(self, request_id: str) -> RequestOutput | None:
         """The request's next output, stepping the engine until there is one; None if none comes."""

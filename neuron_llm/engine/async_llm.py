@@ -298,6 +298,10 @@ class AsyncLLM:
             if output.finished:
                 del self._streams[output.request_id]
             stream.put(output)
+        for request_id, error in self.engine.take_failures():
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.put(EngineError(f"the engine failed while running this request: {error}"))
 
     def _end_all(self, error: Exception) -> None:
         """End every request the engine holds with ``error``, aborting it there."""

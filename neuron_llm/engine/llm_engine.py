@@ -10,9 +10,10 @@ its own.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -28,6 +29,8 @@ from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs, make_generator
 from neuron_llm.sampling_params import SamplingParams, is_integral
 from neuron_llm.worker import placeholder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -177,6 +180,7 @@ class LLMEngine:
         self._in_flight: _LaunchedStep | None = None
         self._penalized_ids: set[str] = set()
         """Requests whose penalties need every token on the host before the next step."""
+        self._failures: list[tuple[str, Exception]] = []
         self.proposer: Proposer | None = make_proposer(config, executor.num_kv_blocks, tokenizer)
         """Offers each decoding sequence's next tokens before a step (speculative decoding); None: off."""
 
@@ -250,6 +254,13 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
 
+    def take_failures(self) -> list[tuple[str, Exception]]:
+        """The requests that failed alone since the last call, each with its error: judging one
+        of their tokens raised, so they were aborted and the others went on. A caller of
+        ``step`` that waits for outputs checks this after each step."""
+        failures, self._failures = self._failures, []
+        return failures
+
     def stats(self) -> EngineStats:
         """Gauges now, and latencies recorded since the previous call (then cleared)."""
         stats = EngineStats(
@@ -303,21 +314,28 @@ class LLMEngine:
             self.scheduler.rewind(scheduled)
             raise
         self._in_flight = None
-        outputs = [] if previous is None else self._complete(*previous)
-        if launched is None:
+        try:
+            outputs = [] if previous is None else self._complete(*previous)
+        finally:
+            # Recorded even when judging the step before failed, so that later steps go on:
+            # the launched one holds the device's next tokens.
+            if launched is not None and read is None:
+                self._record_in_flight(launched)
+        if launched is None or read is None:
             return outputs
-        if read is not None:
-            self.scheduler.update_from_output(
-                scheduled, {entry.request.request_id: ids for entry, ids in zip(launched.sampling, read.token_ids)}
-            )
-            return outputs + self._complete(launched, read)
+        self.scheduler.update_from_output(
+            scheduled, {entry.request.request_id: ids for entry, ids in zip(launched.sampling, read.token_ids)}
+        )
+        return outputs + self._complete(launched, read)
+
+    def _record_in_flight(self, launched: _LaunchedStep) -> None:
         # The scheduler counts each sampled token now, as a placeholder the device fills in
         # for the next step and the host replaces once it has read the token (``_complete``).
         self.scheduler.update_from_output(
-            scheduled, {entry.request.request_id: [placeholder(row)] for row, entry in enumerate(launched.sampling)}
+            launched.scheduled,
+            {entry.request.request_id: [placeholder(row)] for row, entry in enumerate(launched.sampling)},
         )
         self._in_flight = launched
-        return outputs
 
     def _propose(self, proposer: Proposer) -> None:
         """Offer each decoding request's next tokens, for this step to verify.
@@ -388,20 +406,39 @@ class LLMEngine:
             if found is None or found[1].finish_reason is not None:
                 continue  # aborted, or stopped by the step before (async scheduling ran it once more)
             group, seq = found
-            # The scheduler appended the step's tokens up to the length limit.
-            num_taken = min(len(ids), request.num_output_tokens - num_before)
-            self._record_latency(group, seq)
-            for i in range(num_taken):
-                self._process_token(group, seq, ids[i], logprobs[i], num_before + i + 1, is_last=i == num_taken - 1)
-                if seq.finish_reason is not None:
-                    # A stop among a step's tokens: the ones after it were never generated.
-                    request.truncate_output(num_before + i + 1)
-                    break
+            try:
+                self._take_tokens(group, seq, ids, logprobs, num_before)
+            except Exception as error:
+                # That request fails alone: every other row of the step is still judged.
+                logger.exception("request %s failed while its tokens were judged", group.request_id)
+                self.abort(group.request_id)
+                self._failures.append((group.request_id, error))
+                touched.pop(group.request_id, None)
+                continue
             touched[group.request_id] = group
         for group in touched.values():
             self._fork_pending(group)
         reports = (self._finish_or_report(group) for group in touched.values())
         return [output for output in reports if output is not None]
+
+    def _take_tokens(
+        self,
+        group: _RequestGroup,
+        seq: _Sequence,
+        ids: list[int],
+        logprobs: list[dict[int, Logprob] | None],
+        num_before: int,
+    ) -> None:
+        request = seq.request
+        # The scheduler appended the step's tokens up to the length limit.
+        num_taken = min(len(ids), request.num_output_tokens - num_before)
+        self._record_latency(group, seq)
+        for i in range(num_taken):
+            self._process_token(group, seq, ids[i], logprobs[i], num_before + i + 1, is_last=i == num_taken - 1)
+            if seq.finish_reason is not None:
+                # A stop among a step's tokens: the ones after it were never generated.
+                request.truncate_output(num_before + i + 1)
+                break
 
     def _live_sequence(self, request: Request) -> tuple[_RequestGroup, _Sequence] | None:
         """The group and sequence of ``request``; None once it was aborted, even if its id is in use again."""
@@ -576,7 +613,7 @@ class LLMEngine:
             prompt_logprobs=group.prompt_logprobs,
             outputs=completions,
             finished=group.finished,
-            metrics=group.metrics,
+            metrics=replace(group.metrics),  # a snapshot: later steps change the group's
         )
 
     # -- helpers ------------------------------------------------------------------------

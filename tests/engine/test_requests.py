@@ -12,7 +12,7 @@ import torch
 from neuron_llm.engine import llm_engine
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import StepInput
-from tests.engine.conftest import VOCAB_SIZE, all_blocks_free, make_llm, random_prompts, run_all
+from tests.engine.conftest import VOCAB_SIZE, all_blocks_free, make_llm, random_prompts, run_all, same_logprobs
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
 
@@ -178,6 +178,46 @@ def test_a_step_whose_results_fail_to_read_fails_its_caller_and_the_other_stream
     assert failures
     assert (final.token_ids, final.finish_reason) == (expected.token_ids, "stop")
     assert len(final.logprobs) == len(final.token_ids)
+    assert not llm.engine.has_unfinished_requests() and all_blocks_free(llm)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"async_scheduling": True}, {"speculative_config": {"num_speculative_tokens": 3}}],
+    ids=["sync", "async", "speculative"],
+)
+def test_a_request_whose_token_fails_to_be_judged_fails_alone(tiny_model_dir, options, monkeypatch) -> None:
+    """Judging one request's token raises (a stop check's bug, say): that request is aborted and
+    reported, the step's other rows are still judged, and the engine steps on."""
+    prompts = [p * 3 for p in random_prompts(3, seed=16, max_len=8)]  # repeats: n-gram proposals
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=1)
+    plain = make_llm(tiny_model_dir).generate([{"prompt_token_ids": p} for p in prompts], params)
+    judge, judged = llm_engine.LLMEngine._process_token, []
+
+    def fail_on_the_first_prompt(self, group, *args, **kwargs):
+        if group.prompt_token_ids == prompts[0]:
+            judged.append(1)
+            if len(judged) == 3:
+                raise RuntimeError("stop check failed")
+        return judge(self, group, *args, **kwargs)
+
+    monkeypatch.setattr(llm_engine.LLMEngine, "_process_token", fail_on_the_first_prompt)
+    llm = make_llm(tiny_model_dir, **options)
+    for i, prompt in enumerate(prompts):  # the failing request is the first row of each step
+        llm.engine.add_request(prompt, params, request_id=str(i))
+    finished, failures = {}, []
+    while llm.engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in llm.engine.step() if o.finished})
+        failures += llm.engine.take_failures()
+    assert [(request_id, str(error)) for request_id, error in failures] == [("0", "stop check failed")]
+    assert sorted(finished) == ["1", "2"]
+    for i in (1, 2):
+        got, want = finished[str(i)].outputs[0], plain[i].outputs[0]
+        assert got.token_ids == want.token_ids and same_logprobs(got.logprobs, want.logprobs)
+    assert all_blocks_free(llm)
+    judged.clear()
+    with pytest.raises(RuntimeError, match="judged: stop check failed"):
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     assert not llm.engine.has_unfinished_requests() and all_blocks_free(llm)
 
 
@@ -360,6 +400,17 @@ def test_eos_ends_a_sequence_unless_ignore_eos(tiny_model_dir, tmp_path) -> None
     assert stopped.token_ids == free_run[: free_run.index(free_run[2]) + 1] and stopped.finish_reason == "stop"
     ignored = llm.generate(prompt, replace(greedy, ignore_eos=True))[0].outputs[0]
     assert ignored.token_ids == free_run and ignored.finish_reason == "length"
+
+
+def test_an_outputs_metrics_do_not_change_after_it_is_returned(tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir)
+    llm.engine.add_request(random_prompts(1, seed=17)[0], GREEDY, request_id="r")
+    (first,) = llm.engine.step()
+    before = replace(first.metrics)
+    while llm.engine.has_unfinished_requests():
+        last = llm.engine.step()
+    assert first.metrics == before and first.metrics.finished_time is None
+    assert last[0].metrics.finished_time is not None
 
 
 def test_final_only_requests_report_once_with_the_cumulative_result(tiny_model_dir) -> None:

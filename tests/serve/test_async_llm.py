@@ -162,6 +162,28 @@ def test_a_failing_step_fails_the_requests_in_flight_not_the_engine(model_dir: P
     run_with(llm, scenario)
 
 
+def test_a_request_failing_alone_fails_only_its_stream(model_dir: Path) -> None:
+    llm = make_llm(model_dir)
+    expected = llm.generate(["Hello"], GREEDY)[0].outputs[0].token_ids
+    judge = type(llm.engine)._process_token
+
+    def fail_on_goodbye(engine: Any, group: Any, *args: Any, **kwargs: Any) -> None:
+        if group.prompt == "Goodbye":
+            raise RuntimeError("stop check failed")
+        judge(engine, group, *args, **kwargs)
+
+    llm.engine._process_token = fail_on_goodbye.__get__(llm.engine)  # type: ignore[method-assign]
+
+    async def scenario(engine: AsyncLLM) -> None:
+        failing, running = engine.generate("Goodbye", GREEDY), engine.generate("Hello", GREEDY)
+        finals = await asyncio.gather(last(failing), last(running), return_exceptions=True)
+        assert isinstance(finals[0], EngineError) and "stop check failed" in str(finals[0])
+        assert isinstance(finals[1], RequestOutput) and finals[1].outputs[0].token_ids == expected
+        assert engine.is_ready
+
+    run_with(llm, scenario)
+
+
 def test_outputs_queued_before_a_failure_reach_the_consumer_before_the_error(model_dir: Path) -> None:
     # A slow consumer finds two outputs and the error waiting: merging must not skip the outputs.
     llm = make_llm(model_dir)

@@ -134,6 +134,8 @@ class DraftModelProposer:
                 for output in self.engine.step():
                     if output.finished:
                         proposals[output.request_id] = list(output.outputs[0].token_ids)
+                for _, error in self.engine.take_failures():
+                    raise error
         except BaseException:
             # A failed draft step must not leave requests holding the draft's blocks.
             for request_id in request_ids:
