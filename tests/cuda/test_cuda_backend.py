@@ -252,6 +252,32 @@ def test_cuda_backend_generates_what_the_torch_backend_does(
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+    ],
+    ids=["linear", "yarn"],
+)
+def test_scaled_rope_generates_on_the_cuda_backend_what_the_torch_backend_does(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], rope: dict[str, Any]
+) -> None:
+    """The fused RoPE kernel reads cos and sin as the rotary module made them, YaRN's factor in them."""
+    _, model_dir = save_tiny_llama(**SMALL_HEADS, rope_parameters=rope)
+    options = {"device": "cuda", "dtype": "float32", "num_kv_blocks": 256, "block_size": 16, "max_model_len": 256}
+    generator = torch.Generator().manual_seed(5)
+    # Past YaRN's original 64 positions, where its ramp and factor change every angle.
+    prompts = [{"prompt_token_ids": torch.randint(0, 250, (n,), generator=generator).tolist()} for n in (3, 90, 200)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    reference = LLM(str(model_dir), backend="torch", **options)
+    assert reference.config.model.rope_scaling is not None
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+    llm = LLM(str(model_dir), **options)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+
+
+@pytest.mark.cuda
 def test_logit_bias_steers_the_cuda_engine_as_the_torch_backend(
     save_tiny_llama: Callable[..., tuple[Any, Path]],
 ) -> None:
