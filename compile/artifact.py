@@ -73,8 +73,19 @@ def rank_file(rank: int, world_size: int) -> str:
 
 
 def is_artifact(path: str | Path | None) -> bool:
-    """Whether ``path`` is a directory holding an artifact's manifest."""
-    return path is not None and (Path(path).expanduser() / MANIFEST_NAME).is_file()
+    """Whether ``path`` is a directory holding an artifact's manifest.
+
+    A checkpoint may ship a ``manifest.json`` of its own: one that parses and does not name this
+    format is not ours. One that does not parse is taken for a damaged artifact, which
+    ``Artifact.open`` then refuses by name.
+    """
+    if path is None or not (manifest := Path(path).expanduser() / MANIFEST_NAME).is_file():
+        return False
+    try:
+        recorded = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True
+    return not isinstance(recorded, dict) or recorded.get("format") == FORMAT
 
 
 def fixed_options(config: EngineConfig) -> dict[str, Any]:
@@ -121,7 +132,8 @@ def system_versions(device: str, backend: str) -> dict[str, str]:
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(parse_device(device))
             versions["cuda_capability"] = f"{major}.{minor}"
-    if device_type == "xla":
+    if device_type == "xla" and importlib.util.find_spec("torch_xla") is not None:
+        # Absent without it: an XLA artifact is then refused for naming it, not by an ImportError.
         import torch_xla
 
         versions["torch_xla"] = torch_xla.__version__

@@ -74,6 +74,13 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
         raise ValueError(f"{out} is not a new or empty directory")
     if is_artifact(model):
         raise ValueError(f"{model} is a compiled artifact already: load it, or compile its source model")
+    quantization = options.get("quantization")
+    if quantization is not None and not isinstance(quantization, str):
+        # The manifest records the option as given, in JSON; a preset's name is what it can hold.
+        raise ValueError(
+            f"quantization={quantization!r}: an artifact is compiled from a preset's name (int8, fp8, ...) "
+            "or from a checkpoint `neuron-llm quantize` wrote"
+        )
     if (env := torchrun_env()) is not None and env.world_size > 1:
         # Each rank would write its own artifact, holding its own weights alone.
         raise ValueError("compile_artifact spawns its tensor-parallel ranks itself: run it without torchrun")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -22,10 +23,12 @@ from neuron_llm.compile.artifact import (
     MANIFEST_NAME,
     TRITON_CACHE,
     WEIGHTS_DIR,
+    Artifact,
     cache_files,
     graph_cache,
     is_artifact,
     sha256_of,
+    system_versions,
 )
 from neuron_llm.compile.build import compile_artifact
 from neuron_llm.quant import loading
@@ -159,6 +162,41 @@ def test_an_artifact_for_a_device_this_system_lacks_is_refused(compiled: Path) -
     edit_manifest(compiled, lambda m: m["system"].update(triton="0.0", cuda_capability="9.0"))
     with pytest.raises(ValueError, match="compiled with (triton 0.0|cuda_capability 9.0), this system has"):
         LLM(str(compiled))
+
+
+def test_an_xla_artifact_where_torch_xla_is_missing_is_refused_for_it(
+    compiled: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    find_spec = importlib.util.find_spec
+
+    def without_torch_xla(name: str, *args: Any) -> Any:
+        return None if name == "torch_xla" else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_torch_xla)
+    assert "torch_xla" not in system_versions("xla", "neuron")
+    edit_manifest(compiled, lambda m: m["system"].update(torch_xla="2.9.0"))
+    with pytest.raises(ValueError, match="compiled with torch_xla 2.9.0, this system has none"):
+        Artifact.open(compiled).check_system("cpu")
+
+
+def test_a_checkpoint_with_a_manifest_of_another_tool_is_no_artifact(source: Path, tmp_path: Path) -> None:
+    (source / MANIFEST_NAME).write_text(json.dumps({"name": "another tool", "files": []}))
+    assert not is_artifact(source)
+    expected = greedy_tokens(LLM(str(source), **OPTIONS))
+    compile_artifact(str(source), tmp_path / "artifact", **OPTIONS)
+    assert greedy_tokens(LLM(str(tmp_path / "artifact"))) == expected
+    # Ours, damaged past parsing, is still refused as an artifact.
+    (source / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable artifact manifest"):
+        LLM(str(source))
+
+
+def test_a_quantization_other_than_a_preset_name_is_refused_before_building(source: Path, tmp_path: Path) -> None:
+    from neuron_llm.quant.config import QuantConfig
+
+    with pytest.raises(ValueError, match="an artifact is compiled from a preset's name"):
+        compile_artifact(str(source), tmp_path / "artifact", quantization=QuantConfig.for_scheme("int8"), **OPTIONS)
+    assert not (tmp_path / "artifact").exists()
 
 
 def test_a_path_from_home_is_an_artifact_too(compiled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
