@@ -317,25 +317,23 @@ class LLMEngine:
         try:
             outputs = [] if previous is None else self._complete(*previous)
         finally:
-            # Recorded even when judging the step before failed, so that later steps go on:
-            # the launched one holds the device's next tokens.
-            if launched is not None and read is None:
-                self._record_in_flight(launched)
+            # Counted even when judging the step before failed, so that later steps go on.
+            if launched is not None:
+                self._count_launched(launched, read)
         if launched is None or read is None:
             return outputs
-        self.scheduler.update_from_output(
-            scheduled, {entry.request.request_id: ids for entry, ids in zip(launched.sampling, read.token_ids)}
-        )
         return outputs + self._complete(launched, read)
 
-    def _record_in_flight(self, launched: _LaunchedStep) -> None:
-        # The scheduler counts each sampled token now, as a placeholder the device fills in
-        # for the next step and the host replaces once it has read the token (``_complete``).
-        self.scheduler.update_from_output(
-            launched.scheduled,
-            {entry.request.request_id: [placeholder(row)] for row, entry in enumerate(launched.sampling)},
-        )
-        self._in_flight = launched
+    def _count_launched(self, launched: _LaunchedStep, read: _StepRead | None) -> None:
+        """Give the scheduler the launched step's tokens: ``read``'s, or (still running) a
+        placeholder each, which the device fills in for the next step and the host replaces
+        once it has read the token (``_complete``)."""
+        if read is not None:
+            sampled = {entry.request.request_id: ids for entry, ids in zip(launched.sampling, read.token_ids)}
+        else:
+            sampled = {entry.request.request_id: [placeholder(row)] for row, entry in enumerate(launched.sampling)}
+            self._in_flight = launched
+        self.scheduler.update_from_output(launched.scheduled, sampled)
 
     def _propose(self, proposer: Proposer) -> None:
         """Offer each decoding request's next tokens, for this step to verify.
