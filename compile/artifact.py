@@ -19,13 +19,15 @@ compiles the backend's graphs. It writes::
 ``LLM(model=DIR)`` and ``neuron-llm serve DIR`` load it (``Artifact``): options left unset
 take the manifest's and options set must equal them; the library versions and the GPU
 architecture must be the ones it was built with; on the XLA device each bucket's graph,
-traced again, must hash to the module compiled. A mismatch is refused by name, never
-recompiled; only a kernel missing from Triton's cache compiles, with a warning naming it, into
-a private copy of the cache (``LLM.compiled_at_load``). The manifest records every file's size
-and sha256: a load hashes the model files (a few kB), each weights file's safetensors header
-and the HLO manifest, and checks the sizes of the rest; ``Artifact.verify`` (``neuron-llm
-verify``) hashes everything. The artifact is built in a hidden directory beside its own and renamed onto it
-whole: a directory without a manifest is not an artifact.
+traced again, must hash to the module compiled, and NEURON_CC_FLAGS (part of each NEFF's cache
+key) must be as when compiling and may not name another cache. A mismatch is refused by name,
+never recompiled; only a graph missing from the compiler's cache compiles, with a warning
+naming it, into a private cache (``LLM.compiled_at_load``): loading never writes into the
+artifact. The manifest records every file's size and sha256: a load hashes the model files (a
+few kB), each weights file's safetensors header and the HLO manifest, and checks the sizes of
+the rest; ``Artifact.verify`` (``neuron-llm verify``) hashes everything. The artifact is built
+in a hidden directory beside its own and renamed onto it whole: a directory without a
+manifest is not an artifact.
 
 What was run where: weights, options and versions on the CPU; the HLO check on torch-xla's
 CPU device, whose PJRT client cannot deserialize executables, so there the graphs compile
@@ -39,12 +41,13 @@ import atexit
 import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,7 @@ GRAPHS_DIR = "graphs"
 HLO_DIR = "hlo"
 TRITON_CACHE = "triton"
 NEURON_CACHE = "neuron-cache"
+NEURON_CC_FLAGS = "NEURON_CC_FLAGS"
 
 
 def rank_file(rank: int, world_size: int) -> str:
@@ -141,6 +145,11 @@ def system_versions(device: str, backend: str) -> dict[str, str]:
             import neuronxcc  # type: ignore[import-not-found]
 
             versions["neuronx_cc"] = neuronxcc.__version__
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions["torch_neuronx"] = importlib.metadata.version("torch-neuronx")
+    # Part of each NEFF's cache key: other flags at load would miss every graph and compile it again.
+    if device_type == "xla" and (flags := " ".join(os.environ.get(NEURON_CC_FLAGS, "").split())):
+        versions[NEURON_CC_FLAGS] = flags
     return versions
 
 
@@ -151,10 +160,11 @@ def graph_cache(directory: Path, device: str, *, loading: bool = False) -> Itera
     CUDA: Triton's kernel cache (relocatable: ``neuron_llm.backends.cuda.triton_cache``); the
     XLA device: torch-neuronx's persistent NEFF cache. Yields the cache directory, or None
     where no compiled graph outlives the process (the CPU, CUDA without Triton). Spawned
-    tensor-parallel ranks inherit the variables. ``loading``: Triton reads a private copy of
-    the artifact's kernels (a few MB, removed when the process exits), so that loading never
-    writes into the artifact, which may be read-only; a file added to the copy is a kernel the
-    artifact lacked.
+    tensor-parallel ranks inherit the variables. ``loading``: the compiler reads a private
+    cache, removed when the process exits, so that loading never writes into the artifact,
+    which may be read-only (SageMaker mounts /opt/ml/model so); a file added to it is a graph
+    the artifact lacked. Triton's kernels (a few MB) are copied into it; NEFFs (gigabytes for a
+    large model) are linked, each in a directory of the private cache's own.
     """
     device_type = parse_device(device).type
     graphs = directory / GRAPHS_DIR
@@ -165,16 +175,13 @@ def graph_cache(directory: Path, device: str, *, loading: bool = False) -> Itera
 
         cache = graphs / TRITON_CACHE
         if loading:
-            # Spawned tensor-parallel ranks keep this path for their lives (a kernel they
-            # compile later lands in it), so it goes when the process ends, not with the load.
-            copy = Path(tempfile.mkdtemp(prefix="neuron-llm-triton-"))
-            atexit.register(shutil.rmtree, copy, ignore_errors=True)
-            if cache.is_dir():
-                shutil.copytree(cache, copy, dirs_exist_ok=True)
-            cache = copy
+            cache = _private_cache(cache, "neuron-llm-triton-", shutil.copy2)
         variables = {"TRITON_CACHE_DIR": str(cache), "TRITON_CACHE_MANAGER": MANAGER}
     elif device_type == "xla":
+        _refuse_neuron_cache_flags()
         cache = graphs / NEURON_CACHE
+        if loading:
+            cache = _private_cache(cache, "neuron-llm-neff-", os.symlink)
         variables = {"NEURON_COMPILE_CACHE_URL": str(cache)}
     saved = {name: os.environ.get(name) for name in variables}
     os.environ.update(variables)
@@ -186,6 +193,33 @@ def graph_cache(directory: Path, device: str, *, loading: bool = False) -> Itera
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _private_cache(cache: Path, prefix: str, copy: Callable[[str, str], object]) -> Path:
+    """A new directory holding ``cache``'s files, each put there by ``copy(source, destination)``.
+
+    Spawned tensor-parallel ranks keep its path for their lives (a graph they compile later
+    lands in it), so it goes when the process ends, not with the load.
+    """
+    private = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    if cache.is_dir():
+        shutil.copytree(cache, private, copy_function=copy, dirs_exist_ok=True)
+    return private
+
+
+def _refuse_neuron_cache_flags() -> None:
+    """torch-neuronx's compiler wrapper takes ``--cache_dir`` in NEURON_CC_FLAGS over the cache
+    an artifact points it at, and ``--no_cache`` skips caching: either way the artifact would
+    hold no NEFF, or its NEFFs would go unread and every graph compile again (an hour for a
+    large model)."""
+    flags = os.environ.get(NEURON_CC_FLAGS, "").split()
+    for flag in flags:
+        if flag.split("=", 1)[0] in ("--cache_dir", "--no_cache"):
+            raise ValueError(
+                f"{NEURON_CC_FLAGS} holds {flag}: an artifact's NEFFs are its own compile cache, which "
+                "that flag replaces; remove it"
+            )
 
 
 def cache_files(cache: Path | None) -> set[str]:
@@ -261,9 +295,10 @@ class Artifact:
         here = system_versions(device, self.options["backend"])
         for name in sorted(built.keys() | here.keys()):
             if here.get(name) != built.get(name):
+                advice = f"set {name} as when compiling, or " if name == NEURON_CC_FLAGS else ""
                 raise ValueError(
                     f"{self.path} was compiled with {name} {built.get(name, 'none')}, this system has "
-                    f"{here.get(name, 'none')}: compile the model again here"
+                    f"{here.get(name, 'none')}: {advice}compile the model again here"
                 )
 
     def check_model_files(self) -> None:

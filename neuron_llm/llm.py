@@ -220,13 +220,15 @@ class LLM:
             self._executor = make_executor(self.config, self._worker_factory(info.source))
             try:
                 self.engine = LLMEngine(self.config, self._executor, info.tokenizer, info.eos_token_ids)
+                # A draft model warms up as the engine is built; an artifact never holds its graphs.
+                drafted = cache_files(cache_dir) - cached if speculative is not None and speculative.model else set()
                 if warm_up if warm_up is not None else torch.device(device).type in ("xla", "cuda"):
                     self.engine.runner.warm_up()
             except BaseException:
                 # Tensor-parallel ranks would otherwise wait for a step that never comes.
                 self._executor.shutdown()
                 raise
-            self.compiled_at_load = sorted(cache_files(cache_dir) - cached)
+            self.compiled_at_load = sorted(cache_files(cache_dir) - cached - drafted)
             """Compiler-cache files written while loading an artifact: graphs it lacked (none, normally)."""
             if self.compiled_at_load:
                 logger.warning(

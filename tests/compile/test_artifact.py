@@ -21,6 +21,7 @@ from neuron_llm.compile.artifact import (
     FORMAT_VERSION,
     GRAPHS_DIR,
     MANIFEST_NAME,
+    NEURON_CACHE,
     TRITON_CACHE,
     WEIGHTS_DIR,
     Artifact,
@@ -395,6 +396,56 @@ def test_the_triton_cache_is_pointed_at_a_private_copy_while_loading(tmp_path: P
     done = subprocess.run([sys.executable, "-c", load, str(tmp_path)], capture_output=True, text=True, check=True)
     copy = Path(done.stdout.strip().splitlines()[-1])
     assert copy.name.startswith("neuron-llm-triton-") and not copy.exists()
+
+
+def test_the_neuron_cache_is_linked_into_a_private_cache_while_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NEURON_CC_FLAGS", raising=False)
+    module = tmp_path / GRAPHS_DIR / NEURON_CACHE / "neuronxcc-2.0" / "MODULE_1+abc"
+    module.mkdir(parents=True)
+    (module / "model.neff").write_bytes(b"neff")
+    with graph_cache(tmp_path, "xla") as cache:
+        assert cache == tmp_path / GRAPHS_DIR / NEURON_CACHE  # building writes the artifact's own
+    with graph_cache(tmp_path, "xla", loading=True) as cache:
+        assert cache is not None and os.environ["NEURON_COMPILE_CACHE_URL"] == str(cache)
+        assert cache_files(cache) == {"neuronxcc-2.0/MODULE_1+abc/model.neff"}
+        linked = cache / "neuronxcc-2.0" / "MODULE_1+abc"
+        assert (linked / "model.neff").read_bytes() == b"neff" and not linked.is_symlink()
+        # A lock beside a cached NEFF, and a graph the artifact lacked, stay out of the artifact.
+        (linked / "model.lock").write_bytes(b"")
+        (cache / "neuronxcc-2.0" / "MODULE_2+abc").mkdir()
+        (cache / "neuronxcc-2.0" / "MODULE_2+abc" / "model.neff").write_bytes(b"compiled at load")
+    assert "NEURON_COMPILE_CACHE_URL" not in os.environ
+    assert cache_files(tmp_path / GRAPHS_DIR) == {f"{NEURON_CACHE}/neuronxcc-2.0/MODULE_1+abc/model.neff"}
+    assert (module / "model.neff").read_bytes() == b"neff"
+
+
+@pytest.mark.parametrize("flags", ["--cache_dir=/var/tmp/elsewhere -O1", "-O1 --no_cache"])
+def test_neuron_flags_that_replace_the_artifacts_cache_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: str
+) -> None:
+    monkeypatch.setenv("NEURON_CC_FLAGS", flags)
+    for at_load in (False, True):
+        with pytest.raises(ValueError, match="NEURON_CC_FLAGS holds --(cache_dir=/var/tmp/elsewhere|no_cache): an"):
+            with graph_cache(tmp_path, "xla", loading=at_load):
+                pass
+    assert "NEURON_COMPILE_CACHE_URL" not in os.environ
+
+
+def test_neuron_flags_are_recorded_and_other_ones_refused(compiled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEURON_CC_FLAGS", " --model-type=transformer   -O1 ")
+    assert system_versions("xla", "neuron")["NEURON_CC_FLAGS"] == "--model-type=transformer -O1"
+    assert "NEURON_CC_FLAGS" not in system_versions("cpu", "torch")
+    edit_manifest(compiled, lambda m: m["system"].update(NEURON_CC_FLAGS="-O1"))
+    with pytest.raises(
+        ValueError,
+        match="compiled with NEURON_CC_FLAGS -O1, this system has --model-type=transformer -O1: "
+        "set NEURON_CC_FLAGS as when compiling, or compile",
+    ):
+        Artifact.open(compiled).check_system("xla")
+    monkeypatch.setenv("NEURON_CC_FLAGS", "-O1")
+    Artifact.open(compiled).check_system("xla")
 
 
 def test_the_compile_command_writes_an_artifact(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
