@@ -15,7 +15,8 @@ and the safetensors hold, for each quantized linear ``<m>``:
     int8 W8A16, "pack-quantized" (written; llm-compressor's choice for W8A16, the one vLLM runs):
         <m>.weight_packed int32 [out, ceil(in / 4)], <m>.weight_shape int64 [2], <m>.weight_scale
     int8, "naive-quantized" / "int-quantized" (read): <m>.weight int8 [out, in], <m>.weight_scale
-    fp8 W8A8, "float-quantized": <m>.weight float8_e4m3fn [out, in], <m>.weight_scale [out, 1]
+    fp8 W8A8, "float-quantized" (or "naive-quantized", read): <m>.weight float8_e4m3fn [out, in],
+        <m>.weight_scale [out, 1]
     int8 W8A8, "int-quantized" (llm-compressor's choice, the one vLLM runs): <m>.weight int8
         [out, in], <m>.weight_scale [out, 1]; its input_activations are dynamic per-token int
 
@@ -60,6 +61,8 @@ MIXED_PRECISION = "mixed-precision"
 INT_QUANTIZED = "int-quantized"
 _ZERO_POINTS = (".weight_zero_point", ".input_zero_point")
 _INT8_READ_FORMATS = (PACK_QUANTIZED, "naive-quantized", INT_QUANTIZED)
+# llm-compressor wrote fp8 as "naive-quantized" until mid-2024, and still does for mixed schemes.
+_FP8_READ_FORMATS = (FLOAT_QUANTIZED, "naive-quantized")
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -176,9 +179,13 @@ def _parse_group(name: str, group: Any, top_format: str | None, activation_scale
         raise ValueError(f"{where}.weights: missing; only weight-quantized schemes are read")
     _require_arg(weights, "num_bits", 8, where + ".weights")
     _require_arg(weights, "symmetric", True, where + ".weights")
-    # compressed-tensors reads a boolean actorder, as older configs wrote it, false as none.
-    if weights.get("actorder") not in (None, False):
-        raise ValueError(f"{where}.weights.actorder={weights['actorder']!r}: activation reordering is not implemented")
+    # "weight" (alias "static", llm-compressor's GPTQ default) reorders during calibration only
+    # and stores no g_idx; "group" (alias "dynamic", or true in older configs) stores one.
+    if weights.get("actorder") not in (None, False) and _lower(weights["actorder"]) not in ("weight", "static"):
+        raise ValueError(
+            f"{where}.weights.actorder={weights['actorder']!r}: activation reordering at run time (a g_idx) is "
+            "not implemented"
+        )
     strategy = _strategy(weights)
     kind = _lower(weights.get("type", "int"))
     if kind == "int":
@@ -199,8 +206,10 @@ def _parse_group(name: str, group: Any, top_format: str | None, activation_scale
                 raise ValueError(f"{where}.weights.group_size={group_size!r}: strategy 'group' needs a positive size")
             fmt = LinearFormat("int8", group_size=group_size)
     elif kind == "float":
-        if storage != FLOAT_QUANTIZED:
-            raise ValueError(f"{where}: format {storage!r} for fp8 weights must be {FLOAT_QUANTIZED!r}")
+        if storage not in _FP8_READ_FORMATS:
+            raise ValueError(
+                f"{where}: format {storage!r} for fp8 weights is not one of {', '.join(_FP8_READ_FORMATS)}"
+            )
         if strategy != "channel":
             raise ValueError(f"{where}.weights.strategy={strategy!r}: fp8 weights need per-channel scales")
         if not isinstance(inputs, dict):
@@ -402,6 +411,10 @@ def adapt_checkpoint_weights(weights: Iterable[tuple[str, TensorSource]]) -> Ite
             continue
         if name.endswith(".weight_shape"):
             continue
+        if name.endswith(".weight_g_idx"):
+            raise ValueError(
+                f"checkpoint tensor {name}: activation reordering at run time (actorder 'group') is not implemented"
+            )
         if not name.endswith(".weight_packed"):
             yield name, source
             continue

@@ -226,6 +226,50 @@ def test_w8a8_checkpoint_with_zero_points_from_older_compressed_tensors_loads(
         load_any_format(out_dir, dtype=torch.float32, device="cpu")
 
 
+def _edit_quantization_config(out_dir: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    config = json.loads((out_dir / "config.json").read_text())
+    edit(config["quantization_config"])
+    (out_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_calibration_only_activation_order_loads_and_a_g_idx_is_refused(
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
+) -> None:
+    """llm-compressor's GPTQ writes actorder "static" by default: a reordering during calibration
+    that stores the weights as without it. Only "group" stores a g_idx, applied at run time."""
+    loaded = quantized_and_saved(load_fp32, quant_checkpoint[1], "int8-g128", out_dir)
+    name = "model.layers.0.mlp.up_proj"
+    for actorder in ("static", "Weight"):
+        _edit_quantization_config(out_dir, lambda q: q["config_groups"]["group_0"]["weights"].update(actorder=actorder))
+        reloaded = load_any_format(out_dir, dtype=torch.float32, device="cpu")
+        assert torch.equal(reloaded.model.get_submodule(name).weight, loaded.model.get_submodule(name).weight)
+    tensors = load_file(str(out_dir / "model.safetensors"))
+    tensors[f"{name}.weight_g_idx"] = torch.zeros(128, dtype=torch.int32)  # one group: every column in 0
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"up_proj.weight_g_idx: activation reordering at run time"):
+        load_any_format(out_dir, dtype=torch.float32, device="cpu")
+
+
+def test_fp8_stored_as_naive_quantized_loads(quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path):
+    """llm-compressor labelled fp8 "naive-quantized" until mid-2024 (and still does for mixed
+    schemes): the tensors are those of "float-quantized"."""
+    loaded = quantized_and_saved(load_fp32, quant_checkpoint[1], "fp8", out_dir)
+
+    def relabel(quantization: dict[str, Any]) -> None:
+        quantization["format"] = "naive-quantized"
+        for group in quantization["config_groups"].values():
+            group["format"] = "naive-quantized"
+
+    _edit_quantization_config(out_dir, relabel)
+    reloaded = load_any_format(out_dir, dtype=torch.float32, device="cpu")
+    name = "model.layers.1.mlp.down_proj"
+    assert reloaded.model.get_submodule(name).weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(
+        reloaded.model.get_submodule(name).weight.view(torch.uint8),
+        loaded.model.get_submodule(name).weight.view(torch.uint8),
+    )
+
+
 def test_an_infinite_bound_written_by_an_older_quantize_loads_as_none(
     quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
 ) -> None:
@@ -292,7 +336,8 @@ FP8_TOKEN = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tok
         ({"config_groups": {"g": _group(symmetric=False)}}, r"weights\.symmetric=False"),
         ({"config_groups": {"g": _group(strategy="tensor")}}, r"weights\.strategy='tensor'"),
         ({"config_groups": {"g": _group(strategy="group")}}, r"weights\.group_size=None: strategy 'group' needs"),
-        ({"config_groups": {"g": _group(actorder="weight")}}, "activation reordering"),
+        ({"config_groups": {"g": _group(actorder="group")}}, "activation reordering at run time"),
+        ({"config_groups": {"g": _group(actorder="dynamic")}}, "activation reordering at run time"),
         (
             {"config_groups": {"g": _group(input_activations={"num_bits": 8, "type": "int"})}},
             "only dynamic per-token int",
