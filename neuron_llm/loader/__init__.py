@@ -61,7 +61,8 @@ class LoadedModel(ModelInfo):
 def resolve_model_path(model: str | Path | None) -> Path:
     """The file or directory ``model`` names: ``None`` is the default model.
 
-    A directory holding no ``config.json`` and exactly one ``.gguf`` file stands for that file.
+    A directory holding exactly one ``.gguf`` file and no safetensors weights stands for that
+    file, with or without a ``config.json`` (GGUF repositories often ship the original one).
     """
     if model is None:
         return default_model_path()
@@ -76,9 +77,10 @@ def resolve_model_path(model: str | Path | None) -> Path:
         if not _is_gguf(path):
             raise ValueError(f"model path {path} is a file but not a .gguf; pass a GGUF file or a model directory")
         return path
-    if (path / hf_dir.CONFIG_FILE).is_file():
-        return path
     ggufs = sorted(p for p in path.iterdir() if p.is_file() and _is_gguf(p))
+    has_safetensors = any(path.glob("*.safetensors")) or (path / hf_dir.WEIGHTS_INDEX_FILE).is_file()
+    if (path / hf_dir.CONFIG_FILE).is_file() and (has_safetensors or not ggufs):
+        return path
     if len(ggufs) == 1:
         return ggufs[0]
     if len(ggufs) > 1:

@@ -340,6 +340,19 @@ def test_directory_with_two_ggufs(tmp_path: Path) -> None:
         load(tmp_path)
 
 
+def test_directory_of_a_gguf_beside_its_original_config(tmp_path: Path) -> None:
+    """GGUF repositories often ship the original config.json: without safetensors, the GGUF is the model."""
+    path = write_gguf(tmp_path / "model-Q8_0.gguf", "llama", LLAMA_METADATA)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert resolve_model_path(tmp_path) == path
+    write_gguf(tmp_path / "model-Q4_K.gguf", "llama", LLAMA_METADATA)
+    with pytest.raises(ValueError, match=r"holds 2 GGUF files \(model-Q4_K\.gguf, model-Q8_0\.gguf\); pass one"):
+        load(tmp_path)
+    # Safetensors weights beside them make it a Hugging Face directory again.
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert resolve_model_path(tmp_path) == tmp_path
+
+
 # --- The default model ----------------------------------------------------------------------
 
 
