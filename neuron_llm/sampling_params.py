@@ -80,10 +80,9 @@ class SamplingParams:
     ignore_eos: bool = False
     """Keep generating after EOS (benchmarking)."""
     include_stop_str_in_output: bool = False
-    """Keep the stop string that ended the sequence at the end of its text."""
+    """Keep the stop string, EOS or stop token that ended the sequence at the end of its text."""
     skip_special_tokens: bool = True
-    """Leave special tokens (a BOS, chat markers) out of the text; the token that ends the
-    sequence is never in it."""
+    """Leave special tokens (a BOS, chat markers) out of the text."""
     logprobs: int | None = None
     """Return the logprob of each sampled token and of this many most likely tokens; None returns none."""
     prompt_logprobs: int | None = None

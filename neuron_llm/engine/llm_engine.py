@@ -551,8 +551,9 @@ class LLMEngine:
         is_eos = can_stop and token_id in self.eos_token_ids and not params.ignore_eos
         is_stop_token = can_stop and token_id in (params.stop_token_ids or ())
         stop_string = None
-        # As in vLLM, the token that stops a sequence is in its token ids but not in its text.
-        if seq.detokenizer is not None and not (is_eos or is_stop_token):
+        # As in vLLM, the token that stops a sequence is in its token ids, and in its text only
+        # with include_stop_str_in_output (a special one never, unless skip_special_tokens is off).
+        if seq.detokenizer is not None and (params.include_stop_str_in_output or not (is_eos or is_stop_token)):
             stop_string = seq.detokenizer.add_token(token_id).stop_string
         if stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_string

@@ -111,7 +111,7 @@ def test_a_message_name_reaches_the_chat_template(model_dir: Path) -> None:
     assert render_chat(tokenizer, [m.for_template() for m in messages]) == "[system:-]Be brief.[user:ada]Hi"
 
 
-def test_a_stop_token_is_in_the_token_ids_but_not_in_the_text(model_dir: Path) -> None:
+def test_a_stop_token_is_in_the_token_ids_and_in_the_text_only_when_asked(model_dir: Path) -> None:
     llm = make_llm(model_dir)
 
     def run(**options: Any) -> CompletionOutput:
@@ -126,6 +126,16 @@ def test_a_stop_token_is_in_the_token_ids_but_not_in_the_text(model_dir: Path) -
     assert stopped.token_ids == free.token_ids[: before + 1]
     assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop) and stopped.finished()
     assert stopped.text == run(max_tokens=before).text
+    # As vLLM: include_stop_str_in_output keeps the stopping token's text, a special one's only
+    # when special tokens are kept.
+    kept = run(max_tokens=12, stop_token_ids=[stop], include_stop_str_in_output=True)
+    assert kept.token_ids == stopped.token_ids and kept.text == run(max_tokens=before + 1).text
+    eos = llm.get_tokenizer().eos_token_id
+    forced = dict(max_tokens=4, logit_bias={eos: 100}, include_stop_str_in_output=True)
+    ended = llm.generate("Hello world", SamplingParams(temperature=0.0, **forced))[0].outputs[0]
+    assert ended.token_ids == [eos] and ended.text == ""
+    kept_eos = llm.generate("Hello world", SamplingParams(temperature=0.0, skip_special_tokens=False, **forced))
+    assert kept_eos[0].outputs[0].text == "<|end|>"
 
 
 def test_n_completions_for_each_prompt(client: openai.OpenAI, model_name: str) -> None:
