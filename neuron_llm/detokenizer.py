@@ -54,7 +54,9 @@ class TokenDecoder:
         self._skip_special_tokens = skip_special_tokens
         added = tokenizer.added_tokens_decoder if skip_special_tokens else {}
         self._special = frozenset(token_id for token_id, token in added.items() if token.special)
-        prompt = list(prompt_token_ids)
+        # Skipped special tokens are left out of every decode, so out of the prompt's window too:
+        # a prompt ending in a run of them would leave no text before the first output token.
+        prompt = [token_id for token_id in prompt_token_ids if token_id not in self._special]
         # A prompt may end inside a character (a client continuing a completion cut there).
         # Byte fallback decodes a whole run of byte tokens left unfinished as U+FFFD, one per
         # byte, so such tokens wait like pending output; the character they start belongs to

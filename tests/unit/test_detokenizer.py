@@ -68,6 +68,20 @@ def test_output_after_a_prompt_keeps_its_spacing(tokenizer: PreTrainedTokenizerB
     assert checked > 5
 
 
+@pytest.mark.parametrize("padding", [1, 5, 9])
+def test_output_after_a_prompt_ending_in_special_tokens_keeps_its_spacing(
+    tokenizer: PreTrainedTokenizerBase, padding: int
+) -> None:
+    """Skipped special tokens give no context: a run of them must not leave the first output
+    token at the start of the decoded window, where SentencePiece drops its space."""
+    prompt_ids = tokenizer.encode("hello", add_special_tokens=False) + [tokenizer.eos_token_id] * padding
+    token_ids = tokenizer.encode("hello the fox", add_special_tokens=False)[len(prompt_ids) - padding :]
+    expected = tokenizer.decode(prompt_ids + token_ids, skip_special_tokens=True)
+    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    assert expected[len(prompt_text) :].startswith(" ")
+    assert "".join(stream(tokenizer, token_ids, prompt_ids)) == expected[len(prompt_text) :]
+
+
 @pytest.mark.parametrize("text", TEXTS[1:3])
 def test_a_prompt_split_inside_a_character_loses_that_character_only(
     tokenizer: PreTrainedTokenizerBase, text: str
