@@ -61,18 +61,23 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.corpus.is_dir():
         raise ValueError(f"corpus {args.corpus} is a directory; name a text file")
-    if not args.corpus.is_file():
+    if not args.corpus.exists():  # a pipe (<(...)) is no regular file, yet reads as one
         raise FileNotFoundError(f"corpus {args.corpus} not found")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens {args.max_tokens}: at least 2 tokens are needed to score one")
     if args.context is not None and args.context < 2:
         raise ValueError(f"--context {args.context}: a window of at least 2 tokens is needed to score one")
-    if args.stride is not None and (args.stride < 1 or args.context is not None and args.stride > args.context):
+    if args.stride is not None and args.stride < 1:
+        raise ValueError(f"--stride {args.stride}: must be at least 1")
+    if args.stride is not None and args.context is not None and args.stride > args.context:
         raise ValueError(f"--stride {args.stride}: must be in [1, --context {args.context}]")
     try:
-        text = args.corpus.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Notepad writes one) is not text to score.
+        text = args.corpus.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"corpus {args.corpus} is not UTF-8 text: {e}") from e
+    if not text.strip():
+        raise ValueError(f"corpus {args.corpus} holds no text")
     if parse_device(args.device).type not in ("cpu", "cuda"):
         raise ValueError(f"--device {args.device}: perplexity runs on cpu, cuda or cuda:N")
     # auto: float32 on the CPU, where bf16 matmuls are slow; bfloat16 elsewhere.

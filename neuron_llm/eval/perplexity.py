@@ -152,8 +152,15 @@ def perplexity(
     config = model.config
     if context > config.max_context_len:
         raise ValueError(f"context={context} exceeds the model's context ({config.describe_context()})")
+    if logits_chunk < 1:
+        raise ValueError(f"logits_chunk={logits_chunk}: must be at least 1")
     embedding = model.model.embed_tokens.weight
     tokens = torch.as_tensor(token_ids, dtype=torch.int64).to(embedding.device)
+    if tokens.dim() != 1:
+        raise ValueError(f"token_ids of shape {tuple(tokens.shape)}: must be one sequence, a 1-D list of ids")
+    if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < config.vocab_size):
+        bad = int(tokens.min()) if int(tokens.min()) < 0 else int(tokens.max())
+        raise ValueError(f"token id {bad} is outside the model's vocabulary of {config.vocab_size}")
     windows = sliding_windows(tokens.shape[0], context, stride)
     kv_caches = sequence_kv_caches(model, context)
     progress = None

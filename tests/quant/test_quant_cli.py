@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -187,12 +189,43 @@ def test_eval_refuses_a_corpus_that_is_not_utf8(quant_checkpoint: tuple[Any, Pat
         run_cli("eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(corpus))
 
 
+def test_eval_refuses_an_empty_corpus_before_loading(
+    quant_checkpoint: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quant_loading, "load_any_format", lambda *a, **k: pytest.fail("loaded the model"))
+    corpus = tmp_path / "empty.txt"
+    corpus.write_text(" \n\n")
+    with pytest.raises(ValueError, match=r"empty\.txt holds no text"):
+        run_cli("eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(corpus))
+
+
+def test_eval_reads_a_pipe_and_skips_a_byte_order_mark(
+    quant_checkpoint: tuple[Any, Path], corpus_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    options = ["--context", "64", "--stride", "32"]
+    run_cli("eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(corpus_file), *options)
+    expected = printed_result(capsys.readouterr().out)
+    marked = tmp_path / "bom.txt"
+    marked.write_bytes(b"\xef\xbb\xbf" + corpus_file.read_bytes())
+    run_cli("eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(marked), *options)
+    assert printed_result(capsys.readouterr().out) == expected
+    # A shell's <(...) names a pipe, which is no regular file.
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_bytes, args=(corpus_file.read_bytes(),))
+    writer.start()
+    run_cli("eval", "perplexity", str(quant_checkpoint[1]), "--corpus", str(pipe), *options)
+    writer.join()
+    assert printed_result(capsys.readouterr().out) == expected
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         (["--max-tokens", "-150"], "--max-tokens -150: at least 2 tokens"),
         (["--context", "1", "--stride", "1"], "--context 1: a window of at least 2 tokens"),
         (["--context", "16", "--stride", "32"], "--stride 32: must be in [1, --context 16]"),
+        (["--stride", "0"], "--stride 0: must be at least 1"),
         (["--device", "cuda:x"], "device='cuda:x' is not a valid torch device"),
         (["--device", "meta"], "--device meta: perplexity runs on cpu, cuda or cuda:N"),
     ],

@@ -111,3 +111,17 @@ def test_perplexity_of_a_quantized_model(quant_checkpoint: tuple[Any, Path], loa
 def test_context_beyond_the_model_is_refused(quant_checkpoint: tuple[Any, Path], load_fp32: Callable) -> None:
     with pytest.raises(ValueError, match=r"context=512 exceeds the model's context \(max_position_embeddings=256\)"):
         perplexity(load_fp32(quant_checkpoint[1]).model, corpus(), context=512, stride=256)
+
+
+def test_token_ids_that_the_model_cannot_score_are_named(
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable
+) -> None:
+    model = load_fp32(quant_checkpoint[1]).model
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=r"token_ids of shape \(1, 90\): must be one sequence"):
+        perplexity(model, torch.tensor([corpus()]), context=32, stride=16)
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside the model's vocabulary of {vocab}"):
+            perplexity(model, [*corpus(), bad], context=32, stride=16)
+    with pytest.raises(ValueError, match="logits_chunk=0: must be at least 1"):
+        perplexity(model, corpus(), context=32, stride=16, logits_chunk=0)
