@@ -250,7 +250,9 @@ def test_calibration_only_activation_order_loads_and_a_g_idx_is_refused(
         load_any_format(out_dir, dtype=torch.float32, device="cpu")
 
 
-def test_fp8_stored_as_naive_quantized_loads(quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path):
+def test_fp8_stored_as_naive_quantized_loads(
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
+) -> None:
     """llm-compressor labelled fp8 "naive-quantized" until mid-2024 (and still does for mixed
     schemes): the tensors are those of "float-quantized"."""
     loaded = quantized_and_saved(load_fp32, quant_checkpoint[1], "fp8", out_dir)
