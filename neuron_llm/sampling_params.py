@@ -97,6 +97,9 @@ class SamplingParams:
     """Added to these token ids' logits before the penalties, greedy rows too; each in [-100, 100]
     as in OpenAI's API (-100 all but bans a token, 100 all but forces it); at most
     ``MAX_LOGIT_BIAS`` of them. None when empty."""
+    truncate_prompt_tokens: int | None = None
+    """Keep only the prompt's last this many tokens (left truncation); -1 keeps as many as the
+    context holds (vLLM's); None keeps them all."""
     output_kind: str = "cumulative"
     """What ``LLMEngine.step`` returns for this request: "cumulative", its whole output so far
     on every step that extends it (streaming), or "final_only", one output when it finishes
@@ -110,7 +113,7 @@ class SamplingParams:
         self._check_logprobs()
         self._normalize_stops()
         # Integers of other kinds (NumPy's) are stored as Python ints, as the numbers are as floats.
-        for name in ("n", "max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs"):
+        for name in ("n", "max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs", "truncate_prompt_tokens"):
             value = getattr(self, name)
             if value is not None:
                 self._set(name, int(value))
@@ -146,6 +149,13 @@ class SamplingParams:
         _require(self.seed is None or is_integral(self.seed), "seed", self.seed, "must be None or an integer")
         if self.seed == -1:
             self._set("seed", None)
+        truncate = self.truncate_prompt_tokens
+        _require(
+            truncate is None or (is_integral(truncate) and (truncate >= 1 or truncate == -1)),
+            "truncate_prompt_tokens",
+            truncate,
+            "must be None, -1 (as many as the context holds) or an integer >= 1",
+        )
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be a bool")
         _require(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind, f"must be one of {OUTPUT_KINDS}")

@@ -14,7 +14,7 @@ from neuron_llm.outputs import Logprob, RequestOutput
 from neuron_llm.serve.errors import ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
 from neuron_llm.serve.logprobs import chat_logprobs
-from neuron_llm.serve.prompts import Prompt, chat_prompt, output_budget, sampling_params
+from neuron_llm.serve.prompts import Prompt, chat_prompt, output_budget, sampling_params, truncated
 from neuron_llm.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -34,7 +34,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
     """Answer a chat completion request: JSON, or server-sent events when ``stream`` is set."""
     model = state.ready_model()
     model.check_name(body.model)
-    prompt = await chat_prompt(model, body.messages)
+    (prompt,) = truncated(model, [await chat_prompt(model, body.messages)], body.truncate_prompt_tokens)
     max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
     if body.max_completion_tokens is not None:
         max_tokens, max_tokens_param = body.max_completion_tokens, "max_completion_tokens"

@@ -15,7 +15,7 @@ from neuron_llm.outputs import RequestOutput
 from neuron_llm.serve.errors import ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
 from neuron_llm.serve.logprobs import TextOffsets, completion_logprobs, prompt_text_offsets
-from neuron_llm.serve.prompts import Prompt, completion_prompts, output_budget, sampling_params
+from neuron_llm.serve.prompts import Prompt, completion_prompts, output_budget, sampling_params, truncated
 from neuron_llm.serve.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -31,7 +31,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
     """Answer a completion request: JSON, or server-sent events when ``stream`` is set."""
     model = state.ready_model()
     model.check_name(body.model)
-    prompts = await completion_prompts(model, body.prompt)
+    prompts = truncated(model, await completion_prompts(model, body.prompt), body.truncate_prompt_tokens)
     params = sampling_params(
         model,
         unset=type(body).model_fields.keys() - body.model_fields_set,

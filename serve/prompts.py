@@ -72,10 +72,24 @@ def _completion_prompt(model: ServedModel, prompt: str | list[int], param: str) 
         if not token_ids:
             raise ClientError(f"{param} has no tokens", param)
         return Prompt(_in_vocabulary(model, token_ids, param), prompt)
-    token_ids = _in_vocabulary(model, prompt, param)
+    return _decoded(model, _in_vocabulary(model, prompt, param))
+
+
+def _decoded(model: ServedModel, token_ids: list[int]) -> Prompt:
     # Verbatim (no clean-up of spaces), as the engine decodes: echoed text and offsets agree.
+    tokenizer = model.tokenizer
     text = "" if tokenizer is None else tokenizer.decode(token_ids, clean_up_tokenization_spaces=False)
     return Prompt(token_ids, text)
+
+
+def truncated(model: ServedModel, prompts: list[Prompt], keep: int | None) -> list[Prompt]:
+    """``prompts`` cut to their last ``keep`` tokens (vLLM's truncate_prompt_tokens, -1: as
+    many as the context holds; None: uncut). A cut prompt's text, which ``echo`` returns, is
+    its remaining tokens decoded."""
+    if keep is None:
+        return prompts
+    keep = model.max_model_len if keep == -1 else keep
+    return [_decoded(model, prompt.token_ids[-keep:]) if len(prompt.token_ids) > keep else prompt for prompt in prompts]
 
 
 def _in_vocabulary(model: ServedModel, token_ids: list[int], param: str) -> list[int]:

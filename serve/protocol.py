@@ -111,6 +111,15 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     """Token id, as JSON keys are strings ("50256") -> bias added to its logit, in [-100, 100]."""
+    truncate_prompt_tokens: int | None = None
+    """vLLM's: keep only the prompt's last this many tokens; -1 keeps as many as the context holds."""
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _a_count_or_all(cls, value: int | None) -> int | None:
+        if value is not None and value < 1 and value != -1:
+            raise ValueError("must be -1 (as many as the context holds) or an integer >= 1")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -265,7 +274,8 @@ class TGIParameters(_Request):
     decoder_input_details: Any = _unsupported(False)
     top_n_tokens: Any = _unsupported(0)
     typical_p: Any = _unsupported()
-    truncate: Any = _unsupported()
+    truncate: int | None = Field(None, ge=1)
+    """Keep only the last this many tokens of the inputs."""
     grammar: Any = _unsupported()
     adapter_id: Any = _unsupported()
 

@@ -8,7 +8,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from neuron_llm.serve.generation import Generation, unless_disconnected
-from neuron_llm.serve.prompts import completion_prompts, output_budget, sampling_params
+from neuron_llm.serve.prompts import completion_prompts, output_budget, sampling_params, truncated
 from neuron_llm.serve.protocol import TGIDetails, TGIGeneration, TGIRequest
 from neuron_llm.serve.state import ServerState
 
@@ -34,8 +34,8 @@ _PARAMS = {
 async def serve_tgi(state: ServerState, body: TGIRequest, request: Request) -> Response:
     """Answer ``[{"generated_text": ..., "details": ...}]`` as TGI's SageMaker containers do."""
     model = state.ready_model()
-    prompts = await completion_prompts(model, body.inputs, "inputs")
     p = body.parameters
+    prompts = truncated(model, await completion_prompts(model, body.inputs, "inputs"), p.truncate)
     # TGI samples when asked to, or when a setting changes the distribution (a temperature
     # of 1 or a top_p of 1 does not); otherwise it is greedy.
     do_sample = (

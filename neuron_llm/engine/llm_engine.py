@@ -202,6 +202,9 @@ class LLMEngine:
         if request_id in self._groups:
             raise ValueError(f"request_id={request_id!r} is already in use")
         prompt_text, prompt_ids = self._tokenize(prompt)
+        if params.truncate_prompt_tokens is not None:
+            keep = params.truncate_prompt_tokens
+            prompt_ids = prompt_ids[-(self.config.max_model_len if keep == -1 else keep) :]
         vocab_size = self.config.model.vocab_size
         outside = [token_id for token_id in params.logit_bias or () if token_id >= vocab_size]
         if outside:

@@ -432,3 +432,45 @@ def test_a_chat_history_sent_back_as_the_client_returned_it(client: openai.OpenA
     tool = {"role": "tool", "content": "42", "tool_call_id": "call_1"}
     answered = client.chat.completions.create(model=model_name, messages=[*messages, tool], **GREEDY)
     assert answered.usage.prompt_tokens > again.usage.prompt_tokens
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(model_dir: Path) -> None:
+    llm = make_llm(model_dir, max_model_len=64)
+    greedy = dict(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompt_ids = llm.get_tokenizer().encode("A paged KV cache keeps each sequence's keys and values in blocks")
+    assert len(prompt_ids) > 5
+    [cut] = llm.generate("A paged KV cache keeps each sequence's keys and values in blocks", SamplingParams(
+        truncate_prompt_tokens=5, **greedy))  # fmt: skip
+    [last] = llm.generate({"prompt_token_ids": prompt_ids[-5:]}, SamplingParams(**greedy))
+    assert cut.prompt_token_ids == prompt_ids[-5:] and cut.outputs[0].token_ids == last.outputs[0].token_ids
+    # -1: as many as the context holds, which here leaves no room to generate.
+    with pytest.raises(ValueError, match="64"):
+        llm.generate({"prompt_token_ids": [7] * 80}, SamplingParams(truncate_prompt_tokens=-1, **greedy))
+    [short] = llm.generate({"prompt_token_ids": [7] * 3}, SamplingParams(truncate_prompt_tokens=-1, **greedy))
+    assert short.prompt_token_ids == [7] * 3
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match=r"truncate_prompt_tokens=.*must be None, -1"):
+            SamplingParams(truncate_prompt_tokens=bad)
+
+
+def test_routes_truncate_prompts_as_asked(server: ServerThread, client: openai.OpenAI, model_name: str) -> None:
+    tokenizer = server.app.state.server.ready_model().tokenizer
+    text = "Once upon a time a paged KV cache kept every sequence's keys"
+    ids = tokenizer.encode(text)
+    assert len(ids) > 4
+    options = dict(model=model_name, temperature=0.0, max_tokens=5, extra_body={"ignore_eos": True})
+    expected = client.completions.create(prompt=ids[-4:], echo=True, **options).choices[0].text
+    cut = client.completions.create(
+        prompt=text, echo=True, **{**options, "extra_body": {"ignore_eos": True, "truncate_prompt_tokens": 4}}
+    )
+    assert cut.choices[0].text == expected and cut.usage.prompt_tokens == 4
+    chat = client.chat.completions.create(
+        messages=[{"role": "user", "content": text}],
+        **{**options, "extra_body": {"ignore_eos": True, "truncate_prompt_tokens": 3}},
+    )
+    assert chat.usage.prompt_tokens == 3
+    tgi = {"inputs": text, "parameters": {"max_new_tokens": 5, "truncate": 4}}
+    answered = httpx.post(f"{server.url}/invocations", json=tgi).json()[0]["generated_text"]
+    assert tokenizer.decode(ids[-4:]) + answered == expected
+    bad = httpx.post(f"{server.url}/v1/completions", json={"prompt": text, "truncate_prompt_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncate_prompt_tokens"
