@@ -78,8 +78,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
             raise ValueError(f"model path {path} is a file but not a .gguf; pass a GGUF file or a model directory")
         return path
     ggufs = sorted(p for p in path.iterdir() if p.is_file() and _is_gguf(p))
-    has_safetensors = any(path.glob("*.safetensors")) or (path / hf_dir.WEIGHTS_INDEX_FILE).is_file()
-    if (path / hf_dir.CONFIG_FILE).is_file() and (has_safetensors or not ggufs):
+    if (path / hf_dir.CONFIG_FILE).is_file() and (not ggufs or hf_dir.has_weight_files(path)):
         return path
     if len(ggufs) == 1:
         return ggufs[0]

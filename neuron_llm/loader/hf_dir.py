@@ -94,6 +94,11 @@ def read_generation_defaults(model_dir: Path) -> GenerationDefaults:
     )
 
 
+def has_weight_files(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds safetensors weights: a file, or an index of shards."""
+    return (model_dir / WEIGHTS_INDEX_FILE).is_file() or any(model_dir.glob("*.safetensors"))
+
+
 def find_weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of ``model_dir``.
 
