@@ -197,33 +197,43 @@ _END_OF_GENERATION_TEXTS = frozenset(
 <|end_of_text|> as EOS, yet its turns end with <|eot_id|>, and older converters typed a
 fine-tune's <|im_end|> as user-defined."""
 
-_BOS_PRE_TOKENIZERS = frozenset(
+_LLAMA3_PRE_TOKENIZERS = frozenset(
     ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "tekken")
 )
 """llama.cpp's byte-level pre-tokenizers (Llama 3's and Mistral Nemo's "tekken" among them)
-whose vocabularies get BOS unless the file says otherwise."""
+whose vocabularies get BOS unless the file says otherwise, and ignore merges: a pre-token in
+the vocabulary is one token, as Llama 3's tokenizer.json says."""
 
 
 class TokenizerDefaults(NamedTuple):
-    """What llama.cpp assumes of a GGUF vocabulary where the file is silent (transformers' reader
-    assumes less): BOS added to a SentencePiece or Llama 3 vocabulary, and a SentencePiece
-    vocabulary's <s> and </s> at ids 1 and 2."""
+    """What llama.cpp assumes of a GGUF vocabulary where the file is silent, and the parts of
+    its rules that transformers' reader leaves out: BOS added to a SentencePiece or Llama 3
+    vocabulary, a SentencePiece vocabulary's <s> and </s> at ids 1 and 2 and its space prefix,
+    and Llama 3's ignored merges."""
 
     add_bos_token: bool
     bos_token_id: int | None
     eos_token_id: int | None
+    add_space_prefix: bool | None = None
+    """A SentencePiece vocabulary's: whether each run of text, at the start and after every
+    special token, gets a leading space (true unless the file says not); None for others."""
+    ignore_merges: bool = False
 
 
 def tokenizer_defaults(reader: gguf.GGUFReader, path: Path) -> TokenizerDefaults:
     meta = _Metadata(reader, path)
     model = meta.get("tokenizer.ggml.model")
+    is_llama3 = model == "gpt2" and meta.get("tokenizer.ggml.pre") in _LLAMA3_PRE_TOKENIZERS
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
     if add_bos is None:
-        add_bos = model == "llama" or (model == "gpt2" and meta.get("tokenizer.ggml.pre") in _BOS_PRE_TOKENIZERS)
+        add_bos = model == "llama" or is_llama3
     bos, eos = meta.get("tokenizer.ggml.bos_token_id"), _eos_token_id(meta)
     if model == "llama" and bos is None:
         bos = 1
-    return TokenizerDefaults(bool(add_bos), bos, eos)
+    add_space_prefix = None
+    if model == "llama":
+        add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    return TokenizerDefaults(bool(add_bos), bos, eos, add_space_prefix, is_llama3)
 
 
 def _eos_token_id(meta: _Metadata) -> int | None:

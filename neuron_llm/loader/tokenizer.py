@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
+from tokenizers import Tokenizer, decoders, normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from neuron_llm.loader.gguf_file import TokenizerDefaults
@@ -68,7 +69,29 @@ def load_gguf_tokenizer(gguf_path: Path, defaults: TokenizerDefaults | None = No
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(defaults.eos_token_id)
     if tokenizer.add_bos_token != defaults.add_bos_token:
         tokenizer.add_bos_token = defaults.add_bos_token  # rebuilds the post-processor that adds it
+    if defaults.add_space_prefix is not None:
+        _prefix_spaces_as_llama_cpp(tokenizer.backend_tokenizer, defaults.add_space_prefix)
+    if defaults.ignore_merges:
+        tokenizer.backend_tokenizer.model.ignore_merges = True
     return tokenizer
+
+
+def _prefix_spaces_as_llama_cpp(backend: Tokenizer, add_space_prefix: bool) -> None:
+    """Spaces of a SentencePiece vocabulary as llama.cpp (and Llama 2's tokenizer.json) writes
+    them: "▁" for every space, and with ``add_space_prefix`` one more before each run of text,
+    at the start and after every special token.
+
+    transformers' reader prefixes the first run only, and only when it does not start with a
+    space, whatever the file says: "a</s>b" lost the "▁" before "b" that Llama 2 was trained
+    with, " x" one of its two. Added tokens split the text before normalizing, so a
+    normalizer's prefix goes before each run.
+    """
+    escape = normalizers.Replace(" ", "▁")
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), escape]) if add_space_prefix else escape
+    backend.pre_tokenizer = None
+    # The decoder drops the one space the prefix added; without a prefix every space is the text's.
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if add_space_prefix else steps)
 
 
 def render_chat(
@@ -144,3 +167,4 @@ def eos_token_ids(tokenizer: PreTrainedTokenizerBase | None, *configured: Iterab
     for group in configured:
         ids.extend(group)
     return tuple(dict.fromkeys(ids))
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,11 @@ def write_vocabulary_gguf(path: Path, metadata: dict[str, Any], vocab_size: int)
     return path
 
 
-def llama3_metadata(pre: str) -> dict[str, Any]:
-    """A byte-level BPE vocabulary with Llama 3's BOS and EOS appended, as llama.cpp's converter writes it."""
+def llama3_metadata(pre: str, words: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A byte-level BPE vocabulary, with ``words`` that no merge makes and Llama 3's BOS and EOS
+    appended, as llama.cpp's converter writes it."""
     spec = json.loads(byte_level_bpe().backend_tokenizer.to_str())["model"]
-    tokens = sorted(spec["vocab"], key=spec["vocab"].get) + ["<|begin_of_text|>", "<|end_of_text|>"]
+    tokens = sorted(spec["vocab"], key=spec["vocab"].get) + [*words, "<|begin_of_text|>", "<|end_of_text|>"]
     control, normal = int(gguf.TokenType.CONTROL), int(gguf.TokenType.NORMAL)
     return {
         "tokenizer.ggml.model": "gpt2",
@@ -78,17 +80,54 @@ def test_bos_is_added_where_llama_cpp_adds_it(tmp_path: Path, pre: str, add_bos:
 def test_a_sentencepiece_vocabulary_without_special_ids_has_llama_cpps(tmp_path: Path) -> None:
     # Files converted from Meta's original checkpoints carry no BOS or EOS id: llama.cpp takes
     # <s> = 1 and </s> = 2, and adds BOS.
-    reference = sentencepiece_bpe()
-    tokens = reference.convert_ids_to_tokens(list(range(len(reference))))
-    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (len(tokens) - 259)
-    metadata = {
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)],
-        "tokenizer.ggml.token_type": [int(kind) for kind in types],
-    }
+    metadata = sentencepiece_metadata()
+    tokens = metadata["tokenizer.ggml.tokens"]
     info = load_model_info(write_vocabulary_gguf(tmp_path / "llama2.gguf", metadata, len(tokens)))
     assert 2 in info.eos_token_ids
     assert (info.tokenizer.bos_token, info.tokenizer.eos_token) == ("<s>", "</s>")
     assert info.tokenizer.encode(TEXT)[0] == 1
+
+
+@pytest.mark.parametrize(("pre", "ignores_merges"), [("llama-bpe", True), ("tekken", True), ("smollm", False)])
+def test_llama3_vocabularies_take_a_word_they_hold_whole(tmp_path: Path, pre: str, ignores_merges: bool) -> None:
+    # llama.cpp (and Llama 3's tokenizer.json) ignore merges for these: a pre-token in the
+    # vocabulary is one token even where the merges would not build it.
+    metadata = llama3_metadata(pre, words=("quickbrown",))
+    path = write_vocabulary_gguf(tmp_path / "llama3.gguf", metadata, len(metadata["tokenizer.ggml.tokens"]))
+    tokenizer = load_model_info(path).tokenizer
+    ids = tokenizer.encode("quickbrown", add_special_tokens=False)
+    assert (ids == [metadata["tokenizer.ggml.tokens"].index("quickbrown")]) == ignores_merges
+    assert tokenizer.decode(ids) == "quickbrown"
+
+
+def sentencepiece_metadata(**extra: Any) -> dict[str, Any]:
+    """tests/tokenizer_kinds.py's SentencePiece vocabulary as llama.cpp's converter writes it."""
+    reference = sentencepiece_bpe()
+    tokens = reference.convert_ids_to_tokens(list(range(len(reference))))
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (len(tokens) - 259)
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)],
+        "tokenizer.ggml.token_type": [int(kind) for kind in types],
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("add_space_prefix", [None, True, False])
+def test_a_sentencepiece_vocabulary_prefixes_spaces_as_llama_cpp(tmp_path: Path, add_space_prefix: bool | None) -> None:
+    extra = {} if add_space_prefix is None else {"tokenizer.ggml.add_space_prefix": add_space_prefix}
+    metadata = sentencepiece_metadata(**extra)
+    path = write_vocabulary_gguf(tmp_path / "llama2.gguf", metadata, len(metadata["tokenizer.ggml.tokens"]))
+    tokenizer = load_model_info(path).tokenizer
+    prefix = "" if add_space_prefix is False else "▁"
+    # llama.cpp: "▁" for each space, and (unless the file says not) one more before each run of
+    # text, at the start and after each special token.
+    for text in ("the fox", " the fox", "  fox", "hello</s>there", "hello</s> there", "fox<s>"):
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(text, add_special_tokens=False))
+        runs = [run for run in re.split(r"(</?s>)", text) if run]
+        expected = "".join(run if run in ("<s>", "</s>") else prefix + run.replace(" ", "▁") for run in runs)
+        assert "".join(pieces) == expected, (text, pieces)
+    for text in ("the fox", " the  fox ", "hello there"):
+        assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
