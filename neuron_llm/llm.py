@@ -81,7 +81,8 @@ class LLM:
             ``SpeculativeConfig``'s fields, e.g. ``{"num_speculative_tokens": 4}`` (n-gram
             prompt lookup); None: off.
         sampling_features: on the XLA device, the sampling features whose graphs warm-up
-            compiles for every bucket, in each combination: any of "logit_bias", "logprobs",
+            compiles for every bucket, in each combination: any of "logit_bias" (which
+            allowed_token_ids and bad_words use too), "logprobs",
             "min_tokens", "penalties", "prompt_logprobs" (those the model's
             ``generation_config.json`` uses by default are added). A step using another
             compiles its graph when it first runs, with a warning.

@@ -27,6 +27,10 @@ MAX_STOP_TOKEN_IDS = 1024
 """Most stop token ids one request may give: every new token is looked up in them, and a
 min_tokens request's are masked at each step, on the engine's one thread."""
 
+MAX_BAD_WORDS = 128
+"""Most bad_words one request may give (vLLM's limit): every step matches each against the
+row's output, on the engine's one thread."""
+
 MIN_TEMPERATURE = 1e-2
 """Smaller positive temperatures are raised to this, with a warning, as vLLM does: only 0 is
 greedy, and a temperature of 1e-4 samples as vLLM's 0.01 would, not as a near-argmax."""
@@ -97,6 +101,13 @@ class SamplingParams:
     """Added to these token ids' logits before the penalties, greedy rows too; each in [-100, 100]
     as in OpenAI's API (-100 all but bans a token, 100 all but forces it); at most
     ``MAX_LOGIT_BIAS`` of them. None when empty."""
+    allowed_token_ids: list[int] | None = None
+    """Only these token ids may be generated (vLLM's); None allows every token. Stored sorted,
+    without repeats."""
+    bad_words: list[str] | None = None
+    """Words never generated (vLLM's): where the output ends in all of a word's tokens but its
+    last, that last token may not come next. Each word counts with and without a leading
+    space, as it would start a text or follow a word. None when empty."""
     truncate_prompt_tokens: int | None = None
     """Keep only the prompt's last this many tokens (left truncation); -1 keeps as many as the
     context holds (vLLM's); None keeps them all."""
@@ -110,6 +121,7 @@ class SamplingParams:
         self._check_distribution()
         self._check_penalties()
         self._check_logit_bias()
+        self._check_token_lists()
         self._check_logprobs()
         self._normalize_stops()
         # Integers of other kinds (NumPy's) are stored as Python ints, as the numbers are as floats.
@@ -127,6 +139,12 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         """Whether a repetition, frequency or presence penalty applies (they read the tokens so far)."""
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def has_token_bias(self) -> bool:
+        """Whether logit_bias, allowed_token_ids or bad_words add to some logits (their sampling
+        feature is "logit_bias": one dense bias a row, -inf where a token may not come)."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words)
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -206,6 +224,30 @@ class SamplingParams:
             _require(in_range, "logit_bias", entry, "biases must be in [-100, 100]")
             checked[int(token_id)] = float(value)
         self._set("logit_bias", checked or None)
+
+    def _check_token_lists(self) -> None:
+        allowed = self.allowed_token_ids
+        _require(
+            allowed is None or (isinstance(allowed, (list, tuple)) and all(is_integral(i) and i >= 0 for i in allowed)),
+            "allowed_token_ids",
+            allowed,
+            "must be None or a list of token ids >= 0",
+        )
+        if allowed is not None:
+            # An empty list would leave nothing to sample, not everything.
+            _require(len(allowed) > 0, "allowed_token_ids", allowed, "must hold at least one token id")
+            self._set("allowed_token_ids", sorted({int(i) for i in allowed}))
+        words = self.bad_words
+        _require(
+            words is None or (isinstance(words, (list, tuple)) and all(isinstance(w, str) for w in words)),
+            "bad_words",
+            words,
+            "must be None or a list of strings",
+        )
+        if len(words or ()) > MAX_BAD_WORDS:
+            raise ValueError(f"bad_words=<{len(words)} words>: at most {MAX_BAD_WORDS} may be given")
+        _require(all(w.strip() for w in words or ()), "bad_words", words, "words must hold more than white space")
+        self._set("bad_words", list(words) if words else None)
 
     def _check_logprobs(self) -> None:
         for name in ("logprobs", "prompt_logprobs"):

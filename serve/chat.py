@@ -54,6 +54,8 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         stop=body.stop,
         stop_token_ids=body.stop_token_ids,
         logit_bias=body.logit_bias,
+        allowed_token_ids=body.allowed_token_ids,
+        bad_words=body.bad_words,
         ignore_eos=body.ignore_eos,
         include_stop_str_in_output=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,

@@ -7,8 +7,9 @@ being silently ignored; so is an option that would do nothing (``top_logprobs`` 
 Options of those APIs that this server lacks (``tools``, ``suffix``, TGI's ``watermark``...)
 are accepted only when null or set to what leaves them off, as clients that send every field do.
 Ranges follow OpenAI's API reference; the extra sampling fields (``top_k``, ``min_p``,
-``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``,
-``include_stop_str_in_output``, ``skip_special_tokens``) are vLLM's extensions under vLLM's names.
+``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``allowed_token_ids``,
+``bad_words``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``truncate_prompt_tokens``)
+are vLLM's extensions under vLLM's names.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
-from neuron_llm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
+from neuron_llm.sampling_params import MAX_BAD_WORDS, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 
 MAX_N = 128
 """Most completions of one prompt (OpenAI's limit). Beyond max_num_seqs they run in turns, as in ``LLM``."""
@@ -111,6 +112,10 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     """Token id, as JSON keys are strings ("50256") -> bias added to its logit, in [-100, 100]."""
+    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    """vLLM's: only these token ids may be generated."""
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=MAX_BAD_WORDS)
+    """vLLM's: words never generated (with or without a leading space)."""
     truncate_prompt_tokens: int | None = None
     """vLLM's: keep only the prompt's last this many tokens; -1 keeps as many as the context holds."""
 

@@ -24,6 +24,7 @@ from neuron_llm.engine.model_runner import ModelRunner, StepResult
 from neuron_llm.engine.request import Request, RequestStatus
 from neuron_llm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, SchedulerStats
 from neuron_llm.engine.speculative import Proposer, make_proposer
+from neuron_llm.loader.tokenizer import bad_word_token_ids
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs, make_generator
@@ -61,6 +62,8 @@ class _RequestGroup:
     prompt_logprobs: list[dict[int, Logprob] | None] | None
     pending_forks: list[Request] = field(default_factory=list)
     """Sequences 1..n-1, forked from sequence 0 once its prompt is in the KV cache."""
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    """``params.bad_words`` as token ids (``bad_word_token_ids``)."""
 
     @property
     def finished(self) -> bool:
@@ -178,7 +181,7 @@ class LLMEngine:
         self._num_accepted_tokens = 0
         self._async_scheduling = config.async_scheduling
         self._in_flight: _LaunchedStep | None = None
-        self._penalized_ids: set[str] = set()
+        self._output_readers: set[str] = set()
         """Requests whose penalties need every token on the host before the next step."""
         self._failures: list[tuple[str, Exception]] = []
         self.proposer: Proposer | None = make_proposer(config, executor.num_kv_blocks, tokenizer)
@@ -205,11 +208,7 @@ class LLMEngine:
         if params.truncate_prompt_tokens is not None:
             keep = params.truncate_prompt_tokens
             prompt_ids = prompt_ids[-(self.config.max_model_len if keep == -1 else keep) :]
-        vocab_size = self.config.model.vocab_size
-        outside = [token_id for token_id in params.logit_bias or () if token_id >= vocab_size]
-        if outside:
-            # Checked here: a token id past the logits' row would fault the device, not raise.
-            raise ValueError(f"logit_bias={outside[:5]}: token ids not in the vocabulary [0, {vocab_size})")
+        bad_words_token_ids = self._sampling_token_ids(params)
         sequences = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
         # An n > 1 request's sequences are named "{request_id}#{index}", which another request
         # may already be called (or the reverse).
@@ -227,13 +226,45 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_time=first.arrival_time),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             pending_forks=[seq.request for seq in sequences[1:]],
+            bad_words_token_ids=bad_words_token_ids,
         )
         self._groups[request_id] = group
-        if params.has_penalties:
-            self._penalized_ids.add(request_id)
+        if params.has_penalties or params.bad_words:
+            self._output_readers.add(request_id)
         for seq in sequences:
             self._sequences[seq.request.request_id] = (group, seq)
         return request_id
+
+    def _sampling_token_ids(self, params: SamplingParams) -> list[list[int]]:
+        """Check the token ids ``params`` names against the vocabulary; returns its bad words'."""
+        vocab_size = self.config.model.vocab_size
+        for name, token_ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
+            outside = [token_id for token_id in token_ids or () if token_id >= vocab_size]
+            if outside:
+                # Checked here: a token id past the logits' row would fault the device, not raise.
+                raise ValueError(f"{name}={outside[:5]}: token ids not in the vocabulary [0, {vocab_size})")
+        if params.allowed_token_ids and params.min_tokens:
+            ends = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else self.eos_token_ids)
+            if ends.issuperset(params.allowed_token_ids):
+                raise ValueError(
+                    f"allowed_token_ids={params.allowed_token_ids[:5]}: each ends the sequence, which "
+                    f"min_tokens={params.min_tokens} forbids, so no token could be generated"
+                )
+        if not params.bad_words:
+            return []
+        if self.tokenizer is None:
+            raise ValueError(
+                f"bad_words={params.bad_words[:5]!r}: bad words need a tokenizer, which this model lacks; "
+                "use logit_bias"
+            )
+        words = bad_word_token_ids(self.tokenizer, params.bad_words)
+        outside = [token_id for word in words for token_id in word if token_id >= vocab_size]
+        if outside:
+            raise ValueError(
+                f"bad_words={params.bad_words[:5]!r}: their tokens {outside[:5]} are not in the vocabulary "
+                f"[0, {vocab_size})"
+            )
+        return words
 
     def _unused_id(self, n: int) -> str:
         # Callers may name requests too, so a counter value (or its sequences' ids) can be taken.
@@ -248,7 +279,7 @@ class LLMEngine:
         group = self._groups.pop(request_id, None)
         if group is None:
             return False
-        self._penalized_ids.discard(request_id)
+        self._output_readers.discard(request_id)
         for seq in group.sequences:
             self.scheduler.abort(seq.request.request_id)
             self._sequences.pop(seq.request.request_id, None)
@@ -364,8 +395,8 @@ class LLMEngine:
             request.draft_token_ids = draft
 
     def _overlaps(self) -> bool:
-        # Penalties count the output tokens' values on the host, so they wait for each step.
-        return self._async_scheduling and not self._penalized_ids
+        # Penalties and bad words read the output tokens' values on the host, so they wait for each step.
+        return self._async_scheduling and not self._output_readers
 
     def _launch(self, scheduled: SchedulerOutput) -> _LaunchedStep:
         """Start the step on the device and the copy of its sampled tokens to the host."""
@@ -455,9 +486,15 @@ class LLMEngine:
         )
 
     def _row_state(self, entry: ScheduledRequest) -> RowState:
-        _, seq = self._sequences[entry.request.request_id]
+        group, seq = self._sequences[entry.request.request_id]
         request = entry.request
-        return RowState(request.sampling_params, request.prompt_token_ids, request.output_token_ids, seq.generator)
+        return RowState(
+            request.sampling_params,
+            request.prompt_token_ids,
+            request.output_token_ids,
+            seq.generator,
+            group.bad_words_token_ids,
+        )
 
     def _read(self, launched: _LaunchedStep) -> _StepRead:
         """The step's new tokens and their logprobs, and the prompt logprobs it scored.
@@ -590,7 +627,7 @@ class LLMEngine:
         group.metrics.finished_time = time.monotonic()
         output = self._output(group)
         del self._groups[group.request_id]
-        self._penalized_ids.discard(group.request_id)
+        self._output_readers.discard(group.request_id)
         for seq in group.sequences:
             self._sequences.pop(seq.request.request_id, None)
         return output

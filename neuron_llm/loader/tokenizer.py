@@ -168,3 +168,22 @@ def eos_token_ids(tokenizer: PreTrainedTokenizerBase | None, *configured: Iterab
         ids.extend(group)
     return tuple(dict.fromkeys(ids))
 
+
+def bad_word_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[list[int]]:
+    """The token ids of each of ``words`` as it would start a text and as it would follow a
+    word (with a leading space), for ``SamplingParams.bad_words``.
+
+    The spaced spelling counts unless it is the bare one after a lone space token (as a
+    SentencePiece tokenizer, which starts both with its space, may give). vLLM also asks
+    that both have as many tokens, which misses " fox" where "fox" alone is two tokens.
+    """
+    spellings = []
+    for word in words:
+        bare = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if not bare:  # nothing the model could generate
+            continue
+        spellings.append(bare)
+        if spaced != bare and spaced[1:] != bare:
+            spellings.append(spaced)
+    return spellings

@@ -51,7 +51,7 @@ def dummy_logits_indices(num_seqs: int, num_sampling_rows: int, features: Iterab
 def features_of(params: SamplingParams) -> set[str]:
     """The features a request of ``params`` makes its steps' graphs hold."""
     used = {
-        "logit_bias": bool(params.logit_bias),
+        "logit_bias": params.has_token_bias,
         "logprobs": params.logprobs is not None,
         "min_tokens": params.min_tokens > 0,
         "penalties": params.has_penalties,

@@ -20,6 +20,7 @@ history holding the output so far plus ``d_1 .. d_j``: the history it has if the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -39,7 +40,7 @@ from neuron_llm.transfer import to_device
 def expand_rows(rows: Sequence[RowState], draft_token_ids: Sequence[Sequence[int]]) -> list[RowState]:
     """One row per logits row of a verification step: row ``j`` of a sequence follows its first ``j`` proposals."""
     return [
-        RowState(row.params, row.prompt_token_ids, [*row.output_token_ids, *drafts[:j]], row.generator)
+        replace(row, output_token_ids=[*row.output_token_ids, *drafts[:j]])
         for row, drafts in zip(rows, draft_token_ids, strict=True)
         for j in range(len(drafts) + 1)
     ]

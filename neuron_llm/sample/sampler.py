@@ -6,7 +6,7 @@ The order of operations follows vLLM::
 
     raw logits --> logprobs (returned to the user: the model's raw distribution)
         |
-        +-> logit_bias
+        +-> logit_bias, allowed_token_ids, bad_words
         +-> repetition, frequency, presence penalties
         +-> min_tokens: EOS and stop_token_ids -> -inf
         +-> / temperature -> min-p -> top-k -> top-p      (greedy rows skip these)
@@ -70,11 +70,24 @@ class RowState:
     """Tokens generated so far (the penalties read them)."""
     generator: torch.Generator | None = None
     """The sequence's own generator when ``params.seed`` is set (see ``make_generator``)."""
+    bad_words_token_ids: Sequence[Sequence[int]] = ()
+    """``params.bad_words`` as token ids, each word's spellings (see ``bad_word_token_ids``)."""
 
     @property
     def is_min_tokens_unmet(self) -> bool:
         """Whether the sequence is still too short to end on EOS or a stop token."""
         return len(self.output_token_ids) < self.params.min_tokens
+
+    def banned_token_ids(self) -> list[int]:
+        """The tokens ``bad_words`` forbid next: each word's last token, where the output ends
+        in the tokens before it (vLLM's rule: the prompt does not count)."""
+        output = self.output_token_ids
+        banned = []
+        for word in self.bad_words_token_ids:
+            start = len(output) - (len(word) - 1)
+            if start >= 0 and all(output[start + i] == token for i, token in enumerate(word[:-1])):
+                banned.append(word[-1])
+        return banned
 
 
 @dataclass
@@ -126,7 +139,8 @@ class SamplingBatch:
     min_p: torch.Tensor | None
     """[num_rows] fp32; 0 for rows without min-p."""
     logit_bias: torch.Tensor | None
-    """[num_rows, vocab] fp32, each row's ``logit_bias`` (0 elsewhere)."""
+    """[num_rows, vocab] fp32, each row's ``logit_bias`` (0 elsewhere), -inf where
+    ``allowed_token_ids`` or ``bad_words`` forbid a token."""
     penalties: Penalties | None
     min_tokens_mask: torch.Tensor | None
     """[num_rows, vocab] bool, True for the EOS and stop tokens of rows short of min_tokens."""
@@ -309,21 +323,39 @@ def _build_penalties(rows: Sequence[RowState], vocab_size: int, device: torch.de
 
 
 def _build_logit_bias(rows: Sequence[RowState], vocab_size: int, device: torch.device | str) -> torch.Tensor | None:
+    """Each row's additive bias: its ``logit_bias``, and -inf at the tokens it may not sample
+    (outside ``allowed_token_ids``, or banned by ``bad_words``); None when no row has any."""
+    masked_rows: list[int] = []  # rows with allowed_token_ids: -inf but at those
     row_ids: list[int] = []
     token_ids: list[int] = []
     values: list[float] = []
+    banned_rows: list[int] = []
+    banned_ids: list[int] = []
     for i, row in enumerate(rows):
-        bias = row.params.logit_bias
-        if bias:
-            row_ids += [i] * len(bias)
-            token_ids += bias.keys()
-            values += bias.values()
-    if not row_ids:
+        bias = row.params.logit_bias or {}
+        allowed = row.params.allowed_token_ids
+        if allowed is not None:
+            masked_rows.append(i)
+            bias = {token_id: bias.get(token_id, 0.0) for token_id in allowed}
+        row_ids += [i] * len(bias)
+        token_ids += bias.keys()
+        values += bias.values()
+        banned = row.banned_token_ids()
+        banned_rows += [i] * len(banned)
+        banned_ids += banned
+    if not (masked_rows or row_ids or banned_rows):
         return None
-    # Only the (row, token, bias) triples cross to ``device``; the dense bias is filled there.
+    # Only row and token ids (and biases) cross to ``device``; the dense bias is filled there.
     dense = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
-    indices = (to_device(row_ids, torch.int64, device), to_device(token_ids, torch.int64, device))
-    return dense.index_put_(indices, to_device(values, torch.float32, device))
+    if masked_rows:
+        dense[to_device(masked_rows, torch.int64, device)] = float("-inf")
+    if row_ids:
+        indices = (to_device(row_ids, torch.int64, device), to_device(token_ids, torch.int64, device))
+        dense.index_put_(indices, to_device(values, torch.float32, device))
+    if banned_rows:  # last: a banned token stays banned whatever its bias
+        indices = (to_device(banned_rows, torch.int64, device), to_device(banned_ids, torch.int64, device))
+        dense.index_put_(indices, torch.tensor(float("-inf"), device=device))
+    return dense
 
 
 def _build_min_tokens_mask(

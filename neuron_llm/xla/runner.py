@@ -268,7 +268,7 @@ def _verification_variant(rows: Sequence[RowState]) -> str:
     """Names the optional parts a verification graph likely holds (from the rows' parameters:
     the exact ones depend on each proposal's row), for the warning about a new one."""
     parts = {
-        "logit_bias": any(row.params.logit_bias for row in rows),
+        "logit_bias": any(row.params.has_token_bias for row in rows),
         "penalties": any(row.params.has_penalties for row in rows),
         "min_tokens": any(row.is_min_tokens_unmet for row in rows),
         "logprobs": any(row.params.logprobs is not None for row in rows),

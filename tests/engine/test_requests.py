@@ -386,6 +386,33 @@ def test_logit_bias_bans_the_greedy_pick_and_forces_another(tiny_model_dir) -> N
     assert run_all(llm, {})[running].outputs[0].token_ids == free_run
 
 
+@pytest.mark.parametrize("num_speculative_tokens", [0, 3])
+def test_allowed_token_ids_restrict_what_is_generated(tiny_model_dir, num_speculative_tokens: int) -> None:
+    speculation = {"speculative_config": {"num_speculative_tokens": num_speculative_tokens}}
+    llm = make_llm(tiny_model_dir, **(speculation if num_speculative_tokens else {"async_scheduling": True}))
+    prompt = random_prompts(1, seed=16)[0]
+    allowed = sorted(set(prompt[:4]))  # the n-gram proposer proposes from the prompt
+    banned_others = {token_id: -100.0 for token_id in range(VOCAB_SIZE) if token_id not in allowed}
+    restricted = SamplingParams(temperature=0.0, max_tokens=10, allowed_token_ids=allowed)
+    tokens = llm.generate({"prompt_token_ids": prompt}, restricted)[0].outputs[0].token_ids
+    assert set(tokens) <= set(allowed) and len(tokens) == 10
+    # The argmax over the allowed tokens, which a bias of -100 on all others also gives.
+    steered = SamplingParams(temperature=0.0, max_tokens=10, logit_bias=banned_others)
+    assert tokens == llm.generate({"prompt_token_ids": prompt}, steered)[0].outputs[0].token_ids
+    assert (llm.engine.stats().num_draft_tokens > 0) == bool(num_speculative_tokens)
+    sampled = SamplingParams(temperature=1.0, max_tokens=10, allowed_token_ids=allowed, seed=3, n=4)
+    for output in llm.generate({"prompt_token_ids": prompt}, sampled)[0].outputs:
+        assert set(output.token_ids) <= set(allowed)
+    # Refused alone: a token id past the logits' row, or only end tokens while min_tokens holds them back.
+    running = llm.engine.add_request(prompt, restricted)
+    with pytest.raises(ValueError, match=rf"^allowed_token_ids=\[{VOCAB_SIZE}\]: token ids not in the vocabulary"):
+        llm.engine.add_request(prompt, SamplingParams(allowed_token_ids=[0, VOCAB_SIZE]))
+    only_stops = SamplingParams(allowed_token_ids=[7], stop_token_ids=[7], min_tokens=2)
+    with pytest.raises(ValueError, match=r"^allowed_token_ids=\[7\]: each ends the sequence, which min_tokens=2"):
+        llm.engine.add_request(prompt, only_stops)
+    assert run_all(llm, {})[running].outputs[0].token_ids == tokens
+
+
 def test_eos_ends_a_sequence_unless_ignore_eos(tiny_model_dir, tmp_path) -> None:
     prompt = {"prompt_token_ids": random_prompts(1, seed=3)[0]}
     greedy = SamplingParams(temperature=0.0, max_tokens=8)

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from neuron_llm.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
+from neuron_llm.sampling_params import MAX_BAD_WORDS, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from neuron_llm.serve.protocol import MAX_STOP, MAX_STOP_CHARS
 from tests.engine.conftest import tiny_model_dir  # noqa: F401
 from tests.serve.conftest import ServerThread, make_llm, metric, running_server
@@ -77,6 +77,12 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "a", "logit_bias": {"-1": 5}}, 400, "logit_bias"),
     (COMPLETIONS, {"prompt": "a", "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}}, 400, "logit_bias"),
     (CHAT, {"messages": USER, "logit_bias": {"1": 5, "10000000": -5}}, 400, "logit_bias"),
+    (COMPLETIONS, {"prompt": "a", "allowed_token_ids": []}, 400, "allowed_token_ids"),
+    (COMPLETIONS, {"prompt": "a", "allowed_token_ids": [-1]}, 400, "allowed_token_ids[0]"),
+    (CHAT, {"messages": USER, "allowed_token_ids": [1, 10000000]}, 400, "allowed_token_ids"),
+    (COMPLETIONS, {"prompt": "a", "bad_words": [""]}, 400, "bad_words[0]"),
+    (CHAT, {"messages": USER, "bad_words": ["  "]}, 400, "bad_words"),
+    (COMPLETIONS, {"prompt": "a", "bad_words": ["w"] * (MAX_BAD_WORDS + 1)}, 400, "bad_words"),
     (COMPLETIONS, {"prompt": "a", "best_of": 2}, 400, "best_of"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0, "echo": True, "min_tokens": 2}, 400, "max_tokens"),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from neuron_llm.llm import LLM
+from neuron_llm.loader.tokenizer import bad_word_token_ids
 from neuron_llm.sampling_params import SamplingParams
 from tests.serve.conftest import make_llm
 
@@ -83,6 +85,44 @@ def test_chat_options_reach_the_template(llm: LLM) -> None:
     assert custom.outputs[0].token_ids == llm.generate({"prompt": "![Once"}, GREEDY)[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="messages is empty"):
         llm.chat([], GREEDY)
+
+
+def _contains(tokens: list[int], word: list[int]) -> bool:
+    return any(tokens[i : i + len(word)] == word for i in range(len(tokens) - len(word) + 1))
+
+
+@pytest.mark.parametrize(
+    "engine_options", [{}, {"async_scheduling": True}, {"speculative_config": {"num_speculative_tokens": 3}}]
+)
+def test_bad_words_are_never_generated(model_dir: Path, engine_options: dict) -> None:
+    llm = make_llm(model_dir, **engine_options)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24)
+    free_run = llm.generate("Hello", greedy)[0].outputs[0].token_ids
+    # A word of two tokens the free run writes (as the text of a window of it), and one of one token.
+    words = []
+    for size in (2, 1):
+        for start in range(len(free_run) - size + 1):
+            word = llm.tokenizer.decode(free_run[start : start + size])
+            spellings = bad_word_token_ids(llm.tokenizer, [word]) if word.strip() else []
+            if any(_contains(free_run, spelling) and len(spelling) == size for spelling in spellings):
+                words.append(word)
+                break
+    assert len(words) == 2, free_run
+    for banned_words in ([words[0]], words):
+        spellings = bad_word_token_ids(llm.tokenizer, banned_words)
+        for temperature in (0.0, 1.0):
+            params = SamplingParams(temperature=temperature, max_tokens=24, bad_words=banned_words, seed=5)
+            tokens = llm.generate("Hello", params)[0].outputs[0].token_ids
+            assert not any(_contains(tokens, spelling) for spelling in spellings), (banned_words, tokens)
+    # As decoding would have gone but for the word: the same tokens up to where it first ends.
+    first = min(
+        i + len(s) - 1
+        for s in bad_word_token_ids(llm.tokenizer, words[:1])
+        for i in range(len(free_run))
+        if free_run[i : i + len(s)] == s
+    )
+    steered = llm.generate("Hello", replace(greedy, bad_words=words[:1]))[0].outputs[0].token_ids
+    assert steered[:first] == free_run[:first] and steered[first] != free_run[first]
 
 
 def test_engine_options_are_checked_before_loading(tmp_path: Path, model_dir: Path) -> None:

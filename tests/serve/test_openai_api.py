@@ -334,6 +334,19 @@ def test_logit_bias_reaches_the_engine_and_forces_a_token(
     assert [params.logit_bias for params in engine_params] == [{forced: 100.0}, {3: -100.0, 5: 2.0}]
 
 
+def test_allowed_token_ids_and_bad_words_reach_the_engine(
+    client: openai.OpenAI, model_name: str, server: ServerThread, engine_params: list[Any]
+) -> None:
+    tokenizer = server.app.state.server.ready_model().tokenizer
+    allowed = tokenizer.encode(" the", add_special_tokens=False)[:1]
+    extra = {"allowed_token_ids": allowed, "bad_words": ["fox"]}
+    completion = client.completions.create(model=model_name, prompt="Hello", max_tokens=3, extra_body=extra)
+    assert completion.choices[0].text == tokenizer.decode(allowed * 3)
+    messages = [{"role": "user", "content": "Hi"}]
+    client.chat.completions.create(model=model_name, messages=messages, max_tokens=1, extra_body=extra)
+    assert [(params.allowed_token_ids, params.bad_words) for params in engine_params] == [(allowed, ["fox"])] * 2
+
+
 def test_errors_surface_as_the_clients_exceptions(client: openai.OpenAI, model_name: str) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model=model_name, prompt="Hi", temperature=-1)

@@ -180,6 +180,47 @@ def test_a_bias_of_100_forces_a_token_and_of_minus_100_bans_one() -> None:
     assert torch.equal(tokens, logits.scatter(1, argmax[:, None], float("-inf")).argmax(dim=1))
 
 
+def test_allowed_token_ids_keep_only_those_tokens_with_their_biases() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(4, 12) * 3
+    params = [
+        SamplingParams(allowed_token_ids=[2, 7, 9], logit_bias={7: 1.5, 4: 50.0}),
+        SamplingParams(temperature=0.0, allowed_token_ids=[int(logits[1].argmin())]),
+        SamplingParams(),
+        SamplingParams(temperature=0.0, logit_bias={1: 2.0}),
+    ]
+    rows = [RowState(p, [1], []) for p in params]
+    processed = process_logits(logits, SamplingBatch.build(rows, 12, "cpu"))
+    expected = torch.full((12,), float("-inf"))
+    expected[[2, 7, 9]] = logits[0, [2, 7, 9]] + torch.tensor([0.0, 1.5, 0.0])  # 4's bias: not allowed
+    torch.testing.assert_close(processed[0], expected)
+    torch.testing.assert_close(processed[2:3], logits[2:3])
+    assert processed[3, 1] == logits[3, 1] + 2.0
+    for _ in range(30):
+        tokens = _sample_rows(logits, _rows(params))
+        assert tokens[0] in (2, 7, 9) and tokens[1] == int(logits[1].argmin())
+
+
+def test_bad_words_ban_a_last_token_where_the_output_ends_in_the_rest() -> None:
+    logits = torch.zeros(5, 10)
+    params = SamplingParams(temperature=0.0, bad_words=["unused: the rows carry the token ids"])
+    words = [[3], [5, 6], [1, 2, 8]]
+    outputs = [[], [5], [0, 1, 2], [1], [6, 5, 1, 2]]
+    rows = [RowState(params, [5, 1, 2], output, None, words) for output in outputs]
+    # The prompt does not count (vLLM): a 2-token word's prefix must be generated.
+    assert [row.banned_token_ids() for row in rows] == [[3], [3, 6], [3, 8], [3], [3, 8]]
+    processed = process_logits(logits + 50.0 * (torch.arange(10) == 8), SamplingBatch.build(rows, 10, "cpu"))
+    assert processed[2, 8] == processed[4, 8] == -float("inf") and processed[1, 8] == 50.0
+    assert (processed[:, 3] == -float("inf")).all()
+    # A ban wins over any bias or allowance of the same token.
+    forced = SamplingParams(temperature=0.0, logit_bias={3: 100.0}, allowed_token_ids=[3, 4], bad_words=["x"])
+    assert _sample_rows(logits[:1], [RowState(forced, [], [], None, [[3]])]) == [4]
+    static = SamplingBatch.build_static(rows, 10, "cpu", num_rows=8)
+    torch.testing.assert_close(
+        process_logits(torch.cat([logits, logits[:3]]) + 50.0 * (torch.arange(10) == 8), static)[:5], processed
+    )
+
+
 def test_min_tokens_masks_eos_and_stop_tokens_until_met() -> None:
     eos, stop = 0, 5
     logits = torch.zeros(4, 8)

@@ -6,7 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from neuron_llm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, MIN_TEMPERATURE, SamplingParams
+from neuron_llm.sampling_params import (
+    MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_STOP_TOKEN_IDS,
+    MIN_TEMPERATURE,
+    SamplingParams,
+)
 
 
 def test_defaults_match_vllm() -> None:
@@ -116,6 +123,15 @@ def test_seed_minus_one_is_no_seed_as_in_vllm() -> None:
         ("logit_bias", {1: 100.5}),
         ("logit_bias", {1: math.nan}),
         ("logit_bias", {1: "up"}),
+        ("allowed_token_ids", []),
+        ("allowed_token_ids", [3, -1]),
+        ("allowed_token_ids", [1.0]),
+        ("allowed_token_ids", 5),
+        ("bad_words", "word"),
+        ("bad_words", ["ok", ""]),
+        ("bad_words", ["ok", " \n"]),
+        ("bad_words", [3]),
+        ("bad_words", ["w"] * (MAX_BAD_WORDS + 1)),
     ],
 )
 def test_invalid_value_names_the_field(field: str, value: object) -> None:
@@ -130,6 +146,13 @@ def test_logit_bias_is_stored_as_ints_to_floats_and_none_when_empty() -> None:
     assert len(SamplingParams(logit_bias=dict.fromkeys(range(MAX_LOGIT_BIAS), 1.0)).logit_bias) == MAX_LOGIT_BIAS
     with pytest.raises(ValueError, match=rf"^logit_bias=<{MAX_LOGIT_BIAS + 1} token ids>: at most {MAX_LOGIT_BIAS}"):
         SamplingParams(logit_bias=dict.fromkeys(range(MAX_LOGIT_BIAS + 1), 1.0))
+
+
+def test_allowed_token_ids_and_bad_words_are_stored_normalized() -> None:
+    params = SamplingParams(allowed_token_ids=(9, np.int64(2), 9), bad_words=("no", " never"))
+    assert params.allowed_token_ids == [2, 9] and type(params.allowed_token_ids[0]) is int
+    assert params.bad_words == ["no", " never"] and params.has_token_bias
+    assert SamplingParams(bad_words=[]).bad_words is None and not SamplingParams(bad_words=[]).has_token_bias
 
 
 def test_min_tokens_above_max_tokens() -> None:
