@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI and SageMaker routes, health and metrics, around one ``AsyncLLM``.
+"""The FastAPI app: OpenAI, vLLM tokenize and SageMaker routes, health and metrics, around one ``AsyncLLM``.
 
 The model loads in a background thread when the app starts, so the server answers at once:
 ``/ping`` and ``/health`` say 503 until the model is ready, and generation routes refuse
@@ -23,7 +23,7 @@ import neuron_llm
 from neuron_llm.engine.async_llm import AsyncLLM
 from neuron_llm.llm import LLM
 from neuron_llm.loader import resolve_model_path
-from neuron_llm.serve import openai_routes, sagemaker_routes
+from neuron_llm.serve import openai_routes, sagemaker_routes, tokenize_routes
 from neuron_llm.serve.errors import install_error_handlers
 from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.settings import ServeSettings
@@ -71,6 +71,7 @@ def create_app(
     install_error_handlers(app, state.metrics)
     app.include_router(openai_routes.router)
     app.include_router(sagemaker_routes.router)
+    app.include_router(tokenize_routes.router)
     app.add_api_route("/health", health, methods=["GET"], responses={503: {"description": "not ready"}})
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=Response)
     return app

@@ -34,7 +34,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
     """Answer a chat completion request: JSON, or server-sent events when ``stream`` is set."""
     model = state.ready_model()
     model.check_name(body.model)
-    (prompt,) = truncated(model, [await chat_prompt(model, body.messages)], body.truncate_prompt_tokens)
+    (prompt,) = truncated(model, [await chat_prompt(model, body)], body.truncate_prompt_tokens)
     max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
     if body.max_completion_tokens is not None:
         max_tokens, max_tokens_param = body.max_completion_tokens, "max_completion_tokens"

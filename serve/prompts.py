@@ -12,10 +12,12 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, cast
 
+from transformers import PreTrainedTokenizerBase
+
 from neuron_llm.loader import render_chat
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.errors import ClientError, error_from_value_error
-from neuron_llm.serve.protocol import ChatMessage
+from neuron_llm.serve.protocol import ChatTemplateOptions
 from neuron_llm.serve.state import ServedModel
 
 
@@ -68,7 +70,7 @@ def _completion_prompt(model: ServedModel, prompt: str | list[int], param: str) 
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ClientError("this model has no tokenizer: send the prompt as token ids", param)
-        token_ids = tokenizer.encode(_unicode(prompt, param))
+        token_ids = tokenizer.encode(unicode_text(prompt, param))
         if not token_ids:
             raise ClientError(f"{param} has no tokens", param)
         return Prompt(_in_vocabulary(model, token_ids, param), prompt)
@@ -100,26 +102,43 @@ def _in_vocabulary(model: ServedModel, token_ids: list[int], param: str) -> list
     return list(token_ids)
 
 
-async def chat_prompt(model: ServedModel, messages: list[ChatMessage]) -> Prompt:
-    """The prompt of a conversation, rendered by the model's chat template (in a thread, as
-    ``completion_prompts`` tokenizes)."""
-    return await asyncio.to_thread(_chat_prompt, model, messages)
+async def chat_prompt(model: ServedModel, request: ChatTemplateOptions) -> Prompt:
+    """The prompt of a conversation, rendered by the model's chat template with the request's
+    options (in a thread, as ``completion_prompts`` tokenizes)."""
+    return await asyncio.to_thread(_chat_prompt, model, request)
 
 
-def _chat_prompt(model: ServedModel, messages: list[ChatMessage]) -> Prompt:
-    tokenizer = model.tokenizer
-    if tokenizer is None:
-        raise ClientError("this model has no tokenizer, so it has no chat template; use /v1/completions", "messages")
-    try:
-        text = render_chat(tokenizer, [message.for_template() for message in messages])
-    except ValueError as e:
-        raise ClientError(str(e), "messages") from e
+def _chat_prompt(model: ServedModel, request: ChatTemplateOptions) -> Prompt:
+    text = chat_text(model, request)
     # The template writes any BOS itself; encoding must not add another.
-    token_ids = tokenizer.encode(_unicode(text, "messages"), add_special_tokens=False)
+    token_ids = model_tokenizer(model, "messages").encode(text, add_special_tokens=False)
     return Prompt(_in_vocabulary(model, token_ids, "messages"), text)
 
 
-def _unicode(text: str, param: str) -> str:
+def chat_text(model: ServedModel, request: ChatTemplateOptions) -> str:
+    """A conversation rendered by the model's chat template; ``ClientError`` naming the field at fault."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ClientError("this model has no tokenizer, so it has no chat template; use /v1/completions", "messages")
+    options = request.template_options()
+    if options["add_generation_prompt"] and options["continue_final_message"]:
+        why = "add_generation_prompt and continue_final_message exclude each other: set one false"
+        raise ClientError(why, "continue_final_message")
+    try:
+        text = render_chat(tokenizer, [message.for_template() for message in request.messages], **options)
+    except ValueError as e:
+        raise ClientError(str(e), "messages") from e
+    return unicode_text(text, "messages")
+
+
+def model_tokenizer(model: ServedModel, param: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; ``ClientError`` naming ``param`` when it has none."""
+    if model.tokenizer is None:
+        raise ClientError("this model has no tokenizer: it takes and gives token ids only", param)
+    return model.tokenizer
+
+
+def unicode_text(text: str, param: str) -> str:
     """``text``, refused unless it is Unicode text a tokenizer can encode.
 
     JSON can carry half of a UTF-16 surrogate pair ("\\ud83d", a string cut inside an emoji);

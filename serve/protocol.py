@@ -231,10 +231,45 @@ class ChatMessage(_Request):
         return message
 
 
-class ChatCompletionRequest(_SamplingRequest):
-    """``POST /v1/chat/completions``."""
+_TEMPLATE_CALL_ARGUMENTS = frozenset(
+    ("chat_template", "conversation", "messages", "tools", "documents", "tokenize", "padding", "truncation")
+    + ("max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+)
+"""Arguments of the chat template's call, not variables of the template: chat_template_kwargs
+may not set them (a client's own template would run on the server)."""
+
+
+class ChatTemplateOptions(_Request):
+    """How a conversation is rendered: vLLM's options of a chat request."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    """End the prompt with the header of the assistant's reply."""
+    continue_final_message: bool = False
+    """Leave the last message open for the model to continue; excludes add_generation_prompt."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Variables for the chat template; they may set the two options above too, and win."""
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _variables_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = sorted(_TEMPLATE_CALL_ARGUMENTS.intersection(value or {}))
+        if taken:
+            raise ValueError(f"{taken} are not template variables, and may not be set here")
+        return value
+
+    def template_options(self) -> dict[str, Any]:
+        """``render_chat``'s keyword arguments."""
+        return {
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
+            **(self.chat_template_kwargs or {}),
+        }
+
+
+class ChatCompletionRequest(_SamplingRequest, ChatTemplateOptions):
+    """``POST /v1/chat/completions``."""
+
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     """OpenAI's newer name for max_tokens; wins when both are set."""
@@ -325,6 +360,54 @@ InvocationRequest = Annotated[
     ),
 ]
 """``POST /invocations``: TGI-style when it has ``inputs``, chat when ``messages``, else completion."""
+
+
+class TokenizeCompletionRequest(_Request):
+    """vLLM's ``POST /tokenize`` of a text."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    """Add what the tokenizer adds to a text (a BOS), as a completion's prompt gets."""
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(ChatTemplateOptions):
+    """vLLM's ``POST /tokenize`` of a conversation, as a chat completion renders it."""
+
+    model: str | None = None
+    add_special_tokens: bool = False
+    """The chat template writes any BOS itself."""
+    return_token_strs: bool = False
+
+
+TokenizeRequest = Annotated[
+    Annotated[TokenizeChatRequest, Tag("chat")] | Annotated[TokenizeCompletionRequest, Tag("completion")],
+    Discriminator(
+        lambda body: ("chat" if "messages" in body else "completion") if isinstance(body, dict) else None,
+        custom_error_type="invalid_body",
+        custom_error_message="the body must be a JSON object with a prompt or messages",
+    ),
+]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+    """Each token's string in the vocabulary, with ``return_token_strs``."""
+
+
+class DetokenizeRequest(_Request):
+    """vLLM's ``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class UsageInfo(BaseModel):
