@@ -222,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input or a missing piece of the environment (a file, torch-xla, an extra).
         print(f"neuron-llm: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: what was printed stands; a traceback of where it struck would say nothing.
+        print(file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

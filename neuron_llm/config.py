@@ -31,15 +31,25 @@ _DTYPES = {
 }
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """Map a dtype name (``"bfloat16"``, ``"fp32"``...) or a torch dtype to a torch dtype."""
+def parse_dtype(dtype: str | torch.dtype, *, or_auto: bool = False) -> torch.dtype:
+    """Map a dtype name (``"bfloat16"``, ``"fp32"``...) or a torch dtype to a torch dtype;
+    ``or_auto``: the caller also takes "auto", which the error then names."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype={dtype} is not supported; use one of float32, bfloat16, float16")
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+        names = ["auto"] * or_auto + sorted(_DTYPES)
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {names}")
     return _DTYPES[dtype]
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """``parse_dtype``, where "auto" is bfloat16 on accelerators and float32 on the CPU, where
+    bf16 matmuls are slow."""
+    if dtype != "auto":
+        return parse_dtype(dtype, or_auto=True)
+    return torch.float32 if parse_device(device).type == "cpu" else torch.bfloat16
 
 
 def parse_device(device: str | torch.device) -> torch.device:

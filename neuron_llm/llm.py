@@ -29,7 +29,7 @@ from neuron_llm.config import (
     SpeculativeConfig,
     is_int,
     parse_device,
-    parse_dtype,
+    resolve_dtype,
 )
 from neuron_llm.engine.llm_engine import LLMEngine
 from neuron_llm.engine.speculative.draft import read_draft_model
@@ -44,13 +44,6 @@ logger = logging.getLogger(__name__)
 
 Prompt = str | dict[str, Any]
 """A text prompt, ``{"prompt": text}`` (vLLM's TextPrompt) or ``{"prompt_token_ids": [...]}`` (its TokensPrompt)."""
-
-
-def _resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    if dtype == "auto":
-        # bf16 where the hardware has it; fp32 on the CPU, where bf16 matmuls are slow.
-        return torch.float32 if parse_device(device).type == "cpu" else torch.bfloat16
-    return parse_dtype(dtype)
 
 
 class LLM:
@@ -185,7 +178,7 @@ class LLM:
             model=info.config,
             device=DeviceConfig(
                 device=device,
-                dtype=_resolve_dtype(dtype, device),
+                dtype=resolve_dtype(dtype, device),
                 backend=backend,
                 enforce_eager=enforce_eager,
                 max_prefill_graph_tokens=max_prefill_graph_tokens,

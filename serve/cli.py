@@ -32,7 +32,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "serve",
         help="serve a model over HTTP (OpenAI-compatible and SageMaker routes)",
         description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, "
-        "/ping, /invocations, /health, /metrics.",
+        "/tokenize, /detokenize, /ping, /invocations, /health, /metrics.",
         formatter_class=DefaultsHelpFormatter,
     )
     model_help = ServeSettings.__dataclass_fields__["model"].metadata["help"]
@@ -103,7 +103,8 @@ def sagemaker_main(argv: Sequence[str] | None = None) -> None:
     try:
         defaults = sagemaker_defaults(dict(os.environ))
     except ValueError as e:
-        sys.exit(f"serve: error: {e}")
+        print(f"serve: error: {e}", file=sys.stderr)
+        sys.exit(2)
     parser = argparse.ArgumentParser(
         prog="serve",
         description="Serve a model as a SageMaker container does, with settings from the environment.",
@@ -125,6 +126,8 @@ def sagemaker_main(argv: Sequence[str] | None = None) -> None:
         settings.check_model()  # before the port opens: a missing model fails in one line
     except (ValueError, ImportError, OSError) as e:
         parser.exit(2, f"serve: error: {e}\n")
+    except KeyboardInterrupt:
+        sys.exit(130)  # 128 + SIGINT, as a shell reports it; stopped before the server started
     sys.exit(run_server(settings))
 
 

@@ -111,7 +111,7 @@ class ServeSettings:
         if self.dtype != "auto":
             from neuron_llm.config import parse_dtype
 
-            parse_dtype(self.dtype)
+            parse_dtype(self.dtype, or_auto=True)
         if self.quantization is not None:
             from neuron_llm.quant.config import resolve_quant_config
 

@@ -52,9 +52,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``eval perplexity``: print tokens scored, perplexity and weight bytes; return the exit code."""
-    import torch
 
-    from neuron_llm.config import parse_device, parse_dtype
+    from neuron_llm.config import parse_device, resolve_dtype
     from neuron_llm.eval.perplexity import perplexity
     from neuron_llm.quant.convert import quantized_weight_bytes
     from neuron_llm.quant.loading import load_any_format
@@ -80,11 +79,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"corpus {args.corpus} holds no text")
     if parse_device(args.device).type not in ("cpu", "cuda"):
         raise ValueError(f"--device {args.device}: perplexity runs on cpu, cuda or cuda:N")
-    # auto: float32 on the CPU, where bf16 matmuls are slow; bfloat16 elsewhere.
-    if args.dtype == "auto":
-        dtype = torch.float32 if parse_device(args.device).type == "cpu" else torch.bfloat16
-    else:
-        dtype = parse_dtype(args.dtype)
+    dtype = resolve_dtype(args.dtype, args.device)
     loaded = load_any_format(args.model, dtype=dtype, device=args.device, quantization=args.quantization)
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.source} has no tokenizer, so a text corpus cannot be scored")

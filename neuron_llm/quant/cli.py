@@ -191,10 +191,12 @@ def smoothing_from_args(args: argparse.Namespace) -> Smoothing | None:
         return None
     if args.scheme == "int8":
         raise ValueError("--smoothquant: int8 is weight-only; smoothing serves schemes that quantize activations")
-    if not args.smoothquant.is_file():
+    if args.smoothquant.is_dir():
+        raise ValueError(f"--smoothquant {args.smoothquant} is a directory; name a calibration text file")
+    if not args.smoothquant.exists():  # a pipe (<(...)) is no regular file, yet reads as one
         raise FileNotFoundError(f"--smoothquant {args.smoothquant}: no such calibration text file")
     try:
-        text = args.smoothquant.read_text(encoding="utf-8")
+        text = args.smoothquant.read_text(encoding="utf-8-sig")  # a BOM is no text
     except UnicodeDecodeError as e:
         raise ValueError(f"--smoothquant {args.smoothquant} is not UTF-8 text: {e}") from e
     if not text.strip():

