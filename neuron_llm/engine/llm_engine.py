@@ -182,7 +182,7 @@ class LLMEngine:
         self._async_scheduling = config.async_scheduling
         self._in_flight: _LaunchedStep | None = None
         self._output_readers: set[str] = set()
-        """Requests whose penalties need every token on the host before the next step."""
+        """Requests whose penalties or bad words need every token on the host before the next step."""
         self._failures: list[tuple[str, Exception]] = []
         self.proposer: Proposer | None = make_proposer(config, executor.num_kv_blocks, tokenizer)
         """Offers each decoding sequence's next tokens before a step (speculative decoding); None: off."""
