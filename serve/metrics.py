@@ -18,6 +18,7 @@ from neuron_llm.engine.llm_engine import EngineStats
 
 _TTFT_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0)
 _ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+_REQUEST_BUCKETS_S = (0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
 
 OUTCOMES = ("success", "aborted", "invalid", "rejected", "error")
 """Ends of a request: served; client went away; bad request (4xx); queue full or unavailable
@@ -62,6 +63,18 @@ class ServerMetrics:
             "neuron_llm_inter_token_latency_seconds",
             "Time between two tokens of a request.",
             buckets=_ITL_BUCKETS_S,
+            registry=registry,
+        )
+        self._queue_time = Histogram(
+            "neuron_llm_request_queue_time_seconds",
+            "Arrival to first scheduled.",
+            buckets=_REQUEST_BUCKETS_S,
+            registry=registry,
+        )
+        self._e2e = Histogram(
+            "neuron_llm_e2e_request_latency_seconds",
+            "Arrival to finished.",
+            buckets=_REQUEST_BUCKETS_S,
             registry=registry,
         )
         self._compiled_graphs = Gauge(
@@ -122,10 +135,15 @@ class ServerMetrics:
         self._kv_usage.set(scheduler.kv_cache_usage)
         self._prefix_hit_rate.set(scheduler.prefix_cache_hit_rate)
         self._compiled_graphs.set(stats.num_compiled_graphs)
-        for seconds in stats.time_to_first_token:
-            self._ttft.observe(seconds)
-        for seconds in stats.inter_token_latency:
-            self._itl.observe(seconds)
+        latencies = (
+            (self._ttft, stats.time_to_first_token),
+            (self._itl, stats.inter_token_latency),
+            (self._queue_time, stats.request_queue_time),
+            (self._e2e, stats.e2e_request_latency),
+        )
+        for histogram, samples in latencies:
+            for seconds in samples:
+                histogram.observe(seconds)
         # The engine keeps running totals; Prometheus counters only go up by increments.
         totals = (
             scheduler.num_preemptions,

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 
-from neuron_llm.engine.llm_engine import EngineStats, LLMEngine
+from neuron_llm.engine.llm_engine import LATENCIES, EngineStats, LLMEngine
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.sampling_params import SamplingParams
 
@@ -126,8 +126,9 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}
         self._is_stopping = False
         self._stats: EngineStats = engine.stats()
-        self._ttfts: collections.deque[float] = collections.deque(maxlen=_MAX_KEPT_LATENCIES)
-        self._itls: collections.deque[float] = collections.deque(maxlen=_MAX_KEPT_LATENCIES)
+        self._latencies: dict[str, collections.deque[float]] = {
+            name: collections.deque(maxlen=_MAX_KEPT_LATENCIES) for name in LATENCIES
+        }
         self._thread = threading.Thread(target=self._run, name="neuron-llm-engine", daemon=True)
         self._thread.start()
 
@@ -192,7 +193,7 @@ class AsyncLLM:
 
     def stats(self) -> EngineStats:
         """The engine's gauges and counters after its latest step, with latencies since the last call."""
-        return replace(self._stats, time_to_first_token=_drain(self._ttfts), inter_token_latency=_drain(self._itls))
+        return replace(self._stats, **{name: _drain(samples) for name, samples in self._latencies.items()})
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting requests, wait up to ``drain_timeout`` s for those in flight, abort the rest.
@@ -329,9 +330,9 @@ class AsyncLLM:
 
     def _publish_stats(self) -> None:
         stats = self.engine.stats()
-        self._ttfts.extend(stats.time_to_first_token)
-        self._itls.extend(stats.inter_token_latency)
-        self._stats = replace(stats, time_to_first_token=[], inter_token_latency=[])
+        for name, samples in self._latencies.items():
+            samples.extend(getattr(stats, name))
+        self._stats = replace(stats, **{name: [] for name in LATENCIES})
 
 
 def _get_nowait(commands: queue.SimpleQueue[_Command]) -> _Command | None:

@@ -125,13 +125,20 @@ class _LaunchedStep:
             self.on_host.record(torch.cuda.current_stream(sampled.token_ids.device))
 
 
+LATENCIES = ("time_to_first_token", "inter_token_latency", "request_queue_time", "e2e_request_latency")
+"""The latency samples ``EngineStats`` carries, in seconds: arrival to first token; between
+two steps that gave a request tokens; arrival to first scheduled; arrival to finished."""
+
+
 @dataclass(frozen=True)
 class EngineStats:
-    """Scheduler gauges plus per-request latencies recorded since the last call."""
+    """Scheduler gauges plus per-request latencies (``LATENCIES``) recorded since the last call."""
 
     scheduler: SchedulerStats
     time_to_first_token: list[float]
     inter_token_latency: list[float]
+    request_queue_time: list[float]
+    e2e_request_latency: list[float]
     num_prompt_tokens: int
     num_generation_tokens: int
     num_compiled_graphs: int
@@ -173,8 +180,7 @@ class LLMEngine:
         self._groups: dict[str, _RequestGroup] = {}
         self._sequences: dict[str, tuple[_RequestGroup, _Sequence]] = {}
         self._request_counter = itertools.count()
-        self._ttfts: list[float] = []
-        self._itls: list[float] = []
+        self._latencies: dict[str, list[float]] = {name: [] for name in LATENCIES}
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._num_draft_tokens = 0
@@ -298,16 +304,15 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """Gauges now, and latencies recorded since the previous call (then cleared)."""
         stats = EngineStats(
-            self.scheduler.stats(),
-            self._ttfts,
-            self._itls,
-            self._num_prompt_tokens,
-            self._num_generation_tokens,
-            self.runner.executor.worker.num_compiled_graphs(),
-            self._num_draft_tokens,
-            self._num_accepted_tokens,
+            scheduler=self.scheduler.stats(),
+            **self._latencies,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_generation_tokens=self._num_generation_tokens,
+            num_compiled_graphs=self.runner.executor.worker.num_compiled_graphs(),
+            num_draft_tokens=self._num_draft_tokens,
+            num_accepted_tokens=self._num_accepted_tokens,
         )
-        self._ttfts, self._itls = [], []
+        self._latencies = {name: [] for name in LATENCIES}
         return stats
 
     @property
@@ -405,6 +410,7 @@ class LLMEngine:
             group, _ = self._sequences[entry.request.request_id]
             if group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
+                self._latencies["request_queue_time"].append(now - group.metrics.arrival_time)
         sampling = [entry for entry in scheduled.scheduled if entry.is_sampling]
         rows = [self._row_state(entry) for entry in sampling]
         sampled_before = None
@@ -562,10 +568,10 @@ class LLMEngine:
         metrics = group.metrics
         if metrics.first_token_time is None:
             metrics.first_token_time = now
-            self._ttfts.append(now - metrics.arrival_time)
+            self._latencies["time_to_first_token"].append(now - metrics.arrival_time)
             self._num_prompt_tokens += len(group.prompt_token_ids)
         elif seq.index == 0 and metrics.last_token_time is not None:
-            self._itls.append(now - metrics.last_token_time)
+            self._latencies["inter_token_latency"].append(now - metrics.last_token_time)
         if seq.index == 0:
             metrics.last_token_time = now
 
@@ -625,6 +631,7 @@ class LLMEngine:
         if not group.finished:
             return self._output(group) if group.params.output_kind == "cumulative" else None
         group.metrics.finished_time = time.monotonic()
+        self._latencies["e2e_request_latency"].append(group.metrics.finished_time - group.metrics.arrival_time)
         output = self._output(group)
         del self._groups[group.request_id]
         self._output_readers.discard(group.request_id)

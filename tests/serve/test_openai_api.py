@@ -347,6 +347,31 @@ def test_allowed_token_ids_and_bad_words_reach_the_engine(
     assert [(params.allowed_token_ids, params.bad_words) for params in engine_params] == [(allowed, ["fox"])] * 2
 
 
+def test_metrics_time_each_request_from_arrival(client: openai.OpenAI, model_name: str, server: ServerThread) -> None:
+    names = ("request_queue_time", "time_to_first_token", "e2e_request_latency", "inter_token_latency")
+
+    def histograms() -> dict[str, tuple[float, float]]:
+        return {
+            name: (metric(server, f"neuron_llm_{name}_seconds_count"), metric(server, f"neuron_llm_{name}_seconds_sum"))
+            for name in names
+        }
+
+    before = histograms()
+    client.completions.create(
+        model=model_name, prompt="Hello", max_tokens=4, temperature=0.0, extra_body={"ignore_eos": True}
+    )
+    after = histograms()
+    counts = {name: after[name][0] - before[name][0] for name in names}
+    assert counts == {
+        "request_queue_time": 1,
+        "time_to_first_token": 1,
+        "e2e_request_latency": 1,
+        "inter_token_latency": 3,
+    }
+    queued, first, whole = (after[name][1] - before[name][1] for name in names[:3])
+    assert 0 <= queued <= first <= whole
+
+
 def test_errors_surface_as_the_clients_exceptions(client: openai.OpenAI, model_name: str) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model=model_name, prompt="Hi", temperature=-1)
