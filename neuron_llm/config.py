@@ -330,7 +330,10 @@ class ModelConfig:
 
 
 def _read_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """rope_theta and the scaling, as transformers resolves them (its ``standardize_rope_params``)."""
+    """rope_theta and the scaling, as transformers resolves them (its ``standardize_rope_params``),
+    but for one case: a config with both rope_scaling and rope_parameters (a 4.x scaling added
+    to a 5.x config) and no top-level rope_theta keeps rope_parameters' theta, where
+    transformers falls back to 10,000 and runs another model than the one saved."""
     # transformers 5 writes "rope_parameters" (theta inside); 4.x writes rope_theta + rope_scaling,
     # which transformers takes first when a config has both.
     params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})

@@ -120,6 +120,13 @@ def test_transformers5_default_rope_parameters() -> None:
     assert (config.rope_theta, config.rope_scaling) == (100000.0, None)
 
 
+def test_a_4x_scaling_added_to_a_5x_config_keeps_its_theta() -> None:
+    # transformers takes rope_scaling and defaults theta to 10,000: another model than the one saved.
+    hf = llama(rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    config = ModelConfig.from_hf_config({**hf, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert (config.rope_theta, config.rope_scaling) == (500000.0, LinearRopeScaling(2.0))
+
+
 def test_explicit_head_dim() -> None:
     config = ModelConfig.from_hf_config(llama(hidden_size=72, num_attention_heads=3, head_dim=16))
     assert config.head_dim == 16
