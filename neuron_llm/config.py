@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ from typing import Any, ClassVar
 import torch
 
 from neuron_llm.sampling_params import is_finite_number
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -364,9 +367,19 @@ def _read_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         )
     if rope_type == "yarn":
         return theta, _read_yarn(params, context, hf.get("max_position_embeddings", 2048))
-    # "dynamic" (NTK) changes every cached key's rotation as the sequence grows in transformers;
-    # a paged cache keeps the rotation a key was written with, so it could only approximate it.
-    raise ValueError(f"unsupported rope_scaling type {rope_type!r}: only 'linear', 'llama3' and 'yarn' are implemented")
+    if rope_type == "dynamic":
+        # transformers' dynamic NTK rotates as plain RoPE up to max_position_embeddings, and beyond
+        # it re-rotates every cached key for the new length, which a paged cache, keeping each
+        # key as written, cannot: served exactly, up to there (vLLM approximates it throughout).
+        logger.warning(
+            "rope_scaling 'dynamic' is served as transformers computes it up to max_position_embeddings=%s "
+            "(plain RoPE); longer sequences are refused",
+            hf.get("max_position_embeddings"),
+        )
+        return theta, None
+    raise ValueError(
+        f"unsupported rope_scaling type {rope_type!r}: only 'linear', 'llama3', 'yarn' and 'dynamic' are implemented"
+    )
 
 
 def _number(params: dict[str, Any], key: str, rope_type: str, default: float | None = None) -> float:

@@ -41,6 +41,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
     "llama3_rope": dict(rope_parameters=LLAMA3_ROPE),
     "linear_rope": dict(rope_parameters=LINEAR_ROPE),
+    # Plain RoPE within max_position_embeddings, in transformers as here.
+    "dynamic_rope": dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
     # YaRN also scales cos and sin (by 0.1 ln 4 + 1); head_dim 32 puts frequencies on its ramp.
     "yarn_rope": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32, rope_parameters=YARN_ROPE),
     "tied": dict(tie_word_embeddings=True),

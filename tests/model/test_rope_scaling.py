@@ -101,3 +101,20 @@ def test_scaling_survives_a_rebuilt_config() -> None:
     for changes in CONFIGS.values():
         config = ModelConfig.from_hf_config({**BASE, **changes})
         assert ModelConfig.from_hf_config(hf_config_dict(config)) == config
+
+
+def test_dynamic_ntk_is_plain_rope_up_to_the_context_as_in_transformers(caplog: pytest.LogCaptureFixture) -> None:
+    hf = {**BASE, "rope_scaling": {"type": "dynamic", "factor": 2.0}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = LlamaRotaryEmbedding(LlamaConfig(**hf))
+    config = ModelConfig.from_hf_config(hf)
+    assert "longer sequences are refused" in caplog.text
+    # Beyond max_position_embeddings transformers re-rotates every key: refused, not approximated.
+    assert (config.rope_scaling, config.max_context_len) == (None, BASE["max_position_embeddings"])
+    ours = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+    positions = torch.tensor([0, 1, 7, 100, 4095])
+    cos, sin = ours(positions, torch.float32)
+    reference_cos, reference_sin = reference(torch.ones(1, len(positions), config.head_dim), positions[None])
+    torch.testing.assert_close(cos[:, 0], reference_cos[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin[:, 0], reference_sin[0], rtol=0, atol=1e-6)

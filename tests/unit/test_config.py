@@ -166,8 +166,8 @@ def test_from_json_file(tmp_path: Path) -> None:
         (dict(mlp_bias=True), r"unsupported Llama option mlp_bias=True"),
         (dict(hidden_act="gelu"), r"unsupported Llama option hidden_act='gelu': only 'silu'"),
         (
-            dict(rope_scaling={"type": "dynamic", "factor": 2.0}),
-            r"unsupported rope_scaling type 'dynamic': only 'linear', 'llama3' and 'yarn'",
+            dict(rope_scaling={"type": "longrope", "factor": 2.0}),
+            r"unsupported rope_scaling type 'longrope': only 'linear', 'llama3', 'yarn' and 'dynamic'",
         ),
         (dict(rope_scaling={"rope_type": "linear"}), r"rope_scaling of type 'linear' lacks 'factor'"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": "four"}), r"rope_scaling\.factor='four': must be a number"),
