@@ -6,11 +6,14 @@ the field and the value, so the server can turn it into a 4xx without further ch
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 OUTPUT_KINDS = ("cumulative", "final_only")
 """The subset of vLLM's ``RequestOutputKind`` supported (its "delta" is not)."""
@@ -106,8 +109,8 @@ class SamplingParams:
     without repeats."""
     bad_words: list[str] | None = None
     """Words never generated (vLLM's): where the output ends in all of a word's tokens but its
-    last, that last token may not come next. Each word counts with and without a leading
-    space, as it would start a text or follow a word. None when empty."""
+    last, that last token may not come next. A word is spelt as the tokenizer writes it alone
+    and after a space (``loader.tokenizer.bad_word_token_ids``). None when empty."""
     truncate_prompt_tokens: int | None = None
     """Keep only the prompt's last this many tokens (left truncation); -1 keeps as many as the
     context holds (vLLM's); None keeps them all."""
@@ -139,6 +142,12 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         """Whether a repetition, frequency or presence penalty applies (they read the tokens so far)."""
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @functools.cached_property
+    def allowed_token_array(self) -> np.ndarray | None:
+        """``allowed_token_ids`` as int64, made once: every step's sampler reads it for each row,
+        and it may hold most of the vocabulary."""
+        return None if self.allowed_token_ids is None else np.array(self.allowed_token_ids, dtype=np.int64)
 
     @property
     def has_token_bias(self) -> bool:

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
+from neuron_llm.loader.tokenizer import chat_template_arguments
 from neuron_llm.sampling_params import MAX_BAD_WORDS, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 
 MAX_N = 128
@@ -115,7 +116,7 @@ class _SamplingRequest(_Request):
     allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
     """vLLM's: only these token ids may be generated."""
     bad_words: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=MAX_BAD_WORDS)
-    """vLLM's: words never generated (with or without a leading space)."""
+    """vLLM's: words never generated (``SamplingParams.bad_words``)."""
     truncate_prompt_tokens: int | None = None
     """vLLM's: keep only the prompt's last this many tokens; -1 keeps as many as the context holds."""
 
@@ -231,14 +232,6 @@ class ChatMessage(_Request):
         return message
 
 
-_TEMPLATE_CALL_ARGUMENTS = frozenset(
-    ("chat_template", "conversation", "messages", "tools", "documents", "tokenize", "padding", "truncation")
-    + ("max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
-)
-"""Arguments of the chat template's call, not variables of the template: chat_template_kwargs
-may not set them (a client's own template would run on the server)."""
-
-
 class ChatTemplateOptions(_Request):
     """How a conversation is rendered: vLLM's options of a chat request."""
 
@@ -253,7 +246,10 @@ class ChatTemplateOptions(_Request):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _variables_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        taken = sorted(_TEMPLATE_CALL_ARGUMENTS.intersection(value or {}))
+        # The two options above may be set here too (vLLM's); any other argument of the
+        # rendering (chat_template: a client's own template) may not.
+        arguments = chat_template_arguments() - {"add_generation_prompt", "continue_final_message"}
+        taken = sorted(arguments.intersection(value or {}))
         if taken:
             raise ValueError(f"{taken} are not template variables, and may not be set here")
         return value

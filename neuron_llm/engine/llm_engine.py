@@ -249,13 +249,20 @@ class LLMEngine:
             if outside:
                 # Checked here: a token id past the logits' row would fault the device, not raise.
                 raise ValueError(f"{name}={outside[:5]}: token ids not in the vocabulary [0, {vocab_size})")
-        if params.allowed_token_ids and params.min_tokens:
-            ends = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else self.eos_token_ids)
-            if ends.issuperset(params.allowed_token_ids):
+        words = self._bad_words_token_ids(params)
+        if params.allowed_token_ids:
+            # A first step whose every allowed token is banned or held back has nothing to sample.
+            never, why = {word[0] for word in words if len(word) == 1}, "bad_words ban each"
+            if params.min_tokens:
+                never |= set(params.stop_token_ids or ()) | (set() if params.ignore_eos else self.eos_token_ids)
+                why += f", or it ends the sequence while min_tokens={params.min_tokens} holds the ends back"
+            if never.issuperset(params.allowed_token_ids):
                 raise ValueError(
-                    f"allowed_token_ids={params.allowed_token_ids[:5]}: each ends the sequence, which "
-                    f"min_tokens={params.min_tokens} forbids, so no token could be generated"
+                    f"allowed_token_ids={params.allowed_token_ids[:5]}: {why}, so no token could be generated"
                 )
+        return words
+
+    def _bad_words_token_ids(self, params: SamplingParams) -> list[list[int]]:
         if not params.bad_words:
             return []
         if self.tokenizer is None:
@@ -264,6 +271,7 @@ class LLMEngine:
                 "use logit_bias"
             )
         words = bad_word_token_ids(self.tokenizer, params.bad_words)
+        vocab_size = self.config.model.vocab_size
         outside = [token_id for word in words for token_id in word if token_id >= vocab_size]
         if outside:
             raise ValueError(

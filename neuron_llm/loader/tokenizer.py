@@ -8,10 +8,11 @@ ask for the same one, and reading it from a GGUF file takes seconds. Do not muta
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import tempfile
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ def has_tokenizer_files(model_dir: Path) -> bool:
     return any((model_dir / name).is_file() for name in _TOKENIZER_FILES)
 
 
-@lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=4)
 def load_dir_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in the Hugging Face model directory ``model_dir``."""
     if not has_tokenizer_files(model_dir):
@@ -48,7 +49,7 @@ def load_dir_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 
-@lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=4)
 def load_gguf_tokenizer(gguf_path: Path, defaults: TokenizerDefaults | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer described by the metadata of the GGUF file ``gguf_path``, with llama.cpp's
     ``defaults`` (``gguf_file.tokenizer_defaults``) for what the file leaves unsaid.
@@ -130,6 +131,26 @@ def render_chat(
         raise ValueError(f"the model's chat template refused the messages: {e}") from e
 
 
+@functools.cache
+def chat_template_arguments() -> frozenset[str]:
+    """Names that reach a chat template's rendering as arguments of the calls on the way
+    (``render_chat``'s, transformers' ``apply_chat_template``'s and the renderer's), not as
+    variables of the template: template_kwargs under these names reach no template."""
+    from transformers.utils import chat_template_utils
+
+    calls = [render_chat, PreTrainedTokenizerBase.apply_chat_template]
+    renderer = getattr(chat_template_utils, "render_jinja_template", None)  # not in older transformers
+    if renderer is not None:
+        calls.append(renderer)
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return frozenset(
+        name
+        for call in calls
+        for name, parameter in inspect.signature(call).parameters.items()
+        if parameter.kind not in variadic
+    )
+
+
 def _checked_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """``messages`` with text-part contents joined; ``ValueError`` naming a malformed one."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
@@ -170,12 +191,14 @@ def eos_token_ids(tokenizer: PreTrainedTokenizerBase | None, *configured: Iterab
 
 
 def bad_word_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[list[int]]:
-    """The token ids of each of ``words`` as it would start a text and as it would follow a
-    word (with a leading space), for ``SamplingParams.bad_words``.
+    """The token ids of each of ``words`` as the tokenizer spells it alone and after a space,
+    for ``SamplingParams.bad_words``, as vLLM spells them.
 
     The spaced spelling counts unless it is the bare one after a lone space token (as a
     SentencePiece tokenizer, which starts both with its space, may give). vLLM also asks
-    that both have as many tokens, which misses " fox" where "fox" alone is two tokens.
+    that both have as many tokens, which misses " fox" where "fox" alone is two tokens. A
+    SentencePiece tokenizer spells a word after a line break without its space: that
+    spelling is not matched, as it is not in vLLM.
     """
     spellings = []
     for word in words:

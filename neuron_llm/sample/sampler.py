@@ -325,7 +325,6 @@ def _build_penalties(rows: Sequence[RowState], vocab_size: int, device: torch.de
 def _build_logit_bias(rows: Sequence[RowState], vocab_size: int, device: torch.device | str) -> torch.Tensor | None:
     """Each row's additive bias: its ``logit_bias``, and -inf at the tokens it may not sample
     (outside ``allowed_token_ids``, or banned by ``bad_words``); None when no row has any."""
-    masked_rows: list[int] = []  # rows with allowed_token_ids: -inf but at those
     row_ids: list[int] = []
     token_ids: list[int] = []
     values: list[float] = []
@@ -333,25 +332,23 @@ def _build_logit_bias(rows: Sequence[RowState], vocab_size: int, device: torch.d
     banned_ids: list[int] = []
     for i, row in enumerate(rows):
         bias = row.params.logit_bias or {}
-        allowed = row.params.allowed_token_ids
-        if allowed is not None:
-            masked_rows.append(i)
-            bias = {token_id: bias.get(token_id, 0.0) for token_id in allowed}
         row_ids += [i] * len(bias)
         token_ids += bias.keys()
         values += bias.values()
         banned = row.banned_token_ids()
         banned_rows += [i] * len(banned)
         banned_ids += banned
-    if not (masked_rows or row_ids or banned_rows):
+    allowed = [(i, row.params.allowed_token_array) for i, row in enumerate(rows) if row.params.allowed_token_ids]
+    if not (row_ids or banned_rows or allowed):
         return None
     # Only row and token ids (and biases) cross to ``device``; the dense bias is filled there.
     dense = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
-    if masked_rows:
-        dense[to_device(masked_rows, torch.int64, device)] = float("-inf")
-    if row_ids:
+    for i, token_ids_allowed in allowed:
+        dense[i] = float("-inf")
+        dense[i, to_device(token_ids_allowed, torch.int64, device)] = 0.0
+    if row_ids:  # added, so that a token not allowed stays at -inf
         indices = (to_device(row_ids, torch.int64, device), to_device(token_ids, torch.int64, device))
-        dense.index_put_(indices, to_device(values, torch.float32, device))
+        dense.index_put_(indices, to_device(values, torch.float32, device), accumulate=True)
     if banned_rows:  # last: a banned token stays banned whatever its bias
         indices = (to_device(banned_rows, torch.int64, device), to_device(banned_ids, torch.int64, device))
         dense.index_put_(indices, torch.tensor(float("-inf"), device=device))

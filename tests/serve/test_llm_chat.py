@@ -114,6 +114,10 @@ def test_bad_words_are_never_generated(model_dir: Path, engine_options: dict) ->
             params = SamplingParams(temperature=temperature, max_tokens=24, bad_words=banned_words, seed=5)
             tokens = llm.generate("Hello", params)[0].outputs[0].token_ids
             assert not any(_contains(tokens, spelling) for spelling in spellings), (banned_words, tokens)
+    # Allowed tokens that a one-token word bans, every one: nothing would be left to sample.
+    single = [spelling[0] for spelling in bad_word_token_ids(llm.tokenizer, words[1:]) if len(spelling) == 1]
+    with pytest.raises(ValueError, match=r"allowed_token_ids=\[.*\]: bad_words ban each, so no token"):
+        llm.generate("Hello", SamplingParams(allowed_token_ids=single, bad_words=words[1:]))
     # As decoding would have gone but for the word: the same tokens up to where it first ends.
     first = min(
         i + len(s) - 1

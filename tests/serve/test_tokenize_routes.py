@@ -81,6 +81,10 @@ def test_a_conversation_tokenizes_as_a_chat_completion_renders_it(
             400,
             "chat_template_kwargs",
         ),
+        *(
+            ("/tokenize", {"messages": CONVERSATION, "chat_template_kwargs": {name: True}}, 400, "chat_template_kwargs")
+            for name in ("self", "tokenizer", "conversations", "sanitize_control_tokens", "tokenize")
+        ),
         ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]"),
         ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
         ("/detokenize", {"tokens": "Hi"}, 400, "tokens"),
