@@ -14,11 +14,14 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from neuron_llm.sampling_params import is_finite_number
+
+if TYPE_CHECKING:
+    from neuron_llm.quant.config import QuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -706,7 +709,7 @@ class EngineConfig:
         if self.quantization is not None:
             from neuron_llm.quant.config import resolve_quant_config
 
-            resolve_quant_config(self.quantization)  # raises naming the presets
+            self._check_sharded_quantization(resolve_quant_config(self.quantization))  # raises naming the presets
         # The next step's input ids are filled in on the device from the last step's samples.
         if self.scheduler.async_scheduling and torch.device(self.device.device).type == "xla":
             raise ValueError("async_scheduling=True is not supported on the XLA device")
@@ -732,6 +735,30 @@ class EngineConfig:
                 f"num_speculative_tokens={self.speculative.num_speculative_tokens} must be below "
                 f"max_model_len={self.max_model_len}"
             )
+
+    def _check_sharded_quantization(self, quant: QuantConfig) -> None:
+        """Refuse, before any rank starts, a quantization that tensor-parallel shards cannot
+        hold: an 8-bit LM head (the head is sharded in 16 bits only), or scale groups that
+        would straddle two ranks' input columns of a row-parallel linear."""
+        tp, model = self.parallel.tensor_parallel_size, self.model
+        if tp == 1:
+            return
+        if quant.policy.lm_head:
+            raise ValueError(
+                f"quantization={self.quantization!r} quantizes the LM head, which runs on one device: "
+                f"with tensor_parallel_size={tp} the head is sharded in 16 bits only"
+            )
+        group_size = quant.format.group_size
+        if group_size is None or len(quant.policy.skipped(model.num_hidden_layers)) == model.num_hidden_layers:
+            return
+        row_parallel = {"o_proj": model.num_attention_heads * model.head_dim, "down_proj": model.intermediate_size}
+        for name, in_features in row_parallel.items():
+            if name in quant.policy.modules and (in_features // tp) % group_size:
+                raise ValueError(
+                    f"quantization={self.quantization!r}: group_size={group_size} does not divide each rank's "
+                    f"{in_features // tp} input features of {name} (tensor_parallel_size={tp}): a group of "
+                    "scales would straddle two ranks"
+                )
 
     @property
     def max_model_len(self) -> int:

@@ -278,6 +278,21 @@ def test_parallel_config_refuses_unsplittable_models(tp: int, changes: dict[str,
         ParallelConfig(tensor_parallel_size=tp).check_model(tiny_model(**changes))
 
 
+def test_a_quantization_tensor_parallel_shards_cannot_hold_is_refused_before_any_rank_starts() -> None:
+    def engine(tp: int, quantization: str, **changes: Any) -> EngineConfig:
+        return EngineConfig(model=tiny_model(**changes), parallel=ParallelConfig(tp), quantization=quantization)
+
+    with pytest.raises(ValueError, match=r"quantization='int8-head' quantizes the LM head, which runs on one device"):
+        engine(2, "int8-head")
+    # o_proj's 64 input features split in 32 per rank: groups of 128 would straddle ranks.
+    with pytest.raises(ValueError, match=r"group_size=128 does not divide each rank's 32 input features of o_proj"):
+        engine(2, "int8-g128")
+    wide = dict(head_dim=64, intermediate_size=512)  # 256 input features per rank, each
+    assert engine(2, "int8-g128", **wide).quantization == "int8-g128"
+    assert engine(1, "int8-head").quantization == "int8-head"  # one device holds the 8-bit head
+    assert engine(2, "int8").quantization == "int8"  # per-channel scales follow their rows
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_parallel_config_splits_or_replicates_kv_heads(tp: int) -> None:
     # 2 KV heads: split across 2 ranks, replicated across 4 or 8.
