@@ -74,6 +74,7 @@ def create_app(
     app.include_router(tokenize_routes.router)
     app.add_api_route("/health", health, methods=["GET"], responses={503: {"description": "not ready"}})
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=Response)
+    app.add_api_route("/version", version, methods=["GET"])
     return app
 
 
@@ -81,6 +82,11 @@ async def health(request: Request) -> JSONResponse:
     """``{"status": "loading" | "ready" | "draining" | "failed"}``; 200 only when ready."""
     status = get_state(request).status
     return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
+
+
+async def version() -> dict[str, str]:
+    """``{"version": ...}``: this package's version, as vLLM's ``/version`` answers."""
+    return {"version": neuron_llm.__version__}
 
 
 async def metrics(request: Request) -> Response:

@@ -32,7 +32,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "serve",
         help="serve a model over HTTP (OpenAI-compatible and SageMaker routes)",
         description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, "
-        "/tokenize, /detokenize, /ping, /invocations, /health, /metrics.",
+        "/tokenize, /detokenize, /version, /ping, /invocations, /health, /metrics.",
         formatter_class=DefaultsHelpFormatter,
     )
     model_help = ServeSettings.__dataclass_fields__["model"].metadata["help"]

@@ -1,4 +1,4 @@
-"""vLLM's /tokenize and /detokenize, and the chat template options they share with chat completions."""
+"""vLLM's /tokenize, /detokenize and /version, and the chat template options /tokenize shares with chat completions."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+import neuron_llm
 from neuron_llm.loader import render_chat
 from tests.serve.conftest import ServerThread
 
@@ -97,3 +98,7 @@ def test_bad_bodies_are_a_4xx_naming_the_field(
     response = httpx.post(f"{server.url}{route}", content=json.dumps(body), headers=_JSON, timeout=30)
     assert response.status_code == status, response.text
     assert response.json()["error"]["param"] == param, response.json()
+
+
+def test_version_is_the_packages(server: ServerThread) -> None:
+    assert httpx.get(f"{server.url}/version").json() == {"version": neuron_llm.__version__}
