@@ -307,8 +307,11 @@ class AsyncLLM:
     def _end_all(self, error: Exception) -> None:
         """End every request the engine holds with ``error``, aborting it there."""
         streams, self._streams = self._streams, {}
-        for request_id, stream in streams.items():
+        # Every consumer hears first: an abort that raises (the engine's state unknown after
+        # a failed step) must leave none of them waiting.
+        for stream in streams.values():
             stream.put(error)
+        for request_id in streams:
             self.engine.abort(request_id)
 
     def _stop(self) -> None:

@@ -162,6 +162,33 @@ def test_a_failing_step_fails_the_requests_in_flight_not_the_engine(model_dir: P
     run_with(llm, scenario)
 
 
+def test_an_abort_that_raises_after_a_failed_step_leaves_no_consumer_waiting(model_dir: Path) -> None:
+    llm = make_llm(model_dir)
+    step, abort = llm.engine.step, llm.engine.abort
+    aborts = iter(range(100))
+
+    def failing_step() -> list[RequestOutput]:
+        scheduler = llm.engine.scheduler
+        if len(scheduler.running) + len(scheduler.waiting) == 6:  # once all six are in
+            raise RuntimeError("device lost")
+        return step()
+
+    def failing_abort(request_id: str) -> bool:
+        if next(aborts) == 1:  # the engine's state is unknown after the failed step
+            raise RuntimeError("abort failed")
+        return abort(request_id)
+
+    llm.engine.step = failing_step  # type: ignore[method-assign]
+    llm.engine.abort = failing_abort  # type: ignore[method-assign]
+
+    async def scenario(engine: AsyncLLM) -> None:
+        prompts = [[5, 6, 7, 8 + i] for i in range(6)]
+        ends = await asyncio.gather(*(last(engine.generate(p, LONG)) for p in prompts), return_exceptions=True)
+        assert all(isinstance(end, EngineError) for end in ends), ends
+
+    run_with(llm, scenario)
+
+
 def test_a_request_failing_alone_fails_only_its_stream(model_dir: Path) -> None:
     llm = make_llm(model_dir)
     expected = llm.generate(["Hello"], GREEDY)[0].outputs[0].token_ids
