@@ -9,7 +9,7 @@ needs them, so importing this package needs neither a GPU nor the Neuron SDK.
 """
 
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestOutput
-from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -23,4 +23,12 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'neuron_llm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "Logprob",
+    "RequestOutput",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "__version__",
+]

@@ -7,6 +7,7 @@ the field and the value, so the server can turn it into a 4xx without further ch
 from __future__ import annotations
 
 import functools
+import json as json_module
 import logging
 import math
 import numbers
@@ -57,6 +58,53 @@ def is_finite_number(value: Any) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int too large for a float
         return False
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What a sequence's text must be (vLLM's): exactly one of a JSON schema, any JSON object, a
+    regex, one of several strings, or a Lark grammar. Needs llguidance (the structured extra)."""
+
+    json: str | dict[str, Any] | None = None
+    """A JSON schema, as a dict or its JSON text."""
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    """A Lark grammar (llguidance's dialect), its rule ``start`` the whole text."""
+    json_object: bool | None = None
+    """True: any JSON object."""
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError(
+                f"structured_outputs={self!r}: set exactly one of json, regex, choice, grammar, json_object"
+            )
+        if isinstance(self.json, str):
+            try:
+                schema = json_module.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json: not JSON text: {e}") from None
+            _require(isinstance(schema, dict), "structured_outputs.json", self.json, "must be a JSON object")
+        _require(
+            self.json is None or isinstance(self.json, (str, dict)),
+            "structured_outputs.json",
+            self.json,
+            "must be a JSON schema, as a dict or its text",
+        )
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            _require(value is None or isinstance(value, str), f"structured_outputs.{name}", value, "must be a string")
+        choice = self.choice
+        _require(
+            choice is None or (isinstance(choice, (list, tuple)) and all(isinstance(c, str) and c for c in choice)),
+            "structured_outputs.choice",
+            choice,
+            "must be a list of non-empty strings",
+        )
+        if choice is not None:
+            object.__setattr__(self, "choice", list(choice))
+        _require(self.json_object in (None, True), "structured_outputs.json_object", self.json_object, "must be true")
 
 
 @dataclass(frozen=True)
@@ -111,6 +159,8 @@ class SamplingParams:
     """Words never generated (vLLM's): where the output ends in all of a word's tokens but its
     last, that last token may not come next. A word is spelt as the tokenizer writes it alone
     and after a space (``loader.tokenizer.bad_word_token_ids``). None when empty."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Hold the text to a JSON schema, regex, choice or grammar (vLLM's); None leaves it free."""
     truncate_prompt_tokens: int | None = None
     """Keep only the prompt's last this many tokens (left truncation); -1 keeps as many as the
     context holds (vLLM's); None keeps them all."""
@@ -125,6 +175,12 @@ class SamplingParams:
         self._check_penalties()
         self._check_logit_bias()
         self._check_token_lists()
+        _require(
+            self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+            "structured_outputs",
+            self.structured_outputs,
+            "must be None or StructuredOutputsParams",
+        )
         self._check_logprobs()
         self._normalize_stops()
         # Integers of other kinds (NumPy's) are stored as Python ints, as the numbers are as floats.
@@ -151,9 +207,10 @@ class SamplingParams:
 
     @property
     def has_token_bias(self) -> bool:
-        """Whether logit_bias, allowed_token_ids or bad_words add to some logits (their sampling
-        feature is "logit_bias": one dense bias a row, -inf where a token may not come)."""
-        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words)
+        """Whether logit_bias, allowed_token_ids, bad_words or structured_outputs add to some
+        logits (their sampling feature is "logit_bias": one dense bias a row, -inf where a token
+        may not come)."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words or self.structured_outputs)
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

@@ -14,7 +14,7 @@ from neuron_llm.outputs import Logprob, RequestOutput
 from neuron_llm.serve.errors import ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
 from neuron_llm.serve.logprobs import chat_logprobs
-from neuron_llm.serve.prompts import Prompt, chat_prompt, output_budget, sampling_params, truncated
+from neuron_llm.serve.prompts import Prompt, chat_prompt, checked_structure, output_budget, sampling_params, truncated
 from neuron_llm.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -56,6 +56,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         logit_bias=body.logit_bias,
         allowed_token_ids=body.allowed_token_ids,
         bad_words=body.bad_words,
+        structured_outputs=await checked_structure(body.structured),
         ignore_eos=body.ignore_eos,
         include_stop_str_in_output=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,

@@ -15,7 +15,14 @@ from neuron_llm.outputs import RequestOutput
 from neuron_llm.serve.errors import ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
 from neuron_llm.serve.logprobs import TextOffsets, completion_logprobs, prompt_text_offsets
-from neuron_llm.serve.prompts import Prompt, completion_prompts, output_budget, sampling_params, truncated
+from neuron_llm.serve.prompts import (
+    Prompt,
+    checked_structure,
+    completion_prompts,
+    output_budget,
+    sampling_params,
+    truncated,
+)
 from neuron_llm.serve.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -49,6 +56,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
         logit_bias=body.logit_bias,
         allowed_token_ids=body.allowed_token_ids,
         bad_words=body.bad_words,
+        structured_outputs=await checked_structure(body.structured),
         ignore_eos=body.ignore_eos,
         include_stop_str_in_output=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,

@@ -15,8 +15,9 @@ from typing import Any, cast
 from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.loader import render_chat
-from neuron_llm.sampling_params import SamplingParams
-from neuron_llm.serve.errors import ClientError, error_from_value_error
+from neuron_llm.sample.structured import grammar_error
+from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams
+from neuron_llm.serve.errors import ClientError, ServerError, error_from_value_error
 from neuron_llm.serve.protocol import ChatTemplateOptions
 from neuron_llm.serve.state import ServedModel
 
@@ -201,6 +202,22 @@ def output_budget(
 
 SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 """The request fields that take the model's ``generation_config.json`` value when unset, as in vLLM."""
+
+
+async def checked_structure(held: tuple[StructuredOutputsParams, str] | None) -> StructuredOutputsParams | None:
+    """A request's structured output (``_SamplingRequest.structured``), its schema, regex or
+    grammar checked before the request is queued (in a thread: a large schema takes a while);
+    ``ClientError`` naming the request field that asked for it."""
+    if held is None:
+        return None
+    params, field = held
+    try:
+        error = await asyncio.to_thread(grammar_error, params)
+    except ImportError as e:
+        raise ServerError(str(e), code="missing_dependency") from e
+    if error is not None:
+        raise ClientError(f"{field}: {error}", field)
+    return params
 
 
 def sampling_params(

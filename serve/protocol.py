@@ -22,7 +22,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from neuron_llm.loader.tokenizer import chat_template_arguments
-from neuron_llm.sampling_params import MAX_BAD_WORDS, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
+from neuron_llm.sampling_params import (
+    MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_STOP_TOKEN_IDS,
+    StructuredOutputsParams,
+)
 
 MAX_N = 128
 """Most completions of one prompt (OpenAI's limit). Beyond max_num_seqs they run in turns, as in ``LLM``."""
@@ -87,6 +93,61 @@ class StreamOptions(_Request):
     """Send a last chunk, with empty choices, carrying the request's token usage."""
 
 
+class JsonSchemaFormat(_Request):
+    """OpenAI's ``response_format.json_schema``."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+    """Accepted; the schema is always held to."""
+
+
+class ResponseFormat(_Request):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON of a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is given with "type": "json_schema", and only then')
+        return self
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.json_schema is not None:
+            return StructuredOutputsParams(json=self.json_schema.schema_)
+        return None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's ``structured_outputs``: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    """A JSON schema, or its text."""
+    regex: str | None = None
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    """A Lark grammar (llguidance's dialect)."""
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [self.json_, self.regex, self.choice, self.grammar, self.json_object]
+        if sum(value is not None and value is not False for value in given) != 1:
+            raise ValueError("set exactly one of json, regex, choice, grammar, json_object")
+        self.params()  # raises for JSON text that is no object
+        return self
+
+    def params(self) -> StructuredOutputsParams:
+        return StructuredOutputsParams(
+            json=self.json_, regex=self.regex, choice=self.choice, grammar=self.grammar, json_object=self.json_object
+        )
+
+
 class _SamplingRequest(_Request):
     """Fields that completions and chat completions share."""
 
@@ -119,6 +180,25 @@ class _SamplingRequest(_Request):
     """vLLM's: words never generated (``SamplingParams.bad_words``)."""
     truncate_prompt_tokens: int | None = None
     """vLLM's: keep only the prompt's last this many tokens; -1 keeps as many as the context holds."""
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    """vLLM's; excludes a response_format other than text."""
+
+    @property
+    def structured(self) -> tuple[StructuredOutputsParams, str] | None:
+        """The structure the text is held to, and the field that asked for it; None when free."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.params(), "structured_outputs"
+        held = None if self.response_format is None else self.response_format.structured_outputs()
+        return None if held is None else (held, "response_format")
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_structure(cls, value: StructuredOutputs | None, info: ValidationInfo) -> StructuredOutputs | None:
+        response_format = info.data.get("response_format")
+        if value is not None and response_format is not None and response_format.type != "text":
+            raise ValueError("structured_outputs and a response_format other than text exclude each other")
+        return value
 
     @field_validator("truncate_prompt_tokens")
     @classmethod
@@ -271,7 +351,6 @@ class ChatCompletionRequest(_SamplingRequest, ChatTemplateOptions):
     """OpenAI's newer name for max_tokens; wins when both are set."""
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: Any = _unsupported({"type": "text"})
     tools: Any = _unsupported([])
     tool_choice: Any = _unsupported("none")
     parallel_tool_calls: Any = _unsupported(True, False)
@@ -288,6 +367,25 @@ class ChatCompletionRequest(_SamplingRequest, ChatTemplateOptions):
         if value is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs to be true")
         return value
+
+
+class TGIGrammar(_Request):
+    """TGI's ``parameters.grammar``: JSON of a schema, or text of a regex."""
+
+    type: Literal["json", "regex"]
+    value: dict[str, Any] | str
+
+    @model_validator(mode="after")
+    def _value_of_its_type(self) -> TGIGrammar:
+        self.structured_outputs()  # raises for a regex that is no string, JSON text that is no object
+        return self
+
+    def structured_outputs(self) -> StructuredOutputsParams:
+        if self.type == "json":
+            return StructuredOutputsParams(json=self.value)
+        if not isinstance(self.value, str):
+            raise ValueError("a regex grammar's value must be a string")
+        return StructuredOutputsParams(regex=self.value)
 
 
 class TGIParameters(_Request):
@@ -312,7 +410,7 @@ class TGIParameters(_Request):
     typical_p: Any = _unsupported()
     truncate: int | None = Field(None, ge=1)
     """Keep only the last this many tokens of the inputs."""
-    grammar: Any = _unsupported()
+    grammar: TGIGrammar | None = None
     adapter_id: Any = _unsupported()
 
 

@@ -8,7 +8,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from neuron_llm.serve.generation import Generation, unless_disconnected
-from neuron_llm.serve.prompts import completion_prompts, output_budget, sampling_params, truncated
+from neuron_llm.serve.prompts import checked_structure, completion_prompts, output_budget, sampling_params, truncated
 from neuron_llm.serve.protocol import TGIDetails, TGIGeneration, TGIRequest
 from neuron_llm.serve.state import ServerState
 
@@ -60,6 +60,9 @@ async def serve_tgi(state: ServerState, body: TGIRequest, request: Request) -> R
         stop=p.stop,
         repetition_penalty=p.repetition_penalty or 1.0,
         frequency_penalty=p.frequency_penalty or 0.0,
+        structured_outputs=await checked_structure(
+            None if p.grammar is None else (p.grammar.structured_outputs(), "parameters.grammar")
+        ),
     )
     generation = Generation(model.engine, prompts, params, f"tgi-{uuid.uuid4().hex}", state.metrics, "inputs")
     await unless_disconnected(request, generation.start())

@@ -14,6 +14,28 @@ from neuron_llm.models.llama import KVCache, LlamaForCausalLM
 from neuron_llm.ops.metadata import AttentionMetadata
 from tests.tokenizer_kinds import byte_level_bpe, sentencepiece_bpe, smollm2
 
+BOUNDED_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+    "x-guidance": {"whitespace_flexible": False},
+}
+"""Compact JSON whose every value is bounded: any path through it, a random model's too, ends
+in a few tokens (structured outputs)."""
+
+
+def fits_bounded_schema(value: Any) -> bool:
+    """Whether ``value`` (parsed JSON) is what ``BOUNDED_JSON_SCHEMA`` allows."""
+    return (
+        isinstance(value, dict)
+        and set(value) == {"ok", "n"}
+        and isinstance(value["ok"], bool)
+        and isinstance(value["n"], int)
+        and 0 <= value["n"] <= 9
+    )
+
+
 TINY_LLAMA = dict(
     vocab_size=256,
     hidden_size=64,

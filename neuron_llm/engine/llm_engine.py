@@ -28,6 +28,7 @@ from neuron_llm.loader.tokenizer import bad_word_token_ids
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs, make_generator
+from neuron_llm.sample.structured import Grammar, GrammarCompiler
 from neuron_llm.sampling_params import SamplingParams, is_integral
 from neuron_llm.worker import placeholder
 
@@ -47,6 +48,8 @@ class _Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    grammar: Grammar | None = None
+    """Where the sequence is in its structured output's grammar; None without one."""
 
 
 @dataclass
@@ -191,6 +194,11 @@ class LLMEngine:
         """Requests whose penalties or bad words need every token on the host before the next step."""
         self._failures: list[tuple[str, Exception]] = []
         self.proposer: Proposer | None = make_proposer(config, executor.num_kv_blocks, tokenizer)
+        self._grammars = (
+            None
+            if tokenizer is None
+            else GrammarCompiler(tokenizer, config.model.vocab_size, self._sorted_eos_token_ids)
+        )
         """Offers each decoding sequence's next tokens before a step (speculative decoding); None: off."""
 
     # -- requests -----------------------------------------------------------------------
@@ -216,6 +224,9 @@ class LLMEngine:
             prompt_ids = prompt_ids[-(self.config.max_model_len if keep == -1 else keep) :]
         bad_words_token_ids = self._sampling_token_ids(params)
         sequences = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
+        if params.structured_outputs is not None:
+            for seq in sequences:
+                seq.grammar = self._grammar(params)
         # An n > 1 request's sequences are named "{request_id}#{index}", which another request
         # may already be called (or the reverse).
         taken = [seq.request.request_id for seq in sequences if seq.request.request_id in self._sequences]
@@ -235,7 +246,7 @@ class LLMEngine:
             bad_words_token_ids=bad_words_token_ids,
         )
         self._groups[request_id] = group
-        if params.has_penalties or params.bad_words:
+        if params.has_penalties or params.bad_words or params.structured_outputs:
             self._output_readers.add(request_id)
         for seq in sequences:
             self._sequences[seq.request.request_id] = (group, seq)
@@ -279,6 +290,12 @@ class LLMEngine:
                 f"[0, {vocab_size})"
             )
         return words
+
+    def _grammar(self, params: SamplingParams) -> Grammar:
+        assert params.structured_outputs is not None
+        if self._grammars is None:
+            raise ValueError("structured_outputs need a tokenizer, which this model lacks")
+        return self._grammars.matcher(params.structured_outputs)
 
     def _unused_id(self, n: int) -> str:
         # Callers may name requests too, so a counter value (or its sequences' ids) can be taken.
@@ -395,7 +412,8 @@ class LLMEngine:
             if not request.num_output_tokens or request.num_tokens_to_compute != 1:
                 continue
             group, seq = self._sequences[request.request_id]
-            if seq.generator is None or group.params.is_greedy:
+            # A grammar's mask for each proposal would need it advanced past the ones before.
+            if (seq.generator is None or group.params.is_greedy) and seq.grammar is None:
                 proposing.append(request)
         propose_all = getattr(proposer, "propose_all", None)
         if propose_all is not None:
@@ -508,6 +526,7 @@ class LLMEngine:
             request.output_token_ids,
             seq.generator,
             group.bad_words_token_ids,
+            None if seq.grammar is None else seq.grammar.allowed(),
         )
 
     def _read(self, launched: _LaunchedStep) -> _StepRead:
@@ -599,6 +618,17 @@ class LLMEngine:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token_id].logprob
         request, params = seq.request, group.params
+        if seq.grammar is not None and not seq.grammar.accept(token_id):
+            # Only a row left nothing to sample (min_tokens holding back the EOS that ends the
+            # grammar, say) draws a token its grammar refuses.
+            logger.warning(
+                "request %s: token %d breaks its structured output: %s", request.request_id, token_id, seq.grammar.error
+            )
+            seq.finish_reason = "abort"
+            self.scheduler.finish(request.request_id, RequestStatus.FINISHED_ABORTED)
+            if seq.detokenizer is not None:
+                seq.detokenizer.finish()
+            return
         # The sampler holds EOS and stop tokens back until min_tokens; a row it could only
         # fill with them (every token banned) still must not end the sequence.
         can_stop = num_output_tokens > params.min_tokens

@@ -6,7 +6,7 @@ The order of operations follows vLLM::
 
     raw logits --> logprobs (returned to the user: the model's raw distribution)
         |
-        +-> logit_bias, allowed_token_ids, bad_words
+        +-> logit_bias, allowed_token_ids, bad_words, structured outputs
         +-> repetition, frequency, presence penalties
         +-> min_tokens: EOS and stop_token_ids -> -inf
         +-> / temperature -> min-p -> top-k -> top-p      (greedy rows skip these)
@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from neuron_llm import ops
@@ -72,6 +73,8 @@ class RowState:
     """The sequence's own generator when ``params.seed`` is set (see ``make_generator``)."""
     bad_words_token_ids: Sequence[Sequence[int]] = ()
     """``params.bad_words`` as token ids, each word's spellings (see ``bad_word_token_ids``)."""
+    grammar_mask: np.ndarray | None = None
+    """bool [vocab]: the tokens ``params.structured_outputs`` allows next (``structured.Grammar``)."""
 
     @property
     def is_min_tokens_unmet(self) -> bool:
@@ -140,7 +143,7 @@ class SamplingBatch:
     """[num_rows] fp32; 0 for rows without min-p."""
     logit_bias: torch.Tensor | None
     """[num_rows, vocab] fp32, each row's ``logit_bias`` (0 elsewhere), -inf where
-    ``allowed_token_ids`` or ``bad_words`` forbid a token."""
+    ``allowed_token_ids``, ``bad_words`` or a structured output forbid a token."""
     penalties: Penalties | None
     min_tokens_mask: torch.Tensor | None
     """[num_rows, vocab] bool, True for the EOS and stop tokens of rows short of min_tokens."""
@@ -324,7 +327,8 @@ def _build_penalties(rows: Sequence[RowState], vocab_size: int, device: torch.de
 
 def _build_logit_bias(rows: Sequence[RowState], vocab_size: int, device: torch.device | str) -> torch.Tensor | None:
     """Each row's additive bias: its ``logit_bias``, and -inf at the tokens it may not sample
-    (outside ``allowed_token_ids``, or banned by ``bad_words``); None when no row has any."""
+    (outside ``allowed_token_ids`` or its grammar's mask, or banned by ``bad_words``); None when
+    no row has any."""
     row_ids: list[int] = []
     token_ids: list[int] = []
     values: list[float] = []
@@ -339,13 +343,16 @@ def _build_logit_bias(rows: Sequence[RowState], vocab_size: int, device: torch.d
         banned_rows += [i] * len(banned)
         banned_ids += banned
     allowed = [(i, row.params.allowed_token_array) for i, row in enumerate(rows) if row.params.allowed_token_ids]
-    if not (row_ids or banned_rows or allowed):
+    grammars = [(i, row.grammar_mask) for i, row in enumerate(rows) if row.grammar_mask is not None]
+    if not (row_ids or banned_rows or allowed or grammars):
         return None
     # Only row and token ids (and biases) cross to ``device``; the dense bias is filled there.
     dense = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
     for i, token_ids_allowed in allowed:
         dense[i] = float("-inf")
         dense[i, to_device(token_ids_allowed, torch.int64, device)] = 0.0
+    for i, mask in grammars:
+        dense[i].masked_fill_(~to_device(mask, torch.bool, device), float("-inf"))
     if row_ids:  # added, so that a token not allowed stays at -inf
         indices = (to_device(row_ids, torch.int64, device), to_device(token_ids, torch.int64, device))
         dense.index_put_(indices, to_device(values, torch.float32, device), accumulate=True)

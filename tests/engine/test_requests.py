@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from neuron_llm.engine import llm_engine
-from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams
 from neuron_llm.worker import StepInput
 from tests.engine.conftest import VOCAB_SIZE, all_blocks_free, make_llm, random_prompts, run_all, same_logprobs
 
@@ -411,6 +411,14 @@ def test_allowed_token_ids_restrict_what_is_generated(tiny_model_dir, num_specul
     with pytest.raises(ValueError, match=r"^allowed_token_ids=\[7\]: .* min_tokens=2 holds the ends back"):
         llm.engine.add_request(prompt, only_stops)
     assert run_all(llm, {})[running].outputs[0].token_ids == tokens
+
+
+def test_structured_outputs_on_a_model_without_a_tokenizer_are_refused(tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir)
+    regex = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
+    with pytest.raises(ValueError, match="structured_outputs need a tokenizer, which this model lacks"):
+        llm.engine.add_request(random_prompts(1, seed=3)[0], regex)
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_eos_ends_a_sequence_unless_ignore_eos(tiny_model_dir, tmp_path) -> None:

@@ -87,7 +87,6 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0, "echo": True, "min_tokens": 2}, 400, "max_tokens"),
     (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
-    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
     (CHAT, {"messages": USER, "store": 0}, 400, "store"),
     ("/invocations", {"inputs": "Hi", "parameters": {"watermark": True}}, 400, "parameters.watermark"),
     (COMPLETIONS, {"prompt": "a", "model": "gpt-4"}, 404, "model"),

@@ -1,0 +1,147 @@
+"""Structured outputs offline and on every route: the text is what the schema, regex, choice or grammar allows."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from neuron_llm.llm import LLM
+from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams
+from tests.conftest import BOUNDED_JSON_SCHEMA, fits_bounded_schema
+from tests.serve.conftest import ServerThread, make_llm
+
+pytest.importorskip("llguidance")
+
+USER = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir: Path) -> LLM:
+    return make_llm(model_dir)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_each_completion_is_what_its_structure_allows(llm: LLM, temperature: float) -> None:
+    def texts(structure: StructuredOutputsParams) -> list[str]:
+        params = SamplingParams(temperature=temperature, max_tokens=40, n=3, seed=3, structured_outputs=structure)
+        outputs = llm.generate("Hello", params)[0].outputs
+        assert all(output.finish_reason == "stop" for output in outputs), outputs
+        return [output.text for output in outputs]
+
+    assert all(re.fullmatch(r"[0-9]{3}", text) for text in texts(StructuredOutputsParams(regex="[0-9]{3}")))
+    choices = ["the fox", "hello world"]
+    assert set(texts(StructuredOutputsParams(choice=choices))) <= set(choices)
+    assert all(
+        fits_bounded_schema(json.loads(text)) for text in texts(StructuredOutputsParams(json=BOUNDED_JSON_SCHEMA))
+    )
+    assert all(
+        re.fullmatch(r"say [a-z]{2}", text)
+        for text in texts(StructuredOutputsParams(grammar='start: "say " /[a-z]{2}/'))
+    )
+
+
+@pytest.mark.parametrize(
+    "engine_options", [{"async_scheduling": True}, {"speculative_config": {"num_speculative_tokens": 3}}]
+)
+def test_async_scheduling_and_speculation_change_no_structured_token(
+    llm: LLM, model_dir: Path, engine_options: dict[str, Any]
+) -> None:
+    # Each grammar step reads the token before it: no step overlaps, and no proposal is made.
+    params = [
+        SamplingParams(
+            temperature=t, max_tokens=24, seed=7, structured_outputs=StructuredOutputsParams(json=BOUNDED_JSON_SCHEMA)
+        )
+        for t in (0.0, 1.0)
+    ]
+    expected = [output.outputs[0].token_ids for output in llm.generate(["Hello", "Hi there"] * 2, params * 2)]
+    other = make_llm(model_dir, **engine_options)
+    assert [output.outputs[0].token_ids for output in other.generate(["Hello", "Hi there"] * 2, params * 2)] == expected
+
+
+def test_an_invalid_structure_is_refused_alone(llm: LLM) -> None:
+    running = llm.engine.add_request("Hello", SamplingParams(temperature=0.0, max_tokens=4))
+    with pytest.raises(ValueError, match=r"^structured_outputs\.regex: .*unclosed character class"):
+        llm.engine.add_request("Hello", SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9")))
+    finished = []
+    while llm.engine.has_unfinished_requests():
+        finished += [output.request_id for output in llm.engine.step() if output.finished]
+    assert finished == [running]
+
+
+def _post(server: ServerThread, route: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{server.url}{route}", json={"max_tokens": 40, **body}, timeout=60)
+
+
+def test_routes_hold_the_text_to_the_requested_structure(server: ServerThread) -> None:
+    json_schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "flag", "schema": BOUNDED_JSON_SCHEMA, "strict": True},
+    }
+    for temperature in (0.0, 1.0):
+        chat = {"messages": USER, "temperature": temperature, "seed": 1}
+        reply = _post(server, "/v1/chat/completions", {**chat, "response_format": json_schema}).json()
+        assert fits_bounded_schema(json.loads(reply["choices"][0]["message"]["content"]))
+        reply = _post(server, "/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}})
+        assert reply.status_code == 200  # any object: a random model may not close it within max_tokens
+        completion = {"prompt": "Hello", "temperature": temperature, "n": 2, "seed": 1}
+        choices = _post(server, "/v1/completions", {**completion, "structured_outputs": {"regex": "[a-c]{4}"}})
+        assert all(re.fullmatch("[a-c]{4}", choice["text"]) for choice in choices.json()["choices"])
+        picked = _post(server, "/v1/completions", {**completion, "structured_outputs": {"choice": ["up", "down"]}})
+        assert {choice["text"] for choice in picked.json()["choices"]} <= {"up", "down"}
+    tgi = {
+        "inputs": "Hello",
+        "parameters": {"max_new_tokens": 40, "grammar": {"type": "json", "value": BOUNDED_JSON_SCHEMA}},
+    }
+    generated = httpx.post(f"{server.url}/invocations", json=tgi, timeout=60).json()[0]["generated_text"]
+    assert fits_bounded_schema(json.loads(generated))
+    tgi["parameters"]["grammar"] = {"type": "regex", "value": "[0-9]{2}"}
+    assert re.fullmatch(
+        "[0-9]{2}", httpx.post(f"{server.url}/invocations", json=tgi, timeout=60).json()[0]["generated_text"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": "a", "structured_outputs": {"regex": "[0-9"}}, "structured_outputs"),
+        (
+            "/v1/completions",
+            {"prompt": "a", "structured_outputs": {"regex": "a", "choice": ["b"]}},
+            "structured_outputs",
+        ),
+        ("/v1/completions", {"prompt": "a", "structured_outputs": {"json": "[1"}}, "structured_outputs"),
+        ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": USER,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}},
+            },
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": USER, "response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+            "structured_outputs",
+        ),
+        (
+            "/invocations",
+            {"inputs": "a", "parameters": {"grammar": {"type": "regex", "value": "("}}},
+            "parameters.grammar",
+        ),
+        (
+            "/invocations",
+            {"inputs": "a", "parameters": {"grammar": {"type": "regex", "value": {}}}},
+            "parameters.grammar",
+        ),
+    ],
+)
+def test_a_bad_structure_is_a_400_naming_its_field(server: ServerThread, route: str, body: dict, param: str) -> None:
+    response = httpx.post(f"{server.url}{route}", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param, response.json()

@@ -1,0 +1,96 @@
+"""Structured outputs: each grammar's masks, followed token by token, spell only what it allows."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+from neuron_llm.sampling_params import StructuredOutputsParams
+from tests.conftest import BOUNDED_JSON_SCHEMA, fits_bounded_schema
+
+structured = pytest.importorskip("neuron_llm.sample.structured")
+pytest.importorskip("llguidance")
+
+
+def _walk(tokenizer: PreTrainedTokenizerBase, params: StructuredOutputsParams, seed: int) -> str:
+    """The text of a random path through the grammar: any allowed token each step, until EOS."""
+    eos = tokenizer.eos_token_id
+    grammar = structured.GrammarCompiler(tokenizer, len(tokenizer), [eos]).matcher(params)
+    rng, tokens = random.Random(seed), []
+    for _ in range(64):
+        allowed = grammar.allowed().nonzero()[0].tolist()
+        assert allowed, "a grammar always allows some token"
+        token = rng.choice(allowed)
+        assert grammar.accept(token)
+        if token == eos:
+            return tokenizer.decode(tokens)
+        tokens.append(token)
+    raise AssertionError(f"no EOS after 64 tokens: {tokenizer.decode(tokens)!r}")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_path_spells_what_the_grammar_allows(tokenizer: PreTrainedTokenizerBase, seed: int) -> None:
+    assert re.fullmatch(r"[0-9]{3}", _walk(tokenizer, StructuredOutputsParams(regex="[0-9]{3}"), seed))
+    choices = ["the fox", "hello world", "café"]
+    assert _walk(tokenizer, StructuredOutputsParams(choice=choices), seed) in choices
+    assert fits_bounded_schema(json.loads(_walk(tokenizer, StructuredOutputsParams(json=BOUNDED_JSON_SCHEMA), seed)))
+    assert isinstance(
+        json.loads(_walk(tokenizer, StructuredOutputsParams(json=json.dumps(BOUNDED_JSON_SCHEMA)), seed)), dict
+    )
+    lark = 'start: "say " WORD\nWORD: /[a-z]{2,4}/'
+    assert re.fullmatch(r"say [a-z]{2,4}", _walk(tokenizer, StructuredOutputsParams(grammar=lark), seed))
+
+
+def test_rows_past_the_tokenizers_vocabulary_are_never_allowed(tokenizer: PreTrainedTokenizerBase) -> None:
+    # A model's embedding may have more rows than its tokenizer has tokens (padding).
+    compiler = structured.GrammarCompiler(tokenizer, len(tokenizer) + 7, [tokenizer.eos_token_id])
+    mask = compiler.matcher(StructuredOutputsParams(regex="[a-z]+")).allowed()
+    assert mask.shape == (len(tokenizer) + 7,) and mask.any() and not mask[len(tokenizer) :].any()
+
+
+def test_a_token_outside_the_grammar_breaks_it_and_is_refused(tokenizer: PreTrainedTokenizerBase) -> None:
+    grammar = structured.GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id]).matcher(
+        StructuredOutputsParams(regex="[0-9]+")
+    )
+    letter = tokenizer.convert_tokens_to_ids("x")
+    assert not grammar.allowed()[letter]
+    assert not grammar.accept(letter) and grammar.error
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (StructuredOutputsParams(regex="[0-9"), r"unclosed character class"),
+        (StructuredOutputsParams(json={"type": "foo"}), r"Invalid type: foo"),
+        (StructuredOutputsParams(grammar="start: x"), r"unknown name"),
+    ],
+)
+def test_an_invalid_grammar_is_named_before_and_at_compiling(
+    tokenizer: PreTrainedTokenizerBase, params: StructuredOutputsParams, message: str
+) -> None:
+    assert re.search(message, structured.grammar_error(params) or "")
+    compiler = structured.GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    with pytest.raises(ValueError, match=rf"^structured_outputs\.\w+: .*{message}"):
+        compiler.matcher(params)
+    assert structured.grammar_error(StructuredOutputsParams(regex="[0-9]+")) is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "set exactly one of"),
+        ({"regex": "a", "choice": ["a"]}, "set exactly one of"),
+        ({"json": "[1, 2"}, r"structured_outputs\.json: not JSON text"),
+        ({"json": "[1, 2]"}, r"structured_outputs\.json=.*must be a JSON object"),
+        ({"choice": ["a", ""]}, r"structured_outputs\.choice=.*non-empty strings"),
+        ({"json_object": False}, "set exactly one of"),
+        ({"regex": 5}, r"structured_outputs\.regex=5: must be a string"),
+    ],
+)
+def test_structured_outputs_params_are_checked(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        StructuredOutputsParams(**fields)
