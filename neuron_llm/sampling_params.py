@@ -75,7 +75,9 @@ class StructuredOutputsParams:
     """True: any JSON object."""
 
     def __post_init__(self) -> None:
-        given = [name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name)]
+        # As in vLLM, an empty schema ({}: any JSON) or regex counts as given; json_object only when true.
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] * bool(self.json_object)
         if len(given) != 1:
             raise ValueError(
                 f"structured_outputs={self!r}: set exactly one of json, regex, choice, grammar, json_object"
@@ -160,7 +162,8 @@ class SamplingParams:
     last, that last token may not come next. A word is spelt as the tokenizer writes it alone
     and after a space (``loader.tokenizer.bad_word_token_ids``). None when empty."""
     structured_outputs: StructuredOutputsParams | None = None
-    """Hold the text to a JSON schema, regex, choice or grammar (vLLM's); None leaves it free."""
+    """Hold the text to a JSON schema, regex, choice or grammar (vLLM's); None leaves it free.
+    The sequence ends ("stop") on the token that completes it, min_tokens or not."""
     truncate_prompt_tokens: int | None = None
     """Keep only the prompt's last this many tokens (left truncation); -1 keeps as many as the
     context holds (vLLM's); None keeps them all."""

@@ -56,7 +56,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         logit_bias=body.logit_bias,
         allowed_token_ids=body.allowed_token_ids,
         bad_words=body.bad_words,
-        structured_outputs=await checked_structure(body.structured),
+        structured_outputs=await checked_structure(model, body.structured),
         ignore_eos=body.ignore_eos,
         include_stop_str_in_output=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,

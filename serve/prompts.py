@@ -15,7 +15,6 @@ from typing import Any, cast
 from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.loader import render_chat
-from neuron_llm.sample.structured import grammar_error
 from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams
 from neuron_llm.serve.errors import ClientError, ServerError, error_from_value_error
 from neuron_llm.serve.protocol import ChatTemplateOptions
@@ -204,19 +203,24 @@ SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penal
 """The request fields that take the model's ``generation_config.json`` value when unset, as in vLLM."""
 
 
-async def checked_structure(held: tuple[StructuredOutputsParams, str] | None) -> StructuredOutputsParams | None:
-    """A request's structured output (``_SamplingRequest.structured``), its schema, regex or
-    grammar checked before the request is queued (in a thread: a large schema takes a while);
-    ``ClientError`` naming the request field that asked for it."""
+async def checked_structure(
+    model: ServedModel, held: tuple[StructuredOutputsParams, str] | None
+) -> StructuredOutputsParams | None:
+    """A request's structured output (``_SamplingRequest.structured``), compiled before the
+    request is queued, in a thread (a large schema takes tens of milliseconds, which the
+    engine's thread then does not spend); ``ClientError`` naming the request field that asked
+    for it when its schema, regex or grammar is invalid."""
     if held is None:
         return None
     params, field = held
     try:
-        error = await asyncio.to_thread(grammar_error, params)
+        await asyncio.to_thread(model.llm.engine.compile_structure, params)
     except ImportError as e:
         raise ServerError(str(e), code="missing_dependency") from e
-    if error is not None:
-        raise ClientError(f"{field}: {error}", field)
+    except ValueError as e:
+        # "structured_outputs.regex: why" is the engine's name of it; the request's may differ.
+        why = str(e).split(": ", 1)[1] if str(e).startswith("structured_outputs.") else str(e)
+        raise ClientError(f"{field}: {why}", field) from e
     return params
 
 

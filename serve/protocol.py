@@ -98,7 +98,8 @@ class JsonSchemaFormat(_Request):
 
     name: str
     description: str | None = None
-    schema_: dict[str, Any] = Field(alias="schema")
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    """Optional, as in OpenAI's API: left out, any JSON."""
     strict: bool | None = None
     """Accepted; the schema is always held to."""
 

@@ -61,7 +61,7 @@ async def serve_tgi(state: ServerState, body: TGIRequest, request: Request) -> R
         repetition_penalty=p.repetition_penalty or 1.0,
         frequency_penalty=p.frequency_penalty or 0.0,
         structured_outputs=await checked_structure(
-            None if p.grammar is None else (p.grammar.structured_outputs(), "parameters.grammar")
+            model, None if p.grammar is None else (p.grammar.structured_outputs(), "parameters.grammar")
         ),
     )
     generation = Generation(model.engine, prompts, params, f"tgi-{uuid.uuid4().hex}", state.metrics, "inputs")

@@ -29,7 +29,7 @@ from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, Reques
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs, make_generator
 from neuron_llm.sample.structured import Grammar, GrammarCompiler
-from neuron_llm.sampling_params import SamplingParams, is_integral
+from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams, is_integral
 from neuron_llm.worker import placeholder
 
 logger = logging.getLogger(__name__)
@@ -291,11 +291,20 @@ class LLMEngine:
             )
         return words
 
+    def compile_structure(self, structure: StructuredOutputsParams) -> None:
+        """Compile ``structure``'s grammar ahead of the request that has it, off the engine's
+        thread if need be (the server does, before queueing the request): ``add_request`` then
+        only copies it. Raises ``ValueError`` naming what is wrong with it."""
+        self._grammar_compiler().compile(structure)
+
     def _grammar(self, params: SamplingParams) -> Grammar:
         assert params.structured_outputs is not None
+        return self._grammar_compiler().matcher(params.structured_outputs)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
         if self._grammars is None:
             raise ValueError("structured_outputs need a tokenizer, which this model lacks")
-        return self._grammars.matcher(params.structured_outputs)
+        return self._grammars
 
     def _unused_id(self, n: int) -> str:
         # Callers may name requests too, so a counter value (or its sequences' ids) can be taken.
@@ -619,8 +628,8 @@ class LLMEngine:
             seq.cumulative_logprob += logprobs[token_id].logprob
         request, params = seq.request, group.params
         if seq.grammar is not None and not seq.grammar.accept(token_id):
-            # Only a row left nothing to sample (min_tokens holding back the EOS that ends the
-            # grammar, say) draws a token its grammar refuses.
+            # Only a row left nothing to sample (every allowed token banned) draws a token
+            # its grammar refuses.
             logger.warning(
                 "request %s: token %d breaks its structured output: %s", request.request_id, token_id, seq.grammar.error
             )
@@ -645,6 +654,9 @@ class LLMEngine:
             seq.finish_reason = "stop"
         elif is_stop_token:
             seq.finish_reason, seq.stop_reason = "stop", token_id
+        elif seq.grammar is not None and seq.grammar.is_complete:
+            # The text is whole: only EOS could follow (so min_tokens, if unmet, yields to it).
+            seq.finish_reason = "stop"
         elif is_last and request.status == RequestStatus.FINISHED_LENGTH:
             seq.finish_reason = "length"
         if seq.finish_reason is None:

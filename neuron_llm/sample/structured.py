@@ -3,13 +3,15 @@
 A request's ``StructuredOutputsParams`` compile (llguidance, as vLLM's "guidance" backend)
 into a grammar matcher per sequence. Before each step the matcher gives the tokens that
 may come next, which the sampler adds to the row's bias as -inf elsewhere; after it, the
-matcher takes the token drawn. When the grammar is complete it allows only EOS, so the
-sequence ends as any other does, on EOS.
+matcher takes the token drawn. The sequence ends ("stop") on the token that completes the
+grammar: it would allow nothing but EOS after it.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,38 +35,57 @@ def _llguidance() -> Any:
 class GrammarCompiler:
     """Turns ``StructuredOutputsParams`` into matchers over one tokenizer's vocabulary.
 
-    The tokenizer's llguidance form is built at the first request that needs it: it takes
-    about a second for a large vocabulary, which a model never asked for structure never pays.
+    Safe to share between threads: the server compiles a request's grammar (``compile``) off
+    the engine's thread before queueing it, and the engine then starts each of the request's
+    sequences from a copy of it (``matcher``), which costs next to nothing. The tokenizer's
+    llguidance form is built at the first request that needs it: about a second for a large
+    vocabulary, which a model never asked for structure never pays.
     """
+
+    _CACHED_GRAMMARS = 64
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size
-        self._eos_token_ids = sorted(eos_token_ids)
+        # llguidance refuses EOS ids past the tokenizer's own (a model's padding rows).
+        self._eos_token_ids = sorted(i for i in eos_token_ids if i < len(tokenizer))
         self._ll_tokenizer: Any = None
+        self._compiled: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, params: StructuredOutputsParams) -> Any:
+        """``params``' grammar compiled against the vocabulary (cached by its text);
+        ``ValueError`` naming the field when the schema, regex or grammar is invalid."""
+        llguidance = _llguidance()
+        field, grammar = _grammar(llguidance.LLMatcher, params)
+        with self._lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is not None:
+                self._compiled.move_to_end(grammar)
+                return compiled
+            if self._ll_tokenizer is None:
+                # Its size covers the model's rows and the tokenizer's tokens, whichever are more:
+                # the masks are cut or padded (never allowed) to the model's rows.
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                    self._tokenizer,
+                    n_vocab=max(self._vocab_size, len(self._tokenizer)),
+                    eos_token=self._eos_token_ids or None,
+                )
+            ll_tokenizer = self._ll_tokenizer
+        compiled = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)  # without the lock: may take long
+        if compiled.is_error():
+            raise ValueError(f"structured_outputs.{field}: {_one_line(compiled.get_error())}")
+        with self._lock:
+            self._compiled[grammar] = compiled
+            if len(self._compiled) > self._CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return compiled
 
     def matcher(self, params: StructuredOutputsParams) -> Grammar:
-        """A new matcher at the start of ``params``' grammar; ``ValueError`` naming the field
-        when the schema, regex or grammar is invalid."""
-        llguidance = _llguidance()
-        if self._ll_tokenizer is None:
-            # n_vocab is the model's: rows past the tokenizer's (padding) are never allowed.
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                self._tokenizer, n_vocab=self._vocab_size, eos_token=self._eos_token_ids or None
-            )
-        field, grammar = _grammar(llguidance.LLMatcher, params)
-        matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
-        if matcher.is_error():
-            raise ValueError(f"structured_outputs.{field}: {_one_line(matcher.get_error())}")
-        return Grammar(matcher, self._vocab_size)
-
-
-def grammar_error(params: StructuredOutputsParams) -> str | None:
-    """Why ``params``' schema, regex or grammar is invalid, in one line; None when it is valid.
-    Needs no tokenizer: the server checks a request with it before queueing it."""
-    llmatcher = _llguidance().LLMatcher
-    error = llmatcher.validate_grammar(_grammar(llmatcher, params)[1])
-    return _one_line(error) if error else None
+        """A new matcher at the start of ``params``' grammar (``compile``'s errors)."""
+        compiled = self.compile(params)
+        with self._lock:  # a copy reads the compiled matcher another thread may be copying
+            return Grammar(compiled.deep_copy(), self._vocab_size)
 
 
 class Grammar:
@@ -78,6 +99,11 @@ class Grammar:
         """bool [vocab_size]: the tokens that may come next (only EOS once the grammar is complete)."""
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         return np.unpackbits(bits, bitorder="little")[: self._vocab_size].astype(bool)
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether the grammar allows nothing more (but EOS): the text is whole."""
+        return bool(self._matcher.is_stopped()) and not self._matcher.is_error()
 
     def accept(self, token_id: int) -> bool:
         """Advance past ``token_id``; False (and the grammar is broken for good) when it may

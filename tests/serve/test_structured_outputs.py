@@ -63,6 +63,16 @@ def test_async_scheduling_and_speculation_change_no_structured_token(
     assert [output.outputs[0].token_ids for output in other.generate(["Hello", "Hi there"] * 2, params * 2)] == expected
 
 
+def test_the_token_that_completes_the_structure_ends_the_sequence_even_before_min_tokens(llm: LLM) -> None:
+    choice = StructuredOutputsParams(choice=["yes", "no"])
+    for min_tokens in (0, 8):
+        params = SamplingParams(temperature=0.0, max_tokens=16, min_tokens=min_tokens, structured_outputs=choice)
+        output = llm.generate("Hello", params)[0].outputs[0]
+        # No EOS after it, and none drawn from a row min_tokens left empty.
+        assert (output.text, output.finish_reason) in {("yes", "stop"), ("no", "stop")}
+        assert llm.get_tokenizer().decode(output.token_ids) == output.text
+
+
 def test_an_invalid_structure_is_refused_alone(llm: LLM) -> None:
     running = llm.engine.add_request("Hello", SamplingParams(temperature=0.0, max_tokens=4))
     with pytest.raises(ValueError, match=r"^structured_outputs\.regex: .*unclosed character class"):
@@ -86,8 +96,10 @@ def test_routes_hold_the_text_to_the_requested_structure(server: ServerThread) -
         chat = {"messages": USER, "temperature": temperature, "seed": 1}
         reply = _post(server, "/v1/chat/completions", {**chat, "response_format": json_schema}).json()
         assert fits_bounded_schema(json.loads(reply["choices"][0]["message"]["content"]))
-        reply = _post(server, "/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}})
-        assert reply.status_code == 200  # any object: a random model may not close it within max_tokens
+        # Any object, or any JSON (a schema left out or empty): a random model may not close it in time.
+        for response_format in ({"type": "json_object"}, {**json_schema, "json_schema": {"name": "any"}}):
+            reply = _post(server, "/v1/chat/completions", {**chat, "response_format": response_format})
+            assert reply.status_code == 200, reply.text
         completion = {"prompt": "Hello", "temperature": temperature, "n": 2, "seed": 1}
         choices = _post(server, "/v1/completions", {**completion, "structured_outputs": {"regex": "[a-c]{4}"}})
         assert all(re.fullmatch("[a-c]{4}", choice["text"]) for choice in choices.json()["choices"])
@@ -115,6 +127,12 @@ def test_routes_hold_the_text_to_the_requested_structure(server: ServerThread) -
             "structured_outputs",
         ),
         ("/v1/completions", {"prompt": "a", "structured_outputs": {"json": "[1"}}, "structured_outputs"),
+        # Valid Lark, but a token the vocabulary lacks: found when compiled with the tokenizer.
+        (
+            "/v1/completions",
+            {"prompt": "a", "structured_outputs": {"grammar": "start: <[999999]>"}},
+            "structured_outputs",
+        ),
         ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_schema"}}, "response_format"),
         (
             "/v1/chat/completions",

@@ -67,16 +67,38 @@ def test_a_token_outside_the_grammar_breaks_it_and_is_refused(tokenizer: PreTrai
         (StructuredOutputsParams(regex="[0-9"), r"unclosed character class"),
         (StructuredOutputsParams(json={"type": "foo"}), r"Invalid type: foo"),
         (StructuredOutputsParams(grammar="start: x"), r"unknown name"),
+        # Valid text, but a token the vocabulary does not have: found only with the tokenizer.
+        (StructuredOutputsParams(grammar='start: "hi" <[999999]>'), r"999999"),
     ],
 )
-def test_an_invalid_grammar_is_named_before_and_at_compiling(
+def test_an_invalid_grammar_is_refused_naming_its_field(
     tokenizer: PreTrainedTokenizerBase, params: StructuredOutputsParams, message: str
 ) -> None:
-    assert re.search(message, structured.grammar_error(params) or "")
     compiler = structured.GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
     with pytest.raises(ValueError, match=rf"^structured_outputs\.\w+: .*{message}"):
         compiler.matcher(params)
-    assert structured.grammar_error(StructuredOutputsParams(regex="[0-9]+")) is None
+
+
+def test_a_grammar_compiles_once_and_each_sequence_starts_from_a_copy(tokenizer: PreTrainedTokenizerBase) -> None:
+    compiler = structured.GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    params = StructuredOutputsParams(regex="[0-9]{2}")
+    assert compiler.compile(params) is compiler.compile(StructuredOutputsParams(regex="[0-9]{2}"))
+    first, second = compiler.matcher(params), compiler.matcher(params)
+    start = second.allowed()
+    for _ in range(2):
+        if not first.is_complete:
+            assert first.accept(int(first.allowed().nonzero()[0][0]))
+    assert first.is_complete
+    assert not second.is_complete and (second.allowed() == start).all()  # the copy went on alone
+
+
+def test_a_tokenizer_larger_than_the_model_and_eos_in_padding_rows(tokenizer: PreTrainedTokenizerBase) -> None:
+    # A tokenizer may know more tokens than the model has rows, and a model's EOS may be a
+    # padding row the tokenizer lacks: masks are the model's size, and such an EOS is no token.
+    size = len(tokenizer) - 5
+    compiler = structured.GrammarCompiler(tokenizer, size, [tokenizer.eos_token_id, len(tokenizer) + 3])
+    mask = compiler.matcher(StructuredOutputsParams(regex="[a-z]+")).allowed()
+    assert mask.shape == (size,) and mask.any()
 
 
 @pytest.mark.parametrize(
@@ -89,8 +111,13 @@ def test_an_invalid_grammar_is_named_before_and_at_compiling(
         ({"choice": ["a", ""]}, r"structured_outputs\.choice=.*non-empty strings"),
         ({"json_object": False}, "set exactly one of"),
         ({"regex": 5}, r"structured_outputs\.regex=5: must be a string"),
+        ({"json": {}, "regex": ""}, "set exactly one of"),  # empty ones count, as in vLLM
     ],
 )
 def test_structured_outputs_params_are_checked(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         StructuredOutputsParams(**fields)
+
+
+def test_an_empty_schema_or_regex_is_one_given() -> None:
+    assert StructuredOutputsParams(json={}).json == {} and StructuredOutputsParams(regex="").regex == ""
