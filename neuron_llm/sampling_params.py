@@ -80,7 +80,7 @@ class StructuredOutputsParams:
         given += ["json_object"] * bool(self.json_object)
         if len(given) != 1:
             raise ValueError(
-                f"structured_outputs={self!r}: set exactly one of json, regex, choice, grammar, json_object"
+                f"structured_outputs: set exactly one of json, regex, choice, grammar, json_object, not {given}"
             )
         if isinstance(self.json, str):
             try:
@@ -106,7 +106,12 @@ class StructuredOutputsParams:
         )
         if choice is not None:
             object.__setattr__(self, "choice", list(choice))
-        _require(self.json_object in (None, True), "structured_outputs.json_object", self.json_object, "must be true")
+        _require(
+            self.json_object is None or isinstance(self.json_object, bool),
+            "structured_outputs.json_object",
+            self.json_object,
+            "must be a bool",
+        )
 
 
 @dataclass(frozen=True)

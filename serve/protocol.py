@@ -8,8 +8,8 @@ Options of those APIs that this server lacks (``tools``, ``suffix``, TGI's ``wat
 are accepted only when null or set to what leaves them off, as clients that send every field do.
 Ranges follow OpenAI's API reference; the extra sampling fields (``top_k``, ``min_p``,
 ``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``allowed_token_ids``,
-``bad_words``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``truncate_prompt_tokens``)
-are vLLM's extensions under vLLM's names.
+``bad_words``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``truncate_prompt_tokens``,
+``structured_outputs``) are vLLM's extensions under vLLM's names.
 """
 
 from __future__ import annotations

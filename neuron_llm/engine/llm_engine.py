@@ -191,7 +191,7 @@ class LLMEngine:
         self._async_scheduling = config.async_scheduling
         self._in_flight: _LaunchedStep | None = None
         self._output_readers: set[str] = set()
-        """Requests whose penalties or bad words need every token on the host before the next step."""
+        """Requests whose penalties, bad words or grammar need every token on the host before the next step."""
         self._failures: list[tuple[str, Exception]] = []
         self.proposer: Proposer | None = make_proposer(config, executor.num_kv_blocks, tokenizer)
         self._grammars = (
@@ -435,7 +435,7 @@ class LLMEngine:
             request.draft_token_ids = draft
 
     def _overlaps(self) -> bool:
-        # Penalties and bad words read the output tokens' values on the host, so they wait for each step.
+        # Penalties, bad words and grammars read the output tokens' values on the host: they wait for each step.
         return self._async_scheduling and not self._output_readers
 
     def _launch(self, scheduled: SchedulerOutput) -> _LaunchedStep:

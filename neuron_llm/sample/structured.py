@@ -83,9 +83,7 @@ class GrammarCompiler:
 
     def matcher(self, params: StructuredOutputsParams) -> Grammar:
         """A new matcher at the start of ``params``' grammar (``compile``'s errors)."""
-        compiled = self.compile(params)
-        with self._lock:  # a copy reads the compiled matcher another thread may be copying
-            return Grammar(compiled.deep_copy(), self._vocab_size)
+        return Grammar(self.compile(params).deep_copy(), self._vocab_size)
 
 
 class Grammar:
