@@ -612,7 +612,7 @@ class SpeculativeConfig:
 
 SAMPLING_FEATURES = ("logit_bias", "logprobs", "min_tokens", "penalties", "prompt_logprobs")
 """The optional parts of a step's sampling graph on the XLA device: each changes its shapes.
-"logit_bias" is any row's additive bias: its logit_bias, allowed_token_ids or bad_words."""
+"logit_bias" is any row's additive bias: its logit_bias, allowed_token_ids, bad_words or grammar."""
 
 
 def parse_sampling_features(text: str) -> list[str]:

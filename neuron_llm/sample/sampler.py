@@ -346,13 +346,15 @@ def _build_logit_bias(rows: Sequence[RowState], vocab_size: int, device: torch.d
     grammars = [(i, row.grammar_mask) for i, row in enumerate(rows) if row.grammar_mask is not None]
     if not (row_ids or banned_rows or allowed or grammars):
         return None
-    # Only row and token ids (and biases) cross to ``device``; the dense bias is filled there.
+    # Only ids, biases and grammar masks cross to ``device``; the dense bias is filled there.
     dense = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
     for i, token_ids_allowed in allowed:
         dense[i] = float("-inf")
         dense[i, to_device(token_ids_allowed, torch.int64, device)] = 0.0
-    for i, mask in grammars:
-        dense[i].masked_fill_(~to_device(mask, torch.bool, device), float("-inf"))
+    if grammars:  # one copy of all the rows' masks
+        grammar_rows = to_device([i for i, _ in grammars], torch.int64, device)
+        masks = to_device(np.stack([mask for _, mask in grammars]), torch.bool, device)
+        dense[grammar_rows] = dense[grammar_rows].masked_fill(~masks, float("-inf"))
     if row_ids:  # added, so that a token not allowed stays at -inf
         indices = (to_device(row_ids, torch.int64, device), to_device(token_ids, torch.int64, device))
         dense.index_put_(indices, to_device(values, torch.float32, device), accumulate=True)
