@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from neuron_llm import LLM, SamplingParams, ops
+from neuron_llm import LLM, SamplingParams, StructuredOutputsParams, ops
 from neuron_llm.backends import default_backend_name
 from neuron_llm.backends.cuda.graphs import (
     DECODE,
@@ -36,6 +37,7 @@ from neuron_llm.backends.cuda.graphs import (
 from neuron_llm.config import DeviceConfig
 from neuron_llm.ops.metadata import NULL_BLOCK_ID, AttentionMetadata
 from neuron_llm.worker import StepInput, Worker, fill_placeholders
+from tests.tokenizer_kinds import byte_level_bpe
 
 SMALL_HEADS = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "initializer_range": 0.02}
 """A tiny Llama with head_dim 64 (the kernels' smallest tuned case) and weights of Llama's scale."""
@@ -296,6 +298,31 @@ def test_logit_bias_steers_the_cuda_engine_as_the_torch_backend(
     assert steered == expected and all(seq[0] not in firsts for seq in steered)
     forced = SamplingParams(max_tokens=8, temperature=1.0, seed=4, logit_bias={17: 100.0})
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, forced)] == [[17] * 8] * 2
+
+
+@pytest.mark.cuda
+def test_allowed_ids_bad_words_and_grammars_hold_on_the_cuda_engine_as_on_the_torch_backend(
+    save_tiny_llama: Callable[..., tuple[Any, Path]],
+) -> None:
+    """The masks built on the host (allowed ids, bans, a grammar's) reach the GPU's bias as the reference's."""
+    pytest.importorskip("llguidance")
+    tokenizer = byte_level_bpe()
+    _, model_dir = save_tiny_llama(**SMALL_HEADS, vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(model_dir)
+    options = {"device": "cuda", "dtype": "float32", "num_kv_blocks": 256, "block_size": 16, "max_model_len": 256}
+    digits = StructuredOutputsParams(regex="[0-9]{3}")
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.0, structured_outputs=digits),
+        SamplingParams(max_tokens=12, temperature=0.0, allowed_token_ids=tokenizer.encode("the quick fox")),
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, bad_words=["the", "fox"]),
+    ]
+    prompts = ["hello world", "the lazy dog", "stop here please"]
+    reference = LLM(str(model_dir), backend="torch", async_scheduling=False, **options)
+    expected = [o.outputs[0] for o in reference.generate(prompts, params)]
+    outputs = [o.outputs[0] for o in LLM(str(model_dir), **options).generate(prompts, params)]
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+    assert re.fullmatch("[0-9]{3}", outputs[0].text) and outputs[0].finish_reason == "stop"
+    assert set(outputs[1].token_ids) <= set(tokenizer.encode("the quick fox"))
 
 
 @pytest.mark.cuda
