@@ -11,6 +11,7 @@ import json as json_module
 import logging
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,15 @@ def _require(condition: bool, name: str, value: Any, why: str) -> None:
 def is_integral(value: Any) -> bool:
     """An integer of Python or NumPy; not a bool, which is one, but n=True is a mistake, not a count."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_list_of(value: Any, is_item: Callable[[Any], Any]) -> bool:
+    """Whether ``value`` is a list or tuple whose every item ``is_item``."""
+    return isinstance(value, (list, tuple)) and all(is_item(item) for item in value)
+
+
+def _is_token_id(value: Any) -> bool:
+    return is_integral(value) and value >= 0
 
 
 def is_finite_number(value: Any) -> bool:
@@ -99,7 +109,7 @@ class StructuredOutputsParams:
             _require(value is None or isinstance(value, str), f"structured_outputs.{name}", value, "must be a string")
         choice = self.choice
         _require(
-            choice is None or (isinstance(choice, (list, tuple)) and all(isinstance(c, str) and c for c in choice)),
+            choice is None or _is_list_of(choice, lambda c: isinstance(c, str) and c),
             "structured_outputs.choice",
             choice,
             "must be a list of non-empty strings",
@@ -302,7 +312,7 @@ class SamplingParams:
     def _check_token_lists(self) -> None:
         allowed = self.allowed_token_ids
         _require(
-            allowed is None or (isinstance(allowed, (list, tuple)) and all(is_integral(i) and i >= 0 for i in allowed)),
+            allowed is None or _is_list_of(allowed, _is_token_id),
             "allowed_token_ids",
             allowed,
             "must be None or a list of token ids >= 0",
@@ -313,7 +323,7 @@ class SamplingParams:
             self._set("allowed_token_ids", sorted({int(i) for i in allowed}))
         words = self.bad_words
         _require(
-            words is None or (isinstance(words, (list, tuple)) and all(isinstance(w, str) for w in words)),
+            words is None or _is_list_of(words, lambda w: isinstance(w, str)),
             "bad_words",
             words,
             "must be None or a list of strings",
@@ -336,7 +346,7 @@ class SamplingParams:
     def _normalize_stops(self) -> None:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         _require(
-            stop is None or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)),
+            stop is None or _is_list_of(stop, lambda s: isinstance(s, str)),
             "stop",
             self.stop,
             "must be None, a string or a list of strings",
@@ -346,7 +356,7 @@ class SamplingParams:
         self._set("stop", stop)
         ids = self.stop_token_ids
         _require(
-            ids is None or (isinstance(ids, (list, tuple)) and all(is_integral(i) and i >= 0 for i in ids)),
+            ids is None or _is_list_of(ids, _is_token_id),
             "stop_token_ids",
             ids,
             "must be None or a list of token ids >= 0",

@@ -14,11 +14,19 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from neuron_llm.engine.llm_engine import EngineStats
+from neuron_llm.engine.llm_engine import LATENCIES, EngineStats
 
 _TTFT_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0)
 _ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 _REQUEST_BUCKETS_S = (0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
+_LATENCY_HISTOGRAMS = {
+    "time_to_first_token": ("Arrival to first token.", _TTFT_BUCKETS_S),
+    "inter_token_latency": ("Time between two tokens of a request.", _ITL_BUCKETS_S),
+    "request_queue_time": ("Arrival to first scheduled.", _REQUEST_BUCKETS_S),
+    "e2e_request_latency": ("Arrival to finished.", _REQUEST_BUCKETS_S),
+}
+"""Help text and buckets of each of the engine's ``LATENCIES``."""
+assert set(_LATENCY_HISTOGRAMS) == set(LATENCIES), "a latency the engine samples has no histogram"
 
 OUTCOMES = ("success", "aborted", "invalid", "rejected", "error")
 """Ends of a request: served; client went away; bad request (4xx); queue full or unavailable
@@ -53,30 +61,11 @@ class ServerMetrics:
             registry=registry,
         )
         self._preemptions = Counter("neuron_llm_preemptions", "Requests preempted for KV blocks.", registry=registry)
-        self._ttft = Histogram(
-            "neuron_llm_time_to_first_token_seconds",
-            "Arrival to first token.",
-            buckets=_TTFT_BUCKETS_S,
-            registry=registry,
-        )
-        self._itl = Histogram(
-            "neuron_llm_inter_token_latency_seconds",
-            "Time between two tokens of a request.",
-            buckets=_ITL_BUCKETS_S,
-            registry=registry,
-        )
-        self._queue_time = Histogram(
-            "neuron_llm_request_queue_time_seconds",
-            "Arrival to first scheduled.",
-            buckets=_REQUEST_BUCKETS_S,
-            registry=registry,
-        )
-        self._e2e = Histogram(
-            "neuron_llm_e2e_request_latency_seconds",
-            "Arrival to finished.",
-            buckets=_REQUEST_BUCKETS_S,
-            registry=registry,
-        )
+        # One histogram per latency the engine samples, named after it.
+        self._latencies = {
+            name: Histogram(f"neuron_llm_{name}_seconds", help_text, buckets=buckets, registry=registry)
+            for name, (help_text, buckets) in _LATENCY_HISTOGRAMS.items()
+        }
         self._compiled_graphs = Gauge(
             "neuron_llm_compiled_graphs",
             "Graphs the backend has compiled; growth while serving means a shape outside the buckets.",
@@ -135,14 +124,8 @@ class ServerMetrics:
         self._kv_usage.set(scheduler.kv_cache_usage)
         self._prefix_hit_rate.set(scheduler.prefix_cache_hit_rate)
         self._compiled_graphs.set(stats.num_compiled_graphs)
-        latencies = (
-            (self._ttft, stats.time_to_first_token),
-            (self._itl, stats.inter_token_latency),
-            (self._queue_time, stats.request_queue_time),
-            (self._e2e, stats.e2e_request_latency),
-        )
-        for histogram, samples in latencies:
-            for seconds in samples:
+        for name, histogram in self._latencies.items():
+            for seconds in getattr(stats, name):
                 histogram.observe(seconds)
         # The engine keeps running totals; Prometheus counters only go up by increments.
         totals = (

@@ -15,6 +15,7 @@ from typing import Any, cast
 from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.loader import render_chat
+from neuron_llm.sample.structured import GrammarError
 from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams
 from neuron_llm.serve.errors import ClientError, ServerError, error_from_value_error
 from neuron_llm.serve.protocol import ChatTemplateOptions
@@ -109,7 +110,7 @@ async def chat_prompt(model: ServedModel, request: ChatTemplateOptions) -> Promp
 
 
 def _chat_prompt(model: ServedModel, request: ChatTemplateOptions) -> Prompt:
-    text = chat_text(model, request)
+    text = chat_text(model, request)  # refuses a model without a tokenizer
     # The template writes any BOS itself; encoding must not add another.
     token_ids = model_tokenizer(model, "messages").encode(text, add_special_tokens=False)
     return Prompt(_in_vocabulary(model, token_ids, "messages"), text)
@@ -217,10 +218,8 @@ async def checked_structure(
         await asyncio.to_thread(model.llm.engine.compile_structure, params)
     except ImportError as e:
         raise ServerError(str(e), code="missing_dependency") from e
-    except ValueError as e:
-        # "structured_outputs.regex: why" is the engine's name of it; the request's may differ.
-        why = str(e).split(": ", 1)[1] if str(e).startswith("structured_outputs.") else str(e)
-        raise ClientError(f"{field}: {why}", field) from e
+    except ValueError as e:  # named as the request names it, not as the engine's params do
+        raise ClientError(f"{field}: {e.reason if isinstance(e, GrammarError) else e}", field) from e
     return params
 
 

@@ -32,6 +32,14 @@ def _llguidance() -> Any:
     return llguidance
 
 
+class GrammarError(ValueError):
+    """An invalid schema, regex or grammar: ``structured_outputs.{field}: {reason}``."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"structured_outputs.{field}: {reason}")
+        self.reason = reason
+
+
 class GrammarCompiler:
     """Turns ``StructuredOutputsParams`` into matchers over one tokenizer's vocabulary.
 
@@ -74,7 +82,7 @@ class GrammarCompiler:
             ll_tokenizer = self._ll_tokenizer
         compiled = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)  # without the lock: may take long
         if compiled.is_error():
-            raise ValueError(f"structured_outputs.{field}: {_one_line(compiled.get_error())}")
+            raise GrammarError(field, _one_line(compiled.get_error()))
         with self._lock:
             self._compiled[grammar] = compiled
             if len(self._compiled) > self._CACHED_GRAMMARS:
