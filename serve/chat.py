@@ -108,8 +108,10 @@ class _ChatWriter:
     async def events(self, generation: Generation, state: ServerState) -> AsyncGenerator[str, None]:
         # Each choice opens with the assistant's role, and each chunk carries one choice, as
         # OpenAI's and vLLM's streams do: clients that read ``choices[0]`` lose nothing.
+        continuous = self._body.continuous_usage
         for i in range(self._body.n):
-            yield event(self._chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))]))
+            role = ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+            yield event(self._chunk([role], self._usage(0) if continuous else None))
         tracker = DeltaTracker(self._body.n, has_logprobs=self._body.logprobs)
         async with contextlib.aclosing(generation.outputs()) as outputs:
             try:
@@ -121,7 +123,7 @@ class _ChatWriter:
                             logprobs=self._logprobs(delta.token_ids, delta.logprobs),
                             finish_reason=delta.finish_reason,
                         )
-                        yield event(self._chunk([choice]))
+                        yield event(self._chunk([choice], self._usage(delta.num_tokens) if continuous else None))
             except ServeError as e:
                 state.metrics.count_refusal(e.status_code)
                 yield error_event(e)
@@ -142,7 +144,4 @@ class _ChatWriter:
         )
 
     def _usage(self, num_generated: int) -> UsageInfo:
-        num_prompt = len(self._prompt.token_ids)
-        return UsageInfo(
-            prompt_tokens=num_prompt, completion_tokens=num_generated, total_tokens=num_prompt + num_generated
-        )
+        return UsageInfo.of(len(self._prompt.token_ids), num_generated)

@@ -106,6 +106,7 @@ class _CompletionWriter:
                     logprobs=completion.logprobs,
                     finish_reason=completion.finish_reason,
                     is_first=True,
+                    num_tokens=len(completion.token_ids),
                 )
                 choices.append(self._choice(delta, output))
         num_generated = sum(len(c.token_ids) for output in finals for c in output.outputs)
@@ -118,7 +119,8 @@ class _CompletionWriter:
                 async for prompt_index, output in outputs:
                     # One choice a chunk, as OpenAI's and vLLM's streams send them.
                     for delta in tracker.deltas(prompt_index, output):
-                        yield event(self._chunk([self._choice(delta, output)], None))
+                        usage = self._choice_usage(delta) if self._body.continuous_usage else None
+                        yield event(self._chunk([self._choice(delta, output)], usage))
             except ServeError as e:
                 state.metrics.count_refusal(e.status_code)
                 yield error_event(e)
@@ -175,7 +177,9 @@ class _CompletionWriter:
         )
 
     def _usage(self, num_generated: int) -> UsageInfo:
-        num_prompt = sum(len(prompt.token_ids) for prompt in self._prompts)
-        return UsageInfo(
-            prompt_tokens=num_prompt, completion_tokens=num_generated, total_tokens=num_prompt + num_generated
-        )
+        return UsageInfo.of(sum(len(prompt.token_ids) for prompt in self._prompts), num_generated)
+
+    def _choice_usage(self, delta: ChoiceDelta) -> UsageInfo:
+        """One choice's usage so far: its prompt and its tokens, as vLLM's continuous usage counts them."""
+        num_generated = 0 if self._body.scores_only else delta.num_tokens
+        return UsageInfo.of(len(self._prompts[delta.index // self._body.n].token_ids), num_generated)

@@ -91,6 +91,8 @@ def _null_is_its_default(cls: type[BaseModel], name: str) -> bool:
 class StreamOptions(_Request):
     include_usage: bool = False
     """Send a last chunk, with empty choices, carrying the request's token usage."""
+    continuous_usage_stats: bool = False
+    """With include_usage, every chunk also carries its choice's usage so far (vLLM's option)."""
 
 
 class JsonSchemaFormat(_Request):
@@ -229,6 +231,11 @@ class _SamplingRequest(_Request):
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk."""
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every chunk of a stream carries its choice's usage so far (only with include_usage)."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(_SamplingRequest):
@@ -510,6 +517,14 @@ class UsageInfo(BaseModel):
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
@@ -532,7 +547,8 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
-    """Always set in a full response; in a stream, only on the last chunk with include_usage."""
+    """Always set in a full response; in a stream, on the last chunk with include_usage, and on
+    every chunk (its choice's tokens so far) with continuous_usage_stats too."""
 
 
 class TopLogprob(BaseModel):

@@ -34,6 +34,8 @@ class ChoiceDelta:
     finish_reason: str | None
     is_first: bool
     """Whether nothing was sent for this choice before."""
+    num_tokens: int
+    """The choice's tokens so far, this delta's included."""
 
 
 class DeltaTracker:
@@ -69,7 +71,15 @@ class DeltaTracker:
                 continue
             logprobs = completion.logprobs[sent_tokens:] if completion.logprobs is not None else None
             deltas.append(
-                ChoiceDelta(index, text, token_ids, logprobs, completion.finish_reason, index not in self._sent_chars)
+                ChoiceDelta(
+                    index,
+                    text,
+                    token_ids,
+                    logprobs,
+                    completion.finish_reason,
+                    is_first=index not in self._sent_chars,
+                    num_tokens=len(completion.token_ids),
+                )
             )
             self._sent_chars[index] = len(completion.text)
             self._sent_tokens[index] = len(completion.token_ids)

@@ -66,6 +66,45 @@ def test_streamed_completion_adds_up_to_the_whole_one(client: openai.OpenAI, mod
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
+def test_continuous_usage_counts_each_choices_tokens_so_far(client: openai.OpenAI, model_name: str) -> None:
+    stream_options = {"include_usage": True, "continuous_usage_stats": True}
+    options = {"model": model_name, "stream": True, "n": 2, "seed": 7, "temperature": 1.0, "max_tokens": 6}
+    completion = list(
+        client.completions.create(
+            prompt=["Hello world", "The quick brown fox"], stream_options=stream_options, **options
+        )
+    )
+    chat = list(
+        client.chat.completions.create(
+            messages=[{"role": "user", "content": "Hi"}], stream_options=stream_options, **options
+        )
+    )
+    for chunks in (completion, chat):
+        *choice_chunks, last = chunks
+        assert last.choices == [] and all(chunk.usage is not None for chunk in chunks)
+        seen: dict[int, int] = {}
+        prompt_tokens: dict[int, int] = {}
+        for chunk in choice_chunks:
+            (choice,) = chunk.choices
+            usage = chunk.usage
+            assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+            assert usage.completion_tokens >= seen.get(choice.index, 0)
+            assert prompt_tokens.setdefault(choice.index, usage.prompt_tokens) == usage.prompt_tokens
+            seen[choice.index] = usage.completion_tokens
+        # The last chunk of each choice counts all its tokens; the usage chunk adds them up.
+        assert last.usage.completion_tokens == sum(seen.values())
+        assert all(count > 0 for count in seen.values())
+    # Each completion choice counts its own prompt: two prompts of different lengths.
+    prompt_of = {c.choices[0].index: c.usage.prompt_tokens for c in completion[:-1]}
+    assert prompt_of[0] == prompt_of[1] != prompt_of[2] == prompt_of[3]
+    assert completion[-1].usage.prompt_tokens == prompt_of[0] + prompt_of[2]
+    # Chat opens each choice with its role, before any token.
+    assert [c.usage.completion_tokens for c in chat[:2]] == [0, 0]
+    # Without include_usage, continuous_usage_stats adds nothing, as in vLLM.
+    plain = client.completions.create(prompt="Hi", stream_options={"continuous_usage_stats": True}, **options)
+    assert all(chunk.usage is None for chunk in plain)
+
+
 def test_chat_and_its_stream_agree(client: openai.OpenAI, model_name: str) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}]
     whole = client.chat.completions.create(model=model_name, messages=messages, **GREEDY)
