@@ -164,6 +164,8 @@ class MultiprocExecutor(Executor):
         self._ranks: RankProcesses | None = None
         self._timeout_s = timeout_s
         self._abandoned: threading.Thread | None = None
+        self._host_threads: int | None = None
+        """This process's threads before it took its share of the CPU, given back at the end."""
         env = torchrun_env()
         if env is None:
             self._ranks = RankProcesses(world_size, _serve_spawned_rank, (config, build_worker, timeout_s), timeout_s)
@@ -176,6 +178,10 @@ class MultiprocExecutor(Executor):
             except BaseException:
                 self._ranks.stop(graceful=False)
                 raise
+            # The spawned ranks take their share of the cores; so does rank 0 (torchrun's
+            # ranks have one thread each unless OMP_NUM_THREADS says otherwise).
+            if backend == "gloo":
+                self._host_threads = share_host_threads(world_size)
         else:
             if env.rank != 0:
                 raise RuntimeError(f"MultiprocExecutor runs on rank 0; this is rank {env.rank} (use make_executor)")
@@ -185,7 +191,9 @@ class MultiprocExecutor(Executor):
         # Dropped without shutdown() (a notebook cell run again), the spawned ranks end with it,
         # and the process-wide group goes, so that another tensor-parallel LLM can start.
         self._finalizer = (
-            Finalize(self, _release_ranks, args=(self._ranks,), exitpriority=10) if self._ranks is not None else None
+            Finalize(self, _release_ranks, args=(self._ranks, self._host_threads), exitpriority=10)
+            if self._ranks is not None
+            else None
         )
         try:
             self.worker = build_worker(config_for_rank(config, state.local_rank), 0, world_size)
@@ -318,11 +326,16 @@ class MultiprocExecutor(Executor):
         if (worker := getattr(self, "worker", None)) is not None:
             worker.close(wait=graceful)
         destroy_distributed()
+        if self._host_threads is not None:
+            torch.set_num_threads(self._host_threads)
+            self._host_threads = None
 
 
-def _release_ranks(ranks: RankProcesses) -> None:
+def _release_ranks(ranks: RankProcesses, host_threads: int | None) -> None:
     ranks.stop(graceful=False)
     destroy_distributed()
+    if host_threads is not None:
+        torch.set_num_threads(host_threads)
 
 
 def agree_on_num_kv_blocks(worker: Worker) -> int:

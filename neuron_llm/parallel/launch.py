@@ -69,9 +69,12 @@ def config_for_rank(config: EngineConfig, local_rank: int) -> EngineConfig:
     return dataclasses.replace(config, device=device)
 
 
-def share_host_threads(world_size: int) -> None:
-    """Give this rank its share of the host's cores: ranks on one CPU would otherwise oversubscribe it."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+def share_host_threads(world_size: int) -> int:
+    """Give this rank its share of the host's cores, never more threads than it had: ranks on
+    one CPU would otherwise oversubscribe it. Returns the number it had."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) // world_size)))
+    return before
 
 
 RankTarget = Callable[..., None]

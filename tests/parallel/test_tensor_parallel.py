@@ -439,19 +439,30 @@ def test_an_llm_dropped_without_shutdown_ends_its_ranks_and_another_can_start(mo
 
     options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    llm = LLM(model=str(model_dir), tensor_parallel_size=2, **options)
-    first = llm.generate([{"prompt_token_ids": [3, 1, 4]}], params)[0].outputs[0].token_ids
-    del llm
-    gc.collect()
-    assert not _rank_processes()
-    llm = LLM(model=str(model_dir), tensor_parallel_size=2, **options)
+    # Rank 0 runs on its share of the cores beside the spawned rank, and gives them back at the end.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
     try:
-        assert llm.generate([{"prompt_token_ids": [3, 1, 4]}], params)[0].outputs[0].token_ids == first
-        with pytest.raises(RuntimeError, match=r"one tensor-parallel LLM at a time.*LLM.shutdown\(\)"):
-            LLM(model=str(model_dir), tensor_parallel_size=2, **options)
+        share = max(1, (os.cpu_count() or 1) // 2)
+        llm = LLM(model=str(model_dir), tensor_parallel_size=2, **options)
+        assert torch.get_num_threads() == share
+        first = llm.generate([{"prompt_token_ids": [3, 1, 4]}], params)[0].outputs[0].token_ids
+        del llm
+        gc.collect()
+        assert not _rank_processes()
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+        llm = LLM(model=str(model_dir), tensor_parallel_size=2, **options)
+        try:
+            assert llm.generate([{"prompt_token_ids": [3, 1, 4]}], params)[0].outputs[0].token_ids == first
+            with pytest.raises(RuntimeError, match=r"one tensor-parallel LLM at a time.*LLM.shutdown\(\)"):
+                LLM(model=str(model_dir), tensor_parallel_size=2, **options)
+            assert torch.get_num_threads() == share
+        finally:
+            llm.shutdown()
+        assert not _rank_processes()
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
     finally:
-        llm.shutdown()
-    assert not _rank_processes()
+        torch.set_num_threads(threads_before)
 
 
 _EXITS_WITHOUT_SHUTDOWN = """
