@@ -426,6 +426,9 @@ class ParallelConfig:
 
     tensor_parallel_size: int = 1
     """Number of devices (processes) each layer is split across; 1 runs unsplit."""
+    distributed_timeout: float = 600.0
+    """Seconds rank 0 waits for the other ranks: to start, to finish loading once it has, and
+    in every collective, so a rank that hangs fails the step after this long."""
 
     def __post_init__(self) -> None:
         _require(
@@ -433,6 +436,12 @@ class ParallelConfig:
             "tensor_parallel_size",
             self.tensor_parallel_size,
             "must be an integer >= 1",
+        )
+        _require(
+            is_finite_number(self.distributed_timeout) and self.distributed_timeout > 0,
+            "distributed_timeout",
+            self.distributed_timeout,
+            "must be a number of seconds > 0",
         )
 
     def check_model(self, model: ModelConfig) -> None:

@@ -84,10 +84,11 @@ class LLM:
         seed: as in vLLM, seeds torch's default generators (``torch.manual_seed``, for the
             whole process), from which requests without a ``SamplingParams.seed`` draw: the
             same calls on a new ``LLM`` then give the same tokens. None leaves them as they are.
-        Other keyword arguments are the fields of ``CacheConfig`` and ``SchedulerConfig``
-        (``block_size``, ``num_kv_blocks``, ``memory_fraction``, ``enable_prefix_caching``,
-        ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_chunked_prefill``);
-        ``gpu_memory_utilization`` (vLLM's name) is ``memory_fraction``.
+        Other keyword arguments are the fields of ``CacheConfig``, ``SchedulerConfig`` and
+        ``ParallelConfig`` (``block_size``, ``num_kv_blocks``, ``memory_fraction``,
+        ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``,
+        ``enable_chunked_prefill``, ``distributed_timeout``); ``gpu_memory_utilization``
+        (vLLM's name) is ``memory_fraction``.
     """
 
     def __init__(
@@ -115,7 +116,8 @@ class LLM:
             engine_options["memory_fraction"] = engine_options.pop("gpu_memory_utilization")
         cache_fields = CacheConfig.__dataclass_fields__
         scheduler_fields = SchedulerConfig.__dataclass_fields__
-        unknown = sorted(set(engine_options) - set(cache_fields) - set(scheduler_fields))
+        parallel_fields = set(ParallelConfig.__dataclass_fields__) - {"tensor_parallel_size"}
+        unknown = sorted(set(engine_options) - set(cache_fields) - set(scheduler_fields) - parallel_fields)
         if unknown:  # before loading, which takes a while
             raise ValueError(f"unknown LLM option(s) {unknown}")
         if warm_up is not None and not isinstance(warm_up, bool):
@@ -184,7 +186,10 @@ class LLM:
                 max_prefill_graph_tokens=max_prefill_graph_tokens,
                 sampling_features=tuple(sampling_features or ()),
             ),
-            parallel=ParallelConfig(tensor_parallel_size=1 if tensor_parallel_size is None else tensor_parallel_size),
+            parallel=ParallelConfig(
+                tensor_parallel_size=1 if tensor_parallel_size is None else tensor_parallel_size,
+                **{k: v for k, v in engine_options.items() if k in parallel_fields},
+            ),
             cache=CacheConfig(**{k: v for k, v in engine_options.items() if k in cache_fields}),
             scheduler=SchedulerConfig(
                 max_model_len=max_model_len,

@@ -56,6 +56,9 @@ class ServeSettings:
     tensor_parallel_size: int | None = _setting(
         None, "devices (processes) to split the model across (default: 1, or the artifact's)"
     )
+    distributed_timeout: float | None = _setting(
+        None, "seconds to wait for the other tensor-parallel ranks (to start, to load, in a step) (default: 600)"
+    )
     max_model_len: int | None = _setting(None, "longest prompt + output in tokens (default: the model's)")
     num_kv_blocks: int | None = _setting(None, "KV pool size in blocks (default: from memory)")
     max_num_seqs: int | None = _setting(None, "most sequences in one engine step (default: the engine's)")
@@ -100,6 +103,8 @@ class ServeSettings:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= {least}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout={self.drain_timeout}: must be >= 0")
+        if self.distributed_timeout is not None and not self.distributed_timeout > 0:
+            raise ValueError(f"distributed_timeout={self.distributed_timeout}: must be > 0")
         if self.speculative_config is not None:
             from neuron_llm.config import SpeculativeConfig
 
@@ -148,7 +153,14 @@ class ServeSettings:
             "tensor_parallel_size": self.tensor_parallel_size,
             "max_model_len": self.max_model_len,
         }
-        for name in ("quantization", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "speculative_config"):
+        for name in (
+            "quantization",
+            "num_kv_blocks",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "speculative_config",
+            "distributed_timeout",
+        ):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
         if self.sampling_features is not None:

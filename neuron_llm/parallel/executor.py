@@ -53,7 +53,6 @@ from neuron_llm.parallel.launch import (
     share_host_threads,
 )
 from neuron_llm.parallel.state import (
-    DEFAULT_TIMEOUT_S,
     ParallelState,
     TorchrunEnv,
     broadcast_from_driver,
@@ -150,16 +149,16 @@ class MultiprocExecutor(Executor):
     Under torchrun (RANK and WORLD_SIZE set) this process must be rank 0 and joins the
     group torchrun started; otherwise it spawns ranks 1..N-1 itself. It then builds its own
     worker with ``build_worker`` while the other ranks build theirs, and all agree on the
-    smallest KV pool any rank proposed. ``timeout_s`` bounds the wait for ranks to start, for
-    a spawned rank to finish loading once rank 0 has, and for a peer in any collective.
+    smallest KV pool any rank proposed. ``timeout_s`` (None: the config's
+    ``distributed_timeout``) bounds the wait for ranks to start, for a spawned rank to finish
+    loading once rank 0 has, and for a peer in any collective.
 
     Raises ``WorkerError`` when another rank fails, during construction or any step.
     """
 
-    def __init__(
-        self, config: EngineConfig, build_worker: WorkerFactory, *, timeout_s: float = DEFAULT_TIMEOUT_S
-    ) -> None:
+    def __init__(self, config: EngineConfig, build_worker: WorkerFactory, *, timeout_s: float | None = None) -> None:
         world_size = config.parallel.tensor_parallel_size
+        timeout_s = config.parallel.distributed_timeout if timeout_s is None else timeout_s
         backend = distributed_backend(config.device.device)
         self._ranks: RankProcesses | None = None
         self._timeout_s = timeout_s
@@ -370,9 +369,7 @@ def serve_steps(config: EngineConfig, build_worker: WorkerFactory, state: Parall
     destroy_distributed()
 
 
-def make_executor(
-    config: EngineConfig, build_worker: WorkerFactory, *, timeout_s: float = DEFAULT_TIMEOUT_S
-) -> Executor:
+def make_executor(config: EngineConfig, build_worker: WorkerFactory, *, timeout_s: float | None = None) -> Executor:
     """The executor for ``config``: in this process at TP=1, else rank 0 of a tensor-parallel group.
 
     Under torchrun every rank calls this with the same arguments. On rank 0 it returns the
@@ -388,6 +385,7 @@ def make_executor(
         _check_world_size(env.world_size, world_size)
         if env.rank > 0:
             leave_stop_signals_to_rank_0()
+            timeout_s = config.parallel.distributed_timeout if timeout_s is None else timeout_s
             state = init_from_torchrun(distributed_backend(config.device.device), timeout_s=timeout_s)
             serve_steps(config, build_worker, state)
             raise SystemExit(0)

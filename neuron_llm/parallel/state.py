@@ -25,7 +25,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT_S = 600.0
+from neuron_llm.config import ParallelConfig
+
+DEFAULT_TIMEOUT_S = ParallelConfig.distributed_timeout
 """Seconds a rank waits for its peers in one collective (or to join the group) before failing."""
 
 _CONTROL_TIMEOUT = timedelta(days=365)

@@ -142,10 +142,10 @@ def run_steps(executor: Executor, vocab_size: int) -> list[torch.Tensor]:
     return logits
 
 
-def engine_config(model_dir: Path, tensor_parallel_size: int) -> EngineConfig:
+def engine_config(model_dir: Path, tensor_parallel_size: int, **parallel: Any) -> EngineConfig:
     return EngineConfig(
         model=read_model_config(model_dir),
-        parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
+        parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size, **parallel),
         cache=CacheConfig(block_size=BLOCK_SIZE),
     )
 
@@ -311,7 +311,7 @@ def test_a_rank_failing_in_a_step_raises_on_rank_0(model_dir: Path, how: str, me
 def test_a_rank_stalled_between_steps_fails_rank_0s_next_step(model_dir: Path) -> None:
     factory = functools.partial(build_failing_worker, str(model_dir), "stall")
     # Long enough for a spawned rank to start (import torch) on a busy two-core machine.
-    executor = make_executor(engine_config(model_dir, 2), factory, timeout_s=10)
+    executor = make_executor(engine_config(model_dir, 2, distributed_timeout=10), factory)
     try:
         start = time.monotonic()
         with pytest.raises(TimeoutError, match="tensor-parallel ranks did not take rank 0's next step within 10 s"):

@@ -64,12 +64,14 @@ def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
             "NEURON_LLM_MODEL": "/opt/ml/model",
             "NEURON_LLM_MAX_NUM_SEQS": "8",
             "NEURON_LLM_MAX_NUM_BATCHED_TOKENS": "256",
+            "NEURON_LLM_DISTRIBUTED_TIMEOUT": "1800",
             "PATH": "/bin",
         },
         host="0.0.0.0",
         port=8080,
     )
     assert settings.llm_options()["max_num_batched_tokens"] == 256
+    assert settings.llm_options()["distributed_timeout"] == 1800.0
     assert (settings.model, settings.max_num_seqs, settings.host, settings.port) == (
         "/opt/ml/model",
         8,
@@ -82,6 +84,8 @@ def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
         ServeSettings.from_env({"NEURON_LLM_PORT": "http"})
     with pytest.raises(ValueError, match="max_waiting_requests"):
         ServeSettings(max_waiting_requests=0)
+    with pytest.raises(ValueError, match="distributed_timeout=0.0: must be > 0"):
+        ServeSettings.from_env({"NEURON_LLM_DISTRIBUTED_TIMEOUT": "0"})
     # Checked before the port opens, not in the load that follows (minutes, in a container).
     with pytest.raises(ValueError, match="dtype='int4' is not supported"):
         ServeSettings.from_env({"NEURON_LLM_DTYPE": "int4"})
