@@ -285,11 +285,13 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, rendered by the model's chat template.
 
         The options are vLLM's: another ``chat_template``, the last message continued instead of
-        a new reply, and variables for the template. Each output's ``prompt`` is the rendered text.
+        a new reply, variables for the template, and ``tools`` (OpenAI's function definitions)
+        for templates that offer them to the model. Each output's ``prompt`` is the rendered text.
         """
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template")
@@ -301,6 +303,7 @@ class LLM:
             "chat_template": chat_template,
             "add_generation_prompt": add_generation_prompt,
             "continue_final_message": continue_final_message,
+            **({"tools": list(tools)} if tools else {}),
             **(chat_template_kwargs or {}),
         }
         texts = [render_chat(self.tokenizer, conversation, **options) for conversation in conversations]  # type: ignore[arg-type]

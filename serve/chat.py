@@ -6,12 +6,13 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from neuron_llm.outputs import Logprob, RequestOutput
-from neuron_llm.serve.errors import ServeError
+from neuron_llm.serve.errors import ClientError, ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
 from neuron_llm.serve.logprobs import chat_logprobs
 from neuron_llm.serve.prompts import Prompt, chat_prompt, checked_structure, output_budget, sampling_params, truncated
@@ -24,16 +25,26 @@ from neuron_llm.serve.protocol import (
     ChatDelta,
     ChatLogprobs,
     ChatStreamChoice,
+    ToolCallDelta,
     UsageInfo,
 )
 from neuron_llm.serve.state import ServedModel, ServerState
-from neuron_llm.serve.streaming import DONE_EVENT, DeltaTracker, error_event, event
+from neuron_llm.serve.streaming import DONE_EVENT, ChoiceDelta, DeltaTracker, error_event, event
+from neuron_llm.serve.tools import TOOL_CALL_PARSERS, ToolCalling
 
 
 async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     """Answer a chat completion request: JSON, or server-sent events when ``stream`` is set."""
     model = state.ready_model()
     model.check_name(body.model)
+    tools = ToolCalling.of(body)
+    if tools is not None and tools.kind == "auto" and state.settings.tool_call_parser is None:
+        raise ClientError(
+            'tool_choice "auto" (the default with tools) needs the server started with --tool-call-parser '
+            f'({", ".join(TOOL_CALL_PARSERS)}); or set tool_choice to "required", a function, or "none"',
+            "tool_choice",
+        )
+    held_calls = None if tools is None or (structure := tools.structure()) is None else (structure, "tools")
     (prompt,) = truncated(model, [await chat_prompt(model, body)], body.truncate_prompt_tokens)
     max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
     if body.max_completion_tokens is not None:
@@ -56,7 +67,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         logit_bias=body.logit_bias,
         allowed_token_ids=body.allowed_token_ids,
         bad_words=body.bad_words,
-        structured_outputs=await checked_structure(model, body.structured),
+        structured_outputs=await checked_structure(model, held_calls or body.structured),
         ignore_eos=body.ignore_eos,
         include_stop_str_in_output=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,
@@ -67,7 +78,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
     )
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = Generation(model.engine, [prompt], params, response_id, state.metrics, "messages")
-    writer = _ChatWriter(model, body, prompt, response_id)
+    writer = _ChatWriter(model, body, prompt, response_id, tools)
     await unless_disconnected(request, generation.start())
     if body.stream:
         return EventStreamResponse(writer.events(generation, state), generation)
@@ -78,24 +89,39 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
 class _ChatWriter:
     """Builds the response of one chat request from engine outputs."""
 
-    def __init__(self, model: ServedModel, body: ChatCompletionRequest, prompt: Prompt, response_id: str) -> None:
+    def __init__(
+        self,
+        model: ServedModel,
+        body: ChatCompletionRequest,
+        prompt: Prompt,
+        response_id: str,
+        tools: ToolCalling | None,
+    ) -> None:
         self._model = model
         self._body = body
         self._prompt = prompt
         self._id = response_id
         self._created = int(time.time())
         self._texts = model.token_texts
+        self._tools = tools
+        self._held: dict[int, list[ChoiceDelta]] = {}
+        """In a stream with tools, per choice, what is held back until it is known whether the
+        reply is tool calls (sent whole once it ends) or content (sent on as it comes)."""
+        self._content: set[int] = set()
+        """The choices of such a stream known to be content."""
 
     def response(self, final: RequestOutput) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(
-                index=completion.index,
-                message=AssistantMessage(content=completion.text),
-                logprobs=self._logprobs(completion.token_ids, completion.logprobs),
-                finish_reason=completion.finish_reason,
+        choices = []
+        for completion in final.outputs:
+            calls = None if self._tools is None else self._tools.calls(completion.text)
+            finish_reason = completion.finish_reason
+            if self._tools is not None:
+                finish_reason = self._tools.finish_reason(finish_reason, calls)
+            message = AssistantMessage(content=None if calls else completion.text, tool_calls=calls or [])
+            logprobs = self._logprobs(completion.token_ids, completion.logprobs)
+            choices.append(
+                ChatChoice(index=completion.index, message=message, logprobs=logprobs, finish_reason=finish_reason)
             )
-            for completion in final.outputs
-        ]
         num_generated = sum(len(completion.token_ids) for completion in final.outputs)
         return ChatCompletionResponse(
             id=self._id,
@@ -117,9 +143,15 @@ class _ChatWriter:
             try:
                 async for prompt_index, output in outputs:
                     for delta in tracker.deltas(prompt_index, output):
+                        if self._tools is not None and delta.index not in self._content:
+                            delta, calls = self._held_back(delta, self._tools)
+                            if delta is None:
+                                continue
+                        else:
+                            calls = None
                         choice = ChatStreamChoice(
                             index=delta.index,
-                            delta=ChatDelta(content=delta.text),
+                            delta=ChatDelta(content=None if calls else delta.text, tool_calls=calls),
                             logprobs=self._logprobs(delta.token_ids, delta.logprobs),
                             finish_reason=delta.finish_reason,
                         )
@@ -132,6 +164,26 @@ class _ChatWriter:
         if self._body.include_usage:
             yield event(self._chunk([], self._usage(tracker.num_generated_tokens)))
         yield DONE_EVENT
+
+    def _held_back(
+        self, delta: ChoiceDelta, tools: ToolCalling
+    ) -> tuple[ChoiceDelta | None, list[ToolCallDelta] | None]:
+        """What to send of a choice that may be tool calls: nothing while it may still be
+        (None), what was held as content once it cannot be, its calls once it ends as them."""
+        held = self._held.setdefault(delta.index, [])
+        held.append(delta)
+        whole = ChoiceDelta.joined(held)
+        may_be_calls = tools.may_be_calls(whole.text)
+        if may_be_calls is False:
+            self._content.add(delta.index)
+        elif whole.finish_reason is None:
+            return None, None
+        del self._held[delta.index]
+        calls = tools.calls(whole.text) if may_be_calls else None
+        if calls is None:
+            return whole, None
+        whole = replace(whole, finish_reason=tools.finish_reason(whole.finish_reason, calls))
+        return whole, [ToolCallDelta(index=i, id=call.id, function=call.function) for i, call in enumerate(calls)]
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, Logprob]] | None) -> ChatLogprobs | None:
         if not self._body.logprobs or logprobs is None:

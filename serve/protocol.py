@@ -4,7 +4,7 @@ Requests are validated strictly (``"n": "2"`` or ``"n": true`` is refused, not c
 unknown fields are refused, so a misspelt or unsupported option is a 400 naming it instead of
 being silently ignored; so is an option that would do nothing (``top_logprobs`` without
 ``logprobs``, ``stream_options`` without ``stream``). Null stands for an option's default.
-Options of those APIs that this server lacks (``tools``, ``suffix``, TGI's ``watermark``...)
+Options of those APIs that this server lacks (``functions``, ``suffix``, TGI's ``watermark``...)
 are accepted only when null or set to what leaves them off, as clients that send every field do.
 Ranges follow OpenAI's API reference; the extra sampling fields (``top_k``, ``min_p``,
 ``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``allowed_token_ids``,
@@ -278,17 +278,63 @@ class TextContent(_Request):
     text: str
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """OpenAI's rule: letters, digits, underscores and dashes, at most 64."""
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of the arguments object; left out, the function takes none."""
+    strict: bool | None = None
+    """Accepted; a call the server holds to a schema (tool_choice "required" or named) always fits it."""
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    """A ``tool_choice`` that makes the reply one call of this function."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str
+    """The arguments object as JSON text, as OpenAI sends it."""
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(ToolCall):
+    """A call in a stream: each is sent whole, in one chunk."""
+
+    index: int
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     """``developer`` is OpenAI's newer name for ``system``, and is rendered as one."""
-    content: str | list[TextContent]
+    tool_calls: list[ToolCall] | None = None
+    """An assistant's calls, as a reply gave them; the template gets each one's arguments as an object."""
+    content: str | list[TextContent] | None = Field(None, validate_default=True)
+    """Required, except in an assistant message with tool_calls."""
     name: str | None = None
     tool_call_id: str | None = None
     """The call a ``tool`` message answers; passed to the chat template."""
     # Fields of an assistant message as OpenAI returns it, so that a client can send its
     # history back as it came (with them null or empty).
     refusal: Any = _unsupported()
-    tool_calls: Any = _unsupported([])
     function_call: Any = _unsupported()
     audio: Any = _unsupported()
     annotations: Any = _unsupported([])
@@ -304,19 +350,53 @@ class ChatMessage(_Request):
                     raise ValueError(f"a content part of type {kind!r}: this server takes text parts only")
         return content
 
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_of_an_assistant(cls, calls: list[ToolCall] | None, info: ValidationInfo) -> list[ToolCall] | None:
+        if calls and info.data.get("role") != "assistant":
+            raise ValueError(f"tool_calls belong to assistant messages, not {info.data.get('role')} ones")
+        for i, call in enumerate(calls or ()):
+            try:
+                arguments = json.loads(call.function.arguments)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"[{i}].function.arguments is not JSON: {e}") from None
+            if not isinstance(arguments, dict):
+                raise ValueError(f"[{i}].function.arguments must be a JSON object")
+        return calls
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_calls(cls, content: Any, info: ValidationInfo) -> Any:
+        # Where tool_calls failed its own check, that error says all.
+        if content is None and "tool_calls" in info.data and not info.data["tool_calls"]:
+            raise ValueError("content is required, unless an assistant message has tool_calls")
+        return content
+
     @property
     def text(self) -> str:
         """The content as one string: text parts one per line, as vLLM joins them."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
 
-    def for_template(self) -> dict[str, str]:
+    def for_template(self) -> dict[str, Any]:
         """The message as a chat template reads it; ``developer`` becomes ``system``, which templates know."""
-        message = {"role": "system" if self.role == "developer" else self.role, "content": self.text}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text}
         for field in ("name", "tool_call_id"):
             if getattr(self, field) is not None:
                 message[field] = getattr(self, field)
+        if self.tool_calls:
+            # Templates (Llama 3.1's, transformers' convention) write the arguments with tojson.
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": json.loads(call.function.arguments)},
+                }
+                for call in self.tool_calls
+            ]
         return message
 
 
@@ -330,6 +410,8 @@ class ChatTemplateOptions(_Request):
     """Leave the last message open for the model to continue; excludes add_generation_prompt."""
     chat_template_kwargs: dict[str, Any] | None = None
     """Variables for the chat template; they may set the two options above too, and win."""
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    """Functions the model may call, rendered by the chat template (OpenAI's limit: 128)."""
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -342,11 +424,21 @@ class ChatTemplateOptions(_Request):
             raise ValueError(f"{taken} are not template variables, and may not be set here")
         return value
 
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, tools: list[ChatTool] | None) -> list[ChatTool] | None:
+        names = [tool.function.name for tool in tools or ()]
+        if len(set(names)) < len(names):
+            raise ValueError("two functions have one name")
+        return tools
+
     def template_options(self) -> dict[str, Any]:
         """``render_chat``'s keyword arguments."""
+        tools = {"tools": [tool.model_dump(exclude_none=True) for tool in self.tools]} if self.tools else {}
         return {
             "add_generation_prompt": self.add_generation_prompt,
             "continue_final_message": self.continue_final_message,
+            **tools,
             **(self.chat_template_kwargs or {}),
         }
 
@@ -359,9 +451,11 @@ class ChatCompletionRequest(_SamplingRequest, ChatTemplateOptions):
     """OpenAI's newer name for max_tokens; wins when both are set."""
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: Any = _unsupported([])
-    tool_choice: Any = _unsupported("none")
-    parallel_tool_calls: Any = _unsupported(True, False)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """Whether the reply calls tools: "auto" (the default with tools) lets the model choose,
+    "required" makes it call one or more, a named function makes it call that one, "none" calls none."""
+    parallel_tool_calls: bool = True
+    """With tool_choice "required", whether the reply may call more than one tool."""
     functions: Any = _unsupported([])
     function_call: Any = _unsupported("none")
     store: Any = _unsupported(False)
@@ -375,6 +469,31 @@ class ChatCompletionRequest(_SamplingRequest, ChatTemplateOptions):
         if value is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs to be true")
         return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _among_tools(cls, choice: str | NamedToolChoice | None, info: ValidationInfo) -> str | NamedToolChoice | None:
+        tools = info.data.get("tools")
+        if choice in (None, "none"):
+            return choice
+        if not tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"function {choice.function.name!r} is not among the tools")
+        response_format = info.data.get("response_format")
+        held = None if response_format is None else response_format.structured_outputs()
+        if choice != "auto" and (info.data.get("structured_outputs") is not None or held is not None):
+            raise ValueError("a tool choice of required or a function excludes structured_outputs and response_format")
+        return choice
+
+    @property
+    def tool_choice_kind(self) -> Literal["none", "auto", "required", "named"]:
+        """The tool choice in effect: "auto" where tools come without one, "none" without tools."""
+        if not self.tools:
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
 
 
 class TGIGrammar(_Request):
@@ -567,7 +686,9 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    """None where the reply is tool calls."""
+    tool_calls: list[ToolCall] = []
 
 
 class ChatChoice(BaseModel):
@@ -589,6 +710,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -75,6 +75,11 @@ class ServeSettings:
         "XLA device: comma-separated sampling features whose graphs warm-up compiles (logit_bias, logprobs, "
         "min_tokens, penalties, prompt_logprobs; an artifact's are its own)",
     )
+    tool_call_parser: str | None = _setting(
+        None,
+        'how tool calls are read from a chat reply with tool_choice "auto": llama3_json (Llama 3.1-3.3\'s JSON calls); '
+        'unset, requests with tools must set tool_choice "required", a function, or "none"',
+    )
     max_waiting_requests: int = _setting(256, "requests waiting for their first token before new ones get 429")
     api_key: str | None = _setting(
         None,
@@ -121,6 +126,13 @@ class ServeSettings:
             from neuron_llm.quant.config import resolve_quant_config
 
             resolve_quant_config(self.quantization)
+        if self.tool_call_parser is not None:
+            from neuron_llm.serve.tools import TOOL_CALL_PARSERS
+
+            if self.tool_call_parser not in TOOL_CALL_PARSERS:
+                raise ValueError(
+                    f"tool_call_parser={self.tool_call_parser!r}: must be one of {', '.join(TOOL_CALL_PARSERS)}"
+                )
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level={self.log_level!r}: must be one of {', '.join(LOG_LEVELS)}")
 

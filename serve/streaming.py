@@ -37,6 +37,21 @@ class ChoiceDelta:
     num_tokens: int
     """The choice's tokens so far, this delta's included."""
 
+    @classmethod
+    def joined(cls, deltas: list[ChoiceDelta]) -> ChoiceDelta:
+        """One delta of a choice's consecutive ``deltas``."""
+        first, last = deltas[0], deltas[-1]
+        logprobs = None if first.logprobs is None else [entry for d in deltas for entry in d.logprobs or ()]
+        return cls(
+            first.index,
+            "".join(d.text for d in deltas),
+            [token for d in deltas for token in d.token_ids],
+            logprobs,
+            last.finish_reason,
+            first.is_first,
+            last.num_tokens,
+        )
+
 
 class DeltaTracker:
     """Remembers how much of each choice was sent, to turn cumulative outputs into deltas.

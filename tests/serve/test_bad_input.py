@@ -19,6 +19,8 @@ from tests.serve.conftest import ServerThread, make_llm, metric, running_server
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 USER = [{"role": "user", "content": "Hi"}]
+TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
 
 BAD_BODIES = [
     # wrong types
@@ -86,7 +88,30 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "a", "best_of": 2}, 400, "best_of"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0, "echo": True, "min_tokens": 2}, 400, "max_tokens"),
-    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools[0].function"),
+    (CHAT, {"messages": USER, "tools": [TOOL, TOOL]}, 400, "tools"),
+    (
+        CHAT,
+        {"messages": USER, "tools": [{"type": "function", "function": {"name": "a b"}}]},
+        400,
+        "tools[0].function.name",
+    ),
+    (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
+    (
+        CHAT,
+        {"messages": USER, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+        400,
+        "tool_choice",
+    ),
+    (CHAT, {"messages": USER, "tools": [TOOL], "tool_choice": "any"}, 400, "tool_choice"),
+    (CHAT, {"messages": [{"role": "user", "tool_calls": [CALL]}]}, 400, "messages[0].tool_calls"),
+    (
+        CHAT,
+        {"messages": [{"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "g", "arguments": "{"}}]}]},
+        400,
+        "messages[0].tool_calls",
+    ),
+    (CHAT, {"messages": USER, "functions": [TOOL["function"]]}, 400, "functions"),
     (CHAT, {"messages": USER, "store": 0}, 400, "store"),
     ("/invocations", {"inputs": "Hi", "parameters": {"watermark": True}}, 400, "parameters.watermark"),
     (COMPLETIONS, {"prompt": "a", "model": "gpt-4"}, 404, "model"),

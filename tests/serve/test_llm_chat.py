@@ -82,6 +82,10 @@ def test_chat_options_reach_the_template(llm: LLM) -> None:
     # As in vLLM, chat_template_kwargs may set the named options too.
     (overridden,) = llm.chat(conversation, GREEDY, chat_template_kwargs={"add_generation_prompt": False})
     assert overridden.prompt == "<|user|>Hi\nthere<|end|>"
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    tools_template = "{% for t in tools %}{{ t.function.name }};{% endfor %}{{ messages[0]['content'] }}"
+    (offered,) = llm.chat([{"role": "user", "content": "Hi"}], GREEDY, chat_template=tools_template, tools=[tool])
+    assert offered.prompt == "get_time;Hi"
     assert custom.outputs[0].token_ids == llm.generate({"prompt": "![Once"}, GREEDY)[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="messages is empty"):
         llm.chat([], GREEDY)

@@ -1,0 +1,222 @@
+"""Tool calls in chat completions: tools reach the template, and replies become calls, whole or streamed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from neuron_llm.loader import render_chat
+from neuron_llm.serve import ServeSettings
+from neuron_llm.serve.protocol import ChatCompletionRequest
+from neuron_llm.serve.tools import parse_llama3_json
+from tests.conftest import BOUNDED_JSON_SCHEMA, fits_bounded_schema
+from tests.serve.conftest import ServerThread, make_llm, running_server
+
+pytest.importorskip("llguidance")
+
+# Tools as Llama 3.1's template writes them: the functions in the system turn, a call as JSON.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>{% for t in tools %}{{ t.function.name }}: {{ t.function.parameters | tojson }};"
+    "{% endfor %}<|end|>{% endif %}"
+    "{% for m in messages %}<|{{ m.role }}|>{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}'
+    "{% endfor %}{% else %}{{ m.content }}{% endif %}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+UNIT = {
+    "type": "object",
+    "properties": {"unit": {"enum": ["c", "f"]}},
+    "required": ["unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": BOUNDED_JSON_SCHEMA}},
+    {"type": "function", "function": {"name": "get_time", "description": "Now.", "parameters": UNIT}},
+]
+USER = [{"role": "user", "content": "What is the weather?"}]
+GREEDY = {"temperature": 0.0, "max_tokens": 120}
+LLAMA3_CALL = {
+    "type": "object",
+    "properties": {"name": {"enum": ["get_time"]}, "parameters": UNIT},
+    "required": ["name", "parameters"],
+    "additionalProperties": False,
+    "x-guidance": {"whitespace_flexible": False},
+}
+"""A reply the llama3_json parser reads as a call: what a Llama 3 model writes, held here by a
+structured output since the test model is random."""
+
+
+@pytest.fixture(scope="module")
+def tools_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tools-llama")
+    shutil.copytree(model_dir, path, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tools_server(tools_model_dir: Path) -> Iterator[ServerThread]:
+    with running_server(
+        tools_model_dir, load=lambda: make_llm(tools_model_dir, max_model_len=512), tool_call_parser="llama3_json"
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(tools_server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{tools_server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def chat(client: openai.OpenAI, **options: Any) -> tuple[Any, list[Any]]:
+    """The reply whole, and the chunks of the same request streamed."""
+    options = {"model": client.models.list().data[0].id, "messages": USER, **GREEDY, **options}
+    return client.chat.completions.create(**options), list(client.chat.completions.create(stream=True, **options))
+
+
+def streamed_calls(chunks: list[Any]) -> list[tuple[str, str]]:
+    return [
+        (c.function.name, c.function.arguments) for ch in chunks for d in ch.choices for c in d.delta.tool_calls or ()
+    ]
+
+
+def test_tools_and_past_calls_reach_the_chat_template(tools_model_dir: Path) -> None:
+    body = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                *USER,
+                {"role": "assistant", "content": None, "tool_calls": [_call("get_time", '{"unit": "c"}')]},
+                {"role": "tool", "content": "12:00", "tool_call_id": "call_1"},
+            ],
+            "tools": TOOLS,
+        }
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tools_model_dir)
+    text = render_chat(tokenizer, [m.for_template() for m in body.messages], **body.template_options())
+    assert text == (
+        f"<|system|>get_weather: {json.dumps(BOUNDED_JSON_SCHEMA)};get_time: {json.dumps(UNIT)};<|end|>"
+        "<|user|>What is the weather?<|end|>"
+        '<|assistant|>{"name": "get_time", "parameters": {"unit": "c"}}<|end|>'
+        "<|tool|>12:00<|end|><|assistant|>"
+    )
+
+
+def test_a_named_function_is_called_with_arguments_its_schema_allows(client: openai.OpenAI) -> None:
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    whole, chunks = chat(client, tools=TOOLS, tool_choice=choice)
+    (reply,) = whole.choices
+    (call,) = reply.message.tool_calls
+    assert reply.message.content is None and reply.finish_reason == "stop"
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert fits_bounded_schema(json.loads(call.function.arguments))
+    # Streamed: the role, then the call whole in one chunk, which ends the choice.
+    assert streamed_calls(chunks) == [("get_weather", call.function.arguments)]
+    assert [c.choices[0].finish_reason for c in chunks] == [None, "stop"]
+    assert all(not c.choices[0].delta.content for c in chunks)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_required_tools_give_calls_of_the_requests_functions(client: openai.OpenAI, seed: int) -> None:
+    options = {"temperature": 1.0, "seed": seed, "parallel_tool_calls": False}
+    whole, chunks = chat(client, tools=TOOLS, tool_choice="required", **options)
+    (reply,) = whole.choices
+    (call,) = reply.message.tool_calls
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    arguments = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        assert fits_bounded_schema(arguments)
+    else:
+        assert call.function.name == "get_time" and arguments["unit"] in ("c", "f")
+    assert streamed_calls(chunks) == [(call.function.name, call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_required_calls_cut_short_by_max_tokens_are_the_replys_text(client: openai.OpenAI) -> None:
+    whole, chunks = chat(client, tools=TOOLS, tool_choice="required", max_tokens=3)
+    (reply,) = whole.choices
+    assert reply.finish_reason == "length" and reply.message.tool_calls == []
+    assert reply.message.content.startswith("[")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.message.content
+
+
+def test_auto_reads_llama3_json_calls_from_the_reply(client: openai.OpenAI) -> None:
+    calls = {"structured_outputs": {"json": LLAMA3_CALL}}
+    whole, chunks = chat(client, tools=TOOLS, extra_body=calls)
+    (reply,) = whole.choices
+    (call,) = reply.message.tool_calls
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    assert call.function.name == "get_time" and json.loads(call.function.arguments)["unit"] in ("c", "f")
+    # Held back until the reply ended, then sent as the call.
+    assert streamed_calls(chunks) == [("get_time", call.function.arguments)]
+    assert all(not c.choices[0].delta.content for c in chunks)
+
+
+@pytest.mark.parametrize("pattern", ["[a-z]{6}", " {2}[a-z]{4}", "[{][a-z]{4}"])
+def test_auto_streams_a_reply_that_is_no_call_as_content(client: openai.OpenAI, pattern: str) -> None:
+    # Text from the start; whitespace, then text; a brace that turns out to start no JSON.
+    whole, chunks = chat(client, tools=TOOLS, tool_choice="auto", extra_body={"structured_outputs": {"regex": pattern}})
+    (reply,) = whole.choices
+    assert reply.message.tool_calls == [] and reply.finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.message.content
+    assert not streamed_calls(chunks)
+    if pattern == "[a-z]{6}":  # sent as it comes: one chunk a token after the role's
+        assert len(chunks) > 2
+
+
+def test_tool_choice_none_renders_the_tools_and_calls_nothing(client: openai.OpenAI) -> None:
+    calls = {"structured_outputs": {"json": LLAMA3_CALL}}
+    whole, _ = chat(client, tools=TOOLS, tool_choice="none", extra_body=calls)
+    (reply,) = whole.choices
+    assert reply.message.tool_calls == [] and json.loads(reply.message.content)["name"] == "get_time"
+    assert whole.usage.prompt_tokens > chat(client, extra_body=calls)[0].usage.prompt_tokens
+
+
+def test_auto_needs_a_tool_call_parser_and_held_calls_exclude_other_structures(model_dir: Path) -> None:
+    with running_server(model_dir, load=lambda: make_llm(model_dir)) as server:
+        body = {"messages": USER, "tools": TOOLS}
+        refused = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()["error"]
+        assert refused["param"] == "tool_choice" and "--tool-call-parser (llama3_json)" in refused["message"]
+        held = {**body, "tool_choice": "required", "response_format": {"type": "json_object"}, "max_tokens": 4}
+        refused = httpx.post(f"{server.url}/v1/chat/completions", json=held).json()["error"]
+        assert (
+            refused["param"] == "tool_choice"
+            and "excludes structured_outputs and response_format" in refused["message"]
+        )
+        # Without auto, no parser is needed.
+        named = {**body, "tool_choice": {"type": "function", "function": {"name": "get_time"}}, "max_tokens": 12}
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=named).status_code == 200
+    with pytest.raises(ValueError, match="tool_call_parser='hermes': must be one of llama3_json"):
+        ServeSettings(tool_call_parser="hermes")
+
+
+def test_llama3_json_calls_are_parsed_whole_or_not_at_all() -> None:
+    assert parse_llama3_json('{"name": "f", "parameters": {"a": 1}}') == [("f", '{"a": 1}')]
+    assert parse_llama3_json(
+        ' <|python_tag|>{"name": "f", "arguments": {}} ; {"name": "g", "parameters": {"b": [2]}}\n'
+    ) == [
+        ("f", "{}"),
+        ("g", '{"b": [2]}'),
+    ]
+    for text in (
+        "Sure: {}",
+        '{"name": "f"}',  # no arguments
+        '{"name": 3, "parameters": {}}',
+        '{"name": "f", "parameters": "x"}',
+        '{"name": "f", "parameters": {}} and more',
+        '{"name": "f", "parameters": {',
+        "[]",
+    ):
+        assert parse_llama3_json(text) is None, text
+
+
+def _call(name: str, arguments: str) -> dict[str, Any]:
+    return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
