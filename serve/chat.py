@@ -44,7 +44,12 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
             f'({", ".join(TOOL_CALL_PARSERS)}); or set tool_choice to "required", a function, or "none"',
             "tool_choice",
         )
-    held_calls = None if tools is None or (structure := tools.structure()) is None else (structure, "tools")
+    held_calls = None
+    if tools is not None and tools.kind != "auto":
+        try:
+            held_calls = (tools.structure(), "tools")
+        except ValueError as e:
+            raise ClientError(str(e), "tools") from e
     (prompt,) = truncated(model, [await chat_prompt(model, body)], body.truncate_prompt_tokens)
     max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
     if body.max_completion_tokens is not None:
@@ -119,8 +124,15 @@ class _ChatWriter:
                 finish_reason = self._tools.finish_reason(finish_reason, calls)
             message = AssistantMessage(content=None if calls else completion.text, tool_calls=calls or [])
             logprobs = self._logprobs(completion.token_ids, completion.logprobs)
+            token_ids = completion.token_ids if self._body.return_token_ids else None
             choices.append(
-                ChatChoice(index=completion.index, message=message, logprobs=logprobs, finish_reason=finish_reason)
+                ChatChoice(
+                    index=completion.index,
+                    message=message,
+                    logprobs=logprobs,
+                    finish_reason=finish_reason,
+                    token_ids=token_ids,
+                )
             )
         num_generated = sum(len(completion.token_ids) for completion in final.outputs)
         return ChatCompletionResponse(
@@ -129,6 +141,7 @@ class _ChatWriter:
             model=self._model.name,
             choices=choices,
             usage=self._usage(num_generated),
+            prompt_token_ids=self._prompt.token_ids if self._body.return_token_ids else None,
         )
 
     async def events(self, generation: Generation, state: ServerState) -> AsyncGenerator[str, None]:
@@ -137,7 +150,10 @@ class _ChatWriter:
         continuous = self._body.continuous_usage
         for i in range(self._body.n):
             role = ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-            yield event(self._chunk([role], self._usage(0) if continuous else None))
+            chunk = self._chunk([role], self._usage(0) if continuous else None)
+            if i == 0 and self._body.return_token_ids:
+                chunk.prompt_token_ids = self._prompt.token_ids
+            yield event(chunk)
         tracker = DeltaTracker(self._body.n, has_logprobs=self._body.logprobs)
         async with contextlib.aclosing(generation.outputs()) as outputs:
             try:
@@ -154,6 +170,7 @@ class _ChatWriter:
                             delta=ChatDelta(content=None if calls else delta.text, tool_calls=calls),
                             logprobs=self._logprobs(delta.token_ids, delta.logprobs),
                             finish_reason=delta.finish_reason,
+                            token_ids=delta.token_ids if self._body.return_token_ids else None,
                         )
                         yield event(self._chunk([choice], self._usage(delta.num_tokens) if continuous else None))
             except ServeError as e:

@@ -142,7 +142,11 @@ class _CompletionWriter:
         logprobs = None
         if self._body.logprobs is not None:
             logprobs = self._logprobs(delta, prompt, output) if echo else self._output_logprobs(delta, prompt)
-        return CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
+        choice = CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
+        if self._body.return_token_ids:
+            choice.token_ids = delta.token_ids
+            choice.prompt_token_ids = prompt.token_ids if delta.is_first else None
+        return choice
 
     def _output_logprobs(self, delta: ChoiceDelta, prompt: Prompt) -> CompletionLogprobs:
         if delta.index not in self._text_offsets:

@@ -175,6 +175,8 @@ class _SamplingRequest(_Request):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    return_token_ids: bool = False
+    """vLLM's: the reply carries its token ids and its prompt's (in a stream, the prompt's in the first chunk)."""
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     """Token id, as JSON keys are strings ("50256") -> bias added to its logit, in [-100, 100]."""
     allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
@@ -282,10 +284,22 @@ class FunctionDefinition(_Request):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     """OpenAI's rule: letters, digits, underscores and dashes, at most 64."""
     description: str | None = None
-    parameters: dict[str, Any] | None = None
-    """A JSON schema of the arguments object; left out, the function takes none."""
+    parameters: dict[str, Any] | None = Field(None, validate_default=True)
+    """A JSON schema of the arguments object (its "type" is "object" where it names none); left
+    out, the function takes none."""
     strict: bool | None = None
-    """Accepted; a call the server holds to a schema (tool_choice "required" or named) always fits it."""
+    """Accepted; calls the server holds to JSON (tool_choice "required" or named) fit the schema
+    unless max_tokens or a stop string cuts them short."""
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, schema: dict[str, Any] | None) -> dict[str, Any]:
+        # Arguments are a JSON object in OpenAI's API; templates read the schema whatever it is.
+        if schema is None:
+            return {"type": "object", "properties": {}}
+        if schema.get("type", "object") != "object":
+            raise ValueError(f'must be the schema of an object (its "type" is {schema["type"]!r})')
+        return {"type": "object", **schema}
 
 
 class ChatTool(_Request):
@@ -316,6 +330,13 @@ class ToolCall(_Request):
     function: FunctionCall
 
 
+class PastToolCall(ToolCall):
+    """A call in a conversation's history, as a client sends it back."""
+
+    index: int | None = None
+    """A stream's field, which clients that join its chunks keep; not used."""
+
+
 class ToolCallDelta(ToolCall):
     """A call in a stream: each is sent whole, in one chunk."""
 
@@ -325,7 +346,7 @@ class ToolCallDelta(ToolCall):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     """``developer`` is OpenAI's newer name for ``system``, and is rendered as one."""
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[PastToolCall] | None = None
     """An assistant's calls, as a reply gave them; the template gets each one's arguments as an object."""
     content: str | list[TextContent] | None = Field(None, validate_default=True)
     """Required, except in an assistant message with tool_calls."""
@@ -352,7 +373,9 @@ class ChatMessage(_Request):
 
     @field_validator("tool_calls")
     @classmethod
-    def _calls_of_an_assistant(cls, calls: list[ToolCall] | None, info: ValidationInfo) -> list[ToolCall] | None:
+    def _calls_of_an_assistant(
+        cls, calls: list[PastToolCall] | None, info: ValidationInfo
+    ) -> list[PastToolCall] | None:
         if calls and info.data.get("role") != "assistant":
             raise ValueError(f"tool_calls belong to assistant messages, not {info.data.get('role')} ones")
         for i, call in enumerate(calls or ()):
@@ -360,6 +383,8 @@ class ChatMessage(_Request):
                 arguments = json.loads(call.function.arguments)
             except json.JSONDecodeError as e:
                 raise ValueError(f"[{i}].function.arguments is not JSON: {e}") from None
+            except RecursionError:
+                raise ValueError(f"[{i}].function.arguments nests too deep") from None
             if not isinstance(arguments, dict):
                 raise ValueError(f"[{i}].function.arguments must be a JSON object")
         return calls
@@ -455,7 +480,7 @@ class ChatCompletionRequest(_SamplingRequest, ChatTemplateOptions):
     """Whether the reply calls tools: "auto" (the default with tools) lets the model choose,
     "required" makes it call one or more, a named function makes it call that one, "none" calls none."""
     parallel_tool_calls: bool = True
-    """With tool_choice "required", whether the reply may call more than one tool."""
+    """Whether a reply may call more than one tool; false keeps the first call of an "auto" reply."""
     functions: Any = _unsupported([])
     function_call: Any = _unsupported("none")
     store: Any = _unsupported(False)
@@ -474,15 +499,15 @@ class ChatCompletionRequest(_SamplingRequest, ChatTemplateOptions):
     @classmethod
     def _among_tools(cls, choice: str | NamedToolChoice | None, info: ValidationInfo) -> str | NamedToolChoice | None:
         tools = info.data.get("tools")
-        if choice in (None, "none"):
+        if choice in (None, "none", "auto"):
             return choice
         if not tools:
-            raise ValueError("tool_choice needs tools")
+            raise ValueError(f"tool_choice {choice if isinstance(choice, str) else 'of a function'} needs tools")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in tools}:
             raise ValueError(f"function {choice.function.name!r} is not among the tools")
         response_format = info.data.get("response_format")
         held = None if response_format is None else response_format.structured_outputs()
-        if choice != "auto" and (info.data.get("structured_outputs") is not None or held is not None):
+        if info.data.get("structured_outputs") is not None or held is not None:
             raise ValueError("a tool choice of required or a function excludes structured_outputs and response_format")
         return choice
 
@@ -657,6 +682,10 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_token_ids: list[int] | None = None
+    """With return_token_ids: the choice's prompt (in a stream, in the choice's first chunk)."""
+    token_ids: list[int] | None = None
+    """With return_token_ids: the tokens of ``text`` past any echoed prompt."""
 
 
 class CompletionResponse(BaseModel):
@@ -696,6 +725,8 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None
+    """With return_token_ids."""
 
 
 class ChatCompletionResponse(BaseModel):
@@ -705,6 +736,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_token_ids: list[int] | None = None
+    """With return_token_ids: the rendered conversation's tokens."""
 
 
 class ChatDelta(BaseModel):
@@ -718,6 +751,8 @@ class ChatStreamChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None
+    """With return_token_ids: this chunk's tokens."""
 
 
 class ChatCompletionChunk(BaseModel):
@@ -727,6 +762,8 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None
+    """With return_token_ids, in the first chunk."""
 
 
 class ModelCard(BaseModel):

@@ -47,42 +47,51 @@ class ToolCalling:
         name = body.tool_choice.function.name if kind == "named" else None  # type: ignore[union-attr]
         return cls(kind, list(body.tools or ()), name, body.parallel_tool_calls)
 
-    def structure(self) -> StructuredOutputsParams | None:
-        """The JSON the reply is held to; None for "auto"."""
+    def structure(self) -> StructuredOutputsParams:
+        """The JSON a reply of held calls ("required" or named) is held to.
+
+        Raises ``ValueError`` when two functions' schemas define one ``$defs`` name differently.
+        """
         if self.kind == "named":
-            return StructuredOutputsParams(json={**_parameters(self._tool(self.name)), **_COMPACT})
-        if self.kind == "required":
-            call = [
+            return StructuredOutputsParams(json={**_COMPACT, **self._tool(self.name).function.parameters})
+        # References resolve from the root, so each function's definitions move there.
+        definitions: dict[str, Any] = {}
+        calls = []
+        for tool in self.tools:
+            parameters = dict(tool.function.parameters or {})
+            for name, definition in parameters.pop("$defs", {}).items():
+                if definitions.setdefault(name, definition) != definition:
+                    raise ValueError(f"two functions define $defs/{name} differently")
+            calls.append(
                 {
                     "type": "object",
-                    "properties": {
-                        "name": {"type": "string", "enum": [tool.function.name]},
-                        "parameters": _parameters(tool),
-                    },
+                    "properties": {"name": {"type": "string", "enum": [tool.function.name]}, "parameters": parameters},
                     "required": ["name", "parameters"],
                     "additionalProperties": False,
                 }
-                for tool in self.tools
-            ]
-            schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": call}, **_COMPACT}
-            if not self.parallel:
-                schema["maxItems"] = 1
-            return StructuredOutputsParams(json=schema)
-        return None
+            )
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **_COMPACT}
+        if definitions:
+            schema["$defs"] = definitions
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return StructuredOutputsParams(json=schema)
 
     def calls(self, text: str) -> list[ToolCall] | None:
         """The calls of a finished reply; None when it holds none, and is content."""
         if self.kind == "named":
-            # Cut short by max_tokens, the arguments are cut too, as the client can see.
+            # Cut short by max_tokens (or a stop string), the arguments are cut too, as in vLLM.
             return [_call(self.name, text)]  # type: ignore[arg-type]
         if self.kind == "required":
             try:
                 items = json.loads(text)
-            except json.JSONDecodeError:
-                return None  # cut short by max_tokens
-            return [_call(item["name"], json.dumps(item["parameters"])) for item in items]  # as the schema holds
+            except (json.JSONDecodeError, RecursionError):
+                return None  # cut short by max_tokens or a stop string
+            return [_call(item["name"], _json(item["parameters"])) for item in items]  # as the schema holds
         parsed = parse_llama3_json(text)
-        return None if parsed is None else [_call(name, arguments) for name, arguments in parsed]
+        if parsed is None:
+            return None
+        return [_call(name, arguments) for name, arguments in parsed[: None if self.parallel else 1]]
 
     def may_be_calls(self, text: str) -> bool | None:
         """Whether a reply beginning with ``text`` may be calls (it is then held back until it
@@ -114,7 +123,7 @@ def parse_llama3_json(text: str) -> list[tuple[str, str]] | None:
     while True:
         try:
             call, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return None
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return None
@@ -122,20 +131,19 @@ def parse_llama3_json(text: str) -> list[tuple[str, str]] | None:
         arguments = call.get("parameters", call.get("arguments"))
         if not isinstance(arguments, dict):
             return None
-        calls.append((call["name"], json.dumps(arguments)))
+        calls.append((call["name"], _json(arguments)))
         rest = text[position:].lstrip()
+        if rest.startswith(";"):
+            rest = rest[1:].lstrip()
+        elif rest:
+            return None
         if not rest:
             return calls
-        if not rest.startswith(";"):
-            return None
-        position = len(text) - len(rest[1:].lstrip())
+        position = len(text) - len(rest)
 
 
-def _parameters(tool: ChatTool) -> dict[str, Any]:
-    """The schema of a function's arguments: an object, of no properties where it declares none."""
-    if tool.function.parameters is not None:
-        return tool.function.parameters
-    return {"type": "object", "properties": {}, "additionalProperties": False}
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _call(name: str, arguments: str) -> ToolCall:

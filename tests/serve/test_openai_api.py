@@ -105,6 +105,33 @@ def test_continuous_usage_counts_each_choices_tokens_so_far(client: openai.OpenA
     assert all(chunk.usage is None for chunk in plain)
 
 
+def test_return_token_ids_gives_the_prompts_and_the_replys_tokens(
+    client: openai.OpenAI, model_name: str, model_dir: Path
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    extra = {"extra_body": {"return_token_ids": True}}
+    options = {"model": model_name, "prompt": "The quick brown fox", **GREEDY, **extra}
+    (whole,) = client.completions.create(**options).choices
+    assert whole.prompt_token_ids == tokenizer.encode("The quick brown fox")
+    assert tokenizer.decode(whole.token_ids) == whole.text and len(whole.token_ids) == 12
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **options)]
+    assert [c.prompt_token_ids for c in chunks] == [whole.prompt_token_ids] + [None] * (len(chunks) - 1)
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    # Echoed, the prompt's tokens stay apart from the reply's.
+    (echoed,) = client.completions.create(echo=True, **options).choices
+    assert echoed.token_ids == whole.token_ids and echoed.prompt_token_ids == whole.prompt_token_ids
+
+    chat_options = {"model": model_name, "messages": [{"role": "user", "content": "Hi"}], **GREEDY, **extra}
+    reply = client.chat.completions.create(**chat_options)
+    assert reply.prompt_token_ids == tokenizer.encode("<|user|>Hi<|end|><|assistant|>")
+    assert len(reply.choices[0].token_ids) == reply.usage.completion_tokens
+    stream = list(client.chat.completions.create(stream=True, **chat_options))
+    assert stream[0].prompt_token_ids == reply.prompt_token_ids and stream[1].prompt_token_ids is None
+    assert [t for c in stream for t in c.choices[0].token_ids or ()] == reply.choices[0].token_ids
+    plain = client.chat.completions.create(**{**chat_options, "extra_body": {}})
+    assert getattr(plain, "prompt_token_ids", None) is None and getattr(plain.choices[0], "token_ids", None) is None
+
+
 def test_chat_and_its_stream_agree(client: openai.OpenAI, model_name: str) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}]
     whole = client.chat.completions.create(model=model_name, messages=messages, **GREEDY)

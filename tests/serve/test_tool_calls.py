@@ -180,6 +180,43 @@ def test_tool_choice_none_renders_the_tools_and_calls_nothing(client: openai.Ope
     assert whole.usage.prompt_tokens > chat(client, extra_body=calls)[0].usage.prompt_tokens
 
 
+def test_held_calls_take_schema_references_functions_of_no_parameters_and_schemas_of_any_object(
+    client: openai.OpenAI,
+) -> None:
+    unit = {"$defs": {"Unit": {"enum": ["c", "f"]}}, **UNIT, "properties": {"unit": {"$ref": "#/$defs/Unit"}}}
+    tools = [
+        {"type": "function", "function": {"name": "get_time", "parameters": unit}},
+        {"type": "function", "function": {"name": "now"}},  # no parameters: none taken
+        {"type": "function", "function": {"name": "anything", "parameters": {}}},
+    ]
+    for seed in range(3):
+        options = {"temperature": 1.0, "seed": seed, "parallel_tool_calls": False}
+        whole, _ = chat(client, tools=tools, tool_choice="required", **options)
+        (call,) = whole.choices[0].message.tool_calls
+        arguments = json.loads(call.function.arguments)
+        assert isinstance(arguments, dict)
+        if call.function.name == "get_time":
+            assert arguments["unit"] in ("c", "f")
+    # The template reads every function's parameters; those left out are an empty object.
+    now = {"type": "function", "function": {"name": "now"}}
+    whole, _ = chat(client, tools=[now], tool_choice={"type": "function", "function": {"name": "now"}})
+    (call,) = whole.choices[0].message.tool_calls
+    assert isinstance(json.loads(call.function.arguments), dict)
+    # The reply goes back into the history as it came, with a stream's index kept by the client.
+    history = [*USER, {"role": "assistant", "tool_calls": [{**call.model_dump(), "index": 0}]}]
+    assert client.chat.completions.create(model=whole.model, messages=history, max_tokens=2).choices
+
+
+def test_auto_with_parallel_tool_calls_off_keeps_the_first_call(client: openai.OpenAI) -> None:
+    two = r'\{"name":"get_time","parameters":\{"unit":"c"\}\};\{"name":"get_time","parameters":\{"unit":"f"\}\}'
+    options = {"tools": TOOLS, "extra_body": {"structured_outputs": {"regex": two}}}
+    both, _ = chat(client, **options)
+    assert [json.loads(c.function.arguments)["unit"] for c in both.choices[0].message.tool_calls] == ["c", "f"]
+    first, chunks = chat(client, parallel_tool_calls=False, **options)
+    assert [json.loads(c.function.arguments)["unit"] for c in first.choices[0].message.tool_calls] == ["c"]
+    assert streamed_calls(chunks) == [("get_time", '{"unit": "c"}')]
+
+
 def test_auto_needs_a_tool_call_parser_and_held_calls_exclude_other_structures(model_dir: Path) -> None:
     with running_server(model_dir, load=lambda: make_llm(model_dir)) as server:
         body = {"messages": USER, "tools": TOOLS}
@@ -191,9 +228,27 @@ def test_auto_needs_a_tool_call_parser_and_held_calls_exclude_other_structures(m
             refused["param"] == "tool_choice"
             and "excludes structured_outputs and response_format" in refused["message"]
         )
-        # Without auto, no parser is needed.
+        # Without auto, no parser is needed; nor with no tools.
         named = {**body, "tool_choice": {"type": "function", "function": {"name": "get_time"}}, "max_tokens": 12}
         assert httpx.post(f"{server.url}/v1/chat/completions", json=named).status_code == 200
+        no_tools = {"messages": USER, "tools": [], "tool_choice": "auto", "max_tokens": 2}
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=no_tools).status_code == 200
+        # Two functions whose schemas define one name differently cannot be held to one schema.
+        clash = [
+            {"type": "function", "function": {"name": name, "parameters": {"$defs": {"X": {"enum": [name]}}}}}
+            for name in ("a", "b")
+        ]
+        held = {"messages": USER, "tools": clash, "tool_choice": "required"}
+        refused = httpx.post(f"{server.url}/v1/chat/completions", json=held).json()["error"]
+        assert refused == {**refused, "param": "tools", "message": "two functions define $defs/X differently"}
+        # Arguments nested past what JSON parsing takes are refused by name, not a server error.
+        deep = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 50_000 + "]" * 50_000}}
+        history = {"messages": [*USER, {"role": "assistant", "tool_calls": [deep]}]}
+        refused = httpx.post(f"{server.url}/v1/chat/completions", json=history).json()["error"]
+        assert refused["param"] == "messages[1].tool_calls" and "nests too deep" in refused["message"]
+        string_schema = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+        refused = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "tools": [string_schema]}).json()
+        assert refused["error"]["param"] == "tools[0].function.parameters"
     with pytest.raises(ValueError, match="tool_call_parser='hermes': must be one of llama3_json"):
         ServeSettings(tool_call_parser="hermes")
 
@@ -206,6 +261,7 @@ def test_llama3_json_calls_are_parsed_whole_or_not_at_all() -> None:
         ("f", "{}"),
         ("g", '{"b": [2]}'),
     ]
+    assert parse_llama3_json('{"name": "f", "parameters": {"city": "Zürich"}};') == [("f", '{"city": "Zürich"}')]
     for text in (
         "Sure: {}",
         '{"name": "f"}',  # no arguments
