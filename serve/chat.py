@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from neuron_llm.outputs import Logprob, RequestOutput
 from neuron_llm.serve.errors import ClientError, ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
-from neuron_llm.serve.logprobs import chat_logprobs
+from neuron_llm.serve.logprobs import chat_logprobs, prompt_logprobs
 from neuron_llm.serve.prompts import Prompt, chat_prompt, checked_structure, output_budget, sampling_params, truncated
 from neuron_llm.serve.protocol import (
     AssistantMessage,
@@ -73,6 +73,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         allowed_token_ids=body.allowed_token_ids,
         bad_words=body.bad_words,
         structured_outputs=await checked_structure(model, held_calls or body.structured),
+        prompt_logprobs=body.prompt_logprobs,
         ignore_eos=body.ignore_eos,
         include_stop_str_in_output=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,
@@ -142,6 +143,9 @@ class _ChatWriter:
             choices=choices,
             usage=self._usage(num_generated),
             prompt_token_ids=self._prompt.token_ids if self._body.return_token_ids else None,
+            prompt_logprobs=None
+            if self._body.prompt_logprobs is None
+            else prompt_logprobs(self._texts, final.prompt_logprobs or []),
         )
 
     async def events(self, generation: Generation, state: ServerState) -> AsyncGenerator[str, None]:

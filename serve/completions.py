@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.serve.errors import ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
-from neuron_llm.serve.logprobs import TextOffsets, completion_logprobs, prompt_text_offsets
+from neuron_llm.serve.logprobs import TextOffsets, completion_logprobs, prompt_logprobs, prompt_text_offsets
 from neuron_llm.serve.prompts import (
     Prompt,
     checked_structure,
@@ -62,7 +62,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
         skip_special_tokens=body.skip_special_tokens,
         logprobs=body.logprobs,
         # Echoed prompts come with their own logprobs, as in OpenAI's API.
-        prompt_logprobs=body.logprobs if body.echo else None,
+        prompt_logprobs=body.logprobs if body.echo else body.prompt_logprobs,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty,
@@ -146,6 +146,8 @@ class _CompletionWriter:
         if self._body.return_token_ids:
             choice.token_ids = delta.token_ids
             choice.prompt_token_ids = prompt.token_ids if delta.is_first else None
+        if self._body.prompt_logprobs is not None:  # never streamed
+            choice.prompt_logprobs = prompt_logprobs(self._texts, output.prompt_logprobs or [])
         return choice
 
     def _output_logprobs(self, delta: ChoiceDelta, prompt: Prompt) -> CompletionLogprobs:

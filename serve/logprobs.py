@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.detokenizer import TokenTexts
 from neuron_llm.outputs import Logprob
-from neuron_llm.serve.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+from neuron_llm.serve.protocol import ChatLogprobs, CompletionLogprobs, PromptLogprob, TokenLogprob, TopLogprob
 
 _MIN_LOGPROB = -9999.0
 """Stands for -inf, which JSON cannot carry (vLLM's choice too)."""
@@ -174,3 +174,20 @@ def chat_logprobs(
 def _top(texts: TokenTexts, token_id: int, logprob: float) -> dict[str, object]:
     # OpenAI's bytes: the token's own, so the tokens of a split character join into it.
     return {"token": token_name(texts, token_id), "logprob": _finite(logprob), "bytes": list(texts.raw_bytes(token_id))}
+
+
+def prompt_logprobs(
+    texts: TokenTexts, logprobs: Sequence[dict[int, Logprob] | None]
+) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's ``prompt_logprobs`` of a reply: per prompt position, token id (a JSON key) -> its logprob."""
+    return [
+        None
+        if entry is None
+        else {
+            str(token_id): PromptLogprob(
+                logprob=_finite(logprob.logprob), rank=logprob.rank, decoded_token=token_name(texts, token_id)
+            )
+            for token_id, logprob in entry.items()
+        }
+        for entry in logprobs
+    ]

@@ -177,6 +177,8 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     return_token_ids: bool = False
     """vLLM's: the reply carries its token ids and its prompt's (in a stream, the prompt's in the first chunk)."""
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """vLLM's: each prompt token's logprob and the this many most likely at its place (not in a stream)."""
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     """Token id, as JSON keys are strings ("50256") -> bias added to its logit, in [-100, 100]."""
     allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
@@ -222,6 +224,13 @@ class _SamplingRequest(_Request):
             raise ValueError(f"keys must be token ids (integers >= 0 as strings), not {bad[:5]}")
         return {int(key): bias for key, bias in value.items()}
 
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _not_streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("stream"):
+            raise ValueError("prompt_logprobs are not sent in a stream (as in vLLM)")
+        return value
+
     @field_validator("stream_options")
     @classmethod
     def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
@@ -260,6 +269,13 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("max_tokens=0 is only allowed with echo: true, to score the prompt")
         if value == 0 and info.data.get("min_tokens"):
             raise ValueError("max_tokens=0 generates nothing, so min_tokens must be 0")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _one_way_to_prompt_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("echo") and info.data.get("prompt_logprobs") is not None:
+            raise ValueError("echo with logprobs gives the prompt's logprobs already: leave out prompt_logprobs")
         return value
 
     @field_validator("best_of")
@@ -677,6 +693,14 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's form of one logprob in ``prompt_logprobs``."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -686,6 +710,8 @@ class CompletionChoice(BaseModel):
     """With return_token_ids: the choice's prompt (in a stream, in the choice's first chunk)."""
     token_ids: list[int] | None = None
     """With return_token_ids: the tokens of ``text`` past any echoed prompt."""
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+    """With prompt_logprobs: per prompt token (None for the first), token id -> its logprob."""
 
 
 class CompletionResponse(BaseModel):
@@ -738,6 +764,8 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
     prompt_token_ids: list[int] | None = None
     """With return_token_ids: the rendered conversation's tokens."""
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+    """With prompt_logprobs, as in a completion choice."""
 
 
 class ChatDelta(BaseModel):

@@ -132,6 +132,31 @@ def test_return_token_ids_gives_the_prompts_and_the_replys_tokens(
     assert getattr(plain, "prompt_token_ids", None) is None and getattr(plain.choices[0], "token_ids", None) is None
 
 
+def test_prompt_logprobs_score_each_prompt_token_as_echo_does(
+    client: openai.OpenAI, model_name: str, model_dir: Path
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = tokenizer.encode("The quick brown fox")
+    options = {"model": model_name, "prompt": prompt_ids, "temperature": 0, "max_tokens": 2}
+    (choice,) = client.completions.create(**options, extra_body={"prompt_logprobs": 2}).choices
+    scored = choice.prompt_logprobs
+    assert len(scored) == len(prompt_ids) and scored[0] is None
+    for token_id, entry in zip(prompt_ids[1:], scored[1:], strict=True):
+        assert str(token_id) in entry and 2 <= len(entry) <= 3
+        assert sorted(e["rank"] for e in entry.values() if e["rank"] <= 2) == [1, 2]
+    echoed = client.completions.create(**options, echo=True, logprobs=0).choices[0].logprobs.token_logprobs
+    expected = [None] + [entry[str(t)]["logprob"] for t, entry in zip(prompt_ids[1:], scored[1:], strict=True)]
+    assert echoed[: len(prompt_ids)] == pytest.approx(expected, abs=1e-6)
+    reply = client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_body={"prompt_logprobs": 0}
+    )
+    assert len(reply.prompt_logprobs) == reply.usage.prompt_tokens
+    assert all(len(entry) == 1 for entry in reply.prompt_logprobs[1:])
+    for refused in ({"stream": True}, {"echo": True, "logprobs": 1}):
+        with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+            client.completions.create(**options, **refused, extra_body={"prompt_logprobs": 1})
+
+
 def test_chat_and_its_stream_agree(client: openai.OpenAI, model_name: str) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}]
     whole = client.chat.completions.create(model=model_name, messages=messages, **GREEDY)
