@@ -556,6 +556,9 @@ class SpeculativeConfig:
     """The draft model (a path, as ``LLM``'s ``model``), for "draft_model"."""
     quantization: str | None = None
     """The draft model's quantization preset, if any (a model's own int8 copy can draft for it)."""
+    draft_tensor_parallel_size: int | None = None
+    """The draft's tensor parallelism: 1 (None means 1 too). Under tensor parallelism the draft
+    runs whole on rank 0's device, in the engine's process (vLLM shards it as the model is)."""
 
     def __post_init__(self) -> None:
         _require(self.method in ("ngram", "draft_model"), "method", self.method, "must be 'ngram' or 'draft_model'")
@@ -579,6 +582,10 @@ class SpeculativeConfig:
             "is the draft model of method 'draft_model', which needs one" if is_draft else "needs method 'draft_model'",
         )
         _require(self.quantization is None or is_draft, "quantization", self.quantization, "is the draft model's")
+        if (draft_tp := self.draft_tensor_parallel_size) is not None:
+            _require(is_draft, "draft_tensor_parallel_size", draft_tp, "is the draft model's")
+            why = "must be 1: the draft runs whole on rank 0's device"
+            _require(is_int(draft_tp) and draft_tp == 1, "draft_tensor_parallel_size", draft_tp, why)
         if is_draft:
             for name in ("prompt_lookup_max", "prompt_lookup_min"):
                 value = getattr(self, name)
@@ -727,9 +734,6 @@ class EngineConfig:
             # cannot overlap.
             if self.scheduler.async_scheduling:
                 raise ValueError("async_scheduling=True and speculative decoding exclude each other")
-            if self.speculative.model is not None and self.parallel.tensor_parallel_size > 1:
-                # The draft runs in the engine's process, beside rank 0's worker.
-                raise ValueError("a draft model with tensor_parallel_size > 1 is not supported yet")
         limit = self.model.max_context_len
         if self.scheduler.max_model_len is None:
             object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, max_model_len=limit))

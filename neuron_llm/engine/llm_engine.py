@@ -193,7 +193,9 @@ class LLMEngine:
         self._output_readers: set[str] = set()
         """Requests whose penalties, bad words or grammar need every token on the host before the next step."""
         self._failures: list[tuple[str, Exception]] = []
-        self.proposer: Proposer | None = make_proposer(config, executor.num_kv_blocks, tokenizer)
+        self.proposer: Proposer | None = make_proposer(
+            config, executor.num_kv_blocks, tokenizer, executor.worker.device
+        )
         self._grammars = (
             None
             if tokenizer is None

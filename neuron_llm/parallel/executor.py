@@ -61,6 +61,7 @@ from neuron_llm.parallel.state import (
     init_distributed,
     init_from_torchrun,
     min_over_ranks,
+    parallel_state,
     torchrun_env,
 )
 from neuron_llm.sample import RowState
@@ -378,7 +379,9 @@ def make_executor(config: EngineConfig, build_worker: WorkerFactory, *, timeout_
     1..N-1 from this process.
     """
     world_size = config.parallel.tensor_parallel_size
-    env = torchrun_env()
+    # A one-device engine beside rank 0 of a running group (a draft model) is none of the
+    # launcher's business: its ranks are that group's.
+    env = None if world_size == 1 and parallel_state().world_size > 1 else torchrun_env()
     if world_size > 1:
         _check_devices(config.device.device, world_size, env)
     if env is not None:

@@ -3,6 +3,7 @@ greedy output changes."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -149,13 +150,19 @@ def test_a_draft_with_another_vocabulary_is_refused(tiny_model_dir, tmp_path) ->
         make_llm(tiny_model_dir, speculative_config={"model": str(draft), "num_speculative_tokens": 2})
 
 
-def test_a_draft_model_is_refused_with_tensor_parallelism(tiny_model_dir) -> None:
-    with pytest.raises(ValueError, match="tensor_parallel_size > 1 is not supported"):
-        make_llm(
-            tiny_model_dir,
-            tensor_parallel_size=2,
-            speculative_config={"model": str(tiny_model_dir), "num_speculative_tokens": 2},
-        )
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"draft_tensor_parallel_size": 2}, "draft_tensor_parallel_size=2: must be 1: the draft runs whole on rank 0"),
+        ({"draft_tensor_parallel_size": True}, "draft_tensor_parallel_size=True: must be 1"),
+        ({"method": "ngram", "model": None, "draft_tensor_parallel_size": 1}, "=1: is the draft model's"),
+    ],
+)
+def test_a_draft_runs_on_one_device_only(tiny_model_dir, spec, message) -> None:
+    config = {"model": str(tiny_model_dir), "num_speculative_tokens": 2, **spec}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SpeculativeConfig.parse(config)
+    assert SpeculativeConfig.parse({**config, "draft_tensor_parallel_size": None}) is not None
 
 
 def test_a_missing_draft_model_is_named_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch) -> None:

@@ -751,3 +751,66 @@ def test_speculation_over_two_ranks_generates_what_one_device_does(model_dir: Pa
         two_ranks.shutdown()
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_a_draft_model_over_two_ranks_changes_no_greedy_output(model_dir: Path) -> None:
+    # The draft runs whole beside rank 0's shard; the model verifies across both ranks.
+    from neuron_llm import LLM, SamplingParams
+
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [7, 8] * 6]
+    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    one = LLM(model=str(model_dir), **options)
+    expected = [o.outputs[0].token_ids for o in one.generate([{"prompt_token_ids": p} for p in prompts], greedy)]
+    speculative = {"model": str(model_dir), "num_speculative_tokens": 3, "draft_tensor_parallel_size": 1}
+    two_ranks = LLM(model=str(model_dir), tensor_parallel_size=2, speculative_config=speculative, **options)
+    try:
+        draft = two_ranks.engine.proposer.llm
+        assert draft.weight_bytes == one.weight_bytes > two_ranks.weight_bytes  # whole, not a shard
+        outputs = two_ranks.generate([{"prompt_token_ids": p} for p in prompts], greedy)
+        stats = two_ranks.engine.stats()
+    finally:
+        two_ranks.shutdown()
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    # The model drafting for itself (fp32) proposes its own greedy tokens.
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens / stats.num_draft_tokens > 0.9
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_a_draft_model_under_torchrun_runs_on_rank_0(model_dir: Path, tmp_path: Path) -> None:
+    # The draft's one-device engine must not take torchrun's WORLD_SIZE=2 for its own.
+    from neuron_llm import LLM, SamplingParams
+
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
+    expected = LLM(model=str(model_dir), **options).generate({"prompt_token_ids": [3, 1, 4, 1, 5]}, greedy)
+    script = tmp_path / "draft.py"
+    script.write_text(TORCHRUN_DRAFT_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(
+        [*command, str(script), str(model_dir), str(tmp_path)], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "tokens.txt").read_text() == repr(list(expected[0].outputs[0].token_ids))
+    accepted, drafted = map(int, (tmp_path / "stats.txt").read_text().split())
+    assert drafted > 0 and accepted / drafted > 0.9
+
+
+TORCHRUN_DRAFT_SCRIPT = """
+import sys
+from pathlib import Path
+from neuron_llm import LLM, SamplingParams
+
+model_dir, out_dir = sys.argv[1], Path(sys.argv[2])
+llm = LLM(
+    model=model_dir, tensor_parallel_size=2, dtype="float32", num_kv_blocks=32, block_size=4, max_model_len=64,
+    speculative_config={"model": model_dir, "num_speculative_tokens": 3}, distributed_timeout=60,
+)
+greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+output = llm.generate({"prompt_token_ids": [3, 1, 4, 1, 5]}, greedy)
+stats = llm.engine.stats()
+llm.shutdown()
+(out_dir / "tokens.txt").write_text(repr(list(output[0].outputs[0].token_ids)))
+(out_dir / "stats.txt").write_text(f"{stats.num_accepted_tokens} {stats.num_draft_tokens}")
+"""

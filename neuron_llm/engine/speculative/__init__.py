@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
+import torch
+
 from neuron_llm.config import EngineConfig
 from neuron_llm.engine.speculative.draft import DraftModelProposer
 from neuron_llm.engine.speculative.ngram import NgramProposer
@@ -29,14 +31,18 @@ class Proposer(Protocol):
 
 
 def make_proposer(
-    config: EngineConfig, num_kv_blocks: int, tokenizer: PreTrainedTokenizerBase | None = None
+    config: EngineConfig,
+    num_kv_blocks: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    device: torch.device | str | None = None,
 ) -> Proposer | None:
-    """The proposer ``config.speculative`` asks for (a draft model's pool of ``num_kv_blocks``
-    blocks, its tokenizer checked against the model's ``tokenizer``); None when speculation is off."""
+    """The proposer ``config.speculative`` asks for (a draft model on ``device`` with a pool of
+    ``num_kv_blocks`` blocks, its tokenizer checked against the model's ``tokenizer``); None
+    when speculation is off."""
     if config.speculative is None:
         return None
     if config.speculative.method == "draft_model":
-        return DraftModelProposer(config, num_kv_blocks, tokenizer)
+        return DraftModelProposer(config, num_kv_blocks, tokenizer, device)
     return NgramProposer(config.speculative)
 
 

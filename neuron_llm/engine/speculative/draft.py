@@ -64,10 +64,17 @@ class DraftModelProposer:
     tokens); on the XLA device it compiles its own buckets' graphs at its warm-up.
     A draft with a shorter context than ``max_model_len`` drafts only within its own. Given the
     model's ``tokenizer``, a draft that has one must map every token to the same id.
+
+    It runs whole on ``device`` (None: the config's), which under tensor parallelism is rank
+    0's: only the model is sharded, and the other ranks wait while rank 0 drafts.
     """
 
     def __init__(
-        self, config: EngineConfig, num_kv_blocks: int, tokenizer: PreTrainedTokenizerBase | None = None
+        self,
+        config: EngineConfig,
+        num_kv_blocks: int,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         from neuron_llm.llm import LLM  # the draft is built as any model is
 
@@ -80,7 +87,7 @@ class DraftModelProposer:
         try:
             self.llm: LLM = LLM(
                 speculative.model,
-                device=str(config.device.device),
+                device=str(config.device.device if device is None else device),
                 dtype=config.device.dtype,
                 quantization=speculative.quantization,
                 backend=config.device.backend,
