@@ -420,6 +420,10 @@ def _read_yarn(params: dict[str, Any], context: int, max_position_embeddings: in
     )
 
 
+_A_YEAR_S = 365 * 24 * 3600
+"""The longest wait for the other ranks accepted: far below where ``timedelta`` overflows."""
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """How the model is split across devices."""
@@ -438,10 +442,10 @@ class ParallelConfig:
             "must be an integer >= 1",
         )
         _require(
-            is_finite_number(self.distributed_timeout) and self.distributed_timeout > 0,
+            is_finite_number(self.distributed_timeout) and 0 < self.distributed_timeout <= _A_YEAR_S,
             "distributed_timeout",
             self.distributed_timeout,
-            "must be a number of seconds > 0",
+            f"must be a number of seconds > 0, at most a year ({_A_YEAR_S})",
         )
 
     def check_model(self, model: ModelConfig) -> None:

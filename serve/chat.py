@@ -155,7 +155,7 @@ class _ChatWriter:
         for i in range(self._body.n):
             role = ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
             chunk = self._chunk([role], self._usage(0) if continuous else None)
-            if i == 0 and self._body.return_token_ids:
+            if self._body.return_token_ids:  # on every choice's first chunk, as in vLLM
                 chunk.prompt_token_ids = self._prompt.token_ids
             yield event(chunk)
         tracker = DeltaTracker(self._body.n, has_logprobs=self._body.logprobs)

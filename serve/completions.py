@@ -62,7 +62,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
         skip_special_tokens=body.skip_special_tokens,
         logprobs=body.logprobs,
         # Echoed prompts come with their own logprobs, as in OpenAI's API.
-        prompt_logprobs=body.logprobs if body.echo else body.prompt_logprobs,
+        prompt_logprobs=body.num_prompt_logprobs,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty,
@@ -146,7 +146,7 @@ class _CompletionWriter:
         if self._body.return_token_ids:
             choice.token_ids = delta.token_ids
             choice.prompt_token_ids = prompt.token_ids if delta.is_first else None
-        if self._body.prompt_logprobs is not None:  # never streamed
+        if not self._body.stream and self._body.num_prompt_logprobs is not None:
             choice.prompt_logprobs = prompt_logprobs(self._texts, output.prompt_logprobs or [])
         return choice
 
@@ -162,7 +162,9 @@ class _CompletionWriter:
         """Logprobs of the echoed prompt followed by those of the generated tokens."""
         tokenizer = self._model.tokenizer
         prompt_offsets = prompt_text_offsets(self._texts, tokenizer, prompt.text, prompt.token_ids)
-        prompt_part = completion_logprobs(self._texts, prompt.token_ids, output.prompt_logprobs or [], prompt_offsets)
+        prompt_part = completion_logprobs(
+            self._texts, prompt.token_ids, output.prompt_logprobs or [], prompt_offsets, self._body.logprobs
+        )
         self._text_offsets[delta.index] = TextOffsets(
             self._texts,
             start=len(prompt.text),

@@ -26,11 +26,13 @@ def completion_logprobs(
     token_ids: Sequence[int],
     logprobs: Sequence[dict[int, Logprob] | None],
     text_offsets: Sequence[int],
+    num_top: int | None = None,
 ) -> CompletionLogprobs:
     """The ``logprobs`` of a completion choice for ``token_ids``, which begin at ``text_offsets``.
 
     A position without logprobs (the first prompt token, under ``echo``) gets None entries.
-    Each position's ``top_logprobs`` holds the chosen token and the most likely ones.
+    Each position's ``top_logprobs`` holds the chosen token and the most likely ones (at most
+    ``num_top`` of them, when given).
     """
     result = CompletionLogprobs()
     for token_id, entry, offset in zip(token_ids, logprobs, text_offsets, strict=True):
@@ -41,7 +43,8 @@ def completion_logprobs(
             result.top_logprobs.append(None)
         else:
             result.token_logprobs.append(_finite(entry[token_id].logprob))
-            top = {token_name(texts, top_id): _finite(top.logprob) for top_id, top in entry.items()}
+            best = entry.items() if num_top is None else _most_likely(entry, num_top)
+            top = {token_name(texts, top_id): _finite(top.logprob) for top_id, top in best}
             top[token_name(texts, token_id)] = result.token_logprobs[-1]  # kept should two names meet
             result.top_logprobs.append(top)
     return result
@@ -160,8 +163,7 @@ def chat_logprobs(
     """The ``logprobs`` of a chat choice: each token with its ``num_top`` most likely alternatives."""
     content = []
     for token_id, entry in zip(token_ids, logprobs):
-        # By logprob, not rank: a sampled token tied with others has the last of their ranks.
-        best = sorted(entry.items(), key=lambda item: (-item[1].logprob, item[1].rank or 0))[:num_top]
+        best = _most_likely(entry, num_top)
         content.append(
             TokenLogprob(
                 **_top(texts, token_id, entry[token_id].logprob),
@@ -169,6 +171,11 @@ def chat_logprobs(
             )
         )
     return ChatLogprobs(content=content)
+
+
+def _most_likely(entry: dict[int, Logprob], num_top: int) -> list[tuple[int, Logprob]]:
+    # By logprob, not rank: a sampled token tied with others has the last of their ranks.
+    return sorted(entry.items(), key=lambda item: (-item[1].logprob, item[1].rank or 0))[:num_top]
 
 
 def _top(texts: TokenTexts, token_id: int, logprob: float) -> dict[str, object]:

@@ -227,7 +227,7 @@ class _SamplingRequest(_Request):
     @field_validator("prompt_logprobs")
     @classmethod
     def _not_streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and info.data.get("stream"):
+        if value and info.data.get("stream"):  # 0 is let through, as vLLM does
             raise ValueError("prompt_logprobs are not sent in a stream (as in vLLM)")
         return value
 
@@ -271,13 +271,6 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("max_tokens=0 generates nothing, so min_tokens must be 0")
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _one_way_to_prompt_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and info.data.get("echo") and info.data.get("prompt_logprobs") is not None:
-            raise ValueError("echo with logprobs gives the prompt's logprobs already: leave out prompt_logprobs")
-        return value
-
     @field_validator("best_of")
     @classmethod
     def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -289,6 +282,14 @@ class CompletionRequest(_SamplingRequest):
     def scores_only(self) -> bool:
         """Whether the prompt is only echoed with its logprobs (``echo`` with ``max_tokens`` 0)."""
         return self.echo and self.max_tokens == 0
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """The prompt's logprobs to compute: ``prompt_logprobs``'s, else, echoed, ``logprobs``'s
+        (vLLM's rule: where both are given, ``prompt_logprobs`` sets the echoed ones too)."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
 
 
 class TextContent(_Request):

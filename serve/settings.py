@@ -108,8 +108,10 @@ class ServeSettings:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= {least}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout={self.drain_timeout}: must be >= 0")
-        if self.distributed_timeout is not None and not self.distributed_timeout > 0:
-            raise ValueError(f"distributed_timeout={self.distributed_timeout}: must be > 0")
+        if self.distributed_timeout is not None:
+            from neuron_llm.config import ParallelConfig
+
+            ParallelConfig(distributed_timeout=self.distributed_timeout)
         if self.speculative_config is not None:
             from neuron_llm.config import SpeculativeConfig
 

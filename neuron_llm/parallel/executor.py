@@ -266,7 +266,7 @@ class MultiprocExecutor(Executor):
                 thread.join(POLL_S)
                 failure = self._ranks.failure(wait_s=0) if self._ranks is not None else None
                 if failure is None and thread.is_alive() and time.monotonic() > deadline:
-                    failure = WorkerError(f"tensor-parallel ranks did not {what} within {self._timeout_s:.0f} s")
+                    failure = WorkerError(f"tensor-parallel ranks did not {what} within {self._timeout_s:g} s")
                 if failure is not None and thread.is_alive():
                     raise failure
         except BaseException:

@@ -138,7 +138,7 @@ class RankProcesses:
             if failure is not None:
                 raise failure
             if time.monotonic() > deadline:
-                raise WorkerError(f"tensor-parallel ranks did not start within {self.timeout_s:.0f} s")
+                raise WorkerError(f"tensor-parallel ranks did not start within {self.timeout_s:g} s")
             time.sleep(POLL_S)
 
     def all_running(self) -> bool:

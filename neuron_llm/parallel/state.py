@@ -201,7 +201,7 @@ def broadcast_from_driver(obj: object) -> object:
             if time.monotonic() < deadline - _TIMEOUT_SLACK_S:
                 raise  # a peer's connection closed, not a timeout
             raise TimeoutError(
-                f"tensor-parallel ranks did not take rank 0's next step within {_state.timeout_s:.0f} s"
+                f"tensor-parallel ranks did not take rank 0's next step within {_state.timeout_s:g} s"
             ) from e
     return obj
 

@@ -84,8 +84,10 @@ def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
         ServeSettings.from_env({"NEURON_LLM_PORT": "http"})
     with pytest.raises(ValueError, match="max_waiting_requests"):
         ServeSettings(max_waiting_requests=0)
-    with pytest.raises(ValueError, match="distributed_timeout=0.0: must be > 0"):
-        ServeSettings.from_env({"NEURON_LLM_DISTRIBUTED_TIMEOUT": "0"})
+    for timeout in ("0", "inf", "1e300"):
+        message = f"distributed_timeout={float(timeout)}: must be a number of seconds > 0"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ServeSettings.from_env({"NEURON_LLM_DISTRIBUTED_TIMEOUT": timeout})
     # Checked before the port opens, not in the load that follows (minutes, in a container).
     with pytest.raises(ValueError, match="dtype='int4' is not supported"):
         ServeSettings.from_env({"NEURON_LLM_DTYPE": "int4"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -138,8 +139,11 @@ def test_engine_options_are_checked_before_loading(tmp_path: Path, model_dir: Pa
         LLM(model=str(tmp_path / "not-loaded"), swap_space=4)
     with pytest.raises(ValueError, match=r"warm_up='no': must be None or a bool"):
         LLM(model=str(tmp_path / "not-loaded"), warm_up="no")
-    with pytest.raises(ValueError, match="distributed_timeout=-1: must be a number of seconds > 0"):
-        LLM(model=str(model_dir), distributed_timeout=-1)
+    for timeout in (-1, 1e300):
+        with pytest.raises(
+            ValueError, match=re.escape(f"distributed_timeout={timeout}: must be a number of seconds > 0, at")
+        ):
+            LLM(model=str(model_dir), distributed_timeout=timeout)
     llm = make_llm(model_dir, gpu_memory_utilization=0.5, distributed_timeout=30)  # vLLM's name, and ours
     assert llm.config.cache.memory_fraction == 0.5 and llm.config.parallel.distributed_timeout == 30
     assert llm.get_tokenizer() is llm.tokenizer is not None

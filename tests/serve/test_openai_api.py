@@ -128,6 +128,9 @@ def test_return_token_ids_gives_the_prompts_and_the_replys_tokens(
     stream = list(client.chat.completions.create(stream=True, **chat_options))
     assert stream[0].prompt_token_ids == reply.prompt_token_ids and stream[1].prompt_token_ids is None
     assert [t for c in stream for t in c.choices[0].token_ids or ()] == reply.choices[0].token_ids
+    # Each choice's role chunk carries the prompt's ids, as in vLLM.
+    two = list(client.chat.completions.create(stream=True, n=2, **chat_options))
+    assert [c.choices[0].index for c in two if c.prompt_token_ids == reply.prompt_token_ids] == [0, 1]
     plain = client.chat.completions.create(**{**chat_options, "extra_body": {}})
     assert getattr(plain, "prompt_token_ids", None) is None and getattr(plain.choices[0], "token_ids", None) is None
 
@@ -152,9 +155,32 @@ def test_prompt_logprobs_score_each_prompt_token_as_echo_does(
     )
     assert len(reply.prompt_logprobs) == reply.usage.prompt_tokens
     assert all(len(entry) == 1 for entry in reply.prompt_logprobs[1:])
-    for refused in ({"stream": True}, {"echo": True, "logprobs": 1}):
-        with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
-            client.completions.create(**options, **refused, extra_body={"prompt_logprobs": 1})
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs are not sent in a stream"):
+        client.completions.create(**options, stream=True, extra_body={"prompt_logprobs": 1})
+    # 0 is let through in a stream, as vLLM does, and sends nothing.
+    streamed = list(client.completions.create(**options, stream=True, extra_body={"prompt_logprobs": 0}))
+    assert all(getattr(c.choices[0], "prompt_logprobs", None) is None for c in streamed)
+
+
+def test_echo_and_prompt_logprobs_go_together(client: openai.OpenAI, model_name: str, model_dir: Path) -> None:
+    # As in vLLM: prompt_logprobs sets the prompt's logprobs, echoed or not, and echo with
+    # logprobs alone reports them as prompt_logprobs too.
+    prompt_ids = AutoTokenizer.from_pretrained(model_dir).encode("The quick brown fox")
+    options = {"model": model_name, "prompt": prompt_ids, "temperature": 0, "max_tokens": 2}
+    scored = client.completions.create(**options, extra_body={"prompt_logprobs": 3}).choices[0].prompt_logprobs
+    for extra in ({}, {"max_tokens": 0}):
+        (choice,) = client.completions.create(
+            **{**options, **extra}, echo=True, extra_body={"prompt_logprobs": 3}
+        ).choices
+        assert choice.prompt_logprobs == scored and choice.logprobs is None
+    (choice,) = client.completions.create(**options, echo=True, logprobs=1, extra_body={"prompt_logprobs": 3}).choices
+    assert choice.prompt_logprobs == scored
+    echoed = choice.logprobs.top_logprobs[1 : len(prompt_ids)]
+    # The chosen token and logprobs=1 more: no more of prompt_logprobs' 3 than asked.
+    assert all(1 <= len(top) <= 2 for top in echoed) and any(len(top) == 2 for top in echoed)
+    (choice,) = client.completions.create(**options, echo=True, logprobs=3).choices
+    assert choice.prompt_logprobs == scored
+    assert getattr(client.completions.create(**options, logprobs=3).choices[0], "prompt_logprobs", None) is None
 
 
 def test_chat_and_its_stream_agree(client: openai.OpenAI, model_name: str) -> None:
