@@ -56,6 +56,8 @@ def test_serve_command_line_becomes_settings() -> None:
         "tensor_parallel_size": None,
         "max_model_len": 128,
     }
+    timed = parser.parse_args(["serve", "my/model", "--tensor-parallel-size", "2", "--distributed-timeout", "90.5"])
+    assert ServeSettings.from_args(timed).llm_options()["distributed_timeout"] == 90.5
 
 
 def test_environment_becomes_settings_and_refuses_unknown_names() -> None:

@@ -162,6 +162,28 @@ def test_prompt_logprobs_score_each_prompt_token_as_echo_does(
     assert all(getattr(c.choices[0], "prompt_logprobs", None) is None for c in streamed)
 
 
+def test_each_choice_carries_its_own_prompts_ids_and_logprobs(client: openai.OpenAI, model_name: str) -> None:
+    prompts = ["The quick brown fox", "Hello"]
+    options = {"model": model_name, "prompt": prompts, "temperature": 0, "max_tokens": 3, "n": 2}
+    extra = {"prompt_logprobs": 1, "return_token_ids": True}
+    choices = client.completions.create(**options, extra_body=extra).choices
+    alone = [
+        client.completions.create(**{**options, "prompt": p, "n": 1}, extra_body=extra).choices[0] for p in prompts
+    ]
+    # Choices come prompt by prompt, n of each.
+    assert [c.prompt_token_ids for c in choices] == [alone[0].prompt_token_ids] * 2 + [alone[1].prompt_token_ids] * 2
+    assert [c.prompt_logprobs for c in choices] == [alone[0].prompt_logprobs] * 2 + [alone[1].prompt_logprobs] * 2
+    stream = client.completions.create(**options, stream=True, extra_body={"return_token_ids": True})
+    streamed = [c.choices[0] for c in stream]
+    # Each choice's first chunk, and only that one, carries its prompt's ids.
+    firsts = {}
+    for chunk in streamed:
+        if chunk.prompt_token_ids is not None:
+            assert chunk.index not in firsts
+            firsts[chunk.index] = chunk.prompt_token_ids
+    assert firsts == {i: choices[i].prompt_token_ids for i in range(4)}
+
+
 def test_echo_and_prompt_logprobs_go_together(client: openai.OpenAI, model_name: str, model_dir: Path) -> None:
     # As in vLLM: prompt_logprobs sets the prompt's logprobs, echoed or not, and echo with
     # logprobs alone reports them as prompt_logprobs too.
