@@ -56,6 +56,7 @@ import torch
 from safetensors import safe_open
 
 from neuron_llm import __version__
+from neuron_llm.buckets import context_lengths
 from neuron_llm.config import EngineConfig, SpeculativeConfig, parse_device, parse_dtype, require_visible
 from neuron_llm.loader import default_dtype
 from neuron_llm.models.llama import LlamaForCausalLM
@@ -120,6 +121,7 @@ def fixed_options(config: EngineConfig) -> dict[str, Any]:
             None if speculative is None else {"num_speculative_tokens": speculative.num_speculative_tokens}
         )
         options["sampling_features"] = list(config.device.sampling_features)
+        options["context_buckets"] = list(context_lengths(config))
     return options
 
 
@@ -392,7 +394,7 @@ def _same_option(name: str, value: Any, built: Any) -> bool:
         return parse_device(value).type == built
     if name == "dtype":
         return value == "auto" or parse_dtype(value) == parse_dtype(built)
-    if name == "sampling_features":
+    if name in ("sampling_features", "context_buckets"):
         return sorted(set(value)) == built
     if name == "speculative_config":
         parsed = SpeculativeConfig.parse(value)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -89,17 +90,19 @@ class GraphShape:
 def graph_shapes(config: EngineConfig) -> list[GraphShape]:
     """The graphs an engine of ``config`` warms up on the XLA device: each bucket's plain step
     graph; with speculative decoding, each prefill bucket's verification graph (named
-    ``<bucket>_verify``); and each of these again per combination of the configured sampling
-    features (named ``<graph>+<feature>+...``)."""
+    ``<bucket>_verify``); each of these at every block-table width, where there are several
+    (named ``<bucket>_c<context length>``); and each again per combination of the configured
+    sampling features (named ``<graph>+<feature>+...``)."""
     buckets = BucketSet.for_engine(config)
-    width = buckets.max_blocks_per_seq
+    widths = buckets.block_table_widths
     combos = [(), *feature_sets(config.device.sampling_features)]
+    k = config.speculative.num_speculative_tokens if config.speculative is not None else None
     shapes = []
-    for features in combos:
-        suffix = "".join(f"+{feature}" for feature in features)
+    for features, width in itertools.product(combos, widths):
+        suffix = "" if len(widths) == 1 else f"_c{width * config.cache.block_size}"
+        suffix += "".join(f"+{feature}" for feature in features)
         shapes += [GraphShape(f"{b.name}{suffix}", b.num_tokens, b.num_seqs, width, 0, features) for b in buckets.all]
-        if config.speculative is not None:
-            k = config.speculative.num_speculative_tokens
+        if k is not None:
             shapes += [
                 GraphShape(
                     f"{b.name}_verify{suffix}",

@@ -13,11 +13,15 @@ runs eagerly computes only its real tokens. Two kinds of bucket:
   graph, not a compiled NEFF); sequences to ``max_num_seqs``, or to the bucket's tokens where
   those are fewer, since every sequence of a step computes at least one token.
 
-The block-table width is fixed at ``max_blocks_per_seq`` (max_model_len / block_size).
+The block-table width is ``max_blocks_per_seq`` (max_model_len / block_size), except on the
+XLA device, whose attention computes every key of the width: there a step's tables are cut
+to the smallest of a few context lengths holding its longest sequence (powers of two from
+``MIN_CONTEXT_BUCKET`` by default), and each bucket has a graph per width.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +30,10 @@ if TYPE_CHECKING:
 
 FINE_PREFILL_STEP = 128
 """Prefill tokens past which buckets grow linearly by this step, on devices that take it."""
+
+MIN_CONTEXT_BUCKET = 512
+"""The shortest default context length on the XLA device: its attention walks the keys this
+many at a time (``backends.neuron.CHUNK_KEYS``), so a shorter width saves little."""
 
 
 @dataclass(frozen=True, order=True)
@@ -53,7 +61,8 @@ def _powers_of_two_up_to(limit: int, start: int = 1) -> list[int]:
 class BucketSet:
     decode: tuple[Bucket, ...]
     prefill: tuple[Bucket, ...]
-    max_blocks_per_seq: int
+    block_table_widths: tuple[int, ...]
+    """Block-table widths a step is padded to, ascending; the last is ``max_blocks_per_seq``."""
 
     @classmethod
     def default(
@@ -64,6 +73,7 @@ class BucketSet:
         block_size: int,
         prefill_step: int | None = None,
         num_speculative_tokens: int | None = None,
+        context_lengths: Sequence[int] = (),
     ) -> BucketSet:
         """Powers of two up to the scheduler's limits (the limits themselves included); with
         ``prefill_step``, prefill buckets past it grow by that many tokens instead of doubling
@@ -71,7 +81,8 @@ class BucketSet:
         ``num_speculative_tokens`` (k), a prefill bucket of ``s * (k + 1)`` tokens over ``s``
         sequences for each decode bucket's ``s``: the step that verifies every decoding
         sequence's proposals (with k=4 a sequence's is 5 tokens, not the 16 of the smallest
-        prompt bucket)."""
+        prompt bucket). Block tables take the widths of ``context_lengths`` (tokens) and of
+        ``max_model_len``."""
         decode_sizes = _powers_of_two_up_to(min(max_num_seqs, max_num_batched_tokens))
         decode = tuple(Bucket(s, s, "decode") for s in decode_sizes)
         # No step holds more than max_model_len tokens of each of max_num_seqs sequences.
@@ -86,7 +97,8 @@ class BucketSet:
             prefill |= {
                 Bucket(s * rows_per_seq, s, "prefill") for s in decode_sizes if s * rows_per_seq <= max_step_tokens
             }
-        return cls(decode, tuple(sorted(prefill)), -(-max_model_len // block_size))
+        widths = {-(-length // block_size) for length in (*context_lengths, max_model_len) if length <= max_model_len}
+        return cls(decode, tuple(sorted(prefill)), tuple(sorted(widths)))
 
     @classmethod
     def for_engine(cls, config: EngineConfig) -> BucketSet:
@@ -104,7 +116,19 @@ class BucketSet:
             # would compute the smallest prompt bucket's (elsewhere its graph or eager step
             # costs little more than a decode step's).
             num_speculative_tokens=speculative.num_speculative_tokens if on_xla and speculative else None,
+            context_lengths=context_lengths(config) if on_xla else (),
         )
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return self.block_table_widths[-1]
+
+    def width_for(self, num_blocks: int) -> int:
+        """The narrowest block-table width holding ``num_blocks`` blocks."""
+        for width in self.block_table_widths:
+            if width >= num_blocks:
+                return width
+        raise ValueError(f"{num_blocks} blocks exceed the widest block table ({self.max_blocks_per_seq})")
 
     @property
     def all(self) -> tuple[Bucket, ...]:
@@ -120,3 +144,11 @@ class BucketSet:
             f"a {kind} step of {num_tokens} tokens over {num_seqs} sequences fits no configured bucket "
             f"(largest: {(self.decode if is_decode else self.prefill)[-1]})"
         )
+
+
+def context_lengths(config: EngineConfig) -> tuple[int, ...]:
+    """The XLA device's context lengths: ``context_buckets``, or powers of two from
+    ``MIN_CONTEXT_BUCKET`` below ``max_model_len`` (which ``BucketSet.default`` adds)."""
+    if config.device.context_buckets is not None:
+        return config.device.context_buckets
+    return tuple(_powers_of_two_up_to(config.max_model_len, start=MIN_CONTEXT_BUCKET)[:-1])

@@ -60,11 +60,17 @@ def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
         "combination: logit_bias, logprobs, min_tokens, penalties, prompt_logprobs (those the model's "
         "generation_config uses are added; a request using another compiles its graph when first served)",
     )
+    parser.add_argument(
+        "--context-buckets",
+        default=None,
+        help="XLA device: comma-separated context lengths block tables are padded to, max-model-len added; "
+        "every bucket compiles at each (default: powers of two from 512)",
+    )
 
 
 def _run_compile(args: argparse.Namespace) -> int:
     from neuron_llm.compile.build import compile_artifact
-    from neuron_llm.config import parse_sampling_features
+    from neuron_llm.config import parse_context_buckets, parse_sampling_features
     from neuron_llm.output_dir import check_out_dir
 
     check_out_dir(Path(args.out))
@@ -81,6 +87,7 @@ def _run_compile(args: argparse.Namespace) -> int:
                 "sampling_features",
                 None if args.sampling_features is None else parse_sampling_features(args.sampling_features),
             ),
+            ("context_buckets", None if args.context_buckets is None else parse_context_buckets(args.context_buckets)),
         )
         if value is not None
     }

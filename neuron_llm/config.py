@@ -643,6 +643,14 @@ def parse_sampling_features(text: str) -> list[str]:
     return names
 
 
+def parse_context_buckets(text: str) -> list[int]:
+    """Comma-separated context lengths (a command line's, an environment variable's) as a list."""
+    try:
+        return [int(length) for length in text.split(",") if length.strip()]
+    except ValueError:
+        raise ValueError(f"context_buckets={text!r}: must be comma-separated integers, e.g. 512,1024,2048") from None
+
+
 def _check_feature_names(names: Sequence[str]) -> None:
     unknown = sorted(set(names) - set(SAMPLING_FEATURES))
     if unknown:
@@ -670,6 +678,12 @@ class DeviceConfig:
     """On the XLA device, the optional parts of ``SAMPLING_FEATURES`` whose graphs warm-up
     compiles for every bucket, in each combination (2^k graphs a bucket for k features); a
     step that uses another compiles its graph then, with a warning. Stored sorted."""
+    context_buckets: tuple[int, ...] | None = None
+    """On the XLA device, the context lengths (tokens) a step's block tables are padded to:
+    the smallest holding the step's longest sequence, ``max_model_len`` added as the last.
+    Attention there computes every key of the table's width, so a step over short contexts
+    costs what they need, not ``max_model_len``; each length multiplies the graphs warm-up
+    compiles. None: powers of two from 512 (``neuron_llm.buckets``). Stored sorted."""
 
     def __post_init__(self) -> None:
         device = parse_device(self.device)
@@ -690,6 +704,16 @@ class DeviceConfig:
                 "a sampling graph per feature set; elsewhere every feature runs without compiling"
             )
         object.__setattr__(self, "sampling_features", tuple(sorted(set(features))))
+        if (lengths := self.context_buckets) is not None:
+            if not isinstance(lengths, (list, tuple)) or not all(is_int(n) and n >= 1 for n in lengths):
+                shown = list(lengths) if isinstance(lengths, tuple) else lengths
+                raise ValueError(f"context_buckets={shown!r}: must be a list of context lengths >= 1")
+            if device_type != "xla":
+                raise ValueError(
+                    f"context_buckets={list(lengths)!r} on device={self.device!r}: only the XLA device pads "
+                    "block tables to context lengths; attention elsewhere reads each sequence's own keys"
+                )
+            object.__setattr__(self, "context_buckets", tuple(sorted(set(lengths))))
         if not is_int(self.max_prefill_graph_tokens) or self.max_prefill_graph_tokens < 0:
             raise ValueError(f"max_prefill_graph_tokens={self.max_prefill_graph_tokens!r} must be an integer >= 0")
         from neuron_llm.backends import BACKEND_NAMES
@@ -746,6 +770,9 @@ class EngineConfig:
                 f"max_model_len={self.scheduler.max_model_len} exceeds the model's context "
                 f"({self.model.describe_context()})"
             )
+        lengths = self.device.context_buckets
+        if lengths and lengths[-1] > self.max_model_len:
+            raise ValueError(f"context_buckets={list(lengths)!r} exceeds max_model_len={self.max_model_len}")
         if self.speculative is not None and self.speculative.num_speculative_tokens >= self.max_model_len:
             # A verification step holds the proposals and the token before them.
             raise ValueError(

@@ -79,6 +79,10 @@ class LLM:
             "min_tokens", "penalties", "prompt_logprobs" (those the model's
             ``generation_config.json`` uses by default are added). A step using another
             compiles its graph when it first runs, with a warning.
+        context_buckets: on the XLA device, the context lengths (tokens) block tables are
+            padded to, ``max_model_len`` added: a step's attention computes the smallest that
+            holds its longest sequence, and warm-up compiles every bucket at each. None:
+            powers of two from 512.
         generation_config: as in vLLM, "auto" takes default sampling settings from the model's
             ``generation_config.json``; "vllm" ignores them (``SamplingParams()``'s own).
         seed: as in vLLM, seeds torch's default generators (``torch.manual_seed``, for the
@@ -106,6 +110,7 @@ class LLM:
         warm_up: bool | None = None,
         speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None,
         sampling_features: Sequence[str] | None = None,
+        context_buckets: Sequence[int] | None = None,
         generation_config: str = "auto",
         seed: int | None = None,
         **engine_options: Any,
@@ -126,8 +131,12 @@ class LLM:
             raise ValueError(f"generation_config={generation_config!r}: must be 'auto' or 'vllm'")
         if seed is not None and not (is_int(seed) and -(2**63) <= seed < 2**64):
             raise ValueError(f"seed={seed!r}: must be None or an integer in [-2**63, 2**64)")
-        if isinstance(sampling_features, str):
-            raise ValueError(f"sampling_features={sampling_features!r}: must be a list of feature names")
+        for name, value, of in (
+            ("sampling_features", sampling_features, "feature names"),
+            ("context_buckets", context_buckets, "context lengths"),
+        ):
+            if isinstance(value, str):
+                raise ValueError(f"{name}={value!r}: must be a list of {of}")
         artifact = Artifact.open(model) if is_artifact(model) else None  # type: ignore[arg-type]
         if artifact is not None:
             artifact.check_model_files()  # once here; each rank then checks its own weights
@@ -152,9 +161,11 @@ class LLM:
                     "max_model_len": max_model_len,
                     "speculative_config": speculative_config,
                     "sampling_features": sampling_features,
+                    "context_buckets": context_buckets,
                     **engine_options,
                 }
             )
+            context_buckets = fixed.pop("context_buckets", None)
             speculative_config = fixed.pop("speculative_config", None)
             device, dtype, quantization, tensor_parallel_size, backend, max_model_len, sampling_features = (
                 fixed.pop(name, None)
@@ -185,6 +196,7 @@ class LLM:
                 enforce_eager=enforce_eager,
                 max_prefill_graph_tokens=max_prefill_graph_tokens,
                 sampling_features=tuple(sampling_features or ()),
+                context_buckets=None if context_buckets is None else tuple(context_buckets),
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=1 if tensor_parallel_size is None else tensor_parallel_size,

@@ -75,6 +75,11 @@ class ServeSettings:
         "XLA device: comma-separated sampling features whose graphs warm-up compiles (logit_bias, logprobs, "
         "min_tokens, penalties, prompt_logprobs; an artifact's are its own)",
     )
+    context_buckets: str | None = _setting(
+        None,
+        "XLA device: comma-separated context lengths block tables are padded to, max_model_len added "
+        "(default: powers of two from 512; an artifact's are its own)",
+    )
     tool_call_parser: str | None = _setting(
         None,
         'how tool calls are read from a chat reply with tool_choice "auto": llama3_json (Llama 3.1-3.3\'s JSON calls); '
@@ -120,6 +125,10 @@ class ServeSettings:
             from neuron_llm.config import parse_sampling_features
 
             parse_sampling_features(self.sampling_features)
+        if self.context_buckets is not None:
+            from neuron_llm.config import parse_context_buckets
+
+            parse_context_buckets(self.context_buckets)
         if self.dtype != "auto":
             from neuron_llm.config import parse_dtype
 
@@ -181,6 +190,10 @@ class ServeSettings:
             from neuron_llm.config import parse_sampling_features
 
             options["sampling_features"] = parse_sampling_features(self.sampling_features)
+        if self.context_buckets is not None:
+            from neuron_llm.config import parse_context_buckets
+
+            options["context_buckets"] = parse_context_buckets(self.context_buckets)
         return options
 
     @classmethod

@@ -17,8 +17,10 @@ sum and output in fp32), so what a graph holds at once is [num_tokens, chunk, nu
 head_dim] rather than the whole context per token: gathered at once, an 8B model's keys
 alone took 32 GiB a layer for a 2,048-token prefill bucket over 8,192-token contexts.
 The chunks are unrolled at trace time, so the graph grows with the block-table width; no
-chunk is skipped, since which are empty is a value, not a shape. An NKI flash-attention
-kernel that skips them is not built: ``nki_kernels/`` ships none yet.
+chunk is skipped, since which are empty is a value, not a shape. The runner bounds the
+width instead: it cuts a step's tables to the narrowest context bucket holding its longest
+sequence (``neuron_llm.buckets``). An NKI flash-attention kernel that skips empty chunks is
+not built: ``nki_kernels/`` ships none yet.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ logprobs were asked for; the sampling rows are sampled on the device, in the sam
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -87,21 +88,21 @@ class ModelRunner:
         each bucket also samples a dummy row using each combination of the configured
         ``sampling_features``, and with speculative decoding each prefill bucket verifies a
         dummy proposal (with each combination too): the graph of every verification step.
+        Each runs at every block-table width (one, off the XLA device).
         Returns the number of graphs compiled; afterwards the worker warns about any new one.
         """
-        block_capacity = self.buckets.max_blocks_per_seq * self.block_size
         static = self.executor.worker.pads_to_bucket
         combos: list[tuple[str, ...]] = [(), *feature_sets(self.sampling_features)] if static else [()]
         # Largest first: CUDA graphs captured into one memory pool then reuse the blocks the
         # largest freed, where in the other order each larger graph would add its own.
         for bucket in sorted(self.buckets.all, key=lambda b: (b.num_tokens, b.num_seqs), reverse=True):
-            for features in combos:
+            for width, features in itertools.product(reversed(self.buckets.block_table_widths), combos):
                 rows = [feature_row(features)] if features else []
-                step = _dummy_step(bucket, block_capacity, self.buckets.max_blocks_per_seq, features)
+                step = _dummy_step(bucket, width, self.block_size, features)
                 self.executor.execute_and_sample(step, rows)
                 if static and self.speculative and bucket.kind == "prefill":
                     # The proposal's row follows its sequence's.
-                    step = _dummy_step(bucket, block_capacity, self.buckets.max_blocks_per_seq, features, 2)
+                    step = _dummy_step(bucket, width, self.block_size, features, 2)
                     self.executor.execute_and_sample(step, rows or [PADDING_ROW], draft_token_ids=[[0]])
         self.executor.worker.mark_warmed_up()
         return self.executor.worker.num_compiled_graphs()
@@ -136,39 +137,45 @@ class ModelRunner:
             bucket = self.buckets.select(len(input_ids), len(sample_rows), is_decode)
         # Sampling rows are padded to the bucket's sequence count so the logits have a static shape.
         sample_rows += [0] * (bucket.num_seqs - len(sample_rows))
+        # Blocks past a sequence's last token (allocated ahead for proposals) are not read.
+        width = self.buckets.width_for(max(-(-entry.seq_len // self.block_size) for entry in entries))
         step = StepInput(
             input_ids=input_ids,
             positions=list(positions),
             query_lens=[entry.num_new_tokens for entry in entries],
             seq_lens=[entry.seq_len for entry in entries],
-            block_tables=[entry.block_ids for entry in entries],
+            block_tables=[entry.block_ids[:width] for entry in entries],
             logits_indices=sample_rows + [row for rows in prompt_rows if rows for row in rows],
             num_padded_tokens=bucket.num_tokens,
             num_padded_seqs=bucket.num_seqs,
-            max_blocks_per_seq=self.buckets.max_blocks_per_seq,
+            max_blocks_per_seq=width,
         )
         return step, prompt_rows
 
 
 def _dummy_step(
     bucket: Bucket,
-    block_capacity: int,
     max_blocks_per_seq: int,
+    block_size: int,
     features: Sequence[str] = (),
     num_sampling_rows: int = 1,
 ) -> StepInput:
-    """A step of exactly ``bucket``'s shapes whose K/V all land in the null block.
+    """A step of exactly ``bucket``'s shapes and block-table width whose K/V all land in the
+    null block.
 
     Graphs depend only on shapes, so running this compiles the graph every real step of the
-    bucket reuses. Tokens are spread over as many sequences as the context limit needs. With
-    the ``prompt_logprobs`` feature, a logits row of a prompt position follows the
+    bucket reuses. Tokens are spread over as many sequences as the width's context needs,
+    the rest padding where even the bucket's sequences hold fewer. With the
+    ``prompt_logprobs`` feature, a logits row of a prompt position follows the
     ``num_sampling_rows`` that sample (padded to the bucket's sequences).
     """
-    num_seqs = bucket.num_seqs if bucket.kind == "decode" else max(1, -(-bucket.num_tokens // block_capacity))
-    query_lens = [bucket.num_tokens // num_seqs + (i < bucket.num_tokens % num_seqs) for i in range(num_seqs)]
+    capacity = max_blocks_per_seq * block_size
+    num_real = min(bucket.num_tokens, bucket.num_seqs * capacity)
+    num_seqs = bucket.num_seqs if bucket.kind == "decode" else -(-num_real // capacity)
+    query_lens = [num_real // num_seqs + (i < num_real % num_seqs) for i in range(num_seqs)]
     table = [NULL_BLOCK_ID] * max_blocks_per_seq
     return StepInput(
-        input_ids=[0] * bucket.num_tokens,
+        input_ids=[0] * num_real,
         positions=[p for n in query_lens for p in range(n)],
         query_lens=query_lens,
         seq_lens=query_lens,

@@ -471,6 +471,10 @@ def test_the_compile_command_writes_an_artifact(source: Path, tmp_path: Path, ca
     assert "sampling_features: unknown ['top_k']" in capsys.readouterr().err
     assert main(other + ["--sampling-features", "logprobs,penalties"]) == 2
     assert "only the XLA device compiles a sampling graph per feature set" in capsys.readouterr().err
+    assert main(other + ["--context-buckets", "32,64"]) == 2
+    assert "only the XLA device pads block tables to context lengths" in capsys.readouterr().err
+    assert main(other + ["--context-buckets", "32,6x"]) == 2
+    assert "context_buckets='32,6x': must be comma-separated integers" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("proposer", [{"model": "DRAFT"}, {"prompt_lookup_max": 2}])

@@ -67,6 +67,7 @@ def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
             "NEURON_LLM_MAX_NUM_SEQS": "8",
             "NEURON_LLM_MAX_NUM_BATCHED_TOKENS": "256",
             "NEURON_LLM_DISTRIBUTED_TIMEOUT": "1800",
+            "NEURON_LLM_CONTEXT_BUCKETS": "1024,4096",
             "PATH": "/bin",
         },
         host="0.0.0.0",
@@ -74,6 +75,9 @@ def test_environment_becomes_settings_and_refuses_unknown_names() -> None:
     )
     assert settings.llm_options()["max_num_batched_tokens"] == 256
     assert settings.llm_options()["distributed_timeout"] == 1800.0
+    assert settings.llm_options()["context_buckets"] == [1024, 4096]
+    with pytest.raises(ValueError, match="context_buckets='4k': must be comma-separated integers"):
+        ServeSettings.from_env({"NEURON_LLM_CONTEXT_BUCKETS": "4k"})
     assert (settings.model, settings.max_num_seqs, settings.host, settings.port) == (
         "/opt/ml/model",
         8,

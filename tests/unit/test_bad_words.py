@@ -18,4 +18,3 @@ def test_a_bad_word_is_spelled_as_it_starts_a_text_and_as_it_follows_a_word(
         in_text = tokenizer.encode("the " + word.lstrip(), add_special_tokens=False)
         assert any(in_text[-len(spelling) :] == spelling for spelling in spellings), (word, spellings, in_text)
         assert len(spellings) <= 2 and all(spellings)
-

@@ -5,6 +5,14 @@ from __future__ import annotations
 import pytest
 
 from neuron_llm.buckets import BucketSet
+from neuron_llm.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    parse_context_buckets,
+)
 
 
 def test_prefill_buckets_double_then_grow_by_the_step() -> None:
@@ -61,3 +69,48 @@ def test_speculation_on_xla_adds_a_bucket_for_each_decode_batch_verifying_its_pr
     # Only where each bucket is compiled and a step computes all of its tokens.
     assert prefill_sizes("xla") == [5, 10, 16, 20, 32, 40, 64]
     assert prefill_sizes("cpu") == [16, 32, 64]
+
+
+def test_block_tables_take_the_narrowest_context_width_holding_the_step() -> None:
+    # Off the XLA device: one width, max_model_len's.
+    assert BucketSet.default(8, 64, 1000, 16).block_table_widths == (63,)
+    buckets = BucketSet.default(8, 64, 1000, 16, context_lengths=(100, 512, 256))
+    assert buckets.block_table_widths == (7, 16, 32, 63) and buckets.max_blocks_per_seq == 63
+    assert [buckets.width_for(n) for n in (1, 7, 8, 16, 17, 33, 63)] == [7, 7, 16, 16, 32, 63, 63]
+    with pytest.raises(ValueError, match=r"64 blocks exceed the widest block table \(63\)"):
+        buckets.width_for(64)
+
+
+@pytest.mark.parametrize(
+    ("max_model_len", "context_buckets", "widths"),
+    [
+        (8192, None, (32, 64, 128, 256, 512)),  # powers of two from 512 tokens, in blocks of 16
+        (512, None, (32,)),
+        (300, None, (19,)),
+        (8192, (1024,), (64, 512)),
+    ],
+)
+def test_the_xla_device_pads_block_tables_to_context_buckets(max_model_len, context_buckets, widths) -> None:
+    model = ModelConfig(
+        vocab_size=64,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        max_position_embeddings=8192,
+    )
+    config = EngineConfig(
+        model=model,
+        device=DeviceConfig(device="xla", context_buckets=context_buckets),
+        cache=CacheConfig(block_size=16, num_kv_blocks=64),
+        scheduler=SchedulerConfig(max_model_len=max_model_len),
+    )
+    assert BucketSet.for_engine(config).block_table_widths == widths
+
+
+def test_context_buckets_are_read_from_text() -> None:
+    assert parse_context_buckets("512, 1024,") == [512, 1024]
+    with pytest.raises(ValueError, match="context_buckets='512,1k': must be comma-separated integers"):
+        parse_context_buckets("512,1k")

@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("torch_xla")
 
 from neuron_llm import LLM, SamplingParams
-from neuron_llm.compile.artifact import GRAPHS_DIR, HLO_DIR, Artifact, sha256_of
 from neuron_llm.compile import build
+from neuron_llm.compile.artifact import GRAPHS_DIR, HLO_DIR, Artifact, sha256_of
 from neuron_llm.compile.build import compile_artifact
 from neuron_llm.compile.hlo_export import MANIFEST_NAME as HLO_MANIFEST
 from neuron_llm.xla import count_graphs
@@ -143,6 +143,28 @@ def test_default_sampling_and_chosen_features_are_compiled_in_and_load_compiles_
     loaded = LLM(str(ignoring))
     assert loaded.config.device.sampling_features == () and loaded.generation_defaults == {"repetition_penalty": 1.1}
     loaded.shutdown()
+
+
+def test_context_buckets_are_compiled_in_and_fixed(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], tmp_path: Path
+) -> None:
+    _, source = save_tiny_llama()
+    out = tmp_path / "contexts"
+    compile_artifact(str(source), out, context_buckets=[32], **XLA_OPTIONS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["context_buckets"] == [32]
+    graphs = {
+        graph["bucket"] for graph in json.loads((out / GRAPHS_DIR / HLO_DIR / HLO_MANIFEST).read_text())["graphs"]
+    }
+    assert graphs == {f"{name}_c{context}" for name in manifest["buckets"] for context in (32, 64)}
+    with pytest.raises(ValueError, match=r"context_buckets=\[16\], but .* compiled with context_buckets=\[32\]"):
+        LLM(str(out), context_buckets=[16])
+    llm = LLM(str(out))
+    assert llm.engine.runner.buckets.block_table_widths == (8, 16)
+    with count_graphs() as counts:  # every width's graphs were warmed up
+        tokens = greedy_tokens(llm)
+    assert counts.compilations == 0
+    assert tokens == greedy_tokens(LLM(str(source), device="cpu", **OPTIONS))
 
 
 def test_speculative_decoding_is_compiled_into_an_xla_artifact(

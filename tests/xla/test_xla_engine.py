@@ -50,16 +50,62 @@ def test_engine_on_xla_compiles_each_bucket_once(tiny_model_dir, caplog) -> None
         assert on_xla[request_id].outputs[0].token_ids == output.outputs[0].token_ids, request_id
 
 
-def test_the_exported_hlo_is_the_graph_the_engine_serves(tiny_model_dir, tmp_path) -> None:  # noqa: F811
+def test_context_buckets_cut_block_tables_to_the_longest_sequence(tiny_model_dir, caplog) -> None:  # noqa: F811
+    # max_model_len 64 in blocks of 4: widths of 4, 8 and 16 blocks. A pool size of its own,
+    # so that no graph comes from the process's cache of another test's.
+    llm = LLM(model=str(tiny_model_dir), device="xla", context_buckets=[32, 16], **{**OPTIONS, "num_kv_blocks": 72})
+    buckets = llm.engine.runner.buckets
+    assert buckets.block_table_widths == (4, 8, 16)
+    assert llm.engine.stats().num_compiled_graphs == 3 * len(buckets.all)
+    widths = []
+    execute = llm.engine.runner.executor.execute_and_sample
+
+    def recorded(step, *args, **kwargs):
+        longest = max(step.seq_lens)
+        widths.append(step.max_blocks_per_seq)
+        assert all(len(table) <= step.max_blocks_per_seq for table in step.block_tables)
+        assert step.max_blocks_per_seq == min(w for w in (4, 8, 16) if w * 4 >= longest), (longest, widths[-1])
+        return execute(step, *args, **kwargs)
+
+    llm.engine.runner.executor.execute_and_sample = recorded
+    prompts = random_prompts(12, seed=22, min_len=3, max_len=50)
+    short = {"prompt_token_ids": prompts[0][:5]}  # alone, it fits the narrowest width
+    with caplog.at_level(logging.WARNING):
+        on_xla = run_all(llm, _arrivals(prompts))
+        short_on_xla = llm.generate(short, GREEDY)[0].outputs[0].token_ids
+    assert llm.engine.stats().num_compiled_graphs == 3 * len(buckets.all)
+    assert "compiled a new graph" not in caplog.text
+    assert set(widths) == {4, 8, 16}
+    on_cpu = LLM(model=str(tiny_model_dir), device="cpu", **OPTIONS)
+    reference = run_all(on_cpu, _arrivals(prompts))
+    for request_id, output in reference.items():
+        assert on_xla[request_id].outputs[0].token_ids == output.outputs[0].token_ids, request_id
+    assert short_on_xla == on_cpu.generate(short, GREEDY)[0].outputs[0].token_ids
+
+
+def test_context_buckets_are_the_xla_devices_and_within_the_context(tiny_model_dir) -> None:  # noqa: F811
+    with pytest.raises(ValueError, match=r"context_buckets=\[16\] on device='cpu': only the XLA device"):
+        LLM(model=str(tiny_model_dir), device="cpu", context_buckets=[16], **OPTIONS)
+    with pytest.raises(ValueError, match=r"context_buckets=\[16, 128\] exceeds max_model_len=64"):
+        LLM(model=str(tiny_model_dir), device="xla", context_buckets=[128, 16], warm_up=False, **OPTIONS)
+    with pytest.raises(ValueError, match=r"context_buckets=\[0\]: must be a list of context lengths >= 1"):
+        LLM(model=str(tiny_model_dir), device="xla", context_buckets=[0], warm_up=False, **OPTIONS)
+
+
+@pytest.mark.parametrize("context_buckets", [None, [32]])
+def test_the_exported_hlo_is_the_graph_the_engine_serves(tiny_model_dir, tmp_path, context_buckets) -> None:  # noqa: F811
     """Each bucket's exported module hashes like a step traced on the serving worker, and
     running that step compiles nothing: it is one of the graphs the engine compiled."""
-    from neuron_llm.compile.hlo_export import GraphShape, dummy_step, export_hlo
+    from neuron_llm.compile.hlo_export import dummy_step, export_hlo, graph_shapes
     from neuron_llm.sample import SamplingBatch
     from neuron_llm.xla import count_graphs
 
-    llm = LLM(model=str(tiny_model_dir), device="xla", **OPTIONS)
-    worker, buckets = llm.engine.runner.executor.worker, llm.engine.runner.buckets
-    shapes = [GraphShape(b.name, b.num_tokens, b.num_seqs, buckets.max_blocks_per_seq) for b in buckets.all]
+    llm = LLM(model=str(tiny_model_dir), device="xla", context_buckets=context_buckets, **OPTIONS)
+    worker = llm.engine.runner.executor.worker
+    shapes = graph_shapes(llm.config)
+    # max_model_len 64 is below the default's first context length: one width.
+    assert {shape.max_blocks_per_seq for shape in shapes} == ({16} if context_buckets is None else {8, 16})
+    assert context_buckets is None or "decode_t1_s1_c32" in {shape.name for shape in shapes}
     manifest = export_hlo(worker.model, llm.config, shapes, tmp_path)
     for shape, graph in zip(shapes, manifest["graphs"], strict=True):
         batch = SamplingBatch.build_static([], llm.config.model.vocab_size, worker.device, shape.num_seqs)
