@@ -15,8 +15,8 @@ runs eagerly computes only its real tokens. Two kinds of bucket:
 
 The block-table width is ``max_blocks_per_seq`` (max_model_len / block_size), except on the
 XLA device, whose attention computes every key of the width: there a step's tables are cut
-to the smallest of a few context lengths holding its longest sequence (powers of two from
-``MIN_CONTEXT_BUCKET`` by default), and each bucket has a graph per width.
+to the smallest of a few context lengths holding its longest sequence, and each bucket has a
+graph per width (``context_lengths``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ FINE_PREFILL_STEP = 128
 MIN_CONTEXT_BUCKET = 512
 """The shortest default context length on the XLA device: its attention walks the keys this
 many at a time (``backends.neuron.CHUNK_KEYS``), so a shorter width saves little."""
+
+NUM_DEFAULT_CONTEXT_BUCKETS = 3
+"""Default context lengths below ``max_model_len``, each a quarter of the one above: every
+length is a graph per bucket (minutes each with neuronx-cc), so they are few, and a step
+computes at most 4x the keys its longest sequence needs."""
 
 
 @dataclass(frozen=True, order=True)
@@ -147,8 +152,10 @@ class BucketSet:
 
 
 def context_lengths(config: EngineConfig) -> tuple[int, ...]:
-    """The XLA device's context lengths: ``context_buckets``, or powers of two from
-    ``MIN_CONTEXT_BUCKET`` below ``max_model_len`` (which ``BucketSet.default`` adds)."""
+    """The XLA device's context lengths below ``max_model_len`` (which ``BucketSet.default``
+    adds): ``context_buckets``, or by default ``max_model_len`` / 4, / 16 and / 64, none
+    shorter than ``MIN_CONTEXT_BUCKET``."""
     if config.device.context_buckets is not None:
         return config.device.context_buckets
-    return tuple(_powers_of_two_up_to(config.max_model_len, start=MIN_CONTEXT_BUCKET)[:-1])
+    quarters = (config.max_model_len // 4**i for i in range(1, NUM_DEFAULT_CONTEXT_BUCKETS + 1))
+    return tuple(sorted(length for length in quarters if length >= MIN_CONTEXT_BUCKET))

@@ -64,7 +64,7 @@ def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
         "--context-buckets",
         default=None,
         help="XLA device: comma-separated context lengths block tables are padded to, max-model-len added; "
-        "every bucket compiles at each (default: powers of two from 512)",
+        "every bucket compiles at each (default: max-model-len / 4, / 16, / 64, none below 512)",
     )
 
 

@@ -683,7 +683,8 @@ class DeviceConfig:
     the smallest holding the step's longest sequence, ``max_model_len`` added as the last.
     Attention there computes every key of the table's width, so a step over short contexts
     costs what they need, not ``max_model_len``; each length multiplies the graphs warm-up
-    compiles. None: powers of two from 512 (``neuron_llm.buckets``). Stored sorted."""
+    compiles. None: ``max_model_len`` / 4, / 16 and / 64, none below 512
+    (``neuron_llm.buckets.context_lengths``). Stored sorted."""
 
     def __post_init__(self) -> None:
         device = parse_device(self.device)

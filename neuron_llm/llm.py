@@ -82,7 +82,7 @@ class LLM:
         context_buckets: on the XLA device, the context lengths (tokens) block tables are
             padded to, ``max_model_len`` added: a step's attention computes the smallest that
             holds its longest sequence, and warm-up compiles every bucket at each. None:
-            powers of two from 512.
+            ``max_model_len`` / 4, / 16 and / 64, none below 512.
         generation_config: as in vLLM, "auto" takes default sampling settings from the model's
             ``generation_config.json``; "vllm" ignores them (``SamplingParams()``'s own).
         seed: as in vLLM, seeds torch's default generators (``torch.manual_seed``, for the

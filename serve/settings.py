@@ -78,7 +78,7 @@ class ServeSettings:
     context_buckets: str | None = _setting(
         None,
         "XLA device: comma-separated context lengths block tables are padded to, max_model_len added "
-        "(default: powers of two from 512; an artifact's are its own)",
+        "(default: max_model_len / 4, / 16, / 64, none below 512; an artifact's are its own)",
     )
     tool_call_parser: str | None = _setting(
         None,

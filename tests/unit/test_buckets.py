@@ -84,8 +84,10 @@ def test_block_tables_take_the_narrowest_context_width_holding_the_step() -> Non
 @pytest.mark.parametrize(
     ("max_model_len", "context_buckets", "widths"),
     [
-        (8192, None, (32, 64, 128, 256, 512)),  # powers of two from 512 tokens, in blocks of 16
-        (512, None, (32,)),
+        (8192, None, (32, 128, 512)),  # 512, 2048 and 8192 tokens in blocks of 16; none below 512
+        (131072, None, (128, 512, 2048, 8192)),  # three quarters at most
+        (4096, None, (64, 256)),
+        (2048, None, (32, 128)),
         (300, None, (19,)),
         (8192, (1024,), (64, 512)),
     ],
@@ -99,7 +101,7 @@ def test_the_xla_device_pads_block_tables_to_context_buckets(max_model_len, cont
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=4,
-        max_position_embeddings=8192,
+        max_position_embeddings=131072,
     )
     config = EngineConfig(
         model=model,
