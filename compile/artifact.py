@@ -266,6 +266,9 @@ class Artifact:
             for name, recorded in manifest[key].items():
                 if not _is_file_record(recorded):
                     raise ValueError(f"{manifest_path}: damaged, {key}[{name!r}] has no bytes and sha256")
+        if manifest["options"].get("device") == "xla":
+            # Compiled before context buckets existed: every step took max_model_len's width.
+            manifest["options"].setdefault("context_buckets", [])
         return cls(path, manifest)
 
     @property
@@ -281,6 +284,8 @@ class Artifact:
         resolved = {name: value for name, value in given.items() if value is not None}
         for name, built in self.options.items():
             value = given.get(name)
+            if name == "context_buckets" and isinstance(value, (list, tuple)):
+                value = [length for length in value if length < self.options["max_model_len"]]  # that one is implied
             if value is None:
                 resolved[name] = built
             elif not _same_option(name, value, built):

@@ -156,6 +156,6 @@ def context_lengths(config: EngineConfig) -> tuple[int, ...]:
     adds): ``context_buckets``, or by default ``max_model_len`` / 4, / 16 and / 64, none
     shorter than ``MIN_CONTEXT_BUCKET``."""
     if config.device.context_buckets is not None:
-        return config.device.context_buckets
+        return tuple(length for length in config.device.context_buckets if length < config.max_model_len)
     quarters = (config.max_model_len // 4**i for i in range(1, NUM_DEFAULT_CONTEXT_BUCKETS + 1))
     return tuple(sorted(length for length in quarters if length >= MIN_CONTEXT_BUCKET))

@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 
 from neuron_llm.buckets import BucketSet
-from neuron_llm.compile.hlo_export import GraphShape, export_hlo
-from neuron_llm.config import CacheConfig, EngineConfig, ModelConfig
+from neuron_llm.compile.hlo_export import GraphShape, export_hlo, graph_shapes
+from neuron_llm.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.xla import entry_parameter_shapes
 
@@ -28,6 +35,26 @@ def test_every_default_bucket_is_an_exportable_shape() -> None:
     buckets = BucketSet.default(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=8192, block_size=16)
     shapes = [GraphShape(b.name, b.num_tokens, b.num_seqs, buckets.max_blocks_per_seq) for b in buckets.all]
     assert len({shape.name for shape in shapes}) == len(buckets.all)
+
+
+def test_graphs_are_named_for_their_width_and_features() -> None:
+    model = ModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096,
+    )  # fmt: skip
+    config = EngineConfig(
+        model=model,
+        device=DeviceConfig(device="xla", sampling_features=("logprobs",), context_buckets=(1024,)),
+        cache=CacheConfig(block_size=16, num_kv_blocks=64),
+        scheduler=SchedulerConfig(max_model_len=4096, max_num_seqs=2, max_num_batched_tokens=32),
+        speculative=SpeculativeConfig(num_speculative_tokens=2),
+    )
+    shapes = {shape.name: shape for shape in graph_shapes(config)}
+    buckets = BucketSet.for_engine(config)
+    graphs_per_width = len(buckets.all) + len(buckets.prefill)  # plain graphs and verification graphs
+    assert len(shapes) == 2 * 2 * graphs_per_width  # two widths, with and without the feature
+    assert shapes["prefill_t16_s2_verify_c1024+logprobs"].max_blocks_per_seq == 64
+    assert shapes["decode_t1_s1_c4096"].max_blocks_per_seq == 256
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../escaped", "decode/t1"])

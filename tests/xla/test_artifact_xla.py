@@ -57,6 +57,16 @@ def test_an_xla_artifact_holds_every_bucket_and_generates_what_the_cpu_does(comp
     assert greedy_tokens(LLM(str(out))) == expected
 
 
+def test_an_artifact_compiled_before_context_buckets_loads_with_one_width(compiled: tuple[Path, Path]) -> None:
+    _, out = compiled
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"].pop("context_buckets") == []  # max_model_len 64: one width already
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    llm = LLM(str(out), warm_up=False)
+    assert llm.engine.runner.buckets.block_table_widths == (16,)
+    llm.shutdown()
+
+
 def test_a_new_process_traces_the_graphs_the_artifact_holds(compiled: tuple[Path, Path]) -> None:
     # The Neuron cache finds a NEFF by its module's hash: the trace must not vary by process.
     source, out = compiled
@@ -159,6 +169,7 @@ def test_context_buckets_are_compiled_in_and_fixed(
     assert graphs == {f"{name}_c{context}" for name in manifest["buckets"] for context in (32, 64)}
     with pytest.raises(ValueError, match=r"context_buckets=\[16\], but .* compiled with context_buckets=\[32\]"):
         LLM(str(out), context_buckets=[16])
+    LLM(str(out), context_buckets=[32, 64], warm_up=False).shutdown()  # max_model_len's own is implied
     llm = LLM(str(out))
     assert llm.engine.runner.buckets.block_table_widths == (8, 16)
     with count_graphs() as counts:  # every width's graphs were warmed up

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import logging
 import random
+import re
 
 import pytest
 
@@ -88,8 +89,10 @@ def test_context_buckets_are_the_xla_devices_and_within_the_context(tiny_model_d
         LLM(model=str(tiny_model_dir), device="cpu", context_buckets=[16], **OPTIONS)
     with pytest.raises(ValueError, match=r"context_buckets=\[16, 128\] exceeds max_model_len=64"):
         LLM(model=str(tiny_model_dir), device="xla", context_buckets=[128, 16], warm_up=False, **OPTIONS)
-    with pytest.raises(ValueError, match=r"context_buckets=\[0\]: must be a list of context lengths >= 1"):
-        LLM(model=str(tiny_model_dir), device="xla", context_buckets=[0], warm_up=False, **OPTIONS)
+    for bad in ([0], 1024):
+        message = f"context_buckets={bad}: must be a list of context lengths >= 1"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            LLM(model=str(tiny_model_dir), device="xla", context_buckets=bad, warm_up=False, **OPTIONS)
 
 
 @pytest.mark.parametrize("context_buckets", [None, [32]])

@@ -146,16 +146,18 @@ def test_the_exported_verification_hlo_is_the_graph_the_engine_serves(tiny_model
 
 def test_a_draft_model_on_xla_changes_no_greedy_output(tiny_model_dir, caplog) -> None:  # noqa: F811
     """The model drafting for itself on the XLA device: both engines compile their graphs at
-    their warm-ups and none after, the draft steps in the model's bucket sizes, and greedy
-    output is the CPU's plain decoding's."""
+    their warm-ups (verification graphs at every context width too) and none after, the draft
+    steps in the model's bucket sizes and widths, and greedy output is the CPU's plain
+    decoding's."""
     prompts = random_prompts(3, seed=63, min_len=4, max_len=10)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     arrivals = {0: [(f"r{i}", p, params) for i, p in enumerate(prompts)]}
     expected = run_all(LLM(model=str(tiny_model_dir), device="cpu", **OPTIONS), dict(arrivals))
     speculative = {"model": str(tiny_model_dir), "num_speculative_tokens": 3}
-    llm = LLM(model=str(tiny_model_dir), device="xla", speculative_config=speculative, **OPTIONS)
+    llm = LLM(model=str(tiny_model_dir), device="xla", speculative_config=speculative, context_buckets=[16], **OPTIONS)
     draft = llm.engine.proposer.engine
     assert draft.runner.buckets == BucketSet.for_engine(dataclasses.replace(llm.config, speculative=None))
+    assert draft.runner.buckets.block_table_widths == (4, 16)
     compiled = llm.engine.stats().num_compiled_graphs
     with caplog.at_level(logging.WARNING):
         assert_same_outputs(run_all(llm, dict(arrivals)), expected)

@@ -84,6 +84,9 @@ class DraftModelProposer:
         self.num_tokens = speculative.num_speculative_tokens
         info = read_draft_model(config, tokenizer)  # checked before its weights load
         self.max_model_len = min(config.max_model_len, info.config.max_context_len)
+        # On the XLA device, the model's context lengths that fit the draft's (its own is added).
+        lengths = config.device.context_buckets
+        context_buckets = None if lengths is None else [length for length in lengths if length < self.max_model_len]
         try:
             self.llm: LLM = LLM(
                 speculative.model,
@@ -92,6 +95,7 @@ class DraftModelProposer:
                 quantization=speculative.quantization,
                 backend=config.device.backend,
                 enforce_eager=config.device.enforce_eager,
+                context_buckets=context_buckets,
                 max_model_len=self.max_model_len,
                 block_size=config.cache.block_size,
                 num_kv_blocks=num_kv_blocks,
