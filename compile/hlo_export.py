@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -90,30 +89,24 @@ class GraphShape:
 def graph_shapes(config: EngineConfig) -> list[GraphShape]:
     """The graphs an engine of ``config`` warms up on the XLA device: each bucket's plain step
     graph; with speculative decoding, each prefill bucket's verification graph (named
-    ``<bucket>_verify``); each of these at every block-table width, where there are several
-    (named ``<bucket>_c<context length>``); and each again per combination of the configured
-    sampling features (named ``<graph>+<feature>+...``)."""
+    ``<bucket>_verify``); each of these at every block-table width a step of it can take,
+    where there are several (named ``<bucket>_c<context length>``); and each again per
+    combination of the configured sampling features (named ``<graph>+<feature>+...``)."""
     buckets = BucketSet.for_engine(config)
-    widths = buckets.block_table_widths
+    several = len(buckets.block_table_widths) > 1
     combos = [(), *feature_sets(config.device.sampling_features)]
     k = config.speculative.num_speculative_tokens if config.speculative is not None else None
     shapes = []
-    for features, width in itertools.product(combos, widths):
-        suffix = "" if len(widths) == 1 else f"_c{width * config.cache.block_size}"
-        suffix += "".join(f"+{feature}" for feature in features)
-        shapes += [GraphShape(f"{b.name}{suffix}", b.num_tokens, b.num_seqs, width, 0, features) for b in buckets.all]
-        if k is not None:
-            shapes += [
-                GraphShape(
-                    f"{b.name}_verify{suffix}",
-                    b.num_tokens,
-                    b.num_seqs,
-                    width,
-                    num_verified_rows(b.num_tokens, b.num_seqs, k),
-                    features,
-                )
-                for b in buckets.prefill
-            ]
+    for features in combos:
+        for bucket in buckets.all:
+            for width in buckets.widths_for(bucket):
+                suffix = f"_c{width * config.cache.block_size}" if several else ""
+                suffix += "".join(f"+{feature}" for feature in features)
+                t, s = bucket.num_tokens, bucket.num_seqs
+                shapes.append(GraphShape(f"{bucket.name}{suffix}", t, s, width, 0, features))
+                if k is not None and bucket.kind == "prefill":
+                    rows = num_verified_rows(t, s, k)
+                    shapes.append(GraphShape(f"{bucket.name}_verify{suffix}", t, s, width, rows, features))
     return shapes
 
 

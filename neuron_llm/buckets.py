@@ -68,6 +68,7 @@ class BucketSet:
     prefill: tuple[Bucket, ...]
     block_table_widths: tuple[int, ...]
     """Block-table widths a step is padded to, ascending; the last is ``max_blocks_per_seq``."""
+    block_size: int
 
     @classmethod
     def default(
@@ -103,7 +104,7 @@ class BucketSet:
                 Bucket(s * rows_per_seq, s, "prefill") for s in decode_sizes if s * rows_per_seq <= max_step_tokens
             }
         widths = {-(-length // block_size) for length in (*context_lengths, max_model_len) if length <= max_model_len}
-        return cls(decode, tuple(sorted(prefill)), tuple(sorted(widths)))
+        return cls(decode, tuple(sorted(prefill)), tuple(sorted(widths)), block_size)
 
     @classmethod
     def for_engine(cls, config: EngineConfig) -> BucketSet:
@@ -127,6 +128,32 @@ class BucketSet:
     @property
     def max_blocks_per_seq(self) -> int:
         return self.block_table_widths[-1]
+
+    def widths_for(self, bucket: Bucket) -> tuple[int, ...]:
+        """The block-table widths at which some step runs ``bucket``: every width for a decode
+        bucket, and ``max_blocks_per_seq``; a narrower width for a prefill bucket only where
+        sequences of that context can hold a step the bucket is chosen for (a step of 8,192
+        tokens over one sequence never runs at a 512-token width). Warm-up compiles these."""
+        return tuple(
+            width
+            for width in self.block_table_widths
+            if bucket.kind == "decode" or width == self.max_blocks_per_seq or bucket in self._prefill_at(width)
+        )
+
+    def _prefill_at(self, width: int) -> frozenset[Bucket]:
+        # A prefill step of k sequences holds k + 1 to k x (width's context) tokens, within the
+        # largest bucket; the buckets chosen for those, in order, are the ones from the first
+        # chosen to the last (a bucket between them is chosen for one more than the tokens of
+        # the bucket before it, or is passed over: one graph too many, never one too few).
+        largest, chosen = self.prefill[-1], set()
+        for k in range(1, largest.num_seqs + 1):
+            low, high = k + 1, min(k * width * self.block_size, largest.num_tokens)
+            if low > high:
+                continue
+            eligible = [bucket for bucket in self.prefill if bucket.num_seqs >= k]
+            first, last = (eligible.index(self.select(n, k, is_decode=False)) for n in (low, high))
+            chosen.update(eligible[first : last + 1])
+        return frozenset(chosen)
 
     def width_for(self, num_blocks: int) -> int:
         """The narrowest block-table width holding ``num_blocks`` blocks."""

@@ -88,7 +88,7 @@ class ModelRunner:
         each bucket also samples a dummy row using each combination of the configured
         ``sampling_features``, and with speculative decoding each prefill bucket verifies a
         dummy proposal (with each combination too): the graph of every verification step.
-        Each runs at every block-table width (one, off the XLA device).
+        Each runs at every block-table width a step of it can take (one, off the XLA device).
         Returns the number of graphs compiled; afterwards the worker warns about any new one.
         """
         static = self.executor.worker.pads_to_bucket
@@ -96,7 +96,7 @@ class ModelRunner:
         # Largest first: CUDA graphs captured into one memory pool then reuse the blocks the
         # largest freed, where in the other order each larger graph would add its own.
         for bucket in sorted(self.buckets.all, key=lambda b: (b.num_tokens, b.num_seqs), reverse=True):
-            for width, features in itertools.product(reversed(self.buckets.block_table_widths), combos):
+            for width, features in itertools.product(reversed(self.buckets.widths_for(bucket)), combos):
                 rows = [feature_row(features)] if features else []
                 step = _dummy_step(bucket, width, self.block_size, features)
                 self.executor.execute_and_sample(step, rows)

@@ -116,3 +116,24 @@ def test_context_buckets_are_read_from_text() -> None:
     assert parse_context_buckets("512, 1024,") == [512, 1024]
     with pytest.raises(ValueError, match="context_buckets='512,1k': must be comma-separated integers"):
         parse_context_buckets("512,1k")
+
+
+@pytest.mark.parametrize(
+    ("max_num_seqs", "max_num_batched_tokens", "speculative"), [(1, 64, None), (4, 32, None), (3, 48, 2), (8, 16, None)]
+)
+def test_every_step_runs_a_bucket_warmed_up_at_its_width(max_num_seqs, max_num_batched_tokens, speculative) -> None:
+    # Every feasible step shape: k sequences, n tokens (n == k: a decode step), the longest
+    # sequence's context L (each sequence computes at most its context).
+    buckets = BucketSet.default(
+        max_num_seqs, max_num_batched_tokens, 64, 4, num_speculative_tokens=speculative, context_lengths=(8, 16, 32)
+    )
+    warmed = {(bucket, width) for bucket in buckets.all for width in buckets.widths_for(bucket)}
+    run = set()
+    for k in range(1, min(max_num_seqs, max_num_batched_tokens) + 1):
+        for longest in range(1, 65):
+            for n in range(k, min(max_num_batched_tokens, k * longest) + 1):
+                run.add((buckets.select(n, k, is_decode=n == k), buckets.width_for(-(-longest // 4))))
+    assert run <= warmed
+    if max_num_seqs == 1:  # one sequence of at most 8 tokens never fills the 16-to-64-token buckets
+        assert len(warmed) < len(buckets.all) * len(buckets.block_table_widths)
+        assert warmed - run == set()

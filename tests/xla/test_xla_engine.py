@@ -57,6 +57,7 @@ def test_context_buckets_cut_block_tables_to_the_longest_sequence(tiny_model_dir
     llm = LLM(model=str(tiny_model_dir), device="xla", context_buckets=[32, 16], **{**OPTIONS, "num_kv_blocks": 72})
     buckets = llm.engine.runner.buckets
     assert buckets.block_table_widths == (4, 8, 16)
+    assert all(buckets.widths_for(bucket) == (4, 8, 16) for bucket in buckets.all)  # every step can take each
     assert llm.engine.stats().num_compiled_graphs == 3 * len(buckets.all)
     widths = []
     execute = llm.engine.runner.executor.execute_and_sample
@@ -82,6 +83,22 @@ def test_context_buckets_cut_block_tables_to_the_longest_sequence(tiny_model_dir
     for request_id, output in reference.items():
         assert on_xla[request_id].outputs[0].token_ids == output.outputs[0].token_ids, request_id
     assert short_on_xla == on_cpu.generate(short, GREEDY)[0].outputs[0].token_ids
+
+
+def test_buckets_no_step_takes_at_a_width_are_not_compiled(tiny_model_dir, caplog) -> None:  # noqa: F811
+    # One sequence of at most 8 tokens pads to the 16-token prefill bucket, never the 32-token one.
+    options = {**OPTIONS, "max_num_seqs": 1, "num_kv_blocks": 76}  # a pool of its own: no graph from the cache
+    llm = LLM(model=str(tiny_model_dir), device="xla", context_buckets=[8], **options)
+    buckets = llm.engine.runner.buckets
+    assert [buckets.widths_for(bucket) for bucket in buckets.all] == [(2, 16), (2, 16), (16,)]
+    assert llm.engine.stats().num_compiled_graphs == 5
+    prompts = random_prompts(6, seed=23, min_len=2, max_len=40)
+    with caplog.at_level(logging.WARNING):
+        on_xla = run_all(llm, _arrivals(prompts))
+    assert llm.engine.stats().num_compiled_graphs == 5 and "compiled a new graph" not in caplog.text
+    reference = run_all(LLM(model=str(tiny_model_dir), device="cpu", **options), _arrivals(prompts))
+    for request_id, output in reference.items():
+        assert on_xla[request_id].outputs[0].token_ids == output.outputs[0].token_ids, request_id
 
 
 def test_context_buckets_are_the_xla_devices_and_within_the_context(tiny_model_dir) -> None:  # noqa: F811
