@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("torch_xla")
 
 from neuron_llm import LLM, SamplingParams
+from neuron_llm.cli import main
 from neuron_llm.compile import build
 from neuron_llm.compile.artifact import GRAPHS_DIR, HLO_DIR, Artifact, sha256_of
 from neuron_llm.compile.build import compile_artifact
@@ -160,7 +161,8 @@ def test_context_buckets_are_compiled_in_and_fixed(
 ) -> None:
     _, source = save_tiny_llama()
     out = tmp_path / "contexts"
-    compile_artifact(str(source), out, context_buckets=[32], **XLA_OPTIONS)
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in XLA_OPTIONS.items()]
+    assert main(["compile", "--model", str(source), "--out", str(out), *options, "--context-buckets", "32"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"]["context_buckets"] == [32]
     graphs = {
