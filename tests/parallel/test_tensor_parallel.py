@@ -730,50 +730,56 @@ def _rank_processes() -> list[str]:
     return [p.name for p in multiprocessing.active_children() if p.name.startswith("neuron-llm-rank-")]
 
 
+SPECULATED_PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6], [7, 8] * 6]
+SPECULATION_OPTIONS: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
+
+
+def _greedy(llm: Any) -> list[list[int]]:
+    from neuron_llm import SamplingParams
+
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in SPECULATED_PROMPTS], greedy)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
 @pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
 def test_speculation_over_two_ranks_generates_what_one_device_does(model_dir: Path) -> None:
     # Every rank computes the proposals' rows; rank 0 alone verifies them.
-    from neuron_llm import LLM, SamplingParams
+    from neuron_llm import LLM
     from tests.engine.conftest import OracleProposer
 
-    prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [7, 8] * 6]
-    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
-    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    one = LLM(model=str(model_dir), **options)
-    expected = [o.outputs[0].token_ids for o in one.generate([{"prompt_token_ids": p} for p in prompts], greedy)]
+    one = LLM(model=str(model_dir), **SPECULATION_OPTIONS)
+    expected = _greedy(one)
     speculative = {"num_speculative_tokens": 3}
-    two_ranks = LLM(model=str(model_dir), tensor_parallel_size=2, speculative_config=speculative, **options)
-    continuations = dict(zip(map(tuple, prompts), expected))
+    two_ranks = LLM(model=str(model_dir), tensor_parallel_size=2, speculative_config=speculative, **SPECULATION_OPTIONS)
+    continuations = dict(zip(map(tuple, SPECULATED_PROMPTS), expected))
     two_ranks.engine.proposer = OracleProposer(continuations, "mixed", k=3, vocab_size=one.config.model.vocab_size)
     try:
-        outputs = two_ranks.generate([{"prompt_token_ids": p} for p in prompts], greedy)
+        outputs = _greedy(two_ranks)
         stats = two_ranks.engine.stats()
     finally:
         two_ranks.shutdown()
-    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert outputs == expected
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
 
 @pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
 def test_a_draft_model_over_two_ranks_changes_no_greedy_output(model_dir: Path) -> None:
     # The draft runs whole beside rank 0's shard; the model verifies across both ranks.
-    from neuron_llm import LLM, SamplingParams
+    from neuron_llm import LLM
 
-    prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [7, 8] * 6]
-    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
-    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    one = LLM(model=str(model_dir), **options)
-    expected = [o.outputs[0].token_ids for o in one.generate([{"prompt_token_ids": p} for p in prompts], greedy)]
+    one = LLM(model=str(model_dir), **SPECULATION_OPTIONS)
+    expected = _greedy(one)
     speculative = {"model": str(model_dir), "num_speculative_tokens": 3, "draft_tensor_parallel_size": 1}
-    two_ranks = LLM(model=str(model_dir), tensor_parallel_size=2, speculative_config=speculative, **options)
+    two_ranks = LLM(model=str(model_dir), tensor_parallel_size=2, speculative_config=speculative, **SPECULATION_OPTIONS)
     try:
         draft = two_ranks.engine.proposer.llm
         assert draft.weight_bytes == one.weight_bytes > two_ranks.weight_bytes  # whole, not a shard
-        outputs = two_ranks.generate([{"prompt_token_ids": p} for p in prompts], greedy)
+        outputs = _greedy(two_ranks)
         stats = two_ranks.engine.stats()
     finally:
         two_ranks.shutdown()
-    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert outputs == expected
     # The model drafting for itself (fp32) proposes its own greedy tokens.
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens / stats.num_draft_tokens > 0.9
 
@@ -784,8 +790,7 @@ def test_a_draft_model_under_torchrun_runs_on_rank_0(model_dir: Path, tmp_path: 
     from neuron_llm import LLM, SamplingParams
 
     greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
-    expected = LLM(model=str(model_dir), **options).generate({"prompt_token_ids": [3, 1, 4, 1, 5]}, greedy)
+    expected = LLM(model=str(model_dir), **SPECULATION_OPTIONS).generate({"prompt_token_ids": [3, 1, 4, 1, 5]}, greedy)
     script = tmp_path / "draft.py"
     script.write_text(TORCHRUN_DRAFT_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
