@@ -196,7 +196,7 @@ class LLM:
                 enforce_eager=enforce_eager,
                 max_prefill_graph_tokens=max_prefill_graph_tokens,
                 sampling_features=tuple(sampling_features or ()),
-                context_buckets=tuple(context_buckets) if isinstance(context_buckets, list) else context_buckets,
+                context_buckets=context_buckets,  # checked and stored as a tuple there
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=1 if tensor_parallel_size is None else tensor_parallel_size,
