@@ -54,6 +54,8 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, TensorSource]]) 
     loaded: set[str] = set()
     tied: dict[str, TensorSource] = {}
     for name, source in sources:
+        if name not in params and f"model.{name}" in params:
+            name = f"model.{name}"  # a bare LlamaModel's names, which transformers also reads
         if name in _TIED and "lm_head.weight" not in params:
             tied[name] = source
         if name not in params:

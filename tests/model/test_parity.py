@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_model
+from safetensors.torch import load_file, save_file, save_model
 
 from neuron_llm.config import LinearRopeScaling, Llama3RopeScaling, RopeScaling, YarnRopeScaling
 from neuron_llm.loader import load_model
@@ -120,6 +120,18 @@ def test_tied_checkpoint_storing_only_the_head_loads(
         assert "lm_head.weight" in stored.keys() and "model.embed_tokens.weight" not in stored.keys()
     loaded = load_model(path, dtype=torch.float32, device="cpu")
     prompt = random_prompt(13, hf_model.config.vocab_size, seed=4)
+    [logits] = paged_runner(loaded.model).logits([prompt])
+    assert_close_logits(logits, hf_logits(hf_model, prompt))
+
+
+def test_checkpoint_named_without_the_model_prefix_loads(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], paged_runner: type
+) -> None:
+    hf_model, path = save_tiny_llama()
+    stored = load_file(path / "model.safetensors")
+    save_file({name.removeprefix("model."): t for name, t in stored.items()}, path / "model.safetensors")
+    loaded = load_model(path, dtype=torch.float32, device="cpu")
+    prompt = random_prompt(13, hf_model.config.vocab_size, seed=5)
     [logits] = paged_runner(loaded.model).logits([prompt])
     assert_close_logits(logits, hf_logits(hf_model, prompt))
 
