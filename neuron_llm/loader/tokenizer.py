@@ -111,16 +111,18 @@ def render_chat(
     A content may be a list of ``{"type": "text", "text": ...}`` parts, joined one per line.
     ``chat_template`` replaces the model's; ``template_kwargs`` reach the template as
     variables. Raises ``ValueError`` when there is no template, a message is malformed, or
-    the template refuses the messages (some insist that user and assistant turns alternate).
+    the template refuses the messages (some insist that user and assistant turns alternate)
+    or fails on the values given (a number where it expects a string).
     """
     # A tokenizer's template may be a dict of named ones, from which transformers picks "default".
     if not (chat_template or tokenizer.chat_template):
         raise ValueError("this model has no chat template; send a plain prompt instead of chat messages")
     if add_generation_prompt and continue_final_message:
         raise ValueError("add_generation_prompt and continue_final_message exclude each other")
+    messages = _checked_messages(messages)
     try:
         return tokenizer.apply_chat_template(
-            _checked_messages(messages),
+            messages,
             chat_template=chat_template,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
@@ -129,6 +131,10 @@ def render_chat(
         )
     except TemplateError as e:
         raise ValueError(f"the model's chat template refused the messages: {e}") from e
+    except (TypeError, RuntimeError) as e:
+        # The template's own expressions fail on values the request chose (a number where it
+        # adds strings, say), or its data nests past Python's recursion limit (RecursionError).
+        raise ValueError(f"the model's chat template failed on the request's values: {type(e).__name__}: {e}") from e
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ COMPLETIONS = "/v1/completions"
 USER = [{"role": "user", "content": "Hi"}]
 TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+NESTED = functools.reduce(lambda inner, _: [inner], range(500), [])
 
 BAD_BODIES = [
     # wrong types
@@ -112,6 +114,9 @@ BAD_BODIES = [
         "messages[0].tool_calls",
     ),
     (CHAT, {"messages": USER, "functions": [TOOL["function"]]}, 400, "functions"),
+    # values the chat template fails on: nested past Python's recursion limit where rendered
+    (CHAT, {"messages": USER, "chat_template_kwargs": {"x": NESTED}}, 400, "messages"),
+    ("/invocations", {"messages": USER, "chat_template_kwargs": {"x": NESTED}}, 400, "messages"),
     (CHAT, {"messages": USER, "store": 0}, 400, "store"),
     ("/invocations", {"inputs": "Hi", "parameters": {"watermark": True}}, 400, "parameters.watermark"),
     (COMPLETIONS, {"prompt": "a", "model": "gpt-4"}, 404, "model"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -539,6 +540,22 @@ def test_render_chat_reports_a_template_refusal(tokenizer: PreTrainedTokenizerFa
     tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(ValueError, match="chat template refused the messages: roles must alternate"):
         render_chat(tokenizer, [{"role": "user", "content": "hello"}])
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"date_string": 5}, r"TypeError: can only concatenate str"),
+        ({"date_string": "x", "nested": functools.reduce(lambda inner, _: [inner], range(2000), [])}, "RecursionError"),
+    ],
+    ids=["a number where the template adds strings", "data nested past the recursion limit"],
+)
+def test_render_chat_reports_a_template_failing_on_the_requests_values(
+    tokenizer: PreTrainedTokenizerFast, variables: dict[str, Any], message: str
+) -> None:
+    tokenizer.chat_template = "{{ 'Today: ' + date_string }}" + CHAT_TEMPLATE
+    with pytest.raises(ValueError, match=f"chat template failed on the request's values: {message}"):
+        render_chat(tokenizer, [{"role": "user", "content": "hello"}], **variables)
 
 
 def sentencepiece_model_dir(path: Path) -> Path:
