@@ -362,10 +362,12 @@ class Scheduler:
         while the running requests last. Nothing when it could not be admitted anyway (no
         sequence slot after the ``num_running`` scheduled, no budget, no blocks).
 
-        Sized first without its prefix-cache hit, which can only ask for more blocks than
-        admission takes. Only when that does not fit is the hit looked up; if admission fits
-        with it, every free block is kept: a block taken for a proposal could be one of the
-        cached blocks the hit reads, evicted.
+        Sized first without its prefix-cache hit: a whole prompt so sized asks for at least the
+        blocks admission takes; one cut by the budget may ask for fewer (the hit's unheld blocks
+        leave the free ones too), but it then takes the whole budget, which leaves no room for
+        proposals. Only when that does not fit is the hit looked up; if admission fits with
+        it, every free block is kept: a block taken for a proposal could be one of the cached
+        blocks the hit reads, evicted.
         """
         if not self.waiting or budget <= 0 or num_running >= self.config.max_num_seqs:
             return 0, 0
