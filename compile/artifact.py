@@ -23,9 +23,10 @@ traced again, must hash to the module compiled, and NEURON_CC_FLAGS (part of eac
 key) must be as when compiling and may not name another cache. A mismatch is refused by name,
 never recompiled; only a graph missing from the compiler's cache compiles, with a warning
 naming it, into a private cache (``LLM.compiled_at_load``): loading never writes into the
-artifact. The manifest records every file's size and sha256: a load hashes the model files (a
-few kB), each weights file's safetensors header and the HLO manifest, and checks the sizes of
-the rest; ``Artifact.verify`` (``neuron-llm verify``) hashes everything. The artifact is built
+artifact. The manifest records every file's size and sha256, and its own: a load hashes the
+manifest, the model files (a few kB; a file beside them that it does not list is refused), each
+weights file's safetensors header and the HLO manifest, and checks the sizes of the rest;
+``Artifact.verify`` (``neuron-llm verify``) hashes everything. The artifact is built
 in a hidden directory beside its own and renamed onto it whole: a directory without a
 manifest is not an artifact.
 
@@ -62,8 +63,10 @@ from neuron_llm.loader import default_dtype
 from neuron_llm.models.llama import LlamaForCausalLM
 
 FORMAT = "neuron-llm-artifact"
-FORMAT_VERSION = 3
-"""3: graph files recorded with their sizes and sha256 (2: by name; 1: model files by size only)."""
+FORMAT_VERSION = 4
+"""4: the manifest's own sha256 (3: graph files recorded with their sizes and sha256; 2: by name;
+1: model files by size only). Versions 3 and 4 load."""
+_OLDEST_READ_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_DIR = "weights"
 GRAPHS_DIR = "graphs"
@@ -100,7 +103,7 @@ def fixed_options(config: EngineConfig) -> dict[str, Any]:
     and, on the XLA device, the KV pool every graph takes); the others stay free at load.
     """
     device = parse_device(config.device.device)
-    options: dict[str, Any] = {
+    options: dict[str, Any] = {  # every key in _OPTION_KEYS
         "device": device.type,
         "dtype": str(config.device.dtype).removeprefix("torch."),
         "quantization": config.quantization,
@@ -123,6 +126,34 @@ def fixed_options(config: EngineConfig) -> dict[str, Any]:
         options["sampling_features"] = list(config.device.sampling_features)
         options["context_buckets"] = list(context_lengths(config))
     return options
+
+
+_OPTION_KEYS = (
+    "device",
+    "dtype",
+    "quantization",
+    "tensor_parallel_size",
+    "backend",
+    "max_model_len",
+    "block_size",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "enable_chunked_prefill",
+)
+_XLA_OPTION_KEYS = ("num_kv_blocks", "speculative_config", "sampling_features")
+"""What ``fixed_options`` records on the XLA device besides ``_OPTION_KEYS`` (and context_buckets,
+which artifacts compiled before it lack)."""
+
+
+def manifest_sha256(manifest: dict[str, Any]) -> str:
+    """The sha256 of ``manifest`` as canonical JSON, leaving out its own ``sha256``."""
+    body = {key: value for key, value in manifest.items() if key != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` with its ``sha256``: an edit to it afterwards is refused at load."""
+    return {**manifest, "sha256": manifest_sha256(manifest)}
 
 
 def system_versions(device: str, backend: str) -> dict[str, str]:
@@ -250,15 +281,18 @@ class Artifact:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest_path}: not a neuron-llm artifact manifest (format {FORMAT!r})")
         version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
+        if not (isinstance(version, int) and _OLDEST_READ_VERSION <= version <= FORMAT_VERSION):
             advice = (
                 "upgrade neuron-llm to load it"
                 if isinstance(version, int) and version > FORMAT_VERSION
                 else "compile the model again"
             )
             raise ValueError(
-                f"{manifest_path}: format_version {version!r}; this neuron-llm reads {FORMAT_VERSION}: {advice}"
+                f"{manifest_path}: format_version {version!r}; this neuron-llm reads "
+                f"{_OLDEST_READ_VERSION} to {FORMAT_VERSION}: {advice}"
             )
+        if version >= 4 and manifest.get("sha256") != manifest_sha256(manifest):
+            raise ValueError(f"{manifest_path}: its sha256 differs from its contents: damaged or edited")
         missing = [key for key in _MANIFEST_KEYS if not isinstance(manifest.get(key), dict)]
         if missing:
             raise ValueError(f"{manifest_path}: damaged, no {missing[0]!r} record")
@@ -266,6 +300,16 @@ class Artifact:
             for name, recorded in manifest[key].items():
                 if not _is_file_record(recorded):
                     raise ValueError(f"{manifest_path}: damaged, {key}[{name!r}] has no bytes and sha256")
+        for name, recorded in manifest["weights"].items():
+            if not isinstance(recorded.get("header_sha256"), str):
+                raise ValueError(f"{manifest_path}: damaged, weights[{name!r}] has no header_sha256")
+        options = manifest["options"]
+        required = _OPTION_KEYS + (_XLA_OPTION_KEYS if options.get("device") == "xla" else ())
+        if absent := [key for key in required if key not in options]:
+            raise ValueError(
+                f"{manifest_path}: its options record no {absent[0]!r}: damaged, or compiled by an older "
+                "neuron-llm; compile the model again"
+            )
         if manifest["options"].get("device") == "xla":
             # Compiled before context buckets existed: every step took max_model_len's width.
             manifest["options"].setdefault("context_buckets", [])
@@ -309,11 +353,26 @@ class Artifact:
                 )
 
     def check_model_files(self) -> None:
-        """Refuse a model file (config, tokenizer) that differs from the one compiled: they are a
-        few kB, so hashing them at every load is free, and an edited config.json would otherwise
-        load as another model silently."""
+        """Refuse a model file (config, tokenizer) that differs from the one compiled, and one the
+        manifest does not list: they are a few kB, so hashing them at every load is free, and an
+        edited config.json, or a chat template or generation_config.json added beside it, would
+        otherwise load as another model silently."""
         for name, recorded in self.manifest["files"].items():
             self._check_file(self.path / name, recorded, hashed=True)
+        for name in self._model_file_names():
+            if name not in self.manifest["files"]:
+                raise ValueError(
+                    f"{self.path / name}: not a file the artifact was compiled with (its manifest lists "
+                    "them all): remove it, or compile the model again with it"
+                )
+
+    def _model_file_names(self) -> Iterator[str]:
+        """The files under the artifact but its manifest, weights and graphs, as the manifest names them."""
+        for directory, subdirectories, files in os.walk(self.path):
+            if Path(directory) == self.path:
+                subdirectories[:] = [name for name in subdirectories if name not in (WEIGHTS_DIR, GRAPHS_DIR)]
+                files = [name for name in files if name != MANIFEST_NAME]
+            yield from (str((Path(directory) / name).relative_to(self.path)) for name in files)
 
     def check_graph_files(self) -> None:
         """Refuse a compiled graph whose size differs from the one compiled (hashing them all, as
@@ -388,9 +447,10 @@ def header_sha256(path: Path) -> str | None:
     """The sha256 of a safetensors file's length prefix and JSON header; None when it has none."""
     with path.open("rb") as f:
         prefix = f.read(8)
-        if len(prefix) < 8:
-            return None
-        header = f.read(int.from_bytes(prefix, "little"))
+        header_bytes = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or header_bytes > os.fstat(f.fileno()).st_size - 8:
+            return None  # a damaged prefix may claim exabytes: reading them would fail, not differ
+        header = f.read(header_bytes)
     return hashlib.sha256(prefix + header).hexdigest()
 
 

@@ -25,6 +25,7 @@ from neuron_llm.compile.artifact import (
     header_sha256,
     is_artifact,
     rank_file,
+    sealed,
     sha256_of,
     system_versions,
 )
@@ -164,17 +165,19 @@ def _manifest(config: EngineConfig, out: Path) -> dict[str, Any]:
         for path in sorted(out.rglob("*"))
         if path.is_file() and path.relative_to(out).parts[0] not in (WEIGHTS_DIR, GRAPHS_DIR)
     }
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "options": fixed_options(config),
-        "buckets": [bucket.name for bucket in BucketSet.for_engine(config).all],
-        "system": system_versions(config.device.device, config.device.backend_name),
-        "files": files,
-        "weights": weights,
-        "graphs": {name: _file_record(out / GRAPHS_DIR / name) for name in sorted(cache_files(out / GRAPHS_DIR))},
-    }
+    return sealed(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "options": fixed_options(config),
+            "buckets": [bucket.name for bucket in BucketSet.for_engine(config).all],
+            "system": system_versions(config.device.device, config.device.backend_name),
+            "files": files,
+            "weights": weights,
+            "graphs": {name: _file_record(out / GRAPHS_DIR / name) for name in sorted(cache_files(out / GRAPHS_DIR))},
+        }
+    )
 
 
 def _file_record(path: Path) -> dict[str, Any]:

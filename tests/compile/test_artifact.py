@@ -26,8 +26,10 @@ from neuron_llm.compile.artifact import (
     WEIGHTS_DIR,
     Artifact,
     cache_files,
+    fixed_options,
     graph_cache,
     is_artifact,
+    sealed,
     sha256_of,
     system_versions,
 )
@@ -139,10 +141,11 @@ def test_options_it_does_not_fix_are_free_and_equal_ones_are_taken(compiled: Pat
     llm.shutdown()
 
 
-def edit_manifest(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+def edit_manifest(path: Path, edit: Callable[[dict[str, Any]], None], seal: bool = True) -> None:
+    """Edit ``path``'s manifest; sealed with its new sha256, as if compiled so, unless ``seal`` is False."""
     manifest = json.loads((path / MANIFEST_NAME).read_text())
     edit(manifest)
-    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (path / MANIFEST_NAME).write_text(json.dumps(sealed(manifest) if seal else manifest))
 
 
 def test_another_library_version_is_refused(compiled: Path) -> None:
@@ -215,15 +218,77 @@ def test_a_worker_refuses_an_engine_built_with_other_options(compiled: Path) -> 
         load_worker(str(compiled), other, 0, 1)
     # An option the artifact did not record (an older neuron-llm's) is named too, not taken as None.
     edit_manifest(compiled, lambda m: m["options"].pop("quantization"))
-    with pytest.raises(ValueError, match=r"other options than this engine's: \['quantization'\]"):
+    with pytest.raises(ValueError, match="its options record no 'quantization': damaged, or compiled by an older"):
         LLM(str(compiled))
 
 
 @pytest.mark.parametrize(("version", "advice"), [(99, "upgrade neuron-llm"), (1, "compile the model again")])
 def test_another_format_version_is_refused(compiled: Path, version: int, advice: str) -> None:
     edit_manifest(compiled, lambda m: m.update(format_version=version))
-    with pytest.raises(ValueError, match=f"format_version {version}; this neuron-llm reads {FORMAT_VERSION}: {advice}"):
+    reads = f"this neuron-llm reads 3 to {FORMAT_VERSION}"
+    with pytest.raises(ValueError, match=f"format_version {version}; {reads}: {advice}"):
         LLM(str(compiled))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [lambda m: m["options"].update(quantization="int8"), lambda m: m["files"].pop("config.json")],
+    ids=["an-option", "a-file-record"],
+)
+def test_an_edited_manifest_is_refused(compiled: Path, edit: Any, capsys: pytest.CaptureFixture) -> None:
+    edit_manifest(compiled, edit, seal=False)
+    with pytest.raises(ValueError, match="manifest.json: its sha256 differs from its contents: damaged or edited"):
+        LLM(str(compiled), quantization="int8")
+    assert main(["verify", str(compiled)]) == 2
+    assert "its sha256 differs from its contents" in capsys.readouterr().err
+
+
+def test_a_manifest_of_format_3_loads_without_its_own_sha256(compiled: Path) -> None:
+    expected = greedy_tokens(LLM(str(compiled)))
+    edit_manifest(compiled, lambda m: m.update(format_version=3), seal=False)
+    edit_manifest(compiled, lambda m: m.pop("sha256"), seal=False)
+    assert greedy_tokens(LLM(str(compiled))) == expected
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["options"].pop("backend"), "its options record no 'backend'"),
+        (lambda m: m["weights"]["rank-0-of-1.safetensors"].pop("header_sha256"), "has no header_sha256"),
+    ],
+    ids=["option", "header"],
+)
+def test_a_manifest_missing_a_key_is_refused_by_name(compiled: Path, edit: Any, message: str) -> None:
+    edit_manifest(compiled, edit)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LLM(str(compiled))
+
+
+def test_the_manifest_records_every_option_an_artifact_fixes(compiled: Path) -> None:
+    assert set(Artifact.open(compiled).options) == set(fixed_options(LLM(str(compiled), warm_up=False).config))
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("chat_template.jinja", "{{ messages[0]['content'] }}"),
+        ("generation_config.json", json.dumps({"temperature": 1.5, "top_k": 3})),
+        ("tokenizer/extra.txt", "x"),
+    ],
+)
+def test_a_model_file_added_after_compiling_is_refused(
+    compiled: Path, name: str, text: str, capsys: pytest.CaptureFixture
+) -> None:
+    if (compiled / name).exists():  # as if compiled from a checkpoint without it
+        (compiled / name).unlink()
+        edit_manifest(compiled, lambda m: m["files"].pop(name))
+        LLM(str(compiled), warm_up=False).shutdown()
+    (compiled / name).parent.mkdir(exist_ok=True)
+    (compiled / name).write_text(text)
+    with pytest.raises(ValueError, match=f"{re.escape(name)}: not a file the artifact was compiled with"):
+        LLM(str(compiled))
+    assert main(["verify", str(compiled)]) == 2
+    assert "not a file the artifact was compiled with" in capsys.readouterr().err
 
 
 def test_a_manifest_without_a_record_is_refused_by_name(compiled: Path) -> None:
@@ -287,6 +352,16 @@ def test_a_changed_weights_header_is_refused_at_load_and_changed_tensors_by_veri
     assert main(["verify", str(compiled)]) == 2
     assert "rank-0-of-1.safetensors: its sha256 differs" in capsys.readouterr().err
     flip_byte(weights, 20)  # inside the JSON header: a name, dtype, shape or offset
+    with pytest.raises(ValueError, match="its tensors' header differs from the one compiled"):
+        LLM(str(compiled))
+
+
+@pytest.mark.parametrize("prefix", [b"\xff" * 7 + b"\x7f", (1 << 60).to_bytes(8, "little")])
+def test_a_weights_header_claiming_more_than_the_file_is_refused(compiled: Path, prefix: bytes) -> None:
+    weights = compiled / WEIGHTS_DIR / "rank-0-of-1.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = prefix
+    weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="its tensors' header differs from the one compiled"):
         LLM(str(compiled))
 

@@ -17,7 +17,7 @@ pytest.importorskip("torch_xla")
 from neuron_llm import LLM, SamplingParams
 from neuron_llm.cli import main
 from neuron_llm.compile import build
-from neuron_llm.compile.artifact import GRAPHS_DIR, HLO_DIR, Artifact, sha256_of
+from neuron_llm.compile.artifact import GRAPHS_DIR, HLO_DIR, Artifact, sealed, sha256_of
 from neuron_llm.compile.build import compile_artifact
 from neuron_llm.compile.hlo_export import MANIFEST_NAME as HLO_MANIFEST
 from neuron_llm.xla import count_graphs
@@ -62,7 +62,8 @@ def test_an_artifact_compiled_before_context_buckets_loads_with_one_width(compil
     _, out = compiled
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"].pop("context_buckets") == []  # max_model_len 64: one width already
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    manifest.pop("sha256")  # format 3, as then
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format_version": 3}))
     llm = LLM(str(out), warm_up=False)
     assert llm.engine.runner.buckets.block_table_widths == (16,)
     llm.shutdown()
@@ -93,7 +94,7 @@ def test_a_bucket_that_traces_another_graph_is_refused(compiled: tuple[Path, Pat
     # As if compiled so elsewhere: the artifact's manifest records the edited HLO manifest.
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["graphs"][f"{HLO_DIR}/{HLO_MANIFEST}"] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "manifest.json").write_text(json.dumps(sealed(manifest)))
     with pytest.raises(ValueError, match=f"bucket {hlo['graphs'][1]['bucket']} traces to another graph"):
         LLM(str(out))
 
