@@ -39,3 +39,6 @@ def test_serve_refuses_an_option_the_artifact_was_not_compiled_with_before_it_li
     for option, value in [("max_model_len", 128), ("dtype", "bfloat16"), ("max_num_seqs", 3)]:
         with pytest.raises(ValueError, match=f"{option}=.*compiled with {option}="):
             ServeSettings(model=str(out), **{option: value}).check_model()
+    (out / "added_tokens.json").write_text("{}")  # a file the tokenizer would read, added after compiling
+    with pytest.raises(ValueError, match="added_tokens.json: not a file the artifact was compiled with"):
+        ServeSettings(model=str(out)).check_model()
