@@ -367,7 +367,7 @@ class Artifact:
                 )
 
     def _model_file_names(self) -> Iterator[str]:
-        """The files under the artifact but its manifest, weights and graphs, as the manifest names them."""
+        """The files under the artifact besides its manifest, weights and graphs, named as the manifest names them."""
         for directory, subdirectories, files in os.walk(self.path):
             if Path(directory) == self.path:
                 subdirectories[:] = [name for name in subdirectories if name not in (WEIGHTS_DIR, GRAPHS_DIR)]
