@@ -96,7 +96,7 @@ class RankProcesses:
         # bound here because the store itself would listen on every interface, not 127.0.0.1 alone.
         listener = socket.create_server((_HOST, 0))
         port = listener.getsockname()[1]
-        self.store = dist.TCPStore(
+        self.store: dist.TCPStore | None = dist.TCPStore(
             _HOST,
             port,
             world_size,
@@ -170,6 +170,9 @@ class RankProcesses:
             for process in self._processes:
                 process.join(max(0.0, deadline - time.monotonic()))
         _kill(self._processes)
+        # Its listening port would otherwise stay open until this object is collected (the
+        # process group holds its own reference until it is destroyed).
+        self.store = None
 
     def _receive_reports(self) -> list[tuple[int, str]]:
         while not self._reports.empty():

@@ -14,6 +14,7 @@ import functools
 import multiprocessing
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -186,6 +187,7 @@ def test_rank_0_closes_its_worker_before_the_group_goes(model_dir: Path, how: st
     """Waiting for its queued work on a clean shutdown, not after a failure (a collective may hang)."""
     factory = functools.partial(build_failing_worker, str(model_dir), how)
     executor = make_executor(engine_config(model_dir, 2), factory, timeout_s=TIMEOUT_S)
+    port = executor._ranks.store.port
     try:
         run_steps(executor, read_model_config(model_dir).vocab_size)
     except WorkerError:
@@ -193,6 +195,10 @@ def test_rank_0_closes_its_worker_before_the_group_goes(model_dir: Path, how: st
     executor.shutdown()
     assert executor.worker.closed == closed
     assert not _rank_processes()
+    if how == "never":  # after a failure, its traceback's frames hold the group until collected
+        # The rendezvous store closed with the group, not when the executor is collected.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 @pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
