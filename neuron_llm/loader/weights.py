@@ -22,6 +22,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 _TIED = ("model.embed_tokens.weight", "lm_head.weight")
+_ROTARY_BUFFERS = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _TIED_SAMPLE_ROWS = 8
 """Rows of the embedding and of a stored head compared when the model ties them: a head
 trained apart from the embedding differs in every row."""
@@ -61,8 +62,8 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, TensorSource]]) 
         if name not in params:
             if name == "lm_head.weight":
                 continue  # tied to model.embed_tokens.weight
-            if name.endswith("rotary_emb.inv_freq"):
-                continue  # recomputed from the config
+            if name.endswith(_ROTARY_BUFFERS):
+                continue  # recomputed from the config (ColossalAI saves the cos/sin tables too)
             raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in the model")
         _load_one(name, params[name], source)
         loaded.add(name)

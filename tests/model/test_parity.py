@@ -136,6 +136,22 @@ def test_checkpoint_named_without_the_model_prefix_loads(
     assert_close_logits(logits, hf_logits(hf_model, prompt))
 
 
+def test_rotary_tables_saved_in_a_checkpoint_are_skipped(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], paged_runner: type
+) -> None:
+    # ColossalAI saves each layer's cos/sin tables (vLLM and transformers skip them); filled
+    # with garbage here, so that loading them anywhere would change the logits.
+    hf_model, path = save_tiny_llama()
+    stored = load_file(path / "model.safetensors")
+    for name in ("inv_freq", "cos_cached", "sin_cached"):
+        stored[f"model.layers.0.self_attn.rotary_emb.{name}"] = torch.full((7, 3), 1e4)
+    save_file(stored, path / "model.safetensors")
+    loaded = load_model(path, dtype=torch.float32, device="cpu")
+    prompt = random_prompt(13, hf_model.config.vocab_size, seed=6)
+    [logits] = paged_runner(loaded.model).logits([prompt])
+    assert_close_logits(logits, hf_logits(hf_model, prompt))
+
+
 def test_loaded_model_is_frozen_in_the_requested_dtype(save_tiny_llama: Callable[..., tuple[Any, Path]]) -> None:
     hf_model, path = save_tiny_llama(tie_word_embeddings=True)
     loaded = load_model(path, dtype=torch.bfloat16, device="cpu")
