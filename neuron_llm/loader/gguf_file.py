@@ -218,6 +218,10 @@ class TokenizerDefaults(NamedTuple):
     """A SentencePiece vocabulary's: whether each run of text, at the start and after every
     special token, gets a leading space (true unless the file says not); None for others."""
     ignore_merges: bool = False
+    add_eos_token: bool = False
+    added_tokens: tuple[tuple[int, str, bool], ...] = ()
+    """A byte-level vocabulary's control and user-defined tokens as (id, text, is control):
+    llama.cpp matches them whole in a text, at their ids."""
 
 
 def tokenizer_defaults(reader: gguf.GGUFReader, path: Path) -> TokenizerDefaults:
@@ -233,7 +237,13 @@ def tokenizer_defaults(reader: gguf.GGUFReader, path: Path) -> TokenizerDefaults
     add_space_prefix = None
     if model == "llama":
         add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    return TokenizerDefaults(bool(add_bos), bos, eos, add_space_prefix, is_llama3)
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    added: tuple[tuple[int, str, bool], ...] = ()
+    if model == "gpt2":
+        kinds = {int(gguf.TokenType.CONTROL): True, int(gguf.TokenType.USER_DEFINED): False}
+        tokens, types = meta.get("tokenizer.ggml.tokens", []), meta.get("tokenizer.ggml.token_type", [])
+        added = tuple((i, text, kinds[kind]) for i, (text, kind) in enumerate(zip(tokens, types)) if kind in kinds)
+    return TokenizerDefaults(bool(add_bos), bos, eos, add_space_prefix, is_llama3, add_eos, added)
 
 
 def _eos_token_id(meta: _Metadata) -> int | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import json
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 from jinja2 import TemplateError
 from tokenizers import Tokenizer, decoders, normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from neuron_llm.loader.gguf_file import TokenizerDefaults
 
@@ -64,17 +66,58 @@ def load_gguf_tokenizer(gguf_path: Path, defaults: TokenizerDefaults | None = No
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=link.name, local_files_only=True)
     if defaults is None:
         return tokenizer
+    _restore_added_tokens(tokenizer, defaults.added_tokens)
     if tokenizer.bos_token_id is None and defaults.bos_token_id is not None:
         tokenizer.bos_token = tokenizer.convert_ids_to_tokens(defaults.bos_token_id)
     if tokenizer.eos_token_id is None and defaults.eos_token_id is not None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(defaults.eos_token_id)
     if tokenizer.add_bos_token != defaults.add_bos_token:
         tokenizer.add_bos_token = defaults.add_bos_token  # rebuilds the post-processor that adds it
+    if tokenizer.add_eos_token != defaults.add_eos_token:
+        tokenizer.add_eos_token = defaults.add_eos_token
     if defaults.add_space_prefix is not None:
         _prefix_spaces_as_llama_cpp(tokenizer.backend_tokenizer, defaults.add_space_prefix)
     if defaults.ignore_merges:
         tokenizer.backend_tokenizer.model.ignore_merges = True
     return tokenizer
+
+
+def _restore_added_tokens(tokenizer: PreTrainedTokenizerBase, added_tokens: Sequence[tuple[int, str, bool]]) -> None:
+    """Give a byte-level vocabulary's control and user-defined tokens spelt outside its byte
+    alphabet their own ids back, whole and (control ones) special, as llama.cpp reads them.
+
+    DeepSeek's (``<｜begin▁of▁sentence｜>``, ``<｜User｜>``) use full-width bars and "▁".
+    transformers' reader respells such a token in the byte alphabet, so the text no longer
+    matches it, and appends the BOS and EOS the file names as new tokens past the vocabulary:
+    every prompt then begins with an id the model's embedding does not have, and the chat
+    template's markers are cut into bytes.
+    """
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    misread = [
+        (token_id, text, special)
+        for token_id, text, special in added_tokens
+        if not set(text) <= alphabet and tokenizer.convert_tokens_to_ids(text) != token_id
+    ]
+    if not misread:
+        return
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    texts = {text for _, text, _ in misread}
+    state["added_tokens"] = [token for token in state["added_tokens"] if token["content"] not in texts]
+    for token_id, text, special in misread:
+        respelled = "".join(spelling[byte] for byte in text.encode())
+        if vocab.get(respelled) == token_id:
+            del vocab[respelled]
+        vocab[text] = token_id
+        state["added_tokens"].append(
+            {"id": token_id, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": special}
+        )  # fmt: skip
+    # Added tokens cannot be removed from a backend in place, nor does transformers offer a
+    # setter for it: the rebuilt one replaces the attribute its methods read.
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+    tokenizer.update_post_processor()  # its BOS and EOS ids were the appended ones
 
 
 def _prefix_spaces_as_llama_cpp(backend: Tokenizer, add_space_prefix: bool) -> None:

@@ -131,3 +131,48 @@ def test_a_sentencepiece_vocabulary_prefixes_spaces_as_llama_cpp(tmp_path: Path,
         assert "".join(pieces) == expected, (text, pieces)
     for text in ("the fox", " the  fox ", "hello there"):
         assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_control_tokens_spelt_outside_the_byte_alphabet_keep_their_ids(tmp_path: Path) -> None:
+    # DeepSeek-R1-Distill-Llama's markers use full-width bars and "▁": llama.cpp reads them whole
+    # at their ids; transformers' reader alone respelled them and gave BOS an id past the vocabulary.
+    metadata = llama3_metadata("llama-bpe")
+    tokens = metadata["tokenizer.ggml.tokens"][:-2]
+    markers = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜tool▁sep｜>"]
+    control, user_defined = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
+    metadata["tokenizer.ggml.tokens"] = tokens + markers
+    metadata["tokenizer.ggml.token_type"] = metadata["tokenizer.ggml.token_type"][:-2] + [control] * 4 + [user_defined]
+    metadata["tokenizer.ggml.bos_token_id"] = len(tokens)
+    metadata["tokenizer.ggml.eos_token_id"] = len(tokens) + 1
+    vocab_size = len(metadata["tokenizer.ggml.tokens"])
+    info = load_model_info(write_vocabulary_gguf(tmp_path / "r1.gguf", metadata, vocab_size))
+    tokenizer = info.tokenizer
+    ids = {marker: len(tokens) + i for i, marker in enumerate(markers)}
+
+    assert len(tokenizer) == vocab_size
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (ids[markers[0]], ids[markers[1]])
+    assert ids[markers[1]] in info.eos_token_ids and max(info.eos_token_ids) < vocab_size
+    for marker, token_id in ids.items():
+        assert tokenizer.encode(marker, add_special_tokens=False) == [token_id]
+    text = "<｜User｜>the fox<｜tool▁sep｜><｜Assistant｜>"
+    encoded = tokenizer.encode(text)
+    assert encoded[0] == ids[markers[0]] and max(encoded) < vocab_size
+    assert encoded[1:] == [ids["<｜User｜>"], *tokenizer.encode("the fox", add_special_tokens=False)] + [
+        ids["<｜tool▁sep｜>"],
+        ids["<｜Assistant｜>"],
+    ]
+    # Control tokens are special (skipped on request); a user-defined one is text.
+    assert tokenizer.decode(encoded[1:], skip_special_tokens=True) == "the fox<｜tool▁sep｜>"
+    assert tokenizer.decode(encoded) == "<｜begin▁of▁sentence｜>" + text
+
+
+@pytest.mark.parametrize("add_eos", [None, False, True])
+def test_eos_is_appended_where_the_file_says(tmp_path: Path, add_eos: bool | None) -> None:
+    extra = {} if add_eos is None else {"tokenizer.ggml.add_eos_token": add_eos}
+    metadata = sentencepiece_metadata(**extra)
+    path = write_vocabulary_gguf(tmp_path / "llama2.gguf", metadata, len(metadata["tokenizer.ggml.tokens"]))
+    tokenizer = load_model_info(path).tokenizer
+    ids = tokenizer.encode(TEXT)
+    assert ids[0] == 1
+    assert (ids[-1] == 2) == bool(add_eos)
+    assert ids[1 : len(ids) - bool(add_eos)] == tokenizer.encode(TEXT, add_special_tokens=False)
