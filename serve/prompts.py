@@ -65,16 +65,17 @@ def _completion_prompts(
 
 
 def _completion_prompt(model: ServedModel, prompt: str | list[int], param: str) -> Prompt:
-    if not prompt:
-        raise ClientError(f"{param} is empty", param)
     tokenizer = model.tokenizer
     if isinstance(prompt, str):
+        # An empty text is a prompt where the tokenizer adds BOS (as vLLM and OpenAI serve it).
         if tokenizer is None:
             raise ClientError("this model has no tokenizer: send the prompt as token ids", param)
         token_ids = tokenizer.encode(unicode_text(prompt, param))
         if not token_ids:
             raise ClientError(f"{param} has no tokens", param)
         return Prompt(_in_vocabulary(model, token_ids, param), prompt)
+    if not prompt:
+        raise ClientError(f"{param} is empty", param)
     return _decoded(model, _in_vocabulary(model, prompt, param))
 
 

@@ -718,8 +718,7 @@ class LLMEngine:
 
     def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
+            # "" is a prompt where the tokenizer adds BOS, as in vLLM: only no tokens is refused.
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompt token ids instead of text")
             prompt_text, token_ids, what = prompt, self.tokenizer.encode(prompt), "the prompt's tokens"

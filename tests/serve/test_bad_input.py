@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from neuron_llm.sampling_params import MAX_BAD_WORDS, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
+from neuron_llm.sampling_params import MAX_BAD_WORDS, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, SamplingParams
 from neuron_llm.serve.protocol import MAX_STOP, MAX_STOP_CHARS
 from tests.engine.conftest import tiny_model_dir  # noqa: F401
 from tests.serve.conftest import ServerThread, make_llm, metric, running_server
@@ -235,6 +236,34 @@ def test_text_whose_tokens_the_model_lacks_is_a_400(extra_token_model_dir: Path)
         chat = httpx.post(f"{server.url}{CHAT}", json={"messages": messages})
         assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages", chat.text
         assert httpx.post(f"{server.url}{COMPLETIONS}", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_an_empty_text_is_a_prompt_where_the_tokenizer_adds_bos(model_dir: Path, tmp_path: Path) -> None:
+    # vLLM refuses only a prompt of no tokens; "" with a BOS-adding tokenizer is one token.
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_dir, tmp_path, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.bos_token = "<|system|>"
+    tokenizer.add_bos_token = True
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).encode("") == [tokenizer.bos_token_id]
+    [offline] = make_llm(tmp_path).generate("", SamplingParams(max_tokens=2))
+    assert offline.prompt_token_ids == [tokenizer.bos_token_id] and len(offline.outputs[0].token_ids) == 2
+    with pytest.raises(ValueError, match="prompt is empty"):
+        make_llm(model_dir).generate("", SamplingParams(max_tokens=2))  # no BOS: no tokens
+    with running_server(tmp_path) as server:
+        for route, body in [
+            (COMPLETIONS, {"prompt": "", "max_tokens": 2}),
+            (COMPLETIONS, {"prompt": ["Hi", ""], "max_tokens": 2}),
+            ("/invocations", {"inputs": "", "parameters": {"max_new_tokens": 2}}),
+        ]:
+            response = httpx.post(f"{server.url}{route}", json=body, timeout=60)
+            assert response.status_code == 200, (route, body, response.text)
+        response = httpx.post(f"{server.url}{COMPLETIONS}", json={"prompt": "", "max_tokens": 2}, timeout=60)
+        assert response.json()["usage"]["prompt_tokens"] == 1
+        empty = httpx.post(f"{server.url}{COMPLETIONS}", json={"prompt": [], "max_tokens": 2}, timeout=60)
+        assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt", empty.text
 
 
 def test_stop_strings_without_a_tokenizer_are_a_400_naming_stop(tiny_model_dir: Path) -> None:  # noqa: F811
