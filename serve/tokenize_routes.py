@@ -38,6 +38,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     tokenizer = model_tokenizer(model, param)
     # In a thread, as the generation routes tokenize: a long text takes a while.
     token_ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=body.add_special_tokens)
+    get_state(request).metrics.count_request("success")
     return TokenizeResponse(
         count=len(token_ids),
         max_model_len=model.max_model_len,
@@ -55,4 +56,6 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     outside = [token_id for token_id in body.tokens if token_id >= len(tokenizer)]
     if outside:
         raise ClientError(f"tokens: {outside[:5]} are not in the vocabulary [0, {len(tokenizer)})", "tokens")
-    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens, clean_up_tokenization_spaces=False))
+    text = tokenizer.decode(body.tokens, clean_up_tokenization_spaces=False)
+    get_state(request).metrics.count_request("success")
+    return DetokenizeResponse(prompt=text)

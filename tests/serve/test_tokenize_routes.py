@@ -10,9 +10,10 @@ import pytest
 
 import neuron_llm
 from neuron_llm.loader import render_chat
-from tests.serve.conftest import ServerThread
+from tests.serve.conftest import ServerThread, metric
 
 _JSON = {"Content-Type": "application/json"}
+SUCCESS = 'neuron_llm_requests_total{outcome="success"}'
 CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon"}]
 
 
@@ -23,6 +24,7 @@ def _post(server: ServerThread, route: str, body: dict[str, Any]) -> dict[str, A
 
 
 def test_tokenize_gives_a_texts_tokens_and_detokenize_its_text(server: ServerThread) -> None:
+    succeeded = metric(server, SUCCESS)
     model = server.app.state.server.ready_model()
     tokenizer = model.tokenizer
     text = "Hello world, how are you?"
@@ -35,6 +37,8 @@ def test_tokenize_gives_a_texts_tokens_and_detokenize_its_text(server: ServerThr
     assert _post(server, "/detokenize", {"tokens": bare["tokens"]}) == {"prompt": text}
     special = tokenizer.convert_tokens_to_ids("<|user|>")
     assert _post(server, "/detokenize", {"tokens": [special]})["prompt"] == "<|user|>"
+    # Counted as served, as their refusals are counted as invalid.
+    assert metric(server, SUCCESS) == succeeded + 4
 
 
 @pytest.mark.parametrize(
