@@ -310,9 +310,15 @@ class MultiprocExecutor(Executor):
         wants_report = isinstance(cause, Exception) and not isinstance(cause, (WorkerError, ValueError))
         failure = self._ranks.failure() if self._ranks is not None and wants_report else None
         self._stop(graceful=False)
-        if failure is None:
-            raise cause
-        raise failure from cause
+        try:
+            if failure is None:
+                raise cause
+            raise failure from cause
+        finally:
+            # The raised error's traceback holds this frame: without the names, error and frame
+            # form a cycle, and the collective's frames in it keep the process group (and rank
+            # 0's store port) alive until the cyclic collector runs, not until the error is dropped.
+            del failure, cause
 
     def _stop(self, graceful: bool) -> None:
         self._is_running = False
