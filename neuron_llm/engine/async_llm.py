@@ -2,12 +2,12 @@
 
 The engine is not thread-safe, so one thread owns it and every engine call happens there.
 Callers on any event loop talk to it through a command queue that the thread drains before
-every step; outputs go back to a per-request ``asyncio.Queue`` through
+every step; outputs go back to a per-request slot (the latest unread one) through
 ``loop.call_soon_threadsafe``::
 
     event loop                               engine thread
     generate() --_Add-----> commands ------> engine.add_request
-    (consumer) <--outputs-- request queue <-- engine.step(): a RequestOutput per request
+    (consumer) <--outputs-- request slot <--- engine.step(): a RequestOutput per request
     aclose()   --_Abort---> commands ------> engine.abort (its KV blocks freed)
 
 A bad request is refused alone (``generate`` raises its ``ValueError``); a failed step fails
@@ -56,19 +56,45 @@ class EngineError(Exception):
 
 
 class _Stream:
-    """Where the engine thread delivers one request's outputs, on its consumer's event loop."""
+    """Where the engine thread delivers one request's outputs, on its consumer's event loop.
+
+    One slot, as vLLM's ``RequestOutputCollector``: each output holds everything before it, so
+    a newer one replaces one not yet read, and a consumer that reads slowly (a streaming
+    client on a slow link) holds one output, not every step's. An error is kept beside it and
+    taken after it.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        self._ready = asyncio.Event()
+        self._output: RequestOutput | None = None
+        self._error: Exception | None = None
 
     def put(self, item: RequestOutput | Exception) -> None:
         """Deliver ``item``; called on the engine thread."""
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._keep, item)
         except RuntimeError:
             # The consumer's loop is closed: nobody is left to read this request.
             pass
+
+    def _keep(self, item: RequestOutput | Exception) -> None:
+        if isinstance(item, Exception):
+            self._error = self._error or item
+        else:
+            self._output = item
+        self._ready.set()
+
+    async def take(self) -> RequestOutput | Exception:
+        """The latest output not yet taken, else the error; waits for one."""
+        await self._ready.wait()
+        if self._output is None:
+            assert self._error is not None
+            return self._error
+        output, self._output = self._output, None
+        if self._error is None:
+            self._ready.clear()
+        return output
 
 
 @dataclass(frozen=True)
@@ -163,16 +189,9 @@ class AsyncLLM:
         prompt = prompt if isinstance(prompt, str) else list(prompt)
         self._admit(_Add(stream, prompt, params, request_id))
         is_waiting, is_ended = True, False
-        error: Exception | None = None  # read while merging: raised after the outputs before it
         try:
             while not is_ended:
-                item = error or await stream.queue.get()
-                while not isinstance(item, Exception) and not stream.queue.empty():
-                    newer = stream.queue.get_nowait()
-                    if isinstance(newer, Exception):
-                        error = newer
-                        break
-                    item = newer
+                item = await stream.take()
                 if isinstance(item, Exception):
                     is_ended = True  # the engine holds the request no more
                     raise item

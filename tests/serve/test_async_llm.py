@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -239,6 +240,28 @@ def test_outputs_queued_before_a_failure_reach_the_consumer_before_the_error(mod
             await anext(outputs)
 
     run_with(llm, scenario)
+
+
+def test_a_stalled_consumer_holds_one_output_not_one_a_step(model_dir: Path) -> None:
+    # Each output holds the tokens before it: a consumer that stops reading (a slow streaming
+    # client) must not pin every step's, which grows with the square of the output's length.
+    def alive() -> int:
+        gc.collect()
+        return sum(type(o) is RequestOutput for o in gc.get_objects())
+
+    async def scenario(engine: AsyncLLM) -> None:
+        before = alive()
+        outputs = engine.generate("Hello", LONG)
+        first = await anext(outputs)
+        while engine.num_in_flight and engine.engine.has_unfinished_requests():
+            await asyncio.sleep(0.01)  # the loop runs every delivery while nothing is read
+        await asyncio.sleep(0.05)
+        assert alive() - before <= 3  # the one read, the latest, and one in passing at most
+        final = await anext(outputs)
+        assert final.finished and len(final.outputs[0].token_ids) == LONG.max_tokens
+        assert final.outputs[0].token_ids[: len(first.outputs[0].token_ids)] == first.outputs[0].token_ids
+
+    run_with(make_llm(model_dir), scenario)
 
 
 def test_shutdown_drains_then_aborts_what_is_left(model_dir: Path) -> None:
