@@ -26,14 +26,11 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 
-from neuron_llm.engine.llm_engine import LATENCIES, EngineStats, LLMEngine
+from neuron_llm.engine.llm_engine import LATENCIES, EngineStats, LLMEngine, latency_samples
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-_MAX_KEPT_LATENCIES = 65536
-"""Latency samples kept between two ``stats()`` calls, so a server nobody scrapes stays bounded."""
 
 _DRAIN_POLL_S = 0.05
 """How often ``shutdown`` looks whether the requests in flight have ended."""
@@ -152,9 +149,7 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}
         self._is_stopping = False
         self._stats: EngineStats = engine.stats()
-        self._latencies: dict[str, collections.deque[float]] = {
-            name: collections.deque(maxlen=_MAX_KEPT_LATENCIES) for name in LATENCIES
-        }
+        self._latencies = latency_samples()
         self._thread = threading.Thread(target=self._run, name="neuron-llm-engine", daemon=True)
         self._thread.start()
 

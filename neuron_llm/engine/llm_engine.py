@@ -9,6 +9,7 @@ its own.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -132,6 +133,10 @@ LATENCIES = ("time_to_first_token", "inter_token_latency", "request_queue_time",
 """The latency samples ``EngineStats`` carries, in seconds: arrival to first token; between
 two steps that gave a request tokens; arrival to first scheduled; arrival to finished."""
 
+MAX_KEPT_LATENCIES = 65536
+"""Latency samples of each kind kept between two ``stats()`` calls (the latest), so that an
+engine nobody asks, as offline ``LLM.generate`` runs it, stays bounded."""
+
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -183,7 +188,7 @@ class LLMEngine:
         self._groups: dict[str, _RequestGroup] = {}
         self._sequences: dict[str, tuple[_RequestGroup, _Sequence]] = {}
         self._request_counter = itertools.count()
-        self._latencies: dict[str, list[float]] = {name: [] for name in LATENCIES}
+        self._latencies = latency_samples()
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._num_draft_tokens = 0
@@ -341,14 +346,14 @@ class LLMEngine:
         """Gauges now, and latencies recorded since the previous call (then cleared)."""
         stats = EngineStats(
             scheduler=self.scheduler.stats(),
-            **self._latencies,
+            **{name: list(samples) for name, samples in self._latencies.items()},
             num_prompt_tokens=self._num_prompt_tokens,
             num_generation_tokens=self._num_generation_tokens,
             num_compiled_graphs=self.runner.executor.worker.num_compiled_graphs(),
             num_draft_tokens=self._num_draft_tokens,
             num_accepted_tokens=self._num_accepted_tokens,
         )
-        self._latencies = {name: [] for name in LATENCIES}
+        self._latencies = latency_samples()
         return stats
 
     @property
@@ -753,3 +758,8 @@ class LLMEngine:
             generator=make_generator(seed, self.runner.device),
             logprobs=[] if params.logprobs is not None else None,
         )
+
+
+def latency_samples() -> dict[str, collections.deque[float]]:
+    """Empty samples of each of ``LATENCIES``, each keeping its latest ``MAX_KEPT_LATENCIES``."""
+    return {name: collections.deque(maxlen=MAX_KEPT_LATENCIES) for name in LATENCIES}

@@ -507,3 +507,15 @@ def test_eager_steps_run_their_real_tokens_not_the_buckets(tiny_model_dir) -> No
     hook.remove()
     assert seen == [37, 64]
     assert torch.allclose(unpadded, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_latency_samples_nobody_reads_stay_bounded(tiny_model_dir, monkeypatch) -> None:
+    # Offline generate never asks for stats(): the engine keeps only the latest samples.
+    monkeypatch.setattr(llm_engine, "MAX_KEPT_LATENCIES", 8)
+    llm = make_llm(tiny_model_dir)
+    for _ in range(3):
+        llm.generate([{"prompt_token_ids": p} for p in random_prompts(4, seed=21)], GREEDY)
+    stats = llm.engine.stats()
+    assert len(stats.inter_token_latency) == 8 and len(stats.e2e_request_latency) == 8
+    assert all(latency >= 0 for latency in stats.inter_token_latency)
+    assert llm.engine.stats().inter_token_latency == []  # read, then cleared
