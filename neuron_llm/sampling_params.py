@@ -139,8 +139,9 @@ class SamplingParams:
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times the most likely token's; 0 keeps all."""
     seed: int | None = None
-    """Seeds this request's own random stream, so its tokens do not depend on the rest of the
-    batch; -1 is no seed, as in vLLM (stored as None)."""
+    """Seeds this request's own random stream, so its random draws do not depend on the rest of
+    the batch (in float32 its tokens do not either; 16-bit logits round differently with the
+    batch's size); -1 is no seed, as in vLLM (stored as None)."""
     max_tokens: int | None = 16
     """Most tokens generated; None is bounded only by the model's context length."""
     min_tokens: int = 0
@@ -150,7 +151,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     """Token ids that end the sequence, besides EOS. Stored as a list."""
     ignore_eos: bool = False
-    """Keep generating after EOS (benchmarking)."""
+    """Keep generating after EOS (benchmarking); ``min_tokens`` still holds EOS back, as in vLLM."""
     include_stop_str_in_output: bool = False
     """Keep the stop string, EOS or stop token that ended the sequence at the end of its text."""
     skip_special_tokens: bool = True

@@ -9,8 +9,10 @@
   ``bound`` << vocab it is several times faster than the sort (BENCHMARKS.md).
 
 Ties: both keep every token tied at the k-th largest logit and every token tied at top-p's
-threshold, as the cuda backend's top-p kernel does, so which form a batch takes never
-changes what a row keeps.
+threshold, as the cuda backend's top-p kernel does, so which form a batch takes does not
+change what a row keeps, up to rounding: the two sum top-p's mass in other orders, so a
+token whose cumulative mass lies within rounding of ``top_p`` may be kept by one and not the
+other.
 """
 
 from __future__ import annotations

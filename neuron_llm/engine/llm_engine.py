@@ -272,7 +272,7 @@ class LLMEngine:
             # A first step whose every allowed token is banned or held back has nothing to sample.
             never, why = {word[0] for word in words if len(word) == 1}, "bad_words ban each"
             if params.min_tokens:
-                never |= set(params.stop_token_ids or ()) | (set() if params.ignore_eos else self.eos_token_ids)
+                never |= set(params.stop_token_ids or ()) | set(self.eos_token_ids)
                 why += f", or it ends the sequence while min_tokens={params.min_tokens} holds the ends back"
             if never.issuperset(params.allowed_token_ids):
                 raise ValueError(

@@ -372,8 +372,9 @@ def _build_min_tokens_mask(
     for i, row in enumerate(rows):
         if not row.is_min_tokens_unmet:
             continue
-        # As in vLLM, ignore_eos makes EOS an ordinary token, so it is not held back either.
-        ends = set(row.params.stop_token_ids or ()) | (set() if row.params.ignore_eos else set(eos_token_ids))
+        # EOS too under ignore_eos, as vLLM holds back every stop and EOS id: ignore_eos decides
+        # only whether EOS ends the sequence once sampled.
+        ends = set(row.params.stop_token_ids or ()) | set(eos_token_ids)
         ends = sorted(t for t in ends if t < vocab_size)
         row_ids += [i] * len(ends)
         token_ids += ends

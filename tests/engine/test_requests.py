@@ -435,6 +435,12 @@ def test_eos_ends_a_sequence_unless_ignore_eos(tiny_model_dir, tmp_path) -> None
     assert stopped.token_ids == free_run[: free_run.index(free_run[2]) + 1] and stopped.finish_reason == "stop"
     ignored = llm.generate(prompt, replace(greedy, ignore_eos=True))[0].outputs[0]
     assert ignored.token_ids == free_run and ignored.finish_reason == "length"
+    # ignore_eos keeps EOS from ending the sequence; min_tokens still holds it back (vLLM).
+    held = llm.generate(prompt, replace(greedy, ignore_eos=True, min_tokens=4))[0].outputs[0]
+    assert free_run[2] not in held.token_ids[:4] and held.token_ids[:2] == free_run[:2]
+    only_eos = SamplingParams(allowed_token_ids=[free_run[2]], ignore_eos=True, min_tokens=2)
+    with pytest.raises(ValueError, match=r"min_tokens=2 holds the ends back"):
+        llm.engine.add_request(prompt["prompt_token_ids"], only_eos)
 
 
 def test_an_outputs_metrics_do_not_change_after_it_is_returned(tiny_model_dir) -> None:

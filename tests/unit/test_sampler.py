@@ -223,26 +223,30 @@ def test_bad_words_ban_a_last_token_where_the_output_ends_in_the_rest() -> None:
 
 def test_min_tokens_masks_eos_and_stop_tokens_until_met() -> None:
     eos, stop = 0, 5
-    logits = torch.zeros(4, 8)
+    logits = torch.zeros(5, 8)
     logits[:, eos] = logits[:, stop] = 30.0
     params = SamplingParams(min_tokens=3, stop_token_ids=[stop])
     ignore_eos = SamplingParams(min_tokens=3, stop_token_ids=[stop], ignore_eos=True)
     rows = [
         RowState(params, [1], [4, 4]),  # 2 < 3 generated: both masked
         RowState(params, [1], [4, 4, 4]),  # met
-        RowState(ignore_eos, [1], []),  # EOS is an ordinary token, the stop token is masked
+        # ignore_eos only keeps EOS from ending the sequence: min_tokens holds it back too (vLLM).
+        RowState(ignore_eos, [1], []),
         RowState(SamplingParams(temperature=0.0, min_tokens=1, ignore_eos=True), [1], []),
+        RowState(ignore_eos, [1], [4, 4, 4]),  # met
     ]
     processed = process_logits(logits, SamplingBatch.build(rows, 8, "cpu", eos_token_ids=[eos]))
     inf = float("inf")
     assert processed[0, eos] == -inf and processed[0, stop] == -inf
     assert processed[1, eos] == 30.0 and processed[1, stop] == 30.0
-    assert processed[2, eos] == 30.0 and processed[2, stop] == -inf
-    assert processed[3, eos] == 30.0 and processed[3, stop] == 30.0
+    assert processed[2, eos] == -inf and processed[2, stop] == -inf
+    assert processed[3, eos] == -inf and processed[3, stop] == 30.0
+    assert processed[4, eos] == 30.0 and processed[4, stop] == 30.0
     torch.manual_seed(7)
     for _ in range(20):
         tokens = _sample_rows(logits, rows, eos_token_ids=[eos])
-        assert tokens[0] not in (eos, stop) and tokens[1] in (eos, stop) and tokens[2] == eos
+        assert tokens[0] not in (eos, stop) and tokens[1] in (eos, stop) and tokens[2] not in (eos, stop)
+        assert tokens[3] == stop and tokens[4] in (eos, stop)
 
 
 def test_logprobs_are_raw_log_softmax_with_ranks() -> None:
