@@ -279,6 +279,9 @@ class ModelConfig:
         """
         architectures = hf.get("architectures") or []
         model_type = hf.get("model_type")
+        if model_type is None:
+            # transformers' AutoConfig refuses such a config too.
+            raise ValueError('config.json has no model_type (a Llama checkpoint\'s is "llama")')
         # "LLaMAForCausalLM": the early conversions' spelling (decapoda-research), read by
         # transformers through model_type and by vLLM as Llama.
         if model_type != "llama" or (

@@ -161,6 +161,7 @@ def test_from_json_file(tmp_path: Path) -> None:
             r"unsupported architecture \['MistralForCausalLM'\] \(model_type='mistral'\)",
         ),
         (dict(architectures=None, model_type="qwen2"), r"unsupported architecture 'qwen2'"),
+        (dict(model_type=None), r"config.json has no model_type \(a Llama checkpoint's is \"llama\"\)"),
         (dict(architectures=["LlamaForSequenceClassification"]), r"LlamaForSequenceClassification"),
         (dict(attention_bias=True), r"unsupported Llama option attention_bias=True: only False"),
         (dict(mlp_bias=True), r"unsupported Llama option mlp_bias=True"),
