@@ -17,12 +17,14 @@ the requests in flight with ``EngineError`` instead of leaving them waiting fore
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import logging
 import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 
@@ -34,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 _DRAIN_POLL_S = 0.05
 """How often ``shutdown`` looks whether the requests in flight have ended."""
+
+_EXIT_JOIN_S = 30.0
+"""How long interpreter exit waits for an engine thread nobody shut down to end its step."""
 
 
 class QueueFullError(Exception):
@@ -152,6 +157,7 @@ class AsyncLLM:
         self._latencies = latency_samples()
         self._thread = threading.Thread(target=self._run, name="neuron-llm-engine", daemon=True)
         self._thread.start()
+        atexit.register(_stop_at_exit, weakref.ref(self))
 
     # -- any thread -------------------------------------------------------------------------
 
@@ -368,3 +374,17 @@ def _drain(samples: collections.deque[float]) -> list[float]:
 
 
 __all__ = ["AsyncLLM", "EngineClosedError", "EngineError", "QueueFullError"]
+
+
+def _stop_at_exit(ref: weakref.ref[AsyncLLM]) -> None:
+    """Stop the engine thread of an ``AsyncLLM`` nobody shut down (a script that failed or
+    returned with requests in flight): a daemon thread still inside a torch step when the
+    interpreter finalizes aborts the process ("terminate called", status 134)."""
+    engine = ref()
+    if engine is None or not engine._thread.is_alive():
+        return
+    with engine._lock:
+        engine._is_accepting = False
+        if not engine._is_dead:
+            engine._commands.put(_Stop())
+    engine._thread.join(_EXIT_JOIN_S)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -262,6 +264,39 @@ def test_a_stalled_consumer_holds_one_output_not_one_a_step(model_dir: Path) -> 
         assert final.outputs[0].token_ids[: len(first.outputs[0].token_ids)] == first.outputs[0].token_ids
 
     run_with(make_llm(model_dir), scenario)
+
+
+_EXIT_WITH_REQUESTS_IN_FLIGHT = """
+import asyncio, sys
+from tests.serve.conftest import make_llm
+from neuron_llm.engine.async_llm import AsyncLLM
+from neuron_llm.sampling_params import SamplingParams
+
+llm = make_llm(sys.argv[1])
+
+async def main():
+    engine = AsyncLLM(llm.engine)
+    async def consume():
+        async for _ in engine.generate("Hello", SamplingParams(max_tokens=240, ignore_eos=True)):
+            pass
+    tasks = [asyncio.create_task(consume()) for _ in range(16)]
+    await asyncio.sleep(0.3)
+    raise RuntimeError("the script failed")  # no shutdown(): the engine thread is mid-step
+
+asyncio.run(main())
+"""
+
+
+def test_a_script_failing_with_requests_in_flight_exits_with_its_error(model_dir: Path) -> None:
+    # Without a stop at exit, the interpreter finalized while the daemon engine thread was inside
+    # a torch step, and the process aborted (status 134) instead of exiting with the traceback's 1.
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", _EXIT_WITH_REQUESTS_IN_FLIGHT, str(model_dir)],
+            capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2],
+        )  # fmt: skip
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert "RuntimeError: the script failed" in done.stderr and "terminate called" not in done.stderr
 
 
 def test_shutdown_drains_then_aborts_what_is_left(model_dir: Path) -> None:
