@@ -1,13 +1,16 @@
 """The model's tokenizer, its chat template and its end-of-sequence tokens.
 
 Tokenizers load through transformers' ``AutoTokenizer`` from local files only (a model
-directory, or the vocabulary inside a GGUF file): no model hub is ever contacted. A loaded
-tokenizer is kept per path and shared: the engine front end and an in-process model load
-ask for the same one, and reading it from a GGUF file takes seconds. Do not mutate it.
+directory, or the vocabulary inside a GGUF file): no model hub is ever contacted. A tokenizer
+read is kept per path and per state of its files (reading one from a GGUF file takes
+seconds, and the engine front end and an in-process model load both ask for it); each
+caller gets its own copy, so changing one changes no other, and a file changed on disk is
+read again.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import inspect
@@ -34,9 +37,32 @@ def has_tokenizer_files(model_dir: Path) -> bool:
     return any((model_dir / name).is_file() for name in _TOKENIZER_FILES)
 
 
-@functools.lru_cache(maxsize=4)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def _files_state(paths: Iterable[Path]) -> tuple[tuple[str, int, int], ...]:
+    """Name, modification time and size of each file: a cache key that changes with them."""
+    state = []
+    for path in paths:
+        stat = path.stat()
+        state.append((str(path), stat.st_mtime_ns, stat.st_size))
+    return tuple(sorted(state))
+
+
 def load_dir_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in the Hugging Face model directory ``model_dir``."""
+    """The tokenizer saved in the Hugging Face model directory ``model_dir`` (a copy of its own)."""
+    files = [
+        path
+        for folder in (model_dir, model_dir / "additional_chat_templates")
+        if folder.is_dir()
+        for path in folder.iterdir()
+        if path.is_file() and path.suffix not in _WEIGHT_SUFFIXES
+    ]
+    return copy.deepcopy(_read_dir_tokenizer(model_dir, _files_state(files)))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_dir_tokenizer(model_dir: Path, files_state: tuple[tuple[str, int, int], ...]) -> PreTrainedTokenizerBase:
     if not has_tokenizer_files(model_dir):
         raise FileNotFoundError(f"no tokenizer in {model_dir}: expected one of {', '.join(_TOKENIZER_FILES)}")
     if not (model_dir / "tokenizer.json").is_file() and (model_dir / "tokenizer.model").is_file():
@@ -51,15 +77,22 @@ def load_dir_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 
-@functools.lru_cache(maxsize=4)
 def load_gguf_tokenizer(gguf_path: Path, defaults: TokenizerDefaults | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer described by the metadata of the GGUF file ``gguf_path``, with llama.cpp's
-    ``defaults`` (``gguf_file.tokenizer_defaults``) for what the file leaves unsaid.
+    """The tokenizer described by the metadata of the GGUF file ``gguf_path`` (a copy of its
+    own), with llama.cpp's ``defaults`` (``gguf_file.tokenizer_defaults``) for what the file
+    leaves unsaid.
 
     transformers reads a tokenizer.json beside the GGUF file before the file itself, and a
     GGUF often lies in a folder of another model's files (llama.cpp converts in place): the
     file is read through a link in a folder of its own.
     """
+    return copy.deepcopy(_read_gguf_tokenizer(gguf_path, _files_state([gguf_path]), defaults))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf_tokenizer(
+    gguf_path: Path, file_state: tuple[tuple[str, int, int], ...], defaults: TokenizerDefaults | None
+) -> PreTrainedTokenizerBase:
     with tempfile.TemporaryDirectory(prefix="neuron-llm-gguf-") as folder:
         link = Path(folder) / "model.gguf"
         link.symlink_to(gguf_path.resolve())

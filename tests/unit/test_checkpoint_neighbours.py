@@ -42,7 +42,6 @@ def test_a_gguf_tokenizer_is_its_own_beside_another_models_files(tmp_path: Path)
     path = tmp_path / "model.gguf"
     write_gguf_with_tokenizer(path, own)
     other.save_pretrained(tmp_path)
-    load_gguf_tokenizer.cache_clear()
     tokenizer = load_gguf_tokenizer(path)
     text = "the quick brown fox"
     assert own.encode(text) != other.encode(text)

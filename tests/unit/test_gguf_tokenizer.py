@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from neuron_llm.loader import load_model_info
-from neuron_llm.loader.tokenizer import load_gguf_tokenizer
 from tests.tokenizer_kinds import byte_level_bpe, sentencepiece_bpe
 
 TEXT = "the quick brown fox"
@@ -32,7 +31,6 @@ def write_vocabulary_gguf(path: Path, metadata: dict[str, Any], vocab_size: int)
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    load_gguf_tokenizer.cache_clear()
     return path
 
 

@@ -595,7 +595,6 @@ def test_a_sentencepiece_model_without_its_packages_is_refused_by_name(
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: None if name == "google.protobuf" else find_spec(name)
     )
-    load_dir_tokenizer.cache_clear()
     with pytest.raises(ValueError, match=r"tokenizer\.model and no tokenizer\.json: reading it needs google\.protobuf"):
         load_dir_tokenizer(path)
 
