@@ -346,6 +346,8 @@ class LLM:
         self._executor.shutdown()
 
     def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+        if not self._executor.is_alive:
+            raise RuntimeError("this LLM is shut down (by shutdown() or a failed tensor-parallel rank): make a new one")
         request_id = self.engine.add_request(_prompt_input(prompt), params)
         self._unread[request_id] = deque()
         return request_id

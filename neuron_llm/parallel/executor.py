@@ -126,8 +126,10 @@ class UniprocExecutor(Executor):
     def __init__(self, config: EngineConfig, build_worker: WorkerFactory) -> None:
         self.worker = build_worker(config, 0, 1)
         self.num_kv_blocks = self.worker.num_kv_blocks
+        self._is_running = True
 
     def execute(self, step: StepInput) -> torch.Tensor:
+        self._check_running()
         return self.worker.execute(step)
 
     def execute_and_sample(
@@ -138,10 +140,21 @@ class UniprocExecutor(Executor):
         sampled_before: torch.Tensor | None = None,
         draft_token_ids: Sequence[Sequence[int]] | None = None,
     ) -> StepOutput:
+        self._check_running()
         return self.worker.execute_and_sample(step, rows, eos_token_ids, sampled_before, draft_token_ids)
 
     def shutdown(self) -> None:
-        pass
+        if self._is_running:
+            self._is_running = False
+            self.worker.close(wait=True)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._is_running
+
+    def _check_running(self) -> None:
+        if not self._is_running:
+            raise RuntimeError("the executor is shut down (after shutdown())")
 
 
 class MultiprocExecutor(Executor):

@@ -525,3 +525,15 @@ def test_latency_samples_nobody_reads_stay_bounded(tiny_model_dir, monkeypatch) 
     assert len(stats.inter_token_latency) == 8 and len(stats.e2e_request_latency) == 8
     assert all(latency >= 0 for latency in stats.inter_token_latency)
     assert llm.engine.stats().inter_token_latency == []  # read, then cleared
+
+
+def test_a_shut_down_llm_refuses_work_as_under_tensor_parallelism(tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir)
+    prompt = {"prompt_token_ids": random_prompts(1, seed=4)[0]}
+    assert len(llm.generate(prompt, GREEDY)[0].outputs[0].token_ids) == GREEDY.max_tokens
+    llm.shutdown()
+    llm.shutdown()  # a second call does nothing
+    assert not llm.engine.is_alive
+    with pytest.raises(RuntimeError, match="this LLM is shut down"):
+        llm.generate(prompt, GREEDY)
+    assert not llm.engine.has_unfinished_requests()
