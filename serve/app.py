@@ -120,8 +120,17 @@ def _load_in_background(
                 state.model.max_model_len,
             )
 
-    def failed(message: str) -> None:
-        state.load_error = message
+    def failed(error: Exception) -> None:
+        if state.is_draining:
+            # Stopped while loading: a stop signal sent to the process group (Ctrl-C, systemd)
+            # also ends tensor-parallel ranks still starting, which fails the load.
+            logger.info("loading stopped with the server: %s", error)
+            return
+        if isinstance(error, (ValueError, OSError)):  # refused input (a path, a checkpoint): the message says it
+            logger.error("loading the model failed: %s", error)
+        else:
+            logger.error("loading the model failed", exc_info=error)
+        state.load_error = f"loading the model failed: {error}"
         if on_failure is not None:
             on_failure()
 
@@ -130,11 +139,7 @@ def _load_in_background(
             llm = load()
             name = model_name(state.settings, resolve_model_path(state.settings.model))
         except Exception as e:  # any failure to load is reported by /ping and /health, not raised
-            if isinstance(e, (ValueError, OSError)):  # refused input (a path, a checkpoint): the message says it
-                logger.error("loading the model failed: %s", e)
-            else:
-                logger.exception("loading the model failed")
-            _call_soon(loop, failed, f"loading the model failed: {e}")
+            _call_soon(loop, failed, e)
             return
         _call_soon(loop, loaded, llm, name)
 

@@ -418,3 +418,27 @@ def _ping(url: str) -> int:
         return httpx.get(f"{url}/ping", timeout=5).status_code
     except httpx.TransportError:
         return 0
+
+
+@pytest.mark.parametrize("is_draining", [False, True])
+def test_a_load_failing_while_the_server_stops_is_no_load_failure(is_draining: bool) -> None:
+    # A stop signal sent to the process group also ends tensor-parallel ranks still starting:
+    # that failed load is part of the stop, not an error that makes the server exit 1.
+    from neuron_llm.serve.app import _load_in_background
+
+    state = ServerState(ServeSettings(), ServerMetrics())
+    failures: list[None] = []
+
+    def broken_load() -> Any:
+        raise RuntimeError("neuron-llm-rank-1 exited with code -15")
+
+    async def main() -> None:
+        if is_draining:
+            state.start_draining()
+        _load_in_background(state, broken_load, asyncio.get_running_loop(), lambda: failures.append(None))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert (state.load_error is None) == is_draining
+    assert len(failures) == int(not is_draining)
