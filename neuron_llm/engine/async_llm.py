@@ -373,9 +373,6 @@ def _drain(samples: collections.deque[float]) -> list[float]:
     return drained
 
 
-__all__ = ["AsyncLLM", "EngineClosedError", "EngineError", "QueueFullError"]
-
-
 def _stop_at_exit(ref: weakref.ref[AsyncLLM]) -> None:
     """Stop the engine thread of an ``AsyncLLM`` nobody shut down (a script that failed or
     returned with requests in flight): a daemon thread still inside a torch step when the
@@ -388,3 +385,6 @@ def _stop_at_exit(ref: weakref.ref[AsyncLLM]) -> None:
         if not engine._is_dead:
             engine._commands.put(_Stop())
     engine._thread.join(_EXIT_JOIN_S)
+
+
+__all__ = ["AsyncLLM", "EngineClosedError", "EngineError", "QueueFullError"]
