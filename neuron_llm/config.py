@@ -8,6 +8,7 @@ from a Hugging Face ``config.json`` (``from_hf_config``) or from GGUF metadata
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -377,15 +378,20 @@ def _read_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         # transformers' dynamic NTK rotates as plain RoPE up to max_position_embeddings, and beyond
         # it re-rotates every cached key for the new length, which a paged cache, keeping each
         # key as written, cannot: served exactly, up to there (vLLM approximates it throughout).
-        logger.warning(
-            "rope_scaling 'dynamic' is served as transformers computes it up to max_position_embeddings=%s "
-            "(plain RoPE); longer sequences are refused",
-            hf.get("max_position_embeddings"),
+        _warn_once(
+            f"rope_scaling 'dynamic' is served as transformers computes it up to "
+            f"max_position_embeddings={hf.get('max_position_embeddings')} (plain RoPE); longer sequences are refused"
         )
         return theta, None
     raise ValueError(
         f"unsupported rope_scaling type {rope_type!r}: only 'linear', 'llama3', 'yarn' and 'dynamic' are implemented"
     )
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    # A model's config is read by the LLM and again by its worker: one warning is enough.
+    logger.warning(message)
 
 
 def _number(params: dict[str, Any], key: str, rope_type: str, default: float | None = None) -> float:

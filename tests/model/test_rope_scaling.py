@@ -15,6 +15,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from neuron_llm import config as config_module
 from neuron_llm.config import ModelConfig
 from neuron_llm.layers.rotary import RotaryEmbedding
 from neuron_llm.quant.checkpoint import hf_config_dict
@@ -108,8 +109,11 @@ def test_dynamic_ntk_is_plain_rope_up_to_the_context_as_in_transformers(caplog: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = LlamaRotaryEmbedding(LlamaConfig(**hf))
+    config_module._warn_once.cache_clear()
     config = ModelConfig.from_hf_config(hf)
-    assert "longer sequences are refused" in caplog.text
+    # Warned once, though the LLM and its worker each read the config.
+    assert ModelConfig.from_hf_config(hf) == config
+    assert caplog.text.count("longer sequences are refused") == 1
     # Beyond max_position_embeddings transformers re-rotates every key: refused, not approximated.
     assert (config.rope_scaling, config.max_context_len) == (None, BASE["max_position_embeddings"])
     ours = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
