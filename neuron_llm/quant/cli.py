@@ -77,7 +77,7 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
         "--calibration-tokens",
         type=int,
         default=None,
-        help="tokens of the calibration text run, in sequences of 512 (default: 32768)",
+        help="tokens of the calibration text run, in sequences of 512 or the model's context (default: 32768)",
     )
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the tensors left unquantized")
     parser.set_defaults(run=run_quantize)
@@ -225,6 +225,7 @@ def smooth(loaded: LoadedModel, text_file: Path, text: str, alpha: float, num_to
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.source} has no tokenizer to read the calibration text with")
     ids = loaded.tokenizer(text, verbose=False)["input_ids"]
-    sequences = calibration_sequences(ids, num_tokens, CALIBRATION_LENGTH)
+    # Positions past the model's context would calibrate on activations it never produces.
+    sequences = calibration_sequences(ids, num_tokens, min(CALIBRATION_LENGTH, loaded.config.max_context_len))
     smooth_model(loaded.model, activation_maxima(loaded.model, sequences), alpha)
     print(f"smoothed with alpha {alpha} on {sum(len(s) for s in sequences)} tokens of {text_file}")

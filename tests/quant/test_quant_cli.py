@@ -15,7 +15,7 @@ import torch
 
 from neuron_llm.eval.cli import add_eval_parser
 from neuron_llm.eval.perplexity import perplexity
-from neuron_llm.quant import LinearFormat, QuantPolicy, load_any_format, quantized_linears
+from neuron_llm.quant import LinearFormat, QuantPolicy, load_any_format, quantized_linears, smoothquant
 from neuron_llm.quant import checkpoint as quant_checkpoint_module
 from neuron_llm.quant import loading as quant_loading
 from neuron_llm.quant.cli import add_quantize_parser, quant_config_from_args, smoothing_from_args
@@ -271,6 +271,25 @@ def test_quantize_w8a8_with_smoothquant_writes_smoothed_norms(
     ids = load_any_format(path, dtype=torch.float32, device="cpu").tokenizer(corpus_file.read_text())["input_ids"]
     before = perplexity(original, ids, context=64, stride=32).perplexity
     assert perplexity(smoothed, ids, context=64, stride=32).perplexity == pytest.approx(before, rel=0.02)
+
+
+def test_smoothquant_calibrates_within_the_models_context(
+    quant_checkpoint: tuple[Any, Path], corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lengths: list[int] = []
+    real = smoothquant.activation_maxima
+
+    def recorded(model: Any, sequences: list[torch.Tensor]) -> Any:
+        lengths.extend(len(sequence) for sequence in sequences)
+        return real(model, sequences)
+
+    monkeypatch.setattr(smoothquant, "activation_maxima", recorded)
+    corpus = tmp_path / "long.txt"
+    corpus.write_text(corpus_file.read_text() * 40)
+    argv = ["quantize", str(quant_checkpoint[1]), "--scheme", "w8a8", "--out", str(tmp_path / "q")]
+    assert run_cli(*argv, "--smoothquant", str(corpus), "--calibration-tokens", "600", "--dtype", "float32") == 0
+    # The tiny model's context is 256 tokens, shorter than the usual 512-token sequences.
+    assert lengths == [256, 256, 88]
 
 
 def test_quantize_refuses_options_of_other_schemes(
