@@ -116,6 +116,8 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         raise ValueError(f"{path} lacks the tensor 'token_embd.weight'")
     hidden_size = meta.require("llama.embedding_length")
     num_heads = meta.uniform("llama.attention.head_count", required=True)
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"{path}: llama.attention.head_count={num_heads!r} must be a positive integer")
     # llama.cpp's defaults: both lengths hidden_size / head_count unless the file says otherwise.
     head_dim = meta.get("llama.attention.key_length") or hidden_size // num_heads
     _refuse_unsupported_options(meta, tensors.values(), head_dim)
@@ -267,7 +269,9 @@ def _rope_scaling(
     As in llama.cpp: the type defaults to linear when the key is absent, and "none" never
     scales, whatever the factor; the factor's older key is read only without the newer one;
     a llama file's YaRN runs with llama.cpp's defaults (betas 32 and 1, magnitude
-    0.1 ln(factor) + 1), which reads no other YaRN key for this architecture.
+    0.1 ln(factor) + 1), which reads no other YaRN key for this architecture. llama.cpp
+    multiplies every rotation's cos and sin by ``rope.scaling.attn_factor``: YaRN's magnitude
+    takes it; with any other scaling, a factor other than 1 is refused.
     """
     path = meta.path
     scaling_type = meta.get("llama.rope.scaling.type", "linear")
@@ -275,6 +279,12 @@ def _rope_scaling(
     if factor is None:
         factor = meta.get("llama.rope.scale_linear")
     factor = None if scaling_type == "none" or factor in (None, 0.0, 1.0) else float(factor)
+    attn_factor = float(meta.get("llama.rope.scaling.attn_factor", 1.0))
+    if attn_factor != 1.0 and (scaling_type != "yarn" or factor is None or rope_freqs is not None):
+        raise ValueError(
+            f"{path}: llama.rope.scaling.attn_factor={attn_factor} scales the rotary embeddings, which is "
+            "implemented with YaRN scaling only"
+        )
     if rope_freqs is not None:
         if factor is not None:
             raise ValueError(
@@ -295,7 +305,7 @@ def _rope_scaling(
         return YarnRopeScaling(
             factor=factor,
             original_max_position_embeddings=meta.get("llama.rope.scaling.original_context_length") or context_length,
-            attention_factor=YarnRopeScaling.default_attention_factor(factor),
+            attention_factor=YarnRopeScaling.default_attention_factor(factor) * attn_factor,
         )
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e

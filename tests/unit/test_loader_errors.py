@@ -166,6 +166,13 @@ def test_gguf_of_another_architecture(tmp_path: Path) -> None:
     ("metadata", "tensors", "message"),
     [
         ({"llama.rope.scaling.type": "longrope"}, {}, r"unsupported llama\.rope\.scaling\.type='longrope'"),
+        # Without YaRN, no attention factor scales our rotations as llama.cpp's does.
+        ({"llama.rope.scaling.attn_factor": 1.5}, {}, r"attn_factor=1\.5 scales the rotary embeddings"),
+        (
+            {"llama.rope.scaling.factor": 2.0, "llama.rope.scaling.attn_factor": 0.5},
+            {},
+            r"attn_factor=0\.5 scales the rotary embeddings, which is implemented with YaRN scaling only",
+        ),
         (
             {"llama.rope.scaling.factor": 2.0},
             {"rope_freqs.weight": np.ones(1, dtype=np.float32)},
@@ -222,6 +229,16 @@ YARN_4 = YarnRopeScaling(4.0, 2048, attention_factor=0.1 * math.log(4.0) + 1)
             dataclasses.replace(YARN_4, original_max_position_embeddings=512),
         ),
         ({"llama.rope.scaling.type": "yarn"}, None),
+        # llama.cpp multiplies the rotation's magnitude by attn_factor.
+        (
+            {
+                "llama.rope.scaling.type": "yarn",
+                "llama.rope.scaling.factor": 4.0,
+                "llama.rope.scaling.attn_factor": 1.5,
+            },
+            dataclasses.replace(YARN_4, attention_factor=YARN_4.attention_factor * 1.5),
+        ),
+        ({"llama.rope.scaling.attn_factor": 1.0}, None),
     ],
 )
 def test_gguf_rope_scaling_is_read_as_llama_cpp_reads_it(
@@ -239,6 +256,7 @@ def test_gguf_rope_scaling_is_read_as_llama_cpp_reads_it(
         ({}, {"output_norm.weight": np.zeros(4)}, r"tensor 'output_norm\.weight' is stored as F64, which the gguf"),
         ({}, {"blk.0.attn_q.bias": np.zeros(4, np.float32)}, r"'blk\.0\.attn_q\.bias': biases .* are not implemented"),
         ({"llama.attention.head_count_kv": 3}, {}, r"odd\.gguf: num_key_value_heads=3: must divide"),
+        ({"llama.attention.head_count": 0}, {}, r"odd\.gguf: llama\.attention\.head_count=0 must be a positive"),
     ],
 )
 def test_gguf_options_refused_by_name(
