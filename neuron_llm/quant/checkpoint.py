@@ -73,6 +73,8 @@ _TOKENIZER_FILES = (
     "merges.txt",
     "chat_template.jinja",
 )
+_CHAT_TEMPLATES_DIR = "additional_chat_templates"
+"""Where transformers saves named chat templates (``tool_use`` and others) but the default, one file each."""
 
 
 @dataclass(frozen=True)
@@ -508,5 +510,7 @@ def write_model_files(
         for name in (*_TOKENIZER_FILES, GENERATION_CONFIG_FILE):
             if (source / name).is_file():
                 shutil.copyfile(source / name, out_dir / name)
+        if (source / _CHAT_TEMPLATES_DIR).is_dir():
+            shutil.copytree(source / _CHAT_TEMPLATES_DIR, out_dir / _CHAT_TEMPLATES_DIR)
     if tokenizer is not None and not has_tokenizer_files(out_dir):
         tokenizer.save_pretrained(str(out_dir))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from transformers import AutoTokenizer
 
 from neuron_llm import LLM, SamplingParams
 from neuron_llm.cli import main
@@ -37,6 +38,7 @@ from neuron_llm.compile.build import compile_artifact
 from neuron_llm.quant import loading
 from neuron_llm.quant.layers import quantized_linears
 from neuron_llm.worker import load_worker
+from tests.quant.conftest import save_word_tokenizer
 
 OPTIONS = {"max_model_len": 128, "max_num_seqs": 4, "block_size": 8}
 PROMPTS = [{"prompt_token_ids": [1, 2, 3, 4, 5]}, {"prompt_token_ids": [7] * 19}, {"prompt_token_ids": [200]}]
@@ -98,6 +100,19 @@ def test_an_artifact_generates_what_its_source_does(
     model = llm._executor.worker.model
     assert bool(quantized_linears(model)) == (quantization is not None)
     assert greedy_tokens(llm) == expected
+
+
+def test_an_artifact_keeps_named_chat_templates(source: Path, tmp_path: Path) -> None:
+    save_word_tokenizer(source)
+    templates = {"default": "{{ messages[0]['content'] }}", "tool_use": "tools: {{ tools | length }}"}
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    tokenizer.chat_template = templates
+    tokenizer.save_pretrained(str(source))  # transformers 5: additional_chat_templates/tool_use.jinja
+    out = tmp_path / "artifact"
+    compile_artifact(str(source), out, **OPTIONS)
+    llm = LLM(str(out), warm_up=False)
+    assert llm.tokenizer is not None and llm.tokenizer.chat_template == templates
+    llm.shutdown()
 
 
 def test_a_tensor_parallel_artifact_holds_one_file_per_rank(source: Path, tmp_path: Path) -> None:

@@ -75,6 +75,18 @@ def test_quantize_then_eval_the_checkpoint(
     assert printed_result(capsys.readouterr().out)[1] == pytest.approx(whole_windows.perplexity, abs=1e-4)
 
 
+def test_quantize_keeps_named_chat_templates(quant_checkpoint: tuple[Any, Path], tmp_path: Path) -> None:
+    path = quant_checkpoint[1]
+    templates = {"default": "{{ messages[0]['content'] }}", "tool_use": "tools: {{ tools | length }}"}
+    tokenizer = load_any_format(path, dtype=torch.float32, device="cpu").tokenizer
+    tokenizer.chat_template = templates
+    tokenizer.save_pretrained(str(path))  # transformers 5: additional_chat_templates/tool_use.jinja
+    out = tmp_path / "int8"
+    assert run_cli("quantize", str(path), "--scheme", "int8", "--out", str(out)) == 0
+    # A chat with tools renders with "tool_use", as transformers picks it.
+    assert load_any_format(out, dtype=torch.float32, device="cpu").tokenizer.chat_template == templates
+
+
 def test_an_interrupted_quantize_leaves_nothing_and_can_run_again(
     quant_checkpoint: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
