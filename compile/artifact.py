@@ -393,10 +393,19 @@ class Artifact:
         """Rank ``rank``'s weights, checked against the size and the safetensors header (names,
         dtypes, shapes, offsets) the manifest recorded; ``verify`` hashes the tensors too."""
         name = rank_file(rank, world_size)
-        recorded = self.manifest["weights"].get(name)
-        path = self.path / WEIGHTS_DIR / name
-        if recorded is None:
+        if name not in self.manifest["weights"]:
             raise ValueError(f"{self.path} holds no weights for rank {rank} of {world_size}")
+        return self._checked_weights(name)
+
+    def check_weight_files(self) -> None:
+        """Check every rank's weights as ``weights_file`` does, before any rank starts: a rank
+        that found its own damaged would fail the others with its traceback."""
+        for name in self.manifest["weights"]:
+            self._checked_weights(name)
+
+    def _checked_weights(self, name: str) -> Path:
+        path = self.path / WEIGHTS_DIR / name
+        recorded = self.manifest["weights"][name]
         self._check_file(path, recorded, hashed=False)
         if header_sha256(path) != recorded["header_sha256"]:
             raise ValueError(f"{path}: its tensors' header differs from the one compiled: damaged or replaced")

@@ -139,7 +139,8 @@ class LLM:
                 raise ValueError(f"{name}={value!r}: must be a list of {of}")
         artifact = Artifact.open(model) if is_artifact(model) else None  # type: ignore[arg-type]
         if artifact is not None:
-            artifact.check_model_files()  # once here; each rank then checks its own weights
+            artifact.check_model_files()
+            artifact.check_weight_files()  # here, where a bad file is refused alone, not in a rank
         info = load_model_info(model)
         self.generation_defaults = info.generation_defaults.sampling() if generation_config == "auto" else {}
         """The ``SamplingParams`` fields the model's ``generation_config.json`` sets (with "auto")."""

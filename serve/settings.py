@@ -150,7 +150,7 @@ class ServeSettings:
     def check_model(self) -> None:
         """What can be checked of the model without loading it, before a port opens: that it
         is a model, max_model_len against its context, and an artifact's options against those
-        set here, its system and its model files (a few kB, hashed)."""
+        set here, its system, its model files (a few kB, hashed) and its weights' sizes and headers."""
         from neuron_llm.compile.artifact import Artifact, is_artifact
         from neuron_llm.loader import load_model_info
 
@@ -162,6 +162,7 @@ class ServeSettings:
             artifact = Artifact.open(self.model)
             artifact.check_system(artifact.resolve_options(options)["device"])
             artifact.check_model_files()
+            artifact.check_weight_files()
             return
         config = load_model_info(self.model).config
         if self.max_model_len is not None and self.max_model_len > config.max_context_len:

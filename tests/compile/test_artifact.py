@@ -37,6 +37,7 @@ from neuron_llm.compile.artifact import (
 from neuron_llm.compile.build import compile_artifact
 from neuron_llm.quant import loading
 from neuron_llm.quant.layers import quantized_linears
+from neuron_llm.serve.settings import ServeSettings
 from neuron_llm.worker import load_worker
 from tests.quant.conftest import save_word_tokenizer
 
@@ -336,6 +337,20 @@ def test_damaged_or_missing_weights_are_refused(compiled: Path) -> None:
     weights.unlink()
     with pytest.raises(ValueError, match="rank-0-of-1.safetensors: missing"):
         LLM(str(compiled))
+
+
+def test_another_ranks_damaged_weights_are_refused_before_any_rank_starts(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    compile_artifact(str(source), out, tensor_parallel_size=2, **OPTIONS)
+    weights = out / WEIGHTS_DIR / "rank-1-of-2.safetensors"
+    with weights.open("ab") as f:
+        f.write(b"\0")
+    # As a ValueError of its own, not as rank 1's traceback in rank 0's error.
+    with pytest.raises(ValueError, match="rank-1-of-2.safetensors: .* bytes where the manifest recorded .*: damaged"):
+        LLM(str(out))
+    weights.unlink()
+    with pytest.raises(ValueError, match="rank-1-of-2.safetensors: missing"):
+        ServeSettings(model=str(out)).check_model()
 
 
 def flip_byte(path: Path, offset: int) -> None:
