@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -94,8 +95,15 @@ def _load_one(name: str, param: nn.Parameter, source: TensorSource) -> None:
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     """Write ``tensors`` to ``path`` as safetensors, readable as the umask allows: safetensors
-    itself makes the file 0600, which another user serving it (a container's) could not read."""
-    save_file(dict(tensors), str(path), metadata={"format": "pt"})
+    itself makes the file 0600, which another user serving it (a container's) could not read.
+
+    Raises ``OSError`` when writing fails (a full disk), as Python's own writes do: safetensors
+    raises an error class of its own.
+    """
+    try:
+        save_file(dict(tensors), str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        raise OSError(f"{path}: {e}") from e
     umask = os.umask(0)
     os.umask(umask)
     path.chmod(0o666 & ~umask)

@@ -24,6 +24,7 @@ from neuron_llm.loader import default_model, load_model, load_model_info, render
 from neuron_llm.loader.gguf_file import open_gguf, read_gguf_config
 from neuron_llm.loader.hf_dir import find_weight_files, iter_hf_weights, read_generation_defaults
 from neuron_llm.loader.tokenizer import eos_token_ids, load_dir_tokenizer
+from neuron_llm.loader.weights import save_safetensors
 
 SaveTinyLlama = Callable[..., tuple[Any, Path]]
 
@@ -637,3 +638,10 @@ def test_gguf_end_of_turn_tokens_end_a_generation_whatever_their_type(tmp_path: 
     }
     path = write_gguf(tmp_path / "llama3.gguf", "llama", metadata)
     assert read_gguf_config(open_gguf(path), path).eos_token_ids == (1, 3, 4, 5)
+
+
+def test_a_failed_weights_write_is_an_os_error(tmp_path: Path) -> None:
+    # As a full disk: the CLI answers OSError with a one-line error, not a traceback.
+    path = tmp_path / "gone" / "rank-0-of-1.safetensors"
+    with pytest.raises(OSError, match=r"rank-0-of-1\.safetensors: .*No such file or directory"):
+        save_safetensors({"weight": torch.zeros(4)}, path)
