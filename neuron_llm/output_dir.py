@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +40,8 @@ def written_whole(out: Path, activity: str, last: str) -> Iterator[Path]:
     building.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
     moved: list[Path] = []
     try:
-        yield building
+        with _terminate_as_exit():
+            yield building
         if not in_place:
             os.replace(building, out)
             return
@@ -57,6 +60,26 @@ def written_whole(out: Path, activity: str, last: str) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Make SIGTERM (``docker stop``, ``timeout``, a scheduler) raise ``SystemExit(143)`` here, so
+    that the block's cleanup runs as it does for Ctrl-C; by default the process would die at
+    once and leave the hidden directory. Only where SIGTERM has its default action, and only
+    on the main thread, the one Python runs signal handlers on."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def exit_on_terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_on_terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _remove_empty(directories: list[Path]) -> None:
     """Remove ``directories`` (deepest first) that are still empty: the parents a failed write made."""
     for directory in directories:
@@ -71,7 +94,9 @@ def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; choose a new or empty directory")
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} is not empty; choose a new or empty directory")
+        leftovers = sorted(entry.name for entry in out.glob(f".{out.absolute().name}.*-*") if entry.is_dir())
+        hint = f" (it holds {', '.join(leftovers)}, left by an interrupted run: remove it)" if leftovers else ""
+        raise ValueError(f"--out {out} is not empty{hint}; choose a new or empty directory")
     existing = next(parent for parent in (out, *out.absolute().parents) if parent.exists())
     if not existing.is_dir():
         raise ValueError(f"--out {out}: {existing} is a file, so no directory can be made under it")

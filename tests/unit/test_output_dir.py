@@ -4,6 +4,9 @@ current directory, a link to a directory) is kept and filled, its loadable file 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,33 @@ def test_compile_checks_its_out_directory_before_anything_else(
     assert "a-file is a file, so no directory can be made under it" in capsys.readouterr().err
     assert main(["compile", "--out", str(tmp_path / "new" / "art"), "--max-model-len", "100000000"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_terminated_write_leaves_nothing_and_a_leftover_is_named(tmp_path: Path, in_place: bool) -> None:
+    """SIGTERM (docker stop, timeout) cleans up as Ctrl-C does; SIGKILL cannot, and the hidden
+    directory it leaves in an existing --out is named when a retry is refused."""
+    out = tmp_path / "out"
+    if in_place:
+        out.mkdir()
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from neuron_llm.output_dir import written_whole\n"
+        "with written_whole(Path(sys.argv[1]), 'compiling', last='config.json') as building:\n"
+        "    (building / 'weights').write_bytes(b'w')\n"
+        "    print('written', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        process = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True)
+        assert process.stdout is not None and process.stdout.readline() == "written\n"
+        process.send_signal(sig)
+        assert process.wait(timeout=30) == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
+        left = sorted(path.name for path in tmp_path.rglob(".out.compiling-*"))
+        if sig == signal.SIGTERM:
+            assert left == [] and out.exists() == in_place
+    assert len(left) == 1
+    if in_place:
+        with pytest.raises(ValueError, match=rf"--out {out} is not empty \(it holds {left[0]}, left by an interrupted"):
+            output_dir.check_out_dir(out)
