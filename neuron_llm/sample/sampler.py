@@ -459,7 +459,9 @@ def score_tokens(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) 
     as in vLLM.
     """
     num_top = min(num_top, logprobs.shape[-1])
-    token_logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    # Indexed, not gathered and squeezed: a view would keep its base alive, and on the XLA
+    # device every live tensor becomes an output of the step's graph.
+    token_logprobs = logprobs[torch.arange(len(token_ids), device=logprobs.device), token_ids]
     token_ranks = (logprobs >= token_logprobs.unsqueeze(1)).sum(dim=1)
     top_logprobs, top_token_ids = logprobs.topk(num_top, dim=1)
     return LogprobsTensors(token_ids, token_logprobs, token_ranks, top_token_ids, top_logprobs)

@@ -41,8 +41,9 @@ class HloShape:
 
 def graph_order(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``tensors`` in the order a sync makes them its graph's outputs: by tensor id, as
-    ``torch_xla.sync()`` collects the live tensors. Another order is another module."""
-    return sorted(tensors, key=import_torch_xla()._XLAC._xla_get_tensor_id)
+    ``torch_xla.sync()`` collects the live tensors, each once. Another order is another module."""
+    unique = {id(tensor): tensor for tensor in tensors}
+    return sorted(unique.values(), key=import_torch_xla()._XLAC._xla_get_tensor_id)
 
 
 def hlo_module_proto(tensors: Sequence[torch.Tensor]) -> bytes:

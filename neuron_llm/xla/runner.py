@@ -118,8 +118,7 @@ class XlaWorker(Worker):
         assert num_seqs == step.num_padded_seqs, (num_seqs, step.num_padded_seqs)
         logits = self.trace(step)
         sampled = sample(logits[:num_seqs], batch)
-        prompt_logits = logits[num_seqs:] if logits.shape[0] > num_seqs else None
-        return sampled, prompt_logits
+        return sampled, _rows_after(logits, num_seqs)
 
     @on_own_backend_and_device
     @torch.no_grad()
@@ -140,8 +139,7 @@ class XlaWorker(Worker):
         logits = self.trace(step, num_rows)
         block = self.sampling_block(step, verifying=True)
         sampled = verify(logits[:block], rows, draft_token_ids, eos_token_ids, num_static_rows=block)
-        prompt_logits = logits[block:] if logits.shape[0] > block else None
-        return sampled, prompt_logits
+        return sampled, _rows_after(logits, block)
 
     def execute(self, step: StepInput, sampled_before: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step as one graph; return its fp32 logits [len(step.logits_indices), vocab_size] on the CPU.
@@ -241,6 +239,13 @@ class XlaWorker(Worker):
                 step.num_padded_seqs,
                 variant,
             )
+
+
+def _rows_after(logits: torch.Tensor, num_rows: int) -> torch.Tensor | None:
+    """The prompt logits rows after the first ``num_rows``, None when there are none. A copy:
+    a view would keep all of ``logits`` alive, and a sync makes every live tensor an output,
+    so the served graph would not be the one exported."""
+    return logits[num_rows:].clone() if logits.shape[0] > num_rows else None
 
 
 def sampled_outputs(sampled: SamplerOutput) -> list[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 
@@ -14,6 +15,7 @@ from neuron_llm.sample import RowState, SamplingBatch, make_generator, sample
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.xla import count_graphs
 from tests.engine.conftest import random_prompts, run_all, tiny_model_dir  # noqa: F401
+from tests.xla.conftest import sync_as_served
 
 pytestmark = pytest.mark.xla
 
@@ -251,6 +253,32 @@ def test_sampling_features_compile_at_warm_up_and_no_step_compiles_after(
     for request_id, expected in reference.items():
         if params[int(request_id) % len(params)].temperature == 0:
             assert on_xla[request_id].outputs[0].token_ids == expected.outputs[0].token_ids, request_id
+
+
+def test_the_exported_graphs_of_logprobs_are_the_graphs_the_engine_serves(tiny_model_dir, tmp_path) -> None:  # noqa: F811
+    """A sync makes every live tensor an output: a view kept alive (the prompt logits' base, a
+    squeezed gather) made the served graph another than the one exported for neuronx-cc."""
+    from neuron_llm.compile.hlo_export import dummy_step, export_hlo, graph_shapes
+    from neuron_llm.sample.features import PROMPT_LOGPROBS, feature_row
+    from neuron_llm.xla.runner import sampled_outputs
+
+    options = {**OPTIONS, "max_num_seqs": 1, "max_num_batched_tokens": 16}
+    llm = LLM(model=str(tiny_model_dir), device="xla", sampling_features=["logprobs", "prompt_logprobs"], **options)
+    worker = llm.engine.runner.executor.worker
+    shapes = [shape for shape in graph_shapes(llm.config) if shape.features]
+    assert len(shapes) == 3 * len(llm.engine.runner.buckets.all)
+    manifest = export_hlo(worker.model, llm.config, shapes, tmp_path)
+    for shape, graph in zip(shapes, manifest["graphs"], strict=True):
+        row = feature_row(set(shape.features) - {PROMPT_LOGPROBS})
+        batch = SamplingBatch.build_static([row], llm.config.model.vocab_size, worker.device, shape.num_seqs)
+        with count_graphs() as counts:
+            sampled, prompt_logits = worker.trace_sampled(dummy_step(shape), batch)
+            outputs = [*sampled_outputs(sampled), *([] if prompt_logits is None else [prompt_logits])]
+            pools = [pool for layer in worker.kv_caches for pool in layer]
+            # Greedy logprobs score the sampled ids: one tensor, one output.
+            proto = sync_as_served(list({id(t): t for t in [*outputs, *pools]}.values()))
+        assert hashlib.sha256(proto).hexdigest() == graph["sha256"], shape.name
+        assert counts.compilations == 0, shape.name
 
 
 def test_sampling_features_are_refused_off_the_xla_device_and_by_unknown_name(tiny_model_dir) -> None:  # noqa: F811
