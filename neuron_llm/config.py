@@ -772,6 +772,11 @@ class EngineConfig:
             # cannot overlap.
             if self.scheduler.async_scheduling:
                 raise ValueError("async_scheduling=True and speculative decoding exclude each other")
+            if self.scheduler.max_num_batched_tokens < 2:
+                raise ValueError(
+                    f"max_num_batched_tokens={self.scheduler.max_num_batched_tokens}: speculative decoding "
+                    "verifies a proposal with the token before it, two tokens a step at least"
+                )
         limit = self.model.max_context_len
         if self.scheduler.max_model_len is None:
             object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, max_model_len=limit))

@@ -190,3 +190,9 @@ def test_bad_speculative_configs_are_named(value, message) -> None:
 def test_speculation_refuses_async_scheduling(tiny_model_dir) -> None:
     with pytest.raises(ValueError, match="exclude each other"):
         make_llm(tiny_model_dir, speculative_config='{"num_speculative_tokens": 2}', async_scheduling=True)
+
+
+def test_speculation_refuses_a_budget_of_one_token(tiny_model_dir) -> None:
+    # No step could verify a proposal; the XLA device's warm-up failed on it with a bucket error.
+    with pytest.raises(ValueError, match="max_num_batched_tokens=1: speculative decoding verifies"):
+        make_llm(tiny_model_dir, speculative_config='{"num_speculative_tokens": 1}', max_num_batched_tokens=1)
