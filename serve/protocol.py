@@ -33,6 +33,9 @@ from neuron_llm.sampling_params import (
 MAX_N = 128
 """Most completions of one prompt (OpenAI's limit). Beyond max_num_seqs they run in turns, as in ``LLM``."""
 
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+"""The parameters schema of a function declared without any, as templates read it."""
+
 MAX_STOP, MAX_STOP_CHARS = 16, 1024
 """Most stop strings a request takes, and their longest: the engine's thread matches every one
 against each new token of the sequence, so a request with many or long ones would slow the
@@ -313,7 +316,7 @@ class FunctionDefinition(_Request):
     def _an_object(cls, schema: dict[str, Any] | None) -> dict[str, Any]:
         # Arguments are a JSON object in OpenAI's API; templates read the schema whatever it is.
         if schema is None:
-            return {"type": "object", "properties": {}}
+            return dict(NO_PARAMETERS)
         if schema.get("type", "object") != "object":
             raise ValueError(f'must be the schema of an object (its "type" is {schema["type"]!r})')
         return {"type": "object", **schema}
@@ -352,6 +355,12 @@ class PastToolCall(ToolCall):
 
     index: int | None = None
     """A stream's field, which clients that join its chunks keep; not used."""
+
+
+def _past_arguments(call: PastToolCall) -> Any:
+    """A past call's arguments, parsed; empty ones are none (``{}``), as vLLM reads them: some
+    clients send a call of a function without parameters so."""
+    return json.loads(call.function.arguments or "{}")
 
 
 class ToolCallDelta(ToolCall):
@@ -397,7 +406,7 @@ class ChatMessage(_Request):
             raise ValueError(f"tool_calls belong to assistant messages, not {info.data.get('role')} ones")
         for i, call in enumerate(calls or ()):
             try:
-                arguments = json.loads(call.function.arguments)
+                arguments = _past_arguments(call)
             except json.JSONDecodeError as e:
                 raise ValueError(f"[{i}].function.arguments is not JSON: {e}") from None
             except RecursionError:
@@ -435,7 +444,7 @@ class ChatMessage(_Request):
                 {
                     "id": call.id,
                     "type": "function",
-                    "function": {"name": call.function.name, "arguments": json.loads(call.function.arguments)},
+                    "function": {"name": call.function.name, "arguments": _past_arguments(call)},
                 }
                 for call in self.tool_calls
             ]

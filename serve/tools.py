@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from neuron_llm.sampling_params import StructuredOutputsParams
-from neuron_llm.serve.protocol import ChatCompletionRequest, ChatTool, FunctionCall, ToolCall
+from neuron_llm.serve.protocol import NO_PARAMETERS, ChatCompletionRequest, ChatTool, FunctionCall, ToolCall
 
 TOOL_CALL_PARSERS = ("llama3_json",)
 """The ways the server can read tool calls from a reply (``--tool-call-parser``)."""
@@ -53,12 +53,14 @@ class ToolCalling:
         Raises ``ValueError`` when two functions' schemas define one ``$defs`` name differently.
         """
         if self.kind == "named":
-            return StructuredOutputsParams(json={**_COMPACT, **self._tool(self.name).function.parameters})
+            return StructuredOutputsParams(
+                json={**_COMPACT, **_held_parameters(self._tool(self.name).function.parameters)}
+            )
         # References resolve from the root, so each function's definitions move there.
         definitions: dict[str, Any] = {}
         calls = []
         for tool in self.tools:
-            parameters = dict(tool.function.parameters or {})
+            parameters = _held_parameters(tool.function.parameters)
             for name, definition in parameters.pop("$defs", {}).items():
                 if definitions.setdefault(name, definition) != definition:
                     raise ValueError(f"two functions define $defs/{name} differently")
@@ -85,8 +87,10 @@ class ToolCalling:
         if self.kind == "required":
             try:
                 items = json.loads(text)
-            except (json.JSONDecodeError, RecursionError):
-                return None  # cut short by max_tokens or a stop string
+            except (ValueError, RecursionError):
+                # Cut short by max_tokens or a stop string; or an integer past Python's 4,300
+                # digits, which its parser refuses with a ValueError of its own.
+                return None
             return [_call(item["name"], _json(item["parameters"])) for item in items]  # as the schema holds
         parsed = parse_llama3_json(text)
         if parsed is None:
@@ -113,6 +117,16 @@ class ToolCalling:
         return next(tool for tool in self.tools if tool.function.name == name)
 
 
+def _held_parameters(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """The schema a call's arguments are held to. A function declared without parameters takes
+    none (OpenAI: "an empty parameter list"), so its arguments are ``{}``: the schema templates
+    read for it, ``{"type": "object", "properties": {}}``, would allow any object."""
+    parameters = dict(parameters or {})
+    if parameters == NO_PARAMETERS:
+        parameters["additionalProperties"] = False
+    return parameters
+
+
 def parse_llama3_json(text: str) -> list[tuple[str, str]] | None:
     """The ``(name, arguments JSON)`` calls of a Llama 3 JSON tool-call reply; None unless the
     whole reply is such calls."""
@@ -123,7 +137,7 @@ def parse_llama3_json(text: str) -> list[tuple[str, str]] | None:
     while True:
         try:
             call, position = decoder.raw_decode(text, position)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # not JSON, or an integer past 4,300 digits
             return None
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return None

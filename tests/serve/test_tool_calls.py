@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from neuron_llm.loader import render_chat
 from neuron_llm.serve import ServeSettings
 from neuron_llm.serve.protocol import ChatCompletionRequest
-from neuron_llm.serve.tools import parse_llama3_json
+from neuron_llm.serve.tools import ToolCalling, parse_llama3_json
 from tests.conftest import BOUNDED_JSON_SCHEMA, fits_bounded_schema
 from tests.serve.conftest import ServerThread, make_llm, running_server
 
@@ -108,6 +108,10 @@ def test_tools_and_past_calls_reach_the_chat_template(tools_model_dir: Path) -> 
         '<|assistant|>{"name": "get_time", "parameters": {"unit": "c"}}<|end|>'
         "<|tool|>12:00<|end|><|assistant|>"
     )
+    # Empty arguments are a call without any, as vLLM reads them.
+    call = {"role": "assistant", "content": None, "tool_calls": [_call("now", "")]}
+    body = ChatCompletionRequest.model_validate({"messages": [*USER, call]})
+    assert body.messages[1].for_template()["tool_calls"][0]["function"]["arguments"] == {}
 
 
 def test_a_named_function_is_called_with_arguments_its_schema_allows(client: openai.OpenAI) -> None:
@@ -197,11 +201,19 @@ def test_held_calls_take_schema_references_functions_of_no_parameters_and_schema
         assert isinstance(arguments, dict)
         if call.function.name == "get_time":
             assert arguments["unit"] in ("c", "f")
-    # The template reads every function's parameters; those left out are an empty object.
+        if call.function.name == "now":
+            assert arguments == {}
+    # The template reads every function's parameters; those left out are an empty object, and
+    # the call's arguments are held to none (OpenAI: "an empty parameter list").
     now = {"type": "function", "function": {"name": "now"}}
-    whole, _ = chat(client, tools=[now], tool_choice={"type": "function", "function": {"name": "now"}})
+    named = {"type": "function", "function": {"name": "now"}}
+    body = ChatCompletionRequest.model_validate({"messages": USER, "tools": [now], "tool_choice": named})
+    assert body.tools is not None and body.tools[0].function.parameters == {"type": "object", "properties": {}}
+    held = ToolCalling.of(body).structure().json  # type: ignore[union-attr]
+    assert held == {**held, "type": "object", "properties": {}, "additionalProperties": False}
+    whole, _ = chat(client, tools=[now], tool_choice=named)
     (call,) = whole.choices[0].message.tool_calls
-    assert isinstance(json.loads(call.function.arguments), dict)
+    assert json.loads(call.function.arguments) == {}
     # The reply goes back into the history as it came, with a stream's index kept by the client.
     history = [*USER, {"role": "assistant", "tool_calls": [{**call.model_dump(), "index": 0}]}]
     assert client.chat.completions.create(model=whole.model, messages=history, max_tokens=2).choices
@@ -270,8 +282,12 @@ def test_llama3_json_calls_are_parsed_whole_or_not_at_all() -> None:
         '{"name": "f", "parameters": {}} and more',
         '{"name": "f", "parameters": {',
         "[]",
+        # Python's JSON parser refuses integers past 4,300 digits with a ValueError of its own.
+        '{"name": "f", "parameters": {"n": ' + "7" * 5000 + "}}",
     ):
         assert parse_llama3_json(text) is None, text
+    required = ToolCalling("required", [], None, True)
+    assert required.calls('[{"name": "f", "parameters": {"n": ' + "7" * 5000) is None
 
 
 def _call(name: str, arguments: str) -> dict[str, Any]:
