@@ -62,7 +62,9 @@ class TokenDecoder:
         # byte, so such tokens wait like pending output; the character they start belongs to
         # neither text. Byte-level BPE decodes it as one U+FFFD, which the diff replaces.
         end = len(prompt) - self._unfinished_byte_tokens(prompt)
-        self._split_characters = int(end < len(prompt))
+        self._split_bytes = len(prompt) - end
+        """Bytes (one token each) of the prompt's split character: the first piece skips it, one
+        character when the output completes it, else its U+FFFDs, one a byte."""
         # Only ids from the prefix window on are kept: [0, read_offset) was emitted already.
         start = self._window_start(prompt[:end])
         self._token_ids = prompt[start:]
@@ -117,9 +119,11 @@ class TokenDecoder:
         # The pending tokens become the next prefix window.
         self._token_ids = self._token_ids[self._read_offset :]
         self._read_offset = len(self._token_ids)
-        piece = text[len(prefix_text) + self._split_characters :]
-        self._split_characters = 0
-        return piece
+        start = len(prefix_text)
+        if self._split_bytes:
+            start += self._split_bytes if text[start] == _INCOMPLETE else 1
+            self._split_bytes = 0
+        return text[start:]
 
 
 class StopChecker:

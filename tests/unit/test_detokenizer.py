@@ -105,6 +105,15 @@ def test_a_prompt_split_inside_a_character_loses_that_character_only(
     assert checked > 3
 
 
+def test_a_split_character_the_output_never_completes_is_in_neither_text() -> None:
+    # Byte fallback decodes the prompt's unfinished bytes as one U+FFFD each, all skipped.
+    tokenizer = sentencepiece_bpe()
+    prompt = tokenizer.encode("hi 世", add_special_tokens=False)[:-1]
+    assert tokenizer.convert_ids_to_tokens(prompt)[-2:] == ["<0xE4>", "<0xB8>"]
+    output = tokenizer.encode("the fox", add_special_tokens=False)
+    assert "".join(stream(tokenizer, output, prompt)) == " the fox"
+
+
 def test_sentencepiece_token_text_depends_on_its_neighbours() -> None:
     tokenizer = sentencepiece_bpe()
     token_ids = tokenizer.encode("the fox", add_special_tokens=False)
