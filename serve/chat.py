@@ -132,6 +132,7 @@ class _ChatWriter:
                     message=message,
                     logprobs=logprobs,
                     finish_reason=finish_reason,
+                    stop_reason=completion.stop_reason,
                     token_ids=token_ids,
                 )
             )
@@ -174,6 +175,7 @@ class _ChatWriter:
                             delta=ChatDelta(content=None if calls else delta.text, tool_calls=calls),
                             logprobs=self._logprobs(delta.token_ids, delta.logprobs),
                             finish_reason=delta.finish_reason,
+                            stop_reason=delta.stop_reason,
                             token_ids=delta.token_ids if self._body.return_token_ids else None,
                         )
                         yield event(self._chunk([choice], self._usage(delta.num_tokens) if continuous else None))

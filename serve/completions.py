@@ -105,6 +105,7 @@ class _CompletionWriter:
                     token_ids=completion.token_ids,
                     logprobs=completion.logprobs,
                     finish_reason=completion.finish_reason,
+                    stop_reason=completion.stop_reason,
                     is_first=True,
                     num_tokens=len(completion.token_ids),
                 )
@@ -135,14 +136,22 @@ class _CompletionWriter:
         if self._body.scores_only:
             logprobs = None if delta.logprobs is None else []
             finish_reason = "length" if delta.finish_reason else None
-            delta = replace(delta, text="", token_ids=[], logprobs=logprobs, finish_reason=finish_reason)
+            delta = replace(
+                delta, text="", token_ids=[], logprobs=logprobs, finish_reason=finish_reason, stop_reason=None
+            )
         prompt = self._prompts[delta.index // self._body.n]
         echo = self._body.echo and delta.is_first
         text = prompt.text + delta.text if echo else delta.text
         logprobs = None
         if self._body.logprobs is not None:
             logprobs = self._logprobs(delta, prompt, output) if echo else self._output_logprobs(delta, prompt)
-        choice = CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
+        choice = CompletionChoice(
+            index=delta.index,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=delta.finish_reason,
+            stop_reason=delta.stop_reason,
+        )
         if self._body.return_token_ids:
             choice.token_ids = delta.token_ids
             choice.prompt_token_ids = prompt.token_ids if delta.is_first else None

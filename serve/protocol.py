@@ -716,6 +716,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    """vLLM's: the stop string or stop token id that ended the choice; None for EOS, a length
+    limit, or while it runs."""
     prompt_token_ids: list[int] | None = None
     """With return_token_ids: the choice's prompt (in a stream, in the choice's first chunk)."""
     token_ids: list[int] | None = None
@@ -761,6 +764,9 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    """vLLM's: the stop string or stop token id that ended the choice; None for EOS, a length
+    limit, or while it runs."""
     token_ids: list[int] | None = None
     """With return_token_ids."""
 
@@ -789,6 +795,9 @@ class ChatStreamChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    """vLLM's: the stop string or stop token id that ended the choice; None for EOS, a length
+    limit, or while it runs."""
     token_ids: list[int] | None = None
     """With return_token_ids: this chunk's tokens."""
 

@@ -32,6 +32,8 @@ class ChoiceDelta:
     token_ids: list[int]
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None
+    stop_reason: int | str | None
+    """The stop string or stop token id that ended the choice (``CompletionOutput.stop_reason``)."""
     is_first: bool
     """Whether nothing was sent for this choice before."""
     num_tokens: int
@@ -48,6 +50,7 @@ class ChoiceDelta:
             [token for d in deltas for token in d.token_ids],
             logprobs,
             last.finish_reason,
+            last.stop_reason,
             first.is_first,
             last.num_tokens,
         )
@@ -92,6 +95,7 @@ class DeltaTracker:
                     token_ids,
                     logprobs,
                     completion.finish_reason,
+                    completion.stop_reason,
                     is_first=index not in self._sent_chars,
                     num_tokens=len(completion.token_ids),
                 )

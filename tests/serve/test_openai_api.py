@@ -320,6 +320,23 @@ def test_stop_string_cuts_the_text(client: openai.OpenAI, model_name: str) -> No
     ).choices[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == full.text[: full.text.index(stop)]
+    # vLLM's stop_reason says which stop string matched; None where the length ended it.
+    assert (stopped.model_extra["stop_reason"], full.model_extra["stop_reason"]) == (stop, None)
+    chunks = client.completions.create(
+        model=model_name, prompt=prompt, temperature=0.0, max_tokens=24, stop=["zzz", stop], stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert [chunk.choices[0].model_extra["stop_reason"] for chunk in chunks][-1] == stop
+    messages = [{"role": "user", "content": prompt}]
+    free = client.chat.completions.create(model=model_name, messages=messages, temperature=0.0, max_tokens=12)
+    stop = free.choices[0].message.content[3:6]
+    assert stop.strip(), f"no usable stop string in {free.choices[0].message.content!r}"
+    for stream in (False, True):
+        reply = client.chat.completions.create(
+            model=model_name, messages=messages, temperature=0.0, max_tokens=12, stop=stop, stream=stream
+        )
+        last = list(reply)[-1].choices[0] if stream else reply.choices[0]
+        assert (last.finish_reason, last.model_extra["stop_reason"]) == ("stop", stop)
 
 
 def test_vllm_text_options_keep_the_stop_string_and_special_tokens(
