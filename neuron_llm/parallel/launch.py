@@ -146,18 +146,24 @@ class RankProcesses:
         return all(process.exitcode is None for process in self._processes)
 
     def failure(self, wait_s: float = _REPORT_GRACE_S) -> WorkerError | None:
-        """What failed children reported (or their exit codes), waiting up to ``wait_s`` for news."""
+        """What failed children reported, or their exit codes, waiting up to ``wait_s`` for news.
+
+        A child that exited without a report (killed: the OOM killer's SIGKILL) comes first: the
+        others then fail in their collectives, and their reports only say that a peer went away.
+        """
         deadline = time.monotonic() + wait_s
         while True:
             # Exits first: a child writes its report before it exits, so reports drained after
             # seeing an exit include that child's (the other order can see the exit alone).
-            exited = [(p.name, p.exitcode) for p in self._processes if p.exitcode not in (None, 0)]
+            exited = [(rank, p) for rank, p in enumerate(self._processes, 1) if p.exitcode not in (None, 0)]
             reports = self._receive_reports()
-            if reports:
-                return WorkerError("\n".join(f"tensor-parallel rank {r} failed:\n{tb}" for r, tb in reports))
-            if exited:
+            reported = {rank for rank, _ in reports}
+            silent = [
+                f"{p.name} exited with code {p.exitcode} (see its stderr)" for r, p in exited if r not in reported
+            ]
+            if silent or reports:
                 return WorkerError(
-                    "; ".join(f"{name} exited with code {code} (see its stderr)" for name, code in exited)
+                    "\n".join([*silent, *(f"tensor-parallel rank {r} failed:\n{tb}" for r, tb in reports)])
                 )
             if time.monotonic() >= deadline:
                 return None

@@ -291,6 +291,31 @@ torch.save(logits, out_dir / "logits.pt")
 """
 
 
+def test_a_rank_killed_without_a_report_is_named_before_the_peers_it_broke() -> None:
+    """At TP >= 3 a killed rank (the OOM killer) writes nothing, and the survivors' reports only
+    say that a peer went away: the killed one must come first."""
+
+    class Exited:
+        def __init__(self, name: str, exitcode: int | None) -> None:
+            self.name, self.exitcode = name, exitcode
+
+    ranks = object.__new__(RankProcesses)  # the bookkeeping of three children, none spawned
+    ranks._processes = [
+        Exited("neuron-llm-rank-1", 1),
+        Exited("neuron-llm-rank-2", -9),
+        Exited("neuron-llm-rank-3", None),
+    ]
+    ranks._reports = multiprocessing.get_context("spawn").SimpleQueue()
+    ranks._received = []
+    ranks._reports.put((1, "RuntimeError: Connection reset by peer"))
+    failure = ranks.failure(wait_s=0)
+    assert failure is not None
+    assert str(failure).splitlines()[:2] == [
+        "neuron-llm-rank-2 exited with code -9 (see its stderr)",
+        "tensor-parallel rank 1 failed:",
+    ]
+
+
 @pytest.mark.parametrize(
     ("how", "message"),
     [
