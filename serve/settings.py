@@ -164,6 +164,15 @@ class ServeSettings:
             artifact.check_model_files()
             artifact.check_weight_files()
             return
+        from neuron_llm.config import DeviceConfig
+
+        # The device's own options (XLA's sampling features, context buckets) refused elsewhere.
+        options = self.llm_options()
+        DeviceConfig(
+            device=self.device or "cpu",
+            sampling_features=options.get("sampling_features", ()),
+            context_buckets=options.get("context_buckets"),
+        )
         config = load_model_info(self.model).config
         if self.max_model_len is not None and self.max_model_len > config.max_context_len:
             raise ValueError(

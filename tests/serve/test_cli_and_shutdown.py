@@ -217,6 +217,8 @@ def test_serving_without_the_serve_extra_says_how_to_get_it(command: str) -> Non
             ["{model}", "--max-model-len", "100000"],
             r"max_model_len=100000 exceeds the model's context \(max_position_embeddings",
         ),
+        (["{model}", "--sampling-features", "logprobs"], r"sampling_features=\['logprobs'\] on device='cpu'"),
+        (["{model}", "--context-buckets", "64"], r"context_buckets=\[64\] on device='cpu': only the XLA device"),
     ],
 )
 def test_serve_refuses_a_model_it_cannot_load_before_opening_a_port(
