@@ -33,6 +33,7 @@ from neuron_llm.config import (
 )
 from neuron_llm.engine.llm_engine import LLMEngine
 from neuron_llm.engine.speculative.draft import read_draft_model
+from neuron_llm.inputs import Prompt, prompt_input
 from neuron_llm.loader import load_model_info, render_chat
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.parallel.executor import WorkerFactory, make_executor
@@ -41,9 +42,6 @@ from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import load_worker
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | dict[str, Any]
-"""A text prompt, ``{"prompt": text}`` (vLLM's TextPrompt) or ``{"prompt_token_ids": [...]}`` (its TokensPrompt)."""
 
 
 class LLM:
@@ -224,6 +222,8 @@ class LLM:
         self._unread: dict[str, deque[RequestOutput]] = {}
         """Per request added through this LLM, the outputs its caller has not read yet: steps
         run for one caller (a stream, a generate) advance every request in the engine."""
+        self._streams: set[str] = set()
+        """The requests of open streams."""
         cache = graph_cache(artifact.path, device, loading=True) if artifact is not None else contextlib.nullcontext()
         if seed is not None:
             torch.manual_seed(seed)  # before warm-up, whose steps draw too
@@ -276,11 +276,12 @@ class LLM:
         """
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
-        request_ids = []
+        self._forget_leftovers()
+        request_ids: list[str] = []
         try:
             for index, (prompt, param) in enumerate(zip(prompts, params)):
                 try:
-                    request_ids.append(self._add(prompt, _final_only(param)))
+                    self._add(prompt, _final_only(param), request_ids)
                 except ValueError as e:
                     raise ValueError(f"prompt {index}: {e}") from e
             finals = self._run(request_ids, use_tqdm)
@@ -333,24 +334,33 @@ class LLM:
         Several streams (and ``generate`` calls) may be open at once: each step advances them
         all, and each caller reads its own outputs.
         """
-        request_id = self._add(prompt, sampling_params or self.get_default_sampling_params())
+        self._forget_leftovers()
+        owned: list[str] = []
         try:
+            request_id = self._add(prompt, sampling_params or self.get_default_sampling_params(), owned)
+            self._streams.add(request_id)
             while (output := self._next_output(request_id)) is not None:
                 yield output
                 if output.finished:
                     return
         finally:
-            self._forget([request_id])
+            self._streams.difference_update(owned)
+            self._forget(owned)
 
     def shutdown(self) -> None:
         """Stop worker processes (tensor parallelism); the LLM is unusable afterwards."""
         self._executor.shutdown()
 
-    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+    def _add(self, prompt: Prompt, params: SamplingParams, owned: list[str]) -> str:
+        """Add a request; its id goes into ``owned``, the caller's to forget, before the engine
+        has it, so that the caller's cleanup covers it wherever a Ctrl-C lands."""
         if not self._executor.is_alive:
             raise RuntimeError("this LLM is shut down (by shutdown() or a failed tensor-parallel rank): make a new one")
-        request_id = self.engine.add_request(_prompt_input(prompt), params)
+        text_or_ids = prompt_input(prompt)
+        request_id = self.engine.unused_request_id(params.n if isinstance(params, SamplingParams) else 1)
+        owned.append(request_id)
         self._unread[request_id] = deque()
+        self.engine.add_request(text_or_ids, params, request_id)
         return request_id
 
     def _forget(self, request_ids: Sequence[str]) -> None:
@@ -358,6 +368,11 @@ class LLM:
         for request_id in request_ids:
             self.engine.abort(request_id)
             self._unread.pop(request_id, None)
+
+    def _forget_leftovers(self) -> None:
+        """Forget the requests no open caller owns: those a call interrupted while it cleaned up
+        (a second Ctrl-C) left running, which would otherwise run on in every later step."""
+        self._forget([request_id for request_id in self._unread if request_id not in self._streams])
 
     def _step(self) -> None:
         for output in self.engine.step():
@@ -427,22 +442,3 @@ def _final_only(params: SamplingParams) -> SamplingParams:
     """``params`` asking the engine for the final output alone (``generate`` returns no other);
     anything but SamplingParams is left for ``add_request`` to refuse."""
     return replace(params, output_kind="final_only") if isinstance(params, SamplingParams) else params
-
-
-def _prompt_input(prompt: Prompt) -> str | list[int]:
-    if isinstance(prompt, dict):
-        # Other keys of vLLM's prompts (multi_modal_data, cache_salt...) or a misspelt one
-        # would be dropped silently; both keys at once would leave one unused.
-        given = sorted(key for key, value in prompt.items() if value is not None)
-        if given == ["prompt_token_ids"]:
-            token_ids = prompt["prompt_token_ids"]
-            if isinstance(token_ids, (str, bytes, dict)) or not hasattr(token_ids, "__iter__"):
-                raise ValueError(f"prompt_token_ids must be a list of token ids, not {token_ids!r:.80}")
-            return list(token_ids)
-        if given == ["prompt"] and isinstance(prompt["prompt"], str):
-            return prompt["prompt"]
-    elif isinstance(prompt, str):
-        return prompt
-    raise ValueError(
-        f"a prompt must be a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, not {prompt!r:.80}"
-    )

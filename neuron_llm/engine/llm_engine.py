@@ -222,7 +222,7 @@ class LLMEngine:
         """
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, not {type(params).__name__}")
-        request_id = self._unused_id(params.n) if request_id is None else request_id
+        request_id = self.unused_request_id(params.n) if request_id is None else request_id
         if request_id in self._groups:
             raise ValueError(f"request_id={request_id!r} is already in use")
         prompt_text, prompt_ids = self._tokenize(prompt)
@@ -240,7 +240,6 @@ class LLMEngine:
         if taken:
             raise ValueError(f"request_id={request_id!r}: its sequence id {taken[0]!r} is already in use")
         first = sequences[0].request
-        self.scheduler.add_request(first)  # raises ValueError for lengths the engine cannot serve
         group = _RequestGroup(
             request_id=request_id,
             prompt=prompt_text,
@@ -252,11 +251,21 @@ class LLMEngine:
             pending_forks=[seq.request for seq in sequences[1:]],
             bad_words_token_ids=bad_words_token_ids,
         )
+        # Known here before the scheduler runs it, so that a Ctrl-C at any point leaves either
+        # no trace of the request or one the engine can step and abort.
         self._groups[request_id] = group
-        if params.has_penalties or params.bad_words or params.structured_outputs:
-            self._output_readers.add(request_id)
         for seq in sequences:
             self._sequences[seq.request.request_id] = (group, seq)
+        try:
+            self.scheduler.add_request(first)  # raises ValueError for lengths the engine cannot serve
+        except BaseException:
+            self.scheduler.abort(first.request_id)  # in case it took the request before the interrupt
+            del self._groups[request_id]
+            for seq in sequences:
+                del self._sequences[seq.request.request_id]
+            raise
+        if params.has_penalties or params.bad_words or params.structured_outputs:
+            self._output_readers.add(request_id)
         return request_id
 
     def _sampling_token_ids(self, params: SamplingParams) -> list[list[int]]:
@@ -313,7 +322,8 @@ class LLMEngine:
             raise ValueError("structured_outputs need a tokenizer, which this model lacks")
         return self._grammars
 
-    def _unused_id(self, n: int) -> str:
+    def unused_request_id(self, n: int = 1) -> str:
+        """An id for a request of ``n`` completions that no request (nor any of their sequences) holds."""
         # Callers may name requests too, so a counter value (or its sequences' ids) can be taken.
         while True:
             request_id = str(next(self._request_counter))
@@ -323,12 +333,15 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request in any state and free its blocks; False if unknown or finished."""
-        group = self._groups.pop(request_id, None)
+        group = self._groups.get(request_id)
         if group is None:
             return False
-        self._output_readers.discard(request_id)
+        # The scheduler first: an abort cut short (Ctrl-C) leaves the group known, to abort again.
         for seq in group.sequences:
             self.scheduler.abort(seq.request.request_id)
+        del self._groups[request_id]
+        self._output_readers.discard(request_id)
+        for seq in group.sequences:
             self._sequences.pop(seq.request.request_id, None)
         return True
 
@@ -378,17 +391,18 @@ class LLMEngine:
             return self._complete(in_flight, in_flight_read)
         if self.proposer is not None:
             self._propose(self.proposer)
-        scheduled = self.scheduler.schedule()
-        overlaps = self._overlaps()
-        launched = None
+        scheduled = launched = None
         try:
+            scheduled = self.scheduler.schedule()
+            overlaps = self._overlaps()
             launched = None if scheduled.is_empty else self._launch(scheduled)
             read = self._read(launched) if launched is not None and not overlaps else None
             previous = None if self._in_flight is None else (self._in_flight, self._read(self._in_flight))
         except BaseException:
             # The step's tokens never came back: its requests compute them again in a later
             # step, drawing what they would have drawn, and a step in flight is read again
-            # then (for the other callers of a shared engine); this caller sees the error.
+            # then (for the other callers of a shared engine); this caller sees the error (a
+            # Ctrl-C too, even one that cut schedule() short).
             if launched is not None:
                 _restore(launched.generator_states)
             self.scheduler.rewind(scheduled)

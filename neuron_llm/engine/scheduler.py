@@ -144,6 +144,7 @@ class Scheduler:
         self._arrival_order: dict[str, int] = {}
         self._arrival_counter = itertools.count()
         self._finished_ids: list[str] = []
+        self._scheduling: list[ScheduledRequest] = []
 
     def add_request(self, request: Request) -> None:
         """Queue a new request.
@@ -212,19 +213,24 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's tokens; advances each scheduled request's ``num_computed_tokens``."""
         scheduled: list[ScheduledRequest] = []
+        # What ``rewind(None)`` takes back should this call not return (Ctrl-C).
+        self._scheduling = scheduled
         preempted_ids: list[str] = []
         budget = self._schedule_running(scheduled, preempted_ids, self.config.max_num_batched_tokens)
         # A preemption means memory is short: admitting now would only preempt again.
         if not preempted_ids:
             self._schedule_waiting(scheduled, budget)
         finished_ids, self._finished_ids = self._finished_ids, []
+        self._scheduling = []
         return SchedulerOutput(scheduled, preempted_ids, finished_ids)
 
-    def rewind(self, output: SchedulerOutput) -> None:
-        """Take back ``schedule``'s advance of a step that failed before its results came back:
-        its requests compute those tokens (and propose again) in a later step. Their blocks stay
-        allocated; nothing of the step was published to the prefix cache."""
-        for entry in output.scheduled:
+    def rewind(self, output: SchedulerOutput | None) -> None:
+        """Take back ``schedule``'s advance of a step that failed before its results came back
+        (None: of a ``schedule`` call that did not return): its requests compute those tokens
+        (and propose again) in a later step. Their blocks stay allocated; nothing of the step
+        was published to the prefix cache."""
+        entries, self._scheduling = self._scheduling if output is None else output.scheduled, []
+        for entry in entries:
             if entry.request.status == RequestStatus.RUNNING:
                 entry.request.num_computed_tokens = entry.num_computed_tokens
 
@@ -338,7 +344,7 @@ class Scheduler:
                 )
             if not drafts and not self._reserve_blocks(request, num_new_tokens, preempted_ids):
                 break
-            scheduled.append(self._advance(request, num_new_tokens, drafts))
+            self._advance(scheduled, request, num_new_tokens, drafts)
             budget -= num_new_tokens + len(drafts)
             index += 1
         return budget
@@ -469,7 +475,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = request.num_cached_tokens = num_cached_tokens
             self._insert_running(request)
-            scheduled.append(self._advance(request, num_new_tokens))
+            self._advance(scheduled, request, num_new_tokens)
             budget -= num_new_tokens
 
     def _num_admitted_tokens(self, num_to_compute: int, budget: int) -> int:
@@ -482,24 +488,28 @@ class Scheduler:
             return budget
         return 0
 
-    def _advance(self, request: Request, num_new_tokens: int, drafts: list[int] | None = None) -> ScheduledRequest:
+    def _advance(
+        self, scheduled: list[ScheduledRequest], request: Request, num_new_tokens: int, drafts: list[int] | None = None
+    ) -> None:
+        """Add ``request``'s share of the step to ``scheduled``, then advance it: an interrupted
+        ``schedule`` has recorded every advance it made, so ``rewind`` can take it back."""
         start = request.num_computed_tokens
-        request.num_computed_tokens += num_new_tokens
-        is_sampling = request.num_computed_tokens == request.num_tokens
-        token_ids = request.all_token_ids[start : request.num_computed_tokens]
+        end = start + num_new_tokens
         drafts = drafts or []
-        # Counted as computed until the step's result says how many were kept.
-        request.num_computed_tokens += len(drafts)
-        request.draft_token_ids = []
-        return ScheduledRequest(
-            request=request,
-            num_computed_tokens=start,
-            num_new_tokens=num_new_tokens + len(drafts),
-            is_sampling=is_sampling,
-            token_ids=token_ids + drafts,
-            block_ids=list(request.block_ids),
-            num_draft_tokens=len(drafts),
+        scheduled.append(
+            ScheduledRequest(
+                request=request,
+                num_computed_tokens=start,
+                num_new_tokens=num_new_tokens + len(drafts),
+                is_sampling=end == request.num_tokens,
+                token_ids=request.all_token_ids[start:end] + drafts,
+                block_ids=list(request.block_ids),
+                num_draft_tokens=len(drafts),
+            )
         )
+        # Proposals count as computed until the step's result says how many were kept.
+        request.num_computed_tokens = end + len(drafts)
+        request.draft_token_ids = []
 
     def _append_sampled(self, request: Request, token_ids: list[int]) -> bool:
         """Append sampled tokens up to the length limit.

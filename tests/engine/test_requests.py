@@ -537,3 +537,50 @@ def test_a_shut_down_llm_refuses_work_as_under_tensor_parallelism(tiny_model_dir
     with pytest.raises(RuntimeError, match="this LLM is shut down"):
         llm.generate(prompt, GREEDY)
     assert not llm.engine.has_unfinished_requests()
+
+
+def _interrupt_once(target: object, name: str, after: bool = False) -> list[int]:
+    """Make ``target.name`` raise KeyboardInterrupt on its first call (before or after running):
+    a Ctrl-C landing there. Returns the list that counts the calls interrupted."""
+    real, interrupted = getattr(target, name), []
+
+    def interrupting(*args, **kwargs):
+        if interrupted:
+            return real(*args, **kwargs)
+        interrupted.append(1)
+        if after:
+            real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    setattr(target, name, interrupting)
+    return interrupted
+
+
+@pytest.mark.parametrize(
+    ("where", "after"),
+    [
+        ("scheduler.add_request", True),  # the scheduler holds it, the engine does not yet
+        ("engine.add_request", True),  # the engine holds it, generate's cleanup list does not yet
+        ("engine.abort", False),  # generate's cleanup cut short: the rest would run on
+        ("scheduler._schedule_waiting", True),  # schedule() cut short, its plan half made
+        ("engine._overlaps", False),  # after schedule() returned, before the step's guard
+    ],
+)
+def test_an_llm_interrupted_anywhere_serves_the_next_call_alone(tiny_model_dir, where: str, after: bool) -> None:
+    """A Ctrl-C during generate (while a stream is open) leaves no request behind and no state
+    that fails later calls: they return what an uninterrupted LLM does, blocks all freed."""
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(6, seed=16)]
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    expected = make_llm(tiny_model_dir).generate(prompts, params)
+    llm = make_llm(tiny_model_dir, max_num_seqs=2)
+    stream = llm.stream(prompts[0], params)
+    next(stream)
+    owner, name = where.split(".")
+    interrupted = _interrupt_once(llm.engine if owner == "engine" else llm.engine.scheduler, name, after)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts[1:], params)
+    assert interrupted
+    outputs = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+    assert list(stream)[-1].outputs[0].token_ids == expected[0].outputs[0].token_ids
+    assert not llm.engine.has_unfinished_requests() and not llm._unread and all_blocks_free(llm)
