@@ -25,10 +25,11 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from neuron_llm.engine.llm_engine import LATENCIES, EngineStats, LLMEngine, latency_samples
+from neuron_llm.inputs import Prompt, prompt_input
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.sampling_params import SamplingParams
 
@@ -173,7 +174,7 @@ class AsyncLLM:
         return self._num_in_flight
 
     async def generate(
-        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
+        self, prompt: Prompt | Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
         """Run one request; yield its cumulative output after each step that advanced it.
 
@@ -187,7 +188,7 @@ class AsyncLLM:
         """
         request_id = uuid.uuid4().hex if request_id is None else request_id
         stream = _Stream(asyncio.get_running_loop())
-        prompt = prompt if isinstance(prompt, str) else list(prompt)
+        prompt = prompt_input(prompt) if isinstance(prompt, (str, dict)) else list(prompt)
         self._admit(_Add(stream, prompt, params, request_id))
         is_waiting, is_ended = True, False
         try:
@@ -206,10 +207,16 @@ class AsyncLLM:
                 self._commands.put(_Abort(request_id, stream))
             self._release(is_waiting=is_waiting, is_in_flight=True)
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request and free its blocks (its ``generate`` raises ``RequestAbortedError``);
-        unknown or finished ids are ignored."""
-        self._commands.put(_Abort(request_id))
+    def abort(self, request_id: str | Iterable[str]) -> None:
+        """Abort a request, or several (as vLLM's takes them), and free their blocks (their
+        ``generate`` raises ``RequestAbortedError``); unknown or finished ids are ignored."""
+        request_ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        bad = [value for value in request_ids if not isinstance(value, str)]
+        if bad:
+            # Checked here: on the engine's thread it would fail every request in flight.
+            raise TypeError(f"request ids are strings, not {bad[0]!r:.80}")
+        for value in request_ids:
+            self._commands.put(_Abort(value))
 
     def stats(self) -> EngineStats:
         """The engine's gauges and counters after its latest step, with latencies since the last call."""

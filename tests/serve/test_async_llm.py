@@ -131,6 +131,39 @@ def test_aborting_by_id_ends_the_stream_and_releases_its_place(model_dir: Path) 
     run_with(make_slow_llm(model_dir, step_s=0.002), scenario, max_waiting_requests=1)
 
 
+def test_aborting_several_ids_ends_their_streams_and_a_bad_id_is_refused_alone(model_dir: Path) -> None:
+    """vLLM's abort takes an id or several; anything else is refused in the caller, where on the
+    engine's thread it would have failed every request in flight."""
+
+    async def scenario(engine: AsyncLLM) -> None:
+        other = asyncio.ensure_future(last(engine.generate("Hello", LONG, request_id="other")))
+        endings = [asyncio.ensure_future(last(engine.generate("Hello", LONG, request_id=i))) for i in ("a", "b")]
+        await asyncio.sleep(0.05)
+        with pytest.raises(TypeError, match="request ids are strings, not 3"):
+            engine.abort(["a", 3])  # type: ignore[list-item]
+        engine.abort(["a", "b"])
+        for ending in endings:
+            with pytest.raises(RequestAbortedError):
+                await ending
+        assert (await other).outputs[0].finish_reason == "length"
+
+    run_with(make_slow_llm(model_dir, step_s=0.002), scenario)
+
+
+def test_prompts_are_taken_as_the_offline_api_takes_them(model_dir: Path) -> None:
+    llm = make_llm(model_dir)
+    expected = llm.generate(["Hello world"], GREEDY)[0].outputs[0].token_ids
+    token_ids = llm.get_tokenizer().encode("Hello world")
+
+    async def scenario(engine: AsyncLLM) -> None:
+        for prompt in ("Hello world", {"prompt": "Hello world"}, {"prompt_token_ids": token_ids}, token_ids):
+            assert (await last(engine.generate(prompt, GREEDY))).outputs[0].token_ids == expected
+        with pytest.raises(ValueError, match="a prompt must be a string"):
+            await anext(engine.generate({"text": "Hello"}, GREEDY))
+
+    run_with(llm, scenario)
+
+
 def test_a_full_waiting_queue_refuses_at_once(model_dir: Path) -> None:
     async def scenario(engine: AsyncLLM) -> None:
         first = asyncio.ensure_future(last(engine.generate("Hello", GREEDY)))
