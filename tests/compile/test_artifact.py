@@ -328,29 +328,23 @@ def test_a_manifest_whose_records_are_damaged_is_refused_by_name(compiled: Path,
         LLM(str(compiled))
 
 
-def test_damaged_or_missing_weights_are_refused(compiled: Path) -> None:
-    weights = compiled / WEIGHTS_DIR / "rank-0-of-1.safetensors"
-    with weights.open("ab") as f:
-        f.write(b"\0")
-    with pytest.raises(ValueError, match="bytes where the manifest recorded .*: damaged"):
-        LLM(str(compiled))
-    weights.unlink()
-    with pytest.raises(ValueError, match="rank-0-of-1.safetensors: missing"):
-        LLM(str(compiled))
-
-
-def test_another_ranks_damaged_weights_are_refused_before_any_rank_starts(source: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
+def test_damaged_or_missing_weights_are_refused_before_any_rank_starts(
+    source: Path, tmp_path: Path, tensor_parallel_size: int
+) -> None:
     out = tmp_path / "artifact"
-    compile_artifact(str(source), out, tensor_parallel_size=2, **OPTIONS)
-    weights = out / WEIGHTS_DIR / "rank-1-of-2.safetensors"
+    compile_artifact(str(source), out, tensor_parallel_size=tensor_parallel_size, **OPTIONS)
+    # The last rank's: at TP=2 refused as such, not as rank 1's traceback in rank 0's error.
+    name = f"rank-{tensor_parallel_size - 1}-of-{tensor_parallel_size}.safetensors"
+    weights = out / WEIGHTS_DIR / name
     with weights.open("ab") as f:
         f.write(b"\0")
-    # As a ValueError of its own, not as rank 1's traceback in rank 0's error.
-    with pytest.raises(ValueError, match="rank-1-of-2.safetensors: .* bytes where the manifest recorded .*: damaged"):
+    with pytest.raises(ValueError, match=f"{re.escape(name)}: .* bytes where the manifest recorded .*: damaged"):
         LLM(str(out))
     weights.unlink()
-    with pytest.raises(ValueError, match="rank-1-of-2.safetensors: missing"):
-        ServeSettings(model=str(out)).check_model()
+    for load in (lambda: LLM(str(out)), ServeSettings(model=str(out)).check_model):
+        with pytest.raises(ValueError, match=f"{re.escape(name)}: missing"):
+            load()
 
 
 def flip_byte(path: Path, offset: int) -> None:
