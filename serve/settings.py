@@ -88,7 +88,7 @@ class ServeSettings:
     max_waiting_requests: int = _setting(256, "requests waiting for their first token before new ones get 429")
     api_key: str | None = _setting(
         None,
-        "when set, /v1 routes and /invocations require `Authorization: Bearer KEY` "
+        "when set, /v1 routes, /invocations, /tokenize and /detokenize require `Authorization: Bearer KEY` "
         "(a flag is visible to ps; the NEURON_LLM_API_KEY variable is not)",
     )
     drain_timeout: float = _setting(30.0, "seconds to let requests in flight finish on shutdown")
