@@ -28,6 +28,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
 from multiprocessing.util import Finalize
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +38,8 @@ import torch.multiprocessing as mp
 from neuron_llm.config import EngineConfig
 
 _HOST = "127.0.0.1"
+_IFF_LOOPBACK = 0x8
+"""The flag of the loopback interface in Linux's /sys/class/net/<name>/flags."""
 _READY_KEY = "neuron_llm/ready/{rank}"
 POLL_S = 0.05
 _REPORT_GRACE_S = 2.0
@@ -92,6 +95,7 @@ class RankProcesses:
     def __init__(self, world_size: int, target: RankTarget, args: tuple[Any, ...], timeout_s: float) -> None:
         self.world_size = world_size
         self.timeout_s = timeout_s
+        listen_on_loopback()
         # Port 0: the OS picks a free port, so two groups on one host never collide. The socket is
         # bound here because the store itself would listen on every interface, not 127.0.0.1 alone.
         listener = socket.create_server((_HOST, 0))
@@ -184,6 +188,24 @@ class RankProcesses:
         while not self._reports.empty():
             self._received.append(self._reports.get())
         return self._received
+
+
+def listen_on_loopback() -> None:
+    """Have gloo's connections (the CPU model group, the control group that carries pickled step
+    inputs) listen on the loopback interface, as the store does, for this process and the ranks
+    it spawns: gloo otherwise listens on the address the hostname resolves to, reachable from
+    the network on most cloud hosts. Spawned ranks share one host; a GLOO_SOCKET_IFNAME set by
+    the user is kept. Only where the loopback interface can be found (Linux's /sys/class/net)."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    for _, name in socket.if_nameindex():
+        try:
+            flags = int(Path(f"/sys/class/net/{name}/flags").read_text(), 16)
+        except (OSError, ValueError):
+            continue
+        if flags & _IFF_LOOPBACK:
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
 
 
 def _kill(processes: list[BaseProcess]) -> None:

@@ -15,6 +15,8 @@ import gc
 import multiprocessing
 import os
 import re
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -855,3 +857,61 @@ llm.shutdown()
 (out_dir / "tokens.txt").write_text(repr(list(output[0].outputs[0].token_ids)))
 (out_dir / "stats.txt").write_text(f"{stats.num_accepted_tokens} {stats.num_draft_tokens}")
 """
+
+
+_LISTENING = """
+import multiprocessing, os, socket, sys
+from pathlib import Path
+from neuron_llm import LLM
+
+def listening_addresses(pids):
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = os.readlink(fd) if fd.is_symlink() else ""
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    addresses = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                host = bytes.fromhex(fields[1].split(":")[0])
+                addresses.append(socket.inet_ntoa(host[::-1]) if len(host) == 4 else socket.inet_ntop(
+                    socket.AF_INET6, b"".join(host[i:i + 4][::-1] for i in range(0, 16, 4))))
+    return sorted(set(addresses))
+
+llm = LLM(model=sys.argv[1], tensor_parallel_size=2, dtype="float32", num_kv_blocks=32, block_size=4, max_model_len=64)
+ranks = [os.getpid(), *(process.pid for process in multiprocessing.active_children())]
+print(socket.gethostbyname(socket.gethostname()), listening_addresses(ranks))
+llm.shutdown()
+"""
+
+
+def _network_address() -> str | None:
+    """An IPv4 address of this host other than loopback's, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: only the route is looked up
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_the_ranks_listen_on_loopback_where_the_hostname_names_the_network(model_dir: Path) -> None:
+    """The store listens on 127.0.0.1; gloo's groups, which carry pickled step inputs, must too,
+    though the hostname resolves to a network address (as on most cloud hosts)."""
+    address = _network_address()
+    unshare = shutil.which("unshare")
+    if address is None or unshare is None:
+        pytest.skip("needs a network address and unshare(1)")
+    command = f"hostname {address} && {shlex.quote(sys.executable)} -c {shlex.quote(_LISTENING)} {model_dir}"
+    result = subprocess.run([unshare, "--uts", "sh", "-c", command], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0 and "unshare" in result.stderr:
+        pytest.skip(f"no private UTS namespace here: {result.stderr.strip()[-200:]}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    resolved, listening = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert resolved == address  # the hostname named the network, as meant
+    assert listening == "['127.0.0.1']", listening
