@@ -356,8 +356,14 @@ def batch_throughput(
     sampling: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Output tokens/s of ``batch`` prompts submitted at once, wall time from submission to the last token;
-    ``..._sync`` the same with async scheduling off. Greedy unless ``sampling`` (as ``timed_steps``)."""
+    ``decode_tokens_per_s`` the batch over its median decode step (its prefill steps left out, as
+    ``decode_latency`` leaves out batch 1's); ``..._sync`` the same with async scheduling off.
+    Greedy unless ``sampling`` (as ``timed_steps``). Every prompt must leave room for ``max_tokens``."""
     prompts = random_prompts(batch, prompt_len, vocab_size, seed=1)
+    if prompt_len + max_tokens > engine.config.max_model_len:
+        # Requests would stop early, and the count of tokens below would be too high.
+        raise ValueError(f"{prompt_len} + {max_tokens} tokens exceed max_model_len={engine.config.max_model_len}")
+    num_prefill_steps = -(-batch * prompt_len // engine.config.scheduler.max_num_batched_tokens)
     results = {}
     for name, run in (("", engine), ("_sync", with_scheduling(engine, False))):
         # The whole batch once first, so that kernels compiled for its shapes (its prefill
@@ -368,7 +374,11 @@ def batch_throughput(
         start = time.perf_counter()
         times = timed_steps(run, prompts, max_tokens, sampling=sampling)
         seconds = time.perf_counter() - start
-        results |= {f"output_tokens_per_s{name}": batch * max_tokens / seconds, f"seconds{name}": seconds}
+        results |= {
+            f"output_tokens_per_s{name}": batch * max_tokens / seconds,
+            f"decode_tokens_per_s{name}": batch / statistics.median(times[num_prefill_steps:]),
+            f"seconds{name}": seconds,
+        }
     return results | {"steps": len(times)}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -56,6 +57,23 @@ def test_decode_and_batch_figures(tiny_engine: engine.LLMEngine) -> None:
     assert batch["steps"] >= 5
 
 
+def test_a_batchs_decode_rate_leaves_out_its_prefill_steps(
+    tiny_engine: engine.LLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compared with batch 1's median decode step, which leaves out the prefill; a batch too long
+    for the context is refused, since its requests would stop early and be counted whole."""
+
+    def steps(run: engine.LLMEngine, prompts: list[list[int]], max_tokens: int, **kwargs: object) -> list[float]:
+        time.sleep(0.001)
+        return [10.0] + [2.0] * (max_tokens - 1)  # one prefill step (3 x 8 tokens), then decode steps
+
+    monkeypatch.setattr(engine, "timed_steps", steps)
+    batch = engine.batch_throughput(tiny_engine, batch=3, prompt_len=8, max_tokens=5, vocab_size=100)
+    assert batch["decode_tokens_per_s"] == batch["decode_tokens_per_s_sync"] == 3 / 2.0
+    with pytest.raises(ValueError, match="250 \\+ 10 tokens exceed max_model_len=256"):
+        engine.batch_throughput(tiny_engine, batch=1, prompt_len=250, max_tokens=10, vocab_size=100)
+
+
 def test_speculative_figures(tiny_engine: engine.LLMEngine) -> None:
     result = engine.speculative_decode(tiny_engine, prompt_len=8, max_tokens=13, vocab_size=100, ks=(2, 4))
     ratios = result.pop("worker_step_ratio")
@@ -83,6 +101,12 @@ def _bench_args(*argv: str) -> argparse.Namespace:
         (["--cases", ","], r"--cases ',': none given"),
         (["--num-layers", "0"], r"--num-layers 0: must be >= 1"),
         (["--json", "/no/such/folder/x.json"], r"the folder /no/such/folder does not exist"),
+        (["--decode-tokens", "1"], r"--decode-tokens 1: must be >= 2"),
+        (
+            ["--prompt-len", "8000"],
+            r"--prompt-len \+ 2 x --decode-tokens \(the batch cases'\) = 8256 exceeds the bench engine's max_model_len",
+        ),
+        (["--prefill-len", "8192"], r"--prefill-len \+ 1 = 8193 exceeds the bench engine's max_model_len=8192"),
     ],
 )
 def test_bench_refuses_bad_options_before_measuring(argv: list[str], message: str) -> None:
