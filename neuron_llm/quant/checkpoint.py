@@ -256,7 +256,8 @@ def _check_token_inputs(inputs: Any, kind: str, where: str) -> None:
         raise ValueError(f"{where}: must be an object")
     _require_arg(inputs, "num_bits", 8, where)
     _require_arg(inputs, "symmetric", True, where)
-    if _lower(inputs.get("type")) != kind or _strategy(inputs) != "token" or inputs.get("dynamic") is not True:
+    # compressed-tensors' type defaults to int, as for weights.
+    if _lower(inputs.get("type", "int")) != kind or _strategy(inputs) != "token" or inputs.get("dynamic") is not True:
         raise ValueError(f"{where}: only dynamic per-token {kind} activations (type {kind}, strategy token) are read")
 
 

@@ -429,6 +429,19 @@ def test_a_linear_in_two_groups_gets_the_scheme_compressed_tensors_gives_it() ->
     assert seen == {("w8a8", None), ("int8", None), ("int8", 16), ("int8", 32)}
 
 
+def test_activations_without_a_type_are_int_as_compressed_tensors_reads_them() -> None:
+    tokens = {"num_bits": 8, "symmetric": True, "strategy": "token", "dynamic": True}
+    raw = {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "config_groups": {"g": _group(input_activations=tokens)},
+    }
+    assert parse_quantization_config(raw).format_of("model.layers.0.mlp.up_proj").scheme == "w8a8"
+    fp8 = {"g": _group(type="float", input_activations=tokens)}  # int activations beside fp8 weights
+    with pytest.raises(ValueError, match="only dynamic per-token float activations"):
+        parse_quantization_config({**raw, "format": "float-quantized", "config_groups": fp8})
+
+
 def test_config_rebuilt_for_a_gguf_source_reads_back() -> None:
     config = ModelConfig(
         vocab_size=300,
