@@ -31,7 +31,7 @@ def written_whole(out: Path, activity: str, last: str) -> Iterator[Path]:
     made = [] if in_place else [parent for parent in out.parents if not parent.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=f".{out.name}.{activity}-", dir=out if in_place else out.parent))
+        building = Path(tempfile.mkdtemp(prefix=_building_prefix(out, activity), dir=out if in_place else out.parent))
     except OSError as e:
         _remove_empty(made)
         raise ValueError(f"{out} cannot be written: {e.strerror}") from e
@@ -58,6 +58,11 @@ def written_whole(out: Path, activity: str, last: str) -> Iterator[Path]:
                 path.unlink(missing_ok=True)
         _remove_empty(made)
         raise
+
+
+def _building_prefix(out: Path, activity: str) -> str:
+    """The name of the hidden directory ``out`` is written in (``.NAME.ACTIVITY-``), before mkdtemp's suffix."""
+    return f".{out.name}.{activity}-"
 
 
 @contextmanager
@@ -94,7 +99,8 @@ def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; choose a new or empty directory")
     if out.exists() and any(out.iterdir()):
-        leftovers = sorted(entry.name for entry in out.glob(f".{out.absolute().name}.*-*") if entry.is_dir())
+        pattern = _building_prefix(Path(os.path.abspath(out)), "*") + "*"
+        leftovers = sorted(entry.name for entry in out.glob(pattern) if entry.is_dir())
         hint = f" (it holds {', '.join(leftovers)}, left by an interrupted run: remove it)" if leftovers else ""
         raise ValueError(f"--out {out} is not empty{hint}; choose a new or empty directory")
     existing = next(parent for parent in (out, *out.absolute().parents) if parent.exists())

@@ -405,7 +405,8 @@ class LLMEngine:
             # Ctrl-C too, even one that cut schedule() short).
             if launched is not None:
                 _restore(launched.generator_states)
-            self.scheduler.rewind(scheduled)
+            if scheduled is not None:  # else schedule() took back its own advance
+                self.scheduler.rewind(scheduled)
             raise
         self._in_flight = None
         try:

@@ -144,7 +144,6 @@ class Scheduler:
         self._arrival_order: dict[str, int] = {}
         self._arrival_counter = itertools.count()
         self._finished_ids: list[str] = []
-        self._scheduling: list[ScheduledRequest] = []
 
     def add_request(self, request: Request) -> None:
         """Queue a new request.
@@ -213,24 +212,26 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's tokens; advances each scheduled request's ``num_computed_tokens``."""
         scheduled: list[ScheduledRequest] = []
-        # What ``rewind(None)`` takes back should this call not return (Ctrl-C).
-        self._scheduling = scheduled
         preempted_ids: list[str] = []
-        budget = self._schedule_running(scheduled, preempted_ids, self.config.max_num_batched_tokens)
-        # A preemption means memory is short: admitting now would only preempt again.
-        if not preempted_ids:
-            self._schedule_waiting(scheduled, budget)
+        try:
+            budget = self._schedule_running(scheduled, preempted_ids, self.config.max_num_batched_tokens)
+            # A preemption means memory is short: admitting now would only preempt again.
+            if not preempted_ids:
+                self._schedule_waiting(scheduled, budget)
+        except BaseException:  # a Ctrl-C: what was advanced so far is recorded (``_advance``)
+            self._rewind(scheduled)
+            raise
         finished_ids, self._finished_ids = self._finished_ids, []
-        self._scheduling = []
         return SchedulerOutput(scheduled, preempted_ids, finished_ids)
 
-    def rewind(self, output: SchedulerOutput | None) -> None:
-        """Take back ``schedule``'s advance of a step that failed before its results came back
-        (None: of a ``schedule`` call that did not return): its requests compute those tokens
-        (and propose again) in a later step. Their blocks stay allocated; nothing of the step
-        was published to the prefix cache."""
-        entries, self._scheduling = self._scheduling if output is None else output.scheduled, []
-        for entry in entries:
+    def rewind(self, output: SchedulerOutput) -> None:
+        """Take back ``schedule``'s advance of a step that failed before its results came back:
+        its requests compute those tokens (and propose again) in a later step. Their blocks stay
+        allocated; nothing of the step was published to the prefix cache."""
+        self._rewind(output.scheduled)
+
+    def _rewind(self, scheduled: list[ScheduledRequest]) -> None:
+        for entry in scheduled:
             if entry.request.status == RequestStatus.RUNNING:
                 entry.request.num_computed_tokens = entry.num_computed_tokens
 
@@ -492,7 +493,7 @@ class Scheduler:
         self, scheduled: list[ScheduledRequest], request: Request, num_new_tokens: int, drafts: list[int] | None = None
     ) -> None:
         """Add ``request``'s share of the step to ``scheduled``, then advance it: an interrupted
-        ``schedule`` has recorded every advance it made, so ``rewind`` can take it back."""
+        ``schedule`` has recorded every advance it made, and so can take it back."""
         start = request.num_computed_tokens
         end = start + num_new_tokens
         drafts = drafts or []

@@ -28,6 +28,8 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from neuron_llm.loader.gguf_file import TokenizerDefaults
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
+"""Where transformers saves named chat templates (``tool_use`` and others) but the default, one file each."""
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 """The files that hold a vocabulary; a tokenizer_config.json alone builds an empty tokenizer."""
 
@@ -53,7 +55,7 @@ def load_dir_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in the Hugging Face model directory ``model_dir`` (a copy of its own)."""
     files = [
         path
-        for folder in (model_dir, model_dir / "additional_chat_templates")
+        for folder in (model_dir, model_dir / CHAT_TEMPLATES_DIR)
         if folder.is_dir()
         for path in folder.iterdir()
         if path.is_file() and path.suffix not in _WEIGHT_SUFFIXES

@@ -49,6 +49,7 @@ from neuron_llm.parallel.launch import (
     WorkerError,
     config_for_rank,
     distributed_backend,
+    gloo_on_loopback,
     leave_stop_signals_to_rank_0,
     share_host_threads,
 )
@@ -187,7 +188,8 @@ class MultiprocExecutor(Executor):
                 join = functools.partial(
                     init_distributed, world_size, 0, backend, store=self._ranks.store, timeout_s=timeout_s
                 )
-                state = self._await_ranks(join, "join the group")
+                with gloo_on_loopback():
+                    state = self._await_ranks(join, "join the group")
             except BaseException:
                 self._ranks.stop(graceful=False)
                 raise
@@ -450,5 +452,6 @@ def _serve_spawned_rank(
     if torch.device(config.device.device).type == "cpu":
         share_host_threads(world_size)
     backend = distributed_backend(config.device.device)
-    state = init_distributed(world_size, rank, backend, store=store, timeout_s=timeout_s)
+    with gloo_on_loopback():
+        state = init_distributed(world_size, rank, backend, store=store, timeout_s=timeout_s)
     serve_steps(config, build_worker, state)

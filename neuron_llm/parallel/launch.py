@@ -24,7 +24,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
 from multiprocessing.util import Finalize
@@ -95,7 +96,6 @@ class RankProcesses:
     def __init__(self, world_size: int, target: RankTarget, args: tuple[Any, ...], timeout_s: float) -> None:
         self.world_size = world_size
         self.timeout_s = timeout_s
-        listen_on_loopback()
         # Port 0: the OS picks a free port, so two groups on one host never collide. The socket is
         # bound here because the store itself would listen on every interface, not 127.0.0.1 alone.
         listener = socket.create_server((_HOST, 0))
@@ -190,22 +190,34 @@ class RankProcesses:
         return self._received
 
 
-def listen_on_loopback() -> None:
-    """Have gloo's connections (the CPU model group, the control group that carries pickled step
-    inputs) listen on the loopback interface, as the store does, for this process and the ranks
-    it spawns: gloo otherwise listens on the address the hostname resolves to, reachable from
-    the network on most cloud hosts. Spawned ranks share one host; a GLOO_SOCKET_IFNAME set by
-    the user is kept. Only where the loopback interface can be found (Linux's /sys/class/net)."""
-    if "GLOO_SOCKET_IFNAME" in os.environ:
+@contextmanager
+def gloo_on_loopback() -> Iterator[None]:
+    """Have the gloo groups made in this block (the CPU model group, the control group that
+    carries pickled step inputs) listen on the loopback interface, as the store does: gloo
+    otherwise listens on the address the hostname resolves to, reachable from the network on
+    most cloud hosts. For the ranks the library spawns, which share one host. A
+    GLOO_SOCKET_IFNAME set by the user is kept; nothing changes where the loopback interface
+    cannot be found (it is read from Linux's /sys/class/net)."""
+    loopback = None if "GLOO_SOCKET_IFNAME" in os.environ else _loopback_interface()
+    if loopback is None:
+        yield
         return
+    os.environ["GLOO_SOCKET_IFNAME"] = loopback
+    try:
+        yield
+    finally:
+        del os.environ["GLOO_SOCKET_IFNAME"]
+
+
+def _loopback_interface() -> str | None:
     for _, name in socket.if_nameindex():
         try:
             flags = int(Path(f"/sys/class/net/{name}/flags").read_text(), 16)
         except (OSError, ValueError):
             continue
         if flags & _IFF_LOOPBACK:
-            os.environ["GLOO_SOCKET_IFNAME"] = name
-            return
+            return name
+    return None
 
 
 def _kill(processes: list[BaseProcess]) -> None:

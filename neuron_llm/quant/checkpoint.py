@@ -46,7 +46,7 @@ from transformers import PreTrainedTokenizerBase
 from neuron_llm.config import ModelConfig, hf_rope_scaling
 from neuron_llm.layers.linear import Linear
 from neuron_llm.loader.hf_dir import CONFIG_FILE, GENERATION_CONFIG_FILE, SINGLE_WEIGHTS_FILE, read_json
-from neuron_llm.loader.tokenizer import has_tokenizer_files
+from neuron_llm.loader.tokenizer import CHAT_TEMPLATES_DIR, has_tokenizer_files
 from neuron_llm.loader.weights import TensorSource, save_safetensors
 from neuron_llm.output_dir import written_whole
 from neuron_llm.quant.formats import LinearFormat
@@ -73,8 +73,6 @@ _TOKENIZER_FILES = (
     "merges.txt",
     "chat_template.jinja",
 )
-_CHAT_TEMPLATES_DIR = "additional_chat_templates"
-"""Where transformers saves named chat templates (``tool_use`` and others) but the default, one file each."""
 
 
 @dataclass(frozen=True)
@@ -511,7 +509,7 @@ def write_model_files(
         for name in (*_TOKENIZER_FILES, GENERATION_CONFIG_FILE):
             if (source / name).is_file():
                 shutil.copyfile(source / name, out_dir / name)
-        if (source / _CHAT_TEMPLATES_DIR).is_dir():
-            shutil.copytree(source / _CHAT_TEMPLATES_DIR, out_dir / _CHAT_TEMPLATES_DIR)
+        if (source / CHAT_TEMPLATES_DIR).is_dir():
+            shutil.copytree(source / CHAT_TEMPLATES_DIR, out_dir / CHAT_TEMPLATES_DIR)
     if tokenizer is not None and not has_tokenizer_files(out_dir):
         tokenizer.save_pretrained(str(out_dir))

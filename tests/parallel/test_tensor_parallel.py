@@ -883,6 +883,7 @@ def listening_addresses(pids):
 
 llm = LLM(model=sys.argv[1], tensor_parallel_size=2, dtype="float32", num_kv_blocks=32, block_size=4, max_model_len=64)
 ranks = [os.getpid(), *(process.pid for process in multiprocessing.active_children())]
+assert "GLOO_SOCKET_IFNAME" not in os.environ  # set while the groups were made, not for good
 print(socket.gethostbyname(socket.gethostname()), listening_addresses(ranks))
 llm.shutdown()
 """
