@@ -6,9 +6,11 @@ On a GPU a decode step's host work runs between two graph replays, with the GPU 
 it adds to every step. Here the worker is replaced by one that returns a fixed token at
 once (no model, no sampling), so what is timed is the engine alone: ``LLMEngine.step`` for
 ``--batches`` greedy requests of a 64-token prompt generating ``--max-tokens`` tokens each,
-with the outputs every step ("cumulative", what streaming asks for) and with the final
-output alone ("final_only", what ``LLM.generate`` asks for). Reported per case: the median
-step in the first and the last tenth of the generation. Runs on the CPU.
+with each output kind (``SamplingParams.output_kind``): the whole output every step
+("cumulative"), what the step added ("delta", what the server streams) and the final output
+alone ("final_only", what ``LLM.generate`` and the server's whole responses ask for).
+Reported per case: the median step in the first and the last tenth of the generation. Runs on
+the CPU.
 """
 
 from __future__ import annotations

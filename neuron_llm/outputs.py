@@ -1,12 +1,13 @@
 """What a request returns, shaped like vLLM's ``RequestOutput`` so its users know the fields.
 
-A streaming caller receives one ``RequestOutput`` per engine step that produced text for the
-request; ``finished`` is set on the last one.
+A streaming caller receives one ``RequestOutput`` per engine step that advanced the request,
+holding all of it so far ("cumulative") or what the step added ("delta",
+``SamplingParams.output_kind``); ``finished`` is set on the last one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -80,3 +81,24 @@ class RequestOutput:
     finished: bool
     """Whether every completion has ended."""
     metrics: RequestMetrics | None = None
+
+    def add(self, newer: RequestOutput) -> RequestOutput:
+        """This delta output followed by ``newer``, the request's next one, as one delta (as
+        vLLM's ``RequestOutput.add``): text, tokens and logprobs joined, the rest ``newer``'s."""
+        completions = {completion.index: completion for completion in self.outputs}
+        for completion in newer.outputs:
+            before = completions.get(completion.index)
+            if before is not None:
+                logprobs = None if before.logprobs is None else before.logprobs + (completion.logprobs or [])
+                completion = replace(
+                    completion,
+                    text=before.text + completion.text,
+                    token_ids=before.token_ids + completion.token_ids,
+                    logprobs=logprobs,
+                )
+            completions[completion.index] = completion
+        return replace(
+            newer,
+            prompt_logprobs=self.prompt_logprobs if newer.prompt_logprobs is None else newer.prompt_logprobs,
+            outputs=sorted(completions.values(), key=lambda completion: completion.index),
+        )

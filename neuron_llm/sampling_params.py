@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-OUTPUT_KINDS = ("cumulative", "final_only")
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 """The subset of vLLM's ``RequestOutputKind`` supported (its "delta" is not)."""
 
 MAX_LOGPROBS = 20
@@ -184,9 +184,12 @@ class SamplingParams:
     """Keep only the prompt's last this many tokens (left truncation); -1 keeps as many as the
     context holds (vLLM's); None keeps them all."""
     output_kind: str = "cumulative"
-    """What ``LLMEngine.step`` returns for this request: "cumulative", its whole output so far
-    on every step that extends it (streaming), or "final_only", one output when it finishes
-    (``LLM.generate``: no per-step copies of a growing output on the host)."""
+    """What ``LLMEngine.step`` returns for this request (vLLM's ``RequestOutputKind``):
+    "cumulative", its whole output so far on every step that extends it; "delta", only what
+    each such step added (the text, tokens and logprobs since the last output; prompt logprobs
+    in the first; completions that gained nothing left out), which a streaming server sends on
+    without copying the growing output every step; or "final_only", one output when it
+    finishes (``LLM.generate``)."""
 
     def __post_init__(self) -> None:
         self._check_counts()

@@ -11,7 +11,7 @@ from dataclasses import replace
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from neuron_llm.outputs import RequestOutput
+from neuron_llm.outputs import PromptLogprobs, RequestOutput
 from neuron_llm.serve.errors import ServeError
 from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
 from neuron_llm.serve.logprobs import TextOffsets, completion_logprobs, prompt_logprobs, prompt_text_offsets
@@ -73,7 +73,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
         for p in prompts
     ]
     response_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = Generation(model.engine, prompts, per_prompt, response_id, state.metrics)
+    generation = Generation(model.engine, prompts, per_prompt, response_id, state.metrics, stream=body.stream)
     writer = _CompletionWriter(model, body, prompts, response_id)
     await unless_disconnected(request, generation.start())
     if body.stream:
@@ -109,19 +109,23 @@ class _CompletionWriter:
                     is_first=True,
                     num_tokens=len(completion.token_ids),
                 )
-                choices.append(self._choice(delta, output))
+                choices.append(self._choice(delta, output.prompt_logprobs))
         num_generated = sum(len(c.token_ids) for output in finals for c in output.outputs)
         return self._chunk(choices, self._usage(0 if self._body.scores_only else num_generated))
 
     async def events(self, generation: Generation, state: ServerState) -> AsyncGenerator[str, None]:
         tracker = DeltaTracker(self._body.n, has_logprobs=self._body.logprobs is not None)
+        # Only a prompt's first delta output has its prompt logprobs; each choice echoes them.
+        prompt_scores: dict[int, PromptLogprobs | None] = {}
         async with contextlib.aclosing(generation.outputs()) as outputs:
             try:
                 async for prompt_index, output in outputs:
+                    prompt_scores.setdefault(prompt_index, output.prompt_logprobs)
                     # One choice a chunk, as OpenAI's and vLLM's streams send them.
                     for delta in tracker.deltas(prompt_index, output):
                         usage = self._choice_usage(delta) if self._body.continuous_usage else None
-                        yield event(self._chunk([self._choice(delta, output)], usage))
+                        choice = self._choice(delta, prompt_scores[prompt_index])
+                        yield event(self._chunk([choice], usage))
             except ServeError as e:
                 state.metrics.count_refusal(e.status_code)
                 yield error_event(e)
@@ -132,7 +136,7 @@ class _CompletionWriter:
             yield event(self._chunk([], self._usage(num_generated)))
         yield DONE_EVENT
 
-    def _choice(self, delta: ChoiceDelta, output: RequestOutput) -> CompletionChoice:
+    def _choice(self, delta: ChoiceDelta, prompt_scores: PromptLogprobs | None) -> CompletionChoice:
         if self._body.scores_only:
             logprobs = None if delta.logprobs is None else []
             finish_reason = "length" if delta.finish_reason else None
@@ -144,7 +148,7 @@ class _CompletionWriter:
         text = prompt.text + delta.text if echo else delta.text
         logprobs = None
         if self._body.logprobs is not None:
-            logprobs = self._logprobs(delta, prompt, output) if echo else self._output_logprobs(delta, prompt)
+            logprobs = self._logprobs(delta, prompt, prompt_scores) if echo else self._output_logprobs(delta, prompt)
         choice = CompletionChoice(
             index=delta.index,
             text=text,
@@ -156,7 +160,7 @@ class _CompletionWriter:
             choice.token_ids = delta.token_ids
             choice.prompt_token_ids = prompt.token_ids if delta.is_first else None
         if not self._body.stream and self._body.num_prompt_logprobs is not None:
-            choice.prompt_logprobs = prompt_logprobs(self._texts, output.prompt_logprobs or [])
+            choice.prompt_logprobs = prompt_logprobs(self._texts, prompt_scores or [])
         return choice
 
     def _output_logprobs(self, delta: ChoiceDelta, prompt: Prompt) -> CompletionLogprobs:
@@ -167,12 +171,12 @@ class _CompletionWriter:
         offsets = self._text_offsets[delta.index](delta.token_ids)
         return completion_logprobs(self._texts, delta.token_ids, delta.logprobs or [], offsets)
 
-    def _logprobs(self, delta: ChoiceDelta, prompt: Prompt, output: RequestOutput) -> CompletionLogprobs:
+    def _logprobs(self, delta: ChoiceDelta, prompt: Prompt, prompt_scores: PromptLogprobs | None) -> CompletionLogprobs:
         """Logprobs of the echoed prompt followed by those of the generated tokens."""
         tokenizer = self._model.tokenizer
         prompt_offsets = prompt_text_offsets(self._texts, tokenizer, prompt.text, prompt.token_ids)
         prompt_part = completion_logprobs(
-            self._texts, prompt.token_ids, output.prompt_logprobs or [], prompt_offsets, self._body.logprobs
+            self._texts, prompt.token_ids, prompt_scores or [], prompt_offsets, self._body.logprobs
         )
         self._text_offsets[delta.index] = TextOffsets(
             self._texts,

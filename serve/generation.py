@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 from fastapi import Request
@@ -37,8 +38,9 @@ IndexedOutput = tuple[int, RequestOutput]
 class Generation:
     """The engine requests of one HTTP request, whose ``outputs`` are ``(prompt index, output)`` pairs.
 
-    ``params`` are every prompt's, or one per prompt. Call ``start`` first. Outputs are
-    cumulative; the last one of each prompt has ``finished``. Engine errors are raised as
+    ``params`` are every prompt's, or one per prompt. Call ``start`` first. Streamed, each
+    output holds what one step added (``output_kind="delta"``); otherwise each prompt gives
+    one output, when it finishes. The last one of each prompt has ``finished``. Engine errors are raised as
     ``ServeError``, naming ``prompt_param`` (the request field holding the prompts) if the
     engine refuses a prompt. The outcome (success, or aborted when the iteration stops early)
     is counted in ``metrics``.
@@ -52,10 +54,12 @@ class Generation:
         request_id: str,
         metrics: ServerMetrics,
         prompt_param: str = "prompt",
+        stream: bool = False,
     ) -> None:
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else params
+        output_kind = "delta" if stream else "final_only"
         streams = [
-            engine.generate(p.token_ids, prompt_params, f"{request_id}-{i}")
+            engine.generate(p.token_ids, replace(prompt_params, output_kind=output_kind), f"{request_id}-{i}")
             for i, (p, prompt_params) in enumerate(zip(prompts, per_prompt, strict=True))
         ]
         self._outputs = _merge(streams)

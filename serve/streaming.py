@@ -1,4 +1,4 @@
-"""Server-sent events: cumulative engine outputs into per-choice deltas, and the event framing."""
+"""Server-sent events: engine delta outputs into the per-choice deltas sent, and the event framing."""
 
 from __future__ import annotations
 
@@ -57,7 +57,11 @@ class ChoiceDelta:
 
 
 class DeltaTracker:
-    """Remembers how much of each choice was sent, to turn cumulative outputs into deltas.
+    """Turns a stream's "delta" outputs into the choice deltas to send.
+
+    Tokens that brought no text yet (the start of a multi-byte character, text held back for
+    a possible stop string) are held and sent with the next piece, unless their logprobs are
+    worth sending alone.
 
     Args:
         n: completions per prompt.
@@ -68,9 +72,9 @@ class DeltaTracker:
     def __init__(self, n: int, has_logprobs: bool) -> None:
         self._n = n
         self._has_logprobs = has_logprobs
-        self._sent_chars: dict[int, int] = {}
-        self._sent_tokens: dict[int, int] = {}
-        self._finished: set[int] = set()
+        self._held: dict[int, ChoiceDelta] = {}
+        self._num_tokens: dict[int, int] = {}
+        self._started: set[int] = set()
         self.num_generated_tokens = 0
         """Tokens of the choices that have finished."""
 
@@ -79,30 +83,26 @@ class DeltaTracker:
         deltas = []
         for completion in output.outputs:
             index = prompt_index * self._n + completion.index
-            if index in self._finished:
-                continue
-            sent_chars = self._sent_chars.get(index, 0)
-            sent_tokens = self._sent_tokens.get(index, 0)
-            text = completion.text[sent_chars:]
-            token_ids = completion.token_ids[sent_tokens:]
-            if not text and not (self._has_logprobs and token_ids) and completion.finish_reason is None:
-                continue
-            logprobs = completion.logprobs[sent_tokens:] if completion.logprobs is not None else None
-            deltas.append(
-                ChoiceDelta(
-                    index,
-                    text,
-                    token_ids,
-                    logprobs,
-                    completion.finish_reason,
-                    completion.stop_reason,
-                    is_first=index not in self._sent_chars,
-                    num_tokens=len(completion.token_ids),
-                )
+            num_tokens = self._num_tokens.get(index, 0) + len(completion.token_ids)
+            self._num_tokens[index] = num_tokens
+            delta = ChoiceDelta(
+                index,
+                completion.text,
+                completion.token_ids,
+                completion.logprobs,
+                completion.finish_reason,
+                completion.stop_reason,
+                is_first=index not in self._started,
+                num_tokens=num_tokens,
             )
-            self._sent_chars[index] = len(completion.text)
-            self._sent_tokens[index] = len(completion.token_ids)
-            if completion.finish_reason is not None:
-                self._finished.add(index)
-                self.num_generated_tokens += len(completion.token_ids)
+            held = self._held.pop(index, None)
+            if held is not None:
+                delta = ChoiceDelta.joined([held, delta])
+            if not delta.text and not (self._has_logprobs and delta.token_ids) and delta.finish_reason is None:
+                self._held[index] = delta
+                continue
+            deltas.append(delta)
+            self._started.add(index)
+            if delta.finish_reason is not None:
+                self.num_generated_tokens += num_tokens
         return deltas

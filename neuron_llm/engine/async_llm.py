@@ -61,14 +61,15 @@ class EngineError(Exception):
 class _Stream:
     """Where the engine thread delivers one request's outputs, on its consumer's event loop.
 
-    One slot, as vLLM's ``RequestOutputCollector``: each output holds everything before it, so
-    a newer one replaces one not yet read, and a consumer that reads slowly (a streaming
-    client on a slow link) holds one output, not every step's. An error is kept beside it and
-    taken after it.
+    One slot, as vLLM's ``RequestOutputCollector``: a newer output replaces one not yet read
+    (each holds everything before it), or for a "delta" request is joined to it, so a consumer
+    that reads slowly (a streaming client on a slow link) holds one output, not every step's.
+    An error is kept beside it and taken after it.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, is_delta: bool) -> None:
         self.loop = loop
+        self._is_delta = is_delta
         self._ready = asyncio.Event()
         self._output: RequestOutput | None = None
         self._error: Exception | None = None
@@ -84,6 +85,8 @@ class _Stream:
     def _keep(self, item: RequestOutput | Exception) -> None:
         if isinstance(item, Exception):
             self._error = self._error or item
+        elif self._is_delta and self._output is not None:
+            self._output = self._output.add(item)
         else:
             self._output = item
         self._ready.set()
@@ -176,10 +179,11 @@ class AsyncLLM:
     async def generate(
         self, prompt: Prompt | Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
-        """Run one request; yield its cumulative output after each step that advanced it.
+        """Run one request; yield its output after each step that advanced it, whole or what
+        the step added (``SamplingParams.output_kind``), or once at the end ("final_only").
 
         The last output has ``finished`` set. Outputs that a slow consumer has not read yet
-        are merged, since each one holds everything before it. Before the first output this
+        are merged into one. Before the first output this
         raises ``ValueError`` for a request the engine refuses, and ``QueueFullError`` or
         ``EngineClosedError`` when it cannot be accepted; afterwards ``EngineError`` if the
         engine fails, ``EngineClosedError`` if shutdown aborts the request, or
@@ -187,7 +191,7 @@ class AsyncLLM:
         stops early (``aclose``, cancellation) aborts the request, which frees its KV blocks.
         """
         request_id = uuid.uuid4().hex if request_id is None else request_id
-        stream = _Stream(asyncio.get_running_loop())
+        stream = _Stream(asyncio.get_running_loop(), is_delta=params.output_kind == "delta")
         prompt = prompt_input(prompt) if isinstance(prompt, (str, dict)) else list(prompt)
         self._admit(_Add(stream, prompt, params, request_id))
         is_waiting, is_ended = True, False

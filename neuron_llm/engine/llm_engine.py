@@ -51,6 +51,42 @@ class _Sequence:
     stop_reason: str | int | None = None
     grammar: Grammar | None = None
     """Where the sequence is in its structured output's grammar; None without one."""
+    num_reported_tokens: int = 0
+    num_reported_chars: int = 0
+    """What earlier "delta" outputs held of the sequence (``SamplingParams.output_kind``)."""
+    is_end_reported: bool = False
+
+    def completion(self) -> CompletionOutput:
+        """The sequence's whole output so far."""
+        return CompletionOutput(
+            index=self.index,
+            text=self.detokenizer.output_text if self.detokenizer else "",
+            token_ids=list(self.request.output_token_ids),
+            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            finish_reason=self.finish_reason,  # type: ignore[arg-type]
+            stop_reason=self.stop_reason,
+        )
+
+    def delta(self) -> CompletionOutput | None:
+        """What the sequence gained since its last delta; None when nothing (its end included)."""
+        text = self.detokenizer.output_text if self.detokenizer else ""
+        token_ids = self.request.output_token_ids[self.num_reported_tokens :]
+        if not token_ids and len(text) == self.num_reported_chars and (self.is_end_reported or not self.finish_reason):
+            return None
+        completion = CompletionOutput(
+            index=self.index,
+            text=text[self.num_reported_chars :],
+            token_ids=token_ids,
+            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
+            logprobs=self.logprobs[self.num_reported_tokens :] if self.logprobs is not None else None,
+            finish_reason=self.finish_reason,  # type: ignore[arg-type]
+            stop_reason=self.stop_reason,
+        )
+        self.num_reported_tokens += len(token_ids)
+        self.num_reported_chars = len(text)
+        self.is_end_reported = self.finish_reason is not None
+        return completion
 
 
 @dataclass
@@ -378,7 +414,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; returns an output for every request that finished, and for every
-        "cumulative" one (``SamplingParams.output_kind``) that progressed.
+        "cumulative" or "delta" one (``SamplingParams.output_kind``) that progressed.
 
         With async scheduling (``EngineConfig.async_scheduling``) the step is launched before
         the tokens of the one before it are read, and the outputs returned are that earlier
@@ -701,7 +737,7 @@ class LLMEngine:
     def _finish_or_report(self, group: _RequestGroup) -> RequestOutput | None:
         """The group's output (None for a "final_only" request still running); a finished group is dropped."""
         if not group.finished:
-            return self._output(group) if group.params.output_kind == "cumulative" else None
+            return self._output(group) if group.params.output_kind != "final_only" else None
         group.metrics.finished_time = time.monotonic()
         self._latencies["e2e_request_latency"].append(group.metrics.finished_time - group.metrics.arrival_time)
         output = self._output(group)
@@ -711,24 +747,22 @@ class LLMEngine:
             self._sequences.pop(seq.request.request_id, None)
         return output
 
-    def _output(self, group: _RequestGroup) -> RequestOutput:
-        completions = [
-            CompletionOutput(
-                index=seq.index,
-                text=seq.detokenizer.output_text if seq.detokenizer else "",
-                token_ids=list(seq.request.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-                finish_reason=seq.finish_reason,  # type: ignore[arg-type]
-                stop_reason=seq.stop_reason,
-            )
-            for seq in group.sequences
-        ]
+    def _output(self, group: _RequestGroup) -> RequestOutput | None:
+        """The group's output; for a "delta" request, None when no sequence gained anything."""
+        prompt_logprobs = group.prompt_logprobs
+        if group.params.output_kind == "delta":
+            is_first = not any(seq.num_reported_tokens or seq.is_end_reported for seq in group.sequences)
+            completions = [delta for delta in (seq.delta() for seq in group.sequences) if delta is not None]
+            if not completions:
+                return None
+            prompt_logprobs = prompt_logprobs if is_first else None
+        else:
+            completions = [seq.completion() for seq in group.sequences]
         return RequestOutput(
             request_id=group.request_id,
             prompt=group.prompt,
             prompt_token_ids=group.prompt_token_ids,
-            prompt_logprobs=group.prompt_logprobs,
+            prompt_logprobs=prompt_logprobs,
             outputs=completions,
             finished=group.finished,
             metrics=replace(group.metrics),  # a snapshot: later steps change the group's

@@ -57,13 +57,19 @@ def all_blocks_free(llm: LLM) -> bool:
 
 
 def run_all(llm: LLM, arrivals: dict[int, list[tuple[str, list[int], Any]]]) -> dict[str, RequestOutput]:
-    """Step the engine, adding each ``(request_id, prompt, params)`` at its arrival step."""
+    """Step the engine, adding each ``(request_id, prompt, params)`` at its arrival step; the
+    finished outputs, those of "delta" requests joined."""
     finished: dict[str, RequestOutput] = {}
+    joined: dict[str, RequestOutput] = {}
     step = 0
     while arrivals or llm.engine.has_unfinished_requests():
         for request_id, prompt, params in arrivals.pop(step, []):
             llm.engine.add_request(prompt, params, request_id=request_id)
+            if getattr(params, "output_kind", None) == "delta":
+                joined[request_id] = RequestOutput(request_id, None, [], None, [], finished=False)
         for output in llm.engine.step():
+            if output.request_id in joined:
+                output = joined[output.request_id] = joined[output.request_id].add(output)
             if output.finished:
                 assert output.request_id not in finished, "a request finished twice"
                 finished[output.request_id] = output

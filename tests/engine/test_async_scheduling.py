@@ -14,7 +14,7 @@ from tests.engine.conftest import all_blocks_free, assert_same_outputs, make_llm
 KINDS = {
     "greedy": SamplingParams(temperature=0.0, max_tokens=12),
     "seeded": SamplingParams(temperature=0.8, top_k=40, seed=7, max_tokens=10),
-    "n=2": SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=9),
+    "n=2": SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=9, output_kind="delta"),
     "logprobs": SamplingParams(temperature=0.0, max_tokens=8, logprobs=3, prompt_logprobs=2),
     "min_tokens": SamplingParams(temperature=0.0, max_tokens=10, min_tokens=6, stop_token_ids=[0, 1, 2, 3, 4]),
     "final_only": SamplingParams(temperature=0.0, max_tokens=11, output_kind="final_only"),

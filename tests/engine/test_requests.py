@@ -584,3 +584,34 @@ def test_an_llm_interrupted_anywhere_serves_the_next_call_alone(tiny_model_dir, 
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
     assert list(stream)[-1].outputs[0].token_ids == expected[0].outputs[0].token_ids
     assert not llm.engine.has_unfinished_requests() and not llm._unread and all_blocks_free(llm)
+
+
+def test_delta_outputs_join_into_the_cumulative_result(tiny_model_dir) -> None:
+    """A "delta" request reports what each step added (completions that gained nothing left
+    out, prompt logprobs in the first only); joined, its reports are the "cumulative" result."""
+    llm = make_llm(tiny_model_dir, enable_prefix_caching=False)
+    prompt = random_prompts(1, seed=14)[0]
+    params = SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=7, logprobs=2, prompt_logprobs=1)
+    reports: dict[str, list] = {"cumulative": [], "delta": []}
+    for kind in reports:  # one after the other: alone in its batch, each computes the same bits
+        llm.engine.add_request(prompt, replace(params, output_kind=kind), request_id=kind)
+        while llm.engine.has_unfinished_requests():
+            for output in llm.engine.step():
+                reports[output.request_id].append(output)
+    deltas, want = reports["delta"], reports["cumulative"][-1]
+    assert [o.finished for o in deltas] == [False] * (len(deltas) - 1) + [True]
+    assert deltas[0].prompt_logprobs is not None and all(o.prompt_logprobs is None for o in deltas[1:])
+    assert all(c.token_ids or c.finish_reason for o in deltas for c in o.outputs)
+    joined = deltas[0]
+    for output in deltas[1:]:
+        joined = joined.add(output)
+    assert joined.finished and same_logprobs(joined.prompt_logprobs, want.prompt_logprobs)
+    assert [c.index for c in joined.outputs] == [0, 1]
+    for got, expected in zip(joined.outputs, want.outputs, strict=True):
+        assert (got.token_ids, got.finish_reason, got.cumulative_logprob) == (
+            expected.token_ids,
+            expected.finish_reason,
+            expected.cumulative_logprob,
+        )
+        assert same_logprobs(got.logprobs, expected.logprobs)
+    assert all_blocks_free(llm)

@@ -20,7 +20,7 @@ from tests.engine.conftest import (
 
 GREEDY_KINDS = {
     "greedy": SamplingParams(temperature=0.0, max_tokens=14),
-    "logprobs": SamplingParams(temperature=0.0, max_tokens=9, logprobs=3, prompt_logprobs=2),
+    "logprobs": SamplingParams(temperature=0.0, max_tokens=9, logprobs=3, prompt_logprobs=2, output_kind="delta"),
     "min_tokens": SamplingParams(temperature=0.0, max_tokens=10, min_tokens=6, stop_token_ids=[0, 1, 2, 3, 4]),
     "penalized": SamplingParams(temperature=0.0, max_tokens=10, repetition_penalty=1.3, frequency_penalty=0.5),
     "n=2": SamplingParams(n=2, temperature=0.0, max_tokens=8),

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -350,3 +351,27 @@ def test_shutdown_drains_then_aborts_what_is_left(model_dir: Path) -> None:
 
     asyncio.run(asyncio.wait_for(main(), timeout=60))
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_stalled_consumer_of_deltas_gets_them_joined(model_dir: Path) -> None:
+    # Deltas a consumer has not read are joined, not replaced: nothing is lost, the text and
+    # logprobs included, and the consumer still holds one output.
+    llm = make_llm(model_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, logprobs=1)
+    (expected,) = llm.generate(["Hello"], params)
+
+    async def scenario(engine: AsyncLLM) -> None:
+        outputs = engine.generate("Hello", replace(params, output_kind="delta"))
+        first = await anext(outputs)
+        while engine.num_in_flight and engine.engine.has_unfinished_requests():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        rest = await anext(outputs)
+        assert rest.finished and len(first.outputs[0].token_ids) + len(rest.outputs[0].token_ids) == 60
+        joined = first.add(rest).outputs[0]
+        want = expected.outputs[0]
+        assert (joined.text, joined.token_ids, joined.logprobs) == (want.text, want.token_ids, want.logprobs)
+        with pytest.raises(StopAsyncIteration):
+            await anext(outputs)
+
+    run_with(llm, scenario)

@@ -180,7 +180,7 @@ def test_a_stream_whose_client_left_ends_quietly_and_aborts_its_request(
         metrics = ServerMetrics()
         try:
             params = SamplingParams(**LONG)
-            generation = Generation(engine, [Prompt([1, 2, 3], "")], params, "cmpl-gone", metrics)
+            generation = Generation(engine, [Prompt([1, 2, 3], "")], params, "cmpl-gone", metrics, stream=True)
             await generation.start()
             events = (f"data: {output.outputs[0].text}\n\n" async for _, output in generation.outputs())
             response = EventStreamResponse(events, generation)

@@ -115,7 +115,7 @@ def test_seed_minus_one_is_no_seed_as_in_vllm() -> None:
         ("repetition_penalty", 0.0),
         ("repetition_penalty", -1.0),
         ("repetition_penalty", math.inf),
-        ("output_kind", "delta"),
+        ("output_kind", "deltas"),
         ("logit_bias", [(1, 2.0)]),
         ("logit_bias", {-1: 2.0}),
         ("logit_bias", {"7": 2.0}),
