@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 _DRAIN_POLL_S = 0.05
 """How soon the drain notices a stop signal."""
 
+METRICS_UPDATE_S = 1.0
+"""How often the metrics take in the engine's latency samples between scrapes: the engine
+keeps only the latest ``MAX_KEPT_LATENCIES`` of each kind, which a busy server would
+otherwise outrun between two scrapes."""
+
 
 def create_app(
     settings: ServeSettings,
@@ -57,9 +62,11 @@ def create_app(
         # still holds the connections: requests still running at the drain timeout are then
         # answered (a 503, or an error event in a stream) before the connections close.
         drain = asyncio.create_task(_drain_when_asked(state))
+        updates = asyncio.create_task(_update_metrics(state))
         yield
         state.start_draining()
         await drain
+        updates.cancel()
 
     app = FastAPI(
         title="neuron-llm",
@@ -152,6 +159,13 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *
         loop.call_soon_threadsafe(callback, *args)
     except RuntimeError:
         logger.warning("the server stopped before the model finished loading")
+
+
+async def _update_metrics(state: ServerState) -> None:
+    while True:
+        await asyncio.sleep(METRICS_UPDATE_S)
+        if state.model is not None:
+            state.metrics.update(state.model.engine.stats())
 
 
 async def _drain_when_asked(state: ServerState) -> None:

@@ -62,5 +62,7 @@ def run_server(settings: ServeSettings) -> int:
         timeout_graceful_shutdown=settings.drain_timeout + ANSWER_ABORTED_S,  # type: ignore[arg-type]
     )
     server = _DrainingServer(config, state)
-    server.run()
+    # Bound before the app starts, so that a busy port fails at once (uvicorn's exit status
+    # 3), before the model's load begins: uvicorn alone binds after startup, and exits mid-load.
+    server.run(sockets=[config.bind_socket()])
     return 1 if state.load_error is not None else 0

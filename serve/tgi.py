@@ -58,6 +58,8 @@ async def serve_tgi(state: ServerState, body: TGIRequest, request: Request) -> R
         seed=p.seed,
         max_tokens=output_budget(model, prompts, max_new_tokens, "inputs", _PARAMS["max_tokens"]),
         stop=p.stop,
+        # TGI's text holds the stop sequence that ended it.
+        include_stop_str_in_output=True,
         repetition_penalty=p.repetition_penalty or 1.0,
         frequency_penalty=p.frequency_penalty or 0.0,
         structured_outputs=await checked_structure(

@@ -233,6 +233,24 @@ def test_serve_refuses_a_model_it_cannot_load_before_opening_a_port(
     assert "Uvicorn running" not in err
 
 
+def test_serve_on_a_busy_port_exits_before_the_model_loads(
+    model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from neuron_llm.cli import main
+
+    loads: list[object] = []
+    monkeypatch.setattr("neuron_llm.serve.app._load_in_background", lambda *args: loads.append(args))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(SystemExit) as failed:
+            main(["serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)])
+    assert failed.value.code == 3  # uvicorn's status for a failed start
+    assert "address already in use" in capsys.readouterr().err.lower()
+    assert not loads
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

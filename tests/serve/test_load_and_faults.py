@@ -325,3 +325,20 @@ def test_a_bug_in_any_route_is_counted_and_a_get_refused_is_not() -> None:
     assert client.get("/v1/models").status_code == 500
     assert client.get("/ping").status_code == 503
     assert (count("error"), count("rejected")) == (1.0, 0.0)
+
+
+def test_latency_histograms_miss_no_sample_between_scrapes(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine keeps only its latest samples; the server takes them in as they come, so a
+    # scrape long after the tokens still counts every one.
+    from neuron_llm.engine import llm_engine
+    from neuron_llm.serve import app
+
+    monkeypatch.setattr(llm_engine, "MAX_KEPT_LATENCIES", 16)
+    monkeypatch.setattr(app, "METRICS_UPDATE_S", 0.01)
+    name = "neuron_llm_inter_token_latency_seconds_count"
+    with running_server(model_dir, load=lambda: make_slow_llm(model_dir, step_s=0.01)) as server:
+        body = {"prompt": "Hello", "max_tokens": 30, "temperature": 0.0, "ignore_eos": True}
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda _: httpx.post(f"{server.url}/v1/completions", json=body), range(4)))
+        assert all(response.status_code == 200 for response in responses)
+        assert metric(server, name) == 4 * 29

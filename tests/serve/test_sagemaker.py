@@ -83,6 +83,20 @@ def test_tgi_samples_only_when_a_setting_changes_the_distribution(server: Server
     assert sampled != {greedy}
 
 
+def test_tgi_text_keeps_the_stop_sequence_that_ended_it(server: ServerThread) -> None:
+    def generate(**parameters: Any) -> dict[str, Any]:
+        body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 12, "details": True, **parameters}}
+        response = httpx.post(f"{server.url}/invocations", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()[0]
+
+    free = generate()["generated_text"]
+    stop = free[len(free) // 2 : len(free) // 2 + 2]
+    stopped = generate(stop=[stop])
+    assert stopped["details"]["finish_reason"] == "stop_sequence"
+    assert stopped["generated_text"].endswith(stop) and free.startswith(stopped["generated_text"])
+
+
 def test_invocations_answers_openai_bodies_as_openai(server: ServerThread) -> None:
     completion = httpx.post(f"{server.url}/invocations", json={"prompt": "Hello", "max_tokens": 4}).json()
     assert completion["object"] == "text_completion" and completion["usage"]["completion_tokens"] >= 1
