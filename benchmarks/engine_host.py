@@ -52,7 +52,7 @@ def host_steps(batch: int, max_tokens: int, output_kind: str) -> list[float]:
     llm_engine = case.engine()
     token = torch.tensor([5])
     no_logits = torch.empty(0, VOCAB_SIZE)
-    llm_engine.runner.executor.execute_and_sample = lambda step, rows, eos=(), sampled_before=None: StepOutput(
+    llm_engine.runner.executor.execute_and_sample = lambda step, rows, *unused: StepOutput(
         SamplerOutput(token.expand(len(rows)).clone(), None), no_logits
     )
     gc.collect()  # not the last case's garbage
