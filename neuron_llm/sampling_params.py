@@ -95,7 +95,7 @@ class StructuredOutputsParams:
         if isinstance(self.json, str):
             try:
                 schema = json_module.loads(self.json)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
                 raise ValueError(f"structured_outputs.json: not JSON text: {e}") from None
             _require(isinstance(schema, dict), "structured_outputs.json", self.json, "must be a JSON object")
         _require(

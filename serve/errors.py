@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from neuron_llm.engine.async_llm import EngineClosedError, EngineError, QueueFullError
+from neuron_llm.sample.structured import GrammarError
 from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.protocol import INVOCATION_KINDS
 
@@ -115,6 +116,8 @@ def error_from_engine(error: Exception, prompt_param: str = "prompt") -> ServeEr
     The engine refuses a request (``ValueError``) only for its prompt's length, which is
     checked before it gets there, so ``prompt_param`` is named unless the message names a field.
     """
+    if isinstance(error, GrammarError):  # found partway: which request field held it is not known here
+        return ClientError(str(error))
     if isinstance(error, ValueError):
         return error_from_value_error(error, prompt_param)
     if isinstance(error, QueueFullError):

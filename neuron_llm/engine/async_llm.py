@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from neuron_llm.engine.llm_engine import LATENCIES, EngineStats, LLMEngine, latency_samples
 from neuron_llm.inputs import Prompt, prompt_input
 from neuron_llm.outputs import RequestOutput
+from neuron_llm.sample.structured import GrammarError
 from neuron_llm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -333,7 +334,10 @@ class AsyncLLM:
         for request_id, error in self.engine.take_failures():
             stream = self._streams.pop(request_id, None)
             if stream is not None:
-                stream.put(EngineError(f"the engine failed while running this request: {error}"))
+                # A grammar llguidance gave up on is the request's own fault, as a bad one is.
+                if not isinstance(error, GrammarError):
+                    error = EngineError(f"the engine failed while running this request: {error}")
+                stream.put(error)
 
     def _end_all(self, error: Exception) -> None:
         """End every request the engine holds with ``error``, aborting it there."""

@@ -29,7 +29,7 @@ from neuron_llm.loader.tokenizer import bad_word_token_ids
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs, make_generator
-from neuron_llm.sample.structured import Grammar, GrammarCompiler
+from neuron_llm.sample.structured import Grammar, GrammarCompiler, GrammarError
 from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams, is_integral
 from neuron_llm.worker import placeholder
 
@@ -541,7 +541,10 @@ class LLMEngine:
                 self._take_tokens(group, seq, ids, logprobs, num_before)
             except Exception as error:
                 # That request fails alone: every other row of the step is still judged.
-                logger.exception("request %s failed while its tokens were judged", group.request_id)
+                if isinstance(error, GrammarError):
+                    logger.warning("request %s failed: %s", group.request_id, error)
+                else:
+                    logger.exception("request %s failed while its tokens were judged", group.request_id)
                 self.abort(group.request_id)
                 self._failures.append((group.request_id, error))
                 touched.pop(group.request_id, None)
@@ -685,17 +688,8 @@ class LLMEngine:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token_id].logprob
         request, params = seq.request, group.params
-        if seq.grammar is not None and not seq.grammar.accept(token_id):
-            # Only a row left nothing to sample (every allowed token banned) draws a token
-            # its grammar refuses.
-            logger.warning(
-                "request %s: token %d breaks its structured output: %s", request.request_id, token_id, seq.grammar.error
-            )
-            seq.finish_reason = "abort"
-            self.scheduler.finish(request.request_id, RequestStatus.FINISHED_ABORTED)
-            if seq.detokenizer is not None:
-                seq.detokenizer.finish()
-            return
+        if seq.grammar is not None:
+            seq.grammar.accept(token_id)  # a GrammarError fails the request alone (_complete)
         # The sampler holds EOS and stop tokens back until min_tokens; a row it could only
         # fill with them (every token banned) still must not end the sequence.
         can_stop = num_output_tokens > params.min_tokens

@@ -83,6 +83,12 @@ class GrammarCompiler:
         compiled = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)  # without the lock: may take long
         if compiled.is_error():
             raise GrammarError(field, _one_line(compiled.get_error()))
+        # Some grammars fail only once a mask is asked for: one that no text can match, or one
+        # past llguidance's limits (a regex of a{1000000}).
+        probe = compiled.deep_copy()
+        probe.compute_bitmask()
+        if probe.is_error():
+            raise GrammarError(field, f"fails before its first token: {_one_line(probe.get_error())}")
         with self._lock:
             self._compiled[grammar] = compiled
             if len(self._compiled) > self._CACHED_GRAMMARS:
@@ -91,15 +97,16 @@ class GrammarCompiler:
 
     def matcher(self, params: StructuredOutputsParams) -> Grammar:
         """A new matcher at the start of ``params``' grammar (``compile``'s errors)."""
-        return Grammar(self.compile(params).deep_copy(), self._vocab_size)
+        return Grammar(self.compile(params).deep_copy(), self._vocab_size, _field(params))
 
 
 class Grammar:
     """One sequence's place in its grammar."""
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, field: str) -> None:
         self._matcher = matcher
         self._vocab_size = vocab_size
+        self._field = field
 
     def allowed(self) -> np.ndarray:
         """bool [vocab_size]: the tokens that may come next (only EOS once the grammar is complete)."""
@@ -111,13 +118,20 @@ class Grammar:
         """Whether the grammar allows nothing more (but EOS): the text is whole."""
         return bool(self._matcher.is_stopped()) and not self._matcher.is_error()
 
-    def accept(self, token_id: int) -> bool:
-        """Advance past ``token_id``; False (and the grammar is broken for good) when it may
-        not come here, which a row with every allowed token banned can force."""
-        return bool(self._matcher.consume_token(token_id))
+    def accept(self, token_id: int) -> None:
+        """Advance past ``token_id``. ``GrammarError`` when llguidance gave up on the grammar
+        partway (a limit met: a regex of a{1000000}; its last mask then allowed only EOS), or
+        when the token may not come here, which a row with every allowed token banned forces."""
+        if self._matcher.is_error():
+            raise GrammarError(self._field, f"failed partway: {self._error()}")
+        if not self._matcher.consume_token(token_id):
+            raise GrammarError(
+                self._field,
+                f"token {token_id} may not come where it was sampled ({self._error()}); "
+                "were all the tokens it allows there banned (allowed_token_ids, bad_words, min_tokens)?",
+            )
 
-    @property
-    def error(self) -> str:
+    def _error(self) -> str:
         return _one_line(self._matcher.get_error())
 
 
@@ -135,6 +149,12 @@ def _grammar(llmatcher: Any, params: StructuredOutputsParams) -> tuple[str, str]
         return "choice", llmatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in params.choice))
     assert params.grammar is not None
     return "grammar", llmatcher.grammar_from_lark(params.grammar)
+
+
+def _field(params: StructuredOutputsParams) -> str:
+    """The field ``params`` sets (exactly one is)."""
+    given = (name for name in ("json", "regex", "choice", "grammar") if getattr(params, name) is not None)
+    return next(given, "json_object")
 
 
 def _one_line(message: str) -> str:

@@ -127,6 +127,9 @@ def test_routes_hold_the_text_to_the_requested_structure(server: ServerThread) -
             "structured_outputs",
         ),
         ("/v1/completions", {"prompt": "a", "structured_outputs": {"json": "[1"}}, "structured_outputs"),
+        ("/v1/completions", {"prompt": "a", "structured_outputs": {"json": "[" * 5000}}, "structured_outputs"),
+        # Valid, but no text matches it.
+        ("/v1/completions", {"prompt": "a", "structured_outputs": {"regex": "[^\\s\\S]"}}, "structured_outputs"),
         # Valid Lark, but a token the vocabulary lacks: found when compiled with the tokenizer.
         (
             "/v1/completions",
@@ -163,3 +166,18 @@ def test_a_bad_structure_is_a_400_naming_its_field(server: ServerThread, route: 
     response = httpx.post(f"{server.url}{route}", json=body, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param, response.json()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_grammar_that_fails_partway_fails_its_request_alone(server: ServerThread, stream: bool) -> None:
+    # Past llguidance's lexer limits: it compiles, then fails as tokens come.
+    body = {"prompt": "a", "max_tokens": 40, "structured_outputs": {"regex": "a{1000000}"}, "stream": stream}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    if response.headers["content-type"].startswith("text/event-stream"):  # failed after the first token
+        error = json.loads(response.text.split("data: ")[-2])["error"]
+    else:
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith("structured_outputs.regex: ")
+    plain = httpx.post(f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 4}, timeout=60)
+    assert plain.status_code == 200 and plain.json()["choices"][0]["text"]

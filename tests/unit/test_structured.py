@@ -25,7 +25,7 @@ def _walk(tokenizer: PreTrainedTokenizerBase, params: StructuredOutputsParams, s
         allowed = grammar.allowed().nonzero()[0].tolist()
         assert allowed, "a grammar always allows some token"
         token = rng.choice(allowed)
-        assert grammar.accept(token)
+        grammar.accept(token)
         if token == eos:
             return tokenizer.decode(tokens)
         tokens.append(token)
@@ -58,7 +58,8 @@ def test_a_token_outside_the_grammar_breaks_it_and_is_refused(tokenizer: PreTrai
     )
     letter = tokenizer.convert_tokens_to_ids("x")
     assert not grammar.allowed()[letter]
-    assert not grammar.accept(letter) and grammar.error
+    with pytest.raises(ValueError, match=rf"^structured_outputs\.regex: token {letter} may not come where it was"):
+        grammar.accept(letter)
 
 
 @pytest.mark.parametrize(
@@ -69,6 +70,10 @@ def test_a_token_outside_the_grammar_breaks_it_and_is_refused(tokenizer: PreTrai
         (StructuredOutputsParams(grammar="start: x"), r"unknown name"),
         # Valid text, but a token the vocabulary does not have: found only with the tokenizer.
         (StructuredOutputsParams(grammar='start: "hi" <[999999]>'), r"999999"),
+        # Valid, but no text matches them: found at the first mask.
+        (StructuredOutputsParams(regex=r"[^\s\S]"), r"fails before its first token"),
+        (StructuredOutputsParams(json={"$ref": "#"}), r"fails before its first token"),
+        (StructuredOutputsParams(grammar="start: a\na: b\nb: a"), r"fails before its first token"),
     ],
 )
 def test_an_invalid_grammar_is_refused_naming_its_field(
@@ -87,7 +92,7 @@ def test_a_grammar_compiles_once_and_each_sequence_starts_from_a_copy(tokenizer:
     start = second.allowed()
     for _ in range(2):
         if not first.is_complete:
-            assert first.accept(int(first.allowed().nonzero()[0][0]))
+            first.accept(int(first.allowed().nonzero()[0][0]))
     assert first.is_complete
     assert not second.is_complete and (second.allowed() == start).all()  # the copy went on alone
 
@@ -107,6 +112,7 @@ def test_a_tokenizer_larger_than_the_model_and_eos_in_padding_rows(tokenizer: Pr
         ({}, "set exactly one of"),
         ({"regex": "a", "choice": ["a"]}, "set exactly one of"),
         ({"json": "[1, 2"}, r"structured_outputs\.json: not JSON text"),
+        ({"json": "[" * 5000 + "]" * 5000}, r"structured_outputs\.json: not JSON text"),  # too deep to parse
         ({"json": "[1, 2]"}, r"structured_outputs\.json=.*must be a JSON object"),
         ({"choice": ["a", ""]}, r"structured_outputs\.choice=.*non-empty strings"),
         ({"json_object": False}, "set exactly one of"),
@@ -121,3 +127,13 @@ def test_structured_outputs_params_are_checked(fields: dict, message: str) -> No
 
 def test_an_empty_schema_or_regex_is_one_given() -> None:
     assert StructuredOutputsParams(json={}).json == {} and StructuredOutputsParams(regex="").regex == ""
+
+
+def test_a_grammar_llguidance_gives_up_on_partway_fails_on_the_next_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    # A regex past llguidance's lexer limits compiles and gives a first mask, then fails as
+    # tokens come; its masks then allow only EOS, which must not pass for a finished text.
+    compiler = structured.GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    grammar = compiler.matcher(StructuredOutputsParams(regex="a{1000000}"))
+    with pytest.raises(ValueError, match=r"^structured_outputs\.regex: (failed partway|token \d+ may not)"):
+        for _ in range(64):
+            grammar.accept(int(grammar.allowed().nonzero()[0][-1]))
