@@ -75,6 +75,8 @@ async def serve_tgi(state: ServerState, body: TGIRequest, request: Request) -> R
         reason = _FINISH_REASONS[completion.finish_reason or "length"]
         if isinstance(completion.stop_reason, str):
             reason = "stop_sequence"
-        details = TGIDetails(finish_reason=reason, generated_tokens=len(completion.token_ids), seed=p.seed)
+        # As TGI: a seed only where it drew the tokens.
+        seed = p.seed if do_sample else None
+        details = TGIDetails(finish_reason=reason, generated_tokens=len(completion.token_ids), seed=seed)
     text = body.inputs + completion.text if p.return_full_text else completion.text
     return JSONResponse([TGIGeneration(generated_text=text, details=details).model_dump(exclude_none=True)])

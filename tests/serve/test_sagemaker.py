@@ -82,6 +82,13 @@ def test_tgi_samples_only_when_a_setting_changes_the_distribution(server: Server
     sampled = {generate(do_sample=True, seed=seed) for seed in range(3)}
     assert sampled != {greedy}
 
+    def details(**parameters: Any) -> dict[str, Any]:
+        body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 2, "details": True, **parameters}}
+        return httpx.post(f"{server.url}/invocations", json=body).json()[0]["details"]
+
+    assert details(do_sample=True, seed=5)["seed"] == 5
+    assert "seed" not in details(seed=5)  # greedy: no seed drew anything
+
 
 def test_tgi_text_keeps_the_stop_sequence_that_ended_it(server: ServerThread) -> None:
     def generate(**parameters: Any) -> dict[str, Any]:
