@@ -118,10 +118,11 @@ def main() -> None:
             done = subprocess.run(
                 [sys.executable, __file__, *argv, "--phase", phase, "--artifact", str(artifact)],
                 env=env,
-                check=True,
                 capture_output=True,
                 text=True,
             )
+            if done.returncode != 0:
+                raise SystemExit(f"the {phase} phase failed:\n{done.stderr}")
             results[phase] = json.loads(done.stdout.strip().splitlines()[-1])
             print(phase, results[phase], file=sys.stderr)
         size = sum(p.stat().st_size for p in (artifact / "weights").iterdir())

@@ -76,6 +76,11 @@ def main() -> None:
             "block_table_width": width,
             "context_tokens": width * llm.config.cache.block_size,
         }
+    if results["context_buckets"]["block_table_width"] == results["one_width"]["block_table_width"]:
+        raise SystemExit(
+            f"the context buckets of --max-model-len {args.max_model_len} left the steps at the full width: "
+            "nothing to compare (buckets start at 512 tokens; try 2048 or more)"
+        )
     ratio = results["context_buckets"]["decode_steps_per_s"] / results["one_width"]["decode_steps_per_s"]
     print(json.dumps({"torch_xla": torch_xla.__version__, **results, "speedup": round(ratio, 2)}, indent=2))
 

@@ -27,6 +27,8 @@ def main() -> int:
     parser.add_argument("--rep-ms", type=int, default=200)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("greedy_argmax.py measures a GPU: no CUDA device is visible")
     results = []
     for rows in (int(r) for r in args.rows.split(",")):
         logits = torch.randn(rows, args.vocab, device="cuda", generator=torch.Generator("cuda").manual_seed(rows))

@@ -67,7 +67,7 @@ def measure(variant: str, tokens: int, context: int, repeats: int, device: str) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--context", type=int, default=2048, help="a multiple of 16")
     parser.add_argument("--chunks", type=int, nargs="+", default=[512], help="keys per chunk")
@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "xla"], default="cpu")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.context % BLOCK_SIZE or args.context < args.tokens:
+        parser.error(f"--context {args.context}: a multiple of {BLOCK_SIZE} of at least --tokens ({args.tokens})")
     if args.variant:
         print(json.dumps(measure(args.variant, args.tokens, args.context, args.repeats, args.device)))
         return
@@ -86,7 +88,10 @@ def main() -> None:
     for variant in variants:
         command = [sys.executable, __file__, "--variant", variant, "--tokens", str(args.tokens)]
         command += ["--context", str(args.context), "--repeats", str(args.repeats), "--device", args.device]
-        result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"the {variant!r} variant failed:\n{done.stderr}")
+        result = json.loads(done.stdout)
         label = "torch reference" if variant == "torch" else f"neuron, {variant}"
         print(f"| {label} | {result['peak_mib']:,.0f} MiB | {result['ms']:,.0f} ms | {result['first_ms']:,.0f} ms |")
 

@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--max-prefill-graph-tokens", type=int, default=DeviceConfig.max_prefill_graph_tokens)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("prefill_interference.py measures a GPU: no CUDA device is visible")
     _, config = bench.llama3_8b_shape(args.num_layers)
     engine = bench.EngineCase(
         lambda: bench.random_llama(config, torch.bfloat16, "cuda"),

@@ -75,6 +75,8 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sampler_cost.py measures a GPU: no CUDA device is visible")
     device = torch.device("cuda")
     floor_us = 1e6 * LLAMA3_8B_WEIGHT_BYTES / copy_bandwidth(device)
     results = []

@@ -150,6 +150,8 @@ def main() -> None:
         "--step-times", action="store_true", help="record (JSON) and print each rate's step times by batch"
     )
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("throughput_latency.py measures a GPU: no CUDA device is visible")
     if args.output_len < 2 or args.prompt_len + args.output_len > bench.EngineCase.max_model_len:
         # Each request must run its whole output_len (TPOT divides by output_len - 1), or tok/s overcounts.
         parser.error(f"--output-len >= 2 and --prompt-len + --output-len <= {bench.EngineCase.max_model_len}")
