@@ -246,6 +246,9 @@ def test_int8_linear_shapes_and_strides(device: torch.device) -> None:
     expected = int8_expected(x.reshape(-1, 64), q, scale, None, None).reshape(2, 3, 24)
     assert relative_error(out, expected) < TOLERANCE[torch.float32]
     assert int8_linear(x[:0], q, scale).shape == (0, 3, 24)
+    bias = torch.randn(24, 2, device=device)[:, 0]  # stride 2
+    expected = int8_expected(x.reshape(-1, 64), q, scale, bias, None).reshape(2, 3, 24)
+    assert relative_error(int8_linear(x, q, scale, bias), expected) < TOLERANCE[torch.float32]
 
 
 def test_int8_linear_rejects_bad_inputs(device: torch.device) -> None:

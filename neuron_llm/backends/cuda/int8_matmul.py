@@ -675,6 +675,7 @@ def _launch(
         weight = weight.contiguous()
     is_int8, is_scaled = weight.dtype == torch.int8, weight_scale is not None
     weight_scale = weight_scale.contiguous() if weight_scale is not None else x2  # not read unscaled
+    bias = bias.contiguous() if bias is not None else None  # read with a stride of 1
     num_rows = x2.shape[0]
     if silu_mul_output and (silu_mul_input or out_features % 2):
         raise ValueError(f"silu_mul_output needs an even out_features (got {out_features}) and no silu_mul_input")
