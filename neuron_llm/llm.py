@@ -38,6 +38,7 @@ from neuron_llm.loader import load_model_info, render_chat
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.parallel.executor import WorkerFactory, make_executor
 from neuron_llm.sample.features import features_of
+from neuron_llm.sample.structured import GrammarError
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import load_worker
 
@@ -224,6 +225,9 @@ class LLM:
         run for one caller (a stream, a generate) advance every request in the engine."""
         self._streams: set[str] = set()
         """The requests of open streams."""
+        self._failed: dict[str, Exception] = {}
+        """Requests of an open call that failed alone in a step, with their errors: each call
+        raises its own (a stream's failure is not another stream's)."""
         cache = graph_cache(artifact.path, device, loading=True) if artifact is not None else contextlib.nullcontext()
         if seed is not None:
             torch.manual_seed(seed)  # before warm-up, whose steps draw too
@@ -368,6 +372,7 @@ class LLM:
         for request_id in request_ids:
             self.engine.abort(request_id)
             self._unread.pop(request_id, None)
+            self._failed.pop(request_id, None)
 
     def _forget_leftovers(self) -> None:
         """Forget the requests no open caller owns: those a call interrupted while it cleaned up
@@ -380,12 +385,21 @@ class LLM:
                 self._unread[output.request_id].append(output)
         for request_id, error in self.engine.take_failures():
             if request_id in self._unread:
-                raise RuntimeError(f"a request failed while its tokens were judged: {error}") from error
+                self._failed[request_id] = error
+
+    def _raise_failure(self, request_id: str, name: str) -> None:
+        """Raise the failure of ``request_id``, called ``name`` in the message, if it failed."""
+        error = self._failed.pop(request_id, None)
+        if isinstance(error, GrammarError):  # its grammar gave out partway: bad input found late
+            raise ValueError(f"{name}: {error}") from error
+        if error is not None:
+            raise RuntimeError(f"{name} failed while its tokens were judged: {error}") from error
 
     def _next_output(self, request_id: str) -> RequestOutput | None:
         """The request's next output, stepping the engine until there is one; None if none comes."""
         unread = self._unread[request_id]
         while not unread:
+            self._raise_failure(request_id, "the request")
             if not self.engine.has_unfinished_requests():
                 return None
             self._step()
@@ -408,6 +422,8 @@ class LLM:
             if progress is not None:
                 progress.update(len(finals) - progress.n)
             pending = [request_id for request_id in pending if request_id not in finals]
+            for request_id in self._failed.keys() & set(pending):
+                self._raise_failure(request_id, f"prompt {request_ids.index(request_id)}")
             if not pending or not self.engine.has_unfinished_requests():
                 break
             self._step()

@@ -7,6 +7,7 @@ holding all of it so far ("cumulative") or what the step added ("delta",
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -47,7 +48,8 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None = None
     """Per generated token, when ``SamplingParams.logprobs`` is set."""
     finish_reason: FinishReason | None = None
-    """"stop" (EOS, a stop token or a stop string), "length" (max_tokens or context) or "abort"."""
+    """"stop" (EOS, a stop token or a stop string) or "length" (max_tokens or context); vLLM's
+    "abort" is never given: an aborted request gives no output."""
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended the sequence; None for EOS or length."""
 
@@ -85,20 +87,27 @@ class RequestOutput:
     def add(self, newer: RequestOutput) -> RequestOutput:
         """This delta output followed by ``newer``, the request's next one, as one delta (as
         vLLM's ``RequestOutput.add``): text, tokens and logprobs joined, the rest ``newer``'s."""
-        completions = {completion.index: completion for completion in self.outputs}
-        for completion in newer.outputs:
-            before = completions.get(completion.index)
-            if before is not None:
-                logprobs = None if before.logprobs is None else before.logprobs + (completion.logprobs or [])
-                completion = replace(
-                    completion,
-                    text=before.text + completion.text,
-                    token_ids=before.token_ids + completion.token_ids,
-                    logprobs=logprobs,
-                )
-            completions[completion.index] = completion
-        return replace(
-            newer,
-            prompt_logprobs=self.prompt_logprobs if newer.prompt_logprobs is None else newer.prompt_logprobs,
-            outputs=sorted(completions.values(), key=lambda completion: completion.index),
+        return join_deltas([self, newer])
+
+
+def join_deltas(outputs: Sequence[RequestOutput]) -> RequestOutput:
+    """One request's consecutive "delta" outputs as one: each completion's text, tokens and
+    logprobs joined (each list once, however many outputs), the rest the last output's."""
+    pieces: dict[int, list[CompletionOutput]] = {}
+    for output in outputs:
+        for completion in output.outputs:
+            pieces.setdefault(completion.index, []).append(completion)
+    completions = []
+    for index in sorted(pieces):
+        parts = pieces[index]
+        logprobs = None if parts[0].logprobs is None else [entry for part in parts for entry in part.logprobs or ()]
+        completions.append(
+            replace(
+                parts[-1],
+                text="".join(part.text for part in parts),
+                token_ids=[token for part in parts for token in part.token_ids],
+                logprobs=logprobs,
+            )
         )
+    prompt_logprobs = next((output.prompt_logprobs for output in outputs if output.prompt_logprobs is not None), None)
+    return replace(outputs[-1], prompt_logprobs=prompt_logprobs, outputs=completions)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
-"""The subset of vLLM's ``RequestOutputKind`` supported (its "delta" is not)."""
+"""vLLM's ``RequestOutputKind``s, by name (``SamplingParams.output_kind``)."""
 
 MAX_LOGPROBS = 20
 """Most top logprobs a request may ask for per position (vLLM's default ``max_logprobs``)."""

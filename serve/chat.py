@@ -83,7 +83,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         repetition_penalty=body.repetition_penalty,
     )
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation(model.engine, [prompt], params, response_id, state.metrics, "messages", stream=body.stream)
+    generation = Generation(model.engine, [prompt], params, response_id, state.metrics, "messages")
     writer = _ChatWriter(model, body, prompt, response_id, tools)
     await unless_disconnected(request, generation.start())
     if body.stream:

@@ -73,7 +73,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
         for p in prompts
     ]
     response_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = Generation(model.engine, prompts, per_prompt, response_id, state.metrics, stream=body.stream)
+    generation = Generation(model.engine, prompts, per_prompt, response_id, state.metrics)
     writer = _CompletionWriter(model, body, prompts, response_id)
     await unless_disconnected(request, generation.start())
     if body.stream:

@@ -22,7 +22,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from neuron_llm.engine.async_llm import AsyncLLM
-from neuron_llm.outputs import RequestOutput
+from neuron_llm.outputs import RequestOutput, join_deltas
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.errors import ClientDisconnected, ServerError, error_from_engine
 from neuron_llm.serve.metrics import ServerMetrics
@@ -38,9 +38,10 @@ IndexedOutput = tuple[int, RequestOutput]
 class Generation:
     """The engine requests of one HTTP request, whose ``outputs`` are ``(prompt index, output)`` pairs.
 
-    ``params`` are every prompt's, or one per prompt. Call ``start`` first. Streamed, each
-    output holds what one step added (``output_kind="delta"``); otherwise each prompt gives
-    one output, when it finishes. The last one of each prompt has ``finished``. Engine errors are raised as
+    ``params`` are every prompt's, or one per prompt. Call ``start`` first. Each output holds
+    what one engine step added (``output_kind="delta"``: the first one marks the request as no
+    longer waiting, which a final-only output would do only at its end);
+    ``final_outputs`` joins them. The last one of each prompt has ``finished``. Engine errors are raised as
     ``ServeError``, naming ``prompt_param`` (the request field holding the prompts) if the
     engine refuses a prompt. The outcome (success, or aborted when the iteration stops early)
     is counted in ``metrics``.
@@ -54,12 +55,10 @@ class Generation:
         request_id: str,
         metrics: ServerMetrics,
         prompt_param: str = "prompt",
-        stream: bool = False,
     ) -> None:
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else params
-        output_kind = "delta" if stream else "final_only"
         streams = [
-            engine.generate(p.token_ids, replace(prompt_params, output_kind=output_kind), f"{request_id}-{i}")
+            engine.generate(p.token_ids, replace(prompt_params, output_kind="delta"), f"{request_id}-{i}")
             for i, (p, prompt_params) in enumerate(zip(prompts, per_prompt, strict=True))
         ]
         self._outputs = _merge(streams)
@@ -117,13 +116,12 @@ class Generation:
         self._count("aborted")
 
     async def final_outputs(self, num_prompts: int) -> list[RequestOutput]:
-        """Run to the end; the last output of each prompt, in prompt order."""
-        finals: dict[int, RequestOutput] = {}
+        """Run to the end; each prompt's whole output, in prompt order."""
+        deltas: dict[int, list[RequestOutput]] = {index: [] for index in range(num_prompts)}
         async with contextlib.aclosing(self.outputs()) as outputs:
             async for index, output in outputs:
-                if output.finished:
-                    finals[index] = output
-        return [finals[index] for index in range(num_prompts)]
+                deltas[index].append(output)
+        return [join_deltas(deltas[index]) for index in range(num_prompts)]
 
 
 async def _merge(streams: list[AsyncGenerator[RequestOutput, None]]) -> AsyncGenerator[IndexedOutput, None]:

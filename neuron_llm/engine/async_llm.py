@@ -187,7 +187,8 @@ class AsyncLLM:
         are merged into one. Before the first output this
         raises ``ValueError`` for a request the engine refuses, and ``QueueFullError`` or
         ``EngineClosedError`` when it cannot be accepted; afterwards ``EngineError`` if the
-        engine fails, ``EngineClosedError`` if shutdown aborts the request, or
+        engine fails, ``GrammarError`` (a ``ValueError``) if the request's structured output
+        gives out partway, ``EngineClosedError`` if shutdown aborts the request, or
         ``RequestAbortedError`` if ``abort`` does. A consumer that
         stops early (``aclose``, cancellation) aborts the request, which frees its KV blocks.
         """

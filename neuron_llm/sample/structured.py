@@ -33,7 +33,9 @@ def _llguidance() -> Any:
 
 
 class GrammarError(ValueError):
-    """An invalid schema, regex or grammar: ``structured_outputs.{field}: {reason}``."""
+    """An invalid schema, regex or grammar, or one that gave out partway (a limit met, or a
+    token it refuses drawn from a row whose allowed tokens were all banned):
+    ``structured_outputs.{field}: {reason}``."""
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"structured_outputs.{field}: {reason}")

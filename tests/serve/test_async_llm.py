@@ -375,3 +375,24 @@ def test_a_stalled_consumer_of_deltas_gets_them_joined(model_dir: Path) -> None:
             await anext(outputs)
 
     run_with(llm, scenario)
+
+
+def test_delta_texts_join_into_the_cumulative_text(model_dir: Path) -> None:
+    # With a tokenizer: each delta's text is what its step added, a held-back stop string
+    # included once released, and the deltas join into the cumulative output.
+    llm = make_llm(model_dir)
+    free = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[0].outputs[0].text
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=24, ignore_eos=True, stop=[free[10:13]], logprobs=1)
+    reports: dict[str, list[RequestOutput]] = {"cumulative": [], "delta": []}
+    for kind in reports:
+        llm.engine.add_request("Hello", replace(params, output_kind=kind), request_id=kind)
+        while llm.engine.has_unfinished_requests():
+            for output in llm.engine.step():
+                reports[output.request_id].append(output)
+    joined = reports["delta"][0]
+    for output in reports["delta"][1:]:
+        joined = joined.add(output)
+    for got, want in zip(joined.outputs, reports["cumulative"][-1].outputs, strict=True):
+        assert (got.text, got.token_ids, got.stop_reason) == (want.text, want.token_ids, want.stop_reason)
+        assert got.logprobs == want.logprobs
+    assert joined.outputs[0].text == free[:10] and joined.outputs[0].finish_reason == "stop"

@@ -180,7 +180,7 @@ def test_a_stream_whose_client_left_ends_quietly_and_aborts_its_request(
         metrics = ServerMetrics()
         try:
             params = SamplingParams(**LONG)
-            generation = Generation(engine, [Prompt([1, 2, 3], "")], params, "cmpl-gone", metrics, stream=True)
+            generation = Generation(engine, [Prompt([1, 2, 3], "")], params, "cmpl-gone", metrics)
             await generation.start()
             events = (f"data: {output.outputs[0].text}\n\n" async for _, output in generation.outputs())
             response = EventStreamResponse(events, generation)
@@ -342,3 +342,18 @@ def test_latency_histograms_miss_no_sample_between_scrapes(model_dir: Path, monk
             responses = list(pool.map(lambda _: httpx.post(f"{server.url}/v1/completions", json=body), range(4)))
         assert all(response.status_code == 200 for response in responses)
         assert metric(server, name) == 4 * 29
+
+
+def test_whole_responses_already_decoding_are_not_waiting(model_dir: Path) -> None:
+    # The waiting limit holds requests back until their first token; whole (non-streamed)
+    # responses past it must not count against it for the rest of their run.
+    load = functools.partial(make_slow_llm, model_dir, step_s=0.01)
+    with running_server(model_dir, load=load, max_waiting_requests=2) as server:
+        body = {"prompt": "Hello", **LONG}
+        with ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(httpx.post, f"{server.url}/v1/completions", json=body, timeout=60) for _ in range(2)]
+            wait_for(lambda: metric(server, "neuron_llm_num_requests_running") == 2, "the two never ran")
+            wait_for(lambda: metric(server, "neuron_llm_generation_tokens_total") > 4, "no tokens came")
+            third = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+            assert third.status_code == 200, third.text
+            assert all(future.result().status_code == 200 for future in running)
