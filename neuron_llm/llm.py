@@ -276,7 +276,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt at once (continuous batching); outputs in prompt order.
 
-        Every prompt is checked before any runs: a bad one raises ``ValueError`` naming its index.
+        Every prompt is checked before any runs: a bad one raises ``ValueError`` naming its index
+        (as does, once found, a structured output that gives out partway).
         """
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
