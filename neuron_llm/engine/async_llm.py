@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 from neuron_llm.engine.llm_engine import LATENCIES, EngineStats, LLMEngine, latency_samples
 from neuron_llm.inputs import Prompt, prompt_input
-from neuron_llm.outputs import RequestOutput
+from neuron_llm.outputs import RequestOutput, join_deltas
 from neuron_llm.sample.structured import GrammarError
 from neuron_llm.sampling_params import SamplingParams
 
@@ -62,17 +62,17 @@ class EngineError(Exception):
 class _Stream:
     """Where the engine thread delivers one request's outputs, on its consumer's event loop.
 
-    One slot, as vLLM's ``RequestOutputCollector``: a newer output replaces one not yet read
-    (each holds everything before it), or for a "delta" request is joined to it, so a consumer
-    that reads slowly (a streaming client on a slow link) holds one output, not every step's.
-    An error is kept beside it and taken after it.
+    As vLLM's ``RequestOutputCollector``, what a consumer has not read yet is taken as one
+    output: the latest (each holds everything before it), or for a "delta" request the unread
+    deltas joined, so that a consumer that reads slowly (a streaming client on a slow link)
+    costs no more than its unread tokens. An error is kept beside them and taken after them.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, is_delta: bool) -> None:
         self.loop = loop
         self._is_delta = is_delta
         self._ready = asyncio.Event()
-        self._output: RequestOutput | None = None
+        self._outputs: list[RequestOutput] = []
         self._error: Exception | None = None
 
     def put(self, item: RequestOutput | Exception) -> None:
@@ -86,22 +86,22 @@ class _Stream:
     def _keep(self, item: RequestOutput | Exception) -> None:
         if isinstance(item, Exception):
             self._error = self._error or item
-        elif self._is_delta and self._output is not None:
-            self._output = self._output.add(item)
+        elif self._is_delta:
+            self._outputs.append(item)
         else:
-            self._output = item
+            self._outputs = [item]
         self._ready.set()
 
     async def take(self) -> RequestOutput | Exception:
-        """The latest output not yet taken, else the error; waits for one."""
+        """The outputs not yet taken as one, else the error; waits for one."""
         await self._ready.wait()
-        if self._output is None:
+        if not self._outputs:
             assert self._error is not None
             return self._error
-        output, self._output = self._output, None
+        outputs, self._outputs = self._outputs, []
         if self._error is None:
             self._ready.clear()
-        return output
+        return outputs[0] if len(outputs) == 1 else join_deltas(outputs)
 
 
 @dataclass(frozen=True)
