@@ -34,6 +34,7 @@ from linear_kernels import make_weights  # noqa: E402
 
 from neuron_llm.backends.cuda.int8_matmul import gemv_16bit, int8_linear  # noqa: E402
 from neuron_llm.bench import anchors  # noqa: E402
+from neuron_llm.bench.anchors import require_cuda  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
@@ -91,8 +92,7 @@ def main() -> int:
     parser.add_argument("--rep-ms", type=int, default=100)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("gemv_chain.py measures a GPU: no CUDA device is visible")
+    require_cuda("gemv_chain.py")
 
     copy_bandwidth = anchors.copy_bandwidth()
     rows = []

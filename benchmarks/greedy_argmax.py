@@ -18,6 +18,7 @@ import torch
 import triton
 
 from neuron_llm.backends.cuda.argmax import argmax
+from neuron_llm.bench.anchors import require_cuda
 
 
 def main() -> int:
@@ -27,8 +28,7 @@ def main() -> int:
     parser.add_argument("--rep-ms", type=int, default=200)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("greedy_argmax.py measures a GPU: no CUDA device is visible")
+    require_cuda("greedy_argmax.py")
     results = []
     for rows in (int(r) for r in args.rows.split(",")):
         logits = torch.randn(rows, args.vocab, device="cuda", generator=torch.Generator("cuda").manual_seed(rows))

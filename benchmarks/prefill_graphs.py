@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from neuron_llm.bench import engine as bench
+from neuron_llm.bench.anchors import require_cuda
 from neuron_llm.config import DeviceConfig
 from neuron_llm.worker import Worker
 
@@ -106,8 +107,7 @@ def main() -> int:
     parser.add_argument("--num-layers", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("prefill_graphs.py measures a GPU: no CUDA device is visible")
+    require_cuda("prefill_graphs.py")
     _, config = bench.llama3_8b_shape(args.num_layers)
     cases = args.cases.split(",")
     rows = [

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from neuron_llm.bench import engine as bench
+from neuron_llm.bench.anchors import require_cuda
 from neuron_llm.config import DeviceConfig
 from neuron_llm.sampling_params import SamplingParams
 
@@ -37,8 +38,7 @@ def main() -> None:
     parser.add_argument("--max-prefill-graph-tokens", type=int, default=DeviceConfig.max_prefill_graph_tokens)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("prefill_interference.py measures a GPU: no CUDA device is visible")
+    require_cuda("prefill_interference.py")
     _, config = bench.llama3_8b_shape(args.num_layers)
     engine = bench.EngineCase(
         lambda: bench.random_llama(config, torch.bfloat16, "cuda"),

@@ -33,7 +33,7 @@ import triton
 from neuron_llm import ops
 from neuron_llm.backends.cuda import truncation
 from neuron_llm.backends.truncation import sort_top_k_top_p
-from neuron_llm.bench.anchors import copy_bandwidth, time_cuda
+from neuron_llm.bench.anchors import copy_bandwidth, require_cuda, time_cuda
 from neuron_llm.sample.sampler import RowState, SamplingBatch, sample
 from neuron_llm.sampling_params import SamplingParams
 
@@ -75,8 +75,7 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("sampler_cost.py measures a GPU: no CUDA device is visible")
+    require_cuda("sampler_cost.py")
     device = torch.device("cuda")
     floor_us = 1e6 * LLAMA3_8B_WEIGHT_BYTES / copy_bandwidth(device)
     results = []

@@ -49,6 +49,7 @@ from neuron_llm.backends.cuda import attention, fp8
 from neuron_llm.backends.cuda.backend import CudaBackend
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.bench import anchors, engine
+from neuron_llm.bench.anchors import require_cuda
 
 
 def profile_steps(worker: Any, step: Any, repeats: int) -> list[dict[str, Any]]:
@@ -170,8 +171,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=14, help="kernel groups printed per format")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("step_profile.py measures a GPU: no CUDA device is visible")
+    require_cuda("step_profile.py")
 
     _, model_config = engine.llama3_8b_shape(args.num_layers)
     is_prefill = args.prompt is not None

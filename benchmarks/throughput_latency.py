@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from neuron_llm.bench import engine as bench
+from neuron_llm.bench.anchors import require_cuda
 from neuron_llm.sampling_params import SamplingParams
 
 
@@ -150,8 +151,7 @@ def main() -> None:
         "--step-times", action="store_true", help="record (JSON) and print each rate's step times by batch"
     )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("throughput_latency.py measures a GPU: no CUDA device is visible")
+    require_cuda("throughput_latency.py")
     if args.output_len < 2 or args.prompt_len + args.output_len > bench.EngineCase.max_model_len:
         # Each request must run its whole output_len (TPOT divides by output_len - 1), or tok/s overcounts.
         parser.error(f"--output-len >= 2 and --prompt-len + --output-len <= {bench.EngineCase.max_model_len}")

@@ -423,8 +423,9 @@ class LLM:
             if progress is not None:
                 progress.update(len(finals) - progress.n)
             pending = [request_id for request_id in pending if request_id not in finals]
-            for request_id in self._failed.keys() & set(pending):
-                self._raise_failure(request_id, f"prompt {request_ids.index(request_id)}")
+            if self._failed:  # a request of another call's may have failed, or one of these
+                for index, request_id in enumerate(request_ids):
+                    self._raise_failure(request_id, f"prompt {index}")
             if not pending or not self.engine.has_unfinished_requests():
                 break
             self._step()

@@ -23,6 +23,12 @@ def time_cuda(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20) -
     return statistics.median(times)
 
 
+def require_cuda(script: str) -> None:
+    """Exit with a one-line message when no GPU is visible: ``script`` measures one."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} measures a GPU: no CUDA device is visible")
+
+
 def copy_bandwidth(device: torch.device | str = "cuda", num_bytes: int = 2 << 30) -> float:
     """Device-to-device copy rate in bytes/s, counting the bytes read plus the bytes written."""
     source = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8, device=device)

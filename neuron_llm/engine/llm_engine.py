@@ -56,35 +56,31 @@ class _Sequence:
     """What earlier "delta" outputs held of the sequence (``SamplingParams.output_kind``)."""
     is_end_reported: bool = False
 
-    def completion(self) -> CompletionOutput:
-        """The sequence's whole output so far."""
+    @property
+    def text(self) -> str:
+        return self.detokenizer.output_text if self.detokenizer else ""
+
+    def completion(self, num_tokens_before: int = 0, num_chars_before: int = 0) -> CompletionOutput:
+        """The sequence's output after its first ``num_tokens_before`` tokens and
+        ``num_chars_before`` characters (by default all of it)."""
         return CompletionOutput(
             index=self.index,
-            text=self.detokenizer.output_text if self.detokenizer else "",
-            token_ids=list(self.request.output_token_ids),
+            text=self.text[num_chars_before:],
+            token_ids=self.request.output_token_ids[num_tokens_before:],
             cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
-            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            logprobs=self.logprobs[num_tokens_before:] if self.logprobs is not None else None,
             finish_reason=self.finish_reason,  # type: ignore[arg-type]
             stop_reason=self.stop_reason,
         )
 
     def delta(self) -> CompletionOutput | None:
         """What the sequence gained since its last delta; None when nothing (its end included)."""
-        text = self.detokenizer.output_text if self.detokenizer else ""
-        token_ids = self.request.output_token_ids[self.num_reported_tokens :]
-        if not token_ids and len(text) == self.num_reported_chars and (self.is_end_reported or not self.finish_reason):
+        num_tokens, num_chars = self.request.num_output_tokens, len(self.text)
+        is_unchanged = (num_tokens, num_chars) == (self.num_reported_tokens, self.num_reported_chars)
+        if is_unchanged and (self.is_end_reported or self.finish_reason is None):
             return None
-        completion = CompletionOutput(
-            index=self.index,
-            text=text[self.num_reported_chars :],
-            token_ids=token_ids,
-            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
-            logprobs=self.logprobs[self.num_reported_tokens :] if self.logprobs is not None else None,
-            finish_reason=self.finish_reason,  # type: ignore[arg-type]
-            stop_reason=self.stop_reason,
-        )
-        self.num_reported_tokens += len(token_ids)
-        self.num_reported_chars = len(text)
+        completion = self.completion(self.num_reported_tokens, self.num_reported_chars)
+        self.num_reported_tokens, self.num_reported_chars = num_tokens, num_chars
         self.is_end_reported = self.finish_reason is not None
         return completion
 

@@ -139,18 +139,18 @@ class Grammar:
 
 def _grammar(llmatcher: Any, params: StructuredOutputsParams) -> tuple[str, str]:
     """The field ``params`` sets and its llguidance grammar."""
-    if params.json is not None:
+    field = _field(params)
+    if field == "json":
         schema = json.loads(params.json) if isinstance(params.json, str) else params.json
-        return "json", llmatcher.grammar_from_json_schema(schema)
-    if params.json_object:
-        return "json_object", llmatcher.grammar_from_json_schema({"type": "object"})
-    if params.regex is not None:
-        return "regex", llmatcher.grammar_from_regex(params.regex)
-    if params.choice is not None:
+        return field, llmatcher.grammar_from_json_schema(schema)
+    if field == "json_object":
+        return field, llmatcher.grammar_from_json_schema({"type": "object"})
+    if field == "regex":
+        return field, llmatcher.grammar_from_regex(params.regex)
+    if field == "choice":
         # Lark string literals take JSON's escapes.
-        return "choice", llmatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in params.choice))
-    assert params.grammar is not None
-    return "grammar", llmatcher.grammar_from_lark(params.grammar)
+        return field, llmatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in params.choice))
+    return field, llmatcher.grammar_from_lark(params.grammar)
 
 
 def _field(params: StructuredOutputsParams) -> str:
