@@ -31,7 +31,11 @@ run() {  # run NAME COMMAND...: log to $out/NAME.log, keep going on failure
 }
 for step in $steps; do
     case $step in
-        tests) run tests python3 -m pytest -q -p no:cacheprovider -n 4 tests/cuda ;;
+        tests)
+            # Tests that need tens of GiB run alone: beside parallel workers they would skip.
+            run tests python3 -m pytest -q -rs -p no:cacheprovider -n 4 -m "not large_memory" tests/cuda
+            run tests_large_memory python3 -m pytest -q -rs -p no:cacheprovider -m large_memory tests/cuda
+            ;;
         attention) run attention python3 benchmarks/attention_kernels.py --json "$out/attention.json" ;;
         linear) run linear python3 benchmarks/linear_kernels.py --json "$out/linear.json" ;;
         chain) run chain python3 benchmarks/gemv_chain.py --json "$out/gemv_chain.json" ;;

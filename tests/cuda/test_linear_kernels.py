@@ -640,6 +640,7 @@ def _needs_free_gpu_memory(gib: int) -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.large_memory
 @pytest.mark.parametrize("weight_dtype", [torch.int8, torch.bfloat16])
 def test_gemv_of_a_weight_past_2_31_elements(weight_dtype: torch.dtype, device: torch.device) -> None:
     """Rows past element 2**31 of the weight (a 405B LM head holds 2.1e9) are read where they lie."""
@@ -660,6 +661,7 @@ def test_gemv_of_a_weight_past_2_31_elements(weight_dtype: torch.dtype, device: 
 
 
 @pytest.mark.cuda
+@pytest.mark.large_memory
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_int8_matmul_of_rows_past_2_31_elements(split_k: int, device: torch.device) -> None:
     """Activation, output and split-K scratch offsets past 2**31 (a long prompt through a wide
