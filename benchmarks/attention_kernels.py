@@ -541,7 +541,7 @@ def _patch_interpreter_scalar_index() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, in Triton's interpreter")
     parser.add_argument("--sweep", action="store_true", help="also time every launch config (and decode split count)")

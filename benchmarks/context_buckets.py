@@ -44,7 +44,7 @@ def _decode_steps_per_s(llm, prompts: list[list[int]], params) -> tuple[float, i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--num-seqs", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=100)

@@ -22,7 +22,7 @@ from neuron_llm.bench.anchors import require_cuda
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,4,16")
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--rep-ms", type=int, default=200)

@@ -423,7 +423,7 @@ def markdown_table(rows: list[Row], anchors: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, fp32: checks that everything runs")
     parser.add_argument("--m", default="1,16,64,4096", help="comma-separated token counts")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated among {', '.join(FORMATS)}")

@@ -70,7 +70,7 @@ def truncation_us(logits: torch.Tensor, batch: SamplingBatch) -> dict[str, float
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,4,8,64")
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--json", type=Path, default=None)

@@ -221,7 +221,7 @@ def check_loopback(url: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (loopback only)")
     parser.add_argument("--rate", type=float, default=1.0, help="mean arrivals per second")
     parser.add_argument("--num-requests", type=int, default=32)

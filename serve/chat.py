@@ -44,10 +44,10 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
             f'({", ".join(TOOL_CALL_PARSERS)}); or set tool_choice to "required", a function, or "none"',
             "tool_choice",
         )
-    held_calls = None
+    structure = body.structured
     if tools is not None and tools.kind != "auto":
         try:
-            held_calls = (tools.structure(), "tools")
+            structure = (tools.structure(), "tools")
         except ValueError as e:
             raise ClientError(str(e), "tools") from e
     (prompt,) = truncated(model, [await chat_prompt(model, body)], body.truncate_prompt_tokens)
@@ -72,7 +72,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         logit_bias=body.logit_bias,
         allowed_token_ids=body.allowed_token_ids,
         bad_words=body.bad_words,
-        structured_outputs=await checked_structure(model, held_calls or body.structured),
+        structured_outputs=await checked_structure(model, structure),
         prompt_logprobs=body.prompt_logprobs,
         ignore_eos=body.ignore_eos,
         include_stop_str_in_output=body.include_stop_str_in_output,
@@ -83,7 +83,15 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         repetition_penalty=body.repetition_penalty,
     )
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation(model.engine, [prompt], params, response_id, state.metrics, "messages")
+    generation = Generation(
+        model.engine,
+        [prompt],
+        params,
+        response_id,
+        state.metrics,
+        "messages",
+        None if structure is None else structure[1],
+    )
     writer = _ChatWriter(model, body, prompt, response_id, tools)
     await unless_disconnected(request, generation.start())
     if body.stream:

@@ -39,6 +39,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
     model = state.ready_model()
     model.check_name(body.model)
     prompts = truncated(model, await completion_prompts(model, body.prompt), body.truncate_prompt_tokens)
+    structure = body.structured
     params = sampling_params(
         model,
         unset=type(body).model_fields.keys() - body.model_fields_set,
@@ -56,7 +57,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
         logit_bias=body.logit_bias,
         allowed_token_ids=body.allowed_token_ids,
         bad_words=body.bad_words,
-        structured_outputs=await checked_structure(model, body.structured),
+        structured_outputs=await checked_structure(model, structure),
         ignore_eos=body.ignore_eos,
         include_stop_str_in_output=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,
@@ -73,7 +74,14 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
         for p in prompts
     ]
     response_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = Generation(model.engine, prompts, per_prompt, response_id, state.metrics)
+    generation = Generation(
+        model.engine,
+        prompts,
+        per_prompt,
+        response_id,
+        state.metrics,
+        structure_param=None if structure is None else structure[1],
+    )
     writer = _CompletionWriter(model, body, prompts, response_id)
     await unless_disconnected(request, generation.start())
     if body.stream:

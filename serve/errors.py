@@ -110,14 +110,18 @@ def error_from_value_error(error: ValueError, param: str | None = None) -> Clien
     return ClientError(message, param)
 
 
-def error_from_engine(error: Exception, prompt_param: str = "prompt") -> ServeError:
+def error_from_engine(error: Exception, prompt_param: str = "prompt", structure_param: str | None = None) -> ServeError:
     """The answer to an exception raised by ``AsyncLLM.generate``.
 
     The engine refuses a request (``ValueError``) only for its prompt's length, which is
     checked before it gets there, so ``prompt_param`` is named unless the message names a field.
+    A structured output that gave out partway (``GrammarError``) names ``structure_param``, the
+    request field that asked for it.
     """
-    if isinstance(error, GrammarError):  # found partway: which request field held it is not known here
-        return ClientError(str(error))
+    if isinstance(error, GrammarError):
+        if structure_param is None:
+            return ClientError(str(error))
+        return ClientError(f"{structure_param}: {error.reason}", structure_param)
     if isinstance(error, ValueError):
         return error_from_value_error(error, prompt_param)
     if isinstance(error, QueueFullError):

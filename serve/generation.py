@@ -43,7 +43,8 @@ class Generation:
     longer waiting, which a final-only output would do only at its end);
     ``final_outputs`` joins them. The last one of each prompt has ``finished``. Engine errors are raised as
     ``ServeError``, naming ``prompt_param`` (the request field holding the prompts) if the
-    engine refuses a prompt. The outcome (success, or aborted when the iteration stops early)
+    engine refuses a prompt, and ``structure_param`` (the field that asked for a structured
+    output) if its grammar gives out partway. The outcome (success, or aborted when the iteration stops early)
     is counted in ``metrics``.
     """
 
@@ -55,6 +56,7 @@ class Generation:
         request_id: str,
         metrics: ServerMetrics,
         prompt_param: str = "prompt",
+        structure_param: str | None = None,
     ) -> None:
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else params
         streams = [
@@ -65,6 +67,7 @@ class Generation:
         self._first: IndexedOutput | None = None
         self._metrics = metrics
         self._prompt_param = prompt_param
+        self._structure_param = structure_param
         self._is_counted = False
 
     def _count(self, outcome: str | None) -> None:
@@ -80,7 +83,7 @@ class Generation:
         except Exception as e:
             await self._outputs.aclose()
             self._count(None)
-            raise error_from_engine(e, self._prompt_param) from e
+            raise error_from_engine(e, self._prompt_param, self._structure_param) from e
         except BaseException:  # cancelled: the client left, or the server is stopping
             await self.aclose()
             raise
@@ -96,7 +99,7 @@ class Generation:
             outcome = "success"
         except Exception as e:
             outcome = None  # counted where the error is answered
-            raise error_from_engine(e, self._prompt_param) from e
+            raise error_from_engine(e, self._prompt_param, self._structure_param) from e
         finally:
             await self._outputs.aclose()
             self._count(outcome)

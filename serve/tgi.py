@@ -16,6 +16,7 @@ DEFAULT_MAX_NEW_TOKENS = 100
 """Tokens generated when ``max_new_tokens`` is not set."""
 
 _FINISH_REASONS = {"length": "length", "stop": "eos_token"}
+_GRAMMAR_PARAM = "parameters.grammar"
 """TGI's names of our finish reasons; a stop string is TGI's "stop_sequence"."""
 
 _PARAMS = {
@@ -63,10 +64,12 @@ async def serve_tgi(state: ServerState, body: TGIRequest, request: Request) -> R
         repetition_penalty=p.repetition_penalty or 1.0,
         frequency_penalty=p.frequency_penalty or 0.0,
         structured_outputs=await checked_structure(
-            model, None if p.grammar is None else (p.grammar.structured_outputs(), "parameters.grammar")
+            model, None if p.grammar is None else (p.grammar.structured_outputs(), _GRAMMAR_PARAM)
         ),
     )
-    generation = Generation(model.engine, prompts, params, f"tgi-{uuid.uuid4().hex}", state.metrics, "inputs")
+    generation = Generation(
+        model.engine, prompts, params, f"tgi-{uuid.uuid4().hex}", state.metrics, "inputs", _GRAMMAR_PARAM
+    )
     await unless_disconnected(request, generation.start())
     (final,) = await unless_disconnected(request, generation.final_outputs(1))
     completion = final.outputs[0]

@@ -168,17 +168,42 @@ def test_a_bad_structure_is_a_400_naming_its_field(server: ServerThread, route: 
     assert response.json()["error"]["param"] == param, response.json()
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_grammar_that_fails_partway_fails_its_request_alone(server: ServerThread, stream: bool) -> None:
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": "a", "structured_outputs": {"regex": "a{1000000}"}}, "structured_outputs"),
+        (
+            "/v1/completions",
+            {"prompt": "a", "structured_outputs": {"regex": "a{1000000}"}, "stream": True},
+            "structured_outputs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": USER, "structured_outputs": {"regex": "a{1000000}"}},
+            "structured_outputs",
+        ),
+        (
+            "/invocations",
+            {"inputs": "a", "parameters": {"grammar": {"type": "regex", "value": "a{1000000}"}}},
+            "parameters.grammar",
+        ),
+    ],
+)
+def test_a_grammar_that_fails_partway_fails_its_request_alone(
+    server: ServerThread, route: str, body: dict, param: str
+) -> None:
     # Past llguidance's lexer limits: it compiles, then fails as tokens come.
-    body = {"prompt": "a", "max_tokens": 40, "structured_outputs": {"regex": "a{1000000}"}, "stream": stream}
-    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    limits = (
+        {"parameters": {**body["parameters"], "max_new_tokens": 40}} if "parameters" in body else {"max_tokens": 40}
+    )
+    response = httpx.post(f"{server.url}{route}", json={**body, **limits}, timeout=60)
     if response.headers["content-type"].startswith("text/event-stream"):  # failed after the first token
         error = json.loads(response.text.split("data: ")[-2])["error"]
     else:
         assert response.status_code == 400, response.text
         error = response.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["message"].startswith("structured_outputs.regex: ")
+    assert error["type"] == "invalid_request_error", error
+    assert error["param"] == param and error["message"].startswith(f"{param}: "), error
     plain = httpx.post(f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 4}, timeout=60)
     assert plain.status_code == 200 and plain.json()["choices"][0]["text"]
 
