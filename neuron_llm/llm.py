@@ -228,32 +228,41 @@ class LLM:
         self._failed: dict[str, Exception] = {}
         """Requests of an open call that failed alone in a step, with their errors: each call
         raises its own (a stream's failure is not another stream's)."""
-        cache = graph_cache(artifact.path, device, loading=True) if artifact is not None else contextlib.nullcontext()
+        # An artifact's compiler cache stays the compiler's for this LLM's life (shutdown ends
+        # it): a graph first traced after warm-up, or every graph with warm_up=False, is looked
+        # up there as it compiles.
+        self._graph_cache = contextlib.ExitStack()
+        cache_dir = None
+        if artifact is not None:
+            cache_dir = self._graph_cache.enter_context(graph_cache(artifact.path, device, loading=True))
         if seed is not None:
             torch.manual_seed(seed)  # before warm-up, whose steps draw too
-        with cache as cache_dir:
-            cached = cache_files(cache_dir)
+        cached = cache_files(cache_dir)
+        try:
             self._executor = make_executor(self.config, self._worker_factory(info.source))
-            try:
-                self.engine = LLMEngine(self.config, self._executor, info.tokenizer, info.eos_token_ids)
-                # A draft model warms up as the engine is built; an artifact never holds its graphs.
-                drafted = cache_files(cache_dir) - cached if speculative is not None and speculative.model else set()
-                if warm_up if warm_up is not None else torch.device(device).type in ("xla", "cuda"):
-                    self.engine.runner.warm_up()
-            except BaseException:
-                # Tensor-parallel ranks would otherwise wait for a step that never comes.
-                self._executor.shutdown()
-                raise
-            self.compiled_at_load = sorted(cache_files(cache_dir) - cached - drafted)
-            """Compiler-cache files written while loading an artifact: graphs it lacked (none, normally)."""
-            if self.compiled_at_load:
-                logger.warning(
-                    "%s: compiled %d cache file(s) the artifact lacked while loading (e.g. %s), "
-                    "and will again at every load: compile it again with this warm-up and system",
-                    model,
-                    len(self.compiled_at_load),
-                    self.compiled_at_load[0],
-                )
+        except BaseException:
+            self._graph_cache.close()
+            raise
+        try:
+            self.engine = LLMEngine(self.config, self._executor, info.tokenizer, info.eos_token_ids)
+            # A draft model warms up as the engine is built; an artifact never holds its graphs.
+            drafted = cache_files(cache_dir) - cached if speculative is not None and speculative.model else set()
+            if warm_up if warm_up is not None else torch.device(device).type in ("xla", "cuda"):
+                self.engine.runner.warm_up()
+        except BaseException:
+            # Tensor-parallel ranks would otherwise wait for a step that never comes.
+            self.shutdown()
+            raise
+        self.compiled_at_load = sorted(cache_files(cache_dir) - cached - drafted)
+        """Compiler-cache files written while loading an artifact: graphs it lacked (none, normally)."""
+        if self.compiled_at_load:
+            logger.warning(
+                "%s: compiled %d cache file(s) the artifact lacked while loading (e.g. %s), "
+                "and will again at every load: compile it again with this warm-up and system",
+                model,
+                len(self.compiled_at_load),
+                self.compiled_at_load[0],
+            )
 
     def _worker_factory(self, source: Path) -> WorkerFactory:
         """What builds each rank's worker from ``source``, the model's file or directory."""
@@ -353,8 +362,10 @@ class LLM:
             self._forget(owned)
 
     def shutdown(self) -> None:
-        """Stop worker processes (tensor parallelism); the LLM is unusable afterwards."""
+        """Stop worker processes (tensor parallelism), and stop pointing the compiler at an
+        artifact's cache; the LLM is unusable afterwards."""
         self._executor.shutdown()
+        self._graph_cache.close()
 
     def _add(self, prompt: Prompt, params: SamplingParams, owned: list[str]) -> str:
         """Add a request; its id goes into ``owned``, the caller's to forget, before the engine

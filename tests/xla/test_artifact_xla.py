@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -56,6 +57,27 @@ def test_an_xla_artifact_holds_every_bucket_and_generates_what_the_cpu_does(comp
     assert all((out / GRAPHS_DIR / HLO_DIR / graph["file"]).is_file() for graph in graphs)
     expected = greedy_tokens(LLM(str(source), device="cpu", **OPTIONS))
     assert greedy_tokens(LLM(str(out))) == expected
+
+
+@pytest.mark.parametrize("warm_up", [True, False])
+def test_the_compiler_reads_the_artifacts_cache_for_the_llms_life(
+    compiled: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, warm_up: bool
+) -> None:
+    # torch-neuronx reads NEURON_COMPILE_CACHE_URL as each graph compiles: lazily compiled
+    # graphs (warm_up=False, or one first traced after warm-up) must find the artifact's NEFFs.
+    from neuron_llm.xla import runner
+
+    monkeypatch.delenv("NEURON_COMPILE_CACHE_URL", raising=False)
+    seen = []
+    sync = runner.sync
+    monkeypatch.setattr(runner, "sync", lambda: (seen.append(os.environ.get("NEURON_COMPILE_CACHE_URL")), sync()))
+    llm = LLM(str(compiled[1]), warm_up=warm_up)
+    cache = os.environ.get("NEURON_COMPILE_CACHE_URL")
+    assert cache is not None and Path(cache).name.startswith("neuron-llm-neff-")
+    steps_before = len(seen)
+    greedy_tokens(llm)  # shuts the LLM down
+    assert len(seen) > steps_before and set(seen) == {cache}
+    assert "NEURON_COMPILE_CACHE_URL" not in os.environ
 
 
 def test_an_artifact_compiled_before_context_buckets_loads_with_one_width(compiled: tuple[Path, Path]) -> None:
