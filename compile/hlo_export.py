@@ -236,7 +236,7 @@ def _check_model(model: LlamaForCausalLM, config: EngineConfig) -> None:
     if config.parallel.tensor_parallel_size != 1:
         raise ValueError(
             f"tensor_parallel_size={config.parallel.tensor_parallel_size}: the export traces one device's "
-            "graph of an unsharded model (the XLA device runs without tensor parallelism)"
+            "graph of an unsharded model, not the partitioned graphs of tensor parallelism"
         )
     dtype = config.device.dtype
     # Quantized linears keep their own dtypes (int8 or fp8 weights, float32 scales).

@@ -60,7 +60,8 @@ class LLM:
             the inner layers), "fp8-all", "w8a8" (int8 weights and activations, unsmoothed).
             A directory written by ``neuron-llm quantize`` (or any compressed-tensors
             INT8/FP8 checkpoint of these formats) is quantized already: load it without.
-        tensor_parallel_size: devices (processes) to split the model across (None: 1).
+        tensor_parallel_size: devices to split the model across (None: 1): a process each on the CPU
+            and CUDA, one process over all its devices on the XLA device.
         backend: the ops backend, "torch" (the reference), "cuda" (Triton kernels) or "neuron";
             None picks the device's: cuda on NVIDIA GPUs when Triton is installed.
         enforce_eager: on CUDA, run every step eagerly instead of from CUDA graphs.

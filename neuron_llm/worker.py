@@ -246,13 +246,12 @@ class Worker:
         self.decode_read_bytes = model.decode_read_bytes()
         """Of those, the bytes a decode step of one sequence reads (one row of the embedding)."""
         self.kv_caches = allocate_kv_cache(
-            config.model,
-            num_kv_blocks,
-            self.block_size,
-            num_kv_heads_per_rank(config.model, config.parallel.tensor_parallel_size),
-            config.device.dtype,
-            self.device,
+            config.model, num_kv_blocks, self.block_size, self.num_kv_heads(), config.device.dtype, self.device
         )
+
+    def num_kv_heads(self) -> int:
+        """KV heads this worker's pools hold: its rank's share."""
+        return num_kv_heads_per_rank(self.config.model, self.config.parallel.tensor_parallel_size)
 
     def execute(self, step: StepInput, sampled_before: torch.Tensor | None = None) -> torch.Tensor:
         """Run one flat batch; return fp32 logits [len(step.logits_indices), vocab_size].

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from neuron_llm.backends.base import Backend
+from neuron_llm.quant.formats import dequantize_int8
 
 if TYPE_CHECKING:
     from neuron_llm.ops.metadata import AttentionMetadata
@@ -106,6 +107,19 @@ class NeuronBackend(Backend):
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
+
+    def int8_linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int | None,
+    ) -> torch.Tensor:
+        # One dequantize-then-matmul for the compiler to fuse. The reference's tiles of rows,
+        # which bound host memory when eager, end in a concatenation across which XLA's
+        # partitioner gathers a tensor-parallel linear's output onto every device.
+        return F.linear(x, dequantize_int8(weight, weight_scale, x.dtype, group_size), bias)
 
 
 def token_layout(metadata: AttentionMetadata, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

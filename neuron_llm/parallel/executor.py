@@ -400,6 +400,8 @@ def make_executor(config: EngineConfig, build_worker: WorkerFactory, *, timeout_
     1..N-1 from this process.
     """
     world_size = config.parallel.tensor_parallel_size
+    if torch.device(config.device.device).type == "xla":
+        return UniprocExecutor(config, build_worker)  # tensor parallelism inside its graphs (neuron_llm.xla.spmd)
     # A one-device engine beside rank 0 of a running group (a draft model) is none of the
     # launcher's business: its ranks are that group's.
     env = None if world_size == 1 and parallel_state().world_size > 1 else torchrun_env()

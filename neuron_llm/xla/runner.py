@@ -20,8 +20,7 @@ sequence count, so the graphs of a bucket are known before serving:
   (``neuron_llm.sample.features``); the others compile on first use, with a warning, as any
   graph after warm-up does.
 
-``execute`` (logits to the host, no sampling) is the forward-only graph: what the other
-ranks of a tensor-parallel group run, since rank 0 alone samples.
+``execute`` (logits to the host, no sampling) is the forward-only graph.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.sample import LogprobsTensors, RowState, SamplerOutput, SamplingBatch, sample
 from neuron_llm.sample.rejection import verify
 from neuron_llm.worker import StepInput, StepOutput, Worker, on_own_backend_and_device
+from neuron_llm.xla import spmd
 from neuron_llm.xla.device import compile_count, inline_python_numbers, sync, to_host, xla_device
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ class XlaWorker(Worker):
     would be a new graph); sampling runs on the device in the step's graph; steps run under
     ``no_grad``, since torch-xla cannot take views of ordinary tensors under
     ``inference_mode``; and each step ends with one ``sync`` before one read to the host.
-    The model is moved to the XLA device.
+    The model is moved to the XLA device; under tensor parallelism, whole, with its weights
+    and KV pools sharded over the process's devices by annotation (``neuron_llm.xla.spmd``).
     """
 
     pads_to_bucket = True
@@ -63,12 +64,21 @@ class XlaWorker(Worker):
         if torch.device(config.device.device).type != "xla":
             raise ValueError(f"device={config.device.device!r}: XlaWorker runs on the 'xla' device")
         inline_python_numbers()
+        tensor_parallel_size = config.parallel.tensor_parallel_size
+        self._mesh = spmd.make_mesh(tensor_parallel_size) if tensor_parallel_size > 1 else None
         super().__init__(model.to(xla_device()), config, num_kv_blocks, backend)
+        if self._mesh is not None:
+            spmd.shard_model(self.model, self._mesh)
+            spmd.shard_kv_caches(self.kv_caches, self._mesh)
         sync()
         self._num_compiled = 0
         """Graphs this worker's steps compiled, counted around each step: another worker (a draft
         model's) compiles in the same process."""
         self._is_warm = False
+
+    def num_kv_heads(self) -> int:
+        """All of them: under tensor parallelism the pools are split by annotation (``spmd``)."""
+        return self.config.model.num_key_value_heads
 
     def trace(self, step: StepInput, num_verified_rows: int | None = None) -> torch.Tensor:
         """Record one step (forward, KV writes, logits) without running it.
@@ -91,7 +101,8 @@ class XlaWorker(Worker):
             )
         prompt_block = step.num_padded_tokens if prompt else 0
         indices = sampling + [0] * (sampling_block - len(sampling)) + prompt + [0] * (prompt_block - len(prompt))
-        return self.forward(step, indices)
+        logits = self.forward(step, indices)
+        return logits if self._mesh is None else spmd.gather_logits(logits, self._mesh)
 
     def sampling_block(self, step: StepInput, verifying: bool) -> int:
         """Logits rows a step's graph gives its sampling rows: one a sequence; when it verifies

@@ -1,0 +1,40 @@
+"""Run in a process of its own (SPMD is the process's mode): generate with tensor parallelism
+on the XLA device and print, as JSON, the greedy tokens, the graphs compiled after warm-up,
+and the collectives of every partitioned graph (from XLA's dump, ``XLA_FLAGS``).
+
+    CPU_NUM_DEVICES=2 XLA_FLAGS=--xla_dump_to=DIR python tensor_parallel_child.py MODEL_DIR DIR [QUANTIZATION]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from neuron_llm import LLM, SamplingParams
+from neuron_llm.xla import count_graphs
+
+OPTIONS = {"max_model_len": 64, "max_num_seqs": 2, "max_num_batched_tokens": 32, "block_size": 4, "dtype": "float32"}
+PROMPTS = [{"prompt_token_ids": [1, 2, 3, 4, 5]}, {"prompt_token_ids": [7] * 9}]
+COLLECTIVE = re.compile(r"= (\S+) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(")
+
+
+def main(model: str, dump: Path, quantization: str | None) -> None:
+    llm = LLM(model, device="xla", num_kv_blocks=40, tensor_parallel_size=2, quantization=quantization, **OPTIONS)
+    with count_graphs() as counts:
+        outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0))
+    collectives = [
+        sorted(match.groups() for match in COLLECTIVE.finditer(path.read_text()))
+        for path in sorted(dump.glob("*cpu_after_optimizations.txt"))
+    ]
+    result = {
+        "tokens": [list(output.outputs[0].token_ids) for output in outputs],
+        "compiled_after_warm_up": counts.compilations,
+        "collectives": [graph for graph in collectives if graph],
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)

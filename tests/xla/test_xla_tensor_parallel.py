@@ -1,0 +1,97 @@
+"""Tensor parallelism on the XLA device: one process, weights and KV pools sharded by annotation
+(``neuron_llm.xla.spmd``), each graph partitioned by XLA over the process's devices.
+
+Each case runs in a process of its own with two CPU devices (``CPU_NUM_DEVICES``), since SPMD
+and the device count are a process's settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch_xla")
+
+from neuron_llm import LLM, SamplingParams
+from neuron_llm.config import DeviceConfig, EngineConfig, ModelConfig, ParallelConfig
+
+pytestmark = pytest.mark.xla
+
+CHILD = Path(__file__).with_name("tensor_parallel_child.py")
+NUM_LAYERS = 2
+
+
+def run_child(model: Path, tmp_path: Path, *args: str, devices: int = 2) -> subprocess.CompletedProcess:
+    dump = tmp_path / "dump"
+    env = {
+        **os.environ,
+        "PJRT_DEVICE": "CPU",
+        "CPU_NUM_DEVICES": str(devices),
+        "XLA_FLAGS": f"--xla_backend_optimization_level=0 --xla_dump_to={dump}",
+    }
+    return subprocess.run(
+        [sys.executable, str(CHILD), str(model), str(dump), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def cpu_tokens(model: Path, quantization: str | None = None) -> list[list[int]]:
+    from tests.xla.tensor_parallel_child import OPTIONS, PROMPTS
+
+    llm = LLM(str(model), device="cpu", quantization=quantization, **OPTIONS)
+    outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0))
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_two_devices_generate_what_one_cpu_does_with_megatrons_collectives(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], tmp_path: Path, quantization: str | None
+) -> None:
+    _, model = save_tiny_llama()
+    done = run_child(model, tmp_path, *([quantization] if quantization else []))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["tokens"] == cpu_tokens(model, quantization)
+    assert result["compiled_after_warm_up"] == 0
+    # Every step graph: the vocabulary-split embedding's all-reduce, the o and down projections'
+    # all-reduces in each layer, and one all-gather of the logits rows (never a weight).
+    assert result["collectives"], "no partitioned graph with collectives was dumped"
+    for graph in result["collectives"]:
+        kinds = [kind for _, kind in graph]
+        assert kinds.count("all-reduce") == 1 + 2 * NUM_LAYERS and kinds.count("all-gather") == 1, graph
+        gathered = next(shape for shape, kind in graph if kind == "all-gather")
+        assert gathered.endswith("256]{0,1}") and int(gathered.split("[")[1].split(",")[0]) <= 32, gathered
+
+
+def test_a_device_count_other_than_the_tp_degree_is_refused(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], tmp_path: Path
+) -> None:
+    _, model = save_tiny_llama()
+    done = run_child(model, tmp_path, devices=4)
+    assert done.returncode != 0
+    assert "tensor_parallel_size=2 on the XLA device shards over every device this process sees, and it sees 4" in (
+        done.stderr
+    )
+
+
+def test_kv_heads_the_tp_degree_does_not_divide_are_refused() -> None:
+    model = ModelConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide num_key_value_heads=1 on the XLA"):
+        EngineConfig(model=model, device=DeviceConfig(device="xla"), parallel=ParallelConfig(tensor_parallel_size=2))
+    EngineConfig(model=model, device=DeviceConfig(device="cpu"), parallel=ParallelConfig(tensor_parallel_size=2))
+
+
+def test_an_artifact_of_a_tensor_parallel_model_on_the_xla_device_is_refused_before_loading(tmp_path: Path) -> None:
+    from neuron_llm.compile.build import compile_artifact
+
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2: an artifact of a tensor-parallel model on the XLA"):
+        compile_artifact(str(tmp_path / "no-model"), tmp_path / "out", device="xla", tensor_parallel_size=2)
