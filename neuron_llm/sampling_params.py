@@ -39,6 +39,12 @@ row's output, on the engine's one thread."""
 MIN_TEMPERATURE = 1e-2
 """Smaller positive temperatures are raised to this, with a warning, as vLLM does: only 0 is
 greedy, and a temperature of 1e-4 samples as vLLM's 0.01 would, not as a near-argmax."""
+MAX_TEMPERATURE = 1e6
+"""Larger temperatures are refused: any this large already samples the allowed tokens about
+uniformly, and past float32's range a banned token's -inf logit would become NaN and win."""
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
+"""Penalties outside it are refused: further from 1, a seen token's float32 logit overflows to
+inf (or a banned one's -inf times 0 gives NaN), and the constraints no longer hold."""
 
 
 def _require(condition: bool, name: str, value: Any, why: str) -> None:
@@ -269,6 +275,8 @@ class SamplingParams:
     def _check_distribution(self) -> None:
         _require(is_finite_number(self.temperature), "temperature", self.temperature, "must be a finite number")
         _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
+        why = f"must be <= {MAX_TEMPERATURE:g}"
+        _require(self.temperature <= MAX_TEMPERATURE, "temperature", self.temperature, why)
         if 0 < self.temperature < MIN_TEMPERATURE:
             logger.warning(
                 "temperature=%r is below %r and is raised to it (only 0 is greedy)", self.temperature, MIN_TEMPERATURE
@@ -293,7 +301,8 @@ class SamplingParams:
             self._set(name, float(value))
         value = self.repetition_penalty
         _require(is_finite_number(value), "repetition_penalty", value, "must be a finite number")
-        _require(value > 0, "repetition_penalty", value, "must be > 0")
+        low, high = REPETITION_PENALTY_RANGE
+        _require(low <= value <= high, "repetition_penalty", value, f"must be in [{low:g}, {high:g}]")
         self._set("repetition_penalty", float(value))
 
     def _check_logit_bias(self) -> None:

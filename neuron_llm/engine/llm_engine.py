@@ -311,13 +311,20 @@ class LLMEngine:
         words = self._bad_words_token_ids(params)
         if params.allowed_token_ids:
             # A first step whose every allowed token is banned or held back has nothing to sample.
-            never, why = {word[0] for word in words if len(word) == 1}, "bad_words ban each"
-            if params.min_tokens:
-                never |= set(params.stop_token_ids or ()) | set(self.eos_token_ids)
-                why += f", or it ends the sequence while min_tokens={params.min_tokens} holds the ends back"
-            if never.issuperset(params.allowed_token_ids):
+            banned = {word[0] for word in words if len(word) == 1}
+            ends = set(params.stop_token_ids or ()) | set(self.eos_token_ids) if params.min_tokens else set()
+            allowed = set(params.allowed_token_ids)
+            if (banned | ends).issuperset(allowed):
+                held_back = f"ends the sequence while min_tokens={params.min_tokens} holds the ends back"
+                if allowed <= banned:
+                    why = "bad_words ban each"
+                elif allowed & banned:
+                    why = f"bad_words ban some, and each other one {held_back}"
+                else:
+                    why = f"each {held_back}"
                 raise ValueError(
-                    f"allowed_token_ids={params.allowed_token_ids[:5]}: {why}, so no token could be generated"
+                    f"allowed_token_ids={params.allowed_token_ids[:5]}: {why}, "
+                    "so no token could be generated"
                 )
         return words
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -167,6 +168,20 @@ def test_error_message_shows_the_value() -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        # In float32 1e39 is inf, and 1e-50 is 0: a banned token's -inf logit becomes NaN, which wins.
+        ("temperature", 1e39, r"must be <= 1e\+06"),
+        ("repetition_penalty", 1e-50, r"must be in \[1e-06, 1e\+06\]"),
+        ("repetition_penalty", 1e7, r"must be in \[1e-06, 1e\+06\]"),
+    ],
+)
+def test_values_whose_float32_arithmetic_breaks_the_constraints_are_refused(name: str, value: float, why: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{name}={re.escape(repr(value))}: {why}$"):
+        SamplingParams(**{name: value})
+
+
+@pytest.mark.parametrize(
     "kwargs",
     [
         {"top_p": 1e-6},
@@ -176,6 +191,9 @@ def test_error_message_shows_the_value() -> None:
         {"logprobs": MAX_LOGPROBS},
         {"presence_penalty": -2.0, "frequency_penalty": 2.0},
         {"repetition_penalty": 0.5},
+        {"repetition_penalty": 1e-6},
+        {"repetition_penalty": 1e6},
+        {"temperature": 1e6},
         {"seed": -3},
         {"min_tokens": 16},
     ],
