@@ -448,9 +448,11 @@ def engine_params(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     seen: list[Any] = []
     for module in (chat, completions, tgi):
 
-        def recording(engine: Any, prompts: Any, params: Any, *args: Any, _make: Any = module.Generation) -> Any:
+        def recording(
+            engine: Any, prompts: Any, params: Any, *args: Any, _make: Any = module.Generation, **kwargs: Any
+        ) -> Any:
             seen.append(params[0] if isinstance(params, list) else params)
-            return _make(engine, prompts, params, *args)
+            return _make(engine, prompts, params, *args, **kwargs)
 
         monkeypatch.setattr(module, "Generation", recording)
     return seen
