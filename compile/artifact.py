@@ -216,16 +216,38 @@ def graph_cache(directory: Path, device: str, *, loading: bool = False) -> Itera
         if loading:
             cache = _private_cache(cache, "neuron-llm-neff-", os.symlink)
         variables = {"NEURON_COMPILE_CACHE_URL": str(cache)}
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
+    _point_at(variables)
     try:
         yield cache
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _release(variables)
+
+
+_OPEN_CACHES: list[dict[str, str]] = []
+"""The variables of every ``graph_cache`` open in this process, oldest first: LLMs of different
+artifacts may live at once, and end in any order (an LLM's ends when it is shut down or collected)."""
+_BEFORE: dict[str, str | None] = {}
+"""Each variable's value before the oldest open ``graph_cache`` that sets it."""
+
+
+def _point_at(variables: dict[str, str]) -> None:
+    for name in variables:
+        if not any(name in other for other in _OPEN_CACHES):
+            _BEFORE[name] = os.environ.get(name)
+    _OPEN_CACHES.append(variables)
+    os.environ.update(variables)
+
+
+def _release(variables: dict[str, str]) -> None:
+    """Close ``variables``' cache: each variable goes back to the newest cache still open, or to its value before."""
+    _OPEN_CACHES.remove(variables)
+    for name in variables:
+        newest = next((other[name] for other in reversed(_OPEN_CACHES) if name in other), None)
+        value = newest if newest is not None else _BEFORE.pop(name)
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _private_cache(cache: Path, prefix: str, copy: Callable[[str, str], object]) -> Path:

@@ -31,7 +31,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser, model_help: str) -> N
         "-tp",
         type=int,
         default=None,
-        help="tensor-parallel degree (processes) (default: 1)",
+        help="tensor-parallel degree: devices, a process each on CPU/CUDA (default: 1)",
     )
     parser.add_argument(
         "--max-model-len", type=int, default=None, help="longest prompt + output in tokens (default: the model's)"

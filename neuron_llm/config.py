@@ -438,7 +438,8 @@ class ParallelConfig:
     """How the model is split across devices."""
 
     tensor_parallel_size: int = 1
-    """Number of devices (processes) each layer is split across; 1 runs unsplit."""
+    """Number of devices each layer is split across (a process each on the CPU and CUDA; one
+    process over all its devices on the XLA device); 1 runs unsplit."""
     distributed_timeout: float = 600.0
     """Seconds rank 0 waits for the other ranks: to start, to finish loading once it has, and
     in every collective, so a rank that hangs fails the step after this long."""
@@ -571,7 +572,8 @@ class SpeculativeConfig:
     """The draft model's quantization preset, if any (a model's own int8 copy can draft for it)."""
     draft_tensor_parallel_size: int | None = None
     """The draft's tensor parallelism: 1 (None means 1 too). Under tensor parallelism the draft
-    runs whole on rank 0's device, in the engine's process (vLLM shards it as the model is)."""
+    runs whole on rank 0's device, in the engine's process (vLLM shards it as the model is); on
+    the XLA device, whole on every device."""
 
     def __post_init__(self) -> None:
         _require(self.method in ("ngram", "draft_model"), "method", self.method, "must be 'ngram' or 'draft_model'")

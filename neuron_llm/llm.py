@@ -275,7 +275,8 @@ class LLM:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the loaded weights as stored (rank 0's shard under tensor parallelism)."""
+        """Bytes of the loaded weights as stored: under tensor parallelism rank 0's shard on the CPU
+        and CUDA, the whole model on the XLA device (each device holding its share of it)."""
         return self._executor.worker.weight_bytes
 
     def generate(
@@ -365,8 +366,10 @@ class LLM:
     def shutdown(self) -> None:
         """Stop worker processes (tensor parallelism), and stop pointing the compiler at an
         artifact's cache; the LLM is unusable afterwards."""
-        self._executor.shutdown()
-        self._graph_cache.close()
+        try:
+            self._executor.shutdown()
+        finally:
+            self._graph_cache.close()
 
     def _add(self, prompt: Prompt, params: SamplingParams, owned: list[str]) -> str:
         """Add a request; its id goes into ``owned``, the caller's to forget, before the engine

@@ -161,6 +161,10 @@ def load_worker(
         from neuron_llm.xla.device import import_torch_xla
 
         import_torch_xla()  # before minutes of loading, not after
+        if config.parallel.tensor_parallel_size > 1:
+            from neuron_llm.xla import spmd
+
+            spmd.make_mesh(config.parallel.tensor_parallel_size)  # checks the devices, before loading
     # Weights are read on the host and moved to the XLA device once.
     device = "cpu" if on_xla else config.device.device
     if artifact.is_artifact(model):

@@ -54,7 +54,7 @@ class ServeSettings:
         None, "quantize on load: int8, int8-head, int8-g128, fp8 (Llama 3 recipe), fp8-all, w8a8"
     )
     tensor_parallel_size: int | None = _setting(
-        None, "devices (processes) to split the model across (default: 1, or the artifact's)"
+        None, "devices to split the model across (default: 1, or the artifact's)"
     )
     distributed_timeout: float | None = _setting(
         None, "seconds to wait for the other tensor-parallel ranks (to start, to load, in a step) (default: 600)"

@@ -16,8 +16,8 @@ DEFAULT_MAX_NEW_TOKENS = 100
 """Tokens generated when ``max_new_tokens`` is not set."""
 
 _FINISH_REASONS = {"length": "length", "stop": "eos_token"}
-_GRAMMAR_PARAM = "parameters.grammar"
 """TGI's names of our finish reasons; a stop string is TGI's "stop_sequence"."""
+_GRAMMAR_PARAM = "parameters.grammar"
 
 _PARAMS = {
     "max_tokens": "parameters.max_new_tokens",

@@ -323,8 +323,7 @@ class LLMEngine:
                 else:
                     why = f"each {held_back}"
                 raise ValueError(
-                    f"allowed_token_ids={params.allowed_token_ids[:5]}: {why}, "
-                    "so no token could be generated"
+                    f"allowed_token_ids={params.allowed_token_ids[:5]}: {why}, so no token could be generated"
                 )
         return words
 

@@ -32,6 +32,8 @@ from neuron_llm.xla.device import import_torch_xla
 AXIS = "tp"
 SPLIT_OUTPUTS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head", "embed_tokens")
 """Modules whose tensors are split along their first dimension (output features, vocabulary rows)."""
+UNSPLIT_SCHEMES = ("int8",)
+"""Quantized formats whose matmul the neuron backend runs in one piece (see ``shard_model``)."""
 SPLIT_INPUTS = ("o_proj", "down_proj")
 """Modules whose matrices are split along their last dimension (input features, or input groups of scales)."""
 
@@ -48,15 +50,23 @@ def check_shape(tensor_parallel_size: int, num_kv_heads: int) -> None:
 def make_mesh(tensor_parallel_size: int) -> object:
     """Turn on SPMD for this process and return the mesh of its ``tensor_parallel_size`` devices.
 
-    Call it before any tensor is on the XLA device. Raises ``ValueError`` unless the process
+    Raises ``ValueError`` if the process used the XLA device before SPMD was on, or unless it
     sees exactly that many devices (a NeuronCore each under torch-neuronx; on the CPU,
-    ``CPU_NUM_DEVICES``).
+    ``CPU_NUM_DEVICES``). Once on, SPMD stays on: an unsharded model built later (a draft
+    model) is replicated on every device.
     """
     import_torch_xla()
     import numpy as np
     import torch_xla.distributed.spmd as xs
     import torch_xla.runtime as xr
+    from torch_xla.debug import metrics
 
+    if not xr.is_spmd() and metrics.counter_value("CreateXlaTensor"):
+        # Turning SPMD on over tensors already on a device crashes torch-xla's later steps.
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size}: this process has used the XLA device without "
+            "tensor parallelism already (another LLM, a compile); build the tensor-parallel LLM in a fresh process"
+        )
     xr.use_spmd()
     num_devices = xr.global_runtime_device_count()
     if num_devices != tensor_parallel_size:
@@ -69,9 +79,20 @@ def make_mesh(tensor_parallel_size: int) -> object:
 
 
 def shard_model(model: nn.Module, mesh: object) -> None:
-    """Annotate the weights of ``model`` (on the XLA device) with the split of the module docstring."""
+    """Annotate the weights of ``model`` (on the XLA device) with the split of the module docstring.
+
+    Raises ``ValueError`` for fp8 and w8a8 linears: their reference matmul works in tiles of
+    rows, across which XLA's partitioner moves weight tiles between devices every step.
+    """
+    from neuron_llm.quant.layers import QuantizedLinear
+
     size = _mesh_size(mesh)
     for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear) and module.format.scheme not in UNSPLIT_SCHEMES:
+            raise ValueError(
+                f"{name} is a {module.format.scheme} linear: under tensor parallelism the XLA device takes "
+                f"16-bit and {', '.join(UNSPLIT_SCHEMES)} weights only"
+            )
         kind = name.rsplit(".", 1)[-1]
         tensors = [t for t in [*module._parameters.values(), *module._buffers.values()] if t is not None]
         for tensor in tensors:

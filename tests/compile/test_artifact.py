@@ -520,6 +520,21 @@ def test_the_neuron_cache_is_linked_into_a_private_cache_while_loading(
     assert (module / "model.neff").read_bytes() == b"neff"
 
 
+def test_overlapping_caches_leave_the_newest_open_one_pointed_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two LLMs of different artifacts, the first shut down (or collected) while the second runs.
+    monkeypatch.delenv("NEURON_CC_FLAGS", raising=False)
+    monkeypatch.setenv("NEURON_COMPILE_CACHE_URL", "/var/tmp/neuron-compile-cache")
+    first = graph_cache(tmp_path / "a", "xla", loading=True)
+    second = graph_cache(tmp_path / "b", "xla", loading=True)
+    first_cache, second_cache = first.__enter__(), second.__enter__()
+    first.__exit__(None, None, None)
+    assert os.environ["NEURON_COMPILE_CACHE_URL"] == str(second_cache) != str(first_cache)
+    second.__exit__(None, None, None)
+    assert os.environ["NEURON_COMPILE_CACHE_URL"] == "/var/tmp/neuron-compile-cache"
+
+
 @pytest.mark.parametrize("flags", ["--cache_dir=/var/tmp/elsewhere -O1", "-O1 --no_cache"])
 def test_neuron_flags_that_replace_the_artifacts_cache_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: str

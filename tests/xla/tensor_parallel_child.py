@@ -2,7 +2,10 @@
 on the XLA device and print, as JSON, the greedy tokens, the graphs compiled after warm-up,
 and the collectives of every partitioned graph (from XLA's dump, ``XLA_FLAGS``).
 
-    CPU_NUM_DEVICES=2 XLA_FLAGS=--xla_dump_to=DIR python tensor_parallel_child.py MODEL_DIR DIR [QUANTIZATION]
+    CPU_NUM_DEVICES=2 XLA_FLAGS=--xla_dump_to=DIR \
+        python tensor_parallel_child.py MODEL_DIR DIR [QUANTIZATION] [--after-one-device]
+
+``--after-one-device``: first generate with an unsharded LLM on the XLA device.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ PROMPTS = [{"prompt_token_ids": [1, 2, 3, 4, 5]}, {"prompt_token_ids": [7] * 9}]
 COLLECTIVE = re.compile(r"= (\S+) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(")
 
 
-def main(model: str, dump: Path, quantization: str | None) -> None:
+def main(model: str, dump: Path, quantization: str | None, after_one_device: bool) -> None:
+    if after_one_device:
+        LLM(model, device="xla", num_kv_blocks=40, **OPTIONS).generate(PROMPTS[0], SamplingParams(max_tokens=2))
     llm = LLM(model, device="xla", num_kv_blocks=40, tensor_parallel_size=2, quantization=quantization, **OPTIONS)
     with count_graphs() as counts:
         outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0))
@@ -37,4 +42,6 @@ def main(model: str, dump: Path, quantization: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    flags = [arg for arg in sys.argv[3:] if arg.startswith("--")]
+    quantization = next((arg for arg in sys.argv[3:] if not arg.startswith("--")), None)
+    main(sys.argv[1], Path(sys.argv[2]), quantization, "--after-one-device" in flags)

@@ -74,10 +74,27 @@ def test_a_device_count_other_than_the_tp_degree_is_refused(
 ) -> None:
     _, model = save_tiny_llama()
     done = run_child(model, tmp_path, devices=4)
-    assert done.returncode != 0
+    assert done.returncode == 1
     assert "tensor_parallel_size=2 on the XLA device shards over every device this process sees, and it sees 4" in (
         done.stderr
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Turning SPMD on after the device was used crashed torch-xla's next step (a segfault).
+        (["--after-one-device"], "has used the XLA device without tensor parallelism already"),
+        # Their matmul's tiles of rows would have their weights moved between devices every step.
+        (["fp8-all"], "is a fp8 linear: under tensor parallelism the XLA device takes 16-bit and int8 weights only"),
+    ],
+)
+def test_what_the_partitioned_graphs_cannot_take_is_refused(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], tmp_path: Path, args: list[str], message: str
+) -> None:
+    _, model = save_tiny_llama()
+    done = run_child(model, tmp_path, *args)
+    assert done.returncode == 1 and message in done.stderr, done.stderr[-3000:]
 
 
 def test_kv_heads_the_tp_degree_does_not_divide_are_refused() -> None:
