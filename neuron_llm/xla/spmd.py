@@ -61,13 +61,15 @@ def make_mesh(tensor_parallel_size: int) -> object:
     import torch_xla.runtime as xr
     from torch_xla.debug import metrics
 
-    if not xr.is_spmd() and metrics.counter_value("CreateXlaTensor"):
-        # Turning SPMD on over tensors already on a device crashes torch-xla's later steps.
-        raise ValueError(
-            f"tensor_parallel_size={tensor_parallel_size}: this process has used the XLA device without "
-            "tensor parallelism already (another LLM, a compile); build the tensor-parallel LLM in a fresh process"
-        )
-    xr.use_spmd()
+    if not xr.is_spmd():
+        if metrics.counter_value("CreateXlaTensor"):
+            # Turning SPMD on over tensors already on a device crashes torch-xla's later steps.
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel_size}: this process has used the XLA device without "
+                "tensor parallelism already (another LLM, a compile); build the tensor-parallel LLM in a fresh "
+                "process"
+            )
+        xr.use_spmd()
     num_devices = xr.global_runtime_device_count()
     if num_devices != tensor_parallel_size:
         raise ValueError(
