@@ -240,7 +240,7 @@ def _point_at(variables: dict[str, str]) -> None:
 
 def _release(variables: dict[str, str]) -> None:
     """Close ``variables``' cache: each variable goes back to the newest cache still open, or to its value before."""
-    _OPEN_CACHES.remove(variables)
+    del _OPEN_CACHES[next(i for i, other in enumerate(_OPEN_CACHES) if other is variables)]
     for name in variables:
         newest = next((other[name] for other in reversed(_OPEN_CACHES) if name in other), None)
         value = newest if newest is not None else _BEFORE.pop(name)

@@ -27,6 +27,7 @@ from neuron_llm.sampling_params import (
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_STOP_TOKEN_IDS,
+    REPETITION_PENALTY_RANGE,
     StructuredOutputsParams,
 )
 
@@ -173,7 +174,7 @@ class _SamplingRequest(_Request):
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0, le=1)
     min_tokens: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
@@ -575,7 +576,7 @@ class TGIParameters(_Request):
     temperature: float | None = Field(None, gt=0, le=100)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, gt=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stop: StopStrings = []
     seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)

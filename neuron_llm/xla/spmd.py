@@ -55,21 +55,12 @@ def make_mesh(tensor_parallel_size: int) -> object:
     ``CPU_NUM_DEVICES``). Once on, SPMD stays on: an unsharded model built later (a draft
     model) is replicated on every device.
     """
-    import_torch_xla()
+    torch_xla = import_torch_xla()
     import numpy as np
     import torch_xla.distributed.spmd as xs
     import torch_xla.runtime as xr
-    from torch_xla.debug import metrics
 
-    if not xr.is_spmd():
-        if metrics.counter_value("CreateXlaTensor"):
-            # Turning SPMD on over tensors already on a device crashes torch-xla's later steps.
-            raise ValueError(
-                f"tensor_parallel_size={tensor_parallel_size}: this process has used the XLA device without "
-                "tensor parallelism already (another LLM, a compile); build the tensor-parallel LLM in a fresh "
-                "process"
-            )
-        xr.use_spmd()
+    # Counting the devices neither takes one nor fixes the mode: a refusal leaves SPMD off.
     num_devices = xr.global_runtime_device_count()
     if num_devices != tensor_parallel_size:
         raise ValueError(
@@ -77,24 +68,35 @@ def make_mesh(tensor_parallel_size: int) -> object:
             f"this process sees, and it sees {num_devices}: set NEURON_RT_NUM_CORES={tensor_parallel_size} "
             f"on Neuron (CPU_NUM_DEVICES={tensor_parallel_size} with PJRT_DEVICE=CPU)"
         )
+    if not xr.is_spmd():
+        if torch_xla._XLAC._xla_get_spmd_config_is_locked():
+            # The device was taken without SPMD (a tensor, torch_xla.device()): turning it on now
+            # crashes torch-xla's later steps.
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel_size}: this process has used the XLA device without "
+                "tensor parallelism already (another LLM, a compile); build the tensor-parallel LLM in a fresh "
+                "process"
+            )
+        xr.use_spmd()
     return xs.Mesh(np.arange(num_devices), (num_devices,), (AXIS,))
 
 
+def check_schemes(schemes: dict[str, str]) -> None:
+    """Refuse quantized linears (name -> scheme) other than ``UNSPLIT_SCHEMES``: the fp8 and w8a8
+    matmuls work in tiles of rows, across which XLA's partitioner would move weight tiles
+    between devices every step."""
+    for name, scheme in schemes.items():
+        if scheme not in UNSPLIT_SCHEMES:
+            raise ValueError(
+                f"{name}: {scheme} linears are not split under tensor parallelism on the XLA device, "
+                f"which takes 16-bit and {', '.join(UNSPLIT_SCHEMES)} weights only"
+            )
+
+
 def shard_model(model: nn.Module, mesh: object) -> None:
-    """Annotate the weights of ``model`` (on the XLA device) with the split of the module docstring.
-
-    Raises ``ValueError`` for fp8 and w8a8 linears: their reference matmul works in tiles of
-    rows, across which XLA's partitioner moves weight tiles between devices every step.
-    """
-    from neuron_llm.quant.layers import QuantizedLinear
-
+    """Annotate the weights of ``model`` (on the XLA device) with the split of the module docstring."""
     size = _mesh_size(mesh)
     for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear) and module.format.scheme not in UNSPLIT_SCHEMES:
-            raise ValueError(
-                f"{name} is a {module.format.scheme} linear: under tensor parallelism the XLA device takes "
-                f"16-bit and {', '.join(UNSPLIT_SCHEMES)} weights only"
-            )
         kind = name.rsplit(".", 1)[-1]
         tensors = [t for t in [*module._parameters.values(), *module._buffers.values()] if t is not None]
         for tensor in tensors:

@@ -123,6 +123,10 @@ def test_bad_words_are_never_generated(model_dir: Path, engine_options: dict) ->
     single = [spelling[0] for spelling in bad_word_token_ids(llm.tokenizer, words[1:]) if len(spelling) == 1]
     with pytest.raises(ValueError, match=r"allowed_token_ids=\[.*\]: bad_words ban each, so no token"):
         llm.generate("Hello", SamplingParams(allowed_token_ids=single, bad_words=words[1:]))
+    stop = next(token for token in range(100) if token not in single)
+    held = SamplingParams(allowed_token_ids=[*single, stop], bad_words=words[1:], stop_token_ids=[stop], min_tokens=1)
+    with pytest.raises(ValueError, match=r": bad_words ban some, and each other one ends the sequence while min_tok"):
+        llm.generate("Hello", held)
     # As decoding would have gone but for the word: the same tokens up to where it first ends.
     first = min(
         i + len(s) - 1

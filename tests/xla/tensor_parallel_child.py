@@ -5,7 +5,8 @@ and the collectives of every partitioned graph (from XLA's dump, ``XLA_FLAGS``).
     CPU_NUM_DEVICES=2 XLA_FLAGS=--xla_dump_to=DIR \
         python tensor_parallel_child.py MODEL_DIR DIR [QUANTIZATION] [--after-one-device]
 
-``--after-one-device``: first generate with an unsharded LLM on the XLA device.
+``--after-one-device``: first generate with an unsharded LLM on the XLA device;
+``--after-device-call``: first take the device (``torch_xla.device()``), creating no tensor.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ PROMPTS = [{"prompt_token_ids": [1, 2, 3, 4, 5]}, {"prompt_token_ids": [7] * 9}]
 COLLECTIVE = re.compile(r"= (\S+) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(")
 
 
-def main(model: str, dump: Path, quantization: str | None, after_one_device: bool) -> None:
-    if after_one_device:
+def main(model: str, dump: Path, quantization: str | None, flags: list[str]) -> None:
+    if "--after-device-call" in flags:
+        import torch_xla
+
+        torch_xla.device()
+    if "--after-one-device" in flags:
         LLM(model, device="xla", num_kv_blocks=40, **OPTIONS).generate(PROMPTS[0], SamplingParams(max_tokens=2))
     llm = LLM(model, device="xla", num_kv_blocks=40, tensor_parallel_size=2, quantization=quantization, **OPTIONS)
     with count_graphs() as counts:
@@ -44,4 +49,4 @@ def main(model: str, dump: Path, quantization: str | None, after_one_device: boo
 if __name__ == "__main__":
     flags = [arg for arg in sys.argv[3:] if arg.startswith("--")]
     quantization = next((arg for arg in sys.argv[3:] if not arg.startswith("--")), None)
-    main(sys.argv[1], Path(sys.argv[2]), quantization, "--after-one-device" in flags)
+    main(sys.argv[1], Path(sys.argv[2]), quantization, flags)

@@ -86,7 +86,8 @@ def test_a_device_count_other_than_the_tp_degree_is_refused(
         # Turning SPMD on after the device was used crashed torch-xla's next step (a segfault).
         (["--after-one-device"], "has used the XLA device without tensor parallelism already"),
         # Their matmul's tiles of rows would have their weights moved between devices every step.
-        (["fp8-all"], "is a fp8 linear: under tensor parallelism the XLA device takes 16-bit and int8 weights only"),
+        (["fp8-all"], "quantization='fp8-all': fp8 linears are not split under tensor parallelism on the XLA device"),
+        (["--after-device-call"], "has used the XLA device without tensor parallelism already"),
     ],
 )
 def test_what_the_partitioned_graphs_cannot_take_is_refused(
