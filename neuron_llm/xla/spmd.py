@@ -32,10 +32,10 @@ from neuron_llm.xla.device import import_torch_xla
 AXIS = "tp"
 SPLIT_OUTPUTS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head", "embed_tokens")
 """Modules whose tensors are split along their first dimension (output features, vocabulary rows)."""
-UNSPLIT_SCHEMES = ("int8",)
-"""Quantized formats whose matmul the neuron backend runs in one piece (see ``shard_model``)."""
 SPLIT_INPUTS = ("o_proj", "down_proj")
 """Modules whose matrices are split along their last dimension (input features, or input groups of scales)."""
+UNSPLIT_SCHEMES = ("int8",)
+"""Quantized formats whose matmul the neuron backend runs in one piece (see ``check_schemes``)."""
 
 
 def check_shape(tensor_parallel_size: int, num_kv_heads: int) -> None:
