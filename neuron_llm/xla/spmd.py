@@ -22,6 +22,7 @@ collectives run.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -47,13 +48,15 @@ def check_shape(tensor_parallel_size: int, num_kv_heads: int) -> None:
         )
 
 
+@functools.cache
 def make_mesh(tensor_parallel_size: int) -> object:
     """Turn on SPMD for this process and return the mesh of its ``tensor_parallel_size`` devices.
 
     Raises ``ValueError`` if the process used the XLA device before SPMD was on, or unless it
     sees exactly that many devices (a NeuronCore each under torch-neuronx; on the CPU,
     ``CPU_NUM_DEVICES``). Once on, SPMD stays on: an unsharded model built later (a draft
-    model) is replicated on every device.
+    model) is replicated on every device. The mesh is made once: loading checks the devices
+    before the weights are read, and the worker takes the same mesh.
     """
     torch_xla = import_torch_xla()
     import numpy as np
