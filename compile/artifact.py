@@ -13,7 +13,8 @@ compiles the backend's graphs. It writes::
     DIR/graphs/           the backend's compiled graphs: on CUDA, triton/, Triton's cache
                           of every kernel the warm-up compiled; on the XLA device, hlo/, each
                           bucket's HLO module (what neuronx-cc compiles; with speculative
-                          decoding each prefill bucket's verification graph too), and neuron-cache/,
+                          decoding each prefill bucket's verification graph too; under tensor
+                          parallelism the whole model's, its splits annotated), and neuron-cache/,
                           torch-neuronx's persistent cache of their NEFFs
 
 ``LLM(model=DIR)`` and ``neuron-llm serve DIR`` load it (``Artifact``): options left unset

@@ -87,12 +87,6 @@ def compile_artifact(model: str | None, out_dir: str | Path, **options: Any) -> 
         raise ValueError("compile_artifact spawns its tensor-parallel ranks itself: run it without torchrun")
     device = options.get("device") or "cpu"
     _refuse_compiled_before(parse_device(device).type)
-    if parse_device(device).type == "xla" and (options.get("tensor_parallel_size") or 1) > 1:
-        # Its graphs are partitioned over the devices (neuron_llm.xla.spmd); the export traces one device's.
-        raise ValueError(
-            f"tensor_parallel_size={options['tensor_parallel_size']}: an artifact of a tensor-parallel model "
-            "on the XLA device is not built yet; run it without compiling (LLM(..., tensor_parallel_size=N))"
-        )
     if options.get("warm_up") is False or options.get("enforce_eager"):
         # The warm-up is the compile: without it (or without CUDA graphs) the artifact holds none.
         option = "warm_up=False" if options.get("warm_up") is False else "enforce_eager=True"

@@ -17,6 +17,10 @@ verification, the number of proposals each sequence kept) and the written pools.
 manifest names the inputs and their shapes, not each parameter's index: binding parameters
 to tensors is left to the runtime that compiled the graph (``neuron_llm.compile.artifact``
 keeps these modules beside torch-neuronx's cache of their NEFFs).
+
+Under tensor parallelism (``neuron_llm.xla.spmd``) a module is the whole model's graph, its
+weight and pool parameters annotated with their split (GSPMD shardings); the compiler
+partitions it into the program each of the manifest's ``num_partitions`` devices runs.
 """
 
 from __future__ import annotations
@@ -39,8 +43,15 @@ from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.quant import quantized_linears
 from neuron_llm.sample import LogprobsTensors, SamplingBatch
 from neuron_llm.sample.features import PROMPT_LOGPROBS, dummy_logits_indices, feature_row, feature_sets
-from neuron_llm.worker import StepInput, num_kv_heads_per_rank
-from neuron_llm.xla import entry_parameter_shapes, graph_order, hlo_module_proto, import_torch_xla
+from neuron_llm.worker import StepInput
+from neuron_llm.xla import (
+    entry_parameter_shapes,
+    entry_parameter_splits,
+    graph_order,
+    hlo_module_proto,
+    import_torch_xla,
+    spmd,
+)
 from neuron_llm.xla.runner import XlaWorker, num_verified_rows, sampled_outputs
 
 MANIFEST_NAME = "manifest.json"
@@ -133,8 +144,8 @@ def dummy_step(shape: GraphShape) -> StepInput:
 
 def step_inputs(shape: GraphShape, config: EngineConfig, num_kv_blocks: int) -> dict[str, dict[str, Any]]:
     """The graph's inputs other than weights: name -> shape, dtype (and count for the per-layer pools)."""
-    num_kv_heads = num_kv_heads_per_rank(config.model, config.parallel.tensor_parallel_size)
-    pool = [num_kv_blocks, config.cache.block_size, num_kv_heads, config.model.head_dim]
+    # Whole pools: under tensor parallelism a graph takes every KV head, split by annotation.
+    pool = [num_kv_blocks, config.cache.block_size, config.model.num_key_value_heads, config.model.head_dim]
     dtype = str(config.device.dtype).removeprefix("torch.")
     tokens, seqs, rows = [shape.num_tokens], [shape.num_seqs], [shape.num_sampling_rows]
     vocab = [shape.num_sampling_rows, config.model.vocab_size]
@@ -183,13 +194,15 @@ def export_hlo(
 ) -> dict[str, Any]:
     """Write one HLO module per bucket in ``shapes`` and the manifest to ``out_dir``; return the manifest.
 
-    ``model`` is moved to the XLA device and traced with the neuron backend (the active
-    backend is restored afterwards). ``num_kv_blocks`` (default ``config.cache.num_kv_blocks``)
+    ``model`` is moved to the XLA device (under tensor parallelism, sharded over the
+    process's devices) and traced with the neuron backend (the active backend is restored
+    afterwards). ``num_kv_blocks`` (default ``config.cache.num_kv_blocks``)
     fixes the KV pool shape the graphs take. ``out_dir`` must be new or empty; the manifest
     is written last, and an export that fails removes what it wrote, so a directory with a
     manifest always holds one whole export. Raises ``ValueError`` for a pool that is not set
     or too small, bucket names that repeat, an ``out_dir`` that holds files, or a model that
-    is not the one ``config`` describes (weights in another dtype, tensor parallelism).
+    is not the one ``config`` describes (weights in another dtype), and, under tensor
+    parallelism, unless the process sees as many XLA devices as the degree.
     """
     if num_kv_blocks is None:
         num_kv_blocks = config.cache.num_kv_blocks
@@ -201,6 +214,8 @@ def export_hlo(
     if len(set(names)) != len(names):
         raise ValueError(f"bucket names must be unique: {names}")
     _check_model(model, config)
+    if config.parallel.tensor_parallel_size > 1:
+        spmd.make_mesh(config.parallel.tensor_parallel_size)  # checks the devices before anything is written
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out_dir {out} is not a new or empty directory")
@@ -217,6 +232,7 @@ def export_hlo(
             "torch_xla_version": torch_xla.__version__,
             "block_size": config.cache.block_size,
             "num_kv_blocks": num_kv_blocks,
+            "num_partitions": config.parallel.tensor_parallel_size,
             "dtype": str(config.device.dtype).removeprefix("torch."),
             "quantization": sorted({fmt.scheme for fmt in quantized_linears(model).values()}),
             "graphs": graphs,
@@ -233,11 +249,6 @@ def export_hlo(
 
 def _check_model(model: LlamaForCausalLM, config: EngineConfig) -> None:
     """Refuse a model that is not the one ``config`` describes: its graphs would not be served."""
-    if config.parallel.tensor_parallel_size != 1:
-        raise ValueError(
-            f"tensor_parallel_size={config.parallel.tensor_parallel_size}: the export traces one device's "
-            "graph of an unsharded model, not the partitioned graphs of tensor parallelism"
-        )
     dtype = config.device.dtype
     # Quantized linears keep their own dtypes (int8 or fp8 weights, float32 scales).
     quantized = tuple(f"{name}." for name in quantized_linears(model))
@@ -323,5 +334,10 @@ def _export_graph(
         # The output tuple, in the order a step's sync gives it. The written pools' aliasing to
         # the pool parameters is not in the module: torch-xla adds it when it compiles a step itself.
         "outputs": {"order": order, **specs},
-        "entry_parameters": {"count": len(parameters), "shapes": [str(p) for p in parameters]},
+        "entry_parameters": {
+            "count": len(parameters),
+            "shapes": [str(p) for p in parameters],
+            # Under tensor parallelism, each parameter's tiles along its dimensions (null: whole).
+            **({"splits": entry_parameter_splits(proto)} if config.parallel.tensor_parallel_size > 1 else {}),
+        },
     }

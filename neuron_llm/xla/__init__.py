@@ -19,7 +19,14 @@ from neuron_llm.xla.device import (
     wait,
     xla_device,
 )
-from neuron_llm.xla.hlo import HloShape, entry_parameter_shapes, graph_order, hlo_module_proto, hlo_text
+from neuron_llm.xla.hlo import (
+    HloShape,
+    entry_parameter_shapes,
+    entry_parameter_splits,
+    graph_order,
+    hlo_module_proto,
+    hlo_text,
+)
 
 __all__ = [
     "GraphCounts",
@@ -27,6 +34,7 @@ __all__ = [
     "compile_count",
     "count_graphs",
     "entry_parameter_shapes",
+    "entry_parameter_splits",
     "execution_count",
     "graph_order",
     "hlo_module_proto",

@@ -2,7 +2,8 @@
 
 ``hlo_module_proto`` hands out the serialized ``xla.HloModuleProto`` of the graph that
 computes some lazy tensors; ``entry_parameter_shapes`` reads the entry computation's
-signature back from those bytes with a small protobuf wire-format reader, so checking an
+signature back from those bytes (``entry_parameter_splits``, under SPMD, how each parameter is
+split over the devices) with a small protobuf wire-format reader, so checking an
 exported graph needs neither the protobuf package nor XLA's generated message classes.
 """
 
@@ -20,6 +21,17 @@ _MODULE_HOST_PROGRAM_SHAPE = 4  # HloModuleProto.host_program_shape: ProgramShap
 _PROGRAM_SHAPE_PARAMETERS = 1  # ProgramShapeProto.parameters: repeated ShapeProto
 _SHAPE_ELEMENT_TYPE = 2  # ShapeProto.element_type: PrimitiveType
 _SHAPE_DIMENSIONS = 3  # ShapeProto.dimensions: repeated int64
+_MODULE_COMPUTATIONS = 3  # HloModuleProto.computations: repeated HloComputationProto
+_MODULE_ENTRY_COMPUTATION_ID = 6  # HloModuleProto.entry_computation_id: int64
+_COMPUTATION_INSTRUCTIONS = 2  # HloComputationProto.instructions: repeated HloInstructionProto
+_COMPUTATION_ID = 5  # HloComputationProto.id: int64
+_INSTRUCTION_OPCODE = 2  # HloInstructionProto.opcode: string
+_INSTRUCTION_PARAMETER_NUMBER = 9  # HloInstructionProto.parameter_number: int64
+_INSTRUCTION_SHARDING = 40  # HloInstructionProto.sharding: OpSharding
+_SHARDING_TYPE = 1  # OpSharding.type: 3 is OTHER (tiled); REPLICATED is 0
+_SHARDING_TILE_DIMENSIONS = 3  # OpSharding.tile_assignment_dimensions: repeated int64
+_SHARDING_REPLICATE_ON_LAST_TILE_DIM = 6  # OpSharding.replicate_on_last_tile_dim: bool
+_SHARDING_TILED = 3
 
 # xla.PrimitiveType values, named as the HLO text names them.
 _PRIMITIVE_TYPES = {
@@ -70,6 +82,43 @@ def entry_parameter_shapes(module_proto: bytes) -> list[HloShape]:
     if not program_shapes:
         raise ValueError("HLO module has no host_program_shape")
     return [_shape(value) for field, value in _fields(program_shapes[-1]) if field == _PROGRAM_SHAPE_PARAMETERS]
+
+
+def entry_parameter_splits(module_proto: bytes) -> list[tuple[int, ...] | None]:
+    """How the entry computation's parameters are split over devices (GSPMD), in parameter
+    order: the number of tiles along each dimension, or None for a parameter whole on every
+    device (replicated, or no annotation: a module traced without SPMD).
+
+    Raises ``ValueError`` when the bytes are not a well-formed protobuf message or hold no
+    entry computation.
+    """
+    module = list(_fields(module_proto))
+    entry_id = next((value for field, value in module if field == _MODULE_ENTRY_COMPUTATION_ID), None)
+    for field, computation in module:
+        if field != _MODULE_COMPUTATIONS:
+            continue
+        computation_fields = list(_fields(computation))
+        if next((value for f, value in computation_fields if f == _COMPUTATION_ID), None) != entry_id:
+            continue
+        splits: dict[int, tuple[int, ...] | None] = {}
+        for f, instruction in computation_fields:
+            if f != _COMPUTATION_INSTRUCTIONS:
+                continue
+            values = dict(_fields(instruction))
+            if values.get(_INSTRUCTION_OPCODE) == b"parameter":
+                splits[values.get(_INSTRUCTION_PARAMETER_NUMBER, 0)] = _split(values.get(_INSTRUCTION_SHARDING, b""))
+        return [splits[number] for number in sorted(splits)]
+    raise ValueError("HLO module has no entry computation")
+
+
+def _split(sharding_proto: bytes) -> tuple[int, ...] | None:
+    values = dict(_fields(sharding_proto))
+    if values.get(_SHARDING_TYPE, 0) != _SHARDING_TILED:
+        return None
+    dims = values.get(_SHARDING_TILE_DIMENSIONS, b"")
+    tiles = tuple(_packed_varints(dims) if isinstance(dims, bytes) else [dims])
+    # A last tile dimension that counts replicas is not a split of the array.
+    return tiles[:-1] if values.get(_SHARDING_REPLICATE_ON_LAST_TILE_DIM) else tiles
 
 
 def _shape(shape_proto: bytes) -> HloShape:

@@ -3,10 +3,12 @@ on the XLA device and print, as JSON, the greedy tokens, the graphs compiled aft
 and the collectives of every partitioned graph (from XLA's dump, ``XLA_FLAGS``).
 
     CPU_NUM_DEVICES=2 XLA_FLAGS=--xla_dump_to=DIR \
-        python tensor_parallel_child.py MODEL_DIR DIR [QUANTIZATION] [--after-one-device]
+        python tensor_parallel_child.py MODEL_DIR DIR [QUANTIZATION] [--after-one-device] ...
 
 ``--after-one-device``: first generate with an unsharded LLM on the XLA device;
-``--after-device-call``: first take the device (``torch_xla.device()``), creating no tensor.
+``--after-device-call``: first take the device (``torch_xla.device()``), creating no tensor;
+``--compile-to=ARTIFACT``: compile the model into an artifact instead, and print its HLO
+manifest (MODEL_DIR may be such an artifact, to load).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 from neuron_llm import LLM, SamplingParams
+from neuron_llm.compile.build import compile_artifact
 from neuron_llm.xla import count_graphs
 
 OPTIONS = {"max_model_len": 64, "max_num_seqs": 2, "max_num_batched_tokens": 32, "block_size": 4, "dtype": "float32"}
@@ -31,7 +34,12 @@ def main(model: str, dump: Path, quantization: str | None, flags: list[str]) -> 
         torch_xla.device()
     if "--after-one-device" in flags:
         LLM(model, device="xla", num_kv_blocks=40, **OPTIONS).generate(PROMPTS[0], SamplingParams(max_tokens=2))
-    llm = LLM(model, device="xla", num_kv_blocks=40, tensor_parallel_size=2, quantization=quantization, **OPTIONS)
+    options = {"device": "xla", "num_kv_blocks": 40, "tensor_parallel_size": 2, "quantization": quantization}
+    if compile_to := next((flag.split("=", 1)[1] for flag in flags if flag.startswith("--compile-to=")), None):
+        compile_artifact(model, compile_to, **options, **OPTIONS)
+        print(json.dumps(json.loads((Path(compile_to) / "graphs" / "hlo" / "manifest.json").read_text())))
+        return
+    llm = LLM(model, **options, **OPTIONS)
     with count_graphs() as counts:
         outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0))
     collectives = [

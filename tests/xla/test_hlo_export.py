@@ -21,7 +21,7 @@ from neuron_llm.config import (
     ParallelConfig,
     SpeculativeConfig,
 )
-from neuron_llm.xla import HloShape, entry_parameter_shapes, hlo_module_proto, hlo_text
+from neuron_llm.xla import HloShape, entry_parameter_shapes, entry_parameter_splits, hlo_module_proto, hlo_text
 
 pytestmark = pytest.mark.xla
 
@@ -64,6 +64,8 @@ def test_one_module_per_bucket_with_the_bucket_signature(exported) -> None:
     for graph, shape in zip(manifest["graphs"], SHAPES):
         parameters = entry_parameter_shapes((out / graph["file"]).read_bytes())
         assert graph["entry_parameters"] == {"count": len(parameters), "shapes": [str(p) for p in parameters]}
+        # Traced without SPMD: no parameter carries a split.
+        assert entry_parameter_splits((out / graph["file"]).read_bytes()) == [None] * len(parameters)
         # Every step input and both pools of each layer are graph parameters, with exactly their shapes.
         assert not declared_parameters(graph) - Counter(parameters)
         assert Counter(parameters)[HloShape("s32", (shape.num_seqs, shape.max_blocks_per_seq))] == 1
@@ -76,7 +78,7 @@ def test_one_module_per_bucket_with_the_bucket_signature(exported) -> None:
         names = ["token_ids", "key_cache[0]", "value_cache[0]", "key_cache[1]", "value_cache[1]"]
         assert sorted(graph["outputs"]["order"]) == sorted(names)
     assert len({graph["sha256"] for graph in manifest["graphs"]}) == len(SHAPES)
-    assert manifest["dtype"] == "float32" and manifest["quantization"] == []
+    assert manifest["dtype"] == "float32" and manifest["quantization"] == [] and manifest["num_partitions"] == 1
 
 
 def test_a_graph_of_sampling_features_declares_every_input_and_output(tiny_llama, tmp_path) -> None:
@@ -166,7 +168,8 @@ def test_a_failed_manifest_write_leaves_nothing(tiny_llama, tmp_path, monkeypatc
 def test_export_refuses_a_model_its_config_does_not_describe(tiny_llama, tmp_path) -> None:
     model = tiny_llama(96)
     sharded = EngineConfig(model=model.config, parallel=ParallelConfig(tensor_parallel_size=2))
-    with pytest.raises(ValueError, match="tensor_parallel_size=2: the export traces one device's graph"):
+    # Under tensor parallelism the module is the graph partitioned over that many devices.
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 on the XLA device shards over every device"):
         export_hlo(model, sharded, SHAPES, tmp_path / "tp", num_kv_blocks=NUM_KV_BLOCKS)
     in_bf16 = EngineConfig(model=model.config, device=DeviceConfig(dtype="bfloat16"))
     with pytest.raises(ValueError, match="holds torch.float32 weights, not the config's dtype torch.bfloat16"):

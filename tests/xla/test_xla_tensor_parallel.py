@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,30 @@ def test_kv_heads_the_tp_degree_does_not_divide_are_refused() -> None:
     EngineConfig(model=model, device=DeviceConfig(device="cpu"), parallel=ParallelConfig(tensor_parallel_size=2))
 
 
-def test_an_artifact_of_a_tensor_parallel_model_on_the_xla_device_is_refused_before_loading(tmp_path: Path) -> None:
-    from neuron_llm.compile.build import compile_artifact
-
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=2: an artifact of a tensor-parallel model on the XLA"):
-        compile_artifact(str(tmp_path / "no-model"), tmp_path / "out", device="xla", tensor_parallel_size=2)
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_an_artifact_compiled_with_tensor_parallelism_loads_in_a_new_process_and_generates_what_one_cpu_does(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], tmp_path: Path, quantization: str | None
+) -> None:
+    _, model = save_tiny_llama()
+    artifact, args = tmp_path / "artifact", [quantization] if quantization else []
+    compiled = run_child(model, tmp_path / "compiling", *args, f"--compile-to={artifact}")
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    hlo = json.loads(compiled.stdout.strip().splitlines()[-1])
+    assert hlo["num_partitions"] == 2
+    for graph in hlo["graphs"]:
+        # The whole model's module, its weights and pools annotated with Megatron's split.
+        assert graph["inputs"]["key_cache"]["shape"] == [40, 4, 2, 16]
+        parameters = graph["entry_parameters"]
+        splits = Counter(
+            (shape, tuple(split) if split else None)
+            for shape, split in zip(parameters["shapes"], parameters["splits"], strict=True)
+        )
+        assert splits[("f32[40,4,2,16]", (1, 1, 2, 1))] == 2 * NUM_LAYERS
+        weight = "s8" if quantization else "f32"
+        # Per layer gate and up (output features), down (input features); the vocabulary rows.
+        assert splits[(f"{weight}[128,64]", (2, 1))] == 2 * NUM_LAYERS
+        assert splits[(f"{weight}[64,128]", (1, 2))] == NUM_LAYERS
+        assert splits[("f32[256,64]", (2, 1))] == 2
+    loaded = run_child(artifact, tmp_path / "loading", *args)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert json.loads(loaded.stdout.strip().splitlines()[-1])["tokens"] == cpu_tokens(model, quantization)
