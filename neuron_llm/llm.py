@@ -38,6 +38,7 @@ from neuron_llm.loader import load_model_info, render_chat
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.parallel.executor import WorkerFactory, make_executor
 from neuron_llm.sample.features import features_of
+from neuron_llm.sample.sampler import NoTokenLeftError
 from neuron_llm.sample.structured import GrammarError
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.worker import load_worker
@@ -406,7 +407,7 @@ class LLM:
     def _raise_failure(self, request_id: str, name: str) -> None:
         """Raise the failure of ``request_id``, called ``name`` in the message, if it failed."""
         error = self._failed.pop(request_id, None)
-        if isinstance(error, GrammarError):  # its grammar gave out partway: bad input found late
+        if isinstance(error, (GrammarError, NoTokenLeftError)):  # bad input found late
             raise ValueError(f"{name}: {error}") from error
         if error is not None:
             raise RuntimeError(f"{name} failed while its tokens were judged: {error}") from error

@@ -113,8 +113,9 @@ def error_from_value_error(error: ValueError, param: str | None = None) -> Clien
 def error_from_engine(error: Exception, prompt_param: str = "prompt", structure_param: str | None = None) -> ServeError:
     """The answer to an exception raised by ``AsyncLLM.generate``.
 
-    The engine refuses a request (``ValueError``) only for its prompt's length, which is
-    checked before it gets there, so ``prompt_param`` is named unless the message names a field.
+    The engine refuses a request (``ValueError``) for its prompt's length, which is checked
+    before it gets there, so ``prompt_param`` is named unless the message names a field (as
+    ``NoTokenLeftError``'s names ``bad_words``).
     A structured output that gave out partway (``GrammarError``) names ``structure_param``, the
     request field that asked for it.
     """

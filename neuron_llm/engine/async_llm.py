@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from neuron_llm.engine.llm_engine import LATENCIES, EngineStats, LLMEngine, latency_samples
 from neuron_llm.inputs import Prompt, prompt_input
 from neuron_llm.outputs import RequestOutput, join_deltas
+from neuron_llm.sample.sampler import NoTokenLeftError
 from neuron_llm.sample.structured import GrammarError
 from neuron_llm.sampling_params import SamplingParams
 
@@ -188,7 +189,8 @@ class AsyncLLM:
         raises ``ValueError`` for a request the engine refuses, and ``QueueFullError`` or
         ``EngineClosedError`` when it cannot be accepted; afterwards ``EngineError`` if the
         engine fails, ``GrammarError`` (a ``ValueError``) if the request's structured output
-        gives out partway, ``EngineClosedError`` if shutdown aborts the request, or
+        gives out partway, ``NoTokenLeftError`` (a ``ValueError``) if its bad words ban every
+        token its other constraints leave, ``EngineClosedError`` if shutdown aborts the request, or
         ``RequestAbortedError`` if ``abort`` does. A consumer that
         stops early (``aclose``, cancellation) aborts the request, which frees its KV blocks.
         """
@@ -335,8 +337,9 @@ class AsyncLLM:
         for request_id, error in self.engine.take_failures():
             stream = self._streams.pop(request_id, None)
             if stream is not None:
-                # A grammar llguidance gave up on is the request's own fault, as a bad one is.
-                if not isinstance(error, GrammarError):
+                # A grammar llguidance gave up on, or constraints that left no token, are the
+                # request's own fault, as a bad one is.
+                if not isinstance(error, (GrammarError, NoTokenLeftError)):
                     error = EngineError(f"the engine failed while running this request: {error}")
                 stream.put(error)
 

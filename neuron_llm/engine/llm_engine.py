@@ -29,6 +29,7 @@ from neuron_llm.loader.tokenizer import bad_word_token_ids
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs, make_generator
+from neuron_llm.sample.sampler import NoTokenLeftError
 from neuron_llm.sample.structured import Grammar, GrammarCompiler, GrammarError
 from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams, is_integral
 from neuron_llm.worker import placeholder
@@ -139,6 +140,8 @@ class _LaunchedStep:
     them once the scheduler took the step's tokens are the step's."""
     generator_states: list[tuple[torch.Generator, torch.Tensor]]
     """The seeded rows' generators before the step drew from them, restored when it is rewound."""
+    dead_ends: dict[int, ValueError]
+    """Sampling row -> the error that fails its request: its constraints left no token to draw."""
     host_token_ids: torch.Tensor | None = field(init=False, default=None)
     host_logprobs: LogprobsTensors | None = field(init=False, default=None)
     host_num_accepted: torch.Tensor | None = field(init=False, default=None)
@@ -508,6 +511,10 @@ class LLMEngine:
                 self._latencies["request_queue_time"].append(now - group.metrics.arrival_time)
         sampling = [entry for entry in scheduled.scheduled if entry.is_sampling]
         rows = [self._row_state(entry) for entry in sampling]
+        # Judged now, while each row's output is the one it samples after.
+        dead_ends = {
+            i: error for i, (entry, row) in enumerate(zip(sampling, rows)) if (error := self._dead_end(entry, row))
+        }
         sampled_before = None
         if self._in_flight is not None and self._in_flight.result.sampled is not None:
             sampled_before = self._in_flight.result.sampled.token_ids
@@ -520,7 +527,7 @@ class LLMEngine:
             _restore(generator_states)
             raise
         num_outputs_before = [entry.request.num_output_tokens for entry in sampling]
-        return _LaunchedStep(scheduled, sampling, rows, result, num_outputs_before, generator_states)
+        return _LaunchedStep(scheduled, sampling, rows, result, num_outputs_before, generator_states, dead_ends)
 
     def _complete(self, launched: _LaunchedStep, read: _StepRead) -> list[RequestOutput]:
         """Judge a launched step's tokens, as ``read``: stops, forks, outputs."""
@@ -540,10 +547,12 @@ class LLMEngine:
                 continue  # aborted, or stopped by the step before (async scheduling ran it once more)
             group, seq = found
             try:
+                if row in launched.dead_ends:
+                    raise launched.dead_ends[row]  # its token was drawn from logits all -inf
                 self._take_tokens(group, seq, ids, logprobs, num_before)
             except Exception as error:
                 # That request fails alone: every other row of the step is still judged.
-                if isinstance(error, GrammarError):
+                if isinstance(error, (GrammarError, NoTokenLeftError)):
                     logger.warning("request %s failed: %s", group.request_id, error)
                 else:
                     logger.exception("request %s failed while its tokens were judged", group.request_id)
@@ -599,6 +608,25 @@ class LLMEngine:
             seq.generator,
             group.bad_words_token_ids,
             None if seq.grammar is None else seq.grammar.allowed(),
+        )
+
+    def _dead_end(self, entry: ScheduledRequest, row: RowState) -> ValueError | None:
+        """The error to fail ``entry``'s request with when ``row`` forbids every token; else None."""
+        if not row.forbids_every_token(self.config.model.vocab_size, self._sorted_eos_token_ids):
+            return None
+        params, grammar = row.params, self._sequences[entry.request.request_id][1].grammar
+        position = f"output token {len(row.output_token_ids) + 1}"
+        others = ["allowed_token_ids"] if params.allowed_token_ids else []
+        others += [f"min_tokens={params.min_tokens}"] if row.is_min_tokens_unmet else []
+        if not row.banned_token_ids():
+            assert grammar is not None, "only a grammar or bad words can take a row's last token"
+            forbid = f"only tokens that {' and '.join(others)} forbid" if others else "no token"
+            return GrammarError(grammar.field, f"allows {forbid} at {position}")
+        if grammar is not None:
+            others.insert(0, f"structured_outputs.{grammar.field}")
+        left = f"left by {' and '.join(others)}" if others else "of the vocabulary"
+        return NoTokenLeftError(
+            f"bad_words={params.bad_words[:5]!r}: at {position} they ban every token {left}, so none could be generated"
         )
 
     def _read(self, launched: _LaunchedStep) -> _StepRead:

@@ -61,6 +61,11 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return generator
 
 
+class NoTokenLeftError(ValueError):
+    """A request's own ``allowed_token_ids``, ``bad_words`` and ``min_tokens`` left no token
+    to generate partway (``RowState.forbids_every_token``): it fails alone."""
+
+
 @dataclass
 class RowState:
     """One row of the logits: a sequence about to receive its next token."""
@@ -91,6 +96,24 @@ class RowState:
             if start >= 0 and all(output[start + i] == token for i, token in enumerate(word[:-1])):
                 banned.append(word[-1])
         return banned
+
+    def forbids_every_token(self, vocab_size: int, eos_token_ids: Sequence[int]) -> bool:
+        """Whether ``allowed_token_ids``, the grammar's mask, ``bad_words`` and ``min_tokens``
+        together leave no token to sample (the row's logits would all be -inf)."""
+        banned = self.banned_token_ids()
+        if not banned and self.grammar_mask is None:
+            # allowed_token_ids that min_tokens alone empties are refused when the request is added.
+            return False
+        left = np.ones(vocab_size, dtype=bool) if self.grammar_mask is None else self.grammar_mask.copy()
+        if self.params.allowed_token_ids:
+            allowed = np.zeros(vocab_size, dtype=bool)
+            allowed[self.params.allowed_token_array] = True
+            left &= allowed
+        left[[token_id for token_id in banned if token_id < vocab_size]] = False
+        if self.is_min_tokens_unmet:
+            ends = set(self.params.stop_token_ids or ()) | set(eos_token_ids)
+            left[[token_id for token_id in ends if token_id < vocab_size]] = False
+        return not left.any()
 
 
 @dataclass

@@ -116,6 +116,11 @@ class Grammar:
         return np.unpackbits(bits, bitorder="little")[: self._vocab_size].astype(bool)
 
     @property
+    def field(self) -> str:
+        """The ``StructuredOutputsParams`` field that set the grammar (its errors name it)."""
+        return self._field
+
+    @property
     def is_complete(self) -> bool:
         """Whether the grammar allows nothing more (but EOS): the text is whole."""
         return bool(self._matcher.is_stopped()) and not self._matcher.is_error()
@@ -123,15 +128,12 @@ class Grammar:
     def accept(self, token_id: int) -> None:
         """Advance past ``token_id``. ``GrammarError`` when llguidance gave up on the grammar
         partway (a limit met: a regex of a{1000000}; its last mask then allowed only EOS), or
-        when the token may not come here, which a row with every allowed token banned forces."""
+        when the token may not come here (the engine fails a row whose mask the request's other
+        constraints empty before its token is drawn)."""
         if self._matcher.is_error():
             raise GrammarError(self._field, f"failed partway: {self._error()}")
         if not self._matcher.consume_token(token_id):
-            raise GrammarError(
-                self._field,
-                f"token {token_id} may not come where it was sampled ({self._error()}); "
-                "were all the tokens it allows there banned (allowed_token_ids, bad_words, min_tokens)?",
-            )
+            raise GrammarError(self._field, f"token {token_id} may not come where it was sampled ({self._error()})")
 
     def _error(self) -> str:
         return _one_line(self._matcher.get_error())

@@ -6,6 +6,7 @@ test needs signals, which only a subprocess can take. Every server stops when it
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import socket
 import threading
@@ -188,3 +189,15 @@ def metric(server: ServerThread, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+def unmerged_characters(tokenizer: Any) -> tuple[list[int], list[str]]:
+    """Two characters that are one token each and two tokens in any pair: their ids, and the
+    four pairs as bad words, which leave no token after either."""
+    for pair in itertools.combinations("0123456789!?;:#%&*+=@^~", 2):
+        ids = [tokenizer.encode(c, add_special_tokens=False) for c in pair]
+        words = [x + y for x in pair for y in pair]
+        pairs_apart = all(len(tokenizer.encode(word, add_special_tokens=False)) == 2 for word in words)
+        if pairs_apart and all(len(i) == 1 for i in ids):
+            return [i[0] for i in ids], words
+    raise AssertionError("no two characters stay apart in this tokenizer")

@@ -16,7 +16,7 @@ import pytest
 from neuron_llm.sampling_params import MAX_BAD_WORDS, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, SamplingParams
 from neuron_llm.serve.protocol import MAX_STOP, MAX_STOP_CHARS
 from tests.engine.conftest import tiny_model_dir  # noqa: F401
-from tests.serve.conftest import ServerThread, make_llm, metric, running_server
+from tests.serve.conftest import ServerThread, make_llm, metric, running_server, unmerged_characters
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -140,6 +140,14 @@ def test_bad_field_is_a_4xx_naming_it(
     error = response.json()["error"]
     assert error["param"] == param, error
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_bad_words_that_leave_no_token_partway_are_a_400_naming_them(server: ServerThread) -> None:
+    ids, words = unmerged_characters(server.app.state.server.ready_model().tokenizer)
+    body = {"prompt": "Hello", "max_tokens": 8, "allowed_token_ids": ids, "bad_words": words}
+    reply = httpx.post(f"{server.url}{COMPLETIONS}", json=body, timeout=60)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "bad_words", reply.text
+    assert "at output token 2 they ban every token left by allowed_token_ids" in reply.json()["error"]["message"]
 
 
 def test_a_content_part_other_than_text_is_refused_in_plain_words(server: ServerThread) -> None:

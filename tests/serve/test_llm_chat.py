@@ -11,8 +11,9 @@ import pytest
 
 from neuron_llm.llm import LLM
 from neuron_llm.loader.tokenizer import bad_word_token_ids
+from neuron_llm.sample.sampler import NoTokenLeftError
 from neuron_llm.sampling_params import SamplingParams
-from tests.serve.conftest import make_llm
+from tests.serve.conftest import make_llm, unmerged_characters
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 
@@ -136,6 +137,24 @@ def test_bad_words_are_never_generated(model_dir: Path, engine_options: dict) ->
     )
     steered = llm.generate("Hello", replace(greedy, bad_words=words[:1]))[0].outputs[0].token_ids
     assert steered[:first] == free_run[:first] and steered[first] != free_run[first]
+
+
+def test_bad_words_that_ban_every_token_left_partway_fail_that_request_alone(llm: LLM) -> None:
+    ids, words = unmerged_characters(llm.tokenizer)
+    # Allowed either way first; after it, each pair is a bad word: the second token has none left.
+    doomed = SamplingParams(temperature=1.0, seed=1, max_tokens=8, allowed_token_ids=ids, bad_words=words)
+    message = f"bad_words={words!r}: at output token 2 they ban every token left by allowed_token_ids, so none could"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        llm.generate("Hello", doomed)
+    alone = llm.generate("Hi", GREEDY)[0].outputs[0].token_ids
+    llm.engine.add_request("Hello", doomed, request_id="doomed")
+    llm.engine.add_request("Hi", GREEDY, request_id="fine")
+    finished = {}
+    while llm.engine.has_unfinished_requests():
+        finished.update({output.request_id: output for output in llm.engine.step() if output.finished})
+    failures = dict(llm.engine.take_failures())
+    assert list(failures) == ["doomed"] and isinstance(failures["doomed"], NoTokenLeftError)
+    assert list(finished) == ["fine"] and finished["fine"].outputs[0].token_ids == alone
 
 
 def test_engine_options_are_checked_before_loading(tmp_path: Path, model_dir: Path) -> None:

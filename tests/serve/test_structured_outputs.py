@@ -209,19 +209,20 @@ def test_a_grammar_that_fails_partway_fails_its_request_alone(
 
 
 def test_a_grammar_refusing_every_allowed_token_fails_its_own_call(llm: LLM) -> None:
-    # Every token the choice allows is banned: the token drawn breaks the grammar. generate
-    # names the prompt; of two open streams, only that request's raises.
+    # Every token the choice allows is banned: that request fails before its token is judged.
+    # generate names the prompt; of two open streams, only that request's raises.
     x = llm.get_tokenizer().convert_tokens_to_ids("x")
     broken = SamplingParams(
         temperature=0.0, max_tokens=8, allowed_token_ids=[x], structured_outputs=StructuredOutputsParams(choice=["yes"])
     )
     plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    with pytest.raises(ValueError, match=r"^prompt 1: structured_outputs\.choice: token \d+ may not come"):
+    refused = r"structured_outputs\.choice: allows only tokens that allowed_token_ids forbid at output token 1$"
+    with pytest.raises(ValueError, match=rf"^prompt 1: {refused}"):
         llm.generate(["Hello", "Hi"], [plain, broken])
     expected = llm.generate("Hello", plain)[0].outputs[0].token_ids
     healthy, failing = llm.stream("Hello", plain), llm.stream("Hi", broken)
     first = next(healthy)
-    with pytest.raises(ValueError, match=r"^the request: structured_outputs\.choice: token"):
+    with pytest.raises(ValueError, match=rf"^the request: {refused}"):
         next(failing)
     last = first
     for last in healthy:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,6 +220,30 @@ def test_bad_words_ban_a_last_token_where_the_output_ends_in_the_rest() -> None:
     torch.testing.assert_close(
         process_logits(torch.cat([logits, logits[:3]]) + 50.0 * (torch.arange(10) == 8), static)[:5], processed
     )
+
+
+def test_a_row_whose_constraints_forbid_every_token_is_told_apart_from_the_rest() -> None:
+    eos, vocab = 0, 10
+    allowed = SamplingParams(allowed_token_ids=[3, 4], bad_words=["x"])
+    held = SamplingParams(allowed_token_ids=[0, 3], bad_words=["x"], min_tokens=3)
+    only_eos = np.zeros(vocab, dtype=bool)
+    only_eos[eos] = True
+    rows = [
+        RowState(allowed, [], [3], None, [[3, 3], [3, 4]]),  # both continuations of 3 banned
+        RowState(allowed, [], [4], None, [[3, 3], [3, 4]]),  # after 4 nothing is banned
+        RowState(allowed, [], [3], None, [[3, 3]]),  # 4 is left
+        RowState(held, [], [3], None, [[3, 3]]),  # EOS held back, 3 banned
+        RowState(held, [], [3, 4, 5], None, [[3, 3]]),  # min_tokens met: EOS left
+        RowState(SamplingParams(bad_words=["x"]), [], [], None, [[t] for t in range(vocab)]),  # a whole-vocabulary ban
+        RowState(SamplingParams(min_tokens=2), [], [], None, (), only_eos),  # the grammar allows only EOS
+        RowState(SamplingParams(allowed_token_ids=[5]), [], [], None, (), only_eos),
+        RowState(SamplingParams(), [], [], None, (), only_eos),
+    ]
+    expected = [True, False, False, True, False, True, True, True, False]
+    assert [row.forbids_every_token(vocab, [eos]) for row in rows] == expected
+    # Exactly the rows whose processed logits are all -inf.
+    processed = process_logits(torch.randn(len(rows), vocab), SamplingBatch.build(rows, vocab, "cpu", [eos]))
+    assert (processed == -float("inf")).all(dim=1).tolist() == expected
 
 
 def test_min_tokens_masks_eos_and_stop_tokens_until_met() -> None:
