@@ -29,6 +29,7 @@ from neuron_llm.loader.tokenizer import bad_word_token_ids
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs, make_generator
+from neuron_llm.sample.rejection import expand_rows
 from neuron_llm.sample.sampler import NoTokenLeftError
 from neuron_llm.sample.structured import Grammar, GrammarCompiler, GrammarError
 from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams, is_integral
@@ -140,8 +141,10 @@ class _LaunchedStep:
     them once the scheduler took the step's tokens are the step's."""
     generator_states: list[tuple[torch.Generator, torch.Tensor]]
     """The seeded rows' generators before the step drew from them, restored when it is rewound."""
-    dead_ends: dict[int, ValueError]
-    """Sampling row -> the error that fails its request: its constraints left no token to draw."""
+    dead_ends: dict[int, tuple[int, ValueError]]
+    """Sampling entry -> the first of its logits rows (0, or past that many of its proposals)
+    whose constraints leave no token to draw, and the error that fails its request if its
+    token comes from that row."""
     host_token_ids: torch.Tensor | None = field(init=False, default=None)
     host_logprobs: LogprobsTensors | None = field(init=False, default=None)
     host_num_accepted: torch.Tensor | None = field(init=False, default=None)
@@ -512,9 +515,7 @@ class LLMEngine:
         sampling = [entry for entry in scheduled.scheduled if entry.is_sampling]
         rows = [self._row_state(entry) for entry in sampling]
         # Judged now, while each row's output is the one it samples after.
-        dead_ends = {
-            i: error for i, (entry, row) in enumerate(zip(sampling, rows)) if (error := self._dead_end(entry, row))
-        }
+        dead_ends = {i: found for i, entry in enumerate(sampling) if (found := self._dead_end(entry, rows[i]))}
         sampled_before = None
         if self._in_flight is not None and self._in_flight.result.sampled is not None:
             sampled_before = self._in_flight.result.sampled.token_ids
@@ -547,8 +548,9 @@ class LLMEngine:
                 continue  # aborted, or stopped by the step before (async scheduling ran it once more)
             group, seq = found
             try:
-                if row in launched.dead_ends:
-                    raise launched.dead_ends[row]  # its token was drawn from logits all -inf
+                dead_end = launched.dead_ends.get(row)
+                if dead_end is not None and len(ids) > dead_end[0]:
+                    raise dead_end[1]  # its last token was drawn from logits all -inf
                 self._take_tokens(group, seq, ids, logprobs, num_before)
             except Exception as error:
                 # That request fails alone: every other row of the step is still judged.
@@ -610,10 +612,17 @@ class LLMEngine:
             None if seq.grammar is None else seq.grammar.allowed(),
         )
 
-    def _dead_end(self, entry: ScheduledRequest, row: RowState) -> ValueError | None:
-        """The error to fail ``entry``'s request with when ``row`` forbids every token; else None."""
-        if not row.forbids_every_token(self.config.model.vocab_size, self._sorted_eos_token_ids):
-            return None
+    def _dead_end(self, entry: ScheduledRequest, row: RowState) -> tuple[int, ValueError] | None:
+        """The first of ``entry``'s logits rows (``row``, then one past each proposal it
+        verifies) that forbids every token, and the error to fail its request with; else None."""
+        drafts = entry.token_ids[len(entry.token_ids) - entry.num_draft_tokens :] if entry.num_draft_tokens else []
+        for position, expanded in enumerate(expand_rows([row], [drafts])):
+            if expanded.forbids_every_token(self.config.model.vocab_size, self._sorted_eos_token_ids):
+                return position, self._no_token_error(entry, expanded)
+        return None
+
+    def _no_token_error(self, entry: ScheduledRequest, row: RowState) -> ValueError:
+        """Why ``row`` has no token left, naming what forbids them (``RowState.forbids_every_token``)."""
         params, grammar = row.params, self._sequences[entry.request.request_id][1].grammar
         position = f"output token {len(row.output_token_ids) + 1}"
         others = ["allowed_token_ids"] if params.allowed_token_ids else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -155,6 +156,28 @@ def test_bad_words_that_ban_every_token_left_partway_fail_that_request_alone(llm
     failures = dict(llm.engine.take_failures())
     assert list(failures) == ["doomed"] and isinstance(failures["doomed"], NoTokenLeftError)
     assert list(finished) == ["fine"] and finished["fine"].outputs[0].token_ids == alone
+
+
+class _Proposes:
+    def __init__(self, token_ids: list[int]) -> None:
+        self.token_ids = token_ids
+
+    def propose(self, token_ids: Any) -> list[int]:
+        return self.token_ids
+
+
+def test_a_token_with_none_left_is_never_generated_past_kept_proposals(model_dir: Path) -> None:
+    plain, speculating = make_llm(model_dir), make_llm(model_dir, speculative_config={"num_speculative_tokens": 3})
+    (a, _), (word, *_) = unmerged_characters(plain.tokenizer)
+    # Only the token itself, banned after two of it: the third token has none left.
+    params = SamplingParams(temperature=0.0, max_tokens=8, allowed_token_ids=[a], bad_words=[word[0] * 3])
+    # Proposed after the first: the first proposal is kept, and the row after it has no token.
+    speculating.engine.proposer = _Proposes([a] * 3)
+    message = "at output token 3 they ban every token left by allowed_token_ids, so none could be generated"
+    for llm in (plain, speculating):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            llm.generate("Hello", params)
+    assert speculating.engine.stats().num_draft_tokens > 0
 
 
 def test_engine_options_are_checked_before_loading(tmp_path: Path, model_dir: Path) -> None:
