@@ -233,6 +233,12 @@ class SamplingParams:
         and it may hold most of the vocabulary."""
         return None if self.allowed_token_ids is None else np.array(self.allowed_token_ids, dtype=np.int64)
 
+    @functools.cached_property
+    def allowed_token_set(self) -> frozenset[int] | None:
+        """``allowed_token_ids`` as a set, made once (``RowState.forbids_every_token`` asks of
+        a few tokens each step whether they are among them)."""
+        return None if self.allowed_token_ids is None else frozenset(self.allowed_token_ids)
+
     @property
     def has_token_bias(self) -> bool:
         """Whether logit_bias, allowed_token_ids, bad_words or structured_outputs add to some

@@ -550,8 +550,15 @@ class LLMEngine:
             try:
                 dead_end = launched.dead_ends.get(row)
                 if dead_end is not None and len(ids) > dead_end[0]:
-                    raise dead_end[1]  # its last token was drawn from logits all -inf
-                self._take_tokens(group, seq, ids, logprobs, num_before)
+                    # Its last token was drawn from logits all -inf: it fails, unless the tokens
+                    # before that one (kept proposals) end the sequence first.
+                    position, error = dead_end
+                    if position:
+                        self._take_tokens(group, seq, ids[:position], logprobs[:position], num_before)
+                    if seq.finish_reason is None:
+                        raise error
+                else:
+                    self._take_tokens(group, seq, ids, logprobs, num_before)
             except Exception as error:
                 # That request fails alone: every other row of the step is still judged.
                 if isinstance(error, (GrammarError, NoTokenLeftError)):
@@ -615,6 +622,8 @@ class LLMEngine:
     def _dead_end(self, entry: ScheduledRequest, row: RowState) -> tuple[int, ValueError] | None:
         """The first of ``entry``'s logits rows (``row``, then one past each proposal it
         verifies) that forbids every token, and the error to fail its request with; else None."""
+        if not row.bad_words_token_ids and row.grammar_mask is None:
+            return None  # allowed_token_ids against min_tokens alone: refused when the request was added
         drafts = entry.token_ids[len(entry.token_ids) - entry.num_draft_tokens :] if entry.num_draft_tokens else []
         for position, expanded in enumerate(expand_rows([row], [drafts])):
             if expanded.forbids_every_token(self.config.model.vocab_size, self._sorted_eos_token_ids):
@@ -624,9 +633,14 @@ class LLMEngine:
     def _no_token_error(self, entry: ScheduledRequest, row: RowState) -> ValueError:
         """Why ``row`` has no token left, naming what forbids them (``RowState.forbids_every_token``)."""
         params, grammar = row.params, self._sequences[entry.request.request_id][1].grammar
+        if grammar is not None and (failure := grammar.failure()) is not None:
+            return failure  # given up on, its mask allows EOS alone
         position = f"output token {len(row.output_token_ids) + 1}"
         others = ["allowed_token_ids"] if params.allowed_token_ids else []
-        others += [f"min_tokens={params.min_tokens}"] if row.is_min_tokens_unmet else []
+        if row.is_min_tokens_unmet and not row.forbids_every_token(
+            self.config.model.vocab_size, self._sorted_eos_token_ids, hold_ends=False
+        ):
+            others.append(f"min_tokens={params.min_tokens}")
         if not row.banned_token_ids():
             assert grammar is not None, "only a grammar or bad words can take a row's last token"
             forbid = f"only tokens that {' and '.join(others)} forbid" if others else "no token"

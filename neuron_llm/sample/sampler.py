@@ -97,23 +97,35 @@ class RowState:
                 banned.append(word[-1])
         return banned
 
-    def forbids_every_token(self, vocab_size: int, eos_token_ids: Sequence[int]) -> bool:
+    def forbids_every_token(self, vocab_size: int, eos_token_ids: Sequence[int], hold_ends: bool = True) -> bool:
         """Whether ``allowed_token_ids``, the grammar's mask, ``bad_words`` and ``min_tokens``
-        together leave no token to sample (the row's logits would all be -inf)."""
+        together leave no token to sample (the row's logits would all be -inf); ``hold_ends``
+        False: leaving ``min_tokens`` out.
+
+        Counts rather than masks the vocabulary: the few banned and held-back tokens against
+        the number the row may sample otherwise, so a step pays for them, not for the vocabulary.
+        """
         banned = self.banned_token_ids()
         if not banned and self.grammar_mask is None:
             # allowed_token_ids that min_tokens alone empties are refused when the request is added.
             return False
-        left = np.ones(vocab_size, dtype=bool) if self.grammar_mask is None else self.grammar_mask.copy()
-        if self.params.allowed_token_ids:
-            allowed = np.zeros(vocab_size, dtype=bool)
-            allowed[self.params.allowed_token_array] = True
-            left &= allowed
-        left[[token_id for token_id in banned if token_id < vocab_size]] = False
-        if self.is_min_tokens_unmet:
-            ends = set(self.params.stop_token_ids or ()) | set(eos_token_ids)
-            left[[token_id for token_id in ends if token_id < vocab_size]] = False
-        return not left.any()
+        removed = set(banned)
+        if hold_ends and self.is_min_tokens_unmet:
+            removed |= {*(self.params.stop_token_ids or ()), *eos_token_ids}
+        allowed, grammar = self.params.allowed_token_set, self.grammar_mask
+        if grammar is None:
+            num_candidates = vocab_size if allowed is None else len(allowed)
+        elif allowed is None:
+            num_candidates = int(grammar.sum())
+        else:
+            num_candidates = int(grammar[self.params.allowed_token_array].sum())
+        num_removed = sum(
+            token_id < vocab_size
+            and (allowed is None or token_id in allowed)
+            and (grammar is None or bool(grammar[token_id]))
+            for token_id in removed
+        )
+        return num_removed == num_candidates
 
 
 @dataclass

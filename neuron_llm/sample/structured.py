@@ -130,10 +130,14 @@ class Grammar:
         partway (a limit met: a regex of a{1000000}; its last mask then allowed only EOS), or
         when the token may not come here (the engine fails a row whose mask the request's other
         constraints empty before its token is drawn)."""
-        if self._matcher.is_error():
-            raise GrammarError(self._field, f"failed partway: {self._error()}")
+        if (failure := self.failure()) is not None:
+            raise failure
         if not self._matcher.consume_token(token_id):
             raise GrammarError(self._field, f"token {token_id} may not come where it was sampled ({self._error()})")
+
+    def failure(self) -> GrammarError | None:
+        """The error llguidance gave up on the grammar with, partway; None while it holds."""
+        return GrammarError(self._field, f"failed partway: {self._error()}") if self._matcher.is_error() else None
 
     def _error(self) -> str:
         return _one_line(self._matcher.get_error())

@@ -180,6 +180,22 @@ def test_a_token_with_none_left_is_never_generated_past_kept_proposals(model_dir
     assert speculating.engine.stats().num_draft_tokens > 0
 
 
+def test_a_kept_proposal_that_stops_the_sequence_spares_it_the_dead_end_after(model_dir: Path) -> None:
+    plain, speculating = make_llm(model_dir), make_llm(model_dir, speculative_config={"num_speculative_tokens": 3})
+    (a, b), _ = unmerged_characters(plain.tokenizer)
+    word = {token_id: plain.tokenizer.decode([token_id]) for token_id in (a, b)}
+    # a first; then only b, the stop token; after b no token is left (a dead end never reached).
+    bad_words = [word[a] + word[a], word[b] + word[a], word[b] + word[b]]
+    params = SamplingParams(
+        temperature=0.0, max_tokens=8, allowed_token_ids=[a, b], stop_token_ids=[b],
+        logit_bias={a: 100.0, b: 50.0}, bad_words=bad_words,
+    )  # fmt: skip
+    speculating.engine.proposer = _Proposes([b, a, a])  # b kept, then the row with none left
+    outputs = [llm.generate("Hello", params)[0].outputs[0] for llm in (plain, speculating)]
+    assert [(output.token_ids, output.finish_reason) for output in outputs] == [([a, b], "stop")] * 2
+    assert speculating.engine.stats().num_accepted_tokens == 1
+
+
 def test_engine_options_are_checked_before_loading(tmp_path: Path, model_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown LLM option\(s\) \['swap_space'\]"):
         LLM(model=str(tmp_path / "not-loaded"), swap_space=4)

@@ -208,6 +208,16 @@ def test_a_grammar_that_fails_partway_fails_its_request_alone(
     assert plain.status_code == 200 and plain.json()["choices"][0]["text"]
 
 
+@pytest.mark.parametrize("constraint", [{}, {"min_tokens": 30}, {"allowed_token_ids": "a"}])
+def test_a_grammar_given_up_on_is_named_whatever_else_forbids_its_eos(llm: LLM, constraint: dict) -> None:
+    # Given up on, the grammar's mask allows EOS alone, which min_tokens holds back and "a" is not.
+    if constraint.get("allowed_token_ids"):
+        constraint = {"allowed_token_ids": llm.get_tokenizer().encode("a", add_special_tokens=False)}
+    params = SamplingParams(max_tokens=40, structured_outputs=StructuredOutputsParams(regex="a{1000000}"), **constraint)
+    with pytest.raises(ValueError, match=r"^prompt 0: structured_outputs\.regex: failed partway: "):
+        llm.generate("a", params)
+
+
 def test_a_grammar_refusing_every_allowed_token_fails_its_own_call(llm: LLM) -> None:
     # Every token the choice allows is banned: that request fails before its token is judged.
     # generate names the prompt; of two open streams, only that request's raises.

@@ -241,6 +241,9 @@ def test_a_row_whose_constraints_forbid_every_token_is_told_apart_from_the_rest(
     ]
     expected = [True, False, False, True, False, True, True, True, False]
     assert [row.forbids_every_token(vocab, [eos]) for row in rows] == expected
+    # Without min_tokens holding EOS back, the held row has EOS left; the first has still none.
+    assert not rows[3].forbids_every_token(vocab, [eos], hold_ends=False)
+    assert rows[0].forbids_every_token(vocab, [eos], hold_ends=False)
     # Exactly the rows whose processed logits are all -inf.
     processed = process_logits(torch.randn(len(rows), vocab), SamplingBatch.build(rows, vocab, "cpu", [eos]))
     assert (processed == -float("inf")).all(dim=1).tolist() == expected
