@@ -276,8 +276,8 @@ class LLM:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the loaded weights as stored: under tensor parallelism rank 0's shard on the CPU
-        and CUDA, the whole model on the XLA device (each device holding its share of it)."""
+        """Bytes of the loaded weights as stored; under tensor parallelism, rank 0's shard on the
+        CPU and CUDA, one device's share on the XLA device."""
         return self._executor.worker.weight_bytes
 
     def generate(

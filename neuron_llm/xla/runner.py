@@ -72,7 +72,7 @@ class XlaWorker(Worker):
             self._mesh = spmd.make_mesh(tensor_parallel_size)
         super().__init__(model.to(xla_device()), config, num_kv_blocks, backend)
         if self._mesh is not None:
-            spmd.shard_model(self.model, self._mesh)
+            self.weight_bytes = spmd.shard_model(self.model, self._mesh)
             spmd.shard_kv_caches(self.kv_caches, self._mesh)
         sync()
         self._num_compiled = 0

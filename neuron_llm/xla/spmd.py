@@ -96,9 +96,11 @@ def check_schemes(schemes: dict[str, str]) -> None:
             )
 
 
-def shard_model(model: nn.Module, mesh: object) -> None:
-    """Annotate the weights of ``model`` (on the XLA device) with the split of the module docstring."""
+def shard_model(model: nn.Module, mesh: object) -> int:
+    """Annotate the weights of ``model`` (on the XLA device) with the split of the module
+    docstring; return the bytes of its parameters one device holds (a tied one once)."""
     size = _mesh_size(mesh)
+    split: set[int] = set()
     for name, module in model.named_modules():
         kind = name.rsplit(".", 1)[-1]
         tensors = [t for t in [*module._parameters.values(), *module._buffers.values()] if t is not None]
@@ -107,6 +109,10 @@ def shard_model(model: nn.Module, mesh: object) -> None:
                 _mark(tensor, mesh, 0)
             elif kind in SPLIT_INPUTS and tensor.dim() == 2 and tensor.shape[1] % size == 0:
                 _mark(tensor, mesh, 1)
+            else:
+                continue
+            split.add(id(tensor))
+    return sum(p.numel() * p.element_size() // (size if id(p) in split else 1) for p in model.parameters())
 
 
 def shard_kv_caches(kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]], mesh: object) -> None:

@@ -49,6 +49,7 @@ def main(model: str, dump: Path, quantization: str | None, flags: list[str]) -> 
     result = {
         "tokens": [list(output.outputs[0].token_ids) for output in outputs],
         "compiled_after_warm_up": counts.compilations,
+        "weight_bytes": llm.weight_bytes,
         "collectives": [graph for graph in collectives if graph],
     }
     print(json.dumps(result))

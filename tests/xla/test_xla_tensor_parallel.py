@@ -42,11 +42,16 @@ def run_child(model: Path, tmp_path: Path, *args: str, devices: int = 2) -> subp
     )
 
 
-def cpu_tokens(model: Path, quantization: str | None = None) -> list[list[int]]:
-    from tests.xla.tensor_parallel_child import OPTIONS, PROMPTS
+def on_cpu(model: Path, quantization: str | None = None) -> LLM:
+    from tests.xla.tensor_parallel_child import OPTIONS
 
-    llm = LLM(str(model), device="cpu", quantization=quantization, **OPTIONS)
-    outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0))
+    return LLM(str(model), device="cpu", quantization=quantization, **OPTIONS)
+
+
+def cpu_tokens(model: Path, quantization: str | None = None) -> list[list[int]]:
+    from tests.xla.tensor_parallel_child import PROMPTS
+
+    outputs = on_cpu(model, quantization).generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0))
     return [list(output.outputs[0].token_ids) for output in outputs]
 
 
@@ -60,6 +65,10 @@ def test_two_devices_generate_what_one_cpu_does_with_megatrons_collectives(
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["tokens"] == cpu_tokens(model, quantization)
     assert result["compiled_after_warm_up"] == 0
+    if quantization is None:
+        # Each device holds half of every weight but the norms' (2 a layer and the last, fp32).
+        norms = 4 * 64 * (2 * NUM_LAYERS + 1)
+        assert result["weight_bytes"] == (on_cpu(model).weight_bytes - norms) // 2 + norms
     # Every step graph: the vocabulary-split embedding's all-reduce, the o and down projections'
     # all-reduces in each layer, and one all-gather of the logits rows (never a weight).
     assert result["collectives"], "no partitioned graph with collectives was dumped"
