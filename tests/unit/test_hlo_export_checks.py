@@ -17,7 +17,7 @@ from neuron_llm.config import (
     SpeculativeConfig,
 )
 from neuron_llm.models.llama import LlamaForCausalLM
-from neuron_llm.xla import entry_parameter_shapes
+from neuron_llm.xla import entry_parameter_shapes, entry_parameter_splits
 
 SHAPES = [GraphShape("decode_t4_s4", 4, 4, 8)]
 
@@ -91,3 +91,35 @@ def test_an_out_dir_holding_files_is_refused(model: LlamaForCausalLM, tmp_path: 
 def test_a_truncated_module_is_refused(data: bytes) -> None:
     with pytest.raises(ValueError, match="truncated field in HLO module proto"):
         entry_parameter_shapes(data)
+
+
+def _field(number: int, value: int | bytes) -> bytes:
+    """One protobuf field: a varint, or length-delimited bytes."""
+
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            out += bytes([n & 0x7F | (0x80 if n > 0x7F else 0)])
+            n >>= 7
+            if not n:
+                return out
+
+    if isinstance(value, int):
+        return varint(number << 3) + varint(value)
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def _parameter(number: int, sharding: bytes | None) -> bytes:
+    fields = _field(2, b"parameter") + (_field(9, number) if number else b"")  # proto3 leaves 0 out
+    return _field(2, fields + (_field(40, sharding) if sharding is not None else b""))
+
+
+def test_parameter_splits_are_read_from_the_entry_computation_in_parameter_order() -> None:
+    tiled = _field(1, 3) + _field(3, bytes([2, 1])) + _field(4, bytes([0, 1]))
+    replicated_last = _field(1, 3) + _field(3, bytes([1, 2, 2])) + _field(6, 1)
+    entry = _field(5, 7) + _parameter(2, b"") + _parameter(1, replicated_last) + _parameter(0, tiled)
+    other = _field(5, 3) + _parameter(0, tiled)  # a called computation's parameter is not the module's
+    module = _field(3, other) + _field(3, entry) + _field(6, 7)
+    assert entry_parameter_splits(module) == [(2, 1), (1, 2), None]
+    with pytest.raises(ValueError, match="HLO module has no entry computation"):
+        entry_parameter_splits(_field(3, other) + _field(6, 7))
