@@ -9,6 +9,8 @@ default model's vocabulary (SmolLM2's, 49,152 tokens; bad words and grammars nee
 tokenizer), this times, per setting, the median of 50 builds of the rows and the batch on
 the CPU with one thread, beside the anchor measured in the same run: the same build for
 plain greedy rows, and ``process_logits`` applying the resulting bias to a step's logits.
+It also times the engine's check that a row leaves some token to sample
+(``RowState.forbids_every_token``, run for each row with bad words or a grammar).
 """
 
 from __future__ import annotations
@@ -79,15 +81,18 @@ def main() -> int:
     }
     logits = torch.randn(args.batch, vocab)
     print(f"{args.batch} rows, vocabulary {vocab}, CPU, one thread; median of {REPEATS} builds\n")
-    print("| rows of | build (ms) | x plain | process_logits with it (ms) |")
-    print("|---|---:|---:|---:|")
+    print("| rows of | build (ms) | x plain | process_logits with it (ms) | no-token-left check (ms) |")
+    print("|---|---:|---:|---:|---:|")
     plain_ms = None
+    eos = [tokenizer.eos_token_id]
     for name, rows in cases.items():
         built = median_ms(lambda rows=rows: SamplingBatch.build(rows(), vocab, "cpu"))
         batch = SamplingBatch.build(rows(), vocab, "cpu")
         applied = median_ms(lambda batch=batch: process_logits(logits, batch))
+        made = rows()
+        checked = median_ms(lambda made=made: [row.forbids_every_token(vocab, eos) for row in made])
         plain_ms = plain_ms or built
-        print(f"| {name} | {built:.2f} | {built / plain_ms:.1f} | {applied:.2f} |")
+        print(f"| {name} | {built:.2f} | {built / plain_ms:.1f} | {applied:.2f} | {checked:.3f} |")
     return 0
 
 
