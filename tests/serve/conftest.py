@@ -191,13 +191,13 @@ def metric(server: ServerThread, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def unmerged_characters(tokenizer: Any) -> tuple[list[int], list[str]]:
-    """Two characters that are one token each and two tokens in any pair: their ids, and the
-    four pairs as bad words, which leave no token after either."""
-    for pair in itertools.combinations("0123456789!?;:#%&*+=@^~", 2):
-        ids = [tokenizer.encode(c, add_special_tokens=False) for c in pair]
-        words = [x + y for x in pair for y in pair]
+def unmerged_characters(tokenizer: Any, count: int = 2) -> tuple[list[int], list[str]]:
+    """``count`` characters that are one token each and two tokens in any pair: their ids, and
+    (for two) the four pairs as bad words, which leave no token after either."""
+    for chars in itertools.combinations("0123456789!?;:#%&*+=@^~", count):
+        ids = [tokenizer.encode(c, add_special_tokens=False) for c in chars]
+        words = [x + y for x in chars for y in chars]
         pairs_apart = all(len(tokenizer.encode(word, add_special_tokens=False)) == 2 for word in words)
         if pairs_apart and all(len(i) == 1 for i in ids):
             return [i[0] for i in ids], words
-    raise AssertionError("no two characters stay apart in this tokenizer")
+    raise AssertionError(f"no {count} characters stay apart in this tokenizer")

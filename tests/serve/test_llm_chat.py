@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -156,6 +157,38 @@ def test_bad_words_that_ban_every_token_left_partway_fail_that_request_alone(llm
     failures = dict(llm.engine.take_failures())
     assert list(failures) == ["doomed"] and isinstance(failures["doomed"], NoTokenLeftError)
     assert list(finished) == ["fine"] and finished["fine"].outputs[0].token_ids == alone
+
+
+def test_random_constraints_never_give_a_forbidden_token_and_fail_only_with_none_left(llm: LLM) -> None:
+    ids, _ = unmerged_characters(llm.tokenizer, count=3)
+    text = {token_id: llm.tokenizer.decode([token_id]) for token_id in ids}
+    eos = llm.tokenizer.eos_token_id
+    rng = random.Random(0)
+    for trial in range(30):
+        chosen = rng.sample(ids, rng.randint(1, 3))
+        allowed = chosen + ([eos] if rng.random() < 0.3 else [])
+        # Words mostly of allowed tokens, so that some paths run out of them.
+        pool = chosen + rng.sample(ids, 1)
+        spellings = [[rng.choice(pool) for _ in range(rng.randint(2, 3))] for _ in range(rng.randint(1, 6))]
+        min_tokens = rng.choice([0, 0, 2, 4])
+        params = SamplingParams(
+            temperature=0.0, max_tokens=10, allowed_token_ids=allowed, min_tokens=min_tokens,
+            bad_words=["".join(text[t] for t in spelling) for spelling in spellings],
+        )  # fmt: skip
+        output: list[int] = []
+        try:
+            for step in llm.stream("Hello", params):
+                output = list(step.outputs[0].token_ids)
+        except ValueError as error:
+            # Failed: after what it wrote, every allowed token is banned or held back.
+            assert isinstance(error.__cause__, NoTokenLeftError), (trial, error)
+            banned = {s[-1] for s in spellings if output[len(output) - len(s) + 1 :] == s[:-1]}
+            held = {eos} if len(output) < min_tokens else set()
+            assert set(allowed) <= banned | held, (trial, output, params)
+            continue
+        assert set(output) <= set(allowed), (trial, output)
+        assert not any(output[i : i + len(s)] == s for s in spellings for i in range(len(output))), (trial, output)
+        assert eos not in output[:min_tokens], (trial, output)
 
 
 class _Proposes:
