@@ -762,19 +762,15 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model)
-        quant = None
         if self.quantization is not None:
             from neuron_llm.quant.config import resolve_quant_config
 
-            quant = resolve_quant_config(self.quantization)  # raises naming the presets
-            self._check_sharded_quantization(quant)
+            self._check_sharded_quantization(resolve_quant_config(self.quantization))  # raises naming the presets
         on_xla = torch.device(self.device.device).type == "xla"
         if on_xla and self.parallel.tensor_parallel_size > 1:
-            from neuron_llm.xla.spmd import check_schemes, check_shape
+            from neuron_llm.xla.spmd import check_shape
 
             check_shape(self.parallel.tensor_parallel_size, self.model.num_key_value_heads)
-            if quant is not None:  # before loading; a quantized checkpoint is checked once loaded
-                check_schemes({f"quantization={self.quantization!r}": quant.scheme})
         # The next step's input ids are filled in on the device from the last step's samples.
         if self.scheduler.async_scheduling and on_xla:
             raise ValueError("async_scheduling=True is not supported on the XLA device")

@@ -34,7 +34,6 @@ import torch
 from neuron_llm.backends import Backend
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
-from neuron_llm.quant.layers import quantized_linears
 from neuron_llm.sample import LogprobsTensors, RowState, SamplerOutput, SamplingBatch, sample
 from neuron_llm.sample.rejection import verify
 from neuron_llm.worker import StepInput, StepOutput, Worker, on_own_backend_and_device
@@ -68,7 +67,6 @@ class XlaWorker(Worker):
         tensor_parallel_size = config.parallel.tensor_parallel_size
         self._mesh = None
         if tensor_parallel_size > 1:
-            spmd.check_schemes({name: fmt.scheme for name, fmt in quantized_linears(model).items()})
             self._mesh = spmd.make_mesh(tensor_parallel_size)
         super().__init__(model.to(xla_device()), config, num_kv_blocks, backend)
         if self._mesh is not None:

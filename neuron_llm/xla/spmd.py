@@ -35,8 +35,6 @@ SPLIT_OUTPUTS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"
 """Modules whose tensors are split along their first dimension (output features, vocabulary rows)."""
 SPLIT_INPUTS = ("o_proj", "down_proj")
 """Modules whose matrices are split along their last dimension (input features, or input groups of scales)."""
-UNSPLIT_SCHEMES = ("int8",)
-"""Quantized formats whose matmul the neuron backend runs in one piece (see ``check_schemes``)."""
 
 
 def check_shape(tensor_parallel_size: int, num_kv_heads: int) -> None:
@@ -82,18 +80,6 @@ def make_mesh(tensor_parallel_size: int) -> object:
             )
         xr.use_spmd()
     return xs.Mesh(np.arange(num_devices), (num_devices,), (AXIS,))
-
-
-def check_schemes(schemes: dict[str, str]) -> None:
-    """Refuse quantized linears (name -> scheme) other than ``UNSPLIT_SCHEMES``: the fp8 and w8a8
-    matmuls work in tiles of rows, across which XLA's partitioner would move weight tiles
-    between devices every step."""
-    for name, scheme in schemes.items():
-        if scheme not in UNSPLIT_SCHEMES:
-            raise ValueError(
-                f"{name}: {scheme} linears are not split under tensor parallelism on the XLA device, "
-                f"which takes 16-bit and {', '.join(UNSPLIT_SCHEMES)} weights only"
-            )
 
 
 def shard_model(model: nn.Module, mesh: object) -> int:

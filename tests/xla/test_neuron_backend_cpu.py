@@ -191,3 +191,27 @@ def run_step(
     with torch.no_grad():
         hidden = model(input_ids, torch.tensor(positions), caches, metadata)
         return model.compute_logits(hidden)[: sum(query_lens)]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-g32", "fp8", "w8a8"])
+def test_quantized_linears_in_one_piece_match_the_tiled_reference(scheme: str) -> None:
+    from neuron_llm.quant import reference
+    from neuron_llm.quant.formats import quantize_fp8_weight, quantize_int8
+
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 5, 64), torch.randn(48, 64), torch.randn(48)
+    tiles = 64 * 16  # three tiles of rows in the reference
+    if scheme.startswith("int8"):
+        group_size = 32 if scheme == "int8-g32" else None
+        q, scale = quantize_int8(weight, group_size)
+        expected = reference.int8_linear(x, q, scale, bias, group_size, tile_elements=tiles)
+        actual = NeuronBackend().int8_linear(x, q, scale, bias, group_size)
+    elif scheme == "fp8":
+        q, scale = quantize_fp8_weight(weight)
+        expected = reference.fp8_linear(x, q, scale, bias, 1200.0, tile_elements=tiles)
+        actual = NeuronBackend().fp8_linear(x, q, scale, bias, 1200.0)
+    else:
+        q, scale = quantize_int8(weight)
+        expected = reference.w8a8_linear(x, q, scale, bias, tile_elements=tiles)
+        actual = NeuronBackend().w8a8_linear(x, q, scale, bias)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

@@ -55,7 +55,7 @@ def cpu_tokens(model: Path, quantization: str | None = None) -> list[list[int]]:
     return [list(output.outputs[0].token_ids) for output in outputs]
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "fp8-all", "w8a8"])
 def test_two_devices_generate_what_one_cpu_does_with_megatrons_collectives(
     save_tiny_llama: Callable[..., tuple[Any, Path]], tmp_path: Path, quantization: str | None
 ) -> None:
@@ -70,11 +70,15 @@ def test_two_devices_generate_what_one_cpu_does_with_megatrons_collectives(
         norms = 4 * 64 * (2 * NUM_LAYERS + 1)
         assert result["weight_bytes"] == (on_cpu(model).weight_bytes - norms) // 2 + norms
     # Every step graph: the vocabulary-split embedding's all-reduce, the o and down projections'
-    # all-reduces in each layer, and one all-gather of the logits rows (never a weight).
+    # all-reduces in each layer, and one all-gather of the logits rows (never a weight). W8A8
+    # adds, before o and down, one of each token's activation maximum over their split inputs.
     assert result["collectives"], "no partitioned graph with collectives was dumped"
+    per_token = 2 * NUM_LAYERS if quantization in ("fp8-all", "w8a8") else 0
     for graph in result["collectives"]:
-        kinds = [kind for _, kind in graph]
-        assert kinds.count("all-reduce") == 1 + 2 * NUM_LAYERS and kinds.count("all-gather") == 1, graph
+        reduced = [shape for shape, kind in graph if kind == "all-reduce"]
+        maxima = [shape for shape in reduced if shape.endswith("]{0}")]  # [tokens]
+        assert len(reduced) - len(maxima) == 1 + 2 * NUM_LAYERS and len(maxima) == per_token, graph
+        assert [kind for _, kind in graph].count("all-gather") == 1, graph
         gathered = next(shape for shape, kind in graph if kind == "all-gather")
         assert gathered.endswith("256]{0,1}") and int(gathered.split("[")[1].split(",")[0]) <= 32, gathered
 
@@ -95,8 +99,6 @@ def test_a_device_count_other_than_the_tp_degree_is_refused(
     [
         # Turning SPMD on after the device was used crashed torch-xla's next step (a segfault).
         (["--after-one-device"], "has used the XLA device without tensor parallelism already"),
-        # Their matmul's tiles of rows would have their weights moved between devices every step.
-        (["fp8-all"], "quantization='fp8-all': fp8 linears are not split under tensor parallelism on the XLA device"),
         (["--after-device-call"], "has used the XLA device without tensor parallelism already"),
     ],
 )
