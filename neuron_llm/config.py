@@ -804,12 +804,13 @@ class EngineConfig:
 
     def _check_sharded_quantization(self, quant: QuantConfig) -> None:
         """Refuse, before any rank starts, a quantization that tensor-parallel shards cannot
-        hold: an 8-bit LM head (the head is sharded in 16 bits only), or scale groups that
-        would straddle two ranks' input columns of a row-parallel linear."""
+        hold: an 8-bit LM head on the CPU or CUDA (their ranks shard the head in 16 bits only),
+        or scale groups that would straddle two ranks' input columns of a row-parallel linear."""
         tp, model = self.parallel.tensor_parallel_size, self.model
         if tp == 1:
             return
-        if quant.policy.lm_head:
+        # On the XLA device one process splits the whole model by annotation, the head included.
+        if quant.policy.lm_head and torch.device(self.device.device).type != "xla":
             raise ValueError(
                 f"quantization={self.quantization!r} quantizes the LM head, which runs on one device: "
                 f"with tensor_parallel_size={tp} the head is sharded in 16 bits only"

@@ -285,6 +285,11 @@ def test_a_quantization_tensor_parallel_shards_cannot_hold_is_refused_before_any
 
     with pytest.raises(ValueError, match=r"quantization='int8-head' quantizes the LM head, which runs on one device"):
         engine(2, "int8-head")
+    # The XLA device splits the whole model by annotation, the head in 8 bits too.
+    xla = EngineConfig(
+        model=tiny_model(), device=DeviceConfig(device="xla"), parallel=ParallelConfig(2), quantization="int8-head"
+    )
+    assert xla.quantization == "int8-head"
     # o_proj's 64 input features split in 32 per rank: groups of 128 would straddle ranks.
     with pytest.raises(ValueError, match=r"group_size=128 does not divide each rank's 32 input features of o_proj"):
         engine(2, "int8-g128")

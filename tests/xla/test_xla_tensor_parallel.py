@@ -55,7 +55,7 @@ def cpu_tokens(model: Path, quantization: str | None = None) -> list[list[int]]:
     return [list(output.outputs[0].token_ids) for output in outputs]
 
 
-@pytest.mark.parametrize("quantization", [None, "int8", "fp8-all", "w8a8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int8-head", "fp8-all", "w8a8"])
 def test_two_devices_generate_what_one_cpu_does_with_megatrons_collectives(
     save_tiny_llama: Callable[..., tuple[Any, Path]], tmp_path: Path, quantization: str | None
 ) -> None:
