@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from neuron_llm.backends.base import Backend
-from neuron_llm.quant.formats import dequantize_int8, quantize_fp8_activation, quantize_int8_activation
+from neuron_llm.quant import reference
+from neuron_llm.quant.formats import dequantize_int8
 
 if TYPE_CHECKING:
     from neuron_llm.ops.metadata import AttentionMetadata
@@ -129,30 +130,13 @@ class NeuronBackend(Backend):
         bias: torch.Tensor | None,
         activation_scale_ub: float | None,
     ) -> torch.Tensor:
-        x_q, x_scale = quantize_fp8_activation(x.reshape(-1, weight.shape[1]), activation_scale_ub)
-        return _scaled_linear(x, x_q, x_scale, weight, weight_scale, bias)
+        # In one tile, as int8_linear is, for the same reason.
+        return reference.fp8_linear(x, weight, weight_scale, bias, activation_scale_ub, tile_elements=weight.numel())
 
     def w8a8_linear(
         self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        x_q, x_scale = quantize_int8_activation(x.reshape(-1, weight.shape[1]))
-        return _scaled_linear(x, x_q, x_scale, weight, weight_scale, bias)
-
-
-def _scaled_linear(
-    x: torch.Tensor,
-    x_q: torch.Tensor,
-    x_scale: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """``quant.reference``'s W8A8 matmul in one piece (see ``int8_linear``): exact 8-bit products
-    summed in float32, then both scales."""
-    out = (F.linear(x_q.float(), weight.float()) * weight_scale.T * x_scale).to(x.dtype)
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+        return reference.w8a8_linear(x, weight, weight_scale, bias, tile_elements=weight.numel())
 
 
 def token_layout(metadata: AttentionMetadata, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

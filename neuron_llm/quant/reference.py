@@ -105,15 +105,23 @@ def _scaled_linear(
     bias: torch.Tensor | None,
     tile_elements: int,
 ) -> torch.Tensor:
-    """``(x_q @ weight.T) * x_scale * weight_scale.T + bias`` in float32, tile by tile, shaped like ``x``."""
+    """``(x_q @ weight.T) * x_scale * weight_scale.T + bias`` in float32, tile by tile, shaped like ``x``.
+
+    One tile is one matmul, without slices or a concatenation: XLA's partitioner gathers a
+    tensor-parallel linear's output across a concatenation (the neuron backend asks for one).
+    """
     out_features, in_features = weight.shape
     x_f = x_q.float()  # [tokens, in], exact
     step = tile_rows(out_features, in_features, tile_elements)
-    tiles = []
-    for start in range(0, out_features, step):
-        w_tile = weight[start : start + step].float()  # [rows, in], exact
-        tiles.append(F.linear(x_f, w_tile) * weight_scale[start : start + step].T)
-    out = (torch.cat(tiles, dim=1) * x_scale).to(x.dtype)  # [tokens, out]
+    if step == out_features:
+        out = F.linear(x_f, weight.float()) * weight_scale.T
+    else:
+        tiles = []
+        for start in range(0, out_features, step):
+            w_tile = weight[start : start + step].float()  # [rows, in], exact
+            tiles.append(F.linear(x_f, w_tile) * weight_scale[start : start + step].T)
+        out = torch.cat(tiles, dim=1)
+    out = (out * x_scale).to(x.dtype)  # [tokens, out]
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], out_features)
