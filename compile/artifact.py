@@ -126,6 +126,7 @@ def fixed_options(config: EngineConfig) -> dict[str, Any]:
         )
         options["sampling_features"] = list(config.device.sampling_features)
         options["context_buckets"] = list(context_lengths(config))
+        options["nki_kernels"] = list(config.device.nki_kernels)
     return options
 
 
@@ -142,8 +143,8 @@ _OPTION_KEYS = (
     "enable_chunked_prefill",
 )
 _XLA_OPTION_KEYS = ("num_kv_blocks", "speculative_config", "sampling_features")
-"""What ``fixed_options`` records on the XLA device besides ``_OPTION_KEYS`` (and context_buckets,
-which artifacts compiled before it lack)."""
+"""What ``fixed_options`` records on the XLA device besides ``_OPTION_KEYS`` (and context_buckets
+and nki_kernels, which artifacts compiled before them lack)."""
 
 
 def manifest_sha256(manifest: dict[str, Any]) -> str:
@@ -334,8 +335,9 @@ class Artifact:
                 "neuron-llm; compile the model again"
             )
         if manifest["options"].get("device") == "xla":
-            # Compiled before context buckets existed: every step took max_model_len's width.
+            # Compiled before these existed: every step took max_model_len's width, with no NKI kernel.
             manifest["options"].setdefault("context_buckets", [])
+            manifest["options"].setdefault("nki_kernels", [])
         return cls(path, manifest)
 
     @property
@@ -491,7 +493,7 @@ def _same_option(name: str, value: Any, built: Any) -> bool:
         return parse_device(value).type == built
     if name == "dtype":
         return value == "auto" or parse_dtype(value) == parse_dtype(built)
-    if name in ("sampling_features", "context_buckets"):
+    if name in ("sampling_features", "context_buckets", "nki_kernels"):
         return sorted(set(value)) == built
     if name == "speculative_config":
         parsed = SpeculativeConfig.parse(value)

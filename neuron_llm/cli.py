@@ -66,11 +66,17 @@ def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
         help="XLA device: comma-separated context lengths block tables are padded to, max-model-len added; "
         "every bucket compiles at each (default: max-model-len / 4, / 16, / 64, none below 512)",
     )
+    parser.add_argument(
+        "--nki-kernels",
+        default=None,
+        help="XLA device on Neuron (SDK installed): comma-separated NKI kernels replacing their XLA forms: "
+        "decode_attention, int8_matmul (not yet run on a NeuronCore)",
+    )
 
 
 def _run_compile(args: argparse.Namespace) -> int:
     from neuron_llm.compile.build import compile_artifact
-    from neuron_llm.config import parse_context_buckets, parse_sampling_features
+    from neuron_llm.config import parse_context_buckets, parse_names, parse_sampling_features
     from neuron_llm.output_dir import check_out_dir
 
     check_out_dir(Path(args.out))
@@ -88,6 +94,7 @@ def _run_compile(args: argparse.Namespace) -> int:
                 None if args.sampling_features is None else parse_sampling_features(args.sampling_features),
             ),
             ("context_buckets", None if args.context_buckets is None else parse_context_buckets(args.context_buckets)),
+            ("nki_kernels", None if args.nki_kernels is None else parse_names(args.nki_kernels)),
         )
         if value is not None
     }

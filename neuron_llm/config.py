@@ -646,10 +646,14 @@ SAMPLING_FEATURES = ("logit_bias", "logprobs", "min_tokens", "penalties", "promp
 "logit_bias" is any row's additive bias: its logit_bias, allowed_token_ids, bad_words or grammar."""
 
 
+def parse_names(text: str) -> list[str]:
+    """Comma-separated names (a command line's, an environment variable's) as a list."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def parse_sampling_features(text: str) -> list[str]:
-    """Comma-separated feature names (a command line's, an environment variable's) as a list;
-    ``ValueError`` naming any not in ``SAMPLING_FEATURES``."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
+    """Comma-separated feature names as a list; ``ValueError`` naming any not in ``SAMPLING_FEATURES``."""
+    names = parse_names(text)
     _check_feature_names(names)
     return names
 
@@ -696,6 +700,10 @@ class DeviceConfig:
     costs what they need, not ``max_model_len``; each length multiplies the graphs warm-up
     compiles. None: ``max_model_len`` / 4, / 16 and / 64, none below 512
     (``neuron_llm.buckets.context_lengths``). Stored sorted."""
+    nki_kernels: tuple[str, ...] = ()
+    """On the XLA device with the Neuron SDK installed, the NKI kernels of
+    ``nki_kernels.KERNELS`` that replace their XLA forms (not run on a NeuronCore yet).
+    Stored sorted."""
 
     def __post_init__(self) -> None:
         device = parse_device(self.device)
@@ -726,6 +734,12 @@ class DeviceConfig:
                     "block tables to context lengths; attention elsewhere reads each sequence's own keys"
                 )
             object.__setattr__(self, "context_buckets", tuple(sorted(set(lengths))))
+        if kernels := self.nki_kernels:
+            if device_type != "xla":
+                raise ValueError(f"nki_kernels={kernels!r} on device={self.device!r}: NKI kernels run on Neuron")
+            import nki_kernels
+
+            object.__setattr__(self, "nki_kernels", nki_kernels.check(kernels))
         if not is_int(self.max_prefill_graph_tokens) or self.max_prefill_graph_tokens < 0:
             raise ValueError(f"max_prefill_graph_tokens={self.max_prefill_graph_tokens!r} must be an integer >= 0")
         from neuron_llm.backends import BACKEND_NAMES
@@ -771,6 +785,12 @@ class EngineConfig:
             from neuron_llm.xla.spmd import check_shape
 
             check_shape(self.parallel.tensor_parallel_size, self.model.num_key_value_heads)
+            if self.device.nki_kernels:
+                # A custom call has no rule telling XLA's partitioner how to split it.
+                raise ValueError(
+                    f"nki_kernels={list(self.device.nki_kernels)!r} with tensor_parallel_size="
+                    f"{self.parallel.tensor_parallel_size}: the NKI kernels run unsharded (tensor_parallel_size=1)"
+                )
         # The next step's input ids are filled in on the device from the last step's samples.
         if self.scheduler.async_scheduling and on_xla:
             raise ValueError("async_scheduling=True is not supported on the XLA device")

@@ -84,6 +84,9 @@ class LLM:
             padded to, ``max_model_len`` added: a step's attention computes the smallest that
             holds its longest sequence, and warm-up compiles every bucket at each. None:
             ``max_model_len`` / 4, / 16 and / 64, none below 512.
+        nki_kernels: on the XLA device of a Neuron machine (the Neuron SDK installed), the NKI
+            kernels that replace their XLA forms: "decode_attention", "int8_matmul" (per-channel
+            int8 weights). Written against NKI's documented API, not run on a NeuronCore yet.
         generation_config: as in vLLM, "auto" takes default sampling settings from the model's
             ``generation_config.json``; "vllm" ignores them (``SamplingParams()``'s own).
         seed: as in vLLM, seeds torch's default generators (``torch.manual_seed``, for the
@@ -112,6 +115,7 @@ class LLM:
         speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None,
         sampling_features: Sequence[str] | None = None,
         context_buckets: Sequence[int] | None = None,
+        nki_kernels: Sequence[str] | None = None,
         generation_config: str = "auto",
         seed: int | None = None,
         **engine_options: Any,
@@ -135,6 +139,7 @@ class LLM:
         for name, value, of in (
             ("sampling_features", sampling_features, "feature names"),
             ("context_buckets", context_buckets, "context lengths"),
+            ("nki_kernels", nki_kernels, "kernel names"),
         ):
             if isinstance(value, str):
                 raise ValueError(f"{name}={value!r}: must be a list of {of}")
@@ -164,10 +169,12 @@ class LLM:
                     "speculative_config": speculative_config,
                     "sampling_features": sampling_features,
                     "context_buckets": context_buckets,
+                    "nki_kernels": nki_kernels,
                     **engine_options,
                 }
             )
             context_buckets = fixed.pop("context_buckets", None)
+            nki_kernels = fixed.pop("nki_kernels", None)
             speculative_config = fixed.pop("speculative_config", None)
             device, dtype, quantization, tensor_parallel_size, backend, max_model_len, sampling_features = (
                 fixed.pop(name, None)
@@ -199,6 +206,7 @@ class LLM:
                 max_prefill_graph_tokens=max_prefill_graph_tokens,
                 sampling_features=tuple(sampling_features or ()),
                 context_buckets=context_buckets,  # checked and stored as a tuple there
+                nki_kernels=tuple(nki_kernels or ()),
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=1 if tensor_parallel_size is None else tensor_parallel_size,

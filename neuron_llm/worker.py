@@ -192,7 +192,7 @@ def make_worker(model: LlamaForCausalLM, config: EngineConfig) -> Worker:
     if device.type == "cuda" and device.index is not None:
         # Loading and sizing the KV pool run on the current device too (steps set their own).
         torch.cuda.set_device(device)
-    backend = get_backend(config.device.backend_name)
+    backend = get_backend(config.device.backend_name, config.device.nki_kernels)
     backend.prepare_model(model)
     if device.type == "xla":
         from neuron_llm.xla.runner import XlaWorker
@@ -237,7 +237,9 @@ class Worker:
     ) -> None:
         self.model = model
         self.config = config
-        self.backend = backend if backend is not None else get_backend(config.device.backend_name)
+        if backend is None:
+            backend = get_backend(config.device.backend_name, config.device.nki_kernels)
+        self.backend = backend
         """Where this worker's ops go (each engine its own, whatever another one in the process uses)."""
         self.device = torch.device(config.device.device)
         if self.device.type == "cuda" and self.device.index is None:

@@ -7,6 +7,7 @@ packages are imported lazily inside the backend that needs them.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 
 from neuron_llm.backends.base import Backend
 
@@ -24,8 +25,11 @@ def default_backend_name(device: str) -> str:
     return "torch"
 
 
-def get_backend(name: str) -> Backend:
-    """Return the backend called ``name`` (one of ``BACKEND_NAMES``)."""
+def get_backend(name: str, nki_kernels: Iterable[str] = ()) -> Backend:
+    """Return the backend called ``name`` (one of ``BACKEND_NAMES``); the neuron backend with
+    the NKI kernels named."""
+    if nki_kernels and name != "neuron":
+        raise ValueError(f"nki_kernels={sorted(nki_kernels)}: NKI kernels run in the neuron backend, not {name!r}")
     if name == "torch":
         from neuron_llm.backends.torch_backend import TorchBackend
 
@@ -37,7 +41,7 @@ def get_backend(name: str) -> Backend:
     if name == "neuron":
         from neuron_llm.backends.neuron import NeuronBackend
 
-        return NeuronBackend()
+        return NeuronBackend(nki_kernels)
     raise ValueError(f"backend={name!r} is not available; choose one of {list(BACKEND_NAMES)}")
 
 

@@ -19,16 +19,20 @@ alone took 32 GiB a layer for a 2,048-token prefill bucket over 8,192-token cont
 The chunks are unrolled at trace time, so the graph grows with the block-table width; no
 chunk is skipped, since which are empty is a value, not a shape. The runner bounds the
 width instead: it cuts a step's tables to the narrowest context bucket holding its longest
-sequence (``neuron_llm.buckets``). An NKI flash-attention kernel that skips empty chunks is
-not built: ``nki_kernels/`` ships none yet.
+sequence (``neuron_llm.buckets``).
+
+Where the Neuron SDK is installed, ``nki_kernels`` swaps in NKI kernels (``nki_kernels/``):
+decode steps' attention, and the int8 weight-only matmul of per-channel weights.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from neuron_llm.backends.base import Backend
 from neuron_llm.quant import reference
@@ -46,6 +50,18 @@ class NeuronBackend(Backend):
     """Gather-based paged attention and scatter KV writes with static shapes (torch-xla friendly)."""
 
     name = "neuron"
+
+    def __init__(self, nki_kernels: Iterable[str] = ()) -> None:
+        from nki_kernels import check
+
+        self.nki_kernels = frozenset(check(tuple(nki_kernels)))
+        """The NKI kernels (of ``nki_kernels.KERNELS``) that replace their XLA forms."""
+
+    def prepare_model(self, model: nn.Module) -> None:
+        if "int8_matmul" in self.nki_kernels:
+            from nki_kernels.int8_matmul import replace_int8_linears
+
+            replace_int8_linears(model)
 
     def write_kv_cache(
         self,
@@ -72,6 +88,15 @@ class NeuronBackend(Backend):
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
+        if "decode_attention" in self.nki_kernels and metadata.is_decode:
+            from nki_kernels import decode_attention
+
+            if decode_attention.takes(query, key_cache, metadata.block_tables):
+                out = decode_attention.paged_decode_attention(
+                    query, key_cache, value_cache, metadata.block_tables, metadata.seq_lens, scale
+                )
+                # Token s is sequence s's; a padded one has an empty context and a meaningless row.
+                return out * (metadata.seq_lens > 0)[:, None, None].to(out.dtype)
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads = key_cache.shape[2]
         block_size = key_cache.shape[1]

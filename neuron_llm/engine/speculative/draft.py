@@ -96,6 +96,7 @@ class DraftModelProposer:
                 backend=config.device.backend,
                 enforce_eager=config.device.enforce_eager,
                 context_buckets=context_buckets,
+                nki_kernels=config.device.nki_kernels,
                 max_model_len=self.max_model_len,
                 block_size=config.cache.block_size,
                 num_kv_blocks=num_kv_blocks,

@@ -1,0 +1,163 @@
+"""The int8 weight-only matmul (per-channel scales) as one NKI kernel, weight tile by weight tile.
+
+The Tensor Engine multiplies 16-bit (or fp8, fp32) tiles, not int8 ones, and contracts over
+the partition dimension of both operands. So the weight is kept transposed, [in, out]
+(``NkiInt8Linear``, made once when the model is prepared), and padded to whole tiles; each
+[128 in, 128 out] tile is read from HBM in 8 bits, widened to the activation's dtype in SBUF
+and used as the stationary operand against the activations, which stream through::
+
+    for each block of rows (tokens) r:
+        x_t[:, r] for every 128-input tile into SBUF      (kept for every output tile)
+        for each output tile n of 128 channels:
+            acc[n, r] = sum over input tiles k of  widen(W_t[k, n]).T @ x_t[k, r]   (PSUM, fp32)
+            out_t[n, r] = acc * scale[n]             (a channel a partition: one scale each)
+
+The result comes out transposed, [out, tokens], and the wrapper transposes it back; the
+activations go in transposed, [in, tokens]. So every DMA reads or writes whole rows; a
+weight tile's rows are 128 bytes, though, where 512 (a [128, 512] load feeding four
+accumulators) would move faster: one of the things to measure on a NeuronCore first.
+Group-wise scales vary along the input: they would need the fp32 partial products of each
+input tile scaled before adding, and stay on the XLA form.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuron_llm.quant.layers import Int8Linear
+
+try:  # the Neuron SDK; absent, the kernel stays a plain function that is never called
+    import neuronxcc.nki.isa as nisa
+    import neuronxcc.nki.language as nl
+    from neuronxcc import nki
+except Exception:  # the PyPI placeholders raise more than ImportError
+    nki = nisa = nl = None
+
+_jit = nki.jit if nki is not None else (lambda kernel: kernel)
+
+PARTITIONS = 128
+"""Input features a tile contracts, and output channels a tile makes (a partition each)."""
+
+MAX_ROW_TILE = 512
+"""Rows (tokens) of the streamed operand a matmul takes at most (one PSUM bank of fp32)."""
+
+ACTIVATION_BYTES = 64 * 1024
+"""SBUF bytes a partition gives a block of rows' activations: a third of the 176 KiB trn1's
+compiler leaves a partition, so that two blocks in flight fit beside the weight tiles."""
+
+
+def row_tile(in_features: int, num_rows: int, itemsize: int) -> int:
+    """Rows of a block: all of them up to ``MAX_ROW_TILE``, fewer when a block's activations
+    for every input tile would not fit ``ACTIVATION_BYTES`` a partition. Inputs padded to
+    whole tiles (``in_features`` a multiple of ``PARTITIONS``)."""
+    fits = ACTIVATION_BYTES // (in_features // PARTITIONS * itemsize)
+    return max(1, min(num_rows, MAX_ROW_TILE, fits))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class NkiInt8Linear(nn.Module):
+    """An ``Int8Linear`` with per-channel scales whose matmul is the NKI kernel.
+
+    Holds the weight transposed and padded to whole tiles, [in, out] int8, and the scales as
+    a column, [out, 1] fp32 (padding: zero weights, unit scales).
+    """
+
+    def __init__(self, linear: Int8Linear) -> None:
+        super().__init__()
+        if linear.group_size is not None:
+            raise ValueError(f"the NKI int8 matmul takes per-channel scales, not groups of {linear.group_size}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        padded_in, padded_out = _round_up(self.in_features, PARTITIONS), _round_up(self.out_features, PARTITIONS)
+        weight_t = linear.weight.detach().t()
+        weight_t = F.pad(weight_t, (0, padded_out - self.out_features, 0, padded_in - self.in_features))
+        scale = linear.weight_scale.detach().float().reshape(-1, 1)
+        scale = F.pad(scale, (0, 0, 0, padded_out - self.out_features), value=1.0)
+        self.weight_t = nn.Parameter(weight_t.contiguous(), requires_grad=False)
+        self.weight_scale = nn.Parameter(scale.contiguous(), requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if nki is None:
+            raise RuntimeError("the NKI int8 matmul needs the Neuron SDK's neuronxcc.nki")
+        x_t, tile = kernel_input(x, self.weight_t.shape[0])
+        out_t = int8_matmul_kernel(x_t, self.weight_t, self.weight_scale, row_tile=tile)
+        return kernel_output(out_t, x, self.out_features, self.bias)
+
+
+def kernel_input(x: torch.Tensor, padded_in: int) -> tuple[torch.Tensor, int]:
+    """``x`` [..., in] as the kernel's ``x_t`` [padded_in, padded rows], with its row tile."""
+    rows = x.reshape(-1, x.shape[-1])
+    tile = row_tile(padded_in, rows.shape[0], rows.element_size())
+    rows = F.pad(rows, (0, padded_in - rows.shape[1], 0, _round_up(rows.shape[0], tile) - rows.shape[0]))
+    return rows.t().contiguous(), tile
+
+
+def kernel_output(out_t: torch.Tensor, x: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's ``out_t`` [padded out, padded rows] as the linear's output [..., out]."""
+    num_rows = x.numel() // x.shape[-1]
+    out = out_t[:out_features, :num_rows].t().reshape(*x.shape[:-1], out_features)
+    return out if bias is None else out + bias
+
+
+def replace_int8_linears(model: nn.Module) -> int:
+    """Swap every per-channel ``Int8Linear`` of ``model`` for an ``NkiInt8Linear``; returns how many."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            # Exact type: subclasses (tensor-parallel ones) reduce across ranks in their forward.
+            if type(child) is Int8Linear and child.group_size is None:
+                setattr(parent, name, NkiInt8Linear(child))
+                swapped += 1
+    return swapped
+
+
+def int8_matmul_tiles(x_t: np.ndarray, weight_t: np.ndarray, scale: np.ndarray, row_tile: int) -> np.ndarray:
+    """The kernel's tiles in NumPy: same inputs, same loops, fp32 products of the widened tiles."""
+    in_features, num_rows = x_t.shape
+    out_features = weight_t.shape[1]
+    out_t = np.empty((out_features, num_rows), dtype=x_t.dtype)
+    for r in range(0, num_rows, row_tile):
+        x_tiles = x_t[:, r : r + row_tile].astype(np.float32)
+        for n in range(0, out_features, PARTITIONS):
+            acc = np.zeros((PARTITIONS, row_tile), dtype=np.float32)
+            for k in range(0, in_features, PARTITIONS):
+                widened = weight_t[k : k + PARTITIONS, n : n + PARTITIONS].astype(x_t.dtype).astype(np.float32)
+                acc += widened.T @ x_tiles[k : k + PARTITIONS]
+            out_t[n : n + PARTITIONS, r : r + row_tile] = (acc * scale[n : n + PARTITIONS]).astype(x_t.dtype)
+    return out_t
+
+
+@_jit
+def int8_matmul_kernel(x_t, weight_t, scale, row_tile=MAX_ROW_TILE):
+    """``out_t`` [out, rows] = ``(x @ (weight * scale).T).T`` from ``x_t`` [in, rows],
+    ``weight_t`` [in, out] int8 and ``scale`` [out, 1] fp32; ``in`` and ``out`` multiples
+    of ``PARTITIONS``, ``rows`` of ``row_tile``."""
+    in_features, num_rows = x_t.shape
+    out_features = weight_t.shape[1]
+    num_k = in_features // PARTITIONS
+    out_t = nl.ndarray((out_features, num_rows), dtype=x_t.dtype, buffer=nl.shared_hbm)
+    i_p = nl.arange(PARTITIONS)[:, None]
+    i_rows = nl.arange(row_tile)[None, :]
+    i_out = nl.arange(PARTITIONS)[None, :]
+    i_one = nl.arange(1)[None, :]
+    for r in nl.affine_range(num_rows // row_tile):
+        x_tiles = nl.ndarray((nl.par_dim(PARTITIONS), num_k * row_tile), dtype=x_t.dtype, buffer=nl.sbuf)
+        for k in nl.affine_range(num_k):
+            x_tiles[i_p, k * row_tile + i_rows] = nl.load(x_t[k * PARTITIONS + i_p, r * row_tile + i_rows])
+        for n in nl.affine_range(out_features // PARTITIONS):
+            acc = nl.zeros((nl.par_dim(PARTITIONS), row_tile), dtype=nl.float32, buffer=nl.psum)
+            for k in nl.affine_range(num_k):
+                weight = nl.load(weight_t[k * PARTITIONS + i_p, n * PARTITIONS + i_out])  # int8
+                acc += nisa.nc_matmul(nl.copy(weight, dtype=x_t.dtype), x_tiles[i_p, k * row_tile + i_rows])
+            channel_scale = nl.load(scale[n * PARTITIONS + i_p, i_one])  # [PARTITIONS, 1]
+            nl.store(
+                out_t[n * PARTITIONS + i_p, r * row_tile + i_rows],
+                value=nl.multiply(acc, channel_scale, dtype=x_t.dtype),
+            )
+    return out_t
