@@ -74,6 +74,9 @@ class GraphShape:
     (speculative decoding), with this many sampling rows (``XlaWorker.sampling_block``)."""
     features: tuple[str, ...] = ()
     """The sampling features (``SAMPLING_FEATURES``) the graph holds; none: the plain graph."""
+    decode: bool = False
+    """A decode bucket's graph: every sequence computes one token (attention may take another
+    form there, as the NKI decode kernel does)."""
 
     def __post_init__(self) -> None:
         if not self.name or self.name in (".", "..") or any(sep in self.name for sep in "/\\"):
@@ -114,27 +117,32 @@ def graph_shapes(config: EngineConfig) -> list[GraphShape]:
                 suffix = f"_c{width * config.cache.block_size}" if several else ""
                 suffix += "".join(f"+{feature}" for feature in features)
                 t, s = bucket.num_tokens, bucket.num_seqs
-                shapes.append(GraphShape(f"{bucket.name}{suffix}", t, s, width, 0, features))
-                if k is not None and bucket.kind == "prefill":
+                decode = bucket.kind == "decode"
+                shapes.append(GraphShape(f"{bucket.name}{suffix}", t, s, width, 0, features, decode))
+                if k is not None and not decode:
                     rows = num_verified_rows(t, s, k)
                     shapes.append(GraphShape(f"{bucket.name}_verify{suffix}", t, s, width, rows, features))
     return shapes
 
 
 def dummy_step(shape: GraphShape) -> StepInput:
-    """A valid step of exactly ``shape``: one token of one sequence in block 1, the rest padding
-    (with the ``prompt_logprobs`` feature, a logits row of a prompt position too).
+    """A valid step of exactly ``shape``: one sequence in block 1 (one token in a decode
+    bucket, two elsewhere, as every step of a prefill bucket has a sequence of two or more),
+    the rest padding (with the ``prompt_logprobs`` feature, a logits row of a prompt position too).
 
-    Only shapes reach the graph, so any valid values trace the same module.
+    Only shapes and whether the step decodes reach the graph, so any such values trace the
+    same module.
     """
     # A verifying sequence has two sampling rows: its own and its proposal's.
     logits_indices = dummy_logits_indices(shape.num_seqs, 2 if shape.num_verified_rows else 1, shape.features)
+    n = 1 if shape.decode or shape.num_tokens == 1 else 2
     return StepInput(
-        input_ids=[0],
-        positions=[0],
-        query_lens=[1],
-        seq_lens=[1],
-        block_tables=[[1]],
+        input_ids=[0] * n,
+        positions=list(range(n)),
+        query_lens=[n],
+        seq_lens=[n],
+        # Two blocks where the table has room, so any block size holds the two tokens.
+        block_tables=[[1] * min(n, shape.max_blocks_per_seq)],
         logits_indices=logits_indices,
         num_padded_tokens=shape.num_tokens,
         num_padded_seqs=shape.num_seqs,
@@ -273,7 +281,7 @@ def trace_graph(
     # takes them as parameters and holds no earlier bucket's pending writes. The worker and
     # its pending tensors are dropped on return, before the next worker's sync could run them.
     xla_config = dataclasses.replace(config, device=dataclasses.replace(config.device, device="xla"))
-    worker = XlaWorker(model, xla_config, num_kv_blocks, NeuronBackend())
+    worker = XlaWorker(model, xla_config, num_kv_blocks, NeuronBackend(config.device.nki_kernels))
     # Traced as the worker serves it (Python numbers inlined as constants): the same module.
     step = dummy_step(shape)
     row = feature_row(set(shape.features) - {PROMPT_LOGPROBS})

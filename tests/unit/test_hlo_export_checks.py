@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from neuron_llm.buckets import BucketSet
-from neuron_llm.compile.hlo_export import GraphShape, export_hlo, graph_shapes
+from neuron_llm.compile.hlo_export import GraphShape, dummy_step, export_hlo, graph_shapes
 from neuron_llm.config import (
     CacheConfig,
     DeviceConfig,
@@ -17,6 +17,7 @@ from neuron_llm.config import (
     SpeculativeConfig,
 )
 from neuron_llm.models.llama import LlamaForCausalLM
+from neuron_llm.ops.metadata import AttentionMetadata
 from neuron_llm.xla import entry_parameter_shapes, entry_parameter_splits
 
 SHAPES = [GraphShape("decode_t4_s4", 4, 4, 8)]
@@ -55,6 +56,15 @@ def test_graphs_are_named_for_their_width_and_features() -> None:
     assert len(shapes) == 2 * 2 * graphs_per_width  # two widths, with and without the feature
     assert shapes["prefill_t16_s2_verify_c1024+logprobs"].max_blocks_per_seq == 64
     assert shapes["decode_t1_s1_c4096"].max_blocks_per_seq == 256
+    # A dummy step decodes exactly where the bucket's real steps do, so a backend whose graph
+    # depends on it (the NKI decode attention) exports the graph it serves.
+    for shape in shapes.values():
+        step = dummy_step(shape)
+        metadata = AttentionMetadata.build(
+            step.query_lens, step.seq_lens, step.block_tables, 16, "cpu", step.num_padded_tokens,
+            step.num_padded_seqs, step.max_blocks_per_seq,
+        )  # fmt: skip
+        assert shape.decode == shape.name.startswith("decode") == metadata.is_decode, shape.name
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../escaped", "decode/t1"])
