@@ -143,8 +143,18 @@ _OPTION_KEYS = (
     "enable_chunked_prefill",
 )
 _XLA_OPTION_KEYS = ("num_kv_blocks", "speculative_config", "sampling_features")
-"""What ``fixed_options`` records on the XLA device besides ``_OPTION_KEYS`` (and context_buckets
-and nki_kernels, which artifacts compiled before them lack)."""
+"""What ``fixed_options`` records on the XLA device besides ``_OPTION_KEYS`` (and context_buckets,
+which artifacts compiled before it lack, and nki_kernels, which ``manifest_options`` leaves out
+when empty)."""
+
+
+def manifest_options(config: EngineConfig) -> dict[str, Any]:
+    """``fixed_options`` as a manifest records them: no NKI kernels go unrecorded, so that such
+    an artifact loads in versions from before them too (``Artifact.open`` puts them back)."""
+    options = fixed_options(config)
+    if options.get("nki_kernels") == []:
+        del options["nki_kernels"]
+    return options
 
 
 def manifest_sha256(manifest: dict[str, Any]) -> str:

@@ -276,12 +276,17 @@ def trace_graph(
     model: LlamaForCausalLM, config: EngineConfig, shape: GraphShape, num_kv_blocks: int
 ) -> tuple[bytes, list[str], dict[str, dict[str, Any]]]:
     """The serialized HLO module of ``shape``'s step graph, traced as ``export_hlo`` does, the
-    names of its outputs in order, and the shape and dtype of each output but the pools."""
+    names of its outputs in order, and the shape and dtype of each output but the pools.
+
+    The backend rewrites ``model`` in place first, as the serving worker's does (so it need
+    not again): with the NKI int8 matmul, its layers are the kernel's."""
     # A fresh worker per bucket: its pools start as plain device data, so the traced graph
     # takes them as parameters and holds no earlier bucket's pending writes. The worker and
     # its pending tensors are dropped on return, before the next worker's sync could run them.
     xla_config = dataclasses.replace(config, device=dataclasses.replace(config.device, device="xla"))
-    worker = XlaWorker(model, xla_config, num_kv_blocks, NeuronBackend(config.device.nki_kernels))
+    backend = NeuronBackend(config.device.nki_kernels)
+    backend.prepare_model(model)
+    worker = XlaWorker(model, xla_config, num_kv_blocks, backend)
     # Traced as the worker serves it (Python numbers inlined as constants): the same module.
     step = dummy_step(shape)
     row = feature_row(set(shape.features) - {PROMPT_LOGPROBS})

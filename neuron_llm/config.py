@@ -734,7 +734,9 @@ class DeviceConfig:
                     "block tables to context lengths; attention elsewhere reads each sequence's own keys"
                 )
             object.__setattr__(self, "context_buckets", tuple(sorted(set(lengths))))
-        if kernels := self.nki_kernels:
+        if (kernels := self.nki_kernels) is None:
+            object.__setattr__(self, "nki_kernels", ())
+        elif kernels:
             if device_type != "xla":
                 raise ValueError(f"nki_kernels={kernels!r} on device={self.device!r}: NKI kernels run on Neuron")
             import nki_kernels

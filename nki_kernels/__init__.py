@@ -28,8 +28,10 @@ def import_error() -> str | None:
 
 
 def check(names: object) -> tuple[str, ...]:
-    """``names`` (of ``KERNELS``) sorted; ``ValueError`` naming what is wrong with them, or why
-    the SDK does not import."""
+    """``names`` (of ``KERNELS``; None for none) sorted; ``ValueError`` naming what is wrong with
+    them, or why the SDK does not import."""
+    if names is None:
+        return ()
     if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"nki_kernels={names!r}: must be a list of names from {KERNELS}")
     if unknown := sorted(set(names) - set(KERNELS)):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuron_llm.quant.layers import Int8Linear
+from neuron_llm.quant.layers import Int8Linear, QuantizedLinear
 
 try:  # the Neuron SDK; absent, the kernel stays a plain function that is never called
     import neuronxcc.nki.isa as nisa
@@ -50,43 +50,45 @@ compiler leaves a partition, so that two blocks in flight fit beside the weight 
 
 
 def row_tile(in_features: int, num_rows: int, itemsize: int) -> int:
-    """Rows of a block: all of them up to ``MAX_ROW_TILE``, fewer when a block's activations
-    for every input tile would not fit ``ACTIVATION_BYTES`` a partition. Inputs padded to
+    """Rows of a block: at most ``MAX_ROW_TILE`` and as many as a block's activations for every
+    input tile fit in ``ACTIVATION_BYTES`` a partition, the rows shared evenly between the
+    fewest blocks (513 rows: two blocks of 257, not 512 and a padded 512). Inputs padded to
     whole tiles (``in_features`` a multiple of ``PARTITIONS``)."""
-    fits = ACTIVATION_BYTES // (in_features // PARTITIONS * itemsize)
-    return max(1, min(num_rows, MAX_ROW_TILE, fits))
+    most = max(1, min(MAX_ROW_TILE, ACTIVATION_BYTES // (in_features // PARTITIONS * itemsize)))
+    return -(-num_rows // -(-num_rows // most))
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-class NkiInt8Linear(nn.Module):
+class NkiInt8Linear(QuantizedLinear):
     """An ``Int8Linear`` with per-channel scales whose matmul is the NKI kernel.
 
-    Holds the weight transposed and padded to whole tiles, [in, out] int8, and the scales as
-    a column, [out, 1] fp32 (padding: zero weights, unit scales).
+    Its ``weight`` is the int8 weight transposed and padded to whole tiles, [in, out] (not a
+    linear's [out, in]), and ``weight_scale`` a column, [out, 1] fp32; padding holds zero
+    weights and unit scales. The same names and format as the layer it replaces, so the
+    model's accounting and checks see an int8 linear (of the padded size it holds).
     """
 
     def __init__(self, linear: Int8Linear) -> None:
-        super().__init__()
         if linear.group_size is not None:
             raise ValueError(f"the NKI int8 matmul takes per-channel scales, not groups of {linear.group_size}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        padded_in, padded_out = _round_up(self.in_features, PARTITIONS), _round_up(self.out_features, PARTITIONS)
-        weight_t = linear.weight.detach().t()
-        weight_t = F.pad(weight_t, (0, padded_out - self.out_features, 0, padded_in - self.in_features))
+        in_features, out_features = linear.in_features, linear.out_features
+        super().__init__(in_features, out_features, False, linear.format)
+        padded_in, padded_out = _round_up(in_features, PARTITIONS), _round_up(out_features, PARTITIONS)
+        weight_t = F.pad(linear.weight.detach().t(), (0, padded_out - out_features, 0, padded_in - in_features))
         scale = linear.weight_scale.detach().float().reshape(-1, 1)
-        scale = F.pad(scale, (0, 0, 0, padded_out - self.out_features), value=1.0)
-        self.weight_t = nn.Parameter(weight_t.contiguous(), requires_grad=False)
+        scale = F.pad(scale, (0, 0, 0, padded_out - out_features), value=1.0)
+        self.weight = nn.Parameter(weight_t.contiguous(), requires_grad=False)
         self.weight_scale = nn.Parameter(scale.contiguous(), requires_grad=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if nki is None:
             raise RuntimeError("the NKI int8 matmul needs the Neuron SDK's neuronxcc.nki")
-        x_t, tile = kernel_input(x, self.weight_t.shape[0])
-        out_t = int8_matmul_kernel(x_t, self.weight_t, self.weight_scale, row_tile=tile)
+        x_t, tile = kernel_input(x, self.weight.shape[0])
+        out_t = int8_matmul_kernel(x_t, self.weight, self.weight_scale, row_tile=tile)
         return kernel_output(out_t, x, self.out_features, self.bias)
 
 
@@ -105,16 +107,19 @@ def kernel_output(out_t: torch.Tensor, x: torch.Tensor, out_features: int, bias:
     return out if bias is None else out + bias
 
 
-def replace_int8_linears(model: nn.Module) -> int:
-    """Swap every per-channel ``Int8Linear`` of ``model`` for an ``NkiInt8Linear``; returns how many."""
-    swapped = 0
+def replace_int8_linears(model: nn.Module) -> None:
+    """Swap every per-channel ``Int8Linear`` of ``model`` for an ``NkiInt8Linear``; again, a
+    no-op. ``ValueError`` when the model holds none: the kernel would change nothing."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             # Exact type: subclasses (tensor-parallel ones) reduce across ranks in their forward.
             if type(child) is Int8Linear and child.group_size is None:
                 setattr(parent, name, NkiInt8Linear(child))
-                swapped += 1
-    return swapped
+    if not any(isinstance(module, NkiInt8Linear) for module in model.modules()):
+        raise ValueError(
+            "nki_kernels: 'int8_matmul' runs int8 linears with per-channel scales (quantization 'int8' or "
+            "'int8-head'), and this model has none"
+        )
 
 
 def int8_matmul_tiles(x_t: np.ndarray, weight_t: np.ndarray, scale: np.ndarray, row_tile: int) -> np.ndarray:

@@ -7,7 +7,7 @@ packages are imported lazily inside the backend that needs them.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from neuron_llm.backends.base import Backend
 
@@ -25,11 +25,11 @@ def default_backend_name(device: str) -> str:
     return "torch"
 
 
-def get_backend(name: str, nki_kernels: Iterable[str] = ()) -> Backend:
+def get_backend(name: str, nki_kernels: Sequence[str] | None = ()) -> Backend:
     """Return the backend called ``name`` (one of ``BACKEND_NAMES``); the neuron backend with
     the NKI kernels named."""
     if nki_kernels and name != "neuron":
-        raise ValueError(f"nki_kernels={sorted(nki_kernels)}: NKI kernels run in the neuron backend, not {name!r}")
+        raise ValueError(f"nki_kernels={nki_kernels!r}: NKI kernels run in the neuron backend, not {name!r}")
     if name == "torch":
         from neuron_llm.backends.torch_backend import TorchBackend
 

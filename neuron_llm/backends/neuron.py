@@ -27,7 +27,7 @@ decode steps' attention, and the int8 weight-only matmul of per-channel weights.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,10 +51,10 @@ class NeuronBackend(Backend):
 
     name = "neuron"
 
-    def __init__(self, nki_kernels: Iterable[str] = ()) -> None:
+    def __init__(self, nki_kernels: Sequence[str] | None = ()) -> None:
         from nki_kernels import check
 
-        self.nki_kernels = frozenset(check(tuple(nki_kernels)))
+        self.nki_kernels = frozenset(check(nki_kernels))
         """The NKI kernels (of ``nki_kernels.KERNELS``) that replace their XLA forms."""
 
     def prepare_model(self, model: nn.Module) -> None:

@@ -13,11 +13,12 @@ import nki_kernels
 from neuron_llm.backends import get_backend
 from neuron_llm.backends.neuron import NeuronBackend
 from neuron_llm.backends.torch_backend import TorchBackend
-from neuron_llm.config import DeviceConfig, EngineConfig, ModelConfig, ParallelConfig
+from neuron_llm.compile.artifact import fixed_options, manifest_options
+from neuron_llm.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig
 from neuron_llm.ops.metadata import AttentionMetadata
 from neuron_llm.quant import reference
 from neuron_llm.quant.formats import quantize_int8
-from neuron_llm.quant.layers import Int8Linear
+from neuron_llm.quant.layers import Int8Linear, quantized_linears
 from nki_kernels import decode_attention, int8_matmul
 
 NKI_MISSING = nki_kernels.import_error()
@@ -118,15 +119,13 @@ def test_int8_matmul_tiles_through_the_layers_wrappers_match_the_reference(
     torch.manual_seed(in_features + out_features)
     layer = int8_layer(in_features, out_features, bias, dtype=dtype)
     nki_layer = int8_matmul.NkiInt8Linear(layer)
-    assert nki_layer.weight_t.shape == (-(-in_features // 128) * 128, -(-out_features // 128) * 128)
+    assert nki_layer.weight.shape == (-(-in_features // 128) * 128, -(-out_features // 128) * 128)
     x = torch.randn(*lead, in_features).to(dtype)
 
     # NkiInt8Linear.forward with the tiles where the kernel would run.
-    x_t, tile = int8_matmul.kernel_input(x, nki_layer.weight_t.shape[0])
+    x_t, tile = int8_matmul.kernel_input(x, nki_layer.weight.shape[0])
     assert x_t.shape[1] % tile == 0
-    out_t = int8_matmul.int8_matmul_tiles(
-        numpy_of(x_t), nki_layer.weight_t.numpy(), nki_layer.weight_scale.numpy(), tile
-    )
+    out_t = int8_matmul.int8_matmul_tiles(numpy_of(x_t), nki_layer.weight.numpy(), nki_layer.weight_scale.numpy(), tile)
     out = int8_matmul.kernel_output(torch.from_numpy(out_t), x, out_features, nki_layer.bias)
 
     expected = reference.int8_linear(
@@ -137,21 +136,39 @@ def test_int8_matmul_tiles_through_the_layers_wrappers_match_the_reference(
     torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
 
 
-def test_row_tiles_fit_a_partitions_activation_bytes() -> None:
-    assert int8_matmul.row_tile(4096, 1, 2) == 1
-    assert int8_matmul.row_tile(4096, 5000, 2) == 512
-    # Llama-3-8B's down projection in fp32: 112 input tiles of 4-byte rows.
-    tile = int8_matmul.row_tile(14336, 5000, 4)
-    assert 112 * tile * 4 <= int8_matmul.ACTIVATION_BYTES < 112 * (tile + 1) * 4
+@pytest.mark.parametrize(
+    "in_features, num_rows, itemsize", [(4096, 1, 2), (576, 513, 2), (4096, 5000, 2), (14336, 2048, 4)]
+)
+def test_row_blocks_fit_activation_bytes_and_share_the_rows_evenly(in_features, num_rows, itemsize) -> None:
+    padded_in = -(-in_features // 128) * 128
+    tile = int8_matmul.row_tile(padded_in, num_rows, itemsize)
+    assert tile <= int8_matmul.MAX_ROW_TILE
+    assert padded_in // 128 * tile * itemsize <= int8_matmul.ACTIVATION_BYTES
+    blocks = -(-num_rows // tile)
+    assert blocks * tile - num_rows < blocks  # less than a padded row a block
+    # No fewer blocks would fit: a block of the rows shared between blocks - 1 would not.
+    fewer = blocks - 1
+    assert fewer == 0 or -(-num_rows // fewer) > min(
+        int8_matmul.MAX_ROW_TILE, int8_matmul.ACTIVATION_BYTES // (padded_in // 128 * itemsize)
+    )
 
 
-def test_only_per_channel_int8_linears_are_replaced() -> None:
+def test_only_per_channel_int8_linears_are_replaced_and_a_model_without_any_is_refused() -> None:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(int8_layer(256, 128, False), int8_layer(256, 128, False, group_size=128))
-    assert int8_matmul.replace_int8_linears(model) == 1
-    assert type(model[0]) is int8_matmul.NkiInt8Linear and type(model[1]) is Int8Linear
+    per_channel, grouped = int8_layer(256, 128, False), int8_layer(256, 128, False, group_size=128)
+    model = torch.nn.Sequential(per_channel, grouped)
+    int8_matmul.replace_int8_linears(model)
+    assert type(model[0]) is int8_matmul.NkiInt8Linear and model[1] is grouped
+    replaced = model[0]
+    int8_matmul.replace_int8_linears(model)  # the export, then the worker: the second changes nothing
+    assert model[0] is replaced
+    # Still an int8 linear to the model's accounting, its names and format kept.
+    assert quantized_linears(model) == {"0": per_channel.format, "1": grouped.format}
+    assert dict(model.named_parameters()).keys() == {"0.weight", "0.weight_scale", "1.weight", "1.weight_scale"}
     with pytest.raises(ValueError, match="per-channel scales, not groups of 128"):
-        int8_matmul.NkiInt8Linear(model[1])
+        int8_matmul.NkiInt8Linear(grouped)
+    with pytest.raises(ValueError, match="'int8_matmul' runs int8 linears with per-channel scales .* has none"):
+        int8_matmul.replace_int8_linears(torch.nn.Sequential(grouped, torch.nn.Linear(4, 4)))
 
 
 def test_nki_kernels_are_refused_with_a_reason() -> None:
@@ -163,7 +180,10 @@ def test_nki_kernels_are_refused_with_a_reason() -> None:
         DeviceConfig(device="xla", nki_kernels="int8_matmul")
     with pytest.raises(ValueError, match="NKI kernels run in the neuron backend, not 'torch'"):
         get_backend("torch", ["int8_matmul"])
-    assert NeuronBackend().nki_kernels == frozenset()
+    with pytest.raises(ValueError, match="nki_kernels='int8_matmul': must be a list of names"):
+        get_backend("neuron", "int8_matmul")
+    assert NeuronBackend().nki_kernels == NeuronBackend(None).nki_kernels == frozenset()
+    assert DeviceConfig(device="xla", nki_kernels=None).nki_kernels == ()
     if NKI_MISSING is None:
         assert NeuronBackend(["int8_matmul", "decode_attention"]).nki_kernels == set(nki_kernels.KERNELS)
         return
@@ -174,16 +194,32 @@ def test_nki_kernels_are_refused_with_a_reason() -> None:
         NeuronBackend(["int8_matmul", "decode_attention"])
 
 
-def test_nki_kernels_are_refused_under_tensor_parallelism_on_the_xla_device() -> None:
-    model = ModelConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-    )  # fmt: skip
-    # Built past its own checks (the SDK is missing here) to reach the engine's.
+MODEL = ModelConfig(
+    vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+)  # fmt: skip
+
+
+def xla_device_with(kernels: tuple[str, ...]) -> DeviceConfig:
+    """An XLA DeviceConfig naming ``kernels``, built past its own checks (the SDK is missing here)."""
     device = DeviceConfig(device="xla")
-    object.__setattr__(device, "nki_kernels", ("int8_matmul",))
+    object.__setattr__(device, "nki_kernels", kernels)
+    return device
+
+
+def test_nki_kernels_are_refused_under_tensor_parallelism_on_the_xla_device() -> None:
     with pytest.raises(ValueError, match="the NKI kernels run unsharded"):
-        EngineConfig(model=model, device=device, parallel=ParallelConfig(tensor_parallel_size=2))
+        EngineConfig(
+            model=MODEL, device=xla_device_with(("int8_matmul",)), parallel=ParallelConfig(tensor_parallel_size=2)
+        )
+
+
+@pytest.mark.parametrize("kernels", [(), ("decode_attention",)])
+def test_an_artifact_manifest_records_nki_kernels_only_when_some_are_used(kernels: tuple[str, ...]) -> None:
+    """Older versions refuse a manifest option they do not know: one without kernels loads in them."""
+    config = EngineConfig(model=MODEL, device=xla_device_with(kernels), cache=CacheConfig(num_kv_blocks=16))
+    assert fixed_options(config)["nki_kernels"] == list(kernels)
+    assert manifest_options(config).get("nki_kernels") == (list(kernels) or None)
 
 
 def needs_nki(test):
@@ -223,8 +259,8 @@ def test_int8_matmul_kernel_simulates_to_its_tiles(num_rows, in_features, out_fe
 
     torch.manual_seed(2)
     layer = int8_matmul.NkiInt8Linear(int8_layer(in_features, out_features, False))
-    x_t, tile = int8_matmul.kernel_input(torch.randn(num_rows, in_features).to(dtype), layer.weight_t.shape[0])
-    arrays = [numpy_of(x_t), layer.weight_t.numpy(), layer.weight_scale.numpy()]
+    x_t, tile = int8_matmul.kernel_input(torch.randn(num_rows, in_features).to(dtype), layer.weight.shape[0])
+    arrays = [numpy_of(x_t), layer.weight.numpy(), layer.weight_scale.numpy()]
     simulated = nki.simulate_kernel(int8_matmul.int8_matmul_kernel, *arrays, row_tile=tile)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     np.testing.assert_allclose(

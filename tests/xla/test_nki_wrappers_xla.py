@@ -36,14 +36,14 @@ def test_the_int8_matmul_layout_traces_into_one_graph_and_equals_the_cpus() -> N
     torch.manual_seed(0)
     layer = int8_matmul.NkiInt8Linear(int8_layer(576, 300, bias=True))
     x = torch.randn(3, 576)
-    out_t = torch.randn(layer.weight_t.shape[1], 3)  # what the kernel would hand back
+    out_t = torch.randn(layer.weight.shape[1], 3)  # what the kernel would hand back
     device = xla_device()
     with count_graphs() as counts:
-        x_t, tile = int8_matmul.kernel_input(x.to(device), layer.weight_t.shape[0])
+        x_t, tile = int8_matmul.kernel_input(x.to(device), layer.weight.shape[0])
         out = int8_matmul.kernel_output(out_t.to(device), x.to(device), 300, layer.bias.to(device))
         torch_xla.sync()
     assert counts.transfers == 0 and counts.executions == 1
-    want_x_t, want_tile = int8_matmul.kernel_input(x, layer.weight_t.shape[0])
+    want_x_t, want_tile = int8_matmul.kernel_input(x, layer.weight.shape[0])
     assert tile == want_tile
     torch.testing.assert_close(x_t.cpu(), want_x_t, rtol=0, atol=0)
     torch.testing.assert_close(out.cpu(), int8_matmul.kernel_output(out_t, x, 300, layer.bias), rtol=0, atol=0)

@@ -96,7 +96,8 @@ class DraftModelProposer:
                 backend=config.device.backend,
                 enforce_eager=config.device.enforce_eager,
                 context_buckets=context_buckets,
-                nki_kernels=config.device.nki_kernels,
+                # Its attention, not the int8 matmul: the draft need not be quantized so.
+                nki_kernels=[k for k in config.device.nki_kernels if k == "decode_attention"],
                 max_model_len=self.max_model_len,
                 block_size=config.cache.block_size,
                 num_kv_blocks=num_kv_blocks,
