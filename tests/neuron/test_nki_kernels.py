@@ -3,6 +3,8 @@ under NKI's simulator, where the Neuron SDK imports (nowhere on our machines).""
 
 from __future__ import annotations
 
+import collections
+import copy
 import random
 
 import numpy as np
@@ -10,13 +12,16 @@ import pytest
 import torch
 
 import nki_kernels
+from neuron_llm import ops
 from neuron_llm.backends import get_backend
 from neuron_llm.backends.neuron import NeuronBackend
 from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.compile.artifact import fixed_options, manifest_options
 from neuron_llm.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig
+from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.ops.metadata import AttentionMetadata
 from neuron_llm.quant import reference
+from neuron_llm.quant.convert import quantize_model
 from neuron_llm.quant.formats import quantize_int8
 from neuron_llm.quant.layers import Int8Linear, quantized_linears
 from nki_kernels import decode_attention, int8_matmul
@@ -220,6 +225,76 @@ def test_an_artifact_manifest_records_nki_kernels_only_when_some_are_used(kernel
     config = EngineConfig(model=MODEL, device=xla_device_with(kernels), cache=CacheConfig(num_kv_blocks=16))
     assert fixed_options(config)["nki_kernels"] == list(kernels)
     assert manifest_options(config).get("nki_kernels") == (list(kernels) or None)
+
+
+@pytest.fixture
+def tiles_in_the_kernels_place(monkeypatch) -> collections.Counter:
+    """The NumPy tiles stand in for the kernels (the SDK is not here), so that what surrounds a
+    kernel runs: the backend's routing, the layers' swap and the wrappers around each call.
+    Counts the calls."""
+    calls: collections.Counter = collections.Counter()
+
+    def attention(query_t, key_rows, value_rows, slots, bias, scale):
+        calls["decode_attention"] += 1
+        arrays = [numpy_of(t) for t in (query_t, key_rows, value_rows, slots, bias)]
+        return torch.from_numpy(decode_attention.decode_attention_tiles(*arrays, scale=scale))
+
+    def matmul(x_t, weight, scale, row_tile):
+        calls["int8_matmul"] += 1
+        tiles = int8_matmul.int8_matmul_tiles(numpy_of(x_t), weight.numpy(), scale.numpy(), row_tile)
+        return torch.from_numpy(tiles)
+
+    monkeypatch.setattr(nki_kernels, "import_error", lambda: None)
+    for module, name, kernel in (
+        (decode_attention, "decode_attention_kernel", attention),
+        (int8_matmul, "int8_matmul_kernel", matmul),
+    ):
+        monkeypatch.setattr(module, "nki", object())  # past the wrappers' check for the SDK
+        monkeypatch.setattr(module, name, kernel)
+    return calls
+
+
+def test_the_neuron_backend_calls_the_kernels_on_decode_steps_and_int8_layers(
+    tiles_in_the_kernels_place, paged_runner
+) -> None:
+    calls = tiles_in_the_kernels_place
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(MODEL)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)  # peaked logits: greedy picks far from ties
+    quantize_model(model, "int8-head")
+    num_int8 = sum(type(m) is Int8Linear for m in model.modules())
+    assert num_int8 == 1 + 7 * MODEL.num_hidden_layers  # the head, and q, k, v, o, gate, up, down
+    with_kernels = copy.deepcopy(model)
+    backend = NeuronBackend(["decode_attention", "int8_matmul"])
+    backend.prepare_model(with_kernels)
+    assert sum(isinstance(m, int8_matmul.NkiInt8Linear) for m in with_kernels.modules()) == num_int8
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [5, 3, 5], [8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3]]
+
+    with ops.using_backend(NeuronBackend()):
+        expected_logits = paged_runner(model).logits(prompts)
+        expected = paged_runner(model).greedy(prompts, 6)
+    with ops.using_backend(backend):
+        logits = paged_runner(with_kernels).logits(prompts)
+        # A prefill step: every int8 layer once, and the XLA form of attention.
+        assert calls["decode_attention"] == 0 and calls["int8_matmul"] == num_int8
+        assert paged_runner(with_kernels).greedy(prompts, 6) == expected
+    for got, want in zip(logits, expected_logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert calls["decode_attention"] == MODEL.num_hidden_layers * 5  # each of the 5 decode steps' layers
+
+
+def test_the_neuron_backend_zeroes_a_padded_sequences_row_of_the_decode_kernel(tiles_in_the_kernels_place) -> None:
+    torch.manual_seed(3)
+    metadata = decode_batch([9, 1, 16], 4, 6, num_padded_seqs=5, seed=3)
+    pool = (1 + 3 + 1 + 4, 4, 2, 16)
+    key_cache, value_cache = torch.randn(pool), torch.randn(pool)
+    query = torch.randn(5, 4, 16)
+    out = NeuronBackend(["decode_attention"]).paged_attention(query, key_cache, value_cache, metadata, 0.25)
+    assert tiles_in_the_kernels_place["decode_attention"] == 1
+    expected = NeuronBackend().paged_attention(query, key_cache, value_cache, metadata, 0.25)
+    assert out[3:].abs().max() == 0
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def needs_nki(test):
