@@ -1,10 +1,11 @@
 """NKI kernels for Neuron devices, each beside a NumPy reference of its tiles.
 
-A kernel module holds three things: the NKI kernel (compiled by ``nki.jit`` where the Neuron
-SDK's ``neuronxcc.nki`` imports, never called elsewhere), a NumPy function that walks the same tiles in the same order
-with the same arithmetic, and the torch wrapper that lays the inputs out for the kernel
-inside a traced XLA graph. The NumPy tiles are checked against the ``torch`` backend on any
-machine; the kernels against the NumPy tiles under ``nki.simulate_kernel`` where the SDK is.
+A kernel module holds three things: the NKI kernel (compiled by ``nki.jit`` where the
+Neuron SDK's ``neuronxcc.nki`` imports, never called elsewhere), a NumPy function that walks
+the same tiles in the same order with the same arithmetic, and the torch wrapper that lays
+the inputs out for the kernel inside a traced XLA graph. The NumPy tiles are checked against
+the ``torch`` backend on any machine; the kernels against the NumPy tiles under
+``nki.simulate_kernel`` where the SDK is.
 
 They are written against NKI's first public API (``neuronxcc.nki``, the one for trn1/inf2
 in the XLA-based torch-neuronx) and are off unless asked for (``nki_kernels``): they have

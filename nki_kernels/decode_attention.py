@@ -17,7 +17,7 @@ head folds the tile into its online softmax (running max, sum and output in fp32
 
 The wrapper lays out what the kernel indexes: each key position's cache row (``slots``),
 an additive mask (``bias``: 0 up to the sequence's length, ``MASKED`` after) and the
-queries transposed per KV head. Every tile is computed, as in the XLA form: NKI's first API
+queries transposed. Every tile is computed, as in the XLA form: NKI's first API
 has no loop whose trip count is read at run time, so the block table's width (the context
 bucket) bounds the work, not the sequence's length.
 """
@@ -171,6 +171,7 @@ def decode_attention_kernel(query_t, key_rows, value_rows, slots, bias, scale=1.
     i_dim_p = nl.arange(head_dim)[:, None]
     i_group = nl.arange(group)[None, :]
     i_group_p = nl.arange(group)[:, None]
+    i_row = nl.arange(num_kv_heads * head_dim)[None, :]
     for seq in nl.affine_range(num_seqs):
         q_t = nl.load(query_t[seq, i_dim_p, nl.arange(num_heads)[None, :]])  # [head_dim, num_heads]
         # Every tile's cache rows at once, a tile a column: [TILE, num_tiles].
@@ -180,7 +181,6 @@ def decode_attention_kernel(query_t, key_rows, value_rows, slots, bias, scale=1.
         acc = nl.zeros((group, num_kv_heads * head_dim), dtype=nl.float32)
         for tile in nl.sequential_range(num_tiles):
             # A key a partition, all its KV heads: one DMA descriptor of a row each.
-            i_row = nl.arange(num_kv_heads * head_dim)[None, :]
             keys = nl.load(key_rows[slot_columns[i_key, tile], i_row])  # [TILE, num_kv_heads * head_dim]
             values = nl.load(value_rows[slot_columns[i_key, tile], i_row])
             tile_bias = nl.load(bias[seq, i_group_p, tile * TILE + i_tile])  # [group, TILE]

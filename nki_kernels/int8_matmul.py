@@ -74,8 +74,10 @@ class NkiInt8Linear(QuantizedLinear):
     def __init__(self, linear: Int8Linear) -> None:
         if linear.group_size is not None:
             raise ValueError(f"the NKI int8 matmul takes per-channel scales, not groups of {linear.group_size}")
+        # Not QuantizedLinear's __init__: it would allocate an [out, in] weight only to drop it.
+        nn.Module.__init__(self)
         in_features, out_features = linear.in_features, linear.out_features
-        super().__init__(in_features, out_features, False, linear.format)
+        self.in_features, self.out_features, self.format = in_features, out_features, linear.format
         padded_in, padded_out = _round_up(in_features, PARTITIONS), _round_up(out_features, PARTITIONS)
         weight_t = F.pad(linear.weight.detach().t(), (0, padded_out - out_features, 0, padded_in - in_features))
         scale = linear.weight_scale.detach().float().reshape(-1, 1)
