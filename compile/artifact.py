@@ -345,7 +345,8 @@ class Artifact:
                 "neuron-llm; compile the model again"
             )
         if manifest["options"].get("device") == "xla":
-            # Compiled before these existed: every step took max_model_len's width, with no NKI kernel.
+            # Compiled before context buckets existed, every step took max_model_len's width; no
+            # NKI kernels go unrecorded (manifest_options).
             manifest["options"].setdefault("context_buckets", [])
             manifest["options"].setdefault("nki_kernels", [])
         return cls(path, manifest)
