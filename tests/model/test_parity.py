@@ -23,6 +23,7 @@ from neuron_llm.config import LinearRopeScaling, Llama3RopeScaling, RopeScaling,
 from neuron_llm.loader import load_model
 
 NUM_NEW_TOKENS = 32
+F32, F16, Q8_0 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 10000.0,
@@ -253,8 +254,9 @@ def expected_rope_scaling(rope: dict[str, Any]) -> RopeScaling | None:
     return None
 
 
-def write_gguf(hf_model: Any, path: Path) -> None:
-    """Write ``hf_model`` as llama.cpp's converter would, in float32 and without a tokenizer."""
+def write_gguf(hf_model: Any, path: Path, matrix_type: gguf.GGMLQuantizationType = F32) -> None:
+    """Write ``hf_model`` as llama.cpp's converter would, without a tokenizer: its matrices in
+    ``matrix_type`` (F32, F16 or Q8_0), norms and rotary factors in float32."""
     config = hf_model.config
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_context_length(config.max_position_embeddings)
@@ -286,11 +288,46 @@ def write_gguf(hf_model: Any, path: Path) -> None:
             weight = llama_cpp_permute(weight, config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             weight = llama_cpp_permute(weight, config.num_key_value_heads)
-        writer.add_tensor(gguf_name(name), weight)
+        if weight.ndim == 2 and matrix_type != F32:
+            data = gguf.quants.quantize(weight, matrix_type)
+            writer.add_tensor(gguf_name(name), data, raw_shape=data.shape, raw_dtype=matrix_type)
+        else:
+            writer.add_tensor(gguf_name(name), weight)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def round_trip_matrices(hf_model: Any, matrix_type: gguf.GGMLQuantizationType) -> None:
+    """Replace each matrix of ``hf_model`` by the values a GGUF file of ``matrix_type`` holds.
+
+    Q8_0 scales blocks of 32 along a row, and llama.cpp's permutation only reorders rows, so
+    rounding before or after it gives the same values; rounding them twice changes nothing.
+    """
+    with torch.no_grad():
+        for tensor in hf_model.state_dict().values():
+            if tensor.dim() == 2:
+                data = gguf.quants.quantize(tensor.numpy(), matrix_type)
+                tensor.copy_(torch.from_numpy(gguf.quants.dequantize(data, matrix_type)))
+
+
+@pytest.mark.parametrize("matrix_type", [F16, Q8_0], ids=["F16", "Q8_0"])
+def test_gguf_of_16_and_8_bit_matrices_matches_transformers(
+    matrix_type: gguf.GGMLQuantizationType, tmp_path: Path, tiny_hf_llama: Callable[..., Any], paged_runner: type
+) -> None:
+    """llama.cpp's F16 and Q8_0 files: the loader dequantizes them to the values transformers
+    runs on the same rounded weights."""
+    hf_model = tiny_hf_llama(num_key_value_heads=1)
+    round_trip_matrices(hf_model, matrix_type)
+    write_gguf(hf_model, tmp_path / "tiny.gguf", matrix_type)
+    loaded = load_model(tmp_path / "tiny.gguf", dtype=torch.float32, device="cpu")
+    runner = paged_runner(loaded.model)
+    prompt = random_prompt(13, hf_model.config.vocab_size, seed=5)
+
+    [logits] = runner.logits([prompt])
+    assert_close_logits(logits, hf_logits(hf_model, prompt))
+    assert runner.greedy([prompt], NUM_NEW_TOKENS) == [hf_greedy(hf_model, prompt, NUM_NEW_TOKENS)]
 
 
 @pytest.mark.parametrize("overrides", list(GGUF_CONFIGS.values()), ids=list(GGUF_CONFIGS))
