@@ -46,10 +46,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         )
     structure = body.structured
     if tools is not None and tools.kind != "auto":
-        try:
-            structure = (tools.structure(), "tools")
-        except ValueError as e:
-            raise ClientError(str(e), "tools") from e
+        structure = (tools.structure(), "tools")
     (prompt,) = truncated(model, [await chat_prompt(model, body)], body.truncate_prompt_tokens)
     max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
     if body.max_completion_tokens is not None:

@@ -48,22 +48,18 @@ class ToolCalling:
         return cls(kind, list(body.tools or ()), name, body.parallel_tool_calls)
 
     def structure(self) -> StructuredOutputsParams:
-        """The JSON a reply of held calls ("required" or named) is held to.
-
-        Raises ``ValueError`` when two functions' schemas define one ``$defs`` name differently.
-        """
+        """The JSON a reply of held calls ("required" or named) is held to."""
         if self.kind == "named":
             return StructuredOutputsParams(
                 json={**_COMPACT, **_held_parameters(self._tool(self.name).function.parameters)}
             )
-        # References resolve from the root, so each function's definitions move there.
-        definitions: dict[str, Any] = {}
         calls = []
-        for tool in self.tools:
-            parameters = _held_parameters(tool.function.parameters)
-            for name, definition in parameters.pop("$defs", {}).items():
-                if definitions.setdefault(name, definition) != definition:
-                    raise ValueError(f"two functions define $defs/{name} differently")
+        for index, tool in enumerate(self.tools):
+            # Each function's schema moves below the root, and so must the places its local
+            # references point to ("#/$defs/...", draft 7's "#/definitions/...", "#").
+            parameters = _rebased(
+                _held_parameters(tool.function.parameters), f"#/items/anyOf/{index}/properties/parameters"
+            )
             calls.append(
                 {
                     "type": "object",
@@ -73,8 +69,6 @@ class ToolCalling:
                 }
             )
         schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **_COMPACT}
-        if definitions:
-            schema["$defs"] = definitions
         if not self.parallel:
             schema["maxItems"] = 1
         return StructuredOutputsParams(json=schema)
@@ -125,6 +119,32 @@ def _held_parameters(parameters: dict[str, Any] | None) -> dict[str, Any]:
     if parameters == NO_PARAMETERS:
         parameters["additionalProperties"] = False
     return parameters
+
+
+_VALUE_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+"""Keywords whose values are JSON data, not schemas: a "$ref" in them is no reference."""
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "dependentSchemas", "$defs", "definitions"})
+"""Keywords whose values map names (any names, "default" too) to schemas."""
+
+
+def _rebased(schema: Any, root: str) -> Any:
+    """``schema`` with its JSON-pointer references ("#" and "#/...") made to point below ``root``;
+    others (anchors, other documents) are left as they are."""
+    if isinstance(schema, list):
+        return [_rebased(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    rebased = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            rebased[key] = root + value[1:]
+        elif key in _VALUE_KEYWORDS:
+            rebased[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            rebased[key] = {name: _rebased(subschema, root) for name, subschema in value.items()}
+        else:
+            rebased[key] = _rebased(value, root)
+    return rebased
 
 
 def parse_llama3_json(text: str) -> list[tuple[str, str]] | None:
