@@ -35,6 +35,9 @@ min_tokens request's are masked at each step, on the engine's one thread."""
 MAX_BAD_WORDS = 128
 """Most bad_words one request may give (vLLM's limit): every step matches each against the
 row's output, on the engine's one thread."""
+MAX_BAD_WORD_CHARS = 1024
+"""Longest bad word: the engine's one thread tokenizes them when the request is added, which
+for 128 words this long takes tens of milliseconds; megabytes of them stalled every request."""
 
 MIN_TEMPERATURE = 1e-2
 """Smaller positive temperatures are raised to this, with a warning, as vLLM does: only 0 is
@@ -349,6 +352,11 @@ class SamplingParams:
         )
         if len(words or ()) > MAX_BAD_WORDS:
             raise ValueError(f"bad_words=<{len(words)} words>: at most {MAX_BAD_WORDS} may be given")
+        if any(len(w) > MAX_BAD_WORD_CHARS for w in words or ()):
+            longest = max(len(w) for w in words)
+            raise ValueError(
+                f"bad_words=<a word of {longest} characters>: a word may have at most {MAX_BAD_WORD_CHARS}"
+            )
         _require(all(w.strip() for w in words or ()), "bad_words", words, "words must hold more than white space")
         self._set("bad_words", list(words) if words else None)
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from neuron_llm.loader.tokenizer import chat_template_arguments
 from neuron_llm.sampling_params import (
+    MAX_BAD_WORD_CHARS,
     MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
@@ -187,7 +188,9 @@ class _SamplingRequest(_Request):
     """Token id, as JSON keys are strings ("50256") -> bias added to its logit, in [-100, 100]."""
     allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
     """vLLM's: only these token ids may be generated."""
-    bad_words: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=MAX_BAD_WORDS)
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=MAX_BAD_WORD_CHARS)]] | None = Field(
+        None, max_length=MAX_BAD_WORDS
+    )
     """vLLM's: words never generated (``SamplingParams.bad_words``)."""
     truncate_prompt_tokens: int | None = None
     """vLLM's: keep only the prompt's last this many tokens; -1 keeps as many as the context holds."""

@@ -13,7 +13,13 @@ from typing import Any
 import httpx
 import pytest
 
-from neuron_llm.sampling_params import MAX_BAD_WORDS, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, SamplingParams
+from neuron_llm.sampling_params import (
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+)
 from neuron_llm.serve.protocol import MAX_STOP, MAX_STOP_CHARS
 from tests.engine.conftest import tiny_model_dir  # noqa: F401
 from tests.serve.conftest import ServerThread, make_llm, metric, running_server, unmerged_characters
@@ -88,6 +94,7 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "a", "bad_words": [""]}, 400, "bad_words[0]"),
     (CHAT, {"messages": USER, "bad_words": ["  "]}, 400, "bad_words"),
     (COMPLETIONS, {"prompt": "a", "bad_words": ["w"] * (MAX_BAD_WORDS + 1)}, 400, "bad_words"),
+    (CHAT, {"messages": USER, "bad_words": ["w", "w" * (MAX_BAD_WORD_CHARS + 1)]}, 400, "bad_words[1]"),
     (COMPLETIONS, {"prompt": "a", "best_of": 2}, 400, "best_of"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0, "echo": True, "min_tokens": 2}, 400, "max_tokens"),

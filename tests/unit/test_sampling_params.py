@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from neuron_llm.sampling_params import (
+    MAX_BAD_WORD_CHARS,
     MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
@@ -133,6 +134,7 @@ def test_seed_minus_one_is_no_seed_as_in_vllm() -> None:
         ("bad_words", ["ok", " \n"]),
         ("bad_words", [3]),
         ("bad_words", ["w"] * (MAX_BAD_WORDS + 1)),
+        ("bad_words", ["ok", "w" * (MAX_BAD_WORD_CHARS + 1)]),
     ],
 )
 def test_invalid_value_names_the_field(field: str, value: object) -> None:
