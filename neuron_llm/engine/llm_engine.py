@@ -849,7 +849,10 @@ class LLMEngine:
         detokenizer = self.tokenizer and IncrementalDetokenizer.for_request(self.tokenizer, prompt_ids, params)
         return _Sequence(
             index=index,
-            request=Request(seq_id, prompt_ids, params, skip_prefix_cache=params.prompt_logprobs is not None),
+            # Prompt logprobs are read from the first sequence's prefill only.
+            request=Request(
+                seq_id, prompt_ids, params, skip_prefix_cache=params.prompt_logprobs is not None and index == 0
+            ),
             detokenizer=detokenizer,
             generator=make_generator(seed, self.runner.device),
             logprobs=[] if params.logprobs is not None else None,

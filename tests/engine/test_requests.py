@@ -339,6 +339,22 @@ def test_prompt_logprobs_ignore_the_prefix_cache(tiny_model_dir) -> None:
     assert all(entry is not None for entry in output.prompt_logprobs[1:])
 
 
+def test_only_the_first_of_n_sequences_computes_a_prompt_for_its_logprobs(tiny_model_dir) -> None:
+    """Sequences 1..n-1 of a one-token request start after sequence 0 has finished, so they are
+    queued, not forked: they read the prompt from the prefix cache, which only sequence 0 skips."""
+    llm = make_llm(tiny_model_dir)
+    prompt = random_prompts(1, seed=16, min_len=24, max_len=24)[0]  # 6 full blocks of 4
+    params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=1, prompt_logprobs=1)
+    manager = llm.engine.scheduler.block_manager
+    hits_before = manager.num_prefix_hit_tokens
+    output = llm.generate({"prompt_token_ids": prompt}, params)[0]
+    # The last full block is recomputed: a hit leaves at least one token to compute.
+    assert manager.num_prefix_hit_tokens - hits_before == 3 * 20
+    alone = llm.generate({"prompt_token_ids": prompt}, replace(params, n=1))[0]
+    assert len(output.outputs) == 4 and output.prompt_logprobs == alone.prompt_logprobs
+    assert all_blocks_free(llm)
+
+
 def test_stop_token_ids_end_the_sequence(tiny_model_dir) -> None:
     llm = make_llm(tiny_model_dir)
     prompt = random_prompts(1, seed=13)[0]
