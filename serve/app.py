@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -75,6 +76,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.server = state
+    if settings.cors_origins():
+        # Browsers send the key themselves (an Authorization header), never a cookie: no credentials.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins(), allow_methods=["GET", "POST"], allow_headers=["*"]
+        )
     install_error_handlers(app, state.metrics)
     app.include_router(openai_routes.router)
     app.include_router(sagemaker_routes.router)

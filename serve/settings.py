@@ -91,6 +91,11 @@ class ServeSettings:
         "when set, /v1 routes, /invocations, /tokenize and /detokenize require `Authorization: Bearer KEY` "
         "(a flag is visible to ps; the NEURON_LLM_API_KEY variable is not)",
     )
+    allowed_origins: str | None = _setting(
+        None,
+        "comma-separated origins whose web pages may call the API from a browser (CORS), e.g. "
+        "https://app.example.com, or * for any page; unset, browsers' cross-origin calls are refused",
+    )
     drain_timeout: float = _setting(30.0, "seconds to let requests in flight finish on shutdown")
     log_level: str = _setting("info", f"log level: {', '.join(LOG_LEVELS)}")
 
@@ -111,6 +116,7 @@ class ServeSettings:
         ):
             if getattr(self, name) is not None and getattr(self, name) < least:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= {least}")
+        self.cors_origins()
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout={self.drain_timeout}: must be >= 0")
         if self.distributed_timeout is not None:
@@ -146,6 +152,20 @@ class ServeSettings:
                 )
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level={self.log_level!r}: must be one of {', '.join(LOG_LEVELS)}")
+
+    def cors_origins(self) -> list[str]:
+        """The origins of ``allowed_origins`` (none when unset); ValueError on one that is not an origin."""
+        if self.allowed_origins is None:
+            return []
+        origins = [origin.strip() for origin in self.allowed_origins.split(",")]
+        for origin in origins:
+            scheme, _, host = origin.partition("://")
+            if origin != "*" and (scheme not in ("http", "https") or not host or "/" in host):
+                raise ValueError(
+                    f"allowed_origins={self.allowed_origins!r}: {origin!r} is not '*' nor an origin "
+                    "(scheme://host[:port], no path)"
+                )
+        return origins
 
     def check_model(self) -> None:
         """What can be checked of the model without loading it, before a port opens: that it

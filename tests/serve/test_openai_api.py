@@ -16,6 +16,7 @@ from neuron_llm.loader import render_chat
 from neuron_llm.outputs import CompletionOutput
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.protocol import ChatMessage
+from neuron_llm.serve.settings import ServeSettings
 from tests.serve.conftest import SPECIAL_TOKENS, ServerThread, make_llm, metric, running_server
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
@@ -584,6 +585,31 @@ def test_api_key_is_required_when_set(model_dir: Path) -> None:
         headers = {"Authorization": "Bearer secret"}
         assert httpx.post(f"{keyed.url}/invocations", json=body, headers=headers).status_code == 200
         assert httpx.get(f"{keyed.url}/ping").status_code == 200
+
+
+def test_browsers_may_call_from_the_allowed_origins_only(model_dir: Path, server: ServerThread) -> None:
+    app = "https://app.example.com"
+    preflight = {
+        "Origin": app,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    # Unset, no page of another origin may call: no preflight answer, no CORS header.
+    assert httpx.options(f"{server.url}/v1/completions", headers=preflight).status_code == 405
+    assert "access-control-allow-origin" not in httpx.get(f"{server.url}/v1/models", headers={"Origin": app}).headers
+    with running_server(model_dir, api_key="secret", allowed_origins=f"{app}, http://localhost:3000") as cors:
+        answer = httpx.options(f"{cors.url}/v1/completions", headers=preflight)  # before the key is checked
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == app
+        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+        other = httpx.options(f"{cors.url}/v1/completions", headers={**preflight, "Origin": "https://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        headers = {"Origin": app, "Authorization": "Bearer secret"}
+        listed = httpx.get(f"{cors.url}/v1/models", headers=headers)
+        assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == app
+        assert httpx.get(f"{cors.url}/v1/models", headers={"Origin": app}).status_code == 401
+    for bad in ("app.example.com", "https://app.example.com/path", "ftp://x", ""):
+        with pytest.raises(ValueError, match="allowed_origins="):
+            ServeSettings(allowed_origins=bad)
 
 
 def test_a_kv_pool_shorter_than_the_context_bounds_requests_without_max_tokens(model_dir: Path) -> None:
