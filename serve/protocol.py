@@ -172,6 +172,12 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     """Accepted for compatibility; not used."""
+    safety_identifier: str | None = None
+    """OpenAI's successor of ``user``; accepted, not used."""
+    prompt_cache_key: str | None = None
+    """OpenAI's hint for its prompt cache; accepted, not used (prefix caching needs no key)."""
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    """OpenAI's tags of a stored request; accepted, not used (nothing is stored)."""
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0, le=1)
     min_tokens: int = Field(0, ge=0)
@@ -514,7 +520,6 @@ class ChatCompletionRequest(_SamplingRequest, ChatTemplateOptions):
     functions: Any = _unsupported([])
     function_call: Any = _unsupported("none")
     store: Any = _unsupported(False)
-    metadata: Any = _unsupported({})
     service_tier: Any = _unsupported("auto", "default")
     modalities: Any = _unsupported(["text"])
 

@@ -203,6 +203,8 @@ def test_options_sent_switched_off_are_accepted(server: ServerThread) -> None:
     completion = {"prompt": "a", "max_tokens": 2, "logit_bias": {}, "best_of": 1, "suffix": None}
     assert httpx.post(f"{server.url}{COMPLETIONS}", json=completion).status_code == 200
     off = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "store": False, "metadata": None}
+    # So do OpenAI's annotations, which change nothing here.
+    off |= {"metadata": {"team": "a"}, "prompt_cache_key": "k", "safety_identifier": "u1", "user": "u"}
     chat = httpx.post(f"{server.url}{CHAT}", json={"messages": USER, "max_tokens": 2, "logit_bias": None, **off})
     assert chat.status_code == 200, chat.text
     parameters = {"max_new_tokens": 2, "watermark": False, "best_of": 1, "decoder_input_details": False}
