@@ -63,6 +63,8 @@ class PrefixHit:
     """Tokens whose K/V need not be computed: ``len(block_ids) * block_size``."""
     num_query_tokens: int
     """Tokens looked up."""
+    num_evictions: int = 0
+    """The manager's ``num_evictions`` when looked up."""
 
 
 class BlockManager:
@@ -97,6 +99,8 @@ class BlockManager:
         """Tokens looked up in the prefix cache by successful allocations."""
         self.num_prefix_hit_tokens = 0
         """Of those, tokens found cached."""
+        self.num_evictions = 0
+        """Cached blocks taken for other contents so far."""
 
     @property
     def num_usable_blocks(self) -> int:
@@ -138,16 +142,28 @@ class BlockManager:
         """Whether a new sequence of ``num_tokens`` tokens, with no prefix hit, would get its blocks now."""
         return self.num_blocks_for(num_tokens) <= self.num_free_blocks
 
-    def lookup_prefix(self, token_ids: Sequence[int]) -> PrefixHit:
+    def lookup_prefix(self, token_ids: Sequence[int], earlier: PrefixHit | None = None) -> PrefixHit:
         """Find the longest run of cached full blocks that starts ``token_ids``; changes nothing.
 
         The block holding the last token is never a hit, so at most
         ``(len(token_ids) - 1) // block_size`` blocks are: the model must compute at least one
-        token of the sequence to produce the logits of the next one.
+        token of the sequence to produce the logits of the next one. ``earlier``: a lookup of
+        the same tokens with no block published since, whose blocks are then looked up again
+        by their hashes (some may have been evicted), hashing nothing.
         """
         block_ids: list[int] = []
         block_hashes: list[BlockHash] = []
-        if self.enable_prefix_caching:
+        if earlier is not None:
+            assert earlier.num_query_tokens == len(token_ids)
+            if earlier.num_evictions == self.num_evictions:
+                return earlier
+            for block_hash in earlier.block_hashes:
+                block_id = self._block_of_hash.get(block_hash)
+                if block_id is None:
+                    break
+                block_ids.append(block_id)
+                block_hashes.append(block_hash)
+        elif self.enable_prefix_caching:
             parent_hash = None
             for start in range(0, (len(token_ids) - 1) // self.block_size * self.block_size, self.block_size):
                 block_hash = hash_block(parent_hash, token_ids[start : start + self.block_size])
@@ -157,7 +173,7 @@ class BlockManager:
                 block_ids.append(block_id)
                 block_hashes.append(block_hash)
                 parent_hash = block_hash
-        return PrefixHit(block_ids, block_hashes, len(block_ids) * self.block_size, len(token_ids))
+        return PrefixHit(block_ids, block_hashes, len(block_ids) * self.block_size, len(token_ids), self.num_evictions)
 
     def allocate(
         self, seq_id: str, num_tokens: int, prefix_hit: PrefixHit | None = None, *, counts_as_query: bool = True
@@ -270,6 +286,7 @@ class BlockManager:
         else:
             block_id, _ = self._free_cached.popitem(last=False)
             del self._block_of_hash[self._hash_of_block.pop(block_id)]
+            self.num_evictions += 1
         assert block_id != NULL_BLOCK_ID and self._ref_counts[block_id] == 0
         self._ref_counts[block_id] = 1
         return block_id

@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from neuron_llm.engine.block_manager import BlockManager
+from neuron_llm.engine.block_manager import BlockManager, PrefixHit
 from neuron_llm.engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:
@@ -144,6 +144,8 @@ class Scheduler:
         self._arrival_order: dict[str, int] = {}
         self._arrival_counter = itertools.count()
         self._finished_ids: list[str] = []
+        self._waiting_hit: tuple[Request, PrefixHit] | None = None
+        """The oldest waiting request's prefix-cache hit, as last looked up in this step."""
 
     def add_request(self, request: Request) -> None:
         """Queue a new request.
@@ -213,6 +215,7 @@ class Scheduler:
         """Pick this step's tokens; advances each scheduled request's ``num_computed_tokens``."""
         scheduled: list[ScheduledRequest] = []
         preempted_ids: list[str] = []
+        self._waiting_hit = None  # blocks are published between steps, never within one
         try:
             budget = self._schedule_running(scheduled, preempted_ids, self.config.max_num_batched_tokens)
             # A preemption means memory is short: admitting now would only preempt again.
@@ -386,7 +389,10 @@ class Scheduler:
             return num_tokens, num_blocks
         if request.skip_prefix_cache:
             return 0, 0
-        hit = manager.lookup_prefix(request.all_token_ids)
+        # Asked once per proposing request: the prompt's blocks are hashed at the first ask only.
+        earlier = self._waiting_hit[1] if self._waiting_hit and self._waiting_hit[0] is request else None
+        hit = manager.lookup_prefix(request.all_token_ids, earlier)
+        self._waiting_hit = (request, hit)
         num_tokens = self._num_admitted_tokens(request.num_tokens - hit.num_cached_tokens, budget)
         if not hit.block_ids or num_tokens == 0:
             return 0, 0

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from neuron_llm.engine import block_manager
 from neuron_llm.engine.block_manager import NULL_BLOCK_ID, BlockManager
 
 
@@ -110,6 +111,22 @@ def test_block_holding_the_last_prompt_token_is_never_a_hit() -> None:
     assert longer.block_ids == [1, 2] and longer.num_cached_tokens == 8
     assert manager.lookup_prefix(tokens[:4]).block_ids == []
     assert manager.lookup_prefix(tokens).num_cached_tokens == 8
+
+
+def test_a_lookup_repeated_hashes_nothing_and_drops_evicted_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    manager = BlockManager(num_blocks=6, block_size=2)
+    prompt = [0, 1, 2, 3, 4, 5, 6]
+    manager.allocate("a", 7, manager.lookup_prefix(prompt))
+    manager.cache_full_blocks("a", prompt, 7)
+    manager.free("a")  # tail first: block 3 is the least recently used of the cached 1-3
+    first = manager.lookup_prefix(prompt)
+    assert first.block_ids == [1, 2, 3]
+    monkeypatch.setattr(block_manager, "hash_block", None)  # any hashing now fails
+    assert manager.lookup_prefix(prompt, first) is first
+    assert manager.allocate("b", 4) == [4, 5]  # uncached blocks first: nothing evicted
+    assert manager.lookup_prefix(prompt, first) is first
+    assert manager.allocate("c", 2) == [3]  # evicts the least recently used cached block
+    assert manager.lookup_prefix(prompt, first).block_ids == [1, 2]
 
 
 def test_cached_free_blocks_are_evicted_least_recently_used_first() -> None:

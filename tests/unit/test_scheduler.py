@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from neuron_llm.config import CacheConfig, SchedulerConfig
-from neuron_llm.engine import NULL_BLOCK_ID, Request, RequestStatus, Scheduler, SchedulerOutput
+from neuron_llm.engine import NULL_BLOCK_ID, Request, RequestStatus, Scheduler, SchedulerOutput, block_manager
 
 
 @dataclass(frozen=True)
@@ -677,6 +677,30 @@ def test_proposals_leave_the_oldest_waiting_request_its_first_chunk() -> None:
         ("young", 1, 0),
         ("late", 5, 0),
     ]
+
+
+def test_proposing_requests_hash_the_waiting_prompt_once_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each proposing request asks what the oldest waiting request needs; its prompt's hit was
+    # looked up (every block hashed) once for each of them, every step.
+    scheduler = make_scheduler(
+        num_blocks=1 + 16 + 8 * 2 + 1, max_num_seqs=9, max_num_batched_tokens=256, enable_prefix_caching=True
+    )
+    model = FakeModel(scheduler)
+    prefix = list(range(1, 65))  # 16 full blocks
+    scheduler.add_request(make_request("warm", [*prefix, 1], 1))
+    run_to_completion(scheduler, model)
+    for index in range(8):
+        scheduler.add_request(make_request(f"r{index}", [100 + index] * 5, 6))
+    step(scheduler, model)
+    scheduler.add_request(make_request("late", [*prefix, *range(500, 540)]))  # does not fit: waits
+    calls = []
+    real_hash = block_manager.hash_block
+    monkeypatch.setattr(block_manager, "hash_block", lambda *args: calls.append(1) or real_hash(*args))
+    for request in scheduler.running:
+        request.draft_token_ids = [7] * 3
+    output = step(scheduler, model)
+    assert len(output.scheduled) == 8 and scheduler.waiting[0].request_id == "late"
+    assert len(calls) <= len(prefix) // 4 + 40 // 4 + 8  # the prompt once, and the steps' own full blocks
 
 
 def test_proposals_leave_a_waiting_request_the_blocks_its_prefix_hit_needs() -> None:
