@@ -106,6 +106,15 @@ class SchedulerStats:
     """Prompt tokens found in the prefix cache over prompt tokens looked up."""
 
 
+@dataclass(frozen=True)
+class _SummedNeeds:
+    """Running sums over the running requests, in order, of what each would compute this step
+    left to itself: ``tokens[i]`` and ``blocks[i]`` (fresh ones) of the first ``i``."""
+
+    tokens: list[int]
+    blocks: list[int]
+
+
 class Scheduler:
     """Decides, each step, which requests compute how many tokens, and owns their KV blocks.
 
@@ -332,14 +341,18 @@ class Scheduler:
     def _schedule_running(self, scheduled: list[ScheduledRequest], preempted_ids: list[str], budget: int) -> int:
         """Schedule running requests oldest first; returns the budget left."""
         index = 0
+        needs: _SummedNeeds | None = None
         while index < len(self.running) and budget > 0 and len(scheduled) < self.config.max_num_seqs:
             request = self.running[index]
             assert request.num_tokens_to_compute > 0, "schedule() twice without update_from_output()"
             num_new_tokens = min(request.num_tokens_to_compute, budget)
             drafts = []
-            if request.draft_token_ids:  # the younger requests' needs cost a walk over them
+            if request.draft_token_ids:
+                # Summed once a step: requests not yet scheduled change only by leaving the
+                # end of the list (preempted), so the sums of those left stay true.
+                needs = needs or self._summed_needs()
                 num_younger = min(len(self.running) - index, self.config.max_num_seqs - len(scheduled)) - 1
-                kept_tokens, kept_blocks = self._needs_of_younger(index, num_younger, budget - num_new_tokens)
+                kept_tokens, kept_blocks = self._needs_of_younger(index, num_younger, budget - num_new_tokens, needs)
                 waiting_tokens, waiting_blocks = self._first_chunk_of_waiting(
                     len(scheduled) + 1 + num_younger, budget - num_new_tokens - kept_tokens, kept_blocks
                 )
@@ -353,10 +366,22 @@ class Scheduler:
             index += 1
         return budget
 
-    def _needs_of_younger(self, index: int, num_younger: int, budget: int) -> tuple[int, int]:
+    def _summed_needs(self) -> _SummedNeeds:
+        tokens, blocks = [0], [0]
+        for request in self.running:
+            total = self.block_manager.num_blocks_for(request.num_computed_tokens + request.num_tokens_to_compute)
+            tokens.append(tokens[-1] + request.num_tokens_to_compute)
+            blocks.append(blocks[-1] + max(0, total - len(request.block_ids)))
+        return _SummedNeeds(tokens, blocks)
+
+    def _needs_of_younger(self, index: int, num_younger: int, budget: int, needs: _SummedNeeds) -> tuple[int, int]:
         """The tokens and fresh blocks the ``num_younger`` running requests after ``running[index]``
         would take this step from ``budget``: what proposals must leave them (a younger request
         mid-prefill may need several blocks, and would otherwise be preempted for a guess)."""
+        first, end = index + 1, index + 1 + num_younger
+        num_tokens = needs.tokens[end] - needs.tokens[first]
+        if num_tokens <= budget:  # each computes all it has left
+            return num_tokens, needs.blocks[end] - needs.blocks[first]
         num_tokens = num_blocks = 0
         for request in self.running[index + 1 : index + 1 + num_younger]:
             # Each scheduled request computes at least one token; no more than the budget leaves.
