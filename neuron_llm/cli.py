@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -173,6 +174,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         if args.chat:
             text = render_chat(llm.tokenizer, [{"role": "user", "content": args.prompt}])
             prompt = {"prompt_token_ids": llm.tokenizer.encode(text, add_special_tokens=False)}
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            # A terminal or file in a legacy encoding (cp1252, ASCII) shows what it can of the
+            # text rather than ending the generation at its first emoji.
+            sys.stdout.reconfigure(errors="replace")
         printed = 0
         for output in llm.stream(prompt, params):
             text = output.outputs[0].text

@@ -76,7 +76,10 @@ def _read_dir_tokenizer(model_dir: Path, files_state: tuple[tuple[str, int, int]
                 f"{' and '.join(missing)} (pip install 'neuron-llm[sentencepiece]'), or save the tokenizer "
                 "with transformers, which writes a tokenizer.json"
             )
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (ValueError, KeyError, TypeError, OSError) as e:  # a damaged file, in transformers' words
+        raise ValueError(f"{model_dir}: its tokenizer files could not be read ({type(e).__name__}: {e})") from e
 
 
 def load_gguf_tokenizer(gguf_path: Path, defaults: TokenizerDefaults | None = None) -> PreTrainedTokenizerBase:

@@ -259,6 +259,12 @@ def test_an_edited_manifest_is_refused(compiled: Path, edit: Any, capsys: pytest
     assert "its sha256 differs from its contents" in capsys.readouterr().err
 
 
+def test_an_edited_manifest_is_refused_under_an_older_format_version(compiled: Path) -> None:
+    edit_manifest(compiled, lambda m: m.update(format_version=3) or m["options"].update(max_model_len=64), seal=False)
+    with pytest.raises(ValueError, match="manifest.json: its sha256 differs from its contents: damaged or edited"):
+        LLM(str(compiled))
+
+
 def test_a_manifest_of_format_3_loads_without_its_own_sha256(compiled: Path) -> None:
     expected = greedy_tokens(LLM(str(compiled)))
     edit_manifest(compiled, lambda m: m.update(format_version=3), seal=False)

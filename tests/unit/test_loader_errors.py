@@ -25,6 +25,7 @@ from neuron_llm.loader.gguf_file import open_gguf, read_gguf_config
 from neuron_llm.loader.hf_dir import find_weight_files, iter_hf_weights, read_generation_defaults
 from neuron_llm.loader.tokenizer import eos_token_ids, load_dir_tokenizer
 from neuron_llm.loader.weights import save_safetensors
+from tests.tokenizer_kinds import byte_level_bpe
 
 SaveTinyLlama = Callable[..., tuple[Any, Path]]
 
@@ -95,6 +96,16 @@ def test_corrupted_config_json(save_tiny_llama: SaveTinyLlama) -> None:
     (path / "config.json").write_text('{"model_type": "llama", ')
     with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
         load(path)
+
+
+def test_a_damaged_tokenizer_json_is_named(save_tiny_llama: SaveTinyLlama) -> None:
+    _, path = save_tiny_llama()
+    byte_level_bpe().save_pretrained(path)
+    tokenizer = json.loads((path / "tokenizer.json").read_text())
+    del tokenizer["added_tokens"]  # valid JSON that transformers fails on with a KeyError
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ValueError, match=r"its tokenizer files could not be read \(KeyError"):
+        load_model_info(path)
 
 
 def test_corrupted_generation_config_json(save_tiny_llama: SaveTinyLlama) -> None:
