@@ -76,11 +76,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.server = state
-    if settings.cors_origins():
+    if origins := settings.cors_origins():
         # Browsers send the key themselves (an Authorization header), never a cookie: no credentials.
-        app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins(), allow_methods=["GET", "POST"], allow_headers=["*"]
-        )
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"])
     install_error_handlers(app, state.metrics)
     app.include_router(openai_routes.router)
     app.include_router(sagemaker_routes.router)

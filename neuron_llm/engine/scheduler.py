@@ -414,10 +414,7 @@ class Scheduler:
             return num_tokens, num_blocks
         if request.skip_prefix_cache:
             return 0, 0
-        # Asked once per proposing request: the prompt's blocks are hashed at the first ask only.
-        earlier = self._waiting_hit[1] if self._waiting_hit and self._waiting_hit[0] is request else None
-        hit = manager.lookup_prefix(request.all_token_ids, earlier)
-        self._waiting_hit = (request, hit)
+        hit = self._prefix_hit(request)
         num_tokens = self._num_admitted_tokens(request.num_tokens - hit.num_cached_tokens, budget)
         if not hit.block_ids or num_tokens == 0:
             return 0, 0
@@ -427,6 +424,14 @@ class Scheduler:
         if num_blocks > num_free:
             return 0, 0
         return num_tokens, num_free
+
+    def _prefix_hit(self, request: Request) -> PrefixHit:
+        """``request``'s prefix-cache hit. The oldest waiting request is asked about once per
+        proposing request and again at admission: its prompt's blocks are hashed once a step."""
+        earlier = self._waiting_hit[1] if self._waiting_hit and self._waiting_hit[0] is request else None
+        hit = self.block_manager.lookup_prefix(request.all_token_ids, earlier)
+        self._waiting_hit = (request, hit)
+        return hit
 
     def room_for_drafts(self, request: Request) -> int:
         """Most proposals ``request`` can verify: a step emits one token past those it keeps."""
@@ -488,7 +493,7 @@ class Scheduler:
         # the whole running batch.
         while self.waiting and budget > 0 and len(scheduled) < self.config.max_num_seqs:
             request = self.waiting[0]
-            prefix_hit = None if request.skip_prefix_cache else self.block_manager.lookup_prefix(request.all_token_ids)
+            prefix_hit = None if request.skip_prefix_cache else self._prefix_hit(request)
             num_cached_tokens = prefix_hit.num_cached_tokens if prefix_hit is not None else 0
             num_new_tokens = self._num_admitted_tokens(request.num_tokens - num_cached_tokens, budget)
             if num_new_tokens == 0:
