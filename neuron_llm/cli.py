@@ -131,7 +131,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the most likely tokens up to this mass")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps all")
     parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this share of the top one's")
-    parser.add_argument("--seed", type=int, default=None, help="seed of this request's sampling (default: random)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default, or -1: random)")
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages tokens seen before")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS (to max-tokens)")

@@ -25,6 +25,7 @@ from neuron_llm.engine.async_llm import AsyncLLM
 from neuron_llm.llm import LLM
 from neuron_llm.loader import resolve_model_path
 from neuron_llm.serve import openai_routes, sagemaker_routes, tokenize_routes
+from neuron_llm.serve.auth import RequireApiKey
 from neuron_llm.serve.errors import install_error_handlers
 from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.settings import ServeSettings
@@ -76,6 +77,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.server = state
+    # Middleware added later runs earlier: CountRequests counts every answer, CORS answers a
+    # browser's preflight (which carries no key), then the key is checked.
+    if settings.api_key is not None:
+        app.add_middleware(RequireApiKey, api_key=settings.api_key, metrics=state.metrics)
     if origins := settings.cors_origins():
         # Browsers send the key themselves (an Authorization header), never a cookie: no credentials.
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from neuron_llm.serve.chat import serve_chat
@@ -18,14 +18,14 @@ from neuron_llm.serve.protocol import (
     ModelCard,
     ModelList,
 )
-from neuron_llm.serve.state import get_state, require_api_key
+from neuron_llm.serve.state import get_state
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)
 }
 _STREAM_RESPONSE: dict[str, Any] = {"text/event-stream": {"schema": {"type": "string"}}}
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
 
 @router.get("/models", response_model=ModelList)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
@@ -22,7 +22,7 @@ from neuron_llm.serve.chat import serve_chat
 from neuron_llm.serve.completions import serve_completion
 from neuron_llm.serve.openai_routes import ERROR_RESPONSES
 from neuron_llm.serve.protocol import ChatCompletionRequest, CompletionRequest, InvocationRequest, TGIRequest
-from neuron_llm.serve.state import get_state, require_api_key
+from neuron_llm.serve.state import get_state
 from neuron_llm.serve.tgi import serve_tgi
 
 
@@ -54,7 +54,7 @@ async def ping(request: Request) -> JSONResponse:
     return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
 
-@router.post("/invocations", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+@router.post("/invocations", responses=ERROR_RESPONSES)
 async def invocations(body: InvocationRequest, request: Request) -> Response:
     """Generate for an OpenAI completion or chat body, or a TGI-style body."""
     state = get_state(request)

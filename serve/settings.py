@@ -105,6 +105,9 @@ class ServeSettings:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.api_key == "":
             raise ValueError("api_key='': empty; leave it unset to serve without a key")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            name = self.served_model_name
+            raise ValueError(f"served_model_name={name!r}: empty; leave it unset to use the model's name")
         if self.port > 65535:
             raise ValueError(f"port={self.port}: must be <= 65535")
         # The engine checks these too, but only after loading the model: minutes, in a container.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from neuron_llm.detokenizer import TokenTexts
 from neuron_llm.engine.async_llm import AsyncLLM
 from neuron_llm.llm import LLM
-from neuron_llm.serve.errors import AuthenticationError, ModelNotFoundError, UnavailableError
+from neuron_llm.serve.errors import ModelNotFoundError, UnavailableError
 from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.settings import ServeSettings
 
@@ -113,16 +112,6 @@ class ServerState:
 def get_state(request: Request) -> ServerState:
     """The ``ServerState`` of the app serving ``request``."""
     return request.app.state.server
-
-
-def require_api_key(request: Request) -> None:
-    """Raise ``AuthenticationError`` (401) unless the request carries the configured API key."""
-    api_key = get_state(request).settings.api_key
-    if api_key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-        raise AuthenticationError("a valid API key is required: send `Authorization: Bearer <key>`")
 
 
 def model_name(settings: ServeSettings, source: Path) -> str:

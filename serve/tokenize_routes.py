@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from neuron_llm.serve.errors import ClientError
 from neuron_llm.serve.openai_routes import ERROR_RESPONSES
@@ -21,9 +21,9 @@ from neuron_llm.serve.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from neuron_llm.serve.state import get_state, require_api_key
+from neuron_llm.serve.state import get_state
 
-router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)

@@ -143,6 +143,13 @@ def test_an_empty_api_key_is_refused() -> None:
         ServeSettings.from_env({"NEURON_LLM_API_KEY": ""})
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_served_model_name_is_refused(name: str) -> None:
+    # Taken, /v1/models would list a model no client can name.
+    with pytest.raises(ValueError, match="served_model_name=.*: empty; leave it unset"):
+        ServeSettings(served_model_name=name)
+
+
 @pytest.mark.parametrize(
     ("environ", "message"),
     [

@@ -585,6 +585,13 @@ def test_api_key_is_required_when_set(model_dir: Path) -> None:
         headers = {"Authorization": "Bearer secret"}
         assert httpx.post(f"{keyed.url}/invocations", json=body, headers=headers).status_code == 200
         assert httpx.get(f"{keyed.url}/ping").status_code == 200
+        # The key is checked before the body is read: a caller without it learns nothing of the parser.
+        for path in ("/v1/completions", "/tokenize", "/invocations"):
+            json_type = {"content-type": "application/json"}
+            answer = httpx.post(f"{keyed.url}{path}", content=b"{not json", headers=json_type)
+            assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key", path
+        assert metric(keyed, 'neuron_llm_requests_total{outcome="invalid"}') == 5
+        assert httpx.get(f"{keyed.url}/metrics").status_code == 200
 
 
 def test_browsers_may_call_from_the_allowed_origins_only(model_dir: Path, server: ServerThread) -> None:
