@@ -25,8 +25,8 @@ key) must be as when compiling and may not name another cache. A mismatch is ref
 never recompiled; only a graph missing from the compiler's cache compiles, with a warning
 naming it, into a private cache (``LLM.compiled_at_load``): loading never writes into the
 artifact. The manifest records every file's size and sha256, and its own: a load hashes the
-manifest, the model files (a few kB; a file beside them that it does not list is refused), each
-weights file's safetensors header and the HLO manifest, and checks the sizes of the rest;
+manifest, the model files (a few kB), each weights file's safetensors header and the HLO
+manifest, checks the sizes of the rest, and refuses a file anywhere in it that it does not list;
 ``Artifact.verify`` (``neuron-llm verify``) hashes everything. The artifact is built
 in a hidden directory beside its own and renamed onto it whole: a directory without a
 manifest is not an artifact.
@@ -413,9 +413,18 @@ class Artifact:
 
     def check_graph_files(self) -> None:
         """Refuse a compiled graph whose size differs from the one compiled (hashing them all, as
-        ``verify`` does, would read a large model's NEFFs at every load)."""
+        ``verify`` does, would read a large model's NEFFs at every load), and a file under graphs/
+        the manifest does not list: the compiler's cache would take it for a graph of its own."""
         for name, recorded in self.manifest["graphs"].items():
             self._check_file(self.path / GRAPHS_DIR / name, recorded, hashed=False)
+        self._refuse_unlisted(GRAPHS_DIR, "graphs")
+
+    def _refuse_unlisted(self, directory: str, key: str) -> None:
+        if unlisted := sorted(cache_files(self.path / directory) - self.manifest[key].keys()):
+            raise ValueError(
+                f"{self.path / directory / unlisted[0]}: not a file the artifact was compiled with (its "
+                "manifest lists them all): remove it, or compile the model again"
+            )
 
     def read_graph_file(self, name: str) -> bytes:
         """The graph file ``name`` (under graphs/), checked against its recorded size and sha256."""
@@ -439,6 +448,7 @@ class Artifact:
         that found its own damaged would fail the others with its traceback."""
         for name in self.manifest["weights"]:
             self._checked_weights(name)
+        self._refuse_unlisted(WEIGHTS_DIR, "weights")
 
     def _checked_weights(self, name: str) -> Path:
         path = self.path / WEIGHTS_DIR / name
@@ -455,6 +465,7 @@ class Artifact:
         for directory, key in ((WEIGHTS_DIR, "weights"), (GRAPHS_DIR, "graphs")):
             for name, recorded in self.manifest[key].items():
                 self._check_file(self.path / directory / name, recorded, hashed=True)
+            self._refuse_unlisted(directory, key)
         return sum(len(self.manifest[key]) for key in _RECORD_KEYS)
 
     def _check_file(self, path: Path, recorded: dict[str, Any], *, hashed: bool) -> None:

@@ -296,16 +296,19 @@ def test_the_manifest_records_every_option_an_artifact_fixes(compiled: Path) -> 
         ("chat_template.jinja", "{{ messages[0]['content'] }}"),
         ("generation_config.json", json.dumps({"temperature": 1.5, "top_k": 3})),
         ("tokenizer/extra.txt", "x"),
+        # A kernel Triton's cache would take for one compiled with the rest.
+        ("graphs/triton/KEY/kernel.cubin", "cubin"),
+        ("weights/rank-1-of-2.safetensors", "x"),
     ],
 )
-def test_a_model_file_added_after_compiling_is_refused(
+def test_a_file_added_after_compiling_is_refused(
     compiled: Path, name: str, text: str, capsys: pytest.CaptureFixture
 ) -> None:
     if (compiled / name).exists():  # as if compiled from a checkpoint without it
         (compiled / name).unlink()
         edit_manifest(compiled, lambda m: m["files"].pop(name))
         LLM(str(compiled), warm_up=False).shutdown()
-    (compiled / name).parent.mkdir(exist_ok=True)
+    (compiled / name).parent.mkdir(parents=True, exist_ok=True)
     (compiled / name).write_text(text)
     with pytest.raises(ValueError, match=f"{re.escape(name)}: not a file the artifact was compiled with"):
         LLM(str(compiled))
