@@ -63,8 +63,10 @@ class PrefixHit:
     """Tokens whose K/V need not be computed: ``len(block_ids) * block_size``."""
     num_query_tokens: int
     """Tokens looked up."""
-    num_evictions: int = 0
-    """The manager's ``num_evictions`` when looked up."""
+    num_unheld_blocks: int = 0
+    """Of ``block_ids``, those no sequence holds: taking them takes free blocks too."""
+    version: int = -1
+    """The manager's ``free_cached_version`` when looked up: the hit holds while it does."""
 
 
 class BlockManager:
@@ -99,8 +101,8 @@ class BlockManager:
         """Tokens looked up in the prefix cache by successful allocations."""
         self.num_prefix_hit_tokens = 0
         """Of those, tokens found cached."""
-        self.num_evictions = 0
-        """Cached blocks taken for other contents so far."""
+        self.free_cached_version = 0
+        """Changes so far of the set of cached blocks no sequence holds: freed, taken again or evicted."""
 
     @property
     def num_usable_blocks(self) -> int:
@@ -149,13 +151,14 @@ class BlockManager:
         ``(len(token_ids) - 1) // block_size`` blocks are: the model must compute at least one
         token of the sequence to produce the logits of the next one. ``earlier``: a lookup of
         the same tokens with no block published since, whose blocks are then looked up again
-        by their hashes (some may have been evicted), hashing nothing.
+        by their hashes (some may have been evicted), hashing nothing; ``earlier`` itself while
+        no cached block has been freed, taken or evicted since.
         """
         block_ids: list[int] = []
         block_hashes: list[BlockHash] = []
         if earlier is not None:
             assert earlier.num_query_tokens == len(token_ids)
-            if earlier.num_evictions == self.num_evictions:
+            if earlier.version == self.free_cached_version:
                 return earlier
             for block_hash in earlier.block_hashes:
                 block_id = self._block_of_hash.get(block_hash)
@@ -173,7 +176,11 @@ class BlockManager:
                 block_ids.append(block_id)
                 block_hashes.append(block_hash)
                 parent_hash = block_hash
-        return PrefixHit(block_ids, block_hashes, len(block_ids) * self.block_size, len(token_ids), self.num_evictions)
+        num_unheld = sum(self._ref_counts[block_id] == 0 for block_id in block_ids)
+        num_cached_tokens = len(block_ids) * self.block_size
+        return PrefixHit(
+            block_ids, block_hashes, num_cached_tokens, len(token_ids), num_unheld, self.free_cached_version
+        )
 
     def allocate(
         self, seq_id: str, num_tokens: int, prefix_hit: PrefixHit | None = None, *, counts_as_query: bool = True
@@ -190,7 +197,10 @@ class BlockManager:
         assert num_tokens >= len(cached) * self.block_size
         num_fresh = self.num_blocks_for(num_tokens) - len(cached)
         # A hit on a cached free block takes that block out of the free pool as well.
-        num_revived = sum(1 for block_id in cached if self._ref_counts[block_id] == 0)
+        num_revived = 0
+        if prefix_hit is not None:
+            assert prefix_hit.version == self.free_cached_version, "prefix hit is stale"
+            num_revived = prefix_hit.num_unheld_blocks
         if num_fresh > self.num_free_blocks - num_revived:
             return None
         if prefix_hit is not None:
@@ -271,6 +281,7 @@ class BlockManager:
                 continue
             if block_id in self._hash_of_block:
                 self._free_cached[block_id] = None
+                self.free_cached_version += 1
             else:
                 # Reused first, so that few distinct blocks are touched.
                 self._free_uncached.appendleft(block_id)
@@ -278,6 +289,7 @@ class BlockManager:
     def _take_cached(self, block_id: int) -> None:
         if self._ref_counts[block_id] == 0:
             del self._free_cached[block_id]
+            self.free_cached_version += 1
         self._ref_counts[block_id] += 1
 
     def _take_free(self) -> int:
@@ -286,7 +298,7 @@ class BlockManager:
         else:
             block_id, _ = self._free_cached.popitem(last=False)
             del self._block_of_hash[self._hash_of_block.pop(block_id)]
-            self.num_evictions += 1
+            self.free_cached_version += 1
         assert block_id != NULL_BLOCK_ID and self._ref_counts[block_id] == 0
         self._ref_counts[block_id] = 1
         return block_id

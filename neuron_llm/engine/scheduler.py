@@ -420,7 +420,7 @@ class Scheduler:
             return 0, 0
         # Fresh blocks past the hit, and the hit's blocks no sequence holds (they leave the free ones).
         num_blocks = manager.num_blocks_for(hit.num_cached_tokens + num_tokens) - len(hit.block_ids)
-        num_blocks += sum(manager.ref_count(block_id) == 0 for block_id in hit.block_ids)
+        num_blocks += hit.num_unheld_blocks
         if num_blocks > num_free:
             return 0, 0
         return num_tokens, num_free

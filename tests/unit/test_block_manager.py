@@ -129,6 +129,27 @@ def test_a_lookup_repeated_hashes_nothing_and_drops_evicted_blocks(monkeypatch: 
     assert manager.lookup_prefix(prompt, first).block_ids == [1, 2]
 
 
+def test_a_repeated_lookup_counts_the_hit_blocks_no_sequence_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Admission takes a hit's unheld blocks out of the free pool: the count must follow every
+    # sequence that takes or frees them, not only evictions.
+    manager = BlockManager(num_blocks=8, block_size=2)
+    prompt = [0, 1, 2, 3, 4, 5, 6]
+    manager.allocate("a", 7, manager.lookup_prefix(prompt))
+    manager.cache_full_blocks("a", prompt, 7)
+    assert manager.lookup_prefix(prompt).num_unheld_blocks == 0
+    manager.free("a")
+    first = manager.lookup_prefix(prompt)
+    assert (first.block_ids, first.num_unheld_blocks) == ([1, 2, 3], 3)
+    assert manager.allocate("b", 5, manager.lookup_prefix([0, 1, 2, 3, 99])) == [1, 2, 4]
+    monkeypatch.setattr(block_manager, "hash_block", None)  # any hashing now fails
+    again = manager.lookup_prefix(prompt, first)
+    assert (again.block_ids, again.num_unheld_blocks) == ([1, 2, 3], 1)
+    assert manager.allocate("c", 2) == [5]  # an uncached block: the hit stands as it was
+    assert manager.lookup_prefix(prompt, again) is again
+    manager.free("b")
+    assert manager.lookup_prefix(prompt, again).num_unheld_blocks == 3
+
+
 def test_cached_free_blocks_are_evicted_least_recently_used_first() -> None:
     manager = BlockManager(num_blocks=5, block_size=2)
     prompt_a, prompt_b = [0, 1, 2, 3], [10, 11, 12, 13]
