@@ -27,7 +27,8 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from neuron_llm.loader.gguf_file import TokenizerDefaults
 
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+"""``developer`` is OpenAI's newer name for ``system``, and is rendered as one."""
 CHAT_TEMPLATES_DIR = "additional_chat_templates"
 """Where transformers saves named chat templates (``tool_use`` and others) but the default, one file each."""
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -239,7 +240,10 @@ def chat_template_arguments() -> frozenset[str]:
 
 
 def _checked_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``messages`` with text-part contents joined; ``ValueError`` naming a malformed one."""
+    """``messages`` as templates read them, as vLLM's ``LLM.chat`` passes OpenAI's messages on:
+    text-part contents joined, ``developer`` as ``system``, an assistant's tool calls' JSON
+    arguments parsed (templates write them with ``tojson``) and its content, null beside
+    them, empty. ``ValueError`` names a malformed message."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
     checked = []
@@ -249,17 +253,47 @@ def _checked_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]
         role = message.get("role")
         if role not in CHAT_ROLES:
             raise ValueError(f"messages[{i}].role={role!r}: must be one of {', '.join(CHAT_ROLES)}")
+        message = {**message, "role": "system" if role == "developer" else role}
+        if message.get("tool_calls") is not None:
+            message["tool_calls"] = _checked_tool_calls(message["tool_calls"], role, f"messages[{i}].tool_calls")
         content = message.get("content")
         if isinstance(content, list) and all(
             isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
             for part in content
         ):
             content = "\n".join(part["text"] for part in content)
+        if content is None and message.get("tool_calls"):
+            content = ""
         if not isinstance(content, str):
             raise ValueError(
-                f"messages[{i}].content={message.get('content')!r}: must be a string or a list of text parts"
+                f"messages[{i}].content={message.get('content')!r}: must be a string or a list of text parts "
+                "(or null in an assistant message with tool_calls)"
             )
         checked.append({**message, "content": content})
+    return checked
+
+
+def _checked_tool_calls(calls: Any, role: str, where: str) -> list[dict[str, Any]]:
+    """An assistant's past ``calls`` with each one's arguments an object; empty ones are ``{}``,
+    as vLLM reads them."""
+    if role != "assistant":
+        raise ValueError(f"{where}: tool calls belong to assistant messages, not {role} ones")
+    if not isinstance(calls, list):
+        raise ValueError(f"{where} must be a list of calls, not {type(calls).__name__}")
+    checked = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(f"{where}[{j}] must be a dict with a 'function' holding its 'name' and 'arguments'")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) or arguments is None:
+            try:
+                arguments = json.loads(arguments or "{}")
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{where}[{j}].function.arguments is not JSON: {e}") from None
+        if not isinstance(arguments, dict):
+            raise ValueError(f"{where}[{j}].function.arguments must be a JSON object")
+        checked.append({**call, "function": {**function, "arguments": arguments}})
     return checked
 
 

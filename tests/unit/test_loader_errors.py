@@ -524,6 +524,10 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
 
 
+def _call(arguments: Any) -> dict[str, Any]:
+    return {"id": "call_0", "type": "function", "function": {"name": "weather", "arguments": arguments}}
+
+
 def test_render_chat_uses_the_models_template(tokenizer: PreTrainedTokenizerFast) -> None:
     tokenizer.chat_template = CHAT_TEMPLATE
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
@@ -533,7 +537,15 @@ def test_render_chat_uses_the_models_template(tokenizer: PreTrainedTokenizerFast
 @pytest.mark.parametrize(
     ("messages", "message"),
     [
-        ([{"role": "robot", "content": "hi"}], r"messages\[0\]\.role='robot': must be one of system, user"),
+        ([{"role": "robot", "content": "hi"}], r"messages\[0\]\.role='robot': must be one of system, developer"),
+        ([{"role": "assistant", "content": None, "tool_calls": []}], r"messages\[0\]\.content=None: must be"),
+        ([{"role": "user", "content": "hi", "tool_calls": [_call("{}")]}], r"tool calls belong to assistant"),
+        (
+            [{"role": "assistant", "content": "", "tool_calls": [_call("{no")]}],
+            r"tool_calls\[0\]\.function\.arguments is not",
+        ),
+        ([{"role": "assistant", "content": "", "tool_calls": [_call("[1]")]}], r"arguments must be a JSON object"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"id": "x"}]}], r"tool_calls\[0\] must be a dict with"),
         ([{"role": "user"}], r"messages\[0\]\.content=None: must be a string"),
         ([{"role": "user", "content": "hi"}, "hello"], r"messages\[1\] must be a dict"),
         ([], r"non-empty list"),
@@ -546,6 +558,24 @@ def test_render_chat_refuses_malformed_messages(
     tokenizer.chat_template = CHAT_TEMPLATE
     with pytest.raises(ValueError, match=message):
         render_chat(tokenizer, messages)
+
+
+def test_render_chat_takes_openais_tool_calling_history(tokenizer: PreTrainedTokenizerFast) -> None:
+    # As vLLM's LLM.chat: a call's JSON arguments reach the template as an object (written back
+    # with tojson, not encoded twice), its null content as empty, and developer as system.
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %}"
+        "{% endfor %}"
+    )
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "assistant", "content": None, "tool_calls": [_call('{"city": "Paris"}'), _call("")]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_0"},
+    ]
+    rendered = render_chat(tokenizer, messages, add_generation_prompt=False)
+    assert rendered == '<system>be brief<assistant>weather{"city": "Paris"}weather{}<tool>sunny'
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'  # the caller's, untouched
 
 
 def test_render_chat_picks_the_default_of_named_templates(tokenizer: PreTrainedTokenizerFast) -> None:
