@@ -15,6 +15,8 @@ from neuron_llm.help_format import DefaultsHelpFormatter
 from neuron_llm.output_dir import check_out_dir
 
 if TYPE_CHECKING:
+    import torch
+
     from neuron_llm.loader import LoadedModel
     from neuron_llm.quant.config import QuantConfig
 
@@ -117,7 +119,7 @@ def _layers(value: str) -> tuple[int, ...]:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    """Run ``quantize``: load in float32, quantize, write ``--out``; return the exit code."""
+    """Run ``quantize``: load, quantize, write ``--out``; return the exit code."""
     import torch
 
     from neuron_llm.config import parse_dtype
@@ -131,11 +133,14 @@ def run_quantize(args: argparse.Namespace) -> int:
     config = quant_config_from_args(args)
     smoothing = smoothing_from_args(args)
     dtype = parse_dtype(args.dtype)
-    check_quantizable(args.model, config)
-    # Quantizing from float32 keeps 16-bit rounding out of the quantized weights.
+    check_quantizable(args.model, config, needs_tokenizer=smoothing is not None)
     if smoothing is None:
-        loaded = load_any_format(args.model, dtype=torch.float32, device="cpu", quantization=config)
+        # The quantizer computes in float32 whatever it is given: a 16-bit checkpoint loaded as
+        # stored quantizes to the same bits in half the memory of a float32 copy.
+        load_dtype = stored_dtype(args.model)
+        loaded = load_any_format(args.model, dtype=load_dtype, device="cpu", quantization=config)
     else:
+        # Calibration runs the model: in float32, where it was smoothed in.
         loaded = load_any_format(args.model, dtype=torch.float32, device="cpu")
         smooth(loaded, *smoothing)
         quantize_model(loaded.model, config)
@@ -153,9 +158,32 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_quantizable(model: str | None, config: QuantConfig) -> None:
-    """Raise ``ValueError`` when ``model`` is already quantized, or when ``config`` makes groups
-    its checkpoint could not store; reads the model's config, not its weights."""
+def stored_dtype(model: str | None) -> torch.dtype:
+    """The dtype that holds ``model``'s weights as stored: their own, when every tensor of a
+    safetensors directory is bf16, or every one fp16; float32 otherwise (GGUF's blocks, 32-bit
+    or mixed files)."""
+    import torch
+    from safetensors import safe_open
+
+    from neuron_llm.loader import resolve_model_path
+    from neuron_llm.loader.hf_dir import find_weight_files
+
+    path = resolve_model_path(model)
+    if not path.is_dir():
+        return torch.float32
+    stored = set()
+    for file in find_weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            stored.update(f.get_slice(name).get_dtype() for name in f.keys())
+    if len(stored) != 1:
+        return torch.float32
+    return {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored.pop(), torch.float32)
+
+
+def check_quantizable(model: str | None, config: QuantConfig, needs_tokenizer: bool = False) -> None:
+    """Raise ``ValueError`` when ``model`` is already quantized, when ``config`` makes groups
+    its checkpoint could not store, or when it has no tokenizer and ``needs_tokenizer`` (to
+    read a calibration text); reads the model's config, not its weights."""
     import torch
 
     from neuron_llm.loader import load_model_info, resolve_model_path
@@ -166,6 +194,8 @@ def check_quantizable(model: str | None, config: QuantConfig) -> None:
     if path.is_dir() and read_quantization_config(path) is not None:
         raise ValueError(f"{path} is already quantized (compressed-tensors); quantize its 16-bit original instead")
     info = load_model_info(path)
+    if needs_tokenizer and info.tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer to read the calibration text with")
     with torch.device("meta"):  # shapes only
         skeleton = LlamaForCausalLM(info.config)
     for name in config.policy.select(skeleton, info.config.num_hidden_layers):
@@ -222,8 +252,7 @@ def smooth(loaded: LoadedModel, text_file: Path, text: str, alpha: float, num_to
     ``text``, read from ``text_file``."""
     from neuron_llm.quant.smoothquant import activation_maxima, calibration_sequences, smooth_model
 
-    if loaded.tokenizer is None:
-        raise ValueError(f"{loaded.source} has no tokenizer to read the calibration text with")
+    assert loaded.tokenizer is not None, "check_quantizable refuses a model without one"
     ids = loaded.tokenizer(text, verbose=False)["input_ids"]
     # Positions past the model's context would calibrate on activations it never produces.
     sequences = calibration_sequences(ids, num_tokens, min(CALIBRATION_LENGTH, loaded.config.max_context_len))

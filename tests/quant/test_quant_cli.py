@@ -7,18 +7,22 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from neuron_llm.eval.cli import add_eval_parser
 from neuron_llm.eval.perplexity import perplexity
 from neuron_llm.quant import LinearFormat, QuantPolicy, load_any_format, quantized_linears, smoothquant
 from neuron_llm.quant import checkpoint as quant_checkpoint_module
+from neuron_llm.quant import cli as quant_cli
 from neuron_llm.quant import loading as quant_loading
 from neuron_llm.quant.cli import add_quantize_parser, quant_config_from_args, smoothing_from_args
+from tests.quant.conftest import QUANT_LLAMA
 
 
 def run_cli(*argv: str) -> int:
@@ -185,6 +189,55 @@ def test_quantize_refuses_before_loading_what_it_could_not_write(
     with pytest.raises(ValueError, match=re.escape(message)):
         run_cli("quantize", str(quant_checkpoint[1]), "--scheme", "int8", "--out", str(tmp_path / out), *options)
     assert not (tmp_path / out).exists()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "w8a8"])
+def test_a_16_bit_checkpoint_quantizes_as_stored_to_the_bits_of_a_float32_load(
+    quant_checkpoint: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    # Loaded as stored, a bf16 model takes half the memory of a float32 copy while quantizing.
+    hf_model, source = quant_checkpoint
+    hf_model.to(torch.bfloat16).save_pretrained(source)
+    assert quant_cli.stored_dtype(str(source)) == torch.bfloat16
+    loads: list[torch.dtype] = []
+    load = quant_loading.load_any_format
+    monkeypatch.setattr(quant_loading, "load_any_format", lambda *a, **k: loads.append(k["dtype"]) or load(*a, **k))
+    assert run_cli("quantize", str(source), "--scheme", scheme, "--out", str(tmp_path / "as-stored")) == 0
+    monkeypatch.setattr(quant_cli, "stored_dtype", lambda model: torch.float32)
+    assert run_cli("quantize", str(source), "--scheme", scheme, "--out", str(tmp_path / "float32")) == 0
+    assert loads == [torch.bfloat16, torch.float32]
+    as_stored = load_file(tmp_path / "as-stored" / "model.safetensors")
+    from_float32 = load_file(tmp_path / "float32" / "model.safetensors")
+    assert as_stored.keys() == from_float32.keys()
+    for name, tensor in as_stored.items():
+        assert tensor.dtype == from_float32[name].dtype and torch.equal(tensor, from_float32[name]), name
+
+
+def test_a_checkpoint_of_mixed_or_32_bit_tensors_loads_in_float32(save_tiny_llama: Callable[..., Any]) -> None:
+    hf_model, source = save_tiny_llama(**QUANT_LLAMA)
+    assert quant_cli.stored_dtype(str(source)) == torch.float32
+    hf_model.to(torch.float16)
+    hf_model.model.norm.float()
+    hf_model.save_pretrained(source)
+    assert quant_cli.stored_dtype(str(source)) == torch.float32
+    hf_model.model.norm.half()
+    hf_model.save_pretrained(source)
+    assert quant_cli.stored_dtype(str(source)) == torch.float16
+
+
+def test_smoothquant_refuses_a_model_without_a_tokenizer_before_loading(
+    save_tiny_llama: Callable[..., Any], corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, source = save_tiny_llama(**QUANT_LLAMA)
+
+    def load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was loaded before its tokenizer was looked for")
+
+    monkeypatch.setattr(quant_loading, "load_any_format", load)
+    with pytest.raises(ValueError, match="has no tokenizer to read the calibration text with"):
+        run_cli(
+            "quantize", str(source), "--scheme", "w8a8", "--smoothquant", str(corpus_file), "--out", str(tmp_path / "q")
+        )
 
 
 def test_eval_needs_an_existing_corpus(quant_checkpoint: tuple[Any, Path], tmp_path: Path) -> None:
