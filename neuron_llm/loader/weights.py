@@ -50,11 +50,13 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, TensorSource]]) 
 
     Raises ``ValueError`` naming an unexpected checkpoint tensor, a shape mismatch, or a
     parameter the checkpoint lacks. When the model ties ``lm_head.weight`` to the embedding,
-    the stored head is ignored, or fills the embedding when the checkpoint has no embedding.
+    the stored head (quantized too, as vLLM ignores it) is ignored, or fills the embedding when
+    the checkpoint has no embedding.
     """
     params = dict(model.named_parameters())  # tied parameters appear once, under their first name
     loaded: set[str] = set()
     tied: dict[str, TensorSource] = {}
+    head_is_quantized = False
     for name, source in sources:
         if name not in params and f"model.{name}" in params:
             name = f"model.{name}"  # a bare LlamaModel's names, which transformers also reads
@@ -63,6 +65,9 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, TensorSource]]) 
         if name not in params:
             if name == "lm_head.weight":
                 continue  # tied to model.embed_tokens.weight
+            if name.startswith("lm_head.") and "lm_head.weight" not in params:
+                head_is_quantized = True  # its scales: llm-compressor quantizes a tied head unless told not to
+                continue
             if name.endswith(_ROTARY_BUFFERS):
                 continue  # recomputed from the config (ColossalAI saves the cos/sin tables too)
             raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in the model")
@@ -72,6 +77,11 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, TensorSource]]) 
     if embedding in params and embedding not in loaded and _TIED[1] in tied:
         # A tied model saved under the head's name only (safetensors' save_model keeps the
         # first name of a shared tensor): the head's values are the embedding's.
+        if head_is_quantized:
+            raise ValueError(
+                "the checkpoint stores no embedding, only a quantized lm_head, which its config ties to the "
+                "embedding (tie_word_embeddings): there are no 16-bit values to embed tokens with"
+            )
         _load_one(_TIED[1], params[embedding], tied[_TIED[1]])
         loaded.add(embedding)
     missing = sorted(set(params) - loaded)
@@ -79,6 +89,7 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, TensorSource]]) 
         raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
     if len(tied) == 2 and not torch.equal(*(source[:_TIED_SAMPLE_ROWS].float() for source in tied.values())):
         # transformers 5 would use the stored head; vLLM and transformers 4 tie it, as here.
+        # (A quantized head always differs.)
         logger.warning(
             "the checkpoint stores an lm_head.weight that differs from its embedding, but its config ties "
             "them (tie_word_embeddings): the embedding serves as the LM head and the stored one is ignored"

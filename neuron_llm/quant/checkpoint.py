@@ -90,12 +90,13 @@ class CheckpointQuantization:
     groups: tuple[SchemeGroup, ...]
     ignore: tuple[str, ...] = ()
 
-    def format_of(self, linear_name: str) -> LinearFormat | None:
-        """The format the checkpoint stores the linear ``linear_name`` in; None for 16-bit."""
-        if any(_target_matches(target, linear_name) for target in self.ignore):
+    def format_of(self, name: str, module_class: str = "Linear") -> LinearFormat | None:
+        """The format the checkpoint stores the module ``name`` (of transformers' class
+        ``module_class``) in; None for 16-bit."""
+        if any(_target_matches(target, name, module_class) for target in self.ignore):
             return None
         for target, fmt in self._ranked_targets:
-            if _target_matches(target, linear_name):
+            if _target_matches(target, name, module_class):
                 return fmt
         return None
 
@@ -108,13 +109,12 @@ class CheckpointQuantization:
         return [(t, schemes[t]) for t in sorted(schemes, key=lambda t: (t == "Linear", t.startswith("re:"), t))]
 
 
-def _target_matches(target: str, linear_name: str) -> bool:
+def _target_matches(target: str, name: str, module_class: str) -> bool:
     # compressed-tensors' rules: "re:" prefixes a regex matched at the start of the name, a
-    # class name matches modules of that class (only "Linear" concerns linears), else the
-    # target is an exact module name.
+    # class name matches modules of that class, else the target is an exact module name.
     if target.startswith("re:"):
-        return re.match(target.removeprefix("re:"), linear_name) is not None
-    return target == "Linear" or target == linear_name
+        return re.match(target.removeprefix("re:"), name) is not None
+    return target == module_class or target == name
 
 
 def read_quantization_config(model_dir: Path) -> CheckpointQuantization | None:

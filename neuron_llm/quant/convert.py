@@ -25,6 +25,8 @@ from neuron_llm.quant.config import QuantConfig, resolve_quant_config
 from neuron_llm.quant.layers import QuantizedLinear, empty_quantized_linear, quantize_linear, refuse_non_finite
 from neuron_llm.quant.policy import LM_HEAD
 
+EMBEDDING = "model.embed_tokens"
+
 
 def quantize_model(model: LlamaForCausalLM, quantization: str | QuantConfig) -> list[str]:
     """Quantize, in place, the linears of the loaded ``model`` that the recipe selects.
@@ -59,18 +61,22 @@ def prepare_quantized_model(model: LlamaForCausalLM, checkpoint: CheckpointQuant
     """Give the freshly built ``model`` the quantized layers ``checkpoint`` stores, before its weights load.
 
     Each replacement is created on the device of the linear it replaces. Returns the names of
-    the replaced modules; raises ``ValueError`` when the checkpoint quantizes an LM head tied
-    to the embedding.
+    the replaced modules. An LM head tied to the embedding stays the embedding, as in vLLM: the
+    quantized copy stored beside it is not read. Raises ``ValueError`` when the checkpoint
+    quantizes the embedding, which no layer here reads quantized.
     """
+    if checkpoint.format_of(EMBEDDING, module_class="Embedding") is not None:
+        raise ValueError(
+            f"the checkpoint quantizes the embedding ({EMBEDDING}), which is not implemented: only linears "
+            "load quantized; quantize it again with the embedding left out of the targets"
+        )
     names = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, Linear):
             continue
         fmt = checkpoint.format_of(name)
-        if fmt is None:
+        if fmt is None or (name == LM_HEAD and model.config.tie_word_embeddings):
             continue
-        if name == LM_HEAD and model.config.tie_word_embeddings:
-            raise ValueError("the checkpoint quantizes lm_head, which this model ties to the embedding")
         linear = _plain_linear(model, name)
         with torch.device(linear.weight.device):
             _replace(

@@ -207,6 +207,54 @@ def test_naive_int8_checkpoint_from_elsewhere_loads(
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-2 * expected.abs().max().item())
 
 
+def test_a_tied_model_stored_with_a_quantized_head_uses_its_embedding(
+    save_tiny_llama: Callable[..., tuple[Any, Path]],
+    load_fp32: Callable,
+    paged_runner: type,
+    out_dir: Path,
+    prompt: list[int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # llm-compressor quantizes a tied model's lm_head unless it is ignored, and leaves the config
+    # tied; vLLM then ignores the stored head and embeds with the tied one.
+    source = save_tiny_llama(**QUANT_LLAMA, tie_word_embeddings=True)[1]
+    reference = load_fp32(source)
+    quantize_model(reference.model, "int8")  # the head stays tied
+    untied = load_fp32(source)
+    quantize_model(untied.model, RECIPES["int8-head"])  # unties the head: an int8 copy is written
+    save_quantized_checkpoint(untied.model, untied.config, out_dir, source=source, tokenizer=None, dtype=torch.float32)
+    config = json.loads((out_dir / "config.json").read_text())
+    assert "lm_head" not in config["quantization_config"]["ignore"]
+    (out_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    assert {"lm_head.weight_packed", "lm_head.weight_scale"} <= load_file(out_dir / "model.safetensors").keys()
+
+    loaded = load_any_format(out_dir, dtype=torch.float32, device="cpu")
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+    assert quantized_linears(loaded.model) == quantized_linears(reference.model)
+    assert "differs from its embedding" in caplog.text
+    [expected] = paged_runner(reference.model).logits([prompt])
+    [actual] = paged_runner(loaded.model).logits([prompt])
+    assert torch.equal(actual, expected)
+    # Without an embedding stored beside it, the quantized head has no 16-bit values to give one.
+    tensors = load_file(out_dir / "model.safetensors")
+    del tensors["model.embed_tokens.weight"]
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    with pytest.raises(ValueError, match="stores no embedding, only a quantized lm_head"):
+        load_any_format(out_dir, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("target", ["re:.*embed_tokens$", "Embedding", "model.embed_tokens"])
+def test_a_quantized_embedding_is_refused_by_name(
+    quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path, target: str
+) -> None:
+    quantized_and_saved(load_fp32, quant_checkpoint[1], "int8", out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["targets"].append(target)
+    (out_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"quantizes the embedding \(model\.embed_tokens\), which is not implemented"):
+        load_any_format(out_dir, dtype=torch.float32, device="cpu")
+
+
 def test_w8a8_checkpoint_with_zero_points_from_older_compressed_tensors_loads(
     quant_checkpoint: tuple[Any, Path], load_fp32: Callable, out_dir: Path
 ) -> None:
