@@ -35,6 +35,7 @@ from neuron_llm.engine.llm_engine import LLMEngine
 from neuron_llm.engine.speculative.draft import read_draft_model
 from neuron_llm.inputs import Prompt, prompt_input
 from neuron_llm.loader import load_model_info, render_chat
+from neuron_llm.loader.tokenizer import chat_template_arguments
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.parallel.executor import WorkerFactory, make_executor
 from neuron_llm.sample.features import features_of
@@ -337,7 +338,11 @@ class LLM:
         if not messages:
             raise ValueError("messages is empty: give a conversation or a list of them")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        # As in vLLM, chat_template_kwargs may set the named options too, and win.
+        # As in vLLM, chat_template_kwargs may set the named options too, and win; the other
+        # arguments of the rendering (the messages, tokenize...) are not the template's variables.
+        settable = {"chat_template", "add_generation_prompt", "continue_final_message", "tools", "documents"}
+        if taken := sorted(chat_template_arguments().intersection(chat_template_kwargs or {}) - settable):
+            raise ValueError(f"chat_template_kwargs: {taken} are not template variables, and may not be set there")
         options: dict[str, Any] = {
             "chat_template": chat_template,
             "add_generation_prompt": add_generation_prompt,

@@ -93,6 +93,9 @@ def test_chat_options_reach_the_template(llm: LLM) -> None:
     assert custom.outputs[0].token_ids == llm.generate({"prompt": "![Once"}, GREEDY)[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="messages is empty"):
         llm.chat([], GREEDY)
+    for taken in ("messages", "tokenize", "return_dict"):
+        with pytest.raises(ValueError, match=rf"chat_template_kwargs: \['{taken}'\] are not template variables"):
+            llm.chat(conversation, GREEDY, chat_template_kwargs={taken: True})
 
 
 def _contains(tokens: list[int], word: list[int]) -> bool:
