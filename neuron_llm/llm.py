@@ -234,6 +234,10 @@ class LLM:
         self._unread: dict[str, deque[RequestOutput]] = {}
         """Per request added through this LLM, the outputs its caller has not read yet: steps
         run for one caller (a stream, a generate) advance every request in the engine."""
+        self._keeps_latest: set[str] = set()
+        """Requests whose every output holds all before it (not "delta"): only the latest unread
+        one is kept, as ``AsyncLLM`` keeps it, so that a stream left unread while another call
+        runs holds one output, not a copy of its tokens per step."""
         self._streams: set[str] = set()
         """The requests of open streams."""
         self._failed: dict[str, Exception] = {}
@@ -362,7 +366,8 @@ class LLM:
         """Yield the request's output after every step that advanced it, the last one finished.
 
         Several streams (and ``generate`` calls) may be open at once: each step advances them
-        all, and each caller reads its own outputs.
+        all, and each caller reads its own outputs. Outputs a stream has not read while other
+        calls stepped come as the latest one, which holds them all (or, "delta", each in turn).
         """
         self._forget_leftovers()
         owned: list[str] = []
@@ -394,6 +399,8 @@ class LLM:
         request_id = self.engine.unused_request_id(params.n if isinstance(params, SamplingParams) else 1)
         owned.append(request_id)
         self._unread[request_id] = deque()
+        if isinstance(params, SamplingParams) and params.output_kind != "delta":
+            self._keeps_latest.add(request_id)
         self.engine.add_request(text_or_ids, params, request_id)
         return request_id
 
@@ -402,6 +409,7 @@ class LLM:
         for request_id in request_ids:
             self.engine.abort(request_id)
             self._unread.pop(request_id, None)
+            self._keeps_latest.discard(request_id)
             self._failed.pop(request_id, None)
 
     def _forget_leftovers(self) -> None:
@@ -411,8 +419,12 @@ class LLM:
 
     def _step(self) -> None:
         for output in self.engine.step():
-            if output.request_id in self._unread:
-                self._unread[output.request_id].append(output)
+            unread = self._unread.get(output.request_id)
+            if unread is None:
+                continue
+            if output.request_id in self._keeps_latest:
+                unread.clear()
+            unread.append(output)
         for request_id, error in self.engine.take_failures():
             if request_id in self._unread:
                 self._failed[request_id] = error

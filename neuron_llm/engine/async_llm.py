@@ -26,7 +26,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncGenerator, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from neuron_llm.engine.llm_engine import LATENCIES, EngineStats, LLMEngine, latency_samples
 from neuron_llm.inputs import Prompt, prompt_input
@@ -71,6 +71,8 @@ class _Stream:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, is_delta: bool) -> None:
         self.loop = loop
+        self.is_waiting = True
+        """Counted as waiting (``max_waiting_requests``) until its first token; AsyncLLM's lock guards it."""
         self._is_delta = is_delta
         self._ready = asyncio.Event()
         self._outputs: list[RequestOutput] = []
@@ -111,6 +113,8 @@ class _Add:
     prompt: str | list[int]
     params: SamplingParams
     request_id: str
+    arrival_time: float = field(default_factory=time.monotonic)
+    """When ``generate`` took it: the engine thread adds it only between steps."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ class AsyncLLM:
 
     Args:
         engine: the engine to drive; nothing else may call it until ``shutdown`` returns.
-        max_waiting_requests: most accepted requests still waiting for their first output
+        max_waiting_requests: most accepted requests still waiting for their first token
             (queued, or in prefill); past it ``generate`` raises ``QueueFullError``. A bounded
             backlog keeps the latency of every waiting request bounded too.
     """
@@ -198,22 +202,22 @@ class AsyncLLM:
         stream = _Stream(asyncio.get_running_loop(), is_delta=params.output_kind == "delta")
         prompt = prompt_input(prompt) if isinstance(prompt, (str, dict)) else list(prompt)
         self._admit(_Add(stream, prompt, params, request_id))
-        is_waiting, is_ended = True, False
+        is_ended = False
         try:
             while not is_ended:
                 item = await stream.take()
                 if isinstance(item, Exception):
                     is_ended = True  # the engine holds the request no more
                     raise item
-                if is_waiting:
-                    is_waiting = False
-                    self._release(is_waiting=True, is_in_flight=False)
+                self._stop_waiting(stream)
                 is_ended = item.finished
                 yield item
         finally:
             if not is_ended:
                 self._commands.put(_Abort(request_id, stream))
-            self._release(is_waiting=is_waiting, is_in_flight=True)
+            self._stop_waiting(stream)
+            with self._lock:
+                self._num_in_flight -= 1
 
     def abort(self, request_id: str | Iterable[str]) -> None:
         """Abort a request, or several (as vLLM's takes them), and free their blocks (their
@@ -260,10 +264,12 @@ class AsyncLLM:
             self._num_in_flight += 1
             self._commands.put(add)
 
-    def _release(self, is_waiting: bool, is_in_flight: bool) -> None:
+    def _stop_waiting(self, stream: _Stream) -> None:
+        """Count ``stream``'s request as waiting no more: its first token came, or it ended."""
         with self._lock:
-            self._num_waiting -= int(is_waiting)
-            self._num_in_flight -= int(is_in_flight)
+            if stream.is_waiting:
+                stream.is_waiting = False
+                self._num_waiting -= 1
 
     # -- the engine thread ------------------------------------------------------------------
 
@@ -292,7 +298,7 @@ class AsyncLLM:
 
     def _add(self, add: _Add) -> None:
         try:
-            self.engine.add_request(add.prompt, add.params, add.request_id)
+            self.engine.add_request(add.prompt, add.params, add.request_id, arrival_time=add.arrival_time)
         except ValueError as e:
             add.stream.put(e)
             return
@@ -327,6 +333,11 @@ class AsyncLLM:
             return
         # Published first, so that a consumer holding an output sees stats that include it.
         self._publish_stats()
+        # A request asking for its final output only is running once it has a token, though
+        # its consumer hears nothing until it ends.
+        for request_id, stream in self._streams.items():
+            if stream.is_waiting and self.engine.has_first_token(request_id):
+                self._stop_waiting(stream)
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:

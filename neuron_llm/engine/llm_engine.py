@@ -253,10 +253,14 @@ class LLMEngine:
         prompt: str | Sequence[int],
         params: SamplingParams,
         request_id: str | None = None,
+        arrival_time: float | None = None,
     ) -> str:
         """Queue a request; returns its id. Raises ``ValueError`` naming what is wrong with it.
 
         A bad request is refused alone: nothing already queued or running is touched.
+        ``arrival_time`` (``time.monotonic()``; default now) is when the request arrived: a
+        front end that holds requests before the engine takes them (``AsyncLLM``, between
+        steps) passes the time it got them, so that its latencies count the wait, as vLLM's.
         """
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, not {type(params).__name__}")
@@ -284,7 +288,7 @@ class LLMEngine:
             prompt_token_ids=prompt_ids,
             params=params,
             sequences=sequences,
-            metrics=RequestMetrics(arrival_time=first.arrival_time),
+            metrics=RequestMetrics(arrival_time=first.arrival_time if arrival_time is None else arrival_time),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             pending_forks=[seq.request for seq in sequences[1:]],
             bad_words_token_ids=bad_words_token_ids,
@@ -391,6 +395,11 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
+
+    def has_first_token(self, request_id: str) -> bool:
+        """Whether the running request ``request_id`` has generated a token; False for an unknown one."""
+        group = self._groups.get(request_id)
+        return group is not None and group.metrics.first_token_time is not None
 
     def take_failures(self) -> list[tuple[str, Exception]]:
         """The requests that failed alone since the last call, each with its error: judging one

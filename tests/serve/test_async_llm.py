@@ -177,6 +177,42 @@ def test_a_full_waiting_queue_refuses_at_once(model_dir: Path) -> None:
     run_with(make_llm(model_dir), scenario, max_waiting_requests=1)
 
 
+def test_a_running_request_asking_for_its_final_output_is_not_waiting(model_dir: Path) -> None:
+    # Its consumer hears nothing until it ends, but once it has a token it is running: it must
+    # not fill the waiting queue (vLLM's server asks for final outputs when not streaming).
+    final_only = replace(LONG, output_kind="final_only")
+
+    async def scenario(engine: AsyncLLM) -> None:
+        running = asyncio.ensure_future(last(engine.generate("Hello", final_only, request_id="running")))
+        while not engine.stats().scheduler.num_running:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # steps of 10 ms: its first token has come
+        assert (await last(engine.generate("Hello", GREEDY))).outputs[0].finish_reason == "length"
+        running.cancel()
+
+    run_with(make_slow_llm(model_dir, step_s=0.01), scenario, max_waiting_requests=1)
+
+
+def test_latencies_count_the_wait_for_the_step_in_flight(model_dir: Path) -> None:
+    # The engine thread takes a request only between steps; its latencies start when generate
+    # got it, as vLLM's front end stamps them.
+    one_token = replace(GREEDY, max_tokens=1)
+
+    async def scenario(engine: AsyncLLM) -> None:
+        busy = engine.generate("Hello", LONG)
+        await anext(busy)
+        await asyncio.sleep(0.1)  # the engine thread is in its next step's half second
+        engine.stats()  # the samples so far, dropped
+        start = time.monotonic()
+        await last(engine.generate("world", one_token))
+        waited = time.monotonic() - start
+        await busy.aclose()
+        [ttft] = engine.stats().time_to_first_token
+        assert waited > 0.8 and ttft >= waited - 0.1, (ttft, waited)
+
+    run_with(make_slow_llm(model_dir, step_s=0.5), scenario)
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_a_failing_step_fails_the_requests_in_flight_not_the_engine(model_dir: Path, async_scheduling: bool) -> None:
     llm = make_llm(model_dir, async_scheduling=async_scheduling)

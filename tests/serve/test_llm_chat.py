@@ -69,6 +69,25 @@ def test_open_streams_and_generate_each_get_all_their_outputs(llm: LLM) -> None:
     assert not llm.engine.has_unfinished_requests()
 
 
+@pytest.mark.parametrize("output_kind", ["cumulative", "delta"])
+def test_a_stream_left_unread_holds_its_latest_output(llm: LLM, output_kind: str) -> None:
+    # As AsyncLLM's: a cumulative output holds everything before it, so one unread is kept,
+    # not a copy of the tokens so far per step; deltas are each kept, in order.
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, output_kind=output_kind)
+    alone = llm.generate("Hello", params)[0].outputs[0].token_ids
+    stream = llm.stream("Hello", params)
+    read = [next(stream)]
+    llm.generate("world", replace(params, max_tokens=10, output_kind="cumulative"))  # ten steps of the stream
+    read += list(stream)
+    tokens = [output.outputs[0].token_ids for output in read]
+    if output_kind == "delta":
+        assert [len(delta) for delta in tokens[:11]] == [1] * 11
+        assert sum(tokens, []) == alone
+    else:
+        assert len(tokens[1]) >= 11 and tokens[-1] == alone
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_chat_options_reach_the_template(llm: LLM) -> None:
     conversation = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]
     (output,) = llm.chat(conversation, GREEDY)
