@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from neuron_llm.engine.async_llm import AsyncLLM
+from neuron_llm.engine.async_llm import AsyncLLM, EngineClosedError
 from neuron_llm.outputs import RequestOutput, join_deltas
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.errors import ClientDisconnected, ServerError, error_from_engine
@@ -98,7 +98,9 @@ class Generation:
                 yield item
             outcome = "success"
         except Exception as e:
-            outcome = None  # counted where the error is answered
+            # Cut short by a shutdown past its drain timeout: answered 503, but accepted and
+            # served in part, so aborted rather than rejected. Others are counted where answered.
+            outcome = "aborted" if isinstance(e, EngineClosedError) else None
             raise error_from_engine(e, self._prompt_param, self._structure_param) from e
         finally:
             await self._outputs.aclose()

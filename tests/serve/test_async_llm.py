@@ -25,6 +25,10 @@ from neuron_llm.engine.async_llm import (
 from neuron_llm.llm import LLM
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.serve.errors import UnavailableError
+from neuron_llm.serve.generation import Generation
+from neuron_llm.serve.metrics import ServerMetrics
+from neuron_llm.serve.prompts import Prompt
 from tests.serve.conftest import make_llm, make_slow_llm
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -211,6 +215,28 @@ def test_latencies_count_the_wait_for_the_step_in_flight(model_dir: Path) -> Non
         assert waited > 0.8 and ttft >= waited - 0.1, (ttft, waited)
 
     run_with(make_slow_llm(model_dir, step_s=0.5), scenario)
+
+
+def test_a_request_cut_short_by_shutdown_counts_as_aborted(model_dir: Path) -> None:
+    # Answered 503 as the server stops, but it was accepted and partly served: not a refusal.
+    metrics = ServerMetrics()
+
+    async def scenario() -> None:
+        engine = AsyncLLM(make_slow_llm(model_dir, step_s=0.01).engine)
+        with metrics.counting_request():
+            generation = Generation(engine, [Prompt([5, 6, 7], "")], LONG, "cut", metrics)
+            await generation.start()
+            stopping = asyncio.ensure_future(engine.shutdown(drain_timeout=0))
+            with pytest.raises(UnavailableError, match="shut down before this request finished"):
+                async for _ in generation.outputs():
+                    pass
+            metrics.count_refusal(503)  # as the error handler answering it does
+            await stopping
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    counted = metrics.render().decode()
+    assert 'neuron_llm_requests_total{outcome="aborted"} 1.0' in counted
+    assert 'neuron_llm_requests_total{outcome="rejected"} 0.0' in counted
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
