@@ -360,7 +360,8 @@ class Artifact:
         """``given`` LLM options (None: unset) with the artifact's filled in.
 
         Raises ``ValueError`` naming an option set to another value than the artifact was
-        built with. Options the artifact does not fix pass through.
+        built with (``sampling_features`` may name fewer). Options the artifact does not fix
+        pass through.
         """
         resolved = {name: value for name, value in given.items() if value is not None}
         for name, built in self.options.items():
@@ -374,6 +375,8 @@ class Artifact:
                     f"{name}={value!r}, but {self.path} was compiled with {name}={built!r}: "
                     "leave it unset, or compile the model again with it"
                 )
+            elif name == "sampling_features":
+                resolved[name] = built  # fewer named: the engine still serves all it holds
         return resolved
 
     def check_system(self, device: str) -> None:
@@ -516,7 +519,9 @@ def _same_option(name: str, value: Any, built: Any) -> bool:
         return parse_device(value).type == built
     if name == "dtype":
         return value == "auto" or parse_dtype(value) == parse_dtype(built)
-    if name in ("sampling_features", "context_buckets", "nki_kernels"):
+    if name == "sampling_features":  # graphs of fewer features are in the artifact too
+        return set(value) <= set(built)
+    if name in ("context_buckets", "nki_kernels"):
         return sorted(set(value)) == built
     if name == "speculative_config":
         parsed = SpeculativeConfig.parse(value)

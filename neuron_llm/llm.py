@@ -156,9 +156,6 @@ class LLM:
         except ValueError as e:
             raise ValueError(f"{info.source}: generation_config.json: {e}") from e
         if artifact is not None:
-            if sampling_features is not None and artifact.options["device"] == "xla":
-                # As it was compiled: with the default request's features (below).
-                sampling_features = sorted({*sampling_features, *default_features})
             fixed = artifact.resolve_options(
                 {
                     "device": device,
@@ -270,6 +267,8 @@ class LLM:
             raise
         self.compiled_at_load = sorted(cache_files(cache_dir) - cached - drafted)
         """Compiler-cache files written while loading an artifact: graphs it lacked (none, normally)."""
+        if cache_dir is not None:
+            self._executor.worker.watch_compile_cache(cache_dir)  # graphs compiled while serving
         if self.compiled_at_load:
             logger.warning(
                 "%s: compiled %d cache file(s) the artifact lacked while loading (e.g. %s), "

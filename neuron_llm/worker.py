@@ -12,6 +12,7 @@ import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -303,6 +304,10 @@ class Worker:
 
     def mark_warmed_up(self) -> None:
         """Every bucket has run once; from now on a new graph is worth a warning."""
+
+    def watch_compile_cache(self, cache: Path) -> None:
+        """From now on, name in a warning each file a step's compile adds to ``cache``, an
+        artifact's: a graph the artifact lacked (one found there compiles nothing new)."""
 
     def close(self, wait: bool) -> None:
         """Drop what the steps hold beyond the weights and the KV pool, before the process group

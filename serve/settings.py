@@ -173,19 +173,19 @@ class ServeSettings:
     def check_model(self) -> None:
         """What can be checked of the model without loading it, before a port opens: that it
         is a model, max_model_len against its context, and an artifact's options against those
-        set here, its system, its model files (a few kB, hashed) and its weights' sizes and headers."""
+        set here, its system, its model files (a few kB, hashed), its weights' sizes and headers
+        and its graphs' sizes."""
         from neuron_llm.compile.artifact import Artifact, is_artifact
         from neuron_llm.loader import load_model_info
 
         if self.model is not None and is_artifact(self.model):
             options = {name: value for name, value in self.llm_options().items() if name != "model"}
             options["dtype"] = None if self.dtype == "auto" else self.dtype
-            # An XLA artifact's features are checked with the model's defaults added, at load.
-            options.pop("sampling_features", None)
             artifact = Artifact.open(self.model)
             artifact.check_system(artifact.resolve_options(options)["device"])
             artifact.check_model_files()
             artifact.check_weight_files()
+            artifact.check_graph_files()
             return
         from neuron_llm.config import DeviceConfig
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -77,6 +78,8 @@ class XlaWorker(Worker):
         """Graphs this worker's steps compiled, counted around each step: another worker (a draft
         model's) compiles in the same process."""
         self._is_warm = False
+        self._watched: tuple[Path, set[str]] | None = None
+        """An artifact's compile cache, and the files it held (``watch_compile_cache``)."""
 
     def num_kv_heads(self) -> int:
         """All of them: under tensor parallelism the pools are split by annotation (``spmd``)."""
@@ -237,10 +240,31 @@ class XlaWorker(Worker):
     def mark_warmed_up(self) -> None:
         self._is_warm = True
 
+    def watch_compile_cache(self, cache: Path) -> None:
+        from neuron_llm.compile.artifact import cache_files
+
+        self._watched = (cache, cache_files(cache))
+
     def _count_compiled(self, compiled_before: int, step: StepInput, variant: str) -> None:
-        """Count the graphs compiled since ``compiled_before``; warn of any after warm-up."""
+        """Count the graphs compiled since ``compiled_before``; warn of any after warm-up, and of
+        any an artifact lacked (graphs built lazily, ``warm_up=False``, found in it are not)."""
         compiled = compile_count() - compiled_before
         self._num_compiled += compiled
+        if compiled and self._watched is not None:
+            from neuron_llm.compile.artifact import cache_files
+
+            cache, seen = self._watched
+            if added := sorted(cache_files(cache) - seen):
+                seen.update(added)
+                logger.warning(
+                    "compiled %d cache file(s) the artifact lacks for a step of %d tokens, %d sequences (%s), "
+                    "e.g. %s: compile the artifact again with the sampling_features this model serves",
+                    len(added),
+                    step.num_padded_tokens,
+                    step.num_padded_seqs,
+                    variant,
+                    added[0],
+                )
         if self._is_warm and compiled:
             logger.warning(
                 "compiled a new graph after warm-up for a step of %d tokens, %d sequences (%s): warm-up "

@@ -42,3 +42,8 @@ def test_serve_refuses_an_option_the_artifact_was_not_compiled_with_before_it_li
     (out / "added_tokens.json").write_text("{}")  # a file the tokenizer would read, added after compiling
     with pytest.raises(ValueError, match="added_tokens.json: not a file the artifact was compiled with"):
         ServeSettings(model=str(out)).check_model()
+    (out / "added_tokens.json").unlink()
+    (out / "graphs" / "kernel.cubin").parent.mkdir(exist_ok=True)
+    (out / "graphs" / "kernel.cubin").write_bytes(b"")  # its graphs are checked too
+    with pytest.raises(ValueError, match="kernel.cubin: not a file the artifact was compiled with"):
+        ServeSettings(model=str(out)).check_model()

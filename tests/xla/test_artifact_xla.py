@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,37 @@ def test_the_compiler_reads_the_artifacts_cache_for_the_llms_life(
     greedy_tokens(llm)  # shuts the LLM down
     assert len(seen) > steps_before and set(seen) == {cache}
     assert "NEURON_COMPILE_CACHE_URL" not in os.environ
+
+
+def test_a_graph_the_artifact_lacks_is_named_when_it_compiles_while_serving(
+    compiled: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # neuronx-cc writes a NEFF into the cache on a miss; the CPU's PJRT client writes none, so
+    # here the compile writes one. Built lazily from the artifact (warm_up=False), a graph
+    # found in its cache adds nothing and is not named.
+    from neuron_llm.xla import runner
+
+    greedy = SamplingParams(max_tokens=2, temperature=0.0)
+    llm = LLM(str(compiled[1]), warm_up=False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="neuron_llm.xla.runner"):
+            llm.generate(PROMPTS, greedy)
+        assert "the artifact lacks" not in caplog.text
+        missed = Path(os.environ["NEURON_COMPILE_CACHE_URL"]) / "neuronxcc-0" / "MODULE_1+0" / "model.neff"
+        count = runner.compile_count
+
+        def compile_writing_a_neff() -> int:
+            missed.parent.mkdir(parents=True, exist_ok=True)
+            missed.write_bytes(b"neff")
+            return count()
+
+        monkeypatch.setattr(runner, "compile_count", compile_writing_a_neff)
+        with caplog.at_level(logging.WARNING, logger="neuron_llm.xla.runner"):
+            llm.generate(PROMPTS, replace(greedy, logprobs=1))  # its graph compiles now
+    finally:
+        llm.shutdown()
+    assert "compiled 1 cache file(s) the artifact lacks" in caplog.text
+    assert "neuronxcc-0/MODULE_1+0/model.neff" in caplog.text
 
 
 def test_an_artifact_compiled_before_context_buckets_loads_with_one_width(compiled: tuple[Path, Path]) -> None:
@@ -169,6 +201,9 @@ def test_default_sampling_and_chosen_features_are_compiled_in_and_load_compiles_
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
     llm.shutdown()
     reference.shutdown()
+
+    # Loaded ignoring the defaults, the artifact's graphs of fewer features serve.
+    LLM(str(out), sampling_features=["logprobs"], generation_config="vllm", warm_up=False).shutdown()
 
     # Compiled ignoring the defaults, the artifact's set stands when it loads with them.
     ignoring = tmp_path / "ignoring-defaults"
