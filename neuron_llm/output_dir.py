@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -10,6 +11,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -108,3 +111,10 @@ def check_out_dir(out: Path) -> None:
         raise ValueError(f"--out {out}: {existing} is a file, so no directory can be made under it")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {existing} is not writable")
+    if not out.exists() and out.parent.is_dir():
+        # Written beside --out, where a killed run's leftover does not stop a retry: only its bytes stay.
+        pattern = _building_prefix(Path(os.path.abspath(out)), "*") + "*"
+        for leftover in sorted(entry for entry in out.parent.glob(pattern) if entry.is_dir()):
+            logger.warning(
+                "%s was left by an interrupted run (or one still going); remove it to free its space", leftover
+            )

@@ -3,6 +3,7 @@ current directory, a link to a directory) is kept and filled, its loadable file 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -118,9 +119,12 @@ def test_compile_checks_its_out_directory_before_anything_else(
 
 
 @pytest.mark.parametrize("in_place", [False, True])
-def test_a_terminated_write_leaves_nothing_and_a_leftover_is_named(tmp_path: Path, in_place: bool) -> None:
+def test_a_terminated_write_leaves_nothing_and_a_leftover_is_named(
+    tmp_path: Path, in_place: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     """SIGTERM (docker stop, timeout) cleans up as Ctrl-C does; SIGKILL cannot, and the hidden
-    directory it leaves in an existing --out is named when a retry is refused."""
+    directory it leaves in an existing --out is named when a retry is refused, and one left
+    beside a new --out in a warning."""
     out = tmp_path / "out"
     if in_place:
         out.mkdir()
@@ -145,3 +149,7 @@ def test_a_terminated_write_leaves_nothing_and_a_leftover_is_named(tmp_path: Pat
     if in_place:
         with pytest.raises(ValueError, match=rf"--out {out} is not empty \(it holds {left[0]}, left by an interrupted"):
             output_dir.check_out_dir(out)
+    else:  # beside it, the leftover stops nothing; its bytes are named
+        with caplog.at_level(logging.WARNING, logger="neuron_llm.output_dir"):
+            output_dir.check_out_dir(out)
+        assert f"{left[0]} was left by an interrupted run" in caplog.text
