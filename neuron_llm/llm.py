@@ -393,7 +393,11 @@ class LLM:
         """Add a request; its id goes into ``owned``, the caller's to forget, before the engine
         has it, so that the caller's cleanup covers it wherever a Ctrl-C lands."""
         if not self._executor.is_alive:
-            raise RuntimeError("this LLM is shut down (by shutdown() or a failed tensor-parallel rank): make a new one")
+            # A rank that died since the last step (the OOM killer) is named, as in a step.
+            failure = self._executor.take_failure()
+            raise failure or RuntimeError(
+                "this LLM is shut down (by shutdown() or a failed tensor-parallel rank): make a new one"
+            )
         text_or_ids = prompt_input(prompt)
         request_id = self.engine.unused_request_id(params.n if isinstance(params, SamplingParams) else 1)
         owned.append(request_id)

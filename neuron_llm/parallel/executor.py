@@ -20,19 +20,23 @@ with that traceback. A rank that hangs fails rank 0's gloo collective after ``ti
 so does a spawned one that never finishes loading (counted from rank 0's own load).
 On CUDA a peer lost in the middle of a step is noticed by NCCL's watchdog after
 ``timeout_s``, which by torch's default (TORCH_NCCL_ASYNC_ERROR_HANDLING) aborts rank 0's
-process rather than raising. After any failure the executor is shut down.
+process rather than raising. After any failure the executor is shut down. Ctrl-C in a step is
+held back until the step ends, and then raised with the group still in step (a second one
+stops it at once).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
+import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.util import Finalize
 from types import TracebackType
 from typing import NoReturn, TypeVar
@@ -111,6 +115,11 @@ class Executor(abc.ABC):
     def is_alive(self) -> bool:
         """Whether steps can run: false once a tensor-parallel group has failed or shut down."""
         return True
+
+    def take_failure(self) -> Exception | None:
+        """Why a group that was running can run no step: a rank's failure found now (the group
+        is then stopped, and later calls return None); None otherwise."""
+        return None
 
     def __enter__(self) -> Self:
         return self
@@ -223,6 +232,12 @@ class MultiprocExecutor(Executor):
         # A rank may die between steps (the OOM killer): health checks must not wait for a step to see it.
         return self._is_running and (self._ranks is None or self._ranks.all_running())
 
+    def take_failure(self) -> Exception | None:
+        if not self._is_running or self._ranks is None or (failure := self._ranks.failure(wait_s=0)) is None:
+            return None
+        self._stop(graceful=False)
+        return failure
+
     def execute(self, step: StepInput) -> torch.Tensor:
         return self._run(step, lambda: self.worker.execute(step))
 
@@ -247,16 +262,19 @@ class MultiprocExecutor(Executor):
         ranks, then run it here with ``run_on_rank_0``."""
         if not self._is_running:
             raise RuntimeError("the tensor-parallel executor is shut down (after shutdown() or a failure)")
-        if self._ranks is not None and (failure := self._ranks.failure(wait_s=0)) is not None:
-            self._stop(graceful=False)
+        if (failure := self.take_failure()) is not None:
             raise failure
         try:
-            broadcast_from_driver(step)
-            if sampled_before is not None:
-                broadcast_tensor_from_driver(sampled_before)
-            return run_on_rank_0()
+            with _interrupt_after() as interrupted:
+                broadcast_from_driver(step)
+                if sampled_before is not None:
+                    broadcast_tensor_from_driver(sampled_before)
+                result = run_on_rank_0()
         except BaseException as e:  # noqa: BLE001 - see _fail
             self._fail(e)
+        if interrupted:  # every rank has left the step's collectives: the group runs on
+            raise KeyboardInterrupt
+        return result
 
     def _await_ranks(self, wait: Callable[[], _T], what: str) -> _T:
         """``wait()``, a call that returns once the other ranks take part, run on a thread while
@@ -389,6 +407,35 @@ def serve_steps(config: EngineConfig, build_worker: WorkerFactory, state: Parall
         worker.execute(step, sampled_before)
     worker.close(wait=True)
     destroy_distributed()
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[list[bool]]:
+    """Hold back Ctrl-C until the block ends, when the yielded list holds True if one came.
+
+    An interrupt raised inside a collective leaves the ranks out of step for good (``_fail``);
+    held back to the end of the step, it leaves the group usable, as the step is short. A
+    second Ctrl-C is raised at once (a step that hangs). Only on the main thread, and only
+    where SIGINT has Python's own handler (the one that raises KeyboardInterrupt).
+    """
+    interrupted: list[bool] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield interrupted
+        return
+
+    def hold_back(signum: int, frame: object) -> None:
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+
+    signal.signal(signal.SIGINT, hold_back)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def make_executor(config: EngineConfig, build_worker: WorkerFactory, *, timeout_s: float | None = None) -> Executor:

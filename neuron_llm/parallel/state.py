@@ -69,12 +69,13 @@ def parallel_state() -> ParallelState:
 
 
 def torchrun_env() -> TorchrunEnv | None:
-    """Read RANK, WORLD_SIZE and LOCAL_RANK; None when this process was not started by a launcher.
+    """Read RANK, WORLD_SIZE and LOCAL_RANK; None when this process was not started by a launcher,
+    or by one of a single process (a Kubeflow pod sets them so), which has no ranks to join.
 
     Raises ``ValueError`` when RANK and WORLD_SIZE are set but MASTER_ADDR or MASTER_PORT is
     missing, since the ranks could not find each other.
     """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    if "RANK" not in os.environ or os.environ.get("WORLD_SIZE", "1") == "1":
         return None
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:

@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from neuron_llm.loader.hf_dir import read_model_config
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.parallel import Executor, MultiprocExecutor, WorkerError, make_executor, shard_model
 from neuron_llm.parallel.launch import STOP_GRACE_S, RankProcesses, config_for_rank
+from neuron_llm.parallel.state import torchrun_env
 from neuron_llm.worker import StepInput, Worker
 
 TIMEOUT_S = 30.0
@@ -88,7 +90,9 @@ class FailingWorker(Worker):
     def execute(self, step: StepInput, sampled_before: torch.Tensor | None = None) -> torch.Tensor:
         self.num_steps += 1
         failing_rank = 0 if self.how == "interrupt" else 1
-        if self.rank == failing_rank and self.num_steps == 2 and self.how != "never":
+        if self.how == "ctrl_c" and self.rank == 0 and self.num_steps == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as the terminal sends it: before the step's collectives
+        elif self.rank == failing_rank and self.num_steps == 2 and self.how not in ("never", "ctrl_c"):
             if self.how == "interrupt":
                 raise KeyboardInterrupt
             if self.how == "raise":
@@ -381,6 +385,50 @@ def test_an_interrupt_on_rank_0_ends_the_other_ranks_at_once(model_dir: Path, wh
         start = time.monotonic()
         executor.shutdown()
         assert time.monotonic() - start < STOP_GRACE_S / 2
+    assert not _rank_processes()
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_ctrl_c_in_a_step_is_raised_after_it_and_the_group_runs_on(model_dir: Path) -> None:
+    """Raised inside a collective, Ctrl-C would leave the ranks out of step for good (a notebook
+    would reload the model); held back to the end of the step, the group stays usable."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever the test runner set
+    factory = functools.partial(build_failing_worker, str(model_dir), "ctrl_c")
+    executor = make_executor(engine_config(model_dir, 2), factory, timeout_s=TIMEOUT_S)
+    try:
+        vocab_size = read_model_config(model_dir).vocab_size
+        with pytest.raises(KeyboardInterrupt):
+            run_steps(executor, vocab_size)
+        assert executor.is_alive
+        reference = make_executor(
+            engine_config(model_dir, 1), functools.partial(build_worker, str(model_dir), (16, 16))
+        )
+        for logits, expected in zip(run_steps(executor, vocab_size), run_steps(reference, vocab_size), strict=True):
+            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    finally:
+        executor.shutdown()
+        signal.signal(signal.SIGINT, previous)
+    assert not _rank_processes()
+
+
+@pytest.mark.parametrize("model_dir", ["split_kv"], indirect=True)
+def test_a_rank_that_died_idle_is_named_by_the_next_request(model_dir: Path) -> None:
+    from neuron_llm import LLM, SamplingParams
+
+    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 4, "max_model_len": 64}
+    llm = LLM(model=str(model_dir), tensor_parallel_size=2, **options)
+    try:
+        for process in multiprocessing.active_children():
+            if process.name.startswith("neuron-llm-rank-"):
+                process.kill()
+                process.join()
+        params = SamplingParams(max_tokens=2)
+        with pytest.raises(WorkerError, match="neuron-llm-rank-1 exited with code -9"):
+            llm.generate([[3, 1, 4]], params)
+        with pytest.raises(RuntimeError, match="this LLM is shut down"):
+            llm.generate([[3, 1, 4]], params)
+    finally:
+        llm.shutdown()
     assert not _rank_processes()
 
 
@@ -751,6 +799,18 @@ def test_a_launcher_world_size_other_than_the_tp_degree_is_refused(monkeypatch: 
     config = EngineConfig(model=_model_config(), parallel=ParallelConfig(tensor_parallel_size=2))
     with pytest.raises(ValueError, match=re.escape("WORLD_SIZE=4 processes but tensor_parallel_size=2")):
         make_executor(config, functools.partial(build_worker, "unused", (16, 16)))
+
+
+def test_a_launcher_of_one_process_is_no_group_to_join(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Kubeflow pod sets RANK=0 WORLD_SIZE=1 (MASTER_* too, or not): nothing to join, so one
+    # device runs alone and more are spawned, as without a launcher.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert torchrun_env() is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="MASTER_ADDR, MASTER_PORT is not"):
+        torchrun_env()
 
 
 def test_tensor_parallelism_places_ranks_itself_and_refuses_a_gpu_index() -> None:
