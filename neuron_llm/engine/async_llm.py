@@ -162,6 +162,8 @@ class AsyncLLM:
         # Engine-thread state. The published stats object is replaced whole, never mutated,
         # so another thread always reads a consistent one.
         self._streams: dict[str, _Stream] = {}
+        self._without_token: dict[str, _Stream] = {}
+        """Streams whose request may have no token yet: the ones a step looks at."""
         self._is_stopping = False
         self._stats: EngineStats = engine.stats()
         self._latencies = latency_samples()
@@ -307,6 +309,7 @@ class AsyncLLM:
             add.stream.put(EngineError(f"the engine could not add the request: {e}"))
             return
         self._streams[add.request_id] = add.stream
+        self._without_token[add.request_id] = add.stream
 
     def _abort(self, abort: _Abort) -> None:
         stream = self._streams.get(abort.request_id)
@@ -335,9 +338,10 @@ class AsyncLLM:
         self._publish_stats()
         # A request asking for its final output only is running once it has a token, though
         # its consumer hears nothing until it ends.
-        for request_id, stream in self._streams.items():
-            if stream.is_waiting and self.engine.has_first_token(request_id):
+        for request_id, stream in list(self._without_token.items()):
+            if self._streams.get(request_id) is not stream or self.engine.has_first_token(request_id):
                 self._stop_waiting(stream)
+                del self._without_token[request_id]
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
