@@ -165,6 +165,12 @@ class SamplingParams:
     """Keep the stop string, EOS or stop token that ended the sequence at the end of its text."""
     skip_special_tokens: bool = True
     """Leave special tokens (a BOS, chat markers) out of the text."""
+    spaces_between_special_tokens: bool = True
+    """vLLM's, taken for its callers: it steers slow tokenizers only, and the fast ones this
+    engine runs put no space between special tokens either way."""
+    detokenize: bool = True
+    """Make the output's text (vLLM's); False leaves it empty, for callers that read token ids
+    alone, and refuses stop strings, which are found in the text."""
     logprobs: int | None = None
     """Return the logprob of each sampled token and of this many most likely tokens; None returns none."""
     prompt_logprobs: int | None = None
@@ -277,7 +283,13 @@ class SamplingParams:
             truncate,
             "must be None, -1 (as many as the context holds) or an integer >= 1",
         )
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in (
+            "ignore_eos",
+            "include_stop_str_in_output",
+            "skip_special_tokens",
+            "spaces_between_special_tokens",
+            "detokenize",
+        ):
             _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be a bool")
         _require(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind, f"must be one of {OUTPUT_KINDS}")
 
@@ -380,6 +392,7 @@ class SamplingParams:
         )
         stop = list(stop or [])
         _require(all(stop), "stop", self.stop, "stop strings must be non-empty")
+        _require(not stop or self.detokenize, "stop", self.stop, "stop strings need detokenize=True")
         self._set("stop", stop)
         ids = self.stop_token_ids
         _require(

@@ -855,7 +855,11 @@ class LLMEngine:
             raise ValueError(
                 f"stop={params.stop!r}: stop strings need a tokenizer, and this model has none; use stop_token_ids"
             )
-        detokenizer = self.tokenizer and IncrementalDetokenizer.for_request(self.tokenizer, prompt_ids, params)
+        detokenizer = (
+            IncrementalDetokenizer.for_request(self.tokenizer, prompt_ids, params)
+            if self.tokenizer is not None and params.detokenize
+            else None
+        )
         return _Sequence(
             index=index,
             # Prompt logprobs are read from the first sequence's prefill only.

@@ -88,6 +88,20 @@ def test_a_stream_left_unread_holds_its_latest_output(llm: LLM, output_kind: str
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_vllms_text_options_are_taken(llm: LLM) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    (with_text,) = llm.generate("Hello", params)
+    (ids_only,) = llm.generate("Hello", replace(params, detokenize=False))
+    assert ids_only.outputs[0].text == "" and with_text.outputs[0].text
+    assert ids_only.outputs[0].token_ids == with_text.outputs[0].token_ids
+    (spaced,) = llm.generate("Hello", replace(params, spaces_between_special_tokens=False))
+    assert spaced.outputs[0].text == with_text.outputs[0].text  # a fast tokenizer's text either way
+    with pytest.raises(ValueError, match="stop strings need detokenize=True"):
+        SamplingParams(stop=["x"], detokenize=False)
+    with pytest.raises(ValueError, match="detokenize=1: must be a bool"):
+        SamplingParams(detokenize=1)
+
+
 def test_chat_options_reach_the_template(llm: LLM) -> None:
     conversation = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]
     (output,) = llm.chat(conversation, GREEDY)
