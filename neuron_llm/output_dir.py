@@ -101,9 +101,9 @@ def check_out_dir(out: Path) -> None:
     """Raise ``ValueError`` unless ``out`` is an empty directory, or one that can be made, to write."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; choose a new or empty directory")
+    leftover_pattern = _building_prefix(Path(os.path.abspath(out)), "*") + "*"
     if out.exists() and any(out.iterdir()):
-        pattern = _building_prefix(Path(os.path.abspath(out)), "*") + "*"
-        leftovers = sorted(entry.name for entry in out.glob(pattern) if entry.is_dir())
+        leftovers = sorted(entry.name for entry in out.glob(leftover_pattern) if entry.is_dir())
         hint = f" (it holds {', '.join(leftovers)}, left by an interrupted run: remove it)" if leftovers else ""
         raise ValueError(f"--out {out} is not empty{hint}; choose a new or empty directory")
     existing = next(parent for parent in (out, *out.absolute().parents) if parent.exists())
@@ -113,8 +113,7 @@ def check_out_dir(out: Path) -> None:
         raise ValueError(f"--out {out}: {existing} is not writable")
     if not out.exists() and out.parent.is_dir():
         # Written beside --out, where a killed run's leftover does not stop a retry: only its bytes stay.
-        pattern = _building_prefix(Path(os.path.abspath(out)), "*") + "*"
-        for leftover in sorted(entry for entry in out.parent.glob(pattern) if entry.is_dir()):
+        for leftover in sorted(entry for entry in out.parent.glob(leftover_pattern) if entry.is_dir()):
             logger.warning(
                 "%s was left by an interrupted run (or one still going); remove it to free its space", leftover
             )

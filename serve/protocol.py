@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
-from neuron_llm.loader.tokenizer import chat_template_arguments
+from neuron_llm.loader.tokenizer import chat_template_arguments, tool_call_arguments
 from neuron_llm.sampling_params import (
     MAX_BAD_WORD_CHARS,
     MAX_BAD_WORDS,
@@ -367,12 +367,6 @@ class PastToolCall(ToolCall):
     """A stream's field, which clients that join its chunks keep; not used."""
 
 
-def _past_arguments(call: PastToolCall) -> Any:
-    """A past call's arguments, parsed; empty ones are none (``{}``), as vLLM reads them: some
-    clients send a call of a function without parameters so."""
-    return json.loads(call.function.arguments or "{}")
-
-
 class ToolCallDelta(ToolCall):
     """A call in a stream: each is sent whole, in one chunk."""
 
@@ -416,13 +410,9 @@ class ChatMessage(_Request):
             raise ValueError(f"tool_calls belong to assistant messages, not {info.data.get('role')} ones")
         for i, call in enumerate(calls or ()):
             try:
-                arguments = _past_arguments(call)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"[{i}].function.arguments is not JSON: {e}") from None
-            except RecursionError:
-                raise ValueError(f"[{i}].function.arguments nests too deep") from None
-            if not isinstance(arguments, dict):
-                raise ValueError(f"[{i}].function.arguments must be a JSON object")
+                tool_call_arguments(call.function.arguments)
+            except ValueError as e:
+                raise ValueError(f"[{i}].function.arguments {e}") from None
         return calls
 
     @field_validator("content")
@@ -454,7 +444,7 @@ class ChatMessage(_Request):
                 {
                     "id": call.id,
                     "type": "function",
-                    "function": {"name": call.function.name, "arguments": _past_arguments(call)},
+                    "function": {"name": call.function.name, "arguments": tool_call_arguments(call.function.arguments)},
                 }
                 for call in self.tool_calls
             ]

@@ -286,15 +286,30 @@ def _checked_tool_calls(calls: Any, role: str, where: str) -> list[dict[str, Any
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise ValueError(f"{where}[{j}] must be a dict with a 'function' holding its 'name' and 'arguments'")
         arguments = function.get("arguments")
-        if isinstance(arguments, str) or arguments is None:
-            try:
-                arguments = json.loads(arguments or "{}")
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise ValueError(f"{where}[{j}].function.arguments is not JSON: {e}") from None
-        if not isinstance(arguments, dict):
-            raise ValueError(f"{where}[{j}].function.arguments must be a JSON object")
+        try:
+            if isinstance(arguments, str) or arguments is None:  # as OpenAI sends them; the server parsed its own
+                arguments = tool_call_arguments(arguments)
+            elif not isinstance(arguments, dict):
+                raise ValueError("must be a JSON object")
+        except ValueError as e:
+            raise ValueError(f"{where}[{j}].function.arguments {e}") from None
         checked.append({**call, "function": {**function, "arguments": arguments}})
     return checked
+
+
+def tool_call_arguments(text: str | None) -> dict[str, Any]:
+    """A past tool call's JSON ``arguments`` as the object templates write with ``tojson``;
+    empty ones are none (``{}``), as vLLM reads them: some clients send a call of a function
+    without parameters so. ``ValueError`` says why others are not an object."""
+    try:
+        arguments = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not JSON: {e}") from None
+    except RecursionError:
+        raise ValueError("nests too deep") from None
+    if not isinstance(arguments, dict):
+        raise ValueError("must be a JSON object")
+    return arguments
 
 
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase | None, *configured: Iterable[int]) -> tuple[int, ...]:

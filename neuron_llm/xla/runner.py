@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from neuron_llm.backends import Backend
+from neuron_llm.compile.artifact import cache_files
 from neuron_llm.config import EngineConfig
 from neuron_llm.models.llama import LlamaForCausalLM
 from neuron_llm.sample import LogprobsTensors, RowState, SamplerOutput, SamplingBatch, sample
@@ -241,8 +242,6 @@ class XlaWorker(Worker):
         self._is_warm = True
 
     def watch_compile_cache(self, cache: Path) -> None:
-        from neuron_llm.compile.artifact import cache_files
-
         self._watched = (cache, cache_files(cache))
 
     def _count_compiled(self, compiled_before: int, step: StepInput, variant: str) -> None:
@@ -251,8 +250,6 @@ class XlaWorker(Worker):
         compiled = compile_count() - compiled_before
         self._num_compiled += compiled
         if compiled and self._watched is not None:
-            from neuron_llm.compile.artifact import cache_files
-
             cache, seen = self._watched
             if added := sorted(cache_files(cache) - seen):
                 seen.update(added)
