@@ -23,6 +23,7 @@ collectives run.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -69,6 +70,7 @@ def make_mesh(tensor_parallel_size: int) -> object:
             f"this process sees, and it sees {num_devices}: set NEURON_RT_NUM_CORES={tensor_parallel_size} "
             f"on Neuron (CPU_NUM_DEVICES={tensor_parallel_size} with PJRT_DEVICE=CPU)"
         )
+    warn_if_unsupported(xr.device_type())
     if not xr.is_spmd():
         if torch_xla._XLAC._xla_get_spmd_config_is_locked():
             # The device was taken without SPMD (a tensor, torch_xla.device()): turning it on now
@@ -80,6 +82,18 @@ def make_mesh(tensor_parallel_size: int) -> object:
             )
         xr.use_spmd()
     return xs.Mesh(np.arange(num_devices), (num_devices,), (AXIS,))
+
+
+def warn_if_unsupported(device_type: str) -> None:
+    """Warn on NeuronCores (PJRT device type ``NEURON``): torch-neuronx lists GSPMD among its known
+    limitations ("PyTorch NeuronX currently does not support GSPMD", 2.9 release notes), and this
+    path is verified on torch-xla's CPU devices only."""
+    if device_type == "NEURON":
+        warnings.warn(
+            "tensor parallelism on the XLA device partitions its graphs with GSPMD, which torch-neuronx lists as "
+            "not supported; it is verified on torch-xla's CPU devices only and may not compile or run on NeuronCores",
+            stacklevel=3,
+        )
 
 
 def shard_model(model: nn.Module, mesh: object) -> int:

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +65,7 @@ def test_two_devices_generate_what_one_cpu_does_with_megatrons_collectives(
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["tokens"] == cpu_tokens(model, quantization)
+    assert "torch-neuronx lists as not supported" not in done.stderr  # a warning for NeuronCores only
     assert result["compiled_after_warm_up"] == 0
     if quantization is None:
         # Each device holds half of every weight but the norms' (2 a layer and the last, fp32).
@@ -108,6 +110,16 @@ def test_what_the_partitioned_graphs_cannot_take_is_refused(
     _, model = save_tiny_llama()
     done = run_child(model, tmp_path, *args)
     assert done.returncode == 1 and message in done.stderr, done.stderr[-3000:]
+
+
+def test_neuroncores_are_warned_that_torch_neuronx_does_not_support_gspmd() -> None:
+    from neuron_llm.xla import spmd
+
+    with pytest.warns(UserWarning, match="GSPMD, which torch-neuronx lists as not supported"):
+        spmd.warn_if_unsupported("NEURON")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spmd.warn_if_unsupported("CPU")
 
 
 def test_kv_heads_the_tp_degree_does_not_divide_are_refused() -> None:
