@@ -19,7 +19,14 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from neuron_llm.help_format import DefaultsHelpFormatter
-from neuron_llm.serve.settings import ENV_PREFIX, LOG_LEVELS, ServeSettings, default_sagemaker_model
+from neuron_llm.serve.settings import (
+    ENV_PREFIX,
+    LIBRARY_VARIABLES,
+    LOG_LEVELS,
+    ServeSettings,
+    check_sagemaker_model,
+    default_sagemaker_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +63,17 @@ SAGEMAKER_PORT_VARIABLE = "SAGEMAKER_BIND_TO_PORT"
 
 
 def sagemaker_defaults(environ: dict[str, str]) -> dict[str, object]:
-    """The ``serve`` command's settings before ``NEURON_LLM_*``: 0.0.0.0, port 8080 unless SageMaker names one."""
+    """The ``serve`` command's settings before ``NEURON_LLM_*``: /opt/ml/model on 0.0.0.0, port
+    8080 unless SageMaker names one (then ``NEURON_LLM_PORT`` may not name another)."""
     port = environ.get(SAGEMAKER_PORT_VARIABLE, "8080")
     if not port.isdigit():
         raise ValueError(f"{SAGEMAKER_PORT_VARIABLE}={port!r}: not a port number")
+    ours = environ.get(f"{ENV_PREFIX}PORT")
+    if SAGEMAKER_PORT_VARIABLE in environ and ours is not None and ours != port:
+        raise ValueError(
+            f"{ENV_PREFIX}PORT={ours} but {SAGEMAKER_PORT_VARIABLE}={port}: SageMaker sends this container's "
+            f"pings and requests to port {port}; unset {ENV_PREFIX}PORT"
+        )
     return {
         "host": "0.0.0.0",
         "port": int(port),
@@ -80,6 +94,12 @@ OTHER_CONTAINERS_SETTINGS = {
     "MAX_TOTAL_TOKENS": "NEURON_LLM_MAX_MODEL_LEN",
     "OPTION_MAX_MODEL_LEN": "NEURON_LLM_MAX_MODEL_LEN",
     "MAX_BATCH_PREFILL_TOKENS": "NEURON_LLM_MAX_NUM_BATCHED_TOKENS",
+    "MAX_INPUT_TOKENS": "NEURON_LLM_MAX_MODEL_LEN",
+    "MAX_INPUT_LENGTH": "NEURON_LLM_MAX_MODEL_LEN",
+    "MAX_BATCH_SIZE": "NEURON_LLM_MAX_NUM_SEQS",
+    "HF_NUM_CORES": "NEURON_LLM_TENSOR_PARALLEL_SIZE",
+    "OPTION_N_POSITIONS": "NEURON_LLM_MAX_MODEL_LEN",
+    "OPTION_MAX_ROLLING_BATCH_SIZE": "NEURON_LLM_MAX_NUM_SEQS",
 }
 """Their sizing variables, which this container does not read, and its own of the same meaning."""
 
@@ -95,6 +115,24 @@ def _check_other_containers_variables(environ: Mapping[str, str]) -> None:
     for name, ours in OTHER_CONTAINERS_SETTINGS.items():
         if name in environ:
             logger.warning("%s is not read by this container; set %s instead", name, ours)
+
+
+def _warn_of_settings_sagemaker_defeats(settings: ServeSettings) -> None:
+    if settings.api_key is not None:
+        # InvokeEndpoint passes on only the headers of its API: no Authorization reaches us.
+        logger.warning(
+            "%sAPI_KEY is set: behind a SageMaker endpoint every request is then refused, since "
+            "InvokeEndpoint does not pass the Authorization header on (IAM guards the endpoint)",
+            ENV_PREFIX,
+        )
+    if settings.drain_timeout > SAGEMAKER_DRAIN_TIMEOUT_S:
+        logger.warning(
+            "%sDRAIN_TIMEOUT=%g: SageMaker kills the container 30 s after SIGTERM, and the requests still "
+            "running then end without their error event (the default, %g s, leaves time to send it)",
+            ENV_PREFIX,
+            settings.drain_timeout,
+            SAGEMAKER_DRAIN_TIMEOUT_S,
+        )
 
 
 def sagemaker_main(argv: Sequence[str] | None = None) -> None:
@@ -123,6 +161,8 @@ def sagemaker_main(argv: Sequence[str] | None = None) -> None:
         settings = ServeSettings.from_env(os.environ, **defaults)
         logging.basicConfig(level=LOG_LEVELS[settings.log_level], format=_LOG_FORMAT)
         _check_other_containers_variables(os.environ)
+        _warn_of_settings_sagemaker_defeats(settings)
+        check_sagemaker_model(settings.model)
         settings.check_model()  # before the port opens: a missing model fails in one line
     except (ValueError, ImportError, OSError) as e:
         parser.exit(2, f"serve: error: {e}\n")
@@ -150,4 +190,5 @@ def _environment_help(defaults: dict[str, object]) -> str:
         default = defaults.get(f.name, f.default)
         shown = "" if default is None else f" [{default}]"
         lines.append(f"  {ENV_PREFIX}{f.name.upper():<26} {f.metadata['help']}{shown}")
+    lines += [f"  {name:<37} {help}" for name, help in LIBRARY_VARIABLES.items()]
     return "\n".join(lines)

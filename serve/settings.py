@@ -28,6 +28,8 @@ LOG_LEVELS = {
 }
 """uvicorn's log levels (its ``trace`` is below ``debug``) and their ``logging`` numbers."""
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
+LIBRARY_VARIABLES = {"NEURON_LLM_PDL": "0 launches the GPU kernels without programmatic dependent launch"}
+"""``NEURON_LLM_*`` variables the library reads itself: not server settings, and not refused as unknown."""
 """Where SageMaker unpacks the endpoint's model artifact."""
 
 
@@ -235,7 +237,9 @@ class ServeSettings:
     def from_env(cls, environ: Mapping[str, str], **defaults: Any) -> ServeSettings:
         """Settings from ``NEURON_LLM_<FIELD>`` variables; ``defaults`` replace the fields' defaults."""
         fields = {f"{ENV_PREFIX}{f.name.upper()}": f for f in dataclasses.fields(cls)}
-        unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in fields)
+        unknown = sorted(
+            name for name in environ if name.startswith(ENV_PREFIX) and name not in fields | LIBRARY_VARIABLES.keys()
+        )
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
         values = dict(defaults)
@@ -275,7 +279,16 @@ def _parser(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
     return {"str": str, "int": int, "float": float}[base]
 
 
-def default_sagemaker_model() -> str | None:
-    """The model a SageMaker container serves when none is set: its artifact, if one was unpacked."""
-    has_artifact = SAGEMAKER_MODEL_DIR.is_dir() and any(SAGEMAKER_MODEL_DIR.iterdir())
-    return str(SAGEMAKER_MODEL_DIR) if has_artifact else None
+def default_sagemaker_model() -> str:
+    """The model a SageMaker container serves when none is set: what SageMaker unpacked in /opt/ml/model."""
+    return str(SAGEMAKER_MODEL_DIR)
+
+
+def check_sagemaker_model(model: str | None) -> None:
+    """Refuse /opt/ml/model as ``model`` when it is missing or empty (an endpoint without
+    model_data): loading would fall back to the package's default model and serve it instead."""
+    if model == str(SAGEMAKER_MODEL_DIR) and not (SAGEMAKER_MODEL_DIR.is_dir() and any(SAGEMAKER_MODEL_DIR.iterdir())):
+        raise ValueError(
+            f"{SAGEMAKER_MODEL_DIR} is missing or empty: SageMaker unpacks the model's model_data there; "
+            f"give the model model_data, or set {ENV_PREFIX}MODEL to a model path in the image"
+        )

@@ -112,9 +112,52 @@ def test_the_sagemaker_command_listens_where_sagemaker_says() -> None:
     # Multi-container endpoints and inference pipelines give each container its port.
     defaults = sagemaker_defaults({"SAGEMAKER_BIND_TO_PORT": "9001"})
     assert ServeSettings.from_env({}, **defaults).port == 9001
-    assert ServeSettings.from_env({"NEURON_LLM_PORT": "9002"}, **defaults).port == 9002
+    assert ServeSettings.from_env({"NEURON_LLM_PORT": "9002"}, **sagemaker_defaults({})).port == 9002
+    # Listening elsewhere, the container would fail SageMaker's pings.
+    with pytest.raises(ValueError, match="NEURON_LLM_PORT=9002 but SAGEMAKER_BIND_TO_PORT=9001: SageMaker sends"):
+        sagemaker_defaults({"SAGEMAKER_BIND_TO_PORT": "9001", "NEURON_LLM_PORT": "9002"})
+    sagemaker_defaults({"SAGEMAKER_BIND_TO_PORT": "9001", "NEURON_LLM_PORT": "9001"})
     with pytest.raises(ValueError, match="SAGEMAKER_BIND_TO_PORT='http': not a port number"):
         sagemaker_defaults({"SAGEMAKER_BIND_TO_PORT": "http"})
+
+
+@pytest.mark.parametrize("unpacked", [False, True])
+def test_the_sagemaker_command_refuses_an_empty_model_dir_rather_than_serve_the_default_model(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, unpacked: bool
+) -> None:
+    model_dir = tmp_path / "model"
+    if unpacked:
+        model_dir.mkdir()  # an endpoint without model_data: the directory, empty
+    monkeypatch.setattr("neuron_llm.serve.settings.SAGEMAKER_MODEL_DIR", model_dir)
+    monkeypatch.setattr("neuron_llm.serve.server.run_server", _never_runs)
+    with pytest.raises(SystemExit) as refused:
+        sagemaker_main([])
+    assert refused.value.code == 2
+    assert f"{model_dir} is missing or empty: SageMaker unpacks the model's model_data there" in capsys.readouterr().err
+
+
+def test_the_sagemaker_command_warns_of_settings_sagemaker_defeats_or_does_not_read(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    environ = {
+        "NEURON_LLM_MODEL": "my/model",
+        "NEURON_LLM_API_KEY": "s3cret",
+        "NEURON_LLM_DRAIN_TIMEOUT": "120",
+        "NEURON_LLM_PDL": "0",  # the library's own switch, not refused as an unknown setting
+        "SM_NUM_GPUS": "4",
+        "HF_NUM_CORES": "2",
+    }
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(ServeSettings, "check_model", lambda settings: None)
+    monkeypatch.setattr("neuron_llm.serve.server.run_server", lambda settings: 0)
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit) as served:
+        sagemaker_main([])
+    assert served.value.code == 0
+    assert "InvokeEndpoint does not pass the Authorization header on" in caplog.text
+    assert "NEURON_LLM_DRAIN_TIMEOUT=120: SageMaker kills the container 30 s after SIGTERM" in caplog.text
+    assert "SM_NUM_GPUS is not read by this container; set NEURON_LLM_TENSOR_PARALLEL_SIZE" in caplog.text
+    assert "HF_NUM_CORES is not read by this container; set NEURON_LLM_TENSOR_PARALLEL_SIZE" in caplog.text
 
 
 def test_speculative_config_is_passed_on_and_checked_before_loading() -> None:
@@ -178,6 +221,7 @@ def test_the_sagemaker_command_ends_quietly_on_a_bad_port_or_ctrl_c(
     assert refused.value.code == 2  # as every other bad setting
     assert "SAGEMAKER_BIND_TO_PORT='http': not a port number" in capsys.readouterr().err
     monkeypatch.delenv("SAGEMAKER_BIND_TO_PORT")
+    monkeypatch.setenv("NEURON_LLM_MODEL", "my/model")
 
     def interrupted(settings: ServeSettings) -> None:
         raise KeyboardInterrupt  # Ctrl-C while a large model file is being checked
