@@ -28,7 +28,7 @@ from neuron_llm.engine import Request, Scheduler
 BLOCK_SIZE = 16
 PROMPT_LEN = 20
 WAITING_TAIL = 100
-"""Tokens of the waiting prompt past the cached prefix: more than the free blocks hold."""
+"""Tokens of the waiting prompt past the cached prefix, at least: more than the free blocks hold."""
 MAX_TOKENS = 1000
 
 
@@ -54,12 +54,15 @@ def step(scheduler: Scheduler, proposals: bool) -> float:
 def build(num_running: int, prefix_len: int, waiting: bool, num_steps: int) -> Scheduler:
     blocks_each = -(-(PROMPT_LEN + num_steps + 1) // BLOCK_SIZE)  # enough for every step
     num_blocks = 1 + prefix_len // BLOCK_SIZE + blocks_each * num_running + 2
+    # The most blocks ever free (once every prompt is in): the waiting tail needs more.
+    free = num_blocks - 1 - prefix_len // BLOCK_SIZE - num_running * -(-(PROMPT_LEN + 1) // BLOCK_SIZE)
+    waiting_tail = max(WAITING_TAIL, BLOCK_SIZE * (free + 1))
     scheduler = Scheduler(
         CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=True),
         SchedulerConfig(
-            max_model_len=prefix_len + WAITING_TAIL + BLOCK_SIZE,
+            max_model_len=prefix_len + waiting_tail + BLOCK_SIZE,
             max_num_seqs=num_running + 1,
-            max_num_batched_tokens=max(8192, prefix_len + WAITING_TAIL),
+            max_num_batched_tokens=max(8192, prefix_len + waiting_tail),
         ),
         num_blocks=num_blocks,
     )
@@ -71,7 +74,7 @@ def build(num_running: int, prefix_len: int, waiting: bool, num_steps: int) -> S
         scheduler.add_request(Request(f"r{index}", [10_000 + index] * PROMPT_LEN, Params(MAX_TOKENS)))
     step(scheduler, proposals=False)  # every prompt in one step
     if waiting:
-        scheduler.add_request(Request("late", [*prefix, *range(20_000, 20_000 + WAITING_TAIL)], Params(4)))
+        scheduler.add_request(Request("late", [*prefix, *range(20_000, 20_000 + waiting_tail)], Params(4)))
     return scheduler
 
 

@@ -54,6 +54,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch  # here, not at the top: building the CLI's parser stays fast
 
     from neuron_llm.bench import anchors, engine
+    from neuron_llm.config import CacheConfig
 
     cases = bench_cases(args.cases)
     if args.num_layers is not None and args.num_layers < 1:
@@ -72,6 +73,17 @@ def run_bench(args: argparse.Namespace) -> int:
     for what, length in lengths.items():
         if length > limit:
             raise ValueError(f"{what} = {length} exceeds the bench engine's max_model_len={limit}")
+    # A batch case divides --batch by a decode step's time: every sequence must be in every step,
+    # neither left waiting for a row nor preempted for KV blocks.
+    case = engine.EngineCase
+    if args.batch > case.max_num_seqs:
+        raise ValueError(f"--batch {args.batch} exceeds the bench engine's max_num_seqs={case.max_num_seqs}")
+    blocks = args.batch * -(-(args.prompt_len + 2 * args.decode_tokens) // CacheConfig.block_size)
+    if blocks > case.num_kv_blocks - 1:
+        raise ValueError(
+            f"--batch {args.batch} sequences of --prompt-len + 2 x --decode-tokens tokens take {blocks} KV blocks; "
+            f"the bench engine holds {case.num_kv_blocks - 1} of {CacheConfig.block_size} tokens"
+        )
     if args.json is not None and not args.json.parent.is_dir():
         raise ValueError(f"--json {args.json}: the folder {args.json.parent} does not exist")
     if args.json is not None and args.json.is_dir():

@@ -22,7 +22,13 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="measure a model's quality")
     tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
     ppl = tasks.add_parser(
-        "perplexity", help="sliding-window perplexity over a text file", formatter_class=DefaultsHelpFormatter
+        "perplexity",
+        help="sliding-window perplexity over a text file",
+        description="exp(mean negative log-likelihood, in nats, of the tokens scored), by Hugging Face's "
+        'sliding windows ("Perplexity of fixed-length models"): each window scores the tokens the one '
+        "before did not; the text's first token is never scored. The file is tokenized whole as read "
+        "(CRLF as LF), with no BOS beyond what the tokenizer adds.",
+        formatter_class=DefaultsHelpFormatter,
     )
     ppl.add_argument(
         "model", nargs="?", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"

@@ -107,6 +107,12 @@ def _bench_args(*argv: str) -> argparse.Namespace:
             r"--prompt-len \+ 2 x --decode-tokens \(the batch cases'\) = 8256 exceeds the bench engine's max_model_len",
         ),
         (["--prefill-len", "8192"], r"--prefill-len \+ 1 = 8193 exceeds the bench engine's max_model_len=8192"),
+        # A batch case's decode rate assumes every sequence in every step.
+        (["--batch", "65"], r"--batch 65 exceeds the bench engine's max_num_seqs=64"),
+        (
+            ["--decode-tokens", "1024"],
+            r"--batch 64 sequences .* take 8704 KV blocks; the bench engine holds 4095 of 16",
+        ),
     ],
 )
 def test_bench_refuses_bad_options_before_measuring(argv: list[str], message: str) -> None:
