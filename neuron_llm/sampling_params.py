@@ -196,8 +196,8 @@ class SamplingParams:
     """Hold the text to a JSON schema, regex, choice or grammar (vLLM's); None leaves it free.
     The sequence ends ("stop") on the token that completes it, min_tokens or not."""
     truncate_prompt_tokens: int | None = None
-    """Keep only the prompt's last this many tokens (left truncation); -1 keeps as many as the
-    context holds (vLLM's); None keeps them all."""
+    """Keep only the prompt's last this many tokens (left truncation, vLLM's); -1 keeps as many as
+    leave room in the context for one output token; None keeps them all."""
     output_kind: str = "cumulative"
     """What ``LLMEngine.step`` returns for this request (vLLM's ``RequestOutputKind``):
     "cumulative", its whole output so far on every step that extends it; "delta", only what
@@ -281,7 +281,7 @@ class SamplingParams:
             truncate is None or (is_integral(truncate) and (truncate >= 1 or truncate == -1)),
             "truncate_prompt_tokens",
             truncate,
-            "must be None, -1 (as many as the context holds) or an integer >= 1",
+            "must be None, -1 (as many as leave room for one output token) or an integer >= 1",
         )
         for name in (
             "ignore_eos",
@@ -404,3 +404,9 @@ class SamplingParams:
         if len(ids or ()) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids=<{len(ids)} token ids>: at most {MAX_STOP_TOKEN_IDS} may be given")
         self._set("stop_token_ids", list(dict.fromkeys(int(i) for i in ids or [])))
+
+
+def prompt_tokens_kept(truncate_prompt_tokens: int, max_model_len: int) -> int:
+    """How many of a prompt's last tokens ``truncate_prompt_tokens`` keeps: -1 as many as leave room
+    for one output token (a prompt that fills the context is refused)."""
+    return max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens

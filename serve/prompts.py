@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.loader import render_chat
 from neuron_llm.sample.structured import GrammarError
-from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams
+from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams, prompt_tokens_kept
 from neuron_llm.serve.errors import ClientError, ServerError, error_from_value_error
 from neuron_llm.serve.protocol import ChatTemplateOptions
 from neuron_llm.serve.state import ServedModel
@@ -88,11 +88,11 @@ def _decoded(model: ServedModel, token_ids: list[int]) -> Prompt:
 
 def truncated(model: ServedModel, prompts: list[Prompt], keep: int | None) -> list[Prompt]:
     """``prompts`` cut to their last ``keep`` tokens (vLLM's truncate_prompt_tokens, -1: as
-    many as the context holds; None: uncut). A cut prompt's text, which ``echo`` returns, is
-    its remaining tokens decoded."""
+    many as leave room for one output token; None: uncut). A cut prompt's text, which ``echo``
+    returns, is its remaining tokens decoded."""
     if keep is None:
         return prompts
-    keep = model.max_model_len if keep == -1 else keep
+    keep = prompt_tokens_kept(keep, model.max_model_len)
     return [_decoded(model, prompt.token_ids[-keep:]) if len(prompt.token_ids) > keep else prompt for prompt in prompts]
 
 

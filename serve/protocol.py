@@ -199,7 +199,7 @@ class _SamplingRequest(_Request):
     )
     """vLLM's: words never generated (``SamplingParams.bad_words``)."""
     truncate_prompt_tokens: int | None = None
-    """vLLM's: keep only the prompt's last this many tokens; -1 keeps as many as the context holds."""
+    """vLLM's: keep only the prompt's last this many tokens; -1 keeps as many as leave room for one output token."""
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     """vLLM's; excludes a response_format other than text."""
@@ -224,7 +224,7 @@ class _SamplingRequest(_Request):
     @classmethod
     def _a_count_or_all(cls, value: int | None) -> int | None:
         if value is not None and value < 1 and value != -1:
-            raise ValueError("must be -1 (as many as the context holds) or an integer >= 1")
+            raise ValueError("must be -1 (as many as leave room for one output token) or an integer >= 1")
         return value
 
     @field_validator("logit_bias")

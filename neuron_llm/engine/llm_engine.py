@@ -32,7 +32,7 @@ from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs
 from neuron_llm.sample.rejection import expand_rows
 from neuron_llm.sample.sampler import NoTokenLeftError
 from neuron_llm.sample.structured import Grammar, GrammarCompiler, GrammarError
-from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams, is_integral
+from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams, is_integral, prompt_tokens_kept
 from neuron_llm.worker import placeholder
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,7 @@ class LLMEngine:
         self._decoded_token = self.token_texts if tokenizer is not None else None
         self.eos_token_ids = frozenset(eos_token_ids)
         self._sorted_eos_token_ids = sorted(self.eos_token_ids)
+        self._tokenizer_eos = None if tokenizer is None else tokenizer.eos_token_id
         self.runner = ModelRunner(config, executor)
         self.scheduler = Scheduler(config.cache, config.scheduler, executor.num_kv_blocks)
         self._groups: dict[str, _RequestGroup] = {}
@@ -269,8 +270,7 @@ class LLMEngine:
             raise ValueError(f"request_id={request_id!r} is already in use")
         prompt_text, prompt_ids = self._tokenize(prompt)
         if params.truncate_prompt_tokens is not None:
-            keep = params.truncate_prompt_tokens
-            prompt_ids = prompt_ids[-(self.config.max_model_len if keep == -1 else keep) :]
+            prompt_ids = prompt_ids[-prompt_tokens_kept(params.truncate_prompt_tokens, self.config.max_model_len) :]
         bad_words_token_ids = self._sampling_token_ids(params)
         sequences = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
         if params.structured_outputs is not None:
@@ -765,7 +765,11 @@ class LLMEngine:
         if stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_string
         elif is_eos:
+            # vLLM makes the configured EOS ids besides the tokenizer's stop tokens, which name
+            # themselves (Llama 3.1's <|eom_id|>, which ends a tool call, against <|eot_id|>).
             seq.finish_reason = "stop"
+            if token_id != self._tokenizer_eos:
+                seq.stop_reason = token_id
         elif is_stop_token:
             seq.finish_reason, seq.stop_reason = "stop", token_id
         elif seq.grammar is not None and seq.grammar.is_complete:

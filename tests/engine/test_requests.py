@@ -59,6 +59,11 @@ def test_an_llm_seed_reproduces_unseeded_sampling(tiny_model_dir) -> None:
     torch.rand(100)  # draws between the two runs do not matter: the seed resets the generator
     assert tokens(seed=3) == first
     assert tokens(seed=4) != first
+    # As vLLM: seed 0 unless told otherwise, so an unseeded script gives the same tokens each run.
+    default = [output.outputs[0].token_ids for output in make_llm(tiny_model_dir).generate(prompts, unseeded)]
+    torch.rand(100)
+    assert [output.outputs[0].token_ids for output in make_llm(tiny_model_dir).generate(prompts, unseeded)] == default
+    assert tokens(seed=0) == default
     with pytest.raises(ValueError, match=r"seed='3': must be None or an integer"):
         make_llm(tiny_model_dir, seed="3")
 
@@ -449,6 +454,8 @@ def test_eos_ends_a_sequence_unless_ignore_eos(tiny_model_dir, tmp_path) -> None
     llm = make_llm(model_dir)
     stopped = llm.generate(prompt, greedy)[0].outputs[0]
     assert stopped.token_ids == free_run[: free_run.index(free_run[2]) + 1] and stopped.finish_reason == "stop"
+    # No tokenizer names it EOS: as in vLLM, a configured EOS id is a stop token, named as the reason.
+    assert stopped.stop_reason == free_run[2]
     ignored = llm.generate(prompt, replace(greedy, ignore_eos=True))[0].outputs[0]
     assert ignored.token_ids == free_run and ignored.finish_reason == "length"
     # ignore_eos keeps EOS from ending the sequence; min_tokens still holds it back (vLLM).

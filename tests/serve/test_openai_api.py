@@ -278,6 +278,23 @@ def test_a_stop_token_is_in_the_token_ids_and_in_the_text_only_when_asked(model_
     assert kept_eos[0].outputs[0].text == "<|end|>"
 
 
+def test_a_configured_eos_besides_the_tokenizers_names_itself_as_the_stop_reason(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """As vLLM, which makes generation_config's EOS ids other than the tokenizer's stop tokens:
+    Llama 3.1 ends a tool call with <|eom_id|>, a turn with <|eot_id|>, and a client tells them apart."""
+    path = tmp_path / "two-eos"
+    shutil.copytree(model_dir, path)
+    eos = AutoTokenizer.from_pretrained(path).eos_token_id
+    other = 7
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, other]}))
+    llm = make_llm(path)
+    for token, reason in ((eos, None), (other, other)):
+        params = SamplingParams(temperature=0.0, max_tokens=4, logit_bias={token: 100})
+        output = llm.generate("Hello world", params)[0].outputs[0]
+        assert (output.token_ids, output.finish_reason, output.stop_reason) == ([token], "stop", reason)
+
+
 def test_n_completions_for_each_prompt(client: openai.OpenAI, model_name: str) -> None:
     completion = client.completions.create(
         model=model_name, prompt=["Hello", "Once upon a time"], n=3, temperature=1.0, seed=7, max_tokens=6
@@ -672,9 +689,10 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(model_dir: Path) -
         truncate_prompt_tokens=5, **greedy))  # fmt: skip
     [last] = llm.generate({"prompt_token_ids": prompt_ids[-5:]}, SamplingParams(**greedy))
     assert cut.prompt_token_ids == prompt_ids[-5:] and cut.outputs[0].token_ids == last.outputs[0].token_ids
-    # -1: as many as the context holds, which here leaves no room to generate.
-    with pytest.raises(ValueError, match="64"):
-        llm.generate({"prompt_token_ids": [7] * 80}, SamplingParams(truncate_prompt_tokens=-1, **greedy))
+    # -1: as many as leave room for one output token (a prompt filling the context is refused).
+    [longest] = llm.generate({"prompt_token_ids": [7] * 80}, SamplingParams(truncate_prompt_tokens=-1, **greedy))
+    assert longest.prompt_token_ids == [7] * 63
+    assert len(longest.outputs[0].token_ids) == 1 and longest.outputs[0].finish_reason == "length"
     [short] = llm.generate({"prompt_token_ids": [7] * 3}, SamplingParams(truncate_prompt_tokens=-1, **greedy))
     assert short.prompt_token_ids == [7] * 3
     for bad in (0, -2, 2.5, True):
