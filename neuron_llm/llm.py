@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -296,9 +296,11 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool | Callable[..., Any] = False,
     ) -> list[RequestOutput]:
         """Generate for every prompt at once (continuous batching); outputs in prompt order.
+        ``use_tqdm``: a progress bar of finished requests, from tqdm or, as in vLLM, a callable
+        that makes one as ``tqdm`` would.
 
         Every prompt is checked before any runs: a bad one raises ``ValueError`` naming its index
         (as does, once found, a structured output that gives out partway).
@@ -322,7 +324,7 @@ class LLM:
         self,
         messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool | Callable[..., Any] = False,
         *,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
@@ -450,14 +452,15 @@ class LLM:
             self._step()
         return unread.popleft()
 
-    def _run(self, request_ids: Sequence[str], use_tqdm: bool) -> dict[str, RequestOutput]:
+    def _run(self, request_ids: Sequence[str], use_tqdm: bool | Callable[..., Any]) -> dict[str, RequestOutput]:
         """Step until every one of ``request_ids`` has finished; their final outputs by id."""
         finals: dict[str, RequestOutput] = {}
         progress = None
         if use_tqdm:
             from tqdm import tqdm
 
-            progress = tqdm(total=len(request_ids), desc="requests", unit="req")
+            make_bar = use_tqdm if callable(use_tqdm) else tqdm
+            progress = make_bar(total=len(request_ids), desc="requests", unit="req")
         pending = list(request_ids)
         while True:
             # generate asks for final outputs only: a request's one output is its last.

@@ -638,3 +638,22 @@ def test_delta_outputs_join_into_the_cumulative_result(tiny_model_dir) -> None:
         )
         assert same_logprobs(got.logprobs, expected.logprobs)
     assert all_blocks_free(llm)
+
+
+def test_use_tqdm_counts_finished_requests_with_tqdm_or_the_callers_bar(tiny_model_dir) -> None:
+    class Bar:  # the parts of tqdm's interface a bar is used by
+        def __init__(self, total: int, **options: object) -> None:
+            self.total, self.n, self.closed, self.options = total, 0, False, options
+
+        def update(self, count: int) -> None:
+            self.n += count
+
+        def close(self) -> None:
+            self.closed = True
+
+    llm = make_llm(tiny_model_dir)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=21)]
+    bars: list[Bar] = []
+    llm.generate(prompts, GREEDY, use_tqdm=lambda **options: bars.append(Bar(**options)) or bars[-1])
+    assert [(bar.total, bar.n, bar.closed) for bar in bars] == [(3, 3, True)]
+    assert len(llm.generate(prompts, GREEDY, use_tqdm=True)) == 3
