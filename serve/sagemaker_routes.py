@@ -28,14 +28,15 @@ from neuron_llm.serve.tgi import serve_tgi
 
 class _OctetStreamIsJSON(APIRoute):
     """Reads an ``application/octet-stream`` body as JSON: a SageMaker Python SDK ``Predictor``
-    sends its body so unless it is given a JSON serializer."""
+    sends its body so unless it is given a JSON serializer. So too a body of no content type
+    (InvokeEndpoint's ``ContentType`` is optional)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def handle(request: Request) -> Response:
             content_type = request.headers.get("content-type", "")
-            if content_type.split(";", 1)[0].strip().lower() == "application/octet-stream":
+            if content_type.split(";", 1)[0].strip().lower() in ("", "application/octet-stream"):
                 headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
                 scope = {**request.scope, "headers": [*headers, (b"content-type", b"application/json")]}
                 request = Request(scope, request.receive)

@@ -228,11 +228,13 @@ def test_a_body_not_sent_as_json_is_a_415_naming_the_content_type(server: Server
         response = httpx.post(f"{server.url}{COMPLETIONS}", content=body, headers=headers)
         assert response.status_code == 415, response.text
         assert "Content-Type: application/json" in response.json()["error"]["message"]
-    # SageMaker's SDK sends its bodies as octet-stream unless told otherwise.
+    # SageMaker's SDK sends its bodies as octet-stream unless told otherwise; InvokeEndpoint
+    # may name no content type at all.
+    tgi_body = b'{"inputs": "Hi", "parameters": {"max_new_tokens": 2}}'
+    untyped = httpx.post(f"{server.url}/invocations", content=tgi_body)
+    assert untyped.status_code == 200 and "generated_text" in untyped.json()[0], untyped.text
     headers = {"content-type": "application/octet-stream"}
-    tgi = httpx.post(
-        f"{server.url}/invocations", content=b'{"inputs": "Hi", "parameters": {"max_new_tokens": 2}}', headers=headers
-    )
+    tgi = httpx.post(f"{server.url}/invocations", content=tgi_body, headers=headers)
     assert tgi.status_code == 200 and "generated_text" in tgi.json()[0], tgi.text
     assert httpx.post(f"{server.url}{COMPLETIONS}", content=body, headers=headers).status_code == 415
     bad = httpx.post(f"{server.url}/invocations", content=b'{"inputs": ""}', headers=headers)
