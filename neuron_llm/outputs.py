@@ -83,6 +83,9 @@ class RequestOutput:
     finished: bool
     """Whether every completion has ended."""
     metrics: RequestMetrics | None = None
+    num_cached_tokens: int | None = None
+    """Prompt tokens found in the prefix cache when the request was first scheduled (vLLM's);
+    None before it was."""
 
     def add(self, newer: RequestOutput) -> RequestOutput:
         """This delta output followed by ``newer``, the request's next one, as one delta (as

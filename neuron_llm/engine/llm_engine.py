@@ -107,6 +107,12 @@ class _RequestGroup:
     def finished(self) -> bool:
         return not self.pending_forks and all(seq.finish_reason is not None for seq in self.sequences)
 
+    def num_cached_tokens(self) -> int | None:
+        """The first sequence's prompt tokens found in the prefix cache; None before it ran."""
+        if self.metrics.first_scheduled_time is None:
+            return None
+        return self.sequences[0].request.num_cached_tokens
+
 
 def _restore(generator_states: list[tuple[torch.Generator, torch.Tensor]]) -> None:
     for generator, state in generator_states:
@@ -826,6 +832,7 @@ class LLMEngine:
             outputs=completions,
             finished=group.finished,
             metrics=replace(group.metrics),  # a snapshot: later steps change the group's
+            num_cached_tokens=group.num_cached_tokens(),
         )
 
     # -- helpers ------------------------------------------------------------------------

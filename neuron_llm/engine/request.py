@@ -74,7 +74,7 @@ class Request:
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     num_computed_tokens: int = field(default=0, init=False)
     num_cached_tokens: int = field(default=0, init=False)
-    """Tokens found in the prefix cache (or shared by a fork) when last admitted."""
+    """Tokens found in the prefix cache (or shared by a fork) when first admitted (vLLM's)."""
     num_preemptions: int = field(default=0, init=False)
     block_ids: list[int] = field(default_factory=list, init=False)
     """The block manager's table of this request while it runs (read-only); empty otherwise."""

@@ -510,7 +510,9 @@ class Scheduler:
             self.waiting.popleft()
             request.block_ids = table
             request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = request.num_cached_tokens = num_cached_tokens
+            request.num_computed_tokens = num_cached_tokens
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached_tokens
             self._insert_running(request)
             self._advance(scheduled, request, num_new_tokens)
             budget -= num_new_tokens

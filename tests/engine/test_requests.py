@@ -26,10 +26,12 @@ def test_prefix_cache_hit_gives_same_output(tiny_model_dir) -> None:
         llm.generate({"prompt_token_ids": first}, GREEDY)
         manager = llm.engine.scheduler.block_manager
         hits_before = manager.num_prefix_hit_tokens if caching else 0
-        outputs[caching] = llm.generate({"prompt_token_ids": second}, GREEDY)[0].outputs[0].token_ids
+        [output] = llm.generate({"prompt_token_ids": second}, GREEDY)
+        outputs[caching] = output.outputs[0].token_ids
         if caching:
             # 40 shared tokens are 10 full blocks of 4.
             assert manager.num_prefix_hit_tokens - hits_before == 40
+        assert output.num_cached_tokens == (40 if caching else 0)  # vLLM's RequestOutput field
     assert outputs[True] == outputs[False]
 
 
