@@ -28,9 +28,9 @@ LOG_LEVELS = {
 }
 """uvicorn's log levels (its ``trace`` is below ``debug``) and their ``logging`` numbers."""
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
+"""Where SageMaker unpacks the endpoint's model artifact."""
 LIBRARY_VARIABLES = {"NEURON_LLM_PDL": "0 launches the GPU kernels without programmatic dependent launch"}
 """``NEURON_LLM_*`` variables the library reads itself: not server settings, and not refused as unknown."""
-"""Where SageMaker unpacks the endpoint's model artifact."""
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -237,9 +237,8 @@ class ServeSettings:
     def from_env(cls, environ: Mapping[str, str], **defaults: Any) -> ServeSettings:
         """Settings from ``NEURON_LLM_<FIELD>`` variables; ``defaults`` replace the fields' defaults."""
         fields = {f"{ENV_PREFIX}{f.name.upper()}": f for f in dataclasses.fields(cls)}
-        unknown = sorted(
-            name for name in environ if name.startswith(ENV_PREFIX) and name not in fields | LIBRARY_VARIABLES.keys()
-        )
+        known = fields.keys() | LIBRARY_VARIABLES.keys()
+        unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
         values = dict(defaults)

@@ -644,8 +644,8 @@ def test_delta_outputs_join_into_the_cumulative_result(tiny_model_dir) -> None:
 
 def test_use_tqdm_counts_finished_requests_with_tqdm_or_the_callers_bar(tiny_model_dir) -> None:
     class Bar:  # the parts of tqdm's interface a bar is used by
-        def __init__(self, total: int, **options: object) -> None:
-            self.total, self.n, self.closed, self.options = total, 0, False, options
+        def __init__(self, total: int, **_: object) -> None:
+            self.total, self.n, self.closed = total, 0, False
 
         def update(self, count: int) -> None:
             self.n += count
