@@ -90,9 +90,11 @@ class LLM:
             int8 weights). Written against NKI's documented API, not run on a NeuronCore yet.
         generation_config: as in vLLM, "auto" takes default sampling settings from the model's
             ``generation_config.json``; "vllm" ignores them (``SamplingParams()``'s own).
-        seed: as in vLLM (0 by default), seeds torch's default generators (``torch.manual_seed``,
-            for the whole process), from which requests without a ``SamplingParams.seed`` draw:
-            the same calls on a new ``LLM`` then give the same tokens. None leaves them as they are.
+        seed: seeds torch's default generators (``torch.manual_seed``, for the whole process),
+            from which requests without a ``SamplingParams.seed`` draw: the same calls on a new
+            ``LLM`` then give the same tokens. None (the default) leaves them as they are: vLLM
+            seeds 0 by default, but in its engine's own process, where here it would reset the
+            caller's generators and replay an earlier ``LLM``'s draws.
         Other keyword arguments are the fields of ``CacheConfig``, ``SchedulerConfig`` and
         ``ParallelConfig`` (``block_size``, ``num_kv_blocks``, ``memory_fraction``,
         ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``,
@@ -118,7 +120,7 @@ class LLM:
         context_buckets: Sequence[int] | None = None,
         nki_kernels: Sequence[str] | None = None,
         generation_config: str = "auto",
-        seed: int | None = 0,
+        seed: int | None = None,
         **engine_options: Any,
     ) -> None:
         if "gpu_memory_utilization" in engine_options:

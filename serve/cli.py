@@ -69,7 +69,7 @@ def sagemaker_defaults(environ: dict[str, str]) -> dict[str, object]:
     if not port.isdigit():
         raise ValueError(f"{SAGEMAKER_PORT_VARIABLE}={port!r}: not a port number")
     ours = environ.get(f"{ENV_PREFIX}PORT")
-    if SAGEMAKER_PORT_VARIABLE in environ and ours is not None and ours != port:
+    if SAGEMAKER_PORT_VARIABLE in environ and ours is not None and not (ours.isdigit() and int(ours) == int(port)):
         raise ValueError(
             f"{ENV_PREFIX}PORT={ours} but {SAGEMAKER_PORT_VARIABLE}={port}: SageMaker sends this container's "
             f"pings and requests to port {port}; unset {ENV_PREFIX}PORT"
@@ -184,11 +184,16 @@ def _server() -> Callable[[ServeSettings], int]:
     return run_server
 
 
+_SAGEMAKER_MODEL_HELP = "HF directory, .gguf file or compiled artifact"
+"""The model setting's help here: the container serves /opt/ml/model, never the package's default model."""
+
+
 def _environment_help(defaults: dict[str, object]) -> str:
     lines = ["settings (environment variables):"]
     for f in dataclasses.fields(ServeSettings):
         default = defaults.get(f.name, f.default)
         shown = "" if default is None else f" [{default}]"
-        lines.append(f"  {ENV_PREFIX}{f.name.upper():<26} {f.metadata['help']}{shown}")
+        help = _SAGEMAKER_MODEL_HELP if f.name == "model" else f.metadata["help"]
+        lines.append(f"  {ENV_PREFIX}{f.name.upper():<26} {help}{shown}")
     lines += [f"  {name:<37} {help}" for name, help in LIBRARY_VARIABLES.items()]
     return "\n".join(lines)

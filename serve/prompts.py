@@ -93,7 +93,10 @@ def truncated(model: ServedModel, prompts: list[Prompt], keep: int | None) -> li
     if keep is None:
         return prompts
     keep = prompt_tokens_kept(keep, model.max_model_len)
-    return [_decoded(model, prompt.token_ids[-keep:]) if len(prompt.token_ids) > keep else prompt for prompt in prompts]
+    return [
+        _decoded(model, prompt.token_ids[len(prompt.token_ids) - keep :]) if len(prompt.token_ids) > keep else prompt
+        for prompt in prompts
+    ]
 
 
 def _in_vocabulary(model: ServedModel, token_ids: list[int], param: str) -> list[int]:

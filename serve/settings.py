@@ -87,6 +87,9 @@ class ServeSettings:
         'how tool calls are read from a chat reply with tool_choice "auto": llama3_json (Llama 3.1-3.3\'s JSON calls); '
         'unset, requests with tools must set tool_choice "required", a function, or "none"',
     )
+    seed: int | None = _setting(
+        None, "seeds torch's generators at start (vLLM's --seed): unseeded requests then sample reproducibly"
+    )
     max_waiting_requests: int = _setting(256, "requests waiting for their first token before new ones get 429")
     api_key: str | None = _setting(
         None,
@@ -112,6 +115,8 @@ class ServeSettings:
             raise ValueError(f"served_model_name={name!r}: empty; leave it unset to use the model's name")
         if self.port > 65535:
             raise ValueError(f"port={self.port}: must be <= 65535")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed={self.seed}: must be in [-2**63, 2**64)")
         # The engine checks these too, but only after loading the model: minutes, in a container.
         for name, least in (
             ("max_model_len", 1),
@@ -220,6 +225,7 @@ class ServeSettings:
             "max_num_batched_tokens",
             "speculative_config",
             "distributed_timeout",
+            "seed",
         ):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
@@ -285,7 +291,7 @@ def default_sagemaker_model() -> str:
 
 def check_sagemaker_model(model: str | None) -> None:
     """Refuse /opt/ml/model as ``model`` when it is missing or empty (an endpoint without
-    model_data): loading would fall back to the package's default model and serve it instead."""
+    model_data), by name, before anything tries to load it."""
     if model == str(SAGEMAKER_MODEL_DIR) and not (SAGEMAKER_MODEL_DIR.is_dir() and any(SAGEMAKER_MODEL_DIR.iterdir())):
         raise ValueError(
             f"{SAGEMAKER_MODEL_DIR} is missing or empty: SageMaker unpacks the model's model_data there; "

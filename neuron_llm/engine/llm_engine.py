@@ -276,7 +276,8 @@ class LLMEngine:
             raise ValueError(f"request_id={request_id!r} is already in use")
         prompt_text, prompt_ids = self._tokenize(prompt)
         if params.truncate_prompt_tokens is not None:
-            prompt_ids = prompt_ids[-prompt_tokens_kept(params.truncate_prompt_tokens, self.config.max_model_len) :]
+            keep = prompt_tokens_kept(params.truncate_prompt_tokens, self.config.max_model_len)
+            prompt_ids = prompt_ids[max(0, len(prompt_ids) - keep) :]
         bad_words_token_ids = self._sampling_token_ids(params)
         sequences = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
         if params.structured_outputs is not None:

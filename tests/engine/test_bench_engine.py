@@ -110,7 +110,7 @@ def _bench_args(*argv: str) -> argparse.Namespace:
         # A batch case's decode rate assumes every sequence in every step.
         (["--batch", "65"], r"--batch 65 exceeds the bench engine's max_num_seqs=64"),
         (
-            ["--decode-tokens", "1024"],
+            ["--cases", "sampling", "--decode-tokens", "1024"],
             r"--batch 64 sequences .* take 8704 KV blocks; the bench engine holds 4095 of 16",
         ),
     ],
@@ -119,6 +119,13 @@ def test_bench_refuses_bad_options_before_measuring(argv: list[str], message: st
     """Checked before anything runs (so also on a machine without a GPU), not after minutes of cases."""
     args = _bench_args(*argv)
     with pytest.raises(ValueError, match=message):
+        args.run(args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the bench would run")
+def test_the_batch_limits_bind_only_the_cases_that_run_a_batch() -> None:
+    args = _bench_args("--cases", "decode,transformers", "--batch", "128", "--decode-tokens", "1024")
+    with pytest.raises(ValueError, match="no CUDA device is visible"):  # the check after the options'
         args.run(args)
 
 

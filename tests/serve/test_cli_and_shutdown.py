@@ -116,7 +116,7 @@ def test_the_sagemaker_command_listens_where_sagemaker_says() -> None:
     # Listening elsewhere, the container would fail SageMaker's pings.
     with pytest.raises(ValueError, match="NEURON_LLM_PORT=9002 but SAGEMAKER_BIND_TO_PORT=9001: SageMaker sends"):
         sagemaker_defaults({"SAGEMAKER_BIND_TO_PORT": "9001", "NEURON_LLM_PORT": "9002"})
-    sagemaker_defaults({"SAGEMAKER_BIND_TO_PORT": "9001", "NEURON_LLM_PORT": "9001"})
+    sagemaker_defaults({"SAGEMAKER_BIND_TO_PORT": "9001", "NEURON_LLM_PORT": "09001"})  # the same port
     with pytest.raises(ValueError, match="SAGEMAKER_BIND_TO_PORT='http': not a port number"):
         sagemaker_defaults({"SAGEMAKER_BIND_TO_PORT": "http"})
 
@@ -173,6 +173,14 @@ def test_sampling_features_are_passed_on_as_names_and_checked_before_loading() -
     assert "sampling_features" not in ServeSettings().llm_options()
     with pytest.raises(ValueError, match=r"sampling_features: unknown \['top_k'\]"):
         ServeSettings.from_env({"NEURON_LLM_SAMPLING_FEATURES": "logprobs,top_k"})
+
+
+def test_a_seed_is_passed_on_to_the_llm() -> None:
+    # vLLM's --seed: the engine's unseeded requests then sample the same tokens each start.
+    assert ServeSettings.from_env({"NEURON_LLM_SEED": "7"}).llm_options()["seed"] == 7
+    assert "seed" not in ServeSettings().llm_options()
+    with pytest.raises(ValueError, match=r"seed=18446744073709551616: must be in"):
+        ServeSettings.from_env({"NEURON_LLM_SEED": str(2**64)})
 
 
 def test_port_must_be_one_a_socket_can_take() -> None:
@@ -245,7 +253,10 @@ def test_the_sagemaker_command_takes_no_arguments_and_lists_its_variables(capsys
     with pytest.raises(SystemExit) as helped:
         sagemaker_main(["--help"])
     assert helped.value.code == 0
-    assert re.search(r"NEURON_LLM_PORT +port to listen on \[8080\]", capsys.readouterr().out)
+    listed = capsys.readouterr().out
+    assert re.search(r"NEURON_LLM_PORT +port to listen on \[8080\]", listed)
+    assert re.search(r"NEURON_LLM_MODEL +HF directory, .gguf file or compiled artifact \[/opt/ml/model\]", listed)
+    assert "SmolLM2" not in listed  # the container never serves the package's default model
 
 
 @pytest.mark.parametrize("command", ["main(['serve', 'my/model'])", "sagemaker_main([])"])
