@@ -41,7 +41,7 @@ from neuron_llm.parallel.executor import WorkerFactory, make_executor
 from neuron_llm.sample.features import features_of
 from neuron_llm.sample.sampler import NoTokenLeftError
 from neuron_llm.sample.structured import GrammarError
-from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.sampling_params import MAX_SEED, MIN_SEED, SamplingParams
 from neuron_llm.worker import load_worker
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class LLM:
             raise ValueError(f"warm_up={warm_up!r}: must be None or a bool")
         if generation_config not in ("auto", "vllm"):
             raise ValueError(f"generation_config={generation_config!r}: must be 'auto' or 'vllm'")
-        if seed is not None and not (is_int(seed) and -(2**63) <= seed < 2**64):
+        if seed is not None and not (is_int(seed) and MIN_SEED <= seed <= MAX_SEED):
             raise ValueError(f"seed={seed!r}: must be None or an integer in [-2**63, 2**64)")
         for name, value, of in (
             ("sampling_features", sampling_features, "feature names"),

@@ -79,6 +79,10 @@ def is_finite_number(value: Any) -> bool:
         return False
 
 
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+"""Seeds span int64 (OpenAI) and uint64 (vLLM); each maps onto one 64-bit generator seed."""
+
+
 @dataclass(frozen=True)
 class StructuredOutputsParams:
     """What a sequence's text must be (vLLM's): exactly one of a JSON schema, any JSON object, a
@@ -406,7 +410,8 @@ class SamplingParams:
         self._set("stop_token_ids", list(dict.fromkeys(int(i) for i in ids or [])))
 
 
-def prompt_tokens_kept(truncate_prompt_tokens: int, max_model_len: int) -> int:
-    """How many of a prompt's last tokens ``truncate_prompt_tokens`` keeps: -1 as many as leave room
+def truncated_prompt(token_ids: list[int], truncate_prompt_tokens: int, max_model_len: int) -> list[int]:
+    """The last tokens of a prompt that ``truncate_prompt_tokens`` keeps: -1 as many as leave room
     for one output token (a prompt that fills the context is refused)."""
-    return max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+    keep = max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+    return token_ids[max(0, len(token_ids) - keep) :]

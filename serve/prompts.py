@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.loader import render_chat
 from neuron_llm.sample.structured import GrammarError
-from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams, prompt_tokens_kept
+from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams, truncated_prompt
 from neuron_llm.serve.errors import ClientError, ServerError, error_from_value_error
 from neuron_llm.serve.protocol import ChatTemplateOptions
 from neuron_llm.serve.state import ServedModel
@@ -92,11 +92,8 @@ def truncated(model: ServedModel, prompts: list[Prompt], keep: int | None) -> li
     returns, is its remaining tokens decoded."""
     if keep is None:
         return prompts
-    keep = prompt_tokens_kept(keep, model.max_model_len)
-    return [
-        _decoded(model, prompt.token_ids[len(prompt.token_ids) - keep :]) if len(prompt.token_ids) > keep else prompt
-        for prompt in prompts
-    ]
+    cut = [truncated_prompt(prompt.token_ids, keep, model.max_model_len) for prompt in prompts]
+    return [_decoded(model, ids) if len(ids) < len(prompt.token_ids) else prompt for ids, prompt in zip(cut, prompts)]
 
 
 def _in_vocabulary(model: ServedModel, token_ids: list[int], param: str) -> list[int]:

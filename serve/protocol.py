@@ -27,7 +27,9 @@ from neuron_llm.sampling_params import (
     MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
+    MAX_SEED,
     MAX_STOP_TOKEN_IDS,
+    MIN_SEED,
     REPETITION_PENALTY_RANGE,
     StructuredOutputsParams,
 )
@@ -45,9 +47,6 @@ whole batch (OpenAI takes 4, TGI 4 by default)."""
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP)]
-
-MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
-"""Seeds span int64 (OpenAI) and uint64 (vLLM); each maps onto one 64-bit generator seed."""
 
 
 def _unsupported(*off: Any) -> Any:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neuron_llm.sampling_params import MAX_SEED, MIN_SEED
+
 ENV_PREFIX = "NEURON_LLM_"
 LOG_LEVELS = {
     "critical": logging.CRITICAL,
@@ -115,7 +117,7 @@ class ServeSettings:
             raise ValueError(f"served_model_name={name!r}: empty; leave it unset to use the model's name")
         if self.port > 65535:
             raise ValueError(f"port={self.port}: must be <= 65535")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+        if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
             raise ValueError(f"seed={self.seed}: must be in [-2**63, 2**64)")
         # The engine checks these too, but only after loading the model: minutes, in a container.
         for name, least in (

@@ -75,16 +75,16 @@ def run_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"{what} = {length} exceeds the bench engine's max_model_len={limit}")
     # A batch case divides --batch by a decode step's time: every sequence must be in every step,
     # neither left waiting for a row nor preempted for KV blocks.
-    case = engine.EngineCase
-    runs_batch = bool(cases & {"batch", "sampling"})
-    if runs_batch and args.batch > case.max_num_seqs:
-        raise ValueError(f"--batch {args.batch} exceeds the bench engine's max_num_seqs={case.max_num_seqs}")
-    blocks = args.batch * -(-(args.prompt_len + 2 * args.decode_tokens) // CacheConfig.block_size)
-    if runs_batch and blocks > case.num_kv_blocks - 1:
-        raise ValueError(
-            f"--batch {args.batch} sequences of --prompt-len + 2 x --decode-tokens tokens take {blocks} KV blocks; "
-            f"the bench engine holds {case.num_kv_blocks - 1} of {CacheConfig.block_size} tokens"
-        )
+    if cases & {"batch", "sampling"}:
+        case = engine.EngineCase
+        if args.batch > case.max_num_seqs:
+            raise ValueError(f"--batch {args.batch} exceeds the bench engine's max_num_seqs={case.max_num_seqs}")
+        blocks = args.batch * -(-(args.prompt_len + 2 * args.decode_tokens) // CacheConfig.block_size)
+        if blocks > case.num_kv_blocks - 1:
+            raise ValueError(
+                f"--batch {args.batch} sequences of --prompt-len + 2 x --decode-tokens tokens take {blocks} KV "
+                f"blocks; the bench engine holds {case.num_kv_blocks - 1} of {CacheConfig.block_size} tokens"
+            )
     if args.json is not None and not args.json.parent.is_dir():
         raise ValueError(f"--json {args.json}: the folder {args.json.parent} does not exist")
     if args.json is not None and args.json.is_dir():

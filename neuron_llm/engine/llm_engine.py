@@ -32,7 +32,7 @@ from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs
 from neuron_llm.sample.rejection import expand_rows
 from neuron_llm.sample.sampler import NoTokenLeftError
 from neuron_llm.sample.structured import Grammar, GrammarCompiler, GrammarError
-from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams, is_integral, prompt_tokens_kept
+from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams, is_integral, truncated_prompt
 from neuron_llm.worker import placeholder
 
 logger = logging.getLogger(__name__)
@@ -276,8 +276,7 @@ class LLMEngine:
             raise ValueError(f"request_id={request_id!r} is already in use")
         prompt_text, prompt_ids = self._tokenize(prompt)
         if params.truncate_prompt_tokens is not None:
-            keep = prompt_tokens_kept(params.truncate_prompt_tokens, self.config.max_model_len)
-            prompt_ids = prompt_ids[max(0, len(prompt_ids) - keep) :]
+            prompt_ids = truncated_prompt(prompt_ids, params.truncate_prompt_tokens, self.config.max_model_len)
         bad_words_token_ids = self._sampling_token_ids(params)
         sequences = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
         if params.structured_outputs is not None:
