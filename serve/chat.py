@@ -147,7 +147,7 @@ class _ChatWriter:
             created=self._created,
             model=self._model.name,
             choices=choices,
-            usage=self._usage(num_generated),
+            usage=self._usage(num_generated, final.num_cached_tokens),
             prompt_token_ids=self._prompt.token_ids if self._body.return_token_ids else None,
             prompt_logprobs=None
             if self._body.prompt_logprobs is None
@@ -183,14 +183,15 @@ class _ChatWriter:
                             stop_reason=delta.stop_reason,
                             token_ids=delta.token_ids if self._body.return_token_ids else None,
                         )
-                        yield event(self._chunk([choice], self._usage(delta.num_tokens) if continuous else None))
+                        usage = self._usage(delta.num_tokens, tracker.cached_tokens()) if continuous else None
+                        yield event(self._chunk([choice], usage))
             except ServeError as e:
                 state.metrics.count_refusal(e.status_code)
                 yield error_event(e)
                 yield DONE_EVENT
                 return
         if self._body.include_usage:
-            yield event(self._chunk([], self._usage(tracker.num_generated_tokens)))
+            yield event(self._chunk([], self._usage(tracker.num_generated_tokens, tracker.cached_tokens())))
         yield DONE_EVENT
 
     def _held_back(
@@ -223,5 +224,5 @@ class _ChatWriter:
             id=self._id, created=self._created, model=self._model.name, choices=choices, usage=usage
         )
 
-    def _usage(self, num_generated: int) -> UsageInfo:
-        return UsageInfo.of(len(self._prompt.token_ids), num_generated)
+    def _usage(self, num_generated: int, cached_tokens: int | None = None) -> UsageInfo:
+        return UsageInfo.of(len(self._prompt.token_ids), num_generated, cached_tokens)

@@ -119,7 +119,9 @@ class _CompletionWriter:
                 )
                 choices.append(self._choice(delta, output.prompt_logprobs))
         num_generated = sum(len(c.token_ids) for output in finals for c in output.outputs)
-        return self._chunk(choices, self._usage(0 if self._body.scores_only else num_generated))
+        cached = [output.num_cached_tokens for output in finals if output.num_cached_tokens is not None]
+        usage = self._usage(0 if self._body.scores_only else num_generated, sum(cached) if cached else None)
+        return self._chunk(choices, usage)
 
     async def events(self, generation: Generation, state: ServerState) -> AsyncGenerator[str, None]:
         tracker = DeltaTracker(self._body.n, has_logprobs=self._body.logprobs is not None)
@@ -131,7 +133,7 @@ class _CompletionWriter:
                     prompt_scores.setdefault(prompt_index, output.prompt_logprobs)
                     # One choice a chunk, as OpenAI's and vLLM's streams send them.
                     for delta in tracker.deltas(prompt_index, output):
-                        usage = self._choice_usage(delta) if self._body.continuous_usage else None
+                        usage = self._choice_usage(delta, tracker) if self._body.continuous_usage else None
                         choice = self._choice(delta, prompt_scores[prompt_index])
                         yield event(self._chunk([choice], usage))
             except ServeError as e:
@@ -141,7 +143,7 @@ class _CompletionWriter:
                 return
         if self._body.include_usage:
             num_generated = 0 if self._body.scores_only else tracker.num_generated_tokens
-            yield event(self._chunk([], self._usage(num_generated)))
+            yield event(self._chunk([], self._usage(num_generated, tracker.cached_tokens())))
         yield DONE_EVENT
 
     def _choice(self, delta: ChoiceDelta, prompt_scores: PromptLogprobs | None) -> CompletionChoice:
@@ -205,10 +207,13 @@ class _CompletionWriter:
             id=self._id, created=self._created, model=self._model.name, choices=choices, usage=usage
         )
 
-    def _usage(self, num_generated: int) -> UsageInfo:
-        return UsageInfo.of(sum(len(prompt.token_ids) for prompt in self._prompts), num_generated)
+    def _usage(self, num_generated: int, cached_tokens: int | None) -> UsageInfo:
+        return UsageInfo.of(sum(len(prompt.token_ids) for prompt in self._prompts), num_generated, cached_tokens)
 
-    def _choice_usage(self, delta: ChoiceDelta) -> UsageInfo:
+    def _choice_usage(self, delta: ChoiceDelta, tracker: DeltaTracker) -> UsageInfo:
         """One choice's usage so far: its prompt and its tokens, as vLLM's continuous usage counts them."""
         num_generated = 0 if self._body.scores_only else delta.num_tokens
-        return UsageInfo.of(len(self._prompts[delta.index // self._body.n].token_ids), num_generated)
+        prompt_index = delta.index // self._body.n
+        return UsageInfo.of(
+            len(self._prompts[prompt_index].token_ids), num_generated, tracker.cached_tokens(prompt_index)
+        )

@@ -75,11 +75,21 @@ class DeltaTracker:
         self._held: dict[int, ChoiceDelta] = {}
         self._num_tokens: dict[int, int] = {}
         self._started: set[int] = set()
+        self._cached_tokens: dict[int, int] = {}
         self.num_generated_tokens = 0
         """Tokens of the choices that have finished."""
 
+    def cached_tokens(self, prompt_index: int | None = None) -> int | None:
+        """Prompt tokens found in the prefix cache: one prompt's, or every prompt's summed; None
+        before any output said (a request counts them once it is scheduled)."""
+        if prompt_index is not None:
+            return self._cached_tokens.get(prompt_index)
+        return sum(self._cached_tokens.values()) if self._cached_tokens else None
+
     def deltas(self, prompt_index: int, output: RequestOutput) -> list[ChoiceDelta]:
         """The choices of ``output`` that gained text, tokens worth sending, or their end."""
+        if output.num_cached_tokens is not None:
+            self._cached_tokens[prompt_index] = output.num_cached_tokens
         deltas = []
         for completion in output.outputs:
             index = prompt_index * self._n + completion.index

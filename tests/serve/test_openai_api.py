@@ -22,6 +22,11 @@ from tests.serve.conftest import SPECIAL_TOKENS, ServerThread, make_llm, metric,
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
 
 
+def token_counts(usage: Any) -> tuple[int, int, int]:
+    """A usage's token counts, without its cached tokens: a repeated prompt hits the prefix cache."""
+    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+
+
 @pytest.fixture(scope="module")
 def client(server: ServerThread) -> openai.OpenAI:
     # No retries: a 429 or 503 must surface as it is.
@@ -64,7 +69,7 @@ def test_streamed_completion_adds_up_to_the_whole_one(client: openai.OpenAI, mod
     assert [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason] == [
         whole.choices[0].finish_reason
     ]
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert chunks[-1].choices == [] and token_counts(chunks[-1].usage) == token_counts(whole.usage)
 
 
 def test_continuous_usage_counts_each_choices_tokens_so_far(client: openai.OpenAI, model_name: str) -> None:
@@ -104,6 +109,36 @@ def test_continuous_usage_counts_each_choices_tokens_so_far(client: openai.OpenA
     # Without include_usage, continuous_usage_stats adds nothing, as in vLLM.
     plain = client.completions.create(prompt="Hi", stream_options={"continuous_usage_stats": True}, **options)
     assert all(chunk.usage is None for chunk in plain)
+
+
+def test_usage_counts_the_prompt_tokens_found_in_the_prefix_cache(client: openai.OpenAI, model_name: str) -> None:
+    # A prompt no other test sends, so its first request finds nothing cached.
+    text = "Cached tokens, counted: " + " ".join(["A paged KV cache holds keys and values in fixed-size blocks."] * 3)
+    first = client.completions.create(model=model_name, prompt=text, **GREEDY)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # Whole blocks of 4 tokens, short of the last prompt token, whose logits must be computed.
+    expected = (first.usage.prompt_tokens - 1) // 4 * 4
+    again = client.completions.create(model=model_name, prompt=text, **GREEDY)
+    assert again.usage.prompt_tokens_details.cached_tokens == expected > 0
+    stream_options = {"include_usage": True, "continuous_usage_stats": True}
+    streamed = list(
+        client.completions.create(
+            model=model_name, prompt=[text, text + " More."], stream=True, stream_options=stream_options, **GREEDY
+        )
+    )
+    # Each choice counts its own prompt's; the usage chunk, both prompts'.
+    by_choice = {c.choices[0].index: c.usage.prompt_tokens_details.cached_tokens for c in streamed[:-1]}
+    assert by_choice[0] == expected and by_choice[1] >= expected
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == by_choice[0] + by_choice[1]
+    messages = [{"role": "user", "content": text}]
+    chats = [client.chat.completions.create(model=model_name, messages=messages, **GREEDY) for _ in range(2)]
+    assert chats[0].usage.prompt_tokens_details.cached_tokens < chats[1].usage.prompt_tokens_details.cached_tokens
+    chunks = list(
+        client.chat.completions.create(
+            model=model_name, messages=messages, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == chats[1].usage.prompt_tokens_details.cached_tokens
 
 
 def test_return_token_ids_gives_the_prompts_and_the_replys_tokens(
@@ -225,7 +260,7 @@ def test_a_developer_message_is_a_system_message(client: openai.OpenAI, model_na
         messages = [{"role": role, "content": "Be brief."}, {"role": "user", "content": "Hi"}]
         answers[role] = client.chat.completions.create(model=model_name, messages=messages, **GREEDY)
     # Rendered as the same template turn: the same prompt, so the same greedy answer.
-    assert answers["developer"].usage == answers["system"].usage
+    assert token_counts(answers["developer"].usage) == token_counts(answers["system"].usage)
     assert answers["developer"].choices[0].message.content == answers["system"].choices[0].message.content
 
 
@@ -235,7 +270,7 @@ def test_content_parts_are_joined_one_per_line(client: openai.OpenAI, model_name
         client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": content}], **GREEDY)
         for content in (parts, "Hello,\nhow are you?")
     ]
-    assert answers[0].usage == answers[1].usage
+    assert token_counts(answers[0].usage) == token_counts(answers[1].usage)
     assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
 
 
