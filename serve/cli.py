@@ -118,6 +118,16 @@ def _check_other_containers_variables(environ: Mapping[str, str]) -> None:
 
 
 def _warn_of_settings_sagemaker_defeats(settings: ServeSettings) -> None:
+    if settings.host not in ("0.0.0.0", "::"):
+        # SageMaker pings the container at its own address, never through its loopback.
+        logger.warning(
+            "%sHOST=%s: SageMaker sends pings and requests to the container's address, so a server "
+            "listening only on %s fails its health checks; unset %sHOST",
+            ENV_PREFIX,
+            settings.host,
+            settings.host,
+            ENV_PREFIX,
+        )
     if settings.api_key is not None:
         # InvokeEndpoint passes on only the headers of its API: no Authorization reaches us.
         logger.warning(

@@ -143,6 +143,7 @@ def test_the_sagemaker_command_warns_of_settings_sagemaker_defeats_or_does_not_r
         "NEURON_LLM_MODEL": "my/model",
         "NEURON_LLM_API_KEY": "s3cret",
         "NEURON_LLM_DRAIN_TIMEOUT": "120",
+        "NEURON_LLM_HOST": "127.0.0.1",
         "NEURON_LLM_PDL": "0",  # the library's own switch, not refused as an unknown setting
         "SM_NUM_GPUS": "4",
         "HF_NUM_CORES": "2",
@@ -156,6 +157,7 @@ def test_the_sagemaker_command_warns_of_settings_sagemaker_defeats_or_does_not_r
     assert served.value.code == 0
     assert "InvokeEndpoint does not pass the Authorization header on" in caplog.text
     assert "NEURON_LLM_DRAIN_TIMEOUT=120: SageMaker kills the container 30 s after SIGTERM" in caplog.text
+    assert "NEURON_LLM_HOST=127.0.0.1: SageMaker sends pings and requests to the container's address" in caplog.text
     assert "SM_NUM_GPUS is not read by this container; set NEURON_LLM_TENSOR_PARALLEL_SIZE" in caplog.text
     assert "HF_NUM_CORES is not read by this container; set NEURON_LLM_TENSOR_PARALLEL_SIZE" in caplog.text
 
