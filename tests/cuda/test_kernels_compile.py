@@ -69,3 +69,30 @@ def test_int8_gemv_loop_takes_fewer_instructions_and_registers_than_before() -> 
     assert rows.keys() == {"default", "add", "acc-per-element"}, stdout
     assert rows["default"]["per_weight"] < 0.9 * rows["add"]["per_weight"], rows
     assert rows["default"]["registers"] < 0.75 * rows["acc-per-element"]["registers"], rows
+
+
+_LAUNCHES_OF_STRIDED_WEIGHTS = """
+import torch
+from tests.cuda.compile_kernels import compiling_only
+from neuron_llm.backends.cuda import fused, int8_matmul
+
+x = torch.randn(1, 256, dtype=torch.bfloat16)
+int8_weight, norm_weight = torch.zeros(256, 512, dtype=torch.int8), torch.randn(512, dtype=torch.bfloat16)
+with compiling_only() as compiled:
+    for weight, norm in ((int8_weight.t().contiguous(), norm_weight[:256]), (int8_weight.t(), norm_weight[::2])):
+        int8_matmul.int8_linear(x, weight, torch.ones(512, 1))
+        fused.rms_norm(x, norm, 1e-5)
+print(" ".join(f"{kernel.name}:{kernel.metadata.launch_pdl}" for kernel in compiled))
+"""
+
+
+def test_a_weight_copied_for_a_kernel_is_read_in_stream_order() -> None:
+    """The GEMV and the norm read their weight before the PDL wait (no kernel writes weights);
+    a strided weight is copied first, by a kernel, so that launch must not start early."""
+    launches = _run_compiling("-c", _LAUNCHES_OF_STRIDED_WEIGHTS).split()
+    assert launches == [
+        "_int8_matmul_kernel:True",
+        "_rms_norm_kernel:True",
+        "_int8_matmul_kernel:False",
+        "_rms_norm_kernel:False",
+    ]

@@ -130,7 +130,7 @@ def _launch_norm(
         _rms_norm_kernel[(x2.shape[0],)](
             x2,
             residual2 if residual2 is not None else x2,
-            weight.contiguous(),
+            weight.contiguous(),  # read before the PDL wait: a copy goes in stream order
             out,
             new_residual if new_residual is not None else out,
             hidden,
@@ -141,7 +141,7 @@ def _launch_norm(
             eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
-            **launch.pdl(x.device),
+            **launch.pdl(x.device, reads_fresh_copy=not weight.is_contiguous()),
             num_warps=_norm_warps(block),
             enable_fp_fusion=False,
         )

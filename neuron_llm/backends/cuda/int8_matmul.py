@@ -671,7 +671,8 @@ def _launch(
     x2 = x.reshape(-1, x.shape[-1])  # [M, K], or [M, 2K] of gate and up
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if weight.stride(-1) != 1:
+    copies_weight = weight.stride(-1) != 1
+    if copies_weight:
         weight = weight.contiguous()
     is_int8, is_scaled = weight.dtype == torch.int8, weight_scale is not None
     weight_scale = weight_scale.contiguous() if weight_scale is not None else x2  # not read unscaled
@@ -742,7 +743,7 @@ def _launch(
         BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
         WIDE_OFFSETS=max(_offset_span(t) for t in (x2, weight, out, partial)) > 2**31,
-        **launch.pdl(x.device),
+        **launch.pdl(x.device, reads_fresh_copy=copies_weight),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -45,10 +45,14 @@ def use_pdl(device: torch.device) -> bool:
     return _supports_pdl(device)
 
 
-def pdl(device: torch.device) -> dict[str, bool]:
+def pdl(device: torch.device, *, reads_fresh_copy: bool = False) -> dict[str, bool]:
     """The launch arguments of a kernel with a ``USE_PDL`` flag: PDL and the kernel's wait come
-    together, since a kernel launched early that did not wait would race the one before it."""
-    use = use_pdl(device)
+    together, since a kernel launched early that did not wait would race the one before it.
+
+    ``reads_fresh_copy``: a tensor the kernel reads before its wait (a weight) was just copied by
+    the caller (made contiguous), so a kernel wrote it: the launch then goes in stream order.
+    """
+    use = use_pdl(device) and not reads_fresh_copy
     return {"USE_PDL": use, "launch_pdl": use}
 
 
