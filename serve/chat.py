@@ -158,9 +158,10 @@ class _ChatWriter:
         # Each choice opens with the assistant's role, and each chunk carries one choice, as
         # OpenAI's and vLLM's streams do: clients that read ``choices[0]`` lose nothing.
         continuous = self._body.continuous_usage
+        _, first = generation.first_output  # the request is scheduled: its cached tokens are known
         for i in range(self._body.n):
             role = ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-            chunk = self._chunk([role], self._usage(0) if continuous else None)
+            chunk = self._chunk([role], self._usage(0, first.num_cached_tokens) if continuous else None)
             if self._body.return_token_ids:  # on every choice's first chunk, as in vLLM
                 chunk.prompt_token_ids = self._prompt.token_ids
             yield event(chunk)

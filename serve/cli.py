@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import logging
 import os
 import sys
@@ -117,14 +118,19 @@ def _check_other_containers_variables(environ: Mapping[str, str]) -> None:
             logger.warning("%s is not read by this container; set %s instead", name, ours)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"  # a name: only this one is sure to resolve to the loopback
+
+
 def _warn_of_settings_sagemaker_defeats(settings: ServeSettings) -> None:
-    if settings.host not in ("0.0.0.0", "::"):
-        # SageMaker pings the container at its own address, never through its loopback.
+    if _is_loopback(settings.host):
         logger.warning(
             "%sHOST=%s: SageMaker sends pings and requests to the container's address, so a server "
-            "listening only on %s fails its health checks; unset %sHOST",
+            "listening only on its loopback fails every health check; unset %sHOST",
             ENV_PREFIX,
-            settings.host,
             settings.host,
             ENV_PREFIX,
         )

@@ -88,6 +88,12 @@ class Generation:
             await self.aclose()
             raise
 
+    @property
+    def first_output(self) -> IndexedOutput:
+        """The output ``start`` waited for."""
+        assert self._first is not None, "call start() first"
+        return self._first
+
     async def outputs(self) -> AsyncGenerator[IndexedOutput, None]:
         """The outputs, the first included; close the iterator (``aclosing``) when leaving early."""
         assert self._first is not None, "call start() first"

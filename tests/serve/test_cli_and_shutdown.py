@@ -162,6 +162,24 @@ def test_the_sagemaker_command_warns_of_settings_sagemaker_defeats_or_does_not_r
     assert "HF_NUM_CORES is not read by this container; set NEURON_LLM_TENSOR_PARALLEL_SIZE" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("host", "warns"),
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("", False),
+        ("10.0.0.7", False),
+    ],
+)
+def test_the_sagemaker_host_warning_is_for_loopback_addresses_only(host: str, warns: bool) -> None:
+    from neuron_llm.serve.cli import _is_loopback
+
+    assert _is_loopback(host) == warns
+
+
 def test_speculative_config_is_passed_on_and_checked_before_loading() -> None:
     settings = ServeSettings.from_env({"NEURON_LLM_SPECULATIVE_CONFIG": '{"num_speculative_tokens": 3}'})
     assert settings.llm_options()["speculative_config"] == '{"num_speculative_tokens": 3}'
