@@ -9,7 +9,8 @@ the ``torch`` backend on any machine; the kernels against the NumPy tiles under
 
 They are written against NKI's first public API (``neuronxcc.nki``, the one for trn1/inf2
 in the XLA-based torch-neuronx), which Neuron SDK 2.27 is the last to compile (2.28's
-neuronx-cc refuses such kernels; 2.34 removes the namespace), and are off unless asked for
+neuronx-cc refuses such kernels; 2.34 removes the namespace; the ``nki`` package that replaces it
+supports Trn2 and Trn3 only, by NKI's FAQ from 2.29), and are off unless asked for
 (``nki_kernels``): they have not run on a NeuronCore. Kernels are reached only through
 ``neuron_llm.backends.neuron``.
 """
