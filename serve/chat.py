@@ -225,5 +225,5 @@ class _ChatWriter:
             id=self._id, created=self._created, model=self._model.name, choices=choices, usage=usage
         )
 
-    def _usage(self, num_generated: int, cached_tokens: int | None = None) -> UsageInfo:
+    def _usage(self, num_generated: int, cached_tokens: int | None) -> UsageInfo:
         return UsageInfo.of(len(self._prompt.token_ids), num_generated, cached_tokens)
