@@ -89,6 +89,7 @@ def create_app(
     app.include_router(sagemaker_routes.router)
     app.include_router(tokenize_routes.router)
     app.add_api_route("/health", health, methods=["GET"], responses={503: {"description": "not ready"}})
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)  # load balancers' probes
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=Response)
     app.add_api_route("/version", version, methods=["GET"])
     return app

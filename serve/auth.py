@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import secrets
 
-from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -36,7 +35,7 @@ class RequireApiKey:
             return
         error = AuthenticationError("a valid API key is required: send `Authorization: Bearer <key>`")
         self._metrics.count_refusal(error.status_code)
-        await JSONResponse(error.body(), status_code=error.status_code)(scope, receive, send)
+        await error.response()(scope, receive, send)
 
     def _authorized(self, headers: Headers) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")

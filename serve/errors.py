@@ -27,6 +27,10 @@ from neuron_llm.serve.protocol import INVOCATION_KINDS
 logger = logging.getLogger(__name__)
 
 
+RETRY_AFTER_S = 1
+"""Retry-After of a full queue (429) and of a loading model (503)."""
+
+
 class ClientDisconnected(Exception):
     """The client closed the connection before its response was ready; nobody is left to answer."""
 
@@ -51,6 +55,14 @@ class ServeError(Exception):
         """``body()`` as JSON text."""
         return json.dumps(self.body())
 
+    def headers(self) -> dict[str, str]:
+        """The answer's HTTP headers beyond the body's."""
+        return {}
+
+    def response(self) -> JSONResponse:
+        """The whole answer: status, headers and body."""
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers())
+
 
 class ClientError(ServeError):
     """The request is wrong; ``param`` names the offending field when there is one."""
@@ -71,6 +83,9 @@ class AuthenticationError(ClientError):
     def __init__(self, message: str) -> None:
         super().__init__(message, code="invalid_api_key", status_code=401)
 
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}  # the scheme a 401 must name (RFC 9110)
+
 
 class ModelNotFoundError(ClientError):
     """The request names a model this server does not serve."""
@@ -86,12 +101,20 @@ class OverloadedError(ServeError):
     status_code = 429
     error_type = "rate_limit_error"
 
+    def headers(self) -> dict[str, str]:
+        # OpenAI's clients wait as long as Retry-After says before retrying, else back off on their own.
+        return {"Retry-After": str(RETRY_AFTER_S)}
+
 
 class UnavailableError(ServeError):
     """The model is still loading, or the server is draining before it stops."""
 
     status_code = 503
     error_type = "service_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        # Only a loading model is worth retrying here; a draining or failed server is not.
+        return {"Retry-After": str(RETRY_AFTER_S)} if self.code == "model_loading" else {}
 
 
 class ServerError(ServeError):
@@ -200,7 +223,7 @@ def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     def answer(error: ServeError, counted: bool = True) -> JSONResponse:
         if counted:
             metrics.count_refusal(error.status_code)
-        return JSONResponse(error.body(), status_code=error.status_code)
+        return error.response()
 
     @app.exception_handler(ServeError)
     async def on_serve_error(request: Request, error: ServeError) -> JSONResponse:
@@ -223,9 +246,11 @@ def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        # Routing errors: an unknown path (404) or method (405). Not counted: scanners and
-        # probes are not requests of the API.
-        return answer(ClientError(str(error.detail), status_code=error.status_code), counted=False)
+        # Routing errors: an unknown path (404) or method (405, whose Allow header names the
+        # route's methods). Not counted: scanners and probes are not requests of the API.
+        response = answer(ClientError(str(error.detail), status_code=error.status_code), counted=False)
+        response.headers.update(error.headers or {})
+        return response
 
     app.add_middleware(CountRequests, metrics=metrics)
 
@@ -266,4 +291,4 @@ class CountRequests:
                 if started:
                     raise  # the answer is under way: only ending the connection can cut it short
                 error = ServerError("internal server error; see the server log")
-                await JSONResponse(error.body(), status_code=error.status_code)(scope, receive, send)
+                await error.response()(scope, receive, send)

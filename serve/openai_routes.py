@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``."""
+"""OpenAI-compatible routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models[/{model}]``."""
 
 from __future__ import annotations
 
@@ -31,8 +31,19 @@ router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     """The one model this server serves."""
+    return ModelList(data=[_model_card(request)])
+
+
+@router.get("/models/{model:path}", response_model=ModelCard)
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    """The served model's card, if ``model`` names it (OpenAI's ``models.retrieve``)."""
+    get_state(request).ready_model().check_name(model)
+    return _model_card(request)
+
+
+def _model_card(request: Request) -> ModelCard:
     model = get_state(request).ready_model()
-    return ModelList(data=[ModelCard(id=model.name, created=model.created, max_model_len=model.max_model_len)])
+    return ModelCard(id=model.name, created=model.created, max_model_len=model.max_model_len)
 
 
 @router.post(

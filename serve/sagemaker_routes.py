@@ -49,6 +49,8 @@ router = APIRouter(route_class=_OctetStreamIsJSON)
 
 
 @router.get("/ping", responses={503: {"description": "the model is loading, or the server is draining"}})
+# SageMaker GETs it; load balancers probe with HEAD, and vLLM takes POST too.
+@router.api_route("/ping", methods=["HEAD", "POST"], include_in_schema=False)
 async def ping(request: Request) -> JSONResponse:
     """200 once the model is loaded and the server accepts requests; 503 before and while draining."""
     status = get_state(request).status

@@ -305,7 +305,8 @@ def test_malformed_body_is_a_400(server: ServerThread, content: bytes) -> None:
 def test_unknown_route_and_method_answer_in_openai_shape_uncounted(server: ServerThread) -> None:
     invalid = metric(server, 'neuron_llm_requests_total{outcome="invalid"}')
     assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["message"]
-    assert httpx.get(f"{server.url}{COMPLETIONS}").status_code == 405
+    wrong_method = httpx.get(f"{server.url}{COMPLETIONS}")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
     # Probes and scanners are not requests of the API.
     assert metric(server, 'neuron_llm_requests_total{outcome="invalid"}') == invalid
 

@@ -228,6 +228,7 @@ def test_full_queue_answers_429_and_keeps_serving(model_dir: Path) -> None:
                     with pytest.raises(openai.RateLimitError) as refused:
                         await client.completions.create(model=server.model_name, prompt="C", max_tokens=4)
                     assert refused.value.body["code"] == "queue_full"
+                    assert refused.value.response.headers["retry-after"] == "1"
                 # A's client has left, so B runs.
                 assert (await waiting_b).status_code == 200
                 after = await http.post("/v1/completions", json={"prompt": "D", "max_tokens": 4})

@@ -41,6 +41,10 @@ def model_name(client: openai.OpenAI) -> str:
 def test_models_lists_the_served_model(client: openai.OpenAI, model_dir: Path) -> None:
     models = client.models.list().data
     assert [model.id for model in models] == [model_dir.name]
+    assert client.models.retrieve(model_dir.name) == models[0]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("org/other-model")
+    assert missing.value.body["code"] == "model_not_found"
 
 
 def test_completion_has_text_usage_and_finish_reason(client: openai.OpenAI, model_name: str) -> None:
@@ -644,6 +648,7 @@ def test_api_key_is_required_when_set(model_dir: Path) -> None:
             json_type = {"content-type": "application/json"}
             answer = httpx.post(f"{keyed.url}{path}", content=b"{not json", headers=json_type)
             assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key", path
+            assert answer.headers["www-authenticate"] == "Bearer"
         assert metric(keyed, 'neuron_llm_requests_total{outcome="invalid"}') == 5
         assert httpx.get(f"{keyed.url}/metrics").status_code == 200
 

@@ -26,15 +26,22 @@ def test_ping_is_503_until_the_model_has_loaded(model_dir: Path) -> None:
     with running_server(model_dir, load=slow_load, wait=False) as server:
         assert httpx.get(f"{server.url}/ping").status_code == 503
         assert httpx.get(f"{server.url}/health").json() == {"status": "loading"}
+        assert httpx.head(f"{server.url}/health").status_code == 503
         # Polls of the server's state while it loads are not refused requests.
         assert httpx.get(f"{server.url}/v1/models").status_code == 503
         assert metric(server, REJECTED) == 0
         refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_loading"
+        assert refused.headers["retry-after"] == "1"  # worth retrying, unlike a failed load
         assert metric(server, REJECTED) == 1
         may_load.set()
         server.wait_ready()
         assert httpx.get(f"{server.url}/health").json() == {"status": "ready"}
+        # HEAD for load balancers' probes, POST /ping as vLLM takes it.
+        assert [
+            httpx.request(method, f"{server.url}{path}").status_code
+            for method, path in (("HEAD", "/health"), ("HEAD", "/ping"), ("POST", "/ping"))
+        ] == [200, 200, 200]
 
 
 def test_ping_stays_503_when_loading_fails(model_dir: Path) -> None:
@@ -46,8 +53,9 @@ def test_ping_stays_503_when_loading_fails(model_dir: Path) -> None:
         health = httpx.get(f"{server.url}/health")
         assert health.status_code == 503 and health.json() == {"status": "failed"}
         assert httpx.get(f"{server.url}/ping").status_code == 503
-        error = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"}).json()["error"]
-        assert "no weights here" in error["message"]
+        failed = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"})
+        assert "no weights here" in failed.json()["error"]["message"]
+        assert "retry-after" not in failed.headers
 
 
 def test_invocations_answers_tgi_bodies_as_tgi(server: ServerThread) -> None:
