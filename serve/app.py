@@ -83,7 +83,13 @@ def create_app(
         app.add_middleware(RequireApiKey, api_key=settings.api_key, metrics=state.metrics)
     if origins := settings.cors_origins():
         # Browsers send the key themselves (an Authorization header), never a cookie: no credentials.
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+        )
     install_error_handlers(app, state.metrics)
     app.include_router(openai_routes.router)
     app.include_router(sagemaker_routes.router)

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from neuron_llm.engine.async_llm import EngineClosedError, EngineError, QueueFullError
@@ -113,7 +114,7 @@ class UnavailableError(ServeError):
     error_type = "service_unavailable"
 
     def headers(self) -> dict[str, str]:
-        # Only a loading model is worth retrying here; a draining or failed server is not.
+        # A loading model is ready soon; a draining or failed server names no time to wait for.
         return {"Retry-After": str(RETRY_AFTER_S)} if self.code == "model_loading" else {}
 
 
@@ -246,13 +247,25 @@ def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        # Routing errors: an unknown path (404) or method (405, whose Allow header names the
-        # route's methods). Not counted: scanners and probes are not requests of the API.
+        # Routing errors: an unknown path (404) or method (405). Not counted: scanners and
+        # probes are not requests of the API.
         response = answer(ClientError(str(error.detail), status_code=error.status_code), counted=False)
-        response.headers.update(error.headers or {})
+        if error.status_code == 405:
+            # Starlette's Allow names the first route of the path only; a path may have several.
+            response.headers["Allow"] = ", ".join(_methods_of_path(request))
         return response
 
     app.add_middleware(CountRequests, metrics=metrics)
+
+
+def _methods_of_path(request: Request) -> list[str]:
+    """The methods some route of the request's path takes (asked of the routes themselves:
+    routers included in the app match as one route)."""
+    return [
+        method
+        for method in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in request.app.routes)
+    ]
 
 
 class CountRequests:

@@ -37,6 +37,9 @@ def test_ping_is_503_until_the_model_has_loaded(model_dir: Path) -> None:
         may_load.set()
         server.wait_ready()
         assert httpx.get(f"{server.url}/health").json() == {"status": "ready"}
+        # A 405 names every method of the path, whichever of its routes Starlette tried.
+        assert httpx.put(f"{server.url}/ping").headers["allow"] == "GET, HEAD, POST"
+        assert httpx.put(f"{server.url}/health").headers["allow"] == "GET, HEAD"
         # HEAD for load balancers' probes, POST /ping as vLLM takes it.
         assert [
             httpx.request(method, f"{server.url}{path}").status_code
