@@ -18,7 +18,7 @@ from neuron_llm.serve.protocol import (
     ModelCard,
     ModelList,
 )
-from neuron_llm.serve.state import get_state
+from neuron_llm.serve.state import ServedModel, get_state
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)
@@ -31,18 +31,18 @@ router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     """The one model this server serves."""
-    return ModelList(data=[_model_card(request)])
+    return ModelList(data=[_card(get_state(request).ready_model())])
 
 
 @router.get("/models/{model:path}", response_model=ModelCard)
 async def retrieve_model(model: str, request: Request) -> ModelCard:
     """The served model's card, if ``model`` names it (OpenAI's ``models.retrieve``)."""
-    get_state(request).ready_model().check_name(model)
-    return _model_card(request)
+    served = get_state(request).ready_model()
+    served.check_name(model)
+    return _card(served)
 
 
-def _model_card(request: Request) -> ModelCard:
-    model = get_state(request).ready_model()
+def _card(model: ServedModel) -> ModelCard:
     return ModelCard(id=model.name, created=model.created, max_model_len=model.max_model_len)
 
 
