@@ -86,24 +86,34 @@ def summarize(kernels: list[tuple[str, float, float]]) -> dict[str, Any]:
     }
 
 
-def markdown_table(results: dict[str, Any], formats: list[str], top: int) -> str:
-    """Each format's step beside its floor, then its costliest kernel groups."""
+def run_labels(formats: list[str]) -> list[str]:
+    """Each run's name: its format, numbered from its second run on (``int8``, ``int8 (2)``), so
+    that an A/B alternated in one call keeps every run's figures."""
+    labels = []
+    for i, fmt in enumerate(formats):
+        runs = formats[: i + 1].count(fmt)
+        labels.append(fmt if runs == 1 else f"{fmt} ({runs})")
+    return labels
+
+
+def markdown_table(results: dict[str, Any], runs: list[str], top: int) -> str:
+    """Each run's step beside its floor, then its costliest kernel groups."""
     lines = [
         f"{results['step']}; copy bandwidth {results['copy_bandwidth_Bps'] / 1e12:.2f} TB/s",
         "",
-        "| format | worker step (us) | floor (us) | step / floor | GPU span (us) | kernel time (us) | kernels |",
+        "| run | worker step (us) | floor (us) | step / floor | GPU span (us) | kernel time (us) | kernels |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for fmt in formats:
-        r = results[fmt]
+    for run in runs:
+        r = results[run]
         lines.append(
-            f"| {fmt} | {r['wall_us']:.0f} | {r['floor_us']:.0f} | {r['wall_us'] / r['floor_us']:.2f}x "
+            f"| {run} | {r['wall_us']:.0f} | {r['floor_us']:.0f} | {r['wall_us'] / r['floor_us']:.2f}x "
             f"| {r['span_us']:.0f} | {r['busy_us']:.0f} | {r['num_kernels']} |"
         )
-    lines += ["", "| format | kernel | count | time (us) |", "|---|---|---:|---:|"]
-    for fmt in formats:
+    lines += ["", "| run | kernel | count | time (us) |", "|---|---|---:|---:|"]
+    for run in runs:
         lines += [
-            f"| {fmt} | {k['name']} | {k['count']} | {k['total_us']:.1f} |" for k in results[fmt]["kernels"][:top]
+            f"| {run} | {k['name']} | {k['count']} | {k['total_us']:.1f} |" for k in results[run]["kernels"][:top]
         ]
     return "\n".join(lines)
 
@@ -186,7 +196,8 @@ def main() -> int:
     if is_prefill:
         results["bf16_matmul_flops"] = anchors.bf16_matmul_flops()
     formats = args.formats.split(",")
-    for fmt in formats:
+    labels = run_labels(formats)
+    for fmt, label in zip(formats, labels):
         base, variants = parse_format(fmt)
         with engine.released(), contextlib.ExitStack() as stack:
             for variant in variants:
@@ -202,16 +213,22 @@ def main() -> int:
                 floor_us = 1e6 * query_len * linear_flops_per_token(worker.model) / results["bf16_matmul_flops"]
             else:
                 floor_us = 1e6 * worker.weight_bytes / results["copy_bandwidth_Bps"]
-            results[fmt] = {**median, "wall_us": 1e6 * wall, "weight_bytes": worker.weight_bytes, "floor_us": floor_us}
+            results[label] = {
+                **median,
+                "wall_us": 1e6 * wall,
+                "weight_bytes": worker.weight_bytes,
+                "floor_us": floor_us,
+            }
             print(
-                f"\n{fmt}: wall {1e6 * wall:.0f} us, GPU span {median['span_us']:.0f} us, busy {median['busy_us']:.0f},"
-                f" idle {median['idle_us']:.0f} ({median['num_kernels']} kernels); floor {floor_us:.0f} us"
+                f"\n{label}: wall {1e6 * wall:.0f} us, GPU span {median['span_us']:.0f} us,"
+                f" busy {median['busy_us']:.0f}, idle {median['idle_us']:.0f} ({median['num_kernels']} kernels);"
+                f" floor {floor_us:.0f} us"
             )
             for k in median["kernels"][: args.top]:
                 print(f"  {k['total_us']:8.1f} us  {k['count']:4d}x  {k['name']}")
             del llm, worker
     print()
-    print(markdown_table(results, formats, args.top))
+    print(markdown_table(results, labels, args.top))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

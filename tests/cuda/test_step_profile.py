@@ -45,6 +45,11 @@ def test_a_step_is_summarized_and_tabled_beside_its_floor(step_profile: object) 
     assert "rms_norm" not in table  # past the top 1
 
 
+def test_an_alternated_format_keeps_each_run(step_profile: object) -> None:
+    labels = step_profile.run_labels(["int8", "int8-cublas", "int8-cublas", "int8"])
+    assert labels == ["int8", "int8-cublas", "int8-cublas (2)", "int8 (2)"]
+
+
 def test_format_suffixes_name_the_choices_they_change(step_profile: object) -> None:
     assert step_profile.parse_format("int8") == ("int8", [])
     assert step_profile.parse_format("fp8-all-norm-apart") == ("fp8-all", ["-norm-apart"])
