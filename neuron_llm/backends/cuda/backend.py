@@ -125,7 +125,7 @@ class CudaBackend(TorchBackend):
         # One row of 16-bit weights: the gate/up GEMV stores silu(gate) * up, computed once per
         # element, and the down projection streams a plain input; made in the down
         # projection's loads, every column tile recomputes it. H200 decode step (BENCHMARKS.md):
-        # bf16 -7%; int8 +5% though its GEMVs alone gain, so int8 keeps SwiGLU in the loads.
+        # bf16 -7%; int8 +5% though its GEMVs alone gain (H100: +1-2%), so int8 keeps SwiGLU in the loads.
         # Exact type: the GEMV skips the projection's forward; down_proj's own runs.
         if x.numel() == x.shape[-1] and type(gate_up_proj) is Linear and self._takes_gemv(x, gate_up_proj.weight):
             normed, residual = self.rms_norm(x, weight, eps, residual)
