@@ -8,6 +8,7 @@ Device packages (torch-xla, the Neuron SDK, Triton) are imported only by the bac
 needs them, so importing this package needs neither a GPU nor the Neuron SDK.
 """
 
+from neuron_llm.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestOutput
 from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -25,6 +26,9 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "LLM",
+    "BeamSearchOutput",
+    "BeamSearchParams",
+    "BeamSearchSequence",
     "CompletionOutput",
     "Logprob",
     "RequestOutput",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from neuron_llm.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from neuron_llm.compile.artifact import Artifact, cache_files, graph_cache, is_artifact
 from neuron_llm.config import (
     CacheConfig,
@@ -321,6 +322,58 @@ class LLM:
         finally:
             self._forget(request_ids)
         return [finals[request_id] for request_id in request_ids]
+
+    def beam_search(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: BeamSearchParams,
+        use_tqdm: bool | Callable[..., Any] = False,
+    ) -> list[BeamSearchOutput]:
+        """The ``params.beam_width`` best continuations of each prompt by beam search
+        (``neuron_llm.beam_search``), as vLLM's ``LLM.beam_search``: each output's sequences are
+        best first, their tokens and text with the prompt's. ``use_tqdm``: a bar of the steps.
+
+        Every prompt is checked before any runs: a bad one raises ``ValueError`` naming its index.
+        """
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be BeamSearchParams, not {type(params).__name__}")
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        max_model_len = self.config.max_model_len
+        prompt_ids = []
+        for index, prompt in enumerate(prompts):
+            try:
+                _, ids = self.engine.tokenize_prompt(prompt_input(prompt))
+                if len(ids) >= max_model_len:
+                    raise ValueError(
+                        f"{len(ids)} prompt tokens leave no room for output in max_model_len={max_model_len}"
+                    )
+            except ValueError as e:
+                raise ValueError(f"prompt {index}: {e}") from e
+            prompt_ids.append(ids)
+        progress = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            progress = (use_tqdm if callable(use_tqdm) else tqdm)(
+                total=params.max_tokens, desc="beam search", unit="step"
+            )
+        try:
+            outputs = beam_search(
+                self.generate,
+                prompt_ids,
+                params,
+                self.engine.eos_token_ids,
+                max_model_len,
+                progress=(lambda: None) if progress is None else (lambda: progress.update(1)),
+            )
+        finally:
+            if progress is not None:
+                progress.close()
+        if self.tokenizer is not None:
+            for output in outputs:
+                for sequence in output.sequences:
+                    sequence.text = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
+        return outputs
 
     def chat(
         self,

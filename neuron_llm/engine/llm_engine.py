@@ -274,7 +274,7 @@ class LLMEngine:
         request_id = self.unused_request_id(params.n) if request_id is None else request_id
         if request_id in self._groups:
             raise ValueError(f"request_id={request_id!r} is already in use")
-        prompt_text, prompt_ids = self._tokenize(prompt)
+        prompt_text, prompt_ids = self.tokenize_prompt(prompt)
         if params.truncate_prompt_tokens is not None:
             prompt_ids = truncated_prompt(prompt_ids, params.truncate_prompt_tokens, self.config.max_model_len)
         bad_words_token_ids = self._sampling_token_ids(params)
@@ -837,7 +837,8 @@ class LLMEngine:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+    def tokenize_prompt(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+        """The prompt text (None for token ids) and its token ids, checked against the vocabulary."""
         if isinstance(prompt, str):
             # "" is a prompt where the tokenizer adds BOS, as in vLLM: only no tokens is refused.
             if self.tokenizer is None:
