@@ -3,9 +3,9 @@
 Each step asks the engine for one token of every live beam, with the ``2 * beam_width`` most
 likely next tokens and their log-probabilities under the model's raw distribution. Each beam is
 extended by each of those tokens, and each prompt keeps the ``beam_width`` best extensions. A
-beam ends on an EOS token (unless ``ignore_eos``), after ``max_tokens`` tokens, or at the
-model's length limit. The beams of a prompt share the prompt and most of their tokens, so prefix
-caching serves most of each step's prefill from the cache.
+beam ends on an EOS token (unless ``ignore_eos``), after ``max_tokens`` tokens, or where the
+engine would take it as a prompt no longer. The beams of a prompt share the prompt and most of
+their tokens, so prefix caching serves most of each step's prefill from the cache.
 
 Beams are ranked by ``cum_logprob / num_generated ** length_penalty``, the EOS counted among the
 generated tokens, as transformers ranks finished beams (vLLM divides by the prompt's length too).
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from neuron_llm.inputs import Prompt
 from neuron_llm.outputs import Logprob, RequestOutput
-from neuron_llm.sampling_params import MAX_LOGPROBS, SamplingParams
+from neuron_llm.sampling_params import MAX_LOGPROBS, SamplingParams, is_integral
 
 MAX_BEAM_WIDTH = MAX_LOGPROBS // 2
 """Each step asks for ``2 * beam_width`` logprobs a beam, at most ``MAX_LOGPROBS``."""
@@ -42,7 +42,7 @@ class BeamSearchParams:
     def __post_init__(self) -> None:
         for name, least in (("beam_width", 1), ("max_tokens", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if not is_integral(value) or value < least:
                 raise ValueError(f"{name}={value!r}: must be an integer >= {least}")
         if self.beam_width > MAX_BEAM_WIDTH:
             raise ValueError(
@@ -71,7 +71,7 @@ class BeamSearchSequence:
     """Per generated token: the step's most likely tokens, the chosen one among them."""
     cum_logprob: float = 0.0
     text: str | None = None
-    """The decoded ``tokens``, prompt included (None for a model without a tokenizer)."""
+    """The decoded ``tokens``, prompt and special tokens included (None for a model without a tokenizer)."""
     finish_reason: str | None = None
     """"stop" (an EOS) or "length"."""
     stop_reason: int | None = None
@@ -90,11 +90,15 @@ def beam_search(
     prompt_ids: Sequence[list[int]],
     params: BeamSearchParams,
     eos_token_ids: Collection[int],
-    max_model_len: int,
+    max_prompt_len: int,
     progress: Callable[[], None] = lambda: None,
 ) -> list[BeamSearchOutput]:
-    """Beam search from each of ``prompt_ids`` (checked: shorter than ``max_model_len``) by
-    ``generate``; ``progress`` is called after each step. Texts are left None."""
+    """Beam search from each of ``prompt_ids`` by ``generate``, in one batch a step.
+
+    A beam longer than ``max_prompt_len`` (the longest prompt the engine takes; the prompts are
+    checked against it) ends with "length". ``progress`` is called after each step. Texts are
+    left None.
+    """
     step_params = SamplingParams(
         max_tokens=1, temperature=0.0, logprobs=2 * params.beam_width, ignore_eos=True, detokenize=False
     )
@@ -104,40 +108,49 @@ def beam_search(
         beams = [beam for beams in live for beam in beams]
         if not beams:
             break
-        outputs = generate([{"prompt_token_ids": beam.tokens} for beam in beams], step_params)
-        steps = iter(outputs)
+        outputs = iter(generate([{"prompt_token_ids": beam.tokens} for beam in beams], step_params))
         for index, beams in enumerate(live):
-            extended = []
+            # Candidates are ranked before any is built: a beam's lists are copied only if it is kept.
+            candidates = []
             for beam in beams:
-                top = next(steps).outputs[0].logprobs[0]
+                top = next(outputs).outputs[0].logprobs[0]
+                length = len(beam.logprobs) + 1
                 for token_id, logprob in top.items():
-                    child = _extend(beam, token_id, top, logprob.logprob)
-                    if token_id in eos_token_ids and not params.ignore_eos:
-                        if not params.include_stop_str_in_output:
-                            child.tokens.pop()
-                        done[index].append(replace(child, finish_reason="stop", stop_reason=token_id))
-                    else:
-                        extended.append(child)
-            extended.sort(key=lambda beam: _score(beam, params.length_penalty), reverse=True)
-            live[index] = []
-            for beam in extended[: params.beam_width]:
-                # A beam the model has no room to extend ends here.
-                (done[index] if len(beam.tokens) >= max_model_len else live[index]).append(beam)
+                    cum_logprob = beam.cum_logprob + logprob.logprob
+                    score = cum_logprob / length**params.length_penalty
+                    candidates.append((score, cum_logprob, beam, token_id, top))
+            candidates.sort(key=lambda candidate: candidate[0], reverse=True)
+            live[index], num_kept = [], 0
+            for _, cum_logprob, beam, token_id, top in candidates:
+                is_eos = token_id in eos_token_ids and not params.ignore_eos
+                if not is_eos:
+                    if num_kept == params.beam_width:
+                        continue
+                    num_kept += 1
+                kept = [token_id] if not is_eos or params.include_stop_str_in_output else []
+                child = BeamSearchSequence([*beam.tokens, *kept], [*beam.logprobs, top], cum_logprob)
+                if is_eos:
+                    child.finish_reason, child.stop_reason = "stop", token_id
+                    done[index].append(child)
+                elif len(child.tokens) > max_prompt_len:
+                    child.finish_reason = "length"  # no room to extend it
+                    done[index].append(child)
+                else:
+                    live[index].append(child)
+            # Only the best finished beams can still be among the best beam_width.
+            done[index] = _best(done[index], params)
         progress()
     results = []
     for beams, finished in zip(live, done, strict=True):
-        candidates = finished + beams
-        for beam in candidates:
-            beam.finish_reason = beam.finish_reason or "length"
-        candidates.sort(key=lambda beam: _score(beam, params.length_penalty), reverse=True)
-        results.append(BeamSearchOutput(sequences=candidates[: params.beam_width]))
+        for beam in beams:
+            beam.finish_reason = "length"
+        results.append(BeamSearchOutput(sequences=_best(finished + beams, params)))
     return results
 
 
-def _extend(beam: BeamSearchSequence, token_id: int, top: dict[int, Logprob], logprob: float) -> BeamSearchSequence:
-    return BeamSearchSequence(
-        tokens=[*beam.tokens, token_id], logprobs=[*beam.logprobs, top], cum_logprob=beam.cum_logprob + logprob
-    )
+def _best(beams: list[BeamSearchSequence], params: BeamSearchParams) -> list[BeamSearchSequence]:
+    """The ``beam_width`` best of ``beams``, best first."""
+    return sorted(beams, key=lambda beam: _score(beam, params.length_penalty), reverse=True)[: params.beam_width]
 
 
 def _score(beam: BeamSearchSequence, length_penalty: float) -> float:

@@ -42,7 +42,7 @@ from neuron_llm.parallel.executor import WorkerFactory, make_executor
 from neuron_llm.sample.features import features_of
 from neuron_llm.sample.sampler import NoTokenLeftError
 from neuron_llm.sample.structured import GrammarError
-from neuron_llm.sampling_params import MAX_SEED, MIN_SEED, SamplingParams
+from neuron_llm.sampling_params import MAX_SEED, MIN_SEED, SamplingParams, is_integral
 from neuron_llm.worker import load_worker
 
 logger = logging.getLogger(__name__)
@@ -328,52 +328,92 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         params: BeamSearchParams,
         use_tqdm: bool | Callable[..., Any] = False,
+        concurrency_limit: int | None = None,
     ) -> list[BeamSearchOutput]:
         """The ``params.beam_width`` best continuations of each prompt by beam search
         (``neuron_llm.beam_search``), as vLLM's ``LLM.beam_search``: each output's sequences are
         best first, their tokens and text with the prompt's. ``use_tqdm``: a bar of the steps.
+        ``concurrency_limit``: the most prompts searched at once; by default as many as the KV
+        pool holds every beam of, so that the prefix cache keeps the tokens beams share.
 
-        Every prompt is checked before any runs: a bad one raises ``ValueError`` naming its index.
+        A beam ends with "length" where the engine could not take it as a prompt (``max_model_len``,
+        the KV pool, ``max_num_batched_tokens`` without chunked prefill). Every prompt is checked
+        before any runs: a bad one raises ``ValueError`` naming its index.
         """
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be BeamSearchParams, not {type(params).__name__}")
+        if concurrency_limit is not None and (not is_integral(concurrency_limit) or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit={concurrency_limit!r}: must be an integer >= 1 or None")
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        max_model_len = self.config.max_model_len
+        max_prompt_len, limit = self._longest_prompt_of_one_token()
         prompt_ids = []
         for index, prompt in enumerate(prompts):
             try:
                 _, ids = self.engine.tokenize_prompt(prompt_input(prompt))
-                if len(ids) >= max_model_len:
-                    raise ValueError(
-                        f"{len(ids)} prompt tokens leave no room for output in max_model_len={max_model_len}"
-                    )
+                if len(ids) > max_prompt_len:
+                    raise ValueError(f"a prompt of {len(ids)} tokens leaves no room for output within {limit}")
             except ValueError as e:
                 raise ValueError(f"prompt {index}: {e}") from e
             prompt_ids.append(ids)
+        groups = self._beam_search_groups(prompt_ids, params, max_prompt_len, concurrency_limit)
         progress = None
         if use_tqdm:
             from tqdm import tqdm
 
-            progress = (use_tqdm if callable(use_tqdm) else tqdm)(
-                total=params.max_tokens, desc="beam search", unit="step"
-            )
+            make_bar = use_tqdm if callable(use_tqdm) else tqdm
+            progress = make_bar(total=params.max_tokens * len(groups), desc="beam search", unit="step")
+        outputs: list[BeamSearchOutput] = []
         try:
-            outputs = beam_search(
-                self.generate,
-                prompt_ids,
-                params,
-                self.engine.eos_token_ids,
-                max_model_len,
-                progress=(lambda: None) if progress is None else (lambda: progress.update(1)),
-            )
+            for number, group in enumerate(groups, 1):
+                outputs += beam_search(
+                    self.generate,
+                    group,
+                    params,
+                    self.engine.eos_token_ids,
+                    max_prompt_len,
+                    progress=(lambda: None) if progress is None else (lambda: progress.update(1)),
+                )
+                if progress is not None:  # a group whose beams all ended early
+                    progress.update(params.max_tokens * number - progress.n)
         finally:
             if progress is not None:
                 progress.close()
         if self.tokenizer is not None:
             for output in outputs:
                 for sequence in output.sequences:
-                    sequence.text = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
+                    # As vLLM decodes them: special tokens (a BOS, a kept EOS) included.
+                    sequence.text = self.tokenizer.decode(sequence.tokens)
         return outputs
+
+    def _longest_prompt_of_one_token(self) -> tuple[int, str]:
+        """The longest prompt the engine takes with ``max_tokens=1``, and the limit that sets it."""
+        scheduler = self.engine.scheduler
+        longest, limit = scheduler.max_seq_len - 1, f"max_model_len={self.config.max_model_len}"
+        if scheduler.max_seq_len < self.config.max_model_len:
+            limit = f"the KV pool, which holds {scheduler.max_seq_len} tokens of one sequence"
+        budget = scheduler.config.max_num_batched_tokens
+        if not scheduler.config.enable_chunked_prefill and budget < longest:
+            longest, limit = budget, f"max_num_batched_tokens={budget} (chunked prefill is off)"
+        return longest, limit
+
+    def _beam_search_groups(
+        self, prompt_ids: list[list[int]], params: BeamSearchParams, max_prompt_len: int, limit: int | None
+    ) -> list[list[list[int]]]:
+        """``prompt_ids`` in runs of at most ``limit`` prompts, by default as many as the KV pool
+        holds every beam of at its longest (each beam's blocks counted apart), at least one."""
+        manager = self.engine.scheduler.block_manager
+        groups: list[list[list[int]]] = []
+        used = 0
+        for ids in prompt_ids:
+            need = params.beam_width * manager.num_blocks_for(min(len(ids) + params.max_tokens, max_prompt_len + 1))
+            if not groups or (
+                len(groups[-1]) == limit if limit is not None else used + need > manager.num_usable_blocks
+            ):
+                groups.append([])
+                used = 0
+            groups[-1].append(ids)
+            used += need
+        return groups
 
     def chat(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,25 +108,69 @@ def test_beams_end_at_eos_and_rank_by_their_length_penalized_score(
     assert any(s.finish_reason == "stop" for s in output.sequences), "the test should see an EOS end a beam"
 
 
-def test_a_beam_ends_at_the_length_limit(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("options", "longest"),
+    [
+        ({"max_model_len": 8}, 8),
+        # 3 usable blocks of 4 hold 12 tokens of K/V: a beam of 12 tokens is the longest prompt.
+        ({"num_kv_blocks": 4}, 13),
+        ({"enable_chunked_prefill": False, "max_num_batched_tokens": 9}, 10),
+    ],
+)
+def test_a_beam_ends_at_the_longest_prompt_the_engine_takes(
+    tmp_path: Path, options: dict[str, object], longest: int
+) -> None:
     _, path = save_model(tmp_path / "model")
-    llm = make_llm(path, max_model_len=8)
+    llm = make_llm(path, **options)
     [output] = llm.beam_search({"prompt_token_ids": PROMPTS[0]}, BeamSearchParams(beam_width=2, max_tokens=10))
-    assert [len(s.tokens) for s in output.sequences] == [8, 8]
+    assert [len(s.tokens) for s in output.sequences] == [longest, longest]
     assert {s.finish_reason for s in output.sequences} == {"length"}
+    assert all_blocks_free(llm)
 
 
-def test_text_decodes_the_prompt_and_the_beam(tmp_path: Path) -> None:
-    from tests.tokenizer_kinds import byte_level_bpe
+def test_prompts_searched_in_groups_find_the_same_beams(tmp_path: Path) -> None:
+    """Groups bounded by concurrency_limit, or by a pool too small for every prompt's beams at once."""
+    _, path = save_model(tmp_path / "model")
+    prompts = [{"prompt_token_ids": p} for p in [*PROMPTS, [2, 2, 2], [7, 1, 0, 4]]]
+    params = BeamSearchParams(beam_width=3, max_tokens=5)
+    together = make_llm(path).beam_search(prompts, params)
+    small = make_llm(path, num_kv_blocks=12)
+    assert len(small._beam_search_groups([p["prompt_token_ids"] for p in prompts], params, 255, None)) > 1
+    for outputs in (
+        make_llm(path).beam_search(prompts, params, concurrency_limit=np.int64(1)),
+        small.beam_search(prompts, params),
+    ):
+        for output, expected in zip(outputs, together, strict=True):
+            assert [s.tokens for s in output.sequences] == [s.tokens for s in expected.sequences]
+            for sequence, other in zip(output.sequences, expected.sequences, strict=True):
+                assert sequence.cum_logprob == pytest.approx(other.cum_logprob, abs=1e-4)
+    assert all_blocks_free(small)
 
-    tokenizer = byte_level_bpe()
-    _, path = save_model(tmp_path / "model", vocab_size=len(tokenizer))
-    tokenizer.save_pretrained(path)
+
+def test_the_progress_bar_counts_every_step(tmp_path: Path) -> None:
+    """Steps a group's beams did not take (all ended at EOS) count too, so the bar ends full."""
+    _, path = save_model(tmp_path / "model", eos_token_id=EOS)
     llm = make_llm(path)
-    [output] = llm.beam_search("hello there", BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True))
-    for sequence in output.sequences:
-        assert sequence.text == tokenizer.decode(sequence.tokens, skip_special_tokens=True)
-        assert sequence.tokens[: len(tokenizer.encode("hello there"))] == tokenizer.encode("hello there")
+
+    class Bar:
+        def __init__(self, total: int, **kwargs: object) -> None:
+            self.total, self.n, self.closed = total, 0, False
+
+        def update(self, n: int) -> None:
+            self.n += n
+
+        def close(self) -> None:
+            self.closed = True
+
+    bars: list[Bar] = []
+    params = BeamSearchParams(beam_width=2, max_tokens=40)
+    llm.beam_search(
+        [{"prompt_token_ids": p} for p in PROMPTS],
+        params,
+        use_tqdm=lambda **kwargs: bars.append(Bar(**kwargs)) or bars[-1],
+        concurrency_limit=1,
+    )
+    assert (bars[0].total, bars[0].n, bars[0].closed) == (80, 80, True)
 
 
 @pytest.mark.parametrize(
@@ -137,11 +182,13 @@ def test_text_decodes_the_prompt_and_the_beam(tmp_path: Path) -> None:
         ({"beam_width": 2, "max_tokens": 4, "temperature": 0.7}, "raw log-probabilities"),
         ({"beam_width": 2, "max_tokens": 4, "length_penalty": float("nan")}, "finite"),
         ({"beam_width": 2, "max_tokens": 4, "ignore_eos": 1}, "True or False"),
+        ({"beam_width": True, "max_tokens": 4}, "beam_width=True"),
     ],
 )
 def test_bad_params_are_refused_by_name(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BeamSearchParams(**fields)
+    assert BeamSearchParams(beam_width=np.int64(2), max_tokens=np.int32(3)).beam_width == 2
 
 
 def test_a_bad_prompt_is_named_before_any_runs(tmp_path: Path) -> None:
@@ -150,8 +197,12 @@ def test_a_bad_prompt_is_named_before_any_runs(tmp_path: Path) -> None:
     params = BeamSearchParams(beam_width=2, max_tokens=2)
     with pytest.raises(ValueError, match=r"prompt 1: .*not in the vocabulary"):
         llm.beam_search([{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [1, VOCAB]}], params)
-    with pytest.raises(ValueError, match=r"prompt 0: 8 prompt tokens leave no room"):
+    with pytest.raises(
+        ValueError, match=r"prompt 0: a prompt of 8 tokens leaves no room for output within max_model_len=8"
+    ):
         llm.beam_search({"prompt_token_ids": list(range(8))}, params)
     with pytest.raises(ValueError, match="BeamSearchParams"):
         llm.beam_search({"prompt_token_ids": [1, 2]}, {"beam_width": 2})
+    with pytest.raises(ValueError, match="concurrency_limit=0"):
+        llm.beam_search({"prompt_token_ids": [1, 2]}, params, concurrency_limit=0)
     assert all_blocks_free(llm)
