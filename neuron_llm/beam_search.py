@@ -85,7 +85,7 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence]
 
 
-def beam_search(
+def run_beam_search(
     generate: Callable[[list[Prompt], SamplingParams], list[RequestOutput]],
     prompt_ids: Sequence[list[int]],
     params: BeamSearchParams,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from neuron_llm.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
+from neuron_llm.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
 from neuron_llm.compile.artifact import Artifact, cache_files, graph_cache, is_artifact
 from neuron_llm.config import (
     CacheConfig,
@@ -365,7 +365,7 @@ class LLM:
         outputs: list[BeamSearchOutput] = []
         try:
             for number, group in enumerate(groups, 1):
-                outputs += beam_search(
+                outputs += run_beam_search(
                     self.generate,
                     group,
                     params,
