@@ -178,7 +178,9 @@ def test_a_full_waiting_queue_refuses_at_once(model_dir: Path) -> None:
         await first
         await last(engine.generate("Hello", GREEDY))  # room again
 
-    run_with(make_llm(model_dir), scenario, max_waiting_requests=1)
+    # Steps of 0.2 s: on a busy machine the engine thread could otherwise give the first its
+    # first token before the second arrives, and it would no longer be waiting.
+    run_with(make_slow_llm(model_dir, step_s=0.2), scenario, max_waiting_requests=1)
 
 
 def test_a_running_request_asking_for_its_final_output_is_not_waiting(model_dir: Path) -> None:
