@@ -345,7 +345,7 @@ class LLM:
         if concurrency_limit is not None and (not is_integral(concurrency_limit) or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit={concurrency_limit!r}: must be an integer >= 1 or None")
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        max_prompt_len, limit = self._longest_prompt_of_one_token()
+        max_prompt_len, limit = self.engine.scheduler.longest_prompt_of_one_token()
         prompt_ids = []
         for index, prompt in enumerate(prompts):
             try:
@@ -356,12 +356,7 @@ class LLM:
                 raise ValueError(f"prompt {index}: {e}") from e
             prompt_ids.append(ids)
         groups = self._beam_search_groups(prompt_ids, params, max_prompt_len, concurrency_limit)
-        progress = None
-        if use_tqdm:
-            from tqdm import tqdm
-
-            make_bar = use_tqdm if callable(use_tqdm) else tqdm
-            progress = make_bar(total=params.max_tokens * len(groups), desc="beam search", unit="step")
+        progress = _progress_bar(use_tqdm, total=params.max_tokens * len(groups), desc="beam search", unit="step")
         outputs: list[BeamSearchOutput] = []
         try:
             for number, group in enumerate(groups, 1):
@@ -384,17 +379,6 @@ class LLM:
                     # As vLLM decodes them: special tokens (a BOS, a kept EOS) included.
                     sequence.text = self.tokenizer.decode(sequence.tokens)
         return outputs
-
-    def _longest_prompt_of_one_token(self) -> tuple[int, str]:
-        """The longest prompt the engine takes with ``max_tokens=1``, and the limit that sets it."""
-        scheduler = self.engine.scheduler
-        longest, limit = scheduler.max_seq_len - 1, f"max_model_len={self.config.max_model_len}"
-        if scheduler.max_seq_len < self.config.max_model_len:
-            limit = f"the KV pool, which holds {scheduler.max_seq_len} tokens of one sequence"
-        budget = scheduler.config.max_num_batched_tokens
-        if not scheduler.config.enable_chunked_prefill and budget < longest:
-            longest, limit = budget, f"max_num_batched_tokens={budget} (chunked prefill is off)"
-        return longest, limit
 
     def _beam_search_groups(
         self, prompt_ids: list[list[int]], params: BeamSearchParams, max_prompt_len: int, limit: int | None
@@ -550,12 +534,7 @@ class LLM:
     def _run(self, request_ids: Sequence[str], use_tqdm: bool | Callable[..., Any]) -> dict[str, RequestOutput]:
         """Step until every one of ``request_ids`` has finished; their final outputs by id."""
         finals: dict[str, RequestOutput] = {}
-        progress = None
-        if use_tqdm:
-            from tqdm import tqdm
-
-            make_bar = use_tqdm if callable(use_tqdm) else tqdm
-            progress = make_bar(total=len(request_ids), desc="requests", unit="req")
+        progress = _progress_bar(use_tqdm, total=len(request_ids), desc="requests", unit="req")
         pending = list(request_ids)
         while True:
             # generate asks for final outputs only: a request's one output is its last.
@@ -596,6 +575,15 @@ class LLM:
         if len(params) != num_prompts:
             raise ValueError(f"got {len(params)} SamplingParams for {num_prompts} prompts")
         return params
+
+
+def _progress_bar(use_tqdm: bool | Callable[..., Any], **options: Any) -> Any:
+    """A tqdm bar, or one the caller's ``use_tqdm`` makes as tqdm would (vLLM's); None when it is False."""
+    if not use_tqdm:
+        return None
+    from tqdm import tqdm
+
+    return (use_tqdm if callable(use_tqdm) else tqdm)(**options)
 
 
 def _final_only(params: SamplingParams) -> SamplingParams:

@@ -285,6 +285,17 @@ class Scheduler:
             prefix_cache_hit_rate=self.block_manager.prefix_hit_rate,
         )
 
+    def longest_prompt_of_one_token(self) -> tuple[int, str]:
+        """The longest prompt ``_check_new`` admits with ``max_tokens=1`` but for the one past
+        ``max_model_len`` (its token would lie past it), and the limit that sets it, for messages."""
+        longest, limit = self.max_seq_len - 1, f"max_model_len={self.max_model_len}"
+        if self.max_seq_len < self.max_model_len:
+            limit = f"the KV pool, which holds {self.max_seq_len} tokens of one sequence"
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and budget < longest:
+            longest, limit = budget, f"max_num_batched_tokens={budget} (chunked prefill is off)"
+        return longest, limit
+
     def _check_new(self, request: Request) -> None:
         request_id, num_prompt_tokens = request.request_id, request.num_prompt_tokens
         if request_id in self._requests:

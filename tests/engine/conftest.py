@@ -121,3 +121,16 @@ class OracleProposer:
                         proposal[i] = (proposal[i] + 1) % self.vocab_size
                 return proposal
         return []
+
+
+class FakeBar:
+    """The parts of tqdm's interface a progress bar is used by, counting what it is told."""
+
+    def __init__(self, total: int, **_: object) -> None:
+        self.total, self.n, self.closed = total, 0, False
+
+    def update(self, count: int) -> None:
+        self.n += count
+
+    def close(self) -> None:
+        self.closed = True

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from neuron_llm.beam_search import BeamSearchParams
-from tests.engine.conftest import all_blocks_free, make_llm
+from tests.engine.conftest import FakeBar, all_blocks_free, make_llm
 
 VOCAB = 8
 EOS = 3
@@ -152,22 +152,12 @@ def test_the_progress_bar_counts_every_step(tmp_path: Path) -> None:
     _, path = save_model(tmp_path / "model", eos_token_id=EOS)
     llm = make_llm(path)
 
-    class Bar:
-        def __init__(self, total: int, **kwargs: object) -> None:
-            self.total, self.n, self.closed = total, 0, False
-
-        def update(self, n: int) -> None:
-            self.n += n
-
-        def close(self) -> None:
-            self.closed = True
-
-    bars: list[Bar] = []
+    bars: list[FakeBar] = []
     params = BeamSearchParams(beam_width=2, max_tokens=40)
     llm.beam_search(
         [{"prompt_token_ids": p} for p in PROMPTS],
         params,
-        use_tqdm=lambda **kwargs: bars.append(Bar(**kwargs)) or bars[-1],
+        use_tqdm=lambda **kwargs: bars.append(FakeBar(**kwargs)) or bars[-1],
         concurrency_limit=1,
     )
     assert (bars[0].total, bars[0].n, bars[0].closed) == (80, 80, True)

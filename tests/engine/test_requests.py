@@ -12,7 +12,7 @@ import torch
 from neuron_llm.engine import llm_engine
 from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams
 from neuron_llm.worker import StepInput
-from tests.engine.conftest import VOCAB_SIZE, all_blocks_free, make_llm, random_prompts, run_all, same_logprobs
+from tests.engine.conftest import VOCAB_SIZE, FakeBar, all_blocks_free, make_llm, random_prompts, run_all, same_logprobs
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
 
@@ -645,19 +645,9 @@ def test_delta_outputs_join_into_the_cumulative_result(tiny_model_dir) -> None:
 
 
 def test_use_tqdm_counts_finished_requests_with_tqdm_or_the_callers_bar(tiny_model_dir) -> None:
-    class Bar:  # the parts of tqdm's interface a bar is used by
-        def __init__(self, total: int, **_: object) -> None:
-            self.total, self.n, self.closed = total, 0, False
-
-        def update(self, count: int) -> None:
-            self.n += count
-
-        def close(self) -> None:
-            self.closed = True
-
     llm = make_llm(tiny_model_dir)
     prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=21)]
-    bars: list[Bar] = []
-    llm.generate(prompts, GREEDY, use_tqdm=lambda **options: bars.append(Bar(**options)) or bars[-1])
+    bars: list[FakeBar] = []
+    llm.generate(prompts, GREEDY, use_tqdm=lambda **options: bars.append(FakeBar(**options)) or bars[-1])
     assert [(bar.total, bar.n, bar.closed) for bar in bars] == [(3, 3, True)]
     assert len(llm.generate(prompts, GREEDY, use_tqdm=True)) == 3
