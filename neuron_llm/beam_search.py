@@ -1,4 +1,5 @@
-"""Beam search on top of ``LLM.generate``: vLLM's ``LLM.beam_search`` and its types.
+"""Beam search on top of the engine's generation: vLLM's ``LLM.beam_search`` and its types, and
+``BeamSearch``, which ``LLM.beam_search`` and ``AsyncLLM.beam_search`` (the server's) drive.
 
 Each step asks the engine for one token of every live beam, with the ``2 * beam_width`` most
 likely next tokens and their log-probabilities under the model's raw distribution. Each beam is
@@ -85,44 +86,60 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence]
 
 
-def run_beam_search(
-    generate: Callable[[list[Prompt], SamplingParams], list[RequestOutput]],
-    prompt_ids: Sequence[list[int]],
-    params: BeamSearchParams,
-    eos_token_ids: Collection[int],
-    max_prompt_len: int,
-    progress: Callable[[], None] = lambda: None,
-) -> list[BeamSearchOutput]:
-    """Beam search from each of ``prompt_ids`` by ``generate``, in one batch a step.
+class BeamSearch:
+    """The beam search of a batch of prompts, a step at a time, for any engine driver: run
+    ``beams()``'s tokens through the engine with ``step_params`` and pass the outputs, in
+    order, to ``extend``, until ``beams()`` is empty; then read ``results()``.
 
     A beam longer than ``max_prompt_len`` (the longest prompt the engine takes; the prompts are
-    checked against it) ends with "length". ``progress`` is called after each step. Texts are
-    left None.
+    checked against it) ends with "length". Texts are left None.
     """
-    step_params = SamplingParams(
-        max_tokens=1, temperature=0.0, logprobs=2 * params.beam_width, ignore_eos=True, detokenize=False
-    )
-    live = [[BeamSearchSequence(tokens=list(ids))] for ids in prompt_ids]
-    done: list[list[BeamSearchSequence]] = [[] for _ in prompt_ids]
-    for _ in range(params.max_tokens):
-        beams = [beam for beams in live for beam in beams]
-        if not beams:
-            break
-        outputs = iter(generate([{"prompt_token_ids": beam.tokens} for beam in beams], step_params))
-        for index, beams in enumerate(live):
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[list[int]],
+        params: BeamSearchParams,
+        eos_token_ids: Collection[int],
+        max_prompt_len: int,
+    ) -> None:
+        self.params = params
+        self.step_params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=2 * params.beam_width,
+            ignore_eos=True,
+            detokenize=False,
+            output_kind="final_only",
+        )
+        self._eos_token_ids = eos_token_ids
+        self._max_prompt_len = max_prompt_len
+        self._live = [[BeamSearchSequence(tokens=list(ids))] for ids in prompt_ids]
+        self._done: list[list[BeamSearchSequence]] = [[] for _ in prompt_ids]
+        self._num_steps = 0
+
+    def beams(self) -> list[BeamSearchSequence]:
+        """The beams the next step extends, each prompt's in turn; none once the search is over."""
+        if self._num_steps == self.params.max_tokens:
+            return []
+        return [beam for beams in self._live for beam in beams]
+
+    def extend(self, outputs: Sequence[RequestOutput]) -> None:
+        """Take one step's outputs, one per beam of ``beams()``."""
+        params, outputs_of_beams = self.params, iter(outputs)
+        for index, beams in enumerate(self._live):
             # Candidates are ranked before any is built: a beam's lists are copied only if it is kept.
             candidates = []
             for beam in beams:
-                top = next(outputs).outputs[0].logprobs[0]
+                top = next(outputs_of_beams).outputs[0].logprobs[0]
                 length = len(beam.logprobs) + 1
                 for token_id, logprob in top.items():
                     cum_logprob = beam.cum_logprob + logprob.logprob
                     score = cum_logprob / length**params.length_penalty
                     candidates.append((score, cum_logprob, beam, token_id, top))
             candidates.sort(key=lambda candidate: candidate[0], reverse=True)
-            live[index], num_kept = [], 0
+            self._live[index], num_kept = [], 0
             for _, cum_logprob, beam, token_id, top in candidates:
-                is_eos = token_id in eos_token_ids and not params.ignore_eos
+                is_eos = token_id in self._eos_token_ids and not params.ignore_eos
                 if not is_eos:
                     if num_kept == params.beam_width:
                         continue
@@ -131,21 +148,40 @@ def run_beam_search(
                 child = BeamSearchSequence([*beam.tokens, *kept], [*beam.logprobs, top], cum_logprob)
                 if is_eos:
                     child.finish_reason, child.stop_reason = "stop", token_id
-                    done[index].append(child)
-                elif len(child.tokens) > max_prompt_len:
+                    self._done[index].append(child)
+                elif len(child.tokens) > self._max_prompt_len:
                     child.finish_reason = "length"  # no room to extend it
-                    done[index].append(child)
+                    self._done[index].append(child)
                 else:
-                    live[index].append(child)
+                    self._live[index].append(child)
             # Only the best finished beams can still be among the best beam_width.
-            done[index] = _best(done[index], params)
+            self._done[index] = _best(self._done[index], params)
+        self._num_steps += 1
+
+    def results(self) -> list[BeamSearchOutput]:
+        """Each prompt's best beams; those still live end with "length"."""
+        results = []
+        for beams, finished in zip(self._live, self._done, strict=True):
+            for beam in beams:
+                beam.finish_reason = "length"
+            results.append(BeamSearchOutput(sequences=_best(finished + beams, self.params)))
+        return results
+
+
+def run_beam_search(
+    generate: Callable[[list[Prompt], SamplingParams], list[RequestOutput]],
+    prompt_ids: Sequence[list[int]],
+    params: BeamSearchParams,
+    eos_token_ids: Collection[int],
+    max_prompt_len: int,
+    progress: Callable[[], None] = lambda: None,
+) -> list[BeamSearchOutput]:
+    """``BeamSearch`` driven by ``generate``, one batch a step; ``progress`` is called after each step."""
+    search = BeamSearch(prompt_ids, params, eos_token_ids, max_prompt_len)
+    while beams := search.beams():
+        search.extend(generate([{"prompt_token_ids": beam.tokens} for beam in beams], search.step_params))
         progress()
-    results = []
-    for beams, finished in zip(live, done, strict=True):
-        for beam in beams:
-            beam.finish_reason = "length"
-        results.append(BeamSearchOutput(sequences=_best(finished + beams, params)))
-    return results
+    return search.results()
 
 
 def _best(beams: list[BeamSearchSequence], params: BeamSearchParams) -> list[BeamSearchSequence]:

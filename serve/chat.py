@@ -12,8 +12,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from neuron_llm.outputs import Logprob, RequestOutput
+from neuron_llm.serve.beam_search import beam_search_params, beam_searched
 from neuron_llm.serve.errors import ClientError, ServeError
-from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
+from neuron_llm.serve.generation import EventStreamResponse, Generation, sampled, unless_disconnected
 from neuron_llm.serve.logprobs import chat_logprobs, prompt_logprobs
 from neuron_llm.serve.prompts import Prompt, chat_prompt, checked_structure, output_budget, sampling_params, truncated
 from neuron_llm.serve.protocol import (
@@ -37,7 +38,40 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
     """Answer a chat completion request: JSON, or server-sent events when ``stream`` is set."""
     model = state.ready_model()
     model.check_name(body.model)
-    tools = ToolCalling.of(body)
+    max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
+    if body.max_completion_tokens is not None:
+        max_tokens, max_tokens_param = body.max_completion_tokens, "max_completion_tokens"
+    (prompt,) = truncated(model, [await chat_prompt(model, body)], body.truncate_prompt_tokens)
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    tools = None
+    if body.use_beam_search:
+        budget = output_budget(model, [prompt], max_tokens, "messages", max_tokens_param)
+        params = beam_search_params(body, budget, max_tokens_param)
+        outputs = beam_searched(
+            model.engine, [prompt], [params], response_id, model.tokenizer, body.skip_special_tokens
+        )
+        generation = Generation(outputs, state.metrics, "messages")
+    else:
+        tools = ToolCalling.of(body)
+        generation = await _sampled(state, model, body, prompt, tools, max_tokens, max_tokens_param, response_id)
+    writer = _ChatWriter(model, body, prompt, response_id, tools)
+    await unless_disconnected(request, generation.start())
+    if body.stream:
+        return EventStreamResponse(writer.events(generation, state), generation)
+    (final,) = await unless_disconnected(request, generation.final_outputs(1))
+    return JSONResponse(writer.response(final).model_dump())
+
+
+async def _sampled(
+    state: ServerState,
+    model: ServedModel,
+    body: ChatCompletionRequest,
+    prompt: Prompt,
+    tools: ToolCalling | None,
+    max_tokens: int | None,
+    max_tokens_param: str,
+    response_id: str,
+) -> Generation:
     if tools is not None and tools.kind == "auto" and state.settings.tool_call_parser is None:
         raise ClientError(
             'tool_choice "auto" (the default with tools) needs the server started with --tool-call-parser '
@@ -47,10 +81,6 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
     structure = body.structured
     if tools is not None and tools.kind != "auto":
         structure = (tools.structure(), "tools")
-    (prompt,) = truncated(model, [await chat_prompt(model, body)], body.truncate_prompt_tokens)
-    max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
-    if body.max_completion_tokens is not None:
-        max_tokens, max_tokens_param = body.max_completion_tokens, "max_completion_tokens"
     num_top = body.top_logprobs or 0
     params = sampling_params(
         model,
@@ -79,22 +109,8 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty,
     )
-    response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation(
-        model.engine,
-        [prompt],
-        params,
-        response_id,
-        state.metrics,
-        "messages",
-        None if structure is None else structure[1],
-    )
-    writer = _ChatWriter(model, body, prompt, response_id, tools)
-    await unless_disconnected(request, generation.start())
-    if body.stream:
-        return EventStreamResponse(writer.events(generation, state), generation)
-    (final,) = await unless_disconnected(request, generation.final_outputs(1))
-    return JSONResponse(writer.response(final).model_dump())
+    outputs = sampled(model.engine, [prompt], params, response_id)
+    return Generation(outputs, state.metrics, "messages", None if structure is None else structure[1])
 
 
 class _ChatWriter:

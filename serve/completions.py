@@ -12,8 +12,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from neuron_llm.outputs import PromptLogprobs, RequestOutput
+from neuron_llm.serve.beam_search import beam_search_params, beam_searched
 from neuron_llm.serve.errors import ServeError
-from neuron_llm.serve.generation import EventStreamResponse, Generation, unless_disconnected
+from neuron_llm.serve.generation import EventStreamResponse, Generation, sampled, unless_disconnected
 from neuron_llm.serve.logprobs import TextOffsets, completion_logprobs, prompt_logprobs, prompt_text_offsets
 from neuron_llm.serve.prompts import (
     Prompt,
@@ -39,6 +40,22 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
     model = state.ready_model()
     model.check_name(body.model)
     prompts = truncated(model, await completion_prompts(model, body.prompt), body.truncate_prompt_tokens)
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    if body.use_beam_search:
+        generation = _beam_search(state, model, body, prompts, response_id)
+    else:
+        generation = await _sampled(state, model, body, prompts, response_id)
+    writer = _CompletionWriter(model, body, prompts, response_id)
+    await unless_disconnected(request, generation.start())
+    if body.stream:
+        return EventStreamResponse(writer.events(generation, state), generation)
+    finals = await unless_disconnected(request, generation.final_outputs(len(prompts)))
+    return JSONResponse(writer.response(finals).model_dump())
+
+
+async def _sampled(
+    state: ServerState, model: ServedModel, body: CompletionRequest, prompts: list[Prompt], response_id: str
+) -> Generation:
     structure = body.structured
     params = sampling_params(
         model,
@@ -73,21 +90,21 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
         params if body.max_tokens is not None else replace(params, max_tokens=model.max_model_len - len(p.token_ids))
         for p in prompts
     ]
-    response_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = Generation(
-        model.engine,
-        prompts,
-        per_prompt,
-        response_id,
-        state.metrics,
-        structure_param=None if structure is None else structure[1],
-    )
-    writer = _CompletionWriter(model, body, prompts, response_id)
-    await unless_disconnected(request, generation.start())
-    if body.stream:
-        return EventStreamResponse(writer.events(generation, state), generation)
-    finals = await unless_disconnected(request, generation.final_outputs(len(prompts)))
-    return JSONResponse(writer.response(finals).model_dump())
+    outputs = sampled(model.engine, prompts, per_prompt, response_id)
+    return Generation(outputs, state.metrics, structure_param=None if structure is None else structure[1])
+
+
+def _beam_search(
+    state: ServerState, model: ServedModel, body: CompletionRequest, prompts: list[Prompt], response_id: str
+) -> Generation:
+    output_budget(model, prompts, body.max_tokens, "prompt")
+    # Left unset, each prompt may run to the end of the context, as sampled ones do.
+    params = [
+        beam_search_params(body, model.max_model_len - len(p.token_ids) if body.max_tokens is None else body.max_tokens)
+        for p in prompts
+    ]
+    outputs = beam_searched(model.engine, prompts, params, response_id, model.tokenizer, body.skip_special_tokens)
+    return Generation(outputs, state.metrics)
 
 
 class _CompletionWriter:

@@ -36,34 +36,25 @@ IndexedOutput = tuple[int, RequestOutput]
 
 
 class Generation:
-    """The engine requests of one HTTP request, whose ``outputs`` are ``(prompt index, output)`` pairs.
+    """The engine requests of one HTTP request, whose ``outputs`` are ``(prompt index, output)``
+    pairs: ``sampled``'s, or whole beam searches' (``neuron_llm.serve.beam_search``).
 
-    ``params`` are every prompt's, or one per prompt. Call ``start`` first. Each output holds
-    what one engine step added (``output_kind="delta"``: the first one marks the request as no
-    longer waiting, which a final-only output would do only at its end);
-    ``final_outputs`` joins them. The last one of each prompt has ``finished``. Engine errors are raised as
-    ``ServeError``, naming ``prompt_param`` (the request field holding the prompts) if the
-    engine refuses a prompt, and ``structure_param`` (the field that asked for a structured
-    output) if its grammar gives out partway. The outcome (success, or aborted when the iteration stops early)
-    is counted in ``metrics``.
+    Call ``start`` first. ``final_outputs`` joins each prompt's outputs; the last one of each
+    prompt has ``finished``. Engine errors are raised as ``ServeError``, naming ``prompt_param``
+    (the request field holding the prompts) if the engine refuses a prompt, and
+    ``structure_param`` (the field that asked for a structured output) if its grammar gives
+    out partway. The outcome (success, or aborted when the iteration stops early) is counted
+    in ``metrics``.
     """
 
     def __init__(
         self,
-        engine: AsyncLLM,
-        prompts: Sequence[Prompt],
-        params: SamplingParams | Sequence[SamplingParams],
-        request_id: str,
+        outputs: AsyncGenerator[IndexedOutput, None],
         metrics: ServerMetrics,
         prompt_param: str = "prompt",
         structure_param: str | None = None,
     ) -> None:
-        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else params
-        streams = [
-            engine.generate(p.token_ids, replace(prompt_params, output_kind="delta"), f"{request_id}-{i}")
-            for i, (p, prompt_params) in enumerate(zip(prompts, per_prompt, strict=True))
-        ]
-        self._outputs = _merge(streams)
+        self._outputs = outputs
         self._first: IndexedOutput | None = None
         self._metrics = metrics
         self._prompt_param = prompt_param
@@ -133,6 +124,25 @@ class Generation:
             async for index, output in outputs:
                 deltas[index].append(output)
         return [join_deltas(deltas[index]) for index in range(num_prompts)]
+
+
+def sampled(
+    engine: AsyncLLM,
+    prompts: Sequence[Prompt],
+    params: SamplingParams | Sequence[SamplingParams],
+    request_id: str,
+) -> AsyncGenerator[IndexedOutput, None]:
+    """The outputs of each prompt sampled with its ``params`` (every prompt's, or one per prompt).
+
+    Each output holds what one engine step added (``output_kind="delta"``: the first one marks
+    the request as no longer waiting, which a final-only output would do only at its end).
+    """
+    per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else params
+    streams = [
+        engine.generate(p.token_ids, replace(prompt_params, output_kind="delta"), f"{request_id}-{i}")
+        for i, (p, prompt_params) in enumerate(zip(prompts, per_prompt, strict=True))
+    ]
+    return _merge(streams)
 
 
 async def _merge(streams: list[AsyncGenerator[RequestOutput, None]]) -> AsyncGenerator[IndexedOutput, None]:

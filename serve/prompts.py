@@ -246,10 +246,15 @@ def sampling_params(
     try:
         return SamplingParams(**fields)
     except ValueError as e:
-        error = error_from_value_error(e)
-        if error.param is not None:
-            error.param = renames.get(error.param, error.param)
-        # The message names fields as the request does ("max_completion_tokens=3", not "max_tokens=3").
-        for field, request_field in renames.items():
-            error.message = re.sub(rf"\b{field}=", f"{request_field}=", error.message)
-        raise error from e
+        raise renamed_error(e, renames) from e
+
+
+def renamed_error(error: ValueError, renames: dict[str, str]) -> ClientError:
+    """The ``ClientError`` of a parameters class's ``error``, naming fields as the request does
+    ("max_completion_tokens=3", not "max_tokens=3"): ``renames`` maps the class's to the request's."""
+    client_error = error_from_value_error(error)
+    if client_error.param is not None:
+        client_error.param = renames.get(client_error.param, client_error.param)
+    for field, request_field in renames.items():
+        client_error.message = re.sub(rf"\b{field}=", f"{request_field}=", client_error.message)
+    return client_error

@@ -9,7 +9,7 @@ are accepted only when null or set to what leaves them off, as clients that send
 Ranges follow OpenAI's API reference; the extra sampling fields (``top_k``, ``min_p``,
 ``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``allowed_token_ids``,
 ``bad_words``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``truncate_prompt_tokens``,
-``structured_outputs``) are vLLM's extensions under vLLM's names.
+``structured_outputs``, ``use_beam_search``, ``length_penalty``) are vLLM's extensions under vLLM's names.
 """
 
 from __future__ import annotations
@@ -202,6 +202,11 @@ class _SamplingRequest(_Request):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     """vLLM's; excludes a response_format other than text."""
+    use_beam_search: bool = False
+    """vLLM's: the n best replies by beam search of n beams, rather than n sampled ones; refuses
+    the options that shape sampling (``neuron_llm.serve.beam_search``)."""
+    length_penalty: float = 1.0
+    """vLLM's: with use_beam_search, beams rank by cumulative logprob / generated tokens ** length_penalty."""
 
     @property
     def structured(self) -> tuple[StructuredOutputsParams, str] | None:
@@ -217,6 +222,13 @@ class _SamplingRequest(_Request):
         response_format = info.data.get("response_format")
         if value is not None and response_format is not None and response_format.type != "text":
             raise ValueError("structured_outputs and a response_format other than text exclude each other")
+        return value
+
+    @field_validator("length_penalty")
+    @classmethod
+    def _ranks_beams(cls, value: float, info: ValidationInfo) -> float:
+        if value != 1.0 and not info.data.get("use_beam_search"):
+            raise ValueError("length_penalty ranks beams, so it needs use_beam_search to be true")
         return value
 
     @field_validator("truncate_prompt_tokens")

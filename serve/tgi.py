@@ -7,7 +7,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from neuron_llm.serve.generation import Generation, unless_disconnected
+from neuron_llm.serve.generation import Generation, sampled, unless_disconnected
 from neuron_llm.serve.prompts import checked_structure, completion_prompts, output_budget, sampling_params, truncated
 from neuron_llm.serve.protocol import TGIDetails, TGIGeneration, TGIRequest
 from neuron_llm.serve.state import ServerState
@@ -67,9 +67,8 @@ async def serve_tgi(state: ServerState, body: TGIRequest, request: Request) -> R
             model, None if p.grammar is None else (p.grammar.structured_outputs(), _GRAMMAR_PARAM)
         ),
     )
-    generation = Generation(
-        model.engine, prompts, params, f"tgi-{uuid.uuid4().hex}", state.metrics, "inputs", _GRAMMAR_PARAM
-    )
+    outputs = sampled(model.engine, prompts, params, f"tgi-{uuid.uuid4().hex}")
+    generation = Generation(outputs, state.metrics, "inputs", _GRAMMAR_PARAM)
     await unless_disconnected(request, generation.start())
     (final,) = await unless_disconnected(request, generation.final_outputs(1))
     completion = final.outputs[0]

@@ -25,9 +25,11 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
+from neuron_llm.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from neuron_llm.engine.llm_engine import LATENCIES, EngineStats, LLMEngine, latency_samples
 from neuron_llm.inputs import Prompt, prompt_input
 from neuron_llm.outputs import RequestOutput, join_deltas
@@ -36,6 +38,8 @@ from neuron_llm.sample.structured import GrammarError
 from neuron_llm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _DRAIN_POLL_S = 0.05
 """How often ``shutdown`` looks whether the requests in flight have ended."""
@@ -221,6 +225,38 @@ class AsyncLLM:
             with self._lock:
                 self._num_in_flight -= 1
 
+    async def beam_search(
+        self, prompt_token_ids: Sequence[int], params: BeamSearchParams, request_id: str | None = None
+    ) -> BeamSearchOutput:
+        """The ``params.beam_width`` best continuations of one prompt (``neuron_llm.beam_search``),
+        as vLLM's ``EngineClient.beam_search``. Each step runs every live beam as a request of
+        one token (``{request_id}-{step}-{beam}``), among whatever else the engine runs. Texts
+        are left None.
+
+        Raises ``ValueError`` for a prompt that leaves no room for output, else as ``generate``
+        does; a failed or cancelled step aborts the step's other requests.
+        """
+        request_id = uuid.uuid4().hex if request_id is None else request_id
+        max_prompt_len, limit = self.engine.scheduler.longest_prompt_of_one_token()
+        if len(prompt_token_ids) > max_prompt_len:
+            raise ValueError(f"a prompt of {len(prompt_token_ids)} tokens leaves no room for output within {limit}")
+        search = BeamSearch([list(prompt_token_ids)], params, self.engine.eos_token_ids, max_prompt_len)
+        step = 0
+        while beams := search.beams():
+            requests = (
+                self._last_output(beam.tokens, search.step_params, f"{request_id}-{step}-{i}")
+                for i, beam in enumerate(beams)
+            )
+            search.extend(await gather_or_cancel(*requests))
+            step += 1
+        (output,) = search.results()
+        return output
+
+    async def _last_output(self, prompt: Sequence[int], params: SamplingParams, request_id: str) -> RequestOutput:
+        async for output in self.generate(prompt, params, request_id):
+            pass
+        return output
+
     def abort(self, request_id: str | Iterable[str]) -> None:
         """Abort a request, or several (as vLLM's takes them), and free their blocks (their
         ``generate`` raises ``RequestAbortedError``); unknown or finished ids are ignored."""
@@ -390,6 +426,18 @@ class AsyncLLM:
         for name, samples in self._latencies.items():
             samples.extend(getattr(stats, name))
         self._stats = replace(stats, **{name: [] for name in LATENCIES})
+
+
+async def gather_or_cancel(*awaitables: Awaitable[T]) -> list[T]:
+    """``asyncio.gather``, but an error or a cancellation first cancels the awaitables still
+    running: each of them that is a request aborts it rather than running on unread."""
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _get_nowait(commands: queue.SimpleQueue[_Command]) -> _Command | None:

@@ -26,7 +26,7 @@ from neuron_llm.llm import LLM
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.errors import UnavailableError
-from neuron_llm.serve.generation import Generation
+from neuron_llm.serve.generation import Generation, sampled
 from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.prompts import Prompt
 from tests.serve.conftest import make_llm, make_slow_llm
@@ -226,7 +226,7 @@ def test_a_request_cut_short_by_shutdown_counts_as_aborted(model_dir: Path) -> N
     async def scenario() -> None:
         engine = AsyncLLM(make_slow_llm(model_dir, step_s=0.01).engine)
         with metrics.counting_request():
-            generation = Generation(engine, [Prompt([5, 6, 7], "")], LONG, "cut", metrics)
+            generation = Generation(sampled(engine, [Prompt([5, 6, 7], "")], LONG, "cut"), metrics)
             await generation.start()
             stopping = asyncio.ensure_future(engine.shutdown(drain_timeout=0))
             with pytest.raises(UnavailableError, match="shut down before this request finished"):

@@ -19,7 +19,7 @@ from neuron_llm.engine.async_llm import AsyncLLM
 from neuron_llm.llm import LLM
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.sampling_params import SamplingParams
-from neuron_llm.serve.generation import EventStreamResponse, Generation
+from neuron_llm.serve.generation import EventStreamResponse, Generation, sampled
 from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.prompts import Prompt
 from tests.serve.conftest import (
@@ -180,7 +180,7 @@ def test_a_stream_whose_client_left_ends_quietly_and_aborts_its_request(
         metrics = ServerMetrics()
         try:
             params = SamplingParams(**LONG)
-            generation = Generation(engine, [Prompt([1, 2, 3], "")], params, "cmpl-gone", metrics)
+            generation = Generation(sampled(engine, [Prompt([1, 2, 3], "")], params, "cmpl-gone"), metrics)
             await generation.start()
             events = (f"data: {output.outputs[0].text}\n\n" async for _, output in generation.outputs())
             response = EventStreamResponse(events, generation)

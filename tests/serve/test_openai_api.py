@@ -507,13 +507,11 @@ def engine_params(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     seen: list[Any] = []
     for module in (chat, completions, tgi):
 
-        def recording(
-            engine: Any, prompts: Any, params: Any, *args: Any, _make: Any = module.Generation, **kwargs: Any
-        ) -> Any:
+        def recording(engine: Any, prompts: Any, params: Any, *args: Any, _make: Any = module.sampled) -> Any:
             seen.append(params[0] if isinstance(params, list) else params)
-            return _make(engine, prompts, params, *args, **kwargs)
+            return _make(engine, prompts, params, *args)
 
-        monkeypatch.setattr(module, "Generation", recording)
+        monkeypatch.setattr(module, "sampled", recording)
     return seen
 
 
