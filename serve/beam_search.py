@@ -20,29 +20,30 @@ from neuron_llm.serve.generation import IndexedOutput
 from neuron_llm.serve.prompts import Prompt, renamed_error
 from neuron_llm.serve.protocol import ChatCompletionRequest, CompletionRequest
 
-REFUSED = frozenset(
-    (
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "min_tokens",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "stop",
-        "stop_token_ids",
-        "logit_bias",
-        "allowed_token_ids",
-        "bad_words",
-        "logprobs",
-        "top_logprobs",
-        "prompt_logprobs",
-        "tools",
-        "tool_choice",
-    )
+REFUSED = (
+    "top_p",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "stop",
+    "stop_token_ids",
+    "logit_bias",
+    "allowed_token_ids",
+    "bad_words",
+    "logprobs",
+    "top_logprobs",
+    "prompt_logprobs",
+    "tools",
+    "tool_choice",
 )
-"""Request fields that a beam search refuses unless left at their defaults."""
+"""Request fields that a beam search refuses unless they ask for nothing: their default, null,
+an empty list, or a value of ``OFF``. A ``seed`` is taken: the search is deterministic anyway."""
+
+OFF = {"top_k": (-1,), "tool_choice": ("none",)}
+"""Values besides the default that switch a field off (vLLM's ``top_k`` of -1)."""
 
 
 def beam_search_params(
@@ -53,17 +54,18 @@ def beam_search_params(
     Raises ``ClientError`` naming a field that beam search cannot honour.
     """
     fields = type(body).model_fields
-    for name in fields.keys() & REFUSED:
-        value = getattr(body, name)
-        if value != fields[name].default and value not in (None, [], {}):  # empty lists ask for nothing
+    for name in REFUSED:
+        value = getattr(body, name, None)
+        if value not in (fields[name].default if name in fields else None, None, [], {}, *OFF.get(name, ())):
             raise ClientError(f"{name} is not supported with use_beam_search", name)
     if body.structured is not None:
         _, param = body.structured
         raise ClientError(f"{param} is not supported with use_beam_search", param)
-    if "temperature" in body.model_fields_set and body.temperature != 0:
+    # 1 too: clients that send every field send OpenAI's default.
+    if body.temperature not in (0, 1):
         raise ClientError(
             f"temperature={body.temperature}: beam search ranks beams by the model's raw log-probabilities, "
-            "which a temperature does not change; leave it unset or 0",
+            "which a temperature does not change; leave it unset, 0 or 1",
             "temperature",
         )
     try:

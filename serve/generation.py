@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from neuron_llm.engine.async_llm import AsyncLLM, EngineClosedError
+from neuron_llm.engine.async_llm import AsyncLLM, CutShortError, EngineClosedError
 from neuron_llm.outputs import RequestOutput, join_deltas
 from neuron_llm.sampling_params import SamplingParams
 from neuron_llm.serve.errors import ClientDisconnected, ServerError, error_from_engine
@@ -73,7 +73,8 @@ class Generation:
             self._first = await anext(self._outputs)
         except Exception as e:
             await self._outputs.aclose()
-            self._count(None)
+            # Accepted, then cut short by a shutdown (a beam search yields only at its end).
+            self._count("aborted" if isinstance(e, CutShortError) else None)
             raise error_from_engine(e, self._prompt_param, self._structure_param) from e
         except BaseException:  # cancelled: the client left, or the server is stopping
             await self.aclose()

@@ -44,6 +44,8 @@ T = TypeVar("T")
 _DRAIN_POLL_S = 0.05
 """How often ``shutdown`` looks whether the requests in flight have ended."""
 
+_CUT_SHORT = "the server shut down before this request finished"
+
 _EXIT_JOIN_S = 30.0
 """How long interpreter exit waits for an engine thread nobody shut down to end its step."""
 
@@ -54,6 +56,10 @@ class QueueFullError(Exception):
 
 class EngineClosedError(Exception):
     """The engine is shutting down or stopped: new requests are refused, leftovers aborted (503)."""
+
+
+class CutShortError(EngineClosedError):
+    """Shutdown ended a request it had accepted."""
 
 
 class RequestAbortedError(Exception):
@@ -160,6 +166,8 @@ class AsyncLLM:
         # thread died, where nothing would ever answer it.
         self._lock = threading.Lock()
         self._is_accepting = True
+        self._is_stopped = False
+        """The stop command is queued: nothing may be queued after it, where nothing would answer."""
         self._is_dead = False
         self._num_waiting = 0
         self._num_in_flight = 0
@@ -188,7 +196,7 @@ class AsyncLLM:
         """Requests accepted by ``generate`` that have not ended yet."""
         return self._num_in_flight
 
-    async def generate(
+    def generate(
         self, prompt: Prompt | Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
         """Run one request; yield its output after each step that advanced it, whole or what
@@ -204,10 +212,15 @@ class AsyncLLM:
         ``RequestAbortedError`` if ``abort`` does. A consumer that
         stops early (``aclose``, cancellation) aborts the request, which frees its KV blocks.
         """
+        return self._outputs(prompt, params, request_id, is_step=False)
+
+    async def _outputs(
+        self, prompt: Prompt | Sequence[int], params: SamplingParams, request_id: str | None, is_step: bool
+    ) -> AsyncGenerator[RequestOutput, None]:
         request_id = uuid.uuid4().hex if request_id is None else request_id
         stream = _Stream(asyncio.get_running_loop(), is_delta=params.output_kind == "delta")
         prompt = prompt_input(prompt) if isinstance(prompt, (str, dict)) else list(prompt)
-        self._admit(_Add(stream, prompt, params, request_id))
+        self._admit(_Add(stream, prompt, params, request_id), is_step)
         is_ended = False
         try:
             while not is_ended:
@@ -241,19 +254,35 @@ class AsyncLLM:
         if len(prompt_token_ids) > max_prompt_len:
             raise ValueError(f"a prompt of {len(prompt_token_ids)} tokens leaves no room for output within {limit}")
         search = BeamSearch([list(prompt_token_ids)], params, self.engine.eos_token_ids, max_prompt_len)
-        step = 0
-        while beams := search.beams():
-            requests = (
-                self._last_output(beam.tokens, search.step_params, f"{request_id}-{step}-{i}")
-                for i, beam in enumerate(beams)
-            )
-            search.extend(await gather_or_cancel(*requests))
-            step += 1
+        # Admitted as one request: waiting until its first step ends, in flight (drained) until the last.
+        with self._lock:
+            self._check_admissible()
+            self._num_waiting += 1
+            self._num_in_flight += 1
+        is_waiting, step = True, 0
+        try:
+            while beams := search.beams():
+                requests = (
+                    self._step_output(beam.tokens, search.step_params, f"{request_id}-{step}-{i}")
+                    for i, beam in enumerate(beams)
+                )
+                search.extend(await gather_or_cancel(*requests))
+                if is_waiting:
+                    with self._lock:
+                        self._num_waiting -= 1
+                    is_waiting = False
+                step += 1
+        finally:
+            with self._lock:
+                if is_waiting:
+                    self._num_waiting -= 1
+                self._num_in_flight -= 1
         (output,) = search.results()
         return output
 
-    async def _last_output(self, prompt: Sequence[int], params: SamplingParams, request_id: str) -> RequestOutput:
-        async for output in self.generate(prompt, params, request_id):
+    async def _step_output(self, prompt: Sequence[int], params: SamplingParams, request_id: str) -> RequestOutput:
+        """The one output of a beam search's step request."""
+        async for output in self._outputs(prompt, params, request_id, is_step=True):
             pass
         return output
 
@@ -286,21 +315,39 @@ class AsyncLLM:
         if self._num_in_flight:
             logger.warning("aborting %d request(s) still in flight after %.1f s", self._num_in_flight, drain_timeout)
         with self._lock:
-            if not self._is_dead:
-                self._commands.put(_Stop())
+            self._queue_stop()
         await asyncio.to_thread(self._thread.join)
 
-    def _admit(self, add: _Add) -> None:
+    def _admit(self, add: _Add, is_step: bool) -> None:
+        """Queue ``add``; a beam search's step (``is_step``), admitted with its search, is held
+        back by neither a drain nor the waiting limit, and does not count as waiting."""
         with self._lock:
-            if self._is_dead:
-                raise EngineError("the engine stopped after an error; restart the server")
-            if not self._is_accepting:
-                raise EngineClosedError("the engine is shutting down and accepts no new requests")
-            if self._num_waiting >= self.max_waiting_requests:
-                raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests); retry later")
-            self._num_waiting += 1
+            if is_step:
+                if self._is_dead:
+                    raise EngineError("the engine stopped after an error; restart the server")
+                if self._is_stopped:
+                    raise CutShortError(_CUT_SHORT)
+                add.stream.is_waiting = False
+            else:
+                self._check_admissible()
+                self._num_waiting += 1
             self._num_in_flight += 1
             self._commands.put(add)
+
+    def _check_admissible(self) -> None:
+        """Raise unless a new request may be accepted now; the caller holds the lock."""
+        if self._is_dead:
+            raise EngineError("the engine stopped after an error; restart the server")
+        if not self._is_accepting:
+            raise EngineClosedError("the engine is shutting down and accepts no new requests")
+        if self._num_waiting >= self.max_waiting_requests:
+            raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests); retry later")
+
+    def _queue_stop(self) -> None:
+        """Queue the stop command, after which nothing is admitted; the caller holds the lock."""
+        self._is_stopped = True
+        if not self._is_dead:
+            self._commands.put(_Stop())
 
     def _stop_waiting(self, stream: _Stream) -> None:
         """Count ``stream``'s request as waiting no more: its first token came, or it ended."""
@@ -406,7 +453,7 @@ class AsyncLLM:
 
     def _stop(self) -> None:
         self._is_stopping = True
-        self._end_all(EngineClosedError("the server shut down before this request finished"))
+        self._end_all(CutShortError(_CUT_SHORT))
 
     def _die(self, error: EngineError) -> None:
         with self._lock:
@@ -464,9 +511,8 @@ def _stop_at_exit(ref: weakref.ref[AsyncLLM]) -> None:
         return
     with engine._lock:
         engine._is_accepting = False
-        if not engine._is_dead:
-            engine._commands.put(_Stop())
+        engine._queue_stop()
     engine._thread.join(_EXIT_JOIN_S)
 
 
-__all__ = ["AsyncLLM", "EngineClosedError", "EngineError", "QueueFullError"]
+__all__ = ["AsyncLLM", "CutShortError", "EngineClosedError", "EngineError", "QueueFullError"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from neuron_llm.beam_search import BeamSearchParams
 from neuron_llm.engine.async_llm import (
     AsyncLLM,
     EngineClosedError,
@@ -25,6 +26,7 @@ from neuron_llm.engine.async_llm import (
 from neuron_llm.llm import LLM
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.serve.beam_search import beam_searched
 from neuron_llm.serve.errors import UnavailableError
 from neuron_llm.serve.generation import Generation, sampled
 from neuron_llm.serve.metrics import ServerMetrics
@@ -460,3 +462,73 @@ def test_delta_texts_join_into_the_cumulative_text(model_dir: Path) -> None:
         assert (got.text, got.token_ids, got.stop_reason) == (want.text, want.token_ids, want.stop_reason)
         assert got.logprobs == want.logprobs
     assert joined.outputs[0].text == free[:10] and joined.outputs[0].finish_reason == "stop"
+
+
+BEAMS = BeamSearchParams(beam_width=3, max_tokens=12, ignore_eos=True)
+
+
+def test_a_beam_search_counts_as_one_waiting_request(model_dir: Path) -> None:
+    # Its steps run beam_width requests each, which the waiting limit does not hold back.
+    llm = make_llm(model_dir)
+    (expected,) = llm.beam_search([{"prompt_token_ids": [5, 6, 7]}], BEAMS)
+
+    async def scenario(engine: AsyncLLM) -> None:
+        output = await engine.beam_search([5, 6, 7], BEAMS)
+        assert [beam.tokens for beam in output.sequences] == [beam.tokens for beam in expected.sequences]
+        assert engine.num_in_flight == 0
+
+    run_with(llm, scenario, max_waiting_requests=1)
+
+
+def test_a_full_waiting_queue_refuses_a_beam_search(model_dir: Path) -> None:
+    async def scenario(engine: AsyncLLM) -> None:
+        waiting = engine.generate("Hello world", LONG)
+        first = asyncio.ensure_future(anext(waiting))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError):
+            await engine.beam_search([5, 6, 7], BEAMS)
+        await first
+        await waiting.aclose()
+
+    run_with(make_slow_llm(model_dir, step_s=0.2), scenario, max_waiting_requests=1)
+
+
+def test_shutdown_drains_a_beam_search_between_its_steps(model_dir: Path) -> None:
+    llm = make_slow_llm(model_dir, step_s=0.01)
+
+    async def scenario(engine: AsyncLLM) -> None:
+        search = asyncio.ensure_future(engine.beam_search([5, 6, 7], BEAMS))
+        while engine.num_in_flight < 2:  # the search and its first step's requests
+            await asyncio.sleep(0.001)
+        await engine.shutdown(drain_timeout=30)
+        assert search.done() and len(search.result().sequences) == 3
+        with pytest.raises(EngineClosedError, match="accepts no new requests"):
+            await engine.beam_search([5, 6, 7], BEAMS)
+
+    run_with(llm, scenario)
+
+
+def test_a_beam_search_cut_short_by_shutdown_counts_as_aborted(model_dir: Path) -> None:
+    metrics = ServerMetrics()
+
+    async def scenario() -> None:
+        engine = AsyncLLM(make_slow_llm(model_dir, step_s=0.01).engine)
+        params = replace(BEAMS, max_tokens=200)
+        with metrics.counting_request():
+            generation = Generation(
+                beam_searched(engine, [Prompt([5, 6, 7], "")], [params], "cut", None, True), metrics
+            )
+            starting = asyncio.ensure_future(generation.start())
+            while engine.num_in_flight < 2:  # the search and its first step's requests
+                await asyncio.sleep(0.001)
+            stopping = asyncio.ensure_future(engine.shutdown(drain_timeout=0))
+            with pytest.raises(UnavailableError, match="shut down before this request finished"):
+                await starting
+            metrics.count_refusal(503)  # as the error handler answering it does
+            await stopping
+        assert engine.num_in_flight == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    counted = metrics.render().decode()
+    assert 'neuron_llm_requests_total{outcome="aborted"} 1.0' in counted
+    assert 'neuron_llm_requests_total{outcome="rejected"} 0.0' in counted

@@ -133,7 +133,7 @@ def test_an_eos_ends_a_beam_and_stays_in_its_tokens_only_when_asked(server: Serv
     [
         ("/v1/completions", {"temperature": 0.7}, "temperature"),
         ("/v1/completions", {"top_p": 0.5}, "top_p"),
-        ("/v1/completions", {"seed": 1}, "seed"),
+        ("/v1/completions", {"top_k": 5}, "top_k"),
         ("/v1/completions", {"stop": ["x"]}, "stop"),
         ("/v1/completions", {"logprobs": 2}, "logprobs"),
         ("/v1/completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
@@ -166,10 +166,13 @@ def test_a_length_penalty_without_beam_search_is_a_400(server: ServerThread) -> 
 
 
 def test_options_left_at_their_defaults_are_accepted(server: ServerThread) -> None:
-    body = {**BEAMS, "prompt": "Hello", "top_p": 1.0, "seed": None, "stop": [], "temperature": 0.0}
-    response = post(server, "/v1/completions", body)
-    assert response.status_code == 200, response.text
-    assert len(response.json()["choices"]) == 3
+    body = {**BEAMS, "prompt": "Hello", "top_p": 1.0, "top_k": -1, "stop": [], "seed": 7}
+    for temperature in (0, 1.0):
+        response = post(server, "/v1/completions", {**body, "temperature": temperature})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["choices"]) == 3
+    chat = {**BEAMS, "messages": [{"role": "user", "content": "Hi"}], "tool_choice": "none", "logprobs": False}
+    assert post(server, "/v1/chat/completions", chat).status_code == 200
 
 
 @pytest.fixture(scope="module")
