@@ -7,6 +7,7 @@ sampling mean nothing to a beam search, so they are refused by name rather than 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -97,7 +98,11 @@ async def beam_searched(
         )
     )
     for index, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
-        yield index, _request_output(f"{request_id}-{index}", prompt, result, tokenizer, skip_special_tokens)
+        # Off the event loop: decoding ten long beams takes long enough to stall other streams.
+        output = await asyncio.to_thread(
+            _request_output, f"{request_id}-{index}", prompt, result, tokenizer, skip_special_tokens
+        )
+        yield index, output
 
 
 def _request_output(
