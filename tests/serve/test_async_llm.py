@@ -203,22 +203,40 @@ def test_a_running_request_asking_for_its_final_output_is_not_waiting(model_dir:
 
 def test_latencies_count_the_wait_for_the_step_in_flight(model_dir: Path) -> None:
     # The engine thread takes a request only between steps; its latencies start when generate
-    # got it, as vLLM's front end stamps them.
+    # got it, as vLLM's front end stamps them. Held by events, not timed: the step in flight
+    # waits for the test to release it.
     one_token = replace(GREEDY, max_tokens=1)
+    llm = make_slow_llm(model_dir, step_s=0.01)
+    step, entered, release = llm.engine.step, threading.Event(), threading.Event()
+    hold_next = threading.Event()
+
+    def held_step() -> list[Any]:
+        if hold_next.is_set():
+            hold_next.clear()
+            entered.set()
+            release.wait(30)
+        return step()
+
+    llm.engine.step = held_step  # type: ignore[method-assign]
 
     async def scenario(engine: AsyncLLM) -> None:
         busy = engine.generate("Hello", LONG)
         await anext(busy)
-        await asyncio.sleep(0.1)  # the engine thread is in its next step's half second
+        hold_next.set()
+        assert await asyncio.to_thread(entered.wait, 30)
         engine.stats()  # the samples so far, dropped
         start = time.monotonic()
-        await last(engine.generate("world", one_token))
+        request = asyncio.ensure_future(last(engine.generate("world", one_token)))
+        await asyncio.sleep(0.3)
+        release.set()
+        await request
         waited = time.monotonic() - start
         await busy.aclose()
         [ttft] = engine.stats().time_to_first_token
-        assert waited > 0.8 and ttft >= waited - 0.1, (ttft, waited)
+        # Stamped as the wait began (a hair after start), not when the engine took the request.
+        assert 0.25 <= ttft <= waited, (ttft, waited)
 
-    run_with(make_slow_llm(model_dir, step_s=0.5), scenario)
+    run_with(llm, scenario)
 
 
 def test_a_request_cut_short_by_shutdown_counts_as_aborted(model_dir: Path) -> None:
@@ -400,14 +418,16 @@ def test_a_script_failing_with_requests_in_flight_exits_with_its_error(model_dir
 
 
 def test_shutdown_drains_then_aborts_what_is_left(model_dir: Path) -> None:
-    llm = make_slow_llm(model_dir)
+    # Bounds of sleeps, which load only lengthens: the short request needs 9 steps of 20 ms,
+    # the long one at least 4 s.
+    llm = make_slow_llm(model_dir, step_s=0.02)
 
     async def main() -> None:
         engine = AsyncLLM(llm.engine)
         short = asyncio.ensure_future(last(engine.generate("Hello", GREEDY)))
         long = asyncio.ensure_future(last(engine.generate("Hello", LONG)))
         await asyncio.sleep(0)
-        await engine.shutdown(drain_timeout=0.5)
+        await engine.shutdown(drain_timeout=3)
         assert (await short).outputs[0].finish_reason == "length"
         with pytest.raises(EngineClosedError):
             await long

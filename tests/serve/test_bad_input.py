@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -373,7 +372,6 @@ def fuzz_server(model_dir: Path) -> Iterator[ServerThread]:
 
 
 FUZZ_EXAMPLES = 30
-FUZZ_BUDGET_S = 45.0
 
 
 def test_schemathesis_finds_no_server_error(fuzz_server: ServerThread) -> None:
@@ -382,7 +380,6 @@ def test_schemathesis_finds_no_server_error(fuzz_server: ServerThread) -> None:
     from schemathesis.generation.modes import GenerationMode
 
     schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
-    deadline = time.monotonic() + FUZZ_BUDGET_S
     server_errors: list[str] = []
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 7
@@ -399,8 +396,6 @@ def test_schemathesis_finds_no_server_error(fuzz_server: ServerThread) -> None:
                 suppress_health_check=list(hypothesis.HealthCheck),
             )
             def check(case: Any) -> None:
-                if time.monotonic() > deadline:
-                    return
                 response = case.call(base_url=fuzz_server.url, timeout=30)
                 if response.status_code >= 500:
                     server_errors.append(f"{case.method} {case.path} {case.body!r} -> {response.status_code}")
@@ -411,4 +406,3 @@ def test_schemathesis_finds_no_server_error(fuzz_server: ServerThread) -> None:
                 # An operation without inputs (GET /ping) has no invalid request to make.
                 assert mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET"
     assert not server_errors, server_errors[:5]
-    assert time.monotonic() < deadline, "the fuzzing budget ran out before every operation was tried"
