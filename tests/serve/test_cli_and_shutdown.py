@@ -381,6 +381,9 @@ def test_under_torchrun_rank_0_serves_the_other_ranks_run_its_steps_and_a_stop_d
         "NEURON_LLM_NUM_KV_BLOCKS": "512",
         "NEURON_LLM_TENSOR_PARALLEL_SIZE": "2",
         "NEURON_LLM_LOG_LEVEL": "warning",
+        # Two ranks take about 14 s for the 800 tokens on an idle two-core machine: the default
+        # 30 s drain leaves too little room under load.
+        "NEURON_LLM_DRAIN_TIMEOUT": "120",
         "OMP_NUM_THREADS": "1",
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
