@@ -26,6 +26,7 @@ from neuron_llm.llm import LLM
 from neuron_llm.loader import resolve_model_path
 from neuron_llm.serve import openai_routes, sagemaker_routes, tokenize_routes
 from neuron_llm.serve.auth import RequireApiKey
+from neuron_llm.serve.body_limit import LimitBody
 from neuron_llm.serve.errors import install_error_handlers
 from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.settings import ServeSettings
@@ -78,7 +79,8 @@ def create_app(
     )
     app.state.server = state
     # Middleware added later runs earlier: CountRequests counts every answer, CORS answers a
-    # browser's preflight (which carries no key), then the key is checked.
+    # browser's preflight (which carries no key), then the key is checked, then the body's size.
+    app.add_middleware(LimitBody, max_bytes=settings.max_request_bytes, metrics=state.metrics)
     if settings.api_key is not None:
         app.add_middleware(RequireApiKey, api_key=settings.api_key, metrics=state.metrics)
     if origins := settings.cors_origins():

@@ -247,9 +247,15 @@ def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        # Routing errors: an unknown path (404) or method (405). Not counted: scanners and
-        # probes are not requests of the API.
-        response = answer(ClientError(str(error.detail), status_code=error.status_code), counted=False)
+        # Routing errors, an unknown path (404) or method (405), are not counted: scanners and
+        # probes are not requests of the API. A body that could not be read is.
+        message, code = str(error.detail), None
+        if isinstance(error.__cause__, UnicodeDecodeError):  # FastAPI says only "error parsing the body"
+            message, code = f"the request body is not UTF-8 JSON: {error.__cause__}", "invalid_json"
+        elif error.status_code == 413:
+            code = "request_too_large"
+        client_error = ClientError(message, code=code, status_code=error.status_code)
+        response = answer(client_error, counted=error.status_code not in (404, 405))
         if error.status_code == 405:
             # Starlette's Allow names the first route of the path only; a path may have several.
             response.headers["Allow"] = ", ".join(_methods_of_path(request))

@@ -103,11 +103,14 @@ class ServeSettings:
         "comma-separated origins whose web pages may call the API from a browser (CORS), e.g. "
         "https://app.example.com, or * for any page; unset, browsers' cross-origin calls are refused",
     )
+    max_request_bytes: int = _setting(
+        16 * 2**20, "largest request body in bytes; a larger one gets 413 before it is read (16 MiB)"
+    )
     drain_timeout: float = _setting(30.0, "seconds to let requests in flight finish on shutdown")
     log_level: str = _setting("info", f"log level: {', '.join(LOG_LEVELS)}")
 
     def __post_init__(self) -> None:
-        for name in ("port", "tensor_parallel_size", "max_waiting_requests"):
+        for name in ("port", "tensor_parallel_size", "max_waiting_requests", "max_request_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.api_key == "":

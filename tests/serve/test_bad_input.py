@@ -301,6 +301,37 @@ def test_malformed_body_is_a_400(server: ServerThread, content: bytes) -> None:
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_a_body_that_is_not_utf8_is_a_400_saying_so(server: ServerThread) -> None:
+    invalid = metric(server, 'neuron_llm_requests_total{outcome="invalid"}')
+    content = b'{"prompt": "caf\xe9", "max_tokens": 2}'  # Latin-1
+    response = httpx.post(f"{server.url}{COMPLETIONS}", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "not UTF-8" in error["message"] and "0xe9" in error["message"] and error["code"] == "invalid_json"
+    assert metric(server, 'neuron_llm_requests_total{outcome="invalid"}') == invalid + 1
+
+
+def test_a_body_over_the_limit_is_a_413_after_the_key_check(model_dir: Path) -> None:
+    key = {"Authorization": "Bearer k"}
+    with running_server(model_dir, api_key="k", max_request_bytes=1000) as server:
+        url = f"{server.url}{COMPLETIONS}"
+        big = {"prompt": "Hello " * 200, "max_tokens": 2}
+        assert httpx.post(url, json=big).status_code == 401
+        refused = httpx.post(url, json=big, headers=key)
+        assert refused.status_code == 413, refused.text
+        assert "1000 bytes" in refused.json()["error"]["message"]
+        assert refused.json()["error"]["code"] == "request_too_large"
+
+        # Sent in chunks, without a Content-Length: refused once the limit has been read.
+        def chunks() -> Iterator[bytes]:
+            yield json.dumps(big).encode()
+
+        chunked = httpx.post(url, content=chunks(), headers={**key, "content-type": "application/json"})
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+        assert metric(server, 'neuron_llm_requests_total{outcome="invalid"}') == 3  # the 401 too
+        assert httpx.post(url, json={"prompt": "Hello", "max_tokens": 2}, headers=key).status_code == 200
+
+
 def test_unknown_route_and_method_answer_in_openai_shape_uncounted(server: ServerThread) -> None:
     invalid = metric(server, 'neuron_llm_requests_total{outcome="invalid"}')
     assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["message"]
