@@ -193,7 +193,7 @@ class AsyncLLM:
 
     @property
     def num_in_flight(self) -> int:
-        """Requests accepted by ``generate`` that have not ended yet."""
+        """Requests accepted by ``generate``, and beam searches with their steps' requests, that have not ended yet."""
         return self._num_in_flight
 
     def generate(
