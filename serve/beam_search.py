@@ -56,8 +56,7 @@ def beam_search_params(
     """
     fields = type(body).model_fields
     for name in REFUSED:
-        value = getattr(body, name, None)
-        if value not in (fields[name].default if name in fields else None, None, [], {}, *OFF.get(name, ())):
+        if name in fields and getattr(body, name) not in (fields[name].default, None, [], {}, *OFF.get(name, ())):
             raise ClientError(f"{name} is not supported with use_beam_search", name)
     if body.structured is not None:
         _, param = body.structured
