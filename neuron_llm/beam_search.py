@@ -47,8 +47,8 @@ class BeamSearchParams:
                 raise ValueError(f"{name}={value!r}: must be an integer >= {least}")
         if self.beam_width > MAX_BEAM_WIDTH:
             raise ValueError(
-                f"beam_width={self.beam_width}: at most {MAX_BEAM_WIDTH} (each step asks for 2 x beam_width "
-                f"logprobs a beam, at most {MAX_LOGPROBS})"
+                f"beam_width={self.beam_width}: at most {MAX_BEAM_WIDTH}, as each step asks for twice as many "
+                f"logprobs a beam, at most {MAX_LOGPROBS}"
             )
         if self.temperature != 0:
             raise ValueError(

@@ -26,7 +26,7 @@ class LimitBody:
             await self._app(scope, receive, send)
             return
         length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self._max_bytes:
+        if length.isascii() and length.isdigit() and int(length) > self._max_bytes:
             error = self._error()
             self._metrics.count_refusal(error.status_code)
             await error.response()(scope, receive, send)

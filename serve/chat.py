@@ -41,9 +41,9 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
     max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
     if body.max_completion_tokens is not None:
         max_tokens, max_tokens_param = body.max_completion_tokens, "max_completion_tokens"
+    tools = None if body.use_beam_search else _tool_calling(state, body)
     (prompt,) = truncated(model, [await chat_prompt(model, body)], body.truncate_prompt_tokens)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    tools = None
     if body.use_beam_search:
         budget = output_budget(model, [prompt], max_tokens, "messages", max_tokens_param)
         params = beam_search_params(body, budget, max_tokens_param)
@@ -52,7 +52,6 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         )
         generation = Generation(outputs, state.metrics, "messages")
     else:
-        tools = ToolCalling.of(body)
         generation = await _sampled(state, model, body, prompt, tools, max_tokens, max_tokens_param, response_id)
     writer = _ChatWriter(model, body, prompt, response_id, tools)
     await unless_disconnected(request, generation.start())
@@ -60,6 +59,18 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         return EventStreamResponse(writer.events(generation, state), generation)
     (final,) = await unless_disconnected(request, generation.final_outputs(1))
     return JSONResponse(writer.response(final).model_dump())
+
+
+def _tool_calling(state: ServerState, body: ChatCompletionRequest) -> ToolCalling | None:
+    """The request's tool calling, refused before its template is rendered if it cannot be served."""
+    tools = ToolCalling.of(body)
+    if tools is not None and tools.kind == "auto" and state.settings.tool_call_parser is None:
+        raise ClientError(
+            'tool_choice "auto" (the default with tools) needs the server started with --tool-call-parser '
+            f'({", ".join(TOOL_CALL_PARSERS)}); or set tool_choice to "required", a function, or "none"',
+            "tool_choice",
+        )
+    return tools
 
 
 async def _sampled(
@@ -72,12 +83,6 @@ async def _sampled(
     max_tokens_param: str,
     response_id: str,
 ) -> Generation:
-    if tools is not None and tools.kind == "auto" and state.settings.tool_call_parser is None:
-        raise ClientError(
-            'tool_choice "auto" (the default with tools) needs the server started with --tool-call-parser '
-            f'({", ".join(TOOL_CALL_PARSERS)}); or set tool_choice to "required", a function, or "none"',
-            "tool_choice",
-        )
     structure = body.structured
     if tools is not None and tools.kind != "auto":
         structure = (tools.structure(), "tools")

@@ -97,7 +97,7 @@ async def _sampled(
 def _beam_search(
     state: ServerState, model: ServedModel, body: CompletionRequest, prompts: list[Prompt], response_id: str
 ) -> Generation:
-    output_budget(model, prompts, body.max_tokens, "prompt")
+    output_budget(model, prompts, body.max_tokens, "prompt")  # refuses any prompt too long, naming it
     # Left unset, each prompt may run to the end of the context, as sampled ones do.
     params = [
         beam_search_params(body, model.max_model_len - len(p.token_ids) if body.max_tokens is None else body.max_tokens)

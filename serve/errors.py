@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -246,9 +247,12 @@ def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
         return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
         # Routing errors, an unknown path (404) or method (405), are not counted: scanners and
-        # probes are not requests of the API. A body that could not be read is.
+        # probes are not requests of the API. A body that could not be read is, unless the
+        # client left while it was being read (FastAPI answers that too as a 400).
+        if isinstance(error.__cause__, ClientDisconnect):
+            return Response(status_code=499)
         message, code = str(error.detail), None
         if isinstance(error.__cause__, UnicodeDecodeError):  # FastAPI says only "error parsing the body"
             message, code = f"the request body is not UTF-8 JSON: {error.__cause__}", "invalid_json"

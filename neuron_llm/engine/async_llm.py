@@ -247,7 +247,8 @@ class AsyncLLM:
         are left None.
 
         Raises ``ValueError`` for a prompt that leaves no room for output, else as ``generate``
-        does; a failed or cancelled step aborts the step's other requests.
+        does; a failed or cancelled step aborts the step's other requests. ``abort`` knows only
+        the steps' ids: cancel the search's task to end it.
         """
         request_id = uuid.uuid4().hex if request_id is None else request_id
         max_prompt_len, limit = self.engine.scheduler.longest_prompt_of_one_token()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import shutil
@@ -19,6 +20,7 @@ from neuron_llm.sampling_params import (
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
 )
+from neuron_llm.serve import ServeSettings, create_app
 from neuron_llm.serve.protocol import MAX_STOP, MAX_STOP_CHARS
 from tests.engine.conftest import tiny_model_dir  # noqa: F401
 from tests.serve.conftest import ServerThread, make_llm, metric, running_server, unmerged_characters
@@ -309,6 +311,28 @@ def test_a_body_that_is_not_utf8_is_a_400_saying_so(server: ServerThread) -> Non
     error = response.json()["error"]
     assert "not UTF-8" in error["message"] and "0xe9" in error["message"] and error["code"] == "invalid_json"
     assert metric(server, 'neuron_llm_requests_total{outcome="invalid"}') == invalid + 1
+
+
+def test_a_client_leaving_while_its_body_is_read_is_no_invalid_request(model_dir: Path) -> None:
+    # FastAPI answers a body it could not finish reading as a 400; the client is gone, so it
+    # is a 499, as when it leaves later, and counted as nothing.
+    app = create_app(ServeSettings(model=str(model_dir)), load=lambda: pytest.fail("not loaded"))
+    messages = iter(
+        [{"type": "http.request", "body": b'{"prompt": "He', "more_body": True}, {"type": "http.disconnect"}]
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"100")]
+    scope = {"type": "http", "method": "POST", "path": COMPLETIONS, "headers": headers, "query_string": b""}
+    asyncio.run(app({**scope, "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http"}, receive, send))
+    assert sent[0]["status"] == 499
+    assert 'neuron_llm_requests_total{outcome="invalid"} 0.0' in app.state.server.metrics.render().decode()
 
 
 def test_a_body_over_the_limit_is_a_413_after_the_key_check(model_dir: Path) -> None:

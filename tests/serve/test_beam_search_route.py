@@ -4,6 +4,7 @@ streamed; options a beam search cannot honour refused by name; a client that lea
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,10 +185,14 @@ def slow_server(model_dir: Path) -> Iterator[ServerThread]:
 def test_a_client_that_leaves_aborts_the_search(slow_server: ServerThread) -> None:
     server = slow_server
     aborted = 'neuron_llm_requests_total{outcome="aborted"}'
-    before = metric(server, aborted)
-    body = {**BEAMS, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "model": server.model_name}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json=body, timeout=1.0)
+    before, tokens = metric(server, aborted), metric(server, "neuron_llm_generation_tokens_total")
+    body = json.dumps({**BEAMS, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    # The client leaves once the search runs, not on a timer that could fire before the body was read.
+    with socket.create_connection(("127.0.0.1", server.port)) as connection:
+        connection.sendall(head.encode() + b"\r\n\r\n" + body)
+        # Its steps' requests end within a step: tokens, not running requests, show it runs.
+        wait_for(lambda: metric(server, "neuron_llm_generation_tokens_total") > tokens, "the search never ran")
     wait_for(lambda: metric(server, aborted) == before + 1, "the search was not aborted")
     wait_for(lambda: metric(server, "neuron_llm_num_requests_running") == 0, "its beams still run")
     wait_for(lambda: metric(server, "neuron_llm_kv_cache_usage_ratio") == 0, "KV blocks were not freed")
