@@ -345,13 +345,12 @@ class LLM:
         if concurrency_limit is not None and (not is_integral(concurrency_limit) or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit={concurrency_limit!r}: must be an integer >= 1 or None")
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        max_prompt_len, limit = self.engine.scheduler.longest_prompt_of_one_token()
+        max_prompt_len, _ = self.engine.scheduler.longest_prompt_of_one_token()
         prompt_ids = []
         for index, prompt in enumerate(prompts):
             try:
                 _, ids = self.engine.tokenize_prompt(prompt_input(prompt))
-                if len(ids) > max_prompt_len:
-                    raise ValueError(f"a prompt of {len(ids)} tokens leaves no room for output within {limit}")
+                self.engine.scheduler.check_prompt_of_one_token(len(ids))
             except ValueError as e:
                 raise ValueError(f"prompt {index}: {e}") from e
             prompt_ids.append(ids)

@@ -8,7 +8,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from neuron_llm.serve.errors import ClientError
+from neuron_llm.serve.errors import REQUEST_TOO_LARGE, ClientError
 from neuron_llm.serve.metrics import ServerMetrics
 
 
@@ -48,6 +48,6 @@ class LimitBody:
     def _error(self) -> ClientError:
         return ClientError(
             f"the request body is over {self._max_bytes} bytes (the server's --max-request-bytes)",
-            code="request_too_large",
+            code=REQUEST_TOO_LARGE,
             status_code=413,
         )

@@ -85,9 +85,8 @@ async def _sampled(
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty,
     )
-    # Left unset, each prompt may run to the end of the context (not the longest one's), as in vLLM.
     per_prompt = [
-        params if body.max_tokens is not None else replace(params, max_tokens=model.max_model_len - len(p.token_ids))
+        params if body.max_tokens is not None else replace(params, max_tokens=_max_tokens(model, body, p))
         for p in prompts
     ]
     outputs = sampled(model.engine, prompts, per_prompt, response_id)
@@ -98,13 +97,15 @@ def _beam_search(
     state: ServerState, model: ServedModel, body: CompletionRequest, prompts: list[Prompt], response_id: str
 ) -> Generation:
     output_budget(model, prompts, body.max_tokens, "prompt")  # refuses any prompt too long, naming it
-    # Left unset, each prompt may run to the end of the context, as sampled ones do.
-    params = [
-        beam_search_params(body, model.max_model_len - len(p.token_ids) if body.max_tokens is None else body.max_tokens)
-        for p in prompts
-    ]
+    params = [beam_search_params(body, _max_tokens(model, body, p)) for p in prompts]
     outputs = beam_searched(model.engine, prompts, params, response_id, model.tokenizer, body.skip_special_tokens)
     return Generation(outputs, state.metrics)
+
+
+def _max_tokens(model: ServedModel, body: CompletionRequest, prompt: Prompt) -> int:
+    """``max_tokens``, or left unset, the room ``prompt`` leaves: each prompt may run to the end
+    of the context (not the longest one's), as in vLLM."""
+    return model.max_model_len - len(prompt.token_ids) if body.max_tokens is None else body.max_tokens
 
 
 class _CompletionWriter:

@@ -66,6 +66,10 @@ class ServeError(Exception):
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers())
 
 
+REQUEST_TOO_LARGE = "request_too_large"
+"""The code of a 413: a body over ``--max-request-bytes`` (``LimitBody``)."""
+
+
 class ClientError(ServeError):
     """The request is wrong; ``param`` names the offending field when there is one."""
 
@@ -257,7 +261,7 @@ def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
         if isinstance(error.__cause__, UnicodeDecodeError):  # FastAPI says only "error parsing the body"
             message, code = f"the request body is not UTF-8 JSON: {error.__cause__}", "invalid_json"
         elif error.status_code == 413:
-            code = "request_too_large"
+            code = REQUEST_TOO_LARGE
         client_error = ClientError(message, code=code, status_code=error.status_code)
         response = answer(client_error, counted=error.status_code not in (404, 405))
         if error.status_code == 405:

@@ -251,9 +251,8 @@ class AsyncLLM:
         the steps' ids: cancel the search's task to end it.
         """
         request_id = uuid.uuid4().hex if request_id is None else request_id
-        max_prompt_len, limit = self.engine.scheduler.longest_prompt_of_one_token()
-        if len(prompt_token_ids) > max_prompt_len:
-            raise ValueError(f"a prompt of {len(prompt_token_ids)} tokens leaves no room for output within {limit}")
+        self.engine.scheduler.check_prompt_of_one_token(len(prompt_token_ids))
+        max_prompt_len, _ = self.engine.scheduler.longest_prompt_of_one_token()
         search = BeamSearch([list(prompt_token_ids)], params, self.engine.eos_token_ids, max_prompt_len)
         # Admitted as one request: waiting until its first step ends, in flight (drained) until the last.
         with self._lock:
@@ -323,9 +322,8 @@ class AsyncLLM:
         """Queue ``add``; a beam search's step (``is_step``), admitted with its search, is held
         back by neither a drain nor the waiting limit, and does not count as waiting."""
         with self._lock:
+            self._check_alive()
             if is_step:
-                if self._is_dead:
-                    raise EngineError("the engine stopped after an error; restart the server")
                 if self._is_stopped:
                     raise CutShortError(_CUT_SHORT)
                 add.stream.is_waiting = False
@@ -335,10 +333,14 @@ class AsyncLLM:
             self._num_in_flight += 1
             self._commands.put(add)
 
-    def _check_admissible(self) -> None:
-        """Raise unless a new request may be accepted now; the caller holds the lock."""
+    def _check_alive(self) -> None:
+        """Raise if the engine thread died after an error; the caller holds the lock."""
         if self._is_dead:
             raise EngineError("the engine stopped after an error; restart the server")
+
+    def _check_admissible(self) -> None:
+        """Raise unless a new request may be accepted now; the caller holds the lock."""
+        self._check_alive()
         if not self._is_accepting:
             raise EngineClosedError("the engine is shutting down and accepts no new requests")
         if self._num_waiting >= self.max_waiting_requests:

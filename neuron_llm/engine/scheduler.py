@@ -296,6 +296,12 @@ class Scheduler:
             longest, limit = budget, f"max_num_batched_tokens={budget} (chunked prefill is off)"
         return longest, limit
 
+    def check_prompt_of_one_token(self, num_tokens: int) -> None:
+        """Raise ``ValueError`` for a prompt longer than ``longest_prompt_of_one_token``'s, naming its limit."""
+        longest, limit = self.longest_prompt_of_one_token()
+        if num_tokens > longest:
+            raise ValueError(f"a prompt of {num_tokens} tokens leaves no room for output within {limit}")
+
     def _check_new(self, request: Request) -> None:
         request_id, num_prompt_tokens = request.request_id, request.num_prompt_tokens
         if request_id in self._requests:

@@ -7,6 +7,7 @@ test needs signals, which only a subprocess can take. Every server stops when it
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import socket
 import threading
@@ -181,6 +182,17 @@ def server(model_dir: Path) -> Iterator[ServerThread]:
     """The shared server: room for 64 concurrent requests."""
     with running_server(model_dir) as running:
         yield running
+
+
+def leave_once(server: ServerThread, body: dict[str, Any], running: Callable[[], bool], message: str) -> None:
+    """POST ``body`` to /v1/completions and close the connection once ``running()`` holds: a
+    client timeout could instead fire before the server had read the body, which is no abort."""
+    content = json.dumps(body).encode()
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(content)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port)) as connection:
+        connection.sendall(head.encode() + content)
+        wait_for(running, message)
 
 
 def metric(server: ServerThread, name: str) -> float:

@@ -4,7 +4,6 @@ streamed; options a beam search cannot honour refused by name; a client that lea
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import httpx
 import pytest
 
 from neuron_llm import LLM, BeamSearchParams
-from tests.serve.conftest import ServerThread, make_llm, make_slow_llm, metric, running_server, wait_for
+from tests.serve.conftest import ServerThread, leave_once, make_llm, make_slow_llm, metric, running_server, wait_for
 
 BEAMS = {"use_beam_search": True, "n": 3, "max_tokens": 6, "return_token_ids": True}
 
@@ -186,13 +185,10 @@ def test_a_client_that_leaves_aborts_the_search(slow_server: ServerThread) -> No
     server = slow_server
     aborted = 'neuron_llm_requests_total{outcome="aborted"}'
     before, tokens = metric(server, aborted), metric(server, "neuron_llm_generation_tokens_total")
-    body = json.dumps({**BEAMS, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True}).encode()
-    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
-    # The client leaves once the search runs, not on a timer that could fire before the body was read.
-    with socket.create_connection(("127.0.0.1", server.port)) as connection:
-        connection.sendall(head.encode() + b"\r\n\r\n" + body)
-        # Its steps' requests end within a step: tokens, not running requests, show it runs.
-        wait_for(lambda: metric(server, "neuron_llm_generation_tokens_total") > tokens, "the search never ran")
+    body = {**BEAMS, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True}
+    # Its steps' requests end within a step: tokens, not running requests, show it runs.
+    running = lambda: metric(server, "neuron_llm_generation_tokens_total") > tokens  # noqa: E731
+    leave_once(server, body, running, "the search never ran")
     wait_for(lambda: metric(server, aborted) == before + 1, "the search was not aborted")
     wait_for(lambda: metric(server, "neuron_llm_num_requests_running") == 0, "its beams still run")
     wait_for(lambda: metric(server, "neuron_llm_kv_cache_usage_ratio") == 0, "KV blocks were not freed")

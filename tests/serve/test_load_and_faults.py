@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from neuron_llm.serve.prompts import Prompt
 from tests.serve.conftest import (
     START_TIMEOUT_S,
     ServerThread,
+    leave_once,
     make_llm,
     make_slow_llm,
     metric,
@@ -156,13 +156,8 @@ def test_client_leaving_mid_stream_aborts_its_request(slow_server: ServerThread)
 def test_client_leaving_before_a_whole_response_aborts_it(slow_server: ServerThread) -> None:
     server = slow_server
     aborted = metric(server, ABORTED)
-    body = json.dumps({"prompt": "Hello", **LONG}).encode()
-    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
-    # The client leaves once its request runs: a client timeout could instead fire before the
-    # server had read the body, which is no abort.
-    with socket.create_connection(("127.0.0.1", server.port)) as connection:
-        connection.sendall(head.encode() + b"\r\n\r\n" + body)
-        wait_for(lambda: metric(server, "neuron_llm_num_requests_running") == 1, "the request never ran")
+    running = lambda: metric(server, "neuron_llm_num_requests_running") == 1  # noqa: E731
+    leave_once(server, {"prompt": "Hello", **LONG}, running, "the request never ran")
     wait_for(lambda: metric(server, ABORTED) == aborted + 1, "the request was not aborted")
     wait_for(lambda: metric(server, "neuron_llm_kv_cache_usage_ratio") == 0, "KV blocks were not freed")
 
