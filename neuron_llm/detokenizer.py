@@ -8,11 +8,15 @@ Two problems make "decode each new token on its own" wrong:
   first token of a decoded sequence, so "▁world" alone decodes as "world").
 
 So ``TokenDecoder`` decodes a short window twice, with and without the pending tokens, and
-emits the difference once it ends on a complete character::
+emits the difference once the pending tokens' bytes end on a character boundary::
 
     ids:  | prefix window | pending (not yet emitted) |
           0          read_offset                    end
-    emit  decode(ids)[len(decode(ids[:read_offset])):]   unless it ends in U+FFFD
+    emit  decode(ids)[len(decode(ids[:read_offset])):]
+
+SentencePiece's byte fallback decodes a run of byte tokens that is not valid UTF-8 as one
+U+FFFD a byte, valid characters included, so a bad byte would rewrite text already streamed:
+byte tokens are decoded by an incremental UTF-8 decoder instead (see ``TokenDecoder``).
 
 ``StopChecker`` then cuts the text at the first stop string, holding back any tail that
 could be the start of one until the next piece settles it. ``IncrementalDetokenizer`` joins
@@ -24,6 +28,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import json
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,8 +45,9 @@ _INCOMPLETE = "\ufffd"
 class TokenDecoder:
     """Turns token ids, fed one at a time, into text pieces that concatenate correctly.
 
-    Special tokens are left out when ``skip_special_tokens``. An incomplete character is held
-    back until the token completing it arrives, so no piece ends in U+FFFD for valid text.
+    Special tokens are left out when ``skip_special_tokens``. A character whose bytes are not
+    all in yet is held back until the token completing it arrives; ``flush`` releases what is
+    held when the sequence ends, so the pieces always join into the whole text.
     """
 
     def __init__(
@@ -52,58 +58,26 @@ class TokenDecoder:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        added = tokenizer.added_tokens_decoder if skip_special_tokens else {}
-        self._special = frozenset(token_id for token_id, token in added.items() if token.special)
+        added = tokenizer.added_tokens_decoder
+        self._added = {token_id: token.content for token_id, token in added.items()}
+        self._special = frozenset(
+            token_id for token_id, token in added.items() if token.special and skip_special_tokens
+        )
+        self._piece_bytes = _piece_bytes_reader(tokenizer)
+        self._is_byte_fallback = self._piece_bytes is _sentencepiece_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        """The bytes of the pending tokens, to tell when they end inside a character."""
         # Skipped special tokens are left out of every decode, so out of the prompt's window too:
         # a prompt ending in a run of them would leave no text before the first output token.
         prompt = [token_id for token_id in prompt_token_ids if token_id not in self._special]
-        # A prompt may end inside a character (a client continuing a completion cut there).
-        # Byte fallback decodes a whole run of byte tokens left unfinished as U+FFFD, one per
-        # byte, so such tokens wait like pending output; the character they start belongs to
-        # neither text. Byte-level BPE decodes it as one U+FFFD, which the diff replaces.
-        end = len(prompt) - self._unfinished_byte_tokens(prompt)
-        self._split_bytes = len(prompt) - end
-        """Bytes (one token each) of the prompt's split character: the first piece skips it, one
-        character when the output completes it, else its U+FFFDs, one a byte."""
         # Only ids from the prefix window on are kept: [0, read_offset) was emitted already.
-        start = self._window_start(prompt[:end])
-        self._token_ids = prompt[start:]
-        self._read_offset = end - start
-
-    def _window_start(self, prompt_token_ids: list[int]) -> int:
-        # Start the window on a character boundary: byte-fallback decoders turn a whole run of
-        # byte tokens into U+FFFD when it begins mid-character, which would spoil the diff.
-        # A character spans at most 4 bytes, hence at most 3 tokens before its last one.
-        start = max(0, len(prompt_token_ids) - _PROMPT_CONTEXT_TOKENS)
-        for _ in range(3):
-            if start == 0 or not self._decode(prompt_token_ids[start:]).startswith(_INCOMPLETE):
-                break
-            start -= 1
-        return start
-
-    def _unfinished_byte_tokens(self, prompt_token_ids: list[int]) -> int:
-        pieces = self._tokenizer.convert_ids_to_tokens(prompt_token_ids[-3:])
-        # The piece test first: reading the decoder's kind parses its JSON (a fraction of a ms).
-        if not pieces or _byte_token_value(pieces[-1]) is None:
-            return 0
-        if _piece_bytes_reader(self._tokenizer) is not _sentencepiece_bytes:
-            return 0
-        tail = b""
-        for piece in reversed(pieces):
-            byte = _byte_token_value(piece)
-            if byte is None:
-                break
-            tail = bytes([byte]) + tail
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        utf8.decode(tail)
-        unfinished, _ = utf8.getstate()
-        return len(unfinished)  # one byte a token
-
-    def _decode(self, token_ids: list[int]) -> str:
-        # Cleanup (e.g. " ." -> ".") would rewrite text already emitted; decode verbatim.
-        return self._tokenizer.decode(
-            token_ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
-        )
+        self._token_ids = prompt[-_PROMPT_CONTEXT_TOKENS:]
+        self._read_offset = len(self._token_ids)
+        # A prompt may end inside a character (a client continuing a completion cut there). Its
+        # bytes wait for the output's, and the character they start belongs to neither text:
+        # the diff of two decodes skips it, and byte fallback's own decode below drops it.
+        self._utf8.decode(b"".join(map(self._token_bytes, prompt[-3:])))
+        self._owes_prompt_character = self._is_byte_fallback and self._is_inside_character()
 
     def add_token(self, token_id: int) -> str:
         """Append ``token_id``; return the text it completes (may be empty)."""
@@ -111,19 +85,82 @@ class TokenDecoder:
             # Left out of every decode, so out of the window too: a long run of skipped tokens
             # (a degenerate output) would otherwise be decoded again with each new token.
             return ""
+        if self._is_byte_fallback:
+            return self._add_sentencepiece_token(token_id)
         self._token_ids.append(token_id)
-        prefix_text = self._decode(self._token_ids[: self._read_offset])
-        text = self._decode(self._token_ids)
-        if len(text) <= len(prefix_text) or text.endswith(_INCOMPLETE):
+        if self._piece_bytes is None:
+            # A scheme whose bytes are unknown: hold while the text ends in an unfinished character.
+            text, prefix_length = self._decode_window()
+            return "" if text.endswith(_INCOMPLETE) else self._release(text, prefix_length)
+        self._utf8.decode(self._token_bytes(token_id))
+        return "" if self._is_inside_character() else self._release(*self._decode_window())
+
+    def flush(self) -> str:
+        """The text still held when the sequence ends: an unfinished character decodes as U+FFFD."""
+        text = self._settle_bytes() if self._is_byte_fallback else ""
+        return text + self._release(*self._decode_window())
+
+    def _add_sentencepiece_token(self, token_id: int) -> str:
+        # Byte fallback decodes a run of byte tokens as UTF-8 only if the whole run is valid,
+        # else as one U+FFFD a byte: a bad byte would rewrite characters already streamed. So
+        # byte tokens are decoded here, by an incremental UTF-8 decoder (one U+FFFD a bad
+        # sequence, as SentencePiece itself does), which gives the tokenizer's text for valid
+        # runs. Diffs of decodes give the other tokens' text, which a run before them cannot
+        # change: both decodes hold the same run.
+        byte = _byte_token_value(self._tokenizer.convert_ids_to_tokens(token_id))
+        if byte is None:
+            text = self._settle_bytes()
+            self._token_ids.append(token_id)
+            return text + self._release(*self._decode_window())
+        text = self._release(*self._decode_window())  # tokens that gave no text yet
+        self._token_ids, self._read_offset = [token_id], 1
+        return text + self._owed(self._utf8.decode(bytes([byte])))
+
+    def _settle_bytes(self) -> str:
+        return self._owed(self._utf8.decode(b"", final=True))
+
+    def _owed(self, text: str) -> str:
+        # The first character out of the decoder ends the prompt's split one (or is its U+FFFD).
+        if text and self._owes_prompt_character:
+            self._owes_prompt_character = False
+            return text[1:]
+        return text
+
+    def _is_inside_character(self) -> bool:
+        return bool(self._utf8.getstate()[0])
+
+    def _decode_window(self) -> tuple[str, int]:
+        """The window's text, and how much of it the emitted prefix makes."""
+        if len(self._token_ids) == self._read_offset:
+            return "", 0
+        return self._decode(self._token_ids), len(self._decode(self._token_ids[: self._read_offset]))
+
+    def _release(self, text: str, prefix_length: int) -> str:
+        """Emit the pending tokens' text; they become the next prefix window."""
+        if len(text) <= prefix_length:
             return ""
-        # The pending tokens become the next prefix window.
         self._token_ids = self._token_ids[self._read_offset :]
         self._read_offset = len(self._token_ids)
-        start = len(prefix_text)
-        if self._split_bytes:
-            start += self._split_bytes if text[start] == _INCOMPLETE else 1
-            self._split_bytes = 0
-        return text[start:]
+        self._utf8.reset()
+        return text[prefix_length:]
+
+    def _decode(self, token_ids: list[int]) -> str:
+        # Cleanup (e.g. " ." -> ".") would rewrite text already emitted; decode verbatim.
+        return self._tokenizer.decode(
+            token_ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        if self._piece_bytes is None:
+            return b""
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        if piece is None:  # an id past the vocabulary decodes to nothing
+            return b""
+        with contextlib.suppress(KeyError):
+            return self._piece_bytes(piece)
+        return piece.encode()
 
 
 class StopChecker:
@@ -222,6 +259,7 @@ class IncrementalDetokenizer:
         self._include_stop = include_stop_str_in_output
         self._min_tokens = min_tokens
         self._num_tokens = 0
+        self._can_stop = False
         self._is_stopped = False
         self.output_text = ""
         """All text emitted so far."""
@@ -240,28 +278,40 @@ class IncrementalDetokenizer:
             params.include_stop_str_in_output,
         )
 
-    def add_token(self, token_id: int) -> DetokenizerUpdate:
-        """Decode the next generated token; see ``DetokenizerUpdate``."""
+    def add_token(self, token_id: int, ends_sequence: bool = False) -> DetokenizerUpdate:
+        """Decode the next generated token; see ``DetokenizerUpdate``.
+
+        ``ends_sequence``: the token ends the sequence itself (an EOS or stop token kept in the
+        text), so, as in vLLM, no stop string is looked for in its text.
+        """
         assert not self._is_stopped, "the sequence already ended on a stop string"
         self._num_tokens += 1
-        piece = self._decoder.add_token(token_id)
+        self._can_stop = self._num_tokens > self._min_tokens and not ends_sequence
+        return self._emit(self._decoder.add_token(token_id))
+
+    def finish(self) -> DetokenizerUpdate:
+        """Release the text held back, when the sequence ends other than on a stop string.
+
+        A character left unfinished by the last token ends as U+FFFD. Released text may
+        complete a stop string (it held a character the stop string ends in): then it is cut
+        there, and the update names that stop string.
+        """
+        update = self._emit(self._decoder.flush())
+        if update.stop_string is None and self._stop_checker is not None:
+            tail = self._stop_checker.flush()
+            self.output_text += tail
+            update.text += tail
+        return update
+
+    def _emit(self, piece: str) -> DetokenizerUpdate:
         stop_string = None
         if self._stop_checker is not None:
-            piece, stop_string = self._stop_checker.feed(piece, can_stop=self._num_tokens > self._min_tokens)
+            piece, stop_string = self._stop_checker.feed(piece, can_stop=self._can_stop)
         self._is_stopped = stop_string is not None
         if stop_string is not None and self._include_stop:
             piece += stop_string
         self.output_text += piece
         return DetokenizerUpdate(piece, stop_string)
-
-    def finish(self) -> str:
-        """Release text held back for a possible stop string, when the sequence ends otherwise.
-
-        Bytes of a character left incomplete by the last token are dropped.
-        """
-        tail = self._stop_checker.flush() if self._stop_checker is not None else ""
-        self.output_text += tail
-        return tail
 
 
 class TokenTexts:
@@ -315,6 +365,20 @@ class TokenTexts:
 
 def _piece_bytes_reader(tokenizer: PreTrainedTokenizerBase | None) -> Callable[[str], bytes] | None:
     """How vocabulary pieces map to bytes, for the two schemes Llamas use; None for any other."""
+    if tokenizer is None:
+        return None
+    # Reading the decoder's kind parses its JSON (up to half a millisecond): once a tokenizer.
+    if tokenizer not in _PIECE_BYTES_READERS:
+        _PIECE_BYTES_READERS[tokenizer] = _read_piece_bytes_reader(tokenizer)
+    return _PIECE_BYTES_READERS[tokenizer]
+
+
+_PIECE_BYTES_READERS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, Callable[[str], bytes] | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _read_piece_bytes_reader(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], bytes] | None:
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     if decoder is None:
         return None

@@ -767,7 +767,7 @@ class LLMEngine:
         # As in vLLM, the token that stops a sequence is in its token ids, and in its text only
         # with include_stop_str_in_output (a special one never, unless skip_special_tokens is off).
         if seq.detokenizer is not None and (params.include_stop_str_in_output or not (is_eos or is_stop_token)):
-            stop_string = seq.detokenizer.add_token(token_id).stop_string
+            stop_string = seq.detokenizer.add_token(token_id, ends_sequence=is_eos or is_stop_token).stop_string
         if stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_string
         elif is_eos:
@@ -785,10 +785,13 @@ class LLMEngine:
             seq.finish_reason = "length"
         if seq.finish_reason is None:
             return
+        if stop_string is None and seq.detokenizer is not None:
+            # The text held for an unfinished character may end in a stop string once released.
+            stop_string = seq.detokenizer.finish().stop_string
+            if stop_string is not None:
+                seq.finish_reason, seq.stop_reason = "stop", stop_string
         if seq.finish_reason == "stop":
             self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
-        if stop_string is None and seq.detokenizer is not None:
-            seq.detokenizer.finish()
 
     def _fork_pending(self, group: _RequestGroup) -> None:
         # Forked once sequence 0 has sampled, i.e. its whole prompt is in the KV cache, so

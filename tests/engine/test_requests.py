@@ -13,6 +13,7 @@ from neuron_llm.engine import llm_engine
 from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams
 from neuron_llm.worker import StepInput
 from tests.engine.conftest import VOCAB_SIZE, FakeBar, all_blocks_free, make_llm, random_prompts, run_all, same_logprobs
+from tests.tokenizer_kinds import byte_level_bpe
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
 
@@ -376,6 +377,37 @@ def test_stop_token_ids_end_the_sequence(tiny_model_dir) -> None:
     assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop_token)
     min_params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_token], min_tokens=12)
     assert llm.generate({"prompt_token_ids": prompt}, min_params)[0].outputs[0].finish_reason == "length"
+
+
+@pytest.fixture
+def byte_level_model_dir(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    byte_level_bpe().save_pretrained(model_dir)
+    return model_dir
+
+
+def test_the_end_releases_an_unfinished_character_and_a_stop_string_it_completes(byte_level_model_dir) -> None:
+    llm = make_llm(byte_level_model_dir)
+    tokenizer = llm.get_tokenizer()
+    lead = tokenizer.encode("你", add_special_tokens=False)[0]  # 0xE4: each one cuts the one before short
+    params = SamplingParams(temperature=0.0, max_tokens=3, allowed_token_ids=[lead])
+    output = llm.generate("hi", params)[0].outputs[0]
+    assert output.text == tokenizer.decode(output.token_ids) == "\ufffd" * 3
+    assert output.finish_reason == "length"
+    stopped = llm.generate("hi", replace(params, stop=["\ufffd" * 3]))[0].outputs[0]
+    assert (stopped.text, stopped.finish_reason, stopped.stop_reason) == ("", "stop", "\ufffd" * 3)
+    assert stopped.token_ids == output.token_ids
+
+
+def test_a_stop_token_kept_in_the_text_is_the_stop_reason_over_a_stop_string(byte_level_model_dir) -> None:
+    llm = make_llm(byte_level_model_dir)
+    [token] = llm.get_tokenizer().encode("x", add_special_tokens=False)
+    params = SamplingParams(
+        temperature=0.0, allowed_token_ids=[token], stop_token_ids=[token], stop=["x"], include_stop_str_in_output=True
+    )
+    output = llm.generate("hi", params)[0].outputs[0]
+    assert (output.text, output.finish_reason, output.stop_reason) == ("x", "stop", token)
 
 
 @pytest.mark.parametrize("num_speculative_tokens", [0, 3])

@@ -5,7 +5,7 @@ import random
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from neuron_llm.detokenizer import IncrementalDetokenizer, StopChecker, TokenTexts
+from neuron_llm.detokenizer import IncrementalDetokenizer, StopChecker, TokenTexts, _byte_level_alphabet
 from neuron_llm.sampling_params import SamplingParams
 from tests.tokenizer_kinds import TEXTS, sentencepiece_bpe, stream
 
@@ -122,6 +122,132 @@ def test_sentencepiece_token_text_depends_on_its_neighbours() -> None:
     assert "".join(stream(tokenizer, token_ids)) == "the fox"
 
 
+def _byte_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[int, int]:
+    """Each byte's own token: byte fallback's "<0xNN>", or byte-level BPE's alphabet."""
+    vocab = tokenizer.get_vocab()
+    if "<0x80>" in vocab:
+        return {byte: vocab[f"<0x{byte:02X}>"] for byte in range(256)}
+    # A trained vocabulary may lack bytes that never occur in UTF-8 (SmolLM2 lacks 0xC0).
+    return {byte: vocab[char] for char, byte in _byte_level_alphabet().items() if char in vocab}
+
+
+def _random_output(rng: random.Random, tokenizer: PreTrainedTokenizerBase, byte_ids: dict[int, int]) -> list[int]:
+    """Words, characters split into bytes, bytes that are not UTF-8, real U+FFFDs and EOS, mixed."""
+    high_bytes = [byte for byte in byte_ids if byte >= 0x80]
+    token_ids: list[int] = []
+    for _ in range(rng.randint(1, 10)):
+        kind = rng.randrange(5)
+        if kind == 0:
+            word = rng.choice([" the fox", "hello", " 世界", "😀!", " é"])
+            token_ids += tokenizer.encode(word, add_special_tokens=False)
+        elif kind == 1:
+            token_ids += [byte_ids[byte] for byte in rng.choice(["你好", "é", "😀", "\ufffd"]).encode()]
+        elif kind == 2:  # a character cut short, stray continuation bytes, bytes never in UTF-8
+            token_ids += [byte_ids[byte] for byte in rng.choices(high_bytes, k=rng.randint(1, 3))]
+        elif kind == 3:
+            token_ids += [byte_ids[byte] for byte in "你好".encode()[: rng.randint(1, 5)]]
+        else:
+            token_ids.append(tokenizer.eos_token_id)
+    return token_ids
+
+
+def _text_of(
+    tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], token_ids: list[int], skip_special_tokens: bool
+) -> str:
+    """The output's text in the prompt's context, as decode gives it, except that a run of byte
+    fallback's byte tokens that is not UTF-8 decodes as Python decodes its bytes (one U+FFFD a bad
+    sequence; the tokenizer turns the whole run into U+FFFDs, one a byte)."""
+    skipped = {tokenizer.eos_token_id} if skip_special_tokens else set()
+    token_ids = [token_id for token_id in token_ids if token_id not in skipped]
+    pieces = tokenizer.convert_ids_to_tokens(token_ids)
+    if "<0x80>" in tokenizer.get_vocab():
+        byte_ids = _byte_token_ids(tokenizer)
+        rewritten: list[int] = []
+        run = b""
+        for token_id, piece in [*zip(token_ids, pieces, strict=True), (None, "")]:
+            if len(piece) == 6 and piece.startswith("<0x"):
+                run += bytes([int(piece[3:5], 16)])
+                continue
+            rewritten += [byte_ids[byte] for byte in run.decode(errors="replace").encode()]
+            run = b""
+            if token_id is not None:
+                rewritten.append(token_id)
+        token_ids = rewritten
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+
+    return decode(prompt_ids + token_ids)[len(decode(prompt_ids)) :]
+
+
+def test_streamed_text_is_the_decoded_text_for_any_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Pieces never rewrite what came before, and with what the end releases they are the
+    text decode gives, whatever the bytes: unfinished characters, bad bytes, real U+FFFDs."""
+    rng = random.Random(0)
+    byte_ids = _byte_token_ids(tokenizer)
+    for trial in range(300):
+        prompt_ids = rng.choice([[], tokenizer.encode("hello there", add_special_tokens=False)])
+        token_ids = _random_output(rng, tokenizer, byte_ids)
+        skip = rng.random() < 0.7
+        detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=skip)
+        pieces = [detokenizer.add_token(token_id).text for token_id in token_ids]
+        pieces.append(detokenizer.finish().text)
+        expected = _text_of(tokenizer, prompt_ids, token_ids, skip)
+        assert "".join(pieces) == detokenizer.output_text == expected, (trial, token_ids, pieces)
+        # A stop string anywhere in that text cuts it there, however the tokens split it.
+        stop = expected[(start := rng.randrange(len(expected))) : start + rng.randint(1, 3)] if expected else "zz"
+        stopped = IncrementalDetokenizer(tokenizer, prompt_ids, stop=[stop], skip_special_tokens=skip)
+        for token_id in token_ids:
+            if (update := stopped.add_token(token_id)).stop_string is not None:
+                break
+        else:
+            update = stopped.finish()
+        assert stopped.output_text == (expected[: expected.find(stop)] if stop in expected else expected)
+        assert update.stop_string == (stop if stop in expected else None)
+
+
+def test_a_bad_byte_rewrites_nothing_already_streamed() -> None:
+    # Byte fallback decodes this whole run as U+FFFDs; streamed, 你好 was out before the bad byte.
+    tokenizer = sentencepiece_bpe()
+    byte_ids = _byte_token_ids(tokenizer)
+    token_ids = [byte_ids[byte] for byte in "你好".encode() + b"\xe4" + "世界".encode()]
+    token_ids += tokenizer.encode(" the fox", add_special_tokens=False)
+    assert tokenizer.decode(token_ids).startswith("\ufffd" * 13)
+    pieces = stream(tokenizer, token_ids)
+    assert "".join(pieces) == "你好\ufffd世界 the fox"
+    assert pieces[: pieces.index("\ufffd")] == ["", "", "你", "", "", "好", ""]
+
+
+def test_a_real_replacement_character_is_not_held(tokenizer: PreTrainedTokenizerBase) -> None:
+    byte_ids = _byte_token_ids(tokenizer)
+    token_ids = [byte_ids[byte] for byte in "a\ufffd".encode()]
+    assert stream(tokenizer, token_ids)[-2:] == ["", "\ufffd"]
+
+
+def test_the_end_releases_an_unfinished_character_and_the_stop_string_it_completes(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    byte_ids = _byte_token_ids(tokenizer)
+    token_ids = [byte_ids[byte] for byte in b"ab\xe4\xb8"]
+    detokenizer = IncrementalDetokenizer(tokenizer, stop=["b\ufffd"])
+    updates = [detokenizer.add_token(token_id) for token_id in token_ids]
+    assert "".join(update.text for update in updates) == "a"
+    assert all(update.stop_string is None for update in updates)
+    update = detokenizer.finish()
+    assert (update.text, update.stop_string, detokenizer.output_text) == ("", "b\ufffd", "a")
+
+
+def test_a_token_that_ends_the_sequence_completes_no_stop_string(tokenizer: PreTrainedTokenizerBase) -> None:
+    # As in vLLM: an EOS or stop token kept in the text is the reason the sequence ended.
+    params = SamplingParams(stop=["</", "<|"], skip_special_tokens=False, include_stop_str_in_output=True)
+    detokenizer = IncrementalDetokenizer.for_request(tokenizer, [], params)
+    hello = [detokenizer.add_token(token_id) for token_id in tokenizer.encode("hello", add_special_tokens=False)]
+    eos = detokenizer.add_token(tokenizer.eos_token_id, ends_sequence=True)
+    end = detokenizer.finish()
+    assert [update.stop_string for update in [*hello, eos, end]] == [None] * (len(hello) + 2)
+    assert detokenizer.output_text == "hello" + tokenizer.eos_token
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_token_bytes_join_into_the_streamed_text(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
     """OpenAI's ``bytes``: each token's own bytes, so the tokens of a split character rejoin."""
@@ -212,8 +338,9 @@ def _detokenize(
         assert detokenizer.output_text == "".join(pieces)
         if update.stop_string is not None:
             return pieces, update.stop_string, position
-    pieces.append(detokenizer.finish())
-    return pieces, None, len(token_ids)
+    update = detokenizer.finish()
+    pieces.append(update.text)
+    return pieces, update.stop_string, len(token_ids)
 
 
 @pytest.mark.parametrize(
