@@ -230,6 +230,17 @@ class BlockManager:
         table.extend(self._take_free() for _ in range(num_fresh))
         return table
 
+    def trim(self, seq_id: str, num_tokens: int) -> None:
+        """Shrink ``seq_id``'s table to its first ``num_tokens`` tokens (it grew for proposals
+        that were refused). The blocks dropped hold no computed token, so none is published."""
+        table = self._tables[seq_id]
+        num_kept = self.num_blocks_for(num_tokens)
+        for block_id in table[num_kept:]:
+            assert self._ref_counts[block_id] == 1 and block_id not in self._hash_of_block, block_id
+            self._ref_counts[block_id] = 0
+            self._free_uncached.appendleft(block_id)
+        del table[num_kept:]
+
     def fork(self, parent_id: str, child_id: str, num_tokens: int) -> list[int]:
         """Start ``child_id`` sharing the blocks of ``parent_id``'s first ``num_tokens`` tokens.
 

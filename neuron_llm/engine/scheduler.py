@@ -265,6 +265,10 @@ class Scheduler:
             reached_length = entry.is_sampling and self._append_sampled(request, sampled[request.request_id])
             # Every token but the last sampled one has its K/V in the cache.
             request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+            if entry.num_draft_tokens:
+                # Blocks taken for refused proposals go back now, not when the request ends:
+                # held, they would keep a waiting request out or preempt a running one.
+                self.block_manager.trim(request.request_id, request.num_tokens)
             self.block_manager.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
             if reached_length:
                 self.finish(request.request_id, RequestStatus.FINISHED_LENGTH)
@@ -460,19 +464,19 @@ class Scheduler:
         Only a step reaching the last known token verifies proposals, and no more than
         ``budget`` allows, nor more than the request may still emit (a step emits one token
         past the proposals it keeps). Proposals never preempt, and leave ``num_kept_blocks``
-        free blocks (what the younger running requests need this step): otherwise there are none.
+        free blocks (what the younger running requests need this step): only the first ones
+        that fit are verified.
         """
         drafts = request.draft_token_ids
         if not drafts or num_new_tokens != request.num_tokens_to_compute:
             return []
-        drafts = drafts[: max(0, min(budget - num_new_tokens, self.room_for_drafts(request)))]
-        if not drafts:
-            return []
-        num_tokens = request.num_computed_tokens + num_new_tokens + len(drafts)
-        num_fresh = self.block_manager.num_blocks_for(num_tokens) - len(request.block_ids)
-        if num_fresh > self.block_manager.num_free_blocks - num_kept_blocks:
-            return []
-        self.block_manager.append_slots(request.request_id, num_tokens)
+        manager = self.block_manager
+        num_tokens = request.num_computed_tokens + num_new_tokens
+        num_free_blocks = max(0, manager.num_free_blocks - num_kept_blocks)
+        room = (len(request.block_ids) + num_free_blocks) * manager.block_size - num_tokens
+        drafts = drafts[: max(0, min(budget - num_new_tokens, self.room_for_drafts(request), room))]
+        if drafts:
+            manager.append_slots(request.request_id, num_tokens + len(drafts))
         return drafts
 
     def _reserve_blocks(self, request: Request, num_new_tokens: int, preempted_ids: list[str]) -> bool:

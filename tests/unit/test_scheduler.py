@@ -619,6 +619,8 @@ def check_invariants(scheduler: Scheduler, unfinished: dict[str, Request], max_p
         assert request.block_ids is manager.block_table(request.request_id)
         assert request.num_computed_tokens <= request.num_tokens + max_proposals
         assert request.num_computed_tokens <= len(request.block_ids) * manager.block_size
+        if not max_proposals:  # blocks taken for proposals go back with the step's result
+            assert len(request.block_ids) <= manager.num_blocks_for(request.num_tokens)
         holders.update(request.block_ids)
     assert NULL_BLOCK_ID not in holders and manager.ref_count(NULL_BLOCK_ID) == 0
     for block_id in range(1, manager.num_blocks):
@@ -719,9 +721,46 @@ def test_proposals_leave_a_waiting_request_the_blocks_its_prefix_hit_needs() -> 
     scheduler.add_request(make_request("late", [*prompt, 200, 201, 202]))
     shared.draft_token_ids = [7] * 4
     output = step(scheduler, model)
+    # "shared" verifies the 2 proposals its own last block has room for, and takes no fresh one.
     assert [(e.request.request_id, e.num_new_tokens, e.num_draft_tokens) for e in output.scheduled] == [
-        ("shared", 1, 0),
+        ("shared", 3, 2),
         ("late", 3, 0),
+    ]
+    assert scheduler.num_preemptions == 0
+
+
+def test_the_blocks_of_refused_proposals_go_back_with_the_step() -> None:
+    # Blocks of 4: one token and eight proposals fill 3 blocks; all refused, 5 tokens need 2.
+    scheduler = make_scheduler(num_blocks=8, max_num_batched_tokens=64)
+    model = FakeModel(scheduler)
+    request = make_request("r", [1, 2, 3], 20)
+    scheduler.add_request(request)
+    step(scheduler, model)
+    request.draft_token_ids = [next_token(request.all_token_ids) + 1] * 8  # the first is wrong
+    output = step(scheduler, model)
+    assert output.scheduled[0].num_draft_tokens == 8 and len(output.scheduled[0].block_ids) == 3
+    assert (request.num_tokens, len(request.block_ids)) == (5, 2)
+    assert scheduler.block_manager.num_free_blocks == 7 - 2
+    # A waiting prompt of 5 blocks now fits at once, as it would have without proposals.
+    scheduler.add_request(make_request("late", list(range(100, 120))))
+    assert [e.request.request_id for e in step(scheduler, model).scheduled] == ["r", "late"]
+    assert scheduler.num_preemptions == 0
+
+
+def test_only_the_proposals_that_fit_the_free_blocks_are_verified() -> None:
+    # Blocks of 4, 7 usable: "r" holds 1 (4 tokens), "young" 4 and needs a fifth for its next
+    # token, which leaves "r" 1 block: the next token's slot and 4 of the 12 proposals.
+    scheduler = make_scheduler(num_blocks=8, max_num_batched_tokens=64)
+    model = FakeModel(scheduler)
+    request, young = make_request("r", [1, 2, 3], 20), make_request("young", list(range(10, 26)), 4)
+    scheduler.add_request(request)
+    scheduler.add_request(young)
+    step(scheduler, model)
+    request.draft_token_ids = [7] * 12
+    output = step(scheduler, model)
+    assert [(e.request.request_id, e.num_new_tokens, e.num_draft_tokens) for e in output.scheduled] == [
+        ("r", 5, 4),
+        ("young", 1, 0),
     ]
     assert scheduler.num_preemptions == 0
 
