@@ -96,6 +96,9 @@ class StructuredOutputsParams:
     """A Lark grammar (llguidance's dialect), its rule ``start`` the whole text."""
     json_object: bool | None = None
     """True: any JSON object."""
+    disable_additional_properties: bool = False
+    """An object of the JSON schema that does not say whether it takes properties it does not
+    name takes none (``additionalProperties: false``), as in OpenAI's strict mode."""
 
     def __post_init__(self) -> None:
         # As in vLLM, an empty schema ({}: any JSON) or regex counts as given; json_object only when true.
@@ -129,12 +132,9 @@ class StructuredOutputsParams:
         )
         if choice is not None:
             object.__setattr__(self, "choice", list(choice))
-        _require(
-            self.json_object is None or isinstance(self.json_object, bool),
-            "structured_outputs.json_object",
-            self.json_object,
-            "must be a bool",
-        )
+        for name in ("json_object", "disable_additional_properties"):
+            value = getattr(self, name)
+            _require(value is None or isinstance(value, bool), f"structured_outputs.{name}", value, "must be a bool")
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,8 @@ class JsonSchemaFormat(_Request):
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     """Optional, as in OpenAI's API: left out, any JSON."""
     strict: bool | None = None
-    """Accepted; the schema is always held to."""
+    """True: an object that does not say whether it takes properties it does not name takes
+    none, as OpenAI's strict mode requires (the schema is held to either way)."""
 
 
 class ResponseFormat(_Request):
@@ -126,7 +127,8 @@ class ResponseFormat(_Request):
         if self.type == "json_object":
             return StructuredOutputsParams(json_object=True)
         if self.json_schema is not None:
-            return StructuredOutputsParams(json=self.json_schema.schema_)
+            schema = self.json_schema
+            return StructuredOutputsParams(json=schema.schema_, disable_additional_properties=bool(schema.strict))
         return None
 
 
@@ -140,6 +142,8 @@ class StructuredOutputs(_Request):
     grammar: str | None = None
     """A Lark grammar (llguidance's dialect)."""
     json_object: bool | None = None
+    disable_additional_properties: bool = False
+    """JSON schemas: an object that does not say otherwise takes no properties it does not name."""
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
@@ -151,7 +155,12 @@ class StructuredOutputs(_Request):
 
     def params(self) -> StructuredOutputsParams:
         return StructuredOutputsParams(
-            json=self.json_, regex=self.regex, choice=self.choice, grammar=self.grammar, json_object=self.json_object
+            json=self.json_,
+            regex=self.regex,
+            choice=self.choice,
+            grammar=self.grammar,
+            json_object=self.json_object,
+            disable_additional_properties=self.disable_additional_properties,
         )
 
 

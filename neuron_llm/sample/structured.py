@@ -148,6 +148,8 @@ def _grammar(llmatcher: Any, params: StructuredOutputsParams) -> tuple[str, str]
     field = _field(params)
     if field == "json":
         schema = json.loads(params.json) if isinstance(params.json, str) else params.json
+        if params.disable_additional_properties:
+            schema = _closed(schema)
         return field, llmatcher.grammar_from_json_schema(schema)
     if field == "json_object":
         return field, llmatcher.grammar_from_json_schema({"type": "object"})
@@ -157,6 +159,36 @@ def _grammar(llmatcher: Any, params: StructuredOutputsParams) -> tuple[str, str]
         # Lark string literals take JSON's escapes.
         return field, llmatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in params.choice))
     return field, llmatcher.grammar_from_lark(params.grammar)
+
+
+_SUBSCHEMA = ("additionalProperties", "items", "contains", "propertyNames", "not", "if", "then", "else")
+_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _closed(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on each object schema that does not set it.
+
+    Only keywords that hold schemas are walked, so a value of ``const``, ``enum`` or
+    ``default`` stays as written.
+    """
+    if not isinstance(schema, dict):
+        return schema  # a boolean schema
+    closed = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(schema.get(key), dict):
+            closed[key] = _closed(schema[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            closed[key] = [_closed(item) for item in schema[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            closed[key] = {name: _closed(item) for name, item in schema[key].items()}
+    types = schema.get("type")
+    is_object = types == "object" or (isinstance(types, list) and "object" in types) or "properties" in schema
+    if is_object and "additionalProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
 
 
 def _field(params: StructuredOutputsParams) -> str:

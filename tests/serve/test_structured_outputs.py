@@ -12,6 +12,7 @@ import pytest
 
 from neuron_llm.llm import LLM
 from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams
+from neuron_llm.serve.protocol import ResponseFormat, StructuredOutputs
 from tests.conftest import BOUNDED_JSON_SCHEMA, fits_bounded_schema
 from tests.serve.conftest import ServerThread, make_llm
 
@@ -239,3 +240,13 @@ def test_a_grammar_refusing_every_allowed_token_fails_its_own_call(llm: LLM) -> 
         pass
     assert last.finished and last.outputs[0].token_ids == expected
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_strict_mode_closes_the_schema_s_objects() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for strict in (None, False, True):
+        response_format = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": strict}}
+        params = ResponseFormat.model_validate(response_format).structured_outputs()
+        assert params.disable_additional_properties is bool(strict)
+    body = {"json": schema, "disable_additional_properties": True}
+    assert StructuredOutputs.model_validate(body).params().disable_additional_properties

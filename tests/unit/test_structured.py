@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.sampling_params import StructuredOutputsParams
 from tests.conftest import BOUNDED_JSON_SCHEMA, fits_bounded_schema
+from tests.tokenizer_kinds import byte_level_bpe
 
 structured = pytest.importorskip("neuron_llm.sample.structured")
 pytest.importorskip("llguidance")
@@ -118,6 +119,7 @@ def test_a_tokenizer_larger_than_the_model_and_eos_in_padding_rows(tokenizer: Pr
         ({"json_object": False}, "set exactly one of"),
         ({"regex": 5}, r"structured_outputs\.regex=5: must be a string"),
         ({"json": {}, "regex": ""}, "set exactly one of"),  # empty ones count, as in vLLM
+        ({"json": {}, "disable_additional_properties": "yes"}, r"disable_additional_properties='yes': must be a bool"),
     ],
 )
 def test_structured_outputs_params_are_checked(fields: dict, message: str) -> None:
@@ -137,3 +139,41 @@ def test_a_grammar_llguidance_gives_up_on_partway_fails_on_the_next_token(tokeni
     with pytest.raises(ValueError, match=r"^structured_outputs\.regex: (failed partway|token \d+ may not)"):
         for _ in range(64):
             grammar.accept(int(grammar.allowed().nonzero()[0][-1]))
+
+
+def test_a_closed_schema_takes_no_property_it_does_not_name() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "required": ["a"],
+        "x-guidance": {"whitespace_flexible": False},
+    }
+    tokenizer = byte_level_bpe()
+    compiler = structured.GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    comma, brace = tokenizer.convert_tokens_to_ids([",", "}"])
+    for closed in (False, True):
+        grammar = compiler.matcher(StructuredOutputsParams(json=schema, disable_additional_properties=closed))
+        for token in tokenizer.encode('{"a":1', add_special_tokens=False):
+            grammar.accept(token)
+        allowed = grammar.allowed()
+        assert (allowed[comma], allowed[brace]) == (not closed, True)
+
+
+def test_closing_a_schema_walks_its_subschemas_only() -> None:
+    point = {"type": "object", "properties": {"x": {"type": "number"}}}
+    schema = {
+        "type": ["object", "null"],
+        "properties": {"p": point, "open": {"type": "object", "additionalProperties": True}},
+        "$defs": {"point": point},
+        "anyOf": [{"properties": {"q": {"type": "array", "items": point}}}],
+        "const": {"type": "object"},
+    }
+    closed = structured._closed(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["p"]["additionalProperties"] is False
+    assert closed["properties"]["open"]["additionalProperties"] is True
+    assert closed["$defs"]["point"]["additionalProperties"] is False
+    assert closed["anyOf"][0]["additionalProperties"] is False
+    assert closed["anyOf"][0]["properties"]["q"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["p"]["properties"]["x"]
+    assert closed["const"] == {"type": "object"} and "additionalProperties" not in point
