@@ -172,6 +172,8 @@ def _run_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.model} has no tokenizer, so the text prompt cannot be encoded for it")
         prompt: str | dict[str, list[int]] = args.prompt
         if args.chat:
+            if not llm.tokenizer.chat_template:
+                raise ValueError("this model has no chat template: leave out --chat to send the prompt as written")
             text = render_chat(llm.tokenizer, [{"role": "user", "content": args.prompt}])
             prompt = {"prompt_token_ids": llm.tokenizer.encode(text, add_special_tokens=False)}
         if isinstance(sys.stdout, io.TextIOWrapper):

@@ -64,7 +64,9 @@ def parse_device(device: str | torch.device) -> torch.device:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a valid torch device") from e
+        # torch-neuronx puts NeuronCores behind torch-xla's device.
+        hint = " (a NeuronCore is the 'xla' device)" if str(device).lower().startswith("neuron") else ""
+        raise ValueError(f"device={device!r} is not a valid torch device{hint}") from e
 
 
 def require_visible(device: str | torch.device) -> torch.device:

@@ -44,6 +44,7 @@ from neuron_llm.sample.sampler import NoTokenLeftError
 from neuron_llm.sample.structured import GrammarError
 from neuron_llm.sampling_params import MAX_SEED, MIN_SEED, SamplingParams, is_integral
 from neuron_llm.worker import load_worker
+from neuron_llm.xla.device import import_torch_xla
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,10 @@ class LLM:
             quantization=quantization,
             speculative=SpeculativeConfig.parse(speculative_config),
         )
-        if torch.device(self.config.device.device).type == "xla" and self.config.cache.num_kv_blocks is None:
+        is_xla = torch.device(self.config.device.device).type == "xla"
+        if is_xla:
+            import_torch_xla()  # first: without it no other option matters
+        if is_xla and self.config.cache.num_kv_blocks is None:
             # Before loading, which takes minutes for a large model.
             raise ValueError(
                 "num_kv_blocks=None: set it on the XLA device (its memory is not queried yet; "

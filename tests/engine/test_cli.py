@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from neuron_llm.cli import main
+from tests.tokenizer_kinds import byte_level_bpe
 
 
 def test_help_lists_the_commands() -> None:
@@ -159,6 +161,14 @@ def test_a_tensor_parallel_size_of_0_is_refused_not_run_as_1(capsys, tiny_model_
     assert "tensor_parallel_size=0: must be an integer >= 1" in capsys.readouterr().err
 
 
+def test_chat_on_a_model_without_a_chat_template_says_to_leave_out_chat(capsys, tiny_model_dir, tmp_path) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    byte_level_bpe().save_pretrained(model_dir)
+    assert main(["generate", "--model", str(model_dir), "--chat", "--max-tokens", "2", "hi"]) == 2
+    assert "no chat template: leave out --chat" in capsys.readouterr().err
+
+
 def test_xla_without_a_kv_pool_size_is_refused_before_loading(capsys, monkeypatch, tiny_model_dir) -> None:
     import neuron_llm.quant.loading
 
@@ -166,6 +176,7 @@ def test_xla_without_a_kv_pool_size_is_refused_before_loading(capsys, monkeypatc
         raise AssertionError("weights were loaded before the options were checked")
 
     monkeypatch.setattr(neuron_llm.quant.loading, "load_any_format", load)
+    monkeypatch.setattr("neuron_llm.llm.import_torch_xla", lambda: None)  # as where torch-xla is
     assert main(["generate", "--model", str(tiny_model_dir), "--device", "xla", "hi"]) == 2
     assert "num_kv_blocks=None: set it on the XLA device" in capsys.readouterr().err
 
@@ -178,9 +189,9 @@ def test_xla_without_torch_xla_is_a_clear_error_before_loading(capsys, monkeypat
         raise AssertionError("weights were loaded before torch-xla was looked for")
 
     monkeypatch.setattr(neuron_llm.quant.loading, "load_any_format", load)
-    command = ["generate", "--model", str(tiny_model_dir), "--device", "xla", "--num-kv-blocks", "16", "hi"]
-    assert main(command) == 2
-    assert "need torch-xla" in capsys.readouterr().err
+    for options in ([], ["--num-kv-blocks", "16"]):  # it is named first, whatever else is missing
+        assert main(["generate", "--model", str(tiny_model_dir), "--device", "xla", *options, "hi"]) == 2
+        assert "need torch-xla" in capsys.readouterr().err
 
 
 def _interrupted_generate(interrupt: Callable[[subprocess.Popen[bytes]], None]) -> tuple[int, str]:

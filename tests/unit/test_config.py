@@ -354,6 +354,8 @@ def test_device_config_values() -> None:
         DeviceConfig(device="gpu0")
     with pytest.raises(ValueError, match=r"device='cuda:x' is not a valid torch device"):
         DeviceConfig(device="cuda:x")
+    with pytest.raises(ValueError, match=r"device='neuron' is not a valid torch device \(a NeuronCore is the 'xla'"):
+        DeviceConfig(device="neuron")
     with pytest.raises(ValueError, match=r"device='mps': neuron-llm runs on cpu, cuda, cuda:N or xla"):
         DeviceConfig(device="mps")
     with pytest.raises(ValueError, match=r"dtype=torch\.int8 is not supported"):
