@@ -58,11 +58,8 @@ class TokenDecoder:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        added = tokenizer.added_tokens_decoder
-        self._added = {token_id: token.content for token_id, token in added.items()}
-        self._special = frozenset(
-            token_id for token_id, token in added.items() if token.special and skip_special_tokens
-        )
+        self._texts = TokenTexts(tokenizer)
+        self._special = self._texts.special if skip_special_tokens else frozenset()
         self._piece_bytes = _piece_bytes_reader(tokenizer)
         self._is_byte_fallback = self._piece_bytes is _sentencepiece_bytes
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -151,16 +148,7 @@ class TokenDecoder:
         )
 
     def _token_bytes(self, token_id: int) -> bytes:
-        if self._piece_bytes is None:
-            return b""
-        if token_id in self._added:
-            return self._added[token_id].encode()
-        piece = self._tokenizer.convert_ids_to_tokens(token_id)
-        if piece is None:  # an id past the vocabulary decodes to nothing
-            return b""
-        with contextlib.suppress(KeyError):
-            return self._piece_bytes(piece)
-        return piece.encode()
+        return self._texts.raw_bytes(token_id) if self._piece_bytes is not None else b""
 
 
 class StopChecker:
@@ -330,7 +318,8 @@ class TokenTexts:
         added = tokenizer.added_tokens_decoder if tokenizer is not None else {}
         # Added tokens are stored as their text, not in the vocabulary's byte alphabet.
         self._added = frozenset(added)
-        self._special = frozenset(token_id for token_id, token in added.items() if token.special)
+        self.special = frozenset(token_id for token_id, token in added.items() if token.special)
+        """The ids that decoding with ``skip_special_tokens`` leaves out."""
 
     def __call__(self, token_id: int) -> str:
         if token_id not in self._texts:
@@ -345,7 +334,7 @@ class TokenTexts:
 
     def is_special(self, token_id: int) -> bool:
         """Whether decoding with ``skip_special_tokens`` leaves ``token_id`` out."""
-        return token_id in self._special
+        return token_id in self.special
 
     def _decode(self, token_id: int) -> str:
         if self._tokenizer is None:
