@@ -55,12 +55,14 @@ class TokenDecoder:
         tokenizer: PreTrainedTokenizerBase,
         prompt_token_ids: Sequence[int] = (),
         skip_special_tokens: bool = True,
+        texts: TokenTexts | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self._texts = TokenTexts(tokenizer)
+        self._texts = texts if texts is not None else TokenTexts(tokenizer)
+        """The tokenizer's token bytes, best shared by every sequence (an engine's caches them)."""
         self._special = self._texts.special if skip_special_tokens else frozenset()
-        self._piece_bytes = _piece_bytes_reader(tokenizer)
+        self._piece_bytes = self._texts.piece_bytes
         self._is_byte_fallback = self._piece_bytes is _sentencepiece_bytes
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         """The bytes of the pending tokens, to tell when they end inside a character."""
@@ -241,8 +243,9 @@ class IncrementalDetokenizer:
         min_tokens: int = 0,
         skip_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
+        texts: TokenTexts | None = None,
     ) -> None:
-        self._decoder = TokenDecoder(tokenizer, prompt_token_ids, skip_special_tokens)
+        self._decoder = TokenDecoder(tokenizer, prompt_token_ids, skip_special_tokens, texts)
         self._stop_checker = StopChecker(stop) if stop else None
         self._include_stop = include_stop_str_in_output
         self._min_tokens = min_tokens
@@ -254,7 +257,11 @@ class IncrementalDetokenizer:
 
     @classmethod
     def for_request(
-        cls, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: Sequence[int], params: SamplingParams
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        texts: TokenTexts | None = None,
     ) -> IncrementalDetokenizer:
         """The detokenizer of one sequence of a request with these sampling parameters."""
         return cls(
@@ -264,6 +271,7 @@ class IncrementalDetokenizer:
             params.min_tokens,
             params.skip_special_tokens,
             params.include_stop_str_in_output,
+            texts,
         )
 
     def add_token(self, token_id: int, ends_sequence: bool = False) -> DetokenizerUpdate:
@@ -314,7 +322,8 @@ class TokenTexts:
         self._tokenizer = tokenizer
         self._texts: dict[int, str] = {}
         self._bytes: dict[int, bytes] = {}
-        self._piece_bytes = _piece_bytes_reader(tokenizer)
+        self.piece_bytes = _piece_bytes_reader(tokenizer)
+        """How the vocabulary's pieces map to bytes; None for a scheme other than Llamas' two."""
         added = tokenizer.added_tokens_decoder if tokenizer is not None else {}
         # Added tokens are stored as their text, not in the vocabulary's byte alphabet.
         self._added = frozenset(added)
@@ -346,9 +355,9 @@ class TokenTexts:
             return b""  # no tokenizer, no text
         # None: an id past the tokenizer's vocabulary (a model's embedding padded beyond it).
         piece = self._tokenizer.convert_ids_to_tokens(token_id) if token_id not in self._added else None
-        if self._piece_bytes is not None and piece is not None:
+        if self.piece_bytes is not None and piece is not None:
             with contextlib.suppress(KeyError):
-                return self._piece_bytes(piece)
+                return self.piece_bytes(piece)
         return self(token_id).encode()
 
 

@@ -871,7 +871,7 @@ class LLMEngine:
                 f"stop={params.stop!r}: stop strings need a tokenizer, and this model has none; use stop_token_ids"
             )
         detokenizer = (
-            IncrementalDetokenizer.for_request(self.tokenizer, prompt_ids, params)
+            IncrementalDetokenizer.for_request(self.tokenizer, prompt_ids, params, self.token_texts)
             if self.tokenizer is not None and params.detokenize
             else None
         )
