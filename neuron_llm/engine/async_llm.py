@@ -401,6 +401,7 @@ class AsyncLLM:
         stream = self._streams.get(abort.request_id)
         if stream is not None and abort.stream in (None, stream):
             del self._streams[abort.request_id]
+            self._without_token.pop(abort.request_id, None)
             self.engine.abort(abort.request_id)
             if abort.stream is None:
                 # Aborted by id (``abort``), not by its consumer leaving: the consumer still waits.
@@ -447,6 +448,7 @@ class AsyncLLM:
     def _end_all(self, error: Exception) -> None:
         """End every request the engine holds with ``error``, aborting it there."""
         streams, self._streams = self._streams, {}
+        self._without_token.clear()
         # Every consumer hears first: an abort that raises (the engine's state unknown after
         # a failed step) must leave none of them waiting.
         for stream in streams.values():

@@ -78,8 +78,6 @@ class SchedulerOutput:
     """Running requests first (oldest first), then newly admitted ones."""
     preempted_ids: list[str]
     """Requests that lost their blocks this step."""
-    finished_ids: list[str]
-    """Requests finished (any reason) since the previous ``schedule()``; their state can go."""
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -152,7 +150,6 @@ class Scheduler:
         self._requests: dict[str, Request] = {}
         self._arrival_order: dict[str, int] = {}
         self._arrival_counter = itertools.count()
-        self._finished_ids: list[str] = []
         self._waiting_hit: tuple[Request, PrefixHit] | None = None
         """The oldest waiting request's prefix-cache hit, as last looked up in this step."""
 
@@ -201,8 +198,7 @@ class Scheduler:
     def finish(self, request_id: str, status: RequestStatus) -> bool:
         """End a request with a finished ``status`` (a stop token: ``FINISHED_STOPPED``).
 
-        Frees its blocks; its id is reported in the next ``SchedulerOutput.finished_ids``.
-        Returns False if the request is unknown or already finished.
+        Frees its blocks. Returns False if the request is unknown or already finished.
         """
         assert status.is_finished, status
         request = self._requests.get(request_id)
@@ -217,7 +213,6 @@ class Scheduler:
         del self._arrival_order[request_id]
         request.status = status
         request.block_ids = []
-        self._finished_ids.append(request_id)
         return True
 
     def schedule(self) -> SchedulerOutput:
@@ -233,8 +228,7 @@ class Scheduler:
         except BaseException:  # a Ctrl-C: what was advanced so far is recorded (``_advance``)
             self._rewind(scheduled)
             raise
-        finished_ids, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(scheduled, preempted_ids, finished_ids)
+        return SchedulerOutput(scheduled, preempted_ids)
 
     def rewind(self, output: SchedulerOutput) -> None:
         """Take back ``schedule``'s advance of a step that failed before its results came back:

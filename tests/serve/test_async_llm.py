@@ -101,6 +101,38 @@ def test_closing_a_stream_aborts_its_request_and_frees_its_blocks(model_dir: Pat
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_a_request_left_before_any_step_leaves_nothing_behind_on_an_idle_engine(model_dir: Path) -> None:
+    # The add and the abort reach the engine thread in one batch of commands, after which it
+    # is idle: no step runs, so nothing that a step would clean up may be left to it.
+    llm = make_llm(model_dir)
+    adding, release = threading.Event(), threading.Event()
+    add_request = llm.engine.add_request
+
+    def held_add_request(*args: Any, **kwargs: Any) -> None:
+        adding.set()
+        release.wait(10)
+        add_request(*args, **kwargs)
+
+    llm.engine.add_request = held_add_request  # type: ignore[method-assign]
+
+    async def scenario(engine: AsyncLLM) -> None:
+        first = asyncio.ensure_future(anext(engine.generate("Hello world", LONG)))
+        await asyncio.to_thread(adding.wait, 10)
+        first.cancel()  # queues the abort while the engine thread is inside the add
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        release.set()
+        for _ in range(200):
+            if engine.num_in_flight == 0 and not llm.engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert engine.num_in_flight == 0 and not llm.engine.has_unfinished_requests()
+        assert not engine._without_token and not engine._streams
+
+    run_with(llm, scenario)
+
+
 def test_a_stream_closed_late_aborts_only_its_own_request(model_dir: Path) -> None:
     async def scenario(engine: AsyncLLM) -> None:
         first = engine.generate("Hello world", LONG, request_id="same")

@@ -223,12 +223,13 @@ def test_without_chunked_prefill_a_recompute_longer_than_the_budget_is_chunked()
 def test_max_num_seqs_limits_the_batch() -> None:
     scheduler = make_scheduler(max_num_seqs=2)
     model = FakeModel(scheduler)
-    for request_id in "abc":
-        scheduler.add_request(make_request(request_id, [1, 2], max_tokens=2))
+    requests = [make_request(request_id, [1, 2], max_tokens=2) for request_id in "abc"]
+    for request in requests:
+        scheduler.add_request(request)
     assert ids(step(scheduler, model)) == ["a", "b"]
     assert ids(step(scheduler, model)) == ["a", "b"]
     third = step(scheduler, model)
-    assert ids(third) == ["c"] and third.finished_ids == ["a", "b"]
+    assert ids(third) == ["c"] and [r.status.is_finished for r in requests] == [True, True, False]
 
 
 def test_waiting_requests_are_first_come_first_served() -> None:
@@ -247,7 +248,7 @@ def test_waiting_requests_are_first_come_first_served() -> None:
     second = step(scheduler, model)
     assert ids(second) == ["a"] and second.scheduled[0].block_ids == [1, 2, 3, 4]
     third = step(scheduler, model)
-    assert ids(third) == ["b", "c"] and third.finished_ids == ["a"]
+    assert ids(third) == ["b", "c"] and a.status is RequestStatus.FINISHED_LENGTH
 
 
 def test_a_preempted_fork_waits_behind_requests_that_arrived_before_it() -> None:
@@ -469,7 +470,7 @@ def test_abort_in_any_state_frees_blocks() -> None:
     assert scheduler.abort("w")
     assert waiting.status is RequestStatus.FINISHED_ABORTED
     first = scheduler.schedule()
-    assert first.is_empty and first.finished_ids == ["w"]
+    assert first.is_empty and not scheduler.has_unfinished_requests()
 
     running = make_request("r", list(range(9)), max_tokens=5)
     scheduler.add_request(running)
@@ -478,7 +479,7 @@ def test_abort_in_any_state_frees_blocks() -> None:
     assert scheduler.abort("r")
     assert running.block_ids == [] and scheduler.block_manager.num_free_blocks == 7
     assert not scheduler.abort("r") and not scheduler.abort("unknown")
-    assert scheduler.schedule().finished_ids == ["r"]
+    assert scheduler.schedule().is_empty
     assert not scheduler.has_unfinished_requests()
 
 
@@ -824,7 +825,6 @@ def test_randomized_stress(seed: int, speculate: bool) -> None:
     every: dict[str, Request] = {}
     unfinished: dict[str, Request] = {}
     aborted: set[str] = set()
-    finished_reports: Counter[str] = Counter()
     num_forks = num_proposals = 0
 
     def abort_random() -> None:
@@ -856,7 +856,6 @@ def test_randomized_stress(seed: int, speculate: bool) -> None:
         output = scheduler.schedule()
         assert output.num_scheduled_tokens <= budget and len(output.scheduled) <= max_num_seqs
         assert len(set(ids(output))) == len(output.scheduled)
-        finished_reports.update(output.finished_ids)
         num_proposals += sum(entry.num_draft_tokens for entry in output.scheduled)
         check_invariants(scheduler, unfinished, max_proposals=4)
         sampled = model.step(output)
@@ -867,9 +866,7 @@ def test_randomized_stress(seed: int, speculate: bool) -> None:
         check_invariants(scheduler, unfinished)
     else:
         pytest.fail("requests never finished")
-    finished_reports.update(scheduler.schedule().finished_ids)
-
-    assert set(finished_reports) == set(every) and set(finished_reports.values()) == {1}
+    assert not scheduler.has_unfinished_requests() and scheduler.schedule().is_empty
     for request_id, request in every.items():
         max_tokens = request.sampling_params.max_tokens
         solo = solo_output(request.prompt_token_ids, max_tokens, max_model_len)
