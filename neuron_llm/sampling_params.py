@@ -28,6 +28,15 @@ logger = logging.getLogger(__name__)
 MAX_LOGIT_BIAS = 1024
 """Most token ids one request may bias: each step rebuilds every running request's biases."""
 
+MAX_N = 1024
+"""Most completions of one prompt: the engine builds every one's sequence when the request is
+added, on its one thread; a request with millions stalled every other and then ran out of memory."""
+
+MAX_STOP_STRINGS = 128
+MAX_STOP_STRING_CHARS = 1024
+"""Most stop strings one request may give, and their longest: every new token of the sequence
+is matched against each, on the engine's one thread (20,000 of them made every step 20x slower)."""
+
 MAX_STOP_TOKEN_IDS = 1024
 """Most stop token ids one request may give: every new token is looked up in them, and a
 min_tokens request's are masked at each step, on the engine's one thread."""
@@ -263,7 +272,7 @@ class SamplingParams:
         object.__setattr__(self, name, value)
 
     def _check_counts(self) -> None:
-        _require(is_integral(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
+        _require(is_integral(self.n) and 1 <= self.n <= MAX_N, "n", self.n, f"must be an integer in [1, {MAX_N}]")
         _require(
             self.max_tokens is None or (is_integral(self.max_tokens) and self.max_tokens >= 1),
             "max_tokens",
@@ -396,6 +405,13 @@ class SamplingParams:
         )
         stop = list(stop or [])
         _require(all(stop), "stop", self.stop, "stop strings must be non-empty")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop=<{len(stop)} strings>: at most {MAX_STOP_STRINGS} may be given")
+        if any(len(string) > MAX_STOP_STRING_CHARS for string in stop):
+            longest = max(map(len, stop))
+            raise ValueError(
+                f"stop=<a string of {longest} characters>: a stop string may have at most {MAX_STOP_STRING_CHARS}"
+            )
         _require(not stop or self.detokenize, "stop", self.stop, "stop strings need detokenize=True")
         self._set("stop", stop)
         ids = self.stop_token_ids
@@ -410,8 +426,9 @@ class SamplingParams:
         self._set("stop_token_ids", list(dict.fromkeys(int(i) for i in ids or [])))
 
 
-def truncated_prompt(token_ids: list[int], truncate_prompt_tokens: int, max_model_len: int) -> list[int]:
+def truncated_prompt(token_ids: list[int], truncate_prompt_tokens: int, max_seq_len: int) -> list[int]:
     """The last tokens of a prompt that ``truncate_prompt_tokens`` keeps: -1 as many as leave room
-    for one output token (a prompt that fills the context is refused)."""
-    keep = max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+    for one output token within ``max_seq_len``, the longest sequence the engine runs (a prompt
+    that fills it is refused)."""
+    keep = max_seq_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
     return token_ids[max(0, len(token_ids) - keep) :]

@@ -165,14 +165,15 @@ def output_budget(
 ) -> int:
     """``max_tokens`` checked against the context length; when None, the room the longest prompt leaves.
 
-    ``max_tokens`` 0 (scoring the prompt, as lm-eval-harness asks) takes prompts as long as the context.
+    ``max_tokens`` 0 (scoring the prompt, as lm-eval-harness asks) takes prompts as long as the
+    context, unless the KV pool sets the context length (it must then hold the prompt and one token).
     """
     index = max(range(len(prompts)), key=lambda i: len(prompts[i].token_ids))
     longest = len(prompts[index].token_ids)
     if len(prompts) > 1:
         prompt_param = f"{prompt_param}[{index}]"
     limit = model.max_model_len
-    if longest > limit or (longest == limit and max_tokens != 0):
+    if longest > limit or (longest == limit and (max_tokens != 0 or not model.scores_full_context)):
         raise ClientError(
             f"{prompt_param} is {longest} tokens, but this model's context length is {limit} tokens, "
             "which leaves no room for output; shorten it",

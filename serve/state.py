@@ -42,6 +42,13 @@ class ServedModel:
         return self.llm.engine.scheduler.max_seq_len
 
     @property
+    def scores_full_context(self) -> bool:
+        """Whether a prompt as long as ``max_model_len`` may be scored (``max_tokens`` 0): only
+        where the model's context sets that length, not the KV pool, which must hold the prompt."""
+        scheduler = self.llm.engine.scheduler
+        return scheduler.max_seq_len == scheduler.max_model_len
+
+    @property
     def max_prompt_len(self) -> int | None:
         """The longest prompt one step takes whole where prompts are not chunked (None: chunked)."""
         scheduler = self.llm.config.scheduler

@@ -13,7 +13,7 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -276,7 +276,7 @@ class LLMEngine:
             raise ValueError(f"request_id={request_id!r} is already in use")
         prompt_text, prompt_ids = self.tokenize_prompt(prompt)
         if params.truncate_prompt_tokens is not None:
-            prompt_ids = truncated_prompt(prompt_ids, params.truncate_prompt_tokens, self.config.max_model_len)
+            prompt_ids = truncated_prompt(prompt_ids, params.truncate_prompt_tokens, self.scheduler.max_seq_len)
         bad_words_token_ids = self._sampling_token_ids(params)
         sequences = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
         if params.structured_outputs is not None:
@@ -848,6 +848,8 @@ class LLMEngine:
                 raise ValueError("this model has no tokenizer: pass prompt token ids instead of text")
             prompt_text, token_ids, what = prompt, self.tokenizer.encode(prompt), "the prompt's tokens"
         else:
+            if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
+                raise ValueError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
             # NumPy's integers too (a tokenizer's return_tensors="np"), stored as ints.
             bad = [t for t in prompt if not is_integral(t)]
             if bad:

@@ -269,6 +269,8 @@ def test_a_seeded_request_retried_after_a_failed_step_draws_as_without_it(tiny_m
         ([1, 2, 999], SamplingParams(max_tokens=4), "not in the vocabulary"),
         ("text", SamplingParams(max_tokens=4), "no tokenizer"),
         ([1, 2, 3], {"max_tokens": 4}, "SamplingParams"),
+        (None, SamplingParams(max_tokens=4), "a string or a list of token ids, not NoneType"),
+        (b"ab", SamplingParams(max_tokens=4), "a string or a list of token ids, not bytes"),
     ],
 )
 def test_bad_request_fails_alone(tiny_model_dir, prompt, params, message) -> None:

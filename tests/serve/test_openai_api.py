@@ -691,6 +691,19 @@ def test_a_kv_pool_shorter_than_the_context_bounds_requests_without_max_tokens(m
         with pytest.raises(openai.BadRequestError) as too_many:
             client.completions.create(model=card["id"], prompt="Hi", max_tokens=200)
         assert too_many.value.body["param"] == "max_tokens" and "125 tokens" in too_many.value.body["message"]
+        # Scoring: the pool must hold the prompt's keys and values, so 124 tokens, not 125.
+        ids = [(i * 7) % 200 + 5 for i in range(125)]
+        options = {"model": card["id"], "logprobs": 1, "echo": True, "max_tokens": 0}
+        scored = client.completions.create(prompt=ids[:-1], **options).choices[0].logprobs.token_logprobs
+        assert len(scored) == 124
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(prompt=ids, **options)
+        assert refused.value.body["code"] == "context_length_exceeded"
+    # truncate_prompt_tokens=-1 keeps what the pool leaves room for, offline as in the server.
+    llm = make_llm(model_dir, num_kv_blocks=32)
+    prompt = {"prompt_token_ids": list(range(5, 205))}
+    (output,) = llm.generate([prompt], SamplingParams(max_tokens=1, truncate_prompt_tokens=-1))
+    assert output.prompt_token_ids == list(range(81, 205))
 
 
 def test_without_max_tokens_each_prompt_may_fill_the_context(client: openai.OpenAI, model_name: str) -> None:

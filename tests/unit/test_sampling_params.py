@@ -12,6 +12,9 @@ from neuron_llm.sampling_params import (
     MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
     MIN_TEMPERATURE,
     SamplingParams,
@@ -62,6 +65,11 @@ def test_a_temperature_under_a_hundredth_is_raised_to_it_as_in_vllm(
     assert SamplingParams(temperature=0.01).temperature == 0.01 and SamplingParams(temperature=0.0).is_greedy
 
 
+def test_the_largest_counts_are_taken() -> None:
+    params = SamplingParams(n=MAX_N, stop=["s" * MAX_STOP_STRING_CHARS] * MAX_STOP_STRINGS)
+    assert params.n == MAX_N and len(params.stop) == MAX_STOP_STRINGS
+
+
 def test_seed_minus_one_is_no_seed_as_in_vllm() -> None:
     assert SamplingParams(seed=-1).seed is None
     assert SamplingParams(seed=-2).seed == -2
@@ -73,6 +81,8 @@ def test_seed_minus_one_is_no_seed_as_in_vllm() -> None:
         ("n", 0),
         ("n", 1.5),
         ("n", True),
+        ("n", MAX_N + 1),
+        ("n", 10**30),
         ("temperature", -1.0),
         ("temperature", "hot"),
         ("temperature", math.nan),
@@ -97,6 +107,8 @@ def test_seed_minus_one_is_no_seed_as_in_vllm() -> None:
         ("stop", ["ok", ""]),
         ("stop", 42),
         ("stop", ["ok", 3]),
+        ("stop", ["s"] * (MAX_STOP_STRINGS + 1)),
+        ("stop", ["ok", "s" * (MAX_STOP_STRING_CHARS + 1)]),
         ("stop_token_ids", [-1]),
         ("stop_token_ids", ["eos"]),
         ("stop_token_ids", 7),
