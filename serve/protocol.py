@@ -19,9 +19,20 @@ import typing
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from neuron_llm.loader.tokenizer import chat_template_arguments, tool_call_arguments
+from neuron_llm.loader.tokenizer import NO_PARAMETERS, chat_template_arguments, tool_call_arguments
 from neuron_llm.sampling_params import (
     MAX_BAD_WORD_CHARS,
     MAX_BAD_WORDS,
@@ -36,9 +47,6 @@ from neuron_llm.sampling_params import (
 
 MAX_N = 128
 """Most completions of one prompt (OpenAI's limit). Beyond max_num_seqs they run in turns, as in ``LLM``."""
-
-NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
-"""The parameters schema of a function declared without any, as templates read it."""
 
 MAX_STOP, MAX_STOP_CHARS = 16, 1024
 """Most stop strings a request takes, and their longest: the engine's thread matches every one
@@ -483,6 +491,18 @@ class ChatTemplateOptions(_Request):
     """Variables for the chat template; they may set the two options above too, and win."""
     tools: list[ChatTool] | None = Field(None, max_length=128)
     """Functions the model may call, rendered by the chat template (OpenAI's limit: 128)."""
+    _tools_as_sent: list[Any] | None = PrivateAttr(None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_the_tools_as_sent(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        # The template renders the tools as the client wrote them (key order, nulls, a schema
+        # without "type"), as transformers' apply_chat_template and LLM.chat do; the validated
+        # ones, their schemas completed, build the constraint of the calls the server holds to.
+        request = handler(data)
+        if isinstance(data, dict):
+            request._tools_as_sent = data.get("tools")
+        return request
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -505,7 +525,7 @@ class ChatTemplateOptions(_Request):
 
     def template_options(self) -> dict[str, Any]:
         """``render_chat``'s keyword arguments."""
-        tools = {"tools": [tool.model_dump(exclude_none=True) for tool in self.tools]} if self.tools else {}
+        tools = {"tools": self._tools_as_sent} if self.tools else {}
         return {
             "add_generation_prompt": self.add_generation_prompt,
             "continue_final_message": self.continue_final_message,

@@ -16,8 +16,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from neuron_llm.loader.tokenizer import NO_PARAMETERS
 from neuron_llm.sampling_params import StructuredOutputsParams
-from neuron_llm.serve.protocol import NO_PARAMETERS, ChatCompletionRequest, ChatTool, FunctionCall, ToolCall
+from neuron_llm.serve.protocol import ChatCompletionRequest, ChatTool, FunctionCall, ToolCall
 
 TOOL_CALL_PARSERS = ("llama3_json",)
 """The ways the server can read tool calls from a reply (``--tool-call-parser``)."""

@@ -30,6 +30,9 @@ from neuron_llm.loader.gguf_file import TokenizerDefaults
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 """``developer`` is OpenAI's newer name for ``system``, and is rendered as one."""
 CHAT_TEMPLATES_DIR = "additional_chat_templates"
+
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+"""The parameters schema of a function declared without any, as templates read it."""
 """Where transformers saves named chat templates (``tool_use`` and others) but the default, one file each."""
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 """The files that hold a vocabulary; a tokenizer_config.json alone builds an empty tokenizer."""
@@ -192,9 +195,11 @@ def render_chat(
     leaves the last message open for the model to continue (``continue_final_message``).
     A content may be a list of ``{"type": "text", "text": ...}`` parts, joined one per line.
     ``chat_template`` replaces the model's; ``template_kwargs`` reach the template as
-    variables. Raises ``ValueError`` when there is no template, a message is malformed, or
-    the template refuses the messages (some insist that user and assistant turns alternate)
-    or fails on the values given (a number where it expects a string).
+    variables. ``tools`` reach it as given, but that a function without ``parameters`` (or
+    with null ones) takes ``NO_PARAMETERS``, OpenAI's meaning, which templates may read.
+    Raises ``ValueError`` when there is no template, a message is malformed, or the template
+    refuses the messages (some insist that user and assistant turns alternate) or fails on
+    the values given (a number where it expects a string).
     """
     # A tokenizer's template may be a dict of named ones, from which transformers picks "default".
     if not (chat_template or tokenizer.chat_template):
@@ -202,6 +207,8 @@ def render_chat(
     if add_generation_prompt and continue_final_message:
         raise ValueError("add_generation_prompt and continue_final_message exclude each other")
     messages = _checked_messages(messages)
+    if template_kwargs.get("tools"):
+        template_kwargs["tools"] = [_with_parameters(tool) for tool in template_kwargs["tools"]]
     try:
         return tokenizer.apply_chat_template(
             messages,
@@ -237,6 +244,13 @@ def chat_template_arguments() -> frozenset[str]:
         for name, parameter in inspect.signature(call).parameters.items()
         if parameter.kind not in variadic
     )
+
+
+def _with_parameters(tool: Any) -> Any:
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(function, dict) or function.get("parameters") is not None:
+        return tool
+    return {**tool, "function": {**function, "parameters": dict(NO_PARAMETERS)}}
 
 
 def _checked_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -114,6 +114,26 @@ def test_tools_and_past_calls_reach_the_chat_template(tools_model_dir: Path) -> 
     assert body.messages[1].for_template()["tool_calls"][0]["function"]["arguments"] == {}
 
 
+def test_tools_reach_the_template_as_the_client_wrote_them(tools_server: ServerThread, tools_model_dir: Path) -> None:
+    # Key order, a null description and a schema without "type" render as transformers
+    # renders the same dicts (and LLM.chat does), not as validated.
+    tools = [
+        {"type": "function", "function": {"name": "get_time", "description": None, "parameters": {"properties": {}}}},
+        {"function": {"parameters": {"properties": {"unit": {"enum": ["c"]}}, "type": "object"}, "name": "unit"}},
+    ]
+    tools[1]["type"] = "function"
+    tokenizer = AutoTokenizer.from_pretrained(tools_model_dir)
+    text = tokenizer.apply_chat_template(USER, tools=tools, add_generation_prompt=True, tokenize=False)
+    served = httpx.post(f"{tools_server.url}/tokenize", json={"messages": USER, "tools": tools})
+    assert served.status_code == 200, served.text
+    assert served.json()["tokens"] == tokenizer.encode(text, add_special_tokens=False)
+    # A function of no parameters (left out or null) takes an empty object's schema, which
+    # this template reads, here as in LLM.chat.
+    for now in ({"name": "now"}, {"name": "now", "parameters": None}):
+        rendered = render_chat(tokenizer, USER, tools=[{"type": "function", "function": now}])
+        assert rendered.startswith('<|system|>now: {"type": "object", "properties": {}};<|end|>')
+
+
 def test_a_named_function_is_called_with_arguments_its_schema_allows(client: openai.OpenAI) -> None:
     choice = {"type": "function", "function": {"name": "get_weather"}}
     whole, chunks = chat(client, tools=TOOLS, tool_choice=choice)
