@@ -15,6 +15,7 @@ from typing import Any, cast
 from transformers import PreTrainedTokenizerBase
 
 from neuron_llm.loader import render_chat
+from neuron_llm.loader.tokenizer import checked_unicode
 from neuron_llm.sample.structured import GrammarError
 from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams, truncated_prompt
 from neuron_llm.serve.errors import ClientError, ServerError, error_from_value_error
@@ -130,7 +131,7 @@ def chat_text(model: ServedModel, request: ChatTemplateOptions) -> str:
         text = render_chat(tokenizer, [message.for_template() for message in request.messages], **options)
     except ValueError as e:
         raise ClientError(str(e), "messages") from e
-    return unicode_text(text, "messages")
+    return text
 
 
 def model_tokenizer(model: ServedModel, param: str) -> PreTrainedTokenizerBase:
@@ -141,19 +142,11 @@ def model_tokenizer(model: ServedModel, param: str) -> PreTrainedTokenizerBase:
 
 
 def unicode_text(text: str, param: str) -> str:
-    """``text``, refused unless it is Unicode text a tokenizer can encode.
-
-    JSON can carry half of a UTF-16 surrogate pair ("\\ud83d", a string cut inside an emoji);
-    it is no character, and no UTF-8 encodes it.
-    """
+    """``text``, refused (naming ``param``) unless it is Unicode text a tokenizer can encode."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ClientError(
-            f"{param} holds a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}): not Unicode text",
-            param,
-        ) from None
-    return text
+        return checked_unicode(text, param)
+    except ValueError as e:
+        raise ClientError(str(e), param) from None
 
 
 def output_budget(

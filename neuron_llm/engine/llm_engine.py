@@ -25,7 +25,7 @@ from neuron_llm.engine.model_runner import ModelRunner, StepResult
 from neuron_llm.engine.request import Request, RequestStatus
 from neuron_llm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, SchedulerStats
 from neuron_llm.engine.speculative import Proposer, make_proposer
-from neuron_llm.loader.tokenizer import bad_word_token_ids
+from neuron_llm.loader.tokenizer import bad_word_token_ids, checked_unicode
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from neuron_llm.parallel.executor import Executor
 from neuron_llm.sample import LogprobsTensors, RowState, compute_prompt_logprobs, make_generator
@@ -846,7 +846,8 @@ class LLMEngine:
             # "" is a prompt where the tokenizer adds BOS, as in vLLM: only no tokens is refused.
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompt token ids instead of text")
-            prompt_text, token_ids, what = prompt, self.tokenizer.encode(prompt), "the prompt's tokens"
+            token_ids = self.tokenizer.encode(checked_unicode(prompt, "the prompt"))
+            prompt_text, what = prompt, "the prompt's tokens"
         else:
             if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
                 raise ValueError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")

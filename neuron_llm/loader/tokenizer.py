@@ -199,7 +199,8 @@ def render_chat(
     with null ones) takes ``NO_PARAMETERS``, OpenAI's meaning, which templates may read.
     Raises ``ValueError`` when there is no template, a message is malformed, or the template
     refuses the messages (some insist that user and assistant turns alternate) or fails on
-    the values given (a number where it expects a string).
+    the values given (a number where it expects a string), or the text holds half of a
+    surrogate pair.
     """
     # A tokenizer's template may be a dict of named ones, from which transformers picks "default".
     if not (chat_template or tokenizer.chat_template):
@@ -210,7 +211,7 @@ def render_chat(
     if template_kwargs.get("tools"):
         template_kwargs["tools"] = [_with_parameters(tool) for tool in template_kwargs["tools"]]
     try:
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             messages,
             chat_template=chat_template,
             add_generation_prompt=add_generation_prompt,
@@ -224,6 +225,7 @@ def render_chat(
         # The template's own expressions fail on values the request chose (a number where it
         # adds strings, say), or its data nests past Python's recursion limit (RecursionError).
         raise ValueError(f"the model's chat template failed on the request's values: {type(e).__name__}: {e}") from e
+    return checked_unicode(text, "the conversation")
 
 
 @functools.cache
@@ -244,6 +246,21 @@ def chat_template_arguments() -> frozenset[str]:
         for name, parameter in inspect.signature(call).parameters.items()
         if parameter.kind not in variadic
     )
+
+
+def checked_unicode(text: str, what: str) -> str:
+    """``text``, or ``ValueError`` where it is not Unicode text a tokenizer can encode.
+
+    A Python string (or JSON) can hold half of a UTF-16 surrogate pair ("\\ud83d", a string
+    cut inside an emoji); it is no character, and no UTF-8 encodes it.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} holds a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}): not Unicode text"
+        ) from None
+    return text
 
 
 def _with_parameters(tool: Any) -> Any:

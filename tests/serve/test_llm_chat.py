@@ -52,6 +52,15 @@ def test_a_prompt_dict_with_anything_unread_is_refused(llm: LLM, prompt: dict) -
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_half_a_surrogate_pair_is_refused_by_name(llm: LLM) -> None:
+    # A string cut inside an emoji: the tokenizer's own error named no field.
+    with pytest.raises(ValueError, match=r"the prompt holds a lone UTF-16 surrogate \('\\ud83d' at character 4\)"):
+        llm.generate("cut \ud83d", GREEDY)
+    with pytest.raises(ValueError, match=r"the conversation holds a lone UTF-16 surrogate"):
+        llm.chat([{"role": "user", "content": "cut \ud83d"}], GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_open_streams_and_generate_each_get_all_their_outputs(llm: LLM) -> None:
     """Every step advances every request; no caller may drop another's outputs."""
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
