@@ -851,6 +851,7 @@ class LLMEngine:
         else:
             if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
                 raise ValueError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
+            prompt = list(prompt)  # read once: it may be an iterator
             # NumPy's integers too (a tokenizer's return_tensors="np"), stored as ints.
             bad = [t for t in prompt if not is_integral(t)]
             if bad:

@@ -287,6 +287,16 @@ def test_bad_request_fails_alone(tiny_model_dir, prompt, params, message) -> Non
     assert all_blocks_free(llm)
 
 
+def test_prompt_token_ids_may_come_from_an_iterator(tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir)
+    (prompt,) = random_prompts(1, seed=12)
+    llm.engine.add_request(prompt, GREEDY, request_id="list")
+    llm.engine.add_request(iter(prompt), GREEDY, request_id="iterator")
+    finished = run_all(llm, {})
+    assert finished["iterator"].prompt_token_ids == prompt
+    assert finished["iterator"].outputs[0].token_ids == finished["list"].outputs[0].token_ids
+
+
 def test_request_ids_never_clash_with_sequence_ids(tiny_model_dir) -> None:
     llm = make_llm(tiny_model_dir)
     engine = llm.engine
