@@ -375,13 +375,7 @@ class SamplingParams:
             words,
             "must be None or a list of strings",
         )
-        if len(words or ()) > MAX_BAD_WORDS:
-            raise ValueError(f"bad_words=<{len(words)} words>: at most {MAX_BAD_WORDS} may be given")
-        if any(len(w) > MAX_BAD_WORD_CHARS for w in words or ()):
-            longest = max(len(w) for w in words)
-            raise ValueError(
-                f"bad_words=<a word of {longest} characters>: a word may have at most {MAX_BAD_WORD_CHARS}"
-            )
+        _check_sizes("bad_words", words or [], "word", MAX_BAD_WORDS, MAX_BAD_WORD_CHARS)
         _require(all(w.strip() for w in words or ()), "bad_words", words, "words must hold more than white space")
         self._set("bad_words", list(words) if words else None)
 
@@ -405,13 +399,7 @@ class SamplingParams:
         )
         stop = list(stop or [])
         _require(all(stop), "stop", self.stop, "stop strings must be non-empty")
-        if len(stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop=<{len(stop)} strings>: at most {MAX_STOP_STRINGS} may be given")
-        if any(len(string) > MAX_STOP_STRING_CHARS for string in stop):
-            longest = max(map(len, stop))
-            raise ValueError(
-                f"stop=<a string of {longest} characters>: a stop string may have at most {MAX_STOP_STRING_CHARS}"
-            )
+        _check_sizes("stop", stop, "string", MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS)
         _require(not stop or self.detokenize, "stop", self.stop, "stop strings need detokenize=True")
         self._set("stop", stop)
         ids = self.stop_token_ids
@@ -424,6 +412,15 @@ class SamplingParams:
         if len(ids or ()) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids=<{len(ids)} token ids>: at most {MAX_STOP_TOKEN_IDS} may be given")
         self._set("stop_token_ids", list(dict.fromkeys(int(i) for i in ids or [])))
+
+
+def _check_sizes(name: str, strings: list[str], noun: str, max_count: int, max_chars: int) -> None:
+    """``ValueError`` naming ``name`` where it holds over ``max_count`` strings or one over ``max_chars``."""
+    if len(strings) > max_count:
+        raise ValueError(f"{name}=<{len(strings)} {noun}s>: at most {max_count} may be given")
+    longest = max(map(len, strings), default=0)
+    if longest > max_chars:
+        raise ValueError(f"{name}=<a {noun} of {longest} characters>: a {noun} may have at most {max_chars}")
 
 
 def truncated_prompt(token_ids: list[int], truncate_prompt_tokens: int, max_seq_len: int) -> list[int]:

@@ -30,10 +30,9 @@ from neuron_llm.loader.gguf_file import TokenizerDefaults
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 """``developer`` is OpenAI's newer name for ``system``, and is rendered as one."""
 CHAT_TEMPLATES_DIR = "additional_chat_templates"
-
+"""Where transformers saves named chat templates (``tool_use`` and others) but the default, one file each."""
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 """The parameters schema of a function declared without any, as templates read it."""
-"""Where transformers saves named chat templates (``tool_use`` and others) but the default, one file each."""
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 """The files that hold a vocabulary; a tokenizer_config.json alone builds an empty tokenizer."""
 
