@@ -329,11 +329,13 @@ def test_decode_fp16(device: torch.device) -> None:
 
 def test_decode_num_splits() -> None:
     # An H100 (132 SMs), 8 KV heads. A wide block table and one sequence: as many splits as
-    # the rule allows; a narrow one: none; always a power of two, fewer as the batch grows.
-    assert decode_num_splits(1, 8, 2048, 16, num_sms=132) == 64
-    assert decode_num_splits(1, 8, 16, 16, num_sms=132) == 1
-    splits = [decode_num_splits(num_seqs, 8, 512, 16, num_sms=132) for num_seqs in (1, 8, 64, 256)]
-    assert splits == [32, 16, 2, 1]
+    # the rule allows; a narrow one: one a 64-key tile, or none; always a power of two, fewer
+    # as the batch grows.
+    assert decode_num_splits(1, 8, 2048, 16, num_sms=132) == attention.DECODE_MAX_SPLITS == 32
+    assert decode_num_splits(1, 8, 64, 16, num_sms=132) == 16
+    assert decode_num_splits(1, 8, 4, 16, num_sms=132) == 1
+    splits = [decode_num_splits(num_seqs, 8, 512, 16, num_sms=132) for num_seqs in (1, 2, 8, 16, 32, 256)]
+    assert splits == [32, 16, 4, 2, 1, 1]
 
 
 @pytest.mark.parametrize("num_splits", [0, attention.MAX_SPLITS + 1])
