@@ -306,14 +306,22 @@ def test_decode(device: torch.device, num_heads: int, num_kv_heads: int, num_spl
     assert_close(run_decode(case, num_splits, DecodeConfig(block_n=16, num_warps=4, num_stages=2)), case)
 
 
-def test_decode_splits_combine_the_same_way_every_time(device: torch.device) -> None:
-    """Contexts of one run, of a few runs, and of more runs than the combine reads at once
-    (9 of 16 splits, in chunks of 8 for 4 query heads a KV head): the combine is deterministic."""
+@pytest.mark.parametrize("num_splits", [16, 32])
+def test_decode_splits_combine_the_same_way_every_time(device: torch.device, num_splits: int) -> None:
+    """Contexts of one run, of a few runs, and of more runs than a trip of the combine reads
+    (9 of 16 splits, in trips of 8 for 4 query heads a KV head; 17 of 32, in one trip): the
+    combine is deterministic."""
     case = make_case([1] * 4, [12, 40, 130, 260], 8, 2, 64, 16, torch.float32, device, num_padded_seqs=5)
     config = DecodeConfig(block_n=16, num_warps=4, num_stages=2)
-    first = run_decode(case, num_splits=16, config=config)
+    first = run_decode(case, num_splits=num_splits, config=config)
     assert_close(first, case)
-    assert torch.equal(run_decode(case, num_splits=16, config=config), first)
+    assert torch.equal(run_decode(case, num_splits=num_splits, config=config), first)
+
+
+def test_decode_combine_reads_32_splits_in_one_trip() -> None:
+    assert [attention.decode_combine_splits(n, 4) for n in (4, 16, 32)] == [4, 8, 32]
+    assert attention.decode_combine_splits(32, 8) == 16  # at most 128 partials a trip
+    assert attention.decode_combine_splits(64, 4) == 32
 
 
 @pytest.mark.parametrize("head_dim", [80, 128])
