@@ -67,11 +67,11 @@ against 55.8 in 64)."""
 MAX_PARTIAL_BYTES = 64 << 20
 """Prefill: the most bytes of partial outputs its splits may write."""
 COMBINE_PAIRS = 32
-"""Decode: (split, query head) partials the combining program reads at once..."""
+"""Decode: (split, query head) partials the combining program reads at once."""
 COMBINE_ONE_TRIP_SPLITS = 32
 COMBINE_ONE_TRIP_PAIRS = 128
-"""...except from ``COMBINE_ONE_TRIP_SPLITS`` splits on (batch 1), read up to this many at
-once: all 32 splits of 4 query heads in one trip. H100, batch 1, 32 splits: 8k keys 18.5-18.7
+"""Decode with ``COMBINE_ONE_TRIP_SPLITS`` splits or more (batch 1): the partials read at once
+instead, all 32 splits of 4 query heads in one trip. H100, batch 1, 32 splits: 8k keys 18.5-18.7
 us against 20.1-20.3 in four trips of 8 splits, 2k 9.1-9.2 against 10.4-10.5. One trip of 16
 splits ran slower than two of 8 (batch 2, 1k keys: 10.5 us against 9.4-9.5), so fewer splits
 keep ``COMBINE_PAIRS``."""
