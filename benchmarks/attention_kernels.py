@@ -21,7 +21,8 @@ block tables in a random block order.
   (Q - 1 drafted tokens and the last known one), padded to a prefill bucket as the engine
   pads it, run by the prefill kernel; beside it the decode case of the same batch and
   context (the same keys and values read). ``--sweep-splits`` also times each split count
-  (of these and of prefills after ``--prefill-context``), ``--sweep-verify`` each with smaller tiles.
+  (of these, of the decode cases and of prefills after ``--prefill-context``),
+  ``--sweep-verify`` each with smaller tiles.
 
 Every case is first checked against the torch reference backend (fp32, on sampled rows for
 prefill, in groups of sequences for decode). A Markdown table is printed last.
@@ -262,12 +263,7 @@ def bench_prefill(seq_len: int, context: int, dtype, device, sweep: bool, sweep_
     if sweep:
         result["sweep"] = sweep_configs(run, device, prefill_configs())
     if sweep_splits and context:
-        splits = {
-            f"splits={n}": time_ms(lambda n=n: run(None, n), device)
-            for n in SPLIT_COUNTS
-            if n == 1 or n * 64 <= context
-        }
-        result["split_sweep"] = {"best": min(splits, key=splits.get), "all_ms": splits}
+        result["split_sweep"] = split_sweep(lambda n: time_ms(lambda: run(None, n), device), context)
     if context == 0:
         for name, ms in sdpa_times(inputs, device).items():
             result[f"{name}_ms"] = ms
@@ -275,6 +271,13 @@ def bench_prefill(seq_len: int, context: int, dtype, device, sweep: bool, sweep_
         value = result[key]
         result[key.replace("_ms", "_tflops")] = None if value is None else flops / value / 1e9
     return result
+
+
+def split_sweep(time_splits: Callable[[int], float], context: int) -> dict:
+    """``time_splits(n)`` for each of ``SPLIT_COUNTS`` that leaves a split a 64-key tile or more
+    of ``context``, and the fastest."""
+    splits = {f"splits={n}": time_splits(n) for n in SPLIT_COUNTS if n == 1 or n * 64 <= context}
+    return {"best": min(splits, key=splits.get), "all_ms": splits}
 
 
 def sdpa_times(inputs: Inputs, device) -> dict[str, float | None]:
@@ -319,7 +322,7 @@ def over_copies(copies: list[Inputs], outs: list, kernel: Callable, scale: float
     ]
 
 
-def bench_decode(batch: int, context: int, dtype, device, sweep: bool) -> dict:
+def bench_decode(batch: int, context: int, dtype, device, sweep: bool, sweep_splits: bool) -> dict:
     import torch
 
     from neuron_llm.backends.cuda import attention
@@ -348,6 +351,8 @@ def bench_decode(batch: int, context: int, dtype, device, sweep: bool) -> dict:
         "bandwidth_gbs": (kv_bytes + io_bytes) / ms / 1e6,
         "read_floor_ms": decode_read_floor_ms(kv_bytes, num_copies, num_sms, device),
     }
+    if sweep_splits:
+        result["split_sweep"] = split_sweep(lambda n: time_graph_ms(runs(None, n), device, min_ms=50.0), context)
     if sweep:
         candidates = {}
         split_counts = sorted({max(1, default_splits // 2), default_splits, default_splits * 2, default_splits * 4})
@@ -497,16 +502,19 @@ def markdown(results: dict) -> str:
         )
     lines += [
         "",
-        "| decode batch | context | splits | ours us | GB/s | % of copy | read floor us | rel. error |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| decode batch | context | splits | ours us | GB/s | % of copy | read floor us "
+        "| best split count (us) | rel. error |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in results["decode"]:
         share = 100 * row["bandwidth_gbs"] / results["copy_bandwidth_gbs"]
         floor = row["read_floor_ms"]
         floor = "n/a" if floor is None else f"{floor * 1e3:.1f} ({floor / row['ours_ms']:.0%})"
+        sweep = row.get("split_sweep")
+        best = "" if sweep is None else f"{sweep['best']} ({sweep['all_ms'][sweep['best']] * 1e3:.1f})"
         lines.append(
             f"| {row['batch']} | {row['context']} | {row['num_splits']} | {row['ours_ms'] * 1e3:.1f} "
-            f"| {row['bandwidth_gbs']:.0f} | {share:.0f}% | {floor} | {row['error']:.1e} |"
+            f"| {row['bandwidth_gbs']:.0f} | {share:.0f}% | {floor} | {best} | {row['error']:.1e} |"
         )
     if results.get("verify"):
         lines += [
@@ -545,7 +553,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, in Triton's interpreter")
     parser.add_argument("--sweep", action="store_true", help="also time every launch config (and decode split count)")
-    parser.add_argument("--sweep-splits", action="store_true", help="also time each split count of the prefill kernel")
+    parser.add_argument(
+        "--sweep-splits", action="store_true", help="also time each split count of the prefill and decode kernels"
+    )
     parser.add_argument("--sweep-verify", action="store_true", help="verification: each split count with smaller tiles")
     parser.add_argument("--prefill-lens", type=int, nargs="*", default=[4096, 16384])
     parser.add_argument("--prefill-context", type=int, default=0, help="cached tokens before each prefill")
@@ -597,7 +607,7 @@ def main() -> None:
                 f"skipped decode batch {batch} x context {context}: {kv_bytes / 2**30:.1f} GiB of K/V", file=sys.stderr
             )
             continue
-        results["decode"].append(bench_decode(batch, context, dtype, device, args.sweep))
+        results["decode"].append(bench_decode(batch, context, dtype, device, args.sweep, args.sweep_splits))
         print(json.dumps(results["decode"][-1]), file=sys.stderr)
         for query_len in args.verify_queries:
             results["verify"].append(
