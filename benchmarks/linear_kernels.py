@@ -269,6 +269,8 @@ GEMV_TILES = (
     (64, 128, 4),
     (64, 256, 8),
     (128, 128, 8),
+    (16, 1024, 8),
+    (16, 2048, 8),
 )
 """(block_n, block_k, num_warps) of the M = 1 sweep; per-group scales cap block_k at the group."""
 DOT_TILES = {
@@ -334,11 +336,12 @@ def prefill_sweep_configs(smoke: bool) -> list[Int8MatmulConfig]:
 def sweep_candidates(
     m: int, n: int, k: int, group_size: int | None, num_sms: int, smoke: bool, weight_bytes: int = 1
 ) -> list[Int8MatmulConfig]:
-    """Prefill tiles for large M; decode tiles for small M, each with 1, 2 and 4 programs per multiprocessor."""
+    """Prefill tiles for large M; decode tiles for small M, K split for 1 and 2 programs per
+    multiprocessor (up to 64 rows), 2 and 4 (up to 16), or 1, 2 and 4 (one row)."""
     if m > 64:
         return prefill_sweep_configs(smoke)
     configs = []
-    programs_per_sm = (1, 2) if m > 16 else (2, 4)
+    programs_per_sm = (1, 2) if m > 16 else (1, 2, 4) if m == 1 else (2, 4)
     for config in decode_sweep_configs(m, group_size, smoke, weight_bytes):
         num_tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
         splits = {split_k_for(num_tiles, triton.cdiv(k, config.block_k), num_sms, p) for p in programs_per_sm}

@@ -8,6 +8,8 @@ the kernel forgets to write fails the comparison. References run in float64 on u
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,9 @@ from neuron_llm.backends.cuda.fp8 import (
 from neuron_llm.backends.cuda.fused import silu_mul
 from neuron_llm.backends.cuda.int8_matmul import (
     CONVERT_MODES,
+    DEEP_GEMV_K,
     Int8MatmulConfig,
+    _num_sms,
     default_config,
     fp8_rows_matmul,
     gemv_16bit,
@@ -176,6 +180,24 @@ def test_int8_linear_of_silu_mul_input_is_the_two_kernels(
         int8_linear(gate_up[:, 1:], q, scale, silu_mul_input=True)
 
 
+@pytest.mark.parametrize("in_features", [DEEP_GEMV_K + 72, 2 * DEEP_GEMV_K])
+def test_int8_gemv_of_deep_tiles_matches_reference(in_features: int, device: torch.device) -> None:
+    """One row over a long K takes the default's 2048-deep tiles (the last partly past an uneven
+    K), plain and making SwiGLU in its loads."""
+    out_features = 40
+    assert default_config(1, out_features, in_features, None, _num_sms(device)).block_k == DEEP_GEMV_K
+    q, scale, bias = make_int8_linear(out_features, in_features, None, device, seed=in_features)
+    for dtype in kernel_dtypes(device):
+        b = bias.to(dtype)
+        x = torch.randn(1, in_features, device=device).to(dtype)
+        out = int8_linear(x, q, scale, b)
+        assert relative_error(out, int8_expected(x, q, scale, b, None)) < TOLERANCE[dtype], dtype
+        assert torch.equal(out[:, 1:3], b[1:3].unsqueeze(0))  # the zero rows: the bias exactly
+        gate_up = (3 * torch.randn(1, 2 * in_features, device=device)).to(dtype)
+        fused = int8_linear(gate_up, q, scale, b, silu_mul_input=True)
+        assert torch.equal(fused, int8_linear(silu_mul(gate_up), q, scale, b))
+
+
 @pytest.mark.parametrize(
     "config", [None, CONFIGS[0], CONFIGS[1], CONFIGS[2]], ids=["default", "plain", "split3", "split2-add"]
 )
@@ -269,15 +291,24 @@ def test_int8_linear_rejects_bad_inputs(device: torch.device) -> None:
 def test_default_config_fills_the_gpu() -> None:
     decode = default_config(1, 4096, 14336, None, num_sms=132)
     assert decode.block_m == 1
-    assert decode.split_k * 4096 // decode.block_n >= 2 * 132
-    assert 14336 // decode.block_k % decode.split_k == 0  # whole K blocks per split
+    assert decode.split_k * 4096 // decode.block_n >= 132
+    assert math.ceil(14336 / decode.block_k) % decode.split_k == 0  # whole K blocks per split
+    # Few rows and a long K: deep tiles, K split only where the tiles alone leave multiprocessors idle.
+    for n, k in [(4096, 4096), (6144, 4096), (4096, 14336), (1024, 4096)]:
+        config = default_config(1, n, k, None, num_sms=132)
+        assert (config.block_n, config.block_k, config.prefetch) == (16, DEEP_GEMV_K, False)
+        k_blocks = math.ceil(k / DEEP_GEMV_K)
+        assert k_blocks % config.split_k == 0 and (config.split_k * n // 16 >= 132 or config.split_k == k_blocks)
+    # Many rows (gate/up, an LM head) keep 512-deep tiles; so do short K and 16-bit weights.
+    for n, k, weight_bytes in [(28672, 4096, 1), (128256, 4096, 1), (4096, 1024, 1), (4096, 4096, 2)]:
+        assert default_config(1, n, k, None, num_sms=132, weight_bytes=weight_bytes).block_k == 512 // weight_bytes
     assert default_config(4096, 4096, 4096, None, num_sms=132).split_k == 1
     assert default_config(200, 4096, 4096, None, num_sms=132).split_k > 1
     assert 128 % default_config(16, 4096, 4096, 128, num_sms=132).block_k == 0
     grouped = default_config(1, 4096, 14336, 128, num_sms=132)  # a thread's sums take their group's scale
     assert grouped.block_k > 128 and grouped.split_k * 4096 // grouped.block_n >= 2 * 132
-    # Between narrow tiles' two regimes, int8 rows take 64-row tiles, two programs a multiprocessor.
-    wide = default_config(1, 6144, 4096, None, num_sms=132)
+    # Between narrow tiles' two regimes, int8 rows of a short K take 64-row tiles, two programs a multiprocessor.
+    wide = default_config(1, 6144, 1536, None, num_sms=132)
     assert (wide.block_n, wide.prefetch) == (64, False) and wide.split_k * 6144 // 64 >= 2 * 132
     assert default_config(1, 6144, 4096, None, num_sms=132, weight_bytes=2).block_n == 32
 
@@ -559,7 +590,7 @@ def test_w8a8_linear_matches_reference(
 
 
 @pytest.mark.parametrize("num_tokens", [1, 5, 16])  # the GEMV, 16-row tiles
-@pytest.mark.parametrize(("out_features", "in_features"), [(48, 64), (37, 1000)])
+@pytest.mark.parametrize(("out_features", "in_features"), [(48, 64), (37, 1000), (40, 2064)])  # 2064: deep tiles
 def test_fp8_rows_matmul_is_w8a8(num_tokens: int, out_features: int, in_features: int, device: torch.device) -> None:
     """Few rows of fp8 W8A8 stream the weight: the products of the quantized operands, summed in
     float32 and scaled at the end, against float64 from the same operands."""
