@@ -167,9 +167,10 @@ def default_config(
             # One-byte weights with a scale a row, long K and fewer than four 16-row tiles a
             # multiprocessor: tiles 2048 deep and 8 warps, K split only to fill the
             # multiprocessors. A program's first tile (with PDL, loaded before the kernel
-            # before ends) is a quarter of K or more, and no partial sums are combined. H100,
-            # qkv 10.5, o 6.3, down 20.3 us against 10.7, 7.3, 21.1 with the tiles above (K
-            # split four ways); gate_up (1,792 tiles) took 40.9 against 39.8, so keeps them.
+            # before ends) is a quarter of K or more, and no partial sums are combined. H100
+            # sweep, no eviction hint: qkv 10.3, o 6.9, down 20.9 us against 10.5, 7.3, 21.2
+            # with the tiles above (K split four ways). gate_up (1,792 tiles) took 40.9 us with
+            # them and the hint, against 39.8 with the tiles above and no hint, so keeps those.
             config = Int8MatmulConfig(block_m=1, block_n=16, block_k=DEEP_GEMV_K, num_warps=8)
             return replace(config, split_k=split_k_for(narrow_tiles, triton.cdiv(k, DEEP_GEMV_K), num_sms, 1))
     elif m <= 16:
