@@ -19,8 +19,8 @@ A format is a weight format (``bf16`` or a quantization preset) with optional su
 change one choice of the cuda backend, for an A/B in one run: ``-cublas`` puts every 16-bit
 linear on cuBLAS (before the streaming GEMV took single rows), ``-norm-apart`` runs each
 RMSNorm apart from the linear after it (before fp8 linears quantized in the norm's pass).
-``-swiglu-in-down`` makes a single 16-bit row's SwiGLU in the down projection's loads
-(before the gate/up GEMV stored it; int8 rows always do). ``-prompt-tiles`` runs every
+``-swiglu-in-down`` makes a single row's SwiGLU in the down projection's loads
+(before the gate/up GEMV stored it: 16-bit rows and int8 rows with a scale per row). ``-prompt-tiles`` runs every
 prefill-kernel step with a prompt's tiles and no context split (before steps of few tokens
 took smaller tiles and split the context); ``-scaled-mm`` every fp8 product on
 ``torch._scaled_mm`` (before few rows streamed the weight). Three more suffixes leave a

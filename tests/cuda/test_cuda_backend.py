@@ -643,15 +643,15 @@ def test_int8_swiglu_down_makes_its_input_as_it_loads(
     assert ((out - expected).norm() / expected.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int8-g128"])
 @pytest.mark.parametrize("num_tokens", [1, 3])
 def test_feed_forward_of_one_row_makes_swiglu_in_the_gate_up_gemv(
     quantization: str | None, num_tokens: int, device: torch.device
 ) -> None:
-    """One row of 16-bit weights where the GEMV takes them (a Hopper GPU): the gate/up GEMV
-    stores silu(gate) * up and the down projection reads it, the bits of the norm, gate/up
-    projection and SwiGLU-fused down projection it replaces. Other rows and int8 weights take
-    that path itself."""
+    """One row of 16-bit weights where the GEMV takes them (a Hopper GPU), or of int8 weights
+    with a scale per row: the gate/up GEMV stores silu(gate) * up and the down projection reads
+    it, the bits of the norm, gate/up projection and SwiGLU-fused down projection it replaces.
+    Other rows and int8 weights with group scales take that path itself."""
     from neuron_llm.backends.cuda import int8_matmul
     from neuron_llm.backends.cuda.backend import CudaBackend
     from neuron_llm.backends.torch_backend import TorchBackend
@@ -698,8 +698,8 @@ def test_feed_forward_of_one_row_makes_swiglu_in_the_gate_up_gemv(
         expected = down_proj((torch.nn.functional.silu(gate) * up).to(dtype)).double()
     assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-2
     assert torch.equal(new_residual, x + residual)
-    takes_gemv = quantization is None and backend._takes_gemv(x[:1], gate_up_proj.weight)
-    assert (True in calls) == (num_tokens == 1 and takes_gemv)
+    stores = backend._takes_gemv(x[:1], gate_up_proj.weight) if quantization is None else quantization == "int8"
+    assert (True in calls) == (num_tokens == 1 and stores)
     with pytest.raises(ValueError, match="even out_features"):
         int8_matmul.gemv_16bit(x[:1], torch.randn(5, hidden).to(device, dtype), silu_mul_output=True)
 

@@ -122,16 +122,28 @@ class CudaBackend(TorchBackend):
         gate_up_proj: nn.Module,
         down_proj: nn.Module,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # One row of 16-bit weights: the gate/up GEMV stores silu(gate) * up, computed once per
-        # element, and the down projection streams a plain input; made in the down
-        # projection's loads, every column tile recomputes it. H200 decode step (BENCHMARKS.md):
-        # bf16 -7%; int8 +5% though its GEMVs alone gain (H100: +1-2%), so int8 keeps SwiGLU in the loads.
-        # Exact type: the GEMV skips the projection's forward; down_proj's own runs.
-        if x.numel() == x.shape[-1] and type(gate_up_proj) is Linear and self._takes_gemv(x, gate_up_proj.weight):
+        # One row: the gate/up GEMV stores silu(gate) * up, computed once per element, and the
+        # down projection streams a plain input; made in the down projection's loads, every
+        # column tile recomputes it. H200 decode step (BENCHMARKS.md): bf16 -7%. int8 with a
+        # scale per row: +5% on an H200 and +1-2% on an H100 while down split K four ways, -0.7%
+        # on an H100 since it takes 2048-deep tiles (int8 with group scales keeps the loads).
+        # Exact types: the GEMV skips the projection's forward; down_proj's own runs.
+        if x.numel() == x.shape[-1] and self._stores_swiglu(x, gate_up_proj):
             normed, residual = self.rms_norm(x, weight, eps, residual)
-            act = int8_matmul.gemv_16bit(normed, gate_up_proj.weight, gate_up_proj.bias, silu_mul_output=True)
+            if type(gate_up_proj) is Linear:
+                act = int8_matmul.gemv_16bit(normed, gate_up_proj.weight, gate_up_proj.bias, silu_mul_output=True)
+            else:
+                act = int8_matmul.int8_linear(
+                    normed, gate_up_proj.weight, gate_up_proj.weight_scale, gate_up_proj.bias, None,
+                    silu_mul_output=True,
+                )  # fmt: skip
             return down_proj(act), residual
         return super().feed_forward(x, weight, eps, residual, gate_up_proj, down_proj)
+
+    def _stores_swiglu(self, x: torch.Tensor, gate_up_proj: nn.Module) -> bool:
+        if type(gate_up_proj) is Int8Linear:
+            return gate_up_proj.group_size is None
+        return type(gate_up_proj) is Linear and self._takes_gemv(x, gate_up_proj.weight)
 
     def norm_linear(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, linear: nn.Module
