@@ -19,9 +19,9 @@ A format is a weight format (``bf16`` or a quantization preset) with optional su
 change one choice of the cuda backend, for an A/B in one run: ``-cublas`` puts every 16-bit
 linear on cuBLAS (before the streaming GEMV took single rows), ``-norm-apart`` runs each
 RMSNorm apart from the linear after it (before fp8 linears quantized in the norm's pass).
-``-swiglu-in-down`` makes a single row's SwiGLU in the down projection's loads
-(before the gate/up GEMV stored it: 16-bit rows and int8 rows with a scale per row). ``-prompt-tiles`` runs every
-prefill-kernel step with a prompt's tiles and no context split (before steps of few tokens
+``-swiglu-in-down`` makes a single row's SwiGLU in the down projection's loads (before the
+gate/up GEMV stored it: 16-bit rows and int8 rows with a scale per row). ``-prompt-tiles`` runs
+every prefill-kernel step with a prompt's tiles and no context split (before steps of few tokens
 took smaller tiles and split the context); ``-scaled-mm`` every fp8 product on
 ``torch._scaled_mm`` (before few rows streamed the weight). Three more suffixes leave a
 decode step's small kernels out, to show what each costs in the step and so what fusing it

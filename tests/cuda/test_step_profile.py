@@ -76,3 +76,32 @@ def test_prefill_floor_counts_the_decoder_linears(step_profile: object) -> None:
     assert step_profile.linear_flops_per_token(model) == 2 * 2 * per_layer
     quantize_model(model, "int8-g128")  # the scales are not weights
     assert step_profile.linear_flops_per_token(model) == 2 * 2 * per_layer
+
+
+def test_bench_variant_runs_the_bench_under_its_suffixes(
+    step_profile: object, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from neuron_llm import cli
+    from neuron_llm.backends.cuda.backend import CudaBackend
+
+    spec = importlib.util.spec_from_file_location("bench_variant", SCRIPT.parent / "bench_variant.py")
+    assert spec is not None and spec.loader is not None
+    bench_variant = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_variant)
+    committed = CudaBackend.rms_norm, CudaBackend.paged_attention
+    seen = []
+
+    def bench(argv: list[str]) -> int:
+        seen.append((argv, CudaBackend.rms_norm, CudaBackend.paged_attention))
+        return 0
+
+    monkeypatch.setattr(cli, "main", bench)
+    assert bench_variant.main(["-skip-norms-skip-attention", "--cases", "decode"]) == 0
+    [(argv, rms_norm, paged_attention)] = seen
+    assert argv == ["bench", "--cases", "decode"]
+    assert rms_norm is step_profile._skip_norm and paged_attention is step_profile._skip_to_query
+    assert (CudaBackend.rms_norm, CudaBackend.paged_attention) == committed  # restored after the bench
+    assert "-skip-norms-skip-attention" in capsys.readouterr().out
+    for bad in (["int8-skip-norms"], ["-skip-everything"], []):
+        with pytest.raises(SystemExit, match="suffixes"):
+            bench_variant.main(bad)

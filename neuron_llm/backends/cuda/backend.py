@@ -122,11 +122,11 @@ class CudaBackend(TorchBackend):
         gate_up_proj: nn.Module,
         down_proj: nn.Module,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # One row: the gate/up GEMV stores silu(gate) * up, computed once per element, and the
-        # down projection streams a plain input; made in the down projection's loads, every
-        # column tile recomputes it. H200 decode step (BENCHMARKS.md): bf16 -7%. int8 with a
-        # scale per row: +5% on an H200 and +1-2% on an H100 while down split K four ways, -0.7%
-        # on an H100 since it takes 2048-deep tiles (int8 with group scales keeps the loads).
+        # One row: the gate/up GEMV stores silu(gate) * up once per element and the down
+        # projection streams a plain input; made in the down projection's loads, every column
+        # tile recomputes it. Decode step (BENCHMARKS.md): bf16 -7% on an H200; int8 with a scale
+        # per row -0.7% on an H100 since down takes 2048-deep tiles (+1-2% while it split K four
+        # ways). int8 with group scales keeps the loads (not measured with its tiles).
         # Exact types: the GEMV skips the projection's forward; down_proj's own runs.
         if x.numel() == x.shape[-1] and self._stores_swiglu(x, gate_up_proj):
             normed, residual = self.rms_norm(x, weight, eps, residual)
