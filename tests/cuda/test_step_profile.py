@@ -10,17 +10,22 @@ import pytest
 
 pytest.importorskip("triton")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "step_profile.py"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load_script(name: str, monkeypatch: pytest.MonkeyPatch) -> object:
+    """``benchmarks/<name>.py`` as module ``name`` (importable by the scripts that import it)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
 def step_profile(monkeypatch: pytest.MonkeyPatch) -> object:
-    spec = importlib.util.spec_from_file_location("step_profile", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "step_profile", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("step_profile", monkeypatch)
 
 
 def test_a_step_is_summarized_and_tabled_beside_its_floor(step_profile: object) -> None:
@@ -84,10 +89,7 @@ def test_bench_variant_runs_the_bench_under_its_suffixes(
     from neuron_llm import cli
     from neuron_llm.backends.cuda.backend import CudaBackend
 
-    spec = importlib.util.spec_from_file_location("bench_variant", SCRIPT.parent / "bench_variant.py")
-    assert spec is not None and spec.loader is not None
-    bench_variant = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_variant)
+    bench_variant = load_script("bench_variant", monkeypatch)
     committed = CudaBackend.rms_norm, CudaBackend.paged_attention
     seen = []
 

@@ -134,8 +134,8 @@ class CudaBackend(TorchBackend):
                 act = int8_matmul.gemv_16bit(normed, gate_up_proj.weight, gate_up_proj.bias, silu_mul_output=True)
             else:
                 act = int8_matmul.int8_linear(
-                    normed, gate_up_proj.weight, gate_up_proj.weight_scale, gate_up_proj.bias, None,
-                    silu_mul_output=True,
+                    normed, gate_up_proj.weight, gate_up_proj.weight_scale, gate_up_proj.bias,
+                    gate_up_proj.group_size, silu_mul_output=True,
                 )  # fmt: skip
             return down_proj(act), residual
         return super().feed_forward(x, weight, eps, residual, gate_up_proj, down_proj)
