@@ -20,7 +20,9 @@ change one choice of the cuda backend, for an A/B in one run: ``-cublas`` puts e
 linear on cuBLAS (before the streaming GEMV took single rows), ``-norm-apart`` runs each
 RMSNorm apart from the linear after it (before fp8 linears quantized in the norm's pass).
 ``-swiglu-in-down`` makes a single row's SwiGLU in the down projection's loads (before the
-gate/up GEMV stored it: 16-bit rows and int8 rows with a scale per row). ``-prompt-tiles`` runs
+gate/up GEMV stored it: 16-bit rows and int8 rows with a scale per row); ``-rope-apart`` runs
+a single row's RoPE and KV-cache write in a kernel of their own (before the Q/K/V GEMV made
+them). ``-prompt-tiles`` runs
 every prefill-kernel step with a prompt's tiles and no context split (before steps of few tokens
 took smaller tiles and split the context); ``-scaled-mm`` every fp8 product on
 ``torch._scaled_mm`` (before few rows streamed the weight). Three more suffixes leave a
@@ -123,7 +125,8 @@ VARIANTS = {
     "-norm-apart": lambda: mock.patch.object(CudaBackend, "norm_linear", TorchBackend.norm_linear),
     "-swiglu-in-down": lambda: mock.patch.object(CudaBackend, "feed_forward", TorchBackend.feed_forward),
     "-skip-norms": lambda: mock.patch.object(CudaBackend, "rms_norm", _skip_norm),
-    "-skip-rope": lambda: mock.patch.object(CudaBackend, "rotary_write_kv", _skip_to_query),
+    "-rope-apart": lambda: mock.patch.object(CudaBackend, "norm_qkv_rotary", TorchBackend.norm_qkv_rotary),
+    "-skip-rope": lambda: _skip_rope(),
     "-skip-attention": lambda: mock.patch.object(CudaBackend, "paged_attention", _skip_to_query),
     "-prompt-tiles": lambda: _prompt_tiles(),
     "-scaled-mm": lambda: mock.patch.object(fp8, "STREAMED_MAX_ROWS", 0),
@@ -138,6 +141,15 @@ def _prompt_tiles() -> Any:
         mock.patch.object(attention, "prefill_num_splits", lambda *args: 1) as no_splits,
     ):
         yield no_splits
+
+
+@contextlib.contextmanager
+def _skip_rope() -> Any:
+    with (
+        mock.patch.object(CudaBackend, "norm_qkv_rotary", TorchBackend.norm_qkv_rotary),
+        mock.patch.object(CudaBackend, "rotary_write_kv", _skip_to_query) as skipped,
+    ):
+        yield skipped
 
 
 def _skip_norm(self: Any, x: torch.Tensor, weight: Any, eps: Any, residual: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -162,6 +163,28 @@ class Backend(abc.ABC):
         """
         normed, residual = self.rms_norm(x, weight, eps, residual)
         return linear(normed), residual
+
+    def norm_qkv_rotary(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None,
+        qkv_proj: nn.Module,
+        qkv_sizes: Sequence[int],
+        head_dim: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention's inputs from ``rms_norm(x, weight, eps, residual)``: ``norm_linear`` by the
+        merged ``qkv_proj`` (Q, K and V of ``qkv_sizes`` features), then ``rotary_write_kv``.
+        Returns (the rotated query [tokens, heads, head_dim], the new residual)."""
+        qkv, residual = self.norm_linear(x, weight, eps, residual, qkv_proj)
+        query, key, value = (part.unflatten(-1, (-1, head_dim)) for part in qkv.split(list(qkv_sizes), dim=-1))
+        return self.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping), residual
 
     def rotary_write_kv(
         self,

@@ -52,23 +52,24 @@ class LlamaAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention over ``norm(hidden + residual)``; returns (its output, ``hidden + residual``).
 
-        The norm is applied here, beside the projection that reads it, so that a backend can
-        fuse the two (``ops.norm_linear``).
+        The norm, the projection that reads it and RoPE with the cache write are applied
+        together, so that a backend can fuse them (``ops.norm_qkv_rotary``).
         """
         num_tokens = hidden.shape[0]
+        key_cache, value_cache = kv_cache
         # Head counts are read from the projections' widths so that a sharded layer (fewer
         # heads per rank) runs the same code. q: [num_tokens, num_heads, head_dim]
         if self.qkv_proj is None:
             hidden, residual = ops.rms_norm(hidden, norm.weight, norm.eps, residual)
-            query, key, value = self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
+            query = self.q_proj(hidden).view(num_tokens, -1, self.head_dim)
+            key = self.k_proj(hidden).view(num_tokens, -1, self.head_dim)
+            value = self.v_proj(hidden).view(num_tokens, -1, self.head_dim)
+            query = ops.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, metadata.slot_mapping)
         else:
-            qkv, residual = ops.norm_linear(hidden, norm.weight, norm.eps, residual, self.qkv_proj)
-            query, key, value = qkv.split(self.qkv_sizes, dim=-1)
-        query = query.view(num_tokens, -1, self.head_dim)
-        key = key.view(num_tokens, -1, self.head_dim)
-        value = value.view(num_tokens, -1, self.head_dim)
-        key_cache, value_cache = kv_cache
-        query = ops.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, metadata.slot_mapping)
+            query, residual = ops.norm_qkv_rotary(
+                hidden, norm.weight, norm.eps, residual, self.qkv_proj, self.qkv_sizes, self.head_dim,
+                cos, sin, key_cache, value_cache, metadata.slot_mapping,
+            )  # fmt: skip
         out = ops.paged_attention(query, key_cache, value_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, -1)), residual
 

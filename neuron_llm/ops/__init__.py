@@ -9,7 +9,7 @@ one on the CPU) each keep their own; outside such a block the backend of
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -119,6 +119,25 @@ def norm_linear(
     return active_backend().norm_linear(x, weight, eps, residual, linear)
 
 
+def norm_qkv_rotary(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    qkv_proj: torch.nn.Module,
+    qkv_sizes: Sequence[int],
+    head_dim: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return active_backend().norm_qkv_rotary(
+        x, weight, eps, residual, qkv_proj, qkv_sizes, head_dim, cos, sin, key_cache, value_cache, slot_mapping
+    )
+
+
 def feed_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -152,6 +171,7 @@ __all__ = [
     "int8_linear",
     "linear",
     "norm_linear",
+    "norm_qkv_rotary",
     "paged_attention",
     "rms_norm",
     "rotary_write_kv",

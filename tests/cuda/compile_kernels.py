@@ -100,6 +100,14 @@ def compile_every_kernel() -> list[str]:
             q = torch.zeros(2 * intermediate, hidden, dtype=torch.int8)
             int8_matmul.int8_linear(x[:1], q, torch.ones(2 * intermediate, 1), silu_mul_output=True)
             int8_matmul.gemv_16bit(x[:1], torch.zeros(2 * intermediate, hidden, dtype=bf16), silu_mul_output=True)
+            # A single row's Q/K/V GEMV rotating Q and K and writing the cache, int8 and 16-bit.
+            qkv_rows = (heads + 2 * kv_heads) * head_dim
+            caches = [torch.zeros(4, block, kv_heads, head_dim, dtype=bf16) for _ in range(2)]
+            angles = torch.ones(head_dim, dtype=bf16)
+            rotary = int8_matmul.RotaryWrite(angles, angles, *caches, torch.zeros(1, dtype=torch.int64))
+            q = torch.zeros(qkv_rows, hidden, dtype=torch.int8)
+            int8_matmul.int8_linear(x[:1], q, torch.ones(qkv_rows, 1), rotary=rotary)
+            int8_matmul.gemv_16bit(x[:1], torch.zeros(qkv_rows, hidden, dtype=bf16), rotary=rotary)
         # fp8 decode rows streaming the weight: the GEMV and the 16-row tiles, qkv and down.
         for tokens in (1, 5):
             for rows, width in ((6144, hidden), (hidden, intermediate)):

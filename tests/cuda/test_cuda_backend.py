@@ -704,6 +704,74 @@ def test_feed_forward_of_one_row_makes_swiglu_in_the_gate_up_gemv(
         int8_matmul.gemv_16bit(x[:1], torch.randn(5, hidden).to(device, dtype), silu_mul_output=True)
 
 
+@pytest.mark.parametrize("quantization", [None, "int8", "int8-g128"])
+@pytest.mark.parametrize("num_tokens", [1, 3])
+def test_norm_qkv_rotary_of_one_row_rotates_and_writes_in_the_qkv_gemv(
+    quantization: str | None, num_tokens: int, device: torch.device
+) -> None:
+    """One row where the GEMV stores SwiGLU (``feed_forward``'s rule): the Q/K/V GEMV rotates
+    and writes the cache itself, the bits of the norm, projection and RoPE kernel it replaces
+    (query and both caches whole). Other rows and int8 weights with group scales take that path."""
+    from neuron_llm.backends.cuda import int8_matmul
+    from neuron_llm.backends.cuda.backend import CudaBackend
+    from neuron_llm.backends.torch_backend import TorchBackend
+    from neuron_llm.layers.linear import Linear
+    from neuron_llm.layers.rotary import RotaryEmbedding, apply_rotary
+    from neuron_llm.quant.config import resolve_quant_config
+    from neuron_llm.quant.layers import quantize_linear
+
+    generator = torch.Generator().manual_seed(7)
+    hidden, num_heads, num_kv_heads, head_dim = 128, 4, 2, 32
+    qkv_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    qkv_proj = Linear(hidden, sum(qkv_sizes))
+    qkv_proj.weight.data = torch.randn(sum(qkv_sizes), hidden, generator=generator) * 0.05
+    if quantization is not None:
+        qkv_proj = quantize_linear(qkv_proj, resolve_quant_config(quantization).format, "qkv_proj").to(device)
+    else:
+        qkv_proj = qkv_proj.to(device, dtype)
+    x = torch.randn(num_tokens, hidden, generator=generator).to(device, dtype)
+    residual = torch.randn(num_tokens, hidden, generator=generator).to(device, dtype)
+    norm_weight = (1 + 0.1 * torch.randn(hidden, generator=generator)).to(device, dtype)
+    positions = torch.tensor([5, 9, 13][:num_tokens], device=device)
+    cos, sin = RotaryEmbedding(head_dim, 10000.0, None).to(device)(positions, dtype)
+    slots = torch.tensor([3, 17, 8][:num_tokens], device=device)
+    caches = [torch.randn(4, 8, num_kv_heads, head_dim, generator=generator).to(device, dtype) for _ in range(2)]
+    caches += [cache.clone() for cache in caches]
+    backend = CudaBackend()
+    calls = []
+    with ops.using_backend(backend):
+        with pytest.MonkeyPatch.context() as patch:
+            for kernel in ("int8_linear", "gemv_16bit"):
+                original = getattr(int8_matmul, kernel)
+
+                def counted(*args: Any, original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+                    calls.append(kwargs.get("rotary") is not None)
+                    return original(*args, **kwargs)
+
+                patch.setattr(int8_matmul, kernel, counted)
+            args = (qkv_proj, qkv_sizes, head_dim, cos, sin)
+            query, new_residual = backend.norm_qkv_rotary(x, norm_weight, 1e-5, residual, *args, *caches[:2], slots)
+        apart, apart_residual = TorchBackend.norm_qkv_rotary(
+            backend, x, norm_weight, 1e-5, residual, *args, *caches[2:], slots
+        )
+    assert query.shape == (num_tokens, num_heads, head_dim)
+    assert torch.equal(query, apart) and torch.equal(new_residual, apart_residual)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    # And what both compute: the reference's projection and rotation in float32.
+    with ops.using_backend(TorchBackend()):
+        normed, _ = TorchBackend().rms_norm(x, norm_weight, 1e-5, residual)
+        q, k, v = (p.unflatten(-1, (-1, head_dim)).float() for p in qkv_proj(normed).split(qkv_sizes, -1))
+    for out, expected in (
+        (query, apply_rotary(q, cos.float(), sin.float())),
+        (caches[0].flatten(0, 1)[slots], apply_rotary(k, cos.float(), sin.float())),
+        (caches[1].flatten(0, 1)[slots], v),
+    ):
+        assert ((out.float() - expected).norm() / expected.norm()).item() < 2e-2
+    stores = backend._takes_gemv(x[:1], qkv_proj.weight) if quantization is None else quantization == "int8"
+    assert (True in calls) == (num_tokens == 1 and stores)
+
+
 @pytest.mark.cuda
 def test_one_row_linears_take_the_streaming_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
     """A single bf16 row goes to the Triton GEMV when PDL is on (the down projection with its

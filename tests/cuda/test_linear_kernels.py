@@ -25,11 +25,12 @@ from neuron_llm.backends.cuda.fp8 import (
     silu_mul_quantize_fp8,
     silu_mul_quantize_int8,
 )
-from neuron_llm.backends.cuda.fused import silu_mul
+from neuron_llm.backends.cuda.fused import rotary_write_kv, silu_mul
 from neuron_llm.backends.cuda.int8_matmul import (
     CONVERT_MODES,
     DEEP_GEMV_K,
     Int8MatmulConfig,
+    RotaryWrite,
     _num_sms,
     default_config,
     fp8_rows_matmul,
@@ -223,6 +224,49 @@ def test_gemv_makes_swiglu_as_it_stores(
         int8_linear(x, q, scale, None, group_size, config=CONFIGS[4], silu_mul_output=True)
     with pytest.raises(ValueError, match="no silu_mul_input"):
         int8_linear(torch.cat([x, x], -1), q, scale, None, group_size, silu_mul_input=True, silu_mul_output=True)
+
+
+@pytest.mark.parametrize(
+    "config", [None, CONFIGS[0], CONFIGS[1], CONFIGS[3]], ids=["default", "plain", "split3-n32", "split2-n64"]
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_rotates_and_writes_the_cache_as_it_stores(
+    config: Int8MatmulConfig | None, bias: bool, device: torch.device
+) -> None:
+    """rotary: the bits of the Q/K/V product then ``rotary_write_kv`` (query, both caches whole),
+    for int8 and 16-bit weights, split K, and tiles wider than a head (halved to fit)."""
+    num_heads, num_kv_heads, head_dim, in_features = 3, 2, 16, 232
+    out_features = (num_heads + 2 * num_kv_heads) * head_dim
+    q, scale, b = make_int8_linear(out_features, in_features, None, device, seed=12)
+    weight_16bit = (torch.randn(out_features, in_features) * 0.05).to(device)
+    slot = torch.tensor([6], device=device)
+    for dtype in kernel_dtypes(device):
+        x = torch.randn(1, in_features, device=device).to(dtype)
+        cos, sin = (torch.randn(1, head_dim, device=device).to(dtype) for _ in range(2))
+        b_dtype = b.to(dtype) if bias else None
+        products = [(lambda **kw: int8_linear(x, q, scale, b_dtype, config=config, **kw))]
+        if dtype != torch.float32:
+            products.append(lambda **kw: gemv_16bit(x, weight_16bit.to(dtype), b_dtype, config=config, **kw))
+        for product in products:
+            caches = [torch.randn(3, 4, num_kv_heads, head_dim, device=device).to(dtype) for _ in range(2)]
+            caches += [cache.clone() for cache in caches]
+            query, key, value = product().split([num_heads * head_dim, *[num_kv_heads * head_dim] * 2], -1)
+            expected, _ = rotary_write_kv(
+                query.view(1, num_heads, head_dim), key.view(1, num_kv_heads, head_dim),
+                value.view(1, num_kv_heads, head_dim), cos, sin, caches[0], caches[1], slot,
+            )  # fmt: skip
+            out = product(rotary=RotaryWrite(cos, sin, caches[2], caches[3], slot))
+            assert out.shape == (1, num_heads * head_dim)
+            assert torch.equal(out.view(1, num_heads, head_dim), expected)
+            assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    with pytest.raises(ValueError, match="one row"):
+        int8_linear(torch.cat([x, x]), q, scale, rotary=RotaryWrite(cos, sin, caches[2], caches[3], slot))
+    with pytest.raises(ValueError, match="not Q, K and V"):
+        int8_linear(x, q[:-8], scale[:-8], rotary=RotaryWrite(cos, sin, caches[2], caches[3], slot))
+    with pytest.raises(ValueError, match="cos must be"):
+        int8_linear(x, q, scale, rotary=RotaryWrite(cos[:, :8], sin, caches[2], caches[3], slot))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        int8_linear(x, q, scale, rotary=RotaryWrite(cos, sin, caches[2], caches[3], slot.float()))
 
 
 @pytest.mark.parametrize(("out_features", "in_features"), [(37, 200), (64, 256), (4096 + 48, 1000)])

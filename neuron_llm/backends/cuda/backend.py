@@ -3,16 +3,18 @@
 Linears of 16-bit weights stay with cuBLAS (``F.linear``), which is at the bandwidth or
 compute limit already, except a single row on Hopper: there the Triton GEMV overlaps the
 kernel before it (programmatic dependent launch), which cuBLAS cannot. The KV-cache write is
-folded into the RoPE kernel, SwiGLU into the gate/up GEMV of a single 16-bit row (into the
-down projection's loads for int8 and a few rows), and the activation quantization of an fp8
-linear into the RMSNorm or SwiGLU before it. A long prompt with no cached context goes to
+folded into the RoPE kernel, and for a single row (16-bit, or int8 with a scale a row) both
+into the Q/K/V GEMV and SwiGLU into the gate/up GEMV (into the down projection's loads for
+int8 with group scales and a few rows); the activation quantization of an fp8 linear goes
+into the RMSNorm or SwiGLU before it. A long prompt with no cached context goes to
 cuDNN's attention through SDPA, which is faster there than our paged kernel
 (BENCHMARKS.md); everything else runs the Triton kernels.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -128,22 +130,19 @@ class CudaBackend(TorchBackend):
         # per row -0.7% on an H100 since down takes 2048-deep tiles (+1-2% while it split K four
         # ways). int8 with group scales keeps the loads (not measured with its tiles).
         # Exact types: the GEMV skips the projection's forward; down_proj's own runs.
-        if x.numel() == x.shape[-1] and self._stores_swiglu(x, gate_up_proj):
+        if self._gemv_fuses(x, gate_up_proj):
             normed, residual = self.rms_norm(x, weight, eps, residual)
-            if type(gate_up_proj) is Linear:
-                act = int8_matmul.gemv_16bit(normed, gate_up_proj.weight, gate_up_proj.bias, silu_mul_output=True)
-            else:
-                act = int8_matmul.int8_linear(
-                    normed, gate_up_proj.weight, gate_up_proj.weight_scale, gate_up_proj.bias,
-                    gate_up_proj.group_size, silu_mul_output=True,
-                )  # fmt: skip
-            return down_proj(act), residual
+            return down_proj(_gemv(normed, gate_up_proj, silu_mul_output=True)), residual
         return super().feed_forward(x, weight, eps, residual, gate_up_proj, down_proj)
 
-    def _stores_swiglu(self, x: torch.Tensor, gate_up_proj: nn.Module) -> bool:
-        if type(gate_up_proj) is Int8Linear:
-            return gate_up_proj.group_size is None
-        return type(gate_up_proj) is Linear and self._takes_gemv(x, gate_up_proj.weight)
+    def _gemv_fuses(self, x: torch.Tensor, proj: nn.Module) -> bool:
+        """Whether the GEMV of ``proj`` takes the kernel after it into its stores (SwiGLU, RoPE): one
+        row, of 16-bit weights where the GEMV takes them or of int8 ones with a scale a row."""
+        if x.numel() != x.shape[-1]:
+            return False
+        if type(proj) is Int8Linear:
+            return proj.group_size is None
+        return type(proj) is Linear and self._takes_gemv(x, proj.weight)
 
     def norm_linear(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, linear: nn.Module
@@ -157,6 +156,31 @@ class CudaBackend(TorchBackend):
         out_dtype = torch.promote_types(x.dtype, weight.dtype)
         out = fp8.fp8_scaled_mm(x_fp8, x_scale, linear.weight, linear.weight_scale, out_dtype, linear.bias)
         return out.reshape(*x.shape[:-1], linear.out_features), x if new_residual is None else new_residual
+
+    def norm_qkv_rotary(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None,
+        qkv_proj: nn.Module,
+        qkv_sizes: Sequence[int],
+        head_dim: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # One row: the Q/K/V GEMV rotates Q and K and writes K and V to the cache as it stores,
+        # in place of the RoPE kernel after it (BENCHMARKS.md). Exact types, as in feed_forward.
+        if self._gemv_fuses(x, qkv_proj) and cos.dtype == x.dtype:
+            normed, residual = self.rms_norm(x, weight, eps, residual)
+            rotary = int8_matmul.RotaryWrite(cos.reshape(-1), sin.reshape(-1), key_cache, value_cache, slot_mapping)
+            return _gemv(normed, qkv_proj, rotary=rotary).view(1, -1, head_dim), residual
+        return super().norm_qkv_rotary(
+            x, weight, eps, residual, qkv_proj, qkv_sizes, head_dim, cos, sin, key_cache, value_cache, slot_mapping
+        )
 
     def paged_attention(
         self,
@@ -230,6 +254,13 @@ class CudaBackend(TorchBackend):
     ) -> torch.Tensor:
         query, _ = fused.rotary_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping)
         return query
+
+
+def _gemv(x: torch.Tensor, proj: nn.Module, **epilogue: Any) -> torch.Tensor:
+    """The GEMV of a 16-bit or int8 projection (``CudaBackend._gemv_fuses``), with what it fuses."""
+    if type(proj) is Linear:
+        return int8_matmul.gemv_16bit(x, proj.weight, proj.bias, **epilogue)
+    return int8_matmul.int8_linear(x, proj.weight, proj.weight_scale, proj.bias, proj.group_size, **epilogue)
 
 
 def takes_whole_prompt(num_tokens: int, dtype: torch.dtype) -> bool:

@@ -181,7 +181,7 @@ def _round_product(x, angle):
 
 
 @triton.jit
-def _round_sum(a, b):
+def round_sum(a, b):
     return (a.to(tl.float32) + b.to(tl.float32)).to(a.dtype)
 
 
@@ -211,8 +211,8 @@ def _rotate_heads(
     first_ptrs = src_ptr + heads[:, None] * stride_src_head + dims[None, :]
     x1 = tl.load(first_ptrs, mask=mask, other=0.0)
     x2 = tl.load(first_ptrs + HALF_DIM, mask=mask, other=0.0)
-    out1 = _round_sum(_round_product(x1, cos_first), _round_product(-x2, sin_first))
-    out2 = _round_sum(_round_product(x2, cos_second), _round_product(x1, sin_second))
+    out1 = round_sum(_round_product(x1, cos_first), _round_product(-x2, sin_first))
+    out2 = round_sum(_round_product(x2, cos_second), _round_product(x1, sin_second))
     dst_ptrs = dst_ptr + heads[:, None] * stride_dst_head + dims[None, :]
     tl.store(dst_ptrs, out1, mask=mask)
     tl.store(dst_ptrs + HALF_DIM, out2, mask=mask)

@@ -25,7 +25,9 @@ Decode launches use programmatic dependent launch (``launch.py``): a GEMV progra
 first weight tile before it waits for the kernel before. With ``silu_mul_input`` the kernel
 computes the down projection's input, silu(gate) * up, as it loads it; with
 ``silu_mul_output`` the GEMV of the merged gate/up projection stores it instead (each tile
-holds gate rows and the up rows of the same columns). ``gemv_16bit`` runs the same GEMV on
+holds gate rows and the up rows of the same columns); with ``rotary`` the GEMV of the merged
+Q/K/V projection rotates Q and K by RoPE and writes K and V to the KV cache as it stores
+(each tile holds the rows RoPE pairs). ``gemv_16bit`` runs the same GEMV on
 bf16/fp16 weights (no scales), for the single rows of a batch-1 decode; ``fp8_rows_matmul``
 the GEMV and the 16-row tiles on fp8 weights and fp8 activations with per-row scales (the fp8
 format's few-row products, whose weights cuBLAS's fp8 GEMM reads at 25-70% of the copy
@@ -52,7 +54,7 @@ import triton
 import triton.language as tl
 
 from neuron_llm.backends.cuda import launch
-from neuron_llm.backends.cuda.fused import silu_mul_rounded
+from neuron_llm.backends.cuda.fused import round_sum, silu_mul_rounded
 from neuron_llm.quant.formats import FP8_DTYPE
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -89,6 +91,21 @@ class Int8MatmulConfig:
     def __post_init__(self) -> None:
         if self.convert not in CONVERT_MODES:
             raise ValueError(f"convert={self.convert!r}: expected one of {CONVERT_MODES}")
+
+
+@dataclass(frozen=True)
+class RotaryWrite:
+    """What lets the merged Q/K/V GEMV of one token finish the attention's inputs itself, as
+    ``fused.rotary_write_kv`` after it would: RoPE at the token's position, and its KV-cache slot."""
+
+    cos: torch.Tensor
+    """The token's angles, ``head_dim`` of them (rotate-half layout), in the activation dtype."""
+    sin: torch.Tensor
+    key_cache: torch.Tensor
+    """[num_blocks, block_size, num_kv_heads, head_dim], contiguous: written in place."""
+    value_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    """The token's flat slot, int32 or int64 [1]."""
 
 
 PREFETCH_MAX_PROGRAMS_PER_SM = 3
@@ -357,6 +374,11 @@ def _int8_matmul_kernel(
     out_ptr,
     partial_ptr,
     counter_ptr,
+    cos_ptr,
+    sin_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    slot_ptr,
     M,
     N,
     K,
@@ -381,6 +403,10 @@ def _int8_matmul_kernel(
     PREFETCH: tl.constexpr,
     SWIGLU: tl.constexpr,
     SWIGLU_OUT: tl.constexpr,
+    ROPE_HEAD_DIM: tl.constexpr,
+    ROPE_Q_ROWS: tl.constexpr,
+    ROPE_ROWS: tl.constexpr,
+    INLINE_PTX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -398,6 +424,7 @@ def _int8_matmul_kernel(
     masks). With SPLIT_K > 1, ``partial_ptr`` is float32 [SPLIT_K, M, N] scratch and
     ``counter_ptr`` int32 counters, one per tile, zero on entry and on exit. With SWIGLU, x
     rows hold gate then up (``up_offset`` apart) and the product's input is silu(gate) * up.
+    With ROPE_ROWS > 0 the weight is a merged Q/K/V one of a single row (``_store_rotary``).
     WIDE_OFFSETS: offsets into x, the weight, the output or the scratch may pass 2**31.
     """
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -409,6 +436,15 @@ def _int8_matmul_kernel(
         cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) % (BLOCK_N // 2)
         rows_n = cols % (N // 2) + tl.arange(0, BLOCK_N) // (BLOCK_N // 2) * (N // 2)
         offs_n = tl.where(cols < N // 2, rows_n, N)
+    elif ROPE_ROWS > 0:
+        # A Q or K tile holds BLOCK_N / 2 dims of one head and the dims RoPE pairs them with,
+        # half a head further; V's tiles are plain. Partial sums go to their rows' slots.
+        tiles_per_head: tl.constexpr = ROPE_HEAD_DIM // BLOCK_N
+        half = tl.arange(0, BLOCK_N) // (BLOCK_N // 2)
+        dims = (pid_n % tiles_per_head) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) % (BLOCK_N // 2)
+        rotated = (pid_n // tiles_per_head) * ROPE_HEAD_DIM + half * (ROPE_HEAD_DIM // 2) + dims
+        offs_n = tl.where(pid_n * BLOCK_N < ROPE_ROWS, rotated, offs_n)
+        rows_n = offs_n
     else:
         rows_n = offs_n % N  # out-of-range columns load a valid weight row; their sums are not stored
     if WIDE_OFFSETS:
@@ -483,7 +519,13 @@ def _int8_matmul_kernel(
     if FP8:
         acc *= tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if SPLIT_K == 1:
-        _store_output(out_ptr, stride_om, offs_m, pid_n, M, N, acc, bias_ptr, rows_n, HAS_BIAS, SWIGLU_OUT)
+        if ROPE_ROWS > 0:
+            _store_rotary(
+                out_ptr, cos_ptr, sin_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, pid_n, acc, bias_ptr, rows_n,
+                HAS_BIAS, ROPE_HEAD_DIM, ROPE_Q_ROWS, ROPE_ROWS, N - ROPE_ROWS, INLINE_PTX,
+            )  # fmt: skip
+        else:
+            _store_output(out_ptr, stride_om, offs_m, pid_n, M, N, acc, bias_ptr, rows_n, HAS_BIAS, SWIGLU_OUT)
     else:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         partial_ptrs = partial_ptr + offs_m[:, None] * stride_pm + offs_n[None, :]
@@ -498,7 +540,13 @@ def _int8_matmul_kernel(
                 # The pointers step split by split: split * stride_split could pass 2**31.
                 total += tl.load(partial_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
                 partial_ptrs += stride_split
-            _store_output(out_ptr, stride_om, offs_m, pid_n, M, N, total, bias_ptr, rows_n, HAS_BIAS, SWIGLU_OUT)
+            if ROPE_ROWS > 0:
+                _store_rotary(
+                    out_ptr, cos_ptr, sin_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, pid_n, total, bias_ptr,
+                    rows_n, HAS_BIAS, ROPE_HEAD_DIM, ROPE_Q_ROWS, ROPE_ROWS, N - ROPE_ROWS, INLINE_PTX,
+                )  # fmt: skip
+            else:
+                _store_output(out_ptr, stride_om, offs_m, pid_n, M, N, total, bias_ptr, rows_n, HAS_BIAS, SWIGLU_OUT)
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
@@ -522,6 +570,79 @@ def _store_output(
         width = N
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < width)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=mask)
+
+
+@triton.jit
+def _product(x, angle, INLINE_PTX: tl.constexpr):
+    """``fused._round_product`` in a kernel compiled with FP fusion: the product of two 16-bit
+    values is exact in float32, so the compiler may narrow it to a 16-bit multiply and fuse that
+    into the sum after it, skipping the product's rounding. ``mul.rn`` is never fused (PTX; the
+    interpreter, which has none, fuses nothing)."""
+    x_f = x.to(tl.float32)
+    angle_f = tl.broadcast_to(angle.to(tl.float32)[None, :], x_f.shape)
+    if INLINE_PTX:
+        product = tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=f,f,f", [x_f, angle_f], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        product = x_f * angle_f
+    return product.to(x.dtype)
+
+
+@triton.jit
+def _store_rotary(
+    query_ptr,
+    cos_ptr,
+    sin_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    slot_ptr,
+    pid_n,
+    acc,
+    bias_ptr,
+    rows_n,
+    HAS_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    Q_ROWS: tl.constexpr,
+    ROPE_ROWS: tl.constexpr,
+    kv_row,
+    INLINE_PTX: tl.constexpr,
+):
+    """One row's [1, BLOCK_N] tile of Q/K/V sums (rows ``rows_n``), rounded as the projection
+    stores them, then as ``fused.rotary_write_kv`` goes on: Q rotated into the query output,
+    K rotated and V into the caches' slot ``slot_ptr[0]`` (``kv_row`` elements a slot)."""
+    BLOCK_N: tl.constexpr = acc.shape[1]
+    HALF_TILE: tl.constexpr = BLOCK_N // 2
+    HALF_DIM: tl.constexpr = HEAD_DIM // 2
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
+    out = acc.to(query_ptr.dtype.element_ty)
+    first_row = pid_n * BLOCK_N
+    slot = tl.load(slot_ptr).to(tl.int64)
+    if first_row < ROPE_ROWS:
+        x1, x2 = tl.split(tl.permute(tl.reshape(out, (2, HALF_TILE)), (1, 0)))
+        x1 = x1[None, :]
+        x2 = x2[None, :]
+        head_first_row = first_row // HEAD_DIM * HEAD_DIM
+        dims = (first_row - head_first_row) // 2 + tl.arange(0, HALF_TILE)
+        cos_first = tl.load(cos_ptr + dims)
+        cos_second = tl.load(cos_ptr + HALF_DIM + dims)
+        sin_first = tl.load(sin_ptr + dims)
+        sin_second = tl.load(sin_ptr + HALF_DIM + dims)
+        out1 = round_sum(_product(x1, cos_first, INLINE_PTX), _product(-x2, sin_first, INLINE_PTX))
+        out2 = round_sum(_product(x2, cos_second, INLINE_PTX), _product(x1, sin_second, INLINE_PTX))
+        if first_row < Q_ROWS:
+            dst = query_ptr + head_first_row + dims[None, :]
+            tl.store(dst, out1)
+            tl.store(dst + HALF_DIM, out2)
+        else:
+            dst = key_cache_ptr + slot * kv_row + (head_first_row - Q_ROWS) + dims[None, :]
+            cache_dtype = key_cache_ptr.dtype.element_ty
+            tl.store(dst, out1.to(cache_dtype))
+            tl.store(dst + HALF_DIM, out2.to(cache_dtype))
+    else:
+        offs = slot * kv_row + (first_row - ROPE_ROWS) + tl.arange(0, BLOCK_N)
+        tl.store(value_cache_ptr + offs[None, :], out.to(value_cache_ptr.dtype.element_ty))
 
 
 def _check_int8_inputs(
@@ -571,6 +692,7 @@ def int8_linear(
     *,
     silu_mul_input: bool = False,
     silu_mul_output: bool = False,
+    rotary: RotaryWrite | None = None,
 ) -> torch.Tensor:
     """``x @ dequantize(weight).T + bias`` with the int8 weight dequantized in registers.
 
@@ -578,10 +700,10 @@ def int8_linear(
     float32 [out, 1] (``group_size`` None) or [out, ceil(in / group_size)]; ``bias`` [out] or
     None. Products are summed in float32 (fp32 activations without tf32). ``config``
     overrides the tile shape (``default_config`` otherwise). Returns [..., out] in ``x.dtype``.
-    ``silu_mul_input``: see ``_swiglu_input``; ``silu_mul_output``: see ``_launch``.
+    ``silu_mul_input``: see ``_swiglu_input``; ``silu_mul_output`` and ``rotary``: see ``_launch``.
     """
     _check_int8_inputs(_swiglu_input(x, weight, silu_mul_input), weight, weight_scale, bias, group_size)
-    return _launch(x, weight, weight_scale, bias, group_size, config, silu_mul_input, silu_mul_output)
+    return _launch(x, weight, weight_scale, bias, group_size, config, silu_mul_input, silu_mul_output, rotary)
 
 
 def gemv_16bit(
@@ -592,13 +714,14 @@ def gemv_16bit(
     *,
     silu_mul_input: bool = False,
     silu_mul_output: bool = False,
+    rotary: RotaryWrite | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` for a bf16/fp16 ``weight`` [out, in] and ``x`` [..., in] of its dtype.
 
     The GEMV of the int8 kernel on 16-bit weights, for decode rows: it streams the weight as
     the int8 GEMV does and, unlike cuBLAS, takes part in programmatic dependent launch, so a
     decode step's matmuls start loading while the kernel before them ends.
-    ``silu_mul_input``: see ``_swiglu_input``; ``silu_mul_output``: see ``_launch``.
+    ``silu_mul_input``: see ``_swiglu_input``; ``silu_mul_output`` and ``rotary``: see ``_launch``.
     """
     if weight.dtype not in (torch.bfloat16, torch.float16) or weight.dim() != 2:
         raise ValueError(
@@ -607,7 +730,7 @@ def gemv_16bit(
     if x.dtype != weight.dtype:
         raise ValueError(f"x.dtype={x.dtype} must be the weight's dtype {weight.dtype}")
     _check_shapes_and_devices(_swiglu_input(x, weight, silu_mul_input), weight, bias)
-    return _launch(x, weight, None, bias, None, config, silu_mul_input, silu_mul_output)
+    return _launch(x, weight, None, bias, None, config, silu_mul_input, silu_mul_output, rotary)
 
 
 def fp8_rows_matmul(
@@ -640,7 +763,7 @@ def fp8_rows_matmul(
         raise ValueError(f"fp8 matmuls need a GPU of compute capability 8.9 or newer, {x_fp8.device} is not one")
     x_scale = x_scale.reshape(-1).contiguous()  # one a row, at the row's index
     x_bytes, weight_bytes = x_fp8.view(torch.uint8), weight.view(torch.uint8)  # see _int8_matmul_kernel's FP8
-    return _launch(x_bytes, weight_bytes, weight_scale, bias, None, None, False, False, x_scale, out_dtype)
+    return _launch(x_bytes, weight_bytes, weight_scale, bias, None, None, False, False, None, x_scale, out_dtype)
 
 
 def _swiglu_input(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool) -> torch.Tensor:
@@ -663,6 +786,40 @@ def _swiglu_input(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool) -
     return x[..., :in_features]
 
 
+def _rotary_rows(rotary: RotaryWrite, out_features: int, x: torch.Tensor) -> tuple[int, int, int]:
+    """(head_dim, Q's rows, Q's and K's rows) of a merged Q/K/V weight of ``out_features`` rows
+    whose K and V heads are the caches'; ValueError on inputs that don't fit together."""
+    key_cache, value_cache = rotary.key_cache, rotary.value_cache
+    tensors = (rotary.cos, rotary.sin, key_cache, value_cache, rotary.slot_mapping)
+    if any(t.device != x.device for t in tensors):
+        raise ValueError(f"rotary's tensors must be on x's device {x.device}, got {[str(t.device) for t in tensors]}")
+    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
+        raise ValueError(
+            f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} must both be "
+            "[num_blocks, block_size, num_kv_heads, head_dim]"
+        )
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("key_cache and value_cache must be contiguous: the kernel writes them in place")
+    num_kv_heads, head_dim = key_cache.shape[2:]
+    q_rows = out_features - 2 * num_kv_heads * head_dim
+    if head_dim % 2 or q_rows <= 0 or q_rows % head_dim:
+        raise ValueError(
+            f"out_features={out_features} is not Q, K and V of {num_kv_heads} KV heads of an even head_dim={head_dim}"
+        )
+    for name, angles in (("cos", rotary.cos), ("sin", rotary.sin)):
+        if angles.numel() != head_dim or angles.dtype != x.dtype or not angles.is_contiguous():
+            raise ValueError(
+                f"{name} must be the token's {head_dim} angles in {x.dtype}, contiguous, got {angles.dtype} "
+                f"{tuple(angles.shape)}"
+            )
+    if rotary.slot_mapping.numel() != 1 or rotary.slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"slot_mapping must be one int32 or int64 slot, got {rotary.slot_mapping.dtype} "
+            f"{tuple(rotary.slot_mapping.shape)}"
+        )
+    return head_dim, q_rows, q_rows + num_kv_heads * head_dim
+
+
 def _offset_span(tensor: torch.Tensor) -> int:
     """One past the largest element offset a kernel computes into ``tensor``."""
     if tensor.numel() == 0:
@@ -679,13 +836,20 @@ def _launch(
     config: Int8MatmulConfig | None,
     silu_mul_input: bool,
     silu_mul_output: bool,
+    rotary: RotaryWrite | None = None,
     x_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The product of the checked inputs. With ``silu_mul_output`` the weight's rows are gate
     then up ([2 * intermediate, in], as ``gate_up_proj`` merges them) and the result is
     ``silu(gate) * up`` [..., intermediate], rounded as the projection then ``fused.silu_mul``
-    round: the two kernels' result from the GEMV alone (one-row configs only, block_m 1)."""
+    round: the two kernels' result from the GEMV alone (one-row configs only, block_m 1).
+
+    With ``rotary`` the weight's rows are Q, K then V of one token's heads (``qkv_proj``), and
+    the result is the rotated query [1, num_heads * head_dim]; the rotated key and the value go
+    to the caches. Bits as the projection then ``fused.rotary_write_kv``, in one launch (one
+    row only; tiles of whole heads' halves, their ``block_n`` halved until a head holds whole
+    tiles)."""
     out_features, in_features = weight.shape
     x2 = x.reshape(-1, x.shape[-1])  # [M, K], or [M, 2K] of gate and up
     if x2.stride(-1) != 1:
@@ -700,6 +864,11 @@ def _launch(
     if silu_mul_output and (silu_mul_input or out_features % 2):
         raise ValueError(f"silu_mul_output needs an even out_features (got {out_features}) and no silu_mul_input")
     out_width = out_features // 2 if silu_mul_output else out_features
+    if rotary is not None:
+        if silu_mul_input or silu_mul_output or num_rows != 1:
+            raise ValueError(f"rotary takes one row ({num_rows} given) and no SwiGLU input or output")
+        head_dim, q_rows, rope_rows = _rotary_rows(rotary, out_features, x)
+        out_width = q_rows
     out_dtype = out_dtype or x.dtype
     out = torch.empty(num_rows, out_width, dtype=out_dtype, device=x.device)  # [M, N] or [M, N / 2]
     if num_rows == 0:
@@ -708,14 +877,19 @@ def _launch(
         config = default_config(
             num_rows, out_features, in_features, group_size, _num_sms(x.device), out_dtype, weight.element_size()
         )
-    if silu_mul_output and config.block_m != 1:
-        raise ValueError(f"silu_mul_output runs in the GEMV (block_m=1, one row by default), got {config}")
+    if (silu_mul_output or rotary is not None) and config.block_m != 1:
+        raise ValueError(f"silu_mul_output and rotary run in the GEMV (block_m=1, one row by default), got {config}")
+    if rotary is not None:
+        block_n = config.block_n
+        while head_dim % block_n:
+            block_n //= 2
+        config = replace(config, block_n=block_n)
 
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(in_features, k_per_split)  # no empty splits
     num_tiles = triton.cdiv(num_rows, config.block_m) * triton.cdiv(out_features, config.block_n)
-    # Triton's interpreter runs no inline PTX.
-    convert = "add" if config.convert == "prmt" and triton.knobs.runtime.interpret else config.convert
+    inline_ptx = not triton.knobs.runtime.interpret  # the interpreter runs none
+    convert = "add" if config.convert == "prmt" and not inline_ptx else config.convert
     is_summed_in_thread = config.reduce_in_thread and config.block_m == 1
     thread_k = min(16 // weight.element_size(), config.block_k) if is_summed_in_thread else 1
     if split_k > 1:
@@ -723,6 +897,9 @@ def _launch(
         counters = launch.split_counters(x.device, num_tiles)
     else:
         partial, counters = out, out  # not read
+    rotary_ptrs = (
+        (rotary.cos, rotary.sin, rotary.key_cache, rotary.value_cache, rotary.slot_mapping) if rotary else (out,) * 5
+    )  # not read without
     _int8_matmul_kernel[(num_tiles, split_k)](
         x2,
         x_scale if x_scale is not None else x2,  # not read without
@@ -732,6 +909,7 @@ def _launch(
         out,
         partial,
         counters,
+        *rotary_ptrs,
         num_rows,
         out_features,
         in_features,
@@ -756,6 +934,10 @@ def _launch(
         PREFETCH=config.prefetch,
         SWIGLU=silu_mul_input,
         SWIGLU_OUT=silu_mul_output,
+        ROPE_HEAD_DIM=head_dim if rotary else 0,
+        ROPE_Q_ROWS=q_rows if rotary else 0,
+        ROPE_ROWS=rope_rows if rotary else 0,
+        INLINE_PTX=inline_ptx,
         DOT_PRECISION="ieee" if out_dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
