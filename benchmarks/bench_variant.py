@@ -12,14 +12,13 @@ them away could save at most. Needs a GPU.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_profile import VARIANTS, parse_format  # noqa: E402
+from step_profile import VARIANTS, applied, parse_format  # noqa: E402
 
 from neuron_llm import cli  # noqa: E402
 
@@ -31,9 +30,7 @@ def main(argv: Sequence[str]) -> int:
     if rest:
         raise SystemExit(f"bench_variant.py: {rest!r} is not among the suffixes {', '.join(VARIANTS)}")
     print(f"== cuda backend with {''.join(variants)}", flush=True)
-    with contextlib.ExitStack() as stack:
-        for variant in variants:
-            stack.enter_context(VARIANTS[variant]())
+    with applied(variants):
         return cli.main(["bench", *argv[1:]])
 
 

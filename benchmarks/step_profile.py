@@ -22,13 +22,11 @@ RMSNorm apart from the linear after it (before fp8 linears quantized in the norm
 ``-swiglu-in-down`` makes a single row's SwiGLU in the down projection's loads (before the
 gate/up GEMV stored it: 16-bit rows and int8 rows with a scale per row); ``-rope-apart`` runs
 a single row's RoPE and KV-cache write in a kernel of their own (before the Q/K/V GEMV made
-them). ``-prompt-tiles`` runs
-every prefill-kernel step with a prompt's tiles and no context split (before steps of few tokens
-took smaller tiles and split the context); ``-scaled-mm`` every fp8 product on
-``torch._scaled_mm`` (before few rows streamed the weight). Three more suffixes leave a
-decode step's small kernels out, to show what each costs in the step and so what fusing it
-away could save at most:
-``-skip-norms`` (every RMSNorm, its residual add too), ``-skip-rope`` (RoPE and the KV cache
+them). ``-prompt-tiles`` runs every prefill-kernel step with a prompt's tiles and no context
+split (before steps of few tokens took smaller tiles and split the context); ``-scaled-mm``
+every fp8 product on ``torch._scaled_mm`` (before few rows streamed the weight). Three more
+suffixes leave a decode step's small kernels out, to show what each costs in the step and so
+what fusing it away could save at most: ``-skip-norms`` (every RMSNorm, its residual add too), ``-skip-rope`` (RoPE and the KV cache
 write), ``-skip-attention``. Their outputs are wrong by design; they time the step without
 those kernels. Needs a GPU.
 """
@@ -39,6 +37,7 @@ import argparse
 import contextlib
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -135,6 +134,15 @@ VARIANTS = {
 
 
 @contextlib.contextmanager
+def applied(variants: list[str]) -> Iterator[None]:
+    """The cuda backend with ``variants`` (suffixes of ``VARIANTS``) in force."""
+    with contextlib.ExitStack() as stack:
+        for variant in variants:
+            stack.enter_context(VARIANTS[variant]())
+        yield
+
+
+@contextlib.contextmanager
 def _prompt_tiles() -> Any:
     with (
         mock.patch.object(attention, "FEW_QUERY_MAX_TOKENS", 0),
@@ -211,9 +219,7 @@ def main() -> int:
     labels = run_labels(formats)
     for fmt, label in zip(formats, labels):
         base, variants = parse_format(fmt)
-        with engine.released(), contextlib.ExitStack() as stack:
-            for variant in variants:
-                stack.enter_context(VARIANTS[variant]())
+        with engine.released(), applied(variants):
             build = engine.random_llama_builder(model_config, base)
             llm = engine.EngineCase(build, model_config, max_num_batched_tokens=max(4096, query_len)).engine()
             worker = llm.runner.executor.worker

@@ -6,10 +6,11 @@ need a GPU and compare the cuda backend, graphs and all, against the torch refer
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -643,6 +644,46 @@ def test_int8_swiglu_down_makes_its_input_as_it_loads(
     assert ((out - expected).norm() / expected.norm()).item() < 1e-5
 
 
+def _random_projection(
+    name: str, shape: tuple[int, int], quantization: str | None, generator: torch.Generator, device: torch.device,
+    dtype: torch.dtype,
+) -> torch.nn.Module:  # fmt: skip
+    """A Linear of random weights ``shape`` [out, in], quantized by the ``quantization`` preset or in ``dtype``."""
+    from neuron_llm.layers.linear import Linear
+    from neuron_llm.quant.config import resolve_quant_config
+    from neuron_llm.quant.layers import quantize_linear
+
+    linear = Linear(shape[1], shape[0])
+    linear.weight.data = torch.randn(shape, generator=generator) * 0.05
+    if quantization is None:
+        return linear.to(device, dtype)
+    return quantize_linear(linear, resolve_quant_config(quantization).format, name).to(device)
+
+
+@contextlib.contextmanager
+def _gemv_calls(keyword: str) -> Iterator[list[bool]]:
+    """For each ``int8_linear`` or ``gemv_16bit`` call inside, whether it was given ``keyword``."""
+    from neuron_llm.backends.cuda import int8_matmul
+
+    calls: list[bool] = []
+    with pytest.MonkeyPatch.context() as patch:
+        for kernel in ("int8_linear", "gemv_16bit"):
+            original = getattr(int8_matmul, kernel)
+
+            def counted(*args: Any, original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+                calls.append(bool(kwargs.get(keyword)))
+                return original(*args, **kwargs)
+
+            patch.setattr(int8_matmul, kernel, counted)
+        yield calls
+
+
+def _gemv_fuses(backend: Any, x: torch.Tensor, proj: torch.nn.Module, quantization: str | None) -> bool:
+    """Whether one row of ``x`` takes a GEMV that fuses the kernel after it: 16-bit weights where
+    the GEMV takes them, int8 with a scale per row."""
+    return backend._takes_gemv(x[:1], proj.weight) if quantization is None else quantization == "int8"
+
+
 @pytest.mark.parametrize("quantization", [None, "int8", "int8-g128"])
 @pytest.mark.parametrize("num_tokens", [1, 3])
 def test_feed_forward_of_one_row_makes_swiglu_in_the_gate_up_gemv(
@@ -655,36 +696,20 @@ def test_feed_forward_of_one_row_makes_swiglu_in_the_gate_up_gemv(
     from neuron_llm.backends.cuda import int8_matmul
     from neuron_llm.backends.cuda.backend import CudaBackend
     from neuron_llm.backends.torch_backend import TorchBackend
-    from neuron_llm.layers.linear import Linear
-    from neuron_llm.quant.config import resolve_quant_config
-    from neuron_llm.quant.layers import quantize_linear
 
     generator = torch.Generator().manual_seed(6)
     hidden, intermediate = 256, 200
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
-    projections = []
-    for name, shape in (("gate_up_proj", (2 * intermediate, hidden)), ("down_proj", (hidden, intermediate))):
-        linear = Linear(shape[1], shape[0])
-        linear.weight.data = torch.randn(shape, generator=generator) * 0.05
-        if quantization is not None:
-            linear = quantize_linear(linear, resolve_quant_config(quantization).format, name)
-        projections.append(linear.to(device) if quantization is not None else linear.to(device, dtype))
-    gate_up_proj, down_proj = projections
+    gate_up_proj, down_proj = (
+        _random_projection(name, shape, quantization, generator, device, dtype)
+        for name, shape in (("gate_up_proj", (2 * intermediate, hidden)), ("down_proj", (hidden, intermediate)))
+    )
     x = torch.randn(num_tokens, hidden, generator=generator).to(device, dtype)
     residual = torch.randn(num_tokens, hidden, generator=generator).to(device, dtype)
     norm_weight = (1 + 0.1 * torch.randn(hidden, generator=generator)).to(device, dtype)
     backend = CudaBackend()
-    calls = []
     with ops.using_backend(backend):  # the projections' forwards dispatch to it too
-        with pytest.MonkeyPatch.context() as patch:
-            for kernel in ("int8_linear", "gemv_16bit"):
-                original = getattr(int8_matmul, kernel)
-
-                def counted(*args: Any, original: Callable[..., Any] = original, **kwargs: Any) -> Any:
-                    calls.append(kwargs.get("silu_mul_output", False))
-                    return original(*args, **kwargs)
-
-                patch.setattr(int8_matmul, kernel, counted)
+        with _gemv_calls("silu_mul_output") as calls:
             out, new_residual = backend.feed_forward(x, norm_weight, 1e-5, residual, gate_up_proj, down_proj)
         apart, apart_residual = TorchBackend.feed_forward(
             backend, x, norm_weight, 1e-5, residual, gate_up_proj, down_proj
@@ -698,8 +723,7 @@ def test_feed_forward_of_one_row_makes_swiglu_in_the_gate_up_gemv(
         expected = down_proj((torch.nn.functional.silu(gate) * up).to(dtype)).double()
     assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-2
     assert torch.equal(new_residual, x + residual)
-    stores = backend._takes_gemv(x[:1], gate_up_proj.weight) if quantization is None else quantization == "int8"
-    assert (True in calls) == (num_tokens == 1 and stores)
+    assert (True in calls) == (num_tokens == 1 and _gemv_fuses(backend, x, gate_up_proj, quantization))
     with pytest.raises(ValueError, match="even out_features"):
         int8_matmul.gemv_16bit(x[:1], torch.randn(5, hidden).to(device, dtype), silu_mul_output=True)
 
@@ -712,24 +736,15 @@ def test_norm_qkv_rotary_of_one_row_rotates_and_writes_in_the_qkv_gemv(
     """One row where the GEMV stores SwiGLU (``feed_forward``'s rule): the Q/K/V GEMV rotates
     and writes the cache itself, the bits of the norm, projection and RoPE kernel it replaces
     (query and both caches whole). Other rows and int8 weights with group scales take that path."""
-    from neuron_llm.backends.cuda import int8_matmul
     from neuron_llm.backends.cuda.backend import CudaBackend
     from neuron_llm.backends.torch_backend import TorchBackend
-    from neuron_llm.layers.linear import Linear
     from neuron_llm.layers.rotary import RotaryEmbedding, apply_rotary
-    from neuron_llm.quant.config import resolve_quant_config
-    from neuron_llm.quant.layers import quantize_linear
 
     generator = torch.Generator().manual_seed(7)
     hidden, num_heads, num_kv_heads, head_dim = 128, 4, 2, 32
     qkv_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
-    qkv_proj = Linear(hidden, sum(qkv_sizes))
-    qkv_proj.weight.data = torch.randn(sum(qkv_sizes), hidden, generator=generator) * 0.05
-    if quantization is not None:
-        qkv_proj = quantize_linear(qkv_proj, resolve_quant_config(quantization).format, "qkv_proj").to(device)
-    else:
-        qkv_proj = qkv_proj.to(device, dtype)
+    qkv_proj = _random_projection("qkv_proj", (sum(qkv_sizes), hidden), quantization, generator, device, dtype)
     x = torch.randn(num_tokens, hidden, generator=generator).to(device, dtype)
     residual = torch.randn(num_tokens, hidden, generator=generator).to(device, dtype)
     norm_weight = (1 + 0.1 * torch.randn(hidden, generator=generator)).to(device, dtype)
@@ -739,17 +754,8 @@ def test_norm_qkv_rotary_of_one_row_rotates_and_writes_in_the_qkv_gemv(
     caches = [torch.randn(4, 8, num_kv_heads, head_dim, generator=generator).to(device, dtype) for _ in range(2)]
     caches += [cache.clone() for cache in caches]
     backend = CudaBackend()
-    calls = []
     with ops.using_backend(backend):
-        with pytest.MonkeyPatch.context() as patch:
-            for kernel in ("int8_linear", "gemv_16bit"):
-                original = getattr(int8_matmul, kernel)
-
-                def counted(*args: Any, original: Callable[..., Any] = original, **kwargs: Any) -> Any:
-                    calls.append(kwargs.get("rotary") is not None)
-                    return original(*args, **kwargs)
-
-                patch.setattr(int8_matmul, kernel, counted)
+        with _gemv_calls("rotary") as calls:
             args = (qkv_proj, qkv_sizes, head_dim, cos, sin)
             query, new_residual = backend.norm_qkv_rotary(x, norm_weight, 1e-5, residual, *args, *caches[:2], slots)
         apart, apart_residual = TorchBackend.norm_qkv_rotary(
@@ -768,8 +774,7 @@ def test_norm_qkv_rotary_of_one_row_rotates_and_writes_in_the_qkv_gemv(
         (caches[1].flatten(0, 1)[slots], v),
     ):
         assert ((out.float() - expected).norm() / expected.norm()).item() < 2e-2
-    stores = backend._takes_gemv(x[:1], qkv_proj.weight) if quantization is None else quantization == "int8"
-    assert (True in calls) == (num_tokens == 1 and stores)
+    assert (True in calls) == (num_tokens == 1 and _gemv_fuses(backend, x, qkv_proj, quantization))
 
 
 @pytest.mark.cuda

@@ -551,15 +551,21 @@ def _int8_matmul_kernel(
 
 
 @triton.jit
+def _as_stored(acc, bias_ptr, rows_n, HAS_BIAS: tl.constexpr, dtype: tl.constexpr):
+    """The sums plus bias, in ``dtype``: what the projection would store, rounded as stored."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
+    return acc.to(dtype)
+
+
+@triton.jit
 def _store_output(
     out_ptr, stride_om, offs_m, pid_n, M, N, acc, bias_ptr, rows_n, HAS_BIAS: tl.constexpr, SWIGLU_OUT: tl.constexpr
 ):
     """The [BLOCK_M, BLOCK_N] tile ``acc`` plus bias, in the output's dtype; with SWIGLU_OUT (one
     row of gate then up sums) ``silu(gate) * up``, [1, BLOCK_N / 2] columns of an N / 2 wide output."""
     BLOCK_N: tl.constexpr = acc.shape[1]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
-    out = acc.to(out_ptr.dtype.element_ty)  # what the projection would store, rounded as stored
+    out = _as_stored(acc, bias_ptr, rows_n, HAS_BIAS, out_ptr.dtype.element_ty)
     if SWIGLU_OUT:
         gate, up = tl.split(tl.permute(tl.reshape(out, (2, BLOCK_N // 2)), (1, 0)))
         out = silu_mul_rounded(gate, up)[None, :]
@@ -614,9 +620,7 @@ def _store_rotary(
     BLOCK_N: tl.constexpr = acc.shape[1]
     HALF_TILE: tl.constexpr = BLOCK_N // 2
     HALF_DIM: tl.constexpr = HEAD_DIM // 2
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
-    out = acc.to(query_ptr.dtype.element_ty)
+    out = _as_stored(acc, bias_ptr, rows_n, HAS_BIAS, query_ptr.dtype.element_ty)
     first_row = pid_n * BLOCK_N
     slot = tl.load(slot_ptr).to(tl.int64)
     if first_row < ROPE_ROWS:
