@@ -20,15 +20,15 @@ change one choice of the cuda backend, for an A/B in one run: ``-cublas`` puts e
 linear on cuBLAS (before the streaming GEMV took single rows), ``-norm-apart`` runs each
 RMSNorm apart from the linear after it (before fp8 linears quantized in the norm's pass).
 ``-swiglu-in-down`` makes a single row's SwiGLU in the down projection's loads (before the
-gate/up GEMV stored it: 16-bit rows and int8 rows with a scale per row); ``-rope-apart`` runs
-a single row's RoPE and KV-cache write in a kernel of their own (before the Q/K/V GEMV made
+gate/up GEMV stored it: 16-bit rows and int8 rows with a scale per row); ``-rope-apart`` runs a
+single row's RoPE and KV-cache write in a kernel of their own (before the Q/K/V GEMV made
 them). ``-prompt-tiles`` runs every prefill-kernel step with a prompt's tiles and no context
 split (before steps of few tokens took smaller tiles and split the context); ``-scaled-mm``
 every fp8 product on ``torch._scaled_mm`` (before few rows streamed the weight). Three more
 suffixes leave a decode step's small kernels out, to show what each costs in the step and so
-what fusing it away could save at most: ``-skip-norms`` (every RMSNorm, its residual add too), ``-skip-rope`` (RoPE and the KV cache
-write), ``-skip-attention``. Their outputs are wrong by design; they time the step without
-those kernels. Needs a GPU.
+what fusing it away could save at most: ``-skip-norms`` (every RMSNorm, its residual add too),
+``-skip-rope`` (RoPE and the KV cache write), ``-skip-attention``. Their outputs are wrong by
+design; they time the step without those kernels. Needs a GPU.
 """
 
 from __future__ import annotations
