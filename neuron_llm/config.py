@@ -247,6 +247,7 @@ class ModelConfig:
             self.num_key_value_heads,
             f"must divide num_attention_heads={self.num_attention_heads}",
         )
+        _require_bool(self, "tie_word_embeddings")
         _require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for rotary embeddings")
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
@@ -306,19 +307,21 @@ class ModelConfig:
                 _require(is_int(value) and value > 0, name, value, "must be a positive integer")
             head_dim = hidden_size // num_heads
         rope_theta, rope_scaling = _read_rope(hf)
+        # Absent or null takes the default; 0 or "false" stay, for __post_init__ to refuse.
+        num_kv_heads, tie = hf.get("num_key_value_heads"), hf.get("tie_word_embeddings")
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hidden_size,
             intermediate_size=hf["intermediate_size"],
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=num_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+            num_key_value_heads=num_heads if num_kv_heads is None else num_kv_heads,
             head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=False if tie is None else tie,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=as_token_ids(hf.get("eos_token_id"), "eos_token_id"),
         )

@@ -119,7 +119,12 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     if not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"{path}: llama.attention.head_count={num_heads!r} must be a positive integer")
     # llama.cpp's defaults: both lengths hidden_size / head_count unless the file says otherwise.
-    head_dim = meta.get("llama.attention.key_length") or hidden_size // num_heads
+    head_dim = meta.get("llama.attention.key_length")
+    if head_dim is None:
+        head_dim = hidden_size // num_heads
+    elif not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"{path}: llama.attention.key_length={head_dim!r} must be a positive integer")
+    num_kv_heads = meta.uniform("llama.attention.head_count_kv")
     _refuse_unsupported_options(meta, tensors.values(), head_dim)
     rotary_dim = meta.get("llama.rope.dimension_count", head_dim)
     if rotary_dim != head_dim:
@@ -137,7 +142,7 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         intermediate_size=meta.uniform("llama.feed_forward_length", required=True),
         num_hidden_layers=meta.require("llama.block_count"),
         num_attention_heads=num_heads,
-        num_key_value_heads=meta.uniform("llama.attention.head_count_kv") or num_heads,
+        num_key_value_heads=num_heads if num_kv_heads is None else num_kv_heads,
         head_dim=head_dim,
         rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=rope_theta,

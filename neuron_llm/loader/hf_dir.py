@@ -120,7 +120,8 @@ def _weight_files(model_dir: Path) -> tuple[list[Path], dict[str, Path] | None]:
         files = sorted(set(owners.values()))
         for path in files:
             if not path.is_file():
-                raise FileNotFoundError(f"{path} not found, but {WEIGHTS_INDEX_FILE} lists it as a weight shard")
+                why = "is not a file" if path.exists() else "not found"
+                raise FileNotFoundError(f"{path} {why}, but {WEIGHTS_INDEX_FILE} lists it as a weight shard")
         return files, owners
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -141,6 +142,9 @@ def _index_owners(model_dir: Path) -> dict[str, Path] | None:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_path} has no 'weight_map' naming the shards")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise ValueError(f"{index_path}: weight_map[{name!r}]={file!r} must name a shard file")
     return {name: model_dir / file for name, file in weight_map.items()}
 
 

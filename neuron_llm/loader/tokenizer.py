@@ -66,6 +66,10 @@ def load_dir_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return copy.deepcopy(_read_dir_tokenizer(model_dir, _files_state(files)))
 
 
+_DAMAGED_TOKENIZER_ERRORS = (ValueError, KeyError, IndexError, TypeError, OSError)
+"""What transformers raises on a damaged tokenizer file or GGUF vocabulary, in its own words."""
+
+
 @functools.lru_cache(maxsize=4)
 def _read_dir_tokenizer(model_dir: Path, files_state: tuple[tuple[str, int, int], ...]) -> PreTrainedTokenizerBase:
     if not has_tokenizer_files(model_dir):
@@ -81,7 +85,7 @@ def _read_dir_tokenizer(model_dir: Path, files_state: tuple[tuple[str, int, int]
             )
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (ValueError, KeyError, TypeError, OSError) as e:  # a damaged file, in transformers' words
+    except _DAMAGED_TOKENIZER_ERRORS as e:
         raise ValueError(f"{model_dir}: its tokenizer files could not be read ({type(e).__name__}: {e})") from e
 
 
@@ -104,7 +108,10 @@ def _read_gguf_tokenizer(
     with tempfile.TemporaryDirectory(prefix="neuron-llm-gguf-") as folder:
         link = Path(folder) / "model.gguf"
         link.symlink_to(gguf_path.resolve())
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=link.name, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=link.name, local_files_only=True)
+        except _DAMAGED_TOKENIZER_ERRORS as e:  # named with the file, not the link
+            raise ValueError(f"{gguf_path}: its tokenizer metadata could not be read ({type(e).__name__}: {e})") from e
     if defaults is None:
         return tokenizer
     _restore_added_tokens(tokenizer, defaults.added_tokens)

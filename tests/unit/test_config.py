@@ -142,6 +142,21 @@ def test_tied_embeddings_and_no_eos() -> None:
     config = ModelConfig.from_hf_config(llama(tie_word_embeddings=True, eos_token_id=None))
     assert config.tie_word_embeddings
     assert config.eos_token_ids == ()
+    assert not ModelConfig.from_hf_config(llama(tie_word_embeddings=None)).tie_word_embeddings
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # Truthy, but not True: taken as True it would drop the checkpoint's own LM head.
+        (dict(tie_word_embeddings="false"), r"tie_word_embeddings='false': must be a bool"),
+        # Not "absent": 0 is no head count, so it is refused rather than read as num_attention_heads.
+        (dict(num_key_value_heads=0), r"num_key_value_heads=0: must be a positive integer"),
+    ],
+)
+def test_config_json_values_refused_not_coerced(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_config(llama(**changes))
 
 
 def test_from_json_file(tmp_path: Path) -> None:

@@ -174,3 +174,19 @@ def test_eos_is_appended_where_the_file_says(tmp_path: Path, add_eos: bool | Non
     assert ids[0] == 1
     assert (ids[-1] == 2) == bool(add_eos)
     assert ids[1 : len(ids) - bool(add_eos)] == tokenizer.encode(TEXT, add_special_tokens=False)
+
+
+@pytest.mark.parametrize(
+    ("damage", "error"),
+    [
+        (lambda metadata: metadata.pop("tokenizer.ggml.scores"), "KeyError"),
+        (lambda metadata: metadata.update({"tokenizer.ggml.bos_token_id": 100_000}), "IndexError"),
+    ],
+    ids=["no-scores", "bos-past-the-vocabulary"],
+)
+def test_a_damaged_gguf_vocabulary_is_refused_naming_the_file(tmp_path: Path, damage: Any, error: str) -> None:
+    metadata = sentencepiece_metadata()
+    damage(metadata)
+    path = write_vocabulary_gguf(tmp_path / "damaged.gguf", metadata, len(metadata["tokenizer.ggml.tokens"]))
+    with pytest.raises(ValueError, match=rf"damaged\.gguf: its tokenizer metadata could not be read \({error}"):
+        load_model_info(path)

@@ -71,6 +71,23 @@ def test_index_naming_a_missing_shard(save_tiny_llama: SaveTinyLlama) -> None:
         load(path)
 
 
+@pytest.mark.parametrize(
+    ("shard", "error", "message"),
+    [
+        (3, ValueError, r"index\.json: weight_map\['lm_head\.weight'\]=3 must name a shard file"),
+        ("subdir", FileNotFoundError, r"subdir is not a file, but .*index\.json lists it"),
+    ],
+)
+def test_index_naming_no_shard_file(save_tiny_llama: SaveTinyLlama, shard: Any, error: type, message: str) -> None:
+    _, path = save_tiny_llama(max_shard_size="40KB")
+    (path / "subdir").mkdir()
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = shard
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(error, match=message):
+        load(path)
+
+
 def test_a_single_weights_file_wins_over_an_index(save_tiny_llama: SaveTinyLlama) -> None:
     """As in transformers: a stale index beside ``model.safetensors`` is not read."""
     hf_model, path = save_tiny_llama()
@@ -269,6 +286,8 @@ def test_gguf_rope_scaling_is_read_as_llama_cpp_reads_it(
         ({}, {"blk.0.attn_q.bias": np.zeros(4, np.float32)}, r"'blk\.0\.attn_q\.bias': biases .* are not implemented"),
         ({"llama.attention.head_count_kv": 3}, {}, r"odd\.gguf: num_key_value_heads=3: must divide"),
         ({"llama.attention.head_count": 0}, {}, r"odd\.gguf: llama\.attention\.head_count=0 must be a positive"),
+        ({"llama.attention.head_count_kv": 0}, {}, r"odd\.gguf: num_key_value_heads=0: must be a positive"),
+        ({"llama.attention.key_length": 0}, {}, r"odd\.gguf: llama\.attention\.key_length=0 must be a positive"),
     ],
 )
 def test_gguf_options_refused_by_name(
