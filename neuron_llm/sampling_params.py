@@ -155,7 +155,9 @@ class SamplingParams:
     temperature: float = 1.0
     """Divides the logits before sampling; 0 is greedy (argmax); others under 0.01 are raised to it."""
     top_p: float = 1.0
-    """Keep the smallest set of most likely tokens whose probability sums to at least top_p; 1 keeps all."""
+    """Keep the smallest set of most likely tokens whose probability sums to at least top_p, and
+    every token tied with the least likely one kept (not one of them picked by sort order); 1
+    keeps all."""
     top_k: int = 0
     """Keep the k most likely tokens; 0 or -1 keeps all (stored as 0)."""
     min_p: float = 0.0
@@ -286,7 +288,12 @@ class SamplingParams:
             self.min_tokens,
             f"must be <= max_tokens={self.max_tokens}",
         )
-        _require(self.seed is None or is_integral(self.seed), "seed", self.seed, "must be None or an integer")
+        _require(
+            self.seed is None or (is_integral(self.seed) and MIN_SEED <= self.seed <= MAX_SEED),
+            "seed",
+            self.seed,
+            f"must be None or an integer from {MIN_SEED} to {MAX_SEED}",
+        )
         if self.seed == -1:
             self._set("seed", None)
         truncate = self.truncate_prompt_tokens

@@ -73,6 +73,7 @@ def test_the_largest_counts_are_taken() -> None:
 def test_seed_minus_one_is_no_seed_as_in_vllm() -> None:
     assert SamplingParams(seed=-1).seed is None
     assert SamplingParams(seed=-2).seed == -2
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
 
 
 @pytest.mark.parametrize(
@@ -100,6 +101,8 @@ def test_seed_minus_one_is_no_seed_as_in_vllm() -> None:
         ("min_p", 1.5),
         ("seed", 1.5),
         ("seed", "42"),
+        ("seed", 2**64),  # folded onto 64 bits it would be seed 0's stream
+        ("seed", -(2**63) - 1),
         ("max_tokens", 0),
         ("max_tokens", 3.0),
         ("min_tokens", -1),
