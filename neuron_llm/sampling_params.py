@@ -292,7 +292,7 @@ class SamplingParams:
             self.seed is None or (is_integral(self.seed) and MIN_SEED <= self.seed <= MAX_SEED),
             "seed",
             self.seed,
-            f"must be None or an integer from {MIN_SEED} to {MAX_SEED}",
+            "must be None or an integer in [-2**63, 2**64)",
         )
         if self.seed == -1:
             self._set("seed", None)

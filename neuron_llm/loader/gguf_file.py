@@ -124,7 +124,6 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         head_dim = hidden_size // num_heads
     elif not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"{path}: llama.attention.key_length={head_dim!r} must be a positive integer")
-    num_kv_heads = meta.uniform("llama.attention.head_count_kv")
     _refuse_unsupported_options(meta, tensors.values(), head_dim)
     rotary_dim = meta.get("llama.rope.dimension_count", head_dim)
     if rotary_dim != head_dim:
@@ -135,6 +134,7 @@ def read_gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     rope_theta = float(meta.get("llama.rope.freq_base", 10000.0))
     context_length = meta.get("llama.context_length", 2048)
     rope_scaling = _rope_scaling(meta, tensors.get(_ROPE_FREQS), head_dim, rope_theta, context_length)
+    num_kv_heads = meta.uniform("llama.attention.head_count_kv")  # 0 stays, for ModelConfig to refuse
     fields = dict(
         # The embedding's rows, not the token list: a checkpoint may pad its vocabulary.
         vocab_size=_row_major_shape(tensors["token_embd.weight"])[0],
