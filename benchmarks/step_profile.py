@@ -22,13 +22,16 @@ RMSNorm apart from the linear after it (before fp8 linears quantized in the norm
 ``-swiglu-in-down`` makes a single row's SwiGLU in the down projection's loads (before the
 gate/up GEMV stored it: 16-bit rows and int8 rows with a scale per row); ``-rope-apart`` runs a
 single row's RoPE and KV-cache write in a kernel of their own (before the Q/K/V GEMV made
-them). ``-prompt-tiles`` runs every prefill-kernel step with a prompt's tiles and no context
-split (before steps of few tokens took smaller tiles and split the context); ``-scaled-mm``
-every fp8 product on ``torch._scaled_mm`` (before few rows streamed the weight). Three more
-suffixes leave a decode step's small kernels out, to show what each costs in the step and so
-what fusing it away could save at most: ``-skip-norms`` (every RMSNorm, its residual add too),
-``-skip-rope`` (RoPE and the KV cache write), ``-skip-attention``. Their outputs are wrong by
-design; they time the step without those kernels. Needs a GPU.
+them); ``-norm-kernels`` adds a single row's residual and norms it in a kernel before the
+gate/up and Q/K/V GEMVs (before the o and down GEMVs added it and the GEMVs after them normed
+their input). ``-prompt-tiles`` runs every prefill-kernel step with a prompt's tiles and no
+context split (before steps of few tokens took smaller tiles and split the context);
+``-scaled-mm`` every fp8 product on ``torch._scaled_mm`` (before few rows streamed the weight).
+Three more suffixes leave a decode step's small kernels out, to show what each costs in the
+step and so what fusing it away could save at most: ``-skip-norms`` (every RMSNorm kernel, its
+residual add too; with ``-norm-kernels`` every RMSNorm), ``-skip-rope`` (RoPE and the KV cache
+write), ``-skip-attention``. Their outputs are wrong by design; they time the step without
+those kernels. Needs a GPU.
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ VARIANTS = {
     "-swiglu-in-down": lambda: mock.patch.object(CudaBackend, "feed_forward", TorchBackend.feed_forward),
     "-skip-norms": lambda: mock.patch.object(CudaBackend, "rms_norm", _skip_norm),
     "-rope-apart": lambda: mock.patch.object(CudaBackend, "norm_qkv_rotary", TorchBackend.norm_qkv_rotary),
+    "-norm-kernels": lambda: mock.patch.object(CudaBackend, "_adds_residual", lambda *args: False),
     "-skip-rope": lambda: _skip_rope(),
     "-skip-attention": lambda: mock.patch.object(CudaBackend, "paged_attention", _skip_to_query),
     "-prompt-tiles": lambda: _prompt_tiles(),

@@ -136,7 +136,10 @@ class Backend(abc.ABC):
         down_proj: nn.Module,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Llama's feed-forward of ``rms_norm(x, weight, eps, residual)`` with gate and up merged:
-        ``(down_proj(silu(gate) * up), new_residual)``, by ``norm_linear`` then ``swiglu_down``."""
+        ``(down_proj(silu(gate) * up), new_residual)``, by ``norm_linear`` then ``swiglu_down``.
+
+        A backend may return the pair's sum instead, ``(output + new_residual, None)``: the next
+        norm adds the residual if there is one, so either form is the same residual stream."""
         gate_up, residual = self.norm_linear(x, weight, eps, residual, gate_up_proj)
         return self.swiglu_down(gate_up, down_proj), residual
 
@@ -163,6 +166,14 @@ class Backend(abc.ABC):
         """
         normed, residual = self.rms_norm(x, weight, eps, residual)
         return linear(normed), residual
+
+    def linear_residual(
+        self, x: torch.Tensor, linear: nn.Module, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(linear(x), residual)``: a projection whose output joins the residual stream, the
+        add left to the next norm (``rms_norm``). A backend may add them itself and return
+        ``(linear(x) + residual, None)``, the same stream."""
+        return linear(x), residual
 
     def norm_qkv_rotary(
         self,

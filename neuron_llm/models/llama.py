@@ -49,8 +49,9 @@ class LlamaAttention(nn.Module):
         sin: torch.Tensor,
         kv_cache: KVCache,
         metadata: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention over ``norm(hidden + residual)``; returns (its output, ``hidden + residual``).
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention over ``norm(hidden + residual)``; returns (its output, ``hidden + residual``),
+        or their sum and None (``ops.linear_residual``).
 
         The norm, the projection that reads it and RoPE with the cache write are applied
         together, so that a backend can fuse them (``ops.norm_qkv_rotary``).
@@ -71,7 +72,7 @@ class LlamaAttention(nn.Module):
                 cos, sin, key_cache, value_cache, metadata.slot_mapping,
             )  # fmt: skip
         out = ops.paged_attention(query, key_cache, value_cache, metadata, self.scale)
-        return self.o_proj(out.reshape(num_tokens, -1)), residual
+        return ops.linear_residual(out.reshape(num_tokens, -1), self.o_proj, residual)
 
 
 class LlamaMLP(nn.Module):
@@ -85,8 +86,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj: nn.Module | None = None
         """gate and up as one matmul, once ``models.merge`` has merged them (the parts are then None)."""
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """The feed-forward of ``norm(hidden + residual)``; returns (its output, ``hidden + residual``)."""
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The feed-forward of ``norm(hidden + residual)``; returns (its output, ``hidden + residual``),
+        or their sum and None (``ops.feed_forward``)."""
         if self.gate_up_proj is None:
             x, residual = ops.rms_norm(hidden, norm.weight, norm.eps, residual)
             return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)), residual
@@ -109,11 +113,13 @@ class LlamaDecoderLayer(nn.Module):
         sin: torch.Tensor,
         kv_cache: KVCache,
         metadata: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (this layer's output, the residual stream before it): their sum is the new stream.
 
-        The residual add is left to the next norm, where a backend can fuse it (``ops.rms_norm``).
-        The first layer has no residual yet: its stream starts as ``hidden``.
+        The residual add is left to the next norm, where a backend can fuse it (``ops.rms_norm``),
+        or done by the projection before it, which then returns the stream as its output and no
+        residual (``ops.linear_residual``, ``ops.feed_forward``). The first layer has no residual
+        yet: its stream starts as ``hidden``.
         """
         hidden, residual = self.self_attn(hidden, residual, self.input_layernorm, cos, sin, kv_cache, metadata)
         return self.mlp(hidden, residual, self.post_attention_layernorm)

@@ -119,6 +119,12 @@ def norm_linear(
     return active_backend().norm_linear(x, weight, eps, residual, linear)
 
 
+def linear_residual(
+    x: torch.Tensor, linear: torch.nn.Module, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return active_backend().linear_residual(x, linear, residual)
+
+
 def norm_qkv_rotary(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -169,6 +175,7 @@ __all__ = [
     "feed_forward",
     "fp8_linear",
     "int8_linear",
+    "linear_residual",
     "linear",
     "norm_linear",
     "norm_qkv_rotary",

@@ -108,6 +108,16 @@ def compile_every_kernel() -> list[str]:
             q = torch.zeros(qkv_rows, hidden, dtype=torch.int8)
             int8_matmul.int8_linear(x[:1], q, torch.ones(qkv_rows, 1), rotary=rotary)
             int8_matmul.gemv_16bit(x[:1], torch.zeros(qkv_rows, hidden, dtype=bf16), rotary=rotary)
+            # The down GEMV adding the residual, and the Q/K/V GEMV norming its input from its sums.
+            square_sums = int8_matmul.square_sums_buffer(x[:1])
+            residual = int8_matmul.ResidualAdd(x[:1].clone(), square_sums)
+            norm = int8_matmul.NormInput(weight, 1e-5, square_sums)
+            q_down = torch.zeros(hidden, intermediate, dtype=torch.int8)
+            swiglu = torch.randn(1, intermediate, dtype=bf16)
+            int8_matmul.int8_linear(swiglu, q_down, torch.ones(hidden, 1), residual=residual)
+            int8_matmul.gemv_16bit(swiglu, torch.zeros(hidden, intermediate, dtype=bf16), residual=residual)
+            int8_matmul.int8_linear(x[:1], q, torch.ones(qkv_rows, 1), rotary=rotary, norm=norm)
+            int8_matmul.gemv_16bit(x[:1], torch.zeros(qkv_rows, hidden, dtype=bf16), rotary=rotary, norm=norm)
         # fp8 decode rows streaming the weight: the GEMV and the 16-row tiles, qkv and down.
         for tokens in (1, 5):
             for rows, width in ((6144, hidden), (hidden, intermediate)):

@@ -678,6 +678,11 @@ def _gemv_calls(keyword: str) -> Iterator[list[bool]]:
         yield calls
 
 
+def _stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """The residual stream a (hidden, residual) pair stands for, summed as the next norm sums it."""
+    return hidden if residual is None else hidden + residual
+
+
 def _gemv_fuses(backend: Any, x: torch.Tensor, proj: torch.nn.Module, quantization: str | None) -> bool:
     """Whether one row of ``x`` takes a GEMV that fuses the kernel after it: 16-bit weights where
     the GEMV takes them, int8 with a scale per row."""
@@ -691,8 +696,9 @@ def test_feed_forward_of_one_row_makes_swiglu_in_the_gate_up_gemv(
 ) -> None:
     """One row of 16-bit weights where the GEMV takes them (a Hopper GPU), or of int8 weights
     with a scale per row: the gate/up GEMV stores silu(gate) * up and the down projection reads
-    it, the bits of the norm, gate/up projection and SwiGLU-fused down projection it replaces.
-    Other rows and int8 weights with group scales take that path itself."""
+    it and adds the residual, the bits of the norm, gate/up projection, SwiGLU-fused down
+    projection and residual add it replaces. Other rows and int8 weights with group scales take
+    that path itself."""
     from neuron_llm.backends.cuda import int8_matmul
     from neuron_llm.backends.cuda.backend import CudaBackend
     from neuron_llm.backends.torch_backend import TorchBackend
@@ -714,18 +720,91 @@ def test_feed_forward_of_one_row_makes_swiglu_in_the_gate_up_gemv(
         apart, apart_residual = TorchBackend.feed_forward(
             backend, x, norm_weight, 1e-5, residual, gate_up_proj, down_proj
         )
-    assert torch.equal(out, apart) and torch.equal(new_residual, apart_residual)
+    fuses = num_tokens == 1 and _gemv_fuses(backend, x, gate_up_proj, quantization)
+    # Where the down GEMV adds the residual, it returns the stream whole.
+    assert (new_residual is None) == fuses
+    assert torch.equal(_stream(out, new_residual), _stream(apart, apart_residual))
+    assert torch.equal(apart_residual, x + residual)
     # And what both compute: the composition in float64, around the reference's projections.
     summed = x.double() + residual.double()
     normed = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_weight.double()
     with ops.using_backend(TorchBackend()):
         gate, up = gate_up_proj(normed.to(dtype)).double().chunk(2, dim=-1)
         expected = down_proj((torch.nn.functional.silu(gate) * up).to(dtype)).double()
-    assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-2
-    assert torch.equal(new_residual, x + residual)
-    assert (True in calls) == (num_tokens == 1 and _gemv_fuses(backend, x, gate_up_proj, quantization))
+    assert ((apart.double() - expected).norm() / expected.norm()).item() < 2e-2
+    assert (True in calls) == fuses
     with pytest.raises(ValueError, match="even out_features"):
         int8_matmul.gemv_16bit(x[:1], torch.randn(5, hidden).to(device, dtype), silu_mul_output=True)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int8-g128"])
+@pytest.mark.parametrize("norm_kernels", [False, True], ids=["fused", "norm-kernels"])
+def test_one_rows_stream_is_added_by_the_o_and_down_gemvs_and_normed_by_the_gemvs_after(
+    quantization: str | None, norm_kernels: bool, device: torch.device
+) -> None:
+    """A layer's one row from the attention's output to the next layer's query: the o and down
+    GEMVs add the residual and store the stream's square sums, from which the gate/up and Q/K/V
+    GEMVs norm their input, with no norm kernel: the stream, query and caches of the reference
+    within its rounding. A stream the GEMV before did not make (a copy) is normed by the kernel,
+    as are all where the fusion is off (``step_profile``'s ``-norm-kernels``)."""
+    from neuron_llm.backends.cuda.backend import CudaBackend
+    from neuron_llm.backends.torch_backend import TorchBackend
+    from neuron_llm.layers.rotary import RotaryEmbedding
+
+    generator = torch.Generator().manual_seed(8)
+    hidden, intermediate, num_heads, num_kv_heads, head_dim = 128, 96, 4, 2, 32
+    qkv_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    o_proj, gate_up_proj, down_proj, qkv_proj = (
+        _random_projection(name, shape, quantization, generator, device, dtype)
+        for name, shape in (
+            ("o_proj", (hidden, num_heads * head_dim)),
+            ("gate_up_proj", (2 * intermediate, hidden)),
+            ("down_proj", (hidden, intermediate)),
+            ("qkv_proj", (sum(qkv_sizes), hidden)),
+        )
+    )
+    attention_out = torch.randn(1, num_heads * head_dim, generator=generator).to(device, dtype)
+    residual = torch.randn(1, hidden, generator=generator).to(device, dtype)
+    post_norm, input_norm = ((1 + 0.1 * torch.randn(hidden, generator=generator)).to(device, dtype) for _ in range(2))
+    cos, sin = RotaryEmbedding(head_dim, 10000.0, None).to(device)(torch.tensor([9], device=device), dtype)
+    slots = torch.tensor([17], device=device)
+
+    def layer(
+        backend: Any, copy: bool
+    ) -> tuple[list[tuple[bool, bool]], torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(the GEMVs given a residual or a norm: (residual, norm) each, the stream before Q/K/V,
+        the query, the caches); ``copy``: the Q/K/V GEMV gets a copy of the stream."""
+        caches = [torch.zeros(4, 8, num_kv_heads, head_dim, device=device, dtype=dtype) for _ in range(2)]
+        with ops.using_backend(backend), _gemv_calls("residual") as adds, _gemv_calls("norm") as norms:
+            hidden, new_residual = backend.linear_residual(attention_out, o_proj, residual)
+            hidden, new_residual = backend.feed_forward(hidden, post_norm, 1e-5, new_residual, gate_up_proj, down_proj)
+            stream = _stream(hidden, new_residual)
+            if copy:
+                hidden, new_residual = stream.clone(), None
+            args = (qkv_proj, qkv_sizes, head_dim, cos, sin, *caches, slots)
+            query, stream_after = backend.norm_qkv_rotary(hidden, input_norm, 1e-5, new_residual, *args)
+        assert torch.equal(stream_after, stream)
+        return [call for call in zip(adds, norms, strict=True) if any(call)], stream, query, caches
+
+    with pytest.MonkeyPatch.context() as patch:
+        if norm_kernels:
+            patch.setattr(CudaBackend, "_adds_residual", lambda *args: False)
+        fused_calls, stream, query, caches = layer(CudaBackend(), copy=False)
+        copy_calls, _, query_copy, caches_copy = layer(CudaBackend(), copy=True)
+    _, reference_stream, reference_query, reference_caches = layer(TorchBackend(), copy=False)
+    fuses = not norm_kernels and _gemv_fuses(CudaBackend(), attention_out, o_proj, quantization)
+    # o, gate/up, down, Q/K/V: the copy's Q/K/V GEMV takes the norm kernel's output.
+    assert fused_calls == ([(True, False), (False, True)] * 2 if fuses else [])
+    assert copy_calls == fused_calls[:3]
+    outputs = [(stream, stream, reference_stream), (query, query_copy, reference_query)]
+    outputs += [
+        (cache.flatten(0, 1)[slots], cache_copy.flatten(0, 1)[slots], reference.flatten(0, 1)[slots])
+        for cache, cache_copy, reference in zip(caches, caches_copy, reference_caches, strict=True)
+    ]
+    for out, out_copy, reference in outputs:
+        assert torch.equal(out_copy, out) or fuses
+        assert ((out.double() - reference.double()).norm() / reference.double().norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("quantization", [None, "int8", "int8-g128"])

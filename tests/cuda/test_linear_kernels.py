@@ -30,12 +30,15 @@ from neuron_llm.backends.cuda.int8_matmul import (
     CONVERT_MODES,
     DEEP_GEMV_K,
     Int8MatmulConfig,
+    NormInput,
+    ResidualAdd,
     RotaryWrite,
     _num_sms,
     default_config,
     fp8_rows_matmul,
     gemv_16bit,
     int8_linear,
+    square_sums_buffer,
 )
 from neuron_llm.backends.cuda.w8a8 import w8a8_linear
 from neuron_llm.layers.norm import RMSNorm
@@ -267,6 +270,64 @@ def test_gemv_rotates_and_writes_the_cache_as_it_stores(
         int8_linear(x, q, scale, rotary=RotaryWrite(cos[:, :8], sin, caches[2], caches[3], slot))
     with pytest.raises(ValueError, match="slot_mapping"):
         int8_linear(x, q, scale, rotary=RotaryWrite(cos, sin, caches[2], caches[3], slot.float()))
+
+
+@pytest.mark.parametrize(
+    "config", [None, CONFIGS[0], CONFIGS[1], CONFIGS[3]], ids=["default", "plain", "split3-n32", "split2-n64"]
+)
+def test_gemv_adds_the_residual_and_norms_its_input_from_square_sums(
+    config: Int8MatmulConfig | None, device: torch.device
+) -> None:
+    """residual: the bits of the product plus the residual, and each 16 columns' square sums;
+    norm: the product of RMSNorm's output from those sums, within the output's rounding of the
+    float64 reference. int8 and 16-bit weights, split K, a width that is no multiple of 16."""
+    hidden, out_features = 232, 72
+    q, scale, _ = make_int8_linear(hidden, 200, None, device, seed=13)
+    q_next, scale_next, _ = make_int8_linear(out_features, hidden, None, device, seed=14)
+    weights_16bit = [(torch.randn(shape, device=device) * 0.05) for shape in ((hidden, 200), (out_features, hidden))]
+    for dtype in kernel_dtypes(device):
+        x = torch.randn(1, 200, device=device).to(dtype)
+        residual = torch.randn(1, hidden, device=device).to(dtype)
+        norm_weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
+        # (the first product, the one after it, the latter's weight in float64)
+        pairs = [
+            (
+                lambda x, **kw: int8_linear(x, q, scale, config=config, **kw),
+                lambda x, **kw: int8_linear(x, q_next, scale_next, config=config, **kw),
+                dequantize_int8(q_next, scale_next, torch.float64),
+            )
+        ]
+        if dtype != torch.float32:
+            first, second = (w.to(dtype) for w in weights_16bit)
+            pairs.append(
+                (
+                    lambda x, **kw: gemv_16bit(x, first, config=config, **kw),
+                    lambda x, **kw: gemv_16bit(x, second, config=config, **kw),
+                    second.double(),
+                )
+            )
+        for product, next_product, next_weight in pairs:
+            square_sums = square_sums_buffer(residual)
+            stream = product(x, residual=ResidualAdd(residual, square_sums))
+            assert torch.equal(stream, product(x) + residual)
+            padded = F.pad(stream.double(), (0, 8))  # 232 columns: the last 16 hold 8
+            expected_sums = padded.square().view(-1, 16).sum(-1)
+            assert torch.allclose(square_sums.double(), expected_sums, rtol=1e-5, atol=0)
+            out = next_product(stream, norm=NormInput(norm_weight, 1e-5, square_sums))
+            s = stream.double()
+            normed = s * torch.rsqrt(s.square().mean(-1, keepdim=True) + 1e-5) * norm_weight.double()
+            assert relative_error(out, normed @ next_weight.T) < TOLERANCE[dtype], dtype
+    with pytest.raises(ValueError, match="one row"):
+        int8_linear(torch.cat([x, x]), q, scale, residual=ResidualAdd(torch.cat([residual] * 2), square_sums))
+    with pytest.raises(ValueError, match="square_sums must be float32"):
+        int8_linear(x, q, scale, residual=ResidualAdd(residual, square_sums[:-1]))
+    with pytest.raises(ValueError, match="residual must be one contiguous row"):
+        int8_linear(x, q, scale, residual=ResidualAdd(residual[:, :-1], square_sums))
+    with pytest.raises(ValueError, match="norm weight must be one contiguous row"):
+        int8_linear(stream, q_next, scale_next, norm=NormInput(norm_weight[:-1], 1e-5, square_sums))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        config_8 = Int8MatmulConfig(block_m=1, block_n=8, block_k=32)
+        int8_linear(x, q, scale, config=config_8, residual=ResidualAdd(residual, square_sums))
 
 
 @pytest.mark.parametrize(("out_features", "in_features"), [(37, 200), (64, 256), (4096 + 48, 1000)])

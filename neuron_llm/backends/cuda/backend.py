@@ -5,10 +5,11 @@ compute limit already, except a single row on Hopper: there the Triton GEMV over
 kernel before it (programmatic dependent launch), which cuBLAS cannot. The KV-cache write is
 folded into the RoPE kernel, and for a single row (16-bit, or int8 with a scale a row) both
 into the Q/K/V GEMV and SwiGLU into the gate/up GEMV (into the down projection's loads for
-int8 with group scales and a few rows); the activation quantization of an fp8 linear goes
-into the RMSNorm or SwiGLU before it. A long prompt with no cached context goes to
-cuDNN's attention through SDPA, which is faster there than our paged kernel
-(BENCHMARKS.md); everything else runs the Triton kernels.
+int8 with group scales and a few rows), and the o and down GEMVs add the residual and store
+what the gate/up and Q/K/V GEMVs after them need to norm their input themselves; the
+activation quantization of an fp8 linear goes into the RMSNorm or SwiGLU before it. A long
+prompt with no cached context goes to cuDNN's attention through SDPA, which is faster there
+than our paged kernel (BENCHMARKS.md); everything else runs the Triton kernels.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def models_prepared() -> int:
 
 class CudaBackend(TorchBackend):
     name = "cuda"
+    _stream_square_sums: tuple[torch.Tensor, torch.Tensor] | None = None
+    """The residual stream the last one-row ``linear_residual`` returned whole, and its square sums."""
 
     def prepare_model(self, model: nn.Module) -> None:
         global _models_prepared
@@ -131,9 +134,40 @@ class CudaBackend(TorchBackend):
         # ways). int8 with group scales keeps the loads (not measured with its tiles).
         # Exact types: the GEMV skips the projection's forward; down_proj's own runs.
         if self._gemv_fuses(x, gate_up_proj):
-            normed, residual = self.rms_norm(x, weight, eps, residual)
-            return down_proj(_gemv(normed, gate_up_proj, silu_mul_output=True)), residual
+            if norm := self._norm_input(x, weight, eps, residual):
+                swiglu, residual = _gemv(x, gate_up_proj, silu_mul_output=True, norm=norm), x
+            else:
+                normed, residual = self.rms_norm(x, weight, eps, residual)
+                swiglu = _gemv(normed, gate_up_proj, silu_mul_output=True)
+            return self.linear_residual(swiglu, down_proj, residual)
         return super().feed_forward(x, weight, eps, residual, gate_up_proj, down_proj)
+
+    def linear_residual(
+        self, x: torch.Tensor, linear: nn.Module, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # One row (o and down projections): the GEMV adds the residual and stores the stream's
+        # square sums, from which the GEMV after it norms the stream (``_norm_input``): no norm
+        # kernel between them.
+        if residual is None or not self._adds_residual(x, linear):
+            return super().linear_residual(x, linear, residual)
+        square_sums = int8_matmul.square_sums_buffer(residual)
+        stream = _gemv(x, linear, residual=int8_matmul.ResidualAdd(residual, square_sums))
+        self._stream_square_sums = (stream, square_sums)
+        return stream, None
+
+    def _adds_residual(self, x: torch.Tensor, proj: nn.Module) -> bool:
+        """Whether the GEMV of ``proj`` adds the residual and stores its square sums (``int8_matmul.ResidualAdd``)."""
+        return self._gemv_fuses(x, proj)
+
+    def _norm_input(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> int8_matmul.NormInput | None:
+        """RMSNorm of ``x`` for the GEMV that reads it, where the GEMV that made ``x`` (the whole
+        stream: no residual) stored its square sums; else None."""
+        made, self._stream_square_sums = self._stream_square_sums, None
+        if residual is not None or made is None or made[0] is not x:
+            return None
+        return int8_matmul.NormInput(weight, eps, made[1])
 
     def _gemv_fuses(self, x: torch.Tensor, proj: nn.Module) -> bool:
         """Whether the GEMV of ``proj`` takes the kernel after it into its stores (SwiGLU, RoPE): one
@@ -175,8 +209,10 @@ class CudaBackend(TorchBackend):
         # One row: the Q/K/V GEMV rotates Q and K and writes K and V to the cache as it stores,
         # in place of the RoPE kernel after it (BENCHMARKS.md). Exact types, as in feed_forward.
         if self._gemv_fuses(x, qkv_proj) and cos.dtype == x.dtype:
-            normed, residual = self.rms_norm(x, weight, eps, residual)
             rotary = int8_matmul.RotaryWrite(cos.reshape(-1), sin.reshape(-1), key_cache, value_cache, slot_mapping)
+            if norm := self._norm_input(x, weight, eps, residual):
+                return _gemv(x, qkv_proj, rotary=rotary, norm=norm).view(1, -1, head_dim), x
+            normed, residual = self.rms_norm(x, weight, eps, residual)
             return _gemv(normed, qkv_proj, rotary=rotary).view(1, -1, head_dim), residual
         return super().norm_qkv_rotary(
             x, weight, eps, residual, qkv_proj, qkv_sizes, head_dim, cos, sin, key_cache, value_cache, slot_mapping

@@ -108,6 +108,40 @@ class RotaryWrite:
     """The token's flat slot, int32 or int64 [1]."""
 
 
+@dataclass(frozen=True)
+class ResidualAdd:
+    """What lets the GEMV of one row make the next RMSNorm's input: the row stored is the
+    product plus ``residual`` (the residual stream, as ``fused.fused_add_rms_norm`` adds it), and
+    the sums of squares of each ``SQUARE_SUM_COLUMNS`` of its columns go to ``square_sums``,
+    from which the GEMV after it norms the row (``NormInput``): no norm kernel between them."""
+
+    residual: torch.Tensor
+    """[1, out_features], the product's dtype."""
+    square_sums: torch.Tensor
+    """float32 [ceil(out_features / SQUARE_SUM_COLUMNS)], written (``square_sums_buffer``)."""
+
+
+@dataclass(frozen=True)
+class NormInput:
+    """RMSNorm of a GEMV's one input row, from the square sums its producer stored (``ResidualAdd``):
+    the products take x times ``weight``, and the sums 1 / rms(x) at the end. Not the norm kernel's
+    bits: that rounds the normed row to x's dtype before the weight multiplies it."""
+
+    weight: torch.Tensor
+    """[in_features]."""
+    eps: float
+    square_sums: torch.Tensor
+
+
+SQUARE_SUM_COLUMNS = 16
+_SQUARE_SUM_COLUMNS = tl.constexpr(SQUARE_SUM_COLUMNS)
+
+
+def square_sums_buffer(row: torch.Tensor) -> torch.Tensor:
+    """Room for the square sums of one row like ``row`` [..., features] (``ResidualAdd``)."""
+    return torch.empty(triton.cdiv(row.shape[-1], SQUARE_SUM_COLUMNS), dtype=torch.float32, device=row.device)
+
+
 PREFETCH_MAX_PROGRAMS_PER_SM = 3
 DEEP_GEMV_K = 2048
 """Depth of the one-byte (int8, fp8) per-channel GEMV's tiles where K reaches it and N is small."""
@@ -327,6 +361,7 @@ def _gemv_step(
     acc_k,
     w,
     x_ptr,
+    norm_weight_ptr,
     scale_ptr,
     rows_n,
     stride_sn,
@@ -340,13 +375,19 @@ def _gemv_step(
     CONVERT: tl.constexpr,
     SWIGLU: tl.constexpr,
     FP8: tl.constexpr,
+    NORM: tl.constexpr,
     THREAD_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """``acc_k`` [BLOCK_K // THREAD_K, BLOCK_N] plus the weight tile ``w`` at K offset ``k`` times x
-    there (float32), each THREAD_K consecutive products summed first."""
+    there (float32), each THREAD_K consecutive products summed first. NORM: x times the norm's
+    weight (its scale by the row's mean square comes after the loop)."""
     offs_k = k + tl.arange(0, BLOCK_K)
     x = _load_x(x_ptr + offs_k, offs_k < K, up_offset, EVEN_K, SWIGLU, FP8).to(tl.float32)  # [BLOCK_K]
+    if NORM and EVEN_K:
+        x *= tl.load(norm_weight_ptr + offs_k).to(tl.float32)
+    elif NORM:
+        x *= tl.load(norm_weight_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
     wf = _weight_to_float32(w, IS_INT8, CONVERT, FP8)
     # Where a thread's THREAD_K elements lie in one group, their sum takes the group's scale
     # once; otherwise each weight takes its scale before the product.
@@ -379,6 +420,11 @@ def _int8_matmul_kernel(
     key_cache_ptr,
     value_cache_ptr,
     slot_ptr,
+    residual_ptr,
+    square_sums_ptr,
+    norm_weight_ptr,
+    norm_sums_ptr,
+    norm_eps,
     M,
     N,
     K,
@@ -407,6 +453,8 @@ def _int8_matmul_kernel(
     ROPE_Q_ROWS: tl.constexpr,
     ROPE_ROWS: tl.constexpr,
     INLINE_PTX: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr,
+    NORM_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -425,6 +473,9 @@ def _int8_matmul_kernel(
     ``counter_ptr`` int32 counters, one per tile, zero on entry and on exit. With SWIGLU, x
     rows hold gate then up (``up_offset`` apart) and the product's input is silu(gate) * up.
     With ROPE_ROWS > 0 the weight is a merged Q/K/V one of a single row (``_store_rotary``).
+    ADD_RESIDUAL (one row): the stored row is the sums plus ``residual_ptr``'s row, and each
+    ``SQUARE_SUM_COLUMNS`` columns' sum of squares goes to ``square_sums_ptr``. NORM_BLOCK > 0 (one
+    row): x is RMSNorm's input, its square sums at ``norm_sums_ptr`` (``_norm_scale``).
     WIDE_OFFSETS: offsets into x, the weight, the output or the scratch may pass 2**31.
     """
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -458,6 +509,10 @@ def _int8_matmul_kernel(
         # The first weight tile streams in while the kernel before finishes (see launch.py).
         w = _load_weight_tile(weight_ptr, rows_n, stride_wn, k_start + tl.arange(0, BLOCK_K), K, EVEN_K, "evict_first")
         launch.wait_for_inputs(USE_PDL)
+        if NORM_BLOCK > 0:
+            # Loaded with the first activations; used after the loop, so off the loop's path.
+            offs_sums = tl.arange(0, NORM_BLOCK)
+            norm_sums = tl.load(norm_sums_ptr + offs_sums, mask=offs_sums < tl.cdiv(K, _SQUARE_SUM_COLUMNS), other=0.0)
         x_row = x_ptr + pid_m * stride_xm
         acc_k = tl.zeros((BLOCK_K // THREAD_K, BLOCK_N), dtype=tl.float32)  # reduced over K after the loop
         if PREFETCH:
@@ -470,14 +525,15 @@ def _int8_matmul_kernel(
                     weight_ptr, rows_n, stride_wn, next_k + tl.arange(0, BLOCK_K), K, EVEN_K, "evict_first"
                 )
                 acc_k = _gemv_step(
-                    acc_k, w, x_row, scale_ptr, rows_n, stride_sn, k_start + step, K, up_offset,
-                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, FP8, THREAD_K, BLOCK_K,
+                    acc_k, w, x_row, norm_weight_ptr, scale_ptr, rows_n, stride_sn, k_start + step, K, up_offset,
+                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, FP8, NORM_BLOCK > 0, THREAD_K,
+                    BLOCK_K,
                 )  # fmt: skip
                 w = w_next
         else:
             acc_k = _gemv_step(
-                acc_k, w, x_row, scale_ptr, rows_n, stride_sn, k_start, K, up_offset,
-                IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, FP8, THREAD_K, BLOCK_K,
+                acc_k, w, x_row, norm_weight_ptr, scale_ptr, rows_n, stride_sn, k_start, K, up_offset,
+                IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, FP8, NORM_BLOCK > 0, THREAD_K, BLOCK_K,
             )  # fmt: skip
             for step in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
                 k = k_start + step
@@ -485,10 +541,13 @@ def _int8_matmul_kernel(
                     weight_ptr, rows_n, stride_wn, k + tl.arange(0, BLOCK_K), K, EVEN_K, "evict_first"
                 )
                 acc_k = _gemv_step(
-                    acc_k, w, x_row, scale_ptr, rows_n, stride_sn, k, K, up_offset,
-                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, FP8, THREAD_K, BLOCK_K,
+                    acc_k, w, x_row, norm_weight_ptr, scale_ptr, rows_n, stride_sn, k, K, up_offset,
+                    IS_INT8, GROUP_SIZE, SCALE_PER_TILE, EVEN_K, CONVERT, SWIGLU, FP8, NORM_BLOCK > 0, THREAD_K,
+                    BLOCK_K,
                 )  # fmt: skip
         acc = tl.sum(acc_k, axis=0)[None, :]  # [1, BLOCK_N]
+        if NORM_BLOCK > 0:
+            acc *= _norm_scale(norm_sums, K, norm_eps)
         offs_m = pid_m + tl.arange(0, 1)
     else:
         launch.wait_for_inputs(USE_PDL)
@@ -525,7 +584,10 @@ def _int8_matmul_kernel(
                 HAS_BIAS, ROPE_HEAD_DIM, ROPE_Q_ROWS, ROPE_ROWS, N - ROPE_ROWS, INLINE_PTX,
             )  # fmt: skip
         else:
-            _store_output(out_ptr, stride_om, offs_m, pid_n, M, N, acc, bias_ptr, rows_n, HAS_BIAS, SWIGLU_OUT)
+            _store_output(
+                out_ptr, stride_om, offs_m, pid_n, M, N, acc, bias_ptr, rows_n, residual_ptr, square_sums_ptr,
+                HAS_BIAS, SWIGLU_OUT, ADD_RESIDUAL,
+            )  # fmt: skip
     else:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         partial_ptrs = partial_ptr + offs_m[:, None] * stride_pm + offs_n[None, :]
@@ -546,7 +608,10 @@ def _int8_matmul_kernel(
                     rows_n, HAS_BIAS, ROPE_HEAD_DIM, ROPE_Q_ROWS, ROPE_ROWS, N - ROPE_ROWS, INLINE_PTX,
                 )  # fmt: skip
             else:
-                _store_output(out_ptr, stride_om, offs_m, pid_n, M, N, total, bias_ptr, rows_n, HAS_BIAS, SWIGLU_OUT)
+                _store_output(
+                    out_ptr, stride_om, offs_m, pid_n, M, N, total, bias_ptr, rows_n, residual_ptr, square_sums_ptr,
+                    HAS_BIAS, SWIGLU_OUT, ADD_RESIDUAL,
+                )  # fmt: skip
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
@@ -559,13 +624,45 @@ def _as_stored(acc, bias_ptr, rows_n, HAS_BIAS: tl.constexpr, dtype: tl.constexp
 
 
 @triton.jit
+def _norm_scale(square_sums, num_features, eps):
+    """RMSNorm's 1 / rms of a row from its square sums, as ``fused.rms_norm`` takes it."""
+    return tl.math.rsqrt(tl.sum(square_sums, axis=0) / num_features + eps)
+
+
+@triton.jit
 def _store_output(
-    out_ptr, stride_om, offs_m, pid_n, M, N, acc, bias_ptr, rows_n, HAS_BIAS: tl.constexpr, SWIGLU_OUT: tl.constexpr
+    out_ptr,
+    stride_om,
+    offs_m,
+    pid_n,
+    M,
+    N,
+    acc,
+    bias_ptr,
+    rows_n,
+    residual_ptr,
+    square_sums_ptr,
+    HAS_BIAS: tl.constexpr,
+    SWIGLU_OUT: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr,
 ):
     """The [BLOCK_M, BLOCK_N] tile ``acc`` plus bias, in the output's dtype; with SWIGLU_OUT (one
-    row of gate then up sums) ``silu(gate) * up``, [1, BLOCK_N / 2] columns of an N / 2 wide output."""
+    row of gate then up sums) ``silu(gate) * up``, [1, BLOCK_N / 2] columns of an N / 2 wide output.
+    With ADD_RESIDUAL (one row) that plus the residual's columns, rounded as ``fused.fused_add_rms_norm``
+    rounds the sum, and the sums of squares of each ``SQUARE_SUM_COLUMNS`` of them."""
     BLOCK_N: tl.constexpr = acc.shape[1]
     out = _as_stored(acc, bias_ptr, rows_n, HAS_BIAS, out_ptr.dtype.element_ty)
+    if ADD_RESIDUAL:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        is_column = offs_n < N
+        residual = tl.load(residual_ptr + offs_n, mask=is_column, other=0.0)
+        row = (out.to(tl.float32) + residual[None, :].to(tl.float32)).to(out.dtype)
+        tl.store(out_ptr + offs_n[None, :], row, mask=is_column[None, :])
+        row_f = tl.where(is_column[None, :], row.to(tl.float32), 0.0)
+        squares = tl.reshape(row_f * row_f, (BLOCK_N // _SQUARE_SUM_COLUMNS, _SQUARE_SUM_COLUMNS))
+        chunks = pid_n * (BLOCK_N // _SQUARE_SUM_COLUMNS) + tl.arange(0, BLOCK_N // _SQUARE_SUM_COLUMNS)
+        tl.store(square_sums_ptr + chunks, tl.sum(squares, axis=1), mask=chunks * _SQUARE_SUM_COLUMNS < N)
+        return
     if SWIGLU_OUT:
         gate, up = tl.split(tl.permute(tl.reshape(out, (2, BLOCK_N // 2)), (1, 0)))
         out = silu_mul_rounded(gate, up)[None, :]
@@ -697,6 +794,8 @@ def int8_linear(
     silu_mul_input: bool = False,
     silu_mul_output: bool = False,
     rotary: RotaryWrite | None = None,
+    residual: ResidualAdd | None = None,
+    norm: NormInput | None = None,
 ) -> torch.Tensor:
     """``x @ dequantize(weight).T + bias`` with the int8 weight dequantized in registers.
 
@@ -704,10 +803,13 @@ def int8_linear(
     float32 [out, 1] (``group_size`` None) or [out, ceil(in / group_size)]; ``bias`` [out] or
     None. Products are summed in float32 (fp32 activations without tf32). ``config``
     overrides the tile shape (``default_config`` otherwise). Returns [..., out] in ``x.dtype``.
-    ``silu_mul_input``: see ``_swiglu_input``; ``silu_mul_output`` and ``rotary``: see ``_launch``.
+    ``silu_mul_input``: see ``_swiglu_input``; ``silu_mul_output``, ``rotary``, ``residual`` and
+    ``norm``: see ``_launch``.
     """
     _check_int8_inputs(_swiglu_input(x, weight, silu_mul_input), weight, weight_scale, bias, group_size)
-    return _launch(x, weight, weight_scale, bias, group_size, config, silu_mul_input, silu_mul_output, rotary)
+    return _launch(
+        x, weight, weight_scale, bias, group_size, config, silu_mul_input, silu_mul_output, rotary, residual, norm
+    )
 
 
 def gemv_16bit(
@@ -719,13 +821,16 @@ def gemv_16bit(
     silu_mul_input: bool = False,
     silu_mul_output: bool = False,
     rotary: RotaryWrite | None = None,
+    residual: ResidualAdd | None = None,
+    norm: NormInput | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` for a bf16/fp16 ``weight`` [out, in] and ``x`` [..., in] of its dtype.
 
     The GEMV of the int8 kernel on 16-bit weights, for decode rows: it streams the weight as
     the int8 GEMV does and, unlike cuBLAS, takes part in programmatic dependent launch, so a
     decode step's matmuls start loading while the kernel before them ends.
-    ``silu_mul_input``: see ``_swiglu_input``; ``silu_mul_output`` and ``rotary``: see ``_launch``.
+    ``silu_mul_input``: see ``_swiglu_input``; ``silu_mul_output``, ``rotary``, ``residual`` and
+    ``norm``: see ``_launch``.
     """
     if weight.dtype not in (torch.bfloat16, torch.float16) or weight.dim() != 2:
         raise ValueError(
@@ -734,7 +839,7 @@ def gemv_16bit(
     if x.dtype != weight.dtype:
         raise ValueError(f"x.dtype={x.dtype} must be the weight's dtype {weight.dtype}")
     _check_shapes_and_devices(_swiglu_input(x, weight, silu_mul_input), weight, bias)
-    return _launch(x, weight, None, bias, None, config, silu_mul_input, silu_mul_output, rotary)
+    return _launch(x, weight, None, bias, None, config, silu_mul_input, silu_mul_output, rotary, residual, norm)
 
 
 def fp8_rows_matmul(
@@ -767,7 +872,9 @@ def fp8_rows_matmul(
         raise ValueError(f"fp8 matmuls need a GPU of compute capability 8.9 or newer, {x_fp8.device} is not one")
     x_scale = x_scale.reshape(-1).contiguous()  # one a row, at the row's index
     x_bytes, weight_bytes = x_fp8.view(torch.uint8), weight.view(torch.uint8)  # see _int8_matmul_kernel's FP8
-    return _launch(x_bytes, weight_bytes, weight_scale, bias, None, None, False, False, None, x_scale, out_dtype)
+    return _launch(
+        x_bytes, weight_bytes, weight_scale, bias, None, None, False, False, x_scale=x_scale, out_dtype=out_dtype
+    )
 
 
 def _swiglu_input(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool) -> torch.Tensor:
@@ -824,6 +931,26 @@ def _rotary_rows(rotary: RotaryWrite, out_features: int, x: torch.Tensor) -> tup
     return head_dim, q_rows, q_rows + num_kv_heads * head_dim
 
 
+def _check_row(row: torch.Tensor, name: str, features: int, dtype: torch.dtype | None, device: torch.device) -> None:
+    """``row`` holds ``features`` contiguous values (of ``dtype``, when given) on ``device``."""
+    if row.numel() != features or row.shape[-1] != features or not row.is_contiguous() or row.device != device:
+        raise ValueError(
+            f"{name} must be one contiguous row of {features} values on {device}, "
+            f"got {tuple(row.shape)} on {row.device}"
+        )
+    if dtype is not None and row.dtype != dtype:
+        raise ValueError(f"{name} dtype {row.dtype} must be x's {dtype}")
+
+
+def _check_square_sums(square_sums: torch.Tensor, features: int, device: torch.device) -> None:
+    count = triton.cdiv(features, SQUARE_SUM_COLUMNS)
+    if square_sums.dtype != torch.float32 or square_sums.shape != (count,) or square_sums.device != device:
+        raise ValueError(
+            f"square_sums must be float32 [{count}] on {device} (square_sums_buffer), "
+            f"got {square_sums.dtype} {tuple(square_sums.shape)} on {square_sums.device}"
+        )
+
+
 def _offset_span(tensor: torch.Tensor) -> int:
     """One past the largest element offset a kernel computes into ``tensor``."""
     if tensor.numel() == 0:
@@ -841,6 +968,8 @@ def _launch(
     silu_mul_input: bool,
     silu_mul_output: bool,
     rotary: RotaryWrite | None = None,
+    residual: ResidualAdd | None = None,
+    norm: NormInput | None = None,
     x_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -853,7 +982,11 @@ def _launch(
     the result is the rotated query [1, num_heads * head_dim]; the rotated key and the value go
     to the caches. Bits as the projection then ``fused.rotary_write_kv``, in one launch (one
     row only; tiles of whole heads' halves, their ``block_n`` halved until a head holds whole
-    tiles)."""
+    tiles).
+
+    With ``residual`` the row stored is the product plus the residual row, and its square sums
+    are written; with ``norm`` the input row is RMSNorm's input, normed from its square sums
+    (one row, GEMV configs only, each)."""
     out_features, in_features = weight.shape
     x2 = x.reshape(-1, x.shape[-1])  # [M, K], or [M, 2K] of gate and up
     if x2.stride(-1) != 1:
@@ -873,6 +1006,16 @@ def _launch(
             raise ValueError(f"rotary takes one row ({num_rows} given) and no SwiGLU input or output")
         head_dim, q_rows, rope_rows = _rotary_rows(rotary, out_features, x)
         out_width = q_rows
+    if residual is not None:
+        if silu_mul_output or rotary is not None or num_rows != 1:
+            raise ValueError(f"residual takes one row ({num_rows} given) and a plain output (no SwiGLU or rotary)")
+        _check_row(residual.residual, "residual", out_features, x.dtype, x.device)
+        _check_square_sums(residual.square_sums, out_features, x.device)
+    if norm is not None:
+        if silu_mul_input or num_rows != 1:
+            raise ValueError(f"norm takes one row ({num_rows} given) and no SwiGLU input")
+        _check_row(norm.weight, "norm weight", in_features, None, x.device)
+        _check_square_sums(norm.square_sums, in_features, x.device)
     out_dtype = out_dtype or x.dtype
     out = torch.empty(num_rows, out_width, dtype=out_dtype, device=x.device)  # [M, N] or [M, N / 2]
     if num_rows == 0:
@@ -881,8 +1024,13 @@ def _launch(
         config = default_config(
             num_rows, out_features, in_features, group_size, _num_sms(x.device), out_dtype, weight.element_size()
         )
-    if (silu_mul_output or rotary is not None) and config.block_m != 1:
-        raise ValueError(f"silu_mul_output and rotary run in the GEMV (block_m=1, one row by default), got {config}")
+    is_row_epilogue = silu_mul_output or rotary is not None or residual is not None or norm is not None
+    if is_row_epilogue and config.block_m != 1:
+        raise ValueError(
+            f"silu_mul_output, rotary, residual and norm run in the GEMV (block_m=1, one row by default), got {config}"
+        )
+    if residual is not None and config.block_n % SQUARE_SUM_COLUMNS:
+        raise ValueError(f"residual needs block_n a multiple of {SQUARE_SUM_COLUMNS}, got {config}")
     if rotary is not None:
         block_n = config.block_n
         while head_dim % block_n:
@@ -904,6 +1052,8 @@ def _launch(
     rotary_ptrs = (
         (rotary.cos, rotary.sin, rotary.key_cache, rotary.value_cache, rotary.slot_mapping) if rotary else (out,) * 5
     )  # not read without
+    residual_ptrs = (residual.residual, residual.square_sums) if residual else (out, out)  # not read without
+    norm_ptrs = (norm.weight, norm.square_sums, norm.eps) if norm else (out, out, 0.0)
     _int8_matmul_kernel[(num_tiles, split_k)](
         x2,
         x_scale if x_scale is not None else x2,  # not read without
@@ -914,6 +1064,8 @@ def _launch(
         partial,
         counters,
         *rotary_ptrs,
+        *residual_ptrs,
+        *norm_ptrs,
         num_rows,
         out_features,
         in_features,
@@ -942,6 +1094,8 @@ def _launch(
         ROPE_Q_ROWS=q_rows if rotary else 0,
         ROPE_ROWS=rope_rows if rotary else 0,
         INLINE_PTX=inline_ptx,
+        ADD_RESIDUAL=residual is not None,
+        NORM_BLOCK=triton.next_power_of_2(norm.square_sums.numel()) if norm else 0,
         DOT_PRECISION="ieee" if out_dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
