@@ -162,7 +162,8 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos, sin, kv_cache, metadata)
-        hidden, _ = self.model.norm(hidden, residual)
+        # ops, not the module: the stream may come whole (residual None), where the module returns one tensor.
+        hidden, _ = ops.rms_norm(hidden, self.model.norm.weight, self.model.norm.eps, residual)
         return hidden
 
     def weight_bytes(self) -> int:

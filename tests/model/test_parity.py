@@ -19,8 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 
+from neuron_llm import ops
+from neuron_llm.backends.torch_backend import TorchBackend
 from neuron_llm.config import LinearRopeScaling, Llama3RopeScaling, RopeScaling, YarnRopeScaling
 from neuron_llm.loader import load_model
+from neuron_llm.models.merge import merge_projections
 
 NUM_NEW_TOKENS = 32
 F32, F16, Q8_0 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0
@@ -89,6 +92,33 @@ def test_logits_and_greedy_match_transformers(checkpoint: tuple[Any, Path], page
     [logits] = runner.logits([prompt])
     assert_close_logits(logits, hf_logits(hf_model, prompt))
     assert runner.greedy([prompt], NUM_NEW_TOKENS) == [hf_greedy(hf_model, prompt, NUM_NEW_TOKENS)]
+
+
+class StreamWhole(TorchBackend):
+    """Returns the residual stream whole from the o and down projections, the residual added
+    there (as the CUDA GEMVs of one row do), not left to the next norm."""
+
+    def linear_residual(self, x: torch.Tensor, linear: torch.nn.Module, residual: torch.Tensor | None) -> Any:
+        return linear(x) if residual is None else linear(x) + residual, None
+
+    def feed_forward(self, *args: Any) -> Any:
+        out, residual = super().feed_forward(*args)
+        return out + residual, None
+
+
+def test_a_backend_that_returns_the_stream_whole_matches_transformers(
+    save_tiny_llama: Callable[..., tuple[Any, Path]], paged_runner: type
+) -> None:
+    hf_model, path = save_tiny_llama()
+    loaded = load_model(str(path), dtype=torch.float32, device="cpu")
+    merge_projections(loaded.model)  # feed_forward takes the merged gate/up
+    prompt = random_prompt(13, hf_model.config.vocab_size, seed=4)
+    with ops.using_backend(StreamWhole()):
+        runner = paged_runner(loaded.model)
+        [logits] = runner.logits([prompt])
+        greedy = runner.greedy([prompt], NUM_NEW_TOKENS)
+    assert_close_logits(logits, hf_logits(hf_model, prompt))
+    assert greedy == [hf_greedy(hf_model, prompt, NUM_NEW_TOKENS)]
 
 
 def test_sharded_checkpoint_is_read_through_its_index(save_tiny_llama: Callable[..., tuple[Any, Path]]) -> None:
