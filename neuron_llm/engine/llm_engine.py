@@ -25,6 +25,7 @@ from neuron_llm.engine.model_runner import ModelRunner, StepResult
 from neuron_llm.engine.request import Request, RequestStatus
 from neuron_llm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, SchedulerStats
 from neuron_llm.engine.speculative import Proposer, make_proposer
+from neuron_llm.interrupts import interrupt_after
 from neuron_llm.loader.tokenizer import bad_word_token_ids, checked_unicode
 from neuron_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from neuron_llm.parallel.executor import Executor
@@ -243,6 +244,8 @@ class LLMEngine:
         self._output_readers: set[str] = set()
         """Requests whose penalties, bad words or grammar need every token on the host before the next step."""
         self._failures: list[tuple[str, Exception]] = []
+        self._held_outputs: list[RequestOutput] = []
+        """A step's outputs that a Ctrl-C held back (``step``), for the next step to return."""
         self.proposer: Proposer | None = make_proposer(
             config, executor.num_kv_blocks, tokenizer, executor.worker.device
         )
@@ -400,7 +403,8 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups)
+        # Outputs held back by a Ctrl-C (``step``) include finished requests' last ones.
+        return bool(self._groups or self._held_outputs)
 
     def has_first_token(self, request_id: str) -> bool:
         """Whether the running request ``request_id`` has generated a token; False for an unknown one."""
@@ -442,12 +446,20 @@ class LLMEngine:
         With async scheduling (``EngineConfig.async_scheduling``) the step is launched before
         the tokens of the one before it are read, and the outputs returned are that earlier
         step's: the device runs one step while the host does the bookkeeping of the last.
+
+        A Ctrl-C while a step's tokens are judged is held back until every request has taken
+        its tokens, then raised; that step's outputs come with the next step's.
         """
+        outputs = self._step()
+        held, self._held_outputs = self._held_outputs, []
+        return held + outputs
+
+    def _step(self) -> list[RequestOutput]:
         if self._in_flight is not None and not self._overlaps():
             # Read before it leaves _in_flight: after a failed read the next step reads it again.
             in_flight_read = self._read(self._in_flight)
             in_flight, self._in_flight = self._in_flight, None
-            return self._complete(in_flight, in_flight_read)
+            return self._judge(None, (in_flight, in_flight_read), None)
         if self.proposer is not None:
             self._propose(self.proposer)
         scheduled = launched = None
@@ -468,15 +480,30 @@ class LLMEngine:
                 self.scheduler.rewind(scheduled)
             raise
         self._in_flight = None
-        try:
-            outputs = [] if previous is None else self._complete(*previous)
-        finally:
-            # Counted even when judging the step before failed, so that later steps go on.
-            if launched is not None:
-                self._count_launched(launched, read)
-        if launched is None or read is None:
-            return outputs
-        return outputs + self._complete(launched, read)
+        return self._judge(launched, previous, read)
+
+    def _judge(
+        self,
+        launched: _LaunchedStep | None,
+        previous: tuple[_LaunchedStep, _StepRead] | None,
+        read: _StepRead | None,
+    ) -> list[RequestOutput]:
+        """Judge the step in flight before (``previous``), count the one just ``launched``,
+        and judge it too if it was ``read``; with Ctrl-C held back: cut short, the rows not
+        yet judged would keep placeholder ids, or tokens never detokenized nor stop-checked."""
+        with interrupt_after() as interrupted:
+            try:
+                outputs = [] if previous is None else self._complete(*previous)
+            finally:
+                # Counted even when judging the step before failed, so that later steps go on.
+                if launched is not None:
+                    self._count_launched(launched, read)
+            if launched is not None and read is not None:
+                outputs += self._complete(launched, read)
+        if interrupted:
+            self._held_outputs = outputs
+            raise KeyboardInterrupt
+        return outputs
 
     def _count_launched(self, launched: _LaunchedStep, read: _StepRead | None) -> None:
         """Give the scheduler the launched step's tokens: ``read``'s, or (still running) a

@@ -28,15 +28,13 @@ stops it at once).
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
 import functools
 import logging
 import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.util import Finalize
 from types import TracebackType
 from typing import NoReturn, TypeVar
@@ -46,6 +44,7 @@ import torch.distributed as dist
 from typing_extensions import Self
 
 from neuron_llm.config import EngineConfig
+from neuron_llm.interrupts import interrupt_after
 from neuron_llm.parallel.launch import (
     POLL_S,
     STOP_GRACE_S,
@@ -265,7 +264,8 @@ class MultiprocExecutor(Executor):
         if (failure := self.take_failure()) is not None:
             raise failure
         try:
-            with _interrupt_after() as interrupted:
+            # A Ctrl-C raised inside a collective would leave the ranks out of step for good.
+            with interrupt_after() as interrupted:
                 broadcast_from_driver(step)
                 if sampled_before is not None:
                     broadcast_tensor_from_driver(sampled_before)
@@ -407,35 +407,6 @@ def serve_steps(config: EngineConfig, build_worker: WorkerFactory, state: Parall
         worker.execute(step, sampled_before)
     worker.close(wait=True)
     destroy_distributed()
-
-
-@contextlib.contextmanager
-def _interrupt_after() -> Iterator[list[bool]]:
-    """Hold back Ctrl-C until the block ends, when the yielded list holds True if one came.
-
-    An interrupt raised inside a collective leaves the ranks out of step for good (``_fail``);
-    held back to the end of the step, it leaves the group usable, as the step is short. A
-    second Ctrl-C is raised at once (a step that hangs). Only on the main thread, and only
-    where SIGINT has Python's own handler (the one that raises KeyboardInterrupt).
-    """
-    interrupted: list[bool] = []
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield interrupted
-        return
-
-    def hold_back(signum: int, frame: object) -> None:
-        if interrupted:
-            raise KeyboardInterrupt
-        interrupted.append(True)
-
-    signal.signal(signal.SIGINT, hold_back)
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def make_executor(config: EngineConfig, build_worker: WorkerFactory, *, timeout_s: float | None = None) -> Executor:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import signal
 from dataclasses import replace
 
 import pytest
 import torch
 
 from neuron_llm.engine import llm_engine
+from neuron_llm.outputs import RequestOutput
 from neuron_llm.sampling_params import SamplingParams, StructuredOutputsParams
 from neuron_llm.worker import StepInput
 from tests.engine.conftest import VOCAB_SIZE, FakeBar, all_blocks_free, make_llm, random_prompts, run_all, same_logprobs
@@ -654,6 +657,49 @@ def test_an_llm_interrupted_anywhere_serves_the_next_call_alone(tiny_model_dir, 
     outputs = llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
     assert list(stream)[-1].outputs[0].token_ids == expected[0].outputs[0].token_ids
+    assert not llm.engine.has_unfinished_requests() and not llm._unread and all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("output_kind", ["cumulative", "delta"])
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("nth", [1, 2, 3])
+def test_a_ctrl_c_while_a_step_is_judged_waits_for_every_row(
+    tiny_model_dir, monkeypatch, request, async_scheduling: bool, nth: int, output_kind: str
+) -> None:
+    """A Ctrl-C (a real SIGINT) while the ``nth`` row of a step takes its token: every row
+    still takes its own (detokenized, stop-checked, its logprobs kept), then the caller sees
+    KeyboardInterrupt, and the open streams read on as if none had come: the step's outputs,
+    a finished one among them, come with the next step's."""
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as at a prompt
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous_handler))
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=17)]
+    # The first stream finishes in the interrupted step (without async scheduling).
+    params = [SamplingParams(temperature=0.0, max_tokens=n, logprobs=1, output_kind=output_kind) for n in (2, 6)]
+    expected = make_llm(tiny_model_dir, async_scheduling=async_scheduling).generate(
+        prompts[:2], [replace(p, output_kind="cumulative") for p in params]
+    )
+    llm = make_llm(tiny_model_dir, async_scheduling=async_scheduling)
+    streams = [llm.stream(prompt, p) for prompt, p in zip(prompts, params)]
+    firsts = [next(stream) for stream in streams]
+    process_token, calls = llm.engine._process_token, []
+
+    def interrupted_process_token(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == nth:
+            signal.raise_signal(signal.SIGINT)
+        return process_token(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "_process_token", interrupted_process_token)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts[2], params[1])
+    assert len(calls) >= nth
+    for stream, first, want in zip(streams, firsts, expected, strict=True):
+        outputs = [first, *stream]
+        got = functools.reduce(RequestOutput.add, outputs) if output_kind == "delta" else outputs[-1]
+        assert got.finished
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        assert got.outputs[0].text == want.outputs[0].text
+        assert len(got.outputs[0].logprobs) == len(want.outputs[0].token_ids)
     assert not llm.engine.has_unfinished_requests() and not llm._unread and all_blocks_free(llm)
 
 
