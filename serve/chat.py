@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -58,7 +59,8 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
     if body.stream:
         return EventStreamResponse(writer.events(generation, state), generation)
     (final,) = await unless_disconnected(request, generation.final_outputs(1))
-    return JSONResponse(writer.response(final).model_dump())
+    # Off the event loop: a long prompt's scored logprobs take a while to write out.
+    return await asyncio.to_thread(lambda: JSONResponse(writer.response(final).model_dump()))
 
 
 def _tool_calling(state: ServerState, body: ChatCompletionRequest) -> ToolCalling | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -50,7 +51,8 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
     if body.stream:
         return EventStreamResponse(writer.events(generation, state), generation)
     finals = await unless_disconnected(request, generation.final_outputs(len(prompts)))
-    return JSONResponse(writer.response(finals).model_dump())
+    # Off the event loop: a long prompt's echoed or scored logprobs take a while to write out.
+    return await asyncio.to_thread(lambda: JSONResponse(writer.response(finals).model_dump()))
 
 
 async def _sampled(
@@ -152,7 +154,7 @@ class _CompletionWriter:
                     # One choice a chunk, as OpenAI's and vLLM's streams send them.
                     for delta in tracker.deltas(prompt_index, output):
                         usage = self._choice_usage(delta, tracker) if self._body.continuous_usage else None
-                        choice = self._choice(delta, prompt_scores[prompt_index])
+                        choice = await self._stream_choice(delta, prompt_scores[prompt_index])
                         yield event(self._chunk([choice], usage))
             except ServeError as e:
                 state.metrics.count_refusal(e.status_code)
@@ -163,6 +165,13 @@ class _CompletionWriter:
             num_generated = 0 if self._body.scores_only else tracker.num_generated_tokens
             yield event(self._chunk([], self._usage(num_generated, tracker.cached_tokens())))
         yield DONE_EVENT
+
+    async def _stream_choice(self, delta: ChoiceDelta, prompt_scores: PromptLogprobs | None) -> CompletionChoice:
+        """``_choice``, off the event loop where it echoes the prompt with its logprobs (long
+        prompts take a while)."""
+        if self._body.echo and delta.is_first and self._body.logprobs is not None:
+            return await asyncio.to_thread(self._choice, delta, prompt_scores)
+        return self._choice(delta, prompt_scores)
 
     def _choice(self, delta: ChoiceDelta, prompt_scores: PromptLogprobs | None) -> CompletionChoice:
         if self._body.scores_only:

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -19,6 +20,7 @@ from neuron_llm.engine.async_llm import AsyncLLM
 from neuron_llm.llm import LLM
 from neuron_llm.outputs import RequestOutput
 from neuron_llm.sampling_params import SamplingParams
+from neuron_llm.serve import chat, completions
 from neuron_llm.serve.generation import EventStreamResponse, Generation, sampled
 from neuron_llm.serve.metrics import ServerMetrics
 from neuron_llm.serve.prompts import Prompt
@@ -119,6 +121,55 @@ def test_a_prompt_being_tokenized_holds_up_no_other_request(
             return encode(text, *args, **kwargs)
 
         monkeypatch.setattr(tokenizer, "encode", slow_encode)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                body = {**slow_body, "max_tokens": 2}
+                slow = pool.submit(httpx.post, f"{server.url}{route}", json=body, timeout=START_TIMEOUT_S)
+                assert entered.wait(START_TIMEOUT_S)
+                hello = {"prompt": "Hello", "max_tokens": 4}
+                other = httpx.post(f"{server.url}/v1/completions", json=hello, timeout=10)
+                assert other.status_code == 200, other.text
+                assert not slow.done()
+                release.set()
+                assert slow.result().status_code == 200
+        finally:
+            release.set()
+
+
+@pytest.mark.parametrize(
+    ("route", "slow_body", "writer", "name"),
+    [
+        ("/v1/completions", {"prompt": "Hello", "echo": True, "logprobs": 1}, completions, "prompt_text_offsets"),
+        (
+            "/v1/completions",
+            {"prompt": "Hello", "echo": True, "logprobs": 1, "stream": True},
+            completions,
+            "prompt_text_offsets",
+        ),
+        ("/v1/completions", {"prompt": "Hello", "prompt_logprobs": 1}, completions, "prompt_logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Hi"}], "prompt_logprobs": 1},
+            chat,
+            "prompt_logprobs",
+        ),
+    ],
+    ids=["echo", "echo-stream", "prompt-logprobs", "chat-prompt-logprobs"],
+)
+def test_a_long_prompts_logprobs_being_written_hold_up_no_other_request(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, route: str, slow_body: dict, writer: Any, name: str
+) -> None:
+    # Writing out a long prompt's logprobs takes a while; on the event loop it would stall every stream.
+    entered, release = threading.Event(), threading.Event()
+    write = getattr(writer, name)
+
+    def slow_write(*args: object, **kwargs: object) -> Any:
+        entered.set()
+        release.wait(START_TIMEOUT_S)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(writer, name, slow_write)
+    with running_server(model_dir) as server:
         try:
             with ThreadPoolExecutor(1) as pool:
                 body = {**slow_body, "max_tokens": 2}
