@@ -5,8 +5,8 @@ JSON of the calls, so any model answers with calls, as in vLLM: a named function
 its arguments object, a required one's a list of ``{"name", "parameters"}`` objects. With
 "auto" the model chooses, and the server's tool-call parser reads the calls from its text:
 ``llama3_json`` reads the JSON calls of Llama 3.1-3.3 (``{"name": ..., "parameters": {...}}``,
-several joined by ";", after an optional ``<|python_tag|>``); a reply that is not such JSON
-is the message's content.
+several joined by ";", after an optional ``<|python_tag|>``); a reply that is not such JSON,
+or calls a function the request did not offer, is the message's content.
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ class ToolCalling:
                 return None
             return [_call(item["name"], _json(item["parameters"])) for item in items]  # as the schema holds
         parsed = parse_llama3_json(text)
-        if parsed is None:
-            return None
+        offered = {tool.function.name for tool in self.tools}
+        if parsed is None or any(name not in offered for name, _ in parsed):
+            return None  # JSON of the model's own, or a call of a function the request did not offer
         return [_call(name, arguments) for name, arguments in parsed[: None if self.parallel else 1]]
 
     def may_be_calls(self, text: str) -> bool | None:

@@ -184,9 +184,12 @@ def test_auto_reads_llama3_json_calls_from_the_reply(client: openai.OpenAI) -> N
     assert all(not c.choices[0].delta.content for c in chunks)
 
 
-@pytest.mark.parametrize("pattern", ["[a-z]{6}", " {2}[a-z]{4}", "[{][a-z]{4}"])
+@pytest.mark.parametrize(
+    "pattern", ["[a-z]{6}", " {2}[a-z]{4}", "[{][a-z]{4}", r'\{"name":"get_date","parameters":\{\}\}']
+)
 def test_auto_streams_a_reply_that_is_no_call_as_content(client: openai.OpenAI, pattern: str) -> None:
-    # Text from the start; whitespace, then text; a brace that turns out to start no JSON.
+    # Text from the start; whitespace, then text; a brace that turns out to start no JSON; a
+    # call of a function the request did not offer.
     whole, chunks = chat(client, tools=TOOLS, tool_choice="auto", extra_body={"structured_outputs": {"regex": pattern}})
     (reply,) = whole.choices
     assert reply.message.tool_calls == [] and reply.finish_reason == "stop"
