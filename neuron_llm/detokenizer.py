@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import json
 import weakref
 from collections.abc import Callable, Sequence
@@ -77,6 +78,9 @@ class TokenDecoder:
         # the diff of two decodes skips it, and byte fallback's own decode below drops it.
         self._utf8.decode(b"".join(map(self._token_bytes, prompt[-3:])))
         self._owes_prompt_character = self._is_byte_fallback and self._is_inside_character()
+        # No text yet: SentencePiece's decoder strips a text's leading space, which the byte
+        # tokens' own decoding (``_owed``) must do too where they begin the text.
+        self._opens_text = self._is_byte_fallback and not (self._token_ids and self._decode(self._token_ids))
 
     def add_token(self, token_id: int) -> str:
         """Append ``token_id``; return the text it completes (may be empty)."""
@@ -123,6 +127,10 @@ class TokenDecoder:
         if text and self._owes_prompt_character:
             self._owes_prompt_character = False
             return text[1:]
+        if text and self._opens_text:
+            self._opens_text = False
+            if self._texts.strips_leading_space:
+                return text.removeprefix(" ")
         return text
 
     def _is_inside_character(self) -> bool:
@@ -138,6 +146,7 @@ class TokenDecoder:
         """Emit the pending tokens' text; they become the next prefix window."""
         if len(text) <= prefix_length:
             return ""
+        self._opens_text = False
         self._token_ids = self._token_ids[self._read_offset :]
         self._read_offset = len(self._token_ids)
         self._utf8.reset()
@@ -330,6 +339,17 @@ class TokenTexts:
         self.special = frozenset(token_id for token_id, token in added.items() if token.special)
         """The ids that decoding with ``skip_special_tokens`` leaves out."""
 
+    @functools.cached_property
+    def strips_leading_space(self) -> bool:
+        """Whether decoding drops the leading space of a text even where a byte token makes it
+        (SentencePiece's Strip decoder, Llama 2's): " A" of byte tokens decodes as "A"."""
+        if self._tokenizer is None:
+            return False
+        ids = self._tokenizer.convert_tokens_to_ids(["<0x20>", "<0x41>"])
+        if None in ids or self._tokenizer.unk_token_id in ids:
+            return False
+        return self._decode_ids(ids) == "A"
+
     def __call__(self, token_id: int) -> str:
         if token_id not in self._texts:
             self._texts[token_id] = self._decode(token_id)
@@ -348,7 +368,11 @@ class TokenTexts:
     def _decode(self, token_id: int) -> str:
         if self._tokenizer is None:
             return f"token_id:{token_id}"
-        return str(self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        return self._decode_ids([token_id])
+
+    def _decode_ids(self, token_ids: list[int]) -> str:
+        assert self._tokenizer is not None
+        return str(self._tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
 
     def _raw_bytes(self, token_id: int) -> bytes:
         if self._tokenizer is None:

@@ -122,6 +122,19 @@ def test_sentencepiece_token_text_depends_on_its_neighbours() -> None:
     assert "".join(stream(tokenizer, token_ids)) == "the fox"
 
 
+@pytest.mark.parametrize("prompt", ["", "<s>", "the"])
+def test_a_space_of_byte_tokens_opening_the_text_is_stripped_as_decode_strips_it(prompt: str) -> None:
+    # SentencePiece's decoder strips a text's leading space, a byte token's too: with no text
+    # before the output (a prompt of BOS alone), " hello" of "<0x20>" and "▁hello" is "hello"
+    # with one space, as vLLM's text; after "the", both spaces stay.
+    tokenizer = sentencepiece_bpe()
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt != "<s>" else [tokenizer.bos_token_id]
+    space, hello = tokenizer.convert_tokens_to_ids(["<0x20>", "▁hello"])
+    expected = " hello" if prompt != "the" else "  hello"
+    assert "".join(stream(tokenizer, [space, hello], prompt_ids)) == expected
+    assert "".join(stream(tokenizer, [space, space, hello], prompt_ids)) == " " + expected
+
+
 def _byte_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[int, int]:
     """Each byte's own token: byte fallback's "<0xNN>", or byte-level BPE's alphabet."""
     vocab = tokenizer.get_vocab()
@@ -141,7 +154,7 @@ def _random_output(rng: random.Random, tokenizer: PreTrainedTokenizerBase, byte_
             word = rng.choice([" the fox", "hello", " 世界", "😀!", " é"])
             token_ids += tokenizer.encode(word, add_special_tokens=False)
         elif kind == 1:
-            token_ids += [byte_ids[byte] for byte in rng.choice(["你好", "é", "😀", "\ufffd"]).encode()]
+            token_ids += [byte_ids[byte] for byte in rng.choice(["你好", "é", "😀", "\ufffd", " é"]).encode()]
         elif kind == 2:  # a character cut short, stray continuation bytes, bytes never in UTF-8
             token_ids += [byte_ids[byte] for byte in rng.choices(high_bytes, k=rng.randint(1, 3))]
         elif kind == 3:
