@@ -121,19 +121,7 @@ def test_a_prompt_being_tokenized_holds_up_no_other_request(
             return encode(text, *args, **kwargs)
 
         monkeypatch.setattr(tokenizer, "encode", slow_encode)
-        try:
-            with ThreadPoolExecutor(1) as pool:
-                body = {**slow_body, "max_tokens": 2}
-                slow = pool.submit(httpx.post, f"{server.url}{route}", json=body, timeout=START_TIMEOUT_S)
-                assert entered.wait(START_TIMEOUT_S)
-                hello = {"prompt": "Hello", "max_tokens": 4}
-                other = httpx.post(f"{server.url}/v1/completions", json=hello, timeout=10)
-                assert other.status_code == 200, other.text
-                assert not slow.done()
-                release.set()
-                assert slow.result().status_code == 200
-        finally:
-            release.set()
+        _answers_another_while_held(server, route, slow_body, entered, release)
 
 
 @pytest.mark.parametrize(
@@ -170,19 +158,27 @@ def test_a_long_prompts_logprobs_being_written_hold_up_no_other_request(
 
     monkeypatch.setattr(writer, name, slow_write)
     with running_server(model_dir) as server:
-        try:
-            with ThreadPoolExecutor(1) as pool:
-                body = {**slow_body, "max_tokens": 2}
-                slow = pool.submit(httpx.post, f"{server.url}{route}", json=body, timeout=START_TIMEOUT_S)
-                assert entered.wait(START_TIMEOUT_S)
-                hello = {"prompt": "Hello", "max_tokens": 4}
-                other = httpx.post(f"{server.url}/v1/completions", json=hello, timeout=10)
-                assert other.status_code == 200, other.text
-                assert not slow.done()
-                release.set()
-                assert slow.result().status_code == 200
-        finally:
+        _answers_another_while_held(server, route, slow_body, entered, release)
+
+
+def _answers_another_while_held(
+    server: ServerThread, route: str, slow_body: dict, entered: threading.Event, release: threading.Event
+) -> None:
+    """Send ``slow_body`` to ``route``; once it is held (``entered``), another request is answered
+    while it waits; then it is released and answered too."""
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            body = {**slow_body, "max_tokens": 2}
+            slow = pool.submit(httpx.post, f"{server.url}{route}", json=body, timeout=START_TIMEOUT_S)
+            assert entered.wait(START_TIMEOUT_S)
+            hello = {"prompt": "Hello", "max_tokens": 4}
+            other = httpx.post(f"{server.url}/v1/completions", json=hello, timeout=10)
+            assert other.status_code == 200, other.text
+            assert not slow.done()
             release.set()
+            assert slow.result().status_code == 200
+    finally:
+        release.set()
 
 
 def test_client_leaving_mid_stream_aborts_its_request(slow_server: ServerThread) -> None:
