@@ -501,7 +501,7 @@ class LLMEngine:
             if launched is not None and read is not None:
                 outputs += self._complete(launched, read)
         if interrupted:
-            self._held_outputs = outputs
+            self._held_outputs += outputs  # after those an earlier Ctrl-C held, if not yet returned
             raise KeyboardInterrupt
         return outputs
 

@@ -703,6 +703,47 @@ def test_a_ctrl_c_while_a_step_is_judged_waits_for_every_row(
     assert not llm.engine.has_unfinished_requests() and not llm._unread and all_blocks_free(llm)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_outputs_held_by_ctrl_cs_in_steps_one_after_another_all_come(
+    tiny_model_dir, monkeypatch, request, async_scheduling: bool
+) -> None:
+    """Steps one after another each cut by a Ctrl-C, the last one too: the outputs each held
+    back come with the next step that returns, none lost, in order."""
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous_handler))
+    prompts = random_prompts(2, seed=18)
+    params = SamplingParams(temperature=0.0, max_tokens=5, output_kind="delta")
+
+    def run(interrupted_calls: set[int]) -> tuple[dict[str, list[int]], int]:
+        engine = make_llm(tiny_model_dir, async_scheduling=async_scheduling).engine
+        process_token, calls = engine._process_token, []
+
+        def interrupted_process_token(*args, **kwargs):
+            calls.append(1)
+            if len(calls) in interrupted_calls:
+                signal.raise_signal(signal.SIGINT)
+            return process_token(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "_process_token", interrupted_process_token)
+        for index, prompt in enumerate(prompts):
+            engine.add_request(prompt, params, request_id=str(index))
+        tokens: dict[str, list[int]] = {"0": [], "1": []}
+        num_interrupts = 0
+        while engine.has_unfinished_requests():
+            try:
+                outputs = engine.step()
+            except KeyboardInterrupt:
+                num_interrupts += 1
+                continue
+            for output in outputs:
+                tokens[output.request_id] += output.outputs[0].token_ids
+        return tokens, num_interrupts
+
+    expected, _ = run(set())
+    # Two rows a step: the first row of the first two steps, and the last row of the last.
+    assert run({1, 3, 10}) == (expected, 3)
+
+
 def test_delta_outputs_join_into_the_cumulative_result(tiny_model_dir) -> None:
     """A "delta" request reports what each step added (completions that gained nothing left
     out, prompt logprobs in the first only); joined, its reports are the "cumulative" result."""
