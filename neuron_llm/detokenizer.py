@@ -78,9 +78,9 @@ class TokenDecoder:
         # the diff of two decodes skips it, and byte fallback's own decode below drops it.
         self._utf8.decode(b"".join(map(self._token_bytes, prompt[-3:])))
         self._owes_prompt_character = self._is_byte_fallback and self._is_inside_character()
-        # No text yet: SentencePiece's decoder strips a text's leading space, which the byte
-        # tokens' own decoding (``_owed``) must do too where they begin the text.
-        self._opens_text = self._is_byte_fallback and not (self._token_ids and self._decode(self._token_ids))
+        # No token of the text yet: SentencePiece's decoder strips a text's leading space, which
+        # the byte tokens' own decoding (``_owed``) must do too where they begin the text.
+        self._opens_text = self._is_byte_fallback and not self._token_ids
 
     def add_token(self, token_id: int) -> str:
         """Append ``token_id``; return the text it completes (may be empty)."""
@@ -114,6 +114,7 @@ class TokenDecoder:
         if byte is None:
             text = self._settle_bytes()
             self._token_ids.append(token_id)
+            self._opens_text = False  # a lone "▁" decodes as nothing, its space stripped
             return text + self._release(*self._decode_window())
         text = self._release(*self._decode_window())  # tokens that gave no text yet
         self._token_ids, self._read_offset = [token_id], 1

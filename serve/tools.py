@@ -88,10 +88,13 @@ class ToolCalling:
                 return None
             return [_call(item["name"], _json(item["parameters"])) for item in items]  # as the schema holds
         parsed = parse_llama3_json(text)
+        if parsed is None:
+            return None
+        parsed = parsed[: None if self.parallel else 1]
         offered = {tool.function.name for tool in self.tools}
-        if parsed is None or any(name not in offered for name, _ in parsed):
-            return None  # JSON of the model's own, or a call of a function the request did not offer
-        return [_call(name, arguments) for name, arguments in parsed[: None if self.parallel else 1]]
+        if any(name not in offered for name, _ in parsed):
+            return None  # a call of a function the request did not offer: the model's own JSON
+        return [_call(name, arguments) for name, arguments in parsed]
 
     def may_be_calls(self, text: str) -> bool | None:
         """Whether a reply beginning with ``text`` may be calls (it is then held back until it

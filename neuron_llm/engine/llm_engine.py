@@ -390,6 +390,8 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request in any state and free its blocks; False if unknown or finished."""
+        # Its outputs a Ctrl-C held back go too: its id may be used again.
+        self._held_outputs = [output for output in self._held_outputs if output.request_id != request_id]
         group = self._groups.get(request_id)
         if group is None:
             return False

@@ -744,6 +744,16 @@ def test_outputs_held_by_ctrl_cs_in_steps_one_after_another_all_come(
     assert run({1, 3, 10}) == (expected, 3)
 
 
+def test_an_aborted_requests_held_outputs_go_with_it(tiny_model_dir) -> None:
+    """Outputs a Ctrl-C held back are not returned for a request aborted since: its id may be used again."""
+    engine = make_llm(tiny_model_dir).engine
+    params = SamplingParams(temperature=0.0, max_tokens=5)
+    engine.add_request(random_prompts(1, seed=18)[0], params, request_id="0")
+    engine._held_outputs = engine.step()  # as a Ctrl-C while judging would have held them
+    assert engine._held_outputs and engine.abort("0")
+    assert not engine.has_unfinished_requests() and engine.step() == []
+
+
 def test_delta_outputs_join_into_the_cumulative_result(tiny_model_dir) -> None:
     """A "delta" request reports what each step added (completions that gained nothing left
     out, prompt logprobs in the first only); joined, its reports are the "cumulative" result."""

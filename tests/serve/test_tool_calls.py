@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from neuron_llm.loader import render_chat
 from neuron_llm.serve import ServeSettings
-from neuron_llm.serve.protocol import ChatCompletionRequest
+from neuron_llm.serve.protocol import ChatCompletionRequest, ChatTool
 from neuron_llm.serve.tools import ToolCalling, parse_llama3_json
 from tests.conftest import BOUNDED_JSON_SCHEMA, fits_bounded_schema
 from tests.serve.conftest import ServerThread, make_llm, make_slow_llm, running_server
@@ -333,6 +333,13 @@ def test_llama3_json_calls_are_parsed_whole_or_not_at_all() -> None:
         '{"name": "f", "parameters": {"n": ' + "7" * 5000 + "}}",
     ):
         assert parse_llama3_json(text) is None, text
+    # "auto": calls of functions the request did not offer are content; with parallel calls off,
+    # only the first call counts.
+    offered = [ChatTool.model_validate(tool) for tool in TOOLS]
+    reply = '{"name": "get_time", "parameters": {"unit": "c"}}; {"name": "other", "parameters": {}}'
+    assert ToolCalling("auto", offered, None, True).calls(reply) is None
+    (first,) = ToolCalling("auto", offered, None, False).calls(reply) or []
+    assert first.function.name == "get_time"
     required = ToolCalling("required", [], None, True)
     assert required.calls('[{"name": "f", "parameters": {"n": ' + "7" * 5000) is None
 

@@ -133,6 +133,10 @@ def test_a_space_of_byte_tokens_opening_the_text_is_stripped_as_decode_strips_it
     expected = " hello" if prompt != "the" else "  hello"
     assert "".join(stream(tokenizer, [space, hello], prompt_ids)) == expected
     assert "".join(stream(tokenizer, [space, space, hello], prompt_ids)) == " " + expected
+    # After a lone "▁", which decodes as nothing (its space stripped), the text has begun.
+    lone = tokenizer.convert_tokens_to_ids("▁")
+    assert "".join(stream(tokenizer, [lone, space, hello], prompt_ids)) == " " + expected
+    assert "".join(stream(tokenizer, [space, hello], [*prompt_ids, lone])) == "  hello"
 
 
 def _byte_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[int, int]:
