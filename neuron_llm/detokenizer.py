@@ -147,7 +147,6 @@ class TokenDecoder:
         """Emit the pending tokens' text; they become the next prefix window."""
         if len(text) <= prefix_length:
             return ""
-        self._opens_text = False
         self._token_ids = self._token_ids[self._read_offset :]
         self._read_offset = len(self._token_ids)
         self._utf8.reset()
